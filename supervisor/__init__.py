@@ -1,0 +1,26 @@
+"""lguest for asyncio: a supervisor that hosts many emulated x86-32 guests.
+
+The device layer mirrors Linux's ``/dev/lguest``::
+
+    dev = LguestDevice()
+    mem = GuestMemory(16 << 20)
+    async with dev.open(mem) as f:
+        await f.write(abi.pack_words(abi.LHREQ_INITIALIZE, mem.address, pfns, pgdir, start))
+        addr = await f.read(abi.WORD_SIZE)
+
+Most users want the Launcher on top of it: :class:`Supervisor` and :class:`GuestConfig`.
+"""
+
+from . import abi
+from .device import LguestDevice, LguestFile, Waker
+from .guest import Death
+from .memory import GuestMemory
+
+__all__ = [
+    "Death",
+    "GuestMemory",
+    "LguestDevice",
+    "LguestFile",
+    "Waker",
+    "abi",
+]

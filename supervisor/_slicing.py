@@ -1,0 +1,70 @@
+"""Exact slices: the native block hook and its control block ("fuel").
+
+A slice of guest execution ends only at a block boundary, from inside the
+emulating thread: when another task raises :attr:`Fuel.stop` or when the slice's
+block budget is spent.  Nothing here touches the event loop.
+
+If the native hook could not be built, :data:`NATIVE` is false and slices fall
+back to ``emu_start(count=...)``, which is exact too but slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from unicorn import UC_HOOK_BLOCK
+from unicorn.unicorn_py3.unicorn import uclib
+
+try:
+    from . import _fuel  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - only without a C compiler at install time
+    _fuel = None
+
+NATIVE: bool = _fuel is not None
+
+REASON_NONE = 0
+REASON_STOP = 1
+REASON_BUDGET = 2
+
+
+class Fuel(ctypes.Structure):
+    """Shared between the event loop (which may set ``stop``) and the hook."""
+
+    _fields_ = [
+        ("stop", ctypes.c_int32),
+        ("reason", ctypes.c_int32),
+        ("budget", ctypes.c_int64),
+        ("blocks", ctypes.c_uint64),
+        ("emu_stop", ctypes.c_void_p),
+    ]
+
+
+_EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
+    raise ImportError("supervisor._fuel was built for a different Fuel layout")
+
+
+def attach(uc: Any) -> Fuel:
+    """Install the native block hook on ``uc`` and return its control block.
+
+    The caller must keep the returned object alive as long as ``uc`` runs.
+    Without the native hook the control block is still returned (the slice
+    loop then meters with ``count=``).
+    """
+    fuel = Fuel()
+    fuel.emu_stop = _EMU_STOP
+    if _fuel is not None:
+        handle = ctypes.c_ulong()
+        status = uclib.uc_hook_add(
+            uc._uch,
+            ctypes.byref(handle),
+            UC_HOOK_BLOCK,
+            ctypes.c_void_p(_fuel.block_hook),
+            ctypes.c_void_p(ctypes.addressof(fuel)),
+            1,
+            0,
+        )
+        if status != 0:  # pragma: no cover
+            raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+    return fuel

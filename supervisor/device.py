@@ -1,0 +1,323 @@
+"""``/dev/lguest`` for asyncio: the device, its open files, and Waker handles.
+
+The file's semantics are lguest's: the first write must be ``LHREQ_INITIALIZE``;
+a read runs the guest until it notifies, dies, or a Waker breaks it out; later
+writes send interrupts and breaks; close frees everything.  Errors are
+``OSError`` with lguest's errno (so ``FileNotFoundError`` for ``ENOENT``,
+``PermissionError`` for ``EPERM``, ``BlockingIOError`` for ``EAGAIN``...).
+
+Ownership is a capability: any task holding the file may use it.  A
+:class:`Waker` handle may only write ``LHREQ_BREAK``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any
+
+from . import run, timers
+from .abi import (
+    LHREQ_BREAK,
+    LHREQ_INITIALIZE,
+    LHREQ_IRQ,
+    LGUEST_IRQS,
+    PAGE_SIZE,
+    WORD_SIZE,
+    pack_words,
+    unpack_words,
+)
+from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu
+from .guest import Death, Lguest
+from .memory import GuestMemory
+
+
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class LguestDevice:
+    """The device: owns the executor that runs guest slices and the Big Lguest lock.
+
+    Create one per process or per test, inside a running event loop or not; use it
+    from one event loop.  ``await dev.aclose()`` (or ``async with``) closes every
+    file it opened and stops its threads.
+    """
+
+    def __init__(self, *, workers: int | None = None, tcg_buffer: int = DEFAULT_TCG_BUFFER):
+        self._workers = workers or os.cpu_count() or 1
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock: asyncio.Lock | None = None
+        self._files: set[LguestFile] = set()
+        self._closed = False
+        self.tcg_buffer = tcg_buffer
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """The Big Lguest lock: held for initialization, close and inter-guest work."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="lguest-cpu")
+        return self._executor
+
+    def open(self, memory: GuestMemory) -> LguestFile:
+        """Open the device: one file is one (not yet initialized) guest in ``memory``.
+
+        Raises ``OSError(ENODEV)`` once the device is closed.
+        """
+        if self._closed:
+            raise _error(errno.ENODEV)
+        file = LguestFile(self, memory)
+        self._files.add(file)
+        return file
+
+    @property
+    def files(self) -> frozenset[LguestFile]:
+        """The files open right now."""
+        return frozenset(self._files)
+
+    async def aclose(self) -> None:
+        """Close every open file and stop the executor.  Safe to call twice."""
+        self._closed = True
+        for file in list(self._files):
+            await file.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def __aenter__(self) -> LguestDevice:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _forget(self, file: LguestFile) -> None:
+        self._files.discard(file)
+
+
+class LguestFile:
+    """One open ``/dev/lguest``: one guest.  Get it from :meth:`LguestDevice.open`."""
+
+    def __init__(self, device: LguestDevice, memory: GuestMemory) -> None:
+        self._device = device
+        self._memory = memory
+        self._lg: Lguest | None = None
+        self._closed = False
+        self._running: dict[int, asyncio.Future[Any]] = {}
+
+    # -- the device interface ----------------------------------------------------
+    async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Write a request: ``LHREQ_*`` followed by its words; ``offset`` selects the CPU.
+
+        Returns the number of bytes consumed (INITIALIZE) or 0 (IRQ, BREAK).
+        """
+        return await self._write(bytes(buf), offset, waker=False)
+
+    async def read(self, size: int, offset: int = 0) -> bytes:
+        """Run CPU ``offset`` until the guest notifies; return the address as one word.
+
+        For a dead guest, return the reason NUL-terminated and cut to ``size``.
+        Raises ``EAGAIN`` when broken out by a Waker, ``ENOENT`` (``ERESTART``)
+        on the read during which the guest dies, ``EBUSY`` if that CPU is
+        already being read.  Cancelling the read stops the guest exactly where
+        it was; the next read resumes it.
+        """
+        return await self._read(size, offset, waker=False)
+
+    async def close(self) -> None:
+        """Free the guest: stop its CPUs (never hangs), cancel timers, release memory.
+
+        Reads, writes and waiting Wakers then fail with ``EBADF``.  Closing twice
+        is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            lg = self._lg
+            if lg is None:
+                return
+            async with self._device.lock:
+                for cpu in lg.cpus:
+                    cpu.closing = True
+                    timers.cancel(cpu)
+                    cpu.kick()
+                    cpu.wakeup.set()
+                    cpu.break_released.set()
+                for future in list(self._running.values()):
+                    await run.wait_quietly(future)
+                for cpu in lg.cpus:
+                    cpu.close()
+                lg.ram.release()
+        finally:
+            self._device._forget(self)
+
+    def waker(self) -> Waker:
+        """A handle that may only write ``LHREQ_BREAK`` (anything else: ``EPERM``)."""
+        return Waker(self)
+
+    async def __aenter__(self) -> LguestFile:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- inspection, beyond the lguest ABI ----------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def death(self) -> Death | None:
+        """How the guest died, or None while it lives (or before INITIALIZE)."""
+        return None if self._lg is None else self._lg.dead
+
+    @property
+    def stats(self) -> CpuStats | None:
+        """CPU 0's counters, or None before INITIALIZE."""
+        return None if self._lg is None else self._lg.cpus[0].stats
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    # -- request handling ------------------------------------------------------
+    async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:
+        if self._closed:
+            raise _error(errno.EBADF)
+        if len(buf) < WORD_SIZE:
+            raise _error(errno.EINVAL)
+        words = unpack_words(buf)
+        req, args = words[0], words[1:]
+        if req == LHREQ_INITIALIZE:
+            if waker:
+                raise _error(errno.EPERM)
+            return await self._initialize(args)
+        cpu = self._cpu(offset)
+        assert self._lg is not None
+        if self._lg.dead:
+            raise _error(errno.ENOENT)
+        if waker and req != LHREQ_BREAK:
+            raise _error(errno.EPERM)
+        if req == LHREQ_IRQ:
+            return self._send_irq(cpu, args)
+        if req == LHREQ_BREAK:
+            return await self._break(cpu, args)
+        raise _error(errno.EINVAL)
+
+    def _cpu(self, offset: int) -> LgCpu:
+        lg = self._lg
+        if lg is None or not 0 <= offset < len(lg.cpus):
+            raise _error(errno.EINVAL)
+        return lg.cpus[offset]
+
+    async def _initialize(self, args: tuple[int, ...]) -> int:
+        device = self._device
+        async with device.lock:
+            if self._closed:
+                raise _error(errno.EBADF)
+            if self._lg is not None:
+                raise _error(errno.EBUSY)
+            if len(args) < 4:
+                raise _error(errno.EINVAL)
+            base, pfn_limit, pgdir, start = args[:4]
+            mem = self._memory
+            if base % PAGE_SIZE or pgdir % PAGE_SIZE or pfn_limit == 0:
+                raise _error(errno.EINVAL)
+            limit = pfn_limit * PAGE_SIZE
+            first = base - mem.address
+            if mem.closed or first < 0 or first + limit > mem.size:
+                raise _error(errno.EFAULT)
+            if pgdir + PAGE_SIZE > limit:
+                raise _error(errno.EFAULT)
+            lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
+            try:
+                cpu = new_cpu(lg, 0, base, start, pgdir, device.tcg_buffer)
+            except Exception:
+                lg.ram.release()
+                raise _error(errno.ENOMEM) from None
+            lg.cpus.append(cpu)
+            self._lg = lg
+        return 4 * WORD_SIZE
+
+    def _send_irq(self, cpu: LgCpu, args: tuple[int, ...]) -> int:
+        if not args:
+            raise _error(errno.EINVAL)
+        irq = args[0]
+        if irq >= LGUEST_IRQS:
+            raise _error(errno.EINVAL)
+        cpu.raise_irq(irq)
+        cpu.wakeup.set()
+        return 0
+
+    async def _break(self, cpu: LgCpu, args: tuple[int, ...]) -> int:
+        if not args:
+            raise _error(errno.EINVAL)
+        if not args[0]:
+            cpu.break_out = False
+            cpu.break_released.set()
+            return 0
+        cpu.break_out = True
+        cpu.break_released.clear()
+        cpu.kick()
+        cpu.wakeup.set()
+        await cpu.break_released.wait()
+        if self._closed:
+            raise _error(errno.EBADF)
+        return 0
+
+    async def _read(self, size: int, offset: int, *, waker: bool) -> bytes:
+        if self._closed:
+            raise _error(errno.EBADF)
+        if size < 0:
+            raise _error(errno.EINVAL)
+        cpu = self._cpu(offset)
+        lg = cpu.lg
+        if waker:
+            raise _error(errno.EPERM)
+        if lg.dead:
+            if lg.dead.errno is not None:
+                raise _error(lg.dead.errno)
+            return (lg.dead.reason.encode() + b"\0")[:size]
+        if cpu.reading:
+            raise _error(errno.EBUSY)
+        cpu.pending_notify = 0
+        cpu.reading = True
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[cpu.id] = task
+        try:
+            address = await run.run_guest(cpu, self._device.executor)
+        finally:
+            cpu.reading = False
+            del self._running[cpu.id]
+        return pack_words(address)
+
+
+class Waker:
+    """What a Waker coroutine holds: it may write ``LHREQ_BREAK`` and nothing else."""
+
+    def __init__(self, file: LguestFile) -> None:
+        self._file = file
+
+    async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Like :meth:`LguestFile.write`; any request but ``LHREQ_BREAK`` raises ``EPERM``."""
+        return await self._file._write(bytes(buf), offset, waker=True)
+
+    async def read(self, size: int, offset: int = 0) -> bytes:
+        """Always fails: ``EINVAL`` before INITIALIZE or for a bad CPU, else ``EPERM``."""
+        return await self._file._read(size, offset, waker=True)
+
+    async def brk(self, on: bool, cpu: int = 0) -> int:
+        """Shorthand for writing ``LHREQ_BREAK`` with 1 or 0."""
+        return await self.write(pack_words(LHREQ_BREAK, 1 if on else 0), cpu)

@@ -1,0 +1,105 @@
+"""``struct lguest``: one guest, its memory window and how it died.
+
+Guest-physical addresses run from 0 to ``limit`` (``pfn_limit`` pages); every
+address the Host dereferences for the guest is checked with :meth:`Lguest.address_ok`
+first.  Whoever runs the guest (its CPU's slice, or the run loop between
+slices) is the only one touching this state; nothing here is thread-safe on its
+own.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .abi import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from .cpu import LgCpu
+
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """How a guest ended.
+
+    ``errno`` is set for the deaths that read as an error code instead of a
+    reason (``ERESTART`` for a reboot request); ``exit_status`` is set for a
+    clean power-off.
+    """
+
+    reason: str
+    errno: int | None = None
+    exit_status: int | None = None
+
+    @property
+    def restart(self) -> bool:
+        return self.errno == errno.ERESTART
+
+
+@dataclass(eq=False)
+class Lguest:
+    """Everything the Host knows about one guest."""
+
+    ram: memoryview
+    pfn_limit: int
+    cpus: list[LgCpu] = field(default_factory=list)
+    dead: Death | None = None
+    pgdir: int = 0  # the page directory the Launcher gave at INITIALIZE
+    lguest_data: int | None = None  # guest-physical address, once LHCALL_LGUEST_INIT ran
+    noirq_start: int = 0
+    noirq_end: int = 0
+    kernel_address: int = 0
+
+    @property
+    def limit(self) -> int:
+        """One past the highest guest-physical byte."""
+        return self.pfn_limit * PAGE_SIZE
+
+    def address_ok(self, addr: int, size: int) -> bool:
+        """True if ``[addr, addr+size)`` lies wholly inside guest memory."""
+        return 0 <= addr < self.limit and size >= 0 and addr + size <= self.limit
+
+    def kill(self, reason: str, *, err: int | None = None, exit_status: int | None = None) -> None:
+        """Mark the guest dead.  Only the first death counts."""
+        if self.dead is None:
+            self.dead = Death(reason, err, exit_status)
+        for cpu in self.cpus:
+            cpu.kick()
+
+    # -- guest-physical memory, bounds-checked ----------------------------------
+    def read(self, addr: int, size: int) -> bytes | None:
+        """Bytes at a guest-physical range, or None if any of it is outside."""
+        if not self.address_ok(addr, size):
+            return None
+        return bytes(self.ram[addr : addr + size])
+
+    def write(self, addr: int, data: bytes) -> bool:
+        """Store bytes at a guest-physical range; False if any of it is outside."""
+        if not self.address_ok(addr, len(data)):
+            return False
+        self.ram[addr : addr + len(data)] = data
+        return True
+
+    def read_u32(self, addr: int) -> int | None:
+        if not self.address_ok(addr, 4):
+            return None
+        value: int = _U32.unpack_from(self.ram, addr)[0]
+        return value
+
+    def write_u32(self, addr: int, value: int) -> bool:
+        if not self.address_ok(addr, 4):
+            return False
+        _U32.pack_into(self.ram, addr, value & 0xFFFFFFFF)
+        return True
+
+    def read_string(self, addr: int, limit: int) -> str | None:
+        """A NUL-terminated string of at most ``limit`` bytes, or None if it starts outside."""
+        if not self.address_ok(addr, 1):
+            return None
+        end = min(addr + limit, self.limit)
+        raw = bytes(self.ram[addr:end])
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

@@ -1,0 +1,249 @@
+"""Hypercalls: what a guest asks of the Host with ``int $0x1f``.
+
+A hypercall trap stores its four registers in ``cpu.hcall``; :func:`do_hypercalls`
+runs the async ring first, then that direct call, exactly once each.  Most
+calls only touch the CPU and may run on the executor thread inside a slice
+(:func:`all_local`); the ones that need the event loop or the Launcher (clock
+event, halt, notify, shutdown, and LGUEST_INIT) wait for the run loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable
+
+from unicorn import x86_const as r
+
+from . import interrupts, pagetables, timers
+from .abi import (
+    GDT_ENTRIES,
+    GUEST_PL,
+    HCALL_ARGS_SIZE,
+    HCALL_FREE,
+    LGUEST_DATA_HCALL_STATUS,
+    LGUEST_DATA_HCALLS,
+    LGUEST_DATA_KERNEL_ADDRESS,
+    LGUEST_DATA_NOIRQ_END,
+    LGUEST_DATA_NOIRQ_START,
+    LGUEST_DATA_PGDIR,
+    LGUEST_DATA_RESERVE_MEM,
+    LGUEST_DATA_SIZE,
+    LGUEST_DATA_SYSCALL_VEC,
+    LGUEST_DATA_TSC_KHZ,
+    LGUEST_SHUTDOWN_POWEROFF,
+    LGUEST_SHUTDOWN_RESTART,
+    LHCALL_FLUSH_ASYNC,
+    LHCALL_FLUSH_TLB,
+    LHCALL_HALT,
+    LHCALL_LGUEST_INIT,
+    LHCALL_LOAD_GDT,
+    LHCALL_LOAD_IDT_ENTRY,
+    LHCALL_LOAD_TLS,
+    LHCALL_NEW_PGTABLE,
+    LHCALL_NOTIFY,
+    LHCALL_RING_SIZE,
+    LHCALL_SET_CLOCKEVENT,
+    LHCALL_SET_PMD,
+    LHCALL_SET_PTE,
+    LHCALL_SET_STACK,
+    LHCALL_SHUTDOWN,
+    LHCALL_TS,
+    SYSCALL_VECTOR,
+    TLS_ENTRIES,
+)
+from .cpu import CR0_TS, LgCpu
+
+Args = tuple[int, int, int, int]  # number, arg1 (edx), arg2 (ebx), arg3 (ecx)
+Handler = Callable[[LgCpu, int, int, int], None]
+
+SHUTDOWN_MESSAGE_MAX = 128
+TSC_KHZ = 1_000_000  # what we tell guests; Unicorn's TSC has no fixed rate
+_HCALL = struct.Struct("<IIII")
+
+
+def _flush_async(cpu: LgCpu, a1: int, a2: int, a3: int) -> None:
+    """Nothing: the ring has already run by the time this is seen."""
+
+
+def _init_again(cpu: LgCpu, a1: int, a2: int, a3: int) -> None:
+    cpu.lg.kill("already have lguest_data")
+
+
+def _shutdown(cpu: LgCpu, message_addr: int, how: int, status: int) -> None:
+    message = cpu.lg.read_string(message_addr, SHUTDOWN_MESSAGE_MAX)
+    if message is None:
+        cpu.lg.kill(f"CRASH: bad shutdown message address {message_addr:#x}")
+    elif how == LGUEST_SHUTDOWN_POWEROFF:
+        cpu.lg.kill(message, exit_status=status)
+    elif how == LGUEST_SHUTDOWN_RESTART:
+        cpu.lg.kill(message, err=errno.ERESTART)
+    else:
+        cpu.lg.kill(f"CRASH: {message}")
+
+
+def _load_gdt(cpu: LgCpu, table: int, entries: int, _a3: int) -> None:
+    if not 0 < entries <= GDT_ENTRIES:
+        cpu.lg.kill(f"too many gdt entries {entries}")
+        return
+    if not cpu.lg.address_ok(table, entries * 8):
+        cpu.lg.kill(f"bad GDT address {table:#x}")
+        return
+    cpu.gdt = (table, entries)
+    cpu.uc.reg_write(r.UC_X86_REG_GDTR, (0, table, entries * 8 - 1, 0))
+
+
+def _load_tls(cpu: LgCpu, addr: int, _a2: int, _a3: int) -> None:
+    tls = cpu.lg.read(addr, TLS_ENTRIES * 8)
+    if tls is None:
+        cpu.lg.kill(f"bad TLS address {addr:#x}")
+        return
+    cpu.tls = tls
+
+
+def _set_stack(cpu: LgCpu, ss: int, esp: int, pages: int) -> None:
+    if (ss & 3) != GUEST_PL:
+        cpu.lg.kill(f"bad stack segment {ss}")
+    elif pages > 2:
+        cpu.lg.kill(f"bad stack pages {pages}")
+    else:
+        cpu.stack = (ss, esp, pages)
+
+
+def _ts(cpu: LgCpu, on: int, _a2: int, _a3: int) -> None:
+    cpu.ts = 1 if on else 0
+    cr0 = cpu.reg(r.UC_X86_REG_CR0)
+    cpu.set_reg(r.UC_X86_REG_CR0, cr0 | CR0_TS if on else cr0 & ~CR0_TS)
+
+
+def _halt(cpu: LgCpu, _a1: int, _a2: int, _a3: int) -> None:
+    cpu.halted = True
+
+
+def _notify(cpu: LgCpu, addr: int, _a2: int, _a3: int) -> None:
+    cpu.pending_notify = addr
+
+
+_HANDLERS: dict[int, Handler] = {
+    LHCALL_FLUSH_ASYNC: _flush_async,
+    LHCALL_LGUEST_INIT: _init_again,
+    LHCALL_SHUTDOWN: _shutdown,
+    LHCALL_LOAD_GDT: _load_gdt,
+    LHCALL_NEW_PGTABLE: lambda cpu, pgdir, _b, _c: pagetables.new_pgtable(cpu, pgdir),
+    LHCALL_FLUSH_TLB: lambda cpu, _a, _b, _c: cpu.flush_tlb(),
+    LHCALL_LOAD_IDT_ENTRY: interrupts.load_idt_entry,
+    LHCALL_SET_STACK: _set_stack,
+    LHCALL_TS: _ts,
+    LHCALL_SET_CLOCKEVENT: lambda cpu, delta, _b, _c: timers.set_clockevent(cpu, delta),
+    LHCALL_HALT: _halt,
+    LHCALL_SET_PTE: pagetables.set_pte,
+    LHCALL_SET_PMD: lambda cpu, pgdir, index, _c: pagetables.set_pmd(cpu, pgdir, index),
+    LHCALL_LOAD_TLS: _load_tls,
+    LHCALL_NOTIFY: _notify,
+}
+
+# Hypercalls that touch only the CPU: safe on the executor thread inside a slice.
+LOCAL_HYPERCALLS = frozenset(
+    {
+        LHCALL_FLUSH_ASYNC,
+        LHCALL_LOAD_GDT,
+        LHCALL_NEW_PGTABLE,
+        LHCALL_FLUSH_TLB,
+        LHCALL_LOAD_IDT_ENTRY,
+        LHCALL_SET_STACK,
+        LHCALL_TS,
+        LHCALL_SET_PTE,
+        LHCALL_SET_PMD,
+        LHCALL_LOAD_TLS,
+    }
+)
+
+
+def do_hcall(cpu: LgCpu, args: Args) -> None:
+    """Carry out one hypercall; an unknown number kills the guest."""
+    number, a1, a2, a3 = args
+    cpu.stats.hypercalls += 1
+    handler = _HANDLERS.get(number)
+    if handler is None:
+        cpu.lg.kill(f"Bad hypercall {number}")
+        return
+    handler(cpu, a1, a2, a3)
+
+
+def all_local(cpu: LgCpu) -> bool:
+    """True if the pending direct call and every queued async call are CPU-local."""
+    lg = cpu.lg
+    if cpu.hcall is None or lg.lguest_data is None or cpu.hcall[0] not in LOCAL_HYPERCALLS:
+        return False
+    status = lg.read(lg.lguest_data + LGUEST_DATA_HCALL_STATUS, LHCALL_RING_SIZE)
+    if status is None:
+        return False
+    for i in range(LHCALL_RING_SIZE):
+        n = (cpu.next_hcall + i) % LHCALL_RING_SIZE
+        if status[n] == HCALL_FREE:
+            return True
+        number = lg.read_u32(lg.lguest_data + LGUEST_DATA_HCALLS + n * HCALL_ARGS_SIZE)
+        if number not in LOCAL_HYPERCALLS:
+            return False
+    return True
+
+
+def do_async_hcalls(cpu: LgCpu) -> None:
+    """Run the guest's queued hypercalls in ring order, stopping early for a notify."""
+    lg = cpu.lg
+    assert lg.lguest_data is not None
+    status_base = lg.lguest_data + LGUEST_DATA_HCALL_STATUS
+    for _ in range(LHCALL_RING_SIZE):
+        n = cpu.next_hcall
+        if lg.ram[status_base + n] == HCALL_FREE:
+            break
+        cpu.next_hcall = (n + 1) % LHCALL_RING_SIZE
+        raw = lg.read(lg.lguest_data + LGUEST_DATA_HCALLS + n * HCALL_ARGS_SIZE, HCALL_ARGS_SIZE)
+        assert raw is not None  # lguest_data lies wholly inside guest memory
+        # The ring holds eax, edx, ebx, ecx: number and three arguments.
+        do_hcall(cpu, _HCALL.unpack(raw))
+        lg.ram[status_base + n] = HCALL_FREE
+        if cpu.pending_notify or lg.dead:
+            break
+
+
+def initialize(cpu: LgCpu) -> None:
+    """The first hypercall must be LHCALL_LGUEST_INIT: register ``lguest_data``."""
+    assert cpu.hcall is not None
+    number, addr = cpu.hcall[0], cpu.hcall[1]
+    lg = cpu.lg
+    cpu.stats.hypercalls += 1
+    if number != LHCALL_LGUEST_INIT:
+        lg.kill(f"hypercall {number} before INIT")
+        return
+    if not lg.address_ok(addr, LGUEST_DATA_SIZE):
+        lg.kill(f"bad lguest_data address {addr:#x}")
+        return
+    syscall_vec = lg.read_u32(addr + LGUEST_DATA_SYSCALL_VEC)
+    if syscall_vec != SYSCALL_VECTOR:
+        lg.kill(f"bad syscall vector {syscall_vec}")
+        return
+    lg.noirq_start = lg.read_u32(addr + LGUEST_DATA_NOIRQ_START) or 0
+    lg.noirq_end = lg.read_u32(addr + LGUEST_DATA_NOIRQ_END) or 0
+    lg.kernel_address = lg.read_u32(addr + LGUEST_DATA_KERNEL_ADDRESS) or 0
+    lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, 0)
+    lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, TSC_KHZ)
+    lg.write_u32(addr + LGUEST_DATA_PGDIR, lg.pgdir)
+    lg.lguest_data = addr
+    timers.write_timestamp(cpu)
+
+
+def do_hypercalls(cpu: LgCpu) -> None:
+    """Handle the hypercall the guest trapped with (and the async ring before it).
+
+    If the ring produced a notify, the direct call stays pending until the
+    Launcher has seen the notify and reads again.
+    """
+    if cpu.lg.lguest_data is None:
+        initialize(cpu)
+        cpu.hcall = None
+        return
+    do_async_hcalls(cpu)
+    if not cpu.pending_notify and not cpu.lg.dead and cpu.hcall is not None:
+        call, cpu.hcall = cpu.hcall, None
+        do_hcall(cpu, call)

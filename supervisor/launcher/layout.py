@@ -1,0 +1,91 @@
+"""Guest-physical layout the Launcher builds: boot info, image, page tables, devices.
+
+::
+
+    0x00000  boot info page (struct below; esi points here)
+    0x10000  flat image (ELF images go where their headers say)
+    ...      free for the guest
+    free_end page directory and page tables (mapping everything at 0 and 0xC0000000)
+    ram_size device page: device descriptors (see docs/abi.md)
+
+All fields are 32-bit little endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..abi import PAGE_SIZE
+
+BOOT_INFO_MAGIC = 0x5453474C  # "LGST"
+BOOT_INFO_VERSION = 1
+BOOT_INFO = struct.Struct("<8I")  # magic version ram_size device_page count free_end cmdline len
+CMDLINE_ADDR = 0x800  # inside the boot info page
+CMDLINE_MAX = PAGE_SIZE - CMDLINE_ADDR
+IMAGE_BASE = 0x10000
+PAGE_OFFSET = 0xC0000000
+PTE_FLAGS = 0x7  # present, writable, user
+DEVICE_PAGES = 1
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where things are in one guest's memory."""
+
+    ram_size: int
+    pgdir: int  # == free_end
+    device_page: int
+    pfn_limit: int
+
+
+def plan(ram_size: int) -> Layout:
+    """Place page tables at the top of RAM and the device page just above it.
+
+    Raises ``ValueError`` if ``ram_size`` is not a page multiple or too small.
+    """
+    if ram_size % PAGE_SIZE:
+        raise ValueError(f"memory size {ram_size} is not a multiple of {PAGE_SIZE}")
+    total = ram_size + DEVICE_PAGES * PAGE_SIZE
+    tables = -(-total // (1024 * PAGE_SIZE))
+    pgdir = ram_size - (tables + 1) * PAGE_SIZE
+    if pgdir < IMAGE_BASE + PAGE_SIZE:
+        raise ValueError(f"memory size {ram_size} is too small for a guest")
+    return Layout(ram_size, pgdir, ram_size, total // PAGE_SIZE)
+
+
+def build_pagetables(ram: memoryview, layout: Layout) -> None:
+    """Map every guest-physical page linearly at virtual 0 and at PAGE_OFFSET."""
+    pages = layout.pfn_limit
+    tables = -(-pages // 1024)
+    first_table = layout.pgdir + PAGE_SIZE
+    for t in range(tables):
+        table = first_table + t * PAGE_SIZE
+        entry = table | PTE_FLAGS
+        _U32.pack_into(ram, layout.pgdir + 4 * t, entry)
+        _U32.pack_into(ram, layout.pgdir + 4 * ((PAGE_OFFSET >> 22) + t), entry)
+        count = min(1024, pages - t * 1024)
+        ptes = struct.pack(
+            f"<{count}I", *(((t * 1024 + i) << 12) | PTE_FLAGS for i in range(count))
+        )
+        ram[table : table + len(ptes)] = ptes
+
+
+def write_boot_info(ram: memoryview, layout: Layout, devices: int, cmdline: bytes) -> None:
+    """Fill the boot information page at guest-physical 0."""
+    if len(cmdline) >= CMDLINE_MAX:
+        raise ValueError(f"command line longer than {CMDLINE_MAX - 1} bytes")
+    BOOT_INFO.pack_into(
+        ram,
+        0,
+        BOOT_INFO_MAGIC,
+        BOOT_INFO_VERSION,
+        layout.ram_size,
+        layout.device_page,
+        devices,
+        layout.pgdir,
+        CMDLINE_ADDR if cmdline else 0,
+        len(cmdline),
+    )
+    ram[CMDLINE_ADDR : CMDLINE_ADDR + len(cmdline)] = cmdline

@@ -1,0 +1,184 @@
+"""The per-CPU run loop: ``run_guest`` on the event loop, slices on the executor.
+
+One pass of :func:`run_guest` mirrors lguest's ``run_guest``: do the pending
+hypercalls, hand a notify to the Launcher, honour a cancelled read (the signal
+case) or a Waker's break, sleep while halted, otherwise run a slice.  A slice
+(:func:`run_slice`, executor thread) enters the guest repeatedly and handles
+each exit in one place: a hypercall it may do locally, a trap to reflect, a
+memory error that kills, ``hlt``, or the end of the slice (budget spent or a
+kick).  It never touches the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import time
+from concurrent.futures import Executor
+from typing import Any
+
+from unicorn import UcError
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as r
+
+from . import _slicing, hypercalls, interrupts, timers
+from .abi import LGUEST_TRAP_ENTRY
+from .cpu import LgCpu
+from .pagetables import guest_pa
+
+# The guest's eip can never equal this 33-bit address, so emu_start never stops on it.
+_NEVER = 1 << 32
+TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
+MIN_BUDGET = 1_000
+MAX_BUDGET = 50_000_000
+INVALID_OPCODE = 6
+_MEMORY_ERRORS = frozenset(
+    {
+        uc_const.UC_ERR_READ_UNMAPPED,
+        uc_const.UC_ERR_WRITE_UNMAPPED,
+        uc_const.UC_ERR_FETCH_UNMAPPED,
+        uc_const.UC_ERR_READ_PROT,
+        uc_const.UC_ERR_WRITE_PROT,
+        uc_const.UC_ERR_FETCH_PROT,
+    }
+)
+
+
+def _oserror(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+async def run_guest(cpu: LgCpu, executor: Executor) -> int:
+    """Run ``cpu`` until the guest notifies; return the notify address.
+
+    Raises ``OSError``: ``EAGAIN`` when a Waker broke the CPU out, ``ENOENT``
+    (or ``ERESTART``) when the guest died, ``EBADF`` when the file was closed.
+    Cancelling the caller stops the guest at an instruction boundary; a later
+    call resumes it exactly there.
+    """
+    lg = cpu.lg
+    while True:
+        cpu.fuel.stop = 0  # a kick from here on ends the next slice
+        if cpu.closing:
+            raise _oserror(errno.EBADF)
+        if cpu.hcall is not None:
+            hypercalls.do_hypercalls(cpu)
+        if cpu.pending_notify:
+            return cpu.pending_notify
+        if cpu.break_out:
+            raise _oserror(errno.EAGAIN)
+        if lg.dead:
+            break
+        timers.write_timestamp(cpu)
+        if cpu.halted and interrupts.deliverable_irq(cpu) is None:
+            cpu.wakeup.clear()
+            await cpu.wakeup.wait()
+            continue
+        await _slice(cpu, executor)
+    raise _oserror(lg.dead.errno or errno.ENOENT)
+
+
+async def _slice(cpu: LgCpu, executor: Executor) -> None:
+    """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise."""
+    future = asyncio.get_running_loop().run_in_executor(executor, run_slice, cpu)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cpu.kick()
+        await wait_quietly(future)
+        raise
+
+
+async def wait_quietly(future: asyncio.Future[Any]) -> None:
+    """Wait for ``future`` to finish even if the waiting task is cancelled meanwhile.
+
+    Every CPU is kicked before this is awaited, so the wait is one short slice.
+    """
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            break
+
+
+def run_slice(cpu: LgCpu) -> None:
+    """Executor thread: enter the guest until the Host or the Launcher is needed."""
+    fuel = cpu.fuel
+    lg = cpu.lg
+    start = time.perf_counter()
+    fuel.reason = _slicing.REASON_NONE
+    fuel.budget = cpu.budget
+    try:
+        while True:
+            if cpu.hcall is not None:
+                if not hypercalls.all_local(cpu):
+                    break
+                hypercalls.do_hypercalls(cpu)
+            if lg.dead:
+                break
+            interrupts.maybe_do_interrupt(cpu)
+            if cpu.halted or lg.dead or fuel.stop or fuel.budget <= 0 or cpu.closing:
+                break
+            _enter_guest(cpu)
+    except Exception as exc:  # a Host bug must kill only this guest
+        lg.kill(f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        elapsed = time.perf_counter() - start
+        stats = cpu.stats
+        stats.slices += 1
+        stats.run_time += elapsed
+        stats.blocks = fuel.blocks
+        if fuel.reason == _slicing.REASON_BUDGET and elapsed > 0:
+            scaled = int(cpu.budget * TARGET_SLICE / elapsed)
+            cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, (cpu.budget + scaled) // 2))
+
+
+def _enter_guest(cpu: LgCpu) -> None:
+    """Run the guest once and handle why it stopped."""
+    trap = cpu.trap
+    trap.vector = None
+    trap.bad_access = None
+    cpu.fuel.reason = _slicing.REASON_NONE
+    try:
+        cpu.uc.emu_start(cpu.eip, _NEVER)
+    except UcError as exc:
+        cpu.stats.exits += 1
+        _emulation_error(cpu, exc)
+        return
+    cpu.stats.exits += 1
+    if trap.vector == LGUEST_TRAP_ENTRY:
+        cpu.hcall = (
+            cpu.reg(r.UC_X86_REG_EAX),
+            cpu.reg(r.UC_X86_REG_EDX),
+            cpu.reg(r.UC_X86_REG_EBX),
+            cpu.reg(r.UC_X86_REG_ECX),
+        )
+    elif trap.vector is not None:
+        _reflect_trap(cpu, trap.vector)
+    elif cpu.fuel.reason == _slicing.REASON_NONE:
+        cpu.halted = True  # the guest executed hlt: same as LHCALL_HALT
+
+
+def _reflect_trap(cpu: LgCpu, vector: int) -> None:
+    """Hand a trap (or a software interrupt) to the guest's handler, or kill it."""
+    detail = 0
+    error_code = 0
+    if vector == interrupts.PAGE_FAULT:
+        detail = cpu.reg(r.UC_X86_REG_CR2)
+        interrupts.report_page_fault(cpu, detail)
+        error_code = 1 if guest_pa(cpu, detail) is not None else 0
+    if not interrupts.deliver_trap(cpu, vector, error_code):
+        cpu.lg.kill(f"unhandled trap {vector} at {cpu.eip:#x} ({detail:#x})")
+
+
+def _emulation_error(cpu: LgCpu, exc: UcError) -> None:
+    if exc.errno == uc_const.UC_ERR_INSN_INVALID:
+        _reflect_trap(cpu, INVALID_OPCODE)
+    elif exc.errno in _MEMORY_ERRORS and cpu.trap.bad_access is not None:
+        kind, address = cpu.trap.bad_access
+        cpu.lg.kill(f"bad page: {kind} at {address:#x} outside guest memory (eip {cpu.eip:#x})")
+    else:
+        cpu.lg.kill(f"emulation error at {cpu.eip:#x}: {exc}")
