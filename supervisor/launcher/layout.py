@@ -25,6 +25,7 @@ CMDLINE_ADDR = 0x800  # inside the boot info page
 CMDLINE_MAX = PAGE_SIZE - CMDLINE_ADDR
 IMAGE_BASE = 0x10000
 PAGE_OFFSET = 0xC0000000
+MAX_TOTAL = PAGE_OFFSET  # the low mapping must stay below the high one
 PTE_FLAGS = 0x7  # present, writable, user
 DEVICE_PAGES = 1
 _U32 = struct.Struct("<I")
@@ -39,15 +40,31 @@ class Layout:
     device_page: int
     pfn_limit: int
 
+    @property
+    def memory_size(self) -> int:
+        """Bytes of Launcher memory the guest needs: RAM plus the device page(s)."""
+        return self.pfn_limit * PAGE_SIZE
+
+    def reserved(self) -> list[tuple[int, int, str]]:
+        """Guest-physical ranges ``[start, end)`` an image may not overlap, with their names."""
+        return [
+            (0, PAGE_SIZE, "the boot info page"),
+            (self.pgdir, self.ram_size, "the page tables"),
+            (self.device_page, self.memory_size, "the device page"),
+        ]
+
 
 def plan(ram_size: int) -> Layout:
     """Place page tables at the top of RAM and the device page just above it.
 
-    Raises ``ValueError`` if ``ram_size`` is not a page multiple or too small.
+    Raises ``ValueError`` if ``ram_size`` is not a page multiple, too small, or
+    so large that RAM would reach the kernel mapping at ``PAGE_OFFSET``.
     """
     if ram_size % PAGE_SIZE:
         raise ValueError(f"memory size {ram_size} is not a multiple of {PAGE_SIZE}")
     total = ram_size + DEVICE_PAGES * PAGE_SIZE
+    if total > MAX_TOTAL:
+        raise ValueError(f"memory size {ram_size} is too large for a guest")
     tables = -(-total // (1024 * PAGE_SIZE))
     pgdir = ram_size - (tables + 1) * PAGE_SIZE
     if pgdir < IMAGE_BASE + PAGE_SIZE:
@@ -56,7 +73,10 @@ def plan(ram_size: int) -> Layout:
 
 
 def build_pagetables(ram: memoryview, layout: Layout) -> None:
-    """Map every guest-physical page linearly at virtual 0 and at PAGE_OFFSET."""
+    """Map every guest-physical page linearly at virtual 0 and at PAGE_OFFSET.
+
+    The high mapping stops at the top of the 4 GiB address space (1 GiB of it).
+    """
     pages = layout.pfn_limit
     tables = -(-pages // 1024)
     first_table = layout.pgdir + PAGE_SIZE
@@ -64,7 +84,8 @@ def build_pagetables(ram: memoryview, layout: Layout) -> None:
         table = first_table + t * PAGE_SIZE
         entry = table | PTE_FLAGS
         _U32.pack_into(ram, layout.pgdir + 4 * t, entry)
-        _U32.pack_into(ram, layout.pgdir + 4 * ((PAGE_OFFSET >> 22) + t), entry)
+        if (PAGE_OFFSET >> 22) + t < 1024:
+            _U32.pack_into(ram, layout.pgdir + 4 * ((PAGE_OFFSET >> 22) + t), entry)
         count = min(1024, pages - t * 1024)
         ptes = struct.pack(
             f"<{count}I", *(((t * 1024 + i) << 12) | PTE_FLAGS for i in range(count))
@@ -73,7 +94,10 @@ def build_pagetables(ram: memoryview, layout: Layout) -> None:
 
 
 def write_boot_info(ram: memoryview, layout: Layout, devices: int, cmdline: bytes) -> None:
-    """Fill the boot information page at guest-physical 0."""
+    """Fill the boot information page at guest-physical 0.
+
+    Raises ``ValueError`` if ``cmdline`` does not fit in the page (with its NUL).
+    """
     if len(cmdline) >= CMDLINE_MAX:
         raise ValueError(f"command line longer than {CMDLINE_MAX - 1} bytes")
     BOOT_INFO.pack_into(

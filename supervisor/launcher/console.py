@@ -1,0 +1,220 @@
+"""The console device: guest output as lines (and raw bytes), host input as chunks.
+
+Descriptor fields (offsets in guests/lguest.inc): ``out_addr``/``out_len`` for
+output, ``in_addr``/``in_size``/``in_len`` for an input buffer the guest arms,
+``flags`` (bit 0: end of input).
+
+* Output: on a notify with ``out_len > 0`` the bytes at ``out_addr`` go to the
+  raw sink (if any) and the :class:`LineStream`; ``out_len`` is then zeroed so
+  a later notify (e.g. re-arming input) does not repeat them.
+* Input: when the guest's buffer is armed (``in_size > 0``, ``in_len == 0``)
+  and input is pending, up to ``in_size`` bytes are copied, ``in_len`` is set
+  and the console irq raised.  Once all input is consumed and the source has
+  ended, ``flags`` gets the EOF bit (and the irq is raised) once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+
+from .devices import DEV_TYPE_CONSOLE, Device, Slot
+
+CON_OUT_ADDR = 8
+CON_OUT_LEN = 12
+CON_IN_ADDR = 16
+CON_IN_SIZE = 20
+CON_IN_LEN = 24
+CON_FLAGS = 28
+CON_FLAG_EOF = 1
+
+
+class LineStream:
+    """Console output as text lines, for one consumer at a time.
+
+    Iterating yields each complete line (decoded as UTF-8, errors replaced,
+    without its ``\\n``) and ends once the stream is closed and drained; a
+    trailing partial line is yielded at close.  At most ``maxlen`` unread lines
+    are kept: older ones are dropped and counted in :attr:`dropped`.
+    """
+
+    def __init__(self, maxlen: int = 100_000) -> None:
+        self._lines: deque[str] = deque()
+        self._maxlen = maxlen
+        self._partial = bytearray()
+        self._changed = asyncio.Event()
+        self.closed = False
+        self.dropped = 0
+
+    def push(self, data: bytes) -> None:
+        """Add raw output bytes; every completed line becomes available."""
+        if self.closed:
+            return
+        self._partial += data
+        *complete, rest = self._partial.split(b"\n")
+        if complete:
+            self._partial = bytearray(rest)
+            for line in complete:
+                self._append(line.decode("utf-8", "replace"))
+
+    def _append(self, line: str) -> None:
+        if self._maxlen <= 0:
+            self.dropped += 1
+            return
+        if len(self._lines) >= self._maxlen:
+            self._lines.popleft()
+            self.dropped += 1
+        self._lines.append(line)
+        self._changed.set()
+
+    def close(self) -> None:
+        """No more output: flush the partial line and let iterators finish."""
+        if self.closed:
+            return
+        if self._partial:
+            self._append(self._partial.decode("utf-8", "replace"))
+            self._partial.clear()
+        self.closed = True
+        self._changed.set()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[str]:
+        while True:
+            while self._lines:
+                yield self._lines.popleft()
+            if self.closed:
+                return
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class Console(Device):
+    """A console: output to ``lines`` and ``sink``; input from ``feed`` and ``source``.
+
+    ``source`` (an async iterable of bytes) is read from :meth:`start` on; when
+    it ends, input ends.  ``eof=True`` starts with input already ended (the
+    guest sees EOF as soon as it arms its buffer).
+    """
+
+    type = DEV_TYPE_CONSOLE
+
+    def __init__(
+        self,
+        *,
+        lines: LineStream | None = None,
+        sink: Callable[[bytes], None] | None = None,
+        source: AsyncIterable[bytes] | None = None,
+        eof: bool = False,
+    ) -> None:
+        self.lines = lines if lines is not None else LineStream()
+        self.sink = sink
+        self.source = source
+        self._pending = bytearray()
+        self._eof = eof
+        self._eof_told = False
+        self._feeder: asyncio.Task[None] | None = None
+
+    # -- host side ----------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Queue input for the guest (ignored after :meth:`end_input`)."""
+        if self._eof or not data:
+            return
+        self._pending += data
+        if self.slot is not None:
+            self.slot.wake()
+
+    def end_input(self) -> None:
+        """No more input: the guest sees EOF once it has read what is queued."""
+        if not self._eof:
+            self._eof = True
+            if self.slot is not None:
+                self.slot.wake()
+
+    async def start(self) -> None:
+        if self.source is not None:
+            self._feeder = asyncio.create_task(self._feed_from(self.source))
+
+    async def _feed_from(self, source: AsyncIterable[bytes]) -> None:
+        try:
+            async for chunk in source:
+                self.feed(chunk)
+        finally:
+            self.end_input()
+
+    async def stop(self) -> None:
+        if self._feeder is not None:
+            self._feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feeder
+        self.lines.close()
+
+    # -- guest side ---------------------------------------------------------
+    def attach(self, slot: Slot) -> None:
+        super().attach(slot)
+        self._eof_told = False
+
+    async def notify(self, slot: Slot) -> None:
+        length = slot.get(CON_OUT_LEN)
+        if length:
+            data = slot.read(slot.get(CON_OUT_ADDR), length)
+            slot.set(CON_OUT_LEN, 0)
+            if data is not None:
+                self.lines.push(data)
+                if self.sink is not None:
+                    self.sink(data)
+        self.poll(slot)
+
+    def poll(self, slot: Slot) -> None:
+        if slot.get(CON_IN_LEN) != 0:
+            return  # the guest has not consumed the last chunk yet
+        size = slot.get(CON_IN_SIZE)
+        if self._pending and size:
+            chunk = bytes(self._pending[:size])
+            if slot.write(slot.get(CON_IN_ADDR), chunk):
+                del self._pending[: len(chunk)]
+                slot.set(CON_IN_LEN, len(chunk))
+                slot.interrupt()
+        elif self._eof and not self._pending and not self._eof_told:
+            self._eof_told = True
+            slot.set(CON_FLAGS, slot.get(CON_FLAGS) | CON_FLAG_EOF)
+            slot.interrupt()
+
+
+def stdout_sink(data: bytes) -> None:
+    """A raw sink writing to the process's standard output, unbuffered."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+async def stdin_source(fd: int = 0, chunk: int = 4096) -> AsyncIterator[bytes]:
+    """Chunks read from ``fd`` until end of file.
+
+    A daemon thread does the blocking reads, so a terminal that never sends
+    EOF cannot keep the process alive or block loop shutdown.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(fd, chunk)
+            except OSError:
+                data = b""
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, data)
+            except RuntimeError:  # the loop is closed
+                return
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="lguest-stdin", daemon=True).start()
+    while data := await queue.get():
+        yield data

@@ -1,0 +1,287 @@
+"""The Launcher: boot one guest through the public device API and serve its devices.
+
+One boot: fresh :class:`~supervisor.GuestMemory`, the image loaded, page tables
+and boot info written, the device page filled, ``LHREQ_INITIALIZE``; then the
+read loop, as lguest's Launcher did it:
+
+* a full read returns a notify address: the device there is serviced, then
+  any irqs the devices raised are sent (``LHREQ_IRQ``) before the next read;
+* ``EAGAIN``: the Waker broke the guest out because a device has news; every
+  device is polled, irqs are sent, and ``LHREQ_BREAK 0`` releases the Waker;
+* ``ENOENT``: the guest died; the next read returns the reason;
+* ``ERESTART``: the guest asked for a reboot; the image is read again and the
+  guest boots afresh, at most ``max_restarts`` times.
+
+The Waker coroutine holds only ``f.waker()``: when a device calls
+:meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import abi
+from ..device import LguestDevice, LguestFile, Waker
+from ..guest import Death
+from ..memory import GuestMemory
+from .devices import Device, DeviceTable
+from .layout import CMDLINE_MAX, Layout, build_pagetables, plan, write_boot_info
+from .loader import Image, check_fits, load_image, read_image
+
+REASON_SIZE = 1024
+DEFAULT_MAX_RESTARTS = 8
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a guest ended.
+
+    ``exit_status`` is set when the guest powered off; ``died`` is True when it
+    was killed (bad hypercall, fault, crash, ``kill()``, too many restarts);
+    ``reason`` is the guest's or the Host's words; ``restarts`` counts reboots.
+    """
+
+    exit_status: int | None
+    reason: str
+    restarts: int = 0
+    died: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True for a clean power-off with status 0."""
+        return not self.died and self.exit_status == 0
+
+
+@dataclass
+class GuestStats:
+    """Counters summed over every boot of one guest (see :class:`supervisor.cpu.CpuStats`)."""
+
+    blocks: int = 0  # translated blocks executed
+    exits: int = 0
+    hypercalls: int = 0
+    interrupts: int = 0
+    notifies: int = 0
+    run_time: float = 0.0  # seconds inside guest slices
+
+    def add(self, other: GuestStats) -> GuestStats:
+        return GuestStats(
+            self.blocks + other.blocks,
+            self.exits + other.exits,
+            self.hypercalls + other.hypercalls,
+            self.interrupts + other.interrupts,
+            self.notifies + other.notifies,
+            self.run_time + other.run_time,
+        )
+
+
+class Launcher:
+    """Runs one guest from ``image`` with ``devices`` in ``ram_size`` bytes of RAM.
+
+    Construction validates the layout and the image fit (``ValueError`` /
+    :class:`~supervisor.launcher.loader.ImageError`); :meth:`run` boots it and
+    returns its :class:`Exit`.  :meth:`kill` ends it from any other task.
+    """
+
+    def __init__(
+        self,
+        device: LguestDevice,
+        image: Image | str | Path,
+        *,
+        ram_size: int,
+        devices: Sequence[Device] = (),
+        cmdline: str | bytes = b"",
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+    ) -> None:
+        self._dev = device
+        self._source = image if isinstance(image, str | Path) else None
+        self.image = read_image(image) if isinstance(image, str | Path) else image
+        self.layout: Layout = plan(ram_size)
+        self.devices = DeviceTable(list(devices))
+        self.cmdline = cmdline.encode() if isinstance(cmdline, str) else cmdline
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.file: LguestFile | None = None
+        self._done_stats = GuestStats()
+        self._notifies = 0
+        self._irqs: set[int] = set()
+        self._attention = asyncio.Event()
+        self._killed: str | None = None
+        self._check()
+
+    def _check(self) -> None:
+        check_fits(self.image, self.layout)
+        if len(self.cmdline) >= CMDLINE_MAX:
+            raise ValueError(f"command line longer than {CMDLINE_MAX - 1} bytes")
+
+    def _prepare(self, memory: GuestMemory) -> int:
+        """Load image, page tables, boot info; return the entry point."""
+        view = memory.view
+        entry = load_image(self.image, view, self.layout)
+        build_pagetables(view, self.layout)
+        write_boot_info(view, self.layout, len(self.devices), self.cmdline)
+        return entry
+
+    # -- public ----------------------------------------------------------------
+    @property
+    def stats(self) -> GuestStats:
+        """Counters so far, including every earlier boot."""
+        return self._done_stats.add(self._current_stats())
+
+    def _current_stats(self) -> GuestStats:
+        s = self.file.stats if self.file is not None else None
+        if s is None:
+            return GuestStats(notifies=self._notifies)
+        return GuestStats(s.blocks, s.exits, s.hypercalls, s.interrupts, self._notifies, s.run_time)
+
+    async def kill(self, reason: str = "killed") -> None:
+        """End the guest: :meth:`run` returns ``Exit(died=True, reason=reason)``.
+
+        No effect on a guest that has already ended.
+        """
+        if self._killed is None:
+            self._killed = reason
+        if self.file is not None:
+            await self.file.close()
+
+    async def run(self) -> Exit:
+        """Start the devices, boot (and reboot) the guest; return how it ended.
+
+        Devices are stopped and the device file and memory freed before this
+        returns, whatever happens (cancellation included).
+        """
+        try:
+            for device in self.devices:
+                await device.start()
+            while True:
+                death = await self._boot()
+                if death is None:
+                    return Exit(None, self._killed or "killed", self.restarts, died=True)
+                if not death.restart:
+                    died = death.exit_status is None
+                    return Exit(death.exit_status, death.reason, self.restarts, died)
+                if self.restarts >= self.max_restarts:
+                    reason = f"too many restarts ({self.restarts}): {death.reason}"
+                    return Exit(None, reason, self.restarts, died=True)
+                self.restarts += 1
+                if self._source is not None:
+                    self.image = read_image(self._source)
+        finally:
+            for device in self.devices:
+                with contextlib.suppress(Exception):
+                    await device.stop()
+
+    # -- one boot ----------------------------------------------------------------
+    async def _boot(self) -> Death | None:
+        """Run one boot; return its death, or None if killed."""
+        if self._killed is not None:
+            return None
+        memory = GuestMemory(self.layout.memory_size)
+        try:
+            entry = self._prepare(memory)
+            self._irqs.clear()
+            self.devices.attach(
+                memory, self.layout.ram_size, self.layout.device_page, self._irqs.add, self._wake
+            )
+            async with self._dev.open(memory) as f:
+                self.file = f
+                try:
+                    await f.write(
+                        abi.pack_words(
+                            abi.LHREQ_INITIALIZE,
+                            memory.address,
+                            self.layout.pfn_limit,
+                            self.layout.pgdir,
+                            entry,
+                        )
+                    )
+                    return await self._serve(f)
+                except OSError as exc:
+                    if exc.errno == errno.EBADF and self._killed is not None:
+                        return None
+                    raise
+                finally:
+                    self._done_stats = self._done_stats.add(self._current_stats())
+                    self._notifies = 0
+                    self.file = None
+        finally:
+            memory.close()
+
+    def _wake(self) -> None:
+        self._attention.set()
+
+    async def _serve(self, f: LguestFile) -> Death | None:
+        waker = asyncio.create_task(self._waker(f.waker()), name="lguest-waker")
+        try:
+            return await self._read_loop(f)
+        finally:
+            waker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await waker
+
+    async def _read_loop(self, f: LguestFile) -> Death | None:
+        while True:
+            try:
+                data = await f.read(REASON_SIZE)
+            except BlockingIOError:  # EAGAIN: the Waker broke us out
+                await self._poll()
+                try:
+                    await self._send_irqs(f)
+                    await f.write(abi.pack_words(abi.LHREQ_BREAK, 0))
+                except FileNotFoundError:
+                    pass  # it died in the same slice: the next read says why
+                continue
+            except FileNotFoundError:  # ENOENT: it died; the next read says why
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ERESTART:
+                    return f.death
+                raise
+            if f.death is not None:
+                reason = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+                return Death(reason or f.death.reason, f.death.errno, f.death.exit_status)
+            (address,) = abi.unpack_words(data[: abi.WORD_SIZE])
+            await self._notify(f, address)
+
+    async def _notify(self, f: LguestFile, address: int) -> None:
+        """Service the device at ``address``; a bad address or a failing device kills."""
+        self._notifies += 1
+        found = self.devices.lookup(address)
+        if found is None:
+            await self.kill(f"notify of unknown device address {address:#x}")
+            return
+        device, slot = found
+        try:
+            await device.notify(slot)
+        except Exception as exc:
+            await self.kill(f"device {type(device).__name__} failed: {exc}")
+            return
+        await self._send_irqs(f)
+
+    async def _poll(self) -> None:
+        """Let every device catch up; a failing device kills the guest."""
+        for device, slot in self.devices.slots():
+            try:
+                device.poll(slot)
+            except Exception as exc:
+                await self.kill(f"device {type(device).__name__} failed: {exc}")
+                return
+
+    async def _send_irqs(self, f: LguestFile) -> None:
+        """Send every irq the devices raised (``ENOENT`` if the guest is dead)."""
+        while self._irqs:
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, self._irqs.pop()))
+
+    async def _waker(self, waker: Waker) -> None:
+        """Break the guest out whenever a device wants attention, until the file dies."""
+        while True:
+            await self._attention.wait()
+            self._attention.clear()
+            try:
+                await waker.brk(True)
+            except OSError:
+                return
