@@ -12,8 +12,10 @@ Most users want the Launcher on top of it: :class:`Supervisor` and :class:`Guest
 """
 
 from . import abi
+from .config import GuestConfig
 from .device import LguestDevice, LguestFile, Waker
 from .guest import Death
+from .host import Exit, Guest, Supervisor
 from .memory import GuestMemory
 
 __all__ = [
@@ -24,3 +26,4 @@ __all__ = [
     "Waker",
     "abi",
 ]
+__all__ += ["Exit", "Guest", "GuestConfig", "Supervisor"]

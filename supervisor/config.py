@@ -1,0 +1,146 @@
+"""``GuestConfig``: everything needed to launch one guest, validated by pydantic.
+
+Loadable from TOML or JSON (:meth:`GuestConfig.load`); unknown keys are errors.
+Every problem surfaces as :class:`ConfigError`, a ``ValueError`` whose message
+is one line naming the field(s) at fault.  Later features (a gdb stub, resource
+limits) add optional fields here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, FilePath, ValidationError, field_validator
+
+from .abi import PAGE_SIZE
+from .launcher.layout import CMDLINE_MAX
+
+MIN_MEMORY = 128 << 10
+MAX_MEMORY = 1 << 30
+DEFAULT_MEMORY = 16 << 20
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)(?:I?B)?\s*", re.IGNORECASE)
+
+ConsoleMode = Literal["stdio", "capture", "null"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one line."""
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string like ``"16M"``, ``"1G"``, ``"512KiB"``, ``"65536"``.
+
+    Units are binary (K = 1024).  Raises ``ValueError`` for anything else.
+    """
+    if isinstance(value, bool):
+        raise ValueError("memory size must be a number of bytes or a string like '16M'")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value))
+    if not match:
+        raise ValueError(f"bad size {value!r}: use bytes or a number with K, M or G (e.g. '16M')")
+    return int(match[1]) * _UNITS[match[2].upper()]
+
+
+def check_memory(size: int) -> int:
+    """``size`` if it is a page multiple within the supported bounds, else ``ValueError``."""
+    if size % PAGE_SIZE:
+        raise ValueError(f"{size} bytes is not a multiple of the {PAGE_SIZE}-byte page")
+    if not MIN_MEMORY <= size <= MAX_MEMORY:
+        raise ValueError(f"{size} bytes is outside {MIN_MEMORY >> 10}K..{MAX_MEMORY >> 30}G")
+    return size
+
+
+class GuestConfig(BaseModel):
+    """One guest: its image, memory, devices and command line."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    image: FilePath
+    name: str = ""
+    memory: int = DEFAULT_MEMORY
+    block: FilePath | None = None
+    block_readonly: bool = False
+    cmdline: str = ""
+    console: ConsoleMode = "capture"
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int:
+        if not isinstance(value, int | str):
+            raise ValueError("memory must be a number of bytes or a string like '16M'")
+        return check_memory(parse_size(value))
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, value: str) -> str:
+        if len(value.encode()) >= CMDLINE_MAX:
+            raise ValueError(f"longer than {CMDLINE_MAX - 1} bytes")
+        return value
+
+    @property
+    def display_name(self) -> str:
+        """``name``, or the image's file name without extension."""
+        return self.name or self.image.stem
+
+    @classmethod
+    def build(cls, **fields: Any) -> GuestConfig:
+        """Validate ``fields``; raise :class:`ConfigError` (one line) on any problem."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc)) from None
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> GuestConfig:
+        """Read a ``.toml`` or ``.json`` file; ``overrides`` replace its keys.
+
+        Relative ``image`` and ``block`` paths in the file are relative to the
+        file's directory.  Raises :class:`ConfigError` for an unreadable file,
+        bad syntax, an unknown extension or invalid contents.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        try:
+            if path.suffix == ".toml":
+                data: Any = tomllib.loads(text)
+            elif path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                raise ConfigError(f"{path}: config must be a .toml or .json file")
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: bad {path.suffix[1:].upper()}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a table/object of settings")
+        for key in ("image", "block"):
+            if isinstance(data.get(key), str):
+                data[key] = str(path.parent / data[key])
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line for every error in ``exc``: ``field: message; field: message``."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "config"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif error["type"] == "missing":
+            message = "required"
+        elif error["type"] in ("path_not_file",) and "input" in error:
+            message = f"no such file: {error['input']}"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)

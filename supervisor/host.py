@@ -1,0 +1,153 @@
+"""The library front door: a :class:`Supervisor` launches :class:`Guest` objects.
+
+::
+
+    async with Supervisor() as sup:
+        guest = await sup.launch(GuestConfig(image="guests/hello.img"))
+        async for line in guest.console:
+            print(line)
+        print(await guest.wait())
+
+Each guest runs its Launcher (and so its CPU) in its own asyncio task.
+Leaving the ``async with`` kills the guests still running and closes the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+from .config import GuestConfig
+from .device import LguestDevice
+from .launcher.block import BlockDevice
+from .launcher.console import Console, LineStream, stdin_source, stdout_sink
+from .launcher.devices import Device
+from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
+
+__all__ = ["Exit", "Guest", "GuestStats", "Supervisor"]
+
+
+class Guest:
+    """A running (or finished) guest.  Get one from :meth:`Supervisor.launch`."""
+
+    def __init__(self, config: GuestConfig, launcher: Launcher, console: Console) -> None:
+        self.config = config
+        self.name = config.display_name
+        self._launcher = launcher
+        self._console = console
+        self._task = asyncio.create_task(launcher.run(), name=f"guest-{self.name}")
+
+    @property
+    def console(self) -> LineStream:
+        """Console output as an async iterator of lines (``str`` without ``\\n``).
+
+        It ends when the guest has ended and every line has been read.
+        """
+        return self._console.lines
+
+    def send(self, text: str | bytes) -> None:
+        """Queue console input for the guest (UTF-8 encoded if ``str``)."""
+        self._console.feed(text.encode() if isinstance(text, str) else text)
+
+    def send_eof(self) -> None:
+        """End console input: the guest sees EOF after what is already queued."""
+        self._console.end_input()
+
+    @property
+    def stats(self) -> GuestStats:
+        """Counters so far: blocks, exits, hypercalls, interrupts, notifies, run time."""
+        return self._launcher.stats
+
+    @property
+    def restarts(self) -> int:
+        return self._launcher.restarts
+
+    @property
+    def done(self) -> bool:
+        """True once the guest has ended (``wait()`` then returns at once)."""
+        return self._task.done()
+
+    async def wait(self) -> Exit:
+        """Wait for the guest to end and return how.  Cancelling the wait leaves it running.
+
+        Raises whatever the Launcher raised if the Host itself failed.
+        """
+        return await asyncio.shield(self._task)
+
+    async def kill(self, reason: str = "killed") -> Exit:
+        """End the guest now (no effect if it has already ended); return its :class:`Exit`."""
+        if not self._task.done():
+            await self._launcher.kill(reason)
+        return await self.wait()
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done else "ended"
+        return f"<Guest {self.name} {state}>"
+
+
+class Supervisor:
+    """Owns one :class:`~supervisor.LguestDevice` and the guests launched on it.
+
+    Use as ``async with Supervisor() as sup``; leaving kills what still runs.
+    """
+
+    def __init__(
+        self, *, workers: int | None = None, max_restarts: int = DEFAULT_MAX_RESTARTS
+    ) -> None:
+        self.device = LguestDevice(workers=workers)
+        self.max_restarts = max_restarts
+        self.guests: list[Guest] = []
+
+    async def launch(self, config: GuestConfig, *, devices: Sequence[Device] = ()) -> Guest:
+        """Start a guest from ``config``, with extra ``devices`` after console and block.
+
+        Checks everything that can be checked first and raises before anything
+        runs: :class:`~supervisor.launcher.loader.ImageError` (a ``ValueError``)
+        for a bad image or one that does not fit, ``OSError`` for a block file
+        that cannot be opened as asked.
+        """
+        console = _console_for(config)
+        table: list[Device] = [console]
+        if config.block is not None:
+            block = BlockDevice(config.block, readonly=config.block_readonly)
+            block.open()
+            table.append(block)
+        table.extend(devices)
+        try:
+            launcher = Launcher(
+                self.device,
+                config.image,
+                ram_size=config.memory,
+                devices=table,
+                cmdline=config.cmdline,
+                max_restarts=self.max_restarts,
+            )
+        except BaseException:
+            for device in table:
+                await device.stop()
+            raise
+        guest = Guest(config, launcher, console)
+        self.guests.append(guest)
+        return guest
+
+    async def aclose(self) -> None:
+        """Kill every guest still running, then close the device.  Safe to call twice."""
+        for guest in self.guests:
+            with contextlib.suppress(Exception):
+                await guest.kill("supervisor closed")
+        await self.device.aclose()
+
+    async def __aenter__(self) -> Supervisor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _console_for(config: GuestConfig) -> Console:
+    if config.console == "stdio":
+        return Console(sink=stdout_sink, source=stdin_source())
+    if config.console == "null":
+        return Console(lines=LineStream(maxlen=0), eof=True)
+    return Console()
