@@ -49,10 +49,10 @@ def parse_size(value: int | str) -> int:
 
 def check_memory(size: int) -> int:
     """``size`` if it is a page multiple within the supported bounds, else ``ValueError``."""
-    if size % PAGE_SIZE:
-        raise ValueError(f"{size} bytes is not a multiple of the {PAGE_SIZE}-byte page")
     if not MIN_MEMORY <= size <= MAX_MEMORY:
         raise ValueError(f"{size} bytes is outside {MIN_MEMORY >> 10}K..{MAX_MEMORY >> 30}G")
+    if size % PAGE_SIZE:
+        raise ValueError(f"{size} bytes is not a multiple of the {PAGE_SIZE}-byte page")
     return size
 
 

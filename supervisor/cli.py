@@ -1,0 +1,218 @@
+"""``python -m supervisor``: run one guest on the terminal, or a swarm of them.
+
+``run IMAGE``
+    The guest's console is the terminal: its output goes to stdout, stdin is
+    its input (EOF on stdin is EOF on the console).  Exit status: the guest's
+    power-off status (values over 255 become 255); a guest that died (killed
+    by the Host, crashed, too many reboots) prints ``supervisor: <name> died:
+    <reason>`` on stderr and exits 1.  Ctrl-C kills the guest and exits 130.
+``swarm -n N IMAGE``
+    N copies with no console; live progress on stderr when it is a terminal,
+    then a summary table on stdout.  Exit status 0 when every guest powered
+    off with status 0, else 1.
+
+Bad input (missing file, not an image, bad size, bad config, bad option) is
+one line ``supervisor: error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, NoReturn
+
+from .config import ConfigError, GuestConfig
+from .host import Exit, Guest, Supervisor
+from .launcher.loader import ImageError
+
+EXIT_DIED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(Exception):
+    """Something the user gave us is unusable; the message is one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"supervisor: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m supervisor", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
+        p.add_argument("--cmdline", help="guest command line (boot info page)")
+        p.add_argument(
+            "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop"
+        )
+
+    run = sub.add_parser("run", help="run one guest on the terminal")
+    run.add_argument("image", nargs="?", help="flat binary or ELF32 image")
+    run.add_argument("--block", help="file backing the block device")
+    run.add_argument("--readonly", action="store_true", help="make the block device read-only")
+    run.add_argument("--config", help="GuestConfig as .toml or .json (options override it)")
+    common(run)
+
+    swarm = sub.add_parser("swarm", help="run N copies of a guest and summarize")
+    swarm.add_argument("-n", type=int, default=10, help="how many guests (default 10)")
+    swarm.add_argument("image", help="flat binary or ELF32 image")
+    common(swarm)
+    return parser
+
+
+def run_config(args: argparse.Namespace) -> GuestConfig:
+    """The GuestConfig for ``run``: the --config file (if any) overridden by options."""
+    fields: dict[str, Any] = {
+        "image": args.image,
+        "memory": args.memory,
+        "block": args.block,
+        "block_readonly": True if args.readonly else None,
+        "cmdline": args.cmdline,
+        "console": "stdio",
+    }
+    if args.config:
+        return GuestConfig.load(args.config, **fields)
+    if args.image is None:
+        raise BadInput("run needs an IMAGE or --config FILE")
+    return GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
+
+
+async def launch(sup: Supervisor, config: GuestConfig) -> Guest:
+    """``sup.launch`` with the user's mistakes turned into :class:`BadInput`."""
+    try:
+        return await sup.launch(config)
+    except (ImageError, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise BadInput(f"{exc.filename or config.block}: {exc.strerror or exc}") from None
+
+
+async def run_one(config: GuestConfig) -> int:
+    """Run one guest on the terminal; return the process exit status."""
+    async with Supervisor() as sup:
+        guest = await launch(sup, config)
+        try:
+            result = await guest.wait()
+        except asyncio.CancelledError:
+            await guest.kill("interrupted")
+            raise
+    return exit_status(guest.name, result)
+
+
+def exit_status(name: str, result: Exit) -> int:
+    """The process exit status for ``result`` (and the stderr line for a death)."""
+    if result.died or result.exit_status is None:
+        print(f"supervisor: {name} died: {result.reason}", file=sys.stderr)
+        return EXIT_DIED
+    return min(result.exit_status, 255)
+
+
+async def run_swarm(config: GuestConfig, n: int) -> int:
+    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status."""
+    from rich.console import Console as RichConsole
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = RichConsole(file=sys.stderr)
+    progress = Progress(
+        TextColumn("[bold]swarm"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not sys.stderr.isatty(),
+        transient=True,
+    )
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    started = time.perf_counter()
+    async with Supervisor() as sup:
+        guests = []
+        for i in range(n):
+            named = config.model_copy(update={"name": f"{config.display_name}-{i}"})
+            guests.append(await launch(sup, named))
+        with progress:
+            bar = progress.add_task("swarm", total=n, state="")
+            for next_done in asyncio.as_completed([g.wait() for g in guests]):
+                result = await next_done
+                counts[_outcome(result)] += 1
+                if result.died:
+                    reasons[result.reason] += 1
+                state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                progress.update(bar, advance=1, state=state)
+        wall = time.perf_counter() - started
+        stats = [g.stats for g in guests]
+    _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    return 0 if counts["finished"] == n else 1
+
+
+def _outcome(result: Exit) -> str:
+    if result.died:
+        return "died"
+    return "finished" if result.exit_status == 0 else "failed"
+
+
+def _summary(
+    n: int, counts: Counter[str], reasons: Counter[str], blocks: int, cpu: float, wall: float
+) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+
+    table = Table(title=f"swarm of {n}")
+    for column in ("finished", "failed", "died", "blocks", "blocks/s", "cpu time", "wall time"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(counts["finished"]),
+        str(counts["failed"]),
+        str(counts["died"]),
+        f"{blocks:,}",
+        f"{blocks / wall:,.0f}" if wall > 0 else "-",
+        f"{cpu:.2f}s",
+        f"{wall:.2f}s",
+    )
+    out = RichConsole(file=sys.stdout)
+    out.print(table)
+    for reason, count in reasons.most_common(5):
+        out.print(f"died x{count}: {reason}", highlight=False, markup=False)
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if name == "uvloop":
+        import uvloop
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return asyncio.new_event_loop
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        coro: Coroutine[Any, Any, int]
+        if args.command == "run":
+            coro = run_one(run_config(args))
+        else:
+            if args.n < 1:
+                raise BadInput("-n must be at least 1")
+            fields = {"image": args.image, "memory": args.memory, "cmdline": args.cmdline}
+            config = GuestConfig.build(
+                console="null", **{k: v for k, v in fields.items() if v is not None}
+            )
+            coro = run_swarm(config, args.n)
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            return runner.run(coro)
+    except (BadInput, ConfigError) as exc:
+        print(f"supervisor: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("supervisor: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
