@@ -72,8 +72,8 @@ def deliverable_irq(cpu: LgCpu) -> int | None:
 def maybe_do_interrupt(cpu: LgCpu) -> None:
     """Before entering the guest: deliver the lowest deliverable irq, if the guest can take it.
 
-    A halted guest with an irq ready is woken instead (``irq_enabled`` back on);
-    the irq is delivered on the next pass.
+    A halted guest with an irq ready is woken first (``irq_enabled`` back on), and
+    the irq is delivered straight away, as later lguest kernels do.
     """
     irq = deliverable_irq(cpu)
     if irq is None:
@@ -83,8 +83,7 @@ def maybe_do_interrupt(cpu: LgCpu) -> None:
     if cpu.halted:
         lg.write_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED, X86_EFLAGS_IF)
         cpu.halted = False
-        return
-    if not lg.read_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED):
+    elif not lg.read_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED):
         return
     if lg.noirq_start <= cpu.eip < lg.noirq_end:
         return

@@ -1,0 +1,246 @@
+"""Running guests through the device: notify, break, cancellation, close."""
+
+import asyncio
+import errno
+
+import pytest
+from guestasm import boot
+
+from supervisor import abi
+from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
+
+SPIN = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    jmp 1b
+.data
+counter: .long 0
+"""
+
+# Counts in memory and in a register; stops at TARGET and notifies.
+COUNT_TO = r"""
+.set TARGET, {target}
+main:
+    LGUEST_INIT
+    xor %ebx, %ebx
+1:  incl counter
+    inc %ebx
+    cmpl $TARGET, counter
+    jne 1b
+    mov %ebx, regcount
+    HCALL 17, 0xc0ffee
+    HCALL 2, msg, 1, 0
+.data
+counter: .long 0
+regcount: .long 0
+msg: .asciz "counted"
+"""
+
+
+async def expect(code, coro):
+    with pytest.raises(OSError) as e:
+        await coro
+    assert e.value.errno == code, e.value
+    return e.value
+
+
+async def test_notify_is_one_word_and_cleared_on_next_read(dev):
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 0x1000
+    HCALL 17, 0x2000
+    HCALL 2, msg, 1, 0
+.data
+msg: .asciz "bye"
+""",
+    )
+    assert await g.file.read(abi.WORD_SIZE) == pack_words(0x1000)
+    assert await g.file.read(abi.WORD_SIZE) == pack_words(0x2000)
+    await expect(errno.ENOENT, g.file.read(8))
+    assert await g.file.read(64) == b"bye\0"
+
+
+async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev):
+    g = await boot(dev, SPIN)
+    waker = g.file.waker()
+    reader = asyncio.create_task(g.file.read(8))
+    breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    # The waker stays blocked until the Launcher writes BREAK 0.
+    assert not breaker.done()
+    # While broken out, every read returns EAGAIN straight away.
+    await expect(errno.EAGAIN, g.file.read(8))
+    assert not breaker.done()
+    assert await g.file.write(pack_words(LHREQ_BREAK, 0)) == 0
+    assert await breaker == 0
+    # And the guest runs again.
+    before = g.u32("counter")
+    reader = asyncio.create_task(g.file.read(8))
+    while g.u32("counter") == before:
+        await asyncio.sleep(0)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+
+
+async def test_break_before_any_read_is_not_lost(dev):
+    g = await boot(dev, SPIN)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await asyncio.sleep(0)  # let the waker set the flag; nobody runs the guest yet
+    await expect(errno.EAGAIN, g.file.read(8))
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await breaker
+
+
+async def test_cancelled_waker_leaves_the_break_set(dev):
+    g = await boot(dev, SPIN)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await asyncio.sleep(0)
+    breaker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await breaker
+    await expect(errno.EAGAIN, g.file.read(8))
+
+
+async def test_many_wakers_are_released_by_one_break_zero(dev):
+    g = await boot(dev, SPIN)
+    wakers = [
+        asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1))) for _ in range(5)
+    ]
+    await expect(errno.EAGAIN, g.file.read(8))
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    assert await asyncio.gather(*wakers) == [0] * 5
+
+
+async def test_cancelling_a_read_resumes_exactly_where_it_stopped(dev):
+    g = await boot(dev, COUNT_TO.format(target=3_000_000))
+    for _ in range(200):
+        reader = asyncio.create_task(g.file.read(8))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    assert await g.file.read(8) == pack_words(0xC0FFEE)
+    assert g.u32("counter") == 3_000_000
+    assert g.u32("regcount") == 3_000_000
+
+
+async def test_twenty_million_increments_survive_a_break_every_millisecond(dev):
+    """The issue's acceptance test: breaks and resumes never lose or repeat a write."""
+    g = await boot(dev, COUNT_TO.format(target=20_000_000))
+    waker = g.file.waker()
+    done = asyncio.Event()
+    breaks = 0
+
+    async def waker_loop() -> None:
+        nonlocal breaks
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            if done.is_set():
+                break
+            await waker.write(pack_words(LHREQ_BREAK, 1))
+            breaks += 1
+
+    waker_task = asyncio.create_task(waker_loop())
+    eagains = 0
+    while True:
+        try:
+            word = await g.file.read(8)
+        except BlockingIOError:
+            eagains += 1
+            await g.file.write(pack_words(LHREQ_BREAK, 0))
+            continue
+        break
+    done.set()
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await waker_task
+    assert word == pack_words(0xC0FFEE)
+    assert g.u32("counter") == 20_000_000
+    assert g.u32("regcount") == 20_000_000
+    assert eagains > 10, "the waker should have broken the guest out many times"
+
+
+async def test_irq_write_returns_zero_and_wakes_a_halted_guest(dev):
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $0, lguest_data
+    HCALL 10
+    HCALL 17, 0x35
+1:  jmp 1b
+handler:
+    incl hits
+    jmp irq_return
+.data
+hits: .long 0
+""",
+    )
+    reader = asyncio.create_task(g.file.read(8))
+    # The guest halts: it stops costing slices.
+    while not g.file._lg.cpus[0].halted:  # noqa: SLF001
+        await asyncio.sleep(0)
+    slices = g.file.stats.slices
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert g.file.stats.slices == slices
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    assert await reader == pack_words(0x35)
+    assert g.u32("hits") == 1
+
+
+async def test_close_while_running_never_hangs(dev):
+    g = await boot(dev, SPIN)
+    reader = asyncio.create_task(g.file.read(8))
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    reader = asyncio.create_task(g.file.read(8))  # EAGAIN again: break still on
+    await expect(errno.EAGAIN, reader)
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await breaker
+    reader = asyncio.create_task(g.file.read(8))
+    while g.u32("counter") == 0:
+        await asyncio.sleep(0)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await asyncio.wait_for(g.file.close(), 5)
+    await expect(errno.EBADF, breaker)
+    with pytest.raises(OSError) as e:
+        await reader
+    assert e.value.errno in (errno.EBADF, errno.EAGAIN)
+
+
+async def test_close_while_halted_and_while_reading_ends_the_read_with_ebadf(dev):
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    HCALL 10
+1:  jmp 1b
+""",
+    )
+    reader = asyncio.create_task(g.file.read(8))
+    while not g.file._lg.cpus[0].halted:  # noqa: SLF001
+        await asyncio.sleep(0)
+    await asyncio.wait_for(g.file.close(), 5)
+    await expect(errno.EBADF, reader)
+
+
+async def test_device_aclose_stops_every_guest(dev):
+    guests = [await boot(dev, SPIN) for _ in range(4)]
+    readers = [asyncio.create_task(g.file.read(8)) for g in guests]
+    while any(g.u32("counter") == 0 for g in guests):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(dev.aclose(), 10)
+    for r in readers:
+        with pytest.raises(OSError) as e:
+            await r
+        assert e.value.errno == errno.EBADF
+    assert all(g.file.closed for g in guests)
