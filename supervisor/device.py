@@ -21,10 +21,10 @@ from typing import Any
 
 from . import run, timers
 from .abi import (
+    LGUEST_IRQS,
     LHREQ_BREAK,
     LHREQ_INITIALIZE,
     LHREQ_IRQ,
-    LGUEST_IRQS,
     PAGE_SIZE,
     WORD_SIZE,
     pack_words,

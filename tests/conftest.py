@@ -10,7 +10,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from supervisor import LguestDevice  # noqa: E402
+from supervisor import LguestDevice
 
 
 def pytest_asyncio_loop_factories(

@@ -71,7 +71,8 @@ async def test_initialize_with_fewer_than_four_words_is_einval(dev):
 
 async def test_initialize_twice_is_ebusy(dev):
     g = await boot(dev, SPIN)
-    await expect(errno.EBUSY, g.file.write(init_words(g.memory, g.layout.pfn_limit, g.layout.pgdir)))
+    again = init_words(g.memory, g.layout.pfn_limit, g.layout.pgdir)
+    await expect(errno.EBUSY, g.file.write(again))
     await expect(errno.EBUSY, g.file.write(pack_words(LHREQ_INITIALIZE)))
 
 
@@ -100,7 +101,7 @@ async def test_initialize_bounds(dev, base_delta, pfns_delta, pgdir, code):
 
 
 async def test_zero_pages_is_einval(dev):
-    memory, layout = load(assemble(SPIN))
+    memory, _ = load(assemble(SPIN))
     f = dev.open(memory)
     await expect(errno.EINVAL, f.write(pack_words(LHREQ_INITIALIZE, memory.address, 0, 0, 0)))
 

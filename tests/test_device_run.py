@@ -185,7 +185,7 @@ hits: .long 0
     )
     reader = asyncio.create_task(g.file.read(8))
     # The guest halts: it stops costing slices.
-    while not g.file._lg.cpus[0].halted:  # noqa: SLF001
+    while not g.file._lg.cpus[0].halted:
         await asyncio.sleep(0)
     slices = g.file.stats.slices
     for _ in range(20):
@@ -227,7 +227,7 @@ main:
 """,
     )
     reader = asyncio.create_task(g.file.read(8))
-    while not g.file._lg.cpus[0].halted:  # noqa: SLF001
+    while not g.file._lg.cpus[0].halted:
         await asyncio.sleep(0)
     await asyncio.wait_for(g.file.close(), 5)
     await expect(errno.EBADF, reader)
