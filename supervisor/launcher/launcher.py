@@ -24,6 +24,7 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
@@ -34,6 +35,11 @@ from .layout import CMDLINE_MAX, Layout, build_pagetables, plan, write_boot_info
 from .loader import Image, check_fits, load_image, read_image
 
 REASON_SIZE = 1024
+
+
+class _Killed(Exception):
+    """Raised inside the read loop when the Launcher ends the guest itself."""
+
 DEFAULT_MAX_RESTARTS = 8
 
 
@@ -111,6 +117,8 @@ class Launcher:
         self._irqs: set[int] = set()
         self._attention = asyncio.Event()
         self._killed: str | None = None
+        self._ended = False
+        self._task: asyncio.Task[Exit] | None = None
         self._check()
 
     def _check(self) -> None:
@@ -141,12 +149,20 @@ class Launcher:
     async def kill(self, reason: str = "killed") -> None:
         """End the guest: :meth:`run` returns ``Exit(died=True, reason=reason)``.
 
-        No effect on a guest that has already ended.
+        The running read is cancelled (which stops the guest where it is) and
+        :meth:`run` frees everything itself; await it (or the task running it)
+        to see the end.  No effect on a guest that has already ended.
         """
-        if self._killed is None:
-            self._killed = reason
-        if self.file is not None:
-            await self.file.close()
+        if self._killed is not None or self._ended:
+            return
+        self._killed = reason
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+
+    def _die(self, reason: str) -> NoReturn:
+        """End the guest from inside the read loop (a Host-side verdict)."""
+        self._killed = reason
+        raise _Killed(reason)
 
     async def run(self) -> Exit:
         """Start the devices, boot (and reboot) the guest; return how it ended.
@@ -154,32 +170,41 @@ class Launcher:
         Devices are stopped and the device file and memory freed before this
         returns, whatever happens (cancellation included).
         """
+        self._task = asyncio.current_task()
         try:
             for device in self.devices:
                 await device.start()
-            while True:
-                death = await self._boot()
-                if death is None:
-                    return Exit(None, self._killed or "killed", self.restarts, died=True)
-                if not death.restart:
-                    died = death.exit_status is None
-                    return Exit(death.exit_status, death.reason, self.restarts, died)
-                if self.restarts >= self.max_restarts:
-                    reason = f"too many restarts ({self.restarts}): {death.reason}"
-                    return Exit(None, reason, self.restarts, died=True)
-                self.restarts += 1
-                if self._source is not None:
-                    self.image = read_image(self._source)
+            return await self._lifetime()
+        except (_Killed, asyncio.CancelledError):
+            if self._killed is None:
+                raise  # cancelled by someone else: not ours to swallow
+            if self._task is not None and self._task.cancelling():
+                self._task.uncancel()
+            return Exit(None, self._killed, self.restarts, died=True)
         finally:
+            self._ended = True
             for device in self.devices:
                 with contextlib.suppress(Exception):
                     await device.stop()
 
+    async def _lifetime(self) -> Exit:
+        while True:
+            if self._killed is not None:
+                raise _Killed(self._killed)
+            death = await self._boot()
+            if not death.restart:
+                died = death.exit_status is None
+                return Exit(death.exit_status, death.reason, self.restarts, died)
+            if self.restarts >= self.max_restarts:
+                reason = f"too many restarts ({self.restarts}): {death.reason}"
+                return Exit(None, reason, self.restarts, died=True)
+            self.restarts += 1
+            if self._source is not None:
+                self.image = read_image(self._source)
+
     # -- one boot ----------------------------------------------------------------
-    async def _boot(self) -> Death | None:
-        """Run one boot; return its death, or None if killed."""
-        if self._killed is not None:
-            return None
+    async def _boot(self) -> Death:
+        """Run one boot; return its death."""
         memory = GuestMemory(self.layout.memory_size)
         try:
             entry = self._prepare(memory)
@@ -200,10 +225,6 @@ class Launcher:
                         )
                     )
                     return await self._serve(f)
-                except OSError as exc:
-                    if exc.errno == errno.EBADF and self._killed is not None:
-                        return None
-                    raise
                 finally:
                     self._done_stats = self._done_stats.add(self._current_stats())
                     self._notifies = 0
@@ -214,7 +235,7 @@ class Launcher:
     def _wake(self) -> None:
         self._attention.set()
 
-    async def _serve(self, f: LguestFile) -> Death | None:
+    async def _serve(self, f: LguestFile) -> Death:
         waker = asyncio.create_task(self._waker(f.waker()), name="lguest-waker")
         try:
             return await self._read_loop(f)
@@ -223,7 +244,7 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await waker
 
-    async def _read_loop(self, f: LguestFile) -> Death | None:
+    async def _read_loop(self, f: LguestFile) -> Death:
         while True:
             try:
                 data = await f.read(REASON_SIZE)
@@ -238,7 +259,7 @@ class Launcher:
             except FileNotFoundError:  # ENOENT: it died; the next read says why
                 continue
             except OSError as exc:
-                if exc.errno == errno.ERESTART:
+                if exc.errno == errno.ERESTART and f.death is not None:
                     return f.death
                 raise
             if f.death is not None:
@@ -252,14 +273,12 @@ class Launcher:
         self._notifies += 1
         found = self.devices.lookup(address)
         if found is None:
-            await self.kill(f"notify of unknown device address {address:#x}")
-            return
+            self._die(f"notify of unknown device address {address:#x}")
         device, slot = found
         try:
             await device.notify(slot)
         except Exception as exc:
-            await self.kill(f"device {type(device).__name__} failed: {exc}")
-            return
+            self._die(f"device {type(device).__name__} failed: {exc}")
         await self._send_irqs(f)
 
     async def _poll(self) -> None:
@@ -268,8 +287,7 @@ class Launcher:
             try:
                 device.poll(slot)
             except Exception as exc:
-                await self.kill(f"device {type(device).__name__} failed: {exc}")
-                return
+                self._die(f"device {type(device).__name__} failed: {exc}")
 
     async def _send_irqs(self, f: LguestFile) -> None:
         """Send every irq the devices raised (``ENOENT`` if the guest is dead)."""
