@@ -157,6 +157,7 @@ FAULTY = {
     "faulty-pagefault": "trap 14 ",
 }
 
+
 @pytest.mark.parametrize("name", list(FAULTY))
 async def test_faulty_guest_dies_with_reason(sup: Supervisor, name: str) -> None:
     lines, result = await run(sup, f"{name}.img")

@@ -1,0 +1,124 @@
+"""``python -m supervisor`` as a user runs it: real subprocesses, real exit statuses."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "guests"
+
+
+def cli(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_run_hello(loop: str) -> None:
+    proc = cli("run", "guests/hello.img", "--loop", loop)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Hello from an lguest guest!\n", "")
+
+
+def test_run_hello_elf_with_options() -> None:
+    proc = cli("run", "guests/hello.elf", "--memory", "2M", "--cmdline", "quiet")
+    assert (proc.returncode, proc.stdout) == (0, "Hello from an lguest guest!\n")
+
+
+def test_run_echo_through_stdin() -> None:
+    proc = cli("run", "guests/echo.img", stdin="hi there\nquit\n")
+    assert (proc.returncode, proc.stdout) == (0, "hi there\nquit\nbye\n")
+
+
+def test_run_echo_stdin_eof() -> None:
+    proc = cli("run", "guests/echo.img", stdin="no newline")
+    assert (proc.returncode, proc.stdout) == (0, "no newline")
+
+
+def test_run_blockcopy_exit_status_is_the_guests(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(16 * 512))
+    proc = cli("run", "guests/blockcopy.img", "--block", str(disk), "--readonly")
+    assert (proc.returncode, proc.stdout) == (3, "read-only block device\n")
+    proc = cli("run", "guests/blockcopy.img", "--block", str(disk))
+    assert (proc.returncode, proc.stdout) == (0, "blockcopy ok\n")
+
+
+def test_run_with_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "ticker.toml"
+    config.write_text(f'image = "{GUESTS / "ticker.img"}"\nmemory = "1M"\ncmdline = "ticks=2"\n')
+    proc = cli("run", "--config", str(config), "--cmdline", "ticks=1 period_ms=1")
+    assert (proc.returncode, proc.stdout) == (0, "tick 1\ndone\n")
+
+
+def test_dead_guest_reports_reason_and_exits_1() -> None:
+    proc = cli("run", "guests/faulty-badcall.img")
+    assert proc.returncode == 1
+    assert proc.stderr == "supervisor: faulty-badcall died: Bad hypercall 99\n"
+
+
+def test_swarm_of_200_tickers_all_finish() -> None:
+    proc = cli(
+        "swarm",
+        "-n",
+        "200",
+        "guests/ticker.img",
+        "--memory",
+        "1M",
+        "--cmdline",
+        "ticks=3 period_ms=1",
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "swarm of 200" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if re.search(r"\d\.\d\ds", line))
+    assert re.findall(r"[\d,.]+s?", row)[:3] == ["200", "0", "0"]  # finished, failed, died
+    assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_swarm_counts_deaths() -> None:
+    proc = cli("swarm", "-n", "3", "guests/faulty-crash.img", "--memory", "1M")
+    assert proc.returncode == 1
+    assert "died x3: CRASH: guest panic" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.img"], "image: no such file: missing.img"),
+        (["run", sys.executable], "64-bit ELF images are not supported"),
+        (["run", "guests/hello.img", "--memory", "lots"], "memory: bad size 'lots'"),
+        (["run", "guests/hello.img", "--memory", "1000000"], "not a multiple"),
+        (["run", "guests/hello.img", "--block", "nodisk"], "block: no such file: nodisk"),
+        (["run", "--config", "nope.toml"], "cannot read config"),
+        (["run"], "needs an IMAGE or --config"),
+        (["run", "guests/hello.img", "--loop", "trio"], "invalid choice"),
+        (["swarm", "-n", "0", "guests/hello.img"], "-n must be at least 1"),
+        (["swarm", "-n", "x", "guests/hello.img"], "invalid int value"),
+        (["launch"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(args: list[str], message: str) -> None:
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("supervisor: error: ")
+    assert proc.stdout == ""
+
+
+def test_bad_config_contents(tmp_path: Path) -> None:
+    config = tmp_path / "g.toml"
+    config.write_text('image = "../nowhere.img"\nspeed = 3\n')
+    proc = cli("run", "--config", str(config))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "speed: unknown setting" in proc.stderr and "image: no such file" in proc.stderr

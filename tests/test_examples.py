@@ -1,0 +1,31 @@
+"""Each program in examples/ runs to completion and says what it should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        ("embed.py", [], ["[hello] Hello from an lguest guest!", "[echo] pong", "[echo] bye"]),
+        ("swarm.py", ["50"], ["50 guests in", "{'finished': 50}"]),
+        ("custom_device.py", [], ["[guest] blockcopy ok", "sectors copied: True", "exit status 0"]),
+    ],
+)
+def test_example(script: str, args: list[str], expected: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for text in expected:
+        assert text in proc.stdout
