@@ -155,6 +155,8 @@ def new_cpu(
     """
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     uc.ctl_set_tcg_buffer_size(tcg_buffer)
+    uc.ctl_exits_enabled(True)  # no exit address: emu_start's `until` is ignored
+    uc.ctl_set_exits([])
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     fuel = _slicing.attach(uc)
     cpu = LgCpu(id=cpu_id, lg=lg, uc=uc, fuel=fuel, start=start)

@@ -7,10 +7,12 @@ and an interrupt-return stub inside the noirq range).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +108,12 @@ def assemble(body: str) -> Guest:
         out.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(dir=CACHE))
         (work / "g.s").write_text(source)
-        run = lambda *cmd: subprocess.run(cmd, cwd=work, check=True, capture_output=True)  # noqa: E731
+
+        def run(*cmd: str) -> None:
+            done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{cmd[0]} failed:\n{done.stderr}")
+
         run("as", "--32", "-o", "g.o", "g.s")
         run("ld", "-m", "elf_i386", "-N", "-Ttext", hex(IMAGE_BASE), "-e", "_start",
             "--build-id=none", "-o", "g.elf", "g.o")
@@ -154,3 +161,25 @@ async def boot(dev: LguestDevice, body: str, ram_size: int = 1 << 20) -> Booted:
         )
     )
     return Booted(f, memory, layout, guest)
+
+
+async def run_to_end(booted: Booted) -> str:
+    """Read until the guest dies (skipping notifies); return the reason it gives."""
+    f = booted.file
+    while True:
+        try:
+            await f.read(abi.WORD_SIZE)
+        except FileNotFoundError:
+            return (await f.read(256)).rstrip(b"\0").decode()
+
+
+async def notified(booted: Booted) -> int:
+    """Run until the next notify and return its address."""
+    return abi.unpack_words(await booted.file.read(abi.WORD_SIZE))[0]
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Yield to the event loop until ``predicate()`` holds (guest state has no events)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0)

@@ -4,7 +4,7 @@ import asyncio
 import errno
 
 import pytest
-from guestasm import assemble, boot, load
+from guestasm import assemble, boot, load, until
 
 from supervisor import GuestMemory, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, LHREQ_IRQ, pack_words
@@ -184,8 +184,7 @@ async def test_waker_may_only_break(dev):
 async def test_second_read_on_a_running_cpu_is_ebusy(dev):
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
-    while g.u32("counter") == 0:  # the guest is running: the first read owns the CPU
-        await asyncio.sleep(0)
+    await until(lambda: g.u32("counter") != 0)  # the guest runs: the first read owns the CPU
     await expect(errno.EBUSY, g.file.read(8))
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -4,7 +4,7 @@ import asyncio
 import errno
 
 import pytest
-from guestasm import boot
+from guestasm import boot, until
 
 from supervisor import abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
@@ -80,8 +80,7 @@ async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev):
     # And the guest runs again.
     before = g.u32("counter")
     reader = asyncio.create_task(g.file.read(8))
-    while g.u32("counter") == before:
-        await asyncio.sleep(0)
+    await until(lambda: g.u32("counter") != before)
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
@@ -185,8 +184,7 @@ hits: .long 0
     )
     reader = asyncio.create_task(g.file.read(8))
     # The guest halts: it stops costing slices.
-    while not g.file._lg.cpus[0].halted:
-        await asyncio.sleep(0)
+    await until(lambda: g.file._lg.cpus[0].halted)
     slices = g.file.stats.slices
     for _ in range(20):
         await asyncio.sleep(0)
@@ -206,8 +204,7 @@ async def test_close_while_running_never_hangs(dev):
     await g.file.write(pack_words(LHREQ_BREAK, 0))
     await breaker
     reader = asyncio.create_task(g.file.read(8))
-    while g.u32("counter") == 0:
-        await asyncio.sleep(0)
+    await until(lambda: g.u32("counter") != 0)
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
     await asyncio.wait_for(g.file.close(), 5)
     await expect(errno.EBADF, breaker)
@@ -227,8 +224,7 @@ main:
 """,
     )
     reader = asyncio.create_task(g.file.read(8))
-    while not g.file._lg.cpus[0].halted:
-        await asyncio.sleep(0)
+    await until(lambda: g.file._lg.cpus[0].halted)
     await asyncio.wait_for(g.file.close(), 5)
     await expect(errno.EBADF, reader)
 
@@ -236,8 +232,7 @@ main:
 async def test_device_aclose_stops_every_guest(dev):
     guests = [await boot(dev, SPIN) for _ in range(4)]
     readers = [asyncio.create_task(g.file.read(8)) for g in guests]
-    while any(g.u32("counter") == 0 for g in guests):
-        await asyncio.sleep(0)
+    await until(lambda: all(g.u32("counter") for g in guests))
     await asyncio.wait_for(dev.aclose(), 10)
     for r in readers:
         with pytest.raises(OSError) as e:
