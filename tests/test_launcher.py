@@ -186,6 +186,10 @@ def test_line_stream_partial_lines_and_limit() -> None:
     stream.close()
     assert asyncio.run(collect(stream)) == ["c", "d"]
     assert stream.dropped == 2
+    endless = LineStream()
+    endless.push(b"x" * (LineStream.MAX_LINE + 5))
+    endless.close()
+    assert [len(line) for line in asyncio.run(collect(endless))] == [LineStream.MAX_LINE, 5]
 
 
 # -- block device -----------------------------------------------------------------------

@@ -39,9 +39,12 @@ class LineStream:
 
     Iterating yields each complete line (decoded as UTF-8, errors replaced,
     without its ``\\n``) and ends once the stream is closed and drained; a
-    trailing partial line is yielded at close.  At most ``maxlen`` unread lines
-    are kept: older ones are dropped and counted in :attr:`dropped`.
+    trailing partial line is yielded at close, and a line longer than
+    ``MAX_LINE`` bytes is cut into pieces of that size.  At most ``maxlen``
+    unread lines are kept: older ones are dropped and counted in :attr:`dropped`.
     """
+
+    MAX_LINE = 64 << 10
 
     def __init__(self, maxlen: int = 100_000) -> None:
         self._lines: deque[str] = deque()
@@ -61,6 +64,9 @@ class LineStream:
             self._partial = bytearray(rest)
             for line in complete:
                 self._append(line.decode("utf-8", "replace"))
+        while len(self._partial) >= self.MAX_LINE:
+            self._append(self._partial[: self.MAX_LINE].decode("utf-8", "replace"))
+            del self._partial[: self.MAX_LINE]
 
     def _append(self, line: str) -> None:
         if self._maxlen <= 0:
