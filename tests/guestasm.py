@@ -179,7 +179,15 @@ async def notified(booted: Booted) -> int:
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Yield to the event loop until ``predicate()`` holds (guest state has no events)."""
+    """Wait until ``predicate()`` holds; guest memory has no events, so poll it.
+
+    The first checks only yield; later ones sleep a millisecond so that a long
+    wait leaves the cores to the guests.
+    """
     async with asyncio.timeout(timeout):
-        while not predicate():
+        for _ in range(100):
+            if predicate():
+                return
             await asyncio.sleep(0)
+        while not predicate():
+            await asyncio.sleep(0.001)
