@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from unicorn import (
     UC_ARCH_X86,
-    UC_HOOK_INTR,
     UC_HOOK_MEM_INVALID,
     UC_MODE_32,
     UC_PROT_ALL,
@@ -164,16 +163,10 @@ def new_cpu(
     setup_regs(cpu, start, pgdir)
     trap = cpu.trap
 
-    def on_interrupt(uc: Any, vector: int, _data: object) -> None:
-        trap.vector = vector
-        uc.emu_stop()
-
     def on_bad_access(uc: Any, access: int, address: int, *_rest: object) -> bool:
-        kind = _ACCESS_KINDS.get(access, "access")
-        trap.bad_access = (kind, address)
+        trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
         return False
 
-    cpu._hooks.append(uc.hook_add(UC_HOOK_INTR, on_interrupt))
     cpu._hooks.append(uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
     return cpu
 

@@ -243,6 +243,7 @@ class LguestFile:
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
             try:
                 cpu = new_cpu(lg, 0, base, start, pgdir, device.tcg_buffer)
+                run.attach_interrupt_hook(cpu)
             except Exception:
                 lg.ram.release()
                 raise _error(errno.ENOMEM) from None

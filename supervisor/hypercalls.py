@@ -170,6 +170,13 @@ def do_hcall(cpu: LgCpu, args: Args) -> None:
     handler(cpu, a1, a2, a3)
 
 
+def ring_empty(cpu: LgCpu) -> bool:
+    """True if the guest has queued no async hypercall (``lguest_data`` must be set)."""
+    lg = cpu.lg
+    assert lg.lguest_data is not None
+    return bool(lg.ram[lg.lguest_data + LGUEST_DATA_HCALL_STATUS + cpu.next_hcall] == HCALL_FREE)
+
+
 def all_local(cpu: LgCpu) -> bool:
     """True if the pending direct call and every queued async call are CPU-local."""
     lg = cpu.lg

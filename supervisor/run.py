@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Executor
 from typing import Any
 
-from unicorn import UcError
+from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
@@ -104,6 +104,34 @@ async def wait_quietly(future: asyncio.Future[Any]) -> None:
             continue
         except Exception:
             break
+
+
+def attach_interrupt_hook(cpu: LgCpu) -> None:
+    """Install the hook that sees every interrupt and exception the guest raises.
+
+    It runs on the executor thread.  A CPU-local hypercall with an empty async
+    ring is done right there and the guest goes on (the cheap path); anything
+    else is recorded in ``cpu.trap`` and ends the run, exactly at that boundary.
+    """
+    trap = cpu.trap
+    lg = cpu.lg
+
+    def on_interrupt(uc: Any, vector: int, _data: object) -> None:
+        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and lg.lguest_data is not None:
+            number = uc.reg_read(r.UC_X86_REG_EAX)
+            if number in hypercalls.LOCAL_HYPERCALLS and hypercalls.ring_empty(cpu):
+                args = (
+                    number,
+                    uc.reg_read(r.UC_X86_REG_EDX),
+                    uc.reg_read(r.UC_X86_REG_EBX),
+                    uc.reg_read(r.UC_X86_REG_ECX),
+                )
+                hypercalls.do_hcall(cpu, args)
+                return
+        trap.vector = vector
+        uc.emu_stop()
+
+    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_INTR, on_interrupt))
 
 
 def run_slice(cpu: LgCpu) -> None:

@@ -460,3 +460,23 @@ async def test_cancelled_clock_event_never_fires(dev):
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
+
+
+async def test_cpu_local_hypercalls_do_not_end_the_run(dev):
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    mov $1000, %esi
+1:  HCALL 5, 0
+    HCALL 6, 40, 0, 0
+    dec %esi
+    jnz 1b
+    HCALL 17, 1
+""",
+    )
+    assert await notified(g) == 1
+    stats = g.file.stats
+    assert stats.hypercalls >= 2001
+    assert stats.exits < 20  # done inside the interrupt hook, not by stopping Unicorn
