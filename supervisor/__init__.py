@@ -16,14 +16,19 @@ from .config import GuestConfig
 from .device import LguestDevice, LguestFile, Waker
 from .guest import Death
 from .host import Exit, Guest, Supervisor
+from .limits import Limits
 from .memory import GuestMemory
 
 __all__ = [
     "Death",
+    "Exit",
+    "Guest",
+    "GuestConfig",
     "GuestMemory",
     "LguestDevice",
     "LguestFile",
+    "Limits",
+    "Supervisor",
     "Waker",
     "abi",
 ]
-__all__ += ["Exit", "Guest", "GuestConfig", "Supervisor"]

@@ -25,6 +25,7 @@ from unicorn import x86_const as r
 
 from . import _slicing
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
+from .limits import UNLIMITED, Limits
 
 if TYPE_CHECKING:
     from .guest import Lguest
@@ -92,6 +93,7 @@ class LgCpu:
     stack: tuple[int, int, int] = (0, 0, 0)  # ss, esp, pages
     clock: asyncio.TimerHandle | None = None  # the armed clock event, on the event loop
     budget: int = DEFAULT_BUDGET
+    limits: Limits = UNLIMITED
     stats: CpuStats = field(default_factory=CpuStats)
     trap: Trap = field(default_factory=Trap)
     reading: bool = False
@@ -145,7 +147,13 @@ class LgCpu:
 
 
 def new_cpu(
-    lg: Lguest, cpu_id: int, host_address: int, start: int, pgdir: int, tcg_buffer: int
+    lg: Lguest,
+    cpu_id: int,
+    host_address: int,
+    start: int,
+    pgdir: int,
+    tcg_buffer: int,
+    limits: Limits = UNLIMITED,
 ) -> LgCpu:
     """Create CPU ``cpu_id`` of ``lg``: guest memory mapped at 0, paging on at ``pgdir``.
 
@@ -158,7 +166,7 @@ def new_cpu(
     uc.ctl_set_exits([])
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     fuel = _slicing.attach(uc)
-    cpu = LgCpu(id=cpu_id, lg=lg, uc=uc, fuel=fuel, start=start)
+    cpu = LgCpu(id=cpu_id, lg=lg, uc=uc, fuel=fuel, start=start, limits=limits)
     cpu.break_released.set()
     setup_regs(cpu, start, pgdir)
     trap = cpu.trap

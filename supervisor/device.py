@@ -32,6 +32,7 @@ from .abi import (
 )
 from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu
 from .guest import Death, Lguest
+from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
 
 
@@ -47,13 +48,28 @@ class LguestDevice:
     file it opened and stops its threads.
     """
 
-    def __init__(self, *, workers: int | None = None, tcg_buffer: int = DEFAULT_TCG_BUFFER):
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        tcg_buffer: int = DEFAULT_TCG_BUFFER,
+        max_guests: int | None = None,
+        max_memory: int | None = None,
+        limits: Limits = UNLIMITED,
+    ):
+        """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
+        an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
+        defaults; :meth:`open` may override them.  ``workers`` is the number of
+        executor threads (default: one per core)."""
         self._workers = workers or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
         self._closed = False
         self.tcg_buffer = tcg_buffer
+        self.max_guests = max_guests
+        self.max_memory = max_memory
+        self.limits = limits
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -68,14 +84,15 @@ class LguestDevice:
             self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="lguest-cpu")
         return self._executor
 
-    def open(self, memory: GuestMemory) -> LguestFile:
+    def open(self, memory: GuestMemory, *, limits: Limits | None = None) -> LguestFile:
         """Open the device: one file is one (not yet initialized) guest in ``memory``.
 
+        ``limits`` replaces the device's per-guest limits for this guest.
         Raises ``OSError(ENODEV)`` once the device is closed.
         """
         if self._closed:
             raise _error(errno.ENODEV)
-        file = LguestFile(self, memory)
+        file = LguestFile(self, memory, self.limits if limits is None else limits)
         self._files.add(file)
         return file
 
@@ -102,13 +119,22 @@ class LguestDevice:
     def _forget(self, file: LguestFile) -> None:
         self._files.discard(file)
 
+    def _admit(self, size: int) -> bool:
+        """True if one more guest of ``size`` bytes fits the device's limits."""
+        live = [f for f in self._files if f._lg is not None]
+        if self.max_guests is not None and len(live) >= self.max_guests:
+            return False
+        used = sum(f._lg.limit for f in live if f._lg is not None)
+        return self.max_memory is None or used + size <= self.max_memory
+
 
 class LguestFile:
     """One open ``/dev/lguest``: one guest.  Get it from :meth:`LguestDevice.open`."""
 
-    def __init__(self, device: LguestDevice, memory: GuestMemory) -> None:
+    def __init__(self, device: LguestDevice, memory: GuestMemory, limits: Limits) -> None:
         self._device = device
         self._memory = memory
+        self._limits = limits
         self._lg: Lguest | None = None
         self._closed = False
         self._running: dict[int, asyncio.Future[Any]] = {}
@@ -240,9 +266,11 @@ class LguestFile:
                 raise _error(errno.EFAULT)
             if pgdir + PAGE_SIZE > limit:
                 raise _error(errno.EFAULT)
+            if not device._admit(limit):
+                raise _error(errno.ENOMEM)
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
             try:
-                cpu = new_cpu(lg, 0, base, start, pgdir, device.tcg_buffer)
+                cpu = new_cpu(lg, 0, base, start, pgdir, device.tcg_buffer, self._limits)
                 run.attach_interrupt_hook(cpu)
             except Exception:
                 lg.ram.release()

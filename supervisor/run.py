@@ -140,7 +140,9 @@ def run_slice(cpu: LgCpu) -> None:
     lg = cpu.lg
     start = time.perf_counter()
     fuel.reason = _slicing.REASON_NONE
-    fuel.budget = cpu.budget
+    left = cpu.limits.blocks_left(fuel.blocks)
+    fuel.budget = cpu.budget if left is None else min(cpu.budget, left)
+    full_budget = fuel.budget == cpu.budget
     try:
         while True:
             if cpu.hcall is not None:
@@ -161,7 +163,10 @@ def run_slice(cpu: LgCpu) -> None:
         stats.slices += 1
         stats.run_time += elapsed
         stats.blocks = fuel.blocks
-        if fuel.reason == _slicing.REASON_BUDGET and elapsed > 0:
+        exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
+        if exhausted:
+            lg.kill(exhausted)
+        if fuel.reason == _slicing.REASON_BUDGET and full_budget and elapsed > 0:
             scaled = int(cpu.budget * TARGET_SLICE / elapsed)
             cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, (cpu.budget + scaled) // 2))
 
