@@ -1,0 +1,632 @@
+"""The figures.  Each coroutine measures the supervised case and its raw Unicorn
+baseline in the same process, close together in time, and returns Results."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from supervisor import LguestDevice, abi
+from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
+
+from . import guests
+from .guests import SMALL_RAM, Booted, assemble, boot
+from .harness import (
+    Breaker,
+    Profile,
+    Result,
+    cpu_seconds,
+    jain,
+    mem_available,
+    median,
+    now,
+    percentile,
+    read_through_breaks,
+    rss_bytes,
+)
+from .raw import RawCpu
+
+MiB = 1 << 20
+
+# A counted loop between `bench` and `bench_end`, bracketed by notifies so the
+# Launcher times exactly the loop.  `{body}` is the work of one iteration.
+LOOP = r"""
+main:
+    LGUEST_INIT
+2:  HCALL 17, 1
+bench:
+    mov iters, %ecx
+1:  {body}
+    dec %ecx
+    jnz 1b
+bench_end:
+    HCALL 17, 2
+    jmp 2b
+.data
+iters: .long 0
+counter: .long 0
+acc: .long 0
+acc2: .long 0
+"""
+TIGHT_BODY = "inc %ebx"
+MEMORY_BODY = "incl counter; addl %ecx, acc; movl acc, %eax; movl %eax, acc2"
+
+HYPERCALL_LOOP = r"""
+main:
+    LGUEST_INIT
+2:  HCALL 17, 1
+bench:
+    mov iters, %esi
+1:  HCALL 6, 40, 0, 0
+    dec %esi
+    jnz 1b
+bench_end:
+    HCALL 17, 2
+    jmp 2b
+.data
+iters: .long 0
+"""
+
+NOTIFY_LOOP = r"""
+main:
+    LGUEST_INIT
+rt: HCALL 17, 1
+    jmp rt
+"""
+
+# Spins on a memory counter with interrupts on; irq 3 runs a handler that notifies.
+BUSY = r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $512, lguest_data
+    HCALL 17, 1
+spin:
+1:  incl counter
+    jmp 1b
+handler:
+    HCALL 17, 0x35
+    jmp irq_return
+.data
+counter: .long 0
+"""
+
+PARK = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 1
+ready:
+    HCALL 10
+parked:
+    jmp parked
+"""
+
+Figure = Callable[[Profile], Awaitable[list[Result]]]
+
+
+def _raw_loop_time(cpu: RawCpu, n: int) -> float:
+    cpu.set_u32("iters", n)
+    t0 = now()
+    cpu.run("bench", "bench_end")
+    return now() - t0
+
+
+def _calibrate(cpu: RawCpu, seconds: float) -> int:
+    """Iterations that take raw Unicorn about ``seconds``."""
+    n = 100_000
+    while True:
+        t = _raw_loop_time(cpu, n)
+        if t > 0.05 or n >= 1 << 30:
+            return max(1000, min(0xFFFFFFFF, int(n * seconds / t)))
+        n *= 8
+
+
+async def _sup_loop_time(g: Booted, n: int, break_period: float | None) -> tuple[float, dict[str, int]]:
+    """Time one pass of the guest's bench loop through the device (the guest is at `2:`)."""
+    word = await g.read_word()
+    assert word == 1, word
+    g.set_u32("iters", n)
+    breaker = Breaker(g, break_period) if break_period else None
+    slices0 = g.file.stats.slices if g.file.stats else 0
+    t0 = now()
+    word, eagains = await read_through_breaks(g)
+    t = now() - t0
+    assert word == 2, word
+    breaks = 0
+    if breaker is not None:
+        await breaker.stop()
+        breaks = breaker.breaks
+    slices = (g.file.stats.slices if g.file.stats else 0) - slices0
+    return t, {"eagains": eagains, "breaks": breaks, "slices": slices}
+
+
+async def _loop_figure(p: Profile, name: str, title: str, body: str, goal: float,
+                       break_period: float | None) -> Result:
+    image = assemble(LOOP.format(body=body))
+    raw = RawCpu(image)
+    n = _calibrate(raw, p.loop_seconds)
+    raw_times: list[float] = []
+    sup_times: list[float] = []
+    info: dict[str, int] = {}
+    async with LguestDevice() as dev:
+        g = await boot(dev, image)
+        # Warm both up once (translation) before timing.
+        _raw_loop_time(raw, 1000)
+        await _sup_loop_time(g, 1000, None)
+        for _ in range(p.reps):
+            raw_times.append(_raw_loop_time(raw, n))
+            t, info = await _sup_loop_time(g, n, break_period)
+            sup_times.append(t)
+    raw.close()
+    raw_rate = n / min(raw_times) / 1e6
+    sup_rate = n / min(sup_times) / 1e6
+    note = f"{n:,} iterations"
+    if break_period:
+        note += f"; a Waker broke the guest {info['breaks']} times ({info['eagains']} EAGAIN)"
+    return Result(name, title, "M loops/s", sup_rate, raw_rate, sup_rate / raw_rate, goal,
+                  "ratio", "higher", note, {"iterations": n, **info,
+                                            "raw_times": raw_times, "sup_times": sup_times})
+
+
+async def tight_loop(p: Profile) -> list[Result]:
+    return [
+        await _loop_figure(p, "tight_loop", "tight register loop, BREAK every 1 ms",
+                           TIGHT_BODY, 0.8, 0.001),
+        await _loop_figure(p, "tight_loop_nobreak", "tight register loop, no Waker",
+                           TIGHT_BODY, 0.8, None),
+    ]
+
+
+async def memory_loop(p: Profile) -> list[Result]:
+    return [
+        await _loop_figure(p, "memory_loop", "memory-heavy loop, BREAK every 1 ms",
+                           MEMORY_BODY, 0.95, 0.001),
+        await _loop_figure(p, "memory_loop_nobreak", "memory-heavy loop, no Waker",
+                           MEMORY_BODY, 0.95, None),
+    ]
+
+
+def _raw_threads(cpus: list[RawCpu], n: int) -> float:
+    threads = [threading.Thread(target=_raw_loop_time, args=(c, n)) for c in cpus]
+    t0 = now()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return now() - t0
+
+
+async def two_spinners(p: Profile) -> list[Result]:
+    image = assemble(LOOP.format(body=TIGHT_BODY))
+    raws = [RawCpu(image), RawCpu(image)]
+    n = _calibrate(raws[0], p.loop_seconds)
+    _raw_loop_time(raws[1], 1000)
+    raw1: list[float] = []
+    raw2: list[float] = []
+    sup1: list[float] = []
+    sup2: list[float] = []
+    async with LguestDevice() as dev:
+        gs = [await boot(dev, image), await boot(dev, image)]
+        await asyncio.gather(*(_sup_loop_time(g, 1000, None) for g in gs))
+        for _ in range(p.reps):
+            raw1.append(_raw_threads(raws[:1], n))
+            raw2.append(_raw_threads(raws, n))
+            sup1.append((await _sup_loop_time(gs[0], n, None))[0])
+            t0 = now()
+            await asyncio.gather(*(_sup_loop_time(g, n, None) for g in gs))
+            sup2.append(now() - t0)
+    for c in raws:
+        c.close()
+    raw_scale = 2 * min(raw1) / min(raw2)
+    sup_scale = 2 * min(sup1) / min(sup2)
+    return [Result("two_spinners", "2 spinning guests vs 1 (throughput)", "x one guest",
+                   sup_scale, raw_scale, sup_scale / raw_scale, 1.8, "value", "higher",
+                   "raw: two bare Unicorn instances in two threads vs one",
+                   {"iterations": n, "raw1": raw1, "raw2": raw2, "sup1": sup1, "sup2": sup2})]
+
+
+async def notify_roundtrip(p: Profile) -> list[Result]:
+    image = assemble(NOTIFY_LOOP)
+    m = p.roundtrips
+    raw = RawCpu(image)
+    raw.stop_on_interrupt()
+    raw.run("rt")
+    for _ in range(100):
+        raw.resume()
+    t0 = now()
+    for _ in range(m):
+        raw.resume()
+    raw_us = (now() - t0) / m * 1e6
+    raw.close()
+    async with LguestDevice() as dev:
+        g = await boot(dev, image)
+        for _ in range(100):
+            await g.file.read(abi.WORD_SIZE)
+        t0 = now()
+        for _ in range(m):
+            await g.file.read(abi.WORD_SIZE)
+        sup_us = (now() - t0) / m * 1e6
+    return [Result("notify_roundtrip", "NOTIFY round trip (guest -> read returns -> read)",
+                   "us", sup_us, raw_us, sup_us / raw_us, 3.0, "ratio", "lower",
+                   "raw: int $0x1f, a Python UC_HOOK_INTR hook calls emu_stop, emu_start again",
+                   {"roundtrips": m})]
+
+
+async def hypercall_cost(p: Profile) -> list[Result]:
+    image = assemble(HYPERCALL_LOOP)
+    raw = RawCpu(image)
+    raw.on_interrupt(lambda uc, vector, data: None)
+    raw_times = []
+    sup_times = []
+    async with LguestDevice() as dev:
+        g = await boot(dev, image)
+        _raw_loop_time(raw, 1000)
+        # Calibrate on the supervised side: it is the slow one.
+        t, _ = await _sup_loop_time(g, 2000, None)
+        n = max(2000, int(2000 * p.loop_seconds / 2 / t))
+        for _ in range(p.reps):
+            raw_times.append(_raw_loop_time(raw, n))
+            sup_times.append((await _sup_loop_time(g, n, None))[0])
+        hcalls = g.file.stats.hypercalls if g.file.stats else 0
+    raw.close()
+    raw_us = min(raw_times) / n * 1e6
+    sup_us = min(sup_times) / n * 1e6
+    return [Result("hypercall", "hypercall cost (LOAD_IDT_ENTRY in a loop)", "us",
+                   sup_us, raw_us, sup_us / raw_us, 3.0, "ratio", "lower",
+                   "raw: the same int $0x1f with a Python UC_HOOK_INTR hook that does nothing",
+                   {"iterations": n, "hypercalls": hcalls})]
+
+
+def _raw_stop_latency(samples: int) -> list[float]:
+    """Bare Unicorn: emu_stop from another thread, until emu_start returns."""
+    cpu = RawCpu(assemble(BUSY))
+    cpu.on_interrupt(lambda uc, vector, data: None)
+    cpu.run("_start", "spin")
+    out: list[float] = []
+    returned = threading.Event()
+    t_end = [0.0]
+
+    def spin() -> None:
+        cpu.resume()
+        t_end[0] = now()
+        returned.set()
+
+    for _ in range(samples):
+        returned.clear()
+        th = threading.Thread(target=spin)
+        th.start()
+        time.sleep(0.002 + random.random() * 0.002)
+        t0 = now()
+        cpu.uc.emu_stop()
+        if not returned.wait(2):
+            cpu.uc.emu_stop()
+            returned.wait()
+        th.join()
+        out.append(t_end[0] - t0)
+    cpu.close()
+    return out
+
+
+async def latency(p: Profile) -> list[Result]:
+    image = assemble(BUSY)
+    n = p.latency_guests
+    raw = await asyncio.get_running_loop().run_in_executor(None, _raw_stop_latency, 100)
+    break_lat: list[float] = []
+    irq_lat: list[float] = []
+    async with LguestDevice() as dev:
+        gs = [await boot(dev, image) for _ in range(n)]
+        for g in gs:
+            assert await g.read_word() == 1
+        pending_break: dict[int, float] = {}
+        pending_irq: dict[int, float] = {}
+        running = True
+
+        async def reader(i: int, g: Booted) -> None:
+            while running:
+                try:
+                    word = await g.read_word()
+                except BlockingIOError:
+                    t0 = pending_break.pop(i, None)
+                    if t0 is not None:
+                        break_lat.append(now() - t0)
+                    await g.file.write(pack_words(LHREQ_BREAK, 0))
+                    continue
+                except OSError:
+                    return
+                if word == 0x35:
+                    t0 = pending_irq.pop(i, None)
+                    if t0 is not None:
+                        irq_lat.append(now() - t0)
+
+        readers = [asyncio.create_task(reader(i, g)) for i, g in enumerate(gs)]
+        wakers = [g.file.waker() for g in gs]
+        waker_tasks: set[asyncio.Task[Any]] = set()
+        await asyncio.sleep(0.3)  # every guest busy, budgets adapted
+        end = now() + p.latency_seconds
+        k = 0
+        while now() < end:
+            await asyncio.sleep(0.005)
+            i = random.randrange(n)
+            if i in pending_break or i in pending_irq:
+                continue
+            k += 1
+            if k % 2:
+                pending_break[i] = now()
+                t = asyncio.create_task(wakers[i].write(pack_words(LHREQ_BREAK, 1)))
+                waker_tasks.add(t)
+                t.add_done_callback(waker_tasks.discard)
+            else:
+                pending_irq[i] = now()
+                await gs[i].file.write(pack_words(LHREQ_IRQ, 3))
+        await asyncio.sleep(0.5)  # let outstanding samples finish
+        running = False
+        lost = len(pending_break) + len(pending_irq)
+        await stop_all(dev, gs, readers)
+        await asyncio.gather(*waker_tasks, return_exceptions=True)
+    raw_p99 = percentile(raw, 99) * 1e3
+    b99 = percentile(break_lat, 99) * 1e3
+    i99 = percentile(irq_lat, 99) * 1e3
+    common = f"{n} busy guests; raw: emu_stop from another thread until emu_start returns"
+    return [
+        Result("break_latency", f"BREAK latency p99, {n} busy guests", "ms", b99, raw_p99,
+               b99 / raw_p99, 2.0, "value", "lower",
+               f"{len(break_lat)} samples, median {median(break_lat) * 1e3:.3f} ms; {common}",
+               {"samples": len(break_lat), "p50_ms": median(break_lat) * 1e3,
+                "max_ms": max(break_lat, default=0) * 1e3, "unfinished": lost}),
+        Result("irq_latency", f"IRQ -> handler latency p99, {n} busy guests", "ms", i99,
+               raw_p99, i99 / raw_p99, 2.0, "value", "lower",
+               f"{len(irq_lat)} samples, median {median(irq_lat) * 1e3:.3f} ms; the handler "
+               "notifies, so this includes one NOTIFY exit",
+               {"samples": len(irq_lat), "p50_ms": median(irq_lat) * 1e3,
+                "max_ms": max(irq_lat, default=0) * 1e3}),
+    ]
+
+
+async def _park(dev: LguestDevice, image: guests.Image) -> tuple[Booted, asyncio.Task[Any]]:
+    g = await boot(dev, image, SMALL_RAM)
+    assert await g.read_word() == 1
+    task = asyncio.create_task(g.file.read(abi.WORD_SIZE))  # runs into HCALL 10 and sleeps
+    return g, task
+
+
+async def stop_all(dev: LguestDevice, gs: list[Booted], readers: list[asyncio.Task[Any]]) -> None:
+    """Break every guest out first, then close the device.
+
+    ``dev.aclose()`` closes files one by one and each close waits for that
+    guest's queued slice, so with many busy guests it takes N x (queue length x
+    slice) seconds.  A Launcher-side BREAK to everyone first ends every queued
+    slice at its first block (see docs/performance.md).
+    """
+    wakers = [asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1))) for g in gs]
+    await asyncio.gather(*readers, return_exceptions=True)
+    await dev.aclose()
+    await asyncio.gather(*wakers, return_exceptions=True)
+
+
+def _halted(g: Booted) -> bool:
+    lg = getattr(g.file, "_lg", None)
+    return bool(lg is not None and lg.cpus and lg.cpus[0].halted)
+
+
+async def halted_guests(p: Profile) -> list[Result]:
+    image = assemble(PARK)
+    want = p.halted_guests
+    gc.collect()
+    # Raw baseline: bare instances that ran the same code up to the halt.
+    n_raw = min(want, 300)
+    base = rss_bytes()
+    raws = []
+    for _ in range(n_raw):
+        c = RawCpu(image, SMALL_RAM)
+        c.on_interrupt(lambda uc, vector, data: None)
+        c.run("_start", "parked")
+        raws.append(c)
+    gc.collect()
+    raw_per = (rss_bytes() - base) / n_raw
+    for c in raws:
+        c.close()
+    del raws
+    gc.collect()
+
+    async with LguestDevice() as dev:
+        gs: list[Booted] = []
+        tasks: list[asyncio.Task[Any]] = []
+        base = rss_bytes()
+        t_setup = now()
+        target = want
+        batch = 100
+        while len(gs) < target:
+            got = await asyncio.gather(*(_park(dev, image) for _ in range(min(batch, target - len(gs)))))
+            gs.extend(g for g, _ in got)
+            tasks.extend(t for _, t in got)
+            while not all(_halted(g) for g in gs[-batch:]):
+                await asyncio.sleep(0.001)
+            if len(gs) == batch:  # first batch: make sure the whole run fits in memory
+                per = (rss_bytes() - base) / len(gs)
+                fits = int(0.4 * mem_available() / max(per, 1)) + len(gs)
+                if fits < target:
+                    target = max(batch, fits // batch * batch)
+        setup = now() - t_setup
+        while not all(_halted(g) for g in gs):
+            await asyncio.sleep(0.01)
+        gc.collect()
+        await asyncio.sleep(0.2)
+        per_guest = (rss_bytes() - base) / len(gs)
+        slices0 = sum(g.file.stats.slices for g in gs if g.file.stats)
+        c0, w0 = cpu_seconds(), now()
+        await asyncio.sleep(1.0)
+        cpu = (cpu_seconds() - c0) / (now() - w0)
+        slices = sum(g.file.stats.slices for g in gs if g.file.stats) - slices0
+        t_close = now()
+        await dev.aclose()
+        close_time = now() - t_close
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for g in gs:
+        try:
+            g.memory.close()
+        except BufferError:
+            pass
+    n = len(gs)
+    scaled = f" (scaled down from {want:,} to fit memory)" if n < want else ""
+    return [
+        Result("halted_rss", f"{n:,} halted guests: memory each{scaled}", "MiB", per_guest / MiB,
+               raw_per / MiB, per_guest / raw_per if raw_per > 0 else None, 1.0, "value", "lower",
+               f"{SMALL_RAM >> 10} KiB guests; RSS delta / N; set-up {setup:.1f} s, close "
+               f"{close_time:.1f} s; raw: {n_raw} bare instances run to the same hlt",
+               {"guests": n, "setup_s": setup, "close_s": close_time}),
+        Result("halted_cpu", f"{n:,} halted guests: CPU while halted", "% of a core",
+               cpu * 100, 0.0, None, 1.0, "value", "lower",
+               f"process CPU over a 1 s window; {slices} slices ran in it (goal: none)",
+               {"guests": n, "slices_in_window": slices}),
+    ]
+
+
+async def _lag_probe(stop: asyncio.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        t0 = now()
+        await asyncio.sleep(0.01)
+        out.append(now() - t0 - 0.01)
+
+
+async def _raw_spinners(image: guests.Image, n: int, seconds: float) -> tuple[list[int], list[float]]:
+    """No supervisor: N bare instances round-robin on a 2-thread pool, 2 ms emu_start timeouts."""
+    cpus = []
+    for _ in range(n):
+        c = RawCpu(image, SMALL_RAM)
+        c.on_interrupt(lambda uc, vector, data: None)
+        c.run("_start", "spin")
+        cpus.append(c)
+    loop = asyncio.get_running_loop()
+    running = True
+    with ThreadPoolExecutor(2) as pool:
+
+        async def drive(c: RawCpu) -> None:
+            while running:
+                await loop.run_in_executor(pool, lambda: c.resume(timeout=2000))
+
+        drivers = [asyncio.create_task(drive(c)) for c in cpus]
+        await asyncio.sleep(0.3)
+        c0 = [c.u32("counter") for c in cpus]
+        lag: list[float] = []
+        stop = asyncio.Event()
+        probe = asyncio.create_task(_lag_probe(stop, lag))
+        await asyncio.sleep(seconds)
+        c1 = [c.u32("counter") for c in cpus]
+        stop.set()
+        running = False
+        await probe
+        await asyncio.gather(*drivers)
+    for c in cpus:
+        c.close()
+    return [b - a for a, b in zip(c0, c1, strict=True)], lag
+
+
+async def spinners(p: Profile) -> list[Result]:
+    image = assemble(BUSY)
+    n = p.spinners
+    raw_prog, raw_lag = await _raw_spinners(image, n, p.spin_seconds)
+    async with LguestDevice() as dev:
+        gs = []
+        for _ in range(n):
+            g = await boot(dev, image, SMALL_RAM)
+            assert await g.read_word() == 1
+            gs.append(g)
+        readers = [asyncio.create_task(g.file.read(abi.WORD_SIZE)) for g in gs]
+        await asyncio.sleep(0.3)
+        c0 = [g.u32("counter") for g in gs]
+        lag: list[float] = []
+        stop = asyncio.Event()
+        probe = asyncio.create_task(_lag_probe(stop, lag))
+        await asyncio.sleep(p.spin_seconds)
+        c1 = [g.u32("counter") for g in gs]
+        stop.set()
+        await probe
+        await stop_all(dev, gs, readers)
+    for g in gs:
+        try:
+            g.memory.close()
+        except BufferError:
+            pass
+    prog = [b - a for a, b in zip(c0, c1, strict=True)]
+    j, rj = jain(prog), jain(raw_prog)
+    lag99, raw_lag99 = percentile(lag, 99) * 1e3, percentile(raw_lag, 99) * 1e3
+    total, raw_total = sum(prog) / p.spin_seconds / 1e6, sum(raw_prog) / p.spin_seconds / 1e6
+    return [
+        Result("spinners_fairness", f"{n:,} spinners: Jain fairness", "index", j, rj,
+               j / rj if rj else None, 0.95, "value", "higher",
+               f"per-guest progress over {p.spin_seconds:g} s; total {total:.1f} M loops/s vs "
+               f"raw {raw_total:.1f}; raw: bare instances round-robin on 2 threads, "
+               f"emu_start(timeout=2 ms)",
+               {"min": min(prog), "max": max(prog), "starved": sum(1 for x in prog if x == 0),
+                "total_mloops_s": total, "raw_total_mloops_s": raw_total}),
+        Result("spinners_lag", f"{n:,} spinners: event loop lag p99", "ms", lag99, raw_lag99,
+               lag99 / raw_lag99 if raw_lag99 > 0 else None, 50.0, "value", "lower",
+               f"sleep(10 ms) overshoot, {len(lag)} samples, median {median(lag) * 1e3:.2f} ms",
+               {"samples": len(lag), "p50_ms": median(lag) * 1e3,
+                "max_ms": max(lag, default=0) * 1e3}),
+    ]
+
+
+def _raw_startup(image: guests.Image) -> float:
+    mem = guests.load(image, SMALL_RAM)
+    t0 = now()
+    c = RawCpu(image, SMALL_RAM, memory=mem)
+    c.on_interrupt(lambda uc, vector, data: None)
+    c.run("_start", "ready")
+    t = now() - t0
+    c.close()
+    return t
+
+
+async def _sup_startup(dev: LguestDevice, image: guests.Image) -> float:
+    memory, layout = guests.load(image, SMALL_RAM)
+    t0 = now()
+    f = dev.open(memory)
+    await f.write(guests.initialize_words(memory, layout))
+    word = await f.read(abi.WORD_SIZE)
+    t = now() - t0
+    assert abi.unpack_words(word)[0] == 1
+    await f.close()
+    try:
+        memory.close()
+    except BufferError:
+        pass
+    return t
+
+
+async def startup(p: Profile) -> list[Result]:
+    image = assemble(PARK)
+    m = p.startups
+    raw_times = []
+    sup_times = []
+    async with LguestDevice() as dev:
+        await _sup_startup(dev, image)  # the executor's threads exist from here on
+        _raw_startup(image)
+        for _ in range(m):  # interleaved, so that noise hits both alike
+            raw_times.append(_raw_startup(image))
+            sup_times.append(await _sup_startup(dev, image))
+    s, r = median(sup_times) * 1e3, median(raw_times) * 1e3
+    return [Result("startup", "guest start-up (open + INITIALIZE + first NOTIFY)", "ms",
+                   s, r, s / r, 1.0, "value", "lower",
+                   f"median of {m}; raw: Uc() + map + registers + run to the same point",
+                   {"p90_ms": percentile(sup_times, 90) * 1e3,
+                    "raw_p90_ms": percentile(raw_times, 90) * 1e3})]
+
+
+FIGURES: dict[str, Figure] = {
+    "tight_loop": tight_loop,
+    "memory_loop": memory_loop,
+    "two_spinners": two_spinners,
+    "notify_roundtrip": notify_roundtrip,
+    "hypercall": hypercall_cost,
+    "latency": latency,
+    "halted": halted_guests,
+    "spinners": spinners,
+    "startup": startup,
+}

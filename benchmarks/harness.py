@@ -1,0 +1,150 @@
+"""Results, profiles and small measuring helpers shared by the figures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from supervisor import abi
+from supervisor.abi import LHREQ_BREAK, pack_words
+
+from .guests import Booted
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    loop_seconds: float  # raw time a loop figure is calibrated to
+    reps: int  # best-of repetitions for loop figures
+    roundtrips: int
+    latency_guests: int
+    latency_seconds: float
+    halted_guests: int
+    spinners: int
+    spin_seconds: float
+    startups: int
+
+
+QUICK = Profile("quick", loop_seconds=0.25, reps=2, roundtrips=2_000, latency_guests=100,
+                latency_seconds=2.0, halted_guests=300, spinners=200, spin_seconds=2.0,
+                startups=40)
+FULL = Profile("full", loop_seconds=1.0, reps=3, roundtrips=20_000, latency_guests=100,
+               latency_seconds=8.0, halted_guests=10_000, spinners=1_000, spin_seconds=10.0,
+               startups=300)
+
+
+@dataclass
+class Result:
+    """One figure: the supervised value, the raw Unicorn value, and their ratio.
+
+    ``better`` says which direction is good for ``value`` against ``goal``:
+    "higher" (throughput ratios, fairness) or "lower" (costs, latencies).
+    """
+
+    name: str
+    title: str
+    unit: str
+    value: float
+    raw: float | None
+    ratio: float | None
+    goal: float | None
+    goal_on: str  # "ratio" or "value": what the goal is compared with
+    better: str  # "higher" or "lower"
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def met(self) -> bool | None:
+        if self.goal is None:
+            return None
+        got = self.ratio if self.goal_on == "ratio" else self.value
+        if got is None:
+            return None
+        return got >= self.goal if self.better == "higher" else got <= self.goal
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["met"] = self.met
+        return d
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def jain(xs: list[float]) -> float:
+    total = sum(xs)
+    squares = sum(x * x for x in xs)
+    return (total * total) / (len(xs) * squares) if squares else 0.0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 4 << 30
+
+
+def cpu_seconds() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Breaker:
+    """A Waker coroutine that breaks a guest out every ``period`` seconds."""
+
+    def __init__(self, g: Booted, period: float) -> None:
+        self.g = g
+        self.period = period
+        self.breaks = 0
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        waker = self.g.file.waker()
+        while not self._stop.is_set():
+            await asyncio.sleep(self.period)
+            if self._stop.is_set():
+                break
+            await waker.write(pack_words(LHREQ_BREAK, 1))
+            self.breaks += 1
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self.g.file.write(pack_words(LHREQ_BREAK, 0))
+        await self._task
+        await self.g.file.write(pack_words(LHREQ_BREAK, 0))
+
+
+async def read_through_breaks(g: Booted) -> tuple[int, int]:
+    """Read until the guest notifies, answering each EAGAIN with BREAK 0 as a Launcher does."""
+    eagains = 0
+    while True:
+        try:
+            return abi.unpack_words(await g.file.read(abi.WORD_SIZE))[0], eagains
+        except BlockingIOError:
+            eagains += 1
+            await g.file.write(pack_words(LHREQ_BREAK, 0))
+
+
+def now() -> float:
+    return time.perf_counter()
