@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop"
         )
+        p.add_argument("--max-blocks", type=int, help="kill a guest after this many blocks")
+        p.add_argument(
+            "--max-run-time", type=float, help="kill a guest after this many seconds of CPU"
+        )
+        p.add_argument("--console-rate", type=int, help="console output cap, bytes/second")
 
     run = sub.add_parser("run", help="run one guest on the terminal")
     run.add_argument("image", nargs="?", help="flat binary or ELF32 image")
@@ -77,12 +82,22 @@ def run_config(args: argparse.Namespace) -> GuestConfig:
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
         "console": "stdio",
+        **limit_fields(args),
     }
     if args.config:
         return GuestConfig.load(args.config, **fields)
     if args.image is None:
         raise BadInput("run needs an IMAGE or --config FILE")
     return GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
+
+
+def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The GuestConfig limit settings given as options."""
+    return {
+        "max_blocks": args.max_blocks,
+        "max_run_time": args.max_run_time,
+        "console_rate": args.console_rate,
+    }
 
 
 async def launch(sup: Supervisor, config: GuestConfig) -> Guest:
@@ -203,7 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if args.n < 1:
                 raise BadInput("-n must be at least 1")
-            fields = {"image": args.image, "memory": args.memory, "cmdline": args.cmdline}
+            fields = {
+                "image": args.image,
+                "memory": args.memory,
+                "cmdline": args.cmdline,
+                **limit_fields(args),
+            }
             config = GuestConfig.build(
                 console="null", **{k: v for k, v in fields.items() if v is not None}
             )

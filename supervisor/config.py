@@ -14,10 +14,19 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, FilePath, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    FilePath,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from .abi import PAGE_SIZE
 from .launcher.layout import CMDLINE_MAX
+from .limits import Limits
 
 MIN_MEMORY = 128 << 10
 MAX_MEMORY = 1 << 30
@@ -57,7 +66,12 @@ def check_memory(size: int) -> int:
 
 
 class GuestConfig(BaseModel):
-    """One guest: its image, memory, devices and command line."""
+    """One guest: its image, memory, devices, command line and limits.
+
+    ``max_blocks`` and ``max_run_time`` (seconds of emulation) kill the guest
+    when used up; ``console_rate`` caps console output in bytes per second by
+    making the guest wait, so nothing it prints is lost.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -68,6 +82,14 @@ class GuestConfig(BaseModel):
     block_readonly: bool = False
     cmdline: str = ""
     console: ConsoleMode = "capture"
+    max_blocks: PositiveInt | None = None
+    max_run_time: PositiveFloat | None = None
+    console_rate: PositiveInt | None = None
+
+    @property
+    def limits(self) -> Limits:
+        """The per-guest limits the device enforces."""
+        return Limits(max_blocks=self.max_blocks, max_run_time=self.max_run_time)
 
     @field_validator("memory", mode="before")
     @classmethod

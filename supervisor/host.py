@@ -93,9 +93,16 @@ class Supervisor:
     """
 
     def __init__(
-        self, *, workers: int | None = None, max_restarts: int = DEFAULT_MAX_RESTARTS
+        self,
+        *,
+        workers: int | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        max_guests: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
-        self.device = LguestDevice(workers=workers)
+        """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
+        a launch past them ends at once with "cannot start: Cannot allocate memory"."""
+        self.device = LguestDevice(workers=workers, max_guests=max_guests, max_memory=max_memory)
         self.max_restarts = max_restarts
         self.guests: list[Guest] = []
 
@@ -122,6 +129,7 @@ class Supervisor:
                 devices=table,
                 cmdline=config.cmdline,
                 max_restarts=self.max_restarts,
+                limits=config.limits,
             )
         except BaseException:
             for device in table:
@@ -146,8 +154,9 @@ class Supervisor:
 
 
 def _console_for(config: GuestConfig) -> Console:
+    rate = config.console_rate
     if config.console == "stdio":
-        return Console(sink=stdout_sink, source=stdin_source())
+        return Console(sink=stdout_sink, source=stdin_source(), rate=rate)
     if config.console == "null":
-        return Console(lines=LineStream(maxlen=0), eof=True)
-    return Console()
+        return Console(lines=LineStream(maxlen=0), eof=True, rate=rate)
+    return Console(rate=rate)

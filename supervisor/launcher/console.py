@@ -118,8 +118,10 @@ class Console(Device):
         sink: Callable[[bytes], None] | None = None,
         source: AsyncIterable[bytes] | None = None,
         eof: bool = False,
+        rate: int | None = None,
     ) -> None:
         self.lines = lines if lines is not None else LineStream()
+        self._throttle = RateLimit(rate) if rate else None
         self.sink = sink
         self.source = source
         self._pending = bytearray()
@@ -171,6 +173,8 @@ class Console(Device):
         if length:
             data = slot.read(slot.get(CON_OUT_ADDR), length)
             slot.set(CON_OUT_LEN, 0)
+            if data is not None and self._throttle is not None:
+                await self._throttle.take(len(data))  # the guest waits: nothing is lost
             if data is not None:
                 self.lines.push(data)
                 if self.sink is not None:
@@ -191,6 +195,28 @@ class Console(Device):
             self._eof_told = True
             slot.set(CON_FLAGS, slot.get(CON_FLAGS) | CON_FLAG_EOF)
             slot.interrupt()
+
+
+class RateLimit:
+    """A token bucket: ``rate`` bytes per second, with a burst of one second's worth."""
+
+    def __init__(self, rate: int) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.rate = rate
+        self._tokens = float(rate)
+        self._stamp: float | None = None
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` bytes may pass (event loop only)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._stamp is not None:
+            self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
 
 
 def stdout_sink(data: bytes) -> None:

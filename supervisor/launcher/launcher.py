@@ -29,6 +29,7 @@ from typing import NoReturn
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
 from ..guest import Death
+from ..limits import Limits
 from ..memory import GuestMemory
 from .devices import Device, DeviceTable
 from .layout import CMDLINE_MAX, Layout, build_pagetables, plan, write_boot_info
@@ -102,8 +103,10 @@ class Launcher:
         devices: Sequence[Device] = (),
         cmdline: str | bytes = b"",
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        limits: Limits | None = None,
     ) -> None:
         self._dev = device
+        self.limits = limits
         self._source = image if isinstance(image, str | Path) else None
         self.image = read_image(image) if isinstance(image, str | Path) else image
         self.layout: Layout = plan(ram_size)
@@ -212,18 +215,21 @@ class Launcher:
             self.devices.attach(
                 memory, self.layout.ram_size, self.layout.device_page, self._irqs.add, self._wake
             )
-            async with self._dev.open(memory) as f:
+            async with self._dev.open(memory, limits=self.limits) as f:
                 self.file = f
                 try:
-                    await f.write(
-                        abi.pack_words(
-                            abi.LHREQ_INITIALIZE,
-                            memory.address,
-                            self.layout.pfn_limit,
-                            self.layout.pgdir,
-                            entry,
+                    try:
+                        await f.write(
+                            abi.pack_words(
+                                abi.LHREQ_INITIALIZE,
+                                memory.address,
+                                self.layout.pfn_limit,
+                                self.layout.pgdir,
+                                entry,
+                            )
                         )
-                    )
+                    except OSError as exc:
+                        self._die(f"cannot start: {exc.strerror}")
                     return await self._serve(f)
                 finally:
                     self._done_stats = self._done_stats.add(self._current_stats())

@@ -1,0 +1,100 @@
+"""Limits as a user sets them: GuestConfig, Supervisor, the console rate, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor import GuestConfig, Supervisor
+from supervisor.config import ConfigError
+from supervisor.launcher.console import RateLimit
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+ROOT = GUESTS.parent
+
+
+async def test_block_budget_from_config_kills_the_spinner():
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=GUESTS / "spinner.img", memory="1M", max_blocks=200_000)
+        )
+        result = await asyncio.wait_for(guest.wait(), 30)
+    assert result.died
+    assert result.reason == "instruction budget exhausted (200000 blocks)"
+
+
+async def test_run_time_budget_from_config_kills_the_spinner():
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=GUESTS / "spinner.img", memory="1M", max_run_time=0.05)
+        )
+        result = await asyncio.wait_for(guest.wait(), 30)
+    assert result.reason == "run time limit exceeded (0.05 s)"
+
+
+async def test_supervisor_guest_limit_refuses_the_extra_guest_only():
+    async with Supervisor(max_guests=1) as sup:
+        first = await sup.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+        while first.stats.blocks == 0:  # wait until the first one runs
+            await asyncio.sleep(0.001)
+        second = await sup.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        result = await asyncio.wait_for(second.wait(), 10)
+        assert result.died and result.reason == "cannot start: Cannot allocate memory"
+        assert not first.done
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"max_blocks": 0}, {"max_run_time": -1.0}, {"console_rate": 0}, {"max_blocks": "lots"}],
+)
+def test_bad_limits_are_config_errors(fields):
+    with pytest.raises(ConfigError) as e:
+        GuestConfig.build(image=GUESTS / "hello.img", **fields)
+    assert next(iter(fields)) in str(e.value)
+
+
+async def test_console_rate_makes_the_guest_wait_and_loses_nothing(monkeypatch):
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay, *args, **kwargs):
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr("supervisor.launcher.console.asyncio.sleep", recording_sleep)
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=GUESTS / "hello.img", memory="1M", console_rate=10)
+        )
+        lines = [line async for line in guest.console]
+        result = await guest.wait()
+    assert lines == ["Hello from an lguest guest!"]
+    assert result.exit_status == 0
+    # 28 bytes at 10 bytes/s with a 10-byte burst: the guest waited 1.8 s in all
+    assert sum(waits) == pytest.approx(1.8, abs=0.05)
+
+
+async def test_rate_limit_refills_over_time():
+    bucket = RateLimit(100)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await bucket.take(100)  # the burst: no wait
+    assert loop.time() - start < 0.05
+    with pytest.raises(ValueError):
+        RateLimit(0)
+
+
+def test_cli_budget_option_kills_and_reports():
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", str(GUESTS / "spinner.img"),
+         "--memory", "1M", "--max-blocks", "50000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "supervisor: spinner died: instruction budget exhausted (50000 blocks)"
+    )
