@@ -60,8 +60,12 @@ def table(loop: str, results: list[Result]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [f"## loop: {loop}"]
     for k, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -83,8 +87,11 @@ async def run_all(profile: Profile, only: list[str]) -> tuple[list[Result], dict
         results.extend(got)
         spent = time.perf_counter() - t0
         for r in got:
-            print(f"  {r.name}: {_fmt(r.value)} {r.unit} (raw {_fmt(r.raw)}, ratio {_fmt(r.ratio)})"
-                  f"  [{spent:.1f} s]", flush=True)
+            print(
+                f"  {r.name}: {_fmt(r.value)} {r.unit} (raw {_fmt(r.raw)}, ratio {_fmt(r.ratio)})"
+                f"  [{spent:.1f} s]",
+                flush=True,
+            )
     return results, errors
 
 
@@ -116,14 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (CI)")
     ap.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results.json")
-    ap.add_argument("--only", action="append", default=[], choices=sorted(FIGURES),
-                    help="run only this figure (repeatable)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=sorted(FIGURES),
+        help="run only this figure (repeatable)",
+    )
     args = ap.parse_args(argv)
     profile = QUICK if args.quick else FULL
     loops = list(LOOPS) if args.loop == "both" else [args.loop]
     info = machine()
-    print(f"benchmarks ({profile.name}): Python {info['python']}, Unicorn {info['unicorn']}, "
-          f"uvloop {info['uvloop']}, {info['cpus']} CPUs ({info['processor']})", flush=True)
+    print(
+        f"benchmarks ({profile.name}): Python {info['python']}, Unicorn {info['unicorn']}, "
+        f"uvloop {info['uvloop']}, {info['cpus']} CPUs ({info['processor']})",
+        flush=True,
+    )
     out: dict[str, Any] = {"machine": info, "profile": profile.name, "loops": {}}
     tables = []
     failed = False

@@ -4,6 +4,7 @@ baseline in the same process, close together in time, and returns Results."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import random
 import threading
@@ -23,8 +24,8 @@ from .harness import (
     Result,
     cpu_seconds,
     jain,
-    mem_available,
     median,
+    mem_available,
     now,
     percentile,
     read_through_breaks,
@@ -91,8 +92,9 @@ spin:
 1:  incl counter
     jmp 1b
 handler:
+    movl $512, lguest_data  # interrupts back on first, so the next irq never waits for us
     HCALL 17, 0x35
-    jmp irq_return
+    iret
 .data
 counter: .long 0
 """
@@ -127,7 +129,9 @@ def _calibrate(cpu: RawCpu, seconds: float) -> int:
         n *= 8
 
 
-async def _sup_loop_time(g: Booted, n: int, break_period: float | None) -> tuple[float, dict[str, int]]:
+async def _sup_loop_time(
+    g: Booted, n: int, break_period: float | None
+) -> tuple[float, dict[str, int]]:
     """Time one pass of the guest's bench loop through the device (the guest is at `2:`)."""
     word = await g.read_word()
     assert word == 1, word
@@ -146,8 +150,9 @@ async def _sup_loop_time(g: Booted, n: int, break_period: float | None) -> tuple
     return t, {"eagains": eagains, "breaks": breaks, "slices": slices}
 
 
-async def _loop_figure(p: Profile, name: str, title: str, body: str, goal: float,
-                       break_period: float | None) -> Result:
+async def _loop_figure(
+    p: Profile, name: str, title: str, body: str, goal: float, break_period: float | None
+) -> Result:
     image = assemble(LOOP.format(body=body))
     raw = RawCpu(image)
     n = _calibrate(raw, p.loop_seconds)
@@ -169,26 +174,40 @@ async def _loop_figure(p: Profile, name: str, title: str, body: str, goal: float
     note = f"{n:,} iterations"
     if break_period:
         note += f"; a Waker broke the guest {info['breaks']} times ({info['eagains']} EAGAIN)"
-    return Result(name, title, "M loops/s", sup_rate, raw_rate, sup_rate / raw_rate, goal,
-                  "ratio", "higher", note, {"iterations": n, **info,
-                                            "raw_times": raw_times, "sup_times": sup_times})
+    return Result(
+        name,
+        title,
+        "M loops/s",
+        sup_rate,
+        raw_rate,
+        sup_rate / raw_rate,
+        goal,
+        "ratio",
+        "higher",
+        note,
+        {"iterations": n, **info, "raw_times": raw_times, "sup_times": sup_times},
+    )
 
 
 async def tight_loop(p: Profile) -> list[Result]:
     return [
-        await _loop_figure(p, "tight_loop", "tight register loop, BREAK every 1 ms",
-                           TIGHT_BODY, 0.8, 0.001),
-        await _loop_figure(p, "tight_loop_nobreak", "tight register loop, no Waker",
-                           TIGHT_BODY, 0.8, None),
+        await _loop_figure(
+            p, "tight_loop", "tight register loop, BREAK every 1 ms", TIGHT_BODY, 0.8, 0.001
+        ),
+        await _loop_figure(
+            p, "tight_loop_nobreak", "tight register loop, no Waker", TIGHT_BODY, 0.8, None
+        ),
     ]
 
 
 async def memory_loop(p: Profile) -> list[Result]:
     return [
-        await _loop_figure(p, "memory_loop", "memory-heavy loop, BREAK every 1 ms",
-                           MEMORY_BODY, 0.95, 0.001),
-        await _loop_figure(p, "memory_loop_nobreak", "memory-heavy loop, no Waker",
-                           MEMORY_BODY, 0.95, None),
+        await _loop_figure(
+            p, "memory_loop", "memory-heavy loop, BREAK every 1 ms", MEMORY_BODY, 0.95, 0.001
+        ),
+        await _loop_figure(
+            p, "memory_loop_nobreak", "memory-heavy loop, no Waker", MEMORY_BODY, 0.95, None
+        ),
     ]
 
 
@@ -225,10 +244,21 @@ async def two_spinners(p: Profile) -> list[Result]:
         c.close()
     raw_scale = 2 * min(raw1) / min(raw2)
     sup_scale = 2 * min(sup1) / min(sup2)
-    return [Result("two_spinners", "2 spinning guests vs 1 (throughput)", "x one guest",
-                   sup_scale, raw_scale, sup_scale / raw_scale, 1.8, "value", "higher",
-                   "raw: two bare Unicorn instances in two threads vs one",
-                   {"iterations": n, "raw1": raw1, "raw2": raw2, "sup1": sup1, "sup2": sup2})]
+    return [
+        Result(
+            "two_spinners",
+            "2 spinning guests vs 1 (throughput)",
+            "x one guest",
+            sup_scale,
+            raw_scale,
+            sup_scale / raw_scale,
+            1.8,
+            "value",
+            "higher",
+            "raw: two bare Unicorn instances in two threads vs one",
+            {"iterations": n, "raw1": raw1, "raw2": raw2, "sup1": sup1, "sup2": sup2},
+        )
+    ]
 
 
 async def notify_roundtrip(p: Profile) -> list[Result]:
@@ -252,10 +282,21 @@ async def notify_roundtrip(p: Profile) -> list[Result]:
         for _ in range(m):
             await g.file.read(abi.WORD_SIZE)
         sup_us = (now() - t0) / m * 1e6
-    return [Result("notify_roundtrip", "NOTIFY round trip (guest -> read returns -> read)",
-                   "us", sup_us, raw_us, sup_us / raw_us, 3.0, "ratio", "lower",
-                   "raw: int $0x1f, a Python UC_HOOK_INTR hook calls emu_stop, emu_start again",
-                   {"roundtrips": m})]
+    return [
+        Result(
+            "notify_roundtrip",
+            "NOTIFY round trip (guest -> read returns -> read)",
+            "us",
+            sup_us,
+            raw_us,
+            sup_us / raw_us,
+            3.0,
+            "ratio",
+            "lower",
+            "raw: int $0x1f, a Python UC_HOOK_INTR hook calls emu_stop, emu_start again",
+            {"roundtrips": m},
+        )
+    ]
 
 
 async def hypercall_cost(p: Profile) -> list[Result]:
@@ -277,10 +318,21 @@ async def hypercall_cost(p: Profile) -> list[Result]:
     raw.close()
     raw_us = min(raw_times) / n * 1e6
     sup_us = min(sup_times) / n * 1e6
-    return [Result("hypercall", "hypercall cost (LOAD_IDT_ENTRY in a loop)", "us",
-                   sup_us, raw_us, sup_us / raw_us, 3.0, "ratio", "lower",
-                   "raw: the same int $0x1f with a Python UC_HOOK_INTR hook that does nothing",
-                   {"iterations": n, "hypercalls": hcalls})]
+    return [
+        Result(
+            "hypercall",
+            "hypercall cost (LOAD_IDT_ENTRY in a loop)",
+            "us",
+            sup_us,
+            raw_us,
+            sup_us / raw_us,
+            3.0,
+            "ratio",
+            "lower",
+            "raw: the same int $0x1f with a Python UC_HOOK_INTR hook that does nothing",
+            {"iterations": n, "hypercalls": hcalls},
+        )
+    ]
 
 
 def _raw_stop_latency(samples: int) -> list[float]:
@@ -374,17 +426,42 @@ async def latency(p: Profile) -> list[Result]:
     i99 = percentile(irq_lat, 99) * 1e3
     common = f"{n} busy guests; raw: emu_stop from another thread until emu_start returns"
     return [
-        Result("break_latency", f"BREAK latency p99, {n} busy guests", "ms", b99, raw_p99,
-               b99 / raw_p99, 2.0, "value", "lower",
-               f"{len(break_lat)} samples, median {median(break_lat) * 1e3:.3f} ms; {common}",
-               {"samples": len(break_lat), "p50_ms": median(break_lat) * 1e3,
-                "max_ms": max(break_lat, default=0) * 1e3, "unfinished": lost}),
-        Result("irq_latency", f"IRQ -> handler latency p99, {n} busy guests", "ms", i99,
-               raw_p99, i99 / raw_p99, 2.0, "value", "lower",
-               f"{len(irq_lat)} samples, median {median(irq_lat) * 1e3:.3f} ms; the handler "
-               "notifies, so this includes one NOTIFY exit",
-               {"samples": len(irq_lat), "p50_ms": median(irq_lat) * 1e3,
-                "max_ms": max(irq_lat, default=0) * 1e3}),
+        Result(
+            "break_latency",
+            f"BREAK latency p99, {n} busy guests",
+            "ms",
+            b99,
+            raw_p99,
+            b99 / raw_p99,
+            2.0,
+            "value",
+            "lower",
+            f"{len(break_lat)} samples, median {median(break_lat) * 1e3:.3f} ms; {common}",
+            {
+                "samples": len(break_lat),
+                "p50_ms": median(break_lat) * 1e3,
+                "max_ms": max(break_lat, default=0) * 1e3,
+                "unfinished": lost,
+            },
+        ),
+        Result(
+            "irq_latency",
+            f"IRQ -> handler latency p99, {n} busy guests",
+            "ms",
+            i99,
+            raw_p99,
+            i99 / raw_p99,
+            2.0,
+            "value",
+            "lower",
+            f"{len(irq_lat)} samples, median {median(irq_lat) * 1e3:.3f} ms; the handler "
+            "notifies, so this includes one NOTIFY exit",
+            {
+                "samples": len(irq_lat),
+                "p50_ms": median(irq_lat) * 1e3,
+                "max_ms": max(irq_lat, default=0) * 1e3,
+            },
+        ),
     ]
 
 
@@ -442,7 +519,9 @@ async def halted_guests(p: Profile) -> list[Result]:
         target = want
         batch = 100
         while len(gs) < target:
-            got = await asyncio.gather(*(_park(dev, image) for _ in range(min(batch, target - len(gs)))))
+            got = await asyncio.gather(
+                *(_park(dev, image) for _ in range(min(batch, target - len(gs))))
+            )
             gs.extend(g for g, _ in got)
             tasks.extend(t for _, t in got)
             while not all(_halted(g) for g in gs[-batch:]):
@@ -468,22 +547,38 @@ async def halted_guests(p: Profile) -> list[Result]:
         close_time = now() - t_close
         await asyncio.gather(*tasks, return_exceptions=True)
     for g in gs:
-        try:
+        with contextlib.suppress(BufferError):
             g.memory.close()
-        except BufferError:
-            pass
     n = len(gs)
     scaled = f" (scaled down from {want:,} to fit memory)" if n < want else ""
     return [
-        Result("halted_rss", f"{n:,} halted guests: memory each{scaled}", "MiB", per_guest / MiB,
-               raw_per / MiB, per_guest / raw_per if raw_per > 0 else None, 1.0, "value", "lower",
-               f"{SMALL_RAM >> 10} KiB guests; RSS delta / N; set-up {setup:.1f} s, close "
-               f"{close_time:.1f} s; raw: {n_raw} bare instances run to the same hlt",
-               {"guests": n, "setup_s": setup, "close_s": close_time}),
-        Result("halted_cpu", f"{n:,} halted guests: CPU while halted", "% of a core",
-               cpu * 100, 0.0, None, 1.0, "value", "lower",
-               f"process CPU over a 1 s window; {slices} slices ran in it (goal: none)",
-               {"guests": n, "slices_in_window": slices}),
+        Result(
+            "halted_rss",
+            f"{n:,} halted guests: memory each{scaled}",
+            "MiB",
+            per_guest / MiB,
+            raw_per / MiB,
+            per_guest / raw_per if raw_per > 0 else None,
+            1.0,
+            "value",
+            "lower",
+            f"{SMALL_RAM >> 10} KiB guests; RSS delta / N; set-up {setup:.1f} s, close "
+            f"{close_time:.1f} s; raw: {n_raw} bare instances run to the same hlt",
+            {"guests": n, "setup_s": setup, "close_s": close_time},
+        ),
+        Result(
+            "halted_cpu",
+            f"{n:,} halted guests: CPU while halted",
+            "% of a core",
+            cpu * 100,
+            0.0,
+            None,
+            1.0,
+            "value",
+            "lower",
+            f"process CPU over a 1 s window; {slices} slices ran in it (goal: none)",
+            {"guests": n, "slices_in_window": slices},
+        ),
     ]
 
 
@@ -494,7 +589,9 @@ async def _lag_probe(stop: asyncio.Event, out: list[float]) -> None:
         out.append(now() - t0 - 0.01)
 
 
-async def _raw_spinners(image: guests.Image, n: int, seconds: float) -> tuple[list[int], list[float]]:
+async def _raw_spinners(
+    image: guests.Image, n: int, seconds: float
+) -> tuple[list[int], list[float]]:
     """No supervisor: N bare instances round-robin on a 2-thread pool, 2 ms emu_start timeouts."""
     cpus = []
     for _ in range(n):
@@ -549,27 +646,47 @@ async def spinners(p: Profile) -> list[Result]:
         await probe
         await stop_all(dev, gs, readers)
     for g in gs:
-        try:
+        with contextlib.suppress(BufferError):
             g.memory.close()
-        except BufferError:
-            pass
     prog = [b - a for a, b in zip(c0, c1, strict=True)]
     j, rj = jain(prog), jain(raw_prog)
     lag99, raw_lag99 = percentile(lag, 99) * 1e3, percentile(raw_lag, 99) * 1e3
     total, raw_total = sum(prog) / p.spin_seconds / 1e6, sum(raw_prog) / p.spin_seconds / 1e6
     return [
-        Result("spinners_fairness", f"{n:,} spinners: Jain fairness", "index", j, rj,
-               j / rj if rj else None, 0.95, "value", "higher",
-               f"per-guest progress over {p.spin_seconds:g} s; total {total:.1f} M loops/s vs "
-               f"raw {raw_total:.1f}; raw: bare instances round-robin on 2 threads, "
-               f"emu_start(timeout=2 ms)",
-               {"min": min(prog), "max": max(prog), "starved": sum(1 for x in prog if x == 0),
-                "total_mloops_s": total, "raw_total_mloops_s": raw_total}),
-        Result("spinners_lag", f"{n:,} spinners: event loop lag p99", "ms", lag99, raw_lag99,
-               lag99 / raw_lag99 if raw_lag99 > 0 else None, 50.0, "value", "lower",
-               f"sleep(10 ms) overshoot, {len(lag)} samples, median {median(lag) * 1e3:.2f} ms",
-               {"samples": len(lag), "p50_ms": median(lag) * 1e3,
-                "max_ms": max(lag, default=0) * 1e3}),
+        Result(
+            "spinners_fairness",
+            f"{n:,} spinners: Jain fairness",
+            "index",
+            j,
+            rj,
+            j / rj if rj else None,
+            0.95,
+            "value",
+            "higher",
+            f"per-guest progress over {p.spin_seconds:g} s; total {total:.1f} M loops/s vs "
+            f"raw {raw_total:.1f}; raw: bare instances round-robin on 2 threads, "
+            f"emu_start(timeout=2 ms)",
+            {
+                "min": min(prog),
+                "max": max(prog),
+                "starved": sum(1 for x in prog if x == 0),
+                "total_mloops_s": total,
+                "raw_total_mloops_s": raw_total,
+            },
+        ),
+        Result(
+            "spinners_lag",
+            f"{n:,} spinners: event loop lag p99",
+            "ms",
+            lag99,
+            raw_lag99,
+            lag99 / raw_lag99 if raw_lag99 > 0 else None,
+            50.0,
+            "value",
+            "lower",
+            f"sleep(10 ms) overshoot, {len(lag)} samples, median {median(lag) * 1e3:.2f} ms",
+            {"samples": len(lag), "p50_ms": median(lag) * 1e3, "max_ms": max(lag, default=0) * 1e3},
+        ),
     ]
 
 
@@ -593,10 +710,8 @@ async def _sup_startup(dev: LguestDevice, image: guests.Image) -> float:
     t = now() - t0
     assert abi.unpack_words(word)[0] == 1
     await f.close()
-    try:
+    with contextlib.suppress(BufferError):
         memory.close()
-    except BufferError:
-        pass
     return t
 
 
@@ -612,11 +727,24 @@ async def startup(p: Profile) -> list[Result]:
             raw_times.append(_raw_startup(image))
             sup_times.append(await _sup_startup(dev, image))
     s, r = median(sup_times) * 1e3, median(raw_times) * 1e3
-    return [Result("startup", "guest start-up (open + INITIALIZE + first NOTIFY)", "ms",
-                   s, r, s / r, 1.0, "value", "lower",
-                   f"median of {m}; raw: Uc() + map + registers + run to the same point",
-                   {"p90_ms": percentile(sup_times, 90) * 1e3,
-                    "raw_p90_ms": percentile(raw_times, 90) * 1e3})]
+    return [
+        Result(
+            "startup",
+            "guest start-up (open + INITIALIZE + first NOTIFY)",
+            "ms",
+            s,
+            r,
+            s / r,
+            1.0,
+            "value",
+            "lower",
+            f"median of {m}; raw: Uc() + map + registers + run to the same point",
+            {
+                "p90_ms": percentile(sup_times, 90) * 1e3,
+                "raw_p90_ms": percentile(raw_times, 90) * 1e3,
+            },
+        )
+    ]
 
 
 FIGURES: dict[str, Figure] = {

@@ -9,6 +9,7 @@ byte-identical code under the same page tables.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -19,7 +20,9 @@ from pathlib import Path
 from supervisor import GuestMemory, LguestDevice, LguestFile, abi
 from supervisor.launcher.layout import IMAGE_BASE, Layout, build_pagetables, plan, write_boot_info
 
-CACHE = Path(os.environ.get("LGUEST_BENCH_ASM_CACHE", Path(tempfile.gettempdir()) / "lguest-bench-asm"))
+CACHE = Path(
+    os.environ.get("LGUEST_BENCH_ASM_CACHE", Path(tempfile.gettempdir()) / "lguest-bench-asm")
+)
 
 PRELUDE = r"""
 .code32
@@ -116,8 +119,20 @@ def assemble(body: str) -> Image:
             subprocess.run(cmd, cwd=work, check=True, capture_output=True)
 
         run("as", "--32", "-o", "g.o", "g.s")
-        run("ld", "-m", "elf_i386", "-N", "-Ttext", hex(IMAGE_BASE), "-e", "_start",
-            "--build-id=none", "-o", "g.elf", "g.o")
+        run(
+            "ld",
+            "-m",
+            "elf_i386",
+            "-N",
+            "-Ttext",
+            hex(IMAGE_BASE),
+            "-e",
+            "_start",
+            "--build-id=none",
+            "-o",
+            "g.elf",
+            "g.o",
+        )
         run("objcopy", "-O", "binary", "g.elf", "guest.bin")
         nm = subprocess.run(["nm", "g.elf"], cwd=work, check=True, capture_output=True, text=True)
         (work / "symbols").write_text(nm.stdout)
@@ -174,7 +189,5 @@ async def boot(dev: LguestDevice, image: Image, ram_size: int = 1 << 20) -> Boot
 
 async def close(booted: Booted) -> None:
     await booted.file.close()
-    try:
+    with contextlib.suppress(BufferError):  # still exported: the garbage collector frees it
         booted.memory.close()
-    except BufferError:  # still exported somewhere: let the garbage collector have it
-        pass

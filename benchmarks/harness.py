@@ -30,12 +30,30 @@ class Profile:
     startups: int
 
 
-QUICK = Profile("quick", loop_seconds=0.25, reps=2, roundtrips=2_000, latency_guests=100,
-                latency_seconds=2.0, halted_guests=300, spinners=200, spin_seconds=2.0,
-                startups=40)
-FULL = Profile("full", loop_seconds=1.0, reps=3, roundtrips=20_000, latency_guests=100,
-               latency_seconds=8.0, halted_guests=10_000, spinners=1_000, spin_seconds=10.0,
-               startups=300)
+QUICK = Profile(
+    "quick",
+    loop_seconds=0.25,
+    reps=2,
+    roundtrips=2_000,
+    latency_guests=100,
+    latency_seconds=2.0,
+    halted_guests=300,
+    spinners=200,
+    spin_seconds=2.0,
+    startups=40,
+)
+FULL = Profile(
+    "full",
+    loop_seconds=1.0,
+    reps=3,
+    roundtrips=20_000,
+    latency_guests=100,
+    latency_seconds=8.0,
+    halted_guests=10_000,
+    spinners=1_000,
+    spin_seconds=10.0,
+    startups=300,
+)
 
 
 @dataclass

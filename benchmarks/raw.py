@@ -9,6 +9,7 @@ executor, the event loop and the device protocol.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +27,13 @@ NEVER = 1 << 32  # an eip the guest never reaches: emu_start runs until stopped
 class RawCpu:
     """A bare Unicorn CPU over a loaded image."""
 
-    def __init__(self, image: Image, ram_size: int = 1 << 20, tcg_buffer: int = DEFAULT_TCG_BUFFER,
-                 memory: tuple[GuestMemory, Layout] | None = None) -> None:
+    def __init__(
+        self,
+        image: Image,
+        ram_size: int = 1 << 20,
+        tcg_buffer: int = DEFAULT_TCG_BUFFER,
+        memory: tuple[GuestMemory, Layout] | None = None,
+    ) -> None:
         self.image = image
         self.memory, self.layout = memory or load(image, ram_size)
         uc = Uc(UC_ARCH_X86, UC_MODE_32)
@@ -78,7 +84,5 @@ class RawCpu:
     def close(self) -> None:
         self._hooks.clear()
         self.uc = None
-        try:
+        with contextlib.suppress(BufferError):
             self.memory.close()
-        except BufferError:
-            pass
