@@ -93,6 +93,17 @@ stack_top:
 """
 
 
+# A guest that counts in memory (symbol `counter`) forever.
+SPIN = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    jmp 1b
+.data
+counter: .long 0
+"""
+
+
 @dataclass(frozen=True)
 class Guest:
     image: bytes

@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from guestasm import boot, notified, until
+from guestasm import SPIN, boot, notified, until
 
 from supervisor import abi
 
@@ -18,15 +18,6 @@ main:
 .data
 counter: .long 0
 msg: .asciz "done"
-"""
-
-SPIN = r"""
-main:
-    LGUEST_INIT
-1:  incl counter
-    jmp 1b
-.data
-counter: .long 0
 """
 
 

@@ -4,20 +4,11 @@ import asyncio
 import errno
 
 import pytest
-from guestasm import assemble, boot, load, until
+from guestasm import SPIN, assemble, boot, load, until
 
 from supervisor import GuestMemory, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, LHREQ_IRQ, pack_words
 from supervisor.launcher.layout import IMAGE_BASE
-
-SPIN = r"""
-main:
-    LGUEST_INIT
-1:  incl counter
-    jmp 1b
-.data
-counter: .long 0
-"""
 
 POWEROFF = r"""
 main:

@@ -4,19 +4,10 @@ import asyncio
 import errno
 
 import pytest
-from guestasm import boot, until
+from guestasm import SPIN, boot, until
 
 from supervisor import abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
-
-SPIN = r"""
-main:
-    LGUEST_INIT
-1:  incl counter
-    jmp 1b
-.data
-counter: .long 0
-"""
 
 # Counts in memory and in a register; stops at TARGET and notifies.
 COUNT_TO = r"""

@@ -3,12 +3,10 @@
 import errno
 
 import pytest
-from guestasm import assemble, boot, load, notified, run_to_end
+from guestasm import SPIN, assemble, boot, load, notified, run_to_end
 
 from supervisor import GuestMemory, LguestDevice, Limits, abi
 from supervisor.launcher.layout import IMAGE_BASE
-
-SPIN = "main:\n LGUEST_INIT\n1: incl counter\n jmp 1b\n.data\ncounter: .long 0\n"
 
 
 async def initialize(dev: LguestDevice, memory: GuestMemory, layout, limits=None):
@@ -39,7 +37,7 @@ async def test_run_time_limit_kills_a_spinner():
 
 async def test_limits_apply_per_guest_and_open_can_override():
     async with LguestDevice(limits=Limits(max_blocks=1000)) as dev:
-        memory, layout = load(assemble("main:\n LGUEST_INIT\n HCALL 17, 9\n" + SPIN[18:]))
+        memory, layout = load(assemble("main:\n LGUEST_INIT\n HCALL 17, 9\n"))
         f = await initialize(dev, memory, layout, limits=Limits())
         assert abi.unpack_words(await f.read(8)) == (9,)
 
