@@ -322,14 +322,14 @@ class LguestFile:
             raise _error(errno.EBUSY)
         cpu.pending_notify = 0
         cpu.reading = True
-        task = asyncio.current_task()
-        assert task is not None
-        self._running[cpu.id] = task
+        finished = asyncio.get_running_loop().create_future()
+        self._running[cpu.id] = finished
         try:
             address = await run.run_guest(cpu, self._device.executor)
         finally:
             cpu.reading = False
             del self._running[cpu.id]
+            finished.set_result(None)  # close() waits for the read, not the reader's task
         return pack_words(address)
 
 

@@ -230,3 +230,19 @@ async def test_device_aclose_stops_every_guest(dev):
             await r
         assert e.value.errno == errno.EBADF
     assert all(g.file.closed for g in guests)
+
+
+async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev):
+    """A reader that goes on to need the Big Lguest lock must not deadlock close()."""
+    g = await boot(dev, SPIN)
+    other = await boot(dev, SPIN)
+
+    async def reader() -> None:
+        with pytest.raises(OSError):
+            await g.file.read(8)
+        await other.file.close()  # takes the Big Lguest lock, which close(g) holds
+
+    task = asyncio.create_task(reader())
+    await until(lambda: g.u32("counter") != 0)
+    await asyncio.wait_for(g.file.close(), 5)
+    await asyncio.wait_for(task, 5)
