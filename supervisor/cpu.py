@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,7 @@ class Trap:
 
     vector: int | None = None  # an interrupt or exception vector
     bad_access: tuple[str, int] | None = None  # ("read"|"write"|"fetch", address)
+    debug: str | None = None  # a debugger's code hook stopped before an instruction: why
 
 
 @dataclass(eq=False)
@@ -99,6 +101,10 @@ class LgCpu:
     reading: bool = False
     closing: bool = False  # set by close(): every later pass of the run loop ends with EBADF
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # Beyond the lguest ABI (supervisor.debug): while set, the run loop parks instead of
+    # entering the guest; on_debug is told (event loop) each time it parks or sees a death.
+    debug_stop: str | None = None
+    on_debug: Callable[[], None] | None = None
     break_released: asyncio.Event = field(default_factory=asyncio.Event)
     _irq_lock: threading.Lock = field(default_factory=threading.Lock)
     _hooks: list[Any] = field(default_factory=list)

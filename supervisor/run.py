@@ -72,12 +72,20 @@ async def run_guest(cpu: LgCpu, executor: Executor) -> int:
             raise _oserror(errno.EAGAIN)
         if lg.dead:
             break
+        if cpu.debug_stop is not None:  # held by a debugger (supervisor.debug)
+            if cpu.on_debug is not None:
+                cpu.on_debug()
+            cpu.wakeup.clear()
+            await cpu.wakeup.wait()
+            continue
         timers.write_timestamp(cpu)
         if cpu.halted and interrupts.deliverable_irq(cpu) is None:
             cpu.wakeup.clear()
             await cpu.wakeup.wait()
             continue
         await _slice(cpu, executor)
+    if cpu.on_debug is not None:
+        cpu.on_debug()
     raise _oserror(lg.dead.errno or errno.ENOENT)
 
 
@@ -151,6 +159,8 @@ def run_slice(cpu: LgCpu) -> None:
                 hypercalls.do_hypercalls(cpu)
             if lg.dead:
                 break
+            if cpu.debug_stop is not None:
+                break
             interrupts.maybe_do_interrupt(cpu)
             if cpu.halted or lg.dead or fuel.stop or fuel.budget <= 0 or cpu.closing:
                 break
@@ -177,6 +187,7 @@ def _enter_guest(cpu: LgCpu) -> None:
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
+        trap.debug = None
         cpu.fuel.reason = _slicing.REASON_NONE
         try:
             cpu.uc.emu_start(cpu.eip, _NEVER)
@@ -198,6 +209,8 @@ def _enter_guest(cpu: LgCpu) -> None:
         )
     elif trap.vector is not None:
         _reflect_trap(cpu, trap.vector)
+    elif trap.debug is not None:  # a breakpoint or a single step, before an instruction
+        cpu.debug_stop = trap.debug
     elif cpu.fuel.reason == _slicing.REASON_NONE:
         cpu.halted = True  # the guest executed hlt: same as LHCALL_HALT
 
