@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import random
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
+from supervisor.cpu import DEFAULT_TCG_BUFFER
 
 from . import guests
 from .guests import SMALL_RAM, Booted, assemble, boot
@@ -34,6 +38,9 @@ from .harness import (
 from .raw import RawCpu
 
 MiB = 1 << 20
+# Below 2 MiB: QEMU asks for transparent huge pages on its code buffer, and one huge page
+# is 2 MiB of RSS per instance as soon as anything is translated.
+SMALL_TCG = 1 << 20
 
 # A counted loop between `bench` and `bench_end`, bracketed by notifies so the
 # Launcher times exactly the loop.  `{body}` is the work of one iteration.
@@ -491,27 +498,26 @@ def _halted(g: Booted) -> bool:
     return bool(lg is not None and lg.cpus and lg.cpus[0].halted)
 
 
-async def halted_guests(p: Profile) -> list[Result]:
+def _raw_halted(n: int, tcg_buffer: int) -> dict[str, Any]:
+    """Child process: bare instances that ran the same code up to the halt."""
     image = assemble(PARK)
-    want = p.halted_guests
     gc.collect()
-    # Raw baseline: bare instances that ran the same code up to the halt.
-    n_raw = min(want, 300)
     base = rss_bytes()
     raws = []
-    for _ in range(n_raw):
-        c = RawCpu(image, SMALL_RAM)
+    for _ in range(n):
+        c = RawCpu(image, SMALL_RAM, tcg_buffer=tcg_buffer)
         c.on_interrupt(lambda uc, vector, data: None)
         c.run("_start", "parked")
         raws.append(c)
     gc.collect()
-    raw_per = (rss_bytes() - base) / n_raw
-    for c in raws:
-        c.close()
-    del raws
-    gc.collect()
+    return {"guests": n, "per_guest": (rss_bytes() - base) / n}
 
-    async with LguestDevice() as dev:
+
+async def _sup_halted(want: int, tcg_buffer: int) -> dict[str, Any]:
+    """Child process: ``want`` guests parked in LHCALL_HALT (fewer if memory is short)."""
+    image = assemble(PARK)
+    gc.collect()
+    async with LguestDevice(tcg_buffer=tcg_buffer) as dev:
         gs: list[Booted] = []
         tasks: list[asyncio.Task[Any]] = []
         base = rss_bytes()
@@ -546,40 +552,85 @@ async def halted_guests(p: Profile) -> list[Result]:
         await dev.aclose()
         close_time = now() - t_close
         await asyncio.gather(*tasks, return_exceptions=True)
-    for g in gs:
-        with contextlib.suppress(BufferError):
-            g.memory.close()
-    n = len(gs)
-    scaled = f" (scaled down from {want:,} to fit memory)" if n < want else ""
-    return [
-        Result(
-            "halted_rss",
-            f"{n:,} halted guests: memory each{scaled}",
-            "MiB",
-            per_guest / MiB,
-            raw_per / MiB,
-            per_guest / raw_per if raw_per > 0 else None,
-            1.0,
-            "value",
-            "lower",
-            f"{SMALL_RAM >> 10} KiB guests; RSS delta / N; set-up {setup:.1f} s, close "
-            f"{close_time:.1f} s; raw: {n_raw} bare instances run to the same hlt",
-            {"guests": n, "setup_s": setup, "close_s": close_time},
-        ),
-        Result(
-            "halted_cpu",
-            f"{n:,} halted guests: CPU while halted",
-            "% of a core",
-            cpu * 100,
-            0.0,
-            None,
-            1.0,
-            "value",
-            "lower",
-            f"process CPU over a 1 s window; {slices} slices ran in it (goal: none)",
-            {"guests": n, "slices_in_window": slices},
-        ),
-    ]
+    return {
+        "guests": len(gs),
+        "per_guest": per_guest,
+        "cpu": cpu,
+        "slices": slices,
+        "setup_s": setup,
+        "close_s": close_time,
+    }
+
+
+async def _child(*args: str) -> dict[str, Any]:
+    """Run ``python -m benchmarks.child ARGS`` in a fresh interpreter (a clean heap for RSS)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.child",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parent.parent),
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmarks.child {' '.join(args)} failed:\n{err.decode()}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def halted_guests(p: Profile) -> list[Result]:
+    want = p.halted_guests
+    loop = (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
+    n_raw = str(min(want, 300))
+    raw = await _child("raw-halted", n_raw, str(DEFAULT_TCG_BUFFER))
+    raw_small = await _child("raw-halted", n_raw, str(SMALL_TCG))
+    sup = await _child("sup-halted", str(want), str(DEFAULT_TCG_BUFFER), loop)
+    small = await _child("sup-halted", str(want), str(SMALL_TCG), loop)
+    out = []
+    for key, s, r, tcg in (
+        ("", sup, raw, DEFAULT_TCG_BUFFER),
+        ("_small_tcg", small, raw_small, SMALL_TCG),
+    ):
+        n = s["guests"]
+        scaled = f" (scaled down from {want:,} to fit memory)" if n < want else ""
+        per, raw_per = s["per_guest"] / MiB, r["per_guest"] / MiB
+        out.append(
+            Result(
+                f"halted_rss{key}",
+                f"{n:,} halted guests, tcg_buffer {tcg / MiB:g} MiB: memory each{scaled}",
+                "MiB",
+                per,
+                raw_per,
+                per / raw_per if raw_per > 0 else None,
+                1.0,
+                "value",
+                "lower",
+                f"{SMALL_RAM >> 10} KiB guests; RSS delta / N in a fresh process; set-up "
+                f"{s['setup_s']:.1f} s, close {s['close_s']:.1f} s; raw: {r['guests']} bare "
+                "instances (same tcg_buffer) run to the same hlt",
+                {**s, "raw_guests": r["guests"]},
+            )
+        )
+        out.append(
+            Result(
+                f"halted_cpu{key}",
+                f"{n:,} halted guests, tcg_buffer {tcg / MiB:g} MiB: CPU while halted",
+                "% of a core",
+                s["cpu"] * 100,
+                0.0,
+                None,
+                1.0,
+                "value",
+                "lower",
+                f"process CPU over a 1 s window; {s['slices']} slices ran in it (goal: none)",
+                {"guests": n, "slices_in_window": s["slices"]},
+            )
+        )
+    return out
 
 
 async def _lag_probe(stop: asyncio.Event, out: list[float]) -> None:
@@ -592,20 +643,28 @@ async def _lag_probe(stop: asyncio.Event, out: list[float]) -> None:
 async def _raw_spinners(
     image: guests.Image, n: int, seconds: float
 ) -> tuple[list[int], list[float]]:
-    """No supervisor: N bare instances round-robin on a 2-thread pool, 2 ms emu_start timeouts."""
+    """No supervisor: N bare instances round-robin on a 2-thread pool, ~2 ms ``count=`` slices.
+
+    ``emu_start(timeout=)`` is not usable here: besides replaying writes, it now and then
+    never returns (its watchdog thread is gone and the guest spins on), which hung this
+    baseline.  ``count=`` is exact and always returns, at a per-instruction cost.
+    """
     cpus = []
     for _ in range(n):
         c = RawCpu(image, SMALL_RAM)
         c.on_interrupt(lambda uc, vector, data: None)
         c.run("_start", "spin")
         cpus.append(c)
+    t0 = now()
+    cpus[0].resume(count=100_000)
+    count = max(1000, int(100_000 * 0.002 / max(now() - t0, 1e-6)))
     loop = asyncio.get_running_loop()
     running = True
     with ThreadPoolExecutor(2) as pool:
 
         async def drive(c: RawCpu) -> None:
             while running:
-                await loop.run_in_executor(pool, lambda: c.resume(timeout=2000))
+                await loop.run_in_executor(pool, lambda: c.resume(count=count))
 
         drivers = [asyncio.create_task(drive(c)) for c in cpus]
         await asyncio.sleep(0.3)
@@ -665,7 +724,7 @@ async def spinners(p: Profile) -> list[Result]:
             "higher",
             f"per-guest progress over {p.spin_seconds:g} s; total {total:.1f} M loops/s vs "
             f"raw {raw_total:.1f}; raw: bare instances round-robin on 2 threads, "
-            f"emu_start(timeout=2 ms)",
+            f"emu_start(count=) of about 2 ms",
             {
                 "min": min(prog),
                 "max": max(prog),
