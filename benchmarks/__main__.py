@@ -104,6 +104,7 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "processor": _cpu_model(),
+        "loadavg_at_start": os.getloadavg(),
     }
 
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(
         f"benchmarks ({profile.name}): Python {info['python']}, Unicorn {info['unicorn']}, "
-        f"uvloop {info['uvloop']}, {info['cpus']} CPUs ({info['processor']})",
+        f"uvloop {info['uvloop']}, {info['cpus']} CPUs ({info['processor']}), "
+        f"load average {info['loadavg_at_start'][0]:.2f}",
         flush=True,
     )
     out: dict[str, Any] = {"machine": info, "profile": profile.name, "loops": {}}
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         out["loops"][loop] = {"results": [r.as_dict() for r in results], "errors": errors}
         tables.append(table(loop, results))
     out["seconds"] = time.perf_counter() - t_start
+    out["loadavg_at_end"] = os.getloadavg()
     print()
     print("\n\n".join(tables))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,8 @@ class Profile:
 
 QUICK = Profile(
     "quick",
-    loop_seconds=0.25,
-    reps=2,
+    loop_seconds=0.15,
+    reps=3,
     roundtrips=2_000,
     latency_guests=100,
     latency_seconds=2.0,
@@ -44,8 +44,8 @@ QUICK = Profile(
 )
 FULL = Profile(
     "full",
-    loop_seconds=1.0,
-    reps=3,
+    loop_seconds=0.5,
+    reps=7,
     roundtrips=20_000,
     latency_guests=100,
     latency_seconds=8.0,
