@@ -25,6 +25,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
 from . import _slicing
+from ._registers import Registers
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
 from .limits import UNLIMITED, Limits
 
@@ -81,6 +82,7 @@ class LgCpu:
     lg: Lguest
     uc: Any
     fuel: _slicing.Fuel
+    regs: Registers
     start: int
     irqs_pending: int = 0
     halted: bool = False
@@ -132,19 +134,17 @@ class LgCpu:
 
     @property
     def eip(self) -> int:
-        value: int = self.uc.reg_read(r.UC_X86_REG_EIP)
-        return value
+        return self.regs.read(r.UC_X86_REG_EIP)
 
     def reg(self, reg: int) -> int:
-        value: int = self.uc.reg_read(reg)
-        return value
+        return self.regs.read(reg)
 
     def set_reg(self, reg: int, value: int) -> None:
-        self.uc.reg_write(reg, value & 0xFFFFFFFF)
+        self.regs.write(reg, value)
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
-        self.uc.reg_write(r.UC_X86_REG_CR3, self.uc.reg_read(r.UC_X86_REG_CR3))
+        self.regs.write(r.UC_X86_REG_CR3, self.regs.read(r.UC_X86_REG_CR3))
 
     def close(self) -> None:
         """Free the Unicorn instance.  Only when no slice runs."""
@@ -172,7 +172,9 @@ def new_cpu(
     uc.ctl_set_exits([])
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     fuel = _slicing.attach(uc)
-    cpu = LgCpu(id=cpu_id, lg=lg, uc=uc, fuel=fuel, start=start, limits=limits)
+    cpu = LgCpu(
+        id=cpu_id, lg=lg, uc=uc, fuel=fuel, regs=Registers(uc), start=start, limits=limits
+    )
     cpu.break_released.set()
     setup_regs(cpu, start, pgdir)
     trap = cpu.trap

@@ -123,17 +123,13 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     """
     trap = cpu.trap
     lg = cpu.lg
+    regs = cpu.regs
+    local = hypercalls.LOCAL_HYPERCALLS
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
         if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and lg.lguest_data is not None:
-            number = uc.reg_read(r.UC_X86_REG_EAX)
-            if number in hypercalls.LOCAL_HYPERCALLS and hypercalls.ring_empty(cpu):
-                args = (
-                    number,
-                    uc.reg_read(r.UC_X86_REG_EDX),
-                    uc.reg_read(r.UC_X86_REG_EBX),
-                    uc.reg_read(r.UC_X86_REG_ECX),
-                )
+            args = regs.hypercall()
+            if args[0] in local and hypercalls.ring_empty(cpu):
                 hypercalls.do_hcall(cpu, args)
                 return
         trap.vector = vector
@@ -201,12 +197,7 @@ def _enter_guest(cpu: LgCpu) -> None:
     if trap.vector in _exceptions.REMEMBERED:
         _exceptions.forget_exception(cpu.uc)
     if trap.vector == LGUEST_TRAP_ENTRY:
-        cpu.hcall = (
-            cpu.reg(r.UC_X86_REG_EAX),
-            cpu.reg(r.UC_X86_REG_EDX),
-            cpu.reg(r.UC_X86_REG_EBX),
-            cpu.reg(r.UC_X86_REG_ECX),
-        )
+        cpu.hcall = cpu.regs.hypercall()
     elif trap.vector is not None:
         _reflect_trap(cpu, trap.vector)
     elif trap.debug is not None:  # a breakpoint or a single step, before an instruction
