@@ -97,6 +97,7 @@ class LgCpu:
     stack: tuple[int, int, int] = (0, 0, 0)  # ss, esp, pages
     clock: asyncio.TimerHandle | None = None  # the armed clock event, on the event loop
     budget: int = DEFAULT_BUDGET
+    inline: bool = True  # the next slice may run on the event loop (see run._slice)
     limits: Limits = UNLIMITED
     stats: CpuStats = field(default_factory=CpuStats)
     trap: Trap = field(default_factory=Trap)

@@ -3,10 +3,12 @@
 One pass of :func:`run_guest` mirrors lguest's ``run_guest``: do the pending
 hypercalls, hand a notify to the Launcher, honour a cancelled read (the signal
 case) or a Waker's break, sleep while halted, otherwise run a slice.  A slice
-(:func:`run_slice`, executor thread) enters the guest repeatedly and handles
-each exit in one place: a hypercall it may do locally, a trap to reflect, a
-memory error that kills, ``hlt``, or the end of the slice (budget spent or a
-kick).  It never touches the event loop.
+(:func:`run_slice`) enters the guest repeatedly and handles each exit in one
+place: a hypercall it may do locally, a trap to reflect, a memory error that
+kills, ``hlt``, or the end of the slice (budget spent or a kick).  It never
+touches the event loop.  Slices run on the executor; a CPU that keeps exiting
+early (notifies, hypercalls) gets short slices on the event loop itself, of at
+most ``INLINE_BUDGET`` blocks, because a thread hand-off costs more than that.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .pagetables import guest_pa
 _NEVER = 1 << 32
 TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
 MIN_BUDGET = 1_000
+INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
 MAX_BUDGET = 50_000_000
 INVALID_OPCODE = 6
 DOUBLE_FAULT = 8
@@ -90,7 +93,18 @@ async def run_guest(cpu: LgCpu, executor: Executor) -> int:
 
 
 async def _slice(cpu: LgCpu, executor: Executor) -> None:
-    """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise."""
+    """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
+
+    A CPU whose last slice ended on its own (a notify, a halt, a hypercall the
+    run loop must do) gets a short slice of at most ``INLINE_BUDGET`` blocks on
+    the event loop itself: handing work to a thread and back costs far more
+    than such a slice.  One that uses up that budget goes back to the executor.
+    """
+    if cpu.inline:
+        run_slice(cpu, INLINE_BUDGET)
+        cpu.inline = cpu.fuel.reason != _slicing.REASON_BUDGET
+        await asyncio.sleep(0)  # stay cooperative between short slices
+        return
     future = asyncio.get_running_loop().run_in_executor(executor, run_slice, cpu)
     try:
         await asyncio.shield(future)
@@ -98,6 +112,7 @@ async def _slice(cpu: LgCpu, executor: Executor) -> None:
         cpu.kick()
         await wait_quietly(future)
         raise
+    cpu.inline = cpu.fuel.reason != _slicing.REASON_BUDGET
 
 
 async def wait_quietly(future: asyncio.Future[Any]) -> None:
@@ -117,7 +132,7 @@ async def wait_quietly(future: asyncio.Future[Any]) -> None:
 def attach_interrupt_hook(cpu: LgCpu) -> None:
     """Install the hook that sees every interrupt and exception the guest raises.
 
-    It runs on the executor thread.  A CPU-local hypercall with an empty async
+    It runs on the thread running the slice.  A CPU-local hypercall with an empty async
     ring is done right there and the guest goes on (the cheap path); anything
     else is recorded in ``cpu.trap`` and ends the run, exactly at that boundary.
     """
@@ -138,15 +153,21 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_INTR, on_interrupt))
 
 
-def run_slice(cpu: LgCpu) -> None:
-    """Executor thread: enter the guest until the Host or the Launcher is needed."""
+def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
+    """Enter the guest until the Host or the Launcher is needed (any thread but
+    never two at once for one CPU; it does not touch the event loop).
+
+    ``budget`` caps the slice's blocks; by default the CPU's adaptive budget,
+    which is then adjusted so that a busy slice lasts about ``TARGET_SLICE``.
+    """
     fuel = cpu.fuel
     lg = cpu.lg
     start = time.perf_counter()
     fuel.reason = _slicing.REASON_NONE
+    wanted = cpu.budget if budget is None else budget
     left = cpu.limits.blocks_left(fuel.blocks)
-    fuel.budget = cpu.budget if left is None else min(cpu.budget, left)
-    full_budget = fuel.budget == cpu.budget
+    fuel.budget = wanted if left is None else min(wanted, left)
+    full_budget = budget is None and fuel.budget == cpu.budget
     try:
         while True:
             if cpu.hcall is not None:
