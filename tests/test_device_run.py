@@ -2,6 +2,7 @@
 
 import asyncio
 import errno
+import threading
 
 import pytest
 from guestasm import SPIN, boot, until
@@ -246,3 +247,43 @@ async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev):
     await until(lambda: g.u32("counter") != 0)
     await asyncio.wait_for(g.file.close(), 5)
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(dev, monkeypatch):
+    from supervisor import run
+
+    where: list[tuple[bool, int]] = []
+    real = run.run_slice
+
+    def recording(cpu, budget=None):
+        real(cpu, budget)
+        where.append((threading.current_thread() is threading.main_thread(), budget or 0))
+
+    monkeypatch.setattr(run, "run_slice", recording)
+    g = await boot(dev, SPIN)
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: len(where) > 20)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    on_loop = [budget for on_main, budget in where if on_main]
+    # Start-up may run on the loop, in short slices only; the spin loop never does.
+    assert all(0 < budget <= run.INLINE_BUDGET for budget in on_loop)
+    assert len(on_loop) <= 2
+    assert not where[-1][0]
+
+
+async def test_a_notifying_guest_is_served_without_a_thread_hand_off(dev, monkeypatch):
+
+    submitted = 0
+    real = dev.executor.submit
+
+    def counting(*args, **kwargs):
+        nonlocal submitted
+        submitted += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dev.executor, "submit", counting)
+    g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 5\n jmp 1b\n")
+    for _ in range(100):
+        assert await g.file.read(8) == pack_words(5)
+    assert submitted == 0
