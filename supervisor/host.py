@@ -17,13 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 from .config import GuestConfig
 from .device import LguestDevice
+from .gdbstub import GdbServer
+from .guestctl import GuestControl, snapshot_config, snapshot_image, start_gdb
 from .launcher.block import BlockDevice
 from .launcher.console import Console, LineStream, stdin_source, stdout_sink
 from .launcher.devices import Device
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
+from .snapshot import Snapshot
 
 __all__ = ["Exit", "Guest", "GuestStats", "Supervisor"]
 
@@ -31,12 +35,37 @@ __all__ = ["Exit", "Guest", "GuestStats", "Supervisor"]
 class Guest:
     """A running (or finished) guest.  Get one from :meth:`Supervisor.launch`."""
 
-    def __init__(self, config: GuestConfig, launcher: Launcher, console: Console) -> None:
+    def __init__(
+        self,
+        config: GuestConfig,
+        launcher: Launcher,
+        console: Console,
+        control: GuestControl | None = None,
+    ) -> None:
         self.config = config
         self.name = config.display_name
         self._launcher = launcher
         self._console = console
         self._task = asyncio.create_task(launcher.run(), name=f"guest-{self.name}")
+        self.control = control or GuestControl(launcher, config)
+        self.control.watch(self._task)
+
+    @property
+    def gdb(self) -> GdbServer | None:
+        """The gdb server of a guest launched with ``config.gdb``."""
+        return self.control.gdb
+
+    async def pause(self) -> None:
+        """Stop the guest at an instruction boundary; ``SnapshotError`` if it has ended."""
+        await self.control.pause()
+
+    def resume(self) -> None:
+        """Let a paused guest run on."""
+        self.control.resume()
+
+    async def snapshot(self) -> Snapshot:
+        """The guest's whole state (it runs on afterwards unless it was paused or in gdb)."""
+        return await self.control.snapshot()
 
     @property
     def console(self) -> LineStream:
@@ -106,7 +135,13 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.guests: list[Guest] = []
 
-    async def launch(self, config: GuestConfig, *, devices: Sequence[Device] = ()) -> Guest:
+    async def launch(
+        self,
+        config: GuestConfig,
+        *,
+        devices: Sequence[Device] = (),
+        snapshot: Snapshot | None = None,
+    ) -> Guest:
         """Start a guest from ``config``, with extra ``devices`` after console and block.
 
         Checks everything that can be checked first and raises before anything
@@ -124,20 +159,30 @@ class Supervisor:
         try:
             launcher = Launcher(
                 self.device,
-                config.image,
+                config.image if snapshot is None else snapshot_image(snapshot),
                 ram_size=config.memory,
                 devices=table,
                 cmdline=config.cmdline,
                 max_restarts=self.max_restarts,
                 limits=config.limits,
             )
+            gdb = await start_gdb(config.gdb) if config.gdb else None
         except BaseException:
             for device in table:
                 await device.stop()
             raise
-        guest = Guest(config, launcher, console)
+        control = GuestControl(launcher, config, restore=snapshot, gdb=gdb)
+        guest = Guest(config, launcher, console, control)
         self.guests.append(guest)
         return guest
+
+    async def restore(self, snap: Snapshot, **overrides: Any) -> Guest:
+        """A new guest that continues exactly where ``snap`` was taken.
+
+        ``overrides`` change the snapshot's config (``name``, ``console``, ``gdb``...,
+        not ``memory``).  Any number of guests may be restored from one snapshot.
+        """
+        return await self.launch(snapshot_config(snap, **overrides), snapshot=snap)
 
     async def aclose(self) -> None:
         """Kill every guest still running, then close the device.  Safe to call twice."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -122,6 +122,8 @@ class Launcher:
         self._killed: str | None = None
         self._ended = False
         self._task: asyncio.Task[Exit] | None = None
+        # Called with each boot's file after INITIALIZE, before it runs (debugger, restore).
+        self.on_boot: list[Callable[[LguestFile], None]] = []
         self._check()
 
     def _check(self) -> None:
@@ -230,6 +232,8 @@ class Launcher:
                         )
                     except OSError as exc:
                         self._die(f"cannot start: {exc.strerror}")
+                    for hook in self.on_boot:
+                        hook(f)
                     return await self._serve(f)
                 finally:
                     self._done_stats = self._done_stats.add(self._current_stats())

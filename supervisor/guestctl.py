@@ -1,0 +1,256 @@
+"""Debugging, pausing and snapshots for Launcher-run guests (what :mod:`supervisor.host` uses).
+
+A :class:`GuestControl` rides on a Launcher's ``on_boot`` hook: every boot's
+file gets a :class:`~supervisor.debug.Debugger`; the first boot of a restored
+guest is put into the snapshot's state before it runs; a gdb server follows the
+guest across reboots; a pause asked for between boots holds the next boot.
+
+The Launcher-level part of a snapshot (``Snapshot.launcher``) is the guest's
+config and image, the reboots so far, the irqs the devices raised but the
+Launcher has not sent, and each device's state: a console's input not yet
+delivered and whether it has told the guest about EOF, or whatever a custom
+device returns from ``snapshot_state()`` (given back to ``restore_state()``).
+A block device's backing file is not part of the snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from .config import GuestConfig
+from .debug import PAUSE, DebugError, Debugger, debugger
+from .device import LguestFile
+from .gdbstub import GdbServer
+from .guest import Death
+from .launcher.console import Console
+from .launcher.devices import Device
+from .launcher.launcher import Exit, Launcher
+from .launcher.loader import Image, Segment
+from .snapshot import Snapshot, SnapshotError, apply, capture
+
+
+class GuestControl:
+    """Per-guest plumbing over a Launcher: debugger per boot, pause, snapshot, restore, gdb."""
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        config: GuestConfig,
+        *,
+        restore: Snapshot | None = None,
+        gdb: GdbServer | None = None,
+    ) -> None:
+        self.launcher = launcher
+        self.config = config
+        self.gdb = gdb
+        self._restore = restore
+        self._boots = 0
+        self._hold = False
+        self._debugger: Debugger | None = None
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[Exit] | None = None
+        launcher.on_boot.append(self._on_boot)
+
+    def watch(self, task: asyncio.Task[Exit]) -> None:
+        """The task running the Launcher: its end ends the gdb server and pending waits."""
+        self.task = task
+        task.add_done_callback(self._ended)
+
+    # -- the hook ------------------------------------------------------------------------
+    def _on_boot(self, file: LguestFile) -> None:
+        self._boots += 1
+        if self._boots == 1 and self._restore is not None:
+            apply(self._restore, file)
+            restore_launcher_state(self.launcher, self._restore)
+        d = self._debugger = debugger(file)
+        if self._hold:
+            d.request_stop(PAUSE)
+        if self.gdb is not None:
+            self.gdb.attach(d, stopped=self._boots == 1)
+        self._changed.set()
+
+    def _ended(self, task: asyncio.Task[Exit]) -> None:
+        self._changed.set()
+        if self.gdb is None:
+            return
+        if task.cancelled() or task.exception() is not None:
+            death = Death("the supervisor failed")
+        else:
+            result = task.result()
+            death = Death(result.reason, exit_status=None if result.died else result.exit_status)
+        self.gdb.ended(death)
+        asyncio.get_running_loop().create_task(self.gdb.aclose())
+
+    # -- pause, resume, snapshot ---------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.task is not None and self.task.done()
+
+    async def pause(self) -> Debugger:
+        """Stop the guest inside its Launcher's read (a clean point); return its debugger.
+
+        Raises :class:`SnapshotError` if the guest ends first.
+        """
+        self._hold = True
+        while True:
+            if self.done:
+                raise SnapshotError("the guest has ended")
+            d = self._debugger
+            if d is not None and not d.file.closed:
+                stop = await self._race(d.stop(PAUSE, parked=True))
+                if stop is not None and stop.death is None:
+                    return d
+                if stop is not None:
+                    await self._race(self._next_boot(d))  # it died: a reboot may follow
+                continue
+            self._changed.clear()
+            await self._race(self._changed.wait())
+
+    async def _next_boot(self, old: Debugger) -> None:
+        while self._debugger is old and not self.done:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _race(self, coro: Any) -> Any:
+        """Await ``coro`` unless the guest ends first (then None); a closed file is None too."""
+        waiter = asyncio.ensure_future(coro)
+        if self.task is None:
+            try:
+                return await waiter
+            except DebugError:
+                return None
+        await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DebugError):
+                await waiter
+            return None
+        try:
+            return waiter.result()
+        except DebugError:
+            return None
+
+    def resume(self) -> None:
+        """Let a paused guest run on (no effect on one that runs, or that a debugger stopped)."""
+        self._hold = False
+        d = self._debugger
+        if d is not None and d.stopped and d.stop_reason == PAUSE:
+            d.resume()
+
+    async def snapshot(self) -> Snapshot:
+        """Pause (unless already stopped), capture guest and Launcher state, run on as before."""
+        d = self._debugger
+        was_held = self._hold or (d is not None and d.stop_reason is not None)
+        d = await self.pause()
+        try:
+            snap = capture(d.file)
+            snap.launcher, blobs = launcher_state(self.launcher, self.config)
+            snap.blobs.update(blobs)
+            return snap
+        finally:
+            if not was_held:
+                self.resume()
+
+
+# -- Launcher state ------------------------------------------------------------------------------
+def launcher_state(
+    launcher: Launcher, config: GuestConfig
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The Launcher-level part of a snapshot (JSON) and its image (a section)."""
+    image = launcher.image
+    blobs = {f"segment{i}": s.data for i, s in enumerate(image.segments)}
+    state = {
+        "config": config.model_dump(mode="json"),
+        "image": {
+            "name": image.name,
+            "kind": image.kind,
+            "entry": image.entry,
+            "segments": [[s.paddr, s.memsz] for s in image.segments],
+        },
+        "restarts": launcher.restarts,
+        "irqs": sorted(getattr(launcher, "_irqs", ())),
+        "devices": [_device_state(device) for device in launcher.devices],
+    }
+    return state, blobs
+
+
+def _device_state(device: Device) -> dict[str, Any]:
+    own = getattr(device, "snapshot_state", None)
+    if callable(own):
+        return {"type": device.type, "state": own()}
+    if isinstance(device, Console):
+        return {
+            "type": device.type,
+            "state": {
+                "pending": base64.b64encode(bytes(getattr(device, "_pending", b""))).decode(),
+                "eof": bool(getattr(device, "_eof", False)),
+                "eof_told": bool(getattr(device, "_eof_told", False)),
+            },
+        }
+    return {"type": device.type, "state": None}
+
+
+def restore_launcher_state(launcher: Launcher, snap: Snapshot) -> None:
+    state = snap.launcher
+    if state is None:
+        return
+    launcher.restarts = state["restarts"]
+    irqs = getattr(launcher, "_irqs", None)
+    if isinstance(irqs, set):
+        irqs.update(state["irqs"])
+    saved = state["devices"]
+    devices = list(launcher.devices)
+    for device, entry in zip(devices, saved, strict=False):
+        if device.type != entry["type"] or entry["state"] is None:
+            continue
+        own = getattr(device, "restore_state", None)
+        if callable(own):
+            own(entry["state"])
+        elif isinstance(device, Console):
+            s = entry["state"]
+            device._pending = bytearray(base64.b64decode(s["pending"]))
+            device._eof = device._eof or s["eof"]
+            device._eof_told = s["eof_told"]
+
+
+def snapshot_image(snap: Snapshot) -> Image:
+    """The guest's image, as the snapshot carries it."""
+    if snap.launcher is None:
+        raise SnapshotError("this snapshot has no Launcher state (take it with Guest.snapshot())")
+    info = snap.launcher["image"]
+    segments = tuple(
+        Segment(paddr, snap.blobs[f"segment{i}"], memsz)
+        for i, (paddr, memsz) in enumerate(info["segments"])
+    )
+    return Image(info["name"], info["kind"], segments, info["entry"])
+
+
+def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
+    """The snapshot's GuestConfig with ``overrides`` (not ``memory``).
+
+    The image file need not exist any more: the snapshot carries the image.
+    """
+    if snap.launcher is None:
+        raise SnapshotError("this snapshot has no Launcher state (take it with Guest.snapshot())")
+    fields = dict(snap.launcher["config"])
+    if "memory" in overrides and overrides["memory"] != fields["memory"]:
+        raise SnapshotError("a restored guest keeps the snapshot's memory size")
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("image", "block"):
+        if fields.get(key) is not None:
+            fields[key] = Path(fields[key])
+    if Path(fields["image"]).is_file():
+        return GuestConfig.build(**fields)
+    return GuestConfig.model_construct(**fields)
+
+
+async def start_gdb(address: str) -> GdbServer:
+    """A gdb server listening on ``HOST:PORT`` (``OSError`` if it cannot)."""
+    host, _, port = address.rpartition(":")
+    server = GdbServer()
+    await server.start(host or "127.0.0.1", int(port))
+    return server
