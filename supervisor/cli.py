@@ -6,6 +6,11 @@
     power-off status (values over 255 become 255); a guest that died (killed
     by the Host, crashed, too many reboots) prints ``supervisor: <name> died:
     <reason>`` on stderr and exits 1.  Ctrl-C kills the guest and exits 130.
+``run IMAGE --gdb HOST:PORT`` / ``run --restore FILE``
+    Hold the guest at its first instruction and serve gdb on HOST:PORT (port 0:
+    any; the address is printed on stderr).  ``--restore`` continues a snapshot.
+``snapshot IMAGE -o FILE --after-lines N`` (or ``--after SECONDS``)
+    Run the guest (console on stdout), snapshot it at that point, save, stop.
 ``swarm -n N IMAGE``
     N copies with no console; live progress on stderr when it is a terminal,
     then a summary table on stdout.  Exit status 0 when every guest powered
@@ -28,6 +33,7 @@ from typing import Any, NoReturn
 from .config import ConfigError, GuestConfig
 from .host import Exit, Guest, Supervisor
 from .launcher.loader import ImageError
+from .snapshot import Snapshot
 
 EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
@@ -64,11 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--block", help="file backing the block device")
     run.add_argument("--readonly", action="store_true", help="make the block device read-only")
     run.add_argument("--config", help="GuestConfig as .toml or .json (options override it)")
+    run.add_argument("--gdb", metavar="HOST:PORT", help="start held and serve gdb there")
+    run.add_argument("--restore", metavar="FILE", help="continue the guest saved in FILE")
     common(run)
+
+    snap = sub.add_parser("snapshot", help="run a guest and save a snapshot of it mid-run")
+    snap.add_argument("image", help="flat binary or ELF32 image")
+    snap.add_argument("-o", "--output", required=True, help="snapshot file to write")
+    when = snap.add_mutually_exclusive_group(required=True)
+    when.add_argument("--after-lines", type=int, help="once the console printed N lines")
+    when.add_argument("--after", type=float, help="after SECONDS of wall time")
+    common(snap)
 
     swarm = sub.add_parser("swarm", help="run N copies of a guest and summarize")
     swarm.add_argument("-n", type=int, default=10, help="how many guests (default 10)")
     swarm.add_argument("image", help="flat binary or ELF32 image")
+    swarm.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb for one guest")
+    swarm.add_argument("--gdb-guest", type=int, default=0, help="that guest's index (default 0)")
     common(swarm)
     return parser
 
@@ -82,6 +100,7 @@ def run_config(args: argparse.Namespace) -> GuestConfig:
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
         "console": "stdio",
+        "gdb": args.gdb,
         **limit_fields(args),
     }
     if args.config:
@@ -110,10 +129,22 @@ async def launch(sup: Supervisor, config: GuestConfig) -> Guest:
         raise BadInput(f"{exc.filename or config.block}: {exc.strerror or exc}") from None
 
 
-async def run_one(config: GuestConfig) -> int:
-    """Run one guest on the terminal; return the process exit status."""
+async def run_one(
+    config: GuestConfig | None, restore: str | None = None, gdb: str | None = None
+) -> int:
+    """Run one guest (or restore one) on the terminal; return the process exit status."""
     async with Supervisor() as sup:
-        guest = await launch(sup, config)
+        if restore is not None:
+            try:
+                guest = await sup.restore(Snapshot.load(restore), console="stdio", gdb=gdb)
+            except (ValueError, OSError) as exc:
+                raise BadInput(str(exc)) from None
+        else:
+            assert config is not None
+            guest = await launch(sup, config)
+        if guest.gdb is not None and guest.gdb.address is not None:
+            host, port = guest.gdb.address
+            print(f"supervisor: gdb server on {host}:{port}", file=sys.stderr, flush=True)
         try:
             result = await guest.wait()
         except asyncio.CancelledError:
@@ -130,7 +161,35 @@ def exit_status(name: str, result: Exit) -> int:
     return min(result.exit_status, 255)
 
 
-async def run_swarm(config: GuestConfig, n: int) -> int:
+async def snapshot_to_file(
+    config: GuestConfig, path: str, lines: int | None, seconds: float | None
+) -> int:
+    """Run ``config`` (console lines on stdout) until the point asked, then save a snapshot."""
+    async with Supervisor() as sup:
+        guest = await launch(sup, config)
+        seen = 0
+        if lines is not None and lines > 0:
+            async for line in guest.console:
+                print(line, flush=True)
+                seen += 1
+                if seen >= lines:
+                    break
+        elif seconds is not None:
+            await asyncio.wait({asyncio.ensure_future(guest.wait())}, timeout=seconds)
+        try:
+            snap = await guest.snapshot()
+        except ValueError as exc:  # SnapshotError: it ended first
+            print(f"supervisor: no snapshot: {exc}", file=sys.stderr)
+            return EXIT_DIED
+        snap.save(path)
+        await guest.kill("snapshot taken")
+    print(f"supervisor: snapshot of {guest.name} saved to {path}", file=sys.stderr)
+    return 0
+
+
+async def run_swarm(
+    config: GuestConfig, n: int, gdb: str | None = None, gdb_guest: int = 0
+) -> int:
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status."""
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -152,7 +211,8 @@ async def run_swarm(config: GuestConfig, n: int) -> int:
     async with Supervisor() as sup:
         guests = []
         for i in range(n):
-            named = config.model_copy(update={"name": f"{config.display_name}-{i}"})
+            update = {"name": f"{config.display_name}-{i}", "gdb": gdb if i == gdb_guest else None}
+            named = config.model_copy(update=update)
             guests.append(await launch(sup, named))
         with progress:
             bar = progress.add_task("swarm", total=n, state="")
@@ -213,8 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         coro: Coroutine[Any, Any, int]
-        if args.command == "run":
+        if args.command == "run" and args.restore:
+            coro = run_one(None, args.restore, args.gdb)
+        elif args.command == "run":
             coro = run_one(run_config(args))
+        elif args.command == "snapshot":
+            fields = {"image": args.image, "memory": args.memory, "cmdline": args.cmdline}
+            config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
+            coro = snapshot_to_file(config, args.output, args.after_lines, args.after)
         else:
             if args.n < 1:
                 raise BadInput("-n must be at least 1")
@@ -227,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = GuestConfig.build(
                 console="null", **{k: v for k, v in fields.items() if v is not None}
             )
-            coro = run_swarm(config, args.n)
+            coro = run_swarm(config, args.n, args.gdb, args.gdb_guest)
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             return runner.run(coro)
     except (BadInput, ConfigError) as exc:

@@ -85,6 +85,17 @@ class GuestConfig(BaseModel):
     max_blocks: PositiveInt | None = None
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
+    gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
+
+    @field_validator("gdb")
+    @classmethod
+    def _gdb(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"gdb address {value!r} is not HOST:PORT")
+        return value
 
     @property
     def limits(self) -> Limits:
