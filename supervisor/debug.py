@@ -28,7 +28,6 @@ before a hook was added).  Everything here runs on the event loop.
 from __future__ import annotations
 
 import asyncio
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,15 +76,15 @@ class Stop:
         return self.death is not None
 
 
-_DEBUGGERS: weakref.WeakKeyDictionary[LguestFile, Debugger] = weakref.WeakKeyDictionary()
-
-
 def debugger(file: LguestFile) -> Debugger:
-    """The file's debugger, created on first use (the file must be initialized)."""
-    found = _DEBUGGERS.get(file)
-    if found is None:
-        found = _DEBUGGERS[file] = Debugger(file)
-    return found
+    """The file's debugger, created on first use (the file must be initialized).
+
+    It lives as long as the file's CPU does (the CPU's ``on_debug`` is its method).
+    """
+    existing = getattr(file_cpu(file).on_debug, "__self__", None)
+    if isinstance(existing, Debugger) and existing.file is file:
+        return existing
+    return Debugger(file)
 
 
 def file_cpu(file: LguestFile) -> LgCpu:
