@@ -18,7 +18,8 @@ emulating thread, before an instruction runs:
   run and stops at the next boundary, whatever ended the run in between (a
   hypercall done by the Host, a trap reflected to the guest's handler, an end
   of slice).  ``emu_start(count=1)`` is not used: Unicorn implements ``count``
-  with a code hook of its own that shares state with ours.
+  with a code hook of its own, which does not step past a breakpoint hook on
+  the current instruction (see docs/debugging.md).
 
 Hooks are only added or removed while the guest is stopped, and translated
 blocks are flushed each time (Unicorn does not instrument blocks translated
