@@ -125,8 +125,7 @@ class GdbServer:
         task = self._task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})
 
     # -- one client --------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -140,6 +139,8 @@ class GdbServer:
             await session.run()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # aclose(): end quietly (asyncio's stream callback reports a cancelled handler)
         except Exception:  # a bug here must not take the guest down
             log.exception("gdb session failed")
         finally:
@@ -148,7 +149,7 @@ class GdbServer:
             self._session = None
             self._task = None
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
 

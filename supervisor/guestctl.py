@@ -53,6 +53,7 @@ class GuestControl:
         self._debugger: Debugger | None = None
         self._changed = asyncio.Event()
         self.task: asyncio.Task[Exit] | None = None
+        self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
         launcher.on_boot.append(self._on_boot)
 
     def watch(self, task: asyncio.Task[Exit]) -> None:
@@ -83,7 +84,7 @@ class GuestControl:
             result = task.result()
             death = Death(result.reason, exit_status=None if result.died else result.exit_status)
         self.gdb.ended(death)
-        asyncio.get_running_loop().create_task(self.gdb.aclose())
+        self._closing = asyncio.get_running_loop().create_task(self.gdb.aclose())
 
     # -- pause, resume, snapshot ---------------------------------------------------------------
     @property
