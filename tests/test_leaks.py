@@ -7,14 +7,15 @@ guest closed while a Waker waits in ``LHREQ_BREAK``.
 
 Measurements (after ``gc.collect()``): RSS from ``/proc/self/statm``, the number
 of threads, the number of open descriptors in ``/proc/self/fd``, and the number
-of live ``LgCpu``/``Lguest`` objects.  A warm-up batch (a tenth of the run, at
-least 400 guests: RSS measured every 500 guests climbs for about the first
-thousand, then stays within a few MiB) is run first, so that one-time costs
+of live ``LgCpu``/``Lguest`` objects.  A warm-up batch (1,000 guests; 2,000 in
+the long profile: RSS measured every 500 guests climbs for about the first
+1,000-1,500, then stays within a few MiB) is run first, so that one-time costs
 (Unicorn's lazily built tables, the allocator's arenas, the executor's
 threads, the assembler cache) are in the baseline; then the rest, and the
 figures must match the baseline:
 
-* threads and descriptors exactly;
+* threads and descriptors exactly (the device's own worker threads, which its
+  executor starts lazily, only up to its worker count);
 * live guest objects: no more than before (earlier tests' failures, kept alive
   by their tracebacks, may hold a few);
 * RSS within ``RSS_TOLERANCE`` (24 MiB).  Freed memory goes back to malloc's
@@ -24,12 +25,16 @@ figures must match the baseline:
   leaked instances added 1.6 GiB), so even one leaked guest in a hundred shows;
   smaller per-guest leaks of Python objects are caught by the live-object count.
 
-Note: ``Uc`` objects are freed by the cyclic garbage collector, not by reference
-counting (the Unicorn binding keeps reference cycles), so RSS between two
-collections swings by tens of MiB; that is why every figure is taken after
-``gc.collect()``.
+Note: a closed guest's ``Uc`` object is freed by the cyclic garbage collector,
+not by reference counting (the Unicorn binding's hook callbacks make reference
+cycles), so hundreds of dead Unicorn instances can wait for a collection; RSS
+then swings by tens of MiB and malloc keeps the high-water mark (seen: +26 MiB
+over 8,000 guests when collecting only at the two measurements).  The test
+therefore collects after every 500 guests, which measures real leaks;
+``test_closing_a_guest_frees_its_unicorn_at_once`` (strict xfail) covers the
+deterministic freeing that would make this unnecessary.
 
-Sizes: 1,000 guests by default, 10,000 with ``LGUEST_FUZZ_PROFILE=long``.
+Sizes: 2,000 guests by default, 10,000 with ``LGUEST_FUZZ_PROFILE=long``.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ from supervisor.cpu import LgCpu
 from supervisor.guest import Lguest
 from supervisor.launcher.layout import IMAGE_BASE
 
-TOTAL = scaled(1_000, 10_000)
-WARMUP = max(TOTAL // 10, 400)
+TOTAL = scaled(2_000, 10_000)
+WARMUP = scaled(1_000, 2_000)
 RSS_TOLERANCE = 24 << 20
 RAM = 128 << 10
 CONCURRENT = 8  # guests alive at once
@@ -82,11 +87,32 @@ def live_guests() -> int:
     return sum(isinstance(o, LgCpu | Lguest) for o in gc.get_objects())
 
 
+def other_threads() -> int:
+    """Threads other than the device's workers (those start lazily, up to ``workers``)."""
+    return sum(not t.name.startswith("lguest-cpu") for t in threading.enumerate())
+
+
+def device_threads() -> int:
+    return sum(t.name.startswith("lguest-cpu") for t in threading.enumerate())
+
+
+def describe_live_guests() -> list[str]:
+    """What keeps live guests alive (for the failure message)."""
+    out = []
+    for o in gc.get_objects():
+        if isinstance(o, Lguest):
+            cpu = o.cpus[0] if o.cpus else None
+            state = f"dead={o.dead!r} closing={cpu.closing if cpu else None}"
+            refs = [type(r).__name__ for r in gc.get_referrers(o)]
+            out.append(f"{state} referrers={refs}")
+    return out
+
+
 def figures() -> dict[str, int]:
     gc.collect()
     return {
         "rss": rss(),
-        "threads": threading.active_count(),
+        "threads": other_threads(),
         "fds": fds(),
         "guests": live_guests(),
     }
@@ -140,11 +166,16 @@ async def one_guest(dev: LguestDevice, i: int) -> None:
     memory.close()
 
 
+COLLECT_EVERY = 500
+
+
 async def batch(dev: LguestDevice, start: int, count: int) -> None:
     for base in range(start, start + count, CONCURRENT):
         n = min(CONCURRENT, start + count - base)
         async with asyncio.timeout(TIMEOUT):
             await asyncio.gather(*(one_guest(dev, base + i) for i in range(n)))
+        if (base - start) % COLLECT_EVERY + n > COLLECT_EVERY:
+            gc.collect()  # dead Unicorn instances wait for the cyclic GC (see above)
 
 
 async def test_many_guests_leave_nothing_behind(dev):
@@ -155,11 +186,16 @@ async def test_many_guests_leave_nothing_behind(dev):
     after = figures()
     took = time.perf_counter() - started
     assert not dev.files
-    assert after["guests"] <= baseline["guests"], (baseline, after)
+    assert after["guests"] <= baseline["guests"], (baseline, after, describe_live_guests())
     assert after["threads"] == baseline["threads"], (baseline, after)
+    assert device_threads() <= dev._workers
     assert after["fds"] == baseline["fds"], (baseline, after)
     grown = after["rss"] - baseline["rss"]
-    assert grown < RSS_TOLERANCE, f"RSS grew by {grown / 2**20:.1f} MiB over {TOTAL} guests"
+    assert grown < RSS_TOLERANCE, (
+        f"RSS grew by {grown / 2**20:.1f} MiB over {TOTAL - WARMUP} guests",
+        baseline,
+        after,
+    )
     print(f"{TOTAL} guests in {took:.1f} s; RSS {baseline['rss'] / 2**20:.1f} MiB")
 
 
@@ -176,3 +212,34 @@ async def test_devices_come_and_go_without_leaking_threads():
     gc.collect()
     assert fds() == descriptors
     assert live_guests() <= guests
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: LgCpu.close() only drops its reference to the Uc object; the Unicorn "
+    "binding's hook callbacks keep it in reference cycles, so the native instance (about "
+    "2.7 MiB) lives until the cyclic GC runs, and under guest churn the RSS high-water "
+    "mark depends on GC timing",
+)
+async def test_closing_a_guest_frees_its_unicorn_at_once(dev):
+    import weakref
+
+    memory, layout = load(KINDS[1], RAM)
+    f = dev.open(memory)
+    await f.write(
+        pack_words(LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, IMAGE_BASE)
+    )
+    with pytest.raises(FileNotFoundError):
+        await f.read(8)
+    lg = f._lg
+    assert lg is not None
+    uc = weakref.ref(lg.cpus[0].uc)
+    del lg
+    gc.collect()
+    gc.disable()
+    try:
+        await f.close()
+        memory.close()
+        assert uc() is None, "the closed guest's Unicorn instance is still alive"
+    finally:
+        gc.enable()
