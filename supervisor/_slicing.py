@@ -2,7 +2,7 @@
 
 A slice of guest execution ends only at a block boundary, from inside the
 emulating thread: when another task raises :attr:`Fuel.stop` or when the slice's
-block budget is spent.  Nothing here touches the event loop.
+block budget or time (``deadline``) is spent.  Nothing here touches the event loop.
 
 If the native hook could not be built, :data:`NATIVE` is false and slices fall
 back to ``emu_start(count=...)``, which is exact too but slower.
@@ -37,6 +37,8 @@ class Fuel(ctypes.Structure):
         ("budget", ctypes.c_int64),
         ("blocks", ctypes.c_uint64),
         ("emu_stop", ctypes.c_void_p),
+        ("deadline", ctypes.c_int64),  # time.monotonic_ns() at which the slice ends
+        ("clock_mask", ctypes.c_uint64),  # the hook reads the clock when blocks & mask == 0
     ]
 
 
@@ -54,6 +56,7 @@ def attach(uc: Any) -> Fuel:
     """
     fuel = Fuel()
     fuel.emu_stop = _EMU_STOP
+    fuel.clock_mask = 0
     if _fuel is not None:
         handle = ctypes.c_ulong()
         status = uclib.uc_hook_add(

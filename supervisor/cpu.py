@@ -9,6 +9,7 @@ which any thread may call at any time.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ CR4_PSE = 1 << 4
 
 # Unicorn's default translation buffer is 1 GiB of address space per instance;
 # guests are small, so each CPU gets a small one.
-DEFAULT_TCG_BUFFER = 4 << 20
-DEFAULT_BUDGET = 50_000  # blocks in a first slice; adapted to the slice's target length
+DEFAULT_TCG_BUFFER = 1 << 20  # below 2 MiB, where QEMU's buffer turns into a huge page
+DEFAULT_BUDGET = 20_000  # blocks in a first slice; adapted to the slice's target length
 
 
 _ACCESS_KINDS = {
@@ -98,6 +99,7 @@ class LgCpu:
     clock: asyncio.TimerHandle | None = None  # the armed clock event, on the event loop
     budget: int = DEFAULT_BUDGET
     inline: bool = True  # the next slice may run on the event loop (see run._slice)
+    queued_slice: concurrent.futures.Future[None] | None = None  # submitted, maybe not started
     limits: Limits = UNLIMITED
     stats: CpuStats = field(default_factory=CpuStats)
     trap: Trap = field(default_factory=Trap)
@@ -122,6 +124,18 @@ class LgCpu:
         with self._irq_lock:
             self.irqs_pending |= 1 << irq
         self.kick()
+
+    def preempt(self) -> None:
+        """Something urgent (a break, an irq) happened: end the slice now.
+
+        Event loop only.  A slice still waiting in the executor's queue is
+        withdrawn, so the run loop sees the news without waiting its turn, and the
+        next slice runs briefly on the event loop; a running one is kicked.
+        """
+        self.kick()
+        queued = self.queued_slice
+        if queued is not None and queued.cancel():
+            self.inline = True
 
     def take_irq(self, irq: int) -> None:
         """Clear a pending irq once it has been delivered."""

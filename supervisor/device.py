@@ -104,6 +104,10 @@ class LguestDevice:
     async def aclose(self) -> None:
         """Close every open file and stop the executor.  Safe to call twice."""
         self._closed = True
+        for file in self._files:  # stop every CPU first, so closing them one by one is quick
+            for cpu in file._lg.cpus if file._lg is not None else ():
+                cpu.closing = True
+                cpu.preempt()
         for file in list(self._files):
             await file.close()
         if self._executor is not None:
@@ -137,6 +141,7 @@ class LguestFile:
         self._limits = limits
         self._lg: Lguest | None = None
         self._closed = False
+        self._closing: asyncio.Future[None] | None = None
         self._running: dict[int, asyncio.Future[Any]] = {}
 
     # -- the device interface ----------------------------------------------------
@@ -161,23 +166,28 @@ class LguestFile:
     async def close(self) -> None:
         """Free the guest: stop its CPUs (never hangs), cancel timers, release memory.
 
-        Reads, writes and waiting Wakers then fail with ``EBADF``.  Closing twice
-        is harmless.
+        Reads, writes and waiting Wakers then fail with ``EBADF``.  The CPUs stop
+        at once; the freeing runs to completion even if the caller is cancelled
+        (which then still gets ``CancelledError``).  Closing twice is harmless:
+        the second call waits for the first to finish.
         """
-        if self._closed:
-            return
-        self._closed = True
+        if self._closing is None:
+            self._closed = True
+            for cpu in self._lg.cpus if self._lg is not None else ():
+                cpu.closing = True
+                timers.cancel(cpu)
+                cpu.preempt()
+                cpu.wakeup.set()
+                cpu.break_released.set()
+            self._closing = asyncio.ensure_future(self._release())
+        await asyncio.shield(self._closing)
+
+    async def _release(self) -> None:
         try:
             lg = self._lg
             if lg is None:
                 return
             async with self._device.lock:
-                for cpu in lg.cpus:
-                    cpu.closing = True
-                    timers.cancel(cpu)
-                    cpu.kick()
-                    cpu.wakeup.set()
-                    cpu.break_released.set()
                 for future in list(self._running.values()):
                     await run.wait_quietly(future)
                 for cpu in lg.cpus:
@@ -286,6 +296,7 @@ class LguestFile:
         if irq >= LGUEST_IRQS:
             raise _error(errno.EINVAL)
         cpu.raise_irq(irq)
+        cpu.preempt()
         cpu.wakeup.set()
         return 0
 
@@ -298,7 +309,7 @@ class LguestFile:
             return 0
         cpu.break_out = True
         cpu.break_released.clear()
-        cpu.kick()
+        cpu.preempt()
         cpu.wakeup.set()
         await cpu.break_released.wait()
         if self._closed:

@@ -72,6 +72,8 @@ def _init_again(cpu: LgCpu, a1: int, a2: int, a3: int) -> None:
 
 def _shutdown(cpu: LgCpu, message_addr: int, how: int, status: int) -> None:
     message = cpu.lg.read_string(message_addr, SHUTDOWN_MESSAGE_MAX)
+    if message == "":
+        message = "no reason given"  # a reason is what a dead guest's reads return
     if message is None:
         cpu.lg.kill(f"CRASH: bad shutdown message address {message_addr:#x}")
     elif how == LGUEST_SHUTDOWN_POWEROFF:

@@ -35,6 +35,8 @@ _NEVER = 1 << 32
 TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
 MIN_BUDGET = 1_000
 INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
+INLINE_TIME = 0.0005  # seconds, the same for time
+FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
 MAX_BUDGET = 50_000_000
 INVALID_OPCODE = 6
 DOUBLE_FAULT = 8
@@ -105,28 +107,40 @@ async def _slice(cpu: LgCpu, executor: Executor) -> None:
         cpu.inline = cpu.fuel.reason != _slicing.REASON_BUDGET
         await asyncio.sleep(0)  # stay cooperative between short slices
         return
-    future = asyncio.get_running_loop().run_in_executor(executor, run_slice, cpu)
+    queued = executor.submit(run_slice, cpu)
+    cpu.queued_slice = queued
+    future = asyncio.wrap_future(queued)
     try:
         await asyncio.shield(future)
     except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if queued.cancelled() and task is not None and not task.cancelling():
+            return  # withdrawn before it started (LgCpu.preempt): go round again
         cpu.kick()
         await wait_quietly(future)
         raise
+    finally:
+        cpu.queued_slice = None
     cpu.inline = cpu.fuel.reason != _slicing.REASON_BUDGET
 
 
 async def wait_quietly(future: asyncio.Future[Any]) -> None:
-    """Wait for ``future`` to finish even if the waiting task is cancelled meanwhile.
+    """Wait for ``future`` to finish even if the waiting task is cancelled meanwhile;
+    its result or error is ignored.  A cancellation that arrived during the wait
+    is raised (``CancelledError``) once the future is done.
 
     Every CPU is kicked before this is awaited, so the wait is one short slice.
     """
+    cancelled = False
     while not future.done():
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:
-            continue
+            cancelled = True
         except Exception:
             break
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def attach_interrupt_hook(cpu: LgCpu) -> None:
@@ -139,6 +153,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     trap = cpu.trap
     lg = cpu.lg
     regs = cpu.regs
+    fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
@@ -146,6 +161,9 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
             args = regs.hypercall()
             if args[0] in local and hypercalls.ring_empty(cpu):
                 hypercalls.do_hcall(cpu, args)
+                if time.monotonic_ns() >= fuel.deadline:  # the call is done; time is up
+                    fuel.reason = _slicing.REASON_BUDGET  # (not a hlt: see _enter_guest)
+                    uc.emu_stop()
                 return
         trap.vector = vector
         uc.emu_stop()
@@ -163,6 +181,9 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
     fuel = cpu.fuel
     lg = cpu.lg
     start = time.perf_counter()
+    blocks_before = fuel.blocks
+    length = TARGET_SLICE if budget is None else INLINE_TIME
+    fuel.deadline = time.monotonic_ns() + int(1e9 * length)
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
     left = cpu.limits.blocks_left(fuel.blocks)
@@ -181,6 +202,9 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
             interrupts.maybe_do_interrupt(cpu)
             if cpu.halted or lg.dead or fuel.stop or fuel.budget <= 0 or cpu.closing:
                 break
+            if time.monotonic_ns() >= fuel.deadline:
+                fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
+                break
             _enter_guest(cpu)
     except Exception as exc:  # a Host bug must kill only this guest
         lg.kill(f"internal error: {type(exc).__name__}: {exc}")
@@ -193,9 +217,14 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
         exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
         if exhausted:
             lg.kill(exhausted)
+        # Blocks slower than a microsecond on average: read the clock at every block.
+        ran = fuel.blocks - blocks_before
+        fuel.clock_mask = 0 if elapsed * 1e6 > ran else FAST_CLOCK_MASK
         if fuel.reason == _slicing.REASON_BUDGET and full_budget and elapsed > 0:
             scaled = int(cpu.budget * TARGET_SLICE / elapsed)
-            cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, (cpu.budget + scaled) // 2))
+            if elapsed < 2 * TARGET_SLICE:
+                scaled = (cpu.budget + scaled) // 2  # smooth small corrections only
+            cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, scaled))
 
 
 def _enter_guest(cpu: LgCpu) -> None:

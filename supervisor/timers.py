@@ -38,6 +38,7 @@ def _fire(cpu: LgCpu) -> None:
     if cpu.closed:
         return
     cpu.raise_irq(CLOCK_IRQ)
+    cpu.preempt()
     cpu.wakeup.set()
 
 

@@ -222,18 +222,13 @@ async def test_cancelled_close_still_frees_everything(dev):
         await asyncio.gather(closer, return_exceptions=True)
         with pytest.raises(OSError) as e:
             await reader
+        await g.file.close()  # waits for the release the cancelled close started
     assert e.value.errno == errno.EBADF
     assert g.file.closed and g.file not in dev.files
     g.memory.close()  # the device let go of the memory
     await quiescent(dev, *before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LguestFile.close() swallows a cancellation that arrives while it waits "
-    "for the running read (run.wait_quietly catches CancelledError and never re-raises), "
-    "so the task that was cancelled carries on as if nothing happened",
-)
 async def test_cancelled_close_reraises_cancelled_error(dev):
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
@@ -250,13 +245,6 @@ async def test_cancelled_close_reraises_cancelled_error(dev):
         g.memory.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LguestFile.close() sets _closed and then awaits the device lock; if it "
-    "is cancelled there, the finally clause forgets the file without stopping its CPUs, "
-    "cancelling timers or releasing memory: the guest runs on, unreachable, and "
-    "dev.aclose() no longer sees it",
-)
 async def test_close_cancelled_while_waiting_for_the_lock_still_stops_the_guest(dev):
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
@@ -279,34 +267,32 @@ async def test_close_cancelled_while_waiting_for_the_lock_still_stops_the_guest(
         await asyncio.gather(reader, return_exceptions=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LguestDevice.aclose() skips files whose close() is already under way "
-    "(close returns at once when _closed is set) and shuts the executor down while "
-    "that close still waits for the lock; the guest's read then resumes and calls "
-    "run_in_executor on the dead executor: RuntimeError('cannot schedule new futures "
-    "after shutdown') escapes read()",
-)
 async def test_aclose_while_another_close_waits_for_the_lock(dev):
+    """aclose() stops every guest at once, even one whose close() waits for the lock;
+    the freeing, which needs the lock, finishes when the lock is free."""
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
     await until(lambda: g.u32("counter") > 0, TIMEOUT)
     await dev.lock.acquire()
     closer = asyncio.create_task(g.file.close())
     await asyncio.sleep(0)
+    closing = asyncio.create_task(dev.aclose())
     try:
         async with asyncio.timeout(TIMEOUT):
-            await dev.aclose()
-            # aclose() returned: no guest may still be running.
-            for _ in range(5):
-                await asyncio.sleep(0)
-            assert reader.done(), "a guest still runs after dev.aclose()"
+            # The guest stops while the lock is still held.
             with pytest.raises(OSError) as e:
-                await reader
+                await asyncio.shield(reader)
             assert e.value.errno == errno.EBADF
+            assert not closing.done()
+            dev.lock.release()
+            await closing
+            await closer
+        assert not dev.files
     finally:
-        dev.lock.release()
-        await asyncio.gather(closer, reader, return_exceptions=True)
+        if dev.lock.locked():
+            dev.lock.release()
+        await asyncio.gather(closer, reader, closing, return_exceptions=True)
+        g.memory.close()
 
 
 async def test_cancel_device_aclose_then_aclose_again(dev):

@@ -293,12 +293,6 @@ async def test_the_device_outlives_a_hundred_deaths(dev):
     await release(neighbour)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: LHCALL_SHUTDOWN with an empty message kills the guest with an empty "
-    "reason (hypercalls._shutdown passes the message through unchanged), so the "
-    "Launcher reads just b'\\0' and cannot say why the guest ended",
-)
 async def test_power_off_with_an_empty_message_still_gives_a_reason(dev):
     empty = SYMBOLS["scratch"]  # zero-filled
     h = await boot_image(dev, HOSTILE, hcall(abi.LHCALL_SHUTDOWN, empty, 1, 0))
@@ -322,21 +316,12 @@ HOGS = {
 }
 NEIGHBOUR_LATENCY = 0.3  # seconds; the neighbour needs ~20 ms alone, ~30 ms next to spinners
 
-SLICE_BUG = (
-    "BUG: a slice is bounded in translated blocks only (run.run_slice), so a guest "
-    "whose blocks each end in an exit handled inside the slice (a local hypercall, a "
-    "reflected trap) keeps an executor thread for 0.5-1 s per slice instead of "
-    "TARGET_SLICE; with one such guest per worker, a neighbour that needs 20 ms "
-    "takes seconds"
-)
-
-
 @pytest.mark.parametrize(
     "hog",
     [
         "spin",
-        pytest.param("local hypercalls", marks=pytest.mark.xfail(strict=True, reason=SLICE_BUG)),
-        pytest.param("reflected traps", marks=pytest.mark.xfail(strict=True, reason=SLICE_BUG)),
+        "local hypercalls",
+        "reflected traps",
     ],
 )
 async def test_hogs_cannot_starve_the_neighbour(hog):

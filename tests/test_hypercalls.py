@@ -480,3 +480,21 @@ main:
     stats = g.file.stats
     assert stats.hypercalls >= 2001
     assert stats.exits < 20  # done inside the interrupt hook, not by stopping Unicorn
+
+
+async def test_a_slice_that_ends_after_a_local_hypercall_is_not_a_halt(dev):
+    """Local hypercalls as fast as possible, for many slices: the guest never halts."""
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    mov $200000, %esi
+1:  HCALL 8, 0
+    dec %esi
+    jnz 1b
+    HCALL 17, 1
+""",
+    )
+    assert await asyncio.wait_for(notified(g), 60) == 1
+    assert g.file.stats.slices > 3
