@@ -162,7 +162,18 @@ class LgCpu:
         self.regs.write(r.UC_X86_REG_CR3, self.regs.read(r.UC_X86_REG_CR3))
 
     def close(self) -> None:
-        """Free the Unicorn instance.  Only when no slice runs."""
+        """Free the Unicorn instance now, not at the next garbage collection.
+
+        Only when no slice runs.  The hooks' closures refer back to this CPU, so
+        the instance would otherwise wait for the cyclic collector.
+        """
+        uc = self.uc
+        if uc is None:
+            return
+        release = getattr(uc, "_Uc__finalizer", None)  # the binding's uc_close, run once
+        if release is not None:
+            release()
+        uc._callbacks.clear()
         self._hooks.clear()
         self.uc = None
 
