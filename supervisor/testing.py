@@ -1,0 +1,243 @@
+"""Test toolkit: write tiny guests in assembly and run them on a device.
+
+For tests of guest software and of the supervisor itself (this project's tests
+and benchmarks use it)::
+
+    from supervisor import LguestDevice
+    from supervisor.testing import boot, notified
+
+    async def test_it_notifies():
+        async with LguestDevice() as dev:
+            g = await boot(dev, "main:\n LGUEST_INIT\n HCALL 17, 0x42\n")
+            assert await notified(g) == 0x42
+
+A guest body starts at label ``main``; it is wrapped in a prelude (stack, flat
+GDT, segment registers; macros ``HCALL nr, a1, a2, a3``, ``LGUEST_INIT``,
+``IDT vector, handler, type``) and a postlude (``lguest_data``, a stack, and
+``irq_return``, the interrupt-return stub inside the no-irq range).  Needs GNU
+binutils (``as``, ``ld``, ``objcopy``, ``nm``); images are cached by content in
+``$LGUEST_ASM_CACHE`` (default: the temp directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import abi
+from .device import LguestDevice, LguestFile
+from .launcher.layout import IMAGE_BASE, Layout, build_pagetables, plan, write_boot_info
+from .memory import GuestMemory
+
+CACHE = Path(os.environ.get("LGUEST_ASM_CACHE", Path(tempfile.gettempdir()) / "lguest-test-asm"))
+
+PRELUDE = r"""
+.code32
+.macro HCALL nr, a1=0, a2=0, a3=0
+    mov $\nr, %eax
+    mov $\a1, %edx
+    mov $\a2, %ebx
+    mov $\a3, %ecx
+    int $0x1f
+.endm
+.macro LGUEST_INIT
+    movl $0x80, lguest_data+1132
+    movl $noirq_start, lguest_data+1120
+    movl $noirq_end, lguest_data+1124
+    mov $lguest_data+20, %edi
+    mov $0xff, %al
+    mov $64, %ecx
+    rep stosb
+    HCALL 1, lguest_data
+.endm
+.macro IDT vector, handler, type=0xe
+    mov $6, %eax
+    mov $\vector, %edx
+    mov $\handler, %ebx
+    and $0xffff, %ebx
+    or $0x00080000, %ebx
+    mov $\handler, %ecx
+    and $0xffff0000, %ecx
+    or $(0x8000 | (\type << 8)), %ecx
+    int $0x1f
+.endm
+.text
+.globl _start
+_start:
+    mov $stack_top, %esp
+    lgdt gdt_desc
+    ljmp $0x08, $1f
+1:  mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %fs
+    mov %ax, %gs
+    mov %ax, %ss
+    jmp main
+"""
+
+POSTLUDE = r"""
+.text
+noirq_start:
+irq_return:
+    movl $512, lguest_data
+    iret
+noirq_end:
+.data
+.align 8
+gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff
+    .quad 0x00cf92000000ffff
+gdt_desc:
+    .word 23
+    .long gdt
+.bss
+.align 4096
+lguest_data:
+    .space 1136
+.align 16
+stack:
+    .space 8192
+stack_top:
+"""
+
+
+# A guest that counts in memory (symbol `counter`) forever.
+SPIN = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    jmp 1b
+.data
+counter: .long 0
+"""
+
+
+@dataclass(frozen=True)
+class AsmGuest:
+    """An assembled flat image (loaded at ``IMAGE_BASE``) and its symbols' addresses."""
+
+    image: bytes
+    symbols: dict[str, int]
+
+
+def assemble(body: str) -> AsmGuest:
+    """Build a guest whose code starts at label ``main``.
+
+    Raises ``RuntimeError`` with the assembler's or linker's message on errors.
+    """
+    source = PRELUDE + body + POSTLUDE
+    key = hashlib.sha256(source.encode()).hexdigest()[:20]
+    out = CACHE / key
+    if not (out / "guest.bin").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=CACHE))
+        (work / "g.s").write_text(source)
+
+        def run(*cmd: str) -> None:
+            done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{cmd[0]} failed:\n{done.stderr}")
+
+        run("as", "--32", "-o", "g.o", "g.s")
+        run(
+            "ld", "-m", "elf_i386", "-N", "-Ttext", hex(IMAGE_BASE), "-e", "_start",
+            "--build-id=none", "-o", "g.elf", "g.o",
+        )  # fmt: skip
+        run("objcopy", "-O", "binary", "g.elf", "guest.bin")
+        nm = subprocess.run(["nm", "g.elf"], cwd=work, check=True, capture_output=True, text=True)
+        (work / "symbols").write_text(nm.stdout)
+        for name in ("symbols", "guest.bin"):  # guest.bin last: it marks the entry complete
+            os.replace(work / name, out / name)
+    symbols = {}
+    for line in (out / "symbols").read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            symbols[parts[2]] = int(parts[0], 16)
+    return AsmGuest((out / "guest.bin").read_bytes(), symbols)
+
+
+@dataclass
+class Booted:
+    """A guest that has been INITIALIZEd: its file, memory, layout and symbols."""
+
+    file: LguestFile
+    memory: GuestMemory
+    layout: Layout
+    guest: AsmGuest
+
+    def u32(self, symbol: str) -> int:
+        """The 32-bit value at ``symbol`` in guest memory."""
+        return int.from_bytes(self.memory.read(self.guest.symbols[symbol], 4), "little")
+
+    def set_u32(self, symbol: str, value: int) -> None:
+        """Store a 32-bit value at ``symbol``."""
+        self.memory.write(self.guest.symbols[symbol], value.to_bytes(4, "little"))
+
+    async def read_word(self) -> int:
+        """One read of the device: the address the guest notified."""
+        return await notified(self)
+
+
+def initialize_words(memory: GuestMemory, layout: Layout, start: int = IMAGE_BASE) -> bytes:
+    """The ``LHREQ_INITIALIZE`` request for a guest loaded by :func:`load`."""
+    return abi.pack_words(
+        abi.LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, start
+    )
+
+
+def load(guest: AsmGuest, ram_size: int = 1 << 20) -> tuple[GuestMemory, Layout]:
+    """Fresh Launcher memory with the image, page tables and boot info in place."""
+    layout = plan(ram_size)
+    memory = GuestMemory(layout.pfn_limit * abi.PAGE_SIZE)
+    memory.write(IMAGE_BASE, guest.image)
+    build_pagetables(memory.view, layout)
+    write_boot_info(memory.view, layout, 0, b"")
+    return memory, layout
+
+
+async def boot(dev: LguestDevice, body: str | AsmGuest, ram_size: int = 1 << 20) -> Booted:
+    """Assemble (if given source), load and INITIALIZE a guest; read to run it."""
+    guest = assemble(body) if isinstance(body, str) else body
+    memory, layout = load(guest, ram_size)
+    f = dev.open(memory)
+    await f.write(initialize_words(memory, layout))
+    return Booted(f, memory, layout, guest)
+
+
+async def run_to_end(booted: Booted) -> str:
+    """Read until the guest dies (skipping notifies); return the reason it gives."""
+    f = booted.file
+    while True:
+        try:
+            await f.read(abi.WORD_SIZE)
+        except FileNotFoundError:
+            return (await f.read(256)).rstrip(b"\0").decode()
+
+
+async def notified(booted: Booted) -> int:
+    """Run until the next notify and return its address."""
+    address: int = abi.unpack_words(await booted.file.read(abi.WORD_SIZE))[0]
+    return address
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds; guest memory has no events, so poll it.
+
+    The first checks only yield; later ones sleep a millisecond so that a long
+    wait leaves the cores to the guests.
+    """
+    async with asyncio.timeout(timeout):
+        for _ in range(100):
+            if predicate():
+                return
+            await asyncio.sleep(0)
+        while not predicate():
+            await asyncio.sleep(0.001)
