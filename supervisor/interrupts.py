@@ -69,6 +69,22 @@ def deliverable_irq(cpu: LgCpu) -> int | None:
     return (ready & -ready).bit_length() - 1
 
 
+def ready_to_deliver(cpu: LgCpu) -> bool:
+    """True if :func:`maybe_do_interrupt` would deliver (or wake for) an irq right now."""
+    irq = deliverable_irq(cpu)
+    if irq is None:
+        return False
+    if cpu.halted:
+        return True
+    lg = cpu.lg
+    assert lg.lguest_data is not None
+    if not lg.read_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED):
+        return False
+    if lg.noirq_start <= cpu.eip < lg.noirq_end:
+        return False
+    return gate_present(cpu.idt[FIRST_EXTERNAL_VECTOR + irq][1])
+
+
 def maybe_do_interrupt(cpu: LgCpu) -> None:
     """Before entering the guest: deliver the lowest deliverable irq, if the guest can take it.
 

@@ -88,6 +88,8 @@ async def run_guest(cpu: LgCpu, executor: Executor) -> int:
             cpu.wakeup.clear()
             await cpu.wakeup.wait()
             continue
+        if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
+            cpu.inline = True  # deliver it now, not after a trip through the executor's queue
         await _slice(cpu, executor)
     if cpu.on_debug is not None:
         cpu.on_debug()
