@@ -120,6 +120,27 @@ counter: .long 0
 """
 
 
+# Counts to TARGET in memory (`counter`) and in a register (stored in `regcount`),
+# notifies 0xc0ffee, then powers off ("counted").  Fill in with .format(target=N).
+COUNT_TO = r"""
+.set TARGET, {target}
+main:
+    LGUEST_INIT
+    xor %ebx, %ebx
+1:  incl counter
+    inc %ebx
+    cmpl $TARGET, counter
+    jne 1b
+    mov %ebx, regcount
+    HCALL 17, 0xc0ffee
+    HCALL 2, msg, 1, 0
+.data
+counter: .long 0
+regcount: .long 0
+msg: .asciz "counted"
+"""
+
+
 @dataclass(frozen=True)
 class AsmGuest:
     """An assembled flat image (loaded at ``IMAGE_BASE``) and its symbols' addresses."""

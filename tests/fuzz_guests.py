@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from guestasm import Booted, Guest, assemble, load
+from guestasm import COUNT_TO, Booted, Guest, assemble, load
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -86,23 +86,7 @@ payload_end:
 scratch: .space 64
 """
 
-NEIGHBOUR_SOURCE = r"""
-.set TARGET, {target}
-main:
-    LGUEST_INIT
-    xor %ebx, %ebx
-1:  incl counter
-    inc %ebx
-    cmpl $TARGET, counter
-    jne 1b
-    mov %ebx, regcount
-    HCALL 17, 0xc0ffee
-    HCALL 2, msg, 1, 0
-.data
-counter: .long 0
-regcount: .long 0
-msg: .asciz "counted"
-"""
+NEIGHBOUR_SOURCE = COUNT_TO
 
 # Re-arms the clock event from its own tick handler: a timer storm.
 TIMER_STORM_SOURCE = r"""

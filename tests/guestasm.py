@@ -2,6 +2,7 @@
 
 from supervisor.testing import (
     CACHE,
+    COUNT_TO,
     POSTLUDE,
     PRELUDE,
     SPIN,
@@ -20,6 +21,7 @@ Guest = AsmGuest
 
 __all__ = [
     "CACHE",
+    "COUNT_TO",
     "POSTLUDE",
     "PRELUDE",
     "SPIN",

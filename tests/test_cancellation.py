@@ -14,7 +14,7 @@ import threading
 
 import pytest
 from fuzz_guests import FUZZ, executor_idle, quiescent
-from guestasm import Booted, boot, until
+from guestasm import SPIN, Booted, boot, until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,15 +22,6 @@ from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, pack_words
 
 TIMEOUT = 10.0
-
-SPIN = r"""
-main:
-    LGUEST_INIT
-1:  incl counter
-    jmp 1b
-.data
-counter: .long 0
-"""
 
 # Notifies 1, 2, ... N, with local hypercalls (done inside slices) in between.
 SEQUENCE = r"""

@@ -5,29 +5,10 @@ import errno
 import threading
 
 import pytest
-from guestasm import SPIN, boot, until
+from guestasm import COUNT_TO, SPIN, boot, until
 
 from supervisor import abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
-
-# Counts in memory and in a register; stops at TARGET and notifies.
-COUNT_TO = r"""
-.set TARGET, {target}
-main:
-    LGUEST_INIT
-    xor %ebx, %ebx
-1:  incl counter
-    inc %ebx
-    cmpl $TARGET, counter
-    jne 1b
-    mov %ebx, regcount
-    HCALL 17, 0xc0ffee
-    HCALL 2, msg, 1, 0
-.data
-counter: .long 0
-regcount: .long 0
-msg: .asciz "counted"
-"""
 
 
 async def expect(code, coro):
