@@ -195,26 +195,20 @@ async def _loop_figure(
     )
 
 
-async def tight_loop(p: Profile) -> list[Result]:
+async def _loop_pair(p: Profile, name: str, title: str, body: str, goal: float) -> list[Result]:
+    """The loop with a Waker breaking it every 1 ms, and without a Waker."""
     return [
-        await _loop_figure(
-            p, "tight_loop", "tight register loop, BREAK every 1 ms", TIGHT_BODY, 0.8, 0.001
-        ),
-        await _loop_figure(
-            p, "tight_loop_nobreak", "tight register loop, no Waker", TIGHT_BODY, 0.8, None
-        ),
+        await _loop_figure(p, name, f"{title}, BREAK every 1 ms", body, goal, 0.001),
+        await _loop_figure(p, f"{name}_nobreak", f"{title}, no Waker", body, goal, None),
     ]
+
+
+async def tight_loop(p: Profile) -> list[Result]:
+    return await _loop_pair(p, "tight_loop", "tight register loop", TIGHT_BODY, 0.8)
 
 
 async def memory_loop(p: Profile) -> list[Result]:
-    return [
-        await _loop_figure(
-            p, "memory_loop", "memory-heavy loop, BREAK every 1 ms", MEMORY_BODY, 0.95, 0.001
-        ),
-        await _loop_figure(
-            p, "memory_loop_nobreak", "memory-heavy loop, no Waker", MEMORY_BODY, 0.95, None
-        ),
-    ]
+    return await _loop_pair(p, "memory_loop", "memory-heavy loop", MEMORY_BODY, 0.95)
 
 
 def _raw_threads(cpus: list[RawCpu], n: int) -> float:

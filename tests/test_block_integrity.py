@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import GuestConfig, Supervisor
-from supervisor.testing import assemble
+from supervisor.testing import assemble, until
 
 SECTOR = 512
 SECTORS = 32
@@ -78,8 +78,8 @@ async def test_killed_or_exhausted_writers_leave_whole_sectors(writer_image, tmp
         assert result.died and result.reason.startswith("instruction budget exhausted")
         assert whole_sectors(disk.read_bytes())
         killed = await sup.launch(GuestConfig(image=writer_image, memory="1M", block=disk))
-        while killed.stats.notifies < rng.randrange(1, 400):
-            await asyncio.sleep(0.001)
+        writes = rng.randrange(1, 400)
+        await until(lambda: killed.stats.notifies >= writes, 30)
         result = await asyncio.wait_for(killed.kill(), 30)
         assert result.died
     data = disk.read_bytes()

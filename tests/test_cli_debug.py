@@ -9,23 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import cli
 
 from supervisor import GuestConfig
 from supervisor.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 GDB = shutil.which("gdb")
-
-
-def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.skipif(GDB is None, reason="gdb is not installed")
