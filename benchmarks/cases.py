@@ -20,7 +20,7 @@ from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
-from . import guests
+from . import bench_state, guests
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -487,8 +487,7 @@ async def stop_all(dev: LguestDevice, gs: list[Booted], readers: list[asyncio.Ta
 
 
 def _halted(g: Booted) -> bool:
-    lg = getattr(g.file, "_lg", None)
-    return bool(lg is not None and lg.cpus and lg.cpus[0].halted)
+    return bool(g.file.cpu_count and g.file.cpu(0).halted)
 
 
 def _raw_halted(n: int, tcg_buffer: int) -> dict[str, Any]:
@@ -809,4 +808,5 @@ FIGURES: dict[str, Figure] = {
     "halted": halted_guests,
     "spinners": spinners,
     "startup": startup,
+    "revive": bench_state.revive,
 }

@@ -28,6 +28,7 @@ class Profile:
     spinners: int
     spin_seconds: float
     startups: int
+    revives: int = 500  # pause + state + revive cycles in a row
 
 
 QUICK = Profile(
@@ -53,6 +54,7 @@ FULL = Profile(
     spinners=1_000,
     spin_seconds=10.0,
     startups=300,
+    revives=10_000,
 )
 
 

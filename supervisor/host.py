@@ -22,7 +22,7 @@ from typing import Any
 from .config import GuestConfig
 from .device import LguestDevice
 from .gdbstub import GdbServer
-from .guestctl import GuestControl, snapshot_config, snapshot_image, start_gdb
+from .guestctl import GuestControl, resume_from, snapshot_config, snapshot_image, start_gdb
 from .launcher.block import BlockDevice
 from .launcher.console import Console, LineStream, stdin_source, stdout_sink
 from .launcher.devices import Device
@@ -165,13 +165,14 @@ class Supervisor:
                 cmdline=config.cmdline,
                 max_restarts=self.max_restarts,
                 limits=config.limits,
+                resume=None if snapshot is None else resume_from(snapshot),
             )
             gdb = await start_gdb(config.gdb) if config.gdb else None
         except BaseException:
             for device in table:
                 await device.stop()
             raise
-        control = GuestControl(launcher, config, restore=snapshot, gdb=gdb)
+        control = GuestControl(launcher, config, gdb=gdb)
         guest = Guest(config, launcher, console, control)
         self.guests.append(guest)
         return guest
