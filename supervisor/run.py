@@ -37,19 +37,20 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     Close beats everything.  A held CPU (paused, or stopped by a debugger) does
     nothing, not even a hypercall it trapped with, so its read stays pending; only a
     Waker's break still ends that read (the Launcher's devices want attention; the
-    guest does not run either way), and a death ends the hold.  Otherwise a trapped
-    hypercall is done before its notify can be seen, a notify is handed over before
-    a break, a break before a death is reported (the Launcher polls its devices
-    first), and a halt sleeps until an interrupt can be delivered.
+    guest does not run either way), and a death ends the hold.  Otherwise a notify is
+    handed over first (the async ring produced it: the trapped direct hypercall
+    waits for the next read, so each pass makes progress), then a trapped
+    hypercall is done, a break before a death is reported (the Launcher polls its
+    devices first), and a halt sleeps until an interrupt can be delivered.
     """
     if cpu.closing:
         return CpuExit.CLOSED
     if cpu.hold is not None and not cpu.lg.dead:
         return CpuExit.BREAK if cpu.break_out else CpuExit.HELD
-    if cpu.hcall is not None:
-        return CpuExit.HYPERCALL
     if cpu.pending_notify:
         return CpuExit.NOTIFY
+    if cpu.hcall is not None:
+        return CpuExit.HYPERCALL
     if cpu.break_out:
         return CpuExit.BREAK
     if cpu.lg.dead:

@@ -481,7 +481,9 @@ def test_the_run_loop_decides_in_a_fixed_order():
     assert pending_exit(fake_cpu(lg=dead, halted=True)) is CpuExit.DEATH
     assert pending_exit(fake_cpu(lg=dead, break_out=True)) is CpuExit.BREAK
     assert pending_exit(fake_cpu(pending_notify=5, break_out=True)) is CpuExit.NOTIFY
-    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4), pending_notify=5)) is CpuExit.HYPERCALL
+    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4))) is CpuExit.HYPERCALL
+    # The ring produced a notify: it goes first, the direct call waits for the next read.
+    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4), pending_notify=5)) is CpuExit.NOTIFY
     # A held CPU does nothing, not even its trapped hypercall; only a break ends its read.
     assert pending_exit(fake_cpu(hold="pause", hcall=(1, 2, 3, 4))) is CpuExit.HELD
     assert pending_exit(fake_cpu(hold="pause", break_out=True)) is CpuExit.BREAK
