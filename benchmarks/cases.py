@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import random
 import sys
 import threading
@@ -20,7 +21,7 @@ from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
-from . import bench_state, guests
+from . import bench_hibernate, bench_state, guests
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -509,7 +510,8 @@ async def _sup_halted(want: int, tcg_buffer: int) -> dict[str, Any]:
     """Child process: ``want`` guests parked in LHCALL_HALT (fewer if memory is short)."""
     image = assemble(PARK)
     gc.collect()
-    async with LguestDevice(tcg_buffer=tcg_buffer) as dev:
+    # Awake: hibernation has its own figures (bench_hibernate).
+    async with LguestDevice(tcg_buffer=tcg_buffer, hibernate_after=math.inf) as dev:
         gs: list[Booted] = []
         tasks: list[asyncio.Task[Any]] = []
         base = rss_bytes()
@@ -809,4 +811,6 @@ FIGURES: dict[str, Figure] = {
     "spinners": spinners,
     "startup": startup,
     "revive": bench_state.revive,
+    "hibernate_cycles": bench_hibernate.hibernate_cycles,
+    "hibernated": bench_hibernate.hibernated,
 }

@@ -48,16 +48,18 @@ if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no c
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 
 
-def attach(uc: Any) -> Fuel:
+def attach(uc: Any, fuel: Fuel | None = None) -> Fuel:
     """Install the native block hook on ``uc`` and return its control block.
 
-    The caller must keep the returned object alive as long as ``uc`` runs.
-    Without the native hook the control block is still returned (the slice
-    loop then meters with ``count=``).
+    ``fuel`` reuses a control block (a CPU's new instance after hibernation keeps
+    its counters).  The caller must keep the returned object alive as long as
+    ``uc`` runs.  Without the native hook the control block is still returned
+    (the slice loop then meters with ``count=``).
     """
-    fuel = Fuel()
+    if fuel is None:
+        fuel = Fuel()
+        fuel.clock_mask = 0
     fuel.emu_stop = _EMU_STOP
-    fuel.clock_mask = 0
     if _fuel is not None:
         _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
     return fuel

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class CpuStats:
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
     run_time: float = 0.0  # seconds spent inside slices
+    hibernations: int = 0  # times it gave back its emulator (supervisor.hibernation)
+    wakes: int = 0  # times it took a new one
 
 
 @dataclass(slots=True)
@@ -131,6 +134,15 @@ class LgCpu:
     wakeup: asyncio.Event = host_only(default_factory=asyncio.Event)  # the run loop's sleep
     idle: asyncio.Event = host_only(default_factory=asyncio.Event)  # set: no executor slice
     break_released: asyncio.Event = host_only(default_factory=asyncio.Event)
+    # Hibernation (supervisor.hibernation): while `frozen` holds the registers, `uc` and
+    # `regs` are None and the first use of the emulator takes a new one (thaw()).
+    frozen: bytes | None = host_only(default=None)
+    hibernate_after: float = host_only(default=math.inf)  # seconds drowsy before it does
+    host_address: int = host_only(default=0)  # where the guest's memory is (mem_map_ptr)
+    tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
+    install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc
+    code_hooks: int = host_only(default=0)  # a debugger's hooks: no hibernation meanwhile
+    released: bool = host_only(default=False)  # close() ran: nothing is left
     check_threads: bool = host_only(default=False)  # asyncio debug mode: check the contract
     loop_thread: int = host_only(default=0)
     slice_thread: int | None = host_only(default=None)  # the thread running a slice now
@@ -195,7 +207,20 @@ class LgCpu:
 
     @property
     def closed(self) -> bool:
-        return self.uc is None
+        """True once :meth:`close` freed everything."""
+        return self.released
+
+    @property
+    def hibernated(self) -> bool:
+        return self.frozen is not None
+
+    @property
+    def emulator(self) -> Any:
+        """The Unicorn instance, taking a new one first if the CPU hibernates."""
+        self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
+        return self.uc
 
     @property
     def eip(self) -> int:
@@ -203,11 +228,48 @@ class LgCpu:
 
     def reg(self, reg: int) -> int:
         self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
         return self.regs.read(reg)
 
     def set_reg(self, reg: int, value: int) -> None:
         self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
         self.regs.write(reg, value)
+
+    # -- hibernation (event loop) ---------------------------------------------------------
+    def hibernate(self) -> bool:
+        """Give back the Unicorn instance, keeping the registers as bytes.
+
+        Refused (False) while a slice is queued or runs, while a debugger's code
+        hooks are installed, and once closed.  Event loop only.
+        """
+        uc = self.uc
+        if uc is None or self.running or self.code_hooks or self.released:
+            return False
+        self.check_thread()
+        self.frozen = _unicorn.context_data(uc)
+        _unicorn.close(uc)
+        self._hooks.clear()
+        self.uc = None
+        self.regs = None  # type: ignore[assignment]
+        self.stats.hibernations += 1
+        return True
+
+    def thaw(self) -> None:
+        """Take a new Unicorn instance with the kept registers (no effect if awake)."""
+        frozen = self.frozen
+        if frozen is None or self.released:
+            return
+        uc = _new_uc(self.lg, self.host_address, self.tcg_buffer)
+        _slicing.attach(uc, self.fuel)
+        self.uc = uc
+        self.regs = _unicorn.Registers(uc)
+        self.frozen = None
+        _install_hooks(self)
+        _unicorn.load_context_data(uc, frozen)
+        self.stats.wakes += 1
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
@@ -215,15 +277,16 @@ class LgCpu:
 
     def flush_code(self) -> None:
         """Forget every translated block: code is translated afresh from memory."""
-        self.check_thread()
-        self.uc.ctl_flush_tb()
+        self.emulator.ctl_flush_tb()
 
     def add_code_hook(self, callback: Callable[..., None], begin: int = 1, end: int = 0) -> Any:
         """A Python hook before each instruction in ``[begin, end]`` (every one when
-        ``begin > end``); it runs on the slice's thread.  Held CPUs only."""
-        self.check_thread()
-        hook = self.uc.hook_add(UC_HOOK_CODE, callback, begin=begin, end=end)
-        self.uc.ctl_flush_tb()  # blocks translated before the hook would not call it
+        ``begin > end``); it runs on the slice's thread.  Held CPUs only; the CPU does
+        not hibernate while it has such hooks."""
+        uc = self.emulator
+        hook = uc.hook_add(UC_HOOK_CODE, callback, begin=begin, end=end)
+        uc.ctl_flush_tb()  # blocks translated before the hook would not call it
+        self.code_hooks += 1
         return hook
 
     def remove_hook(self, hook: Any) -> None:
@@ -233,6 +296,7 @@ class LgCpu:
         self.check_thread()
         self.uc.hook_del(hook)
         self.uc.ctl_flush_tb()
+        self.code_hooks -= 1
 
     def stop_emulation(self) -> None:
         """From a hook on the slice's thread: end this run before the next instruction."""
@@ -252,7 +316,8 @@ class LgCpu:
         values["stats"] = tuple(
             (f.name, getattr(self.stats, f.name)) for f in dataclasses.fields(CpuStats)
         )
-        return CpuState(context=_unicorn.context_data(self.uc), timer_ns=timer_ns, **values)
+        context = self.frozen if self.frozen is not None else _unicorn.context_data(self.uc)
+        return CpuState(context=context, timer_ns=timer_ns, **values)
 
     def restore(self, state: CpuState) -> None:
         """Put this (not running) CPU into ``state``; the timer is the caller's part."""
@@ -260,14 +325,16 @@ class LgCpu:
         for name in _SAVED:
             setattr(self, name, getattr(state, name))
         self.idt = list(state.idt)
-        self.stats = CpuStats(**dict(state.stats))  # type: ignore[arg-type]
+        names = {f.name for f in dataclasses.fields(CpuStats)}
+        self.stats = CpuStats(**{k: v for k, v in state.stats if k in names})  # type: ignore[arg-type]
         self.fuel.blocks = self.stats.blocks
+        uc = self.emulator
         try:
-            _unicorn.load_context_data(self.uc, state.context)
+            _unicorn.load_context_data(uc, state.context)
         except ValueError as exc:
             raise StateError(str(exc)) from None
-        _unicorn.forget_exception(self.uc)
-        self.uc.ctl_flush_tb()
+        _unicorn.forget_exception(uc)
+        uc.ctl_flush_tb()
         self.flush_tlb()
         if self.break_out:
             self.break_released.clear()
@@ -280,6 +347,8 @@ class LgCpu:
 
         Only when no slice runs.
         """
+        self.released = True
+        self.frozen = None
         uc = self.uc
         if uc is None:
             return
@@ -302,8 +371,30 @@ def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
     return uc
 
 
-def _attach(lg: Lguest, cpu_id: int, start: int, uc: Any, limits: Limits) -> LgCpu:
+def _install_hooks(cpu: LgCpu) -> None:
+    """The hooks every Unicorn instance of ``cpu`` has (again after a thaw)."""
+    trap = cpu.trap
+
+    def on_bad_access(uc: Any, access: int, address: int, *_rest: object) -> bool:
+        trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
+        return False
+
+    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
+    if cpu.install_hooks is not None:
+        cpu.install_hooks(cpu)
+
+
+def _attach(
+    lg: Lguest,
+    cpu_id: int,
+    start: int,
+    host_address: int,
+    tcg_buffer: int,
+    limits: Limits,
+    install_hooks: Callable[[LgCpu], None] | None,
+) -> LgCpu:
     loop = asyncio.get_running_loop()
+    uc = _new_uc(lg, host_address, tcg_buffer)
     cpu = LgCpu(
         id=cpu_id,
         start=start,
@@ -312,18 +403,15 @@ def _attach(lg: Lguest, cpu_id: int, start: int, uc: Any, limits: Limits) -> LgC
         uc=uc,
         fuel=_slicing.attach(uc),
         regs=_unicorn.Registers(uc),
+        host_address=host_address,
+        tcg_buffer=tcg_buffer,
+        install_hooks=install_hooks,
         check_threads=loop.get_debug(),
         loop_thread=threading.get_ident(),
     )
     cpu.break_released.set()
     cpu.idle.set()
-    trap = cpu.trap
-
-    def on_bad_access(uc: Any, access: int, address: int, *_rest: object) -> bool:
-        trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
-        return False
-
-    cpu._hooks.append(uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
+    _install_hooks(cpu)
     return cpu
 
 
@@ -335,21 +423,29 @@ def new_cpu(
     pgdir: int,
     tcg_buffer: int,
     limits: Limits = UNLIMITED,
+    install_hooks: Callable[[LgCpu], None] | None = None,
 ) -> LgCpu:
     """Create CPU ``cpu_id`` of ``lg`` (event loop): guest memory mapped at 0, paging on
-    at ``pgdir``.
+    at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
+    the CPU gets (this one, and a new one after each hibernation).
 
     The CPU starts at ring 0 with flat segments, ``eip = start``, ``eflags = 0x202``
     and ``esi = 0`` (the boot information page).  The guest loads its own GDT.
     """
-    cpu = _attach(lg, cpu_id, start, _new_uc(lg, host_address, tcg_buffer), limits)
+    cpu = _attach(lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks)
     setup_regs(cpu, start, pgdir)
     return cpu
 
 
-def revive_cpu(lg: Lguest, state: CpuState, host_address: int, tcg_buffer: int) -> LgCpu:
+def revive_cpu(
+    lg: Lguest,
+    state: CpuState,
+    host_address: int,
+    tcg_buffer: int,
+    install_hooks: Callable[[LgCpu], None] | None = None,
+) -> LgCpu:
     """A CPU of ``lg`` in ``state`` (event loop); its timer is the caller's part."""
-    cpu = _attach(lg, state.id, state.start, _new_uc(lg, host_address, tcg_buffer), state.limits)
+    cpu = _attach(lg, state.id, state.start, host_address, tcg_buffer, state.limits, install_hooks)
     try:
         cpu.restore(state)
     except BaseException:

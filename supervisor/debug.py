@@ -124,7 +124,7 @@ class Debugger:
     def stopped(self) -> bool:
         """True when the guest is held and no slice of it runs: its state may be touched."""
         cpu = self.cpu
-        if self.file.closed or cpu.uc is None:
+        if self.file.closed or cpu.closed:
             return False
         return cpu.hold is not None and (self._parked or not cpu.reading) and not cpu.running
 
@@ -152,7 +152,7 @@ class Debugger:
     def request_stop(self, reason: str = PAUSE) -> None:
         """Ask the guest to stop at its next instruction boundary (returns at once)."""
         cpu = self.cpu
-        if self.file.closed or cpu.uc is None or cpu.lg.dead:
+        if self.file.closed or cpu.closed or cpu.lg.dead:
             return
         if cpu.hold is None:
             cpu.hold = reason
@@ -220,7 +220,7 @@ class Debugger:
     def kill(self, reason: str = "killed by the debugger") -> None:
         """Kill the guest: its reader sees ``ENOENT`` and then ``reason``."""
         cpu = self.cpu
-        if self.file.closed or cpu.uc is None:
+        if self.file.closed or cpu.closed:
             return
         cpu.lg.kill(reason)
         cpu.hold = None
@@ -228,7 +228,7 @@ class Debugger:
 
     def detach(self) -> None:
         """Remove every breakpoint and let the guest run free."""
-        if self.file.closed or self.cpu.uc is None:
+        if self.file.closed or self.cpu.closed:
             return
         if self.cpu.hold is not None and not self.stopped:
             self.cpu.hold = None  # asked to stop but not yet stopped: never mind
@@ -273,13 +273,13 @@ class Debugger:
     # -- registers and memory ----------------------------------------------------------
     def registers(self) -> list[int]:
         """The 16 registers in gdb's i386 order (:data:`REGISTERS`)."""
-        uc = self._check_stopped().uc
+        uc = self._check_stopped().emulator
         return [uc.reg_read(reg) & 0xFFFFFFFF for reg in _UC_REGS]
 
     def register(self, index: int) -> int:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
-        value: int = self._check_stopped().uc.reg_read(_UC_REGS[index])
+        value: int = self._check_stopped().emulator.reg_read(_UC_REGS[index])
         return value & 0xFFFFFFFF
 
     def set_register(self, index: int | str, value: int) -> None:
@@ -292,10 +292,10 @@ class Debugger:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
         value &= 0xFFFF if index >= FIRST_SEGMENT else 0xFFFFFFFF
-        if cpu.uc.reg_read(_UC_REGS[index]) == value:
+        if cpu.emulator.reg_read(_UC_REGS[index]) == value:
             return  # gdb's 'G' writes every register back; leave the unchanged ones alone
         try:
-            cpu.uc.reg_write(_UC_REGS[index], value)
+            cpu.emulator.reg_write(_UC_REGS[index], value)
         except UcError as exc:
             raise DebugError(f"cannot set {REGISTERS[index]} to {value:#x}: {exc}") from None
 

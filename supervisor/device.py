@@ -33,6 +33,7 @@ from .abi import (
 from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
 from .execute import attach_interrupt_hook
 from .guest import Death, Lguest
+from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
 from .state import GuestState, StateError
@@ -60,11 +61,17 @@ class LguestDevice:
         max_guests: int | None = None,
         max_memory: int | None = None,
         limits: Limits = UNLIMITED,
+        hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
     ):
         """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
         an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
         defaults; :meth:`open` may override them.  ``workers`` is the number of
-        executor threads (default: one per core)."""
+        executor threads (default: one per core).  A CPU that has slept in a halt,
+        been held or waited for its Launcher for ``hibernate_after`` seconds gives
+        back its emulator until it is needed again (0: at once; ``math.inf``: never;
+        see :mod:`supervisor.hibernation`)."""
+        if not hibernate_after >= 0:
+            raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
         self._workers = workers or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
@@ -74,6 +81,8 @@ class LguestDevice:
         self.max_guests = max_guests
         self.max_memory = max_memory
         self.limits = limits
+        self.hibernate_after = hibernate_after
+        self.dormitory = Dormitory()
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -94,6 +103,7 @@ class LguestDevice:
         *,
         limits: Limits | None = None,
         state: GuestState | None = None,
+        hibernate_after: float | None = None,
     ) -> LguestFile:
         """Open the device: one file is one (not yet initialized) guest in ``memory``.
 
@@ -105,10 +115,18 @@ class LguestDevice:
         state's unless ``limits`` is given).  Raises ``OSError``: ``ENODEV`` once
         the device is closed; with ``state``, ``EINVAL`` for memory of another size
         (or a state this build cannot revive), ``ENOMEM`` past the device's limits.
+        ``hibernate_after`` replaces the device's for this guest.
         """
         if self._closed:
             raise _error(errno.ENODEV)
-        file = LguestFile(self, memory, self.limits if limits is None else limits)
+        if hibernate_after is not None and not hibernate_after >= 0:
+            raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
+        file = LguestFile(
+            self,
+            memory,
+            self.limits if limits is None else limits,
+            self.hibernate_after if hibernate_after is None else hibernate_after,
+        )
         if state is not None:
             file._revive(state, limits)
         self._files.add(file)
@@ -122,6 +140,7 @@ class LguestDevice:
     async def aclose(self) -> None:
         """Close every open file and stop the executor.  Safe to call twice."""
         self._closed = True
+        self.dormitory.close()
         for file in self._files:  # stop every CPU first, so closing them one by one is quick
             file._stop_cpus()
         for file in list(self._files):
@@ -151,10 +170,13 @@ class LguestDevice:
 class LguestFile:
     """One open ``/dev/lguest``: one guest.  Get it from :meth:`LguestDevice.open`."""
 
-    def __init__(self, device: LguestDevice, memory: GuestMemory, limits: Limits) -> None:
+    def __init__(
+        self, device: LguestDevice, memory: GuestMemory, limits: Limits, hibernate_after: float
+    ) -> None:
         self._device = device
         self._memory = memory
         self._limits = limits
+        self._hibernate_after = hibernate_after
         self._lg: Lguest | None = None
         self._base = 0  # where the guest's window starts in memory (INITIALIZE's base)
         self._closed = False
@@ -199,6 +221,7 @@ class LguestFile:
         for cpu in self._lg.cpus if self._lg is not None else ():
             cpu.closing = True
             timers.cancel(cpu)
+            self._device.dormitory.awake(cpu)
             cpu.wake()
             cpu.break_released.set()
 
@@ -347,12 +370,15 @@ class LguestFile:
         lg.restore(state)
         try:
             for st in state.cpus:
-                cpu = revive_cpu(lg, st, mem.address, self._device.tcg_buffer)
+                cpu = revive_cpu(
+                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook
+                )
+                cpu.hibernate_after = self._hibernate_after
                 if limits is not None:
                     cpu.limits = limits
                 lg.cpus.append(cpu)
-                attach_interrupt_hook(cpu)
                 timers.restore(cpu, st.timer_ns)
+                self._device.dormitory.drowsy(cpu)  # nobody reads it yet
         except Exception as exc:  # a context this Unicorn cannot load, no memory, ...
             for cpu in lg.cpus:
                 timers.cancel(cpu)
@@ -416,8 +442,11 @@ class LguestFile:
                 raise _error(errno.ENOMEM)
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
             try:
-                cpu = new_cpu(lg, 0, base, start, pgdir, device.tcg_buffer, self._limits)
-                attach_interrupt_hook(cpu)
+                cpu = new_cpu(
+                    lg, 0, base, start, pgdir, device.tcg_buffer, self._limits,
+                    attach_interrupt_hook,
+                )  # fmt: skip
+                cpu.hibernate_after = self._hibernate_after
             except Exception:
                 lg.ram.release()
                 raise _error(errno.ENOMEM) from None
@@ -469,12 +498,16 @@ class LguestFile:
         cpu.reading = True
         finished = asyncio.get_running_loop().create_future()
         self._running[cpu.id] = finished
+        dormitory = self._device.dormitory
+        dormitory.awake(cpu)
         try:
-            address = await run.run_guest(cpu, self._device.executor)
+            address = await run.run_guest(cpu, self._device.executor, dormitory)
         finally:
             cpu.reading = False
             del self._running[cpu.id]
             finished.set_result(None)  # close() waits for the read, not the reader's task
+            if not cpu.closing:
+                dormitory.drowsy(cpu)  # waiting for the Launcher now
         return pack_words(address)
 
 

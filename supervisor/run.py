@@ -24,6 +24,7 @@ from typing import Any
 from . import hypercalls, interrupts, timers
 from .cpu import LgCpu
 from .execute import INLINE_BUDGET, CpuExit, run_slice
+from .hibernation import Dormitory
 
 
 def _oserror(code: int) -> OSError:
@@ -39,9 +40,11 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     Waker's break still ends that read (the Launcher's devices want attention; the
     guest does not run either way), and a death ends the hold.  Otherwise a notify is
     handed over first (the async ring produced it: the trapped direct hypercall
-    waits for the next read, so each pass makes progress), then a trapped
-    hypercall is done, a break before a death is reported (the Launcher polls its
-    devices first), and a halt sleeps until an interrupt can be delivered.
+    waits for the next read), then a trapped hypercall is done unless the guest
+    died (the ring may have killed it), a break before a death is reported (the
+    Launcher polls its devices first), and a halt sleeps until an interrupt can be
+    delivered.  Every answer but None changes something or sleeps: each pass of the
+    run loop makes progress.
     """
     if cpu.closing:
         return CpuExit.CLOSED
@@ -49,7 +52,7 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
         return CpuExit.BREAK if cpu.break_out else CpuExit.HELD
     if cpu.pending_notify:
         return CpuExit.NOTIFY
-    if cpu.hcall is not None:
+    if cpu.hcall is not None and not cpu.lg.dead:
         return CpuExit.HYPERCALL
     if cpu.break_out:
         return CpuExit.BREAK
@@ -60,14 +63,15 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     return None
 
 
-async def run_guest(cpu: LgCpu, executor: Executor) -> int:
+async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None = None) -> int:
     """Run ``cpu`` until the guest notifies; return the notify address.
 
     Raises ``OSError``: ``EAGAIN`` when a Waker broke the CPU out, ``ENOENT``
     (or ``ERESTART``) when the guest died, ``EBADF`` when the file was closed.
     Cancelling the caller stops the guest at an instruction boundary; a later
     call resumes it exactly there.  While the CPU is held (paused, or stopped
-    by a debugger) the call stays pending without running it.
+    by a debugger) the call stays pending without running it.  While it sleeps or
+    is held, ``dormitory`` may hibernate it; it thaws before it runs again.
     """
     lg = cpu.lg
     while True:
@@ -75,6 +79,7 @@ async def run_guest(cpu: LgCpu, executor: Executor) -> int:
         exit = pending_exit(cpu)
         match exit:
             case None:
+                cpu.thaw()  # (if it hibernated)
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.inline = True  # deliver it now, not after a trip through the queue
@@ -82,6 +87,7 @@ async def run_guest(cpu: LgCpu, executor: Executor) -> int:
             case CpuExit.CLOSED:
                 raise _oserror(errno.EBADF)
             case CpuExit.HYPERCALL:
+                cpu.thaw()
                 hypercalls.do_hypercalls(cpu)
             case CpuExit.NOTIFY:
                 return cpu.pending_notify
@@ -93,9 +99,9 @@ async def run_guest(cpu: LgCpu, executor: Executor) -> int:
                 raise _oserror(lg.dead.errno or errno.ENOENT)
             case CpuExit.HELD:
                 _tell_holder(cpu)
-                await _sleep(cpu)
+                await _sleep(cpu, dormitory)
             case CpuExit.HALT:
-                await _sleep(cpu)
+                await _sleep(cpu, dormitory)
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
 
@@ -106,11 +112,19 @@ def _tell_holder(cpu: LgCpu) -> None:
         cpu.on_hold()
 
 
-async def _sleep(cpu: LgCpu) -> None:
-    """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close)."""
+async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
+    """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close); the
+    CPU may hibernate meanwhile."""
     cpu.wakeup.clear()
-    if pending_exit(cpu) in (CpuExit.HELD, CpuExit.HALT):
+    if pending_exit(cpu) not in (CpuExit.HELD, CpuExit.HALT):
+        return
+    if dormitory is not None:
+        dormitory.drowsy(cpu)
+    try:
         await cpu.wakeup.wait()
+    finally:
+        if dormitory is not None:
+            dormitory.awake(cpu)
 
 
 async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:

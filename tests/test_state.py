@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from fuzz_guests import LONG
-from guestasm import boot, notified, until
+from guestasm import assemble, boot, load, notified, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unicorn import unicorn_const as uc_const
@@ -38,6 +38,7 @@ from supervisor._statefields import saved_fields, unmarked_fields
 from supervisor.cpu import LgCpu, ThreadError
 from supervisor.execute import CpuExit, classify
 from supervisor.guest import Death, Lguest
+from supervisor.launcher.layout import IMAGE_BASE
 from supervisor.memory import GuestMemory
 from supervisor.run import pending_exit
 from supervisor.state import CpuState, GuestState, StateError
@@ -350,6 +351,39 @@ async def test_pause_and_state_errnos(dev):
     g.memory.close()
 
 
+async def test_a_guest_whose_window_starts_inside_the_memory_revives_there(dev):
+    """INITIALIZE's base need not be the memory's first page: the state remembers where."""
+    expected = await uninterrupted(dev)
+    image, layout = load(assemble(WORKER))
+    skip = 3 * abi.PAGE_SIZE
+    memory = GuestMemory(image.size + skip)
+    memory.write(skip, image.read(0, image.size))
+    image.close()
+    f = dev.open(memory)
+    await f.write(
+        abi.pack_words(abi.LHREQ_INITIALIZE, memory.address + skip, layout.pfn_limit,
+                       layout.pgdir, IMAGE_BASE)
+    )  # fmt: skip
+    await f.read(abi.WORD_SIZE)
+    state = f.state()
+    assert state.base == skip
+    copy = GuestMemory(memory.size)
+    copy.write(0, memory.read(0, memory.size))
+    revived = dev.open(copy, state=state)
+    while True:
+        try:
+            await revived.read(abi.WORD_SIZE)
+        except FileNotFoundError:
+            break
+    assert revived.death == expected.death
+    symbols = assemble(WORKER).symbols
+    window = copy.read(skip, copy.size - skip)
+    assert comparable(symbols, window) == expected.memory
+    for file, mem in ((f, memory), (revived, copy)):
+        await file.close()
+        mem.close()
+
+
 async def test_reviving_needs_memory_of_the_same_size(dev):
     g = await boot(dev, WORKER)
     await notified(g)
@@ -479,6 +513,8 @@ def test_the_run_loop_decides_in_a_fixed_order():
     assert pending_exit(fake_cpu()) is None
     assert pending_exit(fake_cpu(halted=True)) is CpuExit.HALT  # no irq it could take
     assert pending_exit(fake_cpu(lg=dead, halted=True)) is CpuExit.DEATH
+    # The ring killed it: the direct call it trapped with is never done.
+    assert pending_exit(fake_cpu(lg=dead, hcall=(1, 2, 3, 4))) is CpuExit.DEATH
     assert pending_exit(fake_cpu(lg=dead, break_out=True)) is CpuExit.BREAK
     assert pending_exit(fake_cpu(pending_notify=5, break_out=True)) is CpuExit.NOTIFY
     assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4))) is CpuExit.HYPERCALL

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,15 +77,12 @@ class GuestStats:
     interrupts: int = 0
     notifies: int = 0
     run_time: float = 0.0  # seconds inside guest slices
+    hibernations: int = 0  # times the guest gave back its emulator while idle
+    wakes: int = 0  # times it took a new one
 
     def add(self, other: GuestStats) -> GuestStats:
         return GuestStats(
-            self.blocks + other.blocks,
-            self.exits + other.exits,
-            self.hypercalls + other.hypercalls,
-            self.interrupts + other.interrupts,
-            self.notifies + other.notifies,
-            self.run_time + other.run_time,
+            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
         )
 
 
@@ -121,6 +119,7 @@ class Launcher:
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         limits: Limits | None = None,
         resume: Resume | None = None,
+        hibernate_after: float | None = None,
     ) -> None:
         """``resume`` continues a guest (a snapshot's) on the first boot; its memory
         size must be this layout's."""
@@ -144,6 +143,7 @@ class Launcher:
         # Called with each boot's file after INITIALIZE, before it runs (debugger, restore).
         self.on_boot: list[Callable[[LguestFile], None]] = []
         self._resume = resume
+        self.hibernate_after = hibernate_after  # None: the device's
         self._check()
 
     def _check(self) -> None:
@@ -213,7 +213,16 @@ class Launcher:
         s = self.file.stats if self.file is not None else None
         if s is None:
             return GuestStats(notifies=self._notifies)
-        return GuestStats(s.blocks, s.exits, s.hypercalls, s.interrupts, self._notifies, s.run_time)
+        return GuestStats(
+            s.blocks,
+            s.exits,
+            s.hypercalls,
+            s.interrupts,
+            self._notifies,
+            s.run_time,
+            s.hibernations,
+            s.wakes,
+        )
 
     async def kill(self, reason: str = "killed") -> None:
         """End the guest: :meth:`run` returns ``Exit(died=True, reason=reason)``.
@@ -278,12 +287,12 @@ class Launcher:
         resume, self._resume = self._resume, None
         try:
             entry = self._prepare(memory) if resume is None else 0
-            if resume is not None:
-                resume.fill(memory)
             self._irqs.clear()
             self.devices.attach(
                 memory, self.layout.ram_size, self.layout.device_page, self._irqs.add, self._wake
             )
+            if resume is not None:
+                resume.fill(memory)  # after attach: the descriptors are the guest's, as saved
             if resume is not None and resume.launcher is not None:
                 try:
                     self._restore(resume.launcher)
@@ -291,7 +300,10 @@ class Launcher:
                     self._die(f"cannot resume: {exc}")
             try:
                 f = self._dev.open(
-                    memory, limits=self.limits, state=None if resume is None else resume.state
+                    memory,
+                    limits=self.limits,
+                    state=None if resume is None else resume.state,
+                    hibernate_after=self.hibernate_after,
                 )
             except OSError as exc:
                 self._die(f"cannot start: {exc.strerror}")
