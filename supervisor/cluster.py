@@ -478,6 +478,7 @@ class RemoteGuest:
         self._checkpoint: _Checkpoint | None = None
         self._moves = 0
         self._revivals = 0
+        self._checkpoints = 0
         self._killed: str | None = None
         self._console_done = False
         self._task = asyncio.create_task(self._supervise(), name=f"remote-{self.name}")
@@ -492,6 +493,11 @@ class RemoteGuest:
     def moves(self) -> int:
         """How many times it was migrated."""
         return self._moves
+
+    @property
+    def checkpoints(self) -> int:
+        """How many checkpoints were taken of it."""
+        return self._checkpoints
 
     @property
     def revivals(self) -> int:
@@ -954,6 +960,7 @@ class Cluster:
             except RayActorError:
                 return False
             guest._checkpoint = _Checkpoint(ray.put(state), info["received"], info["stats"])
+            guest._checkpoints += 1
             guest._stats = GuestStats(**info["stats"])
             guest._drop_input_before(info["received"])
             return True

@@ -1,0 +1,210 @@
+"""supervisor.cluster against a real local Ray (2 CPUs): launch, console, wait, kill, placement,
+migration (exact, with a disk), checkpoints and the loss of a worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from supervisor import GuestConfig  # noqa: E402
+from supervisor.cluster import Cluster, ClusterError, RemoteGuest  # noqa: E402
+from supervisor.launcher.loader import ImageError  # noqa: E402
+from supervisor.testing import until  # noqa: E402
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+SECTOR = 512
+
+pytestmark = [pytest.mark.one_loop, pytest.mark.usefixtures("local_ray")]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the module; shut down (raylet and all) at its end."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def counter(lines: int, spin: int, **fields: object) -> GuestConfig:
+    return GuestConfig(
+        image=GUESTS / "counter.img", memory="1M", cmdline=f"lines={lines} spin={spin}", **fields
+    )
+
+
+def counted(lines: int, spin: int) -> list[str]:
+    """The counter guest's whole console output."""
+    return [*map(str, range(1, lines + 1)), f"count {lines * spin} {lines * spin}"]
+
+
+async def collect(guest: RemoteGuest) -> list[str]:
+    return [line async for line in guest.console]
+
+
+async def test_launch_console_wait_kill_and_placement() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        assert [w.name for w in cl.workers] == ["w0", "w1"]
+        assert len({w.pid for w in cl.workers}) == 2  # two processes, two event loops
+        spinner = await cl.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+        assert spinner.worker is not echo.worker  # the least loaded worker
+        assert sorted(w.guests for w in cl.workers) == [1, 1]
+
+        echo.send("hello\n")
+        echo.send("quit\n")
+        assert await collect(echo) == ["hello", "quit", "bye"]
+        assert (await echo.wait()).ok
+        assert echo.stats.notifies > 0
+        assert echo.worker.guests == 0
+
+        hello = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert hello.worker is echo.worker  # the other one still runs the spinner
+        assert await collect(hello) == ["Hello from an lguest guest!"]
+
+        assert not spinner.done
+        assert (await spinner.fetch_stats()).blocks > 0
+        result = await spinner.kill()
+        assert result.died and result.reason == "killed"
+        assert await spinner.wait() == result
+        assert spinner.worker.guests == 0
+
+
+async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\x7fELF not really")
+    async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
+        with pytest.raises(ImageError, match="junk.img"):
+            await cl.launch(GuestConfig(image=junk, memory="1M"))
+        big = tmp_path / "big.img"
+        big.write_bytes(b"\x90" * (2 << 20))
+        with pytest.raises(ImageError):  # does not fit: found on the worker
+            await cl.launch(GuestConfig(image=big, memory="1M"))
+        assert cl.workers[0].guests == 0
+        done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert (await done.wait()).ok
+        with pytest.raises(ClusterError, match="ended"):
+            await cl.migrate(done)
+
+
+async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2, max_guests=1) as cl:
+        spin = GuestConfig(image=GUESTS / "spinner.img", memory="1M")
+        first, second = await cl.launch(spin), await cl.launch(spin)
+        assert {first.worker.name, second.worker.name} == {"w0", "w1"}
+        third = await cl.launch(spin)
+        result = await third.wait()
+        assert result.died and result.reason == "cannot start: Cannot allocate memory"
+        with pytest.raises(ClusterError, match="room"):
+            await cl.migrate(first)
+        await first.kill()
+        fourth = await cl.launch(spin)  # room again where the first one was
+        assert fourth.worker is first.worker
+        for guest in (second, fourth):
+            await guest.kill()
+
+
+async def test_migration_is_exact_and_the_console_goes_on() -> None:
+    lines, spin = 40, 100_000
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(counter(lines, spin))
+        seen: list[str] = []
+        async for line in guest.console:
+            seen.append(line)
+            if not guest.done and len(seen) < lines:
+                try:
+                    moved_to = await cl.migrate(guest)
+                except ClusterError:  # it ended meanwhile
+                    continue
+                assert guest.worker is moved_to
+        assert seen == counted(lines, spin)  # nothing lost, nothing repeated
+        assert (await guest.wait()).ok
+        assert guest.moves >= lines // 2
+        assert sum(w.placed for w in cl.workers) == 1 + guest.moves
+
+
+async def test_migration_mid_line_and_with_input_queued() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+        lines = echo.console
+        echo.send("half a li")  # echoed at once: a partial line on the first worker
+        while (await echo.fetch_stats()).notifies < 3:  # armed input (1), took and echoed it
+            pass
+        await cl.migrate(echo)
+        echo.send("ne\nquit\n")
+        assert [line async for line in lines] == ["half a line", "quit", "bye"]
+        assert (await echo.wait()).ok
+
+
+async def test_a_disk_moves_with_its_guest_and_is_written_back_once(tmp_path: Path) -> None:
+    lines, spin = 12, 200_000
+    disk = tmp_path / "disk.img"
+    original = bytes(range(256)) * (lines * SECTOR // 256)
+    disk.write_bytes(original)
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(counter(lines, spin, block=disk))
+        seen = []
+        async for line in guest.console:
+            seen.append(line)
+            if line.isdigit() and int(line) % 3 == 0 and not guest.done:
+                with _maybe_ended():
+                    await cl.migrate(guest)
+            assert disk.read_bytes() == original  # the caller's file waits for the end
+        assert seen == [*counted(lines, spin), "disk ok"]  # writes made before moves survive
+        assert (await guest.wait()).ok
+        assert guest.moves >= 2
+    after = disk.read_bytes()
+    assert after == b"".join(bytes([n]) * SECTOR for n in range(1, lines + 1))
+
+
+class _maybe_ended:
+    """Tolerate only the one ClusterError a migration may meet: the guest ended first."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, ClusterError) and "ended" in str(exc)
+
+
+async def test_worker_loss_revives_from_the_checkpoint(tmp_path: Path) -> None:
+    lines, spin = 30, 150_000
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(lines * SECTOR))
+    async with asyncio.timeout(LIMIT), Cluster(workers=2, checkpoint_every=0.2) as cl:
+        with_disk = await cl.launch(counter(lines, spin, block=disk))
+        plain = await cl.launch(counter(lines, spin))
+        assert with_disk.worker is not plain.worker
+        victim = plain.worker
+        seen = []
+        async for line in plain.console:
+            seen.append(line)
+            if len(seen) == lines // 2:
+                await until(lambda: plain.checkpoints > 0, LIMIT)
+                await victim.kill()
+                assert not victim.alive
+        assert seen == counted(lines, spin)  # lines delivered before the loss: not again
+        assert plain.revivals == 1 and plain.worker is not victim
+        assert (await plain.wait()).ok
+        assert [line async for line in with_disk.console] == [*counted(lines, spin), "disk ok"]
+        assert (await with_disk.wait()).ok
+    assert disk.read_bytes() == b"".join(bytes([n]) * SECTOR for n in range(1, lines + 1))
+
+
+async def test_without_checkpoints_a_lost_worker_loses_its_guests() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+        other = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        await guest.worker.kill()
+        result = await guest.wait()
+        assert result.died and result.reason == f"worker {guest.worker.name} lost"
+        assert (await other.wait()).ok  # the other worker's guest is unaffected
+        again = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert again.worker is other.worker  # a dead worker gets no new guests
+        assert (await again.wait()).ok
