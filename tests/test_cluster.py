@@ -12,6 +12,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from supervisor import GuestConfig  # noqa: E402
+from supervisor.cli import main  # noqa: E402
 from supervisor.cluster import Cluster, ClusterError, RemoteGuest  # noqa: E402
 from supervisor.launcher.loader import ImageError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
@@ -80,7 +81,7 @@ async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"\x7fELF not really")
     async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
-        with pytest.raises(ImageError, match="junk.img"):
+        with pytest.raises(ImageError, match=r"junk\.img"):
             await cl.launch(GuestConfig(image=junk, memory="1M"))
         big = tmp_path / "big.img"
         big.write_bytes(b"\x90" * (2 << 20))
@@ -208,3 +209,23 @@ async def test_without_checkpoints_a_lost_worker_loses_its_guests() -> None:
         again = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
         assert again.worker is other.worker  # a dead worker gets no new guests
         assert (await again.wait()).ok
+
+
+def test_cli_swarm_on_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["swarm", "-n", "4", str(GUESTS / "counter.img"), "--memory", "1M"]
+    argv += ["--cmdline", "lines=3 spin=1000", "--cluster", "ray", "--workers", "2"]
+    assert main([*argv, "--checkpoint-every", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "swarm of 4" in out and "workers" in out
+    rows = [line for line in out.splitlines() if line.strip("│ ").startswith(("w0 ", "w1 "))]
+    assert len(rows) == 2 and all("alive" in row for row in rows)
+
+
+def test_cli_cluster_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    image = str(GUESTS / "hello.img")
+    assert main(["swarm", "-n", "1", image, "--cluster", "slurm"]) == 2
+    assert "--cluster must be 'ray' or ray://HOST:PORT" in capsys.readouterr().err
+    assert main(["swarm", "-n", "1", image, "--checkpoint-every", "1"]) == 2
+    assert "need --cluster" in capsys.readouterr().err
+    assert main(["swarm", "-n", "1", image, "--cluster", "ray", "--checkpoint-every", "0"]) == 2
+    assert "positive" in capsys.readouterr().err
