@@ -183,6 +183,13 @@ async def test_worker_loss_revives_from_the_checkpoint(tmp_path: Path) -> None:
         plain = await cl.launch(counter(lines, spin))
         assert with_disk.worker is not plain.worker
         victim = plain.worker
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"), worker=victim)
+        echoed = echo.console
+        echo.send("one\n")
+        assert await anext(echoed) == "one"
+        assert await cl.checkpoint(echo)
+        echo.send("two\n")  # after the checkpoint: sent again to the revived guest
+        assert await anext(echoed) == "two"
         seen = []
         async for line in plain.console:
             seen.append(line)
@@ -191,6 +198,9 @@ async def test_worker_loss_revives_from_the_checkpoint(tmp_path: Path) -> None:
                 await victim.kill()
                 assert not victim.alive
         assert seen == counted(lines, spin)  # lines delivered before the loss: not again
+        echo.send("quit\n")
+        assert [line async for line in echoed] == ["quit", "bye"]  # "two" is not delivered again
+        assert echo.revivals == 1 and (await echo.wait()).ok
         assert plain.revivals == 1 and plain.worker is not victim
         assert (await plain.wait()).ok
         assert [line async for line in with_disk.console] == [*counted(lines, spin), "disk ok"]
