@@ -67,6 +67,7 @@ __all__ = ["Cluster", "ClusterError", "RemoteGuest", "Worker"]
 
 MAX_LINES = 100_000  # unread console lines a worker keeps per guest (older ones are dropped)
 READ_BATCH = 4096  # lines per console read
+MAX_CALLS = 1 << 20  # calls a worker runs at once (Ray's default of 1,000 would starve guests)
 
 
 class ClusterError(RuntimeError):
@@ -753,7 +754,11 @@ class Cluster:
         for i in range(n):
             name = f"w{i}"
             actor = _RemoteWorker.options(
-                num_cpus=per, scheduling_strategy="SPREAD", name=f"lguest-{prefix}-{name}"
+                num_cpus=per,
+                scheduling_strategy="SPREAD",
+                name=f"lguest-{prefix}-{name}",
+                # Every guest has a wait() and maybe a console read pending at all times.
+                max_concurrency=MAX_CALLS,
             ).remote(name, *self._limits)
             self.workers.append(Worker(self, name, actor, *self._limits))
         infos = await asyncio.gather(*(w.actor.start.remote() for w in self.workers))
