@@ -135,6 +135,8 @@ class _Hosted:
     stats_base: GuestStats
     pump: asyncio.Task[None] | None = None
     moved: bool = False
+    early: dict[int, bytes] = field(default_factory=dict)  # input past a gap, by offset
+    eof_at: int | None = None  # input ends once this many bytes have been given
 
     def stats(self) -> GuestStats:
         return self.stats_base.add(self.guest.stats)
@@ -208,7 +210,7 @@ class WorkerActor:
         self._host(key, hosted)
         self._feed(hosted, state.received, tail)
         if eof:
-            guest.send_eof()
+            self._end(hosted, state.received + len(tail))
 
     def _disk(self, key: str, content: bytes | None) -> Path | None:
         if content is None:
@@ -257,19 +259,37 @@ class WorkerActor:
         if hosted is not None and not hosted.moved:
             self._feed(hosted, offset, data)
 
-    @staticmethod
-    def _feed(hosted: _Hosted, offset: int, data: bytes) -> None:
-        """Give the guest the bytes of ``data`` (input numbered from ``offset``) it has not had."""
-        skip = hosted.received - offset
-        if skip >= len(data):
-            return
-        chunk = data[max(skip, 0) :]
-        hosted.guest.send(chunk)
-        hosted.received += len(chunk)
+    @classmethod
+    def _feed(cls, hosted: _Hosted, offset: int, data: bytes) -> None:
+        """Give the guest the bytes of ``data`` (input numbered from ``offset``) it has not had.
 
-    async def end_input(self, key: str) -> None:
+        Ray may run an async actor's calls out of order: a piece past a gap waits
+        for the gap to be filled, so the guest sees its input in order, each byte once.
+        """
+        if offset > hosted.received:
+            hosted.early[offset] = data
+            return
+        skip = hosted.received - offset
+        if skip < len(data):
+            chunk = data[skip:]
+            hosted.guest.send(chunk)
+            hosted.received += len(chunk)
+        ready = [at for at in hosted.early if at <= hosted.received]
+        for at in sorted(ready):
+            cls._feed(hosted, at, hosted.early.pop(at))
+        if hosted.eof_at is not None and hosted.received >= hosted.eof_at:
+            hosted.guest.send_eof()
+
+    async def end_input(self, key: str, total: int) -> None:
+        """Input ends after byte ``total`` (once the bytes before it have arrived)."""
         hosted = self._guests.get(key)
         if hosted is not None and not hosted.moved:
+            self._end(hosted, total)
+
+    @staticmethod
+    def _end(hosted: _Hosted, total: int) -> None:
+        hosted.eof_at = total
+        if hosted.received >= total:
             hosted.guest.send_eof()
 
     # -- the guest's life ------------------------------------------------------------------------
@@ -578,7 +598,7 @@ class RemoteGuest:
         self._eof = True
         place = self._where
         if place.ready.done() and place.ready.result():
-            place.worker.actor.end_input.remote(place.key)
+            place.worker.actor.end_input.remote(place.key, self._input_base + len(self._input))
 
     def _input_from(self, offset: int) -> bytes:
         return bytes(self._input[max(offset - self._input_base, 0) :])
@@ -918,7 +938,7 @@ class Cluster:
         if late:
             target.actor.feed.remote(place.key, sent, late)
         if guest._eof:
-            target.actor.end_input.remote(place.key)
+            target.actor.end_input.remote(place.key, sent + len(late))
 
     async def _revive(self, guest: RemoteGuest, lost: _Place) -> bool:
         """After ``lost``'s worker died: continue from the last checkpoint elsewhere."""

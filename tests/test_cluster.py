@@ -13,7 +13,7 @@ ray = pytest.importorskip("ray")
 
 from supervisor import GuestConfig  # noqa: E402
 from supervisor.cli import main  # noqa: E402
-from supervisor.cluster import Cluster, ClusterError, RemoteGuest  # noqa: E402
+from supervisor.cluster import Cluster, ClusterError, RemoteGuest, WorkerActor  # noqa: E402
 from supervisor.launcher.loader import ImageError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
 
@@ -239,3 +239,28 @@ def test_cli_cluster_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert "need --cluster" in capsys.readouterr().err
     assert main(["swarm", "-n", "1", image, "--cluster", "ray", "--checkpoint-every", "0"]) == 2
     assert "positive" in capsys.readouterr().err
+
+
+async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> None:
+    """Ray may run an async actor's calls out of order; the guest still gets its input in
+    order, each byte once, and EOF after the last byte (the actor class, run in-process)."""
+    actor = WorkerActor("local", None, None)
+    try:
+        image = (GUESTS / "echo.img").read_bytes()
+        fields = {"memory": 1 << 20, "console": "capture", "name": "echo"}
+        await actor.launch("e.0", fields, "echo", image, None)
+        await actor.end_input("e.0", 17)  # the last call first
+        await actor.feed("e.0", 11, b"more\n")
+        await actor.feed("e.0", 6, b"quit\n")
+        await actor.feed("e.0", 0, b"hello\n")
+        await actor.feed("e.0", 0, b"hello\n")  # again (as after a revival): skipped
+        lines: list[str] = []
+        state = "running"
+        while state != "ended":
+            first, got, state, _ = await asyncio.wait_for(actor.read("e.0", len(lines)), LIMIT)
+            assert first == len(lines)
+            lines += got
+        assert lines == ["hello", "quit", "more", "bye"]  # echo echoes a chunk, then scans it
+        assert (await actor.wait("e.0"))["exit"]["exit_status"] == 0
+    finally:
+        await actor.close()
