@@ -40,16 +40,17 @@ def counted(lines: int, spin: int) -> list[str]:
     return [*map(str, range(1, lines + 1)), f"count {lines * spin} {lines * spin}"]
 
 
-async def swarm_local(n: int, lines: int) -> float:
-    """Notifies per second of ``n`` notify-bound guests in this process."""
+async def swarm_local(n: int, lines: int) -> tuple[float, float]:
+    """Notifies per second of ``n`` notify-bound guests in this process, and the cores
+    it kept busy (CPU seconds per wall second: slices also run on executor threads)."""
     config = counter(lines, 0, memory="1M", console="null")
     async with Supervisor() as sup:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         guests = [await sup.launch(config.model_copy(update={"name": f"g{i}"})) for i in range(n)]
         results = await asyncio.gather(*(g.wait() for g in guests))
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert all(r.ok for r in results), results
-    return sum(g.stats.notifies for g in guests) / wall
+    return sum(g.stats.notifies for g in guests) / wall, cpu / wall
 
 
 async def swarm_cluster(cl: Cluster, n: int, lines: int) -> float:
@@ -116,7 +117,7 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
 
 async def _measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     rows = []
-    local = await swarm_local(args.guests, args.notifies // 2)
+    local, cores = await swarm_local(args.guests, args.notifies // 2)
     async with Cluster(workers=args.workers) as cl:
         remote = await swarm_cluster(cl, args.guests, args.notifies // 2)
         ratio = remote / local
@@ -125,7 +126,7 @@ async def _measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 f"notify-bound swarm of {args.guests}: {args.workers} workers / 1 process",
                 f"{ratio:.2f}x",
                 ">= 1.8x",
-                f"{remote:,.0f} vs {local:,.0f} notifies/s",
+                f"{remote:,.0f} vs {local:,.0f} notifies/s (1 process: {cores:.2f} cores busy)",
             )
         )
         times, exact, moved = await migrations(cl, args.moves)
