@@ -43,6 +43,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -168,6 +169,10 @@ class WorkerActor:
 
     async def ping(self) -> int:
         return os.getpid()
+
+    async def cpu_time(self) -> float:
+        """CPU seconds this worker's process has used (all its threads)."""
+        return time.process_time()
 
     # -- starting guests ----------------------------------------------------------------------
     async def launch(
@@ -438,6 +443,11 @@ class Worker:
 
     def _remove(self, gid: int) -> None:
         self._running.pop(gid, None)
+
+    async def cpu_time(self) -> float:
+        """CPU seconds the worker's process has used so far."""
+        seconds: float = await self.actor.cpu_time.remote()
+        return seconds
 
     async def kill(self) -> None:
         """End the worker's process abruptly, as a lost node would (no clean-up there).
