@@ -11,10 +11,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from supervisor import GuestConfig  # noqa: E402
+from supervisor import GuestConfig, Supervisor  # noqa: E402
 from supervisor.cli import main  # noqa: E402
 from supervisor.cluster import Cluster, ClusterError, RemoteGuest, WorkerActor  # noqa: E402
 from supervisor.launcher.loader import ImageError  # noqa: E402
+from supervisor.snapshot import SnapshotError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
@@ -92,6 +93,22 @@ async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None
         assert (await done.wait()).ok
         with pytest.raises(ClusterError, match="ended"):
             await cl.migrate(done)
+        with pytest.raises(SnapshotError, match="ended"):
+            await done.snapshot()
+
+
+async def test_a_remote_snapshot_restores_on_a_local_supervisor() -> None:
+    lines, spin = 8, 200_000
+    async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
+        guest = await cl.launch(counter(lines, spin))
+        assert await anext(guest.console) == "1"
+        snap = await guest.snapshot()  # it runs on
+        assert await collect(guest) == counted(lines, spin)[1:]
+        async with Supervisor() as sup:
+            copy = await sup.restore(snap)
+            rest = [line async for line in copy.console]
+            assert rest[-1] == counted(lines, spin)[-1]  # the counts: exact from mid-run
+            assert (await copy.wait()).ok
 
 
 async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
