@@ -236,8 +236,9 @@ class WorkerActor:
         hosted.relay.finish("ended")
 
     # -- console ------------------------------------------------------------------------------
-    async def read(self, key: str, start: int) -> tuple[int, list[str], str, dict[str, Any]]:
-        """Lines numbered ``start`` on (waiting for one), and the relay's state.
+    async def read(self, key: str, start: int) -> tuple[int, list[str], str, dict[str, Any], int]:
+        """Lines numbered ``start`` on (waiting for one), the relay's state, the counters
+        and the input bytes received so far.
 
         The lines before ``start`` are forgotten: the reader has them.  The state is
         ``running``, ``ended`` (no more lines will come) or ``moved``/``gone`` (ask
@@ -245,19 +246,19 @@ class WorkerActor:
         """
         hosted = self._guests.get(key)
         if hosted is None:
-            return start, [], "gone", {}
+            return start, [], "gone", {}, 0
         relay = hosted.relay
         relay.trim(start)
         while relay.end <= start and relay.state == "running":
             relay.changed.clear()
             await relay.changed.wait()
         if relay.state == "moved":
-            return start, [], "moved", {}
+            return start, [], "moved", {}, 0
         first = max(start, relay.base)
         skip = first - relay.base
         lines = [relay.lines[i] for i in range(skip, min(len(relay.lines), skip + READ_BATCH))]
         state = "ended" if relay.state == "ended" and first + len(lines) >= relay.end else "running"
-        return first, lines, state, dataclasses.asdict(hosted.stats())
+        return first, lines, state, dataclasses.asdict(hosted.stats()), hosted.received
 
     async def feed(self, key: str, offset: int, data: bytes) -> None:
         hosted = self._guests.get(key)
@@ -568,14 +569,15 @@ class RemoteGuest:
             state = "gone"
             if await place.ready:
                 try:
-                    first, lines, state, stats = await place.worker.actor.read.remote(
-                        place.key, self._next_line
-                    )
+                    reply = await place.worker.actor.read.remote(place.key, self._next_line)
                 except RayActorError:
                     state = "lost"
                 else:
+                    first, lines, state, stats, received = reply
                     if stats:
                         self._stats = GuestStats(**stats)
+                    if self._checkpoint is None and self._where is place:
+                        self._drop_input_before(received)  # a move re-sends only what follows
                     for number, line in enumerate(lines, first):
                         if number >= self._next_line:
                             self._next_line = number + 1

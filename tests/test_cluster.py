@@ -266,18 +266,19 @@ async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> 
         image = (GUESTS / "echo.img").read_bytes()
         fields = {"memory": 1 << 20, "console": "capture", "name": "echo"}
         await actor.launch("e.0", fields, "echo", image, None)
-        await actor.end_input("e.0", 17)  # the last call first
-        await actor.feed("e.0", 11, b"more\n")
-        await actor.feed("e.0", 6, b"quit\n")
+        await actor.end_input("e.0", 11)  # the last call first: EOF only after 11 bytes
+        await actor.feed("e.0", 6, b"more\n")
         await actor.feed("e.0", 0, b"hello\n")
         await actor.feed("e.0", 0, b"hello\n")  # again (as after a revival): skipped
         lines: list[str] = []
         state = "running"
         while state != "ended":
-            first, got, state, _ = await asyncio.wait_for(actor.read("e.0", len(lines)), LIMIT)
+            reply = await asyncio.wait_for(actor.read("e.0", len(lines)), LIMIT)
+            first, got, state, _, received = reply
             assert first == len(lines)
             lines += got
-        assert lines == ["hello", "quit", "more", "bye"]  # echo echoes a chunk, then scans it
+        assert lines == ["hello", "more"]  # then EOF: echo powers off
+        assert received == 11
         assert (await actor.wait("e.0"))["exit"]["exit_status"] == 0
     finally:
         await actor.close()
