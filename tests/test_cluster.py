@@ -173,7 +173,8 @@ async def test_a_disk_moves_with_its_guest_and_is_written_back_once(tmp_path: Pa
             if line.isdigit() and int(line) % 3 == 0 and not guest.done:
                 with _maybe_ended():
                     await cl.migrate(guest)
-            assert disk.read_bytes() == original  # the caller's file waits for the end
+            if not guest.done:  # the caller's file waits for the end
+                assert disk.read_bytes() == original
         assert seen == [*counted(lines, spin), "disk ok"]  # writes made before moves survive
         assert (await guest.wait()).ok
         assert guest.moves >= 2
