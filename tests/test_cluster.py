@@ -143,7 +143,7 @@ async def test_migration_is_exact_and_the_console_goes_on() -> None:
                 assert guest.worker is moved_to
         assert seen == counted(lines, spin)  # nothing lost, nothing repeated
         assert (await guest.wait()).ok
-        assert guest.moves >= lines // 2
+        assert guest.moves >= 5  # one after each line it printed while it ran
         assert sum(w.placed for w in cl.workers) == 1 + guest.moves
 
 
