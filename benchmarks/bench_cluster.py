@@ -80,8 +80,10 @@ async def migrations(cl: Cluster, moves: int) -> tuple[list[float], bool, int]:
             start = time.perf_counter()
             try:
                 await cl.migrate(guest)
-            except ClusterError:
-                continue  # it ended meanwhile
+            except ClusterError as exc:
+                if "ended" not in str(exc):
+                    print(f"  a move failed: {exc}")
+                continue
             times.append(time.perf_counter() - start)
     result = await guest.wait()
     return times, result.ok and seen == counted(lines, spin), guest.moves

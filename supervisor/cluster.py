@@ -347,8 +347,11 @@ class WorkerActor:
         try:
             await guest.pause()
             snap = await guest.snapshot()  # paused: stays paused
-        except SnapshotError:
-            return {"ended": True}, None
+        except SnapshotError as exc:
+            if guest.done:
+                return {"ended": True}, None
+            guest.resume()  # it runs on here, as it was
+            return {"ended": False, "error": str(exc)}, None
         for line in guest.console.take():  # paused: nothing can arrive meanwhile
             hosted.relay.append(line)
         stats = hosted.stats()
@@ -917,6 +920,8 @@ class Cluster:
                 raise ClusterError(f"worker {old.worker.name} was lost during the move") from None
             if info["ended"]:
                 raise ClusterError(f"{guest.name} has ended")
+            if "error" in info:
+                raise ClusterError(f"cannot capture {guest.name}: {info['error']}")
             await self._revive_at(guest, target, state_ref, info["received"])
             guest._moves += 1
             guest._stats = GuestStats(**info["stats"])
@@ -991,7 +996,7 @@ class Cluster:
             info_ref, state_ref = place.worker.actor.capture.remote(place.key, False)
             try:
                 info = await info_ref
-                if info["ended"]:
+                if info["ended"] or "error" in info:
                     return False
                 state = await state_ref
             except RayActorError:
