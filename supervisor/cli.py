@@ -271,7 +271,13 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
         raise BadInput(str(exc)) from None
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    async with Cluster(address, args.workers, args.checkpoint_every) as cl:
+    cluster = Cluster(address, args.workers, args.checkpoint_every)
+    try:
+        cl = await cluster.__aenter__()
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot use Ray at {args.cluster}: {reason}") from None
+    try:
         started = time.perf_counter()  # the workers are up: time the guests only
         guests = []
         for i in range(n):
@@ -291,6 +297,8 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
             (w.name, w.node or "-", str(w.pid or "-"), w.placed, "alive" if w.alive else "lost")
             for w in cl.workers
         ]
+    finally:
+        await cl.aclose()
     _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
     _workers_table(workers)
     return 0 if counts["finished"] == n else 1
