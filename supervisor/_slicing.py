@@ -1,35 +1,73 @@
-"""Exact slices: the native block hook and its control block ("fuel").
+"""Exact slices: ending a Unicorn CPU's run only at a block boundary.
 
-A slice of guest execution ends only at a block boundary, from inside the
-emulating thread: when another task raises :attr:`Fuel.stop` or when the slice's
-block budget or time (``deadline``) is spent.  Nothing here touches the event loop.
+A slice of guest execution ends only where no guest instruction is half done:
+when another task raises :attr:`Fuel.stop` (:func:`kick`) or when the slice's time
+(``deadline``) or block budget is spent.  Nothing here touches the event loop.
+Three paths, chosen per process (:data:`PATH`) and per CPU (:attr:`Fuel.exit_request`):
 
-If the native hook could not be built, :data:`NATIVE` is false and slices fall
-back to ``emu_start(count=...)``, which is exact too but slower.
+``exit request`` (the default)
+    No per-block cost.  The CPU's code is translated with Unicorn's
+    ``no_exit_request`` flag, which leaves exactly one exit-request check per
+    translated block, at its start; the native slicer thread (``_fuel.c``) sends
+    ``uc_emu_stop`` when the deadline passes or a kick arrives.  Why this is
+    exact: docs/performance.md, "Exact slices".  Blocks are not counted.
+``native block hook``
+    ``_fuel.c``'s ``UC_HOOK_BLOCK`` hook checks ``stop``, the budget and the
+    clock before every block (a helper call per block).  Used for CPUs that
+    need blocks counted (a block limit, the debugger: :func:`exact_blocks`),
+    and for all CPUs if the flag cannot be located in this Unicorn build.
+``emu_start(count=) fallback``
+    Without the native extension (no C compiler at install time; a warning says
+    so once) or with ``LGUEST_SLICING=count``: Unicorn's own instruction counter,
+    which stops from inside its code hook, so it is exact too, but slower; a
+    kick is seen when the current count runs out (see :func:`run`).
+
+``LGUEST_SLICING`` may also be ``hook`` (the block hook for every CPU).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
+import warnings
 from typing import Any
 
-from unicorn import UC_HOOK_BLOCK
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn.unicorn_py3.unicorn import uclib
 
-try:
-    from . import _fuel  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - only without a C compiler at install time
-    _fuel = None
+ENV = "LGUEST_SLICING"  # "count": the fallback; "hook": the block hook; unset or "exit": default
+_choice = os.environ.get(ENV, "exit").strip().lower() or "exit"
+if _choice not in ("exit", "hook", "count"):
+    raise ImportError(f"{ENV}={_choice!r}: expected 'exit', 'hook' or 'count'")
 
-NATIVE: bool = _fuel is not None
+_fuel: Any
+try:
+    from . import _fuel  # type: ignore[attr-defined, no-redef]
+except ImportError:  # only without a C compiler at install time
+    _fuel = None
+    if _choice != "count":
+        warnings.warn(
+            "supervisor._fuel (the native slice meter) is not built: guests run on the exact "
+            "but slower emu_start(count=) fallback. Install a C compiler (e.g. apt-get "
+            "install gcc) and reinstall (pip install -e .) to get it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+NATIVE: bool = _fuel is not None and _choice != "count"
 
 REASON_NONE = 0
 REASON_STOP = 1
 REASON_BUDGET = 2
+HLT = 0xF4
 
 
 class Fuel(ctypes.Structure):
-    """Shared between the event loop (which may set ``stop``) and the hook."""
+    """A CPU's slice meter, shared with the native code (``fuel_t`` in ``_fuel.c``).
+
+    ``exit_request`` (Python only) says which native path the CPU is on.
+    """
 
     _fields_ = [
         ("stop", ctypes.c_int32),
@@ -39,35 +77,166 @@ class Fuel(ctypes.Structure):
         ("emu_stop", ctypes.c_void_p),
         ("deadline", ctypes.c_int64),  # time.monotonic_ns() at which the slice ends
         ("clock_mask", ctypes.c_uint64),  # the hook reads the clock when blocks & mask == 0
+        ("uc", ctypes.c_void_p),  # the rest: the slicer's, under its mutex
+        ("running", ctypes.c_int32),
+        ("sent", ctypes.c_int32),
+        ("sent_at", ctypes.c_int64),
+        ("next", ctypes.c_void_p),
+        ("prev", ctypes.c_void_p),
     ]
+    exit_request: bool = False
 
 
 _EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
 if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 
+# -- Unicorn's no_exit_request flag ------------------------------------------------
+# uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
+#     bool hook_insert, first_tb, no_exit_request, init_done;
+#     sigjmp_buf jmp_bufs[UC_MAX_NESTED_LEVEL];   /* 64 x 200 bytes, glibc x86-64 */
+#     int nested_level;                           /* 1 inside emu_start, else 0 */
+_JMP_BUFS = 64 * 200
+_SCAN = 4096
 
-def attach(uc: Any) -> Fuel:
-    """Install the native block hook on ``uc`` and return its control block.
 
-    The caller must keep the returned object alive as long as ``uc`` runs.
-    Without the native hook the control block is still returned (the slice
-    loop then meters with ``count=``).
+def find_no_exit_request() -> int | None:
+    """The offset of ``no_exit_request`` in this build's ``uc_struct``, or None.
+
+    Located, not assumed: the only int that reads 1 inside a hook and 0 outside
+    must sit ``_JMP_BUFS`` bytes after an 8-aligned array that follows the flags
+    ``hook_insert = 0, no_exit_request = 0, init_done = 1``.  Exactly one such
+    place must exist.
+    """
+    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x1000, UC_PROT_ALL)
+    uc.mem_write(0, b"\x90\x90\xf4")  # nop; nop; hlt
+    base = uc._uch.value
+    inside: dict[int, int] = {}
+
+    def probe(u: Any, _address: int, _size: int, _data: object) -> None:
+        for j in candidates:
+            inside[j] = ctypes.c_int32.from_address(base + j + _JMP_BUFS).value
+        u.emu_stop()
+
+    head = ctypes.string_at(base, _SCAN)
+    candidates = [
+        j
+        for j in range(8, _SCAN, 8)
+        if head[j - 8] == 0 and head[j - 6] == 0 and head[j - 5] == 1 and not any(head[j - 4 : j])
+    ]
+    hook = uc.hook_add(UC_HOOK_CODE, probe)
+    uc.emu_start(0, 3)
+    uc.hook_del(hook)
+    found = [
+        j
+        for j in candidates
+        if inside.get(j) == 1 and ctypes.c_int32.from_address(base + j + _JMP_BUFS).value == 0
+    ]
+    return found[0] - 6 if len(found) == 1 else None
+
+
+NO_EXIT_REQUEST: int | None = find_no_exit_request() if NATIVE and _choice == "exit" else None
+EXIT_REQUEST: bool = NO_EXIT_REQUEST is not None
+PATH: str = (
+    "exit request"
+    if EXIT_REQUEST
+    else "native block hook"
+    if NATIVE
+    else "emu_start(count=) fallback"
+)
+
+
+def _hook_blocks(uc: Any, fuel: Fuel) -> None:
+    handle = ctypes.c_ulong()
+    status = uclib.uc_hook_add(
+        uc._uch,
+        ctypes.byref(handle),
+        UC_HOOK_BLOCK,
+        ctypes.c_void_p(_fuel.block_hook),
+        ctypes.c_void_p(ctypes.addressof(fuel)),
+        1,
+        0,
+    )
+    if status != 0:  # pragma: no cover
+        raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+
+
+def _set_no_exit_request(uc: Any, value: int) -> None:
+    assert NO_EXIT_REQUEST is not None
+    ctypes.c_uint8.from_address(uc._uch.value + NO_EXIT_REQUEST).value = value
+
+
+def attach(uc: Any, count_blocks: bool = False) -> Fuel:
+    """Give ``uc`` a slice meter (before it translates anything) and return it.
+
+    ``count_blocks``: the CPU needs ``Fuel.blocks`` counted (a block limit), so it
+    gets the block hook.  The caller must keep the returned object alive as long
+    as ``uc`` runs.
     """
     fuel = Fuel()
     fuel.emu_stop = _EMU_STOP
     fuel.clock_mask = 0
-    if _fuel is not None:
-        handle = ctypes.c_ulong()
-        status = uclib.uc_hook_add(
-            uc._uch,
-            ctypes.byref(handle),
-            UC_HOOK_BLOCK,
-            ctypes.c_void_p(_fuel.block_hook),
-            ctypes.c_void_p(ctypes.addressof(fuel)),
-            1,
-            0,
-        )
-        if status != 0:  # pragma: no cover
-            raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+    fuel.uc = uc._uch.value
+    if EXIT_REQUEST and not count_blocks:
+        _set_no_exit_request(uc, 1)
+        fuel.exit_request = True
+    elif NATIVE:
+        _hook_blocks(uc, fuel)
     return fuel
+
+
+def exact_blocks(uc: Any, fuel: Fuel) -> None:
+    """Move a CPU to the block hook (its blocks counted, and stops from code hooks
+    taking effect before the hooked instruction, as a debugger needs).  Only while
+    no slice of it runs; its translated code is flushed."""
+    if not fuel.exit_request:
+        return
+    _set_no_exit_request(uc, 0)
+    _hook_blocks(uc, fuel)
+    uc.ctl_flush_tb()
+    fuel.exit_request = False
+
+
+def kick(fuel: Fuel) -> None:
+    """End the CPU's running slice at its next block boundary (any thread)."""
+    if fuel.exit_request:
+        _fuel.kick(ctypes.addressof(fuel))
+    else:
+        fuel.stop = 1
+
+
+def run(uc: Any, fuel: Fuel, eip: int, until: int) -> int:
+    """Run the guest from ``eip`` until something stops it; return the fallback's
+    instruction count (0 on the native paths).
+
+    The fallback runs at most ``fuel.budget`` instructions (at least one):
+    ``count=`` stops from inside Unicorn's code hook, before an instruction, so no
+    write is replayed.  Once the caller knows why emulation ended, it calls
+    :func:`count_spent` if the count ran out.
+    """
+    if fuel.exit_request:
+        address = ctypes.addressof(fuel)
+        _fuel.enter(address)
+        try:
+            uc.emu_start(eip, until)
+        finally:
+            _fuel.leave(address)
+        if fuel.reason == REASON_BUDGET:
+            fuel.budget = 0  # time is the budget here: the slice is over
+        return 0
+    if NATIVE:
+        uc.emu_start(eip, until)
+        return 0
+    count = max(1, fuel.budget)
+    uc.emu_start(eip, until, count=count)
+    return int(count)
+
+
+def count_spent(fuel: Fuel, count: int) -> None:
+    """The fallback's count ran out: account the instructions as the slice's budget."""
+    fuel.reason = REASON_BUDGET
+    fuel.budget -= count
+    fuel.blocks += count

@@ -117,7 +117,7 @@ class LgCpu:
     # -- any thread -------------------------------------------------------------
     def kick(self) -> None:
         """End the running slice at its next block boundary (or the next one to start)."""
-        self.fuel.stop = 1
+        _slicing.kick(self.fuel)
 
     def raise_irq(self, irq: int) -> None:
         """Mark ``irq`` pending and kick the CPU so it is seen promptly."""
@@ -197,7 +197,7 @@ def new_cpu(
     uc.ctl_exits_enabled(True)  # no exit address: emu_start's `until` is ignored
     uc.ctl_set_exits([])
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
-    fuel = _slicing.attach(uc)
+    fuel = _slicing.attach(uc, count_blocks=limits.max_blocks is not None)
     cpu = LgCpu(
         id=cpu_id, lg=lg, uc=uc, fuel=fuel, regs=Registers(uc), start=start, limits=limits
     )

@@ -35,6 +35,7 @@ from typing import Any
 from unicorn import UC_HOOK_CODE, UcError
 from unicorn import x86_const as r
 
+from . import _slicing
 from .abi import PAGE_SIZE
 from .cpu import LgCpu
 from .device import LguestFile
@@ -206,6 +207,7 @@ class Debugger:
                 trap.debug = STEP
                 uc.emu_stop()
 
+        _slicing.exact_blocks(cpu.uc, cpu.fuel)  # code hooks must stop before an instruction
         self._step_hook = cpu.uc.hook_add(UC_HOOK_CODE, on_code, begin=1, end=0)
         cpu.uc.ctl_flush_tb()
         self.resume()
@@ -263,6 +265,7 @@ class Debugger:
             trap.debug = BREAKPOINT
             uc.emu_stop()
 
+        _slicing.exact_blocks(cpu.uc, cpu.fuel)  # code hooks must stop before an instruction
         self._breakpoints[address] = cpu.uc.hook_add(
             UC_HOOK_CODE, on_code, begin=address, end=address
         )

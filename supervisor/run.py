@@ -35,7 +35,7 @@ _NEVER = 1 << 32
 TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
 MIN_BUDGET = 1_000
 INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
-INLINE_TIME = 0.0005  # seconds, the same for time
+INLINE_TIME = 0.0005  # seconds, the same for time (the only bound where blocks are not counted)
 FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
 MAX_BUDGET = 50_000_000
 INVALID_OPCODE = 6
@@ -232,13 +232,14 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
 def _enter_guest(cpu: LgCpu) -> None:
     """Run the guest once and handle why it stopped."""
     trap = cpu.trap
+    count = 0  # the fallback's instruction count (see _slicing.run)
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
         trap.debug = None
         cpu.fuel.reason = _slicing.REASON_NONE
         try:
-            cpu.uc.emu_start(cpu.eip, _NEVER)
+            count = _slicing.run(cpu.uc, cpu.fuel, cpu.eip, _NEVER)
         except UcError as exc:
             cpu.stats.exits += 1
             _emulation_error(cpu, exc)
@@ -255,7 +256,22 @@ def _enter_guest(cpu: LgCpu) -> None:
     elif trap.debug is not None:  # a breakpoint or a single step, before an instruction
         cpu.debug_stop = trap.debug
     elif cpu.fuel.reason == _slicing.REASON_NONE:
-        cpu.halted = True  # the guest executed hlt: same as LHCALL_HALT
+        if count and not _after_hlt(cpu):
+            _slicing.count_spent(cpu.fuel, count)  # the fallback's count ran out
+        else:
+            cpu.halted = True  # the guest executed hlt: same as LHCALL_HALT
+
+
+def _after_hlt(cpu: LgCpu) -> bool:
+    """Whether the instruction just before ``eip`` is ``hlt`` (the fallback's test).
+
+    On the fallback a quiet stop is either a ``hlt`` (eip is just past it) or the
+    count running out, which stops before an instruction.  Only a count running
+    out exactly on a jump target that directly follows a ``hlt`` byte looks the
+    same; that is taken for a ``hlt``.
+    """
+    where = guest_pa(cpu, (cpu.eip - 1) & 0xFFFFFFFF)
+    return where is not None and cpu.lg.read(where, 1) == bytes([_slicing.HLT])
 
 
 def _spurious_double_fault(cpu: LgCpu) -> bool:
