@@ -38,6 +38,8 @@
 #define REASON_BUDGET 2
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
+#define MAX_STRETCH 4    /* a run's deadline moves to at most this many spans after enter() */
+#define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
 
 typedef struct fuel {
     volatile int32_t stop;      /* set by any thread: end the slice at the next block */
@@ -54,6 +56,11 @@ typedef struct fuel {
     int64_t sent_at;            /* when it was last sent */
     struct fuel *next;          /* the list of running slices */
     struct fuel *prev;
+    int32_t cpu_clock;          /* the emulating thread's CPU-time clock (a clockid_t) */
+    int32_t pad;
+    int64_t cpu_start;          /* its CPU time at enter() */
+    int64_t span;               /* deadline - now at enter(): the CPU time this run may use */
+    int64_t latest;             /* wall time after which the deadline is not moved again */
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -102,6 +109,32 @@ static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
     fuel->emu_stop(fuel->uc);
 }
 
+static int64_t clock_ns(clockid_t clock)
+{
+    struct timespec ts;
+    if (clock_gettime(clock, &ts) != 0)
+        return INT64_MAX;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Lock held.  The deadline is wall time, but a run's share is CPU time: a thread
+   that the kernel preempted (other processes, our own other workers) while its
+   deadline ran did not get its slice, and cutting it short there would make
+   progress depend on who was preempted when (fairness under load).  So when the
+   deadline passes and the thread has used less CPU than the span it was given,
+   the deadline moves by what is missing, until `latest` (MAX_STRETCH spans). */
+static int stretch(fuel_t *f, int64_t now)
+{
+    if (now >= f->latest)
+        return 0;
+    int64_t used = clock_ns((clockid_t)f->cpu_clock) - f->cpu_start;
+    int64_t missing = f->span - used;
+    if (missing < MIN_STRETCH_NS)
+        return 0;
+    f->deadline = now + missing < f->latest ? now + missing : f->latest;
+    return 1;
+}
+
 static void *slicer(void *arg)
 {
     (void)arg;
@@ -112,7 +145,7 @@ static void *slicer(void *arg)
         int64_t next = INT64_MAX;
         for (fuel_t *f = running; f != NULL; f = f->next) {
             if (!f->sent) {
-                if (now < f->deadline) {
+                if (now < f->deadline || stretch(f, now)) {
                     if (f->deadline < next)
                         next = f->deadline;
                     continue;
@@ -192,6 +225,16 @@ static PyObject *enter(PyObject *self, PyObject *arg)
             return PyErr_SetFromErrno(PyExc_OSError);
         }
         slicer_started = 1;
+    }
+    clockid_t clock;
+    int64_t now = now_ns();
+    fuel->span = fuel->deadline > now ? fuel->deadline - now : 0;
+    fuel->latest = now + MAX_STRETCH * fuel->span;
+    if (pthread_getcpuclockid(pthread_self(), &clock) == 0) {
+        fuel->cpu_clock = (int32_t)clock;
+        fuel->cpu_start = clock_ns(clock);
+    } else {
+        fuel->latest = 0; /* no CPU clock: plain wall-clock deadlines */
     }
     fuel->running = 1;
     fuel->sent = 0;

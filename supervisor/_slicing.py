@@ -83,6 +83,11 @@ class Fuel(ctypes.Structure):
         ("sent_at", ctypes.c_int64),
         ("next", ctypes.c_void_p),
         ("prev", ctypes.c_void_p),
+        ("cpu_clock", ctypes.c_int32),  # deadlines count the emulating thread's CPU time
+        ("pad", ctypes.c_int32),
+        ("cpu_start", ctypes.c_int64),
+        ("span", ctypes.c_int64),
+        ("latest", ctypes.c_int64),
     ]
     exit_request: bool = False
 
