@@ -145,6 +145,10 @@ def find_no_exit_request() -> int | None:
 
 NO_EXIT_REQUEST: int | None = find_no_exit_request() if NATIVE and _choice == "exit" else None
 EXIT_REQUEST: bool = NO_EXIT_REQUEST is not None
+# Whether Fuel.blocks (and so CpuStats.blocks) counts blocks for every CPU: only on the
+# block-hook path.  The exit-request path counts none (except for CPUs with a block
+# limit or under the debugger); the fallback counts instructions of counts that ran out.
+COUNTS_BLOCKS: bool = NATIVE and not EXIT_REQUEST
 PATH: str = (
     "exit request"
     if EXIT_REQUEST
