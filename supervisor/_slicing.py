@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -90,6 +91,8 @@ class Fuel(ctypes.Structure):
         ("latest", ctypes.c_int64),
     ]
     exit_request: bool = False
+    left: int = 0  # ns of the emulating thread's CPU time left in this slice (see run())
+    mark: int = 0  # that thread's CPU time when the slice's previous run ended, 0: none yet
 
 
 _EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
@@ -221,27 +224,41 @@ def run(uc: Any, fuel: Fuel, eip: int, until: int) -> int:
     """Run the guest from ``eip`` until something stops it; return the fallback's
     instruction count (0 on the native paths).
 
+    The run may use ``fuel.left`` nanoseconds (its deadline is set from it here).
+    The thread's CPU time is taken off ``fuel.left`` from the slice's first run on:
+    the run and the Host's work for the guest between runs count; what the Host did
+    before the first run (delivering an interrupt) and time the thread waited for a
+    CPU do not.
+
     The fallback runs at most ``fuel.budget`` instructions (at least one):
     ``count=`` stops from inside Unicorn's code hook, before an instruction, so no
     write is replayed.  Once the caller knows why emulation ended, it calls
     :func:`count_spent` if the count ran out.
     """
-    if fuel.exit_request:
-        address = ctypes.addressof(fuel)
-        _fuel.enter(address)
-        try:
+    used = time.thread_time_ns()
+    if fuel.mark:
+        fuel.left -= used - fuel.mark  # Host work for the guest between its runs counts
+    fuel.deadline = time.monotonic_ns() + fuel.left  # this run's share of the slice
+    try:
+        if fuel.exit_request:
+            address = ctypes.addressof(fuel)
+            _fuel.enter(address)
+            try:
+                uc.emu_start(eip, until)
+            finally:
+                _fuel.leave(address)
+            if fuel.reason == REASON_BUDGET:
+                fuel.budget = 0  # time is the budget here: the slice is over
+            return 0
+        if NATIVE:
             uc.emu_start(eip, until)
-        finally:
-            _fuel.leave(address)
-        if fuel.reason == REASON_BUDGET:
-            fuel.budget = 0  # time is the budget here: the slice is over
-        return 0
-    if NATIVE:
-        uc.emu_start(eip, until)
-        return 0
-    count = max(1, fuel.budget)
-    uc.emu_start(eip, until, count=count)
-    return int(count)
+            return 0
+        count = max(1, fuel.budget)
+        uc.emu_start(eip, until, count=count)
+        return int(count)
+    finally:
+        fuel.mark = time.thread_time_ns()
+        fuel.left -= fuel.mark - used
 
 
 def count_spent(fuel: Fuel, count: int) -> None:

@@ -184,8 +184,12 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
     lg = cpu.lg
     start = time.perf_counter()
     blocks_before = fuel.blocks
-    length = TARGET_SLICE if budget is None else INLINE_TIME
-    fuel.deadline = time.monotonic_ns() + int(1e9 * length)
+    # A slice's length is CPU time from its first run on (see _slicing.run): Host work
+    # before that (delivering an interrupt, on a loaded machine milliseconds) must not
+    # use it up, or the guest's handler would wait for a whole trip through the
+    # executor's queue (docs/performance.md, "IRQ latency under load").
+    fuel.left = int(1e9 * (TARGET_SLICE if budget is None else INLINE_TIME))
+    fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
     left = cpu.limits.blocks_left(fuel.blocks)
@@ -204,7 +208,7 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
             interrupts.maybe_do_interrupt(cpu)
             if cpu.halted or lg.dead or fuel.stop or fuel.budget <= 0 or cpu.closing:
                 break
-            if time.monotonic_ns() >= fuel.deadline:
+            if fuel.left <= 0:
                 fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
                 break
             _enter_guest(cpu)
