@@ -86,7 +86,7 @@ def main() -> None:
                 continue
             cpu = RawCpu(image)
             if hooked:
-                fuel = _slicing.attach(cpu.uc)
+                fuel = _slicing.attach(cpu.uc, count_blocks=True)  # the block hook
                 fuel.budget = 1 << 62
                 fuel.deadline = 1 << 62
                 fuel.clock_mask = (1 << 64) - 1
