@@ -35,7 +35,8 @@ import warnings
 from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_MODE_32, UC_PROT_ALL, Uc
-from unicorn.unicorn_py3.unicorn import uclib
+
+from . import _unicorn
 
 ENV = "LGUEST_SLICING"  # "count": the fallback; "hook": the block hook; unset or "exit": default
 _choice = os.environ.get(ENV, "exit").strip().lower() or "exit"
@@ -95,7 +96,7 @@ class Fuel(ctypes.Structure):
     mark: int = 0  # that thread's CPU time when the slice's previous run ended, 0: none yet
 
 
-_EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+_EMU_STOP = _unicorn.EMU_STOP_ADDRESS
 if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 
@@ -121,7 +122,7 @@ def find_no_exit_request() -> int | None:
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     uc.mem_map(0, 0x1000, UC_PROT_ALL)
     uc.mem_write(0, b"\x90\x90\xf4")  # nop; nop; hlt
-    base = uc._uch.value
+    base = _unicorn.handle(uc).value
     inside: dict[int, int] = {}
 
     def probe(u: Any, _address: int, _size: int, _data: object) -> None:
@@ -162,39 +163,30 @@ PATH: str = (
 
 
 def _hook_blocks(uc: Any, fuel: Fuel) -> None:
-    handle = ctypes.c_ulong()
-    status = uclib.uc_hook_add(
-        uc._uch,
-        ctypes.byref(handle),
-        UC_HOOK_BLOCK,
-        ctypes.c_void_p(_fuel.block_hook),
-        ctypes.c_void_p(ctypes.addressof(fuel)),
-        1,
-        0,
-    )
-    if status != 0:  # pragma: no cover
-        raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+    _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
 
 
 def _set_no_exit_request(uc: Any, value: int) -> None:
     assert NO_EXIT_REQUEST is not None
-    ctypes.c_uint8.from_address(uc._uch.value + NO_EXIT_REQUEST).value = value
+    ctypes.c_uint8.from_address(_unicorn.handle(uc).value + NO_EXIT_REQUEST).value = value
 
 
-def attach(uc: Any, count_blocks: bool = False) -> Fuel:
+def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fuel:
     """Give ``uc`` a slice meter (before it translates anything) and return it.
 
-    ``count_blocks``: the CPU needs ``Fuel.blocks`` counted (a block limit), so it
-    gets the block hook.  The caller must keep the returned object alive as long
-    as ``uc`` runs.
+    ``fuel`` reuses a control block (a CPU's new instance after hibernation keeps its
+    counters and its path).  ``count_blocks``: a new CPU needs ``Fuel.blocks`` counted
+    (a block limit), so it gets the block hook.  The caller must keep the returned
+    object alive as long as ``uc`` runs.
     """
-    fuel = Fuel()
+    if fuel is None:
+        fuel = Fuel()
+        fuel.clock_mask = 0
+        fuel.exit_request = EXIT_REQUEST and not count_blocks
     fuel.emu_stop = _EMU_STOP
-    fuel.clock_mask = 0
-    fuel.uc = uc._uch.value
-    if EXIT_REQUEST and not count_blocks:
+    fuel.uc = _unicorn.handle(uc).value
+    if fuel.exit_request:
         _set_no_exit_request(uc, 1)
-        fuel.exit_request = True
     elif NATIVE:
         _hook_blocks(uc, fuel)
     return fuel
