@@ -28,10 +28,12 @@ Three paths, chosen per process (:data:`PATH`) and per CPU (:attr:`Fuel.exit_req
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_MODE_32, UC_PROT_ALL, Uc
@@ -147,19 +149,38 @@ def find_no_exit_request() -> int | None:
     return found[0] - 6 if len(found) == 1 else None
 
 
-NO_EXIT_REQUEST: int | None = find_no_exit_request() if NATIVE and _choice == "exit" else None
-EXIT_REQUEST: bool = NO_EXIT_REQUEST is not None
-# Whether Fuel.blocks (and so CpuStats.blocks) counts blocks for every CPU: only on the
-# block-hook path.  The exit-request path counts none (except for CPUs with a block
-# limit or under the debugger); the fallback counts instructions of counts that ran out.
-COUNTS_BLOCKS: bool = NATIVE and not EXIT_REQUEST
-PATH: str = (
-    "exit request"
-    if EXIT_REQUEST
-    else "native block hook"
-    if NATIVE
-    else "emu_start(count=) fallback"
-)
+@functools.cache
+def _no_exit_request() -> int | None:
+    """Located on first use, not at import (importing creates no ``Uc``)."""
+    return find_no_exit_request() if NATIVE and _choice == "exit" else None
+
+
+def _path() -> str:
+    if _no_exit_request() is not None:
+        return "exit request"
+    return "native block hook" if NATIVE else "emu_start(count=) fallback"
+
+
+# Computed on first access (PEP 562), since they need the probe above:
+#   NO_EXIT_REQUEST: int | None -- the flag's offset in uc_struct;
+#   EXIT_REQUEST: bool -- new CPUs take the exit-request path;
+#   COUNTS_BLOCKS: bool -- Fuel.blocks (and so CpuStats.blocks) counts blocks for every
+#     CPU: only on the block-hook path.  The exit-request path counts none (except for
+#     CPUs with a block limit or under the debugger); the fallback counts instructions
+#     of counts that ran out;
+#   PATH: str -- the path's name, for tables and messages.
+_LAZY: dict[str, Callable[[], Any]] = {
+    "NO_EXIT_REQUEST": _no_exit_request,
+    "EXIT_REQUEST": lambda: _no_exit_request() is not None,
+    "COUNTS_BLOCKS": lambda: NATIVE and _no_exit_request() is None,
+    "PATH": _path,
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return _LAZY[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _hook_blocks(uc: Any, fuel: Fuel) -> None:
@@ -167,8 +188,9 @@ def _hook_blocks(uc: Any, fuel: Fuel) -> None:
 
 
 def _set_no_exit_request(uc: Any, value: int) -> None:
-    assert NO_EXIT_REQUEST is not None
-    ctypes.c_uint8.from_address(_unicorn.handle(uc).value + NO_EXIT_REQUEST).value = value
+    offset = _no_exit_request()
+    assert offset is not None
+    ctypes.c_uint8.from_address(_unicorn.handle(uc).value + offset).value = value
 
 
 def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fuel:
@@ -182,7 +204,7 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
     if fuel is None:
         fuel = Fuel()
         fuel.clock_mask = 0
-        fuel.exit_request = EXIT_REQUEST and not count_blocks
+        fuel.exit_request = not count_blocks and _no_exit_request() is not None
     fuel.emu_stop = _EMU_STOP
     fuel.uc = _unicorn.handle(uc).value
     if fuel.exit_request:
