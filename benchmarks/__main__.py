@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import unicorn
+
+from supervisor import _slicing
 
 from .cases import FIGURES
 from .harness import FULL, QUICK, Profile, Result
@@ -58,7 +62,7 @@ def table(loop: str, results: list[Result]) -> str:
         met = {True: "yes", False: "NO", None: "-"}[r.met]
         rows.append([r.title, goal_text(r), _fmt(r.value), _fmt(r.raw), _fmt(r.ratio), r.unit, met])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"## loop: {loop}"]
+    lines = [f"## loop: {loop} (slices: {_slicing.PATH})"]
     for k, row in enumerate(rows):
         lines.append(
             "  ".join(
@@ -105,7 +109,30 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": _cpu_model(),
         "loadavg_at_start": os.getloadavg(),
+        "slicing": _slicing.PATH,
     }
+
+
+# One CPU-bound process per requested core: the "loaded machine" of the goals.
+_SPIN = "while True: pass"
+
+
+@contextlib.contextmanager
+def machine_load(processes: int) -> Any:
+    """Run ``processes`` busy-looping child processes for the duration of the block."""
+    children = [
+        subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.DEVNULL)
+        for _ in range(processes)
+    ]
+    try:
+        if children:
+            time.sleep(1.0)  # let them take their share before anything is measured
+        yield
+    finally:
+        for child in children:
+            child.kill()
+        for child in children:
+            child.wait()
 
 
 def _cpu_model() -> str:
@@ -131,20 +158,53 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(FIGURES),
         help="run only this figure (repeatable)",
     )
+    ap.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="load the machine with N CPU-bound processes while measuring (0: none; "
+        "-1: one per core)",
+    )
     args = ap.parse_args(argv)
+    load = (os.cpu_count() or 1) if args.load < 0 else args.load
     profile = QUICK if args.quick else FULL
     loops = list(LOOPS) if args.loop == "both" else [args.loop]
     info = machine()
     print(
         f"benchmarks ({profile.name}): Python {info['python']}, Unicorn {info['unicorn']}, "
         f"uvloop {info['uvloop']}, {info['cpus']} CPUs ({info['processor']}), "
-        f"load average {info['loadavg_at_start'][0]:.2f}",
+        f"load average {info['loadavg_at_start'][0]:.2f}; slices: {info['slicing']}; "
+        f"{load} CPU-bound load processes",
         flush=True,
     )
+    info["load_processes"] = load
     out: dict[str, Any] = {"machine": info, "profile": profile.name, "loops": {}}
-    tables = []
-    failed = False
+    tables: list[str] = []
     t_start = time.perf_counter()
+    with machine_load(load):
+        _run_loops(args, profile, loops, out, tables)
+    out["seconds"] = time.perf_counter() - t_start
+    out["loadavg_at_end"] = os.getloadavg()
+    print()
+    print("\n\n".join(tables))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2, default=str))
+    print(
+        f"\nwrote {args.json} ({out['seconds']:.0f} s; load average at the end "
+        f"{out['loadavg_at_end'][0]:.2f})"
+    )
+    return 1 if out["failed"] else 0
+
+
+def _run_loops(
+    args: argparse.Namespace,
+    profile: Profile,
+    loops: list[str],
+    out: dict[str, Any],
+    tables: list[str],
+) -> None:
+    failed = False
     for loop in loops:
         if loop not in LOOPS:
             print(f"loop {loop} is not available", file=sys.stderr)
@@ -156,14 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         failed = failed or bool(errors)
         out["loops"][loop] = {"results": [r.as_dict() for r in results], "errors": errors}
         tables.append(table(loop, results))
-    out["seconds"] = time.perf_counter() - t_start
-    out["loadavg_at_end"] = os.getloadavg()
-    print()
-    print("\n\n".join(tables))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2, default=str))
-    print(f"\nwrote {args.json} ({out['seconds']:.0f} s)")
-    return 1 if failed else 0
+        out["loadavg_after_" + loop] = os.getloadavg()
+    out["failed"] = failed
 
 
 if __name__ == "__main__":

@@ -205,11 +205,11 @@ async def _loop_pair(p: Profile, name: str, title: str, body: str, goal: float) 
 
 
 async def tight_loop(p: Profile) -> list[Result]:
-    return await _loop_pair(p, "tight_loop", "tight register loop", TIGHT_BODY, 0.8)
+    return await _loop_pair(p, "tight_loop", "tight register loop", TIGHT_BODY, 0.9)
 
 
 async def memory_loop(p: Profile) -> list[Result]:
-    return await _loop_pair(p, "memory_loop", "memory-heavy loop", MEMORY_BODY, 0.95)
+    return await _loop_pair(p, "memory_loop", "memory-heavy loop", MEMORY_BODY, 0.97)
 
 
 def _raw_threads(cpus: list[RawCpu], n: int) -> float:

@@ -28,7 +28,9 @@ def markdown(data: dict[str, Any]) -> str:
     lines = [
         f"Profile `{data['profile']}`; Python {m['python']}, Unicorn {m['unicorn']}, "
         f"uvloop {m['uvloop']}; {m['cpus']} CPUs ({m['processor']}); load average "
-        f"{start:.1f} at the start, {end:.1f} at the end.",
+        f"{start:.1f} at the start, {end:.1f} at the end; "
+        f"{m.get('load_processes', 0)} CPU-bound load processes; slices: "
+        f"{m.get('slicing', 'native block hook')}.",
         "",
     ]
     for loop, body in data["loops"].items():

@@ -1,30 +1,67 @@
 /*
- * The native block hook that cuts a Unicorn CPU into exact slices.
+ * Native slice meters for Unicorn CPUs: two ways to end a slice exactly.
  *
- * Unicorn calls block_hook on the emulating thread before each translated block
- * runs.  The hook ends the slice there (uc_emu_stop from inside a hook is exact:
- * the block has not run yet) when another thread raised `stop` or when the
- * slice's block budget or its time is spent.  The clock is read when
- * (blocks & clock_mask) == 0: every block for a guest whose blocks are slow
- * (code that keeps rewriting itself), every 256 for the rest, whose blocks
- * take nanoseconds.  Stopping from another thread instead would
- * replay guest memory writes (see docs/performance.md).
+ * 1. The block hook (block_hook).  Unicorn calls it on the emulating thread
+ *    before each translated block runs.  The hook ends the slice there
+ *    (uc_emu_stop from inside a hook is exact: the block has not run yet) when
+ *    another thread raised `stop` or when the slice's block budget or its time is
+ *    spent.  The clock is read when (blocks & clock_mask) == 0: every block for a
+ *    guest whose blocks are slow, every 256 for the rest.  It costs a helper call
+ *    per block; it is kept for CPUs that need blocks counted (block limits, the
+ *    debugger) and when the exit-request path is not available.
+ *
+ * 2. The exit request (enter/leave/kick and the slicer thread).  No per-block
+ *    cost: the engine's translated code was generated with Unicorn's
+ *    `no_exit_request` flag set (supervisor/_slicing.py), so the only place it
+ *    looks at an exit request is the check QEMU puts at the start of every
+ *    translated block, before any of the block's instructions ran.  A stop sent
+ *    from any thread (uc_emu_stop, the same call Unicorn's own timeout thread
+ *    makes) therefore lands on a block boundary.  One slicer thread per process
+ *    sends the stop when a running slice's deadline passes; kick() sends it at
+ *    once.  A stop sent before emu_start has reset the engine's stop state would
+ *    be lost, so while a run is still in progress the stop is sent again every
+ *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
+ *    ever called between enter() and leave(), so never on a closed engine.
+ *    See docs/performance.md, "Exact slices".
  *
  * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
+#include <sys/prctl.h>
 #include <time.h>
 
-typedef struct {
+#define REASON_STOP 1
+#define REASON_BUDGET 2
+#define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
+#define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
+#define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after enter() */
+#define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
+
+typedef struct fuel {
     volatile int32_t stop;      /* set by any thread: end the slice at the next block */
-    int32_t reason;             /* set here: 0 none, 1 stop requested, 2 budget spent */
-    int64_t budget;             /* blocks this slice may still start */
-    uint64_t blocks;            /* blocks started, in total */
+    int32_t reason;             /* 0 none, 1 stop requested, 2 budget spent */
+    int64_t budget;             /* blocks this slice may still start (block hook only) */
+    uint64_t blocks;            /* blocks started, in total (block hook only) */
     int (*emu_stop)(void *uc);  /* uc_emu_stop from the unicorn shared library */
     int64_t deadline;           /* CLOCK_MONOTONIC nanoseconds at which the slice ends */
     uint64_t clock_mask;        /* read the clock when (blocks & clock_mask) == 0 */
+    /* exit-request slicing; the fields below belong to the slicer's mutex */
+    void *uc;                   /* the engine to stop */
+    int32_t running;            /* between enter() and leave() */
+    int32_t sent;               /* a stop was sent during this run */
+    int64_t sent_at;            /* when it was last sent */
+    struct fuel *next;          /* the list of running slices */
+    struct fuel *prev;
+    int32_t cpu_clock;          /* the emulating thread's CPU-time clock (a clockid_t) */
+    int32_t pad;
+    int64_t cpu_start;          /* its CPU time at enter() */
+    int64_t span;               /* deadline - now at enter(): the CPU time this run may use */
+    int64_t latest;             /* wall time after which the deadline is not moved again */
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -40,13 +77,13 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user)
     (void)address;
     (void)size;
     if (fuel->stop) {
-        fuel->reason = 1;
+        fuel->reason = REASON_STOP;
         fuel->emu_stop(uc);
         return;
     }
     if (fuel->budget <= 0 ||
         ((fuel->blocks & fuel->clock_mask) == 0 && now_ns() >= fuel->deadline)) {
-        fuel->reason = 2;
+        fuel->reason = REASON_BUDGET;
         fuel->emu_stop(uc);
         return;
     }
@@ -54,14 +91,230 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user)
     fuel->blocks++;
 }
 
+/* ---- the exit-request slicer ------------------------------------------------ */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake;
+static fuel_t *running;  /* slices between enter() and leave() */
+static int slicer_started;
+static int64_t wake_at = INT64_MAX; /* when the slicer wakes next */
+static int recent;                  /* a run started since the slicer last woke */
+
+/* Lock held; fuel running. */
+static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
+{
+    if (fuel->reason == 0 || reason == REASON_STOP)
+        fuel->reason = reason;
+    fuel->sent = 1;
+    fuel->sent_at = now;
+    fuel->emu_stop(fuel->uc);
+}
+
+static int64_t clock_ns(clockid_t clock)
+{
+    struct timespec ts;
+    if (clock_gettime(clock, &ts) != 0)
+        return INT64_MAX;
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Lock held.  The deadline is wall time, but a run's share is CPU time: a thread
+   that the kernel preempted (other processes, our own other workers) while its
+   deadline ran did not get its slice, and cutting it short there would make
+   progress depend on who was preempted when (fairness under load).  So when the
+   deadline passes and the thread has used less CPU than the span it was given,
+   the deadline moves by what is missing, until `latest` (MAX_STRETCH spans). */
+static int stretch(fuel_t *f, int64_t now)
+{
+    if (now >= f->latest)
+        return 0;
+    int64_t used = clock_ns((clockid_t)f->cpu_clock) - f->cpu_start;
+    int64_t missing = f->span - used;
+    if (missing < MIN_STRETCH_NS)
+        return 0;
+    f->deadline = now + missing < f->latest ? now + missing : f->latest;
+    return 1;
+}
+
+static void *slicer(void *arg)
+{
+    (void)arg;
+    prctl(PR_SET_TIMERSLACK, 1000UL); /* deadlines to the microsecond, not the default 50 */
+    /* A deadline is only kept if this thread runs when its timer fires.  On a loaded
+       machine a woken normal thread waits for a CPU for milliseconds (measured: slices
+       of 2 ms ran 4 ms at the median), so ask for the lowest real-time priority: the
+       thread runs for microseconds per wake-up, so others lose nothing.  Without the
+       privilege (CAP_SYS_NICE / RLIMIT_RTPRIO) it stays a normal thread. */
+    struct sched_param param = {.sched_priority = 1};
+    pthread_setschedparam(pthread_self(), SCHED_FIFO, &param);
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        int64_t now = now_ns();
+        int64_t next = INT64_MAX;
+        for (fuel_t *f = running; f != NULL; f = f->next) {
+            if (!f->sent) {
+                if (now < f->deadline || stretch(f, now)) {
+                    if (f->deadline < next)
+                        next = f->deadline;
+                    continue;
+                }
+                send_stop(f, REASON_BUDGET, now);
+            } else if (now - f->sent_at >= RESEND_NS) {
+                f->sent_at = now;
+                f->emu_stop(f->uc);
+            }
+            if (f->sent_at + RESEND_NS < next)
+                next = f->sent_at + RESEND_NS;
+        }
+        /* Waking a thread costs tens of microseconds here (a VM), far more than a
+           short run, so enter() only wakes the slicer when it sleeps past the new
+           deadline.  While runs keep starting the slicer ticks; once they stop, it
+           sleeps until woken and costs nothing. */
+        if (recent && now + TICK_NS < next)
+            next = now + TICK_NS;
+        recent = 0;
+        wake_at = next;
+        if (next == INT64_MAX) {
+            pthread_cond_wait(&wake, &lock);
+        } else {
+            struct timespec ts = {(time_t)(next / 1000000000), (long)(next % 1000000000)};
+            pthread_cond_timedwait(&wake, &lock, &ts);
+        }
+        wake_at = 0; /* awake: it looks at every run before it sleeps again */
+    }
+    return NULL;
+}
+
+static void init_wake(void)
+{
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&wake, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
+/* A forked child has no slicer thread and no running slices. */
+static void after_fork_child(void)
+{
+    pthread_mutex_init(&lock, NULL);
+    init_wake();
+    running = NULL;
+    slicer_started = 0;
+    wake_at = INT64_MAX;
+    recent = 0;
+}
+
+static fuel_t *fuel_arg(PyObject *arg)
+{
+    fuel_t *fuel = PyLong_AsVoidPtr(arg);
+    if (fuel == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "null fuel address");
+    return fuel;
+}
+
+static PyObject *enter(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    pthread_mutex_lock(&lock);
+    if (!slicer_started) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int err = pthread_create(&thread, &attr, slicer, NULL);
+        pthread_attr_destroy(&attr);
+        if (err != 0) {
+            pthread_mutex_unlock(&lock);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        slicer_started = 1;
+    }
+    clockid_t clock;
+    int64_t now = now_ns();
+    fuel->span = fuel->deadline > now ? fuel->deadline - now : 0;
+    fuel->latest = now + MAX_STRETCH * fuel->span;
+    if (pthread_getcpuclockid(pthread_self(), &clock) == 0) {
+        fuel->cpu_clock = (int32_t)clock;
+        fuel->cpu_start = clock_ns(clock);
+    } else {
+        fuel->latest = 0; /* no CPU clock: plain wall-clock deadlines */
+    }
+    fuel->running = 1;
+    fuel->sent = 0;
+    fuel->prev = NULL;
+    fuel->next = running;
+    if (running != NULL)
+        running->prev = fuel;
+    running = fuel;
+    recent = 1;
+    if (fuel->stop)
+        send_stop(fuel, REASON_STOP, now_ns());
+    if ((fuel->sent ? fuel->sent_at + RESEND_NS : fuel->deadline) < wake_at)
+        pthread_cond_signal(&wake);
+    pthread_mutex_unlock(&lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *leave(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    pthread_mutex_lock(&lock);
+    if (fuel->running) {
+        if (fuel->prev != NULL)
+            fuel->prev->next = fuel->next;
+        else
+            running = fuel->next;
+        if (fuel->next != NULL)
+            fuel->next->prev = fuel->prev;
+        fuel->next = fuel->prev = NULL;
+        fuel->running = 0;
+    }
+    pthread_mutex_unlock(&lock);
+    Py_RETURN_NONE;
+}
+
+static PyObject *kick(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    pthread_mutex_lock(&lock);
+    fuel->stop = 1;
+    if (fuel->running) {
+        send_stop(fuel, REASON_STOP, now_ns());
+        if (fuel->sent_at + RESEND_NS < wake_at)
+            pthread_cond_signal(&wake); /* to send it again in case it came too early */
+    }
+    pthread_mutex_unlock(&lock);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef fuel_methods[] = {
+    {"enter", enter, METH_O, "enter(address): a run of the fuel's engine starts (exit-request path)."},
+    {"leave", leave, METH_O, "leave(address): that run has returned; no stop is sent after this."},
+    {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef fuel_module = {
     PyModuleDef_HEAD_INIT, "_fuel",
-    "Address of the native Unicorn block hook and the size of its control block.",
-    -1, NULL, NULL, NULL, NULL, NULL,
+    "Native slice meters for Unicorn: the block hook and the exit-request slicer.",
+    -1, fuel_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fuel(void)
 {
+    init_wake();
+    pthread_atfork(NULL, NULL, after_fork_child);
     PyObject *m = PyModule_Create(&fuel_module);
     if (m == NULL)
         return NULL;

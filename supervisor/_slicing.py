@@ -1,36 +1,77 @@
-"""Exact slices: the native block hook and its control block ("fuel").
+"""Exact slices: ending a Unicorn CPU's run only at a block boundary.
 
-A slice of guest execution ends only at a block boundary, from inside the
-emulating thread: when another task raises :attr:`Fuel.stop` or when the slice's
-block budget or time (``deadline``) is spent.  Nothing here touches the event loop.
+A slice of guest execution ends only where no guest instruction is half done:
+when another task raises :attr:`Fuel.stop` (:func:`kick`) or when the slice's time
+(``deadline``) or block budget is spent.  Nothing here touches the event loop.
+Three paths, chosen per process (:data:`PATH`) and per CPU (:attr:`Fuel.exit_request`):
 
-If the native hook could not be built, :data:`NATIVE` is false and slices fall
-back to ``emu_start(count=...)``, which is exact too but slower.
+``exit request`` (the default)
+    No per-block cost.  The CPU's code is translated with Unicorn's
+    ``no_exit_request`` flag, which leaves exactly one exit-request check per
+    translated block, at its start; the native slicer thread (``_fuel.c``) sends
+    ``uc_emu_stop`` when the deadline passes or a kick arrives.  Why this is
+    exact: docs/performance.md, "Exact slices".  Blocks are not counted.
+``native block hook``
+    ``_fuel.c``'s ``UC_HOOK_BLOCK`` hook checks ``stop``, the budget and the
+    clock before every block (a helper call per block).  Used for CPUs that
+    need blocks counted (a block limit, the debugger: :func:`exact_blocks`),
+    and for all CPUs if the flag cannot be located in this Unicorn build.
+``emu_start(count=) fallback``
+    Without the native extension (no C compiler at install time; a warning says
+    so once) or with ``LGUEST_SLICING=count``: Unicorn's own instruction counter,
+    which stops from inside its code hook, so it is exact too, but slower; a
+    kick is seen when the current count runs out (see :func:`run`).
+
+``LGUEST_SLICING`` may also be ``hook`` (the block hook for every CPU).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
-from unicorn import UC_HOOK_BLOCK
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_MODE_32, UC_PROT_ALL, Uc
 
 from . import _unicorn
 
-try:
-    from . import _fuel  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - only without a C compiler at install time
-    _fuel = None
+ENV = "LGUEST_SLICING"  # "count": the fallback; "hook": the block hook; unset or "exit": default
+_choice = os.environ.get(ENV, "exit").strip().lower() or "exit"
+if _choice not in ("exit", "hook", "count"):
+    raise ImportError(f"{ENV}={_choice!r}: expected 'exit', 'hook' or 'count'")
 
-NATIVE: bool = _fuel is not None
+_fuel: Any
+try:
+    from . import _fuel  # type: ignore[attr-defined, no-redef]
+except ImportError:  # only without a C compiler at install time
+    _fuel = None
+    if _choice != "count":
+        warnings.warn(
+            "supervisor._fuel (the native slice meter) is not built: guests run on the exact "
+            "but slower emu_start(count=) fallback. Install a C compiler (e.g. apt-get "
+            "install gcc) and reinstall (pip install -e .) to get it.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+NATIVE: bool = _fuel is not None and _choice != "count"
 
 REASON_NONE = 0
 REASON_STOP = 1
 REASON_BUDGET = 2
+HLT = 0xF4
 
 
 class Fuel(ctypes.Structure):
-    """Shared between the event loop (which may set ``stop``) and the hook."""
+    """A CPU's slice meter, shared with the native code (``fuel_t`` in ``_fuel.c``).
+
+    ``exit_request`` (Python only) says which native path the CPU is on.
+    """
 
     _fields_ = [
         ("stop", ctypes.c_int32),
@@ -40,26 +81,202 @@ class Fuel(ctypes.Structure):
         ("emu_stop", ctypes.c_void_p),
         ("deadline", ctypes.c_int64),  # time.monotonic_ns() at which the slice ends
         ("clock_mask", ctypes.c_uint64),  # the hook reads the clock when blocks & mask == 0
+        ("uc", ctypes.c_void_p),  # the rest: the slicer's, under its mutex
+        ("running", ctypes.c_int32),
+        ("sent", ctypes.c_int32),
+        ("sent_at", ctypes.c_int64),
+        ("next", ctypes.c_void_p),
+        ("prev", ctypes.c_void_p),
+        ("cpu_clock", ctypes.c_int32),  # deadlines count the emulating thread's CPU time
+        ("pad", ctypes.c_int32),
+        ("cpu_start", ctypes.c_int64),
+        ("span", ctypes.c_int64),
+        ("latest", ctypes.c_int64),
     ]
+    exit_request: bool = False
+    left: int = 0  # ns of the emulating thread's CPU time left in this slice (see run())
+    mark: int = 0  # that thread's CPU time when the slice's previous run ended, 0: none yet
 
 
 _EMU_STOP = _unicorn.EMU_STOP_ADDRESS
 if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 
+# -- Unicorn's no_exit_request flag ------------------------------------------------
+# uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
+#     bool hook_insert, first_tb, no_exit_request, init_done;
+#     sigjmp_buf jmp_bufs[UC_MAX_NESTED_LEVEL];   /* 64 x 200 bytes, glibc x86-64 */
+#     int nested_level;                           /* 1 inside emu_start, else 0 */
+_JMP_BUFS = 64 * 200
+_SCAN = 4096
 
-def attach(uc: Any, fuel: Fuel | None = None) -> Fuel:
-    """Install the native block hook on ``uc`` and return its control block.
 
-    ``fuel`` reuses a control block (a CPU's new instance after hibernation keeps
-    its counters).  The caller must keep the returned object alive as long as
-    ``uc`` runs.  Without the native hook the control block is still returned
-    (the slice loop then meters with ``count=``).
+def find_no_exit_request() -> int | None:
+    """The offset of ``no_exit_request`` in this build's ``uc_struct``, or None.
+
+    Located, not assumed: the only int that reads 1 inside a hook and 0 outside
+    must sit ``_JMP_BUFS`` bytes after an 8-aligned array that follows the flags
+    ``hook_insert = 0, no_exit_request = 0, init_done = 1``.  Exactly one such
+    place must exist.
+    """
+    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x1000, UC_PROT_ALL)
+    uc.mem_write(0, b"\x90\x90\xf4")  # nop; nop; hlt
+    base = _unicorn.handle(uc).value
+    inside: dict[int, int] = {}
+
+    def probe(u: Any, _address: int, _size: int, _data: object) -> None:
+        for j in candidates:
+            inside[j] = ctypes.c_int32.from_address(base + j + _JMP_BUFS).value
+        u.emu_stop()
+
+    head = ctypes.string_at(base, _SCAN)
+    candidates = [
+        j
+        for j in range(8, _SCAN, 8)
+        if head[j - 8] == 0 and head[j - 6] == 0 and head[j - 5] == 1 and not any(head[j - 4 : j])
+    ]
+    hook = uc.hook_add(UC_HOOK_CODE, probe)
+    uc.emu_start(0, 3)
+    uc.hook_del(hook)
+    found = [
+        j
+        for j in candidates
+        if inside.get(j) == 1 and ctypes.c_int32.from_address(base + j + _JMP_BUFS).value == 0
+    ]
+    return found[0] - 6 if len(found) == 1 else None
+
+
+@functools.cache
+def _no_exit_request() -> int | None:
+    """Located on first use, not at import (importing creates no ``Uc``)."""
+    return find_no_exit_request() if NATIVE and _choice == "exit" else None
+
+
+def _path() -> str:
+    if _no_exit_request() is not None:
+        return "exit request"
+    return "native block hook" if NATIVE else "emu_start(count=) fallback"
+
+
+# Computed on first access (PEP 562), since they need the probe above:
+#   NO_EXIT_REQUEST: int | None -- the flag's offset in uc_struct;
+#   EXIT_REQUEST: bool -- new CPUs take the exit-request path;
+#   COUNTS_BLOCKS: bool -- Fuel.blocks (and so CpuStats.blocks) counts blocks for every
+#     CPU: only on the block-hook path.  The exit-request path counts none (except for
+#     CPUs with a block limit or under the debugger); the fallback counts instructions
+#     of counts that ran out;
+#   PATH: str -- the path's name, for tables and messages.
+_LAZY: dict[str, Callable[[], Any]] = {
+    "NO_EXIT_REQUEST": _no_exit_request,
+    "EXIT_REQUEST": lambda: _no_exit_request() is not None,
+    "COUNTS_BLOCKS": lambda: NATIVE and _no_exit_request() is None,
+    "PATH": _path,
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return _LAZY[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _hook_blocks(uc: Any, fuel: Fuel) -> None:
+    _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
+
+
+def _set_no_exit_request(uc: Any, value: int) -> None:
+    offset = _no_exit_request()
+    assert offset is not None
+    ctypes.c_uint8.from_address(_unicorn.handle(uc).value + offset).value = value
+
+
+def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fuel:
+    """Give ``uc`` a slice meter (before it translates anything) and return it.
+
+    ``fuel`` reuses a control block (a CPU's new instance after hibernation keeps its
+    counters and its path).  ``count_blocks``: a new CPU needs ``Fuel.blocks`` counted
+    (a block limit), so it gets the block hook.  The caller must keep the returned
+    object alive as long as ``uc`` runs.
     """
     if fuel is None:
         fuel = Fuel()
         fuel.clock_mask = 0
+        fuel.exit_request = not count_blocks and _no_exit_request() is not None
     fuel.emu_stop = _EMU_STOP
-    if _fuel is not None:
-        _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
+    fuel.uc = _unicorn.handle(uc).value
+    if fuel.exit_request:
+        _set_no_exit_request(uc, 1)
+    elif NATIVE:
+        _hook_blocks(uc, fuel)
     return fuel
+
+
+def exact_blocks(uc: Any, fuel: Fuel) -> None:
+    """Move a CPU to the block hook (its blocks counted, and stops from code hooks
+    taking effect before the hooked instruction, as a debugger needs).  Only while
+    no slice of it runs; its translated code is flushed."""
+    if not fuel.exit_request:
+        return
+    _set_no_exit_request(uc, 0)
+    _hook_blocks(uc, fuel)
+    uc.ctl_flush_tb()
+    fuel.exit_request = False
+
+
+def kick(fuel: Fuel) -> None:
+    """End the CPU's running slice at its next block boundary (any thread)."""
+    if fuel.exit_request:
+        _fuel.kick(ctypes.addressof(fuel))
+    else:
+        fuel.stop = 1
+
+
+def run(uc: Any, fuel: Fuel, eip: int, until: int) -> int:
+    """Run the guest from ``eip`` until something stops it; return the fallback's
+    instruction count (0 on the native paths).
+
+    The run may use ``fuel.left`` nanoseconds (its deadline is set from it here).
+    The thread's CPU time is taken off ``fuel.left`` from the slice's first run on:
+    the run and the Host's work for the guest between runs count; what the Host did
+    before the first run (delivering an interrupt) and time the thread waited for a
+    CPU do not.
+
+    The fallback runs at most ``fuel.budget`` instructions (at least one):
+    ``count=`` stops from inside Unicorn's code hook, before an instruction, so no
+    write is replayed.  Once the caller knows why emulation ended, it calls
+    :func:`count_spent` if the count ran out.
+    """
+    used = time.thread_time_ns()
+    if fuel.mark:
+        fuel.left -= used - fuel.mark  # Host work for the guest between its runs counts
+    fuel.deadline = time.monotonic_ns() + fuel.left  # this run's share of the slice
+    try:
+        if fuel.exit_request:
+            address = ctypes.addressof(fuel)
+            _fuel.enter(address)
+            try:
+                uc.emu_start(eip, until)
+            finally:
+                _fuel.leave(address)
+            if fuel.reason == REASON_BUDGET:
+                fuel.budget = 0  # time is the budget here: the slice is over
+            return 0
+        if NATIVE:
+            uc.emu_start(eip, until)
+            return 0
+        count = max(1, fuel.budget)
+        uc.emu_start(eip, until, count=count)
+        return int(count)
+    finally:
+        fuel.mark = time.thread_time_ns()
+        fuel.left -= fuel.mark - used
+
+
+def count_spent(fuel: Fuel, count: int) -> None:
+    """The fallback's count ran out: account the instructions as the slice's budget."""
+    fuel.reason = REASON_BUDGET
+    fuel.budget -= count
+    fuel.blocks += count

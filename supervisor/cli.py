@@ -335,8 +335,8 @@ def _summary(
         str(counts["finished"]),
         str(counts["failed"]),
         str(counts["died"]),
-        f"{blocks:,}",
-        f"{blocks / wall:,.0f}" if wall > 0 else "-",
+        f"{blocks:,}" if blocks else "-",  # "-": not counted (the exit-request path)
+        f"{blocks / wall:,.0f}" if wall > 0 and blocks else "-",
         f"{cpu:.2f}s",
         f"{wall:.2f}s",
     )

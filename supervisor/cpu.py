@@ -155,7 +155,7 @@ class LgCpu:
 
         The only call any thread may make; the event loop uses :meth:`wake`.
         """
-        self.fuel.stop = 1
+        _slicing.kick(self.fuel)
 
     # -- event loop -------------------------------------------------------------------
     def wake(self) -> None:
@@ -284,6 +284,7 @@ class LgCpu:
         ``begin > end``); it runs on the slice's thread.  Held CPUs only; the CPU does
         not hibernate while it has such hooks."""
         uc = self.emulator
+        _slicing.exact_blocks(uc, self.fuel)  # code hooks must stop before an instruction
         hook = uc.hook_add(UC_HOOK_CODE, callback, begin=begin, end=end)
         uc.ctl_flush_tb()  # blocks translated before the hook would not call it
         self.code_hooks += 1
@@ -401,7 +402,7 @@ def _attach(
         limits=limits,
         lg=lg,
         uc=uc,
-        fuel=_slicing.attach(uc),
+        fuel=_slicing.attach(uc, count_blocks=limits.max_blocks is not None),
         regs=_unicorn.Registers(uc),
         host_address=host_address,
         tcg_buffer=tcg_buffer,

@@ -108,7 +108,10 @@ class Debugger:
         self._breakpoints: dict[int, Any] = {}
         self._step_hook: Any = None
         self._resume_eip = -1
-        self._resume_blocks = -1
+        # The breakpoint at _resume_eip is passed once, if nothing (an interrupt, a trap)
+        # was delivered since the resume: blocks are not counted on every path.
+        self._pass_once = False
+        self._resume_interrupts = -1
 
     # -- state ------------------------------------------------------------------
     @property
@@ -186,7 +189,8 @@ class Debugger:
         """Let a stopped guest run on (a breakpoint at the current address is passed once)."""
         cpu = self._check_stopped()
         self._resume_eip = cpu.eip
-        self._resume_blocks = cpu.fuel.blocks
+        self._pass_once = True
+        self._resume_interrupts = cpu.stats.interrupts
         self._parked = False
         self.file.resume()
 
@@ -251,10 +255,14 @@ class Debugger:
         if address in self._breakpoints:
             return
         trap = cpu.trap
-        fuel = cpu.fuel
 
         def on_code(uc: Any, at: int, _size: int, _data: object) -> None:
-            if at == self._resume_eip and fuel.blocks == self._resume_blocks + 1:
+            if (
+                at == self._resume_eip
+                and self._pass_once
+                and cpu.stats.interrupts == self._resume_interrupts
+            ):
+                self._pass_once = False
                 return  # the instruction we resume from runs once
             trap.debug = BREAKPOINT
             uc.emu_stop()

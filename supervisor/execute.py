@@ -137,7 +137,7 @@ def _pre_entry_exit(cpu: LgCpu) -> CpuExit | None:
     fuel = cpu.fuel
     if fuel.stop or cpu.closing:
         return CpuExit.KICK
-    if fuel.budget <= 0 or time.monotonic_ns() >= fuel.deadline:
+    if fuel.budget <= 0 or fuel.left <= 0:
         fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
         return CpuExit.BUDGET
     return None
@@ -155,8 +155,12 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
     cpu.slice_thread = threading.get_ident()
     start = time.perf_counter()
     blocks_before = fuel.blocks
-    length = TARGET_SLICE if budget is None else INLINE_TIME
-    fuel.deadline = time.monotonic_ns() + int(1e9 * length)
+    # A slice's length is CPU time from its first run on (see _slicing.run): Host work
+    # before that (delivering an interrupt, on a loaded machine milliseconds) must not
+    # use it up, or the guest's handler would wait for a whole trip through the
+    # executor's queue (docs/performance.md, "Latency and fairness under load").
+    fuel.left = int(1e9 * (TARGET_SLICE if budget is None else INLINE_TIME))
+    fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
     left = cpu.limits.blocks_left(fuel.blocks)
@@ -221,6 +225,7 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
     """
     trap = cpu.trap
     exit = CpuExit.EMULATION_ERROR
+    count = 0  # the fallback's instruction count (see _slicing.run)
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
@@ -228,13 +233,16 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         cpu.fuel.reason = _slicing.REASON_NONE
         error: UcError | None = None
         try:
-            cpu.uc.emu_start(cpu.eip, _NEVER)
+            count = _slicing.run(cpu.uc, cpu.fuel, cpu.eip, _NEVER)
         except UcError as exc:
             error = exc
         cpu.stats.exits += 1
         exit = classify(
             trap.vector, trap.debug, cpu.fuel.reason, None if error is None else error.errno
         )
+        if exit is CpuExit.HALT and count and not _after_hlt(cpu):
+            _slicing.count_spent(cpu.fuel, count)  # the fallback's count ran out
+            exit = CpuExit.BUDGET
         if trap.vector != DOUBLE_FAULT or not _spurious_double_fault(cpu):
             break
     if trap.vector in _unicorn.REMEMBERED:
@@ -255,6 +263,18 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         case _:
             pass
     return exit
+
+
+def _after_hlt(cpu: LgCpu) -> bool:
+    """Whether the instruction just before ``eip`` is ``hlt`` (the fallback's test).
+
+    On the fallback a quiet stop is either a ``hlt`` (eip is just past it) or the
+    count running out, which stops before an instruction.  Only a count running
+    out exactly on a jump target that directly follows a ``hlt`` byte looks the
+    same; that is taken for a ``hlt``.
+    """
+    where = guest_pa(cpu, (cpu.eip - 1) & 0xFFFFFFFF)
+    return where is not None and cpu.lg.read(where, 1) == bytes([_slicing.HLT])
 
 
 def _spurious_double_fault(cpu: LgCpu) -> bool:

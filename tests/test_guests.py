@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import Exit, Guest, GuestConfig, Supervisor
+from supervisor import Exit, Guest, GuestConfig, Supervisor, _slicing
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 SECTOR = 512
@@ -139,7 +139,9 @@ async def test_spinner_runs_until_killed(sup: Supervisor) -> None:
     guest = await sup.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
     with pytest.raises(TimeoutError):  # it never ends by itself
         await asyncio.wait_for(guest.wait(), 0.2)
-    assert guest.stats.blocks > 1000
+    assert guest.stats.run_time > 0.05
+    # Blocks are counted where the block hook meters slices (see _slicing.COUNTS_BLOCKS).
+    assert guest.stats.blocks > 1000 or not _slicing.COUNTS_BLOCKS
     result = await guest.kill()
     assert result.died and result.reason == "killed"
     assert guest.done

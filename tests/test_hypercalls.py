@@ -7,7 +7,7 @@ import struct
 import pytest
 from guestasm import boot, notified, run_to_end, until
 
-from supervisor import abi
+from supervisor import _slicing, abi
 
 
 async def reason(dev, body: str, ram_size: int = 1 << 20) -> str:
@@ -479,7 +479,8 @@ main:
     assert await notified(g) == 1
     stats = g.file.stats
     assert stats.hypercalls >= 2001
-    assert stats.exits < 20  # done inside the interrupt hook, not by stopping Unicorn
+    if _slicing.NATIVE:  # (the count= fallback also stops whenever a count runs out)
+        assert stats.exits < 20  # done inside the interrupt hook, not by stopping Unicorn
 
 
 async def test_a_slice_that_ends_after_a_local_hypercall_is_not_a_halt(dev):

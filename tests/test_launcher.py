@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import GuestConfig, GuestMemory, Supervisor
+from supervisor import GuestConfig, GuestMemory, Supervisor, _slicing
 from supervisor.launcher import block
 from supervisor.launcher.console import LineStream
 from supervisor.launcher.devices import MAX_DEVICES, Device, DeviceTable, Slot
@@ -342,7 +342,9 @@ async def test_stats_count_the_work() -> None:
         guest = await sup.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
         await guest.wait()
     stats = guest.stats
-    assert stats.blocks > 0 and stats.hypercalls >= 2 and stats.notifies == 1
+    assert stats.hypercalls >= 2 and stats.notifies == 1
+    # Blocks are counted where the block hook meters slices (see _slicing.COUNTS_BLOCKS).
+    assert stats.blocks > 0 or not _slicing.COUNTS_BLOCKS
     assert stats.run_time > 0
 
 

@@ -40,7 +40,7 @@ async def test_run_time_budget_from_config_kills_the_spinner():
 async def test_supervisor_guest_limit_refuses_the_extra_guest_only():
     async with Supervisor(max_guests=1) as sup:
         first = await sup.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
-        await until(lambda: first.stats.blocks > 0)  # the first one runs
+        await until(lambda: first.stats.run_time > 0)  # the first one runs
         second = await sup.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
         result = await asyncio.wait_for(second.wait(), 10)
         assert result.died and result.reason == "cannot start: Cannot allocate memory"

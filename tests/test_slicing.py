@@ -1,0 +1,176 @@
+"""The slice meter on its own: exact stops, kicks that are never lost, the fallback.
+
+These run on whichever path this process uses (``supervisor._slicing.PATH``;
+``LGUEST_SLICING=count`` selects the fallback, and .ci/run runs the suite both ways).
+"""
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from guestasm import boot, until
+from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
+from unicorn import x86_const as r
+
+from supervisor import _slicing
+from supervisor.abi import LHREQ_IRQ, pack_words
+
+# loop: inc dword [0x2000]; inc ebx; jmp loop.  The memory counter equals ebx, or
+# ebx + 1 when stopped between the two; a replayed write makes it larger.
+REPLAY_LOOP = bytes.fromhex("ff050020000043ebf7")
+LOOP_AT = 0x1000
+NEVER = 1 << 32
+
+
+def bare_cpu() -> tuple[Uc, _slicing.Fuel]:
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.ctl_set_tcg_buffer_size(1 << 20)
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    uc.mem_map(0, 0x10000, UC_PROT_ALL)
+    uc.mem_write(LOOP_AT, REPLAY_LOOP)
+    uc.reg_write(r.UC_X86_REG_EIP, LOOP_AT)
+    return uc, _slicing.attach(uc)
+
+
+def run_once(uc: Uc, fuel: _slicing.Fuel, seconds: float) -> None:
+    fuel.stop = 0
+    fuel.reason = _slicing.REASON_NONE
+    fuel.budget = 20_000
+    fuel.left = int(seconds * 1e9)
+    fuel.mark = 0
+    count = _slicing.run(uc, fuel, uc.reg_read(r.UC_X86_REG_EIP), NEVER)
+    if count and fuel.reason == _slicing.REASON_NONE:
+        _slicing.count_spent(fuel, count)
+
+
+def test_stops_from_another_thread_and_deadlines_never_replay_a_write():
+    uc, fuel = bare_cpu()
+    done = threading.Event()
+
+    def kicker() -> None:
+        while not done.wait(0.0002):
+            _slicing.kick(fuel)
+
+    thread = threading.Thread(target=kicker)
+    thread.start()
+    stops = 0
+    try:
+        for _ in range(2_000):
+            run_once(uc, fuel, 0.0003)
+            stops += fuel.reason != _slicing.REASON_NONE
+            memory = int.from_bytes(uc.mem_read(0x2000, 4), "little")
+            ebx = uc.reg_read(r.UC_X86_REG_EBX)
+            eip = uc.reg_read(r.UC_X86_REG_EIP)
+            assert eip in (LOOP_AT, LOOP_AT + 6, LOOP_AT + 7), hex(eip)
+            assert memory == ebx + (eip == LOOP_AT + 6), (memory, ebx, hex(eip))
+    finally:
+        done.set()
+        thread.join()
+    assert stops == 2_000
+    assert uc.reg_read(r.UC_X86_REG_EBX) > 0
+
+
+def test_a_kick_before_the_run_starts_still_ends_it():
+    if not _slicing.NATIVE:
+        pytest.skip("the fallback sees a kick only between runs (run_slice checks `stop` first)")
+    uc, fuel = bare_cpu()
+    for _ in range(200):
+        fuel.reason = _slicing.REASON_NONE
+        fuel.budget = 1 << 40
+        fuel.left = 60 * 10**9
+        fuel.mark = 0
+        fuel.stop = 0
+        _slicing.kick(fuel)
+        finished = threading.Event()
+
+        def one_run(finished: threading.Event = finished) -> None:
+            _slicing.run(uc, fuel, uc.reg_read(r.UC_X86_REG_EIP), NEVER)
+            finished.set()
+
+        thread = threading.Thread(target=one_run)
+        thread.start()
+        assert finished.wait(10), "a kick sent before emu_start began was lost"
+        thread.join()
+        assert fuel.reason == _slicing.REASON_STOP
+
+
+async def test_hlt_halts_until_an_irq_on_every_path(dev):
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $512, lguest_data
+1:  hlt
+    incl wakes
+    jmp 1b
+handler:
+    incl irqs
+    iret
+.data
+wakes: .long 0
+irqs: .long 0
+""",
+    )
+    reader = asyncio.create_task(g.file.read(8))
+    cpu = g.file._lg.cpus[0]
+    for n in (1, 2, 3):
+        await until(lambda: cpu.halted)
+        slices = g.file.stats.slices
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert g.file.stats.slices == slices, "a halted guest kept running"
+        assert g.u32("wakes") == n - 1
+        assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+        await until(lambda n=n: g.u32("wakes") == n)
+    assert g.u32("irqs") == 3
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+        check=True,
+    )
+
+
+BLOCK_FUEL = """
+import importlib.abc, sys, warnings
+class NoExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "supervisor._fuel":
+            raise ImportError("no C compiler at install time")
+sys.meta_path.insert(0, NoExtension())
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from supervisor import _slicing
+print(_slicing.PATH)
+for w in caught:
+    print("WARNING", w.message)
+"""
+
+
+def test_without_the_extension_the_fallback_runs_and_says_so_once():
+    out = _python(BLOCK_FUEL, LGUEST_SLICING="").stdout.splitlines()
+    assert out[0] == "emu_start(count=) fallback"
+    warnings = [line for line in out if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert "C compiler" in warnings[0] and "apt-get install gcc" in warnings[0]
+
+
+def test_the_environment_selects_the_fallback_quietly():
+    code = BLOCK_FUEL.replace("sys.meta_path.insert(0, NoExtension())", "")
+    out = _python(code, LGUEST_SLICING="count").stdout.splitlines()
+    assert out == ["emu_start(count=) fallback"]
+    out = _python(code, LGUEST_SLICING="hook").stdout.splitlines()
+    assert out == ["native block hook"]
