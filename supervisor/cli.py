@@ -11,6 +11,9 @@
     any; the address is printed on stderr).  ``--restore`` continues a snapshot.
 ``snapshot IMAGE -o FILE --after-lines N`` (or ``--after SECONDS``)
     Run the guest (console on stdout), snapshot it at that point, save, stop.
+``build SOURCES... -o OUT [-O2] [-g] [-I DIR] [-D NAME[=VALUE]] [-W...]``
+    Compile C (and ``.S``) sources into a guest image (ELF32) linked with the
+    guest runtime and musl (``supervisor.sdk``; needs the ``sdk`` extra).
 ``swarm -n N IMAGE``
     N copies with no console; live progress on stderr when it is a terminal,
     then a summary table on stdout.  Exit status 0 when every guest powered
@@ -81,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--after-lines", type=int, help="once the console printed N lines")
     when.add_argument("--after", type=float, help="after SECONDS of wall time")
     common(snap)
+
+    build = sub.add_parser("build", help="compile C guests into an image (needs the sdk extra)")
+    build.add_argument("sources", nargs="+", help=".c / .S sources")
+    build.add_argument("-o", "--output", required=True, help="image to write (ELF32)")
+    build.add_argument("-O", dest="optimize", choices=["0", "1", "2", "3", "s", "z"])
+    build.add_argument("-g", dest="debug", action="store_true", help="DWARF for gdb")
+    build.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR")
+    build.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]")
+    build.add_argument("-W", dest="warnings", action="append", default=[], metavar="WARNING")
+    build.add_argument("--stack-size", help="the guest's stack, e.g. 256K (default 64K)")
 
     swarm = sub.add_parser("swarm", help="run N copies of a guest and summarize")
     swarm.add_argument("-n", type=int, default=10, help="how many guests (default 10)")
@@ -268,9 +281,38 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+def build_image(args: argparse.Namespace) -> int:
+    """``build``: compile and link a C guest; compiler output goes to stderr."""
+    from . import sdk
+    from .config import parse_size
+
+    try:
+        stack = parse_size(args.stack_size) if args.stack_size else None
+        options = sdk.BuildOptions(
+            optimize=args.optimize,
+            debug=args.debug,
+            include_dirs=args.include_dirs,
+            defines=args.defines,
+            warnings=args.warnings,
+            stack_size=stack,
+        )
+        out = sdk.build(args.sources, args.output, options)
+    except sdk.BuildError as exc:
+        print(str(exc), file=sys.stderr)
+        print("supervisor: error: build failed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (sdk.ToolchainError, FileNotFoundError, ValueError) as exc:
+        print(f"supervisor: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"built {out} ({out.stat().st_size} bytes)", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
     args = build_parser().parse_args(argv)
+    if args.command == "build":
+        return build_image(args)
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:

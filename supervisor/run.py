@@ -24,7 +24,7 @@ from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
-from . import _exceptions, _slicing, hypercalls, interrupts, timers
+from . import _exceptions, _fault_code, _slicing, hypercalls, interrupts, timers
 from .abi import LGUEST_TRAP_ENTRY
 from .cpu import LgCpu
 from .pagetables import guest_pa
@@ -282,7 +282,8 @@ def _reflect_trap(cpu: LgCpu, vector: int) -> None:
     if vector == interrupts.PAGE_FAULT:
         detail = cpu.reg(r.UC_X86_REG_CR2)
         interrupts.report_page_fault(cpu, detail)
-        error_code = 1 if guest_pa(cpu, detail) is not None else 0
+        code = _fault_code.page_fault_error_code(cpu.uc)  # present, write, user: Unicorn's
+        error_code = code if code is not None else int(guest_pa(cpu, detail) is not None)
     if not interrupts.deliver_trap(cpu, vector, error_code):
         cpu.lg.kill(f"unhandled trap {vector} at {cpu.eip:#x} ({detail:#x})")
 

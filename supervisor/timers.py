@@ -7,14 +7,56 @@ and no interrupt costs nothing.  Only the event loop may call these.
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 import time
+from typing import Any
+
+from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
+from unicorn import x86_const as r
 
 from .abi import LGUEST_DATA_TIME
 from .cpu import LgCpu
 
 CLOCK_IRQ = 0
 _TIMESPEC = struct.Struct("<II")
+_CALIBRATION_NS = 20_000_000  # the shortest baseline tsc_khz is measured over
+
+
+def _rdtsc_probe() -> Any:
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.ctl_set_tcg_buffer_size(1 << 20)
+    uc.mem_map(0, 0x1000)
+    uc.mem_write(0, b"\x0f\x31")  # rdtsc
+    return uc
+
+
+def _read_tsc(uc: Any) -> tuple[int, int]:
+    """(guest TSC, host perf_counter_ns) read as close together as possible."""
+    t0 = time.perf_counter_ns()
+    uc.emu_start(0, 2)
+    t1 = time.perf_counter_ns()
+    return uc.reg_read(r.UC_X86_REG_EDX) << 32 | uc.reg_read(r.UC_X86_REG_EAX), (t0 + t1) // 2
+
+
+_PROBE = _rdtsc_probe()
+_BASELINE = _read_tsc(_PROBE)  # taken at import, so the first guest rarely waits
+
+
+@functools.cache
+def tsc_khz() -> int:
+    """Guest ``rdtsc`` ticks per millisecond (``lguest_data.tsc_khz``).
+
+    Unicorn's ``rdtsc`` reads the host's time stamp counter, so a guest's TSC
+    counts real time; its rate is measured once per process against
+    ``time.perf_counter_ns`` over at least 20 ms since this module was imported.
+    """
+    tsc0, ns0 = _BASELINE
+    elapsed = time.perf_counter_ns() - ns0
+    if elapsed < _CALIBRATION_NS:
+        time.sleep((_CALIBRATION_NS - elapsed) / 1e9)
+    tsc1, ns1 = _read_tsc(_PROBE)
+    return max(1, round((tsc1 - tsc0) * 1_000_000 / (ns1 - ns0)))
 
 
 def set_clockevent(cpu: LgCpu, delta_ns: int) -> None:

@@ -119,6 +119,7 @@ class BuildOptions:
     defines: list[str] = field(default_factory=list)  # NAME or NAME=VALUE
     warnings: list[str] = field(default_factory=list)  # the part after -W
     stack_size: int | None = None  # bytes; default 64 KiB
+    extra_cflags: list[str] = field(default_factory=list)  # passed to the compiler as they are
 
     def cflags(self) -> list[str]:
         flags = [f"-O{self.optimize}"] if self.optimize is not None else []
@@ -127,7 +128,7 @@ class BuildOptions:
         flags += [f"-I{os.path.abspath(d)}" for d in self.include_dirs]
         flags += [f"-D{d}" for d in self.defines]
         flags += [f"-W{w}" for w in self.warnings]
-        return flags
+        return flags + self.extra_cflags
 
 
 def build(

@@ -11,6 +11,7 @@
         .type   _lguest_start, @function
 _lguest_start:
         cld
+        fninit                                  /* x87 as a process gets it: control word 0x37f */
         movl    %esi, %edx                      /* boot info: kept in edx */
         movl    $__bss_start, %edi
         movl    $__bss_end, %ecx

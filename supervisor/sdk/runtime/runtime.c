@@ -35,6 +35,7 @@ struct lguest_data lguest_data __attribute__((aligned(16)));
 static struct lguest_boot_info boot_copy;
 const struct lguest_boot_info *const lguest_boot_info = &boot_copy;
 static char cmdline_copy[2048];
+static char argv_buf[2048]; /* the command line again, cut into argv */
 static uint64_t gdt[LGUEST_GDT_ENTRIES] __attribute__((aligned(8)));
 static lguest_irq_handler irq_handlers[LGUEST_IRQS];
 static volatile uint32_t clock_fired;
@@ -693,7 +694,8 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
     int argc = 0;
     char **v = start_vec;
     v[argc++] = (char *)__lguest_progname;
-    for (char *p = cmdline_copy; *p && argc < MAX_ARGS;) {
+    memcpy(argv_buf, cmdline_copy, sizeof argv_buf);
+    for (char *p = argv_buf; *p && argc < MAX_ARGS;) {
         while (*p == ' ' || *p == '\t' || *p == '\n') *p++ = 0;
         if (!*p) break;
         v[argc++] = p;
