@@ -250,3 +250,77 @@ def test_builds_are_deterministic_and_keep_symbols(tmp_path: Path) -> None:
     done = _cli("build", str(PORTABLE), "-o", str(debug), "-g")
     assert done.returncode == 0, done.stderr
     assert b".debug_line" in debug.read_bytes()
+
+
+# -- the C guests in guests/c -------------------------------------------------------------
+
+GUESTS = HERE.parent / "guests"
+PINNED_ZIG = "0.17.1"  # pyproject.toml's sdk extra: the version the images were built with
+
+
+def test_committed_c_guests_rebuild_byte_identical() -> None:
+    toolchain = _toolchain()
+    if toolchain.version != PINNED_ZIG:
+        pytest.skip(f"images were built with Zig {PINNED_ZIG}, this is {toolchain.version}")
+    names = [f"c/{src.stem}" for src in sorted((GUESTS / "c").glob("*.c"))]
+    assert len(names) >= 5
+    done = subprocess.run(
+        [sys.executable, str(GUESTS / "build.py"), "--check", *names],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == len(names)
+
+
+async def test_c_hello() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "hello.elf")
+    assert lines == ["Hello from an lguest guest!"]
+    assert result == Exit(0, "power off", 0, died=False)
+
+
+async def test_c_echo() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "echo.elf", stdin="hello\nquit\nmore\n")
+    assert lines == ["hello", "quit", "bye"]
+    assert result.ok
+    lines, result = await run_guest(GUESTS / "c" / "echo.elf", stdin="no quit\nat all")
+    assert lines == ["no quit", "at all"]
+    assert result.ok
+
+
+async def test_c_ticker() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "ticker.elf", cmdline="ticks=3 period_ms=1")
+    assert lines == ["tick 1", "tick 2", "tick 3", "done"]
+    assert result.ok
+
+
+async def test_c_blockcopy(tmp_path: Path) -> None:
+    data = os.urandom(20 * 512)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(data)
+    async with Supervisor() as sup:
+        image = GUESTS / "c" / "blockcopy.elf"
+        guest = await sup.launch(GuestConfig(image=image, memory="1M", block=disk))
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in guest.console] == ["blockcopy ok"]
+            assert (await guest.wait()).ok
+        after = disk.read_bytes()
+        assert after[8 * 512 : 16 * 512] == data[: 8 * 512]
+        assert after[16 * 512 :] == data[16 * 512 :]
+        guest = await sup.launch(
+            GuestConfig(image=image, memory="1M", block=disk, block_readonly=True)
+        )
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in guest.console] == ["read-only block device"]
+            assert (await guest.wait()).exit_status == 3
+        guest = await sup.launch(GuestConfig(image=image, memory="1M"))
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in guest.console] == ["no block device"]
+            assert (await guest.wait()).exit_status == 2
+
+
+async def test_c_sieve_checksum() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "sieve.elf", cmdline="n=100000", memory="1M")
+    assert lines == ["primes up to 100000: 9592, checksum 454396537"]
+    assert result.ok
