@@ -21,6 +21,7 @@ from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
 from . import guests
+from .bench_c import c_compute
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -809,4 +810,5 @@ FIGURES: dict[str, Figure] = {
     "halted": halted_guests,
     "spinners": spinners,
     "startup": startup,
+    "c_compute": c_compute,
 }
