@@ -29,7 +29,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
@@ -100,6 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("image", help="flat binary or ELF32 image")
     swarm.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb for one guest")
     swarm.add_argument("--gdb-guest", type=int, default=0, help="that guest's index (default 0)")
+    swarm.add_argument(
+        "--console",
+        choices=["none", "prefix", "tail"],
+        default="none",
+        help="guest output: none; prefix (every line on stdout as NAME: LINE); "
+        "tail (the last lines of each guest in a table at the end)",
+    )
+    swarm.add_argument(
+        "--tail-lines", type=int, default=3, help="lines per guest kept by --console tail"
+    )
     common(swarm)
     return parser
 
@@ -201,9 +211,19 @@ async def snapshot_to_file(
 
 
 async def run_swarm(
-    config: GuestConfig, n: int, gdb: str | None = None, gdb_guest: int = 0
+    config: GuestConfig,
+    n: int,
+    gdb: str | None = None,
+    gdb_guest: int = 0,
+    console: str = "none",
+    tail_lines: int = 3,
 ) -> int:
-    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status."""
+    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
+
+    ``console``: ``"none"`` ignores guest output; ``"prefix"`` prints each line on
+    stdout as ``NAME: LINE`` as it arrives; ``"tail"`` keeps the last
+    ``tail_lines`` lines of each guest and prints them in a table at the end.
+    """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -220,13 +240,27 @@ async def run_swarm(
     )
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    tails: dict[str, deque[str]] = {}
+    outcomes: dict[str, str] = {}
+
+    async def pump(guest: Guest) -> None:
+        tail = tails[guest.name] = deque(maxlen=tail_lines)
+        async for line in guest.console:
+            if console == "prefix":
+                print(f"{guest.name}: {line}", flush=True)
+            else:
+                tail.append(line)
+
     started = time.perf_counter()
     async with Supervisor() as sup:
         guests = []
+        pumps = []
         for i in range(n):
             update = {"name": f"{config.display_name}-{i}", "gdb": gdb if i == gdb_guest else None}
             named = config.model_copy(update=update)
             guests.append(await launch(sup, named))
+            if console != "none":
+                pumps.append(asyncio.create_task(pump(guests[-1])))
         with progress:
             bar = progress.add_task("swarm", total=n, state="")
             for next_done in asyncio.as_completed([g.wait() for g in guests]):
@@ -236,9 +270,14 @@ async def run_swarm(
                     reasons[result.reason] += 1
                 state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 progress.update(bar, advance=1, state=state)
+        await asyncio.gather(*pumps)
         wall = time.perf_counter() - started
         stats = [g.stats for g in guests]
+        for g in guests:
+            outcomes[g.name] = _outcome(await g.wait())
     _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    if console == "tail":
+        _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
 
 
@@ -270,6 +309,19 @@ def _summary(
     out.print(table)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
+
+
+def _tails(tails: dict[str, deque[str]], outcomes: dict[str, str]) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="last console lines")
+    for column in ("guest", "outcome", "console"):
+        table.add_column(column)
+    for name, lines in tails.items():
+        table.add_row(name, outcomes.get(name, "-"), Text("\n".join(lines)))
+    RichConsole(file=sys.stdout).print(table)
 
 
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -332,10 +384,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cmdline": args.cmdline,
                 **limit_fields(args),
             }
+            if args.tail_lines < 1:
+                raise BadInput("--tail-lines must be at least 1")
             config = GuestConfig.build(
-                console="null", **{k: v for k, v in fields.items() if v is not None}
+                console="null" if args.console == "none" else "capture",
+                **{k: v for k, v in fields.items() if v is not None},
             )
-            coro = run_swarm(config, args.n, args.gdb, args.gdb_guest)
+            coro = run_swarm(
+                config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines
+            )
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             return runner.run(coro)
     except (BadInput, ConfigError) as exc:
