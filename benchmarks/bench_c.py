@@ -85,9 +85,7 @@ class RawSieve:
 
 
 async def _supervised(sup: Supervisor, n: int, rounds: int) -> tuple[float, str]:
-    guest = await sup.launch(
-        GuestConfig(image=SIEVE, memory=RAM, cmdline=f"n={n} rounds={rounds}")
-    )
+    guest = await sup.launch(GuestConfig(image=SIEVE, memory=RAM, cmdline=f"n={n} rounds={rounds}"))
     lines = aiter(guest.console)
     first = await anext(lines)
     assert first.startswith("sieve "), first

@@ -10,6 +10,7 @@ present = 0, write to it = 2, write to a present read-only page with CR0.WP = 3)
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Any
 
@@ -39,10 +40,8 @@ def _fault_context(code: bytes) -> bytes:
         uc.emu_stop()
 
     uc.hook_add(UC_HOOK_INTR, on_intr)
-    try:
+    with contextlib.suppress(UcError):  # the fault ends emulation
         uc.emu_start(0x3000, 0x3000 + len(code))
-    except UcError:
-        pass
     return seen[0] if seen else b""
 
 

@@ -39,7 +39,9 @@ def strip_debug(data: bytes) -> bytes:
         return data
     new_index = {old: new for new, old in enumerate(keep)}
     loose = [i for i in keep if i and not shdrs[i][2] & SHF_ALLOC and shdrs[i][1] != SHT_NOBITS]
-    cut = min((shdrs[i][4] for i, sh in enumerate(shdrs) if i and not sh[2] & SHF_ALLOC), default=shoff)
+    cut = min(
+        (shdrs[i][4] for i, sh in enumerate(shdrs) if i and not sh[2] & SHF_ALLOC), default=shoff
+    )
     out = bytearray(data[:cut])
     for i in loose:
         sh = shdrs[i]
