@@ -25,9 +25,9 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from . import sdk, testing
 from .device import LguestDevice
@@ -35,15 +35,31 @@ from .host import Supervisor
 
 BuildGuest = Callable[..., Path]
 
+_NO_ASYNCIO = "lguest_device and lguest_supervisor need pytest-asyncio (pip install pytest-asyncio)"
 
-@pytest_asyncio.fixture
+
+def _async_fixture(fn: Callable[[], AsyncIterator[Any]]) -> Any:
+    """A pytest-asyncio fixture; without pytest-asyncio (the plugin loads wherever
+    pytest runs) a fixture that skips the test and says what to install."""
+    try:
+        import pytest_asyncio
+    except ImportError:
+
+        def skip() -> None:
+            pytest.skip(_NO_ASYNCIO)
+
+        return pytest.fixture(name=fn.__name__)(skip)
+    return pytest_asyncio.fixture(fn)
+
+
+@_async_fixture
 async def lguest_device() -> AsyncIterator[LguestDevice]:
     """An open LguestDevice, closed (every guest on it stopped) after the test."""
     async with LguestDevice() as dev:
         yield dev
 
 
-@pytest_asyncio.fixture
+@_async_fixture
 async def lguest_supervisor() -> AsyncIterator[Supervisor]:
     """A Supervisor; leaving the test kills what still runs and closes its device."""
     async with Supervisor() as sup:

@@ -3,6 +3,7 @@ passes under pytest-asyncio in strict mode and in auto mode."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -43,3 +44,24 @@ def test_the_plugin_is_registered() -> None:
 
     names = {ep.name: ep.value for ep in entry_points(group="pytest11")}
     assert names.get("lguest") == "supervisor.pytest_plugin"
+
+
+def test_without_pytest_asyncio_the_async_fixtures_skip_and_say_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocked" / "pytest_asyncio"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('not installed')\n")
+    (tmp_path / "test_x.py").write_text(
+        "def test_uses_it(lguest_supervisor):\n    raise AssertionError('not reached')\n"
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:asyncio", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "blocked")},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 skipped" in done.stdout
+    assert "need pytest-asyncio" in done.stdout
