@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -328,3 +329,39 @@ async def test_c_sieve_checksum() -> None:
     lines, result = await run_guest(GUESTS / "c" / "sieve.elf", cmdline="n=100000", memory="1M")
     assert lines == ["sieve n=100000 rounds=1", "primes up to 100000: 9592, checksum 454396537"]
     assert result.ok
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_a_g_build_shows_c_source_lines_in_gdb(tmp_path: Path) -> None:
+    _toolchain()
+    image = tmp_path / "sieve.elf"
+    done = _cli("build", str(GUESTS / "c" / "sieve.c"), "-o", str(image), "-g", "-O1")
+    assert done.returncode == 0, done.stderr
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", str(image), "--memory", "4M",
+         "--cmdline", "n=1000", "--gdb", "127.0.0.1:0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert sup.stderr is not None
+        banner = sup.stderr.readline()
+        host, port = banner.split()[-1].rsplit(":", 1)
+        gdb = subprocess.run(
+            [str(shutil.which("gdb")), "-batch", "-nx",
+             "-ex", "set architecture i386",
+             "-ex", f"target remote {host}:{port}",
+             "-ex", "break sieve_rounds",
+             "-ex", "continue",
+             "-ex", "bt 2",
+             "-ex", "delete",
+             "-ex", "continue", str(image)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        out, _err = sup.communicate(timeout=60)
+    finally:
+        sup.kill()
+    assert re.search(r"sieve_rounds \(composite=.*n=1000, rounds=1.*at sieve\.c:\d+", gdb.stdout), (
+        gdb.stdout + gdb.stderr
+    )
+    assert re.search(r"in main \(argc=2, argv=.*at sieve\.c:\d+", gdb.stdout)
+    assert out.endswith("primes up to 1000: 168, checksum 76127\n")
