@@ -13,7 +13,8 @@ Usage:
     python3 guests/build.py --check      # rebuild in a temp dir, compare with
                                          # the committed outputs (or --out DIR),
                                          # exit 1 on any difference/missing file
-    python3 guests/build.py NAME ...     # only these guests (e.g. hello ticker)
+    python3 guests/build.py NAME ...     # only these guests (e.g. hello ticker c/hello)
+    python3 guests/build.py --only asm   # only the assembly (or: c) guests
 Stdlib only (Python 3.11); needs binutils (as, ld, objcopy) for i386.
 
 The C guests (guests/c/NAME.c) are built with ``supervisor.sdk`` (-O2), which
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="output directory (default: guests/)")
     ap.add_argument("--check", action="store_true",
                     help="rebuild in a temp dir; fail if committed outputs differ")
-    ap.add_argument("names", nargs="*", help="guest names (default: all *.S)")
+    ap.add_argument("--only", choices=["asm", "c"], help="only the assembly or only the C guests")
+    ap.add_argument("names", nargs="*", help="guest names (default: all *.S and c/*.c)")
     args = ap.parse_args(argv)
 
     if args.names:
@@ -151,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         c_srcs = c_sources(c_names) if c_names else []
     else:
         srcs, c_srcs = sources(), c_sources()
+    if args.only == "asm":
+        c_srcs = []
+    elif args.only == "c":
+        srcs = []
     if not srcs and not c_srcs:
         print("no guest sources found", file=sys.stderr)
         return 1
