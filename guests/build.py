@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the toy lguest guests: guests/*.S -> guests/*.img (+ hello.elf), guests/c/*.c -> guests/c/*.elf.
+"""Build the toy lguest guests: guests/*.S -> *.img (+ hello.elf), guests/c/*.c -> c/*.elf.
 
 Each NAME.S is assembled with ``as --32`` (with ``-I guests`` so that
 ``.include "lguest.inc"`` works), linked with ``ld -m elf_i386`` using
