@@ -16,8 +16,14 @@ from supervisor import sdk
 SUITE = Path(__file__).resolve().parent / "plugin_suite" / "suite_guests.py"
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pytest cache for both runs: the second finds the first's images."""
+    return tmp_path_factory.mktemp("plugin-cache")
+
+
 @pytest.mark.parametrize("mode", ["strict", "auto"])
-def test_fixture_only_suite_passes(mode: str, tmp_path: Path) -> None:
+def test_fixture_only_suite_passes(mode: str, tmp_path: Path, shared_cache: Path) -> None:
     try:
         sdk.find_toolchain()
     except sdk.ToolchainError as exc:
@@ -27,6 +33,7 @@ def test_fixture_only_suite_passes(mode: str, tmp_path: Path) -> None:
     shutil.copy(SUITE, tmp_path / "test_suite.py")
     (tmp_path / "pytest.ini").write_text(
         f"[pytest]\nasyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
+        f"cache_dir = {shared_cache}\n"
     )
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", str(tmp_path)],
