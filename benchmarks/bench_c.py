@@ -22,6 +22,7 @@ from supervisor.cpu import CR0_PE, CR0_PG, CR4_PSE, DEFAULT_TCG_BUFFER
 from supervisor.launcher.layout import build_pagetables, plan, write_boot_info
 from supervisor.launcher.loader import load_image, read_image
 from supervisor.memory import GuestMemory
+from supervisor.sdk.elfstrip import symbols as elf_symbols
 
 from .harness import Profile, Result, now
 
@@ -30,28 +31,11 @@ RAM = 8 << 20
 N = 1_000_000
 
 
-def _symbols(path: Path) -> dict[str, int]:
-    """Function and object symbols of an ELF32 file (its .symtab)."""
-    data = path.read_bytes()
-    shoff, _f, _eh, _phe, _phn, shentsize, shnum, _shstr = struct.unpack_from("<IIHHHHHH", data, 32)
-    sections = [struct.unpack_from("<10I", data, shoff + i * shentsize) for i in range(shnum)]
-    out: dict[str, int] = {}
-    for sh in sections:
-        if sh[1] != 2:  # SHT_SYMTAB
-            continue
-        strtab = sections[sh[6]]
-        for off in range(sh[4], sh[4] + sh[5], 16):
-            name, value = struct.unpack_from("<II", data, off)
-            start = strtab[4] + name
-            out[data[start : data.index(b"\0", start)].decode()] = value
-    return out
-
-
 class RawSieve:
     """sieve.elf in a bare Unicorn: call ``sieve_rounds(buf, n, rounds, &sum)``."""
 
     def __init__(self) -> None:
-        self.symbols = _symbols(SIEVE)
+        self.symbols = elf_symbols(SIEVE.read_bytes())
         layout = plan(RAM)
         self.memory = GuestMemory(layout.pfn_limit * 4096)
         load_image(read_image(SIEVE), self.memory.view, layout)

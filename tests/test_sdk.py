@@ -20,6 +20,7 @@ import pytest
 
 from supervisor import Exit, GuestConfig, Supervisor, sdk
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.sdk.elfstrip import symbols
 
 HERE = Path(__file__).resolve().parent
 PORTABLE = HERE / "c" / "portable.c"
@@ -363,3 +364,31 @@ def test_a_g_build_shows_c_source_lines_in_gdb(tmp_path: Path) -> None:
     )
     assert re.search(r"in main \(argc=2, argv=.*at sieve\.c:\d+", gdb.stdout)
     assert out.endswith("primes up to 1000: 168, checksum 76127\n")
+
+
+async def test_a_stack_overflow_hits_the_guard_page(build_guest: BuildGuest) -> None:
+    """The stack (64 KiB by default) sits above an unmapped guard page."""
+    source = r"""
+#include <stdio.h>
+static int deep(int n) {
+    volatile char pad[512];
+    pad[0] = (char)n;
+    return n ? deep(n - 1) + pad[0] : 0;
+}
+int main(int argc, char **argv) {
+    printf("%d\n", deep(argc > 1 ? 100000 : 10));
+    return 0;
+}
+"""
+    image = build_guest(source, flags=["-O1"])
+    lines, result = await run_guest(image)
+    assert result.ok and lines == ["55"]  # shallow: fine
+    _lines, result = await run_guest(image, cmdline="deep")
+    assert result.died
+    # The Host cannot push the page fault's frame on a stack inside the guard page.
+    match = re.fullmatch(
+        r"cannot push interrupt frame: stack at (0x[0-9a-f]+) is not writable", result.reason
+    )
+    assert match, result.reason
+    guard = symbols(image.read_bytes())["__lguest_stack_guard"]
+    assert guard <= int(match[1], 16) < guard + 4096

@@ -1,4 +1,4 @@
-"""Drop DWARF (``.debug_*``) sections from an ELF32 executable, keeping its symbols.
+"""ELF32 helpers: drop DWARF (``.debug_*``) sections, keeping the symbols; read the symbols.
 
 Zig's linker either strips everything (symbols included) or keeps the DWARF of
 musl, which names the absolute path of Zig's installation; a guest image wants
@@ -68,3 +68,24 @@ def strip_debug(data: bytes) -> bytes:
         out += _SHDR.pack(*shdrs[i])
     _EHDR.pack_into(out, 0, *ehdr)
     return bytes(out)
+
+
+def symbols(data: bytes) -> dict[str, int]:
+    """Name -> value of every named symbol in an ELF32 file's ``.symtab``."""
+    shoff, shentsize, shnum = (
+        _EHDR.unpack_from(data)[6],
+        _EHDR.unpack_from(data)[11],
+        _EHDR.unpack_from(data)[12],
+    )
+    sections = [_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+    out: dict[str, int] = {}
+    for sh in sections:
+        if sh[1] != SHT_SYMTAB:
+            continue
+        strtab = sections[sh[6]]
+        for off in range(sh[4], sh[4] + sh[5], _SYM.size):
+            name, value = _SYM.unpack_from(data, off)[:2]
+            if name:
+                start = strtab[4] + name
+                out[data[start : data.index(b"\0", start)].decode()] = value
+    return out

@@ -42,7 +42,7 @@ static volatile uint32_t clock_fired;
 
 extern char __lguest_irq_stubs[], __lguest_noirq_start[], __lguest_noirq_end[];
 extern char __lguest_int80[], __lguest_pf_entry[], __lguest_vsyscall[];
-extern char _end[];
+extern char _end[], __lguest_stack_guard[];
 extern char __tdata_start[], __tdata_end[], __tbss_end[];
 extern char __lguest_tls_align[];
 /* The image's name (argv[0]); `supervisor build` defines it. */
@@ -122,6 +122,8 @@ __attribute__((noreturn)) void __lguest_page_fault(uint32_t error, uint32_t eip)
                   cr2, " (eip ", eip);
     }
     (void)kind;
+    if (cr2 - (uint32_t)__lguest_stack_guard < PAGE_SIZE)
+        crash_hex("stack overflow: access at ", cr2, " (eip ", eip);
     crash_hex((error & 2) ? "page fault: write at " : "page fault: read at ", cr2, " (eip ",
               eip);
     __builtin_unreachable();
@@ -638,13 +640,14 @@ static char *start_vec[MAX_ARGS + 3 + 16];
 static struct phdr32 tls_phdr;
 static uint8_t random_bytes[16];
 
-static void unmap_page0(void)
+/* Unmap the page at virtual `va` (low mapping) and tell the Host. */
+static void unmap_page(uint32_t va)
 {
     uint32_t pgdir = lguest_data.pgdir;
-    uint32_t pde = ((volatile uint32_t *)pgdir)[0];
+    uint32_t pde = ((volatile uint32_t *)pgdir)[va >> 22];
     if (!(pde & 1) || (pde & 0x80)) return; /* no table, or a 4 MiB page: leave it */
-    ((volatile uint32_t *)(pde & ~0xfffu))[0] = 0;
-    lguest_hcall(LHCALL_SET_PTE, pgdir, 0, 0);
+    ((volatile uint32_t *)(pde & ~0xfffu))[(va >> 12) & 1023] = 0;
+    lguest_hcall(LHCALL_SET_PTE, pgdir, va, 0);
 }
 
 __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_info *bi)
@@ -678,7 +681,8 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
     if (boot_copy.cmdline && boot_copy.cmdline_len < sizeof cmdline_copy)
         memcpy(cmdline_copy, (const char *)boot_copy.cmdline, boot_copy.cmdline_len);
     set_gate(14, __lguest_pf_entry, 0x8e00);
-    unmap_page0();
+    unmap_page(0);
+    unmap_page((uint32_t)__lguest_stack_guard);
 
     for (unsigned irq = 0; irq < LGUEST_IRQS; irq++)
         set_gate(LGUEST_IRQ_VECTOR_BASE + irq, __lguest_irq_stubs + 8 * irq, 0x8e00);
