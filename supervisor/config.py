@@ -9,6 +9,7 @@ limits) add optional fields here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -86,6 +87,18 @@ class GuestConfig(BaseModel):
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
+    # Seconds idle before the guest gives back its emulator: 0 at once, "off" (infinity)
+    # never, None the device's default (supervisor.hibernation).
+    hibernate_after: float | None = None
+
+    @field_validator("hibernate_after", mode="before")
+    @classmethod
+    def _hibernate_after(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return math.inf
+        if isinstance(value, int | float) and not value >= 0:
+            raise ValueError("must be a number of seconds >= 0, or 'off'")
+        return value
 
     @field_validator("gdb")
     @classmethod
