@@ -15,20 +15,13 @@ from typing import Any
 from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
 from unicorn import x86_const as r
 
+from . import _unicorn
 from .abi import LGUEST_DATA_TIME
 from .cpu import LgCpu
 
 CLOCK_IRQ = 0
 _TIMESPEC = struct.Struct("<II")
-_CALIBRATION_NS = 20_000_000  # the shortest baseline tsc_khz is measured over
-
-
-def _rdtsc_probe() -> Any:
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.ctl_set_tcg_buffer_size(1 << 20)
-    uc.mem_map(0, 0x1000)
-    uc.mem_write(0, b"\x0f\x31")  # rdtsc
-    return uc
+_CALIBRATION_NS = 20_000_000  # the baseline tsc_khz is measured over
 
 
 def _read_tsc(uc: Any) -> tuple[int, int]:
@@ -39,23 +32,25 @@ def _read_tsc(uc: Any) -> tuple[int, int]:
     return uc.reg_read(r.UC_X86_REG_EDX) << 32 | uc.reg_read(r.UC_X86_REG_EAX), (t0 + t1) // 2
 
 
-_PROBE = _rdtsc_probe()
-_BASELINE = _read_tsc(_PROBE)  # taken at import, so the first guest rarely waits
-
-
 @functools.cache
 def tsc_khz() -> int:
     """Guest ``rdtsc`` ticks per millisecond (``lguest_data.tsc_khz``).
 
     Unicorn's ``rdtsc`` reads the host's time stamp counter, so a guest's TSC
-    counts real time; its rate is measured once per process against
-    ``time.perf_counter_ns`` over at least 20 ms since this module was imported.
+    counts real time; its rate is measured on first use (the first
+    LGUEST_INIT of the process, which waits those 20 ms) against
+    ``time.perf_counter_ns``, with a throw-away Unicorn instance.
     """
-    tsc0, ns0 = _BASELINE
-    elapsed = time.perf_counter_ns() - ns0
-    if elapsed < _CALIBRATION_NS:
-        time.sleep((_CALIBRATION_NS - elapsed) / 1e9)
-    tsc1, ns1 = _read_tsc(_PROBE)
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    try:
+        uc.ctl_set_tcg_buffer_size(1 << 20)
+        uc.mem_map(0, 0x1000)
+        uc.mem_write(0, b"\x0f\x31")  # rdtsc
+        tsc0, ns0 = _read_tsc(uc)
+        time.sleep(_CALIBRATION_NS / 1e9)
+        tsc1, ns1 = _read_tsc(uc)
+    finally:
+        _unicorn.close(uc)
     return max(1, round((tsc1 - tsc0) * 1_000_000 / (ns1 - ns0)))
 
 
