@@ -18,6 +18,9 @@
     N copies with no console; live progress on stderr when it is a terminal,
     then a summary table on stdout.  Exit status 0 when every guest powered
     off with status 0, else 1.
+``swarm -n N IMAGE --cluster ray`` (or ``--cluster ray://HOST:PORT``)
+    The same on Ray workers (supervisor.cluster; ``--workers``,
+    ``--checkpoint-every SECONDS``), plus a table row per worker.
 
 Bad input (missing file, not an image, bad size, bad config, bad option) is
 one line ``supervisor: error: ...`` on stderr and exit status 2.
@@ -115,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swarm.add_argument(
         "--tail-lines", type=int, default=3, help="lines per guest kept by --console tail"
+    )
+    swarm.add_argument(
+        "--cluster",
+        metavar="ray|ray://HOST:PORT",
+        help="run on Ray workers: a local Ray ('ray') or the cluster at ray://HOST:PORT",
+    )
+    swarm.add_argument("--workers", type=int, help="with --cluster: how many (default: per CPU)")
+    swarm.add_argument(
+        "--checkpoint-every",
+        type=float,
+        metavar="SECONDS",
+        help="with --cluster: checkpoint every guest this often (a lost worker costs no guest)",
     )
     common(swarm)
     return parser
@@ -288,6 +303,71 @@ async def run_swarm(
     return 0 if counts["finished"] == n else 1
 
 
+async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespace) -> int:
+    """``swarm --cluster``: ``n`` copies on Ray workers; the table plus a row per worker."""
+    if args.cluster == "ray":
+        address = None
+    elif args.cluster.startswith("ray://"):
+        address = args.cluster
+    else:
+        raise BadInput(f"--cluster must be 'ray' or ray://HOST:PORT, not {args.cluster!r}")
+    if args.gdb is not None:
+        raise BadInput("--gdb cannot be used with --cluster")
+    if args.workers is not None and args.workers < 1:
+        raise BadInput("--workers must be at least 1")
+    if args.checkpoint_every is not None and not args.checkpoint_every > 0:
+        raise BadInput("--checkpoint-every must be a positive number of seconds")
+    try:
+        from .cluster import Cluster
+    except ImportError as exc:
+        raise BadInput(str(exc)) from None
+    counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    cluster = Cluster(address, args.workers, args.checkpoint_every)
+    try:
+        cl = await cluster.__aenter__()
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot use Ray at {args.cluster}: {reason}") from None
+    try:
+        started = time.perf_counter()  # the workers are up: time the guests only
+        guests = []
+        for i in range(n):
+            named = config.model_copy(update={"name": f"{config.display_name}-{i}"})
+            try:
+                guests.append(await cl.launch(named))
+            except (ImageError, ValueError) as exc:
+                raise BadInput(str(exc)) from None
+        for next_done in asyncio.as_completed([g.wait() for g in guests]):
+            result = await next_done
+            counts[_outcome(result)] += 1
+            if result.died:
+                reasons[result.reason] += 1
+        wall = time.perf_counter() - started
+        stats = [g.stats for g in guests]
+        workers = [
+            (w.name, w.node or "-", str(w.pid or "-"), w.placed, "alive" if w.alive else "lost")
+            for w in cl.workers
+        ]
+    finally:
+        await cl.aclose()
+    _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    _workers_table(workers)
+    return 0 if counts["finished"] == n else 1
+
+
+def _workers_table(rows: list[tuple[str, str, str, int, str]]) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+
+    table = Table(title="workers")
+    for column in ("worker", "node", "pid", "guests placed", "state"):
+        table.add_column(column, justify="right")
+    for name, node, pid, placed, state in rows:
+        table.add_row(name, node, pid, str(placed), state)
+    RichConsole(file=sys.stdout).print(table)
+
+
 def _outcome(result: Exit) -> str:
     if result.died:
         return "died"
@@ -397,9 +477,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console="null" if args.console == "none" else "capture",
                 **{k: v for k, v in fields.items() if v is not None},
             )
-            coro = run_swarm(
-                config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines
-            )
+            if args.cluster is not None:
+                if args.console != "none":
+                    raise BadInput("--console is not supported with --cluster")
+                coro = run_cluster_swarm(config, args.n, args)
+            elif args.workers is not None or args.checkpoint_every is not None:
+                raise BadInput("--workers and --checkpoint-every need --cluster")
+            else:
+                coro = run_swarm(
+                    config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines
+                )
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             return runner.run(coro)
     except (BadInput, ConfigError) as exc:

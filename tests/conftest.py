@@ -16,7 +16,12 @@ from supervisor import LguestDevice
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Every async test runs under the default loop and under uvloop."""
+    """Every async test runs under the default loop and under uvloop.
+
+    Tests marked ``one_loop`` (costly set-ups, e.g. Ray workers) run under the default loop only.
+    """
+    if item.get_closest_marker("one_loop") is not None:
+        return {"asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 

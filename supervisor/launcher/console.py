@@ -70,6 +70,21 @@ class LineStream:
             self._append(self._partial[: self.MAX_LINE].decode("utf-8", "replace"))
             del self._partial[: self.MAX_LINE]
 
+    def take(self) -> list[str]:
+        """Every complete line waiting now, removed from the stream, without waiting.
+
+        With the guest paused nothing can arrive meanwhile, so the lines taken
+        and :attr:`partial` together are exactly the output not yet consumed.
+        """
+        lines = list(self._lines)
+        self._lines.clear()
+        return lines
+
+    @property
+    def partial(self) -> bytes:
+        """Output bytes of a line not yet ended by ``\\n`` (what :meth:`close` would flush)."""
+        return bytes(self._partial)
+
     def _append(self, line: str) -> None:
         if self._maxlen <= 0:
             self.dropped += 1

@@ -1,0 +1,193 @@
+"""supervisor.cluster on a local Ray: swarm throughput, migration, worker loss.
+
+    python -m benchmarks.bench_cluster [--guests N] [--notifies N] [--moves N] [--workers N]
+
+Needs Ray (``pip install -e '.[cluster]'``).  Four figures, each against its goal:
+
+* a notify-bound swarm (``counter spin=0``: two console notifies per line,
+  nothing else) on 2 workers against the same swarm in this one process;
+  throughput = notifies per second of wall time;
+* migration of a running 16 MiB guest between two workers, end to end
+  (``await cl.migrate``: pause, capture, ship, revive, resume), median and max;
+* a counting guest migrated ``--moves`` times mid-count ends with the exact count
+  and its whole console, in order, once;
+* a swarm with ``checkpoint_every=1`` loses a worker mid-run: every guest still
+  ends with status 0 and exactly its console output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import ray
+
+from supervisor import GuestConfig, Supervisor
+from supervisor.cluster import Cluster, ClusterError, RemoteGuest
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+COUNTER = GUESTS / "counter.img"
+
+
+def counter(lines: int, spin: int, **fields: object) -> GuestConfig:
+    return GuestConfig(image=COUNTER, cmdline=f"lines={lines} spin={spin}", **fields)
+
+
+def counted(lines: int, spin: int) -> list[str]:
+    return [*map(str, range(1, lines + 1)), f"count {lines * spin} {lines * spin}"]
+
+
+async def swarm_local(n: int, lines: int) -> tuple[float, float]:
+    """Notifies per second of ``n`` notify-bound guests in this process, and the cores
+    it kept busy (CPU seconds per wall second: slices also run on executor threads)."""
+    config = counter(lines, 0, memory="1M", console="null")
+    async with Supervisor() as sup:
+        start, cpu = time.perf_counter(), time.process_time()
+        guests = [await sup.launch(config.model_copy(update={"name": f"g{i}"})) for i in range(n)]
+        results = await asyncio.gather(*(g.wait() for g in guests))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert all(r.ok for r in results), results
+    return sum(g.stats.notifies for g in guests) / wall, cpu / wall
+
+
+async def swarm_cluster(cl: Cluster, n: int, lines: int) -> tuple[float, float]:
+    """The same swarm on the cluster's workers; notifies per second and the cores the
+    workers kept busy."""
+    config = counter(lines, 0, memory="1M", console="null")
+    cpu = await asyncio.gather(*(w.cpu_time() for w in cl.workers))
+    start = time.perf_counter()
+    guests = [await cl.launch(config.model_copy(update={"name": f"g{i}"})) for i in range(n)]
+    results = await asyncio.gather(*(g.wait() for g in guests))
+    wall = time.perf_counter() - start
+    used = sum(await asyncio.gather(*(w.cpu_time() for w in cl.workers))) - sum(cpu)
+    assert all(r.ok for r in results), results
+    return sum(g.stats.notifies for g in guests) / wall, used / wall
+
+
+async def migrations(cl: Cluster, moves: int) -> tuple[list[float], bool, int]:
+    """Move a running 16 MiB counting guest after each line it prints, ``moves`` times
+    (mid-count: it is spinning towards the next line); (times, exact, moves done)."""
+    lines, spin = moves + 10, 50_000
+    guest = await cl.launch(counter(lines, spin, memory="16M"))
+    times = []
+    seen = []
+    async for line in guest.console:
+        seen.append(line)
+        if len(times) < moves and not guest.done:
+            start = time.perf_counter()
+            try:
+                await cl.migrate(guest)
+            except ClusterError as exc:
+                if "ended" not in str(exc):
+                    print(f"  a move failed: {exc}")
+                continue
+            times.append(time.perf_counter() - start)
+    result = await guest.wait()
+    return times, result.ok and seen == counted(lines, spin), guest.moves
+
+
+async def _collect(guest: RemoteGuest) -> list[str]:
+    return [line async for line in guest.console]
+
+
+async def worker_loss(cl: Cluster, n: int) -> tuple[int, int, float]:
+    """``n`` counting guests, one worker killed mid-run: (guests right, revived, seconds)."""
+    lines, spin = 20, 300_000
+    start = time.perf_counter()
+    guests = [await cl.launch(counter(lines, spin, memory="1M", name=f"c{i}")) for i in range(n)]
+    readers = [asyncio.create_task(_collect(g)) for g in guests]
+    async with asyncio.timeout(120):
+        while not all(g.checkpoints >= 1 for g in guests if not g.done):
+            await asyncio.sleep(0.05)
+    await cl.workers[0].kill()
+    outputs = await asyncio.gather(*readers)
+    results = await asyncio.gather(*(g.wait() for g in guests))
+    wall = time.perf_counter() - start
+    right = sum(
+        r.ok and out == counted(lines, spin) for r, out in zip(results, outputs, strict=True)
+    )
+    return right, sum(g.revivals for g in guests), wall
+
+
+async def measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    try:
+        return await _measure(args)
+    finally:
+        ray.shutdown()
+
+
+async def _measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    rows = []
+    local, cores = await swarm_local(args.guests, args.notifies // 2)
+    async with Cluster(workers=args.workers) as cl:
+        remote, remote_cores = await swarm_cluster(cl, args.guests, args.notifies // 2)
+        rows.append(
+            (
+                f"notify-bound swarm of {args.guests}: {args.workers} workers / 1 process",
+                f"{remote / local:.2f}x",
+                ">= 1.8x",
+                f"{remote:,.0f} vs {local:,.0f} notifies/s;"
+                f" cores busy {remote_cores:.2f} vs {cores:.2f}",
+            )
+        )
+        rows.append(
+            (
+                "  the same per CPU second (workers / process)",
+                f"{(remote / remote_cores) / (local / cores):.2f}x",
+                "-",
+                f"{remote / remote_cores:,.0f} vs {local / cores:,.0f} notifies per CPU second",
+            )
+        )
+        times, exact, moved = await migrations(cl, args.moves)
+        if times:
+            med, worst = statistics.median(times) * 1e3, max(times) * 1e3
+            rows.append(
+                (
+                    "migrate a running 16 MiB guest",
+                    f"{med:.1f} ms",
+                    "<= 100 ms",
+                    f"median of {len(times)}, max {worst:.1f} ms",
+                )
+            )
+        rows.append(
+            (
+                f"counting guest migrated {moved} times",
+                "exact" if exact else "WRONG",
+                "exact",
+                "count, console and exit status",
+            )
+        )
+    async with Cluster(workers=args.workers, checkpoint_every=1) as cl:
+        right, revived, wall = await worker_loss(cl, args.loss_guests)
+        rows.append(
+            (
+                f"lose 1 of {args.workers} workers, checkpoint_every=1",
+                f"{right}/{args.loss_guests} right",
+                "all",
+                f"{revived} revived, {wall:.1f} s",
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cluster")
+    parser.add_argument("--guests", type=int, default=20, help="guests in the swarm")
+    parser.add_argument("--notifies", type=int, default=20_000, help="per guest")
+    parser.add_argument("--moves", type=int, default=100, help="migrations of one guest")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--loss-guests", type=int, default=10)
+    args = parser.parse_args(argv)
+    rows = asyncio.run(measure(args))
+    width = max(len(r[0]) for r in rows)
+    print("supervisor.cluster on a local Ray")
+    for name, value, goal, note in rows:
+        print(f"  {name:<{width}}  {value:>14}  goal {goal:<9}  {note}")
+
+
+if __name__ == "__main__":
+    main()

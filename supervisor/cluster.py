@@ -1,0 +1,1011 @@
+"""Guests and swarms on a Ray cluster: one worker actor = one :class:`Supervisor` on its own loop.
+
+::
+
+    async with Cluster(checkpoint_every=1) as cl:        # a local Ray, one worker per core
+        guest = await cl.launch(GuestConfig(image="guests/echo.img"))
+        guest.send("hi\\nquit\\n")
+        async for line in guest.console:
+            print(line)
+        await cl.migrate(guest)                           # to the least loaded other worker
+        print(await guest.wait(), guest.worker.name)
+
+Guarantees (see docs/cluster.md):
+
+* What travels is content, never a path: the image and a block device's file are
+  sent through Ray's object store; a worker writes them to its own temporary
+  directory.  A writable disk is written back to the caller's file once, when
+  the guest has ended (a temporary file, then ``os.replace``).
+* Console lines are numbered from the guest's first line.  A worker keeps the
+  lines not yet read; whoever reads asks for "lines from number N on", so a move
+  or a revival (which re-runs the guest from an older state) never repeats a
+  line, and a move carries the unread lines along, so none is lost.
+* Console input is numbered by byte the same way: the driver keeps what was sent
+  since the state a revival would start from and re-sends it; a worker drops
+  bytes it already has.
+* A move pauses the guest at an instruction boundary inside its Launcher's read
+  (no device request in flight), captures it (``Guest.snapshot``) with its
+  disk, ends it there and revives it on the target from that state.
+* ``checkpoint_every=S``: every S seconds each guest is captured the same way
+  (and resumed).  The capture is fetched and put back into the object store by
+  the driver, so it lives on the driver's node and outlives the worker's.  When
+  a worker dies, its guests continue from their last checkpoint on live workers;
+  without a checkpoint they end as died ("worker NAME lost").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "supervisor.cluster needs Ray: pip install 'lguest-supervisor[cluster]'"
+    ) from exc
+
+from .config import GuestConfig
+from .host import Exit, Guest, GuestStats, Supervisor
+from .launcher.layout import plan
+from .launcher.loader import parse_image
+from .snapshot import Snapshot, SnapshotError
+
+__all__ = ["Cluster", "ClusterError", "RemoteGuest", "Worker"]
+
+MAX_LINES = 100_000  # unread console lines a worker keeps per guest (older ones are dropped)
+READ_BATCH = 4096  # lines per console read
+MAX_CALLS = 1 << 20  # calls a worker runs at once (Ray's default of 1,000 would starve guests)
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation that cannot be done (the message says why)."""
+
+
+# -- what travels ------------------------------------------------------------------------------
+@dataclass
+class Capture:
+    """One guest's state as it travels: the snapshot plus what the worker holds for it.
+
+    Taken while the guest is paused, so the disk, the console and the input count
+    all match the snapshot.
+    """
+
+    snapshot: bytes  # Snapshot.to_bytes()
+    disk: bytes | None  # the block device's content (None: no block device)
+    base: int  # number of the first console line in ``lines``
+    lines: list[str]  # console lines not yet acknowledged by the reader
+    partial: bytes  # output of a line not yet ended
+    received: int  # console input bytes the guest had been given
+    stats: dict[str, Any]  # GuestStats so far (all incarnations)
+
+
+# -- the worker actor --------------------------------------------------------------------------
+class _Relay:
+    """One guest's console lines on a worker, numbered from the guest's first line."""
+
+    def __init__(self, base: int = 0, lines: list[str] | None = None) -> None:
+        self.base = base
+        self.lines: deque[str] = deque(lines or ())
+        self.state = "running"  # running | ended | moved
+        self.changed = asyncio.Event()
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.lines)
+
+    def append(self, line: str) -> None:
+        self.lines.append(line)
+        if len(self.lines) > MAX_LINES:
+            self.lines.popleft()
+            self.base += 1
+        self.changed.set()
+
+    def trim(self, upto: int) -> None:
+        """Forget the lines numbered below ``upto`` (the reader has them)."""
+        while self.lines and self.base < upto:
+            self.lines.popleft()
+            self.base += 1
+
+    def finish(self, state: str) -> None:
+        if self.state == "running":
+            self.state = state
+        self.changed.set()
+
+
+@dataclass
+class _Hosted:
+    guest: Guest
+    relay: _Relay
+    disk: Path | None
+    writable: bool
+    received: int
+    stats_base: GuestStats
+    pump: asyncio.Task[None] | None = None
+    moved: bool = False
+    early: dict[int, bytes] = field(default_factory=dict)  # input past a gap, by offset
+    eof_at: int | None = None  # input ends once this many bytes have been given
+
+    def stats(self) -> GuestStats:
+        return self.stats_base.add(self.guest.stats)
+
+
+class WorkerActor:
+    """The Ray actor behind a :class:`Worker`: a Supervisor on the actor's event loop.
+
+    Guests are keyed by incarnation (``"<guest id>.<n>"``): each launch, move or
+    revival is a new key, so an old incarnation never mixes with a new one.
+    """
+
+    def __init__(self, name: str, max_guests: int | None, max_memory: int | None) -> None:
+        self.name = name
+        self._limits = (max_guests, max_memory)
+        self._sup: Supervisor | None = None
+        self._guests: dict[str, _Hosted] = {}
+        self._dir = Path(tempfile.mkdtemp(prefix=f"lguest-{name}-"))
+
+    @property
+    def sup(self) -> Supervisor:
+        if self._sup is None:
+            self._sup = Supervisor(max_guests=self._limits[0], max_memory=self._limits[1])
+        return self._sup
+
+    async def start(self) -> dict[str, Any]:
+        self.sup  # noqa: B018 - created on the actor's loop
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+    async def ping(self) -> int:
+        return os.getpid()
+
+    async def cpu_time(self) -> float:
+        """CPU seconds this worker's process has used (all its threads)."""
+        return time.process_time()
+
+    # -- starting guests ----------------------------------------------------------------------
+    async def launch(
+        self,
+        key: str,
+        fields: dict[str, Any],
+        image_key: str,
+        image: bytes,
+        disk: bytes | None,
+    ) -> None:
+        path = self._dir / f"{image_key}.img"
+        if not path.exists():
+            temporary = path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_bytes(image)
+            os.replace(temporary, path)
+        local = self._disk(key, disk)
+        config = GuestConfig.build(**fields, image=path, block=local)
+        guest = await self.sup.launch(config)
+        writable = local is not None and not config.block_readonly
+        self._host(key, _Hosted(guest, _Relay(), local, writable, 0, GuestStats()))
+
+    async def revive(
+        self, key: str, state: Capture, tail: bytes, eof: bool, fields: dict[str, Any]
+    ) -> None:
+        """Continue a guest from ``state`` (a move or a checkpoint), input ``tail`` after it."""
+        snap = Snapshot.from_bytes(state.snapshot, key)
+        local = self._disk(key, state.disk)
+        guest = await self.sup.restore(snap, block=local, **fields)
+        # No await since the restore: the guest has not run, so the partial line comes first.
+        guest.console.push(state.partial)
+        readonly = bool(fields.get("block_readonly"))
+        hosted = _Hosted(
+            guest,
+            _Relay(state.base, state.lines),
+            local,
+            local is not None and not readonly,
+            state.received,
+            GuestStats(**state.stats),
+        )
+        self._host(key, hosted)
+        self._feed(hosted, state.received, tail)
+        if eof:
+            self._end(hosted, state.received + len(tail))
+
+    def _disk(self, key: str, content: bytes | None) -> Path | None:
+        if content is None:
+            return None
+        path = self._dir / f"{key}.disk"
+        path.write_bytes(content)
+        return path
+
+    def _host(self, key: str, hosted: _Hosted) -> None:
+        self._guests[key] = hosted
+        hosted.pump = asyncio.create_task(self._pump(hosted), name=f"relay-{key}")
+
+    async def _pump(self, hosted: _Hosted) -> None:
+        async for line in hosted.guest.console:
+            if not hosted.moved:  # a moved guest's last (flushed) partial line is not output
+                hosted.relay.append(line)
+        await hosted.guest.wait()
+        hosted.relay.finish("ended")
+
+    # -- console ------------------------------------------------------------------------------
+    async def read(self, key: str, start: int) -> tuple[int, list[str], str, dict[str, Any], int]:
+        """Lines numbered ``start`` on (waiting for one), the relay's state, the counters
+        and the input bytes received so far.
+
+        The lines before ``start`` are forgotten: the reader has them.  The state is
+        ``running``, ``ended`` (no more lines will come) or ``moved``/``gone`` (ask
+        the guest's new place).
+        """
+        hosted = self._guests.get(key)
+        if hosted is None:
+            return start, [], "gone", {}, 0
+        relay = hosted.relay
+        relay.trim(start)
+        while relay.end <= start and relay.state == "running":
+            relay.changed.clear()
+            await relay.changed.wait()
+        if relay.state == "moved":
+            return start, [], "moved", {}, 0
+        first = max(start, relay.base)
+        skip = first - relay.base
+        lines = [relay.lines[i] for i in range(skip, min(len(relay.lines), skip + READ_BATCH))]
+        state = "ended" if relay.state == "ended" and first + len(lines) >= relay.end else "running"
+        return first, lines, state, dataclasses.asdict(hosted.stats()), hosted.received
+
+    async def feed(self, key: str, offset: int, data: bytes) -> None:
+        hosted = self._guests.get(key)
+        if hosted is not None and not hosted.moved:
+            self._feed(hosted, offset, data)
+
+    @classmethod
+    def _feed(cls, hosted: _Hosted, offset: int, data: bytes) -> None:
+        """Give the guest the bytes of ``data`` (input numbered from ``offset``) it has not had.
+
+        Ray may run an async actor's calls out of order: a piece past a gap waits
+        for the gap to be filled, so the guest sees its input in order, each byte once.
+        """
+        if offset > hosted.received:
+            hosted.early[offset] = data
+            return
+        skip = hosted.received - offset
+        if skip < len(data):
+            chunk = data[skip:]
+            hosted.guest.send(chunk)
+            hosted.received += len(chunk)
+        ready = [at for at in hosted.early if at <= hosted.received]
+        for at in sorted(ready):
+            cls._feed(hosted, at, hosted.early.pop(at))
+        if hosted.eof_at is not None and hosted.received >= hosted.eof_at:
+            hosted.guest.send_eof()
+
+    async def end_input(self, key: str, total: int) -> None:
+        """Input ends after byte ``total`` (once the bytes before it have arrived)."""
+        hosted = self._guests.get(key)
+        if hosted is not None and not hosted.moved:
+            self._end(hosted, total)
+
+    @staticmethod
+    def _end(hosted: _Hosted, total: int) -> None:
+        hosted.eof_at = total
+        if hosted.received >= total:
+            hosted.guest.send_eof()
+
+    # -- the guest's life ------------------------------------------------------------------------
+    async def wait(self, key: str) -> dict[str, Any]:
+        """The guest's end: its Exit, stats and (writable block device) disk content.
+
+        ``{"moved": True}`` if it moved away instead.
+        """
+        hosted = self._guests.get(key)
+        if hosted is None:
+            return {"moved": True}
+        result = await hosted.guest.wait()
+        if hosted.pump is not None:
+            await asyncio.shield(hosted.pump)
+        if hosted.moved:
+            return {"moved": True}
+        disk = hosted.disk.read_bytes() if hosted.writable and hosted.disk is not None else None
+        return {
+            "exit": dataclasses.asdict(result),
+            "stats": dataclasses.asdict(hosted.stats()),
+            "disk": disk,
+        }
+
+    async def kill(self, key: str, reason: str) -> None:
+        hosted = self._guests.get(key)
+        if hosted is not None and not hosted.moved:
+            await hosted.guest.kill(reason)
+
+    async def stats(self, key: str) -> dict[str, Any] | None:
+        hosted = self._guests.get(key)
+        return dataclasses.asdict(hosted.stats()) if hosted is not None else None
+
+    async def snapshot(self, key: str) -> bytes:
+        hosted = self._guests.get(key)
+        if hosted is None or hosted.moved:
+            raise SnapshotError("the guest has moved")
+        return (await hosted.guest.snapshot()).to_bytes()
+
+    @ray.method(num_returns=2)  # type: ignore[untyped-decorator]
+    async def capture(self, key: str, final: bool) -> tuple[dict[str, Any], Capture | None]:
+        """Pause and capture the guest; then end it here (``final``) or let it run on.
+
+        Returns ``({"ended": True}, None)`` if the guest ended first.
+        """
+        hosted = self._guests.get(key)
+        if hosted is None or hosted.moved:
+            return {"ended": True}, None
+        guest = hosted.guest
+        try:
+            await guest.pause()
+            snap = await guest.snapshot()  # paused: stays paused
+        except SnapshotError as exc:
+            if guest.done:
+                return {"ended": True}, None
+            guest.resume()  # it runs on here, as it was
+            return {"ended": False, "error": str(exc)}, None
+        for line in guest.console.take():  # paused: nothing can arrive meanwhile
+            hosted.relay.append(line)
+        stats = hosted.stats()
+        state = Capture(
+            snapshot=snap.to_bytes(),
+            disk=hosted.disk.read_bytes() if hosted.disk is not None else None,
+            base=hosted.relay.base,
+            lines=list(hosted.relay.lines),
+            partial=guest.console.partial,
+            received=hosted.received,
+            stats=dataclasses.asdict(stats),
+        )
+        if final:
+            hosted.moved = True
+            hosted.relay.finish("moved")
+            await guest.kill("moved")
+        else:
+            guest.resume()
+        info = {"ended": False, "received": hosted.received, "stats": dataclasses.asdict(stats)}
+        return info, state
+
+    async def forget(self, key: str) -> None:
+        hosted = self._guests.pop(key, None)
+        if hosted is None:
+            return
+        hosted.relay.finish("moved" if hosted.moved else "ended")
+        if not hosted.guest.done:
+            await hosted.guest.kill("forgotten")
+        if hosted.disk is not None:
+            hosted.disk.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        if self._sup is not None:
+            await self._sup.aclose()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+_RemoteWorker: Any = ray.remote(WorkerActor)
+
+
+# -- the driver side -----------------------------------------------------------------------------
+class Worker:
+    """One worker actor as the driver sees it: ``name``, ``guests``, ``load``, ``kill()``."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        name: str,
+        actor: Any,
+        max_guests: int | None,
+        max_memory: int | None,
+    ) -> None:
+        self.name = name
+        self.actor = actor
+        self.alive = True
+        self.pid: int | None = None
+        self.node: str | None = None
+        self.max_guests = max_guests
+        self.max_memory = max_memory
+        self.placed = 0  # guests placed here so far (launched, moved or revived)
+        self._cluster = cluster
+        self._running: dict[int, int] = {}  # guest id -> bytes of guest memory
+
+    @property
+    def guests(self) -> int:
+        """Guests running here now."""
+        return len(self._running)
+
+    @property
+    def memory(self) -> int:
+        """Bytes of guest memory running here now."""
+        return sum(self._running.values())
+
+    @property
+    def load(self) -> float:
+        """How full the worker is: the fuller of its two bounds (0..1), or its guest count
+        when it has none.  New guests go where it is lowest."""
+        parts = []
+        if self.max_guests is not None:
+            parts.append(self.guests / self.max_guests)
+        if self.max_memory is not None:
+            parts.append(self.memory / self.max_memory)
+        return max(parts) if parts else float(self.guests)
+
+    def has_room(self, memory: int) -> bool:
+        if self.max_guests is not None and self.guests >= self.max_guests:
+            return False
+        return self.max_memory is None or self.memory + memory <= self.max_memory
+
+    def _add(self, gid: int, memory: int) -> None:
+        self._running[gid] = memory
+        self.placed += 1
+
+    def _remove(self, gid: int) -> None:
+        self._running.pop(gid, None)
+
+    async def cpu_time(self) -> float:
+        """CPU seconds the worker's process has used so far."""
+        seconds: float = await self.actor.cpu_time.remote()
+        return seconds
+
+    async def kill(self) -> None:
+        """End the worker's process abruptly, as a lost node would (no clean-up there).
+
+        Returns once calls to it fail; its guests are revived from their last
+        checkpoint elsewhere (or end as died when there is none).
+        """
+        self.alive = False
+        ray.kill(self.actor, no_restart=True)
+        with contextlib.suppress(RayActorError):
+            async with asyncio.timeout(30):
+                while True:
+                    await self.actor.ping.remote()
+                    await asyncio.sleep(0.01)
+
+    def __repr__(self) -> str:
+        state = "alive" if self.alive else "dead"
+        return f"<Worker {self.name} {state} guests={self.guests}>"
+
+
+@dataclass(eq=False)
+class _Place:
+    """One incarnation of a guest: on ``worker`` under ``key``; ``ready`` once it runs there."""
+
+    worker: Worker
+    key: str
+    ready: asyncio.Future[bool] = field(default_factory=lambda: asyncio.Future())
+
+
+@dataclass
+class _Checkpoint:
+    state: Any  # ObjectRef of a Capture, owned by the driver
+    received: int
+    stats: dict[str, Any]
+
+
+class RemoteGuest:
+    """A guest running on a cluster worker, with :class:`~supervisor.host.Guest`'s surface.
+
+    ``stats`` is the last count the driver heard (exact once the guest has ended);
+    ``await fetch_stats()`` asks the worker now.
+    """
+
+    def __init__(self, cluster: Cluster, gid: int, config: GuestConfig, place: _Place) -> None:
+        self.config = config
+        self.name = config.display_name
+        self.gid = gid
+        self.memory = plan(config.memory).memory_size
+        self._cluster = cluster
+        self._where = place
+        self._incarnation = 0
+        self._relocated = asyncio.Event()
+        self._lock = asyncio.Lock()  # one move, checkpoint, snapshot or kill at a time
+        self._input = bytearray()  # console input from byte _input_base on
+        self._input_base = 0
+        self._eof = False
+        self._next_line = 0  # number of the next console line to deliver
+        self._stats = GuestStats()
+        self._checkpoint: _Checkpoint | None = None
+        self._moves = 0
+        self._revivals = 0
+        self._checkpoints = 0
+        self._killed: str | None = None
+        self._console_done = False
+        self._task = asyncio.create_task(self._supervise(), name=f"remote-{self.name}")
+
+    # -- where --------------------------------------------------------------------------------
+    @property
+    def worker(self) -> Worker:
+        """The worker it runs on now (or ran on last)."""
+        return self._where.worker
+
+    @property
+    def moves(self) -> int:
+        """How many times it was migrated."""
+        return self._moves
+
+    @property
+    def checkpoints(self) -> int:
+        """How many checkpoints were taken of it."""
+        return self._checkpoints
+
+    @property
+    def revivals(self) -> int:
+        """How many times it was revived from a checkpoint after a worker was lost."""
+        return self._revivals
+
+    def _next_key(self) -> str:
+        self._incarnation += 1
+        return f"{self.gid}.{self._incarnation}"
+
+    def _relocate(self, place: _Place) -> None:
+        old = self._where
+        old.worker._remove(self.gid)
+        place.worker._add(self.gid, self.memory)
+        self._where = place
+        self._relocated.set()
+
+    async def _placed(self, old: _Place) -> None:
+        """Wait until the guest has a place other than ``old``, or has ended."""
+        while self._where is old and not self._task.done():
+            self._relocated.clear()
+            ended: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(self._task))
+            moved: asyncio.Future[Any] = asyncio.ensure_future(self._relocated.wait())
+            await asyncio.wait({ended, moved}, return_when=asyncio.FIRST_COMPLETED)
+            for pending in (ended, moved):
+                pending.cancel()
+
+    # -- Guest's surface ----------------------------------------------------------------------
+    @property
+    def console(self) -> AsyncIterator[str]:
+        """Console output lines, across moves and revivals; for one reader at a time."""
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[str]:
+        while True:
+            place = self._where
+            state = "gone"
+            if await place.ready:
+                try:
+                    reply = await place.worker.actor.read.remote(place.key, self._next_line)
+                except RayActorError:
+                    state = "lost"
+                else:
+                    first, lines, state, stats, received = reply
+                    if stats:
+                        self._stats = GuestStats(**stats)
+                    if self._checkpoint is None and self._where is place:
+                        self._drop_input_before(received)  # a move re-sends only what follows
+                    for number, line in enumerate(lines, first):
+                        if number >= self._next_line:
+                            self._next_line = number + 1
+                            yield line
+            if state == "ended":
+                self._console_done = True
+                if self._task.done():  # else the supervising task forgets it at the end
+                    place.worker.actor.forget.remote(place.key)
+                return
+            if state != "running":
+                await self._placed(place)
+                if self._where is place:
+                    return  # ended without another place: the lines there are gone
+
+    def send(self, text: str | bytes) -> None:
+        """Queue console input (UTF-8 encoded if ``str``); it survives moves and revivals."""
+        data = text.encode() if isinstance(text, str) else text
+        if not data or self._eof:
+            return
+        offset = self._input_base + len(self._input)
+        self._input += data
+        place = self._where
+        if place.ready.done() and place.ready.result():
+            place.worker.actor.feed.remote(place.key, offset, data)
+
+    def send_eof(self) -> None:
+        """End console input after what is already queued."""
+        if self._eof:
+            return
+        self._eof = True
+        place = self._where
+        if place.ready.done() and place.ready.result():
+            place.worker.actor.end_input.remote(place.key, self._input_base + len(self._input))
+
+    def _input_from(self, offset: int) -> bytes:
+        return bytes(self._input[max(offset - self._input_base, 0) :])
+
+    def _drop_input_before(self, offset: int) -> None:
+        if offset > self._input_base:
+            del self._input[: offset - self._input_base]
+            self._input_base = offset
+
+    @property
+    def stats(self) -> GuestStats:
+        """Counters as last heard (exact once the guest has ended)."""
+        return self._stats
+
+    async def fetch_stats(self) -> GuestStats:
+        """Counters now, asked of the worker."""
+        place = self._where
+        if not self._task.done() and await place.ready:
+            with contextlib.suppress(RayActorError):
+                stats = await place.worker.actor.stats.remote(place.key)
+                if stats is not None:
+                    self._stats = GuestStats(**stats)
+        return self._stats
+
+    @property
+    def done(self) -> bool:
+        return self._task.done()
+
+    async def wait(self) -> Exit:
+        """Wait for the guest to end (wherever it runs then) and return how."""
+        return await asyncio.shield(self._task)
+
+    async def kill(self, reason: str = "killed") -> Exit:
+        """End the guest now (no effect if it has ended); return its :class:`Exit`."""
+        if self._killed is None and not self._task.done():
+            self._killed = reason
+        async with self._lock:
+            place = self._where
+            if not self._task.done() and await place.ready:
+                with contextlib.suppress(RayActorError):
+                    await place.worker.actor.kill.remote(place.key, reason)
+        return await self.wait()
+
+    async def snapshot(self) -> Snapshot:
+        """The guest's whole state, taken on its worker (it runs on afterwards)."""
+        async with self._lock:
+            place = self._where
+            if self._task.done() or not await place.ready:
+                raise SnapshotError("the guest has ended")
+            try:
+                raw = await place.worker.actor.snapshot.remote(place.key)
+            except RayTaskError as exc:
+                raise SnapshotError(str(exc.cause)) from None
+            return Snapshot.from_bytes(raw)
+
+    # -- driver-side life ---------------------------------------------------------------------
+    async def _supervise(self) -> Exit:
+        """Follow the guest across moves and revivals until it ends; write its disk back."""
+        result: dict[str, Any] | None = None
+        while result is None:
+            place = self._where
+            out: dict[str, Any] | None = None
+            if await place.ready:
+                with contextlib.suppress(RayActorError):
+                    out = await place.worker.actor.wait.remote(place.key)
+            if out is None:  # its worker is gone
+                if self._where is not place:
+                    continue  # it moved meanwhile
+                place.worker.alive = False
+                if self._killed is not None or not await self._cluster._revive(self, place):
+                    self._where.worker._remove(self.gid)
+                    reason = self._killed or f"worker {place.worker.name} lost"
+                    return Exit(None, reason, 0, died=True)
+                continue
+            if out.get("moved"):
+                await self._placed(place)
+                continue
+            result = out
+        self._where.worker._remove(self.gid)
+        self._stats = GuestStats(**result["stats"])
+        if result["disk"] is not None and self.config.block is not None:
+            _write_back(self.config.block, result["disk"])
+        if self.config.console == "null" or self._console_done:
+            self._where.worker.actor.forget.remote(self._where.key)
+        return Exit(**result["exit"])
+
+    def _revive_fields(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "console": _console_mode(self.config),
+            "block_readonly": self.config.block_readonly,
+        }
+
+    def __repr__(self) -> str:
+        state = "running" if not self.done else "ended"
+        return f"<RemoteGuest {self.name} on {self.worker.name} {state}>"
+
+
+def _console_mode(config: GuestConfig) -> str:
+    return "null" if config.console == "null" else "capture"
+
+
+def _write_back(path: Path, content: bytes) -> None:
+    """Replace ``path``'s content with ``content`` in one step (never a torn file)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.writeback")
+    temporary.write_bytes(content)
+    with contextlib.suppress(OSError):
+        shutil.copymode(path, temporary)
+    os.replace(temporary, path)
+
+
+class Cluster:
+    """Workers on a Ray cluster, each a :class:`Supervisor` on its own event loop.
+
+    ``address``: a Ray cluster to connect to (``"auto"``, ``"HOST:PORT"``,
+    ``"ray://HOST:PORT"``); none starts a local Ray.  ``workers``: how many
+    (default one per CPU of the cluster).  ``checkpoint_every``: seconds between
+    checkpoints of every guest (default none: a lost worker loses its guests).
+    ``max_guests``/``max_memory``: each worker's bounds, as for :class:`Supervisor`.
+    Leaving ``async with`` kills the guests still running, ends the workers, and
+    shuts down the Ray it started (or disconnects from the one it joined).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        checkpoint_every: float | None = None,
+        *,
+        max_guests: int | None = None,
+        max_memory: int | None = None,
+    ) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError("a cluster needs at least one worker")
+        if checkpoint_every is not None and checkpoint_every <= 0:
+            raise ValueError("checkpoint_every must be a positive number of seconds")
+        self.address = address
+        self.checkpoint_every = checkpoint_every
+        self.workers: list[Worker] = []
+        self.guests: list[RemoteGuest] = []
+        self._want = workers
+        self._limits = (max_guests, max_memory)
+        self._connected = False
+        self._closing = False
+        self._images: dict[str, Any] = {}  # content hash -> ObjectRef of the image bytes
+        self._checkpointer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Cluster:
+        if not ray.is_initialized():
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+            if self.address is None:
+                ray.init(num_cpus=self._want, **options)
+            else:
+                ray.init(address=self.address, **options)
+            self._connected = True
+        try:
+            await self._start_workers()
+        except BaseException:
+            await self.aclose()
+            raise
+        if self.checkpoint_every is not None:
+            self._checkpointer = asyncio.create_task(self._checkpoints(self.checkpoint_every))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _start_workers(self) -> None:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        n = self._want or max(1, int(cpus))
+        per = min(1.0, cpus / n)
+        prefix = os.urandom(3).hex()
+        for i in range(n):
+            name = f"w{i}"
+            actor = _RemoteWorker.options(
+                num_cpus=per,
+                scheduling_strategy="SPREAD",
+                name=f"lguest-{prefix}-{name}",
+                # Every guest has a wait() and maybe a console read pending at all times.
+                max_concurrency=MAX_CALLS,
+            ).remote(name, *self._limits)
+            self.workers.append(Worker(self, name, actor, *self._limits))
+        infos = await asyncio.gather(*(w.actor.start.remote() for w in self.workers))
+        for worker, info in zip(self.workers, infos, strict=True):
+            worker.pid, worker.node = info["pid"], info["node"]
+
+    async def aclose(self) -> None:
+        """Kill the guests, end the workers; shut Ray down if this cluster started it."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+        live = [w for w in self.workers if w.alive]
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(30):
+                await asyncio.gather(
+                    *(w.actor.close.remote() for w in live), return_exceptions=True
+                )
+        for guest in self.guests:
+            if not guest._task.done():
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(5):
+                        await guest.wait()
+        for worker in live:
+            worker.alive = False
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor, no_restart=True)
+        for guest in self.guests:
+            if not guest._task.done():
+                guest._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await guest._task
+        if self._connected:
+            ray.shutdown()
+            self._connected = False
+
+    # -- placement ---------------------------------------------------------------------------
+    def _pick(self, memory: int, exclude: Worker | None = None) -> Worker | None:
+        """The least loaded live worker with room (None if every one is full)."""
+        fits = [w for w in self.workers if w.alive and w is not exclude and w.has_room(memory)]
+        return min(fits, key=lambda w: (w.load, w.guests, w.placed), default=None)
+
+    def _fallback(self, exclude: Worker | None = None) -> Worker:
+        """When every worker is full: the least loaded live one (its device refuses)."""
+        live = [w for w in self.workers if w.alive and w is not exclude]
+        if not live:
+            raise ClusterError("no live worker left")
+        return min(live, key=lambda w: (w.load, w.guests, w.placed))
+
+    # -- launching -------------------------------------------------------------------------------
+    async def launch(self, config: GuestConfig, *, worker: Worker | None = None) -> RemoteGuest:
+        """Start a guest on ``worker`` or the least loaded one with room.
+
+        The image (and block file) travel by content.  A bad image raises
+        :class:`~supervisor.launcher.loader.ImageError`, an unreadable block file
+        ``OSError``, before anything runs.  With every worker full the guest ends
+        at once with "cannot start: Cannot allocate memory", as on one Supervisor.
+        """
+        if self._closing or not self.workers:
+            raise ClusterError("the cluster is not running (use 'async with Cluster()')")
+        if config.gdb is not None:
+            raise ClusterError("gdb is not supported for guests on a cluster")
+        raw = config.image.read_bytes()
+        parse_image(raw, str(config.image))  # a bad image fails here, with its name
+        disk = None
+        if config.block is not None:
+            disk = config.block.read_bytes()
+            if not config.block_readonly and not os.access(config.block, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(config.block))
+        image_key = hashlib.sha256(raw).hexdigest()[:32]
+        image_ref = self._images.get(image_key)
+        if image_ref is None:
+            image_ref = self._images[image_key] = ray.put(raw)
+        memory = plan(config.memory).memory_size
+        target = worker if worker is not None else self._pick(memory) or self._fallback()
+        if not target.alive:
+            raise ClusterError(f"worker {target.name} is not alive")
+        fields = config.model_dump(exclude={"image", "block", "gdb"})
+        fields["console"] = _console_mode(config)
+        gid = len(self.guests)
+        place = _Place(target, f"{gid}.0")
+        target._add(gid, memory)
+        try:
+            await target.actor.launch.remote(place.key, fields, image_key, image_ref, disk)
+        except RayTaskError as exc:
+            target._remove(gid)
+            raise exc.cause from None
+        except BaseException:
+            target._remove(gid)
+            raise
+        place.ready.set_result(True)
+        guest = RemoteGuest(self, gid, config, place)
+        self.guests.append(guest)
+        return guest
+
+    # -- moving ----------------------------------------------------------------------------------
+    async def migrate(self, guest: RemoteGuest, worker: Worker | None = None) -> Worker:
+        """Move a running guest to ``worker`` (default: the least loaded other one with room).
+
+        Pause, capture, ship, revive, resume: the guest cannot tell, and its
+        console goes on with nothing lost and nothing repeated.  Returns where it
+        runs now.  :class:`ClusterError` if no worker can take it or it has ended.
+        """
+        async with guest._lock:
+            old = guest._where
+            if guest.done:
+                raise ClusterError(f"{guest.name} has ended")
+            target = worker if worker is not None else self._pick(guest.memory, old.worker)
+            if target is None:
+                raise ClusterError(f"no other worker has room for {guest.name}")
+            if target is old.worker:
+                return target
+            if not target.alive:
+                raise ClusterError(f"worker {target.name} is not alive")
+            if not target.has_room(guest.memory):
+                raise ClusterError(f"worker {target.name} is full")
+            info_ref, state_ref = old.worker.actor.capture.remote(old.key, True)
+            try:
+                info = await info_ref
+            except RayActorError:
+                raise ClusterError(f"worker {old.worker.name} was lost during the move") from None
+            if info["ended"]:
+                raise ClusterError(f"{guest.name} has ended")
+            if "error" in info:
+                raise ClusterError(f"cannot capture {guest.name}: {info['error']}")
+            await self._revive_at(guest, target, state_ref, info["received"])
+            guest._moves += 1
+            guest._stats = GuestStats(**info["stats"])
+            if guest._checkpoint is None:
+                guest._drop_input_before(info["received"])
+            old.worker.actor.forget.remote(old.key)
+            return target
+
+    async def _revive_at(
+        self, guest: RemoteGuest, target: Worker, state: Any, received: int
+    ) -> None:
+        """Continue ``guest`` on ``target`` from ``state`` (input numbered from ``received``)."""
+        place = _Place(target, guest._next_key())
+        tail = guest._input_from(received)
+        sent = guest._input_base + len(guest._input)
+        guest._relocate(place)
+        try:
+            await target.actor.revive.remote(
+                place.key, state, tail, guest._eof, guest._revive_fields()
+            )
+        except RayActorError:
+            place.ready.set_result(False)
+            return
+        except BaseException:
+            place.ready.set_result(False)
+            raise
+        place.ready.set_result(True)
+        if guest._killed is not None:
+            target.actor.kill.remote(place.key, guest._killed)
+        late = guest._input_from(sent)  # sent while the revival was on its way
+        if late:
+            target.actor.feed.remote(place.key, sent, late)
+        if guest._eof:
+            target.actor.end_input.remote(place.key, sent + len(late))
+
+    async def _revive(self, guest: RemoteGuest, lost: _Place) -> bool:
+        """After ``lost``'s worker died: continue from the last checkpoint elsewhere."""
+        checkpoint = guest._checkpoint
+        if checkpoint is None or self._closing:
+            return False
+        while True:
+            target = self._pick(guest.memory, lost.worker)
+            if target is None:
+                live = [w for w in self.workers if w.alive and w is not lost.worker]
+                if not live:
+                    return False
+                target = self._fallback(lost.worker)
+            await self._revive_at(guest, target, checkpoint.state, checkpoint.received)
+            if await guest._where.ready:
+                guest._revivals += 1
+                guest._stats = GuestStats(**checkpoint.stats)
+                return True
+            target.alive = False
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    async def _checkpoints(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            running = [g for g in self.guests if not g.done]
+            await asyncio.gather(*(self.checkpoint(g) for g in running), return_exceptions=True)
+
+    async def checkpoint(self, guest: RemoteGuest) -> bool:
+        """Capture ``guest`` now (it runs on); a lost worker revives it from here.
+
+        The capture is kept in the object store under the driver's ownership.
+        Returns False if the guest ended (or its worker was lost) first.
+        """
+        async with guest._lock:
+            place = guest._where
+            if guest.done or not await place.ready:
+                return False
+            info_ref, state_ref = place.worker.actor.capture.remote(place.key, False)
+            try:
+                info = await info_ref
+                if info["ended"] or "error" in info:
+                    return False
+                state = await state_ref
+            except RayActorError:
+                return False
+            guest._checkpoint = _Checkpoint(ray.put(state), info["received"], info["stats"])
+            guest._checkpoints += 1
+            guest._stats = GuestStats(**info["stats"])
+            guest._drop_input_before(info["received"])
+            return True
+
+    def __repr__(self) -> str:
+        return f"<Cluster {len(self.workers)} workers, {len(self.guests)} guests>"

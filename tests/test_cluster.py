@@ -1,0 +1,285 @@
+"""supervisor.cluster against a real local Ray (2 CPUs): launch, console, wait, kill, placement,
+migration (exact, with a disk), checkpoints and the loss of a worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from supervisor import GuestConfig, Supervisor  # noqa: E402
+from supervisor.cli import main  # noqa: E402
+from supervisor.cluster import Cluster, ClusterError, RemoteGuest, WorkerActor  # noqa: E402
+from supervisor.launcher.loader import ImageError  # noqa: E402
+from supervisor.snapshot import SnapshotError  # noqa: E402
+from supervisor.testing import until  # noqa: E402
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+SECTOR = 512
+
+pytestmark = [pytest.mark.one_loop, pytest.mark.usefixtures("local_ray")]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the module; shut down (raylet and all) at its end."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def counter(lines: int, spin: int, **fields: object) -> GuestConfig:
+    return GuestConfig(
+        image=GUESTS / "counter.img", memory="1M", cmdline=f"lines={lines} spin={spin}", **fields
+    )
+
+
+def counted(lines: int, spin: int) -> list[str]:
+    """The counter guest's whole console output."""
+    return [*map(str, range(1, lines + 1)), f"count {lines * spin} {lines * spin}"]
+
+
+async def collect(guest: RemoteGuest) -> list[str]:
+    return [line async for line in guest.console]
+
+
+async def test_launch_console_wait_kill_and_placement() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        assert [w.name for w in cl.workers] == ["w0", "w1"]
+        assert len({w.pid for w in cl.workers}) == 2  # two processes, two event loops
+        spinner = await cl.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+        assert spinner.worker is not echo.worker  # the least loaded worker
+        assert sorted(w.guests for w in cl.workers) == [1, 1]
+
+        echo.send("hello\n")
+        echo.send("quit\n")
+        assert await collect(echo) == ["hello", "quit", "bye"]
+        assert (await echo.wait()).ok
+        assert echo.stats.notifies > 0
+        assert echo.worker.guests == 0
+
+        hello = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert hello.worker is echo.worker  # the other one still runs the spinner
+        assert await collect(hello) == ["Hello from an lguest guest!"]
+
+        assert not spinner.done
+        assert (await spinner.fetch_stats()).blocks > 0
+        result = await spinner.kill()
+        assert result.died and result.reason == "killed"
+        assert await spinner.wait() == result
+        assert spinner.worker.guests == 0
+
+
+async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"\x7fELF not really")
+    async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
+        with pytest.raises(ImageError, match=r"junk\.img"):
+            await cl.launch(GuestConfig(image=junk, memory="1M"))
+        big = tmp_path / "big.img"
+        big.write_bytes(b"\x90" * (2 << 20))
+        with pytest.raises(ImageError):  # does not fit: found on the worker
+            await cl.launch(GuestConfig(image=big, memory="1M"))
+        assert cl.workers[0].guests == 0
+        done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert (await done.wait()).ok
+        with pytest.raises(ClusterError, match="ended"):
+            await cl.migrate(done)
+        with pytest.raises(SnapshotError, match="ended"):
+            await done.snapshot()
+
+
+async def test_a_remote_snapshot_restores_on_a_local_supervisor() -> None:
+    lines, spin = 8, 200_000
+    async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
+        guest = await cl.launch(counter(lines, spin))
+        assert await anext(guest.console) == "1"
+        snap = await guest.snapshot()  # it runs on
+        assert await collect(guest) == counted(lines, spin)[1:]
+        async with Supervisor() as sup:
+            copy = await sup.restore(snap)
+            rest = [line async for line in copy.console]
+            assert rest[-1] == counted(lines, spin)[-1]  # the counts: exact from mid-run
+            assert (await copy.wait()).ok
+
+
+async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2, max_guests=1) as cl:
+        spin = GuestConfig(image=GUESTS / "spinner.img", memory="1M")
+        first, second = await cl.launch(spin), await cl.launch(spin)
+        assert {first.worker.name, second.worker.name} == {"w0", "w1"}
+        third = await cl.launch(spin)
+        result = await third.wait()
+        assert result.died and result.reason == "cannot start: Cannot allocate memory"
+        with pytest.raises(ClusterError, match="room"):
+            await cl.migrate(first)
+        await first.kill()
+        fourth = await cl.launch(spin)  # room again where the first one was
+        assert fourth.worker is first.worker
+        for guest in (second, fourth):
+            await guest.kill()
+
+
+async def test_migration_is_exact_and_the_console_goes_on() -> None:
+    lines, spin = 40, 100_000
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(counter(lines, spin))
+        seen: list[str] = []
+        async for line in guest.console:
+            seen.append(line)
+            if not guest.done and len(seen) < lines:
+                try:
+                    moved_to = await cl.migrate(guest)
+                except ClusterError:  # it ended meanwhile
+                    continue
+                assert guest.worker is moved_to
+        assert seen == counted(lines, spin)  # nothing lost, nothing repeated
+        assert (await guest.wait()).ok
+        assert guest.moves >= 5  # one after each line it printed while it ran
+        assert sum(w.placed for w in cl.workers) == 1 + guest.moves
+
+
+async def test_migration_mid_line_and_with_input_queued() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+        lines = echo.console
+        echo.send("half a li")  # echoed at once: a partial line on the first worker
+        while (await echo.fetch_stats()).notifies < 3:  # armed input (1), took and echoed it
+            pass
+        await cl.migrate(echo)
+        echo.send("ne\nquit\n")
+        assert [line async for line in lines] == ["half a line", "quit", "bye"]
+        assert (await echo.wait()).ok
+
+
+async def test_a_disk_moves_with_its_guest_and_is_written_back_once(tmp_path: Path) -> None:
+    lines, spin = 12, 200_000
+    disk = tmp_path / "disk.img"
+    original = bytes(range(256)) * (lines * SECTOR // 256)
+    disk.write_bytes(original)
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(counter(lines, spin, block=disk))
+        seen = []
+        async for line in guest.console:
+            seen.append(line)
+            if line.isdigit() and int(line) % 3 == 0 and not guest.done:
+                with _maybe_ended():
+                    await cl.migrate(guest)
+            if not guest.done:  # the caller's file waits for the end
+                assert disk.read_bytes() == original
+        assert seen == [*counted(lines, spin), "disk ok"]  # writes made before moves survive
+        assert (await guest.wait()).ok
+        assert guest.moves >= 2
+    after = disk.read_bytes()
+    assert after == b"".join(bytes([n]) * SECTOR for n in range(1, lines + 1))
+
+
+class _maybe_ended:
+    """Tolerate only the one ClusterError a migration may meet: the guest ended first."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, ClusterError) and "ended" in str(exc)
+
+
+async def test_worker_loss_revives_from_the_checkpoint(tmp_path: Path) -> None:
+    lines, spin = 30, 150_000
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(lines * SECTOR))
+    async with asyncio.timeout(LIMIT), Cluster(workers=2, checkpoint_every=0.2) as cl:
+        with_disk = await cl.launch(counter(lines, spin, block=disk))
+        plain = await cl.launch(counter(lines, spin))
+        assert with_disk.worker is not plain.worker
+        victim = plain.worker
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"), worker=victim)
+        echoed = echo.console
+        echo.send("one\n")
+        assert await anext(echoed) == "one"
+        assert await cl.checkpoint(echo)
+        echo.send("two\n")  # after the checkpoint: sent again to the revived guest
+        assert await anext(echoed) == "two"
+        seen = []
+        async for line in plain.console:
+            seen.append(line)
+            if len(seen) == lines // 2:
+                await until(lambda: plain.checkpoints > 0, LIMIT)
+                await victim.kill()
+                assert not victim.alive
+        assert seen == counted(lines, spin)  # lines delivered before the loss: not again
+        echo.send("quit\n")
+        assert [line async for line in echoed] == ["quit", "bye"]  # "two" is not delivered again
+        assert echo.revivals == 1 and (await echo.wait()).ok
+        assert plain.revivals == 1 and plain.worker is not victim
+        assert (await plain.wait()).ok
+        assert [line async for line in with_disk.console] == [*counted(lines, spin), "disk ok"]
+        assert (await with_disk.wait()).ok
+    assert disk.read_bytes() == b"".join(bytes([n]) * SECTOR for n in range(1, lines + 1))
+
+
+async def test_without_checkpoints_a_lost_worker_loses_its_guests() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+        other = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        await guest.worker.kill()
+        result = await guest.wait()
+        assert result.died and result.reason == f"worker {guest.worker.name} lost"
+        assert (await other.wait()).ok  # the other worker's guest is unaffected
+        again = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert again.worker is other.worker  # a dead worker gets no new guests
+        assert (await again.wait()).ok
+
+
+def test_cli_swarm_on_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["swarm", "-n", "4", str(GUESTS / "counter.img"), "--memory", "1M"]
+    argv += ["--cmdline", "lines=3 spin=1000", "--cluster", "ray", "--workers", "2"]
+    assert main([*argv, "--checkpoint-every", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "swarm of 4" in out and "workers" in out
+    rows = [line for line in out.splitlines() if line.strip("│ ").startswith(("w0 ", "w1 "))]
+    assert len(rows) == 2 and all("alive" in row for row in rows)
+
+
+def test_cli_cluster_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    image = str(GUESTS / "hello.img")
+    assert main(["swarm", "-n", "1", image, "--cluster", "slurm"]) == 2
+    assert "--cluster must be 'ray' or ray://HOST:PORT" in capsys.readouterr().err
+    assert main(["swarm", "-n", "1", image, "--checkpoint-every", "1"]) == 2
+    assert "need --cluster" in capsys.readouterr().err
+    assert main(["swarm", "-n", "1", image, "--cluster", "ray", "--checkpoint-every", "0"]) == 2
+    assert "positive" in capsys.readouterr().err
+
+
+async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> None:
+    """Ray may run an async actor's calls out of order; the guest still gets its input in
+    order, each byte once, and EOF after the last byte (the actor class, run in-process)."""
+    actor = WorkerActor("local", None, None)
+    try:
+        image = (GUESTS / "echo.img").read_bytes()
+        fields = {"memory": 1 << 20, "console": "capture", "name": "echo"}
+        await actor.launch("e.0", fields, "echo", image, None)
+        await actor.end_input("e.0", 11)  # the last call first: EOF only after 11 bytes
+        await actor.feed("e.0", 6, b"more\n")
+        await actor.feed("e.0", 0, b"hello\n")
+        await actor.feed("e.0", 0, b"hello\n")  # again (as after a revival): skipped
+        lines: list[str] = []
+        state = "running"
+        while state != "ended":
+            reply = await asyncio.wait_for(actor.read("e.0", len(lines)), LIMIT)
+            first, got, state, _, received = reply
+            assert first == len(lines)
+            lines += got
+        assert lines == ["hello", "more"]  # then EOF: echo powers off
+        assert received == 11
+        assert (await actor.wait("e.0"))["exit"]["exit_status"] == 0
+    finally:
+        await actor.close()
