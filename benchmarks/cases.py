@@ -22,6 +22,7 @@ from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
 from . import bench_hibernate, bench_state, guests
+from .bench_c import c_compute
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -813,4 +814,5 @@ FIGURES: dict[str, Figure] = {
     "revive": bench_state.revive,
     "hibernate_cycles": bench_hibernate.hibernate_cycles,
     "hibernated": bench_hibernate.hibernated,
+    "c_compute": c_compute,
 }

@@ -11,6 +11,9 @@
     any; the address is printed on stderr).  ``--restore`` continues a snapshot.
 ``snapshot IMAGE -o FILE --after-lines N`` (or ``--after SECONDS``)
     Run the guest (console on stdout), snapshot it at that point, save, stop.
+``build SOURCES... -o OUT [-O2] [-g] [-I DIR] [-D NAME[=VALUE]] [-W...]``
+    Compile C (and ``.S``) sources into a guest image (ELF32) linked with the
+    guest runtime and musl (``supervisor.sdk``; needs the ``sdk`` extra).
 ``swarm -n N IMAGE``
     N copies with no console; live progress on stderr when it is a terminal,
     then a summary table on stdout.  Exit status 0 when every guest powered
@@ -29,7 +32,7 @@ import argparse
 import asyncio
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, NoReturn
 
@@ -91,11 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--after", type=float, help="after SECONDS of wall time")
     common(snap)
 
+    build = sub.add_parser("build", help="compile C guests into an image (needs the sdk extra)")
+    build.add_argument("sources", nargs="+", help=".c / .S sources")
+    build.add_argument("-o", "--output", required=True, help="image to write (ELF32)")
+    build.add_argument("-O", dest="optimize", choices=["0", "1", "2", "3", "s", "z"])
+    build.add_argument("-g", dest="debug", action="store_true", help="DWARF for gdb")
+    build.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR")
+    build.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]")
+    build.add_argument("-W", dest="warnings", action="append", default=[], metavar="WARNING")
+    build.add_argument("--stack-size", help="the guest's stack, e.g. 256K (default 64K)")
+
     swarm = sub.add_parser("swarm", help="run N copies of a guest and summarize")
     swarm.add_argument("-n", type=int, default=10, help="how many guests (default 10)")
     swarm.add_argument("image", help="flat binary or ELF32 image")
     swarm.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb for one guest")
     swarm.add_argument("--gdb-guest", type=int, default=0, help="that guest's index (default 0)")
+    swarm.add_argument(
+        "--console",
+        choices=["none", "prefix", "tail"],
+        default="none",
+        help="guest output: none; prefix (every line on stdout as NAME: LINE); "
+        "tail (the last lines of each guest in a table at the end)",
+    )
+    swarm.add_argument(
+        "--tail-lines", type=int, default=3, help="lines per guest kept by --console tail"
+    )
     swarm.add_argument(
         "--cluster",
         metavar="ray|ray://HOST:PORT",
@@ -210,9 +233,19 @@ async def snapshot_to_file(
 
 
 async def run_swarm(
-    config: GuestConfig, n: int, gdb: str | None = None, gdb_guest: int = 0
+    config: GuestConfig,
+    n: int,
+    gdb: str | None = None,
+    gdb_guest: int = 0,
+    console: str = "none",
+    tail_lines: int = 3,
 ) -> int:
-    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status."""
+    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
+
+    ``console``: ``"none"`` ignores guest output; ``"prefix"`` prints each line on
+    stdout as ``NAME: LINE`` as it arrives; ``"tail"`` keeps the last
+    ``tail_lines`` lines of each guest and prints them in a table at the end.
+    """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -229,13 +262,27 @@ async def run_swarm(
     )
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    tails: dict[str, deque[str]] = {}
+    outcomes: dict[str, str] = {}
+
+    async def pump(guest: Guest) -> None:
+        tail = tails[guest.name] = deque(maxlen=tail_lines)
+        async for line in guest.console:
+            if console == "prefix":
+                print(f"{guest.name}: {line}", flush=True)
+            else:
+                tail.append(line)
+
     started = time.perf_counter()
     async with Supervisor() as sup:
         guests = []
+        pumps = []
         for i in range(n):
             update = {"name": f"{config.display_name}-{i}", "gdb": gdb if i == gdb_guest else None}
             named = config.model_copy(update=update)
             guests.append(await launch(sup, named))
+            if console != "none":
+                pumps.append(asyncio.create_task(pump(guests[-1])))
         with progress:
             bar = progress.add_task("swarm", total=n, state="")
             for next_done in asyncio.as_completed([g.wait() for g in guests]):
@@ -245,9 +292,14 @@ async def run_swarm(
                     reasons[result.reason] += 1
                 state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 progress.update(bar, advance=1, state=state)
+        await asyncio.gather(*pumps)
         wall = time.perf_counter() - started
         stats = [g.stats for g in guests]
+        for g in guests:
+            outcomes[g.name] = _outcome(await g.wait())
     _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    if console == "tail":
+        _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
 
 
@@ -346,6 +398,19 @@ def _summary(
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
 
 
+def _tails(tails: dict[str, deque[str]], outcomes: dict[str, str]) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="last console lines")
+    for column in ("guest", "outcome", "console"):
+        table.add_column(column)
+    for name, lines in tails.items():
+        table.add_row(name, outcomes.get(name, "-"), Text("\n".join(lines)))
+    RichConsole(file=sys.stdout).print(table)
+
+
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if name == "uvloop":
         import uvloop
@@ -355,9 +420,38 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+def build_image(args: argparse.Namespace) -> int:
+    """``build``: compile and link a C guest; compiler output goes to stderr."""
+    from . import sdk
+    from .config import parse_size
+
+    try:
+        stack = parse_size(args.stack_size) if args.stack_size else None
+        options = sdk.BuildOptions(
+            optimize=args.optimize,
+            debug=args.debug,
+            include_dirs=args.include_dirs,
+            defines=args.defines,
+            warnings=args.warnings,
+            stack_size=stack,
+        )
+        out = sdk.build(args.sources, args.output, options)
+    except sdk.BuildError as exc:
+        print(str(exc), file=sys.stderr)
+        print("supervisor: error: build failed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (sdk.ToolchainError, FileNotFoundError, ValueError) as exc:
+        print(f"supervisor: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"built {out} ({out.stat().st_size} bytes)", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
     args = build_parser().parse_args(argv)
+    if args.command == "build":
+        return build_image(args)
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:
@@ -377,15 +471,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cmdline": args.cmdline,
                 **limit_fields(args),
             }
+            if args.tail_lines < 1:
+                raise BadInput("--tail-lines must be at least 1")
             config = GuestConfig.build(
-                console="null", **{k: v for k, v in fields.items() if v is not None}
+                console="null" if args.console == "none" else "capture",
+                **{k: v for k, v in fields.items() if v is not None},
             )
             if args.cluster is not None:
+                if args.console != "none":
+                    raise BadInput("--console is not supported with --cluster")
                 coro = run_cluster_swarm(config, args.n, args)
             elif args.workers is not None or args.checkpoint_every is not None:
                 raise BadInput("--workers and --checkpoint-every need --cluster")
             else:
-                coro = run_swarm(config, args.n, args.gdb, args.gdb_guest)
+                coro = run_swarm(
+                    config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines
+                )
         with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
             return runner.run(coro)
     except (BadInput, ConfigError) as exc:

@@ -301,6 +301,7 @@ def _reflect_trap(cpu: LgCpu, vector: int) -> None:
     if vector == interrupts.PAGE_FAULT:
         detail = cpu.reg(r.UC_X86_REG_CR2)
         interrupts.report_page_fault(cpu, detail)
-        error_code = 1 if guest_pa(cpu, detail) is not None else 0
+        code = _unicorn.page_fault_error_code(cpu.uc)  # present, write, user: the MMU's
+        error_code = code if code is not None else int(guest_pa(cpu, detail) is not None)
     if not interrupts.deliver_trap(cpu, vector, error_code):
         cpu.lg.kill(f"unhandled trap {vector} at {cpu.eip:#x} ({detail:#x})")

@@ -58,7 +58,6 @@ Args = tuple[int, int, int, int]  # number, arg1 (edx), arg2 (ebx), arg3 (ecx)
 Handler = Callable[[LgCpu, int, int, int], None]
 
 SHUTDOWN_MESSAGE_MAX = 128
-TSC_KHZ = 1_000_000  # what we tell guests; Unicorn's TSC has no fixed rate
 _HCALL = struct.Struct("<IIII")
 
 
@@ -236,7 +235,7 @@ def initialize(cpu: LgCpu) -> None:
     lg.noirq_end = lg.read_u32(addr + LGUEST_DATA_NOIRQ_END) or 0
     lg.kernel_address = lg.read_u32(addr + LGUEST_DATA_KERNEL_ADDRESS) or 0
     lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, 0)
-    lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, TSC_KHZ)
+    lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, timers.tsc_khz())
     lg.write_u32(addr + LGUEST_DATA_PGDIR, lg.pgdir)
     lg.lguest_data = addr
     timers.write_timestamp(cpu)

@@ -122,3 +122,27 @@ def test_bad_config_contents(tmp_path: Path) -> None:
     proc = cli("run", "--config", str(config))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "speed: unknown setting" in proc.stderr and "image: no such file" in proc.stderr
+
+
+def test_swarm_console_prefix_prints_every_line_with_its_guest() -> None:
+    proc = cli(
+        "swarm", "-n", "3", "guests/ticker.img", "--memory", "1M",
+        "--cmdline", "ticks=2 period_ms=1", "--console", "prefix",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for i in range(3):
+        mine = [line for line in lines if line.startswith(f"ticker-{i}: ")]
+        assert mine == [f"ticker-{i}: tick 1", f"ticker-{i}: tick 2", f"ticker-{i}: done"]
+
+
+def test_swarm_console_tail_keeps_the_last_lines_in_a_table() -> None:
+    proc = cli(
+        "swarm", "-n", "2", "guests/ticker.img", "--memory", "1M",
+        "--cmdline", "ticks=4 period_ms=1", "--console", "tail", "--tail-lines", "2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "last console lines" in proc.stdout
+    table = proc.stdout[proc.stdout.index("last console lines") :]
+    assert table.count("tick 4") == 2 and table.count("done") == 2
+    assert "tick 3" not in table

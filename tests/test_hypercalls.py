@@ -206,8 +206,15 @@ async def test_page_fault_is_reflected_with_cr2_and_error_code(dev):
     g = await boot(dev, PAGE_FAULT)
     assert await notified(g) == 0xF
     assert g.u32("seen_cr2") == 0x80000123
-    assert g.u32("seen_error") == 0  # not present
+    assert g.u32("seen_error") == 2  # a write, to a page not present, by the kernel
     assert g.u32("seen_eip") > 0x10000
+
+
+async def test_a_read_fault_has_no_write_bit(dev):
+    g = await boot(dev, PAGE_FAULT.replace("movl $0x77, 0x80000123", "movl 0x80000123, %eax"))
+    assert await notified(g) == 0xF
+    assert g.u32("seen_cr2") == 0x80000123
+    assert g.u32("seen_error") == 0  # a read, page not present
 
 
 async def test_syscall_vector_goes_to_the_guest_handler(dev):

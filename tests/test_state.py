@@ -104,9 +104,12 @@ table: .space 4096
 
 
 def comparable(booted_symbols: dict[str, int], memory: bytes) -> bytes:
-    """Guest memory with lguest_data.time (the Host's wall clock) blanked."""
+    """Guest memory with lguest_data.time and .tsc_khz (the Host's wall clock and its
+    TSC rate, measured by each process) blanked."""
     at = booted_symbols["lguest_data"] + abi.LGUEST_DATA_TIME
-    return memory[:at] + bytes(8) + memory[at + 8 :]
+    memory = memory[:at] + bytes(8) + memory[at + 8 :]
+    at = booted_symbols["lguest_data"] + abi.LGUEST_DATA_TSC_KHZ
+    return memory[:at] + bytes(4) + memory[at + 4 :]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,127 @@
+/* crt0.S - entry point and trap/interrupt/syscall stubs of the C guest runtime.
+ *
+ * _lguest_start is entered by the Host (esi = boot info page, interrupts
+ * off): it clears .bss, switches to the runtime's stack (__lguest_stack_top,
+ * whose size is the link-time symbol __lguest_stack_size) and calls
+ * __lguest_start_c (runtime.c), which never returns.
+ */
+        .section .text.boot, "ax"
+        .code32
+        .globl  _lguest_start
+        .type   _lguest_start, @function
+_lguest_start:
+        cld
+        fninit                                  /* x87 as a process gets it: control word 0x37f */
+        movl    %esi, %edx                      /* boot info: kept in edx */
+        movl    $__bss_start, %edi
+        movl    $__bss_end, %ecx
+        subl    %edi, %ecx
+        xorl    %eax, %eax
+        rep stosb
+        movl    $__lguest_stack_top, %esp
+        xorl    %ebp, %ebp
+        pushl   %edx
+        call    __lguest_start_c
+1:      hlt
+        jmp     1b
+        .size   _lguest_start, . - _lguest_start
+
+        .text
+/* Save the registers a syscall preserves, pass them as C arguments
+ * (nr, ebx, ecx, edx, esi, edi, ebp) to __lguest_syscall; result in eax. */
+.macro SYSCALL_BODY
+        pushl   %ebp
+        pushl   %edi
+        pushl   %esi
+        pushl   %edx
+        pushl   %ecx
+        pushl   %ebx
+        pushl   %ebp
+        pushl   %edi
+        pushl   %esi
+        pushl   %edx
+        pushl   %ecx
+        pushl   %ebx
+        pushl   %eax
+        call    __lguest_syscall
+        addl    $28, %esp
+        popl    %ebx
+        popl    %ecx
+        popl    %edx
+        popl    %esi
+        popl    %edi
+        popl    %ebp
+.endm
+
+/* musl calls *%gs:16 for a system call (AT_SYSINFO points here): a plain call. */
+        .globl  __lguest_vsyscall
+        .type   __lguest_vsyscall, @function
+        .p2align 4
+__lguest_vsyscall:
+        SYSCALL_BODY
+        ret
+        .size   __lguest_vsyscall, . - __lguest_vsyscall
+
+/* int $0x80 (lguest's syscall vector): a trap gate, same work, then iret. */
+        .globl  __lguest_int80
+        .type   __lguest_int80, @function
+        .p2align 4
+__lguest_int80:
+        cld
+        SYSCALL_BODY
+        iret
+        .size   __lguest_int80, . - __lguest_int80
+
+/* Page fault: error code on the stack, then eip.  Never returns. */
+        .globl  __lguest_pf_entry
+        .type   __lguest_pf_entry, @function
+        .p2align 4
+__lguest_pf_entry:
+        cld
+        movl    4(%esp), %eax                   /* eip */
+        movl    (%esp), %edx                    /* error code */
+        pushl   %eax
+        pushl   %edx
+        call    __lguest_page_fault
+1:      hlt
+        jmp     1b
+        .size   __lguest_pf_entry, . - __lguest_pf_entry
+
+/* Interrupts: one stub per irq pushes its number and jumps to the common
+ * part, which calls __lguest_irq_dispatch(irq) and returns with interrupts
+ * as the interrupted code had them (eflags.IF in the frame). */
+        .p2align 4
+        .globl  __lguest_irq_stubs
+__lguest_irq_stubs:
+        .set    irq, 0
+        .rept   32
+        pushl   $irq
+        jmp     __lguest_irq_common
+        .p2align 3
+        .set    irq, irq + 1
+        .endr
+
+__lguest_irq_common:
+        cld
+        pushl   %eax
+        pushl   %ecx
+        pushl   %edx
+        pushl   12(%esp)
+        call    __lguest_irq_dispatch
+        addl    $4, %esp
+        popl    %edx
+        popl    %ecx
+        popl    %eax
+        addl    $4, %esp                        /* the irq number */
+        testl   $0x200, 8(%esp)                 /* eflags.IF of the interrupted code */
+        jz      1f
+/* The only instructions that run with interrupts on but must not be
+ * interrupted: turning them on and the iret (lguest_data.noirq_start/end). */
+        .globl  __lguest_noirq_start, __lguest_noirq_end
+__lguest_noirq_start:
+        movl    $512, lguest_data
+        iret
+__lguest_noirq_end:
+1:      iret
+
+        .section .note.GNU-stack, "", @progbits

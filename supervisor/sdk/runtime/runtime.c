@@ -1,0 +1,733 @@
+/* runtime.c - the C guest runtime: boot, lguest.h's helpers, and the system
+ * calls musl makes (the "kernel" a hosted C program needs).
+ *
+ * Guarantees (docs/sdk.md):
+ *  - boot: lguest_data is registered with every hcall_status slot free, the
+ *    syscall vector 0x80 and the noirq range of the irq return path; the GDT
+ *    has lguest's kernel segments (0x60 code, 0x68 data) and the TLS slots;
+ *    every irq has a handler (ignore by default); page faults report NULL
+ *    dereferences; page 0 is unmapped once the boot info has been copied.
+ *  - main(argc, argv) runs through musl's __libc_start_main: argv[0] is the
+ *    image's name, the rest is the command line split at blanks; main's
+ *    return value (or exit()'s status) is the power-off status, after stdio
+ *    is flushed.
+ *  - system calls: read/write/readv/writev on the console (fds 0-2), brk and
+ *    anonymous mmap/munmap inside guest memory, clock_gettime (REALTIME,
+ *    MONOTONIC, *_CPUTIME = time since boot), nanosleep/clock_nanosleep
+ *    (clock event + halt), set_thread_area (TLS), exit/exit_group, signals
+ *    sent to self kill the guest; anything else returns -ENOSYS.
+ */
+#include <lguest.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define PAGE_SIZE 4096u
+#define ENOSYS 38
+#define EBADF 9
+#define EFAULT 14
+#define EINVAL 22
+#define ENOMEM 12
+#define ENOTTY 25
+
+/* ---- state ---- */
+struct lguest_data lguest_data __attribute__((aligned(16)));
+static struct lguest_boot_info boot_copy;
+const struct lguest_boot_info *const lguest_boot_info = &boot_copy;
+static char cmdline_copy[2048];
+static char argv_buf[2048]; /* the command line again, cut into argv */
+static uint64_t gdt[LGUEST_GDT_ENTRIES] __attribute__((aligned(8)));
+static lguest_irq_handler irq_handlers[LGUEST_IRQS];
+static volatile uint32_t clock_fired;
+
+extern char __lguest_irq_stubs[], __lguest_noirq_start[], __lguest_noirq_end[];
+extern char __lguest_int80[], __lguest_pf_entry[], __lguest_vsyscall[];
+extern char _end[], __lguest_stack_guard[];
+extern char __tdata_start[], __tdata_end[], __tbss_end[];
+extern char __lguest_tls_align[];
+/* The image's name (argv[0]); `supervisor build` defines it. */
+__attribute__((weak)) const char __lguest_progname[] = "guest";
+
+int main();
+int __libc_start_main(int (*)(), int, char **, void (*)(void), void (*)(void),
+                      void (*)(void));
+
+/* ---- small helpers ---- */
+static void set_gate(unsigned vector, const void *handler, uint32_t type_dpl)
+{
+    uint32_t h = (uint32_t)handler;
+    lguest_hcall(LHCALL_LOAD_IDT_ENTRY, vector, (LGUEST_KERNEL_CS << 16) | (h & 0xffff),
+                 (h & 0xffff0000u) | type_dpl);
+}
+
+static void crash_hex(const char *what, uint32_t a, const char *mid, uint32_t b)
+{
+    static char buf[128];
+    static const char hex[] = "0123456789abcdef";
+    char *p = buf;
+    while (*what) *p++ = *what++;
+    *p++ = '0', *p++ = 'x';
+    for (int i = 28; i >= 0; i -= 4) *p++ = hex[(a >> i) & 15];
+    while (*mid) *p++ = *mid++;
+    *p++ = '0', *p++ = 'x';
+    for (int i = 28; i >= 0; i -= 4) *p++ = hex[(b >> i) & 15];
+    *p++ = ')';
+    *p = 0;
+    lguest_crash(buf);
+}
+
+void lguest_poweroff(int status)
+{
+    for (;;) lguest_hcall(LHCALL_SHUTDOWN, (unsigned long)"power off",
+                          LGUEST_SHUTDOWN_POWEROFF, (unsigned long)status);
+}
+
+void lguest_crash(const char *reason)
+{
+    for (;;) lguest_hcall(LHCALL_SHUTDOWN, (unsigned long)reason, LGUEST_SHUTDOWN_CRASH, 0);
+}
+
+const char *lguest_cmdline(void) { return cmdline_copy; }
+
+/* ---- interrupts ---- */
+void __lguest_irq_dispatch(unsigned irq)
+{
+    if (irq == LGUEST_CLOCK_IRQ) clock_fired = 1;
+    if (irq < LGUEST_IRQS && irq_handlers[irq]) irq_handlers[irq](irq);
+}
+
+int lguest_set_irq_handler(unsigned irq, lguest_irq_handler handler)
+{
+    if (irq >= LGUEST_IRQS) return -1;
+    irq_handlers[irq] = handler;
+    return 0;
+}
+
+void lguest_halt(void)
+{
+    uint32_t was = lguest_data.irq_enabled;
+    lguest_hcall(LHCALL_HALT, 0, 0, 0);
+    lguest_data.irq_enabled = was;
+}
+
+/* A NULL dereference (an access to page 0) or any other page fault kills the
+ * guest with a reason naming the access; error code bits: 1 present, 2 write. */
+__attribute__((noreturn)) void __lguest_page_fault(uint32_t error, uint32_t eip)
+{
+    uint32_t cr2 = lguest_data.cr2;
+    const char *kind = (error & 2) ? "write" : "read";
+    if (cr2 < PAGE_SIZE) {
+        crash_hex((error & 2) ? "NULL pointer dereference: write at "
+                              : "NULL pointer dereference: read at ",
+                  cr2, " (eip ", eip);
+    }
+    (void)kind;
+    if (cr2 - (uint32_t)__lguest_stack_guard < PAGE_SIZE)
+        crash_hex("stack overflow: access at ", cr2, " (eip ", eip);
+    crash_hex((error & 2) ? "page fault: write at " : "page fault: read at ", cr2, " (eip ",
+              eip);
+    __builtin_unreachable();
+}
+
+/* ---- clocks ---- */
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+uint64_t lguest_monotonic_ns(void)
+{
+    uint64_t tsc = rdtsc();
+    uint32_t khz = lguest_data.tsc_khz ? lguest_data.tsc_khz : 1000000;
+    return (tsc / khz) * 1000000u + (tsc % khz) * 1000000u / khz;
+}
+
+static uint64_t boot_ns;       /* monotonic time at boot */
+static int64_t realtime_offset; /* realtime = monotonic + offset */
+
+static uint64_t host_realtime_ns(void)
+{
+    uint32_t s, ns;
+    do {
+        s = *(volatile uint32_t *)&lguest_data.time.tv_sec;
+        ns = *(volatile uint32_t *)&lguest_data.time.tv_nsec;
+    } while (s != *(volatile uint32_t *)&lguest_data.time.tv_sec);
+    return (uint64_t)s * 1000000000u + ns;
+}
+
+/* The Host refreshes lguest_data.time whenever it (re)enters the guest, so
+ * between refreshes it lags; the realtime clock runs on the monotonic one
+ * and re-syncs when they drift more than 50 ms apart (e.g. after a restore). */
+static uint64_t realtime_ns(void)
+{
+    uint64_t mono = lguest_monotonic_ns();
+    int64_t host = (int64_t)host_realtime_ns();
+    int64_t ours = (int64_t)mono + realtime_offset;
+    int64_t diff = ours - host;
+    if (diff > 50000000 || diff < -50000000) {
+        realtime_offset = host - (int64_t)mono;
+        ours = host;
+    }
+    return (uint64_t)ours;
+}
+
+#define CLOCK_REALTIME 0
+#define CLOCK_MONOTONIC 1
+#define CLOCK_PROCESS_CPUTIME_ID 2
+#define CLOCK_THREAD_CPUTIME_ID 3
+#define CLOCK_MONOTONIC_RAW 4
+#define CLOCK_REALTIME_COARSE 5
+#define CLOCK_MONOTONIC_COARSE 6
+#define CLOCK_BOOTTIME 7
+
+static int clock_ns(int clk, uint64_t *out)
+{
+    switch (clk) {
+    case CLOCK_REALTIME:
+    case CLOCK_REALTIME_COARSE:
+        *out = realtime_ns();
+        return 0;
+    case CLOCK_MONOTONIC:
+    case CLOCK_MONOTONIC_RAW:
+    case CLOCK_MONOTONIC_COARSE:
+    case CLOCK_BOOTTIME:
+        *out = lguest_monotonic_ns();
+        return 0;
+    case CLOCK_PROCESS_CPUTIME_ID:
+    case CLOCK_THREAD_CPUTIME_ID:
+        *out = lguest_monotonic_ns() - boot_ns;
+        return 0;
+    }
+    return -EINVAL;
+}
+
+/* Sleep until the monotonic clock reaches `deadline`: clock event + halt. */
+static void sleep_until(uint64_t deadline)
+{
+    for (;;) {
+        uint64_t now = lguest_monotonic_ns();
+        if (now >= deadline) break;
+        uint64_t delta = deadline - now;
+        if (delta > 0x7fffffffu) delta = 0x7fffffffu;
+        if (delta < 100) delta = 100;
+        clock_fired = 0;
+        lguest_set_clockevent((unsigned long)delta);
+        while (!clock_fired) lguest_halt();
+    }
+}
+
+/* ---- devices ---- */
+struct lguest_device_desc *lguest_find_device(uint32_t type, unsigned index)
+{
+    uint32_t n = boot_copy.device_count;
+    if (n > LGUEST_MAX_DEVICES) n = LGUEST_MAX_DEVICES;
+    struct lguest_device_desc *d = (struct lguest_device_desc *)boot_copy.device_page;
+    for (uint32_t i = 0; i < n; i++) {
+        if (d[i].type == type && index-- == 0) return &d[i];
+    }
+    return 0;
+}
+
+static struct lguest_console *console;
+static struct lguest_block *block;
+struct lguest_console *lguest_console(void) { return console; }
+struct lguest_block *lguest_block(void) { return block; }
+
+void lguest_console_write(const void *buf, size_t len)
+{
+    volatile struct lguest_console *c = console;
+    if (!c || !len) return;
+    c->out_addr = (uint32_t)buf;
+    c->out_len = len;
+    lguest_notify((const void *)c);
+}
+
+static char rx_buf[1024];
+static uint32_t rx_pos, rx_len;
+static int rx_armed, rx_eof;
+
+/* Wait until console input is buffered (returns 1) or input has ended (0). */
+static int console_wait_input(void)
+{
+    volatile struct lguest_console *c = console;
+    if (!c) return 0;
+    for (;;) {
+        if (rx_pos < rx_len) return 1;
+        if (rx_eof) return 0;
+        if (!rx_armed) {
+            c->in_addr = (uint32_t)rx_buf;
+            c->in_size = sizeof rx_buf;
+            c->in_len = 0;
+            rx_armed = 1;
+            lguest_notify((const void *)c);
+        }
+        uint32_t got = c->in_len;
+        if (got) {
+            if (got > sizeof rx_buf) got = sizeof rx_buf; /* never trust in_len */
+            rx_pos = 0;
+            rx_len = got;
+            c->in_len = 0; /* consumed once copied out; re-armed when empty */
+            rx_armed = 0;
+            continue;
+        }
+        if (c->flags & LGUEST_CONSOLE_EOF) {
+            rx_eof = 1;
+            continue;
+        }
+        lguest_halt();
+    }
+}
+
+long lguest_console_read(void *buf, size_t size)
+{
+    if (!size) return 0;
+    if (!console_wait_input()) return 0;
+    uint32_t n = rx_len - rx_pos;
+    if (n > size) n = size;
+    memcpy(buf, rx_buf + rx_pos, n);
+    rx_pos += n;
+    return n;
+}
+
+static int block_io(struct lguest_block *dev, uint32_t cmd, uint32_t sector, uint32_t count,
+                    const void *buf)
+{
+    volatile struct lguest_block *b = dev;
+    if (!b) return LGUEST_BLOCK_IOERR;
+    b->command = cmd;
+    b->sector = sector;
+    b->count = count;
+    b->buffer = (uint32_t)buf;
+    lguest_notify((const void *)b);
+    return b->status;
+}
+
+int lguest_block_read(struct lguest_block *dev, uint32_t sector, uint32_t count, void *buf)
+{
+    return block_io(dev, LGUEST_BLOCK_READ, sector, count, buf);
+}
+
+int lguest_block_write(struct lguest_block *dev, uint32_t sector, uint32_t count,
+                       const void *buf)
+{
+    return block_io(dev, LGUEST_BLOCK_WRITE, sector, count, buf);
+}
+
+/* ---- memory: brk grows up from the end of the image, mmap takes pages from
+ * the top of free memory; a bitmap (at the heap's start) says which pages of
+ * [heap_lo, heap_hi) are in use. ---- */
+static uint32_t heap_lo, heap_hi, brk_cur;
+static uint8_t *page_map;
+static uint32_t heap_pages;
+
+static int page_used(uint32_t i) { return page_map[i >> 3] >> (i & 7) & 1; }
+static void page_set(uint32_t i, int used)
+{
+    if (used) page_map[i >> 3] |= (uint8_t)(1u << (i & 7));
+    else page_map[i >> 3] &= (uint8_t)~(1u << (i & 7));
+}
+
+static void heap_init(void)
+{
+    uint32_t lo = ((uint32_t)_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+    uint32_t hi = boot_copy.free_end & ~(PAGE_SIZE - 1);
+    if (hi <= lo) hi = lo;
+    uint32_t pages = (hi - lo) / PAGE_SIZE;
+    uint32_t map_bytes = (pages + 7) / 8;
+    uint32_t map_pages = (map_bytes + PAGE_SIZE - 1) / PAGE_SIZE;
+    if (map_pages >= pages) map_pages = pages;
+    page_map = (uint8_t *)lo;
+    memset(page_map, 0, map_pages * PAGE_SIZE);
+    heap_lo = lo + map_pages * PAGE_SIZE;
+    heap_hi = hi;
+    heap_pages = (hi - heap_lo) / PAGE_SIZE;
+    brk_cur = heap_lo;
+}
+
+static long sys_brk(uint32_t want)
+{
+    if (want < heap_lo || want > heap_hi) return brk_cur;
+    uint32_t old_top = (brk_cur - heap_lo + PAGE_SIZE - 1) / PAGE_SIZE;
+    uint32_t new_top = (want - heap_lo + PAGE_SIZE - 1) / PAGE_SIZE;
+    if (new_top > old_top) {
+        for (uint32_t i = old_top; i < new_top; i++)
+            if (page_used(i)) return brk_cur;
+        for (uint32_t i = old_top; i < new_top; i++) page_set(i, 1);
+        memset((void *)(heap_lo + old_top * PAGE_SIZE), 0, (new_top - old_top) * PAGE_SIZE);
+    } else {
+        for (uint32_t i = new_top; i < old_top; i++) page_set(i, 0);
+    }
+    brk_cur = want;
+    return brk_cur;
+}
+
+#define MAP_FIXED 0x10
+#define MAP_ANONYMOUS 0x20
+
+static long sys_mmap(uint32_t addr, uint32_t len, uint32_t flags, int fd)
+{
+    (void)addr;
+    if (!(flags & MAP_ANONYMOUS) || (flags & MAP_FIXED) || fd != -1) return -ENOSYS;
+    if (!len) return -EINVAL;
+    uint32_t n = (len + PAGE_SIZE - 1) / PAGE_SIZE;
+    if (n > heap_pages) return -ENOMEM;
+    uint32_t floor = (brk_cur - heap_lo + PAGE_SIZE - 1) / PAGE_SIZE;
+    uint32_t run = 0;
+    for (uint32_t i = heap_pages; i-- > floor;) {
+        run = page_used(i) ? 0 : run + 1;
+        if (run == n) {
+            for (uint32_t j = i; j < i + n; j++) page_set(j, 1);
+            void *p = (void *)(heap_lo + i * PAGE_SIZE);
+            memset(p, 0, n * PAGE_SIZE);
+            return (long)p;
+        }
+    }
+    return -ENOMEM;
+}
+
+static long sys_munmap(uint32_t addr, uint32_t len)
+{
+    if (addr & (PAGE_SIZE - 1)) return -EINVAL;
+    uint32_t end = addr + len;
+    if (end < addr) return -EINVAL;
+    for (uint32_t a = addr; a < end; a += PAGE_SIZE) {
+        if (a < heap_lo || a >= heap_hi) continue;
+        uint32_t i = (a - heap_lo) / PAGE_SIZE;
+        if (heap_lo + i * PAGE_SIZE >= brk_cur) page_set(i, 0); /* never the brk heap */
+    }
+    return 0;
+}
+
+/* ---- TLS: set_thread_area writes a descriptor into a GDT TLS slot and
+ * tells the Host (LHCALL_LOAD_TLS), as lguest's guest kernel does. ---- */
+struct user_desc {
+    int32_t entry_number;
+    uint32_t base_addr;
+    uint32_t limit;
+    uint32_t flags; /* seg_32bit:1 contents:2 read_exec_only:1 limit_in_pages:1
+                       seg_not_present:1 useable:1 */
+};
+
+static long sys_set_thread_area(struct user_desc *u)
+{
+    if (!u) return -EFAULT;
+    int32_t e = u->entry_number;
+    if (e == -1) e = LGUEST_GDT_ENTRY_TLS_MIN;
+    if (e < LGUEST_GDT_ENTRY_TLS_MIN || e >= LGUEST_GDT_ENTRY_TLS_MIN + 3) return -EINVAL;
+    uint32_t base = u->base_addr, limit = u->limit, f = u->flags;
+    uint32_t lo = (limit & 0xffff) | (base << 16);
+    uint32_t hi = ((base >> 16) & 0xff) | (base & 0xff000000u) | (limit & 0xf0000);
+    hi |= ((f >> 3) & 1 ? 0x0 : 0x200);   /* writable unless read_exec_only */
+    hi |= ((f >> 1) & 3) << 10;           /* contents: expand-down / code bits */
+    hi |= 0x1000 | (3 << 13);             /* S = 1, DPL 3 */
+    hi |= ((f >> 5) & 1) ? 0 : 0x8000;    /* present */
+    hi |= ((f >> 6) & 1) << 20;           /* AVL (useable) */
+    hi |= (f & 1) << 22;                  /* D/B: 32-bit */
+    hi |= ((f >> 4) & 1) << 23;           /* G: limit in pages */
+    gdt[e] = ((uint64_t)hi << 32) | lo;
+    u->entry_number = e;
+    lguest_hcall(LHCALL_LOAD_TLS, (unsigned long)&gdt[LGUEST_GDT_ENTRY_TLS_MIN], 0, 0);
+    return 0;
+}
+
+/* ---- system calls (i386 numbers) ---- */
+struct iovec32 {
+    uint32_t base, len;
+};
+
+static long sys_write(int fd, const void *buf, uint32_t len)
+{
+    if (fd < 1 || fd > 2) return -EBADF;
+    lguest_console_write(buf, len);
+    return len;
+}
+
+static long sys_writev(int fd, const struct iovec32 *iov, int n)
+{
+    if (fd < 1 || fd > 2) return -EBADF;
+    long total = 0;
+    for (int i = 0; i < n; i++) {
+        lguest_console_write((const void *)iov[i].base, iov[i].len);
+        total += iov[i].len;
+    }
+    return total;
+}
+
+static long sys_readv(int fd, const struct iovec32 *iov, int n)
+{
+    if (fd != 0) return -EBADF;
+    long total = 0;
+    int i = 0;
+    while (i < n && !iov[i].len) i++;
+    if (i == n) return 0;
+    if (!console_wait_input()) return 0;
+    for (; i < n; i++) {
+        uint32_t avail = rx_len - rx_pos;
+        if (!avail) break;
+        uint32_t k = iov[i].len < avail ? iov[i].len : avail;
+        memcpy((void *)iov[i].base, rx_buf + rx_pos, k);
+        rx_pos += k;
+        total += k;
+    }
+    return total;
+}
+
+static long put_timespec(int clk, void *ts, int wide)
+{
+    uint64_t ns;
+    int r = clock_ns(clk, &ns);
+    if (r) return r;
+    if (!ts) return -EFAULT;
+    if (wide) {
+        int64_t *t = ts;
+        t[0] = (int64_t)(ns / 1000000000u);
+        t[1] = (int64_t)(ns % 1000000000u);
+    } else {
+        int32_t *t = ts;
+        t[0] = (int32_t)(ns / 1000000000u);
+        t[1] = (int32_t)(ns % 1000000000u);
+    }
+    return 0;
+}
+
+#define TIMER_ABSTIME 1
+static long sys_nanosleep(int clk, int flags, const void *req, void *rem, int wide)
+{
+    if (!req) return -EFAULT;
+    int64_t sec, nsec;
+    if (wide) {
+        const int64_t *t = req;
+        sec = t[0], nsec = t[1];
+    } else {
+        const int32_t *t = req;
+        sec = t[0], nsec = t[1];
+    }
+    if (sec < 0 || nsec < 0 || nsec >= 1000000000) return -EINVAL;
+    uint64_t now;
+    int r = clock_ns(clk, &now);
+    if (r) return r;
+    uint64_t want = (uint64_t)sec * 1000000000u + (uint64_t)nsec;
+    uint64_t delta = (flags & TIMER_ABSTIME) ? (want > now ? want - now : 0) : want;
+    sleep_until(lguest_monotonic_ns() + delta);
+    if (rem && !(flags & TIMER_ABSTIME)) {
+        if (wide) ((int64_t *)rem)[0] = ((int64_t *)rem)[1] = 0;
+        else ((int32_t *)rem)[0] = ((int32_t *)rem)[1] = 0;
+    }
+    return 0;
+}
+
+static const char *const signal_names[] = {
+    [1] = "SIGHUP", [2] = "SIGINT", [3] = "SIGQUIT", [4] = "SIGILL", [5] = "SIGTRAP",
+    [6] = "SIGABRT", [7] = "SIGBUS", [8] = "SIGFPE", [9] = "SIGKILL", [11] = "SIGSEGV",
+    [13] = "SIGPIPE", [14] = "SIGALRM", [15] = "SIGTERM",
+};
+
+static long sys_kill_self(int sig)
+{
+    static char buf[48] = "killed by signal ";
+    if (sig == 0) return 0;
+    char *p = buf + 17;
+    const char *name = (sig > 0 && sig < 16) ? signal_names[sig] : 0;
+    if (name) {
+        while (*name) *p++ = *name++;
+    } else {
+        if (sig >= 10) *p++ = (char)('0' + sig / 10 % 10);
+        *p++ = (char)('0' + sig % 10);
+    }
+    *p = 0;
+    lguest_crash(buf);
+}
+
+#define TIOCGWINSZ 0x5413
+
+long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    (void)a6;
+    switch (nr) {
+    case 1:   /* exit */
+    case 252: /* exit_group */
+        lguest_poweroff(a1 & 0xff);
+    case 3: { /* read */
+        if (a1 != 0) return -EBADF;
+        struct iovec32 v = {(uint32_t)a2, (uint32_t)a3};
+        return sys_readv(0, &v, 1);
+    }
+    case 4: return sys_write(a1, (const void *)a2, a3);
+    case 6: return (a1 >= 0 && a1 <= 2) ? 0 : -EBADF; /* close */
+    case 13: { /* time */
+        uint64_t ns = realtime_ns();
+        int32_t t = (int32_t)(ns / 1000000000u);
+        if (a1) *(int32_t *)a1 = t;
+        return t;
+    }
+    case 20:  /* getpid */
+    case 224: /* gettid */
+        return 1;
+    case 37:  /* kill */
+        return (a1 == 1 || a1 == 0) ? sys_kill_self(a2) : -ENOSYS;
+    case 238: /* tkill */
+        return a1 == 1 ? sys_kill_self(a2) : -ENOSYS;
+    case 270: /* tgkill */
+        return (a1 == 1 && a2 == 1) ? sys_kill_self(a3) : -ENOSYS;
+    case 45: return sys_brk(a1);
+    case 54: /* ioctl: the console is a terminal */
+        if (a1 < 0 || a1 > 2) return -EBADF;
+        if (a2 == TIOCGWINSZ && a3) {
+            uint16_t *ws = (uint16_t *)a3;
+            ws[0] = 24, ws[1] = 80, ws[2] = ws[3] = 0;
+            return 0;
+        }
+        return -ENOTTY;
+    case 78: { /* gettimeofday */
+        if (a1) {
+            uint64_t ns = realtime_ns();
+            ((int32_t *)a1)[0] = (int32_t)(ns / 1000000000u);
+            ((int32_t *)a1)[1] = (int32_t)(ns % 1000000000u / 1000u);
+        }
+        return 0;
+    }
+    case 90: { /* old mmap: one argument block */
+        const uint32_t *b = (const uint32_t *)a1;
+        return sys_mmap(b[0], b[1], b[3], (int)b[4]);
+    }
+    case 192: return sys_mmap(a1, a2, a4, (int)a5); /* mmap2 */
+    case 91: return sys_munmap(a1, a2);
+    case 125: return 0; /* mprotect: nothing to protect with */
+    case 145: return sys_readv(a1, (const struct iovec32 *)a2, a3);
+    case 146: return sys_writev(a1, (const struct iovec32 *)a2, a3);
+    case 162: return sys_nanosleep(CLOCK_MONOTONIC, 0, (void *)a1, (void *)a2, 0);
+    case 174: /* rt_sigaction */
+    case 175: /* rt_sigprocmask */
+        return 0;
+    case 243: return sys_set_thread_area((struct user_desc *)a1);
+    case 258: return 1; /* set_tid_address: the only thread's id */
+    case 265: return put_timespec(a1, (void *)a2, 0);
+    case 403: return put_timespec(a1, (void *)a2, 1);
+    case 266: /* clock_getres */
+    case 406: {
+        uint64_t ns;
+        if (clock_ns(a1, &ns)) return -EINVAL;
+        if (a2) {
+            if (nr == 406) ((int64_t *)a2)[0] = 0, ((int64_t *)a2)[1] = 1;
+            else ((int32_t *)a2)[0] = 0, ((int32_t *)a2)[1] = 1;
+        }
+        return 0;
+    }
+    case 267: return sys_nanosleep(a1, a2, (void *)a3, (void *)a4, 0);
+    case 407: return sys_nanosleep(a1, a2, (void *)a3, (void *)a4, 1);
+    }
+    return -ENOSYS;
+}
+
+/* ---- boot ---- */
+#define AT_NULL 0
+#define AT_PHDR 3
+#define AT_PHENT 4
+#define AT_PHNUM 5
+#define AT_PAGESZ 6
+#define AT_HWCAP 16
+#define AT_RANDOM 25
+#define AT_SYSINFO 32
+
+struct phdr32 {
+    uint32_t type, offset, vaddr, paddr, filesz, memsz, flags, align;
+};
+
+#define MAX_ARGS 64
+static char *start_vec[MAX_ARGS + 3 + 16];
+static struct phdr32 tls_phdr;
+static uint8_t random_bytes[16];
+
+/* Unmap the page at virtual `va` (low mapping) and tell the Host. */
+static void unmap_page(uint32_t va)
+{
+    uint32_t pgdir = lguest_data.pgdir;
+    uint32_t pde = ((volatile uint32_t *)pgdir)[va >> 22];
+    if (!(pde & 1) || (pde & 0x80)) return; /* no table, or a 4 MiB page: leave it */
+    ((volatile uint32_t *)(pde & ~0xfffu))[(va >> 12) & 1023] = 0;
+    lguest_hcall(LHCALL_SET_PTE, pgdir, va, 0);
+}
+
+__attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_info *bi)
+{
+    for (int i = 0; i < LHCALL_RING_SIZE; i++) lguest_data.hcall_status[i] = LGUEST_HCALL_FREE;
+    lguest_data.irq_enabled = 0;
+    lguest_data.syscall_vec = LGUEST_SYSCALL_VECTOR;
+    lguest_data.noirq_start = (uint32_t)__lguest_noirq_start;
+    lguest_data.noirq_end = (uint32_t)__lguest_noirq_end;
+    lguest_hcall(LHCALL_LGUEST_INIT, (unsigned long)&lguest_data, 0, 0);
+
+    /* lguest's kernel segments (flat, ring 0), then reload every segment. */
+    gdt[LGUEST_KERNEL_CS >> 3] = 0x00cf9a000000ffffull;
+    gdt[LGUEST_KERNEL_DS >> 3] = 0x00cf92000000ffffull;
+    lguest_hcall(LHCALL_LOAD_GDT, (unsigned long)gdt, LGUEST_GDT_ENTRIES, 0);
+    __asm__ __volatile__("ljmp %0, $1f\n1:\n\t"
+                         "movl %1, %%eax\n\t"
+                         "movl %%eax, %%ds\n\tmovl %%eax, %%es\n\tmovl %%eax, %%ss\n\t"
+                         "xorl %%eax, %%eax\n\tmovl %%eax, %%fs\n\tmovl %%eax, %%gs"
+                         :
+                         : "i"(LGUEST_KERNEL_CS), "i"(LGUEST_KERNEL_DS)
+                         : "eax", "memory");
+
+    /* Copy what we need from the boot info page, then unmap page 0.  (bi is
+     * 0: hide that from the compiler, which may treat a read through it as
+     * undefined.) */
+    __asm__("" : "+r"(bi));
+    boot_copy = *bi;
+    if (boot_copy.magic != LGUEST_BOOT_MAGIC || boot_copy.version != LGUEST_BOOT_VERSION)
+        lguest_crash("bad boot info");
+    if (boot_copy.cmdline && boot_copy.cmdline_len < sizeof cmdline_copy)
+        memcpy(cmdline_copy, (const char *)boot_copy.cmdline, boot_copy.cmdline_len);
+    set_gate(14, __lguest_pf_entry, 0x8e00);
+    unmap_page(0);
+    unmap_page((uint32_t)__lguest_stack_guard);
+
+    for (unsigned irq = 0; irq < LGUEST_IRQS; irq++)
+        set_gate(LGUEST_IRQ_VECTOR_BASE + irq, __lguest_irq_stubs + 8 * irq, 0x8e00);
+    set_gate(LGUEST_SYSCALL_VECTOR, __lguest_int80, 0xef00);
+    console = (struct lguest_console *)lguest_find_device(LGUEST_DEVICE_CONSOLE, 0);
+    block = (struct lguest_block *)lguest_find_device(LGUEST_DEVICE_BLOCK, 0);
+    heap_init();
+    boot_ns = lguest_monotonic_ns();
+    realtime_offset = (int64_t)host_realtime_ns() - (int64_t)boot_ns;
+
+    /* argv (argv[0] = the image's name; the command line split at blanks),
+     * an empty environment, and the auxiliary vector musl reads. */
+    int argc = 0;
+    char **v = start_vec;
+    v[argc++] = (char *)__lguest_progname;
+    memcpy(argv_buf, cmdline_copy, sizeof argv_buf);
+    for (char *p = argv_buf; *p && argc < MAX_ARGS;) {
+        while (*p == ' ' || *p == '\t' || *p == '\n') *p++ = 0;
+        if (!*p) break;
+        v[argc++] = p;
+        while (*p && *p != ' ' && *p != '\t' && *p != '\n') p++;
+    }
+    int k = argc;
+    v[k++] = 0; /* end of argv */
+    v[k++] = 0; /* end of envp */
+    uint32_t tls_size = (uint32_t)(__tbss_end - __tdata_start);
+    tls_phdr = (struct phdr32){7 /* PT_TLS */, 0, (uint32_t)__tdata_start,
+                               (uint32_t)__tdata_start,
+                               (uint32_t)(__tdata_end - __tdata_start), tls_size, 4,
+                               (uint32_t)__lguest_tls_align};
+    uint64_t seed = rdtsc();
+    for (int i = 0; i < 16; i++) random_bytes[i] = (uint8_t)(seed >> (8 * (i & 7))) ^ (uint8_t)i;
+    uint32_t aux[][2] = {
+        {AT_PHDR, (uint32_t)&tls_phdr},
+        {AT_PHENT, sizeof tls_phdr},
+        {AT_PHNUM, tls_size ? 1 : 0},
+        {AT_PAGESZ, PAGE_SIZE},
+        {AT_RANDOM, (uint32_t)random_bytes},
+        {AT_SYSINFO, (uint32_t)__lguest_vsyscall},
+        {AT_NULL, 0},
+    };
+    for (unsigned i = 0; i < sizeof aux / sizeof aux[0]; i++) {
+        v[k++] = (char *)aux[i][0];
+        v[k++] = (char *)aux[i][1];
+    }
+    __libc_start_main(main, argc, v, 0, 0, 0);
+    lguest_crash("__libc_start_main returned");
+}

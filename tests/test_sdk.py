@@ -1,0 +1,394 @@
+"""C guests: `supervisor build`, the guest runtime (crt0 + system calls over musl), lguest.h.
+
+Needs the ``sdk`` extra (Zig's C compiler); without it these tests skip and say
+what to install.  The first build on a machine compiles musl (a minute or more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor import Exit, GuestConfig, Supervisor, sdk
+from supervisor.pytest_plugin import BuildGuest
+from supervisor.sdk.elfstrip import symbols
+
+HERE = Path(__file__).resolve().parent
+PORTABLE = HERE / "c" / "portable.c"
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+PORTABLE_ARGS = ["one", "0x10", "-5", "two"]
+PORTABLE_INPUT = "hello world 42\n  -7 abc 3x 100\n\n9 1\nlast line without newline 5"
+
+
+def _toolchain() -> sdk.Toolchain:
+    try:
+        return sdk.find_toolchain()
+    except sdk.ToolchainError as exc:
+        pytest.skip(str(exc))
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+async def run_guest(
+    image: Path, cmdline: str = "", stdin: str | None = None, memory: str = "4M"
+) -> tuple[list[str], Exit]:
+    async with Supervisor() as sup:
+        guest = await sup.launch(GuestConfig(image=image, memory=memory, cmdline=cmdline))
+        if stdin is not None:
+            guest.send(stdin)
+            guest.send_eof()
+        async with asyncio.timeout(LIMIT):
+            lines = [line async for line in guest.console]
+            return lines, await guest.wait()
+
+
+@pytest.fixture(scope="module")
+def portable_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _toolchain()
+    out = tmp_path_factory.mktemp("portable") / "portable.elf"
+    done = _cli("build", str(PORTABLE), "-o", str(out), "-O2", "-Wall", "-Werror")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_portable_program_prints_what_the_native_build_prints(
+    portable_guest: Path, tmp_path: Path
+) -> None:
+    """The issue's acceptance test: `supervisor build` + `supervisor run` == host gcc."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("needs the host's gcc to build the native reference")
+    native = tmp_path / "portable"
+    subprocess.run([gcc, "-O2", "-o", str(native), str(PORTABLE), "-lm"], check=True)
+    expected = subprocess.run(
+        ["portable", *PORTABLE_ARGS],
+        executable=native,
+        input=PORTABLE_INPUT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    got = _cli(
+        "run", str(portable_guest), "--memory", "8M", "--cmdline", " ".join(PORTABLE_ARGS),
+        stdin=PORTABLE_INPUT,
+    )  # fmt: skip
+    assert got.stdout == expected.stdout
+    assert got.returncode == expected.returncode == 9  # 6 numbers read, + 3
+    assert "floats: 3.141593" in got.stdout  # x87 rounding as a process gets it
+    assert "nanosleep 30 ms: ok" in got.stdout
+
+
+async def test_the_monotonic_clock_counts_real_time(build_guest: BuildGuest) -> None:
+    """rdtsc scaled by lguest_data.tsc_khz: a guest's 200 ms sleep takes 200 ms of ours."""
+    image = build_guest(
+        r"""
+#include <stdio.h>
+#include <time.h>
+int main(void) {
+    struct timespec a, b, req = {0, 200000000};
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    nanosleep(&req, NULL);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%ld\n", (long)((b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000));
+    return 0;
+}
+""",
+        flags=["-O2"],
+    )
+    start = time.monotonic()
+    lines, result = await run_guest(image)
+    host_ms = (time.monotonic() - start) * 1000
+    assert result.ok, result
+    guest_ms = int(lines[0])
+    assert guest_ms >= 200
+    assert host_ms >= 190  # the guest's clock does not run fast
+    assert guest_ms <= host_ms + 20  # nor slow
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("int *volatile p = 0; return *p;", "CRASH: NULL pointer dereference: read at 0x00000000"),
+        ("int *volatile p = (int *)8; *p = 1; return 0;",
+         "CRASH: NULL pointer dereference: write at 0x00000008"),
+        ("abort();", "CRASH: killed by signal SIGABRT"),
+    ],
+)  # fmt: skip
+async def test_faults_kill_the_guest_with_a_reason(
+    build_guest: BuildGuest, body: str, expected: str
+) -> None:
+    image = build_guest(f"#include <stdlib.h>\nint main(void) {{ {body} }}\n")
+    _lines, result = await run_guest(image)
+    assert result.died
+    assert result.reason.startswith(expected), result.reason
+
+
+async def test_exit_status_tls_enosys_and_argv(build_guest: BuildGuest) -> None:
+    image = build_guest(
+        r"""
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <lguest.h>
+static _Thread_local int counter = 40;
+static void bye(void) { printf("atexit ran, counter %d\n", counter); }
+int main(int argc, char **argv) {
+    atexit(bye);
+    counter += 2;
+    long r = syscall(SYS_getcwd, 0, 0);
+    printf("getcwd: %ld %s\n", r, errno == ENOSYS ? "ENOSYS" : "?");
+    printf("unlink: %d %s\n", unlink("x"), errno == ENOSYS ? "ENOSYS" : "?");
+    for (int i = 0; i < argc; i++) printf("argv[%d]=%s\n", i, argv[i]);
+    printf("cmdline '%s', tsc_khz %s\n", lguest_cmdline(),
+           lguest_data.tsc_khz > 1000 ? "set" : "unset");
+    fflush(stdout);
+    exit(counter);
+}
+"""
+    )
+    lines, result = await run_guest(image, cmdline="a  b")
+    assert lines == [
+        "getcwd: -1 ENOSYS",
+        "unlink: -1 ENOSYS",
+        f"argv[0]={image.stem}",
+        "argv[1]=a",
+        "argv[2]=b",
+        "cmdline 'a  b', tsc_khz set",
+        "atexit ran, counter 42",
+    ]
+    assert result == Exit(42, "power off", 0, died=False)
+
+
+async def test_a_big_heap_and_a_deep_stack(build_guest: BuildGuest) -> None:
+    image = build_guest(
+        r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+static int depth(int n) {
+    volatile char pad[1000];
+    pad[0] = (char)n;
+    return n ? depth(n - 1) + pad[0] - n + 1 : 0;
+}
+int main(void) {
+    size_t got = 0;
+    void *keep[64];
+    int n = 0;
+    for (; n < 64; n++) {  /* 1 MiB blocks until memory runs out */
+        keep[n] = malloc(1 << 20);
+        if (!keep[n]) break;
+        memset(keep[n], n, 1 << 20);
+        got += 1 << 20;
+    }
+    printf("malloc gave %zu MiB then %s\n", got >> 20, n < 64 ? "NULL" : "more");
+    while (n--) free(keep[n]);
+    void *again = malloc(2 << 20);
+    printf("after free: %s\n", again ? "ok" : "NULL");
+    printf("depth %d\n", depth(50));
+    return 0;
+}
+""",
+        flags=["-O1"],
+    )
+    lines, result = await run_guest(image, memory="8M")
+    assert result.ok, result
+    mib = int(lines[0].split()[2])
+    assert 4 <= mib < 8 and lines[0].endswith("then NULL")
+    assert lines[1:] == ["after free: ok", "depth 50"]
+
+
+def test_build_without_a_toolchain_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sdk.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sdk.shutil, "which", lambda name: None)
+    with pytest.raises(sdk.ToolchainError, match=r"pip install 'lguest-supervisor\[sdk\]'"):
+        sdk.build([PORTABLE], tmp_path / "x.elf")
+
+
+def test_build_errors_are_one_line_and_status_2(tmp_path: Path) -> None:
+    _toolchain()
+    missing = _cli("build", str(tmp_path / "nope.c"), "-o", str(tmp_path / "x.elf"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("supervisor: error: ")
+    bad = tmp_path / "bad.c"
+    bad.write_text("int main(void) { return undeclared; }\n")
+    failed = _cli("build", str(bad), "-o", str(tmp_path / "x.elf"))
+    assert failed.returncode == 2
+    assert "undeclared" in failed.stderr
+    assert failed.stderr.strip().splitlines()[-1] == "supervisor: error: build failed"
+    assert not (tmp_path / "x.elf").exists()
+
+
+def test_builds_are_deterministic_and_keep_symbols(portable_guest: Path, tmp_path: Path) -> None:
+    a, b = portable_guest, tmp_path / "again" / "portable.elf"
+    done = _cli("build", str(PORTABLE), "-o", str(b), "-O2", "-Wall", "-Werror")
+    assert done.returncode == 0, done.stderr
+    assert a.read_bytes() == b.read_bytes()
+    data = a.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4] == 1  # ELF32
+    assert b"\0main\0" in data and b"__lguest_syscall" in data  # symbols kept
+    zig = Path(importlib.util.find_spec("ziglang").origin or "").parent  # type: ignore[union-attr]
+    assert os.fsencode(str(zig)) not in data and os.fsencode(str(HERE)) not in data  # no DWARF
+    assert len(data) < 200_000
+    debug = tmp_path / "g" / "portable.elf"
+    done = _cli("build", str(PORTABLE), "-o", str(debug), "-g")
+    assert done.returncode == 0, done.stderr
+    assert b".debug_line" in debug.read_bytes()
+
+
+# -- the C guests in guests/c -------------------------------------------------------------
+
+GUESTS = HERE.parent / "guests"
+PINNED_ZIG = "0.17.1"  # pyproject.toml's sdk extra: the version the images were built with
+
+
+def test_committed_c_guests_rebuild_byte_identical() -> None:
+    toolchain = _toolchain()
+    if toolchain.version != PINNED_ZIG:
+        pytest.skip(f"images were built with Zig {PINNED_ZIG}, this is {toolchain.version}")
+    names = [f"c/{src.stem}" for src in sorted((GUESTS / "c").glob("*.c"))]
+    assert len(names) >= 5
+    done = subprocess.run(
+        [sys.executable, str(GUESTS / "build.py"), "--check", "--only", "c"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == len(names)
+
+
+async def test_c_hello() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "hello.elf")
+    assert lines == ["Hello from an lguest guest!"]
+    assert result == Exit(0, "power off", 0, died=False)
+
+
+async def test_c_echo() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "echo.elf", stdin="hello\nquit\nmore\n")
+    assert lines == ["hello", "quit", "bye"]
+    assert result.ok
+    lines, result = await run_guest(GUESTS / "c" / "echo.elf", stdin="no quit\nat all")
+    assert lines == ["no quit", "at all"]
+    assert result.ok
+
+
+async def test_c_ticker() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "ticker.elf", cmdline="ticks=3 period_ms=1")
+    assert lines == ["tick 1", "tick 2", "tick 3", "done"]
+    assert result.ok
+
+
+async def test_c_blockcopy(tmp_path: Path) -> None:
+    data = os.urandom(20 * 512)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(data)
+    async with Supervisor() as sup:
+        image = GUESTS / "c" / "blockcopy.elf"
+        guest = await sup.launch(GuestConfig(image=image, memory="1M", block=disk))
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in guest.console] == ["blockcopy ok"]
+            assert (await guest.wait()).ok
+        after = disk.read_bytes()
+        assert after[8 * 512 : 16 * 512] == data[: 8 * 512]
+        assert after[16 * 512 :] == data[16 * 512 :]
+        guest = await sup.launch(
+            GuestConfig(image=image, memory="1M", block=disk, block_readonly=True)
+        )
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in guest.console] == ["read-only block device"]
+            assert (await guest.wait()).exit_status == 3
+        guest = await sup.launch(GuestConfig(image=image, memory="1M"))
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in guest.console] == ["no block device"]
+            assert (await guest.wait()).exit_status == 2
+
+
+async def test_c_sieve_checksum() -> None:
+    lines, result = await run_guest(GUESTS / "c" / "sieve.elf", cmdline="n=100000", memory="1M")
+    assert lines == ["sieve n=100000 rounds=1", "primes up to 100000: 9592, checksum 454396537"]
+    assert result.ok
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_a_g_build_shows_c_source_lines_in_gdb(tmp_path: Path) -> None:
+    _toolchain()
+    image = tmp_path / "sieve.elf"
+    done = _cli("build", str(GUESTS / "c" / "sieve.c"), "-o", str(image), "-g", "-O1")
+    assert done.returncode == 0, done.stderr
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", str(image), "--memory", "4M",
+         "--cmdline", "n=1000", "--gdb", "127.0.0.1:0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert sup.stderr is not None
+        banner = sup.stderr.readline()
+        host, port = banner.split()[-1].rsplit(":", 1)
+        gdb = subprocess.run(
+            [str(shutil.which("gdb")), "-batch", "-nx",
+             "-ex", "set architecture i386",
+             "-ex", f"target remote {host}:{port}",
+             "-ex", "break sieve_rounds",
+             "-ex", "continue",
+             "-ex", "bt 2",
+             "-ex", "delete",
+             "-ex", "continue", str(image)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        out, _err = sup.communicate(timeout=60)
+    finally:
+        sup.kill()
+    assert re.search(r"sieve_rounds \(composite=.*n=1000, rounds=1.*at sieve\.c:\d+", gdb.stdout), (
+        gdb.stdout + gdb.stderr
+    )
+    assert re.search(r"in main \(argc=2, argv=.*at sieve\.c:\d+", gdb.stdout)
+    assert out.endswith("primes up to 1000: 168, checksum 76127\n")
+
+
+async def test_a_stack_overflow_hits_the_guard_page(build_guest: BuildGuest) -> None:
+    """The stack (64 KiB by default) sits above an unmapped guard page."""
+    source = r"""
+#include <stdio.h>
+static int deep(int n) {
+    volatile char pad[512];
+    pad[0] = (char)n;
+    return n ? deep(n - 1) + pad[0] : 0;
+}
+int main(int argc, char **argv) {
+    printf("%d\n", deep(argc > 1 ? 100000 : 10));
+    return 0;
+}
+"""
+    image = build_guest(source, flags=["-O1"])
+    lines, result = await run_guest(image)
+    assert result.ok and lines == ["55"]  # shallow: fine
+    _lines, result = await run_guest(image, cmdline="deep")
+    assert result.died
+    # The Host cannot push the page fault's frame on a stack inside the guard page.
+    match = re.fullmatch(
+        r"cannot push interrupt frame: stack at (0x[0-9a-f]+) is not writable", result.reason
+    )
+    assert match, result.reason
+    guard = symbols(image.read_bytes())["__lguest_stack_guard"]
+    assert guard <= int(match[1], 16) < guard + 4096
