@@ -71,7 +71,8 @@ async def test_launch_console_wait_kill_and_placement() -> None:
         assert await collect(hello) == ["Hello from an lguest guest!"]
 
         assert not spinner.done
-        assert (await spinner.fetch_stats()).run_time > 0  # (blocks are counted only on the block-hook path)
+        # (blocks are counted only on the block-hook path: progress is run time)
+        assert (await spinner.fetch_stats()).run_time > 0
         result = await spinner.kill()
         assert result.died and result.reason == "killed"
         assert await spinner.wait() == result
