@@ -76,6 +76,10 @@ class LguestDevice:
         self._executor: ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
+        # Initialized guests not yet released, and their memory: what max_guests and
+        # max_memory bound (kept as counts: admission must not cost O(guests)).
+        self._live = 0
+        self._used = 0
         self._closed = False
         self.tcg_buffer = tcg_buffer
         self.max_guests = max_guests
@@ -160,11 +164,14 @@ class LguestDevice:
 
     def _admit(self, size: int) -> bool:
         """True if one more guest of ``size`` bytes fits the device's limits."""
-        live = [f for f in self._files if f._lg is not None]
-        if self.max_guests is not None and len(live) >= self.max_guests:
+        if self.max_guests is not None and self._live >= self.max_guests:
             return False
-        used = sum(f._lg.limit for f in live if f._lg is not None)
-        return self.max_memory is None or used + size <= self.max_memory
+        return self.max_memory is None or self._used + size <= self.max_memory
+
+    def _count(self, size: int, guests: int) -> None:
+        """A guest of ``size`` bytes was admitted (``guests`` 1) or released (-1)."""
+        self._live += guests
+        self._used += guests * size
 
 
 class LguestFile:
@@ -237,6 +244,8 @@ class LguestFile:
                     cpu.close()
                 lg.ram.release()
         finally:
+            if self._lg is not None:
+                self._device._count(self._lg.limit, -1)
             self._device._forget(self)
 
     def waker(self) -> Waker:
@@ -388,6 +397,7 @@ class LguestFile:
             raise OSError(errno.EINVAL, f"cannot revive the guest: {reason}") from None
         self._lg = lg
         self._base = first
+        self._device._count(state.limit, 1)
 
     # -- request handling ------------------------------------------------------
     async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:
@@ -453,6 +463,7 @@ class LguestFile:
             lg.cpus.append(cpu)
             self._lg = lg
             self._base = first
+            device._count(limit, 1)
         return 4 * WORD_SIZE
 
     def _send_irq(self, cpu: LgCpu, args: tuple[int, ...]) -> int:
