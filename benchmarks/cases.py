@@ -20,7 +20,7 @@ from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
-from . import guests
+from . import guests, isolation
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -809,4 +809,6 @@ FIGURES: dict[str, Figure] = {
     "halted": halted_guests,
     "spinners": spinners,
     "startup": startup,
+    "shutdown": isolation.shutdown,
+    "flood": isolation.flood_neighbour,
 }

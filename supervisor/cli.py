@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 from .config import ConfigError, GuestConfig
@@ -268,6 +273,35 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
+def run_coroutine(coro: Coroutine[Any, Any, int], loop: str = "asyncio") -> int:
+    """Run a command's coroutine on a fresh ``loop``; return its exit status.
+
+    The first Ctrl-C cancels it (guests are killed, files closed); a second one
+    ends the process at once with status 130, whatever is still running.
+    """
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        return runner.run(_second_interrupt_exits(coro))
+
+
+async def _second_interrupt_exits(coro: Coroutine[Any, Any, int]) -> int:
+    first = signal.getsignal(signal.SIGINT)  # asyncio.Runner's: cancels the main task
+    if callable(first) and threading.current_thread() is threading.main_thread():
+
+        def on_first(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGINT, _exit_now)
+            first(signum, frame)
+
+        signal.signal(signal.SIGINT, on_first)
+    return await coro
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    """The second Ctrl-C: no more cleanup (block writes are already synced per request)."""
+    with contextlib.suppress(OSError):
+        os.write(2, b"supervisor: interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
     args = build_parser().parse_args(argv)
@@ -294,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console="null", **{k: v for k, v in fields.items() if v is not None}
             )
             coro = run_swarm(config, args.n, args.gdb, args.gdb_guest)
-        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            return runner.run(coro)
+        return run_coroutine(coro, args.loop)
     except (BadInput, ConfigError) as exc:
         print(f"supervisor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -70,7 +70,9 @@ class GuestConfig(BaseModel):
 
     ``max_blocks`` and ``max_run_time`` (seconds of emulation) kill the guest
     when used up; ``console_rate`` caps console output in bytes per second by
-    making the guest wait, so nothing it prints is lost.
+    making the guest wait, so nothing it prints is lost; ``console_buffer``
+    bounds the unread output of a ``capture`` console in bytes (default 1 MiB):
+    beyond it the guest waits until ``Guest.console`` is read, so nothing is lost.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -85,6 +87,8 @@ class GuestConfig(BaseModel):
     max_blocks: PositiveInt | None = None
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
+    # ``capture`` console: unread output held before the guest waits for the reader.
+    console_buffer: PositiveInt = 1 << 20
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
 
     @field_validator("gdb")

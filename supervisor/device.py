@@ -111,8 +111,11 @@ class LguestDevice:
         for file in list(self._files):
             await file.close()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=False, cancel_futures=True)
+            # Slices still running end at their next block (every CPU was kicked); wait for
+            # their threads off the event loop, which stays free meanwhile.
+            await asyncio.to_thread(executor.shutdown, wait=True)
 
     async def __aenter__(self) -> LguestDevice:
         return self

@@ -15,7 +15,6 @@ Leaving the ``async with`` kills the guests still running and closes the device.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -134,6 +133,7 @@ class Supervisor:
         self.device = LguestDevice(workers=workers, max_guests=max_guests, max_memory=max_memory)
         self.max_restarts = max_restarts
         self.guests: list[Guest] = []
+        self._closed = False
 
     async def launch(
         self,
@@ -149,6 +149,8 @@ class Supervisor:
         for a bad image or one that does not fit, ``OSError`` for a block file
         that cannot be opened as asked.
         """
+        if self._closed:
+            raise RuntimeError("the Supervisor is closed: it launches no more guests")
         console = _console_for(config)
         table: list[Device] = [console]
         if config.block is not None:
@@ -186,9 +188,11 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Kill every guest still running, then close the device.  Safe to call twice."""
-        for guest in self.guests:
-            with contextlib.suppress(Exception):
-                await guest.kill("supervisor closed")
+        self._closed = True
+        # Every guest at once: each kill withdraws its queued slice, so none waits its turn.
+        await asyncio.gather(
+            *(guest.kill("supervisor closed") for guest in self.guests), return_exceptions=True
+        )
         await self.device.aclose()
 
     async def __aenter__(self) -> Supervisor:
@@ -200,8 +204,10 @@ class Supervisor:
 
 def _console_for(config: GuestConfig) -> Console:
     rate = config.console_rate
-    if config.console == "stdio":
-        return Console(sink=stdout_sink, source=stdin_source(), rate=rate)
+    if config.console == "stdio":  # the terminal has the output: no lines are kept
+        return Console(
+            lines=LineStream(maxlen=0), sink=stdout_sink, source=stdin_source(), rate=rate
+        )
     if config.console == "null":
         return Console(lines=LineStream(maxlen=0), eof=True, rate=rate)
-    return Console(rate=rate)
+    return Console(lines=LineStream(max_bytes=config.console_buffer), rate=rate)

@@ -40,53 +40,97 @@ class LineStream:
     Iterating yields each complete line (decoded as UTF-8, errors replaced,
     without its ``\\n``) and ends once the stream is closed and drained; a
     trailing partial line is yielded at close, and a line longer than
-    ``MAX_LINE`` bytes is cut into pieces of that size.  At most ``maxlen``
-    unread lines are kept: older ones are dropped and counted in :attr:`dropped`.
+    ``MAX_LINE`` bytes is cut into pieces of that size.
+
+    Bounds: at most ``max_bytes`` of unread output are held (lines are kept as
+    bytes and decoded by the reader, so the producer's cost is a copy and a
+    split); :meth:`put` makes the producer wait for the reader beyond that, so
+    nothing is lost.  ``maxlen`` (lines) instead drops the oldest unread lines,
+    counted in :attr:`dropped`; ``maxlen=0`` keeps nothing (the ``null``
+    console) and only counts lines.
     """
 
     MAX_LINE = 64 << 10
+    DEFAULT_MAX_BYTES = 1 << 20
 
-    def __init__(self, maxlen: int = 100_000) -> None:
-        self._lines: deque[str] = deque()
+    def __init__(self, maxlen: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        self._lines: deque[bytes] = deque()
         self._maxlen = maxlen
+        self.max_bytes = max_bytes
+        self._held = 0  # bytes in _lines and _partial
         self._partial = bytearray()
+        self._partial_len = 0  # for maxlen=0, which keeps no bytes
         self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self.closed = False
         self.dropped = 0
 
+    @property
+    def held(self) -> int:
+        """Bytes of output not yet read."""
+        return self._held
+
+    async def put(self, data: bytes) -> None:
+        """Add output, waiting (in pieces) while ``max_bytes`` of it are unread."""
+        view = memoryview(data)
+        while view and not self.closed:
+            while self._held >= self.max_bytes and self._maxlen is None and not self.closed:
+                self._room.clear()
+                await self._room.wait()
+            take = len(view) if self._maxlen is not None else self.max_bytes - self._held
+            self.push(bytes(view[: max(take, 1)]))
+            view = view[max(take, 1) :]
+
     def push(self, data: bytes) -> None:
-        """Add raw output bytes; every completed line becomes available."""
-        if self.closed:
+        """Add raw output bytes now (no waiting: :meth:`put` is the bounded way)."""
+        if self.closed or not data:
             return
-        self._partial += data
-        *complete, rest = self._partial.split(b"\n")
-        if complete:
+        if self._maxlen == 0:
+            self._count_only(data)
+            return
+        self._held += len(data)
+        if b"\n" in data:
+            *complete, rest = (bytes(self._partial) + data).split(b"\n")
             self._partial = bytearray(rest)
-            for line in complete:
-                self._append(line.decode("utf-8", "replace"))
+            self._held -= len(complete)  # the newlines are not kept
+            self._extend(complete)
+        else:
+            self._partial += data
         while len(self._partial) >= self.MAX_LINE:
-            self._append(self._partial[: self.MAX_LINE].decode("utf-8", "replace"))
+            self._extend([bytes(self._partial[: self.MAX_LINE])])
             del self._partial[: self.MAX_LINE]
 
-    def _append(self, line: str) -> None:
-        if self._maxlen <= 0:
-            self.dropped += 1
-            return
-        if len(self._lines) >= self._maxlen:
-            self._lines.popleft()
-            self.dropped += 1
-        self._lines.append(line)
+    def _count_only(self, data: bytes) -> None:
+        lines = data.count(b"\n")
+        if lines:
+            self.dropped += lines
+            self._partial_len = len(data) - data.rindex(b"\n") - 1
+        else:
+            self._partial_len += len(data)
+        cuts, self._partial_len = divmod(self._partial_len, self.MAX_LINE)
+        self.dropped += cuts
+
+    def _extend(self, lines: list[bytes]) -> None:
+        self._lines.extend(lines)
+        if self._maxlen is not None:
+            while len(self._lines) > self._maxlen:
+                self._held -= len(self._lines.popleft())
+                self.dropped += 1
         self._changed.set()
 
     def close(self) -> None:
-        """No more output: flush the partial line and let iterators finish."""
+        """No more output: flush the partial line and let iterators (and writers) finish."""
         if self.closed:
             return
         if self._partial:
-            self._append(self._partial.decode("utf-8", "replace"))
+            self._extend([bytes(self._partial)])
             self._partial.clear()
         self.closed = True
         self._changed.set()
+        self._room.set()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iterate()
@@ -94,7 +138,11 @@ class LineStream:
     async def _iterate(self) -> AsyncIterator[str]:
         while True:
             while self._lines:
-                yield self._lines.popleft()
+                line = self._lines.popleft()
+                self._held -= len(line)
+                if self._held < self.max_bytes:
+                    self._room.set()
+                yield line.decode("utf-8", "replace")
             if self.closed:
                 return
             self._changed.clear()
@@ -176,7 +224,7 @@ class Console(Device):
             if data is not None and self._throttle is not None:
                 await self._throttle.take(len(data))  # the guest waits: nothing is lost
             if data is not None:
-                self.lines.push(data)
+                await self.lines.put(data)  # waits while the reader is max_bytes behind
                 if self.sink is not None:
                     self.sink(data)
         self.poll(slot)
