@@ -1,6 +1,6 @@
 # flood: flood the console forever (a hostile neighbour for isolation tests).
-# Fills a 64 KiB buffer with 64-byte lines ("flood...\n"), then NOTIFYs all of it
-# in a loop: 1,024 lines per NOTIFY.  Never exits on its own.
+# Fills a 64 KiB buffer with 2-byte lines ("f\n"), then NOTIFYs all of it
+# in a loop: 32,768 lines per NOTIFY.  Never exits on its own.
         .include "lguest.inc"
 
         .set    FLOOD_BUF, 0x40000      # guest-physical, inside any RAM >= 512K
@@ -12,8 +12,8 @@ main:
         call    lg_init
         call    lg_console_setup
         movl    $FLOOD_BUF, %edi
-        movl    $(FLOOD_SIZE / 64), %edx
-1:      movl    $63, %ecx
+        movl    $(FLOOD_SIZE / 2), %edx
+1:      movl    $1, %ecx
         movb    $'f', %al
         rep stosb
         movb    $10, %al

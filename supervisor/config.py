@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     FilePath,
     PositiveFloat,
     PositiveInt,
@@ -88,7 +89,7 @@ class GuestConfig(BaseModel):
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
     # ``capture`` console: unread output held before the guest waits for the reader.
-    console_buffer: PositiveInt = 1 << 20
+    console_buffer: int = Field(default=1 << 20, ge=4096)
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
 
     @field_validator("gdb")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,8 @@ class LgCpu:
     debug_stop: str | None = None
     on_debug: Callable[[], None] | None = None
     break_released: asyncio.Event = field(default_factory=asyncio.Event)
+    # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
+    stale_code: deque[tuple[int, int]] = field(default_factory=deque)
     _irq_lock: threading.Lock = field(default_factory=threading.Lock)
     _hooks: list[Any] = field(default_factory=list)
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from . import run, timers
+from . import codecache, run, timers
 from .abi import (
     LGUEST_IRQS,
     LHREQ_BREAK,
@@ -146,6 +146,7 @@ class LguestFile:
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._running: dict[int, asyncio.Future[Any]] = {}
+        self._window = 0  # offset of the guest's RAM in the memory (INITIALIZE's base)
 
     # -- the device interface ----------------------------------------------------
     async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -193,6 +194,7 @@ class LguestFile:
             async with self._device.lock:
                 for future in list(self._running.values()):
                     await run.wait_quietly(future)
+                self._memory.unwatch(self._host_wrote)
                 for cpu in lg.cpus:
                     cpu.close()
                 lg.ram.release()
@@ -290,7 +292,19 @@ class LguestFile:
                 raise _error(errno.ENOMEM) from None
             lg.cpus.append(cpu)
             self._lg = lg
+            self._window = first
+            mem.watch(self._host_wrote)
         return 4 * WORD_SIZE
+
+    def _host_wrote(self, addr: int, n: int) -> None:
+        """The Launcher wrote its memory: the guest must not run stale code from there."""
+        lg = self._lg
+        if lg is None or lg.dead or self._closed:
+            return
+        start, end = max(addr - self._window, 0), min(addr + n - self._window, lg.limit)
+        if start < end:
+            for cpu in lg.cpus:
+                codecache.note(cpu, start, end)
 
     def _send_irq(self, cpu: LgCpu, args: tuple[int, ...]) -> int:
         if not args:

@@ -24,7 +24,7 @@ from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
-from . import _exceptions, _slicing, hypercalls, interrupts, timers
+from . import _exceptions, _slicing, codecache, hypercalls, interrupts, timers
 from .abi import LGUEST_TRAP_ENTRY
 from .cpu import LgCpu
 from .pagetables import guest_pa
@@ -209,6 +209,8 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> None:
             if time.monotonic_ns() >= fuel.deadline:
                 fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
                 break
+            if cpu.stale_code:  # the Host wrote guest memory: no stale translation may run
+                codecache.drop_stale(cpu)
             _enter_guest(cpu)
     except Exception as exc:  # a Host bug must kill only this guest
         lg.kill(f"internal error: {type(exc).__name__}: {exc}")

@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from guestasm import SPIN, assemble, boot, until
+from guestasm import SPIN, assemble, boot, notified, until
 
 from supervisor import GuestConfig, LguestDevice, Supervisor
 from supervisor.config import ConfigError
+from supervisor.launcher.console import LineStream
 
 
 @contextmanager
@@ -137,23 +138,24 @@ def test_a_second_ctrl_c_ends_the_process_at_once(loop: str) -> None:
 
 # -- 2. the capture console is bounded by bytes -------------------------------------------------
 FLOOD = Path(__file__).resolve().parent.parent / "guests" / "flood.img"  # 64 KiB per NOTIFY
-FLOOD_LINE = "f" * 63
+FLOOD_LINE = "f"
 
 
 async def test_capture_console_holds_at_most_console_buffer_and_loses_nothing() -> None:
     async with Supervisor() as sup:
         config = GuestConfig(image=FLOOD, memory="1M", console_buffer=100_000)
         guest = await sup.launch(config)
-        await until(lambda: guest.stats.notifies >= 2)  # 2 x 64 KiB > 100,000: the 2nd waits
+        full = 100_000 - LineStream.LINE_COST  # what a waiting guest has filled at least
+        await until(lambda: guest.console.held > full)  # 32,768 lines per NOTIFY: it waits
+        stuck = guest.stats.notifies
         for _ in range(100):  # give it every chance to run on
             await asyncio.sleep(0.001)
-            assert guest.console.held <= 100_000
-        stuck = guest.stats.notifies
-        assert stuck == 2
+            assert full < guest.console.held <= 100_000
+        assert guest.stats.notifies == stuck
         lines = []
         async for line in guest.console:  # the reader catches up: the guest goes on
             lines.append(line)
-            if len(lines) == 8 * 1024:
+            if len(lines) == 128 * 1024:
                 break
         assert lines == [FLOOD_LINE] * len(lines)  # nothing lost, nothing cut
         assert guest.stats.notifies > stuck
@@ -163,3 +165,42 @@ async def test_capture_console_holds_at_most_console_buffer_and_loses_nothing() 
 def test_console_buffer_is_a_checked_option() -> None:
     with pytest.raises(ConfigError, match="console_buffer"):
         GuestConfig.build(image=FLOOD, console_buffer=0)
+
+
+# -- 4. code the Host writes runs as written ------------------------------------------------------
+CALL_TWICE = r"""
+main:
+    LGUEST_INIT
+    call func
+    mov %eax, first
+    HCALL 17, 0x100
+    call {where}
+    mov %eax, second
+    HCALL 17, 0x200
+1:  jmp 1b
+.data
+.align 4096
+func:
+    mov $1, %eax
+    ret
+.align 4096
+first: .long 0
+second: .long 0
+"""
+MOV_2_RET = b"\xb8\x02\x00\x00\x00\xc3"  # mov $2, %eax; ret
+
+
+@pytest.mark.parametrize("how", ["write", "view", "high alias"])
+async def test_code_the_launcher_writes_runs_as_written(dev: LguestDevice, how: str) -> None:
+    where = "func + 0xC0000000" if how == "high alias" else "func"
+    g = await boot(dev, CALL_TWICE.format(where=where))
+    assert await notified(g) == 0x100
+    func = g.guest.symbols["func"]
+    if how == "view":
+        g.memory.view[func : func + len(MOV_2_RET)] = MOV_2_RET
+        g.memory.written(func, len(MOV_2_RET))
+    else:
+        g.memory.write(func, MOV_2_RET)
+    assert await notified(g) == 0x200
+    assert (g.u32("first"), g.u32("second")) == (1, 2)
+    await g.file.close()

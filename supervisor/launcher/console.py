@@ -42,20 +42,23 @@ class LineStream:
     trailing partial line is yielded at close, and a line longer than
     ``MAX_LINE`` bytes is cut into pieces of that size.
 
-    Bounds: at most ``max_bytes`` of unread output are held (lines are kept as
+    Bounds: at most ``max_bytes`` of unread output are held, counting
+    ``LINE_COST`` bytes per line for Python's bookkeeping (lines are kept as
     bytes and decoded by the reader, so the producer's cost is a copy and a
-    split); :meth:`put` makes the producer wait for the reader beyond that, so
-    nothing is lost.  ``maxlen`` (lines) instead drops the oldest unread lines,
+    split at C speed); :meth:`put` makes the producer wait for the reader beyond
+    that, so nothing is lost.  ``maxlen`` (lines) instead drops the oldest unread lines,
     counted in :attr:`dropped`; ``maxlen=0`` keeps nothing (the ``null``
     console) and only counts lines.
     """
 
     MAX_LINE = 64 << 10
     DEFAULT_MAX_BYTES = 1 << 20
+    LINE_COST = 64  # bytes counted per held line besides its text: what Python spends on it
+    BATCH = 256  # lines a reader gets before the iterator yields to the event loop
 
     def __init__(self, maxlen: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be positive")
+        if max_bytes < self.LINE_COST:
+            raise ValueError(f"max_bytes must be at least {self.LINE_COST}")
         self._lines: deque[bytes] = deque()
         self._maxlen = maxlen
         self.max_bytes = max_bytes
@@ -77,12 +80,17 @@ class LineStream:
         """Add output, waiting (in pieces) while ``max_bytes`` of it are unread."""
         view = memoryview(data)
         while view and not self.closed:
-            while self._held >= self.max_bytes and self._maxlen is None and not self.closed:
+            while self._full() and not self.closed:
                 self._room.clear()
                 await self._room.wait()
-            take = len(view) if self._maxlen is not None else self.max_bytes - self._held
-            self.push(bytes(view[: max(take, 1)]))
-            view = view[max(take, 1) :]
+            # Each byte may end a line, which costs LINE_COST: this much always fits.
+            room = (self.max_bytes - self._held) // self.LINE_COST
+            take = len(view) if self._maxlen is not None else max(room, 1)
+            self.push(bytes(view[:take]))
+            view = view[take:]
+
+    def _full(self) -> bool:
+        return self._maxlen is None and self._held + self.LINE_COST > self.max_bytes
 
     def push(self, data: bytes) -> None:
         """Add raw output bytes now (no waiting: :meth:`put` is the bounded way)."""
@@ -95,8 +103,7 @@ class LineStream:
         if b"\n" in data:
             *complete, rest = (bytes(self._partial) + data).split(b"\n")
             self._partial = bytearray(rest)
-            self._held -= len(complete)  # the newlines are not kept
-            self._extend(complete)
+            self._extend(complete, len(complete))  # the newlines are not kept
         else:
             self._partial += data
         while len(self._partial) >= self.MAX_LINE:
@@ -113,11 +120,13 @@ class LineStream:
         cuts, self._partial_len = divmod(self._partial_len, self.MAX_LINE)
         self.dropped += cuts
 
-    def _extend(self, lines: list[bytes]) -> None:
+    def _extend(self, lines: list[bytes], newlines: int = 0) -> None:
+        """Append complete lines whose text (plus ``newlines`` dropped) is already held."""
         self._lines.extend(lines)
+        self._held += len(lines) * self.LINE_COST - newlines
         if self._maxlen is not None:
             while len(self._lines) > self._maxlen:
-                self._held -= len(self._lines.popleft())
+                self._held -= len(self._lines.popleft()) + self.LINE_COST
                 self.dropped += 1
         self._changed.set()
 
@@ -137,12 +146,16 @@ class LineStream:
 
     async def _iterate(self) -> AsyncIterator[str]:
         while True:
+            batch = 0
             while self._lines:
                 line = self._lines.popleft()
-                self._held -= len(line)
-                if self._held < self.max_bytes:
+                self._held -= len(line) + self.LINE_COST
+                if not self._full():
                     self._room.set()
                 yield line.decode("utf-8", "replace")
+                batch += 1
+                if batch % self.BATCH == 0:
+                    await asyncio.sleep(0)  # a fast reader of a flood lets the loop breathe
             if self.closed:
                 return
             self._changed.clear()
