@@ -32,17 +32,20 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 from .config import ConfigError, GuestConfig
 from .host import Exit, Guest, Supervisor
+from .launcher.console import stdout_closed
 from .launcher.loader import ImageError
 from .snapshot import Snapshot
 
 EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a tool whose reader went away ends with
 
 
 class BadInput(Exception):
@@ -97,22 +100,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_config(args: argparse.Namespace) -> GuestConfig:
-    """The GuestConfig for ``run``: the --config file (if any) overridden by options."""
+    """The GuestConfig for ``run``: the --config file (if any) overridden by options.
+
+    The console is the terminal (``stdio``) unless the config file says ``null``.
+    """
     fields: dict[str, Any] = {
         "image": args.image,
         "memory": args.memory,
         "block": args.block,
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
-        "console": "stdio",
         "gdb": args.gdb,
         **limit_fields(args),
     }
     if args.config:
-        return GuestConfig.load(args.config, **fields)
-    if args.image is None:
+        config = GuestConfig.load(args.config, **fields)
+        if "console" not in config.model_fields_set:
+            config = config.model_copy(update={"console": "stdio"})
+        elif config.console == "capture":
+            raise BadInput(f"{args.config}: console 'capture' is for the library; run: stdio|null")
+    elif args.image is None:
         raise BadInput("run needs an IMAGE or --config FILE")
-    return GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
+    else:
+        config = GuestConfig.build(
+            console="stdio", **{k: v for k, v in fields.items() if v is not None}
+        )
+    if config.block_readonly and config.block is None:
+        raise BadInput("--readonly needs a block device (--block FILE)")
+    return config
+
+
+def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``run --restore`` takes from the command line; the rest is the snapshot's."""
+    kept = [
+        name
+        for name, given in (
+            ("IMAGE", args.image),
+            ("--memory", args.memory),
+            ("--cmdline", args.cmdline),
+            ("--config", args.config),
+        )
+        if given is not None
+    ]
+    if kept:
+        raise BadInput(f"--restore continues the snapshot's guest: {', '.join(kept)} cannot change")
+    if args.readonly and args.block is None:
+        raise BadInput("--readonly needs a block device (--block FILE)")
+    return {
+        "console": "stdio",
+        "gdb": args.gdb,
+        "block": args.block,
+        "block_readonly": True if args.readonly else None,
+        **limit_fields(args),
+    }
 
 
 def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,30 +171,55 @@ async def launch(sup: Supervisor, config: GuestConfig) -> Guest:
     except (ImageError, ValueError) as exc:
         raise BadInput(str(exc)) from None
     except OSError as exc:
-        raise BadInput(f"{exc.filename or config.block}: {exc.strerror or exc}") from None
+        raise BadInput(_os_message(exc)) from None
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc.strerror or exc)
+
+
+def print_gdb_address(guest: Guest) -> None:
+    if guest.gdb is not None and guest.gdb.address is not None:
+        host, port = guest.gdb.address
+        print(f"supervisor: gdb server on {host}:{port}", file=sys.stderr, flush=True)
 
 
 async def run_one(
-    config: GuestConfig | None, restore: str | None = None, gdb: str | None = None
+    config: GuestConfig | None, restore: str | None = None, overrides: dict[str, Any] | None = None
 ) -> int:
-    """Run one guest (or restore one) on the terminal; return the process exit status."""
+    """Run one guest (or restore one) on the terminal; return the process exit status.
+
+    ``restore`` names a snapshot file; ``overrides`` are what the caller names for
+    it (block file, gdb address, limits): a snapshot opens nothing by itself.
+    """
     async with Supervisor() as sup:
         if restore is not None:
             try:
-                guest = await sup.restore(Snapshot.load(restore), console="stdio", gdb=gdb)
+                snap = Snapshot.load(restore)
+                guest = await sup.restore(snap, **(overrides or {}))
             except (ValueError, OSError) as exc:
-                raise BadInput(str(exc)) from None
+                message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
+                raise BadInput(f"{restore}: {message}") from None
         else:
             assert config is not None
             guest = await launch(sup, config)
-        if guest.gdb is not None and guest.gdb.address is not None:
-            host, port = guest.gdb.address
-            print(f"supervisor: gdb server on {host}:{port}", file=sys.stderr, flush=True)
+        print_gdb_address(guest)
         try:
             result = await guest.wait()
         except asyncio.CancelledError:
             await guest.kill("interrupted")
             raise
+        except Exception as exc:  # a snapshot whose contents cannot be restored
+            if restore is None:
+                raise
+            raise BadInput(f"{restore}: cannot restore: {type(exc).__name__}: {exc}") from None
+    if stdout_closed():  # the reader went away (run ... | head): end quietly, like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe
+        os.close(devnull)
+        return EXIT_STDOUT_CLOSED
     return exit_status(guest.name, result)
 
 
@@ -170,6 +235,9 @@ async def snapshot_to_file(
     config: GuestConfig, path: str, lines: int | None, seconds: float | None
 ) -> int:
     """Run ``config`` (console lines on stdout) until the point asked, then save a snapshot."""
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise BadInput(f"{path}: cannot write there (no such directory, or not writable)")
     async with Supervisor() as sup:
         guest = await launch(sup, config)
         seen = 0
@@ -186,8 +254,12 @@ async def snapshot_to_file(
         except ValueError as exc:  # SnapshotError: it ended first
             print(f"supervisor: no snapshot: {exc}", file=sys.stderr)
             return EXIT_DIED
-        snap.save(path)
-        await guest.kill("snapshot taken")
+        try:
+            snap.save(path)
+        except OSError as exc:
+            raise BadInput(_os_message(exc)) from None
+        finally:
+            await guest.kill("snapshot taken")
     print(f"supervisor: snapshot of {guest.name} saved to {path}", file=sys.stderr)
     return 0
 
@@ -308,11 +380,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:
-            coro = run_one(None, args.restore, args.gdb)
+            coro = run_one(None, args.restore, restore_overrides(args))
         elif args.command == "run":
             coro = run_one(run_config(args))
         elif args.command == "snapshot":
-            fields = {"image": args.image, "memory": args.memory, "cmdline": args.cmdline}
+            fields = {
+                "image": args.image,
+                "memory": args.memory,
+                "cmdline": args.cmdline,
+                **limit_fields(args),
+            }
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
             coro = snapshot_to_file(config, args.output, args.after_lines, args.after)
         else:

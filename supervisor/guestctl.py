@@ -240,6 +240,15 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
     fields = dict(snap.launcher["config"])
     if "memory" in overrides and overrides["memory"] != fields["memory"]:
         raise SnapshotError("a restored guest keeps the snapshot's memory size")
+    # A snapshot is data: the files and sockets it names are never opened.  The caller
+    # names the block file (the guest had one: it cannot run on without) and gdb address.
+    saved_block = fields.get("block")
+    fields["block"] = fields["gdb"] = None
+    if saved_block is not None and overrides.get("block") is None:
+        raise SnapshotError(
+            f"the snapshot's guest had a block device ({str(saved_block)!r}): "
+            "name the file to restore it with (block=..., run --restore FILE --block PATH)"
+        )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("image", "block"):
         if fields.get(key) is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from guestasm import SPIN, assemble, boot, notified, until
+from test_cli import cli
 
 from supervisor import GuestConfig, LguestDevice, Supervisor
 from supervisor.config import ConfigError
@@ -204,3 +205,60 @@ async def test_code_the_launcher_writes_runs_as_written(dev: LguestDevice, how: 
     assert await notified(g) == 0x200
     assert (g.u32("first"), g.u32("second")) == (1, 2)
     await g.file.close()
+
+
+# -- 5. a snapshot is data: it opens no file or socket by itself ---------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+TICKER = ROOT / "guests" / "ticker.img"
+
+
+async def _crafted_snapshot(tmp_path: Path, victim: Path) -> Path:
+    """A ticker with a block device, snapshotted, then edited to name ``victim`` and a
+    gdb listener on every interface, and saved (with a valid checksum) again."""
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(16 * 512))
+    async with Supervisor() as sup:
+        config = GuestConfig(image=TICKER, memory="1M", cmdline="ticks=4 period_ms=20", block=disk)
+        guest = await sup.launch(config)
+        async for _line in guest.console:
+            break
+        snap = await guest.snapshot()
+    assert snap.launcher is not None
+    snap.launcher["config"]["block"] = str(victim)
+    snap.launcher["config"]["gdb"] = "0.0.0.0:0"
+    path = tmp_path / "crafted.snap"
+    snap.save(path)
+    return path
+
+
+async def test_a_crafted_snapshot_opens_no_file_and_no_socket(tmp_path: Path) -> None:
+    from supervisor.snapshot import Snapshot, SnapshotError
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 1000)
+    snap = Snapshot.load(await _crafted_snapshot(tmp_path, victim))
+    async with Supervisor() as sup:
+        with pytest.raises(SnapshotError, match="block device"):
+            await sup.restore(snap)  # it had a block device: the caller must name the file
+        mine = tmp_path / "mine"
+        mine.write_bytes(bytes(16 * 512))
+        guest = await sup.restore(snap, block=mine)
+        assert guest.gdb is None  # no listener the caller did not ask for
+        assert guest.config.block == mine
+        assert (await guest.wait()).ok
+    assert victim.read_bytes() == b"precious" * 1000
+
+
+def test_run_restore_takes_block_and_gdb_from_the_caller_only(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    snap = asyncio.run(_crafted_snapshot(tmp_path, victim))
+    proc = cli("run", "--restore", str(snap))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "supervisor: error:" in proc.stderr and "--block" in proc.stderr
+    mine = tmp_path / "mine"
+    mine.write_bytes(bytes(16 * 512))
+    proc = cli("run", "--restore", str(snap), "--block", str(mine))
+    assert proc.returncode == 0, proc.stderr
+    assert "gdb" not in proc.stderr
+    assert victim.read_bytes() == b"precious"

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import inspect
 import os
+import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 from .devices import DEV_TYPE_CONSOLE, Device, Slot
 
@@ -176,7 +179,7 @@ class Console(Device):
         self,
         *,
         lines: LineStream | None = None,
-        sink: Callable[[bytes], None] | None = None,
+        sink: Callable[[bytes], Awaitable[None] | None] | None = None,
         source: AsyncIterable[bytes] | None = None,
         eof: bool = False,
         rate: int | None = None,
@@ -239,7 +242,9 @@ class Console(Device):
             if data is not None:
                 await self.lines.put(data)  # waits while the reader is max_bytes behind
                 if self.sink is not None:
-                    self.sink(data)
+                    written = self.sink(data)
+                    if inspect.isawaitable(written):
+                        await written  # an async sink: the guest waits for it
         self.poll(slot)
 
     def poll(self, slot: Slot) -> None:
@@ -280,10 +285,66 @@ class RateLimit:
             await asyncio.sleep(-self._tokens / self.rate)
 
 
-def stdout_sink(data: bytes) -> None:
-    """A raw sink writing to the process's standard output, unbuffered."""
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+_Chunk = tuple[bytes, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class _StdoutWriter:
+    """Writes to the process's standard output on a daemon thread, one chunk at a time.
+
+    The guest's NOTIFY waits for its chunk to be written (back-pressure: a slow
+    terminal or pipe slows only that guest), and the event loop never blocks in
+    a write, so Ctrl-C works even when nobody reads the pipe.  Once the reader
+    has gone (``EPIPE``) every write raises ``BrokenPipeError`` at once.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Chunk] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.closed = False
+
+    async def __call__(self, data: bytes) -> None:
+        if self.closed:
+            raise BrokenPipeError(errno.EPIPE, "standard output is closed")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lguest-stdout", daemon=True)
+            self._thread.start()
+        self._queue.put((data, loop, done))
+        await done
+
+    def _run(self) -> None:
+        while True:
+            data, loop, done = self._queue.get()
+            error: OSError | None = None
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError as exc:
+                self.closed = True
+                error = exc
+            except (OSError, ValueError) as exc:  # ValueError: stdout was closed
+                error = exc if isinstance(exc, OSError) else OSError(errno.EBADF, str(exc))
+            with contextlib.suppress(RuntimeError):  # RuntimeError: that loop is closed
+                loop.call_soon_threadsafe(_settle, done, error)
+
+
+def _settle(done: asyncio.Future[None], error: OSError | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+stdout_sink = _StdoutWriter()
+"""The raw sink of a ``stdio`` console: the process's standard output (see _StdoutWriter)."""
+
+
+def stdout_closed() -> bool:
+    """True once a write to standard output found its reader gone."""
+    return stdout_sink.closed
 
 
 async def stdin_source(fd: int = 0, chunk: int = 4096) -> AsyncIterator[bytes]:
