@@ -64,9 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
         p.add_argument("--cmdline", help="guest command line (boot info page)")
-        p.add_argument(
-            "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop"
-        )
+        p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop")
         p.add_argument("--max-blocks", type=int, help="kill a guest after this many blocks")
         p.add_argument(
             "--max-run-time", type=float, help="kill a guest after this many seconds of CPU"
@@ -95,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("image", help="flat binary or ELF32 image")
     swarm.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb for one guest")
     swarm.add_argument("--gdb-guest", type=int, default=0, help="that guest's index (default 0)")
+    swarm.add_argument(
+        "--max-alive", type=int, help="guests running at once (default: by available memory)"
+    )
     common(swarm)
     return parser
 
@@ -264,10 +265,34 @@ async def snapshot_to_file(
     return 0
 
 
+def swarm_admission(memory: int) -> int:
+    """How many guests of ``memory`` bytes may be alive at once: half the memory the
+    host has available, at a cost of 2 MiB (CPU, translation buffer) plus an eighth
+    of the guest's RAM (what small guests touch) each."""
+    available = 1 << 31
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(1, available // 2 // ((2 << 20) + memory // 8))
+
+
 async def run_swarm(
-    config: GuestConfig, n: int, gdb: str | None = None, gdb_guest: int = 0
+    config: GuestConfig,
+    n: int,
+    gdb: str | None = None,
+    gdb_guest: int = 0,
+    max_alive: int | None = None,
 ) -> int:
-    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status."""
+    """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
+
+    At most ``max_alive`` guests run at once (default: :func:`swarm_admission`); the
+    others are launched as earlier ones end, so memory stays bounded and progress
+    shows from the start.
+    """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -284,25 +309,43 @@ async def run_swarm(
     )
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    totals = {"blocks": 0, "cpu": 0.0}
     started = time.perf_counter()
+    slots = asyncio.Semaphore(max_alive or swarm_admission(config.memory))
     async with Supervisor() as sup:
-        guests = []
-        for i in range(n):
-            update = {"name": f"{config.display_name}-{i}", "gdb": gdb if i == gdb_guest else None}
-            named = config.model_copy(update=update)
-            guests.append(await launch(sup, named))
         with progress:
-            bar = progress.add_task("swarm", total=n, state="")
-            for next_done in asyncio.as_completed([g.wait() for g in guests]):
-                result = await next_done
+            bar = progress.add_task("swarm", total=n, state="starting")
+
+            def show(launched: int) -> None:
+                state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                progress.update(bar, state=f"{launched} launched; {state}")
+
+            async def one(guest: Guest) -> None:
+                try:
+                    result = await guest.wait()
+                finally:
+                    slots.release()
                 counts[_outcome(result)] += 1
                 if result.died:
                     reasons[result.reason] += 1
-                state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-                progress.update(bar, advance=1, state=state)
+                stats = guest.stats
+                totals["blocks"] += stats.blocks
+                totals["cpu"] += stats.run_time
+                progress.advance(bar)
+
+            waiting = []
+            for i in range(n):
+                await slots.acquire()
+                name = f"{config.display_name}-{i}"
+                update = {"name": name, "gdb": gdb if i == gdb_guest else None}
+                guest = await launch(sup, config.model_copy(update=update))
+                if i == gdb_guest:
+                    print_gdb_address(guest)
+                waiting.append(asyncio.create_task(one(guest)))
+                show(i + 1)
+            await asyncio.gather(*waiting)
         wall = time.perf_counter() - started
-        stats = [g.stats for g in guests]
-    _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall)
     return 0 if counts["finished"] == n else 1
 
 
@@ -395,6 +438,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             if args.n < 1:
                 raise BadInput("-n must be at least 1")
+            if args.gdb is not None and not 0 <= args.gdb_guest < args.n:
+                raise BadInput(f"--gdb-guest {args.gdb_guest} is not one of the {args.n} guests")
+            if args.gdb is None and args.gdb_guest != 0:
+                raise BadInput("--gdb-guest needs --gdb HOST:PORT")
+            if args.max_alive is not None and args.max_alive < 1:
+                raise BadInput("--max-alive must be at least 1")
             fields = {
                 "image": args.image,
                 "memory": args.memory,
@@ -404,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = GuestConfig.build(
                 console="null", **{k: v for k, v in fields.items() if v is not None}
             )
-            coro = run_swarm(config, args.n, args.gdb, args.gdb_guest)
+            coro = run_swarm(config, args.n, args.gdb, args.gdb_guest, args.max_alive)
         return run_coroutine(coro, args.loop)
     except (BadInput, ConfigError) as exc:
         print(f"supervisor: error: {exc}", file=sys.stderr)

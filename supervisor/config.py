@@ -92,6 +92,13 @@ class GuestConfig(BaseModel):
     console_buffer: int = Field(default=1 << 20, ge=4096)
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
 
+    def __init__(self, **data: Any) -> None:
+        """Validate ``data``; any problem is a :class:`ConfigError` with one line."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc)) from None
+
     @field_validator("gdb")
     @classmethod
     def _gdb(cls, value: str | None) -> str | None:
@@ -129,10 +136,7 @@ class GuestConfig(BaseModel):
     @classmethod
     def build(cls, **fields: Any) -> GuestConfig:
         """Validate ``fields``; raise :class:`ConfigError` (one line) on any problem."""
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            raise ConfigError(describe(exc)) from None
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> GuestConfig:
@@ -144,9 +148,11 @@ class GuestConfig(BaseModel):
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         try:
             if path.suffix == ".toml":
                 data: Any = tomllib.loads(text)
@@ -164,8 +170,8 @@ class GuestConfig(BaseModel):
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**data)
-        except ValidationError as exc:
-            raise ConfigError(f"{path}: {describe(exc)}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def describe(exc: ValidationError) -> str:
@@ -179,6 +185,8 @@ def describe(exc: ValidationError) -> str:
         elif error["type"] == "missing":
             message = "required"
         elif error["type"] in ("path_not_file",) and "input" in error:
-            message = f"no such file: {error['input']}"
+            given = Path(str(error["input"]))
+            what = "not a regular file" if given.exists() else "no such file"
+            message = f"{what}: {error['input']}"
         parts.append(f"{where}: {message}")
     return "; ".join(parts)

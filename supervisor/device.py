@@ -13,8 +13,10 @@ Ownership is a capability: any task holding the file may use it.  A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -34,6 +36,25 @@ from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu
 from .guest import Death, Lguest
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
+
+
+async def _join(executor: ThreadPoolExecutor) -> None:
+    """``executor.shutdown(wait=True)`` on a thread of its own, the event loop staying free."""
+    loop = asyncio.get_running_loop()
+    joined: asyncio.Future[None] = loop.create_future()
+
+    def join() -> None:
+        executor.shutdown(wait=True)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(_settle, joined)
+
+    threading.Thread(target=join, name="lguest-cpu-join", daemon=True).start()
+    await joined
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _error(code: int) -> OSError:
@@ -66,10 +87,27 @@ class LguestDevice:
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one loop using the device
         self.tcg_buffer = tcg_buffer
         self.max_guests = max_guests
         self.max_memory = max_memory
         self.limits = limits
+
+    def _bind_loop(self) -> None:
+        """The device serves one event loop at a time (its lock and events belong to it).
+
+        Raises ``RuntimeError`` at the first call from a second loop while the first
+        one is still open, instead of corrupting state across threads.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError(
+                "this LguestDevice is in use by another event loop: use one device per loop"
+            )
+        self._loop = loop
+        self._lock = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -103,6 +141,7 @@ class LguestDevice:
 
     async def aclose(self) -> None:
         """Close every open file and stop the executor.  Safe to call twice."""
+        self._bind_loop()
         self._closed = True
         for file in self._files:  # stop every CPU first, so closing them one by one is quick
             for cpu in file._lg.cpus if file._lg is not None else ():
@@ -115,7 +154,7 @@ class LguestDevice:
             executor.shutdown(wait=False, cancel_futures=True)
             # Slices still running end at their next block (every CPU was kicked); wait for
             # their threads off the event loop, which stays free meanwhile.
-            await asyncio.to_thread(executor.shutdown, wait=True)
+            await _join(executor)
 
     async def __aenter__(self) -> LguestDevice:
         return self
@@ -175,6 +214,7 @@ class LguestFile:
         (which then still gets ``CancelledError``).  Closing twice is harmless:
         the second call waits for the first to finish.
         """
+        self._device._bind_loop()
         if self._closing is None:
             self._closed = True
             for cpu in self._lg.cpus if self._lg is not None else ():
@@ -234,6 +274,7 @@ class LguestFile:
 
     # -- request handling ------------------------------------------------------
     async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:
+        self._device._bind_loop()
         if self._closed:
             raise _error(errno.EBADF)
         if len(buf) < WORD_SIZE:
@@ -334,6 +375,7 @@ class LguestFile:
         return 0
 
     async def _read(self, size: int, offset: int, *, waker: bool) -> bytes:
+        self._device._bind_loop()
         if self._closed:
             raise _error(errno.EBADF)
         if size < 0:

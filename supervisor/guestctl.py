@@ -262,5 +262,14 @@ async def start_gdb(address: str) -> GdbServer:
     """A gdb server listening on ``HOST:PORT`` (``OSError`` if it cannot)."""
     host, _, port = address.rpartition(":")
     server = GdbServer()
-    await server.start(host or "127.0.0.1", int(port))
+    # Shielded: a caller cancelled mid-bind must not leave a listening socket behind.
+    starting = asyncio.ensure_future(server.start(host or "127.0.0.1", int(port)))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        await asyncio.wait({starting})
+        await server.aclose()
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve gdb on {address}: {exc.strerror or exc}") from None
     return server

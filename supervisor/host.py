@@ -158,6 +158,7 @@ class Supervisor:
             block.open()
             table.append(block)
         table.extend(devices)
+        gdb = None
         try:
             launcher = Launcher(
                 self.device,
@@ -170,6 +171,8 @@ class Supervisor:
             )
             gdb = await start_gdb(config.gdb) if config.gdb else None
         except BaseException:
+            if gdb is not None:
+                await gdb.aclose()
             for device in table:
                 await device.stop()
             raise
