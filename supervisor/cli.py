@@ -253,7 +253,8 @@ async def snapshot_to_file(
         try:
             snap = await guest.snapshot()
         except ValueError as exc:  # SnapshotError: it ended first
-            print(f"supervisor: no snapshot: {exc}", file=sys.stderr)
+            why = f" ({(await guest.wait()).reason})" if guest.done else ""
+            print(f"supervisor: no snapshot: {exc}{why}", file=sys.stderr)
             return EXIT_DIED
         try:
             snap.save(path)

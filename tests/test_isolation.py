@@ -9,6 +9,7 @@ capture console is bounded by bytes, a flooding console pays for itself.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -262,3 +263,241 @@ def test_run_restore_takes_block_and_gdb_from_the_caller_only(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert "gdb" not in proc.stderr
     assert victim.read_bytes() == b"precious"
+
+
+# -- the "Also" list: CLI, config and host -------------------------------------------------------
+HELLO = ROOT / "guests" / "hello.img"
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert proc.stderr.startswith("supervisor: error: ") and proc.stderr.count("\n") == 1, (
+        proc.stderr
+    )
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+def test_swarm_admits_at_most_max_alive_guests(monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor import cli as cli_module
+
+    most = 0
+
+    class Counting(Supervisor):
+        async def launch(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+            nonlocal most
+            guest = await super().launch(*args, **kwargs)  # type: ignore[arg-type]
+            most = max(most, sum(not g.done for g in self.guests))
+            return guest
+
+    monkeypatch.setattr(cli_module, "Supervisor", Counting)
+    config = GuestConfig(image=HELLO, memory="128K", console="null")
+    assert asyncio.run(cli_module.run_swarm(config, 12, max_alive=3)) == 0
+    assert most == 3
+    assert cli_module.swarm_admission(128 << 10) >= 1
+
+
+def test_swarm_gdb_prints_its_port_and_checks_the_guest_index() -> None:
+    one_line_error(cli("swarm", "-n", "3", str(HELLO), "--gdb", "127.0.0.1:0", "--gdb-guest", "99"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "swarm",
+            "-n",
+            "2",
+            str(HELLO),
+            "--gdb",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("supervisor: gdb server on 127.0.0.1:"), line
+        assert int(line.rsplit(":", 1)[1]) > 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_cancelled_launch_leaves_no_gdb_listener() -> None:
+    import socket
+
+    for delay in range(6):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        sup = Supervisor()
+        config = GuestConfig(image=HELLO, memory="1M", gdb=f"127.0.0.1:{port}")
+        launching = asyncio.create_task(sup.launch(config))
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        launching.cancel()
+        await asyncio.wait({launching})
+        if not launching.cancelled():
+            await launching.result().kill()
+        await sup.aclose()
+        again = socket.socket()
+        again.bind(("127.0.0.1", port))  # EADDRINUSE if a listener was left behind
+        again.close()
+
+
+REBOOTER = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    cmpl $200000, counter
+    jne 1b
+    HCALL 2, msg, 2, 0      # restart
+.data
+counter: .long 0
+msg: .asciz "again"
+"""
+
+
+async def test_an_image_gone_before_a_reboot_is_the_guests_death(tmp_path: Path) -> None:
+    image = tmp_path / "reboot.img"
+    image.write_bytes(assemble(REBOOTER).image)
+    async with Supervisor() as sup:
+        guest = await sup.launch(GuestConfig(image=image, memory="128K", console="null"))
+        image.unlink()
+        result = await guest.wait()
+    assert result.died and result.reason.startswith("cannot reboot:"), result
+
+
+def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_bytes(b'image = "\xff\xfe"\n')
+    one_line_error(cli("run", "--config", str(config)), "UTF-8")
+    one_line_error(
+        cli("snapshot", str(HELLO), "-o", "/nonexistent/dir/x.snap", "--after", "0"),
+        "/nonexistent/dir/x.snap",
+    )
+    one_line_error(cli("run", str(tmp_path)), "not a regular file")
+    one_line_error(cli("run", "/dev/null"), "not a regular file")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_line_error(cli("run", str(HELLO), "--block", str(fifo)), "not a regular file")
+    proc = cli("run", str(HELLO), "--gdb", "1.2.3.4:80")
+    one_line_error(proc, "1.2.3.4:80")
+    assert "None" not in proc.stderr
+
+
+async def _ticker_snapshot() -> object:
+    async with Supervisor() as sup:
+        config = GuestConfig(image=TICKER, memory="1M", cmdline="ticks=4 period_ms=20")
+        guest = await sup.launch(config)
+        async for _line in guest.console:
+            break
+        return await guest.snapshot()
+
+
+@pytest.mark.parametrize("damage", ["memory size", "idt key", "idt vector", "tls", "irq", "runs"])
+def test_checksum_valid_but_bad_snapshots_are_one_line_errors(tmp_path: Path, damage: str) -> None:
+    snap = asyncio.run(_ticker_snapshot())
+    assert snap.launcher is not None  # type: ignore[attr-defined]
+    if damage == "memory size":
+        snap.memory_size += 4096  # type: ignore[attr-defined]
+    elif damage == "idt key":
+        snap.host["idt"]["x"] = [1, 2]  # type: ignore[attr-defined]
+    elif damage == "idt vector":
+        snap.host["idt"]["9999"] = [1, 2]  # type: ignore[attr-defined]
+    elif damage == "tls":
+        snap.host["tls"] = "zz"  # type: ignore[attr-defined]
+    elif damage == "irq":
+        snap.launcher["irqs"] = [99]  # type: ignore[attr-defined]
+    else:
+        snap.runs = [(1 << 20, 1)]  # type: ignore[attr-defined]
+    path = tmp_path / "bad.snap"
+    snap.save(path)  # type: ignore[attr-defined]
+    one_line_error(cli("run", "--restore", str(path)), str(path))
+
+
+def test_run_stops_quietly_when_its_reader_goes_away() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", str(FLOOD)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"f\n"
+    proc.stdout.close()  # run ... | head -1
+    assert proc.wait(timeout=30) == 141
+    assert proc.stderr.read() == b""
+
+
+def test_ctrl_c_stops_run_whose_stdout_nobody_reads() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", str(FLOOD)],
+        stdout=subprocess.PIPE,  # never read: the pipe fills and the guest waits
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.read(1) == b"f"  # it runs; the pipe is full moments later
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_options_are_honoured_or_refused(tmp_path: Path) -> None:
+    spinner = str(ROOT / "guests" / "spinner.img")
+    snap = tmp_path / "s.snap"
+    proc = cli("snapshot", spinner, "-o", str(snap), "--after", "2", "--max-blocks", "1000")
+    assert proc.returncode == 1 and "instruction budget" in proc.stderr, proc.stderr
+    assert not snap.exists()
+    one_line_error(cli("run", str(HELLO), "--restore", str(snap)), "IMAGE")
+    one_line_error(cli("run", "--restore", str(snap), "--memory", "1M"), "--memory")
+    one_line_error(cli("run", str(HELLO), "--readonly"), "--readonly")
+    config = tmp_path / "c.toml"
+    config.write_text(f'image = "{HELLO}"\nconsole = "bogus"\n')
+    one_line_error(cli("run", "--config", str(config)), "console")
+    config.write_text(f'image = "{HELLO}"\nconsole = "null"\n')
+    proc = cli("run", "--config", str(config))
+    assert (proc.returncode, proc.stdout) == (0, "")  # null: honoured, nothing printed
+
+
+def test_guest_config_errors_are_one_line_config_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        GuestConfig(image=HELLO, memory="lots")
+    assert "\n" not in str(info.value) and "memory" in str(info.value)
+
+
+async def test_launch_after_aclose_is_refused() -> None:
+    sup = Supervisor()
+    await sup.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await sup.launch(GuestConfig(image=HELLO, memory="128K"))
+
+
+def test_a_second_event_loop_on_one_device_is_refused() -> None:
+    dev = LguestDevice()
+    first = asyncio.new_event_loop()
+    try:
+        g = first.run_until_complete(boot(dev, SPIN))
+
+        async def from_another_loop() -> None:
+            with pytest.raises(RuntimeError, match="another event loop"):
+                await g.file.read(4)
+
+        asyncio.run(from_another_loop())
+        first.run_until_complete(dev.aclose())
+    finally:
+        first.close()
+
+
+def test_assembling_without_binutils_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(RuntimeError, match="binutils"):
+        assemble(f"main:\n LGUEST_INIT\n# unique {os.getpid()} {id(monkeypatch)}\n")
