@@ -106,8 +106,9 @@ class LguestDevice:
             raise RuntimeError(
                 "this LguestDevice is in use by another event loop: use one device per loop"
             )
+        if self._loop is not None:
+            self._lock = None  # the closed loop's lock belongs to it
         self._loop = loop
-        self._lock = None
 
     @property
     def lock(self) -> asyncio.Lock:
