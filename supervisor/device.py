@@ -48,8 +48,10 @@ async def _join(executor: ThreadPoolExecutor) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(_settle, joined)
 
-    threading.Thread(target=join, name="lguest-cpu-join", daemon=True).start()
+    joiner = threading.Thread(target=join, name="lguest-cpu-join", daemon=True)
+    joiner.start()
     await joined
+    joiner.join()  # it has only its return left: no thread outlives aclose()
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -84,7 +86,6 @@ class LguestDevice:
         executor threads (default: one per core)."""
         self._workers = workers or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
-        self._closer: ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
         self._closed = False
@@ -119,13 +120,6 @@ class LguestDevice:
         return self._lock
 
     @property
-    def closer(self) -> ThreadPoolExecutor:
-        """Threads that free closed guests' CPUs (never queued behind guest slices)."""
-        if self._closer is None:
-            self._closer = ThreadPoolExecutor(self._workers, thread_name_prefix="lguest-cpu-free")
-        return self._closer
-
-    @property
     def executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="lguest-cpu")
@@ -158,9 +152,6 @@ class LguestDevice:
                 cpu.preempt()
         for file in list(self._files):
             await file.close()
-        if self._closer is not None:
-            closer, self._closer = self._closer, None
-            await _join(closer)  # idle: every file is closed
         if self._executor is not None:
             executor, self._executor = self._executor, None
             executor.shutdown(wait=False, cancel_futures=True)
@@ -247,13 +238,9 @@ class LguestFile:
                 for future in list(self._running.values()):
                     await run.wait_quietly(future)
                 self._memory.unwatch(self._host_wrote)
-            # Freeing a Unicorn instance takes a millisecond or more: done on the device's
-            # closer threads, so many guests closing at once free theirs in parallel and
-            # the event loop stays free.  No slice runs any more (waited for above).
-            loop = asyncio.get_running_loop()
-            closer = self._device.closer
-            await asyncio.gather(*(loop.run_in_executor(closer, cpu.close) for cpu in lg.cpus))
-            lg.ram.release()
+                for cpu in lg.cpus:
+                    cpu.close()
+                lg.ram.release()
         finally:
             self._device._forget(self)
 
