@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import random
 import sys
 import threading
@@ -20,7 +21,7 @@ from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
-from . import guests, isolation
+from . import bench_hibernate, bench_state, guests, isolation
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -487,8 +488,7 @@ async def stop_all(dev: LguestDevice, gs: list[Booted], readers: list[asyncio.Ta
 
 
 def _halted(g: Booted) -> bool:
-    lg = getattr(g.file, "_lg", None)
-    return bool(lg is not None and lg.cpus and lg.cpus[0].halted)
+    return bool(g.file.cpu_count and g.file.cpu(0).halted)
 
 
 def _raw_halted(n: int, tcg_buffer: int) -> dict[str, Any]:
@@ -510,7 +510,8 @@ async def _sup_halted(want: int, tcg_buffer: int) -> dict[str, Any]:
     """Child process: ``want`` guests parked in LHCALL_HALT (fewer if memory is short)."""
     image = assemble(PARK)
     gc.collect()
-    async with LguestDevice(tcg_buffer=tcg_buffer) as dev:
+    # Awake: hibernation has its own figures (bench_hibernate).
+    async with LguestDevice(tcg_buffer=tcg_buffer, hibernate_after=math.inf) as dev:
         gs: list[Booted] = []
         tasks: list[asyncio.Task[Any]] = []
         base = rss_bytes()
@@ -809,6 +810,9 @@ FIGURES: dict[str, Figure] = {
     "halted": halted_guests,
     "spinners": spinners,
     "startup": startup,
+    "revive": bench_state.revive,
+    "hibernate_cycles": bench_hibernate.hibernate_cycles,
+    "hibernated": bench_hibernate.hibernated,
     "shutdown": isolation.shutdown,
     "flood": isolation.flood_neighbour,
 }

@@ -5,8 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
-from . import cases
+from . import bench_hibernate, cases
+
+
+def _run(coro: Coroutine[Any, Any, dict[str, Any]], loop: str) -> dict[str, Any]:
+    factory = asyncio.new_event_loop
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def main(argv: list[str]) -> None:
@@ -14,13 +26,9 @@ def main(argv: list[str]) -> None:
     if what == "raw-halted":
         result = cases._raw_halted(int(argv[1]), int(argv[2]))
     elif what == "sup-halted":
-        factory = asyncio.new_event_loop
-        if argv[3] == "uvloop":
-            import uvloop
-
-            factory = uvloop.new_event_loop
-        with asyncio.Runner(loop_factory=factory) as runner:
-            result = runner.run(cases._sup_halted(int(argv[1]), int(argv[2])))
+        result = _run(cases._sup_halted(int(argv[1]), int(argv[2])), argv[3])
+    elif what == "sup-hibernated":
+        result = _run(bench_hibernate.sup_hibernated(int(argv[1]), int(argv[2])), argv[3])
     else:
         raise SystemExit(f"unknown measurement {what}")
     print(json.dumps(result))

@@ -28,6 +28,9 @@ class Profile:
     spinners: int
     spin_seconds: float
     startups: int
+    revives: int = 500  # pause + state + revive cycles in a row
+    hibernated_guests: int = 2_000
+    wakes: int = 200  # random wakes of hibernated guests
 
 
 QUICK = Profile(
@@ -53,6 +56,9 @@ FULL = Profile(
     spinners=1_000,
     spin_seconds=10.0,
     startups=300,
+    revives=10_000,
+    hibernated_guests=100_000,
+    wakes=1_000,
 )
 
 

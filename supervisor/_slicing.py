@@ -14,7 +14,8 @@ import ctypes
 from typing import Any
 
 from unicorn import UC_HOOK_BLOCK
-from unicorn.unicorn_py3.unicorn import uclib
+
+from . import _unicorn
 
 try:
     from . import _fuel  # type: ignore[attr-defined]
@@ -42,32 +43,23 @@ class Fuel(ctypes.Structure):
     ]
 
 
-_EMU_STOP = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+_EMU_STOP = _unicorn.EMU_STOP_ADDRESS
 if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 
 
-def attach(uc: Any) -> Fuel:
+def attach(uc: Any, fuel: Fuel | None = None) -> Fuel:
     """Install the native block hook on ``uc`` and return its control block.
 
-    The caller must keep the returned object alive as long as ``uc`` runs.
-    Without the native hook the control block is still returned (the slice
-    loop then meters with ``count=``).
+    ``fuel`` reuses a control block (a CPU's new instance after hibernation keeps
+    its counters).  The caller must keep the returned object alive as long as
+    ``uc`` runs.  Without the native hook the control block is still returned
+    (the slice loop then meters with ``count=``).
     """
-    fuel = Fuel()
+    if fuel is None:
+        fuel = Fuel()
+        fuel.clock_mask = 0
     fuel.emu_stop = _EMU_STOP
-    fuel.clock_mask = 0
     if _fuel is not None:
-        handle = ctypes.c_ulong()
-        status = uclib.uc_hook_add(
-            uc._uch,
-            ctypes.byref(handle),
-            UC_HOOK_BLOCK,
-            ctypes.c_void_p(_fuel.block_hook),
-            ctypes.c_void_p(ctypes.addressof(fuel)),
-            1,
-            0,
-        )
-        if status != 0:  # pragma: no cover
-            raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+        _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
     return fuel

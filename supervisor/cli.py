@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-run-time", type=float, help="kill a guest after this many seconds of CPU"
         )
         p.add_argument("--console-rate", type=int, help="console output cap, bytes/second")
+        p.add_argument(
+            "--hibernate-after",
+            metavar="SECONDS",
+            help="free an idle guest's emulator after SECONDS (0: at once, off: never; "
+            "default 1)",
+        )
 
     run = sub.add_parser("run", help="run one guest on the terminal")
     run.add_argument("image", nargs="?", help="flat binary or ELF32 image")
@@ -162,6 +168,7 @@ def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
         "max_blocks": args.max_blocks,
         "max_run_time": args.max_run_time,
         "console_rate": args.console_rate,
+        "hibernate_after": args.hibernate_after,
     }
 
 

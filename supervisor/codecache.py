@@ -38,7 +38,10 @@ def note(cpu: LgCpu, start: int, end: int) -> None:
 def drop_stale(cpu: LgCpu) -> None:
     """Drop the translations of every recorded range (the CPU's thread, between runs)."""
     stale = cpu.stale_code
-    uc = cpu.uc
+    if cpu.hibernated:  # no Unicorn instance: the next one starts with no translations
+        stale.clear()
+        return
+    uc = cpu.emulator
     user_mode = cpu.reg(r.UC_X86_REG_CS) & 3 == 3
     while stale:
         start, end = stale.popleft()

@@ -9,6 +9,7 @@ limits) add optional fields here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -91,6 +92,18 @@ class GuestConfig(BaseModel):
     # ``capture`` console: unread output held before the guest waits for the reader.
     console_buffer: int = Field(default=1 << 20, ge=4096)
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
+    # Seconds idle before the guest gives back its emulator: 0 at once, "off" (infinity)
+    # never, None the device's default (supervisor.hibernation).
+    hibernate_after: float | None = None
+
+    @field_validator("hibernate_after", mode="before")
+    @classmethod
+    def _hibernate_after(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return math.inf
+        if isinstance(value, int | float) and not value >= 0:
+            raise ValueError("must be a number of seconds >= 0, or 'off'")
+        return value
 
     def __init__(self, **data: Any) -> None:
         """Validate ``data``; any problem is a :class:`ConfigError` with one line."""

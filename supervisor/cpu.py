@@ -1,35 +1,39 @@
 """``struct lg_cpu``: one guest CPU, a Unicorn x86-32 instance and its Host state.
 
-Threading contract: while a slice runs, only the executor thread touches this
-CPU (registers, IDT, page tables, ``hcall``...).  Between slices only the event
-loop does.  The exceptions are :meth:`LgCpu.kick` and :meth:`LgCpu.raise_irq`,
-which any thread may call at any time.
+Threading contract (checked at run time in asyncio debug mode, like asyncio's
+own ``_check_thread``): while a slice runs, only the thread running it touches
+this CPU (registers, IDT, page tables, ``hcall``...); between slices only the
+event loop does.  The exceptions are :meth:`LgCpu.kick`, which any thread may
+call at any time, and the irq bits, which the event loop sets and the slice
+clears under ``_irq_lock``.
+
+Every field is marked :func:`~supervisor.state.saved` (part of the CPU's state
+value, :class:`~supervisor.state.CpuState`) or
+:func:`~supervisor.state.host_only`; :meth:`LgCpu.capture` and
+:meth:`LgCpu.restore` turn the saved ones into that value and back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from unicorn import (
-    UC_ARCH_X86,
-    UC_HOOK_MEM_INVALID,
-    UC_MODE_32,
-    UC_PROT_ALL,
-    Uc,
-)
+from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
-from . import _slicing
-from ._registers import Registers
+from . import _slicing, _unicorn
+from ._statefields import host_only, saved, saved_fields
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
 from .limits import UNLIMITED, Limits
+from .state import CpuState, StateError
 
 if TYPE_CHECKING:
     from .guest import Lguest
@@ -65,120 +69,353 @@ class CpuStats:
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
     run_time: float = 0.0  # seconds spent inside slices
+    hibernations: int = 0  # times it gave back its emulator (supervisor.hibernation)
+    wakes: int = 0  # times it took a new one
 
 
 @dataclass(slots=True)
 class Trap:
-    """What stopped emulation, recorded by a hook on the executor thread."""
+    """What stopped emulation, recorded by a hook on the slice's thread."""
 
     vector: int | None = None  # an interrupt or exception vector
     bad_access: tuple[str, int] | None = None  # ("read"|"write"|"fetch", address)
     debug: str | None = None  # a debugger's code hook stopped before an instruction: why
 
 
+class ThreadError(RuntimeError):
+    """A CPU's state was touched from a thread that does not own it (debug mode only)."""
+
+
+def _idt() -> list[tuple[int, int]]:
+    return [(0, 0)] * IDT_ENTRIES
+
+
 @dataclass(eq=False)
 class LgCpu:
-    """A guest CPU.  Create with :func:`new_cpu`."""
+    """A guest CPU.  Create with :func:`new_cpu` or :func:`revive_cpu`."""
 
-    id: int
-    lg: Lguest
-    uc: Any
-    fuel: _slicing.Fuel
-    regs: Registers
-    start: int
-    irqs_pending: int = 0
-    halted: bool = False
-    hcall: tuple[int, int, int, int] | None = None  # a direct hypercall not yet done
-    next_hcall: int = 0  # next slot of the async ring
-    pending_notify: int = 0
-    break_out: bool = False
-    ts: int = 0
-    idt: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)] * IDT_ENTRIES)
-    gdt: tuple[int, int] = (0, 0)  # guest-physical table, entries
-    tls: bytes = b""
-    stack: tuple[int, int, int] = (0, 0, 0)  # ss, esp, pages
-    clock: asyncio.TimerHandle | None = None  # the armed clock event, on the event loop
-    budget: int = DEFAULT_BUDGET
-    inline: bool = True  # the next slice may run on the event loop (see run._slice)
-    queued_slice: concurrent.futures.Future[None] | None = None  # submitted, maybe not started
-    limits: Limits = UNLIMITED
-    stats: CpuStats = field(default_factory=CpuStats)
-    trap: Trap = field(default_factory=Trap)
-    reading: bool = False
-    closing: bool = False  # set by close(): every later pass of the run loop ends with EBADF
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    # Beyond the lguest ABI (supervisor.debug): while set, the run loop parks instead of
-    # entering the guest; on_debug is told (event loop) each time it parks or sees a death.
-    debug_stop: str | None = None
-    on_debug: Callable[[], None] | None = None
-    break_released: asyncio.Event = field(default_factory=asyncio.Event)
+    # -- the guest's state (part of CpuState) ------------------------------------------
+    id: int = saved()
+    start: int = saved()
+    # -- the Host's machinery (not part of the state) ----------------------------------
+    lg: Lguest = host_only()
+    uc: Any = host_only()  # None once closed
+    fuel: _slicing.Fuel = host_only()
+    regs: _unicorn.Registers = host_only()
+    # -- the guest's state, continued ----------------------------------------------------
+    irqs_pending: int = saved(default=0)
+    halted: bool = saved(default=False)
+    hcall: tuple[int, int, int, int] | None = saved(default=None)  # trapped, not yet done
+    next_hcall: int = saved(default=0)  # next slot of the async ring
+    pending_notify: int = saved(default=0)  # a notify not yet handed to the Launcher
+    break_out: bool = saved(default=False)  # a Waker's LHREQ_BREAK 1, until BREAK 0
+    ts: int = saved(default=0)
+    idt: list[tuple[int, int]] = saved(default_factory=_idt)
+    gdt: tuple[int, int] = saved(default=(0, 0))  # guest-physical table, entries
+    tls: bytes = saved(default=b"")
+    stack: tuple[int, int, int] = saved(default=(0, 0, 0))  # ss, esp, pages
+    limits: Limits = saved(default=UNLIMITED)
+    stats: CpuStats = saved(default_factory=CpuStats)
+
+    # -- the Host's machinery, continued --------------------------------------------------
+    # The armed clock event and when it is due (the loop's clock): timers.py owns both.
+    clock: asyncio.Handle | None = host_only(default=None)
+    clock_due: float = host_only(default=0.0)
+    budget: int = host_only(default=DEFAULT_BUDGET)  # adaptive slice length, in blocks
+    inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    # An executor slice submitted and not finished (maybe not started): run.py owns it.
+    queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
+    trap: Trap = host_only(default_factory=Trap)
+    reading: bool = host_only(default=False)  # a read of this CPU is in flight
+    closing: bool = host_only(default=False)  # close(): every later pass ends with EBADF
+    # Why the CPU is held ("pause", "breakpoint", "step", ...): while set the run loop
+    # parks at an instruction boundary instead of entering the guest.
+    hold: str | None = host_only(default=None)
+    on_hold: Callable[[], None] | None = host_only(default=None)  # told when it parks or dies
+    wakeup: asyncio.Event = host_only(default_factory=asyncio.Event)  # the run loop's sleep
+    idle: asyncio.Event = host_only(default_factory=asyncio.Event)  # set: no executor slice
+    break_released: asyncio.Event = host_only(default_factory=asyncio.Event)
+    # Hibernation (supervisor.hibernation): while `frozen` holds the registers, `uc` and
+    # `regs` are None and the first use of the emulator takes a new one (thaw()).
+    frozen: bytes | None = host_only(default=None)
+    hibernate_after: float = host_only(default=math.inf)  # seconds drowsy before it does
+    host_address: int = host_only(default=0)  # where the guest's memory is (mem_map_ptr)
+    tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
+    install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc
+    code_hooks: int = host_only(default=0)  # a debugger's hooks: no hibernation meanwhile
+    released: bool = host_only(default=False)  # close() ran: nothing is left
+    check_threads: bool = host_only(default=False)  # asyncio debug mode: check the contract
+    loop_thread: int = host_only(default=0)
+    slice_thread: int | None = host_only(default=None)  # the thread running a slice now
     # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
-    stale_code: deque[tuple[int, int]] = field(default_factory=deque)
-    _irq_lock: threading.Lock = field(default_factory=threading.Lock)
-    _hooks: list[Any] = field(default_factory=list)
+    stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
+    _irq_lock: threading.Lock = host_only(default_factory=threading.Lock)
+    _hooks: list[Any] = host_only(default_factory=list)
 
     # -- any thread -------------------------------------------------------------
     def kick(self) -> None:
-        """End the running slice at its next block boundary (or the next one to start)."""
+        """End the running slice at its next block boundary (or the next one to start).
+
+        The only call any thread may make; the event loop uses :meth:`wake`.
+        """
         self.fuel.stop = 1
 
-    def raise_irq(self, irq: int) -> None:
-        """Mark ``irq`` pending and kick the CPU so it is seen promptly."""
-        with self._irq_lock:
-            self.irqs_pending |= 1 << irq
-        self.kick()
+    # -- event loop -------------------------------------------------------------------
+    def wake(self) -> None:
+        """Something happened the run loop must see now (an irq, a break, a hold, close).
 
-    def preempt(self) -> None:
-        """Something urgent (a break, an irq) happened: end the slice now.
-
-        Event loop only.  A slice still waiting in the executor's queue is
-        withdrawn, so the run loop sees the news without waiting its turn, and the
-        next slice runs briefly on the event loop; a running one is kicked.
+        The one way to wake a CPU, like lguest's ``wake_up_process || kick_process``:
+        a sleeping run loop is woken; a slice waiting in the executor's queue is
+        withdrawn (the run loop sees the news without waiting its turn, and runs the
+        next slice briefly on the event loop); a running one is kicked.
         """
         self.kick()
         queued = self.queued_slice
         if queued is not None and queued.cancel():
             self.inline = True
+        self.wakeup.set()
+
+    def raise_irq(self, irq: int) -> None:
+        """Mark ``irq`` pending and wake the CPU so it is seen promptly."""
+        with self._irq_lock:
+            self.irqs_pending |= 1 << irq
+        self.wake()
 
     def take_irq(self, irq: int) -> None:
-        """Clear a pending irq once it has been delivered."""
+        """Clear a pending irq once it has been delivered (the slice's thread)."""
         with self._irq_lock:
             self.irqs_pending &= ~(1 << irq)
 
+    @property
+    def running(self) -> bool:
+        """True while an executor slice of this CPU is queued or running."""
+        return not self.idle.is_set()
+
     # -- registers (whoever owns the CPU right now) ------------------------------
+    def check_thread(self) -> None:
+        """In debug mode, raise :class:`ThreadError` unless this thread owns the CPU now."""
+        if not self.check_threads:
+            return
+        me = threading.get_ident()
+        owner = self.slice_thread
+        if owner is None and self.running:
+            owner = -1  # a slice is queued or starting: nobody may touch the CPU
+        if owner is None:
+            owner = self.loop_thread
+        if me != owner:
+            raise ThreadError(
+                f"cpu {self.id} touched from thread {me}; "
+                + ("a slice owns it" if owner != self.loop_thread else "the event loop owns it")
+            )
+
     @property
     def closed(self) -> bool:
-        return self.uc is None
+        """True once :meth:`close` freed everything."""
+        return self.released
+
+    @property
+    def hibernated(self) -> bool:
+        return self.frozen is not None
+
+    @property
+    def emulator(self) -> Any:
+        """The Unicorn instance, taking a new one first if the CPU hibernates."""
+        self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
+        return self.uc
 
     @property
     def eip(self) -> int:
-        return self.regs.read(r.UC_X86_REG_EIP)
+        return self.reg(r.UC_X86_REG_EIP)
 
     def reg(self, reg: int) -> int:
+        self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
         return self.regs.read(reg)
 
     def set_reg(self, reg: int, value: int) -> None:
+        self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
         self.regs.write(reg, value)
+
+    # -- hibernation (event loop) ---------------------------------------------------------
+    def hibernate(self) -> bool:
+        """Give back the Unicorn instance, keeping the registers as bytes.
+
+        Refused (False) while a slice is queued or runs, while a debugger's code
+        hooks are installed, and once closed.  Event loop only.
+        """
+        uc = self.uc
+        if uc is None or self.running or self.code_hooks or self.released:
+            return False
+        self.check_thread()
+        self.frozen = _unicorn.context_data(uc)
+        _unicorn.close(uc)
+        self._hooks.clear()
+        self.uc = None
+        self.regs = None  # type: ignore[assignment]
+        self.stats.hibernations += 1
+        return True
+
+    def thaw(self) -> None:
+        """Take a new Unicorn instance with the kept registers (no effect if awake)."""
+        frozen = self.frozen
+        if frozen is None or self.released:
+            return
+        uc = _new_uc(self.lg, self.host_address, self.tcg_buffer)
+        _slicing.attach(uc, self.fuel)
+        self.uc = uc
+        self.regs = _unicorn.Registers(uc)
+        self.frozen = None
+        _install_hooks(self)
+        _unicorn.load_context_data(uc, frozen)
+        self.stats.wakes += 1
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
-        self.regs.write(r.UC_X86_REG_CR3, self.regs.read(r.UC_X86_REG_CR3))
+        self.set_reg(r.UC_X86_REG_CR3, self.reg(r.UC_X86_REG_CR3))
 
+    def flush_code(self) -> None:
+        """Forget every translated block: code is translated afresh from memory."""
+        self.emulator.ctl_flush_tb()
+
+    def add_code_hook(self, callback: Callable[..., None], begin: int = 1, end: int = 0) -> Any:
+        """A Python hook before each instruction in ``[begin, end]`` (every one when
+        ``begin > end``); it runs on the slice's thread.  Held CPUs only; the CPU does
+        not hibernate while it has such hooks."""
+        uc = self.emulator
+        hook = uc.hook_add(UC_HOOK_CODE, callback, begin=begin, end=end)
+        uc.ctl_flush_tb()  # blocks translated before the hook would not call it
+        self.code_hooks += 1
+        return hook
+
+    def remove_hook(self, hook: Any) -> None:
+        """Remove a hook from :meth:`add_code_hook` (no effect once the CPU is closed)."""
+        if self.uc is None:
+            return
+        self.check_thread()
+        self.uc.hook_del(hook)
+        self.uc.ctl_flush_tb()
+        self.code_hooks -= 1
+
+    def stop_emulation(self) -> None:
+        """From a hook on the slice's thread: end this run before the next instruction."""
+        self.uc.emu_stop()
+
+    # -- the state value ---------------------------------------------------------------
+    def capture(self, timer_ns: int | None) -> CpuState:
+        """This CPU as a :class:`CpuState` (event loop; no slice may run).
+
+        ``timer_ns`` is the clock event's part (:func:`supervisor.timers.remaining`).
+        """
+        self.check_thread()
+        if self.running:
+            raise StateError(f"cpu {self.id} is running")
+        values = {name: getattr(self, name) for name in _SAVED}
+        values["idt"] = tuple(self.idt)
+        values["stats"] = tuple(
+            (f.name, getattr(self.stats, f.name)) for f in dataclasses.fields(CpuStats)
+        )
+        context = self.frozen if self.frozen is not None else _unicorn.context_data(self.uc)
+        return CpuState(context=context, timer_ns=timer_ns, **values)
+
+    def restore(self, state: CpuState) -> None:
+        """Put this (not running) CPU into ``state``; the timer is the caller's part."""
+        self.check_thread()
+        for name in _SAVED:
+            setattr(self, name, getattr(state, name))
+        self.idt = list(state.idt)
+        names = {f.name for f in dataclasses.fields(CpuStats)}
+        self.stats = CpuStats(**{k: v for k, v in state.stats if k in names})  # type: ignore[arg-type]
+        self.fuel.blocks = self.stats.blocks
+        uc = self.emulator
+        try:
+            _unicorn.load_context_data(uc, state.context)
+        except ValueError as exc:
+            raise StateError(str(exc)) from None
+        _unicorn.forget_exception(uc)
+        uc.ctl_flush_tb()
+        self.flush_tlb()
+        if self.break_out:
+            self.break_released.clear()
+        else:
+            self.break_released.set()
+
+    # -- the end ----------------------------------------------------------------------------
     def close(self) -> None:
         """Free the Unicorn instance now, not at the next garbage collection.
 
-        Only when no slice runs.  The hooks' closures refer back to this CPU, so
-        the instance would otherwise wait for the cyclic collector.
+        Only when no slice runs.
         """
+        self.released = True
+        self.frozen = None
         uc = self.uc
         if uc is None:
             return
-        release = getattr(uc, "_Uc__finalizer", None)  # the binding's uc_close, run once
-        if release is not None:
-            release()
-        uc._callbacks.clear()
+        _unicorn.close(uc)
         self._hooks.clear()
         self.uc = None
+
+
+_SAVED = saved_fields(LgCpu)
+
+
+def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.ctl_set_tcg_buffer_size(tcg_buffer)
+    # No exit address, so emu_start's `until` is ignored: a real one makes Unicorn probe
+    # that address and leave a stale page fault behind.
+    uc.ctl_exits_enabled(True)
+    uc.ctl_set_exits([])
+    uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
+    return uc
+
+
+def _install_hooks(cpu: LgCpu) -> None:
+    """The hooks every Unicorn instance of ``cpu`` has (again after a thaw)."""
+    trap = cpu.trap
+
+    def on_bad_access(uc: Any, access: int, address: int, *_rest: object) -> bool:
+        trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
+        return False
+
+    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
+    if cpu.install_hooks is not None:
+        cpu.install_hooks(cpu)
+
+
+def _attach(
+    lg: Lguest,
+    cpu_id: int,
+    start: int,
+    host_address: int,
+    tcg_buffer: int,
+    limits: Limits,
+    install_hooks: Callable[[LgCpu], None] | None,
+) -> LgCpu:
+    loop = asyncio.get_running_loop()
+    uc = _new_uc(lg, host_address, tcg_buffer)
+    cpu = LgCpu(
+        id=cpu_id,
+        start=start,
+        limits=limits,
+        lg=lg,
+        uc=uc,
+        fuel=_slicing.attach(uc),
+        regs=_unicorn.Registers(uc),
+        host_address=host_address,
+        tcg_buffer=tcg_buffer,
+        install_hooks=install_hooks,
+        check_threads=loop.get_debug(),
+        loop_thread=threading.get_ident(),
+    )
+    cpu.break_released.set()
+    cpu.idle.set()
+    _install_hooks(cpu)
+    return cpu
 
 
 def new_cpu(
@@ -189,30 +426,34 @@ def new_cpu(
     pgdir: int,
     tcg_buffer: int,
     limits: Limits = UNLIMITED,
+    install_hooks: Callable[[LgCpu], None] | None = None,
 ) -> LgCpu:
-    """Create CPU ``cpu_id`` of ``lg``: guest memory mapped at 0, paging on at ``pgdir``.
+    """Create CPU ``cpu_id`` of ``lg`` (event loop): guest memory mapped at 0, paging on
+    at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
+    the CPU gets (this one, and a new one after each hibernation).
 
     The CPU starts at ring 0 with flat segments, ``eip = start``, ``eflags = 0x202``
     and ``esi = 0`` (the boot information page).  The guest loads its own GDT.
     """
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.ctl_set_tcg_buffer_size(tcg_buffer)
-    uc.ctl_exits_enabled(True)  # no exit address: emu_start's `until` is ignored
-    uc.ctl_set_exits([])
-    uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
-    fuel = _slicing.attach(uc)
-    cpu = LgCpu(
-        id=cpu_id, lg=lg, uc=uc, fuel=fuel, regs=Registers(uc), start=start, limits=limits
-    )
-    cpu.break_released.set()
+    cpu = _attach(lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks)
     setup_regs(cpu, start, pgdir)
-    trap = cpu.trap
+    return cpu
 
-    def on_bad_access(uc: Any, access: int, address: int, *_rest: object) -> bool:
-        trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
-        return False
 
-    cpu._hooks.append(uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
+def revive_cpu(
+    lg: Lguest,
+    state: CpuState,
+    host_address: int,
+    tcg_buffer: int,
+    install_hooks: Callable[[LgCpu], None] | None = None,
+) -> LgCpu:
+    """A CPU of ``lg`` in ``state`` (event loop); its timer is the caller's part."""
+    cpu = _attach(lg, state.id, state.start, host_address, tcg_buffer, state.limits, install_hooks)
+    try:
+        cpu.restore(state)
+    except BaseException:
+        cpu.close()
+        raise
     return cpu
 
 

@@ -1,10 +1,11 @@
 """Debugging a guest: stop it, set breakpoints, single-step exactly, read and write its state.
 
 Beyond the lguest ABI.  A :class:`Debugger` belongs to one open file (one boot
-of one guest; get it with :func:`debugger`).  It holds the guest's CPU with
-``cpu.debug_stop``: while that is set, the run loop parks instead of entering
-the guest, so a Launcher's read simply stays pending while the guest is
-stopped, and every other guest keeps running.
+of one guest; get it with :func:`debugger`).  It holds the guest's CPU the way
+:meth:`LguestFile.pause` does (``LgCpu.hold``, with its own reasons): while held,
+the run loop parks instead of entering the guest, so a Launcher's read simply
+stays pending while the guest is stopped, and every other guest keeps running.
+It uses only the file's public surface and the CPU's public methods.
 
 Exactness comes from Unicorn code hooks that stop emulation from inside the
 emulating thread, before an instruction runs:
@@ -32,7 +33,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn import UC_HOOK_CODE, UcError
+from unicorn import UcError
 from unicorn import x86_const as r
 
 from .abi import PAGE_SIZE
@@ -54,7 +55,7 @@ _UC_REGS = (
 )  # fmt: skip
 FIRST_SEGMENT = REGISTERS.index("cs")
 
-# Why the guest is stopped (``cpu.debug_stop``).
+# Why the guest is stopped (``LgCpu.hold``).
 START = "start"  # held before its first instruction
 PAUSE = "pause"  # stopped on request (gdb's Ctrl-C, a snapshot)
 BREAKPOINT = "breakpoint"
@@ -80,9 +81,9 @@ class Stop:
 def debugger(file: LguestFile) -> Debugger:
     """The file's debugger, created on first use (the file must be initialized).
 
-    It lives as long as the file's CPU does (the CPU's ``on_debug`` is its method).
+    It lives as long as the file's CPU does (the CPU's ``on_hold`` is its method).
     """
-    existing = getattr(file_cpu(file).on_debug, "__self__", None)
+    existing = getattr(file_cpu(file).on_hold, "__self__", None)
     if isinstance(existing, Debugger) and existing.file is file:
         return existing
     return Debugger(file)
@@ -90,10 +91,9 @@ def debugger(file: LguestFile) -> Debugger:
 
 def file_cpu(file: LguestFile) -> LgCpu:
     """CPU 0 of an initialized file (``DebugError`` before INITIALIZE or after close)."""
-    lg = file._lg
-    if lg is None or not lg.cpus or file.closed:
+    if file.closed or file.cpu_count == 0:
         raise DebugError("the guest is not initialized or already closed")
-    return lg.cpus[0]
+    return file.cpu(0)
 
 
 class Debugger:
@@ -102,7 +102,7 @@ class Debugger:
     def __init__(self, file: LguestFile) -> None:
         self.file = file
         self.cpu = file_cpu(file)
-        self.cpu.on_debug = self._on_debug
+        self.cpu.on_hold = self._on_hold
         self._changed = asyncio.Event()
         self._parked = False
         self._breakpoints: dict[int, Any] = {}
@@ -118,23 +118,23 @@ class Debugger:
     @property
     def stop_reason(self) -> str | None:
         """Why the guest is held, or None while it runs."""
-        return self.cpu.debug_stop
+        return self.cpu.hold
 
     @property
     def stopped(self) -> bool:
         """True when the guest is held and no slice of it runs: its state may be touched."""
         cpu = self.cpu
-        if self.file.closed or cpu.uc is None:
+        if self.file.closed or cpu.closed:
             return False
-        return cpu.debug_stop is not None and (self._parked or not cpu.reading)
+        return cpu.hold is not None and (self._parked or not cpu.reading) and not cpu.running
 
     @property
     def parked(self) -> bool:
         """True when held inside a read (the Launcher is waiting: a clean point to snapshot)."""
         return self.stopped and self._parked and self.cpu.reading
 
-    def _on_debug(self) -> None:
-        self._parked = self.cpu.debug_stop is not None
+    def _on_hold(self) -> None:
+        self._parked = self.cpu.hold is not None
         if self._parked:
             self._drop_step_hook()
         self._changed.set()
@@ -152,12 +152,11 @@ class Debugger:
     def request_stop(self, reason: str = PAUSE) -> None:
         """Ask the guest to stop at its next instruction boundary (returns at once)."""
         cpu = self.cpu
-        if self.file.closed or cpu.uc is None or cpu.lg.dead:
+        if self.file.closed or cpu.closed or cpu.lg.dead:
             return
-        if cpu.debug_stop is None:
-            cpu.debug_stop = reason
-        cpu.kick()
-        cpu.wakeup.set()
+        if cpu.hold is None:
+            cpu.hold = reason
+        cpu.wake()
 
     async def wait_stop(self, *, parked: bool = False) -> Stop:
         """Wait until the guest is stopped (or dead) and say why.
@@ -173,8 +172,8 @@ class Debugger:
                 return Stop("dead", dead)
             if self.parked if parked else self.stopped:
                 self._drop_step_hook()
-                assert self.cpu.debug_stop is not None
-                return Stop(self.cpu.debug_stop)
+                assert self.cpu.hold is not None
+                return Stop(self.cpu.hold)
             self._changed.clear()
             await self._changed.wait()
 
@@ -188,9 +187,8 @@ class Debugger:
         cpu = self._check_stopped()
         self._resume_eip = cpu.eip
         self._resume_blocks = cpu.fuel.blocks
-        cpu.debug_stop = None
         self._parked = False
-        cpu.wakeup.set()
+        self.file.resume()
 
     def step(self) -> None:
         """Run exactly one instruction, then stop (``Stop("step")``); returns at once."""
@@ -206,8 +204,7 @@ class Debugger:
                 trap.debug = STEP
                 uc.emu_stop()
 
-        self._step_hook = cpu.uc.hook_add(UC_HOOK_CODE, on_code, begin=1, end=0)
-        cpu.uc.ctl_flush_tb()
+        self._step_hook = cpu.add_code_hook(on_code)
         self.resume()
 
     async def stepi(self) -> Stop:
@@ -216,26 +213,25 @@ class Debugger:
         return await self.wait_stop()
 
     def _drop_step_hook(self) -> None:
-        if self._step_hook is not None and self.cpu.uc is not None:
-            self.cpu.uc.hook_del(self._step_hook)
-            self.cpu.uc.ctl_flush_tb()
+        if self._step_hook is not None:
+            self.cpu.remove_hook(self._step_hook)
         self._step_hook = None
 
     def kill(self, reason: str = "killed by the debugger") -> None:
         """Kill the guest: its reader sees ``ENOENT`` and then ``reason``."""
         cpu = self.cpu
-        if self.file.closed or cpu.uc is None:
+        if self.file.closed or cpu.closed:
             return
         cpu.lg.kill(reason)
-        cpu.debug_stop = None
-        cpu.wakeup.set()
+        cpu.hold = None
+        cpu.wake()
 
     def detach(self) -> None:
         """Remove every breakpoint and let the guest run free."""
-        if self.file.closed or self.cpu.uc is None:
+        if self.file.closed or self.cpu.closed:
             return
-        if self.cpu.debug_stop is not None and not self.stopped:
-            self.cpu.debug_stop = None  # asked to stop but not yet stopped: never mind
+        if self.cpu.hold is not None and not self.stopped:
+            self.cpu.hold = None  # asked to stop but not yet stopped: never mind
             return
         for address in list(self._breakpoints):
             self.remove_breakpoint(address)
@@ -263,10 +259,7 @@ class Debugger:
             trap.debug = BREAKPOINT
             uc.emu_stop()
 
-        self._breakpoints[address] = cpu.uc.hook_add(
-            UC_HOOK_CODE, on_code, begin=address, end=address
-        )
-        cpu.uc.ctl_flush_tb()
+        self._breakpoints[address] = cpu.add_code_hook(on_code, address, address)
 
     def remove_breakpoint(self, address: int) -> bool:
         """Remove the breakpoint at ``address``; False if there was none."""
@@ -274,20 +267,19 @@ class Debugger:
         hook = self._breakpoints.pop(address & 0xFFFFFFFF, None)
         if hook is None:
             return False
-        cpu.uc.hook_del(hook)
-        cpu.uc.ctl_flush_tb()
+        cpu.remove_hook(hook)
         return True
 
     # -- registers and memory ----------------------------------------------------------
     def registers(self) -> list[int]:
         """The 16 registers in gdb's i386 order (:data:`REGISTERS`)."""
-        uc = self._check_stopped().uc
+        uc = self._check_stopped().emulator
         return [uc.reg_read(reg) & 0xFFFFFFFF for reg in _UC_REGS]
 
     def register(self, index: int) -> int:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
-        value: int = self._check_stopped().uc.reg_read(_UC_REGS[index])
+        value: int = self._check_stopped().emulator.reg_read(_UC_REGS[index])
         return value & 0xFFFFFFFF
 
     def set_register(self, index: int | str, value: int) -> None:
@@ -300,10 +292,10 @@ class Debugger:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
         value &= 0xFFFF if index >= FIRST_SEGMENT else 0xFFFFFFFF
-        if cpu.uc.reg_read(_UC_REGS[index]) == value:
+        if cpu.emulator.reg_read(_UC_REGS[index]) == value:
             return  # gdb's 'G' writes every register back; leave the unchanged ones alone
         try:
-            cpu.uc.reg_write(_UC_REGS[index], value)
+            cpu.emulator.reg_write(_UC_REGS[index], value)
         except UcError as exc:
             raise DebugError(f"cannot set {REGISTERS[index]} to {value:#x}: {exc}") from None
 
@@ -333,4 +325,4 @@ class Debugger:
         for pa, n in self._pages(address, len(data)):
             lg.ram[pa : pa + n] = data[offset : offset + n]
             offset += n
-        self.cpu.uc.ctl_flush_tb()
+        self.cpu.flush_code()

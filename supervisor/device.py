@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from . import codecache, run, timers
+from . import _unicorn, codecache, run, timers
 from .abi import (
     LGUEST_IRQS,
     LHREQ_BREAK,
@@ -32,10 +32,15 @@ from .abi import (
     pack_words,
     unpack_words,
 )
-from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu
+from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
+from .execute import attach_interrupt_hook
 from .guest import Death, Lguest
+from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
+from .state import GuestState, StateError
+
+PAUSE = "pause"  # the hold reason of LguestFile.pause()
 
 
 async def _join(executor: ThreadPoolExecutor) -> None:
@@ -79,11 +84,17 @@ class LguestDevice:
         max_guests: int | None = None,
         max_memory: int | None = None,
         limits: Limits = UNLIMITED,
+        hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
     ):
         """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
         an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
         defaults; :meth:`open` may override them.  ``workers`` is the number of
-        executor threads (default: one per core)."""
+        executor threads (default: one per core).  A CPU that has slept in a halt,
+        been held or waited for its Launcher for ``hibernate_after`` seconds gives
+        back its emulator until it is needed again (0: at once; ``math.inf``: never;
+        see :mod:`supervisor.hibernation`)."""
+        if not hibernate_after >= 0:
+            raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
         self._workers = workers or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
         self._lock: asyncio.Lock | None = None
@@ -94,6 +105,8 @@ class LguestDevice:
         self.max_guests = max_guests
         self.max_memory = max_memory
         self.limits = limits
+        self.hibernate_after = hibernate_after
+        self.dormitory = Dormitory()
 
     def _bind_loop(self) -> None:
         """The device serves one event loop at a time (its lock and events belong to it).
@@ -125,15 +138,38 @@ class LguestDevice:
             self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="lguest-cpu")
         return self._executor
 
-    def open(self, memory: GuestMemory, *, limits: Limits | None = None) -> LguestFile:
+    def open(
+        self,
+        memory: GuestMemory,
+        *,
+        limits: Limits | None = None,
+        state: GuestState | None = None,
+        hibernate_after: float | None = None,
+    ) -> LguestFile:
         """Open the device: one file is one (not yet initialized) guest in ``memory``.
 
-        ``limits`` replaces the device's per-guest limits for this guest.
-        Raises ``OSError(ENODEV)`` once the device is closed.
+        ``limits`` replaces the device's per-guest limits for this guest.  With
+        ``state`` (from :meth:`LguestFile.state`, in this process or another), the
+        file is a guest revived from it, already initialized: ``memory`` must be
+        the same size as the original's and hold its bytes, and the first read
+        runs it on exactly as the original would have gone on (its limits are the
+        state's unless ``limits`` is given).  Raises ``OSError``: ``ENODEV`` once
+        the device is closed; with ``state``, ``EINVAL`` for memory of another size
+        (or a state this build cannot revive), ``ENOMEM`` past the device's limits.
+        ``hibernate_after`` replaces the device's for this guest.
         """
         if self._closed:
             raise _error(errno.ENODEV)
-        file = LguestFile(self, memory, self.limits if limits is None else limits)
+        if hibernate_after is not None and not hibernate_after >= 0:
+            raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
+        file = LguestFile(
+            self,
+            memory,
+            self.limits if limits is None else limits,
+            self.hibernate_after if hibernate_after is None else hibernate_after,
+        )
+        if state is not None:
+            file._revive(state, limits)
         self._files.add(file)
         return file
 
@@ -146,10 +182,9 @@ class LguestDevice:
         """Close every open file and stop the executor.  Safe to call twice."""
         self._bind_loop()
         self._closed = True
+        self.dormitory.close()
         for file in self._files:  # stop every CPU first, so closing them one by one is quick
-            for cpu in file._lg.cpus if file._lg is not None else ():
-                cpu.closing = True
-                cpu.preempt()
+            file._stop_cpus()
         for file in list(self._files):
             await file.close()
         if self._executor is not None:
@@ -180,15 +215,18 @@ class LguestDevice:
 class LguestFile:
     """One open ``/dev/lguest``: one guest.  Get it from :meth:`LguestDevice.open`."""
 
-    def __init__(self, device: LguestDevice, memory: GuestMemory, limits: Limits) -> None:
+    def __init__(
+        self, device: LguestDevice, memory: GuestMemory, limits: Limits, hibernate_after: float
+    ) -> None:
         self._device = device
         self._memory = memory
         self._limits = limits
+        self._hibernate_after = hibernate_after
         self._lg: Lguest | None = None
+        self._base = 0  # where the guest's window starts in memory (INITIALIZE's base)
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
         self._running: dict[int, asyncio.Future[Any]] = {}
-        self._window = 0  # offset of the guest's RAM in the memory (INITIALIZE's base)
 
     # -- the device interface ----------------------------------------------------
     async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -220,14 +258,18 @@ class LguestFile:
         self._device._bind_loop()
         if self._closing is None:
             self._closed = True
-            for cpu in self._lg.cpus if self._lg is not None else ():
-                cpu.closing = True
-                timers.cancel(cpu)
-                cpu.preempt()
-                cpu.wakeup.set()
-                cpu.break_released.set()
+            self._stop_cpus()
             self._closing = asyncio.ensure_future(self._release())
         await asyncio.shield(self._closing)
+
+    def _stop_cpus(self) -> None:
+        """Every later pass of every CPU's run loop ends with EBADF; Wakers are released."""
+        for cpu in self._lg.cpus if self._lg is not None else ():
+            cpu.closing = True
+            timers.cancel(cpu)
+            self._device.dormitory.awake(cpu)
+            cpu.wake()
+            cpu.break_released.set()
 
     async def _release(self) -> None:
         try:
@@ -274,6 +316,126 @@ class LguestFile:
     @property
     def memory(self) -> GuestMemory:
         return self._memory
+
+    # -- the control surface, beyond the lguest ABI ---------------------------------------
+    async def pause(self, cpu: int = 0) -> None:
+        """Hold CPU ``cpu`` at an instruction boundary; return once it is stopped there.
+
+        A read in flight stays pending: it neither returns nor loses its place,
+        and :meth:`resume` lets it go on.  A CPU that is not running (no read, or
+        sleeping in a halt) is held at once and will not run until resumed, even
+        if an interrupt arrives.  Raises ``OSError``: ``EBADF`` once closed,
+        ``EINVAL`` before INITIALIZE or for a CPU that does not exist, ``ENOENT``
+        for a dead guest (also when it dies while being paused).
+        """
+        c = self._live_cpu(cpu)
+        if c.hold is None:
+            c.hold = PAUSE
+        c.wake()
+        await c.idle.wait()  # the slice in flight (if any) has ended or been withdrawn
+        if c.lg.dead:
+            raise _error(errno.ENOENT)
+
+    def resume(self, cpu: int = 0) -> None:
+        """Let a held CPU run on (whoever held it: a pause or a debugger's stop).
+
+        No effect on a CPU that is not held.  ``EBADF`` once closed, ``EINVAL`` for
+        a CPU that does not exist.
+        """
+        if self._closed:
+            raise _error(errno.EBADF)
+        c = self._cpu(cpu)
+        if c.hold is not None:
+            c.hold = None
+            c.wake()
+
+    def paused(self, cpu: int = 0) -> bool:
+        """True while CPU ``cpu`` is held and no slice of it runs."""
+        c = self._cpu(cpu)
+        return c.hold is not None and not c.running
+
+    def hold_reason(self, cpu: int = 0) -> str | None:
+        """Why CPU ``cpu`` is held (``"pause"``, a debugger's reason), or None."""
+        return self._cpu(cpu).hold
+
+    def reading(self, cpu: int = 0) -> bool:
+        """True while a read of CPU ``cpu`` is in flight (paused or not)."""
+        return self._cpu(cpu).reading
+
+    @property
+    def cpu_count(self) -> int:
+        """How many CPUs the guest has (0 before INITIALIZE)."""
+        return 0 if self._lg is None else len(self._lg.cpus)
+
+    def cpu(self, cpu: int = 0) -> LgCpu:
+        """The CPU itself, for in-process tools that follow its threading contract
+        (:mod:`supervisor.debug`).  ``EINVAL`` before INITIALIZE or for no such CPU."""
+        if self._closed:
+            raise _error(errno.EBADF)
+        return self._cpu(cpu)
+
+    def state(self) -> GuestState:
+        """The guest's whole state except its memory, as one immutable value.
+
+        Only while every CPU is paused or idle (no read in flight): otherwise
+        ``EBUSY``.  ``EBADF`` once closed, ``EINVAL`` before INITIALIZE.  A dead
+        guest's state holds its death.
+        """
+        if self._closed:
+            raise _error(errno.EBADF)
+        lg = self._lg
+        if lg is None:
+            raise _error(errno.EINVAL)
+        for c in lg.cpus:
+            if c.running or (c.reading and c.hold is None):
+                raise _error(errno.EBUSY)
+        return GuestState(
+            memory_size=self._memory.size,
+            base=self._base,
+            cpus=tuple(c.capture(timers.remaining(c)) for c in lg.cpus),
+            unicorn=_unicorn.VERSION,
+            **lg.saved_values(),
+        )
+
+    def _live_cpu(self, cpu: int) -> LgCpu:
+        if self._closed:
+            raise _error(errno.EBADF)
+        c = self._cpu(cpu)
+        if c.lg.dead:
+            raise _error(errno.ENOENT)
+        return c
+
+    def _revive(self, state: GuestState, limits: Limits | None) -> None:
+        """Become the guest ``state`` describes (from :meth:`LguestDevice.open`)."""
+        mem = self._memory
+        if mem.closed or mem.size != state.memory_size:
+            raise _error(errno.EINVAL)
+        if not self._device._admit(state.limit):
+            raise _error(errno.ENOMEM)
+        first = state.base
+        lg = Lguest(ram=mem.view[first : first + state.limit], pfn_limit=state.pfn_limit)
+        lg.restore(state)
+        try:
+            for st in state.cpus:
+                cpu = revive_cpu(
+                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook
+                )
+                cpu.hibernate_after = self._hibernate_after
+                if limits is not None:
+                    cpu.limits = limits
+                lg.cpus.append(cpu)
+                timers.restore(cpu, st.timer_ns)
+                self._device.dormitory.drowsy(cpu)  # nobody reads it yet
+        except Exception as exc:  # a context this Unicorn cannot load, no memory, ...
+            for cpu in lg.cpus:
+                timers.cancel(cpu)
+                cpu.close()
+            lg.ram.release()
+            reason = str(exc) if isinstance(exc, StateError) else f"{type(exc).__name__}: {exc}"
+            raise OSError(errno.EINVAL, f"cannot revive the guest: {reason}") from None
+        self._lg = lg
+        self._base = first
+        mem.watch(self._host_wrote)
 
     # -- request handling ------------------------------------------------------
     async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:
@@ -329,14 +491,17 @@ class LguestFile:
                 raise _error(errno.ENOMEM)
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
             try:
-                cpu = new_cpu(lg, 0, base, start, pgdir, device.tcg_buffer, self._limits)
-                run.attach_interrupt_hook(cpu)
+                cpu = new_cpu(
+                    lg, 0, base, start, pgdir, device.tcg_buffer, self._limits,
+                    attach_interrupt_hook,
+                )  # fmt: skip
+                cpu.hibernate_after = self._hibernate_after
             except Exception:
                 lg.ram.release()
                 raise _error(errno.ENOMEM) from None
             lg.cpus.append(cpu)
             self._lg = lg
-            self._window = first
+            self._base = first
             mem.watch(self._host_wrote)
         return 4 * WORD_SIZE
 
@@ -345,7 +510,7 @@ class LguestFile:
         lg = self._lg
         if lg is None or lg.dead or self._closed:
             return
-        start, end = max(addr - self._window, 0), min(addr + n - self._window, lg.limit)
+        start, end = max(addr - self._base, 0), min(addr + n - self._base, lg.limit)
         if start < end:
             for cpu in lg.cpus:
                 codecache.note(cpu, start, end)
@@ -357,8 +522,6 @@ class LguestFile:
         if irq >= LGUEST_IRQS:
             raise _error(errno.EINVAL)
         cpu.raise_irq(irq)
-        cpu.preempt()
-        cpu.wakeup.set()
         return 0
 
     async def _break(self, cpu: LgCpu, args: tuple[int, ...]) -> int:
@@ -370,8 +533,7 @@ class LguestFile:
             return 0
         cpu.break_out = True
         cpu.break_released.clear()
-        cpu.preempt()
-        cpu.wakeup.set()
+        cpu.wake()
         await cpu.break_released.wait()
         if self._closed:
             raise _error(errno.EBADF)
@@ -397,12 +559,16 @@ class LguestFile:
         cpu.reading = True
         finished = asyncio.get_running_loop().create_future()
         self._running[cpu.id] = finished
+        dormitory = self._device.dormitory
+        dormitory.awake(cpu)
         try:
-            address = await run.run_guest(cpu, self._device.executor)
+            address = await run.run_guest(cpu, self._device.executor, dormitory)
         finally:
             cpu.reading = False
             del self._running[cpu.id]
             finished.set_result(None)  # close() waits for the read, not the reader's task
+            if not cpu.closing:
+                dormitory.drowsy(cpu)  # waiting for the Launcher now
         return pack_words(address)
 
 

@@ -4,16 +4,18 @@ Guest-physical addresses run from 0 to ``limit`` (``pfn_limit`` pages); every
 address the Host dereferences for the guest is checked with :meth:`Lguest.address_ok`
 first.  Whoever runs the guest (its CPU's slice, or the run loop between
 slices) is the only one touching this state; nothing here is thread-safe on its
-own.
+own.  Fields are marked like ``LgCpu``'s: :meth:`Lguest.saved_values` gives the
+saved ones, under the names :class:`~supervisor.state.GuestState` uses.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from ._statefields import host_only, saved, saved_fields
 from .abi import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -44,15 +46,24 @@ class Death:
 class Lguest:
     """Everything the Host knows about one guest."""
 
-    ram: memoryview
-    pfn_limit: int
-    cpus: list[LgCpu] = field(default_factory=list)
-    dead: Death | None = None
-    pgdir: int = 0  # the page directory the Launcher gave at INITIALIZE
-    lguest_data: int | None = None  # guest-physical address, once LHCALL_LGUEST_INIT ran
-    noirq_start: int = 0
-    noirq_end: int = 0
-    kernel_address: int = 0
+    ram: memoryview = host_only()  # the guest's window of the Launcher's memory
+    pfn_limit: int = saved()
+    cpus: list[LgCpu] = host_only(default_factory=list)  # each saves itself (CpuState)
+    dead: Death | None = saved(default=None)
+    pgdir: int = saved(default=0)  # the page directory the Launcher gave at INITIALIZE
+    lguest_data: int | None = saved(default=None)  # guest-physical, once LGUEST_INIT ran
+    noirq_start: int = saved(default=0)
+    noirq_end: int = saved(default=0)
+    kernel_address: int = saved(default=0)
+
+    def saved_values(self) -> dict[str, Any]:
+        """The saved fields by name (their part of a GuestState)."""
+        return {name: getattr(self, name) for name in _SAVED}
+
+    def restore(self, values: Any) -> None:
+        """Take the saved fields from ``values`` (a GuestState, or anything with them)."""
+        for name in _SAVED:
+            setattr(self, name, getattr(values, name))
 
     @property
     def limit(self) -> int:
@@ -68,7 +79,7 @@ class Lguest:
         if self.dead is None:
             self.dead = Death(reason, err, exit_status)
         for cpu in self.cpus:
-            cpu.kick()
+            cpu.kick()  # any thread: a slice of another CPU ends at its next block
 
     # -- guest-physical memory, bounds-checked ----------------------------------
     def read(self, addr: int, size: int) -> bytes | None:
@@ -110,3 +121,6 @@ class Lguest:
         end = min(addr + limit, self.limit)
         raw = bytes(self.ram[addr:end])
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+_SAVED = saved_fields(Lguest)

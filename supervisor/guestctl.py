@@ -1,22 +1,22 @@
 """Debugging, pausing and snapshots for Launcher-run guests (what :mod:`supervisor.host` uses).
 
 A :class:`GuestControl` rides on a Launcher's ``on_boot`` hook: every boot's
-file gets a :class:`~supervisor.debug.Debugger`; the first boot of a restored
-guest is put into the snapshot's state before it runs; a gdb server follows the
+file gets a :class:`~supervisor.debug.Debugger`; a gdb server follows the
 guest across reboots; a pause asked for between boots holds the next boot.
+(A restored guest's first boot continues the snapshot: the Launcher does that,
+from a :class:`~supervisor.launcher.launcher.Resume`.)
 
 The Launcher-level part of a snapshot (``Snapshot.launcher``) is the guest's
-config and image, the reboots so far, the irqs the devices raised but the
-Launcher has not sent, and each device's state: a console's input not yet
-delivered and whether it has told the guest about EOF, or whatever a custom
-device returns from ``snapshot_state()`` (given back to ``restore_state()``).
-A block device's backing file is not part of the snapshot.
+config and image plus :meth:`Launcher.state`: the reboots so far, the irqs the
+devices raised but the Launcher has not sent, and each device's
+:meth:`~supervisor.launcher.devices.Device.state` (a console's input not yet
+delivered and whether it has told the guest about EOF).  A block device's
+backing file is not part of the snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,9 @@ from .debug import PAUSE, DebugError, Debugger, debugger
 from .device import LguestFile
 from .gdbstub import GdbServer
 from .guest import Death
-from .launcher.console import Console
-from .launcher.devices import Device
-from .launcher.launcher import Exit, Launcher
+from .launcher.launcher import Exit, Launcher, Resume
 from .launcher.loader import Image, Segment
-from .snapshot import Snapshot, SnapshotError, apply, capture
+from .snapshot import Snapshot, SnapshotError, capture
 
 
 class GuestControl:
@@ -41,13 +39,11 @@ class GuestControl:
         launcher: Launcher,
         config: GuestConfig,
         *,
-        restore: Snapshot | None = None,
         gdb: GdbServer | None = None,
     ) -> None:
         self.launcher = launcher
         self.config = config
         self.gdb = gdb
-        self._restore = restore
         self._boots = 0
         self._hold = False
         self._debugger: Debugger | None = None
@@ -64,9 +60,6 @@ class GuestControl:
     # -- the hook ------------------------------------------------------------------------
     def _on_boot(self, file: LguestFile) -> None:
         self._boots += 1
-        if self._boots == 1 and self._restore is not None:
-            apply(self._restore, file)
-            restore_launcher_state(self.launcher, self._restore)
         d = self._debugger = debugger(file)
         if self._hold:
             d.request_stop(PAUSE)
@@ -172,50 +165,14 @@ def launcher_state(
             "entry": image.entry,
             "segments": [[s.paddr, s.memsz] for s in image.segments],
         },
-        "restarts": launcher.restarts,
-        "irqs": sorted(getattr(launcher, "_irqs", ())),
-        "devices": [_device_state(device) for device in launcher.devices],
+        **launcher.state(),
     }
     return state, blobs
 
 
-def _device_state(device: Device) -> dict[str, Any]:
-    own = getattr(device, "snapshot_state", None)
-    if callable(own):
-        return {"type": device.type, "state": own()}
-    if isinstance(device, Console):
-        return {
-            "type": device.type,
-            "state": {
-                "pending": base64.b64encode(bytes(getattr(device, "_pending", b""))).decode(),
-                "eof": bool(getattr(device, "_eof", False)),
-                "eof_told": bool(getattr(device, "_eof_told", False)),
-            },
-        }
-    return {"type": device.type, "state": None}
-
-
-def restore_launcher_state(launcher: Launcher, snap: Snapshot) -> None:
-    state = snap.launcher
-    if state is None:
-        return
-    launcher.restarts = state["restarts"]
-    irqs = getattr(launcher, "_irqs", None)
-    if isinstance(irqs, set):
-        irqs.update(state["irqs"])
-    saved = state["devices"]
-    devices = list(launcher.devices)
-    for device, entry in zip(devices, saved, strict=False):
-        if device.type != entry["type"] or entry["state"] is None:
-            continue
-        own = getattr(device, "restore_state", None)
-        if callable(own):
-            own(entry["state"])
-        elif isinstance(device, Console):
-            s = entry["state"]
-            device._pending = bytearray(base64.b64decode(s["pending"]))
-            device._eof = device._eof or s["eof"]
-            device._eof_told = s["eof_told"]
+def resume_from(snap: Snapshot) -> Resume:
+    """What a Launcher needs to continue the guest of ``snap`` on its first boot."""
+    return Resume(fill=snap.write_memory, state=snap.state, launcher=snap.launcher)
 
 
 def snapshot_image(snap: Snapshot) -> Image:

@@ -21,7 +21,8 @@ from typing import Any
 from .config import GuestConfig
 from .device import LguestDevice
 from .gdbstub import GdbServer
-from .guestctl import GuestControl, snapshot_config, snapshot_image, start_gdb
+from .guestctl import GuestControl, resume_from, snapshot_config, snapshot_image, start_gdb
+from .hibernation import DEFAULT_HIBERNATE_AFTER
 from .launcher.block import BlockDevice
 from .launcher.console import Console, LineStream, stdin_source, stdout_sink
 from .launcher.devices import Device
@@ -127,10 +128,18 @@ class Supervisor:
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         max_guests: int | None = None,
         max_memory: int | None = None,
+        hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
-        a launch past them ends at once with "cannot start: Cannot allocate memory"."""
-        self.device = LguestDevice(workers=workers, max_guests=max_guests, max_memory=max_memory)
+        a launch past them ends at once with "cannot start: Cannot allocate memory".
+        ``hibernate_after``: seconds an idle guest keeps its emulator (a guest's
+        config may say otherwise; see :mod:`supervisor.hibernation`)."""
+        self.device = LguestDevice(
+            workers=workers,
+            max_guests=max_guests,
+            max_memory=max_memory,
+            hibernate_after=hibernate_after,
+        )
         self.max_restarts = max_restarts
         self.guests: list[Guest] = []
         self._closed = False
@@ -168,6 +177,8 @@ class Supervisor:
                 cmdline=config.cmdline,
                 max_restarts=self.max_restarts,
                 limits=config.limits,
+                resume=None if snapshot is None else resume_from(snapshot),
+                hibernate_after=config.hibernate_after,
             )
             gdb = await start_gdb(config.gdb) if config.gdb else None
         except BaseException:
@@ -176,7 +187,7 @@ class Supervisor:
             for device in table:
                 await device.stop()
             raise
-        control = GuestControl(launcher, config, restore=snapshot, gdb=gdb)
+        control = GuestControl(launcher, config, gdb=gdb)
         guest = Guest(config, launcher, console, control)
         self.guests.append(guest)
         return guest

@@ -92,7 +92,7 @@ def _load_gdt(cpu: LgCpu, table: int, entries: int, _a3: int) -> None:
         cpu.lg.kill(f"bad GDT address {table:#x}")
         return
     cpu.gdt = (table, entries)
-    cpu.uc.reg_write(r.UC_X86_REG_GDTR, (0, table, entries * 8 - 1, 0))
+    cpu.emulator.reg_write(r.UC_X86_REG_GDTR, (0, table, entries * 8 - 1, 0))
 
 
 def _load_tls(cpu: LgCpu, addr: int, _a2: int, _a3: int) -> None:

@@ -24,6 +24,7 @@ def set_clockevent(cpu: LgCpu, delta_ns: int) -> None:
         return
     loop = asyncio.get_running_loop()
     cpu.clock = loop.call_later(delta_ns / 1e9, _fire, cpu)
+    cpu.clock_due = loop.time() + delta_ns / 1e9  # (uvloop's handles do not say when)
 
 
 def cancel(cpu: LgCpu) -> None:
@@ -38,8 +39,20 @@ def _fire(cpu: LgCpu) -> None:
     if cpu.closed:
         return
     cpu.raise_irq(CLOCK_IRQ)
-    cpu.preempt()
-    cpu.wakeup.set()
+
+
+def remaining(cpu: LgCpu) -> int | None:
+    """The armed clock event's time left in nanoseconds (at least 1), or None: the timer's
+    part of the CPU's state value."""
+    if cpu.clock is None:
+        return None
+    left = cpu.clock_due - asyncio.get_running_loop().time()
+    return max(1, int(left * 1e9))
+
+
+def restore(cpu: LgCpu, delta_ns: int | None) -> None:
+    """Re-arm the clock event from :func:`remaining`'s value (None: disarmed)."""
+    set_clockevent(cpu, delta_ns or 0)
 
 
 def write_timestamp(cpu: LgCpu) -> None:

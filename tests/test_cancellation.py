@@ -70,9 +70,7 @@ async def cancelled(task: asyncio.Task[object]) -> None:
 
 
 def cpu0(g: Booted):  # type: ignore[no-untyped-def]
-    lg = g.file._lg
-    assert lg is not None
-    return lg.cpus[0]
+    return g.file.cpu(0)
 
 
 async def test_cancel_during_a_slice(dev):

@@ -56,7 +56,7 @@ async def test_a_halted_guest_costs_no_slices_while_others_spin(dev):
     spinner = await boot(dev, SPIN)
     h_reader = asyncio.create_task(halted.file.read(8))
     s_reader = asyncio.create_task(spinner.file.read(8))
-    await until(lambda: halted.file._lg.cpus[0].halted)
+    await until(lambda: halted.file.cpu(0).halted)
     slices = halted.file.stats.slices
     before = spinner.u32("counter")
     await until(lambda: spinner.u32("counter") > before + 50_000_000, 60)

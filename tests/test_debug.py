@@ -99,7 +99,7 @@ async def test_stepi_runs_exactly_one_instruction_whatever_the_exit(dev):
         trail.append(eip(d))
     assert trail.count(s["before_notify"]) == 1
     assert len(trail) == 10  # two HCALLs of five instructions each, one stop per instruction
-    assert g.file._lg.cpus[0].idt[200] == (0, 0)  # vector 200 was cleared, harmlessly
+    assert g.file.cpu(0).idt[200] == (0, 0)  # vector 200 was cleared, harmlessly
     assert (await d.stepi()).reason == STEP  # int3: the trap goes to the guest's handler
     assert eip(d) == s["handler"]
     assert g.u32("hits") == 0

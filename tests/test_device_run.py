@@ -157,7 +157,7 @@ hits: .long 0
     )
     reader = asyncio.create_task(g.file.read(8))
     # The guest halts: it stops costing slices.
-    await until(lambda: g.file._lg.cpus[0].halted)
+    await until(lambda: g.file.cpu(0).halted)
     slices = g.file.stats.slices
     for _ in range(20):
         await asyncio.sleep(0)
@@ -197,7 +197,7 @@ main:
 """,
     )
     reader = asyncio.create_task(g.file.read(8))
-    await until(lambda: g.file._lg.cpus[0].halted)
+    await until(lambda: g.file.cpu(0).halted)
     await asyncio.wait_for(g.file.close(), 5)
     await expect(errno.EBADF, reader)
 
@@ -237,8 +237,9 @@ async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(dev, mon
     real = run.run_slice
 
     def recording(cpu, budget=None):
-        real(cpu, budget)
+        ended = real(cpu, budget)
         where.append((threading.current_thread() is threading.main_thread(), budget or 0))
+        return ended
 
     monkeypatch.setattr(run, "run_slice", recording)
     g = await boot(dev, SPIN)

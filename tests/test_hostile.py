@@ -101,11 +101,9 @@ def settled(b: Booted) -> bool:
     f = b.file
     if f.death is not None:
         return True
-    lg = f._lg
-    assert lg is not None
     stats = f.stats
     assert stats is not None
-    return lg.cpus[0].halted or stats.slices >= MIN_SLICES
+    return f.cpu(0).halted or stats.slices >= MIN_SLICES
 
 
 async def contest(
@@ -334,7 +332,7 @@ async def test_hogs_cannot_starve_the_neighbour(hog):
         async with asyncio.timeout(EXAMPLE_TIMEOUT):
             # The neighbour arrives while the hogs run their first slices, before
             # the slice budget has adapted to them.
-            await until(lambda: all(h.file._lg.cpus[0].reading for h in hogs))
+            await until(lambda: all(h.file.cpu(0).reading for h in hogs))
             neighbour = await boot_image(dev, neighbour_guest(TARGET))
             loop = asyncio.get_running_loop()
             start = loop.time()

@@ -161,7 +161,7 @@ stolen:
 """,
     )
     assert await notified(g) == 0x31
-    cpu = g.file._lg.cpus[0]
+    cpu = g.file.cpu(0)
     assert cpu.idt[31] == (0, 0) and cpu.idt[8] == (0, 0)
 
 
@@ -227,7 +227,7 @@ handler:
 """,
     )
     assert await notified(g) == 0x80
-    assert g.file._lg.cpus[0].reg(__import__("unicorn.x86_const").x86_const.UC_X86_REG_ESI) == 6
+    assert g.file.cpu(0).reg(__import__("unicorn.x86_const").x86_const.UC_X86_REG_ESI) == 6
 
 
 # -- descriptor tables, stack, TS ------------------------------------------------------
@@ -273,7 +273,7 @@ async def test_good_tls_and_stack_are_recorded(dev):
         dev, "main:\n LGUEST_INIT\n HCALL 16, gdt\n HCALL 7, 0x10, 0x7000, 2\n HCALL 17, 1\n"
     )
     assert await notified(g) == 1
-    cpu = g.file._lg.cpus[0]
+    cpu = g.file.cpu(0)
     assert cpu.stack == (0x10, 0x7000, 2)
     assert cpu.tls == g.memory.read(g.guest.symbols["gdt"], 24)
 
@@ -452,8 +452,8 @@ async def test_cancelled_clock_event_never_fires(dev):
     g = await boot(dev, TICKS)
     assert await notified(g) == 5
     reader = asyncio.create_task(g.file.read(8))
-    await until(lambda: g.file._lg.cpus[0].halted)
-    assert g.file._lg.cpus[0].clock is None  # the cancel disarmed it
+    await until(lambda: g.file.cpu(0).halted)
+    assert g.file.cpu(0).clock is None  # the cancel disarmed it
     await asyncio.sleep(0.01)  # ten timer periods: no irq arrives, the guest stays halted
     assert not reader.done()
     assert g.u32("ticks") == 5

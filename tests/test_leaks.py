@@ -50,7 +50,7 @@ import pytest
 from fuzz_guests import scaled
 from guestasm import assemble, load
 
-from supervisor import LguestDevice
+from supervisor import LguestDevice, _unicorn
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, pack_words
 from supervisor.cpu import LgCpu
 from supervisor.guest import Lguest
@@ -144,13 +144,12 @@ async def one_guest(dev: LguestDevice, i: int) -> None:
     elif kind == 3:  # closed while halted with its clock armed
         assert await f.read(8) == pack_words(0x42)
         reader = asyncio.create_task(f.read(8))
-        lg = f._lg
-        assert lg is not None
-        while not lg.cpus[0].halted:
+        cpu = f.cpu(0)
+        while not cpu.halted:
             await asyncio.sleep(0)
-        assert lg.cpus[0].clock is not None
+        assert cpu.clock is not None
         await f.close()
-        assert lg.cpus[0].clock is None
+        assert cpu.clock is None
         with pytest.raises(OSError):
             await reader
     else:  # closed while a Waker waits for BREAK 0
@@ -224,10 +223,7 @@ async def test_closing_a_guest_frees_its_unicorn_at_once(dev):
     )
     with pytest.raises(FileNotFoundError):
         await f.read(8)
-    lg = f._lg
-    assert lg is not None
-    uc = weakref.ref(lg.cpus[0].uc)
-    del lg
+    uc = weakref.ref(f.cpu(0).uc)
     gc.collect()
     gc.disable()
     try:
@@ -236,6 +232,6 @@ async def test_closing_a_guest_frees_its_unicorn_at_once(dev):
         # The native instance is closed now; the binding's own callback thunks keep
         # the small Python wrapper in a cycle until the next collection.
         alive = uc()
-        assert alive is None or not alive._Uc__finalizer.alive, "uc_close has not run"
+        assert alive is None or _unicorn.is_closed(alive), "uc_close has not run"
     finally:
         gc.enable()

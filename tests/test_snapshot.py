@@ -145,24 +145,25 @@ msg: .asciz "bye"
 """,
     )
     reader = asyncio.create_task(g.file.read(abi.WORD_SIZE))
-    await until(lambda: g.file._lg.cpus[0].halted)
+    await until(lambda: g.file.cpu(0).halted)
     d = debugger(g.file)
     await d.stop()
     await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 5))  # blocked: stays pending
-    cpu = g.file._lg.cpus[0]
+    cpu = g.file.cpu(0)
     cpu.break_out = True  # as if a Waker had broken it out
     snap = capture(g.file)
-    assert snap.host["halted"] and snap.host["break_out"]
-    assert snap.host["irqs_pending"] == 1 << 5
-    assert 0 < snap.host["clock_ns"] <= 50_000_000
-    assert snap.host["idt"]["33"]
+    st = snap.state.cpus[0]
+    assert st.halted and st.break_out
+    assert st.irqs_pending == 1 << 5
+    assert st.timer_ns is not None and 0 < st.timer_ns <= 50_000_000
+    assert st.idt[33] != (0, 0)
     cpu.break_out = False
     d.kill("done with it")
     with pytest.raises(FileNotFoundError):
         await reader
 
     copy = await restore(snap, dev)
-    c = copy._lg.cpus[0]
+    c = copy.cpu(0)
     assert (c.halted, c.break_out, c.irqs_pending) == (True, True, 1 << 5)
     assert c.clock is not None and not c.break_released.is_set()
     with pytest.raises(BlockingIOError):  # the break is still on: the Launcher must see it
@@ -186,28 +187,15 @@ async def test_a_running_or_dead_guest_cannot_be_captured(dev):
         capture(g.file)
 
 
-def test_corrupt_truncated_and_foreign_files_are_clear_errors(tmp_path):
-    snap = Snapshot(
-        memory_size=abi.PAGE_SIZE * 4,
-        base=0,
-        pfn_limit=4,
-        pgdir=0,
-        start=0,
-        context=b"\1" * 16,
-        runs=[(1, 1)],
-        data=b"\2" * abi.PAGE_SIZE,
-        host={"x": 1},
-    )
+async def test_corrupt_truncated_and_foreign_files_are_clear_errors(dev, tmp_path):
+    g = await boot(dev, WALK)
+    await g.file.read(abi.WORD_SIZE)
+    snap = capture(g.file)
     path = tmp_path / "s.snap"
     snap.save(path)
     raw = path.read_bytes()
     again = Snapshot.load(path)
-    assert (again.runs, again.data, again.context, again.host) == (
-        snap.runs,
-        snap.data,
-        snap.context,
-        snap.host,
-    )
+    assert (again.runs, again.data, again.state) == (snap.runs, snap.data, snap.state)
 
     def load(data: bytes) -> str:
         path.write_bytes(data)

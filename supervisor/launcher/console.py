@@ -16,6 +16,7 @@ output, ``in_addr``/``in_size``/``in_len`` for an input buffer the guest arms,
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import inspect
@@ -25,6 +26,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from .devices import DEV_TYPE_CONSOLE, Device, Slot
 
@@ -226,6 +228,28 @@ class Console(Device):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feeder
         self.lines.close()
+
+    def state(self) -> dict[str, Any]:
+        """Input not yet delivered, whether input has ended and whether the guest was
+        told (the output already delivered is the caller's: it has read it)."""
+        return {
+            "pending": base64.b64encode(bytes(self._pending)).decode(),
+            "eof": self._eof,
+            "eof_told": self._eof_told,
+        }
+
+    def restore(self, state: Any) -> None:
+        """Take back :meth:`state`: its input goes before anything fed since."""
+        try:
+            pending = base64.b64decode(state["pending"], validate=True)
+            eof, eof_told = state["eof"], state["eof_told"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad console state: {exc!r}") from None
+        if not isinstance(eof, bool) or not isinstance(eof_told, bool):
+            raise ValueError("bad console state: eof flags must be booleans")
+        self._pending[:0] = pending
+        self._eof = self._eof or eof
+        self._eof_told = eof_told
 
     # -- guest side ---------------------------------------------------------
     def attach(self, slot: Slot) -> None:

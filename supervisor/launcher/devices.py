@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..abi import LGUEST_IRQS, PAGE_SIZE
 from ..memory import GuestMemory
@@ -123,6 +124,18 @@ class Device:
 
     async def stop(self) -> None:
         """Release resources.  Called once, even if the guest died."""
+
+    def state(self) -> Any:
+        """What a snapshot must keep of this device, as JSON-able data (None: nothing).
+
+        Taken while the guest is held inside the Launcher's read (no request is
+        half-served); what lives in guest memory (the descriptor) is kept anyway.
+        """
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Take back :meth:`state`'s value, after :meth:`attach` on a restored guest's
+        first boot.  Raise ``ValueError`` for a value this device cannot use."""
 
 
 class DeviceTable:

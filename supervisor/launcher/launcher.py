@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
 from ..guest import Death
 from ..limits import Limits
 from ..memory import GuestMemory
+from ..state import GuestState
 from .devices import Device, DeviceTable
 from .layout import CMDLINE_MAX, Layout, build_pagetables, plan, write_boot_info
 from .loader import Image, check_fits, load_image, read_image
@@ -75,16 +77,27 @@ class GuestStats:
     interrupts: int = 0
     notifies: int = 0
     run_time: float = 0.0  # seconds inside guest slices
+    hibernations: int = 0  # times the guest gave back its emulator while idle
+    wakes: int = 0  # times it took a new one
 
     def add(self, other: GuestStats) -> GuestStats:
         return GuestStats(
-            self.blocks + other.blocks,
-            self.exits + other.exits,
-            self.hypercalls + other.hypercalls,
-            self.interrupts + other.interrupts,
-            self.notifies + other.notifies,
-            self.run_time + other.run_time,
+            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
         )
+
+
+@dataclass(frozen=True)
+class Resume:
+    """How a Launcher's first boot continues a guest instead of booting it afresh.
+
+    ``fill`` writes the guest's memory into the (zeroed) memory of the first boot;
+    ``state`` is its :class:`~supervisor.state.GuestState`; ``launcher`` is what
+    :meth:`Launcher.state` returned for it (None: nothing to restore).
+    """
+
+    fill: Callable[[GuestMemory], None]
+    state: GuestState
+    launcher: dict[str, Any] | None = None
 
 
 class Launcher:
@@ -105,7 +118,11 @@ class Launcher:
         cmdline: str | bytes = b"",
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         limits: Limits | None = None,
+        resume: Resume | None = None,
+        hibernate_after: float | None = None,
     ) -> None:
+        """``resume`` continues a guest (a snapshot's) on the first boot; its memory
+        size must be this layout's."""
         self._dev = device
         self.limits = limits
         self._source = image if isinstance(image, str | Path) else None
@@ -125,12 +142,58 @@ class Launcher:
         self._task: asyncio.Task[Exit] | None = None
         # Called with each boot's file after INITIALIZE, before it runs (debugger, restore).
         self.on_boot: list[Callable[[LguestFile], None]] = []
+        self._resume = resume
+        self.hibernate_after = hibernate_after  # None: the device's
         self._check()
 
     def _check(self) -> None:
         check_fits(self.image, self.layout)
         if len(self.cmdline) >= CMDLINE_MAX:
             raise ValueError(f"command line longer than {CMDLINE_MAX - 1} bytes")
+        resume = self._resume
+        if resume is not None:
+            if resume.state.memory_size != self.layout.memory_size:
+                raise ValueError(
+                    f"the guest to resume had {resume.state.memory_size} bytes of memory, "
+                    f"this layout has {self.layout.memory_size}"
+                )
+            if resume.launcher is not None:
+                self._check_state(resume.launcher)
+
+    # -- the Launcher's part of a snapshot ------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Reboots so far, irqs the devices raised but not yet sent, each device's state.
+
+        Take it while the guest is held inside the read (see ``GuestControl.pause``):
+        then no device request is half-served.
+        """
+        return {
+            "restarts": self.restarts,
+            "irqs": sorted(self._irqs),
+            "devices": [{"type": d.type, "state": d.state()} for d in self.devices],
+        }
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """``ValueError`` unless ``state`` is a :meth:`state` this Launcher can take."""
+        restarts, irqs, devices = state.get("restarts"), state.get("irqs"), state.get("devices")
+        if not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"bad Launcher state: restarts {restarts!r}")
+        if not isinstance(irqs, list) or not all(
+            isinstance(i, int) and 0 <= i < abi.LGUEST_IRQS for i in irqs
+        ):
+            raise ValueError(f"bad Launcher state: irqs {irqs!r}")
+        if not isinstance(devices, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("type"), int) and "state" in d for d in devices
+        ):
+            raise ValueError("bad Launcher state: devices")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Take back :meth:`state` (first boot of a resumed guest, devices attached)."""
+        self.restarts = state["restarts"]
+        self._irqs.update(state["irqs"])
+        for device, entry in zip(self.devices, state["devices"], strict=False):
+            if device.type == entry["type"] and entry["state"] is not None:
+                device.restore(entry["state"])
 
     def _prepare(self, memory: GuestMemory) -> int:
         """Load image, page tables, boot info; return the entry point."""
@@ -150,7 +213,16 @@ class Launcher:
         s = self.file.stats if self.file is not None else None
         if s is None:
             return GuestStats(notifies=self._notifies)
-        return GuestStats(s.blocks, s.exits, s.hypercalls, s.interrupts, self._notifies, s.run_time)
+        return GuestStats(
+            s.blocks,
+            s.exits,
+            s.hypercalls,
+            s.interrupts,
+            self._notifies,
+            s.run_time,
+            s.hibernations,
+            s.wakes,
+        )
 
     async def kill(self, reason: str = "killed") -> None:
         """End the guest: :meth:`run` returns ``Exit(died=True, reason=reason)``.
@@ -215,27 +287,45 @@ class Launcher:
 
     # -- one boot ----------------------------------------------------------------
     async def _boot(self) -> Death:
-        """Run one boot; return its death."""
+        """Run one boot (the first of a resumed guest continues it); return its death."""
         memory = GuestMemory(self.layout.memory_size)
+        resume, self._resume = self._resume, None
         try:
-            entry = self._prepare(memory)
+            entry = self._prepare(memory) if resume is None else 0
             self._irqs.clear()
             self.devices.attach(
                 memory, self.layout.ram_size, self.layout.device_page, self._irqs.add, self._wake
             )
-            async with self._dev.open(memory, limits=self.limits) as f:
+            if resume is not None:
+                resume.fill(memory)  # after attach: the descriptors are the guest's, as saved
+            if resume is not None and resume.launcher is not None:
+                try:
+                    self._restore(resume.launcher)
+                except ValueError as exc:
+                    self._die(f"cannot resume: {exc}")
+            try:
+                f = self._dev.open(
+                    memory,
+                    limits=self.limits,
+                    state=None if resume is None else resume.state,
+                    hibernate_after=self.hibernate_after,
+                )
+            except OSError as exc:
+                self._die(f"cannot start: {exc.strerror}")
+            async with f:
                 self.file = f
                 try:
                     try:
-                        await f.write(
-                            abi.pack_words(
-                                abi.LHREQ_INITIALIZE,
-                                memory.address,
-                                self.layout.pfn_limit,
-                                self.layout.pgdir,
-                                entry,
+                        if resume is None:
+                            await f.write(
+                                abi.pack_words(
+                                    abi.LHREQ_INITIALIZE,
+                                    memory.address,
+                                    self.layout.pfn_limit,
+                                    self.layout.pgdir,
+                                    entry,
+                                )
                             )
-                        )
                     except OSError as exc:
                         self._die(f"cannot start: {exc.strerror}")
                     for hook in self.on_boot:

@@ -1,0 +1,206 @@
+"""Hibernation: how many idle guests fit, what waking one costs, and that it is exact.
+
+* ``hibernated``: N guests of 128 KiB RAM, each asleep in ``LHCALL_HALT`` with a
+  read in flight, hibernated (``hibernate_after=0``), in a fresh process: RSS
+  per guest (its touched memory included) against a bare Unicorn instance run
+  to the same ``hlt``; CPU while all sleep; then 1,000 random wakes (``LHREQ_IRQ``
+  until the guest's handler's NOTIFY reaches the reader), one at a time.
+* ``hibernate_cycles``: one guest that counts and notifies, hibernated after
+  every notify and woken by every read, many times in a row; its counter and
+  checksum must equal an uninterrupted run's.  The raw figure is a bare
+  ``context_save`` + new ``Uc`` + ``context_restore`` + run to the next stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import random
+from typing import Any
+
+from supervisor import LguestDevice, abi
+
+from .bench_state import _raw_cycles
+from .guests import SMALL_RAM, Booted, assemble, boot
+from .harness import Profile, Result, cpu_seconds, median, now, percentile, rss_bytes
+
+MiB = 1 << 20
+
+# Notifies 1 when ready, then sleeps; irq 1 (vector 33) makes it notify 0x33.
+SLEEPER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+    HCALL 17, 1
+1:  HCALL 10
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    HCALL 17, 0x33
+    iret
+"""
+
+# Counts and mixes a checksum, notifying after each step.
+STEPPER = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    mov sum, %eax
+    imul $31, %eax, %eax
+    add counter, %eax
+    mov %eax, sum
+    HCALL 17, 0x77
+    jmp 1b
+.data
+counter: .long 0
+sum: .long 7
+"""
+
+
+async def _sleeper(dev: LguestDevice, image: Any) -> tuple[Booted, asyncio.Future[bytes]]:
+    g = await boot(dev, image, SMALL_RAM)
+    assert await g.read_word() == 1
+    return g, asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+
+
+async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
+    """Child process: ``n`` hibernated sleepers; RSS, CPU, and ``wakes`` random wakes."""
+    image = assemble(SLEEPER)
+    gc.collect()
+    async with LguestDevice(hibernate_after=0) as dev:
+        base = rss_bytes()
+        t0 = now()
+        sleepers: list[tuple[Booted, asyncio.Future[bytes]]] = []
+        batch = 500
+        while len(sleepers) < n:
+            sleepers += await asyncio.gather(
+                *(_sleeper(dev, image) for _ in range(min(batch, n - len(sleepers))))
+            )
+        while not all(g.file.cpu(0).hibernated for g, _ in sleepers):
+            await asyncio.sleep(0.01)
+        setup = now() - t0
+        gc.collect()
+        await asyncio.sleep(0.5)
+        per_guest = (rss_bytes() - base) / n
+        c0, w0 = cpu_seconds(), now()
+        await asyncio.sleep(2.0)
+        cpu = (cpu_seconds() - c0) / (now() - w0)
+        rng = random.Random(1)
+        latencies = []
+        for _ in range(wakes):
+            i = rng.randrange(n)
+            g, reader = sleepers[i]
+            t = now()
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+            word = await reader
+            latencies.append(now() - t)
+            assert abi.unpack_words(word) == (0x33,)
+            sleepers[i] = (g, asyncio.ensure_future(g.file.read(abi.WORD_SIZE)))
+        t_close = now()
+        await dev.aclose()
+        close = now() - t_close
+        await asyncio.gather(*(r for _, r in sleepers), return_exceptions=True)
+    return {
+        "guests": n,
+        "per_guest": per_guest,
+        "cpu": cpu,
+        "setup_s": setup,
+        "close_s": close,
+        "wake_p50": median(latencies),
+        "wake_p99": percentile(latencies, 99),
+        "wake_max": max(latencies, default=math.nan),
+        "wakes": len(latencies),
+    }
+
+
+async def _stepper(dev: LguestDevice, steps: int) -> tuple[int, int, float]:
+    g = await boot(dev, STEPPER)
+    assert await g.read_word() == 0x77
+    t0 = now()
+    for _ in range(steps):
+        assert await g.read_word() == 0x77
+    elapsed = now() - t0
+    result = (g.u32("counter"), g.u32("sum"), elapsed / steps)
+    await g.file.close()
+    g.memory.close()
+    return result
+
+
+async def hibernate_cycles(p: Profile) -> list[Result]:
+    n = p.revives
+    async with LguestDevice(hibernate_after=math.inf) as awake:
+        expected = await _stepper(awake, n)
+    async with LguestDevice(hibernate_after=0) as sleepy:
+        got = await _stepper(sleepy, n)
+        # (a file's stats are gone once closed: count the cycles from what the guest did)
+    assert got[:2] == expected[:2], f"hibernation changed the result: {got[:2]} != {expected[:2]}"
+    raw = _raw_cycles(min(n, 2_000))
+    return [
+        Result(
+            "hibernate_cycles",
+            f"{n:,} hibernate/wake cycles of one guest (exact: same counter and checksum)",
+            "us",
+            got[2] * 1e6,
+            raw * 1e6,
+            got[2] / raw,
+            None,
+            "ratio",
+            "lower",
+            "each cycle: a notify, hibernation, a read that wakes it; raw: context_save + "
+            f"new Uc + context_restore + run; awake it costs {expected[2] * 1e6:.1f} us",
+            {"awake_us": expected[2] * 1e6},
+        )
+    ]
+
+
+async def hibernated(p: Profile) -> list[Result]:
+    from .cases import SMALL_TCG, _child  # (cases imports this module)
+
+    loop = (
+        "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    )
+    n = p.hibernated_guests
+    raw = await _child("raw-halted", "300", str(SMALL_TCG))
+    sup = await _child("sup-hibernated", str(n), str(p.wakes), loop)
+    per, raw_per = sup["per_guest"] / 1024, raw["per_guest"] / 1024
+    return [
+        Result(
+            "hibernated_rss",
+            f"{n:,} hibernated guests of 128 KiB: memory each, touched pages included",
+            "KiB",
+            per,
+            raw_per,
+            per / raw_per,
+            100.0,
+            "value",
+            "lower",
+            f"RSS delta / N in a fresh process; set-up {sup['setup_s']:.0f} s, close "
+            f"{sup['close_s']:.1f} s; raw: a bare instance run to the same hlt",
+            sup,
+        ),
+        Result(
+            "hibernated_cpu",
+            f"{n:,} hibernated guests: CPU while all sleep",
+            "% of a core",
+            sup["cpu"] * 100,
+            0.0,
+            None,
+            1.0,
+            "value",
+            "lower",
+            "process CPU over a 2 s window",
+        ),
+        Result(
+            "hibernated_wake_p99",
+            f"wake a hibernated guest (IRQ -> its NOTIFY), p99 of {sup['wakes']:,} among {n:,}",
+            "ms",
+            sup["wake_p99"] * 1e3,
+            None,
+            None,
+            2.0,
+            "value",
+            "lower",
+            f"p50 {sup['wake_p50'] * 1e3:.2f} ms, max {sup['wake_max'] * 1e3:.2f} ms",
+        ),
+    ]

@@ -1,0 +1,224 @@
+"""Everything the project knows about Unicorn's insides, in one place.
+
+The rest of the supervisor uses Unicorn's public Python API (``Uc``, hooks,
+``emu_start``) and this module for the few things that API does not give, or
+gives too slowly:
+
+* the C library handle and an instance's native handle (``uclib``, ``_uch``):
+  fast register access (:class:`Registers`) and the native block hook
+  (:func:`add_native_hook`);
+* the layout of a saved CPU context: its data part is a guest's registers as
+  bytes (:func:`context_data`, :func:`load_context_data`);
+* QEMU's ``old_exception`` field, which Unicorn never resets (unicorn issue
+  #1883): its offset in the saved context is found by experiment, lazily, on
+  the first guest (:func:`forget_exception`);
+* freeing an instance at once instead of at the next cyclic collection
+  (:func:`close`).
+
+Each of these depends on the Unicorn build, so importing this module checks
+the version against the one these offsets and layouts were measured with.
+Importing creates no ``Uc``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import struct
+from typing import Any
+
+import unicorn
+from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc
+from unicorn import x86_const as r
+
+MEASURED_VERSION = "2.1.4"
+SUPPORTED_SERIES = "2.1."
+
+VERSION: str = unicorn.__version__
+if not VERSION.startswith(SUPPORTED_SERIES):  # pragma: no cover - depends on the install
+    raise ImportError(
+        f"supervisor needs Unicorn {SUPPORTED_SERIES}x (its internals were measured with "
+        f"Unicorn {MEASURED_VERSION}); this is Unicorn {VERSION}: "
+        f"pip install 'unicorn=={MEASURED_VERSION}'"
+    )
+
+from unicorn.unicorn_py3.unicorn import uclib  # noqa: E402  (after the version check)
+
+_MASK = 0xFFFFFFFF
+_SIZE_T = struct.Struct("N")
+_UNSET = b"\xff\xff\xff\xff"
+# Vectors after which QEMU remembers an exception (contributory ones, page fault).
+REMEMBERED = frozenset({0, 8, 10, 11, 12, 13, 14})
+EMU_STOP_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+
+
+def handle(uc: Any) -> Any:
+    """The instance's native ``uc_engine *`` (for the C API)."""
+    return uc._uch
+
+
+# -- registers -------------------------------------------------------------------------------
+_HYPERCALL_REGS = (r.UC_X86_REG_EAX, r.UC_X86_REG_EDX, r.UC_X86_REG_EBX, r.UC_X86_REG_ECX)
+_read = uclib.uc_reg_read
+_write = uclib.uc_reg_write
+_read_batch = uclib.uc_reg_read_batch
+
+
+class Registers:
+    """Read and write one CPU's 32-bit registers as ints, through Unicorn's C API.
+
+    The binding's ``reg_read`` costs several microseconds a call (it looks up a
+    register class per call); the run loop reads eip on every guest entry and
+    four registers on every hypercall, so it uses these preallocated buffers.
+    Same threading contract as the CPU itself.
+    """
+
+    __slots__ = ("_handle", "_ids", "_pointers", "_ref", "_value", "_values")
+
+    def __init__(self, uc: Any) -> None:
+        self._handle = handle(uc)
+        self._value = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._value)
+        self._ids = (ctypes.c_int * 4)(*_HYPERCALL_REGS)
+        self._values = (ctypes.c_uint64 * 4)()
+        base = ctypes.addressof(self._values)
+        self._pointers = (ctypes.c_void_p * 4)(*(base + 8 * i for i in range(4)))
+
+    def read(self, reg: int) -> int:
+        """The register's value (32 bits; segment selectors 16)."""
+        self._value.value = 0
+        _read(self._handle, reg, self._ref)
+        return self._value.value & _MASK
+
+    def write(self, reg: int, value: int) -> None:
+        """Set a register; ``value`` is truncated to 32 bits."""
+        self._value.value = value & _MASK
+        _write(self._handle, reg, self._ref)
+
+    def hypercall(self) -> tuple[int, int, int, int]:
+        """eax, edx, ebx, ecx: a hypercall's number and its three arguments."""
+        values = self._values
+        for i in range(4):
+            values[i] = 0
+        _read_batch(self._handle, self._ids, self._pointers, 4)
+        return (values[0] & _MASK, values[1] & _MASK, values[2] & _MASK, values[3] & _MASK)
+
+
+# -- native hooks ----------------------------------------------------------------------------
+def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
+    """Install a C function (``function`` is its address) as a hook on every address.
+
+    ``user_data`` is passed to it unchanged; the caller keeps it alive as long as ``uc``.
+    """
+    hook = ctypes.c_ulong()
+    status = uclib.uc_hook_add(
+        handle(uc),
+        ctypes.byref(hook),
+        kind,
+        ctypes.c_void_p(function),
+        ctypes.c_void_p(user_data),
+        1,
+        0,
+    )
+    if status != 0:  # pragma: no cover
+        raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+
+
+# -- saved CPU contexts ---------------------------------------------------------------------
+def context_data(uc: Any) -> bytes:
+    """The CPU's whole register state (general, segment with descriptor caches, control,
+    debug, descriptor tables, flags, FPU/SSE) as Unicorn saves it.
+
+    Only meaningful to the same Unicorn build (see :data:`VERSION`).
+    """
+    raw = bytes(uc.context_save())
+    (size,) = _SIZE_T.unpack_from(raw)  # struct uc_context starts with the data's size
+    return raw[len(raw) - size :]
+
+
+def context_size(uc: Any) -> int:
+    """How many bytes :func:`context_data` returns for this build."""
+    (size,) = _SIZE_T.unpack_from(bytes(uc.context_save()))
+    return int(size)
+
+
+def load_context_data(uc: Any, data: bytes) -> None:
+    """Put register state from :func:`context_data` back into ``uc`` (``ValueError`` if the
+    size does not match this build's)."""
+    context = uc.context_save()
+    raw = bytes(context)
+    (size,) = _SIZE_T.unpack_from(raw)
+    if size != len(data):
+        raise ValueError(f"CPU context is {len(data)} bytes, this Unicorn's is {size}")
+    address = ctypes.cast(context.context, ctypes.c_void_p).value
+    assert address is not None
+    ctypes.memmove(address + len(raw) - size, data, size)
+    uc.context_restore(context)
+
+
+# -- QEMU's remembered exception ---------------------------------------------------------------
+@functools.cache
+def _old_exception_offset() -> int | None:
+    """Where ``old_exception`` lives in a saved context, found by raising a divide error."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    try:
+        uc.mem_map(0, 0x2000)
+        uc.mem_write(0x1000, bytes.fromhex("31c9f7f1"))  # xor ecx, ecx; div ecx
+
+        def stop(uc: Any, _vector: int, _data: object) -> None:
+            uc.emu_stop()
+
+        uc.hook_add(UC_HOOK_INTR, stop)
+        before = bytes(uc.context_save())
+        uc.emu_start(0x1000, 0x1004)
+        after = bytes(uc.context_save())
+    finally:
+        close(uc)
+    found = [
+        i
+        for i in range(0, len(before) - 3, 4)
+        if before[i : i + 4] == _UNSET and after[i : i + 4] == b"\0\0\0\0"
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+def can_forget_exception() -> bool:
+    """True if :func:`forget_exception` works on this build (calibrates on first use)."""
+    return _old_exception_offset() is not None
+
+
+def forget_exception(uc: Any) -> None:
+    """Tell Unicorn the last exception was delivered (the slice's thread, between runs).
+
+    QEMU remembers the last exception so that a fault while delivering it becomes
+    a double fault, and forgets it only when QEMU itself delivers it.  Unicorn
+    hands exceptions to our interrupt hook instead, so without this the guest's
+    *next* divide error or page fault would be reported as a double fault.
+    """
+    offset = _old_exception_offset()
+    if offset is None:
+        return
+    context = uc.context_save()
+    address = ctypes.cast(context.context, ctypes.c_void_p).value
+    assert address is not None
+    ctypes.memmove(address + offset, _UNSET, len(_UNSET))
+    uc.context_restore(context)
+
+
+# -- freeing -----------------------------------------------------------------------------------
+def close(uc: Any) -> None:
+    """Free the native instance now (``uc_close``), not at the next cyclic collection.
+
+    Only when nothing runs on it.  Hook closures usually refer back to their
+    owner, so the binding's finalizer would otherwise wait for the collector.
+    """
+    release = getattr(uc, "_Uc__finalizer", None)  # the binding's uc_close, run once
+    if release is not None:
+        release()
+    uc._callbacks.clear()
+
+
+def is_closed(uc: Any) -> bool:
+    """True once :func:`close` (or the garbage collector) freed the native instance."""
+    release = getattr(uc, "_Uc__finalizer", None)
+    return release is None or not release.alive

@@ -1,0 +1,288 @@
+"""The executor half of the run loop: a slice of guest execution, and why it ended.
+
+:func:`run_slice` enters the guest repeatedly until the Host's event-loop half
+or the Launcher is needed, and returns that reason as a :class:`CpuExit`.  Each
+time emulation stops, :func:`classify` turns what the hooks recorded into a
+:class:`CpuExit` (a pure function of fabricated-or-real values, unit-tested
+without an emulator), and one ``match`` handles it: a hypercall it may do here,
+a trap to reflect to the guest, ``hlt``, a debugger's stop, the end of the
+budget, a kick, a death.
+
+It runs on an executor thread (or, for short slices, on the event loop's
+thread) and never touches the event loop: no asyncio objects, no timers.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from typing import Any
+
+from unicorn import UC_HOOK_INTR, UcError
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as r
+
+from . import _slicing, _unicorn, codecache, hypercalls, interrupts
+from .abi import LGUEST_TRAP_ENTRY
+from .cpu import LgCpu
+from .pagetables import guest_pa
+
+# emu_start's `until`: ignored, since each CPU runs with an empty exit list (see cpu.py).
+_NEVER = 1 << 32
+TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
+MIN_BUDGET = 1_000
+INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
+INLINE_TIME = 0.0005  # seconds, the same for time
+FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
+MAX_BUDGET = 50_000_000
+INVALID_OPCODE = 6
+DOUBLE_FAULT = 8
+_MEMORY_ERRORS = frozenset(
+    {
+        uc_const.UC_ERR_READ_UNMAPPED,
+        uc_const.UC_ERR_WRITE_UNMAPPED,
+        uc_const.UC_ERR_FETCH_UNMAPPED,
+        uc_const.UC_ERR_READ_PROT,
+        uc_const.UC_ERR_WRITE_PROT,
+        uc_const.UC_ERR_FETCH_PROT,
+    }
+)
+
+
+class CpuExit(enum.Enum):
+    """Why emulation stopped, or why a slice (or the run loop) could not go on."""
+
+    HYPERCALL = "hypercall"  # the guest trapped with int $0x1f (cpu.hcall holds the call)
+    TRAP = "trap"  # an exception or software interrupt to reflect to the guest
+    BAD_ACCESS = "bad access"  # a guest access outside its memory: death
+    INVALID_OPCODE = "invalid opcode"  # reflected as trap 6
+    EMULATION_ERROR = "emulation error"  # anything else Unicorn gave up on: death
+    HALT = "halt"  # hlt, or LHCALL_HALT: sleep until an interrupt
+    DEBUG_STOP = "debug stop"  # a breakpoint or single step, before an instruction
+    BUDGET = "budget"  # the slice's blocks or time are spent
+    KICK = "kick"  # another task asked for the CPU (break, irq, hold, close)
+    DEATH = "death"  # the guest is dead
+    # Only the run loop's own checks produce these (no emulation happened):
+    NOTIFY = "notify"  # a notify waits for the Launcher
+    BREAK = "break"  # a Waker's break waits to be released
+    HELD = "held"  # paused or stopped by a debugger
+    CLOSED = "closed"  # the file was closed
+
+
+def classify(vector: int | None, debug: str | None, fuel_reason: int, error: int | None) -> CpuExit:
+    """Why one ``emu_start`` returned, from what the hooks and the fuel recorded.
+
+    ``vector``: the interrupt hook's vector; ``debug``: a code hook's stop;
+    ``fuel_reason``: the block hook's ``REASON_*``; ``error``: the ``UcError``
+    number if ``emu_start`` raised.  With nothing recorded, the guest ran ``hlt``
+    (Unicorn stops there by itself).
+    """
+    if error is not None:
+        if error == uc_const.UC_ERR_INSN_INVALID:
+            return CpuExit.INVALID_OPCODE
+        if error in _MEMORY_ERRORS:
+            return CpuExit.BAD_ACCESS
+        return CpuExit.EMULATION_ERROR
+    if vector == LGUEST_TRAP_ENTRY:
+        return CpuExit.HYPERCALL
+    if vector is not None:
+        return CpuExit.TRAP
+    if debug is not None:
+        return CpuExit.DEBUG_STOP
+    if fuel_reason == _slicing.REASON_STOP:
+        return CpuExit.KICK
+    if fuel_reason == _slicing.REASON_BUDGET:
+        return CpuExit.BUDGET
+    return CpuExit.HALT
+
+
+def attach_interrupt_hook(cpu: LgCpu) -> None:
+    """Install the hook that sees every interrupt and exception the guest raises.
+
+    It runs on the slice's thread.  A CPU-local hypercall with an empty async
+    ring is done right there and the guest goes on (the cheap path); anything
+    else is recorded in ``cpu.trap`` and ends the run, exactly at that boundary.
+    """
+    trap = cpu.trap
+    lg = cpu.lg
+    regs = cpu.regs
+    fuel = cpu.fuel
+    local = hypercalls.LOCAL_HYPERCALLS
+
+    def on_interrupt(uc: Any, vector: int, _data: object) -> None:
+        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and lg.lguest_data is not None:
+            args = regs.hypercall()
+            if args[0] in local and hypercalls.ring_empty(cpu):
+                hypercalls.do_hcall(cpu, args)
+                if time.monotonic_ns() >= fuel.deadline:  # the call is done; time is up
+                    fuel.reason = _slicing.REASON_BUDGET  # (not a hlt: see classify)
+                    uc.emu_stop()
+                return
+        trap.vector = vector
+        uc.emu_stop()
+
+    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_INTR, on_interrupt))
+
+
+def _pre_entry_exit(cpu: LgCpu) -> CpuExit | None:
+    """Before each entry: a reason not to enter the guest at all, or None."""
+    lg = cpu.lg
+    if lg.dead:
+        return CpuExit.DEATH
+    if cpu.hold is not None:
+        return CpuExit.DEBUG_STOP
+    if cpu.halted:
+        return CpuExit.HALT
+    fuel = cpu.fuel
+    if fuel.stop or cpu.closing:
+        return CpuExit.KICK
+    if fuel.budget <= 0 or time.monotonic_ns() >= fuel.deadline:
+        fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
+        return CpuExit.BUDGET
+    return None
+
+
+def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
+    """Enter the guest until the run loop or the Launcher is needed; say why.
+
+    Any thread, never two at once for one CPU; it does not touch the event loop.
+    ``budget`` caps the slice's blocks; by default the CPU's adaptive budget,
+    which is then adjusted so that a busy slice lasts about ``TARGET_SLICE``.
+    """
+    fuel = cpu.fuel
+    lg = cpu.lg
+    cpu.slice_thread = threading.get_ident()
+    start = time.perf_counter()
+    blocks_before = fuel.blocks
+    length = TARGET_SLICE if budget is None else INLINE_TIME
+    fuel.deadline = time.monotonic_ns() + int(1e9 * length)
+    fuel.reason = _slicing.REASON_NONE
+    wanted = cpu.budget if budget is None else budget
+    left = cpu.limits.blocks_left(fuel.blocks)
+    fuel.budget = wanted if left is None else min(wanted, left)
+    full_budget = budget is None and fuel.budget == cpu.budget
+    exit = CpuExit.KICK
+    try:
+        while True:
+            if cpu.hcall is not None:
+                if not hypercalls.all_local(cpu):
+                    exit = CpuExit.HYPERCALL
+                    break
+                hypercalls.do_hypercalls(cpu)
+            if lg.dead:
+                exit = CpuExit.DEATH
+                break
+            if cpu.hold is None:
+                interrupts.maybe_do_interrupt(cpu)
+            early = _pre_entry_exit(cpu)
+            if early is not None:
+                exit = early
+                break
+            if cpu.stale_code:  # the Host wrote guest memory: no stale translation may run
+                codecache.drop_stale(cpu)
+            # Record what the stop means; the checks above decide whether to go on.
+            match _enter_guest(cpu):
+                case CpuExit.HALT:
+                    cpu.halted = True  # the guest executed hlt: same as LHCALL_HALT
+                case CpuExit.DEBUG_STOP:
+                    cpu.hold = cpu.trap.debug
+                case _:
+                    pass  # handled by _enter_guest, or seen by the checks (fuel, death)
+    except Exception as exc:  # a Host bug must kill only this guest
+        lg.kill(f"internal error: {type(exc).__name__}: {exc}")
+        exit = CpuExit.DEATH
+    finally:
+        cpu.slice_thread = None
+        elapsed = time.perf_counter() - start
+        stats = cpu.stats
+        stats.slices += 1
+        stats.run_time += elapsed
+        stats.blocks = fuel.blocks
+        exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
+        if exhausted:
+            lg.kill(exhausted)
+            exit = CpuExit.DEATH
+        # Blocks slower than a microsecond on average: read the clock at every block.
+        ran = fuel.blocks - blocks_before
+        fuel.clock_mask = 0 if elapsed * 1e6 > ran else FAST_CLOCK_MASK
+        if fuel.reason == _slicing.REASON_BUDGET and full_budget and elapsed > 0:
+            scaled = int(cpu.budget * TARGET_SLICE / elapsed)
+            if elapsed < 2 * TARGET_SLICE:
+                scaled = (cpu.budget + scaled) // 2  # smooth small corrections only
+            cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, scaled))
+    return exit
+
+
+def _enter_guest(cpu: LgCpu) -> CpuExit:
+    """Run the guest once; handle what can be handled here and return why it stopped.
+
+    A hypercall is left in ``cpu.hcall`` (done by the slice loop or the run loop),
+    a trap is reflected to the guest's handler (or kills it), a bad access or an
+    emulation error kills.
+    """
+    trap = cpu.trap
+    exit = CpuExit.EMULATION_ERROR
+    for _attempt in range(2):
+        trap.vector = None
+        trap.bad_access = None
+        trap.debug = None
+        cpu.fuel.reason = _slicing.REASON_NONE
+        error: UcError | None = None
+        try:
+            cpu.uc.emu_start(cpu.eip, _NEVER)
+        except UcError as exc:
+            error = exc
+        cpu.stats.exits += 1
+        exit = classify(
+            trap.vector, trap.debug, cpu.fuel.reason, None if error is None else error.errno
+        )
+        if trap.vector != DOUBLE_FAULT or not _spurious_double_fault(cpu):
+            break
+    if trap.vector in _unicorn.REMEMBERED:
+        _unicorn.forget_exception(cpu.uc)
+    match exit:
+        case CpuExit.HYPERCALL:
+            cpu.hcall = cpu.regs.hypercall()
+        case CpuExit.TRAP:
+            assert trap.vector is not None
+            _reflect_trap(cpu, trap.vector)
+        case CpuExit.INVALID_OPCODE:
+            _reflect_trap(cpu, INVALID_OPCODE)
+        case CpuExit.BAD_ACCESS if trap.bad_access is not None:
+            kind, address = trap.bad_access
+            cpu.lg.kill(f"bad page: {kind} at {address:#x} outside guest memory (eip {cpu.eip:#x})")
+        case CpuExit.BAD_ACCESS | CpuExit.EMULATION_ERROR:
+            cpu.lg.kill(f"emulation error at {cpu.eip:#x}: {error}")
+        case _:
+            pass
+    return exit
+
+
+def _spurious_double_fault(cpu: LgCpu) -> bool:
+    """A double fault here is Unicorn's stale exception state (see ``_unicorn``).
+
+    Our guests never have faults delivered by the CPU, so a genuine double fault
+    cannot happen; unless the guest executed ``int $8`` itself, forget the stale
+    state so that re-running the faulting instruction reports its real trap.
+    """
+    if not _unicorn.can_forget_exception():
+        return False
+    eip = cpu.eip
+    where = guest_pa(cpu, (eip - 2) & 0xFFFFFFFF)
+    if where is not None and cpu.lg.read(where, 2) == b"\xcd\x08":
+        return False
+    _unicorn.forget_exception(cpu.uc)
+    return True
+
+
+def _reflect_trap(cpu: LgCpu, vector: int) -> None:
+    """Hand a trap (or a software interrupt) to the guest's handler, or kill it."""
+    detail = 0
+    error_code = 0
+    if vector == interrupts.PAGE_FAULT:
+        detail = cpu.reg(r.UC_X86_REG_CR2)
+        interrupts.report_page_fault(cpu, detail)
+        error_code = 1 if guest_pa(cpu, detail) is not None else 0
+    if not interrupts.deliver_trap(cpu, vector, error_code):
+        cpu.lg.kill(f"unhandled trap {vector} at {cpu.eip:#x} ({detail:#x})")

@@ -1,0 +1,218 @@
+"""Hibernation: idle guests give back their emulator and come back transparently."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import math
+import mmap
+from pathlib import Path
+
+import pytest
+from guestasm import boot, notified, until
+from test_state import STEPS, WORKER, comparable
+
+from supervisor import GuestConfig, LguestDevice, Supervisor, abi
+from supervisor.config import ConfigError
+from supervisor.debug import debugger
+from supervisor.memory import GuestMemory
+from supervisor.snapshot import capture, restore
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+LIMIT = 30  # seconds: a bound for failing, never a wait for success
+
+
+async def run_worker(dev: LguestDevice) -> tuple[bytes, list[int], object, object]:
+    g = await boot(dev, WORKER)
+    output = []
+    async with asyncio.timeout(LIMIT):
+        while True:
+            try:
+                await notified(g)
+                output.append(g.u32("done"))
+            except FileNotFoundError:
+                break
+    memory = comparable(g.guest.symbols, g.memory.read(0, g.memory.size))
+    result = (memory, output, g.file.death, g.file.stats)
+    await g.file.close()
+    g.memory.close()
+    return result
+
+
+async def test_a_guest_hibernated_at_every_halt_and_notify_computes_exactly_the_same():
+    async with LguestDevice(hibernate_after=math.inf) as awake:
+        memory, output, death, stats = await run_worker(awake)
+    assert stats is not None and stats.hibernations == 0
+    async with LguestDevice(hibernate_after=0) as sleepy:
+        got_memory, got_output, got_death, got_stats = await run_worker(sleepy)
+    assert got_output == output == list(range(1, STEPS + 1))
+    assert got_death == death
+    assert got_memory == memory
+    # Every notify (and every halt) gave the emulator back; each run took a new one.
+    assert got_stats is not None and got_stats.hibernations >= STEPS
+    assert got_stats.wakes >= got_stats.hibernations - 1
+
+
+COUNTER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    incl hits
+    HCALL 17, 0x33
+    jmp irq_return
+.data
+hits: .long 0
+"""
+
+
+async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work():
+    async with LguestDevice(hibernate_after=0.05) as dev:
+        g = await boot(dev, COUNTER)
+        cpu = g.file.cpu(0)
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await until(lambda: cpu.halted)
+        assert not cpu.hibernated  # not yet: it has been idle for less than 50 ms
+        await until(lambda: cpu.hibernated, LIMIT)
+        assert cpu.uc is None and g.file.stats is not None and g.file.stats.hibernations == 1
+        assert len(dev.dormitory) == 0
+        await until(lambda: not dev.dormitory.armed)  # then nothing is left to do
+        # An interrupt wakes it: a new emulator, the handler runs, nothing is lost.
+        await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+        assert await reader == abi.pack_words(0x33)
+        assert g.u32("hits") == 1 and g.file.stats.wakes == 1
+        await g.file.close()
+        g.memory.close()
+
+
+async def test_timer_break_debugger_and_snapshot_all_see_the_same_guest():
+    async with LguestDevice(hibernate_after=0) as dev:
+        g = await boot(
+            dev,
+            r"""
+main:
+    LGUEST_INIT
+    IDT 32, tick
+    HCALL 9, 20000000
+1:  HCALL 10
+    jmp 1b
+tick:
+    incl ticks
+    movl $0x1234, %esi
+    HCALL 17, 0x32
+    jmp irq_return
+.data
+ticks: .long 0
+""",
+        )
+        cpu = g.file.cpu(0)
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await until(lambda: cpu.hibernated)  # halted with its timer armed
+        # A snapshot needs no emulator: the guest stays asleep, its timer keeps going.
+        await g.file.pause()
+        snap = capture(g.file)
+        assert cpu.hibernated and snap.state.cpus[0].timer_ns is not None
+        g.file.resume()
+        # The timer wakes it.
+        async with asyncio.timeout(LIMIT):
+            assert await reader == abi.pack_words(0x32)
+        assert g.u32("ticks") == 1 and cpu.hibernated  # back to sleep after the notify
+        # A Waker's break is seen without an emulator either.
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await until(lambda: cpu.hibernated and cpu.halted)
+        breaker = asyncio.ensure_future(g.file.waker().brk(True))
+        with pytest.raises(BlockingIOError):
+            await reader
+        await g.file.write(abi.pack_words(abi.LHREQ_BREAK, 0))
+        await breaker
+        # A debugger reading registers wakes it.
+        d = debugger(g.file)
+        await d.stop()
+        assert cpu.hibernated
+        assert d.registers()[6] == 0x1234  # esi, set by the handler before it notified
+        assert not cpu.hibernated
+        d.resume()
+        await g.file.close()
+        g.memory.close()
+        # The snapshot restores into a guest that goes on from there.
+        copy = await restore(snap, dev)
+        async with asyncio.timeout(LIMIT):
+            assert await copy.read(abi.WORD_SIZE) == abi.pack_words(0x32)
+        await copy.close()
+        copy.memory.close()
+
+
+def resident_pages(memory: GuestMemory) -> int:
+    """How many pages of ``memory`` the host kernel has backed (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = memory.size // mmap.PAGESIZE
+    vector = (ctypes.c_ubyte * pages)()
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert libc.mincore(memory.address, memory.size, vector) == 0
+    return sum(v & 1 for v in vector)
+
+
+async def test_guest_memory_costs_only_the_pages_the_guest_touched():
+    async with LguestDevice(hibernate_after=0) as dev:
+        g = await boot(dev, COUNTER, ram_size=16 << 20)
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await until(lambda: g.file.cpu(0).hibernated)
+        touched = resident_pages(g.memory)
+        # Image, page directory and tables, boot info, lguest_data, stack: a few dozen
+        # pages of the 4,096 the guest has.
+        assert 0 < touched <= 40, touched
+        await g.file.close()
+        with pytest.raises(OSError):
+            await reader
+        g.memory.close()
+
+
+async def test_supervisor_option_and_stats():
+    config = GuestConfig(
+        image=GUESTS / "ticker.img", memory="1M", cmdline="ticks=3 period_ms=20"
+    )
+    async with Supervisor(hibernate_after=0) as sup, asyncio.timeout(LIMIT):
+        guest = await sup.launch(config)
+        lines = [line async for line in guest.console]
+        assert lines == ["tick 1", "tick 2", "tick 3", "done"]
+        assert (await guest.wait()).ok
+        assert guest.stats.hibernations >= 3 and guest.stats.wakes >= 3
+        never = await sup.launch(config.model_copy(update={"hibernate_after": math.inf}))
+        assert [line async for line in never.console][-1] == "done"
+        assert never.stats.hibernations == 0
+
+
+def test_config_accepts_seconds_or_off():
+    image = GUESTS / "hello.img"
+    assert GuestConfig.build(image=image, hibernate_after="off").hibernate_after == math.inf
+    assert GuestConfig.build(image=image, hibernate_after=0).hibernate_after == 0
+    assert GuestConfig.build(image=image).hibernate_after is None  # the device's default
+    with pytest.raises(ConfigError, match="hibernate_after"):
+        GuestConfig.build(image=image, hibernate_after=-1)
+    with pytest.raises(ValueError, match="hibernate_after"):
+        LguestDevice(hibernate_after=-1)
+
+
+def test_cli_option():
+    import subprocess
+    import sys
+
+    root = GUESTS.parent
+    for value in ("0", "off", "2.5"):
+        done = subprocess.run(
+            [sys.executable, "-m", "supervisor", "run", str(GUESTS / "hello.img"),
+             "--memory", "1M", "--hibernate-after", value],
+            cwd=root, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "Hello from an lguest guest!"
+    bad = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", str(GUESTS / "hello.img"),
+         "--hibernate-after", "soon"],
+        cwd=root, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("supervisor: error:") and "hibernate_after" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
