@@ -30,20 +30,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from .config import ConfigError, GuestConfig
 from .host import Exit, Guest, Supervisor
+from .launcher.console import stdout_closed
 from .launcher.loader import ImageError
 from .snapshot import Snapshot
 
 EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a tool whose reader went away ends with
 
 
 class BadInput(Exception):
@@ -62,9 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
         p.add_argument("--cmdline", help="guest command line (boot info page)")
-        p.add_argument(
-            "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop"
-        )
+        p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop")
         p.add_argument("--max-blocks", type=int, help="kill a guest after this many blocks")
         p.add_argument(
             "--max-run-time", type=float, help="kill a guest after this many seconds of CPU"
@@ -131,27 +137,73 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with --cluster: checkpoint every guest this often (a lost worker costs no guest)",
     )
+    swarm.add_argument(
+        "--max-alive", type=int, help="guests running at once (default: by available memory)"
+    )
+    swarm.add_argument(
+        "--launch-rate",
+        type=float,
+        metavar="PER_SECOND",
+        help="launch at most this many guests a second (default: as fast as they start)",
+    )
     common(swarm)
     return parser
 
 
 def run_config(args: argparse.Namespace) -> GuestConfig:
-    """The GuestConfig for ``run``: the --config file (if any) overridden by options."""
+    """The GuestConfig for ``run``: the --config file (if any) overridden by options.
+
+    The console is the terminal (``stdio``) unless the config file says ``null``.
+    """
     fields: dict[str, Any] = {
         "image": args.image,
         "memory": args.memory,
         "block": args.block,
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
-        "console": "stdio",
         "gdb": args.gdb,
         **limit_fields(args),
     }
     if args.config:
-        return GuestConfig.load(args.config, **fields)
-    if args.image is None:
+        config = GuestConfig.load(args.config, **fields)
+        if "console" not in config.model_fields_set:
+            config = config.model_copy(update={"console": "stdio"})
+        elif config.console == "capture":
+            raise BadInput(f"{args.config}: console 'capture' is for the library; run: stdio|null")
+    elif args.image is None:
         raise BadInput("run needs an IMAGE or --config FILE")
-    return GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
+    else:
+        config = GuestConfig.build(
+            console="stdio", **{k: v for k, v in fields.items() if v is not None}
+        )
+    if config.block_readonly and config.block is None:
+        raise BadInput("--readonly needs a block device (--block FILE)")
+    return config
+
+
+def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``run --restore`` takes from the command line; the rest is the snapshot's."""
+    kept = [
+        name
+        for name, given in (
+            ("IMAGE", args.image),
+            ("--memory", args.memory),
+            ("--cmdline", args.cmdline),
+            ("--config", args.config),
+        )
+        if given is not None
+    ]
+    if kept:
+        raise BadInput(f"--restore continues the snapshot's guest: {', '.join(kept)} cannot change")
+    if args.readonly and args.block is None:
+        raise BadInput("--readonly needs a block device (--block FILE)")
+    return {
+        "console": "stdio",
+        "gdb": args.gdb,
+        "block": args.block,
+        "block_readonly": True if args.readonly else None,
+        **limit_fields(args),
+    }
 
 
 def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,30 +223,55 @@ async def launch(sup: Supervisor, config: GuestConfig) -> Guest:
     except (ImageError, ValueError) as exc:
         raise BadInput(str(exc)) from None
     except OSError as exc:
-        raise BadInput(f"{exc.filename or config.block}: {exc.strerror or exc}") from None
+        raise BadInput(_os_message(exc)) from None
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc.strerror or exc)
+
+
+def print_gdb_address(guest: Guest) -> None:
+    if guest.gdb is not None and guest.gdb.address is not None:
+        host, port = guest.gdb.address
+        print(f"supervisor: gdb server on {host}:{port}", file=sys.stderr, flush=True)
 
 
 async def run_one(
-    config: GuestConfig | None, restore: str | None = None, gdb: str | None = None
+    config: GuestConfig | None, restore: str | None = None, overrides: dict[str, Any] | None = None
 ) -> int:
-    """Run one guest (or restore one) on the terminal; return the process exit status."""
+    """Run one guest (or restore one) on the terminal; return the process exit status.
+
+    ``restore`` names a snapshot file; ``overrides`` are what the caller names for
+    it (block file, gdb address, limits): a snapshot opens nothing by itself.
+    """
     async with Supervisor() as sup:
         if restore is not None:
             try:
-                guest = await sup.restore(Snapshot.load(restore), console="stdio", gdb=gdb)
+                snap = Snapshot.load(restore)
+                guest = await sup.restore(snap, **(overrides or {}))
             except (ValueError, OSError) as exc:
-                raise BadInput(str(exc)) from None
+                message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
+                raise BadInput(f"{restore}: {message}") from None
         else:
             assert config is not None
             guest = await launch(sup, config)
-        if guest.gdb is not None and guest.gdb.address is not None:
-            host, port = guest.gdb.address
-            print(f"supervisor: gdb server on {host}:{port}", file=sys.stderr, flush=True)
+        print_gdb_address(guest)
         try:
             result = await guest.wait()
         except asyncio.CancelledError:
             await guest.kill("interrupted")
             raise
+        except Exception as exc:  # a snapshot whose contents cannot be restored
+            if restore is None:
+                raise
+            raise BadInput(f"{restore}: cannot restore: {type(exc).__name__}: {exc}") from None
+    if stdout_closed():  # the reader went away (run ... | head): end quietly, like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe
+        os.close(devnull)
+        return EXIT_STDOUT_CLOSED
     return exit_status(guest.name, result)
 
 
@@ -210,6 +287,9 @@ async def snapshot_to_file(
     config: GuestConfig, path: str, lines: int | None, seconds: float | None
 ) -> int:
     """Run ``config`` (console lines on stdout) until the point asked, then save a snapshot."""
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise BadInput(f"{path}: cannot write there (no such directory, or not writable)")
     async with Supervisor() as sup:
         guest = await launch(sup, config)
         seen = 0
@@ -224,12 +304,32 @@ async def snapshot_to_file(
         try:
             snap = await guest.snapshot()
         except ValueError as exc:  # SnapshotError: it ended first
-            print(f"supervisor: no snapshot: {exc}", file=sys.stderr)
+            why = f" ({(await guest.wait()).reason})" if guest.done else ""
+            print(f"supervisor: no snapshot: {exc}{why}", file=sys.stderr)
             return EXIT_DIED
-        snap.save(path)
-        await guest.kill("snapshot taken")
+        try:
+            snap.save(path)
+        except OSError as exc:
+            raise BadInput(_os_message(exc)) from None
+        finally:
+            await guest.kill("snapshot taken")
     print(f"supervisor: snapshot of {guest.name} saved to {path}", file=sys.stderr)
     return 0
+
+
+def swarm_admission(memory: int) -> int:
+    """How many guests of ``memory`` bytes may be alive at once: half the memory the
+    host has available, at a cost of 2 MiB (CPU, translation buffer) plus an eighth
+    of the guest's RAM (what small guests touch) each."""
+    available = 1 << 31
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(1, available // 2 // ((2 << 20) + memory // 8))
 
 
 async def run_swarm(
@@ -239,12 +339,18 @@ async def run_swarm(
     gdb_guest: int = 0,
     console: str = "none",
     tail_lines: int = 3,
+    max_alive: int | None = None,
+    launch_rate: float | None = None,
 ) -> int:
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
 
     ``console``: ``"none"`` ignores guest output; ``"prefix"`` prints each line on
     stdout as ``NAME: LINE`` as it arrives; ``"tail"`` keeps the last
     ``tail_lines`` lines of each guest and prints them in a table at the end.
+    At most ``max_alive`` guests run at once (default: :func:`swarm_admission`); the
+    others are launched as earlier ones end, so memory stays bounded and progress
+    shows from the start.  ``launch_rate`` caps launches per second, so that a
+    hundred thousand start-ups do not starve the guests already running.
     """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -264,6 +370,8 @@ async def run_swarm(
     reasons: Counter[str] = Counter()
     tails: dict[str, deque[str]] = {}
     outcomes: dict[str, str] = {}
+    totals = {"blocks": 0, "cpu": 0.0}
+    rss = _RssMeter()
 
     async def pump(guest: Guest) -> None:
         tail = tails[guest.name] = deque(maxlen=tail_lines)
@@ -274,33 +382,92 @@ async def run_swarm(
                 tail.append(line)
 
     started = time.perf_counter()
-    async with Supervisor() as sup:
-        guests = []
-        pumps = []
-        for i in range(n):
-            update = {"name": f"{config.display_name}-{i}", "gdb": gdb if i == gdb_guest else None}
-            named = config.model_copy(update=update)
-            guests.append(await launch(sup, named))
-            if console != "none":
-                pumps.append(asyncio.create_task(pump(guests[-1])))
+    slots = asyncio.Semaphore(max_alive or swarm_admission(config.memory))
+    async with Supervisor(keep_ended=False) as sup:
         with progress:
-            bar = progress.add_task("swarm", total=n, state="")
-            for next_done in asyncio.as_completed([g.wait() for g in guests]):
-                result = await next_done
-                counts[_outcome(result)] += 1
+            bar = progress.add_task("swarm", total=n, state="starting")
+
+            def show(launched: int) -> None:
+                state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                progress.update(bar, state=f"{launched} launched; {state}")
+
+            async def one(guest: Guest) -> None:
+                pumping = asyncio.create_task(pump(guest)) if console != "none" else None
+                try:
+                    result = await guest.wait()
+                    if pumping is not None:
+                        await pumping
+                finally:
+                    slots.release()
+                outcome = outcomes[guest.name] = _outcome(result)
+                counts[outcome] += 1
                 if result.died:
                     reasons[result.reason] += 1
-                state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-                progress.update(bar, advance=1, state=state)
-        await asyncio.gather(*pumps)
+                stats = guest.stats
+                totals["blocks"] += stats.blocks
+                totals["cpu"] += stats.run_time
+                rss.ended()
+                progress.advance(bar)
+
+            waiting = []
+            for i in range(n):
+                await slots.acquire()
+                if launch_rate:
+                    delay = started + i / launch_rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                name = f"{config.display_name}-{i}"
+                update = {"name": name, "gdb": gdb if i == gdb_guest else None}
+                guest = await launch(sup, config.model_copy(update=update))
+                if i == gdb_guest:
+                    print_gdb_address(guest)
+                waiting.append(asyncio.create_task(one(guest)))
+                rss.launched()
+                show(i + 1)
+            await asyncio.gather(*waiting)
         wall = time.perf_counter() - started
-        stats = [g.stats for g in guests]
-        for g in guests:
-            outcomes[g.name] = _outcome(await g.wait())
-    _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss)
     if console == "tail":
         _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
+
+
+class _RssMeter:
+    """Resident memory for the swarm's table: the process's peak (the kernel's VmHWM)
+    and, per guest, the growth over the start divided by the most guests alive at once."""
+
+    def __init__(self) -> None:
+        self.base = _rss_kib("VmRSS")
+        self.alive = 0
+        self.most_alive = 0
+
+    def launched(self) -> None:
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+
+    def ended(self) -> None:
+        self.alive -= 1
+
+    @property
+    def peak(self) -> int:
+        """Peak resident memory of the process, KiB."""
+        return _rss_kib("VmHWM")
+
+    @property
+    def per_guest(self) -> float:
+        """KiB per guest at most (the peak's growth over the most guests alive at once)."""
+        return max(0, self.peak - self.base) / max(1, self.most_alive)
+
+
+def _rss_kib(field: str) -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespace) -> int:
@@ -375,15 +542,20 @@ def _outcome(result: Exit) -> str:
 
 
 def _summary(
-    n: int, counts: Counter[str], reasons: Counter[str], blocks: int, cpu: float, wall: float
+    n: int,
+    counts: Counter[str],
+    reasons: Counter[str],
+    blocks: int,
+    cpu: float,
+    wall: float,
+    rss: _RssMeter | None = None,
 ) -> None:
     from rich.console import Console as RichConsole
     from rich.table import Table
 
     table = Table(title=f"swarm of {n}")
-    for column in ("finished", "failed", "died", "blocks", "blocks/s", "cpu time", "wall time"):
-        table.add_column(column, justify="right")
-    table.add_row(
+    columns = ["finished", "failed", "died", "blocks", "blocks/s", "cpu time", "wall time"]
+    row = [
         str(counts["finished"]),
         str(counts["failed"]),
         str(counts["died"]),
@@ -391,7 +563,13 @@ def _summary(
         f"{blocks / wall:,.0f}" if wall > 0 and blocks else "-",
         f"{cpu:.2f}s",
         f"{wall:.2f}s",
-    )
+    ]
+    if rss is not None:
+        columns += ["peak alive", "peak RSS", "RSS/guest"]
+        row += [f"{rss.most_alive:,}", f"{rss.peak / 1024:,.0f} MiB", f"{rss.per_guest:,.0f} KiB"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(*row)
     out = RichConsole(file=sys.stdout)
     out.print(table)
     for reason, count in reasons.most_common(5):
@@ -447,6 +625,35 @@ def build_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_coroutine(coro: Coroutine[Any, Any, int], loop: str = "asyncio") -> int:
+    """Run a command's coroutine on a fresh ``loop``; return its exit status.
+
+    The first Ctrl-C cancels it (guests are killed, files closed); a second one
+    ends the process at once with status 130, whatever is still running.
+    """
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        return runner.run(_second_interrupt_exits(coro))
+
+
+async def _second_interrupt_exits(coro: Coroutine[Any, Any, int]) -> int:
+    first = signal.getsignal(signal.SIGINT)  # asyncio.Runner's: cancels the main task
+    if callable(first) and threading.current_thread() is threading.main_thread():
+
+        def on_first(signum: int, frame: FrameType | None) -> None:
+            signal.signal(signal.SIGINT, _exit_now)
+            first(signum, frame)
+
+        signal.signal(signal.SIGINT, on_first)
+    return await coro
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    """The second Ctrl-C: no more cleanup (block writes are already synced per request)."""
+    with contextlib.suppress(OSError):
+        os.write(2, b"supervisor: interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
     args = build_parser().parse_args(argv)
@@ -455,16 +662,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:
-            coro = run_one(None, args.restore, args.gdb)
+            coro = run_one(None, args.restore, restore_overrides(args))
         elif args.command == "run":
             coro = run_one(run_config(args))
         elif args.command == "snapshot":
-            fields = {"image": args.image, "memory": args.memory, "cmdline": args.cmdline}
+            fields = {
+                "image": args.image,
+                "memory": args.memory,
+                "cmdline": args.cmdline,
+                **limit_fields(args),
+            }
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
             coro = snapshot_to_file(config, args.output, args.after_lines, args.after)
         else:
             if args.n < 1:
                 raise BadInput("-n must be at least 1")
+            if args.gdb is not None and not 0 <= args.gdb_guest < args.n:
+                raise BadInput(f"--gdb-guest {args.gdb_guest} is not one of the {args.n} guests")
+            if args.gdb is None and args.gdb_guest != 0:
+                raise BadInput("--gdb-guest needs --gdb HOST:PORT")
+            if args.max_alive is not None and args.max_alive < 1:
+                raise BadInput("--max-alive must be at least 1")
             fields = {
                 "image": args.image,
                 "memory": args.memory,
@@ -484,11 +702,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.workers is not None or args.checkpoint_every is not None:
                 raise BadInput("--workers and --checkpoint-every need --cluster")
             else:
+                if args.launch_rate is not None and not args.launch_rate > 0:
+                    raise BadInput("--launch-rate must be a positive number of guests a second")
                 coro = run_swarm(
-                    config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines
-                )
-        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
-            return runner.run(coro)
+                    config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines,
+                    args.max_alive, args.launch_rate,
+                )  # fmt: skip
+        return run_coroutine(coro, args.loop)
     except (BadInput, ConfigError) as exc:
         print(f"supervisor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

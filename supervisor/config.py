@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     FilePath,
     PositiveFloat,
     PositiveInt,
@@ -71,7 +72,9 @@ class GuestConfig(BaseModel):
 
     ``max_blocks`` and ``max_run_time`` (seconds of emulation) kill the guest
     when used up; ``console_rate`` caps console output in bytes per second by
-    making the guest wait, so nothing it prints is lost.
+    making the guest wait, so nothing it prints is lost; ``console_buffer``
+    bounds the unread output of a ``capture`` console in bytes (default 1 MiB):
+    beyond it the guest waits until ``Guest.console`` is read, so nothing is lost.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -86,6 +89,8 @@ class GuestConfig(BaseModel):
     max_blocks: PositiveInt | None = None
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
+    # ``capture`` console: unread output held before the guest waits for the reader.
+    console_buffer: int = Field(default=1 << 20, ge=4096)
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
     # Seconds idle before the guest gives back its emulator: 0 at once, "off" (infinity)
     # never, None the device's default (supervisor.hibernation).
@@ -99,6 +104,13 @@ class GuestConfig(BaseModel):
         if isinstance(value, int | float) and not value >= 0:
             raise ValueError("must be a number of seconds >= 0, or 'off'")
         return value
+
+    def __init__(self, **data: Any) -> None:
+        """Validate ``data``; any problem is a :class:`ConfigError` with one line."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc)) from None
 
     @field_validator("gdb")
     @classmethod
@@ -137,10 +149,7 @@ class GuestConfig(BaseModel):
     @classmethod
     def build(cls, **fields: Any) -> GuestConfig:
         """Validate ``fields``; raise :class:`ConfigError` (one line) on any problem."""
-        try:
-            return cls(**fields)
-        except ValidationError as exc:
-            raise ConfigError(describe(exc)) from None
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> GuestConfig:
@@ -152,9 +161,11 @@ class GuestConfig(BaseModel):
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         try:
             if path.suffix == ".toml":
                 data: Any = tomllib.loads(text)
@@ -172,8 +183,8 @@ class GuestConfig(BaseModel):
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**data)
-        except ValidationError as exc:
-            raise ConfigError(f"{path}: {describe(exc)}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def describe(exc: ValidationError) -> str:
@@ -187,6 +198,8 @@ def describe(exc: ValidationError) -> str:
         elif error["type"] == "missing":
             message = "required"
         elif error["type"] in ("path_not_file",) and "input" in error:
-            message = f"no such file: {error['input']}"
+            given = Path(str(error["input"]))
+            what = "not a regular file" if given.exists() else "no such file"
+            message = f"{what}: {error['input']}"
         parts.append(f"{where}: {message}")
     return "; ".join(parts)

@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import math
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -146,6 +147,8 @@ class LgCpu:
     check_threads: bool = host_only(default=False)  # asyncio debug mode: check the contract
     loop_thread: int = host_only(default=0)
     slice_thread: int | None = host_only(default=None)  # the thread running a slice now
+    # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
+    stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
     _irq_lock: threading.Lock = host_only(default_factory=threading.Lock)
     _hooks: list[Any] = host_only(default_factory=list)
 

@@ -13,13 +13,15 @@ Ownership is a capability: any task holding the file may use it.  A
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
-from . import _unicorn, run, timers
+from . import _unicorn, codecache, run, timers
 from .abi import (
     LGUEST_IRQS,
     LHREQ_BREAK,
@@ -39,6 +41,27 @@ from .memory import GuestMemory
 from .state import GuestState, StateError
 
 PAUSE = "pause"  # the hold reason of LguestFile.pause()
+
+
+async def _join(executor: ThreadPoolExecutor) -> None:
+    """``executor.shutdown(wait=True)`` on a thread of its own, the event loop staying free."""
+    loop = asyncio.get_running_loop()
+    joined: asyncio.Future[None] = loop.create_future()
+
+    def join() -> None:
+        executor.shutdown(wait=True)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(_settle, joined)
+
+    joiner = threading.Thread(target=join, name="lguest-cpu-join", daemon=True)
+    joiner.start()
+    await joined
+    joiner.join()  # it has only its return left: no thread outlives aclose()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _error(code: int) -> OSError:
@@ -81,12 +104,30 @@ class LguestDevice:
         self._live = 0
         self._used = 0
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one loop using the device
         self.tcg_buffer = tcg_buffer
         self.max_guests = max_guests
         self.max_memory = max_memory
         self.limits = limits
         self.hibernate_after = hibernate_after
         self.dormitory = Dormitory()
+
+    def _bind_loop(self) -> None:
+        """The device serves one event loop at a time (its lock and events belong to it).
+
+        Raises ``RuntimeError`` at the first call from a second loop while the first
+        one is still open, instead of corrupting state across threads.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError(
+                "this LguestDevice is in use by another event loop: use one device per loop"
+            )
+        if self._loop is not None:
+            self._lock = None  # the closed loop's lock belongs to it
+        self._loop = loop
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -143,6 +184,7 @@ class LguestDevice:
 
     async def aclose(self) -> None:
         """Close every open file and stop the executor.  Safe to call twice."""
+        self._bind_loop()
         self._closed = True
         self.dormitory.close()
         for file in self._files:  # stop every CPU first, so closing them one by one is quick
@@ -150,8 +192,11 @@ class LguestDevice:
         for file in list(self._files):
             await file.close()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=False, cancel_futures=True)
+            # Slices still running end at their next block (every CPU was kicked); wait for
+            # their threads off the event loop, which stays free meanwhile.
+            await _join(executor)
 
     async def __aenter__(self) -> LguestDevice:
         return self
@@ -217,6 +262,7 @@ class LguestFile:
         (which then still gets ``CancelledError``).  Closing twice is harmless:
         the second call waits for the first to finish.
         """
+        self._device._bind_loop()
         if self._closing is None:
             self._closed = True
             self._stop_cpus()
@@ -240,6 +286,7 @@ class LguestFile:
             async with self._device.lock:
                 for future in list(self._running.values()):
                     await run.wait_quietly(future)
+                self._memory.unwatch(self._host_wrote)
                 for cpu in lg.cpus:
                     cpu.close()
                 lg.ram.release()
@@ -398,9 +445,11 @@ class LguestFile:
         self._lg = lg
         self._base = first
         self._device._count(state.limit, 1)
+        mem.watch(self._host_wrote)
 
     # -- request handling ------------------------------------------------------
     async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:
+        self._device._bind_loop()
         if self._closed:
             raise _error(errno.EBADF)
         if len(buf) < WORD_SIZE:
@@ -464,7 +513,18 @@ class LguestFile:
             self._lg = lg
             self._base = first
             device._count(limit, 1)
+            mem.watch(self._host_wrote)
         return 4 * WORD_SIZE
+
+    def _host_wrote(self, addr: int, n: int) -> None:
+        """The Launcher wrote its memory: the guest must not run stale code from there."""
+        lg = self._lg
+        if lg is None or lg.dead or self._closed:
+            return
+        start, end = max(addr - self._base, 0), min(addr + n - self._base, lg.limit)
+        if start < end:
+            for cpu in lg.cpus:
+                codecache.note(cpu, start, end)
 
     def _send_irq(self, cpu: LgCpu, args: tuple[int, ...]) -> int:
         if not args:
@@ -491,6 +551,7 @@ class LguestFile:
         return 0
 
     async def _read(self, size: int, offset: int, *, waker: bool) -> bytes:
+        self._device._bind_loop()
         if self._closed:
             raise _error(errno.EBADF)
         if size < 0:

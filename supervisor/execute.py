@@ -23,7 +23,7 @@ from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
-from . import _slicing, _unicorn, hypercalls, interrupts
+from . import _slicing, _unicorn, codecache, hypercalls, interrupts
 from .abi import LGUEST_TRAP_ENTRY
 from .cpu import LgCpu
 from .pagetables import guest_pa
@@ -183,6 +183,8 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
             if early is not None:
                 exit = early
                 break
+            if cpu.stale_code:  # the Host wrote guest memory: no stale translation may run
+                codecache.drop_stale(cpu)
             # Record what the stop means; the checks above decide whether to go on.
             match _enter_guest(cpu):
                 case CpuExit.HALT:

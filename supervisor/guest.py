@@ -93,6 +93,7 @@ class Lguest:
         if not self.address_ok(addr, len(data)):
             return False
         self.ram[addr : addr + len(data)] = data
+        self._host_wrote(addr, len(data))
         return True
 
     def read_u32(self, addr: int) -> int | None:
@@ -105,7 +106,13 @@ class Lguest:
         if not self.address_ok(addr, 4):
             return False
         _U32.pack_into(self.ram, addr, value & 0xFFFFFFFF)
+        self._host_wrote(addr, 4)
         return True
+
+    def _host_wrote(self, addr: int, size: int) -> None:
+        """No CPU may run a stale translation of what the Host just wrote (supervisor.codecache)."""
+        for cpu in self.cpus:
+            cpu.stale_code.append((addr, addr + size))
 
     def read_string(self, addr: int, limit: int) -> str | None:
         """A NUL-terminated string of at most ``limit`` bytes, or None if it starts outside."""

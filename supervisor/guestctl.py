@@ -197,6 +197,15 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
     fields = dict(snap.launcher["config"])
     if "memory" in overrides and overrides["memory"] != fields["memory"]:
         raise SnapshotError("a restored guest keeps the snapshot's memory size")
+    # A snapshot is data: the files and sockets it names are never opened.  The caller
+    # names the block file (the guest had one: it cannot run on without) and gdb address.
+    saved_block = fields.get("block")
+    fields["block"] = fields["gdb"] = None
+    if saved_block is not None and overrides.get("block") is None:
+        raise SnapshotError(
+            f"the snapshot's guest had a block device ({str(saved_block)!r}): "
+            "name the file to restore it with (block=..., run --restore FILE --block PATH)"
+        )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("image", "block"):
         if fields.get(key) is not None:
@@ -210,5 +219,14 @@ async def start_gdb(address: str) -> GdbServer:
     """A gdb server listening on ``HOST:PORT`` (``OSError`` if it cannot)."""
     host, _, port = address.rpartition(":")
     server = GdbServer()
-    await server.start(host or "127.0.0.1", int(port))
+    # Shielded: a caller cancelled mid-bind must not leave a listening socket behind.
+    starting = asyncio.ensure_future(server.start(host or "127.0.0.1", int(port)))
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        await asyncio.wait({starting})
+        await server.aclose()
+        raise
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve gdb on {address}: {exc.strerror or exc}") from None
     return server

@@ -15,8 +15,7 @@ Leaving the ``async with`` kills the guests still running and closes the device.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import GuestConfig
@@ -98,6 +97,10 @@ class Guest:
         """True once the guest has ended (``wait()`` then returns at once)."""
         return self._task.done()
 
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on the event loop) once the guest has ended."""
+        self._task.add_done_callback(lambda _task: callback())
+
     async def wait(self) -> Exit:
         """Wait for the guest to end and return how.  Cancelling the wait leaves it running.
 
@@ -130,11 +133,14 @@ class Supervisor:
         max_guests: int | None = None,
         max_memory: int | None = None,
         hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
+        keep_ended: bool = True,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
         ``hibernate_after``: seconds an idle guest keeps its emulator (a guest's
-        config may say otherwise; see :mod:`supervisor.hibernation`)."""
+        config may say otherwise; see :mod:`supervisor.hibernation`).
+        ``keep_ended=False`` lets :attr:`guests` forget a guest once it has ended
+        (a long swarm then holds only the guests alive)."""
         self.device = LguestDevice(
             workers=workers,
             max_guests=max_guests,
@@ -142,7 +148,14 @@ class Supervisor:
             hibernate_after=hibernate_after,
         )
         self.max_restarts = max_restarts
-        self.guests: list[Guest] = []
+        self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
+        self._keep_ended = keep_ended
+        self._closed = False
+
+    @property
+    def guests(self) -> list[Guest]:
+        """The guests launched, in order (only those still running if ``keep_ended`` is off)."""
+        return list(self._guests)
 
     async def launch(
         self,
@@ -158,6 +171,8 @@ class Supervisor:
         for a bad image or one that does not fit, ``OSError`` for a block file
         that cannot be opened as asked.
         """
+        if self._closed:
+            raise RuntimeError("the Supervisor is closed: it launches no more guests")
         console = _console_for(config)
         table: list[Device] = [console]
         if config.block is not None:
@@ -165,6 +180,7 @@ class Supervisor:
             block.open()
             table.append(block)
         table.extend(devices)
+        gdb = None
         try:
             launcher = Launcher(
                 self.device,
@@ -179,12 +195,16 @@ class Supervisor:
             )
             gdb = await start_gdb(config.gdb) if config.gdb else None
         except BaseException:
+            if gdb is not None:
+                await gdb.aclose()
             for device in table:
                 await device.stop()
             raise
         control = GuestControl(launcher, config, gdb=gdb)
         guest = Guest(config, launcher, console, control)
-        self.guests.append(guest)
+        self._guests[guest] = None
+        if not self._keep_ended:
+            guest.when_done(lambda: self._guests.pop(guest, None))
         return guest
 
     async def restore(self, snap: Snapshot, **overrides: Any) -> Guest:
@@ -197,9 +217,11 @@ class Supervisor:
 
     async def aclose(self) -> None:
         """Kill every guest still running, then close the device.  Safe to call twice."""
-        for guest in self.guests:
-            with contextlib.suppress(Exception):
-                await guest.kill("supervisor closed")
+        self._closed = True
+        # Every guest at once: each kill withdraws its queued slice, so none waits its turn.
+        await asyncio.gather(
+            *(guest.kill("supervisor closed") for guest in self._guests), return_exceptions=True
+        )
         await self.device.aclose()
 
     async def __aenter__(self) -> Supervisor:
@@ -211,8 +233,10 @@ class Supervisor:
 
 def _console_for(config: GuestConfig) -> Console:
     rate = config.console_rate
-    if config.console == "stdio":
-        return Console(sink=stdout_sink, source=stdin_source(), rate=rate)
+    if config.console == "stdio":  # the terminal has the output: no lines are kept
+        return Console(
+            lines=LineStream(maxlen=0), sink=stdout_sink, source=stdin_source(), rate=rate
+        )
     if config.console == "null":
         return Console(lines=LineStream(maxlen=0), eof=True, rate=rate)
-    return Console(rate=rate)
+    return Console(lines=LineStream(max_bytes=config.console_buffer), rate=rate)

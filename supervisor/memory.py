@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from collections.abc import Callable
 
 from .abi import PAGE_SIZE
 
@@ -31,6 +32,7 @@ class GuestMemory:
         del anchor  # release the buffer export so close() can unmap
         self._view: memoryview | None = memoryview(self._map)
         self._size = size
+        self._watchers: list[Callable[[int, int], None]] = []
 
     @property
     def address(self) -> int:
@@ -62,9 +64,29 @@ class GuestMemory:
         return bytes(self.view[addr : addr + n])
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """Copy ``data`` into the block at offset ``addr``."""
+        """Copy ``data`` into the block at offset ``addr`` (watchers are told)."""
         self._check(addr, len(data))
         self.view[addr : addr + len(data)] = data
+        if self._watchers:
+            self.written(addr, len(data))
+
+    # -- who must know about writes (a guest's CPU drops stale translations) ----------
+    def watch(self, callback: Callable[[int, int], None]) -> None:
+        """Call ``callback(addr, n)`` after every :meth:`write` (and :meth:`written`)."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[int, int], None]) -> None:
+        if callback in self._watchers:
+            self._watchers.remove(callback)
+
+    def written(self, addr: int, n: int) -> None:
+        """Report ``n`` bytes at ``addr`` written through :attr:`view` instead of :meth:`write`.
+
+        Code written into a running guest's memory that way is only guaranteed to
+        run (instead of a stale translation of the old bytes) once reported.
+        """
+        for callback in list(self._watchers):
+            callback(addr, n)
 
     def close(self) -> None:
         """Unmap the block.  Raises ``BufferError`` while someone still exports its buffer."""

@@ -150,8 +150,10 @@ async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
             return CpuExit.KICK  # withdrawn before it started: go round again
-        cpu.kick()
-        await wait_quietly(future)
+        if not queued.cancel():  # already running: stop it at its next block and wait
+            cpu.kick()
+            await wait_quietly(future)
+        # else withdrawn from the executor's queue unstarted: nothing ran, nothing to wait for
         raise
     finally:
         cpu.queued_slice = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -163,6 +164,8 @@ def assemble(body: str) -> AsmGuest:
         (work / "g.s").write_text(source)
 
         def run(*cmd: str) -> None:
+            if shutil.which(cmd[0]) is None:
+                raise RuntimeError(f"{cmd[0]} not found: assembling guests needs GNU binutils")
             done = subprocess.run(cmd, cwd=work, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{cmd[0]} failed:\n{done.stderr}")

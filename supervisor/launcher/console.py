@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import inspect
 import os
+import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from .devices import DEV_TYPE_CONSOLE, Device, Slot
@@ -42,32 +45,74 @@ class LineStream:
     Iterating yields each complete line (decoded as UTF-8, errors replaced,
     without its ``\\n``) and ends once the stream is closed and drained; a
     trailing partial line is yielded at close, and a line longer than
-    ``MAX_LINE`` bytes is cut into pieces of that size.  At most ``maxlen``
-    unread lines are kept: older ones are dropped and counted in :attr:`dropped`.
+    ``MAX_LINE`` bytes is cut into pieces of that size.
+
+    Bounds: at most ``max_bytes`` of unread output are held, counting
+    ``LINE_COST`` bytes per line for Python's bookkeeping (lines are kept as
+    bytes and decoded by the reader, so the producer's cost is a copy and a
+    split at C speed); :meth:`put` makes the producer wait for the reader beyond
+    that, so nothing is lost.  ``maxlen`` (lines) instead drops the oldest unread lines,
+    counted in :attr:`dropped`; ``maxlen=0`` keeps nothing (the ``null``
+    console) and only counts lines.
     """
 
     MAX_LINE = 64 << 10
+    DEFAULT_MAX_BYTES = 1 << 20
+    LINE_COST = 64  # bytes counted per held line besides its text: what Python spends on it
+    BATCH = 256  # lines a reader gets before the iterator yields to the event loop
 
-    def __init__(self, maxlen: int = 100_000) -> None:
-        self._lines: deque[str] = deque()
+    def __init__(self, maxlen: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        if max_bytes < self.LINE_COST:
+            raise ValueError(f"max_bytes must be at least {self.LINE_COST}")
+        self._lines: deque[bytes] = deque()
         self._maxlen = maxlen
+        self.max_bytes = max_bytes
+        self._held = 0  # bytes in _lines and _partial
         self._partial = bytearray()
+        self._partial_len = 0  # for maxlen=0, which keeps no bytes
         self._changed = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self.closed = False
         self.dropped = 0
 
+    @property
+    def held(self) -> int:
+        """Bytes of output not yet read."""
+        return self._held
+
+    async def put(self, data: bytes) -> None:
+        """Add output, waiting (in pieces) while ``max_bytes`` of it are unread."""
+        view = memoryview(data)
+        while view and not self.closed:
+            while self._full() and not self.closed:
+                self._room.clear()
+                await self._room.wait()
+            # Each byte may end a line, which costs LINE_COST: this much always fits.
+            room = (self.max_bytes - self._held) // self.LINE_COST
+            take = len(view) if self._maxlen is not None else max(room, 1)
+            self.push(bytes(view[:take]))
+            view = view[take:]
+
+    def _full(self) -> bool:
+        return self._maxlen is None and self._held + self.LINE_COST > self.max_bytes
+
     def push(self, data: bytes) -> None:
-        """Add raw output bytes; every completed line becomes available."""
-        if self.closed:
+        """Add raw output bytes now (no waiting: :meth:`put` is the bounded way)."""
+        if self.closed or not data:
             return
-        self._partial += data
-        *complete, rest = self._partial.split(b"\n")
-        if complete:
+        if self._maxlen == 0:
+            self._count_only(data)
+            return
+        self._held += len(data)
+        if b"\n" in data:
+            *complete, rest = (bytes(self._partial) + data).split(b"\n")
             self._partial = bytearray(rest)
-            for line in complete:
-                self._append(line.decode("utf-8", "replace"))
+            self._extend(complete, len(complete))  # the newlines are not kept
+        else:
+            self._partial += data
         while len(self._partial) >= self.MAX_LINE:
-            self._append(self._partial[: self.MAX_LINE].decode("utf-8", "replace"))
+            self._extend([bytes(self._partial[: self.MAX_LINE])])
             del self._partial[: self.MAX_LINE]
 
     def take(self) -> list[str]:
@@ -76,8 +121,10 @@ class LineStream:
         With the guest paused nothing can arrive meanwhile, so the lines taken
         and :attr:`partial` together are exactly the output not yet consumed.
         """
-        lines = list(self._lines)
+        lines = [line.decode("utf-8", "replace") for line in self._lines]
+        self._held -= sum(len(line) + self.LINE_COST for line in self._lines)
         self._lines.clear()
+        self._room.set()
         return lines
 
     @property
@@ -85,33 +132,52 @@ class LineStream:
         """Output bytes of a line not yet ended by ``\\n`` (what :meth:`close` would flush)."""
         return bytes(self._partial)
 
-    def _append(self, line: str) -> None:
-        if self._maxlen <= 0:
-            self.dropped += 1
-            return
-        if len(self._lines) >= self._maxlen:
-            self._lines.popleft()
-            self.dropped += 1
-        self._lines.append(line)
+    def _count_only(self, data: bytes) -> None:
+        lines = data.count(b"\n")
+        if lines:
+            self.dropped += lines
+            self._partial_len = len(data) - data.rindex(b"\n") - 1
+        else:
+            self._partial_len += len(data)
+        cuts, self._partial_len = divmod(self._partial_len, self.MAX_LINE)
+        self.dropped += cuts
+
+    def _extend(self, lines: list[bytes], newlines: int = 0) -> None:
+        """Append complete lines whose text (plus ``newlines`` dropped) is already held."""
+        self._lines.extend(lines)
+        self._held += len(lines) * self.LINE_COST - newlines
+        if self._maxlen is not None:
+            while len(self._lines) > self._maxlen:
+                self._held -= len(self._lines.popleft()) + self.LINE_COST
+                self.dropped += 1
         self._changed.set()
 
     def close(self) -> None:
-        """No more output: flush the partial line and let iterators finish."""
+        """No more output: flush the partial line and let iterators (and writers) finish."""
         if self.closed:
             return
         if self._partial:
-            self._append(self._partial.decode("utf-8", "replace"))
+            self._extend([bytes(self._partial)])
             self._partial.clear()
         self.closed = True
         self._changed.set()
+        self._room.set()
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[str]:
         while True:
+            batch = 0
             while self._lines:
-                yield self._lines.popleft()
+                line = self._lines.popleft()
+                self._held -= len(line) + self.LINE_COST
+                if not self._full():
+                    self._room.set()
+                yield line.decode("utf-8", "replace")
+                batch += 1
+                if batch % self.BATCH == 0:
+                    await asyncio.sleep(0)  # a fast reader of a flood lets the loop breathe
             if self.closed:
                 return
             self._changed.clear()
@@ -132,7 +198,7 @@ class Console(Device):
         self,
         *,
         lines: LineStream | None = None,
-        sink: Callable[[bytes], None] | None = None,
+        sink: Callable[[bytes], Awaitable[None] | None] | None = None,
         source: AsyncIterable[bytes] | None = None,
         eof: bool = False,
         rate: int | None = None,
@@ -215,9 +281,11 @@ class Console(Device):
             if data is not None and self._throttle is not None:
                 await self._throttle.take(len(data))  # the guest waits: nothing is lost
             if data is not None:
-                self.lines.push(data)
+                await self.lines.put(data)  # waits while the reader is max_bytes behind
                 if self.sink is not None:
-                    self.sink(data)
+                    written = self.sink(data)
+                    if inspect.isawaitable(written):
+                        await written  # an async sink: the guest waits for it
         self.poll(slot)
 
     def poll(self, slot: Slot) -> None:
@@ -258,10 +326,66 @@ class RateLimit:
             await asyncio.sleep(-self._tokens / self.rate)
 
 
-def stdout_sink(data: bytes) -> None:
-    """A raw sink writing to the process's standard output, unbuffered."""
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+_Chunk = tuple[bytes, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class _StdoutWriter:
+    """Writes to the process's standard output on a daemon thread, one chunk at a time.
+
+    The guest's NOTIFY waits for its chunk to be written (back-pressure: a slow
+    terminal or pipe slows only that guest), and the event loop never blocks in
+    a write, so Ctrl-C works even when nobody reads the pipe.  Once the reader
+    has gone (``EPIPE``) every write raises ``BrokenPipeError`` at once.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Chunk] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.closed = False
+
+    async def __call__(self, data: bytes) -> None:
+        if self.closed:
+            raise BrokenPipeError(errno.EPIPE, "standard output is closed")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lguest-stdout", daemon=True)
+            self._thread.start()
+        self._queue.put((data, loop, done))
+        await done
+
+    def _run(self) -> None:
+        while True:
+            data, loop, done = self._queue.get()
+            error: OSError | None = None
+            try:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError as exc:
+                self.closed = True
+                error = exc
+            except (OSError, ValueError) as exc:  # ValueError: stdout was closed
+                error = exc if isinstance(exc, OSError) else OSError(errno.EBADF, str(exc))
+            with contextlib.suppress(RuntimeError):  # RuntimeError: that loop is closed
+                loop.call_soon_threadsafe(_settle, done, error)
+
+
+def _settle(done: asyncio.Future[None], error: OSError | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+stdout_sink = _StdoutWriter()
+"""The raw sink of a ``stdio`` console: the process's standard output (see _StdoutWriter)."""
+
+
+def stdout_closed() -> bool:
+    """True once a write to standard output found its reader gone."""
+    return stdout_sink.closed
 
 
 async def stdin_source(fd: int = 0, chunk: int = 4096) -> AsyncIterator[bytes]:

@@ -278,7 +278,12 @@ class Launcher:
                 return Exit(None, reason, self.restarts, died=True)
             self.restarts += 1
             if self._source is not None:
-                self.image = read_image(self._source)
+                try:  # read afresh: it may have changed, or be gone
+                    self.image = read_image(self._source)
+                    self._check()
+                except (OSError, ValueError) as exc:
+                    reason = f"cannot reboot: {exc}"
+                    return Exit(None, reason, self.restarts, died=True)
 
     # -- one boot ----------------------------------------------------------------
     async def _boot(self) -> Death:

@@ -1,0 +1,62 @@
+"""Host writes into guest memory and the guest's translated code.
+
+Unicorn (QEMU's TCG) notices when the *guest* writes over code it has
+translated, but not when the Host or the Launcher does (a block read, console
+input, a user device, a restore): the guest's memory is also the Launcher's,
+and their writes bypass the emulated MMU.  So every such write is recorded
+here (:func:`note`, any thread: it only appends and kicks), and the CPU's own
+thread drops the translations of the recorded ranges (:func:`drop_stale`)
+before it enters the guest again.
+
+Guarantee: once a write through :meth:`GuestMemory.write` (and so every
+:class:`~supervisor.launcher.devices.Slot` write) or :meth:`Lguest.write`
+has returned, the guest executes the new bytes from its next basic block on.
+
+Unicorn's range invalidation takes a guest-*virtual* address; the range's
+physical address is used when the guest maps it there (the Launcher's low
+linear map), else its ``kernel_address`` alias; if neither maps it, or the
+guest runs in user mode (where the lookup could fault), the whole translation
+cache is flushed, which is always correct, only slower.
+"""
+
+from __future__ import annotations
+
+from unicorn import x86_const as r
+
+from .cpu import LgCpu
+from .pagetables import guest_pa
+
+KERNEL_ALIAS = 0xC0000000  # the Launcher's high linear map (launcher.layout.PAGE_OFFSET)
+
+
+def note(cpu: LgCpu, start: int, end: int) -> None:
+    """Guest-physical ``[start, end)`` was written by the Host (any thread)."""
+    cpu.stale_code.append((start, end))
+    cpu.kick()
+
+
+def drop_stale(cpu: LgCpu) -> None:
+    """Drop the translations of every recorded range (the CPU's thread, between runs)."""
+    stale = cpu.stale_code
+    if cpu.hibernated:  # no Unicorn instance: the next one starts with no translations
+        stale.clear()
+        return
+    uc = cpu.emulator
+    user_mode = cpu.reg(r.UC_X86_REG_CS) & 3 == 3
+    while stale:
+        start, end = stale.popleft()
+        where = None if user_mode else _mapped_at(cpu, start)
+        if where is None:
+            uc.ctl_flush_tb()
+            stale.clear()
+            return
+        uc.ctl_remove_cache(where, where + (end - start))
+
+
+def _mapped_at(cpu: LgCpu, pa: int) -> int | None:
+    """A guest-virtual address mapped to guest-physical ``pa`` right now, if a cheap one is."""
+    for alias in (0, cpu.lg.kernel_address, KERNEL_ALIAS):
+        va = pa + alias
+        if va <= 0xFFFFFFFF and guest_pa(cpu, va) == pa:
+            return va
+    return None
