@@ -554,23 +554,20 @@ def _summary(
     from rich.table import Table
 
     table = Table(title=f"swarm of {n}")
-    columns = ["finished", "failed", "died", "blocks", "blocks/s", "cpu time", "wall time"]
-    row = [
-        str(counts["finished"]),
-        str(counts["failed"]),
-        str(counts["died"]),
-        f"{blocks:,}" if blocks else "-",  # "-": not counted (the exit-request path)
-        f"{blocks / wall:,.0f}" if wall > 0 and blocks else "-",
-        f"{cpu:.2f}s",
-        f"{wall:.2f}s",
-    ]
+    columns = ["finished", "failed", "died"]
+    row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
+    if blocks:  # (not counted on the exit-request path)
+        columns += ["blocks", "blocks/s"]
+        row += [f"{blocks:,}", f"{blocks / wall:,.0f}" if wall > 0 else "-"]
+    columns += ["cpu time", "wall time"]
+    row += [f"{cpu:.2f}s", f"{wall:.2f}s"]
     if rss is not None:
         columns += ["peak alive", "peak RSS", "RSS/guest"]
         row += [f"{rss.most_alive:,}", f"{rss.peak / 1024:,.0f} MiB", f"{rss.per_guest:,.0f} KiB"]
     for column in columns:
         table.add_column(column, justify="right")
     table.add_row(*row)
-    out = RichConsole(file=sys.stdout)
+    out = RichConsole(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     out.print(table)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)

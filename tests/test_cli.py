@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,30 @@ def test_swarm_of_200_tickers_all_finish() -> None:
     row = next(line for line in proc.stdout.splitlines() if re.search(r"\d\.\d\ds", line))
     assert re.findall(r"[\d,.]+s?", row)[:3] == ["200", "0", "0"]  # finished, failed, died
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_swarm_reports_memory_and_paces_launches() -> None:
+    started = time.perf_counter()
+    proc = cli(
+        "swarm", "-n", "6", "guests/hello.img", "--memory", "128K",
+        "--launch-rate", "20", "--hibernate-after", "0",
+    )  # fmt: skip
+    took = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr
+    head, row = (
+        line for line in proc.stdout.splitlines() if "peak" in line or re.search(r"\d\.\d\ds", line)
+    )
+    assert "peak RSS" in head and "RSS/guest" in head and "peak alive" in head
+    cells = [c.strip() for c in re.findall(r"[\d,.]+ ?(?:MiB|KiB|s)?", row)]
+    assert cells[0] == "6"  # all finished
+    assert any(c.endswith("MiB") for c in cells) and any(c.endswith("KiB") for c in cells)
+    assert took >= 5 / 20  # six launches at 20 a second: the last one 0.25 s after the first
+    bad = cli("swarm", "-n", "2", "guests/hello.img", "--launch-rate", "0")
+    assert bad.returncode == 2
+    assert (
+        bad.stderr
+        == "supervisor: error: --launch-rate must be a positive number of guests a second\n"
+    )
 
 
 def test_swarm_counts_deaths() -> None:
