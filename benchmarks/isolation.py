@@ -49,7 +49,7 @@ def _raw_close(n: int) -> float:
 async def _busy(sup: Supervisor, image: Path, n: int) -> list[object]:
     config = GuestConfig(image=image, memory=SMALL_RAM, console="null")
     guests = [await sup.launch(config) for _ in range(n)]
-    while sum(g.stats.blocks > 0 for g in guests) < n:  # every one has run
+    while sum(g.stats.run_time > 0 for g in guests) < n:  # every one has run
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # and the executor's queue is full of their slices
     return list(guests)
