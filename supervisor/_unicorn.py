@@ -139,12 +139,6 @@ def context_data(uc: Any) -> bytes:
     return raw[len(raw) - size :]
 
 
-def context_size(uc: Any) -> int:
-    """How many bytes :func:`context_data` returns for this build."""
-    (size,) = _SIZE_T.unpack_from(bytes(uc.context_save()))
-    return int(size)
-
-
 def load_context_data(uc: Any, data: bytes) -> None:
     """Put register state from :func:`context_data` back into ``uc`` (``ValueError`` if the
     size does not match this build's)."""

@@ -302,10 +302,6 @@ class LgCpu:
         self.uc.ctl_flush_tb()
         self.code_hooks -= 1
 
-    def stop_emulation(self) -> None:
-        """From a hook on the slice's thread: end this run before the next instruction."""
-        self.uc.emu_stop()
-
     # -- the state value ---------------------------------------------------------------
     def capture(self, timer_ns: int | None) -> CpuState:
         """This CPU as a :class:`CpuState` (event loop; no slice may run).
