@@ -67,6 +67,17 @@ X86_EFLAGS_IF: Final = 0x200
 GDT_ENTRIES: Final = 32
 TLS_ENTRIES: Final = 3
 GUEST_PL: Final = 0  # our guests run at ring 0 (real lguest: ring 1)
+# lguest's segments (Linux i386 GDT entries 12 and 13), which the Host's boot GDT holds.
+GDT_ENTRY_KERNEL_CS: Final = 12
+GDT_ENTRY_KERNEL_DS: Final = 13
+KERNEL_CS: Final = GDT_ENTRY_KERNEL_CS * 8 | GUEST_PL  # 0x60 (lguest: 0x61, ring 1)
+KERNEL_DS: Final = GDT_ENTRY_KERNEL_DS * 8 | GUEST_PL  # 0x68 (lguest: 0x69)
+# The top 4 MiB of every guest's virtual address space belong to the Host (lguest's
+# Switcher): it maps its read-only pages there (supervisor.hostpages) and tells the
+# guest so in lguest_data.reserve_mem.
+SWITCHER_ADDR: Final = 0xFFC00000
+SWITCHER_PGD_INDEX: Final = SWITCHER_ADDR >> 22  # 1023: the page-directory entry it uses
+SWITCHER_RESERVE: Final = 0x100000000 - SWITCHER_ADDR  # 4 MiB
 
 # --- struct lguest_data (32-bit guest layout) --------------------------------------
 LHCALL_RING_SIZE: Final = 64

@@ -29,7 +29,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_MODE_32, 
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
-from . import _slicing, _unicorn
+from . import _slicing, _unicorn, hostpages
 from ._statefields import host_only, saved, saved_fields
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
 from .limits import UNLIMITED, Limits
@@ -368,6 +368,7 @@ def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
     uc.ctl_exits_enabled(True)
     uc.ctl_set_exits([])
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
+    hostpages.map_into(uc)  # the boot GDT, read-only, in every instance (thaws too)
     return uc
 
 
@@ -429,10 +430,12 @@ def new_cpu(
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
     the CPU gets (this one, and a new one after each hibernation).
 
-    The CPU starts at ring 0 with flat segments, ``eip = start``, ``eflags = 0x202``
-    and ``esi = 0`` (the boot information page).  The guest loads its own GDT.
+    The CPU starts at ring 0 in lguest's boot segments (the Host's read-only GDT,
+    supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
+    ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
     cpu = _attach(lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks)
+    hostpages.install(lg, pgdir)
     setup_regs(cpu, start, pgdir)
     return cpu
 
@@ -455,11 +458,14 @@ def revive_cpu(
 
 
 def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:
-    """The registers a guest starts with (``lguest_arch_setup_regs``)."""
+    """The registers a guest starts with (``lguest_arch_setup_regs``): cs, ds, es, ss
+    in lguest's boot segments, paging on at ``pgdir``."""
     uc = cpu.uc
     uc.reg_write(r.UC_X86_REG_CR3, pgdir)
     uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
-    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE | CR0_PG)
+    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE)
+    hostpages.load_boot_segments(uc)  # before paging: see there
+    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PG)
     uc.reg_write(r.UC_X86_REG_EFLAGS, X86_EFLAGS_IF | 0x2)
     uc.reg_write(r.UC_X86_REG_ESI, 0)
     uc.reg_write(r.UC_X86_REG_EIP, start)

@@ -28,6 +28,7 @@ from .abi import (
     LHREQ_INITIALIZE,
     LHREQ_IRQ,
     PAGE_SIZE,
+    SWITCHER_ADDR,
     WORD_SIZE,
     pack_words,
     unpack_words,
@@ -497,6 +498,8 @@ class LguestFile:
                 raise _error(errno.EFAULT)
             if pgdir + PAGE_SIZE > limit:
                 raise _error(errno.EFAULT)
+            if limit > SWITCHER_ADDR:  # guest-physical memory ends below the Host's pages
+                raise _error(errno.EINVAL)
             if not device._admit(limit):
                 raise _error(errno.ENOMEM)
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)

@@ -50,6 +50,13 @@ _MEMORY_ERRORS = frozenset(
 )
 
 
+# Protection faults: guest memory is all UC_PROT_ALL, so these are the Host's read-only
+# pages (supervisor.hostpages).
+_PROTECTION_ERRORS = frozenset(
+    {uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT, uc_const.UC_ERR_FETCH_PROT}
+)
+
+
 class CpuExit(enum.Enum):
     """Why emulation stopped, or why a slice (or the run loop) could not go on."""
 
@@ -259,7 +266,10 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
             _reflect_trap(cpu, INVALID_OPCODE)
         case CpuExit.BAD_ACCESS if trap.bad_access is not None:
             kind, address = trap.bad_access
-            cpu.lg.kill(f"bad page: {kind} at {address:#x} outside guest memory (eip {cpu.eip:#x})")
+            where = "outside guest memory"
+            if error is not None and error.errno in _PROTECTION_ERRORS:  # only the Host's pages
+                where = "in the Host's read-only pages (the boot GDT)"
+            cpu.lg.kill(f"bad page: {kind} at {address:#x} {where} (eip {cpu.eip:#x})")
         case CpuExit.BAD_ACCESS | CpuExit.EMULATION_ERROR:
             cpu.lg.kill(f"emulation error at {cpu.eip:#x}: {error}")
         case _:

@@ -49,6 +49,7 @@ from .abi import (
     LHCALL_SET_STACK,
     LHCALL_SHUTDOWN,
     LHCALL_TS,
+    SWITCHER_RESERVE,
     SYSCALL_VECTOR,
     TLS_ENTRIES,
 )
@@ -234,7 +235,7 @@ def initialize(cpu: LgCpu) -> None:
     lg.noirq_start = lg.read_u32(addr + LGUEST_DATA_NOIRQ_START) or 0
     lg.noirq_end = lg.read_u32(addr + LGUEST_DATA_NOIRQ_END) or 0
     lg.kernel_address = lg.read_u32(addr + LGUEST_DATA_KERNEL_ADDRESS) or 0
-    lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, 0)
+    lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, SWITCHER_RESERVE)  # the Host's top 4 MiB
     lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, timers.tsc_khz())
     lg.write_u32(addr + LGUEST_DATA_PGDIR, lg.pgdir)
     lg.lguest_data = addr

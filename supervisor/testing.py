@@ -12,9 +12,11 @@ and benchmarks use it)::
             assert await notified(g) == 0x42
 
 A guest body starts at label ``main``; it is wrapped in a prelude (stack, flat
-GDT, segment registers; macros ``HCALL nr, a1, a2, a3``, ``LGUEST_INIT``,
-``IDT vector, handler, type``) and a postlude (``lguest_data``, a stack, and
-``irq_return``, the interrupt-return stub inside the no-irq range).  Needs GNU
+GDT, segment registers, or with ``assemble(body, own_gdt=False)`` only the stack:
+the guest then stays in the Host's boot segments, 0x60 and 0x68; macros
+``HCALL nr, a1, a2, a3``, ``LGUEST_INIT``, ``IDT vector, handler, type``) and a
+postlude (``lguest_data``, a stack, and ``irq_return``, the interrupt-return stub
+inside the no-irq range).  Needs GNU
 binutils (``as``, ``ld``, ``objcopy``, ``nm``); images are cached by content in
 ``$LGUEST_ASM_CACHE`` (default: the temp directory).
 """
@@ -38,7 +40,7 @@ from .memory import GuestMemory
 
 CACHE = Path(os.environ.get("LGUEST_ASM_CACHE", Path(tempfile.gettempdir()) / "lguest-test-asm"))
 
-PRELUDE = r"""
+_HEAD = r"""
 .code32
 .macro HCALL nr, a1=0, a2=0, a3=0
     mov $\nr, %eax
@@ -72,6 +74,9 @@ PRELUDE = r"""
 .globl _start
 _start:
     mov $stack_top, %esp
+"""
+
+OWN_GDT = r"""
     lgdt gdt_desc
     ljmp $0x08, $1f
 1:  mov $0x10, %ax
@@ -82,6 +87,8 @@ _start:
     mov %ax, %ss
     jmp main
 """
+
+PRELUDE = _HEAD + OWN_GDT
 
 POSTLUDE = r"""
 .text
@@ -150,12 +157,14 @@ class AsmGuest:
     symbols: dict[str, int]
 
 
-def assemble(body: str) -> AsmGuest:
+def assemble(body: str, *, own_gdt: bool = True) -> AsmGuest:
     """Build a guest whose code starts at label ``main``.
 
+    ``own_gdt=False``: the prelude loads no GDT and no segment register (the
+    guest runs in the boot segments the Host gives every guest).
     Raises ``RuntimeError`` with the assembler's or linker's message on errors.
     """
-    source = PRELUDE + body + POSTLUDE
+    source = _HEAD + (OWN_GDT if own_gdt else "    jmp main\n") + body + POSTLUDE
     key = hashlib.sha256(source.encode()).hexdigest()[:20]
     out = CACHE / key
     if not (out / "guest.bin").exists():

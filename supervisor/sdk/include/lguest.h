@@ -102,7 +102,7 @@ struct lguest_data {
     } time;
     uint8_t hcall_status[LHCALL_RING_SIZE]; /* 0xff free, 0 queued */
     struct hcall_args hcalls[LHCALL_RING_SIZE];
-    uint32_t reserve_mem;  /* Host: 0 */
+    uint32_t reserve_mem;  /* Host: 4 MiB, the top of virtual memory (boot GDT) */
     uint32_t tsc_khz;      /* Host: rdtsc ticks per millisecond */
     uint32_t pgdir;        /* Host: the page directory the guest booted with */
     uint32_t noirq_start;  /* guest: no irq is delivered while eip is in */
