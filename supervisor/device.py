@@ -324,6 +324,11 @@ class LguestFile:
         return None if self._lg is None else self._lg.cpus[0].stats
 
     @property
+    def cpu_stats(self) -> tuple[CpuStats, ...]:
+        """Every CPU's counters, by CPU number (empty before INITIALIZE)."""
+        return () if self._lg is None else tuple(c.stats for c in self._lg.cpus)
+
+    @property
     def memory(self) -> GuestMemory:
         return self._memory
 

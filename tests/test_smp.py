@@ -180,3 +180,123 @@ async def test_an_offline_cpu_reads_nothing_until_started(dev: LguestDevice) -> 
             await reader
     assert g.file.death is not None and g.file.death.reason == "done"
     assert g.file.cpu(1).online and g.u32("counter") == 20
+
+
+IPI = r"""
+.macro HCALL_REG nr, a1, a2, a3
+    mov \a3, %ecx
+    mov \a2, %ebx
+    mov \a1, %edx
+    mov $\nr, %eax
+    int $0x1f
+.endm
+main:
+    LGUEST_INIT
+    IDT 37, ipi_handler
+    HCALL_REG 64, $1, $secondary, $stack1_top
+    mov %eax, r_start
+1:  pause
+    cmpl $0, ready
+    je 1b
+    HCALL 65, 1, 5
+    mov %eax, r_ipi
+2:  pause
+    cmpl $0, got
+    je 2b
+    HCALL 64, 1, secondary, 0
+    mov %eax, r_busy
+    HCALL 64, 2, secondary, 0
+    mov %eax, r_nocpu
+    HCALL 65, 9, 1
+    mov %eax, r_ipi_nocpu
+    HCALL 65, 1, 32
+    mov %eax, r_ipi_noirq
+    HCALL 2, msg, 1, 0
+secondary:
+    mov %eax, cpu_seen
+    {first}
+    movl $0x80, cpu1_data+1132
+    mov $cpu1_data+20, %edi
+    mov $0xff, %al
+    mov $64, %ecx
+    rep stosb
+    HCALL 1, cpu1_data
+    movl $512, cpu1_data        # this CPU's irq_enabled
+    movl $1, ready
+3:  HCALL 10
+    jmp 3b
+ipi_handler:
+    lock incl got
+    movl $512, cpu1_data
+    iret
+.data
+ready: .long 0
+got: .long 0
+cpu_seen: .long 0
+r_start: .long 1
+r_ipi: .long 1
+r_busy: .long 0
+r_nocpu: .long 0
+r_ipi_nocpu: .long 0
+r_ipi_noirq: .long 0
+msg: .asciz "done"
+.bss
+.align 4096
+cpu1_data: .space 1136
+.align 16
+stack1: .space 4096
+stack1_top:
+"""
+
+
+def signed(value: int) -> int:
+    return value - (1 << 32) if value & (1 << 31) else value
+
+
+async def test_an_ipi_wakes_a_halted_cpu_and_bad_numbers_return_errors(dev: LguestDevice) -> None:
+    g = await boot(dev, IPI.format(first=""), cpus=2)
+    assert await run_cpus_to_end(g) == "done"
+    assert g.u32("cpu_seen") == 1  # a started CPU finds its number in eax
+    assert g.u32("r_start") == 0 and g.u32("r_ipi") == 0
+    assert g.u32("got") == 1
+    assert signed(g.u32("r_busy")) == -errno.EBUSY
+    assert signed(g.u32("r_nocpu")) == -errno.EINVAL
+    assert signed(g.u32("r_ipi_nocpu")) == -errno.EINVAL
+    assert signed(g.u32("r_ipi_noirq")) == -errno.EINVAL
+    assert g.file.cpu(1).stats.interrupts == 1 and g.file.cpu(0).stats.interrupts == 0
+
+
+async def test_a_started_cpu_must_register_its_own_lguest_data_first(dev: LguestDevice) -> None:
+    g = await boot(dev, IPI.format(first="HCALL 10"), cpus=2)
+    assert await run_cpus_to_end(g) == "hypercall 10 before INIT"
+
+
+async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
+    dev: LguestDevice,
+) -> None:
+    import asyncio
+
+    from supervisor.memory import GuestMemory
+
+    loops = 3_000_000
+    g = await boot(dev, smp(2, loops, SPINLOCK + XADD), cpus=2)
+    running = asyncio.ensure_future(run_cpus_to_end(g))
+    await until(lambda: g.u32("counter2") > loops // 2)
+    await asyncio.gather(g.file.pause(0), g.file.pause(1))
+    state = g.file.state()
+    assert len(state.cpus) == 2 and all(c.online for c in state.cpus)
+    assert g.u32("counter2") < 2 * loops  # mid-run
+    copy = GuestMemory(g.memory.size)
+    copy.write(0, g.memory.read(0, g.memory.size))
+    await g.file.close()
+    with pytest.raises(ExceptionGroup) as closed:
+        await running
+    assert all(e.errno == errno.EBADF for e in closed.value.exceptions)
+    revived = dev.open(copy, state=state)
+    assert revived.cpu_count == 2
+    from supervisor.testing import Booted
+
+    again = Booted(revived, copy, g.layout, g.guest)
+    assert await run_cpus_to_end(again) == "done"
+    assert again.u32("counter2") == 2 * loops
+    assert again.u32("counter") == 2 * loops
