@@ -3,12 +3,16 @@ LHCALL_SEND_IPI (extensions of lguest's ABI), and atomics that hold across CPUs.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import shutil
 
 import pytest
 from guestasm import boot, until
 
 from supervisor import LguestDevice, abi
+from supervisor.debug import START, debugger
+from supervisor.gdbstub import GdbServer
 from supervisor.testing import assemble, initialize_words, load, run_cpus_to_end
 
 # Starts CPUs 1..NCPUS-1 at `secondary`, each on its own stack and with its own
@@ -167,8 +171,6 @@ async def test_a_cmpxchg_spinlock_keeps_a_plain_counter_exact(
 async def test_an_offline_cpu_reads_nothing_until_started(dev: LguestDevice) -> None:
     # CPU 0 waits for `go` before starting CPU 1: until then CPU 1's read stays pending.
     g = await boot(dev, smp(2, 10, XADD, setup="1: pause\n cmpl $0, go\n je 1b"), cpus=2)
-    import asyncio
-
     reader1 = asyncio.ensure_future(g.file.read(4, 1))
     reader0 = asyncio.ensure_future(g.file.read(4, 0))
     await until(lambda: g.file.cpu(0).lguest_data is not None)
@@ -274,8 +276,6 @@ async def test_a_started_cpu_must_register_its_own_lguest_data_first(dev: Lguest
 async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
     dev: LguestDevice,
 ) -> None:
-    import asyncio
-
     from supervisor.memory import GuestMemory
 
     loops = 3_000_000
@@ -300,3 +300,92 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
     assert await run_cpus_to_end(again) == "done"
     assert again.u32("counter2") == 2 * loops
     assert again.u32("counter") == 2 * loops
+
+
+TWO_LOOPS = r"""
+.macro HCALL_REG nr, a1, a2, a3
+    mov \a3, %ecx
+    mov \a2, %ebx
+    mov \a1, %edx
+    mov $\nr, %eax
+    int $0x1f
+.endm
+main:
+    LGUEST_INIT
+    HCALL_REG 64, $1, $secondary, $stack1_top
+cpu0_loop:
+    inc %esi
+    cmpl $0, finish
+    je cpu0_loop
+    HCALL 2, msg, 1, 0
+secondary:
+    movl $0x80, cpu1_data+1132
+    mov $cpu1_data+20, %edi
+    mov $0xff, %al
+    mov $64, %ecx
+    rep stosb
+    HCALL 1, cpu1_data
+    mov $7, %edi
+cpu1_spot:
+    inc %edi
+    movl $1, finish
+cpu1_park:
+    HCALL 10
+    jmp cpu1_park
+cpu0_end:
+.data
+finish: .long 0
+msg: .asciz "done"
+.bss
+.align 4096
+cpu1_data: .space 1136
+.align 16
+stack1: .space 4096
+stack1_top:
+"""
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+async def test_gdb_sees_each_cpu_as_a_thread(dev: LguestDevice) -> None:
+    g = await boot(dev, TWO_LOOPS, cpus=2)
+    d = debugger(g.file)
+    d.request_stop(START)
+    server = GdbServer(d)
+    await server.start("127.0.0.1", 0)
+    reader = asyncio.create_task(run_cpus_to_end(g))
+    spot = g.guest.symbols["cpu1_spot"]
+    host, port = server.address
+    commands = [
+        "set architecture i386",
+        f"target remote {host}:{port}",
+        f"break *{spot:#x}",
+        "continue",
+        "info threads",
+        "info registers edi",
+        "stepi",
+        "info registers eip edi",
+        "thread 1",
+        "info registers eip",
+        "delete",
+        "continue",
+    ]
+    args = [shutil.which("gdb") or "gdb", "-batch", "-nx"]
+    for command in commands:
+        args += ["-ex", command]
+    gdb = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    async with asyncio.timeout(30):
+        out = (await gdb.communicate())[0].decode()
+        reason = await reader
+    assert gdb.returncode == 0, out
+    assert f"Thread 2 hit Breakpoint 1, {spot:#010x}" in out, out
+    assert "Thread 1 (CPU 0" in out and "Thread 2 (CPU 1" in out, out
+    assert "edi            0x7" in out and "edi            0x8" in out, out
+    assert f"eip            {spot + 1:#x}" in out, out  # one instruction of CPU 1 only
+    # After "thread 1": CPU 0's registers, stopped with CPU 1 somewhere in its own loop.
+    after = out.split("[Switching to thread 1", 1)[1]
+    eip = int(after.split("eip", 1)[1].split()[0], 16)
+    assert g.guest.symbols["cpu0_loop"] <= eip < g.guest.symbols["secondary"], out
+    assert reason == "done"
+    await server.aclose()
