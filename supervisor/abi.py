@@ -52,6 +52,10 @@ LHCALL_SET_PTE: Final = 14
 LHCALL_SET_PMD: Final = 15
 LHCALL_LOAD_TLS: Final = 16
 LHCALL_NOTIFY: Final = 17
+# Extensions of lguest's ABI (lguest never finished SMP): numbers from 64 on.
+LHCALL_START_CPU: Final = 64  # edx: cpu, ebx: eip, ecx: esp; eax <- 0 or -errno
+LHCALL_SEND_IPI: Final = 65  # edx: cpu, ebx: irq; eax <- 0 or -errno
+MAX_CPUS: Final = 16  # CPUs one guest may have (INITIALIZE's optional fifth word)
 
 LGUEST_SHUTDOWN_POWEROFF: Final = 1
 LGUEST_SHUTDOWN_RESTART: Final = 2
@@ -118,4 +122,6 @@ HYPERCALL_NAMES: Final[dict[int, str]] = {
     LHCALL_SET_PMD: "SET_PMD",
     LHCALL_LOAD_TLS: "LOAD_TLS",
     LHCALL_NOTIFY: "NOTIFY",
+    LHCALL_START_CPU: "START_CPU",
+    LHCALL_SEND_IPI: "SEND_IPI",
 }

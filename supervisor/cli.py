@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
         p.add_argument("--cmdline", help="guest command line (boot info page)")
+        p.add_argument("--cpus", type=int, help="CPUs per guest (default 1; the guest starts them)")
         p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop")
         p.add_argument("--max-blocks", type=int, help="kill a guest after this many blocks")
         p.add_argument(
@@ -161,6 +162,7 @@ def run_config(args: argparse.Namespace) -> GuestConfig:
         "block": args.block,
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
+        "cpus": args.cpus,
         "gdb": args.gdb,
         **limit_fields(args),
     }
@@ -189,6 +191,7 @@ def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
             ("IMAGE", args.image),
             ("--memory", args.memory),
             ("--cmdline", args.cmdline),
+            ("--cpus", args.cpus),
             ("--config", args.config),
         )
         if given is not None
@@ -667,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image": args.image,
                 "memory": args.memory,
                 "cmdline": args.cmdline,
+                "cpus": args.cpus,
                 **limit_fields(args),
             }
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
@@ -684,6 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image": args.image,
                 "memory": args.memory,
                 "cmdline": args.cmdline,
+                "cpus": args.cpus,
                 **limit_fields(args),
             }
             if args.tail_lines < 1:

@@ -105,6 +105,10 @@ class LgCpu:
     # -- the guest's state, continued ----------------------------------------------------
     irqs_pending: int = saved(default=0)
     halted: bool = saved(default=False)
+    # CPU 0 is online from INITIALIZE; another CPU once a running one started it
+    # (LHCALL_START_CPU).  An offline CPU never runs: its read waits for the start.
+    online: bool = saved(default=True)
+    lguest_data: int | None = saved(default=None)  # guest-physical, once its LGUEST_INIT ran
     hcall: tuple[int, int, int, int] | None = saved(default=None)  # trapped, not yet done
     next_hcall: int = saved(default=0)  # next slot of the async ring
     pending_notify: int = saved(default=0)  # a notify not yet handed to the Launcher
@@ -455,6 +459,33 @@ def revive_cpu(
         cpu.close()
         raise
     return cpu
+
+
+def start_secondary(cpu: LgCpu, starter: LgCpu, eip: int, esp: int) -> None:
+    """Bring offline ``cpu`` online at ``eip`` with stack ``esp`` (LHCALL_START_CPU).
+
+    It begins with a copy of ``starter``'s registers (segments with their
+    descriptor caches, control registers, page directory, FPU), IDT, GDT, TLS and
+    kernel stack, then ``eip``, ``esp``, ``eflags = 0x202`` and ``eax`` = its own
+    number; it has no ``lguest_data`` yet, so its first hypercall must be its own
+    ``LGUEST_INIT``, as CPU 0's was.  Event loop; neither CPU may be running.
+    """
+    context = _unicorn.context_data(starter.emulator)
+    uc = cpu.emulator
+    _unicorn.load_context_data(uc, context)
+    _unicorn.forget_exception(uc)
+    uc.ctl_flush_tb()
+    for name in ("idt", "gdt", "tls", "stack", "ts"):
+        value = getattr(starter, name)
+        setattr(cpu, name, list(value) if name == "idt" else value)
+    cpu.set_reg(r.UC_X86_REG_EIP, eip)
+    cpu.set_reg(r.UC_X86_REG_ESP, esp)
+    cpu.set_reg(r.UC_X86_REG_EFLAGS, X86_EFLAGS_IF | 0x2)
+    cpu.set_reg(r.UC_X86_REG_EAX, cpu.id)
+    cpu.start = eip
+    cpu.halted = False
+    cpu.lguest_data = None
+    cpu.online = True
 
 
 def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:

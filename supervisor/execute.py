@@ -74,6 +74,7 @@ class CpuExit(enum.Enum):
     NOTIFY = "notify"  # a notify waits for the Launcher
     BREAK = "break"  # a Waker's break waits to be released
     HELD = "held"  # paused or stopped by a debugger
+    OFFLINE = "offline"  # a CPU not started yet (LHCALL_START_CPU)
     CLOSED = "closed"  # the file was closed
 
 
@@ -112,13 +113,12 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     else is recorded in ``cpu.trap`` and ends the run, exactly at that boundary.
     """
     trap = cpu.trap
-    lg = cpu.lg
     regs = cpu.regs
     fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
-        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and lg.lguest_data is not None:
+        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and cpu.lguest_data is not None:
             args = regs.hypercall()
             if args[0] in local and hypercalls.ring_empty(cpu):
                 hypercalls.do_hcall(cpu, args)

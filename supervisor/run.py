@@ -43,8 +43,8 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     waits for the next read), then a trapped hypercall is done unless the guest
     died (the ring may have killed it), a break before a death is reported (the
     Launcher polls its devices first), and a halt sleeps until an interrupt can be
-    delivered.  Every answer but None changes something or sleeps: each pass of the
-    run loop makes progress.
+    delivered.  A CPU not started yet sleeps until it is.  Every answer but None
+    changes something or sleeps: each pass of the run loop makes progress.
     """
     if cpu.closing:
         return CpuExit.CLOSED
@@ -58,6 +58,8 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
         return CpuExit.BREAK
     if cpu.lg.dead:
         return CpuExit.DEATH
+    if not cpu.online:
+        return CpuExit.OFFLINE
     if cpu.halted and interrupts.deliverable_irq(cpu) is None:
         return CpuExit.HALT
     return None
@@ -94,13 +96,16 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
             case CpuExit.BREAK:
                 raise _oserror(errno.EAGAIN)
             case CpuExit.DEATH:
+                for other in lg.cpus:  # asleep, they would not see it (kill() only kicks)
+                    if other is not cpu:
+                        other.wake()
                 _tell_holder(cpu)
                 assert lg.dead is not None
                 raise _oserror(lg.dead.errno or errno.ENOENT)
             case CpuExit.HELD:
                 _tell_holder(cpu)
                 await _sleep(cpu, dormitory)
-            case CpuExit.HALT:
+            case CpuExit.HALT | CpuExit.OFFLINE:
                 await _sleep(cpu, dormitory)
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
@@ -116,7 +121,7 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close); the
     CPU may hibernate meanwhile."""
     cpu.wakeup.clear()
-    if pending_exit(cpu) not in (CpuExit.HELD, CpuExit.HALT):
+    if pending_exit(cpu) not in (CpuExit.HELD, CpuExit.HALT, CpuExit.OFFLINE):
         return
     if dormitory is not None:
         dormitory.drowsy(cpu)
@@ -128,6 +133,38 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
 
 
 async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
+    """Run one slice of ``cpu`` once it is this CPU's turn (see :func:`_take_turn`)."""
+    lg = cpu.lg
+    if len(lg.cpus) == 1:
+        return await _run_slice(cpu, executor)
+    if lg.processor is None:
+        lg.processor = asyncio.Lock()
+    _take_turn(cpu, lg.processor, lg.processor_owner)
+    async with lg.processor:
+        if pending_exit(cpu) is not None:
+            return CpuExit.KICK  # held, woken or killed while it waited: the run loop sees
+        lg.processor_owner = cpu
+        try:
+            return await _run_slice(cpu, executor)
+        finally:
+            lg.processor_owner = None
+
+
+def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None:
+    """A guest's CPUs take turns on its one processor (FIFO, asyncio.Lock's order).
+
+    Guarantee: no two CPUs of one guest are ever inside a slice at once, so every
+    instruction, ``lock``-prefixed or not, is atomic with respect to the guest's
+    other CPUs (Unicorn's instances do not make ``lock`` atomic across threads:
+    docs/abi.md, "Several CPUs").  A CPU with an interrupt to take does not wait
+    out the owner's slice: the owner is kicked and stops at its next block, like
+    a hardware interrupt preempting a busy core.
+    """
+    if owner is not None and processor.locked() and interrupts.ready_to_deliver(cpu):
+        owner.kick()
+
+
+async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:
     """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
 
     A CPU whose last slice ended on its own gets a short slice of at most

@@ -219,11 +219,13 @@ class Booted:
         return await notified(self)
 
 
-def initialize_words(memory: GuestMemory, layout: Layout, start: int = IMAGE_BASE) -> bytes:
-    """The ``LHREQ_INITIALIZE`` request for a guest loaded by :func:`load`."""
-    return abi.pack_words(
-        abi.LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, start
-    )
+def initialize_words(
+    memory: GuestMemory, layout: Layout, start: int = IMAGE_BASE, cpus: int = 1
+) -> bytes:
+    """The ``LHREQ_INITIALIZE`` request for a guest loaded by :func:`load` (with the
+    fifth word, the number of CPUs, only for more than one)."""
+    words = [abi.LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, start]
+    return abi.pack_words(*words, *([cpus] if cpus != 1 else []))
 
 
 def load(guest: AsmGuest, ram_size: int = 1 << 20) -> tuple[GuestMemory, Layout]:
@@ -236,12 +238,14 @@ def load(guest: AsmGuest, ram_size: int = 1 << 20) -> tuple[GuestMemory, Layout]
     return memory, layout
 
 
-async def boot(dev: LguestDevice, body: str | AsmGuest, ram_size: int = 1 << 20) -> Booted:
+async def boot(
+    dev: LguestDevice, body: str | AsmGuest, ram_size: int = 1 << 20, cpus: int = 1
+) -> Booted:
     """Assemble (if given source), load and INITIALIZE a guest; read to run it."""
     guest = assemble(body) if isinstance(body, str) else body
     memory, layout = load(guest, ram_size)
     f = dev.open(memory)
-    await f.write(initialize_words(memory, layout))
+    await f.write(initialize_words(memory, layout, cpus=cpus))
     return Booted(f, memory, layout, guest)
 
 
@@ -253,6 +257,24 @@ async def run_to_end(booted: Booted) -> str:
             await f.read(abi.WORD_SIZE)
         except FileNotFoundError:
             return (await f.read(256)).rstrip(b"\0").decode()
+
+
+async def run_cpus_to_end(booted: Booted) -> str:
+    """Read every CPU at once, as a Launcher does (one task each), skipping notifies,
+    until the guest dies; return the reason it gives."""
+    f = booted.file
+
+    async def reader(cpu: int) -> None:
+        while True:
+            try:
+                await f.read(abi.WORD_SIZE, cpu)
+            except FileNotFoundError:
+                return
+
+    async with asyncio.TaskGroup() as tasks:
+        for n in range(f.cpu_count):
+            tasks.create_task(reader(n))
+    return (await f.read(256)).rstrip(b"\0").decode()
 
 
 async def notified(booted: Booted) -> int:
