@@ -17,7 +17,7 @@ from supervisor import LguestDevice, abi, hostpages
 from supervisor.launcher.layout import Layout
 from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
-from supervisor.testing import initialize_words
+from supervisor.testing import initialize_words, run_cpus_to_end
 
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
@@ -137,6 +137,49 @@ async def test_the_boot_segments_survive_snapshot_restore_and_hibernation() -> N
         await until(lambda: cpu.hibernated)  # its emulator is gone; a new one takes over
         await finish(g.file)
         assert g.file.stats is not None and g.file.stats.wakes >= 1
+        await g.file.close()
+        g.memory.close()
+
+
+SMP = (
+    r"""
+main:
+    LGUEST_INIT
+    mov $64, %eax                 # LHCALL_START_CPU 1 at secondary
+    mov $1, %edx
+    mov $secondary, %ebx
+    mov $stack1_top, %ecx
+    int $0x1f
+2:  pause
+    cmpl $1, done
+    jne 2b
+    HCALL 2, msg, 1, 0
+secondary:
+"""
+    + IRET_AND_RELOAD
+    + r"""
+    mov %cs, %eax
+    mov %eax, cs1
+    lock incl done
+3:  pause
+    jmp 3b
+.data
+done: .long 0
+cs1: .long 0
+msg: .asciz "smp booted"
+.bss
+.align 16
+stack1: .space 4096
+stack1_top:
+"""
+)
+
+
+async def test_a_secondary_cpu_starts_in_the_boot_segments_too() -> None:
+    async with LguestDevice() as dev, asyncio.timeout(LIMIT):
+        g = await boot(dev, assemble(SMP, own_gdt=False), cpus=2)
+        assert await run_cpus_to_end(g) == "smp booted"
+        assert g.u32("cs1") == abi.KERNEL_CS
         await g.file.close()
         g.memory.close()
 
