@@ -101,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--after", type=float, help="after SECONDS of wall time")
     common(snap)
 
-    build = sub.add_parser("build", help="compile C guests into an image (needs the sdk extra)")
+    build = sub.add_parser(
+        "build",
+        help="compile C guests into an image (needs the sdk extra)",
+        description="Compile C (and .S) sources into a guest image.  Toolchain: Zig's C "
+        "compiler (pip install 'lguest-supervisor[sdk]'), else a system gcc that builds "
+        "32-bit code (freestanding guests only: no C library); LGUEST_TOOLCHAIN=zig|gcc "
+        "picks one (docs/sdk.md).",
+    )
     build.add_argument("sources", nargs="+", help=".c / .S sources")
     build.add_argument("-o", "--output", required=True, help="image to write (ELF32)")
     build.add_argument("-O", dest="optimize", choices=["0", "1", "2", "3", "s", "z"])
