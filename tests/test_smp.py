@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
+from pathlib import Path
 
 import pytest
 from guestasm import boot, until
 
-from supervisor import LguestDevice, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer
 from supervisor.testing import assemble, initialize_words, load, run_cpus_to_end
@@ -65,7 +66,10 @@ work:
 1:  pause
     cmpl $NCPUS, done
     jne 1b
+    {check}
     HCALL 2, msg, 1, 0
+wrong:
+    HCALL 2, msg, 1, 1
 park:
     HCALL 10
     jmp park
@@ -119,9 +123,12 @@ SPINLOCK = r"""
 """
 
 
-def smp(ncpus: int, loops: int, work: str, setup: str = "") -> str:
+def smp(ncpus: int, loops: int, work: str, setup: str = "", check: tuple[str, ...] = ()) -> str:
+    """The guest; it powers off with status 1 unless each of ``check`` (symbols) holds
+    ``ncpus * loops``."""
+    checks = "".join(f"cmpl $NCPUS * LOOPS, {symbol}\n    jne wrong\n    " for symbol in check)
     # The macro must precede its first use: move it to the top.
-    body = SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup)
+    body = SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup, check=checks)
     head, macro = body.split(".macro HCALL_REG", 1)
     macro, tail = macro.split(".endm", 1)
     return ".macro HCALL_REG" + macro + ".endm\n" + head + tail
@@ -278,7 +285,7 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
 ) -> None:
     from supervisor.memory import GuestMemory
 
-    loops = 3_000_000
+    loops = 1_000_000
     g = await boot(dev, smp(2, loops, SPINLOCK + XADD), cpus=2)
     running = asyncio.ensure_future(run_cpus_to_end(g))
     await until(lambda: g.u32("counter2") > loops // 2)
@@ -389,3 +396,24 @@ async def test_gdb_sees_each_cpu_as_a_thread(dev: LguestDevice) -> None:
     assert g.guest.symbols["cpu0_loop"] <= eip < g.guest.symbols["secondary"], out
     assert reason == "done"
     await server.aclose()
+
+
+async def test_a_supervised_smp_guest_snapshotted_mid_run_and_restored_counts_exactly(
+    tmp_path: Path,
+) -> None:
+    loops = 500_000
+    image = tmp_path / "smp.img"
+    image.write_bytes(assemble(smp(3, loops, SPINLOCK + XADD, check=("counter", "counter2"))).image)
+    config = GuestConfig(image=image, memory="1M", cpus=3, console="null")
+    async with Supervisor() as sup, asyncio.timeout(60):
+        whole = await sup.launch(config)
+        assert (await whole.wait()).ok  # every CPU ran, the totals were exact
+        g = await sup.launch(config)
+        await until(lambda: g.stats.run_time > 0.005)
+        snap = await g.snapshot()
+        assert len(snap.state.cpus) == 3
+        await g.kill("snapshot taken")
+        forks = [await sup.restore(snap, name=f"fork{i}") for i in range(2)]
+        for fork in forks:
+            end = await fork.wait()
+            assert end.ok, end
