@@ -417,3 +417,13 @@ async def test_a_supervised_smp_guest_snapshotted_mid_run_and_restored_counts_ex
         for fork in forks:
             end = await fork.wait()
             assert end.ok, end
+
+
+async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
+    async with LguestDevice(hibernate_after=0) as device:
+        g = await boot(device, IPI.format(first=""), cpus=2)
+        assert await run_cpus_to_end(g) == "done"
+        cpu1 = g.file.cpu(1)
+        assert g.u32("got") == 1
+        # Born frozen (offline), thawed by START_CPU; frozen again in its halt, thawed by the IPI.
+        assert cpu1.stats.hibernations >= 2 and cpu1.stats.wakes >= 2
