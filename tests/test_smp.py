@@ -75,13 +75,6 @@ park:
     jmp park
 fail:
     HCALL 2, failmsg, 1, 0
-.macro HCALL_REG nr, a1, a2, a3
-    mov \a3, %ecx
-    mov \a2, %ebx
-    mov \a1, %edx
-    mov $\nr, %eax
-    int $0x1f
-.endm
 .data
 counter: .long 0
 counter2: .long 0
@@ -127,11 +120,7 @@ def smp(ncpus: int, loops: int, work: str, setup: str = "", check: tuple[str, ..
     """The guest; it powers off with status 1 unless each of ``check`` (symbols) holds
     ``ncpus * loops``."""
     checks = "".join(f"cmpl $NCPUS * LOOPS, {symbol}\n    jne wrong\n    " for symbol in check)
-    # The macro must precede its first use: move it to the top.
-    body = SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup, check=checks)
-    head, macro = body.split(".macro HCALL_REG", 1)
-    macro, tail = macro.split(".endm", 1)
-    return ".macro HCALL_REG" + macro + ".endm\n" + head + tail
+    return SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup, check=checks)
 
 
 async def test_initialize_takes_the_number_of_cpus(dev: LguestDevice) -> None:
@@ -192,13 +181,6 @@ async def test_an_offline_cpu_reads_nothing_until_started(dev: LguestDevice) -> 
 
 
 IPI = r"""
-.macro HCALL_REG nr, a1, a2, a3
-    mov \a3, %ecx
-    mov \a2, %ebx
-    mov \a1, %edx
-    mov $\nr, %eax
-    int $0x1f
-.endm
 main:
     LGUEST_INIT
     IDT 37, ipi_handler
@@ -224,12 +206,7 @@ main:
 secondary:
     mov %eax, cpu_seen
     {first}
-    movl $0x80, cpu1_data+1132
-    mov $cpu1_data+20, %edi
-    mov $0xff, %al
-    mov $64, %ecx
-    rep stosb
-    HCALL 1, cpu1_data
+    CPU_INIT cpu1_data
     movl $512, cpu1_data        # this CPU's irq_enabled
     movl $1, ready
 3:  HCALL 10
@@ -310,13 +287,6 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
 
 
 TWO_LOOPS = r"""
-.macro HCALL_REG nr, a1, a2, a3
-    mov \a3, %ecx
-    mov \a2, %ebx
-    mov \a1, %edx
-    mov $\nr, %eax
-    int $0x1f
-.endm
 main:
     LGUEST_INIT
     HCALL_REG 64, $1, $secondary, $stack1_top
@@ -326,12 +296,7 @@ cpu0_loop:
     je cpu0_loop
     HCALL 2, msg, 1, 0
 secondary:
-    movl $0x80, cpu1_data+1132
-    mov $cpu1_data+20, %edi
-    mov $0xff, %al
-    mov $64, %ecx
-    rep stosb
-    HCALL 1, cpu1_data
+    CPU_INIT cpu1_data
     mov $7, %edi
 cpu1_spot:
     inc %edi
