@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -74,7 +75,7 @@ park:
     HCALL 10
     jmp park
 fail:
-    HCALL 2, failmsg, 1, 0
+    HCALL 2, failmsg, 1, 3
 .data
 counter: .long 0
 counter2: .long 0
@@ -392,3 +393,23 @@ async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
         assert g.u32("got") == 1
         # Born frozen (offline), thawed by START_CPU; frozen again in its halt, thawed by the IPI.
         assert cpu1.stats.hibernations >= 2 and cpu1.stats.wakes >= 2
+
+
+def test_the_cli_runs_swarms_of_smp_guests_and_refuses_bad_cpu_counts(tmp_path: Path) -> None:
+    from test_cli import cli
+
+    image = tmp_path / "smp.img"
+    image.write_bytes(assemble(smp(2, 100_000, SPINLOCK, check=("counter2",))).image)
+    proc = cli("swarm", "-n", "3", str(image), "--memory", "1M", "--cpus", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "swarm of 3, 2 CPUs each" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if re.search(r"\d\.\d\ds", line))
+    assert re.findall(r"[\d,.]+s?", row)[:3] == ["3", "0", "0"]  # finished, failed, died
+    for bad in ("0", "17"):
+        proc = cli("run", str(image), "--cpus", bad)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("supervisor: error: ") and "cpus" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    # One CPU given to a guest that starts a second: START_CPU says -EINVAL, it fails.
+    proc = cli("run", str(image), "--memory", "1M")
+    assert proc.returncode == 3, proc.stderr  # the guest's own exit status
