@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--hibernate-after",
             metavar="SECONDS",
-            help="free an idle guest's emulator after SECONDS (0: at once, off: never; "
-            "default 1)",
+            help="free an idle guest's emulator after SECONDS (0: at once, off: never; default 1)",
         )
 
     run = sub.add_parser("run", help="run one guest on the terminal")
@@ -436,7 +435,7 @@ async def run_swarm(
                 show(i + 1)
             await asyncio.gather(*waiting)
         wall = time.perf_counter() - started
-    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss)
+    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus)
     if console == "tail":
         _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
@@ -528,7 +527,10 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
         ]
     finally:
         await cl.aclose()
-    _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    _summary(
+        n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall,
+        cpus=config.cpus,
+    )  # fmt: skip
     _workers_table(workers)
     return 0 if counts["finished"] == n else 1
 
@@ -559,11 +561,13 @@ def _summary(
     cpu: float,
     wall: float,
     rss: _RssMeter | None = None,
+    cpus: int = 1,
 ) -> None:
+    """The swarm's table; ``cpu time`` sums every CPU of every guest."""
     from rich.console import Console as RichConsole
     from rich.table import Table
 
-    table = Table(title=f"swarm of {n}")
+    table = Table(title=f"swarm of {n}" + (f", {cpus} CPUs each" if cpus > 1 else ""))
     columns = ["finished", "failed", "died"]
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
     if blocks:  # (not counted on the exit-request path)

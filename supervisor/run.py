@@ -90,7 +90,12 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
                 raise _oserror(errno.EBADF)
             case CpuExit.HYPERCALL:
                 cpu.thaw()
+                asleep = _asleep_others(cpu)
                 hypercalls.do_hypercalls(cpu)
+                if any(other.wakeup.is_set() for other in asleep):
+                    # It woke another CPU (an IPI, a start): that CPU's task queues for
+                    # the processor before this one takes it again.
+                    await asyncio.sleep(0)
             case CpuExit.NOTIFY:
                 return cpu.pending_notify
             case CpuExit.BREAK:
@@ -109,6 +114,14 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
                 await _sleep(cpu, dormitory)
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
+
+
+def _asleep_others(cpu: LgCpu) -> list[LgCpu]:
+    """The guest's other CPUs whose run loops wait for a wake (none for one CPU)."""
+    cpus = cpu.lg.cpus
+    if len(cpus) == 1:
+        return []
+    return [other for other in cpus if other is not cpu and not other.wakeup.is_set()]
 
 
 def _tell_holder(cpu: LgCpu) -> None:
@@ -158,10 +171,12 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
     other CPUs (Unicorn's instances do not make ``lock`` atomic across threads:
     docs/abi.md, "Several CPUs").  A CPU with an interrupt to take does not wait
     out the owner's slice: the owner is kicked and stops at its next block, like
-    a hardware interrupt preempting a busy core.
+    a hardware interrupt preempting a busy core.  ``wake()``, not just a kick: the
+    owner's slice may still wait in the executor's queue behind other guests' slices,
+    and is then withdrawn instead of waited for.
     """
     if owner is not None and processor.locked() and interrupts.ready_to_deliver(cpu):
-        owner.kick()
+        owner.wake()
 
 
 async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:

@@ -13,12 +13,14 @@ and benchmarks use it)::
 
 A guest body starts at label ``main``; it is wrapped in a prelude (stack, flat
 GDT, segment registers, or with ``assemble(body, own_gdt=False)`` only the stack:
-the guest then stays in the Host's boot segments, 0x60 and 0x68; macros
-``HCALL nr, a1, a2, a3``, ``LGUEST_INIT``, ``IDT vector, handler, type``) and a
-postlude (``lguest_data``, a stack, and ``irq_return``, the interrupt-return stub
-inside the no-irq range).  Needs GNU
-binutils (``as``, ``ld``, ``objcopy``, ``nm``); images are cached by content in
-``$LGUEST_ASM_CACHE`` (default: the temp directory).
+the guest then stays in the Host's boot segments, 0x60 and 0x68; macros ``HCALL nr,
+a1, a2, a3``, ``LGUEST_INIT``, ``IDT vector, handler, type``; for guests with several
+CPUs ``HCALL_REG nr, a1, a2, a3`` with operands such as ``%esi`` or ``$label``, and
+``CPU_INIT data``, a started CPU's own LGUEST_INIT with its ``lguest_data`` at
+``data``) and a postlude (``lguest_data``, a stack, and ``irq_return``, the
+interrupt-return stub inside the no-irq range).  Needs GNU binutils (``as``, ``ld``,
+``objcopy``, ``nm``); images are cached by content in ``$LGUEST_ASM_CACHE``
+(default: the temp directory).
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ _HEAD = r"""
     mov $64, %ecx
     rep stosb
     HCALL 1, lguest_data
+.endm
+.macro HCALL_REG nr, a1, a2, a3
+    mov \a3, %ecx
+    mov \a2, %ebx
+    mov \a1, %edx
+    mov $\nr, %eax
+    int $0x1f
+.endm
+.macro CPU_INIT data
+    movl $0x80, \data+1132
+    mov $\data+20, %edi
+    mov $0xff, %al
+    mov $64, %ecx
+    rep stosb
+    HCALL 1, \data
 .endm
 .macro IDT vector, handler, type=0xe
     mov $6, %eax

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 from guestasm import boot, until
 
-from supervisor import LguestDevice, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer
 from supervisor.testing import assemble, initialize_words, load, run_cpus_to_end
@@ -65,19 +67,15 @@ work:
 1:  pause
     cmpl $NCPUS, done
     jne 1b
+    {check}
     HCALL 2, msg, 1, 0
+wrong:
+    HCALL 2, msg, 1, 1
 park:
     HCALL 10
     jmp park
 fail:
-    HCALL 2, failmsg, 1, 0
-.macro HCALL_REG nr, a1, a2, a3
-    mov \a3, %ecx
-    mov \a2, %ebx
-    mov \a1, %edx
-    mov $\nr, %eax
-    int $0x1f
-.endm
+    HCALL 2, failmsg, 1, 3
 .data
 counter: .long 0
 counter2: .long 0
@@ -119,12 +117,11 @@ SPINLOCK = r"""
 """
 
 
-def smp(ncpus: int, loops: int, work: str, setup: str = "") -> str:
-    # The macro must precede its first use: move it to the top.
-    body = SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup)
-    head, macro = body.split(".macro HCALL_REG", 1)
-    macro, tail = macro.split(".endm", 1)
-    return ".macro HCALL_REG" + macro + ".endm\n" + head + tail
+def smp(ncpus: int, loops: int, work: str, setup: str = "", check: tuple[str, ...] = ()) -> str:
+    """The guest; it powers off with status 1 unless each of ``check`` (symbols) holds
+    ``ncpus * loops``."""
+    checks = "".join(f"cmpl $NCPUS * LOOPS, {symbol}\n    jne wrong\n    " for symbol in check)
+    return SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup, check=checks)
 
 
 async def test_initialize_takes_the_number_of_cpus(dev: LguestDevice) -> None:
@@ -185,13 +182,6 @@ async def test_an_offline_cpu_reads_nothing_until_started(dev: LguestDevice) -> 
 
 
 IPI = r"""
-.macro HCALL_REG nr, a1, a2, a3
-    mov \a3, %ecx
-    mov \a2, %ebx
-    mov \a1, %edx
-    mov $\nr, %eax
-    int $0x1f
-.endm
 main:
     LGUEST_INIT
     IDT 37, ipi_handler
@@ -217,12 +207,7 @@ main:
 secondary:
     mov %eax, cpu_seen
     {first}
-    movl $0x80, cpu1_data+1132
-    mov $cpu1_data+20, %edi
-    mov $0xff, %al
-    mov $64, %ecx
-    rep stosb
-    HCALL 1, cpu1_data
+    CPU_INIT cpu1_data
     movl $512, cpu1_data        # this CPU's irq_enabled
     movl $1, ready
 3:  HCALL 10
@@ -278,7 +263,7 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
 ) -> None:
     from supervisor.memory import GuestMemory
 
-    loops = 3_000_000
+    loops = 1_000_000
     g = await boot(dev, smp(2, loops, SPINLOCK + XADD), cpus=2)
     running = asyncio.ensure_future(run_cpus_to_end(g))
     await until(lambda: g.u32("counter2") > loops // 2)
@@ -303,13 +288,6 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
 
 
 TWO_LOOPS = r"""
-.macro HCALL_REG nr, a1, a2, a3
-    mov \a3, %ecx
-    mov \a2, %ebx
-    mov \a1, %edx
-    mov $\nr, %eax
-    int $0x1f
-.endm
 main:
     LGUEST_INIT
     HCALL_REG 64, $1, $secondary, $stack1_top
@@ -319,12 +297,7 @@ cpu0_loop:
     je cpu0_loop
     HCALL 2, msg, 1, 0
 secondary:
-    movl $0x80, cpu1_data+1132
-    mov $cpu1_data+20, %edi
-    mov $0xff, %al
-    mov $64, %ecx
-    rep stosb
-    HCALL 1, cpu1_data
+    CPU_INIT cpu1_data
     mov $7, %edi
 cpu1_spot:
     inc %edi
@@ -389,3 +362,54 @@ async def test_gdb_sees_each_cpu_as_a_thread(dev: LguestDevice) -> None:
     assert g.guest.symbols["cpu0_loop"] <= eip < g.guest.symbols["secondary"], out
     assert reason == "done"
     await server.aclose()
+
+
+async def test_a_supervised_smp_guest_snapshotted_mid_run_and_restored_counts_exactly(
+    tmp_path: Path,
+) -> None:
+    loops = 500_000
+    image = tmp_path / "smp.img"
+    image.write_bytes(assemble(smp(3, loops, SPINLOCK + XADD, check=("counter", "counter2"))).image)
+    config = GuestConfig(image=image, memory="1M", cpus=3, console="null")
+    async with Supervisor() as sup, asyncio.timeout(60):
+        whole = await sup.launch(config)
+        assert (await whole.wait()).ok  # every CPU ran, the totals were exact
+        g = await sup.launch(config)
+        await until(lambda: g.stats.run_time > 0.005)
+        snap = await g.snapshot()
+        assert len(snap.state.cpus) == 3
+        await g.kill("snapshot taken")
+        forks = [await sup.restore(snap, name=f"fork{i}") for i in range(2)]
+        for fork in forks:
+            end = await fork.wait()
+            assert end.ok, end
+
+
+async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
+    async with LguestDevice(hibernate_after=0) as device:
+        g = await boot(device, IPI.format(first=""), cpus=2)
+        assert await run_cpus_to_end(g) == "done"
+        cpu1 = g.file.cpu(1)
+        assert g.u32("got") == 1
+        # Born frozen (offline), thawed by START_CPU; frozen again in its halt, thawed by the IPI.
+        assert cpu1.stats.hibernations >= 2 and cpu1.stats.wakes >= 2
+
+
+def test_the_cli_runs_swarms_of_smp_guests_and_refuses_bad_cpu_counts(tmp_path: Path) -> None:
+    from test_cli import cli
+
+    image = tmp_path / "smp.img"
+    image.write_bytes(assemble(smp(2, 100_000, SPINLOCK, check=("counter2",))).image)
+    proc = cli("swarm", "-n", "3", str(image), "--memory", "1M", "--cpus", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "swarm of 3, 2 CPUs each" in proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if re.search(r"\d\.\d\ds", line))
+    assert re.findall(r"[\d,.]+s?", row)[:3] == ["3", "0", "0"]  # finished, failed, died
+    for bad in ("0", "17"):
+        proc = cli("run", str(image), "--cpus", bad)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("supervisor: error: ") and "cpus" in proc.stderr
+        assert proc.stderr.count("\n") == 1
+    # One CPU given to a guest that starts a second: START_CPU says -EINVAL, it fails.
+    proc = cli("run", str(image), "--memory", "1M")
+    assert proc.returncode == 3, proc.stderr  # the guest's own exit status
