@@ -195,9 +195,9 @@ class Debugger:
 
     @property
     def parked(self) -> bool:
-        """True when stopped and every CPU being read is held inside its read (the
-        Launcher is waiting: a clean point to snapshot)."""
-        return self.stopped and all(w.parked or not w.cpu.reading for w in self._watches)
+        """True when stopped and every CPU is held inside a read (the Launcher waits on
+        each of them, serving none: a clean point to snapshot)."""
+        return self.stopped and all(w.parked and w.cpu.reading for w in self._watches)
 
     def _on_hold(self, watch: _Watch) -> None:
         cpu = watch.cpu
