@@ -9,12 +9,14 @@ committed guests/c/smp.elf runs without it.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from supervisor import Exit, GuestConfig, Supervisor
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.sdk.elfstrip import symbols
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 SMP = GUESTS / "c" / "smp.elf"
@@ -208,3 +210,45 @@ int main(void) {
     _, result = await run_guest(image, cpus=2)
     assert result.died
     assert result.reason.startswith("CRASH: NULL pointer dereference: write at 0x00000000")
+
+
+async def test_a_started_cpu_s_stack_has_a_guard_page(build_guest: BuildGuest) -> None:
+    """CPU 1's stack (__lguest_stack_size bytes, from free memory) sits above an unmapped page."""
+    image = build_guest(
+        r"""
+#include <stdio.h>
+#include <lguest.h>
+static volatile unsigned long sp1;
+static volatile int go;
+static int deep(int n) {
+    volatile char pad[512];
+    pad[0] = (char)n;
+    return n ? deep(n - 1) + pad[0] : 0;
+}
+static void cpu1(void *arg) {
+    volatile int here;
+    sp1 = (unsigned long)&here;
+    while (!go) __builtin_ia32_pause();
+    deep(100000);
+}
+int main(void) {
+    lg_start_cpu(cpu1, 0);
+    while (!sp1) __builtin_ia32_pause();
+    printf("%#lx\n", sp1);
+    fflush(stdout);
+    go = 1;
+    for (;;) lguest_halt();
+}
+""",
+        flags=["-O1"],
+    )
+    lines, result = await run_guest(image, cpus=2)
+    assert result.died
+    match = re.fullmatch(
+        r"cannot push interrupt frame: stack at (0x[0-9a-f]+) is not writable", result.reason
+    )
+    assert match, result.reason
+    sp1, fault = int(lines[0], 16), int(match[1], 16)
+    guard = symbols(image.read_bytes())["__lguest_stack_guard"]
+    assert not guard <= fault < guard + 4096  # not CPU 0's guard page
+    assert 0 < sp1 - fault <= 64 * 1024 + 4096  # just below CPU 1's 64 KiB stack
