@@ -99,9 +99,22 @@ static void on_ipi(unsigned irq)
     __atomic_fetch_add(&ipi_count, 1, __ATOMIC_SEQ_CST);
 }
 
+struct quad {
+    unsigned a, b, c, d;
+};
+static struct quad quad; /* 16 bytes: compiler-rt's lock-table atomics */
+
 static void add_wide(void)
 {
     for (int i = 0; i < 100000; i++) __atomic_fetch_add(&wide, 0x100000001ull, __ATOMIC_RELAXED);
+    for (int i = 0; i < 10000; i++) {
+        struct quad old, new;
+        __atomic_load(&quad, &old, __ATOMIC_SEQ_CST);
+        do {
+            new = (struct quad){old.a + 1, old.b + 1, old.c + 1, old.d + 1};
+        } while (!__atomic_compare_exchange(&quad, &old, &new, 0, __ATOMIC_SEQ_CST,
+                                            __ATOMIC_SEQ_CST));
+    }
 }
 
 static void cpu1(void *arg)
@@ -153,16 +166,17 @@ int main(void)
     printf("tls cpu0 %d cpu1 %d; errno cpu0 %d cpu1 %s; slept %d\n", tls_var, cpu1_tls,
            errno, cpu1_errno == ENOSYS ? "ENOSYS" : "?", cpu1_slept);
     printf("wide %s\n", wide == 2 * 100000 * 0x100000001ull ? "exact" : "WRONG");
+    printf("quad %u %u %u %u\n", quad.a, quad.b, quad.c, quad.d);
     lg_spin_unlock_irqrestore(&print_lock, was);
     return 0;
 }
 """
 
 
-async def test_cpu_ids_start_past_the_last_cpu_ipis_tls_errno_and_8_byte_atomics(
+async def test_cpu_ids_start_past_the_last_cpu_ipis_tls_errno_and_atomics(
     build_guest: BuildGuest,
 ) -> None:
-    image = build_guest(PROBE, flags=["-O2", "-Wall", "-Werror"])
+    image = build_guest(PROBE, flags=["-O2", "-Wall", "-Werror", "-Wno-atomic-alignment"])
     lines, result = await run_guest(image, cpus=3)
     assert lines == [
         "hello from cpu 2",
@@ -170,6 +184,7 @@ async def test_cpu_ids_start_past_the_last_cpu_ipis_tls_errno_and_8_byte_atomics
         "ipi 0 -1 -1: ran on 105, 1 time(s)",
         "tls cpu0 10 cpu1 7; errno cpu0 0 cpu1 ENOSYS; slept 1",
         "wide exact",
+        "quad 20000 20000 20000 20000",
     ]
     assert result.ok
 
