@@ -13,6 +13,11 @@
  * pending; the Host then runs its handler and lguest_halt() returns with
  * interrupts off again.  Handlers registered with lguest_set_irq_handler()
  * run with interrupts off, on the interrupted stack.
+ *
+ * Several CPUs: lg_start_cpu(), lg_cpu_id(), lg_send_ipi(), lg_spinlock_t;
+ * the interrupt calls above act on the calling CPU.  docs/sdk.md says what
+ * else a started CPU may call (musl is single-threaded: no stdio or malloc
+ * on two CPUs at once).
  */
 #ifndef LGUEST_H
 #define LGUEST_H

@@ -16,6 +16,11 @@
  *    MONOTONIC, *_CPUTIME = time since boot), nanosleep/clock_nanosleep
  *    (clock event + halt), set_thread_area (TLS), exit/exit_group, signals
  *    sent to self kill the guest; anything else returns -ENOSYS.
+ *  - several CPUs (docs/sdk.md): %fs is each CPU's struct lg_percpu (GDT
+ *    entry 9); lg_start_cpu gives a started CPU its own lguest_data, stack
+ *    (with a guard page), GDT and musl thread block (errno, TLS); the irq
+ *    return path, the clock and halt act on the calling CPU; the console,
+ *    block device and brk/mmap/munmap are serialised by runtime spinlocks.
  */
 #include <lguest.h>
 
