@@ -245,13 +245,13 @@ def initialize_words(
     return abi.pack_words(*words, *([cpus] if cpus != 1 else []))
 
 
-def load(guest: AsmGuest, ram_size: int = 1 << 20) -> tuple[GuestMemory, Layout]:
+def load(guest: AsmGuest, ram_size: int = 1 << 20, cpus: int = 1) -> tuple[GuestMemory, Layout]:
     """Fresh Launcher memory with the image, page tables and boot info in place."""
     layout = plan(ram_size)
     memory = GuestMemory(layout.pfn_limit * abi.PAGE_SIZE)
     memory.write(IMAGE_BASE, guest.image)
     build_pagetables(memory.view, layout)
-    write_boot_info(memory.view, layout, 0, b"")
+    write_boot_info(memory.view, layout, 0, b"", cpus)
     return memory, layout
 
 
@@ -260,7 +260,7 @@ async def boot(
 ) -> Booted:
     """Assemble (if given source), load and INITIALIZE a guest; read to run it."""
     guest = assemble(body) if isinstance(body, str) else body
-    memory, layout = load(guest, ram_size)
+    memory, layout = load(guest, ram_size, cpus)
     f = dev.open(memory)
     await f.write(initialize_words(memory, layout, cpus=cpus))
     return Booted(f, memory, layout, guest)

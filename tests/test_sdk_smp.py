@@ -200,13 +200,16 @@ async def test_lg_start_cpu_on_a_one_cpu_guest_returns_minus_one(
 static void never(void *arg) { (void)arg; }
 int main(void) {
     int a = lg_start_cpu(never, 0), b = lg_start_cpu(never, 0);
-    printf("%d %d %u\n", a, b, lg_cpu_id());
+    printf("%d %d %u of %u\n", a, b, lg_cpu_id(), lg_cpu_count());
     return 0;
 }
 """
     )
     lines, result = await run_guest(image, cpus=1)
-    assert lines == ["-1 -1 0"]
+    assert lines == ["-1 -1 0 of 1"]
+    assert result.ok
+    lines, result = await run_guest(image, cpus=3)  # the boot info says how many
+    assert lines == ["1 2 0 of 3"]
     assert result.ok
 
 

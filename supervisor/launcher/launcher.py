@@ -207,7 +207,7 @@ class Launcher:
         view = memory.view
         entry = load_image(self.image, view, self.layout)
         build_pagetables(view, self.layout)
-        write_boot_info(view, self.layout, len(self.devices), self.cmdline)
+        write_boot_info(view, self.layout, len(self.devices), self.cmdline, self.cpus)
         return entry
 
     # -- public ----------------------------------------------------------------

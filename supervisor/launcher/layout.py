@@ -21,7 +21,8 @@ from ..abi import PAGE_SIZE, SWITCHER_PGD_INDEX
 
 BOOT_INFO_MAGIC = 0x5453474C  # "LGST"
 BOOT_INFO_VERSION = 1
-BOOT_INFO = struct.Struct("<8I")  # magic version ram_size device_page count free_end cmdline len
+# magic version ram_size device_page count free_end cmdline len cpus
+BOOT_INFO = struct.Struct("<9I")
 CMDLINE_ADDR = 0x800  # inside the boot info page
 CMDLINE_MAX = PAGE_SIZE - CMDLINE_ADDR
 IMAGE_BASE = 0x10000
@@ -95,8 +96,11 @@ def build_pagetables(ram: memoryview, layout: Layout) -> None:
         ram[table : table + len(ptes)] = ptes
 
 
-def write_boot_info(ram: memoryview, layout: Layout, devices: int, cmdline: bytes) -> None:
-    """Fill the boot information page at guest-physical 0.
+def write_boot_info(
+    ram: memoryview, layout: Layout, devices: int, cmdline: bytes, cpus: int = 1
+) -> None:
+    """Fill the boot information page at guest-physical 0 (``cpus``: how many CPUs
+    the guest has, an extension at offset 32 that older guests never read).
 
     Raises ``ValueError`` if ``cmdline`` does not fit in the page (with its NUL).
     """
@@ -113,5 +117,6 @@ def write_boot_info(ram: memoryview, layout: Layout, devices: int, cmdline: byte
         layout.pgdir,
         CMDLINE_ADDR if cmdline else 0,
         len(cmdline),
+        cpus,
     )
     ram[CMDLINE_ADDR : CMDLINE_ADDR + len(cmdline)] = cmdline

@@ -14,7 +14,7 @@
  * interrupts off again.  Handlers registered with lguest_set_irq_handler()
  * run with interrupts off, on the interrupted stack.
  *
- * Several CPUs: lg_start_cpu(), lg_cpu_id(), lg_send_ipi(), lg_spinlock_t;
+ * Several CPUs: lg_start_cpu(), lg_cpu_id(), lg_cpu_count(), lg_send_ipi(), lg_spinlock_t;
  * the interrupt calls above act on the calling CPU.  docs/sdk.md says what
  * else a started CPU may call (musl is single-threaded: no stdio or malloc
  * on two CPUs at once).
@@ -93,6 +93,7 @@ struct lguest_boot_info {
     uint32_t free_end;     /* end of memory free for the guest (= page directory) */
     uint32_t cmdline;      /* address of the command line (0 if none) */
     uint32_t cmdline_len;  /* its length, without the NUL that follows */
+    uint32_t cpus;         /* CPUs the guest has (an extension; CPU 0 boots) */
 };
 
 /* ---- struct lguest_data: shared with the Host (1136 bytes) ---- */
@@ -136,7 +137,7 @@ _Static_assert(offsetof(struct lguest_data, noirq_end) == 1124, "lguest_data lay
 _Static_assert(offsetof(struct lguest_data, kernel_address) == 1128, "lguest_data layout");
 _Static_assert(offsetof(struct lguest_data, syscall_vec) == 1132, "lguest_data layout");
 _Static_assert(sizeof(struct lguest_data) == 1136, "lguest_data layout");
-_Static_assert(sizeof(struct lguest_boot_info) == 32, "boot info layout");
+_Static_assert(sizeof(struct lguest_boot_info) == 36, "boot info layout");
 
 /* ---- device descriptors (64 bytes each, in the device page) ---- */
 #define LGUEST_DEVICE_CONSOLE 1
@@ -266,6 +267,14 @@ static inline struct lg_percpu *lg_percpu(void)
     struct lg_percpu *p;
     __asm__ __volatile__("movl %%fs:8, %0" : "=r"(p));
     return p;
+}
+
+/* How many CPUs the guest has (the boot info's `cpus`; 1 from a Launcher
+ * that does not say), online or not: lg_start_cpu() can start the others. */
+static inline unsigned lg_cpu_count(void)
+{
+    unsigned n = lguest_boot_info->cpus;
+    return n ? n : 1;
 }
 
 /* Start the next offline CPU: it runs fn(arg) on a stack of its own
