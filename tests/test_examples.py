@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
         ("embed.py", [], ["[hello] Hello from an lguest guest!", "[echo] pong", "[echo] bye"]),
         ("swarm.py", ["50"], ["50 guests in", "{'finished': 50}"]),
         ("custom_device.py", [], ["[guest] blockcopy ok", "sectors copied: True", "exit status 0"]),
+        (
+            "smp.py",
+            [],
+            ["snapshot of 4 CPUs taken mid-count", "[copy] exact", "[copy] exit status 0"],
+        ),
     ],
 )
 def test_example(script: str, args: list[str], expected: list[str]) -> None:
