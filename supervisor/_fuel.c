@@ -58,10 +58,13 @@ typedef struct fuel {
     struct fuel *next;          /* the list of running slices */
     struct fuel *prev;
     int32_t cpu_clock;          /* the emulating thread's CPU-time clock (a clockid_t) */
-    int32_t pad;
+    int32_t exit_request;       /* run(): this CPU is on the exit-request path */
     int64_t cpu_start;          /* its CPU time at enter() */
     int64_t span;               /* deadline - now at enter(): the CPU time this run may use */
     int64_t latest;             /* wall time after which the deadline is not moved again */
+    /* run(): the slice's CPU-time account, owned by the emulating thread */
+    int64_t left;               /* ns of the emulating thread's CPU time left in the slice */
+    int64_t mark;               /* that thread's CPU time when the slice's last run started, 0: none */
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -213,12 +216,10 @@ static fuel_t *fuel_arg(PyObject *arg)
     return fuel;
 }
 
-static PyObject *enter(PyObject *self, PyObject *arg)
+/* Register a run that starts now; `clock`/`cpu_now`: the calling thread's CPU clock and its
+   reading (cpu_now < 0: not known, read it here).  Returns 0 or an errno. */
+static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_now)
 {
-    (void)self;
-    fuel_t *fuel = fuel_arg(arg);
-    if (fuel == NULL)
-        return NULL;
     pthread_mutex_lock(&lock);
     if (!slicer_started) {
         pthread_t thread;
@@ -229,18 +230,18 @@ static PyObject *enter(PyObject *self, PyObject *arg)
         pthread_attr_destroy(&attr);
         if (err != 0) {
             pthread_mutex_unlock(&lock);
-            errno = err;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            return err;
         }
         slicer_started = 1;
     }
-    clockid_t clock;
     int64_t now = now_ns();
     fuel->span = fuel->deadline > now ? fuel->deadline - now : 0;
     fuel->latest = now + MAX_STRETCH * fuel->span;
-    if (pthread_getcpuclockid(pthread_self(), &clock) == 0) {
+    if (!have_clock && pthread_getcpuclockid(pthread_self(), &clock) == 0)
+        have_clock = 1;
+    if (have_clock) {
         fuel->cpu_clock = (int32_t)clock;
-        fuel->cpu_start = clock_ns(clock);
+        fuel->cpu_start = cpu_now >= 0 ? cpu_now : clock_ns(clock);
     } else {
         fuel->latest = 0; /* no CPU clock: plain wall-clock deadlines */
     }
@@ -257,15 +258,25 @@ static PyObject *enter(PyObject *self, PyObject *arg)
     if ((fuel->sent ? fuel->sent_at + RESEND_NS : fuel->deadline) < wake_at)
         pthread_cond_signal(&wake);
     pthread_mutex_unlock(&lock);
-    Py_RETURN_NONE;
+    return 0;
 }
 
-static PyObject *leave(PyObject *self, PyObject *arg)
+static PyObject *enter(PyObject *self, PyObject *arg)
 {
     (void)self;
     fuel_t *fuel = fuel_arg(arg);
     if (fuel == NULL)
         return NULL;
+    int err = do_enter(fuel, 0, 0, -1);
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static void do_leave(fuel_t *fuel)
+{
     pthread_mutex_lock(&lock);
     if (fuel->running) {
         if (fuel->prev != NULL)
@@ -278,7 +289,104 @@ static PyObject *leave(PyObject *self, PyObject *arg)
         fuel->running = 0;
     }
     pthread_mutex_unlock(&lock);
+}
+
+static PyObject *leave(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    do_leave(fuel);
     Py_RETURN_NONE;
+}
+
+/* ---- run(): one entry into the guest, in one call ------------------------------ */
+
+typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+static emu_start_fn uc_emu_start_fn;
+static reg_read_fn uc_reg_read_fn;
+static int eip_id = -1;
+
+static PyObject *bind(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *start, *read;
+    int eip;
+    if (!PyArg_ParseTuple(args, "OOi", &start, &read, &eip))
+        return NULL;
+    void *s = PyLong_AsVoidPtr(start);
+    void *r = PyLong_AsVoidPtr(read);
+    if (PyErr_Occurred())
+        return NULL;
+    if (s == NULL || r == NULL) {
+        PyErr_SetString(PyExc_ValueError, "null function address");
+        return NULL;
+    }
+    uc_emu_start_fn = (emu_start_fn)s;
+    uc_reg_read_fn = (reg_read_fn)r;
+    eip_id = eip;
+    Py_RETURN_NONE;
+}
+
+/* run(address, until) -> status.  Enter the fuel's engine at its current eip until
+   something stops it, with the GIL released (Python hooks take it themselves).
+   The slice's CPU-time account: the thread's CPU time since the previous run started
+   (that run, and the Host's work for the guest after it) is taken off `left`, and the
+   run gets a deadline `left` ns from now.  One CPU-clock read per run.  Returns the
+   uc_err of uc_emu_start (0: stopped normally), or -1 if no time was left (nothing ran;
+   reason is REASON_BUDGET). */
+static PyObject *run(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *address;
+    unsigned long long until;
+    if (!PyArg_ParseTuple(args, "OK", &address, &until))
+        return NULL;
+    fuel_t *fuel = fuel_arg(address);
+    if (fuel == NULL)
+        return NULL;
+    if (uc_emu_start_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
+        return NULL;
+    }
+    clockid_t clock;
+    int have_clock = pthread_getcpuclockid(pthread_self(), &clock) == 0;
+    int64_t used = have_clock ? clock_ns(clock) : INT64_MAX;
+    if (used == INT64_MAX) {
+        have_clock = 0;
+        used = -1;
+    }
+    if (used >= 0) {
+        if (fuel->mark)
+            fuel->left -= used - fuel->mark;
+        fuel->mark = used;
+    }
+    if (fuel->left <= 0) {
+        fuel->reason = REASON_BUDGET;
+        return PyLong_FromLong(-1);
+    }
+    fuel->deadline = now_ns() + fuel->left;
+    uint64_t eip = 0;
+    int status = uc_reg_read_fn(fuel->uc, eip_id, &eip);
+    if (status != 0)
+        return PyLong_FromLong(status);
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (fuel->exit_request)
+        err = do_enter(fuel, have_clock, clock, used);
+    if (err == 0) {
+        status = uc_emu_start_fn(fuel->uc, eip & 0xFFFFFFFFu, until, 0, 0);
+        if (fuel->exit_request)
+            do_leave(fuel);
+    }
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(status);
 }
 
 static PyObject *kick(PyObject *self, PyObject *arg)
@@ -302,6 +410,8 @@ static PyMethodDef fuel_methods[] = {
     {"enter", enter, METH_O, "enter(address): a run of the fuel's engine starts (exit-request path)."},
     {"leave", leave, METH_O, "leave(address): that run has returned; no stop is sent after this."},
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
+    {"bind", bind, METH_VARARGS, "bind(uc_emu_start, uc_reg_read, eip_id): the Unicorn calls run() uses."},
+    {"run", run, METH_VARARGS, "run(address, until) -> uc_err, or -1: no time left (see _fuel.c)."},
     {NULL, NULL, 0, NULL},
 };
 

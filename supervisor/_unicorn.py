@@ -53,11 +53,38 @@ _UNSET = b"\xff\xff\xff\xff"
 # Vectors after which QEMU remembers an exception (contributory ones, page fault).
 REMEMBERED = frozenset({0, 8, 10, 11, 12, 13, 14})
 EMU_STOP_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+EMU_START_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_start, ctypes.c_void_p).value
+REG_READ_ADDRESS: int | None = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+EIP = r.UC_X86_REG_EIP
 
 
 def handle(uc: Any) -> Any:
     """The instance's native ``uc_engine *`` (for the C API)."""
     return uc._uch
+
+
+# -- starting emulation through the C API (supervisor._fuel.run) ---------------------------
+# The binding's emu_start records an exception raised in a Python hook (the hook then
+# stops emulation) and raises it once uc_emu_start returns; a caller that starts the
+# engine itself does the same with these two.
+def forget_hook_exception(uc: Any) -> None:
+    """Before a start: no exception from an earlier run's hooks is pending."""
+    uc._hook_exception = None
+
+
+def raise_hook_exception(uc: Any) -> None:
+    """After a start: raise what a Python hook raised during it, if anything."""
+    exc = uc._hook_exception
+    if exc is not None:
+        uc._hook_exception = None
+        raise exc
+
+
+def eip(uc: Any) -> int:
+    """The instance's eip."""
+    value = ctypes.c_uint64()
+    uclib.uc_reg_read(uc._uch, EIP, ctypes.byref(value))
+    return value.value & _MASK
 
 
 # -- registers -------------------------------------------------------------------------------

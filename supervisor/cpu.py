@@ -80,6 +80,7 @@ class Trap:
     vector: int | None = None  # an interrupt or exception vector
     bad_access: tuple[str, int] | None = None  # ("read"|"write"|"fetch", address)
     debug: str | None = None  # a debugger's code hook stopped before an instruction: why
+    hcall: tuple[int, int, int, int] | None = None  # the hypercall registers, if the hook read them
 
 
 class ThreadError(RuntimeError):
@@ -123,6 +124,7 @@ class LgCpu:
     clock_due: float = host_only(default=0.0)
     budget: int = host_only(default=DEFAULT_BUDGET)  # adaptive slice length, in blocks
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    yielded_at: float = host_only(default=0.0)  # run.py: its inline slices last let the loop run
     # An executor slice submitted and not finished (maybe not started): run.py owns it.
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     trap: Trap = host_only(default_factory=Trap)

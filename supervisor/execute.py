@@ -119,6 +119,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
                     fuel.reason = _slicing.REASON_BUDGET  # (not a hlt: see classify)
                     uc.emu_stop()
                 return
+            trap.hcall = args  # read once: _enter_guest takes them from here
         trap.vector = vector
         uc.emu_stop()
 
@@ -232,10 +233,11 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         trap.vector = None
         trap.bad_access = None
         trap.debug = None
+        trap.hcall = None
         cpu.fuel.reason = _slicing.REASON_NONE
         error: UcError | None = None
         try:
-            count = _slicing.run(cpu.uc, cpu.fuel, cpu.eip, _NEVER)
+            count = _slicing.run(cpu.uc, cpu.fuel, _NEVER)
         except UcError as exc:
             error = exc
         cpu.stats.exits += 1
@@ -251,7 +253,7 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         _unicorn.forget_exception(cpu.uc)
     match exit:
         case CpuExit.HYPERCALL:
-            cpu.hcall = cpu.regs.hypercall()
+            cpu.hcall = trap.hcall if trap.hcall is not None else cpu.regs.hypercall()
         case CpuExit.TRAP:
             assert trap.vector is not None
             _reflect_trap(cpu, trap.vector)

@@ -1,0 +1,92 @@
+"""The notify and hypercall paths do each thing once (issue 15): what the fast path
+must keep doing, and what it must not do twice."""
+
+import asyncio
+import itertools
+import time
+
+from guestasm import boot
+
+from supervisor import _slicing, _unicorn, abi, run
+from supervisor.execute import INLINE_TIME
+
+NOTIFY_LOOP = r"""
+main:
+    LGUEST_INIT
+rt: HCALL 17, 1
+    jmp rt
+"""
+
+
+async def test_a_hypercall_trap_reads_the_guest_registers_once(dev, monkeypatch):
+    g = await boot(dev, NOTIFY_LOOP)
+    await g.file.read(abi.WORD_SIZE)
+    reads = 0
+    original = _unicorn.Registers.hypercall
+
+    def counted(self: _unicorn.Registers) -> tuple[int, int, int, int]:
+        nonlocal reads
+        reads += 1
+        return original(self)
+
+    monkeypatch.setattr(_unicorn.Registers, "hypercall", counted)
+    for _ in range(50):
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+    assert reads == 50
+
+
+async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatch):
+    """Inline slices need not yield after every notify, but they yield once INLINE_TIME
+    has passed since they last did: a Launcher whose reads always return at once cannot
+    starve other tasks.  (A fake clock that advances a quarter of INLINE_TIME per look.)"""
+    g = await boot(dev, NOTIFY_LOOP)
+    await g.file.read(abi.WORD_SIZE)
+    clock = [time.monotonic()]
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            clock[0] += INLINE_TIME / 4
+            return clock[0]
+
+    monkeypatch.setattr(run, "time", Clock)
+    ticks: list[int] = []
+    reads = 0
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(reads)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        for _ in range(200):
+            await g.file.read(abi.WORD_SIZE)
+            reads += 1
+    finally:
+        task.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    assert max(gaps) <= 4, gaps  # the loop ran at least every fourth read
+    assert len(ticks) <= 200 // 3, len(ticks)  # and not after every read
+
+
+def test_a_run_with_no_time_left_does_not_start():
+    if not _slicing.NATIVE:
+        return  # the fallback's accounting is the same code in Python; see test_slicing
+    from test_slicing import bare_cpu
+
+    uc, fuel = bare_cpu()
+    eip = _unicorn.eip(uc)
+    fuel.stop = 0
+    fuel.budget = 1 << 40
+    fuel.reason = _slicing.REASON_NONE
+    fuel.left = 1  # one nanosecond: used up by the time the next run starts
+    fuel.mark = 0
+    _slicing.run(uc, fuel, 1 << 32)  # the first run gets its nanosecond (one block or so)
+    fuel.reason = _slicing.REASON_NONE
+    before = _unicorn.eip(uc), bytes(uc.mem_read(0x2000, 4))
+    assert _slicing.run(uc, fuel, 1 << 32) == 0
+    assert fuel.reason == _slicing.REASON_BUDGET and fuel.budget == 0
+    assert (_unicorn.eip(uc), bytes(uc.mem_read(0x2000, 4))) == before
+    assert eip is not None
