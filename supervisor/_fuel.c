@@ -65,6 +65,16 @@ typedef struct fuel {
     /* run(): the slice's CPU-time account, owned by the emulating thread */
     int64_t left;               /* ns of the emulating thread's CPU time left in the slice */
     int64_t mark;               /* that thread's CPU time when the slice's last run started, 0: none */
+    /* the interrupt hook (intr_hook); set by the slice before each run */
+    volatile uint8_t *ring;     /* the async ring's status bytes in guest memory; NULL: stop at
+                                   every trap (no lguest_data yet, or a hypercall pending) */
+    PyObject *local;            /* local(number, a1, a2, a3) -> stop?: a CPU-local hypercall */
+    uint64_t local_mask;        /* bit n: hypercall n is CPU-local (supervisor/hypercalls.py) */
+    int32_t next_hcall;         /* the ring's next slot */
+    int32_t vector;             /* the trap that ended the run, -1: none (run() resets it) */
+    uint32_t hcall[4];          /* eax, edx, ebx, ecx of that trap, if hcall_read */
+    int32_t hcall_read;
+    int32_t pad;
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -308,13 +318,63 @@ typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 static emu_start_fn uc_emu_start_fn;
 static reg_read_fn uc_reg_read_fn;
 static int eip_id = -1;
+static int hcall_ids[4]; /* eax, edx, ebx, ecx */
+
+#define TRAP_ENTRY 0x1f
+#define HCALL_FREE 0xff
+
+/* The interrupt hook (UC_HOOK_INTR) of the native paths, on the emulating thread.
+   Every interrupt or exception ends the run with `vector` recorded, except a
+   hypercall that the table in supervisor/hypercalls.py marks CPU-local (local_mask)
+   while the async ring is empty: that one is done at once by calling `local` (the
+   same Python handler the run loop uses) and the guest goes on, unless the handler
+   asks to stop or the run's time is up.  The registers are read here, once. */
+static void intr_hook(void *uc, uint32_t intno, void *user)
+{
+    fuel_t *fuel = user;
+    if (intno == TRAP_ENTRY && fuel->ring != NULL) {
+        for (int i = 0; i < 4; i++) {
+            uint64_t value = 0;
+            uc_reg_read_fn(uc, hcall_ids[i], &value);
+            fuel->hcall[i] = (uint32_t)value;
+        }
+        fuel->hcall_read = 1;
+        uint32_t number = fuel->hcall[0];
+        if (number < 64 && (fuel->local_mask >> number & 1) &&
+            fuel->ring[fuel->next_hcall] == HCALL_FREE && fuel->local != NULL) {
+            PyGILState_STATE gil = PyGILState_Ensure();
+            PyObject *result = PyObject_CallFunction(fuel->local, "kkkk",
+                (unsigned long)fuel->hcall[0], (unsigned long)fuel->hcall[1],
+                (unsigned long)fuel->hcall[2], (unsigned long)fuel->hcall[3]);
+            int stop = 1;
+            if (result == NULL)
+                PyErr_WriteUnraisable(fuel->local);
+            else
+                stop = PyObject_IsTrue(result) != 0;
+            Py_XDECREF(result);
+            PyGILState_Release(gil);
+            fuel->hcall_read = 0;
+            if (stop) {
+                fuel->reason = REASON_STOP;
+                fuel->emu_stop(uc);
+            } else if (now_ns() >= fuel->deadline) { /* the call is done; time is up */
+                fuel->reason = REASON_BUDGET;
+                fuel->emu_stop(uc);
+            }
+            return;
+        }
+    }
+    fuel->vector = (int32_t)intno;
+    fuel->emu_stop(uc);
+}
 
 static PyObject *bind(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *start, *read;
     int eip;
-    if (!PyArg_ParseTuple(args, "OOi", &start, &read, &eip))
+    if (!PyArg_ParseTuple(args, "OOi(iiii)", &start, &read, &eip, &hcall_ids[0], &hcall_ids[1],
+                          &hcall_ids[2], &hcall_ids[3]))
         return NULL;
     void *s = PyLong_AsVoidPtr(start);
     void *r = PyLong_AsVoidPtr(read);
@@ -363,6 +423,8 @@ static PyObject *run(PyObject *self, PyObject *args)
             fuel->left -= used - fuel->mark;
         fuel->mark = used;
     }
+    fuel->vector = -1;
+    fuel->hcall_read = 0;
     if (fuel->left <= 0) {
         fuel->reason = REASON_BUDGET;
         return PyLong_FromLong(-1);
@@ -410,7 +472,9 @@ static PyMethodDef fuel_methods[] = {
     {"enter", enter, METH_O, "enter(address): a run of the fuel's engine starts (exit-request path)."},
     {"leave", leave, METH_O, "leave(address): that run has returned; no stop is sent after this."},
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
-    {"bind", bind, METH_VARARGS, "bind(uc_emu_start, uc_reg_read, eip_id): the Unicorn calls run() uses."},
+    {"bind", bind, METH_VARARGS,
+     "bind(uc_emu_start, uc_reg_read, eip_id, (eax, edx, ebx, ecx)): the Unicorn calls and "
+     "register ids run() and intr_hook use."},
     {"run", run, METH_VARARGS, "run(address, until) -> uc_err, or -1: no time left (see _fuel.c)."},
     {NULL, NULL, 0, NULL},
 };
@@ -429,6 +493,7 @@ PyMODINIT_FUNC PyInit__fuel(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObject(m, "block_hook", PyLong_FromVoidPtr((void *)block_hook)) < 0 ||
+        PyModule_AddObject(m, "intr_hook", PyLong_FromVoidPtr((void *)intr_hook)) < 0 ||
         PyModule_AddIntConstant(m, "fuel_size", (long)sizeof(fuel_t)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -36,7 +36,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_MODE_32, UC_PROT_ALL, Uc, UcError
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_HOOK_INTR,
+    UC_MODE_32,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
 
 from . import _unicorn
 
@@ -95,15 +104,26 @@ class Fuel(ctypes.Structure):
         ("latest", ctypes.c_int64),
         ("left", ctypes.c_int64),  # ns of the emulating thread's CPU time left in the slice
         ("mark", ctypes.c_int64),  # that thread's CPU time when the slice's last run began
+        ("ring", ctypes.c_void_p),  # the interrupt hook's (see trap_interrupts)
+        ("local", ctypes.c_void_p),
+        ("local_mask", ctypes.c_uint64),
+        ("next_hcall", ctypes.c_int32),
+        ("vector", ctypes.c_int32),
+        ("hcall", ctypes.c_uint32 * 4),
+        ("hcall_read", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
     ]
     address: int = 0  # ctypes.addressof(self), kept by attach()
+    local_call: Callable[[int, int, int, int], bool] | None = None  # kept alive for `local`
 
 
 _EMU_STOP = _unicorn.EMU_STOP_ADDRESS
 if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 if _fuel is not None:
-    _fuel.bind(_unicorn.EMU_START_ADDRESS, _unicorn.REG_READ_ADDRESS, _unicorn.EIP)
+    _fuel.bind(
+        _unicorn.EMU_START_ADDRESS, _unicorn.REG_READ_ADDRESS, _unicorn.EIP, _unicorn.HYPERCALL_REGS
+    )
 
 # -- Unicorn's no_exit_request flag ------------------------------------------------
 # uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
@@ -216,6 +236,23 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
     elif NATIVE:
         _hook_blocks(uc, fuel)
     return fuel
+
+
+def trap_interrupts(
+    uc: Any, fuel: Fuel, local: Callable[[int, int, int, int], bool], local_calls: frozenset[int]
+) -> None:
+    """Native paths only: ``_fuel.c``'s interrupt hook ends a run at every interrupt or
+    exception (``fuel.vector``; a hypercall's registers in ``fuel.hcall``), except the
+    hypercalls in ``local_calls`` while ``fuel.ring`` shows an empty async ring: those it
+    hands to ``local(number, a1, a2, a3)`` on the spot (a true result stops the run) and
+    the guest goes on.  Again for each new instance of the CPU (after hibernation)."""
+    assert NATIVE
+    if any(not 0 <= n < 64 for n in local_calls):
+        raise ValueError("CPU-local hypercall numbers must be below 64")
+    fuel.local_call = local
+    fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
+    fuel.local_mask = sum(1 << n for n in local_calls)
+    _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, fuel.address)
 
 
 def exact_blocks(uc: Any, fuel: Fuel) -> None:

@@ -88,7 +88,7 @@ def eip(uc: Any) -> int:
 
 
 # -- registers -------------------------------------------------------------------------------
-_HYPERCALL_REGS = (r.UC_X86_REG_EAX, r.UC_X86_REG_EDX, r.UC_X86_REG_EBX, r.UC_X86_REG_ECX)
+HYPERCALL_REGS = (r.UC_X86_REG_EAX, r.UC_X86_REG_EDX, r.UC_X86_REG_EBX, r.UC_X86_REG_ECX)
 _read = uclib.uc_reg_read
 _write = uclib.uc_reg_write
 _read_batch = uclib.uc_reg_read_batch
@@ -109,7 +109,7 @@ class Registers:
         self._handle = handle(uc)
         self._value = ctypes.c_uint64()
         self._ref = ctypes.byref(self._value)
-        self._ids = (ctypes.c_int * 4)(*_HYPERCALL_REGS)
+        self._ids = (ctypes.c_int * 4)(*HYPERCALL_REGS)
         self._values = (ctypes.c_uint64 * 4)()
         base = ctypes.addressof(self._values)
         self._pointers = (ctypes.c_void_p * 4)(*(base + 8 * i for i in range(4)))

@@ -32,7 +32,8 @@ async def test_a_hypercall_trap_reads_the_guest_registers_once(dev, monkeypatch)
     monkeypatch.setattr(_unicorn.Registers, "hypercall", counted)
     for _ in range(50):
         assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
-    assert reads == 50
+    # The fallback's Python hook reads them once; on the native paths _fuel.c's hook does.
+    assert reads == (0 if _slicing.NATIVE else 50)
 
 
 async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatch):
