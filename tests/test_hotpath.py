@@ -91,3 +91,60 @@ def test_a_run_with_no_time_left_does_not_start():
     assert fuel.reason == _slicing.REASON_BUDGET and fuel.budget == 0
     assert (_unicorn.eip(uc), bytes(uc.mem_read(0x2000, 4))) == before
     assert eip is not None
+
+
+def _hypercall_code(number: int) -> bytes:
+    """mov $number, %eax; mov $1, %edx; mov $2, %ebx; mov $3, %ecx; int $0x1f; hlt"""
+    return (
+        b"\xb8" + number.to_bytes(4, "little") + b"\xba\x01\0\0\0\xbb\x02\0\0\0\xb9\x03\0\0\0"
+        b"\xcd\x1f\xf4"
+    )
+
+
+def test_the_native_hook_follows_the_hypercall_table():
+    """One place decides which hypercalls are done on the slice's thread without ending
+    the run: hypercalls.LOCAL_HYPERCALLS.  _fuel.c's hook, configured from it, hands
+    exactly those to the Python handler (and only while the async ring is empty) and
+    ends the run, with the registers read, at every other one."""
+    if not _slicing.NATIVE:
+        return  # the fallback's hook is Python and reads the same table
+    import ctypes
+
+    from test_slicing import bare_cpu
+    from unicorn import x86_const as r
+
+    from supervisor import hypercalls
+
+    uc, fuel = bare_cpu()
+    calls: list[tuple[int, int, int, int]] = []
+
+    def local(number: int, a1: int, a2: int, a3: int) -> bool:
+        calls.append((number, a1, a2, a3))
+        return False
+
+    _slicing.trap_interrupts(uc, fuel, local, hypercalls.LOCAL_HYPERCALLS)
+    ring = (ctypes.c_uint8 * 64)(*([abi.HCALL_FREE] * 64))
+    for busy in (False, True):
+        ring[5] = 0 if busy else abi.HCALL_FREE
+        for number in range(40):
+            at = 0x3000 + 32 * number  # (no stale translation of another number's code)
+            uc.mem_write(at, _hypercall_code(number))
+            uc.reg_write(r.UC_X86_REG_EIP, at)
+            fuel.ring = ctypes.addressof(ring)
+            fuel.next_hcall = 5
+            fuel.stop = 0
+            fuel.reason = _slicing.REASON_NONE
+            fuel.budget = 1 << 40
+            fuel.left = 10**9
+            fuel.mark = 0
+            calls.clear()
+            _slicing.run(uc, fuel, 1 << 32)
+            if number in hypercalls.LOCAL_HYPERCALLS and not busy:
+                assert calls == [(number, 1, 2, 3)], number
+                assert fuel.vector == -1, number  # went on to the hlt
+                assert _unicorn.eip(uc) == at + len(_hypercall_code(number)), number
+            else:
+                assert calls == [], number
+                assert fuel.vector == 0x1F and fuel.hcall_read, number
+                assert tuple(fuel.hcall) == (number, 1, 2, 3), number
+                assert _unicorn.eip(uc) == at + 22, number  # just after the int
