@@ -114,6 +114,12 @@ class Fuel(ctypes.Structure):
         ("pad", ctypes.c_int32),
     ]
     address: int = 0  # ctypes.addressof(self), kept by attach()
+
+    @property
+    def counts_blocks(self) -> bool:
+        """True if ``blocks`` counts this CPU's blocks (the block-hook path)."""
+        return NATIVE and not self.exit_request
+
     local_call: Callable[[int, int, int, int], bool] | None = None  # kept alive for `local`
 
 

@@ -79,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--hibernate-after",
             metavar="SECONDS",
-            help="free an idle guest's emulator after SECONDS (0: at once, off: never; "
-            "default 1)",
+            help="free an idle guest's emulator after SECONDS (0: at once, off: never; default 1)",
         )
 
     run = sub.add_parser("run", help="run one guest on the terminal")
@@ -556,7 +555,10 @@ def _summary(
     table = Table(title=f"swarm of {n}")
     columns = ["finished", "failed", "died"]
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
-    if blocks:  # (not counted on the exit-request path)
+    from . import _slicing
+
+    counted = _slicing.COUNTS_BLOCKS  # blocks are not counted on the exit-request path
+    if counted:
         columns += ["blocks", "blocks/s"]
         row += [f"{blocks:,}", f"{blocks / wall:,.0f}" if wall > 0 else "-"]
     columns += ["cpu time", "wall time"]
@@ -569,6 +571,8 @@ def _summary(
     table.add_row(*row)
     out = RichConsole(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     out.print(table)
+    if not counted:
+        out.print(f"(blocks are not counted on this path: {_slicing.PATH})", highlight=False)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
 

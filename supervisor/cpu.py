@@ -63,7 +63,10 @@ _ACCESS_KINDS = {
 class CpuStats:
     """Counters for one CPU; read them from the event loop between slices."""
 
-    blocks: int = 0  # translated blocks started (exact)
+    # Translated blocks started (exact), counted only while blocks_counted: on the
+    # block-hook path (LGUEST_SLICING=hook, a block limit, the debugger).  The default
+    # exit-request path has no per-block code, so it keeps no count (blocks stays as it was).
+    blocks: int = 0
     slices: int = 0  # executor slices run
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
@@ -71,6 +74,7 @@ class CpuStats:
     run_time: float = 0.0  # seconds spent inside slices
     hibernations: int = 0  # times it gave back its emulator (supervisor.hibernation)
     wakes: int = 0  # times it took a new one
+    blocks_counted: bool = False  # this CPU's last slice counted its blocks (see blocks)
 
 
 @dataclass(slots=True)

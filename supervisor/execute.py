@@ -221,6 +221,7 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
         stats.slices += 1
         stats.run_time += elapsed
         stats.blocks = fuel.blocks
+        stats.blocks_counted = fuel.counts_blocks
         exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
         if exhausted:
             lg.kill(exhausted)
@@ -271,7 +272,8 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         if native and fuel.vector >= 0:
             trap.vector = fuel.vector
             if fuel.hcall_read:
-                trap.hcall = tuple(fuel.hcall)  # type: ignore[assignment]
+                h = fuel.hcall
+                trap.hcall = (h[0], h[1], h[2], h[3])
         cpu.stats.exits += 1
         exit = classify(
             trap.vector, trap.debug, fuel.reason, None if error is None else error.errno

@@ -148,3 +148,13 @@ def test_the_native_hook_follows_the_hypercall_table():
                 assert fuel.vector == 0x1F and fuel.hcall_read, number
                 assert tuple(fuel.hcall) == (number, 1, 2, 3), number
                 assert _unicorn.eip(uc) == at + 22, number  # just after the int
+
+
+async def test_the_stats_say_whether_blocks_are_counted(dev):
+    g = await boot(dev, NOTIFY_LOOP)
+    for _ in range(20):
+        await g.file.read(abi.WORD_SIZE)
+    stats = g.file.stats
+    assert stats is not None
+    assert stats.blocks_counted == _slicing.COUNTS_BLOCKS
+    assert (stats.blocks > 0) == stats.blocks_counted
