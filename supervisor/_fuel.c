@@ -227,8 +227,12 @@ static fuel_t *fuel_arg(PyObject *arg)
 }
 
 /* Register a run that starts now; `clock`/`cpu_now`: the calling thread's CPU clock and its
-   reading (cpu_now < 0: not known, read it here).  Returns 0 or an errno. */
-static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_now)
+   reading (cpu_now < 0: not known, read it here).  `span` >= 0: the run's deadline is that
+   many ns from now, taken under the lock (so time the thread spent getting here, e.g.
+   preempted after releasing the GIL on a loaded machine, does not eat the run's share:
+   measured, that ended IRQ handlers' inline slices before their first instruction);
+   < 0: `deadline` is already set.  Returns 0 or an errno. */
+static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_now, int64_t span)
 {
     pthread_mutex_lock(&lock);
     if (!slicer_started) {
@@ -245,6 +249,8 @@ static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_n
         slicer_started = 1;
     }
     int64_t now = now_ns();
+    if (span >= 0)
+        fuel->deadline = now + span;
     fuel->span = fuel->deadline > now ? fuel->deadline - now : 0;
     fuel->latest = now + MAX_STRETCH * fuel->span;
     if (!have_clock && pthread_getcpuclockid(pthread_self(), &clock) == 0)
@@ -277,7 +283,7 @@ static PyObject *enter(PyObject *self, PyObject *arg)
     fuel_t *fuel = fuel_arg(arg);
     if (fuel == NULL)
         return NULL;
-    int err = do_enter(fuel, 0, 0, -1);
+    int err = do_enter(fuel, 0, 0, -1, -1);
     if (err != 0) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -437,7 +443,9 @@ static PyObject *run(PyObject *self, PyObject *args)
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
     if (fuel->exit_request)
-        err = do_enter(fuel, have_clock, clock, used);
+        err = do_enter(fuel, have_clock, clock, used, fuel->left);
+    else
+        fuel->deadline = now_ns() + fuel->left; /* (after the GIL hand-off, as above) */
     if (err == 0) {
         status = uc_emu_start_fn(fuel->uc, eip & 0xFFFFFFFFu, until, 0, 0);
         if (fuel->exit_request)

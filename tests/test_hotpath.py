@@ -158,3 +158,24 @@ async def test_the_stats_say_whether_blocks_are_counted(dev):
     assert stats is not None
     assert stats.blocks_counted == _slicing.COUNTS_BLOCKS
     assert (stats.blocks > 0) == stats.blocks_counted
+
+
+def test_a_run_gets_its_whole_share_however_late_it_registers():
+    """The exit-request slicer takes a run's deadline when the run registers, not before
+    the thread released the GIL: on a loaded machine the thread may wait milliseconds in
+    between, and a deadline taken earlier was already past (measured: IRQ handlers'
+    inline slices ended before their first instruction, and the next slice waited a
+    whole trip through the executor's queue, about a second)."""
+    if not (_slicing.NATIVE and _slicing.EXIT_REQUEST):
+        return  # the block hook reads the deadline itself; the fallback has none
+    from test_slicing import bare_cpu
+
+    uc, fuel = bare_cpu()
+    for _ in range(20):
+        fuel.stop = 0
+        fuel.budget = 1 << 40
+        fuel.reason = _slicing.REASON_NONE
+        fuel.left = 200_000
+        fuel.mark = 0
+        _slicing.run(uc, fuel, 1 << 32)
+        assert fuel.span == 200_000
