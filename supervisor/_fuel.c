@@ -10,7 +10,7 @@
  *    per block; it is kept for CPUs that need blocks counted (block limits, the
  *    debugger) and when the exit-request path is not available.
  *
- * 2. The exit request (enter/leave/kick and the slicer thread).  No per-block
+ * 2. The exit request (run/kick and the slicer thread).  No per-block
  *    cost: the engine's translated code was generated with Unicorn's
  *    `no_exit_request` flag set (supervisor/_slicing.py), so the only place it
  *    looks at an exit request is the check QEMU puts at the start of every
@@ -21,7 +21,9 @@
  *    once.  A stop sent before emu_start has reset the engine's stop state would
  *    be lost, so while a run is still in progress the stop is sent again every
  *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
- *    ever called between enter() and leave(), so never on a closed engine.
+ *    ever called between do_enter() and do_leave() (inside run()), so never on a
+ *    closed engine.  run() also reads eip and keeps the slice's CPU-time account, and
+ *    intr_hook handles the hypercall trap (see below).
  *    See docs/performance.md, "Exact slices".
  *
  * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes).
@@ -39,7 +41,7 @@
 #define REASON_BUDGET 2
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
-#define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after enter() */
+#define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
 #define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
 
 typedef struct fuel {
@@ -52,15 +54,15 @@ typedef struct fuel {
     uint64_t clock_mask;        /* read the clock when (blocks & clock_mask) == 0 */
     /* exit-request slicing; the fields below belong to the slicer's mutex */
     void *uc;                   /* the engine to stop */
-    int32_t running;            /* between enter() and leave() */
+    int32_t running;            /* between do_enter() and do_leave() */
     int32_t sent;               /* a stop was sent during this run */
     int64_t sent_at;            /* when it was last sent */
     struct fuel *next;          /* the list of running slices */
     struct fuel *prev;
     int32_t cpu_clock;          /* the emulating thread's CPU-time clock (a clockid_t) */
     int32_t exit_request;       /* run(): this CPU is on the exit-request path */
-    int64_t cpu_start;          /* its CPU time at enter() */
-    int64_t span;               /* deadline - now at enter(): the CPU time this run may use */
+    int64_t cpu_start;          /* its CPU time at do_enter() */
+    int64_t span;               /* deadline - now at do_enter(): the CPU time this run may use */
     int64_t latest;             /* wall time after which the deadline is not moved again */
     /* run(): the slice's CPU-time account, owned by the emulating thread */
     int64_t left;               /* ns of the emulating thread's CPU time left in the slice */
@@ -108,7 +110,7 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user)
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake;
-static fuel_t *running;  /* slices between enter() and leave() */
+static fuel_t *running;  /* slices between do_enter() and do_leave() */
 static int slicer_started;
 static int64_t wake_at = INT64_MAX; /* when the slicer wakes next */
 static int recent;                  /* a run started since the slicer last woke */
@@ -180,7 +182,7 @@ static void *slicer(void *arg)
                 next = f->sent_at + RESEND_NS;
         }
         /* Waking a thread costs tens of microseconds here (a VM), far more than a
-           short run, so enter() only wakes the slicer when it sleeps past the new
+           short run, so do_enter() only wakes the slicer when it sleeps past the new
            deadline.  While runs keep starting the slicer ticks; once they stop, it
            sleeps until woken and costs nothing. */
         if (recent && now + TICK_NS < next)
@@ -277,20 +279,7 @@ static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_n
     return 0;
 }
 
-static PyObject *enter(PyObject *self, PyObject *arg)
-{
-    (void)self;
-    fuel_t *fuel = fuel_arg(arg);
-    if (fuel == NULL)
-        return NULL;
-    int err = do_enter(fuel, 0, 0, -1, -1);
-    if (err != 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
-}
-
+/* The run registered by do_enter() has returned: no stop is sent to it after this. */
 static void do_leave(fuel_t *fuel)
 {
     pthread_mutex_lock(&lock);
@@ -305,16 +294,6 @@ static void do_leave(fuel_t *fuel)
         fuel->running = 0;
     }
     pthread_mutex_unlock(&lock);
-}
-
-static PyObject *leave(PyObject *self, PyObject *arg)
-{
-    (void)self;
-    fuel_t *fuel = fuel_arg(arg);
-    if (fuel == NULL)
-        return NULL;
-    do_leave(fuel);
-    Py_RETURN_NONE;
 }
 
 /* ---- run(): one entry into the guest, in one call ------------------------------ */
@@ -477,8 +456,6 @@ static PyObject *kick(PyObject *self, PyObject *arg)
 }
 
 static PyMethodDef fuel_methods[] = {
-    {"enter", enter, METH_O, "enter(address): a run of the fuel's engine starts (exit-request path)."},
-    {"leave", leave, METH_O, "leave(address): that run has returned; no stop is sent after this."},
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, eip_id, (eax, edx, ebx, ecx)): the Unicorn calls and "
