@@ -21,7 +21,7 @@ from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 
-from . import bench_hibernate, bench_state, guests, isolation
+from . import bench_hibernate, bench_smp, bench_state, guests, isolation
 from .bench_c import c_compute
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
@@ -817,4 +817,6 @@ FIGURES: dict[str, Figure] = {
     "c_compute": c_compute,
     "shutdown": isolation.shutdown,
     "flood": isolation.flood_neighbour,
+    "smp_scaling": bench_smp.smp_scaling,
+    "ipi_latency": bench_smp.ipi_latency,
 }

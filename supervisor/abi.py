@@ -52,6 +52,10 @@ LHCALL_SET_PTE: Final = 14
 LHCALL_SET_PMD: Final = 15
 LHCALL_LOAD_TLS: Final = 16
 LHCALL_NOTIFY: Final = 17
+# Extensions of lguest's ABI (lguest never finished SMP): numbers from 64 on.
+LHCALL_START_CPU: Final = 64  # edx: cpu, ebx: eip, ecx: esp; eax <- 0 or -errno
+LHCALL_SEND_IPI: Final = 65  # edx: cpu, ebx: irq; eax <- 0 or -errno
+MAX_CPUS: Final = 16  # CPUs one guest may have (INITIALIZE's optional fifth word)
 
 LGUEST_SHUTDOWN_POWEROFF: Final = 1
 LGUEST_SHUTDOWN_RESTART: Final = 2
@@ -67,6 +71,17 @@ X86_EFLAGS_IF: Final = 0x200
 GDT_ENTRIES: Final = 32
 TLS_ENTRIES: Final = 3
 GUEST_PL: Final = 0  # our guests run at ring 0 (real lguest: ring 1)
+# lguest's segments (Linux i386 GDT entries 12 and 13), which the Host's boot GDT holds.
+GDT_ENTRY_KERNEL_CS: Final = 12
+GDT_ENTRY_KERNEL_DS: Final = 13
+KERNEL_CS: Final = GDT_ENTRY_KERNEL_CS * 8 | GUEST_PL  # 0x60 (lguest: 0x61, ring 1)
+KERNEL_DS: Final = GDT_ENTRY_KERNEL_DS * 8 | GUEST_PL  # 0x68 (lguest: 0x69)
+# The top 4 MiB of every guest's virtual address space belong to the Host (lguest's
+# Switcher): it maps its read-only pages there (supervisor.hostpages) and tells the
+# guest so in lguest_data.reserve_mem.
+SWITCHER_ADDR: Final = 0xFFC00000
+SWITCHER_PGD_INDEX: Final = SWITCHER_ADDR >> 22  # 1023: the page-directory entry it uses
+SWITCHER_RESERVE: Final = 0x100000000 - SWITCHER_ADDR  # 4 MiB
 
 # --- struct lguest_data (32-bit guest layout) --------------------------------------
 LHCALL_RING_SIZE: Final = 64
@@ -107,4 +122,6 @@ HYPERCALL_NAMES: Final[dict[int, str]] = {
     LHCALL_SET_PMD: "SET_PMD",
     LHCALL_LOAD_TLS: "LOAD_TLS",
     LHCALL_NOTIFY: "NOTIFY",
+    LHCALL_START_CPU: "START_CPU",
+    LHCALL_SEND_IPI: "SEND_IPI",
 }

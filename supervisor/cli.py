@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
         p.add_argument("--cmdline", help="guest command line (boot info page)")
+        p.add_argument("--cpus", type=int, help="CPUs per guest (default 1; the guest starts them)")
         p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop")
         p.add_argument("--max-blocks", type=int, help="kill a guest after this many blocks")
         p.add_argument(
@@ -99,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     when.add_argument("--after", type=float, help="after SECONDS of wall time")
     common(snap)
 
-    build = sub.add_parser("build", help="compile C guests into an image (needs the sdk extra)")
+    build = sub.add_parser(
+        "build",
+        help="compile C guests into an image (needs the sdk extra)",
+        description="Compile C (and .S) sources into a guest image.  Toolchain: Zig's C "
+        "compiler (pip install 'lguest-supervisor[sdk]'), else a system gcc that builds "
+        "32-bit code (freestanding guests only: no C library); LGUEST_TOOLCHAIN=zig|gcc "
+        "picks one (docs/sdk.md).",
+    )
     build.add_argument("sources", nargs="+", help=".c / .S sources")
     build.add_argument("-o", "--output", required=True, help="image to write (ELF32)")
     build.add_argument("-O", dest="optimize", choices=["0", "1", "2", "3", "s", "z"])
@@ -160,6 +168,7 @@ def run_config(args: argparse.Namespace) -> GuestConfig:
         "block": args.block,
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
+        "cpus": args.cpus,
         "gdb": args.gdb,
         **limit_fields(args),
     }
@@ -188,6 +197,7 @@ def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
             ("IMAGE", args.image),
             ("--memory", args.memory),
             ("--cmdline", args.cmdline),
+            ("--cpus", args.cpus),
             ("--config", args.config),
         )
         if given is not None
@@ -425,7 +435,7 @@ async def run_swarm(
                 show(i + 1)
             await asyncio.gather(*waiting)
         wall = time.perf_counter() - started
-    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss)
+    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus)
     if console == "tail":
         _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
@@ -517,7 +527,10 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
         ]
     finally:
         await cl.aclose()
-    _summary(n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall)
+    _summary(
+        n, counts, reasons, sum(s.blocks for s in stats), sum(s.run_time for s in stats), wall,
+        cpus=config.cpus,
+    )  # fmt: skip
     _workers_table(workers)
     return 0 if counts["finished"] == n else 1
 
@@ -548,11 +561,13 @@ def _summary(
     cpu: float,
     wall: float,
     rss: _RssMeter | None = None,
+    cpus: int = 1,
 ) -> None:
+    """The swarm's table; ``cpu time`` sums every CPU of every guest."""
     from rich.console import Console as RichConsole
     from rich.table import Table
 
-    table = Table(title=f"swarm of {n}")
+    table = Table(title=f"swarm of {n}" + (f", {cpus} CPUs each" if cpus > 1 else ""))
     columns = ["finished", "failed", "died"]
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
     from . import _slicing
@@ -671,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image": args.image,
                 "memory": args.memory,
                 "cmdline": args.cmdline,
+                "cpus": args.cpus,
                 **limit_fields(args),
             }
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
@@ -688,6 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image": args.image,
                 "memory": args.memory,
                 "cmdline": args.cmdline,
+                "cpus": args.cpus,
                 **limit_fields(args),
             }
             if args.tail_lines < 1:

@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from .abi import PAGE_SIZE
+from .abi import MAX_CPUS, PAGE_SIZE
 from .launcher.layout import CMDLINE_MAX
 from .limits import Limits
 
@@ -95,6 +95,8 @@ class GuestConfig(BaseModel):
     # Seconds idle before the guest gives back its emulator: 0 at once, "off" (infinity)
     # never, None the device's default (supervisor.hibernation).
     hibernate_after: float | None = None
+    # CPUs of the guest: CPU 0 boots, the guest starts the others (docs/abi.md).
+    cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
 
     @field_validator("hibernate_after", mode="before")
     @classmethod

@@ -29,7 +29,7 @@ from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_MODE_32, 
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
-from . import _slicing, _unicorn
+from . import _slicing, _unicorn, hostpages
 from ._statefields import host_only, saved, saved_fields
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
 from .limits import UNLIMITED, Limits
@@ -110,6 +110,10 @@ class LgCpu:
     # -- the guest's state, continued ----------------------------------------------------
     irqs_pending: int = saved(default=0)
     halted: bool = saved(default=False)
+    # CPU 0 is online from INITIALIZE; another CPU once a running one started it
+    # (LHCALL_START_CPU).  An offline CPU never runs: its read waits for the start.
+    online: bool = saved(default=True)
+    lguest_data: int | None = saved(default=None)  # guest-physical, once its LGUEST_INIT ran
     hcall: tuple[int, int, int, int] | None = saved(default=None)  # trapped, not yet done
     next_hcall: int = saved(default=0)  # next slot of the async ring
     pending_notify: int = saved(default=0)  # a notify not yet handed to the Launcher
@@ -374,6 +378,7 @@ def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
     uc.ctl_exits_enabled(True)
     uc.ctl_set_exits([])
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
+    hostpages.map_into(uc)  # the boot GDT, read-only, in every instance (thaws too)
     return uc
 
 
@@ -435,10 +440,12 @@ def new_cpu(
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
     the CPU gets (this one, and a new one after each hibernation).
 
-    The CPU starts at ring 0 with flat segments, ``eip = start``, ``eflags = 0x202``
-    and ``esi = 0`` (the boot information page).  The guest loads its own GDT.
+    The CPU starts at ring 0 in lguest's boot segments (the Host's read-only GDT,
+    supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
+    ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
     cpu = _attach(lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks)
+    hostpages.install(lg, pgdir)
     setup_regs(cpu, start, pgdir)
     return cpu
 
@@ -460,12 +467,42 @@ def revive_cpu(
     return cpu
 
 
+def start_secondary(cpu: LgCpu, starter: LgCpu, eip: int, esp: int) -> None:
+    """Bring offline ``cpu`` online at ``eip`` with stack ``esp`` (LHCALL_START_CPU).
+
+    It begins with a copy of ``starter``'s registers (segments with their
+    descriptor caches, control registers, page directory, FPU), IDT, GDT, TLS and
+    kernel stack, then ``eip``, ``esp``, ``eflags = 0x202`` and ``eax`` = its own
+    number; it has no ``lguest_data`` yet, so its first hypercall must be its own
+    ``LGUEST_INIT``, as CPU 0's was.  Event loop; neither CPU may be running.
+    """
+    context = _unicorn.context_data(starter.emulator)
+    uc = cpu.emulator
+    _unicorn.load_context_data(uc, context)
+    _unicorn.forget_exception(uc)
+    uc.ctl_flush_tb()
+    for name in ("idt", "gdt", "tls", "stack", "ts"):
+        value = getattr(starter, name)
+        setattr(cpu, name, list(value) if name == "idt" else value)
+    cpu.set_reg(r.UC_X86_REG_EIP, eip)
+    cpu.set_reg(r.UC_X86_REG_ESP, esp)
+    cpu.set_reg(r.UC_X86_REG_EFLAGS, X86_EFLAGS_IF | 0x2)
+    cpu.set_reg(r.UC_X86_REG_EAX, cpu.id)
+    cpu.start = eip
+    cpu.halted = False
+    cpu.lguest_data = None
+    cpu.online = True
+
+
 def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:
-    """The registers a guest starts with (``lguest_arch_setup_regs``)."""
+    """The registers a guest starts with (``lguest_arch_setup_regs``): cs, ds, es, ss
+    in lguest's boot segments, paging on at ``pgdir``."""
     uc = cpu.uc
     uc.reg_write(r.UC_X86_REG_CR3, pgdir)
     uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
-    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE | CR0_PG)
+    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE)
+    hostpages.load_boot_segments(uc)  # before paging: see there
+    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PG)
     uc.reg_write(r.UC_X86_REG_EFLAGS, X86_EFLAGS_IF | 0x2)
     uc.reg_write(r.UC_X86_REG_ESI, 0)
     uc.reg_write(r.UC_X86_REG_EIP, start)

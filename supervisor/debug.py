@@ -68,10 +68,12 @@ class DebugError(Exception):
 
 @dataclass(frozen=True)
 class Stop:
-    """Why the guest stopped: ``reason`` is one of the stop reasons, or ``"dead"``."""
+    """Why the guest stopped: ``reason`` is one of the stop reasons, or ``"dead"``;
+    ``cpu`` is the CPU that stopped for it (the others were stopped with it)."""
 
     reason: str
     death: Death | None = None
+    cpu: int = 0
 
     @property
     def dead(self) -> bool:
@@ -81,11 +83,11 @@ class Stop:
 def debugger(file: LguestFile) -> Debugger:
     """The file's debugger, created on first use (the file must be initialized).
 
-    It lives as long as the file's CPU does (the CPU's ``on_hold`` is its method).
+    It lives as long as the file's CPUs do (each CPU's ``on_hold`` is its watch).
     """
     existing = getattr(file_cpu(file).on_hold, "__self__", None)
-    if isinstance(existing, Debugger) and existing.file is file:
-        return existing
+    if isinstance(existing, _Watch) and existing.debugger.file is file:
+        return existing.debugger
     return Debugger(file)
 
 
@@ -96,22 +98,74 @@ def file_cpu(file: LguestFile) -> LgCpu:
     return file.cpu(0)
 
 
+class _Watch:
+    """What the debugger keeps for one CPU; its :meth:`on_hold` is the CPU's ``on_hold``."""
+
+    def __init__(self, debugger: Debugger, cpu: LgCpu) -> None:
+        self.debugger = debugger
+        self.cpu = cpu
+        self.parked = False  # held inside its run loop (told by on_hold)
+        # The breakpoint at resume_eip is passed once, if nothing (an interrupt, a trap)
+        # was delivered since the resume: blocks are not counted on every path.
+        self.resume_eip = -1
+        self.pass_once = False
+        self.resume_interrupts = -1
+        self.breakpoints: dict[int, Any] = {}  # address -> this CPU's hook
+
+    def on_hold(self) -> None:
+        self.debugger._on_hold(self)
+
+    @property
+    def stopped(self) -> bool:
+        cpu = self.cpu
+        return cpu.hold is not None and (self.parked or not cpu.reading) and not cpu.running
+
+
 class Debugger:
-    """Stop, step, inspect and change one guest.  Use :func:`debugger` to get one."""
+    """Stop, step, inspect and change one guest.  Use :func:`debugger` to get one.
+
+    All-stop, like gdb's default: when one CPU stops (a breakpoint, a step), the
+    others are stopped with it, and resuming lets them all go.  Registers are the
+    selected CPU's (:meth:`select`, gdb's ``Hg``); a step runs the selected CPU
+    alone, the others staying stopped.
+    """
 
     def __init__(self, file: LguestFile) -> None:
         self.file = file
-        self.cpu = file_cpu(file)
-        self.cpu.on_hold = self._on_hold
+        file_cpu(file)  # initialized and open
+        self._watches = [_Watch(self, file.cpu(n)) for n in range(file.cpu_count)]
+        for watch in self._watches:
+            watch.cpu.on_hold = watch.on_hold
+        self._selected = 0
+        self._event: int | None = None  # the CPU whose stop stopped the others
         self._changed = asyncio.Event()
-        self._parked = False
-        self._breakpoints: dict[int, Any] = {}
         self._step_hook: Any = None
-        self._resume_eip = -1
-        # The breakpoint at _resume_eip is passed once, if nothing (an interrupt, a trap)
-        # was delivered since the resume: blocks are not counted on every path.
-        self._pass_once = False
-        self._resume_interrupts = -1
+
+    # -- CPUs ------------------------------------------------------------------------
+    @property
+    def cpu_count(self) -> int:
+        return len(self._watches)
+
+    @property
+    def cpu(self) -> LgCpu:
+        """The selected CPU (CPU 0 unless :meth:`select` chose another)."""
+        return self._watches[self._selected].cpu
+
+    @property
+    def selected(self) -> int:
+        return self._selected
+
+    def select(self, n: int) -> None:
+        """Inspect and step CPU ``n`` from now on."""
+        if not 0 <= n < len(self._watches):
+            raise DebugError(f"no CPU {n}")
+        self._selected = n
+
+    def cpu_summary(self, n: int) -> str:
+        """A few words on CPU ``n`` (gdb's ``info threads``)."""
+        cpu = self._watches[n].cpu
+        state = "offline" if not cpu.online else "halted" if cpu.halted else "online"
+        return f"CPU {n} ({state})"
 
     # -- state ------------------------------------------------------------------
     @property
@@ -120,27 +174,44 @@ class Debugger:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why the guest is held, or None while it runs."""
+        """Why the guest is held (the stopping CPU's reason), or None while it runs."""
+        if self._event is not None:
+            reason = self._watches[self._event].cpu.hold
+            if reason is not None:
+                return reason
         return self.cpu.hold
 
     @property
+    def stop_cpu(self) -> int:
+        """The CPU whose stop stopped the guest (the selected one if none did)."""
+        return self._selected if self._event is None else self._event
+
+    @property
     def stopped(self) -> bool:
-        """True when the guest is held and no slice of it runs: its state may be touched."""
-        cpu = self.cpu
-        if self.file.closed or cpu.closed:
+        """True when every CPU is held and no slice of any runs: the state may be touched."""
+        if self.file.closed or self.cpu.closed:
             return False
-        return cpu.hold is not None and (self._parked or not cpu.reading) and not cpu.running
+        return all(w.stopped for w in self._watches)
 
     @property
     def parked(self) -> bool:
-        """True when held inside a read (the Launcher is waiting: a clean point to snapshot)."""
-        return self.stopped and self._parked and self.cpu.reading
+        """True when stopped and every CPU is held inside a read (the Launcher waits on
+        each of them, serving none: a clean point to snapshot)."""
+        return self.stopped and all(w.parked and w.cpu.reading for w in self._watches)
 
-    def _on_hold(self) -> None:
-        self._parked = self.cpu.hold is not None
-        if self._parked:
-            self._drop_step_hook()
+    def _on_hold(self, watch: _Watch) -> None:
+        cpu = watch.cpu
+        watch.parked = cpu.hold is not None
+        if watch.parked:
+            if cpu is self._step_cpu():
+                self._drop_step_hook()
+            if cpu.hold in (BREAKPOINT, STEP, START) and self._event is None:
+                self._event = self._watches.index(watch)
+                self._hold_all(PAUSE)  # all-stop: the others stop with it
         self._changed.set()
+
+    def _step_cpu(self) -> LgCpu | None:
+        return None if self._step_hook is None else self._step_hook[0]
 
     def _check_stopped(self) -> LgCpu:
         if not self.stopped:
@@ -152,14 +223,19 @@ class Debugger:
         return self.cpu
 
     # -- stopping and resuming ----------------------------------------------------
+    def _hold_all(self, reason: str) -> None:
+        for watch in self._watches:
+            cpu = watch.cpu
+            if cpu.hold is None:
+                cpu.hold = reason
+            cpu.wake()
+
     def request_stop(self, reason: str = PAUSE) -> None:
-        """Ask the guest to stop at its next instruction boundary (returns at once)."""
+        """Ask every CPU to stop at its next instruction boundary (returns at once)."""
         cpu = self.cpu
         if self.file.closed or cpu.closed or cpu.lg.dead:
             return
-        if cpu.hold is None:
-            cpu.hold = reason
-        cpu.wake()
+        self._hold_all(reason)
 
     async def wait_stop(self, *, parked: bool = False) -> Stop:
         """Wait until the guest is stopped (or dead) and say why.
@@ -175,8 +251,11 @@ class Debugger:
                 return Stop("dead", dead)
             if self.parked if parked else self.stopped:
                 self._drop_step_hook()
-                assert self.cpu.hold is not None
-                return Stop(self.cpu.hold)
+                reason = self.stop_reason
+                assert reason is not None
+                if self._event is not None:
+                    self._selected = self._event  # gdb looks at the CPU that stopped
+                return Stop(reason, cpu=self.stop_cpu)
             self._changed.clear()
             await self._changed.wait()
 
@@ -185,17 +264,25 @@ class Debugger:
         self.request_stop(reason)
         return await self.wait_stop(parked=parked)
 
+    def _let_go(self, watch: _Watch) -> None:
+        cpu = watch.cpu
+        watch.resume_eip = cpu.eip if cpu.online else -1  # (an offline CPU stays frozen)
+        watch.pass_once = True
+        watch.resume_interrupts = cpu.stats.interrupts
+        watch.parked = False
+        self.file.resume(cpu.id)
+
     def resume(self) -> None:
-        """Let a stopped guest run on (a breakpoint at the current address is passed once)."""
-        cpu = self._check_stopped()
-        self._resume_eip = cpu.eip
-        self._pass_once = True
-        self._resume_interrupts = cpu.stats.interrupts
-        self._parked = False
-        self.file.resume()
+        """Let a stopped guest run on, every CPU (a breakpoint at a CPU's current
+        address is passed once)."""
+        self._check_stopped()
+        self._event = None
+        for watch in self._watches:
+            self._let_go(watch)
 
     def step(self) -> None:
-        """Run exactly one instruction, then stop (``Stop("step")``); returns at once."""
+        """Run exactly one instruction of the selected CPU, then stop
+        (``Stop("step")``); the other CPUs stay stopped.  Returns at once."""
         cpu = self._check_stopped()
         self._drop_step_hook()
         executed = 0
@@ -208,8 +295,9 @@ class Debugger:
                 trap.debug = STEP
                 uc.emu_stop()
 
-        self._step_hook = cpu.add_code_hook(on_code)
-        self.resume()
+        self._step_hook = (cpu, cpu.add_code_hook(on_code))
+        self._event = None
+        self._let_go(self._watches[self._selected])
 
     async def stepi(self) -> Stop:
         """Run exactly one instruction and wait for the stop."""
@@ -218,7 +306,8 @@ class Debugger:
 
     def _drop_step_hook(self) -> None:
         if self._step_hook is not None:
-            self.cpu.remove_hook(self._step_hook)
+            cpu, hook = self._step_hook
+            cpu.remove_hook(hook)
         self._step_hook = None
 
     def kill(self, reason: str = "killed by the debugger") -> None:
@@ -227,56 +316,51 @@ class Debugger:
         if self.file.closed or cpu.closed:
             return
         cpu.lg.kill(reason)
-        cpu.hold = None
-        cpu.wake()
+        for watch in self._watches:
+            watch.cpu.hold = None
+            watch.cpu.wake()
 
     def detach(self) -> None:
         """Remove every breakpoint and let the guest run free."""
         if self.file.closed or self.cpu.closed:
             return
-        if self.cpu.hold is not None and not self.stopped:
-            self.cpu.hold = None  # asked to stop but not yet stopped: never mind
+        if not self.stopped:  # asked to stop but not yet stopped: never mind
+            self._event = None
+            for watch in self._watches:
+                watch.parked = False
+                self.file.resume(watch.cpu.id)
             return
-        for address in list(self._breakpoints):
+        for address in list(self.breakpoints):
             self.remove_breakpoint(address)
         self._drop_step_hook()
-        if self.stopped:
-            self.resume()
+        self.resume()
 
     # -- breakpoints ----------------------------------------------------------------
     @property
     def breakpoints(self) -> frozenset[int]:
-        return frozenset(self._breakpoints)
+        return frozenset(self._watches[0].breakpoints)
 
     def add_breakpoint(self, address: int) -> None:
-        """Stop before the instruction at guest-virtual ``address`` runs (guest stopped)."""
-        cpu = self._check_stopped()
+        """Stop before the instruction at guest-virtual ``address`` runs, on any CPU
+        (guest stopped)."""
+        self._check_stopped()
         address &= 0xFFFFFFFF
-        if address in self._breakpoints:
-            return
-        trap = cpu.trap
-
-        def on_code(uc: Any, at: int, _size: int, _data: object) -> None:
-            if (
-                at == self._resume_eip
-                and self._pass_once
-                and cpu.stats.interrupts == self._resume_interrupts
-            ):
-                self._pass_once = False
-                return  # the instruction we resume from runs once
-            trap.debug = BREAKPOINT
-            uc.emu_stop()
-
-        self._breakpoints[address] = cpu.add_code_hook(on_code, address, address)
+        for watch in self._watches:
+            if address not in watch.breakpoints:
+                watch.breakpoints[address] = watch.cpu.add_code_hook(
+                    _breakpoint_hook(watch), address, address
+                )
 
     def remove_breakpoint(self, address: int) -> bool:
         """Remove the breakpoint at ``address``; False if there was none."""
-        cpu = self._check_stopped()
-        hook = self._breakpoints.pop(address & 0xFFFFFFFF, None)
-        if hook is None:
-            return False
-        cpu.remove_hook(hook)
-        return True
+        self._check_stopped()
+        found = False
+        for watch in self._watches:
+            hook = watch.breakpoints.pop(address & 0xFFFFFFFF, None)
+            if hook is not None:
+                watch.cpu.remove_hook(hook)
+                found = True
+        return found
 
     # -- registers and memory ----------------------------------------------------------
     def registers(self) -> list[int]:
@@ -334,3 +418,22 @@ class Debugger:
             lg.ram[pa : pa + n] = data[offset : offset + n]
             offset += n
         self.cpu.flush_code()
+
+
+def _breakpoint_hook(watch: _Watch) -> Any:
+    """A code hook that stops ``watch``'s CPU before the instruction (slice thread)."""
+    cpu = watch.cpu
+    trap = cpu.trap
+
+    def on_code(uc: Any, at: int, _size: int, _data: object) -> None:
+        if (
+            at == watch.resume_eip
+            and watch.pass_once
+            and (cpu.stats.interrupts == watch.resume_interrupts)
+        ):
+            watch.pass_once = False
+            return  # the instruction we resume from runs once
+        trap.debug = BREAKPOINT
+        uc.emu_stop()
+
+    return on_code

@@ -27,7 +27,9 @@ from .abi import (
     LHREQ_BREAK,
     LHREQ_INITIALIZE,
     LHREQ_IRQ,
+    MAX_CPUS,
     PAGE_SIZE,
+    SWITCHER_ADDR,
     WORD_SIZE,
     pack_words,
     unpack_words,
@@ -323,6 +325,11 @@ class LguestFile:
         return None if self._lg is None else self._lg.cpus[0].stats
 
     @property
+    def cpu_stats(self) -> tuple[CpuStats, ...]:
+        """Every CPU's counters, by CPU number (empty before INITIALIZE)."""
+        return () if self._lg is None else tuple(c.stats for c in self._lg.cpus)
+
+    @property
     def memory(self) -> GuestMemory:
         return self._memory
 
@@ -488,8 +495,11 @@ class LguestFile:
             if len(args) < 4:
                 raise _error(errno.EINVAL)
             base, pfn_limit, pgdir, start = args[:4]
+            ncpus = args[4] if len(args) > 4 else 1  # an extension: lguest had one CPU
             mem = self._memory
             if base % PAGE_SIZE or pgdir % PAGE_SIZE or pfn_limit == 0:
+                raise _error(errno.EINVAL)
+            if not 1 <= ncpus <= MAX_CPUS:
                 raise _error(errno.EINVAL)
             limit = pfn_limit * PAGE_SIZE
             first = base - mem.address
@@ -497,19 +507,27 @@ class LguestFile:
                 raise _error(errno.EFAULT)
             if pgdir + PAGE_SIZE > limit:
                 raise _error(errno.EFAULT)
+            if limit > SWITCHER_ADDR:  # guest-physical memory ends below the Host's pages
+                raise _error(errno.EINVAL)
             if not device._admit(limit):
                 raise _error(errno.ENOMEM)
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
             try:
-                cpu = new_cpu(
-                    lg, 0, base, start, pgdir, device.tcg_buffer, self._limits,
-                    attach_interrupt_hook,
-                )  # fmt: skip
-                cpu.hibernate_after = self._hibernate_after
+                for n in range(ncpus):
+                    cpu = new_cpu(
+                        lg, n, base, start, pgdir, device.tcg_buffer, self._limits,
+                        attach_interrupt_hook,
+                    )  # fmt: skip
+                    cpu.hibernate_after = self._hibernate_after
+                    lg.cpus.append(cpu)
+                    if n:  # offline until CPU 0 starts it: its emulator waits in the freezer
+                        cpu.online = False
+                        cpu.hibernate()
             except Exception:
+                for cpu in lg.cpus:
+                    cpu.close()
                 lg.ram.release()
                 raise _error(errno.ENOMEM) from None
-            lg.cpus.append(cpu)
             self._lg = lg
             self._base = first
             device._count(limit, 1)

@@ -50,6 +50,13 @@ _MEMORY_ERRORS = frozenset(
 )
 
 
+# Protection faults: guest memory is all UC_PROT_ALL, so these are the Host's read-only
+# pages (supervisor.hostpages).
+_PROTECTION_ERRORS = frozenset(
+    {uc_const.UC_ERR_READ_PROT, uc_const.UC_ERR_WRITE_PROT, uc_const.UC_ERR_FETCH_PROT}
+)
+
+
 class CpuExit(enum.Enum):
     """Why emulation stopped, or why a slice (or the run loop) could not go on."""
 
@@ -67,6 +74,7 @@ class CpuExit(enum.Enum):
     NOTIFY = "notify"  # a notify waits for the Launcher
     BREAK = "break"  # a Waker's break waits to be released
     HELD = "held"  # paused or stopped by a debugger
+    OFFLINE = "offline"  # a CPU not started yet (LHCALL_START_CPU)
     CLOSED = "closed"  # the file was closed
 
 
@@ -108,7 +116,6 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     ``hypercalls.LOCAL_HYPERCALLS`` either way.
     """
     trap = cpu.trap
-    lg = cpu.lg
     regs = cpu.regs
     fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
@@ -120,7 +127,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
             try:
                 hypercalls.do_hcall(cpu, (number, a1, a2, a3))
             except Exception as exc:  # a Host bug must kill only this guest
-                lg.kill(f"internal error: {type(exc).__name__}: {exc}")
+                cpu.lg.kill(f"internal error: {type(exc).__name__}: {exc}")
                 return True
             return False
 
@@ -128,7 +135,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
         return
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
-        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and lg.lguest_data is not None:
+        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and cpu.lguest_data is not None:
             args = regs.hypercall()
             if args[0] in local and hypercalls.ring_empty(cpu):
                 hypercalls.do_hcall(cpu, args)
@@ -250,8 +257,7 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
     count = 0  # the fallback's instruction count (see _slicing.run)
     native = _slicing.NATIVE
     if native:  # what the native interrupt hook needs to do CPU-local hypercalls itself
-        lg = cpu.lg
-        data = lg.lguest_data
+        data = cpu.lguest_data
         fuel.ring = (
             None
             if data is None or cpu.hcall is not None
@@ -295,7 +301,10 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
             _reflect_trap(cpu, INVALID_OPCODE)
         case CpuExit.BAD_ACCESS if trap.bad_access is not None:
             kind, address = trap.bad_access
-            cpu.lg.kill(f"bad page: {kind} at {address:#x} outside guest memory (eip {cpu.eip:#x})")
+            where = "outside guest memory"
+            if error is not None and error.errno in _PROTECTION_ERRORS:  # only the Host's pages
+                where = "in the Host's read-only pages (the boot GDT)"
+            cpu.lg.kill(f"bad page: {kind} at {address:#x} {where} (eip {cpu.eip:#x})")
         case CpuExit.BAD_ACCESS | CpuExit.EMULATION_ERROR:
             cpu.lg.kill(f"emulation error at {cpu.eip:#x}: {error}")
         case _:

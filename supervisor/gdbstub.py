@@ -2,8 +2,12 @@
 
 ``gdb -ex 'set architecture i386' -ex 'target remote HOST:PORT'`` talks to it.
 One client at a time; the guest's other neighbours keep running while it is
-stopped.  Supported: ``qSupported`` (with ``QStartNoAckMode``, ``swbreak``),
-``?``, ``g``/``G``, ``p``/``P``, ``m``/``M``, ``c``/``C``/``s``/``S``,
+stopped.  Each CPU of the guest is a thread (``qfThreadInfo``, ``qC``, ``T``,
+``qThreadExtraInfo``; thread id = CPU number + 1): ``Hg`` selects the CPU the
+register packets read and write, ``vCont;s:ID`` steps that CPU alone; stops are
+all-stop (:class:`~supervisor.debug.Debugger`) and name the CPU that stopped.
+Supported: ``qSupported`` (with ``QStartNoAckMode``, ``swbreak``), ``?``,
+``g``/``G``, ``p``/``P``, ``m``/``M``, ``c``/``C``/``s``/``S``,
 ``vCont?``/``vCont``, ``Z0``/``z0`` (and ``Z1``/``z1``: the same exact
 breakpoints), ``k``/``vKill``, ``D``, and Ctrl-C (a ``0x03`` byte) to stop a
 running guest.  Registers are gdb's i386 layout, 16 of them, 32 bits each:
@@ -273,10 +277,14 @@ class _Session:
         if packet == b"vCont?":
             return b"vCont;c;C;s;S"
         if packet.startswith(b"vCont;"):
-            action = packet[6:].split(b";")[0].split(b":")[0]
+            first = packet[6:].split(b";")[0]
+            action, _, thread = first.partition(b":")
             if action[:1] not in (b"c", b"C", b"s", b"S"):
                 raise _BadPacket(packet)
-            return await self.resume(step=action[:1] in (b"s", b"S"), address=None)
+            step = action[:1] in (b"s", b"S")
+            if step and thread:
+                await self.select(thread)
+            return await self.resume(step=step, address=None)
         if packet.startswith(b"vKill") or packet == b"k":
             await self.kill()
             return b"OK" if head == b"v" else None
@@ -284,8 +292,20 @@ class _Session:
             return b""
         if packet in (b"qAttached",) or packet.startswith(b"qAttached:"):
             return b"1"
+        if packet in (b"qfThreadInfo", b"qsThreadInfo", b"qC") or packet.startswith(
+            b"qThreadExtraInfo,"
+        ):
+            return await self.threads(packet)
         if head == b"H":
+            if packet[1:2] == b"g":  # which CPU the register packets mean
+                await self.select(packet[2:])
             return b"OK"
+        if head == b"T":
+            state = await self.stopped()
+            if isinstance(state, Death):
+                return b"E01"
+            n = _thread(packet[1:])
+            return b"OK" if n is not None and 0 <= n < state.cpu_count else b"E01"
         if head == b"?":
             return await self.stop_reply_now()
         if head == b"D":
@@ -309,6 +329,31 @@ class _Session:
                 return b"E01"
             return self.inspect(state, packet)
         return b""
+
+    # -- threads: one per CPU, gdb thread id = CPU number + 1 ------------------------------------
+    async def select(self, thread: bytes) -> None:
+        """``Hg``/``vCont;s:``: inspect (and step) that CPU; -1 or 0 keep the current one."""
+        n = _thread(thread)
+        if n is None:
+            return
+        state = await self.stopped()
+        if not isinstance(state, Death):
+            state.select(n)
+
+    async def threads(self, packet: bytes) -> bytes:
+        state = await self.stopped()
+        if isinstance(state, Death):
+            return b"E01"
+        if packet == b"qfThreadInfo":
+            return b"m" + b",".join(b"%x" % (n + 1) for n in range(state.cpu_count))
+        if packet == b"qsThreadInfo":
+            return b"l"
+        if packet == b"qC":
+            return b"QC%x" % (state.selected + 1)
+        n = _thread(packet.split(b",", 1)[1])
+        if n is None or not 0 <= n < state.cpu_count:
+            return b"E01"
+        return state.cpu_summary(n).encode().hex().encode()
 
     def inspect(self, target: Debugger, packet: bytes) -> bytes:
         head, body = packet[:1], packet[1:]
@@ -427,13 +472,13 @@ class _Session:
     def _stop_packet(self, stop: Stop) -> bytes:
         signal = SIGINT if stop.reason == PAUSE and self.signal == SIGINT else SIGTRAP
         extra = b"swbreak:;" if stop.reason == BREAKPOINT and self.swbreak else b""
-        return b"T%02x" % signal + extra
+        return b"T%02xthread:%x;" % (signal, stop.cpu + 1) + extra
 
     async def stop_reply_now(self) -> bytes:
         state = await self.stopped()
         if isinstance(state, Death):
             return _exit_packet(state)
-        return self._stop_packet(Stop(state.stop_reason or PAUSE))
+        return self._stop_packet(Stop(state.stop_reason or PAUSE, cpu=state.stop_cpu))
 
     async def kill(self) -> None:
         self.forget_breakpoints()
@@ -447,6 +492,13 @@ def _exit_packet(death: Death) -> bytes:
     if death.exit_status is not None:
         return b"W%02x" % min(death.exit_status & 0xFFFFFFFF, 255)
     return b"X%02x" % SIGKILL
+
+
+def _thread(text: bytes) -> int | None:
+    """The CPU a gdb thread id names; None for -1 (all) and 0 (any)."""
+    if text in (b"-1", b"0", b""):
+        return None
+    return _int(text) - 1
 
 
 def _unescape(body: bytes) -> bytes:

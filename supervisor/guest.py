@@ -10,6 +10,7 @@ saved ones, under the names :class:`~supervisor.state.GuestState` uses.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import struct
 from dataclasses import dataclass
@@ -51,10 +52,16 @@ class Lguest:
     cpus: list[LgCpu] = host_only(default_factory=list)  # each saves itself (CpuState)
     dead: Death | None = saved(default=None)
     pgdir: int = saved(default=0)  # the page directory the Launcher gave at INITIALIZE
-    lguest_data: int | None = saved(default=None)  # guest-physical, once LGUEST_INIT ran
+    # The guest-wide values of the first LGUEST_INIT (CPU 0's); each CPU has its own
+    # lguest_data (LgCpu.lguest_data).
     noirq_start: int = saved(default=0)
     noirq_end: int = saved(default=0)
     kernel_address: int = saved(default=0)
+    # A guest's CPUs take turns: at most one of them is inside a slice at any time, so
+    # the guest's `lock`-prefixed instructions are atomic (docs/abi.md, "Several CPUs").
+    # Created at the first slice of a guest with more than one CPU; event loop only.
+    processor: asyncio.Lock | None = host_only(default=None)
+    processor_owner: LgCpu | None = host_only(default=None)  # the CPU holding it
 
     def saved_values(self) -> dict[str, Any]:
         """The saved fields by name (their part of a GuestState)."""

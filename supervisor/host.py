@@ -192,6 +192,7 @@ class Supervisor:
                 limits=config.limits,
                 resume=None if snapshot is None else resume_from(snapshot),
                 hibernate_after=config.hibernate_after,
+                cpus=config.cpus,
             )
             gdb = await start_gdb(config.gdb) if config.gdb else None
         except BaseException:

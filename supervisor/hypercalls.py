@@ -4,7 +4,8 @@ A hypercall trap stores its four registers in ``cpu.hcall``; :func:`do_hypercall
 runs the async ring first, then that direct call, exactly once each.  Most
 calls only touch the CPU and may run on the executor thread inside a slice
 (:func:`all_local`); the ones that need the event loop or the Launcher (clock
-event, halt, notify, shutdown, and LGUEST_INIT) wait for the run loop.
+event, halt, notify, shutdown, LGUEST_INIT, and starting or interrupting another
+CPU) wait for the run loop.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .abi import (
     LGUEST_DATA_SIZE,
     LGUEST_DATA_SYSCALL_VEC,
     LGUEST_DATA_TSC_KHZ,
+    LGUEST_IRQS,
     LGUEST_SHUTDOWN_POWEROFF,
     LGUEST_SHUTDOWN_RESTART,
     LHCALL_FLUSH_ASYNC,
@@ -43,19 +45,24 @@ from .abi import (
     LHCALL_NEW_PGTABLE,
     LHCALL_NOTIFY,
     LHCALL_RING_SIZE,
+    LHCALL_SEND_IPI,
     LHCALL_SET_CLOCKEVENT,
     LHCALL_SET_PMD,
     LHCALL_SET_PTE,
     LHCALL_SET_STACK,
     LHCALL_SHUTDOWN,
+    LHCALL_START_CPU,
     LHCALL_TS,
+    SWITCHER_RESERVE,
     SYSCALL_VECTOR,
     TLS_ENTRIES,
 )
-from .cpu import CR0_TS, LgCpu
+from .cpu import CR0_TS, LgCpu, start_secondary
 
 Args = tuple[int, int, int, int]  # number, arg1 (edx), arg2 (ebx), arg3 (ecx)
-Handler = Callable[[LgCpu, int, int, int], None]
+# A handler's result, if not None, is the direct call's return value (eax); the
+# async ring has no return values.
+Handler = Callable[[LgCpu, int, int, int], int | None]
 
 SHUTDOWN_MESSAGE_MAX = 128
 _HCALL = struct.Struct("<IIII")
@@ -125,6 +132,38 @@ def _notify(cpu: LgCpu, addr: int, _a2: int, _a3: int) -> None:
     cpu.pending_notify = addr
 
 
+def _other_cpu(cpu: LgCpu, n: int) -> LgCpu | None:
+    cpus = cpu.lg.cpus
+    return cpus[n] if 0 <= n < len(cpus) else None
+
+
+def _start_cpu(cpu: LgCpu, n: int, eip: int, esp: int) -> int:
+    """LHCALL_START_CPU (an extension): bring offline CPU ``n`` online at ``eip``, ``esp``.
+
+    -EINVAL for a CPU the guest does not have, -EBUSY for one already started;
+    see :func:`supervisor.cpu.start_secondary` for what it starts with.
+    """
+    target = _other_cpu(cpu, n)
+    if target is None:
+        return -errno.EINVAL
+    if target.online:
+        return -errno.EBUSY
+    start_secondary(target, cpu, eip & 0xFFFFFFFF, esp & 0xFFFFFFFF)
+    target.wake()  # its reader sleeps until the CPU is online
+    return 0
+
+
+def _send_ipi(cpu: LgCpu, n: int, irq: int, _a3: int) -> int:
+    """LHCALL_SEND_IPI (an extension): raise ``irq`` on CPU ``n`` (itself too), as a
+    Launcher's LHREQ_IRQ would.  -EINVAL for no such CPU or irq.  An offline CPU
+    keeps it pending until it is started and can take it."""
+    target = _other_cpu(cpu, n)
+    if target is None or not 0 <= irq < LGUEST_IRQS:
+        return -errno.EINVAL
+    target.raise_irq(irq)
+    return 0
+
+
 _HANDLERS: dict[int, Handler] = {
     LHCALL_FLUSH_ASYNC: _flush_async,
     LHCALL_LGUEST_INIT: _init_again,
@@ -141,6 +180,8 @@ _HANDLERS: dict[int, Handler] = {
     LHCALL_SET_PMD: lambda cpu, pgdir, index, _c: pagetables.set_pmd(cpu, pgdir, index),
     LHCALL_LOAD_TLS: _load_tls,
     LHCALL_NOTIFY: _notify,
+    LHCALL_START_CPU: _start_cpu,
+    LHCALL_SEND_IPI: _send_ipi,
 }
 
 # Hypercalls that touch only the CPU: safe on the executor thread inside a slice.
@@ -160,37 +201,38 @@ LOCAL_HYPERCALLS = frozenset(
 )
 
 
-def do_hcall(cpu: LgCpu, args: Args) -> None:
-    """Carry out one hypercall; an unknown number kills the guest."""
+def do_hcall(cpu: LgCpu, args: Args) -> int | None:
+    """Carry out one hypercall; an unknown number kills the guest.  Returns the
+    call's return value, if it has one."""
     number, a1, a2, a3 = args
     cpu.stats.hypercalls += 1
     handler = _HANDLERS.get(number)
     if handler is None:
         cpu.lg.kill(f"Bad hypercall {number}")
-        return
-    handler(cpu, a1, a2, a3)
+        return None
+    return handler(cpu, a1, a2, a3)
 
 
 def ring_empty(cpu: LgCpu) -> bool:
     """True if the guest has queued no async hypercall (``lguest_data`` must be set)."""
     lg = cpu.lg
-    assert lg.lguest_data is not None
-    return bool(lg.ram[lg.lguest_data + LGUEST_DATA_HCALL_STATUS + cpu.next_hcall] == HCALL_FREE)
+    assert cpu.lguest_data is not None
+    return bool(lg.ram[cpu.lguest_data + LGUEST_DATA_HCALL_STATUS + cpu.next_hcall] == HCALL_FREE)
 
 
 def all_local(cpu: LgCpu) -> bool:
     """True if the pending direct call and every queued async call are CPU-local."""
     lg = cpu.lg
-    if cpu.hcall is None or lg.lguest_data is None or cpu.hcall[0] not in LOCAL_HYPERCALLS:
+    if cpu.hcall is None or cpu.lguest_data is None or cpu.hcall[0] not in LOCAL_HYPERCALLS:
         return False
-    status = lg.read(lg.lguest_data + LGUEST_DATA_HCALL_STATUS, LHCALL_RING_SIZE)
+    status = lg.read(cpu.lguest_data + LGUEST_DATA_HCALL_STATUS, LHCALL_RING_SIZE)
     if status is None:
         return False
     for i in range(LHCALL_RING_SIZE):
         n = (cpu.next_hcall + i) % LHCALL_RING_SIZE
         if status[n] == HCALL_FREE:
             return True
-        number = lg.read_u32(lg.lguest_data + LGUEST_DATA_HCALLS + n * HCALL_ARGS_SIZE)
+        number = lg.read_u32(cpu.lguest_data + LGUEST_DATA_HCALLS + n * HCALL_ARGS_SIZE)
         if number not in LOCAL_HYPERCALLS:
             return False
     return True
@@ -199,14 +241,14 @@ def all_local(cpu: LgCpu) -> bool:
 def do_async_hcalls(cpu: LgCpu) -> None:
     """Run the guest's queued hypercalls in ring order, stopping early for a notify."""
     lg = cpu.lg
-    assert lg.lguest_data is not None
-    status_base = lg.lguest_data + LGUEST_DATA_HCALL_STATUS
+    assert cpu.lguest_data is not None
+    status_base = cpu.lguest_data + LGUEST_DATA_HCALL_STATUS
     for _ in range(LHCALL_RING_SIZE):
         n = cpu.next_hcall
         if lg.ram[status_base + n] == HCALL_FREE:
             break
         cpu.next_hcall = (n + 1) % LHCALL_RING_SIZE
-        raw = lg.read(lg.lguest_data + LGUEST_DATA_HCALLS + n * HCALL_ARGS_SIZE, HCALL_ARGS_SIZE)
+        raw = lg.read(cpu.lguest_data + LGUEST_DATA_HCALLS + n * HCALL_ARGS_SIZE, HCALL_ARGS_SIZE)
         assert raw is not None  # lguest_data lies wholly inside guest memory
         # The ring holds eax, edx, ebx, ecx: number and three arguments.
         do_hcall(cpu, _HCALL.unpack(raw))
@@ -216,7 +258,10 @@ def do_async_hcalls(cpu: LgCpu) -> None:
 
 
 def initialize(cpu: LgCpu) -> None:
-    """The first hypercall must be LHCALL_LGUEST_INIT: register ``lguest_data``."""
+    """A CPU's first hypercall must be LHCALL_LGUEST_INIT: register its ``lguest_data``.
+
+    The guest-wide values (the no-interrupt range, the kernel's address) are taken
+    from the first CPU's (CPU 0's); another CPU's registers only its own page."""
     assert cpu.hcall is not None
     number, addr = cpu.hcall[0], cpu.hcall[1]
     lg = cpu.lg
@@ -231,13 +276,14 @@ def initialize(cpu: LgCpu) -> None:
     if syscall_vec != SYSCALL_VECTOR:
         lg.kill(f"bad syscall vector {syscall_vec}")
         return
-    lg.noirq_start = lg.read_u32(addr + LGUEST_DATA_NOIRQ_START) or 0
-    lg.noirq_end = lg.read_u32(addr + LGUEST_DATA_NOIRQ_END) or 0
-    lg.kernel_address = lg.read_u32(addr + LGUEST_DATA_KERNEL_ADDRESS) or 0
-    lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, 0)
+    if cpu.id == 0:
+        lg.noirq_start = lg.read_u32(addr + LGUEST_DATA_NOIRQ_START) or 0
+        lg.noirq_end = lg.read_u32(addr + LGUEST_DATA_NOIRQ_END) or 0
+        lg.kernel_address = lg.read_u32(addr + LGUEST_DATA_KERNEL_ADDRESS) or 0
+    lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, SWITCHER_RESERVE)  # the Host's top 4 MiB
     lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, timers.tsc_khz())
     lg.write_u32(addr + LGUEST_DATA_PGDIR, lg.pgdir)
-    lg.lguest_data = addr
+    cpu.lguest_data = addr
     timers.write_timestamp(cpu)
 
 
@@ -247,11 +293,13 @@ def do_hypercalls(cpu: LgCpu) -> None:
     If the ring produced a notify, the direct call stays pending until the
     Launcher has seen the notify and reads again.
     """
-    if cpu.lg.lguest_data is None:
+    if cpu.lguest_data is None:
         initialize(cpu)
         cpu.hcall = None
         return
     do_async_hcalls(cpu)
     if not cpu.pending_notify and not cpu.lg.dead and cpu.hcall is not None:
         call, cpu.hcall = cpu.hcall, None
-        do_hcall(cpu, call)
+        result = do_hcall(cpu, call)
+        if result is not None:
+            cpu.set_reg(r.UC_X86_REG_EAX, result & 0xFFFFFFFF)

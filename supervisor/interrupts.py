@@ -57,12 +57,12 @@ def load_idt_entry(cpu: LgCpu, num: int, lo: int, hi: int) -> None:
 def deliverable_irq(cpu: LgCpu) -> int | None:
     """The lowest pending irq the guest has not blocked, or None."""
     lg = cpu.lg
-    if lg.lguest_data is None:
+    if cpu.lguest_data is None:
         return None
     pending = cpu.irqs_pending
     if not pending:
         return None
-    blocked = lg.read_u32(lg.lguest_data + LGUEST_DATA_BLOCKED_INTERRUPTS) or 0
+    blocked = lg.read_u32(cpu.lguest_data + LGUEST_DATA_BLOCKED_INTERRUPTS) or 0
     ready = pending & ~blocked & ((1 << LGUEST_IRQS) - 1)
     if not ready:
         return None
@@ -77,8 +77,8 @@ def ready_to_deliver(cpu: LgCpu) -> bool:
     if cpu.halted:
         return True
     lg = cpu.lg
-    assert lg.lguest_data is not None
-    if not lg.read_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED):
+    assert cpu.lguest_data is not None
+    if not lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED):
         return False
     if lg.noirq_start <= cpu.eip < lg.noirq_end:
         return False
@@ -95,11 +95,11 @@ def maybe_do_interrupt(cpu: LgCpu) -> None:
     if irq is None:
         return
     lg = cpu.lg
-    assert lg.lguest_data is not None
+    assert cpu.lguest_data is not None
     if cpu.halted:
-        lg.write_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED, X86_EFLAGS_IF)
+        lg.write_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED, X86_EFLAGS_IF)
         cpu.halted = False
-    elif not lg.read_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED):
+    elif not lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED):
         return
     if lg.noirq_start <= cpu.eip < lg.noirq_end:
         return
@@ -124,16 +124,16 @@ def deliver_trap(cpu: LgCpu, vector: int, error_code: int = 0) -> bool:
 def report_page_fault(cpu: LgCpu, address: int) -> None:
     """Tell the guest where its last page fault was (``lguest_data.cr2``)."""
     lg = cpu.lg
-    if lg.lguest_data is not None:
-        lg.write_u32(lg.lguest_data + LGUEST_DATA_CR2, address)
+    if cpu.lguest_data is not None:
+        lg.write_u32(cpu.lguest_data + LGUEST_DATA_CR2, address)
 
 
 def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) -> None:
     """Push an interrupt frame on the guest's stack and jump to the gate's handler."""
     lg = cpu.lg
     irq_enabled = X86_EFLAGS_IF
-    if lg.lguest_data is not None:
-        irq_enabled = lg.read_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED) or 0
+    if cpu.lguest_data is not None:
+        irq_enabled = lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED) or 0
     eflags = cpu.reg(r.UC_X86_REG_EFLAGS)
     if not irq_enabled & X86_EFLAGS_IF:
         eflags &= ~X86_EFLAGS_IF
@@ -149,6 +149,6 @@ def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) ->
             return
     cpu.set_reg(r.UC_X86_REG_ESP, esp)
     cpu.set_reg(r.UC_X86_REG_EIP, (lo & 0xFFFF) | (hi & 0xFFFF0000))
-    if gate_type(hi) == GATE_INTERRUPT and lg.lguest_data is not None:
-        lg.write_u32(lg.lguest_data + LGUEST_DATA_IRQ_ENABLED, 0)
+    if gate_type(hi) == GATE_INTERRUPT and cpu.lguest_data is not None:
+        lg.write_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED, 0)
     cpu.stats.interrupts += 1

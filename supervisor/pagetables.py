@@ -4,14 +4,16 @@ Unicorn's MMU walks the guest's tables directly (they play the part of lguest's
 shadow tables), so the Host's job is to check what the guest hands it: a page
 directory or page-table entry naming a page at or past ``pfn_limit`` kills the
 guest, and translation for the Host's own accesses (pushing an interrupt frame)
-is done here.
+is done here.  The top 4 MiB of virtual memory are the Host's (supervisor.hostpages):
+the Host keeps its entry in every page directory it is told about.
 """
 
 from __future__ import annotations
 
 from unicorn import x86_const as r
 
-from .abi import PAGE_SIZE
+from . import hostpages
+from .abi import PAGE_SIZE, SWITCHER_ADDR, SWITCHER_PGD_INDEX
 from .cpu import CR0_PG, CR4_PSE, LgCpu
 
 PTE_PRESENT = 0x1
@@ -61,6 +63,7 @@ def new_pgtable(cpu: LgCpu, pgdir: int) -> None:
     if not pgdir_ok(cpu, pgdir):
         cpu.lg.kill(f"bad page directory {pgdir:#x}")
         return
+    hostpages.install(cpu.lg, pgdir)
     cpu.set_reg(r.UC_X86_REG_CR3, pgdir)
 
 
@@ -68,6 +71,9 @@ def set_pte(cpu: LgCpu, pgdir: int, vaddr: int, pte: int) -> None:
     """LHCALL_SET_PTE: the guest changed one page-table entry."""
     if not pgdir_ok(cpu, pgdir):
         cpu.lg.kill(f"bad page directory {pgdir:#x}")
+        return
+    if vaddr >= SWITCHER_ADDR:  # lguest's words: the Host's mapping is not the guest's
+        cpu.lg.kill(f"attempt to access switcher pages (SET_PTE at {vaddr:#x})")
         return
     reason = check_entry(cpu, pte)
     if reason:
@@ -80,6 +86,10 @@ def set_pmd(cpu: LgCpu, pgdir: int, index: int) -> None:
     """LHCALL_SET_PMD: the guest changed top-level entry ``index`` of ``pgdir``."""
     if not pgdir_ok(cpu, pgdir) or not 0 <= index < PTRS_PER_TABLE:
         cpu.lg.kill(f"bad page directory {pgdir:#x} index {index}")
+        return
+    if index >= SWITCHER_PGD_INDEX:  # the guest's change is ignored: the entry is the Host's
+        hostpages.install(cpu.lg, pgdir)
+        cpu.flush_tlb()
         return
     pde = cpu.lg.read_u32(pgdir + 4 * index)
     assert pde is not None  # pgdir_ok covers the whole page

@@ -44,8 +44,8 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     waits for the next read), then a trapped hypercall is done unless the guest
     died (the ring may have killed it), a break before a death is reported (the
     Launcher polls its devices first), and a halt sleeps until an interrupt can be
-    delivered.  Every answer but None changes something or sleeps: each pass of the
-    run loop makes progress.
+    delivered.  A CPU not started yet sleeps until it is.  Every answer but None
+    changes something or sleeps: each pass of the run loop makes progress.
     """
     if cpu.closing:
         return CpuExit.CLOSED
@@ -59,6 +59,8 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
         return CpuExit.BREAK
     if cpu.lg.dead:
         return CpuExit.DEATH
+    if not cpu.online:
+        return CpuExit.OFFLINE
     if cpu.halted and interrupts.deliverable_irq(cpu) is None:
         return CpuExit.HALT
     return None
@@ -89,22 +91,38 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
                 raise _oserror(errno.EBADF)
             case CpuExit.HYPERCALL:
                 cpu.thaw()
+                asleep = _asleep_others(cpu)
                 hypercalls.do_hypercalls(cpu)
+                if any(other.wakeup.is_set() for other in asleep):
+                    # It woke another CPU (an IPI, a start): that CPU's task queues for
+                    # the processor before this one takes it again.
+                    await asyncio.sleep(0)
             case CpuExit.NOTIFY:
                 return cpu.pending_notify
             case CpuExit.BREAK:
                 raise _oserror(errno.EAGAIN)
             case CpuExit.DEATH:
+                for other in lg.cpus:  # asleep, they would not see it (kill() only kicks)
+                    if other is not cpu:
+                        other.wake()
                 _tell_holder(cpu)
                 assert lg.dead is not None
                 raise _oserror(lg.dead.errno or errno.ENOENT)
             case CpuExit.HELD:
                 _tell_holder(cpu)
                 await _sleep(cpu, dormitory)
-            case CpuExit.HALT:
+            case CpuExit.HALT | CpuExit.OFFLINE:
                 await _sleep(cpu, dormitory)
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
+
+
+def _asleep_others(cpu: LgCpu) -> list[LgCpu]:
+    """The guest's other CPUs whose run loops wait for a wake (none for one CPU)."""
+    cpus = cpu.lg.cpus
+    if len(cpus) == 1:
+        return []
+    return [other for other in cpus if other is not cpu and not other.wakeup.is_set()]
 
 
 def _tell_holder(cpu: LgCpu) -> None:
@@ -117,7 +135,7 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close); the
     CPU may hibernate meanwhile."""
     cpu.wakeup.clear()
-    if pending_exit(cpu) not in (CpuExit.HELD, CpuExit.HALT):
+    if pending_exit(cpu) not in (CpuExit.HELD, CpuExit.HALT, CpuExit.OFFLINE):
         return
     if dormitory is not None:
         dormitory.drowsy(cpu)
@@ -129,6 +147,40 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
 
 
 async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
+    """Run one slice of ``cpu`` once it is this CPU's turn (see :func:`_take_turn`)."""
+    lg = cpu.lg
+    if len(lg.cpus) == 1:
+        return await _run_slice(cpu, executor)
+    if lg.processor is None:
+        lg.processor = asyncio.Lock()
+    _take_turn(cpu, lg.processor, lg.processor_owner)
+    async with lg.processor:
+        if pending_exit(cpu) is not None:
+            return CpuExit.KICK  # held, woken or killed while it waited: the run loop sees
+        lg.processor_owner = cpu
+        try:
+            return await _run_slice(cpu, executor)
+        finally:
+            lg.processor_owner = None
+
+
+def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None:
+    """A guest's CPUs take turns on its one processor (FIFO, asyncio.Lock's order).
+
+    Guarantee: no two CPUs of one guest are ever inside a slice at once, so every
+    instruction, ``lock``-prefixed or not, is atomic with respect to the guest's
+    other CPUs (Unicorn's instances do not make ``lock`` atomic across threads:
+    docs/abi.md, "Several CPUs").  A CPU with an interrupt to take does not wait
+    out the owner's slice: the owner is kicked and stops at its next block, like
+    a hardware interrupt preempting a busy core.  ``wake()``, not just a kick: the
+    owner's slice may still wait in the executor's queue behind other guests' slices,
+    and is then withdrawn instead of waited for.
+    """
+    if owner is not None and processor.locked() and interrupts.ready_to_deliver(cpu):
+        owner.wake()
+
+
+async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:
     """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
 
     A CPU whose last slice ended on its own gets a short slice of at most

@@ -39,7 +39,7 @@ from .memory import GuestMemory
 from .state import GuestState, StateError
 
 MAGIC = b"LGSNAP\r\n"
-VERSION = 2
+VERSION = 3  # 3: guest state version 2 (several CPUs)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 

@@ -31,12 +31,12 @@ import pydantic
 
 from . import framing
 from ._statefields import host_only, saved, saved_fields, unmarked_fields
-from .abi import GDT_ENTRIES, IDT_ENTRIES, LHCALL_RING_SIZE, PAGE_SIZE, TLS_ENTRIES
+from .abi import GDT_ENTRIES, IDT_ENTRIES, LHCALL_RING_SIZE, MAX_CPUS, PAGE_SIZE, TLS_ENTRIES
 from .guest import Death
 from .limits import Limits
 
 MAGIC: Final = b"LGSTATE\n"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: several CPUs, each with its own lguest_data
 
 __all__ = [
     "CpuState",
@@ -67,6 +67,8 @@ class CpuState:
     context: bytes  # registers, as this Unicorn build saves them
     irqs_pending: int
     halted: bool
+    online: bool  # started (CPU 0 always is)
+    lguest_data: int | None  # guest-physical, once its LGUEST_INIT ran
     hcall: tuple[int, int, int, int] | None  # a direct hypercall trapped but not done
     next_hcall: int  # next slot of the async hypercall ring
     pending_notify: int  # a notify not yet handed to the Launcher
@@ -108,7 +110,6 @@ class GuestState:
     base: int
     pfn_limit: int
     pgdir: int
-    lguest_data: int | None
     noirq_start: int
     noirq_end: int
     kernel_address: int
@@ -126,12 +127,17 @@ class GuestState:
             )
         if self.pgdir % PAGE_SIZE or self.pgdir + PAGE_SIZE > limit:
             raise StateError(f"page directory {self.pgdir:#x} outside guest memory")
-        if self.lguest_data is not None and self.lguest_data >= limit:
-            raise StateError(f"lguest_data {self.lguest_data:#x} outside guest memory")
         if not self.cpus:
             raise StateError("a guest has at least one CPU")
+        if len(self.cpus) > MAX_CPUS:
+            raise StateError(f"{len(self.cpus)} CPUs: at most {MAX_CPUS}")
         if [c.id for c in self.cpus] != list(range(len(self.cpus))):
             raise StateError("CPUs must be numbered 0, 1, ... in order")
+        if not self.cpus[0].online:
+            raise StateError("CPU 0 is always online")
+        for c in self.cpus:
+            if c.lguest_data is not None and c.lguest_data >= limit:
+                raise StateError(f"cpu {c.id}: lguest_data {c.lguest_data:#x} outside guest memory")
 
     @property
     def limit(self) -> int:

@@ -12,11 +12,15 @@ and benchmarks use it)::
             assert await notified(g) == 0x42
 
 A guest body starts at label ``main``; it is wrapped in a prelude (stack, flat
-GDT, segment registers; macros ``HCALL nr, a1, a2, a3``, ``LGUEST_INIT``,
-``IDT vector, handler, type``) and a postlude (``lguest_data``, a stack, and
-``irq_return``, the interrupt-return stub inside the no-irq range).  Needs GNU
-binutils (``as``, ``ld``, ``objcopy``, ``nm``); images are cached by content in
-``$LGUEST_ASM_CACHE`` (default: the temp directory).
+GDT, segment registers, or with ``assemble(body, own_gdt=False)`` only the stack:
+the guest then stays in the Host's boot segments, 0x60 and 0x68; macros ``HCALL nr,
+a1, a2, a3``, ``LGUEST_INIT``, ``IDT vector, handler, type``; for guests with several
+CPUs ``HCALL_REG nr, a1, a2, a3`` with operands such as ``%esi`` or ``$label``, and
+``CPU_INIT data``, a started CPU's own LGUEST_INIT with its ``lguest_data`` at
+``data``) and a postlude (``lguest_data``, a stack, and ``irq_return``, the
+interrupt-return stub inside the no-irq range).  Needs GNU binutils (``as``, ``ld``,
+``objcopy``, ``nm``); images are cached by content in ``$LGUEST_ASM_CACHE``
+(default: the temp directory).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .memory import GuestMemory
 
 CACHE = Path(os.environ.get("LGUEST_ASM_CACHE", Path(tempfile.gettempdir()) / "lguest-test-asm"))
 
-PRELUDE = r"""
+_HEAD = r"""
 .code32
 .macro HCALL nr, a1=0, a2=0, a3=0
     mov $\nr, %eax
@@ -57,6 +61,21 @@ PRELUDE = r"""
     rep stosb
     HCALL 1, lguest_data
 .endm
+.macro HCALL_REG nr, a1, a2, a3
+    mov \a3, %ecx
+    mov \a2, %ebx
+    mov \a1, %edx
+    mov $\nr, %eax
+    int $0x1f
+.endm
+.macro CPU_INIT data
+    movl $0x80, \data+1132
+    mov $\data+20, %edi
+    mov $0xff, %al
+    mov $64, %ecx
+    rep stosb
+    HCALL 1, \data
+.endm
 .macro IDT vector, handler, type=0xe
     mov $6, %eax
     mov $\vector, %edx
@@ -72,6 +91,9 @@ PRELUDE = r"""
 .globl _start
 _start:
     mov $stack_top, %esp
+"""
+
+OWN_GDT = r"""
     lgdt gdt_desc
     ljmp $0x08, $1f
 1:  mov $0x10, %ax
@@ -82,6 +104,8 @@ _start:
     mov %ax, %ss
     jmp main
 """
+
+PRELUDE = _HEAD + OWN_GDT
 
 POSTLUDE = r"""
 .text
@@ -150,12 +174,14 @@ class AsmGuest:
     symbols: dict[str, int]
 
 
-def assemble(body: str) -> AsmGuest:
+def assemble(body: str, *, own_gdt: bool = True) -> AsmGuest:
     """Build a guest whose code starts at label ``main``.
 
+    ``own_gdt=False``: the prelude loads no GDT and no segment register (the
+    guest runs in the boot segments the Host gives every guest).
     Raises ``RuntimeError`` with the assembler's or linker's message on errors.
     """
-    source = PRELUDE + body + POSTLUDE
+    source = _HEAD + (OWN_GDT if own_gdt else "    jmp main\n") + body + POSTLUDE
     key = hashlib.sha256(source.encode()).hexdigest()[:20]
     out = CACHE / key
     if not (out / "guest.bin").exists():
@@ -210,11 +236,13 @@ class Booted:
         return await notified(self)
 
 
-def initialize_words(memory: GuestMemory, layout: Layout, start: int = IMAGE_BASE) -> bytes:
-    """The ``LHREQ_INITIALIZE`` request for a guest loaded by :func:`load`."""
-    return abi.pack_words(
-        abi.LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, start
-    )
+def initialize_words(
+    memory: GuestMemory, layout: Layout, start: int = IMAGE_BASE, cpus: int = 1
+) -> bytes:
+    """The ``LHREQ_INITIALIZE`` request for a guest loaded by :func:`load` (with the
+    fifth word, the number of CPUs, only for more than one)."""
+    words = [abi.LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, start]
+    return abi.pack_words(*words, *([cpus] if cpus != 1 else []))
 
 
 def load(guest: AsmGuest, ram_size: int = 1 << 20) -> tuple[GuestMemory, Layout]:
@@ -227,12 +255,14 @@ def load(guest: AsmGuest, ram_size: int = 1 << 20) -> tuple[GuestMemory, Layout]
     return memory, layout
 
 
-async def boot(dev: LguestDevice, body: str | AsmGuest, ram_size: int = 1 << 20) -> Booted:
+async def boot(
+    dev: LguestDevice, body: str | AsmGuest, ram_size: int = 1 << 20, cpus: int = 1
+) -> Booted:
     """Assemble (if given source), load and INITIALIZE a guest; read to run it."""
     guest = assemble(body) if isinstance(body, str) else body
     memory, layout = load(guest, ram_size)
     f = dev.open(memory)
-    await f.write(initialize_words(memory, layout))
+    await f.write(initialize_words(memory, layout, cpus=cpus))
     return Booted(f, memory, layout, guest)
 
 
@@ -244,6 +274,24 @@ async def run_to_end(booted: Booted) -> str:
             await f.read(abi.WORD_SIZE)
         except FileNotFoundError:
             return (await f.read(256)).rstrip(b"\0").decode()
+
+
+async def run_cpus_to_end(booted: Booted) -> str:
+    """Read every CPU at once, as a Launcher does (one task each), skipping notifies,
+    until the guest dies; return the reason it gives."""
+    f = booted.file
+
+    async def reader(cpu: int) -> None:
+        while True:
+            try:
+                await f.read(abi.WORD_SIZE, cpu)
+            except FileNotFoundError:
+                return
+
+    async with asyncio.TaskGroup() as tasks:
+        for n in range(f.cpu_count):
+            tasks.create_task(reader(n))
+    return (await f.read(256)).rstrip(b"\0").decode()
 
 
 async def notified(booted: Booted) -> int:

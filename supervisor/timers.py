@@ -137,10 +137,10 @@ def restore(cpu: LgCpu, delta_ns: int | None) -> None:
 def write_timestamp(cpu: LgCpu) -> None:
     """Tell the guest the wall-clock time (``lguest_data.time``)."""
     lg = cpu.lg
-    if lg.lguest_data is None:
+    if cpu.lguest_data is None:
         return
     ns = time.time_ns()
-    addr = lg.lguest_data + LGUEST_DATA_TIME
+    addr = cpu.lguest_data + LGUEST_DATA_TIME
     if lg.address_ok(addr, _TIMESPEC.size):
         sec, nsec = divmod(ns, 1_000_000_000)
         _TIMESPEC.pack_into(lg.ram, addr, sec & 0xFFFFFFFF, nsec)

@@ -284,3 +284,26 @@ async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> 
         assert (await actor.wait("e.0"))["exit"]["exit_status"] == 0
     finally:
         await actor.close()
+
+
+async def test_a_guest_with_several_cpus_migrates_with_every_cpu(tmp_path: Path) -> None:
+    from test_smp import SPINLOCK, XADD, smp
+
+    from supervisor.testing import assemble
+
+    image = tmp_path / "smp.img"
+    loops = 400_000
+    image.write_bytes(assemble(smp(3, loops, SPINLOCK + XADD, check=("counter", "counter2"))).image)
+    config = GuestConfig(image=image, memory="1M", cpus=3, console="null")
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        guest = await cl.launch(config)
+        moves = 0
+        while not guest.done and moves < 4:
+            try:
+                await cl.migrate(guest)
+            except ClusterError:  # it ended meanwhile
+                break
+            moves += 1
+        end = await guest.wait()
+        assert end.ok, end  # each CPU's count exact across the moves (status 1 otherwise)
+        assert moves >= 1

@@ -96,6 +96,7 @@ def init_words(draw: st.DrawFn) -> tuple[str, ...]:
         draw(st.sampled_from(["ok", "0", "any"])),
         draw(st.integers(0, 3)),  # how many words to drop from the end
         draw(word),
+        draw(st.sampled_from([None, None, 1, 2, 0, abi.MAX_CPUS + 1, "any"])),  # CPUs
     )
 
 
@@ -118,7 +119,7 @@ scripts = st.lists(
 
 
 def init_request(t: Target, spec: tuple[str, ...]) -> bytes:
-    _, base_k, pfn_k, pgdir_k, start_k, drop, anyword = spec
+    _, base_k, pfn_k, pgdir_k, start_k, drop, anyword, cpus = spec
     base = {
         "ok": t.memory.address,
         "-page": t.memory.address - abi.PAGE_SIZE,
@@ -140,6 +141,8 @@ def init_request(t: Target, spec: tuple[str, ...]) -> bytes:
     }[pgdir_k]
     start = {"ok": IMAGE_BASE, "0": 0, "any": anyword}[start_k]
     words = [LHREQ_INITIALIZE] + [w & U64 for w in (base, pfns, pgdir, start)]
+    if cpus is not None and not drop:  # the optional fifth word (several CPUs)
+        words.append((anyword if cpus == "any" else cpus) & U64)
     return pack_words(*words[: len(words) - int(drop)])
 
 

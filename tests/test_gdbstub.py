@@ -133,7 +133,7 @@ async def test_protocol_basics_over_a_raw_socket(dev):
         features = await c.cmd(b"qSupported:multiprocess+;swbreak+;xmlRegisters=i386")
         assert b"PacketSize=" in features and b"swbreak+" in features
         assert await c.cmd(b"vCont?") == b"vCont;c;C;s;S"
-        assert await c.cmd(b"?") == b"T05"
+        assert await c.cmd(b"?") == b"T05thread:1;"
         regs = await c.cmd(b"g")
         assert len(regs) == 16 * 8
         eip = struct.unpack("<16I", bytes.fromhex(regs.decode()))[8]
@@ -154,10 +154,10 @@ async def test_protocol_basics_over_a_raw_socket(dev):
         assert await c.cmd(b"M%x,3:4f4b00" % msg) == b"OK"
         assert g.memory.read(msg, 3) == b"OK\0"
         # vCont;s steps one instruction; Z0/vCont;c stops at a breakpoint.
-        assert await c.cmd(b"vCont;s:1") == b"T05"
+        assert await c.cmd(b"vCont;s:1") == b"T05thread:1;"
         loop = g.guest.symbols["loop"]
         assert await c.cmd(b"Z0,%x,1" % loop) == b"OK"
-        assert await c.cmd(b"vCont;c") == b"T05swbreak:;"
+        assert await c.cmd(b"vCont;c") == b"T05thread:1;swbreak:;"
         assert debugger(g.file).registers()[8] == loop
         assert await c.cmd(b"z0,%x,1" % loop) == b"OK"
         assert await c.cmd(b"Z2,%x,4" % loop) == b""  # watchpoints: not supported
@@ -178,7 +178,7 @@ async def test_ctrl_c_stops_a_running_guest_and_kill_ends_it(dev):
         await until(lambda: g.u32("counter") > 1000)
         c.writer.write(b"\x03")
         body = await c.recv_noack()
-        assert body == b"T02"
+        assert body == b"T02thread:1;"
         frozen = g.u32("counter")
         c.writer.write(b"$vKill;1#6e")
         assert await c.recv_noack() == b"OK"
@@ -192,12 +192,12 @@ async def test_a_client_that_disconnects_mid_packet_leaves_the_guest_to_the_next
     g, server, reader = await served(dev, STATUS_FROM_EBX)
     async with asyncio.timeout(LIMIT):
         c = await Client.connect(server)
-        assert await c.cmd(b"?") == b"T05"
+        assert await c.cmd(b"?") == b"T05thread:1;"
         assert await c.cmd(b"Z0,%x,1" % g.guest.symbols["loop"]) == b"OK"
         c.writer.write(b"$m10000,")  # and hang up
         await c.close()
         c = await Client.connect(server)  # the server takes the next client
-        assert await c.cmd(b"?") == b"T05"
+        assert await c.cmd(b"?") == b"T05thread:1;"
         # The first client's breakpoint went with it: continue runs to the end.
         assert await c.cmd(b"c") == b"W03"
         await c.close()

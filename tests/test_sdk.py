@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import Exit, GuestConfig, Supervisor, sdk
+from supervisor import Exit, GuestConfig, Supervisor, cli, sdk
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.sdk.elfstrip import symbols
 
@@ -31,7 +31,7 @@ PORTABLE_INPUT = "hello world 42\n  -7 abc 3x 100\n\n9 1\nlast line without newl
 
 def _toolchain() -> sdk.Toolchain:
     try:
-        return sdk.find_toolchain()
+        return sdk.find_toolchain("zig")  # these guests need the C library
     except sdk.ToolchainError as exc:
         pytest.skip(str(exc))
 
@@ -216,13 +216,144 @@ int main(void) {
     assert lines[1:] == ["after free: ok", "depth 50"]
 
 
+NO_TOOLCHAIN = (
+    "supervisor: error: no C toolchain for guests: install Zig's C compiler with "
+    "`pip install 'lguest-supervisor[sdk]'` (or `pip install ziglang`); or, for "
+    "freestanding guests only (lguest.h, no C library), a gcc that builds 32-bit x86 "
+    "code (Debian: `apt-get install gcc gcc-multilib`)"
+)
+
+
 def test_build_without_a_toolchain_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sdk.importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(sdk.shutil, "which", lambda name: None)
+    monkeypatch.delenv("LGUEST_TOOLCHAIN", raising=False)
+    monkeypatch.setattr(sdk.importlib.util, "find_spec", lambda name: None)  # no ziglang
+    monkeypatch.setattr(sdk.shutil, "which", lambda name: None)  # no zig, no gcc
     with pytest.raises(sdk.ToolchainError, match=r"pip install 'lguest-supervisor\[sdk\]'"):
         sdk.build([PORTABLE], tmp_path / "x.elf")
+    assert cli.main(["build", str(PORTABLE), "-o", str(tmp_path / "x.elf")]) == 2
+    assert capsys.readouterr().err.strip() == NO_TOOLCHAIN
+    assert not (tmp_path / "x.elf").exists()
+
+
+def test_toolchain_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zig first, then a gcc that builds 32-bit code; LGUEST_TOOLCHAIN picks one."""
+    monkeypatch.delenv("LGUEST_TOOLCHAIN", raising=False)
+    gcc = sdk.Toolchain(("/usr/bin/gcc",), "gcc 12", "gcc", "/inc", None)
+    monkeypatch.setattr(sdk, "_probe_gcc", lambda path: gcc)
+    monkeypatch.setattr(sdk.shutil, "which", lambda name: f"/usr/bin/{name}")
+    if sdk._zig_command() is not None and importlib.util.find_spec("ziglang") is not None:
+        assert sdk.find_toolchain().kind == "zig"
+    monkeypatch.setattr(sdk, "_zig_command", lambda: None)
+    assert sdk.find_toolchain() is gcc and gcc.freestanding
+    assert sdk.find_toolchain("gcc") is gcc
+    with pytest.raises(sdk.ToolchainError, match=r"^no Zig C compiler: install Zig's"):
+        sdk.find_toolchain("zig")
+    monkeypatch.setenv("LGUEST_TOOLCHAIN", "zig")
+    with pytest.raises(sdk.ToolchainError, match=r"^no Zig C compiler"):
+        sdk.find_toolchain()
+    monkeypatch.setenv("LGUEST_TOOLCHAIN", "clang")
+    with pytest.raises(sdk.ToolchainError, match="must be zig, gcc or auto"):
+        sdk.find_toolchain()
+    monkeypatch.delenv("LGUEST_TOOLCHAIN")
+    # A gcc that cannot build 32-bit code is not used, and the error says why.
+    monkeypatch.setattr(sdk, "_probe_gcc", lambda path: "cannot find crt1.o")
+    with pytest.raises(sdk.ToolchainError) as exc:
+        sdk.find_toolchain()
+    assert str(exc.value).startswith("no C toolchain for guests: install Zig's")
+    assert str(exc.value).endswith(
+        "(gcc is installed but cannot build 32-bit code: cannot find crt1.o)"
+    )
+    with pytest.raises(sdk.ToolchainError, match=r"^no gcc fallback: install a gcc that"):
+        sdk.find_toolchain("gcc")
+
+
+FREESTANDING = r"""
+#include <lguest.h>
+#include <stdint.h>
+#include <string.h>
+
+struct big { char b[300]; };
+static struct big copy(struct big x) { return x; }
+
+static size_t put_u64(char *out, uint64_t v)
+{
+    char tmp[24];
+    size_t n = 0, k = 0;
+    do tmp[n++] = '0' + v % 10; while ((v /= 10) != 0);
+    while (n) out[k++] = tmp[--n];
+    return k;
+}
+
+int main(int argc, char **argv)
+{
+    char line[256];
+    size_t n = 0;
+    struct big a, b;
+    memset(&a, 'x', sizeof a);
+    b = copy(a);                                /* gcc calls memcpy for this */
+    for (int i = 0; i < argc; i++) {
+        size_t k = strlen(argv[i]);
+        memcpy(line + n, argv[i], k);
+        n += k;
+        line[n++] = ' ';
+    }
+    volatile uint64_t big = 0xfedcba9876543210ull, by = 1000003;
+    volatile int64_t neg = -12345678901234ll, sby = 7;
+    n += put_u64(line + n, big / by);           /* libgcc's 64-bit division */
+    line[n++] = ' ';
+    n += put_u64(line + n, big % by);
+    line[n++] = ' ';
+    n += put_u64(line + n, (uint64_t)-(neg / sby));
+    line[n++] = ' ';
+    n += put_u64(line + n, (uint64_t)-(neg % sby));
+    line[n++] = '\n';
+    lguest_console_write(line, n);
+    return b.b[299] == 'x' ? 40 + argc : 99;
+}
+"""
+
+
+def _gcc() -> sdk.Toolchain:
+    try:
+        return sdk.find_toolchain("gcc")
+    except sdk.ToolchainError as exc:
+        pytest.skip(str(exc))
+
+
+async def test_the_gcc_fallback_builds_freestanding_guests(tmp_path: Path) -> None:
+    gcc = _gcc()
+    src = tmp_path / "free.c"
+    src.write_text(FREESTANDING)
+    image = sdk.build([src], tmp_path / "free.elf", sdk.BuildOptions("2"), gcc)
+    lines, result = await run_guest(image, cmdline="a bc")
+    big, by, neg = 0xFEDCBA9876543210, 1000003, 12345678901234
+    assert lines == [f"free a bc {big // by} {big % by} {neg // 7} {neg % 7}"]
+    assert result.exit_status == 43  # main's return value, argc == 3
+    # Without a C library, <stdio.h> is not there: the error says where to get one.
+    hosted = tmp_path / "hosted.c"
+    hosted.write_text('#include <stdio.h>\nint main(void) { puts("hi"); return 0; }\n')
+    with pytest.raises(sdk.BuildError) as exc:
+        sdk.build([hosted], tmp_path / "hosted.elf", toolchain=gcc)
+    assert "stdio.h" in str(exc.value)
+    assert str(exc.value).endswith(f"({sdk.FREESTANDING_HINT})")
+
+
+def test_the_gcc_fallback_from_the_command_line(tmp_path: Path) -> None:
+    _gcc()
+    src = tmp_path / "free.c"
+    src.write_text(FREESTANDING)
+    out = tmp_path / "free.elf"
+    env = dict(os.environ, LGUEST_TOOLCHAIN="gcc")
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "build", str(src), "-o", str(out), "-O2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ran = _cli("run", str(out), "--cmdline", "x")
+    assert ran.returncode == 42, ran.stderr
+    assert ran.stdout.startswith("free x ")
 
 
 def test_build_errors_are_one_line_and_status_2(tmp_path: Path) -> None:

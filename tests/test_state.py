@@ -464,7 +464,8 @@ async def test_bad_or_foreign_encodings_are_clear_errors(dev):
     assert "outside memory" in edited(lambda m: m.update(pfn_limit=1 << 20))
     assert "IDT" in edited(lambda m: m["cpus"][0].update(idt=[[0, 0]] * 3))
     assert "ring position" in edited(lambda m: m["cpus"][0].update(next_hcall=99))
-    assert "lguest_data" in edited(lambda m: m.update(lguest_data=1 << 30))
+    assert "lguest_data" in edited(lambda m: m["cpus"][0].update(lguest_data=1 << 30))
+    assert "CPU 0 is always online" in edited(lambda m: m["cpus"][0].update(online=False))
     assert "cpu" in edited(lambda m: m["cpus"][0].pop("halted"))
     assert "Unicorn 0.0" in edited(lambda m: m.update(unicorn="0.0"))
     with pytest.raises(StateError, match="malformed"):
@@ -504,18 +505,22 @@ def test_classify_turns_what_the_hooks_recorded_into_an_exit():
 def fake_cpu(**changes: Any) -> Any:
     values: dict[str, Any] = {
         "closing": False, "hcall": None, "pending_notify": 0, "break_out": False,
-        "hold": None, "halted": False, "irqs_pending": 0,
-        "lg": SimpleNamespace(dead=None, lguest_data=None),
+        "hold": None, "halted": False, "irqs_pending": 0, "online": True, "lguest_data": None,
+        "lg": SimpleNamespace(dead=None),
     }  # fmt: skip
     values.update(changes)
     return SimpleNamespace(**values)
 
 
 def test_the_run_loop_decides_in_a_fixed_order():
-    dead = SimpleNamespace(dead=Death("x"), lguest_data=None)
+    dead = SimpleNamespace(dead=Death("x"))
     assert pending_exit(fake_cpu()) is None
     assert pending_exit(fake_cpu(halted=True)) is CpuExit.HALT  # no irq it could take
     assert pending_exit(fake_cpu(lg=dead, halted=True)) is CpuExit.DEATH
+    # A CPU not started yet sleeps; a death, a break or close still end its read.
+    assert pending_exit(fake_cpu(online=False)) is CpuExit.OFFLINE
+    assert pending_exit(fake_cpu(online=False, lg=dead)) is CpuExit.DEATH
+    assert pending_exit(fake_cpu(online=False, break_out=True)) is CpuExit.BREAK
     # The ring killed it: the direct call it trapped with is never done.
     assert pending_exit(fake_cpu(lg=dead, hcall=(1, 2, 3, 4))) is CpuExit.DEATH
     assert pending_exit(fake_cpu(lg=dead, break_out=True)) is CpuExit.BREAK

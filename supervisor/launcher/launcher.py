@@ -120,9 +120,16 @@ class Launcher:
         limits: Limits | None = None,
         resume: Resume | None = None,
         hibernate_after: float | None = None,
+        cpus: int = 1,
     ) -> None:
         """``resume`` continues a guest (a snapshot's) on the first boot; its memory
-        size must be this layout's."""
+        size must be this layout's.  ``cpus`` is how many CPUs the guest has (CPU 0
+        boots; the guest starts the others); each is read by a task of its own."""
+        if resume is not None:
+            cpus = len(resume.state.cpus)  # the guest it continues has them
+        if not 1 <= cpus <= abi.MAX_CPUS:
+            raise ValueError(f"a guest has 1 to {abi.MAX_CPUS} CPUs, not {cpus}")
+        self.cpus = cpus
         self._dev = device
         self.limits = limits
         self._source = image if isinstance(image, str | Path) else None
@@ -210,19 +217,12 @@ class Launcher:
         return self._done_stats.add(self._current_stats())
 
     def _current_stats(self) -> GuestStats:
-        s = self.file.stats if self.file is not None else None
-        if s is None:
-            return GuestStats(notifies=self._notifies)
-        return GuestStats(
-            s.blocks,
-            s.exits,
-            s.hypercalls,
-            s.interrupts,
-            self._notifies,
-            s.run_time,
-            s.hibernations,
-            s.wakes,
-        )
+        total = GuestStats(notifies=self._notifies)
+        for s in self.file.cpu_stats if self.file is not None else ():
+            shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(GuestStats)
+                      if f.name != "notifies"}  # fmt: skip
+            total = total.add(GuestStats(**shared))
+        return total
 
     async def kill(self, reason: str = "killed") -> None:
         """End the guest: :meth:`run` returns ``Exit(died=True, reason=reason)``.
@@ -324,6 +324,7 @@ class Launcher:
                                     self.layout.pfn_limit,
                                     self.layout.pgdir,
                                     entry,
+                                    *([self.cpus] if self.cpus > 1 else []),
                                 )
                             )
                     except OSError as exc:
@@ -342,18 +343,30 @@ class Launcher:
         self._attention.set()
 
     async def _serve(self, f: LguestFile) -> Death:
+        """Read every CPU, each in a task of its own, until the guest dies; every
+        read loop ends with the same death.  The Waker breaks CPU 0 out, and device
+        interrupts go to CPU 0."""
         waker = asyncio.create_task(self._waker(f.waker()), name="lguest-waker")
         try:
-            return await self._read_loop(f)
+            if f.cpu_count == 1:
+                return await self._read_loop(f, 0)
+            async with asyncio.TaskGroup() as readers:
+                loops = [
+                    readers.create_task(self._read_loop(f, n), name=f"lguest-cpu{n}")
+                    for n in range(f.cpu_count)
+                ]
+            return loops[0].result()
+        except* _Killed as group:
+            raise group.exceptions[0] from None
         finally:
             waker.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await waker
 
-    async def _read_loop(self, f: LguestFile) -> Death:
+    async def _read_loop(self, f: LguestFile, cpu: int) -> Death:
         while True:
             try:
-                data = await f.read(REASON_SIZE)
+                data = await f.read(REASON_SIZE, cpu)
             except BlockingIOError:  # EAGAIN: the Waker broke us out
                 await self._poll()
                 try:

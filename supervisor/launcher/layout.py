@@ -5,7 +5,8 @@
     0x00000  boot info page (struct below; esi points here)
     0x10000  flat image (ELF images go where their headers say)
     ...      free for the guest
-    free_end page directory and page tables (mapping everything at 0 and 0xC0000000)
+    free_end page directory and page tables (mapping everything at 0 and 0xC0000000,
+             below the Host's top 4 MiB)
     ram_size device page: device descriptors (see docs/abi.md)
 
 All fields are 32-bit little endian.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..abi import PAGE_SIZE
+from ..abi import PAGE_SIZE, SWITCHER_PGD_INDEX
 
 BOOT_INFO_MAGIC = 0x5453474C  # "LGST"
 BOOT_INFO_VERSION = 1
@@ -75,7 +76,8 @@ def plan(ram_size: int) -> Layout:
 def build_pagetables(ram: memoryview, layout: Layout) -> None:
     """Map every guest-physical page linearly at virtual 0 and at PAGE_OFFSET.
 
-    The high mapping stops at the top of the 4 GiB address space (1 GiB of it).
+    The high mapping stops below the Host's top 4 MiB (page-directory entry 1023,
+    ``abi.SWITCHER_ADDR``), so it covers at most 1 GiB - 4 MiB.
     """
     pages = layout.pfn_limit
     tables = -(-pages // 1024)
@@ -84,7 +86,7 @@ def build_pagetables(ram: memoryview, layout: Layout) -> None:
         table = first_table + t * PAGE_SIZE
         entry = table | PTE_FLAGS
         _U32.pack_into(ram, layout.pgdir + 4 * t, entry)
-        if (PAGE_OFFSET >> 22) + t < 1024:
+        if (PAGE_OFFSET >> 22) + t < SWITCHER_PGD_INDEX:
             _U32.pack_into(ram, layout.pgdir + 4 * ((PAGE_OFFSET >> 22) + t), entry)
         count = min(1024, pages - t * 1024)
         ptes = struct.pack(

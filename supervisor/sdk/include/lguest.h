@@ -13,6 +13,11 @@
  * pending; the Host then runs its handler and lguest_halt() returns with
  * interrupts off again.  Handlers registered with lguest_set_irq_handler()
  * run with interrupts off, on the interrupted stack.
+ *
+ * Several CPUs: lg_start_cpu(), lg_cpu_id(), lg_send_ipi(), lg_spinlock_t;
+ * the interrupt calls above act on the calling CPU.  docs/sdk.md says what
+ * else a started CPU may call (musl is single-threaded: no stdio or malloc
+ * on two CPUs at once).
  */
 #ifndef LGUEST_H
 #define LGUEST_H
@@ -41,6 +46,9 @@ extern "C" {
 #define LHCALL_SET_PMD 15
 #define LHCALL_LOAD_TLS 16
 #define LHCALL_NOTIFY 17
+/* Extensions of lguest's ABI (docs/abi.md): several CPUs per guest. */
+#define LHCALL_START_CPU 64 /* edx cpu, ebx eip, ecx esp; 0, -EINVAL (no such CPU), -EBUSY */
+#define LHCALL_SEND_IPI 65  /* edx cpu, ebx irq; 0 or -EINVAL */
 
 #define LGUEST_SHUTDOWN_POWEROFF 1
 #define LGUEST_SHUTDOWN_RESTART 2
@@ -58,6 +66,9 @@ extern "C" {
 #define LGUEST_KERNEL_DS 0x68
 #define LGUEST_GDT_ENTRY_TLS_MIN 6
 #define LGUEST_GDT_ENTRIES 16
+/* GDT entry 9 is each CPU's own data segment (%fs): struct lg_percpu below. */
+#define LGUEST_GDT_ENTRY_PERCPU 9
+#define LGUEST_PERCPU_SEL (LGUEST_GDT_ENTRY_PERCPU << 3)
 
 static inline unsigned long lguest_hcall(unsigned long call, unsigned long arg1,
                                          unsigned long arg2, unsigned long arg3)
@@ -102,7 +113,7 @@ struct lguest_data {
     } time;
     uint8_t hcall_status[LHCALL_RING_SIZE]; /* 0xff free, 0 queued */
     struct hcall_args hcalls[LHCALL_RING_SIZE];
-    uint32_t reserve_mem;  /* Host: 0 */
+    uint32_t reserve_mem;  /* Host: 4 MiB, the top of virtual memory (boot GDT) */
     uint32_t tsc_khz;      /* Host: rdtsc ticks per millisecond */
     uint32_t pgdir;        /* Host: the page directory the guest booted with */
     uint32_t noirq_start;  /* guest: no irq is delivered while eip is in */
@@ -209,13 +220,112 @@ static inline void lguest_notify(const void *desc)
     lguest_hcall(LHCALL_NOTIFY, (unsigned long)desc, 0, 0);
 }
 
-/* Interrupt handlers: handler(irq) runs with interrupts off.  NULL restores
- * the runtime's default (ignore).  Returns -1 for irq >= 32. */
+/* Interrupt handlers: handler(irq) runs with interrupts off, on the CPU the
+ * irq was raised on (device irqs: CPU 0; IPIs: their target).  One table for
+ * all CPUs.  NULL restores the runtime's default (ignore).  Returns -1 for
+ * irq >= 32. */
 typedef void (*lguest_irq_handler)(unsigned irq);
 int lguest_set_irq_handler(unsigned irq, lguest_irq_handler handler);
 
-static inline void lguest_irq_disable(void) { lguest_data.irq_enabled = 0; }
-static inline void lguest_irq_enable(void) { lguest_data.irq_enabled = LGUEST_IRQ_ON; }
+/* ---- several CPUs (GuestConfig.cpus, `run --cpus N`) ----
+ * Each CPU has its own lguest_data (irq_enabled, blocked_interrupts, cr2, the
+ * clock and the hypercall ring), timer, pending irqs and halted state; memory,
+ * the devices and the irq handler table below are shared.  `lguest_data` is
+ * CPU 0's; lg_cpu_data() is the calling CPU's.  The runtime keeps %fs pointing
+ * at the calling CPU's struct lg_percpu: never load %fs yourself. */
+#define LG_MAX_CPUS 16
+struct lg_percpu {
+    uint32_t cpu;               /* %fs:0, this CPU's number */
+    struct lguest_data *data;   /* %fs:4, this CPU's lguest_data */
+    struct lg_percpu *self;     /* %fs:8 */
+    volatile uint32_t clock_fired; /* runtime: irq 0 seen (nanosleep) */
+    void (*fn)(void *);         /* runtime: what lg_start_cpu runs here */
+    void *arg;
+    uint32_t tp;                /* runtime: this CPU's thread pointer (%gs base) */
+    uint32_t pad;
+};
+_Static_assert(offsetof(struct lg_percpu, cpu) == 0, "lg_percpu layout");
+_Static_assert(offsetof(struct lg_percpu, data) == 4, "lg_percpu layout");
+_Static_assert(offsetof(struct lg_percpu, self) == 8, "lg_percpu layout");
+
+/* This CPU's number (0 is the boot CPU): one memory read, no hypercall. */
+static inline unsigned lg_cpu_id(void)
+{
+    unsigned id;
+    __asm__ __volatile__("movl %%fs:0, %0" : "=r"(id));
+    return id;
+}
+static inline struct lguest_data *lg_cpu_data(void)
+{
+    struct lguest_data *d;
+    __asm__ __volatile__("movl %%fs:4, %0" : "=r"(d));
+    return d;
+}
+static inline struct lg_percpu *lg_percpu(void)
+{
+    struct lg_percpu *p;
+    __asm__ __volatile__("movl %%fs:8, %0" : "=r"(p));
+    return p;
+}
+
+/* Start the next offline CPU: it runs fn(arg) on a stack of its own
+ * (__lguest_stack_size bytes, from the top of free memory, with an unmapped
+ * guard page below it), with its own lguest_data, interrupts off, the same
+ * irq handlers; when fn returns, that CPU halts for good (no irq wakes it).
+ * Returns the new CPU's number, or -1 when the guest has no CPU left (or no
+ * memory for the stack).  Any CPU may call it. */
+int lg_start_cpu(void (*fn)(void *), void *arg);
+/* Raise `irq` (0-31) on CPU `cpu` (itself too), as a device would: it wakes a
+ * halted CPU.  0, or -1 for no such CPU or irq. */
+static inline int lg_send_ipi(unsigned cpu, unsigned irq)
+{
+    return lguest_hcall(LHCALL_SEND_IPI, cpu, irq, 0) ? -1 : 0;
+}
+
+/* A spinlock on the __atomic builtins (lock-prefixed xchg; the Host keeps a
+ * guest's lock-prefixed instructions atomic across its CPUs).  Not recursive.
+ * Do not take one in an irq handler that the interrupted code may hold: use
+ * lg_spin_lock_irqsave() in the interrupted code for that. */
+typedef struct {
+    volatile uint32_t locked;
+} lg_spinlock_t;
+#define LG_SPINLOCK_INIT {0}
+
+static inline int lg_spin_trylock(lg_spinlock_t *l)
+{
+    return __atomic_exchange_n(&l->locked, 1, __ATOMIC_ACQUIRE) == 0;
+}
+static inline void lg_spin_lock(lg_spinlock_t *l)
+{
+    while (__atomic_exchange_n(&l->locked, 1, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(&l->locked, __ATOMIC_RELAXED))
+            __asm__ __volatile__("pause" ::: "memory");
+    }
+}
+static inline void lg_spin_unlock(lg_spinlock_t *l)
+{
+    __atomic_store_n(&l->locked, 0, __ATOMIC_RELEASE);
+}
+/* With this CPU's interrupts off while held; returns what to restore. */
+static inline uint32_t lg_spin_lock_irqsave(lg_spinlock_t *l)
+{
+    struct lguest_data *d = lg_cpu_data();
+    uint32_t was = d->irq_enabled;
+    d->irq_enabled = 0;
+    __asm__ __volatile__("" ::: "memory");
+    lg_spin_lock(l);
+    return was;
+}
+static inline void lg_spin_unlock_irqrestore(lg_spinlock_t *l, uint32_t was)
+{
+    lg_spin_unlock(l);
+    __asm__ __volatile__("" ::: "memory");
+    lg_cpu_data()->irq_enabled = was;
+}
+
+/* This CPU's interrupts (its lguest_data.irq_enabled). */
+static inline void lguest_irq_disable(void) { lg_cpu_data()->irq_enabled = 0; }
+static inline void lguest_irq_enable(void) { lg_cpu_data()->irq_enabled = LGUEST_IRQ_ON; }
 
 /* Sleep (costing the Host nothing) until an irq the guest has not blocked is
  * pending; its handler has run when this returns, interrupts off.  Check your

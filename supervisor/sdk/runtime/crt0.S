@@ -111,17 +111,37 @@ __lguest_irq_common:
         addl    $4, %esp
         popl    %edx
         popl    %ecx
-        popl    %eax
-        addl    $4, %esp                        /* the irq number */
-        testl   $0x200, 8(%esp)                 /* eflags.IF of the interrupted code */
+        testl   $0x200, 16(%esp)                /* eflags.IF of the interrupted code */
         jz      1f
+        movl    %fs:4, %eax                     /* this CPU's lguest_data (struct lg_percpu) */
 /* The only instructions that run with interrupts on but must not be
- * interrupted: turning them on and the iret (lguest_data.noirq_start/end). */
+ * interrupted: turning this CPU's on, and up to the iret
+ * (lguest_data.noirq_start/end). */
         .globl  __lguest_noirq_start, __lguest_noirq_end
 __lguest_noirq_start:
-        movl    $512, lguest_data
+        movl    $512, (%eax)                    /* irq_enabled */
+        popl    %eax
+        leal    4(%esp), %esp                   /* the irq number */
         iret
 __lguest_noirq_end:
-1:      iret
+1:      popl    %eax
+        addl    $4, %esp                        /* the irq number */
+        iret
+
+/* A CPU started by lg_start_cpu (LHCALL_START_CPU): eax = its number, esp =
+ * the top of its own stack, interrupts off (it has no lguest_data yet).
+ * __lguest_secondary_c never returns. */
+        .globl  __lguest_secondary_entry
+        .type   __lguest_secondary_entry, @function
+        .p2align 4
+__lguest_secondary_entry:
+        cld
+        fninit
+        xorl    %ebp, %ebp
+        pushl   %eax
+        call    __lguest_secondary_c
+2:      hlt
+        jmp     2b
+        .size   __lguest_secondary_entry, . - __lguest_secondary_entry
 
         .section .note.GNU-stack, "", @progbits

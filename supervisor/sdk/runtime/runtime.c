@@ -16,6 +16,11 @@
  *    MONOTONIC, *_CPUTIME = time since boot), nanosleep/clock_nanosleep
  *    (clock event + halt), set_thread_area (TLS), exit/exit_group, signals
  *    sent to self kill the guest; anything else returns -ENOSYS.
+ *  - several CPUs (docs/sdk.md): %fs is each CPU's struct lg_percpu (GDT
+ *    entry 9); lg_start_cpu gives a started CPU its own lguest_data, stack
+ *    (with a guard page), GDT and musl thread block (errno, TLS); the irq
+ *    return path, the clock and halt act on the calling CPU; the console,
+ *    block device and brk/mmap/munmap are serialised by runtime spinlocks.
  */
 #include <lguest.h>
 
@@ -38,7 +43,6 @@ static char cmdline_copy[2048];
 static char argv_buf[2048]; /* the command line again, cut into argv */
 static uint64_t gdt[LGUEST_GDT_ENTRIES] __attribute__((aligned(8)));
 static lguest_irq_handler irq_handlers[LGUEST_IRQS];
-static volatile uint32_t clock_fired;
 
 extern char __lguest_irq_stubs[], __lguest_noirq_start[], __lguest_noirq_end[];
 extern char __lguest_int80[], __lguest_pf_entry[], __lguest_vsyscall[];
@@ -47,6 +51,17 @@ extern char __tdata_start[], __tdata_end[], __tbss_end[];
 extern char __lguest_tls_align[];
 /* The image's name (argv[0]); `supervisor build` defines it. */
 __attribute__((weak)) const char __lguest_progname[] = "guest";
+
+extern char __lguest_secondary_entry[], __lguest_stack_size[];
+
+/* ---- several CPUs: CPU n's struct lg_percpu is %fs's segment (GDT entry
+ * LGUEST_GDT_ENTRY_PERCPU of CPU n's own GDT: CPU 0's is `gdt`); CPU 0's
+ * lguest_data is `lguest_data`, the others' are in cpu_data. ---- */
+static struct lg_percpu percpu[LG_MAX_CPUS] __attribute__((aligned(64)));
+static struct lguest_data cpu_data[LG_MAX_CPUS - 1] __attribute__((aligned(16)));
+static uint64_t cpu_gdt[LG_MAX_CPUS - 1][LGUEST_GDT_ENTRIES] __attribute__((aligned(8)));
+static uint32_t tls_selector; /* %gs as musl loaded it on CPU 0 (0: no TLS) */
+static lg_spinlock_t mem_lock, console_lock, block_lock, start_lock;
 
 int main();
 int __libc_start_main(int (*)(), int, char **, void (*)(void), void (*)(void),
@@ -92,7 +107,7 @@ const char *lguest_cmdline(void) { return cmdline_copy; }
 /* ---- interrupts ---- */
 void __lguest_irq_dispatch(unsigned irq)
 {
-    if (irq == LGUEST_CLOCK_IRQ) clock_fired = 1;
+    if (irq == LGUEST_CLOCK_IRQ) lg_percpu()->clock_fired = 1;
     if (irq < LGUEST_IRQS && irq_handlers[irq]) irq_handlers[irq](irq);
 }
 
@@ -105,16 +120,17 @@ int lguest_set_irq_handler(unsigned irq, lguest_irq_handler handler)
 
 void lguest_halt(void)
 {
-    uint32_t was = lguest_data.irq_enabled;
+    struct lguest_data *d = lg_cpu_data();
+    uint32_t was = d->irq_enabled;
     lguest_hcall(LHCALL_HALT, 0, 0, 0);
-    lguest_data.irq_enabled = was;
+    d->irq_enabled = was;
 }
 
 /* A NULL dereference (an access to page 0) or any other page fault kills the
  * guest with a reason naming the access; error code bits: 1 present, 2 write. */
 __attribute__((noreturn)) void __lguest_page_fault(uint32_t error, uint32_t eip)
 {
-    uint32_t cr2 = lguest_data.cr2;
+    uint32_t cr2 = lg_cpu_data()->cr2;
     const char *kind = (error & 2) ? "write" : "read";
     if (cr2 < PAGE_SIZE) {
         crash_hex((error & 2) ? "NULL pointer dereference: write at "
@@ -145,15 +161,16 @@ uint64_t lguest_monotonic_ns(void)
 }
 
 static uint64_t boot_ns;       /* monotonic time at boot */
-static int64_t realtime_offset; /* realtime = monotonic + offset */
+static int64_t realtime_offset; /* realtime = monotonic + offset (8-byte atomic: any CPU) */
 
 static uint64_t host_realtime_ns(void)
 {
+    struct lguest_data *d = lg_cpu_data(); /* this CPU's: refreshed when it runs */
     uint32_t s, ns;
     do {
-        s = *(volatile uint32_t *)&lguest_data.time.tv_sec;
-        ns = *(volatile uint32_t *)&lguest_data.time.tv_nsec;
-    } while (s != *(volatile uint32_t *)&lguest_data.time.tv_sec);
+        s = *(volatile uint32_t *)&d->time.tv_sec;
+        ns = *(volatile uint32_t *)&d->time.tv_nsec;
+    } while (s != *(volatile uint32_t *)&d->time.tv_sec);
     return (uint64_t)s * 1000000000u + ns;
 }
 
@@ -164,10 +181,10 @@ static uint64_t realtime_ns(void)
 {
     uint64_t mono = lguest_monotonic_ns();
     int64_t host = (int64_t)host_realtime_ns();
-    int64_t ours = (int64_t)mono + realtime_offset;
+    int64_t ours = (int64_t)mono + __atomic_load_n(&realtime_offset, __ATOMIC_RELAXED);
     int64_t diff = ours - host;
     if (diff > 50000000 || diff < -50000000) {
-        realtime_offset = host - (int64_t)mono;
+        __atomic_store_n(&realtime_offset, host - (int64_t)mono, __ATOMIC_RELAXED);
         ours = host;
     }
     return (uint64_t)ours;
@@ -212,9 +229,10 @@ static void sleep_until(uint64_t deadline)
         uint64_t delta = deadline - now;
         if (delta > 0x7fffffffu) delta = 0x7fffffffu;
         if (delta < 100) delta = 100;
-        clock_fired = 0;
+        struct lg_percpu *me = lg_percpu(); /* the clock and its irq are per CPU */
+        me->clock_fired = 0;
         lguest_set_clockevent((unsigned long)delta);
-        while (!clock_fired) lguest_halt();
+        while (!me->clock_fired) lguest_halt();
     }
 }
 
@@ -239,9 +257,11 @@ void lguest_console_write(const void *buf, size_t len)
 {
     volatile struct lguest_console *c = console;
     if (!c || !len) return;
+    uint32_t was = lg_spin_lock_irqsave(&console_lock); /* one descriptor for all CPUs */
     c->out_addr = (uint32_t)buf;
     c->out_len = len;
     lguest_notify((const void *)c);
+    lg_spin_unlock_irqrestore(&console_lock, was);
 }
 
 static char rx_buf[1024];
@@ -296,12 +316,15 @@ static int block_io(struct lguest_block *dev, uint32_t cmd, uint32_t sector, uin
 {
     volatile struct lguest_block *b = dev;
     if (!b) return LGUEST_BLOCK_IOERR;
+    uint32_t was = lg_spin_lock_irqsave(&block_lock);
     b->command = cmd;
     b->sector = sector;
     b->count = count;
     b->buffer = (uint32_t)buf;
     lguest_notify((const void *)b);
-    return b->status;
+    int status = b->status;
+    lg_spin_unlock_irqrestore(&block_lock, was);
+    return status;
 }
 
 int lguest_block_read(struct lguest_block *dev, uint32_t sector, uint32_t count, void *buf)
@@ -426,9 +449,13 @@ static long sys_set_thread_area(struct user_desc *u)
     hi |= ((f >> 6) & 1) << 20;           /* AVL (useable) */
     hi |= (f & 1) << 22;                  /* D/B: 32-bit */
     hi |= ((f >> 4) & 1) << 23;           /* G: limit in pages */
-    gdt[e] = ((uint64_t)hi << 32) | lo;
+    uint32_t cpu = lg_cpu_id();
+    uint64_t *g = cpu ? cpu_gdt[cpu - 1] : gdt; /* this CPU's own GDT */
+    g[e] = ((uint64_t)hi << 32) | lo;
     u->entry_number = e;
-    lguest_hcall(LHCALL_LOAD_TLS, (unsigned long)&gdt[LGUEST_GDT_ENTRY_TLS_MIN], 0, 0);
+    lg_percpu()->tp = base;
+    if (!cpu) tls_selector = ((uint32_t)e << 3) | 3; /* musl's %gs, given to every CPU */
+    lguest_hcall(LHCALL_LOAD_TLS, (unsigned long)&g[LGUEST_GDT_ENTRY_TLS_MIN], 0, 0);
     return 0;
 }
 
@@ -541,6 +568,14 @@ static long sys_kill_self(int sig)
 }
 
 #define TIOCGWINSZ 0x5413
+/* brk, mmap and munmap share the page bitmap: one CPU at a time. */
+#define MEM_LOCKED(call)                                                                  \
+    ({                                                                                    \
+        uint32_t was_ = lg_spin_lock_irqsave(&mem_lock);                                  \
+        long r_ = (call);                                                                 \
+        lg_spin_unlock_irqrestore(&mem_lock, was_);                                       \
+        r_;                                                                               \
+    })
 
 long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
@@ -571,7 +606,7 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
         return a1 == 1 ? sys_kill_self(a2) : -ENOSYS;
     case 270: /* tgkill */
         return (a1 == 1 && a2 == 1) ? sys_kill_self(a3) : -ENOSYS;
-    case 45: return sys_brk(a1);
+    case 45: return MEM_LOCKED(sys_brk(a1));
     case 54: /* ioctl: the console is a terminal */
         if (a1 < 0 || a1 > 2) return -EBADF;
         if (a2 == TIOCGWINSZ && a3) {
@@ -590,10 +625,10 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
     }
     case 90: { /* old mmap: one argument block */
         const uint32_t *b = (const uint32_t *)a1;
-        return sys_mmap(b[0], b[1], b[3], (int)b[4]);
+        return MEM_LOCKED(sys_mmap(b[0], b[1], b[3], (int)b[4]));
     }
-    case 192: return sys_mmap(a1, a2, a4, (int)a5); /* mmap2 */
-    case 91: return sys_munmap(a1, a2);
+    case 192: return MEM_LOCKED(sys_mmap(a1, a2, a4, (int)a5)); /* mmap2 */
+    case 91: return MEM_LOCKED(sys_munmap(a1, a2));
     case 125: return 0; /* mprotect: nothing to protect with */
     case 145: return sys_readv(a1, (const struct iovec32 *)a2, a3);
     case 146: return sys_writev(a1, (const struct iovec32 *)a2, a3);
@@ -635,19 +670,189 @@ struct phdr32 {
     uint32_t type, offset, vaddr, paddr, filesz, memsz, flags, align;
 };
 
+/* Set the page table entry of virtual `va` (low mapping) and tell the Host;
+ * returns the old entry, or 0 (and changes nothing) if `va` has no page
+ * table (a 4 MiB page, or none). */
+static uint32_t set_pte(uint32_t va, uint32_t pte)
+{
+    uint32_t pgdir = lguest_data.pgdir;
+    uint32_t pde = ((volatile uint32_t *)pgdir)[va >> 22];
+    if (!(pde & 1) || (pde & 0x80)) return 0; /* no table, or a 4 MiB page: leave it */
+    volatile uint32_t *slot = &((volatile uint32_t *)(pde & ~0xfffu))[(va >> 12) & 1023];
+    uint32_t old = *slot;
+    *slot = pte;
+    lguest_hcall(LHCALL_SET_PTE, pgdir, va, pte);
+    return old;
+}
+
 #define MAX_ARGS 64
 static char *start_vec[MAX_ARGS + 3 + 16];
 static struct phdr32 tls_phdr;
 static uint8_t random_bytes[16];
 
-/* Unmap the page at virtual `va` (low mapping) and tell the Host. */
-static void unmap_page(uint32_t va)
+/* Unmap the page at virtual `va` (low mapping) and tell the Host; returns the
+ * old page table entry (0 if there was none to clear). */
+static uint32_t unmap_page(uint32_t va)
 {
-    uint32_t pgdir = lguest_data.pgdir;
-    uint32_t pde = ((volatile uint32_t *)pgdir)[va >> 22];
-    if (!(pde & 1) || (pde & 0x80)) return; /* no table, or a 4 MiB page: leave it */
-    ((volatile uint32_t *)(pde & ~0xfffu))[(va >> 12) & 1023] = 0;
-    lguest_hcall(LHCALL_SET_PTE, pgdir, va, 0);
+    return set_pte(va, 0);
+}
+
+/* ---- several CPUs ---- */
+
+/* CPU n's struct lg_percpu as GDT entry LGUEST_GDT_ENTRY_PERCPU of `table`
+ * (a flat-limit-free data segment: base &percpu[n], byte limit, DPL 3 so
+ * that any privilege level may load it). */
+static void percpu_segment(uint64_t *table, uint32_t n)
+{
+    struct lg_percpu *p = &percpu[n];
+    p->cpu = n;
+    p->data = n ? &cpu_data[n - 1] : &lguest_data;
+    p->self = p;
+    uint32_t base = (uint32_t)p, limit = sizeof *p - 1;
+    uint32_t lo = (limit & 0xffff) | (base << 16);
+    uint32_t hi = ((base >> 16) & 0xff) | (base & 0xff000000u) | (limit & 0xf0000);
+    hi |= 0xf200;  /* present, DPL 3, data, writable */
+    hi |= 1 << 22; /* 32-bit */
+    table[LGUEST_GDT_ENTRY_PERCPU] = ((uint64_t)hi << 32) | lo;
+}
+
+/* musl's thread block (struct pthread, musl 1.2 on i386: 112 bytes; self at
+ * 0, sysinfo at 16, errno at 28) with the static TLS below the thread
+ * pointer.  A started CPU gets its own copy: its own errno and _Thread_local
+ * variables (fresh from the TLS image, as a new thread's are). */
+#define MUSL_PTHREAD_SIZE 112
+#define MUSL_PTHREAD_SYSINFO 16
+#define MUSL_PTHREAD_ERRNO 28
+
+static uint32_t tls_offset(void) /* bytes of static TLS below the thread pointer */
+{
+    uint32_t size = (uint32_t)(__tbss_end - __tdata_start);
+    uint32_t align = (uint32_t)__lguest_tls_align;
+    if (!size) return 0; /* musl had no TLS segment (AT_PHNUM 0) */
+    return size + ((-size - (uint32_t)__tdata_start) & (align - 1));
+}
+
+static uint32_t tls_block_size(void)
+{
+    return tls_offset() + MUSL_PTHREAD_SIZE + (uint32_t)__lguest_tls_align;
+}
+
+/* Copy CPU 0's thread block into [mem, mem + tls_block_size()) for CPU n;
+ * returns the new thread pointer, or 0 if CPU 0 has no musl thread block. */
+static uint32_t tls_copy(uint32_t mem)
+{
+    uint32_t tp0 = percpu[0].tp, align = (uint32_t)__lguest_tls_align;
+    if (!tls_selector || !tp0 || *(uint32_t *)tp0 != tp0 ||
+        *(uint32_t *)(tp0 + MUSL_PTHREAD_SYSINFO) != (uint32_t)__lguest_vsyscall)
+        return 0; /* not the layout this code knows: the CPU shares CPU 0's */
+    uint32_t off = tls_offset();
+    uint32_t tp = (mem + off + align - 1) & ~(align - 1);
+    uint32_t tdata = (uint32_t)(__tdata_end - __tdata_start);
+    memcpy((void *)(tp - off), __tdata_start, tdata);
+    memset((void *)(tp - off + tdata), 0, off - tdata);
+    memcpy((void *)tp, (const void *)tp0, MUSL_PTHREAD_SIZE);
+    *(uint32_t *)tp = tp;                              /* self */
+    *(int *)(tp + MUSL_PTHREAD_ERRNO) = 0;
+    return tp;
+}
+
+static uint32_t next_cpu = 1;
+
+/* The stack (and thread block) of a started CPU: __lguest_stack_size bytes
+ * plus the thread block from the top of free memory, with the page below
+ * unmapped as a guard. */
+struct cpu_stack {
+    uint32_t base, size, guard_pte;
+};
+
+static int stack_alloc(struct cpu_stack *st)
+{
+    uint32_t want = (uint32_t)__lguest_stack_size + tls_block_size();
+    want = (want + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+    long mem = MEM_LOCKED(sys_mmap(0, want + PAGE_SIZE, MAP_ANONYMOUS, -1));
+    if (mem < 0) return -1;
+    st->base = (uint32_t)mem;
+    st->size = want + PAGE_SIZE;
+    st->guard_pte = unmap_page(st->base);
+    return 0;
+}
+
+static void stack_free(struct cpu_stack *st)
+{
+    if (st->guard_pte) set_pte(st->base, st->guard_pte);
+    MEM_LOCKED(sys_munmap(st->base, st->size));
+}
+
+int lg_start_cpu(void (*fn)(void *), void *arg)
+{
+    struct cpu_stack st;
+    uint32_t was = lg_spin_lock_irqsave(&start_lock);
+    int result = -1;
+    if (next_cpu < LG_MAX_CPUS && stack_alloc(&st) == 0) {
+        uint32_t top = st.base + st.size; /* thread block at the top, stack below */
+        uint32_t tls_mem = top - tls_block_size();
+        while (next_cpu < LG_MAX_CPUS) {
+            uint32_t n = next_cpu++;
+            struct lg_percpu *p = &percpu[n];
+            struct lguest_data *d = &cpu_data[n - 1];
+            memset(d, 0, sizeof *d);
+            for (int i = 0; i < LHCALL_RING_SIZE; i++) d->hcall_status[i] = LGUEST_HCALL_FREE;
+            d->syscall_vec = LGUEST_SYSCALL_VECTOR;
+            d->noirq_start = (uint32_t)__lguest_noirq_start;
+            d->noirq_end = (uint32_t)__lguest_noirq_end;
+            p->cpu = n;
+            p->data = d;
+            p->self = p;
+            p->fn = fn;
+            p->arg = arg;
+            p->clock_fired = 0;
+            p->tp = tls_copy(tls_mem);
+            uint32_t esp = (tls_mem - 16) & ~15u;
+            long r = (long)lguest_hcall(LHCALL_START_CPU, n,
+                                        (unsigned long)__lguest_secondary_entry, esp);
+            if (r == 0) {
+                result = (int)n;
+                break;
+            }
+            if (r != -16 /* EBUSY: started without us; try the next */) {
+                next_cpu = LG_MAX_CPUS; /* EINVAL: no such CPU, nor any after it */
+                break;
+            }
+        }
+        if (result < 0) stack_free(&st);
+    }
+    lg_spin_unlock_irqrestore(&start_lock, was);
+    return result;
+}
+
+/* A started CPU (crt0's __lguest_secondary_entry): its own lguest_data first,
+ * then its own GDT (CPU 0's with this CPU's %fs and TLS entries), fn(arg), and
+ * a halt nothing wakes. */
+__attribute__((noreturn, used)) void __lguest_secondary_c(uint32_t n)
+{
+    if (n == 0 || n >= LG_MAX_CPUS) lguest_crash("started CPU has a bad number");
+    struct lg_percpu *p = &percpu[n];
+    lguest_hcall(LHCALL_LGUEST_INIT, (unsigned long)p->data, 0, 0);
+    uint64_t *g = cpu_gdt[n - 1];
+    memcpy(g, gdt, sizeof gdt);
+    percpu_segment(g, n);
+    uint32_t gs = 0;
+    if (p->tp) {
+        uint32_t e = tls_selector >> 3, base = p->tp;
+        uint64_t lo = (g[e] & 0x0000ffffull) | ((uint64_t)(base & 0xffff) << 16);
+        uint64_t hi = (g[e] >> 32) & 0x00ffff00ull;
+        hi |= ((base >> 16) & 0xff) | (base & 0xff000000u);
+        g[e] = (hi << 32) | lo;
+        gs = tls_selector;
+    }
+    lguest_hcall(LHCALL_LOAD_GDT, (unsigned long)g, LGUEST_GDT_ENTRIES, 0);
+    if (p->tp) lguest_hcall(LHCALL_LOAD_TLS, (unsigned long)&g[LGUEST_GDT_ENTRY_TLS_MIN], 0, 0);
+    __asm__ __volatile__("movl %0, %%fs" : : "r"(LGUEST_PERCPU_SEL) : "memory");
+    if (gs) __asm__ __volatile__("movl %0, %%gs" : : "r"(gs) : "memory");
+    p->fn(p->arg);
+    p->data->blocked_interrupts = 0xffffffffu; /* done: nothing wakes this CPU */
+    p->data->irq_enabled = 0;
+    for (;;) lguest_hcall(LHCALL_HALT, 0, 0, 0);
 }
 
 __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_info *bi)
@@ -662,6 +867,7 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
     /* lguest's kernel segments (flat, ring 0), then reload every segment. */
     gdt[LGUEST_KERNEL_CS >> 3] = 0x00cf9a000000ffffull;
     gdt[LGUEST_KERNEL_DS >> 3] = 0x00cf92000000ffffull;
+    percpu_segment(gdt, 0); /* several CPUs: CPU 0's %fs */
     lguest_hcall(LHCALL_LOAD_GDT, (unsigned long)gdt, LGUEST_GDT_ENTRIES, 0);
     __asm__ __volatile__("ljmp %0, $1f\n1:\n\t"
                          "movl %1, %%eax\n\t"
@@ -670,6 +876,7 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
                          :
                          : "i"(LGUEST_KERNEL_CS), "i"(LGUEST_KERNEL_DS)
                          : "eax", "memory");
+    __asm__ __volatile__("movl %0, %%fs" : : "r"(LGUEST_PERCPU_SEL) : "memory");
 
     /* Copy what we need from the boot info page, then unmap page 0.  (bi is
      * 0: hide that from the compiler, which may treat a read through it as
