@@ -14,12 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from supervisor import Exit, GuestConfig, Supervisor
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.sdk.elfstrip import symbols
-from supervisor.snapshot import SnapshotError
 from supervisor.testing import until
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
@@ -273,11 +270,6 @@ int main(void) {
     assert 0 < sp1 - fault <= 64 * 1024 + 4096  # just below CPU 1's 64 KiB stack
 
 
-@pytest.mark.xfail(
-    raises=SnapshotError,
-    strict=True,
-    reason="Guest.snapshot() of a guest with several CPUs: 'the guest is running' (Launcher)",
-)
 async def test_a_snapshot_mid_run_restores_every_cpu_and_its_percpu_segment() -> None:
     """Restored mid-count, the copy still finishes exactly; its printf goes through
     lg_cpu_data() (%fs), which would fault on page 0 had %fs been lost."""
