@@ -10,7 +10,7 @@
  *    per block; it is kept for CPUs that need blocks counted (block limits, the
  *    debugger) and when the exit-request path is not available.
  *
- * 2. The exit request (enter/leave/kick and the slicer thread).  No per-block
+ * 2. The exit request (run/kick and the slicer thread).  No per-block
  *    cost: the engine's translated code was generated with Unicorn's
  *    `no_exit_request` flag set (supervisor/_slicing.py), so the only place it
  *    looks at an exit request is the check QEMU puts at the start of every
@@ -21,7 +21,9 @@
  *    once.  A stop sent before emu_start has reset the engine's stop state would
  *    be lost, so while a run is still in progress the stop is sent again every
  *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
- *    ever called between enter() and leave(), so never on a closed engine.
+ *    ever called between do_enter() and do_leave() (inside run()), so never on a
+ *    closed engine.  run() also reads eip and keeps the slice's CPU-time account, and
+ *    intr_hook handles the hypercall trap (see below).
  *    See docs/performance.md, "Exact slices".
  *
  * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes).
@@ -39,7 +41,7 @@
 #define REASON_BUDGET 2
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
-#define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after enter() */
+#define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
 #define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
 
 typedef struct fuel {
@@ -52,16 +54,29 @@ typedef struct fuel {
     uint64_t clock_mask;        /* read the clock when (blocks & clock_mask) == 0 */
     /* exit-request slicing; the fields below belong to the slicer's mutex */
     void *uc;                   /* the engine to stop */
-    int32_t running;            /* between enter() and leave() */
+    int32_t running;            /* between do_enter() and do_leave() */
     int32_t sent;               /* a stop was sent during this run */
     int64_t sent_at;            /* when it was last sent */
     struct fuel *next;          /* the list of running slices */
     struct fuel *prev;
     int32_t cpu_clock;          /* the emulating thread's CPU-time clock (a clockid_t) */
-    int32_t pad;
-    int64_t cpu_start;          /* its CPU time at enter() */
-    int64_t span;               /* deadline - now at enter(): the CPU time this run may use */
+    int32_t exit_request;       /* run(): this CPU is on the exit-request path */
+    int64_t cpu_start;          /* its CPU time at do_enter() */
+    int64_t span;               /* deadline - now at do_enter(): the CPU time this run may use */
     int64_t latest;             /* wall time after which the deadline is not moved again */
+    /* run(): the slice's CPU-time account, owned by the emulating thread */
+    int64_t left;               /* ns of the emulating thread's CPU time left in the slice */
+    int64_t mark;               /* that thread's CPU time when the slice's last run started, 0: none */
+    /* the interrupt hook (intr_hook); set by the slice before each run */
+    volatile uint8_t *ring;     /* the async ring's status bytes in guest memory; NULL: stop at
+                                   every trap (no lguest_data yet, or a hypercall pending) */
+    PyObject *local;            /* local(number, a1, a2, a3) -> stop?: a CPU-local hypercall */
+    uint64_t local_mask;        /* bit n: hypercall n is CPU-local (supervisor/hypercalls.py) */
+    int32_t next_hcall;         /* the ring's next slot */
+    int32_t vector;             /* the trap that ended the run, -1: none (run() resets it) */
+    uint32_t hcall[4];          /* eax, edx, ebx, ecx of that trap, if hcall_read */
+    int32_t hcall_read;
+    int32_t pad;
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -95,7 +110,7 @@ static void block_hook(void *uc, uint64_t address, uint32_t size, void *user)
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t wake;
-static fuel_t *running;  /* slices between enter() and leave() */
+static fuel_t *running;  /* slices between do_enter() and do_leave() */
 static int slicer_started;
 static int64_t wake_at = INT64_MAX; /* when the slicer wakes next */
 static int recent;                  /* a run started since the slicer last woke */
@@ -167,7 +182,7 @@ static void *slicer(void *arg)
                 next = f->sent_at + RESEND_NS;
         }
         /* Waking a thread costs tens of microseconds here (a VM), far more than a
-           short run, so enter() only wakes the slicer when it sleeps past the new
+           short run, so do_enter() only wakes the slicer when it sleeps past the new
            deadline.  While runs keep starting the slicer ticks; once they stop, it
            sleeps until woken and costs nothing. */
         if (recent && now + TICK_NS < next)
@@ -213,12 +228,14 @@ static fuel_t *fuel_arg(PyObject *arg)
     return fuel;
 }
 
-static PyObject *enter(PyObject *self, PyObject *arg)
+/* Register a run that starts now; `clock`/`cpu_now`: the calling thread's CPU clock and its
+   reading (cpu_now < 0: not known, read it here).  `span` >= 0: the run's deadline is that
+   many ns from now, taken under the lock (so time the thread spent getting here, e.g.
+   preempted after releasing the GIL on a loaded machine, does not eat the run's share:
+   measured, that ended IRQ handlers' inline slices before their first instruction);
+   < 0: `deadline` is already set.  Returns 0 or an errno. */
+static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_now, int64_t span)
 {
-    (void)self;
-    fuel_t *fuel = fuel_arg(arg);
-    if (fuel == NULL)
-        return NULL;
     pthread_mutex_lock(&lock);
     if (!slicer_started) {
         pthread_t thread;
@@ -229,18 +246,20 @@ static PyObject *enter(PyObject *self, PyObject *arg)
         pthread_attr_destroy(&attr);
         if (err != 0) {
             pthread_mutex_unlock(&lock);
-            errno = err;
-            return PyErr_SetFromErrno(PyExc_OSError);
+            return err;
         }
         slicer_started = 1;
     }
-    clockid_t clock;
     int64_t now = now_ns();
+    if (span >= 0)
+        fuel->deadline = now + span;
     fuel->span = fuel->deadline > now ? fuel->deadline - now : 0;
     fuel->latest = now + MAX_STRETCH * fuel->span;
-    if (pthread_getcpuclockid(pthread_self(), &clock) == 0) {
+    if (!have_clock && pthread_getcpuclockid(pthread_self(), &clock) == 0)
+        have_clock = 1;
+    if (have_clock) {
         fuel->cpu_clock = (int32_t)clock;
-        fuel->cpu_start = clock_ns(clock);
+        fuel->cpu_start = cpu_now >= 0 ? cpu_now : clock_ns(clock);
     } else {
         fuel->latest = 0; /* no CPU clock: plain wall-clock deadlines */
     }
@@ -257,15 +276,12 @@ static PyObject *enter(PyObject *self, PyObject *arg)
     if ((fuel->sent ? fuel->sent_at + RESEND_NS : fuel->deadline) < wake_at)
         pthread_cond_signal(&wake);
     pthread_mutex_unlock(&lock);
-    Py_RETURN_NONE;
+    return 0;
 }
 
-static PyObject *leave(PyObject *self, PyObject *arg)
+/* The run registered by do_enter() has returned: no stop is sent to it after this. */
+static void do_leave(fuel_t *fuel)
 {
-    (void)self;
-    fuel_t *fuel = fuel_arg(arg);
-    if (fuel == NULL)
-        return NULL;
     pthread_mutex_lock(&lock);
     if (fuel->running) {
         if (fuel->prev != NULL)
@@ -278,7 +294,148 @@ static PyObject *leave(PyObject *self, PyObject *arg)
         fuel->running = 0;
     }
     pthread_mutex_unlock(&lock);
+}
+
+/* ---- run(): one entry into the guest, in one call ------------------------------ */
+
+typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+static emu_start_fn uc_emu_start_fn;
+static reg_read_fn uc_reg_read_fn;
+static int eip_id = -1;
+static int hcall_ids[4]; /* eax, edx, ebx, ecx */
+
+#define TRAP_ENTRY 0x1f
+#define HCALL_FREE 0xff
+
+/* The interrupt hook (UC_HOOK_INTR) of the native paths, on the emulating thread.
+   Every interrupt or exception ends the run with `vector` recorded, except a
+   hypercall that the table in supervisor/hypercalls.py marks CPU-local (local_mask)
+   while the async ring is empty: that one is done at once by calling `local` (the
+   same Python handler the run loop uses) and the guest goes on, unless the handler
+   asks to stop or the run's time is up.  The registers are read here, once. */
+static void intr_hook(void *uc, uint32_t intno, void *user)
+{
+    fuel_t *fuel = user;
+    if (intno == TRAP_ENTRY && fuel->ring != NULL) {
+        for (int i = 0; i < 4; i++) {
+            uint64_t value = 0;
+            uc_reg_read_fn(uc, hcall_ids[i], &value);
+            fuel->hcall[i] = (uint32_t)value;
+        }
+        fuel->hcall_read = 1;
+        uint32_t number = fuel->hcall[0];
+        if (number < 64 && (fuel->local_mask >> number & 1) &&
+            fuel->ring[fuel->next_hcall] == HCALL_FREE && fuel->local != NULL) {
+            PyGILState_STATE gil = PyGILState_Ensure();
+            PyObject *result = PyObject_CallFunction(fuel->local, "kkkk",
+                (unsigned long)fuel->hcall[0], (unsigned long)fuel->hcall[1],
+                (unsigned long)fuel->hcall[2], (unsigned long)fuel->hcall[3]);
+            int stop = 1;
+            if (result == NULL)
+                PyErr_WriteUnraisable(fuel->local);
+            else
+                stop = PyObject_IsTrue(result) != 0;
+            Py_XDECREF(result);
+            PyGILState_Release(gil);
+            fuel->hcall_read = 0;
+            if (stop) {
+                fuel->reason = REASON_STOP;
+                fuel->emu_stop(uc);
+            } else if (now_ns() >= fuel->deadline) { /* the call is done; time is up */
+                fuel->reason = REASON_BUDGET;
+                fuel->emu_stop(uc);
+            }
+            return;
+        }
+    }
+    fuel->vector = (int32_t)intno;
+    fuel->emu_stop(uc);
+}
+
+static PyObject *bind(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *start, *read;
+    int eip;
+    if (!PyArg_ParseTuple(args, "OOi(iiii)", &start, &read, &eip, &hcall_ids[0], &hcall_ids[1],
+                          &hcall_ids[2], &hcall_ids[3]))
+        return NULL;
+    void *s = PyLong_AsVoidPtr(start);
+    void *r = PyLong_AsVoidPtr(read);
+    if (PyErr_Occurred())
+        return NULL;
+    if (s == NULL || r == NULL) {
+        PyErr_SetString(PyExc_ValueError, "null function address");
+        return NULL;
+    }
+    uc_emu_start_fn = (emu_start_fn)s;
+    uc_reg_read_fn = (reg_read_fn)r;
+    eip_id = eip;
     Py_RETURN_NONE;
+}
+
+/* run(address, until) -> status.  Enter the fuel's engine at its current eip until
+   something stops it, with the GIL released (Python hooks take it themselves).
+   The slice's CPU-time account: the thread's CPU time since the previous run started
+   (that run, and the Host's work for the guest after it) is taken off `left`, and the
+   run gets a deadline `left` ns from now.  One CPU-clock read per run.  Returns the
+   uc_err of uc_emu_start (0: stopped normally), or -1 if no time was left (nothing ran;
+   reason is REASON_BUDGET). */
+static PyObject *run(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *address;
+    unsigned long long until;
+    if (!PyArg_ParseTuple(args, "OK", &address, &until))
+        return NULL;
+    fuel_t *fuel = fuel_arg(address);
+    if (fuel == NULL)
+        return NULL;
+    if (uc_emu_start_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
+        return NULL;
+    }
+    clockid_t clock;
+    int have_clock = pthread_getcpuclockid(pthread_self(), &clock) == 0;
+    int64_t used = have_clock ? clock_ns(clock) : INT64_MAX;
+    if (used == INT64_MAX) {
+        have_clock = 0;
+        used = -1;
+    }
+    if (used >= 0) {
+        if (fuel->mark)
+            fuel->left -= used - fuel->mark;
+        fuel->mark = used;
+    }
+    fuel->vector = -1;
+    fuel->hcall_read = 0;
+    if (fuel->left <= 0) {
+        fuel->reason = REASON_BUDGET;
+        return PyLong_FromLong(-1);
+    }
+    fuel->deadline = now_ns() + fuel->left;
+    uint64_t eip = 0;
+    int status = uc_reg_read_fn(fuel->uc, eip_id, &eip);
+    if (status != 0)
+        return PyLong_FromLong(status);
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (fuel->exit_request)
+        err = do_enter(fuel, have_clock, clock, used, fuel->left);
+    else
+        fuel->deadline = now_ns() + fuel->left; /* (after the GIL hand-off, as above) */
+    if (err == 0) {
+        status = uc_emu_start_fn(fuel->uc, eip & 0xFFFFFFFFu, until, 0, 0);
+        if (fuel->exit_request)
+            do_leave(fuel);
+    }
+    Py_END_ALLOW_THREADS
+    if (err != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(status);
 }
 
 static PyObject *kick(PyObject *self, PyObject *arg)
@@ -299,9 +456,11 @@ static PyObject *kick(PyObject *self, PyObject *arg)
 }
 
 static PyMethodDef fuel_methods[] = {
-    {"enter", enter, METH_O, "enter(address): a run of the fuel's engine starts (exit-request path)."},
-    {"leave", leave, METH_O, "leave(address): that run has returned; no stop is sent after this."},
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
+    {"bind", bind, METH_VARARGS,
+     "bind(uc_emu_start, uc_reg_read, eip_id, (eax, edx, ebx, ecx)): the Unicorn calls and "
+     "register ids run() and intr_hook use."},
+    {"run", run, METH_VARARGS, "run(address, until) -> uc_err, or -1: no time left (see _fuel.c)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -319,6 +478,7 @@ PyMODINIT_FUNC PyInit__fuel(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObject(m, "block_hook", PyLong_FromVoidPtr((void *)block_hook)) < 0 ||
+        PyModule_AddObject(m, "intr_hook", PyLong_FromVoidPtr((void *)intr_hook)) < 0 ||
         PyModule_AddIntConstant(m, "fuel_size", (long)sizeof(fuel_t)) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -36,7 +36,16 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_CODE, UC_MODE_32, UC_PROT_ALL, Uc
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_HOOK_INTR,
+    UC_MODE_32,
+    UC_PROT_ALL,
+    Uc,
+    UcError,
+)
 
 from . import _unicorn
 
@@ -70,7 +79,8 @@ HLT = 0xF4
 class Fuel(ctypes.Structure):
     """A CPU's slice meter, shared with the native code (``fuel_t`` in ``_fuel.c``).
 
-    ``exit_request`` (Python only) says which native path the CPU is on.
+    ``exit_request`` says which native path the CPU is on; ``left`` and ``mark`` are
+    the slice's CPU-time account (see :func:`run`).
     """
 
     _fields_ = [
@@ -88,19 +98,38 @@ class Fuel(ctypes.Structure):
         ("next", ctypes.c_void_p),
         ("prev", ctypes.c_void_p),
         ("cpu_clock", ctypes.c_int32),  # deadlines count the emulating thread's CPU time
-        ("pad", ctypes.c_int32),
+        ("exit_request", ctypes.c_int32),  # which native path the CPU is on
         ("cpu_start", ctypes.c_int64),
         ("span", ctypes.c_int64),
         ("latest", ctypes.c_int64),
+        ("left", ctypes.c_int64),  # ns of the emulating thread's CPU time left in the slice
+        ("mark", ctypes.c_int64),  # that thread's CPU time when the slice's last run began
+        ("ring", ctypes.c_void_p),  # the interrupt hook's (see trap_interrupts)
+        ("local", ctypes.c_void_p),
+        ("local_mask", ctypes.c_uint64),
+        ("next_hcall", ctypes.c_int32),
+        ("vector", ctypes.c_int32),
+        ("hcall", ctypes.c_uint32 * 4),
+        ("hcall_read", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
     ]
-    exit_request: bool = False
-    left: int = 0  # ns of the emulating thread's CPU time left in this slice (see run())
-    mark: int = 0  # that thread's CPU time when the slice's previous run ended, 0: none yet
+    address: int = 0  # ctypes.addressof(self), kept by attach()
+
+    @property
+    def counts_blocks(self) -> bool:
+        """True if ``blocks`` counts this CPU's blocks (the block-hook path)."""
+        return NATIVE and not self.exit_request
+
+    local_call: Callable[[int, int, int, int], bool] | None = None  # kept alive for `local`
 
 
 _EMU_STOP = _unicorn.EMU_STOP_ADDRESS
 if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
+if _fuel is not None:
+    _fuel.bind(
+        _unicorn.EMU_START_ADDRESS, _unicorn.REG_READ_ADDRESS, _unicorn.EIP, _unicorn.HYPERCALL_REGS
+    )
 
 # -- Unicorn's no_exit_request flag ------------------------------------------------
 # uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
@@ -205,6 +234,7 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
         fuel = Fuel()
         fuel.clock_mask = 0
         fuel.exit_request = not count_blocks and _no_exit_request() is not None
+        fuel.address = ctypes.addressof(fuel)
     fuel.emu_stop = _EMU_STOP
     fuel.uc = _unicorn.handle(uc).value
     if fuel.exit_request:
@@ -212,6 +242,23 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
     elif NATIVE:
         _hook_blocks(uc, fuel)
     return fuel
+
+
+def trap_interrupts(
+    uc: Any, fuel: Fuel, local: Callable[[int, int, int, int], bool], local_calls: frozenset[int]
+) -> None:
+    """Native paths only: ``_fuel.c``'s interrupt hook ends a run at every interrupt or
+    exception (``fuel.vector``; a hypercall's registers in ``fuel.hcall``), except the
+    hypercalls in ``local_calls`` while ``fuel.ring`` shows an empty async ring: those it
+    hands to ``local(number, a1, a2, a3)`` on the spot (a true result stops the run) and
+    the guest goes on.  Again for each new instance of the CPU (after hibernation)."""
+    assert NATIVE
+    if any(not 0 <= n < 64 for n in local_calls):
+        raise ValueError("CPU-local hypercall numbers must be below 64")
+    fuel.local_call = local
+    fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
+    fuel.local_mask = sum(1 << n for n in local_calls)
+    _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, fuel.address)
 
 
 def exact_blocks(uc: Any, fuel: Fuel) -> None:
@@ -229,50 +276,54 @@ def exact_blocks(uc: Any, fuel: Fuel) -> None:
 def kick(fuel: Fuel) -> None:
     """End the CPU's running slice at its next block boundary (any thread)."""
     if fuel.exit_request:
-        _fuel.kick(ctypes.addressof(fuel))
+        _fuel.kick(fuel.address)
     else:
         fuel.stop = 1
 
 
-def run(uc: Any, fuel: Fuel, eip: int, until: int) -> int:
-    """Run the guest from ``eip`` until something stops it; return the fallback's
+def run(uc: Any, fuel: Fuel, until: int) -> int:
+    """Run the guest from its ``eip`` until something stops it; return the fallback's
     instruction count (0 on the native paths).
 
-    The run may use ``fuel.left`` nanoseconds (its deadline is set from it here).
-    The thread's CPU time is taken off ``fuel.left`` from the slice's first run on:
-    the run and the Host's work for the guest between runs count; what the Host did
-    before the first run (delivering an interrupt) and time the thread waited for a
-    CPU do not.
+    The slice's time is ``fuel.left`` nanoseconds of the emulating thread's CPU time,
+    counted from the slice's first run on: at the start of each run the thread's CPU
+    time since the previous run started (that run, and the Host's work for the guest
+    after it) is taken off, and the run's deadline is ``fuel.left`` from now.  What
+    the Host did before the first run (delivering an interrupt) and time the thread
+    waited for a CPU do not count.  With no time left the run does not start and
+    ``fuel.reason`` is ``REASON_BUDGET``.  On the native paths this is one call into
+    ``_fuel.c`` (one CPU-clock read, eip, the slicer's bookkeeping and ``uc_emu_start``
+    with the GIL released).
 
     The fallback runs at most ``fuel.budget`` instructions (at least one):
     ``count=`` stops from inside Unicorn's code hook, before an instruction, so no
     write is replayed.  Once the caller knows why emulation ended, it calls
     :func:`count_spent` if the count ran out.
     """
+    if NATIVE:
+        _unicorn.forget_hook_exception(uc)
+        status = _fuel.run(fuel.address, until)
+        if status:
+            if status < 0:  # no time left: nothing ran
+                fuel.budget = 0
+                return 0
+            raise UcError(status)
+        _unicorn.raise_hook_exception(uc)
+        if fuel.exit_request and fuel.reason == REASON_BUDGET:
+            fuel.budget = 0  # time is the budget here: the slice is over
+        return 0
     used = time.thread_time_ns()
     if fuel.mark:
-        fuel.left -= used - fuel.mark  # Host work for the guest between its runs counts
-    fuel.deadline = time.monotonic_ns() + fuel.left  # this run's share of the slice
-    try:
-        if fuel.exit_request:
-            address = ctypes.addressof(fuel)
-            _fuel.enter(address)
-            try:
-                uc.emu_start(eip, until)
-            finally:
-                _fuel.leave(address)
-            if fuel.reason == REASON_BUDGET:
-                fuel.budget = 0  # time is the budget here: the slice is over
-            return 0
-        if NATIVE:
-            uc.emu_start(eip, until)
-            return 0
-        count = max(1, fuel.budget)
-        uc.emu_start(eip, until, count=count)
-        return int(count)
-    finally:
-        fuel.mark = time.thread_time_ns()
-        fuel.left -= fuel.mark - used
+        fuel.left -= used - fuel.mark
+    fuel.mark = used
+    if fuel.left <= 0:
+        fuel.reason = REASON_BUDGET
+        fuel.budget = 0
+        return 0
+    fuel.deadline = time.monotonic_ns() + fuel.left  # (read by the interrupt hook)
+    count = max(1, fuel.budget)
+    uc.emu_start(_unicorn.eip(uc), until, count=count)
+    return int(count)
 
 
 def count_spent(fuel: Fuel, count: int) -> None:

@@ -53,6 +53,9 @@ _UNSET = b"\xff\xff\xff\xff"
 # Vectors after which QEMU remembers an exception (contributory ones, page fault).
 REMEMBERED = frozenset({0, 8, 10, 11, 12, 13, 14})
 EMU_STOP_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+EMU_START_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_start, ctypes.c_void_p).value
+REG_READ_ADDRESS: int | None = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+EIP = r.UC_X86_REG_EIP
 
 
 def handle(uc: Any) -> Any:
@@ -60,8 +63,32 @@ def handle(uc: Any) -> Any:
     return uc._uch
 
 
+# -- starting emulation through the C API (supervisor._fuel.run) ---------------------------
+# The binding's emu_start records an exception raised in a Python hook (the hook then
+# stops emulation) and raises it once uc_emu_start returns; a caller that starts the
+# engine itself does the same with these two.
+def forget_hook_exception(uc: Any) -> None:
+    """Before a start: no exception from an earlier run's hooks is pending."""
+    uc._hook_exception = None
+
+
+def raise_hook_exception(uc: Any) -> None:
+    """After a start: raise what a Python hook raised during it, if anything."""
+    exc = uc._hook_exception
+    if exc is not None:
+        uc._hook_exception = None
+        raise exc
+
+
+def eip(uc: Any) -> int:
+    """The instance's eip."""
+    value = ctypes.c_uint64()
+    uclib.uc_reg_read(uc._uch, EIP, ctypes.byref(value))
+    return value.value & _MASK
+
+
 # -- registers -------------------------------------------------------------------------------
-_HYPERCALL_REGS = (r.UC_X86_REG_EAX, r.UC_X86_REG_EDX, r.UC_X86_REG_EBX, r.UC_X86_REG_ECX)
+HYPERCALL_REGS = (r.UC_X86_REG_EAX, r.UC_X86_REG_EDX, r.UC_X86_REG_EBX, r.UC_X86_REG_ECX)
 _read = uclib.uc_reg_read
 _write = uclib.uc_reg_write
 _read_batch = uclib.uc_reg_read_batch
@@ -82,7 +109,7 @@ class Registers:
         self._handle = handle(uc)
         self._value = ctypes.c_uint64()
         self._ref = ctypes.byref(self._value)
-        self._ids = (ctypes.c_int * 4)(*_HYPERCALL_REGS)
+        self._ids = (ctypes.c_int * 4)(*HYPERCALL_REGS)
         self._values = (ctypes.c_uint64 * 4)()
         base = ctypes.addressof(self._values)
         self._pointers = (ctypes.c_void_p * 4)(*(base + 8 * i for i in range(4)))

@@ -570,7 +570,10 @@ def _summary(
     table = Table(title=f"swarm of {n}" + (f", {cpus} CPUs each" if cpus > 1 else ""))
     columns = ["finished", "failed", "died"]
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
-    if blocks:  # (not counted on the exit-request path)
+    from . import _slicing
+
+    counted = _slicing.COUNTS_BLOCKS  # blocks are not counted on the exit-request path
+    if counted:
         columns += ["blocks", "blocks/s"]
         row += [f"{blocks:,}", f"{blocks / wall:,.0f}" if wall > 0 else "-"]
     columns += ["cpu time", "wall time"]
@@ -583,6 +586,8 @@ def _summary(
     table.add_row(*row)
     out = RichConsole(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     out.print(table)
+    if not counted:
+        out.print(f"(blocks are not counted on this path: {_slicing.PATH})", highlight=False)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
 

@@ -63,7 +63,10 @@ _ACCESS_KINDS = {
 class CpuStats:
     """Counters for one CPU; read them from the event loop between slices."""
 
-    blocks: int = 0  # translated blocks started (exact)
+    # Translated blocks started (exact), counted only while blocks_counted: on the
+    # block-hook path (LGUEST_SLICING=hook, a block limit, the debugger).  The default
+    # exit-request path has no per-block code, so it keeps no count (blocks stays as it was).
+    blocks: int = 0
     slices: int = 0  # executor slices run
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
@@ -71,6 +74,7 @@ class CpuStats:
     run_time: float = 0.0  # seconds spent inside slices
     hibernations: int = 0  # times it gave back its emulator (supervisor.hibernation)
     wakes: int = 0  # times it took a new one
+    blocks_counted: bool = False  # this CPU's last slice counted its blocks (see blocks)
 
 
 @dataclass(slots=True)
@@ -80,6 +84,7 @@ class Trap:
     vector: int | None = None  # an interrupt or exception vector
     bad_access: tuple[str, int] | None = None  # ("read"|"write"|"fetch", address)
     debug: str | None = None  # a debugger's code hook stopped before an instruction: why
+    hcall: tuple[int, int, int, int] | None = None  # the hypercall registers, if the hook read them
 
 
 class ThreadError(RuntimeError):
@@ -127,6 +132,7 @@ class LgCpu:
     clock_due: float = host_only(default=0.0)
     budget: int = host_only(default=DEFAULT_BUDGET)  # adaptive slice length, in blocks
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    yielded_at: float = host_only(default=0.0)  # run.py: its inline slices last let the loop run
     # An executor slice submitted and not finished (maybe not started): run.py owns it.
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     trap: Trap = host_only(default_factory=Trap)

@@ -24,7 +24,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
 from . import _slicing, _unicorn, codecache, hypercalls, interrupts
-from .abi import LGUEST_TRAP_ENTRY
+from .abi import LGUEST_DATA_HCALL_STATUS, LGUEST_TRAP_ENTRY
 from .cpu import LgCpu
 from .pagetables import guest_pa
 
@@ -110,12 +110,29 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
 
     It runs on the slice's thread.  A CPU-local hypercall with an empty async
     ring is done right there and the guest goes on (the cheap path); anything
-    else is recorded in ``cpu.trap`` and ends the run, exactly at that boundary.
+    else is recorded and ends the run, exactly at that boundary.  On the native
+    paths the hook is ``_fuel.c``'s (no Python runs for a trap, and for a CPU-local
+    hypercall only its handler); the table that says which calls are CPU-local is
+    ``hypercalls.LOCAL_HYPERCALLS`` either way.
     """
     trap = cpu.trap
     regs = cpu.regs
     fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
+
+    if _slicing.NATIVE:
+
+        def local_call(number: int, a1: int, a2: int, a3: int) -> bool:
+            """A CPU-local hypercall, from _fuel.c's hook; True: stop the run."""
+            try:
+                hypercalls.do_hcall(cpu, (number, a1, a2, a3))
+            except Exception as exc:  # a Host bug must kill only this guest
+                cpu.lg.kill(f"internal error: {type(exc).__name__}: {exc}")
+                return True
+            return False
+
+        _slicing.trap_interrupts(cpu.uc, fuel, local_call, local)
+        return
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
         if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and cpu.lguest_data is not None:
@@ -126,6 +143,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
                     fuel.reason = _slicing.REASON_BUDGET  # (not a hlt: see classify)
                     uc.emu_stop()
                 return
+            trap.hcall = args  # read once: _enter_guest takes them from here
         trap.vector = vector
         uc.emu_stop()
 
@@ -210,6 +228,7 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
         stats.slices += 1
         stats.run_time += elapsed
         stats.blocks = fuel.blocks
+        stats.blocks_counted = fuel.counts_blocks
         exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
         if exhausted:
             lg.kill(exhausted)
@@ -233,24 +252,40 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
     emulation error kills.
     """
     trap = cpu.trap
+    fuel = cpu.fuel
     exit = CpuExit.EMULATION_ERROR
     count = 0  # the fallback's instruction count (see _slicing.run)
+    native = _slicing.NATIVE
+    if native:  # what the native interrupt hook needs to do CPU-local hypercalls itself
+        data = cpu.lguest_data
+        fuel.ring = (
+            None
+            if data is None or cpu.hcall is not None
+            else cpu.host_address + data + LGUEST_DATA_HCALL_STATUS
+        )
+        fuel.next_hcall = cpu.next_hcall
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
         trap.debug = None
-        cpu.fuel.reason = _slicing.REASON_NONE
+        trap.hcall = None
+        fuel.reason = _slicing.REASON_NONE
         error: UcError | None = None
         try:
-            count = _slicing.run(cpu.uc, cpu.fuel, cpu.eip, _NEVER)
+            count = _slicing.run(cpu.uc, fuel, _NEVER)
         except UcError as exc:
             error = exc
+        if native and fuel.vector >= 0:
+            trap.vector = fuel.vector
+            if fuel.hcall_read:
+                h = fuel.hcall
+                trap.hcall = (h[0], h[1], h[2], h[3])
         cpu.stats.exits += 1
         exit = classify(
-            trap.vector, trap.debug, cpu.fuel.reason, None if error is None else error.errno
+            trap.vector, trap.debug, fuel.reason, None if error is None else error.errno
         )
         if exit is CpuExit.HALT and count and not _after_hlt(cpu):
-            _slicing.count_spent(cpu.fuel, count)  # the fallback's count ran out
+            _slicing.count_spent(fuel, count)  # the fallback's count ran out
             exit = CpuExit.BUDGET
         if trap.vector != DOUBLE_FAULT or not _spurious_double_fault(cpu):
             break
@@ -258,7 +293,7 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         _unicorn.forget_exception(cpu.uc)
     match exit:
         case CpuExit.HYPERCALL:
-            cpu.hcall = cpu.regs.hypercall()
+            cpu.hcall = trap.hcall if trap.hcall is not None else cpu.regs.hypercall()
         case CpuExit.TRAP:
             assert trap.vector is not None
             _reflect_trap(cpu, trap.vector)

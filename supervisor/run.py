@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import time
 from concurrent.futures import Executor
 from typing import Any
 
 from . import hypercalls, interrupts, timers
 from .cpu import LgCpu
-from .execute import INLINE_BUDGET, CpuExit, run_slice
+from .execute import INLINE_BUDGET, INLINE_TIME, CpuExit, run_slice
 from .hibernation import Dormitory
 
 
@@ -190,7 +191,12 @@ async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:
     if cpu.inline:
         ended = run_slice(cpu, INLINE_BUDGET)
         cpu.inline = ended is not CpuExit.BUDGET
-        await asyncio.sleep(0)  # stay cooperative between short slices
+        # Stay cooperative: let the loop run other tasks at least every INLINE_TIME.  Not
+        # after every slice: a turn of the loop costs more than a notify round trip.
+        now = time.monotonic()
+        if now - cpu.yielded_at >= INLINE_TIME:
+            cpu.yielded_at = now
+            await asyncio.sleep(0)
         return ended
     queued = executor.submit(run_slice, cpu)
     cpu.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it

@@ -85,6 +85,8 @@ def test_swarm_of_200_tickers_all_finish() -> None:
     row = next(line for line in proc.stdout.splitlines() if re.search(r"\d\.\d\ds", line))
     assert re.findall(r"[\d,.]+s?", row)[:3] == ["200", "0", "0"]  # finished, failed, died
     assert proc.stderr == ""  # no progress bar when stderr is not a terminal
+    # Blocks: a column where they are counted, a note where they are not (never a 0).
+    assert ("blocks/s" in proc.stdout) != ("blocks are not counted" in proc.stdout)
 
 
 def test_swarm_reports_memory_and_paces_launches() -> None:

@@ -42,7 +42,7 @@ def run_once(uc: Uc, fuel: _slicing.Fuel, seconds: float) -> None:
     fuel.budget = 20_000
     fuel.left = int(seconds * 1e9)
     fuel.mark = 0
-    count = _slicing.run(uc, fuel, uc.reg_read(r.UC_X86_REG_EIP), NEVER)
+    count = _slicing.run(uc, fuel, NEVER)
     if count and fuel.reason == _slicing.REASON_NONE:
         _slicing.count_spent(fuel, count)
 
@@ -88,7 +88,7 @@ def test_a_kick_before_the_run_starts_still_ends_it():
         finished = threading.Event()
 
         def one_run(finished: threading.Event = finished) -> None:
-            _slicing.run(uc, fuel, uc.reg_read(r.UC_X86_REG_EIP), NEVER)
+            _slicing.run(uc, fuel, NEVER)
             finished.set()
 
         thread = threading.Thread(target=one_run)
