@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn import unicorn_const as uc_const
@@ -151,6 +151,9 @@ class LgCpu:
     stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
     _irq_lock: threading.Lock = host_only(default_factory=threading.Lock)
     _hooks: list[Any] = host_only(default_factory=list)
+    # Instances hibernate() gave back minus those thaw() took, in this process: the C
+    # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
+    given_back: ClassVar[int] = 0
 
     # -- any thread -------------------------------------------------------------
     def kick(self) -> None:
@@ -258,6 +261,7 @@ class LgCpu:
         self.uc = None
         self.regs = None  # type: ignore[assignment]
         self.stats.hibernations += 1
+        LgCpu.given_back += 1
         return True
 
     def thaw(self) -> None:
@@ -273,6 +277,7 @@ class LgCpu:
         _install_hooks(self)
         _unicorn.load_context_data(uc, frozen)
         self.stats.wakes += 1
+        LgCpu.given_back -= 1
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
