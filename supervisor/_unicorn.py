@@ -32,6 +32,7 @@ from typing import Any
 
 import unicorn
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_32, Uc, UcError
+from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
 MEASURED_VERSION = "2.1.4"
@@ -105,6 +106,34 @@ class Registers:
             values[i] = 0
         _read_batch(self._handle, self._ids, self._pointers, 4)
         return (values[0] & _MASK, values[1] & _MASK, values[2] & _MASK, values[3] & _MASK)
+
+
+# -- controls --------------------------------------------------------------------------------
+def _write_code(control: int, nargs: int) -> int:
+    """``uc_ctl``'s request code for writing ``control`` with ``nargs`` arguments."""
+    return int(uc_const.UC_CTL_IO_WRITE << 30) | (nargs << 26) | control
+
+
+_CTL = uclib.uc_ctl
+_SET_TCG_BUFFER = _write_code(uc_const.UC_CTL_TCG_BUFFER_SIZE, 1)
+_USE_EXITS = _write_code(uc_const.UC_CTL_UC_USE_EXITS, 1)
+_SET_EXITS = _write_code(uc_const.UC_CTL_UC_EXITS, 2)
+_NO_EXITS = (ctypes.c_uint64 * 1)()
+
+
+def configure(uc: Any, tcg_buffer: int) -> None:
+    """Give a new instance a ``tcg_buffer``-byte translation buffer and no exit address
+    (``emu_start``'s ``until`` is then ignored), through ``uc_ctl`` itself: the
+    binding's ``ctl_*`` methods cost about 10 us a call.  Setting the exits is what
+    makes Unicorn build the emulated machine (its lazy ``uc_init``)."""
+    h = handle(uc)
+    for status in (
+        _CTL(h, _SET_TCG_BUFFER, ctypes.c_uint32(tcg_buffer)),
+        _CTL(h, _USE_EXITS, ctypes.c_int(1)),
+        _CTL(h, _SET_EXITS, ctypes.cast(_NO_EXITS, ctypes.c_void_p), ctypes.c_size_t(0)),
+    ):
+        if status != uc_const.UC_ERR_OK:
+            raise UcError(status)
 
 
 # -- native hooks ----------------------------------------------------------------------------

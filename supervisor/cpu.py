@@ -367,11 +367,9 @@ _SAVED = saved_fields(LgCpu)
 
 def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.ctl_set_tcg_buffer_size(tcg_buffer)
     # No exit address, so emu_start's `until` is ignored: a real one makes Unicorn probe
     # that address and leave a stale page fault behind.
-    uc.ctl_exits_enabled(True)
-    uc.ctl_set_exits([])
+    _unicorn.configure(uc, tcg_buffer)
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     return uc
 

@@ -269,3 +269,15 @@ def test_cli_option():
     assert bad.returncode == 2
     assert bad.stderr.startswith("supervisor: error:") and "hibernate_after" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+async def test_a_thawed_instance_is_configured_like_a_new_one():
+    async with LguestDevice(hibernate_after=0) as dev:
+        g, reader = await sleeper(dev)
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.hibernated)
+        uc = cpu.emulator  # a new instance
+        assert not cpu.hibernated
+        # Exits on, none set (uc_ctl raises UC_ERR_ARG when exits are off).
+        assert uc.ctl_get_exits_cnt() == 0
+        await close_all([(g, reader)])
