@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_MODE_32, UC_PROT_ALL, Uc
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_PROT_ALL
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
@@ -366,10 +366,9 @@ _SAVED = saved_fields(LgCpu)
 
 
 def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
     # No exit address, so emu_start's `until` is ignored: a real one makes Unicorn probe
-    # that address and leave a stale page fault behind.
-    _unicorn.configure(uc, tcg_buffer)
+    # that address and leave a stale page fault behind (_unicorn.configure).
+    uc = _unicorn.new_instance(tcg_buffer)
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     return uc
 

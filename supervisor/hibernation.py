@@ -23,6 +23,12 @@ hibernations is trimmed once, ``TRIM_DELAY`` after it; guests that wake and
 sleep in turn never are.  ``malloc_trim`` walks the whole heap (measured: 8 ms
 for 2,000 and for 20,000 hibernated guests, whatever it finds to give back), so
 a trim after each hibernation was the wake latency's tail.
+
+Most of a wake's own cost is Unicorn building a new emulated machine, so a wake
+also asks for one to be made ahead (:func:`supervisor._unicorn.prepare`,
+``REFILL_DELAY`` later, one per loop turn, at most ``_unicorn.BLANKS`` waiting,
+about 0.8 MiB each): the next wakes take a ready one.
+
 ``hibernate_after`` 0 hibernates at the moment a CPU becomes drowsy; infinity
 never.  Event loop only.
 """
@@ -35,8 +41,10 @@ import ctypes.util
 import heapq
 import itertools
 import math
+import weakref
 from collections.abc import Callable
 
+from . import _unicorn
 from .cpu import LgCpu
 
 DEFAULT_HIBERNATE_AFTER = 1.0  # seconds: see docs/performance.md, "Hibernation"
@@ -44,6 +52,7 @@ NEVER = math.inf
 TRIM_DELAY = 0.05  # seconds: hibernations in a burst share one malloc_trim
 # Instances given back and not taken again before memory is returned (about 0.5 MiB each).
 TRIM_SLACK = 32
+REFILL_DELAY = 0.01  # seconds after a wake starts: instances are made ahead off its path
 
 
 def _malloc_trim() -> Callable[[], None] | None:
@@ -72,17 +81,18 @@ class Dormitory:
     Costs O(log n) per drowsy CPU and per hibernation, however many CPUs are drowsy.
     """
 
-    __slots__ = ("_drowsy", "_queue", "_seq", "_timer", "_timer_due", "_trim", "trims")
+    __slots__ = ("_drowsy", "_queue", "_refill", "_seq", "_timer", "_timer_due", "_trim", "trims")
 
     def __init__(self) -> None:
         self._drowsy: dict[LgCpu, float] = {}  # CPU -> when it must hibernate (loop time)
-        # (due, sequence, CPU), a heap; an entry whose CPU is no longer drowsy with that
-        # due time is stale and skipped.
-        self._queue: list[tuple[float, int, LgCpu]] = []
+        # (due, sequence, CPU), a heap; an entry whose CPU is gone, or no longer drowsy
+        # with that due time, is stale and skipped (weak: it keeps no closed CPU alive).
+        self._queue: list[tuple[float, int, weakref.ref[LgCpu]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
         self._trim: asyncio.TimerHandle | None = None  # a malloc_trim to come
+        self._refill: asyncio.Handle | None = None  # an instance to make ahead
         self.trims = 0  # times memory was given back to the system
 
     def __len__(self) -> int:
@@ -92,7 +102,7 @@ class Dormitory:
     @property
     def armed(self) -> bool:
         """True while a timer is armed (some CPU is drowsy, or memory is to be given back)."""
-        return self._timer is not None or self._trim is not None
+        return self._timer is not None or self._trim is not None or self._refill is not None
 
     def drowsy(self, cpu: LgCpu) -> None:
         """``cpu`` stopped needing its emulator: hibernate it after its ``hibernate_after``."""
@@ -107,13 +117,22 @@ class Dormitory:
         loop = asyncio.get_running_loop()
         due = loop.time() + after
         self._drowsy[cpu] = due
-        heapq.heappush(self._queue, (due, next(self._seq), cpu))
+        heapq.heappush(self._queue, (due, next(self._seq), weakref.ref(cpu)))
         if due < self._timer_due:
             self._arm(loop, due)
 
     def awake(self, cpu: LgCpu) -> None:
         """``cpu`` is about to need its emulator (or is gone): forget it."""
         self._drowsy.pop(cpu, None)
+        if cpu.hibernated and not cpu.closing and self._refill is None:
+            loop = asyncio.get_running_loop()
+            self._refill = loop.call_later(REFILL_DELAY, self._make_ahead, cpu.tcg_buffer)
+
+    def _make_ahead(self, tcg_buffer: int) -> None:
+        """Make one instance ahead of need, and again at the next loop turn until enough wait."""
+        self._refill = None
+        if _unicorn.prepare(tcg_buffer) and _unicorn.blank_count() < _unicorn.BLANKS:
+            self._refill = asyncio.get_running_loop().call_soon(self._make_ahead, tcg_buffer)
 
     def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         if self._timer is not None:
@@ -129,8 +148,9 @@ class Dormitory:
         now = loop.time()
         queue, drowsy = self._queue, self._drowsy
         while queue:
-            due, _, cpu = queue[0]
-            if drowsy.get(cpu) != due:
+            due, _, ref = queue[0]
+            cpu = ref()
+            if cpu is None or drowsy.get(cpu) != due:
                 heapq.heappop(queue)  # stale: it woke (and maybe dozed off again) since
             elif due <= now:
                 heapq.heappop(queue)
@@ -161,8 +181,8 @@ class Dormitory:
         """Forget everything (the device is closing)."""
         self._drowsy.clear()
         self._queue.clear()
-        for handle in (self._timer, self._trim):
+        for handle in (self._timer, self._trim, self._refill):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._trim = None
+        self._timer = self._trim = self._refill = None
         self._timer_due = math.inf

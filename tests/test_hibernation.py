@@ -13,7 +13,7 @@ import pytest
 from guestasm import Booted, assemble, boot, initialize_words, load, notified, until
 from test_state import STEPS, WORKER, comparable
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.config import ConfigError
 from supervisor.debug import debugger
 from supervisor.hibernation import TRIM_SLACK
@@ -281,3 +281,25 @@ async def test_a_thawed_instance_is_configured_like_a_new_one():
         # Exits on, none set (uc_ctl raises UC_ERR_ARG when exits are off).
         assert uc.ctl_get_exits_cnt() == 0
         await close_all([(g, reader)])
+
+
+async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one():
+    _unicorn.drop_blanks()
+    async with LguestDevice(hibernate_after=0) as dev:
+        g, reader = await sleeper(dev)
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.hibernated)
+        assert _unicorn.blank_count() == 0
+        await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+        assert await reader == abi.pack_words(0x33)
+        # Made in idle time after the wake, up to the bound and no further.
+        await until(lambda: not dev.dormitory.armed)
+        assert _unicorn.blank_count() == _unicorn.BLANKS
+        assert not _unicorn.prepare(cpu.tcg_buffer)
+        await until(lambda: cpu.hibernated)
+        assert cpu.emulator is not None  # a thaw, which takes one of them
+        assert _unicorn.blank_count() == _unicorn.BLANKS - 1
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await close_all([(g, reader)])
+    _unicorn.drop_blanks()
+    assert _unicorn.blank_count() == 0
