@@ -100,8 +100,8 @@ async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
             latencies.append(now() - t)
             assert abi.unpack_words(word) == (0x33,)
             sleepers[i] = (g, asyncio.ensure_future(g.file.read(abi.WORD_SIZE)))
-            cpu = g.file.cpu(0)
-            while not (cpu.halted and cpu.hibernated):  # back to sleep: the next wake is alone
+            woken = g.file.cpu(0)
+            while not (woken.halted and woken.hibernated):  # asleep again: the next wake is alone
                 await asyncio.sleep(0)
         trims = dev.dormitory.trims - trims
         collections = [b - a for a, b in zip(collections, _collections(), strict=True)]
