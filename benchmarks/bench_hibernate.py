@@ -101,8 +101,9 @@ async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
             assert abi.unpack_words(word) == (0x33,)
             sleepers[i] = (g, asyncio.ensure_future(g.file.read(abi.WORD_SIZE)))
             woken = g.file.cpu(0)
-            while not (woken.halted and woken.hibernated):  # asleep again: the next wake is alone
-                await asyncio.sleep(0)
+            async with asyncio.timeout(10):  # (a bound for failing, not a wait for success)
+                while not (woken.halted and woken.hibernated):  # asleep: the next wake is alone
+                    await asyncio.sleep(0)
         trims = dev.dormitory.trims - trims
         collections = [b - a for a, b in zip(collections, _collections(), strict=True)]
         t_close = now()
