@@ -29,6 +29,7 @@ class Profile:
     spin_seconds: float
     startups: int
     revives: int = 500  # pause + state + revive cycles in a row
+    hibernate_cycles: int = 10_000  # hibernate/wake cycles of one guest (the goal's count)
     hibernated_guests: int = 2_000
     wakes: int = 200  # random wakes of hibernated guests
 

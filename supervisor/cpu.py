@@ -23,9 +23,9 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from unicorn import UC_ARCH_X86, UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_MODE_32, UC_PROT_ALL, Uc
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_PROT_ALL
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
@@ -161,6 +161,9 @@ class LgCpu:
     stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
     _irq_lock: threading.Lock = host_only(default_factory=threading.Lock)
     _hooks: list[Any] = host_only(default_factory=list)
+    # Instances hibernate() gave back minus those thaw() took, in this process: the C
+    # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
+    given_back: ClassVar[int] = 0
 
     # -- any thread -------------------------------------------------------------
     def kick(self) -> None:
@@ -268,6 +271,7 @@ class LgCpu:
         self.uc = None
         self.regs = None  # type: ignore[assignment]
         self.stats.hibernations += 1
+        LgCpu.given_back += 1
         return True
 
     def thaw(self) -> None:
@@ -283,6 +287,7 @@ class LgCpu:
         _install_hooks(self)
         _unicorn.load_context_data(uc, frozen)
         self.stats.wakes += 1
+        LgCpu.given_back -= 1
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
@@ -371,12 +376,9 @@ _SAVED = saved_fields(LgCpu)
 
 
 def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.ctl_set_tcg_buffer_size(tcg_buffer)
     # No exit address, so emu_start's `until` is ignored: a real one makes Unicorn probe
-    # that address and leave a stale page fault behind.
-    uc.ctl_exits_enabled(True)
-    uc.ctl_set_exits([])
+    # that address and leave a stale page fault behind (_unicorn.configure).
+    uc = _unicorn.new_instance(tcg_buffer)
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     hostpages.map_into(uc)  # the boot GDT, read-only, in every instance (thaws too)
     return uc

@@ -7,14 +7,16 @@ import ctypes
 import math
 import mmap
 from pathlib import Path
+from typing import Any
 
 import pytest
-from guestasm import boot, notified, until
+from guestasm import Booted, assemble, boot, initialize_words, load, notified, until
 from test_state import STEPS, WORKER, comparable
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.config import ConfigError
 from supervisor.debug import debugger
+from supervisor.hibernation import TRIM_SLACK
 from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
 
@@ -144,6 +146,59 @@ ticks: .long 0
         copy.memory.close()
 
 
+async def sleeper(dev: LguestDevice, after: float | None = None) -> tuple[Booted, Any]:
+    """A COUNTER guest with its own ``hibernate_after``, asleep in its halt, a read in flight."""
+    guest = assemble(COUNTER)
+    memory, layout = load(guest, 1 << 20)
+    f = dev.open(memory, hibernate_after=after)
+    await f.write(initialize_words(memory, layout))
+    g = Booted(f, memory, layout, guest)
+    reader = asyncio.ensure_future(f.read(abi.WORD_SIZE))
+    await until(lambda: f.cpu(0).halted)
+    return g, reader
+
+
+async def close_all(sleepers: list[tuple[Booted, Any]]) -> None:
+    for g, reader in sleepers:
+        await g.file.close()
+        with pytest.raises(OSError):
+            await reader
+        g.memory.close()
+
+
+async def test_each_drowsy_cpu_hibernates_at_its_own_time():
+    async with LguestDevice() as dev:
+        late = await sleeper(dev, after=3600)  # drowsy first, due much later
+        soon = await sleeper(dev, after=0.05)
+        await until(lambda: soon[0].file.cpu(0).hibernated, LIMIT)
+        assert not late[0].file.cpu(0).hibernated and len(dev.dormitory) == 1
+        await close_all([late, soon])
+
+
+async def test_memory_goes_back_after_a_burst_of_hibernations_not_at_each_wake():
+    async with LguestDevice(hibernate_after=0) as dev:
+        # A burst: TRIM_SLACK guests hibernate and nothing reuses their instances.
+        burst = [await sleeper(dev) for _ in range(TRIM_SLACK)]
+        await until(lambda: all(g.file.cpu(0).hibernated for g, _ in burst))
+        await until(lambda: not dev.dormitory.armed)
+        trims = dev.dormitory.trims
+        assert trims >= 1
+        # One guest woken and asleep again many times: each thaw reuses what the last
+        # hibernation gave back, so there is nothing to give back to the system.
+        g, reader = burst[0]
+        cpu = g.file.cpu(0)
+        for _ in range(3 * TRIM_SLACK):
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+            assert await reader == abi.pack_words(0x33)
+            reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+            await until(lambda: cpu.halted and cpu.hibernated)
+        burst[0] = (g, reader)
+        await until(lambda: not dev.dormitory.armed)
+        assert dev.dormitory.trims == trims
+        assert g.file.stats is not None and g.file.stats.wakes >= 3 * TRIM_SLACK
+        await close_all(burst)
+
+
 def resident_pages(memory: GuestMemory) -> int:
     """How many pages of ``memory`` the host kernel has backed (mincore)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -170,9 +225,7 @@ async def test_guest_memory_costs_only_the_pages_the_guest_touched():
 
 
 async def test_supervisor_option_and_stats():
-    config = GuestConfig(
-        image=GUESTS / "ticker.img", memory="1M", cmdline="ticks=3 period_ms=20"
-    )
+    config = GuestConfig(image=GUESTS / "ticker.img", memory="1M", cmdline="ticks=3 period_ms=20")
     async with Supervisor(hibernate_after=0) as sup, asyncio.timeout(LIMIT):
         guest = await sup.launch(config)
         lines = [line async for line in guest.console]
@@ -216,3 +269,37 @@ def test_cli_option():
     assert bad.returncode == 2
     assert bad.stderr.startswith("supervisor: error:") and "hibernate_after" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+async def test_a_thawed_instance_is_configured_like_a_new_one():
+    async with LguestDevice(hibernate_after=0) as dev:
+        g, reader = await sleeper(dev)
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.hibernated)
+        uc = cpu.emulator  # a new instance
+        assert not cpu.hibernated
+        # Exits on, none set (uc_ctl raises UC_ERR_ARG when exits are off).
+        assert uc.ctl_get_exits_cnt() == 0
+        await close_all([(g, reader)])
+
+
+async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one():
+    _unicorn.drop_blanks()
+    async with LguestDevice(hibernate_after=0) as dev:
+        g, reader = await sleeper(dev)
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.hibernated)
+        assert _unicorn.blank_count() == 0
+        await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+        assert await reader == abi.pack_words(0x33)
+        # Made in idle time after the wake, up to the bound and no further.
+        await until(lambda: not dev.dormitory.armed)
+        assert _unicorn.blank_count() == _unicorn.BLANKS
+        assert not _unicorn.prepare(cpu.tcg_buffer)
+        await until(lambda: cpu.hibernated)
+        assert cpu.emulator is not None  # a thaw, which takes one of them
+        assert _unicorn.blank_count() == _unicorn.BLANKS - 1
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await close_all([(g, reader)])
+    _unicorn.drop_blanks()
+    assert _unicorn.blank_count() == 0
