@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guestasm import Booted, assemble, boot, initialize_words, load, notified, until
-from test_state import STEPS, WORKER, comparable
+from guestasm import Booted, assemble, boot, initialize_words, load, until
+from test_state import STEPS, WORKER, worker_to_death
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.config import ConfigError
@@ -26,16 +26,9 @@ LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
 async def run_worker(dev: LguestDevice) -> tuple[bytes, list[int], object, object]:
     g = await boot(dev, WORKER)
-    output = []
     async with asyncio.timeout(LIMIT):
-        while True:
-            try:
-                await notified(g)
-                output.append(g.u32("done"))
-            except FileNotFoundError:
-                break
-    memory = comparable(g.guest.symbols, g.memory.read(0, g.memory.size))
-    result = (memory, output, g.file.death, g.file.stats)
+        memory, output = await worker_to_death(g)
+    result = (memory, list(output), g.file.death, g.file.stats)
     await g.file.close()
     g.memory.close()
     return result

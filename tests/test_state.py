@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 from fuzz_guests import LONG
-from guestasm import assemble, boot, load, notified, until
+from guestasm import SPIN, Booted, assemble, boot, load, notified, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unicorn import unicorn_const as uc_const
@@ -123,18 +123,23 @@ _reference: dict[str, Outcome] = {}
 REVIVALS = [0, 0]  # revivals the property test made, and its examples run
 
 
+async def worker_to_death(g: Booted) -> tuple[bytes, tuple[int, ...]]:
+    """Read the worker until it dies: its comparable memory and what it notified."""
+    output = []
+    while True:
+        try:
+            await notified(g)
+            output.append(g.u32("done"))
+        except FileNotFoundError:
+            break
+    return comparable(g.guest.symbols, g.memory.read(0, g.memory.size)), tuple(output)
+
+
 async def uninterrupted(dev: LguestDevice) -> Outcome:
     if "worker" not in _reference:
         g = await boot(dev, WORKER)
-        output = []
-        while True:
-            try:
-                await notified(g)
-                output.append(g.u32("done"))
-            except FileNotFoundError:
-                break
-        memory = comparable(g.guest.symbols, g.memory.read(0, g.memory.size))
-        _reference["worker"] = Outcome(memory, tuple(output), g.file.death)
+        memory, output = await worker_to_death(g)
+        _reference["worker"] = Outcome(memory, output, g.file.death)
         await g.file.close()
         g.memory.close()
     return _reference["worker"]
@@ -275,18 +280,10 @@ async def test_a_state_revived_in_another_process_ends_exactly_as_uninterrupted(
 
 
 # -- the control surface -----------------------------------------------------------------------
-SPIN_COUNT = r"""
-main:
-    LGUEST_INIT
-1:  incl counter
-    jmp 1b
-.data
-counter: .long 0
-"""
 
 
 async def test_pause_holds_a_running_read_and_resume_lets_it_go_on(dev):
-    g = await boot(dev, SPIN_COUNT)
+    g = await boot(dev, SPIN)
     read = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
     await until(lambda: g.u32("counter") > 1000)
     await g.file.pause()
@@ -579,7 +576,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises():
     loop.set_debug(True)
     try:
         async with LguestDevice() as dev:
-            g = await boot(dev, SPIN_COUNT)
+            g = await boot(dev, SPIN)
             cpu = g.file.cpu(0)
             assert cpu.check_threads
             cpu.eip  # noqa: B018 - the event loop owns an idle CPU
@@ -609,7 +606,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises():
 
 
 async def test_outside_debug_mode_there_is_no_check(dev):
-    g = await boot(dev, SPIN_COUNT)
+    g = await boot(dev, SPIN)
     assert not g.file.cpu(0).check_threads
     await g.file.close()
     g.memory.close()
