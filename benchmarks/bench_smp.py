@@ -26,7 +26,7 @@ from typing import Any
 
 from supervisor import LguestDevice
 from supervisor.abi import LHREQ_IRQ, pack_words
-from supervisor.testing import run_cpus_to_end
+from supervisor.testing import CPU1_AREAS, run_cpus_to_end
 
 from .guests import Booted, assemble, boot
 from .harness import Profile, Result, median, now, percentile
@@ -34,7 +34,8 @@ from .raw import RawCpu
 
 # CPU 0 starts CPU 1 (if there is one); each CPU counts LOOPS in a register, then
 # CPU 0 waits for the others and powers off.
-COUNTERS = r"""
+COUNTERS = (
+    r"""
 .set LOOPS, {loops}
 .set NCPUS, {ncpus}
 main:
@@ -65,17 +66,14 @@ park:
 .data
 done: .long 0
 msg: .asciz "counted"
-.bss
-.align 4096
-cpu1_data: .space 1136
-.align 16
-stack1: .space 4096
-stack1_top:
 """
+    + CPU1_AREAS
+)
 
 # The Host interrupts CPU 0 (irq 3); CPU 0's handler sends CPU 1 irq 4; CPU 1,
 # halted, takes it and notifies 0x1b1.  CPU 0 spins meanwhile (a busy CPU).
-IPI_PINGER = r"""
+IPI_PINGER = (
+    r"""
 main:
     LGUEST_INIT
     IDT 35, to_cpu1
@@ -100,13 +98,9 @@ on_cpu1:
     iret
 .data
 counter: .long 0
-.bss
-.align 4096
-cpu1_data: .space 1136
-.align 16
-stack1: .space 4096
-stack1_top:
 """
+    + CPU1_AREAS
+)
 
 
 async def _supervised_seconds(loops: int, ncpus: int) -> float:

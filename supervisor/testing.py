@@ -134,6 +134,18 @@ stack_top:
 """
 
 
+# CPU 1's own lguest_data (``cpu1_data``, for ``CPU_INIT``) and stack (``stack1_top``):
+# append to the body of a guest that starts a second CPU.
+CPU1_AREAS = r"""
+.bss
+.align 4096
+cpu1_data: .space 1136
+.align 16
+stack1: .space 4096
+stack1_top:
+"""
+
+
 # A guest that counts in memory (symbol `counter`) forever.
 SPIN = r"""
 main:

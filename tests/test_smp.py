@@ -15,7 +15,7 @@ from guestasm import boot, until
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer
-from supervisor.testing import assemble, initialize_words, load, run_cpus_to_end
+from supervisor.testing import CPU1_AREAS, assemble, initialize_words, load, run_cpus_to_end
 
 # Starts CPUs 1..NCPUS-1 at `secondary`, each on its own stack and with its own
 # lguest_data (cpu_data + id * 1136), then every CPU runs WORK; CPU 0 waits for
@@ -181,7 +181,8 @@ async def test_an_offline_cpu_reads_nothing_until_started(dev: LguestDevice) -> 
     assert g.file.cpu(1).online and g.u32("counter") == 20
 
 
-IPI = r"""
+IPI = (
+    r"""
 main:
     LGUEST_INIT
     IDT 37, ipi_handler
@@ -227,13 +228,9 @@ r_nocpu: .long 0
 r_ipi_nocpu: .long 0
 r_ipi_noirq: .long 0
 msg: .asciz "done"
-.bss
-.align 4096
-cpu1_data: .space 1136
-.align 16
-stack1: .space 4096
-stack1_top:
 """
+    + CPU1_AREAS
+)
 
 
 def signed(value: int) -> int:
@@ -287,7 +284,8 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
     assert again.u32("counter") == 2 * loops
 
 
-TWO_LOOPS = r"""
+TWO_LOOPS = (
+    r"""
 main:
     LGUEST_INIT
     HCALL_REG 64, $1, $secondary, $stack1_top
@@ -309,13 +307,9 @@ cpu0_end:
 .data
 finish: .long 0
 msg: .asciz "done"
-.bss
-.align 4096
-cpu1_data: .space 1136
-.align 16
-stack1: .space 4096
-stack1_top:
 """
+    + CPU1_AREAS
+)
 
 
 @pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
