@@ -483,9 +483,8 @@ def start_secondary(cpu: LgCpu, starter: LgCpu, eip: int, esp: int) -> None:
     _unicorn.load_context_data(uc, context)
     _unicorn.forget_exception(uc)
     uc.ctl_flush_tb()
-    for name in ("idt", "gdt", "tls", "stack", "ts"):
-        value = getattr(starter, name)
-        setattr(cpu, name, list(value) if name == "idt" else value)
+    cpu.idt = list(starter.idt)
+    cpu.gdt, cpu.tls, cpu.stack, cpu.ts = starter.gdt, starter.tls, starter.stack, starter.ts
     cpu.set_reg(r.UC_X86_REG_EIP, eip)
     cpu.set_reg(r.UC_X86_REG_ESP, esp)
     cpu.set_reg(r.UC_X86_REG_EFLAGS, X86_EFLAGS_IF | 0x2)
