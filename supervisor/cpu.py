@@ -149,6 +149,7 @@ class LgCpu:
     # `regs` are None and the first use of the emulator takes a new one (thaw()).
     frozen: bytes | None = host_only(default=None)
     hibernate_after: float = host_only(default=math.inf)  # seconds drowsy before it does
+    dormitory_due: float = host_only(default=math.inf)  # hibernation.py: its queue entry's time
     host_address: int = host_only(default=0)  # where the guest's memory is (mem_map_ptr)
     tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
     install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc

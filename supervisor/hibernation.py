@@ -85,8 +85,10 @@ class Dormitory:
 
     def __init__(self) -> None:
         self._drowsy: dict[LgCpu, float] = {}  # CPU -> when it must hibernate (loop time)
-        # (due, sequence, CPU), a heap; an entry whose CPU is gone, or no longer drowsy
-        # with that due time, is stale and skipped (weak: it keeps no closed CPU alive).
+        # (due, sequence, CPU), a heap (weak: it keeps no closed CPU alive).  Invariant: a
+        # drowsy CPU has an entry due no later than its time in _drowsy; one entry per CPU
+        # is enough (LgCpu.dormitory_due), so a CPU that wakes and dozes off again at every
+        # read pushes nothing: the sweep moves its entry on to its latest time instead.
         self._queue: list[tuple[float, int, weakref.ref[LgCpu]]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -98,6 +100,12 @@ class Dormitory:
     def __len__(self) -> int:
         """How many CPUs are drowsy and not yet hibernated."""
         return len(self._drowsy)
+
+    @property
+    def entries(self) -> int:
+        """How many entries its queue holds, stale ones included: at most about one per
+        CPU however often the CPUs doze off and wake."""
+        return len(self._queue)
 
     @property
     def armed(self) -> bool:
@@ -117,9 +125,15 @@ class Dormitory:
         loop = asyncio.get_running_loop()
         due = loop.time() + after
         self._drowsy[cpu] = due
-        heapq.heappush(self._queue, (due, next(self._seq), weakref.ref(cpu)))
+        if cpu.dormitory_due <= due:
+            return  # its entry in the queue comes first; the sweep moves it on to `due`
+        self._push(cpu, due)
         if due < self._timer_due:
             self._arm(loop, due)
+
+    def _push(self, cpu: LgCpu, due: float) -> None:
+        cpu.dormitory_due = due
+        heapq.heappush(self._queue, (due, next(self._seq), weakref.ref(cpu)))
 
     def awake(self, cpu: LgCpu) -> None:
         """``cpu`` is about to need its emulator (or is gone): forget it."""
@@ -150,10 +164,18 @@ class Dormitory:
         while queue:
             due, _, ref = queue[0]
             cpu = ref()
-            if cpu is None or drowsy.get(cpu) != due:
+            when = None if cpu is None else drowsy.get(cpu)
+            if cpu is None or when != due:
                 heapq.heappop(queue)  # stale: it woke (and maybe dozed off again) since
+                if cpu is None:
+                    continue
+                if cpu.dormitory_due == due:
+                    cpu.dormitory_due = math.inf
+                if when is not None and cpu.dormitory_due > when:
+                    self._push(cpu, when)  # it dozed off again: the entry for its new time
             elif due <= now:
                 heapq.heappop(queue)
+                cpu.dormitory_due = math.inf
                 del drowsy[cpu]
                 self._hibernate(cpu)  # refused (and dropped) if it runs meanwhile
             else:
@@ -180,6 +202,10 @@ class Dormitory:
     def close(self) -> None:
         """Forget everything (the device is closing)."""
         self._drowsy.clear()
+        for _, _, ref in self._queue:
+            cpu = ref()
+            if cpu is not None:
+                cpu.dormitory_due = math.inf
         self._queue.clear()
         for handle in (self._timer, self._trim, self._refill):
             if handle is not None:

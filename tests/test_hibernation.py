@@ -168,6 +168,39 @@ async def test_each_drowsy_cpu_hibernates_at_its_own_time():
         await close_all([late, soon])
 
 
+async def test_a_cpu_dozing_off_at_every_read_keeps_one_entry_and_hibernates_after_the_last():
+    async with LguestDevice(hibernate_after=0.1) as dev:
+        g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 1\n jmp 1b\n")
+        cpu = g.file.cpu(0)
+        loop = asyncio.get_running_loop()
+        start = last = loop.time()
+        while last - start < 0.3:  # past its first entry's time: the sweep runs meanwhile
+            assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+            last = loop.time()
+            assert not cpu.hibernated and dev.dormitory.entries <= 1  # not one per read
+        await until(lambda: cpu.hibernated, LIMIT)
+        assert loop.time() - last >= 0.09  # its time counts from its last read, not its first
+        await g.file.close()
+        g.memory.close()
+
+
+async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_time():
+    async with LguestDevice(hibernate_after=0.1) as dev:
+        g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 1\n jmp 1b\n")
+        cpu = g.file.cpu(0)
+        loop = asyncio.get_running_loop()
+        for _ in range(8):  # drowsy for 30 ms between reads: its first entry comes up meanwhile
+            await g.file.read(abi.WORD_SIZE)
+            last = loop.time()
+            await asyncio.sleep(0.03)
+            assert not cpu.hibernated
+        await until(lambda: cpu.hibernated, LIMIT)  # (the sweep moved its entry on)
+        assert loop.time() - last >= 0.09
+        assert dev.dormitory.entries == 0
+        await g.file.close()
+        g.memory.close()
+
+
 async def test_memory_goes_back_after_a_burst_of_hibernations_not_at_each_wake():
     async with LguestDevice(hibernate_after=0) as dev:
         # A burst: TRIM_SLACK guests hibernate and nothing reuses their instances.
