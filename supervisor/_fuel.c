@@ -375,19 +375,39 @@ static PyObject *bind(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* run(address, until) -> status.  Enter the fuel's engine at its current eip until
-   something stops it, with the GIL released (Python hooks take it themselves).
+/* What run() returns: (status, vector, hcall).  `vector`: the trap that ended the run
+   (None: none); `hcall`: its hypercall registers (eax, edx, ebx, ecx) if the hook read
+   them, else None.  The same values stay in the fuel (vector, hcall_read, hcall); the
+   tuple only spares the caller reading them back one field at a time. */
+static PyObject *run_result(fuel_t *fuel, int status)
+{
+    if (fuel->vector < 0)
+        return Py_BuildValue("(iOO)", status, Py_None, Py_None);
+    if (!fuel->hcall_read)
+        return Py_BuildValue("(iiO)", status, (int)fuel->vector, Py_None);
+    return Py_BuildValue("(ii(kkkk))", status, (int)fuel->vector, (unsigned long)fuel->hcall[0],
+                         (unsigned long)fuel->hcall[1], (unsigned long)fuel->hcall[2],
+                         (unsigned long)fuel->hcall[3]);
+}
+
+/* run(address, until, ring, next_hcall) -> (status, vector, hcall).  Enter the fuel's
+   engine at its current eip until something stops it, with the GIL released (Python
+   hooks take it themselves).  `ring` and `next_hcall` are the interrupt hook's (the
+   async ring's status bytes, 0: none; its next slot); `reason` starts at REASON_NONE.
    The slice's CPU-time account: the thread's CPU time since the previous run started
    (that run, and the Host's work for the guest after it) is taken off `left`, and the
-   run gets a deadline `left` ns from now.  One CPU-clock read per run.  Returns the
+   run gets a deadline `left` ns from now.  One CPU-clock read per run.  `status` is the
    uc_err of uc_emu_start (0: stopped normally), or -1 if no time was left (nothing ran;
-   reason is REASON_BUDGET). */
+   reason is REASON_BUDGET).  Whenever the slice's time is found spent (status -1, or
+   an exit-request run the slicer ended for its deadline), `budget` becomes 0: time is
+   the budget on that path.  See run_result for the rest. */
 static PyObject *run(PyObject *self, PyObject *args)
 {
     (void)self;
     PyObject *address;
-    unsigned long long until;
-    if (!PyArg_ParseTuple(args, "OK", &address, &until))
+    unsigned long long until, ring;
+    int next_hcall;
+    if (!PyArg_ParseTuple(args, "OKKi", &address, &until, &ring, &next_hcall))
         return NULL;
     fuel_t *fuel = fuel_arg(address);
     if (fuel == NULL)
@@ -396,6 +416,9 @@ static PyObject *run(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
         return NULL;
     }
+    fuel->ring = (volatile uint8_t *)(uintptr_t)ring;
+    fuel->next_hcall = next_hcall;
+    fuel->reason = 0;
     clockid_t clock;
     int have_clock = pthread_getcpuclockid(pthread_self(), &clock) == 0;
     int64_t used = have_clock ? clock_ns(clock) : INT64_MAX;
@@ -412,13 +435,14 @@ static PyObject *run(PyObject *self, PyObject *args)
     fuel->hcall_read = 0;
     if (fuel->left <= 0) {
         fuel->reason = REASON_BUDGET;
-        return PyLong_FromLong(-1);
+        fuel->budget = 0;
+        return run_result(fuel, -1);
     }
     fuel->deadline = now_ns() + fuel->left;
     uint64_t eip = 0;
     int status = uc_reg_read_fn(fuel->uc, eip_id, &eip);
     if (status != 0)
-        return PyLong_FromLong(status);
+        return run_result(fuel, status);
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
     if (fuel->exit_request)
@@ -435,7 +459,9 @@ static PyObject *run(PyObject *self, PyObject *args)
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    return PyLong_FromLong(status);
+    if (status == 0 && fuel->exit_request && fuel->reason == REASON_BUDGET)
+        fuel->budget = 0;
+    return run_result(fuel, status);
 }
 
 static PyObject *kick(PyObject *self, PyObject *arg)
@@ -460,7 +486,9 @@ static PyMethodDef fuel_methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, eip_id, (eax, edx, ebx, ecx)): the Unicorn calls and "
      "register ids run() and intr_hook use."},
-    {"run", run, METH_VARARGS, "run(address, until) -> uc_err, or -1: no time left (see _fuel.c)."},
+    {"run", run, METH_VARARGS,
+     "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
+     "(see _fuel.c)."},
     {NULL, NULL, 0, NULL},
 };
 

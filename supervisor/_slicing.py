@@ -281,9 +281,20 @@ def kick(fuel: Fuel) -> None:
         fuel.stop = 1
 
 
-def run(uc: Any, fuel: Fuel, until: int) -> int:
-    """Run the guest from its ``eip`` until something stops it; return the fallback's
-    instruction count (0 on the native paths).
+# What run() returns: the fallback's instruction count (0 on the native paths), and the
+# native interrupt hook's trap vector and hypercall registers (eax, edx, ebx, ecx), None
+# when there is none or they were not read (always None on the fallback, whose Python
+# hook records them itself).
+Stop = tuple[int, int | None, tuple[int, int, int, int] | None]
+_NO_TRAP: Stop = (0, None, None)
+
+
+def run(uc: Any, fuel: Fuel, until: int, ring: int = 0, next_hcall: int = 0) -> Stop:
+    """Run the guest from its ``eip`` until something stops it; see :data:`Stop`.
+
+    ``fuel.reason`` starts at ``REASON_NONE``.  ``ring`` and ``next_hcall`` are for the
+    native interrupt hook (:func:`trap_interrupts`): the async ring's status bytes (a
+    host address; 0: stop at every trap) and its next slot.
 
     The slice's time is ``fuel.left`` nanoseconds of the emulating thread's CPU time,
     counted from the slice's first run on: at the start of each run the thread's CPU
@@ -302,16 +313,15 @@ def run(uc: Any, fuel: Fuel, until: int) -> int:
     """
     if NATIVE:
         _unicorn.forget_hook_exception(uc)
-        status = _fuel.run(fuel.address, until)
-        if status:
-            if status < 0:  # no time left: nothing ran
-                fuel.budget = 0
-                return 0
-            raise UcError(status)
+        # (_fuel.c also sets budget to 0 when the slice's time is found spent: time is the
+        # budget on the exit-request path, and with no time left nothing ran.)
+        stop = _fuel.run(fuel.address, until, ring, next_hcall)
+        status = stop[0]
+        if status > 0:
+            raise UcError(status)  # (a trap recorded meanwhile: last_trap)
         _unicorn.raise_hook_exception(uc)
-        if fuel.exit_request and fuel.reason == REASON_BUDGET:
-            fuel.budget = 0  # time is the budget here: the slice is over
-        return 0
+        return stop if status == 0 else _NO_TRAP  # (-1: no time left, nothing ran)
+    fuel.reason = REASON_NONE
     used = time.thread_time_ns()
     if fuel.mark:
         fuel.left -= used - fuel.mark
@@ -319,11 +329,20 @@ def run(uc: Any, fuel: Fuel, until: int) -> int:
     if fuel.left <= 0:
         fuel.reason = REASON_BUDGET
         fuel.budget = 0
-        return 0
+        return _NO_TRAP
     fuel.deadline = time.monotonic_ns() + fuel.left  # (read by the interrupt hook)
     count = max(1, fuel.budget)
     uc.emu_start(_unicorn.eip(uc), until, count=count)
-    return int(count)
+    return (int(count), None, None)
+
+
+def last_trap(fuel: Fuel) -> tuple[int | None, tuple[int, int, int, int] | None]:
+    """The native paths' trap vector and hypercall registers of the last :func:`run`, as it
+    returns them (for a run that raised ``UcError``)."""
+    if not NATIVE or fuel.vector < 0:
+        return None, None
+    h = fuel.hcall
+    return fuel.vector, (h[0], h[1], h[2], h[3]) if fuel.hcall_read else None
 
 
 def count_spent(fuel: Fuel, count: int) -> None:

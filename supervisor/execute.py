@@ -255,31 +255,26 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
     fuel = cpu.fuel
     exit = CpuExit.EMULATION_ERROR
     count = 0  # the fallback's instruction count (see _slicing.run)
-    native = _slicing.NATIVE
-    if native:  # what the native interrupt hook needs to do CPU-local hypercalls itself
-        data = cpu.lguest_data
-        fuel.ring = (
-            None
-            if data is None or cpu.hcall is not None
-            else cpu.host_address + data + LGUEST_DATA_HCALL_STATUS
-        )
-        fuel.next_hcall = cpu.next_hcall
+    # What the native interrupt hook needs to do CPU-local hypercalls itself.
+    data = cpu.lguest_data
+    ring = 0
+    if data is not None and cpu.hcall is None:
+        ring = cpu.host_address + data + LGUEST_DATA_HCALL_STATUS
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
         trap.debug = None
         trap.hcall = None
-        fuel.reason = _slicing.REASON_NONE
         error: UcError | None = None
         try:
-            count = _slicing.run(cpu.uc, fuel, _NEVER)
+            count, vector, hcall = _slicing.run(cpu.uc, fuel, _NEVER, ring, cpu.next_hcall)
         except UcError as exc:
             error = exc
-        if native and fuel.vector >= 0:
-            trap.vector = fuel.vector
-            if fuel.hcall_read:
-                h = fuel.hcall
-                trap.hcall = (h[0], h[1], h[2], h[3])
+            vector, hcall = _slicing.last_trap(fuel)
+        if vector is not None:  # the native hook's (the fallback's hook sets trap itself)
+            trap.vector = vector
+            if hcall is not None:
+                trap.hcall = hcall
         cpu.stats.exits += 1
         exit = classify(
             trap.vector, trap.debug, fuel.reason, None if error is None else error.errno

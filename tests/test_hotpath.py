@@ -89,7 +89,7 @@ def test_a_run_with_no_time_left_does_not_start():
     _slicing.run(uc, fuel, 1 << 32)  # the first run gets its nanosecond (one block or so)
     fuel.reason = _slicing.REASON_NONE
     before = _unicorn.eip(uc), bytes(uc.mem_read(0x2000, 4))
-    assert _slicing.run(uc, fuel, 1 << 32) == 0
+    assert _slicing.run(uc, fuel, 1 << 32) == (0, None, None)
     assert fuel.reason == _slicing.REASON_BUDGET and fuel.budget == 0
     assert (_unicorn.eip(uc), bytes(uc.mem_read(0x2000, 4))) == before
     assert eip is not None
@@ -132,23 +132,22 @@ def test_the_native_hook_follows_the_hypercall_table():
             at = 0x3000 + 32 * number  # (no stale translation of another number's code)
             uc.mem_write(at, _hypercall_code(number))
             uc.reg_write(r.UC_X86_REG_EIP, at)
-            fuel.ring = ctypes.addressof(ring)
-            fuel.next_hcall = 5
             fuel.stop = 0
-            fuel.reason = _slicing.REASON_NONE
             fuel.budget = 1 << 40
             fuel.left = 10**9
             fuel.mark = 0
             calls.clear()
-            _slicing.run(uc, fuel, 1 << 32)
+            stop = _slicing.run(uc, fuel, 1 << 32, ctypes.addressof(ring), 5)
             if number in hypercalls.LOCAL_HYPERCALLS and not busy:
                 assert calls == [(number, 1, 2, 3)], number
-                assert fuel.vector == -1, number  # went on to the hlt
+                assert fuel.vector == -1 and stop == (0, None, None), number  # on to the hlt
                 assert _unicorn.eip(uc) == at + len(_hypercall_code(number)), number
             else:
                 assert calls == [], number
                 assert fuel.vector == 0x1F and fuel.hcall_read, number
                 assert tuple(fuel.hcall) == (number, 1, 2, 3), number
+                assert stop == (0, 0x1F, (number, 1, 2, 3)), number
+                assert _slicing.last_trap(fuel) == stop[1:], number
                 assert _unicorn.eip(uc) == at + 22, number  # just after the int
 
 

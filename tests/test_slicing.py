@@ -42,7 +42,7 @@ def run_once(uc: Uc, fuel: _slicing.Fuel, seconds: float) -> None:
     fuel.budget = 20_000
     fuel.left = int(seconds * 1e9)
     fuel.mark = 0
-    count = _slicing.run(uc, fuel, NEVER)
+    count = _slicing.run(uc, fuel, NEVER)[0]
     if count and fuel.reason == _slicing.REASON_NONE:
         _slicing.count_spent(fuel, count)
 
