@@ -14,10 +14,9 @@ thread) and never touches the event loop: no asyncio objects, no timers.
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
@@ -57,25 +56,45 @@ _PROTECTION_ERRORS = frozenset(
 )
 
 
-class CpuExit(enum.Enum):
-    """Why emulation stopped, or why a slice (or the run loop) could not go on."""
+class CpuExit:
+    """Why emulation stopped, or why a slice (or the run loop) could not go on.
 
-    HYPERCALL = "hypercall"  # the guest trapped with int $0x1f (cpu.hcall holds the call)
-    TRAP = "trap"  # an exception or software interrupt to reflect to the guest
-    BAD_ACCESS = "bad access"  # a guest access outside its memory: death
-    INVALID_OPCODE = "invalid opcode"  # reflected as trap 6
-    EMULATION_ERROR = "emulation error"  # anything else Unicorn gave up on: death
-    HALT = "halt"  # hlt, or LHCALL_HALT: sleep until an interrupt
-    DEBUG_STOP = "debug stop"  # a breakpoint or single step, before an instruction
-    BUDGET = "budget"  # the slice's blocks or time are spent
-    KICK = "kick"  # another task asked for the CPU (break, irq, hold, close)
-    DEATH = "death"  # the guest is dead
+    A closed set of singletons, compared with ``is`` and ``match`` like an ``enum.Enum``,
+    but not one: on CPython 3.11 every lookup of an Enum member (``CpuExit.NOTIFY``) goes
+    through the metaclass's ``__getattr__`` hook, about 0.2 µs here, and a NOTIFY round
+    trip made 16 of them (docs/performance.md, "NOTIFY and hypercalls").  Each
+    ``ClassVar`` below is a member; its ``value`` is its name in lower case.
+    """
+
+    __slots__ = ("name", "value")
+
+    HYPERCALL: ClassVar[CpuExit]  # the guest trapped with int $0x1f (cpu.hcall holds the call)
+    TRAP: ClassVar[CpuExit]  # an exception or software interrupt to reflect to the guest
+    BAD_ACCESS: ClassVar[CpuExit]  # a guest access outside its memory: death
+    INVALID_OPCODE: ClassVar[CpuExit]  # reflected as trap 6
+    EMULATION_ERROR: ClassVar[CpuExit]  # anything else Unicorn gave up on: death
+    HALT: ClassVar[CpuExit]  # hlt, or LHCALL_HALT: sleep until an interrupt
+    DEBUG_STOP: ClassVar[CpuExit]  # a breakpoint or single step, before an instruction
+    BUDGET: ClassVar[CpuExit]  # the slice's blocks or time are spent
+    KICK: ClassVar[CpuExit]  # another task asked for the CPU (break, irq, hold, close)
+    DEATH: ClassVar[CpuExit]  # the guest is dead
     # Only the run loop's own checks produce these (no emulation happened):
-    NOTIFY = "notify"  # a notify waits for the Launcher
-    BREAK = "break"  # a Waker's break waits to be released
-    HELD = "held"  # paused or stopped by a debugger
-    OFFLINE = "offline"  # a CPU not started yet (LHCALL_START_CPU)
-    CLOSED = "closed"  # the file was closed
+    NOTIFY: ClassVar[CpuExit]  # a notify waits for the Launcher
+    BREAK: ClassVar[CpuExit]  # a Waker's break waits to be released
+    HELD: ClassVar[CpuExit]  # paused or stopped by a debugger
+    OFFLINE: ClassVar[CpuExit]  # a CPU not started yet (LHCALL_START_CPU)
+    CLOSED: ClassVar[CpuExit]  # the file was closed
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.value = name.lower().replace("_", " ")
+
+    def __repr__(self) -> str:
+        return f"<CpuExit.{self.name}: {self.value!r}>"
+
+
+for _name in CpuExit.__annotations__:
+    setattr(CpuExit, _name, CpuExit(_name))
 
 
 def classify(vector: int | None, debug: str | None, fuel_reason: int, error: int | None) -> CpuExit:
