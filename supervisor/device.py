@@ -114,15 +114,16 @@ class LguestDevice:
         self.hibernate_after = hibernate_after
         self.dormitory = Dormitory()
 
-    def _bind_loop(self) -> None:
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
         """The device serves one event loop at a time (its lock and events belong to it).
 
         Raises ``RuntimeError`` at the first call from a second loop while the first
-        one is still open, instead of corrupting state across threads.
+        one is still open, instead of corrupting state across threads.  Returns the
+        running loop.
         """
         loop = asyncio.get_running_loop()
         if self._loop is loop:
-            return
+            return loop
         if self._loop is not None and not self._loop.is_closed():
             raise RuntimeError(
                 "this LguestDevice is in use by another event loop: use one device per loop"
@@ -130,6 +131,7 @@ class LguestDevice:
         if self._loop is not None:
             self._lock = None  # the closed loop's lock belongs to it
         self._loop = loop
+        return loop
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -569,7 +571,7 @@ class LguestFile:
         return 0
 
     async def _read(self, size: int, offset: int, *, waker: bool) -> bytes:
-        self._device._bind_loop()
+        loop = self._device._bind_loop()
         if self._closed:
             raise _error(errno.EBADF)
         if size < 0:
@@ -586,7 +588,7 @@ class LguestFile:
             raise _error(errno.EBUSY)
         cpu.pending_notify = 0
         cpu.reading = True
-        finished = asyncio.get_running_loop().create_future()
+        finished = loop.create_future()
         self._running[cpu.id] = finished
         dormitory = self._device.dormitory
         dormitory.awake(cpu)

@@ -79,7 +79,8 @@ class Lguest:
 
     def address_ok(self, addr: int, size: int) -> bool:
         """True if ``[addr, addr+size)`` lies wholly inside guest memory."""
-        return 0 <= addr < self.limit and size >= 0 and addr + size <= self.limit
+        limit = self.pfn_limit * PAGE_SIZE  # (self.limit, without a second property call)
+        return 0 <= addr < limit and size >= 0 and addr + size <= limit
 
     def kill(self, reason: str, *, err: int | None = None, exit_status: int | None = None) -> None:
         """Mark the guest dead.  Only the first death counts."""

@@ -93,7 +93,7 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
                 cpu.thaw()
                 asleep = _asleep_others(cpu)
                 hypercalls.do_hypercalls(cpu)
-                if any(other.wakeup.is_set() for other in asleep):
+                if asleep and any(other.wakeup.is_set() for other in asleep):
                     # It woke another CPU (an IPI, a start): that CPU's task queues for
                     # the processor before this one takes it again.
                     await asyncio.sleep(0)

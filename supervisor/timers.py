@@ -23,6 +23,8 @@ from .cpu import LgCpu
 
 CLOCK_IRQ = 0
 _TIMESPEC = struct.Struct("<II")
+_TIMESPEC_SIZE = _TIMESPEC.size
+_pack_timespec = _TIMESPEC.pack_into
 _CALIBRATION_NS = 20_000_000  # the shortest baseline tsc_khz is measured over
 
 
@@ -136,11 +138,12 @@ def restore(cpu: LgCpu, delta_ns: int | None) -> None:
 
 def write_timestamp(cpu: LgCpu) -> None:
     """Tell the guest the wall-clock time (``lguest_data.time``)."""
-    lg = cpu.lg
-    if cpu.lguest_data is None:
+    data = cpu.lguest_data
+    if data is None:
         return
+    lg = cpu.lg
     ns = time.time_ns()
-    addr = cpu.lguest_data + LGUEST_DATA_TIME
-    if lg.address_ok(addr, _TIMESPEC.size):
+    addr = data + LGUEST_DATA_TIME
+    if lg.address_ok(addr, _TIMESPEC_SIZE):
         sec, nsec = divmod(ns, 1_000_000_000)
-        _TIMESPEC.pack_into(lg.ram, addr, sec & 0xFFFFFFFF, nsec)
+        _pack_timespec(lg.ram, addr, sec & 0xFFFFFFFF, nsec)
