@@ -381,13 +381,40 @@ static PyObject *bind(PyObject *self, PyObject *args)
    tuple only spares the caller reading them back one field at a time. */
 static PyObject *run_result(fuel_t *fuel, int status)
 {
-    if (fuel->vector < 0)
-        return Py_BuildValue("(iOO)", status, Py_None, Py_None);
-    if (!fuel->hcall_read)
-        return Py_BuildValue("(iiO)", status, (int)fuel->vector, Py_None);
-    return Py_BuildValue("(ii(kkkk))", status, (int)fuel->vector, (unsigned long)fuel->hcall[0],
-                         (unsigned long)fuel->hcall[1], (unsigned long)fuel->hcall[2],
-                         (unsigned long)fuel->hcall[3]);
+    /* (Built by hand: Py_BuildValue's format parsing cost more than the rest of run().) */
+    PyObject *result = PyTuple_New(3);
+    if (result == NULL)
+        return NULL;
+    PyObject *code = PyLong_FromLong(status);
+    PyObject *vector = Py_None, *hcall = Py_None;
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    if (fuel->vector >= 0) {
+        Py_DECREF(Py_None);
+        vector = PyLong_FromLong(fuel->vector);
+        if (fuel->hcall_read) {
+            Py_DECREF(Py_None);
+            hcall = PyTuple_New(4);
+            for (int i = 0; hcall != NULL && i < 4; i++) {
+                PyObject *word = PyLong_FromUnsignedLong(fuel->hcall[i]);
+                if (word == NULL)
+                    Py_CLEAR(hcall);
+                else
+                    PyTuple_SET_ITEM(hcall, i, word);
+            }
+        }
+    }
+    if (code == NULL || vector == NULL || hcall == NULL) {
+        Py_XDECREF(code);
+        Py_XDECREF(vector);
+        Py_XDECREF(hcall);
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, code);
+    PyTuple_SET_ITEM(result, 1, vector);
+    PyTuple_SET_ITEM(result, 2, hcall);
+    return result;
 }
 
 /* run(address, until, ring, next_hcall) -> (status, vector, hcall).  Enter the fuel's
@@ -401,23 +428,27 @@ static PyObject *run_result(fuel_t *fuel, int status)
    reason is REASON_BUDGET).  Whenever the slice's time is found spent (status -1, or
    an exit-request run the slicer ended for its deadline), `budget` becomes 0: time is
    the budget on that path.  See run_result for the rest. */
-static PyObject *run(PyObject *self, PyObject *args)
+static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    PyObject *address;
-    unsigned long long until, ring;
-    int next_hcall;
-    if (!PyArg_ParseTuple(args, "OKKi", &address, &until, &ring, &next_hcall))
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "run() takes 4 arguments (address, until, ring, next_hcall)");
         return NULL;
-    fuel_t *fuel = fuel_arg(address);
+    }
+    fuel_t *fuel = fuel_arg(args[0]);
     if (fuel == NULL)
+        return NULL;
+    unsigned long long until = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long ring = PyLong_AsUnsignedLongLong(args[2]);
+    long next_hcall = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred())
         return NULL;
     if (uc_emu_start_fn == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
         return NULL;
     }
     fuel->ring = (volatile uint8_t *)(uintptr_t)ring;
-    fuel->next_hcall = next_hcall;
+    fuel->next_hcall = (int32_t)next_hcall;
     fuel->reason = 0;
     clockid_t clock;
     int have_clock = pthread_getcpuclockid(pthread_self(), &clock) == 0;
@@ -486,7 +517,7 @@ static PyMethodDef fuel_methods[] = {
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, eip_id, (eax, edx, ebx, ecx)): the Unicorn calls and "
      "register ids run() and intr_hook use."},
-    {"run", run, METH_VARARGS,
+    {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},
     {NULL, NULL, 0, NULL},
