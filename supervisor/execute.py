@@ -33,6 +33,8 @@ TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about t
 MIN_BUDGET = 1_000
 INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
 INLINE_TIME = 0.0005  # seconds, the same for time
+_TARGET_NS = int(1e9 * TARGET_SLICE)
+_INLINE_NS = int(1e9 * INLINE_TIME)
 FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
 MAX_BUDGET = 50_000_000
 INVALID_OPCODE = 6
@@ -203,11 +205,11 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
     # before that (delivering an interrupt, on a loaded machine milliseconds) must not
     # use it up, or the guest's handler would wait for a whole trip through the
     # executor's queue (docs/performance.md, "Latency and fairness under load").
-    fuel.left = int(1e9 * (TARGET_SLICE if budget is None else INLINE_TIME))
+    fuel.left = _TARGET_NS if budget is None else _INLINE_NS
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
-    left = cpu.limits.blocks_left(fuel.blocks)
+    left = cpu.limits.blocks_left(blocks_before)
     fuel.budget = wanted if left is None else min(wanted, left)
     full_budget = budget is None and fuel.budget == cpu.budget
     exit = CpuExit.KICK
@@ -221,7 +223,7 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
             if lg.dead:
                 exit = CpuExit.DEATH
                 break
-            if cpu.hold is None:
+            if cpu.hold is None and cpu.irqs_pending:  # (none pending: nothing to deliver)
                 interrupts.maybe_do_interrupt(cpu)
             early = _pre_entry_exit(cpu)
             if early is not None:
@@ -246,14 +248,14 @@ def run_slice(cpu: LgCpu, budget: int | None = None) -> CpuExit:
         stats = cpu.stats
         stats.slices += 1
         stats.run_time += elapsed
-        stats.blocks = fuel.blocks
+        stats.blocks = blocks = fuel.blocks
         stats.blocks_counted = fuel.counts_blocks
         exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
         if exhausted:
             lg.kill(exhausted)
             exit = CpuExit.DEATH
         # Blocks slower than a microsecond on average: read the clock at every block.
-        ran = fuel.blocks - blocks_before
+        ran = blocks - blocks_before
         fuel.clock_mask = 0 if elapsed * 1e6 > ran else FAST_CLOCK_MASK
         if fuel.reason == _slicing.REASON_BUDGET and full_budget and elapsed > 0:
             scaled = int(cpu.budget * TARGET_SLICE / elapsed)

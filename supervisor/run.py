@@ -49,15 +49,16 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     """
     if cpu.closing:
         return CpuExit.CLOSED
-    if cpu.hold is not None and not cpu.lg.dead:
+    dead = cpu.lg.dead
+    if cpu.hold is not None and not dead:
         return CpuExit.BREAK if cpu.break_out else CpuExit.HELD
     if cpu.pending_notify:
         return CpuExit.NOTIFY
-    if cpu.hcall is not None and not cpu.lg.dead:
+    if cpu.hcall is not None and not dead:
         return CpuExit.HYPERCALL
     if cpu.break_out:
         return CpuExit.BREAK
-    if cpu.lg.dead:
+    if dead:
         return CpuExit.DEATH
     if not cpu.online:
         return CpuExit.OFFLINE
@@ -86,7 +87,8 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.inline = True  # deliver it now, not after a trip through the queue
-                await _slice(cpu, executor)  # whatever ended it, the next pass sees
+                # Whatever ended it, the next pass sees.  (One CPU: no turns to take.)
+                await (_run_slice(cpu, executor) if len(lg.cpus) == 1 else _slice(cpu, executor))
             case CpuExit.CLOSED:
                 raise _oserror(errno.EBADF)
             case CpuExit.HYPERCALL:
@@ -147,10 +149,9 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
 
 
 async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
-    """Run one slice of ``cpu`` once it is this CPU's turn (see :func:`_take_turn`)."""
+    """Run one slice of ``cpu`` (of a guest with several) once it is this CPU's turn (see
+    :func:`_take_turn`)."""
     lg = cpu.lg
-    if len(lg.cpus) == 1:
-        return await _run_slice(cpu, executor)
     if lg.processor is None:
         lg.processor = asyncio.Lock()
     _take_turn(cpu, lg.processor, lg.processor_owner)
