@@ -19,7 +19,6 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
 
 from . import _unicorn, codecache, run, timers
 from .abi import (
@@ -114,16 +113,15 @@ class LguestDevice:
         self.hibernate_after = hibernate_after
         self.dormitory = Dormitory()
 
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+    def _bind_loop(self) -> None:
         """The device serves one event loop at a time (its lock and events belong to it).
 
         Raises ``RuntimeError`` at the first call from a second loop while the first
-        one is still open, instead of corrupting state across threads.  Returns the
-        running loop.
+        one is still open, instead of corrupting state across threads.
         """
         loop = asyncio.get_running_loop()
         if self._loop is loop:
-            return loop
+            return
         if self._loop is not None and not self._loop.is_closed():
             raise RuntimeError(
                 "this LguestDevice is in use by another event loop: use one device per loop"
@@ -131,7 +129,6 @@ class LguestDevice:
         if self._loop is not None:
             self._lock = None  # the closed loop's lock belongs to it
         self._loop = loop
-        return loop
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -237,7 +234,9 @@ class LguestFile:
         self._base = 0  # where the guest's window starts in memory (INITIALIZE's base)
         self._closed = False
         self._closing: asyncio.Future[None] | None = None
-        self._running: dict[int, asyncio.Future[Any]] = {}
+        # CPU id -> its read in flight: None, or the future close() waits for (set when
+        # the read ends; made only when close() needs it, not for every read).
+        self._running: dict[int, asyncio.Future[None] | None] = {}
 
     # -- the device interface ----------------------------------------------------
     async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -288,7 +287,12 @@ class LguestFile:
             if lg is None:
                 return
             async with self._device.lock:
-                for future in list(self._running.values()):
+                for cpu_id in list(self._running):  # the reads in flight: wait for each
+                    if cpu_id not in self._running:
+                        continue  # it ended meanwhile
+                    future = self._running[cpu_id]
+                    if future is None:
+                        future = self._running[cpu_id] = asyncio.get_running_loop().create_future()
                     await run.wait_quietly(future)
                 self._memory.unwatch(self._host_wrote)
                 for cpu in lg.cpus:
@@ -571,7 +575,7 @@ class LguestFile:
         return 0
 
     async def _read(self, size: int, offset: int, *, waker: bool) -> bytes:
-        loop = self._device._bind_loop()
+        self._device._bind_loop()
         if self._closed:
             raise _error(errno.EBADF)
         if size < 0:
@@ -588,16 +592,16 @@ class LguestFile:
             raise _error(errno.EBUSY)
         cpu.pending_notify = 0
         cpu.reading = True
-        finished = loop.create_future()
-        self._running[cpu.id] = finished
+        self._running[cpu.id] = None  # (close() puts a future here to wait for the read)
         dormitory = self._device.dormitory
         dormitory.awake(cpu)
         try:
             address = await run.run_guest(cpu, self._device.executor, dormitory)
         finally:
             cpu.reading = False
-            del self._running[cpu.id]
-            finished.set_result(None)  # close() waits for the read, not the reader's task
+            finished = self._running.pop(cpu.id)
+            if finished is not None:
+                finished.set_result(None)  # close() waits for the read, not the reader's task
             if not cpu.closing:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
         return pack_words(address)
