@@ -29,6 +29,7 @@ from .abi import (
     MAX_CPUS,
     PAGE_SIZE,
     SWITCHER_ADDR,
+    WORD,
     WORD_SIZE,
     pack_words,
     unpack_words,
@@ -604,7 +605,7 @@ class LguestFile:
                 finished.set_result(None)  # close() waits for the read, not the reader's task
             if not cpu.closing:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
-        return pack_words(address)
+        return WORD.pack(address)  # (pack_words(address))
 
 
 class Waker:

@@ -115,7 +115,7 @@ class Dormitory:
     def drowsy(self, cpu: LgCpu) -> None:
         """``cpu`` stopped needing its emulator: hibernate it after its ``hibernate_after``."""
         after = cpu.hibernate_after
-        if after == NEVER or cpu.hibernated or cpu.closed:
+        if after == NEVER or cpu.frozen is not None or cpu.released:  # (hibernated, closed)
             return
         if after <= 0:
             self._hibernate(cpu)
@@ -138,7 +138,7 @@ class Dormitory:
     def awake(self, cpu: LgCpu) -> None:
         """``cpu`` is about to need its emulator (or is gone): forget it."""
         self._drowsy.pop(cpu, None)
-        if cpu.hibernated and not cpu.closing and self._refill is None:
+        if cpu.frozen is not None and not cpu.closing and self._refill is None:  # (hibernated)
             loop = asyncio.get_running_loop()
             self._refill = loop.call_later(REFILL_DELAY, self._make_ahead, cpu.tcg_buffer)
 

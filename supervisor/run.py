@@ -83,7 +83,8 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
         exit = pending_exit(cpu)
         match exit:
             case None:
-                cpu.thaw()  # (if it hibernated)
+                if cpu.frozen is not None:
+                    cpu.thaw()  # it hibernated
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.inline = True  # deliver it now, not after a trip through the queue
@@ -92,8 +93,9 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
             case CpuExit.CLOSED:
                 raise _oserror(errno.EBADF)
             case CpuExit.HYPERCALL:
-                cpu.thaw()
-                asleep = _asleep_others(cpu)
+                if cpu.frozen is not None:
+                    cpu.thaw()
+                asleep = _asleep_others(cpu) if len(lg.cpus) > 1 else None
                 hypercalls.do_hypercalls(cpu)
                 if asleep and any(other.wakeup.is_set() for other in asleep):
                     # It woke another CPU (an IPI, a start): that CPU's task queues for
@@ -120,11 +122,8 @@ async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None 
 
 
 def _asleep_others(cpu: LgCpu) -> list[LgCpu]:
-    """The guest's other CPUs whose run loops wait for a wake (none for one CPU)."""
-    cpus = cpu.lg.cpus
-    if len(cpus) == 1:
-        return []
-    return [other for other in cpus if other is not cpu and not other.wakeup.is_set()]
+    """The guest's other CPUs whose run loops wait for a wake."""
+    return [other for other in cpu.lg.cpus if other is not cpu and not other.wakeup.is_set()]
 
 
 def _tell_holder(cpu: LgCpu) -> None:
