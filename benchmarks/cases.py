@@ -292,7 +292,7 @@ async def notify_roundtrip(p: Profile) -> list[Result]:
             sup_us,
             raw_us,
             sup_us / raw_us,
-            3.0,
+            2.5,
             "ratio",
             "lower",
             "raw: int $0x1f, a Python UC_HOOK_INTR hook calls emu_stop, emu_start again",
