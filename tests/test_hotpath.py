@@ -180,3 +180,24 @@ def test_a_run_gets_its_whole_share_however_late_it_registers():
         fuel.mark = 0
         _slicing.run(uc, fuel, 1 << 32)
         assert fuel.span == 200_000
+
+
+def test_cpu_exit_members_are_distinct_named_singletons():
+    """CpuExit is a plain class, not an enum.Enum (an Enum member lookup costs about 0.2 us
+    on CPython 3.11): it must still behave as one for the run loop's ``is`` and ``match``."""
+    from supervisor.execute import CpuExit
+
+    members = [getattr(CpuExit, name) for name in CpuExit.__annotations__]
+    assert len(members) == 15 and len({id(m) for m in members}) == 15
+    assert all(isinstance(m, CpuExit) for m in members)
+    assert [m.name for m in members] == list(CpuExit.__annotations__)
+    assert CpuExit.BAD_ACCESS.value == "bad access" and CpuExit.NOTIFY.value == "notify"
+    assert repr(CpuExit.DEBUG_STOP) == "<CpuExit.DEBUG_STOP: 'debug stop'>"
+    match CpuExit.HALT:
+        case CpuExit.NOTIFY:
+            matched = "notify"
+        case CpuExit.HALT:
+            matched = "halt"
+        case _:
+            matched = "none"
+    assert matched == "halt"
