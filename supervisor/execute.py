@@ -111,9 +111,10 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     It runs on the slice's thread.  A CPU-local hypercall with an empty async
     ring is done right there and the guest goes on (the cheap path); anything
     else is recorded and ends the run, exactly at that boundary.  On the native
-    paths the hook is ``_fuel.c``'s (no Python runs for a trap, and for a CPU-local
-    hypercall only its handler); the table that says which calls are CPU-local is
-    ``hypercalls.LOCAL_HYPERCALLS`` either way.
+    paths the hook is ``_fuel.c``'s (no Python runs for a trap, nor for the CPU-local
+    hypercalls it completes in C, and for another CPU-local hypercall only its
+    handler); the table that says which calls are CPU-local, and which of those the
+    native hook completes itself, is ``hypercalls``' either way.
     """
     trap = cpu.trap
     regs = cpu.regs
@@ -131,7 +132,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
                 return True
             return False
 
-        _slicing.trap_interrupts(cpu.uc, fuel, local_call, local)
+        _slicing.trap_interrupts(cpu.uc, fuel, local_call, local, hypercalls.NATIVE_HYPERCALLS)
         return
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
@@ -275,6 +276,9 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
             count = _slicing.run(cpu.uc, fuel, _NEVER)
         except UcError as exc:
             error = exc
+        if fuel.native_done:  # hypercalls the native hook completed count like any other
+            cpu.stats.hypercalls += fuel.native_done
+            fuel.native_done = 0
         if native and fuel.vector >= 0:
             trap.vector = fuel.vector
             if fuel.hcall_read:
