@@ -3,8 +3,10 @@ must keep doing, and what it must not do twice."""
 
 import asyncio
 import itertools
+import random
 import time
 
+import pytest
 from guestasm import boot
 
 from supervisor import _slicing, _unicorn, abi, run
@@ -95,19 +97,28 @@ def test_a_run_with_no_time_left_does_not_start():
     assert eip is not None
 
 
-def _hypercall_code(number: int) -> bytes:
-    """mov $number, %eax; mov $1, %edx; mov $2, %ebx; mov $3, %ecx; int $0x1f; hlt"""
+def _hypercall_code(number: int, a1: int = 1, a2: int = 2, a3: int = 3) -> bytes:
+    """mov $number, %eax; mov $a1, %edx; mov $a2, %ebx; mov $a3, %ecx; int $0x1f; hlt"""
     return (
-        b"\xb8" + number.to_bytes(4, "little") + b"\xba\x01\0\0\0\xbb\x02\0\0\0\xb9\x03\0\0\0"
-        b"\xcd\x1f\xf4"
+        b"\xb8"
+        + number.to_bytes(4, "little")
+        + b"\xba"
+        + a1.to_bytes(4, "little")
+        + b"\xbb"
+        + a2.to_bytes(4, "little")
+        + b"\xb9"
+        + a3.to_bytes(4, "little")
+        + b"\xcd\x1f\xf4"
     )
 
 
 def test_the_native_hook_follows_the_hypercall_table():
     """One place decides which hypercalls are done on the slice's thread without ending
-    the run: hypercalls.LOCAL_HYPERCALLS.  _fuel.c's hook, configured from it, hands
-    exactly those to the Python handler (and only while the async ring is empty) and
-    ends the run, with the registers read, at every other one."""
+    the run, and which of those C completes itself: the table in hypercalls.py.
+    _fuel.c's hook, configured from it, completes exactly the native ones (no Python
+    called, counted in native_done), hands exactly the other local ones to the Python
+    handler (and only while the async ring is empty) and ends the run, with the
+    registers read, at every other one."""
     if not _slicing.NATIVE:
         return  # the fallback's hook is Python and reads the same table
     import ctypes
@@ -117,6 +128,8 @@ def test_the_native_hook_follows_the_hypercall_table():
 
     from supervisor import hypercalls
 
+    assert hypercalls.NATIVE_HYPERCALLS  # the table marks some, and C can do them all
+    assert hypercalls.NATIVE_HYPERCALLS <= hypercalls.LOCAL_HYPERCALLS & _slicing.NATIVE_CALLS
     uc, fuel = bare_cpu()
     calls: list[tuple[int, int, int, int]] = []
 
@@ -124,13 +137,17 @@ def test_the_native_hook_follows_the_hypercall_table():
         calls.append((number, a1, a2, a3))
         return False
 
-    _slicing.trap_interrupts(uc, fuel, local, hypercalls.LOCAL_HYPERCALLS)
+    _slicing.trap_interrupts(
+        uc, fuel, local, hypercalls.LOCAL_HYPERCALLS, hypercalls.NATIVE_HYPERCALLS
+    )
     ring = (ctypes.c_uint8 * 64)(*([abi.HCALL_FREE] * 64))
+    args = (0, 2, 0)  # arguments every native call accepts (IDT entry 0, stack 0/2/0, TS off)
+    size = len(_hypercall_code(0, *args))
     for busy in (False, True):
         ring[5] = 0 if busy else abi.HCALL_FREE
         for number in range(40):
             at = 0x3000 + 32 * number  # (no stale translation of another number's code)
-            uc.mem_write(at, _hypercall_code(number))
+            uc.mem_write(at, _hypercall_code(number, *args))
             uc.reg_write(r.UC_X86_REG_EIP, at)
             fuel.ring = ctypes.addressof(ring)
             fuel.next_hcall = 5
@@ -139,17 +156,157 @@ def test_the_native_hook_follows_the_hypercall_table():
             fuel.budget = 1 << 40
             fuel.left = 10**9
             fuel.mark = 0
+            fuel.native_done = 0
             calls.clear()
             _slicing.run(uc, fuel, 1 << 32)
             if number in hypercalls.LOCAL_HYPERCALLS and not busy:
-                assert calls == [(number, 1, 2, 3)], number
+                native = number in hypercalls.NATIVE_HYPERCALLS
+                assert calls == ([] if native else [(number, *args)]), number
+                assert fuel.native_done == native, number
                 assert fuel.vector == -1, number  # went on to the hlt
-                assert _unicorn.eip(uc) == at + len(_hypercall_code(number)), number
+                assert _unicorn.eip(uc) == at + size, number
             else:
-                assert calls == [], number
+                assert calls == [] and fuel.native_done == 0, number
                 assert fuel.vector == 0x1F and fuel.hcall_read, number
-                assert tuple(fuel.hcall) == (number, 1, 2, 3), number
-                assert _unicorn.eip(uc) == at + 22, number  # just after the int
+                assert tuple(fuel.hcall) == (number, *args), number
+                assert _unicorn.eip(uc) == at + size - 1, number  # just after the int
+
+
+def test_the_native_hook_refuses_calls_it_cannot_complete():
+    """The table cannot mark as native a call _fuel.c has no code for (or a call that
+    is not CPU-local): configuring the hook fails instead of silently doing nothing."""
+    if not _slicing.NATIVE:
+        return
+    from test_slicing import bare_cpu
+
+    from supervisor import hypercalls
+
+    uc, fuel = bare_cpu()
+    unknown = min(hypercalls.LOCAL_HYPERCALLS - _slicing.NATIVE_CALLS)
+    with pytest.raises(ValueError, match="cannot be completed natively"):
+        _slicing.trap_interrupts(
+            uc, fuel, lambda *a: False, hypercalls.LOCAL_HYPERCALLS, frozenset({unknown})
+        )
+    with pytest.raises(ValueError, match="cannot be completed natively"):
+        _slicing.trap_interrupts(
+            uc, fuel, lambda *a: False, frozenset(), hypercalls.NATIVE_HYPERCALLS
+        )
+
+
+# -- the native hypercalls and their Python handlers agree -------------------------------
+
+_IDT, _STACK, _TS, _FLUSH = (
+    abi.LHCALL_LOAD_IDT_ENTRY,
+    abi.LHCALL_SET_STACK,
+    abi.LHCALL_TS,
+    abi.LHCALL_FLUSH_TLB,
+)
+
+
+def _valid_calls(seed: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Hypercalls the Host accepts, with every corner the handlers distinguish: ignored
+    vectors (with any gate), gates present or not of every type (a gate that is not present may have
+    any type), TS with any non-zero value, stacks of 0-2 pages, flushes."""
+    rng = random.Random(seed)
+    calls = []
+    for _ in range(n):
+        kind = rng.choice((_IDT, _IDT, _STACK, _TS, _FLUSH))
+        if kind == _IDT:
+            num = rng.choice((2, 8, 15, 31, 0, 255, rng.randrange(256)))
+            present = rng.random() < 0.6
+            gate = rng.choice((0xE, 0xF)) if present else rng.randrange(16)
+            if num in (2, 8, 15, 31):  # ignored, whatever the gate (even a bad type)
+                gate = rng.randrange(16)
+            hi = rng.getrandbits(16) << 16 | present << 15 | gate << 8 | rng.getrandbits(8)
+            calls.append((_IDT, num, rng.getrandbits(32), hi))
+        elif kind == _STACK:
+            ss = rng.getrandbits(14) << 2 | abi.GUEST_PL
+            calls.append((_STACK, ss, rng.getrandbits(32), rng.randrange(3)))
+        elif kind == _TS:
+            calls.append((_TS, rng.choice((0, 1, 2, 0xFFFFFFFF, rng.getrandbits(32))), 0, 0))
+        else:
+            calls.append((_FLUSH, 0, 0, 0))
+    return calls
+
+
+# Each kills the guest: lguest's checks (interrupts.load_idt_entry, hypercalls._set_stack).
+_HOSTILE = [
+    (_IDT, 256, 0, 0x8E00),
+    (_IDT, 0xFFFFFFFF, 0, 0x8E00),
+    (_IDT, 0x80000000, 0, 0),
+    (_IDT, 40, 0, 0x8500),  # present, type 5
+    (_IDT, 33, 0, 0x8000),  # present, type 0
+    (_STACK, 0x13, 0x8000, 1),
+    (_STACK, 0x11, 0x8000, 0),
+    (_STACK, 0x10, 0x8000, 3),
+    (_STACK, 0x10, 0x8000, 0xFFFFFFFF),
+]
+
+
+async def _run_calls(dev, calls, native: bool):
+    """Boot a guest that makes ``calls`` then notifies; with ``native`` False, the
+    native hook hands even the native calls to their Python handlers.  Returns what
+    the Host ended up with, and how many native-numbered calls Python handled."""
+    from unicorn import x86_const as r
+
+    from supervisor import hypercalls
+
+    body = "main:\n    LGUEST_INIT\n"
+    body += "".join(f"    HCALL {n}, {a1:#x}, {a2:#x}, {a3:#x}\n" for n, a1, a2, a3 in calls)
+    body += "    HCALL 17, 0x99\n1:  jmp 1b\n"
+    g = await boot(dev, body)
+    cpu = g.file.cpu(0)
+    if not native:
+        cpu.fuel.native_mask = 0  # every call goes to hypercalls.do_hcall
+    handled = 0
+    original = hypercalls.do_hcall
+
+    def counted(c, args):
+        nonlocal handled
+        handled += args[0] in hypercalls.NATIVE_HYPERCALLS
+        return original(c, args)
+
+    hypercalls.do_hcall = counted
+    try:
+        try:
+            assert abi.unpack_words(await g.file.read(abi.WORD_SIZE))[0] == 0x99
+            death = None
+        except FileNotFoundError:
+            death = (await g.file.read(256)).rstrip(b"\0").decode()
+    finally:
+        hypercalls.do_hcall = original
+    state = (
+        death,
+        list(cpu.idt),
+        cpu.ts,
+        cpu.stack,
+        cpu.reg(r.UC_X86_REG_CR0),
+        cpu.reg(r.UC_X86_REG_CR3),
+        g.file.stats.hypercalls,
+    )
+    return state, handled
+
+
+@pytest.mark.parametrize("hostile", [None, *_HOSTILE])
+async def test_native_hypercalls_do_what_their_python_handlers_do(dev, hostile):
+    """The same hypercalls, valid and hostile, through the native hook (C) and through
+    the Python handlers: the same IDT, TS flag and CR0, stack, CR3, hypercall count,
+    and the same death with the same message.  Natively, Python sees only the one
+    call that kills."""
+    calls = _valid_calls(15, 300) + ([hostile] if hostile else [])
+    native, native_python = await _run_calls(dev, calls, native=True)
+    python, python_python = await _run_calls(dev, calls, native=False)
+    assert native == python
+    death, idt, ts, *_rest, hypercalls_done = native
+    assert (death is None) == (hostile is None)
+    assert hypercalls_done == len(calls) + 1 + (hostile is None)  # and INIT, the notify
+    assert idt != [(0, 0)] * abi.IDT_ENTRIES and ts in (0, 1)
+    ran = sum(n in (_IDT, _STACK, _TS, _FLUSH) for n, *_ in calls)
+    assert python_python == ran
+    if _slicing.NATIVE:
+        assert native_python == (hostile is not None)
+    else:
+        assert native_python == ran
 
 
 async def test_the_stats_say_whether_blocks_are_counted(dev):
