@@ -338,3 +338,76 @@ def test_a_run_gets_its_whole_share_however_late_it_registers():
         fuel.mark = 0
         _slicing.run(uc, fuel, 1 << 32)
         assert fuel.span == 200_000
+
+
+NATIVE_STATE = r"""
+main:
+    LGUEST_INIT
+    HCALL 6, 40, 0x1234, 0x8e00
+    HCALL 8, 1
+    HCALL 7, 0x68, 0x7000, 2
+    HCALL 17, 1
+    HCALL 6, 41, 0x5678, 0x8f00
+    HCALL 8, 0
+    HCALL 5
+    HCALL 17, 2
+1:  jmp 1b
+"""
+
+
+async def test_natively_set_state_is_the_cpus_state_everywhere():
+    """What the native hook sets (IDT, TS, stack) is the CPU's one copy: the state value
+    captures it and a revived guest has it, and after hibernation (a new Unicorn
+    instance) the hook completes the calls natively again."""
+    import dataclasses
+
+    from unicorn import x86_const as r
+
+    from supervisor import LguestDevice, hypercalls
+    from supervisor.memory import GuestMemory
+    from supervisor.state import GuestState
+    from supervisor.testing import until
+
+    async with LguestDevice(hibernate_after=0) as dev:
+        g = await boot(dev, NATIVE_STATE)
+        assert abi.unpack_words(await g.file.read(abi.WORD_SIZE))[0] == 1
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.hibernated)
+        assert cpu.idt[40] == (0x1234, 0x8E00) and cpu.idt[41] == (0, 0)
+        assert cpu.ts == 1 and cpu.reg(r.UC_X86_REG_CR0) & 8
+        assert cpu.stack == (0x68, 0x7000, 2)
+        state = g.file.state()
+        assert GuestState.from_bytes(state.to_bytes()) == state
+        assert (state.cpus[0].idt[40], state.cpus[0].ts) == ((0x1234, 0x8E00), 1)
+        assert state.cpus[0].stack == (0x68, 0x7000, 2)
+        copy = GuestMemory(g.memory.size)
+        copy.write(0, g.memory.read(0, g.memory.size))
+        revived = dev.open(copy, state=state)
+        again = revived.state().cpus[0]  # (its stats: it may have hibernated already)
+        assert dataclasses.replace(again, stats=()) == dataclasses.replace(state.cpus[0], stats=())
+        other = revived.cpu(0)
+        assert (list(other.idt), other.ts, other.stack) == (list(cpu.idt), cpu.ts, cpu.stack)
+
+        handled = 0
+        original = hypercalls.do_hcall
+
+        def counted(c, args):
+            nonlocal handled
+            handled += args[0] in hypercalls.NATIVE_HYPERCALLS
+            return original(c, args)
+
+        hypercalls.do_hcall = counted
+        try:
+            for f in (g.file, revived):
+                assert abi.unpack_words(await f.read(abi.WORD_SIZE))[0] == 2
+        finally:
+            hypercalls.do_hcall = original
+        for c in (cpu, other):
+            assert c.idt[41] == (0x5678, 0x8F00) and c.ts == 0
+            assert not c.reg(r.UC_X86_REG_CR0) & 8
+        assert g.file.stats is not None and g.file.stats.wakes >= 1
+        assert g.file.stats.hypercalls == revived.stats.hypercalls == 9  # INIT and 8 more
+        assert handled == (0 if _slicing.NATIVE else 6)
+        for f, memory in ((g.file, g.memory), (revived, copy)):
+            await f.close()
+            memory.close()
