@@ -85,6 +85,10 @@ typedef struct fuel {
     uint32_t idt[256][2];       /* the guest's IDT: lo, hi of each gate */
     uint32_t stack[3];          /* LHCALL_SET_STACK's ss, esp, pages */
     int32_t ts;                 /* LHCALL_TS's flag */
+    /* The guest's memory, for the page-table calls' checks: fixed for the guest's life */
+    const uint8_t *ram;         /* guest-physical 0 in this process; NULL: no page-table calls */
+    uint32_t pfn_limit;         /* pages of guest-physical memory (Lguest.pfn_limit) */
+    int32_t pad2;
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -332,13 +336,37 @@ static int cr0_id = -1, cr3_id = -1;
 #define LHCALL_LOAD_IDT_ENTRY 6
 #define LHCALL_SET_STACK 7
 #define LHCALL_TS 8
+#define LHCALL_SET_PTE 14
+#define LHCALL_SET_PMD 15
 #define NATIVE_CALLS (1u << LHCALL_FLUSH_TLB | 1u << LHCALL_LOAD_IDT_ENTRY | \
-                      1u << LHCALL_SET_STACK | 1u << LHCALL_TS)
+                      1u << LHCALL_SET_STACK | 1u << LHCALL_TS | 1u << LHCALL_SET_PTE | \
+                      1u << LHCALL_SET_PMD)
 #define IDT_ENTRIES 256
 #define GUEST_PL 0 /* abi.GUEST_PL */
 #define CR0_TS (1u << 3)
 #define GATE_INTERRUPT 0xe
 #define GATE_TRAP 0xf
+#define PAGE_SIZE 4096
+#define SWITCHER_ADDR 0xffc00000u /* abi.SWITCHER_ADDR: the Host's top 4 MiB */
+#define SWITCHER_PGD_INDEX 1023
+#define PTRS_PER_TABLE 1024
+#define PTE_PRESENT 0x1
+#define PTE_PSE 0x80
+
+/* pagetables.pgdir_ok: a page-aligned page inside guest memory */
+static int pgdir_ok(const fuel_t *fuel, uint32_t pgdir)
+{
+    return pgdir % PAGE_SIZE == 0 &&
+           (uint64_t)pgdir + PAGE_SIZE <= (uint64_t)fuel->pfn_limit * PAGE_SIZE;
+}
+
+/* pagetables.check_entry: a present entry may not name a page past the limit */
+static int entry_ok(const fuel_t *fuel, uint32_t entry, int big)
+{
+    if (!(entry & PTE_PRESENT))
+        return 1;
+    return ((entry & (big ? 0xffc00000u : 0xfffff000u)) >> 12) < fuel->pfn_limit;
+}
 
 /* interrupts.IGNORED_VECTORS: NMI, double fault, spurious, the hypercall trap */
 static int ignored_vector(uint32_t num)
@@ -396,7 +424,27 @@ static int native_hcall(void *uc, fuel_t *fuel, uint32_t number, uint32_t a1, ui
             return 0;
         fuel->ts = a1 ? 1 : 0;
         return 1;
-    case LHCALL_FLUSH_TLB: /* LgCpu.flush_tlb: CR3 written with its own value */
+    case LHCALL_SET_PTE: /* pagetables.set_pte(pgdir=a1, vaddr=a2, pte=a3) */
+        if (fuel->ram == NULL || !pgdir_ok(fuel, a1) || a2 >= SWITCHER_ADDR ||
+            !entry_ok(fuel, a3, 0))
+            return 0; /* kills: "bad page directory", "attempt to access switcher pages",
+                         "bad page" */
+        goto flush;
+    case LHCALL_SET_PMD: { /* pagetables.set_pmd(pgdir=a1, index=a2) */
+        if (fuel->ram == NULL || !pgdir_ok(fuel, a1) || a2 >= PTRS_PER_TABLE)
+            return 0; /* kills: "bad page directory ... index" */
+        if (a2 >= SWITCHER_PGD_INDEX)
+            return 0; /* Python rewrites the Host's entry: a Host write to guest memory,
+                         which every CPU's code cache must hear of (Lguest._host_wrote) */
+        const uint8_t *p = fuel->ram + a1 + 4 * a2; /* inside: pgdir_ok */
+        uint32_t pde = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                       (uint32_t)p[3] << 24;
+        if (!entry_ok(fuel, pde, (pde & PTE_PSE) != 0))
+            return 0; /* kills: "bad page" */
+        goto flush;
+    }
+    case LHCALL_FLUSH_TLB:
+    flush: /* LgCpu.flush_tlb: CR3 written with its own value */
         return reg32(uc, cr3_id, &value) && set_reg32(uc, cr3_id, value);
     }
     return 0;

@@ -121,6 +121,9 @@ class Fuel(ctypes.Structure):
         ("idt", (ctypes.c_uint32 * 2) * IDT_ENTRIES),  # lo, hi of each gate
         ("stack", ctypes.c_uint32 * 3),  # ss, esp, pages
         ("ts", ctypes.c_int32),
+        ("ram", ctypes.c_void_p),  # the guest's memory, for the page-table calls' checks
+        ("pfn_limit", ctypes.c_uint32),
+        ("pad2", ctypes.c_int32),
     ]
     address: int = 0  # ctypes.addressof(self), kept by attach()
 
@@ -269,6 +272,7 @@ def trap_interrupts(
     local: Callable[[int, int, int, int], bool],
     local_calls: frozenset[int],
     native_calls: frozenset[int] = frozenset(),
+    memory: tuple[int, int] | None = None,
 ) -> None:
     """Native paths only: ``_fuel.c``'s interrupt hook ends a run at every interrupt or
     exception (``fuel.vector``; a hypercall's registers in ``fuel.hcall``), except the
@@ -277,7 +281,9 @@ def trap_interrupts(
     in ``fuel.native_done``); the others it hands to ``local(number, a1, a2, a3)`` on the
     spot (a true result stops the run); either way the guest goes on.  Again for each
     new instance of the CPU (after hibernation).  ``native_calls`` must be CPU-local
-    calls that ``_fuel.c`` implements (:data:`NATIVE_CALLS`)."""
+    calls that ``_fuel.c`` implements (:data:`NATIVE_CALLS`).  ``memory``: the guest's
+    memory as (host address of guest-physical 0, pages), fixed for the guest's life;
+    without it the page-table calls are left to ``local``."""
     assert NATIVE
     if any(not 0 <= n < 64 for n in local_calls):
         raise ValueError("CPU-local hypercall numbers must be below 64")
@@ -288,6 +294,7 @@ def trap_interrupts(
     fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
     fuel.local_mask = sum(1 << n for n in local_calls)
     fuel.native_mask = sum(1 << n for n in native_calls)
+    fuel.ram, fuel.pfn_limit = memory if memory is not None else (None, 0)
     _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, fuel.address)
 
 

@@ -132,7 +132,14 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
                 return True
             return False
 
-        _slicing.trap_interrupts(cpu.uc, fuel, local_call, local, hypercalls.NATIVE_HYPERCALLS)
+        _slicing.trap_interrupts(
+            cpu.uc,
+            fuel,
+            local_call,
+            local,
+            hypercalls.NATIVE_HYPERCALLS,
+            (cpu.host_address, cpu.lg.pfn_limit),
+        )
         return
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:

@@ -196,9 +196,11 @@ _CALLS: dict[int, Hypercall] = {
     LHCALL_TS: Hypercall(_ts, local=True, native=True),
     LHCALL_SET_CLOCKEVENT: Hypercall(lambda cpu, delta, _b, _c: timers.set_clockevent(cpu, delta)),
     LHCALL_HALT: Hypercall(_halt),
-    LHCALL_SET_PTE: Hypercall(pagetables.set_pte, local=True),
+    LHCALL_SET_PTE: Hypercall(pagetables.set_pte, local=True, native=True),
     LHCALL_SET_PMD: Hypercall(
-        lambda cpu, pgdir, index, _c: pagetables.set_pmd(cpu, pgdir, index), local=True
+        lambda cpu, pgdir, index, _c: pagetables.set_pmd(cpu, pgdir, index),
+        local=True,
+        native=True,
     ),
     LHCALL_LOAD_TLS: Hypercall(_load_tls, local=True),
     LHCALL_NOTIFY: Hypercall(_notify),

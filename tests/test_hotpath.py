@@ -11,6 +11,7 @@ from guestasm import boot
 
 from supervisor import _slicing, _unicorn, abi, run
 from supervisor.execute import INLINE_TIME
+from supervisor.launcher.layout import plan
 
 NOTIFY_LOOP = r"""
 main:
@@ -137,11 +138,19 @@ def test_the_native_hook_follows_the_hypercall_table():
         calls.append((number, a1, a2, a3))
         return False
 
+    ram = (ctypes.c_uint8 * (16 * abi.PAGE_SIZE))()  # what the page-table calls check
     _slicing.trap_interrupts(
-        uc, fuel, local, hypercalls.LOCAL_HYPERCALLS, hypercalls.NATIVE_HYPERCALLS
+        uc,
+        fuel,
+        local,
+        hypercalls.LOCAL_HYPERCALLS,
+        hypercalls.NATIVE_HYPERCALLS,
+        (ctypes.addressof(ram), 16),
     )
     ring = (ctypes.c_uint8 * 64)(*([abi.HCALL_FREE] * 64))
-    args = (0, 2, 0)  # arguments every native call accepts (IDT entry 0, stack 0/2/0, TS off)
+    # Arguments every native call accepts: IDT entry 0, stack 0/2/0, TS off, SET_PTE of
+    # an absent entry at 2 in the page directory at 0, SET_PMD of its entry 2 (absent).
+    args = (0, 2, 0)
     size = len(_hypercall_code(0, *args))
     for busy in (False, True):
         ring[5] = 0 if busy else abi.HCALL_FREE
@@ -195,22 +204,27 @@ def test_the_native_hook_refuses_calls_it_cannot_complete():
 
 # -- the native hypercalls and their Python handlers agree -------------------------------
 
-_IDT, _STACK, _TS, _FLUSH = (
+_IDT, _STACK, _TS, _FLUSH, _PTE, _PMD = (
     abi.LHCALL_LOAD_IDT_ENTRY,
     abi.LHCALL_SET_STACK,
     abi.LHCALL_TS,
     abi.LHCALL_FLUSH_TLB,
+    abi.LHCALL_SET_PTE,
+    abi.LHCALL_SET_PMD,
 )
+_LAYOUT = plan(1 << 20)  # the test guests' (guestasm.boot's default memory)
 
 
 def _valid_calls(seed: int, n: int) -> list[tuple[int, int, int, int]]:
     """Hypercalls the Host accepts, with every corner the handlers distinguish: ignored
     vectors (with any gate), gates present or not of every type (a gate that is not present may have
-    any type), TS with any non-zero value, stacks of 0-2 pages, flushes."""
+    any type), TS with any non-zero value, stacks of 0-2 pages, flushes, page-table
+    entries absent or naming the last page, SET_PMD of the guest's real page directory's
+    entries (the Host's own, 1023, included)."""
     rng = random.Random(seed)
     calls = []
     for _ in range(n):
-        kind = rng.choice((_IDT, _IDT, _STACK, _TS, _FLUSH))
+        kind = rng.choice((_IDT, _IDT, _STACK, _TS, _FLUSH, _PTE, _PMD))
         if kind == _IDT:
             num = rng.choice((2, 8, 15, 31, 0, 255, rng.randrange(256)))
             present = rng.random() < 0.6
@@ -222,6 +236,15 @@ def _valid_calls(seed: int, n: int) -> list[tuple[int, int, int, int]]:
         elif kind == _STACK:
             ss = rng.getrandbits(14) << 2 | abi.GUEST_PL
             calls.append((_STACK, ss, rng.getrandbits(32), rng.randrange(3)))
+        elif kind == _PTE:
+            pgdir = rng.randrange(_LAYOUT.pfn_limit) * abi.PAGE_SIZE
+            vaddr = rng.randrange(abi.SWITCHER_ADDR)
+            pfn = rng.choice((0, _LAYOUT.pfn_limit - 1, rng.randrange(_LAYOUT.pfn_limit)))
+            pte = rng.choice((pfn << 12 | 7, rng.getrandbits(32) & ~1))  # present or absent
+            calls.append((_PTE, pgdir, vaddr, pte))
+        elif kind == _PMD:
+            index = rng.choice((0, 1023, rng.randrange(1024)))
+            calls.append((_PMD, _LAYOUT.pgdir, index, rng.getrandbits(32)))
         elif kind == _TS:
             calls.append((_TS, rng.choice((0, 1, 2, 0xFFFFFFFF, rng.getrandbits(32))), 0, 0))
         else:
@@ -240,6 +263,18 @@ _HOSTILE = [
     (_STACK, 0x11, 0x8000, 0),
     (_STACK, 0x10, 0x8000, 3),
     (_STACK, 0x10, 0x8000, 0xFFFFFFFF),
+    (_PTE, 0x12345000 + 1, 0x1000, 0),  # an unaligned page directory
+    (_PTE, _LAYOUT.pfn_limit * abi.PAGE_SIZE, 0x1000, 0),  # past the guest's memory
+    (_PTE, _LAYOUT.pfn_limit * abi.PAGE_SIZE - abi.PAGE_SIZE + 1, 0, 0),
+    (_PTE, _LAYOUT.pgdir, abi.SWITCHER_ADDR, 0),  # the Host's mapping
+    (_PTE, _LAYOUT.pgdir, 0xFFFFFFFF, 0),
+    (_PTE, _LAYOUT.pgdir, 0x1000, _LAYOUT.pfn_limit << 12 | 1),  # a page past the limit
+    (_PTE, _LAYOUT.pgdir, 0x1000, 0xFFFFF001),
+    (_PMD, _LAYOUT.pgdir, 1024, 0),
+    (_PMD, _LAYOUT.pgdir, 0xFFFFFFFF, 0),
+    (_PMD, _LAYOUT.pgdir + 8, 0, 0),
+    (_PMD, "table", 5, 0),  # entry 5 of `table` names a page past the limit
+    (_PMD, "table", 6, 0),  # a 4 MiB page past the limit
 ]
 
 
@@ -251,9 +286,15 @@ async def _run_calls(dev, calls, native: bool):
 
     from supervisor import hypercalls
 
+    def arg(a: int | str) -> str:
+        return a if isinstance(a, str) else hex(a)
+
     body = "main:\n    LGUEST_INIT\n"
-    body += "".join(f"    HCALL {n}, {a1:#x}, {a2:#x}, {a3:#x}\n" for n, a1, a2, a3 in calls)
+    body += "".join(f"    HCALL {n}, {arg(a1)}, {arg(a2)}, {arg(a3)}\n" for n, a1, a2, a3 in calls)
     body += "    HCALL 17, 0x99\n1:  jmp 1b\n"
+    body += ".data\n.align 4096\ntable: .long 0, 0, 0, 0, 0\n"
+    body += f"    .long {_LAYOUT.pfn_limit << 12 | 1:#x}, {0x400000 | 0x81:#x}\n"
+    body += "    .space 4096 - 7 * 4\n"
     g = await boot(dev, body)
     cpu = g.file.cpu(0)
     if not native:
@@ -293,6 +334,8 @@ async def test_native_hypercalls_do_what_their_python_handlers_do(dev, hostile):
     the Python handlers: the same IDT, TS flag and CR0, stack, CR3, hypercall count,
     and the same death with the same message.  Natively, Python sees only the one
     call that kills."""
+    from supervisor import hypercalls
+
     calls = _valid_calls(15, 300) + ([hostile] if hostile else [])
     native, native_python = await _run_calls(dev, calls, native=True)
     python, python_python = await _run_calls(dev, calls, native=False)
@@ -301,10 +344,11 @@ async def test_native_hypercalls_do_what_their_python_handlers_do(dev, hostile):
     assert (death is None) == (hostile is None)
     assert hypercalls_done == len(calls) + 1 + (hostile is None)  # and INIT, the notify
     assert idt != [(0, 0)] * abi.IDT_ENTRIES and ts in (0, 1)
-    ran = sum(n in (_IDT, _STACK, _TS, _FLUSH) for n, *_ in calls)
+    ran = sum(n in hypercalls.NATIVE_HYPERCALLS for n, *_ in calls)
     assert python_python == ran
-    if _slicing.NATIVE:
-        assert native_python == (hostile is not None)
+    if _slicing.NATIVE:  # (SET_PMD of the Host's entry, 1023, is Python's: it writes)
+        switcher = sum(n == _PMD and index == 1023 for n, _pgdir, index, _ in calls)
+        assert native_python == (hostile is not None) + switcher
     else:
         assert native_python == ran
 
