@@ -23,7 +23,8 @@
  *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
  *    ever called between do_enter() and do_leave() (inside run()), so never on a
  *    closed engine.  run() also reads eip and keeps the slice's CPU-time account, and
- *    intr_hook handles the hypercall trap (see below).
+ *    intr_hook handles the hypercall trap, completing the CPU-local calls it can
+ *    itself, with no Python (see below).
  *    See docs/performance.md, "Exact slices".
  *
  * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes).

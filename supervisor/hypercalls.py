@@ -5,7 +5,9 @@ runs the async ring first, then that direct call, exactly once each.  Most
 calls only touch the CPU and may run on the executor thread inside a slice
 (:func:`all_local`); the ones that need the event loop or the Launcher (clock
 event, halt, notify, shutdown, LGUEST_INIT, and starting or interrupting another
-CPU) wait for the run loop.
+CPU) wait for the run loop.  One table (``_CALLS``) says what each number does and
+whether it is CPU-local; the native interrupt hook (``_fuel.c``) is configured from it
+and completes the calls it marks ``native`` in C (see :class:`Hypercall`).
 """
 
 from __future__ import annotations
