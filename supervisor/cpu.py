@@ -67,7 +67,8 @@ class CpuStats:
     # block-hook path (LGUEST_SLICING=hook, a block limit, the debugger).  The default
     # exit-request path has no per-block code, so it keeps no count (blocks stays as it was).
     blocks: int = 0
-    slices: int = 0  # executor slices run
+    slices: int = 0  # slices run (on the executor or, short ones, on the event loop)
+    continued: int = 0  # of those, slices that went on from the last on its worker (run_slice)
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest

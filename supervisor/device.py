@@ -17,7 +17,6 @@ import contextlib
 import errno
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -35,7 +34,7 @@ from .abi import (
     unpack_words,
 )
 from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
-from .execute import attach_interrupt_hook
+from .execute import SlicePool, attach_interrupt_hook
 from .guest import Death, Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
@@ -45,7 +44,7 @@ from .state import GuestState, StateError
 PAUSE = "pause"  # the hold reason of LguestFile.pause()
 
 
-async def _join(executor: ThreadPoolExecutor) -> None:
+async def _join(executor: SlicePool) -> None:
     """``executor.shutdown(wait=True)`` on a thread of its own, the event loop staying free."""
     loop = asyncio.get_running_loop()
     joined: asyncio.Future[None] = loop.create_future()
@@ -98,7 +97,7 @@ class LguestDevice:
         if not hibernate_after >= 0:
             raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
         self._workers = workers or os.cpu_count() or 1
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: SlicePool | None = None
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
         # Initialized guests not yet released, and their memory: what max_guests and
@@ -139,9 +138,10 @@ class LguestDevice:
         return self._lock
 
     @property
-    def executor(self) -> ThreadPoolExecutor:
+    def executor(self) -> SlicePool:
+        """The worker threads that run guest slices (created at first use)."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="lguest-cpu")
+            self._executor = SlicePool(self._workers)
         return self._executor
 
     def open(

@@ -62,6 +62,7 @@ class Lguest:
     # Created at the first slice of a guest with more than one CPU; event loop only.
     processor: asyncio.Lock | None = host_only(default=None)
     processor_owner: LgCpu | None = host_only(default=None)  # the CPU holding it
+    waiting_turns: int = host_only(default=0)  # CPUs waiting to take the processor
 
     def saved_values(self) -> dict[str, Any]:
         """The saved fields by name (their part of a GuestState)."""

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import time
-from concurrent.futures import Executor
 from typing import Any
 
 from . import hypercalls, interrupts, timers
 from .cpu import LgCpu
-from .execute import INLINE_BUDGET, INLINE_TIME, CpuExit, run_slice
+from .execute import INLINE_BUDGET, INLINE_TIME, CpuExit, SlicePool, run_slice
 from .hibernation import Dormitory
 
 
@@ -66,7 +66,7 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     return None
 
 
-async def run_guest(cpu: LgCpu, executor: Executor, dormitory: Dormitory | None = None) -> int:
+async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None = None) -> int:
     """Run ``cpu`` until the guest notifies; return the notify address.
 
     Raises ``OSError``: ``EAGAIN`` when a Waker broke the CPU out, ``ENOENT``
@@ -146,7 +146,7 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
             dormitory.awake(cpu)
 
 
-async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
+async def _slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     """Run one slice of ``cpu`` once it is this CPU's turn (see :func:`_take_turn`)."""
     lg = cpu.lg
     if len(lg.cpus) == 1:
@@ -154,7 +154,12 @@ async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
     if lg.processor is None:
         lg.processor = asyncio.Lock()
     _take_turn(cpu, lg.processor, lg.processor_owner)
-    async with lg.processor:
+    lg.waiting_turns += 1
+    try:
+        await lg.processor.acquire()
+    finally:
+        lg.waiting_turns -= 1
+    try:
         if pending_exit(cpu) is not None:
             return CpuExit.KICK  # held, woken or killed while it waited: the run loop sees
         lg.processor_owner = cpu
@@ -162,6 +167,8 @@ async def _slice(cpu: LgCpu, executor: Executor) -> CpuExit:
             return await _run_slice(cpu, executor)
         finally:
             lg.processor_owner = None
+    finally:
+        lg.processor.release()
 
 
 def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None:
@@ -180,7 +187,7 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
         owner.wake()
 
 
-async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:
+async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
 
     A CPU whose last slice ended on its own gets a short slice of at most
@@ -198,7 +205,7 @@ async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:
             cpu.yielded_at = now
             await asyncio.sleep(0)
         return ended
-    queued = executor.submit(run_slice, cpu)
+    queued = executor.submit(run_slice, cpu, None, functools.partial(_may_go_on, cpu, executor))
     cpu.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
     cpu.queued_slice = queued
     future = asyncio.wrap_future(queued)
@@ -219,6 +226,17 @@ async def _run_slice(cpu: LgCpu, executor: Executor) -> CpuExit:
             cpu.idle.set()
     cpu.inline = exit is not CpuExit.BUDGET
     return exit
+
+
+def _may_go_on(cpu: LgCpu, executor: SlicePool) -> bool:
+    """Whether a busy CPU's executor slice may go on with a new one on its worker
+    (:func:`~supervisor.execute.run_slice`'s ``more``; on the worker thread, reads only).
+
+    Only if the run loop's next pass would start a slice anyway (nothing pending),
+    no job waits for a worker (the executor's FIFO round of slices stays fair) and
+    no other CPU of the guest waits for its turn on the processor.
+    """
+    return executor.waiting == 0 and cpu.lg.waiting_turns == 0 and pending_exit(cpu) is None
 
 
 async def wait_quietly(future: asyncio.Future[Any]) -> None:

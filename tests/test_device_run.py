@@ -7,7 +7,7 @@ import threading
 import pytest
 from guestasm import COUNT_TO, SPIN, boot, until
 
-from supervisor import abi
+from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 
 
@@ -230,21 +230,33 @@ async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev):
     await asyncio.wait_for(task, 5)
 
 
+def submissions(dev, monkeypatch):
+    """Every job given to the device's executor from now on."""
+    jobs = []
+    real = dev.executor.submit
+
+    def recording(fn, *args):
+        jobs.append(fn)
+        return real(fn, *args)
+
+    monkeypatch.setattr(dev.executor, "submit", recording)
+    return jobs
+
+
 async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(dev, monkeypatch):
     from supervisor import run
 
     where: list[tuple[bool, int]] = []
     real = run.run_slice
 
-    def recording(cpu, budget=None):
-        ended = real(cpu, budget)
+    def recording(cpu, budget=None, more=None):
         where.append((threading.current_thread() is threading.main_thread(), budget or 0))
-        return ended
+        return real(cpu, budget, more)
 
     monkeypatch.setattr(run, "run_slice", recording)
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
-    await until(lambda: len(where) > 20)
+    await until(lambda: g.file.stats.slices > 20)
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
     on_loop = [budget for on_main, budget in where if on_main]
@@ -254,18 +266,45 @@ async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(dev, mon
     assert not where[-1][0]
 
 
+async def test_a_lone_busy_guest_goes_on_on_its_worker_without_the_event_loop(dev, monkeypatch):
+    # Nobody waits for a worker and nothing is pending: when a slice's time is spent, the
+    # next one starts on the same worker, not after a round trip through the event loop.
+    jobs = submissions(dev, monkeypatch)
+    g = await boot(dev, SPIN)
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: g.file.stats.slices > 30)
+    stats = g.file.stats
+    assert stats.continued >= stats.slices - len(jobs) - 2  # (start-up's inline slices)
+    assert len(jobs) <= 3
+    # A break still ends it at once: the kick ends the continued slice.
+    waker = g.file.waker()
+    breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    assert await g.file.write(pack_words(LHREQ_BREAK, 0)) == 0
+    await breaker
+
+
+async def test_a_slice_goes_on_only_while_no_other_guest_waits_for_the_worker():
+    # One worker: a spinner whose slices go on by themselves must hand the worker over
+    # as soon as another guest's slice waits for it (at the end of its current slice).
+    async with LguestDevice(workers=1) as dev:
+        first = await boot(dev, SPIN)
+        readers = [asyncio.create_task(first.file.read(8))]
+        await until(lambda: first.file.stats.continued > 5)
+        second = await boot(dev, SPIN)
+        readers.append(asyncio.create_task(second.file.read(8)))
+        await until(lambda: second.file.stats.slices > 5 and first.u32("counter") > 0)
+        # From now on they take turns: both advance.
+        a, b = first.u32("counter"), second.u32("counter")
+        await until(lambda: first.u32("counter") > a and second.u32("counter") > b)
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
 async def test_a_notifying_guest_is_served_without_a_thread_hand_off(dev, monkeypatch):
-
-    submitted = 0
-    real = dev.executor.submit
-
-    def counting(*args, **kwargs):
-        nonlocal submitted
-        submitted += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dev.executor, "submit", counting)
+    jobs = submissions(dev, monkeypatch)
     g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 5\n jmp 1b\n")
     for _ in range(100):
         assert await g.file.read(8) == pack_words(5)
-    assert submitted == 0
+    assert jobs == []

@@ -37,7 +37,7 @@ def blocked_executor(dev: LguestDevice) -> Iterator[threading.Event]:
         started.release()
         release.wait()
 
-    workers = dev.executor._max_workers
+    workers = dev.executor.workers
     for _ in range(workers):
         dev.executor.submit(hold)
     for _ in range(workers):

@@ -379,6 +379,42 @@ async def test_a_supervised_smp_guest_snapshotted_mid_run_and_restored_counts_ex
             assert end.ok, end
 
 
+TWO_SPINNERS = (
+    r"""
+main:
+    LGUEST_INIT
+    HCALL_REG 64, $1, $secondary, $stack1_top
+1:  incl count0
+    jmp 1b
+secondary:
+    CPU_INIT cpu1_data
+2:  incl count1
+    jmp 2b
+.data
+count0: .long 0
+count1: .long 0
+"""
+    + CPU1_AREAS
+)
+
+
+async def test_a_busy_cpu_hands_the_processor_over_when_another_cpu_waits(
+    dev: LguestDevice,
+) -> None:
+    # A lone busy CPU's slices go on on their worker (execute.run_slice's `more`), but
+    # not while another CPU of the guest waits for its turn: both CPUs advance.
+    g = await boot(dev, assemble(TWO_SPINNERS), cpus=2)
+    readers = [asyncio.create_task(g.file.read(4, n)) for n in range(2)]
+    try:
+        for _ in range(3):
+            a, b = g.u32("count0"), g.u32("count1")
+            await until(lambda a=a, b=b: g.u32("count0") > a and g.u32("count1") > b)
+    finally:
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
 async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
     async with LguestDevice(hibernate_after=0) as device:
         g = await boot(device, IPI.format(first=""), cpus=2)
