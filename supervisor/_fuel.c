@@ -23,7 +23,8 @@
  *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
  *    ever called between do_enter() and do_leave() (inside run()), so never on a
  *    closed engine.  run() also reads eip and keeps the slice's CPU-time account, and
- *    intr_hook handles the hypercall trap (see below).
+ *    intr_hook handles the hypercall trap, completing the CPU-local calls it can
+ *    itself, with no Python (see below).
  *    See docs/performance.md, "Exact slices".
  *
  * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes).
@@ -77,6 +78,18 @@ typedef struct fuel {
     uint32_t hcall[4];          /* eax, edx, ebx, ecx of that trap, if hcall_read */
     int32_t hcall_read;
     int32_t pad;
+    /* The hypercalls intr_hook completes itself (native_hcall), and the CPU-local state
+       they change.  This is the state's only copy: Python reads and writes it here too
+       (LgCpu.idt, .stack and .ts are views of these fields, supervisor/cpu.py). */
+    uint64_t native_mask;       /* bit n: complete hypercall n here (a subset of local_mask) */
+    uint64_t native_done;       /* hypercalls completed here; the run loop adds them to stats */
+    uint32_t idt[256][2];       /* the guest's IDT: lo, hi of each gate */
+    uint32_t stack[3];          /* LHCALL_SET_STACK's ss, esp, pages */
+    int32_t ts;                 /* LHCALL_TS's flag */
+    /* The guest's memory, for the page-table calls' checks: fixed for the guest's life */
+    const uint8_t *ram;         /* guest-physical 0 in this process; NULL: no page-table calls */
+    uint32_t pfn_limit;         /* pages of guest-physical memory (Lguest.pfn_limit) */
+    int32_t pad2;
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -300,20 +313,153 @@ static void do_leave(fuel_t *fuel)
 
 typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
 static emu_start_fn uc_emu_start_fn;
 static reg_read_fn uc_reg_read_fn;
+static reg_write_fn uc_reg_write_fn;
 static int eip_id = -1;
 static int hcall_ids[4]; /* eax, edx, ebx, ecx */
+static int cr0_id = -1, cr3_id = -1;
 
 #define TRAP_ENTRY 0x1f
 #define HCALL_FREE 0xff
 
+/* ---- hypercalls completed in C --------------------------------------------------
+   Which calls are done here is decided by supervisor/hypercalls.py's table (native=True),
+   which sets native_mask; NATIVE_CALLS is what this file knows how to do, and
+   _slicing.trap_interrupts refuses a table that marks anything else.  Each case does
+   exactly what the Python handler named beside it does for arguments it accepts; for
+   any argument that handler would refuse (kill the guest), native_hcall returns 0
+   and the hook hands the call to Python, so the death and its message come from the
+   one handler.  tests/test_hotpath.py runs valid and hostile calls through both and
+   compares the state and the deaths.  The numbers are supervisor/abi.py's. */
+#define LHCALL_FLUSH_TLB 5
+#define LHCALL_LOAD_IDT_ENTRY 6
+#define LHCALL_SET_STACK 7
+#define LHCALL_TS 8
+#define LHCALL_SET_PTE 14
+#define LHCALL_SET_PMD 15
+#define NATIVE_CALLS (1u << LHCALL_FLUSH_TLB | 1u << LHCALL_LOAD_IDT_ENTRY | \
+                      1u << LHCALL_SET_STACK | 1u << LHCALL_TS | 1u << LHCALL_SET_PTE | \
+                      1u << LHCALL_SET_PMD)
+#define IDT_ENTRIES 256
+#define GUEST_PL 0 /* abi.GUEST_PL */
+#define CR0_TS (1u << 3)
+#define GATE_INTERRUPT 0xe
+#define GATE_TRAP 0xf
+#define PAGE_SIZE 4096
+#define SWITCHER_ADDR 0xffc00000u /* abi.SWITCHER_ADDR: the Host's top 4 MiB */
+#define SWITCHER_PGD_INDEX 1023
+#define PTRS_PER_TABLE 1024
+#define PTE_PRESENT 0x1
+#define PTE_PSE 0x80
+
+/* pagetables.pgdir_ok: a page-aligned page inside guest memory */
+static int pgdir_ok(const fuel_t *fuel, uint32_t pgdir)
+{
+    return pgdir % PAGE_SIZE == 0 &&
+           (uint64_t)pgdir + PAGE_SIZE <= (uint64_t)fuel->pfn_limit * PAGE_SIZE;
+}
+
+/* pagetables.check_entry: a present entry may not name a page past the limit */
+static int entry_ok(const fuel_t *fuel, uint32_t entry, int big)
+{
+    if (!(entry & PTE_PRESENT))
+        return 1;
+    return ((entry & (big ? 0xffc00000u : 0xfffff000u)) >> 12) < fuel->pfn_limit;
+}
+
+/* interrupts.IGNORED_VECTORS: NMI, double fault, spurious, the hypercall trap */
+static int ignored_vector(uint32_t num)
+{
+    return num == 2 || num == 8 || num == 15 || num == TRAP_ENTRY;
+}
+
+/* A 32-bit register through Unicorn's own call, like _unicorn.Registers. */
+static int reg32(void *uc, int id, uint32_t *value)
+{
+    uint64_t v = 0;
+    if (uc_reg_read_fn(uc, id, &v) != 0)
+        return 0;
+    *value = (uint32_t)v;
+    return 1;
+}
+
+static int set_reg32(void *uc, int id, uint32_t value)
+{
+    uint64_t v = value;
+    return uc_reg_write_fn(uc, id, &v) == 0;
+}
+
+/* Complete hypercall `number` as its Python handler would; 1: done, 0: Python must
+   do it (an argument the handler refuses, or a register call that failed; nothing
+   was changed then). */
+static int native_hcall(void *uc, fuel_t *fuel, uint32_t number, uint32_t a1, uint32_t a2,
+                        uint32_t a3)
+{
+    uint32_t value;
+    switch (number) {
+    case LHCALL_LOAD_IDT_ENTRY: { /* interrupts.load_idt_entry(num=a1, lo=a2, hi=a3) */
+        if (a1 >= IDT_ENTRIES)
+            return 0; /* kills: "Setting idt entry" */
+        if (ignored_vector(a1))
+            return 1;
+        uint32_t type = (a3 >> 8) & 0xf;
+        if ((a3 & 0x8000) && type != GATE_INTERRUPT && type != GATE_TRAP)
+            return 0; /* kills: "bad IDT type" */
+        fuel->idt[a1][0] = a2;
+        fuel->idt[a1][1] = a3;
+        return 1;
+    }
+    case LHCALL_SET_STACK: /* hypercalls._set_stack(ss=a1, esp=a2, pages=a3) */
+        if ((a1 & 3) != GUEST_PL || a3 > 2)
+            return 0; /* kills: "bad stack segment" / "bad stack pages" */
+        fuel->stack[0] = a1;
+        fuel->stack[1] = a2;
+        fuel->stack[2] = a3;
+        return 1;
+    case LHCALL_TS: /* hypercalls._ts(on=a1) */
+        if (!reg32(uc, cr0_id, &value))
+            return 0;
+        if (!set_reg32(uc, cr0_id, a1 ? value | CR0_TS : value & ~CR0_TS))
+            return 0;
+        fuel->ts = a1 ? 1 : 0;
+        return 1;
+    case LHCALL_SET_PTE: /* pagetables.set_pte(pgdir=a1, vaddr=a2, pte=a3) */
+        if (fuel->ram == NULL || !pgdir_ok(fuel, a1) || a2 >= SWITCHER_ADDR ||
+            !entry_ok(fuel, a3, 0))
+            return 0; /* kills: "bad page directory", "attempt to access switcher pages",
+                         "bad page" */
+        goto flush;
+    case LHCALL_SET_PMD: { /* pagetables.set_pmd(pgdir=a1, index=a2) */
+        if (fuel->ram == NULL || !pgdir_ok(fuel, a1) || a2 >= PTRS_PER_TABLE)
+            return 0; /* kills: "bad page directory ... index" */
+        if (a2 >= SWITCHER_PGD_INDEX)
+            return 0; /* Python rewrites the Host's entry: a Host write to guest memory,
+                         which every CPU's code cache must hear of (Lguest._host_wrote) */
+        const uint8_t *p = fuel->ram + a1 + 4 * a2; /* inside: pgdir_ok */
+        uint32_t pde = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                       (uint32_t)p[3] << 24;
+        if (!entry_ok(fuel, pde, (pde & PTE_PSE) != 0))
+            return 0; /* kills: "bad page" */
+        goto flush;
+    }
+    case LHCALL_FLUSH_TLB:
+    flush: /* LgCpu.flush_tlb: CR3 written with its own value */
+        return reg32(uc, cr3_id, &value) && set_reg32(uc, cr3_id, value);
+    }
+    return 0;
+}
+
 /* The interrupt hook (UC_HOOK_INTR) of the native paths, on the emulating thread.
    Every interrupt or exception ends the run with `vector` recorded, except a
    hypercall that the table in supervisor/hypercalls.py marks CPU-local (local_mask)
-   while the async ring is empty: that one is done at once by calling `local` (the
-   same Python handler the run loop uses) and the guest goes on, unless the handler
-   asks to stop or the run's time is up.  The registers are read here, once. */
+   while the async ring is empty: that one is done at once and the guest goes on,
+   unless the handler asks to stop or the run's time is up.  A call the table also
+   marks native (native_mask) is done here in C, without Python or the GIL, when its
+   arguments are ones the Host accepts (native_hcall); any other is done by calling
+   `local` (the same Python handler the run loop uses).  The registers are read here,
+   once. */
 static void intr_hook(void *uc, uint32_t intno, void *user)
 {
     fuel_t *fuel = user;
@@ -325,6 +471,17 @@ static void intr_hook(void *uc, uint32_t intno, void *user)
         }
         fuel->hcall_read = 1;
         uint32_t number = fuel->hcall[0];
+        if (number < 64 && (fuel->local_mask >> number & 1) &&
+            fuel->ring[fuel->next_hcall] == HCALL_FREE && (fuel->native_mask >> number & 1) &&
+            native_hcall(uc, fuel, number, fuel->hcall[1], fuel->hcall[2], fuel->hcall[3])) {
+            fuel->native_done++;
+            fuel->hcall_read = 0;
+            if (now_ns() >= fuel->deadline) { /* the call is done; time is up */
+                fuel->reason = REASON_BUDGET;
+                fuel->emu_stop(uc);
+            }
+            return;
+        }
         if (number < 64 && (fuel->local_mask >> number & 1) &&
             fuel->ring[fuel->next_hcall] == HCALL_FREE && fuel->local != NULL) {
             PyGILState_STATE gil = PyGILState_Ensure();
@@ -356,21 +513,23 @@ static void intr_hook(void *uc, uint32_t intno, void *user)
 static PyObject *bind(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *start, *read;
+    PyObject *start, *read, *write;
     int eip;
-    if (!PyArg_ParseTuple(args, "OOi(iiii)", &start, &read, &eip, &hcall_ids[0], &hcall_ids[1],
-                          &hcall_ids[2], &hcall_ids[3]))
+    if (!PyArg_ParseTuple(args, "OOOi(iiii)ii", &start, &read, &write, &eip, &hcall_ids[0],
+                          &hcall_ids[1], &hcall_ids[2], &hcall_ids[3], &cr0_id, &cr3_id))
         return NULL;
     void *s = PyLong_AsVoidPtr(start);
     void *r = PyLong_AsVoidPtr(read);
+    void *w = PyLong_AsVoidPtr(write);
     if (PyErr_Occurred())
         return NULL;
-    if (s == NULL || r == NULL) {
+    if (s == NULL || r == NULL || w == NULL) {
         PyErr_SetString(PyExc_ValueError, "null function address");
         return NULL;
     }
     uc_emu_start_fn = (emu_start_fn)s;
     uc_reg_read_fn = (reg_read_fn)r;
+    uc_reg_write_fn = (reg_write_fn)w;
     eip_id = eip;
     Py_RETURN_NONE;
 }
@@ -515,8 +674,8 @@ static PyObject *kick(PyObject *self, PyObject *arg)
 static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"bind", bind, METH_VARARGS,
-     "bind(uc_emu_start, uc_reg_read, eip_id, (eax, edx, ebx, ecx)): the Unicorn calls and "
-     "register ids run() and intr_hook use."},
+     "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
+     "cr3_id): the Unicorn calls and register ids run() and intr_hook use."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},
@@ -538,7 +697,8 @@ PyMODINIT_FUNC PyInit__fuel(void)
         return NULL;
     if (PyModule_AddObject(m, "block_hook", PyLong_FromVoidPtr((void *)block_hook)) < 0 ||
         PyModule_AddObject(m, "intr_hook", PyLong_FromVoidPtr((void *)intr_hook)) < 0 ||
-        PyModule_AddIntConstant(m, "fuel_size", (long)sizeof(fuel_t)) < 0) {
+        PyModule_AddIntConstant(m, "fuel_size", (long)sizeof(fuel_t)) < 0 ||
+        PyModule_AddIntConstant(m, "native_calls", (long)NATIVE_CALLS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

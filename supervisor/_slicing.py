@@ -46,8 +46,10 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3
 
 from . import _unicorn
+from .abi import IDT_ENTRIES
 
 ENV = "LGUEST_SLICING"  # "count": the fallback; "hook": the block hook; unset or "exit": default
 _choice = os.environ.get(ENV, "exit").strip().lower() or "exit"
@@ -112,6 +114,16 @@ class Fuel(ctypes.Structure):
         ("hcall", ctypes.c_uint32 * 4),
         ("hcall_read", ctypes.c_int32),
         ("pad", ctypes.c_int32),
+        # The hypercalls the native hook completes itself, and the CPU-local state they
+        # change: its only copy (LgCpu.idt, .stack and .ts are views of these fields).
+        ("native_mask", ctypes.c_uint64),
+        ("native_done", ctypes.c_uint64),  # completed natively, not yet in CpuStats
+        ("idt", (ctypes.c_uint32 * 2) * IDT_ENTRIES),  # lo, hi of each gate
+        ("stack", ctypes.c_uint32 * 3),  # ss, esp, pages
+        ("ts", ctypes.c_int32),
+        ("ram", ctypes.c_void_p),  # the guest's memory, for the page-table calls' checks
+        ("pfn_limit", ctypes.c_uint32),
+        ("pad2", ctypes.c_int32),
     ]
     address: int = 0  # ctypes.addressof(self), kept by attach()
 
@@ -128,8 +140,18 @@ if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no c
     raise ImportError("supervisor._fuel was built for a different Fuel layout")
 if _fuel is not None:
     _fuel.bind(
-        _unicorn.EMU_START_ADDRESS, _unicorn.REG_READ_ADDRESS, _unicorn.EIP, _unicorn.HYPERCALL_REGS
+        _unicorn.EMU_START_ADDRESS,
+        _unicorn.REG_READ_ADDRESS,
+        _unicorn.REG_WRITE_ADDRESS,
+        _unicorn.EIP,
+        _unicorn.HYPERCALL_REGS,
+        UC_X86_REG_CR0,
+        UC_X86_REG_CR3,
     )
+# The hypercall numbers _fuel.c can complete without Python (see trap_interrupts).
+NATIVE_CALLS: frozenset[int] = frozenset(
+    n for n in range(64) if _fuel is not None and _fuel.native_calls >> n & 1
+)
 
 # -- Unicorn's no_exit_request flag ------------------------------------------------
 # uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
@@ -245,19 +267,34 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
 
 
 def trap_interrupts(
-    uc: Any, fuel: Fuel, local: Callable[[int, int, int, int], bool], local_calls: frozenset[int]
+    uc: Any,
+    fuel: Fuel,
+    local: Callable[[int, int, int, int], bool],
+    local_calls: frozenset[int],
+    native_calls: frozenset[int] = frozenset(),
+    memory: tuple[int, int] | None = None,
 ) -> None:
     """Native paths only: ``_fuel.c``'s interrupt hook ends a run at every interrupt or
     exception (``fuel.vector``; a hypercall's registers in ``fuel.hcall``), except the
-    hypercalls in ``local_calls`` while ``fuel.ring`` shows an empty async ring: those it
-    hands to ``local(number, a1, a2, a3)`` on the spot (a true result stops the run) and
-    the guest goes on.  Again for each new instance of the CPU (after hibernation)."""
+    hypercalls in ``local_calls`` while ``fuel.ring`` shows an empty async ring: those in
+    ``native_calls`` whose arguments the Host accepts it completes itself, in C (counted
+    in ``fuel.native_done``); the others it hands to ``local(number, a1, a2, a3)`` on the
+    spot (a true result stops the run); either way the guest goes on.  Again for each
+    new instance of the CPU (after hibernation).  ``native_calls`` must be CPU-local
+    calls that ``_fuel.c`` implements (:data:`NATIVE_CALLS`).  ``memory``: the guest's
+    memory as (host address of guest-physical 0, pages), fixed for the guest's life;
+    without it the page-table calls are left to ``local``."""
     assert NATIVE
     if any(not 0 <= n < 64 for n in local_calls):
         raise ValueError("CPU-local hypercall numbers must be below 64")
+    if not native_calls <= local_calls & NATIVE_CALLS:
+        unknown = sorted(native_calls - (local_calls & NATIVE_CALLS))
+        raise ValueError(f"hypercalls {unknown} cannot be completed natively")
     fuel.local_call = local
     fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
     fuel.local_mask = sum(1 << n for n in local_calls)
+    fuel.native_mask = sum(1 << n for n in native_calls)
+    fuel.ram, fuel.pfn_limit = memory if memory is not None else (None, 0)
     _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, fuel.address)
 
 

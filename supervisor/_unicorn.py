@@ -59,6 +59,7 @@ REMEMBERED = frozenset({0, 8, 10, 11, 12, 13, 14})
 EMU_STOP_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
 EMU_START_ADDRESS: int | None = ctypes.cast(uclib.uc_emu_start, ctypes.c_void_p).value
 REG_READ_ADDRESS: int | None = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+REG_WRITE_ADDRESS: int | None = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value
 EIP = r.UC_X86_REG_EIP
 
 

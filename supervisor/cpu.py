@@ -21,9 +21,9 @@ import dataclasses
 import math
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, MutableSequence, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_PROT_ALL
 from unicorn import unicorn_const as uc_const
@@ -96,6 +96,88 @@ def _idt() -> list[tuple[int, int]]:
     return [(0, 0)] * IDT_ENTRIES
 
 
+class Idt(MutableSequence[tuple[int, int]]):
+    """The guest's IDT as ``(lo, hi)`` pairs: a view of the CPU's ``Fuel.idt``.
+
+    Its entries live only there, where ``_fuel.c``'s interrupt hook writes them
+    (LHCALL_LOAD_IDT_ENTRY done natively) and interrupt delivery reads them.  Fixed
+    length: entries are replaced, never inserted or deleted.
+    """
+
+    __slots__ = ("_table",)
+
+    def __init__(self, fuel: _slicing.Fuel) -> None:
+        self._table = fuel.idt
+
+    def __len__(self) -> int:
+        return IDT_ENTRIES
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, int]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, int]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[int, int] | list[tuple[int, int]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(IDT_ENTRIES)[index]]
+        gate = self._table[index]
+        return (gate[0], gate[1])
+
+    @overload
+    def __setitem__(self, index: int, value: tuple[int, int]) -> None: ...
+    @overload
+    def __setitem__(self, index: slice, value: Iterable[tuple[int, int]]) -> None: ...
+    def __setitem__(self, index: int | slice, value: Any) -> None:
+        if isinstance(index, slice):
+            indices = range(IDT_ENTRIES)[index]
+            values = list(value)
+            if len(values) != len(indices):
+                raise ValueError(f"the IDT has {IDT_ENTRIES} entries, not {len(values)}")
+            for i, (lo, hi) in zip(indices, values, strict=True):
+                self._table[i] = (lo, hi)
+            return
+        lo, hi = value
+        self._table[index] = (lo, hi)
+
+    def __delitem__(self, index: int | slice) -> None:
+        raise TypeError("IDT entries cannot be deleted")
+
+    def insert(self, index: int, value: tuple[int, int]) -> None:
+        raise TypeError("IDT entries cannot be inserted")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Idt({[gate for gate in self if gate != (0, 0)]!r} set)"
+
+
+class _InFuel:
+    """An LgCpu field whose one copy lives in the CPU's ``Fuel`` (shared with ``_fuel.c``).
+
+    The dataclass field stays (its mark, its default), but reading and assigning it
+    go to the fuel: there is no second copy that a hypercall completed in C could
+    leave stale.  ``get`` and ``put`` convert between the field's value and the fuel.
+    """
+
+    def __init__(
+        self, get: Callable[[_slicing.Fuel], Any], put: Callable[[_slicing.Fuel, Any], None]
+    ):
+        self.get = get
+        self.put = put
+
+    def __get__(self, cpu: LgCpu | None, owner: type) -> Any:
+        if cpu is None:
+            return self
+        return self.get(cpu.fuel)
+
+    def __set__(self, cpu: LgCpu, value: Any) -> None:
+        self.put(cpu.fuel, value)
+
+
 @dataclass(eq=False)
 class LgCpu:
     """A guest CPU.  Create with :func:`new_cpu` or :func:`revive_cpu`."""
@@ -119,8 +201,10 @@ class LgCpu:
     next_hcall: int = saved(default=0)  # next slot of the async ring
     pending_notify: int = saved(default=0)  # a notify not yet handed to the Launcher
     break_out: bool = saved(default=False)  # a Waker's LHREQ_BREAK 1, until BREAK 0
+    # ts, idt and stack live in `fuel` (see _InFuel below the class): one copy, which
+    # _fuel.c's interrupt hook changes when it completes a hypercall natively.
     ts: int = saved(default=0)
-    idt: list[tuple[int, int]] = saved(default_factory=_idt)
+    idt: MutableSequence[tuple[int, int]] = saved(default_factory=_idt)
     gdt: tuple[int, int] = saved(default=(0, 0))  # guest-physical table, entries
     tls: bytes = saved(default=b"")
     stack: tuple[int, int, int] = saved(default=(0, 0, 0))  # ss, esp, pages
@@ -373,6 +457,26 @@ class LgCpu:
         self._hooks.clear()
         self.uc = None
 
+
+def _put_idt(fuel: _slicing.Fuel, value: Iterable[tuple[int, int]]) -> None:
+    Idt(fuel)[:] = list(value)
+
+
+def _put_stack(fuel: _slicing.Fuel, value: tuple[int, int, int]) -> None:
+    fuel.stack[:] = list(value)
+
+
+def _put_ts(fuel: _slicing.Fuel, value: int) -> None:
+    fuel.ts = value
+
+
+# The dataclass' __init__ assigns these after `fuel` (declared first), through the views.
+for _name, _view in (
+    ("ts", _InFuel(lambda fuel: fuel.ts, _put_ts)),
+    ("idt", _InFuel(Idt, _put_idt)),
+    ("stack", _InFuel(lambda fuel: tuple(fuel.stack), _put_stack)),
+):
+    setattr(LgCpu, _name, _view)
 
 _SAVED = saved_fields(LgCpu)
 

@@ -136,9 +136,10 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     It runs on the slice's thread.  A CPU-local hypercall with an empty async
     ring is done right there and the guest goes on (the cheap path); anything
     else is recorded and ends the run, exactly at that boundary.  On the native
-    paths the hook is ``_fuel.c``'s (no Python runs for a trap, and for a CPU-local
-    hypercall only its handler); the table that says which calls are CPU-local is
-    ``hypercalls.LOCAL_HYPERCALLS`` either way.
+    paths the hook is ``_fuel.c``'s (no Python runs for a trap, nor for the CPU-local
+    hypercalls it completes in C, and for another CPU-local hypercall only its
+    handler); the table that says which calls are CPU-local, and which of those the
+    native hook completes itself, is ``hypercalls``' either way.
     """
     trap = cpu.trap
     regs = cpu.regs
@@ -156,7 +157,14 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
                 return True
             return False
 
-        _slicing.trap_interrupts(cpu.uc, fuel, local_call, local)
+        _slicing.trap_interrupts(
+            cpu.uc,
+            fuel,
+            local_call,
+            local,
+            hypercalls.NATIVE_HYPERCALLS,
+            (cpu.host_address, cpu.lg.pfn_limit),
+        )
         return
 
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
@@ -358,6 +366,9 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         except UcError as exc:
             error = exc
             vector, hcall = _slicing.last_trap(fuel)
+        if fuel.native_done:  # hypercalls the native hook completed count like any other
+            cpu.stats.hypercalls += fuel.native_done
+            fuel.native_done = 0
         if vector is not None:  # the native hook's (the fallback's hook sets trap itself)
             trap.vector = vector
             if hcall is not None:

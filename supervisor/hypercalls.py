@@ -5,7 +5,9 @@ runs the async ring first, then that direct call, exactly once each.  Most
 calls only touch the CPU and may run on the executor thread inside a slice
 (:func:`all_local`); the ones that need the event loop or the Launcher (clock
 event, halt, notify, shutdown, LGUEST_INIT, and starting or interrupting another
-CPU) wait for the run loop.
+CPU) wait for the run loop.  One table (``_CALLS``) says what each number does and
+whether it is CPU-local; the native interrupt hook (``_fuel.c``) is configured from it
+and completes the calls it marks ``native`` in C (see :class:`Hypercall`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from unicorn import x86_const as r
 
@@ -164,41 +167,55 @@ def _send_ipi(cpu: LgCpu, n: int, irq: int, _a3: int) -> int:
     return 0
 
 
-_HANDLERS: dict[int, Handler] = {
-    LHCALL_FLUSH_ASYNC: _flush_async,
-    LHCALL_LGUEST_INIT: _init_again,
-    LHCALL_SHUTDOWN: _shutdown,
-    LHCALL_LOAD_GDT: _load_gdt,
-    LHCALL_NEW_PGTABLE: lambda cpu, pgdir, _b, _c: pagetables.new_pgtable(cpu, pgdir),
-    LHCALL_FLUSH_TLB: lambda cpu, _a, _b, _c: cpu.flush_tlb(),
-    LHCALL_LOAD_IDT_ENTRY: interrupts.load_idt_entry,
-    LHCALL_SET_STACK: _set_stack,
-    LHCALL_TS: _ts,
-    LHCALL_SET_CLOCKEVENT: lambda cpu, delta, _b, _c: timers.set_clockevent(cpu, delta),
-    LHCALL_HALT: _halt,
-    LHCALL_SET_PTE: pagetables.set_pte,
-    LHCALL_SET_PMD: lambda cpu, pgdir, index, _c: pagetables.set_pmd(cpu, pgdir, index),
-    LHCALL_LOAD_TLS: _load_tls,
-    LHCALL_NOTIFY: _notify,
-    LHCALL_START_CPU: _start_cpu,
-    LHCALL_SEND_IPI: _send_ipi,
+@dataclass(frozen=True, slots=True)
+class Hypercall:
+    """What one hypercall number does: the one place that decides it.
+
+    ``local``: it touches only the CPU, so it may run on the slice's thread inside a
+    slice, with the guest going on afterwards.  ``native``: ``_fuel.c``'s interrupt hook
+    completes it itself, without Python, when the handler would accept its arguments
+    (for any other it calls the handler, which kills the guest); the handler stays the
+    definition, used by the fallback path and the async ring, and tests/test_hotpath.py
+    checks the two agree.  ``native`` implies ``local``.
+    """
+
+    handler: Handler
+    local: bool = False
+    native: bool = False
+
+
+_CALLS: dict[int, Hypercall] = {
+    LHCALL_FLUSH_ASYNC: Hypercall(_flush_async, local=True),
+    LHCALL_LGUEST_INIT: Hypercall(_init_again),
+    LHCALL_SHUTDOWN: Hypercall(_shutdown),
+    LHCALL_LOAD_GDT: Hypercall(_load_gdt, local=True),
+    LHCALL_NEW_PGTABLE: Hypercall(
+        lambda cpu, pgdir, _b, _c: pagetables.new_pgtable(cpu, pgdir), local=True
+    ),
+    LHCALL_FLUSH_TLB: Hypercall(lambda cpu, _a, _b, _c: cpu.flush_tlb(), local=True, native=True),
+    LHCALL_LOAD_IDT_ENTRY: Hypercall(interrupts.load_idt_entry, local=True, native=True),
+    LHCALL_SET_STACK: Hypercall(_set_stack, local=True, native=True),
+    LHCALL_TS: Hypercall(_ts, local=True, native=True),
+    LHCALL_SET_CLOCKEVENT: Hypercall(lambda cpu, delta, _b, _c: timers.set_clockevent(cpu, delta)),
+    LHCALL_HALT: Hypercall(_halt),
+    LHCALL_SET_PTE: Hypercall(pagetables.set_pte, local=True, native=True),
+    LHCALL_SET_PMD: Hypercall(
+        lambda cpu, pgdir, index, _c: pagetables.set_pmd(cpu, pgdir, index),
+        local=True,
+        native=True,
+    ),
+    LHCALL_LOAD_TLS: Hypercall(_load_tls, local=True),
+    LHCALL_NOTIFY: Hypercall(_notify),
+    LHCALL_START_CPU: Hypercall(_start_cpu),
+    LHCALL_SEND_IPI: Hypercall(_send_ipi),
 }
+_HANDLERS: dict[int, Handler] = {n: c.handler for n, c in _CALLS.items()}
 
 # Hypercalls that touch only the CPU: safe on the executor thread inside a slice.
-LOCAL_HYPERCALLS = frozenset(
-    {
-        LHCALL_FLUSH_ASYNC,
-        LHCALL_LOAD_GDT,
-        LHCALL_NEW_PGTABLE,
-        LHCALL_FLUSH_TLB,
-        LHCALL_LOAD_IDT_ENTRY,
-        LHCALL_SET_STACK,
-        LHCALL_TS,
-        LHCALL_SET_PTE,
-        LHCALL_SET_PMD,
-        LHCALL_LOAD_TLS,
-    }
-)
+LOCAL_HYPERCALLS = frozenset(n for n, c in _CALLS.items() if c.local)
+# CPU-local hypercalls the native interrupt hook completes itself (valid arguments only).
+NATIVE_HYPERCALLS = frozenset(n for n, c in _CALLS.items() if c.native)
+assert NATIVE_HYPERCALLS <= LOCAL_HYPERCALLS
 
 
 def do_hcall(cpu: LgCpu, args: Args) -> int | None:

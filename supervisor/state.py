@@ -36,6 +36,7 @@ from .guest import Death
 from .limits import Limits
 
 MAGIC: Final = b"LGSTATE\n"
+_U32: Final = 0xFFFFFFFF
 VERSION: Final = 2  # 2: several CPUs, each with its own lguest_data
 
 __all__ = [
@@ -85,6 +86,14 @@ class CpuState:
     def __post_init__(self) -> None:
         if len(self.idt) != IDT_ENTRIES:
             raise StateError(f"cpu {self.id}: IDT has {len(self.idt)} entries, not {IDT_ENTRIES}")
+        # The IDT, stack and TS flag live in 32-bit fields shared with the native code
+        # (supervisor.cpu): a value that does not fit would not come back as it was.
+        if not all(0 <= v <= _U32 for gate in self.idt for v in gate):
+            raise StateError(f"cpu {self.id}: an IDT entry is not two 32-bit values")
+        if not all(0 <= v <= _U32 for v in self.stack):
+            raise StateError(f"cpu {self.id}: stack {self.stack} is not three 32-bit values")
+        if self.ts not in (0, 1):
+            raise StateError(f"cpu {self.id}: TS flag {self.ts}")
         if not 0 <= self.next_hcall < LHCALL_RING_SIZE:
             raise StateError(f"cpu {self.id}: hypercall ring position {self.next_hcall}")
         if self.tls and len(self.tls) != TLS_ENTRIES * 8:

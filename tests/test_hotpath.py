@@ -3,12 +3,15 @@ must keep doing, and what it must not do twice."""
 
 import asyncio
 import itertools
+import random
 import time
 
+import pytest
 from guestasm import boot
 
 from supervisor import _slicing, _unicorn, abi, run
 from supervisor.execute import INLINE_TIME
+from supervisor.launcher.layout import plan
 
 NOTIFY_LOOP = r"""
 main:
@@ -95,19 +98,28 @@ def test_a_run_with_no_time_left_does_not_start():
     assert eip is not None
 
 
-def _hypercall_code(number: int) -> bytes:
-    """mov $number, %eax; mov $1, %edx; mov $2, %ebx; mov $3, %ecx; int $0x1f; hlt"""
+def _hypercall_code(number: int, a1: int = 1, a2: int = 2, a3: int = 3) -> bytes:
+    """mov $number, %eax; mov $a1, %edx; mov $a2, %ebx; mov $a3, %ecx; int $0x1f; hlt"""
     return (
-        b"\xb8" + number.to_bytes(4, "little") + b"\xba\x01\0\0\0\xbb\x02\0\0\0\xb9\x03\0\0\0"
-        b"\xcd\x1f\xf4"
+        b"\xb8"
+        + number.to_bytes(4, "little")
+        + b"\xba"
+        + a1.to_bytes(4, "little")
+        + b"\xbb"
+        + a2.to_bytes(4, "little")
+        + b"\xb9"
+        + a3.to_bytes(4, "little")
+        + b"\xcd\x1f\xf4"
     )
 
 
 def test_the_native_hook_follows_the_hypercall_table():
     """One place decides which hypercalls are done on the slice's thread without ending
-    the run: hypercalls.LOCAL_HYPERCALLS.  _fuel.c's hook, configured from it, hands
-    exactly those to the Python handler (and only while the async ring is empty) and
-    ends the run, with the registers read, at every other one."""
+    the run, and which of those C completes itself: the table in hypercalls.py.
+    _fuel.c's hook, configured from it, completes exactly the native ones (no Python
+    called, counted in native_done), hands exactly the other local ones to the Python
+    handler (and only while the async ring is empty) and ends the run, with the
+    registers read, at every other one."""
     if not _slicing.NATIVE:
         return  # the fallback's hook is Python and reads the same table
     import ctypes
@@ -117,6 +129,8 @@ def test_the_native_hook_follows_the_hypercall_table():
 
     from supervisor import hypercalls
 
+    assert hypercalls.NATIVE_HYPERCALLS  # the table marks some, and C can do them all
+    assert hypercalls.NATIVE_HYPERCALLS <= hypercalls.LOCAL_HYPERCALLS & _slicing.NATIVE_CALLS
     uc, fuel = bare_cpu()
     calls: list[tuple[int, int, int, int]] = []
 
@@ -124,31 +138,218 @@ def test_the_native_hook_follows_the_hypercall_table():
         calls.append((number, a1, a2, a3))
         return False
 
-    _slicing.trap_interrupts(uc, fuel, local, hypercalls.LOCAL_HYPERCALLS)
+    ram = (ctypes.c_uint8 * (16 * abi.PAGE_SIZE))()  # what the page-table calls check
+    _slicing.trap_interrupts(
+        uc,
+        fuel,
+        local,
+        hypercalls.LOCAL_HYPERCALLS,
+        hypercalls.NATIVE_HYPERCALLS,
+        (ctypes.addressof(ram), 16),
+    )
     ring = (ctypes.c_uint8 * 64)(*([abi.HCALL_FREE] * 64))
+    # Arguments every native call accepts: IDT entry 0, stack 0/2/0, TS off, SET_PTE of
+    # an absent entry at 2 in the page directory at 0, SET_PMD of its entry 2 (absent).
+    args = (0, 2, 0)
+    size = len(_hypercall_code(0, *args))
     for busy in (False, True):
         ring[5] = 0 if busy else abi.HCALL_FREE
         for number in range(40):
             at = 0x3000 + 32 * number  # (no stale translation of another number's code)
-            uc.mem_write(at, _hypercall_code(number))
+            uc.mem_write(at, _hypercall_code(number, *args))
             uc.reg_write(r.UC_X86_REG_EIP, at)
             fuel.stop = 0
             fuel.budget = 1 << 40
             fuel.left = 10**9
             fuel.mark = 0
+            fuel.native_done = 0
             calls.clear()
             stop = _slicing.run(uc, fuel, 1 << 32, ctypes.addressof(ring), 5)
             if number in hypercalls.LOCAL_HYPERCALLS and not busy:
-                assert calls == [(number, 1, 2, 3)], number
+                native = number in hypercalls.NATIVE_HYPERCALLS
+                assert calls == ([] if native else [(number, *args)]), number
+                assert fuel.native_done == native, number
                 assert fuel.vector == -1 and stop == (0, None, None), number  # on to the hlt
-                assert _unicorn.eip(uc) == at + len(_hypercall_code(number)), number
+                assert _unicorn.eip(uc) == at + size, number
             else:
-                assert calls == [], number
+                assert calls == [] and fuel.native_done == 0, number
                 assert fuel.vector == 0x1F and fuel.hcall_read, number
-                assert tuple(fuel.hcall) == (number, 1, 2, 3), number
-                assert stop == (0, 0x1F, (number, 1, 2, 3)), number
+                assert tuple(fuel.hcall) == (number, *args), number
+                assert stop == (0, 0x1F, (number, *args)), number
                 assert _slicing.last_trap(fuel) == stop[1:], number
-                assert _unicorn.eip(uc) == at + 22, number  # just after the int
+                assert _unicorn.eip(uc) == at + size - 1, number  # just after the int
+
+
+def test_the_native_hook_refuses_calls_it_cannot_complete():
+    """The table cannot mark as native a call _fuel.c has no code for (or a call that
+    is not CPU-local): configuring the hook fails instead of silently doing nothing."""
+    if not _slicing.NATIVE:
+        return
+    from test_slicing import bare_cpu
+
+    from supervisor import hypercalls
+
+    uc, fuel = bare_cpu()
+    unknown = min(hypercalls.LOCAL_HYPERCALLS - _slicing.NATIVE_CALLS)
+    with pytest.raises(ValueError, match="cannot be completed natively"):
+        _slicing.trap_interrupts(
+            uc, fuel, lambda *a: False, hypercalls.LOCAL_HYPERCALLS, frozenset({unknown})
+        )
+    with pytest.raises(ValueError, match="cannot be completed natively"):
+        _slicing.trap_interrupts(
+            uc, fuel, lambda *a: False, frozenset(), hypercalls.NATIVE_HYPERCALLS
+        )
+
+
+# -- the native hypercalls and their Python handlers agree -------------------------------
+
+_IDT, _STACK, _TS, _FLUSH, _PTE, _PMD = (
+    abi.LHCALL_LOAD_IDT_ENTRY,
+    abi.LHCALL_SET_STACK,
+    abi.LHCALL_TS,
+    abi.LHCALL_FLUSH_TLB,
+    abi.LHCALL_SET_PTE,
+    abi.LHCALL_SET_PMD,
+)
+_LAYOUT = plan(1 << 20)  # the test guests' (guestasm.boot's default memory)
+
+
+def _valid_calls(seed: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Hypercalls the Host accepts, with every corner the handlers distinguish: ignored
+    vectors (with any gate), gates present or not of every type (a gate that is not present may have
+    any type), TS with any non-zero value, stacks of 0-2 pages, flushes, page-table
+    entries absent or naming the last page, SET_PMD of the guest's real page directory's
+    entries (the Host's own, 1023, included)."""
+    rng = random.Random(seed)
+    calls = []
+    for _ in range(n):
+        kind = rng.choice((_IDT, _IDT, _STACK, _TS, _FLUSH, _PTE, _PMD))
+        if kind == _IDT:
+            num = rng.choice((2, 8, 15, 31, 0, 255, rng.randrange(256)))
+            present = rng.random() < 0.6
+            gate = rng.choice((0xE, 0xF)) if present else rng.randrange(16)
+            if num in (2, 8, 15, 31):  # ignored, whatever the gate (even a bad type)
+                gate = rng.randrange(16)
+            hi = rng.getrandbits(16) << 16 | present << 15 | gate << 8 | rng.getrandbits(8)
+            calls.append((_IDT, num, rng.getrandbits(32), hi))
+        elif kind == _STACK:
+            ss = rng.getrandbits(14) << 2 | abi.GUEST_PL
+            calls.append((_STACK, ss, rng.getrandbits(32), rng.randrange(3)))
+        elif kind == _PTE:
+            pgdir = rng.randrange(_LAYOUT.pfn_limit) * abi.PAGE_SIZE
+            vaddr = rng.randrange(abi.SWITCHER_ADDR)
+            pfn = rng.choice((0, _LAYOUT.pfn_limit - 1, rng.randrange(_LAYOUT.pfn_limit)))
+            pte = rng.choice((pfn << 12 | 7, rng.getrandbits(32) & ~1))  # present or absent
+            calls.append((_PTE, pgdir, vaddr, pte))
+        elif kind == _PMD:
+            index = rng.choice((0, 1023, rng.randrange(1024)))
+            calls.append((_PMD, _LAYOUT.pgdir, index, rng.getrandbits(32)))
+        elif kind == _TS:
+            calls.append((_TS, rng.choice((0, 1, 2, 0xFFFFFFFF, rng.getrandbits(32))), 0, 0))
+        else:
+            calls.append((_FLUSH, 0, 0, 0))
+    return calls
+
+
+# Each kills the guest: lguest's checks (interrupts.load_idt_entry, hypercalls._set_stack).
+_HOSTILE = [
+    (_IDT, 256, 0, 0x8E00),
+    (_IDT, 0xFFFFFFFF, 0, 0x8E00),
+    (_IDT, 0x80000000, 0, 0),
+    (_IDT, 40, 0, 0x8500),  # present, type 5
+    (_IDT, 33, 0, 0x8000),  # present, type 0
+    (_STACK, 0x13, 0x8000, 1),
+    (_STACK, 0x11, 0x8000, 0),
+    (_STACK, 0x10, 0x8000, 3),
+    (_STACK, 0x10, 0x8000, 0xFFFFFFFF),
+    (_PTE, 0x12345000 + 1, 0x1000, 0),  # an unaligned page directory
+    (_PTE, _LAYOUT.pfn_limit * abi.PAGE_SIZE, 0x1000, 0),  # past the guest's memory
+    (_PTE, _LAYOUT.pfn_limit * abi.PAGE_SIZE - abi.PAGE_SIZE + 1, 0, 0),
+    (_PTE, _LAYOUT.pgdir, abi.SWITCHER_ADDR, 0),  # the Host's mapping
+    (_PTE, _LAYOUT.pgdir, 0xFFFFFFFF, 0),
+    (_PTE, _LAYOUT.pgdir, 0x1000, _LAYOUT.pfn_limit << 12 | 1),  # a page past the limit
+    (_PTE, _LAYOUT.pgdir, 0x1000, 0xFFFFF001),
+    (_PMD, _LAYOUT.pgdir, 1024, 0),
+    (_PMD, _LAYOUT.pgdir, 0xFFFFFFFF, 0),
+    (_PMD, _LAYOUT.pgdir + 8, 0, 0),
+    (_PMD, "table", 5, 0),  # entry 5 of `table` names a page past the limit
+    (_PMD, "table", 6, 0),  # a 4 MiB page past the limit
+]
+
+
+async def _run_calls(dev, calls, native: bool):
+    """Boot a guest that makes ``calls`` then notifies; with ``native`` False, the
+    native hook hands even the native calls to their Python handlers.  Returns what
+    the Host ended up with, and how many native-numbered calls Python handled."""
+    from unicorn import x86_const as r
+
+    from supervisor import hypercalls
+
+    def arg(a: int | str) -> str:
+        return a if isinstance(a, str) else hex(a)
+
+    body = "main:\n    LGUEST_INIT\n"
+    body += "".join(f"    HCALL {n}, {arg(a1)}, {arg(a2)}, {arg(a3)}\n" for n, a1, a2, a3 in calls)
+    body += "    HCALL 17, 0x99\n1:  jmp 1b\n"
+    body += ".data\n.align 4096\ntable: .long 0, 0, 0, 0, 0\n"
+    body += f"    .long {_LAYOUT.pfn_limit << 12 | 1:#x}, {0x400000 | 0x81:#x}\n"
+    body += "    .space 4096 - 7 * 4\n"
+    g = await boot(dev, body)
+    cpu = g.file.cpu(0)
+    if not native:
+        cpu.fuel.native_mask = 0  # every call goes to hypercalls.do_hcall
+    handled = 0
+    original = hypercalls.do_hcall
+
+    def counted(c, args):
+        nonlocal handled
+        handled += args[0] in hypercalls.NATIVE_HYPERCALLS
+        return original(c, args)
+
+    hypercalls.do_hcall = counted
+    try:
+        try:
+            assert abi.unpack_words(await g.file.read(abi.WORD_SIZE))[0] == 0x99
+            death = None
+        except FileNotFoundError:
+            death = (await g.file.read(256)).rstrip(b"\0").decode()
+    finally:
+        hypercalls.do_hcall = original
+    state = (
+        death,
+        list(cpu.idt),
+        cpu.ts,
+        cpu.stack,
+        cpu.reg(r.UC_X86_REG_CR0),
+        cpu.reg(r.UC_X86_REG_CR3),
+        g.file.stats.hypercalls,
+    )
+    return state, handled
+
+
+@pytest.mark.parametrize("hostile", [None, *_HOSTILE])
+async def test_native_hypercalls_do_what_their_python_handlers_do(dev, hostile):
+    """The same hypercalls, valid and hostile, through the native hook (C) and through
+    the Python handlers: the same IDT, TS flag and CR0, stack, CR3, hypercall count,
+    and the same death with the same message.  Natively, Python sees only the one
+    call that kills."""
+    from supervisor import hypercalls
+
+    calls = _valid_calls(15, 300) + ([hostile] if hostile else [])
+    native, native_python = await _run_calls(dev, calls, native=True)
+    python, python_python = await _run_calls(dev, calls, native=False)
+    assert native == python
+    death, idt, ts, *_rest, hypercalls_done = native
+    assert (death is None) == (hostile is None)
+    assert hypercalls_done == len(calls) + 1 + (hostile is None)  # and INIT, the notify
+    assert idt != [(0, 0)] * abi.IDT_ENTRIES and ts in (0, 1)
+    ran = sum(n in hypercalls.NATIVE_HYPERCALLS for n, *_ in calls)
+    assert python_python == ran
+    if _slicing.NATIVE:  # (SET_PMD of the Host's entry, 1023, is Python's: it writes)
+        switcher = sum(n == _PMD and index == 1023 for n, _pgdir, index, _ in calls)
+        assert native_python == (hostile is not None) + switcher
+    else:
+        assert native_python == ran
 
 
 async def test_the_stats_say_whether_blocks_are_counted(dev):
@@ -201,3 +402,76 @@ def test_cpu_exit_members_are_distinct_named_singletons():
         case _:
             matched = "none"
     assert matched == "halt"
+
+
+NATIVE_STATE = r"""
+main:
+    LGUEST_INIT
+    HCALL 6, 40, 0x1234, 0x8e00
+    HCALL 8, 1
+    HCALL 7, 0x68, 0x7000, 2
+    HCALL 17, 1
+    HCALL 6, 41, 0x5678, 0x8f00
+    HCALL 8, 0
+    HCALL 5
+    HCALL 17, 2
+1:  jmp 1b
+"""
+
+
+async def test_natively_set_state_is_the_cpus_state_everywhere():
+    """What the native hook sets (IDT, TS, stack) is the CPU's one copy: the state value
+    captures it and a revived guest has it, and after hibernation (a new Unicorn
+    instance) the hook completes the calls natively again."""
+    import dataclasses
+
+    from unicorn import x86_const as r
+
+    from supervisor import LguestDevice, hypercalls
+    from supervisor.memory import GuestMemory
+    from supervisor.state import GuestState
+    from supervisor.testing import until
+
+    async with LguestDevice(hibernate_after=0) as dev:
+        g = await boot(dev, NATIVE_STATE)
+        assert abi.unpack_words(await g.file.read(abi.WORD_SIZE))[0] == 1
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.hibernated)
+        assert cpu.idt[40] == (0x1234, 0x8E00) and cpu.idt[41] == (0, 0)
+        assert cpu.ts == 1 and cpu.reg(r.UC_X86_REG_CR0) & 8
+        assert cpu.stack == (0x68, 0x7000, 2)
+        state = g.file.state()
+        assert GuestState.from_bytes(state.to_bytes()) == state
+        assert (state.cpus[0].idt[40], state.cpus[0].ts) == ((0x1234, 0x8E00), 1)
+        assert state.cpus[0].stack == (0x68, 0x7000, 2)
+        copy = GuestMemory(g.memory.size)
+        copy.write(0, g.memory.read(0, g.memory.size))
+        revived = dev.open(copy, state=state)
+        again = revived.state().cpus[0]  # (its stats: it may have hibernated already)
+        assert dataclasses.replace(again, stats=()) == dataclasses.replace(state.cpus[0], stats=())
+        other = revived.cpu(0)
+        assert (list(other.idt), other.ts, other.stack) == (list(cpu.idt), cpu.ts, cpu.stack)
+
+        handled = 0
+        original = hypercalls.do_hcall
+
+        def counted(c, args):
+            nonlocal handled
+            handled += args[0] in hypercalls.NATIVE_HYPERCALLS
+            return original(c, args)
+
+        hypercalls.do_hcall = counted
+        try:
+            for f in (g.file, revived):
+                assert abi.unpack_words(await f.read(abi.WORD_SIZE))[0] == 2
+        finally:
+            hypercalls.do_hcall = original
+        for c in (cpu, other):
+            assert c.idt[41] == (0x5678, 0x8F00) and c.ts == 0
+            assert not c.reg(r.UC_X86_REG_CR0) & 8
+        assert g.file.stats is not None and g.file.stats.wakes >= 1
+        assert g.file.stats.hypercalls == revived.stats.hypercalls == 9  # INIT and 8 more
+        assert handled == (0 if _slicing.NATIVE else 6)
+        for f, memory in ((g.file, g.memory), (revived, copy)):
+            await f.close()
+            memory.close()
