@@ -21,6 +21,8 @@ cache is flushed, which is always correct, only slower.
 
 from __future__ import annotations
 
+from collections import deque
+
 from unicorn import x86_const as r
 
 from .cpu import LgCpu
@@ -43,14 +45,28 @@ def drop_stale(cpu: LgCpu) -> None:
         return
     uc = cpu.emulator
     user_mode = cpu.reg(r.UC_X86_REG_CS) & 3 == 3
-    while stale:
-        start, end = stale.popleft()
+    for start, end in _merged(stale):
         where = None if user_mode else _mapped_at(cpu, start)
         if where is None:
             uc.ctl_flush_tb()
-            stale.clear()
-            return
+            break
         uc.ctl_remove_cache(where, where + (end - start))
+
+
+def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Take every recorded range, overlapping and adjacent ones joined: one lookup and
+    one engine call each instead of one per Host write.  A range is joined to the one
+    before it only if it starts in a page that one already covers, so no page is
+    taken as mapped like its neighbour unless a single write already spanned both."""
+    ranges = sorted(stale)
+    stale.clear()  # (another thread may append meanwhile: those wait for the next call)
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1] and start >> 12 == (merged[-1][1] - 1) >> 12:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _mapped_at(cpu: LgCpu, pa: int) -> int | None:

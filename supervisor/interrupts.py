@@ -9,6 +9,8 @@ selector is recorded but CS is left as the guest set it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from unicorn import x86_const as r
 
 from .abi import (
@@ -140,15 +142,38 @@ def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) ->
     frame = [eflags, cpu.reg(r.UC_X86_REG_CS), cpu.eip]
     if error_code is not None:
         frame.append(error_code)
-    esp = cpu.reg(r.UC_X86_REG_ESP)
-    for value in frame:
-        esp = (esp - 4) & 0xFFFFFFFF
-        pa = guest_pa(cpu, esp, write=True)
-        if pa is None or not lg.write_u32(pa, value):
-            lg.kill(f"cannot push interrupt frame: stack at {esp:#x} is not writable")
-            return
+    esp = _push(cpu, cpu.reg(r.UC_X86_REG_ESP), frame)
+    if esp is None:
+        return
     cpu.set_reg(r.UC_X86_REG_ESP, esp)
     cpu.set_reg(r.UC_X86_REG_EIP, (lo & 0xFFFF) | (hi & 0xFFFF0000))
     if gate_type(hi) == GATE_INTERRUPT and cpu.lguest_data is not None:
         lg.write_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED, 0)
     cpu.stats.interrupts += 1
+
+
+def _push(cpu: LgCpu, esp: int, words: list[int]) -> int | None:
+    """Push ``words`` in order on the guest's stack as the CPU would; the new esp, or
+    None if the guest died (a push its page tables do not let it write).
+
+    A frame within one page is one Host write (one translation to look up, one
+    range for the code cache to drop: supervisor.codecache); one that crosses a page
+    is pushed word by word, so the death names the first push that fails either way.
+    """
+    lg = cpu.lg
+    low = (esp - 4 * len(words)) & 0xFFFFFFFF
+    if low < esp and low >> 12 == (esp - 1) >> 12:
+        pa = guest_pa(cpu, low, write=True)
+        if pa is not None and lg.write(pa, _words(reversed(words))):
+            return low
+    for value in words:  # across a page (or not writable: the same death either way)
+        esp = (esp - 4) & 0xFFFFFFFF
+        pa = guest_pa(cpu, esp, write=True)
+        if pa is None or not lg.write_u32(pa, value):
+            lg.kill(f"cannot push interrupt frame: stack at {esp:#x} is not writable")
+            return None
+    return esp
+
+
+def _words(values: Iterable[int]) -> bytes:
+    return b"".join((v & 0xFFFFFFFF).to_bytes(4, "little") for v in values)

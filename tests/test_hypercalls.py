@@ -237,6 +237,73 @@ handler:
     assert g.file.cpu(0).reg(__import__("unicorn.x86_const").x86_const.UC_X86_REG_ESI) == 6
 
 
+@pytest.mark.parametrize("offset", [64, 8, 4])  # within a page; across one (two ways)
+async def test_an_interrupt_frame_is_pushed_whole_at_and_across_a_page_boundary(dev, offset):
+    # int $0x30 from `after - 2` pushes eflags, cs and eip below `esp`; the handler copies
+    # the frame (from its own stack) to `frame` and notifies.
+    g = await boot(
+        dev,
+        rf"""
+main:
+    LGUEST_INIT
+    IDT 0x30, handler, 0xf
+    mov $stack_page + {offset}, %esp
+    int $0x30
+after:
+1:  jmp 1b
+handler:
+    mov 0(%esp), %eax
+    mov %eax, frame
+    mov 4(%esp), %eax
+    mov %eax, frame + 4
+    mov 8(%esp), %eax
+    mov %eax, frame + 8
+    mov %esp, frame + 12
+    HCALL 17, 0x30
+.data
+frame: .space 16
+.bss
+.align 4096
+    .space 4096
+stack_page: .space 4096
+""",
+    )
+    assert await notified(g) == 0x30
+    frame = g.guest.symbols["frame"]
+    eip, cs, eflags, esp = struct.unpack("<4I", g.memory.read(frame, 16))
+    cpu = g.file.cpu(0)
+    assert eip == g.guest.symbols["after"]
+    assert cs == cpu.reg(__import__("unicorn.x86_const").x86_const.UC_X86_REG_CS)
+    assert eflags & 0x2  # the always-one bit: a real eflags value
+    assert esp == g.guest.symbols["stack_page"] + offset - 12
+
+
+async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(dev):
+    from supervisor import codecache, interrupts
+
+    g = await boot(dev, "main:\n LGUEST_INIT\n IDT 0x30, h, 0xf\n HCALL 17, 1\nh: iret\n")
+    assert await notified(g) == 1
+    cpu = g.file.cpu(0)
+    cpu.stale_code.clear()
+    assert interrupts.deliver_trap(cpu, 0x30)
+    assert len(cpu.stale_code) == 1  # the frame: one Host write, not one per word
+    # Ranges are merged before the engine is asked: overlapping and adjacent ones in a
+    # page become one call.
+    calls = []
+    real = cpu.emulator.ctl_remove_cache
+
+    def recording(start, end):
+        calls.append((start, end))
+        return real(start, end)
+
+    cpu.emulator.ctl_remove_cache = recording
+    cpu.stale_code.clear()
+    cpu.stale_code.extend([(0x2008, 0x200C), (0x2000, 0x2008), (0x2004, 0x2006), (0x3000, 0x3004)])
+    codecache.drop_stale(cpu)
+    assert calls == [(0x2000, 0x200C), (0x3000, 0x3004)]
+    assert not cpu.stale_code
+
+
 # -- descriptor tables, stack, TS ------------------------------------------------------
 
 
