@@ -88,7 +88,7 @@ class CpuState:
             raise StateError(f"cpu {self.id}: IDT has {len(self.idt)} entries, not {IDT_ENTRIES}")
         # The IDT, stack and TS flag live in 32-bit fields shared with the native code
         # (supervisor.cpu): a value that does not fit would not come back as it was.
-        if not all(0 <= v <= _U32 for gate in self.idt for v in gate):
+        if not all(0 <= lo <= _U32 and 0 <= hi <= _U32 for lo, hi in self.idt):
             raise StateError(f"cpu {self.id}: an IDT entry is not two 32-bit values")
         if not all(0 <= v <= _U32 for v in self.stack):
             raise StateError(f"cpu {self.id}: stack {self.stack} is not three 32-bit values")

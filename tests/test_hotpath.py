@@ -475,3 +475,20 @@ async def test_natively_set_state_is_the_cpus_state_everywhere():
         for f, memory in ((g.file, g.memory), (revived, copy)):
             await f.close()
             memory.close()
+
+
+def test_the_idt_view_reads_and_writes_the_whole_table_in_order():
+    # Bulk reads and writes (a capture, a restore) convert the table in one go: every
+    # entry lands in its own slot, lo before hi, and agrees with single-entry access.
+    from supervisor.cpu import Idt
+
+    idt = Idt(_slicing.Fuel())
+    gates = [(i * 0x01010101 & 0xFFFFFFFF, 0xFFFFFFFF - i) for i in range(256)]
+    idt[:] = gates
+    assert list(idt) == gates
+    assert [idt[i] for i in range(256)] == gates
+    assert idt[10:13] == gates[10:13]
+    idt[7] = (1, 2)
+    assert list(idt)[7] == (1, 2) and idt[6] == gates[6]
+    with pytest.raises(ValueError):
+        idt[:] = gates[:-1]
