@@ -598,9 +598,13 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (fuel == NULL)
         return NULL;
     unsigned long long until = PyLong_AsUnsignedLongLong(args[1]);
+    if (until == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
     unsigned long long ring = PyLong_AsUnsignedLongLong(args[2]);
+    if (ring == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
     long next_hcall = PyLong_AsLong(args[3]);
-    if (PyErr_Occurred())
+    if (next_hcall == -1 && PyErr_Occurred())
         return NULL;
     if (uc_emu_start_fn == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");

@@ -58,8 +58,9 @@ def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
     one engine call each instead of one per Host write.  A range is joined to the one
     before it only if it starts in a page that one already covers, so no page is
     taken as mapped like its neighbour unless a single write already spanned both."""
-    ranges = sorted(stale)
-    stale.clear()  # (another thread may append meanwhile: those wait for the next call)
+    # One popleft at a time (each atomic): a range another thread appends meanwhile is
+    # either taken here or left for the next call, never cleared unseen.
+    ranges = sorted(stale.popleft() for _ in range(len(stale)))
     merged: list[tuple[int, int]] = []
     for start, end in ranges:
         if merged and start <= merged[-1][1] and start >> 12 == (merged[-1][1] - 1) >> 12:

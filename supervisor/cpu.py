@@ -98,7 +98,7 @@ def _idt() -> list[tuple[int, int]]:
     return [(0, 0)] * IDT_ENTRIES
 
 
-_IDT_WORDS = struct.Struct(f"<{2 * IDT_ENTRIES}I")  # the table's lo, hi words in order
+_IDT_WORDS = struct.Struct(f"={2 * IDT_ENTRIES}I")  # the table's lo, hi words (native order)
 
 
 class Idt(MutableSequence[tuple[int, int]]):
@@ -443,6 +443,7 @@ class LgCpu:
         names = {f.name for f in dataclasses.fields(CpuStats)}
         self.stats = CpuStats(**{k: v for k, v in state.stats if k in names})  # type: ignore[arg-type]
         self.fuel.blocks = self.stats.blocks
+        self.fuel.native_done = 0  # (counted into stats after each run; none is pending here)
         uc = self.emulator
         try:
             _unicorn.load_context_data(uc, state.context)

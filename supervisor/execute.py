@@ -213,7 +213,12 @@ class SlicePool:
 
         with self._count_lock:
             self._waiting += 1
-        future = self._pool.submit(start)
+        try:
+            future = self._pool.submit(start)
+        except BaseException:  # shut down, or no thread to start: nothing was queued
+            with self._count_lock:
+                self._waiting -= 1
+            raise
         future.add_done_callback(self._withdrawn)
         return future
 
@@ -366,9 +371,10 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         except UcError as exc:
             error = exc
             vector, hcall = _slicing.last_trap(fuel)
-        if fuel.native_done:  # hypercalls the native hook completed count like any other
-            cpu.stats.hypercalls += fuel.native_done
-            fuel.native_done = 0
+        finally:
+            if fuel.native_done:  # hypercalls the native hook completed count like any other
+                cpu.stats.hypercalls += fuel.native_done
+                fuel.native_done = 0
         if vector is not None:  # the native hook's (the fallback's hook sets trap itself)
             trap.vector = vector
             if hcall is not None:

@@ -10,7 +10,10 @@ runs: every state change it made is seen by the next pass.
 Slices run on the executor; a CPU whose last slice ended on its own (a notify, a
 halt, a hypercall the run loop must do) gets a short slice on the event loop
 itself, of at most ``INLINE_BUDGET`` blocks, because a thread hand-off costs
-more than that.  Everything here runs on the event loop.
+more than that.  Everything here runs on the event loop, except
+:func:`_may_go_on`, which a worker calls to ask whether a busy slice may go on: it
+and the :func:`pending_exit` it calls only read fields whose writers all kick the
+CPU afterwards, so a stale read costs at most one slice that ends at once (KICK).
 """
 
 from __future__ import annotations

@@ -492,3 +492,64 @@ def test_the_idt_view_reads_and_writes_the_whole_table_in_order():
     assert list(idt)[7] == (1, 2) and idt[6] == gates[6]
     with pytest.raises(ValueError):
         idt[:] = gates[:-1]
+
+
+@pytest.mark.skipif(not _slicing.NATIVE, reason="hypercalls are completed in C on the native paths")
+async def test_natively_completed_hypercalls_are_counted_even_if_the_run_then_fails(
+    dev, monkeypatch
+):
+    # Five IDT loads done in C, then the run ends with an error the slice did not expect
+    # (a Host bug: the guest dies): the five still count.
+    g = await boot(dev, "main:\n LGUEST_INIT\n" + " HCALL 6, 40, 0, 0\n" * 5 + " HCALL 17, 1\n")
+    real = _slicing.run
+    runs = 0
+
+    def failing(*args):
+        nonlocal runs
+        runs += 1
+        result = real(*args)
+        if runs == 2:  # the run after LGUEST_INIT: the five loads, then the notify
+            raise RuntimeError("injected")
+        return result
+
+    monkeypatch.setattr(_slicing, "run", failing)
+    with pytest.raises(OSError):
+        await g.file.read(8)
+    assert "injected" in (await g.file.read(256)).decode()
+    assert g.file.stats.hypercalls == 1 + 5
+
+
+def test_a_slice_pool_that_refuses_a_job_does_not_count_it_as_waiting():
+    from supervisor.execute import SlicePool
+
+    pool = SlicePool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(print)
+    assert pool.waiting == 0
+
+
+def test_no_host_write_range_is_lost_while_another_thread_records_more():
+    # codecache.note() appends from any thread while the CPU's thread takes the ranges.
+    import sys
+    import threading
+    from collections import deque
+
+    from supervisor import codecache
+
+    stale: deque[tuple[int, int]] = deque()
+    n = 50_000
+    taken: list[tuple[int, int]] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        writer = threading.Thread(
+            target=lambda: [stale.append((i * 16, i * 16 + 4)) for i in range(n)]
+        )
+        writer.start()
+        while writer.is_alive() or stale:
+            taken.extend(codecache._merged(stale))
+        writer.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sorted(taken) == [(i * 16, i * 16 + 4) for i in range(n)]
