@@ -605,7 +605,7 @@ class LguestFile:
                 finished.set_result(None)  # close() waits for the read, not the reader's task
             if not cpu.closing:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
-        return WORD.pack(address)  # (pack_words(address))
+        return WORD.pack(address)  # one word: pack_words without its generality
 
 
 class Waker:

@@ -9,7 +9,7 @@ selector is recorded but CS is left as the guest set it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import struct
 
 from unicorn import x86_const as r
 
@@ -164,7 +164,7 @@ def _push(cpu: LgCpu, esp: int, words: list[int]) -> int | None:
     low = (esp - 4 * len(words)) & 0xFFFFFFFF
     if low < esp and low >> 12 == (esp - 1) >> 12:
         pa = guest_pa(cpu, low, write=True)
-        if pa is not None and lg.write(pa, _words(reversed(words))):
+        if pa is not None and lg.write(pa, struct.pack(f"<{len(words)}I", *reversed(words))):
             return low
     for value in words:  # across a page (or not writable: the same death either way)
         esp = (esp - 4) & 0xFFFFFFFF
@@ -173,7 +173,3 @@ def _push(cpu: LgCpu, esp: int, words: list[int]) -> int | None:
             lg.kill(f"cannot push interrupt frame: stack at {esp:#x} is not writable")
             return None
     return esp
-
-
-def _words(values: Iterable[int]) -> bytes:
-    return b"".join((v & 0xFFFFFFFF).to_bytes(4, "little") for v in values)

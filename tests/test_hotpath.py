@@ -2,6 +2,7 @@
 must keep doing, and what it must not do twice."""
 
 import asyncio
+import contextlib
 import itertools
 import random
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 from guestasm import boot
 
-from supervisor import _slicing, _unicorn, abi, run
+from supervisor import _slicing, _unicorn, abi, hypercalls, run
 from supervisor.execute import INLINE_TIME
 from supervisor.launcher.layout import plan
 
@@ -277,13 +278,29 @@ _HOSTILE = [
 ]
 
 
+@contextlib.contextmanager
+def python_handoffs():
+    """Count the calls marked native that reach their Python handler meanwhile
+    (``hypercalls.do_hcall``); yields a one-element list holding the count."""
+    handed = [0]
+    original = hypercalls.do_hcall
+
+    def counted(c, args):
+        handed[0] += args[0] in hypercalls.NATIVE_HYPERCALLS
+        return original(c, args)
+
+    hypercalls.do_hcall = counted
+    try:
+        yield handed
+    finally:
+        hypercalls.do_hcall = original
+
+
 async def _run_calls(dev, calls, native: bool):
     """Boot a guest that makes ``calls`` then notifies; with ``native`` False, the
     native hook hands even the native calls to their Python handlers.  Returns what
     the Host ended up with, and how many native-numbered calls Python handled."""
     from unicorn import x86_const as r
-
-    from supervisor import hypercalls
 
     def arg(a: int | str) -> str:
         return a if isinstance(a, str) else hex(a)
@@ -298,23 +315,13 @@ async def _run_calls(dev, calls, native: bool):
     cpu = g.file.cpu(0)
     if not native:
         cpu.fuel.native_mask = 0  # every call goes to hypercalls.do_hcall
-    handled = 0
-    original = hypercalls.do_hcall
-
-    def counted(c, args):
-        nonlocal handled
-        handled += args[0] in hypercalls.NATIVE_HYPERCALLS
-        return original(c, args)
-
-    hypercalls.do_hcall = counted
-    try:
+    with python_handoffs() as handed:
         try:
             assert abi.unpack_words(await g.file.read(abi.WORD_SIZE))[0] == 0x99
             death = None
         except FileNotFoundError:
             death = (await g.file.read(256)).rstrip(b"\0").decode()
-    finally:
-        hypercalls.do_hcall = original
+    handled = handed[0]
     state = (
         death,
         list(cpu.idt),
@@ -427,7 +434,7 @@ async def test_natively_set_state_is_the_cpus_state_everywhere():
 
     from unicorn import x86_const as r
 
-    from supervisor import LguestDevice, hypercalls
+    from supervisor import LguestDevice
     from supervisor.memory import GuestMemory
     from supervisor.state import GuestState
     from supervisor.testing import until
@@ -452,20 +459,10 @@ async def test_natively_set_state_is_the_cpus_state_everywhere():
         other = revived.cpu(0)
         assert (list(other.idt), other.ts, other.stack) == (list(cpu.idt), cpu.ts, cpu.stack)
 
-        handled = 0
-        original = hypercalls.do_hcall
-
-        def counted(c, args):
-            nonlocal handled
-            handled += args[0] in hypercalls.NATIVE_HYPERCALLS
-            return original(c, args)
-
-        hypercalls.do_hcall = counted
-        try:
+        with python_handoffs() as handed:
             for f in (g.file, revived):
                 assert abi.unpack_words(await f.read(abi.WORD_SIZE))[0] == 2
-        finally:
-            hypercalls.do_hcall = original
+        handled = handed[0]
         for c in (cpu, other):
             assert c.idt[41] == (0x5678, 0x8F00) and c.ts == 0
             assert not c.reg(r.UC_X86_REG_CR0) & 8
