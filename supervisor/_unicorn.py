@@ -94,30 +94,52 @@ def eip(uc: Any) -> int:
 
 # -- registers -------------------------------------------------------------------------------
 HYPERCALL_REGS = (r.UC_X86_REG_EAX, r.UC_X86_REG_EDX, r.UC_X86_REG_EBX, r.UC_X86_REG_ECX)
+CONTROL_REGS = (r.UC_X86_REG_CR0, r.UC_X86_REG_CR3, r.UC_X86_REG_CR4)
+FRAME_REGS = (r.UC_X86_REG_EFLAGS, r.UC_X86_REG_CS, r.UC_X86_REG_EIP, r.UC_X86_REG_ESP)
 _read = uclib.uc_reg_read
 _write = uclib.uc_reg_write
 _read_batch = uclib.uc_reg_read_batch
+
+
+class _Batch:
+    """Preallocated buffers to read a fixed set of registers in one ``uc_reg_read_batch``."""
+
+    __slots__ = ("count", "ids", "pointers", "values")
+
+    def __init__(self, regs: tuple[int, ...]) -> None:
+        self.count = len(regs)
+        self.ids = (ctypes.c_int * self.count)(*regs)
+        self.values = (ctypes.c_uint64 * self.count)()
+        base = ctypes.addressof(self.values)
+        self.pointers = (ctypes.c_void_p * self.count)(*(base + 8 * i for i in range(self.count)))
+
+    def read(self, h: Any) -> list[int]:
+        values = self.values
+        for i in range(self.count):
+            values[i] = 0
+        _read_batch(h, self.ids, self.pointers, self.count)
+        return [v & _MASK for v in values]
 
 
 class Registers:
     """Read and write one CPU's 32-bit registers as ints, through Unicorn's C API.
 
     The binding's ``reg_read`` costs several microseconds a call (it looks up a
-    register class per call); the run loop reads eip on every guest entry and
-    four registers on every hypercall, so it uses these preallocated buffers.
-    Same threading contract as the CPU itself.
+    register class per call), and every call into the library lets go of the GIL;
+    the run loop reads eip on every guest entry, four registers on every hypercall and
+    seven for every interrupt it delivers, so it uses these preallocated buffers and
+    reads each set in one call.  Same threading contract as the CPU itself.
     """
 
-    __slots__ = ("_handle", "_ids", "_pointers", "_ref", "_value", "_values")
+    __slots__ = ("_control", "_frame", "_handle", "_hypercall", "_ref", "_value")
 
     def __init__(self, uc: Any) -> None:
         self._handle = handle(uc)
         self._value = ctypes.c_uint64()
         self._ref = ctypes.byref(self._value)
-        self._ids = (ctypes.c_int * 4)(*HYPERCALL_REGS)
-        self._values = (ctypes.c_uint64 * 4)()
-        base = ctypes.addressof(self._values)
-        self._pointers = (ctypes.c_void_p * 4)(*(base + 8 * i for i in range(4)))
+        self._hypercall = _Batch(HYPERCALL_REGS)
+        self._control = _Batch(CONTROL_REGS)
+        self._frame = _Batch(FRAME_REGS)
 
     def read(self, reg: int) -> int:
         """The register's value (32 bits; segment selectors 16)."""
@@ -132,11 +154,18 @@ class Registers:
 
     def hypercall(self) -> tuple[int, int, int, int]:
         """eax, edx, ebx, ecx: a hypercall's number and its three arguments."""
-        values = self._values
-        for i in range(4):
-            values[i] = 0
-        _read_batch(self._handle, self._ids, self._pointers, 4)
-        return (values[0] & _MASK, values[1] & _MASK, values[2] & _MASK, values[3] & _MASK)
+        eax, edx, ebx, ecx = self._hypercall.read(self._handle)
+        return eax, edx, ebx, ecx
+
+    def control(self) -> tuple[int, int, int]:
+        """cr0, cr3, cr4: what a page walk needs."""
+        cr0, cr3, cr4 = self._control.read(self._handle)
+        return cr0, cr3, cr4
+
+    def frame(self) -> tuple[int, int, int, int]:
+        """eflags, cs, eip, esp: what an interrupt frame needs."""
+        eflags, cs, eip, esp = self._frame.read(self._handle)
+        return eflags, cs, eip, esp
 
 
 # -- controls --------------------------------------------------------------------------------
@@ -150,6 +179,17 @@ _SET_TCG_BUFFER = _write_code(uc_const.UC_CTL_TCG_BUFFER_SIZE, 1)
 _USE_EXITS = _write_code(uc_const.UC_CTL_UC_USE_EXITS, 1)
 _SET_EXITS = _write_code(uc_const.UC_CTL_UC_EXITS, 2)
 _NO_EXITS = (ctypes.c_uint64 * 1)()
+
+
+_REMOVE_CACHE = _write_code(uc_const.UC_CTL_TB_REMOVE_CACHE, 2)
+
+
+def remove_cache(uc: Any, begin: int, end: int) -> None:
+    """Drop the translations of guest-virtual ``[begin, end)`` (``ctl_remove_cache``,
+    without the binding's few microseconds of argument handling)."""
+    status = _CTL(handle(uc), _REMOVE_CACHE, ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    if status != uc_const.UC_ERR_OK:
+        raise UcError(status)
 
 
 def configure(uc: Any, tcg_buffer: int) -> None:

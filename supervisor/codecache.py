@@ -25,6 +25,7 @@ from collections import deque
 
 from unicorn import x86_const as r
 
+from . import _unicorn
 from .cpu import LgCpu
 from .pagetables import guest_pa
 
@@ -45,12 +46,13 @@ def drop_stale(cpu: LgCpu) -> None:
         return
     uc = cpu.emulator
     user_mode = cpu.reg(r.UC_X86_REG_CS) & 3 == 3
+    control = cpu.control()
     for start, end in _merged(stale):
-        where = None if user_mode else _mapped_at(cpu, start)
+        where = None if user_mode else _mapped_at(cpu, start, control)
         if where is None:
             uc.ctl_flush_tb()
             break
-        uc.ctl_remove_cache(where, where + (end - start))
+        _unicorn.remove_cache(uc, where, where + (end - start))
 
 
 def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -70,10 +72,11 @@ def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def _mapped_at(cpu: LgCpu, pa: int) -> int | None:
-    """A guest-virtual address mapped to guest-physical ``pa`` right now, if a cheap one is."""
+def _mapped_at(cpu: LgCpu, pa: int, control: tuple[int, int, int]) -> int | None:
+    """A guest-virtual address mapped to guest-physical ``pa`` right now, if a cheap one is
+    (``control``: the CPU's cr0, cr3, cr4)."""
     for alias in (0, cpu.lg.kernel_address, KERNEL_ALIAS):
         va = pa + alias
-        if va <= 0xFFFFFFFF and guest_pa(cpu, va) == pa:
+        if va <= 0xFFFFFFFF and guest_pa(cpu, va, control=control) == pa:
             return va
     return None

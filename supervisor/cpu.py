@@ -348,6 +348,20 @@ class LgCpu:
             self.thaw()
         return self.regs.read(reg)
 
+    def control(self) -> tuple[int, int, int]:
+        """cr0, cr3, cr4, in one read."""
+        self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
+        return self.regs.control()
+
+    def frame(self) -> tuple[int, int, int, int]:
+        """eflags, cs, eip, esp, in one read."""
+        self.check_thread()
+        if self.frozen is not None:
+            self.thaw()
+        return self.regs.frame()
+
     def set_reg(self, reg: int, value: int) -> None:
         self.check_thread()
         if self.frozen is not None:

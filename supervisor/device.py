@@ -34,11 +34,13 @@ from .abi import (
     unpack_words,
 )
 from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
-from .execute import SlicePool, attach_interrupt_hook
+from .execute import attach_interrupt_hook
 from .guest import Death, Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
+from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
+from .slicepool import SlicePool
 from .state import GuestState, StateError
 
 PAUSE = "pause"  # the hold reason of LguestFile.pause()
@@ -86,17 +88,24 @@ class LguestDevice:
         max_memory: int | None = None,
         limits: Limits = UNLIMITED,
         hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
+        worker_nice: int = DEFAULT_WORKER_NICE,
     ):
         """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
         an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
         defaults; :meth:`open` may override them.  ``workers`` is the number of
-        executor threads (default: one per core).  A CPU that has slept in a halt,
+        executor threads (default: one per core), which run ``worker_nice`` steps below
+        the event loop's priority (Linux: 0 to 19; 0 lets guests' emulation compete
+        with the loop, and with other programs, as an equal; see
+        :mod:`supervisor.slicepool`).  A CPU that has slept in a halt,
         been held or waited for its Launcher for ``hibernate_after`` seconds gives
         back its emulator until it is needed again (0: at once; ``math.inf``: never;
         see :mod:`supervisor.hibernation`)."""
         if not hibernate_after >= 0:
             raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
+        if not 0 <= worker_nice <= 19:
+            raise ValueError(f"worker_nice must be 0 to 19, not {worker_nice!r}")
         self._workers = workers or os.cpu_count() or 1
+        self._worker_nice = worker_nice
         self._executor: SlicePool | None = None
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
@@ -141,7 +150,7 @@ class LguestDevice:
     def executor(self) -> SlicePool:
         """The worker threads that run guest slices (created at first use)."""
         if self._executor is None:
-            self._executor = SlicePool(self._workers)
+            self._executor = SlicePool(self._workers, nice=self._worker_nice)
         return self._executor
 
     def open(

@@ -17,8 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
@@ -28,17 +27,30 @@ from . import _slicing, _unicorn, codecache, hypercalls, interrupts, timers
 from .abi import LGUEST_DATA_HCALL_STATUS, LGUEST_TRAP_ENTRY
 from .cpu import LgCpu
 from .pagetables import guest_pa
-
-_T = TypeVar("_T")
+from .slicepool import AGAIN, Again
 
 # emu_start's `until`: ignored, since each CPU runs with an empty exit list (see cpu.py).
 _NEVER = 1 << 32
 TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
 MIN_BUDGET = 1_000
 INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
-INLINE_TIME = 0.0005  # seconds, the same for time
+INLINE_TIME = 0.0001  # seconds of CPU time the same slice may run the guest
+# An inline slice that delivers an interrupt, or a CPU's first, may run the guest this
+# long instead: the handler (with the translation of code the delivery made stale), or
+# the start-up code's translation, finishes on the loop rather than after a whole round
+# of the executor's queue.
+LONG_INLINE_TIME = 0.0005
+# A crowded executor shortens busy slices so that a round of every waiting job's slice
+# takes at most CROWD_ROUND seconds of a worker's CPU time, but not below MIN_SLICE:
+# under load, when the workers get a small share of the cores, a round of 1,000
+# spinners' 2 ms slices would take longer than a user waits to see each one move.
+CROWD_ROUND = 0.05
+MIN_SLICE = 0.0005
 _TARGET_NS = int(1e9 * TARGET_SLICE)
+_CROWD_ROUND_NS = int(1e9 * CROWD_ROUND)
+_MIN_SLICE_NS = int(1e9 * MIN_SLICE)
 _INLINE_NS = int(1e9 * INLINE_TIME)
+_LONG_INLINE_NS = int(1e9 * LONG_INLINE_TIME)
 FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
 MAX_BUDGET = 50_000_000
 INVALID_OPCODE = 6
@@ -183,54 +195,6 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_INTR, on_interrupt))
 
 
-class SlicePool:
-    """The executor threads that run slices, and how many submitted jobs wait for one.
-
-    ``waiting`` counts jobs submitted and neither started nor withdrawn (cancelled
-    in the queue).  A busy CPU's executor slice goes on past its time only while it
-    is 0 (:func:`run_slice`'s ``more``), so a submitted job still waits at most one
-    slice for a worker, in FIFO order, as with a plain thread pool.  Any thread.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lguest-cpu")
-        self._count_lock = threading.Lock()  # guards _waiting (+= is not atomic)
-        self._waiting = 0
-
-    @property
-    def waiting(self) -> int:
-        """Jobs submitted that no worker has started yet."""
-        return self._waiting
-
-    def submit(self, fn: Callable[..., _T], /, *args: Any) -> Future[_T]:
-        """Queue ``fn(*args)`` for a worker (FIFO)."""
-
-        def start() -> _T:
-            with self._count_lock:
-                self._waiting -= 1
-            return fn(*args)
-
-        with self._count_lock:
-            self._waiting += 1
-        try:
-            future = self._pool.submit(start)
-        except BaseException:  # shut down, or no thread to start: nothing was queued
-            with self._count_lock:
-                self._waiting -= 1
-            raise
-        future.add_done_callback(self._withdrawn)
-        return future
-
-    def _withdrawn(self, future: Future[Any]) -> None:
-        if future.cancelled():  # cancel() succeeds only before start() ran
-            with self._count_lock:
-                self._waiting -= 1
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-
-
 def _pre_entry_exit(cpu: LgCpu) -> CpuExit | None:
     """Before each entry: a reason not to enter the guest at all, or None."""
     lg = cpu.lg
@@ -250,31 +214,48 @@ def _pre_entry_exit(cpu: LgCpu) -> CpuExit | None:
 
 
 def run_slice(
-    cpu: LgCpu, budget: int | None = None, more: Callable[[], bool] | None = None
-) -> CpuExit:
+    cpu: LgCpu,
+    budget: int | None = None,
+    more: Callable[[], bool] | None = None,
+    crowd: Callable[[], float] | None = None,
+) -> CpuExit | Again:
     """Enter the guest until the run loop or the Launcher is needed; say why.
 
     Any thread, never two at once for one CPU; it does not touch the event loop.
     ``budget`` caps the slice's blocks; by default the CPU's adaptive budget,
     which is then adjusted so that a busy slice lasts about ``TARGET_SLICE``.
 
-    ``more`` (executor slices): when the slice's time is spent and ``more()`` is
-    true, nobody needs this worker or the run loop's attention, and a new slice
-    starts right here, as the run loop would have started it, without a round trip
-    through the event loop (two thread wake-ups, each tens to hundreds of µs on a
-    VM).  Anything that wants the run loop kicks the CPU (``fuel.stop``, which only
-    the run loop clears), so the next slice ends at once with ``KICK``.
+    ``more`` (executor slices, a :class:`~supervisor.slicepool.SlicePool` step): when
+    the slice's time is spent and ``more()`` is true, the run loop is not needed and
+    the answer is ``AGAIN``: the pool runs the next slice after the other waiting jobs
+    have had theirs, or at once, without a trip through the event loop (two thread
+    wake-ups, each tens to hundreds of µs on a VM).  Anything that wants the run loop
+    kicks the CPU (``fuel.stop``, which only the run loop clears), so the next slice
+    ends at once with ``KICK``.
+
+    ``crowd`` (executor slices): how many jobs wait per worker; a crowded pool's
+    slices are shorter (:func:`slice_ns`).
     """
-    while True:
-        exit = _one_slice(cpu, budget)
-        if exit is not CpuExit.BUDGET or more is None or not more():
-            return exit
+    if more is not None:
+        timers.write_timestamp(cpu)  # a step may start long after the run loop wrote it
+    exit = _one_slice(cpu, budget, slice_ns(crowd()) if crowd is not None else _TARGET_NS)
+    if exit is CpuExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
-        timers.write_timestamp(cpu)  # what the run loop does before each slice
+        return AGAIN
+    return exit
 
 
-def _one_slice(cpu: LgCpu, budget: int | None) -> CpuExit:
-    """One slice of :func:`run_slice`: until the run loop is needed or its time is spent."""
+def slice_ns(crowd: float) -> int:
+    """A busy slice's CPU time in ns, with ``crowd`` jobs waiting per worker: TARGET_SLICE,
+    or less, so that a round of them takes at most CROWD_ROUND, but at least MIN_SLICE."""
+    if crowd * _TARGET_NS <= _CROWD_ROUND_NS:
+        return _TARGET_NS
+    return max(_MIN_SLICE_NS, int(_CROWD_ROUND_NS / crowd))
+
+
+def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> CpuExit:
+    """One slice of :func:`run_slice`: until the run loop is needed or its time is spent
+    (``busy_ns`` of CPU time for an executor slice, budget None)."""
     fuel = cpu.fuel
     lg = cpu.lg
     cpu.slice_thread = threading.get_ident()
@@ -284,13 +265,17 @@ def _one_slice(cpu: LgCpu, budget: int | None) -> CpuExit:
     # before that (delivering an interrupt, on a loaded machine milliseconds) must not
     # use it up, or the guest's handler would wait for a whole trip through the
     # executor's queue (docs/performance.md, "Latency and fairness under load").
-    fuel.left = _TARGET_NS if budget is None else _INLINE_NS
+    if budget is None:
+        fuel.left = busy_ns
+    else:
+        fuel.left = _INLINE_NS if cpu.stats.slices else _LONG_INLINE_NS
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
     left = cpu.limits.blocks_left(blocks_before)
     fuel.budget = wanted if left is None else min(wanted, left)
-    full_budget = budget is None and fuel.budget == cpu.budget
+    # (The adaptive block budget is sized for TARGET_SLICE: a shorter slice leaves it alone.)
+    full_budget = budget is None and fuel.budget == cpu.budget and busy_ns == _TARGET_NS
     exit = CpuExit.KICK
     try:
         while True:
@@ -302,8 +287,17 @@ def _one_slice(cpu: LgCpu, budget: int | None) -> CpuExit:
             if lg.dead:
                 exit = CpuExit.DEATH
                 break
-            if cpu.hold is None and cpu.irqs_pending:  # (none pending: nothing to deliver)
-                interrupts.maybe_do_interrupt(cpu)
+            # An interrupt is delivered where its handler will run: not by a kicked slice,
+            # which ends before the next entry, but by the run loop's next slice, on the
+            # event loop, which then runs the guest for up to LONG_INLINE_TIME.
+            if (
+                cpu.hold is None
+                and cpu.irqs_pending  # (none pending: nothing to deliver)
+                and not fuel.stop
+                and interrupts.maybe_do_interrupt(cpu)
+                and budget is not None
+            ):
+                fuel.left = max(fuel.left, _LONG_INLINE_NS)
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early

@@ -27,6 +27,7 @@ from .launcher.block import BlockDevice
 from .launcher.console import Console, LineStream, stdin_source, stdout_sink
 from .launcher.devices import Device
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
+from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .snapshot import Snapshot
 
 __all__ = ["Exit", "Guest", "GuestStats", "Supervisor"]
@@ -134,15 +135,18 @@ class Supervisor:
         max_memory: int | None = None,
         hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
         keep_ended: bool = True,
+        worker_nice: int = DEFAULT_WORKER_NICE,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
         ``hibernate_after``: seconds an idle guest keeps its emulator (a guest's
         config may say otherwise; see :mod:`supervisor.hibernation`).
         ``keep_ended=False`` lets :attr:`guests` forget a guest once it has ended
-        (a long swarm then holds only the guests alive)."""
+        (a long swarm then holds only the guests alive).  ``workers`` and
+        ``worker_nice``: the device's executor threads (:class:`LguestDevice`)."""
         self.device = LguestDevice(
             workers=workers,
+            worker_nice=worker_nice,
             max_guests=max_guests,
             max_memory=max_memory,
             hibernate_after=hibernate_after,

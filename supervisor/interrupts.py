@@ -87,29 +87,31 @@ def ready_to_deliver(cpu: LgCpu) -> bool:
     return gate_present(cpu.idt[FIRST_EXTERNAL_VECTOR + irq][1])
 
 
-def maybe_do_interrupt(cpu: LgCpu) -> None:
-    """Before entering the guest: deliver the lowest deliverable irq, if the guest can take it.
+def maybe_do_interrupt(cpu: LgCpu) -> bool:
+    """Before entering the guest: deliver the lowest deliverable irq, if the guest can take
+    it; True if one was delivered.
 
     A halted guest with an irq ready is woken first (``irq_enabled`` back on), and
     the irq is delivered straight away, as later lguest kernels do.
     """
     irq = deliverable_irq(cpu)
     if irq is None:
-        return
+        return False
     lg = cpu.lg
     assert cpu.lguest_data is not None
     if cpu.halted:
         lg.write_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED, X86_EFLAGS_IF)
         cpu.halted = False
     elif not lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED):
-        return
+        return False
     if lg.noirq_start <= cpu.eip < lg.noirq_end:
-        return
+        return False
     lo, hi = cpu.idt[FIRST_EXTERNAL_VECTOR + irq]
     if not gate_present(hi):
-        return  # the interrupt waits until the guest installs a handler
+        return False  # the interrupt waits until the guest installs a handler
     cpu.take_irq(irq)
     set_guest_interrupt(cpu, lo, hi, None)
+    return True
 
 
 def deliver_trap(cpu: LgCpu, vector: int, error_code: int = 0) -> bool:
@@ -136,16 +138,16 @@ def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) ->
     irq_enabled = X86_EFLAGS_IF
     if cpu.lguest_data is not None:
         irq_enabled = lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED) or 0
-    eflags = cpu.reg(r.UC_X86_REG_EFLAGS)
+    eflags, cs, eip, esp = cpu.frame()
     if not irq_enabled & X86_EFLAGS_IF:
         eflags &= ~X86_EFLAGS_IF
-    frame = [eflags, cpu.reg(r.UC_X86_REG_CS), cpu.eip]
+    frame = [eflags, cs, eip]
     if error_code is not None:
         frame.append(error_code)
-    esp = _push(cpu, cpu.reg(r.UC_X86_REG_ESP), frame)
-    if esp is None:
+    pushed = _push(cpu, esp, frame)
+    if pushed is None:
         return
-    cpu.set_reg(r.UC_X86_REG_ESP, esp)
+    cpu.set_reg(r.UC_X86_REG_ESP, pushed)
     cpu.set_reg(r.UC_X86_REG_EIP, (lo & 0xFFFF) | (hi & 0xFFFF0000))
     if gate_type(hi) == GATE_INTERRUPT and cpu.lguest_data is not None:
         lg.write_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED, 0)

@@ -27,16 +27,22 @@ def pgdir_ok(cpu: LgCpu, pgdir: int) -> bool:
     return pgdir % PAGE_SIZE == 0 and cpu.lg.address_ok(pgdir, PAGE_SIZE)
 
 
-def guest_pa(cpu: LgCpu, vaddr: int, write: bool = False) -> int | None:
-    """Translate a guest-virtual address, or None if the guest has no such mapping."""
-    if not cpu.reg(r.UC_X86_REG_CR0) & CR0_PG:
+def guest_pa(
+    cpu: LgCpu, vaddr: int, write: bool = False, control: tuple[int, int, int] | None = None
+) -> int | None:
+    """Translate a guest-virtual address, or None if the guest has no such mapping.
+
+    ``control``: the CPU's (cr0, cr3, cr4) if the caller has just read them
+    (:meth:`LgCpu.control`), for several walks in a row."""
+    cr0, cr3, cr4 = cpu.control() if control is None else control
+    if not cr0 & CR0_PG:
         return vaddr
     lg = cpu.lg
-    pgdir = cpu.reg(r.UC_X86_REG_CR3) & ~0xFFF
+    pgdir = cr3 & ~0xFFF
     pde = lg.read_u32(pgdir + 4 * (vaddr >> 22))
     if pde is None or not pde & PTE_PRESENT:
         return None
-    if pde & PTE_PSE and cpu.reg(r.UC_X86_REG_CR4) & CR4_PSE:
+    if pde & PTE_PSE and cr4 & CR4_PSE:
         if write and not pde & PTE_WRITE:
             return None
         return (pde & 0xFFC00000) | (vaddr & 0x3FFFFF)

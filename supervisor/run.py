@@ -10,8 +10,10 @@ runs: every state change it made is seen by the next pass.
 Slices run on the executor; a CPU whose last slice ended on its own (a notify, a
 halt, a hypercall the run loop must do) gets a short slice on the event loop
 itself, of at most ``INLINE_BUDGET`` blocks, because a thread hand-off costs
-more than that.  Everything here runs on the event loop, except
-:func:`_may_go_on`, which a worker calls to ask whether a busy slice may go on: it
+more than that.  A busy CPU's executor run is many slices, taking turns with other
+guests' on the workers (:mod:`supervisor.slicepool`) until one ends for a reason the
+run loop must see.  Everything here runs on the event loop, except
+:func:`_may_go_on`, which a worker calls to ask whether a busy run may go on: it
 and the :func:`pending_exit` it calls only read fields whose writers all kick the
 CPU afterwards, so a stale read costs at most one slice that ends at once (KICK).
 """
@@ -27,8 +29,12 @@ from typing import Any
 
 from . import hypercalls, interrupts, timers
 from .cpu import LgCpu
-from .execute import INLINE_BUDGET, INLINE_TIME, CpuExit, SlicePool, run_slice
+from .execute import INLINE_BUDGET, CpuExit, run_slice
 from .hibernation import Dormitory
+from .slicepool import SlicePool
+
+# Inline slices let the loop run its other tasks at least this often (seconds).
+YIELD_TIME = 0.0005
 
 
 def _oserror(code: int) -> OSError:
@@ -200,15 +206,18 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     """
     if cpu.inline:
         ended = run_slice(cpu, INLINE_BUDGET)
+        assert isinstance(ended, CpuExit)  # (AGAIN only with `more`)
         cpu.inline = ended is not CpuExit.BUDGET
-        # Stay cooperative: let the loop run other tasks at least every INLINE_TIME.  Not
+        # Stay cooperative: let the loop run other tasks at least every YIELD_TIME.  Not
         # after every slice: a turn of the loop costs more than a notify round trip.
         now = time.monotonic()
-        if now - cpu.yielded_at >= INLINE_TIME:
+        if now - cpu.yielded_at >= YIELD_TIME:
             cpu.yielded_at = now
             await asyncio.sleep(0)
         return ended
-    queued = executor.submit(run_slice, cpu, None, functools.partial(_may_go_on, cpu, executor))
+    queued = executor.submit(
+        run_slice, cpu, None, functools.partial(_may_go_on, cpu), executor.crowd
+    )
     cpu.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
     cpu.queued_slice = queued
     future = asyncio.wrap_future(queued)
@@ -217,11 +226,11 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
-            return CpuExit.KICK  # withdrawn before it started: go round again
+            return CpuExit.KICK  # withdrawn while it waited for a worker: go round again
         if not queued.cancel():  # already running: stop it at its next block and wait
             cpu.kick()
             await wait_quietly(future)
-        # else withdrawn from the executor's queue unstarted: nothing ran, nothing to wait for
+        # else withdrawn from the executor's queue: no slice runs, nothing to wait for
         raise
     finally:
         cpu.queued_slice = None
@@ -231,15 +240,15 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     return exit
 
 
-def _may_go_on(cpu: LgCpu, executor: SlicePool) -> bool:
-    """Whether a busy CPU's executor slice may go on with a new one on its worker
-    (:func:`~supervisor.execute.run_slice`'s ``more``; on the worker thread, reads only).
+def _may_go_on(cpu: LgCpu) -> bool:
+    """Whether a busy CPU's executor run may go on with another slice without the run
+    loop (:func:`~supervisor.execute.run_slice`'s ``more``; on a worker, reads only).
 
-    Only if the run loop's next pass would start a slice anyway (nothing pending),
-    no job waits for a worker (the executor's FIFO round of slices stays fair) and
-    no other CPU of the guest waits for its turn on the processor.
+    Only if the run loop's next pass would start a slice anyway (nothing pending) and
+    no other CPU of the guest waits for its turn on the processor.  The pool then runs
+    that slice in its FIFO turn (:mod:`supervisor.slicepool`).
     """
-    return executor.waiting == 0 and cpu.lg.waiting_turns == 0 and pending_exit(cpu) is None
+    return cpu.lg.waiting_turns == 0 and pending_exit(cpu) is None
 
 
 async def wait_quietly(future: asyncio.Future[Any]) -> None:

@@ -249,9 +249,9 @@ async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(dev, mon
     where: list[tuple[bool, int]] = []
     real = run.run_slice
 
-    def recording(cpu, budget=None, more=None):
+    def recording(cpu, budget=None, more=None, crowd=None):
         where.append((threading.current_thread() is threading.main_thread(), budget or 0))
-        return real(cpu, budget, more)
+        return real(cpu, budget, more, crowd)
 
     monkeypatch.setattr(run, "run_slice", recording)
     g = await boot(dev, SPIN)
@@ -307,4 +307,57 @@ async def test_a_notifying_guest_is_served_without_a_thread_hand_off(dev, monkey
     g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 5\n jmp 1b\n")
     for _ in range(100):
         assert await g.file.read(8) == pack_words(5)
+    assert jobs == []
+
+
+async def test_busy_guests_take_turns_on_a_worker_without_the_event_loop(monkeypatch):
+    # One worker, two spinners: their slices alternate on the worker (each spinner's
+    # executor run goes to the back of the pool's queue when its time is spent), and
+    # the run loop submits each spinner's run once, not once per slice.
+    async with LguestDevice(workers=1) as dev:
+        jobs = submissions(dev, monkeypatch)
+        first, second = await boot(dev, SPIN), await boot(dev, SPIN)
+        readers = [asyncio.create_task(g.file.read(8)) for g in (first, second)]
+        await until(lambda: min(first.file.stats.slices, second.file.stats.slices) > 20)
+        a, b = first.u32("counter"), second.u32("counter")
+        await until(lambda: first.u32("counter") > a and second.u32("counter") > b)
+        assert len(jobs) <= 6  # (start-up's few; no round trip per slice)
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_an_interrupt_handler_gets_a_long_inline_slice(dev, monkeypatch):
+    # A busy guest's interrupt is delivered on the event loop, and its handler may run
+    # there for LONG_INLINE_TIME (not only INLINE_TIME, here shrunk to 1 µs so that any
+    # handler outlasts it): it notifies without a trip through the executor's queue.
+    from supervisor import execute
+
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $512, lguest_data
+    HCALL 17, 1
+1:  incl counter
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    movl $2000, %ecx
+2:  loop 2b
+    HCALL 17, 0x35
+    jmp irq_return
+.data
+counter: .long 0
+""",
+    )
+    assert await g.file.read(8) == pack_words(1)
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: g.u32("counter") > 1000)
+    monkeypatch.setattr(execute, "_INLINE_NS", 1_000)
+    jobs = submissions(dev, monkeypatch)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    assert await reader == pack_words(0x35)
     assert jobs == []

@@ -11,8 +11,8 @@ import pytest
 from guestasm import boot
 
 from supervisor import _slicing, _unicorn, abi, hypercalls, run
-from supervisor.execute import INLINE_TIME
 from supervisor.launcher.layout import plan
+from supervisor.run import YIELD_TIME
 
 NOTIFY_LOOP = r"""
 main:
@@ -41,11 +41,11 @@ async def test_a_hypercall_trap_reads_the_guest_registers_once(dev, monkeypatch)
 
 
 async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatch):
-    """Inline slices need not yield after every notify, but they yield once INLINE_TIME
+    """Inline slices need not yield after every notify, but they yield once YIELD_TIME
     has passed since they last did: a Launcher whose reads always return at once cannot
     starve other tasks.  (A fake clock that advances a bit more than a quarter of
-    INLINE_TIME per look: exactly a quarter, summed in floating point onto the real
-    clock's value, sometimes falls short of INLINE_TIME after four looks.)"""
+    YIELD_TIME per look: exactly a quarter, summed in floating point onto the real
+    clock's value, sometimes falls short of YIELD_TIME after four looks.)"""
     g = await boot(dev, NOTIFY_LOOP)
     await g.file.read(abi.WORD_SIZE)
     clock = [time.monotonic()]
@@ -53,7 +53,7 @@ async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatc
     class Clock:
         @staticmethod
         def monotonic() -> float:
-            clock[0] += INLINE_TIME / 3.9
+            clock[0] += YIELD_TIME / 3.9
             return clock[0]
 
     monkeypatch.setattr(run, "time", Clock)
@@ -514,16 +514,6 @@ async def test_natively_completed_hypercalls_are_counted_even_if_the_run_then_fa
         await g.file.read(8)
     assert "injected" in (await g.file.read(256)).decode()
     assert g.file.stats.hypercalls == 1 + 5
-
-
-def test_a_slice_pool_that_refuses_a_job_does_not_count_it_as_waiting():
-    from supervisor.execute import SlicePool
-
-    pool = SlicePool(1)
-    pool.shutdown()
-    with pytest.raises(RuntimeError):
-        pool.submit(print)
-    assert pool.waiting == 0
 
 
 def test_no_host_write_range_is_lost_while_another_thread_records_more():

@@ -278,8 +278,8 @@ stack_page: .space 4096
     assert esp == g.guest.symbols["stack_page"] + offset - 12
 
 
-async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(dev):
-    from supervisor import codecache, interrupts
+async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(dev, monkeypatch):
+    from supervisor import _unicorn, codecache, interrupts
 
     g = await boot(dev, "main:\n LGUEST_INIT\n IDT 0x30, h, 0xf\n HCALL 17, 1\nh: iret\n")
     assert await notified(g) == 1
@@ -290,13 +290,13 @@ async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(d
     # Ranges are merged before the engine is asked: overlapping and adjacent ones in a
     # page become one call.
     calls = []
-    real = cpu.emulator.ctl_remove_cache
+    real = _unicorn.remove_cache
 
-    def recording(start, end):
+    def recording(uc, start, end):
         calls.append((start, end))
-        return real(start, end)
+        return real(uc, start, end)
 
-    cpu.emulator.ctl_remove_cache = recording
+    monkeypatch.setattr(_unicorn, "remove_cache", recording)
     cpu.stale_code.clear()
     cpu.stale_code.extend([(0x2008, 0x200C), (0x2000, 0x2008), (0x2004, 0x2006), (0x3000, 0x3004)])
     codecache.drop_stale(cpu)

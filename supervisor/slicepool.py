@@ -1,0 +1,207 @@
+"""The worker threads that run slices, taking turns without the event loop.
+
+A job is a *step*, called again and again on a worker until it returns something
+other than :data:`AGAIN`; that value is the job's result.  Between steps the job
+takes its turn: while other jobs wait for a worker it goes to the back of the one
+FIFO queue, otherwise its next step starts right away on the same worker.  So a
+busy CPU's executor run (:func:`supervisor.execute.run_slice` as the step) is many
+slices, round-robin with every other busy CPU's, and the event loop hears of it
+only when it ends for a reason the run loop must handle.  Before, every 2 ms slice
+came back to the loop to be queued again: with 100 busy guests a thousand loop
+wake-ups a second, which took 15 % of a core and, on a 2-core machine, made the
+loop wait for the CPU when an interrupt or a break needed it (docs/performance.md,
+"The event loop only hears of events").
+
+Guarantees:
+
+- FIFO: a job waits for at most one step of each job queued before it.
+- A job is never run by two workers at once; its steps run one after another.
+- :meth:`Job.cancel` withdraws a job that is waiting in the queue (before its first
+  step or between two steps) and returns True; nothing of it runs afterwards.  A job
+  in a step cannot be withdrawn (False): ask the step to end (a kick).
+
+Any thread may submit, cancel or read ``waiting``; steps never touch the event loop.
+
+Workers run ``nice`` steps below the thread that starts them (Linux: a thread's own
+nice value).  The event loop's thread needs the CPU for a few hundred microseconds at
+a time, and at once, when an interrupt or a break arrives; the workers need it all the
+time.  At equal weight, on a machine with as many busy workers as cores, the kernel
+made the loop wait for a core for milliseconds (docs/performance.md, "Who gets the
+core").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Final, TypeVar
+
+_T = TypeVar("_T")
+
+
+class Again:
+    """A step's answer meaning "not finished: queue me again" (:data:`AGAIN`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "AGAIN"
+
+
+AGAIN: Final = Again()
+
+# How far below the event loop the workers run by default (docs/performance.md, "Who
+# gets the core": the value measured to keep the loop's wake-ups prompt).
+DEFAULT_NICE = 10
+
+
+class Job(Future[_T]):
+    """A submitted job: a ``concurrent.futures.Future`` of its result.
+
+    It is never marked running, so that it can be withdrawn between steps; its
+    :meth:`cancel` asks the pool whether it is in a step right now.
+    """
+
+    def __init__(self, pool: SlicePool, step: Callable[[], _T | Again]) -> None:
+        super().__init__()
+        self._pool = pool
+        self.step = step
+        # Guarded by the pool's lock.  queued: in the queue, waiting for a worker;
+        # withdrawn: cancelled there (its entry is skipped when it comes up).
+        self.queued = False
+        self.withdrawn = False
+
+    def cancel(self) -> bool:
+        """Withdraw the job if it waits in the queue; False while a step runs or once done."""
+        return self._pool._withdraw(self) and super().cancel()
+
+
+def _lower_priority(steps: int) -> None:
+    """This thread's nice value ``steps`` higher (lower priority), where threads have one."""
+    if steps and sys.platform == "linux":
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + steps)
+
+
+class SlicePool:
+    """``workers`` threads running jobs in turn (module docstring); started as needed,
+    each ``nice`` steps below the priority of the thread that submitted first."""
+
+    def __init__(self, workers: int, name: str = "lguest-cpu", *, nice: int = 0) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"nice must be 0 to 19, not {nice}")
+        self.workers = workers
+        self.nice = nice
+        self._name = name
+        self._lock = threading.Condition()
+        # All guarded by _lock.  _queue may hold withdrawn entries (skipped); _waiting
+        # counts the others.  _idle: threads waiting for a job.
+        self._queue: deque[Job[Any]] = deque()
+        self._waiting = 0
+        self._idle = 0
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    @property
+    def waiting(self) -> int:
+        """Jobs in the queue, not withdrawn: each waits for a worker.  Any thread (a
+        racy read is at worst one step late)."""
+        return self._waiting
+
+    def crowd(self) -> float:
+        """Jobs waiting per worker (any thread; racy like ``waiting``)."""
+        return self._waiting / self.workers
+
+    def submit(self, fn: Callable[..., _T | Again], /, *args: Any) -> Job[_T]:
+        """Queue a job whose step is ``fn(*args)`` (FIFO).  RuntimeError once shut down."""
+        job: Job[_T] = Job(self, functools.partial(fn, *args) if args else fn)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new jobs after shutdown")
+            self._enqueue(job)
+            if not self._idle and len(self._threads) < self.workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        return job
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new jobs; with ``cancel_futures`` every queued job is withdrawn.  A job
+        that answers AGAIN after this is withdrawn too, so ``wait`` ends once each
+        worker's current step has.  Safe to call twice."""
+        with self._lock:
+            self._closed = True
+            queued = [job for job in self._queue if not job.withdrawn] if cancel_futures else []
+            self._lock.notify_all()
+        for job in queued:
+            job.cancel()
+        if wait:
+            for thread in list(self._threads):
+                if thread is not threading.current_thread():
+                    thread.join()
+
+    # -- lock held -------------------------------------------------------------------
+    def _enqueue(self, job: Job[Any]) -> None:
+        job.queued = True
+        self._queue.append(job)
+        self._waiting += 1
+        if self._idle:
+            self._lock.notify()
+
+    def _withdraw(self, job: Job[Any]) -> bool:
+        with self._lock:
+            if not job.queued:
+                return False
+            job.queued = False
+            job.withdrawn = True
+            self._waiting -= 1
+            return True
+
+    def _take(self) -> Job[Any] | None:
+        """The next job to run (waiting for one), or None once shut down and empty."""
+        while True:
+            while self._queue:
+                job = self._queue.popleft()
+                if not job.withdrawn:
+                    job.queued = False
+                    self._waiting -= 1
+                    return job
+            if self._closed:
+                return None
+            self._idle += 1
+            self._lock.wait()
+            self._idle -= 1
+
+    # -- worker threads ---------------------------------------------------------------
+    def _work(self) -> None:
+        _lower_priority(self.nice)  # (a new thread starts at its creator's priority)
+        while True:
+            with self._lock:
+                job = self._take()
+            if job is None:
+                return
+            try:
+                result = job.step()
+                # Nobody waits for this worker: go on here, without a trip through the queue.
+                while result is AGAIN and not self._waiting and not self._closed:
+                    result = job.step()
+            except BaseException as exc:  # the job's, like ThreadPoolExecutor's
+                job.set_exception(exc)
+                continue
+            if result is not AGAIN:
+                job.set_result(result)
+                continue
+            with self._lock:
+                if not self._closed:
+                    self._enqueue(job)  # to the back: every job waiting now goes first
+                    continue
+            Future.cancel(job)  # shut down: it ends as if withdrawn from the queue

@@ -1,0 +1,186 @@
+"""The slice pool: jobs of many steps take turns on the workers without the event loop.
+
+No emulator here: each job is a Python step that records what ran and answers AGAIN
+(go on) or a result.  Steps that must wait for the test block on threading events, so
+every order below is forced, not hoped for.
+"""
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from supervisor.slicepool import AGAIN, Again, SlicePool
+
+WAIT = 10  # seconds a step waits for the test before the test counts as hung
+
+
+def stepper(
+    name: str, log: list[str], steps: int, gate: Callable[[int], None] = lambda n: None
+) -> Callable[[], str | Again]:
+    """A step that logs ``name``, calls ``gate(n)`` on its n-th run, and finishes after
+    ``steps`` runs (its result: ``name``)."""
+    runs = 0
+
+    def step() -> str | Again:
+        nonlocal runs
+        runs += 1
+        log.append(name)
+        gate(runs)
+        return name if runs == steps else AGAIN
+
+    return step
+
+
+def hold_first(release: threading.Event, started: threading.Event) -> Callable[[int], None]:
+    def gate(n: int) -> None:
+        if n == 1:
+            started.set()
+            assert release.wait(WAIT)
+
+    return gate
+
+
+def test_busy_jobs_take_turns_in_fifo_order():
+    pool = SlicePool(1)
+    log: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    try:
+        a = pool.submit(stepper("a", log, 3, hold_first(release, started)))
+        assert started.wait(WAIT)  # a is in its first step: b queues behind it
+        b = pool.submit(stepper("b", log, 3))
+        assert pool.waiting == 1
+        release.set()
+        assert a.result(WAIT) == "a" and b.result(WAIT) == "b"
+    finally:
+        pool.shutdown()
+    # Each AGAIN with the other waiting sends the job to the back of the queue.
+    assert log == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_a_lone_job_goes_on_on_its_worker():
+    pool = SlicePool(2)
+    threads: list[int] = []
+    log: list[str] = []
+    inner = stepper("a", log, 50)
+
+    def step() -> str | Again:
+        threads.append(threading.get_ident())
+        return inner()
+
+    try:
+        assert pool.submit(step).result(WAIT) == "a"
+    finally:
+        pool.shutdown()
+    assert len(log) == 50 and len(set(threads)) == 1
+    assert pool.waiting == 0
+
+
+def test_a_job_is_withdrawn_between_steps_but_not_during_one():
+    pool = SlicePool(1)
+    log: list[str] = []
+    release_a, a_started = threading.Event(), threading.Event()
+    release_b, b_started = threading.Event(), threading.Event()
+    try:
+        a = pool.submit(stepper("a", log, 5, hold_first(release_a, a_started)))
+        assert a_started.wait(WAIT)
+        b = pool.submit(stepper("b", log, 1, hold_first(release_b, b_started)))
+        assert not a.cancel()  # in a step: only a kick could end it
+        release_a.set()  # a answers AGAIN and queues behind b, which now runs
+        assert b_started.wait(WAIT)
+        assert pool.waiting == 1
+        assert a.cancel()  # waiting between two steps: withdrawn
+        assert a.cancelled() and pool.waiting == 0
+        assert not a.cancel()
+        release_b.set()
+        assert b.result(WAIT) == "b"
+    finally:
+        pool.shutdown()
+    assert log == ["a", "b"]  # nothing of a ran after it was withdrawn
+
+
+def test_a_step_that_raises_fails_its_job_only():
+    pool = SlicePool(1)
+
+    def boom() -> Again:
+        raise ValueError("boom")
+
+    try:
+        failed = pool.submit(boom)
+        with pytest.raises(ValueError, match="boom"):
+            failed.result(WAIT)
+        assert pool.submit(stepper("ok", [], 2)).result(WAIT) == "ok"
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_withdraws_queued_jobs_and_ends_busy_ones():
+    pool = SlicePool(1)
+    log: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    busy = pool.submit(stepper("busy", log, 10**9, hold_first(release, started)))
+    assert started.wait(WAIT)
+    queued = pool.submit(stepper("queued", log, 1))
+    stopper = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
+    stopper.start()
+    release.set()  # busy answers AGAIN after shutdown: withdrawn, not run forever
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    assert queued.cancelled() and busy.cancelled()
+    assert "queued" not in log
+    with pytest.raises(RuntimeError):
+        pool.submit(stepper("late", log, 1))
+    assert pool.waiting == 0
+
+
+def test_a_pool_that_refuses_a_job_does_not_count_it_as_waiting():
+    pool = SlicePool(1)
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(print)
+    assert pool.waiting == 0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="workers"):
+        SlicePool(0)
+    with pytest.raises(ValueError, match="nice"):
+        SlicePool(1, nice=20)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have their own nice value on Linux")
+def test_workers_run_nice_steps_below_the_submitting_thread():
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if here + 3 > 19:
+        pytest.skip("already at the lowest priority")
+    pool = SlicePool(1, nice=3)
+    try:
+        worker = pool.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        ).result(WAIT)
+    finally:
+        pool.shutdown()
+    assert worker == here + 3
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have their own nice value on Linux")
+async def test_a_device_runs_its_workers_below_the_event_loop():
+    import asyncio
+
+    from supervisor import LguestDevice, Supervisor
+
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if here + 2 > 19:
+        pytest.skip("already at the lowest priority")
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async with Supervisor(workers=1, worker_nice=2) as sup:
+        assert await asyncio.wrap_future(sup.device.executor.submit(priority)) == here + 2
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="worker_nice"):
+            LguestDevice(worker_nice=bad)
