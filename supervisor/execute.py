@@ -288,12 +288,15 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
                 exit = CpuExit.DEATH
                 break
             # An interrupt is delivered where its handler will run: not by a kicked slice,
-            # which ends before the next entry, but by the run loop's next slice, on the
-            # event loop, which then runs the guest for up to LONG_INLINE_TIME.
+            # or one whose time is spent, which ends before the next entry, but by the
+            # next slice (the run loop's, on the event loop, gives its handler up to
+            # LONG_INLINE_TIME).
             if (
                 cpu.hold is None
                 and cpu.irqs_pending  # (none pending: nothing to deliver)
                 and not fuel.stop
+                and fuel.left > 0
+                and fuel.budget > 0
                 and interrupts.maybe_do_interrupt(cpu)
                 and budget is not None
             ):

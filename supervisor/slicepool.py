@@ -18,7 +18,8 @@ Guarantees:
 - A job is never run by two workers at once; its steps run one after another.
 - :meth:`Job.cancel` withdraws a job that is waiting in the queue (before its first
   step or between two steps) and returns True; nothing of it runs afterwards.  A job
-  in a step cannot be withdrawn (False): ask the step to end (a kick).
+  in a step cannot be withdrawn (False): ask the step to end (a kick); if the step
+  answers AGAIN all the same, the job ends there, cancelled, and is not queued again.
 
 Any thread may submit, cancel or read ``waiting``; steps never touch the event loop.
 
@@ -32,6 +33,7 @@ core").
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -72,13 +74,20 @@ class Job(Future[_T]):
         self._pool = pool
         self.step = step
         # Guarded by the pool's lock.  queued: in the queue, waiting for a worker;
-        # withdrawn: cancelled there (its entry is skipped when it comes up).
+        # withdrawn: cancelled there (its entry is skipped when it comes up);
+        # stop_asked: cancel() came while a step ran: an AGAIN then ends the job
+        # (cancelled) instead of queueing it again behind every waiting job.
         self.queued = False
         self.withdrawn = False
+        self.stop_asked = False
 
     def cancel(self) -> bool:
-        """Withdraw the job if it waits in the queue; False while a step runs or once done."""
-        return self._pool._withdraw(self) and super().cancel()
+        """Withdraw the job if it waits in the queue (True, as when already cancelled).
+        False while a step runs (the job then ends after it, cancelled if the step
+        answers AGAIN) or once done."""
+        if self._pool._withdraw(self):
+            return super().cancel()
+        return self.cancelled()
 
 
 def _lower_priority(steps: int) -> None:
@@ -126,7 +135,7 @@ class SlicePool:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
             self._enqueue(job)
-            if not self._idle and len(self._threads) < self.workers:
+            if self._waiting > self._idle and len(self._threads) < self.workers:
                 thread = threading.Thread(
                     target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
                 )
@@ -138,12 +147,19 @@ class SlicePool:
         """No new jobs; with ``cancel_futures`` every queued job is withdrawn.  A job
         that answers AGAIN after this is withdrawn too, so ``wait`` ends once each
         worker's current step has.  Safe to call twice."""
+        withdrawn: list[Job[Any]] = []
         with self._lock:
             self._closed = True
-            queued = [job for job in self._queue if not job.withdrawn] if cancel_futures else []
+            if cancel_futures:
+                for job in self._queue:
+                    if job.queued:
+                        job.queued = False
+                        job.withdrawn = True
+                        self._waiting -= 1
+                        withdrawn.append(job)
             self._lock.notify_all()
-        for job in queued:
-            job.cancel()
+        for job in withdrawn:
+            Future.cancel(job)  # (outside the lock: it runs the future's callbacks)
         if wait:
             for thread in list(self._threads):
                 if thread is not threading.current_thread():
@@ -160,6 +176,7 @@ class SlicePool:
     def _withdraw(self, job: Job[Any]) -> bool:
         with self._lock:
             if not job.queued:
+                job.stop_asked = not job.done()
                 return False
             job.queued = False
             job.withdrawn = True
@@ -183,7 +200,10 @@ class SlicePool:
 
     # -- worker threads ---------------------------------------------------------------
     def _work(self) -> None:
-        _lower_priority(self.nice)  # (a new thread starts at its creator's priority)
+        # (A new thread starts at its creator's priority.  Where lowering it is not
+        # allowed, a sandbox, the worker runs at that priority.)
+        with contextlib.suppress(OSError):
+            _lower_priority(self.nice)
         while True:
             with self._lock:
                 job = self._take()
@@ -192,7 +212,7 @@ class SlicePool:
             try:
                 result = job.step()
                 # Nobody waits for this worker: go on here, without a trip through the queue.
-                while result is AGAIN and not self._waiting and not self._closed:
+                while result is AGAIN and not (self._waiting or self._closed or job.stop_asked):
                     result = job.step()
             except BaseException as exc:  # the job's, like ThreadPoolExecutor's
                 job.set_exception(exc)
@@ -201,7 +221,7 @@ class SlicePool:
                 job.set_result(result)
                 continue
             with self._lock:
-                if not self._closed:
+                if not self._closed and not job.stop_asked:
                     self._enqueue(job)  # to the back: every job waiting now goes first
                     continue
-            Future.cancel(job)  # shut down: it ends as if withdrawn from the queue
+            Future.cancel(job)  # shut down or asked to stop: as if withdrawn from the queue

@@ -60,14 +60,19 @@ def test_busy_jobs_take_turns_in_fifo_order():
     assert log == ["a", "b", "a", "b", "a", "b"]
 
 
-def test_a_lone_job_goes_on_on_its_worker():
+def test_a_lone_job_goes_on_on_its_worker_without_queueing_again():
     pool = SlicePool(2)
     threads: list[int] = []
+    waiting: list[int] = []
     log: list[str] = []
     inner = stepper("a", log, 50)
+    # Both workers started and idle first, so the job could move to the other one.
+    warm = [pool.submit(stepper(f"w{i}", [], 1)) for i in range(2)]
+    assert [w.result(WAIT) for w in warm] == ["w0", "w1"]
 
     def step() -> str | Again:
         threads.append(threading.get_ident())
+        waiting.append(pool.waiting)
         return inner()
 
     try:
@@ -75,10 +80,29 @@ def test_a_lone_job_goes_on_on_its_worker():
     finally:
         pool.shutdown()
     assert len(log) == 50 and len(set(threads)) == 1
-    assert pool.waiting == 0
+    assert waiting == [0] * 50  # never back in the queue
 
 
-def test_a_job_is_withdrawn_between_steps_but_not_during_one():
+def test_a_job_asked_to_stop_during_a_step_ends_instead_of_queueing_again():
+    # The kick for it may come too late for the step to see it: the AGAIN that follows
+    # must not send the job to the back of a long queue.
+    pool = SlicePool(1)
+    log: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    try:
+        a = pool.submit(stepper("a", log, 5, hold_first(release, started)))
+        assert started.wait(WAIT)
+        b = pool.submit(stepper("b", log, 2))
+        assert not a.cancel()  # in a step
+        release.set()
+        assert b.result(WAIT) == "b"
+        assert a.cancelled() and a.cancel()
+    finally:
+        pool.shutdown()
+    assert log == ["a", "b", "b"]
+
+
+def test_a_job_is_withdrawn_between_steps():
     pool = SlicePool(1)
     log: list[str] = []
     release_a, a_started = threading.Event(), threading.Event()
@@ -87,13 +111,12 @@ def test_a_job_is_withdrawn_between_steps_but_not_during_one():
         a = pool.submit(stepper("a", log, 5, hold_first(release_a, a_started)))
         assert a_started.wait(WAIT)
         b = pool.submit(stepper("b", log, 1, hold_first(release_b, b_started)))
-        assert not a.cancel()  # in a step: only a kick could end it
         release_a.set()  # a answers AGAIN and queues behind b, which now runs
         assert b_started.wait(WAIT)
         assert pool.waiting == 1
         assert a.cancel()  # waiting between two steps: withdrawn
         assert a.cancelled() and pool.waiting == 0
-        assert not a.cancel()
+        assert a.cancel()  # (already cancelled: True, like a Future)
         release_b.set()
         assert b.result(WAIT) == "b"
     finally:
@@ -123,12 +146,14 @@ def test_shutdown_withdraws_queued_jobs_and_ends_busy_ones():
     busy = pool.submit(stepper("busy", log, 10**9, hold_first(release, started)))
     assert started.wait(WAIT)
     queued = pool.submit(stepper("queued", log, 1))
-    stopper = threading.Thread(target=pool.shutdown, kwargs={"cancel_futures": True})
-    stopper.start()
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert queued.cancelled()
     release.set()  # busy answers AGAIN after shutdown: withdrawn, not run forever
+    stopper = threading.Thread(target=pool.shutdown)
+    stopper.start()
     stopper.join(WAIT)
     assert not stopper.is_alive()
-    assert queued.cancelled() and busy.cancelled()
+    assert busy.cancelled()
     assert "queued" not in log
     with pytest.raises(RuntimeError):
         pool.submit(stepper("late", log, 1))
