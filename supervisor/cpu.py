@@ -70,7 +70,7 @@ class CpuStats:
     # exit-request path has no per-block code, so it keeps no count (blocks stays as it was).
     blocks: int = 0
     slices: int = 0  # slices run (on the executor or, short ones, on the event loop)
-    continued: int = 0  # of those, slices that went on from the last on its worker (run_slice)
+    continued: int = 0  # of those, slices after which the run went on without the loop (AGAIN)
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
@@ -232,7 +232,9 @@ class LgCpu:
     budget: int = host_only(default=DEFAULT_BUDGET)  # adaptive slice length, in blocks
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
     yielded_at: float = host_only(default=0.0)  # run.py: its inline slices last let the loop run
-    # An executor slice submitted and not finished (maybe not started): run.py owns it.
+    # An executor run (a slicepool.Job) submitted and not finished: run.py owns it.  Its
+    # cancel() withdraws it while it waits in the pool's queue (before its first slice or
+    # between two); while a slice runs it only asks the run to end after that slice.
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     trap: Trap = host_only(default_factory=Trap)
     reading: bool = host_only(default=False)  # a read of this CPU is in flight

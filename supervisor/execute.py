@@ -33,8 +33,11 @@ from .slicepool import AGAIN, Again
 _NEVER = 1 << 32
 TARGET_SLICE = 0.002  # seconds: the budget adapts so a busy slice lasts about this long
 MIN_BUDGET = 1_000
-INLINE_BUDGET = 256  # blocks a slice on the event loop itself may run
-INLINE_TIME = 0.0001  # seconds of CPU time the same slice may run the guest
+# A slice on the event loop itself runs the guest for at most INLINE_TIME seconds of CPU
+# time, and INLINE_BUDGET blocks where blocks are counted (the block hook, the fallback;
+# not the default exit-request path, where time is the only bound).
+INLINE_BUDGET = 256
+INLINE_TIME = 0.0001
 # An inline slice that delivers an interrupt, or a CPU's first, may run the guest this
 # long instead: the handler (with the translation of code the delivery made stale), or
 # the start-up code's translation, finishes on the loop rather than after a whole round

@@ -199,10 +199,11 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
 async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
 
-    A CPU whose last slice ended on its own gets a short slice of at most
-    ``INLINE_BUDGET`` blocks on the event loop itself; one that uses up that budget
-    goes back to the executor.  A slice withdrawn from the executor's queue before
-    it started (:meth:`LgCpu.wake`) ends as a ``KICK``.
+    A CPU whose last slice ended on its own gets a short slice on the event loop
+    itself (``execute.INLINE_TIME``); one that uses it up goes back to the executor,
+    where its run is many slices (:mod:`supervisor.slicepool`).  A run withdrawn from
+    the executor's queue, before its first slice or between two (:meth:`LgCpu.wake`),
+    ends as a ``KICK``.
     """
     if cpu.inline:
         ended = run_slice(cpu, INLINE_BUDGET)
