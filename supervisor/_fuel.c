@@ -87,7 +87,8 @@ typedef struct fuel {
     uint32_t stack[3];          /* LHCALL_SET_STACK's ss, esp, pages */
     int32_t ts;                 /* LHCALL_TS's flag */
     /* The guest's memory, for the page-table calls' checks: fixed for the guest's life */
-    const uint8_t *ram;         /* guest-physical 0 in this process; NULL: no page-table calls */
+    uint8_t *ram;               /* guest-physical 0 in this process; NULL: no page-table calls
+                                   and no native interrupt delivery */
     uint32_t pfn_limit;         /* pages of guest-physical memory (Lguest.pfn_limit) */
     int32_t pad2;
 } fuel_t;
@@ -320,6 +321,12 @@ static reg_write_fn uc_reg_write_fn;
 static int eip_id = -1;
 static int hcall_ids[4]; /* eax, edx, ebx, ecx */
 static int cr0_id = -1, cr3_id = -1;
+/* interrupt delivery (deliver()): the frame's registers, cr4, and uc_ctl's call and
+   request code for TB_REMOVE_CACHE (guest-virtual begin, end) */
+typedef int (*ctl_fn)(void *uc, int control, ...);
+static ctl_fn uc_ctl_fn;
+static int remove_cache_request;
+static int eflags_id = -1, cs_id = -1, esp_id = -1, cr4_id = -1;
 
 #define TRAP_ENTRY 0x1f
 #define HCALL_FREE 0xff
@@ -513,23 +520,27 @@ static void intr_hook(void *uc, uint32_t intno, void *user)
 static PyObject *bind(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *start, *read, *write;
+    PyObject *start, *read, *write, *ctl;
     int eip;
-    if (!PyArg_ParseTuple(args, "OOOi(iiii)ii", &start, &read, &write, &eip, &hcall_ids[0],
-                          &hcall_ids[1], &hcall_ids[2], &hcall_ids[3], &cr0_id, &cr3_id))
+    if (!PyArg_ParseTuple(args, "OOOi(iiii)iiOi(iiii)", &start, &read, &write, &eip,
+                          &hcall_ids[0], &hcall_ids[1], &hcall_ids[2], &hcall_ids[3], &cr0_id,
+                          &cr3_id, &ctl, &remove_cache_request, &eflags_id, &cs_id, &esp_id,
+                          &cr4_id))
         return NULL;
     void *s = PyLong_AsVoidPtr(start);
     void *r = PyLong_AsVoidPtr(read);
     void *w = PyLong_AsVoidPtr(write);
+    void *c = PyLong_AsVoidPtr(ctl);
     if (PyErr_Occurred())
         return NULL;
-    if (s == NULL || r == NULL || w == NULL) {
+    if (s == NULL || r == NULL || w == NULL || c == NULL) {
         PyErr_SetString(PyExc_ValueError, "null function address");
         return NULL;
     }
     uc_emu_start_fn = (emu_start_fn)s;
     uc_reg_read_fn = (reg_read_fn)r;
     uc_reg_write_fn = (reg_write_fn)w;
+    uc_ctl_fn = (ctl_fn)c;
     eip_id = eip;
     Py_RETURN_NONE;
 }
@@ -658,6 +669,167 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return run_result(fuel, status);
 }
 
+/* ---- interrupt delivery (interrupts.set_guest_interrupt) ---------------------------
+   deliver() does what interrupts.set_guest_interrupt and _push do in the common case:
+   the frame (eflags with IF from lguest_data's irq_enabled, cs, eip, and an error code
+   if there is one) lies within one page, whose translation lets the guest write it and
+   lies inside guest memory; the guest is not in user mode; it has its lguest_data,
+   and irq_enabled lies inside guest memory.  Anything else changes nothing and returns
+   None: Python then does the whole delivery, so deaths and their messages come from
+   its one place.  Every check is made before the first change.
+
+   Host writes and the translated code (supervisor/codecache.py): this CPU's
+   translations of what was written are dropped here, the frame's through the
+   guest-virtual address it was written at, the irq_enabled word's through an alias
+   found the way codecache._mapped_at finds one (reported as not dropped if there is
+   none).  Other CPUs of the guest are the caller's to tell. */
+#define CR0_PG 0x80000000u
+#define CR4_PSE 0x10u
+#define PTE_WRITE 0x2
+#define EFLAGS_IF 0x200u
+#define KERNEL_ALIAS 0xc0000000u /* codecache.KERNEL_ALIAS */
+
+/* Lguest.read_u32: 0 if [addr, addr + 4) is not inside guest memory */
+static int ram_u32(const fuel_t *fuel, uint64_t addr, uint32_t *value)
+{
+    if (addr + 4 > (uint64_t)fuel->pfn_limit * PAGE_SIZE)
+        return 0;
+    const uint8_t *p = fuel->ram + addr;
+    *value = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    return 1;
+}
+
+static void ram_put32(fuel_t *fuel, uint64_t addr, uint32_t value)
+{
+    uint8_t *p = fuel->ram + addr;
+    p[0] = (uint8_t)value;
+    p[1] = (uint8_t)(value >> 8);
+    p[2] = (uint8_t)(value >> 16);
+    p[3] = (uint8_t)(value >> 24);
+}
+
+/* pagetables.guest_pa: translate `va`; 0 if the guest has no such mapping */
+static int walk(const fuel_t *fuel, const uint32_t control[3], uint32_t va, int write,
+                uint32_t *pa)
+{
+    if (!(control[0] & CR0_PG)) {
+        *pa = va;
+        return 1;
+    }
+    uint32_t pde, pte;
+    if (!ram_u32(fuel, (uint64_t)(control[1] & ~0xfffu) + 4 * (va >> 22), &pde) ||
+        !(pde & PTE_PRESENT))
+        return 0;
+    if ((pde & PTE_PSE) && (control[2] & CR4_PSE)) {
+        if (write && !(pde & PTE_WRITE))
+            return 0;
+        *pa = (pde & 0xffc00000u) | (va & 0x3fffff);
+        return 1;
+    }
+    if (!ram_u32(fuel, (uint64_t)(pde & ~0xfffu) + 4 * ((va >> 12) & 0x3ff), &pte) ||
+        !(pte & PTE_PRESENT))
+        return 0;
+    if (write && !(pte & PTE_WRITE))
+        return 0;
+    *pa = (pte & ~0xfffu) | (va & 0xfff);
+    return 1;
+}
+
+/* _unicorn.remove_cache: drop this CPU's translations of guest-virtual [begin, end) */
+static int remove_cache(void *uc, uint64_t begin, uint64_t end)
+{
+    return uc_ctl_fn(uc, remove_cache_request, begin, end) == 0;
+}
+
+static PyObject *delivered(uint32_t frame_pa, uint32_t size, int frame_dropped, int written,
+                           int dropped)
+{
+    PyObject *result = PyTuple_New(5);
+    if (result == NULL)
+        return NULL;
+    PyObject *items[5] = {PyLong_FromUnsignedLong(frame_pa), PyLong_FromUnsignedLong(size),
+                          PyBool_FromLong(frame_dropped), PyBool_FromLong(written),
+                          PyBool_FromLong(dropped)};
+    for (int i = 0; i < 5; i++) {
+        if (items[i] == NULL) {
+            for (int j = 0; j < 5; j++)
+                Py_XDECREF(items[j]);
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < 5; i++)
+        PyTuple_SET_ITEM(result, i, items[i]);
+    return result;
+}
+
+/* deliver(address, lo, hi, error_code, irq_enabled, kernel_address) -> None or
+   (frame_pa, frame_size, frame_dropped, data_written, data_dropped).  `error_code` < 0:
+   none; `irq_enabled`: the guest-physical address of lguest_data's irq_enabled;
+   `kernel_address`: Lguest.kernel_address.  Done: the frame is at guest-physical
+   [frame_pa, frame_pa + frame_size), its translations dropped on this CPU if
+   `frame_dropped`; esp and eip are set; irq_enabled was written (0, for an interrupt
+   gate) if `data_written`, its translations dropped on this CPU if `data_dropped`.
+   The caller counts the interrupt (CpuStats) and records what was not dropped. */
+static PyObject *deliver(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "deliver() takes 6 arguments");
+        return NULL;
+    }
+    fuel_t *fuel = fuel_arg(args[0]);
+    if (fuel == NULL)
+        return NULL;
+    unsigned long lo = PyLong_AsUnsignedLong(args[1]);
+    unsigned long hi = PyLong_AsUnsignedLong(args[2]);
+    long long error_code = PyLong_AsLongLong(args[3]);
+    unsigned long long data = PyLong_AsUnsignedLongLong(args[4]);
+    unsigned long long kernel = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (uc_ctl_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
+        return NULL;
+    }
+    void *uc = fuel->uc;
+    uint32_t irq_enabled, eflags, cs, eip, esp, control[3];
+    if (fuel->ram == NULL || uc == NULL || data > UINT32_MAX ||
+        !ram_u32(fuel, data, &irq_enabled))
+        Py_RETURN_NONE;
+    if (!reg32(uc, eflags_id, &eflags) || !reg32(uc, cs_id, &cs) || !reg32(uc, eip_id, &eip) ||
+        !reg32(uc, esp_id, &esp) || !reg32(uc, cr0_id, &control[0]) ||
+        !reg32(uc, cr3_id, &control[1]) || !reg32(uc, cr4_id, &control[2]))
+        Py_RETURN_NONE;
+    if ((cs & 3) == 3)
+        Py_RETURN_NONE; /* user mode: codecache would not look up an alias either */
+    if (!(irq_enabled & EFLAGS_IF))
+        eflags &= ~EFLAGS_IF;
+    uint32_t words[4] = {eflags, cs, eip, (uint32_t)error_code};
+    uint32_t n = error_code >= 0 ? 4 : 3;
+    uint32_t low = esp - 4 * n, pa;
+    if (!(low < esp && low >> 12 == (esp - 1) >> 12) || !walk(fuel, control, low, 1, &pa) ||
+        (uint64_t)pa + 4 * n > (uint64_t)fuel->pfn_limit * PAGE_SIZE)
+        Py_RETURN_NONE; /* across a page, or a push that kills: Python's */
+    for (uint32_t i = 0; i < n; i++) /* in push order: the first word highest */
+        ram_put32(fuel, (uint64_t)pa + 4 * (n - 1 - i), words[i]);
+    set_reg32(uc, esp_id, low);
+    set_reg32(uc, eip_id, (uint32_t)((lo & 0xffff) | (hi & 0xffff0000u)));
+    int frame_dropped = remove_cache(uc, low, (uint64_t)low + 4 * n);
+    int written = ((hi >> 8) & 0xf) == GATE_INTERRUPT, dropped = 0;
+    if (written) {
+        ram_put32(fuel, data, 0);
+        uint64_t aliases[3] = {0, kernel, KERNEL_ALIAS};
+        for (int i = 0; i < 3 && !dropped; i++) {
+            uint64_t va = data + aliases[i];
+            uint32_t back;
+            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back) && back == data)
+                dropped = remove_cache(uc, va, va + 4);
+        }
+    }
+    return delivered(pa, 4 * n, frame_dropped, written, dropped);
+}
+
 static PyObject *kick(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -679,7 +851,11 @@ static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
-     "cr3_id): the Unicorn calls and register ids run() and intr_hook use."},
+     "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4)): the Unicorn calls and "
+     "register ids run(), intr_hook and deliver() use."},
+    {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
+     "deliver(address, lo, hi, error_code, irq_enabled, kernel_address) -> None or "
+     "(frame_pa, frame_size, frame_dropped, data_written, data_dropped) (see _fuel.c)."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},

@@ -46,7 +46,14 @@ from unicorn import (
     Uc,
     UcError,
 )
-from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3
+from unicorn.x86_const import (
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR3,
+    UC_X86_REG_CR4,
+    UC_X86_REG_CS,
+    UC_X86_REG_EFLAGS,
+    UC_X86_REG_ESP,
+)
 
 from . import _unicorn
 from .abi import IDT_ENTRIES
@@ -147,6 +154,9 @@ if _fuel is not None:
         _unicorn.HYPERCALL_REGS,
         UC_X86_REG_CR0,
         UC_X86_REG_CR3,
+        _unicorn.CTL_ADDRESS,
+        _unicorn.REMOVE_CACHE_REQUEST,
+        (UC_X86_REG_EFLAGS, UC_X86_REG_CS, UC_X86_REG_ESP, UC_X86_REG_CR4),
     )
 # The hypercall numbers _fuel.c can complete without Python (see trap_interrupts).
 NATIVE_CALLS: frozenset[int] = frozenset(
@@ -308,6 +318,32 @@ def exact_blocks(uc: Any, fuel: Fuel) -> None:
     _hook_blocks(uc, fuel)
     uc.ctl_flush_tb()
     fuel.exit_request = False
+
+
+# What deliver() returns when it delivered: the frame's guest-physical address and size,
+# whether this CPU's translations of it were dropped, whether lguest_data's irq_enabled
+# was written (0: an interrupt gate) and whether this CPU's translations of it were.
+Delivered = tuple[int, int, bool, bool, bool]
+
+
+def deliver(
+    fuel: Fuel, lo: int, hi: int, error_code: int | None, irq_enabled: int, kernel_address: int
+) -> Delivered | None:
+    """Native paths, CPUs with their memory given to :func:`trap_interrupts`: push the
+    interrupt frame and jump to the gate ``(lo, hi)`` in C, as
+    ``interrupts.set_guest_interrupt`` does, when it is the common case (``_fuel.c``
+    says which: a frame within one writable page of guest memory, not in user mode);
+    None, with nothing changed, for the rest.  ``irq_enabled``: the guest-physical
+    address of ``lguest_data.irq_enabled``.  The CPU must be awake (not hibernated)."""
+    result: Delivered | None = _fuel.deliver(
+        fuel.address,
+        lo,
+        hi,
+        -1 if error_code is None else error_code,
+        irq_enabled,
+        kernel_address,
+    )
+    return result
 
 
 def kick(fuel: Fuel) -> None:

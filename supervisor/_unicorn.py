@@ -182,6 +182,9 @@ _NO_EXITS = (ctypes.c_uint64 * 1)()
 
 
 _REMOVE_CACHE = _write_code(uc_const.UC_CTL_TB_REMOVE_CACHE, 2)
+# For native code (supervisor._fuel): uc_ctl itself, and the request ctl_remove_cache makes.
+CTL_ADDRESS: int | None = ctypes.cast(uclib.uc_ctl, ctypes.c_void_p).value
+REMOVE_CACHE_REQUEST: int = _REMOVE_CACHE
 
 
 def remove_cache(uc: Any, begin: int, end: int) -> None:

@@ -123,6 +123,14 @@ class Lguest:
         for cpu in self.cpus:
             cpu.stale_code.append((addr, addr + size))
 
+    def host_wrote(self, addr: int, size: int, dropped_by: LgCpu | None = None) -> None:
+        """The Host wrote ``[addr, addr+size)`` behind the guest's back (natively):
+        every CPU but ``dropped_by``, which dropped its own translations of it already,
+        must drop them before it runs again (supervisor.codecache)."""
+        for cpu in self.cpus:
+            if cpu is not dropped_by:
+                cpu.stale_code.append((addr, addr + size))
+
     def read_string(self, addr: int, limit: int) -> str | None:
         """A NUL-terminated string of at most ``limit`` bytes, or None if it starts outside."""
         if not self.address_ok(addr, 1):

@@ -13,6 +13,7 @@ import struct
 
 from unicorn import x86_const as r
 
+from . import _slicing
 from .abi import (
     FIRST_EXTERNAL_VECTOR,
     IDT_ENTRIES,
@@ -133,8 +134,26 @@ def report_page_fault(cpu: LgCpu, address: int) -> None:
 
 
 def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) -> None:
-    """Push an interrupt frame on the guest's stack and jump to the gate's handler."""
+    """Push an interrupt frame on the guest's stack and jump to the gate's handler.
+
+    On the native paths the common case is done in C (``_slicing.deliver``), which
+    also drops this CPU's translations of what it wrote; the other CPUs hear of the
+    writes as of any Host write.  The rest (no lguest_data yet, user mode, a frame
+    across a page or one the guest may not write: a death) is done here."""
     lg = cpu.lg
+    data = cpu.lguest_data
+    if _slicing.NATIVE and data is not None and not cpu.hibernated:
+        cpu.check_thread()
+        done = _slicing.deliver(
+            cpu.fuel, lo, hi, error_code, data + LGUEST_DATA_IRQ_ENABLED, lg.kernel_address
+        )
+        if done is not None:
+            frame_pa, size, frame_dropped, data_written, data_dropped = done
+            lg.host_wrote(frame_pa, size, cpu if frame_dropped else None)
+            if data_written:
+                lg.host_wrote(data + LGUEST_DATA_IRQ_ENABLED, 4, cpu if data_dropped else None)
+            cpu.stats.interrupts += 1
+            return
     irq_enabled = X86_EFLAGS_IF
     if cpu.lguest_data is not None:
         irq_enabled = lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED) or 0

@@ -540,3 +540,184 @@ def test_no_host_write_range_is_lost_while_another_thread_records_more():
     finally:
         sys.setswitchinterval(interval)
     assert sorted(taken) == [(i * 16, i * 16 + 4) for i in range(n)]
+
+
+# -- native interrupt delivery and its Python path agree ---------------------------------
+
+DELIVERY_GUEST = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 1
+1:  jmp 1b
+.bss
+.align 4096
+pages: .space 3 * 4096
+"""
+
+
+def _delivery_state(g) -> tuple[object, ...]:
+    from unicorn import x86_const as r
+
+    cpu = g.file.cpu(0)
+    regs = tuple(
+        cpu.reg(x)
+        for x in (r.UC_X86_REG_EFLAGS, r.UC_X86_REG_CS, r.UC_X86_REG_EIP, r.UC_X86_REG_ESP)
+    )
+    ram = bytearray(cpu.lg.ram)
+    time_field = cpu.lguest_data + abi.LGUEST_DATA_TIME  # (the Host's clock when each booted)
+    ram[time_field : time_field + 8] = bytes(8)
+    return regs, bytes(ram), cpu.stats.interrupts, cpu.lg.dead
+
+
+def _stack_entry(cpu, vaddr: int) -> int:
+    """The guest-physical address of the page-table entry mapping ``vaddr`` (4 KiB pages)."""
+    from unicorn import x86_const as r
+
+    pgdir = cpu.reg(r.UC_X86_REG_CR3) & ~0xFFF
+    pde = cpu.lg.read_u32(pgdir + 4 * (vaddr >> 22))
+    return (pde & ~0xFFF) + 4 * ((vaddr >> 12) & 0x3FF)
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_native_delivery_does_what_the_python_path_does(dev, monkeypatch, seed):
+    """Interrupts and traps delivered to two identical guests, through _fuel.c's
+    deliver() and through interrupts.py's own code, from random valid states: esp at
+    every kind of offset in a page (frames across a page boundary are Python's on both),
+    paging on and off, interrupt and trap gates, irq_enabled on or off, error codes or
+    none.  The registers, all of guest memory and the interrupt count agree after each;
+    natively, the common cases never reach the Python path.  The last delivery of a
+    run pushes onto a page the guest may not write (read-only or unmapped): the same
+    death, with the same message."""
+    from unicorn import x86_const as r
+
+    from supervisor import codecache, interrupts
+    from supervisor.cpu import CR0_PG
+
+    native, python = await boot(dev, DELIVERY_GUEST), await boot(dev, DELIVERY_GUEST)
+    for g in (native, python):
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+    assert _delivery_state(native) == _delivery_state(python)
+    pages = native.guest.symbols["pages"]
+    data = native.file.cpu(0).lguest_data
+    assert data is not None
+    real_deliver = _slicing.deliver
+    in_c = 0
+
+    def through(g):
+        nonlocal in_c
+        if g is python:
+            return lambda *_args: None  # the Python path
+
+        def counted(*args):
+            nonlocal in_c
+            done = real_deliver(*args)
+            in_c += done is not None
+            return done
+
+        return counted
+
+    rng = random.Random(seed)
+    n = 150
+    for i in range(n):
+        offset = rng.choice(
+            (0, 4, 8, 12, 16, 20, 4092, 4096, rng.randrange(0, 4097, 4), rng.randrange(4097))
+        )
+        esp = pages + 4096 + offset
+        eflags = (rng.getrandbits(32) & 0xED5) | 0x2  # (arithmetic flags, IF, DF)
+        eip = rng.getrandbits(32)
+        irq_enabled = rng.choice((0, abi.X86_EFLAGS_IF, rng.getrandbits(32)))
+        gate = rng.choice((interrupts.GATE_INTERRUPT, interrupts.GATE_TRAP))
+        lo, hi = rng.getrandbits(32), rng.getrandbits(16) << 16 | 0x8000 | gate << 8
+        error_code = rng.choice((None, 0, rng.getrandbits(32)))
+        paging = rng.random() < 0.7
+        hostile = None
+        if i == n - 1:
+            hostile = ("read-only", "unmapped")[seed % 2]
+            if hostile == "unmapped":
+                esp = 0x3FF00000 + offset  # past the guest's memory and its page tables
+        for g in (native, python):
+            cpu = g.file.cpu(0)
+            cpu.set_reg(r.UC_X86_REG_ESP, esp)
+            cpu.set_reg(r.UC_X86_REG_EFLAGS, eflags)
+            cpu.set_reg(r.UC_X86_REG_EIP, eip)
+            cr0 = cpu.reg(r.UC_X86_REG_CR0)
+            cpu.set_reg(r.UC_X86_REG_CR0, cr0 | CR0_PG if paging or hostile else cr0 & ~CR0_PG)
+            assert cpu.lg.write_u32(data + abi.LGUEST_DATA_IRQ_ENABLED, irq_enabled)
+            if hostile == "read-only":
+                entry = _stack_entry(cpu, esp - 4)
+                cpu.lg.write_u32(entry, cpu.lg.read_u32(entry) & ~2)
+                cpu.flush_tlb()
+            cpu.stale_code.clear()
+            with monkeypatch.context() as m:
+                m.setattr(_slicing, "deliver", through(g))
+                interrupts.set_guest_interrupt(cpu, lo, hi, error_code)
+            # As before the guest runs again (the engine's own lookups then set the
+            # accessed bit of the page-table entries it reads, on both paths alike).
+            codecache.drop_stale(cpu)
+        assert _delivery_state(native) == _delivery_state(python), (i, offset, paging)
+    death = native.file.cpu(0).lg.dead
+    assert death is not None and "cannot push interrupt frame" in death.reason
+    assert native.file.cpu(0).stats.interrupts == n - 1
+    if _slicing.NATIVE:  # all but frames across a page, and the death
+        assert in_c > n // 2
+    else:
+        assert in_c == 0
+
+
+async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev):
+    """The delivering CPU drops its own translations of the frame and of irq_enabled;
+    every other CPU of the guest records both ranges, as for any Host write."""
+    from supervisor import interrupts
+
+    g = await boot(dev, "main:\n LGUEST_INIT\n IDT 0x30, 1f\n HCALL 17, 1\n1: jmp 1b\n", cpus=2)
+    assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+    cpu, other = g.file.cpu(0), g.file.cpu(1)
+    data = cpu.lguest_data
+    assert data is not None
+    cpu.lg.write_u32(data + abi.LGUEST_DATA_IRQ_ENABLED, abi.X86_EFLAGS_IF)
+    cpu.stale_code.clear()
+    other.stale_code.clear()
+    assert interrupts.deliver_trap(cpu, 0x30)  # an interrupt gate: irq_enabled is written
+    esp = cpu.reg(__import__("unicorn.x86_const").x86_const.UC_X86_REG_ESP)
+    frame = (esp, esp + 12)  # (linear = physical in these guests)
+    irq_enabled = (data, data + 4)
+    assert sorted(other.stale_code) == sorted([frame, irq_enabled])
+    assert cpu.lg.read_u32(data + abi.LGUEST_DATA_IRQ_ENABLED) == 0
+    assert list(cpu.stale_code) == ([] if _slicing.NATIVE else [frame, irq_enabled])
+
+
+async def test_a_frame_pushed_over_translated_code_is_executed_as_written(dev):
+    """codecache's guarantee for the frame: the guest has run (translated) the block
+    at `spin` many times; a trap's frame is then pushed over its nops, and the gate's
+    handler is `spin` itself.  The error code is the code `mov $0x42, %al; jmp +12`
+    (over the frame's other words, to the notify): the guest must run those bytes, not
+    the nops it translated, and so notify 0x142, not 0x100."""
+    from unicorn import x86_const as r
+
+    from supervisor import interrupts
+
+    g = await boot(
+        dev,
+        r"""
+main:
+    LGUEST_INIT
+    IDT 0x30, spin, 0xf
+spin:
+    mov $0x100, %eax
+spot:
+    .fill 16, 1, 0x90
+    mov %eax, %edx
+    mov $17, %eax
+    int $0x1f
+    jmp spin
+""",
+    )
+    for _ in range(3):
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(0x100)
+    cpu = g.file.cpu(0)
+    cpu.set_reg(r.UC_X86_REG_ESP, g.guest.symbols["spot"] + 16)
+    error_code = int.from_bytes(bytes((0xB0, 0x42, 0xEB, 0x0C)), "little")
+    lo, hi = cpu.idt[0x30]
+    interrupts.set_guest_interrupt(cpu, lo, hi, error_code)  # (as for a trap with a code)
+    assert cpu.stats.interrupts == 1
+    assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(0x142)
