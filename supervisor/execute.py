@@ -39,10 +39,11 @@ MIN_BUDGET = 1_000
 INLINE_BUDGET = 256
 INLINE_TIME = 0.0001
 # An inline slice that delivers an interrupt, or a CPU's first, may run the guest this
-# long instead: the handler (with the translation of code the delivery made stale), or
-# the start-up code's translation, finishes on the loop rather than after a whole round
-# of the executor's queue.
+# long instead (and, where blocks are counted, this many blocks): the handler (with the
+# translation of code the delivery made stale), or the start-up code's translation,
+# finishes on the loop rather than after a whole round of the executor's queue.
 LONG_INLINE_TIME = 0.0005
+LONG_INLINE_BUDGET = 4096
 # A crowded executor shortens busy slices so that a round of every waiting job's slice
 # takes at most CROWD_ROUND seconds of a worker's CPU time, but not below MIN_SLICE:
 # under load, when the workers get a small share of the cores, a round of 1,000
@@ -304,6 +305,10 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
                 and budget is not None
             ):
                 fuel.left = max(fuel.left, _LONG_INLINE_NS)
+                spent = fuel.blocks - blocks_before
+                allowed = cpu.limits.blocks_left(fuel.blocks)
+                longer = LONG_INLINE_BUDGET - spent
+                fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early

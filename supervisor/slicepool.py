@@ -62,6 +62,10 @@ AGAIN: Final = Again()
 DEFAULT_NICE = 10
 
 
+def _withdrawn_step() -> Again:  # pragma: no cover - a withdrawn job's step never runs
+    raise AssertionError("a withdrawn job ran")
+
+
 class Job(Future[_T]):
     """A submitted job: a ``concurrent.futures.Future`` of its result.
 
@@ -153,9 +157,7 @@ class SlicePool:
             if cancel_futures:
                 for job in self._queue:
                     if job.queued:
-                        job.queued = False
-                        job.withdrawn = True
-                        self._waiting -= 1
+                        self._mark_withdrawn(job)
                         withdrawn.append(job)
             self._lock.notify_all()
         for job in withdrawn:
@@ -178,10 +180,17 @@ class SlicePool:
             if not job.queued:
                 job.stop_asked = not job.done()
                 return False
-            job.queued = False
-            job.withdrawn = True
-            self._waiting -= 1
+            self._mark_withdrawn(job)
             return True
+
+    def _mark_withdrawn(self, job: Job[Any]) -> None:
+        """A queued job will not run again.  Its entry stays in the queue until a worker
+        skips it, so its step (and whatever the step holds: a CPU, a guest's memory) is
+        let go now, not then: an idle pool might not look at its queue for a long time."""
+        job.queued = False
+        job.withdrawn = True
+        job.step = _withdrawn_step
+        self._waiting -= 1
 
     def _take(self) -> Job[Any] | None:
         """The next job to run (waiting for one), or None once shut down and empty."""
@@ -215,13 +224,16 @@ class SlicePool:
                 while result is AGAIN and not (self._waiting or self._closed or job.stop_asked):
                     result = job.step()
             except BaseException as exc:  # the job's, like ThreadPoolExecutor's
+                job.step = _withdrawn_step  # (done: let go of what the step holds)
                 job.set_exception(exc)
                 continue
             if result is not AGAIN:
+                job.step = _withdrawn_step
                 job.set_result(result)
                 continue
             with self._lock:
                 if not self._closed and not job.stop_asked:
                     self._enqueue(job)  # to the back: every job waiting now goes first
                     continue
+            job.step = _withdrawn_step
             Future.cancel(job)  # shut down or asked to stop: as if withdrawn from the queue

@@ -209,3 +209,30 @@ async def test_a_device_runs_its_workers_below_the_event_loop():
     for bad in (-1, 20):
         with pytest.raises(ValueError, match="worker_nice"):
             LguestDevice(worker_nice=bad)
+
+
+def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once():
+    # Its entry stays in the queue until a worker skips it; what its step refers to (a
+    # CPU, a guest's memory) must not live that long.
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    pool = SlicePool(1)
+    release, started = threading.Event(), threading.Event()
+    try:
+        busy = pool.submit(stepper("busy", [], 1, hold_first(release, started)))
+        assert started.wait(WAIT)
+        held = Held()
+        alive = weakref.ref(held)
+        queued = pool.submit(lambda h=held: h)
+        del held
+        assert queued.cancel()
+        gc.collect()
+        assert alive() is None  # while the worker is still busy and the entry queued
+    finally:
+        release.set()
+        pool.shutdown()
+    assert busy.result(WAIT) == "busy"
