@@ -120,8 +120,7 @@ class Lguest:
 
     def _host_wrote(self, addr: int, size: int) -> None:
         """No CPU may run a stale translation of what the Host just wrote (supervisor.codecache)."""
-        for cpu in self.cpus:
-            cpu.stale_code.append((addr, addr + size))
+        self.host_wrote(addr, size)
 
     def host_wrote(self, addr: int, size: int, dropped_by: LgCpu | None = None) -> None:
         """The Host wrote ``[addr, addr+size)`` behind the guest's back (natively):
