@@ -231,6 +231,9 @@ class LgCpu:
     clock_due: float = host_only(default=0.0)
     budget: int = host_only(default=DEFAULT_BUDGET)  # adaptive slice length, in blocks
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    # execute.py: the last inline slice that delivered no interrupt used up its time (the
+    # guest computes through them: the next one gets INLINE_TIME, not LONG_INLINE_TIME).
+    inline_spent: bool = host_only(default=False)
     yielded_at: float = host_only(default=0.0)  # run.py: its inline slices last let the loop run
     # An executor run (a slicepool.Job) submitted and not finished: run.py owns it.  Its
     # cancel() withdraws it while it waits in the pool's queue (before its first slice or
@@ -280,14 +283,15 @@ class LgCpu:
         """Something happened the run loop must see now (an irq, a break, a hold, close).
 
         The one way to wake a CPU, like lguest's ``wake_up_process || kick_process``:
-        a sleeping run loop is woken; a slice waiting in the executor's queue is
-        withdrawn (the run loop sees the news without waiting its turn, and runs the
-        next slice briefly on the event loop); a running one is kicked.
+        a sleeping run loop is woken; a run waiting in the executor's queue is
+        withdrawn (the run loop sees the news without waiting its turn); a running one
+        is kicked.  Either way the next slice runs briefly on the event loop.
         """
         self.kick()
         queued = self.queued_slice
-        if queued is not None and queued.cancel():
-            self.inline = True
+        if queued is not None:
+            queued.cancel()
+        self.inline = True
         self.wakeup.set()
 
     def raise_irq(self, irq: int) -> None:

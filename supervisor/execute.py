@@ -38,10 +38,12 @@ MIN_BUDGET = 1_000
 # not the default exit-request path, where time is the only bound).
 INLINE_BUDGET = 256
 INLINE_TIME = 0.0001
-# An inline slice that delivers an interrupt, or a CPU's first, may run the guest this
-# long instead (and, where blocks are counted, this many blocks): the handler (with the
-# translation of code the delivery made stale), or the start-up code's translation,
-# finishes on the loop rather than after a whole round of the executor's queue.
+# An inline slice may run the guest this long instead (and, where blocks are counted, a
+# delivering one this many blocks) unless the CPU's last one used up its time: a handler
+# (with the translation of code the delivery made stale), start-up code, or a guest
+# that notifies every few microseconds finishes on the loop rather than after a round
+# of the executor's queue, while a guest that computes through its inline slices gives
+# the loop back after INLINE_TIME.
 LONG_INLINE_TIME = 0.0005
 LONG_INLINE_BUDGET = 4096
 # A crowded executor shortens busy slices so that a round of every waiting job's slice
@@ -272,7 +274,11 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
     if budget is None:
         fuel.left = busy_ns
     else:
-        fuel.left = _INLINE_NS if cpu.stats.slices else _LONG_INLINE_NS
+        # Short only for a CPU known to compute through its inline slices: a longer
+        # deadline than the slicer's tick costs no wake-up of the slicer thread, which
+        # a notify round trip (ending by itself in microseconds) would otherwise pay.
+        fuel.left = _INLINE_NS if cpu.inline_spent else _LONG_INLINE_NS
+    delivered = False
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
@@ -305,6 +311,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
                 and budget is not None
             ):
                 fuel.left = max(fuel.left, _LONG_INLINE_NS)
+                delivered = True
                 spent = fuel.blocks - blocks_before
                 allowed = cpu.limits.blocks_left(fuel.blocks)
                 longer = LONG_INLINE_BUDGET - spent
@@ -328,6 +335,8 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
         exit = CpuExit.DEATH
     finally:
         cpu.slice_thread = None
+        if budget is not None and not delivered:
+            cpu.inline_spent = fuel.reason == _slicing.REASON_BUDGET
         elapsed = time.perf_counter() - start
         stats = cpu.stats
         stats.slices += 1

@@ -227,7 +227,10 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
-            return CpuExit.KICK  # withdrawn while it waited for a worker: go round again
+            # Withdrawn while it waited for a worker, or ended after a slice by a wake():
+            # go round again, the next slice on the loop, as after any kick.
+            cpu.inline = True
+            return CpuExit.KICK
         if not queued.cancel():  # already running: stop it at its next block and wait
             cpu.kick()
             await wait_quietly(future)

@@ -361,3 +361,41 @@ counter: .long 0
     assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
     assert await reader == pack_words(0x35)
     assert jobs == []
+
+
+async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them(
+    dev, monkeypatch
+):
+    # A guest that notifies every few instructions gets LONG_INLINE_TIME on the loop (a
+    # deadline that needs no wake-up of the slicer thread); one whose last inline slice
+    # used up its time gets only INLINE_TIME before it goes back to a worker.
+    from supervisor import _slicing, execute
+
+    lefts: list[int] = []
+    real = _slicing.run
+
+    def recording(uc, fuel, *args):
+        if threading.current_thread() is threading.main_thread():
+            lefts.append(fuel.left)
+        return real(uc, fuel, *args)
+
+    monkeypatch.setattr(_slicing, "run", recording)
+    chatty = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 5\n jmp 1b\n")
+    for _ in range(20):
+        assert await chatty.file.read(8) == pack_words(5)
+    assert lefts[-10:] == [execute._LONG_INLINE_NS] * 10
+    busy = await boot(dev, SPIN)
+    for _ in range(2):  # the first resume runs out its long slice; the second is short
+        reader = asyncio.create_task(busy.file.read(8))
+        await until(lambda: busy.file.stats.slices > 3)
+        waker = busy.file.waker()
+        breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
+        await expect(errno.EAGAIN, reader)
+        lefts.clear()
+        assert await busy.file.write(pack_words(LHREQ_BREAK, 0)) == 0
+        await breaker
+    reader = asyncio.create_task(busy.file.read(8))
+    await until(lambda: bool(lefts))
+    assert lefts[0] == execute._INLINE_NS
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
