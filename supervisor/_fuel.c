@@ -443,7 +443,7 @@ static int native_hcall(void *uc, fuel_t *fuel, uint32_t number, uint32_t a1, ui
             return 0; /* kills: "bad page directory ... index" */
         if (a2 >= SWITCHER_PGD_INDEX)
             return 0; /* Python rewrites the Host's entry: a Host write to guest memory,
-                         which every CPU's code cache must hear of (Lguest._host_wrote) */
+                         which every CPU's code cache must hear of (Lguest.host_wrote) */
         const uint8_t *p = fuel->ram + a1 + 4 * a2; /* inside: pgdir_ok */
         uint32_t pde = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
                        (uint32_t)p[3] << 24;

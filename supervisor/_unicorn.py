@@ -181,16 +181,15 @@ _SET_EXITS = _write_code(uc_const.UC_CTL_UC_EXITS, 2)
 _NO_EXITS = (ctypes.c_uint64 * 1)()
 
 
-_REMOVE_CACHE = _write_code(uc_const.UC_CTL_TB_REMOVE_CACHE, 2)
-# For native code (supervisor._fuel): uc_ctl itself, and the request ctl_remove_cache makes.
+# The request ctl_remove_cache makes; with uc_ctl itself, for native code too (_fuel.c).
+REMOVE_CACHE_REQUEST: int = _write_code(uc_const.UC_CTL_TB_REMOVE_CACHE, 2)
 CTL_ADDRESS: int | None = ctypes.cast(uclib.uc_ctl, ctypes.c_void_p).value
-REMOVE_CACHE_REQUEST: int = _REMOVE_CACHE
 
 
 def remove_cache(uc: Any, begin: int, end: int) -> None:
     """Drop the translations of guest-virtual ``[begin, end)`` (``ctl_remove_cache``,
     without the binding's few microseconds of argument handling)."""
-    status = _CTL(handle(uc), _REMOVE_CACHE, ctypes.c_uint64(begin), ctypes.c_uint64(end))
+    status = _CTL(handle(uc), REMOVE_CACHE_REQUEST, ctypes.c_uint64(begin), ctypes.c_uint64(end))
     if status != uc_const.UC_ERR_OK:
         raise UcError(status)
 

@@ -348,31 +348,26 @@ class LgCpu:
     def eip(self) -> int:
         return self.reg(r.UC_X86_REG_EIP)
 
-    def reg(self, reg: int) -> int:
+    def _live_regs(self) -> _unicorn.Registers:
+        """The registers, from the thread that owns the CPU now (thawed if it hibernated)."""
         self.check_thread()
         if self.frozen is not None:
             self.thaw()
-        return self.regs.read(reg)
+        return self.regs
+
+    def reg(self, reg: int) -> int:
+        return self._live_regs().read(reg)
 
     def control(self) -> tuple[int, int, int]:
         """cr0, cr3, cr4, in one read."""
-        self.check_thread()
-        if self.frozen is not None:
-            self.thaw()
-        return self.regs.control()
+        return self._live_regs().control()
 
     def frame(self) -> tuple[int, int, int, int]:
         """eflags, cs, eip, esp, in one read."""
-        self.check_thread()
-        if self.frozen is not None:
-            self.thaw()
-        return self.regs.frame()
+        return self._live_regs().frame()
 
     def set_reg(self, reg: int, value: int) -> None:
-        self.check_thread()
-        if self.frozen is not None:
-            self.thaw()
-        self.regs.write(reg, value)
+        self._live_regs().write(reg, value)
 
     # -- hibernation (event loop) ---------------------------------------------------------
     def hibernate(self) -> bool:

@@ -308,14 +308,10 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
                 and fuel.left > 0
                 and fuel.budget > 0
                 and interrupts.maybe_do_interrupt(cpu)
-                and budget is not None
             ):
-                fuel.left = max(fuel.left, _LONG_INLINE_NS)
                 delivered = True
-                spent = fuel.blocks - blocks_before
-                allowed = cpu.limits.blocks_left(fuel.blocks)
-                longer = LONG_INLINE_BUDGET - spent
-                fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
+                if budget is not None:
+                    _lengthen_for_handler(cpu, fuel.blocks - blocks_before)
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early
@@ -356,6 +352,17 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
                 scaled = (cpu.budget + scaled) // 2  # smooth small corrections only
             cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, scaled))
     return exit
+
+
+def _lengthen_for_handler(cpu: LgCpu, spent: int) -> None:
+    """An inline slice that has ``spent`` blocks and just delivered an interrupt may run
+    the handler for LONG_INLINE_TIME and LONG_INLINE_BUDGET blocks (the CPU's block limit
+    still holds)."""
+    fuel = cpu.fuel
+    fuel.left = max(fuel.left, _LONG_INLINE_NS)
+    longer = LONG_INLINE_BUDGET - spent
+    allowed = cpu.limits.blocks_left(fuel.blocks)
+    fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
 
 
 def _enter_guest(cpu: LgCpu) -> CpuExit:

@@ -102,7 +102,7 @@ class Lguest:
         if not self.address_ok(addr, len(data)):
             return False
         self.ram[addr : addr + len(data)] = data
-        self._host_wrote(addr, len(data))
+        self.host_wrote(addr, len(data))
         return True
 
     def read_u32(self, addr: int) -> int | None:
@@ -115,17 +115,13 @@ class Lguest:
         if not self.address_ok(addr, 4):
             return False
         _U32.pack_into(self.ram, addr, value & 0xFFFFFFFF)
-        self._host_wrote(addr, 4)
+        self.host_wrote(addr, 4)
         return True
 
-    def _host_wrote(self, addr: int, size: int) -> None:
-        """No CPU may run a stale translation of what the Host just wrote (supervisor.codecache)."""
-        self.host_wrote(addr, size)
-
     def host_wrote(self, addr: int, size: int, dropped_by: LgCpu | None = None) -> None:
-        """The Host wrote ``[addr, addr+size)`` behind the guest's back (natively):
-        every CPU but ``dropped_by``, which dropped its own translations of it already,
-        must drop them before it runs again (supervisor.codecache)."""
+        """The Host wrote ``[addr, addr+size)`` behind the guest's back: no CPU may run a
+        stale translation of it, so every CPU but ``dropped_by`` (which dropped its own
+        already, natively) drops them before it runs again (supervisor.codecache)."""
         for cpu in self.cpus:
             if cpu is not dropped_by:
                 cpu.stale_code.append((addr, addr + size))

@@ -155,8 +155,8 @@ def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) ->
             cpu.stats.interrupts += 1
             return
     irq_enabled = X86_EFLAGS_IF
-    if cpu.lguest_data is not None:
-        irq_enabled = lg.read_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED) or 0
+    if data is not None:
+        irq_enabled = lg.read_u32(data + LGUEST_DATA_IRQ_ENABLED) or 0
     eflags, cs, eip, esp = cpu.frame()
     if not irq_enabled & X86_EFLAGS_IF:
         eflags &= ~X86_EFLAGS_IF
@@ -168,8 +168,8 @@ def set_guest_interrupt(cpu: LgCpu, lo: int, hi: int, error_code: int | None) ->
         return
     cpu.set_reg(r.UC_X86_REG_ESP, pushed)
     cpu.set_reg(r.UC_X86_REG_EIP, (lo & 0xFFFF) | (hi & 0xFFFF0000))
-    if gate_type(hi) == GATE_INTERRUPT and cpu.lguest_data is not None:
-        lg.write_u32(cpu.lguest_data + LGUEST_DATA_IRQ_ENABLED, 0)
+    if gate_type(hi) == GATE_INTERRUPT and data is not None:
+        lg.write_u32(data + LGUEST_DATA_IRQ_ENABLED, 0)
     cpu.stats.interrupts += 1
 
 

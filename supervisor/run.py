@@ -227,9 +227,8 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
-            # Withdrawn while it waited for a worker, or ended after a slice by a wake():
-            # go round again, the next slice on the loop, as after any kick.
-            cpu.inline = True
+            # Withdrawn while it waited for a worker, or ended after a slice, by a wake()
+            # (which also put the next slice on the loop): go round again.
             return CpuExit.KICK
         if not queued.cancel():  # already running: stop it at its next block and wait
             cpu.kick()

@@ -62,8 +62,8 @@ AGAIN: Final = Again()
 DEFAULT_NICE = 10
 
 
-def _withdrawn_step() -> Again:  # pragma: no cover - a withdrawn job's step never runs
-    raise AssertionError("a withdrawn job ran")
+def _ended_step() -> Again:  # pragma: no cover - an ended job's step never runs
+    raise AssertionError("an ended job ran")
 
 
 class Job(Future[_T]):
@@ -77,12 +77,11 @@ class Job(Future[_T]):
         super().__init__()
         self._pool = pool
         self.step = step
-        # Guarded by the pool's lock.  queued: in the queue, waiting for a worker;
-        # withdrawn: cancelled there (its entry is skipped when it comes up);
+        # Guarded by the pool's lock.  queued: in the queue, waiting for a worker (an
+        # entry in the queue that is not queued was withdrawn: it is skipped);
         # stop_asked: cancel() came while a step ran: an AGAIN then ends the job
         # (cancelled) instead of queueing it again behind every waiting job.
         self.queued = False
-        self.withdrawn = False
         self.stop_asked = False
 
     def cancel(self) -> bool:
@@ -114,8 +113,8 @@ class SlicePool:
         self.nice = nice
         self._name = name
         self._lock = threading.Condition()
-        # All guarded by _lock.  _queue may hold withdrawn entries (skipped); _waiting
-        # counts the others.  _idle: threads waiting for a job.
+        # All guarded by _lock.  _queue may hold withdrawn entries (not queued: skipped);
+        # _waiting counts the others.  _idle: threads waiting for a job.
         self._queue: deque[Job[Any]] = deque()
         self._waiting = 0
         self._idle = 0
@@ -188,8 +187,7 @@ class SlicePool:
         skips it, so its step (and whatever the step holds: a CPU, a guest's memory) is
         let go now, not then: an idle pool might not look at its queue for a long time."""
         job.queued = False
-        job.withdrawn = True
-        job.step = _withdrawn_step
+        job.step = _ended_step
         self._waiting -= 1
 
     def _take(self) -> Job[Any] | None:
@@ -197,7 +195,7 @@ class SlicePool:
         while True:
             while self._queue:
                 job = self._queue.popleft()
-                if not job.withdrawn:
+                if job.queued:
                     job.queued = False
                     self._waiting -= 1
                     return job
@@ -218,22 +216,24 @@ class SlicePool:
                 job = self._take()
             if job is None:
                 return
+            result: Any = AGAIN
+            error: BaseException | None = None
             try:
                 result = job.step()
                 # Nobody waits for this worker: go on here, without a trip through the queue.
                 while result is AGAIN and not (self._waiting or self._closed or job.stop_asked):
                     result = job.step()
             except BaseException as exc:  # the job's, like ThreadPoolExecutor's
-                job.step = _withdrawn_step  # (done: let go of what the step holds)
-                job.set_exception(exc)
-                continue
-            if result is not AGAIN:
-                job.step = _withdrawn_step
+                error = exc
+            if error is None and result is AGAIN:
+                with self._lock:
+                    if not self._closed and not job.stop_asked:
+                        self._enqueue(job)  # to the back: every job waiting now goes first
+                        continue
+            job.step = _ended_step  # ended: let go of what the step holds
+            if error is not None:
+                job.set_exception(error)
+            elif result is AGAIN:
+                Future.cancel(job)  # shut down or asked to stop: as if withdrawn from the queue
+            else:
                 job.set_result(result)
-                continue
-            with self._lock:
-                if not self._closed and not job.stop_asked:
-                    self._enqueue(job)  # to the back: every job waiting now goes first
-                    continue
-            job.step = _withdrawn_step
-            Future.cancel(job)  # shut down or asked to stop: as if withdrawn from the queue
