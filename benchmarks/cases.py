@@ -373,30 +373,38 @@ async def latency(p: Profile) -> list[Result]:
     raw = await asyncio.get_running_loop().run_in_executor(None, _raw_stop_latency, 100)
     break_lat: list[float] = []
     irq_lat: list[float] = []
+    # Every sample, BREAK or IRQ, by where the CPU was when asked: in a slice on a worker
+    # thread (which must get a core to see the kick, like raw's emu_stop) or not (waiting
+    # in the pool's queue: only the event loop's thread is involved).
+    on_worker: list[float] = []
+    elsewhere: list[float] = []
     async with LguestDevice() as dev:
         gs = [await boot(dev, image) for _ in range(n)]
         for g in gs:
             assert await g.read_word() == 1
-        pending_break: dict[int, float] = {}
-        pending_irq: dict[int, float] = {}
+        cpus = [g.file.cpu(0) for g in gs]
+        pending_break: dict[int, tuple[float, bool]] = {}
+        pending_irq: dict[int, tuple[float, bool]] = {}
         running = True
+
+        def done(latencies: list[float], asked: tuple[float, bool] | None) -> None:
+            if asked is not None:
+                took = now() - asked[0]
+                latencies.append(took)
+                (on_worker if asked[1] else elsewhere).append(took)
 
         async def reader(i: int, g: Booted) -> None:
             while running:
                 try:
                     word = await g.read_word()
                 except BlockingIOError:
-                    t0 = pending_break.pop(i, None)
-                    if t0 is not None:
-                        break_lat.append(now() - t0)
+                    done(break_lat, pending_break.pop(i, None))
                     await g.file.write(pack_words(LHREQ_BREAK, 0))
                     continue
                 except OSError:
                     return
                 if word == 0x35:
-                    t0 = pending_irq.pop(i, None)
-                    if t0 is not None:
-                        irq_lat.append(now() - t0)
+                    done(irq_lat, pending_irq.pop(i, None))
 
         readers = [asyncio.create_task(reader(i, g)) for i, g in enumerate(gs)]
         wakers = [g.file.waker() for g in gs]
@@ -410,13 +418,15 @@ async def latency(p: Profile) -> list[Result]:
             if i in pending_break or i in pending_irq:
                 continue
             k += 1
+            # (Read on the loop's thread, which runs no slice now: set only by a worker's.)
+            asked = (now(), cpus[i].slice_thread is not None)
             if k % 2:
-                pending_break[i] = now()
+                pending_break[i] = asked
                 t = asyncio.create_task(wakers[i].write(pack_words(LHREQ_BREAK, 1)))
                 waker_tasks.add(t)
                 t.add_done_callback(waker_tasks.discard)
             else:
-                pending_irq[i] = now()
+                pending_irq[i] = asked
                 await gs[i].file.write(pack_words(LHREQ_IRQ, 3))
         await asyncio.sleep(0.5)  # let outstanding samples finish
         running = False
@@ -426,6 +436,18 @@ async def latency(p: Profile) -> list[Result]:
     raw_p99 = percentile(raw, 99) * 1e3
     b99 = percentile(break_lat, 99) * 1e3
     i99 = percentile(irq_lat, 99) * 1e3
+    share = len(on_worker) / max(1, len(on_worker) + len(elsewhere))
+    where = {
+        "on_worker_share": share,
+        "on_worker_p50_ms": median(on_worker) * 1e3 if on_worker else None,
+        "on_worker_p99_ms": percentile(on_worker, 99) * 1e3 if on_worker else None,
+        "elsewhere_p99_ms": percentile(elsewhere, 99) * 1e3 if elsewhere else None,
+    }
+    split = (
+        f"{share:.1%} of requests found the CPU in a worker's slice (median "
+        f"{where['on_worker_p50_ms'] or 0:.2f} ms), the others' p99 "
+        f"{where['elsewhere_p99_ms'] or 0:.2f} ms"
+    )
     common = f"{n} busy guests; raw: emu_stop from another thread until emu_start returns"
     return [
         Result(
@@ -438,12 +460,14 @@ async def latency(p: Profile) -> list[Result]:
             2.0,
             "value",
             "lower",
-            f"{len(break_lat)} samples, median {median(break_lat) * 1e3:.3f} ms; {common}",
+            f"{len(break_lat)} samples, median {median(break_lat) * 1e3:.3f} ms; {common}; "
+            f"all samples: {split}",
             {
                 "samples": len(break_lat),
                 "p50_ms": median(break_lat) * 1e3,
                 "max_ms": max(break_lat, default=0) * 1e3,
                 "unfinished": lost,
+                **where,
             },
         ),
         Result(
