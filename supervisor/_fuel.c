@@ -377,7 +377,7 @@ static int entry_ok(const fuel_t *fuel, uint32_t entry, int big)
 }
 
 /* interrupts.IGNORED_VECTORS: NMI, double fault, spurious, the hypercall trap */
-static int ignored_vector(uint32_t num)
+static int ignored_vector(uint32_t num) /* (exported as constants' IGNORED_VECTORS) */
 {
     return num == 2 || num == 8 || num == 15 || num == TRAP_ENTRY;
 }
@@ -875,6 +875,33 @@ PyMODINIT_FUNC PyInit__fuel(void)
     PyObject *m = PyModule_Create(&fuel_module);
     if (m == NULL)
         return NULL;
+    /* Every number this file repeats from the Python side, by its name there: a test
+       (tests/test_hotpath.py) holds each to its twin, so neither side drifts alone. */
+    PyObject *constants = Py_BuildValue(
+        "{sIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIs(IIII)}",
+        "abi.LGUEST_TRAP_ENTRY", (unsigned)TRAP_ENTRY, "abi.HCALL_FREE", (unsigned)HCALL_FREE,
+        "abi.LHCALL_FLUSH_TLB", (unsigned)LHCALL_FLUSH_TLB,
+        "abi.LHCALL_LOAD_IDT_ENTRY", (unsigned)LHCALL_LOAD_IDT_ENTRY,
+        "abi.LHCALL_SET_STACK", (unsigned)LHCALL_SET_STACK, "abi.LHCALL_TS", (unsigned)LHCALL_TS,
+        "abi.LHCALL_SET_PTE", (unsigned)LHCALL_SET_PTE, "abi.LHCALL_SET_PMD", (unsigned)LHCALL_SET_PMD,
+        "abi.IDT_ENTRIES", (unsigned)IDT_ENTRIES, "abi.GUEST_PL", (unsigned)GUEST_PL,
+        "cpu.CR0_TS", (unsigned)CR0_TS, "interrupts.GATE_INTERRUPT", (unsigned)GATE_INTERRUPT,
+        "interrupts.GATE_TRAP", (unsigned)GATE_TRAP, "abi.PAGE_SIZE", (unsigned)PAGE_SIZE,
+        "abi.SWITCHER_ADDR", (unsigned)SWITCHER_ADDR,
+        "abi.SWITCHER_PGD_INDEX", (unsigned)SWITCHER_PGD_INDEX,
+        "pagetables.PTRS_PER_TABLE", (unsigned)PTRS_PER_TABLE,
+        "pagetables.PTE_PRESENT", (unsigned)PTE_PRESENT, "pagetables.PTE_PSE", (unsigned)PTE_PSE,
+        "cpu.CR0_PG", (unsigned)CR0_PG, "cpu.CR4_PSE", (unsigned)CR4_PSE,
+        "pagetables.PTE_WRITE", (unsigned)PTE_WRITE, "abi.X86_EFLAGS_IF", (unsigned)EFLAGS_IF,
+        "codecache.KERNEL_ALIAS", (unsigned)KERNEL_ALIAS,
+        "_slicing.REASON_STOP", (unsigned)REASON_STOP,
+        "_slicing.REASON_BUDGET", (unsigned)REASON_BUDGET,
+        "interrupts.IGNORED_VECTORS", 2u, 8u, 15u, (unsigned)TRAP_ENTRY); /* ignored_vector() */
+    if (PyModule_AddObject(m, "constants", constants) < 0) {
+        Py_XDECREF(constants);
+        Py_DECREF(m);
+        return NULL;
+    }
     if (PyModule_AddObject(m, "block_hook", PyLong_FromVoidPtr((void *)block_hook)) < 0 ||
         PyModule_AddObject(m, "intr_hook", PyLong_FromVoidPtr((void *)intr_hook)) < 0 ||
         PyModule_AddIntConstant(m, "fuel_size", (long)sizeof(fuel_t)) < 0 ||

@@ -3,6 +3,7 @@ must keep doing, and what it must not do twice."""
 
 import asyncio
 import contextlib
+import importlib
 import itertools
 import random
 import time
@@ -76,6 +77,20 @@ async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatc
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert max(gaps) <= 4, gaps  # the loop ran at least every fourth read
     assert len(ticks) <= 200 // 3, len(ticks)  # and not after every read
+
+
+def test_the_native_code_uses_the_python_sides_numbers():
+    """_fuel.c repeats ABI numbers, gate types, page-table bits and more: each must
+    equal its Python twin, so that neither side can change alone."""
+    fuel = pytest.importorskip("supervisor._fuel")
+    assert len(fuel.constants) >= 27
+    for name, native in fuel.constants.items():
+        module, attr = name.split(".")
+        python = getattr(importlib.import_module(f"supervisor.{module}"), attr)
+        if isinstance(native, tuple):
+            assert frozenset(native) == python, name
+        else:
+            assert native == python, name
 
 
 def test_a_run_with_no_time_left_does_not_start():
