@@ -701,6 +701,51 @@ async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev):
     assert list(cpu.stale_code) == ([] if _slicing.NATIVE else [frame, irq_enabled])
 
 
+@pytest.mark.skipif(not _slicing.NATIVE, reason="the native delivery is not built here")
+@pytest.mark.parametrize("mapped", ["kernel_address", "KERNEL_ALIAS", "nowhere"])
+async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(dev, mapped):
+    """With paging on and no identity mapping of lguest_data, the native delivery finds
+    irq_enabled where codecache would (at the guest's kernel_address, or at
+    KERNEL_ALIAS) and drops this CPU's translations there itself; mapped nowhere, the
+    range is left to codecache.drop_stale like any Host write.  The frame, pushed at a
+    mapped esp, is dropped natively either way."""
+    from unicorn import x86_const as r
+
+    from supervisor import codecache, interrupts
+    from supervisor.cpu import CR0_PG
+
+    g = await boot(dev, DELIVERY_GUEST)
+    assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+    cpu = g.file.cpu(0)
+    lg = cpu.lg
+    data = cpu.lguest_data
+    assert data is not None and data < 1 << 22  # (in the first 4 MiB, like everything)
+    irq_enabled = data + abi.LGUEST_DATA_IRQ_ENABLED
+    pgdir = cpu.reg(r.UC_X86_REG_CR3) & ~0xFFF
+    low = lg.read_u32(pgdir)  # the identity mapping of the first 4 MiB
+    # The stack, through a mapping that is none of the three aliases.
+    stack_base = 0x40000000
+    lg.write_u32(pgdir + 4 * (stack_base >> 22), low)
+    if mapped == "kernel_address":
+        lg.kernel_address = 0x80000000
+        lg.write_u32(pgdir + 4 * (lg.kernel_address >> 22), low)
+    if mapped != "KERNEL_ALIAS":
+        lg.write_u32(pgdir + 4 * (codecache.KERNEL_ALIAS >> 22), 0)
+    lg.write_u32(pgdir, 0)
+    cpu.set_reg(r.UC_X86_REG_CR0, cpu.reg(r.UC_X86_REG_CR0) | CR0_PG)
+    cpu.flush_tlb()
+    esp = stack_base + g.guest.symbols["pages"] + 4096
+    cpu.set_reg(r.UC_X86_REG_ESP, esp)
+    assert lg.write_u32(irq_enabled, abi.X86_EFLAGS_IF)
+    cpu.stale_code.clear()
+    hi = 0x8000 | interrupts.GATE_INTERRUPT << 8
+    interrupts.set_guest_interrupt(cpu, 0x1234, hi, None)
+    assert cpu.reg(r.UC_X86_REG_ESP) == esp - 12  # delivered, natively (nothing else left)
+    assert lg.read_u32(irq_enabled) == 0
+    left = [] if mapped != "nowhere" else [(irq_enabled, irq_enabled + 4)]
+    assert list(cpu.stale_code) == left
+
+
 async def test_a_frame_pushed_over_translated_code_is_executed_as_written(dev):
     """codecache's guarantee for the frame: the guest has run (translated) the block
     at `spin` many times; a trap's frame is then pushed over its nops, and the gate's
