@@ -377,9 +377,15 @@ static int entry_ok(const fuel_t *fuel, uint32_t entry, int big)
 }
 
 /* interrupts.IGNORED_VECTORS: NMI, double fault, spurious, the hypercall trap */
-static int ignored_vector(uint32_t num) /* (exported as constants' IGNORED_VECTORS) */
+static const uint32_t IGNORED_VECTORS[] = {2, 8, 15, TRAP_ENTRY};
+#define N_IGNORED (sizeof IGNORED_VECTORS / sizeof IGNORED_VECTORS[0])
+
+static int ignored_vector(uint32_t num)
 {
-    return num == 2 || num == 8 || num == 15 || num == TRAP_ENTRY;
+    for (size_t i = 0; i < N_IGNORED; i++)
+        if (num == IGNORED_VECTORS[i])
+            return 1;
+    return 0;
 }
 
 /* A 32-bit register through Unicorn's own call, like _unicorn.Registers. */
@@ -868,6 +874,70 @@ static struct PyModuleDef fuel_module = {
     -1, fuel_methods, NULL, NULL, NULL, NULL,
 };
 
+/* Every number this file repeats from the Python side, by its name there: a test
+   (tests/test_hotpath.py) holds each to its twin, so that neither side changes alone. */
+static const struct {
+    const char *name;
+    unsigned long value;
+} SHARED[] = {
+    {"abi.LGUEST_TRAP_ENTRY", TRAP_ENTRY},
+    {"abi.HCALL_FREE", HCALL_FREE},
+    {"abi.LHCALL_FLUSH_TLB", LHCALL_FLUSH_TLB},
+    {"abi.LHCALL_LOAD_IDT_ENTRY", LHCALL_LOAD_IDT_ENTRY},
+    {"abi.LHCALL_SET_STACK", LHCALL_SET_STACK},
+    {"abi.LHCALL_TS", LHCALL_TS},
+    {"abi.LHCALL_SET_PTE", LHCALL_SET_PTE},
+    {"abi.LHCALL_SET_PMD", LHCALL_SET_PMD},
+    {"abi.IDT_ENTRIES", IDT_ENTRIES},
+    {"abi.GUEST_PL", GUEST_PL},
+    {"abi.PAGE_SIZE", PAGE_SIZE},
+    {"abi.SWITCHER_ADDR", SWITCHER_ADDR},
+    {"abi.SWITCHER_PGD_INDEX", SWITCHER_PGD_INDEX},
+    {"abi.X86_EFLAGS_IF", EFLAGS_IF},
+    {"cpu.CR0_TS", CR0_TS},
+    {"cpu.CR0_PG", CR0_PG},
+    {"cpu.CR4_PSE", CR4_PSE},
+    {"interrupts.GATE_INTERRUPT", GATE_INTERRUPT},
+    {"interrupts.GATE_TRAP", GATE_TRAP},
+    {"pagetables.PTRS_PER_TABLE", PTRS_PER_TABLE},
+    {"pagetables.PTE_PRESENT", PTE_PRESENT},
+    {"pagetables.PTE_PSE", PTE_PSE},
+    {"pagetables.PTE_WRITE", PTE_WRITE},
+    {"codecache.KERNEL_ALIAS", KERNEL_ALIAS},
+    {"_slicing.REASON_STOP", REASON_STOP},
+    {"_slicing.REASON_BUDGET", REASON_BUDGET},
+};
+
+/* {name: value} of SHARED, and "interrupts.IGNORED_VECTORS": a tuple of ignored_vector()'s */
+static PyObject *shared_constants(void)
+{
+    PyObject *d = PyDict_New();
+    PyObject *ignored = PyTuple_New(N_IGNORED);
+    if (d == NULL || ignored == NULL)
+        goto fail;
+    for (size_t i = 0; i < N_IGNORED; i++) {
+        PyObject *v = PyLong_FromUnsignedLong(IGNORED_VECTORS[i]);
+        if (v == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(ignored, i, v);
+    }
+    if (PyDict_SetItemString(d, "interrupts.IGNORED_VECTORS", ignored) < 0)
+        goto fail;
+    Py_CLEAR(ignored);
+    for (size_t i = 0; i < sizeof SHARED / sizeof SHARED[0]; i++) {
+        PyObject *v = PyLong_FromUnsignedLong(SHARED[i].value);
+        int failed = v == NULL || PyDict_SetItemString(d, SHARED[i].name, v) < 0;
+        Py_XDECREF(v);
+        if (failed)
+            goto fail;
+    }
+    return d;
+fail:
+    Py_XDECREF(ignored);
+    Py_XDECREF(d);
+    return NULL;
+}
+
 PyMODINIT_FUNC PyInit__fuel(void)
 {
     init_wake();
@@ -875,29 +945,8 @@ PyMODINIT_FUNC PyInit__fuel(void)
     PyObject *m = PyModule_Create(&fuel_module);
     if (m == NULL)
         return NULL;
-    /* Every number this file repeats from the Python side, by its name there: a test
-       (tests/test_hotpath.py) holds each to its twin, so neither side drifts alone. */
-    PyObject *constants = Py_BuildValue(
-        "{sIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIsIs(IIII)}",
-        "abi.LGUEST_TRAP_ENTRY", (unsigned)TRAP_ENTRY, "abi.HCALL_FREE", (unsigned)HCALL_FREE,
-        "abi.LHCALL_FLUSH_TLB", (unsigned)LHCALL_FLUSH_TLB,
-        "abi.LHCALL_LOAD_IDT_ENTRY", (unsigned)LHCALL_LOAD_IDT_ENTRY,
-        "abi.LHCALL_SET_STACK", (unsigned)LHCALL_SET_STACK, "abi.LHCALL_TS", (unsigned)LHCALL_TS,
-        "abi.LHCALL_SET_PTE", (unsigned)LHCALL_SET_PTE, "abi.LHCALL_SET_PMD", (unsigned)LHCALL_SET_PMD,
-        "abi.IDT_ENTRIES", (unsigned)IDT_ENTRIES, "abi.GUEST_PL", (unsigned)GUEST_PL,
-        "cpu.CR0_TS", (unsigned)CR0_TS, "interrupts.GATE_INTERRUPT", (unsigned)GATE_INTERRUPT,
-        "interrupts.GATE_TRAP", (unsigned)GATE_TRAP, "abi.PAGE_SIZE", (unsigned)PAGE_SIZE,
-        "abi.SWITCHER_ADDR", (unsigned)SWITCHER_ADDR,
-        "abi.SWITCHER_PGD_INDEX", (unsigned)SWITCHER_PGD_INDEX,
-        "pagetables.PTRS_PER_TABLE", (unsigned)PTRS_PER_TABLE,
-        "pagetables.PTE_PRESENT", (unsigned)PTE_PRESENT, "pagetables.PTE_PSE", (unsigned)PTE_PSE,
-        "cpu.CR0_PG", (unsigned)CR0_PG, "cpu.CR4_PSE", (unsigned)CR4_PSE,
-        "pagetables.PTE_WRITE", (unsigned)PTE_WRITE, "abi.X86_EFLAGS_IF", (unsigned)EFLAGS_IF,
-        "codecache.KERNEL_ALIAS", (unsigned)KERNEL_ALIAS,
-        "_slicing.REASON_STOP", (unsigned)REASON_STOP,
-        "_slicing.REASON_BUDGET", (unsigned)REASON_BUDGET,
-        "interrupts.IGNORED_VECTORS", 2u, 8u, 15u, (unsigned)TRAP_ENTRY); /* ignored_vector() */
-    if (PyModule_AddObject(m, "constants", constants) < 0) {
+    PyObject *constants = shared_constants();
+    if (constants == NULL || PyModule_AddObject(m, "constants", constants) < 0) {
         Py_XDECREF(constants);
         Py_DECREF(m);
         return NULL;
