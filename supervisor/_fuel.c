@@ -38,6 +38,7 @@
 #include <sys/prctl.h>
 #include <time.h>
 
+#define REASON_NONE 0
 #define REASON_STOP 1
 #define REASON_BUDGET 2
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
@@ -132,7 +133,7 @@ static int recent;                  /* a run started since the slicer last woke 
 /* Lock held; fuel running. */
 static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
 {
-    if (fuel->reason == 0 || reason == REASON_STOP)
+    if (fuel->reason == REASON_NONE || reason == REASON_STOP)
         fuel->reason = reason;
     fuel->sent = 1;
     fuel->sent_at = now;
@@ -354,6 +355,7 @@ static int eflags_id = -1, cs_id = -1, esp_id = -1, cr4_id = -1;
 #define CR0_TS (1u << 3)
 #define GATE_INTERRUPT 0xe
 #define GATE_TRAP 0xf
+#define GATE_PRESENT 0x8000u
 #define PAGE_SIZE 4096
 #define SWITCHER_ADDR 0xffc00000u /* abi.SWITCHER_ADDR: the Host's top 4 MiB */
 #define SWITCHER_PGD_INDEX 1023
@@ -418,7 +420,7 @@ static int native_hcall(void *uc, fuel_t *fuel, uint32_t number, uint32_t a1, ui
         if (ignored_vector(a1))
             return 1;
         uint32_t type = (a3 >> 8) & 0xf;
-        if ((a3 & 0x8000) && type != GATE_INTERRUPT && type != GATE_TRAP)
+        if ((a3 & GATE_PRESENT) && type != GATE_INTERRUPT && type != GATE_TRAP)
             return 0; /* kills: "bad IDT type" */
         fuel->idt[a1][0] = a2;
         fuel->idt[a1][1] = a3;
@@ -629,7 +631,7 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     fuel->ring = (volatile uint8_t *)(uintptr_t)ring;
     fuel->next_hcall = (int32_t)next_hcall;
-    fuel->reason = 0;
+    fuel->reason = REASON_NONE;
     clockid_t clock;
     int have_clock = pthread_getcpuclockid(pthread_self(), &clock) == 0;
     int64_t used = have_clock ? clock_ns(clock) : INT64_MAX;
@@ -899,11 +901,13 @@ static const struct {
     {"cpu.CR4_PSE", CR4_PSE},
     {"interrupts.GATE_INTERRUPT", GATE_INTERRUPT},
     {"interrupts.GATE_TRAP", GATE_TRAP},
+    {"interrupts.GATE_PRESENT", GATE_PRESENT},
     {"pagetables.PTRS_PER_TABLE", PTRS_PER_TABLE},
     {"pagetables.PTE_PRESENT", PTE_PRESENT},
     {"pagetables.PTE_PSE", PTE_PSE},
     {"pagetables.PTE_WRITE", PTE_WRITE},
     {"codecache.KERNEL_ALIAS", KERNEL_ALIAS},
+    {"_slicing.REASON_NONE", REASON_NONE},
     {"_slicing.REASON_STOP", REASON_STOP},
     {"_slicing.REASON_BUDGET", REASON_BUDGET},
 };

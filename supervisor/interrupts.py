@@ -33,11 +33,12 @@ IGNORED_VECTORS = frozenset({2, 8, 15, LGUEST_TRAP_ENTRY})
 ERROR_CODE_TRAPS = frozenset({8, 10, 11, 12, 13, 14, 17})
 GATE_INTERRUPT = 0xE
 GATE_TRAP = 0xF
+GATE_PRESENT = 0x8000  # (the gate descriptor's P bit, in its high word)
 PAGE_FAULT = 14
 
 
 def gate_present(hi: int) -> bool:
-    return bool(hi & 0x8000)
+    return bool(hi & GATE_PRESENT)
 
 
 def gate_type(hi: int) -> int:
