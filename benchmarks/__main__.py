@@ -96,7 +96,7 @@ async def run_all(profile: Profile, only: list[str]) -> tuple[list[Result], dict
                 f"  [{spent:.1f} s]",
                 flush=True,
             )
-            if r.met is False and r.note:  # what a missed goal was made of
+            if r.met is False and r.note:  # a missed goal: how it was measured, what it was made of
                 print(f"    {r.note}", flush=True)
     return results, errors
 
