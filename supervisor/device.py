@@ -89,6 +89,7 @@ class LguestDevice:
         limits: Limits = UNLIMITED,
         hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
         worker_nice: int = DEFAULT_WORKER_NICE,
+        idle_workers: bool = False,
     ):
         """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
         an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
@@ -96,7 +97,10 @@ class LguestDevice:
         executor threads (default: one per core), which run ``worker_nice`` steps below
         the event loop's priority (Linux: 0 to 19; 0 lets guests' emulation compete
         with the loop, and with other programs, as an equal; see
-        :mod:`supervisor.slicepool`).  A CPU that has slept in a halt,
+        :mod:`supervisor.slicepool`).  ``idle_workers`` runs them under ``SCHED_IDLE``
+        instead (Linux): the event loop then always gets a core at once (on a machine
+        that ran nothing else, it about halved the BREAK and IRQ p99), but the guests
+        get almost no CPU while any other program is busy.  A CPU that has slept in a halt,
         been held or waited for its Launcher for ``hibernate_after`` seconds gives
         back its emulator until it is needed again (0: at once; ``math.inf``: never;
         see :mod:`supervisor.hibernation`)."""
@@ -106,6 +110,7 @@ class LguestDevice:
             raise ValueError(f"worker_nice must be 0 to 19, not {worker_nice!r}")
         self._workers = workers or os.cpu_count() or 1
         self._worker_nice = worker_nice
+        self._idle_workers = idle_workers
         self._executor: SlicePool | None = None
         self._lock: asyncio.Lock | None = None
         self._files: set[LguestFile] = set()
@@ -150,7 +155,9 @@ class LguestDevice:
     def executor(self) -> SlicePool:
         """The worker threads that run guest slices (created at first use)."""
         if self._executor is None:
-            self._executor = SlicePool(self._workers, nice=self._worker_nice)
+            self._executor = SlicePool(
+                self._workers, nice=self._worker_nice, idle=self._idle_workers
+            )
         return self._executor
 
     def open(

@@ -136,17 +136,19 @@ class Supervisor:
         hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
         keep_ended: bool = True,
         worker_nice: int = DEFAULT_WORKER_NICE,
+        idle_workers: bool = False,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
         ``hibernate_after``: seconds an idle guest keeps its emulator (a guest's
         config may say otherwise; see :mod:`supervisor.hibernation`).
         ``keep_ended=False`` lets :attr:`guests` forget a guest once it has ended
-        (a long swarm then holds only the guests alive).  ``workers`` and
-        ``worker_nice``: the device's executor threads (:class:`LguestDevice`)."""
+        (a long swarm then holds only the guests alive).  ``workers``, ``worker_nice``
+        and ``idle_workers``: the device's executor threads (:class:`LguestDevice`)."""
         self.device = LguestDevice(
             workers=workers,
             worker_nice=worker_nice,
+            idle_workers=idle_workers,
             max_guests=max_guests,
             max_memory=max_memory,
             hibernate_after=hibernate_after,

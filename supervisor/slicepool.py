@@ -24,11 +24,16 @@ Guarantees:
 Any thread may submit, cancel or read ``waiting``; steps never touch the event loop.
 
 Workers run ``nice`` steps below the thread that starts them (Linux: a thread's own
-nice value).  The event loop's thread needs the CPU for a few hundred microseconds at
-a time, and at once, when an interrupt or a break arrives; the workers need it all the
-time.  At equal weight, on a machine with as many busy workers as cores, the kernel
-made the loop wait for a core for milliseconds (docs/performance.md, "Who gets the
-core").
+nice value), or, with ``idle``, under Linux's ``SCHED_IDLE`` policy.  The event
+loop's thread needs the CPU for a few hundred microseconds at a time, and at once, when
+an interrupt or a break arrives; the workers need it all the time.  At equal weight, on
+a machine with as many busy workers as cores, the kernel made the loop wait for a core
+for milliseconds (docs/performance.md, "Who gets the core").  Even at +10 a loop that
+just ran is not *eligible* to preempt a worker when a worker wakes it (by releasing the
+GIL the loop waited for), and waits for the kernel's tick; a ``SCHED_IDLE`` thread is
+preempted by any waking normal thread at once, but gets almost no CPU while any normal
+thread of any program is busy: a policy for a machine that runs nothing else
+(docs/performance.md, "What a loaded p99 is made of").
 """
 
 from __future__ import annotations
@@ -93,24 +98,33 @@ class Job(Future[_T]):
         return self.cancelled()
 
 
-def _lower_priority(steps: int) -> None:
-    """This thread's nice value ``steps`` higher (lower priority), where threads have one."""
-    if steps and sys.platform == "linux":
+def _lower_priority(steps: int, idle: bool) -> None:
+    """This thread's nice value ``steps`` higher (lower priority), or its policy
+    ``SCHED_IDLE`` if ``idle``, where threads have their own (Linux)."""
+    if sys.platform != "linux":
+        return
+    if idle:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # (0: this thread)
+    elif steps:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + steps)
 
 
 class SlicePool:
     """``workers`` threads running jobs in turn (module docstring); started as needed,
-    each ``nice`` steps below the priority of the thread that submitted first."""
+    each ``nice`` steps below the priority of the thread that submitted first, or
+    ``SCHED_IDLE`` if ``idle``."""
 
-    def __init__(self, workers: int, name: str = "lguest-cpu", *, nice: int = 0) -> None:
+    def __init__(
+        self, workers: int, name: str = "lguest-cpu", *, nice: int = 0, idle: bool = False
+    ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be 0 to 19, not {nice}")
         self.workers = workers
         self.nice = nice
+        self.idle = idle
         self._name = name
         self._lock = threading.Condition()
         # All guarded by _lock.  _queue may hold withdrawn entries (not queued: skipped);
@@ -210,7 +224,7 @@ class SlicePool:
         # (A new thread starts at its creator's priority.  Where lowering it is not
         # allowed, a sandbox, the worker runs at that priority.)
         with contextlib.suppress(OSError):
-            _lower_priority(self.nice)
+            _lower_priority(self.nice, self.idle)
         while True:
             with self._lock:
                 job = self._take()

@@ -211,6 +211,28 @@ async def test_a_device_runs_its_workers_below_the_event_loop():
             LguestDevice(worker_nice=bad)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="threads have their own policy on Linux")
+async def test_idle_workers_run_under_sched_idle_and_leave_the_loop_alone():
+    import asyncio
+
+    from supervisor import LguestDevice, Supervisor
+
+    def policy() -> int:
+        return os.sched_getscheduler(0)
+
+    here = policy()
+    pool = SlicePool(1, idle=True)
+    try:
+        assert pool.submit(policy).result(WAIT) == os.SCHED_IDLE
+    finally:
+        pool.shutdown()
+    async with Supervisor(workers=1, idle_workers=True) as sup:
+        assert await asyncio.wrap_future(sup.device.executor.submit(policy)) == os.SCHED_IDLE
+    async with LguestDevice(workers=1) as dev:  # (the default: a nice value, not the policy)
+        assert await asyncio.wrap_future(dev.executor.submit(policy)) == here
+    assert policy() == here
+
+
 def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once():
     # Its entry stays in the queue until a worker skips it; what its step refers to (a
     # CPU, a guest's memory) must not live that long.
