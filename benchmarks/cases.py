@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -368,19 +369,40 @@ def _raw_stop_latency(samples: int) -> list[float]:
     return out
 
 
-async def latency(p: Profile) -> list[Result]:
-    image = assemble(BUSY)
+@dataclasses.dataclass
+class _Latencies:
+    """One run of the latency workload: seconds per request, by kind and by where the
+    CPU's run was when asked (see :func:`_latency_run`)."""
+
+    breaks: list[float] = dataclasses.field(default_factory=list)
+    irqs: list[float] = dataclasses.field(default_factory=list)
+    on_worker: list[float] = dataclasses.field(default_factory=list)
+    elsewhere: list[float] = dataclasses.field(default_factory=list)
+    unfinished: int = 0
+
+    def split(self) -> tuple[str, dict[str, Any]]:
+        on_worker, elsewhere = self.on_worker, self.elsewhere
+        share = len(on_worker) / max(1, len(on_worker) + len(elsewhere))
+        where = {
+            "on_worker_share": share,
+            "on_worker_p50_ms": median(on_worker) * 1e3 if on_worker else None,
+            "on_worker_p99_ms": percentile(on_worker, 99) * 1e3 if on_worker else None,
+            "elsewhere_p99_ms": percentile(elsewhere, 99) * 1e3 if elsewhere else None,
+        }
+        text = f"BREAK and IRQ samples together: {share:.1%} found the CPU's run on a worker (" + (
+            f"median {median(on_worker) * 1e3:.2f} ms)" if on_worker else "none)"
+        )
+        if elsewhere:
+            text += f", the others' p99 {percentile(elsewhere, 99) * 1e3:.2f} ms"
+        return text, where
+
+
+async def _latency_run(p: Profile, image: guests.Image, **device: Any) -> _Latencies:
+    """``p.latency_guests`` busy guests on ``LguestDevice(**device)``; every 5 ms a random
+    idle one gets a BREAK or an IRQ (alternately), timed until its reader sees it."""
     n = p.latency_guests
-    raw = await asyncio.get_running_loop().run_in_executor(None, _raw_stop_latency, 100)
-    break_lat: list[float] = []
-    irq_lat: list[float] = []
-    # Every sample, BREAK or IRQ, by where the CPU's run was when asked: on a worker
-    # thread, in a slice or between two (the worker must get a core to see the kick and
-    # publish the slice's end, like raw's emu_stop), or not (waiting in the pool's queue,
-    # or between runs: the event loop withdraws or handles it without any worker).
-    on_worker: list[float] = []
-    elsewhere: list[float] = []
-    async with LguestDevice() as dev:
+    got = _Latencies()
+    async with LguestDevice(**device) as dev:
         gs = [await boot(dev, image) for _ in range(n)]
         for g in gs:
             assert await g.read_word() == 1
@@ -389,24 +411,29 @@ async def latency(p: Profile) -> list[Result]:
         pending_irq: dict[int, tuple[float, bool]] = {}
         running = True
 
+        # Every request, BREAK or IRQ, by where the CPU's run was when asked: on a worker
+        # thread, in a slice or between two (the worker must get a core to see the kick
+        # and publish the slice's end, like raw's emu_stop), or not (waiting in the
+        # pool's queue, or between runs: the loop withdraws or handles it without any
+        # worker).
         def done(latencies: list[float], asked: tuple[float, bool] | None) -> None:
             if asked is not None:
                 took = now() - asked[0]
                 latencies.append(took)
-                (on_worker if asked[1] else elsewhere).append(took)
+                (got.on_worker if asked[1] else got.elsewhere).append(took)
 
         async def reader(i: int, g: Booted) -> None:
             while running:
                 try:
                     word = await g.read_word()
                 except BlockingIOError:
-                    done(break_lat, pending_break.pop(i, None))
+                    done(got.breaks, pending_break.pop(i, None))
                     await g.file.write(pack_words(LHREQ_BREAK, 0))
                     continue
                 except OSError:
                     return
                 if word == 0x35:
-                    done(irq_lat, pending_irq.pop(i, None))
+                    done(got.irqs, pending_irq.pop(i, None))
 
         readers = [asyncio.create_task(reader(i, g)) for i, g in enumerate(gs)]
         wakers = [g.file.waker() for g in gs]
@@ -434,26 +461,26 @@ async def latency(p: Profile) -> list[Result]:
                 await gs[i].file.write(pack_words(LHREQ_IRQ, 3))
         await asyncio.sleep(0.5)  # let outstanding samples finish
         running = False
-        lost = len(pending_break) + len(pending_irq)
+        got.unfinished = len(pending_break) + len(pending_irq)
         await stop_all(dev, gs, readers)
         await asyncio.gather(*waker_tasks, return_exceptions=True)
+    return got
+
+
+async def latency(p: Profile) -> list[Result]:
+    image = assemble(BUSY)
+    n = p.latency_guests
+    raw = await asyncio.get_running_loop().run_in_executor(None, _raw_stop_latency, 100)
+    got = await _latency_run(p, image)
+    # The same with the workers under SCHED_IDLE (LguestDevice(idle_workers=True)): for
+    # a machine that runs nothing else; under load its guests all but stop (no goal).
+    idle = await _latency_run(p, image, idle_workers=True)
     raw_p99 = percentile(raw, 99) * 1e3
-    b99 = percentile(break_lat, 99) * 1e3
-    i99 = percentile(irq_lat, 99) * 1e3
-    share = len(on_worker) / max(1, len(on_worker) + len(elsewhere))
-    where = {
-        "on_worker_share": share,
-        "on_worker_p50_ms": median(on_worker) * 1e3 if on_worker else None,
-        "on_worker_p99_ms": percentile(on_worker, 99) * 1e3 if on_worker else None,
-        "elsewhere_p99_ms": percentile(elsewhere, 99) * 1e3 if elsewhere else None,
-    }
-    split = f"BREAK and IRQ samples together: {share:.1%} found the CPU's run on a worker (" + (
-        f"median {median(on_worker) * 1e3:.2f} ms)" if on_worker else "none)"
-    )
-    if elsewhere:
-        split += f", the others' p99 {percentile(elsewhere, 99) * 1e3:.2f} ms"
+    b99 = percentile(got.breaks, 99) * 1e3
+    i99 = percentile(got.irqs, 99) * 1e3
+    split, where = got.split()
     common = f"{n} busy guests; raw: emu_stop from another thread until emu_start returns"
-    return [
+    results = [
         Result(
             "break_latency",
             f"BREAK latency p99, {n} busy guests",
@@ -464,12 +491,13 @@ async def latency(p: Profile) -> list[Result]:
             2.0,
             "value",
             "lower",
-            f"{len(break_lat)} samples, median {median(break_lat) * 1e3:.3f} ms; {common}; {split}",
+            f"{len(got.breaks)} samples, median {median(got.breaks) * 1e3:.3f} ms; {common}; "
+            f"{split}",
             {
-                "samples": len(break_lat),
-                "p50_ms": median(break_lat) * 1e3,
-                "max_ms": max(break_lat, default=0) * 1e3,
-                "unfinished": lost,
+                "samples": len(got.breaks),
+                "p50_ms": median(got.breaks) * 1e3,
+                "max_ms": max(got.breaks, default=0) * 1e3,
+                "unfinished": got.unfinished,
                 **where,
             },
         ),
@@ -483,16 +511,35 @@ async def latency(p: Profile) -> list[Result]:
             2.0,
             "value",
             "lower",
-            f"{len(irq_lat)} samples, median {median(irq_lat) * 1e3:.3f} ms; the handler "
+            f"{len(got.irqs)} samples, median {median(got.irqs) * 1e3:.3f} ms; the handler "
             f"notifies, so this includes one NOTIFY exit; {split}",
             {
-                "samples": len(irq_lat),
-                "p50_ms": median(irq_lat) * 1e3,
-                "max_ms": max(irq_lat, default=0) * 1e3,
+                "samples": len(got.irqs),
+                "p50_ms": median(got.irqs) * 1e3,
+                "max_ms": max(got.irqs, default=0) * 1e3,
                 **where,
             },
         ),
     ]
+    for kind, name, lat in (("BREAK", "break", idle.breaks), ("IRQ", "irq", idle.irqs)):
+        value = percentile(lat, 99) * 1e3
+        results.append(
+            Result(
+                f"{name}_latency_idle_workers",
+                f"{kind} latency p99, idle_workers=True",
+                "ms",
+                value,
+                raw_p99,
+                value / raw_p99,
+                None,
+                "value",
+                "lower",
+                f"{len(lat)} samples; the workers under SCHED_IDLE, for a machine that runs "
+                "nothing else (no goal: under load its guests get almost no CPU)",
+                {"samples": len(lat), "unfinished": idle.unfinished},
+            )
+        )
+    return results
 
 
 async def _park(dev: LguestDevice, image: guests.Image) -> tuple[Booted, asyncio.Task[Any]]:
