@@ -383,17 +383,19 @@ class _Latencies:
     def split(self) -> tuple[str, dict[str, Any]]:
         on_worker, elsewhere = self.on_worker, self.elsewhere
         share = len(on_worker) / max(1, len(on_worker) + len(elsewhere))
+        p50 = median(on_worker) * 1e3 if on_worker else None
+        others = percentile(elsewhere, 99) * 1e3 if elsewhere else None
         where = {
             "on_worker_share": share,
-            "on_worker_p50_ms": median(on_worker) * 1e3 if on_worker else None,
+            "on_worker_p50_ms": p50,
             "on_worker_p99_ms": percentile(on_worker, 99) * 1e3 if on_worker else None,
-            "elsewhere_p99_ms": percentile(elsewhere, 99) * 1e3 if elsewhere else None,
+            "elsewhere_p99_ms": others,
         }
         text = f"BREAK and IRQ samples together: {share:.1%} found the CPU's run on a worker (" + (
-            f"median {median(on_worker) * 1e3:.2f} ms)" if on_worker else "none)"
+            f"median {p50:.2f} ms)" if p50 is not None else "none)"
         )
-        if elsewhere:
-            text += f", the others' p99 {percentile(elsewhere, 99) * 1e3:.2f} ms"
+        if others is not None:
+            text += f", the others' p99 {others:.2f} ms"
         return text, where
 
 

@@ -128,10 +128,10 @@ class SlicePool:
         self._name = name
         self._lock = threading.Condition()
         # All guarded by _lock.  _queue may hold withdrawn entries (not queued: skipped);
-        # _waiting counts the others.  _idle: threads waiting for a job.
+        # _waiting counts the others.  _idle_threads: threads waiting for a job.
         self._queue: deque[Job[Any]] = deque()
         self._waiting = 0
-        self._idle = 0
+        self._idle_threads = 0
         self._threads: list[threading.Thread] = []
         self._closed = False
 
@@ -152,7 +152,7 @@ class SlicePool:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
             self._enqueue(job)
-            if self._waiting > self._idle and len(self._threads) < self.workers:
+            if self._waiting > self._idle_threads and len(self._threads) < self.workers:
                 thread = threading.Thread(
                     target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
                 )
@@ -185,7 +185,7 @@ class SlicePool:
         job.queued = True
         self._queue.append(job)
         self._waiting += 1
-        if self._idle:
+        if self._idle_threads:
             self._lock.notify()
 
     def _withdraw(self, job: Job[Any]) -> bool:
@@ -215,9 +215,9 @@ class SlicePool:
                     return job
             if self._closed:
                 return None
-            self._idle += 1
+            self._idle_threads += 1
             self._lock.wait()
-            self._idle -= 1
+            self._idle_threads -= 1
 
     # -- worker threads ---------------------------------------------------------------
     def _work(self) -> None:
