@@ -8,7 +8,10 @@ gives too slowly:
   fast register access (:class:`Registers`) and the native block hook
   (:func:`add_native_hook`);
 * the layout of a saved CPU context: its data part is a guest's registers as
-  bytes (:func:`context_data`, :func:`load_context_data`);
+  bytes (:func:`context_data`, :func:`load_context_data`), except QEMU's four
+  debug-register breakpoint slots, host pointers found by experiment
+  (:func:`check_context`): a saved context never carries them, and one that
+  does is refused;
 * QEMU's ``old_exception`` field, which Unicorn never resets (unicorn issue
   #1883): its offset in the saved context is found by experiment, lazily, on
   the first guest (:func:`forget_exception`);
@@ -275,27 +278,91 @@ def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
 # -- saved CPU contexts ---------------------------------------------------------------------
 def context_data(uc: Any) -> bytes:
     """The CPU's whole register state (general, segment with descriptor caches, control,
-    debug, descriptor tables, flags, FPU/SSE) as Unicorn saves it.
+    debug, descriptor tables, flags, FPU/SSE) as Unicorn saves it, with QEMU's
+    breakpoint slots zeroed (:func:`check_context`).
 
     Only meaningful to the same Unicorn build (see :data:`VERSION`).
     """
     raw = bytes(uc.context_save())
     (size,) = _SIZE_T.unpack_from(raw)  # struct uc_context starts with the data's size
-    return raw[len(raw) - size :]
+    data = raw[len(raw) - size :]
+    start, end = _breakpoint_slots()
+    return data[:start] + bytes(end - start) + data[end:]
 
 
 def load_context_data(uc: Any, data: bytes) -> None:
-    """Put register state from :func:`context_data` back into ``uc`` (``ValueError`` if the
-    size does not match this build's)."""
+    """Put register state from :func:`context_data` back into ``uc`` (``ValueError`` if
+    :func:`check_context` refuses it)."""
+    check_context(data)
     context = uc.context_save()
     raw = bytes(context)
     (size,) = _SIZE_T.unpack_from(raw)
-    if size != len(data):
-        raise ValueError(f"CPU context is {len(data)} bytes, this Unicorn's is {size}")
     address = ctypes.cast(context.context, ctypes.c_void_p).value
     assert address is not None
     ctypes.memmove(address + len(raw) - size, data, size)
     uc.context_restore(context)
+
+
+def check_context(data: bytes) -> None:
+    """``ValueError`` unless ``data`` can be loaded as a CPU context of this build.
+
+    A context is QEMU's CPU structure copied byte for byte.  All of it is guest
+    register state except four host pointers beside the debug registers: the
+    breakpoints QEMU allocated for the guest's ``dr0``-``dr3`` (``dr7`` enables
+    them), which it follows and frees when the guest changes ``dr7`` again.  A
+    context from elsewhere (a file, another instance, one closed by hibernation)
+    would hand QEMU pointers to memory that is not, or no longer, such a
+    breakpoint, so they must be zero: the guest's debug registers survive, and
+    the breakpoints they describe take effect again when the guest next writes them.
+    """
+    size = _context_size()
+    if len(data) != size:
+        raise ValueError(f"CPU context is {len(data)} bytes, this Unicorn's is {size}")
+    start, end = _breakpoint_slots()
+    if any(data[start:end]):
+        raise ValueError("CPU context holds host pointers (QEMU's breakpoint slots)")
+
+
+@functools.cache
+def _context_size() -> int:
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    try:
+        (size,) = _SIZE_T.unpack_from(bytes(uc.context_save()))
+    finally:
+        close(uc)
+    return int(size)
+
+
+_DR0_PROBE = 0x5A5A1000  # a breakpoint address no other field holds
+
+
+@functools.cache
+def _breakpoint_slots() -> tuple[int, int]:
+    """Where QEMU's breakpoint pointers for ``dr0``-``dr3`` live in a context's data.
+
+    Found by experiment: a guest enables a breakpoint on ``dr0``; the pointer
+    appears in the word right after the eight debug registers.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    try:
+        uc.mem_map(0, 0x2000)
+        # mov $_DR0_PROBE, %eax; mov %eax, %dr0; mov $1, %eax; mov %eax, %dr7
+        code = b"\xb8" + struct.pack("<I", _DR0_PROBE) + bytes.fromhex("0f23c0b8010000000f23f8")
+        uc.mem_write(0x1000, code)
+        uc.emu_start(0x1000, 0x1000 + len(code))
+        raw = bytes(uc.context_save())
+    finally:
+        close(uc)
+    (size,) = _SIZE_T.unpack_from(raw)
+    data = raw[len(raw) - size :]
+    dr0 = data.find(struct.pack("<Q", _DR0_PROBE))
+    start = dr0 + 8 * 8  # dr0 .. dr7, 8 bytes each
+    pointer = data[start : start + 8]
+    if dr0 < 0 or dr0 % 8 or data.find(struct.pack("<Q", _DR0_PROBE), dr0 + 1) >= 0:
+        raise RuntimeError("cannot find the debug registers in Unicorn's saved context")
+    if not any(pointer) or data[dr0 + 7 * 8] != 1:  # dr7 = 1: breakpoint 0 enabled
+        raise RuntimeError("cannot find QEMU's breakpoint slots in Unicorn's saved context")
+    return start, start + 4 * 8
 
 
 # -- QEMU's remembered exception ---------------------------------------------------------------
