@@ -9,6 +9,7 @@
 The JSON part is ``{"meta": ..., "sections": [[name, length], ...]}``; the
 sections follow in that order.  The checksum detects damage, not tampering:
 whoever decodes must still check what the JSON says (see docs/security.md).
+Whatever the bytes, :func:`unpack` returns or raises :class:`FormatError`.
 """
 
 from __future__ import annotations
@@ -71,5 +72,7 @@ def unpack(raw: bytes, magic: bytes, version: int, *, kind: str) -> tuple[Any, d
         if offset != len(payload):
             raise ValueError("sections do not cover the payload")
         return head["meta"], blobs
+    except RecursionError:  # JSON nested deeper than the interpreter's stack allows
+        raise FormatError(f"malformed {kind} contents: JSON nested too deeply") from None
     except (KeyError, ValueError, TypeError, struct.error) as exc:
         raise FormatError(f"malformed {kind} contents: {exc}") from None

@@ -14,16 +14,23 @@ name) or :func:`host_only` (it is not: an emulator handle, an event, a
 scheduling hint); ``tests/test_state.py`` fails when a field is neither.  The
 timer's part (``timer_ns``) comes from :mod:`supervisor.timers`.
 
-Trust: an encoding is checked for shape, types and ranges when decoded, so a
-damaged or crafted one raises :class:`StateError` and never crashes the host,
-but its registers are whatever it says: reviving one runs that guest, inside
-its own memory, like any other guest (see docs/security.md).
+Trust: a state is validated whole whenever one is made (decoded, built, or
+``dataclasses.replace``-d), before anything is mapped, as lguest checks every value
+a Launcher hands it: every integer within the C width it lives in, every
+guest-physical address inside the guest's window with room for what is read
+there, the window inside its memory, every counter finite and non-negative.  A
+damaged or crafted one raises a one-line :class:`StateError` naming the field and
+the bad value and never crashes the host; its registers are whatever it says:
+reviving one runs that guest, inside its own memory, like any other guest
+(see docs/security.md).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -31,12 +38,32 @@ import pydantic
 
 from . import framing
 from ._statefields import host_only, saved, saved_fields, unmarked_fields
-from .abi import GDT_ENTRIES, IDT_ENTRIES, LHCALL_RING_SIZE, MAX_CPUS, PAGE_SIZE, TLS_ENTRIES
+from .abi import (
+    GDT_ENTRIES,
+    GUEST_PL,
+    IDT_ENTRIES,
+    LGUEST_DATA_SIZE,
+    LGUEST_IRQS,
+    LHCALL_RING_SIZE,
+    MAX_CPUS,
+    PAGE_SIZE,
+    SWITCHER_ADDR,
+    TLS_ENTRIES,
+)
 from .guest import Death
 from .limits import Limits
 
 MAGIC: Final = b"LGSTATE\n"
 _U32: Final = 0xFFFFFFFF
+_I64: Final = (1 << 63) - 1  # counters live in 64-bit C fields (the CPU's Fuel)
+# A Launcher's memory is one mapping in the host's user address space (47 bits on x86-64).
+MAX_MEMORY_SIZE: Final = 1 << 47
+# The clock event is set with a 32-bit delta in nanoseconds (LHCALL_SET_CLOCKEVENT); the
+# time left that a capture measures on the loop's float clock may round up by a little.
+MAX_TIMER_NS: Final = _U32 + 1_000_000
+MAX_ERRNO: Final = 4095  # Linux's MAX_ERRNO
+MAX_TEXT: Final = 1 << 16  # a death's reason, a counter's name, a version: short text
+MAX_STATS: Final = 64
 VERSION: Final = 2  # 2: several CPUs, each with its own lguest_data
 
 __all__ = [
@@ -84,24 +111,11 @@ class CpuState:
     timer_ns: int | None  # the clock event's remaining time, if armed
 
     def __post_init__(self) -> None:
-        if len(self.idt) != IDT_ENTRIES:
-            raise StateError(f"cpu {self.id}: IDT has {len(self.idt)} entries, not {IDT_ENTRIES}")
-        # The IDT, stack and TS flag live in 32-bit fields shared with the native code
-        # (supervisor.cpu): a value that does not fit would not come back as it was.
-        if not all(0 <= lo <= _U32 and 0 <= hi <= _U32 for lo, hi in self.idt):
-            raise StateError(f"cpu {self.id}: an IDT entry is not two 32-bit values")
-        if not all(0 <= v <= _U32 for v in self.stack):
-            raise StateError(f"cpu {self.id}: stack {self.stack} is not three 32-bit values")
-        if self.ts not in (0, 1):
-            raise StateError(f"cpu {self.id}: TS flag {self.ts}")
-        if not 0 <= self.next_hcall < LHCALL_RING_SIZE:
-            raise StateError(f"cpu {self.id}: hypercall ring position {self.next_hcall}")
-        if self.tls and len(self.tls) != TLS_ENTRIES * 8:
-            raise StateError(f"cpu {self.id}: TLS is {len(self.tls)} bytes")
-        if not 0 <= self.gdt[1] <= GDT_ENTRIES:
-            raise StateError(f"cpu {self.id}: {self.gdt[1]} GDT entries")
-        if self.timer_ns is not None and self.timer_ns <= 0:
-            raise StateError(f"cpu {self.id}: timer in {self.timer_ns} ns")
+        where = f"cpu {self.id}: " if _is_int(self.id) else ""
+        try:
+            _check_cpu(self)
+        except StateError as exc:
+            raise StateError(f"{where}{exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,26 +141,7 @@ class GuestState:
     unicorn: str  # the Unicorn version whose context layout ``CpuState.context`` uses
 
     def __post_init__(self) -> None:
-        limit = self.pfn_limit * PAGE_SIZE
-        if self.memory_size % PAGE_SIZE or self.base % PAGE_SIZE:
-            raise StateError("memory size and base must be page multiples")
-        if self.pfn_limit <= 0 or self.base + limit > self.memory_size:
-            raise StateError(
-                f"guest window {self.base:#x}+{limit:#x} outside memory of {self.memory_size:#x}"
-            )
-        if self.pgdir % PAGE_SIZE or self.pgdir + PAGE_SIZE > limit:
-            raise StateError(f"page directory {self.pgdir:#x} outside guest memory")
-        if not self.cpus:
-            raise StateError("a guest has at least one CPU")
-        if len(self.cpus) > MAX_CPUS:
-            raise StateError(f"{len(self.cpus)} CPUs: at most {MAX_CPUS}")
-        if [c.id for c in self.cpus] != list(range(len(self.cpus))):
-            raise StateError("CPUs must be numbered 0, 1, ... in order")
-        if not self.cpus[0].online:
-            raise StateError("CPU 0 is always online")
-        for c in self.cpus:
-            if c.lguest_data is not None and c.lguest_data >= limit:
-                raise StateError(f"cpu {c.id}: lguest_data {c.lguest_data:#x} outside guest memory")
+        _check_guest(self)
 
     @property
     def limit(self) -> int:
@@ -177,11 +172,9 @@ class GuestState:
         except StateError as exc:
             raise StateError(f"{name}: {exc}") from None
         except pydantic.ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise StateError(f"{name}: bad field {where}: {first['msg']}") from None
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"{name}: malformed guest state: {exc!r}") from None
+            raise StateError(f"{name}: {describe(exc)}") from None
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise StateError(f"{name}: malformed guest state: {_short(exc)}") from None
         if state.unicorn != _unicorn_version():
             raise StateError(
                 f"{name}: made with Unicorn {state.unicorn}, this is {_unicorn_version()}"
@@ -199,6 +192,205 @@ class GuestState:
     def __repr__(self) -> str:
         dead = f" dead: {self.dead.reason!r}" if self.dead else ""
         return f"<GuestState {len(self.cpus)} cpu(s), {self.limit:#x} bytes{dead}>"
+
+
+def describe(exc: pydantic.ValidationError) -> str:
+    """One line for a pydantic error in a state: the first bad field and why."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"bad field {where}: {message}" if where else message
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+# -- validation ------------------------------------------------------------------------------
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: object) -> str:
+    """A bad value, short enough for one line."""
+    if _is_int(value):
+        assert isinstance(value, int)
+        if value.bit_length() > 64:
+            return f"{'-' if value < 0 else ''}a {value.bit_length()}-bit integer"
+        return f"{value:#x}" if abs(value) > 0xFFFF else str(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _int(field: str, value: object, low: int, high: int, why: str = "") -> int:
+    """``value`` if it is an integer in ``[low, high]``; else a StateError naming ``field``."""
+    if not _is_int(value):
+        raise StateError(f"{field} {_show(value)}: not an integer")
+    assert isinstance(value, int)
+    if not low <= value <= high:
+        raise StateError(f"{field} {_show(value)}: {why or f'outside {low}..{_show(high)}'}")
+    return value
+
+
+def _u32(field: str, value: object) -> int:
+    return _int(field, value, 0, _U32, "not a 32-bit value")
+
+
+def _bool(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise StateError(f"{field} {_show(value)}: not a boolean")
+
+
+def _pair(field: str, value: object, n: int) -> tuple[object, ...]:
+    if not isinstance(value, tuple) or len(value) != n:
+        raise StateError(f"{field} {_show(value)}: not {n} values")
+    return value
+
+
+def _check_cpu(c: CpuState) -> None:
+    """Everything a CPU's state says that does not depend on its guest's memory."""
+    _int("id", c.id, 0, MAX_CPUS - 1)
+    _u32("start", c.start)
+    if not isinstance(c.context, bytes):
+        raise StateError(f"context {_show(c.context)}: not bytes")
+    _int("irqs_pending", c.irqs_pending, 0, (1 << LGUEST_IRQS) - 1, "not a set of the 32 irqs")
+    for name in ("halted", "online", "break_out"):
+        _bool(name, getattr(c, name))
+    if c.lguest_data is not None:
+        _u32("lguest_data", c.lguest_data)
+    if c.hcall is not None:
+        for value in _pair("hcall", c.hcall, 4):
+            _u32("hcall", value)
+    _int("next_hcall", c.next_hcall, 0, LHCALL_RING_SIZE - 1, "not a hypercall ring position")
+    _u32("pending_notify", c.pending_notify)
+    _int("ts", c.ts, 0, 1, "not a TS flag")
+    if not isinstance(c.idt, tuple) or len(c.idt) != IDT_ENTRIES:
+        count = len(c.idt) if isinstance(c.idt, tuple) else _show(c.idt)
+        raise StateError(f"IDT has {count} entries, not {IDT_ENTRIES}")
+    # The IDT, stack and TS flag live in 32-bit fields shared with the native code
+    # (supervisor.cpu): a value that does not fit would not come back as it was.
+    for gate in c.idt:
+        if (
+            not isinstance(gate, tuple)
+            or len(gate) != 2
+            or not all(_is_int(v) and 0 <= v <= _U32 for v in gate)
+        ):
+            raise StateError(f"IDT entry {_show(gate)}: not two 32-bit values")
+    table, entries = _pair("gdt", c.gdt, 2)
+    _u32("gdt table", table)
+    _int("gdt entries", entries, 0, GDT_ENTRIES)
+    if not isinstance(c.tls, bytes) or len(c.tls) not in (0, TLS_ENTRIES * 8):
+        raise StateError(f"TLS {_show(c.tls)}: not {TLS_ENTRIES * 8} bytes")
+    ss, esp, pages = _pair("stack", c.stack, 3)
+    _u32("stack segment", ss)
+    _u32("stack pointer", esp)
+    _int("stack pages", pages, 0, 2)
+    assert isinstance(ss, int)
+    if ss & 3 != GUEST_PL:
+        raise StateError(f"stack segment {_show(ss)}: not ring {GUEST_PL}")
+    _check_limits(c.limits)
+    _check_stats(c.stats)
+    if c.timer_ns is not None:
+        _int("timer_ns", c.timer_ns, 1, MAX_TIMER_NS, "not a clock event's time left")
+    from . import _unicorn
+
+    try:
+        _unicorn.check_context(c.context)
+    except ValueError as exc:
+        raise StateError(f"context: {exc}") from None
+
+
+def _check_limits(limits: object) -> None:
+    if not isinstance(limits, Limits):
+        raise StateError(f"limits {_show(limits)}: not Limits")
+    if limits.max_blocks is not None:
+        _int("limits.max_blocks", limits.max_blocks, 1, _I64)
+    run_time = limits.max_run_time
+    if run_time is not None and (
+        not isinstance(run_time, int | float) or isinstance(run_time, bool) or not run_time > 0
+    ):
+        raise StateError(f"limits.max_run_time {_show(run_time)}: not a positive time")
+
+
+def _check_stats(stats: object) -> None:
+    if not isinstance(stats, tuple) or len(stats) > MAX_STATS:
+        raise StateError(f"stats {_show(stats)}: not at most {MAX_STATS} counters")
+    kinds = _stat_kinds()
+    for entry in stats:
+        name, value = _pair("stats", entry, 2)
+        if not isinstance(name, str) or len(name) > MAX_TEXT:
+            raise StateError(f"stats: counter name {_show(name)}")
+        field = f"stats.{name}"
+        kind = kinds.get(name, "float")  # a counter this build does not keep is dropped
+        if kind == "bool":
+            _int(field, int(value) if isinstance(value, bool) else value, 0, 1, "not a flag")
+        elif kind == "int":
+            _int(field, value, 0, _I64)
+        elif isinstance(value, int):  # (a bool too: True counts 1)
+            _int(field, int(value), 0, _I64)
+        elif not isinstance(value, float) or not (math.isfinite(value) and 0 <= value <= _I64):
+            raise StateError(f"{field} {_show(value)}: not a finite count >= 0")
+
+
+def _stat_kinds() -> dict[str, str]:
+    """Each counter of ``CpuStats`` and its type ("int", "float" or "bool")."""
+    from .cpu import CpuStats
+
+    return {f.name: str(f.type) for f in dataclasses.fields(CpuStats)}
+
+
+def _check_guest(g: GuestState) -> None:
+    """The guest's values, its window in its memory, and its CPUs' addresses in the window."""
+    size = _int("memory_size", g.memory_size, PAGE_SIZE, MAX_MEMORY_SIZE)
+    base = _int("base", g.base, 0, MAX_MEMORY_SIZE)
+    if size % PAGE_SIZE or base % PAGE_SIZE:
+        raise StateError("memory size and base must be page multiples")
+    pfn_limit = _int("pfn_limit", g.pfn_limit, 1, SWITCHER_ADDR // PAGE_SIZE)
+    limit = pfn_limit * PAGE_SIZE
+    if base + limit > size:
+        raise StateError(f"guest window {base:#x}+{limit:#x} outside memory of {size:#x}")
+    pgdir = _int("pgdir", g.pgdir, 0, _U32)
+    if pgdir % PAGE_SIZE or pgdir + PAGE_SIZE > limit:
+        raise StateError(f"pgdir {_show(pgdir)}: page directory outside guest memory")
+    for name in ("noirq_start", "noirq_end", "kernel_address"):
+        _u32(name, getattr(g, name))
+    if g.dead is not None:
+        _check_death(g.dead)
+    if not isinstance(g.unicorn, str) or len(g.unicorn) > MAX_TEXT:
+        raise StateError(f"unicorn {_show(g.unicorn)}: not a version")
+    cpus = g.cpus
+    if not isinstance(cpus, tuple) or not all(isinstance(c, CpuState) for c in cpus):
+        raise StateError(f"cpus {_show(cpus)}: not CPU states")
+    if not cpus:
+        raise StateError("a guest has at least one CPU")
+    if len(cpus) > MAX_CPUS:
+        raise StateError(f"{len(cpus)} CPUs: at most {MAX_CPUS}")
+    if [c.id for c in cpus] != list(range(len(cpus))):
+        raise StateError("CPUs must be numbered 0, 1, ... in order")
+    if not cpus[0].online:
+        raise StateError("CPU 0 is always online")
+    for c in cpus:
+        data = c.lguest_data
+        if data is not None and data + LGUEST_DATA_SIZE > limit:
+            raise StateError(
+                f"cpu {c.id}: lguest_data {_show(data)}: its {LGUEST_DATA_SIZE} bytes are "
+                "outside guest memory"
+            )
+        table, entries = c.gdt
+        if entries and table + entries * 8 > limit:
+            raise StateError(f"cpu {c.id}: gdt table {_show(table)}: outside guest memory")
+
+
+def _check_death(dead: object) -> None:
+    reason = getattr(dead, "reason", None)
+    if not isinstance(reason, str) or len(reason) > MAX_TEXT:
+        raise StateError(f"dead.reason {_show(reason)}: not a short text")
+    err, status = getattr(dead, "errno", None), getattr(dead, "exit_status", None)
+    if err is not None:
+        _int("dead.errno", err, 1, MAX_ERRNO)
+    if status is not None:
+        _u32("dead.exit_status", status)
 
 
 def _unicorn_version() -> str:
