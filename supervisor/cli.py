@@ -260,9 +260,9 @@ async def run_one(
             try:
                 snap = Snapshot.load(restore)
                 guest = await sup.restore(snap, **(overrides or {}))
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError) as exc:  # StateError, ConfigError, ImageError ...
                 message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
-                raise BadInput(f"{restore}: {message}") from None
+                raise BadInput(cannot_restore(restore, message)) from None
         else:
             assert config is not None
             guest = await launch(sup, config)
@@ -275,13 +275,19 @@ async def run_one(
         except Exception as exc:  # a snapshot whose contents cannot be restored
             if restore is None:
                 raise
-            raise BadInput(f"{restore}: cannot restore: {type(exc).__name__}: {exc}") from None
+            raise BadInput(cannot_restore(restore, f"{type(exc).__name__}: {exc}")) from None
     if stdout_closed():  # the reader went away (run ... | head): end quietly, like other tools
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe
         os.close(devnull)
         return EXIT_STDOUT_CLOSED
     return exit_status(guest.name, result)
+
+
+def cannot_restore(path: str, message: str) -> str:
+    """The one line for a snapshot file that cannot be restored (the file named once)."""
+    detail = " ".join(message.removeprefix(f"{path}: ").split())
+    return f"cannot restore {path}: {detail}"
 
 
 def exit_status(name: str, result: Exit) -> int:

@@ -28,7 +28,7 @@ from .gdbstub import GdbServer
 from .guest import Death
 from .launcher.launcher import Exit, Launcher, Resume
 from .launcher.loader import Image, Segment
-from .snapshot import Snapshot, SnapshotError, capture
+from .snapshot import Snapshot, SnapshotError, capture, check_launcher
 
 
 class GuestControl:
@@ -175,11 +175,17 @@ def resume_from(snap: Snapshot) -> Resume:
     return Resume(fill=snap.write_memory, state=snap.state, launcher=snap.launcher)
 
 
-def snapshot_image(snap: Snapshot) -> Image:
-    """The guest's image, as the snapshot carries it."""
+def _launcher_part(snap: Snapshot) -> dict[str, Any]:
+    """The snapshot's Launcher state, checked (:func:`~supervisor.snapshot.check_launcher`:
+    a Snapshot built by hand gets the same checks as one read from a file)."""
     if snap.launcher is None:
         raise SnapshotError("this snapshot has no Launcher state (take it with Guest.snapshot())")
-    info = snap.launcher["image"]
+    return check_launcher(snap.launcher, snap.blobs, snap.memory_size)
+
+
+def snapshot_image(snap: Snapshot) -> Image:
+    """The guest's image, as the snapshot carries it."""
+    info = _launcher_part(snap)["image"]
     segments = tuple(
         Segment(paddr, snap.blobs[f"segment{i}"], memsz)
         for i, (paddr, memsz) in enumerate(info["segments"])
@@ -192,9 +198,7 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
 
     The image file need not exist any more: the snapshot carries the image.
     """
-    if snap.launcher is None:
-        raise SnapshotError("this snapshot has no Launcher state (take it with Guest.snapshot())")
-    fields = dict(snap.launcher["config"])
+    fields = dict(_launcher_part(snap)["config"])
     if "memory" in overrides and overrides["memory"] != fields["memory"]:
         raise SnapshotError("a restored guest keeps the snapshot's memory size")
     # A snapshot is data: the files and sockets it names are never opened.  The caller

@@ -18,8 +18,10 @@ shared, so any number may be forked from one.
 ``snap.save(path)`` / ``Snapshot.load(path)`` use a versioned file with a SHA-256
 checksum (:mod:`supervisor.framing`); a damaged file raises
 :class:`SnapshotError` saying what is wrong.  The checksum detects damage, not
-tampering: everything a file says is checked before use, and restoring one
-never opens a file or a socket by itself (docs/security.md).
+tampering: everything a file says is checked when it is read, before anything is
+mapped or run (the guest state by :class:`~supervisor.state.GuestState`, the
+Launcher's part by :func:`check_launcher`, the memory runs here), and restoring
+one never opens a file or a socket by itself (docs/security.md).
 """
 
 from __future__ import annotations
@@ -29,22 +31,112 @@ import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import framing
-from .abi import PAGE_SIZE
+from .abi import LGUEST_IRQS, PAGE_SIZE
+from .config import GuestConfig
 from .debug import debugger
 from .device import LguestDevice, LguestFile
+from .launcher.layout import plan
 from .memory import GuestMemory
-from .state import GuestState, StateError
+from .state import GuestState, StateError, describe
 
 MAGIC = b"LGSNAP\r\n"
 VERSION = 3  # 3: guest state version 2 (several CPUs)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-class SnapshotError(ValueError):
+class SnapshotError(StateError):
     """A snapshot that cannot be taken, read or restored (the message says why)."""
+
+
+# -- the Launcher's part, as a file may hold it -------------------------------------------------
+_U32 = Annotated[int, Field(ge=0, le=0xFFFFFFFF)]
+MAX_SEGMENTS = 1024
+MAX_DEVICES = 256
+
+
+class SavedConfig(GuestConfig):
+    """A snapshot's copy of its guest's config: the image and block files need not exist
+    any more (the snapshot carries the image; whoever restores names the block file)."""
+
+    image: Path
+    block: Path | None = None
+
+
+class SavedImage(BaseModel):
+    """The guest's image: its segments' bytes are the snapshot's ``segment{i}`` sections."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(max_length=4096)
+    kind: Literal["flat", "elf"]
+    entry: _U32
+    segments: list[Annotated[list[_U32], Field(min_length=2, max_length=2)]] = Field(
+        min_length=1, max_length=MAX_SEGMENTS
+    )  # [guest-physical address, bytes in memory]
+
+
+class SavedDevice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Annotated[int, Field(ge=0, le=255)]  # lguest_device_desc.type is a byte
+    state: Any  # JSON data the device's own restore() checks (ValueError: a death)
+
+
+class LauncherPart(BaseModel):
+    """What :func:`supervisor.guestctl.launcher_state` saves: config, image, Launcher.state()."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    config: dict[str, Any]  # checked as a SavedConfig
+    image: SavedImage
+    restarts: _U32
+    irqs: list[Annotated[int, Field(ge=0, lt=LGUEST_IRQS)]] = Field(max_length=LGUEST_IRQS)
+    devices: list[SavedDevice] = Field(max_length=MAX_DEVICES)
+
+
+def check_launcher(
+    launcher: Any, blobs: dict[str, bytes], memory_size: int, name: str = "snapshot"
+) -> dict[str, Any]:
+    """The Launcher's part of a snapshot, validated (its config normalized), or a
+    one-line :class:`SnapshotError`.
+
+    Checks its shape and every number, the config as a :class:`GuestConfig` would
+    (``ConfigError`` rules, minus the files' existence), that each image segment's
+    bytes are present and fit, and that the config's memory is the guest state's.
+    """
+    try:
+        part = LauncherPart.model_validate(launcher)
+    except pydantic.ValidationError as exc:
+        raise SnapshotError(f"{name}: Launcher state: {describe(exc)}") from None
+    try:
+        config = SavedConfig.model_validate(part.config)
+    except pydantic.ValidationError as exc:
+        raise SnapshotError(f"{name}: Launcher state: config: {describe(exc)}") from None
+    for i, (paddr, memsz) in enumerate(part.image.segments):
+        data = blobs.get(f"segment{i}")
+        if data is None:
+            raise SnapshotError(f"{name}: Launcher state: image segment {i} has no bytes")
+        if len(data) > memsz or paddr + memsz > 1 << 32:
+            raise SnapshotError(
+                f"{name}: Launcher state: image segment {i} ({len(data)} bytes in "
+                f"{memsz} at {paddr:#x}) does not fit"
+            )
+    try:
+        layout = plan(config.memory)
+    except ValueError as exc:
+        raise SnapshotError(f"{name}: Launcher state: config: memory: {exc}") from None
+    if layout.memory_size != memory_size:
+        raise SnapshotError(
+            f"{name}: Launcher state: config: memory {config.memory} does not match "
+            f"the guest's {memory_size} bytes"
+        )
+    return {**launcher, "config": config.model_dump(mode="json")}
 
 
 @dataclass(eq=False)
@@ -95,7 +187,7 @@ class Snapshot:
             raise SnapshotError(f"{name}: {exc}") from None
         try:
             size = meta["memory_size"]
-            runs = [(int(a), int(b)) for a, b in meta["runs"]]
+            runs = meta["runs"]
             launcher = meta["launcher"]
             state = GuestState.from_parts(meta["state"], blobs, name)
             data = blobs.pop("pages")
@@ -105,16 +197,11 @@ class Snapshot:
             raise SnapshotError(f"{name}: malformed snapshot contents: {exc!r}") from None
         for cpu in state.cpus:
             blobs.pop(f"cpu{cpu.id}", None)
-        if not isinstance(size, int) or size != state.memory_size:
+        if isinstance(size, bool) or not isinstance(size, int) or size != state.memory_size:
             raise SnapshotError(f"{name}: memory size {size!r} does not match its guest state")
-        pages = size // PAGE_SIZE
-        end = 0
-        for first, count in runs:
-            if first < end or count <= 0 or first + count > pages:
-                raise SnapshotError(f"{name}: memory run {first}+{count} outside {pages} pages")
-            end = first + count
-        if launcher is not None and not isinstance(launcher, dict):
-            raise SnapshotError(f"{name}: malformed snapshot contents: launcher state")
+        runs = _check_runs(runs, size // PAGE_SIZE, name)
+        if launcher is not None:
+            launcher = check_launcher(launcher, blobs, size, name)
         snap = cls(size, runs, data, state, launcher, blobs)
         if len(snap.data) != snap.page_count() * PAGE_SIZE:
             raise SnapshotError(f"{name}: malformed snapshot contents: page data size")
@@ -189,6 +276,27 @@ async def restore(snap: Snapshot, device: LguestDevice, *, stopped: bool = False
 
 
 # -- the pieces -------------------------------------------------------------------------------
+def _check_runs(runs: Any, pages: int, name: str) -> list[tuple[int, int]]:
+    """The memory runs: ``[first page, page count]`` pairs, in order, inside ``pages``."""
+    if not isinstance(runs, list):
+        raise SnapshotError(f"{name}: malformed snapshot contents: memory runs {runs!r:.60}")
+    checked: list[tuple[int, int]] = []
+    end = 0
+    for run in runs:
+        if (
+            not isinstance(run, list)
+            or len(run) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in run)
+        ):
+            raise SnapshotError(f"{name}: malformed snapshot contents: memory run {run!r:.60}")
+        first, count = run
+        if first < end or count <= 0 or first + count > pages:
+            raise SnapshotError(f"{name}: memory run {first}+{count} outside {pages} pages")
+        end = first + count
+        checked.append((first, count))
+    return checked
+
+
 def _nonzero_pages(view: memoryview) -> tuple[list[tuple[int, int]], bytes]:
     raw = view.tobytes()
     runs: list[tuple[int, int]] = []
