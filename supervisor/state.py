@@ -165,6 +165,12 @@ class GuestState:
     @classmethod
     def from_parts(cls, meta: Any, blobs: dict[str, bytes], name: str) -> GuestState:
         """Rebuild from the JSON part and the binary sections (also used by snapshots)."""
+        made_with = meta.get("unicorn") if isinstance(meta, dict) else None
+        if isinstance(made_with, str) and made_with != _unicorn_version():
+            # Before the fields: another build's CPU context does not fit this one's.
+            raise StateError(
+                f"{name}: made with Unicorn {made_with:.40}, this is {_unicorn_version()}"
+            )
         try:
             for entry in meta["cpus"]:
                 entry["context"] = base64.b64encode(blobs[f"cpu{entry['id']}"]).decode()
@@ -175,10 +181,6 @@ class GuestState:
             raise StateError(f"{name}: {describe(exc)}") from None
         except (KeyError, TypeError, ValueError, RecursionError) as exc:
             raise StateError(f"{name}: malformed guest state: {_short(exc)}") from None
-        if state.unicorn != _unicorn_version():
-            raise StateError(
-                f"{name}: made with Unicorn {state.unicorn}, this is {_unicorn_version()}"
-            )
         return state
 
     def meta(self) -> Any:

@@ -297,6 +297,16 @@ def test_a_context_with_host_pointers_is_refused() -> None:
     state_error(lambda: dataclasses.replace(cpu, context=cpu.context[:-1]), "context")
 
 
+def test_a_state_of_another_unicorn_build_says_so_before_its_context_does_not_fit() -> None:
+    def foreign(meta: Any) -> None:
+        meta["unicorn"] = "2.0.0"
+
+    raw = edited_state(foreign)
+    meta, blobs = framing.unpack(raw, MAGIC, VERSION, kind="guest state")
+    blobs["cpu0"] = blobs["cpu0"] + bytes(64)  # another build's context has another size
+    state_error(lambda: GuestState.from_bytes(framing.pack(MAGIC, VERSION, meta, blobs)), "2.0.0")
+
+
 async def test_a_guest_using_debug_registers_is_captured_and_revived(dev: LguestDevice) -> None:
     """QEMU keeps a pointer to the breakpoint it made for dr0: a capture leaves it out, so
     the revived guest's next dr0/dr7 writes (which free the old breakpoint) are safe."""
