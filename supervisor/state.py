@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
+import itertools
 import json
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -55,6 +58,7 @@ from .limits import Limits
 
 MAGIC: Final = b"LGSTATE\n"
 _U32: Final = 0xFFFFFFFF
+_IDT_WORDS: Final = struct.Struct(f"<{2 * IDT_ENTRIES}I")
 _I64: Final = (1 << 63) - 1  # counters live in 64-bit C fields (the CPU's Fuel)
 # A Launcher's memory is one mapping in the host's user address space (47 bits on x86-64).
 MAX_MEMORY_SIZE: Final = 1 << 47
@@ -214,6 +218,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_u32(value: object) -> bool:
+    return _is_int(value) and 0 <= value <= _U32  # type: ignore[operator]
+
+
 def _show(value: object) -> str:
     """A bad value, short enough for one line."""
     if _is_int(value):
@@ -272,13 +280,16 @@ def _check_cpu(c: CpuState) -> None:
         raise StateError(f"IDT has {count} entries, not {IDT_ENTRIES}")
     # The IDT, stack and TS flag live in 32-bit fields shared with the native code
     # (supervisor.cpu): a value that does not fit would not come back as it was.
-    for gate in c.idt:
-        if (
-            not isinstance(gate, tuple)
-            or len(gate) != 2
-            or not all(_is_int(v) and 0 <= v <= _U32 for v in gate)
-        ):
-            raise StateError(f"IDT entry {_show(gate)}: not two 32-bit values")
+    gates = c.idt
+    try:  # all of it at C speed (a capture checks it too); the gate at fault if not
+        if set(map(type, gates)) != {tuple} or set(map(len, gates)) != {2}:
+            raise TypeError
+        _IDT_WORDS.pack(*itertools.chain.from_iterable(gates))
+    except (TypeError, struct.error):
+        for gate in gates:
+            if not (isinstance(gate, tuple) and len(gate) == 2 and all(map(_is_u32, gate))):
+                raise StateError(f"IDT entry {_show(gate)}: not two 32-bit values") from None
+        raise StateError("IDT entries: not 32-bit values") from None
     table, entries = _pair("gdt", c.gdt, 2)
     _u32("gdt table", table)
     _int("gdt entries", entries, 0, GDT_ENTRIES)
@@ -335,6 +346,7 @@ def _check_stats(stats: object) -> None:
             raise StateError(f"{field} {_show(value)}: not a finite count >= 0")
 
 
+@functools.cache
 def _stat_kinds() -> dict[str, str]:
     """Each counter of ``CpuStats`` and its type ("int", "float" or "bool")."""
     from .cpu import CpuStats
