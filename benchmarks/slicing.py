@@ -22,19 +22,14 @@ time.  This is a measurement, not a test: nothing fails.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import threading
 import time
 
-from supervisor import _slicing
+from supervisor import _slicing, _unicorn
 
 from .cases import LOOP, MEMORY_BODY, TIGHT_BODY
 from .guests import assemble
 from .raw import RawCpu
-
-
-def set_no_exit_request(cpu: RawCpu, offset: int) -> None:
-    ctypes.c_uint8.from_address(cpu.uc._uch.value + offset).value = 1
 
 
 def run_loop(cpu: RawCpu, n: int, period: float | None) -> tuple[float, int]:
@@ -70,7 +65,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--period", type=float, default=0.0005, help="seconds between stops")
     args = ap.parse_args()
-    offset = _slicing.find_no_exit_request()
+    offset = _unicorn.find_no_exit_request()
     print(f"no_exit_request offset: {offset}")
     for label, body in (("tight", TIGHT_BODY), ("memory", MEMORY_BODY)):
         image = assemble(LOOP.format(body=body))
@@ -92,7 +87,7 @@ def main() -> None:
                 fuel.clock_mask = (1 << 64) - 1
                 cpu._hooks.append(fuel)
             if no_exit and offset is not None:
-                set_no_exit_request(cpu, offset)
+                _unicorn.set_no_exit_request(cpu.uc, True)
             run_loop(cpu, 1000, None)
             variants[name] = (cpu, period)
         raw = variants["raw"][0]

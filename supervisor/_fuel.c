@@ -27,16 +27,22 @@
  *    itself, with no Python (see below).
  *    See docs/performance.md, "Exact slices".
  *
- * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes).
+ * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes), which checks every
+ * field's offset and size against fuel_layout at import.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/prctl.h>
 #include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+#define HAVE_RDTSC 1
+#endif
 
 #define REASON_NONE 0
 #define REASON_STOP 1
@@ -855,6 +861,16 @@ static PyObject *kick(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+#ifdef HAVE_RDTSC
+/* rdtsc() -> int: the host's time stamp counter, which Unicorn's guest rdtsc reads too */
+static PyObject *read_tsc(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromUnsignedLongLong((unsigned long long)__rdtsc());
+}
+#endif
+
 static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"bind", bind, METH_VARARGS,
@@ -867,6 +883,9 @@ static PyMethodDef fuel_methods[] = {
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},
+#ifdef HAVE_RDTSC
+    {"rdtsc", read_tsc, METH_NOARGS, "rdtsc() -> the host's time stamp counter."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -912,6 +931,43 @@ static const struct {
     {"_slicing.REASON_BUDGET", REASON_BUDGET},
 };
 
+/* Every field of fuel_t, in order: supervisor/_slicing.py holds its ctypes mirror to
+   each offset and size. */
+#define FIELD(f) {#f, offsetof(fuel_t, f), sizeof(((fuel_t *)0)->f)}
+static const struct {
+    const char *name;
+    size_t offset;
+    size_t size;
+} FUEL_FIELDS[] = {
+    FIELD(stop), FIELD(reason), FIELD(budget), FIELD(blocks), FIELD(emu_stop),
+    FIELD(deadline), FIELD(clock_mask), FIELD(uc), FIELD(running), FIELD(sent),
+    FIELD(sent_at), FIELD(next), FIELD(prev), FIELD(cpu_clock), FIELD(exit_request),
+    FIELD(cpu_start), FIELD(span), FIELD(latest), FIELD(left), FIELD(mark), FIELD(ring),
+    FIELD(local), FIELD(local_mask), FIELD(next_hcall), FIELD(vector), FIELD(hcall),
+    FIELD(hcall_read), FIELD(pad), FIELD(native_mask), FIELD(native_done), FIELD(idt),
+    FIELD(stack), FIELD(ts), FIELD(ram), FIELD(pfn_limit), FIELD(pad2),
+};
+#undef FIELD
+
+/* {field name: (offset, size)} of FUEL_FIELDS */
+static PyObject *fuel_layout(void)
+{
+    PyObject *d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (size_t i = 0; i < sizeof FUEL_FIELDS / sizeof FUEL_FIELDS[0]; i++) {
+        PyObject *v = Py_BuildValue("(nn)", (Py_ssize_t)FUEL_FIELDS[i].offset,
+                                    (Py_ssize_t)FUEL_FIELDS[i].size);
+        int failed = v == NULL || PyDict_SetItemString(d, FUEL_FIELDS[i].name, v) < 0;
+        Py_XDECREF(v);
+        if (failed) {
+            Py_DECREF(d);
+            return NULL;
+        }
+    }
+    return d;
+}
+
 /* {name: value} of SHARED, and "interrupts.IGNORED_VECTORS": a tuple of ignored_vector()'s */
 static PyObject *shared_constants(void)
 {
@@ -952,6 +1008,12 @@ PyMODINIT_FUNC PyInit__fuel(void)
     PyObject *constants = shared_constants();
     if (constants == NULL || PyModule_AddObject(m, "constants", constants) < 0) {
         Py_XDECREF(constants);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *layout = fuel_layout();
+    if (layout == NULL || PyModule_AddObject(m, "fuel_layout", layout) < 0) {
+        Py_XDECREF(layout);
         Py_DECREF(m);
         return NULL;
     }

@@ -30,20 +30,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from unicorn import (
-    UC_ARCH_X86,
     UC_HOOK_BLOCK,
-    UC_HOOK_CODE,
     UC_HOOK_INTR,
-    UC_MODE_32,
-    UC_PROT_ALL,
-    Uc,
     UcError,
 )
 from unicorn.x86_const import (
@@ -78,6 +72,9 @@ except ImportError:  # only without a C compiler at install time
         )
 
 NATIVE: bool = _fuel is not None and _choice != "count"
+# The host's time stamp counter, which Unicorn's guest rdtsc reads too; None without the
+# extension or on a host that is not x86.
+rdtsc: Callable[[], int] | None = getattr(_fuel, "rdtsc", None)
 
 REASON_NONE = 0
 REASON_STOP = 1
@@ -142,9 +139,33 @@ class Fuel(ctypes.Structure):
     local_call: Callable[[int, int, int, int], bool] | None = None  # kept alive for `local`
 
 
+def layout_differences(layout: Mapping[str, tuple[int, int]], size: int) -> list[str]:
+    """Where :class:`Fuel` differs from ``fuel_t`` as ``_fuel.c`` lays it out: ``layout``
+    is its {field: (offset, size)} and ``size`` its ``sizeof``; empty if they agree."""
+    differences = []
+    names = [name for name, *_ in Fuel._fields_]
+    for name in names:
+        field = getattr(Fuel, name)
+        mirror = (field.offset, field.size)
+        native = layout.get(name)
+        if native is None:
+            differences.append(f"{name}: not in fuel_t")
+        elif native != mirror:
+            differences.append(
+                f"{name}: (offset, size) {native} in fuel_t, {mirror} in _slicing.Fuel"
+            )
+    differences += [f"{name}: not in _slicing.Fuel" for name in layout if name not in names]
+    if size != ctypes.sizeof(Fuel):
+        differences.append(f"size: {size} in fuel_t, {ctypes.sizeof(Fuel)} in _slicing.Fuel")
+    return differences
+
+
 _EMU_STOP = _unicorn.EMU_STOP_ADDRESS
-if _fuel is not None and _fuel.fuel_size != ctypes.sizeof(Fuel):  # pragma: no cover
-    raise ImportError("supervisor._fuel was built for a different Fuel layout")
+if _fuel is not None and (_differences := layout_differences(_fuel.fuel_layout, _fuel.fuel_size)):
+    raise ImportError(
+        "supervisor._fuel was built for a different fuel_t layout (rebuild it: pip install "
+        "-e .): " + "; ".join(_differences)
+    )
 if _fuel is not None:
     _fuel.bind(
         _unicorn.EMU_START_ADDRESS,
@@ -163,57 +184,12 @@ NATIVE_CALLS: frozenset[int] = frozenset(
     n for n in range(64) if _fuel is not None and _fuel.native_calls >> n & 1
 )
 
-# -- Unicorn's no_exit_request flag ------------------------------------------------
-# uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
-#     bool hook_insert, first_tb, no_exit_request, init_done;
-#     sigjmp_buf jmp_bufs[UC_MAX_NESTED_LEVEL];   /* 64 x 200 bytes, glibc x86-64 */
-#     int nested_level;                           /* 1 inside emu_start, else 0 */
-_JMP_BUFS = 64 * 200
-_SCAN = 4096
-
-
-def find_no_exit_request() -> int | None:
-    """The offset of ``no_exit_request`` in this build's ``uc_struct``, or None.
-
-    Located, not assumed: the only int that reads 1 inside a hook and 0 outside
-    must sit ``_JMP_BUFS`` bytes after an 8-aligned array that follows the flags
-    ``hook_insert = 0, no_exit_request = 0, init_done = 1``.  Exactly one such
-    place must exist.
-    """
-    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
-        return None
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.mem_map(0, 0x1000, UC_PROT_ALL)
-    uc.mem_write(0, b"\x90\x90\xf4")  # nop; nop; hlt
-    base = _unicorn.handle(uc).value
-    inside: dict[int, int] = {}
-
-    def probe(u: Any, _address: int, _size: int, _data: object) -> None:
-        for j in candidates:
-            inside[j] = ctypes.c_int32.from_address(base + j + _JMP_BUFS).value
-        u.emu_stop()
-
-    head = ctypes.string_at(base, _SCAN)
-    candidates = [
-        j
-        for j in range(8, _SCAN, 8)
-        if head[j - 8] == 0 and head[j - 6] == 0 and head[j - 5] == 1 and not any(head[j - 4 : j])
-    ]
-    hook = uc.hook_add(UC_HOOK_CODE, probe)
-    uc.emu_start(0, 3)
-    uc.hook_del(hook)
-    found = [
-        j
-        for j in candidates
-        if inside.get(j) == 1 and ctypes.c_int32.from_address(base + j + _JMP_BUFS).value == 0
-    ]
-    return found[0] - 6 if len(found) == 1 else None
-
 
 @functools.cache
 def _no_exit_request() -> int | None:
-    """Located on first use, not at import (importing creates no ``Uc``)."""
-    return find_no_exit_request() if NATIVE and _choice == "exit" else None
+    """The flag's offset when new CPUs take the exit-request path, else None; located on
+    first use, not at import (importing creates no ``Uc``)."""
+    return _unicorn.no_exit_request_offset() if NATIVE and _choice == "exit" else None
 
 
 def _path() -> str:
@@ -248,12 +224,6 @@ def _hook_blocks(uc: Any, fuel: Fuel) -> None:
     _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
 
 
-def _set_no_exit_request(uc: Any, value: int) -> None:
-    offset = _no_exit_request()
-    assert offset is not None
-    ctypes.c_uint8.from_address(_unicorn.handle(uc).value + offset).value = value
-
-
 def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fuel:
     """Give ``uc`` a slice meter (before it translates anything) and return it.
 
@@ -270,7 +240,7 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
     fuel.emu_stop = _EMU_STOP
     fuel.uc = _unicorn.handle(uc).value
     if fuel.exit_request:
-        _set_no_exit_request(uc, 1)
+        _unicorn.set_no_exit_request(uc, True)
     elif NATIVE:
         _hook_blocks(uc, fuel)
     return fuel
@@ -314,7 +284,7 @@ def exact_blocks(uc: Any, fuel: Fuel) -> None:
     no slice of it runs; its translated code is flushed."""
     if not fuel.exit_request:
         return
-    _set_no_exit_request(uc, 0)
+    _unicorn.set_no_exit_request(uc, False)
     _hook_blocks(uc, fuel)
     uc.ctl_flush_tb()
     fuel.exit_request = False

@@ -17,6 +17,9 @@ gives too slowly:
   the first guest (:func:`forget_exception`);
 * QEMU's page-fault ``error_code``, which the interrupt hook is not given: its
   offset is found the same way (:func:`page_fault_error_code`);
+* ``uc_struct``'s ``no_exit_request`` flag, which makes translated code check for
+  an exit request only at the start of each block: located by experiment, lazily
+  (:func:`find_no_exit_request`), and set per instance (:func:`set_no_exit_request`);
 * freeing an instance at once instead of at the next cyclic collection
   (:func:`close`);
 * new instances, configured through ``uc_ctl`` (:func:`configure`), and a few
@@ -34,6 +37,7 @@ import contextlib
 import ctypes
 import functools
 import struct
+import sys
 from typing import Any
 
 import unicorn
@@ -481,6 +485,75 @@ def page_fault_error_code(uc: Any) -> int | None:
         return None
     code: int = struct.unpack_from("<I", bytes(uc.context_save()), offset)[0]
     return code & 0x1F
+
+
+# -- uc_struct's no_exit_request flag ----------------------------------------------------------
+# uc_struct (include/uc_priv.h, Unicorn 2.1) ends its flags with
+#     bool hook_insert, first_tb, no_exit_request, init_done;
+#     sigjmp_buf jmp_bufs[UC_MAX_NESTED_LEVEL];   /* 64 x 200 bytes, glibc x86-64 */
+#     int nested_level;                           /* 1 inside emu_start, else 0 */
+_JMP_BUFS = 64 * 200
+_SCAN = 4096
+
+
+def find_no_exit_request() -> int | None:
+    """The offset of ``no_exit_request`` in this build's ``uc_struct``, or None.
+
+    Located, not assumed: the only int that reads 1 inside a hook and 0 outside
+    must sit ``_JMP_BUFS`` bytes after an 8-aligned array that follows the flags
+    ``hook_insert = 0, no_exit_request = 0, init_done = 1``.  Exactly one such
+    place must exist.
+    """
+    if sys.platform != "linux" or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    try:
+        uc.mem_map(0, 0x1000, uc_const.UC_PROT_ALL)
+        uc.mem_write(0, b"\x90\x90\xf4")  # nop; nop; hlt
+        base = handle(uc).value
+        inside: dict[int, int] = {}
+
+        def probe(u: Any, _address: int, _size: int, _data: object) -> None:
+            for j in candidates:
+                inside[j] = ctypes.c_int32.from_address(base + j + _JMP_BUFS).value
+            u.emu_stop()
+
+        head = ctypes.string_at(base, _SCAN)
+        candidates = [
+            j
+            for j in range(8, _SCAN, 8)
+            if head[j - 8] == 0
+            and head[j - 6] == 0
+            and head[j - 5] == 1
+            and not any(head[j - 4 : j])
+        ]
+        hook = uc.hook_add(uc_const.UC_HOOK_CODE, probe)
+        uc.emu_start(0, 3)
+        uc.hook_del(hook)
+        found = [
+            j
+            for j in candidates
+            if inside.get(j) == 1 and ctypes.c_int32.from_address(base + j + _JMP_BUFS).value == 0
+        ]
+    finally:
+        close(uc)
+    return found[0] - 6 if len(found) == 1 else None
+
+
+@functools.cache
+def no_exit_request_offset() -> int | None:
+    """:func:`find_no_exit_request`'s answer, located once per process on first use."""
+    return find_no_exit_request()
+
+
+def set_no_exit_request(uc: Any, value: bool) -> None:
+    """Set or clear the instance's ``no_exit_request`` flag: translated code then checks
+    for an exit request only at the start of each block.  Before ``uc`` translates
+    anything, or with its translations flushed afterwards."""
+    offset = no_exit_request_offset()
+    if offset is None:
+        raise RuntimeError("this Unicorn build's no_exit_request flag was not located")
+    ctypes.c_uint8.from_address(handle(uc).value + offset).value = int(value)
 
 
 # -- freeing -----------------------------------------------------------------------------------

@@ -7,10 +7,7 @@ and no interrupt costs nothing.  Only the event loop may call these.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import functools
-import mmap
-import platform
 import struct
 import time
 from collections.abc import Callable
@@ -18,6 +15,7 @@ from collections.abc import Callable
 from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
 from unicorn import x86_const as r
 
+from . import _slicing
 from .abi import LGUEST_DATA_TIME
 from .cpu import LgCpu
 
@@ -25,31 +23,11 @@ CLOCK_IRQ = 0
 _TIMESPEC = struct.Struct("<II")
 _TIMESPEC_SIZE = _TIMESPEC.size
 _pack_timespec = _TIMESPEC.pack_into
-_CALIBRATION_NS = 20_000_000  # the shortest baseline tsc_khz is measured over
-
-
-def _native_rdtsc() -> Callable[[], int] | None:
-    """The host's ``rdtsc`` as a function (a few bytes of x86-64 code in an executable
-    page), or None where that is not possible; Unicorn's guest ``rdtsc`` reads the same
-    counter."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except (OSError, AttributeError, ValueError):
-        return None
-    page.write(bytes.fromhex("0f3148c1e2204809d0c3"))  # rdtsc; shl rdx,32; or rax,rdx; ret
-    function = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
-    _KEEP.append(page)
-
-    def read() -> int:
-        return int(function())
-
-    return read
+_CALIBRATION_NS = 20_000_000  # the baseline tsc_khz is measured over
 
 
 def _unicorn_rdtsc() -> Callable[[], int]:
-    """The host's TSC read through a throw-away Unicorn instance (the fallback)."""
+    """The host's TSC read through a throw-away Unicorn instance (without the extension)."""
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     uc.ctl_set_tcg_buffer_size(1 << 20)
     uc.mem_map(0, 0x1000)
@@ -70,27 +48,17 @@ def _sample(read: Callable[[], int]) -> tuple[int, int]:
     return tsc, (t0 + t1) // 2
 
 
-_KEEP: list[mmap.mmap] = []
-_RDTSC = _native_rdtsc()
-_BASELINE = _sample(_RDTSC) if _RDTSC is not None else None  # at import: rarely a wait later
-
-
 @functools.cache
 def tsc_khz() -> int:
     """Guest ``rdtsc`` ticks per millisecond (``lguest_data.tsc_khz``).
 
     Unicorn's ``rdtsc`` reads the host's time stamp counter, so a guest's TSC
-    counts real time; its rate is measured once per process against
-    ``time.perf_counter_ns`` over at least 20 ms: from this module's import to
-    the first call (which waits for the rest, if any).  Without an executable
-    page for a native ``rdtsc``, a Unicorn instance reads it and the first call
-    waits the whole 20 ms.
+    counts real time; its rate is measured once per process, on the first call,
+    against ``time.perf_counter_ns`` over 20 ms.  The counter is read by the native
+    extension (:data:`_slicing.rdtsc`) or, without it, by a Unicorn instance.
     """
-    if _RDTSC is not None and _BASELINE is not None:
-        read, (tsc0, ns0) = _RDTSC, _BASELINE
-    else:
-        read = _unicorn_rdtsc()
-        tsc0, ns0 = _sample(read)
+    read = _slicing.rdtsc or _unicorn_rdtsc()
+    tsc0, ns0 = _sample(read)
     elapsed = time.perf_counter_ns() - ns0
     if elapsed < _CALIBRATION_NS:
         time.sleep((_CALIBRATION_NS - elapsed) / 1e9)

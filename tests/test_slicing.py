@@ -174,3 +174,59 @@ def test_the_environment_selects_the_fallback_quietly():
     assert out == ["emu_start(count=) fallback"]
     out = _python(code, LGUEST_SLICING="hook").stdout.splitlines()
     assert out == ["native block hook"]
+
+
+def test_the_ctypes_mirror_matches_every_fuel_t_field() -> None:
+    """_slicing.Fuel mirrors _fuel.c's fuel_t by hand: every field's offset and size must
+    equal the C compiler's (a reordered, resized, added or dropped field is named)."""
+    fuel = pytest.importorskip("supervisor._fuel")
+    assert list(fuel.fuel_layout) == [name for name, *_ in _slicing.Fuel._fields_]
+    assert _slicing.layout_differences(fuel.fuel_layout, fuel.fuel_size) == []
+    swapped = dict(fuel.fuel_layout)
+    swapped["stop"], swapped["reason"] = swapped["reason"], swapped["stop"]
+    del swapped["pad2"]
+    swapped["extra"] = (fuel.fuel_size, 4)
+    assert _slicing.layout_differences(swapped, fuel.fuel_size + 4) == [
+        "stop: (offset, size) (4, 4) in fuel_t, (0, 4) in _slicing.Fuel",
+        "reason: (offset, size) (0, 4) in fuel_t, (4, 4) in _slicing.Fuel",
+        "pad2: not in fuel_t",
+        "extra: not in _slicing.Fuel",
+        f"size: {fuel.fuel_size + 4} in fuel_t, {fuel.fuel_size} in _slicing.Fuel",
+    ]
+
+
+def test_a_differing_fuel_t_layout_stops_the_import() -> None:
+    pytest.importorskip("supervisor._fuel")
+    code = (
+        "import importlib\n"
+        "from supervisor import _fuel, _slicing\n"
+        "_fuel.fuel_layout['budget'] = (4, 8)\n"
+        "try:\n"
+        "    importlib.reload(_slicing)\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = _python(code).stdout
+    assert "different fuel_t layout" in out
+    assert "budget: (offset, size) (4, 8) in fuel_t, (8, 8) in _slicing.Fuel" in out
+
+
+def test_the_tsc_is_read_on_first_use_not_at_import() -> None:
+    """Importing the clock maps no executable memory and reads no counter; the rate comes
+    from the native counter read or, without it, from a Unicorn instance's rdtsc."""
+    code = (
+        "import re\n"
+        "def rwx():\n"
+        "    maps = open('/proc/self/maps').read()\n"
+        "    return len(re.findall(r'^\\S+ rwx', maps, re.M))\n"
+        "before = rwx()\n"
+        "from supervisor import timers\n"
+        "print(rwx() - before, timers.tsc_khz.cache_info().currsize)\n"
+        "timers._slicing.rdtsc = None\n"
+        "print(timers.tsc_khz() > 0)\n"
+    )
+    assert _python(code).stdout.split() == ["0", "0", "True"]
+    if _slicing.rdtsc is not None:
+        a = _slicing.rdtsc()
+        b = _slicing.rdtsc()
+        assert 0 < a < b
