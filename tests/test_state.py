@@ -1,5 +1,5 @@
 """A guest's whole state as one value: pause, capture and revive through the device's
-public surface (issue: "a guest's whole state as one value").
+public surface.
 
 * the control surface: pause/resume/state errnos, a paused read stays pending;
 * the value: ``==``, pickle, the encoding and its errors, every field marked;
@@ -8,8 +8,8 @@ public surface (issue: "a guest's whole state as one value").
   one test, another process) and checks memory, output and exit against an
   uninterrupted run;
 * exits as values: the classifier and the run loop's decision, on fabricated values;
-* the house rules: no private attribute of another module, the Unicorn internals
-  in one module, no ``Uc`` at import, the threading contract in debug mode.
+* the house rules: no ``Uc`` at import, the threading contract in debug mode (the
+  others: tests/test_house_rules.py and the import contracts in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import errno
 import pickle
-import re
 import subprocess
 import sys
 import threading
@@ -540,25 +539,6 @@ def test_the_run_loop_decides_in_a_fixed_order():
 
 
 # -- the house rules ---------------------------------------------------------------------------
-def test_the_tools_above_the_device_use_no_private_attribute_of_another_module():
-    for name in ("debug.py", "snapshot.py", "guestctl.py", "gdbstub.py", "host.py"):
-        source = (ROOT / "supervisor" / name).read_text()
-        own = set(re.findall(r"(?:def |self\.|class )(_\w+)", source))
-        for match in re.finditer(r"\b(\w+)\.(_[a-z]\w*)", source):
-            owner, attribute = match.groups()
-            if owner in ("self", "cls") or attribute.startswith("__"):
-                continue
-            assert attribute in own, f"{name} reads {owner}.{attribute} of another module"
-
-
-def test_only_one_module_touches_unicorn_internals():
-    internals = re.compile(r"uclib|_uch\b|_Uc__|_callbacks|context_save|context_restore")
-    for path in (ROOT / "supervisor").rglob("*.py"):
-        if path.name == "_unicorn.py":
-            continue
-        assert not internals.search(path.read_text()), f"{path.name} touches Unicorn internals"
-
-
 def test_importing_supervisor_creates_no_unicorn_instance():
     probe = (
         "import unicorn\n"
