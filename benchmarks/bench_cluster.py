@@ -28,6 +28,8 @@ import ray
 from supervisor import GuestConfig, Supervisor
 from supervisor.cluster import Cluster, ClusterError, RemoteGuest
 
+from .harness import poll
+
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 COUNTER = GUESTS / "counter.img"
 
@@ -72,7 +74,7 @@ async def migrations(cl: Cluster, moves: int) -> tuple[list[float], bool, int]:
     (mid-count: it is spinning towards the next line); (times, exact, moves done)."""
     lines, spin = moves + 10, 50_000
     guest = await cl.launch(counter(lines, spin, memory="16M"))
-    times = []
+    times: list[float] = []
     seen = []
     async for line in guest.console:
         seen.append(line)
@@ -100,8 +102,7 @@ async def worker_loss(cl: Cluster, n: int) -> tuple[int, int, float]:
     guests = [await cl.launch(counter(lines, spin, memory="1M", name=f"c{i}")) for i in range(n)]
     readers = [asyncio.create_task(_collect(g)) for g in guests]
     async with asyncio.timeout(120):
-        while not all(g.checkpoints >= 1 for g in guests if not g.done):
-            await asyncio.sleep(0.05)
+        await poll(lambda: all(g.checkpoints >= 1 for g in guests if not g.done), 0.05)
     await cl.workers[0].kill()
     outputs = await asyncio.gather(*readers)
     results = await asyncio.gather(*(g.wait() for g in guests))

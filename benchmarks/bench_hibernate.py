@@ -25,7 +25,7 @@ from supervisor import LguestDevice, abi
 
 from .bench_state import _raw_cycles
 from .guests import SMALL_RAM, Booted, assemble, boot
-from .harness import Profile, Result, cpu_seconds, median, now, percentile, rss_bytes
+from .harness import Profile, Result, cpu_seconds, median, now, percentile, poll, rss_bytes
 
 MiB = 1 << 20
 
@@ -79,8 +79,7 @@ async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
             sleepers += await asyncio.gather(
                 *(_sleeper(dev, image) for _ in range(min(batch, n - len(sleepers))))
             )
-        while not all(g.file.cpu(0).hibernated for g, _ in sleepers):
-            await asyncio.sleep(0.01)
+        await poll(lambda: all(g.file.cpu(0).hibernated for g, _ in sleepers), 0.01)
         setup = now() - t0
         gc.collect()
         await asyncio.sleep(0.5)
@@ -102,8 +101,8 @@ async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
             sleepers[i] = (g, asyncio.ensure_future(g.file.read(abi.WORD_SIZE)))
             woken = g.file.cpu(0)
             async with asyncio.timeout(10):  # (a bound for failing, not a wait for success)
-                while not (woken.halted and woken.hibernated):  # asleep: the next wake is alone
-                    await asyncio.sleep(0)
+                # asleep: the next wake is alone
+                await poll(lambda: woken.halted and woken.hibernated, 0)  # noqa: B023 - awaited here
         trims = dev.dormitory.trims - trims
         collections = [b - a for a, b in zip(collections, _collections(), strict=True)]
         t_close = now()

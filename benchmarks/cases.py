@@ -36,10 +36,13 @@ from .harness import (
     mem_available,
     now,
     percentile,
+    poll,
     read_through_breaks,
     rss_bytes,
 )
 from .raw import RawCpu
+
+_ROOT = Path(__file__).resolve().parent.parent  # where benchmarks.child is importable
 
 MiB = 1 << 20
 # Below 2 MiB: QEMU asks for transparent huge pages on its code buffer, and one huge page
@@ -602,16 +605,14 @@ async def _sup_halted(want: int, tcg_buffer: int) -> dict[str, Any]:
             )
             gs.extend(g for g, _ in got)
             tasks.extend(t for _, t in got)
-            while not all(_halted(g) for g in gs[-batch:]):
-                await asyncio.sleep(0.001)
+            await poll(lambda: all(_halted(g) for g in gs[-batch:]), 0.001)
             if len(gs) == batch:  # first batch: make sure the whole run fits in memory
                 per = (rss_bytes() - base) / len(gs)
                 fits = int(0.4 * mem_available() / max(per, 1)) + len(gs)
                 if fits < target:
                     target = max(batch, fits // batch * batch)
         setup = now() - t_setup
-        while not all(_halted(g) for g in gs):
-            await asyncio.sleep(0.01)
+        await poll(lambda: all(_halted(g) for g in gs), 0.01)
         gc.collect()
         await asyncio.sleep(0.2)
         per_guest = (rss_bytes() - base) / len(gs)
@@ -643,7 +644,7 @@ async def _child(*args: str) -> dict[str, Any]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        cwd=str(Path(__file__).resolve().parent.parent),
+        cwd=str(_ROOT),
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:

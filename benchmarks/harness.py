@@ -7,6 +7,7 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -106,7 +107,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def jain(xs: list[float]) -> float:
+async def poll(predicate: Callable[[], bool], interval: float) -> None:
+    """Wait until ``predicate()`` holds, checking every ``interval`` seconds (0: at every
+    turn of the loop): a guest's progress (its memory, counters, CPU state) has no event
+    to wait on."""
+    while not predicate():  # noqa: ASYNC110 - there is no event to wait on
+        await asyncio.sleep(interval)
+
+
+def jain(xs: Sequence[float]) -> float:
     total = sum(xs)
     squares = sum(x * x for x in xs)
     return (total * total) / (len(xs) * squares) if squares else 0.0

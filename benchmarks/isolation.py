@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from supervisor import GuestConfig, Supervisor
+from supervisor import Guest, GuestConfig, Supervisor
 from supervisor.testing import SPIN
 
 from .guests import SMALL_RAM, assemble
-from .harness import Profile, Result, median, now
+from .harness import Profile, Result, median, now, poll
 from .raw import RawCpu
 
 # Counts to 3,000,000 in memory, then powers off with "counted" (a Launcher-ready COUNT_TO).
@@ -46,11 +46,10 @@ def _raw_close(n: int) -> float:
     return now() - t0
 
 
-async def _busy(sup: Supervisor, image: Path, n: int) -> list[object]:
+async def _busy(sup: Supervisor, image: Path, n: int) -> list[Guest]:
     config = GuestConfig(image=image, memory=SMALL_RAM, console="null")
     guests = [await sup.launch(config) for _ in range(n)]
-    while sum(g.stats.run_time > 0 for g in guests) < n:  # every one has run
-        await asyncio.sleep(0.01)
+    await poll(lambda: sum(g.stats.run_time > 0 for g in guests) >= n, 0.01)  # every one ran
     await asyncio.sleep(0.2)  # and the executor's queue is full of their slices
     return list(guests)
 
@@ -65,7 +64,7 @@ async def shutdown(p: Profile) -> list[Result]:
         kills = []
         for victim in guests[:5]:
             t0 = now()
-            await victim.kill()  # type: ignore[attr-defined]
+            await victim.kill()
             kills.append(now() - t0)
         t0 = now()
         await sup.aclose()
@@ -117,8 +116,7 @@ async def flood_neighbour(p: Profile) -> list[Result]:
         async with Supervisor() as sup:
             alone = min([await _count(sup, counter) for _ in range(3)])
             flood = await sup.launch(GuestConfig(image=flooder, memory="1M", console="null"))
-            while flood.stats.notifies < 20:
-                await asyncio.sleep(0.01)
+            await poll(lambda: flood.stats.notifies >= 20, 0.01)
             beside = min([await _count(sup, counter) for _ in range(3)])
             await flood.kill()
     ratio = beside / alone

@@ -312,16 +312,17 @@ async def notified(booted: Booted) -> int:
     return address
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
     """Wait until ``predicate()`` holds; guest memory has no events, so poll it.
 
     The first checks only yield; later ones sleep a millisecond so that a long
-    wait leaves the cores to the guests.
+    wait leaves the cores to the guests.  ``timeout`` bounds a wait that fails (a
+    TimeoutError), so that a test never hangs.
     """
     async with asyncio.timeout(timeout):
         for _ in range(100):
             if predicate():
                 return
             await asyncio.sleep(0)
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - no event to wait on
             await asyncio.sleep(0.001)

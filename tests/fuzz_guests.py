@@ -19,8 +19,9 @@ import errno
 import os
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from guestasm import COUNT_TO, Booted, Guest, assemble, load
 from hypothesis import HealthCheck, settings
@@ -73,6 +74,7 @@ DOCUMENTED_ERRNOS = frozenset(
 # -- guests ----------------------------------------------------------------------
 
 RAM = 256 << 10
+EXECUTOR_IDLE = 2.0  # seconds: a bound for failing, never a wait for success
 PAYLOAD_SIZE = 4096
 
 HOSTILE_SOURCE = rf"""
@@ -524,10 +526,11 @@ def lguest_threads(baseline: Iterable[threading.Thread]) -> list[threading.Threa
     return extra
 
 
-async def executor_idle(dev: LguestDevice, timeout: float = 2.0) -> None:
-    """The executor has no queued work: a sentinel submitted now runs promptly."""
+async def executor_idle(dev: LguestDevice) -> None:
+    """The executor has no queued work: a sentinel submitted now runs promptly (within
+    EXECUTOR_IDLE seconds)."""
     ran = threading.Event()
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(EXECUTOR_IDLE):
         await asyncio.wrap_future(dev.executor.submit(ran.set))
     assert ran.is_set()
 
@@ -552,7 +555,7 @@ class LoopErrors:
     def __init__(self) -> None:
         self.calls: list[dict[str, object]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._old: object = None
+        self._old: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
 
     def __enter__(self) -> LoopErrors:
         self._loop = asyncio.get_running_loop()
@@ -562,4 +565,4 @@ class LoopErrors:
 
     def __exit__(self, *exc: object) -> None:
         assert self._loop is not None
-        self._loop.set_exception_handler(self._old)  # type: ignore[arg-type]
+        self._loop.set_exception_handler(self._old)

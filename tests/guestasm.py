@@ -1,4 +1,7 @@
-"""The tests' guest toolkit: supervisor.testing, plus the old name ``Guest``."""
+"""The tests' guest toolkit: supervisor.testing, plus the old name ``Guest`` and
+:func:`present`."""
+
+from typing import TypeVar
 
 from supervisor.testing import (
     CACHE,
@@ -18,6 +21,15 @@ from supervisor.testing import (
 )
 
 Guest = AsmGuest
+T = TypeVar("T")
+
+
+def present(value: T | None) -> T:
+    """``value``, which the test knows is there (e.g. ``file.stats`` after INITIALIZE,
+    ``file.death`` once the guest died): a typed assertion."""
+    assert value is not None
+    return value
+
 
 __all__ = [
     "CACHE",
@@ -33,6 +45,7 @@ __all__ = [
     "initialize_words",
     "load",
     "notified",
+    "present",
     "run_to_end",
     "until",
 ]

@@ -65,7 +65,9 @@ def writer_image(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("seed", range(4))
-async def test_killed_or_exhausted_writers_leave_whole_sectors(writer_image, tmp_path, seed):
+async def test_killed_or_exhausted_writers_leave_whole_sectors(
+    writer_image: Path, tmp_path: Path, seed: int
+) -> None:
     rng = random.Random(seed)
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes([FILL]) * SECTORS * SECTOR)
@@ -88,7 +90,9 @@ async def test_killed_or_exhausted_writers_leave_whole_sectors(writer_image, tmp
     assert data != bytes([FILL]) * SECTORS * SECTOR  # the writers did write
 
 
-async def test_a_read_only_file_stays_byte_identical_under_a_writer(writer_image, tmp_path):
+async def test_a_read_only_file_stays_byte_identical_under_a_writer(
+    writer_image: Path, tmp_path: Path
+) -> None:
     disk = tmp_path / "disk.img"
     original = bytes(range(256)) * (SECTORS * SECTOR // 256)
     disk.write_bytes(original)

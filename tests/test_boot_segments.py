@@ -10,10 +10,10 @@ import asyncio
 import errno
 
 import pytest
-from guestasm import assemble, boot, notified, run_to_end, until
+from guestasm import Booted, assemble, boot, notified, run_to_end, until
 from unicorn import x86_const as r
 
-from supervisor import LguestDevice, abi, hostpages
+from supervisor import LguestDevice, LguestFile, abi, hostpages
 from supervisor.launcher.layout import Layout
 from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
@@ -78,12 +78,12 @@ msg: .asciz "booted"
 )
 
 
-def gdtr(g) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def gdtr(g: Booted) -> tuple[int, int]:
     raw = g.memory.read(g.guest.symbols["seen_gdtr"], 6)
     return int.from_bytes(raw[:2], "little"), int.from_bytes(raw[2:], "little")
 
 
-async def finish(file) -> None:  # type: ignore[no-untyped-def]
+async def finish(file: LguestFile) -> None:
     """Run a BOOTED guest from its first notify to its power-off."""
     assert abi.unpack_words(await file.read(abi.WORD_SIZE))[0] == 0xB008
     with pytest.raises(FileNotFoundError):

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, pack_words
+from supervisor.cpu import LgCpu
 
 TIMEOUT = 10.0
 
@@ -69,17 +70,17 @@ async def cancelled(task: asyncio.Task[object]) -> None:
             await task
 
 
-def cpu0(g: Booted):  # type: ignore[no-untyped-def]
+def cpu0(g: Booted) -> LgCpu:
     return g.file.cpu(0)
 
 
-async def test_cancel_during_a_slice(dev):
+async def test_cancel_during_a_slice(dev: LguestDevice) -> None:
     before = snapshot()
     g = await boot(dev, SPIN)
     for _ in range(20):
         reader = asyncio.create_task(g.file.read(8))
         start = g.u32("counter")
-        await until(lambda s=start: g.u32("counter") > s, TIMEOUT)  # inside a slice
+        await until(lambda: g.u32("counter") > start, TIMEOUT)  # noqa: B023 - inside a slice
         await cancelled(reader)
         await quiescent(dev, *before)
         stopped = g.u32("counter")
@@ -92,7 +93,9 @@ async def test_cancel_during_a_slice(dev):
 
 @FUZZ
 @given(delays=st.lists(st.integers(0, 40), min_size=1, max_size=40))
-async def test_cancelling_reads_anywhere_loses_and_repeats_no_notify(dev, delays):
+async def test_cancelling_reads_anywhere_loses_and_repeats_no_notify(
+    dev: LguestDevice, delays: list[int]
+) -> None:
     """Cancel the read after a random number of loop turns, again and again."""
     before = snapshot()
     n = 200
@@ -120,7 +123,7 @@ async def test_cancelling_reads_anywhere_loses_and_repeats_no_notify(dev, delays
     await quiescent(dev, *before)
 
 
-async def test_cancel_while_halted_keeps_the_timer(dev):
+async def test_cancel_while_halted_keeps_the_timer(dev: LguestDevice) -> None:
     before = snapshot()
     g = await boot(dev, TIMER)
     reader = asyncio.create_task(g.file.read(8))
@@ -134,7 +137,7 @@ async def test_cancel_while_halted_keeps_the_timer(dev):
     await quiescent(dev, *before)
 
 
-async def test_cancel_during_a_break_wait(dev):
+async def test_cancel_during_a_break_wait(dev: LguestDevice) -> None:
     before = snapshot()
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
@@ -170,7 +173,7 @@ async def init_task(dev: LguestDevice) -> tuple[Booted, asyncio.Task[int]]:
     return Booted(f, memory, layout, guest), asyncio.create_task(f.write(words))
 
 
-async def test_cancel_initialize_before_it_starts_and_while_it_waits(dev):
+async def test_cancel_initialize_before_it_starts_and_while_it_waits(dev: LguestDevice) -> None:
     before = snapshot()
     # Before it ever runs.
     g, init = await init_task(dev)
@@ -191,14 +194,14 @@ async def test_cancel_initialize_before_it_starts_and_while_it_waits(dev):
         )
         await b.file.write(words)
         reader = asyncio.create_task(b.file.read(8))
-        await until(lambda b=b: b.u32("counter") > 0, TIMEOUT)
+        await until(lambda: b.u32("counter") > 0, TIMEOUT)  # noqa: B023 - awaited at once
         await cancelled(reader)
         await b.file.close()
         b.memory.close()
     await quiescent(dev, *before)
 
 
-async def test_cancelled_close_still_frees_everything(dev):
+async def test_cancelled_close_still_frees_everything(dev: LguestDevice) -> None:
     """close() cancelled while it waits for the running read: the guest is still freed."""
     before = snapshot()
     g = await boot(dev, SPIN)
@@ -218,7 +221,7 @@ async def test_cancelled_close_still_frees_everything(dev):
     await quiescent(dev, *before)
 
 
-async def test_cancelled_close_reraises_cancelled_error(dev):
+async def test_cancelled_close_reraises_cancelled_error(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
     await until(lambda: g.u32("counter") > 0, TIMEOUT)
@@ -234,7 +237,9 @@ async def test_cancelled_close_reraises_cancelled_error(dev):
         g.memory.close()
 
 
-async def test_close_cancelled_while_waiting_for_the_lock_still_stops_the_guest(dev):
+async def test_close_cancelled_while_waiting_for_the_lock_still_stops_the_guest(
+    dev: LguestDevice,
+) -> None:
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
     await until(lambda: g.u32("counter") > 0, TIMEOUT)
@@ -257,7 +262,7 @@ async def test_close_cancelled_while_waiting_for_the_lock_still_stops_the_guest(
         await asyncio.gather(reader, return_exceptions=True)
 
 
-async def test_aclose_while_another_close_waits_for_the_lock(dev):
+async def test_aclose_while_another_close_waits_for_the_lock(dev: LguestDevice) -> None:
     """aclose() stops every guest at once, even one whose close() waits for the lock;
     the freeing, which needs the lock, finishes when the lock is free."""
     g = await boot(dev, SPIN)
@@ -285,7 +290,7 @@ async def test_aclose_while_another_close_waits_for_the_lock(dev):
         g.memory.close()
 
 
-async def test_cancel_device_aclose_then_aclose_again(dev):
+async def test_cancel_device_aclose_then_aclose_again(dev: LguestDevice) -> None:
     before = snapshot()
     guests = [await boot(dev, SPIN) for _ in range(3)]
     readers = [asyncio.create_task(g.file.read(8)) for g in guests]
@@ -306,7 +311,7 @@ async def test_cancel_device_aclose_then_aclose_again(dev):
     assert not [t for t in threading.enumerate() if t not in before[1]]
 
 
-async def test_executor_is_idle_after_many_cancelled_slices(dev):
+async def test_executor_is_idle_after_many_cancelled_slices(dev: LguestDevice) -> None:
     before = snapshot()
     guests = [await boot(dev, SPIN) for _ in range(6)]
     for _ in range(30):

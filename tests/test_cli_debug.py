@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from guestasm import present
 from test_cli import cli
 
 from supervisor import GuestConfig
@@ -32,7 +33,7 @@ def test_run_with_gdb_breaks_steps_sets_a_register_and_continues_to_the_exit() -
         match = re.fullmatch(r"supervisor: gdb server on (\S+):(\d+)\n", banner)
         assert match, banner
         gdb = subprocess.run(
-            [GDB, "-batch", "-nx",
+            [present(GDB), "-batch", "-nx",
              "-ex", "set architecture i386",
              "-ex", f"target remote {match[1]}:{match[2]}",
              "-ex", "break *0x10001",

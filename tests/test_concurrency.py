@@ -3,9 +3,9 @@
 import asyncio
 
 import pytest
-from guestasm import SPIN, boot, notified, until
+from guestasm import SPIN, boot, notified, present, until
 
-from supervisor import abi
+from supervisor import LguestDevice, abi
 
 COUNT_TO = r"""
 main:
@@ -21,7 +21,7 @@ msg: .asciz "done"
 """
 
 
-async def test_a_hundred_concurrent_guests_all_finish(dev):
+async def test_a_hundred_concurrent_guests_all_finish(dev: LguestDevice) -> None:
     guests = await asyncio.gather(*(boot(dev, COUNT_TO, ram_size=256 << 10) for _ in range(100)))
     addresses = await asyncio.gather(*(notified(g) for g in guests))
     assert addresses == [0x600D] * 100
@@ -29,14 +29,14 @@ async def test_a_hundred_concurrent_guests_all_finish(dev):
     for g in guests:
         with pytest.raises(FileNotFoundError):
             await g.file.read(8)
-        assert g.file.death.exit_status == 0
+        assert present(g.file.death).exit_status == 0
 
 
 def jain(values: list[int]) -> float:
     return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
 
 
-async def test_spinning_guests_cannot_starve_each_other(dev):
+async def test_spinning_guests_cannot_starve_each_other(dev: LguestDevice) -> None:
     guests = [await boot(dev, SPIN, ram_size=256 << 10) for _ in range(8)]
     readers = [asyncio.create_task(g.file.read(8)) for g in guests]
     # Wait until every guest has run, then until the total has grown a lot more.
@@ -51,16 +51,16 @@ async def test_spinning_guests_cannot_starve_each_other(dev):
     assert jain(progress) > 0.8, progress
 
 
-async def test_a_halted_guest_costs_no_slices_while_others_spin(dev):
+async def test_a_halted_guest_costs_no_slices_while_others_spin(dev: LguestDevice) -> None:
     halted = await boot(dev, "main:\n LGUEST_INIT\n HCALL 10\n HCALL 17, 1\n")
     spinner = await boot(dev, SPIN)
     h_reader = asyncio.create_task(halted.file.read(8))
     s_reader = asyncio.create_task(spinner.file.read(8))
     await until(lambda: halted.file.cpu(0).halted)
-    slices = halted.file.stats.slices
+    slices = present(halted.file.stats).slices
     before = spinner.u32("counter")
     await until(lambda: spinner.u32("counter") > before + 50_000_000, 60)
-    assert halted.file.stats.slices == slices
+    assert present(halted.file.stats).slices == slices
     await halted.file.write(abi.pack_words(abi.LHREQ_IRQ, 0))  # no gate: just wakes it
     s_reader.cancel()
     h_reader.cancel()

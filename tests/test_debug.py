@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from guestasm import SPIN, boot, run_to_end, until
+from guestasm import SPIN, Booted, boot, present, run_to_end, until
 
-from supervisor import abi
-from supervisor.debug import BREAKPOINT, START, STEP, DebugError, debugger
+from supervisor import LguestDevice, abi
+from supervisor.debug import BREAKPOINT, START, STEP, DebugError, Debugger, debugger
 
 COUNTER = r"""
 main:
@@ -52,7 +52,7 @@ msg: .asciz "bye"
 """
 
 
-async def held(dev, body):
+async def held(dev: LguestDevice, body: str) -> tuple[Booted, Debugger, asyncio.Task[str]]:
     g = await boot(dev, body)
     d = debugger(g.file)
     d.request_stop(START)
@@ -61,11 +61,13 @@ async def held(dev, body):
     return g, d, reader
 
 
-def eip(d):
+def eip(d: Debugger) -> int:
     return d.registers()[8]
 
 
-async def test_breakpoint_stops_before_the_instruction_and_resume_passes_it_once(dev):
+async def test_breakpoint_stops_before_the_instruction_and_resume_passes_it_once(
+    dev: LguestDevice,
+) -> None:
     g, d, reader = await held(dev, COUNTER)
     assert eip(d) == abi.PAGE_SIZE * 16  # the image's first instruction (0x10000)
     loop = g.guest.symbols["loop"]
@@ -85,7 +87,7 @@ async def test_breakpoint_stops_before_the_instruction_and_resume_passes_it_once
     assert g.u32("result") == 50
 
 
-async def test_stepi_runs_exactly_one_instruction_whatever_the_exit(dev):
+async def test_stepi_runs_exactly_one_instruction_whatever_the_exit(dev: LguestDevice) -> None:
     g, d, reader = await held(dev, EXITS)
     s = g.guest.symbols
     d.add_breakpoint(s["before_local"])
@@ -111,7 +113,9 @@ async def test_stepi_runs_exactly_one_instruction_whatever_the_exit(dev):
     assert await reader == "bye"
 
 
-async def test_an_interrupt_before_the_resumed_instruction_does_not_skip_its_breakpoint(dev):
+async def test_an_interrupt_before_the_resumed_instruction_does_not_skip_its_breakpoint(
+    dev: LguestDevice,
+) -> None:
     g, d, reader = await held(
         dev,
         r"""
@@ -146,7 +150,7 @@ hits: .long 0
     assert await reader == "enough"
 
 
-async def test_pause_registers_and_memory_while_other_guests_run(dev):
+async def test_pause_registers_and_memory_while_other_guests_run(dev: LguestDevice) -> None:
     g, d, reader = await held(dev, SPIN)
     other = await boot(dev, SPIN)
     other_reader = asyncio.create_task(run_to_end(other))
@@ -180,9 +184,9 @@ async def test_pause_registers_and_memory_while_other_guests_run(dev):
     assert await other_reader == "stop spinning"
 
 
-async def test_death_is_reported_to_a_waiting_debugger(dev):
+async def test_death_is_reported_to_a_waiting_debugger(dev: LguestDevice) -> None:
     _g, d, reader = await held(dev, COUNTER)
     d.resume()
     stop = await d.wait_stop()
-    assert stop.dead and stop.death.exit_status == 7
+    assert stop.dead and present(stop.death).exit_status == 7
     assert await reader == "bye"

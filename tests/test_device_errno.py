@@ -2,11 +2,12 @@
 
 import asyncio
 import errno
+from collections.abc import Awaitable
 
 import pytest
 from guestasm import SPIN, assemble, boot, load, until
 
-from supervisor import GuestMemory, abi
+from supervisor import GuestMemory, LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, LHREQ_IRQ, pack_words
 from supervisor.launcher.layout import IMAGE_BASE
 
@@ -23,7 +24,7 @@ def errno_of(exc_info: pytest.ExceptionInfo[OSError]) -> int | None:
     return exc_info.value.errno
 
 
-async def expect(code: int, coro):  # type: ignore[no-untyped-def]
+async def expect(code: int, coro: Awaitable[object]) -> OSError:
     with pytest.raises(OSError) as e:
         await coro
     assert e.value.errno == code, f"expected {errno.errorcode[code]}, got {e.value!r}"
@@ -34,7 +35,7 @@ def init_words(mem: GuestMemory, pfns: int, pgdir: int, start: int = IMAGE_BASE)
     return pack_words(LHREQ_INITIALIZE, mem.address, pfns, pgdir, start)
 
 
-async def test_errors_are_the_matching_oserror_subclasses(dev):
+async def test_errors_are_the_matching_oserror_subclasses(dev: LguestDevice) -> None:
     g = await boot(dev, POWEROFF)
     with pytest.raises(FileNotFoundError):
         await g.file.read(8)
@@ -44,14 +45,14 @@ async def test_errors_are_the_matching_oserror_subclasses(dev):
         await g.file.waker().read(8)
 
 
-async def test_initialize_returns_the_four_words_length(dev):
+async def test_initialize_returns_the_four_words_length(dev: LguestDevice) -> None:
     memory, layout = load(assemble(SPIN))
     f = dev.open(memory)
     n = await f.write(init_words(memory, layout.pfn_limit, layout.pgdir))
     assert n == 4 * abi.WORD_SIZE
 
 
-async def test_initialize_with_fewer_than_four_words_is_einval(dev):
+async def test_initialize_with_fewer_than_four_words_is_einval(dev: LguestDevice) -> None:
     memory, layout = load(assemble(SPIN))
     f = dev.open(memory)
     await expect(errno.EINVAL, f.write(pack_words(LHREQ_INITIALIZE, memory.address, 1, 0)))
@@ -60,7 +61,7 @@ async def test_initialize_with_fewer_than_four_words_is_einval(dev):
     await f.write(init_words(memory, layout.pfn_limit, layout.pgdir))
 
 
-async def test_initialize_twice_is_ebusy(dev):
+async def test_initialize_twice_is_ebusy(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     again = init_words(g.memory, g.layout.pfn_limit, g.layout.pgdir)
     await expect(errno.EBUSY, g.file.write(again))
@@ -78,7 +79,9 @@ async def test_initialize_twice_is_ebusy(dev):
         (0, 0, 1 << 30, errno.EFAULT),  # pgdir outside guest memory
     ],
 )
-async def test_initialize_bounds(dev, base_delta, pfns_delta, pgdir, code):
+async def test_initialize_bounds(
+    dev: LguestDevice, base_delta: int, pfns_delta: int, pgdir: int | None, code: int
+) -> None:
     memory, layout = load(assemble(SPIN))
     f = dev.open(memory)
     words = pack_words(
@@ -91,13 +94,13 @@ async def test_initialize_bounds(dev, base_delta, pfns_delta, pgdir, code):
     await expect(code, f.write(words))
 
 
-async def test_zero_pages_is_einval(dev):
+async def test_zero_pages_is_einval(dev: LguestDevice) -> None:
     memory, _ = load(assemble(SPIN))
     f = dev.open(memory)
     await expect(errno.EINVAL, f.write(pack_words(LHREQ_INITIALIZE, memory.address, 0, 0, 0)))
 
 
-async def test_reads_and_writes_before_initialize_are_einval(dev):
+async def test_reads_and_writes_before_initialize_are_einval(dev: LguestDevice) -> None:
     f = dev.open(GuestMemory(1 << 20))
     await expect(errno.EINVAL, f.read(8))
     await expect(errno.EINVAL, f.write(pack_words(LHREQ_IRQ, 1)))
@@ -106,7 +109,7 @@ async def test_reads_and_writes_before_initialize_are_einval(dev):
     await expect(errno.EINVAL, f.waker().read(8))
 
 
-async def test_unknown_request_bad_irq_bad_cpu(dev):
+async def test_unknown_request_bad_irq_bad_cpu(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     await expect(errno.EINVAL, g.file.write(pack_words(abi.LHREQ_GETDMA, 0)))
     await expect(errno.EINVAL, g.file.write(pack_words(99)))
@@ -119,7 +122,7 @@ async def test_unknown_request_bad_irq_bad_cpu(dev):
     assert await g.file.write(pack_words(LHREQ_IRQ, 31)) == 0
 
 
-async def test_everything_after_close_is_ebadf(dev):
+async def test_everything_after_close_is_ebadf(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     await g.file.close()
     await expect(errno.EBADF, g.file.read(8))
@@ -132,7 +135,7 @@ async def test_everything_after_close_is_ebadf(dev):
     await expect(errno.EBADF, uninitialized.read(8))
 
 
-async def test_dead_guest_reads_enoent_then_the_reason(dev):
+async def test_dead_guest_reads_enoent_then_the_reason(dev: LguestDevice) -> None:
     g = await boot(dev, POWEROFF)
     await expect(errno.ENOENT, g.file.read(8))
     assert await g.file.read(100) == b"all done here\0"
@@ -144,7 +147,7 @@ async def test_dead_guest_reads_enoent_then_the_reason(dev):
     assert g.file.death is not None and g.file.death.exit_status == 7
 
 
-async def test_restart_reads_erestart_every_time(dev):
+async def test_restart_reads_erestart_every_time(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -161,7 +164,7 @@ msg: .asciz "reboot please"
     assert g.file.death is not None and g.file.death.restart
 
 
-async def test_waker_may_only_break(dev):
+async def test_waker_may_only_break(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     waker = g.file.waker()
     await expect(errno.EPERM, waker.write(pack_words(LHREQ_IRQ, 1)))
@@ -172,7 +175,7 @@ async def test_waker_may_only_break(dev):
     assert await waker.write(pack_words(LHREQ_BREAK, 0)) == 0
 
 
-async def test_second_read_on_a_running_cpu_is_ebusy(dev):
+async def test_second_read_on_a_running_cpu_is_ebusy(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
     await until(lambda: g.u32("counter") != 0)  # the guest runs: the first read owns the CPU
@@ -182,7 +185,7 @@ async def test_second_read_on_a_running_cpu_is_ebusy(dev):
         await reader
 
 
-async def test_open_after_device_close_is_enodev():
+async def test_open_after_device_close_is_enodev() -> None:
     from supervisor import LguestDevice
 
     device = LguestDevice()

@@ -3,22 +3,24 @@
 import asyncio
 import errno
 import threading
+from collections.abc import Awaitable, Callable
 
 import pytest
-from guestasm import COUNT_TO, SPIN, boot, until
+from guestasm import COUNT_TO, SPIN, boot, present, until
+from unicorn import Uc
 
 from supervisor import LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 
 
-async def expect(code, coro):
+async def expect(code: int, coro: Awaitable[object]) -> OSError:
     with pytest.raises(OSError) as e:
         await coro
     assert e.value.errno == code, e.value
     return e.value
 
 
-async def test_notify_is_one_word_and_cleared_on_next_read(dev):
+async def test_notify_is_one_word_and_cleared_on_next_read(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -37,7 +39,7 @@ msg: .asciz "bye"
     assert await g.file.read(64) == b"bye\0"
 
 
-async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev):
+async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     waker = g.file.waker()
     reader = asyncio.create_task(g.file.read(8))
@@ -59,7 +61,7 @@ async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev):
         await reader
 
 
-async def test_break_before_any_read_is_not_lost(dev):
+async def test_break_before_any_read_is_not_lost(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
     await asyncio.sleep(0)  # let the waker set the flag; nobody runs the guest yet
@@ -68,7 +70,7 @@ async def test_break_before_any_read_is_not_lost(dev):
     await breaker
 
 
-async def test_cancelled_waker_leaves_the_break_set(dev):
+async def test_cancelled_waker_leaves_the_break_set(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
     await asyncio.sleep(0)
@@ -78,7 +80,7 @@ async def test_cancelled_waker_leaves_the_break_set(dev):
     await expect(errno.EAGAIN, g.file.read(8))
 
 
-async def test_many_wakers_are_released_by_one_break_zero(dev):
+async def test_many_wakers_are_released_by_one_break_zero(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     wakers = [
         asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1))) for _ in range(5)
@@ -88,7 +90,7 @@ async def test_many_wakers_are_released_by_one_break_zero(dev):
     assert await asyncio.gather(*wakers) == [0] * 5
 
 
-async def test_cancelling_a_read_resumes_exactly_where_it_stopped(dev):
+async def test_cancelling_a_read_resumes_exactly_where_it_stopped(dev: LguestDevice) -> None:
     g = await boot(dev, COUNT_TO.format(target=3_000_000))
     for _ in range(200):
         reader = asyncio.create_task(g.file.read(8))
@@ -102,7 +104,9 @@ async def test_cancelling_a_read_resumes_exactly_where_it_stopped(dev):
     assert g.u32("regcount") == 3_000_000
 
 
-async def test_twenty_million_increments_survive_a_break_every_millisecond(dev):
+async def test_twenty_million_increments_survive_a_break_every_millisecond(
+    dev: LguestDevice,
+) -> None:
     """The issue's acceptance test: breaks and resumes never lose or repeat a write."""
     g = await boot(dev, COUNT_TO.format(target=20_000_000))
     waker = g.file.waker()
@@ -137,7 +141,7 @@ async def test_twenty_million_increments_survive_a_break_every_millisecond(dev):
     assert eagains > 10, "the waker should have broken the guest out many times"
 
 
-async def test_irq_write_returns_zero_and_wakes_a_halted_guest(dev):
+async def test_irq_write_returns_zero_and_wakes_a_halted_guest(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -158,16 +162,16 @@ hits: .long 0
     reader = asyncio.create_task(g.file.read(8))
     # The guest halts: it stops costing slices.
     await until(lambda: g.file.cpu(0).halted)
-    slices = g.file.stats.slices
+    slices = present(g.file.stats).slices
     for _ in range(20):
         await asyncio.sleep(0)
-    assert g.file.stats.slices == slices
+    assert present(g.file.stats).slices == slices
     assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
     assert await reader == pack_words(0x35)
     assert g.u32("hits") == 1
 
 
-async def test_close_while_running_never_hangs(dev):
+async def test_close_while_running_never_hangs(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
@@ -186,7 +190,9 @@ async def test_close_while_running_never_hangs(dev):
     assert e.value.errno in (errno.EBADF, errno.EAGAIN)
 
 
-async def test_close_while_halted_and_while_reading_ends_the_read_with_ebadf(dev):
+async def test_close_while_halted_and_while_reading_ends_the_read_with_ebadf(
+    dev: LguestDevice,
+) -> None:
     g = await boot(
         dev,
         r"""
@@ -202,7 +208,7 @@ main:
     await expect(errno.EBADF, reader)
 
 
-async def test_device_aclose_stops_every_guest(dev):
+async def test_device_aclose_stops_every_guest(dev: LguestDevice) -> None:
     guests = [await boot(dev, SPIN) for _ in range(4)]
     readers = [asyncio.create_task(g.file.read(8)) for g in guests]
     await until(lambda: all(g.u32("counter") for g in guests))
@@ -214,7 +220,7 @@ async def test_device_aclose_stops_every_guest(dev):
     assert all(g.file.closed for g in guests)
 
 
-async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev):
+async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev: LguestDevice) -> None:
     """A reader that goes on to need the Big Lguest lock must not deadlock close()."""
     g = await boot(dev, SPIN)
     other = await boot(dev, SPIN)
@@ -230,12 +236,12 @@ async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev):
     await asyncio.wait_for(task, 5)
 
 
-def submissions(dev, monkeypatch):
+def submissions(dev: LguestDevice, monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
     """Every job given to the device's executor from now on."""
-    jobs = []
+    jobs: list[Callable[..., object]] = []
     real = dev.executor.submit
 
-    def recording(fn, *args):
+    def recording(fn: Callable[..., object], *args: object) -> object:
         jobs.append(fn)
         return real(fn, *args)
 
@@ -243,37 +249,48 @@ def submissions(dev, monkeypatch):
     return jobs
 
 
-async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(dev, monkeypatch):
-    from supervisor import run
+async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor import execute, run
+    from supervisor.cpu import LgCpu
+    from supervisor.slicepool import Again
 
     where: list[tuple[bool, int]] = []
-    real = run.run_slice
+    real = execute.run_slice  # the function run.py calls, which the test replaces there
 
-    def recording(cpu, budget=None, more=None, crowd=None):
+    def recording(
+        cpu: LgCpu,
+        budget: int | None = None,
+        more: Callable[[], bool] | None = None,
+        crowd: Callable[[], float] | None = None,
+    ) -> execute.CpuExit | Again:
         where.append((threading.current_thread() is threading.main_thread(), budget or 0))
         return real(cpu, budget, more, crowd)
 
     monkeypatch.setattr(run, "run_slice", recording)
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
-    await until(lambda: g.file.stats.slices > 20)
+    await until(lambda: present(g.file.stats).slices > 20)
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
     on_loop = [budget for on_main, budget in where if on_main]
     # Start-up may run on the loop, in short slices only; the spin loop never does.
-    assert all(0 < budget <= run.INLINE_BUDGET for budget in on_loop)
+    assert all(0 < budget <= execute.INLINE_BUDGET for budget in on_loop)
     assert len(on_loop) <= 2
     assert not where[-1][0]
 
 
-async def test_a_lone_busy_guest_goes_on_on_its_worker_without_the_event_loop(dev, monkeypatch):
+async def test_a_lone_busy_guest_goes_on_on_its_worker_without_the_event_loop(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Nobody waits for a worker and nothing is pending: when a slice's time is spent, the
     # next one starts on the same worker, not after a round trip through the event loop.
     jobs = submissions(dev, monkeypatch)
     g = await boot(dev, SPIN)
     reader = asyncio.create_task(g.file.read(8))
-    await until(lambda: g.file.stats.slices > 30)
-    stats = g.file.stats
+    await until(lambda: present(g.file.stats).slices > 30)
+    stats = present(g.file.stats)
     assert stats.continued >= stats.slices - len(jobs) - 2  # (start-up's inline slices)
     assert len(jobs) <= 3
     # A break still ends it at once: the kick ends the continued slice.
@@ -284,16 +301,16 @@ async def test_a_lone_busy_guest_goes_on_on_its_worker_without_the_event_loop(de
     await breaker
 
 
-async def test_a_slice_goes_on_only_while_no_other_guest_waits_for_the_worker():
+async def test_a_slice_goes_on_only_while_no_other_guest_waits_for_the_worker() -> None:
     # One worker: a spinner whose slices go on by themselves must hand the worker over
     # as soon as another guest's slice waits for it (at the end of its current slice).
     async with LguestDevice(workers=1) as dev:
         first = await boot(dev, SPIN)
         readers = [asyncio.create_task(first.file.read(8))]
-        await until(lambda: first.file.stats.continued > 5)
+        await until(lambda: present(first.file.stats).continued > 5)
         second = await boot(dev, SPIN)
         readers.append(asyncio.create_task(second.file.read(8)))
-        await until(lambda: second.file.stats.slices > 5 and first.u32("counter") > 0)
+        await until(lambda: present(second.file.stats).slices > 5 and first.u32("counter") > 0)
         # From now on they take turns: both advance.
         a, b = first.u32("counter"), second.u32("counter")
         await until(lambda: first.u32("counter") > a and second.u32("counter") > b)
@@ -302,7 +319,9 @@ async def test_a_slice_goes_on_only_while_no_other_guest_waits_for_the_worker():
         await asyncio.gather(*readers, return_exceptions=True)
 
 
-async def test_a_notifying_guest_is_served_without_a_thread_hand_off(dev, monkeypatch):
+async def test_a_notifying_guest_is_served_without_a_thread_hand_off(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     jobs = submissions(dev, monkeypatch)
     g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 5\n jmp 1b\n")
     for _ in range(100):
@@ -310,7 +329,9 @@ async def test_a_notifying_guest_is_served_without_a_thread_hand_off(dev, monkey
     assert jobs == []
 
 
-async def test_busy_guests_take_turns_on_a_worker_without_the_event_loop(monkeypatch):
+async def test_busy_guests_take_turns_on_a_worker_without_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # One worker, two spinners: their slices alternate on the worker (each spinner's
     # executor run goes to the back of the pool's queue when its time is spent), and
     # the run loop submits each spinner's run once, not once per slice.
@@ -318,7 +339,9 @@ async def test_busy_guests_take_turns_on_a_worker_without_the_event_loop(monkeyp
         jobs = submissions(dev, monkeypatch)
         first, second = await boot(dev, SPIN), await boot(dev, SPIN)
         readers = [asyncio.create_task(g.file.read(8)) for g in (first, second)]
-        await until(lambda: min(first.file.stats.slices, second.file.stats.slices) > 20)
+        await until(
+            lambda: min(present(first.file.stats).slices, present(second.file.stats).slices) > 20
+        )
         a, b = first.u32("counter"), second.u32("counter")
         await until(lambda: first.u32("counter") > a and second.u32("counter") > b)
         assert len(jobs) <= 6  # (start-up's few; no round trip per slice)
@@ -327,7 +350,9 @@ async def test_busy_guests_take_turns_on_a_worker_without_the_event_loop(monkeyp
         await asyncio.gather(*readers, return_exceptions=True)
 
 
-async def test_an_interrupt_handler_gets_a_long_inline_slice(dev, monkeypatch):
+async def test_an_interrupt_handler_gets_a_long_inline_slice(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A busy guest's interrupt is delivered on the event loop, and its handler may run
     # there for LONG_INLINE_TIME (not only INLINE_TIME, here shrunk to 1 µs so that any
     # handler outlasts it): it notifies without a trip through the executor's queue.
@@ -364,8 +389,8 @@ counter: .long 0
 
 
 async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them(
-    dev, monkeypatch
-):
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A guest that notifies every few instructions gets LONG_INLINE_TIME on the loop (a
     # deadline that needs no wake-up of the slicer thread); one whose last inline slice
     # used up its time gets only INLINE_TIME before it goes back to a worker.
@@ -374,7 +399,7 @@ async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them
     lefts: list[int] = []
     real = _slicing.run
 
-    def recording(uc, fuel, *args):
+    def recording(uc: Uc, fuel: _slicing.Fuel, *args: int) -> _slicing.Stop:
         if threading.current_thread() is threading.main_thread():
             lefts.append(fuel.left)
         return real(uc, fuel, *args)
@@ -387,7 +412,7 @@ async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them
     busy = await boot(dev, SPIN)
     for _ in range(2):  # the first resume runs out its long slice; the second is short
         reader = asyncio.create_task(busy.file.read(8))
-        await until(lambda: busy.file.stats.slices > 3)
+        await until(lambda: present(busy.file.stats).slices > 3)
         waker = busy.file.waker()
         breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
         await expect(errno.EAGAIN, reader)

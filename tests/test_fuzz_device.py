@@ -25,6 +25,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from fuzz_guests import DOCUMENTED_ERRNOS, FUZZ, LoopErrors, executor_idle, lguest_threads
 from guestasm import assemble, load
@@ -85,8 +86,15 @@ buffers = st.one_of(
 )
 
 
+# LHREQ_INITIALIZE as drawn: "init", how to get base, pfn_limit, pgdir and start (relative
+# to the target), how many words to drop, a random word for "any", and the CPU count.
+InitSpec = tuple[str, str, str, str, str, int, int, str | int | None]
+# An operation drawn from `op`: its kind, then arguments whose types depend on the kind.
+Op = tuple[Any, ...]
+
+
 @st.composite
-def init_words(draw: st.DrawFn) -> tuple[str, ...]:
+def init_words(draw: st.DrawFn) -> InitSpec:
     """LHREQ_INITIALIZE with arguments that are mostly wrong, relative to the target."""
     return (
         "init",
@@ -118,7 +126,7 @@ scripts = st.lists(
 )
 
 
-def init_request(t: Target, spec: tuple[str, ...]) -> bytes:
+def init_request(t: Target, spec: InitSpec) -> bytes:
     _, base_k, pfn_k, pgdir_k, start_k, drop, anyword, cpus = spec
     base = {
         "ok": t.memory.address,
@@ -142,7 +150,7 @@ def init_request(t: Target, spec: tuple[str, ...]) -> bytes:
     start = {"ok": IMAGE_BASE, "0": 0, "any": anyword}[start_k]
     words = [LHREQ_INITIALIZE] + [w & U64 for w in (base, pfns, pgdir, start)]
     if cpus is not None and not drop:  # the optional fifth word (several CPUs)
-        words.append((anyword if cpus == "any" else cpus) & U64)
+        words.append((anyword if isinstance(cpus, str) else cpus) & U64)  # str: "any"
     return pack_words(*words[: len(words) - int(drop)])
 
 
@@ -169,7 +177,7 @@ class Fuzz:
             return
         assert isinstance(result, int | bytes), result
 
-    async def step(self, index: int, spec: tuple) -> None:  # type: ignore[type-arg]
+    async def step(self, index: int, spec: Op) -> None:
         t = self.targets[index]
         f = t.file
         kind = spec[0]
@@ -222,14 +230,14 @@ class Fuzz:
             async with asyncio.timeout(OP_TIMEOUT):
                 await asyncio.shield(task)
 
-    async def worker(self, script: list[tuple[int, tuple]]) -> None:  # type: ignore[type-arg]
+    async def worker(self, script: list[tuple[int, Op]]) -> None:
         for index, spec in script:
             await self.step(index, spec)
 
 
 @FUZZ
 @given(script=scripts)
-async def test_random_requests_from_many_tasks(script):
+async def test_random_requests_from_many_tasks(script: list[list[tuple[int, Op]]]) -> None:
     tasks_before = set(asyncio.all_tasks())
     threads_before = threading.enumerate()
     with LoopErrors() as loop_errors:
@@ -260,12 +268,12 @@ async def test_random_requests_from_many_tasks(script):
     assert not dev.files
 
 
-async def test_every_request_with_wrong_arguments_gives_its_errno(dev):
+async def test_every_request_with_wrong_arguments_gives_its_errno(dev: LguestDevice) -> None:
     """A fixed tour of the bad inputs the fuzzer draws from, with the exact errno."""
     memory, layout = load(SPIN, RAM)
     f = dev.open(memory)
 
-    async def expect(code: int, coro) -> None:  # type: ignore[no-untyped-def]
+    async def expect(code: int, coro: Awaitable[object]) -> None:
         try:
             await coro
         except OSError as e:

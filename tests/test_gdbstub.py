@@ -7,8 +7,9 @@ import shutil
 import struct
 
 import pytest
-from guestasm import SPIN, boot, run_to_end, until
+from guestasm import SPIN, Booted, boot, present, run_to_end, until
 
+from supervisor import LguestDevice
 from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer, checksum
 
@@ -35,7 +36,7 @@ msg: .asciz "power off"
 """
 
 
-async def served(dev, body):
+async def served(dev: LguestDevice, body: str) -> tuple[Booted, GdbServer, asyncio.Task[str]]:
     """A guest held at its first instruction, a reader running it, a server on a free port."""
     g = await boot(dev, body)
     d = debugger(g.file)
@@ -47,10 +48,12 @@ async def served(dev, body):
 
 
 @pytest.mark.skipif(GDB is None, reason="gdb is not installed")
-async def test_real_gdb_breaks_steps_changes_a_register_and_continues_to_the_exit(dev):
+async def test_real_gdb_breaks_steps_changes_a_register_and_continues_to_the_exit(
+    dev: LguestDevice,
+) -> None:
     g, server, reader = await served(dev, STATUS_FROM_EBX)
     loop = g.guest.symbols["loop"]
-    host, port = server.address
+    host, port = present(server.address)
     commands = [
         "set architecture i386",
         f"target remote {host}:{port}",
@@ -64,7 +67,7 @@ async def test_real_gdb_breaks_steps_changes_a_register_and_continues_to_the_exi
         "set $ebx = 42",
         "continue",
     ]
-    args = [GDB, "-batch", "-nx"]
+    args = [present(GDB), "-batch", "-nx"]
     for command in commands:
         args += ["-ex", command]
     gdb = await asyncio.create_subprocess_exec(
@@ -81,7 +84,7 @@ async def test_real_gdb_breaks_steps_changes_a_register_and_continues_to_the_exi
     assert "esi            0x1" in out
     assert "exited with code 052" in out  # octal: the 42 we put in ebx
     assert reason == "power off"
-    assert g.file.death.exit_status == 42
+    assert present(g.file.death).exit_status == 42
     await server.aclose()
 
 
@@ -94,7 +97,7 @@ class Client:
 
     @classmethod
     async def connect(cls, server: GdbServer) -> Client:
-        host, port = server.address
+        host, port = present(server.address)
         return cls(*await asyncio.open_connection(host, port))
 
     async def send(self, data: bytes, *, good: bool = True) -> None:
@@ -126,7 +129,7 @@ class Client:
         await self.writer.wait_closed()
 
 
-async def test_protocol_basics_over_a_raw_socket(dev):
+async def test_protocol_basics_over_a_raw_socket(dev: LguestDevice) -> None:
     g, server, reader = await served(dev, STATUS_FROM_EBX)
     c = await Client.connect(server)
     async with asyncio.timeout(LIMIT):
@@ -168,7 +171,7 @@ async def test_protocol_basics_over_a_raw_socket(dev):
     await server.aclose()
 
 
-async def test_ctrl_c_stops_a_running_guest_and_kill_ends_it(dev):
+async def test_ctrl_c_stops_a_running_guest_and_kill_ends_it(dev: LguestDevice) -> None:
     g, server, reader = await served(dev, SPIN)
     c = await Client.connect(server)
     async with asyncio.timeout(LIMIT):
@@ -188,7 +191,9 @@ async def test_ctrl_c_stops_a_running_guest_and_kill_ends_it(dev):
     await server.aclose()
 
 
-async def test_a_client_that_disconnects_mid_packet_leaves_the_guest_to_the_next(dev):
+async def test_a_client_that_disconnects_mid_packet_leaves_the_guest_to_the_next(
+    dev: LguestDevice,
+) -> None:
     g, server, reader = await served(dev, STATUS_FROM_EBX)
     async with asyncio.timeout(LIMIT):
         c = await Client.connect(server)
@@ -205,7 +210,7 @@ async def test_a_client_that_disconnects_mid_packet_leaves_the_guest_to_the_next
     await server.aclose()
 
 
-async def test_death_is_an_x_packet_with_the_reason_first(dev):
+async def test_death_is_an_x_packet_with_the_reason_first(dev: LguestDevice) -> None:
     _g, server, reader = await served(
         dev,
         r"""
@@ -229,13 +234,13 @@ main:
     await server.aclose()
 
 
-async def test_detach_lets_the_guest_run_free(dev):
+async def test_detach_lets_the_guest_run_free(dev: LguestDevice) -> None:
     g, server, reader = await served(dev, STATUS_FROM_EBX)
     async with asyncio.timeout(LIMIT):
         c = await Client.connect(server)
         assert await c.cmd(b"Z0,%x,1" % g.guest.symbols["loop"]) == b"OK"
         assert await c.cmd(b"D") == b"OK"
         assert await reader == "power off"
-        assert g.file.death.exit_status == 3
+        assert present(g.file.death).exit_status == 3
         await c.close()
     await server.aclose()

@@ -15,7 +15,9 @@ from test_state import STEPS, WORKER, worker_to_death
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.config import ConfigError
+from supervisor.cpu import CpuStats
 from supervisor.debug import debugger
+from supervisor.guest import Death
 from supervisor.hibernation import TRIM_SLACK
 from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
@@ -24,7 +26,9 @@ GUESTS = Path(__file__).resolve().parent.parent / "guests"
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
 
-async def run_worker(dev: LguestDevice) -> tuple[bytes, list[int], object, object]:
+async def run_worker(
+    dev: LguestDevice,
+) -> tuple[bytes, list[int], Death | None, CpuStats | None]:
     g = await boot(dev, WORKER)
     async with asyncio.timeout(LIMIT):
         memory, output = await worker_to_death(g)
@@ -34,7 +38,7 @@ async def run_worker(dev: LguestDevice) -> tuple[bytes, list[int], object, objec
     return result
 
 
-async def test_a_guest_hibernated_at_every_halt_and_notify_computes_exactly_the_same():
+async def test_a_guest_hibernated_at_every_halt_and_notify_computes_exactly_the_same() -> None:
     async with LguestDevice(hibernate_after=math.inf) as awake:
         memory, output, death, stats = await run_worker(awake)
     assert stats is not None and stats.hibernations == 0
@@ -63,7 +67,7 @@ hits: .long 0
 """
 
 
-async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work():
+async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work() -> None:
     async with LguestDevice(hibernate_after=0.05) as dev:
         g = await boot(dev, COUNTER)
         cpu = g.file.cpu(0)
@@ -82,7 +86,7 @@ async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work()
         g.memory.close()
 
 
-async def test_timer_break_debugger_and_snapshot_all_see_the_same_guest():
+async def test_timer_break_debugger_and_snapshot_all_see_the_same_guest() -> None:
     async with LguestDevice(hibernate_after=0) as dev:
         g = await boot(
             dev,
@@ -159,7 +163,7 @@ async def close_all(sleepers: list[tuple[Booted, Any]]) -> None:
         g.memory.close()
 
 
-async def test_each_drowsy_cpu_hibernates_at_its_own_time():
+async def test_each_drowsy_cpu_hibernates_at_its_own_time() -> None:
     async with LguestDevice() as dev:
         late = await sleeper(dev, after=3600)  # drowsy first, due much later
         soon = await sleeper(dev, after=0.05)
@@ -168,7 +172,7 @@ async def test_each_drowsy_cpu_hibernates_at_its_own_time():
         await close_all([late, soon])
 
 
-async def test_a_cpu_dozing_off_at_every_read_keeps_one_entry_and_hibernates_after_the_last():
+async def test_a_cpu_dozing_off_at_every_read_keeps_one_entry_and_hibernates_after_last() -> None:
     async with LguestDevice(hibernate_after=0.1) as dev:
         g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 1\n jmp 1b\n")
         cpu = g.file.cpu(0)
@@ -184,7 +188,7 @@ async def test_a_cpu_dozing_off_at_every_read_keeps_one_entry_and_hibernates_aft
         g.memory.close()
 
 
-async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_time():
+async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_time() -> None:
     async with LguestDevice(hibernate_after=0.1) as dev:
         g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 1\n jmp 1b\n")
         cpu = g.file.cpu(0)
@@ -201,7 +205,7 @@ async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_
         g.memory.close()
 
 
-async def test_memory_goes_back_after_a_burst_of_hibernations_not_at_each_wake():
+async def test_memory_goes_back_after_a_burst_of_hibernations_not_at_each_wake() -> None:
     async with LguestDevice(hibernate_after=0) as dev:
         # A burst: TRIM_SLACK guests hibernate and nothing reuses their instances.
         burst = [await sleeper(dev) for _ in range(TRIM_SLACK)]
@@ -235,7 +239,7 @@ def resident_pages(memory: GuestMemory) -> int:
     return sum(v & 1 for v in vector)
 
 
-async def test_guest_memory_costs_only_the_pages_the_guest_touched():
+async def test_guest_memory_costs_only_the_pages_the_guest_touched() -> None:
     async with LguestDevice(hibernate_after=0) as dev:
         g = await boot(dev, COUNTER, ram_size=16 << 20)
         reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
@@ -250,7 +254,7 @@ async def test_guest_memory_costs_only_the_pages_the_guest_touched():
         g.memory.close()
 
 
-async def test_supervisor_option_and_stats():
+async def test_supervisor_option_and_stats() -> None:
     config = GuestConfig(image=GUESTS / "ticker.img", memory="1M", cmdline="ticks=3 period_ms=20")
     async with Supervisor(hibernate_after=0) as sup, asyncio.timeout(LIMIT):
         guest = await sup.launch(config)
@@ -263,7 +267,7 @@ async def test_supervisor_option_and_stats():
         assert never.stats.hibernations == 0
 
 
-def test_config_accepts_seconds_or_off():
+def test_config_accepts_seconds_or_off() -> None:
     image = GUESTS / "hello.img"
     assert GuestConfig.build(image=image, hibernate_after="off").hibernate_after == math.inf
     assert GuestConfig.build(image=image, hibernate_after=0).hibernate_after == 0
@@ -274,7 +278,7 @@ def test_config_accepts_seconds_or_off():
         LguestDevice(hibernate_after=-1)
 
 
-def test_cli_option():
+def test_cli_option() -> None:
     import subprocess
     import sys
 
@@ -297,7 +301,7 @@ def test_cli_option():
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-async def test_a_thawed_instance_is_configured_like_a_new_one():
+async def test_a_thawed_instance_is_configured_like_a_new_one() -> None:
     async with LguestDevice(hibernate_after=0) as dev:
         g, reader = await sleeper(dev)
         cpu = g.file.cpu(0)
@@ -309,7 +313,7 @@ async def test_a_thawed_instance_is_configured_like_a_new_one():
         await close_all([(g, reader)])
 
 
-async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one():
+async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one() -> None:
     _unicorn.drop_blanks()
     async with LguestDevice(hibernate_after=0) as dev:
         g, reader = await sleeper(dev)

@@ -159,7 +159,9 @@ async def boot_all(dev: LguestDevice, payloads: list[bytes]) -> list[Booted]:
     payloads=st.lists(st.binary(min_size=1, max_size=512), min_size=1, max_size=3),
     storm=st.none() | st.integers(0, 2**32),
 )
-async def test_random_bytes_after_init(dev, payloads, storm):
+async def test_random_bytes_after_init(
+    dev: LguestDevice, payloads: list[bytes], storm: int | None
+) -> None:
     await contest(dev, await boot_all(dev, payloads), storm_seed=storm)
 
 
@@ -168,7 +170,7 @@ async def test_random_bytes_after_init(dev, payloads, storm):
     payloads=st.lists(programs(), min_size=1, max_size=3),
     storm=st.none() | st.integers(0, 2**32),
 )
-async def test_random_programs(dev, payloads, storm):
+async def test_random_programs(dev: LguestDevice, payloads: list[bytes], storm: int | None) -> None:
     await contest(dev, await boot_all(dev, payloads), storm_seed=storm)
 
 
@@ -181,7 +183,9 @@ async def test_random_programs(dev, payloads, storm):
     ),
     storm=st.none() | st.integers(0, 2**32),
 )
-async def test_random_hypercall_streams(dev, streams, storm):
+async def test_random_hypercall_streams(
+    dev: LguestDevice, streams: list[list[bytes]], storm: int | None
+) -> None:
     """Random hypercall numbers and arguments, direct and on the ring, repeated forever."""
     loop_back = jump_to(SYMBOLS["payload"])
     payloads = [(b"".join(s))[: PAYLOAD_SIZE - len(loop_back)] + loop_back for s in streams]
@@ -195,7 +199,9 @@ async def test_random_hypercall_streams(dev, streams, storm):
     sleepers=st.integers(0, 2),
     seed=st.integers(0, 2**32),
 )
-async def test_timer_and_interrupt_storms(dev, deltas, no_gate, sleepers, seed):
+async def test_timer_and_interrupt_storms(
+    dev: LguestDevice, deltas: list[int], no_gate: int | None, sleepers: int, seed: int
+) -> None:
     """Clock events every few nanoseconds, irqs from the Launcher as fast as it can write."""
     storms = [await boot_image(dev, assemble(TIMER_STORM_SOURCE.format(delta=d))) for d in deltas]
     others = []
@@ -264,7 +270,7 @@ EACH = {
 
 
 @pytest.mark.parametrize("name", sorted(EACH))
-async def test_each_hostile_snippet_dies_with_a_reason(dev, name):
+async def test_each_hostile_snippet_dies_with_a_reason(dev: LguestDevice, name: str) -> None:
     h = await boot_image(dev, HOSTILE, EACH[name])
     neighbour = await boot_image(dev, neighbour_guest(TARGET))
     try:
@@ -277,7 +283,7 @@ async def test_each_hostile_snippet_dies_with_a_reason(dev, name):
     assert outcome.reason, name
 
 
-async def test_the_device_outlives_a_hundred_deaths(dev):
+async def test_the_device_outlives_a_hundred_deaths(dev: LguestDevice) -> None:
     """Many quick deaths in a row, then a neighbour on the same device still counts right."""
     snippets = list(EACH.values())
     for i in range(0, 100):
@@ -292,7 +298,7 @@ async def test_the_device_outlives_a_hundred_deaths(dev):
     await release(neighbour)
 
 
-async def test_power_off_with_an_empty_message_still_gives_a_reason(dev):
+async def test_power_off_with_an_empty_message_still_gives_a_reason(dev: LguestDevice) -> None:
     empty = SYMBOLS["scratch"]  # zero-filled
     h = await boot_image(dev, HOSTILE, hcall(abi.LHCALL_SHUTDOWN, empty, 1, 0))
     async with asyncio.timeout(EXAMPLE_TIMEOUT):
@@ -323,7 +329,7 @@ NEIGHBOUR_LATENCY = 0.3  # seconds; the neighbour needs ~20 ms alone, ~30 ms nex
         "reflected traps",
     ],
 )
-async def test_hogs_cannot_starve_the_neighbour(hog):
+async def test_hogs_cannot_starve_the_neighbour(hog: str) -> None:
     """As many hogs as the device has threads, then a neighbour: it must not wait long."""
     workers = 2
     async with LguestDevice(workers=workers) as dev:
@@ -381,7 +387,7 @@ func:
 """
 
 
-async def test_code_read_from_the_block_device_runs_as_read(tmp_path):
+async def test_code_read_from_the_block_device_runs_as_read(tmp_path: Path) -> None:
     """A guest runs a function, reads new code over it from disk, runs it again."""
     from supervisor import GuestConfig, Supervisor
 
@@ -415,7 +421,7 @@ FLOOD_FACTOR = 5  # generous: the neighbour alone vs beside the flood, same test
 
 
 @pytest.mark.parametrize("console", ["null", "capture"])
-async def test_a_console_flood_does_not_starve_the_neighbour(tmp_path, console):
+async def test_a_console_flood_does_not_starve_the_neighbour(tmp_path: Path, console: str) -> None:
     from supervisor import GuestConfig, Supervisor
 
     image = tmp_path / "count.img"

@@ -1,5 +1,5 @@
-"""The notify and hypercall paths do each thing once (issue 15): what the fast path
-must keep doing, and what it must not do twice."""
+"""The notify and hypercall paths do each thing once: what the fast path must keep
+doing, and what it must not do twice."""
 
 import asyncio
 import contextlib
@@ -7,11 +7,14 @@ import importlib
 import itertools
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
-from guestasm import boot
+from guestasm import Booted, boot, present
 
-from supervisor import _slicing, _unicorn, abi, hypercalls, run
+from supervisor import LguestDevice, _slicing, _unicorn, abi, hypercalls, run
+from supervisor.cpu import LgCpu
 from supervisor.launcher.layout import plan
 from supervisor.run import YIELD_TIME
 
@@ -23,7 +26,9 @@ rt: HCALL 17, 1
 """
 
 
-async def test_a_hypercall_trap_reads_the_guest_registers_once(dev, monkeypatch):
+async def test_a_hypercall_trap_reads_the_guest_registers_once(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     g = await boot(dev, NOTIFY_LOOP)
     await g.file.read(abi.WORD_SIZE)
     reads = 0
@@ -41,7 +46,9 @@ async def test_a_hypercall_trap_reads_the_guest_registers_once(dev, monkeypatch)
     assert reads == (0 if _slicing.NATIVE else 50)
 
 
-async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatch):
+async def test_a_reader_that_never_waits_still_lets_the_loop_run(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Inline slices need not yield after every notify, but they yield once YIELD_TIME
     has passed since they last did: a Launcher whose reads always return at once cannot
     starve other tasks.  (A fake clock that advances a bit more than a quarter of
@@ -79,7 +86,7 @@ async def test_a_reader_that_never_waits_still_lets_the_loop_run(dev, monkeypatc
     assert len(ticks) <= 200 // 3, len(ticks)  # and not after every read
 
 
-def test_the_native_code_uses_the_python_sides_numbers():
+def test_the_native_code_uses_the_python_sides_numbers() -> None:
     """_fuel.c repeats ABI numbers, gate types, page-table bits and more: each must
     equal its Python twin, so that neither side can change alone."""
     fuel = pytest.importorskip("supervisor._fuel")
@@ -93,7 +100,7 @@ def test_the_native_code_uses_the_python_sides_numbers():
             assert native == python, name
 
 
-def test_a_run_with_no_time_left_does_not_start():
+def test_a_run_with_no_time_left_does_not_start() -> None:
     if not _slicing.NATIVE:
         return  # the fallback's accounting is the same code in Python; see test_slicing
     from test_slicing import bare_cpu
@@ -129,7 +136,7 @@ def _hypercall_code(number: int, a1: int = 1, a2: int = 2, a3: int = 3) -> bytes
     )
 
 
-def test_the_native_hook_follows_the_hypercall_table():
+def test_the_native_hook_follows_the_hypercall_table() -> None:
     """One place decides which hypercalls are done on the slice's thread without ending
     the run, and which of those C completes itself: the table in hypercalls.py.
     _fuel.c's hook, configured from it, completes exactly the native ones (no Python
@@ -196,7 +203,7 @@ def test_the_native_hook_follows_the_hypercall_table():
                 assert _unicorn.eip(uc) == at + size - 1, number  # just after the int
 
 
-def test_the_native_hook_refuses_calls_it_cannot_complete():
+def test_the_native_hook_refuses_calls_it_cannot_complete() -> None:
     """The table cannot mark as native a call _fuel.c has no code for (or a call that
     is not CPU-local): configuring the hook fails instead of silently doing nothing."""
     if not _slicing.NATIVE:
@@ -294,15 +301,15 @@ _HOSTILE = [
 
 
 @contextlib.contextmanager
-def python_handoffs():
+def python_handoffs() -> Iterator[list[int]]:
     """Count the calls marked native that reach their Python handler meanwhile
     (``hypercalls.do_hcall``); yields a one-element list holding the count."""
     handed = [0]
     original = hypercalls.do_hcall
 
-    def counted(c, args):
+    def counted(cpu: LgCpu, args: hypercalls.Args) -> int | None:
         handed[0] += args[0] in hypercalls.NATIVE_HYPERCALLS
-        return original(c, args)
+        return original(cpu, args)
 
     hypercalls.do_hcall = counted
     try:
@@ -311,7 +318,13 @@ def python_handoffs():
         hypercalls.do_hcall = original
 
 
-async def _run_calls(dev, calls, native: bool):
+# A hypercall as the test guest makes it: number, then each argument as a number or a symbol.
+Call = tuple[int, int | str, int | str, int | str]
+
+
+async def _run_calls(
+    dev: LguestDevice, calls: Sequence[Call], native: bool
+) -> tuple[tuple[object, ...], int]:
     """Boot a guest that makes ``calls`` then notifies; with ``native`` False, the
     native hook hands even the native calls to their Python handlers.  Returns what
     the Host ended up with, and how many native-numbered calls Python handled."""
@@ -344,13 +357,15 @@ async def _run_calls(dev, calls, native: bool):
         cpu.stack,
         cpu.reg(r.UC_X86_REG_CR0),
         cpu.reg(r.UC_X86_REG_CR3),
-        g.file.stats.hypercalls,
+        present(g.file.stats).hypercalls,
     )
     return state, handled
 
 
 @pytest.mark.parametrize("hostile", [None, *_HOSTILE])
-async def test_native_hypercalls_do_what_their_python_handlers_do(dev, hostile):
+async def test_native_hypercalls_do_what_their_python_handlers_do(
+    dev: LguestDevice, hostile: Call | None
+) -> None:
     """The same hypercalls, valid and hostile, through the native hook (C) and through
     the Python handlers: the same IDT, TS flag and CR0, stack, CR3, hypercall count,
     and the same death with the same message.  Natively, Python sees only the one
@@ -374,7 +389,7 @@ async def test_native_hypercalls_do_what_their_python_handlers_do(dev, hostile):
         assert native_python == ran
 
 
-async def test_the_stats_say_whether_blocks_are_counted(dev):
+async def test_the_stats_say_whether_blocks_are_counted(dev: LguestDevice) -> None:
     g = await boot(dev, NOTIFY_LOOP)
     for _ in range(20):
         await g.file.read(abi.WORD_SIZE)
@@ -384,7 +399,7 @@ async def test_the_stats_say_whether_blocks_are_counted(dev):
     assert (stats.blocks > 0) == stats.blocks_counted
 
 
-def test_a_run_gets_its_whole_share_however_late_it_registers():
+def test_a_run_gets_its_whole_share_however_late_it_registers() -> None:
     """The exit-request slicer takes a run's deadline when the run registers, not before
     the thread released the GIL: on a loaded machine the thread may wait milliseconds in
     between, and a deadline taken earlier was already past (measured: IRQ handlers'
@@ -405,7 +420,7 @@ def test_a_run_gets_its_whole_share_however_late_it_registers():
         assert fuel.span == 200_000
 
 
-def test_cpu_exit_members_are_distinct_named_singletons():
+def test_cpu_exit_members_are_distinct_named_singletons() -> None:
     """CpuExit is a plain class, not an enum.Enum (an Enum member lookup costs about 0.2 us
     on CPython 3.11): it must still behave as one for the run loop's ``is`` and ``match``."""
     from supervisor.execute import CpuExit
@@ -441,7 +456,7 @@ main:
 """
 
 
-async def test_natively_set_state_is_the_cpus_state_everywhere():
+async def test_natively_set_state_is_the_cpus_state_everywhere() -> None:
     """What the native hook sets (IDT, TS, stack) is the CPU's one copy: the state value
     captures it and a revived guest has it, and after hibernation (a new Unicorn
     instance) the hook completes the calls natively again."""
@@ -482,14 +497,15 @@ async def test_natively_set_state_is_the_cpus_state_everywhere():
             assert c.idt[41] == (0x5678, 0x8F00) and c.ts == 0
             assert not c.reg(r.UC_X86_REG_CR0) & 8
         assert g.file.stats is not None and g.file.stats.wakes >= 1
-        assert g.file.stats.hypercalls == revived.stats.hypercalls == 9  # INIT and 8 more
+        # INIT and 8 more
+        assert present(g.file.stats).hypercalls == present(revived.stats).hypercalls == 9
         assert handled == (0 if _slicing.NATIVE else 6)
         for f, memory in ((g.file, g.memory), (revived, copy)):
             await f.close()
             memory.close()
 
 
-def test_the_idt_view_reads_and_writes_the_whole_table_in_order():
+def test_the_idt_view_reads_and_writes_the_whole_table_in_order() -> None:
     # Bulk reads and writes (a capture, a restore) convert the table in one go: every
     # entry lands in its own slot, lo before hi, and agrees with single-entry access.
     from supervisor.cpu import Idt
@@ -508,18 +524,20 @@ def test_the_idt_view_reads_and_writes_the_whole_table_in_order():
 
 @pytest.mark.skipif(not _slicing.NATIVE, reason="hypercalls are completed in C on the native paths")
 async def test_natively_completed_hypercalls_are_counted_even_if_the_run_then_fails(
-    dev, monkeypatch
-):
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Five IDT loads done in C, then the run ends with an error the slice did not expect
     # (a Host bug: the guest dies): the five still count.
     g = await boot(dev, "main:\n LGUEST_INIT\n" + " HCALL 6, 40, 0, 0\n" * 5 + " HCALL 17, 1\n")
     real = _slicing.run
     runs = 0
 
-    def failing(*args):
+    def failing(
+        uc: Any, fuel: _slicing.Fuel, until: int, ring: int = 0, next_hcall: int = 0
+    ) -> _slicing.Stop:
         nonlocal runs
         runs += 1
-        result = real(*args)
+        result = real(uc, fuel, until, ring, next_hcall)
         if runs == 2:  # the run after LGUEST_INIT: the five loads, then the notify
             raise RuntimeError("injected")
         return result
@@ -528,10 +546,10 @@ async def test_natively_completed_hypercalls_are_counted_even_if_the_run_then_fa
     with pytest.raises(OSError):
         await g.file.read(8)
     assert "injected" in (await g.file.read(256)).decode()
-    assert g.file.stats.hypercalls == 1 + 5
+    assert present(g.file.stats).hypercalls == 1 + 5
 
 
-def test_no_host_write_range_is_lost_while_another_thread_records_more():
+def test_no_host_write_range_is_lost_while_another_thread_records_more() -> None:
     # codecache.note() appends from any thread while the CPU's thread takes the ranges.
     import sys
     import threading
@@ -543,11 +561,14 @@ def test_no_host_write_range_is_lost_while_another_thread_records_more():
     n = 50_000
     taken: list[tuple[int, int]] = []
     interval = sys.getswitchinterval()
+
+    def write() -> None:
+        for i in range(n):
+            stale.append((i * 16, i * 16 + 4))
+
     sys.setswitchinterval(1e-6)
     try:
-        writer = threading.Thread(
-            target=lambda: [stale.append((i * 16, i * 16 + 4)) for i in range(n)]
-        )
+        writer = threading.Thread(target=write)
         writer.start()
         while writer.is_alive() or stale:
             taken.extend(codecache._merged(stale))
@@ -570,7 +591,7 @@ pages: .space 3 * 4096
 """
 
 
-def _delivery_state(g) -> tuple[object, ...]:
+def _delivery_state(g: Booted) -> tuple[object, ...]:
     from unicorn import x86_const as r
 
     cpu = g.file.cpu(0)
@@ -579,22 +600,25 @@ def _delivery_state(g) -> tuple[object, ...]:
         for x in (r.UC_X86_REG_EFLAGS, r.UC_X86_REG_CS, r.UC_X86_REG_EIP, r.UC_X86_REG_ESP)
     )
     ram = bytearray(cpu.lg.ram)
-    time_field = cpu.lguest_data + abi.LGUEST_DATA_TIME  # (the Host's clock when each booted)
+    # (the Host's clock when each booted)
+    time_field = present(cpu.lguest_data) + abi.LGUEST_DATA_TIME
     ram[time_field : time_field + 8] = bytes(8)
     return regs, bytes(ram), cpu.stats.interrupts, cpu.lg.dead
 
 
-def _stack_entry(cpu, vaddr: int) -> int:
+def _stack_entry(cpu: LgCpu, vaddr: int) -> int:
     """The guest-physical address of the page-table entry mapping ``vaddr`` (4 KiB pages)."""
     from unicorn import x86_const as r
 
     pgdir = cpu.reg(r.UC_X86_REG_CR3) & ~0xFFF
-    pde = cpu.lg.read_u32(pgdir + 4 * (vaddr >> 22))
+    pde = present(cpu.lg.read_u32(pgdir + 4 * (vaddr >> 22)))
     return (pde & ~0xFFF) + 4 * ((vaddr >> 12) & 0x3FF)
 
 
 @pytest.mark.parametrize("seed", range(4))
-async def test_native_delivery_does_what_the_python_path_does(dev, monkeypatch, seed):
+async def test_native_delivery_does_what_the_python_path_does(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
     """Interrupts and traps delivered to two identical guests, through _fuel.c's
     deliver() and through interrupts.py's own code, from random valid states: esp at
     every kind of offset in a page (frames across a page boundary are Python's on both),
@@ -618,14 +642,21 @@ async def test_native_delivery_does_what_the_python_path_does(dev, monkeypatch, 
     real_deliver = _slicing.deliver
     in_c = 0
 
-    def through(g):
+    def through(g: Booted) -> Callable[..., _slicing.Delivered | None]:
         nonlocal in_c
         if g is python:
             return lambda *_args: None  # the Python path
 
-        def counted(*args):
+        def counted(
+            fuel: _slicing.Fuel,
+            lo: int,
+            hi: int,
+            error_code: int | None,
+            irq_enabled: int,
+            kernel_address: int,
+        ) -> _slicing.Delivered | None:
             nonlocal in_c
-            done = real_deliver(*args)
+            done = real_deliver(fuel, lo, hi, error_code, irq_enabled, kernel_address)
             in_c += done is not None
             return done
 
@@ -660,7 +691,7 @@ async def test_native_delivery_does_what_the_python_path_does(dev, monkeypatch, 
             assert cpu.lg.write_u32(data + abi.LGUEST_DATA_IRQ_ENABLED, irq_enabled)
             if hostile == "read-only":
                 entry = _stack_entry(cpu, esp - 4)
-                cpu.lg.write_u32(entry, cpu.lg.read_u32(entry) & ~2)
+                cpu.lg.write_u32(entry, present(cpu.lg.read_u32(entry)) & ~2)
                 cpu.flush_tlb()
             cpu.stale_code.clear()
             with monkeypatch.context() as m:
@@ -679,7 +710,7 @@ async def test_native_delivery_does_what_the_python_path_does(dev, monkeypatch, 
         assert in_c == 0
 
 
-async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev):
+async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev: LguestDevice) -> None:
     """The delivering CPU drops its own translations of the frame and of irq_enabled;
     every other CPU of the guest records both ranges, as for any Host write."""
     from supervisor import interrupts
@@ -703,7 +734,9 @@ async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev):
 
 @pytest.mark.skipif(not _slicing.NATIVE, reason="the native delivery is not built here")
 @pytest.mark.parametrize("mapped", ["kernel_address", "KERNEL_ALIAS", "nowhere"])
-async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(dev, mapped):
+async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(
+    dev: LguestDevice, mapped: str
+) -> None:
     """With paging on and no identity mapping of lguest_data, the native delivery finds
     irq_enabled where codecache would (at the guest's kernel_address, or at
     KERNEL_ALIAS) and drops this CPU's translations there itself; mapped nowhere, the
@@ -725,7 +758,7 @@ async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(
     assert data is not None and data < 1 << 22  # (in the first 4 MiB, like everything)
     irq_enabled = data + abi.LGUEST_DATA_IRQ_ENABLED
     pgdir = cpu.reg(r.UC_X86_REG_CR3) & ~0xFFF
-    low = lg.read_u32(pgdir)  # the identity mapping of the first 4 MiB
+    low = present(lg.read_u32(pgdir))  # the identity mapping of the first 4 MiB
     # The stack, through a mapping that is none of the three aliases.
     stack_base = 0x40000000
     lg.write_u32(pgdir + 4 * (stack_base >> 22), low)
@@ -749,7 +782,9 @@ async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(
     assert list(cpu.stale_code) == left
 
 
-async def test_a_frame_pushed_over_translated_code_is_executed_as_written(dev):
+async def test_a_frame_pushed_over_translated_code_is_executed_as_written(
+    dev: LguestDevice,
+) -> None:
     """codecache's guarantee for the frame: the guest has run (translated) the block
     at `spin` many times; a trap's frame is then pushed over its nops, and the gate's
     handler is `spin` itself.  The error code is the code `mov $0x42, %al; jmp +12`

@@ -3,21 +3,22 @@
 import asyncio
 import errno
 import struct
+from typing import Any
 
 import pytest
-from guestasm import boot, notified, run_to_end, until
+from guestasm import boot, notified, present, run_to_end, until
 
-from supervisor import _slicing, abi
+from supervisor import LguestDevice, _slicing, abi
 
 
-async def reason(dev, body: str, ram_size: int = 1 << 20) -> str:
+async def reason(dev: LguestDevice, body: str, ram_size: int = 1 << 20) -> str:
     return await run_to_end(await boot(dev, body, ram_size))
 
 
 # -- LHCALL_LGUEST_INIT ------------------------------------------------------------
 
 
-async def test_init_fills_in_the_host_fields(dev):
+async def test_init_fills_in_the_host_fields(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -50,18 +51,18 @@ main:
         ("main:\n LGUEST_INIT\n HCALL 11\n", "Bad hypercall 11"),
     ],
 )
-async def test_init_rules_and_bad_numbers_kill(dev, body, expected):
+async def test_init_rules_and_bad_numbers_kill(dev: LguestDevice, body: str, expected: str) -> None:
     assert await reason(dev, body) == expected
 
 
 # -- LHCALL_SHUTDOWN ----------------------------------------------------------------
 
 
-async def test_shutdown_kinds(dev):
+async def test_shutdown_kinds(dev: LguestDevice) -> None:
     msg = '.data\nmsg: .asciz "the reason"\n'
     g = await boot(dev, "main:\n LGUEST_INIT\n HCALL 2, msg, 1, 3\n" + msg)
     assert await run_to_end(g) == "the reason"
-    assert g.file.death.exit_status == 3
+    assert present(g.file.death).exit_status == 3
     assert await reason(dev, "main:\n LGUEST_INIT\n HCALL 2, msg, 0\n" + msg) == "CRASH: the reason"
     died = await reason(dev, "main:\n LGUEST_INIT\n HCALL 2, 0x7fffffff, 1\n")
     assert died == "CRASH: bad shutdown message address 0x7fffffff"
@@ -71,7 +72,7 @@ async def test_shutdown_kinds(dev):
     assert e.value.errno == errno.ERESTART
 
 
-async def test_shutdown_message_is_cut_at_128_bytes(dev):
+async def test_shutdown_message_is_cut_at_128_bytes(dev: LguestDevice) -> None:
     body = "main:\n LGUEST_INIT\n HCALL 2, msg, 1\n.data\nmsg: .fill 300, 1, 0x41\n .byte 0\n"
     assert await reason(dev, body) == "A" * 128
 
@@ -114,7 +115,7 @@ syscalls: .long 0
 """
 
 
-async def test_async_ring_runs_in_order_and_stops_for_each_notify(dev):
+async def test_async_ring_runs_in_order_and_stops_for_each_notify(dev: LguestDevice) -> None:
     g = await boot(dev, RING)
     # Slot 0 (an IDT entry) runs, slot 1 notifies: the direct call waits.
     assert await notified(g) == 0xA1
@@ -136,16 +137,16 @@ async def test_async_ring_runs_in_order_and_stops_for_each_notify(dev):
         ("main:\n LGUEST_INIT\n HCALL 6, 40, 0, 0x8500\n", "bad IDT type 5"),
     ],
 )
-async def test_bad_idt_entries_kill(dev, body, expected):
+async def test_bad_idt_entries_kill(dev: LguestDevice, body: str, expected: str) -> None:
     assert await reason(dev, body) == expected
 
 
-async def test_not_present_gate_of_any_type_is_accepted(dev):
+async def test_not_present_gate_of_any_type_is_accepted(dev: LguestDevice) -> None:
     g = await boot(dev, "main:\n LGUEST_INIT\n HCALL 6, 40, 0, 0x0500\n HCALL 17, 1\n")
     assert await notified(g) == 1
 
 
-async def test_reserved_vectors_are_ignored(dev):
+async def test_reserved_vectors_are_ignored(dev: LguestDevice) -> None:
     # A gate for vector 31 would steal the hypercall trap; the Host keeps it.
     g = await boot(
         dev,
@@ -168,7 +169,7 @@ stolen:
 # -- traps and software interrupts ----------------------------------------------------
 
 
-async def test_unhandled_traps_kill_with_the_trap_number(dev):
+async def test_unhandled_traps_kill_with_the_trap_number(dev: LguestDevice) -> None:
     assert (await reason(dev, "main:\n LGUEST_INIT\n xor %ecx, %ecx\n div %ecx\n")).startswith(
         "unhandled trap 0 at 0x"
     )
@@ -202,7 +203,7 @@ seen_eip: .long 0
 """
 
 
-async def test_page_fault_is_reflected_with_cr2_and_error_code(dev):
+async def test_page_fault_is_reflected_with_cr2_and_error_code(dev: LguestDevice) -> None:
     g = await boot(dev, PAGE_FAULT)
     assert await notified(g) == 0xF
     assert g.u32("seen_cr2") == 0x80000123
@@ -210,14 +211,14 @@ async def test_page_fault_is_reflected_with_cr2_and_error_code(dev):
     assert g.u32("seen_eip") > 0x10000
 
 
-async def test_a_read_fault_has_no_write_bit(dev):
+async def test_a_read_fault_has_no_write_bit(dev: LguestDevice) -> None:
     g = await boot(dev, PAGE_FAULT.replace("movl $0x77, 0x80000123", "movl 0x80000123, %eax"))
     assert await notified(g) == 0xF
     assert g.u32("seen_cr2") == 0x80000123
     assert g.u32("seen_error") == 0  # a read, page not present
 
 
-async def test_syscall_vector_goes_to_the_guest_handler(dev):
+async def test_syscall_vector_goes_to_the_guest_handler(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -238,7 +239,9 @@ handler:
 
 
 @pytest.mark.parametrize("offset", [64, 8, 4])  # within a page; across one (two ways)
-async def test_an_interrupt_frame_is_pushed_whole_at_and_across_a_page_boundary(dev, offset):
+async def test_an_interrupt_frame_is_pushed_whole_at_and_across_a_page_boundary(
+    dev: LguestDevice, offset: int
+) -> None:
     # int $0x30 from `after - 2` pushes eflags, cs and eip below `esp`; the handler copies
     # the frame (from its own stack) to `frame` and notifies.
     g = await boot(
@@ -278,7 +281,9 @@ stack_page: .space 4096
     assert esp == g.guest.symbols["stack_page"] + offset - 12
 
 
-async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(dev, monkeypatch):
+async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from supervisor import _slicing, _unicorn, codecache, interrupts
 
     g = await boot(dev, "main:\n LGUEST_INIT\n IDT 0x30, h, 0xf\n HCALL 17, 1\nh: iret\n")
@@ -295,10 +300,10 @@ async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(d
     assert len(cpu.stale_code) == 1  # the frame: one Host write, not one per word
     # Ranges are merged before the engine is asked: overlapping and adjacent ones in a
     # page become one call.
-    calls = []
+    calls: list[tuple[int, int]] = []
     real = _unicorn.remove_cache
 
-    def recording(uc, start, end):
+    def recording(uc: Any, start: int, end: int) -> None:
         calls.append((start, end))
         return real(uc, start, end)
 
@@ -313,7 +318,7 @@ async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(d
 # -- descriptor tables, stack, TS ------------------------------------------------------
 
 
-async def test_load_gdt_sets_the_gdtr(dev):
+async def test_load_gdt_sets_the_gdtr(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -344,11 +349,11 @@ saved: .word 0
         ("main:\n LGUEST_INIT\n HCALL 7, 0x10, 0x8000, 3\n", "bad stack pages 3"),
     ],
 )
-async def test_bad_tables_and_stacks_kill(dev, body, expected):
+async def test_bad_tables_and_stacks_kill(dev: LguestDevice, body: str, expected: str) -> None:
     assert await reason(dev, body) == expected
 
 
-async def test_good_tls_and_stack_are_recorded(dev):
+async def test_good_tls_and_stack_are_recorded(dev: LguestDevice) -> None:
     g = await boot(
         dev, "main:\n LGUEST_INIT\n HCALL 16, gdt\n HCALL 7, 0x10, 0x7000, 2\n HCALL 17, 1\n"
     )
@@ -358,7 +363,7 @@ async def test_good_tls_and_stack_are_recorded(dev):
     assert cpu.tls == g.memory.read(g.guest.symbols["gdt"], 24)
 
 
-async def test_task_switched_flag_makes_the_fpu_trap(dev):
+async def test_task_switched_flag_makes_the_fpu_trap(dev: LguestDevice) -> None:
     body = r"""
 main:
     LGUEST_INIT
@@ -420,7 +425,7 @@ table: .space 4096
 """
 
 
-async def test_set_pmd_set_pte_and_flush_tlb(dev):
+async def test_set_pmd_set_pte_and_flush_tlb(dev: LguestDevice) -> None:
     g = await boot(dev, REMAP)
     assert await notified(g) == 1
     assert g.u32("seen") == 0x5EED
@@ -437,11 +442,11 @@ async def test_set_pmd_set_pte_and_flush_tlb(dev):
         ("main:\n LGUEST_INIT\n HCALL 15, 0x1000, 1024\n", "bad page directory 0x1000 index 1024"),
     ],
 )
-async def test_bad_page_tables_kill(dev, body, expected):
+async def test_bad_page_tables_kill(dev: LguestDevice, body: str, expected: str) -> None:
     assert await reason(dev, body) == expected
 
 
-async def test_set_pmd_with_a_bad_entry_kills(dev):
+async def test_set_pmd_with_a_bad_entry_kills(dev: LguestDevice) -> None:
     body = r"""
 main:
     LGUEST_INIT
@@ -455,7 +460,7 @@ main:
     assert await reason(dev, body) == f"bad page {0x7FC00}"
 
 
-async def test_new_pgtable_switches_tables(dev):
+async def test_new_pgtable_switches_tables(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -475,7 +480,7 @@ seen: .long 0
     assert g.u32("seen") == g.layout.pgdir
 
 
-async def test_page_table_entry_past_the_limit_kills_on_use(dev):
+async def test_page_table_entry_past_the_limit_kills_on_use(dev: LguestDevice) -> None:
     body = r"""
 main:
     LGUEST_INIT
@@ -521,14 +526,14 @@ ticks: .long 0
 """
 
 
-async def test_clock_event_raises_irq0_and_wakes_a_halted_guest(dev):
+async def test_clock_event_raises_irq0_and_wakes_a_halted_guest(dev: LguestDevice) -> None:
     g = await boot(dev, TICKS)
     assert await notified(g) == 5
     assert g.u32("ticks") == 5
-    assert g.file.stats.interrupts == 5
+    assert present(g.file.stats).interrupts == 5
 
 
-async def test_cancelled_clock_event_never_fires(dev):
+async def test_cancelled_clock_event_never_fires(dev: LguestDevice) -> None:
     g = await boot(dev, TICKS)
     assert await notified(g) == 5
     reader = asyncio.create_task(g.file.read(8))
@@ -542,7 +547,7 @@ async def test_cancelled_clock_event_never_fires(dev):
         await reader
 
 
-async def test_cpu_local_hypercalls_do_not_end_the_run(dev):
+async def test_cpu_local_hypercalls_do_not_end_the_run(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -557,13 +562,13 @@ main:
 """,
     )
     assert await notified(g) == 1
-    stats = g.file.stats
+    stats = present(g.file.stats)
     assert stats.hypercalls >= 2001
     if _slicing.NATIVE:  # (the count= fallback also stops whenever a count runs out)
         assert stats.exits < 20  # done inside the interrupt hook, not by stopping Unicorn
 
 
-async def test_a_slice_that_ends_after_a_local_hypercall_is_not_a_halt(dev):
+async def test_a_slice_that_ends_after_a_local_hypercall_is_not_a_halt(dev: LguestDevice) -> None:
     """Local hypercalls as fast as possible, for many slices: the guest never halts."""
     g = await boot(
         dev,
@@ -578,4 +583,4 @@ main:
 """,
     )
     assert await asyncio.wait_for(notified(g), 60) == 1
-    assert g.file.stats.slices > 3
+    assert present(g.file.stats).slices > 3

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,9 +22,11 @@ import pytest
 from guestasm import SPIN, assemble, boot, notified, until
 from test_cli import cli
 
-from supervisor import GuestConfig, LguestDevice, Supervisor
+from supervisor import Guest, GuestConfig, LguestDevice, Supervisor
 from supervisor.config import ConfigError
 from supervisor.launcher.console import LineStream
+from supervisor.launcher.devices import Device
+from supervisor.snapshot import Snapshot
 
 
 @contextmanager
@@ -73,7 +75,7 @@ async def test_cancelling_a_read_withdraws_its_queued_slice(dev: LguestDevice) -
 
 
 @pytest.mark.parametrize("n", [20])
-async def test_supervisor_aclose_does_not_wait_for_queued_slices(tmp_path, n: int) -> None:
+async def test_supervisor_aclose_does_not_wait_for_queued_slices(tmp_path: Path, n: int) -> None:
     image = tmp_path / "spin.img"
     image.write_bytes(assemble(SPIN).image)
     sup = Supervisor(workers=1)
@@ -88,7 +90,7 @@ async def test_supervisor_aclose_does_not_wait_for_queued_slices(tmp_path, n: in
     assert [(await g.wait()).reason for g in guests] == ["supervisor closed"] * n
 
 
-async def test_kill_does_not_wait_for_queued_slices(tmp_path) -> None:
+async def test_kill_does_not_wait_for_queued_slices(tmp_path: Path) -> None:
     image = tmp_path / "spin.img"
     image.write_bytes(assemble(SPIN).image)
     async with Supervisor(workers=1) as sup:
@@ -284,9 +286,15 @@ def test_swarm_admits_at_most_max_alive_guests(monkeypatch: pytest.MonkeyPatch) 
     most = 0
 
     class Counting(Supervisor):
-        async def launch(self, *args: object, **kwargs: object) -> object:  # type: ignore[override]
+        async def launch(
+            self,
+            config: GuestConfig,
+            *,
+            devices: Sequence[Device] = (),
+            snapshot: Snapshot | None = None,
+        ) -> Guest:
             nonlocal most
-            guest = await super().launch(*args, **kwargs)  # type: ignore[arg-type]
+            guest = await super().launch(config, devices=devices, snapshot=snapshot)
             most = max(most, sum(not g.done for g in self.guests))
             return guest
 
@@ -390,7 +398,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     assert "None" not in proc.stderr
 
 
-async def _ticker_snapshot() -> object:
+async def _ticker_snapshot() -> Snapshot:
     async with Supervisor() as sup:
         config = GuestConfig(image=TICKER, memory="1M", cmdline="ticks=4 period_ms=20")
         guest = await sup.launch(config)
@@ -403,15 +411,15 @@ async def _ticker_snapshot() -> object:
 @pytest.mark.parametrize("damage", ["memory size", "irq", "runs"])
 def test_checksum_valid_but_bad_snapshots_are_one_line_errors(tmp_path: Path, damage: str) -> None:
     snap = asyncio.run(_ticker_snapshot())
-    assert snap.launcher is not None  # type: ignore[attr-defined]
+    assert snap.launcher is not None
     if damage == "memory size":
-        snap.memory_size += 4096  # type: ignore[attr-defined]
+        snap.memory_size += 4096
     elif damage == "irq":
-        snap.launcher["irqs"] = [99]  # type: ignore[attr-defined]
+        snap.launcher["irqs"] = [99]
     else:
-        snap.runs = [(1 << 20, 1)]  # type: ignore[attr-defined]
+        snap.runs = [(1 << 20, 1)]
     path = tmp_path / "bad.snap"
-    snap.save(path)  # type: ignore[attr-defined]
+    snap.save(path)
     one_line_error(cli("run", "--restore", str(path)), str(path))
 
 

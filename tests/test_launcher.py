@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import GuestConfig, GuestMemory, Supervisor, _slicing
+from supervisor import GuestConfig, GuestMemory, LguestDevice, Supervisor, _slicing
 from supervisor.launcher import block
 from supervisor.launcher.console import LineStream
 from supervisor.launcher.devices import MAX_DEVICES, Device, DeviceTable, Slot
@@ -22,7 +22,9 @@ GUESTS = Path(__file__).resolve().parent.parent / "guests"
 needs_binutils = pytest.mark.skipif(shutil.which("as") is None, reason="binutils missing")
 
 
-def elf32(segments: list[tuple[int, bytes, int]], entry: int, *, cls: int = 1, machine: int = 3):
+def elf32(
+    segments: list[tuple[int, bytes, int]], entry: int, *, cls: int = 1, machine: int = 3
+) -> bytes:
     """A minimal ELF executable: (paddr, data, memsz) segments, data after the headers."""
     phoff, count = 52, len(segments)
     offset = phoff + 32 * count
@@ -100,11 +102,11 @@ def test_bad_images_are_rejected(data: bytes, message: str) -> None:
     ],
 )
 async def test_images_may_not_overlap_reserved_pages(
-    dev: object, paddr: int, size: int, message: str
+    dev: LguestDevice, paddr: int, size: int, message: str
 ) -> None:
     image = parse_image(elf32([(paddr, b"\x90" * size, size)], paddr))
     with pytest.raises(ImageError, match=message):
-        Launcher(dev, image, ram_size=1 << 20)  # type: ignore[arg-type]
+        Launcher(dev, image, ram_size=1 << 20)
 
 
 def test_missing_image_is_an_image_error(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ GUESTS = Path(__file__).resolve().parent.parent / "guests"
 ROOT = GUESTS.parent
 
 
-async def test_block_budget_from_config_kills_the_spinner():
+async def test_block_budget_from_config_kills_the_spinner() -> None:
     async with Supervisor() as sup:
         guest = await sup.launch(
             GuestConfig(image=GUESTS / "spinner.img", memory="1M", max_blocks=200_000)
@@ -28,7 +28,7 @@ async def test_block_budget_from_config_kills_the_spinner():
     assert result.reason == "instruction budget exhausted (200000 blocks)"
 
 
-async def test_run_time_budget_from_config_kills_the_spinner():
+async def test_run_time_budget_from_config_kills_the_spinner() -> None:
     async with Supervisor() as sup:
         guest = await sup.launch(
             GuestConfig(image=GUESTS / "spinner.img", memory="1M", max_run_time=0.05)
@@ -37,7 +37,7 @@ async def test_run_time_budget_from_config_kills_the_spinner():
     assert result.reason == "run time limit exceeded (0.05 s)"
 
 
-async def test_supervisor_guest_limit_refuses_the_extra_guest_only():
+async def test_supervisor_guest_limit_refuses_the_extra_guest_only() -> None:
     async with Supervisor(max_guests=1) as sup:
         first = await sup.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
         await until(lambda: first.stats.run_time > 0)  # the first one runs
@@ -51,17 +51,19 @@ async def test_supervisor_guest_limit_refuses_the_extra_guest_only():
     "fields",
     [{"max_blocks": 0}, {"max_run_time": -1.0}, {"console_rate": 0}, {"max_blocks": "lots"}],
 )
-def test_bad_limits_are_config_errors(fields):
+def test_bad_limits_are_config_errors(fields: dict[str, object]) -> None:
     with pytest.raises(ConfigError) as e:
         GuestConfig.build(image=GUESTS / "hello.img", **fields)
     assert next(iter(fields)) in str(e.value)
 
 
-async def test_console_rate_makes_the_guest_wait_and_loses_nothing(monkeypatch):
+async def test_console_rate_makes_the_guest_wait_and_loses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     waits: list[float] = []
     real_sleep = asyncio.sleep
 
-    async def recording_sleep(delay, *args, **kwargs):
+    async def recording_sleep(delay: float, *args: object, **kwargs: object) -> None:
         waits.append(delay)
         await real_sleep(0)
 
@@ -78,7 +80,7 @@ async def test_console_rate_makes_the_guest_wait_and_loses_nothing(monkeypatch):
     assert sum(waits) == pytest.approx(1.8, abs=0.05)
 
 
-async def test_rate_limit_refills_over_time():
+async def test_rate_limit_refills_over_time() -> None:
     bucket = RateLimit(100)
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -88,7 +90,7 @@ async def test_rate_limit_refills_over_time():
         RateLimit(0)
 
 
-def test_cli_budget_option_kills_and_reports():
+def test_cli_budget_option_kills_and_reports() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "supervisor", "run", str(GUESTS / "spinner.img"),
          "--memory", "1M", "--max-blocks", "50000"],

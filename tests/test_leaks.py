@@ -48,7 +48,7 @@ import time
 
 import pytest
 from fuzz_guests import scaled
-from guestasm import assemble, load
+from guestasm import assemble, load, until
 
 from supervisor import LguestDevice, _unicorn
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, pack_words
@@ -135,8 +135,7 @@ async def one_guest(dev: LguestDevice, i: int) -> None:
             await f.read(8)
     elif kind == 2:  # closed while it spins
         reader = asyncio.create_task(f.read(8))
-        while not f.stats or not f.stats.slices:
-            await asyncio.sleep(0)
+        await until(lambda: bool(f.stats and f.stats.slices))
         await f.close()
         with pytest.raises(OSError) as e:
             await reader
@@ -145,8 +144,7 @@ async def one_guest(dev: LguestDevice, i: int) -> None:
         assert await f.read(8) == pack_words(0x42)
         reader = asyncio.create_task(f.read(8))
         cpu = f.cpu(0)
-        while not cpu.halted:
-            await asyncio.sleep(0)
+        await until(lambda: cpu.halted)
         assert cpu.clock is not None
         await f.close()
         assert cpu.clock is None
@@ -177,7 +175,7 @@ async def batch(dev: LguestDevice, start: int, count: int) -> None:
             gc.collect()  # dead Unicorn instances wait for the cyclic GC (see above)
 
 
-async def test_many_guests_leave_nothing_behind(dev):
+async def test_many_guests_leave_nothing_behind(dev: LguestDevice) -> None:
     started = time.perf_counter()
     await batch(dev, 0, WARMUP)
     baseline = figures()
@@ -198,7 +196,7 @@ async def test_many_guests_leave_nothing_behind(dev):
     print(f"{TOTAL} guests in {took:.1f} s; RSS {baseline['rss'] / 2**20:.1f} MiB")
 
 
-async def test_devices_come_and_go_without_leaking_threads():
+async def test_devices_come_and_go_without_leaking_threads() -> None:
     """A device per batch: each aclose() joins its threads; descriptors stay put."""
     gc.collect()
     threads = threading.active_count()
@@ -213,7 +211,7 @@ async def test_devices_come_and_go_without_leaking_threads():
     assert live_guests() <= guests
 
 
-async def test_closing_a_guest_frees_its_unicorn_at_once(dev):
+async def test_closing_a_guest_frees_its_unicorn_at_once(dev: LguestDevice) -> None:
     import weakref
 
     memory, layout = load(KINDS[1], RAM)

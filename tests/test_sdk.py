@@ -228,8 +228,8 @@ def test_build_without_a_toolchain_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("LGUEST_TOOLCHAIN", raising=False)
-    monkeypatch.setattr(sdk.importlib.util, "find_spec", lambda name: None)  # no ziglang
-    monkeypatch.setattr(sdk.shutil, "which", lambda name: None)  # no zig, no gcc
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no ziglang
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no zig, no gcc
     with pytest.raises(sdk.ToolchainError, match=r"pip install 'lguest-supervisor\[sdk\]'"):
         sdk.build([PORTABLE], tmp_path / "x.elf")
     assert cli.main(["build", str(PORTABLE), "-o", str(tmp_path / "x.elf")]) == 2
@@ -242,7 +242,7 @@ def test_toolchain_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LGUEST_TOOLCHAIN", raising=False)
     gcc = sdk.Toolchain(("/usr/bin/gcc",), "gcc 12", "gcc", "/inc", None)
     monkeypatch.setattr(sdk, "_probe_gcc", lambda path: gcc)
-    monkeypatch.setattr(sdk.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     if sdk._zig_command() is not None and importlib.util.find_spec("ziglang") is not None:
         assert sdk.find_toolchain().kind == "zig"
     monkeypatch.setattr(sdk, "_zig_command", lambda: None)
@@ -378,7 +378,9 @@ def test_builds_are_deterministic_and_keep_symbols(portable_guest: Path, tmp_pat
     data = a.read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 1  # ELF32
     assert b"\0main\0" in data and b"__lguest_syscall" in data  # symbols kept
-    zig = Path(importlib.util.find_spec("ziglang").origin or "").parent  # type: ignore[union-attr]
+    ziglang = importlib.util.find_spec("ziglang")
+    assert ziglang is not None
+    zig = Path(ziglang.origin or "").parent
     assert os.fsencode(str(zig)) not in data and os.fsencode(str(HERE)) not in data  # no DWARF
     assert len(data) < 200_000
     debug = tmp_path / "g" / "portable.elf"

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from supervisor.slicepool import AGAIN, Again, SlicePool
+from supervisor.slicepool import AGAIN, Again, Job, SlicePool
 
 WAIT = 10  # seconds a step waits for the test before the test counts as hung
 
@@ -43,7 +43,7 @@ def hold_first(release: threading.Event, started: threading.Event) -> Callable[[
     return gate
 
 
-def test_busy_jobs_take_turns_in_fifo_order():
+def test_busy_jobs_take_turns_in_fifo_order() -> None:
     pool = SlicePool(1)
     log: list[str] = []
     release, started = threading.Event(), threading.Event()
@@ -60,7 +60,7 @@ def test_busy_jobs_take_turns_in_fifo_order():
     assert log == ["a", "b", "a", "b", "a", "b"]
 
 
-def test_a_lone_job_goes_on_on_its_worker_without_queueing_again():
+def test_a_lone_job_goes_on_on_its_worker_without_queueing_again() -> None:
     pool = SlicePool(2)
     threads: list[int] = []
     waiting: list[int] = []
@@ -83,7 +83,7 @@ def test_a_lone_job_goes_on_on_its_worker_without_queueing_again():
     assert waiting == [0] * 50  # never back in the queue
 
 
-def test_a_job_asked_to_stop_during_a_step_ends_instead_of_queueing_again():
+def test_a_job_asked_to_stop_during_a_step_ends_instead_of_queueing_again() -> None:
     # The kick for it may come too late for the step to see it: the AGAIN that follows
     # must not send the job to the back of a long queue.
     pool = SlicePool(1)
@@ -102,7 +102,7 @@ def test_a_job_asked_to_stop_during_a_step_ends_instead_of_queueing_again():
     assert log == ["a", "b", "b"]
 
 
-def test_a_job_is_withdrawn_between_steps():
+def test_a_job_is_withdrawn_between_steps() -> None:
     pool = SlicePool(1)
     log: list[str] = []
     release_a, a_started = threading.Event(), threading.Event()
@@ -124,14 +124,14 @@ def test_a_job_is_withdrawn_between_steps():
     assert log == ["a", "b"]  # nothing of a ran after it was withdrawn
 
 
-def test_a_step_that_raises_fails_its_job_only():
+def test_a_step_that_raises_fails_its_job_only() -> None:
     pool = SlicePool(1)
 
     def boom() -> Again:
         raise ValueError("boom")
 
     try:
-        failed = pool.submit(boom)
+        failed: Job[str] = pool.submit(boom)
         with pytest.raises(ValueError, match="boom"):
             failed.result(WAIT)
         assert pool.submit(stepper("ok", [], 2)).result(WAIT) == "ok"
@@ -139,7 +139,7 @@ def test_a_step_that_raises_fails_its_job_only():
         pool.shutdown()
 
 
-def test_shutdown_withdraws_queued_jobs_and_ends_busy_ones():
+def test_shutdown_withdraws_queued_jobs_and_ends_busy_ones() -> None:
     pool = SlicePool(1)
     log: list[str] = []
     release, started = threading.Event(), threading.Event()
@@ -160,7 +160,7 @@ def test_shutdown_withdraws_queued_jobs_and_ends_busy_ones():
     assert pool.waiting == 0
 
 
-def test_a_pool_that_refuses_a_job_does_not_count_it_as_waiting():
+def test_a_pool_that_refuses_a_job_does_not_count_it_as_waiting() -> None:
     pool = SlicePool(1)
     pool.shutdown()
     with pytest.raises(RuntimeError):
@@ -168,7 +168,7 @@ def test_a_pool_that_refuses_a_job_does_not_count_it_as_waiting():
     assert pool.waiting == 0
 
 
-def test_bad_settings_are_refused():
+def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="workers"):
         SlicePool(0)
     with pytest.raises(ValueError, match="nice"):
@@ -176,7 +176,7 @@ def test_bad_settings_are_refused():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="threads have their own nice value on Linux")
-def test_workers_run_nice_steps_below_the_submitting_thread():
+def test_workers_run_nice_steps_below_the_submitting_thread() -> None:
     here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     if here + 3 > 19:
         pytest.skip("already at the lowest priority")
@@ -192,7 +192,7 @@ def test_workers_run_nice_steps_below_the_submitting_thread():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="threads have their own nice value on Linux")
-async def test_a_device_runs_its_workers_below_the_event_loop():
+async def test_a_device_runs_its_workers_below_the_event_loop() -> None:
     import asyncio
 
     from supervisor import LguestDevice, Supervisor
@@ -212,7 +212,7 @@ async def test_a_device_runs_its_workers_below_the_event_loop():
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="threads have their own policy on Linux")
-async def test_idle_workers_run_under_sched_idle_and_leave_the_loop_alone():
+async def test_idle_workers_run_under_sched_idle_and_leave_the_loop_alone() -> None:
     import asyncio
 
     from supervisor import LguestDevice, Supervisor
@@ -233,7 +233,7 @@ async def test_idle_workers_run_under_sched_idle_and_leave_the_loop_alone():
     assert policy() == here
 
 
-def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once():
+def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once() -> None:
     # Its entry stays in the queue until a worker skips it; what its step refers to (a
     # CPU, a guest's memory) must not live that long.
     import gc

@@ -11,11 +11,11 @@ import sys
 import threading
 
 import pytest
-from guestasm import boot, until
+from guestasm import boot, present, until
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn import x86_const as r
 
-from supervisor import _slicing
+from supervisor import LguestDevice, _slicing
 from supervisor.abi import LHREQ_IRQ, pack_words
 
 # loop: inc dword [0x2000]; inc ebx; jmp loop.  The memory counter equals ebx, or
@@ -47,7 +47,7 @@ def run_once(uc: Uc, fuel: _slicing.Fuel, seconds: float) -> None:
         _slicing.count_spent(fuel, count)
 
 
-def test_stops_from_another_thread_and_deadlines_never_replay_a_write():
+def test_stops_from_another_thread_and_deadlines_never_replay_a_write() -> None:
     uc, fuel = bare_cpu()
     done = threading.Event()
 
@@ -74,7 +74,7 @@ def test_stops_from_another_thread_and_deadlines_never_replay_a_write():
     assert uc.reg_read(r.UC_X86_REG_EBX) > 0
 
 
-def test_a_kick_before_the_run_starts_still_ends_it():
+def test_a_kick_before_the_run_starts_still_ends_it() -> None:
     if not _slicing.NATIVE:
         pytest.skip("the fallback sees a kick only between runs (run_slice checks `stop` first)")
     uc, fuel = bare_cpu()
@@ -98,7 +98,7 @@ def test_a_kick_before_the_run_starts_still_ends_it():
         assert fuel.reason == _slicing.REASON_STOP
 
 
-async def test_hlt_halts_until_an_irq_on_every_path(dev):
+async def test_hlt_halts_until_an_irq_on_every_path(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -118,16 +118,16 @@ irqs: .long 0
 """,
     )
     reader = asyncio.create_task(g.file.read(8))
-    cpu = g.file._lg.cpus[0]
+    cpu = g.file.cpu(0)
     for n in (1, 2, 3):
         await until(lambda: cpu.halted)
-        slices = g.file.stats.slices
+        slices = present(g.file.stats).slices
         for _ in range(20):
             await asyncio.sleep(0)
-        assert g.file.stats.slices == slices, "a halted guest kept running"
+        assert present(g.file.stats).slices == slices, "a halted guest kept running"
         assert g.u32("wakes") == n - 1
         assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
-        await until(lambda n=n: g.u32("wakes") == n)
+        await until(lambda: g.u32("wakes") == n)  # noqa: B023 - awaited at once
     assert g.u32("irqs") == 3
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
@@ -160,7 +160,7 @@ for w in caught:
 """
 
 
-def test_without_the_extension_the_fallback_runs_and_says_so_once():
+def test_without_the_extension_the_fallback_runs_and_says_so_once() -> None:
     out = _python(BLOCK_FUEL, LGUEST_SLICING="").stdout.splitlines()
     assert out[0] == "emu_start(count=) fallback"
     warnings = [line for line in out if line.startswith("WARNING")]
@@ -168,7 +168,7 @@ def test_without_the_extension_the_fallback_runs_and_says_so_once():
     assert "C compiler" in warnings[0] and "apt-get install gcc" in warnings[0]
 
 
-def test_the_environment_selects_the_fallback_quietly():
+def test_the_environment_selects_the_fallback_quietly() -> None:
     code = BLOCK_FUEL.replace("sys.meta_path.insert(0, NoExtension())", "")
     out = _python(code, LGUEST_SLICING="count").stdout.splitlines()
     assert out == ["emu_start(count=) fallback"]

@@ -3,7 +3,7 @@ import errno
 import pytest
 from guestasm import boot
 
-from supervisor import abi
+from supervisor import LguestDevice, abi
 
 NOTIFY_LOOP = r"""
 main:
@@ -17,7 +17,7 @@ counter: .long 0
 """
 
 
-async def test_notify_returns_address(dev):
+async def test_notify_returns_address(dev: LguestDevice) -> None:
     g = await boot(dev, NOTIFY_LOOP)
     for i in range(1, 4):
         data = await g.file.read(abi.WORD_SIZE)

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from guestasm import boot, until
+from guestasm import boot, present, until
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 from supervisor.debug import START, debugger
@@ -273,7 +273,7 @@ async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
     await g.file.close()
     with pytest.raises(ExceptionGroup) as closed:
         await running
-    assert all(e.errno == errno.EBADF for e in closed.value.exceptions)
+    assert all(isinstance(e, OSError) and e.errno == errno.EBADF for e in closed.value.exceptions)
     revived = dev.open(copy, state=state)
     assert revived.cpu_count == 2
     from supervisor.testing import Booted
@@ -321,7 +321,7 @@ async def test_gdb_sees_each_cpu_as_a_thread(dev: LguestDevice) -> None:
     await server.start("127.0.0.1", 0)
     reader = asyncio.create_task(run_cpus_to_end(g))
     spot = g.guest.symbols["cpu1_spot"]
-    host, port = server.address
+    host, port = present(server.address)
     commands = [
         "set architecture i386",
         f"target remote {host}:{port}",
@@ -408,7 +408,11 @@ async def test_a_busy_cpu_hands_the_processor_over_when_another_cpu_waits(
     try:
         for _ in range(3):
             a, b = g.u32("count0"), g.u32("count1")
-            await until(lambda a=a, b=b: g.u32("count0") > a and g.u32("count1") > b)
+
+            def both_advanced(a: int = a, b: int = b) -> bool:
+                return g.u32("count0") > a and g.u32("count1") > b
+
+            await until(both_advanced)
     finally:
         for r in readers:
             r.cancel()

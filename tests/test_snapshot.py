@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from guestasm import boot, until
+from guestasm import Booted, boot, until
 
-from supervisor import GuestConfig, Supervisor, abi
+from supervisor import Guest, GuestConfig, LguestDevice, LguestFile, Supervisor, abi
 from supervisor.debug import debugger
 from supervisor.snapshot import Snapshot, SnapshotError, capture, restore, snapshot
 
@@ -47,7 +47,7 @@ table: .space 4096
 """
 
 
-async def run_file(f) -> tuple[int, str]:
+async def run_file(f: LguestFile) -> tuple[int, str]:
     """Read until death; return (notifies seen, reason)."""
     notifies = 0
     while True:
@@ -58,15 +58,15 @@ async def run_file(f) -> tuple[int, str]:
             return notifies, (await f.read(64)).rstrip(b"\0").decode()
 
 
-def without_clock(g, memory: bytes) -> bytes:
+def without_clock(g: Booted, memory: bytes) -> bytes:
     """Guest memory with lguest_data.time (wall-clock, written by the Host) blanked."""
     at = g.guest.symbols["lguest_data"] + abi.LGUEST_DATA_TIME
     return memory[:at] + bytes(8) + memory[at + 8 :]
 
 
 async def test_a_guest_snapshotted_mid_run_and_restored_ends_exactly_like_an_unstopped_one(
-    dev, tmp_path
-):
+    dev: LguestDevice, tmp_path: Path
+) -> None:
     reference = await boot(dev, WALK)
     assert await run_file(reference.file) == (8, "walked")
     expected = without_clock(reference, reference.memory.read(0, reference.memory.size))
@@ -91,7 +91,7 @@ async def test_a_guest_snapshotted_mid_run_and_restored_ends_exactly_like_an_uns
     assert without_clock(g, copy.memory.read(0, copy.memory.size)) == expected
 
 
-async def test_ten_forks_of_one_snapshot_share_nothing(dev):
+async def test_ten_forks_of_one_snapshot_share_nothing(dev: LguestDevice) -> None:
     g = await boot(dev, WALK)
     for _ in range(6):  # between reads the guest is not running: capture needs no pause
         await g.file.read(abi.WORD_SIZE)
@@ -125,7 +125,7 @@ def snap_at(snap: Snapshot, address: int) -> bytes:
     return bytes(4)
 
 
-async def test_host_state_pending_irqs_break_halted_and_clock_survive(dev):
+async def test_host_state_pending_irqs_break_halted_and_clock_survive(dev: LguestDevice) -> None:
     g = await boot(
         dev,
         r"""
@@ -176,7 +176,7 @@ msg: .asciz "bye"
     copy.memory.close()
 
 
-async def test_a_running_or_dead_guest_cannot_be_captured(dev):
+async def test_a_running_or_dead_guest_cannot_be_captured(dev: LguestDevice) -> None:
     g = await boot(dev, WALK)
     runner = asyncio.create_task(run_file(g.file))
     await until(lambda: g.u32("counter") > 0)
@@ -187,7 +187,9 @@ async def test_a_running_or_dead_guest_cannot_be_captured(dev):
         capture(g.file)
 
 
-async def test_corrupt_truncated_and_foreign_files_are_clear_errors(dev, tmp_path):
+async def test_corrupt_truncated_and_foreign_files_are_clear_errors(
+    dev: LguestDevice, tmp_path: Path
+) -> None:
     g = await boot(dev, WALK)
     await g.file.read(abi.WORD_SIZE)
     snap = capture(g.file)
@@ -298,11 +300,13 @@ def lines_image() -> Path:
     return out / "lines.img"
 
 
-async def collect(guest) -> list[str]:
+async def collect(guest: Guest) -> list[str]:
     return [line async for line in guest.console]
 
 
-async def test_supervisor_restore_continues_the_console_exactly(lines_image, tmp_path):
+async def test_supervisor_restore_continues_the_console_exactly(
+    lines_image: Path, tmp_path: Path
+) -> None:
     config = GuestConfig(image=lines_image, memory="1M")
     async with Supervisor() as sup, asyncio.timeout(LIMIT):
         whole = await collect(await sup.launch(config))
@@ -327,7 +331,7 @@ async def test_supervisor_restore_continues_the_console_exactly(lines_image, tmp
             assert (await fork.wait()).ok
 
 
-async def test_a_snapshot_keeps_console_input_not_yet_delivered(tmp_path):
+async def test_a_snapshot_keeps_console_input_not_yet_delivered(tmp_path: Path) -> None:
     config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
     async with Supervisor() as sup, asyncio.timeout(LIMIT):
         g = await sup.launch(config)

@@ -21,6 +21,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -195,7 +196,7 @@ EXACT = settings(
 
 
 @pytest.fixture
-async def two_devices():  # type: ignore[no-untyped-def]
+async def two_devices() -> AsyncIterator[tuple[LguestDevice, LguestDevice]]:
     async with LguestDevice() as a, LguestDevice() as b:
         yield a, b
 
@@ -216,7 +217,7 @@ async def test_paused_captured_and_revived_anywhere_ends_exactly_as_uninterrupte
     assert got.memory == expected.memory
 
 
-def test_the_property_test_revived_guests_mid_run():
+def test_the_property_test_revived_guests_mid_run() -> None:
     """Runs after the property test (file order): it did catch reads mid-run, often."""
     if REVIVALS[1] == 0:
         pytest.skip("the property test did not run")
@@ -252,7 +253,9 @@ asyncio.run(main())
 """
 
 
-async def test_a_state_revived_in_another_process_ends_exactly_as_uninterrupted(dev):
+async def test_a_state_revived_in_another_process_ends_exactly_as_uninterrupted(
+    dev: LguestDevice,
+) -> None:
     expected = await uninterrupted(dev)
     for stop_after in (0, 2, STEPS - 1):
         g = await boot(dev, WORKER)
@@ -281,7 +284,7 @@ async def test_a_state_revived_in_another_process_ends_exactly_as_uninterrupted(
 # -- the control surface -----------------------------------------------------------------------
 
 
-async def test_pause_holds_a_running_read_and_resume_lets_it_go_on(dev):
+async def test_pause_holds_a_running_read_and_resume_lets_it_go_on(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     read = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
     await until(lambda: g.u32("counter") > 1000)
@@ -302,7 +305,9 @@ async def test_pause_holds_a_running_read_and_resume_lets_it_go_on(dev):
         await read
 
 
-async def test_pause_of_an_idle_cpu_is_immediate_and_holds_it_until_resume(dev):
+async def test_pause_of_an_idle_cpu_is_immediate_and_holds_it_until_resume(
+    dev: LguestDevice,
+) -> None:
     g = await boot(dev, "main:\n LGUEST_INIT\n HCALL 17, 0x42\n1: incl counter\n jmp 1b\n"
                    ".data\ncounter: .long 0\n")  # fmt: skip
     await g.file.pause()  # no read in flight: returns at once
@@ -316,7 +321,7 @@ async def test_pause_of_an_idle_cpu_is_immediate_and_holds_it_until_resume(dev):
     await g.file.close()
 
 
-async def test_pause_and_state_errnos(dev):
+async def test_pause_and_state_errnos(dev: LguestDevice) -> None:
     memory = GuestMemory(1 << 20)
     f = dev.open(memory)
     for call in (f.state, lambda: f.resume(0)):
@@ -350,7 +355,9 @@ async def test_pause_and_state_errnos(dev):
     g.memory.close()
 
 
-async def test_a_guest_whose_window_starts_inside_the_memory_revives_there(dev):
+async def test_a_guest_whose_window_starts_inside_the_memory_revives_there(
+    dev: LguestDevice,
+) -> None:
     """INITIALIZE's base need not be the memory's first page: the state remembers where."""
     expected = await uninterrupted(dev)
     image, layout = load(assemble(WORKER))
@@ -383,7 +390,7 @@ async def test_a_guest_whose_window_starts_inside_the_memory_revives_there(dev):
         mem.close()
 
 
-async def test_reviving_needs_memory_of_the_same_size(dev):
+async def test_reviving_needs_memory_of_the_same_size(dev: LguestDevice) -> None:
     g = await boot(dev, WORKER)
     await notified(g)
     state = g.file.state()
@@ -396,7 +403,7 @@ async def test_reviving_needs_memory_of_the_same_size(dev):
     g.memory.close()
 
 
-async def test_reviving_past_the_device_limits_is_enomem():
+async def test_reviving_past_the_device_limits_is_enomem() -> None:
     async with LguestDevice(max_guests=1) as dev:
         g = await boot(dev, WORKER)
         await notified(g)
@@ -411,7 +418,7 @@ async def test_reviving_past_the_device_limits_is_enomem():
 
 
 # -- the value ---------------------------------------------------------------------------------
-async def test_a_state_compares_pickles_and_encodes(dev):
+async def test_a_state_compares_pickles_and_encodes(dev: LguestDevice) -> None:
     g = await boot(dev, WORKER)
     await notified(g)
     a, b = g.file.state(), g.file.state()
@@ -419,14 +426,14 @@ async def test_a_state_compares_pickles_and_encodes(dev):
     assert pickle.loads(pickle.dumps(a)) == a
     assert GuestState.from_bytes(a.to_bytes()) == a
     with pytest.raises(dataclasses.FrozenInstanceError):
-        a.pgdir = 0  # type: ignore[misc]
+        a.pgdir = 0  # type: ignore[misc]  # the assignment a frozen value refuses
     await notified(g)
     assert g.file.state() != a  # it ran on
     await g.file.close()
     g.memory.close()
 
 
-async def test_bad_or_foreign_encodings_are_clear_errors(dev):
+async def test_bad_or_foreign_encodings_are_clear_errors(dev: LguestDevice) -> None:
     g = await boot(dev, WORKER)
     await notified(g)
     raw = g.file.state().to_bytes()
@@ -473,7 +480,7 @@ async def test_bad_or_foreign_encodings_are_clear_errors(dev):
         GuestState.from_parts(meta, {}, "no sections")
 
 
-def test_every_field_of_the_cpu_and_the_guest_is_saved_or_marked_host_only():
+def test_every_field_of_the_cpu_and_the_guest_is_saved_or_marked_host_only() -> None:
     assert unmarked_fields(LgCpu) == ()
     assert unmarked_fields(Lguest) == ()
     cpu_state = {f.name for f in dataclasses.fields(CpuState)}
@@ -483,7 +490,7 @@ def test_every_field_of_the_cpu_and_the_guest_is_saved_or_marked_host_only():
 
 
 # -- exits as values ---------------------------------------------------------------------------
-def test_classify_turns_what_the_hooks_recorded_into_an_exit():
+def test_classify_turns_what_the_hooks_recorded_into_an_exit() -> None:
     from supervisor._slicing import REASON_BUDGET, REASON_NONE, REASON_STOP
 
     assert classify(abi.LGUEST_TRAP_ENTRY, None, REASON_NONE, None) is CpuExit.HYPERCALL
@@ -513,7 +520,7 @@ def fake_cpu(**changes: Any) -> Any:
     return SimpleNamespace(**values)
 
 
-def test_the_run_loop_decides_in_a_fixed_order():
+def test_the_run_loop_decides_in_a_fixed_order() -> None:
     dead = SimpleNamespace(dead=Death("x"))
     assert pending_exit(fake_cpu()) is None
     assert pending_exit(fake_cpu(halted=True)) is CpuExit.HALT  # no irq it could take
@@ -539,7 +546,7 @@ def test_the_run_loop_decides_in_a_fixed_order():
 
 
 # -- the house rules ---------------------------------------------------------------------------
-def test_importing_supervisor_creates_no_unicorn_instance():
+def test_importing_supervisor_creates_no_unicorn_instance() -> None:
     probe = (
         "import unicorn\n"
         "made = []\n"
@@ -556,7 +563,7 @@ def test_importing_supervisor_creates_no_unicorn_instance():
     assert done.stdout.strip() == "0"
 
 
-async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises():
+async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> None:
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     try:
@@ -590,7 +597,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises():
         loop.set_debug(False)
 
 
-async def test_outside_debug_mode_there_is_no_check(dev):
+async def test_outside_debug_mode_there_is_no_check(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     assert not g.file.cpu(0).check_threads
     await g.file.close()

@@ -6,7 +6,7 @@ from supervisor import LguestDevice
 from supervisor.testing import assemble, boot, notified, run_to_end
 
 
-async def test_boot_and_notify_from_source():
+async def test_boot_and_notify_from_source() -> None:
     async with LguestDevice() as dev:
         g = await boot(dev, "main:\n LGUEST_INIT\n movl $7, value\n HCALL 17, 0x42\n"
                        " HCALL 2, msg, 1, 0\n.data\nvalue: .long 0\nmsg: .asciz \"bye\"\n")
@@ -17,12 +17,12 @@ async def test_boot_and_notify_from_source():
         assert await run_to_end(g) == "bye"
 
 
-def test_assembler_errors_are_reported():
+def test_assembler_errors_are_reported() -> None:
     with pytest.raises(RuntimeError, match="as failed"):
         assemble("main:\n this is not an instruction\n")
 
 
-def test_assembly_is_cached_by_content():
+def test_assembly_is_cached_by_content() -> None:
     a = assemble("main:\n HCALL 17, 1\n")
     b = assemble("main:\n HCALL 17, 1\n")
     assert a == b and a.symbols["main"] > 0

@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from supervisor import GuestConfig
+from supervisor import GuestConfig, LguestDevice, Supervisor
+from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import AsmGuest, boot, notified
 
 HELLO = r"""
@@ -32,7 +33,9 @@ int main(void) {
 
 
 @pytest.mark.asyncio
-async def test_c_guest_prints_and_exits(lguest_supervisor, build_guest):
+async def test_c_guest_prints_and_exits(
+    lguest_supervisor: Supervisor, build_guest: BuildGuest
+) -> None:
     image = build_guest(HELLO, flags=["-O2"])
     guest = await lguest_supervisor.launch(GuestConfig(image=image, cmdline="a b c"))
     async with asyncio.timeout(60):
@@ -43,7 +46,7 @@ async def test_c_guest_prints_and_exits(lguest_supervisor, build_guest):
 
 
 @pytest.mark.asyncio
-async def test_c_guest_reads_stdin(lguest_supervisor, build_guest):
+async def test_c_guest_reads_stdin(lguest_supervisor: Supervisor, build_guest: BuildGuest) -> None:
     guest = await lguest_supervisor.launch(GuestConfig(image=build_guest(UPPER)))
     guest.send("shout\nthis\n")
     guest.send_eof()
@@ -52,13 +55,15 @@ async def test_c_guest_reads_stdin(lguest_supervisor, build_guest):
         assert (await guest.wait()).ok
 
 
-def test_images_are_cached_by_content(build_guest):
+def test_images_are_cached_by_content(build_guest: BuildGuest) -> None:
     assert build_guest(HELLO, flags=["-O2"]) == build_guest(HELLO, flags=["-O2"])
     assert build_guest(HELLO) != build_guest(HELLO, flags=["-O2"])
 
 
 @pytest.mark.asyncio
-async def test_asm_guest_on_the_device(lguest_device, build_guest):
+async def test_asm_guest_on_the_device(
+    lguest_device: LguestDevice, build_guest: BuildGuest
+) -> None:
     image = build_guest("main:\n LGUEST_INIT\n HCALL 17, 0x42\n1: jmp 1b\n", lang="asm")
     booted = await boot(lguest_device, AsmGuest(image.read_bytes(), {}))
     assert await notified(booted) == 0x42
