@@ -1,4 +1,4 @@
-"""Prompt shutdown and isolation under load (issue 14): the timing goals.
+"""Prompt shutdown and isolation under load: the timing goals.
 
 * ``shutdown_aclose``: ``Supervisor.aclose()`` with N busy guests (goal < 1 s for 1,000);
 * ``shutdown_kill``: ``Guest.kill()`` of one guest beside N busy neighbours (goal < 10 ms);

@@ -177,9 +177,9 @@ static void *slicer(void *arg)
     (void)arg;
     prctl(PR_SET_TIMERSLACK, 1000UL); /* deadlines to the microsecond, not the default 50 */
     /* A deadline is only kept if this thread runs when its timer fires.  On a loaded
-       machine a woken normal thread waits for a CPU for milliseconds (measured: slices
-       of 2 ms ran 4 ms at the median), so ask for the lowest real-time priority: the
-       thread runs for microseconds per wake-up, so others lose nothing.  Without the
+       machine a woken normal thread can wait milliseconds for a CPU, as long as a whole
+       slice, so ask for the lowest real-time priority: the thread runs for
+       microseconds per wake-up, so others lose nothing.  Without the
        privilege (CAP_SYS_NICE / RLIMIT_RTPRIO) it stays a normal thread. */
     struct sched_param param = {.sched_priority = 1};
     pthread_setschedparam(pthread_self(), SCHED_FIFO, &param);
@@ -252,8 +252,8 @@ static fuel_t *fuel_arg(PyObject *arg)
 /* Register a run that starts now; `clock`/`cpu_now`: the calling thread's CPU clock and its
    reading (cpu_now < 0: not known, read it here).  `span` >= 0: the run's deadline is that
    many ns from now, taken under the lock (so time the thread spent getting here, e.g.
-   preempted after releasing the GIL on a loaded machine, does not eat the run's share:
-   measured, that ended IRQ handlers' inline slices before their first instruction);
+   preempted after releasing the GIL on a loaded machine, does not eat the run's share,
+   which could end an IRQ handler's inline slice before its first instruction);
    < 0: `deadline` is already set.  Returns 0 or an errno. */
 static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_now, int64_t span)
 {

@@ -218,7 +218,7 @@ def configure(uc: Any, tcg_buffer: int) -> None:
 
 # -- new instances -----------------------------------------------------------------------------
 # Configured instances never used yet, by translation buffer size: at most BLANKS in all,
-# about 0.8 MiB of memory each (measured).  Event-loop threads only.
+# about 0.8 MiB of memory each.  Event-loop threads only.
 BLANKS = 4
 _blanks: dict[int, list[Any]] = {}
 

@@ -13,16 +13,15 @@ One :class:`Dormitory` per device does the bookkeeping with at most one timer
 for all its CPUs, armed only while some CPU is drowsy and not yet hibernated:
 a hibernated guest with no timer of its own costs no event-loop work at all.
 
-Unicorn frees an instance's memory to the C allocator, which keeps it
-(measured: 500 KiB per hibernated guest stayed resident, 52 KiB after a
-``malloc_trim``).  Kept memory is not lost: the next instance a thaw (or a new
+Unicorn frees an instance's memory to the C allocator, which keeps most of it
+resident until a ``malloc_trim``.  Kept memory is not lost: the next instance a thaw (or a new
 guest) takes reuses it.  So memory goes back to the system only when
 hibernations have given back ``TRIM_SLACK`` more instances than thaws took
 since the last time (:attr:`LgCpu.given_back`, process-wide): a burst of
 hibernations is trimmed once, ``TRIM_DELAY`` after it; guests that wake and
-sleep in turn never are.  ``malloc_trim`` walks the whole heap (measured: 8 ms
-for 2,000 and for 20,000 hibernated guests, whatever it finds to give back), so
-a trim after each hibernation was the wake latency's tail.
+sleep in turn never are.  ``malloc_trim`` walks the whole heap, milliseconds
+whatever it finds to give back, so a trim after each hibernation would be the
+wake latency's tail.
 
 Most of a wake's own cost is Unicorn building a new emulated machine, so a wake
 also asks for one to be made ahead (:func:`supervisor._unicorn.prepare`,

@@ -6,11 +6,10 @@ takes its turn: while other jobs wait for a worker it goes to the back of the on
 FIFO queue, otherwise its next step starts right away on the same worker.  So a
 busy CPU's executor run (:func:`supervisor.execute.run_slice` as the step) is many
 slices, round-robin with every other busy CPU's, and the event loop hears of it
-only when it ends for a reason the run loop must handle.  Before, every 2 ms slice
-came back to the loop to be queued again: with 100 busy guests a thousand loop
-wake-ups a second, which took 15 % of a core and, on a 2-core machine, made the
-loop wait for the CPU when an interrupt or a break needed it (docs/performance.md,
-"The event loop only hears of events").
+only when it ends for a reason the run loop must handle.  A slice that came back to
+the loop to be queued again would cost a loop wake-up per slice of every busy guest,
+and the loop would compete for the CPU just when an interrupt or a break needs it
+(docs/performance.md, "The event loop only hears of events").
 
 Guarantees:
 
@@ -63,7 +62,7 @@ class Again:
 AGAIN: Final = Again()
 
 # How far below the event loop the workers run by default (docs/performance.md, "Who
-# gets the core": the value measured to keep the loop's wake-ups prompt).
+# gets the core": low enough that the loop's wake-ups stay prompt).
 DEFAULT_NICE = 10
 
 

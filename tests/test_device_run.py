@@ -107,7 +107,7 @@ async def test_cancelling_a_read_resumes_exactly_where_it_stopped(dev: LguestDev
 async def test_twenty_million_increments_survive_a_break_every_millisecond(
     dev: LguestDevice,
 ) -> None:
-    """The issue's acceptance test: breaks and resumes never lose or repeat a write."""
+    """Breaks and resumes never lose or repeat a write."""
     g = await boot(dev, COUNT_TO.format(target=20_000_000))
     waker = g.file.waker()
     done = asyncio.Event()

@@ -319,7 +319,7 @@ HOGS = {
     "reflected traps": "main:\n LGUEST_INIT\n IDT 3, handler, 0xf\n1: int $3\n jmp 1b\n"
     "handler: iret\n",
 }
-NEIGHBOUR_LATENCY = 0.3  # seconds; the neighbour needs ~20 ms alone, ~30 ms next to spinners
+NEIGHBOUR_LATENCY = 0.3  # seconds: ten times what the neighbour needs beside the hogs
 
 @pytest.mark.parametrize(
     "hog",

@@ -402,9 +402,9 @@ async def test_the_stats_say_whether_blocks_are_counted(dev: LguestDevice) -> No
 def test_a_run_gets_its_whole_share_however_late_it_registers() -> None:
     """The exit-request slicer takes a run's deadline when the run registers, not before
     the thread released the GIL: on a loaded machine the thread may wait milliseconds in
-    between, and a deadline taken earlier was already past (measured: IRQ handlers'
-    inline slices ended before their first instruction, and the next slice waited a
-    whole trip through the executor's queue, about a second)."""
+    between, and a deadline taken earlier could already be past (an IRQ handler's inline
+    slice would end before its first instruction, and the next slice wait a whole trip
+    through the executor's queue)."""
     if not (_slicing.NATIVE and _slicing.EXIT_REQUEST):
         return  # the block hook reads the deadline itself; the fallback has none
     from test_slicing import bare_cpu

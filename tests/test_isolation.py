@@ -1,4 +1,4 @@
-"""Isolation and prompt shutdown under load (issue 14).
+"""Isolation and prompt shutdown under load.
 
 Each test here pins one guarantee of docs/security.md: a killed or closed guest
 does not wait for its queued slice, host writes into guest memory are seen by

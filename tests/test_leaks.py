@@ -8,8 +8,8 @@ guest closed while a Waker waits in ``LHREQ_BREAK``.
 Measurements (after ``gc.collect()``): RSS from ``/proc/self/statm``, the number
 of threads, the number of open descriptors in ``/proc/self/fd``, and the number
 of live ``LgCpu``/``Lguest`` objects.  A warm-up batch (1,000 guests; 2,000 in
-the long profile: RSS measured every 500 guests climbs for about the first
-1,000-1,500, then stays within a few MiB) is run first, so that one-time costs
+the long profile: RSS climbs for about the first 1,000-1,500 guests, then stays
+within a few MiB) is run first, so that one-time costs
 (Unicorn's lazily built tables, the allocator's arenas, the executor's
 threads, the assembler cache) are in the baseline; then the rest, and the
 figures must match the baseline:
@@ -20,9 +20,8 @@ figures must match the baseline:
   by their tracebacks, may hold a few);
 * RSS within ``RSS_TOLERANCE`` (24 MiB).  Freed memory goes back to malloc's
   free lists and Python's arenas rather than to the kernel, so RSS wobbles by a
-  few MiB from batch to batch (measured: +-7 MiB around a plateau).  A Unicorn
-  instance that is never freed keeps about 2.7 MiB (measured: 600 deliberately
-  leaked instances added 1.6 GiB), so even one leaked guest in a hundred shows;
+  few MiB from batch to batch.  A Unicorn instance that is never freed keeps
+  about 2.7 MiB, so even one leaked guest in a hundred shows;
   smaller per-guest leaks of Python objects are caught by the live-object count.
 
 Note: a closed guest's ``Uc`` object is freed by the cyclic garbage collector,

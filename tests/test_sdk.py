@@ -71,7 +71,7 @@ def portable_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_portable_program_prints_what_the_native_build_prints(
     portable_guest: Path, tmp_path: Path
 ) -> None:
-    """The issue's acceptance test: `supervisor build` + `supervisor run` == host gcc."""
+    """`supervisor build` + `supervisor run` prints what the host gcc's build prints."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("needs the host's gcc to build the native reference")

@@ -1,5 +1,5 @@
 """C guests with several CPUs: lg_start_cpu, lg_cpu_id, lg_send_ipi, lg_spinlock and
-the __atomic builtins (issue 16's C SDK part), through `supervisor run --cpus N` and
+the __atomic builtins, through `supervisor run --cpus N` and
 GuestConfig(cpus=N).
 
 Needs the ``sdk`` extra (Zig's C compiler) for the tests that build a guest; the
