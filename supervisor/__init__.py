@@ -9,25 +9,39 @@ The device layer mirrors Linux's ``/dev/lguest``::
         addr = await f.read(abi.WORD_SIZE)
 
 Most users want the Launcher on top of it: :class:`Supervisor` and :class:`GuestConfig`.
+The errors a user meets are here too: :class:`ConfigError` (a bad config),
+:class:`ImageError` (not an image), :class:`SnapshotError` and :class:`StateError`
+(a snapshot or state that cannot be used), :class:`ConsoleEnded` (``Guest.expect``
+met the end of the output).  ``supervisor.cluster`` (which needs Ray, and is not
+imported here) has ``Cluster`` and ``ClusterError``.
 """
 
 from . import abi
-from .config import GuestConfig
+from .config import ConfigError, GuestConfig
 from .device import LguestDevice, LguestFile, Waker
 from .guest import Death
-from .host import Exit, Guest, Supervisor
+from .host import ConsoleEnded, Exit, Guest, Supervisor
+from .launcher.loader import ImageError
 from .limits import Limits
 from .memory import GuestMemory
+from .snapshot import Snapshot, SnapshotError
+from .state import StateError
 
 __all__ = [
+    "ConfigError",
+    "ConsoleEnded",
     "Death",
     "Exit",
     "Guest",
     "GuestConfig",
     "GuestMemory",
+    "ImageError",
     "LguestDevice",
     "LguestFile",
     "Limits",
+    "Snapshot",
+    "SnapshotError",
+    "StateError",
     "Supervisor",
     "Waker",
     "abi",

@@ -15,8 +15,9 @@ Leaving the ``async with`` kills the guests still running and closes the device.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 from .config import GuestConfig
 from .device import LguestDevice
@@ -24,13 +25,13 @@ from .gdbstub import GdbServer
 from .guestctl import GuestControl, resume_from, snapshot_config, snapshot_image, start_gdb
 from .hibernation import DEFAULT_HIBERNATE_AFTER
 from .launcher.block import BlockDevice
-from .launcher.console import Console, LineStream, stdin_source, stdout_sink
+from .launcher.console import Console, ConsoleEnded, LineStream, stdin_source, stdout_sink
 from .launcher.devices import Device
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .snapshot import Snapshot
 
-__all__ = ["Exit", "Guest", "GuestStats", "Supervisor"]
+__all__ = ["ConsoleEnded", "Exit", "Guest", "GuestStats", "Supervisor"]
 
 
 class Guest:
@@ -72,9 +73,43 @@ class Guest:
     def console(self) -> LineStream:
         """Console output as an async iterator of lines (``str`` without ``\\n``).
 
-        It ends when the guest has ended and every line has been read.
+        It ends when the guest has ended and every line has been read.  It also has
+        ``await readline()`` (one line with its ``\\n``; ``""`` at the end) and
+        ``await expect(pattern)`` (as :meth:`Guest.expect`).
         """
         return self._console.lines
+
+    @overload
+    async def expect(
+        self, pattern: str | re.Pattern[str], timeout: float | None = None
+    ) -> re.Match[str]: ...
+
+    @overload
+    async def expect(
+        self, pattern: bytes | re.Pattern[bytes], timeout: float | None = None
+    ) -> re.Match[bytes]: ...
+
+    async def expect(
+        self,
+        pattern: str | bytes | re.Pattern[str] | re.Pattern[bytes],
+        timeout: float | None = None,
+    ) -> re.Match[str] | re.Match[bytes]:
+        """Wait until the console's unread output matches ``pattern`` (``re.search``),
+        consume it up to the match's end, return the ``re.Match``.
+
+        A prompt with no newline yet matches; see :meth:`LineStream.expect`.  Raises
+        ``TimeoutError`` after ``timeout`` seconds and :class:`ConsoleEnded` (an
+        ``EOFError`` naming the guest and how it ended) if the guest's output ends
+        first.  Needs a ``capture`` console (the library's default).
+        """
+        try:
+            return await self._console.lines.expect(pattern, timeout)
+        except ConsoleEnded as exc:
+            try:  # the console closes as the guest's task ends: say how it ended
+                how = f" ended: {(await self.wait()).reason}"
+            except Exception:  # the Host failed: wait() raises that, for the caller's wait
+                how = ""
+            raise ConsoleEnded(f"{self.name}{how}; {exc}", exc.output) from None
 
     def send(self, text: str | bytes) -> None:
         """Queue console input for the guest (UTF-8 encoded if ``str``)."""

@@ -22,11 +22,12 @@ import errno
 import inspect
 import os
 import queue
+import re
 import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, overload
 
 from .devices import DEV_TYPE_CONSOLE, Device, Slot
 
@@ -37,6 +38,22 @@ CON_IN_SIZE = 20
 CON_IN_LEN = 24
 CON_FLAGS = 28
 CON_FLAG_EOF = 1
+
+
+class ConsoleEnded(EOFError):
+    """The console's output ended before :meth:`LineStream.expect` found its pattern.
+
+    ``output`` is what was left unread (nothing was consumed).
+    """
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+class _Piece(bytes):
+    """A held line piece with no newline after it: a cut of an over-long line, or the
+    last bytes flushed at close."""
 
 
 class LineStream:
@@ -54,6 +71,11 @@ class LineStream:
     that, so nothing is lost.  ``maxlen`` (lines) instead drops the oldest unread lines,
     counted in :attr:`dropped`; ``maxlen=0`` keeps nothing (the ``null``
     console) and only counts lines.
+
+    Besides iteration, :meth:`readline` (one line with its ``\n``, like a file's)
+    and :meth:`expect` (a regular expression over the unread output, partial line
+    included, pexpect's way) read the same output: what one consumes the others
+    do not see again.
     """
 
     MAX_LINE = 64 << 10
@@ -111,8 +133,9 @@ class LineStream:
             self._extend(complete, len(complete))  # the newlines are not kept
         else:
             self._partial += data
+            self._changed.set()  # expect() matches a line not ended yet (a prompt)
         while len(self._partial) >= self.MAX_LINE:
-            self._extend([bytes(self._partial[: self.MAX_LINE])])
+            self._extend([_Piece(self._partial[: self.MAX_LINE])])
             del self._partial[: self.MAX_LINE]
 
     def take(self) -> list[str]:
@@ -157,7 +180,7 @@ class LineStream:
         if self.closed:
             return
         if self._partial:
-            self._extend([bytes(self._partial)])
+            self._extend([_Piece(self._partial)])
             self._partial.clear()
         self.closed = True
         self._changed.set()
@@ -170,11 +193,7 @@ class LineStream:
         while True:
             batch = 0
             while self._lines:
-                line = self._lines.popleft()
-                self._held -= len(line) + self.LINE_COST
-                if not self._full():
-                    self._room.set()
-                yield line.decode("utf-8", "replace")
+                yield self._pop().decode("utf-8", "replace")
                 batch += 1
                 if batch % self.BATCH == 0:
                     await asyncio.sleep(0)  # a fast reader of a flood lets the loop breathe
@@ -182,6 +201,129 @@ class LineStream:
                 return
             self._changed.clear()
             await self._changed.wait()
+
+    def _pop(self) -> bytes:
+        line = self._lines.popleft()
+        self._held -= len(line) + self.LINE_COST
+        if not self._full():
+            self._room.set()
+        return line
+
+    async def readline(self) -> str:
+        """The next line with its ``\n`` (a cut piece of a long line, or the last
+        unended line, without); ``""`` once the output has ended and been read."""
+        while not self._lines:
+            if self.closed:
+                return ""
+            self._changed.clear()
+            await self._changed.wait()
+        line = self._pop()
+        ending = "" if isinstance(line, _Piece) else "\n"
+        return line.decode("utf-8", "replace") + ending
+
+    @overload
+    async def expect(
+        self, pattern: str | re.Pattern[str], timeout: float | None = None
+    ) -> re.Match[str]: ...
+
+    @overload
+    async def expect(
+        self, pattern: bytes | re.Pattern[bytes], timeout: float | None = None
+    ) -> re.Match[bytes]: ...
+
+    async def expect(
+        self,
+        pattern: str | bytes | re.Pattern[str] | re.Pattern[bytes],
+        timeout: float | None = None,
+    ) -> re.Match[str] | re.Match[bytes]:
+        """Wait until the unread output matches ``pattern`` (``re.search``); consume the
+        output up to the match's end and return the match.
+
+        The output searched is every unread byte, newlines included, and the line not
+        ended yet, so a prompt matches as soon as it is printed; a match may span any
+        number of console writes.  A ``str`` pattern sees the output decoded as UTF-8
+        (bytes that are not UTF-8 as lone surrogates, so what is consumed is exact);
+        a ``bytes`` pattern sees the bytes.  The match's ``string`` is the output
+        searched, so ``output[:match.start()]`` is what came before it.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (``None``: no limit) and
+        :class:`ConsoleEnded` if the output ends first; neither consumes anything.
+        A console that keeps no output (``maxlen=0``: ``stdio``, ``null``) raises
+        ``RuntimeError``.  Unread output stays bounded by ``max_bytes``: when it is
+        full and nothing matches, the older half is consumed (it comes before any
+        later match) so that the guest can go on writing; a match then has to fit
+        in half of ``max_bytes``.
+        """
+        if self._maxlen == 0:
+            raise RuntimeError(
+                "this console keeps no output (console 'stdio' or 'null'): "
+                "expect needs console='capture'"
+            )
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self._changed.clear()
+                    output = self._unread()
+                    found = _search(regex, output)
+                    if found is not None:
+                        match, size = found
+                        self._consume(size)
+                        return match
+                    if self.closed:
+                        raise ConsoleEnded(
+                            f"the console ended before a match for {regex.pattern!r}",
+                            output.decode("utf-8", "replace"),
+                        )
+                    if self._full():  # consume the older half: the guest goes on writing
+                        self._consume(max(1, len(output) // 2))
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"no match for {regex.pattern!r} within {timeout} seconds") from None
+
+    def _unread(self) -> bytes:
+        """Every unread byte as the guest wrote it: held lines, their newlines, the partial."""
+        parts: list[bytes] = []
+        for line in self._lines:
+            parts.append(line)
+            if not isinstance(line, _Piece):
+                parts.append(b"\n")
+        parts.append(bytes(self._partial))
+        return b"".join(parts)
+
+    def _consume(self, size: int) -> None:
+        """Remove the first ``size`` bytes of :meth:`_unread` (a line cut in the middle
+        keeps its rest, still ended by its newline)."""
+        while size > 0 and self._lines:
+            line = self._lines[0]
+            whole = len(line) + (0 if isinstance(line, _Piece) else 1)
+            if size >= whole:
+                self._pop()
+                size -= whole
+                continue
+            rest = line[size:]
+            self._lines[0] = _Piece(rest) if isinstance(line, _Piece) else rest
+            self._held -= size
+            size = 0
+        if size > 0:
+            del self._partial[:size]
+            self._held -= size
+        if not self._full():
+            self._room.set()
+
+
+def _search(
+    regex: re.Pattern[str] | re.Pattern[bytes], output: bytes
+) -> tuple[re.Match[str] | re.Match[bytes], int] | None:
+    """``regex``'s first match in ``output`` and the bytes up to its end, or None."""
+    if isinstance(regex.pattern, str):
+        text = output.decode("utf-8", "surrogateescape")
+        match = regex.search(text)
+        if match is None:
+            return None
+        return match, len(text[: match.end()].encode("utf-8", "surrogateescape"))
+    found = regex.search(output)
+    return None if found is None else (found, found.end())
 
 
 class Console(Device):
