@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -51,6 +52,7 @@ from .snapshot import Snapshot
 EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a tool whose reader went away ends with
 
 
@@ -61,6 +63,17 @@ class BadInput(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"supervisor: error: {message} (see --help)\n")
+
+
+def _positive_float(text: str) -> float:
+    """A finite number greater than 0 (argparse ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]")
     build.add_argument("-W", dest="warnings", action="append", default=[], metavar="WARNING")
     build.add_argument("--stack-size", help="the guest's stack, e.g. 256K (default 64K)")
+    build.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="give up (and kill the compiler) after SECONDS (default 1800: a first "
+        "build compiles musl)",
+    )
 
     swarm = sub.add_parser("swarm", help="run N copies of a guest and summarize")
     swarm.add_argument("-n", type=int, default=10, help="how many guests (default 10)")
@@ -621,10 +642,15 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def build_image(args: argparse.Namespace) -> int:
-    """``build``: compile and link a C guest; compiler output goes to stderr."""
+    """``build``: compile and link a C guest; compiler output goes to stderr.
+
+    SIGTERM ends it like Ctrl-C: the compiler's process group is killed and the
+    build's temporary directory removed before the exit (143, or 130 for Ctrl-C).
+    """
     from . import sdk
     from .config import parse_size
 
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         stack = parse_size(args.stack_size) if args.stack_size else None
         options = sdk.BuildOptions(
@@ -635,7 +661,11 @@ def build_image(args: argparse.Namespace) -> int:
             warnings=args.warnings,
             stack_size=stack,
         )
-        out = sdk.build(args.sources, args.output, options)
+        timeout = sdk.DEFAULT_TIMEOUT if args.timeout is None else args.timeout
+        out = sdk.build(args.sources, args.output, options, timeout=timeout, progress=sys.stderr)
+    except sdk.BuildTimeout as exc:
+        print(f"supervisor: error: {exc} (--timeout)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except sdk.BuildError as exc:
         print(str(exc), file=sys.stderr)
         print("supervisor: error: build failed", file=sys.stderr)
@@ -643,8 +673,24 @@ def build_image(args: argparse.Namespace) -> int:
     except (sdk.ToolchainError, FileNotFoundError, ValueError) as exc:
         print(f"supervisor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("supervisor: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("supervisor: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"built {out} ({out.stat().st_size} bytes)", file=sys.stderr)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind (cleanup runs) and exit with :data:`EXIT_TERMINATED`."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 def run_coroutine(coro: Coroutine[Any, Any, int], loop: str = "asyncio") -> int:

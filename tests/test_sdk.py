@@ -372,6 +372,7 @@ def test_build_errors_are_one_line_and_status_2(tmp_path: Path) -> None:
 
 def test_builds_are_deterministic_and_keep_symbols(portable_guest: Path, tmp_path: Path) -> None:
     a, b = portable_guest, tmp_path / "again" / "portable.elf"
+    b.parent.mkdir()  # the build creates no directory
     done = _cli("build", str(PORTABLE), "-o", str(b), "-O2", "-Wall", "-Werror")
     assert done.returncode == 0, done.stderr
     assert a.read_bytes() == b.read_bytes()
@@ -384,6 +385,7 @@ def test_builds_are_deterministic_and_keep_symbols(portable_guest: Path, tmp_pat
     assert os.fsencode(str(zig)) not in data and os.fsencode(str(HERE)) not in data  # no DWARF
     assert len(data) < 200_000
     debug = tmp_path / "g" / "portable.elf"
+    debug.parent.mkdir()
     done = _cli("build", str(PORTABLE), "-o", str(debug), "-g")
     assert done.returncode == 0, done.stderr
     assert b".debug_line" in debug.read_bytes()

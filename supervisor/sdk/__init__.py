@@ -24,18 +24,22 @@ byte-identical images (no build id, no time stamps, no absolute paths unless
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from .elfstrip import strip_debug
 
@@ -111,6 +115,21 @@ FREESTANDING_HINT = (
     f"lguest.h and the compiler's own headers); for the C library, {ZIG_HINT}"
 )
 _NAME_OK = re.compile(r"[^A-Za-z0-9._+-]")
+MIN_STACK_SIZE = 4 << 10
+MAX_STACK_SIZE = 256 << 20  # a quarter of the largest guest RAM (GuestConfig: 1 GiB)
+DEFAULT_TIMEOUT = 1800.0  # seconds for a whole build: a first build compiles musl (minutes)
+SLOW_STEP = 3.0  # seconds a Zig link runs before the build says it is building the C library
+OPTIMIZE_LEVELS = ("0", "1", "2", "3", "s", "z")
+# Compiler flags that write files of their own (outside -o, which the build chooses) or
+# run the preprocessor, assembler or linker with options the build does not see.
+_WRITES_FILES = (
+    "-o", "-M", "-Wp,", "-Wa,", "-Wl,", "-X", "-save-temps", "--save-temps", "-fdump-",
+    "-fstack-usage", "-fcallgraph-info", "-aux-info", "-ftime-trace", "-fsave-optimization",
+    "-foptimization-record", "--serialize-diagnostics", "-fcrash-diagnostics",
+    "-gsplit-dwarf", "-fopt-info", "-fprofile", "-fcoverage", "--coverage", "-ftest-coverage",
+    "-fmodules-cache-path", "-fmodule-file", "-fbuild-session", "-B", "-specs", "--specs",
+    "@",
+)  # fmt: skip
 
 
 class ToolchainError(RuntimeError):
@@ -119,6 +138,14 @@ class ToolchainError(RuntimeError):
 
 class BuildError(RuntimeError):
     """Compiling or linking failed: the message holds the compiler's output."""
+
+
+class BuildTimeout(BuildError):
+    """The build ran longer than its timeout; the compiler was killed (one line)."""
+
+
+class BuildInputError(ValueError):
+    """The sources, output or options cannot be built as asked (one line, nothing run)."""
 
 
 @dataclass(frozen=True)
@@ -136,13 +163,77 @@ class Toolchain:
     def freestanding(self) -> bool:
         return self.kind == "gcc"
 
-    def run(self, args: Sequence[str], cwd: Path) -> None:
+    def run(
+        self,
+        args: Sequence[str],
+        cwd: Path,
+        deadline: float | None = None,
+        note: str | None = None,
+        progress: TextIO | None = None,
+    ) -> None:
+        """Run the compiler with ``args`` in ``cwd``; :class:`BuildError` if it fails.
+
+        The compiler runs in a process group of its own, which is killed (all of it:
+        Zig runs clang and the linker as children) when ``deadline`` (a
+        ``time.monotonic()`` value) passes (:class:`BuildTimeout`) or anything
+        interrupts the wait (Ctrl-C, a signal handler's exception), so no compiler
+        outlives the build or writes into its removed directory.  ``note``: said on
+        ``progress`` once the step has run :data:`SLOW_STEP` seconds, with the
+        elapsed time updated in place while it runs if ``progress`` is a terminal.
+        """
         cmd = [*self.cc, *args]
         env = dict(os.environ, LC_ALL="C", SOURCE_DATE_EPOCH="0")
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        told = False
+        live = progress is not None and progress.isatty()
+        try:
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise BuildTimeout(f"timed out: {' '.join(cmd)}")
+                wait = 1.0 if deadline is None else min(1.0, deadline - now)
+                try:
+                    stdout, stderr = proc.communicate(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                elapsed = time.monotonic() - started
+                if note is not None and progress is not None and elapsed >= SLOW_STEP:
+                    if live:
+                        progress.write(f"\rsupervisor: {note}: {_clock(elapsed)} ")
+                    elif not told:
+                        progress.write(f"supervisor: {note}\n")
+                    progress.flush()
+                    told = True
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            if told and live and progress is not None:
+                progress.write(f"\rsupervisor: {note}: {_clock(time.monotonic() - started)}\n")
+                progress.flush()
         if proc.returncode != 0:
-            output = (proc.stdout + proc.stderr).strip()
+            output = (stdout + stderr).strip()
             raise BuildError(f"{' '.join(cmd)}\n{output}")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """Kill the compiler's whole process group, reap the compiler, close its pipes."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def find_toolchain(kind: str | None = None) -> Toolchain:
@@ -241,20 +332,71 @@ class BuildOptions:
         return flags + self.extra_cflags
 
 
+def check_options(options: BuildOptions) -> None:
+    """Raise :class:`BuildInputError` for options the build refuses: a flag that writes
+    files of its own or passes options to the preprocessor, assembler or linker
+    (``-o``, ``-M...``, ``-Wp,``/``-Wa,``/``-Wl,``, ``-save-temps``, ``-fdump-...``:
+    the build writes only ``output``), an unknown ``-O`` level, a stack size out of
+    :data:`MIN_STACK_SIZE`..:data:`MAX_STACK_SIZE`."""
+    if options.optimize is not None and options.optimize not in OPTIMIZE_LEVELS:
+        raise BuildInputError(f"-O{options.optimize}: the levels are {', '.join(OPTIMIZE_LEVELS)}")
+    flags = [f"-W{w}" for w in options.warnings] + list(options.extra_cflags)
+    for flag in flags:
+        if flag.startswith(_WRITES_FILES):
+            raise BuildInputError(
+                f"{flag}: flags that write files or pass options to the preprocessor, "
+                "assembler or linker are not accepted (the build writes only -o; "
+                "the stack size is --stack-size)"
+            )
+    size = options.stack_size
+    if size is not None and not (
+        isinstance(size, int) and MIN_STACK_SIZE <= size <= MAX_STACK_SIZE
+    ):
+        raise BuildInputError(
+            f"stack size {size!r} is outside {MIN_STACK_SIZE >> 10}K..{MAX_STACK_SIZE >> 20}M"
+        )
+
+
+def check_output(srcs: Sequence[Path], output: Path) -> None:
+    """Raise :class:`BuildInputError` unless ``output`` can be written as the image: its
+    directory exists (it is not created) and it names no source (as gcc refuses)."""
+    if output.is_dir():
+        raise BuildInputError(f"{output}: is a directory")
+    if not output.parent.is_dir():
+        raise BuildInputError(f"{output}: no such directory: {output.parent}")
+    if not os.access(output.parent, os.W_OK):
+        raise BuildInputError(f"{output}: cannot write in {output.parent}")
+    for src in srcs:
+        if src == output or (output.exists() and os.path.samefile(src, output)):
+            raise BuildInputError(f"{output}: the output would overwrite a source")
+
+
 def build(
     sources: Sequence[str | Path],
     output: str | Path,
     options: BuildOptions | None = None,
     toolchain: Toolchain | None = None,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    progress: TextIO | None = None,
 ) -> Path:
     """Compile ``sources`` (``.c``, ``.S``, ``.s``) and link a guest image at ``output``.
 
-    argv[0] of the guest is ``output``'s name without its suffix.  Raises
-    :class:`ToolchainError`, :class:`BuildError`, or ``FileNotFoundError`` for a
-    missing source.
+    argv[0] of the guest is ``output``'s name without its suffix.  Everything the
+    caller gives is checked before anything runs (:func:`check_options`,
+    :func:`check_output`: :class:`BuildInputError`).  The build's intermediate
+    files live in a temporary directory removed however the build ends; only
+    ``output`` is written.  ``timeout``: seconds for the whole build (``None``: no
+    limit), then :class:`BuildTimeout`.  ``progress`` (e.g. ``sys.stderr``) hears
+    what a long step is doing (Zig building the C library the first time).
+
+    Raises :class:`BuildInputError`, :class:`ToolchainError`, :class:`BuildError`, or
+    ``FileNotFoundError`` for a missing source.
     """
     opts = options or BuildOptions()
-    tc = toolchain or find_toolchain()
+    check_options(opts)
+    if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < 1e9):
+        raise BuildInputError(f"timeout {timeout!r} must be a positive number of seconds")
     srcs = [Path(s).resolve() for s in sources]
     if not srcs:
         raise BuildError("no sources to build")
@@ -264,6 +406,9 @@ def build(
         if src.suffix not in (".c", ".S", ".s"):
             raise BuildError(f"{src}: not a C or assembly source (.c, .S, .s)")
     out = Path(output).resolve()
+    check_output(srcs, out)
+    tc = toolchain or find_toolchain()
+    deadline = None if timeout is None else time.monotonic() + timeout
     name = _NAME_OK.sub("_", out.name.split(".")[0]) or "guest"
     if tc.freestanding:
         target = [*GCC_CFLAGS, "-isystem", tc.include, "-isystem", str(FREESTANDING_DIR)]
@@ -284,8 +429,10 @@ def build(
     try:
         return _build(
             tc, srcs, out, name, opts, target, user_flags, runtime_flags, runtime_sources,
-            link_flags, libs,
+            link_flags, libs, _Steps(deadline, progress),
         )  # fmt: skip
+    except BuildTimeout:
+        raise BuildTimeout(f"the build took longer than {timeout:g} seconds") from None
     except BuildError as exc:
         if tc.freestanding:
             raise BuildError(f"{exc}\n({FREESTANDING_HINT})") from None
@@ -304,36 +451,55 @@ def _build(
     runtime_sources: tuple[str, ...],
     link_flags: list[str],
     libs: list[str],
+    steps: _Steps,
 ) -> Path:
     with tempfile.TemporaryDirectory(prefix="lguest-build-") as tmp:
         work = Path(tmp)
         objects: list[str] = []
         for i, rel in enumerate(runtime_sources):
             obj = work / f"rt{i}.o"
-            tc.run([*runtime_flags, "-c", rel, "-o", str(obj)], cwd=SDK_DIR)
+            steps.run(tc, [*runtime_flags, "-c", rel, "-o", str(obj)], cwd=SDK_DIR)
             objects.append(str(obj))
         (work / "progname.c").write_text(
             f'const char __lguest_progname[] = "{name}";\n', encoding="ascii"
         )
-        tc.run([*target, "-c", "progname.c", "-o", "progname.o"], cwd=work)
+        steps.run(tc, [*target, "-c", "progname.c", "-o", "progname.o"], cwd=work)
         objects.append(str(work / "progname.o"))
         for i, src in enumerate(srcs):
             obj = work / f"u{i}-{src.stem}.o"
             # From the source's directory with a relative name: the only path the
             # object records (STT_FILE) is the file name.
-            tc.run([*user_flags, "-c", src.name, "-o", str(obj)], cwd=src.parent)
+            steps.run(tc, [*user_flags, "-c", src.name, "-o", str(obj)], cwd=src.parent)
             objects.append(str(obj))
         link = list(link_flags)
         if opts.stack_size is not None:
             link.append(f"-Wl,--defsym,__lguest_stack_size={opts.stack_size}")
         tmp_out = work / "guest.elf"
-        tc.run([*link, *objects, *libs, "-o", str(tmp_out)], cwd=work)
+        # Zig builds (and caches) musl and compiler-rt here the first time: minutes.
+        note = None if tc.freestanding else LIBC_NOTE
+        steps.run(tc, [*link, *objects, *libs, "-o", str(tmp_out)], cwd=work, note=note)
         image = tmp_out.read_bytes()
         if not opts.debug:
             image = strip_debug(image)  # Zig's -s would drop the symbols too
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(image)
     return out
+
+
+LIBC_NOTE = (
+    "linking; the first build with this Zig also builds musl libc for the guests "
+    "(a few minutes, cached afterwards in Zig's global cache)"
+)
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """The compiler runs of one build: its deadline and where progress goes."""
+
+    deadline: float | None
+    progress: TextIO | None
+
+    def run(self, tc: Toolchain, args: list[str], cwd: Path, note: str | None = None) -> None:
+        tc.run(args, cwd, self.deadline, note, self.progress)
 
 
 def content_key(*parts: str | bytes) -> str:

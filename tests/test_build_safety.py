@@ -1,0 +1,280 @@
+"""``supervisor build`` writes only its output: bad requests are refused before anything
+runs, and a build that is interrupted, terminated or too slow leaves nothing behind.
+
+A fake Zig (a ``ziglang`` package first on ``PYTHONPATH``) stands in for the compiler, so
+these tests need no toolchain and control how long each step takes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor import cli, sdk
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO_ELF = ROOT / "guests" / "hello.elf"
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+
+FAKE_ZIG = r'''
+import os, subprocess, sys, time
+args = sys.argv[1:]
+if args == ["version"]:
+    print("0.0.0-fake")
+    sys.exit(0)
+mode = os.environ["FAKE_ZIG_MODE"]
+out = args[args.index("-o") + 1]
+linking = "-c" not in args
+if mode == "hang":  # a compiler with a child of its own, both stuck
+    child = subprocess.Popen(["sleep", "300"])
+    pids = os.path.join(os.environ["FAKE_ZIG_DIR"], "pids")
+    with open(pids + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    os.replace(pids + ".tmp", pids)
+    time.sleep(300)
+if mode == "slowlink" and linking:
+    time.sleep(6)
+with open(out, "wb") as f:
+    f.write(open(os.environ["FAKE_ZIG_ELF"], "rb").read() if linking else b"")
+'''
+
+
+@pytest.fixture
+def fake_zig(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI run whose Zig is the fake, with its own TMPDIR."""
+    package = tmp_path / "fakepath" / "ziglang"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(FAKE_ZIG)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(tmp_path / "fakepath"), str(ROOT)]),
+        LGUEST_TOOLCHAIN="zig",
+        TMPDIR=str(tmp),
+        FAKE_ZIG_DIR=str(tmp_path),
+        FAKE_ZIG_ELF=str(HELLO_ELF),
+        FAKE_ZIG_MODE="ok",
+    )
+
+
+def source(tmp_path: Path) -> Path:
+    src = tmp_path / "prog.c"
+    src.write_text("int main(void) { return 0; }\n")
+    return src
+
+
+def build_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", "build", *args],
+        capture_output=True, text=True, timeout=LIMIT, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("supervisor: error: "), proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def test_the_fake_zig_builds(tmp_path: Path, fake_zig: dict[str, str]) -> None:
+    out = tmp_path / "prog.elf"
+    done = build_cli(str(source(tmp_path)), "-o", str(out), env=fake_zig)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:4] == b"\x7fELF"
+    assert list(Path(fake_zig["TMPDIR"]).iterdir()) == []
+
+
+def test_an_output_naming_a_source_is_refused_and_the_source_kept(
+    tmp_path: Path, fake_zig: dict[str, str]
+) -> None:
+    src = source(tmp_path)
+    text = src.read_text()
+    one_error_line(build_cli(str(src), "-o", str(src), env=fake_zig), "overwrite a source")
+    os.link(src, tmp_path / "alias.c")  # the same file under another name
+    other = tmp_path / "other.c"
+    other.write_text(text)
+    one_error_line(
+        build_cli(str(other), str(src), "-o", str(tmp_path / "alias.c"), env=fake_zig),
+        "overwrite a source",
+    )
+    assert src.read_text() == text
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "-Wp,-MD,dep.d", "-Wp,-MF,dep.d", "-Wl,-o,evil", "-Wa,-o,evil", "-Wl,-Map=map",
+        "-Wa,-adhln=listing",
+    ],
+)  # fmt: skip
+def test_flags_that_write_files_are_refused(
+    tmp_path: Path, fake_zig: dict[str, str], flag: str
+) -> None:
+    before = set(tmp_path.iterdir())
+    proc = build_cli(str(source(tmp_path)), "-o", str(tmp_path / "x.elf"), flag, env=fake_zig)
+    one_error_line(proc, flag)
+    assert set(tmp_path.iterdir()) == before | {tmp_path / "prog.c"}
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["-MD", "-MMD", "-MF", "-save-temps", "-save-temps=obj", "-fdump-tree-all", "-o",
+     "-Xlinker", "-fstack-usage", "@flags.txt", "-ftime-trace", "-gsplit-dwarf"],
+)  # fmt: skip
+def test_the_library_refuses_extra_flags_that_write_files(tmp_path: Path, flag: str) -> None:
+    options = sdk.BuildOptions(extra_cflags=["-O2", flag])
+    with pytest.raises(sdk.BuildInputError, match="write files"):
+        sdk.build([source(tmp_path)], tmp_path / "x.elf", options)
+    sdk.check_options(sdk.BuildOptions(extra_cflags=["-O2", "-Wall", "-DX=1", "-std=c11"]))
+
+
+@pytest.mark.parametrize(
+    ("stack", "fragment"),
+    [("99999G", "outside 4K..256M"), ("junk", "bad size 'junk'"), ("1", "outside"),
+     ("-4K", "bad size")],
+)  # fmt: skip
+def test_a_bad_stack_size_is_one_line_before_anything_runs(
+    tmp_path: Path, fake_zig: dict[str, str], stack: str, fragment: str
+) -> None:
+    fake_zig["FAKE_ZIG_MODE"] = "hang"  # it would hang if anything ran
+    proc = build_cli(
+        str(source(tmp_path)), "-o", str(tmp_path / "x.elf"), f"--stack-size={stack}", env=fake_zig
+    )
+    one_error_line(proc, fragment)
+
+
+def test_an_output_in_a_missing_directory_is_refused_not_created(
+    tmp_path: Path, fake_zig: dict[str, str]
+) -> None:
+    out = tmp_path / "nonexistent" / "dir" / "a.elf"
+    one_error_line(build_cli(str(source(tmp_path)), "-o", str(out), env=fake_zig), "no such dir")
+    assert not (tmp_path / "nonexistent").exists()
+    one_error_line(build_cli(str(source(tmp_path)), "-o", str(tmp_path), env=fake_zig), "directory")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_refused_at_parse_time(tmp_path: Path, value: str) -> None:
+    proc = build_cli(str(source(tmp_path)), "-o", str(tmp_path / "x.elf"), f"--timeout={value}")
+    one_error_line(proc, "--timeout")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has been killed
+
+
+def _started(tmp_path: Path, proc: subprocess.Popen[str]) -> list[int]:
+    pids = tmp_path / "pids"
+    deadline = time.monotonic() + LIMIT
+    while not pids.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the fake compiler never started"
+        time.sleep(0.05)
+    return [int(p) for p in pids.read_text().split()]
+
+
+def _gone(pids: list[int]) -> bool:
+    deadline = time.monotonic() + LIMIT
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "line"),
+    [(signal.SIGTERM, 143, "supervisor: terminated"), (signal.SIGINT, 130, "supervisor: interrupted")],
+)  # fmt: skip
+def test_a_signal_kills_the_compiler_group_and_leaves_no_build_directory(
+    tmp_path: Path, fake_zig: dict[str, str], signum: int, status: int, line: str
+) -> None:
+    fake_zig["FAKE_ZIG_MODE"] = "hang"
+    build = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "build", str(source(tmp_path)), "-o",
+         str(tmp_path / "x.elf")],
+        env=fake_zig, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        pids = _started(tmp_path, build)
+        assert [p.name for p in Path(fake_zig["TMPDIR"]).iterdir()][0].startswith("lguest-build-")
+        build.send_signal(signum)
+        _out, err = build.communicate(timeout=LIMIT)
+    finally:
+        build.kill()
+    assert (build.returncode, err) == (status, line + "\n")
+    assert list(Path(fake_zig["TMPDIR"]).iterdir()) == []
+    assert _gone(pids), "the compiler or its child outlived the build"
+    assert not (tmp_path / "x.elf").exists()
+
+
+def test_a_build_past_its_timeout_is_one_line_and_kills_the_compiler(
+    tmp_path: Path, fake_zig: dict[str, str]
+) -> None:
+    fake_zig["FAKE_ZIG_MODE"] = "hang"
+    proc = build_cli(
+        str(source(tmp_path)), "-o", str(tmp_path / "x.elf"), "--timeout", "1", env=fake_zig
+    )
+    one_error_line(proc, "took longer than 1 seconds (--timeout)")
+    assert list(Path(fake_zig["TMPDIR"]).iterdir()) == []
+    assert _gone([int(p) for p in (tmp_path / "pids").read_text().split()])
+
+
+def test_a_slow_link_says_what_it_is_doing_and_the_output_is_unchanged(
+    tmp_path: Path, fake_zig: dict[str, str]
+) -> None:
+    out = tmp_path / "prog.elf"
+    fake_zig["FAKE_ZIG_MODE"] = "slowlink"
+    done = build_cli(str(source(tmp_path)), "-o", str(out), env=fake_zig)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == f"supervisor: {sdk.LIBC_NOTE}"  # once: stderr is not a terminal
+    assert lines[1].startswith(f"built {out} (") and len(lines) == 2
+    fake_zig["FAKE_ZIG_MODE"] = "ok"
+    quick = tmp_path / "quick.elf"
+    assert build_cli(str(source(tmp_path)), "-o", str(quick), env=fake_zig).returncode == 0
+    assert out.read_bytes() == HELLO_ELF.read_bytes()  # what the fake linked, as it was
+
+
+def test_progress_on_a_terminal_updates_the_elapsed_time_in_place(tmp_path: Path) -> None:
+    slow = sdk.Toolchain(cc=("sh", "-c", "sleep 5", "sh"), version="fake")
+    master, slave = pty.openpty()
+    with open(slave, "w") as terminal:
+        slow.run([], tmp_path, None, "busy", terminal)
+    os.set_blocking(master, False)
+    shown = os.read(master, 4096).decode()
+    os.close(master)
+    assert shown.startswith("\rsupervisor: busy: 0:0") and shown.endswith("\r\n")  # pty: \n->\r\n
+    assert shown.count("\r") >= 3  # rewritten each second, then the total
+    quiet = io.StringIO()
+    sdk.Toolchain(cc=("true",), version="fake").run([], tmp_path, None, "busy", quiet)
+    assert quiet.getvalue() == ""  # a quick step says nothing
+
+
+def test_the_library_refuses_the_same_requests(tmp_path: Path) -> None:
+    src = source(tmp_path)
+    with pytest.raises(sdk.BuildInputError, match="overwrite a source"):
+        sdk.build([src], src)
+    with pytest.raises(sdk.BuildInputError, match="no such directory"):
+        sdk.build([src], tmp_path / "no" / "x.elf")
+    with pytest.raises(sdk.BuildInputError, match="stack size"):
+        sdk.build([src], tmp_path / "x.elf", sdk.BuildOptions(stack_size=1 << 40))
+    with pytest.raises(sdk.BuildInputError, match="levels"):
+        sdk.build([src], tmp_path / "x.elf", sdk.BuildOptions(optimize="2 -o x"))
+    with pytest.raises(sdk.BuildInputError, match="timeout"):
+        sdk.build([src], tmp_path / "x.elf", timeout=float("nan"))
+    assert cli.main(["build", str(src), "-o", str(src)]) == 2
