@@ -1,4 +1,4 @@
-"""``python -m supervisor``: run one guest on the terminal, or a swarm of them.
+"""lguest-supervisor (or python -m supervisor): run one guest on the terminal, or a swarm.
 
 ``run IMAGE``
     The guest's console is the terminal: its output goes to stdout, stdin is
@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
+from .abi import MAX_CPUS
 from .config import ConfigError, GuestConfig
 from .host import Exit, Guest, Supervisor
 from .launcher.console import stdout_closed
@@ -53,6 +54,7 @@ EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+PROG = "lguest-supervisor"  # the console script (pyproject.toml); python -m supervisor is the same
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a tool whose reader went away ends with
 
 
@@ -65,33 +67,100 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"supervisor: error: {message} (see --help)\n")
 
 
-def _positive_float(text: str) -> float:
-    """A finite number greater than 0 (argparse ``type``)."""
+MAX_SECONDS = 1e9  # any duration option: about 31 years, far past any run
+MIN_LAUNCH_RATE = 1 / 3600  # guests a second: one an hour, the slowest pace that is a pace
+
+
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
     return value
 
 
+def _positive_float(text: str) -> float:
+    """Seconds greater than 0, at most :data:`MAX_SECONDS` (an argparse ``type``)."""
+    value = _number(text)
+    if not 0 < value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_SECONDS:g}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """Seconds from 0 to :data:`MAX_SECONDS` (an argparse ``type``)."""
+    value = _number(text)
+    if not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SECONDS:g} seconds")
+    return value
+
+
+def _seconds_or_off(text: str) -> float | str:
+    """``off``, or seconds from 0 to :data:`MAX_SECONDS` (``--hibernate-after``)."""
+    if text.strip().lower() == "off":
+        return "off"
+    return _seconds(text)
+
+
+def _launch_rate(text: str) -> float:
+    """Guests a second: at least :data:`MIN_LAUNCH_RATE` (a slower pace waits for hours
+    between launches), finite."""
+    value = _number(text)
+    if not value >= MIN_LAUNCH_RATE:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_LAUNCH_RATE:.6f} guests a second (one an hour)"
+        )
+    return value
+
+
+def _int_from(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``low`` (to ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m supervisor", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
         p.add_argument("--cmdline", help="guest command line (boot info page)")
-        p.add_argument("--cpus", type=int, help="CPUs per guest (default 1; the guest starts them)")
-        p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop")
-        p.add_argument("--max-blocks", type=int, help="kill a guest after this many blocks")
         p.add_argument(
-            "--max-run-time", type=float, help="kill a guest after this many seconds of CPU"
+            "--cpus",
+            type=_int_from(1, MAX_CPUS),
+            help="CPUs per guest (default 1; the guest starts them)",
         )
-        p.add_argument("--console-rate", type=int, help="console output cap, bytes/second")
+        p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop")
+        p.add_argument(
+            "--max-blocks", type=_int_from(1), help="kill a guest after this many blocks"
+        )
+        p.add_argument(
+            "--max-run-time",
+            type=_positive_float,
+            metavar="SECONDS",
+            help="kill a guest after this many seconds of CPU",
+        )
+        p.add_argument("--console-rate", type=_int_from(1), help="console output cap, bytes/second")
         p.add_argument(
             "--hibernate-after",
+            type=_seconds_or_off,
             metavar="SECONDS",
             help="free an idle guest's emulator after SECONDS (0: at once, off: never; default 1)",
         )
@@ -109,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("image", help="flat binary or ELF32 image")
     snap.add_argument("-o", "--output", required=True, help="snapshot file to write")
     when = snap.add_mutually_exclusive_group(required=True)
-    when.add_argument("--after-lines", type=int, help="once the console printed N lines")
-    when.add_argument("--after", type=float, help="after SECONDS of wall time")
+    when.add_argument("--after-lines", type=_int_from(0), help="once the console printed N lines")
+    when.add_argument(
+        "--after", type=_seconds, metavar="SECONDS", help="after SECONDS of wall time"
+    )
     common(snap)
 
     build = sub.add_parser(
@@ -139,10 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     swarm = sub.add_parser("swarm", help="run N copies of a guest and summarize")
-    swarm.add_argument("-n", type=int, default=10, help="how many guests (default 10)")
+    swarm.add_argument("-n", type=_int_from(1), default=10, help="how many guests (default 10)")
     swarm.add_argument("image", help="flat binary or ELF32 image")
-    swarm.add_argument("--gdb", metavar="HOST:PORT", help="serve gdb for one guest")
-    swarm.add_argument("--gdb-guest", type=int, default=0, help="that guest's index (default 0)")
+    swarm.add_argument(
+        "--gdb",
+        metavar="HOST:PORT",
+        help="serve gdb on HOST:PORT for one guest, held at its first instruction",
+    )
+    swarm.add_argument(
+        "--gdb-guest",
+        type=_int_from(0),
+        default=0,
+        metavar="INDEX",
+        help="with --gdb: which guest gdb gets, 0 to N-1 (default 0, the first launched; "
+        "it is named IMAGE-INDEX)",
+    )
     swarm.add_argument(
         "--console",
         choices=["none", "prefix", "tail"],
@@ -151,26 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
         "tail (the last lines of each guest in a table at the end)",
     )
     swarm.add_argument(
-        "--tail-lines", type=int, default=3, help="lines per guest kept by --console tail"
+        "--tail-lines",
+        type=_int_from(1, 100_000),
+        default=3,
+        help="lines per guest kept by --console tail",
     )
     swarm.add_argument(
         "--cluster",
         metavar="ray|ray://HOST:PORT",
         help="run on Ray workers: a local Ray ('ray') or the cluster at ray://HOST:PORT",
     )
-    swarm.add_argument("--workers", type=int, help="with --cluster: how many (default: per CPU)")
+    swarm.add_argument(
+        "--workers", type=_int_from(1), help="with --cluster: how many (default: per CPU)"
+    )
     swarm.add_argument(
         "--checkpoint-every",
-        type=float,
+        type=_positive_float,
         metavar="SECONDS",
         help="with --cluster: checkpoint every guest this often (a lost worker costs no guest)",
     )
     swarm.add_argument(
-        "--max-alive", type=int, help="guests running at once (default: by available memory)"
+        "--max-alive",
+        type=_int_from(1),
+        help="guests running at once (default: by available memory)",
     )
     swarm.add_argument(
         "--launch-rate",
-        type=float,
+        type=_launch_rate,
         metavar="PER_SECOND",
         help="launch at most this many guests a second (default: as fast as they start)",
     )
@@ -298,9 +387,7 @@ async def run_one(
                 raise
             raise BadInput(cannot_restore(restore, f"{type(exc).__name__}: {exc}")) from None
     if stdout_closed():  # the reader went away (run ... | head): end quietly, like other tools
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe
-        os.close(devnull)
+        _drop_stdout()
         return EXIT_STDOUT_CLOSED
     return exit_status(guest.name, result)
 
@@ -408,17 +495,23 @@ async def run_swarm(
     outcomes: dict[str, str] = {}
     totals = {"blocks": 0, "cpu": 0.0}
     rss = _RssMeter()
+    stdout_gone = asyncio.Event()  # a --console prefix write found the reader gone
 
     async def pump(guest: Guest) -> None:
         tail = tails[guest.name] = deque(maxlen=tail_lines)
         async for line in guest.console:
             if console == "prefix":
-                print(f"{guest.name}: {line}", flush=True)
+                try:
+                    print(f"{guest.name}: {line}", flush=True)
+                except BrokenPipeError:
+                    stdout_gone.set()
+                    return
             else:
                 tail.append(line)
 
     started = time.perf_counter()
     slots = asyncio.Semaphore(max_alive or swarm_admission(config.memory))
+    launched = 0
     async with Supervisor(keep_ended=False) as sup:
         with progress:
             bar = progress.add_task("swarm", total=n, state="starting")
@@ -445,27 +538,67 @@ async def run_swarm(
                 rss.ended()
                 progress.advance(bar)
 
-            waiting = []
-            for i in range(n):
-                await slots.acquire()
-                if launch_rate:
-                    delay = started + i / launch_rate - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                name = f"{config.display_name}-{i}"
-                update = {"name": name, "gdb": gdb if i == gdb_guest else None}
-                guest = await launch(sup, config.model_copy(update=update))
-                if i == gdb_guest:
-                    print_gdb_address(guest)
-                waiting.append(asyncio.create_task(one(guest)))
-                rss.launched()
-                show(i + 1)
-            await asyncio.gather(*waiting)
+            async def launch_all() -> None:
+                nonlocal launched
+                waiting = []
+                try:
+                    for i in range(n):
+                        await slots.acquire()
+                        if launch_rate:
+                            delay = started + i / launch_rate - time.perf_counter()
+                            if delay > 0:
+                                await asyncio.sleep(delay)
+                        name = f"{config.display_name}-{i}"
+                        update = {"name": name, "gdb": gdb if i == gdb_guest else None}
+                        guest = await launch(sup, config.model_copy(update=update))
+                        if i == gdb_guest:
+                            print_gdb_address(guest)
+                        waiting.append(asyncio.create_task(one(guest)))
+                        launched += 1
+                        rss.launched()
+                        show(i + 1)
+                    await asyncio.gather(*waiting)
+                finally:
+                    for task in waiting:
+                        task.cancel()
+
+            interrupted = False
+            work = asyncio.ensure_future(launch_all())
+            gone = asyncio.ensure_future(stdout_gone.wait())
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:  # Ctrl-C or SIGTERM: stop, then say what ran
+                interrupted = True
+            finally:
+                gone.cancel()
+                if not work.done():
+                    work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+            if stdout_gone.is_set():
+                progress.stop()
+            elif not interrupted:
+                work.result()  # BadInput from a launch
+        # Leaving the Supervisor kills the guests still running.
         wall = time.perf_counter() - started
+    if stdout_gone.is_set():  # the reader went away (swarm ... | head): end quietly
+        _drop_stdout()
+        return EXIT_STDOUT_CLOSED
     _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus)
+    if interrupted:
+        stopped = launched - sum(counts.values())
+        print(f"interrupted: {stopped} guests stopped, {n - launched} never launched", flush=True)
+        raise asyncio.CancelledError  # the exit status says how it was interrupted
     if console == "tail":
         _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null: nothing left to flush into a closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class _RssMeter:
@@ -599,7 +732,7 @@ def _summary(
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
     from . import _slicing
 
-    counted = _slicing.COUNTS_BLOCKS  # blocks are not counted on the exit-request path
+    counted = _slicing.COUNTS_BLOCKS  # only the block-hook path counts every block
     if counted:
         columns += ["blocks", "blocks/s"]
         row += [f"{blocks:,}", f"{blocks / wall:,.0f}" if wall > 0 else "-"]
@@ -614,7 +747,8 @@ def _summary(
     out = RichConsole(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
     out.print(table)
     if not counted:
-        out.print(f"(blocks are not counted on this path: {_slicing.PATH})", highlight=False)
+        why = f"{_slicing.ENV}=hook counts them" if _slicing.NATIVE else "no native slicer"
+        out.print(f"blocks: not counted ({why})", highlight=False)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
 
@@ -696,30 +830,69 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 def run_coroutine(coro: Coroutine[Any, Any, int], loop: str = "asyncio") -> int:
     """Run a command's coroutine on a fresh ``loop``; return its exit status.
 
-    The first Ctrl-C cancels it (guests are killed, files closed); a second one
-    ends the process at once with status 130, whatever is still running.
+    The first Ctrl-C or SIGTERM cancels it (guests are killed, files closed, a swarm
+    prints its table); then the process exits 130 (Ctrl-C) or 143 (SIGTERM).  A second
+    one ends the process at once with that status, whatever is still running.
     """
-    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
-        return runner.run(_second_interrupt_exits(coro))
+    signals = _Signals()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+            return runner.run(_second_interrupt_exits(coro, signals))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        if not signals.terminated:
+            raise
+        print("supervisor: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
-async def _second_interrupt_exits(coro: Coroutine[Any, Any, int]) -> int:
-    first = signal.getsignal(signal.SIGINT)  # asyncio.Runner's: cancels the main task
-    if callable(first) and threading.current_thread() is threading.main_thread():
+class _Signals:
+    """Which signal stopped a command: SIGTERM, or else Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+
+
+async def _second_interrupt_exits(coro: Coroutine[Any, Any, int], signals: _Signals) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return await coro
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    first = signal.getsignal(signal.SIGINT)  # asyncio.Runner's (unless SIGINT is ignored)
+
+    def no_more_cleanup() -> None:
+        signal.signal(signal.SIGTERM, _exit_now)
+        if callable(first):
+            signal.signal(signal.SIGINT, _exit_now)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        signals.terminated = True
+        no_more_cleanup()
+        loop.call_soon_threadsafe(task.cancel)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if callable(first):
 
         def on_first(signum: int, frame: FrameType | None) -> None:
-            signal.signal(signal.SIGINT, _exit_now)
-            first(signum, frame)
+            no_more_cleanup()
+            first(signum, frame)  # cancels the task; the Runner then raises KeyboardInterrupt
 
         signal.signal(signal.SIGINT, on_first)
     return await coro
 
 
 def _exit_now(signum: int, frame: FrameType | None) -> None:
-    """The second Ctrl-C: no more cleanup (block writes are already synced per request)."""
+    """The second Ctrl-C (or SIGTERM): no more cleanup (block writes are already synced
+    per request)."""
+    terminated = signum == signal.SIGTERM
     with contextlib.suppress(OSError):
-        os.write(2, b"supervisor: interrupted\n")
-    os._exit(EXIT_INTERRUPTED)
+        os.write(2, b"supervisor: terminated\n" if terminated else b"supervisor: interrupted\n")
+    os._exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -744,14 +917,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
             coro = snapshot_to_file(config, args.output, args.after_lines, args.after)
         else:
-            if args.n < 1:
-                raise BadInput("-n must be at least 1")
             if args.gdb is not None and not 0 <= args.gdb_guest < args.n:
                 raise BadInput(f"--gdb-guest {args.gdb_guest} is not one of the {args.n} guests")
             if args.gdb is None and args.gdb_guest != 0:
                 raise BadInput("--gdb-guest needs --gdb HOST:PORT")
-            if args.max_alive is not None and args.max_alive < 1:
-                raise BadInput("--max-alive must be at least 1")
             fields = {
                 "image": args.image,
                 "memory": args.memory,
@@ -759,8 +928,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cpus": args.cpus,
                 **limit_fields(args),
             }
-            if args.tail_lines < 1:
-                raise BadInput("--tail-lines must be at least 1")
             config = GuestConfig.build(
                 console="null" if args.console == "none" else "capture",
                 **{k: v for k, v in fields.items() if v is not None},
@@ -772,8 +939,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.workers is not None or args.checkpoint_every is not None:
                 raise BadInput("--workers and --checkpoint-every need --cluster")
             else:
-                if args.launch_rate is not None and not args.launch_rate > 0:
-                    raise BadInput("--launch-rate must be a positive number of guests a second")
                 coro = run_swarm(
                     config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines,
                     args.max_alive, args.launch_rate,

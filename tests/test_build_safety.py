@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HELLO_ELF = ROOT / "guests" / "hello.elf"
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 
-FAKE_ZIG = r'''
+FAKE_ZIG = r"""
 import os, subprocess, sys, time
 args = sys.argv[1:]
 if args == ["version"]:
@@ -44,7 +44,7 @@ if mode == "slowlink" and linking:
     time.sleep(6)
 with open(out, "wb") as f:
     f.write(open(os.environ["FAKE_ZIG_ELF"], "rb").read() if linking else b"")
-'''
+"""
 
 
 @pytest.fixture
@@ -198,7 +198,8 @@ def _gone(pids: list[int]) -> bool:
 
 @pytest.mark.parametrize(
     ("signum", "status", "line"),
-    [(signal.SIGTERM, 143, "supervisor: terminated"), (signal.SIGINT, 130, "supervisor: interrupted")],
+    [(signal.SIGTERM, 143, "supervisor: terminated"),
+     (signal.SIGINT, 130, "supervisor: interrupted")],
 )  # fmt: skip
 def test_a_signal_kills_the_compiler_group_and_leaves_no_build_directory(
     tmp_path: Path, fake_zig: dict[str, str], signum: int, status: int, line: str
@@ -211,7 +212,8 @@ def test_a_signal_kills_the_compiler_group_and_leaves_no_build_directory(
     )  # fmt: skip
     try:
         pids = _started(tmp_path, build)
-        assert [p.name for p in Path(fake_zig["TMPDIR"]).iterdir()][0].startswith("lguest-build-")
+        (work,) = Path(fake_zig["TMPDIR"]).iterdir()
+        assert work.name.startswith("lguest-build-")
         build.send_signal(signum)
         _out, err = build.communicate(timeout=LIMIT)
     finally:
