@@ -32,6 +32,7 @@ import pytest
 from . import sdk, testing
 from .device import LguestDevice
 from .host import Supervisor
+from .launcher.loader import FLAT_TRAILER
 
 BuildGuest = Callable[..., Path]
 
@@ -82,7 +83,7 @@ def build_guest(pytestconfig: pytest.Config) -> BuildGuest:
 
     def build(source: str, lang: str = "c", flags: Sequence[str] = ()) -> Path:
         if lang == "asm":
-            key = sdk.content_key("asm", source, *flags)
+            key = sdk.content_key("asm", FLAT_TRAILER, source, *flags)  # the format too
             out = cache / f"{key}.img"
             if not out.exists():
                 try:

@@ -38,6 +38,7 @@ from pathlib import Path
 from . import abi
 from .device import LguestDevice, LguestFile
 from .launcher.layout import IMAGE_BASE, Layout, build_pagetables, plan, write_boot_info
+from .launcher.loader import FLAT_TRAILER
 from .memory import GuestMemory
 
 CACHE = Path(os.environ.get("LGUEST_ASM_CACHE", Path(tempfile.gettempdir()) / "lguest-test-asm"))
@@ -180,7 +181,8 @@ msg: .asciz "counted"
 
 @dataclass(frozen=True)
 class AsmGuest:
-    """An assembled flat image (loaded at ``IMAGE_BASE``) and its symbols' addresses."""
+    """An assembled flat image (loaded at ``IMAGE_BASE``; its .bss as zeros, then the flat
+    image's trailer) and its symbols' addresses."""
 
     image: bytes
     symbols: dict[str, int]
@@ -223,7 +225,9 @@ def assemble(body: str, *, own_gdt: bool = True) -> AsmGuest:
         parts = line.split()
         if len(parts) == 3:
             symbols[parts[2]] = int(parts[0], 16)
-    return AsmGuest((out / "guest.bin").read_bytes(), symbols)
+    # A flat image ends with its trailer, after the .bss (zeros), which it must not cover.
+    image = (out / "guest.bin").read_bytes().ljust(symbols["_end"] - IMAGE_BASE, b"\0")
+    return AsmGuest(image + FLAT_TRAILER, symbols)
 
 
 @dataclass

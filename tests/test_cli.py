@@ -124,6 +124,8 @@ def test_swarm_counts_deaths() -> None:
     [
         (["run", "missing.img"], "image: no such file: missing.img"),
         (["run", sys.executable], "64-bit ELF images are not supported"),
+        (["run", "README.md"], "README.md: not a guest image"),
+        (["swarm", "-n", "2", "guests/hello.S"], "hello.S: not a guest image"),
         (["run", "guests/hello.img", "--memory", "lots"], "memory: bad size 'lots'"),
         (["run", "guests/hello.img", "--memory", "1000000"], "not a multiple"),
         (["run", "guests/hello.img", "--block", "nodisk"], "block: no such file: nodisk"),

@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 from supervisor import GuestConfig, Supervisor  # noqa: E402
 from supervisor.cli import main  # noqa: E402
 from supervisor.cluster import Cluster, ClusterError, RemoteGuest, WorkerActor  # noqa: E402
-from supervisor.launcher.loader import ImageError  # noqa: E402
+from supervisor.launcher.loader import FLAT_TRAILER, ImageError  # noqa: E402
 from supervisor.snapshot import SnapshotError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
 
@@ -86,7 +86,7 @@ async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None
         with pytest.raises(ImageError, match=r"junk\.img"):
             await cl.launch(GuestConfig(image=junk, memory="1M"))
         big = tmp_path / "big.img"
-        big.write_bytes(b"\x90" * (2 << 20))
+        big.write_bytes(b"\x90" * (2 << 20) + FLAT_TRAILER)
         with pytest.raises(ImageError):  # does not fit: found on the worker
             await cl.launch(GuestConfig(image=big, memory="1M"))
         assert cl.workers[0].guests == 0

@@ -16,7 +16,7 @@ from supervisor.launcher.console import LineStream
 from supervisor.launcher.devices import MAX_DEVICES, Device, DeviceTable, Slot
 from supervisor.launcher.launcher import Launcher
 from supervisor.launcher.layout import IMAGE_BASE, PAGE_OFFSET, build_pagetables, plan
-from supervisor.launcher.loader import ImageError, parse_image, read_image
+from supervisor.launcher.loader import FLAT_TRAILER, ImageError, parse_image, read_image
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 needs_binutils = pytest.mark.skipif(shutil.which("as") is None, reason="binutils missing")
@@ -58,6 +58,15 @@ def test_flat_image_loads_at_image_base() -> None:
     assert (image.kind, image.entry, image.segments[0].paddr) == ("flat", IMAGE_BASE, IMAGE_BASE)
 
 
+def test_a_flat_image_is_recognised_by_its_trailer_and_loaded_whole() -> None:
+    data = (GUESTS / "hello.img").read_bytes()
+    assert data.endswith(FLAT_TRAILER) and len(FLAT_TRAILER) == 16
+    image = parse_image(data, "hello")
+    assert image.segments[0].data == data  # the trailer is loaded with the rest
+    tiny = parse_image(b"\xf4" + FLAT_TRAILER, "hlt")
+    assert (tiny.kind, tiny.entry, tiny.end) == ("flat", IMAGE_BASE, IMAGE_BASE + 17)
+
+
 def test_elf_image_uses_headers() -> None:
     image = read_image(GUESTS / "hello.elf")
     assert (image.kind, image.entry) == ("elf", 0x10000)
@@ -86,6 +95,10 @@ def test_elf_bss_is_zeroed() -> None:
         (elf32([(0x10000, b"x", 1)], 0x50000), "entry point"),
         (elf32([(0x10000, b"ab", 2), (0x10001, b"c", 1)], 0x10000), "overlap"),
         (elf32([], 0x10000), "nothing to load"),
+        (b"# A README\n\nText is not a guest.\n", "not a guest image"),
+        (b"\x90" * 64, "not a guest image"),  # code, but no flat image's trailer
+        (b"\x90" * 64 + FLAT_TRAILER + b"\n", "not a guest image"),  # bytes after it
+        (FLAT_TRAILER, "not a guest image"),  # the trailer alone: nothing to run
     ],
 )
 def test_bad_images_are_rejected(data: bytes, message: str) -> None:
@@ -353,7 +366,7 @@ async def test_stats_count_the_work() -> None:
 
 async def test_image_too_big_is_refused_before_running(tmp_path: Path) -> None:
     path = tmp_path / "big.img"
-    path.write_bytes(b"\x90" * (200 << 10))
+    path.write_bytes(b"\x90" * (200 << 10) + FLAT_TRAILER)
     async with Supervisor() as sup:
         with pytest.raises(ImageError, match="more than the guest"):
             await sup.launch(GuestConfig(image=path, memory="128K"))

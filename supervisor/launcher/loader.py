@@ -1,9 +1,16 @@
 """Guest images: flat binaries and 32-bit x86 ELF executables.
 
-A flat binary is loaded at :data:`~supervisor.launcher.layout.IMAGE_BASE` and
-entered there.  An ELF image (``ET_EXEC``, ``ELFCLASS32``, little endian,
+A flat image is the guest's bytes as they sit in memory from
+:data:`~supervisor.launcher.layout.IMAGE_BASE`, where it is loaded and entered,
+ending with the 16 bytes :data:`FLAT_TRAILER` (``LGUEST_FLAT_IMG\0``, loaded
+with the rest): guests/guest.ld writes them after everything else, and
+``supervisor.testing.assemble`` appends them.  The trailer is how a file is
+recognised as a flat image (as Linux's lguest Launcher recognised a bzImage by
+its ``HdrS`` magic); it sits at the end so that the first instruction stays at
+``IMAGE_BASE``.  An ELF image (``ET_EXEC``, ``ELFCLASS32``, little endian,
 ``EM_386``) has each ``PT_LOAD`` segment copied to its ``p_paddr`` (the bytes
 past ``p_filesz`` up to ``p_memsz`` are zeroed) and is entered at ``e_entry``.
+Anything else (text, another format, a truncated flat image) is refused.
 
 Nothing an image carries may overlap the boot info page, the page tables or the
 device page of the :class:`~supervisor.launcher.layout.Layout` it is loaded
@@ -20,6 +27,7 @@ from pathlib import Path
 from .layout import IMAGE_BASE, Layout
 
 ELF_MAGIC = b"\x7fELF"
+FLAT_TRAILER = b"LGUEST_FLAT_IMG\0"  # the last 16 bytes of every flat image
 ELFCLASS32 = 1
 ELFCLASS64 = 2
 ELFDATA2LSB = 1
@@ -72,16 +80,23 @@ def read_image(path: str | Path) -> Image:
 
 
 def parse_image(data: bytes, name: str = "image") -> Image:
-    """Parse ``data`` as an ELF image if it starts with the ELF magic, else as a flat binary.
+    """Parse ``data`` as an ELF image if it starts with the ELF magic, as a flat image if
+    it ends with :data:`FLAT_TRAILER`.
 
-    Raises :class:`ImageError` for an empty file or an ELF file that is not a
-    32-bit little-endian x86 executable with sane ``PT_LOAD`` segments.
+    Raises :class:`ImageError` for an empty file, a file that is neither, or an ELF
+    file that is not a 32-bit little-endian x86 executable with sane ``PT_LOAD``
+    segments.
     """
     if not data:
         raise ImageError(f"{name}: empty image")
     if data.startswith(ELF_MAGIC):
         return _parse_elf(data, name)
-    return Image(name, "flat", (Segment(IMAGE_BASE, bytes(data), len(data)),), IMAGE_BASE)
+    if len(data) > len(FLAT_TRAILER) and data.endswith(FLAT_TRAILER):
+        return Image(name, "flat", (Segment(IMAGE_BASE, bytes(data), len(data)),), IMAGE_BASE)
+    raise ImageError(
+        f"{name}: not a guest image: neither an ELF32 executable nor a flat image "
+        "(one ends with the 16 bytes 'LGUEST_FLAT_IMG\\0', which guests/guest.ld writes)"
+    )
 
 
 def _parse_elf(data: bytes, name: str) -> Image:
