@@ -109,6 +109,8 @@ def test_an_output_naming_a_source_is_refused_and_the_source_kept(
         "overwrite a source",
     )
     assert src.read_text() == text
+    runtime = sdk.SDK_DIR / sdk.RUNTIME_SOURCES[1]
+    one_error_line(build_cli(str(other), "-o", str(runtime), env=fake_zig), "overwrite a source")
 
 
 @pytest.mark.parametrize(

@@ -359,7 +359,8 @@ def check_options(options: BuildOptions) -> None:
 
 def check_output(srcs: Sequence[Path], output: Path) -> None:
     """Raise :class:`BuildInputError` unless ``output`` can be written as the image: its
-    directory exists (it is not created) and it names no source (as gcc refuses)."""
+    directory exists (it is not created) and it names none of ``srcs``, the build's
+    inputs (as gcc refuses)."""
     if output.is_dir():
         raise BuildInputError(f"{output}: is a directory")
     if not output.parent.is_dir():
@@ -406,7 +407,8 @@ def build(
         if src.suffix not in (".c", ".S", ".s"):
             raise BuildError(f"{src}: not a C or assembly source (.c, .S, .s)")
     out = Path(output).resolve()
-    check_output(srcs, out)
+    sdk_inputs = [SDK_DIR / rel for rel in (*RUNTIME_SOURCES, *FREESTANDING_SOURCES)]
+    check_output([*srcs, *sdk_inputs, LINKER_SCRIPT], out)
     tc = toolchain or find_toolchain()
     deadline = None if timeout is None else time.monotonic() + timeout
     name = _NAME_OK.sub("_", out.name.split(".")[0]) or "guest"
