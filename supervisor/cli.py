@@ -5,7 +5,8 @@
     its input (EOF on stdin is EOF on the console).  Exit status: the guest's
     power-off status (values over 255 become 255); a guest that died (killed
     by the Host, crashed, too many reboots) prints ``supervisor: <name> died:
-    <reason>`` on stderr and exits 1.  Ctrl-C kills the guest and exits 130.
+    <reason>`` on stderr and exits 1.  Ctrl-C kills the guest and exits 130,
+    SIGTERM 143; a closed stdout (``run ... | head``) ends it quietly with 141.
 ``run IMAGE --gdb HOST:PORT`` / ``run --restore FILE``
     Hold the guest at its first instruction and serve gdb on HOST:PORT (port 0:
     any; the address is printed on stderr).  ``--restore`` continues a snapshot.
@@ -13,17 +14,21 @@
     Run the guest (console on stdout), snapshot it at that point, save, stop.
 ``build SOURCES... -o OUT [-O2] [-g] [-I DIR] [-D NAME[=VALUE]] [-W...]``
     Compile C (and ``.S``) sources into a guest image (ELF32) linked with the
-    guest runtime and musl (``supervisor.sdk``; needs the ``sdk`` extra).
+    guest runtime and musl (``supervisor.sdk``; needs the ``sdk`` extra).  It
+    writes OUT only (docs/sdk.md); ``--timeout SECONDS`` (default 1800).
 ``swarm -n N IMAGE``
     N copies with no console; live progress on stderr when it is a terminal,
     then a summary table on stdout.  Exit status 0 when every guest powered
-    off with status 0, else 1.
+    off with status 0, else 1.  Ctrl-C (130) or SIGTERM (143) stops the guests
+    and still prints the table; ``--console prefix`` into a closed stdout stops
+    them and exits 141.
 ``swarm -n N IMAGE --cluster ray`` (or ``--cluster ray://HOST:PORT``)
     The same on Ray workers (supervisor.cluster; ``--workers``,
     ``--checkpoint-every SECONDS``), plus a table row per worker.
 
-Bad input (missing file, not an image, bad size, bad config, bad option) is
-one line ``supervisor: error: ...`` on stderr and exit status 2.
+Bad input (missing file, not an image, bad size, bad config, bad option, a
+number out of its range) is one line ``supervisor: error: ...`` on stderr and
+exit status 2, before anything runs.
 """
 
 from __future__ import annotations
