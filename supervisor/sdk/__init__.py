@@ -170,6 +170,7 @@ class Toolchain:
         deadline: float | None = None,
         note: str | None = None,
         progress: TextIO | None = None,
+        note_after: float = SLOW_STEP,
     ) -> None:
         """Run the compiler with ``args`` in ``cwd``; :class:`BuildError` if it fails.
 
@@ -178,8 +179,9 @@ class Toolchain:
         ``time.monotonic()`` value) passes (:class:`BuildTimeout`) or anything
         interrupts the wait (Ctrl-C, a signal handler's exception), so no compiler
         outlives the build or writes into its removed directory.  ``note``: said on
-        ``progress`` once the step has run :data:`SLOW_STEP` seconds, with the
-        elapsed time updated in place while it runs if ``progress`` is a terminal.
+        ``progress`` once the step has run ``note_after`` seconds (0: before it
+        runs), with the elapsed time updated in place every second while it runs if
+        ``progress`` is a terminal.
         """
         cmd = [*self.cc, *args]
         env = dict(os.environ, LC_ALL="C", SOURCE_DATE_EPOCH="0")
@@ -195,20 +197,19 @@ class Toolchain:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise BuildTimeout(f"timed out: {' '.join(cmd)}")
+                if note is not None and progress is not None and now - started >= note_after:
+                    if live:
+                        progress.write(f"\rsupervisor: {note}: {_clock(now - started)} ")
+                    elif not told:
+                        progress.write(f"supervisor: {note}\n")
+                    progress.flush()
+                    told = True
                 wait = 1.0 if deadline is None else min(1.0, deadline - now)
                 try:
                     stdout, stderr = proc.communicate(timeout=wait)
                     break
                 except subprocess.TimeoutExpired:
                     pass
-                elapsed = time.monotonic() - started
-                if note is not None and progress is not None and elapsed >= SLOW_STEP:
-                    if live:
-                        progress.write(f"\rsupervisor: {note}: {_clock(elapsed)} ")
-                    elif not told:
-                        progress.write(f"supervisor: {note}\n")
-                    progress.flush()
-                    told = True
         except BaseException:
             _kill_group(proc)
             raise
@@ -478,8 +479,17 @@ def _build(
             link.append(f"-Wl,--defsym,__lguest_stack_size={opts.stack_size}")
         tmp_out = work / "guest.elf"
         # Zig builds (and caches) musl and compiler-rt here the first time: minutes.
+        # Said at once when this Zig has never linked a guest, else if the link is slow.
+        stamp = None if tc.freestanding else _libc_stamp(tc)
+        first = stamp is not None and not stamp.exists()
         note = None if tc.freestanding else LIBC_NOTE
-        steps.run(tc, [*link, *objects, *libs, "-o", str(tmp_out)], cwd=work, note=note)
+        steps.run(
+            tc, [*link, *objects, *libs, "-o", str(tmp_out)], cwd=work, note=note,
+            note_after=0 if first else SLOW_STEP,
+        )  # fmt: skip
+        if first and stamp is not None:
+            with contextlib.suppress(OSError):
+                stamp.touch()
         image = tmp_out.read_bytes()
         if not opts.debug:
             image = strip_debug(image)  # Zig's -s would drop the symbols too
@@ -493,6 +503,25 @@ LIBC_NOTE = (
 )
 
 
+def _libc_stamp(tc: Toolchain) -> Path | None:
+    """The file in Zig's global cache that says this Zig has linked a guest (and so has
+    musl for the guests' target cached), or None if Zig does not say where its cache is.
+
+    It lives in the cache so that clearing the cache clears it too."""
+    try:
+        proc = subprocess.run(
+            [*tc.cc[:-1], "env"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+            timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = re.search(r'global_cache_dir"?\s*[=:]\s*"([^"]+)"', proc.stdout)
+    if proc.returncode or found is None:
+        return None
+    name = _NAME_OK.sub("_", f"lguest-guest-libc-{tc.version}")
+    return Path(found[1]) / name
+
+
 @dataclass(frozen=True)
 class _Steps:
     """The compiler runs of one build: its deadline and where progress goes."""
@@ -500,8 +529,15 @@ class _Steps:
     deadline: float | None
     progress: TextIO | None
 
-    def run(self, tc: Toolchain, args: list[str], cwd: Path, note: str | None = None) -> None:
-        tc.run(args, cwd, self.deadline, note, self.progress)
+    def run(
+        self,
+        tc: Toolchain,
+        args: list[str],
+        cwd: Path,
+        note: str | None = None,
+        note_after: float = SLOW_STEP,
+    ) -> None:
+        tc.run(args, cwd, self.deadline, note, self.progress, note_after)
 
 
 def content_key(*parts: str | bytes) -> str:
