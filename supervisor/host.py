@@ -81,18 +81,22 @@ class Guest:
 
     @overload
     async def expect(
-        self, pattern: str | re.Pattern[str], timeout: float | None = None
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> re.Match[str]: ...
 
     @overload
     async def expect(
-        self, pattern: bytes | re.Pattern[bytes], timeout: float | None = None
+        self,
+        pattern: bytes | re.Pattern[bytes],
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> re.Match[bytes]: ...
 
     async def expect(
         self,
         pattern: str | bytes | re.Pattern[str] | re.Pattern[bytes],
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (pexpect's signature; TimeoutError)
     ) -> re.Match[str] | re.Match[bytes]:
         """Wait until the console's unread output matches ``pattern`` (``re.search``),
         consume it up to the match's end, return the ``re.Match``.

@@ -223,18 +223,22 @@ class LineStream:
 
     @overload
     async def expect(
-        self, pattern: str | re.Pattern[str], timeout: float | None = None
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> re.Match[str]: ...
 
     @overload
     async def expect(
-        self, pattern: bytes | re.Pattern[bytes], timeout: float | None = None
+        self,
+        pattern: bytes | re.Pattern[bytes],
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> re.Match[bytes]: ...
 
     async def expect(
         self,
         pattern: str | bytes | re.Pattern[str] | re.Pattern[bytes],
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (pexpect's signature; TimeoutError)
     ) -> re.Match[str] | re.Match[bytes]:
         """Wait until the unread output matches ``pattern`` (``re.search``); consume the
         output up to the match's end and return the match.
