@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 import signal
 import subprocess
 import sys
@@ -268,8 +269,11 @@ def test_progress_on_a_terminal_updates_the_elapsed_time_in_place(tmp_path: Path
     master, slave = pty.openpty()
     with open(slave, "w") as terminal:
         slow.run([], tmp_path, None, "busy", terminal)
-    os.set_blocking(master, False)
-    shown = os.read(master, 4096).decode()
+    shown = ""
+    while not shown.endswith("\n"):  # a pty hands its bytes over asynchronously
+        ready, _, _ = select.select([master], [], [], LIMIT)
+        assert ready, f"no end of line from the progress: {shown!r}"
+        shown += os.read(master, 4096).decode()
     os.close(master)
     assert shown.startswith("\rsupervisor: busy: 0:0") and shown.endswith("\r\n")  # pty: \n->\r\n
     assert shown.count("\r") >= 3  # rewritten each second, then the total
