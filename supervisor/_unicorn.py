@@ -279,6 +279,29 @@ def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
         raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
 
 
+# -- the floating-point unit at power-on -------------------------------------------------
+CR4_OSFXSR = 1 << 9  # fxsave/fxrstor and SSE instructions allowed
+CR4_OSXMMEXCPT = 1 << 10  # an unmasked SSE exception is #XM, not #UD
+FPU_CONTROL_RESET = 0x37F  # fninit's control word: all exceptions masked, 64-bit mantissa
+MXCSR_RESET = 0x1F80  # all SSE exceptions masked, round to nearest
+
+
+def reset_fpu(uc: Any) -> None:
+    """The x87 and SSE state of a processor after reset, with SSE enabled as Linux
+    enables it (CR4.OSFXSR, CR4.OSXMMEXCPT): FCW 0x37F, every x87 register empty,
+    MXCSR 0x1F80.
+
+    A new Unicorn instance has FCW and MXCSR 0 (every exception unmasked), which no
+    real processor or process starts with.  All of it lives in the saved context
+    (:func:`context_data`), so snapshots and hibernation keep what the guest set.
+    """
+    uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_OSFXSR | CR4_OSXMMEXCPT)
+    uc.reg_write(r.UC_X86_REG_FPCW, FPU_CONTROL_RESET)
+    uc.reg_write(r.UC_X86_REG_FPSW, 0)
+    uc.reg_write(r.UC_X86_REG_FPTAG, 0xFFFF)
+    uc.reg_write(r.UC_X86_REG_MXCSR, MXCSR_RESET)
+
+
 # -- saved CPU contexts ---------------------------------------------------------------------
 def context_data(uc: Any) -> bytes:
     """The CPU's whole register state (general, segment with descriptor caches, control,

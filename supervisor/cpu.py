@@ -637,6 +637,7 @@ def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:
     uc = cpu.uc
     uc.reg_write(r.UC_X86_REG_CR3, pgdir)
     uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
+    _unicorn.reset_fpu(uc)  # FCW 0x37F, MXCSR 0x1F80, SSE enabled
     uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE)
     hostpages.load_boot_segments(uc)  # before paging: see there
     uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PG)
