@@ -49,8 +49,9 @@ RUNTIME_SOURCES = ("runtime/crt0.S", "runtime/runtime.c")
 FREESTANDING_SOURCES = ("runtime/freestanding.c",)  # gcc builds: musl's part of the runtime
 FREESTANDING_DIR = SDK_DIR / "freestanding"
 LINKER_SCRIPT = SDK_DIR / "guest.ld"
-TARGET = ["-target", "x86-linux-musl", "-mcpu=i686"]
-# i686 without SSE: the Host does not set CR4.OSFXSR, and x87 is enough for C's doubles.
+TARGET = ["-target", "x86-linux-musl", "-mcpu=pentium4"]
+# SSE2 (the Host enables SSE in CR4): float and double arithmetic in SSE registers at
+# their own precision, as on x86-64, so compiler-rt's and musl's double routines are exact.
 COMMON_CFLAGS = [
     "-static",
     "-fno-pic",
@@ -72,12 +73,11 @@ LINK_FLAGS = [
     "-Wl,-e,_lguest_start",
     f"-Wl,-T,{LINKER_SCRIPT}",
 ]
-# The gcc fallback: i686 code like Zig's, no C library, the runtime's own string functions.
+# The gcc fallback: SSE2 code like Zig's, no C library, the runtime's own string functions.
 GCC_CFLAGS = [
     "-m32",
-    "-march=i686",
-    "-mno-sse",
-    "-mfpmath=387",
+    "-march=pentium4",
+    "-mfpmath=sse",
     "-ffreestanding",
     "-nostdinc",
     "-fno-pic",

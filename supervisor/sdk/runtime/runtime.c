@@ -920,6 +920,8 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
                                (uint32_t)__tdata_start,
                                (uint32_t)(__tdata_end - __tdata_start), tls_size, 4,
                                (uint32_t)__lguest_tls_align};
+    uint32_t hwcap, ebx_, ecx_, edx_;
+    __asm__ __volatile__("cpuid" : "=a"(ebx_), "=b"(ebx_), "=c"(ecx_), "=d"(hwcap) : "a"(1));
     uint64_t seed = rdtsc();
     for (int i = 0; i < 16; i++) random_bytes[i] = (uint8_t)(seed >> (8 * (i & 7))) ^ (uint8_t)i;
     uint32_t aux[][2] = {
@@ -927,6 +929,7 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
         {AT_PHENT, sizeof tls_phdr},
         {AT_PHNUM, tls_size ? 1 : 0},
         {AT_PAGESZ, PAGE_SIZE},
+        {AT_HWCAP, hwcap}, /* CPUID 1's edx, as Linux gives it: musl's fenv uses SSE if set */
         {AT_RANDOM, (uint32_t)random_bytes},
         {AT_SYSINFO, (uint32_t)__lguest_vsyscall},
         {AT_NULL, 0},

@@ -1,0 +1,115 @@
+"""C guests start as a Linux process does: FPU and SSE reset values, exact double
+arithmetic (SSE2), and what the runtime hands ``main`` (environment, auxv, stack).
+
+Needs the ``sdk`` extra (Zig's C compiler); without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor import Exit, GuestConfig, Supervisor, sdk
+from supervisor.pytest_plugin import BuildGuest
+
+HERE = Path(__file__).resolve().parent
+FPTABLE = HERE / "c" / "fptable.c"
+LIMIT = 120  # seconds: a bound for failing, never a wait for success
+
+
+def _zig() -> sdk.Toolchain:
+    try:
+        return sdk.find_toolchain("zig")
+    except sdk.ToolchainError as exc:
+        pytest.skip(str(exc))
+
+
+async def _run(
+    image: Path, stdin: str | None = None, memory: str = "16M", **config: object
+) -> tuple[list[str], Exit]:
+    async with Supervisor() as sup:
+        guest = await sup.launch(GuestConfig(image=image, memory=memory, **config))
+        if stdin is not None:
+            guest.send(stdin)
+            guest.send_eof()
+        async with asyncio.timeout(LIMIT):
+            lines = [line async for line in guest.console]
+            return lines, await guest.wait()
+
+
+FPU_STATE = r"""
+#include <stdio.h>
+#include <time.h>
+static void show(const char *when) {
+    unsigned mxcsr; unsigned short fcw;
+    __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
+    __asm__ volatile("fnstcw %0" : "=m"(fcw));
+    printf("%s mxcsr=%#x fcw=%#x\n", when, mxcsr, fcw);
+}
+int main(void) {
+    show("start");
+    unsigned down = 0x3f80; unsigned short cw = 0x27f;  /* round down; 53-bit x87 */
+    __asm__ volatile("ldmxcsr %0" : : "m"(down));
+    __asm__ volatile("fldcw %0" : : "m"(cw));
+    struct timespec a, b;  /* the snapshot is taken while it spins here */
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    do clock_gettime(CLOCK_MONOTONIC, &b);
+    while ((b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec) < 500000000);
+    show("after");
+    return 0;
+}
+"""
+
+
+async def test_fpu_and_sse_start_as_after_reset_and_survive_a_snapshot(
+    build_guest: BuildGuest,
+) -> None:
+    """FCW 0x37F and MXCSR 0x1F80 at start (SSE enabled: stmxcsr would be #UD without
+    CR4.OSFXSR), and what the guest set is still there in a restored snapshot."""
+    _zig()
+    image = build_guest(FPU_STATE, flags=["-O2"])
+    async with Supervisor() as sup, asyncio.timeout(LIMIT):
+        guest = await sup.launch(GuestConfig(image=image, memory="16M"))
+        async for line in guest.console:
+            assert line == "start mxcsr=0x1f80 fcw=0x37f"
+            break
+        await guest.pause()
+        snap = await guest.snapshot()
+        await guest.kill("snapshot taken")
+        copy = await sup.restore(snap)
+        assert [line async for line in copy.console] == ["after mxcsr=0x3f80 fcw=0x27f"]
+        assert (await copy.wait()).ok
+
+
+def test_double_arithmetic_is_bit_identical_to_x86_64(tmp_path: Path) -> None:
+    """tests/c/fptable.c (floor, ceil, trunc, round, rint, nearbyint, lrint, modf, fmod,
+    pow, exp, log, sqrt, fma, printf's %.17g/%a, the rounding modes, over zeros,
+    infinities, NaN, halves, 2^52 neighbours, subnormals) prints the same bytes in a
+    guest as the same source built natively for x86_64-linux-musl.
+
+    The reference is x86-64 rather than a native i386 build of the guest's own flags:
+    x86-64 does doubles in SSE2 by its ABI, independent of the guest's build choices,
+    whereas an i386 build with the guest's flags would agree with a guest even where
+    both were wrong (x87 extended precision rounds twice: floor(0.5 + 2^52 - 2^52),
+    exp's last bit).  Both use musl's portable C for these functions."""
+    zig = _zig()
+    native = tmp_path / "fptable"
+    subprocess.run(
+        [*zig.cc, "-target", "x86_64-linux-musl", "-static", "-O2", "-Wall", "-Werror",
+         str(FPTABLE), "-o", str(native)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    expected = subprocess.run([native], capture_output=True, timeout=60, check=True).stdout
+    image = sdk.build([FPTABLE], tmp_path / "fptable.elf",
+                      sdk.BuildOptions(optimize="2", warnings=["all", "error"]), zig)  # fmt: skip
+    got = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", str(image), "--memory", "16M"],
+        capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert len(expected.splitlines()) > 1500
+    assert got.stdout == expected
