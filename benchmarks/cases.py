@@ -25,6 +25,7 @@ from supervisor.slicepool import Job
 
 from . import bench_hibernate, bench_smp, bench_state, guests, isolation
 from .bench_c import c_compute
+from .bench_clock import clock_calls
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -893,6 +894,7 @@ FIGURES: dict[str, Figure] = {
     "hibernate_cycles": bench_hibernate.hibernate_cycles,
     "hibernated": bench_hibernate.hibernated,
     "c_compute": c_compute,
+    "clock_calls": clock_calls,
     "shutdown": isolation.shutdown,
     "flood": isolation.flood_neighbour,
     "smp_scaling": bench_smp.smp_scaling,

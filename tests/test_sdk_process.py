@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,51 @@ def test_double_arithmetic_is_bit_identical_to_x86_64(tmp_path: Path) -> None:
     assert got.returncode == 0, got.stderr
     assert len(expected.splitlines()) > 1500
     assert got.stdout == expected
+
+
+CLOCKS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+extern unsigned long __lguest_syscalls;  /* the runtime's count of system calls served */
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 0, back = 0;
+    struct timespec prev, now, rt = {0, 0};
+    struct timeval tv = {0, 0};
+    unsigned long before = __lguest_syscalls;
+    clock_gettime(CLOCK_MONOTONIC, &prev);
+    for (long i = 0; i < n; i++) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec < prev.tv_sec || (now.tv_sec == prev.tv_sec && now.tv_nsec < prev.tv_nsec))
+            back++;
+        if (now.tv_nsec < 0 || now.tv_nsec >= 1000000000) back++;
+        prev = now;
+        clock_gettime(CLOCK_REALTIME, &rt);
+        gettimeofday(&tv, NULL);
+        if (time(NULL) < rt.tv_sec || tv.tv_usec < 0 || tv.tv_usec >= 1000000) back++;
+    }
+    unsigned long during = __lguest_syscalls - before;
+    syscall(SYS_clock_gettime64, CLOCK_MONOTONIC, &now);  /* the system call path counts */
+    unsigned long control = __lguest_syscalls - before - during;
+    printf("%ld %lu %lu %lld %lld\n", back, during, control, (long long)rt.tv_sec,
+           (long long)tv.tv_sec);
+    return 0;
+}
+"""
+
+
+async def test_clocks_make_no_system_call_and_never_go_back(build_guest: BuildGuest) -> None:
+    """clock_gettime, gettimeofday and time are the runtime's own functions, as a vDSO's
+    are: 20,000 rounds of them reach the system call dispatcher zero times (one direct
+    syscall does, so the count works), the monotonic clock never goes back, nanoseconds
+    stay in range, and the realtime clock is the host's."""
+    _zig()
+    image = build_guest(CLOCKS, flags=["-O2"])
+    lines, result = await _run(image, cmdline="20000")
+    assert result.ok, result
+    back, during, control, realtime, tv_sec = map(int, lines[0].split())
+    assert (back, during, control) == (0, 0, 1)
+    assert abs(realtime - time.time()) < 60 and tv_sec in (realtime, realtime + 1)

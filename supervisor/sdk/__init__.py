@@ -424,7 +424,8 @@ def build(
         runtime_sources = RUNTIME_SOURCES
         libs = []
     user_flags = [*target, f"-I{INCLUDE_DIR}", *opts.cflags()]
-    runtime_flags = [*target, "-Iinclude", "-O2", "-Wall"]
+    # No jump tables: an indirect jump costs the emulator a lookup (see runtime.c's clocks).
+    runtime_flags = [*target, "-Iinclude", "-O2", "-Wall", "-fno-jump-tables"]
     if tc.freestanding:  # no loop of the runtime may become a call to the memcpy it defines
         runtime_flags += ["-fno-builtin", "-fno-tree-loop-distribute-patterns"]
     if opts.debug:

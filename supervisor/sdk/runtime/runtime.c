@@ -153,17 +153,65 @@ static inline uint64_t rdtsc(void)
     return ((uint64_t)hi << 32) | lo;
 }
 
-uint64_t lguest_monotonic_ns(void)
+/* The clocks' hot path is always inlined and uses neither division nor jump
+ * tables: under emulation a `div` costs hundreds of ns, a return or an
+ * indirect jump a trip through the emulator's block lookup; a multiply is
+ * as cheap as an add. */
+#define HOT static inline __attribute__((always_inline))
+
+/* The high 64 bits of a * b (32-bit multiplies). */
+HOT uint64_t mulhi64(uint64_t a, uint64_t b)
+{
+    uint32_t al = (uint32_t)a, ah = (uint32_t)(a >> 32), bl = (uint32_t)b, bh = (uint32_t)(b >> 32);
+    uint64_t ll = (uint64_t)al * bl, lh = (uint64_t)al * bh, hl = (uint64_t)ah * bl;
+    uint64_t mid = (ll >> 32) + (uint32_t)lh + (uint32_t)hl;
+    return (uint64_t)ah * bh + (lh >> 32) + (hl >> 32) + (mid >> 32);
+}
+
+/* n / 10^9 and n % 10^9, for any n: (n >> 9) / 1953125 as a multiply by
+ * ceil(2^75 / 1953125), exact for every n >> 9 < 2^55. */
+HOT uint64_t div_1e9(uint64_t n, uint32_t *rem)
+{
+    uint64_t q = mulhi64(n >> 9, 0x44b82fa09b5a53ull) >> 11;
+    *rem = (uint32_t)(n - q * 1000000000u);
+    return q;
+}
+
+/* TSC ticks to ns is tsc * mult >> shift, with mult < 2^32 from tsc_khz
+ * (Linux's clocksource scaling): one 8-byte word {mult, shift, khz} that any
+ * CPU may refresh, recomputed (a division) only when tsc_khz changes, e.g.
+ * on a restore on another host.  mult's rounding is a few parts in 10^10,
+ * far below tsc_khz's own kHz resolution. */
+static uint64_t tsc_scale;
+
+static __attribute__((noinline)) uint64_t tsc_scale_for(uint32_t khz)
+{
+    uint32_t shift = 32;
+    while (shift && ((uint64_t)1000000u << shift) / khz >= (1ull << 32)) shift--;
+    uint64_t mult = ((uint64_t)1000000u << shift) / khz;
+    uint64_t scale = mult << 32 | (uint64_t)shift << 26 | khz;
+    __atomic_store_n(&tsc_scale, scale, __ATOMIC_RELAXED);
+    return scale;
+}
+
+HOT uint64_t mono_ns(void)
 {
     uint64_t tsc = rdtsc();
     uint32_t khz = lguest_data.tsc_khz ? lguest_data.tsc_khz : 1000000;
-    return (tsc / khz) * 1000000u + (tsc % khz) * 1000000u / khz;
+    uint64_t scale = __atomic_load_n(&tsc_scale, __ATOMIC_RELAXED);
+    if ((uint32_t)(scale & 0x3ffffff) != khz) scale = tsc_scale_for(khz);
+    uint32_t mult = (uint32_t)(scale >> 32), shift = (uint32_t)(scale >> 26) & 63;
+    uint64_t lo = (uint64_t)(uint32_t)tsc * mult, hi = (uint64_t)(uint32_t)(tsc >> 32) * mult;
+    if (__builtin_expect(shift == 32, 1)) return hi + (lo >> 32); /* a TSC above 1 GHz */
+    return (hi << (32 - shift)) + (lo >> shift);
 }
+
+uint64_t lguest_monotonic_ns(void) { return mono_ns(); }
 
 static uint64_t boot_ns;       /* monotonic time at boot */
 static int64_t realtime_offset; /* realtime = monotonic + offset (8-byte atomic: any CPU) */
 
-static uint64_t host_realtime_ns(void)
+HOT uint64_t host_realtime_ns(void)
 {
     struct lguest_data *d = lg_cpu_data(); /* this CPU's: refreshed when it runs */
     uint32_t s, ns;
@@ -177,9 +225,9 @@ static uint64_t host_realtime_ns(void)
 /* The Host refreshes lguest_data.time whenever it (re)enters the guest, so
  * between refreshes it lags; the realtime clock runs on the monotonic one
  * and re-syncs when they drift more than 50 ms apart (e.g. after a restore). */
-static uint64_t realtime_ns(void)
+HOT uint64_t realtime_ns(void)
 {
-    uint64_t mono = lguest_monotonic_ns();
+    uint64_t mono = mono_ns();
     int64_t host = (int64_t)host_realtime_ns();
     int64_t ours = (int64_t)mono + __atomic_load_n(&realtime_offset, __ATOMIC_RELAXED);
     int64_t diff = ours - host;
@@ -199,25 +247,19 @@ static uint64_t realtime_ns(void)
 #define CLOCK_MONOTONIC_COARSE 6
 #define CLOCK_BOOTTIME 7
 
-static int clock_ns(int clk, uint64_t *out)
+HOT int clock_ns(int clk, uint64_t *out)
 {
-    switch (clk) {
-    case CLOCK_REALTIME:
-    case CLOCK_REALTIME_COARSE:
+    if (clk == CLOCK_REALTIME || clk == CLOCK_REALTIME_COARSE) {
         *out = realtime_ns();
-        return 0;
-    case CLOCK_MONOTONIC:
-    case CLOCK_MONOTONIC_RAW:
-    case CLOCK_MONOTONIC_COARSE:
-    case CLOCK_BOOTTIME:
-        *out = lguest_monotonic_ns();
-        return 0;
-    case CLOCK_PROCESS_CPUTIME_ID:
-    case CLOCK_THREAD_CPUTIME_ID:
-        *out = lguest_monotonic_ns() - boot_ns;
-        return 0;
+    } else if (clk == CLOCK_MONOTONIC || clk == CLOCK_MONOTONIC_RAW ||
+               clk == CLOCK_MONOTONIC_COARSE || clk == CLOCK_BOOTTIME) {
+        *out = mono_ns();
+    } else if (clk == CLOCK_PROCESS_CPUTIME_ID || clk == CLOCK_THREAD_CPUTIME_ID) {
+        *out = mono_ns() - boot_ns;
+    } else {
+        return -EINVAL;
     }
-    return -EINVAL;
+    return 0;
 }
 
 /* Sleep until the monotonic clock reaches `deadline`: clock event + halt. */
@@ -501,22 +543,59 @@ static long sys_readv(int fd, const struct iovec32 *iov, int n)
     return total;
 }
 
-static long put_timespec(int clk, void *ts, int wide)
+HOT long put_timespec(int clk, void *ts, int wide)
 {
     uint64_t ns;
     int r = clock_ns(clk, &ns);
     if (r) return r;
     if (!ts) return -EFAULT;
+    uint32_t sub;
+    uint64_t sec = div_1e9(ns, &sub);
     if (wide) {
         int64_t *t = ts;
-        t[0] = (int64_t)(ns / 1000000000u);
-        t[1] = (int64_t)(ns % 1000000000u);
+        t[0] = (int64_t)sec;
+        t[1] = sub;
     } else {
         int32_t *t = ts;
-        t[0] = (int32_t)(ns / 1000000000u);
-        t[1] = (int32_t)(ns % 1000000000u);
+        t[0] = (int32_t)sec;
+        t[1] = (int32_t)sub;
     }
     return 0;
+}
+
+/* ---- clocks without a trap: musl's time64 entry points (what <time.h> and
+ * <sys/time.h> name clock_gettime, gettimeofday and time on i386) defined
+ * here, as a vDSO would: one call, no system call.  Library code that calls
+ * musl's internal __clock_gettime still reaches the dispatcher (same clocks). */
+int *__errno_location(void);
+
+int __clock_gettime64(int clk, void *ts)
+{
+    long r = put_timespec(clk, ts, 1); /* struct timespec: int64 sec, long nsec, pad */
+    if (r) {
+        *__errno_location() = (int)-r;
+        return -1;
+    }
+    return 0;
+}
+
+int __gettimeofday_time64(void *tv, void *tz)
+{
+    (void)tz;
+    if (tv) { /* struct timeval: int64 sec, int64 usec */
+        uint32_t sub;
+        ((int64_t *)tv)[0] = (int64_t)div_1e9(realtime_ns(), &sub);
+        ((int64_t *)tv)[1] = sub / 1000u;
+    }
+    return 0;
+}
+
+int64_t __time64(int64_t *t)
+{
+    uint32_t sub;
+    int64_t now = (int64_t)div_1e9(realtime_ns(), &sub);
+    if (t) *t = now;
+    return now;
 }
 
 #define TIMER_ABSTIME 1
@@ -577,9 +656,13 @@ static long sys_kill_self(int sig)
         r_;                                                                               \
     })
 
+/* System calls served so far (tests read it: the clocks must not add to it). */
+unsigned long __lguest_syscalls;
+
 long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
     (void)a6;
+    __lguest_syscalls++;
     switch (nr) {
     case 1:   /* exit */
     case 252: /* exit_group */
@@ -592,8 +675,8 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
     case 4: return sys_write(a1, (const void *)a2, a3);
     case 6: return (a1 >= 0 && a1 <= 2) ? 0 : -EBADF; /* close */
     case 13: { /* time */
-        uint64_t ns = realtime_ns();
-        int32_t t = (int32_t)(ns / 1000000000u);
+        uint32_t sub;
+        int32_t t = (int32_t)div_1e9(realtime_ns(), &sub);
         if (a1) *(int32_t *)a1 = t;
         return t;
     }
@@ -617,9 +700,9 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
         return -ENOTTY;
     case 78: { /* gettimeofday */
         if (a1) {
-            uint64_t ns = realtime_ns();
-            ((int32_t *)a1)[0] = (int32_t)(ns / 1000000000u);
-            ((int32_t *)a1)[1] = (int32_t)(ns % 1000000000u / 1000u);
+            uint32_t sub;
+            ((int32_t *)a1)[0] = (int32_t)div_1e9(realtime_ns(), &sub);
+            ((int32_t *)a1)[1] = (int32_t)(sub / 1000u);
         }
         return 0;
     }
