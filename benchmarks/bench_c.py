@@ -49,13 +49,14 @@ class RawSieve:
         uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE | CR0_PG)
         uc.reg_write(r.UC_X86_REG_EFLAGS, 0x202)
         self.uc = uc
+        self.stack_top = layout.pgdir  # the runtime's stack: the top of free memory
         self.buffer = (self.symbols["_end"] + 0x2000) & ~0xFFF
         self.result = self.buffer - 16
 
     def run(self, n: int, rounds: int) -> tuple[int, int]:
         """(count, checksum) of one call."""
         stop = self.symbols["_lguest_start"]  # the return address: emulation stops there
-        sp = self.symbols["__lguest_stack_top"] - 32
+        sp = self.stack_top - 32
         frame = struct.pack("<5I", stop, self.buffer, n, rounds, self.result)
         self.memory.write(sp, frame)
         self.uc.reg_write(r.UC_X86_REG_ESP, sp)

@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--memory", help="guest RAM, e.g. 16M (default 16M)")
         p.add_argument("--cmdline", help="guest command line (boot info page)")
         p.add_argument(
+            "--env",
+            action="append",
+            metavar="NAME=VALUE",
+            help="set a guest environment variable (repeatable; nothing comes from the host's)",
+        )
+        p.add_argument(
             "--cpus",
             type=_int_from(1, MAX_CPUS),
             help="CPUs per guest (default 1; the guest starts them)",
@@ -283,6 +289,7 @@ def run_config(args: argparse.Namespace) -> GuestConfig:
         "block": args.block,
         "block_readonly": True if args.readonly else None,
         "cmdline": args.cmdline,
+        "env": env_option(args.env),
         "cpus": args.cpus,
         "gdb": args.gdb,
         **limit_fields(args),
@@ -312,6 +319,7 @@ def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
             ("IMAGE", args.image),
             ("--memory", args.memory),
             ("--cmdline", args.cmdline),
+            ("--env", args.env),
             ("--cpus", args.cpus),
             ("--config", args.config),
         )
@@ -328,6 +336,19 @@ def restore_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "block_readonly": True if args.readonly else None,
         **limit_fields(args),
     }
+
+
+def env_option(given: list[str] | None) -> dict[str, str] | None:
+    """``--env NAME=VALUE`` options as a dict (a later NAME wins), or None if none."""
+    if not given:
+        return None
+    env: dict[str, str] = {}
+    for item in given:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise BadInput(f"--env {item!r} is not NAME=VALUE")
+        env[name] = value
+    return env
 
 
 def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -916,6 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image": args.image,
                 "memory": args.memory,
                 "cmdline": args.cmdline,
+                "env": env_option(args.env),
                 "cpus": args.cpus,
                 **limit_fields(args),
             }
@@ -930,6 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image": args.image,
                 "memory": args.memory,
                 "cmdline": args.cmdline,
+                "env": env_option(args.env),
                 "cpus": args.cpus,
                 **limit_fields(args),
             }

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .abi import MAX_CPUS, PAGE_SIZE
-from .launcher.layout import CMDLINE_MAX
+from .launcher.layout import CMDLINE_MAX, env_block
 from .limits import Limits
 
 MIN_MEMORY = 128 << 10
@@ -85,6 +85,8 @@ class GuestConfig(BaseModel):
     block: FilePath | None = None
     block_readonly: bool = False
     cmdline: str = ""
+    # The guest's environment (envp): only this, never the host's.
+    env: dict[str, str] = Field(default_factory=dict)
     console: ConsoleMode = "capture"
     max_blocks: PositiveInt | None = None
     max_run_time: PositiveFloat | None = None
@@ -141,6 +143,12 @@ class GuestConfig(BaseModel):
     def _cmdline(cls, value: str) -> str:
         if len(value.encode()) >= CMDLINE_MAX:
             raise ValueError(f"longer than {CMDLINE_MAX - 1} bytes")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        env_block(value)  # ValueError: a bad name, a NUL, too long for the boot info page
         return value
 
     @property

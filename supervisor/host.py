@@ -233,6 +233,7 @@ class Supervisor:
                 ram_size=config.memory,
                 devices=table,
                 cmdline=config.cmdline,
+                env=config.env,
                 max_restarts=self.max_restarts,
                 limits=config.limits,
                 resume=None if snapshot is None else resume_from(snapshot),

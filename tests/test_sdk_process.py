@@ -162,3 +162,132 @@ async def test_clocks_make_no_system_call_and_never_go_back(build_guest: BuildGu
     back, during, control, realtime, tv_sec = map(int, lines[0].split())
     assert (back, during, control) == (0, 0, 1)
     assert abs(realtime - time.time()) < 60 and tv_sec in (realtime, realtime + 1)
+
+
+PROCESS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/random.h>
+extern char **environ;
+extern unsigned __lguest_stack_guard_page, __lguest_stack_top;
+__attribute__((noinline)) static long use(volatile char *pad, long n) {
+    for (int i = 0; i < 1024; i += 64) pad[i] = (char)n;
+    return pad[0];
+}
+__attribute__((noinline)) static long deep(long n) {
+    volatile char pad[1024];
+    long here = use(pad, n);
+    return n ? deep(n - 1) + here - (char)n + 1 : 0;
+}
+int main(int argc, char **argv) {
+    for (char **e = environ; *e; e++) printf("env %s\n", *e);
+    unsigned char *r = (unsigned char *)getauxval(AT_RANDOM), a[16], b[16];
+    printf("auxv pagesz=%lu sse2=%lu random=", getauxval(AT_PAGESZ), getauxval(AT_HWCAP) >> 26 & 1);
+    for (int i = 0; i < 16; i++) printf("%02x", r[i]);
+    long got = getrandom(a, sizeof a, 0) + getrandom(b, sizeof b, 0);
+    printf("\ngetrandom %ld %s\n", got, memcmp(a, b, 16) ? "differ" : "same");
+    printf("stack %u\n", __lguest_stack_top - __lguest_stack_guard_page - 4096);
+    fflush(stdout);
+    long frames = argc > 1 ? atol(argv[1]) : 0;
+    printf("deep %ld\n", deep(frames));
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def process_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tc = _zig()
+    src = tmp_path_factory.mktemp("process") / "process.c"
+    src.write_text(PROCESS)
+    return sdk.build([src], src.with_suffix(".elf"), sdk.BuildOptions(optimize="1"), tc)
+
+
+def _env_and_rest(lines: list[str]) -> tuple[list[str], dict[str, str]]:
+    env = [line.removeprefix("env ") for line in lines if line.startswith("env ")]
+    rest = dict(line.split(" ", 1) for line in lines if not line.startswith("env "))
+    return env, rest
+
+
+async def test_the_environment_is_exactly_the_configured_one(
+    process_guest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GuestConfig.env reaches environ in order; nothing of the host's environment does."""
+    monkeypatch.setenv("LGUEST_HOST_SECRET", "leaked")
+    env = {"PATH": "/bin:/usr/bin", "HOME": "/", "SPACES": "a b  c", "EMPTY": "", "U": "é"}
+    lines, result = await _run(process_guest, env=env)
+    assert result.ok, result
+    seen, _rest = _env_and_rest(lines)
+    assert seen == [f"{k}={v}" for k, v in env.items()]
+    lines, result = await _run(process_guest)
+    assert result.ok and _env_and_rest(lines)[0] == []
+
+
+def test_env_from_the_command_line_and_its_errors(process_guest: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supervisor", "run", str(process_guest), *args],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    done = run("--env", "A=1", "--env", "B=x=y", "--env", "A=2")
+    assert done.returncode == 0, done.stderr
+    assert _env_and_rest(done.stdout.splitlines())[0] == ["A=2", "B=x=y"]
+    for bad, message in (
+        ("NOEQUALS", "supervisor: error: --env 'NOEQUALS' is not NAME=VALUE"),
+        ("=x", "supervisor: error: --env '=x' is not NAME=VALUE"),
+        ("X=" + "a" * 2000, "supervisor: error: env: environment of 2003 bytes, more than "
+         "the 1792 allowed"),
+    ):  # fmt: skip
+        done = run("--env", bad)
+        assert (done.returncode, done.stderr) == (2, message + "\n")
+
+
+def test_a_bad_environment_is_a_config_error(process_guest: Path) -> None:
+    from supervisor.config import ConfigError
+
+    for env in ({"A=B": "x"}, {"": "x"}, {"A": "x\0y"}, {"BIG": "v" * 1800}):
+        with pytest.raises(ConfigError, match=r"^env"):
+            GuestConfig(image=process_guest, env=env)
+    GuestConfig(image=process_guest, env={"FITS": "v" * 1780})
+
+
+async def test_auxv_getrandom_and_an_8_mib_stack(process_guest: Path) -> None:
+    """AT_PAGESZ, AT_HWCAP (SSE2), 16 AT_RANDOM bytes that differ between boots,
+    getrandom; an 8 MiB stack takes 7 MiB of 1 KiB frames, 9 MiB hit the guard page."""
+    first, result = await _run(process_guest, cmdline="7000")
+    assert result.ok, result
+    again, result = await _run(process_guest, memory="32M")
+    assert result.ok, result
+    _env, one = _env_and_rest(first)
+    _env, two = _env_and_rest(again)
+    pagesz, sse2, random = one["auxv"].split()
+    assert (pagesz, sse2) == ("pagesz=4096", "sse2=1")
+    assert len(random) == len("random=") + 32 and random != two["auxv"].split()[2]
+    assert one["getrandom"] == "32 differ"
+    assert one["stack"] == two["stack"] == str(8 << 20)
+    assert one["deep"] == "7000"
+    _lines, result = await _run(process_guest, cmdline="9500")
+    assert result.died and "cannot push interrupt frame" in result.reason, result
+
+
+async def test_small_memory_halves_the_default_stack_and_a_too_big_one_says_so(
+    process_guest: Path, tmp_path: Path
+) -> None:
+    lines, result = await _run(process_guest, memory="4M")
+    assert result.ok, result
+    stack = int(_env_and_rest(lines)[1]["stack"])
+    assert 1 << 20 < stack < 2 << 20  # half of ~3.9 MiB free
+    src = tmp_path / "big.c"
+    src.write_text(PROCESS)
+    big = sdk.build([src], tmp_path / "big.elf", sdk.BuildOptions(stack_size=32 << 20), _zig())
+    lines, result = await _run(big, memory="16M")
+    assert result.died
+    assert result.reason.startswith(
+        "CRASH: stack (--stack-size) of 0x02000000 bytes does not fit in the memory free "
+        "for it (give more --memory: free 0x"
+    ), result.reason
+    lines, result = await _run(big, memory="64M")
+    assert result.ok and _env_and_rest(lines)[1]["stack"] == str(32 << 20)

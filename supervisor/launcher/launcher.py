@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,7 +34,14 @@ from ..limits import Limits
 from ..memory import GuestMemory
 from ..state import GuestState
 from .devices import Device, DeviceTable
-from .layout import CMDLINE_MAX, Layout, build_pagetables, plan, write_boot_info
+from .layout import (
+    CMDLINE_MAX,
+    Layout,
+    build_pagetables,
+    env_block,
+    plan,
+    write_boot_info,
+)
 from .loader import Image, check_fits, load_image, read_image
 
 REASON_SIZE = 1024
@@ -121,8 +128,10 @@ class Launcher:
         resume: Resume | None = None,
         hibernate_after: float | None = None,
         cpus: int = 1,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        """``resume`` continues a guest (a snapshot's) on the first boot; its memory
+        """``env`` is the guest's environment (boot info page, ``layout.env_block``).
+        ``resume`` continues a guest (a snapshot's) on the first boot; its memory
         size must be this layout's.  ``cpus`` is how many CPUs the guest has (CPU 0
         boots; the guest starts the others); each is read by a task of its own."""
         if resume is not None:
@@ -137,6 +146,7 @@ class Launcher:
         self.layout: Layout = plan(ram_size)
         self.devices = DeviceTable(list(devices))
         self.cmdline = cmdline.encode() if isinstance(cmdline, str) else cmdline
+        self.env = env_block(env or {})
         self.max_restarts = max_restarts
         self.restarts = 0
         self.file: LguestFile | None = None
@@ -207,7 +217,7 @@ class Launcher:
         view = memory.view
         entry = load_image(self.image, view, self.layout)
         build_pagetables(view, self.layout)
-        write_boot_info(view, self.layout, len(self.devices), self.cmdline, self.cpus)
+        write_boot_info(view, self.layout, len(self.devices), self.cmdline, self.cpus, self.env)
         return entry
 
     # -- public ----------------------------------------------------------------

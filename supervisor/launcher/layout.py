@@ -2,7 +2,8 @@
 
 ::
 
-    0x00000  boot info page (struct below; esi points here)
+    0x00000  boot info page (struct below; esi points here; the environment at
+             0x100, the command line at 0x800)
     0x10000  flat image (ELF images go where their headers say)
     ...      free for the guest
     free_end page directory and page tables (mapping everything at 0 and 0xC0000000,
@@ -15,14 +16,17 @@ All fields are 32-bit little endian.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..abi import PAGE_SIZE, SWITCHER_PGD_INDEX
 
 BOOT_INFO_MAGIC = 0x5453474C  # "LGST"
 BOOT_INFO_VERSION = 1
-# magic version ram_size device_page count free_end cmdline len cpus
-BOOT_INFO = struct.Struct("<9I")
+# magic version ram_size device_page count free_end cmdline len cpus env env_len
+BOOT_INFO = struct.Struct("<11I")
+ENV_ADDR = 0x100  # inside the boot info page: NAME=VALUE strings, each ending in NUL
+ENV_MAX = 0x800 - ENV_ADDR
 CMDLINE_ADDR = 0x800  # inside the boot info page
 CMDLINE_MAX = PAGE_SIZE - CMDLINE_ADDR
 IMAGE_BASE = 0x10000
@@ -96,16 +100,41 @@ def build_pagetables(ram: memoryview, layout: Layout) -> None:
         ram[table : table + len(ptes)] = ptes
 
 
+def env_block(env: Mapping[str, str]) -> bytes:
+    """The environment as the boot info page carries it: ``NAME=VALUE`` strings in
+    order, each ending in NUL.  ``ValueError`` for a name that is empty or holds ``=``
+    or NUL, a value with a NUL, or more than ``ENV_MAX`` bytes in all."""
+    parts = []
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name:
+            raise ValueError(f"bad environment variable name {name!r}")
+        if "\0" in value:
+            raise ValueError(f"environment variable {name} holds a NUL")
+        parts.append(f"{name}={value}".encode() + b"\0")
+    block = b"".join(parts)
+    if len(block) > ENV_MAX:
+        raise ValueError(f"environment of {len(block)} bytes, more than the {ENV_MAX} allowed")
+    return block
+
+
 def write_boot_info(
-    ram: memoryview, layout: Layout, devices: int, cmdline: bytes, cpus: int = 1
+    ram: memoryview,
+    layout: Layout,
+    devices: int,
+    cmdline: bytes,
+    cpus: int = 1,
+    env: bytes = b"",
 ) -> None:
     """Fill the boot information page at guest-physical 0 (``cpus``: how many CPUs
-    the guest has, an extension at offset 32 that older guests never read).
+    the guest has, an extension at offset 32 that older guests never read; ``env``:
+    an :func:`env_block`, at offset 36 and 40, likewise).
 
-    Raises ``ValueError`` if ``cmdline`` does not fit in the page (with its NUL).
+    Raises ``ValueError`` if ``cmdline`` or ``env`` does not fit in the page.
     """
     if len(cmdline) >= CMDLINE_MAX:
         raise ValueError(f"command line longer than {CMDLINE_MAX - 1} bytes")
+    if len(env) > ENV_MAX:
+        raise ValueError(f"environment longer than {ENV_MAX} bytes")
     BOOT_INFO.pack_into(
         ram,
         0,
@@ -118,5 +147,8 @@ def write_boot_info(
         CMDLINE_ADDR if cmdline else 0,
         len(cmdline),
         cpus,
+        ENV_ADDR if env else 0,
+        len(env),
     )
     ram[CMDLINE_ADDR : CMDLINE_ADDR + len(cmdline)] = cmdline
+    ram[ENV_ADDR : ENV_ADDR + len(env)] = env

@@ -3,9 +3,9 @@
 ``build(["prog.c"], "prog.elf")`` compiles C (and ``.S``) sources for 32-bit x86
 and links them with the guest runtime (``runtime/crt0.S``, ``runtime/runtime.c``:
 boot, lguest.h's helpers, the system calls musl makes) and musl libc into an
-ELF32 image the Launcher loads (``guest.ld``: everything at 0x10000, a stack of
-``__lguest_stack_size`` bytes after .bss, the heap from ``_end`` to the boot
-info's ``free_end``).
+ELF32 image the Launcher loads (``guest.ld``: everything at 0x10000; at boot the
+runtime puts the stack at the top of free memory, 8 MiB or ``__lguest_stack_size``
+bytes, and the heap from ``_end`` up to the stack's guard page).
 
 The toolchain is Zig's C compiler from PyPI (``pip install 'lguest-supervisor[sdk]'``
 or ``pip install ziglang``), which ships musl's sources and builds libc for the
@@ -320,7 +320,7 @@ class BuildOptions:
     include_dirs: list[str] = field(default_factory=list)
     defines: list[str] = field(default_factory=list)  # NAME or NAME=VALUE
     warnings: list[str] = field(default_factory=list)  # the part after -W
-    stack_size: int | None = None  # bytes; default 64 KiB
+    stack_size: int | None = None  # bytes; default 8 MiB (at most half the free memory)
     extra_cflags: list[str] = field(default_factory=list)  # passed to the compiler as they are
 
     def cflags(self) -> list[str]:
@@ -464,9 +464,13 @@ def _build(
             obj = work / f"rt{i}.o"
             steps.run(tc, [*runtime_flags, "-c", rel, "-o", str(obj)], cwd=SDK_DIR)
             objects.append(str(obj))
-        (work / "progname.c").write_text(
-            f'const char __lguest_progname[] = "{name}";\n', encoding="ascii"
-        )
+        progname = f'const char __lguest_progname[] = "{name}";\n'
+        if opts.stack_size is not None:  # an absolute symbol (Zig's linker has no --defsym)
+            progname += (
+                f'__asm__(".globl __lguest_stack_size\\n.set __lguest_stack_size, '
+                f'{int(opts.stack_size)}");\n'
+            )
+        (work / "progname.c").write_text(progname, encoding="ascii")
         steps.run(tc, [*target, "-c", "progname.c", "-o", "progname.o"], cwd=work)
         objects.append(str(work / "progname.o"))
         for i, src in enumerate(srcs):
@@ -476,8 +480,6 @@ def _build(
             steps.run(tc, [*user_flags, "-c", src.name, "-o", str(obj)], cwd=src.parent)
             objects.append(str(obj))
         link = list(link_flags)
-        if opts.stack_size is not None:
-            link.append(f"-Wl,--defsym,__lguest_stack_size={opts.stack_size}")
         tmp_out = work / "guest.elf"
         # Zig builds (and caches) musl and compiler-rt here the first time: minutes.
         # Said at once when this Zig has never linked a guest, else if the link is slow.

@@ -94,6 +94,8 @@ struct lguest_boot_info {
     uint32_t cmdline;      /* address of the command line (0 if none) */
     uint32_t cmdline_len;  /* its length, without the NUL that follows */
     uint32_t cpus;         /* CPUs the guest has (an extension; CPU 0 boots) */
+    uint32_t env;          /* address of the environment: NAME=VALUE\0... (0 if none) */
+    uint32_t env_len;      /* its length in bytes, every NUL included */
 };
 
 /* ---- struct lguest_data: shared with the Host (1136 bytes) ---- */
@@ -137,7 +139,7 @@ _Static_assert(offsetof(struct lguest_data, noirq_end) == 1124, "lguest_data lay
 _Static_assert(offsetof(struct lguest_data, kernel_address) == 1128, "lguest_data layout");
 _Static_assert(offsetof(struct lguest_data, syscall_vec) == 1132, "lguest_data layout");
 _Static_assert(sizeof(struct lguest_data) == 1136, "lguest_data layout");
-_Static_assert(sizeof(struct lguest_boot_info) == 36, "boot info layout");
+_Static_assert(sizeof(struct lguest_boot_info) == 44, "boot info layout");
 
 /* ---- device descriptors (64 bytes each, in the device page) ---- */
 #define LGUEST_DEVICE_CONSOLE 1

@@ -1,10 +1,14 @@
 /* crt0.S - entry point and trap/interrupt/syscall stubs of the C guest runtime.
  *
  * _lguest_start is entered by the Host (esi = boot info page, interrupts
- * off): it clears .bss, switches to the runtime's stack (__lguest_stack_top,
- * whose size is the link-time symbol __lguest_stack_size) and calls
- * __lguest_start_c (runtime.c), which never returns.
+ * off): it clears .bss, switches to a small boot stack in .bss and calls
+ * __lguest_start_c (runtime.c), which places CPU 0's real stack at the top
+ * of free memory, moves onto it and never returns.
  */
+        .set    BOOT_STACK, 8192
+        .local  __lguest_boot_stack
+        .comm   __lguest_boot_stack, BOOT_STACK, 16
+
         .section .text.boot, "ax"
         .code32
         .globl  _lguest_start
@@ -18,7 +22,7 @@ _lguest_start:
         subl    %edi, %ecx
         xorl    %eax, %eax
         rep stosb
-        movl    $__lguest_stack_top, %esp
+        movl    $__lguest_boot_stack + BOOT_STACK, %esp
         xorl    %ebp, %ebp
         pushl   %edx
         call    __lguest_start_c

@@ -36,6 +36,7 @@
 #define ENOTTY 25
 
 /* ---- state ---- */
+static void random_fill(void *buf, uint32_t len);
 struct lguest_data lguest_data __attribute__((aligned(16)));
 static struct lguest_boot_info boot_copy;
 const struct lguest_boot_info *const lguest_boot_info = &boot_copy;
@@ -46,13 +47,16 @@ static lguest_irq_handler irq_handlers[LGUEST_IRQS];
 
 extern char __lguest_irq_stubs[], __lguest_noirq_start[], __lguest_noirq_end[];
 extern char __lguest_int80[], __lguest_pf_entry[], __lguest_vsyscall[];
-extern char _end[], __lguest_stack_guard[];
+extern char _end[];
+/* CPU 0's stack (runtime-placed at the top of free memory) and the unmapped
+ * page below it. */
+uint32_t __lguest_stack_guard_page, __lguest_stack_top;
 extern char __tdata_start[], __tdata_end[], __tbss_end[];
 extern char __lguest_tls_align[];
 /* The image's name (argv[0]); `supervisor build` defines it. */
 __attribute__((weak)) const char __lguest_progname[] = "guest";
 
-extern char __lguest_secondary_entry[], __lguest_stack_size[];
+extern char __lguest_secondary_entry[];
 
 /* ---- several CPUs: CPU n's struct lg_percpu is %fs's segment (GDT entry
  * LGUEST_GDT_ENTRY_PERCPU of CPU n's own GDT: CPU 0's is `gdt`); CPU 0's
@@ -138,7 +142,7 @@ __attribute__((noreturn)) void __lguest_page_fault(uint32_t error, uint32_t eip)
                   cr2, " (eip ", eip);
     }
     (void)kind;
-    if (cr2 - (uint32_t)__lguest_stack_guard < PAGE_SIZE)
+    if (cr2 - __lguest_stack_guard_page < PAGE_SIZE)
         crash_hex("stack overflow: access at ", cr2, " (eip ", eip);
     crash_hex((error & 2) ? "page fault: write at " : "page fault: read at ", cr2, " (eip ",
               eip);
@@ -394,10 +398,9 @@ static void page_set(uint32_t i, int used)
     else page_map[i >> 3] &= (uint8_t)~(1u << (i & 7));
 }
 
-static void heap_init(void)
+static void heap_init(uint32_t hi)
 {
     uint32_t lo = ((uint32_t)_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
-    uint32_t hi = boot_copy.free_end & ~(PAGE_SIZE - 1);
     if (hi <= lo) hi = lo;
     uint32_t pages = (hi - lo) / PAGE_SIZE;
     uint32_t map_bytes = (pages + 7) / 8;
@@ -720,6 +723,10 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
     case 175: /* rt_sigprocmask */
         return 0;
     case 243: return sys_set_thread_area((struct user_desc *)a1);
+    case 355: /* getrandom: never blocks, any flags */
+        if (a2 < 0) return -EINVAL;
+        random_fill((void *)a1, (uint32_t)a2);
+        return a2;
     case 258: return 1; /* set_tid_address: the only thread's id */
     case 265: return put_timespec(a1, (void *)a2, 0);
     case 403: return put_timespec(a1, (void *)a2, 1);
@@ -769,7 +776,11 @@ static uint32_t set_pte(uint32_t va, uint32_t pte)
 }
 
 #define MAX_ARGS 64
-static char *start_vec[MAX_ARGS + 3 + 16];
+#define ENV_MAX 0x700 /* the boot info page's environment area (docs/abi.md) */
+#define MAX_ENV (ENV_MAX / 2)  /* "A=" NUL... : never more strings than this */
+static char *start_vec[MAX_ARGS + 1 + MAX_ENV + 1 + 2 * 16];
+static char env_copy[ENV_MAX + 1];
+static int start_argc;
 static struct phdr32 tls_phdr;
 static uint8_t random_bytes[16];
 
@@ -848,9 +859,25 @@ struct cpu_stack {
     uint32_t base, size, guard_pte;
 };
 
+/* The link-time __lguest_stack_size: 0 unless built with --stack-size.  (Read
+ * with an instruction: C may assume a symbol's address is never 0.) */
+static uint32_t stack_size_option(void)
+{
+    uint32_t size;
+    __asm__("movl $__lguest_stack_size, %0" : "=r"(size));
+    return size;
+}
+
+/* --stack-size if the image was built with one, else 256 KiB (musl's threads get 128). */
+static uint32_t secondary_stack_size(void)
+{
+    uint32_t size = stack_size_option();
+    return size ? (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1) : 256u << 10;
+}
+
 static int stack_alloc(struct cpu_stack *st)
 {
-    uint32_t want = (uint32_t)__lguest_stack_size + tls_block_size();
+    uint32_t want = secondary_stack_size() + tls_block_size();
     want = (want + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
     long mem = MEM_LOCKED(sys_mmap(0, want + PAGE_SIZE, MAP_ANONYMOUS, -1));
     if (mem < 0) return -1;
@@ -938,6 +965,57 @@ __attribute__((noreturn, used)) void __lguest_secondary_c(uint32_t n)
     for (;;) lguest_hcall(LHCALL_HALT, 0, 0, 0);
 }
 
+/* CPU 0's stack: __lguest_stack_size bytes if the image was built with
+ * --stack-size (the guest dies saying so if they do not fit), else 8 MiB as
+ * Linux gives a process if that leaves at least 4 MiB for the heap (the
+ * default 16 MiB guest does), else half the free memory; at the top of free
+ * memory, above an unmapped guard page.  The heap is what lies
+ * below.  Its pages cost the Host nothing until touched (guest memory is
+ * demand-zero). */
+#define DEFAULT_STACK (8u << 20)
+#define MIN_HEAP (4u << 20)
+static void place_stack(void)
+{
+    uint32_t lo = ((uint32_t)_end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+    uint32_t hi = boot_copy.free_end & ~(PAGE_SIZE - 1);
+    uint32_t avail = hi > lo ? hi - lo : 0;
+    uint32_t want = stack_size_option();
+    if (want) {
+        want = (want + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1);
+        if (want > avail || avail - want < 2 * PAGE_SIZE)
+            crash_hex("stack (--stack-size) of ", want,
+                      " bytes does not fit in the memory free for it (give more --memory: free ",
+                      avail);
+    } else {
+        want = avail >= DEFAULT_STACK + MIN_HEAP ? DEFAULT_STACK : (avail / 2) & ~(PAGE_SIZE - 1);
+    }
+    __lguest_stack_top = hi;
+    __lguest_stack_guard_page = hi - want - PAGE_SIZE;
+    unmap_page(__lguest_stack_guard_page);
+    heap_init(__lguest_stack_guard_page);
+}
+
+/* getrandom and AT_RANDOM: splitmix64 over a counter any CPU may advance
+ * (one 8-byte atomic add), seeded at boot from the TSC and the Host's wall
+ * clock.  Unpredictable enough for hash seeds and temporary names; not a
+ * source for cryptographic keys. */
+static uint64_t random_state;
+
+static void random_fill(void *buf, uint32_t len)
+{
+    uint8_t *p = buf;
+    while (len) {
+        uint64_t z = __atomic_add_fetch(&random_state, 0x9e3779b97f4a7c15ull, __ATOMIC_RELAXED);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        uint32_t n = len < 8 ? len : 8;
+        memcpy(p, &z, n);
+        p += n;
+        len -= n;
+    }
+}
+
 __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_info *bi)
 {
     for (int i = 0; i < LHCALL_RING_SIZE; i++) lguest_data.hcall_status[i] = LGUEST_HCALL_FREE;
@@ -970,21 +1048,24 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
         lguest_crash("bad boot info");
     if (boot_copy.cmdline && boot_copy.cmdline_len < sizeof cmdline_copy)
         memcpy(cmdline_copy, (const char *)boot_copy.cmdline, boot_copy.cmdline_len);
+    uint32_t env_len = boot_copy.env ? boot_copy.env_len : 0;
+    if (env_len > ENV_MAX) lguest_crash("bad boot info: environment too long");
+    memcpy(env_copy, (const char *)boot_copy.env, env_len);
     set_gate(14, __lguest_pf_entry, 0x8e00);
     unmap_page(0);
-    unmap_page((uint32_t)__lguest_stack_guard);
 
     for (unsigned irq = 0; irq < LGUEST_IRQS; irq++)
         set_gate(LGUEST_IRQ_VECTOR_BASE + irq, __lguest_irq_stubs + 8 * irq, 0x8e00);
     set_gate(LGUEST_SYSCALL_VECTOR, __lguest_int80, 0xef00);
     console = (struct lguest_console *)lguest_find_device(LGUEST_DEVICE_CONSOLE, 0);
     block = (struct lguest_block *)lguest_find_device(LGUEST_DEVICE_BLOCK, 0);
-    heap_init();
+    place_stack();
     boot_ns = lguest_monotonic_ns();
     realtime_offset = (int64_t)host_realtime_ns() - (int64_t)boot_ns;
 
     /* argv (argv[0] = the image's name; the command line split at blanks),
-     * an empty environment, and the auxiliary vector musl reads. */
+     * envp (the boot info's NAME=VALUE strings, in order), and the auxiliary
+     * vector musl reads. */
     int argc = 0;
     char **v = start_vec;
     v[argc++] = (char *)__lguest_progname;
@@ -997,16 +1078,27 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
     }
     int k = argc;
     v[k++] = 0; /* end of argv */
+    for (uint32_t i = 0; i < env_len && k < MAX_ARGS + 1 + MAX_ENV;) {
+        char *e = env_copy + i;
+        uint32_t n = (uint32_t)strlen(e); /* env_copy[env_len] is 0: always ends */
+        for (uint32_t j = 0; j < n; j++) {
+            if (e[j] == '=') {
+                v[k++] = e;
+                break;
+            }
+        }
+        i += n + 1;
+    }
     v[k++] = 0; /* end of envp */
     uint32_t tls_size = (uint32_t)(__tbss_end - __tdata_start);
     tls_phdr = (struct phdr32){7 /* PT_TLS */, 0, (uint32_t)__tdata_start,
                                (uint32_t)__tdata_start,
                                (uint32_t)(__tdata_end - __tdata_start), tls_size, 4,
                                (uint32_t)__lguest_tls_align};
-    uint32_t hwcap, ebx_, ecx_, edx_;
-    __asm__ __volatile__("cpuid" : "=a"(ebx_), "=b"(ebx_), "=c"(ecx_), "=d"(hwcap) : "a"(1));
-    uint64_t seed = rdtsc();
-    for (int i = 0; i < 16; i++) random_bytes[i] = (uint8_t)(seed >> (8 * (i & 7))) ^ (uint8_t)i;
+    uint32_t hwcap, eax_, ebx_, ecx_;
+    __asm__ __volatile__("cpuid" : "=a"(eax_), "=b"(ebx_), "=c"(ecx_), "=d"(hwcap) : "a"(1));
+    random_state = rdtsc() ^ (uint64_t)host_realtime_ns() << 17;
+    random_fill(random_bytes, sizeof random_bytes);
     uint32_t aux[][2] = {
         {AT_PHDR, (uint32_t)&tls_phdr},
         {AT_PHENT, sizeof tls_phdr},
@@ -1021,6 +1113,17 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
         v[k++] = (char *)aux[i][0];
         v[k++] = (char *)aux[i][1];
     }
-    __libc_start_main(main, argc, v, 0, 0, 0);
+    start_argc = argc;
+    /* Off the boot stack, onto CPU 0's own (16-byte aligned, as the ABI wants). */
+    __asm__ __volatile__("movl %0, %%esp\n\txorl %%ebp, %%ebp\n\tcall __lguest_run_main"
+                         :
+                         : "r"(__lguest_stack_top - 16)
+                         : "memory");
+    __builtin_unreachable();
+}
+
+__attribute__((noreturn, used)) void __lguest_run_main(void)
+{
+    __libc_start_main(main, start_argc, start_vec, 0, 0, 0);
     lguest_crash("__libc_start_main returned");
 }
