@@ -1,8 +1,9 @@
 """lguest-supervisor (or python -m supervisor): run one guest on the terminal, or a swarm.
 
 ``run IMAGE``
-    The guest's console is the terminal: its output goes to stdout, stdin is
-    its input (EOF on stdin is EOF on the console).  Exit status: the guest's
+    The guest's console is the terminal: its output goes to stdout (what it
+    writes to fd 2 to stderr), stdin is its input (EOF on stdin is EOF on the
+    console).  Exit status: the guest's
     power-off status (values over 255 become 255); a guest that died (killed
     by the Host, crashed, too many reboots) prints ``supervisor: <name> died:
     <reason>`` on stderr and exits 1.  Ctrl-C kills the guest and exits 130,
@@ -43,10 +44,10 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterable, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from .abi import MAX_CPUS
 from .config import ConfigError, GuestConfig
@@ -240,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--console",
         choices=["none", "prefix", "tail"],
         default="none",
-        help="guest output: none; prefix (every line on stdout as NAME: LINE); "
+        help="guest output: none; prefix (every line as NAME: LINE, stdout on stdout, "
+        "stderr on stderr); "
         "tail (the last lines of each guest in a table at the end)",
     )
     swarm.add_argument(
@@ -494,7 +496,7 @@ async def run_swarm(
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
 
     ``console``: ``"none"`` ignores guest output; ``"prefix"`` prints each line on
-    stdout as ``NAME: LINE`` as it arrives; ``"tail"`` keeps the last
+    stdout as ``NAME: LINE`` as it arrives (stderr lines on stderr); ``"tail"`` keeps the last
     ``tail_lines`` lines of each guest and prints them in a table at the end.
     At most ``max_alive`` guests run at once (default: :func:`swarm_admission`); the
     others are launched as earlier ones end, so memory stays bounded and progress
@@ -525,15 +527,23 @@ async def run_swarm(
 
     async def pump(guest: Guest) -> None:
         tail = tails[guest.name] = deque(maxlen=tail_lines)
-        async for line in guest.console:
-            if console == "prefix":
-                try:
-                    print(f"{guest.name}: {line}", flush=True)
-                except BrokenPipeError:
-                    stdout_gone.set()
-                    return
-            else:
-                tail.append(line)
+
+        async def stream(lines: AsyncIterable[str], out: TextIO, mark: str) -> None:
+            async for line in lines:
+                if console == "prefix":
+                    try:
+                        print(f"{guest.name}: {line}", file=out, flush=True)
+                    except BrokenPipeError:
+                        if out is sys.stdout:
+                            stdout_gone.set()
+                        return
+                else:
+                    tail.append(mark + line)
+
+        # stdout lines on stdout, stderr lines on stderr (tail: marked "stderr: ").
+        await asyncio.gather(
+            stream(guest.console, sys.stdout, ""), stream(guest.stderr, sys.stderr, "stderr: ")
+        )
 
     started = time.perf_counter()
     slots = asyncio.Semaphore(max_alive or swarm_admission(config.memory))

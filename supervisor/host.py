@@ -25,7 +25,14 @@ from .gdbstub import GdbServer
 from .guestctl import GuestControl, resume_from, snapshot_config, snapshot_image, start_gdb
 from .hibernation import DEFAULT_HIBERNATE_AFTER
 from .launcher.block import BlockDevice
-from .launcher.console import Console, ConsoleEnded, LineStream, stdin_source, stdout_sink
+from .launcher.console import (
+    Console,
+    ConsoleEnded,
+    LineStream,
+    stderr_sink,
+    stdin_source,
+    stdout_sink,
+)
 from .launcher.devices import Device
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
@@ -114,6 +121,14 @@ class Guest:
             except Exception:  # the Host failed: wait() raises that, for the caller's wait
                 how = ""
             raise ConsoleEnded(f"{self.name}{how}; {exc}", exc.output) from None
+
+    @property
+    def stderr(self) -> LineStream:
+        """The guest's standard error (fd 2) as an async iterator of lines, apart from
+        :attr:`console` (stdout), with the same bounds; it ends with the guest."""
+        err = self._console.err_lines
+        assert err is not None  # _console_for always gives the console one
+        return err
 
     def send(self, text: str | bytes) -> None:
         """Queue console input for the guest (UTF-8 encoded if ``str``)."""
@@ -282,8 +297,19 @@ def _console_for(config: GuestConfig) -> Console:
     rate = config.console_rate
     if config.console == "stdio":  # the terminal has the output: no lines are kept
         return Console(
-            lines=LineStream(maxlen=0), sink=stdout_sink, source=stdin_source(), rate=rate
+            lines=LineStream(maxlen=0),
+            sink=stdout_sink,
+            err_lines=LineStream(maxlen=0),
+            err_sink=stderr_sink,
+            source=stdin_source(),
+            rate=rate,
         )
     if config.console == "null":
-        return Console(lines=LineStream(maxlen=0), eof=True, rate=rate)
-    return Console(lines=LineStream(max_bytes=config.console_buffer), rate=rate)
+        return Console(
+            lines=LineStream(maxlen=0), err_lines=LineStream(maxlen=0), eof=True, rate=rate
+        )
+    return Console(
+        lines=LineStream(max_bytes=config.console_buffer),
+        err_lines=LineStream(max_bytes=config.console_buffer),
+        rate=rate,
+    )

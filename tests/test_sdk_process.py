@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import Exit, GuestConfig, Supervisor, sdk
+from supervisor.launcher.console import LineStream
 from supervisor.pytest_plugin import BuildGuest
 
 HERE = Path(__file__).resolve().parent
@@ -291,3 +292,85 @@ async def test_small_memory_halves_the_default_stack_and_a_too_big_one_says_so(
     ), result.reason
     lines, result = await _run(big, memory="64M")
     assert result.ok and _env_and_rest(lines)[1]["stack"] == str(32 << 20)
+
+
+STREAMS = r"""
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    printf("out 1\n");
+    fprintf(stderr, "err 1\n");
+    fflush(stdout);
+    if (argc > 1) {  /* snapshot: taken while it spins here */
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        do clock_gettime(CLOCK_MONOTONIC, &b);
+        while ((b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec) < 500000000);
+    }
+    puts("out 2");
+    fputs("err 2 without newline", stderr);
+    write(2, "\n", 1);
+    return 3;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def streams_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tc = _zig()
+    src = tmp_path_factory.mktemp("streams") / "streams.c"
+    src.write_text(STREAMS)
+    return sdk.build([src], src.with_suffix(".elf"), sdk.BuildOptions(optimize="1"), tc)
+
+
+def test_run_writes_the_guest_s_stderr_to_stderr(streams_guest: Path) -> None:
+    """`run IMAGE 2>/dev/null` keeps exactly the guest's stdout, and its stderr is on ours."""
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", str(streams_guest)],
+        capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 3
+    assert done.stdout == b"out 1\nout 2\n"
+    assert done.stderr == b"err 1\nerr 2 without newline\n"
+
+
+def test_swarm_prefix_shows_both_streams(streams_guest: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "swarm", str(streams_guest), "-n", "2",
+         "--console", "prefix"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    for i in range(2):
+        out = [line for line in done.stdout.splitlines() if line.startswith(f"streams-{i}: ")]
+        err = [line for line in done.stderr.splitlines() if line.startswith(f"streams-{i}: ")]
+        assert out == [f"streams-{i}: out 1", f"streams-{i}: out 2"]
+        assert err == [f"streams-{i}: err 1", f"streams-{i}: err 2 without newline"]
+
+
+async def test_guest_stderr_is_a_stream_of_its_own_and_survives_a_snapshot(
+    streams_guest: Path,
+) -> None:
+    lines, result = await _run(streams_guest)
+    assert lines == ["out 1", "out 2"] and result.exit_status == 3
+    async with Supervisor() as sup, asyncio.timeout(LIMIT):
+        guest = await sup.launch(GuestConfig(image=streams_guest, cmdline="spin"))
+        stdout, stderr = await asyncio.gather(_first(guest.console), _first(guest.stderr))
+        assert (stdout, stderr) == ("out 1", "err 1")
+        await guest.pause()
+        snap = await guest.snapshot()
+        await guest.kill("snapshot taken")
+        copy = await sup.restore(snap)
+        out, err = await asyncio.gather(_all(copy.console), _all(copy.stderr))
+        assert (out, err) == (["out 2"], ["err 2 without newline"])
+        assert (await copy.wait()).exit_status == 3
+
+
+async def _first(lines: LineStream) -> str:
+    async for line in lines:
+        return line
+    raise AssertionError("no line")
+
+
+async def _all(lines: LineStream) -> list[str]:
+    return [line async for line in lines]

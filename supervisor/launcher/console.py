@@ -1,12 +1,16 @@
 """The console device: guest output as lines (and raw bytes), host input as chunks.
 
 Descriptor fields (offsets in guests/lguest.inc): ``out_addr``/``out_len`` for
-output, ``in_addr``/``in_size``/``in_len`` for an input buffer the guest arms,
+output, ``out_stream`` saying which stream it is (0 stdout, 1 stderr),
+``in_addr``/``in_size``/``in_len`` for an input buffer the guest arms,
 ``flags`` (bit 0: end of input).
 
 * Output: on a notify with ``out_len > 0`` the bytes at ``out_addr`` go to the
-  raw sink (if any) and the :class:`LineStream`; ``out_len`` is then zeroed so
-  a later notify (e.g. re-arming input) does not repeat them.
+  raw sink (if any) and the :class:`LineStream` of their stream (``lines``, or
+  ``err_lines`` and ``err_sink`` for stderr); ``out_len`` is then zeroed so a
+  later notify (e.g. re-arming input) does not repeat them.  One descriptor
+  carries both streams, each write tagged: their writes stay in the order the
+  guest made them, and a guest that never sets the tag writes stdout.
 * Input: when the guest's buffer is armed (``in_size > 0``, ``in_len == 0``)
   and input is pending, up to ``in_size`` bytes are copied, ``in_len`` is set
   and the console irq raised.  Once all input is consumed and the source has
@@ -37,7 +41,9 @@ CON_IN_ADDR = 16
 CON_IN_SIZE = 20
 CON_IN_LEN = 24
 CON_FLAGS = 28
+CON_OUT_STREAM = 32
 CON_FLAG_EOF = 1
+STREAM_STDERR = 1
 
 
 class ConsoleEnded(EOFError):
@@ -333,6 +339,8 @@ def _search(
 class Console(Device):
     """A console: output to ``lines`` and ``sink``; input from ``feed`` and ``source``.
 
+    Output tagged stderr goes to ``err_lines`` and ``err_sink`` if there is an
+    ``err_lines``, else with stdout to ``lines`` and ``sink`` (as ``2>&1``).
     ``source`` (an async iterable of bytes) is read from :meth:`start` on; when
     it ends, input ends.  ``eof=True`` starts with input already ended (the
     guest sees EOF as soon as it arms its buffer).
@@ -348,8 +356,12 @@ class Console(Device):
         source: AsyncIterable[bytes] | None = None,
         eof: bool = False,
         rate: int | None = None,
+        err_lines: LineStream | None = None,
+        err_sink: Callable[[bytes], Awaitable[None] | None] | None = None,
     ) -> None:
         self.lines = lines if lines is not None else LineStream()
+        self.err_lines = err_lines
+        self.err_sink = err_sink if err_lines is not None else sink
         self._throttle = RateLimit(rate) if rate else None
         self.sink = sink
         self.source = source
@@ -391,6 +403,8 @@ class Console(Device):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._feeder
         self.lines.close()
+        if self.err_lines is not None:
+            self.err_lines.close()
 
     def state(self) -> dict[str, Any]:
         """Input not yet delivered, whether input has ended and whether the guest was
@@ -424,12 +438,16 @@ class Console(Device):
         if length:
             data = slot.read(slot.get(CON_OUT_ADDR), length)
             slot.set(CON_OUT_LEN, 0)
+            stderr = slot.get(CON_OUT_STREAM) == STREAM_STDERR
+            lines, sink = self.lines, self.sink
+            if stderr:
+                lines, sink = self.err_lines or self.lines, self.err_sink
             if data is not None and self._throttle is not None:
                 await self._throttle.take(len(data))  # the guest waits: nothing is lost
             if data is not None:
-                await self.lines.put(data)  # waits while the reader is max_bytes behind
-                if self.sink is not None:
-                    written = self.sink(data)
+                await lines.put(data)  # waits while the reader is max_bytes behind
+                if sink is not None:
+                    written = sink(data)
                     if inspect.isawaitable(written):
                         await written  # an async sink: the guest waits for it
         self.poll(slot)
@@ -476,7 +494,8 @@ _Chunk = tuple[bytes, asyncio.AbstractEventLoop, "asyncio.Future[None]"]
 
 
 class _StdoutWriter:
-    """Writes to the process's standard output on a daemon thread, one chunk at a time.
+    """Writes to the process's standard output (or error) on a daemon thread, one chunk
+    at a time.
 
     The guest's NOTIFY waits for its chunk to be written (back-pressure: a slow
     terminal or pipe slows only that guest), and the event loop never blocks in
@@ -484,18 +503,21 @@ class _StdoutWriter:
     has gone (``EPIPE``) every write raises ``BrokenPipeError`` at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "stdout") -> None:
+        self.name = name  # "stdout" or "stderr": the sys attribute written to
         self._queue: queue.SimpleQueue[_Chunk] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.closed = False
 
     async def __call__(self, data: bytes) -> None:
         if self.closed:
-            raise BrokenPipeError(errno.EPIPE, "standard output is closed")
+            raise BrokenPipeError(errno.EPIPE, f"standard {self.name[3:]} is closed")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="lguest-stdout", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name=f"lguest-{self.name}", daemon=True
+            )
             self._thread.start()
         self._queue.put((data, loop, done))
         await done
@@ -505,8 +527,9 @@ class _StdoutWriter:
             data, loop, done = self._queue.get()
             error: OSError | None = None
             try:
-                sys.stdout.buffer.write(data)
-                sys.stdout.buffer.flush()
+                stream = getattr(sys, self.name).buffer
+                stream.write(data)
+                stream.flush()
             except BrokenPipeError as exc:
                 self.closed = True
                 error = exc
@@ -527,6 +550,9 @@ def _settle(done: asyncio.Future[None], error: OSError | None) -> None:
 
 stdout_sink = _StdoutWriter()
 """The raw sink of a ``stdio`` console: the process's standard output (see _StdoutWriter)."""
+
+stderr_sink = _StdoutWriter("stderr")
+"""The raw sink of a ``stdio`` console's stderr: the process's standard error."""
 
 
 def stdout_closed() -> bool:

@@ -162,8 +162,11 @@ struct lguest_console {
     uint32_t in_size;  /* guest: its size */
     uint32_t in_len;   /* Launcher: bytes delivered; the guest zeroes it to re-arm */
     uint32_t flags;    /* Launcher: bit 0 end of input */
-    uint32_t pad[8];
+    uint32_t out_stream; /* guest: which stream out_addr/out_len are, LGUEST_STDOUT/STDERR */
+    uint32_t pad[7];
 };
+#define LGUEST_STDOUT 0
+#define LGUEST_STDERR 1
 
 #define LGUEST_BLOCK_SECTOR_SIZE 512
 #define LGUEST_BLOCK_READONLY 1
@@ -190,6 +193,7 @@ struct lguest_block {
 _Static_assert(sizeof(struct lguest_device_desc) == LGUEST_DESC_SIZE, "descriptor layout");
 _Static_assert(sizeof(struct lguest_console) == LGUEST_DESC_SIZE, "console layout");
 _Static_assert(offsetof(struct lguest_console, out_addr) == 8, "console layout");
+_Static_assert(offsetof(struct lguest_console, out_stream) == 32, "console layout");
 _Static_assert(offsetof(struct lguest_console, out_len) == 12, "console layout");
 _Static_assert(offsetof(struct lguest_console, in_addr) == 16, "console layout");
 _Static_assert(offsetof(struct lguest_console, in_size) == 20, "console layout");

@@ -299,16 +299,21 @@ static struct lguest_block *block;
 struct lguest_console *lguest_console(void) { return console; }
 struct lguest_block *lguest_block(void) { return block; }
 
-void lguest_console_write(const void *buf, size_t len)
+/* Output on `stream` (LGUEST_STDOUT or LGUEST_STDERR: the tag the Launcher
+ * routes by). */
+static void console_write(uint32_t stream, const void *buf, size_t len)
 {
     volatile struct lguest_console *c = console;
     if (!c || !len) return;
     uint32_t was = lg_spin_lock_irqsave(&console_lock); /* one descriptor for all CPUs */
+    c->out_stream = stream;
     c->out_addr = (uint32_t)buf;
     c->out_len = len;
     lguest_notify((const void *)c);
     lg_spin_unlock_irqrestore(&console_lock, was);
 }
+
+void lguest_console_write(const void *buf, size_t len) { console_write(LGUEST_STDOUT, buf, len); }
 
 static char rx_buf[1024];
 static uint32_t rx_pos, rx_len;
@@ -512,7 +517,7 @@ struct iovec32 {
 static long sys_write(int fd, const void *buf, uint32_t len)
 {
     if (fd < 1 || fd > 2) return -EBADF;
-    lguest_console_write(buf, len);
+    console_write(fd == 2 ? LGUEST_STDERR : LGUEST_STDOUT, buf, len);
     return len;
 }
 
@@ -521,7 +526,8 @@ static long sys_writev(int fd, const struct iovec32 *iov, int n)
     if (fd < 1 || fd > 2) return -EBADF;
     long total = 0;
     for (int i = 0; i < n; i++) {
-        lguest_console_write((const void *)iov[i].base, iov[i].len);
+        console_write(fd == 2 ? LGUEST_STDERR : LGUEST_STDOUT, (const void *)iov[i].base,
+                      iov[i].len);
         total += iov[i].len;
     }
     return total;
