@@ -55,18 +55,24 @@ def _native_seconds(binary: Path, calls: int) -> float:
     return time.perf_counter() - start
 
 
+def _build(tmp: Path) -> tuple[Path, Path]:
+    """The guest image and the native x86_64 executable of SOURCE (blocking)."""
+    tc = sdk.find_toolchain("zig")
+    src = tmp / "clocks.c"
+    src.write_text(SOURCE)
+    image = sdk.build([src], tmp / "clocks.elf", sdk.BuildOptions(optimize="2"), tc)
+    native = tmp / "clocks-native"
+    subprocess.run(
+        [*tc.cc, "-target", "x86_64-linux-musl", "-static", "-O2", str(src), "-o", str(native)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return image, native
+
+
 async def clock_calls(p: Profile) -> list[Result]:
     calls = 2_000_000 if p.name == "full" else 400_000
-    tc = sdk.find_toolchain("zig")
     with tempfile.TemporaryDirectory(prefix="lguest-bench-clock-") as tmp:
-        src = Path(tmp) / "clocks.c"
-        src.write_text(SOURCE)
-        image = sdk.build([src], Path(tmp) / "clocks.elf", sdk.BuildOptions(optimize="2"), tc)
-        native = Path(tmp) / "clocks-native"
-        subprocess.run(
-            [*tc.cc, "-target", "x86_64-linux-musl", "-static", "-O2", str(src), "-o", str(native)],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        image, native = await asyncio.to_thread(_build, Path(tmp))
         guest = native_s = float("inf")
         for _ in range(p.reps):
             base = await _guest_seconds(image, 0)
