@@ -148,4 +148,92 @@ __lguest_secondary_entry:
         jmp     2b
         .size   __lguest_secondary_entry, . - __lguest_secondary_entry
 
+
+/* int __clock_gettime64(clockid_t, struct timespec *) - musl's clock_gettime
+ * on i386 (64-bit time_t), the monotonic clocks without a store but the
+ * result's: under emulation every store is a slow-path call, so the whole
+ * computation stays in registers (SSE2 for the 64-bit products).  The same
+ * arithmetic as runtime.c's mono_ns and div_1e9:
+ *   ns  = tsc_hi * mult + (tsc_lo * mult >> 32)   (tsc_scale: mult, shift 32)
+ *   sec = ((ns >> 9) * 0x44b82fa09b5a53) >> 75,  nsec = ns - sec * 10^9
+ * Anything else (another clock, a scale to compute, a NULL pointer) goes to
+ * the C version, __lguest_clock_gettime. */
+        .set    LGD_TSC_KHZ, 1112
+        .set    MONOTONIC_CLOCKS, 0xd2          /* 1 MONOTONIC, 4 _RAW, 6 _COARSE, 7 BOOTTIME */
+        .section .rodata
+        .p2align 4
+__lguest_clock_consts:
+        .long   0xa09b5a53, 0, 0x0044b82f, 0    /* 10^9's reciprocal, low and high halves */
+        .long   1000000000, 0, 0xffffffff, 0    /* 10^9; a low-half mask */
+        .text
+        .globl  __clock_gettime64
+        .type   __clock_gettime64, @function
+        .p2align 4
+__clock_gettime64:
+        movl    4(%esp), %ecx                   /* clk */
+        cmpl    $7, %ecx
+        ja      9f
+        movl    $MONOTONIC_CLOCKS, %eax
+        btl     %ecx, %eax
+        jnc     9f
+        cmpl    $0, 8(%esp)
+        je      9f
+        movl    lguest_data + LGD_TSC_KHZ, %ecx
+        movq    tsc_scale, %xmm3                /* {khz | shift << 26, mult}: one load */
+        movd    %xmm3, %eax
+        orl     $(32 << 26), %ecx
+        cmpl    %ecx, %eax                      /* this khz's scale, shift 32 */
+        jne     9f
+        psrlq   $32, %xmm3                      /* mult */
+        rdtsc
+        movd    %eax, %xmm0
+        movd    %edx, %xmm1
+        pmuludq %xmm3, %xmm0                    /* tsc_lo * mult */
+        pmuludq %xmm3, %xmm1                    /* tsc_hi * mult */
+        psrlq   $32, %xmm0
+        paddq   %xmm0, %xmm1                    /* ns */
+        movdqa  %xmm1, %xmm2
+        psrlq   $9, %xmm2                       /* x = ns >> 9 */
+        movdqa  %xmm2, %xmm4
+        psrlq   $32, %xmm4                      /* x_hi */
+        movd    __lguest_clock_consts, %xmm5    /* m_lo */
+        movd    __lguest_clock_consts + 8, %xmm6 /* m_hi */
+        movdqa  %xmm2, %xmm0
+        pmuludq %xmm5, %xmm0                    /* ll = x_lo * m_lo */
+        movdqa  %xmm2, %xmm7
+        pmuludq %xmm6, %xmm7                    /* lh = x_lo * m_hi */
+        pmuludq %xmm4, %xmm5                    /* hl = x_hi * m_lo */
+        pmuludq %xmm6, %xmm4                    /* hh = x_hi * m_hi */
+        movq    __lguest_clock_consts + 24, %xmm6 /* 0xffffffff */
+        psrlq   $32, %xmm0                      /* ll >> 32 */
+        movdqa  %xmm7, %xmm2
+        pand    %xmm6, %xmm2
+        paddq   %xmm2, %xmm0                    /* + lo(lh) */
+        movdqa  %xmm5, %xmm2
+        pand    %xmm6, %xmm2
+        paddq   %xmm2, %xmm0                    /* + lo(hl): mid */
+        psrlq   $32, %xmm0
+        psrlq   $32, %xmm7
+        psrlq   $32, %xmm5
+        paddq   %xmm7, %xmm4
+        paddq   %xmm5, %xmm4
+        paddq   %xmm0, %xmm4                    /* high 64 bits of x * m */
+        psrlq   $11, %xmm4                      /* sec */
+        movd    __lguest_clock_consts + 16, %xmm5 /* 10^9 */
+        movdqa  %xmm4, %xmm2
+        pmuludq %xmm5, %xmm2                    /* sec_lo * 10^9 */
+        movdqa  %xmm4, %xmm0
+        psrlq   $32, %xmm0
+        pmuludq %xmm5, %xmm0                    /* sec_hi * 10^9 */
+        psllq   $32, %xmm0
+        paddq   %xmm0, %xmm2                    /* sec * 10^9 */
+        psubq   %xmm2, %xmm1                    /* nsec (< 10^9: its high half is 0) */
+        punpcklqdq %xmm1, %xmm4                 /* {sec, nsec | pad 0} */
+        movl    8(%esp), %ecx
+        movdqu  %xmm4, (%ecx)
+        xorl    %eax, %eax
+        ret
+9:      jmp     __lguest_clock_gettime
+        .size   __clock_gettime64, . - __clock_gettime64
+
         .section .note.GNU-stack, "", @progbits

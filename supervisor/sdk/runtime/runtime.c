@@ -186,7 +186,7 @@ HOT uint64_t div_1e9(uint64_t n, uint32_t *rem)
  * CPU may refresh, recomputed (a division) only when tsc_khz changes, e.g.
  * on a restore on another host.  mult's rounding is a few parts in 10^10,
  * far below tsc_khz's own kHz resolution. */
-static uint64_t tsc_scale;
+uint64_t tsc_scale; /* crt0.S's __clock_gettime64 reads it too */
 
 static __attribute__((noinline)) uint64_t tsc_scale_for(uint32_t khz)
 {
@@ -576,13 +576,15 @@ HOT long put_timespec(int clk, void *ts, int wide)
  * <sys/time.h> name clock_gettime, gettimeofday and time on i386) defined
  * here, as a vDSO would: one call, no system call.  Library code that calls
  * musl's internal __clock_gettime still reaches the dispatcher (same clocks). */
-int *__errno_location(void);
+int *__errno_location(void) __attribute__((weak)); /* musl's; none in gcc-fallback builds */
 
-int __clock_gettime64(int clk, void *ts)
+/* crt0.S's __clock_gettime64 does the monotonic clocks itself and comes
+ * here for the rest. */
+int __lguest_clock_gettime(int clk, void *ts)
 {
     long r = put_timespec(clk, ts, 1); /* struct timespec: int64 sec, long nsec, pad */
     if (r) {
-        *__errno_location() = (int)-r;
+        if (__errno_location) *__errno_location() = (int)-r;
         return -1;
     }
     return 0;
