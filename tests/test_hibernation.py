@@ -297,7 +297,7 @@ def test_cli_option() -> None:
         cwd=root, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2
-    assert bad.stderr.startswith("supervisor: error:") and "hibernate_after" in bad.stderr
+    assert bad.stderr.startswith("supervisor: error:") and "--hibernate-after" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
