@@ -27,6 +27,7 @@ from .hibernation import DEFAULT_HIBERNATE_AFTER
 from .launcher.block import BlockDevice
 from .launcher.console import Console, ConsoleEnded, LineStream, stdin_source, stdout_sink
 from .launcher.devices import Device
+from .launcher.files import FilesDevice, grants_for
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .snapshot import Snapshot
@@ -225,6 +226,11 @@ class Supervisor:
             block.open()
             table.append(block)
         table.extend(devices)
+        # Last, so that the devices above keep their places in the device page.
+        files = FilesDevice(grants_for(config.dirs), workdir=config.workdir,
+                            max_files=config.max_files)  # fmt: skip
+        files.open()
+        table.append(files)
         gdb = None
         try:
             launcher = Launcher(

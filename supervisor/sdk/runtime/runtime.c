@@ -577,9 +577,13 @@ static long sys_kill_self(int sig)
         r_;                                                                               \
     })
 
+int __lguest_files_syscall(long, long, long, long, long, long, long *); /* files.c */
+
 long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
+    long files_result;
     (void)a6;
+    if (__lguest_files_syscall(nr, a1, a2, a3, a4, a5, &files_result)) return files_result;
     switch (nr) {
     case 1:   /* exit */
     case 252: /* exit_group */
