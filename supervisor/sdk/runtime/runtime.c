@@ -288,7 +288,8 @@ static int console_wait_input(void)
             if (got > sizeof rx_buf) got = sizeof rx_buf; /* never trust in_len */
             rx_pos = 0;
             rx_len = got;
-            c->in_len = 0; /* consumed once copied out; re-armed when empty */
+            c->in_size = 0; /* disarmed: the Launcher must not refill rx_buf while it is read */
+            c->in_len = 0;  /* consumed; re-armed when empty */
             rx_armed = 0;
             continue;
         }
