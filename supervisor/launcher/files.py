@@ -485,7 +485,11 @@ class FilesDevice(Device):
                 os.close(fd)
                 fd = nxt
             last = parts[-1] if parts else "."
-            return os.open(last, flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+            found = os.open(last, flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+            if follow and flags & os.O_PATH and stat.S_ISLNK(os.fstat(found).st_mode):
+                os.close(found)  # O_PATH | O_NOFOLLOW gave the link itself: not followed here
+                raise OSError(errno.ELOOP, "symbolic links are not followed", rel)
+            return found
         finally:
             os.close(fd)
 
@@ -798,12 +802,12 @@ class FilesDevice(Device):
         return 0
 
     async def _op_getdents64(self, slot: Slot, fd: int, a: list[int]) -> int:
-        d = self._description(fd)
-        if not d.is_dir:
-            raise _GuestError(errno.ENOTDIR)
         buf, size = a[0], a[1]
         if size > MAX_IO:
             raise FileRequestError(f"transfer of {size} bytes (at most {MAX_IO})")
+        d = self._description(fd)
+        if not d.is_dir:
+            raise _GuestError(errno.ENOTDIR)
         if not slot.in_ram(buf, size):
             raise _GuestError(errno.EFAULT)
         host = await self._host_fd(d)
