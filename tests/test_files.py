@@ -532,3 +532,44 @@ async def test_malformed_requests_kill_and_bad_arguments_are_errors(tmp_path: Pa
         await dev.stop()
         memory.close()
     assert dev.open_files == 0
+
+
+# -- snapshots ------------------------------------------------------------------------------------
+async def test_a_restored_guest_reopens_its_files_through_its_own_grants(
+    fsprobe: Path, tmp_path: Path
+) -> None:
+    from supervisor.snapshot import SnapshotError
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for where, tag in ((first, b"A"), (second, b"B")):
+        (where / "sub").mkdir(parents=True)
+        (where / "f").write_bytes(b"0123456789" * 3 + tag)
+    async with Supervisor() as sup, asyncio.timeout(LIMIT):
+        g = await sup.launch(GuestConfig(image=fsprobe, memory="4M", dirs=[grant(first, "/d")]))
+        setup = ["open /d/f r", "read 3 4", "dup 3", "cd /d/sub", "put /tmp/t 1", "open /tmp/t r"]
+        g.send("".join(c + "\n" for c in setup))
+        got = [await anext(aiter(g.console)) for _ in setup]
+        assert got == ["ok 3", "ok 4 0123", "ok 4", "ok", "ok", "ok 5"]
+        await g.pause()
+        snap = await g.snapshot()
+        await g.kill("snapshot taken")
+
+        with pytest.raises(SnapshotError, match="name the host directories"):
+            await sup.restore(snap)
+        copy = await sup.restore(snap, dirs=[grant(second, "/d")])
+        copy.send("read 3 3\nread 4 30\ncwd\nread 5 1\nopen ../f r\nfgetfl 3\n")
+        copy.send_eof()
+        lines = [line async for line in copy.console]
+        assert lines == [
+            "ok 3 456",
+            "ok 24 78901234567890123456789B",  # through the restoring guest's grant
+            "ok /d/sub",
+            "err ESTALE",  # the private /tmp's contents are not part of a snapshot
+            "ok 6",
+            "unknown fgetfl",
+        ]
+        assert (await copy.wait()).ok
+
+        other = await sup.restore(snap, dirs=[grant(second, "/elsewhere")])
+        result = await other.wait()
+        assert result.died and "cannot resume" in result.reason and "/elsewhere" in result.reason

@@ -339,15 +339,21 @@ class FilesDevice(Device):
                 {"grant": d.grant, "path": d.path, "flags": d.flags, "dir": d.is_dir,
                  "offset": offset, "position": d.position, "stale": d.stale}
             )  # fmt: skip
-        return {"cwd": self.cwd, "descriptions": saved, "fds": fds}
+        grants = [g.guest for g in self.grants]
+        return {"cwd": self.cwd, "grants": grants, "descriptions": saved, "fds": fds}
 
     def restore(self, state: Any) -> None:
         """Take back :meth:`state`; the files are reopened (through this device's grants)
-        when first used.  ``ValueError`` for a value that does not fit these grants."""
+        when first used.  ``ValueError`` for a value that does not fit these grants (their
+        guest paths, in order, must be the saved guest's)."""
         try:
             cwd = state["cwd"]
             if not isinstance(cwd, str) or not cwd.startswith("/"):
                 raise ValueError(f"bad working directory {cwd!r}")
+            grants = state["grants"]
+            if grants != [g.guest for g in self.grants]:
+                mine = [g.guest for g in self.grants]
+                raise ValueError(f"the guest had directories {grants}, this one has {mine}")
             made: list[_Description] = []
             for s in state["descriptions"]:
                 grant, path, flags = int(s["grant"]), str(s["path"]), int(s["flags"])
