@@ -573,3 +573,21 @@ async def test_a_restored_guest_reopens_its_files_through_its_own_grants(
         other = await sup.restore(snap, dirs=[grant(second, "/elsewhere")])
         result = await other.wait()
         assert result.died and "cannot resume" in result.reason and "/elsewhere" in result.reason
+
+
+async def test_buffered_reads_leave_the_offset_where_the_guest_read_to(
+    fsprobe: Path, tmp_path: Path
+) -> None:
+    """Small reads are served from a read-ahead buffer; the shared offset of a dup'ed
+    descriptor still moves by exactly what was read, whatever call comes next."""
+    (tmp_path / "f").write_bytes(b"abcdefghijklmnopqrstuvwxyz")
+    lines, _ = await run_probe(
+        fsprobe,
+        ["open /d/f r", "dup 3", "read 3 2", "close 3", "read 4 3", "read 4 2", "seek 4 0 1",
+         "open /d/f r", "read 3 1", "fstat 3", "read 3 1", "dup2 3 4", "read 4 1"],
+        dirs=[grant(tmp_path, "/d")],
+    )  # fmt: skip
+    assert lines == [
+        "ok 3", "ok 4", "ok 2 ab", "ok", "ok 3 cde", "ok 2 fg", "ok 7",
+        "ok 3", "ok 1 a", "ok file 26", "ok 1 b", "ok 4", "ok 1 c",
+    ]  # fmt: skip
