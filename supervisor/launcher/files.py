@@ -685,7 +685,15 @@ class FilesDevice(Device):
         try:
             if write:
                 return await self._blocking(_write, host, view, offset)
-            n = await self._blocking(_read, host, view, offset)
+            n = _read_cached(host, view, offset)  # what the page cache has, without waiting
+            if n < length:
+                rest = view[n:]
+                try:
+                    n += await self._blocking(
+                        _read, host, rest, None if offset is None else offset + n
+                    )
+                finally:
+                    rest.release()
         finally:
             view.release()
         if n:
@@ -983,6 +991,33 @@ def _read(fd: int, view: memoryview, offset: int | None) -> int:
             break
         done += n
     return done
+
+
+def _read_cached(fd: int, view: memoryview, offset: int | None) -> int:
+    """Read into ``view`` what the host's page cache already holds (``RWF_NOWAIT``: never
+    waits for a disk, so it may run on the event loop); stops at the first miss, or the
+    end of the file only if it reached it (0 then means: ask a thread)."""
+    if not _nowait_reads:
+        return 0
+    done = 0
+    while done < len(view):
+        part = view[done:]
+        try:
+            n = os.preadv(fd, [part], -1 if offset is None else offset + done, _RWF_NOWAIT)
+        except BlockingIOError:
+            break
+        except OSError:
+            break  # not offered here (or a real error, which the thread reports)
+        finally:
+            part.release()
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+_nowait_reads = _RWF_NOWAIT != 0 and hasattr(os, "preadv")
 
 
 def _write(fd: int, view: memoryview, offset: int | None) -> int:
