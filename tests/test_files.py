@@ -394,7 +394,7 @@ def _open_fds() -> int:
 
 
 async def test_host_descriptors_return_to_baseline_after_many_guests(
-    fsprobe: Path, tmp_path: Path
+    fsprobe: Path, tmp_path: Path, host_tmp: Path
 ) -> None:
     (tmp_path / "f").write_text("some data\n")
     config = GuestConfig(image=fsprobe, memory="2M", dirs=[grant(tmp_path, "/d")])
@@ -424,6 +424,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
                         await g.kill("killed with open files")
         assert _open_fds() == baseline
     assert (tmp_path / "new").exists()
+    assert list(host_tmp.iterdir()) == []  # every private /tmp removed, killed or not
 
 
 async def test_a_guest_killed_mid_write_leaves_whole_writes(fsprobe: Path, tmp_path: Path) -> None:
