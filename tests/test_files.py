@@ -25,6 +25,7 @@ from supervisor.launcher import files
 from supervisor.launcher.devices import Slot
 from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -63,6 +64,14 @@ async def run_probe(image: Path, commands: list[str], **config: Any) -> tuple[li
         async with asyncio.timeout(LIMIT):
             lines = [line async for line in guest.console]
             return lines, await guest.wait()
+
+
+def _entries(where: Path) -> list[str]:
+    return sorted(p.name for p in where.iterdir())
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
 
 
 def grant(host: Path, guest: str = "/data", read_only: bool = False) -> DirGrant:
@@ -338,12 +347,11 @@ async def test_tmp_is_private_and_removed_at_the_end(fsprobe: Path, host_tmp: Pa
             got_two = [await anext(aiter(two.console)) for _ in range(3)]
             assert got_one == ["ok", "ok mine (3)"]
             assert got_two == ["ok (2)", "ok", "ok other (3)"]
-            made = sorted(host_tmp.iterdir())
-            assert len(made) == 2  # one host directory per guest
+            assert len(_entries(host_tmp)) == 2  # one host directory per guest
             one.send_eof()
             two.send_eof()
             assert (await one.wait()).ok and (await two.wait()).ok
-    assert list(host_tmp.iterdir()) == []  # emptied and removed
+    assert _entries(host_tmp) == []  # emptied and removed
 
 
 async def test_a_guest_that_never_uses_tmp_makes_no_directory(
@@ -351,7 +359,7 @@ async def test_a_guest_that_never_uses_tmp_makes_no_directory(
 ) -> None:
     lines, result = await run_probe(fsprobe, ["cwd"])
     assert lines == ["ok /"] and result.ok
-    assert list(host_tmp.iterdir()) == []
+    assert _entries(host_tmp) == []
 
 
 async def test_a_dir_mapped_on_tmp_replaces_the_private_one(
@@ -362,7 +370,7 @@ async def test_a_dir_mapped_on_tmp_replaces_the_private_one(
     lines, _ = await run_probe(fsprobe, ["put /tmp/kept 1"], dirs=[grant(shared, "/tmp")])
     assert lines == ["ok"]
     assert (shared / "kept").read_text() == "line 0\n"
-    assert list(host_tmp.iterdir()) == []
+    assert _entries(host_tmp) == []
 
 
 async def test_workdir_sets_where_relative_paths_start(fsprobe: Path, tmp_path: Path) -> None:
@@ -424,7 +432,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
                         await g.kill("killed with open files")
         assert _open_fds() == baseline
     assert (tmp_path / "new").exists()
-    assert list(host_tmp.iterdir()) == []  # every private /tmp removed, killed or not
+    assert _entries(host_tmp) == []  # every private /tmp removed, killed or not
 
 
 async def test_a_guest_killed_mid_write_leaves_whole_writes(fsprobe: Path, tmp_path: Path) -> None:
@@ -435,8 +443,7 @@ async def test_a_guest_killed_mid_write_leaves_whole_writes(fsprobe: Path, tmp_p
         target = tmp_path / "out"
         async with asyncio.timeout(LIMIT):
             assert await anext(aiter(g.console)) == "ok writing"
-            while not target.exists() or target.stat().st_size < 50 * record:
-                await asyncio.sleep(0.01)
+            await until(lambda: _size(target) >= 50 * record, timeout=LIMIT)
             await g.kill("mid-write")
     data = target.read_bytes()
     assert len(data) % record == 0 and len(data) >= 50 * record
