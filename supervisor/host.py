@@ -229,10 +229,10 @@ class Supervisor:
         # Last, so that the devices above keep their places in the device page.
         files = FilesDevice(grants_for(config.dirs), workdir=config.workdir,
                             max_files=config.max_files)  # fmt: skip
-        files.open()
         table.append(files)
         gdb = None
         try:
+            files.open()  # OSError: a directory gone since the config was checked
             launcher = Launcher(
                 self.device,
                 config.image if snapshot is None else snapshot_image(snapshot),

@@ -622,3 +622,20 @@ async def test_a_migrated_guest_keeps_its_open_files(fsprobe: Path, tmp_path: Pa
     finally:
         ray.shutdown()
     assert (tmp_path / "f").read_bytes() == b"abcdeXYhijklmnopqrstuvwxyz"
+
+
+async def test_a_directory_gone_before_launch_fails_it_and_leaks_nothing(
+    fsprobe: Path, tmp_path: Path
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(4096))
+    config = GuestConfig(image=fsprobe, memory="4M", block=disk, dirs=[grant(gone)])
+    gone.rmdir()
+    async with Supervisor() as sup:
+        baseline = _open_fds()
+        with pytest.raises(FileNotFoundError):
+            await sup.launch(config)
+        assert _open_fds() == baseline  # the block device's file is closed again
+        assert sup.guests == []
