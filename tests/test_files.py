@@ -639,3 +639,59 @@ async def test_a_directory_gone_before_launch_fails_it_and_leaks_nothing(
             await sup.launch(config)
         assert _open_fds() == baseline  # the block device's file is closed again
         assert sup.guests == []
+
+
+KSTAT_GUEST = r"""
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void show(const char *what, long r, const unsigned char *k)
+{
+    uint32_t mode, nlink;
+    int64_t size;
+    uint64_t ino;
+    memcpy(&mode, k + 16, 4), memcpy(&nlink, k + 20, 4), memcpy(&size, k + 44, 8);
+    memcpy(&ino, k + 88, 8);
+    printf("%s %ld mode %o nlink %u size %lld ino %llu\n", what, r, mode, nlink,
+           (long long)size, (unsigned long long)ino);
+}
+
+int main(void)
+{
+    unsigned char k[96];
+    struct stat st;
+    int fd = open("/d/f", O_RDONLY);
+    stat("/d/f", &st);
+    printf("statx 0 mode %o nlink %u size %lld ino %llu\n", (unsigned)st.st_mode,
+           (unsigned)st.st_nlink, (long long)st.st_size, (unsigned long long)st.st_ino);
+    show("fstat64", syscall(SYS_fstat64, fd, k), k);
+    show("stat64", syscall(SYS_stat64, "/d/f", k), k);
+    show("lstat64", syscall(SYS_lstat64, "/d/f", k), k);
+    show("fstatat64", syscall(SYS_fstatat64, AT_FDCWD, "/d/f", k, 0), k);
+    return 0;
+}
+"""
+
+
+async def test_the_old_stat_calls_fill_the_kernels_struct_stat64(
+    build_guest: BuildGuest, tmp_path: Path
+) -> None:
+    """musl asks statx; stat64, lstat64, fstat64 and fstatat64 give the same answers in
+    the i386 kernel's 96-byte layout (what older libraries read)."""
+    (tmp_path / "f").write_bytes(b"x" * 1234)
+    st = (tmp_path / "f").stat()
+    image = build_guest(KSTAT_GUEST)
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=image, memory="4M", dirs=[grant(tmp_path, "/d")])
+        )
+        async with asyncio.timeout(LIMIT):
+            lines = [line async for line in guest.console]
+    fields = f"mode {st.st_mode:o} nlink 1 size 1234 ino {st.st_ino}"
+    assert lines == [f"{call} 0 {fields}" for call in ("statx", "fstat64", "stat64", "lstat64",
+                                                      "fstatat64")]  # fmt: skip
