@@ -401,6 +401,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@pytest.mark.one_loop
 async def test_host_descriptors_return_to_baseline_after_many_guests(
     fsprobe: Path, tmp_path: Path, host_tmp: Path
 ) -> None:
@@ -601,6 +602,7 @@ async def test_buffered_reads_leave_the_offset_where_the_guest_read_to(
     ]  # fmt: skip
 
 
+@pytest.mark.one_loop
 async def test_a_migrated_guest_keeps_its_open_files(fsprobe: Path, tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     from supervisor.cluster import Cluster
