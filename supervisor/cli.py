@@ -50,7 +50,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from .abi import MAX_CPUS
-from .config import ConfigError, GuestConfig
+from .config import ConfigError, DirGrant, GuestConfig
 from .host import Exit, Guest, Supervisor
 from .launcher.console import stdout_closed
 from .launcher.loader import ImageError
@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="kill a guest after this many seconds of CPU",
         )
         p.add_argument("--console-rate", type=_int_from(1), help="console output cap, bytes/second")
+        files_options(p)
         p.add_argument(
             "--hibernate-after",
             type=_seconds_or_off,
@@ -280,6 +281,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def files_options(p: argparse.ArgumentParser) -> None:
+    """--dir, --ro-dir, --workdir, --max-files (docs/sdk.md, "Files")."""
+    p.add_argument(
+        "--dir",
+        dest="dirs",
+        action="append",
+        default=[],
+        metavar="HOST[::GUEST]",
+        help="let the guest use directory HOST, seen as GUEST (default: HOST's path)",
+    )
+    p.add_argument(
+        "--ro-dir",
+        dest="ro_dirs",
+        action="append",
+        default=[],
+        metavar="HOST[::GUEST]",
+        help="the same, read-only",
+    )
+    p.add_argument("--workdir", metavar="GUEST", help="the guest's working directory (default /)")
+    p.add_argument(
+        "--max-files", type=_int_from(1, 1 << 16), help="files a guest may hold open (default 1024)"
+    )
+
+
+def files_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The GuestConfig file settings given as options (``ConfigError`` for a bad --dir)."""
+    dirs = [DirGrant.parse(d) for d in args.dirs]
+    dirs += [DirGrant.parse(d, read_only=True) for d in args.ro_dirs]
+    return {
+        "dirs": dirs or None,
+        "workdir": args.workdir,
+        "max_files": args.max_files,
+    }
+
+
 def run_config(args: argparse.Namespace) -> GuestConfig:
     """The GuestConfig for ``run``: the --config file (if any) overridden by options.
 
@@ -360,6 +396,7 @@ def limit_fields(args: argparse.Namespace) -> dict[str, Any]:
         "max_run_time": args.max_run_time,
         "console_rate": args.console_rate,
         "hibernate_after": args.hibernate_after,
+        **files_fields(args),
     }
 
 

@@ -705,6 +705,8 @@ class RemoteGuest:
             "name": self.name,
             "console": _console_mode(self.config),
             "block_readonly": self.config.block_readonly,
+            # The same directories, named again: a restore never opens the snapshot's.
+            "dirs": [d.model_dump(mode="json") for d in self.config.dirs],
         }
 
     def __repr__(self) -> str:

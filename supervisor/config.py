@@ -67,6 +67,53 @@ def check_memory(size: int) -> int:
     return size
 
 
+class DirGrant(BaseModel):
+    """A host directory the guest sees as ``guest`` (``--dir HOST::GUEST``, ``--ro-dir``).
+
+    ``host`` must be an existing directory; ``guest`` is an absolute guest path
+    (default: ``host`` made absolute).  ``read_only`` grants refuse every change
+    (EROFS).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: Path
+    guest: str = ""
+    read_only: bool = False
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: Path) -> Path:
+        if not value.exists():
+            raise ValueError(f"no such directory: {value}")
+        if not value.is_dir():
+            raise ValueError(f"not a directory: {value}")
+        return value.absolute()
+
+    @field_validator("guest")
+    @classmethod
+    def _guest(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError(f"guest path {value!r} is not absolute")
+        if "\0" in value:
+            raise ValueError("guest path contains a NUL byte")
+        return value
+
+    def model_post_init(self, context: Any) -> None:
+        if not self.guest:
+            object.__setattr__(self, "guest", str(self.host))
+
+    @classmethod
+    def parse(cls, spec: str, *, read_only: bool = False) -> DirGrant:
+        """``HOST`` or ``HOST::GUEST`` (the ``--dir`` syntax); ``ConfigError`` if unusable."""
+        host, _, guest = spec.partition("::")
+        try:
+            return cls(host=Path(host), guest=guest, read_only=read_only)
+        except ValidationError as exc:
+            option = "--ro-dir" if read_only else "--dir"
+            raise ConfigError(f"{option} {spec}: {describe(exc)}") from None
+
+
 class GuestConfig(BaseModel):
     """One guest: its image, memory, devices, command line and limits.
 
@@ -99,6 +146,18 @@ class GuestConfig(BaseModel):
     hibernate_after: float | None = None
     # CPUs of the guest: CPU 0 boots, the guest starts the others (docs/abi.md).
     cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
+    # Files (docs/sdk.md, "Files"): directories granted to the guest, its working
+    # directory, and how many files it may hold open at once.
+    dirs: list[DirGrant] = Field(default_factory=list)
+    workdir: str = "/"
+    max_files: int = Field(default=1024, ge=1, le=1 << 16)
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} is not an absolute guest path")
+        return value
 
     @field_validator("hibernate_after", mode="before")
     @classmethod

@@ -210,6 +210,16 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
             f"the snapshot's guest had a block device ({str(saved_block)!r}): "
             "name the file to restore it with (block=..., run --restore FILE --block PATH)"
         )
+    # The same for directories: the restoring guest's own grants (guest paths in the same
+    # order) serve its open files; the host paths in the snapshot are never opened.
+    saved_dirs = fields.get("dirs") or []
+    fields["dirs"] = []
+    if saved_dirs and overrides.get("dirs") is None:
+        guest_paths = ", ".join(str(d.get("guest")) for d in saved_dirs)
+        raise SnapshotError(
+            f"the snapshot's guest had directories ({guest_paths}): name the host directories "
+            "to restore it with (dirs=..., run --restore FILE --dir HOST::GUEST)"
+        )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("image", "block"):
         if fields.get(key) is not None:

@@ -34,6 +34,7 @@ from .launcher.console import (
     stdout_sink,
 )
 from .launcher.devices import Device
+from .launcher.files import FilesDevice, grants_for
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .snapshot import Snapshot
@@ -240,8 +241,13 @@ class Supervisor:
             block.open()
             table.append(block)
         table.extend(devices)
+        # Last, so that the devices above keep their places in the device page.
+        files = FilesDevice(grants_for(config.dirs), workdir=config.workdir,
+                            max_files=config.max_files)  # fmt: skip
+        table.append(files)
         gdb = None
         try:
+            files.open()  # OSError: a directory gone since the config was checked
             launcher = Launcher(
                 self.device,
                 config.image if snapshot is None else snapshot_image(snapshot),

@@ -427,11 +427,15 @@ class Console(Device):
         self._pending[:0] = pending
         self._eof = self._eof or eof
         self._eof_told = eof_told
+        if self.slot is not None and (self._pending or self._eof):
+            self.slot.wake()
 
     # -- guest side ---------------------------------------------------------
     def attach(self, slot: Slot) -> None:
         super().attach(slot)
         self._eof_told = False
+        if self._pending or self._eof:
+            slot.wake()  # fed before this boot: a resumed guest may already wait for it
 
     async def notify(self, slot: Slot) -> None:
         length = slot.get(CON_OUT_LEN)

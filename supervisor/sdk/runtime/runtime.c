@@ -339,7 +339,8 @@ static int console_wait_input(void)
             if (got > sizeof rx_buf) got = sizeof rx_buf; /* never trust in_len */
             rx_pos = 0;
             rx_len = got;
-            c->in_len = 0; /* consumed once copied out; re-armed when empty */
+            c->in_size = 0; /* disarmed: the Launcher must not refill rx_buf while it is read */
+            c->in_len = 0;  /* consumed; re-armed when empty */
             rx_armed = 0;
             continue;
         }
@@ -669,11 +670,14 @@ static long sys_kill_self(int sig)
 
 /* System calls served so far (tests read it: the clocks must not add to it). */
 unsigned long __lguest_syscalls;
+int __lguest_files_syscall(long, long, long, long, long, long, long *); /* files.c */
 
 long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
+    long files_result;
     (void)a6;
     __lguest_syscalls++;
+    if (__lguest_files_syscall(nr, a1, a2, a3, a4, a5, &files_result)) return files_result;
     switch (nr) {
     case 1:   /* exit */
     case 252: /* exit_group */
