@@ -970,7 +970,10 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # argparse has printed its line (or the help)
+        return done.code if isinstance(done.code, int) else 2
     if args.command == "build":
         return build_image(args)
     try:
