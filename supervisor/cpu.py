@@ -583,7 +583,7 @@ def new_cpu(
     ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
     cpu = _attach(lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks)
-    hostpages.install(lg, pgdir)
+    lg.host_wrote(hostpages.install(lg.ram, pgdir), 4)
     setup_regs(cpu, start, pgdir)
     return cpu
 

@@ -39,8 +39,8 @@ from unicorn import x86_const as r
 from .abi import PAGE_SIZE
 from .cpu import LgCpu
 from .device import LguestFile
-from .guest import Death
 from .pagetables import guest_pa
+from .state import Exit
 
 # gdb's i386 register order (the 'g' packet), 32 bits each.
 REGISTERS = (
@@ -72,7 +72,7 @@ class Stop:
     ``cpu`` is the CPU that stopped for it (the others were stopped with it)."""
 
     reason: str
-    death: Death | None = None
+    death: Exit | None = None
     cpu: int = 0
 
     @property
@@ -169,7 +169,7 @@ class Debugger:
 
     # -- state ------------------------------------------------------------------
     @property
-    def death(self) -> Death | None:
+    def death(self) -> Exit | None:
         return self.cpu.lg.dead
 
     @property

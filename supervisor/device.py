@@ -35,13 +35,13 @@ from .abi import (
 )
 from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
 from .execute import attach_interrupt_hook
-from .guest import Death, Lguest
+from .guest import Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
-from .state import GuestState, StateError
+from .state import Exit, GuestState, StateError
 
 PAUSE = "pause"  # the hold reason of LguestFile.pause()
 
@@ -338,7 +338,7 @@ class LguestFile:
         return self._closed
 
     @property
-    def death(self) -> Death | None:
+    def death(self) -> Exit | None:
         """How the guest died, or None while it lives (or before INITIALIZE)."""
         return None if self._lg is None else self._lg.dead
 

@@ -25,10 +25,10 @@ from .config import GuestConfig
 from .debug import PAUSE, DebugError, Debugger, debugger
 from .device import LguestFile
 from .gdbstub import GdbServer
-from .guest import Death
-from .launcher.launcher import Exit, Launcher, Resume
+from .launcher.launcher import Launcher, Resume
 from .launcher.loader import Image, Segment
 from .snapshot import Snapshot, SnapshotError, capture, check_launcher
+from .state import Exit
 
 
 class GuestControl:
@@ -71,12 +71,8 @@ class GuestControl:
         self._changed.set()
         if self.gdb is None:
             return
-        if task.cancelled() or task.exception() is not None:
-            death = Death("the supervisor failed")
-        else:
-            result = task.result()
-            death = Death(result.reason, exit_status=None if result.died else result.exit_status)
-        self.gdb.ended(death)
+        failed = task.cancelled() or task.exception() is not None
+        self.gdb.ended(Exit(None, "the supervisor failed", died=True) if failed else task.result())
         self._closing = asyncio.get_running_loop().create_task(self.gdb.aclose())
 
     # -- pause, resume, snapshot ---------------------------------------------------------------

@@ -34,9 +34,10 @@ from .launcher.console import (
     stdout_sink,
 )
 from .launcher.devices import Device
-from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
+from .launcher.launcher import DEFAULT_MAX_RESTARTS, GuestStats, Launcher
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .snapshot import Snapshot
+from .state import Exit
 
 __all__ = ["ConsoleEnded", "Exit", "Guest", "GuestStats", "Supervisor"]
 

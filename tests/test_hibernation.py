@@ -17,10 +17,10 @@ from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.config import ConfigError
 from supervisor.cpu import CpuStats
 from supervisor.debug import debugger
-from supervisor.guest import Death
 from supervisor.hibernation import TRIM_SLACK
 from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
+from supervisor.state import Exit
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
@@ -28,7 +28,7 @@ LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
 async def run_worker(
     dev: LguestDevice,
-) -> tuple[bytes, list[int], Death | None, CpuStats | None]:
+) -> tuple[bytes, list[int], Exit | None, CpuStats | None]:
     g = await boot(dev, WORKER)
     async with asyncio.timeout(LIMIT):
         memory, output = await worker_to_death(g)

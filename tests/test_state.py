@@ -37,11 +37,11 @@ from supervisor import LguestDevice, abi
 from supervisor._statefields import saved_fields, unmarked_fields
 from supervisor.cpu import LgCpu, ThreadError
 from supervisor.execute import CpuExit, classify
-from supervisor.guest import Death, Lguest
+from supervisor.guest import Lguest
 from supervisor.launcher.layout import IMAGE_BASE
 from supervisor.memory import GuestMemory
 from supervisor.run import pending_exit
-from supervisor.state import CpuState, GuestState, StateError
+from supervisor.state import CpuState, Exit, GuestState, StateError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def comparable(booted_symbols: dict[str, int], memory: bytes) -> bytes:
 class Outcome:
     memory: bytes
     output: tuple[int, ...]  # `done` at each notify: what the guest said, in order
-    death: Death | None
+    death: Exit | None
 
 
 _reference: dict[str, Outcome] = {}
@@ -521,7 +521,7 @@ def fake_cpu(**changes: Any) -> Any:
 
 
 def test_the_run_loop_decides_in_a_fixed_order() -> None:
-    dead = SimpleNamespace(dead=Death("x"))
+    dead = SimpleNamespace(dead=Exit.of("x"))
     assert pending_exit(fake_cpu()) is None
     assert pending_exit(fake_cpu(halted=True)) is CpuExit.HALT  # no irq it could take
     assert pending_exit(fake_cpu(lg=dead, halted=True)) is CpuExit.DEATH
