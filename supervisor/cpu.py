@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import enum
 import itertools
 import math
 import struct
@@ -80,13 +81,23 @@ class CpuStats:
     blocks_counted: bool = False  # this CPU's last slice counted its blocks (see blocks)
 
 
+class Hold(enum.StrEnum):
+    """Why a CPU is held: while it is, the run loop parks it at an instruction boundary
+    instead of entering the guest (``LguestFile.hold``)."""
+
+    PAUSE = "pause"  # stopped on request (LguestFile.pause, gdb's Ctrl-C, a snapshot)
+    START = "start"  # a debugger holds it before its first instruction
+    BREAKPOINT = "breakpoint"  # a debugger's breakpoint hook stopped it
+    STEP = "step"  # a debugger's single step ended
+
+
 @dataclass(slots=True)
 class Trap:
     """What stopped emulation, recorded by a hook on the slice's thread."""
 
     vector: int | None = None  # an interrupt or exception vector
     bad_access: tuple[str, int] | None = None  # ("read"|"write"|"fetch", address)
-    debug: str | None = None  # a debugger's code hook stopped before an instruction: why
+    debug: Hold | None = None  # a debugger's code hook stopped before an instruction: why
     hcall: tuple[int, int, int, int] | None = None  # the hypercall registers, if the hook read them
 
 
@@ -242,9 +253,9 @@ class LgCpu:
     trap: Trap = host_only(default_factory=Trap)
     reading: bool = host_only(default=False)  # a read of this CPU is in flight
     closing: bool = host_only(default=False)  # close(): every later pass ends with EBADF
-    # Why the CPU is held ("pause", "breakpoint", "step", ...): while set the run loop
-    # parks at an instruction boundary instead of entering the guest.
-    hold: str | None = host_only(default=None)
+    # Why the CPU is held: while set the run loop parks at an instruction boundary
+    # instead of entering the guest.
+    hold: Hold | None = host_only(default=None)
     on_hold: Callable[[], None] | None = host_only(default=None)  # told when it parks or dies
     wakeup: asyncio.Event = host_only(default_factory=asyncio.Event)  # the run loop's sleep
     idle: asyncio.Event = host_only(default_factory=asyncio.Event)  # set: no executor slice

@@ -37,7 +37,7 @@ from unicorn import UcError
 from unicorn import x86_const as r
 
 from .abi import PAGE_SIZE
-from .cpu import LgCpu
+from .cpu import Hold, LgCpu
 from .device import LguestFile
 from .pagetables import guest_pa
 from .state import Exit
@@ -55,11 +55,11 @@ _UC_REGS = (
 )  # fmt: skip
 FIRST_SEGMENT = REGISTERS.index("cs")
 
-# Why the guest is stopped (``LgCpu.hold``).
-START = "start"  # held before its first instruction
-PAUSE = "pause"  # stopped on request (gdb's Ctrl-C, a snapshot)
-BREAKPOINT = "breakpoint"
-STEP = "step"
+# Why the guest is stopped: the CPU's hold reasons (supervisor.cpu.Hold).
+START = Hold.START  # held before its first instruction
+PAUSE = Hold.PAUSE  # stopped on request (gdb's Ctrl-C, a snapshot)
+BREAKPOINT = Hold.BREAKPOINT
+STEP = Hold.STEP
 
 
 class DebugError(Exception):
@@ -173,7 +173,7 @@ class Debugger:
         return self.cpu.lg.dead
 
     @property
-    def stop_reason(self) -> str | None:
+    def stop_reason(self) -> Hold | None:
         """Why the guest is held (the stopping CPU's reason), or None while it runs."""
         if self._event is not None:
             reason = self._watches[self._event].cpu.hold
@@ -223,14 +223,14 @@ class Debugger:
         return self.cpu
 
     # -- stopping and resuming ----------------------------------------------------
-    def _hold_all(self, reason: str) -> None:
+    def _hold_all(self, reason: Hold) -> None:
         for watch in self._watches:
             cpu = watch.cpu
             if cpu.hold is None:
                 cpu.hold = reason
             cpu.wake()
 
-    def request_stop(self, reason: str = PAUSE) -> None:
+    def request_stop(self, reason: Hold = PAUSE) -> None:
         """Ask every CPU to stop at its next instruction boundary (returns at once)."""
         cpu = self.cpu
         if self.file.closed or cpu.closed or cpu.lg.dead:
@@ -259,7 +259,7 @@ class Debugger:
             self._changed.clear()
             await self._changed.wait()
 
-    async def stop(self, reason: str = PAUSE, *, parked: bool = False) -> Stop:
+    async def stop(self, reason: Hold = PAUSE, *, parked: bool = False) -> Stop:
         """Stop the guest (if it runs) and wait until it is stopped."""
         self.request_stop(reason)
         return await self.wait_stop(parked=parked)

@@ -33,7 +33,7 @@ from .abi import (
     pack_words,
     unpack_words,
 )
-from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
+from .cpu import DEFAULT_TCG_BUFFER, CpuStats, Hold, LgCpu, new_cpu, revive_cpu
 from .execute import attach_interrupt_hook
 from .guest import Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
@@ -43,7 +43,7 @@ from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
 from .state import Exit, GuestState, StateError
 
-PAUSE = "pause"  # the hold reason of LguestFile.pause()
+PAUSE = Hold.PAUSE  # the hold reason of LguestFile.pause()
 
 
 async def _join(executor: SlicePool) -> None:
@@ -393,8 +393,8 @@ class LguestFile:
         c = self._cpu(cpu)
         return c.hold is not None and not c.running
 
-    def hold_reason(self, cpu: int = 0) -> str | None:
-        """Why CPU ``cpu`` is held (``"pause"``, a debugger's reason), or None."""
+    def hold_reason(self, cpu: int = 0) -> Hold | None:
+        """Why CPU ``cpu`` is held (:class:`Hold`, a ``str``: ``"pause"``...), or None."""
         return self._cpu(cpu).hold
 
     def reading(self, cpu: int = 0) -> bool:
