@@ -1,11 +1,14 @@
 """Debugging a guest: stop it, set breakpoints, single-step exactly, read and write its state.
 
 Beyond the lguest ABI.  A :class:`Debugger` belongs to one open file (one boot
-of one guest; get it with :func:`debugger`).  It holds the guest's CPU the way
-:meth:`LguestFile.pause` does (``LgCpu.hold``, with its own reasons): while held,
-the run loop parks instead of entering the guest, so a Launcher's read simply
-stays pending while the guest is stopped, and every other guest keeps running.
-It uses only the file's public surface and the CPU's public methods.
+of one guest; get it with :func:`debugger`).  It holds the guest's CPUs through
+the file's control surface (:meth:`LguestFile.hold`, ``resume``, ``watch``,
+``kill``), the way :meth:`LguestFile.pause` does, with its own reasons
+(:class:`~supervisor.cpu.Hold`): while held, the run loop parks instead of
+entering the guest, so a Launcher's read simply stays pending while the guest is
+stopped, and every other guest keeps running.  It never writes a CPU's control
+state itself; it reads registers and memory and adds code hooks through the
+CPU's public methods, only while the guest is stopped.
 
 Exactness comes from Unicorn code hooks that stop emulation from inside the
 emulating thread, before an instruction runs:
@@ -30,17 +33,20 @@ before a hook was added).  Everything here runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from unicorn import UcError
 from unicorn import x86_const as r
 
 from .abi import PAGE_SIZE
-from .cpu import Hold, LgCpu
-from .device import LguestFile
+from .device import Hold, LguestFile
 from .pagetables import guest_pa
 from .state import Exit
+
+if TYPE_CHECKING:
+    from .cpu import LgCpu
 
 # gdb's i386 register order (the 'g' packet), 32 bits each.
 REGISTERS = (
@@ -80,15 +86,19 @@ class Stop:
         return self.death is not None
 
 
-def debugger(file: LguestFile) -> Debugger:
-    """The file's debugger, created on first use (the file must be initialized).
+# Each open file's debugger, by the file's id (its `file` is checked: ids are reused).
+# Weak: a debugger lives as long as the file's CPUs watch through it (LguestFile.watch).
+_DEBUGGERS: weakref.WeakValueDictionary[int, Debugger] = weakref.WeakValueDictionary()
 
-    It lives as long as the file's CPUs do (each CPU's ``on_hold`` is its watch).
-    """
-    existing = getattr(file_cpu(file).on_hold, "__self__", None)
-    if isinstance(existing, _Watch) and existing.debugger.file is file:
-        return existing.debugger
-    return Debugger(file)
+
+def debugger(file: LguestFile) -> Debugger:
+    """The file's debugger, created on first use (the file must be initialized)."""
+    file_cpu(file)  # initialized and open
+    existing = _DEBUGGERS.get(id(file))
+    if existing is not None and existing.file is file:
+        return existing
+    made = _DEBUGGERS[id(file)] = Debugger(file)
+    return made
 
 
 def file_cpu(file: LguestFile) -> LgCpu:
@@ -99,11 +109,12 @@ def file_cpu(file: LguestFile) -> LgCpu:
 
 
 class _Watch:
-    """What the debugger keeps for one CPU; its :meth:`on_hold` is the CPU's ``on_hold``."""
+    """What the debugger keeps for one CPU; :meth:`on_hold` is the CPU's watcher."""
 
-    def __init__(self, debugger: Debugger, cpu: LgCpu) -> None:
+    def __init__(self, debugger: Debugger, index: int) -> None:
         self.debugger = debugger
-        self.cpu = cpu
+        self.index = index
+        self.cpu = debugger.file.cpu(index)
         self.parked = False  # held inside its run loop (told by on_hold)
         # The breakpoint at resume_eip is passed once, if nothing (an interrupt, a trap)
         # was delivered since the resume: blocks are not counted on every path.
@@ -117,8 +128,12 @@ class _Watch:
 
     @property
     def stopped(self) -> bool:
-        cpu = self.cpu
-        return cpu.hold is not None and (self.parked or not cpu.reading) and not cpu.running
+        file, n = self.debugger.file, self.index
+        return file.paused(n) and (self.parked or not file.reading(n))
+
+    @property
+    def reason(self) -> Hold | None:
+        return self.debugger.file.hold_reason(self.index)
 
 
 class Debugger:
@@ -133,9 +148,9 @@ class Debugger:
     def __init__(self, file: LguestFile) -> None:
         self.file = file
         file_cpu(file)  # initialized and open
-        self._watches = [_Watch(self, file.cpu(n)) for n in range(file.cpu_count)]
+        self._watches = [_Watch(self, n) for n in range(file.cpu_count)]
         for watch in self._watches:
-            watch.cpu.on_hold = watch.on_hold
+            file.watch(watch.index, watch.on_hold)
         self._selected = 0
         self._event: int | None = None  # the CPU whose stop stopped the others
         self._changed = asyncio.Event()
@@ -176,10 +191,10 @@ class Debugger:
     def stop_reason(self) -> Hold | None:
         """Why the guest is held (the stopping CPU's reason), or None while it runs."""
         if self._event is not None:
-            reason = self._watches[self._event].cpu.hold
+            reason = self._watches[self._event].reason
             if reason is not None:
                 return reason
-        return self.cpu.hold
+        return self._watches[self._selected].reason
 
     @property
     def stop_cpu(self) -> int:
@@ -200,12 +215,12 @@ class Debugger:
         return self.stopped and all(w.parked and w.cpu.reading for w in self._watches)
 
     def _on_hold(self, watch: _Watch) -> None:
-        cpu = watch.cpu
-        watch.parked = cpu.hold is not None
+        reason = watch.reason
+        watch.parked = reason is not None
         if watch.parked:
-            if cpu is self._step_cpu():
+            if watch.cpu is self._step_cpu():
                 self._drop_step_hook()
-            if cpu.hold in (BREAKPOINT, STEP, START) and self._event is None:
+            if reason in (BREAKPOINT, STEP, START) and self._event is None:
                 self._event = self._watches.index(watch)
                 self._hold_all(PAUSE)  # all-stop: the others stop with it
         self._changed.set()
@@ -225,10 +240,7 @@ class Debugger:
     # -- stopping and resuming ----------------------------------------------------
     def _hold_all(self, reason: Hold) -> None:
         for watch in self._watches:
-            cpu = watch.cpu
-            if cpu.hold is None:
-                cpu.hold = reason
-            cpu.wake()
+            self.file.hold(watch.index, reason)
 
     def request_stop(self, reason: Hold = PAUSE) -> None:
         """Ask every CPU to stop at its next instruction boundary (returns at once)."""
@@ -270,7 +282,7 @@ class Debugger:
         watch.pass_once = True
         watch.resume_interrupts = cpu.stats.interrupts
         watch.parked = False
-        self.file.resume(cpu.id)
+        self.file.resume(watch.index)
 
     def resume(self) -> None:
         """Let a stopped guest run on, every CPU (a breakpoint at a CPU's current
@@ -312,13 +324,7 @@ class Debugger:
 
     def kill(self, reason: str = "killed by the debugger") -> None:
         """Kill the guest: its reader sees ``ENOENT`` and then ``reason``."""
-        cpu = self.cpu
-        if self.file.closed or cpu.closed:
-            return
-        cpu.lg.kill(reason)
-        for watch in self._watches:
-            watch.cpu.hold = None
-            watch.cpu.wake()
+        self.file.kill(reason)
 
     def detach(self) -> None:
         """Remove every breakpoint and let the guest run free."""
@@ -328,7 +334,7 @@ class Debugger:
             self._event = None
             for watch in self._watches:
                 watch.parked = False
-                self.file.resume(watch.cpu.id)
+                self.file.resume(watch.index)
             return
         for address in list(self.breakpoints):
             self.remove_breakpoint(address)

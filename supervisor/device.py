@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from . import _unicorn, codecache, run, timers
@@ -42,6 +43,8 @@ from .memory import GuestMemory
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
 from .state import Exit, GuestState, StateError
+
+__all__ = ["PAUSE", "Hold", "LguestDevice", "LguestFile", "Waker"]
 
 PAUSE = Hold.PAUSE  # the hold reason of LguestFile.pause()
 
@@ -368,9 +371,7 @@ class LguestFile:
         for a dead guest (also when it dies while being paused).
         """
         c = self._live_cpu(cpu)
-        if c.hold is None:
-            c.hold = PAUSE
-        c.wake()
+        self._hold(c, PAUSE)
         await c.idle.wait()  # the slice in flight (if any) has ended or been withdrawn
         if c.lg.dead:
             raise _error(errno.ENOENT)
@@ -385,6 +386,47 @@ class LguestFile:
             raise _error(errno.EBADF)
         c = self._cpu(cpu)
         if c.hold is not None:
+            c.hold = None
+            c.wake()
+
+    def hold(self, cpu: int, reason: Hold) -> None:
+        """Ask CPU ``cpu`` to stop at its next instruction boundary; return at once.
+
+        Like :meth:`pause` without the wait (a debugger's stop): the run loop parks the
+        CPU, tells its watcher (:meth:`watch`), and runs it again only after
+        :meth:`resume`.  A CPU already held keeps its first reason.  ``EBADF`` once
+        closed, ``EINVAL`` for a CPU that does not exist; no effect on a dead guest.
+        """
+        if self._closed:
+            raise _error(errno.EBADF)
+        c = self._cpu(cpu)
+        if not c.lg.dead:
+            self._hold(c, reason)
+
+    @staticmethod
+    def _hold(c: LgCpu, reason: Hold) -> None:
+        if c.hold is None:
+            c.hold = reason
+        c.wake()
+
+    def watch(self, cpu: int, on_hold: Callable[[], None] | None) -> None:
+        """Call ``on_hold()`` (on the event loop) each time CPU ``cpu`` parks held and
+        when its run loop finds the guest dead; None: nobody.  One watcher per CPU (a
+        debugger); a new one replaces the old.  ``EBADF`` once closed, ``EINVAL`` for a
+        CPU that does not exist."""
+        if self._closed:
+            raise _error(errno.EBADF)
+        self._cpu(cpu).on_hold = on_hold
+
+    def kill(self, reason: str) -> None:
+        """End the guest now: holds are released and every CPU's read ends with
+        ``ENOENT``, the next one returning ``reason`` (the first end counts).  No
+        effect once closed or before INITIALIZE."""
+        lg = self._lg
+        if self._closed or lg is None:
+            return
+        lg.kill(reason)
+        for c in lg.cpus:
             c.hold = None
             c.wake()
 
@@ -408,7 +450,10 @@ class LguestFile:
 
     def cpu(self, cpu: int = 0) -> LgCpu:
         """The CPU itself, for in-process tools that follow its threading contract
-        (:mod:`supervisor.debug`).  ``EINVAL`` before INITIALIZE or for no such CPU."""
+        (:mod:`supervisor.debug`: registers, memory, code hooks, while the CPU is held).
+        Its control state is the device's and the run loop's: hold it, release it,
+        watch it or kill the guest only through :meth:`hold`, :meth:`resume`,
+        :meth:`watch` and :meth:`kill`.  ``EINVAL`` before INITIALIZE or for no such CPU."""
         if self._closed:
             raise _error(errno.EBADF)
         return self._cpu(cpu)
