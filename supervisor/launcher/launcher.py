@@ -160,7 +160,7 @@ class Launcher:
     def state(self) -> dict[str, Any]:
         """Reboots so far, irqs the devices raised but not yet sent, each device's state.
 
-        Take it while the guest is held inside the read (see ``GuestControl.pause``):
+        Take it while the guest is held inside the read (see ``Guest.pause``):
         then no device request is half-served.
         """
         return {
