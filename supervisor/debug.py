@@ -212,7 +212,7 @@ class Debugger:
     def parked(self) -> bool:
         """True when stopped and every CPU is held inside a read (the Launcher waits on
         each of them, serving none: a clean point to snapshot)."""
-        return self.stopped and all(w.parked and w.cpu.reading for w in self._watches)
+        return self.stopped and all(w.parked and self.file.reading(w.index) for w in self._watches)
 
     def _on_hold(self, watch: _Watch) -> None:
         reason = watch.reason

@@ -295,11 +295,11 @@ class LguestFile:
     def _stop_cpus(self) -> None:
         """Every later pass of every CPU's run loop ends with EBADF; Wakers are released."""
         for cpu in self._lg.cpus if self._lg is not None else ():
-            cpu.closing = True
+            cpu.run.closing = True
             timers.cancel(cpu)
             self._device.dormitory.awake(cpu)
             cpu.wake()
-            cpu.break_released.set()
+            cpu.run.break_released.set()
 
     async def _release(self) -> None:
         try:
@@ -372,7 +372,7 @@ class LguestFile:
         """
         c = self._live_cpu(cpu)
         self._hold(c, PAUSE)
-        await c.idle.wait()  # the slice in flight (if any) has ended or been withdrawn
+        await c.run.idle.wait()  # the slice in flight (if any) has ended or been withdrawn
         if c.lg.dead:
             raise _error(errno.ENOENT)
 
@@ -385,8 +385,8 @@ class LguestFile:
         if self._closed:
             raise _error(errno.EBADF)
         c = self._cpu(cpu)
-        if c.hold is not None:
-            c.hold = None
+        if c.run.hold is not None:
+            c.run.hold = None
             c.wake()
 
     def hold(self, cpu: int, reason: Hold) -> None:
@@ -405,8 +405,8 @@ class LguestFile:
 
     @staticmethod
     def _hold(c: LgCpu, reason: Hold) -> None:
-        if c.hold is None:
-            c.hold = reason
+        if c.run.hold is None:
+            c.run.hold = reason
         c.wake()
 
     def watch(self, cpu: int, on_hold: Callable[[], None] | None) -> None:
@@ -416,7 +416,7 @@ class LguestFile:
         CPU that does not exist."""
         if self._closed:
             raise _error(errno.EBADF)
-        self._cpu(cpu).on_hold = on_hold
+        self._cpu(cpu).debug.on_hold = on_hold
 
     def kill(self, reason: str) -> None:
         """End the guest now: holds are released and every CPU's read ends with
@@ -427,21 +427,21 @@ class LguestFile:
             return
         lg.kill(reason)
         for c in lg.cpus:
-            c.hold = None
+            c.run.hold = None
             c.wake()
 
     def paused(self, cpu: int = 0) -> bool:
         """True while CPU ``cpu`` is held and no slice of it runs."""
         c = self._cpu(cpu)
-        return c.hold is not None and not c.running
+        return c.run.hold is not None and not c.running
 
     def hold_reason(self, cpu: int = 0) -> Hold | None:
         """Why CPU ``cpu`` is held (:class:`Hold`, a ``str``: ``"pause"``...), or None."""
-        return self._cpu(cpu).hold
+        return self._cpu(cpu).run.hold
 
     def reading(self, cpu: int = 0) -> bool:
         """True while a read of CPU ``cpu`` is in flight (paused or not)."""
-        return self._cpu(cpu).reading
+        return self._cpu(cpu).run.reading
 
     @property
     def cpu_count(self) -> int:
@@ -471,7 +471,7 @@ class LguestFile:
         if lg is None:
             raise _error(errno.EINVAL)
         for c in lg.cpus:
-            if c.running or (c.reading and c.hold is None):
+            if c.running or (c.run.reading and c.run.hold is None):
                 raise _error(errno.EBUSY)
         return GuestState(
             memory_size=self._memory.size,
@@ -502,9 +502,9 @@ class LguestFile:
         try:
             for st in state.cpus:
                 cpu = revive_cpu(
-                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook
-                )
-                cpu.hibernate_after = self._hibernate_after
+                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook,
+                    self._hibernate_after,
+                )  # fmt: skip
                 if limits is not None:
                     cpu.limits = limits
                 lg.cpus.append(cpu)
@@ -584,9 +584,8 @@ class LguestFile:
                 for n in range(ncpus):
                     cpu = new_cpu(
                         lg, n, base, start, pgdir, device.tcg_buffer, self._limits,
-                        attach_interrupt_hook,
+                        attach_interrupt_hook, self._hibernate_after,
                     )  # fmt: skip
-                    cpu.hibernate_after = self._hibernate_after
                     lg.cpus.append(cpu)
                     if n:  # offline until CPU 0 starts it: its emulator waits in the freezer
                         cpu.online = False
@@ -625,13 +624,13 @@ class LguestFile:
         if not args:
             raise _error(errno.EINVAL)
         if not args[0]:
-            cpu.break_out = False
-            cpu.break_released.set()
+            cpu.run.break_out = False
+            cpu.run.break_released.set()
             return 0
-        cpu.break_out = True
-        cpu.break_released.clear()
+        cpu.run.break_out = True
+        cpu.run.break_released.clear()
         cpu.wake()
-        await cpu.break_released.wait()
+        await cpu.run.break_released.wait()
         if self._closed:
             raise _error(errno.EBADF)
         return 0
@@ -650,21 +649,21 @@ class LguestFile:
             if lg.dead.errno is not None:
                 raise _error(lg.dead.errno)
             return (lg.dead.reason.encode() + b"\0")[:size]
-        if cpu.reading:
+        if cpu.run.reading:
             raise _error(errno.EBUSY)
         cpu.pending_notify = 0
-        cpu.reading = True
+        cpu.run.reading = True
         self._running[cpu.id] = None  # (close() puts a future here to wait for the read)
         dormitory = self._device.dormitory
         dormitory.awake(cpu)
         try:
             address = await run.run_guest(cpu, self._device.executor, dormitory)
         finally:
-            cpu.reading = False
+            cpu.run.reading = False
             finished = self._running.pop(cpu.id)
             if finished is not None:
                 finished.set_result(None)  # close() waits for the read, not the reader's task
-            if not cpu.closing:
+            if not cpu.run.closing:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
         return WORD.pack(address)  # one word: pack_words without its generality
 

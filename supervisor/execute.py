@@ -124,7 +124,6 @@ class SliceExit(ExitValue):
     DEATH: ClassVar[SliceExit]  # the guest is dead
 
 
-
 def classify(
     vector: int | None, debug: Hold | None, fuel_reason: int, error: int | None
 ) -> SliceExit:
@@ -166,7 +165,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     native hook completes itself, is ``hypercalls``' either way.
     """
     trap = cpu.trap
-    regs = cpu.regs
+    regs = cpu.engine.regs
     fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
 
@@ -182,12 +181,12 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
             return False
 
         _slicing.trap_interrupts(
-            cpu.uc,
+            cpu.engine.uc,
             fuel,
             local_call,
             local,
             hypercalls.NATIVE_HYPERCALLS,
-            (cpu.host_address, cpu.lg.pfn_limit),
+            (cpu.engine.host_address, cpu.lg.pfn_limit),
         )
         return
 
@@ -204,7 +203,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
         trap.vector = vector
         uc.emu_stop()
 
-    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_INTR, on_interrupt))
+    cpu.engine.hooks.append(cpu.engine.uc.hook_add(UC_HOOK_INTR, on_interrupt))
 
 
 def _pre_entry_exit(cpu: LgCpu) -> SliceExit | None:
@@ -212,12 +211,12 @@ def _pre_entry_exit(cpu: LgCpu) -> SliceExit | None:
     lg = cpu.lg
     if lg.dead:
         return SliceExit.DEATH
-    if cpu.hold is not None:
+    if cpu.run.hold is not None:
         return SliceExit.KICK  # held: the run loop parks it
     if cpu.halted:
         return SliceExit.HALT
     fuel = cpu.fuel
-    if fuel.stop or cpu.closing:
+    if fuel.stop or cpu.run.closing:
         return SliceExit.KICK
     if fuel.budget <= 0 or fuel.left <= 0:
         fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
@@ -270,7 +269,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
     (``busy_ns`` of CPU time for an executor slice, budget None)."""
     fuel = cpu.fuel
     lg = cpu.lg
-    cpu.slice_thread = threading.get_ident()
+    cpu.threads.slice = threading.get_ident()
     start = time.perf_counter()
     blocks_before = fuel.blocks
     # A slice's length is CPU time from its first run on (see _slicing.run): Host work
@@ -308,7 +307,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
             # next slice (the run loop's, on the event loop, gives its handler up to
             # LONG_INLINE_TIME).
             if (
-                cpu.hold is None
+                cpu.run.hold is None
                 and cpu.irqs_pending  # (none pending: nothing to deliver)
                 and not fuel.stop
                 and fuel.left > 0
@@ -339,7 +338,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
         lg.kill(f"internal error: {type(exc).__name__}: {exc}")
         exit = SliceExit.DEATH
     finally:
-        cpu.slice_thread = None
+        cpu.threads.slice = None
         if budget is not None and not delivered:
             cpu.inline_spent = fuel.reason == _slicing.REASON_BUDGET
         elapsed = time.perf_counter() - start
@@ -389,7 +388,7 @@ def _enter_guest(cpu: LgCpu) -> SliceExit:
     data = cpu.lguest_data
     ring = 0
     if data is not None and cpu.hcall is None:
-        ring = cpu.host_address + data + LGUEST_DATA_HCALL_STATUS
+        ring = cpu.engine.host_address + data + LGUEST_DATA_HCALL_STATUS
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
@@ -397,7 +396,7 @@ def _enter_guest(cpu: LgCpu) -> SliceExit:
         trap.hcall = None
         error: UcError | None = None
         try:
-            count, vector, hcall = _slicing.run(cpu.uc, fuel, _NEVER, ring, cpu.next_hcall)
+            count, vector, hcall = _slicing.run(cpu.engine.uc, fuel, _NEVER, ring, cpu.next_hcall)
         except UcError as exc:
             error = exc
             vector, hcall = _slicing.last_trap(fuel)
@@ -419,10 +418,10 @@ def _enter_guest(cpu: LgCpu) -> SliceExit:
         if trap.vector != DOUBLE_FAULT or not _spurious_double_fault(cpu):
             break
     if trap.vector in _unicorn.REMEMBERED:
-        _unicorn.forget_exception(cpu.uc)
+        _unicorn.forget_exception(cpu.engine.uc)
     match exit:
         case SliceExit.HYPERCALL:
-            cpu.hcall = trap.hcall if trap.hcall is not None else cpu.regs.hypercall()
+            cpu.hcall = trap.hcall if trap.hcall is not None else cpu.engine.regs.hypercall()
         case SliceExit.TRAP:
             assert trap.vector is not None
             _reflect_trap(cpu, trap.vector)
@@ -466,7 +465,7 @@ def _spurious_double_fault(cpu: LgCpu) -> bool:
     where = guest_pa(cpu, (eip - 2) & 0xFFFFFFFF)
     if where is not None and cpu.lg.read(where, 2) == b"\xcd\x08":
         return False
-    _unicorn.forget_exception(cpu.uc)
+    _unicorn.forget_exception(cpu.engine.uc)
     return True
 
 
@@ -477,7 +476,7 @@ def _reflect_trap(cpu: LgCpu, vector: int) -> None:
     if vector == interrupts.PAGE_FAULT:
         detail = cpu.reg(r.UC_X86_REG_CR2)
         interrupts.report_page_fault(cpu, detail)
-        code = _unicorn.page_fault_error_code(cpu.uc)  # present, write, user: the MMU's
+        code = _unicorn.page_fault_error_code(cpu.engine.uc)  # present, write, user: the MMU's
         error_code = code if code is not None else int(guest_pa(cpu, detail) is not None)
     if not interrupts.deliver_trap(cpu, vector, error_code):
         cpu.lg.kill(f"unhandled trap {vector} at {cpu.eip:#x} ({detail:#x})")

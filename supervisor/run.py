@@ -60,7 +60,6 @@ class RunState(ExitValue):
     HALT: ClassVar[RunState]  # halted with no interrupt it can take: sleep
 
 
-
 def pending_exit(cpu: LgCpu) -> RunState | None:
     """What the run loop must handle before the guest may run, in priority order; None if
     the CPU may run.
@@ -76,16 +75,17 @@ def pending_exit(cpu: LgCpu) -> RunState | None:
     delivered.  A CPU not started yet sleeps until it is.  Every answer but None
     changes something or sleeps: each pass of the run loop makes progress.
     """
-    if cpu.closing:
+    run = cpu.run
+    if run.closing:
         return RunState.CLOSED
     dead = cpu.lg.dead
-    if cpu.hold is not None and not dead:
-        return RunState.BREAK if cpu.break_out else RunState.HELD
+    if run.hold is not None and not dead:
+        return RunState.BREAK if run.break_out else RunState.HELD
     if cpu.pending_notify:
         return RunState.NOTIFY
     if cpu.hcall is not None and not dead:
         return RunState.HYPERCALL
-    if cpu.break_out:
+    if run.break_out:
         return RunState.BREAK
     if dead:
         return RunState.DEATH
@@ -112,21 +112,21 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
         exit = pending_exit(cpu)
         match exit:
             case None:
-                if cpu.frozen is not None:
+                if cpu.engine.frozen is not None:
                     cpu.thaw()  # it hibernated
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
-                    cpu.inline = True  # deliver it now, not after a trip through the queue
+                    cpu.run.inline = True  # deliver it now, not after a trip through the queue
                 # Whatever ended it, the next pass sees.  (One CPU: no turns to take.)
                 await (_run_slice(cpu, executor) if len(lg.cpus) == 1 else _slice(cpu, executor))
             case RunState.CLOSED:
                 raise _oserror(errno.EBADF)
             case RunState.HYPERCALL:
-                if cpu.frozen is not None:
+                if cpu.engine.frozen is not None:
                     cpu.thaw()
                 asleep = _asleep_others(cpu) if len(lg.cpus) > 1 else None
                 hypercalls.do_hypercalls(cpu)
-                if asleep and any(other.wakeup.is_set() for other in asleep):
+                if asleep and any(other.run.wakeup.is_set() for other in asleep):
                     # It woke another CPU (an IPI, a start): that CPU's task queues for
                     # the processor before this one takes it again.
                     await asyncio.sleep(0)
@@ -152,25 +152,25 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
 
 def _asleep_others(cpu: LgCpu) -> list[LgCpu]:
     """The guest's other CPUs whose run loops wait for a wake."""
-    return [other for other in cpu.lg.cpus if other is not cpu and not other.wakeup.is_set()]
+    return [other for other in cpu.lg.cpus if other is not cpu and not other.run.wakeup.is_set()]
 
 
 def _tell_holder(cpu: LgCpu) -> None:
     """Tell whoever holds the CPU (supervisor.debug) that it parked or died."""
-    if cpu.on_hold is not None:
-        cpu.on_hold()
+    if cpu.debug.on_hold is not None:
+        cpu.debug.on_hold()
 
 
 async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close); the
     CPU may hibernate meanwhile."""
-    cpu.wakeup.clear()
+    cpu.run.wakeup.clear()
     if pending_exit(cpu) not in (RunState.HELD, RunState.HALT, RunState.OFFLINE):
         return
     if dormitory is not None:
         dormitory.drowsy(cpu)
     try:
-        await cpu.wakeup.wait()
+        await cpu.run.wakeup.wait()
     finally:
         if dormitory is not None:
             dormitory.awake(cpu)
@@ -225,23 +225,23 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
     the executor's queue, before its first slice or between two (:meth:`LgCpu.wake`),
     ends as a ``KICK``.
     """
-    if cpu.inline:
+    if cpu.run.inline:
         ended = run_slice(cpu, INLINE_BUDGET)
         assert isinstance(ended, SliceExit)  # (AGAIN only with `more`)
         _debug_stop(cpu, ended)
-        cpu.inline = ended is not SliceExit.BUDGET
+        cpu.run.inline = ended is not SliceExit.BUDGET
         # Stay cooperative: let the loop run other tasks at least every YIELD_TIME.  Not
         # after every slice: a turn of the loop costs more than a notify round trip.
         now = time.monotonic()
-        if now - cpu.yielded_at >= YIELD_TIME:
-            cpu.yielded_at = now
+        if now - cpu.run.yielded_at >= YIELD_TIME:
+            cpu.run.yielded_at = now
             await asyncio.sleep(0)
         return ended
     queued = executor.submit(
         run_slice, cpu, None, functools.partial(_may_go_on, cpu), executor.crowd
     )
-    cpu.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
-    cpu.queued_slice = queued
+    cpu.run.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
+    cpu.run.queued_slice = queued
     future = asyncio.wrap_future(queued)
     try:
         exit: SliceExit = await asyncio.shield(future)
@@ -257,12 +257,12 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         # else withdrawn from the executor's queue: no slice runs, nothing to wait for
         raise
     finally:
-        cpu.queued_slice = None
+        cpu.run.queued_slice = None
         if future.done() or queued.cancelled():
             if future.done() and not future.cancelled() and future.exception() is None:
                 _debug_stop(cpu, future.result())  # (also when the read was cancelled)
-            cpu.idle.set()
-    cpu.inline = exit is not SliceExit.BUDGET
+            cpu.run.idle.set()
+    cpu.run.inline = exit is not SliceExit.BUDGET
     return exit
 
 
@@ -271,7 +271,7 @@ def _debug_stop(cpu: LgCpu, exit: SliceExit) -> None:
     there, for the reason the hook recorded (the next pass parks it; the hook's reason
     wins over a pause asked for during the slice: the debugger reports what stopped it)."""
     if exit is SliceExit.DEBUG_STOP:
-        cpu.hold = cpu.trap.debug
+        cpu.run.hold = cpu.trap.debug
 
 
 def _may_go_on(cpu: LgCpu) -> bool:

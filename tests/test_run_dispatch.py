@@ -34,15 +34,14 @@ class Script:
             id=0,
             lg=self.lg,
             fuel=SimpleNamespace(stop=1),
-            frozen=None,
+            engine=SimpleNamespace(frozen=None),
             irqs_pending=0,
-            inline=True,
             pending_notify=0x1234,
-            hold=None,
             trap=SimpleNamespace(debug=None),
-            on_hold=lambda: self.done.append(f"told holder: {self.cpu.hold}"),
-            wakeup=asyncio.Event(),
-            yielded_at=0.0,
+            run=SimpleNamespace(hold=None, inline=True, wakeup=asyncio.Event(), yielded_at=0.0),
+            debug=SimpleNamespace(
+                on_hold=lambda: self.done.append(f"told holder: {self.cpu.run.hold}")
+            ),
         )
         self.lg.cpus = [self.cpu]
         self.other = other
@@ -81,7 +80,7 @@ async def test_each_state_is_handled_in_turn_until_the_notify(
     # A held CPU tells its holder, then sleeps unless something is pending (a notify).
     assert script.done == ["slice: BUDGET", "hcall", "told holder: None"]
     assert script.cpu.fuel.stop == 0  # every pass clears the kick first
-    assert script.cpu.inline is False  # a slice that used up its time goes to the pool
+    assert script.cpu.run.inline is False  # a slice that used up its time goes to the pool
 
 
 async def test_a_debug_stop_is_turned_into_a_hold_by_the_run_loop(
@@ -91,7 +90,7 @@ async def test_a_debug_stop_is_turned_into_a_hold_by_the_run_loop(
     script.slices(monkeypatch, [SliceExit.DEBUG_STOP])
     with pytest.raises(BlockingIOError):
         await run.run_guest(script.cpu, executor=None)  # type: ignore[arg-type]
-    assert script.cpu.hold is Hold.BREAKPOINT
+    assert script.cpu.run.hold is Hold.BREAKPOINT
     assert script.done == ["slice: DEBUG_STOP", f"told holder: {Hold.BREAKPOINT}"]
 
 
@@ -133,5 +132,5 @@ async def test_a_halted_cpu_sleeps_until_woken(monkeypatch: pytest.MonkeyPatch) 
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert not reader.done()  # asleep on its wakeup event
-    script.cpu.wakeup.set()
+    script.cpu.run.wakeup.set()
     assert await reader == 0x1234

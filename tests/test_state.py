@@ -35,7 +35,7 @@ from unicorn import unicorn_const as uc_const
 
 from supervisor import LguestDevice, abi
 from supervisor._statefields import saved_fields, unmarked_fields
-from supervisor.cpu import Hold, LgCpu, ThreadError
+from supervisor.cpu import PARTS, Hold, LgCpu, ThreadError
 from supervisor.execute import SliceExit, classify
 from supervisor.guest import Lguest
 from supervisor.launcher.layout import IMAGE_BASE
@@ -483,8 +483,17 @@ async def test_bad_or_foreign_encodings_are_clear_errors(dev: LguestDevice) -> N
 def test_every_field_of_the_cpu_and_the_guest_is_saved_or_marked_host_only() -> None:
     assert unmarked_fields(LgCpu) == ()
     assert unmarked_fields(Lguest) == ()
+    for part in PARTS.values():
+        assert unmarked_fields(part) == (), part.__name__
+    # Every field of LgCpu that is a dataclass is one of its parts, under its name.
+    types = {f.name: f.type for f in dataclasses.fields(LgCpu)}
+    assert {name: types[name] for name in PARTS} == {n: c.__name__ for n, c in PARTS.items()}
     cpu_state = {f.name for f in dataclasses.fields(CpuState)}
-    assert set(saved_fields(LgCpu)) == cpu_state - {"context", "timer_ns"}
+    saved = list(saved_fields(LgCpu))
+    for part in PARTS.values():
+        saved += saved_fields(part)
+    assert len(saved) == len(set(saved))  # one name, one field
+    assert set(saved) == cpu_state - {"context", "timer_ns"}
     guest_state = {f.name for f in dataclasses.fields(GuestState)}
     assert set(saved_fields(Lguest)) == guest_state - {"memory_size", "base", "cpus", "unicorn"}
 
@@ -517,7 +526,8 @@ def fake_cpu(**changes: Any) -> Any:
         "lg": SimpleNamespace(dead=None),
     }  # fmt: skip
     values.update(changes)
-    return SimpleNamespace(**values)
+    run = {name: values.pop(name) for name in ("closing", "break_out", "hold")}
+    return SimpleNamespace(run=SimpleNamespace(**run), **values)
 
 
 def test_the_run_loop_decides_in_a_fixed_order() -> None:
@@ -570,7 +580,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
         async with LguestDevice() as dev:
             g = await boot(dev, SPIN)
             cpu = g.file.cpu(0)
-            assert cpu.check_threads
+            assert cpu.threads.enabled
             cpu.eip  # noqa: B018 - the event loop owns an idle CPU
             errors: list[BaseException] = []
 
@@ -599,7 +609,6 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
 
 async def test_outside_debug_mode_there_is_no_check(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
-    assert not g.file.cpu(0).check_threads
+    assert not g.file.cpu(0).threads.enabled
     await g.file.close()
     g.memory.close()
-
