@@ -145,7 +145,7 @@ class Idt(MutableSequence[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # The whole table in one conversion: a state capture reads every entry, and
-        # ctypes converts one element at a time about a hundred times slower.
+        # ctypes converts one element at a time, far slower.
         words = iter(_IDT_WORDS.unpack(bytes(self._table)))
         return zip(words, words, strict=True)
 

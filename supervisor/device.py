@@ -101,9 +101,10 @@ class LguestDevice:
         the event loop's priority (Linux: 0 to 19; 0 lets guests' emulation compete
         with the loop, and with other programs, as an equal; see
         :mod:`supervisor.slicepool`).  ``idle_workers`` runs them under ``SCHED_IDLE``
-        instead (Linux): the event loop then always gets a core at once (on a machine
-        that ran nothing else, it about halved the BREAK and IRQ p99), but the guests
-        get almost no CPU while any other program is busy.  A CPU that has slept in a halt,
+        instead (Linux): the event loop then always gets a core at once (a waking
+        normal thread preempts them), which shortens the BREAK and IRQ latency tail
+        (docs/performance.md), but the guests get almost no CPU while any other
+        program is busy.  A CPU that has slept in a halt,
         been held or waited for its Launcher for ``hibernate_after`` seconds gives
         back its emulator until it is needed again (0: at once; ``math.inf``: never;
         see :mod:`supervisor.hibernation`)."""

@@ -240,7 +240,7 @@ def run_slice(
     the slice's time is spent and ``more()`` is true, the run loop is not needed and
     the answer is ``AGAIN``: the pool runs the next slice after the other waiting jobs
     have had theirs, or at once, without a trip through the event loop (two thread
-    wake-ups, each tens to hundreds of µs on a VM).  Anything that wants the run loop
+    wake-ups, each far longer than a slice's bookkeeping).  Anything that wants the run loop
     kicks the CPU (``fuel.stop``, which only the run loop clears), so the next slice
     ends at once with ``KICK``.
 
@@ -273,7 +273,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
     start = time.perf_counter()
     blocks_before = fuel.blocks
     # A slice's length is CPU time from its first run on (see _slicing.run): Host work
-    # before that (delivering an interrupt, on a loaded machine milliseconds) must not
+    # before that (delivering an interrupt, which a loaded machine can stretch) must not
     # use it up, or the guest's handler would wait for a whole trip through the
     # executor's queue (docs/performance.md, "Latency and fairness under load").
     if budget is None:
