@@ -4,11 +4,11 @@ Beyond the lguest ABI.  A :class:`Debugger` belongs to one open file (one boot
 of one guest; get it with :func:`debugger`).  It holds the guest's CPUs through
 the file's control surface (:meth:`LguestFile.hold`, ``resume``, ``watch``,
 ``kill``), the way :meth:`LguestFile.pause` does, with its own reasons
-(:class:`~supervisor.cpu.Hold`): while held, the run loop parks instead of
+(:class:`~supervisor.device.Hold`): while held, the run loop parks instead of
 entering the guest, so a Launcher's read simply stays pending while the guest is
-stopped, and every other guest keeps running.  It never writes a CPU's control
-state itself; it reads registers and memory and adds code hooks through the
-CPU's public methods, only while the guest is stopped.
+stopped, and every other guest keeps running.  It never touches a CPU itself: it
+reads and changes registers and memory and adds code hooks through the file's
+:class:`~supervisor.device.DebugPort` for each CPU, only while the guest is stopped.
 
 Exactness comes from Unicorn code hooks that stop emulation from inside the
 emulating thread, before an instruction runs:
@@ -35,18 +35,13 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from unicorn import UcError
 from unicorn import x86_const as r
 
 from .abi import PAGE_SIZE
-from .device import Hold, LguestFile
-from .pagetables import guest_pa
+from .device import DebugPort, Hold, LguestFile
 from .state import Exit
-
-if TYPE_CHECKING:
-    from .cpu import LgCpu
 
 # gdb's i386 register order (the 'g' packet), 32 bits each.
 REGISTERS = (
@@ -101,11 +96,11 @@ def debugger(file: LguestFile) -> Debugger:
     return made
 
 
-def file_cpu(file: LguestFile) -> LgCpu:
+def file_cpu(file: LguestFile) -> DebugPort:
     """CPU 0 of an initialized file (``DebugError`` before INITIALIZE or after close)."""
     if file.closed or file.cpu_count == 0:
         raise DebugError("the guest is not initialized or already closed")
-    return file.cpu(0)
+    return file.debug_port(0)
 
 
 class _Watch:
@@ -114,7 +109,7 @@ class _Watch:
     def __init__(self, debugger: Debugger, index: int) -> None:
         self.debugger = debugger
         self.index = index
-        self.cpu = debugger.file.cpu(index)
+        self.cpu = debugger.file.debug_port(index)
         self.parked = False  # held inside its run loop (told by on_hold)
         # The breakpoint at resume_eip is passed once, if nothing (an interrupt, a trap)
         # was delivered since the resume: blocks are not counted on every path.
@@ -162,7 +157,7 @@ class Debugger:
         return len(self._watches)
 
     @property
-    def cpu(self) -> LgCpu:
+    def cpu(self) -> DebugPort:
         """The selected CPU (CPU 0 unless :meth:`select` chose another)."""
         return self._watches[self._selected].cpu
 
@@ -185,7 +180,7 @@ class Debugger:
     # -- state ------------------------------------------------------------------
     @property
     def death(self) -> Exit | None:
-        return self.cpu.lg.dead
+        return self.cpu.death
 
     @property
     def stop_reason(self) -> Hold | None:
@@ -225,10 +220,10 @@ class Debugger:
                 self._hold_all(PAUSE)  # all-stop: the others stop with it
         self._changed.set()
 
-    def _step_cpu(self) -> LgCpu | None:
+    def _step_cpu(self) -> DebugPort | None:
         return None if self._step_hook is None else self._step_hook[0]
 
-    def _check_stopped(self) -> LgCpu:
+    def _check_stopped(self) -> DebugPort:
         if not self.stopped:
             raise DebugError(
                 "the guest is running (stop it first)"
@@ -245,7 +240,7 @@ class Debugger:
     def request_stop(self, reason: Hold = PAUSE) -> None:
         """Ask every CPU to stop at its next instruction boundary (returns at once)."""
         cpu = self.cpu
-        if self.file.closed or cpu.closed or cpu.lg.dead:
+        if self.file.closed or cpu.closed or cpu.death:
             return
         self._hold_all(reason)
 
@@ -258,7 +253,7 @@ class Debugger:
         while True:
             if self.file.closed:
                 raise DebugError("the guest is closed")
-            dead = self.cpu.lg.dead
+            dead = self.cpu.death
             if dead is not None:
                 return Stop("dead", dead)
             if self.parked if parked else self.stopped:
@@ -280,7 +275,7 @@ class Debugger:
         cpu = watch.cpu
         watch.resume_eip = cpu.eip if cpu.online else -1  # (an offline CPU stays frozen)
         watch.pass_once = True
-        watch.resume_interrupts = cpu.stats.interrupts
+        watch.resume_interrupts = cpu.interrupts
         watch.parked = False
         self.file.resume(watch.index)
 
@@ -298,14 +293,12 @@ class Debugger:
         cpu = self._check_stopped()
         self._drop_step_hook()
         executed = 0
-        trap = cpu.trap
 
         def on_code(uc: Any, _address: int, _size: int, _data: object) -> None:
             nonlocal executed
             executed += 1
             if executed > 1:
-                trap.debug = STEP
-                uc.emu_stop()
+                cpu.stop_here(uc, STEP)
 
         self._step_hook = (cpu, cpu.add_code_hook(on_code))
         self._event = None
@@ -371,14 +364,13 @@ class Debugger:
     # -- registers and memory ----------------------------------------------------------
     def registers(self) -> list[int]:
         """The 16 registers in gdb's i386 order (:data:`REGISTERS`)."""
-        uc = self._check_stopped().emulator
-        return [uc.reg_read(reg) & 0xFFFFFFFF for reg in _UC_REGS]
+        cpu = self._check_stopped()
+        return [cpu.reg(reg) & 0xFFFFFFFF for reg in _UC_REGS]
 
     def register(self, index: int) -> int:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
-        value: int = self._check_stopped().emulator.reg_read(_UC_REGS[index])
-        return value & 0xFFFFFFFF
+        return self._check_stopped().reg(_UC_REGS[index]) & 0xFFFFFFFF
 
     def set_register(self, index: int | str, value: int) -> None:
         """Change one register (by gdb index or name).  Segment registers are reloaded."""
@@ -390,11 +382,11 @@ class Debugger:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
         value &= 0xFFFF if index >= FIRST_SEGMENT else 0xFFFFFFFF
-        if cpu.emulator.reg_read(_UC_REGS[index]) == value:
+        if cpu.reg(_UC_REGS[index]) == value:
             return  # gdb's 'G' writes every register back; leave the unchanged ones alone
         try:
-            cpu.emulator.reg_write(_UC_REGS[index], value)
-        except UcError as exc:
+            cpu.set_reg(_UC_REGS[index], value)
+        except ValueError as exc:
             raise DebugError(f"cannot set {REGISTERS[index]} to {value:#x}: {exc}") from None
 
     def _pages(self, address: int, size: int) -> list[tuple[int, int]]:
@@ -402,9 +394,9 @@ class Debugger:
         cpu = self._check_stopped()
         pieces = []
         while size > 0:
-            pa = guest_pa(cpu, address & 0xFFFFFFFF)
             chunk = min(size, PAGE_SIZE - (address & (PAGE_SIZE - 1)))
-            if pa is None or not cpu.lg.address_ok(pa, chunk):
+            pa = cpu.physical(address, chunk)
+            if pa is None:
                 raise DebugError(f"no memory at {address & 0xFFFFFFFF:#x}")
             pieces.append((pa, chunk))
             address += chunk
@@ -413,15 +405,15 @@ class Debugger:
 
     def read_memory(self, address: int, size: int) -> bytes:
         """Bytes at a guest-virtual address (through the guest's page tables)."""
-        lg = self.cpu.lg
-        return b"".join(bytes(lg.ram[pa : pa + n]) for pa, n in self._pages(address, size))
+        cpu = self.cpu
+        return b"".join(cpu.read(pa, n) for pa, n in self._pages(address, size))
 
     def write_memory(self, address: int, data: bytes) -> None:
         """Store bytes at a guest-virtual address (read-only pages too); code is retranslated."""
-        lg = self.cpu.lg
+        cpu = self.cpu
         offset = 0
         for pa, n in self._pages(address, len(data)):
-            lg.ram[pa : pa + n] = data[offset : offset + n]
+            cpu.write(pa, data[offset : offset + n])
             offset += n
         self.cpu.flush_code()
 
@@ -429,17 +421,11 @@ class Debugger:
 def _breakpoint_hook(watch: _Watch) -> Any:
     """A code hook that stops ``watch``'s CPU before the instruction (slice thread)."""
     cpu = watch.cpu
-    trap = cpu.trap
 
     def on_code(uc: Any, at: int, _size: int, _data: object) -> None:
-        if (
-            at == watch.resume_eip
-            and watch.pass_once
-            and (cpu.stats.interrupts == watch.resume_interrupts)
-        ):
+        if at == watch.resume_eip and watch.pass_once and cpu.interrupts == watch.resume_interrupts:
             watch.pass_once = False
             return  # the instruction we resume from runs once
-        trap.debug = BREAKPOINT
-        uc.emu_stop()
+        cpu.stop_here(uc, BREAKPOINT)
 
     return on_code

@@ -19,6 +19,9 @@ import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
+
+from unicorn import UcError
 
 from . import _unicorn, codecache, run, timers
 from .abi import (
@@ -40,11 +43,12 @@ from .guest import Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
+from .pagetables import guest_pa
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
 from .state import Exit, GuestState, StateError
 
-__all__ = ["PAUSE", "Hold", "LguestDevice", "LguestFile", "Waker"]
+__all__ = ["PAUSE", "DebugPort", "Hold", "LguestDevice", "LguestFile", "Waker"]
 
 PAUSE = Hold.PAUSE  # the hold reason of LguestFile.pause()
 
@@ -450,14 +454,20 @@ class LguestFile:
         return 0 if self._lg is None else len(self._lg.cpus)
 
     def cpu(self, cpu: int = 0) -> LgCpu:
-        """The CPU itself, for in-process tools that follow its threading contract
-        (:mod:`supervisor.debug`: registers, memory, code hooks, while the CPU is held).
-        Its control state is the device's and the run loop's: hold it, release it,
-        watch it or kill the guest only through :meth:`hold`, :meth:`resume`,
-        :meth:`watch` and :meth:`kill`.  ``EINVAL`` before INITIALIZE or for no such CPU."""
+        """The CPU itself, for white-box tests and benchmarks that follow its threading
+        contract.  Tools use :meth:`debug_port` and the control requests (:meth:`hold`,
+        :meth:`resume`, :meth:`watch`, :meth:`kill`), never the CPU's fields.  ``EINVAL``
+        before INITIALIZE or for no such CPU."""
         if self._closed:
             raise _error(errno.EBADF)
         return self._cpu(cpu)
+
+    def debug_port(self, cpu: int = 0) -> DebugPort:
+        """What a debugger may read and change of CPU ``cpu`` (see :class:`DebugPort`).
+        ``EBADF`` once closed, ``EINVAL`` before INITIALIZE or for no such CPU."""
+        if self._closed:
+            raise _error(errno.EBADF)
+        return DebugPort(self._cpu(cpu))
 
     def state(self) -> GuestState:
         """The guest's whole state except its memory, as one immutable value.
@@ -667,6 +677,97 @@ class LguestFile:
             if not cpu.run.closing:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
         return WORD.pack(address)  # one word: pack_words without its generality
+
+
+class DebugPort:
+    """One CPU as an in-process debugger sees it (:mod:`supervisor.debug`).
+
+    Reads of its registers and memory, code hooks, and guest-virtual translation;
+    no control state (the file's requests hold, release and watch the CPU).  Registers,
+    memory and hooks only while the CPU is held and no slice runs (the threading
+    contract: the event loop owns the CPU then); a register read of a hibernated CPU
+    takes it a new emulator.  A hook's callback runs on the slice's thread and stops
+    there with :meth:`stop_here`.
+    """
+
+    __slots__ = ("_cpu",)
+
+    def __init__(self, cpu: LgCpu) -> None:
+        self._cpu = cpu
+
+    @property
+    def index(self) -> int:
+        return self._cpu.id
+
+    @property
+    def online(self) -> bool:
+        return self._cpu.online
+
+    @property
+    def halted(self) -> bool:
+        return self._cpu.halted
+
+    @property
+    def closed(self) -> bool:
+        return self._cpu.closed
+
+    @property
+    def death(self) -> Exit | None:
+        return self._cpu.lg.dead
+
+    @property
+    def interrupts(self) -> int:
+        """Interrupts and traps delivered so far (the slice's thread may read it)."""
+        return self._cpu.stats.interrupts
+
+    @property
+    def eip(self) -> int:
+        return self._cpu.eip
+
+    def reg(self, reg: int) -> int:
+        """A register (a ``unicorn.x86_const`` number)."""
+        value: int = self._cpu.emulator.reg_read(reg)
+        return value
+
+    def set_reg(self, reg: int, value: int) -> None:
+        """Change a register; ``ValueError`` if Unicorn refuses the value."""
+        try:
+            self._cpu.emulator.reg_write(reg, value)
+        except UcError as exc:
+            raise ValueError(str(exc)) from None
+
+    def add_code_hook(self, callback: Callable[..., None], begin: int = 1, end: int = 0) -> Any:
+        """A code hook (:meth:`LgCpu.add_code_hook`); remove it with :meth:`remove_hook`."""
+        return self._cpu.add_code_hook(callback, begin, end)
+
+    def remove_hook(self, hook: Any) -> None:
+        self._cpu.remove_hook(hook)
+
+    def stop_here(self, uc: Any, reason: Hold) -> None:
+        """From a code hook (the slice's thread): stop before this instruction; the run
+        loop holds the CPU for ``reason``."""
+        self._cpu.trap.debug = reason
+        uc.emu_stop()
+
+    def physical(self, address: int, size: int) -> int | None:
+        """The guest-physical address of guest-virtual ``address`` through the CPU's page
+        tables, if it and the ``size`` bytes from it (on its page) are guest memory."""
+        pa = guest_pa(self._cpu, address & 0xFFFFFFFF)
+        if pa is None or not self._cpu.lg.address_ok(pa, size):
+            return None
+        return pa
+
+    def read(self, pa: int, size: int) -> bytes:
+        """Guest-physical bytes (checked by :meth:`physical`)."""
+        return bytes(self._cpu.lg.ram[pa : pa + size])
+
+    def write(self, pa: int, data: bytes) -> None:
+        """Store guest-physical bytes (checked by :meth:`physical`; read-only pages too)."""
+        self._cpu.lg.ram[pa : pa + len(data)] = data
+
+    def flush_code(self) -> None:
+        """Forget every translated block: code is translated afresh from memory."""
+        self._cpu.flush_code()
 
 
 class Waker:

@@ -101,3 +101,21 @@ def test_only_the_owners_assign_a_cpus_control_state() -> None:
                     owner = ast.unparse(target.value)
                     where = f"{path.name}:{target.lineno}"
                     assert owner == "self", f"{where} assigns {owner}.{target.attr}"
+
+
+async def test_a_debug_port_reads_a_held_cpu_and_checks_addresses(dev: LguestDevice) -> None:
+    g = await boot(dev, SPIN)
+    port = g.file.debug_port(0)
+    await g.file.pause(0)
+    assert port.index == 0 and port.online and port.death is None
+    counter = g.guest.symbols["counter"]
+    pa = port.physical(counter, 4)  # the guest's own mapping of its data
+    assert pa is not None and port.read(pa, 4) == g.memory.read(counter, 4)
+    assert port.physical(0xFFFFF000, 4) is None  # no such guest memory
+    with pytest.raises(OSError) as bad:
+        g.file.debug_port(3)
+    assert bad.value.errno == errno.EINVAL
+    await g.file.close()
+    with pytest.raises(OSError) as closed:
+        g.file.debug_port(0)
+    assert closed.value.errno == errno.EBADF
