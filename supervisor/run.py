@@ -44,8 +44,8 @@ def _oserror(code: int) -> OSError:
 class RunState(ExitValue):
     """Why the run loop cannot simply run a CPU now (:func:`pending_exit`'s answer).
 
-    Apart from :class:`~supervisor.execute.SliceExit`, why one slice stopped: a slice's
-    exit only decides where the next slice runs, these decide what the loop does.
+    Kept apart from :class:`~supervisor.execute.SliceExit` (why one slice stopped): a
+    slice's exit only decides where the next slice runs; these decide what the loop does.
     """
 
     __slots__ = ()
