@@ -119,3 +119,19 @@ async def test_a_debug_port_reads_a_held_cpu_and_checks_addresses(dev: LguestDev
     with pytest.raises(OSError) as closed:
         g.file.debug_port(0)
     assert closed.value.errno == errno.EBADF
+
+
+def test_one_result_type_from_the_device_up() -> None:
+    import supervisor
+    from supervisor import host
+    from supervisor.launcher import launcher
+    from supervisor.state import Exit
+
+    assert supervisor.Exit is host.Exit is Exit
+    assert vars(launcher)["Exit"] is Exit  # the Launcher has no result type of its own
+    assert not hasattr(supervisor, "Death")
+    killed, off = Exit.of("bad page"), Exit.of("power off", exit_status=0)
+    reboot = Exit.of("reboot", errno.ERESTART)
+    assert killed.died and not killed.ok and not killed.restart
+    assert off.ok and not off.died and off == Exit(0, "power off", 0, died=False)
+    assert reboot.restart and not reboot.died and reboot.exit_status is None
