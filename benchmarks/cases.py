@@ -455,7 +455,7 @@ async def _latency_run(p: Profile, image: guests.Image, **device: Any) -> _Laten
             k += 1
             # (A racy read of the pool's flag, good enough to sort samples.  A BREAK's kick
             # lands a turn of the loop later: its run may have left the queue meanwhile.)
-            run = cpus[i].queued_slice
+            run = cpus[i].run.queued_slice
             asked = (now(), isinstance(run, Job) and not run.queued and not run.done())
             if k % 2:
                 pending_break[i] = asked

@@ -19,7 +19,6 @@ imported here) has ``Cluster`` and ``ClusterError``.
 from . import abi
 from .config import ConfigError, GuestConfig
 from .device import LguestDevice, LguestFile, Waker
-from .guest import Death
 from .host import ConsoleEnded, Exit, Guest, Supervisor
 from .launcher.loader import ImageError
 from .limits import Limits
@@ -30,7 +29,6 @@ from .state import StateError
 __all__ = [
     "ConfigError",
     "ConsoleEnded",
-    "Death",
     "Exit",
     "Guest",
     "GuestConfig",

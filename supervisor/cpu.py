@@ -7,8 +7,13 @@ event loop does.  The exceptions are :meth:`LgCpu.kick`, which any thread may
 call at any time, and the irq bits, which the event loop sets and the slice
 clears under ``_irq_lock``.
 
-Every field is marked :func:`~supervisor.state.saved` (part of the CPU's state
-value, :class:`~supervisor.state.CpuState`) or
+The Host's machinery for a CPU is in parts, each written by one room
+(docs/architecture.md, "Who owns which field"): :class:`RunControl` (the device
+and the run loop), :class:`Engine` (the emulator and its dormancy),
+:class:`Clock` (timers.py), :class:`ThreadCheck` and :class:`Debugging`.
+
+Every field, of the CPU and of its parts, is marked :func:`~supervisor.state.saved`
+(part of the CPU's state value, :class:`~supervisor.state.CpuState`) or
 :func:`~supervisor.state.host_only`; :meth:`LgCpu.capture` and
 :meth:`LgCpu.restore` turn the saved ones into that value and back.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import enum
 import itertools
 import math
 import struct
@@ -80,13 +86,23 @@ class CpuStats:
     blocks_counted: bool = False  # this CPU's last slice counted its blocks (see blocks)
 
 
+class Hold(enum.StrEnum):
+    """Why a CPU is held: while it is, the run loop parks it at an instruction boundary
+    instead of entering the guest (``LguestFile.hold``)."""
+
+    PAUSE = "pause"  # stopped on request (LguestFile.pause, gdb's Ctrl-C, a snapshot)
+    START = "start"  # a debugger holds it before its first instruction
+    BREAKPOINT = "breakpoint"  # a debugger's breakpoint hook stopped it
+    STEP = "step"  # a debugger's single step ended
+
+
 @dataclass(slots=True)
 class Trap:
     """What stopped emulation, recorded by a hook on the slice's thread."""
 
     vector: int | None = None  # an interrupt or exception vector
     bad_access: tuple[str, int] | None = None  # ("read"|"write"|"fetch", address)
-    debug: str | None = None  # a debugger's code hook stopped before an instruction: why
+    debug: Hold | None = None  # a debugger's code hook stopped before an instruction: why
     hcall: tuple[int, int, int, int] | None = None  # the hypercall registers, if the hook read them
 
 
@@ -129,7 +145,7 @@ class Idt(MutableSequence[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # The whole table in one conversion: a state capture reads every entry, and
-        # ctypes converts one element at a time about a hundred times slower.
+        # ctypes converts one element at a time, far slower.
         words = iter(_IDT_WORDS.unpack(bytes(self._table)))
         return zip(words, words, strict=True)
 
@@ -192,18 +208,98 @@ class _InFuel:
         self.put(cpu.fuel, value)
 
 
+# -- the parts of a CPU, each written by one room (docs/architecture.md) --------------
+@dataclass(eq=False, slots=True)
+class RunControl:
+    """The run state: written on the event loop by ``device.py`` (requests, reads,
+    close) and ``run.py`` (the run loop), and by :meth:`LgCpu.wake`.  A worker only
+    reads it (``run._may_go_on``), and every writer that needs the run loop kicks the
+    CPU afterwards."""
+
+    # Why the CPU is held: while set the run loop parks at an instruction boundary
+    # instead of entering the guest.
+    hold: Hold | None = host_only(default=None)
+    break_out: bool = saved(default=False)  # a Waker's LHREQ_BREAK 1, until BREAK 0
+    break_released: asyncio.Event = host_only(default_factory=asyncio.Event)
+    reading: bool = host_only(default=False)  # a read of this CPU is in flight
+    closing: bool = host_only(default=False)  # close(): every later pass ends with EBADF
+    wakeup: asyncio.Event = host_only(default_factory=asyncio.Event)  # the run loop's sleep
+    idle: asyncio.Event = host_only(default_factory=asyncio.Event)  # set: no executor slice
+    # An executor run (a slicepool.Job) submitted and not finished.  Its cancel()
+    # withdraws it while it waits in the pool's queue (before its first slice or between
+    # two); while a slice runs it only asks the run to end after that slice.
+    queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
+    inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    yielded_at: float = host_only(default=0.0)  # its inline slices last let the loop run
+
+
+@dataclass(eq=False, slots=True)
+class Engine:
+    """The emulator a CPU runs on and its dormancy: the part an engine pool hands around.
+
+    :meth:`LgCpu.hibernate`, :meth:`LgCpu.thaw` and :meth:`LgCpu.close` (event loop)
+    write the instance, its registers, hooks and frozen context; ``hibernation.py``
+    writes ``dormitory_due``.  While ``frozen`` holds the registers, ``uc`` and ``regs``
+    are None and the first use of the emulator takes a new one.
+    """
+
+    uc: Any = host_only()  # None once closed or hibernated
+    regs: _unicorn.Registers = host_only()  # (None while uc is)
+    host_address: int = host_only()  # where the guest's memory is (mem_map_ptr)
+    tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
+    install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc
+    hooks: list[Any] = host_only(default_factory=list)  # keeps the hooks' callbacks alive
+    frozen: bytes | None = host_only(default=None)  # the registers while hibernated
+    released: bool = host_only(default=False)  # close() ran: nothing is left
+    hibernate_after: float = host_only(default=math.inf)  # seconds drowsy before it does
+    dormitory_due: float = host_only(default=math.inf)  # its dormitory queue entry's time
+
+
+@dataclass(eq=False, slots=True)
+class Clock:
+    """The CPU's armed clock event and when it is due (the loop's clock): ``timers.py``
+    writes both, on the event loop."""
+
+    event: asyncio.Handle | None = host_only(default=None)
+    due: float = host_only(default=0.0)
+
+
+@dataclass(eq=False, slots=True)
+class ThreadCheck:
+    """The threading contract's check (asyncio debug mode): set at creation; the slice
+    (``execute.py``) writes ``slice`` while it runs."""
+
+    enabled: bool = host_only(default=False)
+    loop: int = host_only(default=0)  # the event loop's thread
+    slice: int | None = host_only(default=None)  # the thread running a slice now
+
+
+@dataclass(eq=False, slots=True)
+class Debugging:
+    """What a debugger attached: :meth:`LgCpu.add_code_hook` / ``remove_hook`` count
+    the code hooks (no hibernation meanwhile); ``LguestFile.watch`` sets ``on_hold``,
+    which the run loop calls when the CPU parks or dies."""
+
+    code_hooks: int = host_only(default=0)
+    on_hold: Callable[[], None] | None = host_only(default=None)
+
+
 @dataclass(eq=False)
 class LgCpu:
-    """A guest CPU.  Create with :func:`new_cpu` or :func:`revive_cpu`."""
+    """A guest CPU.  Create with :func:`new_cpu` or :func:`revive_cpu`.
+
+    The guest's state (marked saved) and the slice's working state are fields here;
+    the Host's machinery is in parts, each written by one room: ``run``, ``engine``,
+    ``clock``, ``threads``, ``debug``.
+    """
 
     # -- the guest's state (part of CpuState) ------------------------------------------
     id: int = saved()
     start: int = saved()
     # -- the Host's machinery (not part of the state) ----------------------------------
     lg: Lguest = host_only()
-    uc: Any = host_only()  # None once closed
+    engine: Engine = host_only()
     fuel: _slicing.Fuel = host_only()
-    regs: _unicorn.Registers = host_only()
     # -- the guest's state, continued ----------------------------------------------------
     irqs_pending: int = saved(default=0)
     halted: bool = saved(default=False)
@@ -214,7 +310,6 @@ class LgCpu:
     hcall: tuple[int, int, int, int] | None = saved(default=None)  # trapped, not yet done
     next_hcall: int = saved(default=0)  # next slot of the async ring
     pending_notify: int = saved(default=0)  # a notify not yet handed to the Launcher
-    break_out: bool = saved(default=False)  # a Waker's LHREQ_BREAK 1, until BREAK 0
     # ts, idt and stack live in `fuel` (see _InFuel below the class): one copy, which
     # _fuel.c's interrupt hook changes when it completes a hypercall natively.
     ts: int = saved(default=0)
@@ -226,46 +321,19 @@ class LgCpu:
     stats: CpuStats = saved(default_factory=CpuStats)
 
     # -- the Host's machinery, continued --------------------------------------------------
-    # The armed clock event and when it is due (the loop's clock): timers.py owns both.
-    clock: asyncio.Handle | None = host_only(default=None)
-    clock_due: float = host_only(default=0.0)
-    budget: int = host_only(default=DEFAULT_BUDGET)  # adaptive slice length, in blocks
-    inline: bool = host_only(default=True)  # the next slice may run on the event loop
-    # execute.py: the last inline slice that delivered no interrupt used up its time (the
-    # guest computes through them: the next one gets INLINE_TIME, not LONG_INLINE_TIME).
+    run: RunControl = host_only(default_factory=RunControl)
+    clock: Clock = host_only(default_factory=Clock)
+    threads: ThreadCheck = host_only(default_factory=ThreadCheck)
+    debug: Debugging = host_only(default_factory=Debugging)
+    # The slice's own (execute.py): its adaptive length in blocks, and whether the last
+    # inline slice that delivered no interrupt used up its time (the guest computes
+    # through them: the next one gets INLINE_TIME, not LONG_INLINE_TIME).
+    budget: int = host_only(default=DEFAULT_BUDGET)
     inline_spent: bool = host_only(default=False)
-    yielded_at: float = host_only(default=0.0)  # run.py: its inline slices last let the loop run
-    # An executor run (a slicepool.Job) submitted and not finished: run.py owns it.  Its
-    # cancel() withdraws it while it waits in the pool's queue (before its first slice or
-    # between two); while a slice runs it only asks the run to end after that slice.
-    queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
-    trap: Trap = host_only(default_factory=Trap)
-    reading: bool = host_only(default=False)  # a read of this CPU is in flight
-    closing: bool = host_only(default=False)  # close(): every later pass ends with EBADF
-    # Why the CPU is held ("pause", "breakpoint", "step", ...): while set the run loop
-    # parks at an instruction boundary instead of entering the guest.
-    hold: str | None = host_only(default=None)
-    on_hold: Callable[[], None] | None = host_only(default=None)  # told when it parks or dies
-    wakeup: asyncio.Event = host_only(default_factory=asyncio.Event)  # the run loop's sleep
-    idle: asyncio.Event = host_only(default_factory=asyncio.Event)  # set: no executor slice
-    break_released: asyncio.Event = host_only(default_factory=asyncio.Event)
-    # Hibernation (supervisor.hibernation): while `frozen` holds the registers, `uc` and
-    # `regs` are None and the first use of the emulator takes a new one (thaw()).
-    frozen: bytes | None = host_only(default=None)
-    hibernate_after: float = host_only(default=math.inf)  # seconds drowsy before it does
-    dormitory_due: float = host_only(default=math.inf)  # hibernation.py: its queue entry's time
-    host_address: int = host_only(default=0)  # where the guest's memory is (mem_map_ptr)
-    tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
-    install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc
-    code_hooks: int = host_only(default=0)  # a debugger's hooks: no hibernation meanwhile
-    released: bool = host_only(default=False)  # close() ran: nothing is left
-    check_threads: bool = host_only(default=False)  # asyncio debug mode: check the contract
-    loop_thread: int = host_only(default=0)
-    slice_thread: int | None = host_only(default=None)  # the thread running a slice now
+    trap: Trap = host_only(default_factory=Trap)  # what the hooks recorded (the slice)
     # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
     stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
     _irq_lock: threading.Lock = host_only(default_factory=threading.Lock)
-    _hooks: list[Any] = host_only(default_factory=list)
     # Instances hibernate() gave back minus those thaw() took, in this process: the C
     # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
     given_back: ClassVar[int] = 0
@@ -288,11 +356,11 @@ class LgCpu:
         is kicked.  Either way the next slice runs briefly on the event loop.
         """
         self.kick()
-        queued = self.queued_slice
+        queued = self.run.queued_slice
         if queued is not None:
             queued.cancel()
-        self.inline = True
-        self.wakeup.set()
+        self.run.inline = True
+        self.run.wakeup.set()
 
     def raise_irq(self, irq: int) -> None:
         """Mark ``irq`` pending and wake the CPU so it is seen promptly."""
@@ -308,41 +376,41 @@ class LgCpu:
     @property
     def running(self) -> bool:
         """True while an executor slice of this CPU is queued or running."""
-        return not self.idle.is_set()
+        return not self.run.idle.is_set()
 
     # -- registers (whoever owns the CPU right now) ------------------------------
     def check_thread(self) -> None:
         """In debug mode, raise :class:`ThreadError` unless this thread owns the CPU now."""
-        if not self.check_threads:
+        if not self.threads.enabled:
             return
         me = threading.get_ident()
-        owner = self.slice_thread
+        owner = self.threads.slice
         if owner is None and self.running:
             owner = -1  # a slice is queued or starting: nobody may touch the CPU
         if owner is None:
-            owner = self.loop_thread
+            owner = self.threads.loop
         if me != owner:
             raise ThreadError(
                 f"cpu {self.id} touched from thread {me}; "
-                + ("a slice owns it" if owner != self.loop_thread else "the event loop owns it")
+                + ("a slice owns it" if owner != self.threads.loop else "the event loop owns it")
             )
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` freed everything."""
-        return self.released
+        return self.engine.released
 
     @property
     def hibernated(self) -> bool:
-        return self.frozen is not None
+        return self.engine.frozen is not None
 
     @property
     def emulator(self) -> Any:
         """The Unicorn instance, taking a new one first if the CPU hibernates."""
         self.check_thread()
-        if self.frozen is not None:
+        if self.engine.frozen is not None:
             self.thaw()
-        return self.uc
+        return self.engine.uc
 
     @property
     def eip(self) -> int:
@@ -351,9 +419,9 @@ class LgCpu:
     def _live_regs(self) -> _unicorn.Registers:
         """The registers, from the thread that owns the CPU now (thawed if it hibernated)."""
         self.check_thread()
-        if self.frozen is not None:
+        if self.engine.frozen is not None:
             self.thaw()
-        return self.regs
+        return self.engine.regs
 
     def reg(self, reg: int) -> int:
         return self._live_regs().read(reg)
@@ -376,29 +444,29 @@ class LgCpu:
         Refused (False) while a slice is queued or runs, while a debugger's code
         hooks are installed, and once closed.  Event loop only.
         """
-        uc = self.uc
-        if uc is None or self.running or self.code_hooks or self.released:
+        uc = self.engine.uc
+        if uc is None or self.running or self.debug.code_hooks or self.engine.released:
             return False
         self.check_thread()
-        self.frozen = _unicorn.context_data(uc)
+        self.engine.frozen = _unicorn.context_data(uc)
         _unicorn.close(uc)
-        self._hooks.clear()
-        self.uc = None
-        self.regs = None  # type: ignore[assignment]
+        self.engine.hooks.clear()
+        self.engine.uc = None
+        self.engine.regs = None  # type: ignore[assignment]  # (with uc)
         self.stats.hibernations += 1
         LgCpu.given_back += 1
         return True
 
     def thaw(self) -> None:
         """Take a new Unicorn instance with the kept registers (no effect if awake)."""
-        frozen = self.frozen
-        if frozen is None or self.released:
+        frozen = self.engine.frozen
+        if frozen is None or self.engine.released:
             return
-        uc = _new_uc(self.lg, self.host_address, self.tcg_buffer)
+        uc = _new_uc(self.lg, self.engine.host_address, self.engine.tcg_buffer)
         _slicing.attach(uc, self.fuel)
-        self.uc = uc
-        self.regs = _unicorn.Registers(uc)
-        self.frozen = None
+        self.engine.uc = uc
+        self.engine.regs = _unicorn.Registers(uc)
+        self.engine.frozen = None
         _install_hooks(self)
         _unicorn.load_context_data(uc, frozen)
         self.stats.wakes += 1
@@ -420,17 +488,17 @@ class LgCpu:
         _slicing.exact_blocks(uc, self.fuel)  # code hooks must stop before an instruction
         hook = uc.hook_add(UC_HOOK_CODE, callback, begin=begin, end=end)
         uc.ctl_flush_tb()  # blocks translated before the hook would not call it
-        self.code_hooks += 1
+        self.debug.code_hooks += 1
         return hook
 
     def remove_hook(self, hook: Any) -> None:
         """Remove a hook from :meth:`add_code_hook` (no effect once the CPU is closed)."""
-        if self.uc is None:
+        if self.engine.uc is None:
             return
         self.check_thread()
-        self.uc.hook_del(hook)
-        self.uc.ctl_flush_tb()
-        self.code_hooks -= 1
+        self.engine.uc.hook_del(hook)
+        self.engine.uc.ctl_flush_tb()
+        self.debug.code_hooks -= 1
 
     # -- the state value ---------------------------------------------------------------
     def capture(self, timer_ns: int | None) -> CpuState:
@@ -442,11 +510,14 @@ class LgCpu:
         if self.running:
             raise StateError(f"cpu {self.id} is running")
         values = {name: getattr(self, name) for name in _SAVED}
+        for part, names in _SAVED_PARTS:
+            values.update((name, getattr(getattr(self, part), name)) for name in names)
         values["idt"] = tuple(self.idt)
         values["stats"] = tuple(
             (f.name, getattr(self.stats, f.name)) for f in dataclasses.fields(CpuStats)
         )
-        context = self.frozen if self.frozen is not None else _unicorn.context_data(self.uc)
+        engine = self.engine
+        context = engine.frozen if engine.frozen is not None else _unicorn.context_data(engine.uc)
         return CpuState(context=context, timer_ns=timer_ns, **values)
 
     def restore(self, state: CpuState) -> None:
@@ -454,9 +525,12 @@ class LgCpu:
         self.check_thread()
         for name in _SAVED:
             setattr(self, name, getattr(state, name))
+        for part, names in _SAVED_PARTS:
+            for name in names:
+                setattr(getattr(self, part), name, getattr(state, name))
         self.idt = list(state.idt)
-        names = {f.name for f in dataclasses.fields(CpuStats)}
-        self.stats = CpuStats(**{k: v for k, v in state.stats if k in names})  # type: ignore[arg-type]
+        counters = {f.name for f in dataclasses.fields(CpuStats)}
+        self.stats = CpuStats(**{k: v for k, v in state.stats if k in counters})  # type: ignore[arg-type]
         self.fuel.blocks = self.stats.blocks
         self.fuel.native_done = 0  # (counted into stats after each run; none is pending here)
         uc = self.emulator
@@ -467,10 +541,10 @@ class LgCpu:
         _unicorn.forget_exception(uc)
         uc.ctl_flush_tb()
         self.flush_tlb()
-        if self.break_out:
-            self.break_released.clear()
+        if self.run.break_out:
+            self.run.break_released.clear()
         else:
-            self.break_released.set()
+            self.run.break_released.set()
 
     # -- the end ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -478,14 +552,14 @@ class LgCpu:
 
         Only when no slice runs.
         """
-        self.released = True
-        self.frozen = None
-        uc = self.uc
+        self.engine.released = True
+        self.engine.frozen = None
+        uc = self.engine.uc
         if uc is None:
             return
         _unicorn.close(uc)
-        self._hooks.clear()
-        self.uc = None
+        self.engine.hooks.clear()
+        self.engine.uc = None
 
 
 def _put_idt(fuel: _slicing.Fuel, value: Iterable[tuple[int, int]]) -> None:
@@ -509,6 +583,16 @@ for _name, _view in (
     setattr(LgCpu, _name, _view)
 
 _SAVED = saved_fields(LgCpu)
+# The parts of an LgCpu by field name.  Their fields are marked like LgCpu's own; a
+# part's saved fields are in CpuState under their own names.
+PARTS: dict[str, type] = {
+    "run": RunControl,
+    "engine": Engine,
+    "clock": Clock,
+    "threads": ThreadCheck,
+    "debug": Debugging,
+}
+_SAVED_PARTS = tuple((p, saved_fields(c)) for p, c in PARTS.items() if saved_fields(c))
 
 
 def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
@@ -528,9 +612,9 @@ def _install_hooks(cpu: LgCpu) -> None:
         trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
         return False
 
-    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
-    if cpu.install_hooks is not None:
-        cpu.install_hooks(cpu)
+    cpu.engine.hooks.append(cpu.engine.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
+    if cpu.engine.install_hooks is not None:
+        cpu.engine.install_hooks(cpu)
 
 
 def _attach(
@@ -541,6 +625,7 @@ def _attach(
     tcg_buffer: int,
     limits: Limits,
     install_hooks: Callable[[LgCpu], None] | None,
+    hibernate_after: float,
 ) -> LgCpu:
     loop = asyncio.get_running_loop()
     uc = _new_uc(lg, host_address, tcg_buffer)
@@ -549,17 +634,19 @@ def _attach(
         start=start,
         limits=limits,
         lg=lg,
-        uc=uc,
+        engine=Engine(
+            uc=uc,
+            regs=_unicorn.Registers(uc),
+            host_address=host_address,
+            tcg_buffer=tcg_buffer,
+            install_hooks=install_hooks,
+            hibernate_after=hibernate_after,
+        ),
         fuel=_slicing.attach(uc, count_blocks=limits.max_blocks is not None),
-        regs=_unicorn.Registers(uc),
-        host_address=host_address,
-        tcg_buffer=tcg_buffer,
-        install_hooks=install_hooks,
-        check_threads=loop.get_debug(),
-        loop_thread=threading.get_ident(),
+        threads=ThreadCheck(enabled=loop.get_debug(), loop=threading.get_ident()),
     )
-    cpu.break_released.set()
-    cpu.idle.set()
+    cpu.run.break_released.set()
+    cpu.run.idle.set()
     _install_hooks(cpu)
     return cpu
 
@@ -573,17 +660,21 @@ def new_cpu(
     tcg_buffer: int,
     limits: Limits = UNLIMITED,
     install_hooks: Callable[[LgCpu], None] | None = None,
+    hibernate_after: float = math.inf,
 ) -> LgCpu:
     """Create CPU ``cpu_id`` of ``lg`` (event loop): guest memory mapped at 0, paging on
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
-    the CPU gets (this one, and a new one after each hibernation).
+    the CPU gets (this one, and a new one after each hibernation); ``hibernate_after``
+    is how long it may sleep before it gives back its emulator (supervisor.hibernation).
 
     The CPU starts at ring 0 in lguest's boot segments (the Host's read-only GDT,
     supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
     ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
-    cpu = _attach(lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks)
-    hostpages.install(lg, pgdir)
+    cpu = _attach(
+        lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks, hibernate_after
+    )
+    lg.host_wrote(hostpages.install(lg.ram, pgdir), 4)
     setup_regs(cpu, start, pgdir)
     return cpu
 
@@ -594,9 +685,13 @@ def revive_cpu(
     host_address: int,
     tcg_buffer: int,
     install_hooks: Callable[[LgCpu], None] | None = None,
+    hibernate_after: float = math.inf,
 ) -> LgCpu:
     """A CPU of ``lg`` in ``state`` (event loop); its timer is the caller's part."""
-    cpu = _attach(lg, state.id, state.start, host_address, tcg_buffer, state.limits, install_hooks)
+    cpu = _attach(
+        lg, state.id, state.start, host_address, tcg_buffer, state.limits, install_hooks,
+        hibernate_after,
+    )  # fmt: skip
     try:
         cpu.restore(state)
     except BaseException:
@@ -634,7 +729,7 @@ def start_secondary(cpu: LgCpu, starter: LgCpu, eip: int, esp: int) -> None:
 def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:
     """The registers a guest starts with (``lguest_arch_setup_regs``): cs, ds, es, ss
     in lguest's boot segments, paging on at ``pgdir``."""
-    uc = cpu.uc
+    uc = cpu.engine.uc
     uc.reg_write(r.UC_X86_REG_CR3, pgdir)
     uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
     _unicorn.reset_fpu(uc)  # FCW 0x37F, MXCSR 0x1F80, SSE enabled

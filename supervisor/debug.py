@@ -1,11 +1,14 @@
 """Debugging a guest: stop it, set breakpoints, single-step exactly, read and write its state.
 
 Beyond the lguest ABI.  A :class:`Debugger` belongs to one open file (one boot
-of one guest; get it with :func:`debugger`).  It holds the guest's CPU the way
-:meth:`LguestFile.pause` does (``LgCpu.hold``, with its own reasons): while held,
-the run loop parks instead of entering the guest, so a Launcher's read simply
-stays pending while the guest is stopped, and every other guest keeps running.
-It uses only the file's public surface and the CPU's public methods.
+of one guest; get it with :func:`debugger`).  It holds the guest's CPUs through
+the file's control surface (:meth:`LguestFile.hold`, ``resume``, ``watch``,
+``kill``), the way :meth:`LguestFile.pause` does, with its own reasons
+(:class:`~supervisor.device.Hold`): while held, the run loop parks instead of
+entering the guest, so a Launcher's read simply stays pending while the guest is
+stopped, and every other guest keeps running.  It never touches a CPU itself: it
+reads and changes registers and memory and adds code hooks through the file's
+:class:`~supervisor.device.DebugPort` for each CPU, only while the guest is stopped.
 
 Exactness comes from Unicorn code hooks that stop emulation from inside the
 emulating thread, before an instruction runs:
@@ -30,17 +33,15 @@ before a hook was added).  Everything here runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn import UcError
 from unicorn import x86_const as r
 
 from .abi import PAGE_SIZE
-from .cpu import LgCpu
-from .device import LguestFile
-from .guest import Death
-from .pagetables import guest_pa
+from .device import DebugPort, Hold, LguestFile
+from .state import Exit
 
 # gdb's i386 register order (the 'g' packet), 32 bits each.
 REGISTERS = (
@@ -55,11 +56,11 @@ _UC_REGS = (
 )  # fmt: skip
 FIRST_SEGMENT = REGISTERS.index("cs")
 
-# Why the guest is stopped (``LgCpu.hold``).
-START = "start"  # held before its first instruction
-PAUSE = "pause"  # stopped on request (gdb's Ctrl-C, a snapshot)
-BREAKPOINT = "breakpoint"
-STEP = "step"
+# Why the guest is stopped: the CPU's hold reasons (supervisor.cpu.Hold).
+START = Hold.START  # held before its first instruction
+PAUSE = Hold.PAUSE  # stopped on request (gdb's Ctrl-C, a snapshot)
+BREAKPOINT = Hold.BREAKPOINT
+STEP = Hold.STEP
 
 
 class DebugError(Exception):
@@ -72,7 +73,7 @@ class Stop:
     ``cpu`` is the CPU that stopped for it (the others were stopped with it)."""
 
     reason: str
-    death: Death | None = None
+    death: Exit | None = None
     cpu: int = 0
 
     @property
@@ -80,30 +81,35 @@ class Stop:
         return self.death is not None
 
 
+# Each open file's debugger, by the file's id (its `file` is checked: ids are reused).
+# Weak: a debugger lives as long as the file's CPUs watch through it (LguestFile.watch).
+_DEBUGGERS: weakref.WeakValueDictionary[int, Debugger] = weakref.WeakValueDictionary()
+
+
 def debugger(file: LguestFile) -> Debugger:
-    """The file's debugger, created on first use (the file must be initialized).
+    """The file's debugger, created on first use (the file must be initialized)."""
+    file_cpu(file)  # initialized and open
+    existing = _DEBUGGERS.get(id(file))
+    if existing is not None and existing.file is file:
+        return existing
+    made = _DEBUGGERS[id(file)] = Debugger(file)
+    return made
 
-    It lives as long as the file's CPUs do (each CPU's ``on_hold`` is its watch).
-    """
-    existing = getattr(file_cpu(file).on_hold, "__self__", None)
-    if isinstance(existing, _Watch) and existing.debugger.file is file:
-        return existing.debugger
-    return Debugger(file)
 
-
-def file_cpu(file: LguestFile) -> LgCpu:
+def file_cpu(file: LguestFile) -> DebugPort:
     """CPU 0 of an initialized file (``DebugError`` before INITIALIZE or after close)."""
     if file.closed or file.cpu_count == 0:
         raise DebugError("the guest is not initialized or already closed")
-    return file.cpu(0)
+    return file.debug_port(0)
 
 
 class _Watch:
-    """What the debugger keeps for one CPU; its :meth:`on_hold` is the CPU's ``on_hold``."""
+    """What the debugger keeps for one CPU; :meth:`on_hold` is the CPU's watcher."""
 
-    def __init__(self, debugger: Debugger, cpu: LgCpu) -> None:
+    def __init__(self, debugger: Debugger, index: int) -> None:
         self.debugger = debugger
-        self.cpu = cpu
+        self.index = index
+        self.cpu = debugger.file.debug_port(index)
         self.parked = False  # held inside its run loop (told by on_hold)
         # The breakpoint at resume_eip is passed once, if nothing (an interrupt, a trap)
         # was delivered since the resume: blocks are not counted on every path.
@@ -117,8 +123,12 @@ class _Watch:
 
     @property
     def stopped(self) -> bool:
-        cpu = self.cpu
-        return cpu.hold is not None and (self.parked or not cpu.reading) and not cpu.running
+        file, n = self.debugger.file, self.index
+        return file.paused(n) and (self.parked or not file.reading(n))
+
+    @property
+    def reason(self) -> Hold | None:
+        return self.debugger.file.hold_reason(self.index)
 
 
 class Debugger:
@@ -133,9 +143,9 @@ class Debugger:
     def __init__(self, file: LguestFile) -> None:
         self.file = file
         file_cpu(file)  # initialized and open
-        self._watches = [_Watch(self, file.cpu(n)) for n in range(file.cpu_count)]
+        self._watches = [_Watch(self, n) for n in range(file.cpu_count)]
         for watch in self._watches:
-            watch.cpu.on_hold = watch.on_hold
+            file.watch(watch.index, watch.on_hold)
         self._selected = 0
         self._event: int | None = None  # the CPU whose stop stopped the others
         self._changed = asyncio.Event()
@@ -147,7 +157,7 @@ class Debugger:
         return len(self._watches)
 
     @property
-    def cpu(self) -> LgCpu:
+    def cpu(self) -> DebugPort:
         """The selected CPU (CPU 0 unless :meth:`select` chose another)."""
         return self._watches[self._selected].cpu
 
@@ -169,17 +179,17 @@ class Debugger:
 
     # -- state ------------------------------------------------------------------
     @property
-    def death(self) -> Death | None:
-        return self.cpu.lg.dead
+    def death(self) -> Exit | None:
+        return self.cpu.death
 
     @property
-    def stop_reason(self) -> str | None:
+    def stop_reason(self) -> Hold | None:
         """Why the guest is held (the stopping CPU's reason), or None while it runs."""
         if self._event is not None:
-            reason = self._watches[self._event].cpu.hold
+            reason = self._watches[self._event].reason
             if reason is not None:
                 return reason
-        return self.cpu.hold
+        return self._watches[self._selected].reason
 
     @property
     def stop_cpu(self) -> int:
@@ -197,23 +207,23 @@ class Debugger:
     def parked(self) -> bool:
         """True when stopped and every CPU is held inside a read (the Launcher waits on
         each of them, serving none: a clean point to snapshot)."""
-        return self.stopped and all(w.parked and w.cpu.reading for w in self._watches)
+        return self.stopped and all(w.parked and self.file.reading(w.index) for w in self._watches)
 
     def _on_hold(self, watch: _Watch) -> None:
-        cpu = watch.cpu
-        watch.parked = cpu.hold is not None
+        reason = watch.reason
+        watch.parked = reason is not None
         if watch.parked:
-            if cpu is self._step_cpu():
+            if watch.cpu is self._step_cpu():
                 self._drop_step_hook()
-            if cpu.hold in (BREAKPOINT, STEP, START) and self._event is None:
+            if reason in (BREAKPOINT, STEP, START) and self._event is None:
                 self._event = self._watches.index(watch)
                 self._hold_all(PAUSE)  # all-stop: the others stop with it
         self._changed.set()
 
-    def _step_cpu(self) -> LgCpu | None:
+    def _step_cpu(self) -> DebugPort | None:
         return None if self._step_hook is None else self._step_hook[0]
 
-    def _check_stopped(self) -> LgCpu:
+    def _check_stopped(self) -> DebugPort:
         if not self.stopped:
             raise DebugError(
                 "the guest is running (stop it first)"
@@ -223,17 +233,14 @@ class Debugger:
         return self.cpu
 
     # -- stopping and resuming ----------------------------------------------------
-    def _hold_all(self, reason: str) -> None:
+    def _hold_all(self, reason: Hold) -> None:
         for watch in self._watches:
-            cpu = watch.cpu
-            if cpu.hold is None:
-                cpu.hold = reason
-            cpu.wake()
+            self.file.hold(watch.index, reason)
 
-    def request_stop(self, reason: str = PAUSE) -> None:
+    def request_stop(self, reason: Hold = PAUSE) -> None:
         """Ask every CPU to stop at its next instruction boundary (returns at once)."""
         cpu = self.cpu
-        if self.file.closed or cpu.closed or cpu.lg.dead:
+        if self.file.closed or cpu.closed or cpu.death:
             return
         self._hold_all(reason)
 
@@ -246,7 +253,7 @@ class Debugger:
         while True:
             if self.file.closed:
                 raise DebugError("the guest is closed")
-            dead = self.cpu.lg.dead
+            dead = self.cpu.death
             if dead is not None:
                 return Stop("dead", dead)
             if self.parked if parked else self.stopped:
@@ -259,7 +266,7 @@ class Debugger:
             self._changed.clear()
             await self._changed.wait()
 
-    async def stop(self, reason: str = PAUSE, *, parked: bool = False) -> Stop:
+    async def stop(self, reason: Hold = PAUSE, *, parked: bool = False) -> Stop:
         """Stop the guest (if it runs) and wait until it is stopped."""
         self.request_stop(reason)
         return await self.wait_stop(parked=parked)
@@ -268,9 +275,9 @@ class Debugger:
         cpu = watch.cpu
         watch.resume_eip = cpu.eip if cpu.online else -1  # (an offline CPU stays frozen)
         watch.pass_once = True
-        watch.resume_interrupts = cpu.stats.interrupts
+        watch.resume_interrupts = cpu.interrupts
         watch.parked = False
-        self.file.resume(cpu.id)
+        self.file.resume(watch.index)
 
     def resume(self) -> None:
         """Let a stopped guest run on, every CPU (a breakpoint at a CPU's current
@@ -286,14 +293,12 @@ class Debugger:
         cpu = self._check_stopped()
         self._drop_step_hook()
         executed = 0
-        trap = cpu.trap
 
         def on_code(uc: Any, _address: int, _size: int, _data: object) -> None:
             nonlocal executed
             executed += 1
             if executed > 1:
-                trap.debug = STEP
-                uc.emu_stop()
+                cpu.stop_here(uc, STEP)
 
         self._step_hook = (cpu, cpu.add_code_hook(on_code))
         self._event = None
@@ -312,13 +317,7 @@ class Debugger:
 
     def kill(self, reason: str = "killed by the debugger") -> None:
         """Kill the guest: its reader sees ``ENOENT`` and then ``reason``."""
-        cpu = self.cpu
-        if self.file.closed or cpu.closed:
-            return
-        cpu.lg.kill(reason)
-        for watch in self._watches:
-            watch.cpu.hold = None
-            watch.cpu.wake()
+        self.file.kill(reason)
 
     def detach(self) -> None:
         """Remove every breakpoint and let the guest run free."""
@@ -328,7 +327,7 @@ class Debugger:
             self._event = None
             for watch in self._watches:
                 watch.parked = False
-                self.file.resume(watch.cpu.id)
+                self.file.resume(watch.index)
             return
         for address in list(self.breakpoints):
             self.remove_breakpoint(address)
@@ -365,14 +364,13 @@ class Debugger:
     # -- registers and memory ----------------------------------------------------------
     def registers(self) -> list[int]:
         """The 16 registers in gdb's i386 order (:data:`REGISTERS`)."""
-        uc = self._check_stopped().emulator
-        return [uc.reg_read(reg) & 0xFFFFFFFF for reg in _UC_REGS]
+        cpu = self._check_stopped()
+        return [cpu.reg(reg) & 0xFFFFFFFF for reg in _UC_REGS]
 
     def register(self, index: int) -> int:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
-        value: int = self._check_stopped().emulator.reg_read(_UC_REGS[index])
-        return value & 0xFFFFFFFF
+        return self._check_stopped().reg(_UC_REGS[index]) & 0xFFFFFFFF
 
     def set_register(self, index: int | str, value: int) -> None:
         """Change one register (by gdb index or name).  Segment registers are reloaded."""
@@ -384,11 +382,11 @@ class Debugger:
         if not 0 <= index < len(_UC_REGS):
             raise DebugError(f"no register {index}")
         value &= 0xFFFF if index >= FIRST_SEGMENT else 0xFFFFFFFF
-        if cpu.emulator.reg_read(_UC_REGS[index]) == value:
+        if cpu.reg(_UC_REGS[index]) == value:
             return  # gdb's 'G' writes every register back; leave the unchanged ones alone
         try:
-            cpu.emulator.reg_write(_UC_REGS[index], value)
-        except UcError as exc:
+            cpu.set_reg(_UC_REGS[index], value)
+        except ValueError as exc:
             raise DebugError(f"cannot set {REGISTERS[index]} to {value:#x}: {exc}") from None
 
     def _pages(self, address: int, size: int) -> list[tuple[int, int]]:
@@ -396,9 +394,9 @@ class Debugger:
         cpu = self._check_stopped()
         pieces = []
         while size > 0:
-            pa = guest_pa(cpu, address & 0xFFFFFFFF)
             chunk = min(size, PAGE_SIZE - (address & (PAGE_SIZE - 1)))
-            if pa is None or not cpu.lg.address_ok(pa, chunk):
+            pa = cpu.physical(address, chunk)
+            if pa is None:
                 raise DebugError(f"no memory at {address & 0xFFFFFFFF:#x}")
             pieces.append((pa, chunk))
             address += chunk
@@ -407,15 +405,15 @@ class Debugger:
 
     def read_memory(self, address: int, size: int) -> bytes:
         """Bytes at a guest-virtual address (through the guest's page tables)."""
-        lg = self.cpu.lg
-        return b"".join(bytes(lg.ram[pa : pa + n]) for pa, n in self._pages(address, size))
+        cpu = self.cpu
+        return b"".join(cpu.read(pa, n) for pa, n in self._pages(address, size))
 
     def write_memory(self, address: int, data: bytes) -> None:
         """Store bytes at a guest-virtual address (read-only pages too); code is retranslated."""
-        lg = self.cpu.lg
+        cpu = self.cpu
         offset = 0
         for pa, n in self._pages(address, len(data)):
-            lg.ram[pa : pa + n] = data[offset : offset + n]
+            cpu.write(pa, data[offset : offset + n])
             offset += n
         self.cpu.flush_code()
 
@@ -423,17 +421,11 @@ class Debugger:
 def _breakpoint_hook(watch: _Watch) -> Any:
     """A code hook that stops ``watch``'s CPU before the instruction (slice thread)."""
     cpu = watch.cpu
-    trap = cpu.trap
 
     def on_code(uc: Any, at: int, _size: int, _data: object) -> None:
-        if (
-            at == watch.resume_eip
-            and watch.pass_once
-            and (cpu.stats.interrupts == watch.resume_interrupts)
-        ):
+        if at == watch.resume_eip and watch.pass_once and cpu.interrupts == watch.resume_interrupts:
             watch.pass_once = False
             return  # the instruction we resume from runs once
-        trap.debug = BREAKPOINT
-        uc.emu_stop()
+        cpu.stop_here(uc, BREAKPOINT)
 
     return on_code

@@ -17,7 +17,11 @@ import contextlib
 import errno
 import os
 import threading
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
+
+from unicorn import UcError
 
 from . import _unicorn, codecache, run, timers
 from .abi import (
@@ -33,17 +37,20 @@ from .abi import (
     pack_words,
     unpack_words,
 )
-from .cpu import DEFAULT_TCG_BUFFER, CpuStats, LgCpu, new_cpu, revive_cpu
+from .cpu import DEFAULT_TCG_BUFFER, CpuStats, Hold, LgCpu, new_cpu, revive_cpu
 from .execute import attach_interrupt_hook
-from .guest import Death, Lguest
+from .guest import Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
 from .limits import UNLIMITED, Limits
 from .memory import GuestMemory
+from .pagetables import guest_pa
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
-from .state import GuestState, StateError
+from .state import Exit, GuestState, StateError
 
-PAUSE = "pause"  # the hold reason of LguestFile.pause()
+__all__ = ["PAUSE", "DebugPort", "Hold", "LguestDevice", "LguestFile", "Waker"]
+
+PAUSE = Hold.PAUSE  # the hold reason of LguestFile.pause()
 
 
 async def _join(executor: SlicePool) -> None:
@@ -98,9 +105,10 @@ class LguestDevice:
         the event loop's priority (Linux: 0 to 19; 0 lets guests' emulation compete
         with the loop, and with other programs, as an equal; see
         :mod:`supervisor.slicepool`).  ``idle_workers`` runs them under ``SCHED_IDLE``
-        instead (Linux): the event loop then always gets a core at once (on a machine
-        that ran nothing else, it about halved the BREAK and IRQ p99), but the guests
-        get almost no CPU while any other program is busy.  A CPU that has slept in a halt,
+        instead (Linux): the event loop then always gets a core at once (a waking
+        normal thread preempts them), which shortens the BREAK and IRQ latency tail
+        (docs/performance.md), but the guests get almost no CPU while any other
+        program is busy.  A CPU that has slept in a halt,
         been held or waited for its Launcher for ``hibernate_after`` seconds gives
         back its emulator until it is needed again (0: at once; ``math.inf``: never;
         see :mod:`supervisor.hibernation`)."""
@@ -292,11 +300,11 @@ class LguestFile:
     def _stop_cpus(self) -> None:
         """Every later pass of every CPU's run loop ends with EBADF; Wakers are released."""
         for cpu in self._lg.cpus if self._lg is not None else ():
-            cpu.closing = True
+            cpu.run.closing = True
             timers.cancel(cpu)
             self._device.dormitory.awake(cpu)
             cpu.wake()
-            cpu.break_released.set()
+            cpu.run.break_released.set()
 
     async def _release(self) -> None:
         try:
@@ -338,7 +346,7 @@ class LguestFile:
         return self._closed
 
     @property
-    def death(self) -> Death | None:
+    def death(self) -> Exit | None:
         """How the guest died, or None while it lives (or before INITIALIZE)."""
         return None if self._lg is None else self._lg.dead
 
@@ -368,10 +376,8 @@ class LguestFile:
         for a dead guest (also when it dies while being paused).
         """
         c = self._live_cpu(cpu)
-        if c.hold is None:
-            c.hold = PAUSE
-        c.wake()
-        await c.idle.wait()  # the slice in flight (if any) has ended or been withdrawn
+        self._hold(c, PAUSE)
+        await c.run.idle.wait()  # the slice in flight (if any) has ended or been withdrawn
         if c.lg.dead:
             raise _error(errno.ENOENT)
 
@@ -384,22 +390,63 @@ class LguestFile:
         if self._closed:
             raise _error(errno.EBADF)
         c = self._cpu(cpu)
-        if c.hold is not None:
-            c.hold = None
+        if c.run.hold is not None:
+            c.run.hold = None
+            c.wake()
+
+    def hold(self, cpu: int, reason: Hold) -> None:
+        """Ask CPU ``cpu`` to stop at its next instruction boundary; return at once.
+
+        Like :meth:`pause` without the wait (a debugger's stop): the run loop parks the
+        CPU, tells its watcher (:meth:`watch`), and runs it again only after
+        :meth:`resume`.  A CPU already held keeps its first reason.  ``EBADF`` once
+        closed, ``EINVAL`` for a CPU that does not exist; no effect on a dead guest.
+        """
+        if self._closed:
+            raise _error(errno.EBADF)
+        c = self._cpu(cpu)
+        if not c.lg.dead:
+            self._hold(c, reason)
+
+    @staticmethod
+    def _hold(c: LgCpu, reason: Hold) -> None:
+        if c.run.hold is None:
+            c.run.hold = reason
+        c.wake()
+
+    def watch(self, cpu: int, on_hold: Callable[[], None] | None) -> None:
+        """Call ``on_hold()`` (on the event loop) each time CPU ``cpu`` parks held and
+        when its run loop finds the guest dead; None: nobody.  One watcher per CPU (a
+        debugger); a new one replaces the old.  ``EBADF`` once closed, ``EINVAL`` for a
+        CPU that does not exist."""
+        if self._closed:
+            raise _error(errno.EBADF)
+        self._cpu(cpu).debug.on_hold = on_hold
+
+    def kill(self, reason: str) -> None:
+        """End the guest now: holds are released and every CPU's read ends with
+        ``ENOENT``, the next one returning ``reason`` (the first end counts).  No
+        effect once closed or before INITIALIZE."""
+        lg = self._lg
+        if self._closed or lg is None:
+            return
+        lg.kill(reason)
+        for c in lg.cpus:
+            c.run.hold = None
             c.wake()
 
     def paused(self, cpu: int = 0) -> bool:
         """True while CPU ``cpu`` is held and no slice of it runs."""
         c = self._cpu(cpu)
-        return c.hold is not None and not c.running
+        return c.run.hold is not None and not c.running
 
-    def hold_reason(self, cpu: int = 0) -> str | None:
-        """Why CPU ``cpu`` is held (``"pause"``, a debugger's reason), or None."""
-        return self._cpu(cpu).hold
+    def hold_reason(self, cpu: int = 0) -> Hold | None:
+        """Why CPU ``cpu`` is held (:class:`Hold`, a ``str``: ``"pause"``...), or None."""
+        return self._cpu(cpu).run.hold
 
     def reading(self, cpu: int = 0) -> bool:
         """True while a read of CPU ``cpu`` is in flight (paused or not)."""
-        return self._cpu(cpu).reading
+        return self._cpu(cpu).run.reading
 
     @property
     def cpu_count(self) -> int:
@@ -407,11 +454,20 @@ class LguestFile:
         return 0 if self._lg is None else len(self._lg.cpus)
 
     def cpu(self, cpu: int = 0) -> LgCpu:
-        """The CPU itself, for in-process tools that follow its threading contract
-        (:mod:`supervisor.debug`).  ``EINVAL`` before INITIALIZE or for no such CPU."""
+        """The CPU itself, for white-box tests and benchmarks that follow its threading
+        contract.  Tools use :meth:`debug_port` and the control requests (:meth:`hold`,
+        :meth:`resume`, :meth:`watch`, :meth:`kill`), never the CPU's fields.  ``EINVAL``
+        before INITIALIZE or for no such CPU."""
         if self._closed:
             raise _error(errno.EBADF)
         return self._cpu(cpu)
+
+    def debug_port(self, cpu: int = 0) -> DebugPort:
+        """What a debugger may read and change of CPU ``cpu`` (see :class:`DebugPort`).
+        ``EBADF`` once closed, ``EINVAL`` before INITIALIZE or for no such CPU."""
+        if self._closed:
+            raise _error(errno.EBADF)
+        return DebugPort(self._cpu(cpu))
 
     def state(self) -> GuestState:
         """The guest's whole state except its memory, as one immutable value.
@@ -426,7 +482,7 @@ class LguestFile:
         if lg is None:
             raise _error(errno.EINVAL)
         for c in lg.cpus:
-            if c.running or (c.reading and c.hold is None):
+            if c.running or (c.run.reading and c.run.hold is None):
                 raise _error(errno.EBUSY)
         return GuestState(
             memory_size=self._memory.size,
@@ -457,9 +513,9 @@ class LguestFile:
         try:
             for st in state.cpus:
                 cpu = revive_cpu(
-                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook
-                )
-                cpu.hibernate_after = self._hibernate_after
+                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook,
+                    self._hibernate_after,
+                )  # fmt: skip
                 if limits is not None:
                     cpu.limits = limits
                 lg.cpus.append(cpu)
@@ -539,9 +595,8 @@ class LguestFile:
                 for n in range(ncpus):
                     cpu = new_cpu(
                         lg, n, base, start, pgdir, device.tcg_buffer, self._limits,
-                        attach_interrupt_hook,
+                        attach_interrupt_hook, self._hibernate_after,
                     )  # fmt: skip
-                    cpu.hibernate_after = self._hibernate_after
                     lg.cpus.append(cpu)
                     if n:  # offline until CPU 0 starts it: its emulator waits in the freezer
                         cpu.online = False
@@ -580,13 +635,13 @@ class LguestFile:
         if not args:
             raise _error(errno.EINVAL)
         if not args[0]:
-            cpu.break_out = False
-            cpu.break_released.set()
+            cpu.run.break_out = False
+            cpu.run.break_released.set()
             return 0
-        cpu.break_out = True
-        cpu.break_released.clear()
+        cpu.run.break_out = True
+        cpu.run.break_released.clear()
         cpu.wake()
-        await cpu.break_released.wait()
+        await cpu.run.break_released.wait()
         if self._closed:
             raise _error(errno.EBADF)
         return 0
@@ -605,23 +660,114 @@ class LguestFile:
             if lg.dead.errno is not None:
                 raise _error(lg.dead.errno)
             return (lg.dead.reason.encode() + b"\0")[:size]
-        if cpu.reading:
+        if cpu.run.reading:
             raise _error(errno.EBUSY)
         cpu.pending_notify = 0
-        cpu.reading = True
+        cpu.run.reading = True
         self._running[cpu.id] = None  # (close() puts a future here to wait for the read)
         dormitory = self._device.dormitory
         dormitory.awake(cpu)
         try:
             address = await run.run_guest(cpu, self._device.executor, dormitory)
         finally:
-            cpu.reading = False
+            cpu.run.reading = False
             finished = self._running.pop(cpu.id)
             if finished is not None:
                 finished.set_result(None)  # close() waits for the read, not the reader's task
-            if not cpu.closing:
+            if not cpu.run.closing:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
         return WORD.pack(address)  # one word: pack_words without its generality
+
+
+class DebugPort:
+    """One CPU as an in-process debugger sees it (:mod:`supervisor.debug`).
+
+    Reads of its registers and memory, code hooks, and guest-virtual translation;
+    no control state (the file's requests hold, release and watch the CPU).  Registers,
+    memory and hooks only while the CPU is held and no slice runs (the threading
+    contract: the event loop owns the CPU then); a register read of a hibernated CPU
+    takes it a new emulator.  A hook's callback runs on the slice's thread and stops
+    there with :meth:`stop_here`.
+    """
+
+    __slots__ = ("_cpu",)
+
+    def __init__(self, cpu: LgCpu) -> None:
+        self._cpu = cpu
+
+    @property
+    def index(self) -> int:
+        return self._cpu.id
+
+    @property
+    def online(self) -> bool:
+        return self._cpu.online
+
+    @property
+    def halted(self) -> bool:
+        return self._cpu.halted
+
+    @property
+    def closed(self) -> bool:
+        return self._cpu.closed
+
+    @property
+    def death(self) -> Exit | None:
+        return self._cpu.lg.dead
+
+    @property
+    def interrupts(self) -> int:
+        """Interrupts and traps delivered so far (the slice's thread may read it)."""
+        return self._cpu.stats.interrupts
+
+    @property
+    def eip(self) -> int:
+        return self._cpu.eip
+
+    def reg(self, reg: int) -> int:
+        """A register (a ``unicorn.x86_const`` number)."""
+        value: int = self._cpu.emulator.reg_read(reg)
+        return value
+
+    def set_reg(self, reg: int, value: int) -> None:
+        """Change a register; ``ValueError`` if Unicorn refuses the value."""
+        try:
+            self._cpu.emulator.reg_write(reg, value)
+        except UcError as exc:
+            raise ValueError(str(exc)) from None
+
+    def add_code_hook(self, callback: Callable[..., None], begin: int = 1, end: int = 0) -> Any:
+        """A code hook (:meth:`LgCpu.add_code_hook`); remove it with :meth:`remove_hook`."""
+        return self._cpu.add_code_hook(callback, begin, end)
+
+    def remove_hook(self, hook: Any) -> None:
+        self._cpu.remove_hook(hook)
+
+    def stop_here(self, uc: Any, reason: Hold) -> None:
+        """From a code hook (the slice's thread): stop before this instruction; the run
+        loop holds the CPU for ``reason``."""
+        self._cpu.trap.debug = reason
+        uc.emu_stop()
+
+    def physical(self, address: int, size: int) -> int | None:
+        """The guest-physical address of guest-virtual ``address`` through the CPU's page
+        tables, if it and the ``size`` bytes from it (on its page) are guest memory."""
+        pa = guest_pa(self._cpu, address & 0xFFFFFFFF)
+        if pa is None or not self._cpu.lg.address_ok(pa, size):
+            return None
+        return pa
+
+    def read(self, pa: int, size: int) -> bytes:
+        """Guest-physical bytes (checked by :meth:`physical`)."""
+        return bytes(self._cpu.lg.ram[pa : pa + size])
+
+    def write(self, pa: int, data: bytes) -> None:
+        """Store guest-physical bytes (checked by :meth:`physical`; read-only pages too)."""
+        self._cpu.lg.ram[pa : pa + len(data)] = data
+
+    def flush_code(self) -> None:
+        """Forget every translated block: code is translated afresh from memory."""
+        self._cpu.flush_code()
 
 
 class Waker:

@@ -1,9 +1,9 @@
 """The executor half of the run loop: a slice of guest execution, and why it ended.
 
 :func:`run_slice` enters the guest repeatedly until the Host's event-loop half
-or the Launcher is needed, and returns that reason as a :class:`CpuExit`.  Each
+or the Launcher is needed, and returns that reason as a :class:`SliceExit`.  Each
 time emulation stops, :func:`classify` turns what the hooks recorded into a
-:class:`CpuExit` (a pure function of fabricated-or-real values, unit-tested
+:class:`SliceExit` (a pure function of fabricated-or-real values, unit-tested
 without an emulator), and one ``match`` handles it: a hypercall it may do here,
 a trap to reflect to the guest, ``hlt``, a debugger's stop, the end of the
 budget, a kick, a death.
@@ -14,6 +14,7 @@ thread) and never touches the event loop: no asyncio objects, no timers.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from unicorn import x86_const as r
 
 from . import _slicing, _unicorn, codecache, hypercalls, interrupts, timers
 from .abi import LGUEST_DATA_HCALL_STATUS, LGUEST_TRAP_ENTRY
-from .cpu import LgCpu
+from .cpu import Hold, LgCpu
 from .pagetables import guest_pa
 from .slicepool import AGAIN, Again
 
@@ -80,48 +81,52 @@ _PROTECTION_ERRORS = frozenset(
 )
 
 
-class CpuExit:
-    """Why emulation stopped, or why a slice (or the run loop) could not go on.
+class ExitValue:
+    """A member of a closed set of singletons, compared with ``is`` and ``match``.
 
-    A closed set of singletons, compared with ``is`` and ``match`` like an ``enum.Enum``,
-    but not one: on CPython 3.11 every lookup of an Enum member (``CpuExit.NOTIFY``) goes
-    through the metaclass's ``__getattr__`` hook, about 0.2 µs here, and a NOTIFY round
-    trip made 16 of them (docs/performance.md, "NOTIFY and hypercalls").  Each
-    ``ClassVar`` below is a member; its ``value`` is its name in lower case.
+    Like an ``enum.Enum`` member, but a plain class attribute: on CPython 3.11 every
+    lookup of an Enum member goes through the metaclass, several times slower than
+    a class attribute, and the run loop looks these up on every pass and every
+    slice (a NOTIFY round trip makes about 16 lookups), where that difference is a
+    few per cent of the round trip.  Each ``ClassVar`` of a subclass is a member
+    (made when the subclass is); its ``value`` is its name in lower case.
     """
 
     __slots__ = ("name", "value")
 
-    HYPERCALL: ClassVar[CpuExit]  # the guest trapped with int $0x1f (cpu.hcall holds the call)
-    TRAP: ClassVar[CpuExit]  # an exception or software interrupt to reflect to the guest
-    BAD_ACCESS: ClassVar[CpuExit]  # a guest access outside its memory: death
-    INVALID_OPCODE: ClassVar[CpuExit]  # reflected as trap 6
-    EMULATION_ERROR: ClassVar[CpuExit]  # anything else Unicorn gave up on: death
-    HALT: ClassVar[CpuExit]  # hlt, or LHCALL_HALT: sleep until an interrupt
-    DEBUG_STOP: ClassVar[CpuExit]  # a breakpoint or single step, before an instruction
-    BUDGET: ClassVar[CpuExit]  # the slice's blocks or time are spent
-    KICK: ClassVar[CpuExit]  # another task asked for the CPU (break, irq, hold, close)
-    DEATH: ClassVar[CpuExit]  # the guest is dead
-    # Only the run loop's own checks produce these (no emulation happened):
-    NOTIFY: ClassVar[CpuExit]  # a notify waits for the Launcher
-    BREAK: ClassVar[CpuExit]  # a Waker's break waits to be released
-    HELD: ClassVar[CpuExit]  # paused or stopped by a debugger
-    OFFLINE: ClassVar[CpuExit]  # a CPU not started yet (LHCALL_START_CPU)
-    CLOSED: ClassVar[CpuExit]  # the file was closed
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        for name in inspect.get_annotations(cls):
+            setattr(cls, name, cls(name))
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.value = name.lower().replace("_", " ")
 
     def __repr__(self) -> str:
-        return f"<CpuExit.{self.name}: {self.value!r}>"
+        return f"<{type(self).__name__}.{self.name}: {self.value!r}>"
 
 
-for _name in CpuExit.__annotations__:
-    setattr(CpuExit, _name, CpuExit(_name))
+class SliceExit(ExitValue):
+    """Why one slice (a :func:`run_slice`) stopped entering the guest."""
+
+    __slots__ = ()
+
+    HYPERCALL: ClassVar[SliceExit]  # the guest trapped with int $0x1f (cpu.hcall holds the call)
+    TRAP: ClassVar[SliceExit]  # an exception or software interrupt to reflect to the guest
+    BAD_ACCESS: ClassVar[SliceExit]  # a guest access outside its memory: death
+    INVALID_OPCODE: ClassVar[SliceExit]  # reflected as trap 6
+    EMULATION_ERROR: ClassVar[SliceExit]  # anything else Unicorn gave up on: death
+    HALT: ClassVar[SliceExit]  # hlt, or LHCALL_HALT: sleep until an interrupt
+    DEBUG_STOP: ClassVar[SliceExit]  # a breakpoint or single step (cpu.trap.debug says which)
+    BUDGET: ClassVar[SliceExit]  # the slice's blocks or time are spent
+    KICK: ClassVar[SliceExit]  # another task asked for the CPU (break, irq, hold, close)
+    DEATH: ClassVar[SliceExit]  # the guest is dead
 
 
-def classify(vector: int | None, debug: str | None, fuel_reason: int, error: int | None) -> CpuExit:
+def classify(
+    vector: int | None, debug: Hold | None, fuel_reason: int, error: int | None
+) -> SliceExit:
     """Why one ``emu_start`` returned, from what the hooks and the fuel recorded.
 
     ``vector``: the interrupt hook's vector; ``debug``: a code hook's stop;
@@ -131,21 +136,21 @@ def classify(vector: int | None, debug: str | None, fuel_reason: int, error: int
     """
     if error is not None:
         if error == uc_const.UC_ERR_INSN_INVALID:
-            return CpuExit.INVALID_OPCODE
+            return SliceExit.INVALID_OPCODE
         if error in _MEMORY_ERRORS:
-            return CpuExit.BAD_ACCESS
-        return CpuExit.EMULATION_ERROR
+            return SliceExit.BAD_ACCESS
+        return SliceExit.EMULATION_ERROR
     if vector == LGUEST_TRAP_ENTRY:
-        return CpuExit.HYPERCALL
+        return SliceExit.HYPERCALL
     if vector is not None:
-        return CpuExit.TRAP
+        return SliceExit.TRAP
     if debug is not None:
-        return CpuExit.DEBUG_STOP
+        return SliceExit.DEBUG_STOP
     if fuel_reason == _slicing.REASON_STOP:
-        return CpuExit.KICK
+        return SliceExit.KICK
     if fuel_reason == _slicing.REASON_BUDGET:
-        return CpuExit.BUDGET
-    return CpuExit.HALT
+        return SliceExit.BUDGET
+    return SliceExit.HALT
 
 
 def attach_interrupt_hook(cpu: LgCpu) -> None:
@@ -160,7 +165,7 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     native hook completes itself, is ``hypercalls``' either way.
     """
     trap = cpu.trap
-    regs = cpu.regs
+    regs = cpu.engine.regs
     fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
 
@@ -176,12 +181,12 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
             return False
 
         _slicing.trap_interrupts(
-            cpu.uc,
+            cpu.engine.uc,
             fuel,
             local_call,
             local,
             hypercalls.NATIVE_HYPERCALLS,
-            (cpu.host_address, cpu.lg.pfn_limit),
+            (cpu.engine.host_address, cpu.lg.pfn_limit),
         )
         return
 
@@ -198,24 +203,24 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
         trap.vector = vector
         uc.emu_stop()
 
-    cpu._hooks.append(cpu.uc.hook_add(UC_HOOK_INTR, on_interrupt))
+    cpu.engine.hooks.append(cpu.engine.uc.hook_add(UC_HOOK_INTR, on_interrupt))
 
 
-def _pre_entry_exit(cpu: LgCpu) -> CpuExit | None:
+def _pre_entry_exit(cpu: LgCpu) -> SliceExit | None:
     """Before each entry: a reason not to enter the guest at all, or None."""
     lg = cpu.lg
     if lg.dead:
-        return CpuExit.DEATH
-    if cpu.hold is not None:
-        return CpuExit.DEBUG_STOP
+        return SliceExit.DEATH
+    if cpu.run.hold is not None:
+        return SliceExit.KICK  # held: the run loop parks it
     if cpu.halted:
-        return CpuExit.HALT
+        return SliceExit.HALT
     fuel = cpu.fuel
-    if fuel.stop or cpu.closing:
-        return CpuExit.KICK
+    if fuel.stop or cpu.run.closing:
+        return SliceExit.KICK
     if fuel.budget <= 0 or fuel.left <= 0:
         fuel.reason = _slicing.REASON_BUDGET  # out of time: the same as out of blocks
-        return CpuExit.BUDGET
+        return SliceExit.BUDGET
     return None
 
 
@@ -224,7 +229,7 @@ def run_slice(
     budget: int | None = None,
     more: Callable[[], bool] | None = None,
     crowd: Callable[[], float] | None = None,
-) -> CpuExit | Again:
+) -> SliceExit | Again:
     """Enter the guest until the run loop or the Launcher is needed; say why.
 
     Any thread, never two at once for one CPU; it does not touch the event loop.
@@ -235,7 +240,7 @@ def run_slice(
     the slice's time is spent and ``more()`` is true, the run loop is not needed and
     the answer is ``AGAIN``: the pool runs the next slice after the other waiting jobs
     have had theirs, or at once, without a trip through the event loop (two thread
-    wake-ups, each tens to hundreds of µs on a VM).  Anything that wants the run loop
+    wake-ups, each far longer than a slice's bookkeeping).  Anything that wants the run loop
     kicks the CPU (``fuel.stop``, which only the run loop clears), so the next slice
     ends at once with ``KICK``.
 
@@ -245,7 +250,7 @@ def run_slice(
     if more is not None:
         timers.write_timestamp(cpu)  # a step may start long after the run loop wrote it
     exit = _one_slice(cpu, budget, slice_ns(crowd()) if crowd is not None else _TARGET_NS)
-    if exit is CpuExit.BUDGET and more is not None and more():
+    if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         return AGAIN
     return exit
@@ -259,16 +264,16 @@ def slice_ns(crowd: float) -> int:
     return max(_MIN_SLICE_NS, int(_CROWD_ROUND_NS / crowd))
 
 
-def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> CpuExit:
+def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> SliceExit:
     """One slice of :func:`run_slice`: until the run loop is needed or its time is spent
     (``busy_ns`` of CPU time for an executor slice, budget None)."""
     fuel = cpu.fuel
     lg = cpu.lg
-    cpu.slice_thread = threading.get_ident()
+    cpu.threads.slice = threading.get_ident()
     start = time.perf_counter()
     blocks_before = fuel.blocks
     # A slice's length is CPU time from its first run on (see _slicing.run): Host work
-    # before that (delivering an interrupt, on a loaded machine milliseconds) must not
+    # before that (delivering an interrupt, which a loaded machine can stretch) must not
     # use it up, or the guest's handler would wait for a whole trip through the
     # executor's queue (docs/performance.md, "Latency and fairness under load").
     if budget is None:
@@ -286,23 +291,23 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
     fuel.budget = wanted if left is None else min(wanted, left)
     # (The adaptive block budget is sized for TARGET_SLICE: a shorter slice leaves it alone.)
     full_budget = budget is None and fuel.budget == cpu.budget and busy_ns == _TARGET_NS
-    exit = CpuExit.KICK
+    exit = SliceExit.KICK
     try:
         while True:
             if cpu.hcall is not None:
                 if not hypercalls.all_local(cpu):
-                    exit = CpuExit.HYPERCALL
+                    exit = SliceExit.HYPERCALL
                     break
                 hypercalls.do_hypercalls(cpu)
             if lg.dead:
-                exit = CpuExit.DEATH
+                exit = SliceExit.DEATH
                 break
             # An interrupt is delivered where its handler will run: not by a kicked slice,
             # or one whose time is spent, which ends before the next entry, but by the
             # next slice (the run loop's, on the event loop, gives its handler up to
             # LONG_INLINE_TIME).
             if (
-                cpu.hold is None
+                cpu.run.hold is None
                 and cpu.irqs_pending  # (none pending: nothing to deliver)
                 and not fuel.stop
                 and fuel.left > 0
@@ -320,17 +325,20 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
                 codecache.drop_stale(cpu)
             # Record what the stop means; the checks above decide whether to go on.
             match _enter_guest(cpu):
-                case CpuExit.HALT:
+                case SliceExit.HALT:
                     cpu.halted = True  # the guest executed hlt: same as LHCALL_HALT
-                case CpuExit.DEBUG_STOP:
-                    cpu.hold = cpu.trap.debug
+                case SliceExit.DEBUG_STOP:
+                    # Before an instruction, cpu.trap.debug saying why: the run loop
+                    # holds the CPU (it owns the hold), so the slice ends here.
+                    exit = SliceExit.DEBUG_STOP
+                    break
                 case _:
                     pass  # handled by _enter_guest, or seen by the checks (fuel, death)
     except Exception as exc:  # a Host bug must kill only this guest
         lg.kill(f"internal error: {type(exc).__name__}: {exc}")
-        exit = CpuExit.DEATH
+        exit = SliceExit.DEATH
     finally:
-        cpu.slice_thread = None
+        cpu.threads.slice = None
         if budget is not None and not delivered:
             cpu.inline_spent = fuel.reason == _slicing.REASON_BUDGET
         elapsed = time.perf_counter() - start
@@ -342,7 +350,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Cpu
         exhausted = cpu.limits.exceeded(stats.blocks, stats.run_time)
         if exhausted:
             lg.kill(exhausted)
-            exit = CpuExit.DEATH
+            exit = SliceExit.DEATH
         # Blocks slower than a microsecond on average: read the clock at every block.
         ran = blocks - blocks_before
         fuel.clock_mask = 0 if elapsed * 1e6 > ran else FAST_CLOCK_MASK
@@ -365,7 +373,7 @@ def _lengthen_for_handler(cpu: LgCpu, spent: int) -> None:
     fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
 
 
-def _enter_guest(cpu: LgCpu) -> CpuExit:
+def _enter_guest(cpu: LgCpu) -> SliceExit:
     """Run the guest once; handle what can be handled here and return why it stopped.
 
     A hypercall is left in ``cpu.hcall`` (done by the slice loop or the run loop),
@@ -374,13 +382,13 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
     """
     trap = cpu.trap
     fuel = cpu.fuel
-    exit = CpuExit.EMULATION_ERROR
+    exit = SliceExit.EMULATION_ERROR
     count = 0  # the fallback's instruction count (see _slicing.run)
     # What the native interrupt hook needs to do CPU-local hypercalls itself.
     data = cpu.lguest_data
     ring = 0
     if data is not None and cpu.hcall is None:
-        ring = cpu.host_address + data + LGUEST_DATA_HCALL_STATUS
+        ring = cpu.engine.host_address + data + LGUEST_DATA_HCALL_STATUS
     for _attempt in range(2):
         trap.vector = None
         trap.bad_access = None
@@ -388,7 +396,7 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         trap.hcall = None
         error: UcError | None = None
         try:
-            count, vector, hcall = _slicing.run(cpu.uc, fuel, _NEVER, ring, cpu.next_hcall)
+            count, vector, hcall = _slicing.run(cpu.engine.uc, fuel, _NEVER, ring, cpu.next_hcall)
         except UcError as exc:
             error = exc
             vector, hcall = _slicing.last_trap(fuel)
@@ -404,28 +412,28 @@ def _enter_guest(cpu: LgCpu) -> CpuExit:
         exit = classify(
             trap.vector, trap.debug, fuel.reason, None if error is None else error.errno
         )
-        if exit is CpuExit.HALT and count and not _after_hlt(cpu):
+        if exit is SliceExit.HALT and count and not _after_hlt(cpu):
             _slicing.count_spent(fuel, count)  # the fallback's count ran out
-            exit = CpuExit.BUDGET
+            exit = SliceExit.BUDGET
         if trap.vector != DOUBLE_FAULT or not _spurious_double_fault(cpu):
             break
     if trap.vector in _unicorn.REMEMBERED:
-        _unicorn.forget_exception(cpu.uc)
+        _unicorn.forget_exception(cpu.engine.uc)
     match exit:
-        case CpuExit.HYPERCALL:
-            cpu.hcall = trap.hcall if trap.hcall is not None else cpu.regs.hypercall()
-        case CpuExit.TRAP:
+        case SliceExit.HYPERCALL:
+            cpu.hcall = trap.hcall if trap.hcall is not None else cpu.engine.regs.hypercall()
+        case SliceExit.TRAP:
             assert trap.vector is not None
             _reflect_trap(cpu, trap.vector)
-        case CpuExit.INVALID_OPCODE:
+        case SliceExit.INVALID_OPCODE:
             _reflect_trap(cpu, INVALID_OPCODE)
-        case CpuExit.BAD_ACCESS if trap.bad_access is not None:
+        case SliceExit.BAD_ACCESS if trap.bad_access is not None:
             kind, address = trap.bad_access
             where = "outside guest memory"
             if error is not None and error.errno in _PROTECTION_ERRORS:  # only the Host's pages
                 where = "in the Host's read-only pages (the boot GDT)"
             cpu.lg.kill(f"bad page: {kind} at {address:#x} {where} (eip {cpu.eip:#x})")
-        case CpuExit.BAD_ACCESS | CpuExit.EMULATION_ERROR:
+        case SliceExit.BAD_ACCESS | SliceExit.EMULATION_ERROR:
             cpu.lg.kill(f"emulation error at {cpu.eip:#x}: {error}")
         case _:
             pass
@@ -457,7 +465,7 @@ def _spurious_double_fault(cpu: LgCpu) -> bool:
     where = guest_pa(cpu, (eip - 2) & 0xFFFFFFFF)
     if where is not None and cpu.lg.read(where, 2) == b"\xcd\x08":
         return False
-    _unicorn.forget_exception(cpu.uc)
+    _unicorn.forget_exception(cpu.engine.uc)
     return True
 
 
@@ -468,7 +476,7 @@ def _reflect_trap(cpu: LgCpu, vector: int) -> None:
     if vector == interrupts.PAGE_FAULT:
         detail = cpu.reg(r.UC_X86_REG_CR2)
         interrupts.report_page_fault(cpu, detail)
-        code = _unicorn.page_fault_error_code(cpu.uc)  # present, write, user: the MMU's
+        code = _unicorn.page_fault_error_code(cpu.engine.uc)  # present, write, user: the MMU's
         error_code = code if code is not None else int(guest_pa(cpu, detail) is not None)
     if not interrupts.deliver_trap(cpu, vector, error_code):
         cpu.lg.kill(f"unhandled trap {vector} at {cpu.eip:#x} ({detail:#x})")

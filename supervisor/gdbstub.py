@@ -35,7 +35,7 @@ import struct
 from typing import Any
 
 from .debug import BREAKPOINT, PAUSE, REGISTERS, START, DebugError, Debugger, Stop
-from .guest import Death
+from .state import Exit
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class GdbServer:
         self._task: asyncio.Task[Any] | None = None
         self._server: asyncio.Server | None = None
         self._client: asyncio.StreamWriter | None = None
-        self._ended: Death | None = None
+        self._ended: Exit | None = None
         self._ended_event = asyncio.Event()
         self.address: tuple[str, int] | None = None
 
@@ -115,7 +115,7 @@ class GdbServer:
                 target.resume()
         self._changed.set()
 
-    def ended(self, death: Death) -> None:
+    def ended(self, death: Exit) -> None:
         """The guest has ended for good (told by its owner): report it and refuse new runs."""
         self._ended = death
         self._ended_event.set()
@@ -249,7 +249,7 @@ class _Session:
             server._changed.clear()
             await server._changed.wait()
 
-    async def stopped(self) -> Debugger | Death:
+    async def stopped(self) -> Debugger | Exit:
         """The target, stopped (stopping it if it runs), or how the guest ended."""
         if self.server._ended is not None:
             return self.server._ended
@@ -302,7 +302,7 @@ class _Session:
             return b"OK"
         if head == b"T":
             state = await self.stopped()
-            if isinstance(state, Death):
+            if isinstance(state, Exit):
                 return b"E01"
             n = _thread(packet[1:])
             return b"OK" if n is not None and 0 <= n < state.cpu_count else b"E01"
@@ -325,7 +325,7 @@ class _Session:
             return await self.resume(step=head in (b"s", b"S"), address=address)
         if head in (b"g", b"G", b"p", b"P", b"m", b"M", b"Z", b"z"):
             state = await self.stopped()
-            if isinstance(state, Death):
+            if isinstance(state, Exit):
                 return b"E01"
             return self.inspect(state, packet)
         return b""
@@ -337,12 +337,12 @@ class _Session:
         if n is None:
             return
         state = await self.stopped()
-        if not isinstance(state, Death):
+        if not isinstance(state, Exit):
             state.select(n)
 
     async def threads(self, packet: bytes) -> bytes:
         state = await self.stopped()
-        if isinstance(state, Death):
+        if isinstance(state, Exit):
             return b"E01"
         if packet == b"qfThreadInfo":
             return b"m" + b",".join(b"%x" % (n + 1) for n in range(state.cpu_count))
@@ -419,7 +419,7 @@ class _Session:
     # -- running -------------------------------------------------------------------------------
     async def resume(self, *, step: bool, address: int | None) -> bytes | None:
         state = await self.stopped()
-        if isinstance(state, Death):
+        if isinstance(state, Exit):
             return _exit_packet(state)
         if address is not None:
             state.set_register("eip", address)
@@ -464,7 +464,7 @@ class _Session:
             with contextlib.suppress(ConnectionError):
                 await self.writer.drain()
 
-    def _send_exit(self, death: Death) -> None:
+    def _send_exit(self, death: Exit) -> None:
         if death.exit_status is None:
             self.send(b"O" + f"guest died: {death.reason}\n".encode().hex().encode())
         self.send(_exit_packet(death))
@@ -476,7 +476,7 @@ class _Session:
 
     async def stop_reply_now(self) -> bytes:
         state = await self.stopped()
-        if isinstance(state, Death):
+        if isinstance(state, Exit):
             return _exit_packet(state)
         return self._stop_packet(Stop(state.stop_reason or PAUSE, cpu=state.stop_cpu))
 
@@ -488,7 +488,7 @@ class _Session:
         self.detached = True
 
 
-def _exit_packet(death: Death) -> bytes:
+def _exit_packet(death: Exit) -> bytes:
     if death.exit_status is not None:
         return b"W%02x" % min(death.exit_status & 0xFFFFFFFF, 255)
     return b"X%02x" % SIGKILL

@@ -1,4 +1,4 @@
-"""``struct lguest``: one guest, its memory window and how it died.
+"""``struct lguest``: one guest, its memory window and how it ended.
 
 Guest-physical addresses run from 0 to ``limit`` (``pfn_limit`` pages); every
 address the Host dereferences for the guest is checked with :meth:`Lguest.address_ok`
@@ -11,36 +11,18 @@ saved ones, under the names :class:`~supervisor.state.GuestState` uses.
 from __future__ import annotations
 
 import asyncio
-import errno
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._statefields import host_only, saved, saved_fields
 from .abi import PAGE_SIZE
+from .state import Exit
 
 if TYPE_CHECKING:
     from .cpu import LgCpu
 
 _U32 = struct.Struct("<I")
-
-
-@dataclass(frozen=True, slots=True)
-class Death:
-    """How a guest ended.
-
-    ``errno`` is set for the deaths that read as an error code instead of a
-    reason (``ERESTART`` for a reboot request); ``exit_status`` is set for a
-    clean power-off.
-    """
-
-    reason: str
-    errno: int | None = None
-    exit_status: int | None = None
-
-    @property
-    def restart(self) -> bool:
-        return self.errno == errno.ERESTART
 
 
 @dataclass(eq=False)
@@ -50,7 +32,7 @@ class Lguest:
     ram: memoryview = host_only()  # the guest's window of the Launcher's memory
     pfn_limit: int = saved()
     cpus: list[LgCpu] = host_only(default_factory=list)  # each saves itself (CpuState)
-    dead: Death | None = saved(default=None)
+    dead: Exit | None = saved(default=None)  # how it ended (first end wins)
     pgdir: int = saved(default=0)  # the page directory the Launcher gave at INITIALIZE
     # The guest-wide values of the first LGUEST_INIT (CPU 0's); each CPU has its own
     # lguest_data (LgCpu.lguest_data).
@@ -84,9 +66,9 @@ class Lguest:
         return 0 <= addr < limit and size >= 0 and addr + size <= limit
 
     def kill(self, reason: str, *, err: int | None = None, exit_status: int | None = None) -> None:
-        """Mark the guest dead.  Only the first death counts."""
+        """End the guest (a death, a power-off, a reboot request).  Only the first end counts."""
         if self.dead is None:
-            self.dead = Death(reason, err, exit_status)
+            self.dead = Exit.of(reason, err, exit_status)
         for cpu in self.cpus:
             cpu.kick()  # any thread: a slice of another CPU ends at its next block
 

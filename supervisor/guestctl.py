@@ -1,10 +1,7 @@
-"""Debugging, pausing and snapshots for Launcher-run guests (what :mod:`supervisor.host` uses).
+"""Snapshots and gdb for Launcher-run guests: the parts :class:`supervisor.host.Guest` uses.
 
-A :class:`GuestControl` rides on a Launcher's ``on_boot`` hook: every boot's
-file gets a :class:`~supervisor.debug.Debugger`; a gdb server follows the
-guest across reboots; a pause asked for between boots holds the next boot.
-(A restored guest's first boot continues the snapshot: the Launcher does that,
-from a :class:`~supervisor.launcher.launcher.Resume`.)
+A restored guest's first boot continues the snapshot: the Launcher does that,
+from a :class:`~supervisor.launcher.launcher.Resume` (:func:`resume_from`).
 
 The Launcher-level part of a snapshot (``Snapshot.launcher``) is the guest's
 config and image plus :meth:`Launcher.state`: the reboots so far, the irqs the
@@ -17,137 +14,14 @@ backing file is not part of the snapshot.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Any
 
 from .config import GuestConfig
-from .debug import PAUSE, DebugError, Debugger, debugger
-from .device import LguestFile
 from .gdbstub import GdbServer
-from .guest import Death
-from .launcher.launcher import Exit, Launcher, Resume
+from .launcher.launcher import Launcher, Resume
 from .launcher.loader import Image, Segment
-from .snapshot import Snapshot, SnapshotError, capture, check_launcher
-
-
-class GuestControl:
-    """Per-guest plumbing over a Launcher: debugger per boot, pause, snapshot, restore, gdb."""
-
-    def __init__(
-        self,
-        launcher: Launcher,
-        config: GuestConfig,
-        *,
-        gdb: GdbServer | None = None,
-    ) -> None:
-        self.launcher = launcher
-        self.config = config
-        self.gdb = gdb
-        self._boots = 0
-        self._hold = False
-        self._debugger: Debugger | None = None
-        self._changed = asyncio.Event()
-        self.task: asyncio.Task[Exit] | None = None
-        self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
-        launcher.on_boot.append(self._on_boot)
-
-    def watch(self, task: asyncio.Task[Exit]) -> None:
-        """The task running the Launcher: its end ends the gdb server and pending waits."""
-        self.task = task
-        task.add_done_callback(self._ended)
-
-    # -- the hook ------------------------------------------------------------------------
-    def _on_boot(self, file: LguestFile) -> None:
-        self._boots += 1
-        d = self._debugger = debugger(file)
-        if self._hold:
-            d.request_stop(PAUSE)
-        if self.gdb is not None:
-            self.gdb.attach(d, stopped=self._boots == 1)
-        self._changed.set()
-
-    def _ended(self, task: asyncio.Task[Exit]) -> None:
-        self._changed.set()
-        if self.gdb is None:
-            return
-        if task.cancelled() or task.exception() is not None:
-            death = Death("the supervisor failed")
-        else:
-            result = task.result()
-            death = Death(result.reason, exit_status=None if result.died else result.exit_status)
-        self.gdb.ended(death)
-        self._closing = asyncio.get_running_loop().create_task(self.gdb.aclose())
-
-    # -- pause, resume, snapshot ---------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self.task is not None and self.task.done()
-
-    async def pause(self) -> Debugger:
-        """Stop the guest inside its Launcher's read (a clean point); return its debugger.
-
-        Raises :class:`SnapshotError` if the guest ends first.
-        """
-        self._hold = True
-        while True:
-            if self.done:
-                raise SnapshotError("the guest has ended")
-            d = self._debugger
-            if d is not None and not d.file.closed:
-                stop = await self._race(d.stop(PAUSE, parked=True))
-                if stop is not None and stop.death is None:
-                    return d
-                if stop is not None:
-                    await self._race(self._next_boot(d))  # it died: a reboot may follow
-                continue
-            self._changed.clear()
-            await self._race(self._changed.wait())
-
-    async def _next_boot(self, old: Debugger) -> None:
-        while self._debugger is old and not self.done:
-            self._changed.clear()
-            await self._changed.wait()
-
-    async def _race(self, coro: Any) -> Any:
-        """Await ``coro`` unless the guest ends first (then None); a closed file is None too."""
-        waiter = asyncio.ensure_future(coro)
-        if self.task is None:
-            try:
-                return await waiter
-            except DebugError:
-                return None
-        await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, DebugError):
-                await waiter
-            return None
-        try:
-            return waiter.result()
-        except DebugError:
-            return None
-
-    def resume(self) -> None:
-        """Let a paused guest run on (no effect on one that runs, or that a debugger stopped)."""
-        self._hold = False
-        d = self._debugger
-        if d is not None and d.stopped and d.stop_reason == PAUSE:
-            d.resume()
-
-    async def snapshot(self) -> Snapshot:
-        """Pause (unless already stopped), capture guest and Launcher state, run on as before."""
-        d = self._debugger
-        was_held = self._hold or (d is not None and d.stop_reason is not None)
-        d = await self.pause()
-        try:
-            snap = capture(d.file)
-            snap.launcher, blobs = launcher_state(self.launcher, self.config)
-            snap.blobs.update(blobs)
-            return snap
-        finally:
-            if not was_held:
-                self.resume()
+from .snapshot import Snapshot, SnapshotError, check_launcher
 
 
 # -- Launcher state ------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ class Dormitory:
         self._drowsy: dict[LgCpu, float] = {}  # CPU -> when it must hibernate (loop time)
         # (due, sequence, CPU), a heap (weak: it keeps no closed CPU alive).  Invariant: a
         # drowsy CPU has an entry due no later than its time in _drowsy; one entry per CPU
-        # is enough (LgCpu.dormitory_due), so a CPU that wakes and dozes off again at every
+        # is enough (Engine.dormitory_due), so a CPU that wakes and dozes off again at every
         # read pushes nothing: the sweep moves its entry on to its latest time instead.
         self._queue: list[tuple[float, int, weakref.ref[LgCpu]]] = []
         self._seq = itertools.count()
@@ -113,8 +113,9 @@ class Dormitory:
 
     def drowsy(self, cpu: LgCpu) -> None:
         """``cpu`` stopped needing its emulator: hibernate it after its ``hibernate_after``."""
-        after = cpu.hibernate_after
-        if after == NEVER or cpu.frozen is not None or cpu.released:  # (hibernated, closed)
+        engine = cpu.engine
+        after = engine.hibernate_after
+        if after == NEVER or engine.frozen is not None or engine.released:  # (hibernated, closed)
             return
         if after <= 0:
             self._hibernate(cpu)
@@ -124,22 +125,23 @@ class Dormitory:
         loop = asyncio.get_running_loop()
         due = loop.time() + after
         self._drowsy[cpu] = due
-        if cpu.dormitory_due <= due:
+        if cpu.engine.dormitory_due <= due:
             return  # its entry in the queue comes first; the sweep moves it on to `due`
         self._push(cpu, due)
         if due < self._timer_due:
             self._arm(loop, due)
 
     def _push(self, cpu: LgCpu, due: float) -> None:
-        cpu.dormitory_due = due
+        cpu.engine.dormitory_due = due
         heapq.heappush(self._queue, (due, next(self._seq), weakref.ref(cpu)))
 
     def awake(self, cpu: LgCpu) -> None:
         """``cpu`` is about to need its emulator (or is gone): forget it."""
         self._drowsy.pop(cpu, None)
-        if cpu.frozen is not None and not cpu.closing and self._refill is None:  # (hibernated)
+        hibernated = cpu.engine.frozen is not None
+        if hibernated and not cpu.run.closing and self._refill is None:
             loop = asyncio.get_running_loop()
-            self._refill = loop.call_later(REFILL_DELAY, self._make_ahead, cpu.tcg_buffer)
+            self._refill = loop.call_later(REFILL_DELAY, self._make_ahead, cpu.engine.tcg_buffer)
 
     def _make_ahead(self, tcg_buffer: int) -> None:
         """Make one instance ahead of need, and again at the next loop turn until enough wait."""
@@ -168,13 +170,13 @@ class Dormitory:
                 heapq.heappop(queue)  # stale: it woke (and maybe dozed off again) since
                 if cpu is None:
                     continue
-                if cpu.dormitory_due == due:
-                    cpu.dormitory_due = math.inf
-                if when is not None and cpu.dormitory_due > when:
+                if cpu.engine.dormitory_due == due:
+                    cpu.engine.dormitory_due = math.inf
+                if when is not None and cpu.engine.dormitory_due > when:
                     self._push(cpu, when)  # it dozed off again: the entry for its new time
             elif due <= now:
                 heapq.heappop(queue)
-                cpu.dormitory_due = math.inf
+                cpu.engine.dormitory_due = math.inf
                 del drowsy[cpu]
                 self._hibernate(cpu)  # refused (and dropped) if it runs meanwhile
             else:
@@ -204,7 +206,7 @@ class Dormitory:
         for _, _, ref in self._queue:
             cpu = ref()
             if cpu is not None:
-                cpu.dormitory_due = math.inf
+                cpu.engine.dormitory_due = math.inf
         self._queue.clear()
         for handle in (self._timer, self._trim, self._refill):
             if handle is not None:

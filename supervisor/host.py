@@ -15,14 +15,16 @@ Leaving the ``async with`` kills the guests still running and closes the device.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 from .config import GuestConfig
-from .device import LguestDevice
+from .debug import PAUSE, DebugError, Debugger, debugger
+from .device import LguestDevice, LguestFile
 from .gdbstub import GdbServer
-from .guestctl import GuestControl, resume_from, snapshot_config, snapshot_image, start_gdb
+from .guestctl import launcher_state, resume_from, snapshot_config, snapshot_image, start_gdb
 from .hibernation import DEFAULT_HIBERNATE_AFTER
 from .launcher.block import BlockDevice
 from .launcher.console import (
@@ -35,47 +37,128 @@ from .launcher.console import (
 )
 from .launcher.devices import Device
 from .launcher.files import FilesDevice, grants_for
-from .launcher.launcher import DEFAULT_MAX_RESTARTS, Exit, GuestStats, Launcher
+from .launcher.launcher import DEFAULT_MAX_RESTARTS, GuestStats, Launcher
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
-from .snapshot import Snapshot
+from .snapshot import Snapshot, SnapshotError, capture
+from .state import Exit
 
 __all__ = ["ConsoleEnded", "Exit", "Guest", "GuestStats", "Supervisor"]
 
 
 class Guest:
-    """A running (or finished) guest.  Get one from :meth:`Supervisor.launch`."""
+    """A running (or finished) guest.  Get one from :meth:`Supervisor.launch`.
+
+    It rides on its Launcher's ``on_boot`` hook: every boot's file gets a
+    :class:`~supervisor.debug.Debugger`; a gdb server follows the guest across
+    reboots; a pause asked for between boots holds the next boot.
+    """
 
     def __init__(
         self,
         config: GuestConfig,
         launcher: Launcher,
         console: Console,
-        control: GuestControl | None = None,
+        gdb: GdbServer | None = None,
     ) -> None:
         self.config = config
         self.name = config.display_name
         self._launcher = launcher
         self._console = console
+        self._gdb = gdb
+        self._boots = 0
+        self._hold = False  # a pause asked for: every boot is held until resume()
+        self._debugger: Debugger | None = None  # the current boot's
+        self._changed = asyncio.Event()  # a boot began or the guest ended
+        self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
+        launcher.on_boot.append(self._on_boot)
         self._task = asyncio.create_task(launcher.run(), name=f"guest-{self.name}")
-        self.control = control or GuestControl(launcher, config)
-        self.control.watch(self._task)
+        self._task.add_done_callback(self._ended)
 
     @property
     def gdb(self) -> GdbServer | None:
         """The gdb server of a guest launched with ``config.gdb``."""
-        return self.control.gdb
+        return self._gdb
 
+    # -- the Launcher's hook and end ----------------------------------------------------
+    def _on_boot(self, file: LguestFile) -> None:
+        self._boots += 1
+        d = self._debugger = debugger(file)
+        if self._hold:
+            d.request_stop(PAUSE)
+        if self._gdb is not None:
+            self._gdb.attach(d, stopped=self._boots == 1)
+        self._changed.set()
+
+    def _ended(self, task: asyncio.Task[Exit]) -> None:
+        self._changed.set()
+        if self._gdb is None:
+            return
+        failed = task.cancelled() or task.exception() is not None
+        self._gdb.ended(Exit(None, "the supervisor failed", died=True) if failed else task.result())
+        self._closing = asyncio.get_running_loop().create_task(self._gdb.aclose())
+
+    # -- pause, resume, snapshot ----------------------------------------------------------
     async def pause(self) -> None:
-        """Stop the guest at an instruction boundary; ``SnapshotError`` if it has ended."""
-        await self.control.pause()
+        """Stop the guest at an instruction boundary, inside its Launcher's read (no
+        device request half-served); ``SnapshotError`` if it has ended."""
+        await self._pause()
+
+    async def _pause(self) -> Debugger:
+        self._hold = True
+        while True:
+            if self.done:
+                raise SnapshotError("the guest has ended")
+            d = self._debugger
+            if d is not None and not d.file.closed:
+                stop = await self._race(d.stop(PAUSE, parked=True))
+                if stop is not None and stop.death is None:
+                    return d
+                if stop is not None:
+                    await self._race(self._next_boot(d))  # it died: a reboot may follow
+                continue
+            self._changed.clear()
+            await self._race(self._changed.wait())
+
+    async def _next_boot(self, old: Debugger) -> None:
+        while self._debugger is old and not self.done:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def _race(self, coro: Any) -> Any:
+        """Await ``coro`` unless the guest ends first (then None); a closed file is None too."""
+        waiter = asyncio.ensure_future(coro)
+        await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DebugError):
+                await waiter
+            return None
+        try:
+            return waiter.result()
+        except DebugError:
+            return None
 
     def resume(self) -> None:
-        """Let a paused guest run on."""
-        self.control.resume()
+        """Let a paused guest run on (no effect on one that runs, or that a debugger stopped)."""
+        self._hold = False
+        d = self._debugger
+        if d is not None and d.stopped and d.stop_reason == PAUSE:
+            d.resume()
 
     async def snapshot(self) -> Snapshot:
-        """The guest's whole state (it runs on afterwards unless it was paused or in gdb)."""
-        return await self.control.snapshot()
+        """The guest's whole state: guest and Launcher state, taken paused; it runs on
+        afterwards unless it was paused or stopped in gdb."""
+        d = self._debugger
+        was_held = self._hold or (d is not None and d.stop_reason is not None)
+        d = await self._pause()
+        try:
+            snap = capture(d.file)
+            snap.launcher, blobs = launcher_state(self._launcher, self.config)
+            snap.blobs.update(blobs)
+            return snap
+        finally:
+            if not was_held:
+                self.resume()
 
     @property
     def console(self) -> LineStream:
@@ -268,8 +351,7 @@ class Supervisor:
             for device in table:
                 await device.stop()
             raise
-        control = GuestControl(launcher, config, gdb=gdb)
-        guest = Guest(config, launcher, console, control)
+        guest = Guest(config, launcher, console, gdb)
         self._guests[guest] = None
         if not self._keep_ended:
             guest.when_done(lambda: self._guests.pop(guest, None))

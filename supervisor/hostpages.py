@@ -34,7 +34,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from unicorn import UC_PROT_READ
 from unicorn import x86_const as r
@@ -50,15 +50,13 @@ from .abi import (
     SWITCHER_PGD_INDEX,
 )
 
-if TYPE_CHECKING:
-    from .guest import Lguest
-
 PAGE_TABLE: Final = SWITCHER_ADDR
 BOOT_GDT: Final = SWITCHER_ADDR + PAGE_SIZE
 SIZE: Final = 2 * PAGE_SIZE
 END: Final = SWITCHER_ADDR + SIZE
 BOOT_GDT_LIMIT: Final = GDT_ENTRIES * 8 - 1
 
+_U32 = struct.Struct("<I")
 _PRESENT, _ACCESSED, _DIRTY = 0x01, 0x20, 0x40
 # Present, accessed (and dirty), not writable, not user: the walker never writes these.
 PDE: Final = PAGE_TABLE | _PRESENT | _ACCESSED
@@ -106,10 +104,16 @@ def map_into(uc: Any) -> None:
     uc.mem_map_ptr(SWITCHER_ADDR, SIZE, UC_PROT_READ, _ADDRESS)
 
 
-def install(lg: Lguest, pgdir: int) -> None:
-    """Make entry 1023 of the page directory at ``pgdir`` (checked by the caller)
-    point at the Host's page table."""
-    lg.write_u32(pgdir + 4 * SWITCHER_PGD_INDEX, PDE)
+def install(ram: memoryview, pgdir: int) -> int:
+    """Make entry 1023 of the page directory at guest-physical ``pgdir`` in ``ram``
+    (the guest's memory; the page checked by the caller) point at the Host's page table.
+
+    Returns the entry's guest-physical address: the caller tells the guest's CPUs the
+    Host wrote there (``Lguest.host_wrote``), as for any Host write to guest memory.
+    """
+    entry = pgdir + 4 * SWITCHER_PGD_INDEX
+    _U32.pack_into(ram, entry, PDE)
+    return entry
 
 
 def load_boot_segments(uc: Any) -> None:

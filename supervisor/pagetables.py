@@ -69,7 +69,7 @@ def new_pgtable(cpu: LgCpu, pgdir: int) -> None:
     if not pgdir_ok(cpu, pgdir):
         cpu.lg.kill(f"bad page directory {pgdir:#x}")
         return
-    hostpages.install(cpu.lg, pgdir)
+    cpu.lg.host_wrote(hostpages.install(cpu.lg.ram, pgdir), 4)
     cpu.set_reg(r.UC_X86_REG_CR3, pgdir)
 
 
@@ -94,7 +94,7 @@ def set_pmd(cpu: LgCpu, pgdir: int, index: int) -> None:
         cpu.lg.kill(f"bad page directory {pgdir:#x} index {index}")
         return
     if index >= SWITCHER_PGD_INDEX:  # the guest's change is ignored: the entry is the Host's
-        hostpages.install(cpu.lg, pgdir)
+        cpu.lg.host_wrote(hostpages.install(cpu.lg.ram, pgdir), 4)
         cpu.flush_tlb()
         return
     pde = cpu.lg.read_u32(pgdir + 4 * index)

@@ -1,7 +1,7 @@
 """The event-loop half of the run loop: ``run_guest``, lguest's ``run_guest`` for asyncio.
 
 Each pass asks one question, "why can't this CPU simply run?": :func:`pending_exit`
-answers with a :class:`~supervisor.execute.CpuExit` (close, a hypercall the Host
+answers with a :class:`RunState` (close, a hypercall the Host
 must do, a notify for the Launcher, a Waker's break, a death, a hold, a halt) or
 None, and one ``match`` handles the answer; None runs a slice
 (:mod:`supervisor.execute`), whose own exit only decides where the next slice
@@ -25,11 +25,11 @@ import errno
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from . import hypercalls, interrupts, timers
 from .cpu import LgCpu
-from .execute import INLINE_BUDGET, CpuExit, run_slice
+from .execute import INLINE_BUDGET, ExitValue, SliceExit, run_slice
 from .hibernation import Dormitory
 from .slicepool import SlicePool
 
@@ -41,7 +41,26 @@ def _oserror(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-def pending_exit(cpu: LgCpu) -> CpuExit | None:
+class RunState(ExitValue):
+    """Why the run loop cannot simply run a CPU now (:func:`pending_exit`'s answer).
+
+    Kept apart from :class:`~supervisor.execute.SliceExit` (why one slice stopped): a
+    slice's exit only decides where the next slice runs; these decide what the loop does.
+    """
+
+    __slots__ = ()
+
+    CLOSED: ClassVar[RunState]  # the file was closed: EBADF
+    HELD: ClassVar[RunState]  # paused or stopped by a debugger: park
+    BREAK: ClassVar[RunState]  # a Waker's break waits to be released: EAGAIN
+    NOTIFY: ClassVar[RunState]  # a notify waits for the Launcher: the read returns it
+    HYPERCALL: ClassVar[RunState]  # a trapped hypercall the event loop must do
+    DEATH: ClassVar[RunState]  # the guest is dead: ENOENT (or its errno)
+    OFFLINE: ClassVar[RunState]  # a CPU not started yet (LHCALL_START_CPU): sleep
+    HALT: ClassVar[RunState]  # halted with no interrupt it can take: sleep
+
+
+def pending_exit(cpu: LgCpu) -> RunState | None:
     """What the run loop must handle before the guest may run, in priority order; None if
     the CPU may run.
 
@@ -56,23 +75,24 @@ def pending_exit(cpu: LgCpu) -> CpuExit | None:
     delivered.  A CPU not started yet sleeps until it is.  Every answer but None
     changes something or sleeps: each pass of the run loop makes progress.
     """
-    if cpu.closing:
-        return CpuExit.CLOSED
+    run = cpu.run
+    if run.closing:
+        return RunState.CLOSED
     dead = cpu.lg.dead
-    if cpu.hold is not None and not dead:
-        return CpuExit.BREAK if cpu.break_out else CpuExit.HELD
+    if run.hold is not None and not dead:
+        return RunState.BREAK if run.break_out else RunState.HELD
     if cpu.pending_notify:
-        return CpuExit.NOTIFY
+        return RunState.NOTIFY
     if cpu.hcall is not None and not dead:
-        return CpuExit.HYPERCALL
-    if cpu.break_out:
-        return CpuExit.BREAK
+        return RunState.HYPERCALL
+    if run.break_out:
+        return RunState.BREAK
     if dead:
-        return CpuExit.DEATH
+        return RunState.DEATH
     if not cpu.online:
-        return CpuExit.OFFLINE
+        return RunState.OFFLINE
     if cpu.halted and interrupts.deliverable_irq(cpu) is None:
-        return CpuExit.HALT
+        return RunState.HALT
     return None
 
 
@@ -92,39 +112,39 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
         exit = pending_exit(cpu)
         match exit:
             case None:
-                if cpu.frozen is not None:
+                if cpu.engine.frozen is not None:
                     cpu.thaw()  # it hibernated
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
-                    cpu.inline = True  # deliver it now, not after a trip through the queue
+                    cpu.run.inline = True  # deliver it now, not after a trip through the queue
                 # Whatever ended it, the next pass sees.  (One CPU: no turns to take.)
                 await (_run_slice(cpu, executor) if len(lg.cpus) == 1 else _slice(cpu, executor))
-            case CpuExit.CLOSED:
+            case RunState.CLOSED:
                 raise _oserror(errno.EBADF)
-            case CpuExit.HYPERCALL:
-                if cpu.frozen is not None:
+            case RunState.HYPERCALL:
+                if cpu.engine.frozen is not None:
                     cpu.thaw()
                 asleep = _asleep_others(cpu) if len(lg.cpus) > 1 else None
                 hypercalls.do_hypercalls(cpu)
-                if asleep and any(other.wakeup.is_set() for other in asleep):
+                if asleep and any(other.run.wakeup.is_set() for other in asleep):
                     # It woke another CPU (an IPI, a start): that CPU's task queues for
                     # the processor before this one takes it again.
                     await asyncio.sleep(0)
-            case CpuExit.NOTIFY:
+            case RunState.NOTIFY:
                 return cpu.pending_notify
-            case CpuExit.BREAK:
+            case RunState.BREAK:
                 raise _oserror(errno.EAGAIN)
-            case CpuExit.DEATH:
+            case RunState.DEATH:
                 for other in lg.cpus:  # asleep, they would not see it (kill() only kicks)
                     if other is not cpu:
                         other.wake()
                 _tell_holder(cpu)
                 assert lg.dead is not None
                 raise _oserror(lg.dead.errno or errno.ENOENT)
-            case CpuExit.HELD:
+            case RunState.HELD:
                 _tell_holder(cpu)
                 await _sleep(cpu, dormitory)
-            case CpuExit.HALT | CpuExit.OFFLINE:
+            case RunState.HALT | RunState.OFFLINE:
                 await _sleep(cpu, dormitory)
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
@@ -132,31 +152,31 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
 
 def _asleep_others(cpu: LgCpu) -> list[LgCpu]:
     """The guest's other CPUs whose run loops wait for a wake."""
-    return [other for other in cpu.lg.cpus if other is not cpu and not other.wakeup.is_set()]
+    return [other for other in cpu.lg.cpus if other is not cpu and not other.run.wakeup.is_set()]
 
 
 def _tell_holder(cpu: LgCpu) -> None:
     """Tell whoever holds the CPU (supervisor.debug) that it parked or died."""
-    if cpu.on_hold is not None:
-        cpu.on_hold()
+    if cpu.debug.on_hold is not None:
+        cpu.debug.on_hold()
 
 
 async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close); the
     CPU may hibernate meanwhile."""
-    cpu.wakeup.clear()
-    if pending_exit(cpu) not in (CpuExit.HELD, CpuExit.HALT, CpuExit.OFFLINE):
+    cpu.run.wakeup.clear()
+    if pending_exit(cpu) not in (RunState.HELD, RunState.HALT, RunState.OFFLINE):
         return
     if dormitory is not None:
         dormitory.drowsy(cpu)
     try:
-        await cpu.wakeup.wait()
+        await cpu.run.wakeup.wait()
     finally:
         if dormitory is not None:
             dormitory.awake(cpu)
 
 
-async def _slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
+async def _slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
     """Run one slice of ``cpu`` (of a guest with several) once it is this CPU's turn (see
     :func:`_take_turn`)."""
     lg = cpu.lg
@@ -170,7 +190,7 @@ async def _slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
         lg.waiting_turns -= 1
     try:
         if pending_exit(cpu) is not None:
-            return CpuExit.KICK  # held, woken or killed while it waited: the run loop sees
+            return SliceExit.KICK  # held, woken or killed while it waited: the run loop sees
         lg.processor_owner = cpu
         try:
             return await _run_slice(cpu, executor)
@@ -196,7 +216,7 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
         owner.wake()
 
 
-async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
+async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
     """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
 
     A CPU whose last slice ended on its own gets a short slice on the event loop
@@ -205,42 +225,53 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> CpuExit:
     the executor's queue, before its first slice or between two (:meth:`LgCpu.wake`),
     ends as a ``KICK``.
     """
-    if cpu.inline:
+    if cpu.run.inline:
         ended = run_slice(cpu, INLINE_BUDGET)
-        assert isinstance(ended, CpuExit)  # (AGAIN only with `more`)
-        cpu.inline = ended is not CpuExit.BUDGET
+        assert isinstance(ended, SliceExit)  # (AGAIN only with `more`)
+        _debug_stop(cpu, ended)
+        cpu.run.inline = ended is not SliceExit.BUDGET
         # Stay cooperative: let the loop run other tasks at least every YIELD_TIME.  Not
         # after every slice: a turn of the loop costs more than a notify round trip.
         now = time.monotonic()
-        if now - cpu.yielded_at >= YIELD_TIME:
-            cpu.yielded_at = now
+        if now - cpu.run.yielded_at >= YIELD_TIME:
+            cpu.run.yielded_at = now
             await asyncio.sleep(0)
         return ended
     queued = executor.submit(
         run_slice, cpu, None, functools.partial(_may_go_on, cpu), executor.crowd
     )
-    cpu.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
-    cpu.queued_slice = queued
+    cpu.run.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
+    cpu.run.queued_slice = queued
     future = asyncio.wrap_future(queued)
     try:
-        exit: CpuExit = await asyncio.shield(future)
+        exit: SliceExit = await asyncio.shield(future)
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
             # Withdrawn while it waited for a worker, or ended after a slice, by a wake()
             # (which also put the next slice on the loop): go round again.
-            return CpuExit.KICK
+            return SliceExit.KICK
         if not queued.cancel():  # already running: stop it at its next block and wait
             cpu.kick()
             await wait_quietly(future)
         # else withdrawn from the executor's queue: no slice runs, nothing to wait for
         raise
     finally:
-        cpu.queued_slice = None
+        cpu.run.queued_slice = None
         if future.done() or queued.cancelled():
-            cpu.idle.set()
-    cpu.inline = exit is not CpuExit.BUDGET
+            if future.done() and not future.cancelled() and future.exception() is None:
+                _debug_stop(cpu, future.result())  # (also when the read was cancelled)
+            cpu.run.idle.set()
+    cpu.run.inline = exit is not SliceExit.BUDGET
     return exit
+
+
+def _debug_stop(cpu: LgCpu, exit: SliceExit) -> None:
+    """A debugger's code hook stopped the slice before an instruction: hold the CPU
+    there, for the reason the hook recorded (the next pass parks it; the hook's reason
+    wins over a pause asked for during the slice: the debugger reports what stopped it)."""
+    if exit is SliceExit.DEBUG_STOP:
+        cpu.run.hold = cpu.trap.debug
 
 
 def _may_go_on(cpu: LgCpu) -> bool:

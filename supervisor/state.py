@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno as _errno
 import functools
 import itertools
 import json
@@ -53,7 +54,6 @@ from .abi import (
     SWITCHER_ADDR,
     TLS_ENTRIES,
 )
-from .guest import Death
 from .limits import Limits
 
 MAGIC: Final = b"LGSTATE\n"
@@ -72,6 +72,7 @@ VERSION: Final = 2  # 2: several CPUs, each with its own lguest_data
 
 __all__ = [
     "CpuState",
+    "Exit",
     "GuestState",
     "StateError",
     "host_only",
@@ -86,6 +87,40 @@ _CONFIG = pydantic.ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
 class StateError(ValueError):
     """A state value that cannot be decoded or revived (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How a guest ended: the one result type, from the device up to the Supervisor.
+
+    ``exit_status`` is set when the guest powered off; ``died`` is True when it
+    was killed (bad hypercall, fault, crash, ``kill()``, too many restarts);
+    ``reason`` is the guest's or the Host's words; ``restarts`` counts the
+    Launcher's reboots; ``errno`` is set for an end that reads as an error code
+    at the device instead of a reason (``ERESTART``: the guest asked for a reboot).
+    """
+
+    exit_status: int | None
+    reason: str
+    restarts: int = 0
+    died: bool = False
+    errno: int | None = None
+
+    @classmethod
+    def of(cls, reason: str, err: int | None = None, exit_status: int | None = None) -> Exit:
+        """A guest's end at the device: a power-off with ``exit_status``, a reboot
+        request with ``err`` (``ERESTART``), or else a death."""
+        return cls(exit_status, reason, died=exit_status is None and err is None, errno=err)
+
+    @property
+    def ok(self) -> bool:
+        """True for a clean power-off with status 0."""
+        return not self.died and self.exit_status == 0
+
+    @property
+    def restart(self) -> bool:
+        """True for a guest that asked to be rebooted."""
+        return self.errno == _errno.ERESTART
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +175,7 @@ class GuestState:
     noirq_start: int
     noirq_end: int
     kernel_address: int
-    dead: Death | None
+    dead: Exit | None
     cpus: tuple[CpuState, ...]
     unicorn: str  # the Unicorn version whose context layout ``CpuState.context`` uses
 
@@ -405,6 +440,8 @@ def _check_death(dead: object) -> None:
         _int("dead.errno", err, 1, MAX_ERRNO)
     if status is not None:
         _u32("dead.exit_status", status)
+    _u32("dead.restarts", getattr(dead, "restarts", None))
+    _bool("dead.died", getattr(dead, "died", None))
 
 
 def _unicorn_version() -> str:

@@ -72,19 +72,19 @@ def set_clockevent(cpu: LgCpu, delta_ns: int) -> None:
     if delta_ns == 0:
         return
     loop = asyncio.get_running_loop()
-    cpu.clock = loop.call_later(delta_ns / 1e9, _fire, cpu)
-    cpu.clock_due = loop.time() + delta_ns / 1e9  # (uvloop's handles do not say when)
+    cpu.clock.event = loop.call_later(delta_ns / 1e9, _fire, cpu)
+    cpu.clock.due = loop.time() + delta_ns / 1e9  # (uvloop's handles do not say when)
 
 
 def cancel(cpu: LgCpu) -> None:
     """Disarm the clock event, if any."""
-    if cpu.clock is not None:
-        cpu.clock.cancel()
-        cpu.clock = None
+    if cpu.clock.event is not None:
+        cpu.clock.event.cancel()
+        cpu.clock.event = None
 
 
 def _fire(cpu: LgCpu) -> None:
-    cpu.clock = None
+    cpu.clock.event = None
     if cpu.closed:
         return
     cpu.raise_irq(CLOCK_IRQ)
@@ -93,9 +93,9 @@ def _fire(cpu: LgCpu) -> None:
 def remaining(cpu: LgCpu) -> int | None:
     """The armed clock event's time left in nanoseconds (at least 1), or None: the timer's
     part of the CPU's state value."""
-    if cpu.clock is None:
+    if cpu.clock.event is None:
         return None
-    left = cpu.clock_due - asyncio.get_running_loop().time()
+    left = cpu.clock.due - asyncio.get_running_loop().time()
     return max(1, int(left * 1e9))
 
 

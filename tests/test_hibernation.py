@@ -17,10 +17,10 @@ from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.config import ConfigError
 from supervisor.cpu import CpuStats
 from supervisor.debug import debugger
-from supervisor.guest import Death
 from supervisor.hibernation import TRIM_SLACK
 from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
+from supervisor.state import Exit
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
@@ -28,7 +28,7 @@ LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
 async def run_worker(
     dev: LguestDevice,
-) -> tuple[bytes, list[int], Death | None, CpuStats | None]:
+) -> tuple[bytes, list[int], Exit | None, CpuStats | None]:
     g = await boot(dev, WORKER)
     async with asyncio.timeout(LIMIT):
         memory, output = await worker_to_death(g)
@@ -75,7 +75,7 @@ async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work()
         await until(lambda: cpu.halted)
         assert not cpu.hibernated  # not yet: it has been idle for less than 50 ms
         await until(lambda: cpu.hibernated, LIMIT)
-        assert cpu.uc is None and g.file.stats is not None and g.file.stats.hibernations == 1
+        assert cpu.engine.uc is None and g.file.stats is not None and g.file.stats.hibernations == 1
         assert len(dev.dormitory) == 0
         await until(lambda: not dev.dormitory.armed)  # then nothing is left to do
         # An interrupt wakes it: a new emulator, the handler runs, nothing is lost.
@@ -325,7 +325,7 @@ async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one() -> Non
         # Made in idle time after the wake, up to the bound and no further.
         await until(lambda: not dev.dormitory.armed)
         assert _unicorn.blank_count() == _unicorn.BLANKS
-        assert not _unicorn.prepare(cpu.tcg_buffer)
+        assert not _unicorn.prepare(cpu.engine.tcg_buffer)
         await until(lambda: cpu.hibernated)
         assert cpu.emulator is not None  # a thaw, which takes one of them
         assert _unicorn.blank_count() == _unicorn.BLANKS - 1

@@ -338,7 +338,7 @@ async def test_hogs_cannot_starve_the_neighbour(hog: str) -> None:
         async with asyncio.timeout(EXAMPLE_TIMEOUT):
             # The neighbour arrives while the hogs run their first slices, before
             # the slice budget has adapted to them.
-            await until(lambda: all(h.file.cpu(0).reading for h in hogs))
+            await until(lambda: all(h.file.reading(0) for h in hogs))
             neighbour = await boot_image(dev, neighbour_guest(TARGET))
             loop = asyncio.get_running_loop()
             start = loop.time()

@@ -420,21 +420,24 @@ def test_a_run_gets_its_whole_share_however_late_it_registers() -> None:
         assert fuel.span == 200_000
 
 
-def test_cpu_exit_members_are_distinct_named_singletons() -> None:
-    """CpuExit is a plain class, not an enum.Enum (an Enum member lookup costs about 0.2 us
-    on CPython 3.11): it must still behave as one for the run loop's ``is`` and ``match``."""
-    from supervisor.execute import CpuExit
+def test_exit_values_are_distinct_named_singletons() -> None:
+    """SliceExit and RunState are plain classes, not enum.Enum (an Enum member lookup goes
+    through the metaclass): they must still behave as enums for ``is`` and ``match``."""
+    from supervisor.execute import SliceExit
+    from supervisor.run import RunState
 
-    members = [getattr(CpuExit, name) for name in CpuExit.__annotations__]
-    assert len(members) == 15 and len({id(m) for m in members}) == 15
-    assert all(isinstance(m, CpuExit) for m in members)
-    assert [m.name for m in members] == list(CpuExit.__annotations__)
-    assert CpuExit.BAD_ACCESS.value == "bad access" and CpuExit.NOTIFY.value == "notify"
-    assert repr(CpuExit.DEBUG_STOP) == "<CpuExit.DEBUG_STOP: 'debug stop'>"
-    match CpuExit.HALT:
-        case CpuExit.NOTIFY:
-            matched = "notify"
-        case CpuExit.HALT:
+    for cls, count in ((SliceExit, 10), (RunState, 8)):
+        members = [getattr(cls, name) for name in cls.__annotations__]
+        assert len(members) == count and len({id(m) for m in members}) == count
+        assert all(type(m) is cls for m in members)
+        assert [m.name for m in members] == list(cls.__annotations__)
+    assert SliceExit.BAD_ACCESS.value == "bad access" and RunState.NOTIFY.value == "notify"
+    assert repr(SliceExit.DEBUG_STOP) == "<SliceExit.DEBUG_STOP: 'debug stop'>"
+    assert SliceExit.HALT is not RunState.HALT  # type: ignore[comparison-overlap]  # two sets
+    match SliceExit.HALT:
+        case SliceExit.KICK:
+            matched = "kick"
+        case SliceExit.HALT:
             matched = "halt"
         case _:
             matched = "none"

@@ -55,7 +55,7 @@ def queued(dev: LguestDevice) -> int:
     return sum(
         1
         for f in dev.files
-        if f._lg is not None and any(c.queued_slice is not None for c in f._lg.cpus)
+        if f._lg is not None and any(c.run.queued_slice is not None for c in f._lg.cpus)
     )
 
 

@@ -101,7 +101,7 @@ def describe_live_guests() -> list[str]:
     for o in gc.get_objects():
         if isinstance(o, Lguest):
             cpu = o.cpus[0] if o.cpus else None
-            state = f"dead={o.dead!r} closing={cpu.closing if cpu else None}"
+            state = f"dead={o.dead!r} closing={cpu.run.closing if cpu else None}"
             refs = [type(r).__name__ for r in gc.get_referrers(o)]
             out.append(f"{state} referrers={refs}")
     return out
@@ -144,9 +144,9 @@ async def one_guest(dev: LguestDevice, i: int) -> None:
         reader = asyncio.create_task(f.read(8))
         cpu = f.cpu(0)
         await until(lambda: cpu.halted)
-        assert cpu.clock is not None
+        assert cpu.clock.event is not None
         await f.close()
-        assert cpu.clock is None
+        assert cpu.clock.event is None
         with pytest.raises(OSError):
             await reader
     else:  # closed while a Waker waits for BREAK 0
@@ -220,7 +220,7 @@ async def test_closing_a_guest_frees_its_unicorn_at_once(dev: LguestDevice) -> N
     )
     with pytest.raises(FileNotFoundError):
         await f.read(8)
-    uc = weakref.ref(f.cpu(0).uc)
+    uc = weakref.ref(f.cpu(0).engine.uc)
     gc.collect()
     gc.disable()
     try:

@@ -150,22 +150,22 @@ msg: .asciz "bye"
     await d.stop()
     await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 5))  # blocked: stays pending
     cpu = g.file.cpu(0)
-    cpu.break_out = True  # as if a Waker had broken it out
+    cpu.run.break_out = True  # as if a Waker had broken it out
     snap = capture(g.file)
     st = snap.state.cpus[0]
     assert st.halted and st.break_out
     assert st.irqs_pending == 1 << 5
     assert st.timer_ns is not None and 0 < st.timer_ns <= 50_000_000
     assert st.idt[33] != (0, 0)
-    cpu.break_out = False
+    cpu.run.break_out = False
     d.kill("done with it")
     with pytest.raises(FileNotFoundError):
         await reader
 
     copy = await restore(snap, dev)
     c = copy.cpu(0)
-    assert (c.halted, c.break_out, c.irqs_pending) == (True, True, 1 << 5)
-    assert c.clock is not None and not c.break_released.is_set()
+    assert (c.halted, c.run.break_out, c.irqs_pending) == (True, True, 1 << 5)
+    assert c.clock.event is not None and not c.run.break_released.is_set()
     with pytest.raises(BlockingIOError):  # the break is still on: the Launcher must see it
         await copy.read(abi.WORD_SIZE)
     await copy.write(abi.pack_words(abi.LHREQ_BREAK, 0))

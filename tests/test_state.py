@@ -35,13 +35,13 @@ from unicorn import unicorn_const as uc_const
 
 from supervisor import LguestDevice, abi
 from supervisor._statefields import saved_fields, unmarked_fields
-from supervisor.cpu import LgCpu, ThreadError
-from supervisor.execute import CpuExit, classify
-from supervisor.guest import Death, Lguest
+from supervisor.cpu import PARTS, Hold, LgCpu, ThreadError
+from supervisor.execute import SliceExit, classify
+from supervisor.guest import Lguest
 from supervisor.launcher.layout import IMAGE_BASE
 from supervisor.memory import GuestMemory
-from supervisor.run import pending_exit
-from supervisor.state import CpuState, GuestState, StateError
+from supervisor.run import RunState, pending_exit
+from supervisor.state import CpuState, Exit, GuestState, StateError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def comparable(booted_symbols: dict[str, int], memory: bytes) -> bytes:
 class Outcome:
     memory: bytes
     output: tuple[int, ...]  # `done` at each notify: what the guest said, in order
-    death: Death | None
+    death: Exit | None
 
 
 _reference: dict[str, Outcome] = {}
@@ -483,8 +483,17 @@ async def test_bad_or_foreign_encodings_are_clear_errors(dev: LguestDevice) -> N
 def test_every_field_of_the_cpu_and_the_guest_is_saved_or_marked_host_only() -> None:
     assert unmarked_fields(LgCpu) == ()
     assert unmarked_fields(Lguest) == ()
+    for part in PARTS.values():
+        assert unmarked_fields(part) == (), part.__name__
+    # Every field of LgCpu that is a dataclass is one of its parts, under its name.
+    types = {f.name: f.type for f in dataclasses.fields(LgCpu)}
+    assert {name: types[name] for name in PARTS} == {n: c.__name__ for n, c in PARTS.items()}
     cpu_state = {f.name for f in dataclasses.fields(CpuState)}
-    assert set(saved_fields(LgCpu)) == cpu_state - {"context", "timer_ns"}
+    saved = list(saved_fields(LgCpu))
+    for part in PARTS.values():
+        saved += saved_fields(part)
+    assert len(saved) == len(set(saved))  # one name, one field
+    assert set(saved) == cpu_state - {"context", "timer_ns"}
     guest_state = {f.name for f in dataclasses.fields(GuestState)}
     assert set(saved_fields(Lguest)) == guest_state - {"memory_size", "base", "cpus", "unicorn"}
 
@@ -493,21 +502,21 @@ def test_every_field_of_the_cpu_and_the_guest_is_saved_or_marked_host_only() -> 
 def test_classify_turns_what_the_hooks_recorded_into_an_exit() -> None:
     from supervisor._slicing import REASON_BUDGET, REASON_NONE, REASON_STOP
 
-    assert classify(abi.LGUEST_TRAP_ENTRY, None, REASON_NONE, None) is CpuExit.HYPERCALL
-    assert classify(14, None, REASON_NONE, None) is CpuExit.TRAP
-    assert classify(None, "breakpoint", REASON_NONE, None) is CpuExit.DEBUG_STOP
-    assert classify(None, None, REASON_STOP, None) is CpuExit.KICK
-    assert classify(None, None, REASON_BUDGET, None) is CpuExit.BUDGET
-    assert classify(None, None, REASON_NONE, None) is CpuExit.HALT  # Unicorn stops at hlt
+    assert classify(abi.LGUEST_TRAP_ENTRY, None, REASON_NONE, None) is SliceExit.HYPERCALL
+    assert classify(14, None, REASON_NONE, None) is SliceExit.TRAP
+    assert classify(None, Hold.BREAKPOINT, REASON_NONE, None) is SliceExit.DEBUG_STOP
+    assert classify(None, None, REASON_STOP, None) is SliceExit.KICK
+    assert classify(None, None, REASON_BUDGET, None) is SliceExit.BUDGET
+    assert classify(None, None, REASON_NONE, None) is SliceExit.HALT  # Unicorn stops at hlt
     assert classify(None, None, REASON_NONE, uc_const.UC_ERR_INSN_INVALID) is (
-        CpuExit.INVALID_OPCODE
+        SliceExit.INVALID_OPCODE
     )
-    assert classify(None, None, REASON_NONE, uc_const.UC_ERR_READ_UNMAPPED) is CpuExit.BAD_ACCESS
+    assert classify(None, None, REASON_NONE, uc_const.UC_ERR_READ_UNMAPPED) is SliceExit.BAD_ACCESS
     assert classify(None, None, REASON_NONE, uc_const.UC_ERR_EXCEPTION) is (
-        CpuExit.EMULATION_ERROR
+        SliceExit.EMULATION_ERROR
     )
     # A trap recorded beats how the fuel says the run ended: the hook stopped it.
-    assert classify(abi.LGUEST_TRAP_ENTRY, None, REASON_STOP, None) is CpuExit.HYPERCALL
+    assert classify(abi.LGUEST_TRAP_ENTRY, None, REASON_STOP, None) is SliceExit.HYPERCALL
 
 
 def fake_cpu(**changes: Any) -> Any:
@@ -517,31 +526,32 @@ def fake_cpu(**changes: Any) -> Any:
         "lg": SimpleNamespace(dead=None),
     }  # fmt: skip
     values.update(changes)
-    return SimpleNamespace(**values)
+    run = {name: values.pop(name) for name in ("closing", "break_out", "hold")}
+    return SimpleNamespace(run=SimpleNamespace(**run), **values)
 
 
 def test_the_run_loop_decides_in_a_fixed_order() -> None:
-    dead = SimpleNamespace(dead=Death("x"))
+    dead = SimpleNamespace(dead=Exit.of("x"))
     assert pending_exit(fake_cpu()) is None
-    assert pending_exit(fake_cpu(halted=True)) is CpuExit.HALT  # no irq it could take
-    assert pending_exit(fake_cpu(lg=dead, halted=True)) is CpuExit.DEATH
+    assert pending_exit(fake_cpu(halted=True)) is RunState.HALT  # no irq it could take
+    assert pending_exit(fake_cpu(lg=dead, halted=True)) is RunState.DEATH
     # A CPU not started yet sleeps; a death, a break or close still end its read.
-    assert pending_exit(fake_cpu(online=False)) is CpuExit.OFFLINE
-    assert pending_exit(fake_cpu(online=False, lg=dead)) is CpuExit.DEATH
-    assert pending_exit(fake_cpu(online=False, break_out=True)) is CpuExit.BREAK
+    assert pending_exit(fake_cpu(online=False)) is RunState.OFFLINE
+    assert pending_exit(fake_cpu(online=False, lg=dead)) is RunState.DEATH
+    assert pending_exit(fake_cpu(online=False, break_out=True)) is RunState.BREAK
     # The ring killed it: the direct call it trapped with is never done.
-    assert pending_exit(fake_cpu(lg=dead, hcall=(1, 2, 3, 4))) is CpuExit.DEATH
-    assert pending_exit(fake_cpu(lg=dead, break_out=True)) is CpuExit.BREAK
-    assert pending_exit(fake_cpu(pending_notify=5, break_out=True)) is CpuExit.NOTIFY
-    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4))) is CpuExit.HYPERCALL
+    assert pending_exit(fake_cpu(lg=dead, hcall=(1, 2, 3, 4))) is RunState.DEATH
+    assert pending_exit(fake_cpu(lg=dead, break_out=True)) is RunState.BREAK
+    assert pending_exit(fake_cpu(pending_notify=5, break_out=True)) is RunState.NOTIFY
+    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4))) is RunState.HYPERCALL
     # The ring produced a notify: it goes first, the direct call waits for the next read.
-    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4), pending_notify=5)) is CpuExit.NOTIFY
+    assert pending_exit(fake_cpu(hcall=(1, 2, 3, 4), pending_notify=5)) is RunState.NOTIFY
     # A held CPU does nothing, not even its trapped hypercall; only a break ends its read.
-    assert pending_exit(fake_cpu(hold="pause", hcall=(1, 2, 3, 4))) is CpuExit.HELD
-    assert pending_exit(fake_cpu(hold="pause", break_out=True)) is CpuExit.BREAK
-    assert pending_exit(fake_cpu(hold="pause", lg=dead)) is CpuExit.DEATH  # death ends a hold
-    assert pending_exit(fake_cpu(closing=True, hold="pause", hcall=(1, 2, 3, 4))) is (
-        CpuExit.CLOSED
+    assert pending_exit(fake_cpu(hold=Hold.PAUSE, hcall=(1, 2, 3, 4))) is RunState.HELD
+    assert pending_exit(fake_cpu(hold=Hold.PAUSE, break_out=True)) is RunState.BREAK
+    assert pending_exit(fake_cpu(hold=Hold.PAUSE, lg=dead)) is RunState.DEATH  # death ends a hold
+    assert pending_exit(fake_cpu(closing=True, hold=Hold.PAUSE, hcall=(1, 2, 3, 4))) is (
+        RunState.CLOSED
     )
 
 
@@ -570,7 +580,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
         async with LguestDevice() as dev:
             g = await boot(dev, SPIN)
             cpu = g.file.cpu(0)
-            assert cpu.check_threads
+            assert cpu.threads.enabled
             cpu.eip  # noqa: B018 - the event loop owns an idle CPU
             errors: list[BaseException] = []
 
@@ -599,7 +609,6 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
 
 async def test_outside_debug_mode_there_is_no_check(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
-    assert not g.file.cpu(0).check_threads
+    assert not g.file.cpu(0).threads.enabled
     await g.file.close()
     g.memory.close()
-

@@ -337,9 +337,9 @@ async def test_a_hibernated_guest_keeps_no_stale_breakpoint_pointer(dev: LguestD
     await notified(g)
     cpu = g.file.cpu(0)
     assert cpu.hibernate()
-    assert cpu.frozen is not None
+    assert cpu.engine.frozen is not None
     start, end = _unicorn._breakpoint_slots()
-    assert not any(cpu.frozen[start:end])
+    assert not any(cpu.engine.frozen[start:end])
     while True:
         try:
             await g.file.read(abi.WORD_SIZE)

@@ -29,10 +29,9 @@ from typing import Any, NoReturn
 
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
-from ..guest import Death
 from ..limits import Limits
 from ..memory import GuestMemory
-from ..state import GuestState
+from ..state import Exit, GuestState
 from .devices import Device, DeviceTable
 from .layout import (
     CMDLINE_MAX,
@@ -52,26 +51,6 @@ class _Killed(Exception):
 
 
 DEFAULT_MAX_RESTARTS = 8
-
-
-@dataclass(frozen=True)
-class Exit:
-    """How a guest ended.
-
-    ``exit_status`` is set when the guest powered off; ``died`` is True when it
-    was killed (bad hypercall, fault, crash, ``kill()``, too many restarts);
-    ``reason`` is the guest's or the Host's words; ``restarts`` counts reboots.
-    """
-
-    exit_status: int | None
-    reason: str
-    restarts: int = 0
-    died: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True for a clean power-off with status 0."""
-        return not self.died and self.exit_status == 0
 
 
 @dataclass
@@ -181,7 +160,7 @@ class Launcher:
     def state(self) -> dict[str, Any]:
         """Reboots so far, irqs the devices raised but not yet sent, each device's state.
 
-        Take it while the guest is held inside the read (see ``GuestControl.pause``):
+        Take it while the guest is held inside the read (see ``Guest.pause``):
         then no device request is half-served.
         """
         return {
@@ -279,12 +258,11 @@ class Launcher:
         while True:
             if self._killed is not None:
                 raise _Killed(self._killed)
-            death = await self._boot()
-            if not death.restart:
-                died = death.exit_status is None
-                return Exit(death.exit_status, death.reason, self.restarts, died)
+            end = await self._boot()
+            if not end.restart:
+                return dataclasses.replace(end, restarts=self.restarts)
             if self.restarts >= self.max_restarts:
-                reason = f"too many restarts ({self.restarts}): {death.reason}"
+                reason = f"too many restarts ({self.restarts}): {end.reason}"
                 return Exit(None, reason, self.restarts, died=True)
             self.restarts += 1
             if self._source is not None:
@@ -296,8 +274,8 @@ class Launcher:
                     return Exit(None, reason, self.restarts, died=True)
 
     # -- one boot ----------------------------------------------------------------
-    async def _boot(self) -> Death:
-        """Run one boot (the first of a resumed guest continues it); return its death."""
+    async def _boot(self) -> Exit:
+        """Run one boot (the first of a resumed guest continues it); return its end."""
         memory = GuestMemory(self.layout.memory_size)
         resume, self._resume = self._resume, None
         try:
@@ -352,9 +330,9 @@ class Launcher:
     def _wake(self) -> None:
         self._attention.set()
 
-    async def _serve(self, f: LguestFile) -> Death:
-        """Read every CPU, each in a task of its own, until the guest dies; every
-        read loop ends with the same death.  The Waker breaks CPU 0 out, and device
+    async def _serve(self, f: LguestFile) -> Exit:
+        """Read every CPU, each in a task of its own, until the guest ends; every
+        read loop ends with the same end.  The Waker breaks CPU 0 out, and device
         interrupts go to CPU 0."""
         waker = asyncio.create_task(self._waker(f.waker()), name="lguest-waker")
         try:
@@ -373,7 +351,7 @@ class Launcher:
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await waker
 
-    async def _read_loop(self, f: LguestFile, cpu: int) -> Death:
+    async def _read_loop(self, f: LguestFile, cpu: int) -> Exit:
         while True:
             try:
                 data = await f.read(REASON_SIZE, cpu)
@@ -393,7 +371,7 @@ class Launcher:
                 raise
             if f.death is not None:
                 reason = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-                return Death(reason or f.death.reason, f.death.errno, f.death.exit_status)
+                return dataclasses.replace(f.death, reason=reason or f.death.reason)
             (address,) = abi.unpack_words(data[: abi.WORD_SIZE])
             await self._notify(f, address)
 
