@@ -895,6 +895,7 @@ FIGURES: dict[str, Figure] = {
     "c_compute": c_compute,
     "shutdown": isolation.shutdown,
     "flood": isolation.flood_neighbour,
+    "hogs": isolation.hogs_neighbour,
     "smp_scaling": bench_smp.smp_scaling,
     "ipi_latency": bench_smp.ipi_latency,
 }
