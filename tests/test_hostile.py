@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeAlias
 
 import pytest
 from fuzz_guests import (
@@ -429,6 +430,7 @@ counter: .long 0
 msg: .asciz "counted"
 """
 PACKAGE = str(Path(supervisor.__file__).resolve().parent)
+TraceFunction: TypeAlias = Callable[[FrameType, str, Any], "TraceFunction | None"]
 # Python steps (lines run and C functions called by the package's code on the event loop)
 # the Host may spend on one flood NOTIFY: far fewer than one per line of it, so that the
 # loop's cost of a flood is per NOTIFY, which the flooder pays for with its own round trip.
@@ -441,14 +443,14 @@ class StepCounter:
     def __init__(self) -> None:
         self.steps = 0
 
-    def _local(self, frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+    def _local(self, frame: FrameType, event: str, arg: Any) -> TraceFunction:
         self.steps += event == "line"
         return self._local
 
-    def _trace(self, frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
+    def _trace(self, frame: FrameType, event: str, arg: Any) -> TraceFunction | None:
         return self._local if frame.f_code.co_filename.startswith(PACKAGE) else None
 
-    def _profile(self, frame: FrameType, event: str, arg: object) -> None:
+    def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
         if event == "c_call" and frame.f_code.co_filename.startswith(PACKAGE):
             self.steps += 1
 
