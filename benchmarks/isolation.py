@@ -18,6 +18,7 @@ The raw baseline of the first two is closing as many bare Unicorn instances.
 from __future__ import annotations
 
 import asyncio
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -164,6 +165,10 @@ HOG_WORKERS = 2
 NEIGHBOUR = COUNTER.replace("3000000", "200000")
 
 
+def all_ran(guests: list[Guest]) -> bool:
+    return all(g.stats.run_time > 0 for g in guests)
+
+
 async def hogs_neighbour(p: Profile) -> list[Result]:
     """A neighbour counting to 200,000 beside as many hogs as the pool has threads."""
     took: dict[str, float] = {}
@@ -178,7 +183,7 @@ async def hogs_neighbour(p: Profile) -> list[Result]:
             async with Supervisor(workers=HOG_WORKERS) as sup:
                 config = GuestConfig(image=hog, memory=SMALL_RAM, console="null")
                 hogs = [await sup.launch(config) for _ in range(HOG_WORKERS)]
-                await poll(lambda hogs=hogs: all(h.stats.run_time > 0 for h in hogs), 0.001)
+                await poll(functools.partial(all_ran, hogs), 0.001)
                 took[kind] = await _count(sup, counter)  # arrives during their first slices
     worst = max(took.values())
     return [
