@@ -897,6 +897,7 @@ FIGURES: dict[str, Figure] = {
     "clock_calls": clock_calls,
     "shutdown": isolation.shutdown,
     "flood": isolation.flood_neighbour,
+    "hogs": isolation.hogs_neighbour,
     "smp_scaling": bench_smp.smp_scaling,
     "ipi_latency": bench_smp.ipi_latency,
     "file_read": bench_files.file_read,

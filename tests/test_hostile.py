@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import random
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any, TypeAlias
 
 import pytest
 from fuzz_guests import (
@@ -57,11 +60,16 @@ from guestasm import Booted, assemble, until
 from hypothesis import given
 from hypothesis import strategies as st
 
+import supervisor
 from supervisor import LguestDevice, abi
 from supervisor.launcher.layout import plan
 
 TARGET = 200_000
-EXAMPLE_TIMEOUT = 60.0  # a hang fails the example instead of blocking the run
+# A hang fails the example instead of blocking the run.  A bound for failing, never a wait
+# for success: beside a CPU-bound process per core the niced workers get about 1 % of a
+# core, and the slowest example (a page-fault handler that faults, 5,000 deliveries until
+# its stack runs out) needs about 0.5 s of CPU, so 50 s of wall time there.
+EXAMPLE_TIMEOUT = 300.0
 MIN_SLICES = 3  # a surviving hostile guest must have had at least this many slices
 
 HOSTILE = hostile_guest()
@@ -319,7 +327,13 @@ HOGS = {
     "reflected traps": "main:\n LGUEST_INIT\n IDT 3, handler, 0xf\n1: int $3\n jmp 1b\n"
     "handler: iret\n",
 }
-NEIGHBOUR_LATENCY = 0.3  # seconds: ten times what the neighbour needs beside the hogs
+
+
+def slices(b: Booted) -> int:
+    stats = b.file.stats
+    assert stats is not None
+    return stats.slices
+
 
 @pytest.mark.parametrize(
     "hog",
@@ -330,7 +344,12 @@ NEIGHBOUR_LATENCY = 0.3  # seconds: ten times what the neighbour needs beside th
     ],
 )
 async def test_hogs_cannot_starve_the_neighbour(hog: str) -> None:
-    """As many hogs as the device has threads, then a neighbour: it must not wait long."""
+    """As many hogs as the device has threads, then a neighbour: counted, not timed.
+
+    The neighbour can run only on a thread a hog gives back, so it reaching its exact
+    end while the hogs' slices keep ending beside it is the mechanism; how long it
+    waits is benchmarks/isolation.py's ``hogs`` figure.
+    """
     workers = 2
     async with LguestDevice(workers=workers) as dev:
         hogs = [await boot_image(dev, assemble(HOGS[hog])) for _ in range(workers)]
@@ -340,20 +359,16 @@ async def test_hogs_cannot_starve_the_neighbour(hog: str) -> None:
             # the slice budget has adapted to them.
             await until(lambda: all(h.file.reading(0) for h in hogs))
             neighbour = await boot_image(dev, neighbour_guest(TARGET))
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            try:
-                # Fail fast: past a few times the bound, the result is clear anyway.
-                async with asyncio.timeout(3 * NEIGHBOUR_LATENCY):
-                    await neighbour_finishes(neighbour)
-            except TimeoutError:
-                pass
-            took = loop.time() - start
+            before = [slices(h) for h in hogs]
+            await neighbour_finishes(neighbour)
+            during = [slices(h) - n for h, n in zip(hogs, before, strict=True)]
+            assert not any(h.file.cpu(0).halted for h in hogs)
+            assert slices(neighbour) > 0
             for h in [*hogs, neighbour]:
                 await release(h)
             outcomes = await asyncio.gather(*readers)
         assert not any(o.died for o in outcomes)
-        assert took < NEIGHBOUR_LATENCY, f"the neighbour took {took:.2f} s next to {hog}"
+        assert sum(during) >= 1, during  # a hog gave its thread back while it ran
 
 
 # -- code the Host writes into guest memory runs as written -----------------------------
@@ -406,6 +421,7 @@ async def test_code_read_from_the_block_device_runs_as_read(tmp_path: Path) -> N
 # -- a console flood is paid for by the flooder -----------------------------------------
 
 FLOOD_IMAGE = Path(__file__).resolve().parent.parent / "guests" / "flood.img"
+FLOOD_LINES = 32_768  # flood.img: 64 KiB of 2-byte lines per NOTIFY
 COUNTER = r"""
 main:
     LGUEST_INIT
@@ -417,32 +433,74 @@ main:
 counter: .long 0
 msg: .asciz "counted"
 """
-FLOOD_FACTOR = 5  # generous: the neighbour alone vs beside the flood, same test, same machine
+PACKAGE = str(Path(supervisor.__file__).resolve().parent)
+TraceFunction: TypeAlias = Callable[[FrameType, str, Any], "TraceFunction | None"]
+# Python steps (lines run and C functions called by the package's code on the event loop)
+# the Host may spend on one flood NOTIFY: far fewer than one per line of it, so that the
+# loop's cost of a flood is per NOTIFY, which the flooder pays for with its own round trip.
+STEPS_PER_NOTIFY = FLOOD_LINES // 8
+
+
+class StepCounter:
+    """Counts the package's Python lines and C calls on this thread while active."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def _local(self, frame: FrameType, event: str, arg: Any) -> TraceFunction:
+        self.steps += event == "line"
+        return self._local
+
+    def _trace(self, frame: FrameType, event: str, arg: Any) -> TraceFunction | None:
+        return self._local if frame.f_code.co_filename.startswith(PACKAGE) else None
+
+    def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
+        if event == "c_call" and frame.f_code.co_filename.startswith(PACKAGE):
+            self.steps += 1
+
+    def __enter__(self) -> StepCounter:
+        sys.settrace(self._trace)
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+        sys.setprofile(None)
 
 
 @pytest.mark.parametrize("console", ["null", "capture"])
 async def test_a_console_flood_does_not_starve_the_neighbour(tmp_path: Path, console: str) -> None:
+    """Counted, not timed: the neighbour runs to its end while the flood goes on, and the
+    flood costs the loop a bounded number of steps per NOTIFY (``null``: its lines are
+    counted at C speed, none is kept) or stops at the unread buffer (``capture``: the
+    flooder waits for a reader, the library's default).  benchmarks/isolation.py's
+    ``flood`` figures time the neighbour beside a flood against the same guest alone."""
     from supervisor import GuestConfig, Supervisor
 
     image = tmp_path / "count.img"
     image.write_bytes(assemble(COUNTER).image)
     counter = GuestConfig(image=image, memory="128K", console="null")
-
-    async def count(sup: Supervisor) -> float:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        guest = await sup.launch(counter)
-        result = await asyncio.wait_for(guest.wait(), 60)
-        assert result.reason == "counted", result
-        return loop.time() - start
-
     async with Supervisor() as sup:
-        alone = min([await count(sup) for _ in range(2)])
         flood = await sup.launch(GuestConfig(image=FLOOD_IMAGE, memory="1M", console=console))
-        # capture: nobody reads (the library's default); the flooder waits for a reader.
-        # (A reader draining a flood spends the loop's time on it: that is the reader's.)
         await until(lambda: flood.stats.notifies >= (10 if console == "null" else 1))
-        beside = min([await count(sup) for _ in range(2)])
+        if console == "capture":  # nobody reads: it fills the buffer, then waits
+            await until(lambda: flood.console.held > flood.console.max_bytes // 2)
+        before = flood.stats.notifies
+        with StepCounter() as counted:
+            neighbour = await sup.launch(counter)
+            async with asyncio.timeout(EXAMPLE_TIMEOUT):
+                if console == "null":  # the flood runs on beside the neighbour
+                    await until(lambda: flood.stats.notifies >= before + 10, EXAMPLE_TIMEOUT)
+                result = await neighbour.wait()
+        during = flood.stats.notifies - before
+        assert result.reason == "counted" and result.exit_status == 0, result
         assert not flood.done, "the flooder is still flooding"
+        if console == "null":
+            assert during >= 10
+            assert flood.console.held == 0  # counted, not kept
+            assert flood.console.dropped >= FLOOD_LINES * flood.stats.notifies - FLOOD_LINES
+            assert counted.steps < STEPS_PER_NOTIFY * (during + 1), (counted.steps, during)
+        else:
+            assert during <= 1, during  # back-pressure: no reader, no more NOTIFYs
+            assert flood.console.held <= flood.console.max_bytes
         await flood.kill()
-    assert beside < FLOOD_FACTOR * alone, f"{beside:.2f} s beside the flood, {alone:.2f} s alone"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 from supervisor import GuestConfig, Supervisor
 from supervisor.config import ConfigError
+from supervisor.launcher import console as console_module
 from supervisor.launcher.console import RateLimit
 from supervisor.testing import until
 
@@ -80,12 +82,30 @@ async def test_console_rate_makes_the_guest_wait_and_loses_nothing(
     assert sum(waits) == pytest.approx(1.8, abs=0.05)
 
 
-async def test_rate_limit_refills_over_time() -> None:
+async def test_rate_limit_refills_over_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock the test moves: waits are counted in the bucket's own seconds."""
+    clock = [1000.0]
+    waits: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        clock[0] += delay
+
+    fake = types.SimpleNamespace(
+        get_running_loop=lambda: types.SimpleNamespace(time=lambda: clock[0]), sleep=sleep
+    )
+    monkeypatch.setattr(console_module, "asyncio", fake)
     bucket = RateLimit(100)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     await bucket.take(100)  # the burst: no wait
-    assert loop.time() - start < 0.05
+    assert waits == []
+    await bucket.take(50)  # half a second's worth past the burst
+    assert waits == [pytest.approx(0.5)]
+    clock[0] += 0.2  # 20 bytes refill meanwhile
+    await bucket.take(20)
+    assert waits == [pytest.approx(0.5)]
+    clock[0] += 10  # refills to one second's worth, not more
+    await bucket.take(150)
+    assert waits == [pytest.approx(0.5), pytest.approx(0.5)]
     with pytest.raises(ValueError):
         RateLimit(0)
 
