@@ -123,7 +123,7 @@ static void cpu1(void *arg)
     cpu1_tls = tls_var;              /* fresh from the TLS image: 7 */
     tls_var = 1000;
     errno = 0;
-    unlink("x");                     /* ENOSYS, in this CPU's errno */
+    link("x", "y");                  /* ENOSYS, in this CPU's errno */
     cpu1_errno = errno;
     uint64_t t0 = lguest_monotonic_ns();
     struct timespec ts = {0, 2000000};
