@@ -292,6 +292,7 @@ async def _beside_wakers(hibernate_after: float) -> dict[str, Any]:
         elapsed = now() - t0
         threads1 = _threads()
         wakes = sum(w.stats.notifies for w in wakers) - wakes0
+        deferred = sup.device.dormitory.deferred
         for waker in wakers:
             await waker.kill()
     use = sorted(
@@ -306,6 +307,7 @@ async def _beside_wakers(hibernate_after: float) -> dict[str, Any]:
         "beside_s": beside,
         "ratio": beside / alone,
         "notifies_per_s_each": wakes / elapsed / WAKERS,
+        "deferred": deferred,
         "threads_cpu_wait": [(round(c, 2), round(w, 2)) for c, w in use if c + w > 0.01],
     }
 
@@ -327,7 +329,8 @@ async def wakers_beside_sieve(p: Profile) -> list[Result]:
             f"raw: the sieve alone; {hibernating['notifies_per_s_each']:.0f} notifies/s each; "
             f"never hibernating: x{awake['ratio']:.2f} "
             f"({awake['notifies_per_s_each']:.0f} notifies/s each); threads (CPU, run-queue "
-            f"wait) {hibernating['threads_cpu_wait']}",
+            f"wait) {hibernating['threads_cpu_wait']}; wakes put off "
+            f"{hibernating['deferred']}",
             {"hibernating": hibernating, "never_hibernating": awake},
         )
     ]

@@ -1,4 +1,4 @@
-"""Hibernation leaves nothing behind: rounds of wakes, sleeps and races against them.
+"""Hibernation leaves nothing behind, and a guest's wakes are its own cost.
 
 Each round boots guests that hibernate at every halt (``hibernate_after=0``), wakes them
 with interrupts, snapshots one while it hibernates and restores the snapshot, breaks one
@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from pathlib import Path
 from typing import Any
 
 import pytest
 from guestasm import Booted, boot, until
 
-from supervisor import LguestDevice, _unicorn, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
 from supervisor.cpu import LgCpu
 from supervisor.guest import Lguest
 from supervisor.snapshot import capture, restore
 
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guests"
 ROUNDS = 8
 GUESTS = 4
 WAKES = 3
@@ -114,3 +116,31 @@ async def test_rounds_of_wakes_and_races_leave_no_cpu_guest_or_unicorn_behind() 
             await asyncio.sleep(0.05)
             assert live() == baseline
             assert dev.dormitory.entries == 0 and len(dev.dormitory) == 0
+
+
+def ticker(**fields: Any) -> GuestConfig:
+    """A guest that wakes and sleeps as fast as it can: a 1 ns clock event, re-armed at
+    every tick, hibernating at every halt."""
+    return GuestConfig(
+        image=GUEST_DIR / "ticker.img",
+        memory="1M",
+        console="null",
+        hibernate_after=0,
+        **fields,
+    )
+
+
+async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_computes() -> None:
+    """With a neighbour computing on the workers, a guest whose wakes cost more than its
+    share of the loop waits for its share to pay for them (the dormitory puts its wakes
+    off); with idle workers, the same guest's wakes are never put off."""
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        dormitory = sup.device.dormitory
+        alone = await sup.launch(ticker(cmdline="ticks=300 period_ms=0"))
+        assert (await alone.wait()).ok
+        assert alone.stats.wakes >= 300 and dormitory.deferred == 0  # nobody else waited
+        spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
+        wakers = [await sup.launch(ticker(cmdline="ticks=1000000 period_ms=0")) for _ in range(4)]
+        await until(lambda: dormitory.deferred >= 8, LIMIT)
+        for guest in (*wakers, spinner):  # a put-off wake ends at once for a kill
+            assert (await guest.kill()).reason == "killed"
