@@ -4,11 +4,13 @@
 
     async with Cluster(checkpoint_every=1) as cl:        # a local Ray, one worker per core
         guest = await cl.launch(GuestConfig(image="guests/echo.img"))
-        guest.send("hi\\nquit\\n")
-        async for line in guest.console:
-            print(line)
+        lines = guest.console
+        guest.send("hi\\n")
+        print(await anext(lines))                         # hi
         await cl.migrate(guest)                           # to the least loaded other worker
-        print(await guest.wait(), guest.worker.name)
+        guest.send("quit\\n")
+        print([line async for line in lines], guest.worker.name)   # ['quit', 'bye'] w1
+        print(await guest.wait())
 
 Guarantees (see docs/cluster.md):
 
@@ -25,7 +27,9 @@ Guarantees (see docs/cluster.md):
   bytes it already has.
 * A move pauses the guest at an instruction boundary inside its Launcher's read
   (no device request in flight), captures it (``Guest.snapshot``) with its
-  disk, ends it there and revives it on the target from that state.
+  disk, and revives it on the target from that state; the paused guest is
+  ended only once the target runs it, so a failed move leaves it running where
+  it was.
 * ``checkpoint_every=S``: every S seconds each guest is captured the same way
   (and resumed).  The capture is fetched and put back into the object store by
   the driver, so it lives on the driver's node and outlives the worker's.  When
