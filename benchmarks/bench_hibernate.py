@@ -11,23 +11,34 @@
   every notify and woken by every read, 10,000 times in a row; its counter and
   checksum must equal an uninterrupted run's.  The raw figure is a bare
   ``context_save`` + new ``Uc`` + ``context_restore`` + run to the next stop.
+* ``wakers_beside_sieve`` (``python -m benchmarks.bench_hibernate``; not in the
+  quick run): the C sieve (n=2,000,000) alone, then beside 20 guests that wake and
+  sleep as fast as they can (``ticker`` with a 1 ns clock event, ``hibernate_after``
+  0); the figure is the sieve's time beside them over its time alone, goal <= 1.5 (a
+  guest's wakes are its own cost).  The same with the wakers never hibernating, and
+  where the process's threads spent the run (CPU and run-queue wait, from
+  ``/proc/self/task/*/schedstat``), are recorded with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import math
+import os
 import random
+from pathlib import Path
 from typing import Any
 
-from supervisor import LguestDevice, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 
 from .bench_state import _raw_cycles
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import Profile, Result, cpu_seconds, median, now, percentile, poll, rss_bytes
 
 MiB = 1 << 20
+NEVER_HIBERNATE = math.inf
 
 # Notifies 1 when ready, then sleeps; irq 1 (vector 33) makes it notify 0x33.
 SLEEPER = r"""
@@ -230,3 +241,109 @@ async def hibernated(p: Profile) -> list[Result]:
             f"by generation {sup['gc_during_wakes']}",
         ),
     ]
+
+
+# -- wakers beside a computing neighbour --------------------------------------------------------
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guests"
+WAKERS = 20
+WAKERS_GOAL = 1.5  # the sieve beside the wakers / alone
+
+
+def _threads() -> dict[str, tuple[float, float]]:
+    """Each thread's CPU seconds and run-queue wait so far (Linux schedstat)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                run_ns, wait_ns, _ = map(int, f.read().split())
+            out[tid] = (run_ns / 1e9, wait_ns / 1e9)
+    return out
+
+
+async def _sieve_seconds(sup: Supervisor) -> float:
+    guest = await sup.launch(
+        GuestConfig(image=GUEST_DIR / "c" / "sieve.elf", memory="4M", cmdline="n=2000000")
+    )
+    lines = aiter(guest.console)
+    first = await anext(lines)
+    assert first.startswith("sieve "), first
+    t0 = now()
+    rest = [line async for line in lines]
+    elapsed = now() - t0
+    assert rest and "148933, checksum 1179908154" in rest[0], rest
+    return elapsed
+
+
+async def _beside_wakers(hibernate_after: float) -> dict[str, Any]:
+    async with Supervisor() as sup:
+        alone = min([await _sieve_seconds(sup) for _ in range(2)])
+        config = GuestConfig(
+            image=GUEST_DIR / "ticker.img",
+            memory="1M",
+            cmdline="ticks=4000000000 period_ms=0",
+            hibernate_after=hibernate_after,
+            console="null",
+        )
+        wakers = [await sup.launch(config) for _ in range(WAKERS)]
+        await asyncio.sleep(1.0)
+        wakes0 = sum(w.stats.notifies for w in wakers)
+        threads0, t0 = _threads(), now()
+        beside = await _sieve_seconds(sup)
+        elapsed = now() - t0
+        threads1 = _threads()
+        wakes = sum(w.stats.notifies for w in wakers) - wakes0
+        deferred = sup.device.dormitory.deferred
+        for waker in wakers:
+            await waker.kill()
+    use = sorted(
+        (
+            (cpu - threads0.get(tid, (0.0, 0.0))[0]) / elapsed,
+            (wait - threads0.get(tid, (0.0, 0.0))[1]) / elapsed,
+        )
+        for tid, (cpu, wait) in threads1.items()
+    )[::-1]
+    return {
+        "alone_s": alone,
+        "beside_s": beside,
+        "ratio": beside / alone,
+        "notifies_per_s_each": wakes / elapsed / WAKERS,
+        "deferred": deferred,
+        "threads_cpu_wait": [(round(c, 2), round(w, 2)) for c, w in use if c + w > 0.01],
+    }
+
+
+async def wakers_beside_sieve(p: Profile) -> list[Result]:
+    hibernating = await _beside_wakers(0.0)
+    awake = await _beside_wakers(NEVER_HIBERNATE)
+    return [
+        Result(
+            "wakers_beside_sieve",
+            f"C sieve beside {WAKERS} guests waking as fast as they can (hibernate_after=0)",
+            "s",
+            hibernating["beside_s"],
+            hibernating["alone_s"],
+            hibernating["ratio"],
+            WAKERS_GOAL,
+            "ratio",
+            "lower",
+            f"raw: the sieve alone; {hibernating['notifies_per_s_each']:.0f} notifies/s each; "
+            f"never hibernating: x{awake['ratio']:.2f} "
+            f"({awake['notifies_per_s_each']:.0f} notifies/s each); threads (CPU, run-queue "
+            f"wait) {hibernating['threads_cpu_wait']}; wakes put off "
+            f"{hibernating['deferred']}",
+            {"hibernating": hibernating, "never_hibernating": awake},
+        )
+    ]
+
+
+def main() -> None:
+    from .harness import QUICK
+
+    for result in asyncio.run(wakers_beside_sieve(QUICK)):
+        met = {None: "-", True: "met", False: "NOT met"}[result.met]
+        print(f"{result.title}: x{result.ratio:.2f} (goal <= {result.goal}) {met}")
+        print(f"  {result.value:.2f} s beside, {result.raw:.2f} s alone; {result.note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@
     off with status 0, else 1.  Ctrl-C (130) or SIGTERM (143) stops the guests
     and still prints the table; ``--console prefix`` into a closed stdout stops
     them and exits 141.
-``swarm -n N IMAGE --cluster ray`` (or ``--cluster ray://HOST:PORT``)
+``swarm -n N IMAGE --cluster ray`` (or ``local``, ``auto``, ``HOST:PORT``, ``ray://HOST:PORT``)
     The same on Ray workers (supervisor.cluster; ``--workers``,
     ``--checkpoint-every SECONDS``), plus a table row per worker.
 
@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -254,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swarm.add_argument(
         "--cluster",
-        metavar="ray|ray://HOST:PORT",
-        help="run on Ray workers: a local Ray ('ray') or the cluster at ray://HOST:PORT",
+        metavar="ray|local|auto|HOST:PORT|ray://HOST:PORT",
+        help="run on Ray workers: 'ray' joins the cluster 'ray start' started on this machine "
+        "or starts a local Ray; 'local' always starts one; or the cluster at this address",
     )
     swarm.add_argument(
         "--workers", type=_int_from(1), help="with --cluster: how many (default: per CPU)"
@@ -716,10 +718,15 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
     """``swarm --cluster``: ``n`` copies on Ray workers; the table plus a row per worker."""
     if args.cluster == "ray":
         address = None
-    elif args.cluster.startswith("ray://"):
+    elif args.cluster in ("local", "auto") or re.fullmatch(
+        r"(ray://)?[\w.-]+:\d{1,5}|(ray://)?\[[\w:]+\]:\d{1,5}", args.cluster
+    ):
         address = args.cluster
     else:
-        raise BadInput(f"--cluster must be 'ray' or ray://HOST:PORT, not {args.cluster!r}")
+        raise BadInput(
+            "--cluster must be 'ray', 'local', 'auto', HOST:PORT or ray://HOST:PORT, "
+            f"not {args.cluster!r}"
+        )
     if args.gdb is not None:
         raise BadInput("--gdb cannot be used with --cluster")
     if args.workers is not None and args.workers < 1:
@@ -755,7 +762,7 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
         wall = time.perf_counter() - started
         stats = [g.stats for g in guests]
         workers = [
-            (w.name, w.node or "-", str(w.pid or "-"), w.placed, "alive" if w.alive else "lost")
+            (w.name, _node(w.node, w.node_id), str(w.pid or "-"), w.placed, _alive(w.alive))
             for w in cl.workers
         ]
     finally:
@@ -766,6 +773,15 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
     )  # fmt: skip
     _workers_table(workers)
     return 0 if counts["finished"] == n else 1
+
+
+def _alive(alive: bool) -> str:
+    return "alive" if alive else "lost"
+
+
+def _node(address: str | None, node_id: str | None) -> str:
+    """A worker's node: its address and the start of Ray's id (nodes may share an address)."""
+    return f"{address or '-'} {node_id[:8]}" if node_id else address or "-"
 
 
 def _workers_table(rows: list[tuple[str, str, str, int, str]]) -> None:

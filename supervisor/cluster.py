@@ -4,11 +4,13 @@
 
     async with Cluster(checkpoint_every=1) as cl:        # a local Ray, one worker per core
         guest = await cl.launch(GuestConfig(image="guests/echo.img"))
-        guest.send("hi\\nquit\\n")
-        async for line in guest.console:
-            print(line)
+        lines = guest.console
+        guest.send("hi\\n")
+        print(await anext(lines))                         # hi
         await cl.migrate(guest)                           # to the least loaded other worker
-        print(await guest.wait(), guest.worker.name)
+        guest.send("quit\\n")
+        print([line async for line in lines], guest.worker.name)   # ['quit', 'bye'] w1
+        print(await guest.wait())
 
 Guarantees (see docs/cluster.md):
 
@@ -25,7 +27,9 @@ Guarantees (see docs/cluster.md):
   bytes it already has.
 * A move pauses the guest at an instruction boundary inside its Launcher's read
   (no device request in flight), captures it (``Guest.snapshot``) with its
-  disk, ends it there and revives it on the target from that state.
+  disk, and revives it on the target from that state; the paused guest is
+  ended only once the target runs it, so a failed move leaves it running where
+  it was.
 * ``checkpoint_every=S``: every S seconds each guest is captured the same way
   (and resumed).  The capture is fetched and put back into the object store by
   the driver, so it lives on the driver's node and outlives the worker's.  When
@@ -64,15 +68,23 @@ from .launcher.layout import plan
 from .launcher.loader import parse_image
 from .snapshot import Snapshot, SnapshotError
 
-__all__ = ["Cluster", "ClusterError", "RemoteGuest", "Worker"]
+__all__ = ["Cluster", "ClusterError", "GuestEndedError", "RemoteGuest", "Worker"]
 
 MAX_LINES = 100_000  # unread console lines a worker keeps per guest (older ones are dropped)
 READ_BATCH = 4096  # lines per console read
 MAX_CALLS = 1 << 20  # calls a worker runs at once (Ray's default of 1,000 would starve guests)
+_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication ("token", "disabled")
 
 
 class ClusterError(RuntimeError):
     """A cluster operation that cannot be done (the message says why)."""
+
+
+class GuestEndedError(ClusterError):
+    """The guest has ended (before or during the operation): there is nothing to move.
+
+    ``await guest.wait()`` returns how it ended.
+    """
 
 
 # -- what travels ------------------------------------------------------------------------------
@@ -165,7 +177,11 @@ class WorkerActor:
 
     async def start(self) -> dict[str, Any]:
         self.sup  # noqa: B018 - created on the actor's loop
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+        return {
+            "pid": os.getpid(),
+            "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     async def ping(self) -> int:
         return os.getpid()
@@ -335,8 +351,9 @@ class WorkerActor:
         return (await hosted.guest.snapshot()).to_bytes()
 
     @ray.method(num_returns=2)  # type: ignore[untyped-decorator]
-    async def capture(self, key: str, final: bool) -> tuple[dict[str, Any], Capture | None]:
-        """Pause and capture the guest; then end it here (``final``) or let it run on.
+    async def capture(self, key: str, hold: bool) -> tuple[dict[str, Any], Capture | None]:
+        """Pause and capture the guest; then keep it paused here (``hold``: a move, which
+        :meth:`release` ends) or let it run on (a checkpoint).
 
         Returns ``({"ended": True}, None)`` if the guest ended first.
         """
@@ -364,14 +381,24 @@ class WorkerActor:
             received=hosted.received,
             stats=dataclasses.asdict(stats),
         )
-        if final:
-            hosted.moved = True
-            hosted.relay.finish("moved")
-            await guest.kill("moved")
-        else:
+        if not hold:
             guest.resume()
         info = {"ended": False, "received": hosted.received, "stats": dataclasses.asdict(stats)}
         return info, state
+
+    async def release(self, key: str, moved: bool) -> None:
+        """End a move that :meth:`capture` held: the guest runs elsewhere now (``moved``:
+        it ends here, its readers are sent on), or the move failed and it runs on here
+        from the instruction where it was held."""
+        hosted = self._guests.get(key)
+        if hosted is None or hosted.moved:
+            return
+        if moved:
+            hosted.moved = True
+            hosted.relay.finish("moved")
+            await hosted.guest.kill("moved")
+        else:
+            hosted.guest.resume()
 
     async def forget(self, key: str) -> None:
         hosted = self._guests.pop(key, None)
@@ -408,7 +435,8 @@ class Worker:
         self.actor = actor
         self.alive = True
         self.pid: int | None = None
-        self.node: str | None = None
+        self.node: str | None = None  # the IP address of its node
+        self.node_id: str | None = None  # Ray's id of its node (several may share an address)
         self.max_guests = max_guests
         self.max_memory = max_memory
         self.placed = 0  # guests placed here so far (launched, moved or revived)
@@ -441,9 +469,10 @@ class Worker:
             return False
         return self.max_memory is None or self.memory + memory <= self.max_memory
 
-    def _add(self, gid: int, memory: int) -> None:
+    def _add(self, gid: int, memory: int, *, placed: bool = True) -> None:
         self._running[gid] = memory
-        self.placed += 1
+        if placed:
+            self.placed += 1
 
     def _remove(self, gid: int) -> None:
         self._running.pop(gid, None)
@@ -543,10 +572,14 @@ class RemoteGuest:
         self._incarnation += 1
         return f"{self.gid}.{self._incarnation}"
 
-    def _relocate(self, place: _Place) -> None:
+    def _relocate(self, place: _Place, *, back: bool = False) -> None:
+        """Run at ``place`` from now on (``back``: at the place a failed move left, which
+        then counts as never placed where the move meant to go)."""
         old = self._where
         old.worker._remove(self.gid)
-        place.worker._add(self.gid, self.memory)
+        if back:
+            old.worker.placed -= 1
+        place.worker._add(self.gid, self.memory, placed=not back)
         self._where = place
         self._relocated.set()
 
@@ -714,6 +747,47 @@ class RemoteGuest:
         return f"<RemoteGuest {self.name} on {self.worker.name} {state}>"
 
 
+def _existing_cluster() -> bool:
+    """Whether Ray's rule for no address finds a cluster to join rather than starting
+    one: ``RAY_ADDRESS``, or the cluster ``ray start`` started last on this machine."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    from ray._private.services import canonicalize_bootstrap_address
+
+    return canonicalize_bootstrap_address(None) is not None
+
+
+def _choose_token_auth() -> None:
+    """Choose token authentication for a Ray this process starts, unless ``RAY_AUTH_MODE``
+    already chooses: what Ray does when the mode is unset, without its warning that the
+    mode was unset (printed at every start).
+
+    Ray reads the mode when it is imported: the variable alone would leave this process
+    on the old mode and its new cluster on the new one, so Ray's own switch does both
+    (it also makes the token, ``~/.ray/auth_token``, if there is none).
+    """
+    if os.environ.get(_AUTH_MODE) is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    except ImportError:  # pragma: no cover - another Ray: its default, with its warning
+        return
+    _enable_token_auth()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background task's outcome as seen (its caller may have been cancelled)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for a failed remote call: the worker's own exception, not Ray's wrapper."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
 def _console_mode(config: GuestConfig) -> str:
     return "null" if config.console == "null" else "capture"
 
@@ -731,7 +805,9 @@ class Cluster:
     """Workers on a Ray cluster, each a :class:`Supervisor` on its own event loop.
 
     ``address``: a Ray cluster to connect to (``"auto"``, ``"HOST:PORT"``,
-    ``"ray://HOST:PORT"``); none starts a local Ray.  ``workers``: how many
+    ``"ray://HOST:PORT"``), or ``"local"`` for a Ray of its own on this machine; none
+    joins the cluster ``ray start`` started on this machine (or ``RAY_ADDRESS``
+    names), as ``ray.init()`` does, and otherwise starts a local Ray.  ``workers``: how many
     (default one per CPU of the cluster).  ``checkpoint_every``: seconds between
     checkpoints of every guest (default none: a lost worker loses its guests).
     ``max_guests``/``max_memory``: each worker's bounds, as for :class:`Supervisor`.
@@ -766,9 +842,13 @@ class Cluster:
     async def __aenter__(self) -> Cluster:
         if not ray.is_initialized():
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if self.address is None:
-                ray.init(num_cpus=self._want, **options)
+            if self.address == "local" or (self.address is None and not _existing_cluster()):
+                # A Ray of its own, of as many CPUs as workers (Ray starts a process per
+                # CPU), with token authentication (Ray's default) chosen, not defaulted to.
+                _choose_token_auth()
+                ray.init(address="local", num_cpus=self._want, **options)
             else:
+                # Joining: the cluster's nodes have their CPUs (Ray refuses num_cpus here).
                 ray.init(address=self.address, **options)
             self._connected = True
         try:
@@ -800,7 +880,7 @@ class Cluster:
             self.workers.append(Worker(self, name, actor, *self._limits))
         infos = await asyncio.gather(*(w.actor.start.remote() for w in self.workers))
         for worker, info in zip(self.workers, infos, strict=True):
-            worker.pid, worker.node = info["pid"], info["node"]
+            worker.pid, worker.node, worker.node_id = info["pid"], info["node"], info["node_id"]
 
     async def aclose(self) -> None:
         """Kill the guests, end the workers; shut Ray down if this cluster started it."""
@@ -900,12 +980,22 @@ class Cluster:
 
         Pause, capture, ship, revive, resume: the guest cannot tell, and its
         console goes on with nothing lost and nothing repeated.  Returns where it
-        runs now.  :class:`ClusterError` if no worker can take it or it has ended.
+        runs now.  :class:`GuestEndedError` if it has ended (before or during the
+        move); :class:`ClusterError` if no worker can take it, or if the move
+        failed (the destination died or could not revive it): the guest then
+        runs on where it was, from where it was paused, and ``guest.worker``
+        says so.  Cancelling the call does not cancel the move, which ends one
+        way or the other.
         """
+        move = asyncio.ensure_future(self._migrate(guest, worker))
+        move.add_done_callback(_retrieve)
+        return await asyncio.shield(move)
+
+    async def _migrate(self, guest: RemoteGuest, worker: Worker | None) -> Worker:
         async with guest._lock:
             old = guest._where
             if guest.done:
-                raise ClusterError(f"{guest.name} has ended")
+                raise GuestEndedError(f"{guest.name} has ended")
             target = worker if worker is not None else self._pick(guest.memory, old.worker)
             if target is None:
                 raise ClusterError(f"no other worker has room for {guest.name}")
@@ -915,16 +1005,33 @@ class Cluster:
                 raise ClusterError(f"worker {target.name} is not alive")
             if not target.has_room(guest.memory):
                 raise ClusterError(f"worker {target.name} is full")
+            # Held, not ended, at the source until the target runs it: a failed move
+            # leaves the guest where it was.
             info_ref, state_ref = old.worker.actor.capture.remote(old.key, True)
             try:
                 info = await info_ref
             except RayActorError:
                 raise ClusterError(f"worker {old.worker.name} was lost during the move") from None
             if info["ended"]:
-                raise ClusterError(f"{guest.name} has ended")
+                raise GuestEndedError(f"{guest.name} has ended")
             if "error" in info:
                 raise ClusterError(f"cannot capture {guest.name}: {info['error']}")
-            await self._revive_at(guest, target, state_ref, info["received"])
+            eof = guest._eof
+            failure = await self._revive_at(guest, target, state_ref, info["received"])
+            if failure is not None:
+                failed = guest._where
+                await self._move_back(guest, old, info["received"], eof)
+                if isinstance(failure, RayActorError):
+                    target.alive = False
+                    why = f"worker {target.name} died during the move"
+                else:
+                    target.actor.forget.remote(failed.key)
+                    why = f"worker {target.name} could not revive it: {_reason(failure)}"
+                raise ClusterError(
+                    f"cannot move {guest.name}: {why}; it runs on at {old.worker.name}"
+                )
+            with contextlib.suppress(RayActorError):  # (a lost source: nothing to end there)
+                await old.worker.actor.release.remote(old.key, True)
             guest._moves += 1
             guest._stats = GuestStats(**info["stats"])
             if guest._checkpoint is None:
@@ -932,10 +1039,26 @@ class Cluster:
             old.worker.actor.forget.remote(old.key)
             return target
 
+    async def _move_back(self, guest: RemoteGuest, old: _Place, received: int, eof: bool) -> None:
+        """A move failed: ``guest`` runs on at ``old``, where it was held, with the input
+        sent meanwhile (the worker skips the bytes it has)."""
+        guest._relocate(old, back=True)
+        with contextlib.suppress(RayActorError):  # (a lost source: the guest's task sees it)
+            await old.worker.actor.release.remote(old.key, False)
+            tail = guest._input_from(received)
+            if tail:
+                old.worker.actor.feed.remote(old.key, received, tail)
+            if guest._eof and not eof:
+                old.worker.actor.end_input.remote(old.key, guest._input_base + len(guest._input))
+
     async def _revive_at(
         self, guest: RemoteGuest, target: Worker, state: Any, received: int
-    ) -> None:
-        """Continue ``guest`` on ``target`` from ``state`` (input numbered from ``received``)."""
+    ) -> BaseException | None:
+        """Continue ``guest`` on ``target`` from ``state`` (input numbered from ``received``).
+
+        Returns None once it runs there, or the error that kept it from running there:
+        ``RayActorError`` if ``target`` died, ``RayTaskError`` if it could not revive it.
+        """
         place = _Place(target, guest._next_key())
         tail = guest._input_from(received)
         sent = guest._input_base + len(guest._input)
@@ -944,9 +1067,10 @@ class Cluster:
             await target.actor.revive.remote(
                 place.key, state, tail, guest._eof, guest._revive_fields()
             )
-        except RayActorError:
+        except (RayActorError, RayTaskError) as exc:
             place.ready.set_result(False)
-            return
+            failure: BaseException = exc
+            return failure
         except BaseException:
             place.ready.set_result(False)
             raise
@@ -958,25 +1082,30 @@ class Cluster:
             target.actor.feed.remote(place.key, sent, late)
         if guest._eof:
             target.actor.end_input.remote(place.key, sent + len(late))
+        return None
 
     async def _revive(self, guest: RemoteGuest, lost: _Place) -> bool:
         """After ``lost``'s worker died: continue from the last checkpoint elsewhere."""
         checkpoint = guest._checkpoint
         if checkpoint is None or self._closing:
             return False
+        refused: set[Worker] = set()  # live workers that could not revive it
         while True:
-            target = self._pick(guest.memory, lost.worker)
-            if target is None:
-                live = [w for w in self.workers if w.alive and w is not lost.worker]
-                if not live:
-                    return False
-                target = self._fallback(lost.worker)
-            await self._revive_at(guest, target, checkpoint.state, checkpoint.received)
-            if await guest._where.ready:
+            candidates = [w for w in self.workers if w.alive and w is not lost.worker]
+            candidates = [w for w in candidates if w not in refused]
+            if not candidates:
+                return False
+            fits = [w for w in candidates if w.has_room(guest.memory)] or candidates
+            target = min(fits, key=lambda w: (w.load, w.guests, w.placed))
+            failure = await self._revive_at(guest, target, checkpoint.state, checkpoint.received)
+            if failure is None:
                 guest._revivals += 1
                 guest._stats = GuestStats(**checkpoint.stats)
                 return True
-            target.alive = False
+            if isinstance(failure, RayActorError):
+                target.alive = False
+            else:
+                refused.add(target)
 
     # -- checkpoints -------------------------------------------------------------------------------
     async def _checkpoints(self, every: float) -> None:

@@ -30,21 +30,38 @@ about 0.8 MiB each): the next wakes take a ready one.
 
 ``hibernate_after`` 0 hibernates at the moment a CPU becomes drowsy; infinity
 never.  Event loop only.
+
+A wake is paid by the guest that wakes.  Taking a new emulator, running the
+guest on it until it sleeps again (its code translated afresh), giving it back
+and making instances ahead happen on the event loop, whose thread the kernel
+prefers to the niced workers (:mod:`supervisor.slicepool`) about nine to one: a
+guest that wakes and sleeps as fast as it can would otherwise take the cores
+from a neighbour computing on the workers.  So the dormitory charges the time
+of each of those steps to the CPU it was done for, and while a guest computes
+on the workers (:attr:`SlicePool.computing`) the CPUs' charges may together use
+at most ``WAKE_SHARE`` of a core, in equal shares: a CPU that owes more than
+``WAKE_GRACE`` runs again only once its share has paid the debt, or at once for
+anything but a plain wake (a close, a hold, a break).  A CPU that wakes now and
+then never owes that much; while no guest computes no wake waits, and what a
+CPU spent while nobody else needed the cores is not owed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import heapq
 import itertools
 import math
+import time
 import weakref
 from collections.abc import Callable
 
 from . import _unicorn
 from .cpu import LgCpu
+from .slicepool import SlicePool
 
 DEFAULT_HIBERNATE_AFTER = 1.0  # seconds: see docs/performance.md, "Hibernation"
 NEVER = math.inf
@@ -52,6 +69,10 @@ TRIM_DELAY = 0.05  # seconds: hibernations in a burst share one malloc_trim
 # Instances given back and not taken again before memory is returned (about 0.5 MiB each).
 TRIM_SLACK = 32
 REFILL_DELAY = 0.01  # seconds after a wake starts: instances are made ahead off its path
+# While a guest computes: what all CPUs' wake costs together may use of one core, and
+# what a CPU may owe before it waits (more than one wake costs).
+WAKE_SHARE = 0.1
+WAKE_GRACE = 0.005  # seconds of loop time
 
 
 def _malloc_trim() -> Callable[[], None] | None:
@@ -80,7 +101,19 @@ class Dormitory:
     Costs O(log n) per drowsy CPU and per hibernation, however many CPUs are drowsy.
     """
 
-    __slots__ = ("_drowsy", "_queue", "_refill", "_seq", "_timer", "_timer_due", "_trim", "trims")
+    __slots__ = (
+        "_debts",
+        "_drowsy",
+        "_queue",
+        "_refill",
+        "_refill_for",
+        "_seq",
+        "_timer",
+        "_timer_due",
+        "_trim",
+        "deferred",
+        "trims",
+    )
 
     def __init__(self) -> None:
         self._drowsy: dict[LgCpu, float] = {}  # CPU -> when it must hibernate (loop time)
@@ -94,7 +127,12 @@ class Dormitory:
         self._timer_due = math.inf
         self._trim: asyncio.TimerHandle | None = None  # a malloc_trim to come
         self._refill: asyncio.Handle | None = None  # an instance to make ahead
+        self._refill_for: weakref.ref[LgCpu] | None = None  # whose wake the refill pays
+        # CPU -> [seconds of loop time it owes for its wakes, loop time of that figure,
+        # its run time when it last thawed (-1: none since it last went to sleep)]
+        self._debts: weakref.WeakKeyDictionary[LgCpu, list[float]] = weakref.WeakKeyDictionary()
         self.trims = 0  # times memory was given back to the system
+        self.deferred = 0  # wakes put off until the CPU's share had paid for its earlier ones
 
     def __len__(self) -> int:
         """How many CPUs are drowsy and not yet hibernated."""
@@ -112,7 +150,14 @@ class Dormitory:
         return self._timer is not None or self._trim is not None or self._refill is not None
 
     def drowsy(self, cpu: LgCpu) -> None:
-        """``cpu`` stopped needing its emulator: hibernate it after its ``hibernate_after``."""
+        """``cpu`` stopped needing its emulator: hibernate it after its ``hibernate_after``.
+
+        What it ran since it last thawed (a new emulator translates its code afresh) is
+        charged to it."""
+        entry = self._debts.get(cpu)
+        if entry is not None and entry[2] >= 0:
+            self.charge(cpu, cpu.stats.run_time - entry[2])
+            entry[2] = -1.0
         engine = cpu.engine
         after = engine.hibernate_after
         if after == NEVER or engine.frozen is not None or engine.released:  # (hibernated, closed)
@@ -138,16 +183,78 @@ class Dormitory:
     def awake(self, cpu: LgCpu) -> None:
         """``cpu`` is about to need its emulator (or is gone): forget it."""
         self._drowsy.pop(cpu, None)
+        if cpu.run.closing:
+            self._debts.pop(cpu, None)
         hibernated = cpu.engine.frozen is not None
         if hibernated and not cpu.run.closing and self._refill is None:
             loop = asyncio.get_running_loop()
             self._refill = loop.call_later(REFILL_DELAY, self._make_ahead, cpu.engine.tcg_buffer)
+            self._refill_for = weakref.ref(cpu)
 
     def _make_ahead(self, tcg_buffer: int) -> None:
         """Make one instance ahead of need, and again at the next loop turn until enough wait."""
         self._refill = None
-        if _unicorn.prepare(tcg_buffer) and _unicorn.blank_count() < _unicorn.BLANKS:
+        started = time.thread_time()
+        more = _unicorn.prepare(tcg_buffer) and _unicorn.blank_count() < _unicorn.BLANKS
+        waker = self._refill_for() if self._refill_for is not None else None
+        if waker is not None:
+            self.charge(waker, time.thread_time() - started)
+        if more:
             self._refill = asyncio.get_running_loop().call_soon(self._make_ahead, tcg_buffer)
+
+    # -- what wakes cost ---------------------------------------------------------------------
+    def thaw(self, cpu: LgCpu) -> None:
+        """:meth:`LgCpu.thaw`, its cost charged to ``cpu``."""
+        started = time.thread_time()
+        cpu.thaw()
+        self.charge(cpu, time.thread_time() - started)
+        self._debts[cpu][2] = cpu.stats.run_time
+
+    def charge(self, cpu: LgCpu, seconds: float) -> None:
+        """``cpu`` owes ``seconds`` more of the loop's time."""
+        self._drain(cpu)[0] += seconds
+
+    def owed(self, cpu: LgCpu) -> float:
+        """Seconds of loop time ``cpu`` owes for its wakes now (its share pays them off)."""
+        return self._drain(cpu)[0]
+
+    def _drain(self, cpu: LgCpu) -> list[float]:
+        """``cpu``'s [debt, when, ...], less what its share paid since then: the CPUs with
+        an entry (those that owed something when last looked at) share ``WAKE_SHARE``
+        equally."""
+        now = asyncio.get_running_loop().time()
+        entry = self._debts.get(cpu)
+        if entry is None:
+            entry = self._debts[cpu] = [0.0, now, -1.0]
+        paid = (now - entry[1]) * WAKE_SHARE / max(1, len(self._debts))
+        entry[0] = max(0.0, entry[0] - paid)
+        entry[1] = now
+        return entry
+
+    async def turn(self, cpu: LgCpu, workers: SlicePool, urgent: Callable[[], bool]) -> None:
+        """Before a woken CPU runs: while a guest computes on ``workers`` and ``cpu`` owes
+        more than ``WAKE_GRACE``, wait until its share has paid the excess (or until
+        ``urgent()``)."""
+        if not workers.computing:
+            self._debts.pop(cpu, None)  # what nobody else needed is not owed
+            return
+        excess = self._drain(cpu)[0] - WAKE_GRACE
+        if excess <= 0 or urgent():
+            return
+        for other, entry in list(self._debts.items()):  # paid up: no longer in the share
+            if other is not cpu and self._drain(other)[0] == 0.0 and entry[2] < 0:
+                del self._debts[other]
+        self.deferred += 1
+        loop = asyncio.get_running_loop()
+        until = loop.time() + excess * max(1, len(self._debts)) / WAKE_SHARE
+        while not urgent():
+            left = until - loop.time()
+            if left <= 0:
+                return
+            cpu.run.wakeup.clear()  # (a plain wake changes state the next pass reads anyway)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await cpu.run.wakeup.wait()
 
     def _arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         if self._timer is not None:
@@ -186,8 +293,10 @@ class Dormitory:
     def _hibernate(self, cpu: LgCpu) -> None:
         global _low
         before = LgCpu.given_back
+        started = time.thread_time()
         if not cpu.hibernate():
             return
+        self.charge(cpu, time.thread_time() - started)
         _low = min(_low, before)  # thaws since the last hibernation reused memory
         if LgCpu.given_back - _low >= TRIM_SLACK and self._trim is None and _GIVE_BACK is not None:
             self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._give_back)
@@ -208,6 +317,7 @@ class Dormitory:
             if cpu is not None:
                 cpu.engine.dormitory_due = math.inf
         self._queue.clear()
+        self._debts.clear()
         for handle in (self._timer, self._trim, self._refill):
             if handle is not None:
                 handle.cancel()

@@ -113,7 +113,7 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
         match exit:
             case None:
                 if cpu.engine.frozen is not None:
-                    cpu.thaw()  # it hibernated
+                    _thaw(cpu, dormitory)  # it hibernated
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.run.inline = True  # deliver it now, not after a trip through the queue
@@ -123,7 +123,7 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
                 raise _oserror(errno.EBADF)
             case RunState.HYPERCALL:
                 if cpu.engine.frozen is not None:
-                    cpu.thaw()
+                    _thaw(cpu, dormitory)
                 asleep = _asleep_others(cpu) if len(lg.cpus) > 1 else None
                 hypercalls.do_hypercalls(cpu)
                 if asleep and any(other.run.wakeup.is_set() for other in asleep):
@@ -146,8 +146,24 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
                 await _sleep(cpu, dormitory)
             case RunState.HALT | RunState.OFFLINE:
                 await _sleep(cpu, dormitory)
+                if dormitory is not None:
+                    await dormitory.turn(cpu, executor, functools.partial(_urgent, cpu))
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
+
+
+def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
+    """Give a hibernated CPU a new emulator; the dormitory charges the cost to it."""
+    if dormitory is None:
+        cpu.thaw()
+    else:
+        dormitory.thaw(cpu)
+
+
+def _urgent(cpu: LgCpu) -> bool:
+    """Whether something other than a plain wake waits for the run loop (a close, a hold,
+    a break, a death...): a wake put off by the dormitory ends at once."""
+    return pending_exit(cpu) not in (None, RunState.HALT, RunState.OFFLINE)
 
 
 def _asleep_others(cpu: LgCpu) -> list[LgCpu]:

@@ -132,6 +132,7 @@ class SlicePool:
         self._waiting = 0
         self._idle_threads = 0
         self._threads: list[threading.Thread] = []
+        self._computing: set[Job[Any]] = set()  # jobs that answered AGAIN and go on
         self._closed = False
 
     @property
@@ -139,6 +140,13 @@ class SlicePool:
         """Jobs in the queue, not withdrawn: each waits for a worker.  Any thread (a
         racy read is at worst one step late)."""
         return self._waiting
+
+    @property
+    def computing(self) -> bool:
+        """True while a job computes: one of its steps answered AGAIN and it has not
+        ended (it runs its next step, or waits for its turn).  Any thread; racy like
+        ``waiting``."""
+        return bool(self._computing)
 
     def crowd(self) -> float:
         """Jobs waiting per worker (any thread; racy like ``waiting``)."""
@@ -202,6 +210,7 @@ class SlicePool:
         job.queued = False
         job.step = _ended_step
         self._waiting -= 1
+        self._computing.discard(job)
 
     def _take(self) -> Job[Any] | None:
         """The next job to run (waiting for one), or None once shut down and empty."""
@@ -234,6 +243,8 @@ class SlicePool:
             try:
                 result = job.step()
                 # Nobody waits for this worker: go on here, without a trip through the queue.
+                if result is AGAIN:
+                    self._computing.add(job)
                 while result is AGAIN and not (self._waiting or self._closed or job.stop_asked):
                     result = job.step()
             except BaseException as exc:  # the job's, like ThreadPoolExecutor's
@@ -244,6 +255,7 @@ class SlicePool:
                         self._enqueue(job)  # to the back: every job waiting now goes first
                         continue
             job.step = _ended_step  # ended: let go of what the step holds
+            self._computing.discard(job)
             if error is not None:
                 job.set_exception(error)
             elif result is AGAIN:

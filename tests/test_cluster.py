@@ -4,6 +4,7 @@ migration (exact, with a disk), checkpoints and the loss of a worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +12,17 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from ray.exceptions import RayActorError  # noqa: E402
+
 from supervisor import GuestConfig, Supervisor  # noqa: E402
 from supervisor.cli import main  # noqa: E402
-from supervisor.cluster import Cluster, ClusterError, RemoteGuest, WorkerActor  # noqa: E402
+from supervisor.cluster import (  # noqa: E402
+    Cluster,
+    ClusterError,
+    GuestEndedError,
+    RemoteGuest,
+    WorkerActor,
+)
 from supervisor.launcher.loader import FLAT_TRAILER, ImageError  # noqa: E402
 from supervisor.snapshot import SnapshotError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
@@ -92,7 +101,7 @@ async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None
         assert cl.workers[0].guests == 0
         done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
         assert (await done.wait()).ok
-        with pytest.raises(ClusterError, match="ended"):
+        with pytest.raises(GuestEndedError, match="hello has ended"):
             await cl.migrate(done)
         with pytest.raises(SnapshotError, match="ended"):
             await done.snapshot()
@@ -146,6 +155,43 @@ async def test_migration_is_exact_and_the_console_goes_on() -> None:
         assert (await guest.wait()).ok
         assert guest.moves >= 5  # one after each line it printed while it ran
         assert sum(w.placed for w in cl.workers) == 1 + guest.moves
+
+
+async def test_a_move_whose_destination_died_leaves_the_guest_running_where_it_was() -> None:
+    """Destinations that died before the driver knew (killed, still marked alive): each
+    move fails with ClusterError, the guest runs on at the source from where it was held,
+    input sent around the move arrives once, and the dead worker is marked dead."""
+    lines, spin = 6, 300_000
+    async with asyncio.timeout(LIMIT), Cluster(workers=3) as cl:
+        source, dead, dead_too = cl.workers
+        guest = await cl.launch(counter(lines, spin), worker=source)
+        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"), worker=source)
+        echoed = echo.console
+        echo.send("before\n")
+        assert await anext(echoed) == "before"
+        assert await anext(guest.console) == "1"
+        for worker in (dead, dead_too):
+            ray.kill(worker.actor, no_restart=True)
+            with contextlib.suppress(RayActorError):
+                while True:  # until calls to it fail
+                    await worker.actor.ping.remote()
+        assert dead.alive and dead_too.alive  # the driver has not noticed
+        with pytest.raises(ClusterError, match="worker w1 died during the move") as failed:
+            await cl.migrate(guest, dead)
+        assert "runs on at w0" in str(failed.value)
+        assert not dead.alive
+        assert guest.worker is source and guest.moves == 0
+        assert (source.guests, dead.guests, source.placed, dead.placed) == (2, 0, 2, 0)
+        assert await collect(guest) == counted(lines, spin)[1:]  # on from where it was held
+        assert (await guest.wait()).ok
+
+        move = asyncio.ensure_future(cl.migrate(echo, dead_too))
+        echo.send("around\n")  # before or during the move: delivered once either way
+        with pytest.raises(ClusterError, match="worker w2 died during the move"):
+            await move
+        echo.send("after\nquit\n")  # to the source again
+        assert [line async for line in echoed] == ["around", "after", "quit", "bye"]
+        assert (await echo.wait()).ok and echo.worker is source
 
 
 async def test_migration_mid_line_and_with_input_queued() -> None:
@@ -253,7 +299,11 @@ def test_cli_swarm_on_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_cluster_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     image = str(GUESTS / "hello.img")
     assert main(["swarm", "-n", "1", image, "--cluster", "slurm"]) == 2
-    assert "--cluster must be 'ray' or ray://HOST:PORT" in capsys.readouterr().err
+    assert "--cluster must be 'ray', 'local', 'auto', HOST:PORT or ray://HOST:PORT" in (
+        capsys.readouterr().err
+    )
+    assert main(["swarm", "-n", "1", image, "--cluster", "host:port"]) == 2
+    assert "not 'host:port'" in capsys.readouterr().err
     assert main(["swarm", "-n", "1", image, "--checkpoint-every", "1"]) == 2
     assert "need --cluster" in capsys.readouterr().err
     assert main(["swarm", "-n", "1", image, "--cluster", "ray", "--checkpoint-every", "0"]) == 2

@@ -1,0 +1,146 @@
+"""Hibernation leaves nothing behind, and a guest's wakes are its own cost.
+
+Each round boots guests that hibernate at every halt (``hibernate_after=0``), wakes them
+with interrupts, snapshots one while it hibernates and restores the snapshot, breaks one
+out with a Waker, and closes them in every state (asleep and hibernated, with a read in
+flight, awake after a wake).  After each round, with the garbage collected, the live
+``LgCpu``/``Lguest`` objects, the open Unicorn instances and the dormitory's entries are
+counted: after a first round (one-time costs: the instances made ahead) each count must
+equal the first round's.  Objects are counted, not RSS: freed memory stays with the
+allocator, so RSS wobbles by a few MiB whatever is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+from typing import Any
+
+import pytest
+from guestasm import Booted, boot, until
+
+from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
+from supervisor.cpu import LgCpu
+from supervisor.guest import Lguest
+from supervisor.snapshot import capture, restore
+
+GUEST_DIR = Path(__file__).resolve().parent.parent / "guests"
+ROUNDS = 8
+GUESTS = 4
+WAKES = 3
+LIMIT = 30  # seconds: a bound for failing, never a wait for success
+
+# Sleeps in a halt; irq 1 (vector 33) counts a hit and notifies 0x33.
+SLEEPER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    incl hits
+    HCALL 17, 0x33
+    jmp irq_return
+.data
+hits: .long 0
+"""
+
+
+def live() -> dict[str, int]:
+    """What a round may leave behind, counted after a full collection."""
+    gc.collect()
+    objects = gc.get_objects()
+    return {
+        "cpus": sum(isinstance(o, LgCpu) for o in objects),
+        "guests": sum(isinstance(o, Lguest) for o in objects),
+        "unicorns": sum(type(o).__name__ == "Uc" and not _unicorn.is_closed(o) for o in objects),
+    }
+
+
+async def wake(g: Booted) -> None:
+    """An interrupt wakes the hibernated guest; its handler's notify ends the read."""
+    reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+    await until(lambda: g.file.cpu(0).hibernated)
+    await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+    assert await reader == abi.pack_words(0x33)
+
+
+async def one_round(dev: LguestDevice) -> None:
+    guests = [await boot(dev, SLEEPER) for _ in range(GUESTS)]
+    for _ in range(WAKES):
+        for g in guests:
+            await wake(g)
+    assert all(g.u32("hits") == WAKES for g in guests)
+    first, second, third, fourth = guests
+    # A snapshot of a hibernated guest, restored while the original sleeps on.
+    reader = asyncio.ensure_future(first.file.read(abi.WORD_SIZE))
+    await until(lambda: first.file.cpu(0).hibernated)
+    await first.file.pause()
+    snap = capture(first.file)
+    first.file.resume()
+    copy = await restore(snap, dev)
+    copy_reader = asyncio.ensure_future(copy.read(abi.WORD_SIZE))
+    await copy.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+    assert await copy_reader == abi.pack_words(0x33)
+    # A Waker's break out of a hibernated halt.
+    breaking = asyncio.ensure_future(second.file.read(abi.WORD_SIZE))
+    await until(lambda: second.file.cpu(0).hibernated)
+    brk = asyncio.ensure_future(second.file.waker().brk(True))
+    with pytest.raises(BlockingIOError):
+        await breaking
+    await second.file.write(abi.pack_words(abi.LHREQ_BREAK, 0))
+    await brk
+    # Closed asleep with a read in flight, just after a wake, and with no read at all.
+    woken = asyncio.ensure_future(third.file.read(abi.WORD_SIZE))
+    await until(lambda: third.file.cpu(0).hibernated)
+    await third.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+    pending: list[asyncio.Future[Any]] = [reader, woken]
+    for f in (first.file, third.file, second.file, fourth.file, copy):
+        await f.close()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for g in guests:
+        g.memory.close()
+    copy.memory.close()
+
+
+async def test_rounds_of_wakes_and_races_leave_no_cpu_guest_or_unicorn_behind() -> None:
+    async with asyncio.timeout(LIMIT * ROUNDS), LguestDevice(hibernate_after=0) as dev:
+        await one_round(dev)
+        await asyncio.sleep(0.05)  # (the instances made ahead after the last wakes)
+        baseline = live()
+        assert baseline["cpus"] == baseline["guests"] == 0
+        assert baseline["unicorns"] <= _unicorn.BLANKS  # only the ones made ahead
+        for _ in range(ROUNDS):
+            await one_round(dev)
+            await asyncio.sleep(0.05)
+            assert live() == baseline
+            assert dev.dormitory.entries == 0 and len(dev.dormitory) == 0
+
+
+def ticker(**fields: Any) -> GuestConfig:
+    """A guest that wakes and sleeps as fast as it can: a 1 ns clock event, re-armed at
+    every tick, hibernating at every halt."""
+    return GuestConfig(
+        image=GUEST_DIR / "ticker.img",
+        memory="1M",
+        console="null",
+        hibernate_after=0,
+        **fields,
+    )
+
+
+async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_computes() -> None:
+    """With a neighbour computing on the workers, a guest whose wakes cost more than its
+    share of the loop waits for its share to pay for them (the dormitory puts its wakes
+    off); with idle workers, the same guest's wakes are never put off."""
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        dormitory = sup.device.dormitory
+        alone = await sup.launch(ticker(cmdline="ticks=300 period_ms=0"))
+        assert (await alone.wait()).ok
+        assert alone.stats.wakes >= 300 and dormitory.deferred == 0  # nobody else waited
+        spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
+        wakers = [await sup.launch(ticker(cmdline="ticks=1000000 period_ms=0")) for _ in range(4)]
+        await until(lambda: dormitory.deferred >= 8, LIMIT)
+        for guest in (*wakers, spinner):  # a put-off wake ends at once for a kill
+            assert (await guest.kill()).reason == "killed"
