@@ -45,7 +45,12 @@ from .elfstrip import strip_debug
 
 SDK_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = SDK_DIR / "include"
-RUNTIME_SOURCES = ("runtime/crt0.S", "runtime/runtime.c", "runtime/files.c")
+RUNTIME_SOURCES = (
+    "runtime/crt0.S",
+    "runtime/runtime.c",
+    "runtime/files.c",
+    "runtime/threads.c",
+)
 FREESTANDING_SOURCES = ("runtime/freestanding.c",)  # gcc builds: musl's part of the runtime
 FREESTANDING_DIR = SDK_DIR / "freestanding"
 LINKER_SCRIPT = SDK_DIR / "guest.ld"
