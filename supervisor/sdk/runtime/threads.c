@@ -130,6 +130,17 @@ __asm__(".text\n"
         "  call lg_idle_first_c\n"
         "1: hlt\n  jmp 1b\n");
 
+/* Interrupts on for the calling thread: irq_enabled, and the real IF too.  The
+ * Host's interrupt frames carry IF from eflags (cleared if irq_enabled is off,
+ * as lguest does); the runtime runs at CPL 0, where an iret from a frame pushed
+ * while interrupts were off (musl's early int $0x80 calls) clears the real IF,
+ * and every later frame would then say "off" and its iret leave irqs off. */
+static void irqs_on(void)
+{
+    lg_cpu_data()->irq_enabled = LGUEST_IRQ_ON;
+    __asm__ __volatile__("sti" ::: "memory");
+}
+
 static struct cpu_sched *this_cpu(void) { return &cpus[lg_cpu_id()]; }
 
 /* A fresh context that lg_ctx_switch enters at `entry` on the stack below `top`. */
@@ -342,7 +353,7 @@ __attribute__((used)) struct user_regs *lg_thread_first_c(void)
     finish_switch();
     struct lg_thread *t = this_cpu()->cur;
     lg_spin_unlock(&sched_lock);
-    lg_cpu_data()->irq_enabled = LGUEST_IRQ_ON;
+    irqs_on();
     return &t->regs;
 }
 
@@ -438,7 +449,7 @@ static long do_clone(uint32_t flags, uint32_t stack, int *ptid, uint32_t tls, in
     if (start && lg_start_cpu(secondary_idle, 0) < 0) {
         /* no CPU left: the run queue has it */
     }
-    lg_cpu_data()->irq_enabled = LGUEST_IRQ_ON; /* threads run with interrupts on */
+    irqs_on(); /* threads run with interrupts on */
     return tid;
 }
 
