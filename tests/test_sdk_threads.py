@@ -1,0 +1,314 @@
+"""Threads in C guests: musl's pthread_create/join, mutexes, condition variables and
+TLS on the runtime's clone, futex and scheduler (supervisor/sdk/runtime/threads.c),
+with one CPU and several, more threads than CPUs, time slices, halting waits and
+snapshots.
+
+Needs the ``sdk`` extra (Zig's C compiler, musl); without it the tests skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from supervisor import Exit, GuestConfig, Supervisor
+from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
+
+LIMIT = 120  # seconds: a bound for failing, never a wait for success
+
+SOURCE = r"""
+/* Threads in a C guest: `mode args...` on the command line. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <lguest.h>
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t changed = PTHREAD_COND_INITIALIZER;
+static long counter, loops;
+static _Thread_local int tls_index = -1;
+static __thread long tls_sum = 7;
+static int tids[64];
+static unsigned cpus_used;
+
+static void *count(void *arg)
+{
+    int i = (int)(long)arg;
+    tids[i] = (int)syscall(SYS_gettid);
+    for (long k = 0; k < loops; k++) {
+        pthread_mutex_lock(&lock);
+        counter++;
+        cpus_used |= 1u << lg_cpu_id();
+        pthread_mutex_unlock(&lock);
+    }
+    return (void *)(long)(1000 + i);
+}
+
+static int mode_count(int n)
+{
+    pthread_t t[64];
+    for (int i = 0; i < n; i++)
+        if (pthread_create(&t[i], 0, count, (void *)(long)i)) return printf("create failed\n"), 1;
+    long values = 0;
+    for (int i = 0; i < n; i++) {
+        void *r;
+        pthread_join(t[i], &r);
+        values += (long)r == 1000 + i;
+    }
+    int distinct = 1, main_tid = (int)syscall(SYS_gettid);
+    for (int i = 0; i < n; i++) {
+        if (tids[i] == main_tid || tids[i] <= 0) distinct = 0;
+        for (int j = 0; j < i; j++) distinct &= tids[i] != tids[j];
+    }
+    printf("counter %ld expected %ld, %ld joined values right, tids %s\n", counter,
+           n * loops, values, distinct ? "distinct" : "SHARED");
+    printf("ran on %d cpu(s)\n", __builtin_popcount(cpus_used));
+    return 0;
+}
+
+/* A bounded buffer of 4: the consumer must see 1..items in order. */
+static int buf[4], head, tail, used, items;
+static pthread_cond_t not_full = PTHREAD_COND_INITIALIZER;
+
+static void *produce(void *arg)
+{
+    (void)arg;
+    for (int v = 1; v <= items; v++) {
+        pthread_mutex_lock(&lock);
+        while (used == 4) pthread_cond_wait(&not_full, &lock);
+        buf[tail] = v, tail = (tail + 1) % 4, used++;
+        pthread_cond_signal(&changed);
+        pthread_mutex_unlock(&lock);
+    }
+    return 0;
+}
+
+static int mode_pc(void)
+{
+    pthread_t p;
+    pthread_create(&p, 0, produce, 0);
+    int expect = 1, in_order = 1;
+    long sum = 0;
+    for (int k = 0; k < items; k++) {
+        pthread_mutex_lock(&lock);
+        while (!used) pthread_cond_wait(&changed, &lock);
+        int v = buf[head];
+        head = (head + 1) % 4, used--;
+        pthread_cond_signal(&not_full);
+        pthread_mutex_unlock(&lock);
+        in_order &= v == expect++;
+        sum += v;
+    }
+    pthread_join(p, 0);
+    printf("consumed %d, sum %ld, %s\n", items, sum, in_order ? "in order" : "OUT OF ORDER");
+    return 0;
+}
+
+static void *tls_worker(void *arg)
+{
+    int i = (int)(long)arg;
+    long fresh = tls_sum; /* the TLS image's value in every new thread */
+    tls_index = i;
+    for (int k = 0; k < 200; k++) {
+        tls_sum += i;
+        sched_yield();
+        if (tls_index != i) return (void *)-1L;
+    }
+    return (void *)(fresh == 7 && tls_sum == 7 + 200L * i ? (long)i : -2L);
+}
+
+static int mode_tls(int n)
+{
+    pthread_t t[16];
+    tls_index = 100;
+    for (int i = 0; i < n; i++) pthread_create(&t[i], 0, tls_worker, (void *)(long)(i + 1));
+    int ok = 0;
+    for (int i = 0; i < n; i++) {
+        void *r;
+        pthread_join(t[i], &r);
+        ok += (long)r == i + 1;
+    }
+    printf("tls %d of %d threads own theirs, main %d %ld\n", ok, n, tls_index, tls_sum);
+    return 0;
+}
+
+static volatile int stop;
+static volatile unsigned long spins;
+
+static void *spin(void *arg)
+{
+    (void)arg;
+    while (!stop) spins++;
+    return 0;
+}
+
+static int mode_spin(void)
+{
+    pthread_t s, w;
+    pthread_create(&s, 0, spin, 0);
+    while (!spins) sched_yield(); /* the spinner has the CPU */
+    pthread_create(&w, 0, count, 0);
+    pthread_join(w, 0);
+    stop = 1;
+    pthread_join(s, 0);
+    printf("spinner stopped, worker counted %ld\n", counter);
+    return 0;
+}
+
+/* Every thread waits on a timed condition variable nobody signals. */
+static void *timed_wait(void *arg)
+{
+    int rounds = (int)(long)arg, timeouts = 0;
+    for (int r = 0; r < rounds; r++) {
+        struct timespec at;
+        clock_gettime(CLOCK_REALTIME, &at);
+        at.tv_nsec += 20000000;
+        if (at.tv_nsec >= 1000000000) at.tv_sec++, at.tv_nsec -= 1000000000;
+        pthread_mutex_lock(&lock);
+        timeouts += pthread_cond_timedwait(&changed, &lock, &at) == ETIMEDOUT;
+        pthread_mutex_unlock(&lock);
+    }
+    return (void *)(long)timeouts;
+}
+
+static int mode_wait(int rounds)
+{
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], 0, timed_wait, (void *)(long)rounds);
+    long timeouts = (long)timed_wait((void *)(long)rounds);
+    for (int i = 0; i < 2; i++) {
+        void *r;
+        pthread_join(t[i], &r);
+        timeouts += (long)r;
+    }
+    printf("timed out %ld of %d waits\n", timeouts, 3 * rounds);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *mode = argc > 1 ? argv[1] : "";
+    int n = argc > 2 ? atoi(argv[2]) : 4;
+    loops = argc > 3 ? atol(argv[3]) : 10000;
+    items = 1000;
+    if (!strcmp(mode, "count")) return mode_count(n);
+    if (!strcmp(mode, "pc")) return items = n, mode_pc();
+    if (!strcmp(mode, "tls")) return mode_tls(n);
+    if (!strcmp(mode, "spin")) return mode_spin();
+    if (!strcmp(mode, "wait")) return mode_wait(n);
+    if (!strcmp(mode, "fork")) {
+        errno = 0;
+        pid_t pid = fork();
+        printf("fork %d %s\n", (int)pid, errno == ENOSYS ? "ENOSYS" : strerror(errno));
+        return 0;
+    }
+    printf("modes: count N LOOPS, pc ITEMS, tls N, spin LOOPS, wait ROUNDS\n");
+    return 2;
+}
+"""
+
+
+@pytest.fixture
+def threads_guest(build_guest: BuildGuest) -> Path:
+    return build_guest(SOURCE, flags=["-O2", "-Wall", "-Werror"])
+
+
+async def run_guest(
+    image: Path, cpus: int, cmdline: str, **config: object
+) -> tuple[list[str], Exit, int]:
+    """The guest's console lines, its Exit and how many times its CPUs hibernated."""
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=image, memory="8M", cmdline=cmdline, cpus=cpus, **config)
+        )
+        async with asyncio.timeout(LIMIT):
+            lines = [line async for line in guest.console]
+            return lines, await guest.wait(), guest.stats.hibernations
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4])
+async def test_threads_increment_a_mutex_protected_counter_exactly(
+    threads_guest: Path, cpus: int
+) -> None:
+    """Eight threads, more than CPUs: the count is exact, each join returns its
+    thread's value, tids differ, and with several CPUs the threads used more than one."""
+    lines, result, _ = await run_guest(threads_guest, cpus, "count 8 4000")
+    assert lines[0] == "counter 32000 expected 32000, 8 joined values right, tids distinct"
+    used = int(lines[1].split()[2])
+    assert (used == 1) if cpus == 1 else (1 < used <= cpus)
+    assert result == Exit(0, "power off", 0, died=False)
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+async def test_a_condition_variable_producer_and_consumer_keep_the_sequence(
+    threads_guest: Path, cpus: int
+) -> None:
+    lines, result, _ = await run_guest(threads_guest, cpus, "pc 2000")
+    assert lines == ["consumed 2000, sum 2001000, in order"]
+    assert result.ok
+
+
+@pytest.mark.parametrize("cpus", [1, 3])
+async def test_thread_local_variables_are_per_thread(threads_guest: Path, cpus: int) -> None:
+    """Each thread starts from the TLS image (7), keeps its own values across yields
+    and moves between CPUs; the main thread's are untouched."""
+    lines, result, _ = await run_guest(threads_guest, cpus, "tls 6")
+    assert lines == ["tls 6 of 6 threads own theirs, main 100 7"]
+    assert result.ok
+
+
+async def test_a_spinning_thread_does_not_starve_others_on_one_cpu(
+    threads_guest: Path,
+) -> None:
+    """The spinner never yields; only the clock's time slice lets the worker (and main,
+    which joins it and then stops the spinner) run at all."""
+    lines, result, _ = await run_guest(threads_guest, 1, "spin 1 3000")
+    assert lines == ["spinner stopped, worker counted 3000"]
+    assert result.ok
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+async def test_futex_waits_halt_the_cpu(threads_guest: Path, cpus: int) -> None:
+    """Three threads wait on timed condition variables nobody signals, 8 rounds: every
+    CPU with nothing to run halts, and a halted CPU hibernates at once here
+    (hibernate_after=0).  A CPU that polled its run queue instead would never do so."""
+    lines, result, hibernations = await run_guest(threads_guest, cpus, "wait 8", hibernate_after=0)
+    assert lines == ["timed out 24 of 24 waits"]
+    assert result.ok
+    assert hibernations >= 8
+
+
+async def test_fork_is_not_provided(threads_guest: Path) -> None:
+    lines, result, _ = await run_guest(threads_guest, 1, "fork")
+    assert lines == ["fork -1 ENOSYS"]
+    assert result.ok
+
+
+async def test_a_snapshot_of_running_threads_restores_and_counts_exactly(
+    threads_guest: Path,
+) -> None:
+    """The scheduler's state (threads, run queue, futex waiters) is guest memory, the
+    CPUs' registers and TLS slots the CPU state: a copy restored mid-count finishes
+    with the exact count."""
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=threads_guest, memory="8M", cmdline="count 6 60000", cpus=2)
+        )
+        async with asyncio.timeout(LIMIT):
+            await until(lambda: guest.stats.exits > 200, timeout=LIMIT)
+            snap = await guest.snapshot()
+            assert not guest.done
+            await guest.kill()
+            copy = await sup.restore(snap, name="copy")
+            lines = [line async for line in copy.console]
+            result = await copy.wait()
+    assert lines[0] == "counter 360000 expected 360000, 6 joined values right, tids distinct"
+    assert result.ok
