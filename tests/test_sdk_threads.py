@@ -23,6 +23,7 @@ SOURCE = r"""
 /* Threads in a C guest: `mode args...` on the command line. */
 #include <errno.h>
 #include <pthread.h>
+#include <semaphore.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -193,6 +194,55 @@ static int mode_wait(int rounds)
     return 0;
 }
 
+/* Read-write locks, barriers, once, semaphores, detached threads, cancellation. */
+static pthread_rwlock_t rw = PTHREAD_RWLOCK_INITIALIZER;
+static pthread_barrier_t bar;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static sem_t sem;
+static int inits, value, after_barrier;
+
+static void init_once(void) { inits++; }
+
+static void *misc_worker(void *arg)
+{
+    pthread_once(&once, init_once);
+    pthread_rwlock_wrlock(&rw);
+    value += (int)(long)arg;
+    pthread_rwlock_unlock(&rw);
+    pthread_barrier_wait(&bar);
+    __atomic_fetch_add(&after_barrier, 1, __ATOMIC_SEQ_CST);
+    sem_post(&sem);
+    return 0;
+}
+
+static void *sleep_forever(void *arg)
+{
+    (void)arg;
+    for (;;) usleep(1000); /* a cancellation point */
+}
+
+static int mode_misc(void)
+{
+    pthread_barrier_init(&bar, 0, 5);
+    sem_init(&sem, 0, 0);
+    for (int i = 0; i < 4; i++) {
+        pthread_t t;
+        pthread_create(&t, 0, misc_worker, (void *)(long)(i + 1));
+        pthread_detach(t);
+    }
+    pthread_barrier_wait(&bar);
+    for (int i = 0; i < 4; i++) sem_wait(&sem);
+    pthread_rwlock_rdlock(&rw);
+    printf("once %d, sum %d, past the barrier %d\n", inits, value, after_barrier);
+    pthread_rwlock_unlock(&rw);
+    pthread_t f;
+    void *r;
+    pthread_create(&f, 0, sleep_forever, 0);
+    int c = pthread_cancel(f), j = pthread_join(f, &r);
+    printf("cancel %d, join %d, %s\n", c, j, r == PTHREAD_CANCELED ? "canceled" : "NOT CANCELED");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
@@ -204,6 +254,7 @@ int main(int argc, char **argv)
     if (!strcmp(mode, "tls")) return mode_tls(n);
     if (!strcmp(mode, "spin")) return mode_spin();
     if (!strcmp(mode, "wait")) return mode_wait(n);
+    if (!strcmp(mode, "misc")) return mode_misc();
     if (!strcmp(mode, "fork")) {
         errno = 0;
         pid_t pid = fork();
@@ -284,6 +335,15 @@ async def test_futex_waits_halt_the_cpu(threads_guest: Path, cpus: int) -> None:
     assert lines == ["timed out 24 of 24 waits"]
     assert result.ok
     assert hibernations >= 8
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+async def test_rwlocks_barriers_once_semaphores_detach_and_cancel(
+    threads_guest: Path, cpus: int
+) -> None:
+    lines, result, _ = await run_guest(threads_guest, cpus, "misc")
+    assert lines == ["once 1, sum 10, past the barrier 4", "cancel 0, join 0, canceled"]
+    assert result.ok
 
 
 async def test_fork_is_not_provided(threads_guest: Path) -> None:

@@ -35,6 +35,7 @@
 #define ENOSYS 38
 #define ESRCH 3
 #define ETIMEDOUT 110
+#define SIGCANCEL 33 /* musl's */
 
 #define CLONE_VM 0x00000100
 #define CLONE_THREAD 0x00010000
@@ -626,7 +627,13 @@ int lg_thread_syscall(const long *frame, long *result)
             for (int i = 0; i < LG_MAX_THREADS; i++) {
                 if (threads[i].state != T_FREE && threads[i].state != T_DEAD &&
                     threads[i].tid == tid) {
-                    *result = __lguest_syscall(37, 1, sig, 0, 0, 0, 0);
+                    /* No signal is delivered; musl's pthread_cancel (SIGCANCEL)
+                     * has set the target's cancel flag, which its next
+                     * cancellation point acts on. */
+                    int other = &threads[i] != this_cpu()->cur;
+                    *result = (other && sig == SIGCANCEL) || !sig
+                                  ? 0
+                                  : __lguest_syscall(37, 1, sig, 0, 0, 0, 0);
                     return 1;
                 }
             }
