@@ -151,6 +151,30 @@ static void *spin(void *arg)
     return 0;
 }
 
+/* The main thread spins while a thread that yields after each step needs the
+ * CPU back: every step needs the main thread preempted again. */
+static volatile int steps;
+
+static void *stepper(void *arg)
+{
+    (void)arg;
+    for (int k = 0; k < 5; k++) {
+        steps++;
+        sched_yield();
+    }
+    return 0;
+}
+
+static int mode_spinmain(void)
+{
+    pthread_t t;
+    pthread_create(&t, 0, stepper, 0);
+    while (steps < 5) spins++;
+    pthread_join(t, 0);
+    printf("main preempted for all %d steps\n", steps);
+    return 0;
+}
+
 static int mode_spin(void)
 {
     pthread_t s, w;
@@ -253,6 +277,7 @@ int main(int argc, char **argv)
     if (!strcmp(mode, "pc")) return items = n, mode_pc();
     if (!strcmp(mode, "tls")) return mode_tls(n);
     if (!strcmp(mode, "spin")) return mode_spin();
+    if (!strcmp(mode, "spinmain")) return mode_spinmain();
     if (!strcmp(mode, "wait")) return mode_wait(n);
     if (!strcmp(mode, "misc")) return mode_misc();
     if (!strcmp(mode, "fork")) {
@@ -323,6 +348,16 @@ async def test_a_spinning_thread_does_not_starve_others_on_one_cpu(
     which joins it and then stops the spinner) run at all."""
     lines, result, _ = await run_guest(threads_guest, 1, "spin 1 3000")
     assert lines == ["spinner stopped, worker counted 3000"]
+    assert result.ok
+
+
+async def test_a_spinning_main_thread_is_preempted_again_and_again(
+    threads_guest: Path,
+) -> None:
+    """The main thread keeps its interrupts (and so its time slices) after creating a
+    thread: the stepper needs the CPU back five times while main spins."""
+    lines, result, _ = await run_guest(threads_guest, 1, "spinmain")
+    assert lines == ["main preempted for all 5 steps"]
     assert result.ok
 
 

@@ -590,9 +590,17 @@ int lg_thread_syscall(const long *frame, long *result)
     long nr = frame[0], a1 = frame[1], a2 = frame[2], a3 = frame[3], a4 = frame[4],
          a5 = frame[5], a6 = frame[6];
     switch (nr) {
-    case 120: /* clone */
-        *result = do_clone(a1, a2, (int *)a3, a4, (int *)a5, a6, (uint32_t)frame[13]);
+    case 120: { /* clone */
+        uint32_t eip = (uint32_t)frame[13];
+        *result = do_clone(a1, a2, (int *)a3, a4, (int *)a5, a6, eip);
+        /* musl's clone is an int $0x80: its frame (eip, cs, eflags) was pushed
+         * with interrupts off before the first thread; the parent's iret must
+         * leave them on (irqs_on's IF), or its next irq would turn them off. */
+        if (*result > 0 && *(const uint16_t *)(eip - 2) == 0x80cd &&
+            (uint32_t)frame[14] == LGUEST_KERNEL_CS)
+            ((long *)frame)[15] |= LGUEST_IRQ_ON;
         return 1;
+    }
     case 2:   /* fork */
     case 190: /* vfork */
         *result = -ENOSYS;
