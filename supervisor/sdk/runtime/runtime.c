@@ -685,7 +685,9 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
     (void)a6;
     __lguest_syscalls++;
     long r;
-    if (lg_thread_syscall(&nr, &r)) return r; /* threads.c: clone, futex, ... */
+    /* threads.c: clone, futex, ...; it reads the arguments where crt0 pushed
+     * them (the frame pointer this forces: saved ebp, return address, nr). */
+    if (lg_thread_syscall((const long *)__builtin_frame_address(0) + 2, &r)) return r;
     if (__lguest_files_syscall(nr, a1, a2, a3, a4, a5, &files_result)) return files_result;
     switch (nr) {
     case 1:   /* exit */
