@@ -9,6 +9,8 @@ Needs the ``sdk`` extra (Zig's C compiler, musl); without it the tests skip.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
 
 LIMIT = 120  # seconds: a bound for failing, never a wait for success
+EXAMPLE = Path(__file__).resolve().parent.parent / "guests" / "c" / "threads.elf"
 
 SOURCE = r"""
 /* Threads in a C guest: `mode args...` on the command line. */
@@ -407,3 +410,18 @@ async def test_a_snapshot_of_running_threads_restores_and_counts_exactly(
             result = await copy.wait()
     assert lines[0] == "counter 360000 expected 360000, 6 joined values right, tids distinct"
     assert result.ok
+
+
+@pytest.mark.parametrize("cpus", ["1", "3"])
+def test_the_threads_example_counts_primes_from_the_cli(cpus: str) -> None:
+    """guests/c/threads.elf (committed: runs without Zig): a work queue on a mutex
+    and two condition variables, six workers returning _Thread_local tallies."""
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", str(EXAMPLE), "--cpus", cpus,
+         "--cmdline", "threads=6 n=5000"],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["6 threads: 669 primes up to 5000"]

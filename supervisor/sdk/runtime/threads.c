@@ -14,8 +14,10 @@
  *    more runnable threads than CPUs wait in one FIFO run queue.  A thread
  *    leaves its CPU when it waits (futex, nanosleep), yields, exits, or its
  *    SLICE_NS time slice ends at a clock interrupt while another thread
- *    waits for a CPU.  A CPU with nothing to run halts (costing the Host
- *    nothing) until an IPI (LG_THREAD_IPI) or its clock wakes it.
+ *    waits for a CPU and no CPU is halted.  A CPU with nothing to run halts
+ *    (costing the Host nothing) until an IPI (LG_THREAD_IPI: sent for a new
+ *    thread, or at a busy CPU's clock tick while threads wait) or its own
+ *    clock (the earliest timed wait) wakes it.
  *  - Threads run with interrupts on (the slice needs the clock interrupt);
  *    before the first clone the program runs as it always has.
  *
@@ -84,6 +86,7 @@ struct cpu_sched {
     struct lg_thread idle; /* this CPU's idle context */
     struct lg_thread *dead; /* exited on this CPU: finished by the next context */
     int online, halting, kicked;
+    uint32_t clock_ns, ipis; /* for sched_unlock: the clock to arm, CPUs to wake */
 };
 
 static struct lg_thread threads[LG_MAX_THREADS];
@@ -206,20 +209,31 @@ static struct lg_thread *dequeue(void)
     return t;
 }
 
-/* t can run: queue it and wake a halted CPU to take it. */
+/* t can run: queue it.  No CPU is woken here: this CPU takes it when its
+ * thread waits, yields or exits, and its next clock tick wakes a halted CPU
+ * for it (kick_idle).  A guest's CPUs take turns on the Host, so a wake-up
+ * per futex wake would cost an IPI's trip through the Host each time and buy
+ * no parallelism; one per tick bounds that cost. */
 static void make_runnable(struct lg_thread *t)
 {
     t->state = T_RUNNABLE;
     enqueue(t);
+}
+
+/* Wake one halted CPU if threads wait for a CPU; 1 if one was woken. */
+static int kick_idle(void)
+{
+    if (!runq_head) return 0;
     unsigned me = lg_cpu_id();
     for (unsigned i = 0; i < LG_MAX_CPUS; i++) {
         struct cpu_sched *c = &cpus[i];
-        if (c->online && c->halting && !c->kicked) {
+        if (i != me && c->online && c->halting && !c->kicked) {
             c->kicked = 1;
-            if (i != me) lg_send_ipi(i, LG_THREAD_IPI);
-            return;
+            cpus[me].ipis |= 1u << i;
+            return 1;
         }
     }
+    return 0;
 }
 
 static void wait_list_remove(struct lg_thread *t)
@@ -275,7 +289,29 @@ static void arm_clock(uint64_t now, uint64_t deadline)
 {
     uint64_t delta = deadline > now ? deadline - now : 100;
     if (delta > 0x7fffffffu) delta = 0x7fffffffu;
-    lguest_set_clockevent((unsigned long)delta);
+    this_cpu()->clock_ns = (uint32_t)delta;
+}
+
+/* Release sched_lock, then make the hypercalls it recorded: arming the clock
+ * and IPIs leave the slice for the Host, and another CPU given the turn
+ * meanwhile must not spin on a lock whose holder is not running.  Interrupts
+ * are still off, so the thread cannot move between recording and sending. */
+static void sched_unlock(void)
+{
+    struct cpu_sched *c = this_cpu();
+    uint32_t ns = c->clock_ns, ipis = c->ipis;
+    c->clock_ns = c->ipis = 0;
+    lg_spin_unlock(&sched_lock);
+    if (ns) lguest_set_clockevent(ns);
+    for (unsigned i = 0; ipis; i++, ipis >>= 1)
+        if (ipis & 1) lg_send_ipi(i, LG_THREAD_IPI);
+}
+
+static void sched_unlock_irqrestore(uint32_t was)
+{
+    sched_unlock();
+    __asm__ __volatile__("" ::: "memory");
+    lg_cpu_data()->irq_enabled = was;
 }
 
 /* ---- switching (sched_lock held, interrupts off) ---- */
@@ -335,13 +371,14 @@ static __attribute__((noreturn)) void idle_loop(void)
         uint64_t now = lguest_monotonic_ns(), first = expire(now);
         struct lg_thread *next = dequeue();
         if (next) {
+            kick_idle(); /* more woke at once (timeouts): another CPU for them */
             switch_to(&c->idle, next);
             continue;
         }
         if (first) arm_clock(now, first);
         c->halting = 1;
         c->kicked = 0;
-        lg_spin_unlock(&sched_lock); /* interrupts stay off: a wake-up ends the halt */
+        sched_unlock(); /* interrupts stay off: a wake-up ends the halt */
         lguest_halt();
         lg_spin_lock(&sched_lock);
         c->halting = 0;
@@ -353,7 +390,7 @@ __attribute__((used)) struct user_regs *lg_thread_first_c(void)
 {
     finish_switch();
     struct lg_thread *t = this_cpu()->cur;
-    lg_spin_unlock(&sched_lock);
+    sched_unlock();
     irqs_on();
     return &t->regs;
 }
@@ -416,7 +453,7 @@ static long do_clone(uint32_t flags, uint32_t stack, int *ptid, uint32_t tls, in
     for (int i = 1; i < LG_MAX_THREADS && !t; i++)
         if (threads[i].state == T_FREE) t = &threads[i];
     if (!t) {
-        lg_spin_unlock_irqrestore(&sched_lock, was);
+        sched_unlock_irqrestore(was);
         return -EAGAIN;
     }
     struct lg_thread *parent = this_cpu()->cur;
@@ -434,7 +471,7 @@ static long do_clone(uint32_t flags, uint32_t stack, int *ptid, uint32_t tls, in
             (uint32_t)e == parent->tls_entry)
             t->tls_desc = with_base(parent->tls_desc, u[1]);
         else {
-            lg_spin_unlock_irqrestore(&sched_lock, was);
+            sched_unlock_irqrestore(was);
             return -EINVAL;
         }
     }
@@ -445,8 +482,9 @@ static long do_clone(uint32_t flags, uint32_t stack, int *ptid, uint32_t tls, in
     live++;
     int start = live > online && online < (int)lg_cpu_count();
     make_runnable(t);
+    if (!start) kick_idle(); /* a new thread goes to a halted CPU at once */
     int tid = t->tid;
-    lg_spin_unlock_irqrestore(&sched_lock, was);
+    sched_unlock_irqrestore(was);
     if (start && lg_start_cpu(secondary_idle, 0) < 0) {
         /* no CPU left: the run queue has it */
     }
@@ -460,11 +498,11 @@ static long futex_wait(uint32_t addr, int val, uint64_t deadline, uint32_t bitse
     uint32_t was = lg_spin_lock_irqsave(&sched_lock);
     if (!threads_on) threads_init();
     if (*(volatile int *)addr != val) {
-        lg_spin_unlock_irqrestore(&sched_lock, was);
+        sched_unlock_irqrestore(was);
         return -EAGAIN;
     }
     if (deadline && deadline <= lguest_monotonic_ns()) {
-        lg_spin_unlock_irqrestore(&sched_lock, was);
+        sched_unlock_irqrestore(was);
         return -ETIMEDOUT;
     }
     struct lg_thread *t = this_cpu()->cur;
@@ -477,7 +515,7 @@ static long futex_wait(uint32_t addr, int val, uint64_t deadline, uint32_t bitse
     t->state = T_BLOCKED;
     schedule();
     long r = t->wake == WAKE_WOKEN ? 0 : -ETIMEDOUT;
-    lg_spin_unlock_irqrestore(&sched_lock, was);
+    sched_unlock_irqrestore(was);
     return r;
 }
 
@@ -527,7 +565,7 @@ static long sys_futex(uint32_t addr, int op, int val, uint32_t ts, uint32_t addr
         if (!threads_on) return 0;
         uint32_t was = lg_spin_lock_irqsave(&sched_lock);
         int n = futex_wake_locked(addr, val, bitset);
-        lg_spin_unlock_irqrestore(&sched_lock, was);
+        sched_unlock_irqrestore(was);
         return n;
     }
     case FUTEX_REQUEUE:
@@ -536,7 +574,7 @@ static long sys_futex(uint32_t addr, int op, int val, uint32_t ts, uint32_t addr
         if (!threads_on) return 0;
         uint32_t was = lg_spin_lock_irqsave(&sched_lock);
         if (cmd == FUTEX_CMP_REQUEUE && *(volatile int *)addr != val3) {
-            lg_spin_unlock_irqrestore(&sched_lock, was);
+            sched_unlock_irqrestore(was);
             return -EAGAIN;
         }
         int n = futex_wake_locked(addr, val, ~0u);
@@ -547,7 +585,7 @@ static long sys_futex(uint32_t addr, int op, int val, uint32_t ts, uint32_t addr
                 moved++;
             }
         }
-        lg_spin_unlock_irqrestore(&sched_lock, was);
+        sched_unlock_irqrestore(was);
         return n + (cmd == FUTEX_CMP_REQUEUE ? moved : 0);
     }
     }
@@ -576,10 +614,11 @@ void lg_thread_clock(void)
     struct cpu_sched *c = this_cpu();
     uint64_t now = lguest_monotonic_ns(), first = expire(now);
     if (c->cur != &c->idle) {
-        if (runq_head) schedule(); /* the slice is over: the next thread's turn */
+        if (runq_head && !kick_idle())
+            schedule(); /* no CPU is free: the slice is over, the next thread's turn */
         else arm_clock(now, first && first < now + SLICE_NS ? first : now + SLICE_NS);
     }
-    lg_spin_unlock(&sched_lock);
+    sched_unlock();
 }
 
 /* The system calls of threads; 1 (and *result set) if handled here.  `frame`
@@ -613,7 +652,7 @@ int lg_thread_syscall(const long *frame, long *result)
         if (threads_on) {
             uint32_t was = lg_spin_lock_irqsave(&sched_lock);
             schedule();
-            lg_spin_unlock_irqrestore(&sched_lock, was);
+            sched_unlock_irqrestore(was);
         }
         *result = 0;
         return 1;
@@ -665,7 +704,7 @@ int lg_thread_syscall(const long *frame, long *result)
         {
             uint32_t was = lg_spin_lock_irqsave(&sched_lock);
             if (live == 1) {
-                lg_spin_unlock_irqrestore(&sched_lock, was);
+                sched_unlock_irqrestore(was);
                 return 0; /* the process ends with it */
             }
             struct cpu_sched *c = this_cpu();
