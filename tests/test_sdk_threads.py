@@ -270,6 +270,38 @@ static int mode_misc(void)
     return 0;
 }
 
+/* Threads that wait until released, with small stacks, until creation fails. */
+static int released;
+
+static void *wait_release(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&lock);
+    while (!released) pthread_cond_wait(&changed, &lock);
+    pthread_mutex_unlock(&lock);
+    return 0;
+}
+
+static int mode_limit(void)
+{
+    static pthread_t t[300];
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, 8192);
+    int n = 0, err = 0;
+    while (n < 300 && !(err = pthread_create(&t[n], &attr, wait_release, 0))) n++;
+    pthread_mutex_lock(&lock);
+    released = 1;
+    pthread_cond_broadcast(&changed);
+    pthread_mutex_unlock(&lock);
+    for (int i = 0; i < n; i++) pthread_join(t[i], 0);
+    int again = pthread_create(&t[0], &attr, wait_release, 0) == 0;
+    if (again) pthread_join(t[0], 0);
+    printf("created %d, then %s; after joining, %s\n", n, err == EAGAIN ? "EAGAIN" : strerror(err),
+           again ? "created again" : "STILL FULL");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
@@ -283,6 +315,7 @@ int main(int argc, char **argv)
     if (!strcmp(mode, "spinmain")) return mode_spinmain();
     if (!strcmp(mode, "wait")) return mode_wait(n);
     if (!strcmp(mode, "misc")) return mode_misc();
+    if (!strcmp(mode, "limit")) return mode_limit();
     if (!strcmp(mode, "fork")) {
         errno = 0;
         pid_t pid = fork();
@@ -381,6 +414,14 @@ async def test_rwlocks_barriers_once_semaphores_detach_and_cancel(
 ) -> None:
     lines, result, _ = await run_guest(threads_guest, cpus, "misc")
     assert lines == ["once 1, sum 10, past the barrier 4", "cancel 0, join 0, canceled"]
+    assert result.ok
+
+
+async def test_thread_creation_stops_at_the_limit_and_slots_are_reused(
+    threads_guest: Path,
+) -> None:
+    lines, result, _ = await run_guest(threads_guest, 2, "limit")
+    assert lines == ["created 255, then EAGAIN; after joining, created again"]
     assert result.ok
 
 
