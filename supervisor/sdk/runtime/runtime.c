@@ -15,7 +15,8 @@
  *    anonymous mmap/munmap inside guest memory, clock_gettime (REALTIME,
  *    MONOTONIC, *_CPUTIME = time since boot), nanosleep/clock_nanosleep
  *    (clock event + halt), set_thread_area (TLS), exit/exit_group, signals
- *    sent to self kill the guest; anything else returns -ENOSYS.
+ *    sent to self kill the guest; threads (clone, futex, sched_yield,
+ *    gettid, a thread's exit) are threads.c's; anything else returns -ENOSYS.
  *  - several CPUs (docs/sdk.md): %fs is each CPU's struct lg_percpu (GDT
  *    entry 9); lg_start_cpu gives a started CPU its own lguest_data, stack
  *    (with a guard page), GDT and musl thread block (errno, TLS); the irq
