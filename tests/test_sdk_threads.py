@@ -25,6 +25,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "guests" / "c" / "threads.elf
 SOURCE = r"""
 /* Threads in a C guest: `mode args...` on the command line. */
 #include <errno.h>
+#include <fenv.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdio.h>
@@ -302,6 +303,40 @@ static int mode_limit(void)
     return 0;
 }
 
+/* Two threads sum doubles in different rounding modes, preempted on one CPU;
+ * then each alone.  The sums and the modes must be each thread's own. */
+static volatile double fp_out[2];
+
+static void *fp_sum(void *arg)
+{
+    int i = (int)(long)arg;
+    int mode = i ? FE_UPWARD : FE_TONEAREST;
+    fesetround(mode);
+    double x = 0;
+    for (long k = 1; k <= 2000000; k++) x += 1.0 / (double)(k + i);
+    fp_out[i] = x;
+    return (void *)(long)(fegetround() == mode);
+}
+
+static int mode_fp(void)
+{
+    pthread_t t[2];
+    void *kept[2];
+    double together[2];
+    for (int i = 0; i < 2; i++) pthread_create(&t[i], 0, fp_sum, (void *)(long)i);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], &kept[i]);
+    for (int i = 0; i < 2; i++) together[i] = fp_out[i];
+    int same = 1;
+    for (int i = 0; i < 2; i++) {
+        pthread_create(&t[i], 0, fp_sum, (void *)(long)i);
+        pthread_join(t[i], 0);
+        same &= fp_out[i] == together[i];
+    }
+    printf("sums %s, modes kept %ld %ld, main's %s\n", same ? "as alone" : "DIFFER",
+           (long)kept[0], (long)kept[1], fegetround() == FE_TONEAREST ? "kept" : "CHANGED");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
@@ -315,6 +350,7 @@ int main(int argc, char **argv)
     if (!strcmp(mode, "spinmain")) return mode_spinmain();
     if (!strcmp(mode, "wait")) return mode_wait(n);
     if (!strcmp(mode, "misc")) return mode_misc();
+    if (!strcmp(mode, "fp")) return mode_fp();
     if (!strcmp(mode, "limit")) return mode_limit();
     if (!strcmp(mode, "fork")) {
         errno = 0;
@@ -334,12 +370,12 @@ def threads_guest(build_guest: BuildGuest) -> Path:
 
 
 async def run_guest(
-    image: Path, cpus: int, cmdline: str, **config: object
+    image: Path, cpus: int, cmdline: str, memory: str = "8M", **config: object
 ) -> tuple[list[str], Exit, int]:
     """The guest's console lines, its Exit and how many times its CPUs hibernated."""
     async with Supervisor() as sup:
         guest = await sup.launch(
-            GuestConfig(image=image, memory="8M", cmdline=cmdline, cpus=cpus, **config)
+            GuestConfig(image=image, memory=memory, cmdline=cmdline, cpus=cpus, **config)
         )
         async with asyncio.timeout(LIMIT):
             lines = [line async for line in guest.console]
@@ -420,8 +456,17 @@ async def test_rwlocks_barriers_once_semaphores_detach_and_cancel(
 async def test_thread_creation_stops_at_the_limit_and_slots_are_reused(
     threads_guest: Path,
 ) -> None:
-    lines, result, _ = await run_guest(threads_guest, 2, "limit")
+    lines, result, _ = await run_guest(threads_guest, 2, "limit", memory="32M")
     assert lines == ["created 255, then EAGAIN; after joining, created again"]
+    assert result.ok
+
+
+async def test_each_thread_keeps_its_own_floating_point_state(threads_guest: Path) -> None:
+    """x87/SSE registers, control word and MXCSR are saved at every switch: two
+    threads in different rounding modes, preempted on one CPU, get the sums they
+    get alone and keep their modes."""
+    lines, result, _ = await run_guest(threads_guest, 1, "fp")
+    assert lines == ["sums as alone, modes kept 1 1, main's kept"]
     assert result.ok
 
 

@@ -77,6 +77,7 @@ struct lg_thread {
     int wake;
     uint64_t deadline; /* timed wait: monotonic ns; 0: none */
     uint32_t unmap_base, unmap_len; /* munmap of its own stack, done after it exits */
+    uint32_t fpu_init; /* a new thread's x87/SSE state (its parent's, on its stack) */
     struct lg_thread *next; /* run queue or wait list */
     struct user_regs regs;
 };
@@ -340,13 +341,25 @@ static void finish_switch(void)
     }
 }
 
+/* The x87/SSE state (registers, control word, MXCSR) is a thread's own: a
+ * preempted thread may be anywhere in a computation.  While a thread is
+ * switched out, its state lives in its switch frame, on its own stack. */
+struct fpu_area {
+    uint8_t bytes[512];
+} __attribute__((aligned(16)));
+
 static void switch_to(struct lg_thread *prev, struct lg_thread *next)
 {
     struct cpu_sched *c = this_cpu();
     c->cur = next;
     if (next != &c->idle) next->state = T_RUNNING;
     if (prev == next) return;
+    uint8_t room[sizeof(struct fpu_area) + 15]; /* aligned by hand: an irq frame
+                                                  * leaves the stack 4-aligned */
+    struct fpu_area *fpu = (struct fpu_area *)(((uint32_t)room + 15) & ~15u);
+    __asm__ __volatile__("fxsave %0" : "=m"(*fpu));
     lg_ctx_switch(&prev->ksp, next->ksp);
+    __asm__ __volatile__("fxrstor %0" : : "m"(*fpu));
     finish_switch();
 }
 
@@ -390,6 +403,7 @@ __attribute__((used)) struct user_regs *lg_thread_first_c(void)
 {
     finish_switch();
     struct lg_thread *t = this_cpu()->cur;
+    __asm__ __volatile__("fxrstor %0" : : "m"(*(struct fpu_area *)t->fpu_init));
     sched_unlock();
     irqs_on();
     return &t->regs;
@@ -478,7 +492,12 @@ static long do_clone(uint32_t flags, uint32_t stack, int *ptid, uint32_t tls, in
     if (flags & CLONE_PARENT_SETTID) *ptid = t->tid;
     if (flags & CLONE_CHILD_SETTID) *ctid = t->tid;
     if (flags & CLONE_CHILD_CLEARTID) t->clear_tid = ctid;
-    t->ksp = new_context(stack - 64, __lg_thread_first);
+    /* Below the stack musl gave: the parent's x87/SSE state (as Linux's clone
+     * copies it), then the first switch frame. */
+    uint32_t fpu = ((stack - 64) & ~15u) - sizeof(struct fpu_area);
+    __asm__ __volatile__("fxsave %0" : "=m"(*(struct fpu_area *)fpu));
+    t->fpu_init = fpu;
+    t->ksp = new_context(fpu, __lg_thread_first);
     live++;
     int start = live > online && online < (int)lg_cpu_count();
     make_runnable(t);
@@ -607,9 +626,8 @@ int lg_thread_sleep(uint64_t deadline)
 
 /* The clock interrupt (irq 0) on this CPU, interrupts off: wake timed-out
  * waiters and end the running thread's slice if another waits for a CPU. */
-void lg_thread_clock(void)
+static __attribute__((noinline)) void clock_tick(void)
 {
-    if (!threads_on) return;
     lg_spin_lock(&sched_lock);
     struct cpu_sched *c = this_cpu();
     uint64_t now = lguest_monotonic_ns(), first = expire(now);
@@ -619,6 +637,19 @@ void lg_thread_clock(void)
         else arm_clock(now, first && first < now + SLICE_NS ? first : now + SLICE_NS);
     }
     sched_unlock();
+}
+
+/* The interrupted thread may be in the middle of any computation: its x87/SSE
+ * registers are saved before anything here may use them (the clock's
+ * arithmetic is SSE2) and restored when it resumes. */
+void lg_thread_clock(void)
+{
+    if (!threads_on) return;
+    uint8_t room[sizeof(struct fpu_area) + 15];
+    struct fpu_area *fpu = (struct fpu_area *)(((uint32_t)room + 15) & ~15u);
+    __asm__ __volatile__("fxsave %0" : "=m"(*fpu));
+    clock_tick();
+    __asm__ __volatile__("fxrstor %0" : : "m"(*fpu));
 }
 
 /* The system calls of threads; 1 (and *result set) if handled here.  `frame`
