@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import Exit, GuestConfig, Supervisor
+from supervisor.host import GuestStats
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
 
@@ -199,7 +200,7 @@ static void *timed_wait(void *arg)
     for (int r = 0; r < rounds; r++) {
         struct timespec at;
         clock_gettime(CLOCK_REALTIME, &at);
-        at.tv_nsec += 20000000;
+        at.tv_nsec += 50000000;
         if (at.tv_nsec >= 1000000000) at.tv_sec++, at.tv_nsec -= 1000000000;
         pthread_mutex_lock(&lock);
         timeouts += pthread_cond_timedwait(&changed, &lock, &at) == ETIMEDOUT;
@@ -208,8 +209,11 @@ static void *timed_wait(void *arg)
     return (void *)(long)timeouts;
 }
 
+extern unsigned long __lguest_idle_halts; /* the runtime's count of idle CPUs' halts */
+
 static int mode_wait(int rounds)
 {
+    unsigned long before = __lguest_idle_halts;
     pthread_t t[2];
     for (int i = 0; i < 2; i++) pthread_create(&t[i], 0, timed_wait, (void *)(long)rounds);
     long timeouts = (long)timed_wait((void *)(long)rounds);
@@ -218,7 +222,9 @@ static int mode_wait(int rounds)
         pthread_join(t[i], &r);
         timeouts += (long)r;
     }
+    unsigned long halts = __lguest_idle_halts - before;
     printf("timed out %ld of %d waits\n", timeouts, 3 * rounds);
+    printf("%s\n", halts >= (unsigned long)rounds ? "idle CPUs halted" : "NOT HALTED");
     return 0;
 }
 
@@ -371,15 +377,15 @@ def threads_guest(build_guest: BuildGuest) -> Path:
 
 async def run_guest(
     image: Path, cpus: int, cmdline: str, memory: str = "8M", **config: object
-) -> tuple[list[str], Exit, int]:
-    """The guest's console lines, its Exit and how many times its CPUs hibernated."""
+) -> tuple[list[str], Exit, GuestStats]:
+    """The guest's console lines, its Exit and its counters."""
     async with Supervisor() as sup:
         guest = await sup.launch(
             GuestConfig(image=image, memory=memory, cmdline=cmdline, cpus=cpus, **config)
         )
         async with asyncio.timeout(LIMIT):
             lines = [line async for line in guest.console]
-            return lines, await guest.wait(), guest.stats.hibernations
+            return lines, await guest.wait(), guest.stats
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4])
@@ -435,13 +441,19 @@ async def test_a_spinning_main_thread_is_preempted_again_and_again(
 
 @pytest.mark.parametrize("cpus", [1, 2])
 async def test_futex_waits_halt_the_cpu(threads_guest: Path, cpus: int) -> None:
-    """Three threads wait on timed condition variables nobody signals, 8 rounds: every
-    CPU with nothing to run halts, and a halted CPU hibernates at once here
-    (hibernate_after=0).  A CPU that polled its run queue instead would never do so."""
-    lines, result, hibernations = await run_guest(threads_guest, cpus, "wait 8", hibernate_after=0)
-    assert lines == ["timed out 24 of 24 waits"]
+    """Three threads wait on timed condition variables nobody signals, 6 rounds of
+    50 ms: in every round each CPU runs out of threads and its idle loop halts (the
+    runtime counts those halts: at least one a round).  Halted, a CPU makes no
+    hypercalls however long the wait, so their count is bounded by the rounds (an
+    idle loop that polled, re-arming its clock, made thousands); and it hibernates
+    (here at once: hibernate_after=0) and thaws with its threads intact.  (A wait
+    whose deadline has passed before it begins returns at once: 50 ms leaves room
+    for a loaded host.)"""
+    lines, result, stats = await run_guest(threads_guest, cpus, "wait 6", hibernate_after=0)
+    assert lines == ["timed out 18 of 18 waits", "idle CPUs halted"]
     assert result.ok
-    assert hibernations >= 8
+    assert stats.hypercalls < 100 + 40 * 6
+    assert stats.hibernations > 0
 
 
 @pytest.mark.parametrize("cpus", [1, 2])

@@ -97,6 +97,8 @@ static struct lg_thread *runq_head, *runq_tail, *waiters;
 static int threads_on, live, online, next_tid = 2;
 static volatile int *main_clear_tid;
 static char idle_stack0[IDLE_STACK] __attribute__((aligned(16)));
+/* Halts of idle CPUs so far (tests read it: waiting threads must halt). */
+unsigned long __lguest_idle_halts;
 
 long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6);
 
@@ -391,6 +393,7 @@ static __attribute__((noreturn)) void idle_loop(void)
         if (first) arm_clock(now, first);
         c->halting = 1;
         c->kicked = 0;
+        __lguest_idle_halts++;
         sched_unlock(); /* interrupts stay off: a wake-up ends the halt */
         lguest_halt();
         lg_spin_lock(&sched_lock);
