@@ -18,6 +18,9 @@
  *    (costing the Host nothing) until an IPI (LG_THREAD_IPI: sent for a new
  *    thread, or at a busy CPU's clock tick while threads wait) or its own
  *    clock (the earliest timed wait) wakes it.
+ *  - Each thread has its own x87/SSE state, saved at every switch and
+ *    around the clock interrupt's work.
+ *  - A detached thread's munmap of its own stack waits until it is off it.
  *  - Threads run with interrupts on (the slice needs the clock interrupt);
  *    before the first clone the program runs as it always has.
  *
@@ -25,7 +28,8 @@
  * state, the run queue, the wait list and the per-CPU records.  A context
  * switch happens with it held; the context that resumes releases it, so a
  * thread is never visible as runnable while another CPU still runs on its
- * stack.
+ * stack.  Hypercalls that leave the slice are made after the release
+ * (sched_unlock), never while another CPU could be spinning on the lock.
  */
 #include <lguest.h>
 
