@@ -2,7 +2,8 @@
 
 ``build(["prog.c"], "prog.elf")`` compiles C (and ``.S``) sources for 32-bit x86
 and links them with the guest runtime (``runtime/crt0.S``, ``runtime/runtime.c``:
-boot, lguest.h's helpers, the system calls musl makes) and musl libc into an
+boot, lguest.h's helpers, the system calls musl makes; ``runtime/threads.c``:
+clone, futex and the threads' scheduler) and musl libc into an
 ELF32 image the Launcher loads (``guest.ld``: everything at 0x10000; at boot the
 runtime puts the stack at the top of free memory, 8 MiB or ``__lguest_stack_size``
 bytes, and the heap from ``_end`` up to the stack's guard page).
@@ -45,7 +46,12 @@ from .elfstrip import strip_debug
 
 SDK_DIR = Path(__file__).resolve().parent
 INCLUDE_DIR = SDK_DIR / "include"
-RUNTIME_SOURCES = ("runtime/crt0.S", "runtime/runtime.c", "runtime/files.c")
+RUNTIME_SOURCES = (
+    "runtime/crt0.S",
+    "runtime/runtime.c",
+    "runtime/files.c",
+    "runtime/threads.c",
+)
 FREESTANDING_SOURCES = ("runtime/freestanding.c",)  # gcc builds: musl's part of the runtime
 FREESTANDING_DIR = SDK_DIR / "freestanding"
 LINKER_SCRIPT = SDK_DIR / "guest.ld"

@@ -15,7 +15,8 @@
  *    anonymous mmap/munmap inside guest memory, clock_gettime (REALTIME,
  *    MONOTONIC, *_CPUTIME = time since boot), nanosleep/clock_nanosleep
  *    (clock event + halt), set_thread_area (TLS), exit/exit_group, signals
- *    sent to self kill the guest; anything else returns -ENOSYS.
+ *    sent to self kill the guest; threads (clone, futex, sched_yield,
+ *    gettid, a thread's exit) are threads.c's; anything else returns -ENOSYS.
  *  - several CPUs (docs/sdk.md): %fs is each CPU's struct lg_percpu (GDT
  *    entry 9); lg_start_cpu gives a started CPU its own lguest_data, stack
  *    (with a guard page), GDT and musl thread block (errno, TLS); the irq
@@ -67,6 +68,11 @@ static uint64_t cpu_gdt[LG_MAX_CPUS - 1][LGUEST_GDT_ENTRIES] __attribute__((alig
 static uint32_t tls_selector; /* %gs as musl loaded it on CPU 0 (0: no TLS) */
 static lg_spinlock_t mem_lock, console_lock, block_lock, start_lock;
 
+/* threads.c */
+int lg_thread_syscall(const long *frame, long *result);
+int lg_thread_sleep(uint64_t deadline);
+void lg_thread_clock(void);
+
 int main();
 int __libc_start_main(int (*)(), int, char **, void (*)(void), void (*)(void),
                       void (*)(void));
@@ -113,6 +119,7 @@ void __lguest_irq_dispatch(unsigned irq)
 {
     if (irq == LGUEST_CLOCK_IRQ) lg_percpu()->clock_fired = 1;
     if (irq < LGUEST_IRQS && irq_handlers[irq]) irq_handlers[irq](irq);
+    if (irq == LGUEST_CLOCK_IRQ) lg_thread_clock(); /* threads.c: time slices */
 }
 
 int lguest_set_irq_handler(unsigned irq, lguest_irq_handler handler)
@@ -127,7 +134,7 @@ void lguest_halt(void)
     struct lguest_data *d = lg_cpu_data();
     uint32_t was = d->irq_enabled;
     lguest_hcall(LHCALL_HALT, 0, 0, 0);
-    d->irq_enabled = was;
+    lg_cpu_data()->irq_enabled = was; /* this CPU's: a thread may have moved */
 }
 
 /* A NULL dereference (an access to page 0) or any other page fault kills the
@@ -269,6 +276,7 @@ HOT int clock_ns(int clk, uint64_t *out)
 /* Sleep until the monotonic clock reaches `deadline`: clock event + halt. */
 static void sleep_until(uint64_t deadline)
 {
+    if (lg_thread_sleep(deadline)) return; /* threads.c: the thread waits, not the CPU */
     for (;;) {
         uint64_t now = lguest_monotonic_ns();
         if (now >= deadline) break;
@@ -677,6 +685,10 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
     long files_result;
     (void)a6;
     __lguest_syscalls++;
+    long r;
+    /* threads.c: clone, futex, ...; it reads the arguments where crt0 pushed
+     * them (the frame pointer this forces: saved ebp, return address, nr). */
+    if (lg_thread_syscall((const long *)__builtin_frame_address(0) + 2, &r)) return r;
     if (__lguest_files_syscall(nr, a1, a2, a3, a4, a5, &files_result)) return files_result;
     switch (nr) {
     case 1:   /* exit */
