@@ -580,6 +580,8 @@ class LguestFile:
                 raise _error(errno.EINVAL)
             if not 1 <= ncpus <= MAX_CPUS:
                 raise _error(errno.EINVAL)
+            if start >> 32:  # the entry point is a 32-bit guest address (eip)
+                raise _error(errno.EINVAL)
             limit = pfn_limit * PAGE_SIZE
             first = base - mem.address
             if mem.closed or first < 0 or first + limit > mem.size:

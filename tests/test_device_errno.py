@@ -94,6 +94,14 @@ async def test_initialize_bounds(
     await expect(code, f.write(words))
 
 
+async def test_an_entry_point_past_32_bits_is_einval(dev: LguestDevice) -> None:
+    """eip is 32 bits wide: a start that does not fit is refused, and nothing was created."""
+    memory, layout = load(assemble(SPIN))
+    f = dev.open(memory)
+    await expect(errno.EINVAL, f.write(init_words(memory, layout.pfn_limit, layout.pgdir, 1 << 32)))
+    await f.write(init_words(memory, layout.pfn_limit, layout.pgdir))
+
+
 async def test_zero_pages_is_einval(dev: LguestDevice) -> None:
     memory, _ = load(assemble(SPIN))
     f = dev.open(memory)
