@@ -54,6 +54,7 @@ CR4_PSE = 1 << 4
 # Unicorn's default translation buffer is 1 GiB of address space per instance;
 # guests are small, so each CPU gets a small one.
 DEFAULT_TCG_BUFFER = 1 << 20  # below 2 MiB, where QEMU's buffer turns into a huge page
+MAX_PHYSICAL = (1 << 64) - 1  # the highest physical address a hook's range can name
 DEFAULT_BUDGET = 20_000  # blocks in a first slice; adapted to the slice's target length
 
 
@@ -604,6 +605,19 @@ def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
     return uc
 
 
+def bad_access_range(lg: Lguest) -> tuple[int, int]:
+    """The guest-physical addresses the bad-access hook covers: everything past guest memory.
+
+    Guest memory ``[0, limit)`` is mapped with every permission, so no access there is
+    ever invalid; the Host's read-only pages and unmapped addresses all lie at or past
+    ``limit``.  Unicorn checks a hook's range against the physical address.  A
+    ``UC_HOOK_MEM_*`` hook whose range covers a page keeps every store to that page on
+    Unicorn's slow path (its ``notdirty_write`` never marks a hooked page dirty), so the
+    hook must leave guest memory out for stores there to take the TLB fast path.
+    """
+    return lg.limit, MAX_PHYSICAL
+
+
 def _install_hooks(cpu: LgCpu) -> None:
     """The hooks every Unicorn instance of ``cpu`` has (again after a thaw)."""
     trap = cpu.trap
@@ -612,7 +626,9 @@ def _install_hooks(cpu: LgCpu) -> None:
         trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
         return False
 
-    cpu.engine.hooks.append(cpu.engine.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access))
+    begin, end = bad_access_range(cpu.lg)
+    hook = cpu.engine.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access, begin=begin, end=end)
+    cpu.engine.hooks.append(hook)
     if cpu.engine.install_hooks is not None:
         cpu.engine.install_hooks(cpu)
 
