@@ -73,6 +73,15 @@ acc2: .long 0
 TIGHT_BODY = "inc %ebx"
 MEMORY_BODY = "incl counter; addl %ecx, acc; movl acc, %eax; movl %eax, acc2"
 
+# 32 bytes copied per iteration, word by word, between two 16 KiB buffers (.bss).
+MEMCPY_BYTES = 32
+MEMCPY_BODY = (
+    "and $0x3fe0, %ebx; "
+    + "".join(f"movl src+{i}(%ebx), %eax; movl %eax, dst+{i}(%ebx); " for i in range(0, 32, 4))
+    + "add $32, %ebx"
+)
+MEMCPY_BUFFERS = ".bss\n.align 4096\nsrc: .space 16384\ndst: .space 16384\n"
+
 HYPERCALL_LOOP = r"""
 main:
     LGUEST_INIT
@@ -165,9 +174,15 @@ async def _sup_loop_time(
 
 
 async def _loop_figure(
-    p: Profile, name: str, title: str, body: str, goal: float, break_period: float | None
+    p: Profile,
+    name: str,
+    title: str,
+    body: str,
+    goal: float,
+    break_period: float | None,
+    data: str = "",
 ) -> Result:
-    image = assemble(LOOP.format(body=body))
+    image = assemble(LOOP.format(body=body) + data)
     raw = RawCpu(image)
     n = _calibrate(raw, p.loop_seconds)
     raw_times: list[float] = []
@@ -217,6 +232,16 @@ async def tight_loop(p: Profile) -> list[Result]:
 
 async def memory_loop(p: Profile) -> list[Result]:
     return await _loop_pair(p, "memory_loop", "memory-heavy loop", MEMORY_BODY, 0.97)
+
+
+async def memcpy(p: Profile) -> list[Result]:
+    """Guest stores: a word-by-word copy, in MB/s, supervised and in a bare Unicorn."""
+    loops = await _loop_figure(
+        p, "memcpy", "guest memcpy, 4-byte stores", MEMCPY_BODY, 0.9, None, MEMCPY_BUFFERS
+    )
+    scale = MEMCPY_BYTES  # M loops/s -> MB/s
+    raw = loops.raw * scale if loops.raw is not None else None
+    return [dataclasses.replace(loops, unit="MB/s", value=loops.value * scale, raw=raw)]
 
 
 def _raw_threads(cpus: list[RawCpu], n: int) -> float:
@@ -883,6 +908,7 @@ async def startup(p: Profile) -> list[Result]:
 FIGURES: dict[str, Figure] = {
     "tight_loop": tight_loop,
     "memory_loop": memory_loop,
+    "memcpy": memcpy,
     "two_spinners": two_spinners,
     "notify_roundtrip": notify_roundtrip,
     "hypercall": hypercall_cost,
