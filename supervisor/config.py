@@ -151,6 +151,10 @@ class GuestConfig(BaseModel):
     dirs: list[DirGrant] = Field(default_factory=list)
     workdir: str = "/"
     max_files: int = Field(default=1024, ge=1, le=1 << 16)
+    # The network (docs/network.md): join the Supervisor's (``sup.net``), with at most
+    # ``max_sockets`` sockets open at once (EMFILE beyond).
+    net: bool = False
+    max_sockets: int = Field(default=1024, ge=1, le=1 << 16)
 
     @field_validator("workdir")
     @classmethod

@@ -38,6 +38,7 @@ from .launcher.console import (
 from .launcher.devices import Device
 from .launcher.files import FilesDevice, grants_for
 from .launcher.launcher import DEFAULT_MAX_RESTARTS, GuestStats, Launcher
+from .net import Network
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .snapshot import Snapshot, SnapshotError, capture
 from .state import Exit
@@ -292,6 +293,7 @@ class Supervisor:
             hibernate_after=hibernate_after,
         )
         self.max_restarts = max_restarts
+        self.net = Network()  # the guests' network: GuestConfig(net=True) joins it
         self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
         self._keep_ended = keep_ended
         self._closed = False
@@ -325,8 +327,15 @@ class Supervisor:
             table.append(block)
         table.extend(devices)
         # Last, so that the devices above keep their places in the device page.
+        try:  # ValueError: the name is on the network already
+            name, most = config.display_name, config.max_sockets
+            member = self.net.join(name, max_sockets=most) if config.net else None
+        except ValueError:
+            for device in table:
+                await device.stop()
+            raise
         files = FilesDevice(grants_for(config.dirs), workdir=config.workdir,
-                            max_files=config.max_files)  # fmt: skip
+                            max_files=config.max_files, net=member)  # fmt: skip
         table.append(files)
         gdb = None
         try:

@@ -55,7 +55,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import net as _net
 from .devices import Device, Slot
+from .sockets import (
+    FS_EVENTS,
+    FS_SOCKMAP,
+    S_IFSOCK,
+    SOCKET_OPS,
+    SocketRequestError,
+)
 
 DEV_TYPE_FILES = 3
 
@@ -182,6 +190,11 @@ class _GuestError(Exception):
         self.errno = err
 
 
+def guest_error(err: int) -> Exception:
+    """The exception a request handler raises to answer ``-err``."""
+    return _GuestError(err)
+
+
 @dataclass(frozen=True)
 class Grant:
     """A host directory the guest sees at ``guest`` (absolute, normalised)."""
@@ -205,6 +218,11 @@ class _Description:
     position: int = 0  # getdents64: the next entry
     stale: bool = False  # could not be reopened after a restore
     refs: int = 0
+    sock: Any = None  # a supervisor.net.Socket: this description is a socket
+
+    @property
+    def nonblocking(self) -> bool:
+        return bool(self.flags & G_NONBLOCK)
 
 
 @dataclass
@@ -225,6 +243,7 @@ class _Table:
 
 
 TMP_GRANT = -1
+SYNTH_GRANT = -2  # a file the device makes (a network's /etc/hosts), kept in a memfd
 T = TypeVar("T")
 
 
@@ -255,7 +274,9 @@ class FilesDevice(Device):
         max_files: int = DEFAULT_MAX_FILES,
         private_tmp: bool = True,
         use_openat2: bool | None = None,
+        net: _net.Member | None = None,
     ) -> None:
+        """``net``: this guest's place on a network (its sockets; None: none)."""
         self.grants = list(grants)
         self.workdir = normalise(workdir)
         self.cwd = self.workdir
@@ -268,6 +289,8 @@ class FilesDevice(Device):
         self._table = _Table()
         self.requests = 0
         self._memory_view: memoryview | None = None
+        self.net = net
+        self._news = False
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -292,6 +315,9 @@ class FilesDevice(Device):
         for entry in list(self._table.entries.values()):
             self._release(entry.description)
         self._table.entries.clear()
+        if self.net is not None:
+            self.net.on_news = None
+            self.net.leave()
         for fd in self._grant_fds:
             os.close(fd)
         self._grant_fds = []
@@ -315,6 +341,20 @@ class FilesDevice(Device):
     def attach(self, slot: Slot) -> None:
         super().attach(slot)
         slot.set(FS_MAX_IO, MAX_IO)
+        if self.net is not None:
+            self.net.on_news = self._on_news
+
+    def _on_news(self) -> None:
+        """One of the guest's sockets changed: break it out to count it (see :meth:`poll`)."""
+        if not self._news and self.slot is not None:
+            self._news = True
+            self.slot.wake()
+
+    def poll(self, slot: Slot) -> None:
+        if self._news:
+            self._news = False
+            slot.set(FS_EVENTS, slot.get(FS_EVENTS) + 1)
+            slot.interrupt()
 
     # -- snapshots ---------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -332,6 +372,10 @@ class FilesDevice(Device):
             fds.append([fd, index[id(d)], entry.cloexec])
         saved = []
         for d in descriptions:
+            if d.sock is not None or d.grant == SYNTH_GRANT:  # not kept: ESTALE once restored
+                saved.append({"grant": TMP_GRANT, "path": "", "flags": d.flags, "dir": False,
+                              "offset": 0, "position": 0, "stale": True})  # fmt: skip
+                continue
             offset = d.offset
             if d.fd is not None and not d.is_dir:
                 offset = os.lseek(d.fd, 0, os.SEEK_CUR)
@@ -384,13 +428,15 @@ class FilesDevice(Device):
         op = slot.get(FS_OP)
         fd = _signed(slot.get(FS_FD))
         args = [slot.get(FS_A0 + 4 * i) for i in range(7)]
-        handler = _OPS.get(op)
+        handler = _OPS.get(op) or SOCKET_OPS.get(op)
         if handler is None:
             raise FileRequestError(f"unknown file request {op}")
         try:
             result = await handler(self, slot, fd, args)
         except _GuestError as exc:
             result = -exc.errno
+        except SocketRequestError as exc:
+            raise FileRequestError(str(exc)) from None
         raw = _S64.pack(result)
         slot.set(FS_RESULT, int.from_bytes(raw[:4], "little"))
         slot.set(FS_RESULT_HI, int.from_bytes(raw[4:], "little"))
@@ -572,6 +618,8 @@ class FilesDevice(Device):
         """The description's host descriptor, reopened (through its grant) after a restore."""
         if d.fd is not None:
             return d.fd
+        if d.sock is not None:
+            raise _GuestError(errno.ESPIPE)
         if d.stale:
             raise _GuestError(errno.ESTALE)
         base = await self._grant_fd(d.grant)
@@ -589,6 +637,60 @@ class FilesDevice(Device):
             os.lseek(fd, d.offset, os.SEEK_SET)
         d.fd = fd
         return fd
+
+    def description_of(self, fd: int) -> _Description:
+        """The open description behind guest descriptor ``fd`` (EBADF)."""
+        return self._entry(fd).description
+
+    def check_room(self) -> None:
+        """EMFILE if the descriptor table is full."""
+        if len(self._table.entries) >= self.max_files:
+            raise _GuestError(errno.EMFILE)
+
+    def install_socket(self, sock: Any, nonblocking: bool, cloexec: bool) -> int:
+        """A new descriptor for ``sock`` (closed again if the table is full)."""
+        d = _Description(TMP_GRANT, "", 2 | (G_NONBLOCK if nonblocking else 0), sock=sock)
+        try:
+            return self._install(d, FIRST_FD, cloexec)
+        except _GuestError:
+            sock.close()
+            raise
+
+    def poll_bits(self, fd: int) -> int:
+        """``poll`` events of ``fd``: a socket's state; a file is always ready."""
+        entry = self._table.entries.get(fd)
+        if entry is None:
+            return _net.POLLNVAL
+        sock = entry.description.sock
+        if sock is None:
+            return _net.POLLIN | _net.POLLOUT
+        bits: int = sock.poll()
+        return bits
+
+    def guest_buffer(self, slot: Slot, addr: int, length: int) -> memoryview:
+        """A view of guest RAM (EFAULT outside it; a length above MAX_IO kills)."""
+        return self._buffer(slot, addr, length)
+
+    def put(self, slot: Slot, addr: int, data: bytes) -> None:
+        """Copy ``data`` into guest RAM (EFAULT outside it)."""
+        self._put(slot, addr, data)
+
+    def _mark(self, fd: int, is_socket: bool) -> None:
+        """Keep the runtime's socket bitmap (if it gave one) in step with the table."""
+        slot = self.slot
+        if slot is None:
+            return
+        base = slot.get(FS_SOCKMAP)
+        if not base:
+            return
+        where = base + fd // 8
+        old = slot.read(where, 1)
+        if old is None:
+            return
+        bit = 1 << (fd % 8)
+        new = old[0] | bit if is_socket else old[0] & ~bit
+        if new != old[0]:
+            slot.write(where, bytes([new]))
 
     def _install(self, d: _Description, start: int, cloexec: bool, exact: bool = False) -> int:
         limit = FIRST_FD + self.max_files
@@ -608,6 +710,7 @@ class FilesDevice(Device):
             fd = free
         d.refs += 1
         self._table.entries[fd] = _Entry(d, cloexec)
+        self._mark(fd, d.sock is not None)
         return fd
 
     def _release(self, d: _Description) -> None:
@@ -615,6 +718,9 @@ class FilesDevice(Device):
         if d.refs <= 0 and d.fd is not None:
             os.close(d.fd)
             d.fd = None
+        if d.refs <= 0 and d.sock is not None:
+            d.sock.close()
+            d.sock = None
 
     # -- guest memory ------------------------------------------------------------------
     @staticmethod
@@ -636,7 +742,10 @@ class FilesDevice(Device):
         flags, mode = a[2], a[3]
         if flags & (G_PATH | G_TMPFILE) == G_TMPFILE or flags & G_PATH:
             raise _GuestError(errno.EOPNOTSUPP)
-        grant, rel = self._locate(self._guest_path(dirfd, path))
+        guest_path = self._guest_path(dirfd, path)
+        if self.net is not None and guest_path in _NET_FILES:
+            return self._open_synthesized(guest_path, flags)
+        grant, rel = self._locate(guest_path)
         if self._read_only(grant) and (flags & G_ACCMODE or flags & (G_CREAT | G_TRUNC)):
             raise _GuestError(errno.EROFS)
         if len(self._table.entries) >= self.max_files:
@@ -650,10 +759,31 @@ class FilesDevice(Device):
             os.close(fd)
             raise
 
+    def _open_synthesized(self, guest_path: str, flags: int) -> int:
+        """The network's ``/etc/hosts`` or ``/etc/resolv.conf``, read-only, made now."""
+        if flags & G_ACCMODE or flags & (G_CREAT | G_TRUNC):
+            raise _GuestError(errno.EROFS)
+        if flags & G_DIRECTORY:
+            raise _GuestError(errno.ENOTDIR)
+        assert self.net is not None
+        hosts = guest_path == "/etc/hosts"
+        data = self.net.network.hosts_file() if hosts else RESOLV_CONF
+        self.check_room()
+        fd = os.memfd_create("lguest-net", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            os.lseek(fd, 0, os.SEEK_SET)
+            d = _Description(SYNTH_GRANT, guest_path, flags & (G_ACCMODE | _STATUS_FLAGS), fd)
+            return self._install(d, FIRST_FD, bool(flags & G_CLOEXEC))
+        except BaseException:
+            os.close(fd)
+            raise
+
     async def _op_close(self, slot: Slot, fd: int, a: list[int]) -> int:
         entry = self._table.entries.pop(fd, None)
         if entry is None:
             raise _GuestError(errno.EBADF)
+        self._mark(fd, False)
         self._release(entry.description)
         return 0
 
@@ -673,6 +803,12 @@ class FilesDevice(Device):
         self, slot: Slot, fd: int, addr: int, length: int, offset: int | None, *, write: bool
     ) -> int:
         d = self._description(fd)
+        if d.sock is not None:
+            if offset is not None:
+                raise _GuestError(errno.ESPIPE)
+            op = SOCKET_OPS[27 if write else 28]
+            result: int = await op(self, slot, fd, [addr, length, 0, 0, 0, 0, 0])
+            return result
         acc = d.flags & G_ACCMODE
         if (acc == 0) if write else (acc == 1):
             raise _GuestError(errno.EBADF)
@@ -726,6 +862,8 @@ class FilesDevice(Device):
             if dirfd == AT_FDCWD:
                 grant, rel = self._locate(self.cwd)
                 st = await self._stat_path(grant, rel, True)
+            elif self._description(dirfd).sock is not None:
+                st = os.stat_result((S_IFSOCK | 0o777, 0, 0, 1, 0, 0, 0, 0, 0, 0))
             else:
                 host = await self._host_fd(self._description(dirfd))
                 st = await self._blocking(os.fstat, host)
@@ -945,6 +1083,11 @@ class FilesDevice(Device):
         self._entry(fd)
         return 0
 
+
+# Names resolve through /etc/hosts; no name server answers (a name not in the
+# table fails at once rather than after a resolver's timeout).
+RESOLV_CONF = b"nameserver 10.0.0.1\noptions timeout:0 attempts:1\n"
+_NET_FILES = ("/etc/hosts", "/etc/resolv.conf")
 
 _OPS: dict[int, Callable[[FilesDevice, Slot, int, list[int]], Any]] = {
     OP_OPENAT: FilesDevice._op_openat,

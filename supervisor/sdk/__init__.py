@@ -51,6 +51,7 @@ RUNTIME_SOURCES = (
     "runtime/runtime.c",
     "runtime/files.c",
     "runtime/threads.c",
+    "runtime/net.c",
 )
 FREESTANDING_SOURCES = ("runtime/freestanding.c",)  # gcc builds: musl's part of the runtime
 FREESTANDING_DIR = SDK_DIR / "freestanding"

@@ -67,7 +67,8 @@ struct iovec32 {
 
 static struct lguest_files *files_dev;
 static int files_looked;
-static lg_spinlock_t files_lock;
+lg_spinlock_t __lguest_files_lock; /* net.c shares the descriptor: one request at a time */
+#define files_lock __lguest_files_lock
 
 static int64_t req(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                    uint32_t a4, uint32_t a5)

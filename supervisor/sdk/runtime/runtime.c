@@ -360,6 +360,23 @@ static int console_wait_input(void)
     }
 }
 
+/* For poll and select (net.c): 1 if a read of fd 0 would not wait (input
+ * buffered, or ended); otherwise arms the input buffer so that input raises the
+ * console irq, and returns 0. */
+int __lguest_console_readable(void)
+{
+    volatile struct lguest_console *c = console;
+    if (!c || rx_pos < rx_len || rx_eof) return 1;
+    if (!rx_armed) {
+        c->in_addr = (uint32_t)rx_buf;
+        c->in_size = sizeof rx_buf;
+        c->in_len = 0;
+        rx_armed = 1;
+        lguest_notify((const void *)c);
+    }
+    return c->in_len != 0 || (c->flags & LGUEST_CONSOLE_EOF) != 0;
+}
+
 long lguest_console_read(void *buf, size_t size)
 {
     if (!size) return 0;
@@ -679,16 +696,17 @@ static long sys_kill_self(int sig)
 /* System calls served so far (tests read it: the clocks must not add to it). */
 unsigned long __lguest_syscalls;
 int __lguest_files_syscall(long, long, long, long, long, long, long *); /* files.c */
+int __lguest_net_syscall(long, long, long, long, long, long, long, long *); /* net.c */
 
 long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
     long files_result;
-    (void)a6;
     __lguest_syscalls++;
     long r;
     /* threads.c: clone, futex, ...; it reads the arguments where crt0 pushed
      * them (the frame pointer this forces: saved ebp, return address, nr). */
     if (lg_thread_syscall((const long *)__builtin_frame_address(0) + 2, &r)) return r;
+    if (__lguest_net_syscall(nr, a1, a2, a3, a4, a5, a6, &files_result)) return files_result;
     if (__lguest_files_syscall(nr, a1, a2, a3, a4, a5, &files_result)) return files_result;
     switch (nr) {
     case 1:   /* exit */

@@ -1,0 +1,840 @@
+"""The guests' network: sockets served in-process, one :class:`Network` per Supervisor.
+
+A guest launched with ``GuestConfig(net=True)`` joins its Supervisor's network
+(``sup.net``) and gets an IPv4 address (10.0.0.2 upward); the embedding program
+is ``host`` (10.0.0.1).  The guest's socket calls become file device requests
+(docs/abi.md, "Sockets") that the device serves against this module's socket
+objects, on the event loop, with no host socket in between (docs/network.md).
+
+Guarantees:
+
+* Nothing leaves the network: an address outside it is ``ENETUNREACH``, an
+  unassigned one inside it ``EHOSTUNREACH``, a port nobody listens on
+  ``ECONNREFUSED``.
+* Every buffer is bounded: a stream carries at most ``stream_buffer`` unread
+  bytes each way (the writer then waits: ``WouldBlock``), a datagram socket
+  queues at most ``datagram_queue`` bytes (later datagrams are dropped, as UDP
+  drops them).
+* A member that leaves (a guest that ends or is killed) closes its sockets as a
+  process's exit does: peers see end of file, or a reset where unread data was
+  thrown away.
+* State changes are reported to the socket's owner through :meth:`Member.news`
+  (a guest: its file device raises its irq) or the socket's ``on_change``
+  callback (the host's streams), never synchronously inside another's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+NET_PREFIX = 0x0A000000  # 10.0.0.0/16
+NET_MASK = 0xFFFF0000
+HOST_ADDR = NET_PREFIX | 1
+FIRST_GUEST = NET_PREFIX | 2
+LOOPBACK = 0x7F000001
+DEFAULT_STREAM_BUFFER = 256 << 10
+DEFAULT_DATAGRAM_QUEUE = 256 << 10
+MAX_DATAGRAM = 65507
+MAX_BACKLOG = 4096
+EPHEMERAL = (32768, 60999)
+
+POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
+POLLRDHUP = 0x2000
+
+STREAM = "stream"
+DGRAM = "dgram"
+
+
+class NetError(Exception):
+    """A socket call that fails with ``errno`` (the guest gets ``-errno``)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err, errno.errorcode.get(err, str(err)))
+        self.errno = err
+
+
+class WouldBlock(Exception):
+    """The call cannot complete now; the owner hears :meth:`Member.news` when it may."""
+
+
+def ip_str(ip: int) -> str:
+    return str(ipaddress.IPv4Address(ip))
+
+
+def ip_int(text: str) -> int:
+    return int(ipaddress.IPv4Address(text))
+
+
+Address = tuple[int, int]  # (IPv4 as an int, port)
+
+
+class Member:
+    """A name and address on a :class:`Network`: a guest, or the host."""
+
+    def __init__(self, network: Network, name: str, ip: int, max_sockets: int) -> None:
+        self.network = network
+        self.name = name
+        self.ip = ip
+        self.max_sockets = max_sockets
+        self.sockets: set[Socket] = set()
+        self.on_news: Callable[[], None] | None = None
+
+    @property
+    def address(self) -> str:
+        return ip_str(self.ip)
+
+    def news(self) -> None:
+        """Something changed for one of this member's sockets (wake a waiting guest)."""
+        if self.on_news is not None:
+            self.on_news()
+
+    def socket(self, kind: str) -> Socket:
+        """A new socket (``EMFILE`` beyond ``max_sockets``)."""
+        if len(self.sockets) >= self.max_sockets:
+            raise NetError(errno.EMFILE)
+        sock: Socket = StreamSocket(self) if kind == STREAM else DatagramSocket(self)
+        self.sockets.add(sock)
+        return sock
+
+    def leave(self) -> None:
+        """Close every socket (as a process's exit does) and give back the name."""
+        for sock in list(self.sockets):
+            sock.close()
+        self.network._forget(self)
+
+    def __repr__(self) -> str:
+        return f"<Member {self.name} {self.address}>"
+
+
+class Socket:
+    """What the two kinds share: an owner, a local address, options, a pending error."""
+
+    kind = ""
+
+    def __init__(self, owner: Member) -> None:
+        self.owner = owner
+        self.local: Address | None = None
+        self.bound_key: tuple[int, int, str] | None = None
+        self.error = 0  # SO_ERROR
+        self.reuseaddr = False
+        self.options: dict[tuple[int, int], int] = {}
+        self.closed = False
+        self.on_change: Callable[[], None] | None = None
+
+    @property
+    def net(self) -> Network:
+        return self.owner.network
+
+    def wake(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+        else:
+            self.owner.news()
+
+    def bind(self, ip: int, port: int) -> None:
+        if self.local is not None:
+            raise NetError(errno.EINVAL)
+        if ip not in (0, LOOPBACK, self.owner.ip):
+            raise NetError(errno.EADDRNOTAVAIL)
+        self.net._bind(self, port)
+
+    def _autobind(self) -> None:
+        if self.local is None:
+            self.net._bind(self, 0)
+
+    def close(self) -> None:
+        self.closed = True
+        self.net._unbind(self)
+        self.owner.sockets.discard(self)
+
+    def poll(self) -> int:
+        raise NotImplementedError
+
+
+class StreamSocket(Socket):
+    """A TCP socket: unconnected, listening, or one end of a connection."""
+
+    kind = STREAM
+
+    def __init__(self, owner: Member) -> None:
+        super().__init__(owner)
+        self.listening = False
+        self.backlog: deque[StreamSocket] = deque()
+        self.backlog_max = 0
+        self.peer: StreamSocket | None = None
+        self.remote: Address | None = None
+        self.rx = bytearray()
+        self.eof = False  # the peer will send no more
+        self.reset = False  # the peer reset the connection
+        self.write_shut = False
+        self.was_connected = False
+        self.waiters: set[StreamSocket] = set()  # connects waiting for room in the backlog
+
+    # -- connecting ------------------------------------------------------------------
+    def listen(self, backlog: int) -> None:
+        if self.peer is not None or self.was_connected:
+            raise NetError(errno.EINVAL)
+        self._autobind()
+        self.listening = True
+        self.backlog_max = max(1, min(backlog, MAX_BACKLOG))
+
+    def connect(self, ip: int, port: int) -> None:
+        """Connect now (the peer's listener queues the other end), or raise."""
+        if self.listening:
+            raise NetError(errno.EINVAL)
+        if self.peer is not None or self.was_connected:
+            raise NetError(errno.EISCONN)
+        target = self.net._route(self.owner, ip)
+        listener = self.net._listener(target.ip, port)
+        if listener is None:
+            raise NetError(errno.ECONNREFUSED)
+        if len(listener.backlog) >= listener.backlog_max:
+            listener.waiters.add(self)
+            raise WouldBlock
+        listener.waiters.discard(self)
+        self._autobind()
+        server = StreamSocket(listener.owner)
+        if len(listener.owner.sockets) >= listener.owner.max_sockets:
+            raise NetError(errno.ECONNREFUSED)  # the listener's owner can hold no more
+        listener.owner.sockets.add(server)
+        assert self.local is not None and listener.local is not None
+        server.local = (target.ip, listener.local[1])
+        server.remote = (self.owner.ip, self.local[1])
+        self.remote = (target.ip, port)
+        server.peer, self.peer = self, server
+        server.was_connected = self.was_connected = True
+        listener.backlog.append(server)
+        listener.wake()
+
+    def accept(self) -> StreamSocket:
+        if not self.listening:
+            raise NetError(errno.EINVAL)
+        if not self.backlog:
+            raise WouldBlock
+        sock = self.backlog.popleft()
+        for waiter in list(self.waiters):
+            waiter.wake()  # room in the backlog: a waiting connect may retry
+        return sock
+
+    # -- data ------------------------------------------------------------------------
+    def room(self) -> int:
+        peer = self.peer
+        return 0 if peer is None else max(0, self.net.stream_buffer - len(peer.rx))
+
+    def send(self, data: bytes | memoryview) -> int:
+        if self.reset:
+            self.reset = False
+            self.error = 0
+            raise NetError(errno.ECONNRESET)
+        if self.write_shut:
+            raise NetError(errno.EPIPE)
+        if self.peer is None:
+            raise NetError(errno.EPIPE if self.was_connected else errno.ENOTCONN)
+        room = self.room()
+        if room == 0:
+            raise WouldBlock
+        n = min(room, len(data))
+        peer = self.peer
+        was_empty = not peer.rx
+        peer.rx += data[:n]
+        if was_empty:
+            peer.wake()
+        return n
+
+    def recv(self, size: int, *, peek: bool = False) -> bytes:
+        if self.rx:
+            data = bytes(self.rx[:size])
+            if not peek:
+                full = self.peer is not None and self.peer.room() == 0
+                del self.rx[:size]
+                if full and self.peer is not None:
+                    self.peer.wake()  # the writer has room again
+            return data
+        if self.reset:
+            self.reset = False
+            self.error = 0
+            raise NetError(errno.ECONNRESET)
+        if self.eof:
+            return b""
+        if self.peer is None and not self.was_connected:
+            raise NetError(errno.ENOTCONN)
+        if self.peer is None:
+            return b""
+        raise WouldBlock
+
+    def shutdown(self, how: int) -> None:
+        if self.peer is None and not self.was_connected:
+            raise NetError(errno.ENOTCONN)
+        if how in (0, 2):
+            self.eof = True
+            self.rx.clear()
+        if how in (1, 2) and not self.write_shut:
+            self.write_shut = True
+            if self.peer is not None:
+                self.peer.eof = True
+                self.peer.wake()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for pending in self.backlog:  # connected but never accepted: reset
+            pending.close()
+        self.backlog.clear()
+        for waiter in list(self.waiters):
+            waiter.wake()  # a connect waiting for this listener now finds it gone
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.peer = None
+            if self.rx:
+                peer.reset = True  # unread data thrown away: the peer sees a reset
+                peer.error = errno.ECONNRESET
+            else:
+                peer.eof = True
+            peer.wake()
+        super().close()
+
+    def poll(self) -> int:
+        if self.listening:
+            return POLLIN if self.backlog else 0
+        if self.peer is None and not self.was_connected:
+            bits = POLLOUT | POLLHUP
+            return bits | POLLERR if self.error else bits
+        bits = 0
+        if self.rx or self.eof or self.reset or self.peer is None:
+            bits |= POLLIN
+        if self.eof or self.peer is None:
+            bits |= POLLRDHUP
+        if self.peer is not None and not self.write_shut and self.room() > 0:
+            bits |= POLLOUT
+        if self.reset or self.error:
+            bits |= POLLERR
+        if self.reset or self.peer is None or (self.eof and self.write_shut):
+            bits |= POLLHUP
+        return bits
+
+
+class DatagramSocket(Socket):
+    """A UDP socket: a bounded queue of (datagram, sender)."""
+
+    def __init__(self, owner: Member) -> None:
+        Socket.__init__(self, owner)
+        self.queue: deque[tuple[bytes, Address]] = deque()
+        self.queued = 0
+        self.dropped = 0
+        self.remote: Address | None = None
+
+    kind = DGRAM
+
+    def connect(self, ip: int, port: int) -> None:
+        if ip == 0 and port == 0:
+            self.remote = None  # AF_UNSPEC-like: forget the peer
+            return
+        self.net._route(self.owner, ip)
+        self._autobind()
+        self.remote = (ip, port)
+
+    def sendto(self, data: bytes, to: Address | None) -> int:
+        if to is None:
+            if self.remote is None:
+                raise NetError(errno.EDESTADDRREQ)
+            to = self.remote
+        if len(data) > MAX_DATAGRAM:
+            raise NetError(errno.EMSGSIZE)
+        target = self.net._route(self.owner, to[0])
+        self._autobind()
+        assert self.local is not None
+        dest = self.net._datagram(target.ip, to[1])
+        if dest is None:
+            return len(data)  # nobody listens there: the datagram is lost, as UDP's are
+        dest.deliver(data, (self.owner.ip, self.local[1]))
+        return len(data)
+
+    def deliver(self, data: bytes, sender: Address) -> None:
+        if self.remote is not None and sender != self.remote:
+            return  # a connected datagram socket takes only its peer's
+        if self.queued + len(data) > self.net.datagram_queue:
+            self.dropped += 1
+            return
+        was_empty = not self.queue
+        self.queue.append((data, sender))
+        self.queued += len(data)
+        if was_empty:
+            self.wake()
+
+    def recvfrom(self, *, peek: bool = False) -> tuple[bytes, Address]:
+        if not self.queue:
+            raise WouldBlock
+        if peek:
+            return self.queue[0]
+        data, sender = self.queue.popleft()
+        self.queued -= len(data)
+        return data, sender
+
+    def poll(self) -> int:
+        return (POLLIN if self.queue else 0) | POLLOUT | (POLLERR if self.error else 0)
+
+
+class Network:
+    """Addresses, names, listeners and bound ports of one Supervisor's guests and its host.
+
+    ``stream_buffer``: unread bytes a connection holds each way before the
+    writer waits; ``datagram_queue``: bytes a datagram socket queues before
+    dropping.
+    """
+
+    def __init__(
+        self,
+        *,
+        stream_buffer: int = DEFAULT_STREAM_BUFFER,
+        datagram_queue: int = DEFAULT_DATAGRAM_QUEUE,
+    ) -> None:
+        if stream_buffer < 1 or datagram_queue < 1:
+            raise ValueError("buffers must hold at least one byte")
+        self.stream_buffer = stream_buffer
+        self.datagram_queue = datagram_queue
+        self._by_ip: dict[int, Member] = {}
+        self._by_name: dict[str, Member] = {}
+        self._next_ip = FIRST_GUEST
+        self._ports: dict[tuple[int, int, str], Socket] = {}
+        self._next_port: dict[tuple[int, str], int] = {}
+        self.host = self._add("host", HOST_ADDR, 1 << 30)
+
+    # -- members -------------------------------------------------------------------------
+    def join(self, name: str, *, max_sockets: int = 1024) -> Member:
+        """A new member named ``name`` with the next free address (``ValueError`` if the
+        name is taken or the addresses ran out)."""
+        if name in self._by_name:
+            raise ValueError(f"{name!r} is already on the network")
+        ip = self._next_ip
+        while ip in self._by_ip:
+            ip += 1
+        if ip & NET_MASK != NET_PREFIX or ip & 0xFFFF == 0xFFFF:
+            raise ValueError("the network has no free address left")
+        self._next_ip = ip + 1
+        return self._add(name, ip, max_sockets)
+
+    def _add(self, name: str, ip: int, max_sockets: int) -> Member:
+        member = Member(self, name, ip, max_sockets)
+        self._by_ip[ip] = member
+        self._by_name[name] = member
+        return member
+
+    def _forget(self, member: Member) -> None:
+        if self._by_ip.get(member.ip) is member:
+            del self._by_ip[member.ip]
+        if self._by_name.get(member.name) is member:
+            del self._by_name[member.name]
+        if member.ip < self._next_ip:
+            self._next_ip = max(FIRST_GUEST, member.ip)
+
+    @property
+    def members(self) -> list[Member]:
+        """Everyone on the network, the host first."""
+        return sorted(self._by_ip.values(), key=lambda m: m.ip)
+
+    def resolve(self, name_or_address: str) -> int:
+        """The address of a member's name, or of a dotted address (``OSError``
+        ``EHOSTUNREACH`` for a name nobody has)."""
+        member = self._by_name.get(name_or_address)
+        if member is not None:
+            return member.ip
+        try:
+            return ip_int(name_or_address)
+        except ValueError:
+            raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network") from None
+
+    def hosts_file(self) -> bytes:
+        """``/etc/hosts`` as a guest on this network sees it."""
+        lines = ["127.0.0.1\tlocalhost"]
+        lines += [f"{m.address}\t{m.name}" for m in self.members]
+        return ("\n".join(lines) + "\n").encode()
+
+    # -- routing and ports ---------------------------------------------------------------
+    def _route(self, source: Member, ip: int) -> Member:
+        if ip == LOOPBACK or ip == source.ip:
+            return source
+        if ip & NET_MASK != NET_PREFIX:
+            raise NetError(errno.ENETUNREACH)
+        member = self._by_ip.get(ip)
+        if member is None:
+            raise NetError(errno.EHOSTUNREACH)
+        return member
+
+    def _listener(self, ip: int, port: int) -> StreamSocket | None:
+        sock = self._ports.get((ip, port, STREAM))
+        return sock if isinstance(sock, StreamSocket) and sock.listening else None
+
+    def _datagram(self, ip: int, port: int) -> DatagramSocket | None:
+        sock = self._ports.get((ip, port, DGRAM))
+        return sock if isinstance(sock, DatagramSocket) else None
+
+    def _bind(self, sock: Socket, port: int) -> None:
+        ip = sock.owner.ip
+        if not 0 <= port <= 65535:
+            raise NetError(errno.EINVAL)
+        if port == 0:
+            port = self._ephemeral(ip, sock.kind)
+        key = (ip, port, sock.kind)
+        if key in self._ports:
+            raise NetError(errno.EADDRINUSE)
+        self._ports[key] = sock
+        sock.bound_key = key
+        sock.local = (ip, port)
+
+    def _ephemeral(self, ip: int, kind: str) -> int:
+        low, high = EPHEMERAL
+        start = self._next_port.get((ip, kind), low)
+        port = start
+        while (ip, port, kind) in self._ports:
+            port = low if port >= high else port + 1
+            if port == start:
+                raise NetError(errno.EADDRNOTAVAIL)
+        self._next_port[(ip, kind)] = low if port >= high else port + 1
+        return port
+
+    def _unbind(self, sock: Socket) -> None:
+        key = sock.bound_key
+        if key is not None and self._ports.get(key) is sock:
+            del self._ports[key]
+        sock.bound_key = None
+
+    # -- the host's side -----------------------------------------------------------------
+    async def open_connection(
+        self, host: str, port: int, *, limit: int = 2**16
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect from ``host`` (10.0.0.1) to a guest's listening port, as
+        :func:`asyncio.open_connection` does (``ConnectionRefusedError`` if nothing
+        listens; waits while the listener's backlog is full)."""
+        loop = asyncio.get_running_loop()
+        ip = self.resolve(host)
+        sock = self.host.socket(STREAM)
+        assert isinstance(sock, StreamSocket)
+        try:
+            while True:
+                try:
+                    sock.connect(ip, port)
+                    break
+                except WouldBlock:
+                    ready = asyncio.Event()
+                    sock.on_change = ready.set
+                    await ready.wait()
+        except NetError as exc:
+            sock.close()
+            why = errno.errorcode[exc.errno]
+            raise OSError(exc.errno, f"connect to {host}:{port}: {why}") from None
+        except BaseException:
+            sock.close()
+            raise
+        reader = asyncio.StreamReader(limit=limit, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport = StreamTransport(sock, protocol, loop)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return reader, writer
+
+    async def start_server(
+        self,
+        client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+        port: int,
+        *,
+        backlog: int = 100,
+        limit: int = 2**16,
+    ) -> NetServer:
+        """Listen as ``host:port`` for guests; ``client_connected_cb(reader, writer)`` (a
+        function or coroutine function) runs for each connection, as with
+        :func:`asyncio.start_server` (``OSError`` ``EADDRINUSE`` if the port is taken)."""
+        sock = self.host.socket(STREAM)
+        assert isinstance(sock, StreamSocket)
+        try:
+            sock.bind(0, port)
+            sock.listen(backlog)
+        except NetError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"host:{port}: {errno.errorcode[exc.errno]}") from None
+        return NetServer(sock, client_connected_cb, limit)
+
+    async def open_datagram(self, port: int = 0) -> DatagramEndpoint:
+        """A UDP socket of the host bound to ``port`` (0: any free port)."""
+        sock = self.host.socket(DGRAM)
+        assert isinstance(sock, DatagramSocket)
+        try:
+            sock.bind(0, port)
+        except NetError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"host:{port}: {errno.errorcode[exc.errno]}") from None
+        return DatagramEndpoint(sock)
+
+
+class StreamTransport(asyncio.Transport):
+    """An asyncio transport over one of the host's stream sockets.
+
+    Written bytes move into the peer's bounded buffer as it has room; beyond
+    ``high`` bytes waiting here the protocol is paused (``writer.drain()``
+    waits), as a socket transport does.  Received bytes go to the protocol unless
+    reading is paused.
+    """
+
+    def __init__(
+        self,
+        sock: StreamSocket,
+        protocol: asyncio.BaseProtocol,
+        loop: asyncio.AbstractEventLoop,
+        high: int = 64 << 10,
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._protocol = protocol
+        self._loop = loop
+        self._out = bytearray()
+        self._high = high
+        self._low = high // 4
+        self._writing_paused = False
+        self._reading_paused = False
+        self._closing = False
+        self._eof_sent = False
+        self._eof_delivered = False
+        self._lost = False
+        self._scheduled = False
+        sock.on_change = self._schedule
+        protocol.connection_made(self)
+        self._schedule()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername" and self._sock.remote is not None:
+            return (ip_str(self._sock.remote[0]), self._sock.remote[1])
+        if name == "sockname" and self._sock.local is not None:
+            return (ip_str(self._sock.local[0]), self._sock.local[1])
+        return default
+
+    def _schedule(self) -> None:
+        if not self._scheduled and not self._lost:
+            self._scheduled = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._scheduled = False
+        if self._lost:
+            return
+        sock = self._sock
+        self._flush()
+        protocol = self._protocol
+        assert isinstance(protocol, asyncio.Protocol)
+        while sock.rx and not self._reading_paused:
+            data = sock.recv(1 << 16)
+            protocol.data_received(data)
+        if sock.reset and not sock.rx:
+            self._lose(ConnectionResetError(errno.ECONNRESET, "connection reset by the guest"))
+            return
+        if sock.eof and not sock.rx and not self._eof_delivered:
+            self._eof_delivered = True
+            keep_open = protocol.eof_received()
+            if not keep_open or self._eof_sent:
+                self.close()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while self._out and sock.peer is not None:
+            try:
+                n = sock.send(memoryview(self._out))
+            except WouldBlock:
+                break
+            except NetError:
+                self._out.clear()
+                break
+            del self._out[:n]
+        if self._writing_paused and len(self._out) <= self._low:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+        if self._closing and not self._out:
+            self._lose(None)
+        elif self._eof_sent and not self._out and not sock.write_shut and sock.peer is not None:
+            sock.shutdown(1)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._eof_sent:
+            raise RuntimeError("write after close or write_eof")
+        if self._sock.peer is None:
+            return  # the peer is gone: dropped, as asyncio's socket transports do
+        self._out += data
+        self._flush()
+        if not self._writing_paused and len(self._out) > self._high:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        self._flush()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._out)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (self._low, self._high)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = 64 << 10 if high is None else high
+        self._low = self._high // 4 if low is None else low
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            self._schedule()
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused and not self._lost
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        self._flush()
+
+    def abort(self) -> None:
+        self._out.clear()
+        self._lose(None)
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._closing = True
+        self._sock.on_change = None
+        self._sock.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+class NetServer:
+    """What :meth:`Network.start_server` returns: ``close()``, ``await wait_closed()``,
+    ``sockets`` ((address, port) pairs) and ``async with``."""
+
+    def __init__(
+        self,
+        sock: StreamSocket,
+        callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+        limit: int,
+    ) -> None:
+        self._sock = sock
+        self._callback = callback
+        self._limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+        self.connections = 0
+        sock.on_change = self._schedule_accept
+
+    @property
+    def sockets(self) -> list[tuple[str, int]]:
+        if self._closed.is_set() or self._sock.local is None:
+            return []
+        return [(ip_str(self._sock.local[0]), self._sock.local[1])]
+
+    @property
+    def port(self) -> int:
+        assert self._sock.local is not None
+        return self._sock.local[1]
+
+    def _schedule_accept(self) -> None:
+        self._loop.call_soon(self._accept)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn = self._sock.accept()
+            except WouldBlock:
+                return
+            self.connections += 1
+            reader = asyncio.StreamReader(limit=self._limit, loop=self._loop)
+            protocol = asyncio.StreamReaderProtocol(reader, self._callback, loop=self._loop)
+            StreamTransport(conn, protocol, self._loop)
+
+    def is_serving(self) -> bool:
+        return not self._closed.is_set()
+
+    def close(self) -> None:
+        """Stop listening (connections already made go on)."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._sock.on_change = None
+            self._sock.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> NetServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DatagramEndpoint:
+    """The host's UDP socket: ``send(data, (name_or_address, port))``,
+    ``await recv() -> (data, (address, port))``, ``close()``."""
+
+    def __init__(self, sock: DatagramSocket) -> None:
+        self._sock = sock
+        self._ready = asyncio.Event()
+        sock.on_change = self._ready.set
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._sock.local is not None
+        return (ip_str(self._sock.local[0]), self._sock.local[1])
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams dropped because the queue was full."""
+        return self._sock.dropped
+
+    def send(self, data: bytes, to: tuple[str, int]) -> None:
+        """Send one datagram (lost silently if nobody is bound there, as UDP's are)."""
+        if self._sock.closed:
+            raise OSError(errno.EBADF, "the endpoint is closed")
+        try:
+            self._sock.sendto(bytes(data), (self._sock.net.resolve(to[0]), to[1]))
+        except NetError as exc:
+            raise OSError(exc.errno, f"send to {to}: {errno.errorcode[exc.errno]}") from None
+
+    async def recv(self) -> tuple[bytes, tuple[str, int]]:
+        """The next datagram and its sender (waits for one)."""
+        while True:
+            if self._sock.closed:
+                raise OSError(errno.EBADF, "the endpoint is closed")
+            try:
+                data, (ip, port) = self._sock.recvfrom()
+                return data, (ip_str(ip), port)
+            except WouldBlock:
+                self._ready.clear()
+                await self._ready.wait()
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ready.set()
+
+
+__all__ = [
+    "HOST_ADDR",
+    "DatagramEndpoint",
+    "Member",
+    "NetError",
+    "NetServer",
+    "Network",
+    "StreamTransport",
+    "WouldBlock",
+    "ip_int",
+    "ip_str",
+]

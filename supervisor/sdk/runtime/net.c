@@ -1,0 +1,334 @@
+/* net.c - sockets, poll and select for C guests, served by the file device's
+ * socket requests (supervisor/launcher/sockets.py; docs/abi.md, "Sockets").
+ *
+ * Guarantees (docs/sdk.md, "Network"):
+ *  - sockets and files share one descriptor table (the device's): dup, close
+ *    and fcntl are files.c's calls and work on both.  The device keeps a bitmap
+ *    of the descriptors that are sockets in this file's sock_map, so read and
+ *    write reach a socket without asking first.
+ *  - a blocking call that cannot complete gets NET_WAIT from the device: the
+ *    CPU halts (costing the Host nothing) until the device's events counter
+ *    moves (it raises its irq with it), then asks again.  Interrupts stay off
+ *    from the request to the halt, so a change in between is never missed: its
+ *    irq is pending and ends the halt at once.
+ *  - poll and select cover the console (fds 0-2, asked of runtime.c), files
+ *    (always ready) and sockets (the device's answer), with a timeout on the
+ *    clock event.
+ *  - one CPU at a time: every call holds the file device's lock.
+ */
+#include <lguest.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define LGUEST_DEVICE_FILES 3
+#define EBADF 9
+#define EFAULT 14
+#define EINVAL 22
+#define ENOSYS 38
+#define ENOTSOCK 88
+
+enum {
+    OP_SOCKET = 22, OP_BIND, OP_LISTEN, OP_ACCEPT, OP_CONNECT, OP_SENDTO, OP_RECVFROM,
+    OP_SHUTDOWN, OP_SOCKNAME, OP_SETSOCKOPT, OP_GETSOCKOPT, OP_POLL,
+};
+#define NET_WAIT (-(1L << 20))
+#define MSG_WAITALL 0x100
+#define POLLIN 1
+#define POLLPRI 2
+#define POLLOUT 4
+#define POLLERR 8
+#define POLLHUP 16
+#define POLLNVAL 32
+
+struct files_desc { /* the fields of the file device this file uses */
+    uint32_t type, irq, op;
+    int32_t fd;
+    uint32_t a[7];
+    uint32_t result_lo, result_hi, max_io;
+    uint32_t sockmap; /* guest: address of sock_map */
+    uint32_t events;  /* Launcher: socket state changes so far */
+};
+_Static_assert(sizeof(struct files_desc) == LGUEST_DESC_SIZE, "files layout");
+
+struct pollfd32 {
+    int32_t fd;
+    int16_t events, revents;
+};
+struct iovec32 {
+    uint32_t base, len;
+};
+
+extern lg_spinlock_t __lguest_files_lock;                  /* files.c */
+int __lguest_console_readable(void);                     /* runtime.c */
+
+static volatile struct files_desc *dev;
+static int looked;
+static uint8_t sock_map[(65536 + 64) / 8];
+
+static int is_socket(int fd)
+{
+    return fd >= 3 && fd < (int)(8 * sizeof sock_map) && (sock_map[fd >> 3] >> (fd & 7) & 1);
+}
+
+static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                 uint32_t a4)
+{
+    if (!looked) {
+        dev = (volatile struct files_desc *)lguest_find_device(LGUEST_DEVICE_FILES, 0);
+        looked = 1;
+    }
+    if (!dev) return -ENOSYS;
+    dev->sockmap = (uint32_t)sock_map;
+    for (;;) {
+        uint32_t seen = dev->events;
+        dev->op = op;
+        dev->fd = fd;
+        dev->a[0] = a0, dev->a[1] = a1, dev->a[2] = a2, dev->a[3] = a3, dev->a[4] = a4;
+        dev->a[5] = dev->a[6] = 0;
+        lguest_notify((const void *)dev);
+        long r = (long)(int32_t)dev->result_lo;
+        if (r != NET_WAIT) return r;
+        while (dev->events == seen) lguest_halt(); /* interrupts are off: see the top */
+    }
+}
+
+static uint32_t max_io(void)
+{
+    uint32_t m = dev ? dev->max_io : 0;
+    return m ? m : 65536;
+}
+
+static long send_all(int fd, const char *buf, uint32_t len, uint32_t flags, uint32_t to,
+                     uint32_t tolen)
+{
+    uint32_t done = 0;
+    if (!len) return call(OP_SENDTO, fd, (uint32_t)buf, 0, flags, to, tolen);
+    while (done < len) {
+        uint32_t n = len - done < max_io() ? len - done : max_io();
+        long r = call(OP_SENDTO, fd, (uint32_t)(buf + done), n, flags, to, tolen);
+        if (r < 0) return done ? (long)done : r;
+        done += (uint32_t)r;
+        if (to) break; /* a datagram goes whole or not at all */
+    }
+    return (long)done;
+}
+
+static long recv_some(int fd, char *buf, uint32_t len, uint32_t flags, uint32_t from,
+                      uint32_t fromlen)
+{
+    uint32_t done = 0;
+    do {
+        uint32_t n = len - done < max_io() ? len - done : max_io();
+        long r = call(OP_RECVFROM, fd, (uint32_t)(buf + done), n, flags & ~MSG_WAITALL, from,
+                      fromlen);
+        if (r < 0) return done ? (long)done : r;
+        if (r == 0) break;
+        done += (uint32_t)r;
+    } while ((flags & MSG_WAITALL) && done < len);
+    return (long)done;
+}
+
+/* ---- poll and select ---- */
+static uint64_t now_ns(void) { return lguest_monotonic_ns(); }
+
+/* timeout_ns < 0: no timeout. */
+static long do_poll(struct pollfd32 *fds, uint32_t n, int64_t timeout_ns)
+{
+    if (n > 65536 + 64) return -EINVAL;
+    if (n && !fds) return -EFAULT;
+    uint64_t deadline = timeout_ns > 0 ? now_ns() + (uint64_t)timeout_ns : 0;
+    int any_device = 0;
+    for (uint32_t i = 0; i < n; i++) any_device |= fds[i].fd >= 3;
+    for (;;) {
+        if (!looked) call(OP_POLL, 0, 0, 0, 0, 0, 0);
+        uint32_t seen = dev ? dev->events : 0;
+        long ready = 0;
+        for (uint32_t i = 0; i < n; i++) fds[i].revents = 0;
+        if (any_device) {
+            ready = call(OP_POLL, 0, (uint32_t)fds, n, 0, 0, 0);
+            if (ready < 0) return ready;
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            int fd = fds[i].fd;
+            if (fd < 0 || fd > 2) continue;
+            int16_t bits = 0;
+            if (fd == 0 && (fds[i].events & POLLIN) && __lguest_console_readable()) bits |= POLLIN;
+            if (fd > 0) bits |= fds[i].events & POLLOUT;
+            fds[i].revents = bits;
+            ready += bits != 0;
+        }
+        if (ready || timeout_ns == 0) return ready;
+        if (timeout_ns > 0) {
+            uint64_t t = now_ns();
+            if (t >= deadline) return 0;
+            uint64_t left = deadline - t;
+            lguest_set_clockevent((unsigned long)(left > 0x7fffffffu ? 0x7fffffffu : left));
+        }
+        if (!dev || dev->events == seen) lguest_halt(); /* any irq: look again */
+    }
+}
+
+static int64_t ts_ns(const void *ts, int wide)
+{
+    if (!ts) return -1;
+    int64_t s, ns;
+    if (wide) s = ((const int64_t *)ts)[0], ns = ((const int64_t *)ts)[1];
+    else s = ((const int32_t *)ts)[0], ns = ((const int32_t *)ts)[1];
+    if (s < 0 || ns < 0 || ns >= 1000000000) return -2;
+    return s * 1000000000 + ns;
+}
+
+static struct pollfd32 select_fds[1024];
+
+static long do_select(int n, uint32_t *r, uint32_t *w, uint32_t *e, int64_t timeout_ns)
+{
+    if (n < 0 || timeout_ns == -2) return -EINVAL;
+    if (n > 1024) n = 1024;
+    uint32_t count = 0;
+    for (int fd = 0; fd < n; fd++) {
+        uint32_t bit = 1u << (fd & 31);
+        int16_t ev = 0;
+        if (r && (r[fd >> 5] & bit)) ev |= POLLIN;
+        if (w && (w[fd >> 5] & bit)) ev |= POLLOUT;
+        if (e && (e[fd >> 5] & bit)) ev |= POLLPRI;
+        if (!ev) continue;
+        select_fds[count].fd = fd;
+        select_fds[count].events = ev;
+        count++;
+    }
+    long got = do_poll(select_fds, count, timeout_ns);
+    if (got < 0) return got;
+    for (uint32_t i = 0; i < count; i++)
+        if (select_fds[i].revents & POLLNVAL) return -EBADF;
+    uint32_t words = ((uint32_t)n + 31) / 32;
+    if (r) memset(r, 0, words * 4);
+    if (w) memset(w, 0, words * 4);
+    if (e) memset(e, 0, words * 4);
+    long total = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        int fd = select_fds[i].fd;
+        int16_t ev = select_fds[i].events, re = select_fds[i].revents;
+        uint32_t bit = 1u << (fd & 31);
+        if ((ev & POLLIN) && (re & (POLLIN | POLLHUP | POLLERR))) r[fd >> 5] |= bit, total++;
+        if ((ev & POLLOUT) && (re & (POLLOUT | POLLERR))) w[fd >> 5] |= bit, total++;
+        if ((ev & POLLPRI) && (re & POLLPRI)) e[fd >> 5] |= bit, total++;
+    }
+    return total;
+}
+
+/* ---- the calls ---- */
+static long socket_call(int which, const uint32_t *a)
+{
+    int fd = (int)a[0];
+    switch (which) {
+    case 1: return call(OP_SOCKET, 0, a[0], a[1], a[2], 0, 0);                      /* socket */
+    case 2: return call(OP_BIND, fd, a[1], a[2], 0, 0, 0);                           /* bind */
+    case 3: return call(OP_CONNECT, fd, a[1], a[2], 0, 0, 0);                        /* connect */
+    case 4: return call(OP_LISTEN, fd, a[1], 0, 0, 0, 0);                            /* listen */
+    case 5: return call(OP_ACCEPT, fd, a[1], a[2], 0, 0, 0);                         /* accept */
+    case 6: return call(OP_SOCKNAME, fd, a[1], a[2], 0, 0, 0);                       /* getsockname */
+    case 7: return call(OP_SOCKNAME, fd, a[1], a[2], 1, 0, 0);                       /* getpeername */
+    case 9: return send_all(fd, (const char *)a[1], a[2], a[3], 0, 0);               /* send */
+    case 10: return recv_some(fd, (char *)a[1], a[2], a[3], 0, 0);                   /* recv */
+    case 11: return send_all(fd, (const char *)a[1], a[2], a[3], a[4], a[5]);        /* sendto */
+    case 12: return recv_some(fd, (char *)a[1], a[2], a[3], a[4], a[5]);             /* recvfrom */
+    case 13: return call(OP_SHUTDOWN, fd, a[1], 0, 0, 0, 0);                         /* shutdown */
+    case 14: return call(OP_SETSOCKOPT, fd, a[1], a[2], a[3], a[4], 0);              /* setsockopt */
+    case 15: return call(OP_GETSOCKOPT, fd, a[1], a[2], a[3], a[4], 0);              /* getsockopt */
+    case 18: return call(OP_ACCEPT, fd, a[1], a[2], a[3], 0, 0);                     /* accept4 */
+    }
+    return -ENOSYS; /* socketpair, sendmsg, recvmsg...: not offered */
+}
+
+static long net_call(long nr, long a1, long a2, long a3, long a4, long a5, long a6, int *handled)
+{
+    uint32_t a[6] = {(uint32_t)a1, (uint32_t)a2, (uint32_t)a3, (uint32_t)a4, (uint32_t)a5,
+                     (uint32_t)a6};
+    int fd = (int)a1;
+    switch (nr) {
+    case 3: /* read */
+        if (!is_socket(fd)) break;
+        return recv_some(fd, (char *)a2, (uint32_t)a3, 0, 0, 0);
+    case 4: /* write */
+        if (!is_socket(fd)) break;
+        return send_all(fd, (const char *)a2, (uint32_t)a3, 0, 0, 0);
+    case 145: /* readv */
+    case 146: { /* writev */
+        if (!is_socket(fd)) break;
+        const struct iovec32 *iov = (const struct iovec32 *)a2;
+        long total = 0;
+        if ((int)a3 < 0 || (int)a3 > 1024) return -EINVAL;
+        for (int i = 0; i < (int)a3; i++) {
+            long r = nr == 145 ? recv_some(fd, (char *)iov[i].base, iov[i].len, 0, 0, 0)
+                               : send_all(fd, (const char *)iov[i].base, iov[i].len, 0, 0, 0);
+            if (r < 0) return total ? total : r;
+            total += r;
+            if ((uint32_t)r < iov[i].len) break;
+        }
+        return total;
+    }
+    case 102: /* socketcall(which, args) */
+        if (!a2) return -EFAULT;
+        return socket_call((int)a1, (const uint32_t *)a2);
+    case 359: return socket_call(1, a);
+    case 361: return socket_call(2, a);
+    case 362: return socket_call(3, a);
+    case 363: return socket_call(4, a);
+    case 364: return socket_call(18, a);
+    case 365: return socket_call(15, a);
+    case 366: return socket_call(14, a);
+    case 367: return socket_call(6, a);
+    case 368: return socket_call(7, a);
+    case 369: return socket_call(11, a);
+    case 371: return socket_call(12, a);
+    case 373: return socket_call(13, a);
+    case 360: case 370: case 372: return -ENOSYS; /* socketpair, sendmsg, recvmsg */
+    case 168: /* poll(fds, n, ms) */
+        return do_poll((struct pollfd32 *)a1, (uint32_t)a2,
+                       (int)a3 < 0 ? -1 : (int64_t)(int)a3 * 1000000);
+    case 309: /* ppoll */
+    case 414: { /* ppoll_time64 */
+        int64_t t = ts_ns((const void *)a3, nr == 414);
+        if (t == -2) return -EINVAL;
+        return do_poll((struct pollfd32 *)a1, (uint32_t)a2, t);
+    }
+    case 142: { /* _newselect: struct timeval */
+        int64_t t = -1;
+        if (a5) {
+            const int32_t *tv = (const int32_t *)a5;
+            t = (tv[0] < 0 || tv[1] < 0 || tv[1] >= 1000000) ? -2
+                                                             : (int64_t)tv[0] * 1000000000 +
+                                                                   (int64_t)tv[1] * 1000;
+        }
+        return do_select((int)a1, (uint32_t *)a2, (uint32_t *)a3, (uint32_t *)a4, t);
+    }
+    case 308: /* pselect6 */
+    case 413: /* pselect6_time64 */
+        return do_select((int)a1, (uint32_t *)a2, (uint32_t *)a3, (uint32_t *)a4,
+                         ts_ns((const void *)a5, nr == 413));
+    }
+    *handled = 0;
+    return 0;
+}
+
+/* runtime.c's hook: 1 (and *result) if the call was a socket's, poll or select. */
+int __lguest_net_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long a6,
+                         long *result)
+{
+    switch (nr) {
+    case 3: case 4: case 145: case 146:
+        if (!is_socket((int)a1)) return 0;
+        break;
+    case 102: case 142: case 168: case 308: case 309: case 413: case 414:
+        break;
+    default:
+        if (nr < 359 || nr > 373) return 0;
+    }
+    int handled = 1;
+    uint32_t was = lg_spin_lock_irqsave(&__lguest_files_lock);
+    long r = net_call(nr, a1, a2, a3, a4, a5, a6, &handled);
+    lg_spin_unlock_irqrestore(&__lguest_files_lock, was);
+    *result = r;
+    return handled;
+}
