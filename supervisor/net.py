@@ -234,7 +234,7 @@ class StreamSocket(Socket):
         if self.write_shut:
             raise NetError(errno.EPIPE)
         if self.peer is None:
-            raise NetError(errno.EPIPE if self.was_connected else errno.ENOTCONN)
+            raise NetError(errno.EPIPE)  # Linux's answer connected or not
         room = self.room()
         if room == 0:
             raise WouldBlock
@@ -411,9 +411,13 @@ class Network:
         if name in self._by_name:
             raise ValueError(f"{name!r} is already on the network")
         ip = self._next_ip
-        while ip in self._by_ip:
+        for _ in range(0xFFFD):  # addresses are handed out in turn, reused only after a wrap
+            if ip & 0xFFFF == 0xFFFF:
+                ip = FIRST_GUEST
+            if ip not in self._by_ip:
+                break
             ip += 1
-        if ip & NET_MASK != NET_PREFIX or ip & 0xFFFF == 0xFFFF:
+        else:
             raise ValueError("the network has no free address left")
         self._next_ip = ip + 1
         return self._add(name, ip, max_sockets)
@@ -429,8 +433,6 @@ class Network:
             del self._by_ip[member.ip]
         if self._by_name.get(member.name) is member:
             del self._by_name[member.name]
-        if member.ip < self._next_ip:
-            self._next_ip = max(FIRST_GUEST, member.ip)
 
     @property
     def members(self) -> list[Member]:

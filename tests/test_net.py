@@ -1,0 +1,330 @@
+"""The guests' network: TCP and UDP between guests and with the host, names, poll and
+select, errors, limits, a killed peer and hostile requests.
+
+Guests are tests/c/netprobe.c (one mode per run, chosen on its command line) and the
+echo examples in guests/c/.  Needs the ``sdk`` extra (Zig's C compiler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from supervisor import Exit, Guest, GuestConfig, Supervisor
+from supervisor import net as netmod
+from supervisor.launcher import files, sockets
+from supervisor.launcher.devices import Slot
+from supervisor.memory import GuestMemory
+from supervisor.pytest_plugin import BuildGuest
+
+HERE = Path(__file__).resolve().parent
+GUESTS = HERE.parent / "guests" / "c"
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+
+
+@pytest.fixture
+def probe(build_guest: BuildGuest) -> Path:
+    return build_guest((HERE / "c" / "netprobe.c").read_text(), flags=("-O2",))
+
+
+async def launch(sup: Supervisor, image: Path, name: str, cmdline: str, **extra: object) -> Guest:
+    config = GuestConfig(image=image, name=name, cmdline=cmdline, memory="4M", net=True)
+    return await sup.launch(config.model_copy(update=extra) if extra else config)
+
+
+async def output(guest: Guest) -> tuple[list[str], Exit]:
+    async with asyncio.timeout(LIMIT):
+        lines = [line async for line in guest.console]
+        return lines, await guest.wait()
+
+
+async def test_guest_to_guest_echo_by_name_and_from_the_host() -> None:
+    async with Supervisor() as sup:
+        server = await launch(sup, GUESTS / "tcp_echo_server.elf", "echo", "7 2")
+        await server.expect("listening on 7", LIMIT)
+        client = await launch(sup, GUESTS / "tcp_echo_client.elf", "cli", "echo 7 hello there")
+        assert await output(client) == (["hello there"], Exit(0, "power off"))
+        reader, writer = await sup.net.open_connection("echo", 7)
+        assert writer.get_extra_info("peername") == ("10.0.0.2", 7)
+        writer.write(b"x" * 300_000)  # more than a connection buffers: drain waits for the guest
+        await writer.drain()
+        writer.write_eof()
+        assert await reader.read() == b"x" * 300_000
+        writer.close()
+        assert (await output(server))[1] == Exit(0, "power off")
+
+
+async def test_names_resolve_in_every_guest_and_host_is_the_host(probe: Path) -> None:
+    async with Supervisor() as sup:
+        await launch(sup, GUESTS / "tcp_echo_server.elf", "alpha", "7 1")
+        guest = await launch(sup, probe, "beta", "names alpha beta host localhost nobody")
+        lines, end = await output(guest)
+        assert lines == [
+            "alpha 10.0.0.2 same",
+            "beta 10.0.0.3 same",
+            "host 10.0.0.1 same",
+            "localhost 127.0.0.1 same",
+            "nobody none",
+        ]
+        assert end.ok
+        assert [m.name for m in sup.net.members] == ["host", "alpha"]  # beta has left
+
+
+async def test_a_guest_without_net_has_no_sockets(probe: Path) -> None:
+    async with Supervisor() as sup:
+        config = GuestConfig(image=probe, cmdline="sockets", memory="4M")
+        lines, end = await output(await sup.launch(config))
+        assert lines == ["sockets 0 EAFNOSUPPORT", "file ENOENT"]  # nor a hosts file
+        assert end.ok
+        assert sup.net.members == [sup.net.host]
+
+
+async def test_guest_calls_a_host_server_with_asyncio_streams(probe: Path) -> None:
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readline())
+        writer.write(b"HELLO BACK\n")
+        await writer.drain()
+        writer.close()
+
+    async with Supervisor() as sup:
+        server = await sup.net.start_server(serve, 8080)
+        assert server.sockets == [("10.0.0.1", 8080)]
+        with pytest.raises(OSError, match="EADDRINUSE"):
+            await sup.net.start_server(serve, 8080)
+        client = await launch(sup, GUESTS / "tcp_echo_client.elf", "c1", "host 8080 hi host")
+        assert await output(client) == (["HELLO BACK"], Exit(0, "power off"))
+        assert seen == [b"hi host\n"]
+        guest = await launch(sup, probe, "c2", "names-of host 8080")
+        lines, _ = await output(guest)
+        assert lines[:3] == ["connect OK", "me 10.0.0.3 peer 10.0.0.1:8080", "dup-write 4"]
+        assert seen[-1] == b"dup\n"
+        server.close()
+        await server.wait_closed()
+        assert server.sockets == []
+        with pytest.raises(ConnectionRefusedError):
+            await sup.net.open_connection("host", 1)
+
+
+async def test_refusals_get_linux_errors_and_nothing_leaves_the_network(probe: Path) -> None:
+    async with Supervisor() as sup:
+        outside = "8.8.8.8 127.0.0.1 10.0.0.1 10.0.200.7 192.168.1.1 10.1.0.1"
+        guest = await launch(sup, probe, "p", f"errors host 9 {outside}")
+        lines, end = await output(guest)
+    assert lines == [
+        "connect ECONNREFUSED",
+        "send EPIPE",
+        "rebind EADDRINUSE",
+        "recv-unconnected ENOTCONN",
+        "peername ENOTCONN",
+        "badfd EBADF",
+        "notsock ENOTSOCK",
+        "connect ENETUNREACH",  # a real address: never reached
+        "connect ECONNREFUSED",  # its own loopback: nothing listens on 80
+        "connect ECONNREFUSED",  # the host: nothing listens on 80
+        "connect EHOSTUNREACH",  # inside the network, nobody there
+        "connect ENETUNREACH",
+        "connect ENETUNREACH",
+    ]
+    assert end.ok
+
+
+async def test_nonblocking_connect_accept_and_backpressure_in_bytes(probe: Path) -> None:
+    async with Supervisor() as sup:
+        lines, end = await output(await launch(sup, probe, "nb", "nonblock host 9"))
+    assert lines == [
+        "accept-empty EAGAIN",
+        "connect EINPROGRESS",
+        "poll 2 out=1 in=1",
+        "so_error OK",
+        "accepted 1 nonblock=1",
+        "recv-empty EAGAIN",
+        f"full {netmod.DEFAULT_STREAM_BUFFER} EAGAIN",  # exactly one buffer, then it waits
+        "drained 1000 then-send 1000",
+        "connect-refused EINPROGRESS",
+        "refused-so_error ECONNREFUSED err=1",
+    ]
+    assert end.ok
+
+
+async def test_select_and_poll_wait_on_console_and_sockets_together(probe: Path) -> None:
+    async with Supervisor() as sup:
+        guest = await launch(sup, probe, "sel", "select")
+        await guest.expect("ready select", LIMIT)
+        guest.send("typed\n")
+        await guest.expect("stdin typed", LIMIT)
+        reader, writer = await sup.net.open_connection("sel", 7000)
+        writer.write(b"12345")
+        writer.write_eof()
+        lines, end = await output(guest)
+        assert reader.at_eof() or await reader.read() == b""
+    assert lines == [
+        "",  # the end of the line "stdin typed" that expect() consumed
+        "select 1 stdin=0 listener=1",
+        "client 5",
+        "timeout 0",
+        "poll-timeout 0",
+    ]
+    assert end.ok
+
+
+async def test_a_killed_guests_peers_see_reset_or_end_of_file(probe: Path) -> None:
+    async with Supervisor() as sup:
+        holder = await launch(sup, probe, "holder", "serve-hold 4000")
+        await holder.expect("ready hold", LIMIT)
+        client = await launch(sup, probe, "client", "client-wait holder 4000")
+        await client.expect("ready client", LIMIT)
+        await holder.expect("accepted 1", LIMIT)
+        await holder.kill()  # it never read the client's byte: the client sees a reset
+        lines, _ = await output(client)
+        assert lines == ["", "recv -1 ECONNRESET", "send-after EPIPE"]
+
+        holder = await launch(sup, probe, "holder2", "serve-hold 4001")
+        await holder.expect("ready hold", LIMIT)
+        reader, writer = await sup.net.open_connection("holder2", 4001)
+        await holder.expect("accepted 1", LIMIT)
+        await holder.kill()  # nothing unread: the host sees end of file
+        assert await reader.read() == b""
+        writer.close()
+
+
+async def test_host_writes_wait_for_a_guest_that_does_not_read(probe: Path) -> None:
+    async with Supervisor() as sup:
+        holder = await launch(sup, probe, "slow", "serve-hold 4002")
+        await holder.expect("ready hold", LIMIT)
+        _reader, writer = await sup.net.open_connection("slow", 4002)
+        writer.write(b"y" * (1 << 20))
+        drain = asyncio.ensure_future(writer.drain())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not drain.done()  # the guest reads nothing: the writer waits
+        held = writer.transport.get_write_buffer_size()
+        assert held == (1 << 20) - netmod.DEFAULT_STREAM_BUFFER  # the rest is in the connection
+        await holder.kill()
+        drain.cancel()
+        writer.close()
+
+
+async def test_udp_between_host_and_guests_keeps_boundaries(probe: Path) -> None:
+    async with Supervisor() as sup:
+        echo = await launch(sup, probe, "uecho", "udp-echo 5353 4")
+        await echo.expect("ready udp", LIMIT)
+        client = await launch(sup, probe, "ucli", "udp-client uecho 5353 1 1000 60000")
+        lines, end = await output(client)
+        assert lines == ["reply 1", "reply 1000", "reply 60000", "truncated 10"]
+        assert end.ok
+        assert (await output(echo))[0][1:] == [
+            "datagram 1 from 10.0.0.3",
+            "datagram 1000 from 10.0.0.3",
+            "datagram 60000 from 10.0.0.3",
+            "datagram 10 from 10.0.0.3",
+        ]
+        endpoint = await sup.net.open_datagram(6000)
+        assert endpoint.address == ("10.0.0.1", 6000)
+        endpoint.send(b"lost", ("host", 5353))  # nobody is bound there: lost, as UDP's are
+        other = await sup.net.open_datagram()
+        for i in range(300):  # 300 KiB into a 256 KiB queue: the excess is dropped
+            other.send(bytes([i % 256]) * 1024, ("host", 6000))
+        assert endpoint.dropped == 300 - netmod.DEFAULT_DATAGRAM_QUEUE // 1024
+        data, sender = await endpoint.recv()
+        assert (data, sender) == (bytes(1024), other.address)
+        endpoint.close()
+        other.close()
+
+
+async def test_max_sockets_gives_emfile(probe: Path) -> None:
+    async with Supervisor() as sup:
+        guest = await launch(sup, probe, "many", "sockets", max_sockets=10)
+        lines, end = await output(guest)
+    assert lines == ["sockets 10 EMFILE", "file OK"]
+    assert end.ok
+
+
+def test_max_sockets_is_validated() -> None:
+    from supervisor.config import ConfigError
+
+    with pytest.raises(ConfigError, match="max_sockets"):
+        GuestConfig(image=GUESTS / "hello.elf", max_sockets=0)
+
+
+async def test_two_guests_cannot_share_a_name(probe: Path) -> None:
+    async with Supervisor() as sup:
+        await launch(sup, GUESTS / "tcp_echo_server.elf", "same", "7 1")
+        with pytest.raises(ValueError, match="already on the network"):
+            await launch(sup, probe, "same", "names same")
+
+
+def _slot(memory: GuestMemory) -> Slot:
+    return Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
+
+
+async def test_hostile_socket_requests_kill_or_fail_never_the_host() -> None:
+    memory = GuestMemory((1 << 20) + 4096)
+    network = netmod.Network()
+    dev = files.FilesDevice(net=network.join("evil"))
+    await dev.start()
+    try:
+        slot = _slot(memory)
+        dev.attach(slot)
+
+        async def request(op: int, fd: int, *args: int) -> int:
+            slot.set(files.FS_OP, op)
+            slot.set(files.FS_FD, fd)
+            for i, value in enumerate([*args, 0, 0, 0, 0, 0, 0, 0][:7]):
+                slot.set(files.FS_A0 + 4 * i, value)
+            await dev.notify(slot)
+            lo, hi = slot.get(files.FS_RESULT), slot.get(files.FS_RESULT_HI)
+            return int.from_bytes((lo | hi << 32).to_bytes(8, "little"), "little", signed=True)
+
+        fd = await request(sockets.OP_SOCKET, 0, 2, 1, 0)
+        assert fd == 3
+        assert await request(sockets.OP_SOCKET, 0, 2, 5, 0) == -94  # ESOCKTNOSUPPORT
+        assert await request(sockets.OP_SOCKET, 0, 2, 99, 0) == -22  # EINVAL
+        assert await request(sockets.OP_SOCKET, 0, 10, 1, 0) == -97  # EAFNOSUPPORT
+        assert await request(sockets.OP_BIND, 3, 0xFFFFFF00, 16) == -14  # EFAULT
+        assert await request(sockets.OP_CONNECT, 3, 0x1000, 1) == -22  # EINVAL
+        assert await request(sockets.OP_SENDTO, 3, 0xFFFFF000, 100) == -14
+        assert await request(sockets.OP_POLL, 0, 0xFFFFF000, 1000) == -14
+        assert await request(sockets.OP_SETSOCKOPT, 3, 99, 1, 0x1000, 4) == -92  # ENOPROTOOPT
+        assert await request(sockets.OP_ACCEPT, 7, 0, 0, 0) == -9  # EBADF
+        for op, args, why in [
+            (sockets.OP_SENDTO, (0x2000, files.MAX_IO + 1), "transfer of"),
+            (sockets.OP_RECVFROM, (0x2000, files.MAX_IO + 1), "transfer of"),
+            (sockets.OP_POLL, (0x2000, sockets.MAX_POLL + 1), "poll of"),
+            (40, (), "unknown file request 40"),
+        ]:
+            with pytest.raises(files.FileRequestError, match=why):
+                await request(op, 3, *args)
+    finally:
+        await dev.stop()
+        memory.close()
+    assert network.members == [network.host]  # the guest's place is given back
+
+
+async def test_a_hostile_guest_is_killed_with_a_reason(build_guest: BuildGuest) -> None:
+    source = """
+#include <lguest.h>
+#include <stdint.h>
+int main(void)
+{
+    volatile uint32_t *d = (volatile uint32_t *)lguest_find_device(3, 0);
+    d[2] = 33;          /* poll */
+    d[4] = 0x1000;      /* pollfds */
+    d[5] = 0x7fffffff;  /* a count no runtime sends */
+    lguest_notify((const void *)d);
+    return 0;
+}
+"""
+    image = build_guest(source)
+    async with Supervisor() as sup:
+        guest = await sup.launch(GuestConfig(image=image, memory="4M", net=True))
+        async with asyncio.timeout(LIMIT):
+            end = await guest.wait()
+        assert end.died
+        assert re.search(r"FilesDevice failed: poll of \d+ descriptors", end.reason)
+        server = await sup.net.start_server(lambda r, w: None, 80)  # the host still serves
+        server.close()
