@@ -284,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def files_options(p: argparse.ArgumentParser) -> None:
-    """--dir, --ro-dir, --workdir, --max-files (docs/sdk.md, "Files")."""
+    """--dir, --ro-dir, --workdir, --max-files (docs/sdk.md, "Files"); --net and
+    --max-sockets (docs/network.md)."""
     p.add_argument(
         "--dir",
         dest="dirs",
@@ -305,6 +306,16 @@ def files_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-files", type=_int_from(1, 1 << 16), help="files a guest may hold open (default 1024)"
     )
+    p.add_argument(
+        "--net",
+        action="store_true",
+        help="join the guests' network: sockets, each guest reachable by its name",
+    )
+    p.add_argument(
+        "--max-sockets",
+        type=_int_from(1, 1 << 16),
+        help="sockets a guest may hold open (default 1024)",
+    )
 
 
 def files_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,6 +326,8 @@ def files_fields(args: argparse.Namespace) -> dict[str, Any]:
         "dirs": dirs or None,
         "workdir": args.workdir,
         "max_files": args.max_files,
+        "net": True if args.net else None,
+        "max_sockets": args.max_sockets,
     }
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,27 @@ int main(void)
         assert re.search(r"FilesDevice failed: poll of \d+ descriptors", end.reason)
         server = await sup.net.start_server(lambda r, w: None, 80)  # the host still serves
         server.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+        check=False,
+    )
+
+
+def test_cli_net_joins_the_network_and_max_sockets_is_checked() -> None:
+    client = str(GUESTS / "tcp_echo_client.elf")
+    joined = _cli("run", client, "--net", "--cmdline", "host 80 hi")
+    assert (joined.returncode, joined.stderr) == (1, "connect: Connection refused\n")
+    alone = _cli("run", client, "--cmdline", "host 80 hi")
+    assert alone.returncode == 1
+    assert alone.stderr.startswith("host: ")  # no network: not even a name to resolve
+    bad = _cli("run", client, "--net", "--max-sockets", "0")
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == [
+        "supervisor: error: argument --max-sockets: must be from 1 to 65536 (see --help)"
+    ]
