@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
         ("swarm.py", ["50"], ["50 guests in", "{'finished': 50}"]),
         ("custom_device.py", [], ["[guest] blockcopy ok", "sectors copied: True", "exit status 0"]),
         (
+            "net_service.py",
+            [],
+            ["[host] sent pong, got pong", "[client] hello from a guest", "[echo] ended: status 0"],
+        ),
+        (
             "smp.py",
             [],
             ["snapshot of 4 CPUs taken mid-count", "[copy] exact", "[copy] exit status 0"],

@@ -354,3 +354,22 @@ def test_cli_net_joins_the_network_and_max_sockets_is_checked() -> None:
     assert bad.stderr.splitlines() == [
         "supervisor: error: argument --max-sockets: must be from 1 to 65536 (see --help)"
     ]
+
+
+def _doc_programs() -> list[str]:
+    text = (HERE.parent / "docs" / "network.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("program", _doc_programs())
+def test_the_docs_python_blocks_run(program: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "hello" in proc.stdout
