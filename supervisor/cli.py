@@ -316,6 +316,13 @@ def files_options(p: argparse.ArgumentParser) -> None:
         type=_int_from(1, 1 << 16),
         help="sockets a guest may hold open (default 1024)",
     )
+    p.add_argument(
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[HOSTADDR:]HOSTPORT:GUESTPORT",
+        help="forward a real TCP port (default address 127.0.0.1) to the guest's port (run)",
+    )
 
 
 def files_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,8 +444,32 @@ def print_gdb_address(guest: Guest) -> None:
         print(f"supervisor: gdb server on {host}:{port}", file=sys.stderr, flush=True)
 
 
+def publish_spec(spec: str) -> tuple[str, int, int]:
+    """(host address, host port, guest port) of ``--publish [HOSTADDR:]HOSTPORT:GUESTPORT``."""
+    rest, _, guest = spec.rpartition(":")
+    addr, _, host = rest.rpartition(":")
+    if not all(p.isdigit() and 1 <= int(p) <= 65535 for p in (host, guest)):
+        raise BadInput(f"--publish {spec}: not [HOSTADDR:]HOSTPORT:GUESTPORT (ports 1-65535)")
+    return addr.strip("[]") or "127.0.0.1", int(host), int(guest)
+
+
+async def publish_ports(sup: Supervisor, config: GuestConfig, specs: list[str]) -> None:
+    """Open ``run --publish``'s real ports for ``config``'s guest (BadInput if taken)."""
+    if specs and not config.net:
+        raise BadInput("--publish needs --net")
+    for spec in specs:
+        addr, host_port, guest_port = publish_spec(spec)
+        try:
+            await sup.net.publish(config.display_name, guest_port, host_port, addr)
+        except OSError as exc:
+            raise BadInput(f"--publish {spec}: {_os_message(exc)}") from None
+
+
 async def run_one(
-    config: GuestConfig | None, restore: str | None = None, overrides: dict[str, Any] | None = None
+    config: GuestConfig | None,
+    restore: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    publish: list[str] | None = None,
 ) -> int:
     """Run one guest (or restore one) on the terminal; return the process exit status.
 
@@ -455,6 +486,7 @@ async def run_one(
                 raise BadInput(cannot_restore(restore, message)) from None
         else:
             assert config is not None
+            await publish_ports(sup, config, publish or [])
             guest = await launch(sup, config)
         print_gdb_address(guest)
         try:
@@ -1008,10 +1040,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:
+            if args.publish:
+                raise BadInput("--publish is for a launched guest, not --restore")
             coro = run_one(None, args.restore, restore_overrides(args))
         elif args.command == "run":
-            coro = run_one(run_config(args))
+            coro = run_one(run_config(args), publish=args.publish)
         elif args.command == "snapshot":
+            if getattr(args, "publish", None):
+                raise BadInput("--publish is for run, not snapshot")
             fields = {
                 "image": args.image,
                 "memory": args.memory,
@@ -1023,6 +1059,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
             coro = snapshot_to_file(config, args.output, args.after_lines, args.after)
         else:
+            if getattr(args, "publish", None):
+                raise BadInput("--publish is for run (one guest), not swarm")
             if args.gdb is not None and not 0 <= args.gdb_guest < args.n:
                 raise BadInput(f"--gdb-guest {args.gdb_guest} is not one of the {args.n} guests")
             if args.gdb is None and args.gdb_guest != 0:

@@ -381,6 +381,7 @@ class Supervisor:
         await asyncio.gather(
             *(guest.kill("supervisor closed") for guest in self._guests), return_exceptions=True
         )
+        await self.net.aclose()
         await self.device.aclose()
 
     async def __aenter__(self) -> Supervisor:

@@ -218,7 +218,10 @@ class StreamSocket(Socket):
             raise WouldBlock
         sock = self.backlog.popleft()
         for waiter in list(self.waiters):
-            waiter.wake()  # room in the backlog: a waiting connect may retry
+            if waiter.closed:
+                self.waiters.discard(waiter)
+            else:
+                waiter.wake()  # room in the backlog: a waiting connect may retry
         return sock
 
     # -- data ------------------------------------------------------------------------
@@ -403,6 +406,7 @@ class Network:
         self._ports: dict[tuple[int, int, str], Socket] = {}
         self._next_port: dict[tuple[int, str], int] = {}
         self.host = self._add("host", HOST_ADDR, 1 << 30)
+        self._published: list[asyncio.Server] = []
 
     # -- members -------------------------------------------------------------------------
     def join(self, name: str, *, max_sockets: int = 1024) -> Member:
@@ -559,6 +563,40 @@ class Network:
             raise OSError(exc.errno, f"host:{port}: {errno.errorcode[exc.errno]}") from None
         return NetServer(sock, client_connected_cb, limit)
 
+    async def publish(
+        self, name: str, port: int, host_port: int, host_addr: str = "127.0.0.1"
+    ) -> asyncio.Server:
+        """Listen on the real TCP address ``host_addr:host_port`` and forward each
+        connection to guest ``name``'s ``port`` (``OSError`` if the address is taken).
+
+        A connection the guest refuses (nothing listens yet, or the guest is gone) is
+        closed at once.  The server is closed by :meth:`aclose`.
+        """
+
+        async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                inner_reader, inner_writer = await self.open_connection(name, port)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(
+                _pipe(reader, inner_writer), _pipe(inner_reader, writer), return_exceptions=True
+            )
+            for w in (writer, inner_writer):
+                w.close()
+
+        server = await asyncio.start_server(forward, host_addr, host_port)
+        self._published.append(server)
+        return server
+
+    async def aclose(self) -> None:
+        """Close every published port (the Supervisor does, as it closes)."""
+        servers, self._published = self._published, []
+        for server in servers:
+            server.close()
+        for server in servers:
+            await server.wait_closed()
+
     async def open_datagram(self, port: int = 0) -> DatagramEndpoint:
         """A UDP socket of the host bound to ``port`` (0: any free port)."""
         sock = self.host.socket(DGRAM)
@@ -569,6 +607,15 @@ class Network:
             sock.close()
             raise OSError(exc.errno, f"host:{port}: {errno.errorcode[exc.errno]}") from None
         return DatagramEndpoint(sock)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy ``reader`` to ``writer`` (waiting for each drain), then end the writer's side."""
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof() and not writer.is_closing():
+        writer.write_eof()
 
 
 class StreamTransport(asyncio.Transport):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -373,3 +374,55 @@ def test_the_docs_python_blocks_run(program: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "hello" in proc.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_publish_forwards_a_real_port_to_the_guest() -> None:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "run", str(GUESTS / "tcp_echo_server.elf"),
+         "--net", "--cmdline", "7 1", "--publish", f"127.0.0.1:{port}:7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "listening on 7\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=LIMIT) as conn:
+            conn.sendall(b"through the host\n")
+            conn.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := conn.recv(4096):
+                got += chunk
+        assert got == b"through the host\n"
+        assert proc.wait(timeout=LIMIT) == 0  # the server served its one connection
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_taken_published_port_is_one_line_and_status_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _cli("run", str(GUESTS / "tcp_echo_server.elf"), "--net", "--publish", f"{port}:7")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"supervisor: error: --publish {port}:7: ")
+    assert "address already in use" in lines[0]
+    for args, why in [
+        (["--publish", "80:7"], "--publish needs --net"),
+        (["--net", "--publish", "x:7"], "not [HOSTADDR:]HOSTPORT:GUESTPORT"),
+    ]:
+        proc = _cli("run", str(GUESTS / "tcp_echo_server.elf"), *args)
+        assert proc.returncode == 2
+        assert why in proc.stderr

@@ -341,6 +341,7 @@ class FilesDevice(Device):
     def attach(self, slot: Slot) -> None:
         super().attach(slot)
         slot.set(FS_MAX_IO, MAX_IO)
+        self._news = False  # a new boot: the next change must break it out again
         if self.net is not None:
             self.net.on_news = self._on_news
 
