@@ -29,7 +29,7 @@ import asyncio
 import errno
 import ipaddress
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 NET_PREFIX = 0x0A000000  # 10.0.0.0/16
@@ -190,6 +190,9 @@ class StreamSocket(Socket):
         if self.peer is not None or self.was_connected:
             raise NetError(errno.EISCONN)
         target = self.net._route(self.owner, ip)
+        if self.net.is_cut(self.owner.ip, target.ip):
+            self.net.stalled.add(self)
+            raise WouldBlock  # no answer across a partition: it waits for a heal
         listener = self.net._listener(target.ip, port)
         if listener is None:
             raise NetError(errno.ECONNREFUSED)
@@ -225,6 +228,11 @@ class StreamSocket(Socket):
         return sock
 
     # -- data ------------------------------------------------------------------------
+    @property
+    def cut(self) -> bool:
+        """True while a partition separates this end from its peer (data waits)."""
+        return self.remote is not None and self.net.is_cut(self.owner.ip, self.remote[0])
+
     def room(self) -> int:
         peer = self.peer
         return 0 if peer is None else max(0, self.net.stream_buffer - len(peer.rx))
@@ -250,6 +258,8 @@ class StreamSocket(Socket):
         return n
 
     def recv(self, size: int, *, peek: bool = False) -> bytes:
+        if self.cut:
+            raise WouldBlock  # in flight until the partition heals
         if self.rx:
             data = bytes(self.rx[:size])
             if not peek:
@@ -307,6 +317,8 @@ class StreamSocket(Socket):
         if self.peer is None and not self.was_connected:
             bits = POLLOUT | POLLHUP
             return bits | POLLERR if self.error else bits
+        if self.cut:
+            return POLLOUT if self.peer is not None and self.room() > 0 else 0
         bits = 0
         if self.rx or self.eof or self.reset or self.peer is None:
             bits |= POLLIN
@@ -352,7 +364,7 @@ class DatagramSocket(Socket):
         self._autobind()
         assert self.local is not None
         dest = self.net._datagram(target.ip, to[1])
-        if dest is None:
+        if dest is None or self.net.is_cut(self.owner.ip, target.ip):
             return len(data)  # nobody listens there: the datagram is lost, as UDP's are
         dest.deliver(data, (self.owner.ip, self.local[1]))
         return len(data)
@@ -407,6 +419,8 @@ class Network:
         self._next_port: dict[tuple[int, str], int] = {}
         self.host = self._add("host", HOST_ADDR, 1 << 30)
         self._published: list[asyncio.Server] = []
+        self._cuts: set[tuple[int, int]] = set()
+        self.stalled: set[StreamSocket] = set()  # connects waiting for a heal
 
     # -- members -------------------------------------------------------------------------
     def join(self, name: str, *, max_sockets: int = 1024) -> Member:
@@ -459,6 +473,39 @@ class Network:
         lines = ["127.0.0.1\tlocalhost"]
         lines += [f"{m.address}\t{m.name}" for m in self.members]
         return ("\n".join(lines) + "\n").encode()
+
+    # -- faults ----------------------------------------------------------------------------
+    def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
+        """Cut every member of ``group_a`` off from every member of ``group_b`` (names or
+        addresses; ``OSError`` for one not on the network).
+
+        Across the cut, bytes already sent and those sent meanwhile stay in flight
+        (a writer fills the connection's buffer, then waits), datagrams are lost and
+        a connect waits; :meth:`heal` lets everything through again.
+        """
+        a = [self.resolve(x) for x in group_a]
+        b = [self.resolve(x) for x in group_b]
+        for x in a:
+            for y in b:
+                if x != y:
+                    self._cuts.update(((x, y), (y, x)))
+
+    def heal(self) -> None:
+        """End every partition: what was in flight arrives, waiting connects go on."""
+        if not self._cuts:
+            return
+        self._cuts.clear()
+        stalled, self.stalled = self.stalled, set()
+        for waiting in stalled:
+            waiting.wake()
+        for member in list(self._by_ip.values()):
+            for each in list(member.sockets):
+                if isinstance(each, StreamSocket) and each.remote is not None:
+                    each.wake()
+
+    def is_cut(self, a: int, b: int) -> bool:
+        """True if a partition separates addresses ``a`` and ``b``."""
+        return bool(self._cuts) and (a, b) in self._cuts
 
     # -- routing and ports ---------------------------------------------------------------
     def _route(self, source: Member, ip: int) -> Member:
@@ -672,6 +719,8 @@ class StreamTransport(asyncio.Transport):
         self._flush()
         protocol = self._protocol
         assert isinstance(protocol, asyncio.Protocol)
+        if sock.cut:
+            return  # in flight: delivered after a heal
         while sock.rx and not self._reading_paused:
             data = sock.recv(1 << 16)
             protocol.data_received(data)

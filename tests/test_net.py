@@ -426,3 +426,27 @@ def test_a_taken_published_port_is_one_line_and_status_2() -> None:
         proc = _cli("run", str(GUESTS / "tcp_echo_server.elf"), *args)
         assert proc.returncode == 2
         assert why in proc.stderr
+
+
+async def test_a_partition_holds_data_in_flight_until_heal(probe: Path) -> None:
+    async with Supervisor() as sup:
+        guest = await launch(sup, probe, "island", "partition 4100")
+        await guest.expect("ready partition", LIMIT)
+        _reader, writer = await sup.net.open_connection("island", 4100)
+        sup.net.partition(["host"], ["island"])
+        writer.write(b"held")
+        guest.send("now\n")  # the bytes are in flight before the guest looks
+        await guest.expect("poll 0\n", LIMIT)
+        connecting = asyncio.ensure_future(sup.net.open_connection("island", 4100))
+        endpoint = await sup.net.open_datagram()
+        endpoint.send(b"lost", ("island", 9))  # a datagram across the cut is lost
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not connecting.done()  # no answer across a partition: it waits
+        sup.net.heal()
+        guest.send("wait\n")
+        await guest.expect("poll 1 data held\n", LIMIT)
+        _r2, w2 = await asyncio.wait_for(connecting, LIMIT)
+        for w in (writer, w2):
+            w.close()
+        endpoint.close()

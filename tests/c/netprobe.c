@@ -219,6 +219,22 @@ int main(int argc, char **argv)
         shutdown(d, SHUT_WR);
         n = read(d, buf, sizeof buf);
         printf("read %.*s", (int)(n > 0 ? n : 0), buf);
+    } else if (!strcmp(mode, "partition")) { /* partition PORT: per console line, poll once */
+        int l = listener(SOCK_STREAM, atoi(host));
+        ready("partition");
+        int c = accept(l, 0, 0);
+        char line[64];
+        while (fgets(line, sizeof line, stdin)) {
+            struct pollfd p = {.fd = c, .events = POLLIN};
+            int n = poll(&p, 1, line[0] == 'w' ? -1 : 0); /* "wait": until data comes */
+            printf("poll %d", n);
+            if (n > 0) {
+                ssize_t k = recv(c, buf, sizeof buf, 0);
+                printf(" data %.*s", (int)(k > 0 ? k : 0), buf);
+            }
+            printf("\n");
+            fflush(stdout);
+        }
     } else {
         printf("unknown mode %s\n", mode);
         return 2;
