@@ -22,6 +22,7 @@ from supervisor.launcher import files, sockets
 from supervisor.launcher.devices import Slot
 from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
 
 HERE = Path(__file__).resolve().parent
 GUESTS = HERE.parent / "guests" / "c"
@@ -450,3 +451,19 @@ async def test_a_partition_holds_data_in_flight_until_heal(probe: Path) -> None:
         for w in (writer, w2):
             w.close()
         endpoint.close()
+
+
+async def test_a_hibernated_guest_wakes_when_a_connection_arrives() -> None:
+    async with Supervisor() as sup:
+        server = await launch(
+            sup, GUESTS / "tcp_echo_server.elf", "sleepy", "7 1", hibernate_after=0
+        )
+        await server.expect("listening on 7", LIMIT)
+        await until(lambda: server.stats.hibernations > 0, LIMIT)  # halted in poll: asleep
+        reader, writer = await sup.net.open_connection("sleepy", 7)
+        writer.write(b"wake up\n")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), LIMIT) == b"wake up\n"
+        writer.close()
+        assert (await output(server))[1].ok
+        assert server.stats.wakes >= 1
