@@ -26,6 +26,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 from collections import deque
@@ -41,6 +42,7 @@ DEFAULT_STREAM_BUFFER = 256 << 10
 DEFAULT_DATAGRAM_QUEUE = 256 << 10
 MAX_DATAGRAM = 65507
 MAX_BACKLOG = 4096
+DNS_PORT = 53
 EPHEMERAL = (32768, 60999)
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
@@ -421,6 +423,9 @@ class Network:
         self._published: list[asyncio.Server] = []
         self._cuts: set[tuple[int, int]] = set()
         self.stalled: set[StreamSocket] = set()  # connects waiting for a heal
+        self._dns = self.host.socket(DGRAM)
+        self._bind(self._dns, DNS_PORT)
+        self._dns.on_change = self._dns_soon
 
     # -- members -------------------------------------------------------------------------
     def join(self, name: str, *, max_sockets: int = 1024) -> Member:
@@ -473,6 +478,29 @@ class Network:
         lines = ["127.0.0.1\tlocalhost"]
         lines += [f"{m.address}\t{m.name}" for m in self.members]
         return ("\n".join(lines) + "\n").encode()
+
+    # -- the name server -------------------------------------------------------------------
+    def _dns_soon(self) -> None:
+        asyncio.get_running_loop().call_soon(self._dns_answer)
+
+    def _dns_answer(self) -> None:
+        """Answer every query queued at ``host:53``: a name is in ``/etc/hosts`` or
+        nowhere, so the answer is "no such name" (a resolver then fails at once)."""
+        sock = self._dns
+        assert isinstance(sock, DatagramSocket)
+        while True:
+            try:
+                query, sender = sock.recvfrom()
+            except WouldBlock:
+                return
+            if len(query) < 12 or query[2] & 0x80:
+                continue  # not a query
+            reply = bytearray(query)
+            reply[2] = 0x80 | (query[2] & 0x01)  # a response; recursion desired as asked
+            reply[3] = 0x80 | 3  # recursion available; NXDOMAIN
+            reply[6:12] = bytes(6)  # no answer, authority or additional records
+            with contextlib.suppress(NetError):
+                sock.sendto(bytes(reply), sender)
 
     # -- faults ----------------------------------------------------------------------------
     def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:

@@ -71,7 +71,7 @@ async def test_names_resolve_in_every_guest_and_host_is_the_host(probe: Path) ->
             "beta 10.0.0.3 same",
             "host 10.0.0.1 same",
             "localhost 127.0.0.1 same",
-            "nobody none",
+            "nobody none EAI_NONAME",  # the network's name server: no such name
         ]
         assert end.ok
         assert [m.name for m in sup.net.members] == ["host", "alpha"]  # beta has left
@@ -215,17 +215,25 @@ async def test_host_writes_wait_for_a_guest_that_does_not_read(probe: Path) -> N
 
 async def test_udp_between_host_and_guests_keeps_boundaries(probe: Path) -> None:
     async with Supervisor() as sup:
-        echo = await launch(sup, probe, "uecho", "udp-echo 5353 4")
+        echo = await launch(sup, probe, "uecho", "udp-echo 5353 5")
         await echo.expect("ready udp", LIMIT)
         client = await launch(sup, probe, "ucli", "udp-client uecho 5353 1 1000 60000")
         lines, end = await output(client)
-        assert lines == ["reply 1", "reply 1000", "reply 60000", "truncated 10"]
+        assert lines == [
+            "reply 1",
+            "reply 1000",
+            "reply 60000",
+            "truncated 10",
+            "sendmsg 5",
+            "recvmsg 5 ab|cde from 10.0.0.2 flags 0",  # one datagram, scattered
+        ]
         assert end.ok
         assert (await output(echo))[0][1:] == [
             "datagram 1 from 10.0.0.3",
             "datagram 1000 from 10.0.0.3",
             "datagram 60000 from 10.0.0.3",
             "datagram 10 from 10.0.0.3",
+            "datagram 5 from 10.0.0.3",
         ]
         endpoint = await sup.net.open_datagram(6000)
         assert endpoint.address == ("10.0.0.1", 6000)

@@ -1085,9 +1085,9 @@ class FilesDevice(Device):
         return 0
 
 
-# Names resolve through /etc/hosts; no name server answers (a name not in the
-# table fails at once rather than after a resolver's timeout).
-RESOLV_CONF = b"nameserver 10.0.0.1\noptions timeout:0 attempts:1\n"
+# Names resolve through /etc/hosts; the network's name server (host:53) answers
+# every other name "no such name" at once.
+RESOLV_CONF = b"nameserver 10.0.0.1\noptions timeout:2 attempts:1\n"
 _NET_FILES = ("/etc/hosts", "/etc/resolv.conf")
 
 _OPS: dict[int, Callable[[FilesDevice, Slot, int, list[int]], Any]] = {

@@ -79,7 +79,7 @@ int main(int argc, char **argv)
             struct addrinfo hints = {.ai_family = AF_INET}, *ai;
             int e = getaddrinfo(argv[i], 0, &hints, &ai);
             struct hostent *h = gethostbyname(argv[i]);
-            if (e) { printf("%s none\n", argv[i]); continue; }
+            if (e) { printf("%s none %s\n", argv[i], e == EAI_NONAME ? "EAI_NONAME" : "other"); continue; }
             char s[32];
             inet_ntop(AF_INET, &((struct sockaddr_in *)ai->ai_addr)->sin_addr, s, sizeof s);
             printf("%s %s %s\n", argv[i], s, h ? "same" : "nohostent");
@@ -197,6 +197,15 @@ int main(int argc, char **argv)
         char small[3];
         send(fd, buf, 10, 0);
         printf("truncated %ld\n", (long)recv(fd, small, sizeof small, MSG_TRUNC));
+        struct iovec out[2] = {{"ab", 2}, {"cde", 3}};
+        struct msghdr m = {.msg_iov = out, .msg_iovlen = 2};
+        printf("sendmsg %ld\n", (long)sendmsg(fd, &m, 0));
+        char x[2], y[10] = "";
+        struct iovec in[2] = {{x, 2}, {y, 10}};
+        struct sockaddr_in from;
+        struct msghdr r = {.msg_name = &from, .msg_namelen = sizeof from, .msg_iov = in, .msg_iovlen = 2};
+        long n = (long)recvmsg(fd, &r, 0);
+        printf("recvmsg %ld %.2s|%.3s from %s flags %d\n", n, x, y, inet_ntoa(from.sin_addr), r.msg_flags);
     } else if (!strcmp(mode, "sockets")) { /* sockets: open until refused */
         int n = 0;
         while (socket(AF_INET, n % 2 ? SOCK_DGRAM : SOCK_STREAM, 0) >= 0) n++;

@@ -129,6 +129,68 @@ static long recv_some(int fd, char *buf, uint32_t len, uint32_t flags, uint32_t 
     return (long)done;
 }
 
+/* ---- sendmsg and recvmsg (musl's resolver uses them) ---- */
+struct msghdr32 {
+    uint32_t name, namelen, iov, iovlen, control, controllen;
+    int32_t flags;
+};
+#define MSG_TRUNC 0x20
+#define MSG_CTRUNC 0x08
+static char bounce[65536];
+
+static long do_sendmsg(int fd, const struct msghdr32 *m, uint32_t flags)
+{
+    if (!m) return -EFAULT;
+    const struct iovec32 *iov = (const struct iovec32 *)m->iov;
+    if (m->iovlen > 1024 || (m->iovlen && !iov)) return -EINVAL;
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < m->iovlen; i++) total += iov[i].len;
+    if (m->iovlen == 1 || total <= sizeof bounce) { /* gathered: a datagram goes whole */
+        const char *buf = m->iovlen == 1 ? (const char *)iov[0].base : bounce;
+        if (m->iovlen != 1)
+            for (uint32_t i = 0, at = 0; i < m->iovlen; at += iov[i].len, i++)
+                memcpy(bounce + at, (const void *)iov[i].base, iov[i].len);
+        return send_all(fd, buf, total, flags, m->name, m->namelen);
+    }
+    long done = 0;
+    for (uint32_t i = 0; i < m->iovlen; i++) {
+        long r = send_all(fd, (const char *)iov[i].base, iov[i].len, flags, m->name, m->namelen);
+        if (r < 0) return done ? done : r;
+        done += r;
+        if ((uint32_t)r < iov[i].len) break;
+    }
+    return done;
+}
+
+static long do_recvmsg(int fd, struct msghdr32 *m, uint32_t flags)
+{
+    if (!m) return -EFAULT;
+    struct iovec32 *iov = (struct iovec32 *)m->iov;
+    if (m->iovlen > 1024 || (m->iovlen && !iov)) return -EINVAL;
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < m->iovlen; i++) total += iov[i].len;
+    uint32_t namelen = m->namelen;
+    uint32_t want = total < sizeof bounce ? total : sizeof bounce;
+    char *buf = m->iovlen == 1 ? (char *)iov[0].base : bounce;
+    if (m->iovlen == 1) want = total;
+    long r = call(OP_RECVFROM, fd, (uint32_t)buf, want, flags | MSG_TRUNC,
+                  m->name, m->name ? (uint32_t)&namelen : 0);
+    if (r < 0) return r;
+    m->namelen = m->name ? namelen : 0;
+    m->controllen = 0;
+    m->flags = 0;
+    uint32_t got = (uint32_t)r;
+    if (got > want) { /* a datagram longer than the buffers */
+        if (!(flags & MSG_TRUNC)) r = (long)want;
+        got = want;
+        m->flags |= MSG_TRUNC;
+    }
+    if (m->iovlen != 1)
+        for (uint32_t i = 0, at = 0; i < m->iovlen && at < got; at += iov[i].len, i++)
+            memcpy((void *)iov[i].base, bounce + at, got - at < iov[i].len ? got - at : iov[i].len);
+    return r;
+}
+
 /* ---- poll and select ---- */
 static uint64_t now_ns(void) { return lguest_monotonic_ns(); }
 
@@ -236,9 +298,11 @@ static long socket_call(int which, const uint32_t *a)
     case 13: return call(OP_SHUTDOWN, fd, a[1], 0, 0, 0, 0);                         /* shutdown */
     case 14: return call(OP_SETSOCKOPT, fd, a[1], a[2], a[3], a[4], 0);              /* setsockopt */
     case 15: return call(OP_GETSOCKOPT, fd, a[1], a[2], a[3], a[4], 0);              /* getsockopt */
+    case 16: return do_sendmsg(fd, (const struct msghdr32 *)a[1], a[2]);             /* sendmsg */
+    case 17: return do_recvmsg(fd, (struct msghdr32 *)a[1], a[2]);                   /* recvmsg */
     case 18: return call(OP_ACCEPT, fd, a[1], a[2], a[3], 0, 0);                     /* accept4 */
     }
-    return -ENOSYS; /* socketpair, sendmsg, recvmsg...: not offered */
+    return -ENOSYS; /* socketpair, sendmmsg, recvmmsg...: not offered */
 }
 
 static long net_call(long nr, long a1, long a2, long a3, long a4, long a5, long a6, int *handled)
@@ -283,7 +347,9 @@ static long net_call(long nr, long a1, long a2, long a3, long a4, long a5, long 
     case 369: return socket_call(11, a);
     case 371: return socket_call(12, a);
     case 373: return socket_call(13, a);
-    case 360: case 370: case 372: return -ENOSYS; /* socketpair, sendmsg, recvmsg */
+    case 370: return socket_call(16, a);
+    case 372: return socket_call(17, a);
+    case 360: return -ENOSYS; /* socketpair */
     case 168: /* poll(fds, n, ms) */
         return do_poll((struct pollfd32 *)a1, (uint32_t)a2,
                        (int)a3 < 0 ? -1 : (int64_t)(int)a3 * 1000000);
