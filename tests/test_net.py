@@ -317,6 +317,35 @@ async def test_hostile_socket_requests_kill_or_fail_never_the_host() -> None:
     assert network.members == [network.host]  # the guest's place is given back
 
 
+async def test_a_snapshot_keeps_sockets_only_as_stale_descriptors() -> None:
+    memory = GuestMemory((1 << 20) + 4096)
+    network = netmod.Network()
+    dev = files.FilesDevice(net=network.join("saved"))
+    again = files.FilesDevice(net=network.join("restored"))
+    try:
+        slot = _slot(memory)
+        dev.attach(slot)
+        slot.set(files.FS_OP, sockets.OP_SOCKET)
+        for i, value in enumerate([2, 1, 0]):
+            slot.set(files.FS_A0 + 4 * i, value)
+        await dev.notify(slot)
+        assert slot.get(files.FS_RESULT) == 3
+        state = dev.state()
+        again.attach(slot)
+        again.restore(state)
+        for op, want in [(sockets.OP_LISTEN, -116), (files.OP_READ, -116), (files.OP_CLOSE, 0)]:
+            slot.set(files.FS_OP, op)
+            slot.set(files.FS_FD, 3)
+            slot.set(files.FS_A0, 0x1000)
+            slot.set(files.FS_A0 + 4, 1)
+            await again.notify(slot)
+            assert slot.get(files.FS_RESULT) == want & 0xFFFFFFFF  # ESTALE, then closed
+    finally:
+        await dev.stop()
+        await again.stop()
+        memory.close()
+
+
 async def test_a_hostile_guest_is_killed_with_a_reason(build_guest: BuildGuest) -> None:
     source = """
 #include <lguest.h>

@@ -91,7 +91,7 @@ def parse_sockaddr(raw: bytes) -> tuple[int, net.Address]:
 def _sock(dev: FilesDevice, fd: int) -> net.Socket:
     d = dev.description_of(fd)
     if d.sock is None:
-        raise _err(errno.ENOTSOCK)
+        raise _err(errno.ESTALE if d.stale else errno.ENOTSOCK)  # stale: a restored socket
     sock: net.Socket = d.sock
     return sock
 
