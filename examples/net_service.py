@@ -20,9 +20,7 @@ GUESTS = Path(__file__).resolve().parent.parent / "guests" / "c"
 async def main() -> None:
     async with Supervisor() as sup:
         server = await sup.launch(
-            GuestConfig(
-                image=GUESTS / "tcp_echo_server.elf", name="echo", cmdline="7 2", net=True
-            )
+            GuestConfig(image=GUESTS / "tcp_echo_server.elf", name="echo", cmdline="7 2", net=True)
         )
         await server.expect("listening on 7", timeout=30)
 
