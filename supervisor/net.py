@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import re
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -47,6 +48,9 @@ EPHEMERAL = (32768, 60999)
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
 POLLRDHUP = 0x2000
+
+# A name /etc/hosts can carry (others are reachable by address only).
+_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 STREAM = "stream"
 DGRAM = "dgram"
@@ -474,9 +478,10 @@ class Network:
             raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network") from None
 
     def hosts_file(self) -> bytes:
-        """``/etc/hosts`` as a guest on this network sees it."""
+        """``/etc/hosts`` as a guest on this network sees it (a member whose name is not
+        a host name, with blanks say, is left out: reachable by address only)."""
         lines = ["127.0.0.1\tlocalhost"]
-        lines += [f"{m.address}\t{m.name}" for m in self.members]
+        lines += [f"{m.address}\t{m.name}" for m in self.members if _HOSTNAME.fullmatch(m.name)]
         return ("\n".join(lines) + "\n").encode()
 
     # -- the name server -------------------------------------------------------------------

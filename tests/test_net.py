@@ -270,6 +270,15 @@ async def test_two_guests_cannot_share_a_name(probe: Path) -> None:
             await launch(sup, probe, "same", "names same")
 
 
+def test_only_host_names_enter_the_hosts_file() -> None:
+    network = netmod.Network()
+    network.join("good-name.1")
+    network.join("bad name\n10.9.9.9 evil")
+    assert network.hosts_file() == (
+        b"127.0.0.1\tlocalhost\n10.0.0.1\thost\n10.0.0.2\tgood-name.1\n"
+    )
+
+
 def _slot(memory: GuestMemory) -> Slot:
     return Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
 
