@@ -513,3 +513,17 @@ async def test_a_hibernated_guest_wakes_when_a_connection_arrives() -> None:
         writer.close()
         assert (await output(server))[1].ok
         assert server.stats.wakes >= 1
+
+
+async def test_a_guest_waiting_on_a_socket_can_be_snapshotted_and_goes_on() -> None:
+    async with Supervisor() as sup:
+        server = await launch(sup, GUESTS / "tcp_echo_server.elf", "waiter", "7 1")
+        await server.expect("listening on 7", LIMIT)
+        snap = await asyncio.wait_for(server.snapshot(), LIMIT)  # halted in poll: no request open
+        assert snap is not None
+        reader, writer = await sup.net.open_connection("waiter", 7)
+        writer.write(b"after the snapshot\n")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), LIMIT) == b"after the snapshot\n"
+        writer.close()
+        assert (await output(server))[1].ok
