@@ -725,6 +725,24 @@ int lg_thread_syscall(const long *frame, long *result)
             *result = -ESRCH;
             return 1;
         }
+    case 242: { /* sched_getaffinity(pid, len, mask) */
+        /* Every thread may run on every CPU of the guest (the scheduler starts
+         * them as it needs them): the mask is the guest's CPUs, 4 bytes (one
+         * long, as Linux's cpumask with at most 32 CPUs).  Allocators size
+         * their per-CPU arenas by it (musl's sysconf, Zig's SmpAllocator). */
+        int known = a1 == 0 || (!threads_on && a1 == 1);
+        for (int i = 0; threads_on && !known && i < LG_MAX_THREADS; i++)
+            known = threads[i].state != T_FREE && threads[i].state != T_DEAD &&
+                    threads[i].tid == a1;
+        if (!known) *result = -ESRCH;
+        else if ((unsigned long)a2 < 4 || (a2 & 3)) *result = -EINVAL;
+        else {
+            uint32_t n = lg_cpu_count();
+            *(uint32_t *)a3 = n >= 32 ? ~0u : (1u << n) - 1;
+            *result = 4;
+        }
+        return 1;
+    }
     case 91: /* munmap: a detached thread unmapping its own stack before exit */
         if (threads_on) {
             uint32_t sp;
