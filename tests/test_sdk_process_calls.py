@@ -67,11 +67,21 @@ static int mode_churn(void)
     return 0;
 }
 
+static int mode_ids(void)
+{
+    printf("uid %ld gid %ld euid %ld egid %ld\n", (long)getuid(), (long)getgid(),
+           (long)geteuid(), (long)getegid());
+    printf("16-bit %ld %ld %ld %ld\n", syscall(SYS_getuid), syscall(SYS_getgid),
+           syscall(SYS_geteuid), syscall(SYS_getegid));
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) return 2;
     if (!strcmp(argv[1], "affinity")) return mode_affinity();
     if (!strcmp(argv[1], "churn")) return mode_churn();
+    if (!strcmp(argv[1], "ids")) return mode_ids();
     return 2;
 }
 """
@@ -114,4 +124,12 @@ async def test_malloc_reuses_freed_memory_in_a_small_guest(probe: Path) -> None:
     of heap) never runs out with 1 MiB live."""
     lines, result = await run_guest(probe, "churn")
     assert lines == ["churn ok"]
+    assert result.ok
+
+
+async def test_user_and_group_ids_are_root(probe: Path) -> None:
+    """getuid, getgid, geteuid, getegid (the 32-bit calls musl makes and the
+    16-bit ones) are 0: the guest's only user."""
+    lines, result = await run_guest(probe, "ids")
+    assert lines == ["uid 0 gid 0 euid 0 egid 0", "16-bit 0 0 0 0"]
     assert result.ok
