@@ -1,5 +1,5 @@
 """Process-level system calls a database engine makes, in C guests: CPU affinity
-(which sizes the C library's allocator arenas) and user ids.
+(which sizes the C library's allocator arenas), user ids and record locks.
 
 The guest is a small program of its own that repeats the call patterns; each
 test runs one mode of it.  Needs the ``sdk`` extra (Zig's C compiler, musl);
@@ -9,11 +9,16 @@ without it the tests skip.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import os
+import struct
 from pathlib import Path
 
 import pytest
 
 from supervisor import Exit, GuestConfig, Supervisor
+from supervisor.config import DirGrant
 from supervisor.pytest_plugin import BuildGuest
 
 LIMIT = 120  # seconds: a bound for failing, never a wait for success
@@ -133,3 +138,135 @@ async def test_user_and_group_ids_are_root(probe: Path) -> None:
     lines, result = await run_guest(probe, "ids")
     assert lines == ["uid 0 gid 0 euid 0 egid 0", "16-bit 0 0 0 0"]
     assert result.ok
+
+
+LOCKS = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct flock32 { short type, whence; long start, len; int pid; };
+
+static int lk(int fd, int cmd, short type, long long start, long long len)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+    return fcntl(fd, cmd, &fl) ? -errno : 0;
+}
+
+static void wait_line(void)
+{
+    char line[16];
+    fflush(stdout);
+    if (!fgets(line, sizeof line, stdin)) _exit(3);
+}
+
+int main(void)
+{
+    char data[300];
+    memset(data, 'x', sizeof data);
+    int a = open("/data/db", O_RDWR | O_CREAT, 0644);
+    if (a < 0 || write(a, data, sizeof data) != sizeof data) return 2;
+    int b = open("/data/db", O_RDWR), r = open("/data/db", O_RDONLY);
+    printf("A wrlock %d\n", lk(a, F_SETLK, F_WRLCK, 0, 100));
+    printf("B overlapping wrlock %d\n", lk(b, F_SETLK, F_WRLCK, 50, 100));
+    struct flock q = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    fcntl(b, F_GETLK, &q);
+    printf("B getlk sees %s\n", q.l_type == F_UNLCK ? "none" : "a lock");
+    printf("read-only fd wrlock %d\n", lk(r, F_SETLK, F_WRLCK, 0, 1));
+    puts("ready");
+    wait_line();
+    q = (struct flock){.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0};
+    fcntl(a, F_GETLK, &q);
+    printf("getlk %d %lld %lld %d\n", q.l_type, (long long)q.l_start, (long long)q.l_len,
+           q.l_pid);
+    printf("setlk on theirs %d\n", lk(a, F_SETLK, F_RDLCK, 210, 10));
+    puts("waiting");
+    fflush(stdout);
+    printf("setlkw %d\n", lk(a, F_SETLKW, F_WRLCK, 200, 50));
+    close(b);
+    puts("closed B");
+    wait_line();
+    lseek(a, 10, SEEK_SET);
+    struct flock32 old = {F_RDLCK, SEEK_CUR, -10, 10, 0}; /* 0..9 */
+    printf("32-bit rdlock %ld\n", syscall(SYS_fcntl64, a, 6, &old));
+    int c = open("/data/db", O_RDWR);
+    printf("ofd over process lock %d\n", lk(c, F_OFD_SETLK, F_WRLCK, 0, 10));
+    printf("ofd elsewhere %d\n", lk(c, F_OFD_SETLK, F_WRLCK, 20, 10));
+    puts("ready");
+    wait_line();
+    return 0;
+}
+"""
+
+
+def _host_lock(fd: int, kind: int, start: int, length: int) -> bool:
+    """Take an OFD lock on the host, without waiting: True if it was granted."""
+    request = struct.pack("@hhqqi4x", kind, 0, start, length, 0)
+    try:
+        fcntl.fcntl(fd, 37, request)  # F_OFD_SETLK
+    except BlockingIOError:
+        return False
+    return True
+
+
+async def test_record_locks_are_the_hosts_and_the_guest_is_one_process(
+    build_guest: BuildGuest, tmp_path: Path
+) -> None:
+    """The guest's fcntl locks hold against a host process and see its locks (GETLK,
+    EAGAIN, a SETLKW that waits until the host lets go); its own descriptors never
+    conflict; closing any descriptor of the file drops its locks; the 32-bit struct
+    flock and OFD locks work."""
+    image = build_guest(LOCKS, flags=["-O2", "-Wall", "-Werror"])
+    path = tmp_path / "db"
+    wr, rd, un = fcntl.F_WRLCK, fcntl.F_RDLCK, fcntl.F_UNLCK
+    async with Supervisor() as sup:
+        guest = await sup.launch(
+            GuestConfig(image=image, memory="8M", dirs=[DirGrant(host=tmp_path, guest="/data")])
+        )
+        lines = aiter(guest.console)
+
+        async def upto(marker: str) -> list[str]:
+            got = []
+            while (line := await anext(lines)) != marker:
+                got.append(line)
+            return got
+
+        async with asyncio.timeout(LIMIT):
+            assert await upto("ready") == [
+                "A wrlock 0",
+                "B overlapping wrlock 0",
+                "B getlk sees none",
+                f"read-only fd wrlock {-errno.EBADF}",
+            ]
+            host = os.open(path, os.O_RDWR)
+            try:
+                assert not _host_lock(host, rd, 0, 10)  # the guest's write lock
+                assert not _host_lock(host, wr, 140, 5)  # through its other descriptor
+                assert _host_lock(host, wr, 200, 50)
+                guest.send("go\n")
+                assert await upto("waiting") == [
+                    f"getlk {wr} 200 50 -1",
+                    f"setlk on theirs {-errno.EAGAIN}",
+                ]
+                await asyncio.sleep(0.2)  # the guest keeps asking meanwhile
+                assert _host_lock(host, un, 200, 50)
+                assert await upto("closed B") == ["setlkw 0"]
+                assert _host_lock(host, wr, 0, 300)  # every lock went with B's close
+                assert _host_lock(host, un, 0, 300)
+                guest.send("go\n")
+                assert await upto("ready") == [
+                    "32-bit rdlock 0",
+                    f"ofd over process lock {-errno.EAGAIN}",
+                    "ofd elsewhere 0",
+                ]
+                assert _host_lock(host, rd, 0, 10) and not _host_lock(host, wr, 0, 10)
+                assert not _host_lock(host, rd, 25, 1)
+                guest.send("go\n")
+                assert await guest.wait() == Exit(0, "power off", 0, died=False)
+                assert _host_lock(host, wr, 0, 300)  # the guest's end let go of all
+            finally:
+                os.close(host)

@@ -38,6 +38,14 @@ Guarantees:
   file through the restoring guest's own grants when it is next used.  A file
   that cannot be reopened (gone, or in the private ``/tmp``, whose contents a
   snapshot does not keep) fails with ESTALE.
+* Record locks (``fcntl`` ``F_SETLK``/``F_SETLKW``/``F_GETLK`` and the OFD forms)
+  are the host's, so they hold against other host processes and other guests
+  on the same files.  The guest is one process: its POSIX locks on a file live
+  on one host open file description of that file (an OFD lock owner), so its own
+  descriptors never conflict with each other, and closing any descriptor of the
+  file drops them all, as Linux does for a process.  ``F_SETLKW`` retries
+  without a thread (a guest killed meanwhile stops waiting).  Locks are not in
+  a snapshot: a restored guest holds none.
 """
 
 from __future__ import annotations
@@ -96,6 +104,7 @@ OP_DUP = 18
 OP_FCNTL = 19
 OP_READLINKAT = 20
 OP_CHECKFD = 21
+OP_LOCK = 34  # a0: 0 GETLK, 1 SETLK, 2 SETLKW, | 4 for OFD; a1: struct flock; a2: 1 = flock64
 
 MAX_IO = 1 << 20
 PATH_MAX = 4096
@@ -126,6 +135,12 @@ G_TMPFILE = 0o20000000
 _STATUS_FLAGS = G_APPEND | G_NONBLOCK | G_DSYNC | G_SYNC | G_LARGEFILE
 
 F_DUPFD, F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_DUPFD_CLOEXEC = 0, 1, 2, 3, 4, 1030
+F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
+HOST_F_OFD_GETLK, HOST_F_OFD_SETLK = 36, 37  # Linux's, on every architecture
+_FLOCK32 = struct.Struct("<hhiii")  # i386 struct flock: type, whence, start, len, pid
+_FLOCK64 = struct.Struct("<hhqqi")  # i386 struct flock64 (64-bit fields 4-aligned)
+_HOST_FLOCK = struct.Struct("@hhqqi4x")  # the host's struct flock (64-bit Linux)
+LOCK_WAIT_MAX = 0.05  # seconds between tries of a waiting lock (F_SETLKW)
 
 _S64 = struct.Struct("<q")
 _DIRENT = struct.Struct("<QqHB")  # d_ino, d_off, d_reclen, d_type, then the name
@@ -219,6 +234,7 @@ class _Description:
     stale: bool = False  # could not be reopened after a restore
     refs: int = 0
     sock: Any = None  # a supervisor.net.Socket: this description is a socket
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino), once a lock request needed it
 
     @property
     def nonblocking(self) -> bool:
@@ -287,6 +303,7 @@ class FilesDevice(Device):
         self._tmp_dir: str | None = None
         self._tmp_fd: int | None = None
         self._table = _Table()
+        self._posix_locks: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> host fd
         self.requests = 0
         self._memory_view: memoryview | None = None
         self.net = net
@@ -315,6 +332,7 @@ class FilesDevice(Device):
         for entry in list(self._table.entries.values()):
             self._release(entry.description)
         self._table.entries.clear()
+        self._drop_all_locks()
         if self.net is not None:
             self.net.on_news = None
             self.net.leave()
@@ -420,6 +438,7 @@ class FilesDevice(Device):
             raise ValueError(f"bad file device state: {exc!r}") from None
         for entry in list(self._table.entries.values()):
             self._release(entry.description)
+        self._drop_all_locks()
         self._table.entries = entries
         self.cwd = normalise(cwd)
 
@@ -715,6 +734,16 @@ class FilesDevice(Device):
         return fd
 
     def _release(self, d: _Description) -> None:
+        """A guest descriptor of ``d`` is closed: the guest's POSIX locks on its file go
+        (any close does, as for a Linux process), and the host file when no descriptor
+        is left."""
+        if self._posix_locks and d.fd is not None and not d.is_dir:
+            if d.inode is None:
+                st = os.fstat(d.fd)  # an open descriptor's inode: no disk access
+                d.inode = (st.st_dev, st.st_ino)
+            lock_fd = self._posix_locks.pop(d.inode, None)
+            if lock_fd is not None:
+                os.close(lock_fd)
         d.refs -= 1
         if d.refs <= 0 and d.fd is not None:
             os.close(d.fd)
@@ -1084,6 +1113,99 @@ class FilesDevice(Device):
         self._entry(fd)
         return 0
 
+    def _drop_all_locks(self) -> None:
+        for lock_fd in self._posix_locks.values():
+            os.close(lock_fd)
+        self._posix_locks.clear()
+
+    def _posix_lock_fd(self, d: _Description, host: int, create: bool) -> int | None:
+        """The host description that carries the guest's POSIX locks on ``d``'s file:
+        a second open of the same file (through ``/proc/self/fd``, so never another
+        file), read-write unless the grant or the file's permissions say otherwise."""
+        if d.inode is None:
+            st = os.fstat(host)
+            d.inode = (st.st_dev, st.st_ino)
+        key = d.inode
+        lock_fd = self._posix_locks.get(key)
+        if lock_fd is not None or not create:
+            return lock_fd
+        link = f"/proc/self/fd/{host}"
+        modes = [os.O_RDONLY] if self._read_only(d.grant) else [os.O_RDWR, os.O_RDONLY]
+        if d.flags & G_ACCMODE == 1:
+            modes.append(os.O_WRONLY)
+        for i, mode in enumerate(modes):
+            try:
+                lock_fd = os.open(link, mode | os.O_CLOEXEC | os.O_NOCTTY)
+                break
+            except OSError:
+                if i == len(modes) - 1:
+                    raise
+        assert lock_fd is not None
+        self._posix_locks[key] = lock_fd
+        return lock_fd
+
+    async def _op_lock(self, slot: Slot, fd: int, a: list[int]) -> int:
+        kind, addr, wide = a[0], a[1], a[2]
+        cmd, ofd = kind & 3, bool(kind & 4)
+        if cmd == 3 or kind & ~7 or wide > 1:
+            raise FileRequestError(f"lock request {kind:#x} with layout {wide}")
+        d = self._description(fd)
+        layout = _FLOCK64 if wide else _FLOCK32
+        if not slot.in_ram(addr, layout.size):
+            raise _GuestError(errno.EFAULT)
+        l_type, whence, start, length, _ = layout.unpack(
+            bytes(slot.memory.view[addr : addr + layout.size])
+        )
+        if l_type not in (F_RDLCK, F_WRLCK, F_UNLCK) or whence not in (0, 1, 2):
+            raise _GuestError(errno.EINVAL)
+        host = await self._host_fd(d)
+        if whence == os.SEEK_CUR:
+            start += os.lseek(host, 0, os.SEEK_CUR)
+        elif whence == os.SEEK_END:
+            start += (await self._blocking(os.fstat, host)).st_size
+        if length < 0:
+            start, length = start + length, -length
+        if start < 0:
+            raise _GuestError(errno.EINVAL)
+        acc = d.flags & G_ACCMODE
+        if cmd and ((l_type == F_RDLCK and acc == 1) or (l_type == F_WRLCK and acc == 0)):
+            raise _GuestError(errno.EBADF)
+        lock_fd = host
+        if not ofd:
+            create = cmd == 0 or l_type != F_UNLCK
+            known = d.inode is not None and d.inode in self._posix_locks
+            # Only a first lock of the file opens (and stats) on a worker thread.
+            process_fd = (
+                self._posix_lock_fd(d, host, create)
+                if known or (d.inode is not None and not create)
+                else await self._blocking(self._posix_lock_fd, d, host, create)
+            )
+            if process_fd is None:
+                return 0  # unlocking what the guest never locked
+            lock_fd = process_fd
+        request = _HOST_FLOCK.pack(l_type, 0, start, length, 0)
+        if cmd == 0:
+            got = _HOST_FLOCK.unpack(_fcntl_lock(lock_fd, HOST_F_OFD_GETLK, request))
+            if got[0] == F_UNLCK:
+                out = struct.pack("<h", F_UNLCK)
+            else:
+                try:
+                    out = layout.pack(got[0], 0, got[2], got[3], -1)
+                except struct.error:
+                    raise _GuestError(errno.EOVERFLOW) from None
+            self._put(slot, addr, out)
+            return 0
+        delay = 0.001
+        while True:
+            try:
+                _fcntl_lock(lock_fd, HOST_F_OFD_SETLK, request)
+                return 0
+            except OSError as exc:
+                if cmd == 1 or exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise _GuestError(exc.errno or errno.EIO) from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LOCK_WAIT_MAX)
+
 
 # Names resolve through /etc/hosts; the network's name server (host:53) answers
 # every other name "no such name" at once.
@@ -1112,6 +1234,7 @@ _OPS: dict[int, Callable[[FilesDevice, Slot, int, list[int]], Any]] = {
     OP_FCNTL: FilesDevice._op_fcntl,
     OP_READLINKAT: FilesDevice._op_readlinkat,
     OP_CHECKFD: FilesDevice._op_checkfd,
+    OP_LOCK: FilesDevice._op_lock,
 }
 
 
@@ -1222,6 +1345,13 @@ def _fcntl_setfl(fd: int, flags: int) -> None:
     import fcntl
 
     fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def _fcntl_lock(fd: int, cmd: int, request: bytes) -> bytes:
+    """An OFD lock request on the host; never waits (the SETLKW form is not used)."""
+    import fcntl
+
+    return fcntl.fcntl(fd, cmd, request)
 
 
 def grants_for(dirs: Sequence[Any]) -> list[Grant]:

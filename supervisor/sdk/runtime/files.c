@@ -48,6 +48,7 @@ enum {
     OP_OPENAT = 1, OP_CLOSE, OP_READ, OP_WRITE, OP_PREAD, OP_PWRITE, OP_LSEEK, OP_STATX,
     OP_FSYNC, OP_FTRUNCATE, OP_UNLINKAT, OP_MKDIRAT, OP_RENAMEAT, OP_GETDENTS64,
     OP_FACCESSAT, OP_GETCWD, OP_CHDIR, OP_DUP, OP_FCNTL, OP_READLINKAT, OP_CHECKFD,
+    OP_LOCK = 34, /* after the socket requests (net.c: 22-33) */
 };
 
 struct lguest_files {
@@ -290,9 +291,8 @@ static long do_kstat(int dirfd, const char *path, int flags, void *out)
 #define F_OFD_SETLK 37
 #define F_OFD_SETLKW 38
 #define F_DUPFD_CLOEXEC 1030
-#define F_UNLCK 2
 
-static long do_fcntl(int fd, int cmd, uint32_t arg)
+static long do_fcntl(int fd, int cmd, uint32_t arg, int wide)
 {
     if (fd >= 0 && fd <= 2) {
         if (cmd == F_GETFL) return O_RDWR;
@@ -309,18 +309,20 @@ static long do_fcntl(int fd, int cmd, uint32_t arg)
     case F_SETFL:
         return (long)req(OP_FCNTL, fd, (uint32_t)cmd, arg, 0, 0, 0, 0);
     case F_GETLK:
-    case F_GETLK64:
-    case F_OFD_GETLK:
-        if (req(OP_CHECKFD, fd, 0, 0, 0, 0, 0, 0) < 0) return -EBADF;
-        if (arg) *(int16_t *)arg = F_UNLCK; /* one process: nothing else holds a lock */
-        return 0;
     case F_SETLK:
     case F_SETLKW:
+        /* struct flock with 32-bit offsets (16 bytes) */
+        return (long)req(OP_LOCK, fd, (uint32_t)(cmd - F_GETLK), arg, 0, 0, 0, 0);
+    case F_GETLK64:
     case F_SETLK64:
     case F_SETLKW64:
+        /* struct flock64 (24 bytes: 64-bit start and length at 4 and 12) */
+        return (long)req(OP_LOCK, fd, (uint32_t)(cmd - F_GETLK64), arg, 1, 0, 0, 0);
+    case F_OFD_GETLK:
     case F_OFD_SETLK:
     case F_OFD_SETLKW:
-        return req(OP_CHECKFD, fd, 0, 0, 0, 0, 0, 0) < 0 ? -EBADF : 0;
+        /* locks of the open file description (flock64 through fcntl64) */
+        return (long)req(OP_LOCK, fd, (uint32_t)(cmd - F_OFD_GETLK) | 4, arg, wide != 0, 0, 0, 0);
     }
     return -EINVAL;
 }
@@ -525,7 +527,7 @@ static long files_call(long nr, long a1, long a2, long a3, long a4, long a5, int
         return (long)req(OP_DUP, fd, (uint32_t)a2, nr == 330 && (a3 & O_CLOEXEC), 1, 0, 0, 0);
     case 55:  /* fcntl */
     case 221: /* fcntl64 */
-        return do_fcntl(fd, (int)a2, (uint32_t)a3);
+        return do_fcntl(fd, (int)a2, (uint32_t)a3, nr == 221);
     case 85: /* readlink */
         return path_op(OP_READLINKAT, AT_FDCWD, (const char *)a1, (uint32_t)a2, (uint32_t)a3);
     case 305: /* readlinkat */
