@@ -242,6 +242,8 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
     if fuel.exit_request:
         _unicorn.set_no_exit_request(uc, True)
     elif NATIVE:
+        if _no_exit_request() is not None:  # (an instance another CPU used may have it set)
+            _unicorn.set_no_exit_request(uc, False)
         _hook_blocks(uc, fuel)
     return fuel
 

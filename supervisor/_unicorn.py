@@ -264,6 +264,7 @@ def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
     """Install a C function (``function`` is its address) as a hook on every address.
 
     ``user_data`` is passed to it unchanged; the caller keeps it alive as long as ``uc``.
+    The hook's handle is kept with the instance, for :func:`strip`.
     """
     hook = ctypes.c_ulong()
     status = uclib.uc_hook_add(
@@ -277,6 +278,36 @@ def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
     )
     if status != 0:  # pragma: no cover
         raise RuntimeError(f"uc_hook_add failed with unicorn error {status}")
+    native: list[int] | None = getattr(uc, "_lguest_native_hooks", None)
+    if native is None:
+        native = []
+        uc._lguest_native_hooks = native
+    native.append(hook.value)
+
+
+def strip(uc: Any) -> None:
+    """Take every hook (Python and native) and every memory mapping off ``uc``: what an
+    instance handed from one CPU to another must lose, so that nothing of the previous
+    CPU (its fuel, its hooks' closures, its memory) is reachable from the next one.
+    Translations made for the old mappings are dropped with them (``ctl_flush_tb``).
+
+    Paging goes off first (clearing cr0.PG flushes the TLB), then the registers become a
+    new instance's: unmapping drops translations by guest-virtual address, which Unicorn
+    resolves through the CPU's page tables, and those lived in the previous CPU's
+    memory, which may be freed by now."""
+    h = handle(uc)
+    uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) & ~(1 << 31))
+    load_context_data(uc, blank_context())
+    for hook in getattr(uc, "_lguest_native_hooks", ()):
+        status = uclib.uc_hook_del(h, ctypes.c_size_t(hook))
+        if status != uc_const.UC_ERR_OK:
+            raise UcError(status)
+    uc._lguest_native_hooks = []
+    for hook in list(uc._callbacks):
+        uc.hook_del(hook)
+    for begin, end, _perms in list(uc.mem_regions()):
+        uc.mem_unmap(begin, end - begin + 1)
+    uc.ctl_flush_tb()
 
 
 # -- the floating-point unit at power-on -------------------------------------------------
@@ -315,6 +346,17 @@ def context_data(uc: Any) -> bytes:
     data = raw[len(raw) - size :]
     start, end = _breakpoint_slots()
     return data[:start] + bytes(end - start) + data[end:]
+
+
+@functools.cache
+def blank_context() -> bytes:
+    """The registers of a new instance (:func:`context_data`): what an instance that ran
+    another CPU is given before it starts a new one."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    try:
+        return context_data(uc)
+    finally:
+        close(uc)
 
 
 def load_context_data(uc: Any, data: bytes) -> None:

@@ -40,6 +40,7 @@ from unicorn import x86_const as r
 from . import _slicing, _unicorn, hostpages
 from ._statefields import host_only, saved, saved_fields
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
+from .engines import EnginePool
 from .limits import UNLIMITED, Limits
 from .state import CpuState, StateError
 
@@ -254,6 +255,13 @@ class Engine:
     released: bool = host_only(default=False)  # close() ran: nothing is left
     hibernate_after: float = host_only(default=math.inf)  # seconds drowsy before it does
     dormitory_due: float = host_only(default=math.inf)  # its dormitory queue entry's time
+    # The device's engine pool (supervisor.engines), if it has one: instances come from
+    # it and go back to it instead of being made and freed.
+    pool: EnginePool | None = host_only(default=None)
+    last: Any = host_only(default=None)  # the instance it last gave back to the pool
+    token: object = host_only(default_factory=object)  # who gave it back (affinity)
+    # Unicorn raised inside this instance (emu_start, a switch): it is never handed on.
+    tainted: bool = host_only(default=False)
 
 
 @dataclass(eq=False, slots=True)
@@ -445,33 +453,52 @@ class LgCpu:
         Refused (False) while a slice is queued or runs, while a debugger's code
         hooks are installed, and once closed.  Event loop only.
         """
-        uc = self.engine.uc
-        if uc is None or self.running or self.debug.code_hooks or self.engine.released:
+        engine = self.engine
+        uc = engine.uc
+        if uc is None or self.running or self.debug.code_hooks or engine.released:
             return False
         self.check_thread()
-        self.engine.frozen = _unicorn.context_data(uc)
-        _unicorn.close(uc)
-        self.engine.hooks.clear()
-        self.engine.uc = None
-        self.engine.regs = None  # type: ignore[assignment]  # (with uc)
+        engine.frozen = _unicorn.context_data(uc)
+        _give_back(engine, uc)
+        engine.uc = None
+        engine.regs = None  # type: ignore[assignment]  # (with uc)
         self.stats.hibernations += 1
-        LgCpu.given_back += 1
+        if engine.pool is None:
+            LgCpu.given_back += 1  # (a pool keeps the instance: no memory went back)
         return True
 
     def thaw(self) -> None:
         """Take a new Unicorn instance with the kept registers (no effect if awake)."""
-        frozen = self.engine.frozen
-        if frozen is None or self.engine.released:
+        engine = self.engine
+        frozen = engine.frozen
+        if frozen is None or engine.released:
             return
-        uc = _new_uc(self.lg, self.engine.host_address, self.engine.tcg_buffer)
-        _slicing.attach(uc, self.fuel)
-        self.engine.uc = uc
-        self.engine.regs = _unicorn.Registers(uc)
-        self.engine.frozen = None
-        _install_hooks(self)
-        _unicorn.load_context_data(uc, frozen)
+        warm = False
+        if engine.pool is None:
+            uc = _new_uc(self.lg, engine.host_address, engine.tcg_buffer)
+            LgCpu.given_back -= 1
+        else:
+            uc, warm = _take(self.lg, engine)
+        try:
+            if not warm:  # a new or switched instance: slice meter, hooks
+                _slicing.attach(uc, self.fuel)
+                engine.uc = uc
+                engine.regs = _unicorn.Registers(uc)
+                _install_hooks(self)
+            else:
+                engine.uc = uc
+                engine.regs = _unicorn.Registers(uc)
+            _unicorn.load_context_data(uc, frozen)
+            if not warm:  # the TLB of its previous CPU must go (cr3 written again)
+                engine.regs.write(r.UC_X86_REG_CR3, engine.regs.read(r.UC_X86_REG_CR3))
+        except BaseException:
+            engine.tainted = True
+            _give_back(engine, uc)
+            engine.uc = None
+            engine.regs = None  # type: ignore[assignment]
+            raise
+        engine.frozen = None
         self.stats.wakes += 1
-        LgCpu.given_back -= 1
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
@@ -558,9 +585,9 @@ class LgCpu:
         uc = self.engine.uc
         if uc is None:
             return
-        _unicorn.close(uc)
-        self.engine.hooks.clear()
+        _give_back(self.engine, uc)
         self.engine.uc = None
+        self.engine.last = None
 
 
 def _put_idt(fuel: _slicing.Fuel, value: Iterable[tuple[int, int]]) -> None:
@@ -596,10 +623,11 @@ PARTS: dict[str, type] = {
 _SAVED_PARTS = tuple((p, saved_fields(c)) for p, c in PARTS.items() if saved_fields(c))
 
 
-def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int) -> Any:
+def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int, uc: Any = None) -> Any:
     # No exit address, so emu_start's `until` is ignored: a real one makes Unicorn probe
     # that address and leave a stale page fault behind (_unicorn.configure).
-    uc = _unicorn.new_instance(tcg_buffer)
+    if uc is None:
+        uc = _unicorn.new_instance(tcg_buffer)
     uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
     hostpages.map_into(uc)  # the boot GDT, read-only, in every instance (thaws too)
     return uc
@@ -616,6 +644,34 @@ def bad_access_range(lg: Lguest) -> tuple[int, int]:
     hook must leave guest memory out for stores there to take the TLB fast path.
     """
     return lg.limit, MAX_PHYSICAL
+
+
+def _take(lg: Lguest, engine: Engine) -> tuple[Any, bool]:
+    """An instance from ``engine.pool`` for this CPU, with its memory mapped, and whether
+    it is the CPU's own untouched one (hooks, translations and mapping still its own)."""
+    assert engine.pool is not None
+    uc, warm = engine.pool.take(engine.token, engine.last)
+    engine.last = None
+    engine.tainted = False
+    if not warm:
+        engine.hooks.clear()  # (the instance lost them: stripped, or new)
+        try:
+            _new_uc(lg, engine.host_address, engine.tcg_buffer, uc)
+        except BaseException:
+            engine.pool.give(engine.token, uc, tainted=True)
+            raise
+    return uc, warm
+
+
+def _give_back(engine: Engine, uc: Any) -> None:
+    """``uc`` leaves this CPU: to its pool (closed there if tainted), or freed."""
+    if engine.pool is None:
+        _unicorn.close(uc)
+        engine.hooks.clear()
+        return
+    engine.pool.give(engine.token, uc, engine.tainted)
+    engine.last = None if engine.tainted else uc
+    engine.tainted = False
 
 
 def _install_hooks(cpu: LgCpu) -> None:
@@ -642,9 +698,20 @@ def _attach(
     limits: Limits,
     install_hooks: Callable[[LgCpu], None] | None,
     hibernate_after: float,
+    pool: EnginePool | None,
 ) -> LgCpu:
     loop = asyncio.get_running_loop()
-    uc = _new_uc(lg, host_address, tcg_buffer)
+    if pool is None:
+        uc = _new_uc(lg, host_address, tcg_buffer)
+    else:
+        engine = Engine(uc=None, regs=None, host_address=host_address, tcg_buffer=tcg_buffer)  # type: ignore[arg-type]
+        engine.pool = pool
+        uc, _ = _take(lg, engine)
+        try:  # a new CPU's registers are a new instance's, whoever used this one before
+            _unicorn.load_context_data(uc, _unicorn.blank_context())
+        except BaseException:
+            pool.give(engine.token, uc, tainted=True)
+            raise
     cpu = LgCpu(
         id=cpu_id,
         start=start,
@@ -657,6 +724,7 @@ def _attach(
             tcg_buffer=tcg_buffer,
             install_hooks=install_hooks,
             hibernate_after=hibernate_after,
+            pool=pool,
         ),
         fuel=_slicing.attach(uc, count_blocks=limits.max_blocks is not None),
         threads=ThreadCheck(enabled=loop.get_debug(), loop=threading.get_ident()),
@@ -677,19 +745,22 @@ def new_cpu(
     limits: Limits = UNLIMITED,
     install_hooks: Callable[[LgCpu], None] | None = None,
     hibernate_after: float = math.inf,
+    pool: EnginePool | None = None,
 ) -> LgCpu:
     """Create CPU ``cpu_id`` of ``lg`` (event loop): guest memory mapped at 0, paging on
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
     the CPU gets (this one, and a new one after each hibernation); ``hibernate_after``
-    is how long it may sleep before it gives back its emulator (supervisor.hibernation).
+    is how long it may sleep before it gives back its emulator (supervisor.hibernation);
+    ``pool``: where its instances come from and go back to (supervisor.engines).
 
     The CPU starts at ring 0 in lguest's boot segments (the Host's read-only GDT,
     supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
     ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
     cpu = _attach(
-        lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks, hibernate_after
-    )
+        lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks, hibernate_after,
+        pool,
+    )  # fmt: skip
     lg.host_wrote(hostpages.install(lg.ram, pgdir), 4)
     setup_regs(cpu, start, pgdir)
     return cpu
@@ -702,11 +773,12 @@ def revive_cpu(
     tcg_buffer: int,
     install_hooks: Callable[[LgCpu], None] | None = None,
     hibernate_after: float = math.inf,
+    pool: EnginePool | None = None,
 ) -> LgCpu:
     """A CPU of ``lg`` in ``state`` (event loop); its timer is the caller's part."""
     cpu = _attach(
         lg, state.id, state.start, host_address, tcg_buffer, state.limits, install_hooks,
-        hibernate_after,
+        hibernate_after, pool,
     )  # fmt: skip
     try:
         cpu.restore(state)

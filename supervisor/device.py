@@ -38,6 +38,7 @@ from .abi import (
     unpack_words,
 )
 from .cpu import DEFAULT_TCG_BUFFER, CpuStats, Hold, LgCpu, new_cpu, revive_cpu
+from .engines import MODES, EnginePool, mode_from_env
 from .execute import attach_interrupt_hook
 from .guest import Lguest
 from .hibernation import DEFAULT_HIBERNATE_AFTER, Dormitory
@@ -97,6 +98,7 @@ class LguestDevice:
         hibernate_after: float = DEFAULT_HIBERNATE_AFTER,
         worker_nice: int = DEFAULT_WORKER_NICE,
         idle_workers: bool = False,
+        engines: str | None = None,
     ):
         """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
         an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
@@ -111,7 +113,15 @@ class LguestDevice:
         program is busy.  A CPU that has slept in a halt,
         been held or waited for its Launcher for ``hibernate_after`` seconds gives
         back its emulator until it is needed again (0: at once; ``math.inf``: never;
-        see :mod:`supervisor.hibernation`)."""
+        see :mod:`supervisor.hibernation`).  ``engines``: ``"off"`` (each CPU makes and
+        frees its own emulators), ``"pool"`` (a hibernating CPU gives its emulator to
+        the device's :class:`~supervisor.engines.EnginePool` and a waking one takes one
+        back, its own if nobody took it) or ``"always"`` (the pool, and every slice runs
+        on an emulator switched from another CPU: the exactness check); default: the
+        ``LGUEST_ENGINE_SWITCH`` environment variable, else ``"off"``."""
+        mode = mode_from_env() if engines is None else engines
+        if mode not in MODES:
+            raise ValueError(f"engines must be one of {', '.join(MODES)}, not {engines!r}")
         if not hibernate_after >= 0:
             raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
         if not 0 <= worker_nice <= 19:
@@ -134,6 +144,7 @@ class LguestDevice:
         self.limits = limits
         self.hibernate_after = hibernate_after
         self.dormitory = Dormitory()
+        self.engines = EnginePool.for_workers(tcg_buffer, self._workers, mode)
 
     def _bind_loop(self) -> None:
         """The device serves one event loop at a time (its lock and events belong to it).
@@ -217,6 +228,8 @@ class LguestDevice:
             file._stop_cpus()
         for file in list(self._files):
             await file.close()
+        if self.engines is not None:
+            self.engines.close()
         if self._executor is not None:
             executor, self._executor = self._executor, None
             executor.shutdown(wait=False, cancel_futures=True)
@@ -514,7 +527,7 @@ class LguestFile:
             for st in state.cpus:
                 cpu = revive_cpu(
                     lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook,
-                    self._hibernate_after,
+                    self._hibernate_after, self._device.engines,
                 )  # fmt: skip
                 if limits is not None:
                     cpu.limits = limits
@@ -597,7 +610,7 @@ class LguestFile:
                 for n in range(ncpus):
                     cpu = new_cpu(
                         lg, n, base, start, pgdir, device.tcg_buffer, self._limits,
-                        attach_interrupt_hook, self._hibernate_after,
+                        attach_interrupt_hook, self._hibernate_after, device.engines,
                     )  # fmt: skip
                     lg.cpus.append(cpu)
                     if n:  # offline until CPU 0 starts it: its emulator waits in the freezer

@@ -335,6 +335,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
                 case _:
                     pass  # handled by _enter_guest, or seen by the checks (fuel, death)
     except Exception as exc:  # a Host bug must kill only this guest
+        cpu.engine.tainted = True  # (the engine's state is unknown: never handed on)
         lg.kill(f"internal error: {type(exc).__name__}: {exc}")
         exit = SliceExit.DEATH
     finally:
@@ -399,6 +400,7 @@ def _enter_guest(cpu: LgCpu) -> SliceExit:
             count, vector, hcall = _slicing.run(cpu.engine.uc, fuel, _NEVER, ring, cpu.next_hcall)
         except UcError as exc:
             error = exc
+            cpu.engine.tainted = True  # never handed to another CPU (supervisor.engines)
             vector, hcall = _slicing.last_trap(fuel)
         finally:
             if fuel.native_done:  # hypercalls the native hook completed count like any other

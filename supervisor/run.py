@@ -112,6 +112,10 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
         exit = pending_exit(cpu)
         match exit:
             case None:
+                pool = cpu.engine.pool
+                if pool is not None and pool.always and cpu.hibernate():
+                    cpu.stats.hibernations -= 1  # (a forced switch, not a hibernation)
+                    cpu.stats.wakes -= 1
                 if cpu.engine.frozen is not None:
                     _thaw(cpu, dormitory)  # it hibernated
                 timers.write_timestamp(cpu)
@@ -298,6 +302,9 @@ def _may_go_on(cpu: LgCpu) -> bool:
     no other CPU of the guest waits for its turn on the processor.  The pool then runs
     that slice in its FIFO turn (:mod:`supervisor.slicepool`).
     """
+    pool = cpu.engine.pool
+    if pool is not None and pool.always:
+        return False  # every slice through the run loop, each on a switched engine
     return cpu.lg.waiting_turns == 0 and pending_exit(cpu) is None
 
 

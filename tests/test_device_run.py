@@ -281,6 +281,7 @@ async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(
     assert not where[-1][0]
 
 
+@pytest.mark.own_engines
 async def test_a_lone_busy_guest_goes_on_on_its_worker_without_the_event_loop(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -301,6 +302,7 @@ async def test_a_lone_busy_guest_goes_on_on_its_worker_without_the_event_loop(
     await breaker
 
 
+@pytest.mark.own_engines
 async def test_a_slice_goes_on_only_while_no_other_guest_waits_for_the_worker() -> None:
     # One worker: a spinner whose slices go on by themselves must hand the worker over
     # as soon as another guest's slice waits for it (at the end of its current slice).
@@ -329,6 +331,7 @@ async def test_a_notifying_guest_is_served_without_a_thread_hand_off(
     assert jobs == []
 
 
+@pytest.mark.own_engines
 async def test_busy_guests_take_turns_on_a_worker_without_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

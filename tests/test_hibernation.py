@@ -205,6 +205,7 @@ async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_
         g.memory.close()
 
 
+@pytest.mark.own_engines
 async def test_memory_goes_back_after_a_burst_of_hibernations_not_at_each_wake() -> None:
     async with LguestDevice(hibernate_after=0) as dev:
         # A burst: TRIM_SLACK guests hibernate and nothing reuses their instances.
@@ -313,6 +314,7 @@ async def test_a_thawed_instance_is_configured_like_a_new_one() -> None:
         await close_all([(g, reader)])
 
 
+@pytest.mark.own_engines
 async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one() -> None:
     _unicorn.drop_blanks()
     async with LguestDevice(hibernate_after=0) as dev:
