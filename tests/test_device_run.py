@@ -321,6 +321,7 @@ async def test_a_slice_goes_on_only_while_no_other_guest_waits_for_the_worker() 
         await asyncio.gather(*readers, return_exceptions=True)
 
 
+@pytest.mark.own_engines  # (a switched engine translates afresh: its slice may run out)
 async def test_a_notifying_guest_is_served_without_a_thread_hand_off(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
