@@ -165,3 +165,48 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
         reader_h.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reader_h
+
+
+WAKER = r"""
+main:
+    LGUEST_INIT
+    IDT 32, tick
+    HCALL 9, 50000
+1:  HCALL 10
+    jmp 1b
+tick:
+    incl ticks
+    HCALL 9, 50000
+    jmp irq_return
+.data
+ticks: .long 0
+"""
+
+
+async def test_no_engine_is_ever_held_by_two_cpus_among_spinners_and_wakers() -> None:
+    async with LguestDevice(engines="pool", workers=1, hibernate_after=0) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(10)]
+        wakers = [await boot(dev, WAKER) for _ in range(10)]
+        guests = spinners + wakers
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
+        samples = 0
+
+        def check() -> bool:
+            nonlocal samples
+            held = [g.file.cpu(0).engine.uc for g in guests]
+            held = [uc for uc in held if uc is not None]
+            assert len({id(uc) for uc in held}) == len(held)  # never one engine for two CPUs
+            assert pool.live == len(held) + pool.idle  # every engine made is somewhere
+            assert pool.idle <= pool.keep
+            samples += 1
+            return all(g.u32("ticks") >= 20 for g in wakers) and all(
+                g.u32("counter") > 0 for g in spinners
+            )
+
+        await until(check, LIMIT)
+        assert samples > 1 and pool.switched + pool.reused > 0
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in guests)
