@@ -6,15 +6,20 @@
  *    and fcntl are files.c's calls and work on both.  The device keeps a bitmap
  *    of the descriptors that are sockets in this file's sock_map, so read and
  *    write reach a socket without asking first.
- *  - a blocking call that cannot complete gets NET_WAIT from the device: the
- *    CPU halts (costing the Host nothing) until the device's events counter
- *    moves (it raises its irq with it), then asks again.  Interrupts stay off
- *    from the request to the halt, so a change in between is never missed: its
- *    irq is pending and ends the halt at once.
+ *  - a blocking call that cannot complete gets NET_WAIT from the device and
+ *    waits until the device's events counter moves (it raises its irq with
+ *    it), then asks again.  Without threads the CPU halts (costing the Host
+ *    nothing); interrupts stay off from the request to the halt, so a change
+ *    in between is never missed: its irq is pending and ends the halt at once.
+ *    With threads the thread blocks in the scheduler on the counter (a futex
+ *    wait on its last value, so a change in between is seen), having released
+ *    the device's lock: other threads keep the CPU and the device, and the
+ *    irq, on whichever CPU takes it, wakes the waiters (__lguest_net_irq).
  *  - poll and select cover the console (fds 0-2, asked of runtime.c), files
  *    (always ready) and sockets (the device's answer), with a timeout on the
  *    clock event.
- *  - one CPU at a time: every call holds the file device's lock.
+ *  - one CPU at a time: every call holds the file device's lock, except while
+ *    a thread waits for the network.
  */
 #include <lguest.h>
 
@@ -61,6 +66,9 @@ struct iovec32 {
 
 extern lg_spinlock_t __lguest_files_lock;                  /* files.c */
 int __lguest_console_readable(void);                     /* runtime.c */
+int lg_thread_active(void);                              /* threads.c */
+int lg_thread_wait_word(volatile uint32_t *word, uint32_t val, uint64_t deadline);
+void lg_thread_wake_word(volatile uint32_t *word);
 
 static volatile struct files_desc *dev;
 static int looked;
@@ -69,6 +77,30 @@ static uint8_t sock_map[(65536 + 64) / 8];
 static int is_socket(int fd)
 {
     return fd >= 3 && fd < (int)(8 * sizeof sock_map) && (sock_map[fd >> 3] >> (fd & 7) & 1);
+}
+
+/* The interrupt state __lguest_net_syscall saved when it took the lock; only
+ * the lock's holder reads or writes it. */
+static uint32_t lock_was;
+
+/* With threads: release the device, block this thread until the events
+ * counter leaves `seen` (or `deadline`, monotonic ns; 0: none), take the
+ * device again; 1.  Without threads: 0 (the caller halts its CPU). */
+static int thread_wait(uint32_t seen, uint64_t deadline)
+{
+    if (!dev || !lg_thread_active()) return 0;
+    lg_spin_unlock_irqrestore(&__lguest_files_lock, lock_was);
+    lg_thread_wait_word(&dev->events, seen, deadline);
+    uint32_t was = lg_spin_lock_irqsave(&__lguest_files_lock);
+    lock_was = was;
+    return 1;
+}
+
+/* runtime.c's irq dispatch, on any CPU, interrupts off: the device's irq
+ * wakes the threads waiting for its events counter. */
+void __lguest_net_irq(unsigned irq)
+{
+    if (dev && irq == dev->irq) lg_thread_wake_word(&dev->events);
 }
 
 static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -89,6 +121,7 @@ static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uin
         lguest_notify((const void *)dev);
         long r = (long)(int32_t)dev->result_lo;
         if (r != NET_WAIT) return r;
+        if (thread_wait(seen, 0)) continue;
         while (dev->events == seen) lguest_halt(); /* interrupts are off: see the top */
     }
 }
@@ -200,8 +233,11 @@ static long do_poll(struct pollfd32 *fds, uint32_t n, int64_t timeout_ns)
     if (n > 65536 + 64) return -EINVAL;
     if (n && !fds) return -EFAULT;
     uint64_t deadline = timeout_ns > 0 ? now_ns() + (uint64_t)timeout_ns : 0;
-    int any_device = 0;
-    for (uint32_t i = 0; i < n; i++) any_device |= fds[i].fd >= 3;
+    int any_device = 0, console = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        any_device |= fds[i].fd >= 3;
+        console |= fds[i].fd == 0 && (fds[i].events & POLLIN);
+    }
     for (;;) {
         if (!looked) call(OP_POLL, 0, 0, 0, 0, 0, 0);
         uint32_t seen = dev ? dev->events : 0;
@@ -221,6 +257,11 @@ static long do_poll(struct pollfd32 *fds, uint32_t n, int64_t timeout_ns)
             ready += bits != 0;
         }
         if (ready || timeout_ns == 0) return ready;
+        if (timeout_ns > 0 && now_ns() >= deadline) return 0;
+        /* A thread waits in the scheduler for the network or the timeout;
+         * console input is the console irq's news, on CPU 0: a poll on
+         * stdin waits on its CPU, as a read of it does. */
+        if (!console && thread_wait(seen, timeout_ns > 0 ? deadline : 0)) continue;
         if (timeout_ns > 0) {
             uint64_t t = now_ns();
             if (t >= deadline) return 0;
@@ -393,8 +434,9 @@ int __lguest_net_syscall(long nr, long a1, long a2, long a3, long a4, long a5, l
     }
     int handled = 1;
     uint32_t was = lg_spin_lock_irqsave(&__lguest_files_lock);
+    lock_was = was;
     long r = net_call(nr, a1, a2, a3, a4, a5, a6, &handled);
-    lg_spin_unlock_irqrestore(&__lguest_files_lock, was);
+    lg_spin_unlock_irqrestore(&__lguest_files_lock, lock_was);
     *result = r;
     return handled;
 }

@@ -72,6 +72,7 @@ static lg_spinlock_t mem_lock, console_lock, block_lock, start_lock;
 int lg_thread_syscall(const long *frame, long *result);
 int lg_thread_sleep(uint64_t deadline);
 void lg_thread_clock(void);
+void __lguest_net_irq(unsigned irq); /* net.c */
 
 int main();
 int __libc_start_main(int (*)(), int, char **, void (*)(void), void (*)(void),
@@ -120,6 +121,7 @@ void __lguest_irq_dispatch(unsigned irq)
     if (irq == LGUEST_CLOCK_IRQ) lg_percpu()->clock_fired = 1;
     if (irq < LGUEST_IRQS && irq_handlers[irq]) irq_handlers[irq](irq);
     if (irq == LGUEST_CLOCK_IRQ) lg_thread_clock(); /* threads.c: time slices */
+    __lguest_net_irq(irq); /* net.c: wakes threads waiting for the network */
 }
 
 int lguest_set_irq_handler(unsigned irq, lguest_irq_handler handler)

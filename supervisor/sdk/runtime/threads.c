@@ -631,6 +631,40 @@ int lg_thread_sleep(uint64_t deadline)
     return 1;
 }
 
+/* Block the calling thread while *word holds val, until lg_thread_wake_word
+ * or `deadline` (monotonic ns; 0: none); 0 if threads are not in use (the
+ * caller waits on its CPU itself).  A change of *word before the wait is seen
+ * under sched_lock, so a wake-up between the caller's look and here is never
+ * lost. */
+int lg_thread_wait_word(volatile uint32_t *word, uint32_t val, uint64_t deadline)
+{
+    if (!threads_on) return 0;
+    futex_wait((uint32_t)word, (int)val, deadline, ~0u);
+    return 1;
+}
+
+/* 1 once the program has threads (the thread scheduler owns the CPUs). */
+int lg_thread_active(void) { return threads_on; }
+
+/* From an irq handler (interrupts off), on whichever CPU took the irq: every
+ * thread waiting on `word` becomes runnable, and a halted CPU is woken for
+ * them (LG_THREAD_IPI) unless this CPU is idle and takes them itself when
+ * its halt ends.  Integer work only, but the interrupted thread's x87/SSE
+ * state is saved around it as at the clock interrupt. */
+void lg_thread_wake_word(volatile uint32_t *word)
+{
+    if (!threads_on) return;
+    uint8_t room[sizeof(struct fpu_area) + 15];
+    struct fpu_area *fpu = (struct fpu_area *)(((uint32_t)room + 15) & ~15u);
+    __asm__ __volatile__("fxsave %0" : "=m"(*fpu));
+    lg_spin_lock(&sched_lock);
+    struct cpu_sched *c = this_cpu();
+    if (futex_wake_locked((uint32_t)word, LG_MAX_THREADS, ~0u) && c->cur != &c->idle)
+        kick_idle();
+    sched_unlock();
+    __asm__ __volatile__("fxrstor %0" : : "m"(*fpu));
+}
+
 /* The clock interrupt (irq 0) on this CPU, interrupts off: wake timed-out
  * waiters and end the running thread's slice if another waits for a CPU. */
 static __attribute__((noinline)) void clock_tick(void)
