@@ -34,7 +34,7 @@ class Script:
             id=0,
             lg=self.lg,
             fuel=SimpleNamespace(stop=1),
-            engine=SimpleNamespace(frozen=None),
+            engine=SimpleNamespace(frozen=None, pool=None),
             irqs_pending=0,
             pending_notify=0x1234,
             trap=SimpleNamespace(debug=None),
