@@ -543,6 +543,60 @@ async def test_malformed_requests_kill_and_bad_arguments_are_errors(tmp_path: Pa
     assert dev.open_files == 0
 
 
+async def test_requests_from_two_cpus_at_once_are_served_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile SMP guest NOTIFYs a close while its write is on a worker thread: the
+    close waits, so the thread never writes to a host descriptor closed (and perhaps
+    reused) under it."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_write = files._write
+
+    def slow_write(fd: int, view: memoryview, offset: int | None) -> int:
+        entered.set()
+        release.wait()
+        return real_write(fd, view, offset)
+
+    monkeypatch.setattr(files, "_write", slow_write)
+    memory = GuestMemory((1 << 20) + 4096)
+    dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
+    await dev.start()
+    try:
+        slot = _slot(memory)
+        dev.attach(slot)
+
+        def put(op: int, fd: int, *args: int) -> None:
+            slot.set(files.FS_OP, op)
+            slot.set(files.FS_FD, fd)
+            for i, value in enumerate([*args, 0, 0, 0, 0, 0, 0, 0][:7]):
+                slot.set(files.FS_A0 + 4 * i, value)
+
+        memory.write(0x1000, b"/d/x")
+        put(files.OP_OPENAT, files.AT_FDCWD & 0xFFFFFFFF, 0x1000, 4, 0o102, 0o644)
+        await dev.notify(slot)
+        assert slot.get(files.FS_RESULT) == 3
+        memory.write(0x2000, b"0123456789")
+        put(files.OP_WRITE, 3, 0x2000, 10)
+        writing = asyncio.create_task(dev.notify(slot))
+        await asyncio.to_thread(entered.wait)  # the write has read its request
+        put(files.OP_CLOSE, 3)
+        closing = asyncio.create_task(dev.notify(slot))
+        for _ in range(20):  # loop turns: a close that did not wait would be done
+            await asyncio.sleep(0)
+        closed_during_write = closing.done()
+        release.set()
+        await asyncio.gather(writing, closing)
+        assert not closed_during_write
+        assert (tmp_path / "x").read_bytes() == b"0123456789"
+        assert dev.open_files == 0
+    finally:
+        release.set()
+        await dev.stop()
+        memory.close()
+
+
 # -- snapshots ------------------------------------------------------------------------------------
 async def test_a_restored_guest_reopens_its_files_through_its_own_grants(
     fsprobe: Path, tmp_path: Path

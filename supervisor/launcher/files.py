@@ -29,6 +29,7 @@ Guarantees:
 * A read-only grant is opened read-only on the host: writes fail with EROFS.
 * The descriptor table holds at most ``max_files`` guest descriptors (EMFILE
   beyond); every host descriptor is closed when the Launcher stops.
+* Requests are served one at a time, even from several CPUs at once.
 * Blocking host I/O runs on worker threads; data moves directly between the
   host file and guest RAM (``readv``/``writev`` on a view of guest memory).  A
   request runs to its end even if the guest is killed meanwhile, so a write is
@@ -308,6 +309,11 @@ class FilesDevice(Device):
         self._memory_view: memoryview | None = None
         self.net = net
         self._news = False
+        # One request at a time: the runtime holds a lock across CPUs, but a hostile SMP
+        # guest may NOTIFY from two at once, and a close must never reach a host
+        # descriptor a worker thread is still reading or writing (its number could be
+        # reused by another guest's file).
+        self._serving = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -444,6 +450,10 @@ class FilesDevice(Device):
 
     # -- requests ----------------------------------------------------------------------
     async def notify(self, slot: Slot) -> None:
+        async with self._serving:
+            await self._serve(slot)
+
+    async def _serve(self, slot: Slot) -> None:
         self.requests += 1
         op = slot.get(FS_OP)
         fd = _signed(slot.get(FS_FD))
