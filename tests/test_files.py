@@ -497,6 +497,25 @@ def test_dir_options_reach_the_config(tmp_path: Path) -> None:
         GuestConfig(image=HERE.parent / "guests" / "c" / "hello.elf", workdir="rel")
 
 
+def test_two_grants_at_one_guest_path_are_refused(tmp_path: Path) -> None:
+    """The longest-prefix match would serve only the first: the second is refused, not
+    silently shadowed (``/a`` and ``/a/`` are one guest path)."""
+    image = HERE.parent / "guests" / "c" / "hello.elf"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="both granted at /a"):
+        GuestConfig(
+            image=image,
+            dirs=[DirGrant(host=tmp_path, guest="/a"),
+                  DirGrant(host=tmp_path / "b", guest="/a/", read_only=True)],
+        )  # fmt: skip
+    done = _cli("run", str(image), "--dir", f"{tmp_path}::/a", "--ro-dir", f"{tmp_path}::/a")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "both granted at /a" in done.stderr
+    nested = [DirGrant(host=tmp_path, guest="/a"), DirGrant(host=tmp_path / "b", guest="/a/b")]
+    config = GuestConfig(image=image, dirs=nested)
+    assert len(config.dirs) == 2
+
+
 def _slot(memory: GuestMemory) -> Slot:
     return Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
 
