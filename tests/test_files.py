@@ -616,6 +616,54 @@ async def test_requests_from_two_cpus_at_once_are_served_one_after_the_other(
         memory.close()
 
 
+async def test_an_open_cancelled_on_its_thread_closes_what_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest is killed while its open runs on a worker thread: the request waits for
+    the thread, then closes the host descriptor it made (nobody else will)."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    opened: list[int] = []
+    real_open = files.FilesDevice._open_file
+
+    def slow_open(
+        self: files.FilesDevice, base: int, rel: str, flags: int, mode: int
+    ) -> tuple[int, bool]:
+        entered.set()
+        release.wait()
+        result = real_open(self, base, rel, flags, mode)
+        opened.append(result[0])
+        return result
+
+    monkeypatch.setattr(files.FilesDevice, "_open_file", slow_open)
+    (tmp_path / "x").write_bytes(b"x")
+    memory = GuestMemory((1 << 20) + 4096)
+    dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
+    await dev.start()
+    try:
+        slot = _slot(memory)
+        dev.attach(slot)
+        memory.write(0x1000, b"/d/x")
+        slot.set(files.FS_OP, files.OP_OPENAT)
+        slot.set(files.FS_FD, files.AT_FDCWD & 0xFFFFFFFF)
+        for i, value in enumerate([0x1000, 4, 0, 0, 0, 0, 0]):
+            slot.set(files.FS_A0 + 4 * i, value)
+        opening = asyncio.create_task(dev.notify(slot))
+        await asyncio.to_thread(entered.wait)
+        opening.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert len(opened) == 1 and dev.open_files == 0
+        with pytest.raises(OSError):  # closed (not reused: nothing opened since)
+            os.fstat(opened[0])
+    finally:
+        release.set()
+        await dev.stop()
+        memory.close()
+
+
 # -- snapshots ------------------------------------------------------------------------------------
 async def test_a_restored_guest_reopens_its_files_through_its_own_grants(
     fsprobe: Path, tmp_path: Path
