@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from .abi import MAX_CPUS, PAGE_SIZE
+from .launcher.files import normalise
 from .launcher.layout import CMDLINE_MAX, env_block
 from .limits import Limits
 
@@ -155,6 +156,17 @@ class GuestConfig(BaseModel):
     # ``max_sockets`` sockets open at once (EMFILE beyond).
     net: bool = False
     max_sockets: int = Field(default=1024, ge=1, le=1 << 16)
+
+    @field_validator("dirs")
+    @classmethod
+    def _dirs(cls, value: list[DirGrant]) -> list[DirGrant]:
+        seen: dict[str, DirGrant] = {}
+        for grant in value:
+            where = normalise(grant.guest)
+            if where in seen:
+                raise ValueError(f"{seen[where].host} and {grant.host} are both granted at {where}")
+            seen[where] = grant
+        return value
 
     @field_validator("workdir")
     @classmethod

@@ -316,12 +316,14 @@ async def notified(booted: Booted) -> int:
     return address
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+async def until(predicate: Callable[[], bool], timeout: float = 120.0) -> None:  # noqa: ASYNC109
     """Wait until ``predicate()`` holds; guest memory has no events, so poll it.
 
     The first checks only yield; later ones sleep a millisecond so that a long
     wait leaves the cores to the guests.  ``timeout`` bounds a wait that fails (a
-    TimeoutError), so that a test never hangs.
+    TimeoutError), so that a test never hangs; a passing wait never reaches it, so
+    the default is generous enough for guests whose niced workers get a few
+    percent of a core on a loaded machine.
     """
     async with asyncio.timeout(timeout):
         for _ in range(100):

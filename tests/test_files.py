@@ -497,6 +497,25 @@ def test_dir_options_reach_the_config(tmp_path: Path) -> None:
         GuestConfig(image=HERE.parent / "guests" / "c" / "hello.elf", workdir="rel")
 
 
+def test_two_grants_at_one_guest_path_are_refused(tmp_path: Path) -> None:
+    """The longest-prefix match would serve only the first: the second is refused, not
+    silently shadowed (``/a`` and ``/a/`` are one guest path)."""
+    image = HERE.parent / "guests" / "c" / "hello.elf"
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="both granted at /a"):
+        GuestConfig(
+            image=image,
+            dirs=[DirGrant(host=tmp_path, guest="/a"),
+                  DirGrant(host=tmp_path / "b", guest="/a/", read_only=True)],
+        )  # fmt: skip
+    done = _cli("run", str(image), "--dir", f"{tmp_path}::/a", "--ro-dir", f"{tmp_path}::/a")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "both granted at /a" in done.stderr
+    nested = [DirGrant(host=tmp_path, guest="/a"), DirGrant(host=tmp_path / "b", guest="/a/b")]
+    config = GuestConfig(image=image, dirs=nested)
+    assert len(config.dirs) == 2
+
+
 def _slot(memory: GuestMemory) -> Slot:
     return Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
 
@@ -541,6 +560,108 @@ async def test_malformed_requests_kill_and_bad_arguments_are_errors(tmp_path: Pa
         await dev.stop()
         memory.close()
     assert dev.open_files == 0
+
+
+async def test_requests_from_two_cpus_at_once_are_served_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile SMP guest NOTIFYs a close while its write is on a worker thread: the
+    close waits, so the thread never writes to a host descriptor closed (and perhaps
+    reused) under it."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    real_write = files._write
+
+    def slow_write(fd: int, view: memoryview, offset: int | None) -> int:
+        entered.set()
+        release.wait()
+        return real_write(fd, view, offset)
+
+    monkeypatch.setattr(files, "_write", slow_write)
+    memory = GuestMemory((1 << 20) + 4096)
+    dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
+    await dev.start()
+    try:
+        slot = _slot(memory)
+        dev.attach(slot)
+
+        def put(op: int, fd: int, *args: int) -> None:
+            slot.set(files.FS_OP, op)
+            slot.set(files.FS_FD, fd)
+            for i, value in enumerate([*args, 0, 0, 0, 0, 0, 0, 0][:7]):
+                slot.set(files.FS_A0 + 4 * i, value)
+
+        memory.write(0x1000, b"/d/x")
+        put(files.OP_OPENAT, files.AT_FDCWD & 0xFFFFFFFF, 0x1000, 4, 0o102, 0o644)
+        await dev.notify(slot)
+        assert slot.get(files.FS_RESULT) == 3
+        memory.write(0x2000, b"0123456789")
+        put(files.OP_WRITE, 3, 0x2000, 10)
+        writing = asyncio.create_task(dev.notify(slot))
+        await asyncio.to_thread(entered.wait)  # the write has read its request
+        put(files.OP_CLOSE, 3)
+        closing = asyncio.create_task(dev.notify(slot))
+        for _ in range(20):  # loop turns: a close that did not wait would be done
+            await asyncio.sleep(0)
+        closed_during_write = closing.done()
+        release.set()
+        await asyncio.gather(writing, closing)
+        assert not closed_during_write
+        assert (tmp_path / "x").read_bytes() == b"0123456789"
+        assert dev.open_files == 0
+    finally:
+        release.set()
+        await dev.stop()
+        memory.close()
+
+
+async def test_an_open_cancelled_on_its_thread_closes_what_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest is killed while its open runs on a worker thread: the request waits for
+    the thread, then closes the host descriptor it made (nobody else will)."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    opened: list[int] = []
+    real_open = files.FilesDevice._open_file
+
+    def slow_open(
+        self: files.FilesDevice, base: int, rel: str, flags: int, mode: int
+    ) -> tuple[int, bool]:
+        entered.set()
+        release.wait()
+        result = real_open(self, base, rel, flags, mode)
+        opened.append(result[0])
+        return result
+
+    monkeypatch.setattr(files.FilesDevice, "_open_file", slow_open)
+    (tmp_path / "x").write_bytes(b"x")
+    memory = GuestMemory((1 << 20) + 4096)
+    dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
+    await dev.start()
+    try:
+        slot = _slot(memory)
+        dev.attach(slot)
+        memory.write(0x1000, b"/d/x")
+        slot.set(files.FS_OP, files.OP_OPENAT)
+        slot.set(files.FS_FD, files.AT_FDCWD & 0xFFFFFFFF)
+        for i, value in enumerate([0x1000, 4, 0, 0, 0, 0, 0]):
+            slot.set(files.FS_A0 + 4 * i, value)
+        opening = asyncio.create_task(dev.notify(slot))
+        await asyncio.to_thread(entered.wait)
+        opening.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        assert len(opened) == 1 and dev.open_files == 0
+        with pytest.raises(OSError):  # closed (not reused: nothing opened since)
+            os.fstat(opened[0])
+    finally:
+        release.set()
+        await dev.stop()
+        memory.close()
 
 
 # -- snapshots ------------------------------------------------------------------------------------

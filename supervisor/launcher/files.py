@@ -29,6 +29,7 @@ Guarantees:
 * A read-only grant is opened read-only on the host: writes fail with EROFS.
 * The descriptor table holds at most ``max_files`` guest descriptors (EMFILE
   beyond); every host descriptor is closed when the Launcher stops.
+* Requests are served one at a time, even from several CPUs at once.
 * Blocking host I/O runs on worker threads; data moves directly between the
   host file and guest RAM (``readv``/``writev`` on a view of guest memory).  A
   request runs to its end even if the guest is killed meanwhile, so a write is
@@ -308,6 +309,11 @@ class FilesDevice(Device):
         self._memory_view: memoryview | None = None
         self.net = net
         self._news = False
+        # One request at a time: the runtime holds a lock across CPUs, but a hostile SMP
+        # guest may NOTIFY from two at once, and a close must never reach a host
+        # descriptor a worker thread is still reading or writing (its number could be
+        # reused by another guest's file).
+        self._serving = asyncio.Lock()
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -444,6 +450,10 @@ class FilesDevice(Device):
 
     # -- requests ----------------------------------------------------------------------
     async def notify(self, slot: Slot) -> None:
+        async with self._serving:
+            await self._serve(slot)
+
+    async def _serve(self, slot: Slot) -> None:
         self.requests += 1
         op = slot.get(FS_OP)
         fd = _signed(slot.get(FS_FD))
@@ -461,11 +471,15 @@ class FilesDevice(Device):
         slot.set(FS_RESULT, int.from_bytes(raw[:4], "little"))
         slot.set(FS_RESULT_HI, int.from_bytes(raw[4:], "little"))
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _blocking(
+        self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None
+    ) -> T:
         """``fn(*args)`` on a worker thread; an ``OSError`` becomes the guest's errno.
 
         Cancelled (the guest is being killed), it still waits for the thread: the
-        request (a write, say) ends whole and no view of guest memory outlives it.
+        request (a write, say) ends whole and no view of guest memory outlives it;
+        what the thread made (a host descriptor) is handed to ``discard``, since
+        nobody will take it.
         """
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(None, fn, *args)
@@ -476,6 +490,8 @@ class FilesDevice(Device):
             except asyncio.CancelledError:
                 cancelled = True
         if cancelled:
+            if discard is not None and not future.cancelled() and future.exception() is None:
+                discard(future.result())
             raise asyncio.CancelledError
         try:
             return future.result()
@@ -645,7 +661,9 @@ class FilesDevice(Device):
         base = await self._grant_fd(d.grant)
         flags = d.flags & ~(G_CREAT | G_EXCL | G_TRUNC)
         try:
-            fd, is_dir = await self._blocking(self._open_file, base, d.path, flags, 0)
+            fd, is_dir = await self._blocking(
+                self._open_file, base, d.path, flags, 0, discard=_close_opened
+            )
         except _GuestError:
             d.stale = True
             raise _GuestError(errno.ESTALE) from None
@@ -781,7 +799,9 @@ class FilesDevice(Device):
         if len(self._table.entries) >= self.max_files:
             raise _GuestError(errno.EMFILE)
         base = await self._grant_fd(grant)
-        fd, is_dir = await self._blocking(self._open_file, base, rel, flags, mode)
+        fd, is_dir = await self._blocking(
+            self._open_file, base, rel, flags, mode, discard=_close_opened
+        )
         d = _Description(grant, rel, flags & (G_ACCMODE | _STATUS_FLAGS | G_DIRECTORY), fd, is_dir)
         try:
             return self._install(d, FIRST_FD, bool(flags & G_CLOEXEC))
@@ -1246,6 +1266,11 @@ def _signed(word: int) -> int:
 def _offset(lo: int, hi: int) -> int:
     value: int = _S64.unpack(struct.pack("<II", lo, hi))[0]
     return value
+
+
+def _close_opened(opened: tuple[int, bool]) -> None:
+    """Close what :meth:`FilesDevice._open_file` opened for a request that was cancelled."""
+    os.close(opened[0])
 
 
 def _read(fd: int, view: memoryview, offset: int | None) -> int:
