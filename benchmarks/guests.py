@@ -15,8 +15,18 @@ from supervisor.launcher.layout import Layout
 from supervisor.testing import AsmGuest as Image
 from supervisor.testing import Booted, assemble, boot, initialize_words, load
 
-__all__ = ["NOTIFY", "SMALL_RAM", "Booted", "Image", "Layout", "assemble", "boot", "close",
-           "initialize_words", "load"]
+__all__ = [
+    "NOTIFY",
+    "SMALL_RAM",
+    "Booted",
+    "Image",
+    "Layout",
+    "assemble",
+    "boot",
+    "close",
+    "initialize_words",
+    "load",
+]
 
 NOTIFY = 17
 SMALL_RAM = 128 << 10  # the smallest RAM the Launcher's layout accepts for these images

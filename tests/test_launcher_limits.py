@@ -112,9 +112,21 @@ async def test_rate_limit_refills_over_time(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_cli_budget_option_kills_and_reports() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "supervisor", "run", str(GUESTS / "spinner.img"),
-         "--memory", "1M", "--max-blocks", "50000"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "run",
+            str(GUESTS / "spinner.img"),
+            "--memory",
+            "1M",
+            "--max-blocks",
+            "50000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1
     assert done.stderr.strip() == (

@@ -8,8 +8,11 @@ from supervisor.testing import assemble, boot, notified, run_to_end
 
 async def test_boot_and_notify_from_source() -> None:
     async with LguestDevice() as dev:
-        g = await boot(dev, "main:\n LGUEST_INIT\n movl $7, value\n HCALL 17, 0x42\n"
-                       " HCALL 2, msg, 1, 0\n.data\nvalue: .long 0\nmsg: .asciz \"bye\"\n")
+        g = await boot(
+            dev,
+            "main:\n LGUEST_INIT\n movl $7, value\n HCALL 17, 0x42\n"
+            ' HCALL 2, msg, 1, 0\n.data\nvalue: .long 0\nmsg: .asciz "bye"\n',
+        )
         assert await notified(g) == 0x42
         assert g.u32("value") == 7
         g.set_u32("value", 9)
