@@ -49,3 +49,19 @@ __all__ = [
     "run_to_end",
     "until",
 ]
+
+
+# Sleeps in a halt; irq 1 (vector 33) counts a hit in `hits` and notifies 0x33.
+HALT_COUNTER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    incl hits
+    HCALL 17, 0x33
+    jmp irq_return
+.data
+hits: .long 0
+"""

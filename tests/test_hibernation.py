@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guestasm import HALT_COUNTER as COUNTER
 from guestasm import Booted, assemble, boot, initialize_words, load, until
 from test_state import STEPS, WORKER, worker_to_death
 
@@ -50,21 +51,6 @@ async def test_a_guest_hibernated_at_every_halt_and_notify_computes_exactly_the_
     # Every notify (and every halt) gave the emulator back; each run took a new one.
     assert got_stats is not None and got_stats.hibernations >= STEPS
     assert got_stats.wakes >= got_stats.hibernations - 1
-
-
-COUNTER = r"""
-main:
-    LGUEST_INIT
-    IDT 33, handler
-1:  HCALL 10
-    jmp 1b
-handler:
-    incl hits
-    HCALL 17, 0x33
-    jmp irq_return
-.data
-hits: .long 0
-"""
 
 
 async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work() -> None:

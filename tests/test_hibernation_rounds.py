@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guestasm import HALT_COUNTER as SLEEPER
 from guestasm import Booted, boot, until
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi, hibernation
@@ -30,21 +31,6 @@ ROUNDS = 8
 GUESTS = 4
 WAKES = 3
 LIMIT = 120  # seconds: a bound for failing (a starved machine too), never a wait for success
-
-# Sleeps in a halt; irq 1 (vector 33) counts a hit and notifies 0x33.
-SLEEPER = r"""
-main:
-    LGUEST_INIT
-    IDT 33, handler
-1:  HCALL 10
-    jmp 1b
-handler:
-    incl hits
-    HCALL 17, 0x33
-    jmp irq_return
-.data
-hits: .long 0
-"""
 
 
 def live() -> dict[str, int]:
