@@ -276,6 +276,7 @@ class Supervisor:
         keep_ended: bool = True,
         worker_nice: int = DEFAULT_WORKER_NICE,
         idle_workers: bool = False,
+        network: Network | None = None,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
@@ -283,7 +284,9 @@ class Supervisor:
         config may say otherwise; see :mod:`supervisor.hibernation`).
         ``keep_ended=False`` lets :attr:`guests` forget a guest once it has ended
         (a long swarm then holds only the guests alive).  ``workers``, ``worker_nice``
-        and ``idle_workers``: the device's executor threads (:class:`LguestDevice`)."""
+        and ``idle_workers``: the device's executor threads (:class:`LguestDevice`).
+        ``network``: the guests' network, to choose its seed, clock, timeouts and
+        buffers (default: a ``Network()``); it must not serve another Supervisor."""
         self.device = LguestDevice(
             workers=workers,
             worker_nice=worker_nice,
@@ -293,7 +296,8 @@ class Supervisor:
             hibernate_after=hibernate_after,
         )
         self.max_restarts = max_restarts
-        self.net = Network()  # the guests' network: GuestConfig(net=True) joins it
+        # The guests' network: GuestConfig(net=True) joins it.
+        self.net = Network() if network is None else network
         self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
         self._keep_ended = keep_ended
         self._closed = False

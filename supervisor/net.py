@@ -21,6 +21,12 @@ Guarantees:
 * State changes are reported to the socket's owner through :meth:`Member.news`
   (a guest: its file device raises its irq) or the socket's ``on_change``
   callback (the host's streams), never synchronously inside another's request.
+* Faults (:meth:`Network.link`, :meth:`Network.partition`) never lose or reorder
+  a stream's bytes: a lost segment costs a retransmission's delay, and bytes a
+  cut holds for ``stream_timeout`` end the connection with ``ETIMEDOUT``.
+  Datagrams are delayed, dropped and reordered.  Every random draw comes from
+  the Network's one seedable ``random.Random`` and every delay from its one
+  :class:`Clock`, so a run is reproducible from the seed and the clock.
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import math
+import os
+import random
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 NET_PREFIX = 0x0A000000  # 10.0.0.0/16
 NET_MASK = 0xFFFF0000
@@ -45,6 +54,17 @@ MAX_DATAGRAM = 65507
 MAX_BACKLOG = 4096
 DNS_PORT = 53
 EPHEMERAL = (32768, 60999)
+# Linux's TCP timing, which the faults model: the smallest retransmission timeout,
+# its ceiling, the retransmissions before a connection gives up (tcp_retries2)
+# and the time those take (0.2 s doubling to 120 s: 924.6 s), the time a connect
+# waits for an answer (tcp_syn_retries = 6: 1 + 2 + ... + 64 = 127 s).
+MIN_RTO = 0.2
+MAX_RTO = 120.0
+TCP_RETRIES = 15
+DEFAULT_STREAM_TIMEOUT = 924.6
+DEFAULT_CONNECT_TIMEOUT = 127.0
+MSS = 1460  # a stream's bytes cross a lossy link in segments of this size
+MAX_PIECE = 64 << 10  # a delayed stream's bytes arrive in pieces of at most this
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
 POLLRDHUP = 0x2000
@@ -77,6 +97,80 @@ def ip_int(text: str) -> int:
 
 
 Address = tuple[int, int]  # (IPv4 as an int, port)
+
+
+class Timer(Protocol):
+    """What :meth:`Clock.call_later` returns (an ``asyncio.TimerHandle`` is one)."""
+
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """Where a :class:`Network`'s time comes from: every delay, rate and timeout of the
+    faults is read and scheduled through it, nothing else (a deterministic run
+    substitutes virtual time here)."""
+
+    def time(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer: ...
+
+
+class LoopClock:
+    """The running event loop's ``time()`` and ``call_later`` (the default clock)."""
+
+    def time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
+class Link:
+    """The faults of one direction between two members (:meth:`Network.link`).
+
+    ``busy_until``: when the link has sent what it was given (``rate``), so
+    that every connection and datagram over it shares the rate.  ``queued``:
+    datagram bytes on the way, bounded by the network's ``datagram_queue``.
+    ``dropped``: datagrams lost to ``loss`` or to a full queue.
+    """
+
+    def __init__(self, delay: float, jitter: float, loss: float, rate: float | None) -> None:
+        self.delay = delay
+        self.jitter = jitter
+        self.loss = loss
+        self.rate = rate
+        self.busy_until = 0.0
+        self.queued = 0
+        self.dropped = 0
+
+    def depart(self, now: float, size: int) -> float:
+        """When ``size`` bytes given now have left (the rate's queue, then the wire)."""
+        if self.rate is None:
+            return now
+        start = max(now, self.busy_until)
+        self.busy_until = start + size / self.rate
+        return self.busy_until
+
+    def latency(self, rng: random.Random) -> float:
+        return self.delay + (self.jitter * rng.random() if self.jitter else 0.0)
+
+    def retransmissions(self, size: int, rng: random.Random) -> tuple[float, bool]:
+        """The extra delay lost segments of ``size`` bytes cost, as TCP resends them:
+        each of its segments is lost with probability ``loss``, resent after a
+        retransmission timeout that doubles each time; the slowest decides.  True
+        if one was lost more than ``TCP_RETRIES`` times (the connection gives up)."""
+        if not self.loss:
+            return 0.0, False
+        worst = 0
+        for _ in range(-(-size // MSS)):
+            lost = 0
+            while rng.random() < self.loss:
+                lost += 1
+                if lost > TCP_RETRIES:
+                    return 0.0, True
+            worst = max(worst, lost)
+        rto = max(MIN_RTO, 2 * self.delay + MIN_RTO)
+        return sum(min(rto * (1 << i), MAX_RTO) for i in range(worst)), False
 
 
 class Member:
@@ -175,11 +269,20 @@ class StreamSocket(Socket):
         self.peer: StreamSocket | None = None
         self.remote: Address | None = None
         self.rx = bytearray()
+        # Bytes on their way here over a link (arrival time, bytes, the segment that
+        # makes the sender give up), in order; they count against the buffer.
+        self.pending: deque[tuple[float, bytes, bool]] = deque()
+        self.inflight = 0
         self.eof = False  # the peer will send no more
-        self.reset = False  # the peer reset the connection
+        self.reset = False  # the connection failed: the next call gets reset_errno
+        self.reset_errno = errno.ECONNRESET
+        self.timed_out = False  # this end gave up (ETIMEDOUT): no cut hides that
         self.write_shut = False
         self.was_connected = False
         self.waiters: set[StreamSocket] = set()  # connects waiting for room in the backlog
+        self.connect_error = 0  # a waiting connect's outcome (ETIMEDOUT), told once
+        self.deadline: Timer | None = None  # a cut's timeout (connect or sent bytes)
+        self._arrival: Timer | None = None  # the next of ``pending`` to arrive
 
     # -- connecting ------------------------------------------------------------------
     def listen(self, backlog: int) -> None:
@@ -195,10 +298,13 @@ class StreamSocket(Socket):
             raise NetError(errno.EINVAL)
         if self.peer is not None or self.was_connected:
             raise NetError(errno.EISCONN)
+        if self.connect_error:
+            err, self.connect_error = self.connect_error, 0
+            raise NetError(err)
         target = self.net._route(self.owner, ip)
         if self.net.is_cut(self.owner.ip, target.ip):
-            self.net.stalled.add(self)
-            raise WouldBlock  # no answer across a partition: it waits for a heal
+            self.net._stall_connect(self)
+            raise WouldBlock  # no answer across a partition: a heal, or ETIMEDOUT
         listener = self.net._listener(target.ip, port)
         if listener is None:
             raise NetError(errno.ECONNREFUSED)
@@ -236,18 +342,29 @@ class StreamSocket(Socket):
     # -- data ------------------------------------------------------------------------
     @property
     def cut(self) -> bool:
-        """True while a partition separates this end from its peer (data waits)."""
-        return self.remote is not None and self.net.is_cut(self.owner.ip, self.remote[0])
+        """True while a partition separates this end from its peer (data waits), unless
+        this end gave up (its ``ETIMEDOUT`` is told at once)."""
+        return (
+            self.remote is not None
+            and not self.timed_out
+            and self.net.is_cut(self.owner.ip, self.remote[0])
+        )
 
     def room(self) -> int:
         peer = self.peer
-        return 0 if peer is None else max(0, self.net.stream_buffer - len(peer.rx))
+        if peer is None:
+            return 0
+        return max(0, self.net.stream_buffer - len(peer.rx) - peer.inflight)
+
+    def _failed(self) -> NetError:
+        """The connection's failure, told once (later calls see a closed connection)."""
+        self.reset = False
+        self.error = 0
+        return NetError(self.reset_errno)
 
     def send(self, data: bytes | memoryview) -> int:
         if self.reset:
-            self.reset = False
-            self.error = 0
-            raise NetError(errno.ECONNRESET)
+            raise self._failed()
         if self.write_shut:
             raise NetError(errno.EPIPE)
         if self.peer is None:
@@ -257,11 +374,80 @@ class StreamSocket(Socket):
             raise WouldBlock
         n = min(room, len(data))
         peer = self.peer
-        was_empty = not peer.rx
-        peer.rx += data[:n]
-        if was_empty:
-            peer.wake()
+        net = self.net
+        link = net._link(self.owner.ip, peer.owner.ip) if net._links else None
+        if link is not None or peer.pending:  # behind bytes on the way, even unlinked
+            peer._arrive_later(bytes(data[:n]), link)
+        else:
+            was_empty = not peer.rx
+            peer.rx += data[:n]
+            if was_empty:
+                peer.wake()
+        if net._cuts and self.cut:
+            net._stall_stream(self)  # unacknowledged bytes: heal, or ETIMEDOUT
         return n
+
+    def _arrive_later(self, data: bytes, link: Link | None) -> None:
+        """Queue ``data`` (sent now by the peer) to arrive after the link's delays (no
+        link: at once), in order: pieces leave ``pending`` from its front only, so a
+        piece never overtakes the one before it (it may come with it)."""
+        net = self.net
+        now = net.clock.time()
+        step = MAX_PIECE
+        if link is not None and link.rate is not None:
+            step = int(min(MAX_PIECE, max(MSS, link.rate / 100)))
+        for at in range(0, len(data), step):
+            piece = data[at : at + step]
+            due, fatal = now, False
+            if link is not None:
+                extra, fatal = link.retransmissions(len(piece), net.random)
+                due = link.depart(now, len(piece)) + link.latency(net.random) + extra
+            self.pending.append((due, piece, fatal))
+            self.inflight += len(piece)
+        if self._arrival is None:
+            self._arrival = net.clock.call_later(max(0.0, self.pending[0][0] - now), self._arrive)
+
+    def _arrive(self) -> None:
+        """Move what is due from ``pending`` to ``rx``; a hopeless segment ends the
+        connection as its sender's retransmissions would."""
+        self._arrival = None
+        if not self.pending:
+            return
+        clock = self.net.clock
+        now = max(clock.time(), self.pending[0][0])
+        while self.pending and self.pending[0][0] <= now:
+            _due, piece, fatal = self.pending.popleft()
+            self.inflight -= len(piece)
+            if fatal:
+                if self.peer is not None:
+                    self.net._time_out(self.peer)
+                else:
+                    self._drop_pending()
+                    self.reset = True  # the sender is gone and its end never came
+                    self.wake()
+                return
+            self.rx += piece
+        if self.pending:
+            wait = max(0.0, self.pending[0][0] - clock.time())
+            self._arrival = clock.call_later(wait, self._arrive)
+        self.wake()
+
+    def _drop_pending(self) -> None:
+        self.pending.clear()
+        self.inflight = 0
+        if self._arrival is not None:
+            self._arrival.cancel()
+            self._arrival = None
+
+    def unacknowledged(self) -> bool:
+        """True if bytes this end sent are held by a cut (as if unacknowledged)."""
+        peer = self.peer
+        return peer is not None and bool(peer.rx or peer.pending) and self.cut
+
+    def cancel_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
 
     def recv(self, size: int, *, peek: bool = False) -> bytes:
         if self.cut:
@@ -274,10 +460,10 @@ class StreamSocket(Socket):
                 if full and self.peer is not None:
                     self.peer.wake()  # the writer has room again
             return data
+        if self.pending:
+            raise WouldBlock  # bytes on the way: an end or a reset comes after them
         if self.reset:
-            self.reset = False
-            self.error = 0
-            raise NetError(errno.ECONNRESET)
+            raise self._failed()
         if self.eof:
             return b""
         if self.peer is None and not self.was_connected:
@@ -292,6 +478,7 @@ class StreamSocket(Socket):
         if how in (0, 2):
             self.eof = True
             self.rx.clear()
+            self._drop_pending()
         if how in (1, 2) and not self.write_shut:
             self.write_shut = True
             if self.peer is not None:
@@ -306,10 +493,15 @@ class StreamSocket(Socket):
         self.backlog.clear()
         for waiter in list(self.waiters):
             waiter.wake()  # a connect waiting for this listener now finds it gone
+        self.cancel_deadline()
+        self.net._forget_stalled(self)
+        unread = bool(self.rx or self.pending)
+        self._drop_pending()
         peer, self.peer = self.peer, None
         if peer is not None:
             peer.peer = None
-            if self.rx:
+            peer.cancel_deadline()  # nothing of its can be acknowledged any more
+            if unread:
                 peer.reset = True  # unread data thrown away: the peer sees a reset
                 peer.error = errno.ECONNRESET
             else:
@@ -325,6 +517,9 @@ class StreamSocket(Socket):
             return bits | POLLERR if self.error else bits
         if self.cut:
             return POLLOUT if self.peer is not None and self.room() > 0 else 0
+        if self.pending:  # bytes on the way: an end or a reset comes after them
+            writable = self.peer is not None and not self.write_shut and self.room() > 0
+            return (POLLIN if self.rx else 0) | (POLLOUT if writable else 0)
         bits = 0
         if self.rx or self.eof or self.reset or self.peer is None:
             bits |= POLLIN
@@ -369,8 +564,13 @@ class DatagramSocket(Socket):
         target = self.net._route(self.owner, to[0])
         self._autobind()
         assert self.local is not None
-        dest = self.net._datagram(target.ip, to[1])
-        if dest is None or self.net.is_cut(self.owner.ip, target.ip):
+        net = self.net
+        link = net._link(self.owner.ip, target.ip) if net._links else None
+        if link is not None:
+            net._send_later(link, data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
+            return len(data)
+        dest = net._datagram(target.ip, to[1])
+        if dest is None or net.is_cut(self.owner.ip, target.ip):
             return len(data)  # nobody listens there: the datagram is lost, as UDP's are
         dest.deliver(data, (self.owner.ip, self.local[1]))
         return len(data)
@@ -404,8 +604,13 @@ class Network:
     """Addresses, names, listeners and bound ports of one Supervisor's guests and its host.
 
     ``stream_buffer``: unread bytes a connection holds each way before the
-    writer waits; ``datagram_queue``: bytes a datagram socket queues before
-    dropping.
+    writer waits; ``datagram_queue``: bytes a datagram socket (and a link) queues
+    before dropping.  ``seed``: the seed of :attr:`random`, the one source of the
+    faults' randomness (None: from the system).  ``clock``: the time every delay
+    and timeout is measured in (default: the running event loop's).
+    ``stream_timeout``: seconds a cut may hold a connection's sent bytes before
+    the sender gives up with ``ETIMEDOUT``; ``connect_timeout``: seconds a
+    connect waits across a cut before ``ETIMEDOUT`` (Linux's defaults).
     """
 
     def __init__(
@@ -413,11 +618,27 @@ class Network:
         *,
         stream_buffer: int = DEFAULT_STREAM_BUFFER,
         datagram_queue: int = DEFAULT_DATAGRAM_QUEUE,
+        seed: int | None = None,
+        clock: Clock | None = None,
+        stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         if stream_buffer < 1 or datagram_queue < 1:
             raise ValueError("buffers must hold at least one byte")
+        for what, value in (
+            ("stream_timeout", stream_timeout),
+            ("connect_timeout", connect_timeout),
+        ):
+            if not _number(value) or not 0 < value < math.inf:
+                raise ValueError(f"{what} must be a number of seconds above 0, not {value!r}")
         self.stream_buffer = stream_buffer
         self.datagram_queue = datagram_queue
+        self.random = random.Random(seed)
+        self.clock: Clock = LoopClock() if clock is None else clock
+        self.stream_timeout = float(stream_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self._links: dict[tuple[int, int], Link] = {}
+        self._deadlines: set[StreamSocket] = set()  # sockets whose cut timeout runs
         self._by_ip: dict[int, Member] = {}
         self._by_name: dict[str, Member] = {}
         self._next_ip = FIRST_GUEST
@@ -458,6 +679,8 @@ class Network:
     def _forget(self, member: Member) -> None:
         if self._by_ip.get(member.ip) is member:
             del self._by_ip[member.ip]
+            for key in [k for k in self._links if member.ip in k]:
+                del self._links[key]  # a link joins the members there now
         if self._by_name.get(member.name) is member:
             del self._by_name[member.name]
 
@@ -522,12 +745,20 @@ class Network:
             for y in b:
                 if x != y:
                     self._cuts.update(((x, y), (y, x)))
+        for ip in {*a, *b}:  # bytes already on the way are now unacknowledged
+            member = self._by_ip.get(ip)
+            for sock in list(member.sockets) if member is not None else ():
+                if isinstance(sock, StreamSocket) and sock.unacknowledged():
+                    self._stall_stream(sock)
 
     def heal(self) -> None:
         """End every partition: what was in flight arrives, waiting connects go on."""
         if not self._cuts:
             return
         self._cuts.clear()
+        deadlines, self._deadlines = self._deadlines, set()
+        for timed in deadlines:
+            timed.cancel_deadline()
         stalled, self.stalled = self.stalled, set()
         for waiting in stalled:
             waiting.wake()
@@ -539,6 +770,138 @@ class Network:
     def is_cut(self, a: int, b: int) -> bool:
         """True if a partition separates addresses ``a`` and ``b``."""
         return bool(self._cuts) and (a, b) in self._cuts
+
+    def _stall_connect(self, sock: StreamSocket) -> None:
+        """``sock``'s connect waits across a cut: ``ETIMEDOUT`` unless a heal comes first."""
+        self.stalled.add(sock)
+        if sock.deadline is None:
+            sock.deadline = self.clock.call_later(
+                self.connect_timeout, lambda: self._connect_expired(sock)
+            )
+            self._deadlines.add(sock)
+
+    def _connect_expired(self, sock: StreamSocket) -> None:
+        sock.deadline = None
+        self._deadlines.discard(sock)
+        if sock in self.stalled:
+            self.stalled.discard(sock)
+            sock.connect_error = errno.ETIMEDOUT
+            sock.wake()
+
+    def _forget_stalled(self, sock: StreamSocket) -> None:
+        self.stalled.discard(sock)
+        self._deadlines.discard(sock)
+
+    def _stall_stream(self, sock: StreamSocket) -> None:
+        """A cut holds bytes ``sock`` sent: ``ETIMEDOUT`` unless a heal comes first."""
+        if sock.deadline is None and not sock.timed_out:
+            sock.deadline = self.clock.call_later(
+                self.stream_timeout, lambda: self._stream_expired(sock)
+            )
+            self._deadlines.add(sock)
+
+    def _stream_expired(self, sock: StreamSocket) -> None:
+        sock.deadline = None
+        self._deadlines.discard(sock)
+        if sock.unacknowledged():
+            self._time_out(sock)
+
+    def _time_out(self, sock: StreamSocket) -> None:
+        """``sock`` gave up on its unacknowledged bytes: it fails with ``ETIMEDOUT``
+        at once; the other end loses what had not arrived and finds the connection
+        reset (across a cut: once the cut heals)."""
+        sock.cancel_deadline()
+        self._deadlines.discard(sock)
+        sock.timed_out = True
+        sock.reset, sock.reset_errno, sock.error = True, errno.ETIMEDOUT, errno.ETIMEDOUT
+        sock._drop_pending()
+        peer, sock.peer = sock.peer, None
+        if peer is not None:
+            peer.peer = None
+            peer.cancel_deadline()
+            self._deadlines.discard(peer)
+            peer.rx.clear()
+            peer._drop_pending()
+            peer.reset, peer.reset_errno, peer.error = True, errno.ECONNRESET, errno.ECONNRESET
+            peer.wake()
+        sock.wake()
+
+    # -- links -----------------------------------------------------------------------------
+    def link(
+        self,
+        a: str,
+        b: str,
+        *,
+        delay: float = 0.0,
+        jitter: float = 0.0,
+        loss: float = 0.0,
+        rate: float | None = None,
+    ) -> None:
+        """Faults between members ``a`` and ``b`` (names or addresses), both ways.
+
+        ``delay`` and ``jitter`` (seconds): every byte and datagram takes ``delay``
+        plus a uniform draw from [0, ``jitter``].  ``loss`` (0 to 1): each
+        datagram is dropped with that probability; each segment of a stream is,
+        and is resent after a retransmission timeout (its bytes come later, never
+        out of order; after ``TCP_RETRIES`` losses of one segment the sender gives
+        up with ``ETIMEDOUT``).  ``rate`` (bytes per second, None: unbounded):
+        what the link carries each way, shared by everything on it.  Streams keep
+        their order; datagrams may be reordered by jitter.  A link with every
+        argument at its default is no link (:meth:`unlink`).  ``ValueError`` for a
+        bad value; ``OSError`` for a member not on the network.
+        """
+        for what, value in (("delay", delay), ("jitter", jitter)):
+            if not _number(value) or not 0 <= value < math.inf:
+                raise ValueError(f"{what} must be a number of seconds >= 0, not {value!r}")
+        if not _number(loss) or not 0 <= loss <= 1:
+            raise ValueError(f"loss must be a probability from 0 to 1, not {loss!r}")
+        if rate is not None and (not _number(rate) or not 0 < rate < math.inf):
+            raise ValueError(f"rate must be bytes per second above 0 (or None), not {rate!r}")
+        x, y = self.resolve(a), self.resolve(b)
+        if x == y:
+            raise ValueError(f"a link joins two different members, not {a!r} and {b!r}")
+        if not (delay or jitter or loss or rate is not None):
+            self.unlink(a, b)
+            return
+        for key in ((x, y), (y, x)):
+            self._links[key] = Link(float(delay), float(jitter), float(loss),
+                                    None if rate is None else float(rate))  # fmt: skip
+
+    def unlink(self, a: str, b: str) -> None:
+        """Remove the faults between ``a`` and ``b`` (bytes already on the way still
+        arrive as they were sent)."""
+        x, y = self.resolve(a), self.resolve(b)
+        self._links.pop((x, y), None)
+        self._links.pop((y, x), None)
+
+    def link_of(self, a: str, b: str) -> Link | None:
+        """The faults from ``a`` to ``b`` (their ``dropped`` counts lost datagrams)."""
+        return self._links.get((self.resolve(a), self.resolve(b)))
+
+    def _link(self, a: int, b: int) -> Link | None:
+        return self._links.get((a, b)) if a != b else None
+
+    def _send_later(self, link: Link, data: bytes, sender: Address, to: Address) -> None:
+        """Send a datagram over ``link``: dropped (``loss``, a full queue) or delivered
+        after its delays to whoever is bound at ``to`` then (unless a cut is)."""
+        rng = self.random
+        if link.loss and rng.random() < link.loss:
+            link.dropped += 1
+            return
+        if link.queued + len(data) > self.datagram_queue:
+            link.dropped += 1
+            return
+        now = self.clock.time()
+        due = link.depart(now, len(data)) + link.latency(rng)
+        link.queued += len(data)
+
+        def arrive() -> None:
+            link.queued -= len(data)
+            dest = self._datagram(*to)
+            if dest is not None and not self.is_cut(sender[0], to[0]):
+                dest.deliver(data, sender)
+
+        self.clock.call_later(due - now, arrive)
 
     # -- routing and ports ---------------------------------------------------------------
     def _route(self, source: Member, ip: int) -> Member:
@@ -689,6 +1052,10 @@ class Network:
         return DatagramEndpoint(sock)
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Copy ``reader`` to ``writer`` (waiting for each drain), then end the writer's side."""
     while data := await reader.read(1 << 16):
@@ -750,6 +1117,8 @@ class StreamTransport(asyncio.Transport):
             return
         sock = self._sock
         self._flush()
+        if self._lost:
+            return
         protocol = self._protocol
         assert isinstance(protocol, asyncio.Protocol)
         if sock.cut:
@@ -757,8 +1126,10 @@ class StreamTransport(asyncio.Transport):
         while sock.rx and not self._reading_paused:
             data = sock.recv(1 << 16)
             protocol.data_received(data)
+        if sock.pending:
+            return  # bytes on the way: an end or a reset comes after them
         if sock.reset and not sock.rx:
-            self._lose(ConnectionResetError(errno.ECONNRESET, "connection reset by the guest"))
+            self._lose(OSError(sock.reset_errno, os.strerror(sock.reset_errno)))
             return
         if sock.eof and not sock.rx and not self._eof_delivered:
             self._eof_delivered = True
@@ -773,9 +1144,10 @@ class StreamTransport(asyncio.Transport):
                 n = sock.send(memoryview(self._out))
             except WouldBlock:
                 break
-            except NetError:
+            except NetError as exc:
                 self._out.clear()
-                break
+                self._lose(OSError(exc.errno, os.strerror(exc.errno)))
+                return
             del self._out[:n]
         if self._writing_paused and len(self._out) <= self._low:
             self._writing_paused = False

@@ -32,6 +32,7 @@ static const char *ename(int e)
     case EAFNOSUPPORT: return "EAFNOSUPPORT";
     case EISCONN: return "EISCONN";
     case ENOTSOCK: return "ENOTSOCK";
+    case ETIMEDOUT: return "ETIMEDOUT";
     }
     return "E?";
 }
@@ -244,6 +245,18 @@ int main(int argc, char **argv)
             printf("\n");
             fflush(stdout);
         }
+    } else if (!strcmp(mode, "stall")) { /* stall HOST PORT: send until an error, reconnect */
+        int fd = dial(host, port);
+        ready("stall");
+        fgets(buf, sizeof buf, stdin); /* the test cuts the network, then says go */
+        long total = 0;
+        ssize_t n;
+        while ((n = send(fd, buf, 4096, 0)) > 0) total += n;
+        printf("sent %ld %s\n", total, ename(n < 0 ? errno : 0));
+        n = send(fd, buf, 1, 0);
+        printf("again %s\n", ename(n < 0 ? errno : 0));
+        close(fd);
+        dial(host, port);
     } else {
         printf("unknown mode %s\n", mode);
         return 2;
