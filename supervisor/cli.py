@@ -323,6 +323,13 @@ def files_options(p: argparse.ArgumentParser) -> None:
         metavar="[HOSTADDR:]HOSTPORT:GUESTPORT",
         help="forward a real TCP port (default address 127.0.0.1) to the guest's port (run)",
     )
+    p.add_argument(
+        "--allow-outbound",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="let guests connect to this real address (an IPv4 HOST; 127.0.0.1 as host:PORT)",
+    )
 
 
 def files_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,6 +342,7 @@ def files_fields(args: argparse.Namespace) -> dict[str, Any]:
         "max_files": args.max_files,
         "net": True if args.net else None,
         "max_sockets": args.max_sockets,
+        "allow_outbound": args.allow_outbound or None,
     }
 
 

@@ -24,12 +24,14 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .abi import MAX_CPUS, PAGE_SIZE
 from .launcher.files import normalise
 from .launcher.layout import CMDLINE_MAX, env_block
 from .limits import Limits
+from .net import parse_outbound
 
 MIN_MEMORY = 128 << 10
 MAX_MEMORY = 1 << 30
@@ -156,6 +158,21 @@ class GuestConfig(BaseModel):
     # ``max_sockets`` sockets open at once (EMFILE beyond).
     net: bool = False
     max_sockets: int = Field(default=1024, ge=1, le=1 << 16)
+    # Real addresses ("HOST:PORT") the guest may connect to (needs ``net``).
+    allow_outbound: list[str] = Field(default_factory=list)
+
+    @field_validator("allow_outbound")
+    @classmethod
+    def _allow_outbound(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            parse_outbound(spec)  # ValueError: not HOST:PORT with an IPv4 HOST
+        return value
+
+    @model_validator(mode="after")
+    def _outbound_needs_net(self) -> GuestConfig:
+        if self.allow_outbound and not self.net:
+            raise ValueError("allow_outbound needs net")
+        return self
 
     @field_validator("dirs")
     @classmethod

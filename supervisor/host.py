@@ -332,8 +332,8 @@ class Supervisor:
         table.extend(devices)
         # Last, so that the devices above keep their places in the device page.
         try:  # ValueError: the name is on the network already
-            name, most = config.display_name, config.max_sockets
-            member = self.net.join(name, max_sockets=most) if config.net else None
+            name, most, allowed = config.display_name, config.max_sockets, config.allow_outbound
+            member = self.net.join(name, max_sockets=most, outbound=allowed) if config.net else None
         except ValueError:
             for device in table:
                 await device.stop()

@@ -8,9 +8,10 @@ objects, on the event loop, with no host socket in between (docs/network.md).
 
 Guarantees:
 
-* Nothing leaves the network: an address outside it is ``ENETUNREACH``, an
-  unassigned one inside it ``EHOSTUNREACH``, a port nobody listens on
-  ``ECONNREFUSED``.
+* Nothing leaves the network but a member's allowed outside addresses
+  (:func:`parse_outbound`, reached by a real TCP connection from the host): an
+  address outside it is ``ENETUNREACH``, an unassigned one inside it
+  ``EHOSTUNREACH``, a port nobody listens on ``ECONNREFUSED``.
 * Every buffer is bounded: a stream carries at most ``stream_buffer`` unread
   bytes each way (the writer then waits: ``WouldBlock``), a datagram socket
   queues at most ``datagram_queue`` bytes (later datagrams are dropped, as UDP
@@ -173,14 +174,46 @@ class Link:
         return sum(min(rto * (1 << i), MAX_RTO) for i in range(worst)), False
 
 
-class Member:
-    """A name and address on a :class:`Network`: a guest, or the host."""
+def parse_outbound(spec: str) -> tuple[Address, tuple[str, int]]:
+    """(the address a guest connects to, the real address) of an allowed outside
+    address ``HOST:PORT``: HOST an IPv4 address, or ``localhost``.  The host's
+    loopback (``127.0.0.1``, ``localhost``; inside a guest that is the guest itself)
+    is reached at ``host:PORT``, any other address at itself.  ``ValueError`` for
+    anything else (no name is looked up)."""
+    host, sep, port = spec.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{spec!r} is not HOST:PORT (a port from 1 to 65535)")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ip_int(host)
+    except ValueError:
+        raise ValueError(f"{spec!r}: {host!r} is not an IPv4 address (or localhost)") from None
+    if ip & NET_MASK == NET_PREFIX or ip in (0, 0xFFFFFFFF) or ip >> 28 == 0xE:
+        raise ValueError(f"{spec!r}: {host} is not an outside unicast address")
+    return ((HOST_ADDR if ip == LOOPBACK else ip), int(port)), (host, int(port))
 
-    def __init__(self, network: Network, name: str, ip: int, max_sockets: int) -> None:
+
+class Member:
+    """A name and address on a :class:`Network`: a guest, or the host.
+
+    ``outbound``: the outside addresses it may connect to, by the address it
+    connects to (:func:`parse_outbound`).
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        name: str,
+        ip: int,
+        max_sockets: int,
+        outbound: dict[Address, tuple[str, int]] | None = None,
+    ) -> None:
         self.network = network
         self.name = name
         self.ip = ip
         self.max_sockets = max_sockets
+        self.outbound = outbound or {}
         self.sockets: set[Socket] = set()
         self.on_news: Callable[[], None] | None = None
 
@@ -268,6 +301,7 @@ class StreamSocket(Socket):
         self.backlog_max = 0
         self.peer: StreamSocket | None = None
         self.remote: Address | None = None
+        self.hop: int | None = None  # the member the connection goes through (partitions)
         self.rx = bytearray()
         # Bytes on their way here over a link (arrival time, bytes, the segment that
         # makes the sender give up), in order; they count against the buffer.
@@ -283,6 +317,8 @@ class StreamSocket(Socket):
         self.connect_error = 0  # a waiting connect's outcome (ETIMEDOUT), told once
         self.deadline: Timer | None = None  # a cut's timeout (connect or sent bytes)
         self._arrival: Timer | None = None  # the next of ``pending`` to arrive
+        self.dialing = False  # a connect to an allowed outside address is under way
+        self.dialed = False  # ... and it has connected: the next connect returns
 
     # -- connecting ------------------------------------------------------------------
     def listen(self, backlog: int) -> None:
@@ -296,11 +332,24 @@ class StreamSocket(Socket):
         """Connect now (the peer's listener queues the other end), or raise."""
         if self.listening:
             raise NetError(errno.EINVAL)
+        if self.dialing:
+            raise WouldBlock
+        if self.dialed:
+            self.dialed = False
+            return
         if self.peer is not None or self.was_connected:
             raise NetError(errno.EISCONN)
         if self.connect_error:
             err, self.connect_error = self.connect_error, 0
+            self.error = 0
             raise NetError(err)
+        outside = self.owner.outbound.get((ip, port)) if self.owner.outbound else None
+        if outside is not None and self.net._listener(ip, port) is None:
+            if self.net.is_cut(self.owner.ip, HOST_ADDR):  # the way out is through the host
+                self.net._stall_connect(self)
+                raise WouldBlock
+            self.net._dial(self, (ip, port), outside)
+            raise WouldBlock
         target = self.net._route(self.owner, ip)
         if self.net.is_cut(self.owner.ip, target.ip):
             self.net._stall_connect(self)
@@ -321,6 +370,7 @@ class StreamSocket(Socket):
         server.local = (target.ip, listener.local[1])
         server.remote = (self.owner.ip, self.local[1])
         self.remote = (target.ip, port)
+        server.hop, self.hop = self.owner.ip, target.ip
         server.peer, self.peer = self, server
         server.was_connected = self.was_connected = True
         listener.backlog.append(server)
@@ -345,9 +395,7 @@ class StreamSocket(Socket):
         """True while a partition separates this end from its peer (data waits), unless
         this end gave up (its ``ETIMEDOUT`` is told at once)."""
         return (
-            self.remote is not None
-            and not self.timed_out
-            and self.net.is_cut(self.owner.ip, self.remote[0])
+            self.hop is not None and not self.timed_out and self.net.is_cut(self.owner.ip, self.hop)
         )
 
     def room(self) -> int:
@@ -512,6 +560,8 @@ class StreamSocket(Socket):
     def poll(self) -> int:
         if self.listening:
             return POLLIN if self.backlog else 0
+        if self.dialing:
+            return 0
         if self.peer is None and not self.was_connected:
             bits = POLLOUT | POLLHUP
             return bits | POLLERR if self.error else bits
@@ -638,6 +688,7 @@ class Network:
         self.stream_timeout = float(stream_timeout)
         self.connect_timeout = float(connect_timeout)
         self._links: dict[tuple[int, int], Link] = {}
+        self._bridges: set[asyncio.Task[None]] = set()  # connections to the outside
         self._deadlines: set[StreamSocket] = set()  # sockets whose cut timeout runs
         self._by_ip: dict[int, Member] = {}
         self._by_name: dict[str, Member] = {}
@@ -653,9 +704,14 @@ class Network:
         self._dns.on_change = self._dns_soon
 
     # -- members -------------------------------------------------------------------------
-    def join(self, name: str, *, max_sockets: int = 1024) -> Member:
+    def join(self, name: str, *, max_sockets: int = 1024, outbound: Iterable[str] = ()) -> Member:
         """A new member named ``name`` with the next free address (``ValueError`` if the
-        name is taken or the addresses ran out)."""
+        name is taken, the addresses ran out or an ``outbound`` address is bad).
+
+        ``outbound``: the outside addresses (``HOST:PORT``, :func:`parse_outbound`)
+        the member may connect to, through a real connection the host makes.
+        """
+        allowed = dict(parse_outbound(spec) for spec in outbound)
         if name in self._by_name:
             raise ValueError(f"{name!r} is already on the network")
         ip = self._next_ip
@@ -668,10 +724,16 @@ class Network:
         else:
             raise ValueError("the network has no free address left")
         self._next_ip = ip + 1
-        return self._add(name, ip, max_sockets)
+        return self._add(name, ip, max_sockets, allowed)
 
-    def _add(self, name: str, ip: int, max_sockets: int) -> Member:
-        member = Member(self, name, ip, max_sockets)
+    def _add(
+        self,
+        name: str,
+        ip: int,
+        max_sockets: int,
+        outbound: dict[Address, tuple[str, int]] | None = None,
+    ) -> Member:
+        member = Member(self, name, ip, max_sockets, outbound)
         self._by_ip[ip] = member
         self._by_name[name] = member
         return member
@@ -825,6 +887,52 @@ class Network:
             peer.reset, peer.reset_errno, peer.error = True, errno.ECONNRESET, errno.ECONNRESET
             peer.wake()
         sock.wake()
+
+    # -- the outside ------------------------------------------------------------------------
+    def _dial(self, sock: StreamSocket, at: Address, outside: tuple[str, int]) -> None:
+        """Start connecting ``sock`` to the real address ``outside`` (allowed to its
+        owner), which it knows as ``at``; it hears :meth:`Socket.wake` when done."""
+        sock.dialing = True
+        task = asyncio.get_running_loop().create_task(self._outside(sock, at, outside))
+        self._bridges.add(task)
+        task.add_done_callback(self._bridges.discard)
+
+    async def _outside(self, sock: StreamSocket, at: Address, outside: tuple[str, int]) -> None:
+        """Connect to ``outside`` on the host, join it to ``sock`` and copy both ways
+        (each way waiting for the other's drain: bounded as any connection)."""
+        try:
+            real_reader, real_writer = await asyncio.open_connection(*outside)
+        except OSError as exc:
+            sock.dialing = False
+            sock.connect_error = sock.error = exc.errno or errno.ECONNREFUSED
+            sock.wake()
+            return
+        if sock.closed:
+            real_writer.close()
+            return
+        sock._autobind()
+        assert sock.local is not None
+        end = StreamSocket(self.host)
+        self.host.sockets.add(end)
+        end.local = at
+        end.remote = (sock.owner.ip, sock.local[1])
+        sock.remote = at
+        end.hop, sock.hop = sock.owner.ip, HOST_ADDR  # through the host: its cuts apply
+        end.peer, sock.peer = sock, end
+        end.was_connected = sock.was_connected = True
+        sock.dialing, sock.dialed = False, True
+        sock.wake()
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        writer = asyncio.StreamWriter(StreamTransport(end, protocol, loop), protocol, reader, loop)
+        try:
+            await asyncio.gather(
+                _pipe(real_reader, writer), _pipe(reader, real_writer), return_exceptions=True
+            )
+        finally:
+            for w in (writer, real_writer):
+                w.close()
 
     # -- links -----------------------------------------------------------------------------
     def link(
@@ -1033,12 +1141,17 @@ class Network:
         return server
 
     async def aclose(self) -> None:
-        """Close every published port (the Supervisor does, as it closes)."""
+        """Close every published port and connection to the outside (the Supervisor
+        does, as it closes)."""
         servers, self._published = self._published, []
         for server in servers:
             server.close()
         for server in servers:
             await server.wait_closed()
+        bridges = list(self._bridges)
+        for task in bridges:
+            task.cancel()
+        await asyncio.gather(*bridges, return_exceptions=True)
 
     async def open_datagram(self, port: int = 0) -> DatagramEndpoint:
         """A UDP socket of the host bound to ``port`` (0: any free port)."""

@@ -220,6 +220,8 @@ async def op_connect(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int
     try:
         sock.connect(ip, port)
     except net.WouldBlock:
+        if sock.dialing:  # a real connection under way: poll says when it is made
+            return -errno.EINPROGRESS
         raise _err(errno.EAGAIN) from None
     except net.NetError as exc:
         if exc.errno not in (errno.ECONNREFUSED,):

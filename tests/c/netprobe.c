@@ -257,6 +257,37 @@ int main(int argc, char **argv)
         printf("again %s\n", ename(n < 0 ? errno : 0));
         close(fd);
         dial(host, port);
+    } else if (!strcmp(mode, "outbound")) { /* outbound ADDR PORT...: TCP, then UDP, each */
+        for (int i = 3; i < argc; i++) {
+            int fd = socket(AF_INET, SOCK_STREAM, 0);
+            struct sockaddr_in a = at(host, atoi(argv[i]));
+            int r = connect(fd, (struct sockaddr *)&a, sizeof a);
+            printf("tcp %s:%s %s", host, argv[i], ename(r ? errno : 0));
+            if (!r) {
+                send(fd, "ping\n", 5, 0);
+                ssize_t n = recv(fd, buf, sizeof buf, 0);
+                struct sockaddr_in peer;
+                socklen_t len = sizeof peer;
+                getpeername(fd, (struct sockaddr *)&peer, &len);
+                printf(" peer %s reply %.*s", inet_ntoa(peer.sin_addr), (int)(n > 0 ? n : 0), buf);
+            } else {
+                printf("\n");
+            }
+            close(fd);
+            fd = socket(AF_INET, SOCK_DGRAM, 0);
+            r = sendto(fd, "ping\n", 5, 0, (struct sockaddr *)&a, sizeof a);
+            printf("udp %s:%s %s\n", host, argv[i], ename(r < 0 ? errno : 0));
+            close(fd);
+        }
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0); /* the first, not blocking */
+        struct sockaddr_in a = at(host, atoi(argv[3]));
+        int r = connect(fd, (struct sockaddr *)&a, sizeof a);
+        struct pollfd p = {.fd = fd, .events = POLLOUT};
+        int n = poll(&p, 1, -1);
+        int err = -1;
+        socklen_t len = sizeof err;
+        getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        printf("nonblock %s poll %d so_error %s\n", ename(r ? errno : 0), n, ename(err));
     } else {
         printf("unknown mode %s\n", mode);
         return 2;
