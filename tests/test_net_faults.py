@@ -397,3 +397,35 @@ async def test_a_guest_and_the_host_get_etimedout_across_a_partition(probe: Path
             await asyncio.wait_for(reader.read(), LIMIT)
         sup.net.heal()
         await echo.kill()
+
+
+async def test_a_restored_copy_finds_its_sockets_stale_and_the_original_keeps_them(
+    probe: Path,
+) -> None:
+    async with Supervisor() as sup:
+        config = GuestConfig(image=probe, name="orig", cmdline="snap 7100", memory="4M", net=True)
+        original = await sup.launch(config)
+        await original.expect("ready snap\n", LIMIT)
+        reader, writer = await sup.net.open_connection("orig", 7100)
+        await original.expect("accepted 1\n", LIMIT)
+        snap = await asyncio.wait_for(original.snapshot(), LIMIT)  # a listener, a connection
+        copy = await sup.launch(config.model_copy(update={"name": "copy"}), snapshot=snap)
+        copy.send("go\n")
+        assert await lines_of(copy) == (
+            [
+                "accept ESTALE",  # the listener is not kept
+                "recv -1 ESTALE",  # nor the connection: the host's stays with the original
+                "close OK OK",
+                "listen-again 1",  # the copy is a new member: port 7100 is its own
+            ],
+            Exit(0, "power off"),
+        )
+        writer.write(b"hi")
+        await writer.drain()
+        original.send("go\n")
+        assert await lines_of(original) == (
+            ["accept EAGAIN", "recv 2 OK", "close OK OK", "listen-again 1"],
+            Exit(0, "power off"),
+        )
+        assert await asyncio.wait_for(reader.read(), LIMIT) == b""  # the original closed it
+        writer.close()

@@ -33,6 +33,7 @@ static const char *ename(int e)
     case EISCONN: return "EISCONN";
     case ENOTSOCK: return "ENOTSOCK";
     case ETIMEDOUT: return "ETIMEDOUT";
+    case ESTALE: return "ESTALE";
     }
     return "E?";
 }
@@ -288,6 +289,22 @@ int main(int argc, char **argv)
         socklen_t len = sizeof err;
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
         printf("nonblock %s poll %d so_error %s\n", ename(r ? errno : 0), n, ename(err));
+    } else if (!strcmp(mode, "snap")) { /* snap PORT: a listener and a connection, a line */
+        int l = listener(SOCK_STREAM, atoi(host));
+        ready("snap");
+        int c = accept(l, 0, 0);
+        fcntl(l, F_SETFL, O_NONBLOCK);
+        printf("accepted %d\n", c >= 0);
+        fflush(stdout);
+        fgets(buf, sizeof buf, stdin); /* the test snapshots the guest here */
+        int again = accept(l, 0, 0);
+        printf("accept %s\n", ename(again < 0 ? errno : 0));
+        ssize_t n = recv(c, buf, sizeof buf, 0);
+        printf("recv %ld %s\n", (long)n, ename(n < 0 ? errno : 0));
+        int a = close(c), b = close(l);
+        printf("close %s %s\n", ename(a ? errno : 0), ename(b ? errno : 0));
+        int l2 = listener(SOCK_STREAM, atoi(host)); /* the port is free again */
+        printf("listen-again %d\n", l2 >= 0);
     } else {
         printf("unknown mode %s\n", mode);
         return 2;
