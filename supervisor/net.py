@@ -304,8 +304,9 @@ class StreamSocket(Socket):
         self.hop: int | None = None  # the member the connection goes through (partitions)
         self.rx = bytearray()
         # Bytes on their way here over a link (arrival time, bytes, the segment that
-        # makes the sender give up), in order; they count against the buffer.
-        self.pending: deque[tuple[float, bytes, bool]] = deque()
+        # makes the sender give up), in order; they count against the buffer.  None
+        # while nothing is on the way (most connections never use it).
+        self.pending: deque[tuple[float, bytes, bool]] | None = None
         self.inflight = 0
         self.eof = False  # the peer will send no more
         self.reset = False  # the connection failed: the next call gets reset_errno
@@ -318,7 +319,22 @@ class StreamSocket(Socket):
         self.deadline: Timer | None = None  # a cut's timeout (connect or sent bytes)
         self._arrival: Timer | None = None  # the next of ``pending`` to arrive
         self.dialing = False  # a connect to an allowed outside address is under way
+        self.connecting: Address | None = None  # a non-blocking connect goes on by itself
         self.dialed = False  # ... and it has connected: the next connect returns
+
+    def wake(self) -> None:
+        """Tell the owner something changed; first, a non-blocking connect that was
+        waiting (a cut, a full backlog) tries again, and tells only its outcome."""
+        if self.connecting is not None:
+            ip, port = self.connecting
+            try:
+                self.connect(ip, port)
+            except WouldBlock:
+                return  # still waiting: nothing to tell
+            except NetError as exc:
+                self.error = exc.errno  # poll: POLLERR; SO_ERROR says which
+            self.connecting = None
+        super().wake()
 
     # -- connecting ------------------------------------------------------------------
     def listen(self, backlog: int) -> None:
@@ -441,6 +457,9 @@ class StreamSocket(Socket):
         piece never overtakes the one before it (it may come with it)."""
         net = self.net
         now = net.clock.time()
+        pending = self.pending
+        if pending is None:
+            pending = self.pending = deque()
         step = MAX_PIECE
         if link is not None and link.rate is not None:
             step = int(min(MAX_PIECE, max(MSS, link.rate / 100)))
@@ -450,21 +469,22 @@ class StreamSocket(Socket):
             if link is not None:
                 extra, fatal = link.retransmissions(len(piece), net.random)
                 due = link.depart(now, len(piece)) + link.latency(net.random) + extra
-            self.pending.append((due, piece, fatal))
+            pending.append((due, piece, fatal))
             self.inflight += len(piece)
         if self._arrival is None:
-            self._arrival = net.clock.call_later(max(0.0, self.pending[0][0] - now), self._arrive)
+            self._arrival = net.clock.call_later(max(0.0, pending[0][0] - now), self._arrive)
 
     def _arrive(self) -> None:
         """Move what is due from ``pending`` to ``rx``; a hopeless segment ends the
         connection as its sender's retransmissions would."""
         self._arrival = None
-        if not self.pending:
+        pending = self.pending
+        if not pending:
             return
         clock = self.net.clock
-        now = max(clock.time(), self.pending[0][0])
-        while self.pending and self.pending[0][0] <= now:
-            _due, piece, fatal = self.pending.popleft()
+        now = max(clock.time(), pending[0][0])
+        while pending and pending[0][0] <= now:
+            _due, piece, fatal = pending.popleft()
             self.inflight -= len(piece)
             if fatal:
                 if self.peer is not None:
@@ -475,13 +495,15 @@ class StreamSocket(Socket):
                     self.wake()
                 return
             self.rx += piece
-        if self.pending:
-            wait = max(0.0, self.pending[0][0] - clock.time())
+        if pending:
+            wait = max(0.0, pending[0][0] - clock.time())
             self._arrival = clock.call_later(wait, self._arrive)
+        else:
+            self.pending = None
         self.wake()
 
     def _drop_pending(self) -> None:
-        self.pending.clear()
+        self.pending = None
         self.inflight = 0
         if self._arrival is not None:
             self._arrival.cancel()
@@ -560,7 +582,7 @@ class StreamSocket(Socket):
     def poll(self) -> int:
         if self.listening:
             return POLLIN if self.backlog else 0
-        if self.dialing:
+        if self.dialing or self.connecting is not None:
             return 0
         if self.peer is None and not self.was_connected:
             bits = POLLOUT | POLLHUP

@@ -13,6 +13,7 @@ import errno
 import heapq
 import itertools
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -429,3 +430,26 @@ async def test_a_restored_copy_finds_its_sockets_stale_and_the_original_keeps_th
         )
         assert await asyncio.wait_for(reader.read(), LIMIT) == b""  # the original closed it
         writer.close()
+
+
+async def test_a_nonblocking_connect_across_a_partition_goes_on_by_itself(probe: Path) -> None:
+    async with Supervisor(network=netmod.Network(connect_timeout=0.3)) as sup:
+        server = await sup.net.start_server(lambda r, w: w.close(), 9100)
+        sup.net.partition(["host"], ["10.0.0.2"])  # the address the guest will get
+        config = GuestConfig(
+            image=probe, name="nb", cmdline="nbconnect host 9100", memory="4M", net=True
+        )
+        guest = await sup.launch(config)
+        before = await guest.expect(re.compile(r"(?s)^(.*)ready second\n"), LIMIT)
+        assert before[1].splitlines() == [
+            "connect1 EINPROGRESS again EALREADY",
+            "poll1 1 ERR so_error ETIMEDOUT peer ENOTCONN",  # no answer across the cut
+            "connect2 EINPROGRESS again EALREADY",
+        ]
+        sup.net.heal()  # the second connect completes by itself
+        assert await lines_of(guest) == (
+            ["poll2 1 so_error OK peer OK"],
+            Exit(0, "power off"),
+        )
+        assert server.connections == 1
+        server.close()

@@ -217,12 +217,16 @@ async def op_connect(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int
         return 0
     if sock.was_connected:
         raise _err(errno.EISCONN)
+    if sock.dialing or sock.connecting is not None:
+        raise _err(errno.EALREADY)
     try:
         sock.connect(ip, port)
     except net.WouldBlock:
-        if sock.dialing:  # a real connection under way: poll says when it is made
-            return -errno.EINPROGRESS
-        raise _err(errno.EAGAIN) from None
+        # Under way (a real connection, a cut, a full backlog): it goes on by itself
+        # and poll says when it is made or failed.
+        if not sock.dialing:
+            sock.connecting = (ip, port)
+        return -errno.EINPROGRESS
     except net.NetError as exc:
         if exc.errno not in (errno.ECONNREFUSED,):
             raise _err(exc.errno) from None

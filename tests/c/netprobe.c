@@ -34,6 +34,7 @@ static const char *ename(int e)
     case ENOTSOCK: return "ENOTSOCK";
     case ETIMEDOUT: return "ETIMEDOUT";
     case ESTALE: return "ESTALE";
+    case EALREADY: return "EALREADY";
     }
     return "E?";
 }
@@ -305,6 +306,27 @@ int main(int argc, char **argv)
         printf("close %s %s\n", ename(a ? errno : 0), ename(b ? errno : 0));
         int l2 = listener(SOCK_STREAM, atoi(host)); /* the port is free again */
         printf("listen-again %d\n", l2 >= 0);
+    } else if (!strcmp(mode, "nbconnect")) { /* nbconnect HOST PORT: two, across a cut */
+        for (int i = 1; i <= 2; i++) {
+            int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+            struct sockaddr_in a = at(host, port);
+            int r = connect(fd, (struct sockaddr *)&a, sizeof a);
+            printf("connect%d %s", i, ename(r ? errno : 0));
+            r = connect(fd, (struct sockaddr *)&a, sizeof a);
+            printf(" again %s\n", ename(r ? errno : 0));
+            if (i == 2) ready("second"); /* the test heals the cut now */
+            struct pollfd p = {.fd = fd, .events = POLLOUT};
+            int n = poll(&p, 1, -1);
+            int err = -1;
+            socklen_t len = sizeof err;
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+            struct sockaddr_in peer;
+            len = sizeof peer;
+            r = getpeername(fd, (struct sockaddr *)&peer, &len);
+            printf("poll%d %d%s so_error %s peer %s\n", i, n, p.revents & POLLERR ? " ERR" : "",
+                   ename(err), ename(r ? errno : 0));
+            close(fd);
+        }
     } else {
         printf("unknown mode %s\n", mode);
         return 2;
