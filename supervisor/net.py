@@ -301,26 +301,28 @@ class StreamSocket(Socket):
         self.backlog_max = 0
         self.peer: StreamSocket | None = None
         self.remote: Address | None = None
-        self.hop: int | None = None  # the member the connection goes through (partitions)
         self.rx = bytearray()
-        # Bytes on their way here over a link (arrival time, bytes, the segment that
-        # makes the sender give up), in order; they count against the buffer.  None
-        # while nothing is on the way (most connections never use it).
-        self.pending: deque[tuple[float, bytes, bool]] | None = None
-        self.inflight = 0
         self.eof = False  # the peer will send no more
         self.reset = False  # the connection failed: the next call gets reset_errno
-        self.reset_errno = errno.ECONNRESET
-        self.timed_out = False  # this end gave up (ETIMEDOUT): no cut hides that
         self.write_shut = False
         self.was_connected = False
         self.waiters: set[StreamSocket] = set()  # connects waiting for room in the backlog
-        self.connect_error = 0  # a waiting connect's outcome (ETIMEDOUT), told once
-        self.deadline: Timer | None = None  # a cut's timeout (connect or sent bytes)
-        self._arrival: Timer | None = None  # the next of ``pending`` to arrive
-        self.dialing = False  # a connect to an allowed outside address is under way
-        self.connecting: Address | None = None  # a non-blocking connect goes on by itself
-        self.dialed = False  # ... and it has connected: the next connect returns
+
+    # What faults, waiting connects and the outside use: class defaults until a socket
+    # sets its own, so that an ordinary connection's instance dict stays small.
+    hop: int | None = None  # the member the connection goes through (partitions)
+    # Bytes on their way here over a link (arrival time, bytes, the segment that
+    # makes the sender give up), in order; they count against the buffer.
+    pending: deque[tuple[float, bytes, bool]] | None = None
+    inflight = 0
+    reset_errno = errno.ECONNRESET
+    timed_out = False  # this end gave up (ETIMEDOUT): no cut hides that
+    connect_error = 0  # a waiting connect's outcome (ETIMEDOUT), told once
+    deadline: Timer | None = None  # a cut's timeout (connect or sent bytes)
+    _arrival: Timer | None = None  # the next of ``pending`` to arrive
+    dialing = False  # a connect to an allowed outside address is under way
+    dialed = False  # ... and it has connected: the next connect returns
+    connecting: Address | None = None  # a non-blocking connect goes on by itself
 
     def wake(self) -> None:
         """Tell the owner something changed; first, a non-blocking connect that was
@@ -892,8 +894,8 @@ class Network:
 
     def _time_out(self, sock: StreamSocket) -> None:
         """``sock`` gave up on its unacknowledged bytes: it fails with ``ETIMEDOUT``
-        at once; the other end loses what had not arrived and finds the connection
-        reset (across a cut: once the cut heals)."""
+        at once; the other end loses what had not arrived (what a cut hides has
+        not) and finds the connection reset (across a cut: once the cut heals)."""
         sock.cancel_deadline()
         self._deadlines.discard(sock)
         sock.timed_out = True
@@ -904,7 +906,8 @@ class Network:
             peer.peer = None
             peer.cancel_deadline()
             self._deadlines.discard(peer)
-            peer.rx.clear()
+            if peer.cut:
+                peer.rx.clear()
             peer._drop_pending()
             peer.reset, peer.reset_errno, peer.error = True, errno.ECONNRESET, errno.ECONNRESET
             peer.wake()
