@@ -926,5 +926,6 @@ FIGURES: dict[str, Figure] = {
     "hogs": isolation.hogs_neighbour,
     "smp_scaling": bench_smp.smp_scaling,
     "ipi_latency": bench_smp.ipi_latency,
+    "atomics": bench_smp.atomics,
     "file_read": bench_files.file_read,
 }
