@@ -24,6 +24,7 @@ from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.slicepool import Job
 
 from . import bench_files, bench_hibernate, bench_smp, bench_state, guests, isolation
+from . import threads as thread_use
 from .bench_c import c_compute
 from .bench_clock import clock_calls
 from .guests import SMALL_RAM, Booted, assemble, boot
@@ -254,7 +255,24 @@ def _raw_threads(cpus: list[RawCpu], n: int) -> float:
     return now() - t0
 
 
+def _shares(use: dict[str, thread_use.Usage], seconds: float) -> str:
+    """Per second of a run: the other threads' and the loop's CPU, the workers' blocks."""
+    if seconds <= 0:
+        return "-"
+    return (
+        f"other threads {use['other'].cpu / seconds:.1%} of a core, loop "
+        f"{use['loop'].cpu / seconds:.1%}, workers blocked {use['workers'].blocked / seconds:.0f}/s"
+    )
+
+
 async def two_spinners(p: Profile) -> list[Result]:
+    """Two spinning guests against one, and raw two threads against one, in one run.
+
+    Where the supervised side's scaling goes is in the note: while the guests spin,
+    the CPU of the process's other threads (the native slicer) and of the event loop,
+    which two busy workers on two cores must share, and how often the workers
+    blocked (the GIL between slices, the pool's lock) (:mod:`benchmarks.threads`).
+    """
     image = assemble(LOOP.format(body=TIGHT_BODY))
     raws = [RawCpu(image), RawCpu(image)]
     n = _calibrate(raws[0], p.loop_seconds)
@@ -263,16 +281,27 @@ async def two_spinners(p: Profile) -> list[Result]:
     raw2: list[float] = []
     sup1: list[float] = []
     sup2: list[float] = []
+    use1 = {role: thread_use.Usage() for role in thread_use.ROLES}
+    use2 = dict(use1)
     async with LguestDevice() as dev:
         gs = [await boot(dev, image), await boot(dev, image)]
         await asyncio.gather(*(_sup_loop_time(g, 1000, None) for g in gs))
         for _ in range(p.reps):
             raw1.append(_raw_threads(raws[:1], n))
             raw2.append(_raw_threads(raws, n))
+            before = thread_use.snapshot()
             sup1.append((await _sup_loop_time(gs[0], n, None))[0])
+            middle = thread_use.snapshot()
             t0 = now()
             await asyncio.gather(*(_sup_loop_time(g, n, None) for g in gs))
             sup2.append(now() - t0)
+            after = thread_use.snapshot()
+            for total, spent in (
+                (use1, thread_use.spent(before, middle)),
+                (use2, thread_use.spent(middle, after)),
+            ):
+                for role in thread_use.ROLES:
+                    total[role] = total[role] + spent[role]
     for c in raws:
         c.close()
     raw_scale = 2 * min(raw1) / min(raw2)
@@ -288,8 +317,17 @@ async def two_spinners(p: Profile) -> list[Result]:
             1.8,
             "value",
             "higher",
-            "raw: two bare Unicorn instances in two threads vs one",
-            {"iterations": n, "raw1": raw1, "raw2": raw2, "sup1": sup1, "sup2": sup2},
+            "raw: two bare Unicorn instances in two threads vs one. While 2 spin: "
+            f"{_shares(use2, sum(sup2))}; while 1 spins: {_shares(use1, sum(sup1))}",
+            {
+                "iterations": n,
+                "raw1": raw1,
+                "raw2": raw2,
+                "sup1": sup1,
+                "sup2": sup2,
+                "threads_one": {k: dataclasses.asdict(v) for k, v in use1.items()},
+                "threads_two": {k: dataclasses.asdict(v) for k, v in use2.items()},
+            },
         )
     ]
 

@@ -1,0 +1,111 @@
+"""Where this process's CPU time goes, thread by thread (Linux ``/proc/self/task``).
+
+A figure that compares several busy guests with one (``two_spinners``) loses
+throughput to whatever else needs a core while the workers run: the event loop,
+the native slicer thread (``supervisor/_fuel.c``), and workers that block (on the
+GIL, which one worker holds between two slices while the other wants it, or on the
+pool's lock).  :func:`snapshot` before and after a run and :func:`spent` between
+them say how much of each there was, by role:
+
+* ``workers``: the slice pool's threads (Python names starting ``lguest-cpu``);
+* ``loop``: the thread that took the snapshot (the event loop's);
+* ``other``: every other thread, the slicer among them.
+
+For each role: CPU seconds, voluntary context switches (the thread blocked: a lock,
+the GIL, a condition, a sleep) and involuntary ones (the kernel preempted it).
+Threads that ended between the two snapshots are not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+WORKER_PREFIX = "lguest-cpu"
+ROLES = ("workers", "loop", "other")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One thread's counters, or a role's sums."""
+
+    cpu: float = 0.0  # seconds, user + system
+    blocked: int = 0  # voluntary context switches
+    preempted: int = 0  # involuntary context switches
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.cpu + other.cpu, self.blocked + other.blocked, self.preempted + other.preempted
+        )
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            self.cpu - other.cpu, self.blocked - other.blocked, self.preempted - other.preempted
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Each live thread's usage by native id, and the role of each."""
+
+    usage: dict[int, Usage]
+    roles: dict[int, str]
+
+
+def parse(stat: str, status: str, ticks: int) -> Usage:
+    """A thread's usage from its ``stat`` and ``status`` files' text."""
+    fields = stat[stat.rindex(")") + 2 :].split()  # (the name may hold spaces)
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    counts = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+            counts[key] = int(value)
+    return Usage(
+        cpu, counts.get("voluntary_ctxt_switches", 0), counts.get("nonvoluntary_ctxt_switches", 0)
+    )
+
+
+def role(name: str | None, tid: int, me: int) -> str:
+    """The role of thread ``tid`` whose Python name is ``name`` (None: not a Python thread),
+    seen from thread ``me``."""
+    if tid == me:
+        return "loop"
+    if name is not None and name.startswith(WORKER_PREFIX):
+        return "workers"
+    return "other"
+
+
+def snapshot() -> Snapshot:
+    """Every live thread's usage now (empty where ``/proc`` has no threads)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    me = threading.get_native_id()
+    usage: dict[int, Usage] = {}
+    roles: dict[int, str] = {}
+    try:
+        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        return Snapshot(usage, roles)
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/self/task/{tid}/status") as f:
+                status = f.read()
+        except OSError:  # it ended meanwhile
+            continue
+        usage[tid] = parse(stat, status, ticks)
+        roles[tid] = role(names.get(tid), tid, me)
+    return Snapshot(usage, roles)
+
+
+def spent(before: Snapshot, after: Snapshot) -> dict[str, Usage]:
+    """What each role used between the snapshots (a thread born in between: all of its)."""
+    total = {name: Usage() for name in ROLES}
+    for tid, now in after.usage.items():
+        then = before.usage.get(tid, Usage())
+        which = after.roles[tid]
+        total[which] = total[which] + (now - then)
+    return total
