@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from supervisor import LguestDevice, abi
+from supervisor import LguestDevice, _slicing, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.slicepool import Job
@@ -255,13 +255,20 @@ def _raw_threads(cpus: list[RawCpu], n: int) -> float:
     return now() - t0
 
 
-def _shares(use: dict[str, thread_use.Usage], seconds: float) -> str:
-    """Per second of a run: the other threads' and the loop's CPU, the workers' blocks."""
+def _wakes() -> int:
+    stats = _slicing.slicer_stats()
+    return stats[0] if stats is not None else 0
+
+
+def _shares(use: dict[str, thread_use.Usage], wakes: int, seconds: float) -> str:
+    """Per second of a run: the other threads' and the loop's CPU, the slicer's wake-ups,
+    the workers' blocks."""
     if seconds <= 0:
         return "-"
     return (
-        f"other threads {use['other'].cpu / seconds:.1%} of a core, loop "
-        f"{use['loop'].cpu / seconds:.1%}, workers blocked {use['workers'].blocked / seconds:.0f}/s"
+        f"other threads {use['other'].cpu / seconds:.1%} of a core (slicer "
+        f"{wakes / seconds:.0f} wake-ups/s), loop {use['loop'].cpu / seconds:.1%}, "
+        f"workers blocked {use['workers'].blocked / seconds:.0f}/s"
     )
 
 
@@ -283,19 +290,21 @@ async def two_spinners(p: Profile) -> list[Result]:
     sup2: list[float] = []
     use1 = {role: thread_use.Usage() for role in thread_use.ROLES}
     use2 = dict(use1)
+    wakes1 = wakes2 = 0
     async with LguestDevice() as dev:
         gs = [await boot(dev, image), await boot(dev, image)]
         await asyncio.gather(*(_sup_loop_time(g, 1000, None) for g in gs))
         for _ in range(p.reps):
             raw1.append(_raw_threads(raws[:1], n))
             raw2.append(_raw_threads(raws, n))
-            before = thread_use.snapshot()
+            before, woken = thread_use.snapshot(), _wakes()
             sup1.append((await _sup_loop_time(gs[0], n, None))[0])
-            middle = thread_use.snapshot()
+            middle, wakes1 = thread_use.snapshot(), wakes1 + _wakes() - woken
+            woken = _wakes()
             t0 = now()
             await asyncio.gather(*(_sup_loop_time(g, n, None) for g in gs))
             sup2.append(now() - t0)
-            after = thread_use.snapshot()
+            after, wakes2 = thread_use.snapshot(), wakes2 + _wakes() - woken
             for total, spent in (
                 (use1, thread_use.spent(before, middle)),
                 (use2, thread_use.spent(middle, after)),
@@ -318,7 +327,8 @@ async def two_spinners(p: Profile) -> list[Result]:
             "value",
             "higher",
             "raw: two bare Unicorn instances in two threads vs one. While 2 spin: "
-            f"{_shares(use2, sum(sup2))}; while 1 spins: {_shares(use1, sum(sup1))}",
+            f"{_shares(use2, wakes2, sum(sup2))}; "
+            f"while 1 spins: {_shares(use1, wakes1, sum(sup1))}",
             {
                 "iterations": n,
                 "raw1": raw1,
@@ -327,6 +337,8 @@ async def two_spinners(p: Profile) -> list[Result]:
                 "sup2": sup2,
                 "threads_one": {k: dataclasses.asdict(v) for k, v in use1.items()},
                 "threads_two": {k: dataclasses.asdict(v) for k, v in use2.items()},
+                "slicer_wakes_one": wakes1,
+                "slicer_wakes_two": wakes2,
             },
         )
     ]

@@ -134,7 +134,9 @@ static pthread_cond_t wake;
 static fuel_t *running;  /* slices between do_enter() and do_leave() */
 static int slicer_started;
 static int64_t wake_at = INT64_MAX; /* when the slicer wakes next */
-static int recent;                  /* a run started since the slicer last woke */
+static int recent;                  /* a short run started since the slicer last woke */
+static unsigned long long wakes;    /* the slicer's wake-ups (slicer_stats) */
+static unsigned long long ticks;    /* sleeps it cut short to TICK_NS for `recent` */
 
 /* Lock held; fuel running. */
 static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
@@ -187,6 +189,7 @@ static void *slicer(void *arg)
     for (;;) {
         int64_t now = now_ns();
         int64_t next = INT64_MAX;
+        wakes++;
         for (fuel_t *f = running; f != NULL; f = f->next) {
             if (!f->sent) {
                 if (now < f->deadline || stretch(f, now)) {
@@ -204,10 +207,15 @@ static void *slicer(void *arg)
         }
         /* Waking a thread costs tens of microseconds here (a VM), far more than a
            short run, so do_enter() only wakes the slicer when it sleeps past the new
-           deadline.  While runs keep starting the slicer ticks; once they stop, it
-           sleeps until woken and costs nothing. */
-        if (recent && now + TICK_NS < next)
+           deadline.  While short runs keep starting the slicer ticks; once they stop,
+           it sleeps until woken and costs nothing.  A long run (a busy executor
+           slice) does not make it tick: its deadline, or the one it is woken for,
+           comes before a tick would help, and on a machine whose every core runs a
+           busy slice each wake-up takes a core from one of them. */
+        if (recent && now + TICK_NS < next) {
             next = now + TICK_NS;
+            ticks++;
+        }
         recent = 0;
         wake_at = next;
         if (next == INT64_MAX) {
@@ -239,6 +247,7 @@ static void after_fork_child(void)
     slicer_started = 0;
     wake_at = INT64_MAX;
     recent = 0;
+    wakes = ticks = 0;
 }
 
 static fuel_t *fuel_arg(PyObject *arg)
@@ -291,7 +300,8 @@ static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_n
     if (running != NULL)
         running->prev = fuel;
     running = fuel;
-    recent = 1;
+    if (fuel->span <= TICK_NS)
+        recent = 1;
     if (fuel->stop)
         send_stop(fuel, REASON_STOP, now_ns());
     if ((fuel->sent ? fuel->sent_at + RESEND_NS : fuel->deadline) < wake_at)
@@ -871,6 +881,15 @@ static PyObject *read_tsc(PyObject *self, PyObject *unused)
 }
 #endif
 
+/* slicer_stats() -> (wakes, ticks): the slicer's wake-ups so far, and how many of its
+   sleeps were cut short to tick.  Read without the lock: a count may be one behind. */
+static PyObject *slicer_stats(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(KK)", wakes, ticks);
+}
+
 static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"bind", bind, METH_VARARGS,
@@ -883,6 +902,9 @@ static PyMethodDef fuel_methods[] = {
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},
+    {"slicer_stats", slicer_stats, METH_NOARGS,
+     "slicer_stats() -> (wakes, ticks): the exit-request slicer's wake-ups so far, and the "
+     "sleeps it cut short to tick while short runs kept starting."},
 #ifdef HAVE_RDTSC
     {"rdtsc", read_tsc, METH_NOARGS, "rdtsc() -> the host's time stamp counter."},
 #endif

@@ -326,6 +326,16 @@ def kick(fuel: Fuel) -> None:
         fuel.stop = 1
 
 
+def slicer_stats() -> tuple[int, int] | None:
+    """The exit-request slicer thread's wake-ups so far, and how many of its sleeps it
+    cut short to tick while short runs kept starting; None without the extension.  Each
+    wake-up takes a core from a busy slice when every core runs one (benchmarks)."""
+    if _fuel is None:
+        return None
+    wakes, ticks = _fuel.slicer_stats()
+    return int(wakes), int(ticks)
+
+
 # What run() returns: the fallback's instruction count (0 on the native paths), and the
 # native interrupt hook's trap vector and hypercall registers (eax, edx, ebx, ecx), None
 # when there is none or they were not read (always None on the fallback, whose Python

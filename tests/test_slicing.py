@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from guestasm import boot, present, until
@@ -22,6 +23,7 @@ from supervisor.abi import LHREQ_IRQ, pack_words
 # ebx + 1 when stopped between the two; a replayed write makes it larger.
 REPLAY_LOOP = bytes.fromhex("ff050020000043ebf7")
 LOOP_AT = 0x1000
+HLT_AT = 0x3000
 NEVER = 1 << 32
 
 
@@ -96,6 +98,44 @@ def test_a_kick_before_the_run_starts_still_ends_it() -> None:
         assert finished.wait(10), "a kick sent before emu_start began was lost"
         thread.join()
         assert fuel.reason == _slicing.REASON_STOP
+
+
+def test_a_long_run_does_not_make_the_slicer_tick() -> None:
+    """The slicer ticks (wakes every TICK_NS) only while short runs keep starting: a busy
+    executor slice's run wakes it for its deadline, not for ticks that would each take a
+    core from a busy slice."""
+    uc, fuel = bare_cpu()
+    if not (_slicing.NATIVE and fuel.exit_request):
+        pytest.skip("the exit-request path only")
+    time.sleep(0.05)  # (a tick an earlier short run asked for is over)
+    before = _slicing.slicer_stats()
+    assert before is not None
+    run_once(uc, fuel, 0.05)
+    after = _slicing.slicer_stats()
+    assert after is not None
+    assert fuel.reason == _slicing.REASON_BUDGET  # the slicer ended it at its deadline
+    assert after[0] > before[0]
+    assert after[1] == before[1]
+
+
+def test_short_runs_still_make_the_slicer_tick() -> None:
+    """Runs that end by themselves long before their deadline (a notify round trip's)
+    keep the slicer ticking, so that most of them need not wake it."""
+    uc, fuel = bare_cpu()
+    if not (_slicing.NATIVE and fuel.exit_request):
+        pytest.skip("the exit-request path only")
+    uc.mem_write(HLT_AT, bytes([_slicing.HLT]))
+    before = _slicing.slicer_stats()
+    assert before is not None
+    for _ in range(2_000):
+        uc.reg_write(r.UC_X86_REG_EIP, HLT_AT)
+        run_once(uc, fuel, 0.0001)
+        now = _slicing.slicer_stats()
+        assert now is not None
+        if now[1] > before[1]:
+            break
+    else:
+        raise AssertionError("2,000 short runs never made the slicer tick")
 
 
 async def test_hlt_halts_until_an_irq_on_every_path(dev: LguestDevice) -> None:
