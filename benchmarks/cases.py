@@ -257,7 +257,7 @@ def _raw_threads(cpus: list[RawCpu], n: int) -> float:
 
 def _wakes() -> int:
     stats = _slicing.slicer_stats()
-    return stats[0] if stats is not None else 0
+    return stats.wakes if stats is not None else 0
 
 
 def _shares(use: dict[str, thread_use.Usage], wakes: int, seconds: float) -> str:

@@ -51,6 +51,7 @@
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
 #define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
 #define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
+#define STRETCH_AHEAD 4      /* a moved deadline gives at most this many times what is missing */
 
 typedef struct fuel {
     volatile int32_t stop;      /* set by any thread: end the slice at the next block */
@@ -137,6 +138,8 @@ static int64_t wake_at = INT64_MAX; /* when the slicer wakes next */
 static int recent;                  /* a short run started since the slicer last woke */
 static unsigned long long wakes;    /* the slicer's wake-ups (slicer_stats) */
 static unsigned long long ticks;    /* sleeps it cut short to TICK_NS for `recent` */
+static unsigned long long moved;    /* deadlines it moved (stretch) */
+static unsigned long long resent;   /* stops it sent again */
 
 /* Lock held; fuel running. */
 static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
@@ -161,7 +164,12 @@ static int64_t clock_ns(clockid_t clock)
    deadline ran did not get its slice, and cutting it short there would make
    progress depend on who was preempted when (fairness under load).  So when the
    deadline passes and the thread has used less CPU than the span it was given,
-   the deadline moves by what is missing, until `latest` (MAX_STRETCH spans). */
+   the deadline moves, until `latest` (MAX_STRETCH spans), far enough for what is
+   missing at the share of a core the thread got since do_enter(): moving it by
+   only what is missing would wake the slicer again and again while the thread
+   gets a fraction of a core (a geometric series: about twenty wake-ups a slice
+   at a fifth).  At most STRETCH_AHEAD times what is missing, so that a thread
+   whose share grows back meanwhile overruns by at most that much. */
 static int stretch(fuel_t *f, int64_t now)
 {
     if (now >= f->latest)
@@ -170,8 +178,29 @@ static int stretch(fuel_t *f, int64_t now)
     int64_t missing = f->span - used;
     if (missing < MIN_STRETCH_NS)
         return 0;
-    f->deadline = now + missing < f->latest ? now + missing : f->latest;
+    int64_t elapsed = now - (f->latest - MAX_STRETCH * f->span); /* since do_enter() */
+    int64_t wait = STRETCH_AHEAD * missing;
+    if (used > 0 && elapsed < STRETCH_AHEAD * used)
+        wait = elapsed > used ? (int64_t)((double)missing * (double)elapsed / (double)used)
+                              : missing;
+    f->deadline = now + wait < f->latest ? now + wait : f->latest;
+    moved++;
     return 1;
+}
+
+/* Lock held; a stop was sent to this run.  How long after the last sending to send it
+   again (the run has not returned meanwhile).  A kick's stop: RESEND_NS, in case it came
+   before emu_start reset the stop state.  A deadline's: the run's thread has used its
+   share of CPU since do_enter(), so it is past that reset and has the stop unless the
+   deadline passed at `latest` before it ran; it is slow to return because it is not
+   running (a loaded machine), and the interval doubles: RESEND_NS, then the time since
+   the deadline. */
+static int64_t resend_after(const fuel_t *f)
+{
+    if (f->stop)
+        return RESEND_NS;
+    int64_t since = f->sent_at - f->deadline;
+    return since > RESEND_NS ? since : RESEND_NS;
 }
 
 static void *slicer(void *arg)
@@ -198,12 +227,13 @@ static void *slicer(void *arg)
                     continue;
                 }
                 send_stop(f, REASON_BUDGET, now);
-            } else if (now - f->sent_at >= RESEND_NS) {
+            } else if (now - f->sent_at >= resend_after(f)) {
                 f->sent_at = now;
                 f->emu_stop(f->uc);
+                resent++;
             }
-            if (f->sent_at + RESEND_NS < next)
-                next = f->sent_at + RESEND_NS;
+            if (f->sent_at + resend_after(f) < next)
+                next = f->sent_at + resend_after(f);
         }
         /* Waking a thread costs tens of microseconds here (a VM), far more than a
            short run, so do_enter() only wakes the slicer when it sleeps past the new
@@ -247,7 +277,7 @@ static void after_fork_child(void)
     slicer_started = 0;
     wake_at = INT64_MAX;
     recent = 0;
-    wakes = ticks = 0;
+    wakes = ticks = moved = resent = 0;
 }
 
 static fuel_t *fuel_arg(PyObject *arg)
@@ -881,13 +911,14 @@ static PyObject *read_tsc(PyObject *self, PyObject *unused)
 }
 #endif
 
-/* slicer_stats() -> (wakes, ticks): the slicer's wake-ups so far, and how many of its
-   sleeps were cut short to tick.  Read without the lock: a count may be one behind. */
+/* slicer_stats() -> (wakes, ticks, moved, resent): the slicer's wake-ups so far, the
+   sleeps it cut short to tick, the deadlines it moved and the stops it sent again.
+   Read without the lock: a count may be one behind. */
 static PyObject *slicer_stats(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(KK)", wakes, ticks);
+    return Py_BuildValue("(KKKK)", wakes, ticks, moved, resent);
 }
 
 static PyMethodDef fuel_methods[] = {
@@ -903,8 +934,8 @@ static PyMethodDef fuel_methods[] = {
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},
     {"slicer_stats", slicer_stats, METH_NOARGS,
-     "slicer_stats() -> (wakes, ticks): the exit-request slicer's wake-ups so far, and the "
-     "sleeps it cut short to tick while short runs kept starting."},
+     "slicer_stats() -> (wakes, ticks, moved, resent): the exit-request slicer's wake-ups "
+     "so far, the sleeps it cut short to tick, the deadlines it moved, the stops it resent."},
 #ifdef HAVE_RDTSC
     {"rdtsc", read_tsc, METH_NOARGS, "rdtsc() -> the host's time stamp counter."},
 #endif

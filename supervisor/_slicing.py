@@ -33,7 +33,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from unicorn import (
     UC_HOOK_BLOCK,
@@ -326,14 +326,21 @@ def kick(fuel: Fuel) -> None:
         fuel.stop = 1
 
 
-def slicer_stats() -> tuple[int, int] | None:
-    """The exit-request slicer thread's wake-ups so far, and how many of its sleeps it
-    cut short to tick while short runs kept starting; None without the extension.  Each
-    wake-up takes a core from a busy slice when every core runs one (benchmarks)."""
+class SlicerStats(NamedTuple):
+    """The exit-request slicer thread's counts so far (``_fuel.c``)."""
+
+    wakes: int  # wake-ups: each takes a core from a busy slice when every core runs one
+    ticks: int  # sleeps cut short to tick while short runs kept starting
+    moved: int  # deadlines moved for CPU time a preempted thread was not given
+    resent: int  # stops sent again to a run that had not returned
+
+
+def slicer_stats() -> SlicerStats | None:
+    """The exit-request slicer's counts (:class:`SlicerStats`); None without the
+    extension (benchmarks and tests)."""
     if _fuel is None:
         return None
-    wakes, ticks = _fuel.slicer_stats()
-    return int(wakes), int(ticks)
+    return SlicerStats(*(int(n) for n in _fuel.slicer_stats()))
 
 
 # What run() returns: the fallback's instruction count (0 on the native paths), and the

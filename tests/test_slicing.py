@@ -13,7 +13,7 @@ import time
 
 import pytest
 from guestasm import boot, present, until
-from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_MODE_32, UC_PROT_ALL, Uc
 from unicorn import x86_const as r
 
 from supervisor import LguestDevice, _slicing
@@ -114,8 +114,71 @@ def test_a_long_run_does_not_make_the_slicer_tick() -> None:
     after = _slicing.slicer_stats()
     assert after is not None
     assert fuel.reason == _slicing.REASON_BUDGET  # the slicer ended it at its deadline
-    assert after[0] > before[0]
-    assert after[1] == before[1]
+    assert after.wakes > before.wakes
+    assert after.ticks == before.ticks
+
+
+def test_a_deadline_moves_in_a_few_steps_for_a_thread_that_got_part_of_its_time() -> None:
+    """A run whose thread did not get its whole share of CPU time by the deadline gets
+    it: the slicer moves the deadline by what the missing time takes at the share the
+    thread got, so a few times per run, not once for every halving of what is missing
+    (about twenty times for a 0.1 s run at a quarter of a core).  The thread here blocks
+    for 0.5 ms every 2,000 blocks, in a hook, so it gets a steady part of its time
+    however loaded the machine is."""
+    uc, fuel = bare_cpu()
+    if not (_slicing.NATIVE and fuel.exit_request):
+        pytest.skip("the exit-request path only")
+    blocks = 0
+
+    def nap(_uc: Uc, _address: int, _size: int, _data: object) -> None:
+        nonlocal blocks
+        blocks += 1
+        if blocks % 2_000 == 0:
+            time.sleep(0.0005)
+
+    uc.hook_add(UC_HOOK_BLOCK, nap)
+    runs = 3
+    before = _slicing.slicer_stats()
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    for _ in range(runs):
+        run_once(uc, fuel, 0.1)
+        assert fuel.reason == _slicing.REASON_BUDGET
+    share = (time.thread_time() - cpu0) / (time.perf_counter() - wall0)
+    after = _slicing.slicer_stats()
+    assert before is not None and after is not None
+    if not 0.2 <= share <= 0.5:
+        pytest.skip(f"the runs got {share:.0%} of the time: not what this test measures")
+    moved = after.moved - before.moved
+    assert runs <= moved <= 8 * runs, (moved, share)
+
+
+def test_a_deadlines_stop_to_a_thread_that_is_not_running_is_resent_ever_less_often() -> None:
+    """The slicer sends a run's stop again while the run has not returned, in case it
+    came before ``emu_start`` reset the stop state.  A deadline's stop comes after the
+    thread used its time (or, at ``latest``, 50 spans): when the run does not return it
+    is because its thread does not run, so the stop is resent at doubling intervals,
+    not every 50 us (a thousand times here).  Here the thread blocks for 0.1 s in its
+    first block, its deadline moves until ``latest`` (50 ms) and the stop is sent then."""
+    uc, fuel = bare_cpu()
+    if not (_slicing.NATIVE and fuel.exit_request):
+        pytest.skip("the exit-request path only")
+    naps = 0
+
+    def nap(_uc: Uc, _address: int, _size: int, _data: object) -> None:
+        nonlocal naps
+        naps += 1
+        if naps == 1:
+            time.sleep(0.1)
+
+    uc.hook_add(UC_HOOK_BLOCK, nap)
+    before = _slicing.slicer_stats()
+    run_once(uc, fuel, 0.001)
+    after = _slicing.slicer_stats()
+    assert before is not None and after is not None
+    assert fuel.reason == _slicing.REASON_BUDGET
+    if naps == 0:
+        pytest.skip("the thread did not reach its first block in 50 ms")
+    assert 1 <= after.resent - before.resent <= 20, after.resent - before.resent
 
 
 def test_short_runs_still_make_the_slicer_tick() -> None:
@@ -132,7 +195,7 @@ def test_short_runs_still_make_the_slicer_tick() -> None:
         run_once(uc, fuel, 0.0001)
         now = _slicing.slicer_stats()
         assert now is not None
-        if now[1] > before[1]:
+        if now.ticks > before.ticks:
             break
     else:
         raise AssertionError("2,000 short runs never made the slicer tick")
