@@ -7,10 +7,11 @@ the rest belongs to the device.  A guest asks for service with
 the :class:`DeviceTable` and awaits that device's :meth:`Device.notify`.
 
 Devices only touch guest memory while the guest is stopped: while a notify is
-being serviced, or in :meth:`Device.poll` after a Waker broke the guest out.
-Anything that happens asynchronously (console input, a custom device's
-event) calls :meth:`Slot.wake`, which makes the Launcher break the guest out
-and poll every device.
+being serviced, or in :meth:`Device.poll`, after a Waker broke the guest out or
+while every CPU is asleep (halted until an interrupt).  Anything that happens
+asynchronously (console input, a custom device's event) calls
+:meth:`Slot.wake`, which makes the Launcher stop the guest (a break) unless it
+is asleep, and poll every device.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class Slot:
         self._raise_irq(self.irq)
 
     def wake(self) -> None:
-        """Ask the Launcher to break the guest out soon and call :meth:`Device.poll`."""
+        """Ask the Launcher to call :meth:`Device.poll` soon, with the guest stopped (broken
+        out, or asleep: then without a break)."""
         self._wake()
 
 
@@ -120,7 +122,7 @@ class Device:
         """The guest notified this device's descriptor; the guest waits until this returns."""
 
     def poll(self, slot: Slot) -> None:
-        """The guest was broken out (some device called :meth:`Slot.wake`): catch up."""
+        """The guest is stopped (some device called :meth:`Slot.wake`): catch up."""
 
     async def stop(self) -> None:
         """Release resources.  Called once, even if the guest died."""

@@ -1,0 +1,71 @@
+"""Waking a guest for a device's news: a guest whose every CPU is asleep (halted until
+an interrupt) is polled and interrupted at once, without the Waker's break; a running
+guest is broken out as before.  Counted in ``GuestStats.breaks``, never timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from supervisor import GuestConfig, LguestDevice, Supervisor
+from supervisor.launcher.console import Console
+from supervisor.launcher.launcher import Launcher
+from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
+
+HERE = Path(__file__).resolve().parent
+GUESTS = HERE.parent / "guests"
+NETBENCH = HERE.parent / "benchmarks" / "c" / "netbench.c"
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+
+
+async def test_input_for_an_asleep_guest_needs_no_break() -> None:
+    console = Console()
+    async with asyncio.timeout(LIMIT), LguestDevice() as dev:
+        launcher = Launcher(dev, GUESTS / "echo.img", ram_size=1 << 20, devices=[console])
+        run = asyncio.create_task(launcher.run())
+        lines = aiter(console.lines)
+        for n in range(20):
+            await until(lambda: launcher.file is not None and launcher.file.asleep(), LIMIT)
+            console.feed(f"line {n}\n".encode())
+            assert await anext(lines) == f"line {n}"
+        console.feed(b"quit\n")
+        assert [await anext(lines), await anext(lines)] == ["quit", "bye"]
+        assert (await run).ok
+    assert launcher.stats.breaks == 0
+    assert launcher.stats.interrupts >= 20
+
+
+async def test_a_running_guest_is_broken_out_for_news() -> None:
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        spinner = await sup.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+        await until(lambda: spinner.stats.run_time > 0, LIMIT)
+        spinner.send("news\n")  # the spinner never halts: only a break lets the console poll
+        await until(lambda: spinner.stats.breaks >= 1, LIMIT)
+        await spinner.kill()
+
+
+async def test_guests_waiting_on_sockets_wake_without_breaks(build_guest: BuildGuest) -> None:
+    image = build_guest(NETBENCH.read_text(), flags=("-O2",))
+    rounds = 200
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        server = await sup.launch(
+            GuestConfig(image=image, name="srv", cmdline="echo 7", memory="4M", net=True)
+        )
+        await server.expect("listening", LIMIT)
+        client = await sup.launch(
+            GuestConfig(image=image, name="cli", cmdline=f"ping srv 7 {rounds}", memory="4M",
+                        net=True)
+        )  # fmt: skip
+        assert [line async for line in client.console] == ["start", "done"]
+        assert (await client.wait()).ok
+        assert [line async for line in server.console][-1] == f"got {rounds}"
+        assert (await server.wait()).ok
+    # Each round trip wakes each guest once from its wait in recv; asleep there, it is
+    # interrupted without a break.  (A wake that finds it between the device's answer
+    # and its halt still breaks it out: a few, not one per round trip.)
+    for guest in (client, server):
+        assert guest.stats.breaks <= rounds // 10, guest.stats
+        assert guest.stats.interrupts >= rounds // 2
+
