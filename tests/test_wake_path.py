@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from supervisor import GuestConfig, LguestDevice, Supervisor
+from supervisor import GuestConfig, GuestMemory, LguestDevice, Supervisor
+from supervisor.launcher import files
 from supervisor.launcher.console import Console
+from supervisor.launcher.devices import Slot
 from supervisor.launcher.launcher import Launcher
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
@@ -69,3 +71,34 @@ async def test_guests_waiting_on_sockets_wake_without_breaks(build_guest: BuildG
         assert guest.stats.breaks <= rounds // 10, guest.stats
         assert guest.stats.interrupts >= rounds // 2
 
+
+async def test_a_file_request_writes_its_result_once(tmp_path: Path) -> None:
+    """A request's answer is one write of the descriptor: the guest's CPUs drop one
+    range of stale translations per request, not one per word."""
+    memory = GuestMemory((1 << 20) + 4096)
+    dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
+    await dev.start()
+    try:
+        slot = Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
+        dev.attach(slot)
+        (tmp_path / "x").write_bytes(b"abcdef")
+        memory.write(0x1000, b"/d/x")
+        slot.set_words(files.FS_OP, [files.OP_OPENAT, files.AT_FDCWD & 0xFFFFFFFF,
+                                     0x1000, 4, 0, 0, 0, 0, 0])  # fmt: skip
+        writes: list[tuple[int, int]] = []
+        memory.watch(lambda addr, n: writes.append((addr, n)))
+        await dev.notify(slot)
+        assert slot.get_words(files.FS_RESULT, 2) == (3, 0)
+        assert writes == [((1 << 20) + files.FS_RESULT, 8)]
+        writes.clear()
+        slot.set_words(files.FS_OP, [files.OP_READ, 3, 0x2000, 6, 0, 0, 0, 0, 0])
+        writes.clear()
+        await dev.notify(slot)
+        assert memory.read(0x2000, 6) == b"abcdef"
+        assert writes == [(0x2000, 6), ((1 << 20) + files.FS_RESULT, 8)]
+        slot.set_words(files.FS_OP, [files.OP_LSEEK, 3, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF])
+        await dev.notify(slot)
+        assert slot.get_words(files.FS_RESULT, 2) == (0xFFFFFFEA, 0xFFFFFFFF)  # -EINVAL
+    finally:
+        await dev.stop()
+        memory.close()

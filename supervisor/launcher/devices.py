@@ -68,6 +68,20 @@ class Slot:
         self._check_field(offset)
         self.memory.write(self.address + offset, _U32.pack(value & 0xFFFFFFFF))
 
+    def get_words(self, offset: int, count: int) -> tuple[int, ...]:
+        """``count`` consecutive 32-bit fields from ``offset`` (one read of guest memory)."""
+        self._check_field(offset)
+        self._check_field(offset + 4 * (count - 1))
+        return struct.unpack(f"<{count}I", self.memory.read(self.address + offset, 4 * count))
+
+    def set_words(self, offset: int, values: tuple[int, ...] | list[int]) -> None:
+        """Store consecutive 32-bit fields from ``offset`` (one write: the guest's CPUs
+        drop stale translations of one range, not one per field)."""
+        self._check_field(offset)
+        self._check_field(offset + 4 * (len(values) - 1))
+        data = struct.pack(f"<{len(values)}I", *(v & 0xFFFFFFFF for v in values))
+        self.memory.write(self.address + offset, data)
+
     @staticmethod
     def _check_field(offset: int) -> None:
         if not 0 <= offset <= DESC_SIZE - 4:
