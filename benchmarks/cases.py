@@ -23,7 +23,7 @@ from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.slicepool import Job
 
-from . import bench_files, bench_hibernate, bench_smp, bench_state, guests, isolation
+from . import bench_files, bench_hibernate, bench_net, bench_smp, bench_state, guests, isolation
 from .bench_c import c_compute
 from .bench_clock import clock_calls
 from .guests import SMALL_RAM, Booted, assemble, boot
@@ -927,4 +927,5 @@ FIGURES: dict[str, Figure] = {
     "smp_scaling": bench_smp.smp_scaling,
     "ipi_latency": bench_smp.ipi_latency,
     "file_read": bench_files.file_read,
+    "network": bench_net.network,
 }
