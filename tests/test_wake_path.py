@@ -19,6 +19,7 @@ from supervisor.testing import until
 HERE = Path(__file__).resolve().parent
 GUESTS = HERE.parent / "guests"
 NETBENCH = HERE.parent / "benchmarks" / "c" / "netbench.c"
+READFILE = HERE.parent / "benchmarks" / "c" / "readfile.c"
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 
 
@@ -102,3 +103,27 @@ async def test_a_file_request_writes_its_result_once(tmp_path: Path) -> None:
     finally:
         await dev.stop()
         memory.close()
+
+
+async def test_fgets_reads_64_kib_per_request(tmp_path: Path, build_guest: BuildGuest) -> None:
+    """stdio's 1 KiB refills come from the runtime's read-ahead: reading a file line by
+    line costs one file-device request per 64 KiB, not one per line or per refill."""
+    image = build_guest(READFILE.read_text(), flags=("-O2",))
+    line = bytes(range(48, 48 + 79)) + b"\n"
+    (tmp_path / "data").write_bytes(line * 13_107)  # 1 MiB less 16 bytes, 16 x 64 KiB
+    console = Console()
+    device = files.FilesDevice([files.Grant(tmp_path, "/d", True)])
+    device.open()
+    async with asyncio.timeout(LIMIT), LguestDevice() as dev:
+        launcher = Launcher(dev, image, ram_size=4 << 20, devices=[console, device],
+                            cmdline="fgets /d/data")  # fmt: skip
+        run = asyncio.create_task(launcher.run())
+        lines = aiter(console.lines)
+        assert await anext(lines) == "start"
+        before = device.requests
+        result = await anext(lines)
+        during = device.requests - before
+        assert (await run).ok
+    assert result == f"bytes {len(line) * 13_107} sum {10 * 13_107}"
+    # 16 read-ahead fills, the end of file, and the few calls around them
+    assert 16 <= during <= 20, during
