@@ -1,6 +1,7 @@
-"""Waking a guest for a device's news: a guest whose every CPU is asleep (halted until
-an interrupt) is polled and interrupted at once, without the Waker's break; a running
-guest is broken out as before.  Counted in ``GuestStats.breaks``, never timed.
+"""The guest's request path, counted, never timed: a guest whose every CPU is asleep
+(halted until an interrupt) is polled and interrupted for a device's news without the
+Waker's break, a running one is broken out (``GuestStats.breaks``); a file request
+reads and answers its descriptor once; stdio reads a file in 64 KiB requests.
 """
 
 from __future__ import annotations
