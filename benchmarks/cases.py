@@ -23,7 +23,7 @@ from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.slicepool import Job
 
-from . import bench_files, bench_hibernate, bench_smp, bench_state, guests, isolation
+from . import bench_files, bench_hibernate, bench_net, bench_smp, bench_state, guests, isolation
 from . import threads as thread_use
 from .bench_c import c_compute
 from .bench_clock import clock_calls
@@ -978,4 +978,5 @@ FIGURES: dict[str, Figure] = {
     "ipi_latency": bench_smp.ipi_latency,
     "atomics": bench_smp.atomics,
     "file_read": bench_files.file_read,
+    "network": bench_net.network,
 }

@@ -457,6 +457,12 @@ class LguestFile:
         """Why CPU ``cpu`` is held (:class:`Hold`, a ``str``: ``"pause"``...), or None."""
         return self._cpu(cpu).run.hold
 
+    def asleep(self, cpu: int = 0) -> bool:
+        """True while CPU ``cpu`` is halted, waiting for an interrupt, and no slice of it
+        is queued or runs: it touches no guest memory until an interrupt wakes it."""
+        c = self._cpu(cpu)
+        return c.halted and not c.running
+
     def reading(self, cpu: int = 0) -> bool:
         """True while a read of CPU ``cpu`` is in flight (paused or not)."""
         return self._cpu(cpu).run.reading

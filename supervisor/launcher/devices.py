@@ -7,10 +7,11 @@ the rest belongs to the device.  A guest asks for service with
 the :class:`DeviceTable` and awaits that device's :meth:`Device.notify`.
 
 Devices only touch guest memory while the guest is stopped: while a notify is
-being serviced, or in :meth:`Device.poll` after a Waker broke the guest out.
-Anything that happens asynchronously (console input, a custom device's
-event) calls :meth:`Slot.wake`, which makes the Launcher break the guest out
-and poll every device.
+being serviced, or in :meth:`Device.poll`, after a Waker broke the guest out or
+while every CPU is asleep (halted until an interrupt).  Anything that happens
+asynchronously (console input, a custom device's event) calls
+:meth:`Slot.wake`, which makes the Launcher stop the guest (a break) unless it
+is asleep, and poll every device.
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ class Slot:
         self._check_field(offset)
         self.memory.write(self.address + offset, _U32.pack(value & 0xFFFFFFFF))
 
+    def get_words(self, offset: int, count: int) -> tuple[int, ...]:
+        """``count`` consecutive 32-bit fields from ``offset`` (one read of guest memory)."""
+        self._check_field(offset)
+        self._check_field(offset + 4 * (count - 1))
+        return struct.unpack(f"<{count}I", self.memory.read(self.address + offset, 4 * count))
+
+    def set_words(self, offset: int, values: tuple[int, ...] | list[int]) -> None:
+        """Store consecutive 32-bit fields from ``offset`` (one write: the guest's CPUs
+        drop stale translations of one range, not one per field)."""
+        self._check_field(offset)
+        self._check_field(offset + 4 * (len(values) - 1))
+        data = struct.pack(f"<{len(values)}I", *(v & 0xFFFFFFFF for v in values))
+        self.memory.write(self.address + offset, data)
+
     @staticmethod
     def _check_field(offset: int) -> None:
         if not 0 <= offset <= DESC_SIZE - 4:
@@ -94,7 +109,8 @@ class Slot:
         self._raise_irq(self.irq)
 
     def wake(self) -> None:
-        """Ask the Launcher to break the guest out soon and call :meth:`Device.poll`."""
+        """Ask the Launcher to call :meth:`Device.poll` soon, with the guest stopped (broken
+        out, or asleep: then without a break)."""
         self._wake()
 
 
@@ -120,7 +136,7 @@ class Device:
         """The guest notified this device's descriptor; the guest waits until this returns."""
 
     def poll(self, slot: Slot) -> None:
-        """The guest was broken out (some device called :meth:`Slot.wake`): catch up."""
+        """The guest is stopped (some device called :meth:`Slot.wake`): catch up."""
 
     async def stop(self) -> None:
         """Release resources.  Called once, even if the guest died."""

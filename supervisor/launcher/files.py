@@ -144,6 +144,7 @@ _HOST_FLOCK = struct.Struct("@hhqqi4x")  # the host's struct flock (64-bit Linux
 LOCK_WAIT_MAX = 0.05  # seconds between tries of a waiting lock (F_SETLKW)
 
 _S64 = struct.Struct("<q")
+_RESULT = struct.Struct("<II")  # a request's 64-bit result as the descriptor's two words
 _DIRENT = struct.Struct("<QqHB")  # d_ino, d_off, d_reclen, d_type, then the name
 
 # ---- openat2 ---------------------------------------------------------------------------
@@ -455,9 +456,8 @@ class FilesDevice(Device):
 
     async def _serve(self, slot: Slot) -> None:
         self.requests += 1
-        op = slot.get(FS_OP)
-        fd = _signed(slot.get(FS_FD))
-        args = [slot.get(FS_A0 + 4 * i) for i in range(7)]
+        op, raw_fd, *args = slot.get_words(FS_OP, 9)  # op, fd, a0..a6
+        fd = _signed(raw_fd)
         handler = _OPS.get(op) or SOCKET_OPS.get(op)
         if handler is None:
             raise FileRequestError(f"unknown file request {op}")
@@ -467,9 +467,7 @@ class FilesDevice(Device):
             result = -exc.errno
         except SocketRequestError as exc:
             raise FileRequestError(str(exc)) from None
-        raw = _S64.pack(result)
-        slot.set(FS_RESULT, int.from_bytes(raw[:4], "little"))
-        slot.set(FS_RESULT_HI, int.from_bytes(raw[4:], "little"))
+        slot.set_words(FS_RESULT, _RESULT.unpack(_S64.pack(result)))
 
     async def _blocking(
         self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None

@@ -7,13 +7,16 @@ read loop, as lguest's Launcher did it:
 * a full read returns a notify address: the device there is serviced, then
   any irqs the devices raised are sent (``LHREQ_IRQ``) before the next read;
 * ``EAGAIN``: the Waker broke the guest out because a device has news; every
-  device is polled, irqs are sent, and ``LHREQ_BREAK 0`` releases the Waker;
+  device is polled, irqs are sent, and ``LHREQ_BREAK 0`` releases the Waker
+  (a guest whose every CPU is asleep, halted until an interrupt, is stopped
+  already: the Waker polls the devices and sends their irqs itself, no break);
 * ``ENOENT``: the guest died; the next read returns the reason;
 * ``ERESTART``: the guest asked for a reboot; the image is read again and the
   guest boots afresh, at most ``max_restarts`` times.
 
-The Waker coroutine holds only ``f.waker()``: when a device calls
-:meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``.
+The Waker coroutine holds ``f.waker()``: when a device calls
+:meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``,
+unless every CPU is asleep.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class GuestStats:
     hypercalls: int = 0
     interrupts: int = 0
     notifies: int = 0
+    breaks: int = 0  # times the Waker broke the guest out for a device's news
     run_time: float = 0.0  # seconds inside guest slices
     hibernations: int = 0  # times the guest gave back its emulator while idle
     wakes: int = 0  # times it took a new one
@@ -131,6 +135,7 @@ class Launcher:
         self.file: LguestFile | None = None
         self._done_stats = GuestStats()
         self._notifies = 0
+        self._breaks = 0
         self._irqs: set[int] = set()
         self._attention = asyncio.Event()
         self._killed: str | None = None
@@ -206,10 +211,10 @@ class Launcher:
         return self._done_stats.add(self._current_stats())
 
     def _current_stats(self) -> GuestStats:
-        total = GuestStats(notifies=self._notifies)
+        total = GuestStats(notifies=self._notifies, breaks=self._breaks)
         for s in self.file.cpu_stats if self.file is not None else ():
             shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(GuestStats)
-                      if f.name != "notifies"}  # fmt: skip
+                      if f.name not in ("notifies", "breaks")}  # fmt: skip
             total = total.add(GuestStats(**shared))
         return total
 
@@ -323,6 +328,7 @@ class Launcher:
                 finally:
                     self._done_stats = self._done_stats.add(self._current_stats())
                     self._notifies = 0
+                    self._breaks = 0
                     self.file = None
         finally:
             memory.close()
@@ -334,7 +340,7 @@ class Launcher:
         """Read every CPU, each in a task of its own, until the guest ends; every
         read loop ends with the same end.  The Waker breaks CPU 0 out, and device
         interrupts go to CPU 0."""
-        waker = asyncio.create_task(self._waker(f.waker()), name="lguest-waker")
+        waker = asyncio.create_task(self._waker(f, f.waker()), name="lguest-waker")
         try:
             if f.cpu_count == 1:
                 return await self._read_loop(f, 0)
@@ -401,12 +407,35 @@ class Launcher:
         while self._irqs:
             await f.write(abi.pack_words(abi.LHREQ_IRQ, self._irqs.pop()))
 
-    async def _waker(self, waker: Waker) -> None:
-        """Break the guest out whenever a device wants attention, until the file dies."""
+    async def _waker(self, f: LguestFile, waker: Waker) -> None:
+        """Have the devices polled whenever one wants attention, until the file dies.
+
+        A guest whose every CPU is asleep (halted until an interrupt, no slice queued)
+        is stopped already: the devices are polled here and their irqs sent, which
+        wakes it, without the break's round trip through the read loop.  A device
+        that fails there is polled again by the read loop after a break, which kills
+        the guest with the reason."""
         while True:
             await self._attention.wait()
             self._attention.clear()
             try:
+                if self._polled_asleep(f):
+                    await self._send_irqs(f)
+                    continue
+                self._breaks += 1
                 await waker.brk(True)
             except OSError:
                 return
+
+    def _polled_asleep(self, f: LguestFile) -> bool:
+        """Poll every device now if every CPU of ``f`` is asleep; whether it did."""
+        if f.closed or f.death is not None:
+            return False
+        if not f.cpu_count or not all(f.asleep(n) for n in range(f.cpu_count)):
+            return False
+        for device, slot in self.devices.slots():
+            try:
+                device.poll(slot)
+            except Exception:
+                return False  # the break's poll (in the read loop) kills with the reason
+        return True

@@ -52,6 +52,7 @@ RUNTIME_SOURCES = (
     "runtime/files.c",
     "runtime/threads.c",
     "runtime/net.c",
+    "runtime/strings.c",
 )
 FREESTANDING_SOURCES = ("runtime/freestanding.c",)  # gcc builds: musl's part of the runtime
 FREESTANDING_DIR = SDK_DIR / "freestanding"

@@ -115,21 +115,22 @@ static void ra_drop(void)
     }
 }
 
-/* Copy out of the read-ahead buffer, 32 bytes a loop iteration: an emulated CPU
- * pays per basic block, and the C library's memcpy moves 4 bytes a block. */
+/* Copy out of the read-ahead buffer 64 bytes a loop iteration, with 16-byte
+ * loads and stores: an emulated CPU pays per basic block, and per store far
+ * more than per byte (every store takes the emulator's slow path: see
+ * docs/performance.md, "Guest stores"), so the widest stores win. */
+typedef uint8_t v16 __attribute__((vector_size(16), aligned(1)));
 static void ra_copy(char *dst, const char *src, uint32_t n)
 {
-    while (n >= 32) {
-        uint32_t w0, w1, w2, w3, w4, w5, w6, w7;
-        __builtin_memcpy(&w0, src, 4), __builtin_memcpy(&w1, src + 4, 4);
-        __builtin_memcpy(&w2, src + 8, 4), __builtin_memcpy(&w3, src + 12, 4);
-        __builtin_memcpy(&w4, src + 16, 4), __builtin_memcpy(&w5, src + 20, 4);
-        __builtin_memcpy(&w6, src + 24, 4), __builtin_memcpy(&w7, src + 28, 4);
-        __builtin_memcpy(dst, &w0, 4), __builtin_memcpy(dst + 4, &w1, 4);
-        __builtin_memcpy(dst + 8, &w2, 4), __builtin_memcpy(dst + 12, &w3, 4);
-        __builtin_memcpy(dst + 16, &w4, 4), __builtin_memcpy(dst + 20, &w5, 4);
-        __builtin_memcpy(dst + 24, &w6, 4), __builtin_memcpy(dst + 28, &w7, 4);
-        src += 32, dst += 32, n -= 32;
+    while (n >= 64) {
+        v16 a = *(const v16 *)src, b = *(const v16 *)(src + 16);
+        v16 c = *(const v16 *)(src + 32), d = *(const v16 *)(src + 48);
+        *(v16 *)dst = a, *(v16 *)(dst + 16) = b, *(v16 *)(dst + 32) = c, *(v16 *)(dst + 48) = d;
+        src += 64, dst += 64, n -= 64;
+    }
+    while (n >= 16) {
+        *(v16 *)dst = *(const v16 *)src;
+        src += 16, dst += 16, n -= 16;
     }
     while (n--) *dst++ = *src++;
 }

@@ -1,7 +1,8 @@
 /* freestanding.c - what musl gives the runtime, for guests built without a C
  * library (the gcc fallback of `supervisor build`): the string functions a
- * compiler may emit calls to, 64-bit division, and __libc_start_main, which runs main(argc,
- * argv) and powers off with its return value.  No stdio, no malloc: a
+ * compiler may emit calls to (strlen and memchr are strings.c's), 64-bit
+ * division, and __libc_start_main, which runs main(argc, argv) and powers off
+ * with its return value.  No stdio, no malloc: a
  * freestanding guest talks to the Host through lguest.h. */
 #include <lguest.h>
 
@@ -41,13 +42,6 @@ int memcmp(const void *a, const void *b, size_t n)
     for (; n; n--, x++, y++)
         if (*x != *y) return *x - *y;
     return 0;
-}
-
-size_t strlen(const char *s)
-{
-    const char *p = s;
-    while (*p) p++;
-    return (size_t)(p - s);
 }
 
 /* 64-bit division, which a 32-bit compiler calls libgcc for (the runtime's clocks
