@@ -299,6 +299,7 @@ async def test_hostile_socket_requests_kill_or_fail_never_the_host() -> None:
         assert await request(sockets.OP_SENDTO, 3, 0xFFFFF000, 100) == -14
         assert await request(sockets.OP_POLL, 0, 0xFFFFF000, 1000) == -14
         assert await request(sockets.OP_SETSOCKOPT, 3, 99, 1, 0x1000, 4) == -92  # ENOPROTOOPT
+        assert await request(sockets.OP_GETSOCKOPT, 3, 99, 1, 0x1000, 0x1004) == -92
         assert await request(sockets.OP_ACCEPT, 7, 0, 0, 0) == -9  # EBADF
         for op, args, why in [
             (sockets.OP_SENDTO, (0x2000, files.MAX_IO + 1), "transfer of"),
