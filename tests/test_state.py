@@ -190,7 +190,10 @@ async def run_with_pauses(devs: tuple[LguestDevice, LguestDevice], pauses: list[
 
 
 EXACT = settings(
-    max_examples=2000 if LONG else 500,  # x2: every async test runs under both loops
+    # x2: every async test runs under both loops.  Each example waits for five guest
+    # timer ticks, so it costs wall time however fast the machine: the default run tries
+    # a few hundred pause patterns, the long profile (LGUEST_FUZZ_PROFILE=long) thousands.
+    max_examples=2000 if LONG else 150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
