@@ -407,7 +407,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
 ) -> None:
     (tmp_path / "f").write_text("some data\n")
     config = GuestConfig(image=fsprobe, memory="2M", dirs=[grant(tmp_path, "/d")])
-    guests = 200
+    guests = 60  # three batches: each way to end (exit, kill) thirty times
     async with Supervisor() as sup:
         # One guest first: the thread pool and anything else made once exist from now on.
         (await sup.launch(config)).send_eof()
