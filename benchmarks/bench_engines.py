@@ -29,6 +29,7 @@ from supervisor.memory import GuestMemory
 
 from .cases import LOOP, TIGHT_BODY
 from .guests import Booted, assemble, boot, close
+from .harness import print_table
 from .raw import RawCpu
 
 MiB = 1 << 20
@@ -137,11 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=0.5, help="the busy loop's raw time")
     args = parser.parse_args(argv)
-    rows = asyncio.run(measure(args.cycles, args.seconds))
-    width = max(len(r[0]) for r in rows)
-    print(f"engine switches ({args.cycles} cycles; busy loop about {args.seconds} s raw)")
-    for name, value, note in rows:
-        print(f"  {name:<{width}}  {value:>10}  {note}")
+    title = f"engine switches ({args.cycles} cycles; busy loop about {args.seconds} s raw)"
+    print_table(title, asyncio.run(measure(args.cycles, args.seconds)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from supervisor import LguestDevice
 from supervisor.snapshot import Snapshot, restore, snapshot
 
 from .guests import assemble, boot, close
+from .harness import print_table
 
 RAM = 16 << 20
 FILL = r"""
@@ -124,11 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restores", type=int, default=1000)
     parser.add_argument("--dirty", type=int, default=4, help="MiB of guest RAM made non-zero")
     args = parser.parse_args(argv)
-    rows = asyncio.run(measure(args.restores, args.dirty))
-    width = max(len(r[0]) for r in rows)
-    print(f"snapshot of a 16 MiB guest ({args.dirty} MiB dirtied)")
-    for name, value, note in rows:
-        print(f"  {name:<{width}}  {value:>10}  {note}")
+    title = f"snapshot of a 16 MiB guest ({args.dirty} MiB dirtied)"
+    print_table(title, asyncio.run(measure(args.restores, args.dirty)))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,15 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def print_table(title: str, rows: Sequence[tuple[str, str, str]]) -> None:
+    """A stand-alone benchmark's figures: ``title``, then one line per (figure, value,
+    note), the names padded to one column and the values right-aligned."""
+    width = max(len(r[0]) for r in rows)
+    print(title)
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:>10}  {note}")
+
+
 class Breaker:
     """A Waker coroutine that breaks a guest out every ``period`` seconds."""
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, overload
+from typing import Any, AnyStr
 
 from .config import GuestConfig
 from .debug import PAUSE, DebugError, Debugger, debugger
@@ -171,25 +171,11 @@ class Guest:
         """
         return self._console.lines
 
-    @overload
     async def expect(
         self,
-        pattern: str | re.Pattern[str],
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> re.Match[str]: ...
-
-    @overload
-    async def expect(
-        self,
-        pattern: bytes | re.Pattern[bytes],
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> re.Match[bytes]: ...
-
-    async def expect(
-        self,
-        pattern: str | bytes | re.Pattern[str] | re.Pattern[bytes],
+        pattern: AnyStr | re.Pattern[AnyStr],
         timeout: float | None = None,  # noqa: ASYNC109 (pexpect's signature; TimeoutError)
-    ) -> re.Match[str] | re.Match[bytes]:
+    ) -> re.Match[AnyStr]:
         """Wait until the console's unread output matches ``pattern`` (``re.search``),
         consume it up to the match's end, return the ``re.Match``.
 

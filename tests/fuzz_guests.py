@@ -74,7 +74,7 @@ DOCUMENTED_ERRNOS = frozenset(
 # -- guests ----------------------------------------------------------------------
 
 RAM = 256 << 10
-EXECUTOR_IDLE = 2.0  # seconds: a bound for failing, never a wait for success
+EXECUTOR_IDLE = 60.0  # seconds: a bound for failing, never a wait for success
 PAYLOAD_SIZE = 4096
 
 HOSTILE_SOURCE = rf"""

@@ -265,10 +265,10 @@ def test_the_first_link_and_a_slow_link_say_what_they_do_and_the_output_is_uncha
 
 
 def test_progress_on_a_terminal_updates_the_elapsed_time_in_place(tmp_path: Path) -> None:
-    slow = sdk.Toolchain(cc=("sh", "-c", "sleep 5", "sh"), version="fake")
+    slow = sdk.Toolchain(cc=("sh", "-c", "sleep 2", "sh"), version="fake")
     master, slave = pty.openpty()
-    with open(slave, "w") as terminal:
-        slow.run([], tmp_path, None, "busy", terminal)
+    with open(slave, "w") as terminal:  # shown from the start (note_after=0): at 0 s, 1 s, end
+        slow.run([], tmp_path, None, "busy", terminal, note_after=0)
     shown = ""
     while not shown.endswith("\n"):  # a pty hands its bytes over asynchronously
         ready, _, _ = select.select([master], [], [], LIMIT)
@@ -279,7 +279,7 @@ def test_progress_on_a_terminal_updates_the_elapsed_time_in_place(tmp_path: Path
     assert shown.count("\r") >= 3  # rewritten each second, then the total
     quiet = io.StringIO()
     sdk.Toolchain(cc=("true",), version="fake").run([], tmp_path, None, "busy", quiet)
-    assert quiet.getvalue() == ""  # a quick step says nothing
+    assert quiet.getvalue() == ""  # a quick step says nothing (under the default note_after)
 
 
 def test_the_library_refuses_the_same_requests(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from supervisor import ConsoleEnded, GuestConfig, Supervisor
 from supervisor.launcher.console import LineStream
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
-LIMIT = 10  # seconds: a bound for failing, never a wait for success
+LIMIT = 60  # seconds: a bound for failing (a hang on a loaded machine), never a wait
 
 
 async def lines_of(stream: LineStream) -> list[str]:

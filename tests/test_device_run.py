@@ -183,7 +183,7 @@ async def test_close_while_running_never_hangs(dev: LguestDevice) -> None:
     reader = asyncio.create_task(g.file.read(8))
     await until(lambda: g.u32("counter") != 0)
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
-    await asyncio.wait_for(g.file.close(), 5)
+    await asyncio.wait_for(g.file.close(), 60)
     await expect(errno.EBADF, breaker)
     with pytest.raises(OSError) as e:
         await reader
@@ -204,7 +204,7 @@ main:
     )
     reader = asyncio.create_task(g.file.read(8))
     await until(lambda: g.file.cpu(0).halted)
-    await asyncio.wait_for(g.file.close(), 5)
+    await asyncio.wait_for(g.file.close(), 60)
     await expect(errno.EBADF, reader)
 
 
@@ -212,7 +212,7 @@ async def test_device_aclose_stops_every_guest(dev: LguestDevice) -> None:
     guests = [await boot(dev, SPIN) for _ in range(4)]
     readers = [asyncio.create_task(g.file.read(8)) for g in guests]
     await until(lambda: all(g.u32("counter") for g in guests))
-    await asyncio.wait_for(dev.aclose(), 10)
+    await asyncio.wait_for(dev.aclose(), 60)
     for r in readers:
         with pytest.raises(OSError) as e:
             await r
@@ -232,8 +232,8 @@ async def test_close_waits_for_the_read_not_for_the_readers_whole_task(dev: Lgue
 
     task = asyncio.create_task(reader())
     await until(lambda: g.u32("counter") != 0)
-    await asyncio.wait_for(g.file.close(), 5)
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(g.file.close(), 60)
+    await asyncio.wait_for(task, 60)
 
 
 def submissions(dev: LguestDevice, monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from slotrequests import Requests, slot_at_1m
 
 from supervisor import Exit, GuestConfig, Supervisor
 from supervisor.config import ConfigError, DirGrant
 from supervisor.launcher import files
-from supervisor.launcher.devices import Slot
 from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
@@ -407,7 +407,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
 ) -> None:
     (tmp_path / "f").write_text("some data\n")
     config = GuestConfig(image=fsprobe, memory="2M", dirs=[grant(tmp_path, "/d")])
-    guests = 200
+    guests = 60  # three batches: each way to end (exit, kill) thirty times
     async with Supervisor() as sup:
         # One guest first: the thread pool and anything else made once exist from now on.
         (await sup.launch(config)).send_eof()
@@ -516,27 +516,15 @@ def test_two_grants_at_one_guest_path_are_refused(tmp_path: Path) -> None:
     assert len(config.dirs) == 2
 
 
-def _slot(memory: GuestMemory) -> Slot:
-    return Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
-
-
 async def test_malformed_requests_kill_and_bad_arguments_are_errors(tmp_path: Path) -> None:
     memory = GuestMemory((1 << 20) + 4096)
     dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
     await dev.start()
     try:
-        slot = _slot(memory)
+        slot = slot_at_1m(memory)
         dev.attach(slot)
         assert slot.get(files.FS_MAX_IO) == files.MAX_IO
-
-        async def request(op: int, fd: int, *args: int) -> int:
-            slot.set(files.FS_OP, op)
-            slot.set(files.FS_FD, fd)
-            for i, value in enumerate([*args, 0, 0, 0, 0, 0, 0, 0][:7]):
-                slot.set(files.FS_A0 + 4 * i, value)
-            await dev.notify(slot)
-            lo, hi = slot.get(files.FS_RESULT), slot.get(files.FS_RESULT_HI)
-            return int.from_bytes((lo | hi << 32).to_bytes(8, "little"), "little", signed=True)
+        request = Requests(dev, slot)
 
         memory.write(0x1000, b"/d/x")
         fd = await request(files.OP_OPENAT, files.AT_FDCWD & 0xFFFFFFFF, 0x1000, 4, 0o102, 0o644)
@@ -583,7 +571,7 @@ async def test_requests_from_two_cpus_at_once_are_served_one_after_the_other(
     dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
     await dev.start()
     try:
-        slot = _slot(memory)
+        slot = slot_at_1m(memory)
         dev.attach(slot)
 
         def put(op: int, fd: int, *args: int) -> None:
@@ -642,7 +630,7 @@ async def test_an_open_cancelled_on_its_thread_closes_what_it_opened(
     dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
     await dev.start()
     try:
-        slot = _slot(memory)
+        slot = slot_at_1m(memory)
         dev.attach(slot)
         memory.write(0x1000, b"/d/x")
         slot.set(files.FS_OP, files.OP_OPENAT)

@@ -36,7 +36,7 @@ from supervisor import GuestMemory, LguestDevice, LguestFile, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, LHREQ_IRQ, pack_words
 from supervisor.launcher.layout import IMAGE_BASE
 
-OP_TIMEOUT = 10.0  # an op that must not block, or the final clean-up, taking longer: a hang
+OP_TIMEOUT = 60.0  # an op that must not block, or the final clean-up, taking longer: a hang
 RAM = 256 << 10
 U64 = (1 << 64) - 1
 

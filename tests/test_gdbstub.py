@@ -14,7 +14,7 @@ from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer, checksum
 
 GDB = shutil.which("gdb")
-LIMIT = 20  # seconds: a bound for failing, never a wait for success
+LIMIT = 60  # seconds: a bound for failing (a hang on a loaded machine), never a wait
 
 # Exits with the value of ebx as its status: gdb changes it on the way.
 STATUS_FROM_EBX = r"""

@@ -44,7 +44,7 @@ async def test_supervisor_guest_limit_refuses_the_extra_guest_only() -> None:
         first = await sup.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
         await until(lambda: first.stats.run_time > 0)  # the first one runs
         second = await sup.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
-        result = await asyncio.wait_for(second.wait(), 10)
+        result = await asyncio.wait_for(second.wait(), 60)
         assert result.died and result.reason == "cannot start: Cannot allocate memory"
         assert not first.done
 

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from slotrequests import Requests, slot_at_1m
 
 from supervisor import Exit, Guest, GuestConfig, Supervisor
 from supervisor import net as netmod
 from supervisor.launcher import files, sockets
-from supervisor.launcher.devices import Slot
 from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
@@ -279,27 +279,15 @@ def test_only_host_names_enter_the_hosts_file() -> None:
     )
 
 
-def _slot(memory: GuestMemory) -> Slot:
-    return Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
-
-
 async def test_hostile_socket_requests_kill_or_fail_never_the_host() -> None:
     memory = GuestMemory((1 << 20) + 4096)
     network = netmod.Network()
     dev = files.FilesDevice(net=network.join("evil"))
     await dev.start()
     try:
-        slot = _slot(memory)
+        slot = slot_at_1m(memory)
         dev.attach(slot)
-
-        async def request(op: int, fd: int, *args: int) -> int:
-            slot.set(files.FS_OP, op)
-            slot.set(files.FS_FD, fd)
-            for i, value in enumerate([*args, 0, 0, 0, 0, 0, 0, 0][:7]):
-                slot.set(files.FS_A0 + 4 * i, value)
-            await dev.notify(slot)
-            lo, hi = slot.get(files.FS_RESULT), slot.get(files.FS_RESULT_HI)
-            return int.from_bytes((lo | hi << 32).to_bytes(8, "little"), "little", signed=True)
+        request = Requests(dev, slot)
 
         fd = await request(sockets.OP_SOCKET, 0, 2, 1, 0)
         assert fd == 3
@@ -311,6 +299,7 @@ async def test_hostile_socket_requests_kill_or_fail_never_the_host() -> None:
         assert await request(sockets.OP_SENDTO, 3, 0xFFFFF000, 100) == -14
         assert await request(sockets.OP_POLL, 0, 0xFFFFF000, 1000) == -14
         assert await request(sockets.OP_SETSOCKOPT, 3, 99, 1, 0x1000, 4) == -92  # ENOPROTOOPT
+        assert await request(sockets.OP_GETSOCKOPT, 3, 99, 1, 0x1000, 0x1004) == -92
         assert await request(sockets.OP_ACCEPT, 7, 0, 0, 0) == -9  # EBADF
         for op, args, why in [
             (sockets.OP_SENDTO, (0x2000, files.MAX_IO + 1), "transfer of"),
@@ -332,7 +321,7 @@ async def test_a_snapshot_keeps_sockets_only_as_stale_descriptors() -> None:
     dev = files.FilesDevice(net=network.join("saved"))
     again = files.FilesDevice(net=network.join("restored"))
     try:
-        slot = _slot(memory)
+        slot = slot_at_1m(memory)
         dev.attach(slot)
         slot.set(files.FS_OP, sockets.OP_SOCKET)
         for i, value in enumerate([2, 1, 0]):

@@ -321,6 +321,7 @@ def _gcc() -> sdk.Toolchain:
         pytest.skip(str(exc))
 
 
+@pytest.mark.one_loop  # a build and one short guest run: the event loop plays no part
 async def test_the_gcc_fallback_builds_freestanding_guests(tmp_path: Path) -> None:
     gcc = _gcc()
     src = tmp_path / "free.c"

@@ -31,7 +31,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import Any, overload
+from typing import Any, AnyStr
 
 from .devices import DEV_TYPE_CONSOLE, Device, Slot
 
@@ -227,25 +227,11 @@ class LineStream:
         ending = "" if isinstance(line, _Piece) else "\n"
         return line.decode("utf-8", "replace") + ending
 
-    @overload
     async def expect(
         self,
-        pattern: str | re.Pattern[str],
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> re.Match[str]: ...
-
-    @overload
-    async def expect(
-        self,
-        pattern: bytes | re.Pattern[bytes],
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> re.Match[bytes]: ...
-
-    async def expect(
-        self,
-        pattern: str | bytes | re.Pattern[str] | re.Pattern[bytes],
+        pattern: AnyStr | re.Pattern[AnyStr],
         timeout: float | None = None,  # noqa: ASYNC109 (pexpect's signature; TimeoutError)
-    ) -> re.Match[str] | re.Match[bytes]:
+    ) -> re.Match[AnyStr]:
         """Wait until the unread output matches ``pattern`` (``re.search``); consume the
         output up to the match's end and return the match.
 
@@ -322,9 +308,7 @@ class LineStream:
             self._room.set()
 
 
-def _search(
-    regex: re.Pattern[str] | re.Pattern[bytes], output: bytes
-) -> tuple[re.Match[str] | re.Match[bytes], int] | None:
+def _search(regex: re.Pattern[AnyStr], output: bytes) -> tuple[re.Match[AnyStr], int] | None:
     """``regex``'s first match in ``output`` and the bytes up to its end, or None."""
     if isinstance(regex.pattern, str):
         text = output.decode("utf-8", "surrogateescape")

@@ -299,11 +299,18 @@ async def op_sockname(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> in
     return 0
 
 
-async def op_setsockopt(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+def _option_socket(dev: FilesDevice, fd: int, level: int) -> net.Socket:
+    """The socket at ``fd`` for a socket option at ``level``: ENOPROTOOPT for a level
+    the network does not have (set and get agree on which levels exist)."""
     sock = _sock(dev, fd)
-    level, name, ptr, length = a[0], a[1], a[2], a[3]
     if level not in (SOL_SOCKET, IPPROTO_IP, IPPROTO_TCP, IPPROTO_UDP):
         raise _err(errno.ENOPROTOOPT)
+    return sock
+
+
+async def op_setsockopt(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+    level, name, ptr, length = a[0], a[1], a[2], a[3]
+    sock = _option_socket(dev, fd, level)
     if length > 256:
         raise _err(errno.EINVAL)
     raw = slot.read(ptr, length)
@@ -317,10 +324,8 @@ async def op_setsockopt(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> 
 
 
 async def op_getsockopt(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
-    sock = _sock(dev, fd)
     level, name, ptr, lenp = a[0], a[1], a[2], a[3]
-    if level not in (SOL_SOCKET, IPPROTO_IP, IPPROTO_TCP, IPPROTO_UDP):
-        raise _err(errno.ENOPROTOOPT)
+    sock = _option_socket(dev, fd, level)
     raw = slot.read(lenp, 4)
     if raw is None:
         raise _err(errno.EFAULT)
