@@ -1,8 +1,8 @@
 """The Launcher: boot one guest through the public device API and serve its devices.
 
-One boot: fresh :class:`~supervisor.GuestMemory`, the image loaded, page tables
-and boot info written, the device page filled, ``LHREQ_INITIALIZE``; then the
-read loop, as lguest's Launcher did it:
+One boot: fresh :class:`~supervisor.GuestMemory` holding the image, page tables
+and boot info, the device page filled, ``LHREQ_INITIALIZE``; then the read loop,
+as lguest's Launcher did it:
 
 * a full read returns a notify address: the device there is serviced, then
   any irqs the devices raised are sent (``LHREQ_IRQ``) before the next read;
@@ -14,6 +14,12 @@ read loop, as lguest's Launcher did it:
 
 The Waker coroutine holds only ``f.waker()``: when a device calls
 :meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``.
+
+The image, page tables and boot info of a boot are built once per (image, memory
+size, command line, environment, CPUs, device count) into a
+:class:`~supervisor.memory.MemoryTemplate` (:func:`boot_template`, a small
+most-recently-used cache), and each boot maps it copy-on-write: a thousand guests
+of one image hold one copy of every page none of them writes.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,7 @@ from typing import Any, NoReturn
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
 from ..limits import Limits
-from ..memory import GuestMemory
+from ..memory import GuestMemory, MemoryTemplate
 from ..state import Exit, GuestState
 from .devices import Device, DeviceTable
 from .layout import (
@@ -44,6 +51,33 @@ from .layout import (
 from .loader import Image, check_fits, load_image, read_image
 
 REASON_SIZE = 1024
+TEMPLATES_KEPT = 32  # boot templates cached (each holds its image's pages, once)
+_templates: OrderedDict[tuple[object, ...], MemoryTemplate] = OrderedDict()
+
+
+def boot_template(
+    image: Image, layout: Layout, devices: int, cmdline: bytes, cpus: int, env: bytes
+) -> MemoryTemplate:
+    """The memory a boot starts from: ``image`` loaded, page tables and boot info
+    written, the device page zero; built on first use, then shared from the cache.
+
+    ``image`` must fit ``layout`` (:func:`~supervisor.launcher.loader.check_fits`).
+    """
+    key = (image.segments, layout.memory_size, devices, cmdline, cpus, env)
+    template = _templates.get(key)
+    if template is not None:
+        _templates.move_to_end(key)
+        return template
+
+    def fill(view: memoryview) -> None:
+        load_image(image, view, layout)
+        build_pagetables(view, layout)
+        write_boot_info(view, layout, devices, cmdline, cpus, env)
+
+    template = _templates[key] = MemoryTemplate(layout.memory_size, fill)
+    while len(_templates) > TEMPLATES_KEPT:
+        _templates.popitem(last=False)[1].close()
+    return template
 
 
 class _Killed(Exception):
@@ -191,13 +225,12 @@ class Launcher:
             if device.type == entry["type"] and entry["state"] is not None:
                 device.restore(entry["state"])
 
-    def _prepare(self, memory: GuestMemory) -> int:
-        """Load image, page tables, boot info; return the entry point."""
-        view = memory.view
-        entry = load_image(self.image, view, self.layout)
-        build_pagetables(view, self.layout)
-        write_boot_info(view, self.layout, len(self.devices), self.cmdline, self.cpus, self.env)
-        return entry
+    def _fresh_memory(self) -> GuestMemory:
+        """Memory holding the image, page tables and boot info (copy-on-write)."""
+        template = boot_template(
+            self.image, self.layout, len(self.devices), self.cmdline, self.cpus, self.env
+        )
+        return GuestMemory(self.layout.memory_size, template)
 
     # -- public ----------------------------------------------------------------
     @property
@@ -276,10 +309,13 @@ class Launcher:
     # -- one boot ----------------------------------------------------------------
     async def _boot(self) -> Exit:
         """Run one boot (the first of a resumed guest continues it); return its end."""
-        memory = GuestMemory(self.layout.memory_size)
         resume, self._resume = self._resume, None
+        if resume is None:
+            memory = self._fresh_memory()
+            entry = self.image.entry
+        else:
+            memory, entry = GuestMemory(self.layout.memory_size), 0
         try:
-            entry = self._prepare(memory) if resume is None else 0
             self._irqs.clear()
             self.devices.attach(
                 memory, self.layout.ram_size, self.layout.device_page, self._irqs.add, self._wake
