@@ -51,6 +51,7 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from .abi import MAX_CPUS
+from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
 from .host import Exit, Guest, Supervisor
 from .launcher.console import stdout_closed
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument(
         "--max-alive",
         type=_int_from(1),
-        help="guests running at once (default: by available memory)",
+        help="guests running at once (default: as many as memory holds, measured)",
     )
     swarm.add_argument(
         "--launch-rate",
@@ -560,21 +561,6 @@ async def snapshot_to_file(
     return 0
 
 
-def swarm_admission(memory: int) -> int:
-    """How many guests of ``memory`` bytes may be alive at once: half the memory the
-    host has available, at a cost of 2 MiB (CPU, translation buffer) plus an eighth
-    of the guest's RAM (what small guests touch) each."""
-    available = 1 << 31
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return max(1, available // 2 // ((2 << 20) + memory // 8))
-
-
 async def run_swarm(
     config: GuestConfig,
     n: int,
@@ -590,8 +576,9 @@ async def run_swarm(
     ``console``: ``"none"`` ignores guest output; ``"prefix"`` prints each line on
     stdout as ``NAME: LINE`` as it arrives (stderr lines on stderr); ``"tail"`` keeps the last
     ``tail_lines`` lines of each guest and prints them in a table at the end.
-    At most ``max_alive`` guests run at once (default: :func:`swarm_admission`); the
-    others are launched as earlier ones end, so memory stays bounded and progress
+    At most ``max_alive`` guests run at once (default: as many as the host's memory
+    holds at what a guest is measured to cost, :class:`~supervisor.admission.Admission`);
+    the others are launched as earlier ones end, so memory stays bounded and progress
     shows from the start.  ``launch_rate`` caps launches per second, so that a
     hundred thousand start-ups do not starve the guests already running.
     """
@@ -638,7 +625,7 @@ async def run_swarm(
         )
 
     started = time.perf_counter()
-    slots = asyncio.Semaphore(max_alive or swarm_admission(config.memory))
+    admission = Admission(max_alive=max_alive)
     launched = 0
     async with Supervisor(keep_ended=False) as sup:
         with progress:
@@ -655,7 +642,7 @@ async def run_swarm(
                     if pumping is not None:
                         await pumping
                 finally:
-                    slots.release()
+                    admission.ended()
                 outcome = outcomes[guest.name] = _outcome(result)
                 counts[outcome] += 1
                 if result.died:
@@ -671,7 +658,7 @@ async def run_swarm(
                 waiting = []
                 try:
                     for i in range(n):
-                        await slots.acquire()
+                        await admission.admit()
                         if launch_rate:
                             delay = started + i / launch_rate - time.perf_counter()
                             if delay > 0:
