@@ -13,7 +13,9 @@ as lguest's Launcher did it:
   guest boots afresh, at most ``max_restarts`` times.
 
 The Waker coroutine holds only ``f.waker()``: when a device calls
-:meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``.
+:meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``.  It
+runs only while a device wants attention (a task started by the wake, ended once
+no wake is left to answer), so an idle guest has one task: its read loop.
 
 The image, page tables and boot info of a boot are built once per (image, memory
 size, command line, environment, CPUs, device count) into a
@@ -166,7 +168,9 @@ class Launcher:
         self._done_stats = GuestStats()
         self._notifies = 0
         self._irqs: set[int] = set()
-        self._attention = asyncio.Event()
+        self._attention = False  # a device called wake(): the Waker has a break to write
+        self._waker: Waker | None = None  # this boot's, while it is served
+        self._breaking: asyncio.Task[None] | None = None  # the Waker, while it writes
         self._killed: str | None = None
         self._ended = False
         self._task: asyncio.Task[Exit] | None = None
@@ -364,13 +368,17 @@ class Launcher:
             memory.close()
 
     def _wake(self) -> None:
-        self._attention.set()
+        self._attention = True
+        if self._breaking is None and self._waker is not None:
+            self._breaking = asyncio.create_task(self._break_out(self._waker), name="lguest-waker")
 
     async def _serve(self, f: LguestFile) -> Exit:
         """Read every CPU, each in a task of its own, until the guest ends; every
         read loop ends with the same end.  The Waker breaks CPU 0 out, and device
         interrupts go to CPU 0."""
-        waker = asyncio.create_task(self._waker(f.waker()), name="lguest-waker")
+        self._waker = f.waker()
+        if self._attention:  # woken before this boot was served
+            self._wake()
         try:
             if f.cpu_count == 1:
                 return await self._read_loop(f, 0)
@@ -383,9 +391,12 @@ class Launcher:
         except* _Killed as group:
             raise group.exceptions[0] from None
         finally:
-            waker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await waker
+            self._waker = None
+            breaking = self._breaking
+            if breaking is not None:
+                breaking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await breaking
 
     async def _read_loop(self, f: LguestFile, cpu: int) -> Exit:
         while True:
@@ -437,12 +448,17 @@ class Launcher:
         while self._irqs:
             await f.write(abi.pack_words(abi.LHREQ_IRQ, self._irqs.pop()))
 
-    async def _waker(self, waker: Waker) -> None:
-        """Break the guest out whenever a device wants attention, until the file dies."""
-        while True:
-            await self._attention.wait()
-            self._attention.clear()
-            try:
-                await waker.brk(True)
-            except OSError:
-                return
+    async def _break_out(self, waker: Waker) -> None:
+        """The Waker: break the guest out while a device wants attention (each break
+        waits for the read loop's ``LHREQ_BREAK 0``), until none does or the file dies."""
+        try:
+            while self._attention:
+                self._attention = False
+                try:
+                    await waker.brk(True)
+                except OSError:  # the file died: nothing more to break this boot
+                    if self._waker is waker:
+                        self._waker = None
+                    return
+        finally:
+            self._breaking = None
