@@ -14,8 +14,15 @@ import pytest
 from supervisor import GuestMemory, LguestDevice
 from supervisor.abi import PAGE_SIZE
 from supervisor.launcher import launcher as launcher_module
+from supervisor.launcher.devices import Device, Slot
 from supervisor.launcher.launcher import Launcher, boot_template
-from supervisor.launcher.layout import IMAGE_BASE, build_pagetables, plan, write_boot_info
+from supervisor.launcher.layout import (
+    IMAGE_BASE,
+    Layout,
+    build_pagetables,
+    plan,
+    write_boot_info,
+)
 from supervisor.launcher.loader import load_image, read_image
 from supervisor.memory import MemoryTemplate
 from supervisor.snapshot import Snapshot
@@ -197,3 +204,59 @@ async def test_guests_of_one_image_share_it_and_write_their_own(tmp_path: Path) 
     ends: list[Exit] = await asyncio.gather(*(launcher.run() for launcher in launchers))
     assert shared == [True] * 3
     assert [end.reason for end in ends] == ["notify of unknown device address 0x1001"] * 3
+
+
+def page_is_shared(address: int) -> bool:
+    """The page at ``address`` is mapped and is a file's (not a private copy): pagemap
+    bits 63 (present) and 61 (file page or shared anonymous)."""
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(address // PAGE_SIZE * 8)
+        entry = int.from_bytes(pagemap.read(8), "little")
+    return bool(entry >> 63 & 1) and bool(entry >> 61 & 1)
+
+
+class PageTableProbe(Device):
+    """At the guest's first notify (it runs paged by then), looks at its boot page tables."""
+
+    type = 0x45
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.seen: list[bool] = []
+
+    async def notify(self, slot: Slot) -> None:
+        base = slot.memory.address
+        pgdir = self.layout.pgdir
+        self.seen = [
+            slot.memory.shared,
+            page_is_shared(base + pgdir),  # the directory: entry 1023 written before
+            page_is_shared(base + pgdir + PAGE_SIZE),  # the table: accessed, dirty preset
+            page_is_shared(base + self.layout.device_page),  # written at attach: private
+        ]
+
+
+# Runs paged through code, data and stack, then notifies its device and ends.
+PAGED = r"""
+main:
+    LGUEST_INIT
+    movl $1, %eax
+    pushl %eax
+    popl %ebx
+    HCALL 17, 0x100000
+    HCALL 2, msg, 1, 0
+.data
+msg: .asciz "paged"
+"""
+
+
+@needs_binutils
+async def test_running_guests_leave_their_boot_page_tables_shared(tmp_path: Path) -> None:
+    from guestasm import assemble
+
+    path = tmp_path / "paged.img"
+    path.write_bytes(assemble(PAGED).image)
+    layout = plan(1 << 20)
+    probe = PageTableProbe(layout)
+    end = await Launcher(LguestDevice(), path, ram_size=1 << 20, devices=[probe]).run()
+    assert not end.died, end
+    assert probe.seen == [True, True, True, False]
