@@ -28,6 +28,27 @@ _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
+def _map_count_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+# Anonymous memories next to each other merge into one kernel mapping, a template's
+# private mapping does not: each costs one of the process's vm.max_map_count mappings.
+# At most this many memories share a template at once (half the limit: the rest is for
+# the emulators, the heap and the threads); later ones get a copy.
+SHARED_LIMIT = _map_count_limit() // 2
+_shared_live = 0
+
+
+def shared_memories() -> int:
+    """How many memories map a template now (see ``SHARED_LIMIT``)."""
+    return _shared_live
+
+
 def _map_fixed(address: int, size: int, flags: int, fd: int) -> None:
     """Replace the pages at ``[address, address + size)`` by a new mapping (``OSError``)."""
     if _mmap(address, size, _RW, flags | _MAP_FIXED, fd, 0) == _MAP_FAILED:
@@ -123,8 +144,9 @@ class GuestMemory:
     until :meth:`close`; a device keeps its own reference while a guest uses it.
 
     With a ``template`` (of the same size) the memory starts as its contents: mapped
-    privately, so the pages stay shared until written (:attr:`shared`), or, when
-    the host refuses another mapping, copied.
+    privately, so the pages stay shared until written (:attr:`shared`), or copied
+    (the same bytes) while ``SHARED_LIMIT`` memories map one or the host refuses
+    another mapping.
     """
 
     def __init__(self, size: int, template: MemoryTemplate | None = None) -> None:
@@ -147,11 +169,22 @@ class GuestMemory:
         if template.size != self._size:
             self.close()
             raise ValueError(f"template of {template.size:#x} bytes for memory of {self._size:#x}")
-        try:
-            template.map_at(self._address)
-            self._shared = True
-        except OSError:  # out of mappings (vm.max_map_count): the same bytes, unshared
-            template.copy_into(self.view)
+        global _shared_live
+        if _shared_live < SHARED_LIMIT:
+            try:
+                template.map_at(self._address)
+                self._shared = True
+                _shared_live += 1
+                return
+            except OSError:  # out of mappings after all: the same bytes, unshared
+                pass
+        template.copy_into(self.view)
+
+    def _unshared(self) -> None:
+        global _shared_live
+        if self._shared:
+            self._shared = False
+            _shared_live -= 1
 
     @property
     def shared(self) -> bool:
@@ -166,7 +199,7 @@ class GuestMemory:
             _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
         except OSError:  # out of memory for the kernel's bookkeeping: write the zeros
             ctypes.memset(self._address, 0, self._size)
-        self._shared = False
+        self._unshared()
 
     @property
     def address(self) -> int:
@@ -229,6 +262,7 @@ class GuestMemory:
         self._view.release()
         self._view = None
         self._map.close()
+        self._unshared()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"at {self._address:#x}"

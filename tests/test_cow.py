@@ -260,3 +260,26 @@ async def test_running_guests_leave_their_boot_page_tables_shared(tmp_path: Path
     end = await Launcher(LguestDevice(), path, ram_size=1 << 20, devices=[probe]).run()
     assert not end.died, end
     assert probe.seen == [True, True, True, False]
+
+
+def test_past_the_shared_limit_memories_get_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor import memory as memory_module
+
+    live = memory_module.shared_memories()
+    monkeypatch.setattr(memory_module, "SHARED_LIMIT", live + 2)
+    template = MemoryTemplate(SIZE, fill)
+    memories = [GuestMemory(SIZE, template) for _ in range(3)]
+    try:
+        assert [m.shared for m in memories] == [True, True, False]
+        assert all(m.read(0, SIZE) == expected() for m in memories)
+        assert memory_module.shared_memories() == live + 2
+        memories[0].close()
+        memories[1].clear()
+        assert memory_module.shared_memories() == live
+        memories.append(GuestMemory(SIZE, template))
+        assert memories[-1].shared and memory_module.shared_memories() == live + 1
+    finally:
+        for memory in memories:
+            memory.close()
+        template.close()
+    assert memory_module.shared_memories() == live
