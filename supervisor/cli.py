@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import re
@@ -53,6 +54,7 @@ from typing import Any, NoReturn, TextIO
 from .abi import MAX_CPUS
 from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
+from .flag import Flag
 from .host import Exit, Guest, Supervisor
 from .launcher.console import stdout_closed
 from .launcher.loader import ImageError
@@ -635,8 +637,8 @@ async def run_swarm(
                 state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 progress.update(bar, state=f"{launched} launched; {state}")
 
-            async def one(guest: Guest) -> None:
-                pumping = asyncio.create_task(pump(guest)) if console != "none" else None
+            async def one(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
+                """A guest's end: its outcome in the table (started once it ended)."""
                 try:
                     result = await guest.wait()
                     if pumping is not None:
@@ -655,7 +657,29 @@ async def run_swarm(
 
             async def launch_all() -> None:
                 nonlocal launched
-                waiting = []
+                # A running guest holds no task of the swarm's (a callback on its end
+                # starts one), so a hundred thousand idle guests cost no extra tasks.
+                ending: set[asyncio.Task[None]] = set()
+                pumps: set[asyncio.Task[None]] = set()
+                failures: list[BaseException] = []
+                all_ended = Flag()
+                ended = 0
+
+                def finished(task: asyncio.Task[None]) -> None:
+                    nonlocal ended
+                    ending.discard(task)
+                    ended += 1
+                    error = None if task.cancelled() else task.exception()
+                    if error is not None:
+                        failures.append(error)
+                    if ended == n or failures:
+                        all_ended.set()
+
+                def on_end(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
+                    task = asyncio.create_task(one(guest, pumping))
+                    ending.add(task)
+                    task.add_done_callback(finished)
+
                 try:
                     for i in range(n):
                         await admission.admit()
@@ -668,13 +692,21 @@ async def run_swarm(
                         guest = await launch(sup, config.model_copy(update=update))
                         if i == gdb_guest:
                             print_gdb_address(guest)
-                        waiting.append(asyncio.create_task(one(guest)))
+                        pumping = None
+                        if console != "none":
+                            pumping = asyncio.create_task(pump(guest))
+                            pumps.add(pumping)
+                            pumping.add_done_callback(pumps.discard)
+                        guest.when_done(functools.partial(on_end, guest, pumping))
                         launched += 1
                         rss.launched()
                         show(i + 1)
-                    await asyncio.gather(*waiting)
+                    if ended < n:
+                        await all_ended.wait()
+                    if failures:
+                        raise failures[0]
                 finally:
-                    for task in waiting:
+                    for task in (*ending, *pumps):
                         task.cancel()
 
             interrupted = False

@@ -4,8 +4,10 @@ breaks the guest out, one parsed image shared by every guest of the same file.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,3 +93,50 @@ def test_guests_of_one_image_file_share_one_parsed_image(tmp_path: Path) -> None
     path.write_bytes(b"\xf4" * 100 + FLAT_TRAILER)  # changed: read afresh
     second = read_image(path)
     assert second is not first and second.segments[0].data[:1] == b"\xf4"
+
+
+# Halts for good once it has taken the console's first irq (it never ends by itself).
+SLEEPER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    iret
+"""
+
+
+@needs_binutils
+def test_a_swarm_holds_no_task_per_running_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guestasm import assemble
+
+    from supervisor import GuestConfig, Supervisor
+    from supervisor import cli as cli_module
+    from supervisor.host import Guest
+
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(SLEEPER).image)
+    tasks: list[int] = []
+    killers: list[asyncio.Task[None]] = []
+    n = 5
+
+    class Counting(Supervisor):
+        async def launch(self, config: GuestConfig, **kwargs: Any) -> Guest:
+            guest = await super().launch(config, **kwargs)
+            tasks.append(len(asyncio.all_tasks()))
+            if len(tasks) == n:  # all running: end them, so that the swarm ends
+                killers.append(asyncio.create_task(self._kill_all()))
+            return guest
+
+        async def _kill_all(self) -> None:
+            await asyncio.gather(*(each.kill("enough") for each in self.guests))
+
+    monkeypatch.setattr(cli_module, "Supervisor", Counting)
+    config = GuestConfig(image=image, memory="1M", console="null")
+    assert asyncio.run(cli_module.run_swarm(config, n)) == 1  # they died: killed
+    # Each launch adds the guest's own task and nothing else.
+    assert [b - a for a, b in itertools.pairwise(tasks)] == [1] * (n - 1)
