@@ -149,6 +149,8 @@ class GuestMemory:
     another mapping.
     """
 
+    __slots__ = ("__weakref__", "_address", "_map", "_shared", "_size", "_view", "_watchers")
+
     def __init__(self, size: int, template: MemoryTemplate | None = None) -> None:
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"memory size must be a positive integer, not {size!r}")

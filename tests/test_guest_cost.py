@@ -140,3 +140,17 @@ def test_a_swarm_holds_no_task_per_running_guest(
     assert asyncio.run(cli_module.run_swarm(config, n)) == 1  # they died: killed
     # Each launch adds the guest's own task and nothing else.
     assert [b - a for a, b in itertools.pairwise(tasks)] == [1] * (n - 1)
+
+
+def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
+    from supervisor import GuestMemory
+    from supervisor.flag import Flag
+    from supervisor.launcher.devices import Slot
+
+    memory = GuestMemory(2 * 4096)
+    try:
+        slot = Slot(memory, 4096, 4096, 1, lambda irq: None, lambda: None)
+        for thing in (memory, slot, Flag()):
+            assert not hasattr(thing, "__dict__"), type(thing)
+    finally:
+        memory.close()
