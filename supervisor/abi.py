@@ -81,6 +81,9 @@ KERNEL_DS: Final = GDT_ENTRY_KERNEL_DS * 8 | GUEST_PL  # 0x68 (lguest: 0x69)
 # guest so in lguest_data.reserve_mem.
 SWITCHER_ADDR: Final = 0xFFC00000
 SWITCHER_PGD_INDEX: Final = SWITCHER_ADDR >> 22  # 1023: the page-directory entry it uses
+# What the Host writes into that entry: its page table; present, accessed, read-only,
+# supervisor (so the MMU's page walker never writes it).
+SWITCHER_PDE: Final = SWITCHER_ADDR | 0x21
 SWITCHER_RESERVE: Final = 0x100000000 - SWITCHER_ADDR  # 4 MiB
 
 # --- struct lguest_data (32-bit guest layout) --------------------------------------

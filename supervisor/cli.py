@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import re
@@ -51,7 +52,9 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from .abi import MAX_CPUS
+from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
+from .flag import Flag
 from .host import Exit, Guest, Supervisor
 from .launcher.console import stdout_closed
 from .launcher.loader import ImageError
@@ -271,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument(
         "--max-alive",
         type=_int_from(1),
-        help="guests running at once (default: by available memory)",
+        help="guests running at once (default: as many as memory holds, measured)",
     )
     swarm.add_argument(
         "--launch-rate",
@@ -560,21 +563,6 @@ async def snapshot_to_file(
     return 0
 
 
-def swarm_admission(memory: int) -> int:
-    """How many guests of ``memory`` bytes may be alive at once: half the memory the
-    host has available, at a cost of 2 MiB (CPU, translation buffer) plus an eighth
-    of the guest's RAM (what small guests touch) each."""
-    available = 1 << 31
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return max(1, available // 2 // ((2 << 20) + memory // 8))
-
-
 async def run_swarm(
     config: GuestConfig,
     n: int,
@@ -590,8 +578,9 @@ async def run_swarm(
     ``console``: ``"none"`` ignores guest output; ``"prefix"`` prints each line on
     stdout as ``NAME: LINE`` as it arrives (stderr lines on stderr); ``"tail"`` keeps the last
     ``tail_lines`` lines of each guest and prints them in a table at the end.
-    At most ``max_alive`` guests run at once (default: :func:`swarm_admission`); the
-    others are launched as earlier ones end, so memory stays bounded and progress
+    At most ``max_alive`` guests run at once (default: as many as the host's memory
+    holds at what a guest is measured to cost, :class:`~supervisor.admission.Admission`);
+    the others are launched as earlier ones end, so memory stays bounded and progress
     shows from the start.  ``launch_rate`` caps launches per second, so that a
     hundred thousand start-ups do not starve the guests already running.
     """
@@ -638,7 +627,7 @@ async def run_swarm(
         )
 
     started = time.perf_counter()
-    slots = asyncio.Semaphore(max_alive or swarm_admission(config.memory))
+    admission = Admission(max_alive=max_alive)
     launched = 0
     async with Supervisor(keep_ended=False) as sup:
         with progress:
@@ -648,14 +637,14 @@ async def run_swarm(
                 state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 progress.update(bar, state=f"{launched} launched; {state}")
 
-            async def one(guest: Guest) -> None:
-                pumping = asyncio.create_task(pump(guest)) if console != "none" else None
+            async def one(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
+                """A guest's end: its outcome in the table (started once it ended)."""
                 try:
                     result = await guest.wait()
                     if pumping is not None:
                         await pumping
                 finally:
-                    slots.release()
+                    admission.ended()
                 outcome = outcomes[guest.name] = _outcome(result)
                 counts[outcome] += 1
                 if result.died:
@@ -668,10 +657,32 @@ async def run_swarm(
 
             async def launch_all() -> None:
                 nonlocal launched
-                waiting = []
+                # A running guest holds no task of the swarm's (a callback on its end
+                # starts one), so a hundred thousand idle guests cost no extra tasks.
+                ending: set[asyncio.Task[None]] = set()
+                pumps: set[asyncio.Task[None]] = set()
+                failures: list[BaseException] = []
+                all_ended = Flag()
+                ended = 0
+
+                def finished(task: asyncio.Task[None]) -> None:
+                    nonlocal ended
+                    ending.discard(task)
+                    ended += 1
+                    error = None if task.cancelled() else task.exception()
+                    if error is not None:
+                        failures.append(error)
+                    if ended == n or failures:
+                        all_ended.set()
+
+                def on_end(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
+                    task = asyncio.create_task(one(guest, pumping))
+                    ending.add(task)
+                    task.add_done_callback(finished)
+
                 try:
                     for i in range(n):
-                        await slots.acquire()
+                        await admission.admit()
                         if launch_rate:
                             delay = started + i / launch_rate - time.perf_counter()
                             if delay > 0:
@@ -681,13 +692,21 @@ async def run_swarm(
                         guest = await launch(sup, config.model_copy(update=update))
                         if i == gdb_guest:
                             print_gdb_address(guest)
-                        waiting.append(asyncio.create_task(one(guest)))
+                        pumping = None
+                        if console != "none":
+                            pumping = asyncio.create_task(pump(guest))
+                            pumps.add(pumping)
+                            pumping.add_done_callback(pumps.discard)
+                        guest.when_done(functools.partial(on_end, guest, pumping))
                         launched += 1
                         rss.launched()
                         show(i + 1)
-                    await asyncio.gather(*waiting)
+                    if ended < n:
+                        await all_ended.wait()
+                    if failures:
+                        raise failures[0]
                 finally:
-                    for task in waiting:
+                    for task in (*ending, *pumps):
                         task.cancel()
 
             interrupted = False

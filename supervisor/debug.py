@@ -32,7 +32,6 @@ before a hook was added).  Everything here runs on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,7 @@ from unicorn import x86_const as r
 
 from .abi import PAGE_SIZE
 from .device import DebugPort, Hold, LguestFile
+from .flag import Flag
 from .state import Exit
 
 # gdb's i386 register order (the 'g' packet), 32 bits each.
@@ -148,7 +148,7 @@ class Debugger:
             file.watch(watch.index, watch.on_hold)
         self._selected = 0
         self._event: int | None = None  # the CPU whose stop stopped the others
-        self._changed = asyncio.Event()
+        self._changed = Flag()
         self._step_hook: Any = None
 
     # -- CPUs ------------------------------------------------------------------------

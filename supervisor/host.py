@@ -23,6 +23,7 @@ from typing import Any, AnyStr
 from .config import GuestConfig
 from .debug import PAUSE, DebugError, Debugger, debugger
 from .device import LguestDevice, LguestFile
+from .flag import Flag
 from .gdbstub import GdbServer
 from .guestctl import launcher_state, resume_from, snapshot_config, snapshot_image, start_gdb
 from .hibernation import DEFAULT_HIBERNATE_AFTER
@@ -69,7 +70,7 @@ class Guest:
         self._boots = 0
         self._hold = False  # a pause asked for: every boot is held until resume()
         self._debugger: Debugger | None = None  # the current boot's
-        self._changed = asyncio.Event()  # a boot began or the guest ended
+        self._changed = Flag()  # a boot began or the guest ended
         self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
         launcher.on_boot.append(self._on_boot)
         self._task = asyncio.create_task(launcher.run(), name=f"guest-{self.name}")

@@ -47,6 +47,7 @@ from .abi import (
     KERNEL_DS,
     PAGE_SIZE,
     SWITCHER_ADDR,
+    SWITCHER_PDE,
     SWITCHER_PGD_INDEX,
 )
 
@@ -59,7 +60,8 @@ BOOT_GDT_LIMIT: Final = GDT_ENTRIES * 8 - 1
 _U32 = struct.Struct("<I")
 _PRESENT, _ACCESSED, _DIRTY = 0x01, 0x20, 0x40
 # Present, accessed (and dirty), not writable, not user: the walker never writes these.
-PDE: Final = PAGE_TABLE | _PRESENT | _ACCESSED
+PDE: Final = SWITCHER_PDE
+assert PDE == PAGE_TABLE | _PRESENT | _ACCESSED
 _PTE_FLAGS = _PRESENT | _ACCESSED | _DIRTY
 
 # Flat 4 GiB segments, ring 0, accessed bit set: code execute/read, data read/write.
@@ -110,9 +112,12 @@ def install(ram: memoryview, pgdir: int) -> int:
 
     Returns the entry's guest-physical address: the caller tells the guest's CPUs the
     Host wrote there (``Lguest.host_wrote``), as for any Host write to guest memory.
+    An entry that holds it already is not stored again: the page stays unwritten, so a
+    directory shared copy-on-write (the Launcher's boot page tables) stays shared.
     """
     entry = pgdir + 4 * SWITCHER_PGD_INDEX
-    _U32.pack_into(ram, entry, PDE)
+    if _U32.unpack_from(ram, entry)[0] != PDE:
+        _U32.pack_into(ram, entry, PDE)
     return entry
 
 

@@ -1,12 +1,135 @@
-"""The Launcher's memory: one page-aligned anonymous mapping that guests use as RAM."""
+"""The Launcher's memory: one page-aligned mapping that guests use as RAM.
+
+A :class:`GuestMemory` is anonymous memory, or a private (copy-on-write) mapping of a
+:class:`MemoryTemplate`: then every memory made from one template shares, through the
+host kernel's page cache, each page of the template that it has not written.
+"""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import mmap
+import os
+import weakref
 from collections.abc import Callable
 
 from .abi import PAGE_SIZE
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long)  # fmt: skip
+_mmap.restype = ctypes.c_void_p
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10  # Linux, every architecture this runs on
+_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def _map_count_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+# Anonymous memories next to each other merge into one kernel mapping, a template's
+# private mapping does not: each costs one of the process's vm.max_map_count mappings.
+# At most this many memories share a template at once (half the limit: the rest is for
+# the emulators, the heap and the threads); later ones get a copy.
+SHARED_LIMIT = _map_count_limit() // 2
+_shared_live = 0
+
+
+def shared_memories() -> int:
+    """How many memories map a template now (see ``SHARED_LIMIT``)."""
+    return _shared_live
+
+
+def _map_fixed(address: int, size: int, flags: int, fd: int) -> None:
+    """Replace the pages at ``[address, address + size)`` by a new mapping (``OSError``)."""
+    if _mmap(address, size, _RW, flags | _MAP_FIXED, fd, 0) == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class MemoryTemplate:
+    """The first contents of guest memories of ``size`` bytes, held once by the host.
+
+    ``fill`` writes the contents into a zeroed view of the whole memory, once; the
+    bytes then live in a memfd that is sealed (nothing can write, shrink or grow it),
+    so a memory mapped from it can neither fault nor see a change later.  Pages
+    ``fill`` never wrote stay holes of the file and cost nothing.  A template stays
+    usable until :meth:`close`; memories already made from it keep its pages.
+    """
+
+    def __init__(self, size: int, fill: Callable[[memoryview], None]) -> None:
+        if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"template size must be a positive multiple of the page size, "
+                             f"not {size!r}")  # fmt: skip
+        fd = os.memfd_create("lguest-template", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size, flags=mmap.MAP_SHARED) as shared:
+                view = memoryview(shared)
+                try:
+                    fill(view)
+                finally:
+                    view.release()
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        self._size = size
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def fileno(self) -> int:
+        """The sealed memfd (``ValueError`` once closed)."""
+        if self._fd is None:
+            raise ValueError("memory template is closed")
+        return self._fd
+
+    def map_at(self, address: int) -> None:
+        """Map the template privately over ``[address, address + size)``; ``OSError``
+        (``ENOMEM`` past the host's limit of mappings, ``vm.max_map_count``) if not."""
+        _map_fixed(address, self._size, mmap.MAP_PRIVATE, self.fileno())
+
+    def copy_into(self, view: memoryview) -> None:
+        """Copy every written run of the template into ``view`` (assumed zeroed)."""
+        fd = self.fileno()
+        offset = 0
+        while offset < self._size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing written past offset
+                    return
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), self._size)
+            while start < end:
+                start += os.preadv(fd, [view[start:end]], start)
+            offset = end
+
+    def close(self) -> None:
+        """Let the template go (memories made from it keep their pages)."""
+        if self._fd is not None:
+            self._fd = None
+            self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"<MemoryTemplate {self._size:#x} bytes{' closed' if self.closed else ''}>"
 
 
 class GuestMemory:
@@ -19,9 +142,16 @@ class GuestMemory:
     Offsets given to :meth:`read` and :meth:`write` are relative to the start of
     the block; a range outside it raises ``ValueError``.  The memory stays valid
     until :meth:`close`; a device keeps its own reference while a guest uses it.
+
+    With a ``template`` (of the same size) the memory starts as its contents: mapped
+    privately, so the pages stay shared until written (:attr:`shared`), or copied
+    (the same bytes) while ``SHARED_LIMIT`` memories map one or the host refuses
+    another mapping.
     """
 
-    def __init__(self, size: int) -> None:
+    __slots__ = ("__weakref__", "_address", "_map", "_shared", "_size", "_view", "_watchers")
+
+    def __init__(self, size: int, template: MemoryTemplate | None = None) -> None:
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"memory size must be a positive integer, not {size!r}")
         if size % PAGE_SIZE:
@@ -33,6 +163,45 @@ class GuestMemory:
         self._view: memoryview | None = memoryview(self._map)
         self._size = size
         self._watchers: list[Callable[[int, int], None]] = []
+        self._shared = False
+        if template is not None:
+            self._start_from(template)
+
+    def _start_from(self, template: MemoryTemplate) -> None:
+        if template.size != self._size:
+            self.close()
+            raise ValueError(f"template of {template.size:#x} bytes for memory of {self._size:#x}")
+        global _shared_live
+        if _shared_live < SHARED_LIMIT:
+            try:
+                template.map_at(self._address)
+                self._shared = True
+                _shared_live += 1
+                return
+            except OSError:  # out of mappings after all: the same bytes, unshared
+                pass
+        template.copy_into(self.view)
+
+    def _unshared(self) -> None:
+        global _shared_live
+        if self._shared:
+            self._shared = False
+            _shared_live -= 1
+
+    @property
+    def shared(self) -> bool:
+        """True while the memory is a private mapping of a template (copy-on-write)."""
+        return self._shared
+
+    def clear(self) -> None:
+        """Zero the whole memory, giving its pages back to the host kernel (a template's
+        mapping included: the memory is plain anonymous memory afterwards)."""
+        self.view  # raises once closed  # noqa: B018
+        try:
+            _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
+        except OSError:  # out of memory for the kernel's bookkeeping: write the zeros
+            ctypes.memset(self._address, 0, self._size)
+        self._unshared()
 
     @property
     def address(self) -> int:
@@ -95,6 +264,7 @@ class GuestMemory:
         self._view.release()
         self._view = None
         self._map.close()
+        self._unshared()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"at {self._address:#x}"

@@ -26,8 +26,6 @@ one never opens a file or a socket by itself (docs/security.md).
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +158,7 @@ class Snapshot:
         if memory.size != self.memory_size:
             raise SnapshotError(f"memory is {memory.size} bytes, the snapshot {self.memory_size}")
         if clear:
-            _zero(memory)
+            memory.clear()
         view = memory.view
         offset = 0
         for first, count in self.runs:
@@ -312,15 +310,3 @@ def _nonzero_pages(view: memoryview) -> tuple[list[tuple[int, int]], bytes]:
             chunks.append(raw[run_start * PAGE_SIZE : page * PAGE_SIZE])
             run_start = -1
     return runs, b"".join(chunks)
-
-
-def _zero(memory: GuestMemory) -> None:
-    """Zero all of ``memory``, giving its pages back to the host kernel where possible."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    madvise = getattr(libc, "madvise", None)
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if madvise is not None and advice is not None:
-        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        if madvise(memory.address, memory.size, advice) == 0:
-            return
-    ctypes.memset(memory.address, 0, memory.size)

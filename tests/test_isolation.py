@@ -302,7 +302,6 @@ def test_swarm_admits_at_most_max_alive_guests(monkeypatch: pytest.MonkeyPatch) 
     config = GuestConfig(image=HELLO, memory="128K", console="null")
     assert asyncio.run(cli_module.run_swarm(config, 12, max_alive=3)) == 0
     assert most == 3
-    assert cli_module.swarm_admission(128 << 10) >= 1
 
 
 def test_swarm_gdb_prints_its_port_and_checks_the_guest_index() -> None:

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any, AnyStr
 
+from ..flag import Flag
 from .devices import DEV_TYPE_CONSOLE, Device, Slot
 
 CON_OUT_ADDR = 8
@@ -98,8 +99,8 @@ class LineStream:
         self._held = 0  # bytes in _lines and _partial
         self._partial = bytearray()
         self._partial_len = 0  # for maxlen=0, which keeps no bytes
-        self._changed = asyncio.Event()
-        self._room = asyncio.Event()
+        self._changed = Flag()
+        self._room = Flag()
         self._room.set()
         self.closed = False
         self.dropped = 0

@@ -40,6 +40,8 @@ class Slot:
     itself is reachable only through :meth:`get` and :meth:`set`).
     """
 
+    __slots__ = ("__weakref__", "_raise_irq", "_wake", "address", "irq", "memory", "ram_size")
+
     def __init__(
         self,
         memory: GuestMemory,

@@ -1,8 +1,8 @@
 """The Launcher: boot one guest through the public device API and serve its devices.
 
-One boot: fresh :class:`~supervisor.GuestMemory`, the image loaded, page tables
-and boot info written, the device page filled, ``LHREQ_INITIALIZE``; then the
-read loop, as lguest's Launcher did it:
+One boot: fresh :class:`~supervisor.GuestMemory` holding the image, page tables
+and boot info, the device page filled, ``LHREQ_INITIALIZE``; then the read loop,
+as lguest's Launcher did it:
 
 * a full read returns a notify address: the device there is serviced, then
   any irqs the devices raised are sent (``LHREQ_IRQ``) before the next read;
@@ -14,9 +14,18 @@ read loop, as lguest's Launcher did it:
 * ``ERESTART``: the guest asked for a reboot; the image is read again and the
   guest boots afresh, at most ``max_restarts`` times.
 
-The Waker coroutine holds ``f.waker()``: when a device calls
+The Waker coroutine holds only ``f.waker()``: when a device calls
 :meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``,
-unless every CPU is asleep.
+unless every CPU is asleep (then it polls the devices itself and sends their
+irqs).  It runs only while a device wants attention (a task started by the wake,
+ended once no wake is left to answer), so an idle guest has one task: its read
+loop.
+
+The image, page tables and boot info of a boot are built once per (image, memory
+size, command line, environment, CPUs, device count) into a
+:class:`~supervisor.memory.MemoryTemplate` (:func:`boot_template`, a small
+most-recently-used cache), and each boot maps it copy-on-write: a thousand guests
+of one image hold one copy of every page none of them writes.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +43,7 @@ from typing import Any, NoReturn
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
 from ..limits import Limits
-from ..memory import GuestMemory
+from ..memory import GuestMemory, MemoryTemplate
 from ..state import Exit, GuestState
 from .devices import Device, DeviceTable
 from .layout import (
@@ -47,6 +57,33 @@ from .layout import (
 from .loader import Image, check_fits, load_image, read_image
 
 REASON_SIZE = 1024
+TEMPLATES_KEPT = 32  # boot templates cached (each holds its image's pages, once)
+_templates: OrderedDict[tuple[object, ...], MemoryTemplate] = OrderedDict()
+
+
+def boot_template(
+    image: Image, layout: Layout, devices: int, cmdline: bytes, cpus: int, env: bytes
+) -> MemoryTemplate:
+    """The memory a boot starts from: ``image`` loaded, page tables and boot info
+    written, the device page zero; built on first use, then shared from the cache.
+
+    ``image`` must fit ``layout`` (:func:`~supervisor.launcher.loader.check_fits`).
+    """
+    key = (image.segments, layout.memory_size, devices, cmdline, cpus, env)
+    template = _templates.get(key)
+    if template is not None:
+        _templates.move_to_end(key)
+        return template
+
+    def fill(view: memoryview) -> None:
+        load_image(image, view, layout)
+        build_pagetables(view, layout)
+        write_boot_info(view, layout, devices, cmdline, cpus, env)
+
+    template = _templates[key] = MemoryTemplate(layout.memory_size, fill)
+    while len(_templates) > TEMPLATES_KEPT:
+        _templates.popitem(last=False)[1].close()
+    return template
 
 
 class _Killed(Exception):
@@ -137,7 +174,10 @@ class Launcher:
         self._notifies = 0
         self._breaks = 0
         self._irqs: set[int] = set()
-        self._attention = asyncio.Event()
+        self._attention = False  # a device called wake(): the Waker has a break to write
+        self._waker: Waker | None = None  # this boot's, while it is served
+        self._served: LguestFile | None = None  # this boot's file, while it is served
+        self._breaking: asyncio.Task[None] | None = None  # the Waker, while it writes
         self._killed: str | None = None
         self._ended = False
         self._task: asyncio.Task[Exit] | None = None
@@ -196,13 +236,12 @@ class Launcher:
             if device.type == entry["type"] and entry["state"] is not None:
                 device.restore(entry["state"])
 
-    def _prepare(self, memory: GuestMemory) -> int:
-        """Load image, page tables, boot info; return the entry point."""
-        view = memory.view
-        entry = load_image(self.image, view, self.layout)
-        build_pagetables(view, self.layout)
-        write_boot_info(view, self.layout, len(self.devices), self.cmdline, self.cpus, self.env)
-        return entry
+    def _fresh_memory(self) -> GuestMemory:
+        """Memory holding the image, page tables and boot info (copy-on-write)."""
+        template = boot_template(
+            self.image, self.layout, len(self.devices), self.cmdline, self.cpus, self.env
+        )
+        return GuestMemory(self.layout.memory_size, template)
 
     # -- public ----------------------------------------------------------------
     @property
@@ -281,10 +320,13 @@ class Launcher:
     # -- one boot ----------------------------------------------------------------
     async def _boot(self) -> Exit:
         """Run one boot (the first of a resumed guest continues it); return its end."""
-        memory = GuestMemory(self.layout.memory_size)
         resume, self._resume = self._resume, None
+        if resume is None:
+            memory = self._fresh_memory()
+            entry = self.image.entry
+        else:
+            memory, entry = GuestMemory(self.layout.memory_size), 0
         try:
-            entry = self._prepare(memory) if resume is None else 0
             self._irqs.clear()
             self.devices.attach(
                 memory, self.layout.ram_size, self.layout.device_page, self._irqs.add, self._wake
@@ -334,13 +376,20 @@ class Launcher:
             memory.close()
 
     def _wake(self) -> None:
-        self._attention.set()
+        self._attention = True
+        if self._breaking is None and self._waker is not None and self._served is not None:
+            self._breaking = asyncio.create_task(
+                self._break_out(self._served, self._waker), name="lguest-waker"
+            )
 
     async def _serve(self, f: LguestFile) -> Exit:
         """Read every CPU, each in a task of its own, until the guest ends; every
         read loop ends with the same end.  The Waker breaks CPU 0 out, and device
         interrupts go to CPU 0."""
-        waker = asyncio.create_task(self._waker(f, f.waker()), name="lguest-waker")
+        self._served = f
+        self._waker = f.waker()
+        if self._attention:  # woken before this boot was served
+            self._wake()
         try:
             if f.cpu_count == 1:
                 return await self._read_loop(f, 0)
@@ -353,9 +402,13 @@ class Launcher:
         except* _Killed as group:
             raise group.exceptions[0] from None
         finally:
-            waker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await waker
+            self._waker = None
+            self._served = None
+            breaking = self._breaking
+            if breaking is not None:
+                breaking.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await breaking
 
     async def _read_loop(self, f: LguestFile, cpu: int) -> Exit:
         while True:
@@ -407,25 +460,31 @@ class Launcher:
         while self._irqs:
             await f.write(abi.pack_words(abi.LHREQ_IRQ, self._irqs.pop()))
 
-    async def _waker(self, f: LguestFile, waker: Waker) -> None:
-        """Have the devices polled whenever one wants attention, until the file dies.
+    async def _break_out(self, f: LguestFile, waker: Waker) -> None:
+        """The Waker: while a device wants attention, have the devices polled, until
+        none wants it or the file dies.
 
         A guest whose every CPU is asleep (halted until an interrupt, no slice queued)
         is stopped already: the devices are polled here and their irqs sent, which
-        wakes it, without the break's round trip through the read loop.  A device
-        that fails there is polled again by the read loop after a break, which kills
-        the guest with the reason."""
-        while True:
-            await self._attention.wait()
-            self._attention.clear()
-            try:
-                if self._polled_asleep(f):
-                    await self._send_irqs(f)
-                    continue
-                self._breaks += 1
-                await waker.brk(True)
-            except OSError:
-                return
+        wakes it, without the break's round trip through the read loop.  Otherwise it
+        writes ``LHREQ_BREAK 1``, which waits for the read loop's ``LHREQ_BREAK 0``.  A
+        device that fails in the asleep poll is polled again by the read loop after a
+        break, which kills the guest with the reason."""
+        try:
+            while self._attention:
+                self._attention = False
+                try:
+                    if self._polled_asleep(f):
+                        await self._send_irqs(f)
+                        continue
+                    self._breaks += 1
+                    await waker.brk(True)
+                except OSError:  # the file died: nothing more to break this boot
+                    if self._waker is waker:
+                        self._waker = None
+                    return
+        finally:
+            self._breaking = None
 
     def _polled_asleep(self, f: LguestFile) -> bool:
         """Poll every device now if every CPU of ``f`` is asleep; whether it did."""

@@ -7,7 +7,8 @@
     0x10000  flat image (ELF images go where their headers say)
     ...      free for the guest
     free_end page directory and page tables (mapping everything at 0 and 0xC0000000,
-             below the Host's top 4 MiB)
+             below the Host's top 4 MiB; entries present, writable, user,
+             accessed and dirty)
     ram_size device page: device descriptors (see docs/abi.md)
 
 All fields are 32-bit little endian.
@@ -19,7 +20,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..abi import PAGE_SIZE, SWITCHER_PGD_INDEX
+from ..abi import PAGE_SIZE, SWITCHER_PDE, SWITCHER_PGD_INDEX
 
 BOOT_INFO_MAGIC = 0x5453474C  # "LGST"
 BOOT_INFO_VERSION = 1
@@ -32,7 +33,10 @@ CMDLINE_MAX = PAGE_SIZE - CMDLINE_ADDR
 IMAGE_BASE = 0x10000
 PAGE_OFFSET = 0xC0000000
 MAX_TOTAL = PAGE_OFFSET  # the low mapping must stay below the high one
-PTE_FLAGS = 0x7  # present, writable, user
+# present, writable, user, accessed, dirty: with accessed and dirty already set the MMU's
+# page walker never writes the boot page tables, so they stay shared between the guests
+# that map one boot template (copy-on-write) until a guest changes an entry itself.
+PTE_FLAGS = 0x67
 DEVICE_PAGES = 1
 _U32 = struct.Struct("<I")
 
@@ -82,8 +86,11 @@ def build_pagetables(ram: memoryview, layout: Layout) -> None:
     """Map every guest-physical page linearly at virtual 0 and at PAGE_OFFSET.
 
     The high mapping stops below the Host's top 4 MiB (page-directory entry 1023,
-    ``abi.SWITCHER_ADDR``), so it covers at most 1 GiB - 4 MiB.
+    ``abi.SWITCHER_ADDR``), so it covers at most 1 GiB - 4 MiB.  Entry 1023 gets what
+    the Host writes there at ``LHREQ_INITIALIZE`` (``abi.SWITCHER_PDE``), so that
+    write changes nothing and the directory's page is never written.
     """
+    _U32.pack_into(ram, layout.pgdir + 4 * SWITCHER_PGD_INDEX, SWITCHER_PDE)
     pages = layout.pfn_limit
     tables = -(-pages // 1024)
     first_table = layout.pgdir + PAGE_SIZE

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +71,26 @@ class Image:
         return max(s.end for s in self.segments)
 
 
+# Parsed images by (name, bytes): guests launched from one file share one Image (its
+# bytes are held once, not once a guest) for as long as any of them holds it.
+_parsed: weakref.WeakValueDictionary[tuple[str, bytes], Image] = weakref.WeakValueDictionary()
+
+
 def read_image(path: str | Path) -> Image:
-    """Read and parse the image at ``path``; an unreadable file is an :class:`ImageError`."""
+    """Read and parse the image at ``path``; an unreadable file is an :class:`ImageError`.
+
+    The file is read on every call; an image with the same name and bytes as one
+    still in use is that same (immutable) :class:`Image`.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ImageError(f"{path}: cannot read image: {exc.strerror or exc}") from None
-    return parse_image(data, str(path))
+    key = (str(path), data)
+    image = _parsed.get(key)
+    if image is None:
+        image = _parsed[key] = parse_image(data, str(path))
+    return image
 
 
 def parse_image(data: bytes, name: str = "image") -> Image:

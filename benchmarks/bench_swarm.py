@@ -1,0 +1,155 @@
+"""What a guest costs in a crowd: a swarm of tickers with no flags, and idle guests.
+
+``python -m benchmarks.bench_swarm [tickers N] [idle N]`` (not in the quick run: it
+takes minutes at the issue's scale; pick N for the machine's load):
+
+* ``tickers N``: ``swarm -n N guests/ticker.img --memory 1M --cmdline "ticks=3
+  period_ms=1000"`` with no other flag, in a child process: wall time, the child's
+  CPU (``wait4``), its peak RSS over N and over the most guests alive at once (the
+  swarm's own table), per guest.  Goals at N = 100,000: all finish within 3 minutes,
+  at most 64 KiB peak RSS a guest.
+* ``idle N``: N guests of 1 MiB halted with no clock event armed (a ticker cannot
+  wait longer than the clock event's 4.29 s, so ticks would wake them), in a child
+  process: RSS growth per guest (its touched memory included), the Python heap per
+  guest (``tracemalloc``), gc-tracked objects and asyncio tasks per guest, and the
+  CPU the process spends while they all wait (share of one core).  Goal at
+  N = 1,000,000: at most 16 KiB a guest and 1% of a core.
+
+Each figure prints one line of per-guest numbers, with the load average.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+from supervisor import GuestConfig, Supervisor
+
+from .guests import assemble
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKER = ROOT / "guests" / "ticker.img"
+WAIT = 2.0  # seconds the idle guests are watched while they wait
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def tickers(n: int) -> str:
+    """Run the flagless swarm of ``n`` tickers in a child; its per-guest figures."""
+    argv = [sys.executable, "-m", "supervisor", "swarm", "-n", str(n), str(TICKER),
+            "--memory", "1M", "--cmdline", "ticks=3 period_ms=1000"]  # fmt: skip
+    before = load()
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert child.stdout is not None
+    out = child.stdout.read()
+    _pid, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    cpu = usage.ru_utime + usage.ru_stime
+    peak = usage.ru_maxrss  # KiB
+    finished = _cell(out, 0)
+    alive = _cell(out, -3)
+    return (
+        f"tickers n={n}: {finished:,} finished (exit {os.waitstatus_to_exitcode(status)}) "
+        f"in {wall:.1f} s wall; peak RSS {peak / 1024:,.0f} MiB = {peak / n:,.1f} KiB/guest "
+        f"({peak / max(1, alive):,.1f} KiB per guest alive, peak alive {alive:,}); "
+        f"CPU {cpu:.1f} s = {cpu / n * 1e3:.2f} ms/guest; {before}"
+    )
+
+
+def _cell(table: str, column: int) -> int:
+    """A number from the swarm table's one row (``column``: its index among the cells)."""
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) > 4 and cells[0].replace(",", "").isdigit():
+            return int(re.sub(r"[^0-9]", "", cells[column].split()[0]))
+    return 0
+
+
+# Halts for good, no clock event armed; the console's first irq (vector 33) is taken by
+# a handler that enables interrupts (a pending irq the guest never takes would end
+# every halt at once).
+SLEEPER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    iret
+"""
+
+
+async def _idle(n: int) -> str:
+    image = Path(tempfile.mkdtemp(prefix="bench-swarm-")) / "sleeper.img"
+    image.write_bytes(assemble(SLEEPER).image)
+    config = GuestConfig(image=image, memory="1M", console="null")
+    async with Supervisor(keep_ended=False) as sup:
+        guests = [await sup.launch(config)]  # the first guest pays for what every one shares
+        await asyncio.sleep(1)
+        gc.collect()
+        rss0, objects0, tasks0 = _rss(), len(gc.get_objects()), len(asyncio.all_tasks())
+        tracemalloc.start()
+        heap0 = tracemalloc.get_traced_memory()[0]
+        for _ in range(n):
+            guests.append(await sup.launch(config))
+        # Each has taken the console's irq (the stats are counters, with nothing to wait on).
+        while sum(g.stats.interrupts >= 1 for g in guests) < len(guests):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)
+        gc.collect()
+        heap = tracemalloc.get_traced_memory()[0] - heap0
+        tracemalloc.stop()
+        rss = _rss() - rss0
+        objects = len(gc.get_objects()) - objects0
+        tasks = len(asyncio.all_tasks()) - tasks0
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(WAIT)
+        share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        return (
+            f"idle n={n}: RSS {rss / n / 1024:,.1f} KiB/guest, Python heap "
+            f"{heap / n / 1024:,.1f} KiB/guest, {objects / n:.0f} gc objects and "
+            f"{tasks / n:.2f} tasks a guest; {share:.1%} of a core while they wait; {load()}"
+        )
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def idle(n: int) -> str:
+    """Run ``n`` idle guests in a fresh child process; its per-guest figures."""
+    argv = [sys.executable, "-m", "benchmarks.bench_swarm", "_idle", str(n)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip() or f"idle n={n}: failed: {done.stderr.strip()[-300:]}"
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["_idle"]:
+        print(asyncio.run(_idle(int(argv[1]))))
+        return
+    figures = {"tickers": tickers, "idle": idle}
+    pairs = list(zip(argv[::2], argv[1::2], strict=False)) or [
+        ("tickers", "5000"),
+        ("idle", "5000"),
+    ]
+    for name, count in pairs:
+        if name not in figures:
+            raise SystemExit(f"bench_swarm: unknown figure {name!r} (tickers, idle)")
+        print(figures[name](int(count)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,134 @@
+"""The swarm's admission: how many guests stay alive, from fabricated memory readings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from supervisor import admission as adm
+from supervisor.admission import Admission, Reading, read_memory
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class Machine:
+    """A fabricated memory source: the test sets what the next reading says."""
+
+    def __init__(self, rss: int, available: int) -> None:
+        self.rss = rss
+        self.available = available
+        self.readings = 0
+
+    def __call__(self) -> Reading:
+        self.readings += 1
+        return Reading(self.rss, self.available)
+
+
+def admit(a: Admission, n: int) -> None:
+    """Admit ``n`` guests that must fit at once."""
+
+    async def go() -> None:
+        for _ in range(n):
+            assert a.may_admit(), (a.alive, a.limit)
+            await asyncio.wait_for(a.admit(), 1)
+
+    asyncio.run(go())
+
+
+def test_the_first_guests_are_admitted_before_any_reading() -> None:
+    machine = Machine(rss=100 * MiB, available=8 * GiB)
+    a = Admission(machine)
+    assert (a.limit, a.cost, machine.readings) == (adm.FIRST, 0, 1)
+    admit(a, adm.FIRST - 1)
+    assert machine.readings == 1  # the next reading comes at the EVERY-th event
+
+
+def test_the_limit_follows_the_measured_cost_and_grows_at_most_twofold() -> None:
+    machine = Machine(rss=100 * MiB, available=8 * GiB)
+    a = Admission(machine)
+    machine.rss += adm.EVERY * MiB  # each guest alive grew the process by 1 MiB
+    admit(a, adm.EVERY)
+    assert machine.readings == 2 and a.cost == MiB
+    # room: (8 GiB - 2 GiB kept) / (2 x 1 MiB) = 3072 more; doubling caps it at 128.
+    assert a.limit == 2 * adm.FIRST
+    machine.rss += adm.EVERY * MiB
+    admit(a, adm.EVERY)
+    assert a.limit == 4 * adm.FIRST
+    machine.available = 2 * GiB + 2 * 300 * MiB  # room for 300 more at 2 x 1 MiB
+    machine.rss += adm.EVERY * MiB
+    admit(a, adm.EVERY)
+    assert (a.alive, a.limit) == (3 * adm.EVERY, 3 * adm.EVERY + 300)
+
+
+def test_the_limit_shrinks_at_once_when_memory_runs_short() -> None:
+    machine = Machine(rss=0, available=8 * GiB)
+    a = Admission(machine)
+    machine.rss = adm.EVERY * 4 * MiB
+    admit(a, adm.EVERY)
+    assert a.limit == 2 * adm.FIRST
+    machine.available = 2 * GiB  # another process took it: nothing beyond the reserve
+    a.update(machine())
+    assert a.limit == a.alive and not a.may_admit()
+
+
+def test_a_cheap_guest_costs_at_least_the_floor() -> None:
+    machine = Machine(rss=0, available=8 * GiB)
+    a = Admission(machine)
+    admit(a, adm.EVERY)  # RSS never grew
+    assert a.cost == adm.FLOOR
+
+
+def test_memory_kept_after_guests_ended_does_not_raise_the_cost() -> None:
+    machine = Machine(rss=0, available=64 * GiB)
+    a = Admission(machine)
+    machine.rss = adm.EVERY * MiB
+    admit(a, adm.EVERY)
+    for _ in range(adm.EVERY - 1):
+        a.ended()  # the C heap keeps their memory: the process does not shrink
+    a.update(machine())
+    assert (a.alive, a.cost) == (1, MiB)  # measured at 64 alive, not 64 MiB for one
+
+
+def test_an_ended_guest_lets_a_waiting_one_in() -> None:
+    machine = Machine(rss=0, available=8 * GiB)
+    a = Admission(machine, max_alive=2)
+    order: list[str] = []
+
+    async def go() -> None:
+        await a.admit()
+        await a.admit()
+        waiting = asyncio.create_task(a.admit())
+        await asyncio.sleep(0)
+        order.append(f"waiting {a.alive}")
+        a.ended()
+        await asyncio.wait_for(waiting, 1)
+        order.append(f"admitted {a.alive}")
+
+    asyncio.run(go())
+    assert order == ["waiting 2", "admitted 2"]
+
+
+def test_max_alive_is_the_limit_and_nothing_is_measured() -> None:
+    machine = Machine(rss=0, available=0)
+    a = Admission(machine, max_alive=3)
+    admit(a, 3)
+    for _ in range(200):
+        a.ended()
+        admit(a, 1)
+    assert (a.limit, machine.readings) == (3, 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        Admission(machine, max_alive=0)
+
+
+def test_unknown_available_memory_keeps_the_limit() -> None:
+    machine = Machine(rss=0, available=0)
+    a = Admission(machine)
+    admit(a, adm.EVERY)
+    assert a.limit == adm.FIRST
+
+
+def test_read_memory_reads_this_process() -> None:
+    reading = read_memory()
+    assert reading.rss > 0 and reading.available > 0

@@ -1,0 +1,156 @@
+"""What an idle guest holds in Python: one task (its read loop), the Waker only while it
+breaks the guest out, one parsed image shared by every guest of the same file."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor import LguestDevice
+from supervisor.launcher.devices import Device, Slot
+from supervisor.launcher.launcher import Launcher
+
+needs_binutils = pytest.mark.skipif(shutil.which("as") is None, reason="binutils missing")
+
+# Notifies its device (descriptor 0 of a 1 MiB guest's device page), then halts forever.
+IDLER = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 0x100000
+1:  HCALL 10
+    jmp 1b
+"""
+
+
+class Doorbell(Device):
+    """Knows when the guest is up; counts the polls a wake() brings."""
+
+    type = 0x44
+
+    def __init__(self) -> None:
+        self.ready = asyncio.Event()
+        self.polls = 0
+        self.polled = asyncio.Event()
+
+    async def notify(self, slot: Slot) -> None:
+        self.ready.set()
+
+    def poll(self, slot: Slot) -> None:
+        self.polls += 1
+        self.polled.set()
+
+
+def wakers() -> int:
+    return sum(t.get_name() == "lguest-waker" and not t.done() for t in asyncio.all_tasks())
+
+
+@needs_binutils
+async def test_an_idle_guest_has_no_waker_task_until_a_device_wakes_it(tmp_path: Path) -> None:
+    from guestasm import assemble
+
+    path = tmp_path / "idle.img"
+    path.write_bytes(assemble(IDLER).image)
+    bell = Doorbell()
+    launcher = Launcher(LguestDevice(), path, ram_size=1 << 20, devices=[bell])
+    running = asyncio.create_task(launcher.run())
+    try:
+        await asyncio.wait_for(bell.ready.wait(), 60)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert wakers() == 0
+        assert bell.slot is not None
+        bell.slot.wake()
+        bell.slot.wake()  # a second wake before the first is answered: one more break at most
+        assert wakers() == 1
+        await asyncio.wait_for(bell.polled.wait(), 60)
+        for _ in range(1000):  # the break ends once the read loop writes BREAK 0
+            if wakers() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert wakers() == 0 and 1 <= bell.polls <= 2
+        bell.polled.clear()
+        bell.slot.wake()  # the next wake starts the Waker again
+        await asyncio.wait_for(bell.polled.wait(), 60)
+    finally:
+        await launcher.kill("done")
+        end = await running
+    assert end.reason == "done"
+
+
+def test_guests_of_one_image_file_share_one_parsed_image(tmp_path: Path) -> None:
+    from supervisor.launcher.loader import FLAT_TRAILER, read_image
+
+    path = tmp_path / "a.img"
+    path.write_bytes(b"\x90" * 100 + FLAT_TRAILER)
+    first = read_image(path)
+    assert read_image(path) is first
+    assert read_image(str(path)) is first
+    path.write_bytes(b"\xf4" * 100 + FLAT_TRAILER)  # changed: read afresh
+    second = read_image(path)
+    assert second is not first and second.segments[0].data[:1] == b"\xf4"
+
+
+# Halts for good once it has taken the console's first irq (it never ends by itself).
+SLEEPER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    iret
+"""
+
+
+@needs_binutils
+def test_a_swarm_holds_no_task_per_running_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guestasm import assemble
+
+    from supervisor import GuestConfig, Supervisor
+    from supervisor import cli as cli_module
+    from supervisor.host import Guest
+
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(SLEEPER).image)
+    tasks: list[int] = []
+    killers: list[asyncio.Task[None]] = []
+    n = 5
+
+    class Counting(Supervisor):
+        async def launch(self, config: GuestConfig, **kwargs: Any) -> Guest:
+            guest = await super().launch(config, **kwargs)
+            tasks.append(len(asyncio.all_tasks()))
+            if len(tasks) == n:  # all running: end them, so that the swarm ends
+                killers.append(asyncio.create_task(self._kill_all()))
+            return guest
+
+        async def _kill_all(self) -> None:
+            await asyncio.gather(*(each.kill("enough") for each in self.guests))
+
+    monkeypatch.setattr(cli_module, "Supervisor", Counting)
+    config = GuestConfig(image=image, memory="1M", console="null")
+    assert asyncio.run(cli_module.run_swarm(config, n)) == 1  # they died: killed
+    # Each launch adds the guest's own task and nothing else.
+    assert [b - a for a, b in itertools.pairwise(tasks)] == [1] * (n - 1)
+
+
+def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
+    from supervisor import GuestMemory
+    from supervisor.flag import Flag
+    from supervisor.launcher.devices import Slot
+
+    memory = GuestMemory(2 * 4096)
+    try:
+        slot = Slot(memory, 4096, 4096, 1, lambda irq: None, lambda: None)
+        for thing in (memory, slot, Flag()):
+            assert not hasattr(thing, "__dict__"), type(thing)
+    finally:
+        memory.close()
