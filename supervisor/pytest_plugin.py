@@ -6,6 +6,12 @@ Fixtures:
     An open :class:`~supervisor.LguestDevice`, closed after the test.
 ``lguest_supervisor``
     A :class:`~supervisor.Supervisor`; guests still running after the test are killed.
+``lguest_net_supervisor``
+    A :class:`~supervisor.Supervisor` whose guests join its network (``sup.net``)
+    unless their config says ``net=False``.  The marker
+    ``@pytest.mark.lguest_network(**options)`` passes ``options`` (``seed``,
+    ``stream_timeout``, ``connect_timeout``, ...) to the
+    :class:`~supervisor.net.Network` it is made with.
 ``build_guest``
     ``build_guest(source, lang="c", flags=()) -> pathlib.Path``: build a guest
     image from source text, C (with :mod:`supervisor.sdk`: musl, ``lguest.h``)
@@ -30,16 +36,32 @@ from typing import Any
 import pytest
 
 from . import sdk, testing
+from .config import GuestConfig
 from .device import LguestDevice
-from .host import Supervisor
+from .host import Guest, Supervisor
+from .launcher.devices import Device
 from .launcher.loader import FLAT_TRAILER
+from .net import Network
+from .snapshot import Snapshot
 
 BuildGuest = Callable[..., Path]
 
-_NO_ASYNCIO = "lguest_device and lguest_supervisor need pytest-asyncio (pip install pytest-asyncio)"
+_NO_ASYNCIO = (
+    "lguest_device, lguest_supervisor and lguest_net_supervisor need pytest-asyncio"
+    " (pip install pytest-asyncio)"
+)
+NETWORK_MARKER = "lguest_network"
 
 
-def _async_fixture(fn: Callable[[], AsyncIterator[Any]]) -> Any:
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{NETWORK_MARKER}(**options): options of the Network of lguest_net_supervisor"
+        " (seed, stream_timeout, connect_timeout, stream_buffer, datagram_queue, clock)",
+    )
+
+
+def _async_fixture(fn: Callable[..., AsyncIterator[Any]]) -> Any:
     """A pytest-asyncio fixture; without pytest-asyncio (the plugin loads wherever
     pytest runs) a fixture that skips the test and says what to install."""
     try:
@@ -64,6 +86,33 @@ async def lguest_device() -> AsyncIterator[LguestDevice]:
 async def lguest_supervisor() -> AsyncIterator[Supervisor]:
     """A Supervisor; leaving the test kills what still runs and closes its device."""
     async with Supervisor() as sup:
+        yield sup
+
+
+class _NetworkedSupervisor(Supervisor):
+    """A Supervisor whose guests join its network unless their config sets ``net``."""
+
+    async def launch(
+        self,
+        config: GuestConfig,
+        *,
+        devices: Sequence[Device] = (),
+        snapshot: Snapshot | None = None,
+    ) -> Guest:
+        if "net" not in config.model_fields_set:
+            config = config.model_copy(update={"net": True})
+        return await super().launch(config, devices=devices, snapshot=snapshot)
+
+
+@_async_fixture
+async def lguest_net_supervisor(request: pytest.FixtureRequest) -> AsyncIterator[Supervisor]:
+    """A Supervisor whose guests join ``sup.net`` by default; the ``lguest_network``
+    marker's keyword arguments make its Network."""
+    marker = request.node.get_closest_marker(NETWORK_MARKER)
+    if marker is not None and marker.args:
+        raise pytest.UsageError(f"{NETWORK_MARKER} takes keyword arguments only")
+    network = Network(**(marker.kwargs if marker is not None else {}))
+    async with _NetworkedSupervisor(network=network) as sup:
         yield sup
 
 

@@ -43,7 +43,7 @@ def test_fixture_only_suite_passes(mode: str, tmp_path: Path, shared_cache: Path
         timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "4 passed" in done.stdout
+    assert "6 passed" in done.stdout
 
 
 def test_the_plugin_is_registered() -> None:
