@@ -23,6 +23,19 @@ ROOT = Path(__file__).resolve().parent.parent
             ["[host] sent pong, got pong", "[client] hello from a guest", "[echo] ended: status 0"],
         ),
         (
+            "kv_store.py",
+            [],
+            [
+                "[2] cut: the write to kv-a still waits: True",
+                "[2] cut: GET color at kv-b: VALUE blue",
+                "[2] healed: GET color at kv-b: VALUE green",
+                "[2] healed: a guest reads kv-a: VALUE green",
+                "[3] long cut: SET size 3 at kv-a: OK unreplicated",
+                "[3] kv-a said: replica lost: Operation timed out",
+                "kv-a has color=green size=3, kv-b has color=green\n",
+            ],
+        ),
+        (
             "smp.py",
             [],
             ["snapshot of 4 CPUs taken mid-count", "[copy] exact", "[copy] exit status 0"],
