@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gdb", metavar="HOST:PORT", help="start held and serve gdb there")
     run.add_argument("--restore", metavar="FILE", help="continue the guest saved in FILE")
     common(run)
+    run.add_argument(  # run only: a published port forwards to one guest
+        "--publish",
+        action="append",
+        default=[],
+        metavar="[HOSTADDR:]HOSTPORT:GUESTPORT",
+        help="forward a real TCP port (default address 127.0.0.1) to the guest's port (with --net)",
+    )
 
     snap = sub.add_parser("snapshot", help="run a guest and save a snapshot of it mid-run")
     snap.add_argument("image", help="flat binary or ELF32 image")
@@ -318,13 +325,6 @@ def files_options(p: argparse.ArgumentParser) -> None:
         "--max-sockets",
         type=_int_from(1, 1 << 16),
         help="sockets a guest may hold open (default 1024)",
-    )
-    p.add_argument(
-        "--publish",
-        action="append",
-        default=[],
-        metavar="[HOSTADDR:]HOSTPORT:GUESTPORT",
-        help="forward a real TCP port (default address 127.0.0.1) to the guest's port (run)",
     )
     p.add_argument(
         "--allow-outbound",
@@ -1073,8 +1073,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "run":
             coro = run_one(run_config(args), publish=args.publish)
         elif args.command == "snapshot":
-            if getattr(args, "publish", None):
-                raise BadInput("--publish is for run, not snapshot")
             fields = {
                 "image": args.image,
                 "memory": args.memory,
@@ -1086,8 +1084,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = GuestConfig.build(**{k: v for k, v in fields.items() if v is not None})
             coro = snapshot_to_file(config, args.output, args.after_lines, args.after)
         else:
-            if getattr(args, "publish", None):
-                raise BadInput("--publish is for run (one guest), not swarm")
             if args.gdb is not None and not 0 <= args.gdb_guest < args.n:
                 raise BadInput(f"--gdb-guest {args.gdb_guest} is not one of the {args.n} guests")
             if args.gdb is None and args.gdb_guest != 0:

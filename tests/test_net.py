@@ -464,6 +464,23 @@ def test_a_taken_published_port_is_one_line_and_status_2() -> None:
         assert why in proc.stderr
 
 
+def test_publish_is_an_option_of_run_only() -> None:
+    """swarm and snapshot run guests that no one real port can stand for: they have no
+    --publish, in their --help or their parsing."""
+    image = str(GUESTS / "tcp_echo_server.elf")
+    snapshot = ["snapshot", image, "-o", "x.snap", "--after", "1"]
+    for command in (["swarm", "-n", "2", image], snapshot):
+        helped = _cli(command[0], "--help")
+        assert helped.returncode == 0 and "--net" in helped.stdout
+        assert "--publish" not in helped.stdout
+        proc = _cli(*command, "--net", "--publish", "8080:7")
+        assert proc.returncode == 2
+        assert proc.stderr.splitlines() == [
+            "supervisor: error: unrecognized arguments: --publish 8080:7 (see --help)"
+        ]
+    assert "--publish" in _cli("run", "--help").stdout
+
+
 async def test_a_partition_holds_data_in_flight_until_heal(probe: Path) -> None:
     async with Supervisor() as sup:
         guest = await launch(sup, probe, "island", "partition 4100")
