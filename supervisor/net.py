@@ -348,6 +348,25 @@ class StreamSocket(Socket):
 
     def connect(self, ip: int, port: int) -> None:
         """Connect now (the peer's listener queues the other end), or raise."""
+        if self.deadline is None or self.was_connected:  # no connect waiting: nothing to end
+            self._connect(ip, port)
+            return
+        try:
+            self._connect(ip, port)
+        except WouldBlock:
+            raise
+        except BaseException:
+            self._end_connect_wait()
+            raise
+        self._end_connect_wait()
+
+    def _end_connect_wait(self) -> None:
+        """The connect waited and has an outcome: its timeout stops, and a connected
+        socket's deadline is free for a cut's timeout of its bytes."""
+        self.cancel_deadline()
+        self.net._forget_stalled(self)
+
+    def _connect(self, ip: int, port: int) -> None:
         if self.listening:
             raise NetError(errno.EINVAL)
         if self.dialing:
@@ -377,7 +396,8 @@ class StreamSocket(Socket):
             raise NetError(errno.ECONNREFUSED)
         if len(listener.backlog) >= listener.backlog_max:
             listener.waiters.add(self)
-            raise WouldBlock
+            self.net._wait_for_backlog(self, listener)
+            raise WouldBlock  # room after an accept, or ETIMEDOUT
         listener.waiters.discard(self)
         self._autobind()
         server = StreamSocket(listener.owner)
@@ -873,6 +893,23 @@ class Network:
             self.stalled.discard(sock)
             sock.connect_error = errno.ETIMEDOUT
             sock.wake()
+
+    def _wait_for_backlog(self, sock: StreamSocket, listener: StreamSocket) -> None:
+        """``sock``'s connect waits for room in ``listener``'s full backlog, as a SYN
+        that Linux drops and resends: ``ETIMEDOUT`` after ``connect_timeout`` unless
+        an accept makes room first.  A heal does not stop this timeout (the cut is
+        not what it waits for); a cut met meanwhile does not restart it."""
+        if sock.deadline is None:
+            sock.deadline = self.clock.call_later(
+                self.connect_timeout, lambda: self._backlog_expired(sock, listener)
+            )
+
+    def _backlog_expired(self, sock: StreamSocket, listener: StreamSocket) -> None:
+        sock.deadline = None
+        listener.waiters.discard(sock)
+        self.stalled.discard(sock)
+        sock.connect_error = errno.ETIMEDOUT
+        sock.wake()
 
     def _forget_stalled(self, sock: StreamSocket) -> None:
         self.stalled.discard(sock)

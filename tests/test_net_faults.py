@@ -351,6 +351,44 @@ def test_a_connect_across_a_partition_times_out_unless_healed() -> None:
     assert listener.accept().remote == second.local
 
 
+def test_a_connect_waiting_for_room_in_a_full_backlog_times_out() -> None:
+    net, clock = network(connect_timeout=3.0, stream_timeout=5.0)
+    a, b = net.join("a"), net.join("b")
+    listener = b.socket(netmod.STREAM)
+    assert isinstance(listener, netmod.StreamSocket)
+    listener.bind(0, 80)
+    listener.listen(1)
+    filler, late, served = (a.socket(netmod.STREAM) for _ in range(3))
+    assert isinstance(filler, netmod.StreamSocket) and isinstance(late, netmod.StreamSocket)
+    assert isinstance(served, netmod.StreamSocket)
+    filler.connect(b.ip, 80)  # the backlog of one is full
+    woken: list[str] = []
+    late.on_change = lambda: woken.append("late")
+    with pytest.raises(netmod.WouldBlock):
+        late.connect(b.ip, 80)
+    net.partition(["a"], ["host"])  # a cut met or healed meanwhile changes nothing
+    net.heal()
+    clock.advance(2.9)
+    with pytest.raises(netmod.WouldBlock):
+        late.connect(b.ip, 80)  # asking again does not restart the clock
+    assert woken == []
+    clock.advance(0.2)
+    assert woken == ["late"]  # a blocked connect hears its outcome
+    assert raises_errno(lambda: late.connect(b.ip, 80)) == errno.ETIMEDOUT
+    assert late not in listener.waiters
+
+    with pytest.raises(netmod.WouldBlock):
+        served.connect(b.ip, 80)
+    clock.advance(1.0)
+    assert listener.accept().remote == filler.local  # room: the waiting connect is made
+    served.connect(b.ip, 80)  # its connect timeout ends with the wait
+    net.partition(["a"], ["b"])
+    served.send(b"held")
+    clock.advance(5.1)  # a cut's timeout of its bytes runs as on any connection
+    assert raises_errno(lambda: served.send(b"more")) == errno.ETIMEDOUT
+    assert clock.pending() == 0
+
+
 @pytest.fixture
 def probe(build_guest: BuildGuest) -> Path:
     return build_guest((HERE / "c" / "netprobe.c").read_text(), flags=("-O2",))
