@@ -941,6 +941,8 @@ class Cluster:
             raise ClusterError("the cluster is not running (use 'async with Cluster()')")
         if config.gdb is not None:
             raise ClusterError("gdb is not supported for guests on a cluster")
+        if config.net:  # a worker's network would hold only the guests placed there
+            raise ClusterError("the guests' network does not reach across workers: net is refused")
         raw = config.image.read_bytes()
         parse_image(raw, str(config.image))  # a bad image fails here, with its name
         disk = None

@@ -98,6 +98,8 @@ async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None
         big.write_bytes(b"\x90" * (2 << 20) + FLAT_TRAILER)
         with pytest.raises(ImageError):  # does not fit: found on the worker
             await cl.launch(GuestConfig(image=big, memory="1M"))
+        with pytest.raises(ClusterError, match="network does not reach across workers"):
+            await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M", net=True))
         assert cl.workers[0].guests == 0
         done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
         assert (await done.wait()).ok

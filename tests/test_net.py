@@ -481,6 +481,16 @@ def test_publish_is_an_option_of_run_only() -> None:
     assert "--publish" in _cli("run", "--help").stdout
 
 
+def test_swarm_net_on_a_cluster_is_refused_before_ray_starts() -> None:
+    proc = _cli("swarm", "-n", "2", str(GUESTS / "tcp_echo_server.elf"), "--net",
+                "--cluster", "local")  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "supervisor: error: --net cannot be used with --cluster: "
+        "the network does not reach across workers"
+    ]
+
+
 async def test_a_partition_holds_data_in_flight_until_heal(probe: Path) -> None:
     async with Supervisor() as sup:
         guest = await launch(sup, probe, "island", "partition 4100")
