@@ -389,6 +389,28 @@ def test_a_connect_waiting_for_room_in_a_full_backlog_times_out() -> None:
     assert clock.pending() == 0
 
 
+async def test_the_hosts_connect_to_a_full_backlog_times_out() -> None:
+    net, clock = network(connect_timeout=3.0)
+    a, b = net.join("a"), net.join("b")
+    listener = b.socket(netmod.STREAM)
+    assert isinstance(listener, netmod.StreamSocket)
+    listener.bind(0, 80)
+    listener.listen(1)
+    filler = a.socket(netmod.STREAM)
+    assert isinstance(filler, netmod.StreamSocket)
+    filler.connect(b.ip, 80)  # the backlog of one is full
+    connecting = asyncio.ensure_future(net.open_connection("b", 80))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not connecting.done()
+    clock.advance(3.1)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert connecting.done()
+    failed = connecting.exception()
+    assert isinstance(failed, TimeoutError) and failed.errno == errno.ETIMEDOUT
+
+
 @pytest.fixture
 def probe(build_guest: BuildGuest) -> Path:
     return build_guest((HERE / "c" / "netprobe.c").read_text(), flags=("-O2",))
