@@ -481,6 +481,23 @@ def test_publish_is_an_option_of_run_only() -> None:
     assert "--publish" in _cli("run", "--help").stdout
 
 
+async def test_the_key_value_store_answers_each_request_line() -> None:
+    async with Supervisor() as sup:
+        store = await launch(sup, GUESTS / "kv_server.elf", "kv", "6379")
+        await store.expect("listening on 6379", LIMIT)
+        reader, writer = await sup.net.open_connection("kv", 6379)
+        requests = ["SET a 1", "SET b two words", "SET a 3", "GET a", "GET b", "GET c",
+                    "DUMP", "SET lonely", "BOGUS", "SET " + "k" * 64 + " v"]  # fmt: skip
+        writer.write("".join(f"{r}\n" for r in requests).encode())  # one piece: lines split
+        await writer.drain()
+        async with asyncio.timeout(LIMIT):
+            answers = [(await reader.readline()).decode().rstrip("\n") for _ in requests]
+        assert answers == ["OK", "OK", "OK", "VALUE 3", "VALUE two words", "MISSING",
+                           "a=3 b=two words", "ERROR unknown request",
+                           "ERROR unknown request", "ERROR too long"]  # fmt: skip
+        writer.close()
+
+
 def test_swarm_net_on_a_cluster_is_refused_before_ray_starts() -> None:
     proc = _cli("swarm", "-n", "2", str(GUESTS / "tcp_echo_server.elf"), "--net",
                 "--cluster", "local")  # fmt: skip
