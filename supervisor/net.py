@@ -66,6 +66,10 @@ DEFAULT_STREAM_TIMEOUT = 924.6
 DEFAULT_CONNECT_TIMEOUT = 127.0
 MSS = 1460  # a stream's bytes cross a lossy link in segments of this size
 MAX_PIECE = 64 << 10  # a delayed stream's bytes arrive in pieces of at most this
+# What a datagram costs a queue at the least (a kernel charges each its buffer's
+# bookkeeping too): without it, empty datagrams would fill no queue, and a guest
+# sending them without end would grow the host's memory without bound.
+DATAGRAM_COST = 256
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
 POLLRDHUP = 0x2000
@@ -652,12 +656,13 @@ class DatagramSocket(Socket):
     def deliver(self, data: bytes, sender: Address) -> None:
         if self.remote is not None and sender != self.remote:
             return  # a connected datagram socket takes only its peer's
-        if self.queued + len(data) > self.net.datagram_queue:
+        cost = max(len(data), DATAGRAM_COST)
+        if self.queued + cost > self.net.datagram_queue:
             self.dropped += 1
             return
         was_empty = not self.queue
         self.queue.append((data, sender))
-        self.queued += len(data)
+        self.queued += cost
         if was_empty:
             self.wake()
 
@@ -667,7 +672,7 @@ class DatagramSocket(Socket):
         if peek:
             return self.queue[0]
         data, sender = self.queue.popleft()
-        self.queued -= len(data)
+        self.queued -= max(len(data), DATAGRAM_COST)
         return data, sender
 
     def poll(self) -> int:
@@ -1021,15 +1026,16 @@ class Network:
         if link.loss and rng.random() < link.loss:
             link.dropped += 1
             return
-        if link.queued + len(data) > self.datagram_queue:
+        cost = max(len(data), DATAGRAM_COST)
+        if link.queued + cost > self.datagram_queue:
             link.dropped += 1
             return
         now = self.clock.time()
         due = link.depart(now, len(data)) + link.latency(rng)
-        link.queued += len(data)
+        link.queued += cost
 
         def arrive() -> None:
-            link.queued -= len(data)
+            link.queued -= cost
             dest = self._datagram(*to)
             if dest is not None and not self.is_cut(sender[0], to[0]):
                 dest.deliver(data, sender)

@@ -455,3 +455,31 @@ async def test_a_nonblocking_connect_across_a_partition_goes_on_by_itself(probe:
         )
         assert server.connections == 1
         server.close()
+
+
+def test_empty_datagrams_fill_queues_as_others_do() -> None:
+    """A datagram costs a queue at least ``DATAGRAM_COST`` bytes: a guest sending empty
+    ones without end fills a link's queue and a receiver's, never the host's memory."""
+    net, clock = network(datagram_queue=4096)
+    a, b = net.join("a"), net.join("b")
+    sender, receiver = a.socket(netmod.DGRAM), b.socket(netmod.DGRAM)
+    assert isinstance(sender, netmod.DatagramSocket)
+    assert isinstance(receiver, netmod.DatagramSocket)
+    receiver.bind(0, 53)
+    fits = 4096 // netmod.DATAGRAM_COST
+    net.link("a", "b", delay=100.0)
+    for _ in range(1000):
+        sender.sendto(b"", (b.ip, 53))
+    link = net.link_of("a", "b")
+    assert link is not None and link.dropped == 1000 - fits
+    assert clock.pending() == fits  # one arrival each for those on the way, no more
+    clock.advance(100.0)
+    assert len(receiver.queue) == fits
+    net.unlink("a", "b")
+    for _ in range(1000):
+        sender.sendto(b"", (b.ip, 53))  # the receiver reads none of them
+    assert len(receiver.queue) == fits and receiver.dropped == 1000
+    assert sender.local is not None
+    assert receiver.recvfrom() == (b"", sender.local)
+    sender.sendto(b"", (b.ip, 53))  # one read makes room for one more
+    assert len(receiver.queue) == fits and receiver.dropped == 1000
