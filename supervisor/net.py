@@ -327,6 +327,9 @@ class StreamSocket(Socket):
     dialing = False  # a connect to an allowed outside address is under way
     dialed = False  # ... and it has connected: the next connect returns
     connecting: Address | None = None  # a non-blocking connect goes on by itself
+    # Told once when the socket closes: a connection to the outside stops dialing,
+    # or closes its real end (a closed guest socket holds no host descriptor).
+    on_close: Callable[[], None] | None = None
 
     def wake(self) -> None:
         """Tell the owner something changed; first, a non-blocking connect that was
@@ -584,6 +587,9 @@ class StreamSocket(Socket):
                 peer.eof = True
             peer.wake()
         super().close()
+        if self.on_close is not None:
+            told, self.on_close = self.on_close, None
+            told()
 
     def poll(self) -> int:
         if self.listening:
@@ -929,14 +935,35 @@ class Network:
 
     async def _outside(self, sock: StreamSocket, at: Address, outside: tuple[str, int]) -> None:
         """Connect to ``outside`` on the host, join it to ``sock`` and copy both ways
-        (each way waiting for the other's drain: bounded as any connection)."""
+        (each way waiting for the other's drain: bounded as any connection).
+
+        Closing ``sock`` stops a dial under way and, once the guest's last bytes
+        have gone out, closes the real connection, whatever the outside does:
+        every host descriptor a guest holds belongs to one of its open sockets.
+        """
+        if sock.closed:
+            return  # closed before this task began
+        dial = asyncio.ensure_future(asyncio.open_connection(*outside))
+
+        def stop() -> None:
+            dial.cancel()
+
+        sock.on_close = stop
         try:
-            real_reader, real_writer = await asyncio.open_connection(*outside)
-        except OSError as exc:
+            await asyncio.wait([dial])
+        except asyncio.CancelledError:
+            dial.cancel()
+            raise
+        if dial.cancelled():
+            return  # the guest closed the socket first
+        if (failure := dial.exception()) is not None:
             sock.dialing = False
-            sock.connect_error = sock.error = exc.errno or errno.ECONNREFUSED
+            sock.on_close = None
+            code = failure.errno if isinstance(failure, OSError) else None
+            sock.connect_error = sock.error = code or errno.ECONNREFUSED
             sock.wake()
             return
+        real_reader, real_writer = dial.result()
         if sock.closed:
             real_writer.close()
             return
@@ -956,13 +983,30 @@ class Network:
         reader = asyncio.StreamReader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         writer = asyncio.StreamWriter(StreamTransport(end, protocol, loop), protocol, reader, loop)
+        gone = asyncio.Event()
+        sock.on_close = gone.set
+        outward = asyncio.ensure_future(_pipe(reader, real_writer))
+        inward = asyncio.ensure_future(_pipe(real_reader, writer))
+        closed = asyncio.ensure_future(gone.wait())
         try:
-            await asyncio.gather(
-                _pipe(real_reader, writer), _pipe(reader, real_writer), return_exceptions=True
-            )
+            # The guest's bytes up to its end (a shutdown or a close), and the
+            # outside's up to theirs unless the guest closes first; a failure of
+            # the real connection resets the guest's.
+            while not (outward.done() and (inward.done() or closed.done())):
+                waiting = [t for t in (outward, inward, closed) if not t.done()]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if any(t.done() and t.exception() is not None for t in (outward, inward)):
+                    if not sock.closed:
+                        writer.transport.abort()
+                        sock.reset, sock.error = True, errno.ECONNRESET
+                        sock.wake()
+                    break
         finally:
+            for task in (outward, inward, closed):
+                task.cancel()
             for w in (writer, real_writer):
                 w.close()
+            await asyncio.gather(outward, inward, closed, return_exceptions=True)
 
     # -- links -----------------------------------------------------------------------------
     def link(

@@ -8,7 +8,11 @@ plain sockets on the host's loopback.  Needs the ``sdk`` extra (Zig's C compiler
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,8 +24,18 @@ import pytest
 
 from supervisor import GuestConfig, Supervisor
 from supervisor.config import ConfigError
-from supervisor.net import HOST_ADDR, Network, parse_outbound
+from supervisor.net import (
+    HOST_ADDR,
+    POLLERR,
+    STREAM,
+    NetError,
+    Network,
+    StreamSocket,
+    WouldBlock,
+    parse_outbound,
+)
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -234,3 +248,141 @@ def test_cli_bad_allow_outbound_is_one_line_and_status_2(command: str, probe: Pa
         assert proc.stderr.startswith("supervisor: error: ")
         assert why in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def real_connections(port: int) -> list[str]:
+    """The TCP states (/proc/net/tcp's hex codes) of this process's sockets connected
+    to the host's port ``port`` (the host's ends of connections to the outside)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
+            states.append(fields[3])
+    return states
+
+
+async def test_a_socket_closed_while_dialing_leaves_no_host_socket() -> None:
+    """A connect to an allowed address that does not answer holds a host socket while it
+    waits; the guest's close gives it back (else a guest could connect and close in a
+    loop and hold host descriptors without bound)."""
+    with socket.socket() as deaf:
+        deaf.bind(("127.0.0.1", 0))
+        deaf.listen(0)
+        port = deaf.getsockname()[1]
+        fillers = []  # fill its backlog: the host's next connect gets no answer
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            await until(lambda: len(real_connections(port)) == len(fillers), LIMIT)
+            net = Network()
+            guest = net.join("g", outbound=[f"127.0.0.1:{port}"])
+            for _ in range(3):
+                sock = guest.socket(STREAM)
+                assert isinstance(sock, StreamSocket)
+                with pytest.raises(WouldBlock):
+                    sock.connect(HOST_ADDR, port)
+                await until(lambda: len(real_connections(port)) == len(fillers) + 1, LIMIT)
+                sock.close()
+                await until(lambda: len(real_connections(port)) == len(fillers), LIMIT)
+            await net.aclose()
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_closing_a_connection_to_the_outside_closes_the_host_socket() -> None:
+    """The guest's bytes before its close reach the outside, then the host's end of the
+    real connection closes even though the outside keeps its own open and says nothing;
+    a shutdown of the guest's sending side only ends what the outside reads."""
+    received: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        received.append(await reader.read())  # up to the end; then silent, and open
+        if received[-1] == b"half":
+            writer.write(b"after your end")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    net = Network()
+    guest = net.join("g", outbound=[f"127.0.0.1:{port}"])
+
+    async def connect() -> StreamSocket:
+        sock = guest.socket(STREAM)
+        assert isinstance(sock, StreamSocket)
+        woken = asyncio.Event()
+        sock.on_change = woken.set
+        while True:
+            try:
+                sock.connect(HOST_ADDR, port)
+                return sock
+            except WouldBlock:
+                await woken.wait()
+                woken.clear()
+
+    try:
+        for _ in range(3):
+            sock = await connect()
+            assert sock.send(b"bye") == 3
+            sock.close()
+            await until(lambda: not real_connections(port), LIMIT)
+        assert received == [b"bye"] * 3
+        sock = await connect()
+        sock.send(b"half")
+        sock.shutdown(1)
+        await until(lambda: bool(sock.rx), LIMIT)
+        assert real_connections(port)  # still open: the outside may still send
+        await until(lambda: sock.rx == bytearray(b"after your end"), LIMIT)
+        sock.close()
+        await until(lambda: not real_connections(port), LIMIT)
+        assert received == [b"bye"] * 3 + [b"half"]
+    finally:
+        await net.aclose()
+        for writer in writers:
+            writer.close()
+        server.close()
+
+
+async def test_a_reset_from_the_outside_resets_the_guests_connection() -> None:
+    """The outside resetting the real connection while the guest waits to read gives
+    the guest ``ECONNRESET``, and the host's end is closed."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        real = writer.get_extra_info("socket")
+        real.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with a zero linger: a reset
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    net = Network()
+    guest = net.join("g", outbound=[f"127.0.0.1:{port}"])
+    sock = guest.socket(STREAM)
+    assert isinstance(sock, StreamSocket)
+    try:
+        with pytest.raises(WouldBlock):
+            sock.connect(HOST_ADDR, port)
+        await until(lambda: not sock.dialing, LIMIT)
+        sock.connect(HOST_ADDR, port)  # made
+        assert sock.send(b"hello") == 5
+        await until(lambda: bool(sock.poll() & POLLERR), LIMIT)
+        with pytest.raises(NetError) as failed:
+            sock.recv(10)
+        assert failed.value.errno == errno.ECONNRESET
+        await until(lambda: not real_connections(port), LIMIT)
+        sock.close()
+    finally:
+        await net.aclose()
+        server.close()
