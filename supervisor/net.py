@@ -185,7 +185,7 @@ def parse_outbound(spec: str) -> tuple[Address, tuple[str, int]]:
     is reached at ``host:PORT``, any other address at itself.  ``ValueError`` for
     anything else (no name is looked up)."""
     host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{spec!r} is not HOST:PORT (a port from 1 to 65535)")
     if host == "localhost":
         host = "127.0.0.1"
@@ -708,8 +708,9 @@ class Network:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        if stream_buffer < 1 or datagram_queue < 1:
-            raise ValueError("buffers must hold at least one byte")
+        for what, size in (("stream_buffer", stream_buffer), ("datagram_queue", datagram_queue)):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"{what} must be a whole number of bytes >= 1, not {size!r}")
         for what, value in (
             ("stream_timeout", stream_timeout),
             ("connect_timeout", connect_timeout),
@@ -797,6 +798,15 @@ class Network:
         except ValueError:
             raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network") from None
 
+    def _inside(self, name_or_address: str) -> int:
+        """:meth:`resolve`, for faults: an address outside the network (the outside, a
+        loopback) is never a member's, so naming one is ``OSError`` ``ENETUNREACH``."""
+        ip = self.resolve(name_or_address)
+        if ip & NET_MASK != NET_PREFIX:
+            why = f"{name_or_address!r} is outside the network (faults join its members)"
+            raise OSError(errno.ENETUNREACH, why)
+        return ip
+
     def hosts_file(self) -> bytes:
         """``/etc/hosts`` as a guest on this network sees it (a member whose name is not
         a host name, with blanks say, is left out: reachable by address only)."""
@@ -836,8 +846,11 @@ class Network:
         (a writer fills the connection's buffer, then waits), datagrams are lost and
         a connect waits; :meth:`heal` lets everything through again.
         """
-        a = [self.resolve(x) for x in group_a]
-        b = [self.resolve(x) for x in group_b]
+        for group in (group_a, group_b):
+            if isinstance(group, str):  # its letters would be taken for names
+                raise TypeError(f"a group is a list of names or addresses, not {group!r}")
+        a = [self._inside(x) for x in group_a]
+        b = [self._inside(x) for x in group_b]
         for x in a:
             for y in b:
                 if x != y:
@@ -1039,7 +1052,7 @@ class Network:
             raise ValueError(f"loss must be a probability from 0 to 1, not {loss!r}")
         if rate is not None and (not _number(rate) or not 0 < rate < math.inf):
             raise ValueError(f"rate must be bytes per second above 0 (or None), not {rate!r}")
-        x, y = self.resolve(a), self.resolve(b)
+        x, y = self._inside(a), self._inside(b)
         if x == y:
             raise ValueError(f"a link joins two different members, not {a!r} and {b!r}")
         if not (delay or jitter or loss or rate is not None):
@@ -1052,13 +1065,13 @@ class Network:
     def unlink(self, a: str, b: str) -> None:
         """Remove the faults between ``a`` and ``b`` (bytes already on the way still
         arrive as they were sent)."""
-        x, y = self.resolve(a), self.resolve(b)
+        x, y = self._inside(a), self._inside(b)
         self._links.pop((x, y), None)
         self._links.pop((y, x), None)
 
     def link_of(self, a: str, b: str) -> Link | None:
         """The faults from ``a`` to ``b`` (their ``dropped`` counts lost datagrams)."""
-        return self._links.get((self.resolve(a), self.resolve(b)))
+        return self._links.get((self._inside(a), self._inside(b)))
 
     def _link(self, a: int, b: int) -> Link | None:
         return self._links.get((a, b)) if a != b else None

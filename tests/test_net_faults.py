@@ -238,6 +238,27 @@ def test_link_members_and_network_timeouts_are_validated() -> None:
         net.link("a", "a", delay=1)
     with pytest.raises(OSError, match="no 'nobody' on the network"):
         net.link("a", "nobody", delay=1)
+    outside_the_network = "outside the network"
+    for outside in ("8.8.8.8", "127.0.0.1", "0.0.0.0", "255.255.255.255"):
+        with pytest.raises(OSError, match=outside_the_network) as caught:
+            net.link("a", outside, delay=1)
+        assert caught.value.errno == errno.ENETUNREACH
+        with pytest.raises(OSError, match=outside_the_network):
+            net.unlink(outside, "a")
+        with pytest.raises(OSError, match=outside_the_network):
+            net.link_of("a", outside)
+        with pytest.raises(OSError, match=outside_the_network):
+            net.partition(["a"], [outside])
+    with pytest.raises(TypeError, match="a list of names or addresses, not 'alpha'"):
+        net.partition("alpha", ["a"])
+    with pytest.raises(TypeError, match="not 'a'"):
+        net.partition(["alpha"], "a")  # would cut nothing from "a" itself
+    assert not net.is_cut(net.resolve("a"), netmod.HOST_ADDR)
+    for bad in (0, -1, 1.5, math.nan, True, "4096"):
+        with pytest.raises(ValueError, match="stream_buffer must be a whole number"):
+            netmod.Network(stream_buffer=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="datagram_queue must be a whole number"):
+            netmod.Network(datagram_queue=bad)  # type: ignore[arg-type]
     for bad in (0, -1.0, math.inf, math.nan, "5"):
         with pytest.raises(ValueError, match="stream_timeout must be a number of seconds"):
             netmod.Network(stream_timeout=bad)  # type: ignore[arg-type]

@@ -185,6 +185,12 @@ def test_outbound_addresses_are_validated() -> None:
         ("example.com:80", "is not an IPv4 address"),
         ("127.0.0.1:0", "is not HOST:PORT"),
         ("127.0.0.1:65536", "is not HOST:PORT"),
+        ("127.0.0.1:\u00b2", "is not HOST:PORT"),  # a digit to str.isdigit, not to int
+        ("127.0.0.1:\u0668\u0660", "is not HOST:PORT"),  # Arabic-Indic 80
+        (":80", "'' is not an IPv4 address"),
+        ("[::1]:80", "is not an IPv4 address"),
+        ("::ffff:127.0.0.1:80", "is not an IPv4 address"),
+        ("127.1:80", "is not an IPv4 address"),
         ("10.0.0.3:80", "not an outside unicast address"),
         ("224.0.0.1:80", "not an outside unicast address"),
         ("0.0.0.0:80", "not an outside unicast address"),
