@@ -392,3 +392,29 @@ async def test_a_reset_from_the_outside_resets_the_guests_connection() -> None:
     finally:
         await net.aclose()
         server.close()
+
+
+async def test_a_restored_snapshot_reaches_only_what_its_restorer_allows() -> None:
+    """A snapshot is data: the outside addresses its saved config allows are not the
+    restored copy's (a crafted snapshot would reach them); the caller names them."""
+    image = HERE.parent / "guests" / "c" / "tcp_echo_server.elf"
+    allowed = ["192.0.2.9:5432"]
+    config = GuestConfig(
+        image=image, name="saved", cmdline="7 1", memory="4M", net=True, allow_outbound=allowed
+    )
+    async with Supervisor() as sup:
+        original = await sup.launch(config)
+        await original.expect("listening on 7", LIMIT)
+        snap = await asyncio.wait_for(original.snapshot(), LIMIT)
+        assert snap is not None
+        copy = await sup.restore(snap, name="copy")
+        assert copy.config.allow_outbound == []
+        again = await sup.restore(snap, name="again", allow_outbound=["192.0.2.7:80"])
+        assert again.config.allow_outbound == ["192.0.2.7:80"]
+        # A cluster's worker restores a moved guest with the fields its config names.
+        cluster = pytest.importorskip("supervisor.cluster")
+        fields = {**cluster.revive_fields(config), "name": "moved"}
+        moved = await sup.restore(snap, **fields)
+        assert moved.config.allow_outbound == allowed
+        for guest in (original, copy, again, moved):
+            await guest.kill("done")
