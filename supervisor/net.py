@@ -330,6 +330,10 @@ class StreamSocket(Socket):
     # Told once when the socket closes: a connection to the outside stops dialing,
     # or closes its real end (a closed guest socket holds no host descriptor).
     on_close: Callable[[], None] | None = None
+    # The listener whose backlog this connect waits for room in (it is in its
+    # ``waiters``): a close takes it out, so that connecting and closing in a loop
+    # against a full backlog grows nothing.
+    waiting_on: StreamSocket | None = None
 
     def wake(self) -> None:
         """Tell the owner something changed; first, a non-blocking connect that was
@@ -382,10 +386,13 @@ class StreamSocket(Socket):
         listener = self.net._listener(target.ip, port)
         if listener is None:
             raise NetError(errno.ECONNREFUSED)
+        if self.waiting_on is not None:
+            self.waiting_on.waiters.discard(self)
+            self.waiting_on = None
         if len(listener.backlog) >= listener.backlog_max:
             listener.waiters.add(self)
+            self.waiting_on = listener
             raise WouldBlock
-        listener.waiters.discard(self)
         self._autobind()
         server = StreamSocket(listener.owner)
         if len(listener.owner.sockets) >= listener.owner.max_sockets:
@@ -567,11 +574,17 @@ class StreamSocket(Socket):
     def close(self) -> None:
         if self.closed:
             return
+        # No longer a listener before the waiting connects below try again: they
+        # must find it gone (ECONNREFUSED), not room in a backlog nobody accepts.
+        self.listening = False
         for pending in self.backlog:  # connected but never accepted: reset
             pending.close()
         self.backlog.clear()
         for waiter in list(self.waiters):
             waiter.wake()  # a connect waiting for this listener now finds it gone
+        if self.waiting_on is not None:
+            self.waiting_on.waiters.discard(self)
+            self.waiting_on = None
         self.cancel_deadline()
         self.net._forget_stalled(self)
         unread = bool(self.rx or self.pending)
