@@ -219,6 +219,9 @@ class Member:
         self.max_sockets = max_sockets
         self.outbound = outbound or {}
         self.sockets: set[Socket] = set()
+        # Closed connections to the outside whose last bytes are still going out:
+        # they hold a host socket, so they count against ``max_sockets`` too.
+        self.lingering = 0
         self.on_news: Callable[[], None] | None = None
 
     @property
@@ -232,7 +235,7 @@ class Member:
 
     def socket(self, kind: str) -> Socket:
         """A new socket (``EMFILE`` beyond ``max_sockets``)."""
-        if len(self.sockets) >= self.max_sockets:
+        if len(self.sockets) + self.lingering >= self.max_sockets:
             raise NetError(errno.EMFILE)
         sock: Socket = StreamSocket(self) if kind == STREAM else DatagramSocket(self)
         self.sockets.add(sock)
@@ -395,7 +398,8 @@ class StreamSocket(Socket):
             raise WouldBlock
         self._autobind()
         server = StreamSocket(listener.owner)
-        if len(listener.owner.sockets) >= listener.owner.max_sockets:
+        owner = listener.owner
+        if len(owner.sockets) + owner.lingering >= owner.max_sockets:
             raise NetError(errno.ECONNREFUSED)  # the listener's owner can hold no more
         listener.owner.sockets.add(server)
         assert self.local is not None and listener.local is not None
@@ -1010,7 +1014,17 @@ class Network:
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         writer = asyncio.StreamWriter(StreamTransport(end, protocol, loop), protocol, reader, loop)
         gone = asyncio.Event()
-        sock.on_close = gone.set
+        owner = sock.owner
+        lingering = False
+
+        def hang_up() -> None:
+            nonlocal lingering
+            if not outward.done():
+                lingering = True
+                owner.lingering += 1
+            gone.set()
+
+        sock.on_close = hang_up
         outward = asyncio.ensure_future(_pipe(reader, real_writer))
         inward = asyncio.ensure_future(_pipe(real_reader, writer))
         closed = asyncio.ensure_future(gone.wait())
@@ -1033,6 +1047,8 @@ class Network:
             for w in (writer, real_writer):
                 w.close()
             await asyncio.gather(outward, inward, closed, return_exceptions=True)
+            if lingering:
+                owner.lingering -= 1
 
     # -- links -----------------------------------------------------------------------------
     def link(

@@ -418,3 +418,41 @@ async def test_a_restored_snapshot_reaches_only_what_its_restorer_allows() -> No
         assert moved.config.allow_outbound == allowed
         for guest in (original, copy, again, moved):
             await guest.kill("done")
+
+
+async def test_bytes_still_going_out_after_a_close_count_against_max_sockets() -> None:
+    """A closed connection to the outside whose bytes have not all gone out still holds
+    a host socket: it counts against the guest's ``max_sockets`` until they have, so
+    that an outside that never reads cannot make a guest hold host sockets without
+    bound."""
+    received: list[bytes] = []
+    read = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read.wait()  # reads nothing until told
+        received.append(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    net = Network()
+    guest = net.join("g", max_sockets=1, outbound=[f"127.0.0.1:{port}"])
+    try:
+        sock = guest.socket(STREAM)
+        assert isinstance(sock, StreamSocket)
+        with pytest.raises(WouldBlock):
+            sock.connect(HOST_ADDR, port)
+        await until(lambda: not sock.dialing, LIMIT)
+        sock.connect(HOST_ADDR, port)
+        assert sock.send(b"last words") == 10
+        sock.close()
+        with pytest.raises(NetError) as refused:
+            guest.socket(STREAM)  # the closed one's bytes are still on their way
+        assert refused.value.errno == errno.EMFILE
+        read.set()
+        await until(lambda: received == [b"last words"], LIMIT)
+        await until(lambda: guest.lingering == 0, LIMIT)
+        guest.socket(STREAM).close()  # gone out: its place is free again
+    finally:
+        await net.aclose()
+        server.close()
