@@ -734,17 +734,25 @@ class RemoteGuest:
         return Exit(**result["exit"])
 
     def _revive_fields(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "console": _console_mode(self.config),
-            "block_readonly": self.config.block_readonly,
-            # The same directories, named again: a restore never opens the snapshot's.
-            "dirs": [d.model_dump(mode="json") for d in self.config.dirs],
-        }
+        return revive_fields(self.config)
 
     def __repr__(self) -> str:
         state = "running" if not self.done else "ended"
         return f"<RemoteGuest {self.name} on {self.worker.name} {state}>"
+
+
+def revive_fields(config: GuestConfig) -> dict[str, Any]:
+    """The config fields a worker restores a moved or revived guest with, beside its
+    snapshot (a restore takes none of these from the snapshot itself)."""
+    return {
+        "name": config.display_name,
+        "console": _console_mode(config),
+        "block_readonly": config.block_readonly,
+        # The same directories, named again: a restore never opens the snapshot's.
+        "dirs": [d.model_dump(mode="json") for d in config.dirs],
+        # Likewise the outside addresses it may reach: a restore drops the snapshot's.
+        "allow_outbound": list(config.allow_outbound),
+    }
 
 
 def _existing_cluster() -> bool:

@@ -94,6 +94,10 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
             f"the snapshot's guest had directories ({guest_paths}): name the host directories "
             "to restore it with (dirs=..., run --restore FILE --dir HOST::GUEST)"
         )
+    # The outside addresses the guest may reach are the restoring caller's to allow
+    # (allow_outbound=..., run --restore FILE --allow-outbound HOST:PORT), never the
+    # snapshot's: a crafted or borrowed snapshot reaches nothing by itself.
+    fields["allow_outbound"] = []
     fields.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("image", "block"):
         if fields.get(key) is not None:

@@ -66,6 +66,10 @@ DEFAULT_STREAM_TIMEOUT = 924.6
 DEFAULT_CONNECT_TIMEOUT = 127.0
 MSS = 1460  # a stream's bytes cross a lossy link in segments of this size
 MAX_PIECE = 64 << 10  # a delayed stream's bytes arrive in pieces of at most this
+# What a datagram costs a queue at the least (a kernel charges each its buffer's
+# bookkeeping too): without it, empty datagrams would fill no queue, and a guest
+# sending them without end would grow the host's memory without bound.
+DATAGRAM_COST = 256
 
 POLLIN, POLLPRI, POLLOUT, POLLERR, POLLHUP, POLLNVAL = 1, 2, 4, 8, 16, 32
 POLLRDHUP = 0x2000
@@ -181,7 +185,7 @@ def parse_outbound(spec: str) -> tuple[Address, tuple[str, int]]:
     is reached at ``host:PORT``, any other address at itself.  ``ValueError`` for
     anything else (no name is looked up)."""
     host, sep, port = spec.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"{spec!r} is not HOST:PORT (a port from 1 to 65535)")
     if host == "localhost":
         host = "127.0.0.1"
@@ -215,6 +219,9 @@ class Member:
         self.max_sockets = max_sockets
         self.outbound = outbound or {}
         self.sockets: set[Socket] = set()
+        # Closed connections to the outside whose last bytes are still going out:
+        # they hold a host socket, so they count against ``max_sockets`` too.
+        self.lingering = 0
         self.on_news: Callable[[], None] | None = None
 
     @property
@@ -228,7 +235,7 @@ class Member:
 
     def socket(self, kind: str) -> Socket:
         """A new socket (``EMFILE`` beyond ``max_sockets``)."""
-        if len(self.sockets) >= self.max_sockets:
+        if len(self.sockets) + self.lingering >= self.max_sockets:
             raise NetError(errno.EMFILE)
         sock: Socket = StreamSocket(self) if kind == STREAM else DatagramSocket(self)
         self.sockets.add(sock)
@@ -323,6 +330,13 @@ class StreamSocket(Socket):
     dialing = False  # a connect to an allowed outside address is under way
     dialed = False  # ... and it has connected: the next connect returns
     connecting: Address | None = None  # a non-blocking connect goes on by itself
+    # Told once when the socket closes: a connection to the outside stops dialing,
+    # or closes its real end (a closed guest socket holds no host descriptor).
+    on_close: Callable[[], None] | None = None
+    # The listener whose backlog this connect waits for room in (it is in its
+    # ``waiters``): a close takes it out, so that connecting and closing in a loop
+    # against a full backlog grows nothing.
+    waiting_on: StreamSocket | None = None
 
     def wake(self) -> None:
         """Tell the owner something changed; first, a non-blocking connect that was
@@ -394,14 +408,18 @@ class StreamSocket(Socket):
         listener = self.net._listener(target.ip, port)
         if listener is None:
             raise NetError(errno.ECONNREFUSED)
+        if self.waiting_on is not None:
+            self.waiting_on.waiters.discard(self)
+            self.waiting_on = None
         if len(listener.backlog) >= listener.backlog_max:
             listener.waiters.add(self)
+            self.waiting_on = listener
             self.net._wait_for_backlog(self, listener)
             raise WouldBlock  # room after an accept, or ETIMEDOUT
-        listener.waiters.discard(self)
         self._autobind()
         server = StreamSocket(listener.owner)
-        if len(listener.owner.sockets) >= listener.owner.max_sockets:
+        owner = listener.owner
+        if len(owner.sockets) + owner.lingering >= owner.max_sockets:
             raise NetError(errno.ECONNREFUSED)  # the listener's owner can hold no more
         listener.owner.sockets.add(server)
         assert self.local is not None and listener.local is not None
@@ -580,11 +598,17 @@ class StreamSocket(Socket):
     def close(self) -> None:
         if self.closed:
             return
+        # No longer a listener before the waiting connects below try again: they
+        # must find it gone (ECONNREFUSED), not room in a backlog nobody accepts.
+        self.listening = False
         for pending in self.backlog:  # connected but never accepted: reset
             pending.close()
         self.backlog.clear()
         for waiter in list(self.waiters):
             waiter.wake()  # a connect waiting for this listener now finds it gone
+        if self.waiting_on is not None:
+            self.waiting_on.waiters.discard(self)
+            self.waiting_on = None
         self.cancel_deadline()
         self.net._forget_stalled(self)
         unread = bool(self.rx or self.pending)
@@ -600,6 +624,9 @@ class StreamSocket(Socket):
                 peer.eof = True
             peer.wake()
         super().close()
+        if self.on_close is not None:
+            told, self.on_close = self.on_close, None
+            told()
 
     def poll(self) -> int:
         if self.listening:
@@ -672,12 +699,13 @@ class DatagramSocket(Socket):
     def deliver(self, data: bytes, sender: Address) -> None:
         if self.remote is not None and sender != self.remote:
             return  # a connected datagram socket takes only its peer's
-        if self.queued + len(data) > self.net.datagram_queue:
+        cost = max(len(data), DATAGRAM_COST)
+        if self.queued + cost > self.net.datagram_queue:
             self.dropped += 1
             return
         was_empty = not self.queue
         self.queue.append((data, sender))
-        self.queued += len(data)
+        self.queued += cost
         if was_empty:
             self.wake()
 
@@ -687,7 +715,7 @@ class DatagramSocket(Socket):
         if peek:
             return self.queue[0]
         data, sender = self.queue.popleft()
-        self.queued -= len(data)
+        self.queued -= max(len(data), DATAGRAM_COST)
         return data, sender
 
     def poll(self) -> int:
@@ -717,8 +745,9 @@ class Network:
         stream_timeout: float = DEFAULT_STREAM_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        if stream_buffer < 1 or datagram_queue < 1:
-            raise ValueError("buffers must hold at least one byte")
+        for what, size in (("stream_buffer", stream_buffer), ("datagram_queue", datagram_queue)):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"{what} must be a whole number of bytes >= 1, not {size!r}")
         for what, value in (
             ("stream_timeout", stream_timeout),
             ("connect_timeout", connect_timeout),
@@ -806,6 +835,15 @@ class Network:
         except ValueError:
             raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network") from None
 
+    def _inside(self, name_or_address: str) -> int:
+        """:meth:`resolve`, for faults: an address outside the network (the outside, a
+        loopback) is never a member's, so naming one is ``OSError`` ``ENETUNREACH``."""
+        ip = self.resolve(name_or_address)
+        if ip & NET_MASK != NET_PREFIX:
+            why = f"{name_or_address!r} is outside the network (faults join its members)"
+            raise OSError(errno.ENETUNREACH, why)
+        return ip
+
     def hosts_file(self) -> bytes:
         """``/etc/hosts`` as a guest on this network sees it (a member whose name is not
         a host name, with blanks say, is left out: reachable by address only)."""
@@ -845,8 +883,11 @@ class Network:
         (a writer fills the connection's buffer, then waits), datagrams are lost and
         a connect waits; :meth:`heal` lets everything through again.
         """
-        a = [self.resolve(x) for x in group_a]
-        b = [self.resolve(x) for x in group_b]
+        for group in (group_a, group_b):
+            if isinstance(group, str):  # its letters would be taken for names
+                raise TypeError(f"a group is a list of names or addresses, not {group!r}")
+        a = [self._inside(x) for x in group_a]
+        b = [self._inside(x) for x in group_b]
         for x in a:
             for y in b:
                 if x != y:
@@ -907,6 +948,7 @@ class Network:
     def _backlog_expired(self, sock: StreamSocket, listener: StreamSocket) -> None:
         sock.deadline = None
         listener.waiters.discard(sock)
+        sock.waiting_on = None
         self.stalled.discard(sock)
         sock.connect_error = errno.ETIMEDOUT
         sock.wake()
@@ -961,14 +1003,35 @@ class Network:
 
     async def _outside(self, sock: StreamSocket, at: Address, outside: tuple[str, int]) -> None:
         """Connect to ``outside`` on the host, join it to ``sock`` and copy both ways
-        (each way waiting for the other's drain: bounded as any connection)."""
+        (each way waiting for the other's drain: bounded as any connection).
+
+        Closing ``sock`` stops a dial under way and, once the guest's last bytes
+        have gone out, closes the real connection, whatever the outside does:
+        every host descriptor a guest holds belongs to one of its open sockets.
+        """
+        if sock.closed:
+            return  # closed before this task began
+        dial = asyncio.ensure_future(asyncio.open_connection(*outside))
+
+        def stop() -> None:
+            dial.cancel()
+
+        sock.on_close = stop
         try:
-            real_reader, real_writer = await asyncio.open_connection(*outside)
-        except OSError as exc:
+            await asyncio.wait([dial])
+        except asyncio.CancelledError:
+            dial.cancel()
+            raise
+        if dial.cancelled():
+            return  # the guest closed the socket first
+        if (failure := dial.exception()) is not None:
             sock.dialing = False
-            sock.connect_error = sock.error = exc.errno or errno.ECONNREFUSED
+            sock.on_close = None
+            code = failure.errno if isinstance(failure, OSError) else None
+            sock.connect_error = sock.error = code or errno.ECONNREFUSED
             sock.wake()
             return
+        real_reader, real_writer = dial.result()
         if sock.closed:
             real_writer.close()
             return
@@ -988,13 +1051,42 @@ class Network:
         reader = asyncio.StreamReader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         writer = asyncio.StreamWriter(StreamTransport(end, protocol, loop), protocol, reader, loop)
+        gone = asyncio.Event()
+        owner = sock.owner
+        lingering = False
+
+        def hang_up() -> None:
+            nonlocal lingering
+            if not outward.done():
+                lingering = True
+                owner.lingering += 1
+            gone.set()
+
+        sock.on_close = hang_up
+        outward = asyncio.ensure_future(_pipe(reader, real_writer))
+        inward = asyncio.ensure_future(_pipe(real_reader, writer))
+        closed = asyncio.ensure_future(gone.wait())
         try:
-            await asyncio.gather(
-                _pipe(real_reader, writer), _pipe(reader, real_writer), return_exceptions=True
-            )
+            # The guest's bytes up to its end (a shutdown or a close), and the
+            # outside's up to theirs unless the guest closes first; a failure of
+            # the real connection resets the guest's.
+            while not (outward.done() and (inward.done() or closed.done())):
+                waiting = [t for t in (outward, inward, closed) if not t.done()]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if any(t.done() and t.exception() is not None for t in (outward, inward)):
+                    if not sock.closed:
+                        writer.transport.abort()
+                        sock.reset, sock.error = True, errno.ECONNRESET
+                        sock.wake()
+                    break
         finally:
+            for task in (outward, inward, closed):
+                task.cancel()
             for w in (writer, real_writer):
                 w.close()
+            await asyncio.gather(outward, inward, closed, return_exceptions=True)
+            if lingering:
+                owner.lingering -= 1
 
     # -- links -----------------------------------------------------------------------------
     def link(
@@ -1027,7 +1119,7 @@ class Network:
             raise ValueError(f"loss must be a probability from 0 to 1, not {loss!r}")
         if rate is not None and (not _number(rate) or not 0 < rate < math.inf):
             raise ValueError(f"rate must be bytes per second above 0 (or None), not {rate!r}")
-        x, y = self.resolve(a), self.resolve(b)
+        x, y = self._inside(a), self._inside(b)
         if x == y:
             raise ValueError(f"a link joins two different members, not {a!r} and {b!r}")
         if not (delay or jitter or loss or rate is not None):
@@ -1040,13 +1132,13 @@ class Network:
     def unlink(self, a: str, b: str) -> None:
         """Remove the faults between ``a`` and ``b`` (bytes already on the way still
         arrive as they were sent)."""
-        x, y = self.resolve(a), self.resolve(b)
+        x, y = self._inside(a), self._inside(b)
         self._links.pop((x, y), None)
         self._links.pop((y, x), None)
 
     def link_of(self, a: str, b: str) -> Link | None:
         """The faults from ``a`` to ``b`` (their ``dropped`` counts lost datagrams)."""
-        return self._links.get((self.resolve(a), self.resolve(b)))
+        return self._links.get((self._inside(a), self._inside(b)))
 
     def _link(self, a: int, b: int) -> Link | None:
         return self._links.get((a, b)) if a != b else None
@@ -1058,15 +1150,16 @@ class Network:
         if link.loss and rng.random() < link.loss:
             link.dropped += 1
             return
-        if link.queued + len(data) > self.datagram_queue:
+        cost = max(len(data), DATAGRAM_COST)
+        if link.queued + cost > self.datagram_queue:
             link.dropped += 1
             return
         now = self.clock.time()
         due = link.depart(now, len(data)) + link.latency(rng)
-        link.queued += len(data)
+        link.queued += cost
 
         def arrive() -> None:
-            link.queued -= len(data)
+            link.queued -= cost
             dest = self._datagram(*to)
             if dest is not None and not self.is_cut(sender[0], to[0]):
                 dest.deliver(data, sender)

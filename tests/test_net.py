@@ -8,6 +8,7 @@ echo examples in guests/c/.  Needs the ``sdk`` extra (Zig's C compiler).
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import socket
 import subprocess
@@ -560,3 +561,49 @@ async def test_a_guest_waiting_on_a_socket_can_be_snapshotted_and_goes_on() -> N
         assert await asyncio.wait_for(reader.read(), LIMIT) == b"after the snapshot\n"
         writer.close()
         assert (await output(server))[1].ok
+
+
+def full_listener(net: netmod.Network) -> tuple[netmod.Member, netmod.StreamSocket]:
+    """(a client member, a listener of member "server" whose backlog of one is full)."""
+    server, client = net.join("server"), net.join("client")
+    listener = server.socket(netmod.STREAM)
+    assert isinstance(listener, netmod.StreamSocket)
+    listener.bind(0, 80)
+    listener.listen(1)
+    first = client.socket(netmod.STREAM)
+    assert isinstance(first, netmod.StreamSocket)
+    first.connect(server.ip, 80)  # the backlog's one place
+    return client, listener
+
+
+def test_connects_closed_while_waiting_for_a_backlog_leave_nothing_behind() -> None:
+    """A connect waiting for room in a full backlog that is closed takes itself off the
+    listener's waiting list: connecting and closing in a loop grows nothing."""
+    net = netmod.Network()
+    client, listener = full_listener(net)
+    for _ in range(1000):
+        sock = client.socket(netmod.STREAM)
+        assert isinstance(sock, netmod.StreamSocket)
+        with pytest.raises(netmod.WouldBlock):
+            sock.connect(listener.owner.ip, 80)
+        assert len(listener.waiters) == 1
+        sock.close()
+        assert not listener.waiters
+
+
+def test_a_closing_listener_refuses_the_connects_waiting_for_it() -> None:
+    """A non-blocking connect waiting for room in a backlog, whose listener closes, is
+    refused (``POLLERR``, ``SO_ERROR`` ECONNREFUSED), never connected to a backlog that
+    nobody will accept from; the listener's member keeps no socket for it."""
+    net = netmod.Network()
+    client, listener = full_listener(net)
+    sock = client.socket(netmod.STREAM)
+    assert isinstance(sock, netmod.StreamSocket)
+    with pytest.raises(netmod.WouldBlock):
+        sock.connect(listener.owner.ip, 80)
+    sock.connecting = (listener.owner.ip, 80)  # what the device's non-blocking connect sets
+    listener.close()
+    assert sock.connecting is None and sock.peer is None
+    assert sock.error == errno.ECONNREFUSED
+    assert sock.poll() & netmod.POLLERR
+    assert not listener.owner.sockets  # the listener and its unaccepted connection: gone

@@ -238,6 +238,27 @@ def test_link_members_and_network_timeouts_are_validated() -> None:
         net.link("a", "a", delay=1)
     with pytest.raises(OSError, match="no 'nobody' on the network"):
         net.link("a", "nobody", delay=1)
+    outside_the_network = "outside the network"
+    for outside in ("8.8.8.8", "127.0.0.1", "0.0.0.0", "255.255.255.255"):
+        with pytest.raises(OSError, match=outside_the_network) as caught:
+            net.link("a", outside, delay=1)
+        assert caught.value.errno == errno.ENETUNREACH
+        with pytest.raises(OSError, match=outside_the_network):
+            net.unlink(outside, "a")
+        with pytest.raises(OSError, match=outside_the_network):
+            net.link_of("a", outside)
+        with pytest.raises(OSError, match=outside_the_network):
+            net.partition(["a"], [outside])
+    with pytest.raises(TypeError, match="a list of names or addresses, not 'alpha'"):
+        net.partition("alpha", ["a"])
+    with pytest.raises(TypeError, match="not 'a'"):
+        net.partition(["alpha"], "a")  # would cut nothing from "a" itself
+    assert not net.is_cut(net.resolve("a"), netmod.HOST_ADDR)
+    for bad in (0, -1, 1.5, math.nan, True, "4096"):
+        with pytest.raises(ValueError, match="stream_buffer must be a whole number"):
+            netmod.Network(stream_buffer=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="datagram_queue must be a whole number"):
+            netmod.Network(datagram_queue=bad)  # type: ignore[arg-type]
     for bad in (0, -1.0, math.inf, math.nan, "5"):
         with pytest.raises(ValueError, match="stream_timeout must be a number of seconds"):
             netmod.Network(stream_timeout=bad)  # type: ignore[arg-type]
@@ -515,3 +536,31 @@ async def test_a_nonblocking_connect_across_a_partition_goes_on_by_itself(probe:
         )
         assert server.connections == 1
         server.close()
+
+
+def test_empty_datagrams_fill_queues_as_others_do() -> None:
+    """A datagram costs a queue at least ``DATAGRAM_COST`` bytes: a guest sending empty
+    ones without end fills a link's queue and a receiver's, never the host's memory."""
+    net, clock = network(datagram_queue=4096)
+    a, b = net.join("a"), net.join("b")
+    sender, receiver = a.socket(netmod.DGRAM), b.socket(netmod.DGRAM)
+    assert isinstance(sender, netmod.DatagramSocket)
+    assert isinstance(receiver, netmod.DatagramSocket)
+    receiver.bind(0, 53)
+    fits = 4096 // netmod.DATAGRAM_COST
+    net.link("a", "b", delay=100.0)
+    for _ in range(1000):
+        sender.sendto(b"", (b.ip, 53))
+    link = net.link_of("a", "b")
+    assert link is not None and link.dropped == 1000 - fits
+    assert clock.pending() == fits  # one arrival each for those on the way, no more
+    clock.advance(100.0)
+    assert len(receiver.queue) == fits
+    net.unlink("a", "b")
+    for _ in range(1000):
+        sender.sendto(b"", (b.ip, 53))  # the receiver reads none of them
+    assert len(receiver.queue) == fits and receiver.dropped == 1000
+    assert sender.local is not None
+    assert receiver.recvfrom() == (b"", sender.local)
+    sender.sendto(b"", (b.ip, 53))  # one read makes room for one more
+    assert len(receiver.queue) == fits and receiver.dropped == 1000

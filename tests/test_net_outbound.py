@@ -8,7 +8,11 @@ plain sockets on the host's loopback.  Needs the ``sdk`` extra (Zig's C compiler
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -20,8 +24,18 @@ import pytest
 
 from supervisor import GuestConfig, Supervisor
 from supervisor.config import ConfigError
-from supervisor.net import HOST_ADDR, Network, parse_outbound
+from supervisor.net import (
+    HOST_ADDR,
+    POLLERR,
+    STREAM,
+    NetError,
+    Network,
+    StreamSocket,
+    WouldBlock,
+    parse_outbound,
+)
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -171,6 +185,12 @@ def test_outbound_addresses_are_validated() -> None:
         ("example.com:80", "is not an IPv4 address"),
         ("127.0.0.1:0", "is not HOST:PORT"),
         ("127.0.0.1:65536", "is not HOST:PORT"),
+        ("127.0.0.1:\u00b2", "is not HOST:PORT"),  # a digit to str.isdigit, not to int
+        ("127.0.0.1:\u0668\u0660", "is not HOST:PORT"),  # Arabic-Indic 80
+        (":80", "'' is not an IPv4 address"),
+        ("[::1]:80", "is not an IPv4 address"),
+        ("::ffff:127.0.0.1:80", "is not an IPv4 address"),
+        ("127.1:80", "is not an IPv4 address"),
         ("10.0.0.3:80", "not an outside unicast address"),
         ("224.0.0.1:80", "not an outside unicast address"),
         ("0.0.0.0:80", "not an outside unicast address"),
@@ -234,3 +254,205 @@ def test_cli_bad_allow_outbound_is_one_line_and_status_2(command: str, probe: Pa
         assert proc.stderr.startswith("supervisor: error: ")
         assert why in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def real_connections(port: int) -> list[str]:
+    """The TCP states (/proc/net/tcp's hex codes) of this process's sockets connected
+    to the host's port ``port`` (the host's ends of connections to the outside)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    states = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
+            states.append(fields[3])
+    return states
+
+
+async def test_a_socket_closed_while_dialing_leaves_no_host_socket() -> None:
+    """A connect to an allowed address that does not answer holds a host socket while it
+    waits; the guest's close gives it back (else a guest could connect and close in a
+    loop and hold host descriptors without bound)."""
+    with socket.socket() as deaf:
+        deaf.bind(("127.0.0.1", 0))
+        deaf.listen(0)
+        port = deaf.getsockname()[1]
+        fillers = []  # fill its backlog: the host's next connect gets no answer
+        try:
+            for _ in range(4):
+                filler = socket.socket()
+                filler.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    filler.connect(("127.0.0.1", port))
+                fillers.append(filler)
+            await until(lambda: len(real_connections(port)) == len(fillers), LIMIT)
+            net = Network()
+            guest = net.join("g", outbound=[f"127.0.0.1:{port}"])
+            for _ in range(3):
+                sock = guest.socket(STREAM)
+                assert isinstance(sock, StreamSocket)
+                with pytest.raises(WouldBlock):
+                    sock.connect(HOST_ADDR, port)
+                await until(lambda: len(real_connections(port)) == len(fillers) + 1, LIMIT)
+                sock.close()
+                await until(lambda: len(real_connections(port)) == len(fillers), LIMIT)
+            await net.aclose()
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_closing_a_connection_to_the_outside_closes_the_host_socket() -> None:
+    """The guest's bytes before its close reach the outside, then the host's end of the
+    real connection closes even though the outside keeps its own open and says nothing;
+    a shutdown of the guest's sending side only ends what the outside reads."""
+    received: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        received.append(await reader.read())  # up to the end; then silent, and open
+        if received[-1] == b"half":
+            writer.write(b"after your end")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    net = Network()
+    guest = net.join("g", outbound=[f"127.0.0.1:{port}"])
+
+    async def connect() -> StreamSocket:
+        sock = guest.socket(STREAM)
+        assert isinstance(sock, StreamSocket)
+        woken = asyncio.Event()
+        sock.on_change = woken.set
+        while True:
+            try:
+                sock.connect(HOST_ADDR, port)
+                return sock
+            except WouldBlock:
+                await woken.wait()
+                woken.clear()
+
+    try:
+        for _ in range(3):
+            sock = await connect()
+            assert sock.send(b"bye") == 3
+            sock.close()
+            await until(lambda: not real_connections(port), LIMIT)
+        assert received == [b"bye"] * 3
+        sock = await connect()
+        sock.send(b"half")
+        sock.shutdown(1)
+        await until(lambda: bool(sock.rx), LIMIT)
+        assert real_connections(port)  # still open: the outside may still send
+        await until(lambda: sock.rx == bytearray(b"after your end"), LIMIT)
+        sock.close()
+        await until(lambda: not real_connections(port), LIMIT)
+        assert received == [b"bye"] * 3 + [b"half"]
+    finally:
+        await net.aclose()
+        for writer in writers:
+            writer.close()
+        server.close()
+
+
+async def test_a_reset_from_the_outside_resets_the_guests_connection() -> None:
+    """The outside resetting the real connection while the guest waits to read gives
+    the guest ``ECONNRESET``, and the host's end is closed."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        real = writer.get_extra_info("socket")
+        real.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with a zero linger: a reset
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    net = Network()
+    guest = net.join("g", outbound=[f"127.0.0.1:{port}"])
+    sock = guest.socket(STREAM)
+    assert isinstance(sock, StreamSocket)
+    try:
+        with pytest.raises(WouldBlock):
+            sock.connect(HOST_ADDR, port)
+        await until(lambda: not sock.dialing, LIMIT)
+        sock.connect(HOST_ADDR, port)  # made
+        assert sock.send(b"hello") == 5
+        await until(lambda: bool(sock.poll() & POLLERR), LIMIT)
+        with pytest.raises(NetError) as failed:
+            sock.recv(10)
+        assert failed.value.errno == errno.ECONNRESET
+        await until(lambda: not real_connections(port), LIMIT)
+        sock.close()
+    finally:
+        await net.aclose()
+        server.close()
+
+
+async def test_a_restored_snapshot_reaches_only_what_its_restorer_allows() -> None:
+    """A snapshot is data: the outside addresses its saved config allows are not the
+    restored copy's (a crafted snapshot would reach them); the caller names them."""
+    image = HERE.parent / "guests" / "c" / "tcp_echo_server.elf"
+    allowed = ["192.0.2.9:5432"]
+    config = GuestConfig(
+        image=image, name="saved", cmdline="7 1", memory="4M", net=True, allow_outbound=allowed
+    )
+    async with Supervisor() as sup:
+        original = await sup.launch(config)
+        await original.expect("listening on 7", LIMIT)
+        snap = await asyncio.wait_for(original.snapshot(), LIMIT)
+        assert snap is not None
+        copy = await sup.restore(snap, name="copy")
+        assert copy.config.allow_outbound == []
+        again = await sup.restore(snap, name="again", allow_outbound=["192.0.2.7:80"])
+        assert again.config.allow_outbound == ["192.0.2.7:80"]
+        # A cluster's worker restores a moved guest with the fields its config names.
+        cluster = pytest.importorskip("supervisor.cluster")
+        fields = {**cluster.revive_fields(config), "name": "moved"}
+        moved = await sup.restore(snap, **fields)
+        assert moved.config.allow_outbound == allowed
+        for guest in (original, copy, again, moved):
+            await guest.kill("done")
+
+
+async def test_bytes_still_going_out_after_a_close_count_against_max_sockets() -> None:
+    """A closed connection to the outside whose bytes have not all gone out still holds
+    a host socket: it counts against the guest's ``max_sockets`` until they have, so
+    that an outside that never reads cannot make a guest hold host sockets without
+    bound."""
+    received: list[bytes] = []
+    read = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read.wait()  # reads nothing until told
+        received.append(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    net = Network()
+    guest = net.join("g", max_sockets=1, outbound=[f"127.0.0.1:{port}"])
+    try:
+        sock = guest.socket(STREAM)
+        assert isinstance(sock, StreamSocket)
+        with pytest.raises(WouldBlock):
+            sock.connect(HOST_ADDR, port)
+        await until(lambda: not sock.dialing, LIMIT)
+        sock.connect(HOST_ADDR, port)
+        assert sock.send(b"last words") == 10
+        sock.close()
+        with pytest.raises(NetError) as refused:
+            guest.socket(STREAM)  # the closed one's bytes are still on their way
+        assert refused.value.errno == errno.EMFILE
+        read.set()
+        await until(lambda: received == [b"last words"], LIMIT)
+        await until(lambda: guest.lingering == 0, LIMIT)
+        guest.socket(STREAM).close()  # gone out: its place is free again
+    finally:
+        await net.aclose()
+        server.close()
