@@ -576,7 +576,7 @@ def full_listener(net: netmod.Network) -> tuple[netmod.Member, netmod.StreamSock
     return client, listener
 
 
-def test_connects_closed_while_waiting_for_a_backlog_leave_nothing_behind() -> None:
+async def test_connects_closed_while_waiting_for_a_backlog_leave_nothing_behind() -> None:
     """A connect waiting for room in a full backlog that is closed takes itself off the
     listener's waiting list: connecting and closing in a loop grows nothing."""
     net = netmod.Network()
@@ -591,7 +591,7 @@ def test_connects_closed_while_waiting_for_a_backlog_leave_nothing_behind() -> N
         assert not listener.waiters
 
 
-def test_a_closing_listener_refuses_the_connects_waiting_for_it() -> None:
+async def test_a_closing_listener_refuses_the_connects_waiting_for_it() -> None:
     """A non-blocking connect waiting for room in a backlog, whose listener closes, is
     refused (``POLLERR``, ``SO_ERROR`` ECONNREFUSED), never connected to a backlog that
     nobody will accept from; the listener's member keeps no socket for it."""
