@@ -18,8 +18,9 @@ linear map), else its ``kernel_address`` alias; if neither maps it, or the
 guest runs in user mode (where the lookup could fault), the whole translation
 cache is flushed, which is always correct, only slower.  On the native paths
 (``_slicing.NATIVE``, the guest's memory given to the interrupt hook) the register
-reads, the walks and the engine calls are one C call (``_slicing.drop``): a 64 KiB
-Host write costs about as much as one Python page walk did.
+reads, the walks and the engine calls are one C call (``_slicing.drop``), with the
+same aliases and the same fall-back to a flush; the Python walk below is for the
+other CPUs.
 """
 
 from __future__ import annotations
