@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from guestasm import boot, notified
+from guestasm import boot, notified, present
 
 from supervisor import LguestDevice, _slicing, codecache, pagetables
 from supervisor.cpu import LgCpu
@@ -113,3 +113,38 @@ async def test_one_write_is_one_range_and_many_are_merged(dev: LguestDevice) -> 
     cpu.stale_code.extend([(func + 8, func + 12), (func, func + 8), (func + 0x1000, func + 0x1004)])
     codecache.drop_stale(cpu)
     assert not cpu.stale_code
+
+
+@pytest.mark.parametrize("mapped", ["identity", "kernel_address", "KERNEL_ALIAS", "nowhere"])
+async def test_the_c_lookup_finds_the_alias_the_python_one_finds(
+    dev: LguestDevice, mapped: str
+) -> None:
+    """With the written page mapped at its physical address, at the guest's
+    kernel_address, at KERNEL_ALIAS or nowhere, _slicing.drop drops it (True) exactly
+    when codecache's Python lookup finds an alias, and else asks for a flush (False)."""
+    if not _slicing.NATIVE:
+        pytest.skip("no native slicing here")
+    from unicorn import x86_const as r
+
+    g = await boot(dev, PATCHED)
+    assert await notified(g) == 1
+    cpu = g.file.cpu(0)
+    lg = cpu.lg
+    func = g.guest.symbols["func"]
+    assert func < 1 << 22  # (in the first 4 MiB, which one directory entry maps)
+    pgdir = cpu.reg(r.UC_X86_REG_CR3) & ~0xFFF
+    low = present(lg.read_u32(pgdir))
+    if mapped == "kernel_address":
+        lg.kernel_address = 0x80000000
+        assert lg.write_u32(pgdir + 4 * (lg.kernel_address >> 22), low)
+    if mapped == "KERNEL_ALIAS":
+        assert lg.write_u32(pgdir + 4 * (codecache.KERNEL_ALIAS >> 22), low)
+    else:
+        assert lg.write_u32(pgdir + 4 * (codecache.KERNEL_ALIAS >> 22), 0)
+    if mapped != "identity":
+        assert lg.write_u32(pgdir, 0)
+    cpu.flush_tlb()
+    cpu.stale_code.clear()
+    found = codecache._mapped_at(cpu, func, cpu.control())
+    assert (found is not None) == (mapped != "nowhere")
+    assert _slicing.drop(cpu.fuel, [(func, func + 6)], lg.kernel_address) is (found is not None)
