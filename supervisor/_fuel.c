@@ -884,6 +884,63 @@ static PyObject *deliver(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return delivered(pa, 4 * n, frame_dropped, written, dropped);
 }
 
+/* drop(address, ranges, kernel_address) -> None, True or False: codecache.drop_stale's
+   walk and engine calls in one call.  `ranges`: a list of guest-physical (start, end),
+   merged as codecache._merged does.  Each is dropped at the first of its physical
+   address, `kernel_address` + it and KERNEL_ALIAS + it that the guest maps back to its
+   start.  True: all were dropped; False: the guest is in user mode or a range has no
+   such alias, so the caller must flush the whole cache (ranges before it may already
+   be dropped, which is harmless); None: no guest memory or engine here (the caller
+   walks in Python), nothing done. */
+static PyObject *drop(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3 || !PyList_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "drop() takes an address, a list and an int");
+        return NULL;
+    }
+    fuel_t *fuel = fuel_arg(args[0]);
+    if (fuel == NULL)
+        return NULL;
+    unsigned long long kernel = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (uc_ctl_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
+        return NULL;
+    }
+    void *uc = fuel->uc;
+    uint32_t cs, control[3];
+    if (fuel->ram == NULL || uc == NULL || !reg32(uc, cs_id, &cs) ||
+        !reg32(uc, cr0_id, &control[0]) || !reg32(uc, cr3_id, &control[1]) ||
+        !reg32(uc, cr4_id, &control[2]))
+        Py_RETURN_NONE;
+    if ((cs & 3) == 3)
+        Py_RETURN_FALSE; /* user mode: the lookup could fault */
+    PyObject *ranges = args[1];
+    uint64_t aliases[3] = {0, kernel, KERNEL_ALIAS};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ranges); i++) {
+        unsigned long long start, end;
+        PyObject *item = PyList_GET_ITEM(ranges, i);
+        if (!PyArg_ParseTuple(item, "KK", &start, &end))
+            return NULL;
+        int dropped = 0;
+        for (int a = 0; a < 3 && !dropped; a++) {
+            uint64_t va = start + aliases[a];
+            uint32_t back;
+            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back) &&
+                back == start) {
+                if (!remove_cache(uc, va, va + (end - start)))
+                    Py_RETURN_FALSE;
+                dropped = 1;
+            }
+        }
+        if (!dropped)
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyObject *kick(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -930,6 +987,9 @@ static PyMethodDef fuel_methods[] = {
     {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
      "deliver(address, lo, hi, error_code, irq_enabled, kernel_address) -> None or "
      "(frame_pa, frame_size, frame_dropped, data_written, data_dropped) (see _fuel.c)."},
+    {"drop", (PyCFunction)(void (*)(void))drop, METH_FASTCALL,
+     "drop(address, ranges, kernel_address) -> None, True or False: drop this CPU's "
+     "translations of guest-physical ranges (see _fuel.c)."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
      "run(address, until, ring, next_hcall) -> (uc_err or -1: no time left, vector, hcall) "
      "(see _fuel.c)."},

@@ -318,6 +318,19 @@ def deliver(
     return result
 
 
+def drop(fuel: Fuel, ranges: list[tuple[int, int]], kernel_address: int) -> bool | None:
+    """Native paths, CPUs with their memory given to :func:`trap_interrupts`: drop this
+    CPU's translations of the guest-physical ``ranges`` (merged, as ``codecache`` does)
+    in one C call, each at the first alias the guest maps back to it (its physical
+    address, ``kernel_address`` + it, ``codecache.KERNEL_ALIAS`` + it).  True: done;
+    False: user mode, or a range without such an alias (the caller flushes the whole
+    cache); None: nothing done (no memory given, or not native).  The CPU must be awake."""
+    if not NATIVE:
+        return None
+    done: bool | None = _fuel.drop(fuel.address, ranges, kernel_address)
+    return done
+
+
 def kick(fuel: Fuel) -> None:
     """End the CPU's running slice at its next block boundary (any thread)."""
     if fuel.exit_request:

@@ -16,7 +16,11 @@ Unicorn's range invalidation takes a guest-*virtual* address; the range's
 physical address is used when the guest maps it there (the Launcher's low
 linear map), else its ``kernel_address`` alias; if neither maps it, or the
 guest runs in user mode (where the lookup could fault), the whole translation
-cache is flushed, which is always correct, only slower.
+cache is flushed, which is always correct, only slower.  On the native paths
+(``_slicing.NATIVE``, the guest's memory given to the interrupt hook) the register
+reads, the walks and the engine calls are one C call (``_slicing.drop``), with the
+same aliases and the same fall-back to a flush; the Python walk below is for the
+other CPUs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections import deque
 
 from unicorn import x86_const as r
 
-from . import _unicorn
+from . import _slicing, _unicorn
 from .cpu import LgCpu
 from .pagetables import guest_pa
 
@@ -44,10 +48,19 @@ def drop_stale(cpu: LgCpu) -> None:
     if cpu.hibernated:  # no Unicorn instance: the next one starts with no translations
         stale.clear()
         return
+    cpu.check_thread()
+    ranges = _merged(stale)
+    # The same lookups and engine calls in C, if this CPU can (else None).
+    done = _slicing.drop(cpu.fuel, ranges, cpu.lg.kernel_address)
+    if done:
+        return
     uc = cpu.emulator
+    if done is not None:  # user mode, or a range not mapped where it is looked for
+        uc.ctl_flush_tb()
+        return
     user_mode = cpu.reg(r.UC_X86_REG_CS) & 3 == 3
     control = cpu.control()
-    for start, end in _merged(stale):
+    for start, end in ranges:
         where = None if user_mode else _mapped_at(cpu, start, control)
         if where is None:
             uc.ctl_flush_tb()
@@ -62,7 +75,10 @@ def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
     taken as mapped like its neighbour unless a single write already spanned both."""
     # One popleft at a time (each atomic): a range another thread appends meanwhile is
     # either taken here or left for the next call, never cleared unseen.
-    ranges = sorted(stale.popleft() for _ in range(len(stale)))
+    n = len(stale)
+    if n == 1:  # the common case: one Host write since the CPU last ran
+        return [stale.popleft()]
+    ranges = sorted([stale.popleft() for _ in range(n)])
     merged: list[tuple[int, int]] = []
     for start, end in ranges:
         if merged and start <= merged[-1][1] and start >> 12 == (merged[-1][1] - 1) >> 12:
