@@ -47,6 +47,7 @@
 #define REASON_NONE 0
 #define REASON_STOP 1
 #define REASON_BUDGET 2
+#define REASON_IRQ 3    /* an interrupt was raised: deliver it and go on (not a kick) */
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
 #define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
@@ -144,7 +145,7 @@ static unsigned long long resent;   /* stops it sent again */
 /* Lock held; fuel running. */
 static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
 {
-    if (fuel->reason == REASON_NONE || reason == REASON_STOP)
+    if (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ || reason == REASON_STOP)
         fuel->reason = reason;
     fuel->sent = 1;
     fuel->sent_at = now;
@@ -901,6 +902,30 @@ static PyObject *kick(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* interrupt(address) -> bool: an interrupt was raised for the fuel's CPU.  If a run is
+   in progress on the exit-request path and nothing else stops it yet, stop it at its
+   next block boundary with REASON_IRQ, so that its slice delivers the interrupt and goes
+   on (True).  Otherwise nothing is sent (False): the caller wakes the CPU as for any
+   other news. */
+static PyObject *interrupt(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    int sent = 0;
+    pthread_mutex_lock(&lock);
+    if (fuel->running && fuel->exit_request && !fuel->stop &&
+        (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ)) {
+        send_stop(fuel, REASON_IRQ, now_ns());
+        if (fuel->sent_at + RESEND_NS < wake_at)
+            pthread_cond_signal(&wake); /* to send it again in case it came too early */
+        sent = 1;
+    }
+    pthread_mutex_unlock(&lock);
+    return PyBool_FromLong(sent);
+}
+
 #ifdef HAVE_RDTSC
 /* rdtsc() -> int: the host's time stamp counter, which Unicorn's guest rdtsc reads too */
 static PyObject *read_tsc(PyObject *self, PyObject *unused)
@@ -923,6 +948,8 @@ static PyObject *slicer_stats(PyObject *self, PyObject *unused)
 
 static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
+    {"interrupt", interrupt, METH_O,
+     "interrupt(address) -> bool: stop a run in progress for an interrupt (REASON_IRQ)."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
      "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4)): the Unicorn calls and "
@@ -982,6 +1009,7 @@ static const struct {
     {"_slicing.REASON_NONE", REASON_NONE},
     {"_slicing.REASON_STOP", REASON_STOP},
     {"_slicing.REASON_BUDGET", REASON_BUDGET},
+    {"_slicing.REASON_IRQ", REASON_IRQ},
 };
 
 /* Every field of fuel_t, in order: supervisor/_slicing.py holds its ctypes mirror to

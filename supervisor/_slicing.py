@@ -79,6 +79,7 @@ rdtsc: Callable[[], int] | None = getattr(_fuel, "rdtsc", None)
 REASON_NONE = 0
 REASON_STOP = 1
 REASON_BUDGET = 2
+REASON_IRQ = 3  # an interrupt was raised (interrupt()): the slice delivers it and goes on
 HLT = 0xF4
 
 
@@ -341,6 +342,14 @@ def slicer_stats() -> SlicerStats | None:
     if _fuel is None:
         return None
     return SlicerStats(*(int(n) for n in _fuel.slicer_stats()))
+
+
+def interrupt(fuel: Fuel) -> bool:
+    """An interrupt was raised for the CPU (any thread): if a run of it is in progress on
+    the exit-request path, stop that run at its next block boundary with
+    ``REASON_IRQ``, so that its slice delivers the interrupt and goes on, and return
+    True; otherwise change nothing and return False (the caller wakes the CPU)."""
+    return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address))
 
 
 # What run() returns: the fallback's instruction count (0 on the native paths), and the

@@ -79,6 +79,8 @@ class CpuStats:
     blocks: int = 0
     slices: int = 0  # slices run (on the executor or, short ones, on the event loop)
     continued: int = 0  # of those, slices after which the run went on without the loop (AGAIN)
+    breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
+    irqs_in_slice: int = 0  # runs stopped for a raised interrupt, whose slice then went on
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
@@ -232,6 +234,11 @@ class RunControl:
     # two); while a slice runs it only asks the run to end after that slice.
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
+    on_break: asyncio.Future[None] | None = host_only(default=None)
+    # An executor run a break left going on with no read in flight (its asyncio future):
+    # the next read takes it over instead of starting one (run._run_slice).
+    detached: asyncio.Future[Any] | None = host_only(default=None)
     yielded_at: float = host_only(default=0.0)  # its inline slices last let the loop run
 
 
@@ -372,10 +379,13 @@ class LgCpu:
         self.run.wakeup.set()
 
     def raise_irq(self, irq: int) -> None:
-        """Mark ``irq`` pending and wake the CPU so it is seen promptly."""
+        """Mark ``irq`` pending and have it seen promptly: a run in progress on a worker
+        (exit-request path) stops at its next block boundary, delivers it and goes on
+        without the run loop (``_slicing.interrupt``); anything else is woken."""
         with self._irq_lock:
             self.irqs_pending |= 1 << irq
-        self.wake()
+        if not _slicing.interrupt(self.fuel):
+            self.wake()
 
     def take_irq(self, irq: int) -> None:
         """Clear a pending irq once it has been delivered (the slice's thread)."""

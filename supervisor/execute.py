@@ -121,6 +121,7 @@ class SliceExit(ExitValue):
     DEBUG_STOP: ClassVar[SliceExit]  # a breakpoint or single step (cpu.trap.debug says which)
     BUDGET: ClassVar[SliceExit]  # the slice's blocks or time are spent
     KICK: ClassVar[SliceExit]  # another task asked for the CPU (break, irq, hold, close)
+    INTERRUPT: ClassVar[SliceExit]  # an interrupt was raised: deliver it, go on (one run)
     DEATH: ClassVar[SliceExit]  # the guest is dead
 
 
@@ -148,6 +149,8 @@ def classify(
         return SliceExit.DEBUG_STOP
     if fuel_reason == _slicing.REASON_STOP:
         return SliceExit.KICK
+    if fuel_reason == _slicing.REASON_IRQ:
+        return SliceExit.INTERRUPT
     if fuel_reason == _slicing.REASON_BUDGET:
         return SliceExit.BUDGET
     return SliceExit.HALT
@@ -332,6 +335,10 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
                     # holds the CPU (it owns the hold), so the slice ends here.
                     exit = SliceExit.DEBUG_STOP
                     break
+                case SliceExit.INTERRUPT:
+                    # (Raised while it ran, LgCpu.raise_irq: delivered at the top, in this
+                    # slice, with no trip through the run loop.)
+                    cpu.stats.irqs_in_slice += 1
                 case _:
                     pass  # handled by _enter_guest, or seen by the checks (fuel, death)
     except Exception as exc:  # a Host bug must kill only this guest

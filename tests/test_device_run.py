@@ -2,14 +2,15 @@
 
 import asyncio
 import errno
+import functools
 import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
-from guestasm import COUNT_TO, SPIN, boot, present, until
+from guestasm import COUNT_TO, SPIN, Booted, boot, present, until
 from unicorn import Uc
 
-from supervisor import LguestDevice, abi
+from supervisor import LguestDevice, _slicing, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 
 
@@ -59,6 +60,137 @@ async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev: Lgue
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
+
+
+def _differs(g: Booted, name: str, before: int) -> Callable[[], bool]:
+    return lambda: g.u32(name) != before
+
+
+def _handled(g: Booted, n: int) -> bool:
+    return g.u32("handled") == n
+
+
+def _slices_past(g: Booted, n: int) -> bool:
+    return present(g.file.stats).slices > n
+
+
+async def _on_a_worker(g: Booted) -> asyncio.Task[bytes]:
+    """A read of a spinning guest, once its CPU computes in an executor run."""
+    cpu = g.file.cpu(0)
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: cpu.running and cpu.threads.slice is not None)
+    return reader
+
+
+async def test_a_break_ends_the_read_while_the_executor_run_goes_on(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A break on a CPU computing on a worker ends the read at once (EAGAIN) without
+    # stopping the guest: no slice ends for it, and the next read takes the run over.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, SPIN)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    run = cpu.run.queued_slice
+    slices = present(g.file.stats).slices
+    waker = g.file.waker()
+    for n in range(1, 11):
+        breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
+        await expect(errno.EAGAIN, reader)
+        before = g.u32("counter")
+        await until(_differs(g, "counter", before))  # it computes, no read in flight
+        assert await g.file.write(pack_words(LHREQ_BREAK, 0)) == 0
+        assert await breaker == 0
+        reader = asyncio.create_task(g.file.read(8))
+        await asyncio.sleep(0)
+        assert cpu.run.queued_slice is run
+        assert present(g.file.stats).breaks_running == n
+    assert present(g.file.stats).slices == slices
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert present(g.file.stats).slices == slices + 1  # the cancel stopped the one slice
+
+
+@pytest.mark.parametrize("then", ["pause", "close", "irq"])
+async def test_a_run_a_break_left_going_on_stops_when_the_cpu_is_needed(
+    dev: LguestDevice, then: str
+) -> None:
+    g = await boot(dev, SPIN)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    assert cpu.running  # still computing
+    if then == "pause":
+        await g.file.pause()
+        assert g.file.paused() and not cpu.running
+        assert g.file.state().cpus  # stopped: its state can be taken
+        g.file.resume()
+    elif then == "irq":
+        await g.file.write(pack_words(LHREQ_IRQ, 3))
+        if _slicing.EXIT_REQUEST:  # the run sees it (the guest takes none) and goes on
+            await until(lambda: present(g.file.stats).irqs_in_slice == 1)
+            assert cpu.running
+        else:  # woken: the run ends for the run loop
+            await until(lambda: not cpu.running)
+    else:
+        await g.file.close()
+        assert not cpu.running
+        await expect(errno.EBADF, breaker)
+        return
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await breaker
+    before = g.u32("counter")
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: g.u32("counter") != before)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+HANDLES = r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $512, lguest_data
+    HCALL 17, 1
+1:  incl counter
+    jmp 1b
+handler:
+    incl handled
+    movl $512, lguest_data
+    iret
+.data
+counter: .long 0
+handled: .long 0
+"""
+
+
+async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LHREQ_IRQ into a slice computing on a worker: the run stops at a block boundary,
+    # the slice delivers the interrupt on its worker and goes on; no slice ends for it.
+    from supervisor import execute
+
+    if not _slicing.EXIT_REQUEST:
+        pytest.skip("the exit-request path only (the others wake the CPU)")
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    stats = present(g.file.stats)
+    slices, interrupts = stats.slices, stats.interrupts
+    for n in range(1, 11):
+        assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+        await until(functools.partial(_handled, g, n))
+        assert stats.irqs_in_slice == n
+    assert (stats.slices, stats.interrupts) == (slices, interrupts + 10)
+    assert not reader.done() and cpu.running
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
 
 
 async def test_break_before_any_read_is_not_lost(dev: LguestDevice) -> None:
@@ -414,16 +546,13 @@ async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them
         assert await chatty.file.read(8) == pack_words(5)
     assert lefts[-10:] == [execute._LONG_INLINE_NS] * 10
     busy = await boot(dev, SPIN)
-    for _ in range(2):  # the first resume runs out its long slice; the second is short
-        reader = asyncio.create_task(busy.file.read(8))
-        await until(lambda: present(busy.file.stats).slices > 3)
-        waker = busy.file.waker()
-        breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
-        await expect(errno.EAGAIN, reader)
-        lefts.clear()
-        assert await busy.file.write(pack_words(LHREQ_BREAK, 0)) == 0
-        await breaker
     reader = asyncio.create_task(busy.file.read(8))
+    for _ in range(2):  # the first resume runs out its long slice; the second is short
+        slices = present(busy.file.stats).slices
+        await until(functools.partial(_slices_past, busy, slices + 3))
+        await busy.file.pause()  # (a wake: the next slice runs on the loop)
+        lefts.clear()
+        busy.file.resume()
     await until(lambda: bool(lefts))
     assert lefts[0] == execute._INLINE_NS
     reader.cancel()
