@@ -118,7 +118,7 @@ class Fuel(ctypes.Structure):
         ("vector", ctypes.c_int32),
         ("hcall", ctypes.c_uint32 * 4),
         ("hcall_read", ctypes.c_int32),
-        ("pad", ctypes.c_int32),
+        ("irq", ctypes.c_int32),  # an irq waits: the next run stops at once (interrupt())
         # The hypercalls the native hook completes itself, and the CPU-local state they
         # change: its only copy (LgCpu.idt, .stack and .ts are views of these fields).
         ("native_mask", ctypes.c_uint64),
@@ -344,12 +344,13 @@ def slicer_stats() -> SlicerStats | None:
     return SlicerStats(*(int(n) for n in _fuel.slicer_stats()))
 
 
-def interrupt(fuel: Fuel) -> bool:
-    """An interrupt was raised for the CPU (any thread): if a run of it is in progress on
-    the exit-request path, stop that run at its next block boundary with
-    ``REASON_IRQ``, so that its slice delivers the interrupt and goes on, and return
-    True; otherwise change nothing and return False (the caller wakes the CPU)."""
-    return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address))
+def interrupt(fuel: Fuel, in_slice: bool) -> bool:
+    """An interrupt was raised for the CPU (the event loop): on the exit-request path,
+    stop the CPU's run in progress at its next block boundary with ``REASON_IRQ``, or,
+    if the CPU is between two runs of a slice (``in_slice``), its next run at once, so
+    that the slice delivers the interrupt and goes on; True.  Otherwise change nothing
+    and return False (the caller wakes the CPU)."""
+    return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice))
 
 
 # What run() returns: the fallback's instruction count (0 on the native paths), and the

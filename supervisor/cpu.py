@@ -379,12 +379,13 @@ class LgCpu:
         self.run.wakeup.set()
 
     def raise_irq(self, irq: int) -> None:
-        """Mark ``irq`` pending and have it seen promptly: a run in progress on a worker
-        (exit-request path) stops at its next block boundary, delivers it and goes on
-        without the run loop (``_slicing.interrupt``); anything else is woken."""
+        """Mark ``irq`` pending and have it seen promptly: a slice in progress on a worker
+        (exit-request path) stops its run at the next block boundary, delivers it and
+        goes on without the run loop (``_slicing.interrupt``); anything else is woken.
+        (The event loop calls this, so no inline slice is in progress meanwhile.)"""
         with self._irq_lock:
             self.irqs_pending |= 1 << irq
-        if not _slicing.interrupt(self.fuel):
+        if not _slicing.interrupt(self.fuel, self.threads.slice is not None):
             self.wake()
 
     def take_irq(self, irq: int) -> None:

@@ -193,6 +193,26 @@ async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
     await asyncio.gather(reader, return_exceptions=True)
 
 
+async def test_an_irq_raised_between_two_runs_of_a_slice_stops_the_next_at_once(
+    dev: LguestDevice,
+) -> None:
+    # Between two runs of a slice nothing is running to stop: the next run stops before
+    # its first block, and the slice delivers the interrupt and goes on.
+    if not _slicing.EXIT_REQUEST:
+        pytest.skip("the exit-request path only (the others wake the CPU)")
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    fuel = g.file.cpu(0).fuel
+    assert not _slicing.interrupt(fuel, False)  # no run, no slice: the caller wakes it
+    assert _slicing.interrupt(fuel, True)
+    assert fuel.irq == 1
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: present(g.file.stats).irqs_in_slice == 1)
+    assert fuel.irq == 0
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
 async def test_break_before_any_read_is_not_lost(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
