@@ -345,11 +345,13 @@ def slicer_stats() -> SlicerStats | None:
 
 
 def interrupt(fuel: Fuel, in_slice: bool) -> bool:
-    """An interrupt was raised for the CPU (the event loop): on the exit-request path,
-    stop the CPU's run in progress at its next block boundary with ``REASON_IRQ``, or,
-    if the CPU is between two runs of a slice (``in_slice``), its next run at once, so
-    that the slice delivers the interrupt and goes on; True.  Otherwise change nothing
-    and return False (the caller wakes the CPU)."""
+    """An interrupt was raised for the CPU, or the Host wrote its memory (any thread).
+
+    On the exit-request path, stop the CPU's run in progress at its next block boundary
+    with ``REASON_IRQ``, or, if the CPU is between two runs of a slice (``in_slice``),
+    its next run at once, so that the slice handles the news (delivers the interrupt,
+    drops stale code) and goes on; True.  Otherwise change nothing and return False
+    (the caller wakes or kicks the CPU)."""
     return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice))
 
 

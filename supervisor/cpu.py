@@ -80,7 +80,8 @@ class CpuStats:
     slices: int = 0  # slices run (on the executor or, short ones, on the event loop)
     continued: int = 0  # of those, slices after which the run went on without the loop (AGAIN)
     breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
-    irqs_in_slice: int = 0  # runs stopped for a raised interrupt, whose slice then went on
+    # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
+    irqs_in_slice: int = 0
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
@@ -392,6 +393,17 @@ class LgCpu:
         """Clear a pending irq once it has been delivered (the slice's thread)."""
         with self._irq_lock:
             self.irqs_pending &= ~(1 << irq)
+
+    # -- any thread -------------------------------------------------------------
+    def heed_write(self) -> None:
+        """The Host wrote guest memory (noted in ``stale_code``): stale code must not run.
+
+        A slice in progress (exit-request path) stops its run at the next block boundary,
+        drops the stale translations and goes on, as for an interrupt
+        (``_slicing.interrupt``); anything else is kicked, and drops them before it
+        enters the guest again."""
+        if not _slicing.interrupt(self.fuel, self.threads.slice is not None):
+            self.kick()
 
     @property
     def running(self) -> bool:

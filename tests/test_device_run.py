@@ -213,6 +213,43 @@ async def test_an_irq_raised_between_two_runs_of_a_slice_stops_the_next_at_once(
     await asyncio.gather(reader, return_exceptions=True)
 
 
+PATCHED = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 1
+1:  call patch
+    incl counter
+    jmp 1b
+patch:
+    movl $1, value
+    ret
+.data
+value: .long 0
+counter: .long 0
+"""
+
+
+async def test_code_the_launcher_rewrites_under_a_run_a_break_left_going_on_is_not_stale(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Launcher rewrites an instruction the running guest executes over and over:
+    # the run stops at its next block, drops the stale translation and goes on.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, PATCHED)
+    assert await g.file.read(8) == pack_words(1)
+    reader = await _on_a_worker(g)
+    await until(lambda: g.u32("value") == 1)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    g.memory.write(g.guest.symbols["patch"] + 6, (2).to_bytes(4, "little"))  # movl $2
+    await until(lambda: g.u32("value") == 2)
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await breaker
+    await g.file.close()
+
+
 async def test_break_before_any_read_is_not_lost(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
