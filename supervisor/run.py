@@ -333,9 +333,19 @@ def _detach(cpu: LgCpu, future: asyncio.Future[Any]) -> None:
     cpu.run.detached = future
     cpu.stats.breaks_running += 1
 
-    def ended(_: object) -> None:
-        if cpu.run.detached is future:
-            cpu.run.idle.set()  # (the read that takes it over finishes the rest)
+    def ended(done: asyncio.Future[Any]) -> None:
+        """It ended before a read took it over: the next read starts a run, as after any
+        run's end (a debugger's stop held, the next slice on the loop unless it ended by
+        its time; an error cannot come: run_slice turns one into the guest's death)."""
+        if cpu.run.detached is not done:
+            return
+        cpu.run.detached = None
+        cpu.run.queued_slice = None
+        if not done.cancelled() and done.exception() is None:
+            exit: SliceExit = done.result()
+            _debug_stop(cpu, exit)
+            cpu.run.inline = exit is not SliceExit.BUDGET
+        cpu.run.idle.set()
 
     future.add_done_callback(ended)
 
