@@ -320,6 +320,8 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
                 delivered = True
                 if budget is not None:
                     _lengthen_for_handler(cpu, fuel.blocks - blocks_before)
+                elif fuel.mark:
+                    keep_time_for_handler(fuel)
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early
@@ -379,6 +381,17 @@ def _lengthen_for_handler(cpu: LgCpu, spent: int) -> None:
     longer = LONG_INLINE_BUDGET - spent
     allowed = cpu.limits.blocks_left(fuel.blocks)
     fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
+
+
+def keep_time_for_handler(fuel: _slicing.Fuel) -> None:
+    """An interrupt delivered in the middle of an executor slice (raised while it ran):
+    its handler gets at least LONG_INLINE_TIME of CPU time in this slice, as it would
+    on the event loop, rather than wait for the slice's next turn in a crowded pool.
+    The slice's account (``fuel.left`` since ``fuel.mark``, as ``_slicing.run`` keeps
+    it) is brought up to now first."""
+    now = time.thread_time_ns()
+    fuel.left = max(fuel.left - (now - fuel.mark), _LONG_INLINE_NS)
+    fuel.mark = now
 
 
 def _enter_guest(cpu: LgCpu) -> SliceExit:
