@@ -47,6 +47,7 @@
 #define REASON_NONE 0
 #define REASON_STOP 1
 #define REASON_BUDGET 2
+#define REASON_IRQ 3    /* an interrupt was raised: deliver it and go on (not a kick) */
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
 #define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
@@ -85,7 +86,7 @@ typedef struct fuel {
     int32_t vector;             /* the trap that ended the run, -1: none (run() resets it) */
     uint32_t hcall[4];          /* eax, edx, ebx, ecx of that trap, if hcall_read */
     int32_t hcall_read;
-    int32_t pad;
+    int32_t irq;                /* interrupt(): an irq waits; the next do_enter() stops the run */
     /* The hypercalls intr_hook completes itself (native_hcall), and the CPU-local state
        they change.  This is the state's only copy: Python reads and writes it here too
        (LgCpu.idt, .stack and .ts are views of these fields, supervisor/cpu.py). */
@@ -144,7 +145,7 @@ static unsigned long long resent;   /* stops it sent again */
 /* Lock held; fuel running. */
 static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
 {
-    if (fuel->reason == REASON_NONE || reason == REASON_STOP)
+    if (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ || reason == REASON_STOP)
         fuel->reason = reason;
     fuel->sent = 1;
     fuel->sent_at = now;
@@ -334,6 +335,9 @@ static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_n
         recent = 1;
     if (fuel->stop)
         send_stop(fuel, REASON_STOP, now_ns());
+    else if (fuel->irq)
+        send_stop(fuel, REASON_IRQ, now_ns());
+    fuel->irq = 0;
     if ((fuel->sent ? fuel->sent_at + RESEND_NS : fuel->deadline) < wake_at)
         pthread_cond_signal(&wake);
     pthread_mutex_unlock(&lock);
@@ -958,6 +962,43 @@ static PyObject *kick(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* interrupt(address, in_slice) -> bool: an interrupt was raised for the fuel's CPU.  If a
+   run is in progress on the exit-request path and nothing else stops it yet, stop it at
+   its next block boundary with REASON_IRQ, so that its slice delivers the interrupt and
+   goes on.  If the CPU is between two runs of a slice (`in_slice`), its next run stops so
+   at once (`irq`; the slice delivers a pending interrupt before every run anyway).  True
+   in both cases; otherwise nothing is sent (False): the caller wakes the CPU as for any
+   other news. */
+static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "interrupt() takes 2 arguments (address, in_slice)");
+        return NULL;
+    }
+    fuel_t *fuel = fuel_arg(args[0]);
+    if (fuel == NULL)
+        return NULL;
+    int in_slice = PyObject_IsTrue(args[1]);
+    if (in_slice < 0)
+        return NULL;
+    int sent = 0;
+    pthread_mutex_lock(&lock);
+    if (fuel->exit_request && !fuel->stop) {
+        if (fuel->running && (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ)) {
+            send_stop(fuel, REASON_IRQ, now_ns());
+            if (fuel->sent_at + RESEND_NS < wake_at)
+                pthread_cond_signal(&wake); /* to send it again in case it came too early */
+            sent = 1;
+        } else if (!fuel->running && in_slice) {
+            fuel->irq = 1;
+            sent = 1;
+        }
+    }
+    pthread_mutex_unlock(&lock);
+    return PyBool_FromLong(sent);
+}
+
 #ifdef HAVE_RDTSC
 /* rdtsc() -> int: the host's time stamp counter, which Unicorn's guest rdtsc reads too */
 static PyObject *read_tsc(PyObject *self, PyObject *unused)
@@ -980,6 +1021,8 @@ static PyObject *slicer_stats(PyObject *self, PyObject *unused)
 
 static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
+    {"interrupt", (PyCFunction)(void (*)(void))interrupt, METH_FASTCALL,
+     "interrupt(address, in_slice) -> bool: stop a run for an interrupt (REASON_IRQ)."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
      "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4)): the Unicorn calls and "
@@ -1042,6 +1085,7 @@ static const struct {
     {"_slicing.REASON_NONE", REASON_NONE},
     {"_slicing.REASON_STOP", REASON_STOP},
     {"_slicing.REASON_BUDGET", REASON_BUDGET},
+    {"_slicing.REASON_IRQ", REASON_IRQ},
 };
 
 /* Every field of fuel_t, in order: supervisor/_slicing.py holds its ctypes mirror to
@@ -1057,7 +1101,7 @@ static const struct {
     FIELD(sent_at), FIELD(next), FIELD(prev), FIELD(cpu_clock), FIELD(exit_request),
     FIELD(cpu_start), FIELD(span), FIELD(latest), FIELD(left), FIELD(mark), FIELD(ring),
     FIELD(local), FIELD(local_mask), FIELD(next_hcall), FIELD(vector), FIELD(hcall),
-    FIELD(hcall_read), FIELD(pad), FIELD(native_mask), FIELD(native_done), FIELD(idt),
+    FIELD(hcall_read), FIELD(irq), FIELD(native_mask), FIELD(native_done), FIELD(idt),
     FIELD(stack), FIELD(ts), FIELD(ram), FIELD(pfn_limit), FIELD(pad2),
 };
 #undef FIELD

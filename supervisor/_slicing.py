@@ -79,6 +79,7 @@ rdtsc: Callable[[], int] | None = getattr(_fuel, "rdtsc", None)
 REASON_NONE = 0
 REASON_STOP = 1
 REASON_BUDGET = 2
+REASON_IRQ = 3  # an interrupt was raised (interrupt()): the slice delivers it and goes on
 HLT = 0xF4
 
 
@@ -117,7 +118,7 @@ class Fuel(ctypes.Structure):
         ("vector", ctypes.c_int32),
         ("hcall", ctypes.c_uint32 * 4),
         ("hcall_read", ctypes.c_int32),
-        ("pad", ctypes.c_int32),
+        ("irq", ctypes.c_int32),  # an irq waits: the next run stops at once (interrupt())
         # The hypercalls the native hook completes itself, and the CPU-local state they
         # change: its only copy (LgCpu.idt, .stack and .ts are views of these fields).
         ("native_mask", ctypes.c_uint64),
@@ -354,6 +355,17 @@ def slicer_stats() -> SlicerStats | None:
     if _fuel is None:
         return None
     return SlicerStats(*(int(n) for n in _fuel.slicer_stats()))
+
+
+def interrupt(fuel: Fuel, in_slice: bool) -> bool:
+    """An interrupt was raised for the CPU, or the Host wrote its memory (any thread).
+
+    On the exit-request path, stop the CPU's run in progress at its next block boundary
+    with ``REASON_IRQ``, or, if the CPU is between two runs of a slice (``in_slice``),
+    its next run at once, so that the slice handles the news (delivers the interrupt,
+    drops stale code) and goes on; True.  Otherwise change nothing and return False
+    (the caller wakes or kicks the CPU)."""
+    return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice))
 
 
 # What run() returns: the fallback's instruction count (0 on the native paths), and the

@@ -4,8 +4,8 @@ Unicorn (QEMU's TCG) notices when the *guest* writes over code it has
 translated, but not when the Host or the Launcher does (a block read, console
 input, a user device, a restore): the guest's memory is also the Launcher's,
 and their writes bypass the emulated MMU.  So every such write is recorded
-here (:func:`note`, any thread: it only appends and kicks), and the CPU's own
-thread drops the translations of the recorded ranges (:func:`drop_stale`)
+here (:func:`note`, any thread: it only appends and stops the CPU's run), and the
+CPU's own thread drops the translations of the recorded ranges (:func:`drop_stale`)
 before it enters the guest again.
 
 Guarantee: once a write through :meth:`GuestMemory.write` (and so every
@@ -39,7 +39,7 @@ KERNEL_ALIAS = 0xC0000000  # the Launcher's high linear map (launcher.layout.PAG
 def note(cpu: LgCpu, start: int, end: int) -> None:
     """Guest-physical ``[start, end)`` was written by the Host (any thread)."""
     cpu.stale_code.append((start, end))
-    cpu.kick()
+    cpu.heed_write()
 
 
 def drop_stale(cpu: LgCpu) -> None:

@@ -79,6 +79,9 @@ class CpuStats:
     blocks: int = 0
     slices: int = 0  # slices run (on the executor or, short ones, on the event loop)
     continued: int = 0  # of those, slices after which the run went on without the loop (AGAIN)
+    breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
+    # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
+    irqs_in_slice: int = 0
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
@@ -232,6 +235,11 @@ class RunControl:
     # two); while a slice runs it only asks the run to end after that slice.
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
+    on_break: asyncio.Future[None] | None = host_only(default=None)
+    # An executor run a break left going on with no read in flight (its asyncio future):
+    # the next read takes it over instead of starting one (run._run_slice).
+    detached: asyncio.Future[Any] | None = host_only(default=None)
     yielded_at: float = host_only(default=0.0)  # its inline slices last let the loop run
 
 
@@ -372,15 +380,30 @@ class LgCpu:
         self.run.wakeup.set()
 
     def raise_irq(self, irq: int) -> None:
-        """Mark ``irq`` pending and wake the CPU so it is seen promptly."""
+        """Mark ``irq`` pending and have it seen promptly: a slice in progress on a worker
+        (exit-request path) stops its run at the next block boundary, delivers it and
+        goes on without the run loop (``_slicing.interrupt``); anything else is woken.
+        (The event loop calls this, so no inline slice is in progress meanwhile.)"""
         with self._irq_lock:
             self.irqs_pending |= 1 << irq
-        self.wake()
+        if not _slicing.interrupt(self.fuel, self.threads.slice is not None):
+            self.wake()
 
     def take_irq(self, irq: int) -> None:
         """Clear a pending irq once it has been delivered (the slice's thread)."""
         with self._irq_lock:
             self.irqs_pending &= ~(1 << irq)
+
+    # -- any thread -------------------------------------------------------------
+    def heed_write(self) -> None:
+        """The Host wrote guest memory (noted in ``stale_code``): stale code must not run.
+
+        A slice in progress (exit-request path) stops its run at the next block boundary,
+        drops the stale translations and goes on, as for an interrupt
+        (``_slicing.interrupt``); anything else is kicked, and drops them before it
+        enters the guest again."""
+        if not _slicing.interrupt(self.fuel, self.threads.slice is not None):
+            self.kick()
 
     @property
     def running(self) -> bool:

@@ -332,6 +332,9 @@ class LguestFile:
                     if future is None:
                         future = self._running[cpu_id] = asyncio.get_running_loop().create_future()
                     await run.wait_quietly(future)
+                for cpu in lg.cpus:  # a run a break left going on (woken: it ends at once)
+                    if cpu.run.detached is not None:
+                        await run.wait_quietly(cpu.run.detached)
                 self._memory.unwatch(self._host_wrote)
                 for cpu in lg.cpus:
                     cpu.close()
@@ -659,9 +662,8 @@ class LguestFile:
             cpu.run.break_out = False
             cpu.run.break_released.set()
             return 0
-        cpu.run.break_out = True
         cpu.run.break_released.clear()
-        cpu.wake()
+        run.break_out(cpu)
         await cpu.run.break_released.wait()
         if self._closed:
             raise _error(errno.EBADF)

@@ -121,6 +121,7 @@ class SliceExit(ExitValue):
     DEBUG_STOP: ClassVar[SliceExit]  # a breakpoint or single step (cpu.trap.debug says which)
     BUDGET: ClassVar[SliceExit]  # the slice's blocks or time are spent
     KICK: ClassVar[SliceExit]  # another task asked for the CPU (break, irq, hold, close)
+    INTERRUPT: ClassVar[SliceExit]  # an interrupt was raised: deliver it, go on (one run)
     DEATH: ClassVar[SliceExit]  # the guest is dead
 
 
@@ -148,6 +149,8 @@ def classify(
         return SliceExit.DEBUG_STOP
     if fuel_reason == _slicing.REASON_STOP:
         return SliceExit.KICK
+    if fuel_reason == _slicing.REASON_IRQ:
+        return SliceExit.INTERRUPT
     if fuel_reason == _slicing.REASON_BUDGET:
         return SliceExit.BUDGET
     return SliceExit.HALT
@@ -317,6 +320,8 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
                 delivered = True
                 if budget is not None:
                     _lengthen_for_handler(cpu, fuel.blocks - blocks_before)
+                elif fuel.mark:
+                    keep_time_for_handler(fuel)
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early
@@ -332,6 +337,10 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
                     # holds the CPU (it owns the hold), so the slice ends here.
                     exit = SliceExit.DEBUG_STOP
                     break
+                case SliceExit.INTERRUPT:
+                    # (Raised while it ran, LgCpu.raise_irq: delivered at the top, in this
+                    # slice, with no trip through the run loop.)
+                    cpu.stats.irqs_in_slice += 1
                 case _:
                     pass  # handled by _enter_guest, or seen by the checks (fuel, death)
     except Exception as exc:  # a Host bug must kill only this guest
@@ -372,6 +381,17 @@ def _lengthen_for_handler(cpu: LgCpu, spent: int) -> None:
     longer = LONG_INLINE_BUDGET - spent
     allowed = cpu.limits.blocks_left(fuel.blocks)
     fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
+
+
+def keep_time_for_handler(fuel: _slicing.Fuel) -> None:
+    """An interrupt delivered in the middle of an executor slice (raised while it ran):
+    its handler gets at least LONG_INLINE_TIME of CPU time in this slice, as it would
+    on the event loop, rather than wait for the slice's next turn in a crowded pool.
+    The slice's account (``fuel.left`` since ``fuel.mark``, as ``_slicing.run`` keeps
+    it) is brought up to now first."""
+    now = time.thread_time_ns()
+    fuel.left = max(fuel.left - (now - fuel.mark), _LONG_INLINE_NS)
+    fuel.mark = now
 
 
 def _enter_guest(cpu: LgCpu) -> SliceExit:

@@ -257,14 +257,28 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
             cpu.run.yielded_at = now
             await asyncio.sleep(0)
         return ended
-    queued = executor.submit(
-        run_slice, cpu, None, functools.partial(_may_go_on, cpu), executor.crowd
-    )
-    cpu.run.idle.clear()  # until the slice is finished or withdrawn: pause() waits for it
-    cpu.run.queued_slice = queued
-    future = asyncio.wrap_future(queued)
+    future = cpu.run.detached
+    if future is not None:  # a break left the run going on: this read takes it over
+        cpu.run.detached = None
+        queued = cpu.run.queued_slice
+        assert queued is not None
+    else:
+        queued = executor.submit(
+            run_slice, cpu, None, functools.partial(_may_go_on, cpu), executor.crowd
+        )
+        cpu.run.idle.clear()  # until the run is finished or withdrawn: pause() waits for it
+        cpu.run.queued_slice = queued
+        future = asyncio.wrap_future(queued)
+    breaker = _break_waiter(cpu, future)
     try:
-        exit: SliceExit = await asyncio.shield(future)
+        if breaker is None:
+            exit: SliceExit = await asyncio.shield(future)
+        else:
+            await breaker
+            if not future.done():  # a Waker's break (break_out): the run goes on meanwhile
+                _detach(cpu, future)
+                return SliceExit.KICK
+            exit = future.result()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
@@ -277,13 +291,78 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         # else withdrawn from the executor's queue: no slice runs, nothing to wait for
         raise
     finally:
-        cpu.run.queued_slice = None
-        if future.done() or queued.cancelled():
-            if future.done() and not future.cancelled() and future.exception() is None:
-                _debug_stop(cpu, future.result())  # (also when the read was cancelled)
-            cpu.run.idle.set()
+        cpu.run.on_break = None
+        if cpu.run.detached is not future:
+            cpu.run.queued_slice = None
+            if future.done() or queued.cancelled():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    _debug_stop(cpu, future.result())  # (also when the read was cancelled)
+                cpu.run.idle.set()
     cpu.run.inline = exit is not SliceExit.BUDGET
     return exit
+
+
+def _break_waiter(cpu: LgCpu, future: asyncio.Future[Any]) -> asyncio.Future[None] | None:
+    """What the read waits for instead of its executor run alone: the run's end or a
+    Waker's break (:func:`break_out`), whichever comes first; None where a break must
+    stop the run (a guest with several CPUs: the run holds the processor; an engine
+    switched at every slice)."""
+    pool = cpu.engine.pool
+    if len(cpu.lg.cpus) != 1 or (pool is not None and pool.always):
+        return None
+    breaker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ended(_: object) -> None:
+        if not breaker.done():
+            breaker.set_result(None)
+
+    future.add_done_callback(ended)
+    cpu.run.on_break = breaker
+    return breaker
+
+
+def _detach(cpu: LgCpu, future: asyncio.Future[Any]) -> None:
+    """A break ends the read while its executor run goes on: the run stays the CPU's
+    (``queued_slice``, ``idle`` cleared until it ends) for the next read to take over.
+
+    No read is in flight, so the run goes on only until its current slice ends
+    (``_may_go_on`` sees the break, or no read) or anything that needs the CPU
+    stopped wakes it (an irq, a hold, close, a kill): at most one slice past the
+    break, and nothing waits for it to stop.
+    """
+    cpu.run.detached = future
+    cpu.stats.breaks_running += 1
+
+    def ended(done: asyncio.Future[Any]) -> None:
+        """It ended before a read took it over: the next read starts a run, as after any
+        run's end (a debugger's stop held, the next slice on the loop unless it ended by
+        its time; an error cannot come: run_slice turns one into the guest's death)."""
+        if cpu.run.detached is not done:
+            return
+        cpu.run.detached = None
+        cpu.run.queued_slice = None
+        if not done.cancelled() and done.exception() is None:
+            exit: SliceExit = done.result()
+            _debug_stop(cpu, exit)
+            cpu.run.inline = exit is not SliceExit.BUDGET
+        cpu.run.idle.set()
+
+    future.add_done_callback(ended)
+
+
+def break_out(cpu: LgCpu) -> None:
+    """A Waker's ``LHREQ_BREAK 1``: the CPU's read ends with ``EAGAIN``.
+
+    A read waiting for its executor run ends at once, one pass of the run loop, while
+    the run goes on (:func:`_detach`): the guest loses no time to the break, and the
+    next read takes the run over.  Anything else is woken (:meth:`LgCpu.wake`).
+    """
+    cpu.run.break_out = True
+    breaker = cpu.run.on_break
+    if breaker is not None and not breaker.done():
+        breaker.set_result(None)
+    else:
+        cpu.wake()
 
 
 def _debug_stop(cpu: LgCpu, exit: SliceExit) -> None:
@@ -298,14 +377,16 @@ def _may_go_on(cpu: LgCpu) -> bool:
     """Whether a busy CPU's executor run may go on with another slice without the run
     loop (:func:`~supervisor.execute.run_slice`'s ``more``; on a worker, reads only).
 
-    Only if the run loop's next pass would start a slice anyway (nothing pending) and
-    no other CPU of the guest waits for its turn on the processor.  The pool then runs
-    that slice in its FIFO turn (:mod:`supervisor.slicepool`).
+    Only if the run loop's next pass would start a slice anyway (nothing pending), a
+    read is in flight (a run a break left going on ends with its slice unless the next
+    read took it over) and no other CPU of the guest waits for its turn on the
+    processor.  The pool then runs that slice in its FIFO turn
+    (:mod:`supervisor.slicepool`).
     """
     pool = cpu.engine.pool
     if pool is not None and pool.always:
         return False  # every slice through the run loop, each on a switched engine
-    return cpu.lg.waiting_turns == 0 and pending_exit(cpu) is None
+    return cpu.lg.waiting_turns == 0 and cpu.run.reading and pending_exit(cpu) is None
 
 
 async def wait_quietly(future: asyncio.Future[Any]) -> None:

@@ -2,14 +2,15 @@
 
 import asyncio
 import errno
+import functools
 import threading
 from collections.abc import Awaitable, Callable
 
 import pytest
-from guestasm import COUNT_TO, SPIN, boot, present, until
+from guestasm import COUNT_TO, SPIN, Booted, boot, present, until
 from unicorn import Uc
 
-from supervisor import LguestDevice, abi
+from supervisor import LguestDevice, _slicing, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 
 
@@ -59,6 +60,204 @@ async def test_break_makes_the_reader_return_eagain_and_the_waker_wait(dev: Lgue
     reader.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reader
+
+
+def _differs(g: Booted, name: str, before: int) -> Callable[[], bool]:
+    return lambda: g.u32(name) != before
+
+
+def _handled(g: Booted, n: int) -> bool:
+    return g.u32("handled") == n
+
+
+def _slices_past(g: Booted, n: int) -> bool:
+    return present(g.file.stats).slices > n
+
+
+# Runs that go on past a break: on the exit-request path, where a slice ends only by its
+# time (the tests make it long).  The other paths end a slice by its block budget, so a
+# run a break left going on stops within milliseconds there (its next slice wants a read).
+going_on = pytest.mark.skipif(
+    not _slicing.EXIT_REQUEST, reason="the exit-request path: slices end only by time"
+)
+
+
+async def _on_a_worker(g: Booted) -> asyncio.Task[bytes]:
+    """A read of a spinning guest, once its CPU computes in an executor run."""
+    cpu = g.file.cpu(0)
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: cpu.running and cpu.threads.slice is not None)
+    return reader
+
+
+@going_on
+async def test_a_break_ends_the_read_while_the_executor_run_goes_on(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A break on a CPU computing on a worker ends the read at once (EAGAIN) without
+    # stopping the guest: no slice ends for it, and the next read takes the run over.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, SPIN)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    run = cpu.run.queued_slice
+    slices = present(g.file.stats).slices
+    waker = g.file.waker()
+    for n in range(1, 11):
+        breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
+        await expect(errno.EAGAIN, reader)
+        before = g.u32("counter")
+        await until(_differs(g, "counter", before))  # it computes, no read in flight
+        assert await g.file.write(pack_words(LHREQ_BREAK, 0)) == 0
+        assert await breaker == 0
+        reader = asyncio.create_task(g.file.read(8))
+        await asyncio.sleep(0)
+        assert cpu.run.queued_slice is run
+        assert present(g.file.stats).breaks_running == n
+    assert present(g.file.stats).slices == slices
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert present(g.file.stats).slices == slices + 1  # the cancel stopped the one slice
+
+
+@going_on
+@pytest.mark.parametrize("then", ["pause", "close", "irq"])
+async def test_a_run_a_break_left_going_on_stops_when_the_cpu_is_needed(
+    dev: LguestDevice, then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # it would end only by them
+    g = await boot(dev, SPIN)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    assert cpu.running  # still computing
+    if then == "pause":
+        await g.file.pause()
+        assert g.file.paused() and not cpu.running
+        assert cpu.run.queued_slice is None  # ended before a read took it over: let go
+        assert g.file.state().cpus  # stopped: its state can be taken
+        g.file.resume()
+    elif then == "irq":  # the run sees it (the guest takes none) and goes on
+        await g.file.write(pack_words(LHREQ_IRQ, 3))
+        await until(lambda: present(g.file.stats).irqs_in_slice == 1)
+        assert cpu.running
+    else:
+        await g.file.close()
+        assert not cpu.running
+        await expect(errno.EBADF, breaker)
+        return
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await breaker
+    before = g.u32("counter")
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: g.u32("counter") != before)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+HANDLES = r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $512, lguest_data
+    HCALL 17, 1
+1:  incl counter
+    jmp 1b
+handler:
+    incl handled
+    movl $512, lguest_data
+    iret
+.data
+counter: .long 0
+handled: .long 0
+"""
+
+
+@going_on
+async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LHREQ_IRQ into a slice computing on a worker: the run stops at a block boundary,
+    # the slice delivers the interrupt on its worker and goes on; no slice ends for it.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    stats = present(g.file.stats)
+    slices, interrupts = stats.slices, stats.interrupts
+    for n in range(1, 11):
+        assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+        await until(functools.partial(_handled, g, n))
+        assert stats.irqs_in_slice == n
+    assert (stats.slices, stats.interrupts) == (slices, interrupts + 10)
+    assert not reader.done() and cpu.running
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+@going_on
+async def test_an_irq_raised_between_two_runs_of_a_slice_stops_the_next_at_once(
+    dev: LguestDevice,
+) -> None:
+    # Between two runs of a slice nothing is running to stop: the next run stops before
+    # its first block, and the slice delivers the interrupt and goes on.
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    fuel = g.file.cpu(0).fuel
+    assert not _slicing.interrupt(fuel, False)  # no run, no slice: the caller wakes it
+    assert _slicing.interrupt(fuel, True)
+    assert fuel.irq == 1
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: present(g.file.stats).irqs_in_slice == 1)
+    assert fuel.irq == 0
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+PATCHED = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 1
+1:  call patch
+    incl counter
+    jmp 1b
+patch:
+    movl $1, value
+    ret
+.data
+value: .long 0
+counter: .long 0
+"""
+
+
+@going_on
+async def test_code_the_launcher_rewrites_under_a_run_a_break_left_going_on_is_not_stale(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The Launcher rewrites an instruction the running guest executes over and over:
+    # the run stops at its next block, drops the stale translation and goes on.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, PATCHED)
+    assert await g.file.read(8) == pack_words(1)
+    reader = await _on_a_worker(g)
+    await until(lambda: g.u32("value") == 1)
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    g.memory.write(g.guest.symbols["patch"] + 6, (2).to_bytes(4, "little"))  # movl $2
+    await until(lambda: g.u32("value") == 2)
+    await g.file.write(pack_words(LHREQ_BREAK, 0))
+    await breaker
+    await g.file.close()
 
 
 async def test_break_before_any_read_is_not_lost(dev: LguestDevice) -> None:
@@ -414,16 +613,13 @@ async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them
         assert await chatty.file.read(8) == pack_words(5)
     assert lefts[-10:] == [execute._LONG_INLINE_NS] * 10
     busy = await boot(dev, SPIN)
-    for _ in range(2):  # the first resume runs out its long slice; the second is short
-        reader = asyncio.create_task(busy.file.read(8))
-        await until(lambda: present(busy.file.stats).slices > 3)
-        waker = busy.file.waker()
-        breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
-        await expect(errno.EAGAIN, reader)
-        lefts.clear()
-        assert await busy.file.write(pack_words(LHREQ_BREAK, 0)) == 0
-        await breaker
     reader = asyncio.create_task(busy.file.read(8))
+    for _ in range(2):  # the first resume runs out its long slice; the second is short
+        slices = present(busy.file.stats).slices
+        await until(functools.partial(_slices_past, busy, slices + 3))
+        await busy.file.pause()  # (a wake: the next slice runs on the loop)
+        lefts.clear()
+        busy.file.resume()
     await until(lambda: bool(lefts))
     assert lefts[0] == execute._INLINE_NS
     reader.cancel()

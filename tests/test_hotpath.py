@@ -426,7 +426,7 @@ def test_exit_values_are_distinct_named_singletons() -> None:
     from supervisor.execute import SliceExit
     from supervisor.run import RunState
 
-    for cls, count in ((SliceExit, 10), (RunState, 8)):
+    for cls, count in ((SliceExit, 11), (RunState, 8)):
         members = [getattr(cls, name) for name in cls.__annotations__]
         assert len(members) == count and len({id(m) for m in members}) == count
         assert all(type(m) is cls for m in members)

@@ -333,3 +333,22 @@ def test_the_tsc_is_read_on_first_use_not_at_import() -> None:
         a = _slicing.rdtsc()
         b = _slicing.rdtsc()
         assert 0 < a < b
+
+
+def test_a_handler_delivered_mid_slice_keeps_time_to_run() -> None:
+    # An interrupt delivered after a run stopped for it: the slice's account is brought
+    # up to now, and its handler gets at least LONG_INLINE_TIME of what is left.
+    import time
+
+    from supervisor import execute
+
+    fuel = _slicing.Fuel()
+    fuel.left = 2_000_000
+    fuel.mark = time.thread_time_ns() - 5_000_000  # the run began 5 ms of CPU ago: spent
+    execute.keep_time_for_handler(fuel)
+    assert fuel.left == execute._LONG_INLINE_NS
+    assert 0 <= time.thread_time_ns() - fuel.mark < 5_000_000
+    fuel.left = 2_000_000
+    fuel.mark = time.thread_time_ns() - 100_000  # 0.1 ms ago: 1.9 ms left, kept
+    execute.keep_time_for_handler(fuel)
+    assert 1_000_000 < fuel.left <= 1_900_000
