@@ -59,6 +59,7 @@ from .host import Exit, Guest, Supervisor
 from .launcher.console import stdout_closed
 from .launcher.loader import ImageError
 from .snapshot import Snapshot
+from .virtual import MAX_SEED
 
 EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="GuestConfig as .toml or .json (options override it)")
     run.add_argument("--gdb", metavar="HOST:PORT", help="start held and serve gdb there")
     run.add_argument("--restore", metavar="FILE", help="continue the guest saved in FILE")
+    deterministic_options(run)
     common(run)
     run.add_argument(  # run only: a published port forwards to one guest
         "--publish",
@@ -289,8 +291,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         help="launch at most this many guests a second (default: as fast as they start)",
     )
+    deterministic_options(swarm)
     common(swarm)
     return parser
+
+
+def deterministic_options(p: argparse.ArgumentParser) -> None:
+    """--deterministic and --seed (docs/determinism.md)."""
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="virtual time and a seeded schedule: the same seed gives the same run",
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_from(0, MAX_SEED),
+        help="with --deterministic: the schedule's seed, 0 to 2**64-1 (default: a random one, "
+        "printed on stderr)",
+    )
+
+
+def deterministic_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Supervisor's ``deterministic`` and ``seed`` from the options (BadInput for a
+    --seed without --deterministic)."""
+    if args.seed is not None and not args.deterministic:
+        raise BadInput("--seed needs --deterministic")
+    return {"deterministic": args.deterministic, "seed": args.seed}
+
+
+def say_seed(sup: Supervisor) -> None:
+    """On stderr, the seed that reproduces a deterministic run."""
+    if sup.seed is not None:
+        print(f"supervisor: deterministic run, seed {sup.seed}", file=sys.stderr, flush=True)
 
 
 def files_options(p: argparse.ArgumentParser) -> None:
@@ -481,13 +513,17 @@ async def run_one(
     restore: str | None = None,
     overrides: dict[str, Any] | None = None,
     publish: list[str] | None = None,
+    deterministic: bool = False,
+    seed: int | None = None,
 ) -> int:
     """Run one guest (or restore one) on the terminal; return the process exit status.
 
     ``restore`` names a snapshot file; ``overrides`` are what the caller names for
     it (block file, gdb address, limits): a snapshot opens nothing by itself.
+    ``deterministic`` and ``seed``: see :class:`~supervisor.host.Supervisor`.
     """
-    async with Supervisor() as sup:
+    async with Supervisor(deterministic=deterministic, seed=seed) as sup:
+        say_seed(sup)
         if restore is not None:
             try:
                 snap = Snapshot.load(restore)
@@ -572,6 +608,8 @@ async def run_swarm(
     tail_lines: int = 3,
     max_alive: int | None = None,
     launch_rate: float | None = None,
+    deterministic: bool = False,
+    seed: int | None = None,
 ) -> int:
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
 
@@ -583,6 +621,9 @@ async def run_swarm(
     the others are launched as earlier ones end, so memory stays bounded and progress
     shows from the start.  ``launch_rate`` caps launches per second, so that a
     hundred thousand start-ups do not starve the guests already running.
+    ``deterministic`` (and ``seed``): every guest is launched before any runs, on one
+    virtual clock and a seeded schedule, so the same seed prints the same lines in
+    the same order (``max_alive`` and ``launch_rate`` do not apply).
     """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -627,9 +668,13 @@ async def run_swarm(
         )
 
     started = time.perf_counter()
+    if deterministic:
+        max_alive = n  # every guest launched before any runs: they start at virtual 0
     admission = Admission(max_alive=max_alive)
     launched = 0
-    async with Supervisor(keep_ended=False) as sup:
+    async with Supervisor(keep_ended=False, deterministic=deterministic, seed=seed) as sup:
+        say_seed(sup)
+        sim = sup.device.virtual
         with progress:
             bar = progress.add_task("swarm", total=n, state="starting")
 
@@ -680,6 +725,7 @@ async def run_swarm(
                     ending.add(task)
                     task.add_done_callback(finished)
 
+                start = sim.hold() if sim is not None else None
                 try:
                     for i in range(n):
                         await admission.admit()
@@ -701,11 +747,15 @@ async def run_swarm(
                         launched += 1
                         rss.launched()
                         show(i + 1)
+                    if start is not None:
+                        start.release()
                     if ended < n:
                         await all_ended.wait()
                     if failures:
                         raise failures[0]
                 finally:
+                    if start is not None:
+                        start.release()
                     for task in (*ending, *pumps):
                         task.cancel()
 
@@ -1073,9 +1123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run" and args.restore:
             if args.publish:
                 raise BadInput("--publish is for a launched guest, not --restore")
-            coro = run_one(None, args.restore, restore_overrides(args))
+            coro = run_one(None, args.restore, restore_overrides(args), **deterministic_args(args))
         elif args.command == "run":
-            coro = run_one(run_config(args), publish=args.publish)
+            coro = run_one(run_config(args), publish=args.publish, **deterministic_args(args))
         elif args.command == "snapshot":
             fields = {
                 "image": args.image,
@@ -1104,6 +1154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console="null" if args.console == "none" else "capture",
                 **{k: v for k, v in fields.items() if v is not None},
             )
+            determinism = deterministic_args(args)
+            if args.deterministic and args.cluster is not None:
+                raise BadInput("--deterministic runs on one device: not with --cluster")
+            if args.deterministic and (args.max_alive or args.launch_rate):
+                raise BadInput("--deterministic launches every guest at once: "
+                               "not with --max-alive or --launch-rate")  # fmt: skip
             if args.cluster is not None:
                 if args.console != "none":
                     raise BadInput("--console is not supported with --cluster")
@@ -1113,7 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 coro = run_swarm(
                     config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines,
-                    args.max_alive, args.launch_rate,
+                    args.max_alive, args.launch_rate, **determinism,
                 )  # fmt: skip
         return run_coroutine(coro, args.loop)
     except (BadInput, ConfigError) as exc:
