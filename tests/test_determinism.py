@@ -1,0 +1,205 @@
+"""Deterministic mode (supervisor.virtual): the same seed gives the same run.
+
+Every check here is on bytes, counts and the virtual clock, never on the host's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from supervisor import GuestConfig, LguestDevice, Supervisor, sdk, virtual
+from supervisor.cli import main
+from supervisor.host import Guest
+
+HERE = Path(__file__).parent
+GUESTS = HERE.parent / "guests"
+TICKER = GUESTS / "ticker.img"
+C_TICKER = GUESTS / "c" / "ticker.elf"
+ECHO = GUESTS / "c" / "echo.elf"
+SMP = GUESTS / "c" / "smp.elf"
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(scope="module")
+def vclock(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/vclock.c built: prints what the guest's clocks read."""
+    return sdk.build([HERE / "c" / "vclock.c"], tmp_path_factory.mktemp("vclock") / "vclock.elf")
+
+
+async def transcript(seed: int, configs: list[GuestConfig], relay: bool = False) -> list[str]:
+    """Run ``configs`` on one deterministic Supervisor; every console line as
+    ``NAME: LINE`` in the order the host saw them (what ``swarm --console prefix``
+    prints).  ``relay``: the last guest is an echo guest that gets every line the
+    others print as its console input (and "quit" once they have all ended)."""
+    lines: list[str] = []
+    async with asyncio.timeout(300), Supervisor(deterministic=True, seed=seed) as sup:
+        guests = [await sup.launch(config) for config in configs]
+        echo = guests[-1] if relay else None
+
+        async def pump(guest: Guest) -> None:
+            async for line in guest.console:
+                lines.append(f"{guest.name}: {line}")
+                if echo is not None and guest is not echo:
+                    echo.send(f"{guest.name} said {line}\n")
+
+        pumps = [asyncio.create_task(pump(g)) for g in guests]
+        others = [g for g in guests if g is not echo]
+        for guest in others:
+            assert not (await guest.wait()).died
+        if echo is not None:
+            echo.send("quit\n")
+            assert not (await echo.wait()).died
+        await asyncio.gather(*pumps)
+    return lines
+
+
+def scenario() -> list[GuestConfig]:
+    """Guests that print at virtual times they compute: tickers (assembly and C, each
+    sleeping), a guest of two CPUs, and an echo guest the others' lines are relayed to."""
+    configs = [
+        GuestConfig.build(image=TICKER, name=f"asm{i}", cmdline=f"ticks=3 period_ms={1 + i}")
+        for i in range(3)
+    ]
+    configs += [
+        GuestConfig.build(image=C_TICKER, name=f"c{i}", cmdline="ticks=3 period_ms=2")
+        for i in range(3)
+    ]
+    configs.append(GuestConfig.build(image=SMP, name="smp", cpus=2, cmdline="loops=20000"))
+    configs.append(GuestConfig.build(image=ECHO, name="echo"))
+    return configs
+
+
+def run_on(loop: str, seed: int) -> list[str]:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(transcript(seed, scenario(), relay=True))
+
+
+def test_the_same_seed_gives_the_same_interleaving_on_both_loops() -> None:
+    """Byte-identical transcripts, relayed console input included, twice on each loop."""
+    runs = [run_on(loop, 7) for loop in ("asyncio", "uvloop", "asyncio", "uvloop")]
+    assert len(runs[0]) > 30
+    assert any(line.startswith("echo: asm0 said tick") for line in runs[0])
+    for other in runs[1:]:
+        assert other == runs[0]
+
+
+def test_another_seed_gives_another_interleaving() -> None:
+    """Seeds 1 and 2 on four identical C tickers.  All four boot at once, so the seed
+    alone orders their boots, hence when each arms its timer and prints.  Each run is
+    deterministic (the test above), so this comparison has one outcome for ever: seed
+    1 boots t3 first, seed 2 boots t0 first."""
+    configs = [
+        GuestConfig.build(image=C_TICKER, name=f"t{i}", cmdline="ticks=2 period_ms=1000")
+        for i in range(4)
+    ]
+    with asyncio.Runner() as runner:
+        one = runner.run(transcript(1, configs))
+        two = runner.run(transcript(2, configs))
+    assert sorted(one) == sorted(two)  # the same lines...
+    assert one != two  # ...in another order
+
+
+async def test_sleeping_guests_cost_no_wall_time_and_see_virtual_time() -> None:
+    """20 guests ticking 3 times, 1 s apart, all asleep between ticks: the clock jumps
+    from timer to timer, and ends just past the 3 s they slept."""
+    async with asyncio.timeout(300), Supervisor(deterministic=True, seed=3) as sup:
+        guests = [
+            await sup.launch(
+                GuestConfig.build(image=TICKER, name=f"t{i}", cmdline="ticks=3 period_ms=1000")
+            )
+            for i in range(20)
+        ]
+        for guest in guests:
+            assert (await guest.wait()).exit_status == 0
+        sim = sup.device.virtual
+        assert sim is not None
+        assert 3_000_000_000 <= sim.now_ns < 3_100_000_000
+        assert sim.jumps >= 3
+        assert sim.jumped_ns > 2_900_000_000  # nearly all of it asleep
+        assert sup.seed == 3
+
+
+async def test_a_guest_reads_virtual_clocks(vclock: Path) -> None:
+    """CLOCK_REALTIME starts at the virtual epoch; CLOCK_MONOTONIC (the TSC, hooked)
+    advances by the sleeps and a little work; AT_RANDOM (from both) is the same on
+    every run, as is every value printed."""
+
+    async def once() -> list[str]:
+        return await transcript(11, [GuestConfig.build(image=vclock, name="v", cmdline="2")])
+
+    first = await once()
+    assert first[0] == f"v: real {virtual.EPOCH_NS // 1_000_000_000}"
+    monos = [int(line.split()[-1]) for line in first if line.startswith("v: mono")]
+    assert len(monos) == 3
+    assert monos[0] < 100_000_000  # a boot's worth of blocks, not the host's uptime
+    for before, after in itertools.pairwise(monos):
+        assert 1_000_000_000 <= after - before < 1_010_000_000
+    assert await once() == first
+
+
+async def test_quanta_end_at_timers_and_count_blocks() -> None:
+    """A 1 ms ticker: each tick is due at an exact virtual time, so the clock at the end
+    is the same on every run, to the nanosecond."""
+
+    async def end() -> int:
+        async with Supervisor(deterministic=True, seed=5) as sup:
+            g = await sup.launch(GuestConfig.build(image=TICKER, cmdline="ticks=5 period_ms=1"))
+            assert (await g.wait()).exit_status == 0
+            sim = sup.device.virtual
+            assert sim is not None
+            assert sim.quanta > 5
+            return sim.now_ns
+
+    first = await end()
+    assert 5_000_000 <= first < 6_000_000
+    assert await end() == first
+
+
+def test_derived_randomness_and_the_virtual_clock_for_other_parts() -> None:
+    sim = virtual.Simulation(9)
+    net = sim.random("net")
+    assert [net.random() for _ in range(3)] == [
+        x for x in (lambda r: [r.random() for _ in range(3)])(virtual.Simulation(9).random("net"))
+    ]
+    assert sim.random("net").random() != sim.random("disk").random()
+    assert sim.time() == 0.0
+
+
+@pytest.mark.parametrize("seed", [-1, 1 << 64, True, 1.5])
+def test_bad_seeds_are_refused(seed: object) -> None:
+    with pytest.raises(ValueError, match="seed"):
+        virtual.Simulation(seed)  # type: ignore[arg-type]
+
+
+async def test_a_seed_needs_the_switch() -> None:
+    with pytest.raises(ValueError, match="deterministic"):
+        LguestDevice(seed=3)
+    plain = LguestDevice()
+    assert plain.virtual is None and plain.seed is None
+    await plain.aclose()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--seed", "3", str(TICKER)], "--seed needs --deterministic"),
+        (["run", "--deterministic", "--seed", "-4", str(TICKER)], "--seed"),
+        (["swarm", "--deterministic", "--max-alive", "2", str(TICKER)], "--max-alive"),
+        (["swarm", "--deterministic", "--cluster", "local", str(TICKER)], "--cluster"),
+    ],
+)
+def test_bad_deterministic_options_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("supervisor: error:") and message in err
