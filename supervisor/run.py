@@ -162,7 +162,11 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
 async def _quantum(cpu: LgCpu, sim: Simulation) -> None:
     """Deterministic mode: wait for the schedule to give ``cpu`` a turn, then run it for
     the turn's blocks on the event loop (:mod:`supervisor.virtual`).  A CPU with news
-    since it asked (held, broken out, closed) runs nothing: the next pass sees it."""
+    since it asked (held, broken out, closed) runs nothing: the next pass sees it.
+
+    A hypercall the run loop must do is done here and the turn goes on with the blocks
+    it has left (no other task runs in between, so nothing else can differ), cut again
+    at the next timer, which the call may have armed."""
     blocks = await sim.turn(cpu)
     if not blocks or pending_exit(cpu) is not None:
         return
@@ -171,10 +175,17 @@ async def _quantum(cpu: LgCpu, sim: Simulation) -> None:
     sim.begin(cpu)
     try:
         timers.write_timestamp(cpu)
-        run_slice(cpu, blocks, timeless=True)
+        while blocks > 0:
+            start = cpu.fuel.blocks
+            run_slice(cpu, blocks, timeless=True)
+            blocks = min(blocks - (cpu.fuel.blocks - start), sim.blocks_left(cpu))
+            if blocks <= 0 or pending_exit(cpu) is not RunState.HYPERCALL:
+                break
+            hypercalls.do_hypercalls(cpu)
+            if pending_exit(cpu) is not None:
+                break
     finally:
         sim.end(cpu)
-    await asyncio.sleep(0)
 
 
 def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:

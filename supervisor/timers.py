@@ -79,8 +79,9 @@ def set_clockevent(cpu: LgCpu, delta_ns: int) -> None:
         return
     sim = cpu.lg.virtual
     if sim is not None:
-        cpu.clock.due = sim.now_ns + delta_ns  # virtual nanoseconds
-        cpu.clock.event = sim.call_at_ns(sim.now_ns + delta_ns, _fire, cpu)
+        due = sim.clock_ns(cpu) + delta_ns  # virtual nanoseconds
+        cpu.clock.due = due
+        cpu.clock.event = sim.call_at_ns(due, _fire, cpu)
         return
     loop = asyncio.get_running_loop()
     cpu.clock.event = loop.call_later(delta_ns / 1e9, _fire, cpu)
@@ -108,7 +109,7 @@ def remaining(cpu: LgCpu) -> int | None:
         return None
     sim = cpu.lg.virtual
     if sim is not None:
-        return max(1, int(cpu.clock.due) - sim.now_ns)
+        return max(1, int(cpu.clock.due) - sim.clock_ns(cpu))
     left = cpu.clock.due - asyncio.get_running_loop().time()
     return max(1, int(left * 1e9))
 

@@ -220,6 +220,14 @@ class Simulation:
         self._base_ns = self.now_ns
         self._base_blocks = int(cpu.fuel.blocks)
 
+    def blocks_left(self, cpu: LgCpu) -> int:
+        """Inside ``cpu``'s quantum: the blocks it may still run before the next timer
+        is due (a large number if none is armed)."""
+        due = self._next_due()
+        if due is None:
+            return QUANTUM_BLOCKS
+        return -(-(due - self.clock_ns(cpu)) // NS_PER_BLOCK)
+
     def end(self, cpu: LgCpu) -> None:
         """``cpu``'s quantum ended: the clock advances by the blocks it ran."""
         self.now_ns = self.clock_ns(cpu)
