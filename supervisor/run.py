@@ -108,6 +108,8 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
     is held, ``dormitory`` may hibernate it; it thaws before it runs again.
     """
     lg = cpu.lg
+    if lg.virtual is not None:
+        lg.virtual.reading(cpu)
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
         exit = pending_exit(cpu)

@@ -49,6 +49,7 @@ MAX_SEED = (1 << 64) - 1
 _ACTIVE = 0  # doing something the schedule must wait for (or running a quantum)
 _WANTS = 1  # waiting for a turn
 _SLEEPING = 2  # halted (or held, or offline) with no wake-up yet
+_UNREAD = 3  # initialized, not read yet: like a sleeping CPU until it is woken or read
 
 
 class _Turn:
@@ -168,12 +169,13 @@ class Simulation:
 
     # -- CPUs ----------------------------------------------------------------------------
     def add(self, cpu: LgCpu) -> None:
-        """Schedule ``cpu`` (a new or revived CPU of this device); until its run loop
-        first settles, no quantum runs."""
+        """Schedule ``cpu`` (a new or revived CPU of this device).  Until its first read
+        it counts as asleep: a guest nobody reads does not stop the others (the
+        Supervisor holds the schedule from a launch to the guest's first read)."""
         self._ensure_task()
         cpu.run.wakeup = _Wakeup(self, cpu)
-        self._turns[cpu] = _Turn((next(self._ranks), cpu.id))
-        self._unsettled += 1
+        turn = self._turns[cpu] = _Turn((next(self._ranks), cpu.id))
+        turn.state = _UNREAD
 
     def rank(self, cpus: list[LgCpu], rank: int) -> None:
         """Order the guest's CPUs by ``rank`` (the Supervisor's launch order) among the
@@ -233,6 +235,12 @@ class Simulation:
         self.now_ns = self.clock_ns(cpu)
         self._running = None
 
+    def reading(self, cpu: LgCpu) -> None:
+        """A read of ``cpu`` starts (the run loop's first pass)."""
+        turn = self._turns.get(cpu)
+        if turn is not None and turn.state == _UNREAD:
+            self._settle(turn, _ACTIVE)
+
     def sleeping(self, cpu: LgCpu) -> None:
         """``cpu``'s run loop waits for its wake-up (a halt, a hold, offline)."""
         turn = self._turns.get(cpu)
@@ -242,7 +250,7 @@ class Simulation:
     def awake(self, cpu: LgCpu) -> None:
         """``cpu``'s run loop stopped waiting (woken, or its read was cancelled)."""
         turn = self._turns.get(cpu)
-        if turn is not None and turn.state == _SLEEPING:
+        if turn is not None and turn.state in (_SLEEPING, _UNREAD):
             self._settle(turn, _ACTIVE)
 
     def _woken(self, cpu: LgCpu) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, sdk, virtual
+from supervisor import GuestConfig, LguestDevice, Supervisor, sdk, testing, virtual
 from supervisor.cli import main
 from supervisor.host import Guest
 
@@ -203,3 +203,24 @@ def test_bad_deterministic_options_are_one_line_and_exit_2(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("supervisor: error:") and message in err
+
+
+async def test_a_guest_nobody_reads_does_not_stop_the_others() -> None:
+    """On a bare device: a guest initialized and never read counts as asleep, so the
+    guest being read runs to its end; the clock then says exactly how many blocks it
+    ran, the same on every run."""
+
+    async def once() -> int:
+        async with LguestDevice(deterministic=True, seed=2) as dev:
+            g = await testing.boot(dev, testing.COUNT_TO.format(target=200_000))
+            idle = await testing.boot(dev, testing.SPIN)
+            assert await asyncio.wait_for(testing.run_to_end(g), 120) == "counted"
+            assert g.u32("regcount") == 200_000
+            assert idle.u32("counter") == 0  # never read: never ran
+            sim = dev.virtual
+            assert sim is not None
+            return sim.now_ns
+
+    first = await once()
+    assert first >= 200_000 * virtual.NS_PER_BLOCK  # at least a block per iteration
+    assert await once() == first
