@@ -277,7 +277,9 @@ class Supervisor:
         ``network``: the guests' network, to choose its seed, clock, timeouts and
         buffers (default: a ``Network()``); it must not serve another Supervisor.
         ``deterministic`` and ``seed``: run every guest on virtual time and a seeded
-        schedule (docs/determinism.md); guests launched together start together."""
+        schedule (docs/determinism.md); guests launched together start together, and
+        the default network draws its faults from the seed and times them in virtual
+        time."""
         self.device = LguestDevice(
             workers=workers,
             worker_nice=worker_nice,
@@ -291,6 +293,9 @@ class Supervisor:
         self._launches = 0  # launch order: a deterministic schedule's order of guests
         self.max_restarts = max_restarts
         # The guests' network: GuestConfig(net=True) joins it.
+        sim = self.device.virtual
+        if network is None and sim is not None:
+            network = Network(seed=sim.random("net").getrandbits(64), clock=sim)
         self.net = Network() if network is None else network
         self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
         self._keep_ended = keep_ended

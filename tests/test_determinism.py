@@ -224,3 +224,19 @@ async def test_a_guest_nobody_reads_does_not_stop_the_others() -> None:
     first = await once()
     assert first >= 200_000 * virtual.NS_PER_BLOCK  # at least a block per iteration
     assert await once() == first
+
+
+async def test_the_network_draws_from_the_seed_and_runs_on_virtual_time() -> None:
+    """A deterministic Supervisor's default network: its faults' randomness is derived
+    from the seed (the same sequence for the same seed, another for another) and its
+    delays are timed by the virtual clock."""
+
+    async def draws(seed: int) -> list[float]:
+        async with Supervisor(deterministic=True, seed=seed) as sup:
+            assert sup.net.clock is sup.device.virtual
+            return [sup.net.random.random() for _ in range(4)]
+
+    assert await draws(5) == await draws(5)
+    assert await draws(5) != await draws(6)
+    async with Supervisor() as plain:
+        assert plain.net.clock is not None and plain.net.clock is not plain.device.virtual
