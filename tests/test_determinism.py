@@ -23,6 +23,8 @@ TICKER = GUESTS / "ticker.img"
 C_TICKER = GUESTS / "c" / "ticker.elf"
 ECHO = GUESTS / "c" / "echo.elf"
 SMP = GUESTS / "c" / "smp.elf"
+TCP_SERVER = GUESTS / "c" / "tcp_echo_server.elf"
+TCP_CLIENT = GUESTS / "c" / "tcp_echo_client.elf"
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
@@ -240,3 +242,17 @@ async def test_the_network_draws_from_the_seed_and_runs_on_virtual_time() -> Non
     assert await draws(5) != await draws(6)
     async with Supervisor() as plain:
         assert plain.net.clock is not None and plain.net.clock is not plain.device.virtual
+
+
+async def test_guests_talking_over_the_network_give_the_same_transcript() -> None:
+    """An echo server and four clients on the guests' network: the order in which the
+    clients are served, and so print their echoes, is the same on every run."""
+    configs = [GuestConfig.build(image=TCP_SERVER, name="srv", net=True, cmdline="7 4")]
+    configs += [
+        GuestConfig.build(image=TCP_CLIENT, name=f"c{i}", net=True, cmdline=f"srv 7 hello {i}")
+        for i in range(4)
+    ]
+    first = await transcript(4, configs)
+    assert first[0] == "srv: listening on 7"
+    assert sorted(first[1:]) == [f"c{i}: hello {i}" for i in range(4)]
+    assert await transcript(4, configs) == first
