@@ -200,7 +200,7 @@ class Simulation:
     async def turn(self, cpu: LgCpu) -> int:
         """Wait for ``cpu``'s next quantum; return its blocks (0: it left the schedule)."""
         turn = self._turns.get(cpu)
-        if turn is None:
+        if turn is None or self._closed:
             return 0
         grant: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         turn.grant = grant
@@ -287,6 +287,18 @@ class Simulation:
             self._task.cancel()
 
     async def _schedule(self) -> None:
+        """The scheduler task.  A Host bug in it must not leave every guest waiting for a
+        turn for ever: each guest of the device is killed with the error instead."""
+        try:
+            await self._decide()
+        except Exception as exc:
+            self._closed = True
+            for cpu in list(self._turns):
+                cpu.lg.kill(f"internal error: deterministic schedule: {type(exc).__name__}: {exc}")
+                self.remove(cpu)
+                cpu.wake()
+
+    async def _decide(self) -> None:
         changed = self._changed
         assert changed is not None
         while True:

@@ -256,3 +256,17 @@ async def test_guests_talking_over_the_network_give_the_same_transcript() -> Non
     assert first[0] == "srv: listening on 7"
     assert sorted(first[1:]) == [f"c{i}: hello {i}" for i in range(4)]
     assert await transcript(4, configs) == first
+
+
+async def test_a_failing_schedule_kills_its_guests_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: virtual.Simulation) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(virtual.Simulation, "_give_turn", broken)
+    async with asyncio.timeout(120), Supervisor(deterministic=True, seed=1) as sup:
+        guest = await sup.launch(GuestConfig.build(image=TICKER, cmdline="ticks=1"))
+        end = await guest.wait()
+    assert end.died
+    assert "deterministic schedule: RuntimeError: broken on purpose" in end.reason
