@@ -778,10 +778,14 @@ async def run_swarm(
                 work.result()  # BadInput from a launch
         # Leaving the Supervisor kills the guests still running.
         wall = time.perf_counter() - started
+        virtual_s = sim.time() if sim is not None else None
     if stdout_gone.is_set():  # the reader went away (swarm ... | head): end quietly
         _drop_stdout()
         return EXIT_STDOUT_CLOSED
-    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus)
+    _summary(
+        n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus,
+        virtual_s,
+    )  # fmt: skip
     if interrupted:
         stopped = launched - sum(counts.values())
         print(f"interrupted: {stopped} guests stopped, {n - launched} never launched", flush=True)
@@ -937,8 +941,10 @@ def _summary(
     wall: float,
     rss: _RssMeter | None = None,
     cpus: int = 1,
+    virtual_s: float | None = None,
 ) -> None:
-    """The swarm's table; ``cpu time`` sums every CPU of every guest."""
+    """The swarm's table; ``cpu time`` sums every CPU of every guest.  ``virtual_s``: a
+    deterministic swarm's virtual time (its blocks are counted)."""
     from rich.console import Console as RichConsole
     from rich.table import Table
 
@@ -947,7 +953,8 @@ def _summary(
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
     from . import _slicing
 
-    counted = _slicing.COUNTS_BLOCKS  # only the block-hook path counts every block
+    # Only the block-hook path counts every block (deterministic mode runs on it).
+    counted = _slicing.COUNTS_BLOCKS or virtual_s is not None
     if counted:
         columns += ["blocks", "blocks/s"]
         row += [f"{blocks:,}", f"{blocks / wall:,.0f}" if wall > 0 else "-"]
@@ -964,6 +971,8 @@ def _summary(
     if not counted:
         why = f"{_slicing.ENV}=hook counts them" if _slicing.NATIVE else "no native slicer"
         out.print(f"blocks: not counted ({why})", highlight=False)
+    if virtual_s is not None:
+        out.print(f"virtual time: {virtual_s:.9f} s (deterministic)", highlight=False)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
 

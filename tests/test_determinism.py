@@ -270,3 +270,24 @@ async def test_a_failing_schedule_kills_its_guests_instead_of_hanging(
         end = await guest.wait()
     assert end.died
     assert "deterministic schedule: RuntimeError: broken on purpose" in end.reason
+
+
+def test_a_deterministic_swarm_prints_the_same_lines_and_virtual_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``swarm --console prefix --deterministic --seed N`` twice: the same guest lines
+    in the same order, the same virtual time, and the blocks column (they are counted)."""
+    argv = ["swarm", "-n", "4", "--deterministic", "--seed", "5", "--console", "prefix",
+            "--loop", "asyncio", "--cmdline", "ticks=3 period_ms=7", str(TICKER)]  # fmt: skip
+    outputs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert "supervisor: deterministic run, seed 5" in captured.err
+        lines = captured.out.splitlines()
+        guest_lines = [line for line in lines if line.startswith("ticker-")]
+        virtual_lines = [line for line in lines if line.startswith("virtual time:")]
+        assert len(guest_lines) == 16 and len(virtual_lines) == 1
+        assert "blocks" in captured.out
+        outputs.append((guest_lines, virtual_lines))
+    assert outputs[0] == outputs[1]
