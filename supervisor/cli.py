@@ -56,7 +56,7 @@ from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
 from .flag import Flag
 from .host import Exit, Guest, Supervisor
-from .launcher.console import stdout_closed
+from .launcher.console import stdin_source, stdout_closed
 from .launcher.loader import ImageError
 from .snapshot import Snapshot
 from .virtual import MAX_SEED
@@ -191,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gdb", metavar="HOST:PORT", help="start held and serve gdb there")
     run.add_argument("--restore", metavar="FILE", help="continue the guest saved in FILE")
     deterministic_options(run)
+    recorded = run.add_mutually_exclusive_group()
+    recorded.add_argument(
+        "--record",
+        metavar="FILE",
+        help="deterministic, and write the seed and the console input with when it took "
+        "effect to FILE",
+    )
+    recorded.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="run again what --record wrote to FILE (same image and options; the input "
+        "comes from FILE, not stdin)",
+    )
     common(run)
     run.add_argument(  # run only: a published port forwards to one guest
         "--publish",
@@ -549,6 +562,73 @@ async def run_one(
         _drop_stdout()
         return EXIT_STDOUT_CLOSED
     return exit_status(guest.name, result)
+
+
+def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    """``run --record FILE`` or ``run --replay FILE`` (docs/determinism.md, "Record and
+    replay"); everything is checked, the recording included, before anything runs."""
+    from . import replay
+
+    if args.publish:
+        raise BadInput("--publish is not recorded: not with --record or --replay")
+    recording = None
+    if args.replay:
+        if args.seed is not None:
+            raise BadInput("--replay takes the seed from the recording: not with --seed")
+        try:
+            recording = replay.load(args.replay, config)
+        except replay.ReplayError as exc:
+            raise BadInput(str(exc)) from None
+        seed: int | None = recording.seed
+    else:
+        folder = Path(args.record).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise BadInput(
+                f"{args.record}: cannot write there (no such directory, or not writable)"
+            )
+        seed = args.seed
+    return _run_recorded(config, seed, args.record, recording)
+
+
+async def _run_recorded(
+    config: GuestConfig, seed: int | None, path: str | None, recording: Any
+) -> int:
+    from . import replay
+
+    async with Supervisor(deterministic=True, seed=seed) as sup:
+        say_seed(sup)
+        sim = sup.device.virtual
+        assert sim is not None
+        guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        recorder = None
+        feeding = None
+        if recording is not None:
+            replay.replay(recording, sim, guest)
+        else:
+            recorder = replay.Recorder(sim, config)
+            feeding = asyncio.create_task(_record_stdin(recorder, guest))
+
+        async def show(lines: AsyncIterable[str], out: TextIO) -> None:
+            async for line in lines:
+                print(line, file=out, flush=True)
+
+        shown = asyncio.gather(show(guest.console, sys.stdout), show(guest.stderr, sys.stderr))
+        try:
+            result = await guest.wait()
+            await shown
+        finally:
+            if feeding is not None:
+                feeding.cancel()
+            if recorder is not None and path is not None:
+                recorder.save(path)
+    return exit_status(guest.name, result)
+
+
+async def _record_stdin(recorder: Any, guest: Guest) -> None:
+    """Standard input to ``guest`` through the recorder (the end of input too)."""
+    async for chunk in stdin_source():
+        recorder.feed(guest, chunk)
+    recorder.feed(guest, b"")
 
 
 def cannot_restore(path: str, message: str) -> str:
@@ -1130,9 +1210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:
+            if args.record or args.replay:
+                raise BadInput("--record and --replay are for a launched guest, not --restore")
             if args.publish:
                 raise BadInput("--publish is for a launched guest, not --restore")
             coro = run_one(None, args.restore, restore_overrides(args), **deterministic_args(args))
+        elif args.command == "run" and (args.record or args.replay):
+            coro = run_recorded(run_config(args), args)
         elif args.command == "run":
             coro = run_one(run_config(args), publish=args.publish, **deterministic_args(args))
         elif args.command == "snapshot":

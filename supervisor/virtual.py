@@ -110,6 +110,11 @@ class Simulation:
         self._rng = random.Random(seed)  # the schedule's own: nothing else draws from it
         self.now_ns = 0  # the virtual clock
         self.quanta = 0  # turns given
+        # Settled points passed so far: each input applied, timer fired, jump or turn
+        # given is one, so a step names one point of the run (record and replay).
+        self.step = 0
+        self._posted: list[Callable[[], None]] = []  # host inputs for the next point
+        self._script: dict[int, list[Callable[[], None]]] = {}  # inputs at given steps
         self.jumps = 0  # times the clock jumped to a timer, every CPU asleep
         self.jumped_ns = 0  # virtual time those jumps skipped
         self._timers: list[tuple[int, int, asyncio.Handle, Callable[..., None], tuple[Any, ...]]]
@@ -147,6 +152,20 @@ class Simulation:
         heapq.heappush(self._timers, (due_ns, next(self._seq), handle, callback, args))
         self._poke()
         return handle
+
+    def post(self, callback: Callable[[], None]) -> None:
+        """Apply a host input (``callback()``, e.g. a guest's ``send``) at the next settled
+        point of the schedule, before its next choice; ``step`` then names that point
+        (what a recording keeps)."""
+        self._posted.append(callback)
+        self._poke()
+
+    def at_step(self, step: int, callback: Callable[[], None]) -> None:
+        """Apply ``callback()`` at the settled point ``step`` (a replay of :meth:`post`)."""
+        if step < self.step:
+            raise ValueError(f"step {step} has passed (now {self.step})")
+        self._script.setdefault(step, []).append(callback)
+        self._poke()
 
     def hold(self) -> Hold:
         """No quantum runs until the returned hold is released: take one before
@@ -310,7 +329,15 @@ class Simulation:
                 await asyncio.sleep(0)
             if self._unsettled > 0:
                 continue
+            inputs = self._script.pop(self.step, []) + self._posted
+            if inputs:
+                self._posted = []
+                for callback in inputs:
+                    callback()
+                self.step += 1
+                continue
             if self._fire_due():
+                self.step += 1
                 continue  # the woken settle first
             if not self._runnable:
                 due = self._next_due()
@@ -321,6 +348,7 @@ class Simulation:
                 self.jumps += 1
                 self.jumped_ns += due - self.now_ns
                 self.now_ns = due
+                self.step += 1
                 continue
             self._give_turn()
 
@@ -335,6 +363,7 @@ class Simulation:
             blocks = max(1, min(blocks, -(-(due - self.now_ns) // NS_PER_BLOCK)))
         self._settle(turn, _ACTIVE)
         self.quanta += 1
+        self.step += 1
         assert turn.grant is not None
         turn.grant.set_result(blocks)
 

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, sdk, testing, virtual
+from supervisor import GuestConfig, LguestDevice, Supervisor, replay, sdk, testing, virtual
 from supervisor.cli import main
 from supervisor.host import Guest
 
@@ -291,3 +294,90 @@ def test_a_deterministic_swarm_prints_the_same_lines_and_virtual_time(
         assert "blocks" in captured.out
         outputs.append((guest_lines, virtual_lines))
     assert outputs[0] == outputs[1]
+
+
+@pytest.fixture(scope="module")
+def stamp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/stamp.c built: prints each input line with the time it was read."""
+    return sdk.build([HERE / "c" / "stamp.c"], tmp_path_factory.mktemp("stamp") / "stamp.elf")
+
+
+def cli(*args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor", *args],
+        stdin=subprocess.PIPE if stdin is None else stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_replay_feeds_the_recorded_input_at_the_same_points(stamp: Path, tmp_path: Path) -> None:
+    """Input typed in two pieces, the second only once the guest answered the first:
+    the replay (stdin closed) prints the same lines with the same virtual times, and
+    the recording names no path."""
+    record = tmp_path / "run.replay"
+    recording = cli("run", "--record", str(record), str(stamp), stdin=None)
+    assert recording.stdin is not None and recording.stdout is not None
+    recording.stdin.write("one\n")
+    recording.stdin.flush()
+    first = recording.stdout.readline()
+    assert first.startswith("one at ")
+    recording.stdin.write("two\n")
+    recording.stdin.close()
+    rest = recording.stdout.read()
+    assert recording.wait(timeout=120) == 0, recording.stderr
+
+    recorded = first + rest
+    assert recorded.splitlines()[1].startswith("two at ") and recorded.endswith("eof\n")
+    text = record.read_text()
+    assert str(tmp_path) not in text and "stamp" not in text
+    steps = [entry["step"] for entry in json.loads(text)["inputs"]]
+    assert len(steps) == 3 and steps[0] < steps[1] <= steps[2]  # one, two, the end
+    replaying = cli("run", "--replay", str(record), str(stamp))
+    replayed, err = replaying.communicate(timeout=120)
+    assert replaying.returncode == 0, err
+    assert replayed == recorded
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not a recording"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": [], "image": "/etc/passwd"}', "not a recording"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": [{"step": 1, "data": "@@"}]}', "not base64"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": [{"step": 5}, {"step": 2}]}', "out of order"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": []}', "another image"),
+    ],
+)  # fmt: skip
+def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
+    content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.replay"
+    image, rest = replay.digests(GuestConfig.build(image=TICKER))
+    if message == "another image":
+        image = "0" * 64
+    path.write_text(content.replace("%s", image, 1).replace("%s", rest, 1))
+    assert main(["run", "--replay", str(path), str(TICKER)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran
+    assert captured.err.count("\n") == 1 and captured.err.startswith("supervisor: error:")
+    assert message in captured.err
+
+
+def test_replay_options_that_cannot_go_together_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.replay"
+    for argv in (
+        ["run", "--replay", str(path), "--seed", "3", str(TICKER)],
+        ["run", "--record", str(path), "--replay", str(path), str(TICKER)],
+        ["run", "--record", str(tmp_path / "no" / "such" / "dir"), str(TICKER)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("supervisor: error:"), err
