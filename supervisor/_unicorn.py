@@ -38,6 +38,7 @@ import ctypes
 import functools
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import unicorn
@@ -285,6 +286,57 @@ def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
     native.append(hook.value)
 
 
+_INSN_HOOK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+
+
+def hook_rdtsc(uc: Any, read: Callable[[], int]) -> None:
+    """Make ``rdtsc`` and ``rdtscp`` on ``uc`` read ``read()`` instead of the host's
+    time stamp counter (``rdtscp``'s ``ecx``, the processor id, reads 0).
+
+    Unicorn 2.1's C library takes ``UC_HOOK_INSN`` hooks for these two instructions (a
+    hook returning 1 replaces the instruction's own work); its Python binding refuses
+    them, so the hook is installed through the C call.  Like :func:`add_native_hook`'s,
+    it goes with the instance's hooks in :func:`strip`.
+    """
+
+    def tsc_for(insn: int) -> Any:
+        def on_insn(_engine: int | None, _data: int | None) -> int:
+            value = read() & 0xFFFF_FFFF_FFFF_FFFF
+            uc.reg_write(r.UC_X86_REG_EAX, value & 0xFFFF_FFFF)
+            uc.reg_write(r.UC_X86_REG_EDX, value >> 32)
+            if insn == r.UC_X86_INS_RDTSCP:
+                uc.reg_write(r.UC_X86_REG_ECX, 0)
+            return 1
+
+        return _INSN_HOOK(on_insn)
+
+    kept: list[Any] | None = getattr(uc, "_lguest_kept", None)
+    if kept is None:
+        kept = []
+        uc._lguest_kept = kept
+    native: list[int] | None = getattr(uc, "_lguest_native_hooks", None)
+    if native is None:
+        native = []
+        uc._lguest_native_hooks = native
+    for insn in (r.UC_X86_INS_RDTSC, r.UC_X86_INS_RDTSCP):
+        callback = tsc_for(insn)
+        hook = ctypes.c_size_t()
+        status = uclib.uc_hook_add(
+            handle(uc),
+            ctypes.byref(hook),
+            unicorn.UC_HOOK_INSN,
+            callback,
+            None,
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+            ctypes.c_int(insn),
+        )
+        if status != uc_const.UC_ERR_OK:
+            raise UcError(status)
+        kept.append(callback)
+        native.append(hook.value)
+
+
 def strip(uc: Any) -> None:
     """Take every hook (Python and native) and every memory mapping off ``uc``: what an
     instance handed from one CPU to another must lose, so that nothing of the previous
@@ -303,6 +355,7 @@ def strip(uc: Any) -> None:
         if status != uc_const.UC_ERR_OK:
             raise UcError(status)
     uc._lguest_native_hooks = []
+    uc._lguest_kept = []  # (the C callbacks of hook_rdtsc, now unhooked)
     for hook in list(uc._callbacks):
         uc.hook_del(hook)
     for begin, end, _perms in list(uc.mem_regions()):

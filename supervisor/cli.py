@@ -56,9 +56,10 @@ from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
 from .flag import Flag
 from .host import Exit, Guest, Supervisor
-from .launcher.console import stdout_closed
+from .launcher.console import stdin_source, stdout_closed
 from .launcher.loader import ImageError
 from .snapshot import Snapshot
+from .virtual import MAX_SEED
 
 EXIT_DIED = 1
 EXIT_BAD_INPUT = 2
@@ -189,6 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="GuestConfig as .toml or .json (options override it)")
     run.add_argument("--gdb", metavar="HOST:PORT", help="start held and serve gdb there")
     run.add_argument("--restore", metavar="FILE", help="continue the guest saved in FILE")
+    deterministic_options(run)
+    recorded = run.add_mutually_exclusive_group()
+    recorded.add_argument(
+        "--record",
+        metavar="FILE",
+        help="deterministic, and write the seed and the console input with when it took "
+        "effect to FILE",
+    )
+    recorded.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="run again what --record wrote to FILE (same image and options; the input "
+        "comes from FILE, not stdin)",
+    )
     common(run)
     run.add_argument(  # run only: a published port forwards to one guest
         "--publish",
@@ -289,8 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         help="launch at most this many guests a second (default: as fast as they start)",
     )
+    deterministic_options(swarm)
     common(swarm)
     return parser
+
+
+def deterministic_options(p: argparse.ArgumentParser) -> None:
+    """--deterministic and --seed (docs/determinism.md)."""
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="virtual time and a seeded schedule: the same seed gives the same run",
+    )
+    p.add_argument(
+        "--seed",
+        type=_int_from(0, MAX_SEED),
+        help="with --deterministic: the schedule's seed, 0 to 2**64-1 (default: a random one, "
+        "printed on stderr)",
+    )
+
+
+def deterministic_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Supervisor's ``deterministic`` and ``seed`` from the options (BadInput for a
+    --seed without --deterministic)."""
+    if args.seed is not None and not args.deterministic:
+        raise BadInput("--seed needs --deterministic")
+    return {"deterministic": args.deterministic, "seed": args.seed}
+
+
+def say_seed(sup: Supervisor) -> None:
+    """On stderr, the seed that reproduces a deterministic run."""
+    if sup.seed is not None:
+        print(f"supervisor: deterministic run, seed {sup.seed}", file=sys.stderr, flush=True)
 
 
 def files_options(p: argparse.ArgumentParser) -> None:
@@ -481,13 +526,17 @@ async def run_one(
     restore: str | None = None,
     overrides: dict[str, Any] | None = None,
     publish: list[str] | None = None,
+    deterministic: bool = False,
+    seed: int | None = None,
 ) -> int:
     """Run one guest (or restore one) on the terminal; return the process exit status.
 
     ``restore`` names a snapshot file; ``overrides`` are what the caller names for
     it (block file, gdb address, limits): a snapshot opens nothing by itself.
+    ``deterministic`` and ``seed``: see :class:`~supervisor.host.Supervisor`.
     """
-    async with Supervisor() as sup:
+    async with Supervisor(deterministic=deterministic, seed=seed) as sup:
+        say_seed(sup)
         if restore is not None:
             try:
                 snap = Snapshot.load(restore)
@@ -513,6 +562,73 @@ async def run_one(
         _drop_stdout()
         return EXIT_STDOUT_CLOSED
     return exit_status(guest.name, result)
+
+
+def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+    """``run --record FILE`` or ``run --replay FILE`` (docs/determinism.md, "Record and
+    replay"); everything is checked, the recording included, before anything runs."""
+    from . import replay
+
+    if args.publish:
+        raise BadInput("--publish is not recorded: not with --record or --replay")
+    recording = None
+    if args.replay:
+        if args.seed is not None:
+            raise BadInput("--replay takes the seed from the recording: not with --seed")
+        try:
+            recording = replay.load(args.replay, config)
+        except replay.ReplayError as exc:
+            raise BadInput(str(exc)) from None
+        seed: int | None = recording.seed
+    else:
+        folder = Path(args.record).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise BadInput(
+                f"{args.record}: cannot write there (no such directory, or not writable)"
+            )
+        seed = args.seed
+    return _run_recorded(config, seed, args.record, recording)
+
+
+async def _run_recorded(
+    config: GuestConfig, seed: int | None, path: str | None, recording: Any
+) -> int:
+    from . import replay
+
+    async with Supervisor(deterministic=True, seed=seed) as sup:
+        say_seed(sup)
+        sim = sup.device.virtual
+        assert sim is not None
+        guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        recorder = None
+        feeding = None
+        if recording is not None:
+            replay.replay(recording, sim, guest)
+        else:
+            recorder = replay.Recorder(sim, config)
+            feeding = asyncio.create_task(_record_stdin(recorder, guest))
+
+        async def show(lines: AsyncIterable[str], out: TextIO) -> None:
+            async for line in lines:
+                print(line, file=out, flush=True)
+
+        shown = asyncio.gather(show(guest.console, sys.stdout), show(guest.stderr, sys.stderr))
+        try:
+            result = await guest.wait()
+            await shown
+        finally:
+            if feeding is not None:
+                feeding.cancel()
+            if recorder is not None and path is not None:
+                recorder.save(path)
+    return exit_status(guest.name, result)
+
+
+async def _record_stdin(recorder: Any, guest: Guest) -> None:
+    """Standard input to ``guest`` through the recorder (the end of input too)."""
+    async for chunk in stdin_source():
+        recorder.feed(guest, chunk)
+    recorder.feed(guest, b"")
 
 
 def cannot_restore(path: str, message: str) -> str:
@@ -572,6 +688,8 @@ async def run_swarm(
     tail_lines: int = 3,
     max_alive: int | None = None,
     launch_rate: float | None = None,
+    deterministic: bool = False,
+    seed: int | None = None,
 ) -> int:
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
 
@@ -583,6 +701,9 @@ async def run_swarm(
     the others are launched as earlier ones end, so memory stays bounded and progress
     shows from the start.  ``launch_rate`` caps launches per second, so that a
     hundred thousand start-ups do not starve the guests already running.
+    ``deterministic`` (and ``seed``): every guest is launched before any runs, on one
+    virtual clock and a seeded schedule, so the same seed prints the same lines in
+    the same order (``max_alive`` and ``launch_rate`` do not apply).
     """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -627,9 +748,13 @@ async def run_swarm(
         )
 
     started = time.perf_counter()
+    if deterministic:
+        max_alive = n  # every guest launched before any runs: they start at virtual 0
     admission = Admission(max_alive=max_alive)
     launched = 0
-    async with Supervisor(keep_ended=False) as sup:
+    async with Supervisor(keep_ended=False, deterministic=deterministic, seed=seed) as sup:
+        say_seed(sup)
+        sim = sup.device.virtual
         with progress:
             bar = progress.add_task("swarm", total=n, state="starting")
 
@@ -680,6 +805,7 @@ async def run_swarm(
                     ending.add(task)
                     task.add_done_callback(finished)
 
+                start = sim.hold() if sim is not None else None
                 try:
                     for i in range(n):
                         await admission.admit()
@@ -701,11 +827,15 @@ async def run_swarm(
                         launched += 1
                         rss.launched()
                         show(i + 1)
+                    if start is not None:
+                        start.release()
                     if ended < n:
                         await all_ended.wait()
                     if failures:
                         raise failures[0]
                 finally:
+                    if start is not None:
+                        start.release()
                     for task in (*ending, *pumps):
                         task.cancel()
 
@@ -728,10 +858,14 @@ async def run_swarm(
                 work.result()  # BadInput from a launch
         # Leaving the Supervisor kills the guests still running.
         wall = time.perf_counter() - started
+        virtual_s = sim.time() if sim is not None else None
     if stdout_gone.is_set():  # the reader went away (swarm ... | head): end quietly
         _drop_stdout()
         return EXIT_STDOUT_CLOSED
-    _summary(n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus)
+    _summary(
+        n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus,
+        virtual_s,
+    )  # fmt: skip
     if interrupted:
         stopped = launched - sum(counts.values())
         print(f"interrupted: {stopped} guests stopped, {n - launched} never launched", flush=True)
@@ -887,8 +1021,10 @@ def _summary(
     wall: float,
     rss: _RssMeter | None = None,
     cpus: int = 1,
+    virtual_s: float | None = None,
 ) -> None:
-    """The swarm's table; ``cpu time`` sums every CPU of every guest."""
+    """The swarm's table; ``cpu time`` sums every CPU of every guest.  ``virtual_s``: a
+    deterministic swarm's virtual time (its blocks are counted)."""
     from rich.console import Console as RichConsole
     from rich.table import Table
 
@@ -897,7 +1033,8 @@ def _summary(
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
     from . import _slicing
 
-    counted = _slicing.COUNTS_BLOCKS  # only the block-hook path counts every block
+    # Only the block-hook path counts every block (deterministic mode runs on it).
+    counted = _slicing.COUNTS_BLOCKS or virtual_s is not None
     if counted:
         columns += ["blocks", "blocks/s"]
         row += [f"{blocks:,}", f"{blocks / wall:,.0f}" if wall > 0 else "-"]
@@ -914,6 +1051,8 @@ def _summary(
     if not counted:
         why = f"{_slicing.ENV}=hook counts them" if _slicing.NATIVE else "no native slicer"
         out.print(f"blocks: not counted ({why})", highlight=False)
+    if virtual_s is not None:
+        out.print(f"virtual time: {virtual_s:.9f} s (deterministic)", highlight=False)
     for reason, count in reasons.most_common(5):
         out.print(f"died x{count}: {reason}", highlight=False, markup=False)
 
@@ -1071,11 +1210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         coro: Coroutine[Any, Any, int]
         if args.command == "run" and args.restore:
+            if args.record or args.replay:
+                raise BadInput("--record and --replay are for a launched guest, not --restore")
             if args.publish:
                 raise BadInput("--publish is for a launched guest, not --restore")
-            coro = run_one(None, args.restore, restore_overrides(args))
+            coro = run_one(None, args.restore, restore_overrides(args), **deterministic_args(args))
+        elif args.command == "run" and (args.record or args.replay):
+            coro = run_recorded(run_config(args), args)
         elif args.command == "run":
-            coro = run_one(run_config(args), publish=args.publish)
+            coro = run_one(run_config(args), publish=args.publish, **deterministic_args(args))
         elif args.command == "snapshot":
             fields = {
                 "image": args.image,
@@ -1104,6 +1247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console="null" if args.console == "none" else "capture",
                 **{k: v for k, v in fields.items() if v is not None},
             )
+            determinism = deterministic_args(args)
+            if args.deterministic and args.cluster is not None:
+                raise BadInput("--deterministic runs on one device: not with --cluster")
+            if args.deterministic and (args.max_alive or args.launch_rate):
+                raise BadInput("--deterministic launches every guest at once: "
+                               "not with --max-alive or --launch-rate")  # fmt: skip
             if args.cluster is not None:
                 if args.console != "none":
                     raise BadInput("--console is not supported with --cluster")
@@ -1113,7 +1262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 coro = run_swarm(
                     config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines,
-                    args.max_alive, args.launch_rate,
+                    args.max_alive, args.launch_rate, **determinism,
                 )  # fmt: skip
         return run_coroutine(coro, args.loop)
     except (BadInput, ConfigError) as exc:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
+import random
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -23,7 +25,7 @@ from typing import Any
 
 from unicorn import UcError
 
-from . import _unicorn, codecache, run, timers
+from . import _slicing, _unicorn, codecache, run, timers
 from .abi import (
     LGUEST_IRQS,
     LHREQ_BREAK,
@@ -48,6 +50,7 @@ from .pagetables import guest_pa
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
 from .state import Exit, GuestState, StateError
+from .virtual import Simulation
 
 __all__ = ["PAUSE", "DebugPort", "Hold", "LguestDevice", "LguestFile", "Waker"]
 
@@ -99,6 +102,8 @@ class LguestDevice:
         worker_nice: int = DEFAULT_WORKER_NICE,
         idle_workers: bool = False,
         engines: str | None = None,
+        deterministic: bool = False,
+        seed: int | None = None,
     ):
         """``max_guests``/``max_memory`` (bytes of guest memory) bound the live guests:
         an INITIALIZE past them fails with ``ENOMEM``.  ``limits`` are the per-guest
@@ -118,7 +123,21 @@ class LguestDevice:
         the device's :class:`~supervisor.engines.EnginePool` and a waking one takes one
         back, its own if nobody took it) or ``"always"`` (the pool, and every slice runs
         on an emulator switched from another CPU: the exactness check); default: the
-        ``LGUEST_ENGINE_SWITCH`` environment variable, else ``"off"``."""
+        ``LGUEST_ENGINE_SWITCH`` environment variable, else ``"off"``.
+
+        ``deterministic``: run every guest of the device on a virtual clock and a
+        schedule drawn from ``seed`` (an integer from 0 to 2**64-1; default: a random
+        one, in :attr:`seed`), so that the same seed gives the same run
+        (:mod:`supervisor.virtual`, docs/determinism.md).  Guests then run one
+        quantum at a time on the event loop, every CPU counts its blocks, and nothing
+        hibernates.  Off, none of this costs anything."""
+        if seed is not None and not deterministic:
+            raise ValueError("seed is for deterministic=True")
+        self.virtual: Simulation | None = None
+        if deterministic:
+            chosen = random.SystemRandom().getrandbits(32) if seed is None else seed
+            self.virtual = Simulation(chosen)
+            hibernate_after = math.inf
         mode = mode_from_env() if engines is None else engines
         if mode not in MODES:
             raise ValueError(f"engines must be one of {', '.join(MODES)}, not {engines!r}")
@@ -162,6 +181,11 @@ class LguestDevice:
         if self._loop is not None:
             self._lock = None  # the closed loop's lock belongs to it
         self._loop = loop
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of a deterministic device (None otherwise)."""
+        return None if self.virtual is None else self.virtual.seed
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -223,6 +247,8 @@ class LguestDevice:
         """Close every open file and stop the executor.  Safe to call twice."""
         self._bind_loop()
         self._closed = True
+        if self.virtual is not None:
+            self.virtual.close()
         self.dormitory.close()
         for file in self._files:  # stop every CPU first, so closing them one by one is quick
             file._stop_cpus()
@@ -256,6 +282,21 @@ class LguestDevice:
         """A guest of ``size`` bytes was admitted (``guests`` 1) or released (-1)."""
         self._live += guests
         self._used += guests * size
+
+
+def _hooks_for(sim: Simulation | None) -> Callable[[LgCpu], None]:
+    """What each Unicorn instance of a CPU gets installed: the interrupt hook, and in
+    deterministic mode the block hook (blocks counted: virtual time) and a ``rdtsc``
+    that reads the virtual clock."""
+    if sim is None:
+        return attach_interrupt_hook
+
+    def install(cpu: LgCpu) -> None:
+        attach_interrupt_hook(cpu)
+        _slicing.exact_blocks(cpu.engine.uc, cpu.fuel)
+        _unicorn.hook_rdtsc(cpu.engine.uc, lambda: sim.tsc(cpu))
+
+    return install
 
 
 class LguestFile:
@@ -312,7 +353,10 @@ class LguestFile:
 
     def _stop_cpus(self) -> None:
         """Every later pass of every CPU's run loop ends with EBADF; Wakers are released."""
+        sim = self._device.virtual
         for cpu in self._lg.cpus if self._lg is not None else ():
+            if sim is not None:
+                sim.remove(cpu)
             cpu.run.closing = True
             timers.cancel(cpu)
             self._device.dormitory.awake(cpu)
@@ -532,17 +576,19 @@ class LguestFile:
         first = state.base
         lg = Lguest(ram=mem.view[first : first + state.limit], pfn_limit=state.pfn_limit)
         lg.restore(state)
+        lg.virtual = sim = self._device.virtual
         try:
             for st in state.cpus:
                 cpu = revive_cpu(
-                    lg, st, mem.address + first, self._device.tcg_buffer, attach_interrupt_hook,
+                    lg, st, mem.address + first, self._device.tcg_buffer, _hooks_for(sim),
                     self._hibernate_after, self._device.engines,
                 )  # fmt: skip
                 if limits is not None:
                     cpu.limits = limits
                 lg.cpus.append(cpu)
                 timers.restore(cpu, st.timer_ns)
-                self._device.dormitory.drowsy(cpu)  # nobody reads it yet
+                if sim is None:
+                    self._device.dormitory.drowsy(cpu)  # nobody reads it yet
         except Exception as exc:  # a context this Unicorn cannot load, no memory, ...
             for cpu in lg.cpus:
                 timers.cancel(cpu)
@@ -554,6 +600,9 @@ class LguestFile:
         self._base = first
         self._device._count(state.limit, 1)
         mem.watch(self._host_wrote)
+        if sim is not None:
+            for cpu in lg.cpus:
+                sim.add(cpu)
 
     # -- request handling ------------------------------------------------------
     async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:
@@ -615,11 +664,12 @@ class LguestFile:
             if not device._admit(limit):
                 raise _error(errno.ENOMEM)
             lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
+            lg.virtual = sim = device.virtual
             try:
                 for n in range(ncpus):
                     cpu = new_cpu(
                         lg, n, base, start, pgdir, device.tcg_buffer, self._limits,
-                        attach_interrupt_hook, self._hibernate_after, device.engines,
+                        _hooks_for(sim), self._hibernate_after, device.engines,
                     )  # fmt: skip
                     lg.cpus.append(cpu)
                     if n:  # offline until CPU 0 starts it: its emulator waits in the freezer
@@ -634,7 +684,18 @@ class LguestFile:
             self._base = first
             device._count(limit, 1)
             mem.watch(self._host_wrote)
+            if sim is not None:
+                for cpu in lg.cpus:
+                    sim.add(cpu)
         return 4 * WORD_SIZE
+
+    def rank(self, rank: int) -> None:
+        """Deterministic mode: the place of this guest's CPUs in the order the seed
+        chooses from (e.g. its launch order), which the order guests happen to
+        initialize in must not decide.  No effect otherwise."""
+        sim = self._device.virtual
+        if sim is not None and self._lg is not None:
+            sim.rank(self._lg.cpus, rank)
 
     def _host_wrote(self, addr: int, n: int) -> None:
         """The Launcher wrote its memory: the guest must not run stale code from there."""
@@ -688,8 +749,10 @@ class LguestFile:
         cpu.pending_notify = 0
         cpu.run.reading = True
         self._running[cpu.id] = None  # (close() puts a future here to wait for the read)
-        dormitory = self._device.dormitory
-        dormitory.awake(cpu)
+        # (Deterministic mode: nothing hibernates, and nothing waits for wall time.)
+        dormitory = self._device.dormitory if lg.virtual is None else None
+        if dormitory is not None:
+            dormitory.awake(cpu)
         try:
             address = await run.run_guest(cpu, self._device.executor, dormitory)
         finally:
@@ -697,7 +760,7 @@ class LguestFile:
             finished = self._running.pop(cpu.id)
             if finished is not None:
                 finished.set_result(None)  # close() waits for the read, not the reader's task
-            if not cpu.run.closing:
+            if not cpu.run.closing and dormitory is not None:
                 dormitory.drowsy(cpu)  # waiting for the Launcher now
         return WORD.pack(address)  # one word: pack_words without its generality
 

@@ -60,6 +60,10 @@ _INLINE_NS = int(1e9 * INLINE_TIME)
 _LONG_INLINE_NS = int(1e9 * LONG_INLINE_TIME)
 FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
 MAX_BUDGET = 50_000_000
+# Deterministic mode's slices end only at a block count: their time never runs out, and
+# the block hook never reads the clock (blocks & mask is 0 only at block 0).
+_TIMELESS_NS = 1 << 60
+_NO_CLOCK = (1 << 64) - 1
 INVALID_OPCODE = 6
 DOUBLE_FAULT = 8
 _MEMORY_ERRORS = frozenset(
@@ -232,6 +236,7 @@ def run_slice(
     budget: int | None = None,
     more: Callable[[], bool] | None = None,
     crowd: Callable[[], float] | None = None,
+    timeless: bool = False,
 ) -> SliceExit | Again:
     """Enter the guest until the run loop or the Launcher is needed; say why.
 
@@ -249,10 +254,15 @@ def run_slice(
 
     ``crowd`` (executor slices): how many jobs wait per worker; a crowded pool's
     slices are shorter (:func:`slice_ns`).
+
+    ``timeless`` (deterministic mode, with ``budget``; a CPU on the block hook): the
+    slice ends only when its blocks are spent, never for time, so where it ends
+    depends on nothing but the guest.
     """
     if more is not None:
         timers.write_timestamp(cpu)  # a step may start long after the run loop wrote it
-    exit = _one_slice(cpu, budget, slice_ns(crowd()) if crowd is not None else _TARGET_NS)
+    busy_ns = slice_ns(crowd()) if crowd is not None else _TARGET_NS
+    exit = _one_slice(cpu, budget, busy_ns, timeless)
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         return AGAIN
@@ -267,9 +277,11 @@ def slice_ns(crowd: float) -> int:
     return max(_MIN_SLICE_NS, int(_CROWD_ROUND_NS / crowd))
 
 
-def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> SliceExit:
+def _one_slice(
+    cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS, timeless: bool = False
+) -> SliceExit:
     """One slice of :func:`run_slice`: until the run loop is needed or its time is spent
-    (``busy_ns`` of CPU time for an executor slice, budget None)."""
+    (``busy_ns`` of CPU time for an executor slice, budget None; never, if ``timeless``)."""
     fuel = cpu.fuel
     lg = cpu.lg
     cpu.threads.slice = threading.get_ident()
@@ -286,6 +298,9 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
         # deadline than the slicer's tick costs no wake-up of the slicer thread, which
         # a notify round trip (ending by itself in microseconds) would otherwise pay.
         fuel.left = _INLINE_NS if cpu.inline_spent else _LONG_INLINE_NS
+    if timeless:
+        fuel.left = _TIMELESS_NS
+        fuel.clock_mask = _NO_CLOCK
     delivered = False
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
@@ -318,7 +333,7 @@ def _one_slice(cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS) -> Sli
                 and interrupts.maybe_do_interrupt(cpu)
             ):
                 delivered = True
-                if budget is not None:
+                if budget is not None and not timeless:
                     _lengthen_for_handler(cpu, fuel.blocks - blocks_before)
                 elif fuel.mark:
                     keep_time_for_handler(fuel)

@@ -21,6 +21,7 @@ from .state import Exit
 
 if TYPE_CHECKING:
     from .cpu import LgCpu
+    from .virtual import Simulation
 
 _U32 = struct.Struct("<I")
 
@@ -45,6 +46,9 @@ class Lguest:
     processor: asyncio.Lock | None = host_only(default=None)
     processor_owner: LgCpu | None = host_only(default=None)  # the CPU holding it
     waiting_turns: int = host_only(default=0)  # CPUs waiting to take the processor
+    # Deterministic mode: the device's virtual clock and schedule (supervisor.virtual),
+    # set at INITIALIZE (or revival) before the CPUs are made; None otherwise.
+    virtual: Simulation | None = host_only(default=None)
 
     def saved_values(self) -> dict[str, Any]:
         """The saved fields by name (their part of a GuestState)."""

@@ -264,6 +264,8 @@ class Supervisor:
         worker_nice: int = DEFAULT_WORKER_NICE,
         idle_workers: bool = False,
         network: Network | None = None,
+        deterministic: bool = False,
+        seed: int | None = None,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
@@ -273,7 +275,11 @@ class Supervisor:
         (a long swarm then holds only the guests alive).  ``workers``, ``worker_nice``
         and ``idle_workers``: the device's executor threads (:class:`LguestDevice`).
         ``network``: the guests' network, to choose its seed, clock, timeouts and
-        buffers (default: a ``Network()``); it must not serve another Supervisor."""
+        buffers (default: a ``Network()``); it must not serve another Supervisor.
+        ``deterministic`` and ``seed``: run every guest on virtual time and a seeded
+        schedule (docs/determinism.md); guests launched together start together, and
+        the default network draws its faults from the seed and times them in virtual
+        time."""
         self.device = LguestDevice(
             workers=workers,
             worker_nice=worker_nice,
@@ -281,13 +287,25 @@ class Supervisor:
             max_guests=max_guests,
             max_memory=max_memory,
             hibernate_after=hibernate_after,
+            deterministic=deterministic,
+            seed=seed,
         )
+        self._launches = 0  # launch order: a deterministic schedule's order of guests
         self.max_restarts = max_restarts
         # The guests' network: GuestConfig(net=True) joins it.
+        sim = self.device.virtual
+        if network is None and sim is not None:
+            network = Network(seed=sim.random("net").getrandbits(64), clock=sim)
         self.net = Network() if network is None else network
         self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
         self._keep_ended = keep_ended
         self._closed = False
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of a deterministic Supervisor (None otherwise): the same seed, the
+        same guests and the same host inputs give the same run."""
+        return self.device.seed
 
     @property
     def guests(self) -> list[Guest]:
@@ -351,7 +369,22 @@ class Supervisor:
             for device in table:
                 await device.stop()
             raise
+        sim = self.device.virtual
+        if sim is not None:
+            # Nothing runs until this guest's CPUs are in the schedule (or it ended): guests
+            # launched together start together, whatever their boots wait for.
+            start = sim.hold()
+            rank = self._launches
+
+            def booted(f: LguestFile, rank: int = rank) -> None:
+                f.rank(rank)
+                start.release()
+
+            launcher.on_boot.append(booted)
+        self._launches += 1
         guest = Guest(config, launcher, console, gdb)
+        if sim is not None:
+            guest.when_done(start.release)
         self._guests[guest] = None
         if not self._keep_ended:
             guest.when_done(lambda: self._guests.pop(guest, None))

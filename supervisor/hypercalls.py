@@ -298,7 +298,7 @@ def initialize(cpu: LgCpu) -> None:
         lg.noirq_end = lg.read_u32(addr + LGUEST_DATA_NOIRQ_END) or 0
         lg.kernel_address = lg.read_u32(addr + LGUEST_DATA_KERNEL_ADDRESS) or 0
     lg.write_u32(addr + LGUEST_DATA_RESERVE_MEM, SWITCHER_RESERVE)  # the Host's top 4 MiB
-    lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, timers.tsc_khz())
+    lg.write_u32(addr + LGUEST_DATA_TSC_KHZ, timers.guest_tsc_khz(cpu))
     lg.write_u32(addr + LGUEST_DATA_PGDIR, lg.pgdir)
     cpu.lguest_data = addr
     timers.write_timestamp(cpu)

@@ -20,6 +20,13 @@ Fixtures:
     built once across tests and runs.  Without a toolchain the test is skipped
     with the reason (what to install).
 
+Deterministic tests (docs/determinism.md): mark a test
+``@pytest.mark.lguest_deterministic`` (or ``lguest_deterministic(seed=N)``) and its
+``lguest_device`` / ``lguest_supervisor`` run on virtual time with a seeded schedule.
+Without a seed in the marker the seed is ``--lguest-seed N`` if given, else a random
+one.  A failing deterministic test's report has a section "lguest" naming the seed
+that reproduces it and how to pass it, as hypothesis prints its falsifying example.
+
 The async fixtures are ``pytest_asyncio`` fixtures, so they work in both
 ``asyncio_mode = "strict"`` and ``"auto"`` (in strict mode mark the tests
 ``@pytest.mark.asyncio``); they run on the test's own event loop.
@@ -28,6 +35,7 @@ The async fixtures are ``pytest_asyncio`` fixtures, so they work in both
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -53,14 +61,6 @@ _NO_ASYNCIO = (
 NETWORK_MARKER = "lguest_network"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{NETWORK_MARKER}(**options): options of the Network of lguest_net_supervisor"
-        " (seed, stream_timeout, connect_timeout, stream_buffer, datagram_queue, clock)",
-    )
-
-
 def _async_fixture(fn: Callable[..., AsyncIterator[Any]]) -> Any:
     """A pytest-asyncio fixture; without pytest-asyncio (the plugin loads wherever
     pytest runs) a fixture that skips the test and says what to install."""
@@ -75,17 +75,73 @@ def _async_fixture(fn: Callable[..., AsyncIterator[Any]]) -> Any:
     return pytest_asyncio.fixture(fn)
 
 
+MARKER = "lguest_deterministic"
+_SEED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("lguest").addoption(
+        "--lguest-seed",
+        type=int,
+        metavar="N",
+        help="the seed of tests marked lguest_deterministic that do not name one",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{NETWORK_MARKER}(**options): options of the Network of lguest_net_supervisor"
+        " (seed, stream_timeout, connect_timeout, stream_buffer, datagram_queue, clock)",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(seed=None): run the test's lguest_device / lguest_supervisor on virtual "
+        "time with a seeded schedule (a failure prints the seed)",
+    )
+
+
+def _determinism(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``deterministic``/``seed`` arguments for the test's device: its marker's seed,
+    else --lguest-seed, else a random one; remembered for the failure report."""
+    marker = request.node.get_closest_marker(MARKER)
+    if marker is None:
+        return {}
+    seed = marker.kwargs.get("seed", marker.args[0] if marker.args else None)
+    if seed is None:
+        seed = request.config.getoption("lguest_seed")
+    if seed is None:
+        seed = random.SystemRandom().getrandbits(32)
+    request.node.stash[_SEED] = seed
+    return {"deterministic": True, "seed": seed}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    seed = item.stash.get(_SEED, None)
+    if seed is not None and report.failed:
+        report.sections.append(
+            (
+                "lguest",
+                f"deterministic run, seed {seed}: reproduce it with --lguest-seed {seed} "
+                f"or @pytest.mark.{MARKER}(seed={seed})",
+            )
+        )
+
+
 @_async_fixture
-async def lguest_device() -> AsyncIterator[LguestDevice]:
+async def lguest_device(request: pytest.FixtureRequest) -> AsyncIterator[LguestDevice]:
     """An open LguestDevice, closed (every guest on it stopped) after the test."""
-    async with LguestDevice() as dev:
+    async with LguestDevice(**_determinism(request)) as dev:
         yield dev
 
 
 @_async_fixture
-async def lguest_supervisor() -> AsyncIterator[Supervisor]:
+async def lguest_supervisor(request: pytest.FixtureRequest) -> AsyncIterator[Supervisor]:
     """A Supervisor; leaving the test kills what still runs and closes its device."""
-    async with Supervisor() as sup:
+    async with Supervisor(**_determinism(request)) as sup:
         yield sup
 
 

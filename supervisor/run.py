@@ -32,6 +32,7 @@ from .cpu import LgCpu
 from .execute import INLINE_BUDGET, ExitValue, SliceExit, run_slice
 from .hibernation import Dormitory
 from .slicepool import SlicePool
+from .virtual import Simulation
 
 # Inline slices let the loop run its other tasks at least this often (seconds).
 YIELD_TIME = 0.0005
@@ -107,10 +108,14 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
     is held, ``dormitory`` may hibernate it; it thaws before it runs again.
     """
     lg = cpu.lg
+    if lg.virtual is not None:
+        lg.virtual.reading(cpu)
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
         exit = pending_exit(cpu)
         match exit:
+            case None if lg.virtual is not None:
+                await _quantum(cpu, lg.virtual)
             case None:
                 pool = cpu.engine.pool
                 if pool is not None and pool.always and cpu.hibernate():
@@ -156,6 +161,35 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
                 raise AssertionError(exit)
 
 
+async def _quantum(cpu: LgCpu, sim: Simulation) -> None:
+    """Deterministic mode: wait for the schedule to give ``cpu`` a turn, then run it for
+    the turn's blocks on the event loop (:mod:`supervisor.virtual`).  A CPU with news
+    since it asked (held, broken out, closed) runs nothing: the next pass sees it.
+
+    A hypercall the run loop must do is done here and the turn goes on with the blocks
+    it has left (no other task runs in between, so nothing else can differ), cut again
+    at the next timer, which the call may have armed."""
+    blocks = await sim.turn(cpu)
+    if not blocks or pending_exit(cpu) is not None:
+        return
+    if cpu.engine.frozen is not None:
+        cpu.thaw()  # (an offline CPU's first run)
+    sim.begin(cpu)
+    try:
+        timers.write_timestamp(cpu)
+        while blocks > 0:
+            start = cpu.fuel.blocks
+            run_slice(cpu, blocks, timeless=True)
+            blocks = min(blocks - (cpu.fuel.blocks - start), sim.blocks_left(cpu))
+            if blocks <= 0 or pending_exit(cpu) is not RunState.HYPERCALL:
+                break
+            hypercalls.do_hypercalls(cpu)
+            if pending_exit(cpu) is not None:
+                break
+    finally:
+        sim.end(cpu)
+
+
 def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     """Give a hibernated CPU a new emulator; the dormitory charges the cost to it."""
     if dormitory is None:
@@ -189,11 +223,16 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
         return
     if dormitory is not None:
         dormitory.drowsy(cpu)
+    sim = cpu.lg.virtual
+    if sim is not None:
+        sim.sleeping(cpu)
     try:
         await cpu.run.wakeup.wait()
     finally:
         if dormitory is not None:
             dormitory.awake(cpu)
+        if sim is not None:
+            sim.awake(cpu)
 
 
 async def _slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:

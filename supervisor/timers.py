@@ -1,6 +1,7 @@
 """The clock event: LHCALL_SET_CLOCKEVENT arms a one-shot timer that raises irq 0.
 
-Timers live on the event loop (``loop.call_later``); a halted guest with no timer
+Timers live on the event loop (``loop.call_later``), or, in deterministic mode, on
+the device's virtual clock (:mod:`supervisor.virtual`); a halted guest with no timer
 and no interrupt costs nothing.  Only the event loop may call these.
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from unicorn import UC_ARCH_X86, UC_MODE_32, Uc
 from unicorn import x86_const as r
 
-from . import _slicing
+from . import _slicing, virtual
 from .abi import LGUEST_DATA_TIME
 from .cpu import LgCpu
 
@@ -66,10 +67,21 @@ def tsc_khz() -> int:
     return max(1, round((tsc1 - tsc0) * 1_000_000 / (ns1 - ns0)))
 
 
+def guest_tsc_khz(cpu: LgCpu) -> int:
+    """``lguest_data.tsc_khz`` for ``cpu``: fixed in deterministic mode."""
+    return tsc_khz() if cpu.lg.virtual is None else virtual.TSC_KHZ
+
+
 def set_clockevent(cpu: LgCpu, delta_ns: int) -> None:
     """Fire irq 0 on ``cpu`` ``delta_ns`` nanoseconds from now; 0 cancels."""
     cancel(cpu)
     if delta_ns == 0:
+        return
+    sim = cpu.lg.virtual
+    if sim is not None:
+        due = sim.clock_ns(cpu) + delta_ns  # virtual nanoseconds
+        cpu.clock.due = due
+        cpu.clock.event = sim.call_at_ns(due, _fire, cpu)
         return
     loop = asyncio.get_running_loop()
     cpu.clock.event = loop.call_later(delta_ns / 1e9, _fire, cpu)
@@ -95,6 +107,9 @@ def remaining(cpu: LgCpu) -> int | None:
     part of the CPU's state value."""
     if cpu.clock.event is None:
         return None
+    sim = cpu.lg.virtual
+    if sim is not None:
+        return max(1, int(cpu.clock.due) - sim.clock_ns(cpu))
     left = cpu.clock.due - asyncio.get_running_loop().time()
     return max(1, int(left * 1e9))
 
@@ -105,12 +120,14 @@ def restore(cpu: LgCpu, delta_ns: int | None) -> None:
 
 
 def write_timestamp(cpu: LgCpu) -> None:
-    """Tell the guest the wall-clock time (``lguest_data.time``)."""
+    """Tell the guest the wall-clock time (``lguest_data.time``; in deterministic mode
+    the virtual clock from ``virtual.EPOCH_NS``)."""
     data = cpu.lguest_data
     if data is None:
         return
     lg = cpu.lg
-    ns = time.time_ns()
+    sim = lg.virtual
+    ns = time.time_ns() if sim is None else virtual.EPOCH_NS + sim.clock_ns(cpu)
     addr = data + LGUEST_DATA_TIME
     if lg.address_ok(addr, _TIMESPEC_SIZE):
         sec, nsec = divmod(ns, 1_000_000_000)

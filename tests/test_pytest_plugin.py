@@ -72,3 +72,61 @@ def test_without_pytest_asyncio_the_async_fixtures_skip_and_say_why(tmp_path: Pa
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 skipped" in done.stdout
     assert "need pytest-asyncio" in done.stdout
+
+
+DETERMINISTIC_SUITE = """
+import pytest
+from supervisor import GuestConfig
+
+TICKER = {ticker!r}
+
+
+@pytest.mark.asyncio
+@pytest.mark.lguest_deterministic(seed=1234)
+async def test_marked_with_a_seed(lguest_supervisor):
+    assert lguest_supervisor.seed == 1234
+    guest = await lguest_supervisor.launch(
+        GuestConfig.build(image=TICKER, cmdline="ticks=1 period_ms=1000")
+    )
+    assert (await guest.wait()).exit_status == 0
+    assert lguest_supervisor.device.virtual.now_ns >= 1_000_000_000  # slept virtual time
+    assert False, "fails on purpose"
+
+
+@pytest.mark.asyncio
+@pytest.mark.lguest_deterministic
+async def test_seed_from_the_option(lguest_device):
+    assert lguest_device.seed == 77
+    assert False, "fails on purpose"
+
+
+@pytest.mark.asyncio
+async def test_not_deterministic(lguest_supervisor):
+    assert lguest_supervisor.seed is None
+    assert False, "fails on purpose"
+"""
+
+
+def test_a_failing_deterministic_test_prints_its_seed(tmp_path: Path) -> None:
+    """The marker makes the fixtures deterministic (its seed, else --lguest-seed); each
+    failing deterministic test's report names its seed, and a plain test's does not."""
+    ticker = str(Path(__file__).resolve().parent.parent / "guests" / "ticker.img")
+    (tmp_path / "test_det.py").write_text(DETERMINISTIC_SUITE.format(ticker=ticker))
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         "--lguest-seed", "77", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    out = done.stdout
+    assert "3 failed" in out, out + done.stderr
+    assert out.count("fails on purpose") >= 3  # each failed where it meant to
+    assert "seed 1234: reproduce it with --lguest-seed 1234" in out
+    assert "lguest_deterministic(seed=1234)" in out
+    assert "seed 77: reproduce it with --lguest-seed 77" in out
+    assert out.count(": reproduce it with --lguest-seed") == 2

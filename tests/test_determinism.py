@@ -1,0 +1,383 @@
+"""Deterministic mode (supervisor.virtual): the same seed gives the same run.
+
+Every check here is on bytes, counts and the virtual clock, never on the host's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from supervisor import GuestConfig, LguestDevice, Supervisor, replay, sdk, testing, virtual
+from supervisor.cli import main
+from supervisor.host import Guest
+
+HERE = Path(__file__).parent
+GUESTS = HERE.parent / "guests"
+TICKER = GUESTS / "ticker.img"
+C_TICKER = GUESTS / "c" / "ticker.elf"
+ECHO = GUESTS / "c" / "echo.elf"
+SMP = GUESTS / "c" / "smp.elf"
+TCP_SERVER = GUESTS / "c" / "tcp_echo_server.elf"
+TCP_CLIENT = GUESTS / "c" / "tcp_echo_client.elf"
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(scope="module")
+def vclock(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/vclock.c built: prints what the guest's clocks read."""
+    return sdk.build([HERE / "c" / "vclock.c"], tmp_path_factory.mktemp("vclock") / "vclock.elf")
+
+
+async def transcript(seed: int, configs: list[GuestConfig], relay: bool = False) -> list[str]:
+    """Run ``configs`` on one deterministic Supervisor; every console line as
+    ``NAME: LINE`` in the order the host saw them (what ``swarm --console prefix``
+    prints).  ``relay``: the last guest is an echo guest that gets every line the
+    others print as its console input (and "quit" once they have all ended)."""
+    lines: list[str] = []
+    async with asyncio.timeout(300), Supervisor(deterministic=True, seed=seed) as sup:
+        guests = [await sup.launch(config) for config in configs]
+        echo = guests[-1] if relay else None
+
+        async def pump(guest: Guest) -> None:
+            async for line in guest.console:
+                lines.append(f"{guest.name}: {line}")
+                if echo is not None and guest is not echo:
+                    echo.send(f"{guest.name} said {line}\n")
+
+        pumps = [asyncio.create_task(pump(g)) for g in guests]
+        others = [g for g in guests if g is not echo]
+        for guest in others:
+            assert not (await guest.wait()).died
+        if echo is not None:
+            echo.send("quit\n")
+            assert not (await echo.wait()).died
+        await asyncio.gather(*pumps)
+    return lines
+
+
+def scenario() -> list[GuestConfig]:
+    """Guests that print at virtual times they compute: tickers (assembly and C, each
+    sleeping), a guest of two CPUs, and an echo guest the others' lines are relayed to."""
+    configs = [
+        GuestConfig.build(image=TICKER, name=f"asm{i}", cmdline=f"ticks=3 period_ms={1 + i}")
+        for i in range(3)
+    ]
+    configs += [
+        GuestConfig.build(image=C_TICKER, name=f"c{i}", cmdline="ticks=3 period_ms=2")
+        for i in range(3)
+    ]
+    configs.append(GuestConfig.build(image=SMP, name="smp", cpus=2, cmdline="loops=20000"))
+    configs.append(GuestConfig.build(image=ECHO, name="echo"))
+    return configs
+
+
+def run_on(loop: str, seed: int) -> list[str]:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        return runner.run(transcript(seed, scenario(), relay=True))
+
+
+def test_the_same_seed_gives_the_same_interleaving_on_both_loops() -> None:
+    """Byte-identical transcripts, relayed console input included, twice on each loop."""
+    runs = [run_on(loop, 7) for loop in ("asyncio", "uvloop", "asyncio", "uvloop")]
+    assert len(runs[0]) > 30
+    assert any(line.startswith("echo: asm0 said tick") for line in runs[0])
+    for other in runs[1:]:
+        assert other == runs[0]
+
+
+def test_another_seed_gives_another_interleaving() -> None:
+    """Seeds 1 and 2 on four identical C tickers.  All four boot at once, so the seed
+    alone orders their boots, hence when each arms its timer and prints.  Each run is
+    deterministic (the test above), so this comparison has one outcome for ever: seed
+    1 boots t3 first, seed 2 boots t0 first."""
+    configs = [
+        GuestConfig.build(image=C_TICKER, name=f"t{i}", cmdline="ticks=2 period_ms=1000")
+        for i in range(4)
+    ]
+    with asyncio.Runner() as runner:
+        one = runner.run(transcript(1, configs))
+        two = runner.run(transcript(2, configs))
+    assert sorted(one) == sorted(two)  # the same lines...
+    assert one != two  # ...in another order
+
+
+async def test_sleeping_guests_cost_no_wall_time_and_see_virtual_time() -> None:
+    """20 guests ticking 3 times, 1 s apart, all asleep between ticks: the clock jumps
+    from timer to timer, and ends just past the 3 s they slept."""
+    async with asyncio.timeout(300), Supervisor(deterministic=True, seed=3) as sup:
+        guests = [
+            await sup.launch(
+                GuestConfig.build(image=TICKER, name=f"t{i}", cmdline="ticks=3 period_ms=1000")
+            )
+            for i in range(20)
+        ]
+        for guest in guests:
+            assert (await guest.wait()).exit_status == 0
+        sim = sup.device.virtual
+        assert sim is not None
+        assert 3_000_000_000 <= sim.now_ns < 3_100_000_000
+        assert sim.jumps >= 3
+        assert sim.jumped_ns > 2_900_000_000  # nearly all of it asleep
+        assert sup.seed == 3
+
+
+async def test_a_guest_reads_virtual_clocks(vclock: Path) -> None:
+    """CLOCK_REALTIME starts at the virtual epoch; CLOCK_MONOTONIC (the TSC, hooked)
+    advances by the sleeps and a little work; AT_RANDOM (from both) is the same on
+    every run, as is every value printed."""
+
+    async def once() -> list[str]:
+        return await transcript(11, [GuestConfig.build(image=vclock, name="v", cmdline="2")])
+
+    first = await once()
+    assert first[0] == f"v: real {virtual.EPOCH_NS // 1_000_000_000}"
+    monos = [int(line.split()[-1]) for line in first if line.startswith("v: mono")]
+    assert len(monos) == 3
+    assert monos[0] < 100_000_000  # a boot's worth of blocks, not the host's uptime
+    for before, after in itertools.pairwise(monos):
+        assert 1_000_000_000 <= after - before < 1_010_000_000
+    assert await once() == first
+
+
+async def test_quanta_end_at_timers_and_count_blocks() -> None:
+    """A 1 ms ticker: each tick is due at an exact virtual time, so the clock at the end
+    is the same on every run, to the nanosecond."""
+
+    async def end() -> int:
+        async with Supervisor(deterministic=True, seed=5) as sup:
+            g = await sup.launch(GuestConfig.build(image=TICKER, cmdline="ticks=5 period_ms=1"))
+            assert (await g.wait()).exit_status == 0
+            sim = sup.device.virtual
+            assert sim is not None
+            assert sim.quanta > 5
+            return sim.now_ns
+
+    first = await end()
+    assert 5_000_000 <= first < 6_000_000
+    assert await end() == first
+
+
+def test_derived_randomness_and_the_virtual_clock_for_other_parts() -> None:
+    sim = virtual.Simulation(9)
+    net = sim.random("net")
+    assert [net.random() for _ in range(3)] == [
+        x for x in (lambda r: [r.random() for _ in range(3)])(virtual.Simulation(9).random("net"))
+    ]
+    assert sim.random("net").random() != sim.random("disk").random()
+    assert sim.time() == 0.0
+
+
+@pytest.mark.parametrize("seed", [-1, 1 << 64, True, 1.5])
+def test_bad_seeds_are_refused(seed: object) -> None:
+    with pytest.raises(ValueError, match="seed"):
+        virtual.Simulation(seed)  # type: ignore[arg-type]
+
+
+async def test_a_seed_needs_the_switch() -> None:
+    with pytest.raises(ValueError, match="deterministic"):
+        LguestDevice(seed=3)
+    plain = LguestDevice()
+    assert plain.virtual is None and plain.seed is None
+    await plain.aclose()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--seed", "3", str(TICKER)], "--seed needs --deterministic"),
+        (["run", "--deterministic", "--seed", "-4", str(TICKER)], "--seed"),
+        (["swarm", "--deterministic", "--max-alive", "2", str(TICKER)], "--max-alive"),
+        (["swarm", "--deterministic", "--cluster", "local", str(TICKER)], "--cluster"),
+    ],
+)
+def test_bad_deterministic_options_are_one_line_and_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("supervisor: error:") and message in err
+
+
+async def test_a_guest_nobody_reads_does_not_stop_the_others() -> None:
+    """On a bare device: a guest initialized and never read counts as asleep, so the
+    guest being read runs to its end; the clock then says exactly how many blocks it
+    ran, the same on every run."""
+
+    async def once() -> int:
+        async with LguestDevice(deterministic=True, seed=2) as dev:
+            g = await testing.boot(dev, testing.COUNT_TO.format(target=200_000))
+            idle = await testing.boot(dev, testing.SPIN)
+            assert await asyncio.wait_for(testing.run_to_end(g), 120) == "counted"
+            assert g.u32("regcount") == 200_000
+            assert idle.u32("counter") == 0  # never read: never ran
+            sim = dev.virtual
+            assert sim is not None
+            return sim.now_ns
+
+    first = await once()
+    assert first >= 200_000 * virtual.NS_PER_BLOCK  # at least a block per iteration
+    assert await once() == first
+
+
+async def test_the_network_draws_from_the_seed_and_runs_on_virtual_time() -> None:
+    """A deterministic Supervisor's default network: its faults' randomness is derived
+    from the seed (the same sequence for the same seed, another for another) and its
+    delays are timed by the virtual clock."""
+
+    async def draws(seed: int) -> list[float]:
+        async with Supervisor(deterministic=True, seed=seed) as sup:
+            assert sup.net.clock is sup.device.virtual
+            return [sup.net.random.random() for _ in range(4)]
+
+    assert await draws(5) == await draws(5)
+    assert await draws(5) != await draws(6)
+    async with Supervisor() as plain:
+        assert plain.net.clock is not None and plain.net.clock is not plain.device.virtual
+
+
+async def test_guests_talking_over_the_network_give_the_same_transcript() -> None:
+    """An echo server and four clients on the guests' network: the order in which the
+    clients are served, and so print their echoes, is the same on every run."""
+    configs = [GuestConfig.build(image=TCP_SERVER, name="srv", net=True, cmdline="7 4")]
+    configs += [
+        GuestConfig.build(image=TCP_CLIENT, name=f"c{i}", net=True, cmdline=f"srv 7 hello {i}")
+        for i in range(4)
+    ]
+    first = await transcript(4, configs)
+    assert first[0] == "srv: listening on 7"
+    assert sorted(first[1:]) == [f"c{i}: hello {i}" for i in range(4)]
+    assert await transcript(4, configs) == first
+
+
+async def test_a_failing_schedule_kills_its_guests_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: virtual.Simulation) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(virtual.Simulation, "_give_turn", broken)
+    async with asyncio.timeout(120), Supervisor(deterministic=True, seed=1) as sup:
+        guest = await sup.launch(GuestConfig.build(image=TICKER, cmdline="ticks=1"))
+        end = await guest.wait()
+    assert end.died
+    assert "deterministic schedule: RuntimeError: broken on purpose" in end.reason
+
+
+def test_a_deterministic_swarm_prints_the_same_lines_and_virtual_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``swarm --console prefix --deterministic --seed N`` twice: the same guest lines
+    in the same order, the same virtual time, and the blocks column (they are counted)."""
+    argv = ["swarm", "-n", "4", "--deterministic", "--seed", "5", "--console", "prefix",
+            "--loop", "asyncio", "--cmdline", "ticks=3 period_ms=7", str(TICKER)]  # fmt: skip
+    outputs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert "supervisor: deterministic run, seed 5" in captured.err
+        lines = captured.out.splitlines()
+        guest_lines = [line for line in lines if line.startswith("ticker-")]
+        virtual_lines = [line for line in lines if line.startswith("virtual time:")]
+        assert len(guest_lines) == 16 and len(virtual_lines) == 1
+        assert "blocks" in captured.out
+        outputs.append((guest_lines, virtual_lines))
+    assert outputs[0] == outputs[1]
+
+
+@pytest.fixture(scope="module")
+def stamp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/stamp.c built: prints each input line with the time it was read."""
+    return sdk.build([HERE / "c" / "stamp.c"], tmp_path_factory.mktemp("stamp") / "stamp.elf")
+
+
+def cli(*args: str, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "supervisor", *args],
+        stdin=subprocess.PIPE if stdin is None else stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_replay_feeds_the_recorded_input_at_the_same_points(stamp: Path, tmp_path: Path) -> None:
+    """Input typed in two pieces, the second only once the guest answered the first:
+    the replay (stdin closed) prints the same lines with the same virtual times, and
+    the recording names no path."""
+    record = tmp_path / "run.replay"
+    recording = cli("run", "--record", str(record), str(stamp), stdin=None)
+    assert recording.stdin is not None and recording.stdout is not None
+    recording.stdin.write("one\n")
+    recording.stdin.flush()
+    first = recording.stdout.readline()
+    assert first.startswith("one at ")
+    recording.stdin.write("two\n")
+    recording.stdin.close()
+    rest = recording.stdout.read()
+    assert recording.wait(timeout=120) == 0, recording.stderr
+
+    recorded = first + rest
+    assert recorded.splitlines()[1].startswith("two at ") and recorded.endswith("eof\n")
+    text = record.read_text()
+    assert str(tmp_path) not in text and "stamp" not in text
+    steps = [entry["step"] for entry in json.loads(text)["inputs"]]
+    assert len(steps) == 3 and steps[0] < steps[1] <= steps[2]  # one, two, the end
+    replaying = cli("run", "--replay", str(record), str(stamp))
+    replayed, err = replaying.communicate(timeout=120)
+    assert replaying.returncode == 0, err
+    assert replayed == recorded
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not a recording"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": [], "image": "/etc/passwd"}', "not a recording"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": [{"step": 1, "data": "@@"}]}', "not base64"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": [{"step": 5}, {"step": 2}]}', "out of order"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "inputs": []}', "another image"),
+    ],
+)  # fmt: skip
+def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
+    content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.replay"
+    image, rest = replay.digests(GuestConfig.build(image=TICKER))
+    if message == "another image":
+        image = "0" * 64
+    path.write_text(content.replace("%s", image, 1).replace("%s", rest, 1))
+    assert main(["run", "--replay", str(path), str(TICKER)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran
+    assert captured.err.count("\n") == 1 and captured.err.startswith("supervisor: error:")
+    assert message in captured.err
+
+
+def test_replay_options_that_cannot_go_together_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "r.replay"
+    for argv in (
+        ["run", "--replay", str(path), "--seed", "3", str(TICKER)],
+        ["run", "--record", str(path), "--replay", str(path), str(TICKER)],
+        ["run", "--record", str(tmp_path / "no" / "such" / "dir"), str(TICKER)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("supervisor: error:"), err
