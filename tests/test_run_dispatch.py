@@ -29,7 +29,7 @@ class Script:
         self.done: list[str] = []
         self.states: Iterator[RunState | None] = iter(states)
         other = SimpleNamespace(id=1, wake=lambda: self.done.append("wake cpu 1"))
-        self.lg = SimpleNamespace(dead=None, cpus=[])
+        self.lg = SimpleNamespace(dead=None, cpus=[], virtual=None)
         self.cpu: Any = SimpleNamespace(
             id=0,
             lg=self.lg,
