@@ -66,6 +66,7 @@ from typing import Any, TypeVar
 
 from .. import net as _net
 from .devices import Device, Slot
+from .epoll import EPOLL_OPS, Epoll
 from .sockets import (
     FS_EVENTS,
     FS_SOCKMAP,
@@ -236,6 +237,7 @@ class _Description:
     stale: bool = False  # could not be reopened after a restore
     refs: int = 0
     sock: Any = None  # a supervisor.net.Socket: this description is a socket
+    epoll: Epoll | None = None  # this description is an epoll instance
     inode: tuple[int, int] | None = None  # (st_dev, st_ino), once a lock request needed it
 
     @property
@@ -398,7 +400,8 @@ class FilesDevice(Device):
             fds.append([fd, index[id(d)], entry.cloexec])
         saved = []
         for d in descriptions:
-            if d.sock is not None or d.grant == SYNTH_GRANT:  # not kept: ESTALE once restored
+            if d.sock is not None or d.epoll is not None or d.grant == SYNTH_GRANT:
+                # not kept: ESTALE once restored
                 saved.append({"grant": TMP_GRANT, "path": "", "flags": d.flags, "dir": False,
                               "offset": 0, "position": 0, "stale": True})  # fmt: skip
                 continue
@@ -458,7 +461,7 @@ class FilesDevice(Device):
         self.requests += 1
         op, raw_fd, *args = slot.get_words(FS_OP, 9)  # op, fd, a0..a6
         fd = _signed(raw_fd)
-        handler = _OPS.get(op) or SOCKET_OPS.get(op)
+        handler = _OPS.get(op) or SOCKET_OPS.get(op) or EPOLL_OPS.get(op)
         if handler is None:
             raise FileRequestError(f"unknown file request {op}")
         try:
@@ -654,6 +657,8 @@ class FilesDevice(Device):
             return d.fd
         if d.sock is not None:
             raise _GuestError(errno.ESPIPE)
+        if d.epoll is not None:
+            raise _GuestError(errno.EINVAL)
         if d.stale:
             raise _GuestError(errno.ESTALE)
         base = await self._grant_fd(d.grant)
@@ -692,16 +697,37 @@ class FilesDevice(Device):
             sock.close()
             raise
 
+    def install_epoll(self, ep: Epoll, cloexec: bool) -> int:
+        """A new descriptor for the epoll instance ``ep`` (EMFILE if the table is full)."""
+        return self._install(_Description(TMP_GRANT, "", 2, epoll=ep), FIRST_FD, cloexec)
+
     def poll_bits(self, fd: int) -> int:
         """``poll`` events of ``fd``: a socket's state; a file is always ready."""
         entry = self._table.entries.get(fd)
         if entry is None:
             return _net.POLLNVAL
-        sock = entry.description.sock
-        if sock is None:
-            return _net.POLLIN | _net.POLLOUT
-        bits: int = sock.poll()
-        return bits
+        return self.description_bits(entry.description)
+
+    def description_bits(self, d: _Description) -> int:
+        """``poll`` events of an open description: a socket's state, an epoll
+        instance's readability (it has an event to report); a file is always ready."""
+        if d.sock is not None:
+            bits: int = d.sock.poll()
+            return bits
+        if d.epoll is not None:
+            return _net.POLLIN if d.epoll.any_ready(self) else 0
+        return _net.POLLIN | _net.POLLOUT
+
+    @staticmethod
+    def pollable(d: _Description) -> bool:
+        """Whether epoll may watch ``d``: a socket or an epoll instance (as on Linux,
+        a regular file or a directory may not: EPERM)."""
+        return d.sock is not None or d.epoll is not None
+
+    @staticmethod
+    def is_open(d: _Description) -> bool:
+        """Whether some guest descriptor still refers to ``d``."""
+        return d.refs > 0
 
     def guest_buffer(self, slot: Slot, addr: int, length: int) -> memoryview:
         """A view of guest RAM (EFAULT outside it; a length above MAX_IO kills)."""
@@ -767,6 +793,8 @@ class FilesDevice(Device):
         if d.refs <= 0 and d.sock is not None:
             d.sock.close()
             d.sock = None
+        if d.refs <= 0 and d.epoll is not None:
+            d.epoll.clear()
 
     # -- guest memory ------------------------------------------------------------------
     @staticmethod

@@ -18,6 +18,11 @@
  *  - poll and select cover the console (fds 0-2, asked of runtime.c), files
  *    (always ready) and sockets (the device's answer), with a timeout on the
  *    clock event.
+ *  - epoll: an epoll instance is a descriptor of the device, holding its
+ *    interest list (supervisor/launcher/epoll.py); epoll_wait asks it for the
+ *    events ready now and waits as poll does.  The request carries whether
+ *    fd 0 is readable (the console is the runtime's) and says back whether the
+ *    instance watches fd 0 for input (then the wait is on this CPU, as poll's).
  *  - one CPU at a time: every call holds the file device's lock, except while
  *    a thread waits for the network.
  */
@@ -36,7 +41,9 @@
 enum {
     OP_SOCKET = 22, OP_BIND, OP_LISTEN, OP_ACCEPT, OP_CONNECT, OP_SENDTO, OP_RECVFROM,
     OP_SHUTDOWN, OP_SOCKNAME, OP_SETSOCKOPT, OP_GETSOCKOPT, OP_POLL,
+    OP_EPOLL_CREATE = 35, OP_EPOLL_CTL, OP_EPOLL_WAIT,
 };
+#define EPOLL_CLOEXEC 02000000
 #define NET_WAIT (-(1L << 20))
 #define MSG_WAITALL 0x100
 #define POLLIN 1
@@ -272,6 +279,31 @@ static long do_poll(struct pollfd32 *fds, uint32_t n, int64_t timeout_ns)
     }
 }
 
+/* timeout_ns < 0: no timeout. */
+static long do_epoll_wait(int epfd, void *events, int maxevents, int64_t timeout_ns)
+{
+    if (maxevents <= 0 || maxevents > 0x7fffffff / 12) return -EINVAL;
+    if (!events) return -EFAULT;
+    uint64_t deadline = timeout_ns > 0 ? now_ns() + (uint64_t)timeout_ns : 0;
+    for (;;) {
+        if (!looked) call(OP_POLL, 0, 0, 0, 0, 0, 0);
+        uint32_t seen = dev ? dev->events : 0;
+        uint32_t console = 0;
+        long ready = call(OP_EPOLL_WAIT, epfd, (uint32_t)events, (uint32_t)maxevents,
+                          (uint32_t)__lguest_console_readable(), (uint32_t)&console, 0);
+        if (ready != 0 || timeout_ns == 0) return ready;
+        if (timeout_ns > 0 && now_ns() >= deadline) return 0;
+        if (!console && thread_wait(seen, timeout_ns > 0 ? deadline : 0)) continue;
+        if (timeout_ns > 0) {
+            uint64_t t = now_ns();
+            if (t >= deadline) return 0;
+            uint64_t left = deadline - t;
+            lguest_set_clockevent((unsigned long)(left > 0x7fffffffu ? 0x7fffffffu : left));
+        }
+        if (!dev || dev->events == seen) lguest_halt(); /* any irq: look again */
+    }
+}
+
 static int64_t ts_ns(const void *ts, int wide)
 {
     if (!ts) return -1;
@@ -414,6 +446,24 @@ static long net_call(long nr, long a1, long a2, long a3, long a4, long a5, long 
     case 413: /* pselect6_time64 */
         return do_select((int)a1, (uint32_t *)a2, (uint32_t *)a3, (uint32_t *)a4,
                          ts_ns((const void *)a5, nr == 413));
+    case 254: /* epoll_create(size) */
+        if ((int)a1 <= 0) return -EINVAL;
+        return call(OP_EPOLL_CREATE, 0, 0, 0, 0, 0, 0);
+    case 329: /* epoll_create1(flags) */
+        if (a1 & ~EPOLL_CLOEXEC) return -EINVAL;
+        return call(OP_EPOLL_CREATE, 0, (a1 & EPOLL_CLOEXEC) != 0, 0, 0, 0, 0);
+    case 255: /* epoll_ctl(epfd, op, fd, event) */
+        if (!a4 && (a2 == 1 || a2 == 3)) return -EFAULT; /* ADD, MOD need an event */
+        return call(OP_EPOLL_CTL, fd, a[1], a[2], a[3], 0, 0);
+    case 256: /* epoll_wait(epfd, events, maxevents, ms) */
+    case 319: /* epoll_pwait: the same, with a signal mask (no signals are delivered) */
+        return do_epoll_wait(fd, (void *)a2, (int)a3,
+                             (int)a4 < 0 ? -1 : (int64_t)(int)a4 * 1000000);
+    case 441: { /* epoll_pwait2: a struct timespec (64-bit), NULL: none */
+        int64_t t = ts_ns((const void *)a4, 1);
+        if (t == -2) return -EINVAL;
+        return do_epoll_wait(fd, (void *)a2, (int)a3, t);
+    }
     }
     *handled = 0;
     return 0;
@@ -428,6 +478,7 @@ int __lguest_net_syscall(long nr, long a1, long a2, long a3, long a4, long a5, l
         if (!is_socket((int)a1)) return 0;
         break;
     case 102: case 142: case 168: case 308: case 309: case 413: case 414:
+    case 254: case 255: case 256: case 319: case 329: case 441:
         break;
     default:
         if (nr < 359 || nr > 373) return 0;

@@ -1,0 +1,218 @@
+"""The file device's epoll requests: an epoll instance is an open description.
+
+An epoll instance lives in the file device's descriptor table like a file or a
+socket, so ``dup``, ``close``, ``fcntl``, ``poll`` and the table's limit
+(EMFILE) treat it alike.  Its interest list holds one :class:`Interest` per
+(descriptor number, open description), as Linux keys it: closing a watched
+descriptor drops its interest once no descriptor refers to that description.
+
+The requests (docs/abi.md, "epoll") never wait: ``EPOLL_WAIT`` answers the
+events ready now (the runtime waits for the device's events counter or the
+timeout and asks again, as for ``poll``).  The console (descriptors 0-2) is
+the runtime's: the request says whether a read of descriptor 0 would not wait,
+and writes back whether the instance watches it for input (then the runtime
+waits on the console's CPU, as a ``poll`` of it does).
+
+Level-triggered interests report while their condition holds.  ``EPOLLET``
+reports a condition when it becomes true: bits that were not ready when the
+interest was last looked at.  ``EPOLLONESHOT`` disarms an interest once it is
+reported, until ``EPOLL_CTL_MOD``.  Reported interests move to the end of the
+list, so a small ``maxevents`` serves every ready descriptor in turn.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import net
+from .devices import Slot
+
+if TYPE_CHECKING:
+    from .files import FilesDevice
+
+OP_EPOLL_CREATE = 35
+OP_EPOLL_CTL = 36
+OP_EPOLL_WAIT = 37
+
+EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD = 1, 2, 3
+EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP = net.POLLIN, net.POLLOUT, net.POLLERR, net.POLLHUP
+EPOLLPRI, EPOLLRDHUP = net.POLLPRI, net.POLLRDHUP
+EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
+MAX_NESTS = 4  # Linux's EP_MAX_NESTS: deeper chains of epoll instances are ELOOP
+MAX_EVENTS = 0x7FFFFFFF // 12
+
+_EVENT = struct.Struct("<IQ")  # struct epoll_event on i386: events, data (12 bytes, packed)
+_U32 = struct.Struct("<I")
+
+
+@dataclass
+class Interest:
+    """One watched descriptor of an epoll instance."""
+
+    fd: int
+    target: Any  # the watched open description; None for the console (descriptors 0-2)
+    events: int  # the events asked for, with EPOLLERR | EPOLLHUP (always reported)
+    data: int  # returned as given
+    armed: bool = True  # EPOLLONESHOT: False once reported, until a MOD
+    last: int = 0  # EPOLLET: the ready bits the interest last saw
+
+
+class Epoll:
+    """An epoll instance's interest list, in report order."""
+
+    def __init__(self) -> None:
+        self.interest: dict[tuple[int, int], Interest] = {}
+
+    def clear(self) -> None:
+        """The instance's last descriptor closed: it watches nothing more."""
+        self.interest.clear()
+
+    def any_ready(self, dev: FilesDevice, depth: int = 0) -> bool:
+        """Whether some interest would be reported now (``poll`` of the instance, or an
+        instance watching it).  Console input counts as not ready here (the runtime
+        tells the device only in ``EPOLL_WAIT``)."""
+        for it in self.interest.values():
+            if not it.armed or (it.target is not None and not dev.is_open(it.target)):
+                continue
+            bits = _bits(dev, it, 0, depth)
+            if it.events & EPOLLET:
+                bits &= ~it.last
+            if bits:
+                return True
+        return False
+
+    def reaches(self, other: Epoll, depth: int = 0) -> bool:
+        """Whether this instance watches ``other`` (itself, or through instances it
+        watches), or the chain is deeper than Linux allows: an ADD would be ELOOP."""
+        if self is other or depth > MAX_NESTS:
+            return True
+        for it in self.interest.values():
+            inner = it.target.epoll if it.target is not None else None
+            if inner is not None and inner.reaches(other, depth + 1):
+                return True
+        return False
+
+
+def _bits(dev: FilesDevice, it: Interest, console_in: int, depth: int = 0) -> int:
+    """The ready bits of ``it``'s descriptor among the ones it asked for."""
+    if it.target is None:
+        bits = (EPOLLIN if console_in else 0) if it.fd == 0 else EPOLLOUT  # 0 in, 1-2 out
+    elif it.target.epoll is not None:
+        bits = EPOLLIN if depth < MAX_NESTS and it.target.epoll.any_ready(dev, depth + 1) else 0
+    else:
+        bits = dev.description_bits(it.target)
+    return bits & it.events
+
+
+def _err(code: int) -> Exception:
+    from .files import guest_error
+
+    return guest_error(code)
+
+
+def _signed(word: int) -> int:
+    return word - (1 << 32) if word & 0x80000000 else word
+
+
+def _epoll_of(dev: FilesDevice, fd: int) -> Epoll:
+    ep: Epoll | None = dev.description_of(fd).epoll
+    if ep is None:
+        raise _err(errno.EINVAL)
+    return ep
+
+
+async def op_epoll_create(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+    """a0: close-on-exec (0 or 1)."""
+    return dev.install_epoll(Epoll(), bool(a[0]))
+
+
+async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -> int:
+    """a0: the operation; a1: the watched descriptor; a2: its struct epoll_event (ADD, MOD)."""
+    op, fd, addr = a[0], _signed(a[1]), a[2]
+    events = data = 0
+    if op in (EPOLL_CTL_ADD, EPOLL_CTL_MOD):
+        raw = slot.read(addr, _EVENT.size)
+        if raw is None:
+            raise _err(errno.EFAULT)
+        events, data = _EVENT.unpack(raw)
+    ep_description = dev.description_of(epfd)
+    target = None if 0 <= fd <= 2 else dev.description_of(fd)
+    if target is not None and not dev.pollable(target):
+        raise _err(errno.EPERM)
+    ep = ep_description.epoll
+    if ep is None or target is ep_description:
+        raise _err(errno.EINVAL)
+    if events & EPOLLEXCLUSIVE and (op == EPOLL_CTL_MOD or (target is not None and target.epoll)):
+        raise _err(errno.EINVAL)
+    key = (fd, id(target) if target is not None else 0)
+    if op == EPOLL_CTL_ADD:
+        if key in ep.interest:
+            raise _err(errno.EEXIST)
+        if target is not None and target.epoll is not None and target.epoll.reaches(ep):
+            raise _err(errno.ELOOP)
+        ep.interest[key] = Interest(fd, target, events | EPOLLERR | EPOLLHUP, data)
+        return 0
+    if op not in (EPOLL_CTL_DEL, EPOLL_CTL_MOD):
+        raise _err(errno.EINVAL)
+    it = ep.interest.get(key)
+    if it is None:
+        raise _err(errno.ENOENT)
+    if op == EPOLL_CTL_DEL:
+        del ep.interest[key]
+    else:
+        it.events, it.data, it.armed, it.last = events | EPOLLERR | EPOLLHUP, data, True, 0
+    return 0
+
+
+async def op_epoll_wait(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -> int:
+    """a0: the events buffer; a1: maxevents; a2: 1 if a read of descriptor 0 would not
+    wait; a3: where to write whether the instance watches descriptor 0 for input (0:
+    nowhere).  The events ready now, at most maxevents, never waiting."""
+    addr, maxevents, console_in, flag = a[0], a[1], a[2], a[3]
+    ep = _epoll_of(dev, epfd)
+    if not 0 < maxevents <= MAX_EVENTS:
+        raise _err(errno.EINVAL)
+    if not slot.in_ram(addr, min(maxevents, len(ep.interest) or 1) * _EVENT.size):
+        raise _err(errno.EFAULT)
+    console = False
+    reported: list[tuple[tuple[int, int], Interest, int]] = []
+    for key, it in list(ep.interest.items()):
+        if it.target is not None and not dev.is_open(it.target):
+            del ep.interest[key]  # its last descriptor closed
+            continue
+        if not it.armed:
+            continue
+        console |= it.target is None and it.fd == 0 and bool(it.events & EPOLLIN)
+        bits = _bits(dev, it, console_in)
+        if it.events & EPOLLET:
+            fresh = bits & ~it.last
+            if fresh and len(reported) < maxevents:
+                reported.append((key, it, fresh))
+                it.last = bits
+            elif not fresh:
+                it.last = bits  # bits that went away may rise again
+        elif bits and len(reported) < maxevents:
+            reported.append((key, it, bits))
+    out = bytearray()
+    for key, it, bits in reported:
+        out += _EVENT.pack(bits, it.data)
+        if it.events & EPOLLONESHOT:
+            it.armed = False
+        del ep.interest[key]  # to the end: the next call serves the others first
+        ep.interest[key] = it
+    if out:
+        dev.put(slot, addr, bytes(out))
+    if flag:
+        dev.put(slot, flag, _U32.pack(int(console)))
+    return len(reported)
+
+
+EPOLL_OPS: dict[int, Callable[[FilesDevice, Slot, int, list[int]], Awaitable[int]]] = {
+    OP_EPOLL_CREATE: op_epoll_create,
+    OP_EPOLL_CTL: op_epoll_ctl,
+    OP_EPOLL_WAIT: op_epoll_wait,
+}

@@ -1,0 +1,138 @@
+"""epoll for C guests: Linux's errors, interest-list semantics, and servers of several
+TCP clients, level- and edge-triggered.
+
+The guest is tests/c/epollprobe.c (one mode per run).  Needs the ``sdk`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from supervisor import Exit, Guest, GuestConfig, Supervisor
+from supervisor.pytest_plugin import BuildGuest
+
+HERE = Path(__file__).resolve().parent
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+
+
+@pytest.fixture
+def probe(build_guest: BuildGuest) -> Path:
+    return build_guest((HERE / "c" / "epollprobe.c").read_text(), flags=("-O2",))
+
+
+async def launch(sup: Supervisor, image: Path, name: str, cmdline: str, **extra: object) -> Guest:
+    config = GuestConfig(image=image, name=name, cmdline=cmdline, memory="4M", net=True)
+    return await sup.launch(config.model_copy(update=extra) if extra else config)
+
+
+async def output(guest: Guest) -> tuple[list[str], Exit]:
+    async with asyncio.timeout(LIMIT):
+        lines = [line async for line in guest.console]
+        return lines, await guest.wait()
+
+
+async def test_epoll_errors_and_interest_list_semantics(probe: Path) -> None:
+    async with Supervisor() as sup:
+        lines, end = await output(await launch(sup, probe, "e", "errors", max_files=64))
+    assert end == Exit(0, "power off")
+    assert lines == [
+        "create0 -1 EINVAL",
+        "create1-flags -1 EINVAL",
+        "cloexec 1 OK",  # EPOLL_CLOEXEC
+        "plain 0 OK",
+        "add-badep -1 EBADF",
+        "add-badfd -1 EBADF",
+        "add-negfd -1 EBADF",
+        "add-notep -1 EINVAL",  # epfd is a socket
+        "add-self -1 EINVAL",
+        "add-null -1 EFAULT",
+        "op-bad -1 EINVAL",
+        "mod-absent -1 ENOENT",
+        "del-absent -1 ENOENT",
+        "add 0 OK",
+        "add-again -1 EEXIST",
+        "add-file -1 EPERM",  # a regular file
+        "nest 0 OK",
+        "loop -1 ELOOP",
+        "nested 1 1:7",  # an instance with an event ready is readable
+        "wait-badep -1 EBADF",
+        "wait-notep -1 EINVAL",
+        "wait-zero -1 EINVAL",
+        "wait-null -1 EFAULT",
+        "read-ep -1 EINVAL",
+        "ready 1 4:1122334455667788",  # data.u64 as given
+        "after-close 1 4:1122334455667788",  # a dup still holds the description
+        "after-last 0",  # its last descriptor closed: the interest is gone
+        "del-closed -1 EBADF",
+        "oneshot 0 OK",
+        "oneshot-1 1 4:2",
+        "oneshot-2 0",  # disarmed
+        "rearm 0 OK",
+        "oneshot-3 1 4:3",
+        "mod-et 0 OK",
+        "et-1 1 4:4",
+        "et-2 0",  # still writable, but no new edge
+        "del 0 OK",
+        "turn 1 5",
+        "turn 1 6",  # the other ready one, not the first again
+        "turn 1 5",
+        "timeout 0",
+        "add-stdout 0 OK",
+        "stdout 1 4:9",
+        "dup 1 4:9",  # the dup'ed epoll descriptor is the same instance
+        "wait-closed -1 EBADF",
+        "emfile 1 EMFILE",
+    ]
+
+
+@pytest.mark.parametrize("threads", ["", " threads"])
+async def test_epoll_waits_on_console_input_and_sockets_together(probe: Path, threads: str) -> None:
+    async with Supervisor() as sup:
+        guest = await launch(sup, probe, "con", f"console 7000{threads}")
+        await guest.expect("ready", LIMIT)
+        guest.send("typed\n")
+        await guest.expect("stdin typed", LIMIT)
+        reader, writer = await sup.net.open_connection("con", 7000)
+        writer.write(b"12345")
+        writer.write_eof()
+        lines, end = await output(guest)
+        assert reader.at_eof() or await reader.read() == b""
+    assert lines == ["", "event 200", "client 5", "timeout 0"]
+    assert end.ok
+
+
+async def _clients(sup: Supervisor, name: str, port: int, count: int) -> list[bytes]:
+    """``count`` host connections to the guest, written in turn, each echoed whole."""
+    conns = [await sup.net.open_connection(name, port) for _ in range(count)]
+    for rnd in range(3):
+        for i, (_, writer) in enumerate(conns):
+            writer.write(f"client {i} round {rnd};".encode() * (1 + 500 * rnd))
+    got: list[bytes] = []
+    for reader, writer in conns:
+        writer.write_eof()
+        got.append(await reader.read())
+        writer.close()
+    return got
+
+
+@pytest.mark.parametrize("mode", ["", " et"])
+async def test_an_epoll_server_serves_several_clients(probe: Path, mode: str) -> None:
+    count = 5
+    async with Supervisor() as sup:
+        guest = await launch(sup, probe, "srv", f"serve 7 {count}{mode}")
+        await guest.expect("listening 7", LIMIT)
+        async with asyncio.timeout(LIMIT):
+            got = await _clients(sup, "srv", 7, count)
+        lines, end = await output(guest)
+    sent = [
+        b"".join(f"client {i} round {r};".encode() * (1 + 500 * r) for r in range(3))
+        for i in range(count)
+    ]
+    assert got == sent  # every byte back, in order, on its own connection
+    total = sum(map(len, sent))
+    served = f"served {count} accepted {count} bytes {total}"
+    assert lines == ["", served, "left 0"]  # "": the rest of the line expect() consumed
+    assert end.ok
