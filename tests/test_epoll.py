@@ -1,5 +1,5 @@
-"""epoll for C guests: Linux's errors, interest-list semantics, and servers of several
-TCP clients, level- and edge-triggered.
+"""epoll for C guests: Linux's errors, interest-list semantics, servers of several
+TCP clients, level- and edge-triggered, and what a snapshot keeps.
 
 The guest is tests/c/epollprobe.c (one mode per run).  Needs the ``sdk`` extra.
 """
@@ -7,11 +7,16 @@ The guest is tests/c/epollprobe.c (one mode per run).  Needs the ``sdk`` extra.
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
 
 from supervisor import Exit, Guest, GuestConfig, Supervisor
+from supervisor import net as netmod
+from supervisor.launcher import epoll, files
+from supervisor.launcher.devices import Slot
+from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
 
 HERE = Path(__file__).resolve().parent
@@ -136,3 +141,36 @@ async def test_an_epoll_server_serves_several_clients(probe: Path, mode: str) ->
     served = f"served {count} accepted {count} bytes {total}"
     assert lines == ["", served, "left 0"]  # "": the rest of the line expect() consumed
     assert end.ok
+
+
+async def test_a_snapshot_keeps_an_epoll_descriptor_only_as_stale() -> None:
+    memory = GuestMemory((1 << 20) + 4096)
+    network = netmod.Network()
+    dev = files.FilesDevice(net=network.join("saved"))
+    again = files.FilesDevice(net=network.join("restored"))
+    slot = Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
+    try:
+        dev.attach(slot)
+        slot.set(files.FS_OP, epoll.OP_EPOLL_CREATE)
+        slot.set(files.FS_A0, 0)
+        await dev.notify(slot)
+        assert slot.get(files.FS_RESULT) == 3
+        state = dev.state()
+        again.attach(slot)
+        again.restore(state)
+        estale = -errno.ESTALE & 0xFFFFFFFF
+        for op, args, want in [
+            (epoll.OP_EPOLL_WAIT, [0x1000, 1, 0, 0], estale),
+            (epoll.OP_EPOLL_CTL, [epoll.EPOLL_CTL_ADD, 1, 0x1000], estale),
+            (files.OP_CLOSE, [], 0),
+        ]:
+            slot.set(files.FS_OP, op)
+            slot.set(files.FS_FD, 3)
+            for i, value in enumerate(args):
+                slot.set(files.FS_A0 + 4 * i, value)
+            await again.notify(slot)
+            assert slot.get(files.FS_RESULT) == want
+    finally:
+        await dev.stop()
+        await again.stop()
+        memory.close()

@@ -18,6 +18,9 @@ reports a condition when it becomes true: bits that were not ready when the
 interest was last looked at.  ``EPOLLONESHOT`` disarms an interest once it is
 reported, until ``EPOLL_CTL_MOD``.  Reported interests move to the end of the
 list, so a small ``maxevents`` serves every ready descriptor in turn.
+
+A snapshot does not keep an epoll instance (nor the sockets it watches): after
+a restore its descriptor is stale (ESTALE; ``close`` works).
 """
 
 from __future__ import annotations
@@ -119,9 +122,12 @@ def _signed(word: int) -> int:
 
 
 def _epoll_of(dev: FilesDevice, fd: int) -> Epoll:
-    ep: Epoll | None = dev.description_of(fd).epoll
+    """The epoll instance of ``fd``: EBADF, ESTALE (one a snapshot did not keep), or
+    EINVAL (not an epoll descriptor)."""
+    d = dev.description_of(fd)
+    ep: Epoll | None = d.epoll
     if ep is None:
-        raise _err(errno.EINVAL)
+        raise _err(errno.ESTALE if dev.is_stale(d) else errno.EINVAL)
     return ep
 
 
@@ -141,10 +147,12 @@ async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) ->
         events, data = _EVENT.unpack(raw)
     ep_description = dev.description_of(epfd)
     target = None if 0 <= fd <= 2 else dev.description_of(fd)
+    if target is not None and dev.is_stale(target):
+        raise _err(errno.ESTALE)
     if target is not None and not dev.pollable(target):
         raise _err(errno.EPERM)
-    ep = ep_description.epoll
-    if ep is None or target is ep_description:
+    ep = _epoll_of(dev, epfd)
+    if target is ep_description:
         raise _err(errno.EINVAL)
     if events & EPOLLEXCLUSIVE and (op == EPOLL_CTL_MOD or (target is not None and target.epoll)):
         raise _err(errno.EINVAL)

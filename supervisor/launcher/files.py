@@ -725,6 +725,11 @@ class FilesDevice(Device):
         return d.sock is not None or d.epoll is not None
 
     @staticmethod
+    def is_stale(d: _Description) -> bool:
+        """Whether ``d`` is a description a restore could not bring back (ESTALE)."""
+        return d.stale
+
+    @staticmethod
     def is_open(d: _Description) -> bool:
         """Whether some guest descriptor still refers to ``d``."""
         return d.refs > 0
