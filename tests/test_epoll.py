@@ -109,6 +109,16 @@ async def test_epoll_waits_on_console_input_and_sockets_together(probe: Path, th
     assert end.ok
 
 
+async def test_a_guests_epoll_interests_are_bounded(probe: Path) -> None:
+    async with Supervisor() as sup:
+        lines, end = await output(await launch(sup, probe, "b", "budget", max_files=64))
+    assert lines == [
+        f"budget {epoll.WATCHES_PER_FILE * 64} ENOSPC",  # of 32 x 31 asked
+        "churn 2000 OK",  # interests of closed sockets are swept, never counted
+    ]
+    assert end.ok
+
+
 async def _clients(sup: Supervisor, name: str, port: int, count: int) -> list[bytes]:
     """``count`` host connections to the guest, written in turn, each echoed whole."""
     conns = [await sup.net.open_connection(name, port) for _ in range(count)]

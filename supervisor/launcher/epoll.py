@@ -19,6 +19,12 @@ interest was last looked at.  ``EPOLLONESHOT`` disarms an interest once it is
 reported, until ``EPOLL_CTL_MOD``.  Reported interests move to the end of the
 list, so a small ``maxevents`` serves every ready descriptor in turn.
 
+A guest's instances hold at most :data:`WATCHES_PER_FILE` times its
+``max_files`` interests together (ENOSPC beyond, as Linux's
+``max_user_watches``), so a hostile guest cannot grow the Launcher's memory
+without bound; interests whose descriptions closed are swept before an ADD is
+refused.
+
 A snapshot does not keep an epoll instance (nor the sockets it watches): after
 a restore its descriptor is stale (ESTALE; ``close`` works).
 """
@@ -47,6 +53,7 @@ EPOLLPRI, EPOLLRDHUP = net.POLLPRI, net.POLLRDHUP
 EPOLLEXCLUSIVE, EPOLLWAKEUP, EPOLLONESHOT, EPOLLET = 1 << 28, 1 << 29, 1 << 30, 1 << 31
 MAX_NESTS = 4  # Linux's EP_MAX_NESTS: deeper chains of epoll instances are ELOOP
 MAX_EVENTS = 0x7FFFFFFF // 12
+WATCHES_PER_FILE = 8  # a guest's interests, all instances together, per max_files
 
 _EVENT = struct.Struct("<IQ")  # struct epoll_event on i386: events, data (12 bytes, packed)
 _U32 = struct.Struct("<I")
@@ -64,15 +71,49 @@ class Interest:
     last: int = 0  # EPOLLET: the ready bits the interest last saw
 
 
+class Budget:
+    """The interests a guest's epoll instances hold together (at most ``limit``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.instances: set[Epoll] = set()  # the open ones, swept when the budget is spent
+
+
 class Epoll:
     """An epoll instance's interest list, in report order."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: Budget) -> None:
         self.interest: dict[tuple[int, int], Interest] = {}
+        self.budget = budget
+        budget.instances.add(self)
+
+    def add(self, key: tuple[int, int], it: Interest, dev: FilesDevice) -> None:
+        """Watch ``it`` (ENOSPC if the guest's budget is spent even after a sweep)."""
+        budget = self.budget
+        if budget.used >= budget.limit:
+            for ep in budget.instances:
+                ep.sweep(dev)
+            if budget.used >= budget.limit:
+                raise _err(errno.ENOSPC)
+        self.interest[key] = it
+        budget.used += 1
+
+    def remove(self, key: tuple[int, int]) -> None:
+        del self.interest[key]
+        self.budget.used -= 1
+
+    def sweep(self, dev: FilesDevice) -> None:
+        """Drop the interests whose description no descriptor refers to any more."""
+        for key, it in list(self.interest.items()):
+            if it.target is not None and not dev.is_open(it.target):
+                self.remove(key)
 
     def clear(self) -> None:
         """The instance's last descriptor closed: it watches nothing more."""
+        self.budget.used -= len(self.interest)
         self.interest.clear()
+        self.budget.instances.discard(self)
 
     def any_ready(self, dev: FilesDevice, depth: int = 0) -> bool:
         """Whether some interest would be reported now (``poll`` of the instance, or an
@@ -133,7 +174,12 @@ def _epoll_of(dev: FilesDevice, fd: int) -> Epoll:
 
 async def op_epoll_create(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
     """a0: close-on-exec (0 or 1)."""
-    return dev.install_epoll(Epoll(), bool(a[0]))
+    ep = Epoll(dev.epoll_budget)
+    try:
+        return dev.install_epoll(ep, bool(a[0]))
+    except BaseException:
+        ep.clear()
+        raise
 
 
 async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -> int:
@@ -162,7 +208,7 @@ async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) ->
             raise _err(errno.EEXIST)
         if target is not None and target.epoll is not None and target.epoll.reaches(ep):
             raise _err(errno.ELOOP)
-        ep.interest[key] = Interest(fd, target, events | EPOLLERR | EPOLLHUP, data)
+        ep.add(key, Interest(fd, target, events | EPOLLERR | EPOLLHUP, data), dev)
         return 0
     if op not in (EPOLL_CTL_DEL, EPOLL_CTL_MOD):
         raise _err(errno.EINVAL)
@@ -170,7 +216,7 @@ async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) ->
     if it is None:
         raise _err(errno.ENOENT)
     if op == EPOLL_CTL_DEL:
-        del ep.interest[key]
+        ep.remove(key)
     else:
         it.events, it.data, it.armed, it.last = events | EPOLLERR | EPOLLHUP, data, True, 0
     return 0
@@ -190,7 +236,7 @@ async def op_epoll_wait(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -
     reported: list[tuple[tuple[int, int], Interest, int]] = []
     for key, it in list(ep.interest.items()):
         if it.target is not None and not dev.is_open(it.target):
-            del ep.interest[key]  # its last descriptor closed
+            ep.remove(key)  # its last descriptor closed
             continue
         if not it.armed:
             continue

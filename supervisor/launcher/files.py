@@ -66,7 +66,7 @@ from typing import Any, TypeVar
 
 from .. import net as _net
 from .devices import Device, Slot
-from .epoll import EPOLL_OPS, Epoll
+from .epoll import EPOLL_OPS, WATCHES_PER_FILE, Budget, Epoll
 from .sockets import (
     FS_EVENTS,
     FS_SOCKMAP,
@@ -301,6 +301,7 @@ class FilesDevice(Device):
         self.workdir = normalise(workdir)
         self.cwd = self.workdir
         self.max_files = max_files
+        self.epoll_budget = Budget(WATCHES_PER_FILE * max_files)  # the epoll interests
         self.private_tmp = private_tmp and not any(g.guest == "/tmp" for g in self.grants)
         self._use_openat2 = have_openat2() if use_openat2 is None else use_openat2
         self._grant_fds: list[int] = []

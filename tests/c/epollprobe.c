@@ -25,6 +25,7 @@ static const char *ename(int e)
     case EMFILE: return "EMFILE";
     case EFAULT: return "EFAULT";
     case EAGAIN: return "EAGAIN";
+    case ENOSPC: return "ENOSPC";
     }
     return "E?";
 }
@@ -240,12 +241,38 @@ static void console(int port, int threads)
     printf("timeout %d\n", epoll_pwait(ep, ev, 2, 5, NULL));
 }
 
+/* budget (max_files 64): the guest's interests are bounded; closed ones are swept. */
+static void budget(void)
+{
+    int fds[31], eps[32], ok = 0, err = 0;
+    fds[0] = udp();
+    for (int i = 1; i < 31; i++) fds[i] = dup(fds[0]);
+    for (int i = 0; i < 32; i++) eps[i] = epoll_create1(0);
+    for (int e = 0; e < 32; e++)
+        for (int f = 0; f < 31; f++) {
+            if (!ctl(eps[e], EPOLL_CTL_ADD, fds[f], EPOLLIN, 0)) ok++;
+            else if (!err) err = errno;
+        }
+    printf("budget %d %s\n", ok, ename(err));
+    for (int i = 0; i < 32; i++) close(eps[i]);
+    for (int i = 0; i < 31; i++) close(fds[i]);
+    int ep = epoll_create1(0), i;
+    for (i = 0; i < 2000; i++) {
+        int u = udp();
+        int r = ctl(ep, EPOLL_CTL_ADD, u, EPOLLIN, 0);
+        close(u);
+        if (r) break;
+    }
+    printf("churn %d %s\n", i, ename(i < 2000 ? errno : 0));
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
     if (!strcmp(mode, "errors")) errors();
     else if (!strcmp(mode, "serve"))
         serve(atoi(argv[2]), atoi(argv[3]), argc > 4 && !strcmp(argv[4], "et"));
+    else if (!strcmp(mode, "budget")) budget();
     else if (!strcmp(mode, "console")) console(atoi(argv[2]), argc > 3 && !strcmp(argv[3], "threads"));
     else printf("unknown mode %s\n", mode);
     return 0;
