@@ -63,6 +63,13 @@ async def test_epoll_errors_and_interest_list_semantics(probe: Path) -> None:
         "nest 0 OK",
         "loop -1 ELOOP",
         "nested 1 1:7",  # an instance with an event ready is readable
+        "chain 2 OK",
+        "chain 3 OK",
+        "chain 4 OK",
+        "chain 5 OK",
+        "chain 6 ELOOP",  # 6 instances in a row
+        "below -1 ELOOP",  # so is lengthening a chain of 5 from below
+        "below-short 0 OK",
         "wait-badep -1 EBADF",
         "wait-notep -1 EINVAL",
         "wait-zero -1 EINVAL",
@@ -183,4 +190,51 @@ async def test_a_snapshot_keeps_an_epoll_descriptor_only_as_stale() -> None:
     finally:
         await dev.stop()
         await again.stop()
+        memory.close()
+
+
+async def test_nested_instances_are_each_looked_at_once_a_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A top instance over 3 instances, each over the same 3 below, each of those
+    watching the console's input: a wait looks at each bottom one once (3 console
+    checks, not 3 x 3), however many paths lead to it."""
+    memory = GuestMemory((1 << 20) + 4096)
+    dev = files.FilesDevice()
+    slot = Slot(memory, 1 << 20, 1 << 20, 3, lambda irq: None, lambda: None)
+    looked: list[int] = []
+    real = epoll.interest_bits
+
+    def counting(
+        device: files.FilesDevice, it: epoll.Interest, console_in: int, memo: dict[int, bool]
+    ) -> int:
+        if it.target is None:
+            looked.append(it.fd)
+        return real(device, it, console_in, memo)
+
+    async def request(op: int, fd: int, *args: int) -> int:
+        slot.set(files.FS_OP, op)
+        slot.set(files.FS_FD, fd)
+        for i, value in enumerate(args):
+            slot.set(files.FS_A0 + 4 * i, value)
+        await dev.notify(slot)
+        return int(slot.get(files.FS_RESULT))
+
+    try:
+        dev.attach(slot)
+        top, *middle = [await request(epoll.OP_EPOLL_CREATE, 0, 0) for _ in range(4)]
+        bottom = [await request(epoll.OP_EPOLL_CREATE, 0, 0) for _ in range(3)]
+        slot.write(0x2000, bytes(12))
+        memory.view[0x2000] = epoll.EPOLLIN
+        for b in bottom:
+            assert await request(epoll.OP_EPOLL_CTL, b, epoll.EPOLL_CTL_ADD, 0, 0x2000) == 0
+        for m in middle:
+            for b in bottom:
+                assert await request(epoll.OP_EPOLL_CTL, m, epoll.EPOLL_CTL_ADD, b, 0x2000) == 0
+            assert await request(epoll.OP_EPOLL_CTL, top, epoll.EPOLL_CTL_ADD, m, 0x2000) == 0
+        monkeypatch.setattr(epoll, "interest_bits", counting)
+        assert await request(epoll.OP_EPOLL_WAIT, top, 0x3000, 8, 0, 0) == 0  # none ready
+        assert looked == [0, 0, 0]
+    finally:
+        await dev.stop()
         memory.close()

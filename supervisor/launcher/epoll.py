@@ -115,38 +115,80 @@ class Epoll:
         self.interest.clear()
         self.budget.instances.discard(self)
 
-    def any_ready(self, dev: FilesDevice, depth: int = 0) -> bool:
+    def any_ready(self, dev: FilesDevice, memo: dict[int, bool]) -> bool:
         """Whether some interest would be reported now (``poll`` of the instance, or an
         instance watching it).  Console input counts as not ready here (the runtime
-        tells the device only in ``EPOLL_WAIT``)."""
+        tells the device only in ``EPOLL_WAIT``).  ``memo``: the instances already
+        answered in this request, so each is looked at once however they nest."""
+        known = memo.get(id(self))
+        if known is not None:
+            return known
+        memo[id(self)] = False  # a cycle cannot be made (ELOOP); this guards anyway
+        ready = False
         for it in self.interest.values():
             if not it.armed or (it.target is not None and not dev.is_open(it.target)):
                 continue
-            bits = _bits(dev, it, 0, depth)
+            bits = interest_bits(dev, it, 0, memo)
             if it.events & EPOLLET:
                 bits &= ~it.last
             if bits:
-                return True
-        return False
+                ready = True
+                break
+        memo[id(self)] = ready
+        return ready
 
-    def reaches(self, other: Epoll, depth: int = 0) -> bool:
-        """Whether this instance watches ``other`` (itself, or through instances it
-        watches), or the chain is deeper than Linux allows: an ADD would be ELOOP."""
-        if self is other or depth > MAX_NESTS:
+    def inner(self) -> list[Epoll]:
+        """The instances this one watches."""
+        return [it.target.epoll for it in self.interest.values()
+                if it.target is not None and it.target.epoll is not None]  # fmt: skip
+
+    def height(self, memo: dict[int, int]) -> int:
+        """How many instances the longest chain down from this one holds (itself
+        included), counted up to MAX_NESTS + 2."""
+        known = memo.get(id(self))
+        if known is None:
+            memo[id(self)] = MAX_NESTS + 2  # a cycle cannot be made; this guards anyway
+            known = 1 + max((ep.height(memo) for ep in self.inner()), default=0)
+            memo[id(self)] = known = min(known, MAX_NESTS + 2)
+        return known
+
+    def depth(self, parents: dict[int, list[Epoll]], memo: dict[int, int]) -> int:
+        """How many instances the longest chain up from this one holds (itself
+        included), counted up to MAX_NESTS + 2."""
+        known = memo.get(id(self))
+        if known is None:
+            memo[id(self)] = MAX_NESTS + 2
+            above = parents.get(id(self), [])
+            known = 1 + max((ep.depth(parents, memo) for ep in above), default=0)
+            memo[id(self)] = known = min(known, MAX_NESTS + 2)
+        return known
+
+
+def _loops(ep: Epoll, target: Epoll) -> bool:
+    """Whether ``ep`` watching ``target`` would make a cycle or a chain of more than
+    MAX_NESTS + 1 instances (Linux's limit): ELOOP."""
+    seen: set[int] = set()
+    todo = [target]
+    while todo:
+        cur = todo.pop()
+        if cur is ep:
             return True
-        for it in self.interest.values():
-            inner = it.target.epoll if it.target is not None else None
-            if inner is not None and inner.reaches(other, depth + 1):
-                return True
-        return False
+        if id(cur) not in seen:
+            seen.add(id(cur))
+            todo.extend(cur.inner())
+    parents: dict[int, list[Epoll]] = {}
+    for watcher in ep.budget.instances:
+        for inner in watcher.inner():
+            parents.setdefault(id(inner), []).append(watcher)
+    return ep.depth(parents, {}) + target.height({}) > MAX_NESTS + 1
 
 
-def _bits(dev: FilesDevice, it: Interest, console_in: int, depth: int = 0) -> int:
+def interest_bits(dev: FilesDevice, it: Interest, console_in: int, memo: dict[int, bool]) -> int:
     """The ready bits of ``it``'s descriptor among the ones it asked for."""
     if it.target is None:
         bits = (EPOLLIN if console_in else 0) if it.fd == 0 else EPOLLOUT  # 0 in, 1-2 out
     elif it.target.epoll is not None:
-        bits = EPOLLIN if depth < MAX_NESTS and it.target.epoll.any_ready(dev, depth + 1) else 0
+        bits = EPOLLIN if it.target.epoll.any_ready(dev, memo) else 0
     else:
         bits = dev.description_bits(it.target)
     return bits & it.events
@@ -206,7 +248,7 @@ async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) ->
     if op == EPOLL_CTL_ADD:
         if key in ep.interest:
             raise _err(errno.EEXIST)
-        if target is not None and target.epoll is not None and target.epoll.reaches(ep):
+        if target is not None and target.epoll is not None and _loops(ep, target.epoll):
             raise _err(errno.ELOOP)
         ep.add(key, Interest(fd, target, events | EPOLLERR | EPOLLHUP, data), dev)
         return 0
@@ -233,6 +275,7 @@ async def op_epoll_wait(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -
     if not slot.in_ram(addr, min(maxevents, len(ep.interest) or 1) * _EVENT.size):
         raise _err(errno.EFAULT)
     console = False
+    memo: dict[int, bool] = {}
     reported: list[tuple[tuple[int, int], Interest, int]] = []
     for key, it in list(ep.interest.items()):
         if it.target is not None and not dev.is_open(it.target):
@@ -241,7 +284,7 @@ async def op_epoll_wait(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -
         if not it.armed:
             continue
         console |= it.target is None and it.fd == 0 and bool(it.events & EPOLLIN)
-        bits = _bits(dev, it, console_in)
+        bits = interest_bits(dev, it, console_in, memo)
         if it.events & EPOLLET:
             fresh = bits & ~it.last
             if fresh and len(reported) < maxevents:

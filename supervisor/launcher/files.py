@@ -716,7 +716,7 @@ class FilesDevice(Device):
             bits: int = d.sock.poll()
             return bits
         if d.epoll is not None:
-            return _net.POLLIN if d.epoll.any_ready(self) else 0
+            return _net.POLLIN if d.epoll.any_ready(self, {}) else 0
         return _net.POLLIN | _net.POLLOUT
 
     @staticmethod

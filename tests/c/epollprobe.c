@@ -84,6 +84,19 @@ static void errors(void)
     show("nest", ctl(plain, EPOLL_CTL_ADD, ep, EPOLLIN, 7));
     show("loop", ctl(ep, EPOLL_CTL_ADD, plain, EPOLLIN, 0));
     wait_show("nested", plain, 0);
+    /* chains: at most 5 instances, however they are built */
+    int chain[6];
+    chain[0] = epoll_create1(0);
+    for (int i = 1; i < 6; i++) {
+        chain[i] = epoll_create1(0);
+        int r = ctl(chain[i], EPOLL_CTL_ADD, chain[i - 1], EPOLLIN, 0);
+        printf("chain %d %s\n", i + 1, ename(r ? errno : 0));
+    }
+    int below = epoll_create1(0);
+    show("below", ctl(chain[0], EPOLL_CTL_ADD, below, EPOLLIN, 0));
+    show("below-short", ctl(chain[1], EPOLL_CTL_ADD, below, EPOLLIN, 0)); /* 5 from chain[4] */
+    for (int i = 0; i < 6; i++) close(chain[i]);
+    close(below);
     struct epoll_event ev[2];
     show("wait-badep", epoll_wait(99, ev, 2, 0));
     show("wait-notep", epoll_wait(u, ev, 2, 0));
