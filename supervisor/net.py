@@ -265,12 +265,14 @@ class Socket:
         self.options: dict[tuple[int, int], int] = {}
         self.closed = False
         self.on_change: Callable[[], None] | None = None
+        self.wakes = 0  # how often wake() ran: epoll's edge-triggered interests compare it
 
     @property
     def net(self) -> Network:
         return self.owner.network
 
     def wake(self) -> None:
+        self.wakes += 1
         if self.on_change is not None:
             self.on_change()
         else:

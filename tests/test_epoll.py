@@ -126,6 +126,22 @@ async def test_a_guests_epoll_interests_are_bounded(probe: Path) -> None:
     assert end.ok
 
 
+async def test_edge_triggered_hears_of_data_that_came_after_a_drain(probe: Path) -> None:
+    async with Supervisor() as sup:
+        guest = await launch(sup, probe, "et", "etrace 7100")
+        await guest.expect("listening", LIMIT)
+        _reader, writer = await sup.net.open_connection("et", 7100)
+        writer.write(b"one")
+        await guest.expect("drained EAGAIN", LIMIT)
+        writer.write(b"two")  # the socket is still readable-flagged from "one"'s edge
+        await writer.drain()
+        guest.send("go\n")
+        lines, end = await output(guest)
+        writer.close()
+    assert lines == ["", "second 1 1:1", "third 0"]
+    assert end.ok
+
+
 async def _clients(sup: Supervisor, name: str, port: int, count: int) -> list[bytes]:
     """``count`` host connections to the guest, written in turn, each echoed whole."""
     conns = [await sup.net.open_connection(name, port) for _ in range(count)]

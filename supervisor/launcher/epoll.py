@@ -14,10 +14,12 @@ and writes back whether the instance watches it for input (then the runtime
 waits on the console's CPU, as a ``poll`` of it does).
 
 Level-triggered interests report while their condition holds.  ``EPOLLET``
-reports a condition when it becomes true: bits that were not ready when the
-interest was last looked at.  ``EPOLLONESHOT`` disarms an interest once it is
-reported, until ``EPOLL_CTL_MOD``.  Reported interests move to the end of the
-list, so a small ``maxevents`` serves every ready descriptor in turn.
+reports a condition when it becomes true (bits that were not ready when the
+interest was last looked at) and, as Linux, whenever something happened to a
+watched socket since (data arrived, room freed) while its condition holds.
+``EPOLLONESHOT`` disarms an interest once it is reported, until
+``EPOLL_CTL_MOD``.  Reported interests move to the end of the list, so a
+small ``maxevents`` serves every ready descriptor in turn.
 
 A guest's instances hold at most :data:`WATCHES_PER_FILE` times its
 ``max_files`` interests together (ENOSPC beyond, as Linux's
@@ -69,6 +71,7 @@ class Interest:
     data: int  # returned as given
     armed: bool = True  # EPOLLONESHOT: False once reported, until a MOD
     last: int = 0  # EPOLLET: the ready bits the interest last saw
+    wakes: int = 0  # EPOLLET: the socket's wake count the interest last saw
 
 
 class Budget:
@@ -128,10 +131,7 @@ class Epoll:
         for it in self.interest.values():
             if not it.armed or (it.target is not None and not dev.is_open(it.target)):
                 continue
-            bits = interest_bits(dev, it, 0, memo)
-            if it.events & EPOLLET:
-                bits &= ~it.last
-            if bits:
+            if _fresh(it, interest_bits(dev, it, 0, memo))[0]:
                 ready = True
                 break
         memo[id(self)] = ready
@@ -192,6 +192,17 @@ def interest_bits(dev: FilesDevice, it: Interest, console_in: int, memo: dict[in
     else:
         bits = dev.description_bits(it.target)
     return bits & it.events
+
+
+def _fresh(it: Interest, bits: int) -> tuple[int, int]:
+    """What an interest reports of its ready ``bits``: all of them (level-triggered,
+    or EPOLLET with news of its socket since it last looked), else those that rose;
+    and the socket's wake count now."""
+    sock = it.target.sock if it.target is not None else None
+    wakes: int = sock.wakes if sock is not None else 0
+    if not it.events & EPOLLET or wakes != it.wakes:
+        return bits, wakes
+    return bits & ~it.last, wakes
 
 
 def _err(code: int) -> Exception:
@@ -260,7 +271,8 @@ async def op_epoll_ctl(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) ->
     if op == EPOLL_CTL_DEL:
         ep.remove(key)
     else:
-        it.events, it.data, it.armed, it.last = events | EPOLLERR | EPOLLHUP, data, True, 0
+        it.events, it.data, it.armed = events | EPOLLERR | EPOLLHUP, data, True
+        it.last = it.wakes = 0
     return 0
 
 
@@ -286,12 +298,12 @@ async def op_epoll_wait(dev: FilesDevice, slot: Slot, epfd: int, a: list[int]) -
         console |= it.target is None and it.fd == 0 and bool(it.events & EPOLLIN)
         bits = interest_bits(dev, it, console_in, memo)
         if it.events & EPOLLET:
-            fresh = bits & ~it.last
+            fresh, wakes = _fresh(it, bits)
             if fresh and len(reported) < maxevents:
                 reported.append((key, it, fresh))
-                it.last = bits
+                it.last, it.wakes = bits, wakes
             elif not fresh:
-                it.last = bits  # bits that went away may rise again
+                it.last, it.wakes = bits, wakes  # bits that went away may rise again
         elif bits and len(reported) < maxevents:
             reported.append((key, it, bits))
     out = bytearray()

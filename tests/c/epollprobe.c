@@ -279,6 +279,27 @@ static void budget(void)
     printf("churn %d %s\n", i, ename(i < 2000 ? errno : 0));
 }
 
+/* etrace PORT: edge-triggered, data that arrives after a drain to EAGAIN and
+ * before the next epoll_wait is still reported. */
+static void etrace(int port)
+{
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    bind(ls, (struct sockaddr *)&a, sizeof a);
+    listen(ls, 4);
+    printf("listening\n"), fflush(stdout);
+    int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK), ep = epoll_create1(0);
+    ctl(ep, EPOLL_CTL_ADD, c, EPOLLIN | EPOLLET, 1);
+    wait_show("first", ep, -1);
+    char buf[64];
+    ssize_t got;
+    while ((got = read(c, buf, sizeof buf)) > 0) printf("read %.*s\n", (int)got, buf);
+    printf("drained %s\n", ename(errno)), fflush(stdout);
+    fgets(buf, sizeof buf, stdin); /* the host sends more, then this line */
+    wait_show("second", ep, 1000);
+    wait_show("third", ep, 0); /* nothing new */
+}
+
 int main(int argc, char **argv)
 {
     const char *mode = argc > 1 ? argv[1] : "";
@@ -286,6 +307,7 @@ int main(int argc, char **argv)
     else if (!strcmp(mode, "serve"))
         serve(atoi(argv[2]), atoi(argv[3]), argc > 4 && !strcmp(argv[4], "et"));
     else if (!strcmp(mode, "budget")) budget();
+    else if (!strcmp(mode, "etrace")) etrace(atoi(argv[2]));
     else if (!strcmp(mode, "console")) console(atoi(argv[2]), argc > 3 && !strcmp(argv[3], "threads"));
     else printf("unknown mode %s\n", mode);
     return 0;
