@@ -156,7 +156,7 @@ async def _clients(sup: Supervisor, name: str, port: int, count: int) -> list[by
     return got
 
 
-@pytest.mark.parametrize("mode", ["", " et"])
+@pytest.mark.parametrize("mode", ["", " et", " et threads"])
 async def test_an_epoll_server_serves_several_clients(probe: Path, mode: str) -> None:
     count = 5
     async with Supervisor() as sup:

@@ -159,9 +159,17 @@ static void write_all(int fd, const char *buf, size_t len)
     }
 }
 
-/* serve PORT N [et]: echo for N clients over one epoll, then "served N". */
-static void serve(int port, int clients, int et)
+static void *nothing(void *arg) { return arg; }
+
+/* serve PORT N [et] [threads]: echo for N clients over one epoll, then "served N";
+ * with "threads", after a thread has run (waits are then the thread scheduler's). */
+static void serve(int port, int clients, int et, int threads)
 {
+    if (threads) {
+        pthread_t t;
+        pthread_create(&t, NULL, nothing, NULL);
+        pthread_join(t, NULL);
+    }
     int ls = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0), one = 1;
     setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
@@ -211,8 +219,6 @@ static void serve(int port, int clients, int et)
     printf("served %d accepted %d bytes %ld\n", done, accepted, bytes);
     wait_show("left", ep, 0);
 }
-
-static void *nothing(void *arg) { return arg; }
 
 /* console PORT [threads]: epoll over the console's input and a listener, two
  * events, then a timeout; with "threads", after a thread has run (the runtime's
@@ -305,7 +311,8 @@ int main(int argc, char **argv)
     const char *mode = argc > 1 ? argv[1] : "";
     if (!strcmp(mode, "errors")) errors();
     else if (!strcmp(mode, "serve"))
-        serve(atoi(argv[2]), atoi(argv[3]), argc > 4 && !strcmp(argv[4], "et"));
+        serve(atoi(argv[2]), atoi(argv[3]), argc > 4 && !strcmp(argv[4], "et"),
+              argc > 4 && !strcmp(argv[argc - 1], "threads"));
     else if (!strcmp(mode, "budget")) budget();
     else if (!strcmp(mode, "etrace")) etrace(atoi(argv[2]));
     else if (!strcmp(mode, "console")) console(atoi(argv[2]), argc > 3 && !strcmp(argv[3], "threads"));
