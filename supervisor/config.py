@@ -192,6 +192,25 @@ class GuestConfig(BaseModel):
             raise ValueError(f"{value!r} is not an absolute guest path")
         return value
 
+    @model_validator(mode="after")
+    def _workdir_exists(self) -> GuestConfig:
+        """The working directory names a directory the guest has: ``/``, ``/tmp``, a
+        granted directory or a path beneath one, or a directory above a grant (the guest
+        sees nothing else, so a working directory elsewhere could never be used)."""
+        where = normalise(self.workdir)
+        if where in ("/", "/tmp"):
+            return self
+        for grant in self.dirs:
+            top = normalise(grant.guest)
+            if top == "/" or where == top or where.startswith(top + "/"):
+                return self
+            if top.startswith(where + "/"):
+                return self
+        raise ValueError(
+            f"workdir {self.workdir!r} is in no granted directory (--dir HOST::GUEST), "
+            "nor / or /tmp"
+        )
+
     @field_validator("hibernate_after", mode="before")
     @classmethod
     def _hibernate_after(cls, value: Any) -> Any:
