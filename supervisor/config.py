@@ -138,6 +138,10 @@ class GuestConfig(BaseModel):
     # The guest's environment (envp): only this, never the host's.
     env: dict[str, str] = Field(default_factory=dict)
     console: ConsoleMode = "capture"
+    # Whether the guest's standard input is a terminal (``isatty(0)``; its output always
+    # is, so it is line buffered).  None: the truth, for a stdio console whether the
+    # host's standard input is a terminal; a capture or null console's input is not.
+    input_tty: bool | None = None
     max_blocks: PositiveInt | None = None
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
