@@ -750,7 +750,9 @@ def revive_fields(config: GuestConfig) -> dict[str, Any]:
         "block_readonly": config.block_readonly,
         # The same directories, named again: a restore never opens the snapshot's.
         "dirs": [d.model_dump(mode="json") for d in config.dirs],
-        # Likewise the outside addresses it may reach: a restore drops the snapshot's.
+        # Likewise the network and the outside addresses it may reach: a restore drops
+        # the snapshot's.
+        "net": config.net,
         "allow_outbound": list(config.allow_outbound),
     }
 

@@ -138,6 +138,10 @@ class GuestConfig(BaseModel):
     # The guest's environment (envp): only this, never the host's.
     env: dict[str, str] = Field(default_factory=dict)
     console: ConsoleMode = "capture"
+    # Whether the guest's standard input is a terminal (``isatty(0)``; its output always
+    # is, so it is line buffered).  None: the truth, for a stdio console whether the
+    # host's standard input is a terminal; a capture or null console's input is not.
+    input_tty: bool | None = None
     max_blocks: PositiveInt | None = None
     max_run_time: PositiveFloat | None = None
     console_rate: PositiveInt | None = None
@@ -191,6 +195,25 @@ class GuestConfig(BaseModel):
         if not value.startswith("/"):
             raise ValueError(f"{value!r} is not an absolute guest path")
         return value
+
+    @model_validator(mode="after")
+    def _workdir_exists(self) -> GuestConfig:
+        """The working directory names a directory the guest has: ``/``, ``/tmp``, a
+        granted directory or a path beneath one, or a directory above a grant (the guest
+        sees nothing else, so a working directory elsewhere could never be used)."""
+        where = normalise(self.workdir)
+        if where in ("/", "/tmp"):
+            return self
+        for grant in self.dirs:
+            top = normalise(grant.guest)
+            if top == "/" or where == top or where.startswith(top + "/"):
+                return self
+            if top.startswith(where + "/"):
+                return self
+        raise ValueError(
+            f"workdir {self.workdir!r} is in no granted directory (--dir HOST::GUEST), "
+            "nor / or /tmp"
+        )
 
     @field_validator("hibernate_after", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import GuestConfig
 from .gdbstub import GdbServer
+from .launcher.files import DEV_TYPE_FILES
 from .launcher.launcher import Launcher, Resume
 from .launcher.loader import Image, Segment
 from .snapshot import Snapshot, SnapshotError, check_launcher
@@ -72,7 +73,8 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
 
     The image file need not exist any more: the snapshot carries the image.
     """
-    fields = dict(_launcher_part(snap)["config"])
+    part = _launcher_part(snap)
+    fields = dict(part["config"])
     if "memory" in overrides and overrides["memory"] != fields["memory"]:
         raise SnapshotError("a restored guest keeps the snapshot's memory size")
     # A snapshot is data: the files and sockets it names are never opened.  The caller
@@ -94,17 +96,38 @@ def snapshot_config(snap: Snapshot, **overrides: Any) -> GuestConfig:
             f"the snapshot's guest had directories ({guest_paths}): name the host directories "
             "to restore it with (dirs=..., run --restore FILE --dir HOST::GUEST)"
         )
-    # The outside addresses the guest may reach are the restoring caller's to allow
-    # (allow_outbound=..., run --restore FILE --allow-outbound HOST:PORT), never the
-    # snapshot's: a crafted or borrowed snapshot reaches nothing by itself.
+    # The network and the outside addresses the guest may reach are the restoring
+    # caller's to grant (net=True, allow_outbound=..., run --restore FILE --net
+    # --allow-outbound HOST:PORT), never the snapshot's: a crafted or borrowed snapshot
+    # joins no network and reaches nothing by itself.
+    fields["net"] = False
     fields["allow_outbound"] = []
     fields.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("image", "block"):
         if fields.get(key) is not None:
             fields[key] = Path(fields[key])
     if Path(fields["image"]).is_file():
-        return GuestConfig.build(**fields)
-    return GuestConfig.model_construct(**fields)
+        config = GuestConfig.build(**fields)
+    else:
+        config = GuestConfig.model_construct(**fields)
+    _check_open_files(part["devices"], config.max_files)
+    return config
+
+
+def _check_open_files(devices: list[dict[str, Any]], max_files: int) -> None:
+    """``SnapshotError`` if the saved guest holds more descriptors than the restoring
+    config's ``max_files``: the limit holds for a restored guest as for a running one
+    (the file device refuses such a state too, but only once the guest starts)."""
+    for entry in devices:
+        state = entry.get("state")
+        if entry.get("type") != DEV_TYPE_FILES or not isinstance(state, dict):
+            continue
+        fds = state.get("fds")
+        if isinstance(fds, list) and len(fds) > max_files:
+            raise SnapshotError(
+                f"the snapshot's guest holds {len(fds)} open files, more than max_files "
+                f"{max_files} (restore it with a larger max_files=..., --max-files N)"
+            )
 
 
 async def start_gdb(address: str) -> GdbServer:

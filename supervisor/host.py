@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
@@ -417,6 +418,7 @@ class Supervisor:
 
 def _console_for(config: GuestConfig) -> Console:
     rate = config.console_rate
+    tty = config.input_tty
     if config.console == "stdio":  # the terminal has the output: no lines are kept
         return Console(
             lines=LineStream(maxlen=0),
@@ -425,13 +427,20 @@ def _console_for(config: GuestConfig) -> Console:
             err_sink=stderr_sink,
             source=stdin_source(),
             rate=rate,
+            # The truth unless the config says: the guest reads the host's stdin.
+            input_tty=os.isatty(0) if tty is None else tty,
         )
     if config.console == "null":
         return Console(
-            lines=LineStream(maxlen=0), err_lines=LineStream(maxlen=0), eof=True, rate=rate
+            lines=LineStream(maxlen=0),
+            err_lines=LineStream(maxlen=0),
+            eof=True,
+            rate=rate,
+            input_tty=bool(tty),
         )
     return Console(
         lines=LineStream(max_bytes=config.console_buffer),
         err_lines=LineStream(max_bytes=config.console_buffer),
         rate=rate,
+        input_tty=bool(tty),
     )

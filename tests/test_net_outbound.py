@@ -409,7 +409,7 @@ async def test_a_restored_snapshot_reaches_only_what_its_restorer_allows() -> No
         assert snap is not None
         copy = await sup.restore(snap, name="copy")
         assert copy.config.allow_outbound == []
-        again = await sup.restore(snap, name="again", allow_outbound=["192.0.2.7:80"])
+        again = await sup.restore(snap, name="again", net=True, allow_outbound=["192.0.2.7:80"])
         assert again.config.allow_outbound == ["192.0.2.7:80"]
         # A cluster's worker restores a moved guest with the fields its config names.
         cluster = pytest.importorskip("supervisor.cluster")

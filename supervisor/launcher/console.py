@@ -3,7 +3,7 @@
 Descriptor fields (offsets in guests/lguest.inc): ``out_addr``/``out_len`` for
 output, ``out_stream`` saying which stream it is (0 stdout, 1 stderr),
 ``in_addr``/``in_size``/``in_len`` for an input buffer the guest arms,
-``flags`` (bit 0: end of input).
+``flags`` (bit 0: end of input; bit 1: the input is a terminal).
 
 * Output: on a notify with ``out_len > 0`` the bytes at ``out_addr`` go to the
   raw sink (if any) and the :class:`LineStream` of their stream (``lines``, or
@@ -15,6 +15,9 @@ output, ``out_stream`` saying which stream it is (0 stdout, 1 stderr),
   and input is pending, up to ``in_size`` bytes are copied, ``in_len`` is set
   and the console irq raised.  Once all input is consumed and the source has
   ended, ``flags`` gets the EOF bit (and the irq is raised) once.
+* Terminal: ``flags`` bit 1 says whether the input is a terminal (``input_tty``);
+  the runtime answers ``isatty(0)`` with it.  It is written at every boot and
+  restore, so a restored guest learns its restorer's console, not its snapshot's.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ CON_IN_LEN = 24
 CON_FLAGS = 28
 CON_OUT_STREAM = 32
 CON_FLAG_EOF = 1
+CON_FLAG_INPUT_TTY = 2
 STREAM_STDERR = 1
 
 
@@ -328,7 +332,8 @@ class Console(Device):
     ``err_lines``, else with stdout to ``lines`` and ``sink`` (as ``2>&1``).
     ``source`` (an async iterable of bytes) is read from :meth:`start` on; when
     it ends, input ends.  ``eof=True`` starts with input already ended (the
-    guest sees EOF as soon as it arms its buffer).
+    guest sees EOF as soon as it arms its buffer).  ``input_tty`` tells the guest its
+    input is a terminal (``isatty(0)``); a console's input is not one unless asked.
     """
 
     type = DEV_TYPE_CONSOLE
@@ -343,7 +348,9 @@ class Console(Device):
         rate: int | None = None,
         err_lines: LineStream | None = None,
         err_sink: Callable[[bytes], Awaitable[None] | None] | None = None,
+        input_tty: bool = False,
     ) -> None:
+        self.input_tty = input_tty
         self.lines = lines if lines is not None else LineStream()
         self.err_lines = err_lines
         self.err_sink = err_sink if err_lines is not None else sink
@@ -412,6 +419,8 @@ class Console(Device):
         self._pending[:0] = pending
         self._eof = self._eof or eof
         self._eof_told = eof_told
+        if self.slot is not None:
+            self._tell_tty(self.slot)  # the restored memory holds the snapshot's console's
         if self.slot is not None and (self._pending or self._eof):
             self.slot.wake()
 
@@ -419,8 +428,13 @@ class Console(Device):
     def attach(self, slot: Slot) -> None:
         super().attach(slot)
         self._eof_told = False
+        self._tell_tty(slot)
         if self._pending or self._eof:
             slot.wake()  # fed before this boot: a resumed guest may already wait for it
+
+    def _tell_tty(self, slot: Slot) -> None:
+        flags = slot.get(CON_FLAGS) & ~CON_FLAG_INPUT_TTY
+        slot.set(CON_FLAGS, flags | (CON_FLAG_INPUT_TTY if self.input_tty else 0))
 
     async def notify(self, slot: Slot) -> None:
         length = slot.get(CON_OUT_LEN)

@@ -445,6 +445,8 @@ class FilesDevice(Device):
                     raise ValueError(f"bad descriptor {fd}")
                 made[which].refs += 1
                 entries[int(fd)] = _Entry(made[which], bool(cloexec))
+            if len(entries) > self.max_files:
+                raise ValueError(f"{len(entries)} open files, more than max_files {self.max_files}")
         except (KeyError, TypeError) as exc:
             raise ValueError(f"bad file device state: {exc!r}") from None
         for entry in list(self._table.entries.values()):

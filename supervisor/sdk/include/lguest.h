@@ -154,6 +154,7 @@ struct lguest_device_desc {
 };
 
 #define LGUEST_CONSOLE_EOF 1
+#define LGUEST_CONSOLE_INPUT_TTY 2 /* the console's input is a terminal */
 struct lguest_console {
     uint32_t type, irq;
     uint32_t out_addr; /* guest: output bytes */
@@ -161,7 +162,7 @@ struct lguest_console {
     uint32_t in_addr;  /* guest: input buffer */
     uint32_t in_size;  /* guest: its size */
     uint32_t in_len;   /* Launcher: bytes delivered; the guest zeroes it to re-arm */
-    uint32_t flags;    /* Launcher: bit 0 end of input */
+    uint32_t flags;    /* Launcher: bit 0 end of input, bit 1 input is a terminal */
     uint32_t out_stream; /* guest: which stream out_addr/out_len are, LGUEST_STDOUT/STDERR */
     uint32_t pad[7];
 };

@@ -746,8 +746,11 @@ long __lguest_syscall(long nr, long a1, long a2, long a3, long a4, long a5, long
     case 270: /* tgkill */
         return (a1 == 1 && a2 == 1) ? sys_kill_self(a3) : -ENOSYS;
     case 45: return MEM_LOCKED(sys_brk(a1));
-    case 54: /* ioctl: the console is a terminal */
+    case 54: /* ioctl: output is a terminal (line buffered); input if the Launcher says so */
         if (a1 < 0 || a1 > 2) return -EBADF;
+        if (a1 == 0 && !(console && (((volatile struct lguest_console *)console)->flags &
+                                      LGUEST_CONSOLE_INPUT_TTY)))
+            return -ENOTTY;
         if (a2 == TIOCGWINSZ && a3) {
             uint16_t *ws = (uint16_t *)a3;
             ws[0] = 24, ws[1] = 80, ws[2] = ws[3] = 0;
