@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-run-time",
             type=_positive_float,
             metavar="SECONDS",
-            help="kill a guest after this many seconds of CPU",
+            help="kill a guest after this many seconds of emulation",
         )
         p.add_argument("--console-rate", type=_int_from(1), help="console output cap, bytes/second")
         files_options(p)
@@ -238,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR")
     build.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]")
     build.add_argument("-W", dest="warnings", action="append", default=[], metavar="WARNING")
-    build.add_argument("--stack-size", help="the guest's stack, e.g. 256K (default 64K)")
+    build.add_argument(
+        "--stack-size",
+        help="CPU 0's stack, 4K..256M, e.g. 1M (default 8M, or half the free memory if less)",
+    )
     build.add_argument(
         "--timeout",
         type=_positive_float,
