@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-W", dest="warnings", action="append", default=[], metavar="WARNING")
     build.add_argument(
         "--stack-size",
-        help="CPU 0's stack, 4K..256M, e.g. 1M (default 8M, or half the free memory if less)",
+        help="CPU 0's stack, 4K..256M, e.g. 1M (default 8M if that leaves 4M for the heap, "
+        "else half the free memory)",
     )
     build.add_argument(
         "--timeout",
@@ -379,7 +380,8 @@ def files_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="let guests connect to this real address (an IPv4 HOST; 127.0.0.1 as host:PORT)",
+        help="let guests connect to this real address (HOST: an IPv4 address or localhost; "
+        "a guest reaches the host's loopback as host:PORT)",
     )
 
 

@@ -144,7 +144,7 @@ def test_build_help_states_the_stack_range_and_default_the_build_uses() -> None:
     help_text = " ".join(cli("build", "--help").stdout.split())
     low, high = sdk.MIN_STACK_SIZE >> 10, sdk.MAX_STACK_SIZE >> 20
     assert f"--stack-size STACK_SIZE CPU 0's stack, {low}K..{high}M" in help_text
-    assert "(default 8M, or half the free memory if less)" in help_text  # docs/sdk.md
+    assert "(default 8M if that leaves 4M for the heap, else half the free memory)" in help_text
 
 
 def test_the_swarm_table_counts_blocks_or_says_plainly_that_it_does_not() -> None:
