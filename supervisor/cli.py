@@ -386,7 +386,14 @@ def files_options(p: argparse.ArgumentParser) -> None:
 
 
 def files_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The GuestConfig file settings given as options (``ConfigError`` for a bad --dir)."""
+    """The GuestConfig file settings given as options (``ConfigError`` for a bad --dir).
+
+    ``--allow-outbound`` without ``--net`` is refused here, in the options' own names,
+    unless a config file or a snapshot may supply ``net`` (then GuestConfig decides).
+    """
+    supplied = getattr(args, "config", None) or getattr(args, "restore", None)
+    if args.allow_outbound and not args.net and not supplied:
+        raise BadInput("--allow-outbound needs --net")
     dirs = [DirGrant.parse(d) for d in args.dirs]
     dirs += [DirGrant.parse(d, read_only=True) for d in args.ro_dirs]
     return {
