@@ -3,7 +3,7 @@
 The blockcopy guest looks for a device of type 2 (block) and copies sectors
 0..7 to 8..15 through it.  Here that device is not the built-in file-backed
 one but ``RamDisk``, written from scratch against the descriptor protocol
-(docs/abi.md, "Launcher devices"): the guest fills command/sector/count/buffer,
+(docs/abi.md, "Custom devices"): the guest fills command/sector/count/buffer,
 notifies the descriptor's address, and we set ``status`` before it resumes.
 
     python examples/custom_device.py

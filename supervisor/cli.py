@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-run-time",
             type=_positive_float,
             metavar="SECONDS",
-            help="kill a guest after this many seconds of CPU",
+            help="kill a guest after this many seconds of emulation",
         )
         p.add_argument("--console-rate", type=_int_from(1), help="console output cap, bytes/second")
         files_options(p)
@@ -238,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("-I", dest="include_dirs", action="append", default=[], metavar="DIR")
     build.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME[=VALUE]")
     build.add_argument("-W", dest="warnings", action="append", default=[], metavar="WARNING")
-    build.add_argument("--stack-size", help="the guest's stack, e.g. 256K (default 64K)")
+    build.add_argument(
+        "--stack-size",
+        help="CPU 0's stack, 4K..256M, e.g. 1M (default 8M if that leaves 4M for the heap, "
+        "else half the free memory)",
+    )
     build.add_argument(
         "--timeout",
         type=_positive_float,
@@ -376,12 +380,20 @@ def files_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="HOST:PORT",
-        help="let guests connect to this real address (an IPv4 HOST; 127.0.0.1 as host:PORT)",
+        help="let guests connect to this real address (HOST: an IPv4 address or localhost; "
+        "a guest reaches the host's loopback as host:PORT)",
     )
 
 
 def files_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The GuestConfig file settings given as options (``ConfigError`` for a bad --dir)."""
+    """The GuestConfig file settings given as options (``ConfigError`` for a bad --dir).
+
+    ``--allow-outbound`` without ``--net`` is refused here, in the options' own names,
+    unless a config file or a snapshot may supply ``net`` (then GuestConfig decides).
+    """
+    supplied = getattr(args, "config", None) or getattr(args, "restore", None)
+    if args.allow_outbound and not args.net and not supplied:
+        raise BadInput("--allow-outbound needs --net")
     dirs = [DirGrant.parse(d) for d in args.dirs]
     dirs += [DirGrant.parse(d, read_only=True) for d in args.ro_dirs]
     return {

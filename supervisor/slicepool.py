@@ -9,7 +9,7 @@ slices, round-robin with every other busy CPU's, and the event loop hears of it
 only when it ends for a reason the run loop must handle.  A slice that came back to
 the loop to be queued again would cost a loop wake-up per slice of every busy guest,
 and the loop would compete for the CPU just when an interrupt or a break needs it
-(docs/performance.md, "The event loop only hears of events").
+(docs/performance.md, "Busy slices take turns on the workers").
 
 Guarantees:
 

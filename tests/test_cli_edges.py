@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import _slicing
+from supervisor import _slicing, sdk
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -138,6 +138,13 @@ def test_help_names_the_console_script_and_explains_gdb_guest() -> None:
         assert proc.stdout.startswith(f"usage: lguest-supervisor {' '.join(args[:-1])}".rstrip())
     help_text = " ".join(cli("swarm", "--help").stdout.split())
     assert "--gdb-guest INDEX with --gdb: which guest gdb gets, 0 to N-1" in help_text
+
+
+def test_build_help_states_the_stack_range_and_default_the_build_uses() -> None:
+    help_text = " ".join(cli("build", "--help").stdout.split())
+    low, high = sdk.MIN_STACK_SIZE >> 10, sdk.MAX_STACK_SIZE >> 20
+    assert f"--stack-size STACK_SIZE CPU 0's stack, {low}K..{high}M" in help_text
+    assert "(default 8M if that leaves 4M for the heap, else half the free memory)" in help_text
 
 
 def test_the_swarm_table_counts_blocks_or_says_plainly_that_it_does_not() -> None:

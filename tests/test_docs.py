@@ -274,3 +274,39 @@ def test_the_first_command_needs_neither_ray_nor_zig() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Hello from an lguest guest!\n"
     assert "LOADED []" in done.stderr, done.stderr
+
+
+SECTION_REF = re.compile(r"\b((?:docs/\w+|README|CONTRIBUTING)\.md),? \"([^\"]+)\"")
+# A heading, or a paragraph's bold lead-in ("- **Guest stores.**  A store costs ...").
+HEADING = re.compile(r"^(?:#+\s+(.*?)\s*|(?:[-*]\s+)?\*\*([^*]+)\*\*.*)$", re.MULTILINE)
+
+
+def section_refs(text: str) -> list[tuple[str, str]]:
+    """The ``docs/NAME.md, "Section"`` references in ``text``, across line breaks and
+    the ``#`` of comment lines."""
+    flat = " ".join(re.sub(r"\n\s*(?:#|\*|//)?\s*", " ", text).split())
+    return SECTION_REF.findall(flat)
+
+
+def test_every_reference_to_a_section_names_a_heading_of_that_document() -> None:
+    """A reader sent to ``docs/X.md, "Section"`` finds a heading that contains it."""
+    sources = [*DOCUMENTS, *(ROOT / "docs").glob("*.md")]
+    for folder in ("supervisor", "examples", "benchmarks", "guests", "tests"):
+        sources += [p for p in (ROOT / folder).rglob("*") if p.suffix in {".py", ".c", ".h", ".S"}]
+    missing = []
+    for source in sorted(set(sources) - {Path(__file__).resolve()}):
+        for document, section in section_refs(source.read_text(errors="replace")):
+            target = ROOT / document
+            found = HEADING.findall(target.read_text()) if target.exists() else []
+            headings = [(heading or lead).replace("`", "") for heading, lead in found]
+            if not any(section in heading for heading in headings):
+                missing.append(f"{source.relative_to(ROOT)}: {document}, {section!r}")
+    assert not missing, "\n".join(missing)
+
+
+def test_the_section_reference_check_reads_wrapped_references() -> None:
+    text = '(docs/performance.md,\n    # "Exact\n    # slices") and README.md "Two commands"'
+    assert section_refs(text) == [
+        ("docs/performance.md", "Exact slices"),
+        ("README.md", "Two commands"),
+    ]

@@ -52,3 +52,13 @@ def test_example(script: str, args: list[str], expected: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr
     for text in expected:
         assert text in proc.stdout
+
+
+def test_the_readmes_list_of_examples_names_every_example() -> None:
+    """README's sentence "examples/ has ..." is where a newcomer finds them all."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("examples/ has ")
+    listing = " ".join(readme[start : readme.index("\n\n", start)].split())
+    names = [path.name for path in sorted((ROOT / "examples").glob("*.py"))]
+    missing = [name for name in names if f"`{name}`" not in listing]
+    assert not missing, f"README's examples/ paragraph does not name {missing}"

@@ -246,7 +246,7 @@ def test_cli_bad_allow_outbound_is_one_line_and_status_2(command: str, probe: Pa
     for args, why in [
         (["--net", "--allow-outbound", "nowhere"], "is not HOST:PORT"),
         (["--net", "--allow-outbound", "db.example:5432"], "is not an IPv4 address"),
-        (["--allow-outbound", "127.0.0.1:80"], "allow_outbound needs net"),
+        (["--allow-outbound", "127.0.0.1:80"], "supervisor: error: --allow-outbound needs --net\n"),
     ]:
         extra = ["-n", "1"] if command == "swarm" else []
         proc = _cli(command, *extra, str(probe), *args)

@@ -6,7 +6,7 @@ socket, so ``dup``, ``close``, ``fcntl``, ``poll`` and the table's limit
 (descriptor number, open description), as Linux keys it: closing a watched
 descriptor drops its interest once no descriptor refers to that description.
 
-The requests (docs/abi.md, "epoll") never wait: ``EPOLL_WAIT`` answers the
+The requests (docs/abi.md, "Sockets": 35-37) never wait: ``EPOLL_WAIT`` answers the
 events ready now (the runtime waits for the device's events counter or the
 timeout and asks again, as for ``poll``).  The console (descriptors 0-2) is
 the runtime's: the request says whether a read of descriptor 0 would not wait,

@@ -5,7 +5,7 @@ The guest sees one directory tree made of *grants* (``--dir HOST::GUEST``,
 guest also has a private, writable ``/tmp`` (a host directory created on first
 use and removed when the guest's Launcher stops) unless a grant maps ``/tmp``.
 
-Protocol (docs/abi.md, "The file device"): the guest fills its descriptor
+Protocol (docs/abi.md, "File device"): the guest fills its descriptor
 (``op``, ``fd``, ``a0``..``a6``) and NOTIFYs it; the Launcher serves the request
 before the guest resumes and stores a signed 64-bit ``result`` (a value, or
 ``-errno``).  Paths are (address, length) pairs in guest RAM, at most

@@ -1,5 +1,5 @@
 /* files.c - the file system calls of the C guest runtime, served by the
- * Launcher's file device (supervisor/launcher/files.py; docs/abi.md, "The file
+ * Launcher's file device (supervisor/launcher/files.py; docs/abi.md, "File
  * device").
  *
  * Guarantees (docs/sdk.md, "Files"):
