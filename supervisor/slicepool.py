@@ -14,6 +14,13 @@ and the loop would compete for the CPU just when an interrupt or a break needs i
 Guarantees:
 
 - FIFO: a job waits for at most one step of each job queued before it.
+- Urgent jobs (``submit(..., urgent=owner)``: a CPU with an interrupt handler to run)
+  go to the front of the queue instead of the back, and if no worker is free, the step
+  that has held its worker longest is asked to end at its next block boundary (its
+  ``hurry``), so the urgent job runs next.  An owner jumps the queue at most once per
+  round: not again until as many jobs have left the queue as it jumped ahead of, so a
+  guest that raises events for itself gets at most one step more per round than the
+  others, however often it asks.
 - A job is never run by two workers at once; its steps run one after another.
 - :meth:`Job.cancel` withdraws a job that is waiting in the queue (before its first
   step or between two steps) and returns True; nothing of it runs afterwards.  A job
@@ -42,6 +49,8 @@ import functools
 import os
 import sys
 import threading
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -77,16 +86,25 @@ class Job(Future[_T]):
     :meth:`cancel` asks the pool whether it is in a step right now.
     """
 
-    def __init__(self, pool: SlicePool, step: Callable[[], _T | Again]) -> None:
+    def __init__(
+        self,
+        pool: SlicePool,
+        step: Callable[[], _T | Again],
+        hurry: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__()
         self._pool = pool
         self.step = step
+        # Ask its step in progress to end soon, its job going on after a turn (any
+        # thread; True if asked); None: never hurried for an urgent job.
+        self.hurry = hurry
         # Guarded by the pool's lock.  queued: in the queue, waiting for a worker (an
         # entry in the queue that is not queued was withdrawn: it is skipped);
         # stop_asked: cancel() came while a step ran: an AGAIN then ends the job
         # (cancelled) instead of queueing it again behind every waiting job.
         self.queued = False
         self.stop_asked = False
+        self.taken_at = 0.0  # when a worker last took it from the queue (time.monotonic)
 
     def cancel(self) -> bool:
         """Withdraw the job if it waits in the queue (True, as when already cancelled).
@@ -134,6 +152,13 @@ class SlicePool:
         self._threads: list[threading.Thread] = []
         self._computing: set[Job[Any]] = set()  # jobs that answered AGAIN and go on
         self._closed = False
+        self._busy: set[Job[Any]] = set()  # jobs a worker took from the queue and runs
+        self._taken = 0  # jobs taken from the queue so far
+        # owner -> the value of _taken from which it may jump the queue again.
+        self._jumps: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self.jumps = 0  # urgent jobs put at the front of the queue
+        self.refused = 0  # urgent jobs queued at the back: their owner jumped this round
+        self.hurried = 0  # steps asked to end early for an urgent job
 
     @property
     def waiting(self) -> int:
@@ -152,19 +177,37 @@ class SlicePool:
         """Jobs waiting per worker (any thread; racy like ``waiting``)."""
         return self._waiting / self.workers
 
-    def submit(self, fn: Callable[..., _T | Again], /, *args: Any) -> Job[_T]:
-        """Queue a job whose step is ``fn(*args)`` (FIFO).  RuntimeError once shut down."""
-        job: Job[_T] = Job(self, functools.partial(fn, *args) if args else fn)
+    def submit(
+        self,
+        fn: Callable[..., _T | Again],
+        /,
+        *args: Any,
+        hurry: Callable[[], bool] | None = None,
+        urgent: object | None = None,
+    ) -> Job[_T]:
+        """Queue a job whose step is ``fn(*args)`` (FIFO).  RuntimeError once shut down.
+
+        ``hurry``: asks the job's step in progress to end early (for an urgent job).
+        ``urgent``: who the job is urgent for (weakly referenced): to the front of the
+        queue, once per round for each owner (module docstring)."""
+        job: Job[_T] = Job(self, functools.partial(fn, *args) if args else fn, hurry)
+        slow: Job[Any] | None = None
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
-            self._enqueue(job)
+            if urgent is None or not self._may_jump(urgent):
+                self._enqueue(job)
+            else:
+                self._enqueue(job, front=True)
+                slow = self._slowest()
             if self._waiting > self._idle_threads and len(self._threads) < self.workers:
                 thread = threading.Thread(
                     target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True
                 )
                 self._threads.append(thread)
                 thread.start()
+        if slow is not None and slow.hurry is not None and slow.hurry():
+            self.hurried += 1  # (a racy count: the figures of a test or a benchmark)
         return job
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -188,12 +231,32 @@ class SlicePool:
                     thread.join()
 
     # -- lock held -------------------------------------------------------------------
-    def _enqueue(self, job: Job[Any]) -> None:
+    def _enqueue(self, job: Job[Any], front: bool = False) -> None:
         job.queued = True
-        self._queue.append(job)
+        if front:
+            self._queue.appendleft(job)
+        else:
+            self._queue.append(job)
         self._waiting += 1
         if self._idle_threads:
             self._lock.notify()
+
+    def _may_jump(self, owner: object) -> bool:
+        """Whether ``owner``'s urgent job may go to the front now, recording the jump:
+        not until every job it jumped ahead of last time has left the queue."""
+        if self._taken < self._jumps.get(owner, 0):
+            self.refused += 1
+            return False
+        self._jumps[owner] = self._taken + self._waiting
+        self.jumps += 1
+        return True
+
+    def _slowest(self) -> Job[Any] | None:
+        """The job to hurry for an urgent one at the front: none while a worker is free
+        or about to start; else the one that has held its worker longest."""
+        if self._idle_threads or len(self._threads) < self.workers or not self._busy:
+            return None
+        return min(self._busy, key=lambda job: job.taken_at)
 
     def _withdraw(self, job: Job[Any]) -> bool:
         with self._lock:
@@ -220,6 +283,9 @@ class SlicePool:
                 if job.queued:
                     job.queued = False
                     self._waiting -= 1
+                    self._taken += 1
+                    job.taken_at = time.monotonic()
+                    self._busy.add(job)
                     return job
             if self._closed:
                 return None
@@ -249,11 +315,11 @@ class SlicePool:
                     result = job.step()
             except BaseException as exc:  # the job's, like ThreadPoolExecutor's
                 error = exc
-            if error is None and result is AGAIN:
-                with self._lock:
-                    if not self._closed and not job.stop_asked:
-                        self._enqueue(job)  # to the back: every job waiting now goes first
-                        continue
+            with self._lock:
+                self._busy.discard(job)
+                if error is None and result is AGAIN and not self._closed and not job.stop_asked:
+                    self._enqueue(job)  # to the back: every job waiting now goes first
+                    continue
             job.step = _ended_step  # ended: let go of what the step holds
             self._computing.discard(job)
             if error is not None:

@@ -258,3 +258,112 @@ def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once() -> None:
         release.set()
         pool.shutdown()
     assert busy.result(WAIT) == "busy"
+
+
+class Owner:
+    """Whom an urgent job is urgent for (a CPU, in the supervisor)."""
+
+
+def hurry_log(name: str, log: list[str], answer: bool = True) -> Callable[[], bool]:
+    """A job's ``hurry`` that logs ``name``; it answers ``answer`` (whether it asked)."""
+
+    def hurry() -> bool:
+        log.append(name)
+        return answer
+
+    return hurry
+
+
+def test_an_urgent_job_goes_first_and_hurries_the_busy_step() -> None:
+    pool = SlicePool(1)
+    log: list[str] = []
+    hurried: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    try:
+        a = pool.submit(
+            stepper("a", log, 2, hold_first(release, started)), hurry=hurry_log("a", hurried)
+        )
+        assert started.wait(WAIT)
+        b = pool.submit(stepper("b", log, 1), hurry=hurry_log("b", hurried))
+        c = pool.submit(stepper("c", log, 1), hurry=hurry_log("c", hurried))
+        assert hurried == []  # (normal jobs hurry nobody)
+        d = pool.submit(stepper("d", log, 1), urgent=Owner())
+        assert hurried == ["a"]  # the one worker is busy: its step is asked to end
+        assert (pool.jumps, pool.hurried, pool.waiting) == (1, 1, 3)
+        release.set()
+        assert [j.result(WAIT) for j in (a, b, c, d)] == ["a", "b", "c", "d"]
+    finally:
+        pool.shutdown()
+    # d before everything that waited; a's AGAIN went to the back as always.
+    assert log == ["a", "d", "b", "c", "a"]
+
+
+def test_an_owner_jumps_the_queue_once_per_round() -> None:
+    # A guest that raises events for itself as often as it likes gets one step ahead of
+    # the queue per round: its next urgent job waits at the back until every job it
+    # jumped ahead of has had its step.
+    pool = SlicePool(1)
+    log: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    hostile, other = Owner(), Owner()
+    try:
+        a = pool.submit(stepper("a", log, 1, hold_first(release, started)))
+        assert started.wait(WAIT)
+        jobs = [a, pool.submit(stepper("b", log, 1)), pool.submit(stepper("c", log, 1))]
+        jobs.append(pool.submit(stepper("d", log, 1), urgent=hostile))
+        jobs.append(pool.submit(stepper("e", log, 1), urgent=hostile))  # again: refused
+        jobs.append(pool.submit(stepper("f", log, 1), urgent=other))
+        assert (pool.jumps, pool.refused) == (2, 1)
+        release.set()
+        assert [j.result(WAIT) for j in jobs] == list("abcdef")
+        assert log == ["a", "f", "d", "b", "c", "e"]
+        # b and c, which d jumped, have had their steps: the owner may jump again.
+        assert pool.submit(stepper("g", log, 1), urgent=hostile).result(WAIT) == "g"
+        assert (pool.jumps, pool.refused) == (3, 1)
+    finally:
+        pool.shutdown()
+
+
+def test_an_urgent_job_hurries_nobody_while_a_worker_is_free() -> None:
+    pool = SlicePool(2)
+    hurried: list[str] = []
+    warm = [pool.submit(stepper(f"w{i}", [], 1)) for i in range(2)]
+    assert [w.result(WAIT) for w in warm] == ["w0", "w1"]
+    release, started = threading.Event(), threading.Event()
+    try:
+        busy = pool.submit(
+            stepper("busy", [], 1, hold_first(release, started)), hurry=hurry_log("busy", hurried)
+        )
+        assert started.wait(WAIT)
+        assert pool.submit(stepper("u", [], 1), urgent=Owner()).result(WAIT) == "u"
+        assert hurried == [] and pool.hurried == 0 and pool.jumps == 1
+        release.set()
+        assert busy.result(WAIT) == "busy"
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_the_step_that_has_held_its_worker_longest_is_hurried() -> None:
+    pool = SlicePool(2)
+    hurried: list[str] = []
+    release = threading.Event()
+    first, second = threading.Event(), threading.Event()
+    try:
+        old = pool.submit(
+            stepper("old", [], 1, hold_first(release, first)),
+            hurry=hurry_log("old", hurried, answer=False),  # (between two runs: not asked)
+        )
+        assert first.wait(WAIT)
+        new = pool.submit(
+            stepper("new", [], 1, hold_first(release, second)), hurry=hurry_log("new", hurried)
+        )
+        assert second.wait(WAIT)
+        urgent = pool.submit(stepper("u", [], 1), urgent=Owner())
+        assert hurried == ["old"]
+        assert pool.hurried == 0  # it answered that it asked nothing
+        release.set()
+        assert [j.result(WAIT) for j in (old, new, urgent)] == ["old", "new", "u"]
+    finally:
+        release.set()
+        pool.shutdown()
