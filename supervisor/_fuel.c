@@ -999,6 +999,28 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
     return PyBool_FromLong(sent);
 }
 
+/* hurry(address) -> bool: end the fuel's run in progress at its next block boundary as if
+   its slice's time were spent (REASON_BUDGET), so that the slice ends and its worker can
+   take a more urgent job.  Only a run on the exit-request path that nothing else stops
+   yet (True); anything else is left alone (False). */
+static PyObject *hurry(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    int sent = 0;
+    pthread_mutex_lock(&lock);
+    if (fuel->exit_request && fuel->running && !fuel->stop && fuel->reason == REASON_NONE) {
+        send_stop(fuel, REASON_BUDGET, now_ns());
+        if (fuel->sent_at + RESEND_NS < wake_at)
+            pthread_cond_signal(&wake); /* to send it again in case it came too early */
+        sent = 1;
+    }
+    pthread_mutex_unlock(&lock);
+    return PyBool_FromLong(sent);
+}
+
 #ifdef HAVE_RDTSC
 /* rdtsc() -> int: the host's time stamp counter, which Unicorn's guest rdtsc reads too */
 static PyObject *read_tsc(PyObject *self, PyObject *unused)
@@ -1023,6 +1045,8 @@ static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"interrupt", (PyCFunction)(void (*)(void))interrupt, METH_FASTCALL,
      "interrupt(address, in_slice) -> bool: stop a run for an interrupt (REASON_IRQ)."},
+    {"hurry", hurry, METH_O,
+     "hurry(address) -> bool: end a run in progress as if its time were spent (REASON_BUDGET)."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
      "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4)): the Unicorn calls and "

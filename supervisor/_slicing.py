@@ -368,6 +368,14 @@ def interrupt(fuel: Fuel, in_slice: bool) -> bool:
     return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice))
 
 
+def hurry(fuel: Fuel) -> bool:
+    """End the CPU's run in progress at its next block boundary as if its slice's time were
+    spent (``REASON_BUDGET``: the slice ends with BUDGET, its run may go on after a turn),
+    so that its worker is free for a more urgent job (any thread).  True if a stop was
+    sent: only to a run on the exit-request path that nothing else stops yet."""
+    return bool(fuel.exit_request) and bool(_fuel.hurry(fuel.address))
+
+
 # What run() returns: the fallback's instruction count (0 on the native paths), and the
 # native interrupt hook's trap vector and hypercall registers (eax, edx, ebx, ecx), None
 # when there is none or they were not read (always None on the fallback, whose Python

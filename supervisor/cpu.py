@@ -235,6 +235,9 @@ class RunControl:
     # two); while a slice runs it only asks the run to end after that slice.
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
+    # An inline slice delivered an irq and ran out of time in its handler: the next executor
+    # run is urgent (slicepool: the front of the queue, once per round).
+    urgent: bool = host_only(default=False)
     # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
     on_break: asyncio.Future[None] | None = host_only(default=None)
     # An executor run a break left going on with no read in flight (its asyncio future):

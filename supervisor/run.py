@@ -27,7 +27,7 @@ import os
 import time
 from typing import Any, ClassVar
 
-from . import hypercalls, interrupts, timers
+from . import _slicing, hypercalls, interrupts, timers
 from .cpu import LgCpu
 from .execute import INLINE_BUDGET, ExitValue, SliceExit, run_slice
 from .hibernation import Dormitory
@@ -285,10 +285,13 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
     ends as a ``KICK``.
     """
     if cpu.run.inline:
+        pending = cpu.irqs_pending  # (only the event loop raises irqs: none come meanwhile)
         ended = run_slice(cpu, INLINE_BUDGET)
         assert isinstance(ended, SliceExit)  # (AGAIN only with `more`)
         _debug_stop(cpu, ended)
         cpu.run.inline = ended is not SliceExit.BUDGET
+        # Its handler took longer than an inline slice: the rest runs before the queue's.
+        cpu.run.urgent = not cpu.run.inline and bool(pending & ~cpu.irqs_pending)
         # Stay cooperative: let the loop run other tasks at least every YIELD_TIME.  Not
         # after every slice: a turn of the loop costs more than a notify round trip.
         now = time.monotonic()
@@ -303,8 +306,15 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         assert queued is not None
     else:
         queued = executor.submit(
-            run_slice, cpu, None, functools.partial(_may_go_on, cpu), executor.crowd
+            run_slice,
+            cpu,
+            None,
+            functools.partial(_may_go_on, cpu),
+            executor.crowd,
+            hurry=functools.partial(_slicing.hurry, cpu.fuel),
+            urgent=cpu if cpu.run.urgent else None,
         )
+        cpu.run.urgent = False
         cpu.run.idle.clear()  # until the run is finished or withdrawn: pause() waits for it
         cpu.run.queued_slice = queued
         future = asyncio.wrap_future(queued)

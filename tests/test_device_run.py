@@ -5,6 +5,7 @@ import errno
 import functools
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from guestasm import COUNT_TO, SPIN, Booted, boot, present, until
@@ -68,6 +69,10 @@ def _differs(g: Booted, name: str, before: int) -> Callable[[], bool]:
 
 def _handled(g: Booted, n: int) -> bool:
     return g.u32("handled") == n
+
+
+def _continued(g: Booted, n: int) -> bool:
+    return present(g.file.stats).continued == n
 
 
 def _slices_past(g: Booted, n: int) -> bool:
@@ -440,9 +445,9 @@ def submissions(dev: LguestDevice, monkeypatch: pytest.MonkeyPatch) -> list[Call
     jobs: list[Callable[..., object]] = []
     real = dev.executor.submit
 
-    def recording(fn: Callable[..., object], *args: object) -> object:
+    def recording(fn: Callable[..., object], *args: object, **options: Any) -> object:
         jobs.append(fn)
-        return real(fn, *args)
+        return real(fn, *args, **options)
 
     monkeypatch.setattr(dev.executor, "submit", recording)
     return jobs
@@ -622,5 +627,90 @@ async def test_inline_slices_are_short_only_for_a_cpu_that_computes_through_them
         busy.file.resume()
     await until(lambda: bool(lefts))
     assert lefts[0] == execute._INLINE_NS
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+LONG_HANDLER = r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    movl $512, lguest_data
+    HCALL 17, 1
+1:  incl counter
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    movl $100000, %ecx
+2:  loop 2b
+    HCALL 17, 0x35
+    jmp irq_return
+.data
+counter: .long 0
+"""
+
+
+async def test_a_handler_that_outlasts_its_inline_slice_goes_first_in_the_queue(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An interrupt delivered on the event loop whose handler needs more than the inline
+    # slice: the rest of the handler is an urgent run (the front of the pool's queue),
+    # not one that waits behind every busy guest.  The guest's plain computing is not.
+    from supervisor import execute
+
+    g = await boot(dev, LONG_HANDLER)
+    assert await g.file.read(8) == pack_words(1)
+    cpu = g.file.cpu(0)
+    reader = asyncio.create_task(g.file.read(8))
+    await until(lambda: g.u32("counter") > 1000)
+    reader.cancel()  # no read in flight: the irq waits, and the next read delivers it inline
+    await asyncio.gather(reader, return_exceptions=True)
+    monkeypatch.setattr(execute, "_INLINE_NS", 1_000)
+    monkeypatch.setattr(execute, "_LONG_INLINE_NS", 1_000)
+    urgent: list[object] = []
+    real = dev.executor.submit
+
+    def recording(fn: Callable[..., object], *args: object, **options: Any) -> object:
+        urgent.append(options.get("urgent"))
+        return real(fn, *args, **options)
+
+    monkeypatch.setattr(dev.executor, "submit", recording)
+    jumps = dev.executor.jumps
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    assert await g.file.read(8) == pack_words(0x35)
+    assert urgent == [cpu] and dev.executor.jumps == jumps + 1
+    reader = asyncio.create_task(g.file.read(8))  # back to computing: a plain run
+    await until(lambda: len(urgent) == 2)
+    assert urgent[1] is None and not cpu.run.urgent
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+@going_on
+async def test_a_hurried_slice_ends_as_if_its_time_were_spent_and_its_run_goes_on(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the pool asks of the longest-running step for an urgent job: the slice ends at
+    # a block boundary with BUDGET, and the run goes on (AGAIN), not back to the run loop.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice unless hurried
+    g = await boot(dev, SPIN)
+    cpu = g.file.cpu(0)
+    assert not _slicing.hurry(cpu.fuel)  # nothing running
+    reader = await _on_a_worker(g)
+    run = cpu.run.queued_slice
+    stats = present(g.file.stats)
+    slices, continued = stats.slices, stats.continued
+    hurried = 0
+    for _ in range(1000):  # (a hurry between two runs of the slice asks nothing: False)
+        if hurried == 3:
+            break
+        await until(lambda: cpu.fuel.running == 1)
+        if _slicing.hurry(cpu.fuel):
+            hurried += 1
+            await until(functools.partial(_continued, g, continued + hurried))
+    assert hurried == 3 and stats.slices - slices == 3
+    assert cpu.run.queued_slice is run and not reader.done()
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
