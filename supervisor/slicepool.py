@@ -18,9 +18,9 @@ Guarantees:
   go to the front of the queue instead of the back, and if no worker is free, the step
   that has held its worker longest is asked to end at its next block boundary (its
   ``hurry``), so the urgent job runs next.  An owner jumps the queue at most once per
-  round: not again until as many jobs have left the queue as it jumped ahead of, so a
-  guest that raises events for itself gets at most one step more per round than the
-  others, however often it asks.
+  round: not again until the workers have taken as many jobs from the queue as it
+  jumped ahead of, so a guest that raises events for itself gets at most one step more
+  per round than the others, however often it asks.
 - A job is never run by two workers at once; its steps run one after another.
 - :meth:`Job.cancel` withdraws a job that is waiting in the queue (before its first
   step or between two steps) and returns True; nothing of it runs afterwards.  A job
@@ -243,7 +243,7 @@ class SlicePool:
 
     def _may_jump(self, owner: object) -> bool:
         """Whether ``owner``'s urgent job may go to the front now, recording the jump:
-        not until every job it jumped ahead of last time has left the queue."""
+        not until workers have taken as many jobs as it jumped ahead of last time."""
         if self._taken < self._jumps.get(owner, 0):
             self.refused += 1
             return False
