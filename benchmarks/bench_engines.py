@@ -11,22 +11,31 @@ Measured in one run, each beside its raw Unicorn counterpart:
   ``mem_unmap`` + ``mem_map_ptr`` of 1 MiB + ``context_restore`` + ``ctl_flush_tb``;
 * a busy guest (the tight register loop, about ``--seconds`` of raw Unicorn) with
   engines off and with a switch at every slice (``engines="always"``), as ratios to
-  raw Unicorn's time for the same loop.
+  raw Unicorn's time for the same loop;
+* a crowd (``--guests``, 100) of busy guests sharing the workers, the tight loop and
+  the C compute guest (guests/c/sieve.elf), with engines ``off`` (one each) and
+  ``pool`` (a bounded pool: nearly every slice switches): the process's CPU time
+  against raw Unicorn's for the same work (CPU time, so that other programs on the
+  machine do not count), and the share of it that engine switches took.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
+import os
 import statistics
 import time
+from collections.abc import Iterator
 
 from unicorn import UC_ARCH_X86, UC_MODE_32, UC_PROT_ALL, Uc
 
-from supervisor import LguestDevice
+from supervisor import GuestConfig, LguestDevice, Supervisor, engines
 from supervisor.memory import GuestMemory
 
+from .bench_c import RAM, SIEVE, RawSieve
 from .cases import LOOP, TIGHT_BODY
 from .guests import Booted, assemble, boot, close
 from .harness import print_table
@@ -40,6 +49,14 @@ def raw_loop(cpu: RawCpu, n: int) -> float:
     t0 = time.perf_counter()
     cpu.run("bench", "bench_end")
     return time.perf_counter() - t0
+
+
+def raw_loop_cpu(cpu: RawCpu, n: int) -> float:
+    """CPU seconds (this thread's) of the raw bench loop of ``n`` iterations."""
+    cpu.set_u32("iters", n)
+    t0 = time.thread_time()
+    cpu.run("bench", "bench_end")
+    return time.thread_time() - t0
 
 
 def raw_switch(cycles: int) -> float:
@@ -133,13 +150,134 @@ async def measure(cycles: int, seconds: float) -> list[tuple[str, str, str]]:
     return rows
 
 
+async def crowd_loop(mode: str, image_source: str, guests: int, n: int) -> tuple[float, float, int]:
+    """CPU seconds (the process's) for ``guests`` busy guests each running the bench loop
+    ``n`` times at once, the seconds of it that engine switches took, and how many."""
+    image = assemble(image_source)
+    async with LguestDevice(engines=mode, hibernate_after=math.inf) as dev:
+        gs = [await boot(dev, image) for _ in range(guests)]
+        for g in gs:
+            assert await g.read_word() == 1
+            g.set_u32("iters", n)
+        pool = dev.engines
+        switched = pool.switch_time if pool is not None else 0.0
+        count = pool.switched if pool is not None else 0
+        c0 = time.process_time()
+        words = await asyncio.gather(*(g.read_word() for g in gs))
+        cpu = time.process_time() - c0
+        assert words == [2] * guests
+        switched = (pool.switch_time if pool is not None else 0.0) - switched
+        count = (pool.switched if pool is not None else 0) - count
+        for g in gs:
+            await close(g)
+    return cpu, switched, count
+
+
+@contextlib.contextmanager
+def engine_mode(mode: str) -> Iterator[None]:
+    """Devices made meanwhile (a Supervisor's) use engines ``mode``."""
+    before = os.environ.get(engines.ENV)
+    os.environ[engines.ENV] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[engines.ENV]
+        else:
+            os.environ[engines.ENV] = before
+
+
+async def crowd_sieve(mode: str, guests: int, n: int, rounds: int) -> tuple[float, float, int]:
+    """CPU seconds for ``guests`` sieve guests computing at once (from the last one's
+    start line to the last result), the seconds of it engine switches took, and how many."""
+    with engine_mode(mode):
+        sup = Supervisor()
+    async with sup:
+        launched = [
+            await sup.launch(GuestConfig(image=SIEVE, memory=RAM, cmdline=f"n={n} rounds={rounds}"))
+            for _ in range(guests)
+        ]
+        lines = [aiter(g.console) for g in launched]
+        for line in lines:
+            assert (await anext(line)).startswith("sieve ")
+        pool = sup.device.engines
+        switched = pool.switch_time if pool is not None else 0.0
+        count = pool.switched if pool is not None else 0
+        c0 = time.process_time()
+        results = await asyncio.gather(*(anext(line) for line in lines))
+        cpu = time.process_time() - c0
+        assert len(set(results)) == 1 and results[0].startswith("primes up to"), results[:2]
+        switched = (pool.switch_time if pool is not None else 0.0) - switched
+        count = (pool.switched if pool is not None else 0) - count
+        for g in launched:
+            assert (await g.wait()).ok
+    return cpu, switched, count
+
+
+async def measure_crowd(guests: int, seconds: float) -> list[tuple[str, str, str]]:
+    """The crowd rows: ``guests`` busy guests, about ``seconds`` of raw work in all."""
+    rows = []
+    source = LOOP.format(body=TIGHT_BODY)
+    cpu = RawCpu(assemble(source))
+    n = 100_000
+    while raw_loop_cpu(cpu, n) < 0.05:
+        n *= 4
+    n = max(1, int(n * seconds / guests / raw_loop_cpu(cpu, n)))
+    raw_each = min(raw_loop_cpu(cpu, n) for _ in range(3))
+    cpu.close()
+    raw_time = raw_each * guests
+    rows.append((f"{guests} busy tight loops, raw Unicorn", f"{raw_time:.3f} s", f"{n:,} each"))
+    for mode in ("off", "pool"):
+        used, switched, count = await crowd_loop(mode, source, guests, n)
+        rows.append(
+            (
+                f"{guests} busy tight loops, engines {mode}",
+                f"{used:.3f} s",
+                f"{raw_time / used:.3f}x raw CPU, {count} switches: {switched / used:.2%}"
+                + (f", {switched / count * 1e6:.0f} us each" if count else ""),
+            )
+        )
+    sieve = RawSieve()
+    sieve.run(1_000_000, 1)  # translated once
+    t0 = time.thread_time()
+    sieve.run(1_000_000, 1)
+    one = time.thread_time() - t0
+    rounds = max(1, round(seconds / guests / one))
+    t0 = time.thread_time()
+    sieve.run(1_000_000, rounds)
+    raw_time = (time.thread_time() - t0) * guests
+    sieve.close()
+    rows.append(
+        (f"{guests} C guests (sieve), raw Unicorn", f"{raw_time:.3f} s", f"{rounds} rounds each")
+    )
+    for mode in ("off", "pool"):
+        used, switched, count = await crowd_sieve(mode, guests, 1_000_000, rounds)
+        rows.append(
+            (
+                f"{guests} C guests (sieve), engines {mode}",
+                f"{used:.3f} s",
+                f"{raw_time / used:.3f}x raw CPU, {count} switches: {switched / used:.2%}"
+                + (f", {switched / count * 1e6:.0f} us each" if count else ""),
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_engines")
     parser.add_argument("--cycles", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=0.5, help="the busy loop's raw time")
+    parser.add_argument("--guests", type=int, default=100, help="the crowd (0: none)")
+    parser.add_argument(
+        "--crowd-seconds", type=float, default=5.0, help="the crowd's raw work in all"
+    )
+    parser.add_argument("--crowd-only", action="store_true", help="only the crowd rows")
     args = parser.parse_args(argv)
     title = f"engine switches ({args.cycles} cycles; busy loop about {args.seconds} s raw)"
-    print_table(title, asyncio.run(measure(args.cycles, args.seconds)))
+    rows = [] if args.crowd_only else asyncio.run(measure(args.cycles, args.seconds))
+    if args.guests:
+        rows += asyncio.run(measure_crowd(args.guests, args.crowd_seconds))
+    print_table(title, rows)
 
 
 if __name__ == "__main__":

@@ -233,9 +233,13 @@ def _configured(tcg_buffer: int) -> Any:
 def new_instance(tcg_buffer: int) -> Any:
     """A configured x86-32 instance (see :func:`configure`): one made ahead by
     :func:`prepare` if there is one, else a new one.  Either has never run and has
-    no memory and no hooks: the two are indistinguishable to a guest."""
+    no memory and no hooks: the two are indistinguishable to a guest.  Any thread (an
+    engine pool's worker may make one)."""
     blanks = _blanks.get(tcg_buffer)
-    return blanks.pop() if blanks else _configured(tcg_buffer)
+    if blanks:
+        with contextlib.suppress(IndexError):  # (another thread took the last one)
+            return blanks.pop()
+    return _configured(tcg_buffer)
 
 
 def prepare(tcg_buffer: int) -> bool:
@@ -402,9 +406,11 @@ def context_data(uc: Any) -> bytes:
 
 
 @functools.cache
+@functools.cache
 def blank_context() -> bytes:
     """The registers of a new instance (:func:`context_data`): what an instance that ran
-    another CPU is given before it starts a new one."""
+    another CPU is given before it starts a new one (made once: an instance costs tens
+    of microseconds, and a switch needs these bytes every time)."""
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     try:
         return context_data(uc)

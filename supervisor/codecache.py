@@ -45,9 +45,10 @@ def note(cpu: LgCpu, start: int, end: int) -> None:
 def drop_stale(cpu: LgCpu) -> None:
     """Drop the translations of every recorded range (the CPU's thread, between runs)."""
     stale = cpu.stale_code
-    if cpu.hibernated:  # no Unicorn instance: the next one starts with no translations
-        stale.clear()
-        return
+    if cpu.hibernated:
+        if cpu.engine.pool is None:  # no instance: the next one starts with no translations
+            stale.clear()
+        return  # (a pool's engine may come back to it translations and all: dropped then)
     cpu.check_thread()
     ranges = _merged(stale)
     # The same lookups and engine calls in C, if this CPU can (else None).

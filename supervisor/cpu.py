@@ -28,6 +28,7 @@ import itertools
 import math
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
@@ -472,50 +473,53 @@ class LgCpu:
     def set_reg(self, reg: int, value: int) -> None:
         self._live_regs().write(reg, value)
 
-    # -- hibernation (event loop) ---------------------------------------------------------
-    def hibernate(self) -> bool:
-        """Give back the Unicorn instance, keeping the registers as bytes.
+    # -- the engine: taken while the CPU runs, given back while it waits -----------------
+    def release_engine(self) -> bool:
+        """Give back the Unicorn instance (to the device's engine pool, or freed), keeping
+        the registers as bytes; True if it had one to give.
 
-        Refused (False) while a slice is queued or runs, while a debugger's code
-        hooks are installed, and once closed.  Event loop only.
+        Refused (False) while a debugger's code hooks are installed (they live in that
+        instance) and once closed.  Whoever owns the CPU now: the event loop while no
+        slice is queued or runs, or the thread running its executor step.
         """
         engine = self.engine
         uc = engine.uc
-        if uc is None or self.running or self.debug.code_hooks or engine.released:
+        if uc is None or self.debug.code_hooks or engine.released:
             return False
         self.check_thread()
         engine.frozen = _unicorn.context_data(uc)
         _give_back(engine, uc)
         engine.uc = None
         engine.regs = None  # type: ignore[assignment]  # (with uc)
-        self.stats.hibernations += 1
         if engine.pool is None:
             LgCpu.given_back += 1  # (a pool keeps the instance: no memory went back)
         return True
 
-    def thaw(self) -> None:
-        """Take a new Unicorn instance with the kept registers (no effect if awake)."""
+    def take_engine(self) -> float | None:
+        """Take an instance for the kept registers; None if it needs none (it has one,
+        or is closed), else the CPU seconds (this thread's) a switched or new engine took
+        to set up, 0.0 for its own engine back from the pool, untouched, which still
+        holds them (supervisor.engines).  The owner of the CPU, as for
+        :meth:`release_engine`."""
         engine = self.engine
         frozen = engine.frozen
         if frozen is None or engine.released:
-            return
+            return None
         warm = False
+        started = time.thread_time()
         if engine.pool is None:
             uc = _new_uc(self.lg, engine.host_address, engine.tcg_buffer)
             LgCpu.given_back -= 1
         else:
             uc, warm = _take(self.lg, engine)
         try:
-            if not warm:  # a new or switched instance: slice meter, hooks
+            engine.uc = uc
+            engine.regs = _unicorn.Registers(uc)
+            if not warm:  # a new or switched instance: slice meter, hooks, registers
                 _slicing.attach(uc, self.fuel)
-                engine.uc = uc
-                engine.regs = _unicorn.Registers(uc)
                 _install_hooks(self)
-            else:
-                engine.uc = uc
-                engine.regs = _unicorn.Registers(uc)
-            _unicorn.load_context_data(uc, frozen)
-            if not warm:  # the TLB of its previous CPU must go (cr3 written again)
+                _unicorn.load_context_data(uc, frozen)
+                # The TLB of its previous CPU must go (cr3 written again).
                 engine.regs.write(r.UC_X86_REG_CR3, engine.regs.read(r.UC_X86_REG_CR3))
         except BaseException:
             engine.tainted = True
@@ -524,7 +528,28 @@ class LgCpu:
             engine.regs = None  # type: ignore[assignment]
             raise
         engine.frozen = None
-        self.stats.wakes += 1
+        if warm:
+            return 0.0
+        spent = time.thread_time() - started
+        if engine.pool is not None:
+            engine.pool.charge(spent)
+        return spent
+
+    def hibernate(self) -> bool:
+        """Give back the Unicorn instance while the CPU waits (:meth:`release_engine`).
+
+        Refused (False) while a slice is queued or runs, while a debugger's code
+        hooks are installed, and once closed.  Event loop only.
+        """
+        if self.running or not self.release_engine():
+            return False
+        self.stats.hibernations += 1
+        return True
+
+    def thaw(self) -> None:
+        """Take an instance with the kept registers (no effect if it has one)."""
+        if self.take_engine() is not None:
+            self.stats.wakes += 1
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""
@@ -749,7 +774,8 @@ def _attach(
             host_address=host_address,
             tcg_buffer=tcg_buffer,
             install_hooks=install_hooks,
-            hibernate_after=hibernate_after,
+            # With a pool a CPU gives its engine back whenever it waits (supervisor.engines).
+            hibernate_after=hibernate_after if pool is None else 0.0,
             pool=pool,
         ),
         fuel=_slicing.attach(uc, count_blocks=limits.max_blocks is not None),
@@ -777,7 +803,8 @@ def new_cpu(
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
     the CPU gets (this one, and a new one after each hibernation); ``hibernate_after``
     is how long it may sleep before it gives back its emulator (supervisor.hibernation);
-    ``pool``: where its instances come from and go back to (supervisor.engines).
+    ``pool``: where its instances come from and go back to (supervisor.engines); with
+    a pool the CPU returns holding none.
 
     The CPU starts at ring 0 in lguest's boot segments (the Host's read-only GDT,
     supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
@@ -789,6 +816,8 @@ def new_cpu(
     )  # fmt: skip
     lg.host_wrote(hostpages.install(lg.ram, pgdir), 4)
     setup_regs(cpu, start, pgdir)
+    if pool is not None:
+        cpu.release_engine()  # held only while it runs: its first slice takes one
     return cpu
 
 

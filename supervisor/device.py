@@ -115,15 +115,18 @@ class LguestDevice:
         instead (Linux): the event loop then always gets a core at once (a waking
         normal thread preempts them), which shortens the BREAK and IRQ latency tail
         (docs/performance.md), but the guests get almost no CPU while any other
-        program is busy.  A CPU that has slept in a halt,
-        been held or waited for its Launcher for ``hibernate_after`` seconds gives
-        back its emulator until it is needed again (0: at once; ``math.inf``: never;
-        see :mod:`supervisor.hibernation`).  ``engines``: ``"off"`` (each CPU makes and
-        frees its own emulators), ``"pool"`` (a hibernating CPU gives its emulator to
-        the device's :class:`~supervisor.engines.EnginePool` and a waking one takes one
-        back, its own if nobody took it) or ``"always"`` (the pool, and every slice runs
-        on an emulator switched from another CPU: the exactness check); default: the
-        ``LGUEST_ENGINE_SWITCH`` environment variable, else ``"off"``.
+        program is busy.  ``engines``: ``"pool"`` (the device owns a bounded
+        :class:`~supervisor.engines.EnginePool`, one emulator per worker, one for the
+        event loop and a small reserve, and a CPU holds one only while it runs or is
+        about to: its own back if nobody took it meanwhile), ``"always"`` (the pool,
+        and every take switches an emulator from another CPU: the exactness check) or
+        ``"off"`` (each CPU makes and keeps its own; one that has slept in a halt, been
+        held or waited for its Launcher for ``hibernate_after`` seconds gives it back
+        until it is needed again: 0 at once, ``math.inf`` never; see
+        :mod:`supervisor.hibernation`); default: the ``LGUEST_ENGINE_SWITCH``
+        environment variable, else :data:`supervisor.engines.DEFAULT_MODE`.  With a
+        pool ``hibernate_after`` has no effect: a CPU gives its engine back whenever it
+        waits.  A ``deterministic`` device has no pool.
 
         ``deterministic``: run every guest of the device on a virtual clock and a
         schedule drawn from ``seed`` (an integer from 0 to 2**64-1; default: a random
@@ -141,6 +144,8 @@ class LguestDevice:
         mode = mode_from_env() if engines is None else engines
         if mode not in MODES:
             raise ValueError(f"engines must be one of {', '.join(MODES)}, not {engines!r}")
+        if deterministic:
+            mode = "off"  # (nothing hibernates there: every CPU keeps its own engine)
         if not hibernate_after >= 0:
             raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
         if not 0 <= worker_nice <= 19:

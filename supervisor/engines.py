@@ -2,11 +2,14 @@
 
 A Unicorn instance is cheap to create (tens of microseconds) but dear to warm: its
 first memory mapping and its first ``emu_start`` make QEMU build the emulated
-machine, about a millisecond and a mebibyte.  An :class:`EnginePool` keeps instances
-that have run and hands them to the CPUs that need one: a CPU that gives back its
-emulator (:meth:`LgCpu.hibernate <supervisor.cpu.LgCpu.hibernate>`) puts it here
-instead of freeing it, and a CPU that needs one again
-(:meth:`LgCpu.thaw <supervisor.cpu.LgCpu.thaw>`) takes one from here.
+machine, about a millisecond and a mebibyte.  An :class:`EnginePool` owns a device's
+instances, and a CPU holds one only while it runs or is about to: an executor step
+(:func:`supervisor.execute.run_slice` on a worker) takes one when it starts and gives it
+back when it ends; on the event loop a CPU takes one for its inline slices and its
+hypercalls and gives it back before it waits for anything (a halt, a hold, its
+Launcher, a worker, another task's turn).  Giving back keeps the registers as bytes
+(:meth:`LgCpu.release_engine <supervisor.cpu.LgCpu.release_engine>`); taking loads them
+(:meth:`LgCpu.take_engine <supervisor.cpu.LgCpu.take_engine>`).
 
 Affinity: a CPU that takes an engine back which nobody took meanwhile gets it as it
 left it: its memory mapping, hooks and translations intact (only its registers are
@@ -16,73 +19,96 @@ translations too), the CPU's memory is mapped at its host address, its hooks and
 slice meter installed, its registers (FPU/SSE, descriptor tables, paging included)
 loaded, and its TLB flushed.
 
-An engine whose ``emu_start`` raised (``UcError``) or whose switch failed is never
-handed on: :meth:`EnginePool.give` closes it (the CPU marks it
-``Engine.tainted``).  The pool keeps at most ``keep`` idle engines (the least recently
-given back are closed first); :attr:`EnginePool.live` counts every instance it made
-and has not closed, held by a CPU or idle.
+The bound: the pool makes at most ``bound`` engines (one per worker, one for the event
+loop's inline slices and :data:`RESERVE` more), whatever the guests do: at most one
+step per worker runs at a time, and the run loop holds at most one engine between two
+of its awaits (two while a CPU starts another).  Only the Host's own calls on a CPU that
+does not run (a debugger's register reads and code hooks, restoring a state) can hold
+more at once; a take past the bound then makes an *overdraft* engine
+(:attr:`EnginePool.overdrafts`), closed when it comes back, so ``live`` returns to the
+bound.
 
-The pool is opt-in: :data:`ENV` (``LGUEST_ENGINE_SWITCH``) set to ``pool`` gives each
-device one; ``always`` also makes every CPU give back its engine before each slice and
-take a different one (every slice runs on a switched engine), the mode the exactness
-tests run under to judge the switch.  Event loop only.
+An engine whose ``emu_start`` raised (``UcError``) or whose switch failed is never
+handed on: :meth:`EnginePool.give` closes it (the CPU marks it ``Engine.tainted``), and
+the next take past the idle ones makes a new one.
+
+Modes (``LguestDevice(engines=...)``, default :data:`ENV`, ``LGUEST_ENGINE_SWITCH``,
+else :data:`DEFAULT_MODE`): ``pool``; ``always``, the pool with every take switched (a
+CPU never gets back the engine it gave last), the mode the exactness tests run under to
+judge the switch; ``off``, no pool: each CPU keeps its own instance until it hibernates
+(:mod:`supervisor.hibernation`), the only mode where ``hibernate_after`` matters (with a
+pool a CPU gives its engine back whenever it waits).  Any thread: one lock guards the
+idle engines and the counts.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from typing import Any
 
 from . import _unicorn
 
-ENV = "LGUEST_ENGINE_SWITCH"  # unset / "off": no pool; "pool"; "always": switch every slice
+ENV = "LGUEST_ENGINE_SWITCH"  # "pool", "always" (switch at every take), "off" (no pool)
 MODES = ("off", "pool", "always")
-# Idle engines a pool keeps by default beyond one per worker and one for the event
-# loop's inline slices.
+DEFAULT_MODE = "off"
+# Engines a pool may make beyond one per worker and one for the event loop's inline
+# slices: a CPU starting another holds two for a moment, and a switch that failed is
+# replaced without waiting for a give.
 RESERVE = 2
 
 
 def mode_from_env() -> str:
     """The engine mode :data:`ENV` asks for (``ValueError`` for an unknown one)."""
-    mode = os.environ.get(ENV, "off").strip().lower() or "off"
+    mode = os.environ.get(ENV, DEFAULT_MODE).strip().lower() or DEFAULT_MODE
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
     return mode
 
 
 class EnginePool:
-    """Idle engines of one device, each remembered with the CPU that last held it.
+    """The engines of one device: at most ``bound`` of them, idle ones remembered with
+    the CPU that last held each (module docstring).
 
-    ``keep``: the most idle engines kept (at least 2 when ``always`` switches, so a
-    CPU can always be given an engine other than the one it just gave back).
+    ``always``: every take switches (never the engine the CPU gave back last).
     """
 
     __slots__ = (
         "_idle",
+        "_lock",
         "_tcg_buffer",
         "always",
+        "bound",
         "closed",
-        "keep",
         "live",
         "made",
+        "overdrafts",
+        "peak",
         "reused",
+        "switch_time",
         "switched",
+        "taken",
     )
 
-    def __init__(self, tcg_buffer: int, keep: int, *, always: bool = False) -> None:
-        if keep < 1:
-            raise ValueError(f"an engine pool keeps at least 1 idle engine, not {keep}")
-        self.keep = max(keep, 2) if always else keep
+    def __init__(self, tcg_buffer: int, bound: int, *, always: bool = False) -> None:
+        if bound < 2:
+            raise ValueError(f"an engine pool needs a bound of at least 2 engines, not {bound}")
+        self.bound = bound
         self.always = always
+        self._lock = threading.Lock()
         # id(instance) -> (instance, the owner token of the CPU that gave it back), oldest
-        # first: a CPU's own engine is found in O(1), the oldest one closed first.
+        # first: a CPU's own engine is found in O(1), the oldest one switched first.
         self._idle: OrderedDict[int, tuple[Any, object]] = OrderedDict()
         self.live = 0  # instances made and not closed (held or idle)
+        self.peak = 0  # the most that were ever live at once
         self.made = 0  # instances made, ever
-        self.closed = 0  # instances closed (over `keep`, tainted, or the pool closing)
+        self.closed = 0  # instances closed (tainted, overdrafts back, or the pool closing)
+        self.overdrafts = 0  # instances made past the bound (module docstring)
+        self.taken = 0  # takes
         self.reused = 0  # takes that found the CPU's own engine untouched
         self.switched = 0  # takes that switched an engine from another CPU
+        self.switch_time = 0.0  # seconds the CPUs spent switching engines (and making them)
         self._tcg_buffer = tcg_buffer
 
     @classmethod
@@ -97,54 +123,91 @@ class EnginePool:
         """How many engines wait in the pool."""
         return len(self._idle)
 
+    @property
+    def held(self) -> int:
+        """How many engines CPUs hold now."""
+        return self.live - len(self._idle)
+
     def take(self, owner: object, last: Any) -> tuple[Any, bool]:
         """An engine for ``owner`` (the CPU's token) and whether it is ``last`` (the one
         it gave back) untouched since: then only its registers need loading.  Otherwise
         the engine comes stripped (:func:`_unicorn.strip`) or new, and the caller maps
-        and configures it for the CPU (and gives it back tainted if that fails)."""
-        if last is not None and not self.always:
-            entry = self._idle.get(id(last))
-            if entry is not None and entry[0] is last and entry[1] is owner:
-                del self._idle[id(last)]
-                self.reused += 1
-                return last, True
-        for key, (uc, _previous) in self._idle.items():
-            if self.always and uc is last:
-                continue  # the forced mode: never the engine this CPU just gave back
-            del self._idle[key]
-            try:
-                _unicorn.strip(uc)
-            except Exception:
-                self._close(uc)
-                break  # (a new one below)
-            self.switched += 1
-            return uc, False
-        return self._new(), False
+        and configures it for the CPU (and gives it back tainted if that fails).
+
+        The least recently given back engine is switched first: the ones given back
+        since are the likeliest to be taken back by their own CPUs."""
+        with self._lock:
+            self.taken += 1
+            if last is not None and not self.always:
+                entry = self._idle.get(id(last))
+                if entry is not None and entry[0] is last and entry[1] is owner:
+                    del self._idle[id(last)]
+                    self.reused += 1
+                    return last, True
+            uc = None
+            for key, (candidate, _previous) in self._idle.items():
+                if self.always and candidate is last:
+                    continue  # the forced mode: never the engine this CPU just gave back
+                del self._idle[key]
+                uc = candidate
+                self.switched += 1
+                break
+            if uc is None:
+                self._count_new()
+        if uc is None:
+            return self._new(), False
+        try:
+            _unicorn.strip(uc)
+        except Exception:
+            with self._lock:
+                self.switched -= 1
+                self._count_new()
+            self._close(uc)
+            return self._new(), False
+        return uc, False
 
     def give(self, owner: object, uc: Any, tainted: bool = False) -> None:
-        """``owner`` gives ``uc`` back (no slice runs on it).  A tainted engine is closed;
-        past ``keep`` idle engines the least recently given back is."""
-        if tainted:
-            self._close(uc)
-            return
-        self._idle[id(uc)] = (uc, owner)
-        while len(self._idle) > self.keep:
-            _, (oldest, _owner) = self._idle.popitem(last=False)
-            self._close(oldest)
+        """``owner`` gives ``uc`` back (no slice runs on it).  A tainted engine is closed,
+        and so is one that comes back while more than ``bound`` live (an overdraft)."""
+        with self._lock:
+            if not tainted and self.live <= self.bound:
+                self._idle[id(uc)] = (uc, owner)
+                return
+        self._close(uc)
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` a CPU spent switching (or making) an engine it took."""
+        with self._lock:
+            self.switch_time += seconds
 
     def close(self) -> None:
         """Close every idle engine (the device is closing; held ones come back closed)."""
-        while self._idle:
-            _, (uc, _owner) = self._idle.popitem()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    return
+                _, (uc, _owner) = self._idle.popitem()
             self._close(uc)
 
-    def _new(self) -> Any:
-        uc = _unicorn.new_instance(self._tcg_buffer)
+    # -- making and closing --------------------------------------------------------------
+    def _count_new(self) -> None:
+        """(Lock held.)  One more engine is about to be made."""
+        if self.live >= self.bound:
+            self.overdrafts += 1
         self.live += 1
         self.made += 1
-        return uc
+        self.peak = max(self.peak, self.live)
+
+    def _new(self) -> Any:
+        try:
+            return _unicorn.new_instance(self._tcg_buffer)
+        except BaseException:
+            with self._lock:
+                self.live -= 1
+            raise
 
     def _close(self, uc: Any) -> None:
         _unicorn.close(uc)
-        self.live -= 1
-        self.closed += 1
+        with self._lock:
+            self.live -= 1
+            self.closed += 1

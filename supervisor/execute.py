@@ -18,7 +18,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from unicorn import UC_HOOK_INTR, UcError
 from unicorn import unicorn_const as uc_const
@@ -29,6 +29,8 @@ from .abi import LGUEST_DATA_HCALL_STATUS, LGUEST_TRAP_ENTRY
 from .cpu import Hold, LgCpu
 from .pagetables import guest_pa
 from .slicepool import AGAIN, Again
+
+_T = TypeVar("_T")
 
 # emu_start's `until`: ignored, since each CPU runs with an empty exit list (see cpu.py).
 _NEVER = 1 << 32
@@ -53,6 +55,12 @@ LONG_INLINE_BUDGET = 4096
 # spinners' 2 ms slices would take longer than a user waits to see each one move.
 CROWD_ROUND = 0.05
 MIN_SLICE = 0.0005
+# An executor slice that had to switch an engine (supervisor.engines) lasts long enough
+# that the switch takes at most SWITCH_SHARE of it, but at most CROWD_ROUND: with more
+# busy CPUs than engines nearly every slice switches, and a crowd's short slices would
+# otherwise spend a quarter of the workers' time switching.  (Not in the "always" mode,
+# whose point is as many switches as there are slices.)
+SWITCH_SHARE = 0.02
 _TARGET_NS = int(1e9 * TARGET_SLICE)
 _CROWD_ROUND_NS = int(1e9 * CROWD_ROUND)
 _MIN_SLICE_NS = int(1e9 * MIN_SLICE)
@@ -261,12 +269,54 @@ def run_slice(
     """
     if more is not None:
         timers.write_timestamp(cpu)  # a step may start long after the run loop wrote it
+    pool = cpu.engine.pool
+    switch = 0.0
+    if pool is not None and cpu.engine.frozen is not None:
+        took = _take_engine(cpu)
+        if took is None:
+            return SliceExit.DEATH
+        switch = took
     busy_ns = slice_ns(crowd()) if crowd is not None else _TARGET_NS
-    exit = _one_slice(cpu, budget, busy_ns, timeless)
+    if more is not None and not (pool is not None and pool.always):  # (always: most switches)
+        busy_ns = switched_slice_ns(busy_ns, switch)
+    try:
+        exit = _one_slice(cpu, budget, busy_ns, timeless)
+    finally:
+        if pool is not None and more is not None:  # a step holds an engine only while it runs
+            _on_this_thread(cpu, cpu.release_engine)
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         return AGAIN
     return exit
+
+
+def switched_slice_ns(busy_ns: int, switch: float) -> int:
+    """An executor slice's CPU time in ns after an engine switch that took ``switch``
+    seconds (0: none): at least ``busy_ns``, and long enough that the switch is at most
+    SWITCH_SHARE of it, but no longer than CROWD_ROUND for the switch's sake."""
+    return max(busy_ns, min(_CROWD_ROUND_NS, int(1e9 * switch / SWITCH_SHARE)))
+
+
+def _take_engine(cpu: LgCpu) -> float | None:
+    """Take an engine from the device's pool for this slice: the CPU seconds a switch
+    took (0.0: its own engine back), or None if that failed (the guest is then killed:
+    the Host could not give it an emulator)."""
+    try:
+        return _on_this_thread(cpu, cpu.take_engine) or 0.0
+    except Exception as exc:  # (the failed engine went back tainted: closed)
+        cpu.lg.kill(f"internal error: no engine: {type(exc).__name__}: {exc}")
+        return None
+
+
+def _on_this_thread(cpu: LgCpu, action: Callable[[], _T]) -> _T:
+    """``action()`` with this thread marked as the CPU's owner (the threading contract's
+    check), as a slice is."""
+    owner = cpu.threads.slice
+    cpu.threads.slice = threading.get_ident()
+    try:
+        return action()
+    finally:
+        cpu.threads.slice = owner
 
 
 def slice_ns(crowd: float) -> int:
@@ -305,9 +355,11 @@ def _one_slice(
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
+    if budget is None and busy_ns > _TARGET_NS:  # a longer slice (after a switch): more blocks
+        wanted = min(MAX_BUDGET, wanted * busy_ns // _TARGET_NS)
     left = cpu.limits.blocks_left(blocks_before)
     fuel.budget = wanted if left is None else min(wanted, left)
-    # (The adaptive block budget is sized for TARGET_SLICE: a shorter slice leaves it alone.)
+    # (The adaptive block budget is sized for TARGET_SLICE: another length leaves it alone.)
     full_budget = budget is None and fuel.budget == cpu.budget and busy_ns == _TARGET_NS
     exit = SliceExit.KICK
     try:

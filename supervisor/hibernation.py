@@ -186,7 +186,7 @@ class Dormitory:
         if cpu.run.closing:
             self._debts.pop(cpu, None)
         hibernated = cpu.engine.frozen is not None
-        if hibernated and not cpu.run.closing and self._refill is None:
+        if hibernated and not cpu.run.closing and self._refill is None and cpu.engine.pool is None:
             loop = asyncio.get_running_loop()
             self._refill = loop.call_later(REFILL_DELAY, self._make_ahead, cpu.engine.tcg_buffer)
             self._refill_for = weakref.ref(cpu)

@@ -118,11 +118,10 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
                 await _quantum(cpu, lg.virtual)
             case None:
                 pool = cpu.engine.pool
-                if pool is not None and pool.always and cpu.hibernate():
-                    cpu.stats.hibernations -= 1  # (a forced switch, not a hibernation)
-                    cpu.stats.wakes -= 1
-                if cpu.engine.frozen is not None:
-                    _thaw(cpu, dormitory)  # it hibernated
+                if pool is not None and pool.always:
+                    cpu.release_engine()  # the forced mode: every slice on a switched engine
+                if cpu.engine.frozen is not None and (pool is None or cpu.run.inline):
+                    _thaw(cpu, dormitory)  # (with a pool, an executor step takes its own)
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.run.inline = True  # deliver it now, not after a trip through the queue
@@ -138,6 +137,7 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
                 if asleep and any(other.run.wakeup.is_set() for other in asleep):
                     # It woke another CPU (an IPI, a start): that CPU's task queues for
                     # the processor before this one takes it again.
+                    _let_go(cpu)
                     await asyncio.sleep(0)
             case RunState.NOTIFY:
                 return cpu.pending_notify
@@ -198,6 +198,15 @@ def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
         dormitory.thaw(cpu)
 
 
+def _let_go(cpu: LgCpu) -> None:
+    """Before the run loop waits for anything: with an engine pool, the CPU gives its
+    engine back (supervisor.engines), so that the loop holds at most one between two
+    awaits whatever the guests do; the next slice takes it back, its own if nobody
+    took it meanwhile."""
+    if cpu.engine.pool is not None:
+        cpu.release_engine()
+
+
 def _urgent(cpu: LgCpu) -> bool:
     """Whether something other than a plain wake waits for the run loop (a close, a hold,
     a break, a death...): a wake put off by the dormitory ends at once."""
@@ -226,6 +235,7 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     sim = cpu.lg.virtual
     if sim is not None:
         sim.sleeping(cpu)
+    _let_go(cpu)  # (a pool's CPU gives its engine back while it waits, whatever the dormitory)
     try:
         await cpu.run.wakeup.wait()
     finally:
@@ -241,6 +251,7 @@ async def _slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
     lg = cpu.lg
     if lg.processor is None:
         lg.processor = asyncio.Lock()
+    _let_go(cpu)
     _take_turn(cpu, lg.processor, lg.processor_owner)
     lg.waiting_turns += 1
     try:
@@ -297,6 +308,7 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         now = time.monotonic()
         if now - cpu.run.yielded_at >= YIELD_TIME:
             cpu.run.yielded_at = now
+            _let_go(cpu)
             await asyncio.sleep(0)
         return ended
     future = cpu.run.detached
@@ -305,6 +317,7 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         queued = cpu.run.queued_slice
         assert queued is not None
     else:
+        _let_go(cpu)  # the step takes one on its worker
         queued = executor.submit(
             run_slice,
             cpu,
@@ -432,9 +445,6 @@ def _may_go_on(cpu: LgCpu) -> bool:
     processor.  The pool then runs that slice in its FIFO turn
     (:mod:`supervisor.slicepool`).
     """
-    pool = cpu.engine.pool
-    if pool is not None and pool.always:
-        return False  # every slice through the run loop, each on a switched engine
     return cpu.lg.waiting_turns == 0 and cpu.run.reading and pending_exit(cpu) is None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from typing import Any
 
@@ -11,7 +12,7 @@ from guestasm import Booted, boot, present, until
 from unicorn import UcError
 from unicorn import unicorn_const as uc_const
 
-from supervisor import LguestDevice, _slicing, _unicorn, abi
+from supervisor import LguestDevice, _slicing, _unicorn, abi, execute
 from supervisor.engines import EnginePool
 
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -60,6 +61,22 @@ main:
 """
 
 
+WAKER = r"""
+main:
+    LGUEST_INIT
+    IDT 32, tick
+    HCALL 9, 50000
+1:  HCALL 10
+    jmp 1b
+tick:
+    incl ticks
+    HCALL 9, 50000
+    jmp irq_return
+.data
+ticks: .long 0
+"""
+
+
 def pool_of(dev: LguestDevice) -> EnginePool:
     return present(dev.engines)
 
@@ -79,7 +96,7 @@ async def test_every_slice_on_a_switched_engine_computes_exactly() -> None:
         assert slices > 3 * 3
         assert pool.switched >= slices - 3
         assert pool.reused == 0
-        assert pool.live <= pool.keep + len(guests)
+        assert pool.peak <= pool.bound and pool.overdrafts == 0
 
 
 async def paused_spinner(dev: LguestDevice) -> tuple[Booted, asyncio.Future[bytes]]:
@@ -90,47 +107,49 @@ async def paused_spinner(dev: LguestDevice) -> tuple[Booted, asyncio.Future[byte
     return g, reader
 
 
-async def test_a_cpu_gets_its_own_engine_back_untouched_unless_another_took_it() -> None:
-    async with LguestDevice(engines="pool", hibernate_after=math.inf) as dev:
-        pool = pool_of(dev)
-        a, reader_a = await paused_spinner(dev)
-        cpu_a = a.file.cpu(0)
-        uc_a = cpu_a.engine.uc
-        eip = cpu_a.eip
-        assert cpu_a.hibernate()
-        cpu_a.thaw()
-        assert cpu_a.engine.uc is uc_a and pool.reused == 1 and pool.switched == 0
-        assert cpu_a.eip == eip
-        # Given back again, then taken by a new guest: A gets another engine, switched.
-        assert cpu_a.hibernate()
-        b, reader_b = await paused_spinner(dev)
-        cpu_b = b.file.cpu(0)
-        assert cpu_b.engine.uc is uc_a and pool.switched == 1
-        counter_a = a.u32("counter")
-        cpu_a.thaw()
-        assert cpu_a.engine.uc is not uc_a and cpu_a.eip == eip
-        # Each computes in its own memory on its new engine.
-        a.file.resume()
-        b.file.resume()
-        counter_b = b.u32("counter")
-        await until(lambda: a.u32("counter") > counter_a + 1000, LIMIT)
-        await until(lambda: b.u32("counter") > counter_b + 1000, LIMIT)
-        for g, reader in ((a, reader_a), (b, reader_b)):
-            reader.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await reader
-            assert g.file.death is None
+def test_a_cpu_gets_its_own_engine_back_untouched_unless_another_took_it() -> None:
+    pool = EnginePool(1 << 20, bound=3)
+    a, b = object(), object()
+    engine, warm = pool.take(a, None)
+    assert not warm and pool.live == 1
+    pool.give(a, engine)
+    assert pool.take(a, engine) == (engine, True) and pool.reused == 1
+    pool.give(a, engine)
+    # B takes the only idle engine: switched to it (stripped), not A's any more.
+    assert pool.take(b, None) == (engine, False) and pool.switched == 1
+    pool.give(b, engine)
+    assert pool.take(a, engine) == (engine, False) and pool.switched == 2
+    pool.give(a, engine)
+    pool.close()
+    assert pool.live == 0 and pool.made == 1 and pool.overdrafts == 0
 
 
-async def test_the_pool_keeps_at_most_its_bound_of_idle_engines() -> None:
-    async with LguestDevice(engines="pool", workers=1, hibernate_after=0) as dev:
+async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
+    async with LguestDevice(engines="pool") as dev:
         pool = pool_of(dev)
-        guests = [await boot(dev, HALT) for _ in range(3 * pool.keep)]
+        g = await boot(dev, WAKER)
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await until(lambda: g.u32("ticks") >= 10, LIMIT)
+        cpu = g.file.cpu(0)
+        # It gave its engine back at every halt and took the same one back at every
+        # tick: never switched, never a second engine.
+        assert cpu.stats.hibernations >= 10 and pool.reused >= 10
+        assert pool.switched == 0 and pool.made == 1
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        assert g.file.death is None
+
+
+async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
+    async with LguestDevice(engines="pool", workers=1) as dev:
+        pool = pool_of(dev)
+        guests = [await boot(dev, HALT) for _ in range(3 * pool.bound)]
         readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
         await until(lambda: all(g.file.cpu(0).hibernated for g in guests), LIMIT)
-        assert pool.idle == pool.keep
-        assert pool.live == pool.keep  # nobody holds one: every halted CPU gave it back
-        assert pool.closed == pool.made - pool.keep
+        assert pool.held == 0  # nobody holds one: every halted CPU gave it back
+        assert pool.peak <= pool.bound and pool.overdrafts == 0
+        assert pool.live == pool.idle == pool.made - pool.closed
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -140,16 +159,18 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     real_run = _slicing.run
+    doomed: list[Any] = []
 
-    def failing_run(uc: Any, *args: Any) -> Any:
-        if uc is doomed:
+    def failing_run(uc: Any, fuel: Any, *args: Any) -> Any:
+        if fuel is victim_fuel:
+            doomed.append(uc)
             raise UcError(uc_const.UC_ERR_EXCEPTION)
-        return real_run(uc, *args)
+        return real_run(uc, fuel, *args)
 
-    async with LguestDevice(engines="pool", hibernate_after=math.inf) as dev:
+    async with LguestDevice(engines="pool", workers=1) as dev:
         pool = pool_of(dev)
         g, reader = await paused_spinner(dev)
-        doomed = g.file.cpu(0).engine.uc
+        victim_fuel = g.file.cpu(0).fuel
         monkeypatch.setattr(_slicing, "run", failing_run)
         g.file.resume()
         async with asyncio.timeout(LIMIT):
@@ -157,34 +178,30 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
                 await reader
         assert "emulation error" in present(g.file.death).reason
         await g.file.close()
-        assert _unicorn.is_closed(doomed)
-        assert pool.idle == 0 and pool.closed == 1 and pool.live == 0
-        # The next guest gets a new engine, and runs.
-        h, reader_h = await paused_spinner(dev)
-        assert h.file.cpu(0).engine.uc is not doomed
-        reader_h.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reader_h
+        (engine,) = doomed
+        assert _unicorn.is_closed(engine) and pool.closed == 1
+        # The next guests get other engines, and run.
+        others = [await paused_spinner(dev) for _ in range(pool.bound)]
+        assert all(o.file.cpu(0).engine.last is not engine for o, _ in others)
+        for _o, other_reader in others:
+            other_reader.cancel()
+        await asyncio.gather(*(r for _, r in others), return_exceptions=True)
 
 
-WAKER = r"""
-main:
-    LGUEST_INIT
-    IDT 32, tick
-    HCALL 9, 50000
-1:  HCALL 10
-    jmp 1b
-tick:
-    incl ticks
-    HCALL 9, 50000
-    jmp irq_return
-.data
-ticks: .long 0
-"""
+def moved_on(g: Booted, counter: int) -> bool:
+    return g.u32("counter") > counter
+
+
+def check_engines(pool: EnginePool, guests: list[Booted]) -> None:
+    """No engine is held by two CPUs, and the pool never made more than its bound."""
+    held = [g.file.cpu(0).engine.uc for g in guests if not g.file.closed]
+    held = [uc for uc in held if uc is not None]
+    assert len({id(uc) for uc in held}) == len(held)
+    assert pool.peak <= pool.bound and pool.overdrafts == 0
 
 
 async def test_no_engine_is_ever_held_by_two_cpus_among_spinners_and_wakers() -> None:
-    async with LguestDevice(engines="pool", workers=1, hibernate_after=0) as dev:
+    async with LguestDevice(engines="pool", workers=1) as dev:
         pool = pool_of(dev)
         spinners = [await boot(dev, SPIN) for _ in range(10)]
         wakers = [await boot(dev, WAKER) for _ in range(10)]
@@ -194,19 +211,98 @@ async def test_no_engine_is_ever_held_by_two_cpus_among_spinners_and_wakers() ->
 
         def check() -> bool:
             nonlocal samples
-            held = [g.file.cpu(0).engine.uc for g in guests]
-            held = [uc for uc in held if uc is not None]
-            assert len({id(uc) for uc in held}) == len(held)  # never one engine for two CPUs
-            assert pool.live == len(held) + pool.idle  # every engine made is somewhere
-            assert pool.idle <= pool.keep
+            check_engines(pool, guests)
             samples += 1
             return all(g.u32("ticks") >= 20 for g in wakers) and all(
                 g.u32("counter") > 0 for g in spinners
             )
 
         await until(check, LIMIT)
-        assert samples > 1 and pool.switched + pool.reused > 0
+        assert samples > 1 and pool.switched > 0
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         assert all(g.file.death is None for g in guests)
+
+
+async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
+    """Many spinners and wakers, some killed, paused and captured mid-slice, more
+    booted meanwhile: the pool's bound holds and every survivor computes on."""
+    async with LguestDevice(engines="pool", workers=2) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(16)]
+        wakers = [await boot(dev, WAKER) for _ in range(16)]
+        readers = {
+            id(g): asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners + wakers
+        }
+        killed: list[Booted] = []
+        for round_ in range(6):
+            await until(lambda: all(g.u32("counter") > 0 for g in spinners), LIMIT)
+            check_engines(pool, spinners + wakers)
+            victim = spinners.pop(0)  # killed mid-slice
+            victim.file.kill(f"round {round_}")
+            killed.append(victim)
+            paused = spinners[0]  # paused and captured mid-slice, then resumed
+            await paused.file.pause()
+            counter = paused.u32("counter")
+            state = paused.file.state()
+            assert state.cpus[0].context and paused.file.cpu(0).hibernated
+            paused.file.resume()
+            await until(functools.partial(moved_on, paused, counter), LIMIT)
+            fresh = await boot(dev, SPIN)
+            spinners.append(fresh)
+            readers[id(fresh)] = asyncio.ensure_future(fresh.file.read(abi.WORD_SIZE))
+        await until(lambda: all(g.u32("ticks") >= 10 for g in wakers), LIMIT)
+        for g in killed:
+            with pytest.raises(OSError):
+                await readers.pop(id(g))
+        check_engines(pool, spinners + wakers)
+        assert pool.switched > 0
+        for reader in readers.values():
+            reader.cancel()
+        await asyncio.gather(*readers.values(), return_exceptions=True)
+        assert all(g.file.death is None for g in spinners + wakers)
+
+
+def test_a_slice_after_a_switch_is_long_enough_for_the_switch_to_be_a_small_share() -> None:
+    target = execute._TARGET_NS
+    assert execute.switched_slice_ns(target, 0.0) == target  # its own engine: as before
+    # A 200 us switch: a slice of 10 ms, so that the switch is 2% of it.
+    assert execute.switched_slice_ns(target, 0.0002) == int(0.0002 / execute.SWITCH_SHARE * 1e9)
+    # Never shorter than the crowd's slice, never longer than a crowd's round for it.
+    assert execute.switched_slice_ns(30_000_000, 0.0001) == 30_000_000
+    assert execute.switched_slice_ns(target, 1.0) == int(execute.CROWD_ROUND * 1e9)
+
+
+async def test_executor_slices_that_switched_engines_run_longer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_take, real_slice = execute._take_engine, execute._one_slice
+    steps: list[tuple[float, int]] = []  # (the switch's seconds, the slice's ns)
+    switch: list[float | None] = [None]
+
+    def take(cpu: Any) -> float | None:
+        switch[0] = real_take(cpu)
+        return switch[0]
+
+    def one_slice(cpu: Any, budget: int | None, busy_ns: int = execute._TARGET_NS) -> Any:
+        if budget is None and switch[0] is not None:
+            steps.append((switch[0], busy_ns))
+        switch[0] = None
+        return real_slice(cpu, budget, busy_ns)
+
+    monkeypatch.setattr(execute, "_take_engine", take)
+    monkeypatch.setattr(execute, "_one_slice", one_slice)
+    async with LguestDevice(engines="pool", workers=1) as dev:
+        # More spinners than engines: their own engines are taken between their turns.
+        guests = [await boot(dev, SPIN) for _ in range(present(dev.engines).bound + 2)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
+        await until(lambda: sum(seconds > 0 for seconds, _ in steps) >= 6, LIMIT)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    # Every executor slice that took a switched engine got the time that pays for it.
+    crowded = execute.slice_ns(len(guests))  # (at most that many jobs wait per worker)
+    for seconds, busy_ns in steps:
+        assert busy_ns >= execute.switched_slice_ns(crowded, seconds) > 0
+        assert busy_ns == execute.switched_slice_ns(busy_ns, seconds)
