@@ -631,14 +631,18 @@ class LgCpu:
 
         Only when no slice runs.
         """
-        self.engine.released = True
-        self.engine.frozen = None
-        uc = self.engine.uc
-        if uc is None:
-            return
-        _give_back(self.engine, uc)
-        self.engine.uc = None
-        self.engine.last = None
+        engine = self.engine
+        engine.released = True
+        engine.frozen = None
+        uc = engine.uc
+        if uc is not None:
+            _give_back(engine, uc)
+            engine.uc = None
+        if engine.pool is not None and engine.last is not None:
+            # Its engine waits in the pool with its hooks, which hold this CPU (and so the
+            # guest's memory): take them off now, not when another CPU takes it.
+            engine.pool.disown(engine.token, engine.last)
+        engine.last = None
 
 
 def _put_idt(fuel: _slicing.Fuel, value: Iterable[tuple[int, int]]) -> None:

@@ -175,6 +175,24 @@ class EnginePool:
                 return
         self._close(uc)
 
+    def disown(self, owner: object, uc: Any) -> None:
+        """``owner`` is gone (its CPU closed): if ``uc``, the engine it gave back last,
+        still waits here as it left it, strip it (:func:`_unicorn.strip`) so that nothing
+        keeps that CPU alive; it stays in the pool for any CPU."""
+        with self._lock:
+            entry = self._idle.get(id(uc))
+            if entry is None or entry[0] is not uc or entry[1] is not owner:
+                return
+            del self._idle[id(uc)]
+        try:
+            _unicorn.strip(uc)
+        except Exception:
+            self._close(uc)
+            return
+        with self._lock:
+            self._idle[id(uc)] = (uc, None)
+            self._idle.move_to_end(id(uc), last=False)  # the first to be switched
+
     def charge(self, seconds: float) -> None:
         """Count ``seconds`` a CPU spent switching (or making) an engine it took."""
         with self._lock:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import math
+import weakref
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from unicorn import UcError
 from unicorn import unicorn_const as uc_const
 
 from supervisor import LguestDevice, _slicing, _unicorn, abi, execute
+from supervisor.cpu import LgCpu
 from supervisor.engines import EnginePool
 
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -306,3 +309,30 @@ async def test_executor_slices_that_switched_engines_run_longer(
     for seconds, busy_ns in steps:
         assert busy_ns >= execute.switched_slice_ns(crowded, seconds) > 0
         assert busy_ns == execute.switched_slice_ns(busy_ns, seconds)
+
+
+async def closed_waker(dev: LguestDevice) -> tuple[weakref.ref[LgCpu], Any]:
+    """A guest that ticked and halted, then closed: its CPU, weakly, and the engine it
+    gave back at its last halt."""
+    g = await boot(dev, WAKER)
+    reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+    await until(lambda: g.u32("ticks") >= 2, LIMIT)
+    cpu = g.file.cpu(0)
+    engine = cpu.engine.last  # given back at its halt, waiting for it
+    assert engine is not None and cpu.hibernated
+    await g.file.close()
+    with pytest.raises(OSError):
+        await reader
+    g.memory.close()
+    return weakref.ref(cpu), engine
+
+
+async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() -> None:
+    async with LguestDevice(engines="pool") as dev:
+        pool = pool_of(dev)
+        cpu, engine = await closed_waker(dev)
+        # Still in the pool for any CPU, but with no hook or mapping of the closed one.
+        assert not _unicorn.is_closed(engine) and pool.idle == pool.live
+        assert list(engine.mem_regions()) == [] and not engine._callbacks
+        gc.collect()
+        assert cpu() is None
