@@ -180,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--hibernate-after",
             type=_seconds_or_off,
             metavar="SECONDS",
-            help="free an idle guest's emulator after SECONDS (0: at once, off: never; default 1)",
+            help=(
+                "with LGUEST_ENGINE_SWITCH=off only: free an idle guest's emulator after"
+                " SECONDS (0: at once, off: never; default 1); with the engine pool (the"
+                " default) an idle guest holds no emulator anyway"
+            ),
         )
 
     run = sub.add_parser("run", help="run one guest on the terminal")

@@ -1,5 +1,11 @@
 """Hibernation: a CPU that does not need its emulator gives it back.
 
+With the device's engine pool (:mod:`supervisor.engines`, the default) a CPU gives its
+engine back whenever it waits, so ``hibernate_after`` is 0 for every CPU and the
+dormitory only does the bookkeeping below (counting, and what wakes cost); what follows
+about delays, freed instances, trims and instances made ahead is the ``engines="off"``
+mode's, where each CPU has an instance of its own.
+
 A CPU is *drowsy* while it sleeps in a halt, is held (paused, stopped by a
 debugger), or waits for its Launcher (no read in flight).  A CPU drowsy for
 ``hibernate_after`` seconds hibernates (:meth:`LgCpu.hibernate`): its Unicorn

@@ -270,8 +270,10 @@ class Supervisor:
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
-        ``hibernate_after``: seconds an idle guest keeps its emulator (a guest's
-        config may say otherwise; see :mod:`supervisor.hibernation`).
+        ``hibernate_after``: seconds an idle guest keeps its emulator when the device
+        has no engine pool (``LGUEST_ENGINE_SWITCH=off``; with the pool, the default, an
+        idle guest holds none; a guest's config may say otherwise; see
+        :mod:`supervisor.hibernation`).
         ``keep_ended=False`` lets :attr:`guests` forget a guest once it has ended
         (a long swarm then holds only the guests alive).  ``workers``, ``worker_nice``
         and ``idle_workers``: the device's executor threads (:class:`LguestDevice`).

@@ -27,9 +27,8 @@ def pytest_asyncio_loop_factories(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``LGUEST_ENGINE_SWITCH=always`` every slice runs on an engine switched from
-    another CPU and goes through the run loop: tests marked ``own_engines`` check what
-    that mode replaces (instances freed and made ahead, runs going on on a worker, inline
-    slices on warm engines)."""
+    another CPU: tests marked ``own_engines`` check what that mode replaces (inline
+    slices and busy runs on warm engines)."""
     if engines.mode_from_env() != "always":
         return
     skip = pytest.mark.skip(reason="LGUEST_ENGINE_SWITCH=always: engines come from the pool")

@@ -136,7 +136,7 @@ async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
         cpu = g.file.cpu(0)
         # It gave its engine back at every halt and took the same one back at every
         # tick: never switched, never a second engine.
-        assert cpu.stats.hibernations >= 10 and pool.reused >= 10
+        assert cpu.stats.hibernations >= 9 and pool.reused >= 9
         assert pool.switched == 0 and pool.made == 1
         reader.cancel()
         with pytest.raises(asyncio.CancelledError):

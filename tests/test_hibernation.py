@@ -14,7 +14,7 @@ from guestasm import HALT_COUNTER as COUNTER
 from guestasm import Booted, assemble, boot, initialize_words, load, until
 from test_state import STEPS, WORKER, worker_to_death
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi
+from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi, engines
 from supervisor.config import ConfigError
 from supervisor.cpu import CpuStats
 from supervisor.debug import debugger
@@ -40,7 +40,8 @@ async def run_worker(
 
 
 async def test_a_guest_hibernated_at_every_halt_and_notify_computes_exactly_the_same() -> None:
-    async with LguestDevice(hibernate_after=math.inf) as awake:
+    # The reference: one emulator all along (no pool, never given back).
+    async with LguestDevice(engines="off", hibernate_after=math.inf) as awake:
         memory, output, death, stats = await run_worker(awake)
     assert stats is not None and stats.hibernations == 0
     async with LguestDevice(hibernate_after=0) as sleepy:
@@ -54,7 +55,7 @@ async def test_a_guest_hibernated_at_every_halt_and_notify_computes_exactly_the_
 
 
 async def test_an_idle_guest_hibernates_after_the_delay_and_costs_no_loop_work() -> None:
-    async with LguestDevice(hibernate_after=0.05) as dev:
+    async with LguestDevice(engines="off", hibernate_after=0.05) as dev:
         g = await boot(dev, COUNTER)
         cpu = g.file.cpu(0)
         reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
@@ -94,7 +95,7 @@ ticks: .long 0
         )
         cpu = g.file.cpu(0)
         reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
-        await until(lambda: cpu.hibernated)  # halted with its timer armed
+        await until(lambda: cpu.hibernated and cpu.halted)  # halted with its timer armed
         # A snapshot needs no emulator: the guest stays asleep, its timer keeps going.
         await g.file.pause()
         snap = capture(g.file)
@@ -150,7 +151,7 @@ async def close_all(sleepers: list[tuple[Booted, Any]]) -> None:
 
 
 async def test_each_drowsy_cpu_hibernates_at_its_own_time() -> None:
-    async with LguestDevice() as dev:
+    async with LguestDevice(engines="off") as dev:
         late = await sleeper(dev, after=3600)  # drowsy first, due much later
         soon = await sleeper(dev, after=0.05)
         await until(lambda: soon[0].file.cpu(0).hibernated, LIMIT)
@@ -159,7 +160,7 @@ async def test_each_drowsy_cpu_hibernates_at_its_own_time() -> None:
 
 
 async def test_a_cpu_dozing_off_at_every_read_keeps_one_entry_and_hibernates_after_last() -> None:
-    async with LguestDevice(hibernate_after=0.1) as dev:
+    async with LguestDevice(engines="off", hibernate_after=0.1) as dev:
         g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 1\n jmp 1b\n")
         cpu = g.file.cpu(0)
         loop = asyncio.get_running_loop()
@@ -175,7 +176,7 @@ async def test_a_cpu_dozing_off_at_every_read_keeps_one_entry_and_hibernates_aft
 
 
 async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_time() -> None:
-    async with LguestDevice(hibernate_after=0.1) as dev:
+    async with LguestDevice(engines="off", hibernate_after=0.1) as dev:
         g = await boot(dev, "main:\n LGUEST_INIT\n1: HCALL 17, 1\n jmp 1b\n")
         cpu = g.file.cpu(0)
         loop = asyncio.get_running_loop()
@@ -191,9 +192,8 @@ async def test_a_cpu_drowsy_again_when_its_entry_comes_up_hibernates_at_its_new_
         g.memory.close()
 
 
-@pytest.mark.own_engines
 async def test_memory_goes_back_after_a_burst_of_hibernations_not_at_each_wake() -> None:
-    async with LguestDevice(hibernate_after=0) as dev:
+    async with LguestDevice(engines="off", hibernate_after=0) as dev:
         # A burst: TRIM_SLACK guests hibernate and nothing reuses their instances.
         burst = [await sleeper(dev) for _ in range(TRIM_SLACK)]
         await until(lambda: all(g.file.cpu(0).hibernated for g, _ in burst))
@@ -241,7 +241,8 @@ async def test_guest_memory_costs_only_the_pages_the_guest_touched() -> None:
         g.memory.close()
 
 
-async def test_supervisor_option_and_stats() -> None:
+async def test_supervisor_option_and_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(engines.ENV, "off")  # (hibernate_after only matters without a pool)
     config = GuestConfig(image=GUESTS / "ticker.img", memory="1M", cmdline="ticks=3 period_ms=20")
     async with Supervisor(hibernate_after=0) as sup, asyncio.timeout(LIMIT):
         guest = await sup.launch(config)
@@ -300,10 +301,9 @@ async def test_a_thawed_instance_is_configured_like_a_new_one() -> None:
         await close_all([(g, reader)])
 
 
-@pytest.mark.own_engines
 async def test_a_wake_makes_instances_ahead_and_the_next_wake_takes_one() -> None:
     _unicorn.drop_blanks()
-    async with LguestDevice(hibernate_after=0) as dev:
+    async with LguestDevice(engines="off", hibernate_after=0) as dev:
         g, reader = await sleeper(dev)
         cpu = g.file.cpu(0)
         await until(lambda: cpu.hibernated)

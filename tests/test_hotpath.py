@@ -724,6 +724,7 @@ async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev: LguestDev
     data = cpu.lguest_data
     assert data is not None
     cpu.lg.write_u32(data + abi.LGUEST_DATA_IRQ_ENABLED, abi.X86_EFLAGS_IF)
+    cpu.thaw()  # (as before a slice: with an engine pool it holds none between them)
     cpu.stale_code.clear()
     other.stale_code.clear()
     assert interrupts.deliver_trap(cpu, 0x30)  # an interrupt gate: irq_enabled is written

@@ -289,6 +289,7 @@ async def test_delivery_leaves_one_stale_range_per_frame_and_merges_neighbours(
     g = await boot(dev, "main:\n LGUEST_INIT\n IDT 0x30, h, 0xf\n HCALL 17, 1\nh: iret\n")
     assert await notified(g) == 1
     cpu = g.file.cpu(0)
+    cpu.thaw()  # (as before a slice: with an engine pool it holds none between them)
     cpu.stale_code.clear()
     assert interrupts.deliver_trap(cpu, 0x30)
     # Natively the delivering CPU dropped its own translations of the frame at once.

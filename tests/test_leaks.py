@@ -210,25 +210,28 @@ async def test_devices_come_and_go_without_leaking_threads() -> None:
     assert live_guests() <= guests
 
 
-async def test_closing_a_guest_frees_its_unicorn_at_once(dev: LguestDevice) -> None:
+async def test_closing_a_guest_frees_its_unicorn_at_once() -> None:
+    """Without an engine pool a CPU's instance is its own: closing frees it at once (a
+    pool keeps its engines for other CPUs: tests/test_engines.py)."""
     import weakref
 
-    memory, layout = load(KINDS[1], RAM)
-    f = dev.open(memory)
-    await f.write(
-        pack_words(LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, IMAGE_BASE)
-    )
-    with pytest.raises(FileNotFoundError):
-        await f.read(8)
-    uc = weakref.ref(f.cpu(0).engine.uc)
-    gc.collect()
-    gc.disable()
-    try:
-        await f.close()
-        memory.close()
-        # The native instance is closed now; the binding's own callback thunks keep
-        # the small Python wrapper in a cycle until the next collection.
-        alive = uc()
-        assert alive is None or _unicorn.is_closed(alive), "uc_close has not run"
-    finally:
-        gc.enable()
+    async with LguestDevice(engines="off") as dev:
+        memory, layout = load(KINDS[1], RAM)
+        f = dev.open(memory)
+        await f.write(
+            pack_words(LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, IMAGE_BASE)
+        )
+        with pytest.raises(FileNotFoundError):
+            await f.read(8)
+        uc = weakref.ref(f.cpu(0).engine.uc)
+        gc.collect()
+        gc.disable()
+        try:
+            await f.close()
+            memory.close()
+            # The native instance is closed now; the binding's own callback thunks keep
+            # the small Python wrapper in a cycle until the next collection.
+            alive = uc()
+            assert alive is None or _unicorn.is_closed(alive), "uc_close has not run"
+        finally:
+            gc.enable()
