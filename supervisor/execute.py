@@ -60,7 +60,7 @@ MIN_SLICE = 0.0005
 # busy CPUs than engines nearly every slice switches, and a crowd's short slices would
 # otherwise spend a quarter of the workers' time switching.  (Not in the "always" mode,
 # whose point is as many switches as there are slices.)
-SWITCH_SHARE = 0.02
+SWITCH_SHARE = 0.01
 _TARGET_NS = int(1e9 * TARGET_SLICE)
 _CROWD_ROUND_NS = int(1e9 * CROWD_ROUND)
 _MIN_SLICE_NS = int(1e9 * MIN_SLICE)

@@ -270,7 +270,7 @@ async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
 def test_a_slice_after_a_switch_is_long_enough_for_the_switch_to_be_a_small_share() -> None:
     target = execute._TARGET_NS
     assert execute.switched_slice_ns(target, 0.0) == target  # its own engine: as before
-    # A 200 us switch: a slice of 10 ms, so that the switch is 2% of it.
+    # A 200 us switch: a slice of 20 ms, so that the switch is 1% of it.
     assert execute.switched_slice_ns(target, 0.0002) == int(0.0002 / execute.SWITCH_SHARE * 1e9)
     # Never shorter than the crowd's slice, never longer than a crowd's round for it.
     assert execute.switched_slice_ns(30_000_000, 0.0001) == 30_000_000
