@@ -21,7 +21,7 @@ import pytest
 from guestasm import HALT_COUNTER as SLEEPER
 from guestasm import Booted, boot, until
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi, hibernation
+from supervisor import GuestConfig, LguestDevice, Supervisor, _unicorn, abi, engines, hibernation
 from supervisor.cpu import LgCpu
 from supervisor.guest import Lguest
 from supervisor.snapshot import capture, restore
@@ -134,6 +134,7 @@ async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_comp
     niced workers let the wakers make."""
     monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
     monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    monkeypatch.setenv(engines.ENV, "off")  # wakes that take new emulators
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
         alone = await sup.launch(ticker(cmdline="ticks=100 period_ms=0"))
