@@ -149,7 +149,8 @@ class GuestConfig(BaseModel):
     console_buffer: int = Field(default=1 << 20, ge=4096)
     gdb: str | None = None  # "HOST:PORT": start held, serve gdb there (supervisor.gdbstub)
     # Seconds idle before the guest gives back its emulator: 0 at once, "off" (infinity)
-    # never, None the device's default (supervisor.hibernation).
+    # never, None the device's default (supervisor.hibernation).  Only without the engine
+    # pool (LGUEST_ENGINE_SWITCH=off): with it an idle guest holds no emulator anyway.
     hibernate_after: float | None = None
     # CPUs of the guest: CPU 0 boots, the guest starts the others (docs/abi.md).
     cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
