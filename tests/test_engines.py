@@ -14,7 +14,7 @@ from guestasm import Booted, boot, present, until
 from unicorn import UcError
 from unicorn import unicorn_const as uc_const
 
-from supervisor import LguestDevice, _slicing, _unicorn, abi, execute
+from supervisor import LguestDevice, _slicing, _unicorn, abi, engines, execute
 from supervisor.cpu import LgCpu
 from supervisor.engines import EnginePool
 
@@ -336,3 +336,18 @@ async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() 
         assert list(engine.mem_regions()) == [] and not engine._callbacks
         gc.collect()
         assert cpu() is None
+
+
+async def test_the_pool_is_the_default_and_bounded_by_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(engines.ENV, raising=False)
+    async with LguestDevice(workers=3) as dev:
+        pool = pool_of(dev)
+        assert not pool.always and pool.bound == 3 + 1 + engines.RESERVE
+    monkeypatch.setenv(engines.ENV, "off")
+    async with LguestDevice() as dev:
+        assert dev.engines is None
+    monkeypatch.setenv(engines.ENV, "sometimes")
+    with pytest.raises(ValueError, match="LGUEST_ENGINE_SWITCH"):
+        LguestDevice()

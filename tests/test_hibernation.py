@@ -287,6 +287,14 @@ def test_cli_option() -> None:
     assert bad.returncode == 2
     assert bad.stderr.startswith("supervisor: error:") and "--hibernate-after" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    # The flag still parses with the engine pool, and its help says where it applies.
+    usage = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", "--help"],
+        cwd=root, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert usage.returncode == 0
+    text = " ".join(usage.stdout.split())
+    assert "LGUEST_ENGINE_SWITCH=off only" in text and "holds no emulator" in text
 
 
 async def test_a_thawed_instance_is_configured_like_a_new_one() -> None:
