@@ -181,9 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
             type=_seconds_or_off,
             metavar="SECONDS",
             help=(
-                "with LGUEST_ENGINE_SWITCH=off only: free an idle guest's emulator after"
-                " SECONDS (0: at once, off: never; default 1); with the engine pool (the"
-                " default) an idle guest holds no emulator anyway"
+                "free an idle guest's emulator after SECONDS (0: at once, off: never;"
+                " default 1); no effect with the engine pool (LGUEST_ENGINE_SWITCH=pool),"
+                " where an idle guest holds no emulator anyway"
             ),
         )
 

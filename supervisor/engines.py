@@ -52,7 +52,7 @@ from . import _unicorn
 
 ENV = "LGUEST_ENGINE_SWITCH"  # "pool", "always" (switch at every take), "off" (no pool)
 MODES = ("off", "pool", "always")
-DEFAULT_MODE = "pool"
+DEFAULT_MODE = "off"  # (docs/performance.md, "Engines": what the pool costs a crowd)
 # Engines a pool may make beyond one per worker and one for the event loop's inline
 # slices: a CPU starting another holds two for a moment, and a switch that failed is
 # replaced without waiting for a give.
@@ -86,15 +86,20 @@ class EnginePool:
         "overdrafts",
         "peak",
         "reused",
+        "switch_cost",
         "switch_time",
         "switched",
         "taken",
+        "workers",
     )
 
-    def __init__(self, tcg_buffer: int, bound: int, *, always: bool = False) -> None:
+    def __init__(
+        self, tcg_buffer: int, bound: int, *, always: bool = False, workers: int = 1
+    ) -> None:
         if bound < 2:
             raise ValueError(f"an engine pool needs a bound of at least 2 engines, not {bound}")
         self.bound = bound
+        self.workers = workers  # the device's worker threads (see crowded())
         self.always = always
         self._lock = threading.Lock()
         # id(instance) -> (instance, the owner token of the CPU that gave it back), oldest
@@ -109,6 +114,7 @@ class EnginePool:
         self.reused = 0  # takes that found the CPU's own engine untouched
         self.switched = 0  # takes that switched an engine from another CPU
         self.switch_time = 0.0  # seconds the CPUs spent switching engines (and making them)
+        self.switch_cost = 0.0  # what a switch costs lately (a moving average, seconds)
         self._tcg_buffer = tcg_buffer
 
     @classmethod
@@ -116,7 +122,7 @@ class EnginePool:
         """The pool a device with ``workers`` threads gets in ``mode`` (None: "off")."""
         if mode == "off":
             return None
-        return cls(tcg_buffer, workers + 1 + RESERVE, always=mode == "always")
+        return cls(tcg_buffer, workers + 1 + RESERVE, always=mode == "always", workers=workers)
 
     @property
     def idle(self) -> int:
@@ -197,6 +203,15 @@ class EnginePool:
         """Count ``seconds`` a CPU spent switching (or making) an engine it took."""
         with self._lock:
             self.switch_time += seconds
+            cost = self.switch_cost
+            self.switch_cost = seconds if cost == 0.0 else cost + (seconds - cost) / 8
+
+    def crowded(self, waiting_per_worker: float) -> bool:
+        """Whether more CPUs compute than the workers have engines for, with
+        ``waiting_per_worker`` executor jobs waiting per worker besides the running ones:
+        then nearly every executor slice switches (any thread; racy reads)."""
+        computing = (waiting_per_worker + 1) * self.workers
+        return computing > self.bound - 1  # (one engine stays for the event loop)
 
     def close(self) -> None:
         """Close every idle engine (the device is closing; held ones come back closed)."""

@@ -56,14 +56,19 @@ LONG_INLINE_BUDGET = 4096
 CROWD_ROUND = 0.05
 MIN_SLICE = 0.0005
 # An executor slice that had to switch an engine (supervisor.engines) lasts long enough
-# that the switch takes at most SWITCH_SHARE of it, but at most CROWD_ROUND: with more
-# busy CPUs than engines nearly every slice switches, and a crowd's short slices would
-# otherwise spend a quarter of the workers' time switching.  (Not in the "always" mode,
+# that the switch takes at most SWITCH_SHARE of it: with more busy CPUs than engines
+# nearly every slice switches, and a crowd's short slices would otherwise spend a
+# quarter of the workers' time switching.  But at most CROWD_ROUND, and short enough
+# that a round of every waiting job's slice still takes at most SWITCHED_ROUND of a
+# worker's CPU time: a crowd of spinners far larger than the engines pays more for its
+# switches rather than wait for seconds between turns.  (Not in the "always" mode,
 # whose point is as many switches as there are slices.)
 SWITCH_SHARE = 0.01
+SWITCHED_ROUND = 1.0
 _TARGET_NS = int(1e9 * TARGET_SLICE)
 _CROWD_ROUND_NS = int(1e9 * CROWD_ROUND)
 _MIN_SLICE_NS = int(1e9 * MIN_SLICE)
+_SWITCHED_ROUND_NS = int(1e9 * SWITCHED_ROUND)
 _INLINE_NS = int(1e9 * INLINE_TIME)
 _LONG_INLINE_NS = int(1e9 * LONG_INLINE_TIME)
 FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
@@ -276,9 +281,14 @@ def run_slice(
         if took is None:
             return SliceExit.DEATH
         switch = took
-    busy_ns = slice_ns(crowd()) if crowd is not None else _TARGET_NS
-    if more is not None and not (pool is not None and pool.always):  # (always: most switches)
-        busy_ns = switched_slice_ns(busy_ns, switch)
+    waiting = crowd() if crowd is not None else 0.0
+    busy_ns = slice_ns(waiting) if crowd is not None else _TARGET_NS
+    if more is not None and pool is not None and not pool.always:  # (always: most switches)
+        # In a crowd every slice is as long, whether this one switched or found its own
+        # engine: each CPU's share must not depend on who took whose engine.
+        if pool.crowded(waiting):
+            switch = max(switch, pool.switch_cost)
+        busy_ns = switched_slice_ns(busy_ns, switch, waiting)
     try:
         exit = _one_slice(cpu, budget, busy_ns, timeless)
     finally:
@@ -290,11 +300,13 @@ def run_slice(
     return exit
 
 
-def switched_slice_ns(busy_ns: int, switch: float) -> int:
+def switched_slice_ns(busy_ns: int, switch: float, crowd: float = 0.0) -> int:
     """An executor slice's CPU time in ns after an engine switch that took ``switch``
-    seconds (0: none): at least ``busy_ns``, and long enough that the switch is at most
-    SWITCH_SHARE of it, but no longer than CROWD_ROUND for the switch's sake."""
-    return max(busy_ns, min(_CROWD_ROUND_NS, int(1e9 * switch / SWITCH_SHARE)))
+    seconds (0: none), with ``crowd`` jobs waiting per worker: at least ``busy_ns``, and
+    long enough that the switch is at most SWITCH_SHARE of it, but for the switch's sake
+    no longer than CROWD_ROUND, nor than a SWITCHED_ROUND shared by the crowd."""
+    longest = min(_CROWD_ROUND_NS, int(_SWITCHED_ROUND_NS / max(crowd, 1.0)))
+    return max(busy_ns, min(longest, int(1e9 * switch / SWITCH_SHARE)))
 
 
 def _take_engine(cpu: LgCpu) -> float | None:

@@ -1,7 +1,7 @@
 """Hibernation: a CPU that does not need its emulator gives it back.
 
-With the device's engine pool (:mod:`supervisor.engines`, the default) a CPU gives its
-engine back whenever it waits, so ``hibernate_after`` is 0 for every CPU and the
+With the device's engine pool (:mod:`supervisor.engines`, ``engines="pool"``) a CPU
+gives its engine back whenever it waits, so ``hibernate_after`` is 0 for every CPU and the
 dormitory only does the bookkeeping below (counting, and what wakes cost); what follows
 about delays, freed instances, trims and instances made ahead is the ``engines="off"``
 mode's, where each CPU has an instance of its own.

@@ -275,6 +275,9 @@ def test_a_slice_after_a_switch_is_long_enough_for_the_switch_to_be_a_small_shar
     # Never shorter than the crowd's slice, never longer than a crowd's round for it.
     assert execute.switched_slice_ns(30_000_000, 0.0001) == 30_000_000
     assert execute.switched_slice_ns(target, 1.0) == int(execute.CROWD_ROUND * 1e9)
+    # A crowd of 500 jobs a worker: their round of switched slices stays SWITCHED_ROUND.
+    assert execute.switched_slice_ns(target, 1.0, 500) == int(execute.SWITCHED_ROUND / 500 * 1e9)
+    assert execute.switched_slice_ns(target, 1.0, 5000) == target
 
 
 async def test_executor_slices_that_switched_engines_run_longer(
@@ -307,8 +310,8 @@ async def test_executor_slices_that_switched_engines_run_longer(
     # Every executor slice that took a switched engine got the time that pays for it.
     crowded = execute.slice_ns(len(guests))  # (at most that many jobs wait per worker)
     for seconds, busy_ns in steps:
-        assert busy_ns >= execute.switched_slice_ns(crowded, seconds) > 0
-        assert busy_ns == execute.switched_slice_ns(busy_ns, seconds)
+        assert busy_ns >= execute.switched_slice_ns(crowded, seconds, len(guests)) > 0
+        assert busy_ns == execute.switched_slice_ns(busy_ns, seconds, len(guests))
 
 
 async def closed_waker(dev: LguestDevice) -> tuple[weakref.ref[LgCpu], Any]:
@@ -338,10 +341,13 @@ async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() 
         assert cpu() is None
 
 
-async def test_the_pool_is_the_default_and_bounded_by_the_workers(
+async def test_the_environment_chooses_the_pool_bounded_by_the_workers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(engines.ENV, raising=False)
+    async with LguestDevice() as dev:
+        assert (dev.engines is None) == (engines.DEFAULT_MODE == "off")
+    monkeypatch.setenv(engines.ENV, "pool")
     async with LguestDevice(workers=3) as dev:
         pool = pool_of(dev)
         assert not pool.always and pool.bound == 3 + 1 + engines.RESERVE
