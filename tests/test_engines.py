@@ -291,11 +291,11 @@ async def test_executor_slices_that_switched_engines_run_longer(
         switch[0] = real_take(cpu)
         return switch[0]
 
-    def one_slice(cpu: Any, budget: int | None, busy_ns: int = execute._TARGET_NS) -> Any:
+    def one_slice(cpu: Any, budget: int | None, busy_ns: int, *rest: Any) -> Any:
         if budget is None and switch[0] is not None:
             steps.append((switch[0], busy_ns))
         switch[0] = None
-        return real_slice(cpu, budget, busy_ns)
+        return real_slice(cpu, budget, busy_ns, *rest)
 
     monkeypatch.setattr(execute, "_take_engine", take)
     monkeypatch.setattr(execute, "_one_slice", one_slice)
