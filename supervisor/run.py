@@ -445,6 +445,9 @@ def _may_go_on(cpu: LgCpu) -> bool:
     processor.  The pool then runs that slice in its FIFO turn
     (:mod:`supervisor.slicepool`).
     """
+    pool = cpu.engine.pool
+    if pool is not None and pool.always:
+        return False  # every slice through the run loop, each on a switched engine
     return cpu.lg.waiting_turns == 0 and cpu.run.reading and pending_exit(cpu) is None
 
 
