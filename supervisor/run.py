@@ -110,6 +110,9 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
     lg = cpu.lg
     if lg.virtual is not None:
         lg.virtual.reading(cpu)
+    if dormitory is not None and cpu.engine.frozen is not None:
+        # It hibernated waiting for this read: its wake is paid for like a halt's.
+        await dormitory.turn(cpu, executor, functools.partial(_urgent, cpu))
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
         exit = pending_exit(cpu)

@@ -145,3 +145,24 @@ async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_comp
         await until(lambda: dormitory.deferred >= len(wakers), LIMIT)  # each put off
         for guest in (*wakers, spinner):  # a put-off wake ends at once for a kill
             assert (await guest.kill()).reason == "killed"
+
+
+async def test_a_wake_for_the_launchers_read_is_put_off_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A guest that never halts, but hibernates each time it waits for its Launcher (a
+    notify at every step), wakes at each read: while a neighbour computes, those wakes
+    are put off like a halt's once it owes more than its grace."""
+    monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
+    monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        dormitory = sup.device.dormitory
+        spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
+        flood_config = GuestConfig(
+            image=GUEST_DIR / "flood.img", memory="1M", console="null", hibernate_after=0
+        )
+        flood = await sup.launch(flood_config)
+        await until(lambda: dormitory.deferred >= 1, LIMIT)
+        assert flood.stats.wakes >= 1 and flood.stats.hibernations >= 1
+        for guest in (flood, spinner):
+            assert (await guest.kill()).reason == "killed"
