@@ -195,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     recorded.add_argument(
         "--record",
         metavar="FILE",
-        help="deterministic, and write the seed and the console input with when it took "
-        "effect to FILE",
+        help="deterministic, and write the seed, the console input and the connections "
+        "to --publish'ed ports, with when they took effect, to FILE",
     )
     recorded.add_argument(
         "--replay",
         metavar="FILE",
-        help="run again what --record wrote to FILE (same image and options; the input "
-        "comes from FILE, not stdin)",
+        help="run again what --record wrote to FILE (same image, options and --dir files; "
+        "the input and connections come from FILE, not stdin or ports)",
     )
     common(run)
     run.add_argument(  # run only: a published port forwards to one guest
@@ -581,10 +581,10 @@ def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any
     replay"); everything is checked, the recording included, before anything runs."""
     from . import replay
 
-    if args.publish:
-        raise BadInput("--publish is not recorded: not with --record or --replay")
     recording = None
     if args.replay:
+        if args.publish:
+            raise BadInput("--replay feeds the recorded connections: no --publish")
         if args.seed is not None:
             raise BadInput("--replay takes the seed from the recording: not with --seed")
         try:
@@ -599,11 +599,18 @@ def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any
                 f"{args.record}: cannot write there (no such directory, or not writable)"
             )
         seed = args.seed
-    return _run_recorded(config, seed, args.record, recording)
+        if args.publish and not config.net:
+            raise BadInput("--publish needs --net")
+        specs = [publish_spec(spec) for spec in args.publish]
+    return _run_recorded(config, seed, args.record, recording, specs if args.record else [])
 
 
 async def _run_recorded(
-    config: GuestConfig, seed: int | None, path: str | None, recording: Any
+    config: GuestConfig,
+    seed: int | None,
+    path: str | None,
+    recording: Any,
+    publish: list[tuple[str, int, int]],
 ) -> int:
     from . import replay
 
@@ -611,13 +618,25 @@ async def _run_recorded(
         say_seed(sup)
         sim = sup.device.virtual
         assert sim is not None
-        guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        connections = replay.Connections(sup.net, config.display_name)
         recorder = None
         feeding = None
-        if recording is not None:
-            replay.replay(recording, sim, guest)
-        else:
+        servers: list[asyncio.Server] = []
+        if recording is None:
             recorder = replay.Recorder(sim, config)
+            for addr, host_port, guest_port in publish:
+                serve = functools.partial(_record_connection, recorder, connections, guest_port)
+                try:
+                    servers.append(await asyncio.start_server(serve, addr, host_port))
+                except OSError as exc:
+                    raise BadInput(
+                        f"--publish {addr}:{host_port}:{guest_port}: {_os_message(exc)}"
+                    ) from None
+        guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        if recording is not None:
+            replay.replay(recording, sim, guest, connections)
+        else:
+            assert recorder is not None
             feeding = asyncio.create_task(_record_stdin(recorder, guest))
 
         async def show(lines: AsyncIterable[str], out: TextIO) -> None:
@@ -631,9 +650,40 @@ async def _run_recorded(
         finally:
             if feeding is not None:
                 feeding.cancel()
+            for server in servers:
+                server.close()
+            await connections.aclose()
             if recorder is not None and path is not None:
                 recorder.save(path)
     return exit_status(guest.name, result)
+
+
+async def _record_connection(
+    recorder: Any,
+    connections: Any,
+    guest_port: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """A host connection to a published port, recorded: its opening, what the host
+    sends and its end go to the guest through the recorder; what the guest sends
+    back is written to the host as it comes (never waiting for the host to read)."""
+
+    def out(data: bytes) -> None:
+        if writer.is_closing():
+            return
+        if data:
+            writer.write(data)
+        elif writer.can_write_eof():
+            writer.write_eof()
+
+    conn = recorder.connect(connections, guest_port, out, writer.close)
+    try:
+        while data := await reader.read(1 << 16):
+            recorder.send(connections, conn, data)
+    except OSError:
+        pass  # a reset ends the host's input like a close
+    recorder.send(connections, conn, b"")
 
 
 async def _record_stdin(recorder: Any, guest: Guest) -> None:
