@@ -576,11 +576,23 @@ async def run_one(
     return exit_status(guest.name, result)
 
 
-def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+def run_recorded(config: GuestConfig | None, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     """``run --record FILE`` or ``run --replay FILE`` (docs/determinism.md, "Record and
-    replay"); everything is checked, the recording included, before anything runs."""
+    replay"), of ``config``'s guest or of ``--restore``'s snapshot (``config`` None);
+    everything is checked, the recording included, before anything runs."""
     from . import replay
+    from .guestctl import snapshot_config
 
+    snap = None
+    overrides: dict[str, Any] = {}
+    if config is None:
+        overrides = restore_overrides(args)
+        try:
+            snap = Snapshot.load(args.restore)
+            config = snapshot_config(snap, **overrides)
+        except (ValueError, OSError) as exc:
+            message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
+            raise BadInput(cannot_restore(args.restore, message)) from None
     recording = None
     if args.replay:
         if args.publish:
@@ -588,7 +600,7 @@ def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any
         if args.seed is not None:
             raise BadInput("--replay takes the seed from the recording: not with --seed")
         try:
-            recording = replay.load(args.replay, config)
+            recording = replay.load(args.replay, config, args.restore)
         except replay.ReplayError as exc:
             raise BadInput(str(exc)) from None
         seed: int | None = recording.seed
@@ -602,7 +614,8 @@ def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any
         if args.publish and not config.net:
             raise BadInput("--publish needs --net")
         specs = [publish_spec(spec) for spec in args.publish]
-    return _run_recorded(config, seed, args.record, recording, specs if args.record else [])
+    start = None if snap is None else (args.restore, snap, overrides)
+    return _run_recorded(config, seed, args.record, recording, specs if args.record else [], start)
 
 
 async def _run_recorded(
@@ -611,6 +624,7 @@ async def _run_recorded(
     path: str | None,
     recording: Any,
     publish: list[tuple[str, int, int]],
+    start: tuple[str, Snapshot, dict[str, Any]] | None,
 ) -> int:
     from . import replay
 
@@ -623,7 +637,7 @@ async def _run_recorded(
         feeding = None
         servers: list[asyncio.Server] = []
         if recording is None:
-            recorder = replay.Recorder(sim, config)
+            recorder = replay.Recorder(sim, config, None if start is None else start[0])
             for addr, host_port, guest_port in publish:
                 serve = functools.partial(_record_connection, recorder, connections, guest_port)
                 try:
@@ -632,7 +646,15 @@ async def _run_recorded(
                     raise BadInput(
                         f"--publish {addr}:{host_port}:{guest_port}: {_os_message(exc)}"
                     ) from None
-        guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        if start is None:
+            guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        else:
+            restore, snap, overrides = start
+            try:
+                guest = await sup.restore(snap, **{**overrides, "console": "capture"})
+            except (ValueError, OSError) as exc:
+                message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
+                raise BadInput(cannot_restore(restore, message)) from None
         if recording is not None:
             replay.replay(recording, sim, guest, connections)
         else:
@@ -1271,9 +1293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return build_image(args)
     try:
         coro: Coroutine[Any, Any, int]
-        if args.command == "run" and args.restore:
-            if args.record or args.replay:
-                raise BadInput("--record and --replay are for a launched guest, not --restore")
+        if args.command == "run" and args.restore and (args.record or args.replay):
+            coro = run_recorded(None, args)
+        elif args.command == "run" and args.restore:
             if args.publish:
                 raise BadInput("--publish is for a launched guest, not --restore")
             coro = run_one(None, args.restore, restore_overrides(args), **deterministic_args(args))

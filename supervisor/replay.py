@@ -78,11 +78,13 @@ class Recording(BaseModel):
     inputs: list[Input] = Field(default_factory=list, max_length=MAX_INPUTS)
 
 
-def digests(config: GuestConfig) -> tuple[str, str]:
-    """(SHA-256 of the image's bytes, SHA-256 of the rest of the configuration that
-    decides the run); console, name and gdb do not change what the guest computes,
-    nor where on the host a ``--dir`` grant's files are (:func:`files_digest`)."""
-    image = hashlib.sha256(Path(config.image).read_bytes()).hexdigest()
+def digests(config: GuestConfig, start: str | None = None) -> tuple[str, str]:
+    """(SHA-256 of what the run starts from, SHA-256 of the rest of the configuration
+    that decides the run).  The run starts from the image's bytes, or the snapshot
+    file's if ``start`` names one (its config is then ``config``).  Console, name and
+    gdb do not change what the guest computes, nor where on the host a ``--dir``
+    grant's files are (:func:`files_digest`)."""
+    image = hashlib.sha256(Path(start or config.image).read_bytes()).hexdigest()
     rest = config.model_dump(mode="json", exclude={"image", "console", "name", "gdb"})
     for grant in rest.get("dirs", []):
         grant.pop("host", None)
@@ -122,10 +124,11 @@ def files_digest(config: GuestConfig) -> str:
     return sha.hexdigest()
 
 
-def load(path: str, config: GuestConfig) -> Recording:
-    """The recording at ``path``, checked against ``config``; ``ReplayError`` (one line)
-    for a file that cannot be read, is not a recording, or was made for another
-    image or configuration."""
+def load(path: str, config: GuestConfig, start: str | None = None) -> Recording:
+    """The recording at ``path``, checked against ``config`` (and the snapshot file
+    ``start``, for a run restored from it); ``ReplayError`` (one line) for a file
+    that cannot be read, is not a recording, or was made for another image,
+    snapshot, configuration or files."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE + 1)
@@ -155,9 +158,10 @@ def load(path: str, config: GuestConfig) -> Recording:
             raise ReplayError(f"{path}: not a recording (connection {entry.conn} never opened)")
     if opened and not config.net:
         raise ReplayError(f"{path}: recorded connections to a guest on the network: needs --net")
-    image, rest = digests(config)
+    image, rest = digests(config, start)
     if recording.image_sha256 != image:
-        raise ReplayError(f"{path}: recorded with another image than {config.image}")
+        what = f"snapshot than {start}" if start else f"image than {config.image}"
+        raise ReplayError(f"{path}: recorded with another {what}")
     if recording.config_sha256 != rest:
         raise ReplayError(f"{path}: recorded with another configuration (memory, cmdline, ...)")
     if recording.files_sha256 != files_digest(config):
@@ -267,9 +271,9 @@ def replay(
 class Recorder:
     """Collects the input a deterministic run applies, with its steps."""
 
-    def __init__(self, sim: Simulation, config: GuestConfig) -> None:
+    def __init__(self, sim: Simulation, config: GuestConfig, start: str | None = None) -> None:
         self.sim = sim
-        self.image, self.config = digests(config)
+        self.image, self.config = digests(config, start)
         self.files = files_digest(config)
         self.inputs: list[Input] = []
         self._conns = 0

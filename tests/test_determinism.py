@@ -484,3 +484,34 @@ def test_bad_recorded_connections_are_one_line_and_exit_2(
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("supervisor: error:")
     assert message in captured.err
+
+
+def test_a_replay_starts_from_a_snapshot(stamp: Path, tmp_path: Path) -> None:
+    """``run --restore SNAP --record`` then ``--restore SNAP --replay``: the same lines
+    at the same virtual times; another snapshot refuses the recording (exit 2)."""
+
+    async def take(path: Path, line: str) -> None:
+        async with Supervisor() as sup:
+            guest = await sup.launch(GuestConfig.build(image=stamp))
+            guest.send(f"{line}\n")
+            first = await anext(aiter(guest.console))
+            assert first.startswith(f"{line} at ")
+            (await guest.snapshot()).save(path)
+
+    snap, other = tmp_path / "snap", tmp_path / "other"
+    asyncio.run(take(snap, "before"))
+    asyncio.run(take(other, "elsewhere"))
+    record = tmp_path / "r.replay"
+    recording = cli("run", "--restore", str(snap), "--record", str(record), stdin=None)
+    recorded, err = recording.communicate("after\n", timeout=120)
+    assert recording.returncode == 0, err
+    assert [line.split(" at ")[0] for line in recorded.splitlines()] == ["after", "eof"]
+    assert str(tmp_path) not in record.read_text()
+    replaying = cli("run", "--restore", str(snap), "--replay", str(record))
+    replayed, err = replaying.communicate(timeout=120)
+    assert replaying.returncode == 0, err
+    assert replayed == recorded
+    foreign = cli("run", "--restore", str(other), "--replay", str(record))
+    out, err = foreign.communicate(timeout=120)
+    assert foreign.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and "recorded with another snapshot" in err
