@@ -40,6 +40,7 @@ import contextlib
 import functools
 import math
 import os
+import random
 import re
 import signal
 import sys
@@ -309,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch at most this many guests a second (default: as fast as they start)",
     )
     deterministic_options(swarm)
+    swarm_recorded = swarm.add_mutually_exclusive_group()
+    swarm_recorded.add_argument(
+        "--record",
+        metavar="FILE",
+        help="deterministic, and write the seed and what the run is checked against to FILE",
+    )
+    swarm_recorded.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="run again the swarm --record wrote to FILE (same image, options and -n)",
+    )
     common(swarm)
     return parser
 
@@ -593,6 +605,7 @@ def run_recorded(config: GuestConfig | None, args: argparse.Namespace) -> Corout
         except (ValueError, OSError) as exc:
             message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
             raise BadInput(cannot_restore(args.restore, message)) from None
+    recordable(config)
     recording = None
     if args.replay:
         if args.publish:
@@ -678,6 +691,50 @@ async def _run_recorded(
             if recorder is not None and path is not None:
                 recorder.save(path)
     return exit_status(guest.name, result)
+
+
+def recordable(config: GuestConfig) -> None:
+    """BadInput for a guest whose run takes input that a recording cannot keep."""
+    if config.allow_outbound:
+        raise BadInput(
+            "--allow-outbound reaches the real network, which is not recorded: "
+            "not with --record or --replay"
+        )
+
+
+def swarm_recording(config: GuestConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """``swarm --record FILE`` / ``--replay FILE``: the Supervisor's ``deterministic``
+    and ``seed``.  A swarm takes no host input (no stdin, ports or files), so its
+    recording is the seed and what it is checked against (image, configuration, the
+    number of guests), written before anything runs; a replay checks them and takes
+    the seed (BadInput, one line, for a file that does not match)."""
+    from . import replay
+
+    recordable(config)
+    if args.replay:
+        if args.seed is not None:
+            raise BadInput("--replay takes the seed from the recording: not with --seed")
+        try:
+            recording = replay.load(args.replay, config, guests=args.n)
+        except replay.ReplayError as exc:
+            raise BadInput(str(exc)) from None
+        if recording.inputs:
+            raise BadInput(f"{args.replay}: a recording of a run with input, not of a swarm")
+        return {"deterministic": True, "seed": recording.seed}
+    seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(64)
+    image, rest = replay.digests(config)
+    recording = replay.Recording(
+        seed=seed,
+        image_sha256=image,
+        config_sha256=rest,
+        files_sha256=replay.files_digest(config),
+        guests=args.n,
+    )
+    try:
+        replay.save(recording, args.record)
+    except OSError as exc:
+        raise BadInput(f"{args.record}: {_os_message(exc)}") from None
+    return {"deterministic": True, "seed": seed}
 
 
 async def _record_connection(
@@ -1331,12 +1388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console="null" if args.console == "none" else "capture",
                 **{k: v for k, v in fields.items() if v is not None},
             )
-            determinism = deterministic_args(args)
-            if args.deterministic and args.cluster is not None:
+            deterministic = bool(args.deterministic or args.record or args.replay)
+            if deterministic and args.cluster is not None:
                 raise BadInput("--deterministic runs on one device: not with --cluster")
-            if args.deterministic and (args.max_alive or args.launch_rate):
+            if deterministic and (args.max_alive or args.launch_rate):
                 raise BadInput("--deterministic launches every guest at once: "
                                "not with --max-alive or --launch-rate")  # fmt: skip
+            if args.record or args.replay:  # checked, or written, before anything runs
+                determinism = swarm_recording(config, args)
+            else:
+                determinism = deterministic_args(args)
             if args.cluster is not None:
                 if args.console != "none":
                     raise BadInput("--console is not supported with --cluster")

@@ -75,6 +75,7 @@ class Recording(BaseModel):
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     files_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    guests: int = Field(default=1, ge=1, le=1 << 24)  # a swarm's -n
     inputs: list[Input] = Field(default_factory=list, max_length=MAX_INPUTS)
 
 
@@ -124,11 +125,11 @@ def files_digest(config: GuestConfig) -> str:
     return sha.hexdigest()
 
 
-def load(path: str, config: GuestConfig, start: str | None = None) -> Recording:
+def load(path: str, config: GuestConfig, start: str | None = None, guests: int = 1) -> Recording:
     """The recording at ``path``, checked against ``config`` (and the snapshot file
-    ``start``, for a run restored from it); ``ReplayError`` (one line) for a file
-    that cannot be read, is not a recording, or was made for another image,
-    snapshot, configuration or files."""
+    ``start``, for a run restored from it; ``guests``: a swarm's number of guests);
+    ``ReplayError`` (one line) for a file that cannot be read, is not a recording,
+    or was made for another image, snapshot, configuration, files or swarm."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE + 1)
@@ -164,6 +165,8 @@ def load(path: str, config: GuestConfig, start: str | None = None) -> Recording:
         raise ReplayError(f"{path}: recorded with another {what}")
     if recording.config_sha256 != rest:
         raise ReplayError(f"{path}: recorded with another configuration (memory, cmdline, ...)")
+    if recording.guests != guests:
+        raise ReplayError(f"{path}: recorded with {recording.guests} guests, not {guests}")
     if recording.files_sha256 != files_digest(config):
         raise ReplayError(f"{path}: the files under --dir are not the ones recorded with")
     return recording
@@ -334,7 +337,12 @@ class Recorder:
             files_sha256=self.files,
             inputs=self.inputs,
         )
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(recording.model_dump_json(indent=1, exclude_none=True))
-        os.replace(tmp, path)
+        save(recording, path)
+
+
+def save(recording: Recording, path: str) -> None:
+    """Write ``recording`` to ``path`` (whole or not at all)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(recording.model_dump_json(indent=1, exclude_none=True))
+    os.replace(tmp, path)

@@ -385,6 +385,18 @@ def test_replay_options_that_cannot_go_together_are_refused(
         ["run", "--replay", str(path), "--net", "--publish", "8080:80", str(TICKER)],
         ["run", "--record", str(path), "--publish", "8080:80", str(TICKER)],  # no --net
         ["run", "--record", str(path), "--net", "--publish", "80", str(TICKER)],
+        ["run", "--record", str(path), "--net", "--allow-outbound", "10.1.2.3:80", str(TICKER)],
+        [
+            "swarm",
+            "-n",
+            "2",
+            "--record",
+            str(path),
+            "--net",
+            "--allow-outbound",
+            "10.1.2.3:80",
+            str(TICKER),
+        ],
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
@@ -515,3 +527,32 @@ def test_a_replay_starts_from_a_snapshot(stamp: Path, tmp_path: Path) -> None:
     out, err = foreign.communicate(timeout=120)
     assert foreign.returncode == 2 and out == ""
     assert err.count("\n") == 1 and "recorded with another snapshot" in err
+
+
+def test_a_swarm_replays_its_recording(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``swarm --record`` keeps the seed it drew; ``--replay`` prints the same lines in
+    the same order; another -n, or a run's recording, is one line and exit 2."""
+    record = tmp_path / "swarm.replay"
+    common = ["-n", "3", "--console", "prefix", "--loop", "asyncio",
+              "--cmdline", "ticks=2 period_ms=3", str(TICKER)]  # fmt: skip
+    assert main(["swarm", "--record", str(record), *common]) == 0
+    first = capsys.readouterr()
+    seed = json.loads(record.read_text())["seed"]
+    assert f"deterministic run, seed {seed}" in first.err
+    lines = [line for line in first.out.splitlines() if line.startswith("ticker-")]
+    assert len(lines) == 9
+    assert main(["swarm", "--replay", str(record), *common]) == 0
+    again = capsys.readouterr()
+    assert [line for line in again.out.splitlines() if line.startswith("ticker-")] == lines
+    assert f"deterministic run, seed {seed}" in again.err
+    other = ["-n", "4", *common[2:]]
+    for argv, message in (
+        (["swarm", "--replay", str(record), *other], "recorded with 3 guests, not 4"),
+        (["run", "--replay", str(record), "--cmdline", "ticks=2 period_ms=3", str(TICKER)],
+         "recorded with 3 guests, not 1"),
+        (["swarm", "--replay", str(record), "--seed", "1", *common], "not with --seed"),
+    ):  # fmt: skip
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert message in captured.err
