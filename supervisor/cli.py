@@ -40,6 +40,7 @@ import contextlib
 import functools
 import math
 import os
+import random
 import re
 import signal
 import sys
@@ -199,14 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     recorded.add_argument(
         "--record",
         metavar="FILE",
-        help="deterministic, and write the seed and the console input with when it took "
-        "effect to FILE",
+        help="deterministic, and write the seed, the console input and the connections "
+        "to --publish'ed ports, with when they took effect, to FILE",
     )
     recorded.add_argument(
         "--replay",
         metavar="FILE",
-        help="run again what --record wrote to FILE (same image and options; the input "
-        "comes from FILE, not stdin)",
+        help="run again what --record wrote to FILE (same image, options and --dir files; "
+        "the input and connections come from FILE, not stdin or ports)",
     )
     common(run)
     run.add_argument(  # run only: a published port forwards to one guest
@@ -313,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch at most this many guests a second (default: as fast as they start)",
     )
     deterministic_options(swarm)
+    swarm_recorded = swarm.add_mutually_exclusive_group()
+    swarm_recorded.add_argument(
+        "--record",
+        metavar="FILE",
+        help="deterministic, and write the seed and what the run is checked against to FILE",
+    )
+    swarm_recorded.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="run again the swarm --record wrote to FILE (same image, options and -n)",
+    )
     common(swarm)
     return parser
 
@@ -580,19 +592,32 @@ async def run_one(
     return exit_status(guest.name, result)
 
 
-def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
+def run_recorded(config: GuestConfig | None, args: argparse.Namespace) -> Coroutine[Any, Any, int]:
     """``run --record FILE`` or ``run --replay FILE`` (docs/determinism.md, "Record and
-    replay"); everything is checked, the recording included, before anything runs."""
+    replay"), of ``config``'s guest or of ``--restore``'s snapshot (``config`` None);
+    everything is checked, the recording included, before anything runs."""
     from . import replay
+    from .guestctl import snapshot_config
 
-    if args.publish:
-        raise BadInput("--publish is not recorded: not with --record or --replay")
+    snap = None
+    overrides: dict[str, Any] = {}
+    if config is None:
+        overrides = restore_overrides(args)
+        try:
+            snap = Snapshot.load(args.restore)
+            config = snapshot_config(snap, **overrides)
+        except (ValueError, OSError) as exc:
+            message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
+            raise BadInput(cannot_restore(args.restore, message)) from None
+    recordable(config)
     recording = None
     if args.replay:
+        if args.publish:
+            raise BadInput("--replay feeds the recorded connections: no --publish")
         if args.seed is not None:
             raise BadInput("--replay takes the seed from the recording: not with --seed")
         try:
-            recording = replay.load(args.replay, config)
+            recording = replay.load(args.replay, config, args.restore)
         except replay.ReplayError as exc:
             raise BadInput(str(exc)) from None
         seed: int | None = recording.seed
@@ -603,11 +628,20 @@ def run_recorded(config: GuestConfig, args: argparse.Namespace) -> Coroutine[Any
                 f"{args.record}: cannot write there (no such directory, or not writable)"
             )
         seed = args.seed
-    return _run_recorded(config, seed, args.record, recording)
+        if args.publish and not config.net:
+            raise BadInput("--publish needs --net")
+        specs = [publish_spec(spec) for spec in args.publish]
+    start = None if snap is None else (args.restore, snap, overrides)
+    return _run_recorded(config, seed, args.record, recording, specs if args.record else [], start)
 
 
 async def _run_recorded(
-    config: GuestConfig, seed: int | None, path: str | None, recording: Any
+    config: GuestConfig,
+    seed: int | None,
+    path: str | None,
+    recording: Any,
+    publish: list[tuple[str, int, int]],
+    start: tuple[str, Snapshot, dict[str, Any]] | None,
 ) -> int:
     from . import replay
 
@@ -615,13 +649,33 @@ async def _run_recorded(
         say_seed(sup)
         sim = sup.device.virtual
         assert sim is not None
-        guest = await launch(sup, config.model_copy(update={"console": "capture"}))
+        connections = replay.Connections(sup.net, config.display_name)
         recorder = None
         feeding = None
-        if recording is not None:
-            replay.replay(recording, sim, guest)
+        servers: list[asyncio.Server] = []
+        if recording is None:
+            recorder = replay.Recorder(sim, config, None if start is None else start[0])
+            for addr, host_port, guest_port in publish:
+                serve = functools.partial(_record_connection, recorder, connections, guest_port)
+                try:
+                    servers.append(await asyncio.start_server(serve, addr, host_port))
+                except OSError as exc:
+                    raise BadInput(
+                        f"--publish {addr}:{host_port}:{guest_port}: {_os_message(exc)}"
+                    ) from None
+        if start is None:
+            guest = await launch(sup, config.model_copy(update={"console": "capture"}))
         else:
-            recorder = replay.Recorder(sim, config)
+            restore, snap, overrides = start
+            try:
+                guest = await sup.restore(snap, **{**overrides, "console": "capture"})
+            except (ValueError, OSError) as exc:
+                message = _os_message(exc) if isinstance(exc, OSError) else str(exc)
+                raise BadInput(cannot_restore(restore, message)) from None
+        if recording is not None:
+            replay.replay(recording, sim, guest, connections)
+        else:
+            assert recorder is not None
             feeding = asyncio.create_task(_record_stdin(recorder, guest))
 
         async def show(lines: AsyncIterable[str], out: TextIO) -> None:
@@ -635,9 +689,84 @@ async def _run_recorded(
         finally:
             if feeding is not None:
                 feeding.cancel()
+            for server in servers:
+                server.close()
+            await connections.aclose()
             if recorder is not None and path is not None:
                 recorder.save(path)
     return exit_status(guest.name, result)
+
+
+def recordable(config: GuestConfig) -> None:
+    """BadInput for a guest whose run takes input that a recording cannot keep."""
+    if config.allow_outbound:
+        raise BadInput(
+            "--allow-outbound reaches the real network, which is not recorded: "
+            "not with --record or --replay"
+        )
+
+
+def swarm_recording(config: GuestConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """``swarm --record FILE`` / ``--replay FILE``: the Supervisor's ``deterministic``
+    and ``seed``.  A swarm takes no host input (no stdin, ports or files), so its
+    recording is the seed and what it is checked against (image, configuration, the
+    number of guests), written before anything runs; a replay checks them and takes
+    the seed (BadInput, one line, for a file that does not match)."""
+    from . import replay
+
+    recordable(config)
+    if args.replay:
+        if args.seed is not None:
+            raise BadInput("--replay takes the seed from the recording: not with --seed")
+        try:
+            recording = replay.load(args.replay, config, guests=args.n)
+        except replay.ReplayError as exc:
+            raise BadInput(str(exc)) from None
+        if recording.inputs:
+            raise BadInput(f"{args.replay}: a recording of a run with input, not of a swarm")
+        return {"deterministic": True, "seed": recording.seed}
+    seed = args.seed if args.seed is not None else random.SystemRandom().getrandbits(64)
+    image, rest = replay.digests(config)
+    recording = replay.Recording(
+        seed=seed,
+        image_sha256=image,
+        config_sha256=rest,
+        files_sha256=replay.files_digest(config),
+        guests=args.n,
+    )
+    try:
+        replay.save(recording, args.record)
+    except OSError as exc:
+        raise BadInput(f"{args.record}: {_os_message(exc)}") from None
+    return {"deterministic": True, "seed": seed}
+
+
+async def _record_connection(
+    recorder: Any,
+    connections: Any,
+    guest_port: int,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+) -> None:
+    """A host connection to a published port, recorded: its opening, what the host
+    sends and its end go to the guest through the recorder; what the guest sends
+    back is written to the host as it comes (never waiting for the host to read)."""
+
+    def out(data: bytes) -> None:
+        if writer.is_closing():
+            return
+        if data:
+            writer.write(data)
+        elif writer.can_write_eof():
+            writer.write_eof()
+
+    conn = recorder.connect(connections, guest_port, out, writer.close)
+    try:
+        while data := await reader.read(1 << 16):
+            recorder.send(connections, conn, data)
+    except OSError:
+        pass  # a reset ends the host's input like a close
+    recorder.send(connections, conn, b"")
 
 
 async def _record_stdin(recorder: Any, guest: Guest) -> None:
@@ -1225,9 +1354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return build_image(args)
     try:
         coro: Coroutine[Any, Any, int]
-        if args.command == "run" and args.restore:
-            if args.record or args.replay:
-                raise BadInput("--record and --replay are for a launched guest, not --restore")
+        if args.command == "run" and args.restore and (args.record or args.replay):
+            coro = run_recorded(None, args)
+        elif args.command == "run" and args.restore:
             if args.publish:
                 raise BadInput("--publish is for a launched guest, not --restore")
             coro = run_one(None, args.restore, restore_overrides(args), **deterministic_args(args))
@@ -1263,12 +1392,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console="null" if args.console == "none" else "capture",
                 **{k: v for k, v in fields.items() if v is not None},
             )
-            determinism = deterministic_args(args)
-            if args.deterministic and args.cluster is not None:
+            deterministic = bool(args.deterministic or args.record or args.replay)
+            if deterministic and args.cluster is not None:
                 raise BadInput("--deterministic runs on one device: not with --cluster")
-            if args.deterministic and (args.max_alive or args.launch_rate):
+            if deterministic and (args.max_alive or args.launch_rate):
                 raise BadInput("--deterministic launches every guest at once: "
                                "not with --max-alive or --launch-rate")  # fmt: skip
+            if args.record or args.replay:  # checked, or written, before anything runs
+                determinism = swarm_recording(config, args)
+            else:
+                determinism = deterministic_args(args)
             if args.cluster is not None:
                 if args.console != "none":
                     raise BadInput("--console is not supported with --cluster")

@@ -11,7 +11,9 @@ Fixtures:
     unless their config says ``net=False``.  The marker
     ``@pytest.mark.lguest_network(**options)`` passes ``options`` (``seed``,
     ``stream_timeout``, ``connect_timeout``, ...) to the
-    :class:`~supervisor.net.Network` it is made with.
+    :class:`~supervisor.net.Network` it is made with.  Under
+    ``lguest_deterministic`` its network draws its faults from the test's seed and
+    runs on the virtual clock, as a deterministic Supervisor's default network does.
 ``build_guest``
     ``build_guest(source, lang="c", flags=()) -> pathlib.Path``: build a guest
     image from source text, C (with :mod:`supervisor.sdk`: musl, ``lguest.h``)
@@ -22,7 +24,8 @@ Fixtures:
 
 Deterministic tests (docs/determinism.md): mark a test
 ``@pytest.mark.lguest_deterministic`` (or ``lguest_deterministic(seed=N)``) and its
-``lguest_device`` / ``lguest_supervisor`` run on virtual time with a seeded schedule.
+``lguest_device`` / ``lguest_supervisor`` / ``lguest_net_supervisor`` run on virtual time
+with a seeded schedule.
 Without a seed in the marker the seed is ``--lguest-seed N`` if given, else a random
 one.  A failing deterministic test's report has a section "lguest" naming the seed
 that reproduces it and how to pass it, as hypothesis prints its falsifying example.
@@ -167,8 +170,21 @@ async def lguest_net_supervisor(request: pytest.FixtureRequest) -> AsyncIterator
     marker = request.node.get_closest_marker(NETWORK_MARKER)
     if marker is not None and marker.args:
         raise pytest.UsageError(f"{NETWORK_MARKER} takes keyword arguments only")
-    network = Network(**(marker.kwargs if marker is not None else {}))
-    async with _NetworkedSupervisor(network=network) as sup:
+    options: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
+    determinism = _determinism(request)
+    if not determinism:
+        async with _NetworkedSupervisor(network=Network(**options)) as sup:
+            yield sup
+        return
+    # A deterministic Supervisor makes its default network from its simulation: the
+    # faults draw from the seed and are timed on the virtual clock.  The marker's
+    # options keep those two unless they name their own.
+    async with _NetworkedSupervisor(**determinism) as sup:
+        if options:
+            sim = sup.device.virtual
+            assert sim is not None
+            made = {"seed": sim.random("net").getrandbits(64), "clock": sim}
+            sup.net = Network(**{**made, **options})
         yield sup
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -345,13 +346,16 @@ def test_a_replay_feeds_the_recorded_input_at_the_same_points(stamp: Path, tmp_p
     [
         ("not json", "not a recording"),
         ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
-         '"config_sha256": "%s", "inputs": [], "image": "/etc/passwd"}', "not a recording"),
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [],'
+         ' "image": "/etc/passwd"}', "not a recording"),
         ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
-         '"config_sha256": "%s", "inputs": [{"step": 1, "data": "@@"}]}', "not base64"),
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": 1, "data": "@@"}]}',
+         "not base64"),
         ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
-         '"config_sha256": "%s", "inputs": [{"step": 5}, {"step": 2}]}', "out of order"),
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": 5}, {"step": 2}]}',
+         "out of order"),
         ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
-         '"config_sha256": "%s", "inputs": []}', "another image"),
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": []}', "another image"),
     ],
 )  # fmt: skip
 def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
@@ -361,7 +365,8 @@ def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
     image, rest = replay.digests(GuestConfig.build(image=TICKER))
     if message == "another image":
         image = "0" * 64
-    path.write_text(content.replace("%s", image, 1).replace("%s", rest, 1))
+    files = replay.files_digest(GuestConfig.build(image=TICKER))
+    path.write_text(content.replace("%s", image, 1).replace("%s", rest, 1).replace("%s", files, 1))
     assert main(["run", "--replay", str(path), str(TICKER)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing ran
@@ -377,7 +382,177 @@ def test_replay_options_that_cannot_go_together_are_refused(
         ["run", "--replay", str(path), "--seed", "3", str(TICKER)],
         ["run", "--record", str(path), "--replay", str(path), str(TICKER)],
         ["run", "--record", str(tmp_path / "no" / "such" / "dir"), str(TICKER)],
+        ["run", "--replay", str(path), "--net", "--publish", "8080:80", str(TICKER)],
+        ["run", "--record", str(path), "--publish", "8080:80", str(TICKER)],  # no --net
+        ["run", "--record", str(path), "--net", "--publish", "80", str(TICKER)],
+        ["run", "--record", str(path), "--net", "--allow-outbound", "10.1.2.3:80", str(TICKER)],
+        [
+            "swarm",
+            "-n",
+            "2",
+            "--record",
+            str(path),
+            "--net",
+            "--allow-outbound",
+            "10.1.2.3:80",
+            str(TICKER),
+        ],
     ):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("supervisor: error:"), err
+
+
+@pytest.fixture(scope="module")
+def netstamp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/netstamp.c built: a file's line, then one connection's pieces, timed."""
+    return sdk.build([HERE / "c" / "netstamp.c"], tmp_path_factory.mktemp("ns") / "netstamp.elf")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_a_replay_feeds_recorded_connections_and_checks_the_files(
+    netstamp: Path, tmp_path: Path
+) -> None:
+    """A host connection to a published port, in two pieces: the replay (no port,
+    the files copied elsewhere) prints the same lines at the same virtual times; the
+    recording names no path nor address; changed files refuse the replay (exit 2)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "msg").write_text("hello file\n")
+    record = tmp_path / "net.replay"
+    port = free_port()
+    options = ["--net", "--cmdline", "80 /data/msg", str(netstamp)]
+    recording = cli("run", "--record", str(record), "--ro-dir", f"{data}::/data",
+                    "--publish", f"127.0.0.1:{port}:80", *options)  # fmt: skip
+    assert recording.stdout is not None
+    head = [recording.stdout.readline() for _ in range(2)]
+    assert head[0].startswith("file: hello file at ") and head[1].startswith("listening at ")
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+        answers = conn.makefile("rb")
+        for word in (b"one", b"two"):
+            conn.sendall(word + b"\n")
+            assert answers.readline() == word + b"\n"  # the guest's echo reached the host
+        conn.shutdown(socket.SHUT_WR)
+        assert answers.read() == b""
+        answers.close()
+    rest = recording.stdout.read()
+    assert recording.wait(timeout=120) == 0, recording.stderr
+    recorded = "".join(head) + rest
+    assert [line.split(" at ")[0] for line in recorded.splitlines()] == [
+        "file: hello file", "listening", "connected", "got one", "got two", "eof"
+    ]  # fmt: skip
+    text = record.read_text()
+    assert str(tmp_path) not in text and "127.0.0.1" not in text and str(port) not in text
+    inputs = json.loads(text)["inputs"]
+    assert [(e.get("conn"), e.get("port"), e["eof"]) for e in inputs if "conn" in e] == [
+        (0, 80, False), (0, None, False), (0, None, False), (0, None, True)
+    ]  # fmt: skip
+
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the same files elsewhere: the same run
+    replaying = cli("run", "--replay", str(record), "--ro-dir", f"{moved}::/data", *options)
+    replayed, err = replaying.communicate(timeout=120)
+    assert replaying.returncode == 0, err
+    assert replayed == recorded
+
+    (moved / "msg").write_text("hullo file\n")  # the same size, other bytes
+    changed = cli("run", "--replay", str(record), "--ro-dir", f"{moved}::/data", *options)
+    out, err = changed.communicate(timeout=120)
+    assert changed.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and "files under --dir are not the ones recorded" in err
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ('[{"step": 1, "conn": 0, "data": "eA=="}]', "connection 0 never opened"),
+        ('[{"step": 1, "conn": 0, "port": 80}, {"step": 2, "conn": 0, "port": 81}]',
+         "a bad connection"),
+        ('[{"step": 1, "port": 80}]', "a bad connection"),
+        ('[{"step": 1, "conn": 0, "port": 0}]', "not a recording"),
+        ('[{"step": 1, "conn": 0, "port": 80, "data": "eA=="}]', "a bad connection"),
+        ('[{"step": 1, "conn": 0, "port": 80}]', "needs --net"),
+    ],
+)  # fmt: skip
+def test_bad_recorded_connections_are_one_line_and_exit_2(
+    inputs: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.replay"
+    config = GuestConfig.build(image=TICKER)
+    image, rest = replay.digests(config)
+    fields = {
+        "format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": image,
+        "config_sha256": rest, "files_sha256": replay.files_digest(config),
+    }  # fmt: skip
+    path.write_text(json.dumps(fields)[:-1] + f', "inputs": {inputs}}}')
+    assert main(["run", "--replay", str(path), str(TICKER)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("supervisor: error:")
+    assert message in captured.err
+
+
+def test_a_replay_starts_from_a_snapshot(stamp: Path, tmp_path: Path) -> None:
+    """``run --restore SNAP --record`` then ``--restore SNAP --replay``: the same lines
+    at the same virtual times; another snapshot refuses the recording (exit 2)."""
+
+    async def take(path: Path, line: str) -> None:
+        async with Supervisor() as sup:
+            guest = await sup.launch(GuestConfig.build(image=stamp))
+            guest.send(f"{line}\n")
+            first = await anext(aiter(guest.console))
+            assert first.startswith(f"{line} at ")
+            (await guest.snapshot()).save(path)
+
+    snap, other = tmp_path / "snap", tmp_path / "other"
+    asyncio.run(take(snap, "before"))
+    asyncio.run(take(other, "elsewhere"))
+    record = tmp_path / "r.replay"
+    recording = cli("run", "--restore", str(snap), "--record", str(record), stdin=None)
+    recorded, err = recording.communicate("after\n", timeout=120)
+    assert recording.returncode == 0, err
+    assert [line.split(" at ")[0] for line in recorded.splitlines()] == ["after", "eof"]
+    assert str(tmp_path) not in record.read_text()
+    replaying = cli("run", "--restore", str(snap), "--replay", str(record))
+    replayed, err = replaying.communicate(timeout=120)
+    assert replaying.returncode == 0, err
+    assert replayed == recorded
+    foreign = cli("run", "--restore", str(other), "--replay", str(record))
+    out, err = foreign.communicate(timeout=120)
+    assert foreign.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and "recorded with another snapshot" in err
+
+
+def test_a_swarm_replays_its_recording(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``swarm --record`` keeps the seed it drew; ``--replay`` prints the same lines in
+    the same order; another -n, or a run's recording, is one line and exit 2."""
+    record = tmp_path / "swarm.replay"
+    common = ["-n", "3", "--console", "prefix", "--loop", "asyncio",
+              "--cmdline", "ticks=2 period_ms=3", str(TICKER)]  # fmt: skip
+    assert main(["swarm", "--record", str(record), *common]) == 0
+    first = capsys.readouterr()
+    seed = json.loads(record.read_text())["seed"]
+    assert f"deterministic run, seed {seed}" in first.err
+    lines = [line for line in first.out.splitlines() if line.startswith("ticker-")]
+    assert len(lines) == 9
+    assert main(["swarm", "--replay", str(record), *common]) == 0
+    again = capsys.readouterr()
+    assert [line for line in again.out.splitlines() if line.startswith("ticker-")] == lines
+    assert f"deterministic run, seed {seed}" in again.err
+    other = ["-n", "4", *common[2:]]
+    for argv, message in (
+        (["swarm", "--replay", str(record), *other], "recorded with 3 guests, not 4"),
+        (["run", "--replay", str(record), "--cmdline", "ticks=2 period_ms=3", str(TICKER)],
+         "recorded with 3 guests, not 1"),
+        (["swarm", "--replay", str(record), "--seed", "1", *common], "not with --seed"),
+    ):  # fmt: skip
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+        assert message in captured.err

@@ -3,6 +3,7 @@ passes under pytest-asyncio in strict mode and in auto mode."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -130,3 +131,83 @@ def test_a_failing_deterministic_test_prints_its_seed(tmp_path: Path) -> None:
     assert "lguest_deterministic(seed=1234)" in out
     assert "seed 77: reproduce it with --lguest-seed 77" in out
     assert out.count(": reproduce it with --lguest-seed") == 2
+
+
+NETWORKED_SUITE = """
+import json
+import pytest
+from supervisor import GuestConfig
+
+SERVER = {server!r}
+CLIENT = {client!r}
+OUT = {out!r}
+
+
+async def scenario(sup, name):
+    assert sup.seed == 11 and sup.net.clock is sup.device.virtual
+    guests = [await sup.launch(GuestConfig.build(image=SERVER, name="srv", cmdline="7 3"))]
+    guests += [
+        await sup.launch(GuestConfig.build(image=CLIENT, name=f"c{{i}}", cmdline=f"srv 7 hi {{i}}"))
+        for i in range(3)
+    ]
+    for i in range(3):
+        sup.net.link("srv", f"c{{i}}", delay=0.001, jitter=0.05)
+    lines = []
+    for guest in guests:
+        assert (await guest.wait()).exit_status == 0
+    for guest in guests:
+        lines += [f"{{guest.name}}: {{line}}" async for line in guest.console]
+    with open(f"{{OUT}}.{{name}}", "a") as f:
+        f.write(json.dumps([lines, sup.device.virtual.now_ns, sup.net.random.random()]) + "\\n")
+
+
+@pytest.mark.asyncio
+@pytest.mark.lguest_deterministic
+async def test_default_network(lguest_net_supervisor):
+    await scenario(lguest_net_supervisor, "default")
+
+
+@pytest.mark.asyncio
+@pytest.mark.lguest_deterministic
+@pytest.mark.lguest_network(stream_timeout=30)
+async def test_network_with_options(lguest_net_supervisor):
+    assert lguest_net_supervisor.net.stream_timeout == 30
+    await scenario(lguest_net_supervisor, "options")
+"""
+
+
+def test_a_deterministic_networked_test_gives_the_same_transcript_twice(tmp_path: Path) -> None:
+    """Under lguest_deterministic, lguest_net_supervisor's network (with or without
+    lguest_network options) draws its jitter from the test's seed and times it on
+    the virtual clock: two runs of the suite write the same transcripts, virtual
+    times and next draws."""
+    guests = Path(__file__).resolve().parent.parent / "guests" / "c"
+    out = str(tmp_path / "transcript")
+    (tmp_path / "test_net.py").write_text(
+        NETWORKED_SUITE.format(
+            server=str(guests / "tcp_echo_server.elf"),
+            client=str(guests / "tcp_echo_client.elf"),
+            out=out,
+        )
+    )
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+             "--lguest-seed", "11", str(tmp_path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 passed" in done.stdout
+    for name in ("default", "options"):
+        first, second = Path(f"{out}.{name}").read_text().splitlines()
+        assert first == second
+        lines, now_ns, _draw = json.loads(first)
+        assert lines[0] == "srv: listening on 7"
+        assert sorted(lines[-3:]) == [f"c{i}: hi {i}" for i in range(3)]
+        assert now_ns > 0
