@@ -233,13 +233,13 @@ async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
     booted meanwhile: the pool's bound holds and every survivor computes on."""
     async with LguestDevice(engines="pool", workers=2) as dev:
         pool = pool_of(dev)
-        spinners = [await boot(dev, SPIN) for _ in range(16)]
-        wakers = [await boot(dev, WAKER) for _ in range(16)]
+        spinners = [await boot(dev, SPIN) for _ in range(8)]
+        wakers = [await boot(dev, WAKER) for _ in range(8)]
         readers = {
             id(g): asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners + wakers
         }
         killed: list[Booted] = []
-        for round_ in range(6):
+        for round_ in range(3):
             await until(lambda: all(g.u32("counter") > 0 for g in spinners), LIMIT)
             check_engines(pool, spinners + wakers)
             victim = spinners.pop(0)  # killed mid-slice
