@@ -751,16 +751,11 @@ async def _record_connection(
     """A host connection to a published port, recorded: its opening, what the host
     sends and its end go to the guest through the recorder; what the guest sends
     back is written to the host as it comes (never waiting for the host to read)."""
+    from . import replay
 
-    def out(data: bytes) -> None:
-        if writer.is_closing():
-            return
-        if data:
-            writer.write(data)
-        elif writer.can_write_eof():
-            writer.write_eof()
-
-    conn = recorder.connect(connections, guest_port, out, writer.close)
+    conn = recorder.connect(
+        connections, guest_port, functools.partial(replay.write_to, writer), writer.close
+    )
     try:
         while data := await reader.read(1 << 16):
             recorder.send(connections, conn, data)

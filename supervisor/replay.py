@@ -212,7 +212,7 @@ class Connections:
             return
         self._writers[conn] = writer
         for data in self._pending.pop(conn, []):
-            self._write(writer, data)
+            write_to(writer, data)
         while data := await reader.read(1 << 16):
             out(data)
         out(b"")
@@ -225,16 +225,7 @@ class Connections:
             return
         writer = self._writers.get(conn)
         if writer is not None:
-            self._write(writer, data)
-
-    @staticmethod
-    def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
-        if writer.is_closing():
-            return
-        if data:
-            writer.write(data)
-        elif writer.can_write_eof():
-            writer.write_eof()
+            write_to(writer, data)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -346,3 +337,15 @@ def save(recording: Recording, path: str) -> None:
     with open(tmp, "w") as f:
         f.write(recording.model_dump_json(indent=1, exclude_none=True))
     os.replace(tmp, path)
+
+
+def write_to(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """Pass what a guest sent on to a host stream: bytes are written, an empty chunk is
+    the guest's end of stream (EOF, where the transport can half-close); nothing once
+    the host closed it."""
+    if writer.is_closing():
+        return
+    if data:
+        writer.write(data)
+    elif writer.can_write_eof():
+        writer.write_eof()
