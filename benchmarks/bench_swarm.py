@@ -31,7 +31,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from supervisor import GuestConfig, Supervisor
+from supervisor import GuestConfig, Supervisor, testing
 
 from .guests import assemble
 
@@ -76,24 +76,9 @@ def _cell(table: str, column: int) -> int:
     return 0
 
 
-# Halts for good, no clock event armed; the console's first irq (vector 33) is taken by
-# a handler that enables interrupts (a pending irq the guest never takes would end
-# every halt at once).
-SLEEPER = r"""
-main:
-    LGUEST_INIT
-    IDT 33, handler
-1:  HCALL 10
-    jmp 1b
-handler:
-    movl $512, lguest_data
-    iret
-"""
-
-
 async def _idle(n: int) -> str:
     image = Path(tempfile.mkdtemp(prefix="bench-swarm-")) / "sleeper.img"
-    image.write_bytes(assemble(SLEEPER).image)
+    image.write_bytes(assemble(testing.SLEEPER).image)
     config = GuestConfig(image=image, memory="1M", console="null")
     async with Supervisor(keep_ended=False) as sup:
         guests = [await sup.launch(config)]  # the first guest pays for what every one shares

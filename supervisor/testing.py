@@ -147,6 +147,21 @@ stack1_top:
 """
 
 
+# Halts for good, no clock event armed; the console's first irq (vector 33) is taken by
+# a handler that enables interrupts (a pending irq the guest never takes would end
+# every halt at once).  It never ends by itself.
+SLEEPER = r"""
+main:
+    LGUEST_INIT
+    IDT 33, handler
+1:  HCALL 10
+    jmp 1b
+handler:
+    movl $512, lguest_data
+    iret
+"""
+
+
 # A guest that counts in memory (symbol `counter`) forever.
 SPIN = r"""
 main:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import LguestDevice
+from supervisor import LguestDevice, testing
 from supervisor.launcher.devices import Device, Slot
 from supervisor.launcher.launcher import Launcher
 
@@ -95,19 +95,6 @@ def test_guests_of_one_image_file_share_one_parsed_image(tmp_path: Path) -> None
     assert second is not first and second.segments[0].data[:1] == b"\xf4"
 
 
-# Halts for good once it has taken the console's first irq (it never ends by itself).
-SLEEPER = r"""
-main:
-    LGUEST_INIT
-    IDT 33, handler
-1:  HCALL 10
-    jmp 1b
-handler:
-    movl $512, lguest_data
-    iret
-"""
-
-
 @needs_binutils
 def test_a_swarm_holds_no_task_per_running_guest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -119,7 +106,7 @@ def test_a_swarm_holds_no_task_per_running_guest(
     from supervisor.host import Guest
 
     image = tmp_path / "sleeper.img"
-    image.write_bytes(assemble(SLEEPER).image)
+    image.write_bytes(assemble(testing.SLEEPER).image)
     tasks: list[int] = []
     killers: list[asyncio.Task[None]] = []
     n = 5
