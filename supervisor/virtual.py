@@ -127,6 +127,7 @@ class Simulation:
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._running: LgCpu | None = None  # whose quantum runs, and where it began:
         self._base_ns = 0
         self._base_blocks = 0
@@ -166,6 +167,22 @@ class Simulation:
             raise ValueError(f"step {step} has passed (now {self.step})")
         self._script.setdefault(step, []).append(callback)
         self._poke()
+
+    async def idle(self) -> None:
+        """Return once the device is *idle*: every CPU sleeps (or is not read yet), no
+        timer is armed, no input waits and nothing holds the schedule, so nothing in
+        the device can change until the host acts.  A host action taken then (a
+        launch, a line sent, a partition, a heal) takes effect at the same point of
+        the run, whatever the wall clock says.  A guest still alive then waits for
+        the host, or for ever (a deadlock, such as a server waiting for clients
+        whose connects were refused)."""
+        if self._closed:
+            return
+        self._ensure_task()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        self._poke()  # settle again first: what the host did just now lands before
+        await waiter
 
     def hold(self) -> Hold:
         """No quantum runs until the returned hold is released: take one before
@@ -304,6 +321,13 @@ class Simulation:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
+        self._tell_idle()
+
+    def _tell_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _schedule(self) -> None:
         """The scheduler task.  A Host bug in it must not leave every guest waiting for a
@@ -316,6 +340,7 @@ class Simulation:
                 cpu.lg.kill(f"internal error: deterministic schedule: {type(exc).__name__}: {exc}")
                 self.remove(cpu)
                 cpu.wake()
+            self._tell_idle()
 
     async def _decide(self) -> None:
         changed = self._changed
@@ -343,6 +368,7 @@ class Simulation:
                 due = self._next_due()
                 if due is None:  # only the host can change anything now
                     changed.clear()
+                    self._tell_idle()
                     await changed.wait()
                     continue
                 self.jumps += 1
