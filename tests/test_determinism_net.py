@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import Exit, GuestConfig, Supervisor
+from supervisor import Exit, GuestConfig, Supervisor, abi, sdk
 from supervisor import net as netmod
+from supervisor.device import LguestFile
 from supervisor.host import Guest
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.virtual import Simulation
@@ -225,3 +226,53 @@ async def test_a_partition_stalls_and_times_out_on_the_virtual_clock(probe: Path
         "connect ETIMEDOUT",  # across the cut nothing answers
     ]
     assert await once() == (first, now)
+
+
+@pytest.fixture(scope="module")
+def rebooter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/c/reboot.c built: prints when it booted, then reboots."""
+    return sdk.build([HERE / "c" / "reboot.c"], tmp_path_factory.mktemp("rb") / "reboot.elf")
+
+
+async def test_a_reboot_rejoins_the_schedule_where_it_left_it(
+    rebooter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest rebooting four times beside a busy ticker: nothing runs while its
+    Launcher reloads it, so each boot starts at the same virtual time however long
+    the reload takes on the host (here made 50 ms of wall time longer)."""
+
+    async def once() -> list[str]:
+        lines: list[str] = []
+        async with (
+            asyncio.timeout(LIMIT),
+            Supervisor(deterministic=True, seed=3, max_restarts=4) as sup,
+        ):
+            guests = [
+                await sup.launch(GuestConfig.build(image=rebooter, name="r")),
+                await sup.launch(
+                    GuestConfig.build(
+                        image=GUESTS / "ticker.elf", name="t", cmdline="ticks=60 period_ms=1"
+                    )
+                ),
+            ]
+            pumps = [asyncio.create_task(pump(g, lines)) for g in guests]
+            ends = [await g.wait() for g in guests]
+            await asyncio.gather(*pumps)
+        assert ends[0].restarts == 4 and "too many restarts" in ends[0].reason
+        assert ends[1].exit_status == 0
+        return lines
+
+    quick = await once()
+    assert len([line for line in quick if line.startswith("r: boot at")]) == 5
+    write = LguestFile.write
+    initialize = abi.LHREQ_INITIALIZE.to_bytes(4, "little")
+
+    async def slow_reload(
+        self: LguestFile, buf: bytes | bytearray | memoryview, offset: int = 0
+    ) -> int:
+        if bytes(buf[:4]) == initialize:
+            await asyncio.sleep(0.05)
+        return await write(self, buf, offset)
+
+    monkeypatch.setattr(LguestFile, "write", slow_reload)
+    assert await once() == quick
