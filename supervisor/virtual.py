@@ -55,12 +55,13 @@ _UNREAD = 3  # initialized, not read yet: like a sleeping CPU until it is woken 
 class _Turn:
     """A CPU's place in the schedule."""
 
-    __slots__ = ("grant", "key", "state")
+    __slots__ = ("ahead_ns", "grant", "key", "state")
 
     def __init__(self, key: tuple[int, int]) -> None:
         self.key = key  # (its guest's rank, CPU number): the order the seed chooses in
         self.state = _ACTIVE
         self.grant: asyncio.Future[int] | None = None  # its turn: the quantum's blocks
+        self.ahead_ns = 0  # how far its guest's clocks are ahead of the device's
 
 
 class _Wakeup(asyncio.Event):
@@ -199,19 +200,32 @@ class Simulation:
             return self._base_ns + blocks * NS_PER_BLOCK
         return self.now_ns
 
+    def guest_ns(self, cpu: LgCpu) -> int:
+        """The virtual time ``cpu``'s guest reads now: :meth:`clock_ns`, plus how far its
+        clocks are ahead (a restored guest continues from its snapshot's clock).
+        Timers are on the device's clock: a delay is the same on both."""
+        turn = self._turns.get(cpu)
+        return self.clock_ns(cpu) + (turn.ahead_ns if turn is not None else 0)
+
     def tsc(self, cpu: LgCpu) -> int:
         """What ``rdtsc`` reads on ``cpu`` now."""
-        return self.clock_ns(cpu) * TSC_KHZ // 1_000_000
+        return self.guest_ns(cpu) * TSC_KHZ // 1_000_000
 
     # -- CPUs ----------------------------------------------------------------------------
-    def add(self, cpu: LgCpu) -> None:
+    def add(self, cpu: LgCpu, clock_ns: int | None = None) -> None:
         """Schedule ``cpu`` (a new or revived CPU of this device).  Until its first read
         it counts as asleep: a guest nobody reads does not stop the others (the
-        Supervisor holds the schedule from a launch to the guest's first read)."""
+        Supervisor holds the schedule from a launch to the guest's first read).
+
+        ``clock_ns``: the clock its guest read when it was captured (a revived
+        guest's): its clocks go on from there, never back, so they run ahead of the
+        device's clock by the difference (none if the device's is further on)."""
         self._ensure_task()
         cpu.run.wakeup = _Wakeup(self, cpu)
         turn = self._turns[cpu] = _Turn((next(self._ranks), cpu.id))
         turn.state = _UNREAD
+        if clock_ns is not None:
+            turn.ahead_ns = max(0, clock_ns - self.now_ns)
 
     def rank(self, cpus: list[LgCpu], rank: int) -> None:
         """Order the guest's CPUs by ``rank`` (the Supervisor's launch order) among the

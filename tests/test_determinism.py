@@ -152,6 +152,40 @@ async def test_a_guest_reads_virtual_clocks(vclock: Path) -> None:
     assert await once() == first
 
 
+async def test_a_restored_guests_clocks_go_on_from_its_snapshot(vclock: Path) -> None:
+    """A guest snapshotted one virtual second into its run, in the middle of a second's
+    sleep, and restored into a new deterministic device: its monotonic clock goes on
+    from where it was (never back to the new device's 0), the rest of its sleep
+    included, the same on every restore.  Restored into a device whose clock is
+    further on, its clocks jump forward with it."""
+    async with asyncio.timeout(300), Supervisor(deterministic=True, seed=1) as sup:
+        guest = await sup.launch(GuestConfig.build(image=vclock, name="v", cmdline="3"))
+        before = [await guest.console.readline() for _ in range(3)]
+        snap = await guest.snapshot()
+        await guest.kill()
+    last = int(before[-1].split()[-1])
+    assert before[0].startswith("real") and last >= 1_000_000_000
+    assert snap.state.clock_ns is not None and snap.state.clock_ns >= last
+
+    async def restored(head_start: str | None) -> list[int]:
+        async with asyncio.timeout(300), Supervisor(deterministic=True, seed=1) as sup:
+            if head_start is not None:  # the device's clock runs on first
+                ticker = GuestConfig.build(image=TICKER, cmdline=head_start)
+                assert (await (await sup.launch(ticker)).wait()).exit_status == 0
+            guest = await sup.restore(snap)
+            lines = [line async for line in guest.console]
+            assert (await guest.wait()).exit_status == 0
+        return [int(line.split()[-1]) for line in lines if line.startswith("mono")]
+
+    after = await restored(None)
+    assert len(after) == 2
+    assert last + 1_000_000_000 <= after[0] < last + 1_010_000_000  # the sleep's rest
+    assert after[1] - after[0] >= 1_000_000_000
+    assert await restored(None) == after
+    later = await restored("ticks=5 period_ms=1000")  # the device is 5 virtual s on
+    assert later[0] >= 5_000_000_000 + 1_000_000_000 > after[0]
+
+
 async def test_quanta_end_at_timers_and_count_blocks() -> None:
     """A 1 ms ticker: each tick is due at an exact virtual time, so the clock at the end
     is the same on every run, to the nanosecond."""
