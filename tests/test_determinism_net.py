@@ -228,6 +228,52 @@ async def test_a_partition_stalls_and_times_out_on_the_virtual_clock(probe: Path
     assert await once() == (first, now)
 
 
+async def test_a_connect_waiting_for_a_full_backlog_times_out_on_the_virtual_clock(
+    probe: Path,
+) -> None:
+    """A server that accepts one connection and no more (netprobe's serve-hold, a
+    backlog of 4) and six clients: one is accepted, four wait in the backlog, and the
+    sixth connect waits for room that never comes, until the connect timeout (127 s,
+    passed in virtual time: the clock jumps to it).  The device is then idle, the
+    five others waiting for ever; the same run twice."""
+
+    async def once() -> tuple[list[str], int]:
+        lines: list[str] = []
+        async with Supervisor(deterministic=True, seed=2) as sup:
+            sim = sim_of(sup)
+            async with asyncio.timeout(LIMIT):
+                hold = await sup.launch(
+                    GuestConfig(
+                        image=probe, name="h", cmdline="serve-hold 7", memory="4M", net=True
+                    )
+                )
+                await hold.expect("ready hold\n")
+                await sim.idle()
+                clients = [
+                    await sup.launch(
+                        GuestConfig(
+                            image=probe,
+                            name=f"c{i}",
+                            cmdline="client-wait h 7",
+                            memory="4M",
+                            net=True,
+                        )
+                    )
+                    for i in range(6)
+                ]
+                pumps = [asyncio.create_task(pump(g, lines)) for g in clients]
+                await sim.idle()
+            now = sim.now_ns
+        await asyncio.gather(*pumps)  # (the Supervisor's end killed the waiting ones)
+        return lines, now
+
+    first, now = await once()
+    connects = sorted(line.split(": ", 1)[1] for line in first if ": connect " in line)
+    assert connects == ["connect ETIMEDOUT"] + ["connect OK"] * 5
+    assert now >= round(netmod.DEFAULT_CONNECT_TIMEOUT * 1e9)
+    assert await once() == (first, now)
+
+
 @pytest.fixture(scope="module")
 def rebooter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/c/reboot.c built: prints when it booted, then reboots."""
