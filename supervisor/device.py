@@ -555,11 +555,13 @@ class LguestFile:
         for c in lg.cpus:
             if c.running or (c.run.reading and c.run.hold is None):
                 raise _error(errno.EBUSY)
+        sim = lg.virtual
         return GuestState(
             memory_size=self._memory.size,
             base=self._base,
             cpus=tuple(c.capture(timers.remaining(c)) for c in lg.cpus),
             unicorn=_unicorn.VERSION,
+            clock_ns=None if sim is None else sim.guest_ns(lg.cpus[0]),
             **lg.saved_values(),
         )
 
@@ -607,7 +609,7 @@ class LguestFile:
         mem.watch(self._host_wrote)
         if sim is not None:
             for cpu in lg.cpus:
-                sim.add(cpu)
+                sim.add(cpu, state.clock_ns)
 
     # -- request handling ------------------------------------------------------
     async def _write(self, buf: bytes, offset: int, *, waker: bool) -> int:

@@ -65,6 +65,7 @@ MAX_MEMORY_SIZE: Final = 1 << 47
 # The clock event is set with a 32-bit delta in nanoseconds (LHCALL_SET_CLOCKEVENT); the
 # time left that a capture measures on the loop's float clock may round up by a little.
 MAX_TIMER_NS: Final = _U32 + 1_000_000
+MAX_CLOCK_NS: Final = (1 << 63) - 1  # a virtual clock's time: what a signed 64-bit counter holds
 MAX_ERRNO: Final = 4095  # Linux's MAX_ERRNO
 MAX_TEXT: Final = 1 << 16  # a death's reason, a counter's name, a version: short text
 MAX_STATS: Final = 64
@@ -178,6 +179,9 @@ class GuestState:
     dead: Exit | None
     cpus: tuple[CpuState, ...]
     unicorn: str  # the Unicorn version whose context layout ``CpuState.context`` uses
+    # Deterministic mode: the guest's virtual clock (ns) when captured, which its clocks
+    # continue from once revived in a deterministic device; None outside the mode.
+    clock_ns: int | None = None
 
     def __post_init__(self) -> None:
         _check_guest(self)
@@ -408,6 +412,8 @@ def _check_guest(g: GuestState) -> None:
         _check_death(g.dead)
     if not isinstance(g.unicorn, str) or len(g.unicorn) > MAX_TEXT:
         raise StateError(f"unicorn {_show(g.unicorn)}: not a version")
+    if g.clock_ns is not None:
+        _int("clock_ns", g.clock_ns, 0, MAX_CLOCK_NS, "not a virtual clock's time")
     cpus = g.cpus
     if not isinstance(cpus, tuple) or not all(isinstance(c, CpuState) for c in cpus):
         raise StateError(f"cpus {_show(cpus)}: not CPU states")

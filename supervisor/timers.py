@@ -127,7 +127,7 @@ def write_timestamp(cpu: LgCpu) -> None:
         return
     lg = cpu.lg
     sim = lg.virtual
-    ns = time.time_ns() if sim is None else virtual.EPOCH_NS + sim.clock_ns(cpu)
+    ns = time.time_ns() if sim is None else virtual.EPOCH_NS + sim.guest_ns(cpu)
     addr = data + LGUEST_DATA_TIME
     if lg.address_ok(addr, _TIMESPEC_SIZE):
         sec, nsec = divmod(ns, 1_000_000_000)

@@ -55,12 +55,13 @@ _UNREAD = 3  # initialized, not read yet: like a sleeping CPU until it is woken 
 class _Turn:
     """A CPU's place in the schedule."""
 
-    __slots__ = ("grant", "key", "state")
+    __slots__ = ("ahead_ns", "grant", "key", "state")
 
     def __init__(self, key: tuple[int, int]) -> None:
         self.key = key  # (its guest's rank, CPU number): the order the seed chooses in
         self.state = _ACTIVE
         self.grant: asyncio.Future[int] | None = None  # its turn: the quantum's blocks
+        self.ahead_ns = 0  # how far its guest's clocks are ahead of the device's
 
 
 class _Wakeup(asyncio.Event):
@@ -127,6 +128,7 @@ class Simulation:
         self._changed: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._running: LgCpu | None = None  # whose quantum runs, and where it began:
         self._base_ns = 0
         self._base_blocks = 0
@@ -167,6 +169,22 @@ class Simulation:
         self._script.setdefault(step, []).append(callback)
         self._poke()
 
+    async def idle(self) -> None:
+        """Return once the device is *idle*: every CPU sleeps (or is not read yet), no
+        timer is armed, no input waits and nothing holds the schedule, so nothing in
+        the device can change until the host acts.  A host action taken then (a
+        launch, a line sent, a partition, a heal) takes effect at the same point of
+        the run, whatever the wall clock says.  A guest still alive then waits for
+        the host, or for ever (a deadlock, such as a server waiting for clients
+        whose connects were refused)."""
+        if self._closed:
+            return
+        self._ensure_task()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(waiter)
+        self._poke()  # settle again first: what the host did just now lands before
+        await waiter
+
     def hold(self) -> Hold:
         """No quantum runs until the returned hold is released: take one before
         launching guests that must all start at virtual time 0 together."""
@@ -182,19 +200,32 @@ class Simulation:
             return self._base_ns + blocks * NS_PER_BLOCK
         return self.now_ns
 
+    def guest_ns(self, cpu: LgCpu) -> int:
+        """The virtual time ``cpu``'s guest reads now: :meth:`clock_ns`, plus how far its
+        clocks are ahead (a restored guest continues from its snapshot's clock).
+        Timers are on the device's clock: a delay is the same on both."""
+        turn = self._turns.get(cpu)
+        return self.clock_ns(cpu) + (turn.ahead_ns if turn is not None else 0)
+
     def tsc(self, cpu: LgCpu) -> int:
         """What ``rdtsc`` reads on ``cpu`` now."""
-        return self.clock_ns(cpu) * TSC_KHZ // 1_000_000
+        return self.guest_ns(cpu) * TSC_KHZ // 1_000_000
 
     # -- CPUs ----------------------------------------------------------------------------
-    def add(self, cpu: LgCpu) -> None:
+    def add(self, cpu: LgCpu, clock_ns: int | None = None) -> None:
         """Schedule ``cpu`` (a new or revived CPU of this device).  Until its first read
         it counts as asleep: a guest nobody reads does not stop the others (the
-        Supervisor holds the schedule from a launch to the guest's first read)."""
+        Supervisor holds the schedule from a launch to the guest's first read).
+
+        ``clock_ns``: the clock its guest read when it was captured (a revived
+        guest's): its clocks go on from there, never back, so they run ahead of the
+        device's clock by the difference (none if the device's is further on)."""
         self._ensure_task()
         cpu.run.wakeup = _Wakeup(self, cpu)
         turn = self._turns[cpu] = _Turn((next(self._ranks), cpu.id))
         turn.state = _UNREAD
+        if clock_ns is not None:
+            turn.ahead_ns = max(0, clock_ns - self.now_ns)
 
     def rank(self, cpus: list[LgCpu], rank: int) -> None:
         """Order the guest's CPUs by ``rank`` (the Supervisor's launch order) among the
@@ -304,6 +335,13 @@ class Simulation:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
+        self._tell_idle()
+
+    def _tell_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _schedule(self) -> None:
         """The scheduler task.  A Host bug in it must not leave every guest waiting for a
@@ -316,6 +354,7 @@ class Simulation:
                 cpu.lg.kill(f"internal error: deterministic schedule: {type(exc).__name__}: {exc}")
                 self.remove(cpu)
                 cpu.wake()
+            self._tell_idle()
 
     async def _decide(self) -> None:
         changed = self._changed
@@ -343,6 +382,7 @@ class Simulation:
                 due = self._next_due()
                 if due is None:  # only the host can change anything now
                     changed.clear()
+                    self._tell_idle()
                     await changed.wait()
                     continue
                 self.jumps += 1

@@ -173,6 +173,8 @@ def test_a_negative_base_cannot_reach_another_guests_memory() -> None:
         ("pgdir", lambda m: m.update(pgdir=m["pfn_limit"] * 4096)),
         ("kernel_address", lambda m: m.update(kernel_address=1 << 70)),
         ("noirq_end", lambda m: m.update(noirq_end=-1)),
+        ("clock_ns", lambda m: m.update(clock_ns=-1)),
+        ("clock_ns", lambda m: m.update(clock_ns=1 << 63)),
         ("dead.errno", lambda m: m.update(dead={"reason": "x", "errno": -5, "exit_status": None})),
         ("dead.exit_status", lambda m: m.update(dead={"reason": "x", "exit_status": 1 << 40})),
         ("lguest_data", lambda m: m["cpus"][0].update(lguest_data=-1)),

@@ -45,6 +45,7 @@ from ..device import LguestDevice, LguestFile, Waker
 from ..limits import Limits
 from ..memory import GuestMemory, MemoryTemplate
 from ..state import Exit, GuestState
+from ..virtual import Hold
 from .devices import Device, DeviceTable
 from .layout import (
     CMDLINE_MAX,
@@ -185,6 +186,10 @@ class Launcher:
         self.on_boot: list[Callable[[LguestFile], None]] = []
         self._resume = resume
         self.hibernate_after = hibernate_after  # None: the device's
+        # Deterministic mode: no quantum runs from a boot's end that reboots to the next
+        # boot's CPUs being in the schedule (or the end), so the guest rejoins it where
+        # it left, however long the reload takes on the host.
+        self._rejoin: Hold | None = None
         self._check()
 
     def _check(self) -> None:
@@ -235,6 +240,11 @@ class Launcher:
         for device, entry in zip(self.devices, state["devices"], strict=False):
             if device.type == entry["type"] and entry["state"] is not None:
                 device.restore(entry["state"])
+
+    def _rejoined(self) -> None:
+        if self._rejoin is not None:
+            self._rejoin.release()
+            self._rejoin = None
 
     def _fresh_memory(self) -> GuestMemory:
         """Memory holding the image, page tables and boot info (copy-on-write)."""
@@ -294,6 +304,7 @@ class Launcher:
             return Exit(None, self._killed, self.restarts, died=True)
         finally:
             self._ended = True
+            self._rejoined()
             for device in self.devices:
                 with contextlib.suppress(Exception):
                     await device.stop()
@@ -366,7 +377,12 @@ class Launcher:
                         self._die(f"cannot start: {exc.strerror}")
                     for hook in self.on_boot:
                         hook(f)
-                    return await self._serve(f)
+                    self._rejoined()
+                    end = await self._serve(f)
+                    sim = self._dev.virtual
+                    if end.restart and sim is not None and self._rejoin is None:
+                        self._rejoin = sim.hold()
+                    return end
                 finally:
                     self._done_stats = self._done_stats.add(self._current_stats())
                     self._notifies = 0
