@@ -829,7 +829,10 @@ def new_cpu(
 ) -> LgCpu:
     """Create CPU ``cpu_id`` of ``lg`` (event loop): guest memory mapped at 0, paging on
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
-    the CPU gets (this one, and a new one after each hibernation); ``hibernate_after``
+    the CPU gets (this one, and a new one after each hibernation); they must find their
+    CPU through the instance's seat (:func:`_unicorn.seat`), never hold it: a pool hands
+    the instance, hooks and all, to the next CPU with the same ``install_hooks``
+    (:func:`_hook_kind`); ``hibernate_after``
     is how long it may sleep before it gives back its emulator (supervisor.hibernation);
     ``pool``: where its instances come from and go back to (supervisor.engines); with
     a pool the CPU returns holding none.

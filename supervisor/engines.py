@@ -13,11 +13,15 @@ Launcher, a worker, another task's turn).  Giving back keeps the registers as by
 
 Affinity: a CPU that takes an engine back which nobody took meanwhile gets it as it
 left it: its memory mapping, hooks and translations intact (only its registers are
-loaded again).  Any other engine is *switched* to the CPU: every hook and mapping of
-its previous CPU is taken off (:func:`supervisor._unicorn.strip`, which drops the
-translations too), the CPU's memory is mapped at its host address, its hooks and
-slice meter installed, its registers (FPU/SSE, descriptor tables, paging included)
-loaded, and its TLB flushed.
+loaded again).  Any other engine is *switched* to the CPU.  Hooks find their CPU
+through the instance's seat (:class:`supervisor._unicorn.Seat`), so an engine whose
+previous CPU was of the same kind (``take``'s ``kind``: the same hooks, memory size
+and slice path) keeps them: only the previous guest's memory is taken off
+(:func:`supervisor._unicorn.unbind`, which drops the translations too).  Any other is
+stripped of every hook and mapping (:func:`supervisor._unicorn.strip`) and gets the
+CPU's hooks and slice meter installed.  Either way the CPU's memory is mapped at its
+host address, the seat pointed at the CPU, its registers (FPU/SSE, descriptor tables,
+paging included) loaded, and its TLB flushed.
 
 The bound: the pool makes at most ``bound`` engines (one per worker, one for the event
 loop's inline slices and :data:`RESERVE` more), whatever the guests do: at most one
