@@ -27,6 +27,11 @@
  *    itself, with no Python (see below).
  *    See docs/performance.md, "Exact slices".
  *
+ * The hooks' user data is not a fuel_t but the address of a cell holding one's address:
+ * the cell belongs to the Unicorn instance (supervisor/_unicorn.py, Seat), so an
+ * instance handed to another CPU keeps its hooks and only the cell is pointed at
+ * the new CPU's fuel_t.
+ *
  * The fuel_t layout is mirrored by supervisor/_slicing.py (ctypes), which checks every
  * field's offset and size against fuel_layout at import.
  */
@@ -111,7 +116,7 @@ static int64_t now_ns(void)
 
 static void block_hook(void *uc, uint64_t address, uint32_t size, void *user)
 {
-    fuel_t *fuel = user;
+    fuel_t *fuel = *(fuel_t *const *)user; /* the instance's cell: its CPU's fuel_t */
     (void)address;
     (void)size;
     if (fuel->stop) {
@@ -527,7 +532,7 @@ static int native_hcall(void *uc, fuel_t *fuel, uint32_t number, uint32_t a1, ui
    once. */
 static void intr_hook(void *uc, uint32_t intno, void *user)
 {
-    fuel_t *fuel = user;
+    fuel_t *fuel = *(fuel_t *const *)user; /* the instance's cell: its CPU's fuel_t */
     if (intno == TRAP_ENTRY && fuel->ring != NULL) {
         for (int i = 0; i < 4; i++) {
             uint64_t value = 0;

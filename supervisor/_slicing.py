@@ -222,16 +222,22 @@ def __getattr__(name: str) -> Any:
 
 
 def _hook_blocks(uc: Any, fuel: Fuel) -> None:
-    _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, ctypes.addressof(fuel))
+    place = _unicorn.seat(uc)
+    place.cell.value = fuel.address
+    _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, place.cell_address)
 
 
-def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fuel:
+def attach(
+    uc: Any, fuel: Fuel | None = None, count_blocks: bool = False, hooked: bool = False
+) -> Fuel:
     """Give ``uc`` a slice meter (before it translates anything) and return it.
 
     ``fuel`` reuses a control block (a CPU's new instance after hibernation keeps its
     counters and its path).  ``count_blocks``: a new CPU needs ``Fuel.blocks`` counted
-    (a block limit), so it gets the block hook.  The caller must keep the returned
-    object alive as long as ``uc`` runs.
+    (a block limit), so it gets the block hook.  ``hooked``: ``uc`` already has the hooks
+    and flags of ``fuel``'s path (it served a CPU of the same kind: :func:`_unicorn.unbind`);
+    they are only pointed at ``fuel`` (the instance's seat).  The caller must keep the
+    returned object alive as long as ``uc`` runs.
     """
     if fuel is None:
         fuel = Fuel()
@@ -240,6 +246,9 @@ def attach(uc: Any, fuel: Fuel | None = None, count_blocks: bool = False) -> Fue
         fuel.address = ctypes.addressof(fuel)
     fuel.emu_stop = _EMU_STOP
     fuel.uc = _unicorn.handle(uc).value
+    _unicorn.seat(uc).cell.value = fuel.address
+    if hooked:
+        return fuel
     if fuel.exit_request:
         _unicorn.set_no_exit_request(uc, True)
     elif NATIVE:
@@ -278,7 +287,9 @@ def trap_interrupts(
     fuel.local_mask = sum(1 << n for n in local_calls)
     fuel.native_mask = sum(1 << n for n in native_calls)
     fuel.ram, fuel.pfn_limit = memory if memory is not None else (None, 0)
-    _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, fuel.address)
+    place = _unicorn.seat(uc)
+    place.cell.value = fuel.address
+    _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, place.cell_address)
 
 
 def exact_blocks(uc: Any, fuel: Fuel) -> None:

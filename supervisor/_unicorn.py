@@ -187,6 +187,7 @@ _SET_TCG_BUFFER = _write_code(uc_const.UC_CTL_TCG_BUFFER_SIZE, 1)
 _USE_EXITS = _write_code(uc_const.UC_CTL_UC_USE_EXITS, 1)
 _SET_EXITS = _write_code(uc_const.UC_CTL_UC_EXITS, 2)
 _NO_EXITS = (ctypes.c_uint64 * 1)()
+_FLUSH_TB = _write_code(uc_const.UC_CTL_TB_FLUSH, 0)
 
 
 # The request ctl_remove_cache makes; with uc_ctl itself, for native code too (_fuel.c).
@@ -264,12 +265,61 @@ def drop_blanks() -> None:
             close(uc)
 
 
+# -- an instance's seat: whom its hooks serve --------------------------------------------
+class Seat:
+    """Whom one instance's hooks serve: the hooks find their CPU here, never in a closure,
+    so an instance handed from one CPU to another of the same ``kind`` keeps its hooks
+    (:func:`unbind`) and only its seat changes; the binding's ``hook_del`` and
+    ``hook_add`` cost tens of microseconds each.
+
+    ``cell`` holds the address of the current CPU's slice meter (``fuel_t``): the native
+    hooks' user data is the cell's address (``_fuel.c`` reads the meter through it).
+    ``cpu`` is the current CPU, for the Python hooks.  ``kind``: what the installed hooks
+    and flags fit, as their installer names it (None: unknown; :func:`strip` then runs
+    before another CPU uses the instance).  ``memory``: the size of the guest memory
+    mapped at 0 (:func:`map_memory`).  ``regs``: the instance's :class:`Registers`;
+    ``context``: its buffer for saved contexts (:func:`context_data`).
+    """
+
+    __slots__ = ("cell", "context", "cpu", "kind", "memory", "regs")
+
+    def __init__(self, uc: Any) -> None:
+        self.cell = ctypes.c_void_p()
+        self.context: tuple[Any, int, int] | None = None  # (_context_buffer)
+        self.cpu: Any = None
+        self.kind: object = None
+        self.memory = 0
+        self.regs = Registers(uc)
+
+    @property
+    def cell_address(self) -> int:
+        """The native hooks' user data: where the current CPU's meter address is."""
+        return ctypes.addressof(self.cell)
+
+
+def seat(uc: Any) -> Seat:
+    """The instance's :class:`Seat` (made with its first use)."""
+    found: Seat | None = getattr(uc, "_lguest_seat", None)
+    if found is None:
+        found = Seat(uc)
+        uc._lguest_seat = found
+    return found
+
+
+def map_memory(uc: Any, size: int, host_address: int) -> None:
+    """Map a guest's memory (``size`` bytes at ``host_address``) at guest-physical 0, with
+    every permission; :func:`unbind` takes it off again."""
+    uc.mem_map_ptr(0, size, uc_const.UC_PROT_ALL, host_address)
+    seat(uc).memory = size
+
+
 # -- native hooks ----------------------------------------------------------------------------
 def add_native_hook(uc: Any, kind: int, function: int, user_data: int) -> None:
     """Install a C function (``function`` is its address) as a hook on every address.
 
-    ``user_data`` is passed to it unchanged; the caller keeps it alive as long as ``uc``.
-    The hook's handle is kept with the instance, for :func:`strip`.
+    ``user_data`` is passed to it unchanged; the caller keeps it alive as long as ``uc``
+    (the slice meters' hooks get :attr:`Seat.cell_address`).  The hook's handle is
+    kept with the instance, for :func:`strip`.
     """
     hook = ctypes.c_ulong()
     status = uclib.uc_hook_add(
@@ -354,6 +404,9 @@ def strip(uc: Any) -> None:
     h = handle(uc)
     uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) & ~(1 << 31))
     load_context_data(uc, blank_context())
+    place = seat(uc)
+    place.kind = place.cpu = place.cell.value = None
+    place.memory = 0
     for hook in getattr(uc, "_lguest_native_hooks", ()):
         status = uclib.uc_hook_del(h, ctypes.c_size_t(hook))
         if status != uc_const.UC_ERR_OK:
@@ -365,6 +418,26 @@ def strip(uc: Any) -> None:
     for begin, end, _perms in list(uc.mem_regions()):
         uc.mem_unmap(begin, end - begin + 1)
     uc.ctl_flush_tb()
+
+
+def unbind(uc: Any) -> None:
+    """Take the guest's memory (:func:`map_memory`) and its CPU off ``uc`` but keep its
+    hooks, flags and every other mapping: the cheap half of a switch to another CPU of
+    the seat's ``kind``, whose hooks find the new CPU through the seat.  Translations go
+    with the memory.  Paging goes off first, for :func:`strip`'s reason."""
+    h = handle(uc)
+    place = seat(uc)
+    regs = place.regs
+    regs.write(r.UC_X86_REG_CR0, regs.read(r.UC_X86_REG_CR0) & ~(1 << 31))
+    if place.memory:
+        status = uclib.uc_mem_unmap(h, ctypes.c_uint64(0), ctypes.c_size_t(place.memory))
+        if status != uc_const.UC_ERR_OK:
+            raise UcError(status)
+        place.memory = 0
+    place.cpu = place.cell.value = None
+    status = _CTL(h, _FLUSH_TB)  # (ctl_flush_tb, without the binding's argument handling)
+    if status != uc_const.UC_ERR_OK:
+        raise UcError(status)
 
 
 # -- the floating-point unit at power-on -------------------------------------------------
@@ -398,11 +471,28 @@ def context_data(uc: Any) -> bytes:
 
     Only meaningful to the same Unicorn build (see :data:`VERSION`).
     """
-    raw = bytes(uc.context_save())
-    (size,) = _SIZE_T.unpack_from(raw)  # struct uc_context starts with the data's size
-    data = raw[len(raw) - size :]
+    h = handle(uc)
+    context, address, size = _context_buffer(uc)
+    status = uclib.uc_context_save(h, context.context)
+    if status != uc_const.UC_ERR_OK:
+        raise UcError(status)
     start, end = _breakpoint_slots()
-    return data[:start] + bytes(end - start) + data[end:]
+    ctypes.memset(address + start, 0, end - start)  # (the buffer is this module's own)
+    return ctypes.string_at(address, size)
+
+
+def _context_buffer(uc: Any) -> tuple[Any, int, int]:
+    """The instance's saved-context buffer (made once: the binding's ``context_save``
+    allocates one every time), the address of its data part and that part's size."""
+    place = seat(uc)
+    if place.context is None:
+        context = uc.context_save()
+        raw = bytes(context)
+        (size,) = _SIZE_T.unpack_from(raw)  # struct uc_context starts with the data's size
+        address = ctypes.cast(context.context, ctypes.c_void_p).value
+        assert address is not None
+        place.context = (context, address + len(raw) - size, size)
+    return place.context
 
 
 @functools.cache
@@ -422,13 +512,14 @@ def load_context_data(uc: Any, data: bytes) -> None:
     """Put register state from :func:`context_data` back into ``uc`` (``ValueError`` if
     :func:`check_context` refuses it)."""
     check_context(data)
-    context = uc.context_save()
-    raw = bytes(context)
-    (size,) = _SIZE_T.unpack_from(raw)
-    address = ctypes.cast(context.context, ctypes.c_void_p).value
-    assert address is not None
-    ctypes.memmove(address + len(raw) - size, data, size)
-    uc.context_restore(context)
+    h = handle(uc)
+    context, address, size = _context_buffer(uc)
+    status = uclib.uc_context_save(h, context.context)  # (the parts besides the data)
+    if status == uc_const.UC_ERR_OK:
+        ctypes.memmove(address, data, size)
+        status = uclib.uc_context_restore(h, context.context)
+    if status != uc_const.UC_ERR_OK:
+        raise UcError(status)
 
 
 def check_context(data: bytes) -> None:

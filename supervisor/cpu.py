@@ -34,14 +34,14 @@ from collections.abc import Callable, Iterable, Iterator, MutableSequence, Seque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, overload
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_INVALID, UC_PROT_ALL
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_INVALID
 from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as r
 
 from . import _slicing, _unicorn, hostpages
 from ._statefields import host_only, saved, saved_fields
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
-from .engines import EnginePool
+from .engines import EnginePool, Taken
 from .limits import UNLIMITED, Limits
 from .state import CpuState, StateError
 
@@ -488,7 +488,7 @@ class LgCpu:
             return False
         self.check_thread()
         engine.frozen = _unicorn.context_data(uc)
-        _give_back(engine, uc)
+        _give_back(engine, uc, _hook_kind(self))
         engine.uc = None
         engine.regs = None  # type: ignore[assignment]  # (with uc)
         if engine.pool is None:
@@ -505,30 +505,33 @@ class LgCpu:
         frozen = engine.frozen
         if frozen is None or engine.released:
             return None
-        warm = False
         started = time.thread_time()
         if engine.pool is None:
             uc = _new_uc(self.lg, engine.host_address, engine.tcg_buffer)
+            taken = Taken.BARE
             LgCpu.given_back -= 1
         else:
-            uc, warm = _take(self.lg, engine)
+            uc, taken = _take(self.lg, engine, _hook_kind(self))
         try:
+            place = _unicorn.seat(uc)
             engine.uc = uc
-            engine.regs = _unicorn.Registers(uc)
-            if not warm:  # a new or switched instance: slice meter, hooks, registers
-                _slicing.attach(uc, self.fuel)
-                _install_hooks(self)
+            engine.regs = place.regs
+            if taken is not Taken.OWN:  # a new or switched instance: meter, hooks, registers
+                place.cpu = self
+                _slicing.attach(uc, self.fuel, hooked=taken is Taken.HOOKED)
+                if taken is Taken.BARE:
+                    _install_hooks(self)
                 _unicorn.load_context_data(uc, frozen)
                 # The TLB of its previous CPU must go (cr3 written again).
                 engine.regs.write(r.UC_X86_REG_CR3, engine.regs.read(r.UC_X86_REG_CR3))
         except BaseException:
             engine.tainted = True
-            _give_back(engine, uc)
+            _give_back(engine, uc, None)
             engine.uc = None
             engine.regs = None  # type: ignore[assignment]
             raise
         engine.frozen = None
-        if warm:
+        if taken is Taken.OWN:
             return 0.0
         spent = time.thread_time() - started
         if engine.pool is not None:
@@ -636,7 +639,7 @@ class LgCpu:
         engine.frozen = None
         uc = engine.uc
         if uc is not None:
-            _give_back(engine, uc)
+            _give_back(engine, uc, _hook_kind(self))
             engine.uc = None
         if engine.pool is not None and engine.last is not None:
             # Its engine waits in the pool with its hooks, which hold this CPU (and so the
@@ -683,7 +686,7 @@ def _new_uc(lg: Lguest, host_address: int, tcg_buffer: int, uc: Any = None) -> A
     # that address and leave a stale page fault behind (_unicorn.configure).
     if uc is None:
         uc = _unicorn.new_instance(tcg_buffer)
-    uc.mem_map_ptr(0, lg.limit, UC_PROT_ALL, host_address)
+    _unicorn.map_memory(uc, lg.limit, host_address)
     hostpages.map_into(uc)  # the boot GDT, read-only, in every instance (thaws too)
     return uc
 
@@ -701,40 +704,61 @@ def bad_access_range(lg: Lguest) -> tuple[int, int]:
     return lg.limit, MAX_PHYSICAL
 
 
-def _take(lg: Lguest, engine: Engine) -> tuple[Any, bool]:
-    """An instance from ``engine.pool`` for this CPU, with its memory mapped, and whether
-    it is the CPU's own untouched one (hooks, translations and mapping still its own)."""
+def _hook_kind(cpu: LgCpu) -> object:
+    """What the hooks of ``cpu``'s instances fit (:attr:`_unicorn.Seat.kind`): another CPU
+    of the same kind may take an instance with its hooks kept.  They differ by the run
+    loop's hooks (``install_hooks``), the bad-access hook's range (the guest's memory
+    size) and the slice meter's path; None while a debugger's code hooks are installed
+    (they are this CPU's alone)."""
+    if cpu.debug.code_hooks:
+        return None
+    return (cpu.engine.install_hooks, cpu.lg.limit, cpu.fuel.exit_request)
+
+
+def _take(lg: Lguest, engine: Engine, kind: object = None) -> tuple[Any, Taken]:
+    """An instance from ``engine.pool`` for this CPU, with its memory mapped, and how it
+    came (:meth:`EnginePool.take`: ``OWN``, its own untouched one, hooks, translations
+    and mapping still its own; ``HOOKED``, with hooks of ``kind``; ``BARE``)."""
     assert engine.pool is not None
-    uc, warm = engine.pool.take(engine.token, engine.last)
+    uc, taken = engine.pool.take(engine.token, engine.last, kind)
     engine.last = None
     engine.tainted = False
-    if not warm:
-        engine.hooks.clear()  # (the instance lost them: stripped, or new)
+    _unicorn.seat(uc).kind = None  # (set again when given back: hooks may change meanwhile)
+    if taken is not Taken.OWN:
+        engine.hooks.clear()  # (the CPU's hooks are the instance's now, or gone)
         try:
-            _new_uc(lg, engine.host_address, engine.tcg_buffer, uc)
+            if taken is Taken.HOOKED:
+                _unicorn.map_memory(uc, lg.limit, engine.host_address)
+            else:
+                _new_uc(lg, engine.host_address, engine.tcg_buffer, uc)
         except BaseException:
             engine.pool.give(engine.token, uc, tainted=True)
             raise
-    return uc, warm
+    return uc, taken
 
 
-def _give_back(engine: Engine, uc: Any) -> None:
-    """``uc`` leaves this CPU: to its pool (closed there if tainted), or freed."""
+def _give_back(engine: Engine, uc: Any, kind: object) -> None:
+    """``uc`` leaves this CPU: to its pool (closed there if tainted), or freed.  ``kind``:
+    what its hooks fit (:func:`_hook_kind`), for the CPU that takes it next."""
     if engine.pool is None:
         _unicorn.close(uc)
         engine.hooks.clear()
         return
+    _unicorn.seat(uc).kind = None if engine.tainted else kind
     engine.pool.give(engine.token, uc, engine.tainted)
     engine.last = None if engine.tainted else uc
     engine.tainted = False
 
 
 def _install_hooks(cpu: LgCpu) -> None:
-    """The hooks every Unicorn instance of ``cpu`` has (again after a thaw)."""
-    trap = cpu.trap
+    """The hooks every Unicorn instance of ``cpu`` has (again after a thaw), installed
+    once per instance: they find their CPU through the instance's seat
+    (:class:`_unicorn.Seat`), so a CPU of the same :func:`_hook_kind` keeps them."""
+    place = _unicorn.seat(cpu.engine.uc)
+    place.cpu = cpu
 
     def on_bad_access(uc: Any, access: int, address: int, *_rest: object) -> bool:
-        trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
+        place.cpu.trap.bad_access = (_ACCESS_KINDS.get(access, "access"), address)
         return False
 
     begin, end = bad_access_range(cpu.lg)
@@ -805,7 +829,10 @@ def new_cpu(
 ) -> LgCpu:
     """Create CPU ``cpu_id`` of ``lg`` (event loop): guest memory mapped at 0, paging on
     at ``pgdir``.  ``install_hooks`` adds the run loop's hooks to each Unicorn instance
-    the CPU gets (this one, and a new one after each hibernation); ``hibernate_after``
+    the CPU gets (this one, and a new one after each hibernation); they must find their
+    CPU through the instance's seat (:func:`_unicorn.seat`), never hold it: a pool hands
+    the instance, hooks and all, to the next CPU with the same ``install_hooks``
+    (:func:`_hook_kind`); ``hibernate_after``
     is how long it may sleep before it gives back its emulator (supervisor.hibernation);
     ``pool``: where its instances come from and go back to (supervisor.engines); with
     a pool the CPU returns holding none.

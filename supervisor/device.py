@@ -299,7 +299,8 @@ def _hooks_for(sim: Simulation | None) -> Callable[[LgCpu], None]:
     def install(cpu: LgCpu) -> None:
         attach_interrupt_hook(cpu)
         _slicing.exact_blocks(cpu.engine.uc, cpu.fuel)
-        _unicorn.hook_rdtsc(cpu.engine.uc, lambda: sim.tsc(cpu))
+        place = _unicorn.seat(cpu.engine.uc)  # (the instance's CPU: hooks are kept)
+        _unicorn.hook_rdtsc(cpu.engine.uc, lambda: sim.tsc(place.cpu))
 
     return install
 

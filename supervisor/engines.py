@@ -13,11 +13,15 @@ Launcher, a worker, another task's turn).  Giving back keeps the registers as by
 
 Affinity: a CPU that takes an engine back which nobody took meanwhile gets it as it
 left it: its memory mapping, hooks and translations intact (only its registers are
-loaded again).  Any other engine is *switched* to the CPU: every hook and mapping of
-its previous CPU is taken off (:func:`supervisor._unicorn.strip`, which drops the
-translations too), the CPU's memory is mapped at its host address, its hooks and
-slice meter installed, its registers (FPU/SSE, descriptor tables, paging included)
-loaded, and its TLB flushed.
+loaded again).  Any other engine is *switched* to the CPU.  Hooks find their CPU
+through the instance's seat (:class:`supervisor._unicorn.Seat`), so an engine whose
+previous CPU was of the same kind (``take``'s ``kind``: the same hooks, memory size
+and slice path) keeps them: only the previous guest's memory is taken off
+(:func:`supervisor._unicorn.unbind`, which drops the translations too).  Any other is
+stripped of every hook and mapping (:func:`supervisor._unicorn.strip`) and gets the
+CPU's hooks and slice meter installed.  Either way the CPU's memory is mapped at its
+host address, the seat pointed at the CPU, its registers (FPU/SSE, descriptor tables,
+paging included) loaded, and its TLB flushed.
 
 The bound: the pool makes at most ``bound`` engines (one per worker, one for the event
 loop's inline slices and :data:`RESERVE` more), whatever the guests do: at most one
@@ -43,6 +47,7 @@ idle engines and the counts.
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 from collections import OrderedDict
@@ -57,6 +62,14 @@ DEFAULT_MODE = "off"  # (docs/performance.md, "Engines": what the pool costs a c
 # slices: a CPU starting another holds two for a moment, and a switch that failed is
 # replaced without waiting for a give.
 RESERVE = 2
+
+
+class Taken(enum.Enum):
+    """How a taken engine comes (:meth:`EnginePool.take`)."""
+
+    OWN = "own"  # the CPU's own, untouched: mapping, hooks, translations, registers
+    HOOKED = "hooked"  # another CPU's of the same kind: hooks and flags kept, memory off
+    BARE = "bare"  # stripped or new: nothing of any CPU
 
 
 def mode_from_env() -> str:
@@ -81,6 +94,7 @@ class EnginePool:
         "always",
         "bound",
         "closed",
+        "hooked",
         "live",
         "made",
         "overdrafts",
@@ -113,6 +127,7 @@ class EnginePool:
         self.taken = 0  # takes
         self.reused = 0  # takes that found the CPU's own engine untouched
         self.switched = 0  # takes that switched an engine from another CPU
+        self.hooked = 0  # switches that kept the engine's hooks (Taken.HOOKED)
         self.switch_time = 0.0  # seconds the CPUs spent switching engines (and making them)
         self.switch_cost = 0.0  # what a switch costs lately (a moving average, seconds)
         self._tcg_buffer = tcg_buffer
@@ -134,11 +149,14 @@ class EnginePool:
         """How many engines CPUs hold now."""
         return self.live - len(self._idle)
 
-    def take(self, owner: object, last: Any) -> tuple[Any, bool]:
-        """An engine for ``owner`` (the CPU's token) and whether it is ``last`` (the one
-        it gave back) untouched since: then only its registers need loading.  Otherwise
-        the engine comes stripped (:func:`_unicorn.strip`) or new, and the caller maps
-        and configures it for the CPU (and gives it back tainted if that fails).
+    def take(self, owner: object, last: Any, kind: object = None) -> tuple[Any, Taken]:
+        """An engine for ``owner`` (the CPU's token) and how it comes: ``OWN``, ``last``
+        (the one it gave back) untouched since, whose registers only need loading;
+        ``HOOKED``, another CPU's whose seat has this ``kind`` of hooks
+        (:class:`_unicorn.Seat`), with that CPU's memory taken off
+        (:func:`_unicorn.unbind`); ``BARE``, stripped (:func:`_unicorn.strip`) or new.
+        The caller maps and configures a ``HOOKED`` or ``BARE`` one for the CPU (and
+        gives it back tainted if that fails).  ``kind`` None: always ``BARE`` or ``OWN``.
 
         The least recently given back engine is switched first: the ones given back
         since are the likeliest to be taken back by their own CPUs."""
@@ -149,7 +167,7 @@ class EnginePool:
                 if entry is not None and entry[0] is last and entry[1] is owner:
                     del self._idle[id(last)]
                     self.reused += 1
-                    return last, True
+                    return last, Taken.OWN
             uc = None
             for key, (candidate, _previous) in self._idle.items():
                 if self.always and candidate is last:
@@ -161,16 +179,21 @@ class EnginePool:
             if uc is None:
                 self._count_new()
         if uc is None:
-            return self._new(), False
+            return self._new(), Taken.BARE
         try:
+            if kind is not None and _unicorn.seat(uc).kind == kind:
+                _unicorn.unbind(uc)
+                with self._lock:
+                    self.hooked += 1
+                return uc, Taken.HOOKED
             _unicorn.strip(uc)
         except Exception:
             with self._lock:
                 self.switched -= 1
                 self._count_new()
             self._close(uc)
-            return self._new(), False
-        return uc, False
+            return self._new(), Taken.BARE
+        return uc, Taken.BARE
 
     def give(self, owner: object, uc: Any, tainted: bool = False) -> None:
         """``owner`` gives ``uc`` back (no slice runs on it).  A tainted engine is closed,
@@ -183,15 +206,20 @@ class EnginePool:
 
     def disown(self, owner: object, uc: Any) -> None:
         """``owner`` is gone (its CPU closed): if ``uc``, the engine it gave back last,
-        still waits here as it left it, strip it (:func:`_unicorn.strip`) so that nothing
-        keeps that CPU alive; it stays in the pool for any CPU."""
+        still waits here as it left it, take that CPU off it (:func:`_unicorn.unbind`,
+        keeping hooks that find their CPU through the seat; :func:`_unicorn.strip` if
+        its seat's kind is unknown) so that nothing keeps that CPU alive; it stays in
+        the pool for any CPU."""
         with self._lock:
             entry = self._idle.get(id(uc))
             if entry is None or entry[0] is not uc or entry[1] is not owner:
                 return
             del self._idle[id(uc)]
         try:
-            _unicorn.strip(uc)
+            if _unicorn.seat(uc).kind is not None:
+                _unicorn.unbind(uc)
+            else:
+                _unicorn.strip(uc)
         except Exception:
             self._close(uc)
             return

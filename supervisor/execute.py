@@ -184,8 +184,6 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
     handler); the table that says which calls are CPU-local, and which of those the
     native hook completes itself, is ``hypercalls``' either way.
     """
-    trap = cpu.trap
-    regs = cpu.engine.regs
     fuel = cpu.fuel
     local = hypercalls.LOCAL_HYPERCALLS
 
@@ -210,11 +208,20 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
         )
         return
 
+    place = _unicorn.seat(cpu.engine.uc)  # (the hook is kept for the instance's next CPUs)
+
     def on_interrupt(uc: Any, vector: int, _data: object) -> None:
-        if vector == LGUEST_TRAP_ENTRY and cpu.hcall is None and cpu.lguest_data is not None:
-            args = regs.hypercall()
-            if args[0] in local and hypercalls.ring_empty(cpu):
-                hypercalls.do_hcall(cpu, args)
+        current: LgCpu = place.cpu
+        trap = current.trap
+        if (
+            vector == LGUEST_TRAP_ENTRY
+            and current.hcall is None
+            and current.lguest_data is not None
+        ):
+            args = place.regs.hypercall()
+            if args[0] in local and hypercalls.ring_empty(current):
+                hypercalls.do_hcall(current, args)
+                fuel = current.fuel
                 if time.monotonic_ns() >= fuel.deadline:  # the call is done; time is up
                     fuel.reason = _slicing.REASON_BUDGET  # (not a hlt: see classify)
                     uc.emu_stop()

@@ -16,7 +16,7 @@ from unicorn import unicorn_const as uc_const
 
 from supervisor import LguestDevice, _slicing, _unicorn, abi, engines, execute
 from supervisor.cpu import LgCpu
-from supervisor.engines import EnginePool
+from supervisor.engines import EnginePool, Taken
 
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 
@@ -95,11 +95,48 @@ async def test_every_slice_on_a_switched_engine_computes_exactly() -> None:
         for g, word in zip(guests, words, strict=True):
             assert word == abi.pack_words(0xC0FFEE)
             assert (g.u32("counter"), g.u32("regcount"), g.u32("ssecount")) == (target,) * 3
-        # Every slice after a guest's first took an engine another CPU had used.
+        # Every slice after a guest's first took an engine another CPU had used, and
+        # (the guests alike) kept that engine's hooks, pointed at the new CPU; only a
+        # new CPU's first engine was stripped.
         assert slices > 3 * 3
         assert pool.switched >= slices - 3
+        assert pool.switched - len(guests) <= pool.hooked < pool.switched
         assert pool.reused == 0
         assert pool.peak <= pool.bound and pool.overdrafts == 0
+
+
+def hook_count(uc: Any) -> int:
+    """How many hooks (Python and native) ``uc`` has."""
+    return len(uc._callbacks) + len(getattr(uc, "_lguest_native_hooks", ()))
+
+
+async def test_switches_between_unlike_cpus_strip_the_hooks_and_stay_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = 300_000
+    counts: set[int] = set()  # the hooks of each engine a CPU took, once set up
+    real_take = LgCpu.take_engine
+
+    def take_engine(cpu: LgCpu) -> float | None:
+        spent = real_take(cpu)
+        if cpu.engine.uc is not None:
+            counts.add(hook_count(cpu.engine.uc))
+        return spent
+
+    monkeypatch.setattr(LgCpu, "take_engine", take_engine)
+    async with LguestDevice(engines="always", hibernate_after=math.inf) as dev:
+        # Memory sizes differ, so does the bad-access hook's range: an engine that served
+        # one kind of CPU is stripped for the other, and keeps its hooks within a kind.
+        sizes = (1 << 20, 2 << 20, 1 << 20, 2 << 20)
+        guests = [await boot(dev, SSE_COUNT.format(target=target), size) for size in sizes]
+        pool = pool_of(dev)
+        async with asyncio.timeout(LIMIT):
+            words = await asyncio.gather(*(g.file.read(abi.WORD_SIZE) for g in guests))
+        for g, word in zip(guests, words, strict=True):
+            assert word == abi.pack_words(0xC0FFEE)
+            assert (g.u32("counter"), g.u32("regcount"), g.u32("ssecount")) == (target,) * 3
+        assert 0 < pool.hooked < pool.switched
+        assert len(counts) == 1
 
 
 async def paused_spinner(dev: LguestDevice) -> tuple[Booted, asyncio.Future[bytes]]:
@@ -113,15 +150,15 @@ async def paused_spinner(dev: LguestDevice) -> tuple[Booted, asyncio.Future[byte
 def test_a_cpu_gets_its_own_engine_back_untouched_unless_another_took_it() -> None:
     pool = EnginePool(1 << 20, bound=3)
     a, b = object(), object()
-    engine, warm = pool.take(a, None)
-    assert not warm and pool.live == 1
+    engine, taken = pool.take(a, None)
+    assert taken is Taken.BARE and pool.live == 1
     pool.give(a, engine)
-    assert pool.take(a, engine) == (engine, True) and pool.reused == 1
+    assert pool.take(a, engine) == (engine, Taken.OWN) and pool.reused == 1
     pool.give(a, engine)
     # B takes the only idle engine: switched to it (stripped), not A's any more.
-    assert pool.take(b, None) == (engine, False) and pool.switched == 1
+    assert pool.take(b, None) == (engine, Taken.BARE) and pool.switched == 1
     pool.give(b, engine)
-    assert pool.take(a, engine) == (engine, False) and pool.switched == 2
+    assert pool.take(a, engine) == (engine, Taken.BARE) and pool.switched == 2
     pool.give(a, engine)
     pool.close()
     assert pool.live == 0 and pool.made == 1 and pool.overdrafts == 0
@@ -334,9 +371,13 @@ async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() 
     async with LguestDevice(engines="pool") as dev:
         pool = pool_of(dev)
         cpu, engine = await closed_waker(dev)
-        # Still in the pool for any CPU, but with no hook or mapping of the closed one.
+        # Still in the pool for any CPU, but with nothing of the closed one: its hooks
+        # stay for the next CPU of its kind, pointing at no CPU; only the Host's pages
+        # stay mapped.
         assert not _unicorn.is_closed(engine) and pool.idle == pool.live
-        assert list(engine.mem_regions()) == [] and not engine._callbacks
+        seat = _unicorn.seat(engine)
+        assert seat.cpu is None and seat.cell.value is None and seat.kind is not None
+        assert [begin for begin, _end, _perms in engine.mem_regions()] == [abi.SWITCHER_ADDR]
         gc.collect()
         assert cpu() is None
 
