@@ -83,6 +83,9 @@ class CpuStats:
     breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
     # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
     irqs_in_slice: int = 0
+    # Executor slices whose time ran out within LONG_INLINE_TIME of delivering an irq:
+    # the handler's rest went on as an urgent step (slicepool.AGAIN_URGENT).
+    handler_rests: int = 0
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
