@@ -702,7 +702,7 @@ async def latency(p: Profile) -> list[Result]:
             "lower",
             f"{len(long.irqs)} samples, median {median(long.irqs) * 1e3:.2f} ms; the handler "
             "outlasts its inline slice, so its rest is an urgent run (front of the pool's "
-            f"queue, once per round per CPU): {long.pool}",
+            f"queue, at most twice per round per CPU): {long.pool}",
             {
                 "samples": len(long.irqs),
                 "p50_ms": median(long.irqs) * 1e3,

@@ -240,7 +240,7 @@ class RunControl:
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
     # An inline slice delivered an irq and ran out of time in its handler: the next executor
-    # run is urgent (slicepool: the front of the queue, once per round).
+    # run is urgent (slicepool: the front of the queue, at most twice per round).
     urgent: bool = host_only(default=False)
     # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
     on_break: asyncio.Future[None] | None = host_only(default=None)

@@ -305,7 +305,7 @@ def run_slice(
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         # A handler still in its first LONG_INLINE_TIME: its rest goes first, as after an
-        # inline slice (slicepool: the front, once per round for the CPU).
+        # inline slice (slicepool: the front, at most twice per round for the CPU).
         return AGAIN_URGENT if cpu.stats.handler_rests != rests else AGAIN
     return exit
 
