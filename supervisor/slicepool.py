@@ -170,11 +170,11 @@ class SlicePool:
         self._closed = False
         self._busy: set[Job[Any]] = set()  # jobs a worker took from the queue and runs
         self._taken = 0  # jobs taken from the queue so far
-        # owner -> for each of its jumps that still counts, the value of _taken from which
-        # it stops counting (oldest first).
+        # owner -> for each of its jumps that may still count, the value of _taken from
+        # which it stops counting.
         self._jumps: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
         self.jumps = 0  # urgent jobs put at the front of the queue
-        self.refused = 0  # urgent jobs queued at the back: their owner jumped this round
+        self.refused = 0  # urgent jobs not put at the front: their owner jumped enough
         self.hurried = 0  # steps asked to end early for an urgent job
 
     @property
