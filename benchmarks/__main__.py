@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -55,14 +56,15 @@ def goal_text(r: Result) -> str:
     return f"{op} {_fmt(r.goal)} {what}"
 
 
-def table(loop: str, results: list[Result]) -> str:
+def table(loop: str, results: list[Result], load: int = 0) -> str:
     head = ["figure", "goal", "measured", "raw", "ratio", "unit", "met"]
     rows = [head]
     for r in results:
         met = {True: "yes", False: "NO", None: "-"}[r.met]
         rows.append([r.title, goal_text(r), _fmt(r.value), _fmt(r.raw), _fmt(r.ratio), r.unit, met])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = [f"## loop: {loop} (slices: {_slicing.PATH})"]
+    under = f"; {load} CPU-bound load processes: latency goals are x raw's p99" if load else ""
+    lines = [f"## loop: {loop} (slices: {_slicing.PATH}{under})"]
     for k, row in enumerate(rows):
         lines.append(
             "  ".join(
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     load = (os.cpu_count() or 1) if args.load < 0 else args.load
-    profile = QUICK if args.quick else FULL
+    profile = dataclasses.replace(QUICK if args.quick else FULL, load=load)
     loops = list(LOOPS) if args.loop == "both" else [args.loop]
     info = machine()
     print(
@@ -217,7 +219,7 @@ def _run_loops(
             results, errors = runner.run(run_all(profile, args.only))
         failed = failed or bool(errors)
         out["loops"][loop] = {"results": [r.as_dict() for r in results], "errors": errors}
-        tables.append(table(loop, results))
+        tables.append(table(loop, results, profile.load))
         out["loadavg_after_" + loop] = os.getloadavg()
     out["failed"] = failed
 

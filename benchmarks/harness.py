@@ -7,7 +7,7 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +33,8 @@ class Profile:
     hibernate_cycles: int = 10_000  # hibernate/wake cycles of one guest (the goal's count)
     hibernated_guests: int = 2_000
     wakes: int = 200  # random wakes of hibernated guests
+    pairs: int = 5  # interleaved raw/supervised rounds of a loop figure (paired_ratio)
+    load: int = 0  # CPU-bound load processes running (--load): goals relative to raw
 
 
 QUICK = Profile(
@@ -61,6 +63,7 @@ FULL = Profile(
     revives=10_000,
     hibernated_guests=100_000,
     wakes=1_000,
+    pairs=9,
 )
 
 
@@ -141,6 +144,30 @@ def cpu_seconds() -> float:
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+async def interleave(
+    rounds: int, raw: Callable[[], float], sup: Callable[[], Awaitable[float]]
+) -> tuple[list[float], list[float]]:
+    """``rounds`` rounds of one raw and one supervised measurement each, back to back,
+    in A/B then B/A order (so a drift of the machine's speed hits both sides alike):
+    the raw values and the supervised values, round by round."""
+    raws: list[float] = []
+    sups: list[float] = []
+    for k in range(rounds):
+        if k % 2:
+            sups.append(await sup())
+            raws.append(raw())
+        else:
+            raws.append(raw())
+            sups.append(await sup())
+    return raws, sups
+
+
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median of the round-by-round ratios: each compares two measurements taken
+    back to back, so a neighbour's load that slows one round does not set the ratio."""
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
 def print_table(title: str, rows: Sequence[tuple[str, str, str]]) -> None:

@@ -83,6 +83,9 @@ class CpuStats:
     breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
     # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
     irqs_in_slice: int = 0
+    # Executor slices whose time ran out within LONG_INLINE_TIME of delivering an irq:
+    # the handler's rest went on as an urgent step (slicepool.AGAIN_URGENT).
+    handler_rests: int = 0
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
@@ -237,7 +240,7 @@ class RunControl:
     queued_slice: concurrent.futures.Future[Any] | None = host_only(default=None)
     inline: bool = host_only(default=True)  # the next slice may run on the event loop
     # An inline slice delivered an irq and ran out of time in its handler: the next executor
-    # run is urgent (slicepool: the front of the queue, once per round).
+    # run is urgent (slicepool: the front of the queue, at most twice per round).
     urgent: bool = host_only(default=False)
     # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
     on_break: asyncio.Future[None] | None = host_only(default=None)

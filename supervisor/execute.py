@@ -28,7 +28,7 @@ from . import _slicing, _unicorn, codecache, hypercalls, interrupts, timers
 from .abi import LGUEST_DATA_HCALL_STATUS, LGUEST_TRAP_ENTRY
 from .cpu import Hold, LgCpu
 from .pagetables import guest_pa
-from .slicepool import AGAIN, Again
+from .slicepool import AGAIN, AGAIN_URGENT, Again
 
 _T = TypeVar("_T")
 
@@ -296,6 +296,7 @@ def run_slice(
         if pool.crowded(waiting):
             switch = max(switch, pool.switch_cost)
         busy_ns = switched_slice_ns(busy_ns, switch, waiting)
+    rests = cpu.stats.handler_rests
     try:
         exit = _one_slice(cpu, budget, busy_ns, timeless)
     finally:
@@ -303,7 +304,9 @@ def run_slice(
             _on_this_thread(cpu, cpu.release_engine)
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
-        return AGAIN
+        # A handler still in its first LONG_INLINE_TIME: its rest goes first, as after an
+        # inline slice (slicepool: the front, at most twice per round for the CPU).
+        return AGAIN_URGENT if cpu.stats.handler_rests != rests else AGAIN
     return exit
 
 
@@ -371,6 +374,9 @@ def _one_slice(
         fuel.left = _TIMELESS_NS
         fuel.clock_mask = _NO_CLOCK
     delivered = False
+    # An executor slice whose end the last interrupt's handler time decides (it was
+    # delivered less than LONG_INLINE_TIME before the slice's time would have run out).
+    handler_bound = False
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
     wanted = cpu.budget if budget is None else budget
@@ -407,7 +413,9 @@ def _one_slice(
                 if budget is not None and not timeless:
                     _lengthen_for_handler(cpu, fuel.blocks - blocks_before)
                 elif fuel.mark:
-                    keep_time_for_handler(fuel)
+                    handler_bound = keep_time_for_handler(fuel)
+                elif budget is None:
+                    handler_bound = fuel.left <= _LONG_INLINE_NS
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early
@@ -437,6 +445,8 @@ def _one_slice(
         cpu.threads.slice = None
         if budget is not None and not delivered:
             cpu.inline_spent = fuel.reason == _slicing.REASON_BUDGET
+        if handler_bound and fuel.reason == _slicing.REASON_BUDGET:
+            cpu.stats.handler_rests += 1
         elapsed = time.perf_counter() - start
         stats = cpu.stats
         stats.slices += 1
@@ -469,15 +479,18 @@ def _lengthen_for_handler(cpu: LgCpu, spent: int) -> None:
     fuel.budget = max(fuel.budget, longer if allowed is None else min(longer, allowed))
 
 
-def keep_time_for_handler(fuel: _slicing.Fuel) -> None:
+def keep_time_for_handler(fuel: _slicing.Fuel) -> bool:
     """An interrupt delivered in the middle of an executor slice (raised while it ran):
     its handler gets at least LONG_INLINE_TIME of CPU time in this slice, as it would
     on the event loop, rather than wait for the slice's next turn in a crowded pool.
     The slice's account (``fuel.left`` since ``fuel.mark``, as ``_slicing.run`` keeps
-    it) is brought up to now first."""
+    it) is brought up to now first.  True if the handler's time is what is left of the
+    slice (a slice that then runs out of time ends inside the handler, or just after)."""
     now = time.thread_time_ns()
-    fuel.left = max(fuel.left - (now - fuel.mark), _LONG_INLINE_NS)
+    left: int = fuel.left - (now - fuel.mark)
+    fuel.left = max(left, _LONG_INLINE_NS)
     fuel.mark = now
+    return left <= _LONG_INLINE_NS
 
 
 def _enter_guest(cpu: LgCpu) -> SliceExit:

@@ -329,6 +329,7 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
             executor.crowd,
             hurry=functools.partial(_slicing.hurry, cpu.fuel),
             urgent=cpu if cpu.run.urgent else None,
+            owner=cpu,
         )
         cpu.run.urgent = False
         cpu.run.idle.clear()  # until the run is finished or withdrawn: pause() waits for it

@@ -17,10 +17,15 @@ Guarantees:
 - Urgent jobs (``submit(..., urgent=owner)``: a CPU with an interrupt handler to run)
   go to the front of the queue instead of the back, and if no worker is free, the step
   that has held its worker longest is asked to end at its next block boundary (its
-  ``hurry``), so the urgent job runs next.  An owner jumps the queue at most once per
-  round: not again until the workers have taken as many jobs from the queue as it
-  jumped ahead of, so a guest that raises events for itself gets at most one step more
-  per round than the others, however often it asks.
+  ``hurry``), so the urgent job runs next.  A step that answers :data:`AGAIN_URGENT`
+  (a handler still running when its slice's time ran out) goes on as if urgent for
+  its job's ``owner``.  An owner jumps the queue at most JUMPS_PER_ROUND (two) times per
+  round: each jump counts until the workers have taken as many jobs from the queue as
+  it jumped ahead of, so a guest that raises events for itself gets at most two steps
+  more per round than the others, however often it asks, while two interrupts that
+  happen to come within one round both go first.  An urgent job refused for that waits
+  no longer than the bound requires: it is queued where its owner's oldest jump stops
+  counting, not at the back.
 - A job is never run by two workers at once; its steps run one after another.
 - :meth:`Job.cancel` withdraws a job that is waiting in the queue (before its first
   step or between two steps) and returns True; nothing of it runs afterwards.  A job
@@ -69,6 +74,14 @@ class Again:
 
 
 AGAIN: Final = Again()
+# "Not finished, and urgent": queue me again at the front if my owner may jump
+# (module docstring); otherwise like AGAIN.
+AGAIN_URGENT: Final = Again()
+
+# How many jumps of one owner may count at once (module docstring): one would make a
+# second interrupt within a round (a burst, or two that happen to come close) wait for
+# what is left of the round.
+JUMPS_PER_ROUND = 2
 
 # How far below the event loop the workers run by default (docs/performance.md, "Who
 # gets the core": low enough that the loop's wake-ups stay prompt).
@@ -91,10 +104,13 @@ class Job(Future[_T]):
         pool: SlicePool,
         step: Callable[[], _T | Again],
         hurry: Callable[[], bool] | None = None,
+        owner: object | None = None,
     ) -> None:
         super().__init__()
         self._pool = pool
         self.step = step
+        # Whom the job is urgent for when a step answers AGAIN_URGENT (None: never).
+        self.owner = owner
         # Ask its step in progress to end soon, its job going on after a turn (any
         # thread; True if asked); None: never hurried for an urgent job.
         self.hurry = hurry
@@ -154,10 +170,11 @@ class SlicePool:
         self._closed = False
         self._busy: set[Job[Any]] = set()  # jobs a worker took from the queue and runs
         self._taken = 0  # jobs taken from the queue so far
-        # owner -> the value of _taken from which it may jump the queue again.
-        self._jumps: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        # owner -> for each of its jumps that may still count, the value of _taken from
+        # which it stops counting.
+        self._jumps: weakref.WeakKeyDictionary[Any, list[int]] = weakref.WeakKeyDictionary()
         self.jumps = 0  # urgent jobs put at the front of the queue
-        self.refused = 0  # urgent jobs queued at the back: their owner jumped this round
+        self.refused = 0  # urgent jobs not put at the front: their owner jumped enough
         self.hurried = 0  # steps asked to end early for an urgent job
 
     @property
@@ -184,21 +201,27 @@ class SlicePool:
         *args: Any,
         hurry: Callable[[], bool] | None = None,
         urgent: object | None = None,
+        owner: object | None = None,
     ) -> Job[_T]:
         """Queue a job whose step is ``fn(*args)`` (FIFO).  RuntimeError once shut down.
 
         ``hurry``: asks the job's step in progress to end early (for an urgent job).
         ``urgent``: who the job is urgent for (weakly referenced): to the front of the
-        queue, once per round for each owner (module docstring)."""
-        job: Job[_T] = Job(self, functools.partial(fn, *args) if args else fn, hurry)
+        queue, twice per round at most for each owner (module docstring).  ``owner``: whom a
+        step's AGAIN_URGENT is for (default ``urgent``; None: it counts as AGAIN)."""
+        job: Job[_T] = Job(
+            self,
+            functools.partial(fn, *args) if args else fn,
+            hurry,
+            owner if owner is not None else urgent,
+        )
         slow: Job[Any] | None = None
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new jobs after shutdown")
-            if urgent is None or not self._may_jump(urgent):
+            if urgent is None:
                 self._enqueue(job)
-            else:
-                self._enqueue(job, front=True)
+            elif self._enqueue_urgent(job, urgent):
                 slow = self._slowest()
             if self._waiting > self._idle_threads and len(self._threads) < self.workers:
                 thread = threading.Thread(
@@ -231,23 +254,49 @@ class SlicePool:
                     thread.join()
 
     # -- lock held -------------------------------------------------------------------
-    def _enqueue(self, job: Job[Any], front: bool = False) -> None:
+    def _enqueue(self, job: Job[Any], front: bool = False, index: int | None = None) -> None:
+        """Queue ``job`` at the back, the front, or before the entry at ``index``."""
         job.queued = True
         if front:
             self._queue.appendleft(job)
+        elif index is not None:
+            self._queue.insert(index, job)
         else:
             self._queue.append(job)
         self._waiting += 1
         if self._idle_threads:
             self._lock.notify()
 
+    def _enqueue_urgent(self, job: Job[Any], owner: object) -> bool:
+        """Queue an urgent job: at the front if ``owner`` may jump (True); else where its
+        owner may jump again, once its oldest jump stops counting (the back at the
+        latest)."""
+        if self._may_jump(owner):
+            self._enqueue(job, front=True)
+            return True
+        ahead = min(self._jumps[owner]) - self._taken  # jobs still to be taken first
+        if ahead >= self._waiting:
+            self._enqueue(job)
+            return False
+        for index, entry in enumerate(self._queue):  # (withdrawn entries are skipped)
+            if entry.queued:
+                if ahead == 0:
+                    self._enqueue(job, index=index)
+                    break
+                ahead -= 1
+        return False
+
     def _may_jump(self, owner: object) -> bool:
         """Whether ``owner``'s urgent job may go to the front now, recording the jump:
-        not until workers have taken as many jobs as it jumped ahead of last time."""
-        if self._taken < self._jumps.get(owner, 0):
+        not while JUMPS_PER_ROUND of its jumps count (a jump counts until the workers
+        have taken as many jobs as it went ahead of)."""
+        counting = [end for end in self._jumps.get(owner, ()) if end > self._taken]
+        if len(counting) >= JUMPS_PER_ROUND:
+            self._jumps[owner] = counting
             self.refused += 1
             return False
-        self._jumps[owner] = self._taken + self._waiting
+        counting.append(self._taken + self._waiting + 1)  # (+1: its own job's take)
+        self._jumps[owner] = counting
         self.jumps += 1
         return True
 
@@ -309,22 +358,29 @@ class SlicePool:
             try:
                 result = job.step()
                 # Nobody waits for this worker: go on here, without a trip through the queue.
-                if result is AGAIN:
+                if isinstance(result, Again):
                     self._computing.add(job)
-                while result is AGAIN and not (self._waiting or self._closed or job.stop_asked):
+                while isinstance(result, Again) and not (
+                    self._waiting or self._closed or job.stop_asked
+                ):
                     result = job.step()
             except BaseException as exc:  # the job's, like ThreadPoolExecutor's
                 error = exc
             with self._lock:
                 self._busy.discard(job)
-                if error is None and result is AGAIN and not self._closed and not job.stop_asked:
-                    self._enqueue(job)  # to the back: every job waiting now goes first
+                again = isinstance(result, Again) and error is None
+                if again and not self._closed and not job.stop_asked:
+                    if result is AGAIN_URGENT and job.owner is not None:
+                        # (To the front: this worker takes it next; nobody to hurry.)
+                        self._enqueue_urgent(job, job.owner)
+                    else:
+                        self._enqueue(job)  # to the back: every job waiting now goes first
                     continue
             job.step = _ended_step  # ended: let go of what the step holds
             self._computing.discard(job)
             if error is not None:
                 job.set_exception(error)
-            elif result is AGAIN:
+            elif isinstance(result, Again):
                 Future.cancel(job)  # shut down or asked to stop: as if withdrawn from the queue
             else:
                 job.set_result(result)

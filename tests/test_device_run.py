@@ -643,7 +643,7 @@ main:
     jmp 1b
 handler:
     movl $512, lguest_data
-    movl $100000, %ecx
+    movl $3000000, %ecx  # (milliseconds: longer than any stop of a slice takes to land)
 2:  loop 2b
     HCALL 17, 0x35
     jmp irq_return
@@ -686,6 +686,40 @@ async def test_a_handler_that_outlasts_its_inline_slice_goes_first_in_the_queue(
     assert urgent[1] is None and not cpu.run.urgent
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
+
+
+@going_on
+async def test_a_handler_that_outlasts_its_executor_slice_goes_first_in_the_queue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An irq delivered in a running executor slice whose time then runs out inside the
+    # handler: the handler's rest is the run's next step, urgent (the front of the pool's
+    # queue, ahead of the other busy guest's run), not a step at the back of the queue.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 100_000)  # short slices: the handler outlasts
+    async with LguestDevice(workers=1) as dev:
+        g = await boot(dev, LONG_HANDLER)
+        other = await boot(dev, LONG_HANDLER)
+        assert await g.file.read(8) == pack_words(1)
+        assert await other.file.read(8) == pack_words(1)
+        spinner = asyncio.create_task(other.file.read(8))  # its run waits while g's runs
+        cpu = g.file.cpu(0)
+        stats = present(g.file.stats)
+        ex = dev.executor
+        for _ in range(50):  # until an irq lands in a running slice (else it went inline)
+            reader = await _on_a_worker(g)
+            before = (stats.irqs_in_slice, stats.handler_rests, ex.jumps + ex.refused)
+            assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+            assert await reader == pack_words(0x35)
+            if stats.irqs_in_slice > before[0]:
+                break
+        else:
+            pytest.fail("no irq was delivered in a running slice")
+        assert stats.handler_rests > before[1]
+        assert ex.jumps + ex.refused > before[2] and not cpu.run.urgent
+        spinner.cancel()
+        await asyncio.gather(spinner, return_exceptions=True)
 
 
 @going_on

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from supervisor.slicepool import AGAIN, Again, Job, SlicePool
+from supervisor.slicepool import AGAIN, AGAIN_URGENT, Again, Job, SlicePool
 
 WAIT = 10  # seconds a step waits for the test before the test counts as hung
 
@@ -298,10 +298,11 @@ def test_an_urgent_job_goes_first_and_hurries_the_busy_step() -> None:
     assert log == ["a", "d", "b", "c", "a"]
 
 
-def test_an_owner_jumps_the_queue_once_per_round() -> None:
-    # A guest that raises events for itself as often as it likes gets one step ahead of
-    # the queue per round: its next urgent job waits at the back until every job it
-    # jumped ahead of has had its step.
+def test_an_owner_jumps_the_queue_at_most_twice_per_round() -> None:
+    # A guest that raises events for itself as often as it likes gets two steps ahead of
+    # the queue per round: its third urgent job waits until the workers have taken as
+    # many jobs as its first jump went ahead of (not behind everything queued since).
+    # Another owner's jumps are its own.
     pool = SlicePool(1)
     log: list[str] = []
     release, started = threading.Event(), threading.Event()
@@ -310,18 +311,64 @@ def test_an_owner_jumps_the_queue_once_per_round() -> None:
         a = pool.submit(stepper("a", log, 1, hold_first(release, started)))
         assert started.wait(WAIT)
         jobs = [a, pool.submit(stepper("b", log, 1)), pool.submit(stepper("c", log, 1))]
-        jobs.append(pool.submit(stepper("d", log, 1), urgent=hostile))
-        jobs.append(pool.submit(stepper("e", log, 1), urgent=hostile))  # again: refused
-        jobs.append(pool.submit(stepper("f", log, 1), urgent=other))
-        assert (pool.jumps, pool.refused) == (2, 1)
+        jobs.append(pool.submit(stepper("d", log, 1), urgent=hostile))  # ahead of b, c
+        jobs.append(pool.submit(stepper("e", log, 1), urgent=hostile))  # ahead of d, b, c
+        jobs.append(pool.submit(stepper("x", log, 1)))
+        jobs.append(pool.submit(stepper("f", log, 1), urgent=hostile))  # refused
+        jobs.append(pool.submit(stepper("g", log, 1), urgent=other))
+        assert (pool.jumps, pool.refused, pool.waiting) == (3, 1, 7)
         release.set()
-        assert [j.result(WAIT) for j in jobs] == list("abcdef")
-        assert log == ["a", "f", "d", "b", "c", "e"]
-        # b and c, which d jumped, have had their steps: the owner may jump again.
-        assert pool.submit(stepper("g", log, 1), urgent=hostile).result(WAIT) == "g"
-        assert (pool.jumps, pool.refused) == (3, 1)
+        assert [j.result(WAIT) for j in jobs] == list("abcdexfg")
+        # f after three takes (e, d, b: as many as d jumped, with d's own), before c and x.
+        assert log == ["a", "g", "e", "d", "b", "f", "c", "x"]
+        # Every job it jumped has had its step: the owner may jump again.
+        assert pool.submit(stepper("h", log, 1), urgent=hostile).result(WAIT) == "h"
+        assert (pool.jumps, pool.refused) == (4, 1)
     finally:
         pool.shutdown()
+
+
+def answers(name: str, log: list[str], *steps: str | Again) -> Callable[[], str | Again]:
+    """A step that logs ``name`` and gives ``steps``' answers in turn."""
+    left = list(steps)
+
+    def step() -> str | Again:
+        log.append(name)
+        return left.pop(0)
+
+    return step
+
+
+def test_a_step_that_answers_again_urgent_goes_on_first_once_per_round() -> None:
+    # A handler still running when its slice's time ran out: its next step goes before
+    # the queue (on the worker that just ran it), as an urgent job of its owner's, and
+    # is refused like one.
+    pool = SlicePool(1)
+    log: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    try:
+        gate = hold_first(release, started)
+        first = answers("h", log, AGAIN_URGENT, AGAIN_URGENT, AGAIN_URGENT, "h")
+
+        def held() -> str | Again:
+            gate(len(log) + 1)
+            return first()
+
+        h = pool.submit(held, owner=Owner())
+        assert started.wait(WAIT)
+        others = [pool.submit(stepper(name, log, 1)) for name in "bc"]
+        # Without an owner, AGAIN_URGENT is a plain AGAIN: to the back.
+        plain = pool.submit(answers("p", log, AGAIN_URGENT, "p"))
+        release.set()
+        assert h.result(WAIT) == "h" and [j.result(WAIT) for j in others] == ["b", "c"]
+        assert plain.result(WAIT) == "p"
+    finally:
+        release.set()
+        pool.shutdown()
+    # Twice first; the third time behind as many jobs as the first jump went ahead of
+    # (with its own take: b, c), before p.
+    assert log == ["h", "h", "h", "b", "c", "h", "p", "p"]
+    assert (pool.jumps, pool.refused) == (2, 1)
 
 
 def test_an_urgent_job_hurries_nobody_while_a_worker_is_free() -> None:

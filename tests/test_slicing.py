@@ -345,10 +345,10 @@ def test_a_handler_delivered_mid_slice_keeps_time_to_run() -> None:
     fuel = _slicing.Fuel()
     fuel.left = 2_000_000
     fuel.mark = time.thread_time_ns() - 5_000_000  # the run began 5 ms of CPU ago: spent
-    execute.keep_time_for_handler(fuel)
+    assert execute.keep_time_for_handler(fuel)  # the handler's time is the slice's end
     assert fuel.left == execute._LONG_INLINE_NS
     assert 0 <= time.thread_time_ns() - fuel.mark < 5_000_000
     fuel.left = 2_000_000
     fuel.mark = time.thread_time_ns() - 100_000  # 0.1 ms ago: 1.9 ms left, kept
-    execute.keep_time_for_handler(fuel)
+    assert not execute.keep_time_for_handler(fuel)  # the slice's own time ends it
     assert 1_000_000 < fuel.left <= 1_900_000
