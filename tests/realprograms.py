@@ -42,11 +42,10 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -259,19 +258,45 @@ class _Job:
     cmd: list[str]
 
 
-def _run_job(job: _Job) -> tuple[_Job, float]:
-    started = time.monotonic()
-    tmp = job.out.with_name(f"{job.out.name}.{os.getpid()}.tmp")
-    cmd = [str(tmp) if part == "OUT" else part for part in job.cmd]
-    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0 or not tmp.exists():
-        tmp.unlink(missing_ok=True)
-        raise PrepareError(
-            f"building {job.out.name} failed ({' '.join(job.cmd[:4])} ...):\n"
-            f"{tail(done.stdout + done.stderr)}"
-        )
-    os.replace(tmp, job.out)
-    return job, time.monotonic() - started
+def _build_all(todo: Sequence[_Job], jobs: int) -> None:
+    """Run the builds, ``jobs`` at a time, each writing ``OUT`` then renamed to its
+    ``out``.  At the first failure the other builds are stopped (SIGTERM to each one's
+    process group: ``supervisor build`` then kills its compiler's own group) and a
+    :class:`PrepareError` with the failed compiler's last lines is raised."""
+    waiting = list(todo)
+    running: dict[subprocess.Popen[bytes], tuple[_Job, Path, IO[bytes]]] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                job = waiting.pop(0)
+                tmp = job.out.with_name(f"{job.out.name}.{os.getpid()}.tmp")
+                log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed when the build ends
+                proc = subprocess.Popen(
+                    [str(tmp) if part == "OUT" else part for part in job.cmd],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    process_group=0,
+                )  # fmt: skip
+                running[proc] = (job, tmp, log)
+            time.sleep(0.1)
+            for proc in [proc for proc in running if proc.poll() is not None]:
+                job, tmp, log = running.pop(proc)
+                log.seek(0)
+                output = log.read().decode(errors="replace")
+                log.close()
+                if proc.returncode != 0 or not tmp.exists():
+                    tmp.unlink(missing_ok=True)
+                    raise PrepareError(
+                        f"building {job.out.name} failed ({' '.join(job.cmd[:4])} ...):\n"
+                        f"{tail(output)}"
+                    )
+                os.replace(tmp, job.out)
+    finally:
+        for proc in running:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc, (_, tmp, log) in running.items():
+            proc.wait()
+            tmp.unlink(missing_ok=True)
+            log.close()
 
 
 @contextmanager
@@ -342,9 +367,7 @@ def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
             todo = [job for job in todo if not job.out.exists()]
             for job in todo:
                 job.out.parent.mkdir(parents=True, exist_ok=True)
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                for _ in pool.map(_run_job, todo):
-                    pass
+            _build_all(todo, jobs)
         return programs
 
 
