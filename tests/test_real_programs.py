@@ -5,25 +5,27 @@ compressing and decompressing a 10 MB file under ``--dir``.  SQLite: the
 amalgamation's shell runs a SQL script that writes a database into a ``--dir``;
 Python's ``sqlite3`` reads it back.  The sources come from PyPI sdists, built by
 tests/realprograms.py in the background while the rest of the suite runs; these
-tests run last.  Without PyPI they skip (one line saying so).
+tests run last.  Without PyPI they skip (one line saying so).  The preparation's own
+checks (the pinned hash, the tarball's members, the generated headers) are tested
+here too, without the network.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import re
 import sqlite3
 import subprocess
 import sys
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import realprograms
-
-pytestmark = pytest.mark.real_programs
 
 LIMIT = 600  # seconds: a bound for failing, never a wait for success
 DATA_SIZE = 10 * 1024 * 1024
@@ -108,6 +110,7 @@ def succeeded(done: subprocess.CompletedProcess[bytes]) -> str:
     return done.stdout.decode()
 
 
+@pytest.mark.real_programs
 def test_zlib_example_passes_as_natively(pytestconfig: pytest.Config, tmp_path: Path) -> None:
     """zlib's own test program: every check passes and prints what the native build
     prints.  The first line's ``compile flags`` encode type sizes: the guest is ILP32
@@ -152,6 +155,7 @@ def deterministic_data(size: int) -> bytes:
     return bytes(out[:size])
 
 
+@pytest.mark.real_programs
 def test_minigzip_10mb_round_trip_byte_identical(
     pytestconfig: pytest.Config, tmp_path: Path
 ) -> None:
@@ -183,6 +187,7 @@ def rows(db: Path) -> list[list[tuple[object, ...]]]:
         con.close()
 
 
+@pytest.mark.real_programs
 def test_sqlite_shell_writes_the_database_native_writes(
     pytestconfig: pytest.Config, tmp_path: Path
 ) -> None:
@@ -210,3 +215,100 @@ def test_sqlite_shell_writes_the_database_native_writes(
     assert len(got[2]) == 500 - 5  # dept 2 (ids % 4 == 3), less the 5 of them that % 97
     # The same SQLite, the same statements: the same file, page for page.
     assert guest_db.read_bytes() == native_db.read_bytes()
+
+
+def test_pip_failures_tell_the_network_apart() -> None:
+    offline = (
+        "WARNING: Retrying (Retry(total=0, ...)) after connection broken by "
+        "'NameResolutionError(\"HTTPSConnection(host='pypi.org', port=443): Failed to "
+        "resolve 'pypi.org' ([Errno -3] Temporary failure in name resolution)\")'\n"
+        "ERROR: No matching distribution found for zlib-ng==1.1.0"
+    )
+    missing = (
+        "ERROR: Could not find a version that satisfies the requirement zlib-ng==9.9 "
+        "(from versions: 0.1.0, 1.1.0)\nERROR: No matching distribution found for zlib-ng==9.9"
+    )
+    assert realprograms.is_network_failure(offline)
+    assert not realprograms.is_network_failure(missing)
+
+
+def test_a_cached_sdist_with_another_hash_is_refused(tmp_path: Path) -> None:
+    sdist = realprograms.ZLIB_NG
+    (tmp_path / "sdists").mkdir()
+    cached = tmp_path / "sdists" / sdist.filename
+    cached.write_bytes(b"not the pinned tarball")
+    with pytest.raises(realprograms.PrepareError, match="sha256"):
+        realprograms.fetch(sdist, tmp_path)
+    assert not cached.exists()  # the next run downloads it again
+
+
+def tarball(path: Path, members: dict[str, bytes | str]) -> None:
+    """A .tar.gz with regular files (bytes) and symlinks (str: the target)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+
+
+def test_extract_takes_only_regular_files_beneath_the_directory(tmp_path: Path) -> None:
+    sdist = realprograms.Sdist("demo", "1.0", "")
+    good = tmp_path / "good.tar.gz"
+    tarball(
+        good,
+        {"demo-1.0/setup.py": b"x", "demo-1.0/src/a.c": b"int a;", "demo-1.0/src/d/b.h": b"//"},
+    )
+    out = realprograms.extract(good, sdist, "src", tmp_path / "out")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "a.c",
+        "d/b.h",
+    ]
+    assert (out / "a.c").read_bytes() == b"int a;"
+
+    bads: list[dict[str, bytes | str]] = [
+        {"demo-1.0/src/../../evil": b"x"},
+        {"demo-1.0/src/link": "/etc/passwd"},
+    ]
+    for bad in bads:
+        path = tmp_path / "bad.tar.gz"
+        tarball(path, bad)
+        with pytest.raises(realprograms.PrepareError, match="unexpected member"):
+            realprograms.extract(path, sdist, "src", tmp_path / "a" / "bad")
+    assert not (tmp_path / "evil").exists()  # where `a/bad/../../evil` would land
+
+
+def test_zlib_ng_is_configured_as_its_configure_does(tmp_path: Path) -> None:
+    src = tmp_path / "zlib-ng"
+    src.mkdir()
+    (src / "zlib.h.in").write_text("#define @ZLIB_SYMBOL_PREFIX@deflateInit(s, l) x\n")
+    (src / "gzread_mangle.h.in").write_text("#undef @ZLIB_SYMBOL_PREFIX@gzgetc\n")
+    (src / "zlib_name_mangling.h.empty").write_text("/* empty */\n")
+    (src / "zconf.h.in").write_text(
+        "#ifdef HAVE_UNISTD_H    /* may be set to #if 1 by configure/cmake/etc */\n"
+        "#  define Z_HAVE_UNISTD_H\n#endif\n"
+    )
+    (src / "Makefile.in").write_text(
+        "OBJZ = \\\n\tarch/generic/adler32_c.o \\\n\tdeflate.o \\\n\t$(ARCH_STATIC_OBJS)\n\n"
+        "OBJG = \\\n\tgzlib.o\n\nTESTOBJG =\n"
+    )
+    realprograms.configure_zlib_ng(src, tmp_path / "gen")
+    gen = tmp_path / "gen"
+    assert (gen / "zlib.h").read_text() == "#define deflateInit(s, l) x\n"
+    assert (gen / "gzread_mangle.h").read_text() == "#undef gzgetc\n"
+    assert (gen / "zlib_name_mangling.h").read_text() == "/* empty */\n"
+    assert (
+        (gen / "zconf.h")
+        .read_text()
+        .startswith(
+            "#if 1    /* was set to #if 1 by configure/cmake/etc */\n#  define Z_HAVE_UNISTD_H\n"
+        )
+    )
+    assert realprograms.zlib_library_sources(src) == [
+        src / "arch/generic/adler32_c.c",
+        src / "deflate.c",
+        src / "gzlib.c",
+    ]
