@@ -472,7 +472,8 @@ class Plugin:
         if not real:
             return
         items[:] = [item for item in items if item.get_closest_marker(MARKER) is None] + real
-        start(config)
+        if not config.option.collectonly:
+            start(config)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         stop(config)

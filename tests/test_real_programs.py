@@ -111,6 +111,7 @@ def succeeded(done: subprocess.CompletedProcess[bytes]) -> str:
 
 
 @pytest.mark.real_programs
+@pytest.mark.slow
 def test_zlib_example_passes_as_natively(pytestconfig: pytest.Config, tmp_path: Path) -> None:
     """zlib's own test program: every check passes and prints what the native build
     prints.  The first line's ``compile flags`` encode type sizes: the guest is ILP32
@@ -156,6 +157,7 @@ def deterministic_data(size: int) -> bytes:
 
 
 @pytest.mark.real_programs
+@pytest.mark.slow
 def test_minigzip_10mb_round_trip_byte_identical(
     pytestconfig: pytest.Config, tmp_path: Path
 ) -> None:
@@ -188,6 +190,7 @@ def rows(db: Path) -> list[list[tuple[object, ...]]]:
 
 
 @pytest.mark.real_programs
+@pytest.mark.slow
 def test_sqlite_shell_writes_the_database_native_writes(
     pytestconfig: pytest.Config, tmp_path: Path
 ) -> None:
