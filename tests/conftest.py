@@ -10,7 +10,13 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import realprograms
+
 from supervisor import LguestDevice, engines
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(realprograms.Plugin(), "lguest-real-programs")
 
 
 def pytest_asyncio_loop_factories(
