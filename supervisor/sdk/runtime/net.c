@@ -8,7 +8,9 @@
  *    write reach a socket without asking first.
  *  - a blocking call that cannot complete gets NET_WAIT from the device and
  *    waits until the device's events counter moves (it raises its irq with
- *    it), then asks again.  Without threads the CPU halts (costing the Host
+ *    it), then asks again.  Without threads a send or receive is asked with
+ *    OP_PARK: the device finishes it itself once it can, before it moves the
+ *    counter, and the result in the descriptor is then no longer NET_WAIT.  Without threads the CPU halts (costing the Host
  *    nothing); interrupts stay off from the request to the halt, so a change
  *    in between is never missed: its irq is pending and ends the halt at once.
  *    With threads the thread blocks in the scheduler on the counter (a futex
@@ -45,6 +47,7 @@ enum {
 };
 #define EPOLL_CLOEXEC 02000000
 #define NET_WAIT (-(1L << 20))
+#define OP_PARK (1u << 16)
 #define MSG_WAITALL 0x100
 #define POLLIN 1
 #define POLLPRI 2
@@ -119,9 +122,12 @@ static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uin
     }
     if (!dev) return -ENOSYS;
     dev->sockmap = (uint32_t)sock_map;
+    /* Without threads nobody else makes a request while this one waits: the device
+     * may finish it itself (see the top). */
+    uint32_t park = (op == OP_SENDTO || op == OP_RECVFROM) && !lg_thread_active() ? OP_PARK : 0;
     for (;;) {
         uint32_t seen = dev->events;
-        dev->op = op;
+        dev->op = op | park;
         dev->fd = fd;
         dev->a[0] = a0, dev->a[1] = a1, dev->a[2] = a2, dev->a[3] = a3, dev->a[4] = a4;
         dev->a[5] = dev->a[6] = 0;
@@ -130,6 +136,8 @@ static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uin
         if (r != NET_WAIT) return r;
         if (thread_wait(seen, 0)) continue;
         while (dev->events == seen) lguest_halt(); /* interrupts are off: see the top */
+        r = (long)(int32_t)dev->result_lo; /* a parked request the device finished */
+        if (r != NET_WAIT) return r;
     }
 }
 
