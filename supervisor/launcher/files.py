@@ -71,6 +71,7 @@ from .sockets import (
     FS_EVENTS,
     FS_SOCKMAP,
     NET_WAIT,
+    OP_HALTS,
     OP_PARK,
     PARKABLE,
     S_IFSOCK,
@@ -473,7 +474,7 @@ class FilesDevice(Device):
         self.requests += 1
         self._parked = None  # the guest moved on: it asks again if it still wants it
         word, raw_fd, *args = slot.get_words(FS_OP, 9)  # op, fd, a0..a6
-        op = word & ~OP_PARK
+        op = word & ~(OP_PARK | OP_HALTS)
         fd = _signed(raw_fd)
         handler = _OPS.get(op) or SOCKET_OPS.get(op) or EPOLL_OPS.get(op)
         if handler is None:
@@ -486,6 +487,8 @@ class FilesDevice(Device):
             raise FileRequestError(str(exc)) from None
         if result == NET_WAIT and word & OP_PARK and op in PARKABLE:
             self._parked = (op, fd, args)
+        elif word & OP_HALTS:
+            slot.interrupt()  # the guest halts after this request: the answer ends it
         slot.set_words(FS_RESULT, _RESULT.unpack(_S64.pack(result)))
 
     def _finish_parked(self, slot: Slot) -> None:

@@ -54,6 +54,9 @@ OP_POLL = 33
 NET_WAIT = -(1 << 20)  # not an errno: "wait for the irq, then ask again"
 # In the op word: "if this must wait, finish it yourself when it can" (see the top).
 OP_PARK = 1 << 16
+# In the op word: "I halt after this request" (it came through the hypercall ring with a
+# halt behind it): unless it is parked, the device raises its irq, which ends the halt.
+OP_HALTS = 1 << 17
 MAX_POLL = 1 << 17
 
 AF_UNSPEC, AF_INET = 0, 2
