@@ -198,3 +198,34 @@ async def test_a_guest_round_trip_is_two_requests_two_exits_and_one_wake_a_side(
         assert 2 * rounds - 5 <= notifies <= 2 * rounds + missed + 10, (notifies, woken)
         assert 2 * rounds - 5 <= exits <= 2 * rounds + 2 * missed + 10, (exits, woken)
         assert rounds - 5 <= interrupts <= rounds + missed + 10, (interrupts, woken)
+
+
+def test_a_stream_receive_copies_straight_into_the_buffer_given() -> None:
+    network = netmod.Network()
+    a, b = network.join("a"), network.join("b")
+    listener = b.socket(netmod.STREAM)
+    assert isinstance(listener, netmod.StreamSocket)
+    listener.bind(0, 80)
+    listener.listen(1)
+    writer = a.socket(netmod.STREAM)
+    assert isinstance(writer, netmod.StreamSocket)
+    writer.connect(b.ip, 80)
+    reader = listener.accept()
+    woken: list[int] = []
+    writer.on_change = lambda: woken.append(1)
+    block = bytes(range(256)) * 256  # 64 KiB
+    while writer.room():
+        writer.send(block)  # until the reader's buffer is full
+    guest = bytearray(100_000)
+    with memoryview(guest) as view:
+        assert reader.recv_into(view[:10], peek=True) == 10
+        assert guest[:10] == block[:10] and not woken  # a peek takes nothing
+        assert reader.recv_into(view[5:70_005]) == 70_000
+    assert guest[5:70_005] == (block * 2)[:70_000]
+    assert woken == [1]  # room again: the writer hears of it
+    assert writer.room() == 70_000
+    writer.shutdown(1)
+    with memoryview(guest) as view:
+        while reader.recv_into(view):
+            pass
+        assert reader.recv_into(view) == 0  # the end

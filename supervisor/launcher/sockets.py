@@ -279,21 +279,27 @@ def recvfrom_now(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
     """``recvfrom`` (it never awaits: a parked one is tried again from ``poll``)."""
     sock = _sock(dev, fd)
     buf, length, flags, addr, lenp = a[0], a[1], a[2], a[3], a[4]
-    dev.guest_buffer(slot, buf, length).release()  # bounds and MAX_IO
+    view = dev.guest_buffer(slot, buf, length)  # bounds and MAX_IO
     peek = bool(flags & MSG_PEEK)
-    if isinstance(sock, net.DatagramSocket):
-        data, sender = _wait_or(dev, fd, flags, lambda: sock.recvfrom(peek=peek))
-        dev.put(slot, buf, data[:length])
-        _addr_out(dev, slot, addr, lenp, sender)
-        return len(data) if flags & MSG_TRUNC else min(len(data), length)
-    assert isinstance(sock, net.StreamSocket)
-    if length == 0:
-        return 0
-    data = _wait_or(dev, fd, flags, lambda: _call(sock.recv, length, peek=peek))
-    dev.put(slot, buf, data)
+    try:
+        if isinstance(sock, net.DatagramSocket):
+            data, sender = _wait_or(dev, fd, flags, lambda: sock.recvfrom(peek=peek))
+            view.release()
+            dev.put(slot, buf, data[:length])
+            _addr_out(dev, slot, addr, lenp, sender)
+            return len(data) if flags & MSG_TRUNC else min(len(data), length)
+        assert isinstance(sock, net.StreamSocket)
+        if length == 0:
+            return 0
+        # Straight from the socket's buffer into guest RAM: one copy.
+        n = int(_wait_or(dev, fd, flags, lambda: _call(sock.recv_into, view, peek=peek)))
+    finally:
+        view.release()
+    if n:
+        slot.memory.written(buf, n)  # the guest's CPUs drop stale translations of it
     if addr and sock.remote is not None:
         _addr_out(dev, slot, addr, lenp, sock.remote)
-    return len(data)
+    return n
 
 
 async def op_shutdown(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
