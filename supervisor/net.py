@@ -565,7 +565,8 @@ class StreamSocket(Socket):
         if self.cut:
             raise WouldBlock  # in flight until the partition heals
         if self.rx:
-            data = bytes(self.rx[:size])
+            with memoryview(self.rx) as held:
+                data = bytes(held[:size])  # one copy (a slice of the bytearray would be two)
             if not peek:
                 full = self.peer is not None and self.peer.room() == 0
                 del self.rx[:size]
