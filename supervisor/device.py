@@ -331,6 +331,19 @@ class LguestFile:
         """
         return await self._write(bytes(buf), offset, waker=False)
 
+    def send_irq(self, irq: int, offset: int = 0) -> None:
+        """Write ``LHREQ_IRQ irq`` to CPU ``offset`` without awaiting (that request never
+        waits), for a caller that must not give the loop up in between; the same errors
+        as :meth:`write`'s."""
+        self._device._bind_loop()
+        if self._closed:
+            raise _error(errno.EBADF)
+        cpu = self._cpu(offset)
+        assert self._lg is not None
+        if self._lg.dead:
+            raise _error(errno.ENOENT)
+        self._send_irq(cpu, (irq,))
+
     async def read(self, size: int, offset: int = 0) -> bytes:
         """Run CPU ``offset`` until the guest notifies; return the address as one word.
 

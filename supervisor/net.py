@@ -565,7 +565,8 @@ class StreamSocket(Socket):
         if self.cut:
             raise WouldBlock  # in flight until the partition heals
         if self.rx:
-            data = bytes(self.rx[:size])
+            with memoryview(self.rx) as held:
+                data = bytes(held[:size])  # one copy (a slice of the bytearray would be two)
             if not peek:
                 full = self.peer is not None and self.peer.room() == 0
                 del self.rx[:size]
@@ -583,6 +584,23 @@ class StreamSocket(Socket):
         if self.peer is None:
             return b""
         raise WouldBlock
+
+    def recv_into(self, buffer: memoryview, *, peek: bool = False) -> int:
+        """:meth:`recv` of up to ``len(buffer)`` bytes straight into ``buffer`` (guest RAM):
+        one copy; the same waits and errors."""
+        rx = self.rx
+        if not rx or self.cut or not buffer:
+            return len(self.recv(len(buffer), peek=peek))  # nothing to copy: its answer
+        n = min(len(rx), len(buffer))
+        with memoryview(rx) as held:
+            buffer[:n] = held[:n]
+        if not peek:
+            peer = self.peer
+            full = peer is not None and peer.room() == 0
+            del rx[:n]
+            if full and peer is not None:
+                peer.wake()  # the writer has room again
+        return n
 
     def shutdown(self, how: int) -> None:
         if self.peer is None and not self.was_connected:

@@ -70,6 +70,10 @@ from .epoll import EPOLL_OPS, WATCHES_PER_FILE, Budget, Epoll
 from .sockets import (
     FS_EVENTS,
     FS_SOCKMAP,
+    NET_WAIT,
+    OP_HALTS,
+    OP_PARK,
+    PARKABLE,
     S_IFSOCK,
     SOCKET_OPS,
     SocketRequestError,
@@ -313,6 +317,10 @@ class FilesDevice(Device):
         self._memory_view: memoryview | None = None
         self.net = net
         self._news = False
+        # A blocking socket request that asked to be finished here (sockets.OP_PARK):
+        # (op, fd, arguments), until it completes or the guest makes another request.
+        self._parked: tuple[int, int, list[int]] | None = None
+        self.parked_done = 0  # parked requests completed at a change of the sockets
         # One request at a time: the runtime holds a lock across CPUs, but a hostile SMP
         # guest may NOTIFY from two at once, and a close must never reach a host
         # descriptor a worker thread is still reading or writing (its number could be
@@ -370,6 +378,7 @@ class FilesDevice(Device):
         super().attach(slot)
         slot.set(FS_MAX_IO, MAX_IO)
         self._news = False  # a new boot: the next change must break it out again
+        self._parked = None
         if self.net is not None:
             self.net.on_news = self._on_news
 
@@ -382,6 +391,7 @@ class FilesDevice(Device):
     def poll(self, slot: Slot) -> None:
         if self._news:
             self._news = False
+            self._finish_parked(slot)
             slot.set(FS_EVENTS, slot.get(FS_EVENTS) + 1)
             slot.interrupt()
 
@@ -462,17 +472,40 @@ class FilesDevice(Device):
 
     async def _serve(self, slot: Slot) -> None:
         self.requests += 1
-        op, raw_fd, *args = slot.get_words(FS_OP, 9)  # op, fd, a0..a6
+        self._parked = None  # the guest moved on: it asks again if it still wants it
+        word, raw_fd, *args = slot.get_words(FS_OP, 9)  # op, fd, a0..a6
+        op = word & ~(OP_PARK | OP_HALTS)
         fd = _signed(raw_fd)
         handler = _OPS.get(op) or SOCKET_OPS.get(op) or EPOLL_OPS.get(op)
         if handler is None:
-            raise FileRequestError(f"unknown file request {op}")
+            raise FileRequestError(f"unknown file request {word}")
         try:
             result = await handler(self, slot, fd, args)
         except _GuestError as exc:
             result = -exc.errno
         except SocketRequestError as exc:
             raise FileRequestError(str(exc)) from None
+        if result == NET_WAIT and word & OP_PARK and op in PARKABLE:
+            self._parked = (op, fd, args)
+        elif word & OP_HALTS:
+            slot.interrupt()  # the guest halts after this request: the answer ends it
+        slot.set_words(FS_RESULT, _RESULT.unpack(_S64.pack(result)))
+
+    def _finish_parked(self, slot: Slot) -> None:
+        """Try the parked request again (the guest is stopped); if it completes, its
+        result replaces ``NET_WAIT`` in the descriptor, where the woken runtime finds it."""
+        parked = self._parked
+        if parked is None:
+            return
+        op, fd, args = parked
+        try:
+            result = PARKABLE[op](self, slot, fd, args)
+        except _GuestError as exc:
+            result = -exc.errno
+        if result == NET_WAIT:
+            return
+        self._parked = None
+        self.parked_done += 1
         slot.set_words(FS_RESULT, _RESULT.unpack(_S64.pack(result)))
 
     async def _blocking(

@@ -104,6 +104,8 @@ class GuestStats:
     interrupts: int = 0
     notifies: int = 0
     breaks: int = 0  # times the Waker broke the guest out for a device's news
+    # times a device's news found it asleep and woke it at once, without the Waker's task
+    woken_at_once: int = 0
     run_time: float = 0.0  # seconds inside guest slices
     hibernations: int = 0  # times the guest gave back its emulator while idle
     wakes: int = 0  # times it took a new one
@@ -179,6 +181,8 @@ class Launcher:
         self._waker: Waker | None = None  # this boot's, while it is served
         self._served: LguestFile | None = None  # this boot's file, while it is served
         self._breaking: asyncio.Task[None] | None = None  # the Waker, while it writes
+        self._waking = False  # _woke_asleep is polling (a wake meanwhile goes to the Waker)
+        self._woken_at_once = 0
         self._killed: str | None = None
         self._ended = False
         self._task: asyncio.Task[Exit] | None = None
@@ -260,10 +264,12 @@ class Launcher:
         return self._done_stats.add(self._current_stats())
 
     def _current_stats(self) -> GuestStats:
-        total = GuestStats(notifies=self._notifies, breaks=self._breaks)
+        total = GuestStats(
+            notifies=self._notifies, breaks=self._breaks, woken_at_once=self._woken_at_once
+        )
         for s in self.file.cpu_stats if self.file is not None else ():
             shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(GuestStats)
-                      if f.name not in ("notifies", "breaks")}  # fmt: skip
+                      if f.name not in ("notifies", "breaks", "woken_at_once")}  # fmt: skip
             total = total.add(GuestStats(**shared))
         return total
 
@@ -387,6 +393,7 @@ class Launcher:
                     self._done_stats = self._done_stats.add(self._current_stats())
                     self._notifies = 0
                     self._breaks = 0
+                    self._woken_at_once = 0
                     self.file = None
         finally:
             memory.close()
@@ -394,9 +401,33 @@ class Launcher:
     def _wake(self) -> None:
         self._attention = True
         if self._breaking is None and self._waker is not None and self._served is not None:
+            if not self._waking and self._woke_asleep(self._served):
+                return
             self._breaking = asyncio.create_task(
                 self._break_out(self._served, self._waker), name="lguest-waker"
             )
+
+    def _woke_asleep(self, f: LguestFile) -> bool:
+        """If every CPU of ``f`` is asleep, poll the devices and send their irqs now, in
+        the caller's turn of the loop, and return True: the irq wakes the CPU's run loop
+        directly, with no Waker task to schedule first.  False (nothing sent) if a CPU is
+        awake or a device failed (the Waker then breaks it out and the read loop's poll
+        kills with the reason), or if a device asked again meanwhile (the Waker sees to
+        it)."""
+        self._waking = True
+        self._attention = False
+        try:
+            if not self._polled_asleep(f):
+                self._attention = True
+                return False
+            while self._irqs:
+                f.send_irq(self._irqs.pop())
+            self._woken_at_once += 1
+        except OSError:  # it died meanwhile: nothing to wake
+            return True
+        finally:
+            self._waking = False
+        return not self._attention
 
     async def _serve(self, f: LguestFile) -> Exit:
         """Read every CPU, each in a task of its own, until the guest ends; every

@@ -8,6 +8,13 @@ halts until the device's irq says something changed, then asks again) and
 ``-EAGAIN`` to a non-blocking one.  Whenever a guest's socket state changes the
 device adds one to the descriptor's ``events`` counter and raises its irq.
 
+A ``recvfrom`` or ``sendto`` that asks for it (:data:`OP_PARK` in the op word) and
+answers :data:`NET_WAIT` is *parked*: the device keeps its arguments and, at the
+next change of the guest's sockets (:meth:`FilesDevice.poll`, the guest stopped),
+tries it again; once it completes, the data is in the guest's buffer and the
+result in the descriptor before ``events`` moves, so the woken runtime returns it
+without a second request.  Any later request of the guest forgets a parked one.
+
 The runtime learns which descriptors are sockets from a bitmap in guest RAM
 whose address it stores in the descriptor (``sockmap``): the device sets a
 descriptor's bit when it installs a socket there and clears it when the
@@ -45,6 +52,11 @@ OP_GETSOCKOPT = 32
 OP_POLL = 33
 
 NET_WAIT = -(1 << 20)  # not an errno: "wait for the irq, then ask again"
+# In the op word: "if this must wait, finish it yourself when it can" (see the top).
+OP_PARK = 1 << 16
+# In the op word: "I halt after this request" (it came through the hypercall ring with a
+# halt behind it): unless it is parked, the device raises its irq, which ends the halt.
+OP_HALTS = 1 << 17
 MAX_POLL = 1 << 17
 
 AF_UNSPEC, AF_INET = 0, 2
@@ -235,6 +247,11 @@ async def op_connect(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int
 
 
 async def op_sendto(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+    return sendto_now(dev, slot, fd, a)
+
+
+def sendto_now(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+    """``sendto`` (it never awaits: a parked one is tried again from ``poll``)."""
     sock = _sock(dev, fd)
     buf, length, flags, addr, addrlen = a[0], a[1], a[2], a[3], a[4]
     view = dev.guest_buffer(slot, buf, length)
@@ -255,23 +272,34 @@ async def op_sendto(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
 
 
 async def op_recvfrom(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+    return recvfrom_now(dev, slot, fd, a)
+
+
+def recvfrom_now(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
+    """``recvfrom`` (it never awaits: a parked one is tried again from ``poll``)."""
     sock = _sock(dev, fd)
     buf, length, flags, addr, lenp = a[0], a[1], a[2], a[3], a[4]
-    dev.guest_buffer(slot, buf, length).release()  # bounds and MAX_IO
+    view = dev.guest_buffer(slot, buf, length)  # bounds and MAX_IO
     peek = bool(flags & MSG_PEEK)
-    if isinstance(sock, net.DatagramSocket):
-        data, sender = _wait_or(dev, fd, flags, lambda: sock.recvfrom(peek=peek))
-        dev.put(slot, buf, data[:length])
-        _addr_out(dev, slot, addr, lenp, sender)
-        return len(data) if flags & MSG_TRUNC else min(len(data), length)
-    assert isinstance(sock, net.StreamSocket)
-    if length == 0:
-        return 0
-    data = _wait_or(dev, fd, flags, lambda: _call(sock.recv, length, peek=peek))
-    dev.put(slot, buf, data)
+    try:
+        if isinstance(sock, net.DatagramSocket):
+            data, sender = _wait_or(dev, fd, flags, lambda: sock.recvfrom(peek=peek))
+            view.release()
+            dev.put(slot, buf, data[:length])
+            _addr_out(dev, slot, addr, lenp, sender)
+            return len(data) if flags & MSG_TRUNC else min(len(data), length)
+        assert isinstance(sock, net.StreamSocket)
+        if length == 0:
+            return 0
+        # Straight from the socket's buffer into guest RAM: one copy.
+        n = int(_wait_or(dev, fd, flags, lambda: _call(sock.recv_into, view, peek=peek)))
+    finally:
+        view.release()
+    if n:
+        slot.memory.written(buf, n)  # the guest's CPUs drop stale translations of it
     if addr and sock.remote is not None:
         _addr_out(dev, slot, addr, lenp, sock.remote)
-    return len(data)
+    return n
 
 
 async def op_shutdown(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
@@ -383,6 +411,12 @@ def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     except net.NetError as exc:
         raise _err(exc.errno) from None
 
+
+# The requests that may be parked, each as a call that never awaits.
+PARKABLE: dict[int, Callable[[FilesDevice, Slot, int, list[int]], int]] = {
+    OP_SENDTO: sendto_now,
+    OP_RECVFROM: recvfrom_now,
+}
 
 SOCKET_OPS: dict[int, Callable[[FilesDevice, Slot, int, list[int]], Awaitable[int]]] = {
     OP_SOCKET: op_socket,

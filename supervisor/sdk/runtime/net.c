@@ -8,7 +8,11 @@
  *    write reach a socket without asking first.
  *  - a blocking call that cannot complete gets NET_WAIT from the device and
  *    waits until the device's events counter moves (it raises its irq with
- *    it), then asks again.  Without threads the CPU halts (costing the Host
+ *    it), then asks again.  Without threads a send or receive is asked with
+ *    OP_PARK: the device finishes it itself once it can, before it moves the
+ *    counter, and the result in the descriptor is then no longer NET_WAIT.  A
+ *    receive after one that waited goes with its halt (notify_and_halt): one
+ *    exit where a request answered "wait" and the halt after it were two.  Without threads the CPU halts (costing the Host
  *    nothing); interrupts stay off from the request to the halt, so a change
  *    in between is never missed: its irq is pending and ends the halt at once.
  *    With threads the thread blocks in the scheduler on the counter (a futex
@@ -45,6 +49,8 @@ enum {
 };
 #define EPOLL_CLOEXEC 02000000
 #define NET_WAIT (-(1L << 20))
+#define OP_PARK (1u << 16)
+#define OP_HALTS (1u << 17)
 #define MSG_WAITALL 0x100
 #define POLLIN 1
 #define POLLPRI 2
@@ -110,6 +116,27 @@ void __lguest_net_irq(unsigned irq)
     if (dev && irq == dev->irq) lg_thread_wake_word(&dev->events);
 }
 
+/* The request in the device's descriptor, then a halt, in one exit: the notify
+ * goes through this CPU's hypercall ring, which the Host runs before the halt
+ * trapped with it, and the device raises its irq unless it parked the request
+ * (OP_HALTS), so the halt ends at once when there is an answer.  This file is the
+ * runtime's only user of the ring: ring_at is the Host's next slot. */
+static uint8_t ring_at[LG_MAX_CPUS];
+static int recv_waited; /* the last receive (without threads) had to wait */
+
+static void notify_and_halt(void)
+{
+    struct lguest_data *d = lg_cpu_data();
+    unsigned cpu = lg_cpu_id();
+    unsigned n = ring_at[cpu];
+    d->hcalls[n].arg0 = LHCALL_NOTIFY;
+    d->hcalls[n].arg1 = (uint32_t)dev;
+    d->hcalls[n].arg2 = d->hcalls[n].arg3 = 0;
+    __atomic_store_n(&d->hcall_status[n], 0, __ATOMIC_RELEASE); /* queued */
+    ring_at[cpu] = (uint8_t)((n + 1) % LHCALL_RING_SIZE);
+    lguest_halt();
+}
+
 static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                  uint32_t a4)
 {
@@ -119,17 +146,30 @@ static long call(uint32_t op, int fd, uint32_t a0, uint32_t a1, uint32_t a2, uin
     }
     if (!dev) return -ENOSYS;
     dev->sockmap = (uint32_t)sock_map;
+    /* Without threads nobody else makes a request while this one waits: the device
+     * may finish it itself (see the top). */
+    uint32_t park = (op == OP_SENDTO || op == OP_RECVFROM) && !lg_thread_active() ? OP_PARK : 0;
+    /* A receive after one that had to wait likely waits too: halt with the request
+     * (on CPU 0, which the device's irq goes to). */
+    uint32_t halts = park && op == OP_RECVFROM && recv_waited && !lg_cpu_id() ? OP_HALTS : 0;
     for (;;) {
         uint32_t seen = dev->events;
-        dev->op = op;
+        dev->op = op | park | halts;
         dev->fd = fd;
         dev->a[0] = a0, dev->a[1] = a1, dev->a[2] = a2, dev->a[3] = a3, dev->a[4] = a4;
         dev->a[5] = dev->a[6] = 0;
-        lguest_notify((const void *)dev);
+        if (halts)
+            notify_and_halt();
+        else
+            lguest_notify((const void *)dev);
+        halts = 0;
         long r = (long)(int32_t)dev->result_lo;
+        if (op == OP_RECVFROM && park) recv_waited = r == NET_WAIT || dev->events != seen;
         if (r != NET_WAIT) return r;
         if (thread_wait(seen, 0)) continue;
         while (dev->events == seen) lguest_halt(); /* interrupts are off: see the top */
+        r = (long)(int32_t)dev->result_lo; /* a parked request the device finished */
+        if (r != NET_WAIT) return r;
     }
 }
 
