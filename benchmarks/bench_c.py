@@ -4,7 +4,8 @@ Supervised: the whole guest through Supervisor (boot, musl, console); the time
 is from its "sieve n=... rounds=..." line to its result line, so it holds the
 compute and one console round trip.  Raw: the same image loaded by the same
 Launcher code into a bare Unicorn (same mapping, page tables, translation
-buffer), ``sieve_rounds`` called directly with the same arguments.
+buffer, and .text's pages the only executable ones, as the runtime makes them
+at boot), ``sieve_rounds`` called directly with the same arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from supervisor.cpu import CR0_PE, CR0_PG, CR4_PSE, DEFAULT_TCG_BUFFER
 from supervisor.launcher.layout import build_pagetables, plan, write_boot_info
 from supervisor.launcher.loader import load_image, read_image
 from supervisor.memory import GuestMemory
+from supervisor.pagetables import CR4_SMEP, PTE_USER
 from supervisor.sdk.elfstrip import symbols as elf_symbols
 
 from .harness import Profile, Result, now
@@ -40,12 +42,13 @@ class RawSieve:
         self.memory = GuestMemory(layout.pfn_limit * 4096)
         load_image(read_image(SIEVE), self.memory.view, layout)
         build_pagetables(self.memory.view, layout)
+        self._protect_code(layout.pgdir)
         write_boot_info(self.memory.view, layout, 0, b"")
         uc = Uc(UC_ARCH_X86, UC_MODE_32)
         uc.ctl_set_tcg_buffer_size(DEFAULT_TCG_BUFFER)
         uc.mem_map_ptr(0, layout.pfn_limit * 4096, UC_PROT_ALL, self.memory.address)
         uc.reg_write(r.UC_X86_REG_CR3, layout.pgdir)
-        uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
+        uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE | CR4_SMEP)
         uc.reg_write(r.UC_X86_REG_CR0, uc.reg_read(r.UC_X86_REG_CR0) | CR0_PE | CR0_PG)
         uc.reg_write(r.UC_X86_REG_EFLAGS, 0x202)
         self.uc = uc
@@ -53,9 +56,22 @@ class RawSieve:
         self.buffer = (self.symbols["_end"] + 0x2000) & ~0xFFF
         self.result = self.buffer - 16
 
+    def _protect_code(self, pgdir: int) -> None:
+        """What the runtime does at boot (runtime.c's protect_code): .text's pages
+        become supervisor pages, the only ones the CPU runs code from under SMEP."""
+        view = self.memory.view
+        start = self.symbols["__lguest_text_start"] & ~0xFFF
+        for va in range(start, self.symbols["__lguest_text_end"], 4096):
+            (pde,) = struct.unpack_from("<I", view, pgdir + 4 * (va >> 22))
+            slot = (pde & ~0xFFF) + 4 * ((va >> 12) & 0x3FF)
+            (pte,) = struct.unpack_from("<I", view, slot)
+            struct.pack_into("<I", view, slot, pte & ~PTE_USER)
+
     def run(self, n: int, rounds: int) -> tuple[int, int]:
         """(count, checksum) of one call."""
-        stop = self.symbols["_lguest_start"]  # the return address: emulation stops there
+        # The return address: emulation stops there.  Inside a page it may run code from
+        # (a stop at a page's first byte makes Unicorn fetch from the page before).
+        stop = self.symbols["_lguest_start"] + 1
         sp = self.stack_top - 32
         frame = struct.pack("<5I", stop, self.buffer, n, rounds, self.result)
         self.memory.write(sp, frame)

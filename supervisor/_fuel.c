@@ -748,7 +748,9 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
    none).  Other CPUs of the guest are the caller's to tell. */
 #define CR0_PG 0x80000000u
 #define CR4_PSE 0x10u
+#define CR4_SMEP 0x100000u
 #define PTE_WRITE 0x2
+#define PTE_USER 0x4
 #define EFLAGS_IF 0x200u
 #define KERNEL_ALIAS 0xc0000000u /* codecache.KERNEL_ALIAS */
 
@@ -771,10 +773,13 @@ static void ram_put32(fuel_t *fuel, uint64_t addr, uint32_t value)
     p[3] = (uint8_t)(value >> 24);
 }
 
-/* pagetables.guest_pa: translate `va`; 0 if the guest has no such mapping */
+/* pagetables.guest_pa: translate `va`; 0 if the guest has no such mapping.  `fetch`
+   (if not NULL): pagetables.fetchable, whether a supervisor-mode CPU may run code there. */
 static int walk(const fuel_t *fuel, const uint32_t control[3], uint32_t va, int write,
-                uint32_t *pa)
+                uint32_t *pa, int *fetch)
 {
+    if (fetch != NULL)
+        *fetch = 1;
     if (!(control[0] & CR0_PG)) {
         *pa = va;
         return 1;
@@ -786,6 +791,8 @@ static int walk(const fuel_t *fuel, const uint32_t control[3], uint32_t va, int 
     if ((pde & PTE_PSE) && (control[2] & CR4_PSE)) {
         if (write && !(pde & PTE_WRITE))
             return 0;
+        if (fetch != NULL)
+            *fetch = !((control[2] & CR4_SMEP) && (pde & PTE_USER));
         *pa = (pde & 0xffc00000u) | (va & 0x3fffff);
         return 1;
     }
@@ -794,6 +801,8 @@ static int walk(const fuel_t *fuel, const uint32_t control[3], uint32_t va, int 
         return 0;
     if (write && !(pte & PTE_WRITE))
         return 0;
+    if (fetch != NULL)
+        *fetch = !((control[2] & CR4_SMEP) && (pde & pte & PTE_USER));
     *pa = (pte & ~0xfffu) | (va & 0xfff);
     return 1;
 }
@@ -802,6 +811,27 @@ static int walk(const fuel_t *fuel, const uint32_t control[3], uint32_t va, int 
 static int remove_cache(void *uc, uint64_t begin, uint64_t end)
 {
     return uc_ctl_fn(uc, remove_cache_request, begin, end) == 0;
+}
+
+/* codecache._remove_code: remove_cache, skipping the pages a supervisor-mode CPU cannot
+   run code from (CR4.SMEP, user pages: see there). */
+static int remove_code(const fuel_t *fuel, void *uc, const uint32_t control[3], uint64_t begin,
+                       uint64_t end)
+{
+    if (!(control[2] & CR4_SMEP))
+        return remove_cache(uc, begin, end);
+    for (uint64_t page = begin; page < end;) {
+        uint64_t stop = (page | 0xfff) + 1;
+        if (stop > end)
+            stop = end;
+        uint32_t pa;
+        int fetch;
+        if (page <= UINT32_MAX && walk(fuel, control, (uint32_t)page, 0, &pa, &fetch) &&
+            fetch && !remove_cache(uc, page, stop))
+            return 0;
+        page = stop;
+    }
+    return 1;
 }
 
 static PyObject *delivered(uint32_t frame_pa, uint32_t size, int frame_dropped, int written,
@@ -871,14 +901,15 @@ static PyObject *deliver(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     uint32_t words[4] = {eflags, cs, eip, (uint32_t)error_code};
     uint32_t n = error_code >= 0 ? 4 : 3;
     uint32_t low = esp - 4 * n, pa;
-    if (!(low < esp && low >> 12 == (esp - 1) >> 12) || !walk(fuel, control, low, 1, &pa) ||
+    if (!(low < esp && low >> 12 == (esp - 1) >> 12) ||
+        !walk(fuel, control, low, 1, &pa, NULL) ||
         (uint64_t)pa + 4 * n > (uint64_t)fuel->pfn_limit * PAGE_SIZE)
         Py_RETURN_NONE; /* across a page, or a push that kills: Python's */
     for (uint32_t i = 0; i < n; i++) /* in push order: the first word highest */
         ram_put32(fuel, (uint64_t)pa + 4 * (n - 1 - i), words[i]);
     set_reg32(uc, esp_id, low);
     set_reg32(uc, eip_id, (uint32_t)((lo & 0xffff) | (hi & 0xffff0000u)));
-    int frame_dropped = remove_cache(uc, low, (uint64_t)low + 4 * n);
+    int frame_dropped = remove_code(fuel, uc, control, low, (uint64_t)low + 4 * n);
     int written = ((hi >> 8) & 0xf) == GATE_INTERRUPT, dropped = 0;
     if (written) {
         ram_put32(fuel, data, 0);
@@ -886,8 +917,9 @@ static PyObject *deliver(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         for (int i = 0; i < 3 && !dropped; i++) {
             uint64_t va = data + aliases[i];
             uint32_t back;
-            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back) && back == data)
-                dropped = remove_cache(uc, va, va + 4);
+            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back, NULL) &&
+                back == data)
+                dropped = remove_code(fuel, uc, control, va, va + 4);
         }
     }
     return delivered(pa, 4 * n, frame_dropped, written, dropped);
@@ -937,9 +969,9 @@ static PyObject *drop(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         for (int a = 0; a < 3 && !dropped; a++) {
             uint64_t va = start + aliases[a];
             uint32_t back;
-            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back) &&
+            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back, NULL) &&
                 back == start) {
-                if (!remove_cache(uc, va, va + (end - start)))
+                if (!remove_code(fuel, uc, control, va, va + (end - start)))
                     Py_RETURN_FALSE;
                 dropped = 1;
             }
@@ -1103,6 +1135,8 @@ static const struct {
     {"cpu.CR0_TS", CR0_TS},
     {"cpu.CR0_PG", CR0_PG},
     {"cpu.CR4_PSE", CR4_PSE},
+    {"pagetables.CR4_SMEP", CR4_SMEP},
+    {"pagetables.PTE_USER", PTE_USER},
     {"interrupts.GATE_INTERRUPT", GATE_INTERRUPT},
     {"interrupts.GATE_TRAP", GATE_TRAP},
     {"interrupts.GATE_PRESENT", GATE_PRESENT},

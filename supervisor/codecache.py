@@ -16,11 +16,12 @@ Unicorn's range invalidation takes a guest-*virtual* address; the range's
 physical address is used when the guest maps it there (the Launcher's low
 linear map), else its ``kernel_address`` alias; if neither maps it, or the
 guest runs in user mode (where the lookup could fault), the whole translation
-cache is flushed, which is always correct, only slower.  On the native paths
-(``_slicing.NATIVE``, the guest's memory given to the interrupt hook) the register
-reads, the walks and the engine calls are one C call (``_slicing.drop``), with the
-same aliases and the same fall-back to a flush; the Python walk below is for the
-other CPUs.
+cache is flushed, which is always correct, only slower.  Pages the CPU cannot run
+code from (user pages under ``CR4.SMEP``, see :func:`_remove_code`) are skipped.
+On the native paths (``_slicing.NATIVE``, the guest's memory given to the interrupt
+hook) the register reads, the walks and the engine calls are one C call
+(``_slicing.drop``), with the same aliases, the same skipped pages and the same
+fall-back to a flush; the Python walk below is for the other CPUs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from unicorn import x86_const as r
 
 from . import _slicing, _unicorn
 from .cpu import LgCpu
-from .pagetables import guest_pa
+from .pagetables import CR4_SMEP, fetchable, guest_pa
 
 KERNEL_ALIAS = 0xC0000000  # the Launcher's high linear map (launcher.layout.PAGE_OFFSET)
 
@@ -66,7 +67,31 @@ def drop_stale(cpu: LgCpu) -> None:
         if where is None:
             uc.ctl_flush_tb()
             break
-        _unicorn.remove_cache(uc, where, where + (end - start))
+        _remove_code(cpu, where, where + (end - start), control)
+
+
+def _remove_code(cpu: LgCpu, begin: int, end: int, control: tuple[int, int, int]) -> None:
+    """Drop the translations of guest-virtual ``[begin, end)``, except on the pages the
+    CPU cannot run code from (``pagetables.fetchable``: a user page under ``CR4.SMEP``).
+
+    Unicorn finds a page's translations by probing it for an instruction fetch; on such
+    a page the probe raises a page fault that Unicorn ignores but leaves in the CPU's
+    exception state, so that the guest's next real page fault would become a double
+    fault.  Nothing runs from there through this mapping, and a guest's own stores
+    through a mapping it cannot run code from are not checked for code either (QEMU's
+    self-modifying-code check is only on executable mappings): code is written where
+    it runs, or the page is made executable before it runs (the C runtime does).
+    """
+    uc = cpu.emulator
+    if not control[2] & CR4_SMEP:
+        _unicorn.remove_cache(uc, begin, end)
+        return
+    page = begin
+    while page < end:
+        stop = min((page | 0xFFF) + 1, end)
+        if fetchable(cpu, page, control):
+            _unicorn.remove_cache(uc, page, stop)
+        page = stop
 
 
 def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -18,7 +18,9 @@ from .cpu import CR0_PG, CR4_PSE, LgCpu
 
 PTE_PRESENT = 0x1
 PTE_WRITE = 0x2
+PTE_USER = 0x4
 PTE_PSE = 0x80
+CR4_SMEP = 1 << 20
 PTRS_PER_TABLE = 1024
 
 
@@ -52,6 +54,26 @@ def guest_pa(
     if write and not pte & PTE_WRITE:
         return None
     return (pte & ~0xFFF) | (vaddr & 0xFFF)
+
+
+def fetchable(cpu: LgCpu, vaddr: int, control: tuple[int, int, int] | None = None) -> bool:
+    """Whether the CPU in supervisor mode may run code at ``vaddr``: mapped, and not a
+    user page while ``CR4.SMEP`` is set (x86-32 without PAE has no other no-execute
+    bit).  ``control`` as for :func:`guest_pa`."""
+    cr0, cr3, cr4 = cpu.control() if control is None else control
+    if not cr0 & CR0_PG:
+        return True
+    lg = cpu.lg
+    pde = lg.read_u32((cr3 & ~0xFFF) + 4 * (vaddr >> 22))
+    if pde is None or not pde & PTE_PRESENT:
+        return False
+    user = pde & PTE_USER
+    if not (pde & PTE_PSE and cr4 & CR4_PSE):
+        pte = lg.read_u32((pde & ~0xFFF) + 4 * ((vaddr >> 12) & 0x3FF))
+        if pte is None or not pte & PTE_PRESENT:
+            return False
+        user &= pte
+    return not (user and cr4 & CR4_SMEP)
 
 
 def check_entry(cpu: LgCpu, entry: int, big: bool = False) -> str | None:

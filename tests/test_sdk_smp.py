@@ -277,7 +277,7 @@ int main(void) {
 async def test_a_snapshot_mid_run_restores_every_cpu_and_its_percpu_segment() -> None:
     """Restored mid-count, the copy still finishes exactly; its printf goes through
     lg_cpu_data() (%fs), which would fault on page 0 had %fs been lost."""
-    loops = 1_500_000
+    loops = 15_000_000  # a few hundred slices: the snapshot lands mid-count
     async with Supervisor() as sup:
         guest = await sup.launch(
             GuestConfig(image=SMP, memory="4M", cmdline=f"loops={loops}", cpus=2)

@@ -496,7 +496,7 @@ async def test_a_snapshot_of_running_threads_restores_and_counts_exactly(
     with the exact count."""
     async with Supervisor() as sup:
         guest = await sup.launch(
-            GuestConfig(image=threads_guest, memory="8M", cmdline="count 6 60000", cpus=2)
+            GuestConfig(image=threads_guest, memory="8M", cmdline="count 6 600000", cpus=2)
         )
         async with asyncio.timeout(LIMIT):
             await until(lambda: guest.stats.exits > 200, timeout=LIMIT)
@@ -506,7 +506,7 @@ async def test_a_snapshot_of_running_threads_restores_and_counts_exactly(
             copy = await sup.restore(snap, name="copy")
             lines = [line async for line in copy.console]
             result = await copy.wait()
-    assert lines[0] == "counter 360000 expected 360000, 6 joined values right, tids distinct"
+    assert lines[0] == "counter 3600000 expected 3600000, 6 joined values right, tids distinct"
     assert result.ok
 
 

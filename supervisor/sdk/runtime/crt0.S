@@ -76,19 +76,25 @@ __lguest_int80:
         iret
         .size   __lguest_int80, . - __lguest_int80
 
-/* Page fault: error code on the stack, then eip.  Never returns. */
+/* Page fault: error code on the stack, then eip.  __lguest_page_fault(error,
+ * eip) returns only when the faulting instruction can run again (a fetch
+ * from a page it made executable); the way out is the irqs' (below), whose
+ * frame has the error code where theirs has the irq number. */
         .globl  __lguest_pf_entry
         .type   __lguest_pf_entry, @function
         .p2align 4
 __lguest_pf_entry:
         cld
-        movl    4(%esp), %eax                   /* eip */
-        movl    (%esp), %edx                    /* error code */
         pushl   %eax
+        pushl   %ecx
         pushl   %edx
+        pushl   16(%esp)                        /* eip */
+        pushl   16(%esp)                        /* error code */
         call    __lguest_page_fault
-1:      hlt
-        jmp     1b
+        addl    $8, %esp
+        popl    %edx
+        popl    %ecx
+        jmp     __lguest_irq_return
         .size   __lguest_pf_entry, . - __lguest_pf_entry
 
 /* Interrupts: one stub per irq pushes its number and jumps to the common
@@ -115,6 +121,9 @@ __lguest_irq_common:
         addl    $4, %esp
         popl    %edx
         popl    %ecx
+/* Stack: eax, one word (the irq number, or a fault's error code), eip, cs,
+ * eflags. */
+__lguest_irq_return:
         testl   $0x200, 16(%esp)                /* eflags.IF of the interrupted code */
         jz      1f
         movl    %fs:4, %eax                     /* this CPU's lguest_data (struct lg_percpu) */

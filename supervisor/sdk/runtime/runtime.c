@@ -48,7 +48,9 @@ static lguest_irq_handler irq_handlers[LGUEST_IRQS];
 
 extern char __lguest_irq_stubs[], __lguest_noirq_start[], __lguest_noirq_end[];
 extern char __lguest_int80[], __lguest_pf_entry[], __lguest_vsyscall[];
-extern char _end[];
+extern char _end[], __lguest_text_start[], __lguest_text_end[];
+#define PTE_USER 4u
+#define CR4_SMEP (1u << 20)
 /* CPU 0's stack (runtime-placed at the top of free memory) and the unmapped
  * page below it. */
 uint32_t __lguest_stack_guard_page, __lguest_stack_top;
@@ -139,11 +141,33 @@ void lguest_halt(void)
     lg_cpu_data()->irq_enabled = was; /* this CPU's: a thread may have moved */
 }
 
-/* A NULL dereference (an access to page 0) or any other page fault kills the
- * guest with a reason naming the access; error code bits: 1 present, 2 write. */
-__attribute__((noreturn)) void __lguest_page_fault(uint32_t error, uint32_t eip)
+static uint32_t set_pte(uint32_t va, uint32_t pte);
+static uint32_t *pte_slot(uint32_t va);
+
+/* An instruction fetch from a present user page (error code bits 1 present
+ * and 16 fetch, with CR4.SMEP set by protect_code): the page becomes a
+ * supervisor one, which the CPU may run code from, and the fetch is retried.
+ * Code outside .text (a trampoline on the stack, code a program wrote) runs
+ * as before; only its page keeps the slower stores of a code page.  Returns 0
+ * if the fault is anything else. */
+static int make_executable(uint32_t error, uint32_t va)
+{
+    if ((error & 0x11) != 0x11 || va < PAGE_SIZE) return 0;
+    uint32_t *slot = pte_slot(va);
+    if (!slot || !(*slot & 1)) return 0;
+    if (*slot & PTE_USER) set_pte(va & ~(PAGE_SIZE - 1), *slot & ~PTE_USER);
+    else lguest_hcall(LHCALL_FLUSH_TLB, 0, 0, 0); /* another CPU made it executable */
+    return 1;
+}
+
+/* Any other page fault kills the guest with a reason naming the access (a
+ * NULL dereference: an access to page 0); error code bits: 1 present, 2
+ * write.  Returns (to crt0's __lguest_pf_entry, which resumes the faulting
+ * instruction) only for make_executable's faults. */
+void __lguest_page_fault(uint32_t error, uint32_t eip)
 {
     uint32_t cr2 = lg_cpu_data()->cr2;
+    if (make_executable(error, cr2)) return;
     const char *kind = (error & 2) ? "write" : "read";
     if (cr2 < PAGE_SIZE) {
         crash_hex((error & 2) ? "NULL pointer dereference: write at "
@@ -153,9 +177,10 @@ __attribute__((noreturn)) void __lguest_page_fault(uint32_t error, uint32_t eip)
     (void)kind;
     if (cr2 - __lguest_stack_guard_page < PAGE_SIZE)
         crash_hex("stack overflow: access at ", cr2, " (eip ", eip);
-    crash_hex((error & 2) ? "page fault: write at " : "page fault: read at ", cr2, " (eip ",
-              eip);
-    __builtin_unreachable();
+    crash_hex((error & 16) ? "page fault: instruction fetch at "
+               : (error & 2) ? "page fault: write at "
+                             : "page fault: read at ",
+              cr2, " (eip ", eip);
 }
 
 /* ---- clocks ---- */
@@ -816,19 +841,49 @@ struct phdr32 {
     uint32_t type, offset, vaddr, paddr, filesz, memsz, flags, align;
 };
 
+/* The page table entry of virtual `va`, or NULL if `va` has no page table
+ * (a 4 MiB page, or none). */
+static uint32_t *pte_slot(uint32_t va)
+{
+    uint32_t pde = ((volatile uint32_t *)lguest_data.pgdir)[va >> 22];
+    if (!(pde & 1) || (pde & 0x80)) return 0; /* no table, or a 4 MiB page */
+    return &((uint32_t *)(pde & ~0xfffu))[(va >> 12) & 1023];
+}
+
 /* Set the page table entry of virtual `va` (low mapping) and tell the Host;
  * returns the old entry, or 0 (and changes nothing) if `va` has no page
  * table (a 4 MiB page, or none). */
 static uint32_t set_pte(uint32_t va, uint32_t pte)
 {
-    uint32_t pgdir = lguest_data.pgdir;
-    uint32_t pde = ((volatile uint32_t *)pgdir)[va >> 22];
-    if (!(pde & 1) || (pde & 0x80)) return 0; /* no table, or a 4 MiB page: leave it */
-    volatile uint32_t *slot = &((volatile uint32_t *)(pde & ~0xfffu))[(va >> 12) & 1023];
+    volatile uint32_t *slot = pte_slot(va);
+    if (!slot) return 0; /* leave it */
     uint32_t old = *slot;
     *slot = pte;
-    lguest_hcall(LHCALL_SET_PTE, pgdir, va, pte);
+    lguest_hcall(LHCALL_SET_PTE, lguest_data.pgdir, va, pte);
     return old;
+}
+
+/* Only the pages of .text are executable.  QEMU keeps every store to a page
+ * the CPU may run code from on its slow path (a call that checks for
+ * self-modifying code), and an x86-32 page without PAE is always executable,
+ * except to ring-0 code under CR4.SMEP when its entry says "user".  The
+ * Launcher maps every page "user", so: .text's entries become supervisor
+ * ones, then SMEP is turned on (which flushes the TLB; secondary CPUs start
+ * with this CPU's control registers).  Everything else (data, heap, stacks)
+ * is then a page no code runs from, whose stores stay on the fast path once
+ * the CPU has seen them; make_executable turns a page executable when code
+ * does run from it.  guest.ld keeps writable sections off .text's pages.  If
+ * .text is not mapped with 4 KiB pages, nothing changes. */
+static void protect_code(void)
+{
+    uint32_t start = (uint32_t)__lguest_text_start & ~(PAGE_SIZE - 1);
+    uint32_t end = (uint32_t)__lguest_text_end;
+    for (uint32_t va = start; va < end; va += PAGE_SIZE)
+        if (!pte_slot(va)) return;
+    for (uint32_t va = start; va < end; va += PAGE_SIZE) *pte_slot(va) &= ~PTE_USER;
+    uint32_t cr4;
+    __asm__ __volatile__("movl %%cr4, %0" : "=r"(cr4));
+    __asm__ __volatile__("movl %0, %%cr4" : : "r"(cr4 | CR4_SMEP) : "memory");
 }
 
 #define MAX_ARGS 64
@@ -1109,6 +1164,7 @@ __attribute__((noreturn, used)) void __lguest_start_c(const struct lguest_boot_i
     memcpy(env_copy, (const char *)boot_copy.env, env_len);
     set_gate(14, __lguest_pf_entry, 0x8e00);
     unmap_page(0);
+    protect_code();
 
     for (unsigned irq = 0; irq < LGUEST_IRQS; irq++)
         set_gate(LGUEST_IRQ_VECTOR_BASE + irq, __lguest_irq_stubs + 8 * irq, 0x8e00);
