@@ -42,6 +42,7 @@ from . import _slicing, _unicorn, hostpages
 from ._statefields import host_only, saved, saved_fields
 from .abi import IDT_ENTRIES, X86_EFLAGS_IF
 from .engines import EnginePool, Taken
+from .flag import Flag
 from .limits import UNLIMITED, Limits
 from .state import CpuState, StateError
 
@@ -229,11 +230,11 @@ class RunControl:
     # instead of entering the guest.
     hold: Hold | None = host_only(default=None)
     break_out: bool = saved(default=False)  # a Waker's LHREQ_BREAK 1, until BREAK 0
-    break_released: asyncio.Event = host_only(default_factory=asyncio.Event)
+    break_released: Flag = host_only(default_factory=Flag)
     reading: bool = host_only(default=False)  # a read of this CPU is in flight
     closing: bool = host_only(default=False)  # close(): every later pass ends with EBADF
-    wakeup: asyncio.Event = host_only(default_factory=asyncio.Event)  # the run loop's sleep
-    idle: asyncio.Event = host_only(default_factory=asyncio.Event)  # set: no executor slice
+    wakeup: Flag = host_only(default_factory=Flag)  # the run loop's sleep
+    idle: Flag = host_only(default_factory=Flag)  # set: no executor slice
     # An executor run (a slicepool.Job) submitted and not finished.  Its cancel()
     # withdraws it while it waits in the pool's queue (before its first slice or between
     # two); while a slice runs it only asks the run to end after that slice.

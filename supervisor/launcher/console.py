@@ -62,6 +62,9 @@ class ConsoleEnded(EOFError):
         self.output = output
 
 
+_KEEP_NONE: deque[bytes] = deque(maxlen=0)  # the lines of every maxlen=0 stream: none
+
+
 class _Piece(bytes):
     """A held line piece with no newline after it: a cut of an over-long line, or the
     last bytes flushed at close."""
@@ -97,7 +100,8 @@ class LineStream:
     def __init__(self, maxlen: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes < self.LINE_COST:
             raise ValueError(f"max_bytes must be at least {self.LINE_COST}")
-        self._lines: deque[bytes] = deque()
+        # maxlen=0 keeps no line: every such stream shares one deque that holds none.
+        self._lines: deque[bytes] = deque() if maxlen != 0 else _KEEP_NONE
         self._maxlen = maxlen
         self.max_bytes = max_bytes
         self._held = 0  # bytes in _lines and _partial
