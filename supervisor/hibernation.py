@@ -40,7 +40,9 @@ never.  Event loop only.
 Packed registers: a CPU that has kept its registers as bytes (hibernated, or with a
 pool, its engine given back) for ``PACK_AFTER`` while no slice of it was queued has
 them packed (:meth:`LgCpu.pack_registers`, 5.4 KiB down to about 0.2 KiB): an idle
-guest's largest Python object.  The delay keeps the cost (about 15 us, and 10 us to
+guest's largest Python object.  The bytes freed are holes in the C heap between live
+objects, so ``PACK_TRIM`` packs since the last ``malloc_trim`` bring one, at most one
+per ``PACK_TRIM_EVERY``.  The delay keeps the cost (about 15 us, and 10 us to
 unpack at the next switch or wake) off guests that sleep briefly.  One FIFO queue per
 device, one entry per CPU (``Engine.pack_queued``) and at most one timer: each entry
 remembers which bytes it was queued for, so a CPU that ran meanwhile is queued again
@@ -93,6 +95,10 @@ WAKE_GRACE = 0.005  # seconds of loop time
 # before they are packed: 5.4 KiB down to about 0.2 KiB, for about 15 us to pack and
 # 10 us to unpack at its next wake (module docstring, "Packed registers").
 PACK_AFTER = 0.5
+# Packs (each frees 5.4 KiB of the C heap, in holes between live objects) that make a
+# malloc_trim worth its walk of the heap; and the least time between two such trims.
+PACK_TRIM = 256
+PACK_TRIM_EVERY = 1.0  # seconds: at most about 1 % of a core
 
 
 def _malloc_trim() -> Callable[[], None] | None:
@@ -124,7 +130,9 @@ class Dormitory:
     __slots__ = (
         "_debts",
         "_drowsy",
+        "_last_trim",
         "_pack_timer",
+        "_packed",
         "_packing",
         "_queue",
         "_refill",
@@ -159,6 +167,8 @@ class Dormitory:
         self._packing: deque[tuple[float, weakref.ref[LgCpu], int]] = deque()
         self._pack_timer: asyncio.TimerHandle | None = None
         self.packs = 0  # CPUs' registers packed
+        self._packed = 0  # packs since memory was last given back
+        self._last_trim = -math.inf  # loop time of the last malloc_trim
         self.trims = 0  # times memory was given back to the system
         self.deferred = 0  # wakes put off until the CPU's share had paid for its earlier ones
 
@@ -350,6 +360,8 @@ class Dormitory:
             _GIVE_BACK()
             self.trims += 1
         _low = LgCpu.given_back
+        self._packed = 0
+        self._last_trim = asyncio.get_running_loop().time()
 
     # -- packed registers ------------------------------------------------------------------
     def _pack_later(self, cpu: LgCpu) -> None:
@@ -373,6 +385,7 @@ class Dormitory:
         now = loop.time()
         packing = self._packing
         again = []
+        packs = self.packs
         while packing and packing[0][0] <= now:
             _, ref, kept = packing.popleft()
             cpu = ref()
@@ -390,6 +403,10 @@ class Dormitory:
             self._pack_later(cpu)
         if packing and self._pack_timer is None:
             self._pack_timer = loop.call_at(packing[0][0], self._pack_due)
+        self._packed += self.packs - packs
+        if self._packed >= PACK_TRIM and self._trim is None and _GIVE_BACK is not None:
+            delay = max(TRIM_DELAY, self._last_trim + PACK_TRIM_EVERY - now)
+            self._trim = loop.call_later(delay, self._give_back)
 
     def close(self) -> None:
         """Forget everything (the device is closing)."""

@@ -108,3 +108,29 @@ async def test_a_cpu_that_sleeps_and_wakes_often_keeps_one_entry(
             await reader
         g.memory.close()
         assert dev.dormitory.pack_entries == 1  # (a closed CPU's entry goes at its time)
+
+
+async def test_packs_bring_a_malloc_trim_at_most_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.0)
+    monkeypatch.setattr(hibernation, "PACK_TRIM", 2)
+    monkeypatch.setattr(hibernation, "PACK_TRIM_EVERY", 3600.0)
+    trims: list[int] = []
+    monkeypatch.setattr(hibernation, "_GIVE_BACK", lambda: trims.append(1))
+    async with LguestDevice(engines="pool") as dev:
+        sleepers = [await sleeper(dev)]
+        await until(lambda: dev.dormitory.packs == 1)
+        await asyncio.sleep(2 * hibernation.TRIM_DELAY)
+        assert trims == []  # one pack: not worth a walk of the heap
+        sleepers += [await sleeper(dev) for _ in range(3)]
+        await until(lambda: dev.dormitory.packs == 4 and dev.dormitory.trims == 1, LIMIT)
+        sleepers += [await sleeper(dev) for _ in range(2)]
+        await until(lambda: dev.dormitory.packs == 6, LIMIT)
+        await asyncio.sleep(2 * hibernation.TRIM_DELAY)
+        assert len(trims) == 1  # the next only PACK_TRIM_EVERY after the first
+        for g, reader in sleepers:
+            await g.file.close()
+            with pytest.raises(OSError):
+                await reader
+            g.memory.close()
