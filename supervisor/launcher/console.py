@@ -437,8 +437,10 @@ class Console(Device):
             slot.wake()  # fed before this boot: a resumed guest may already wait for it
 
     def _tell_tty(self, slot: Slot) -> None:
-        flags = slot.get(CON_FLAGS) & ~CON_FLAG_INPUT_TTY
-        slot.set(CON_FLAGS, flags | (CON_FLAG_INPUT_TTY if self.input_tty else 0))
+        flags = slot.get(CON_FLAGS)
+        told = flags & ~CON_FLAG_INPUT_TTY | (CON_FLAG_INPUT_TTY if self.input_tty else 0)
+        if told != flags:  # (unchanged, the device page stays the boot template's)
+            slot.set(CON_FLAGS, told)
 
     async def notify(self, slot: Slot) -> None:
         length = slot.get(CON_OUT_LEN)
