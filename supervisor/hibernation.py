@@ -350,8 +350,14 @@ class Dormitory:
         self.charge(cpu, time.thread_time() - started)
         self._pack_later(cpu)
         _low = min(_low, before)  # thaws since the last hibernation reused memory
-        if LgCpu.given_back - _low >= TRIM_SLACK and self._trim is None and _GIVE_BACK is not None:
-            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY, self._give_back)
+        if LgCpu.given_back - _low >= TRIM_SLACK and _GIVE_BACK is not None:
+            loop = asyncio.get_running_loop()
+            # (A trim the packs asked for may be due later: this one comes first.)
+            if self._trim is not None and self._trim.when() > loop.time() + TRIM_DELAY:
+                self._trim.cancel()
+                self._trim = None
+            if self._trim is None:
+                self._trim = loop.call_later(TRIM_DELAY, self._give_back)
 
     def _give_back(self) -> None:
         global _low

@@ -134,3 +134,26 @@ async def test_packs_bring_a_malloc_trim_at_most_once_per_interval(
             with pytest.raises(OSError):
                 await reader
             g.memory.close()
+
+
+async def test_a_trim_the_packs_put_off_does_not_delay_one_after_hibernations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 4 * hibernation.TRIM_DELAY)
+    monkeypatch.setattr(hibernation, "PACK_TRIM", 1)
+    monkeypatch.setattr(hibernation, "PACK_TRIM_EVERY", 3600.0)
+    monkeypatch.setattr(hibernation, "TRIM_SLACK", 1)
+    trims: list[int] = []
+    monkeypatch.setattr(hibernation, "_GIVE_BACK", lambda: trims.append(1))
+    async with LguestDevice(engines="off", hibernate_after=0) as dev:
+        # Hibernated (a trim TRIM_DELAY later), then packed: the packs' trim is an hour off.
+        sleepers = [await sleeper(dev)]
+        await until(lambda: len(trims) == 1 and dev.dormitory.packs == 1, LIMIT)
+        assert dev.dormitory.armed
+        sleepers.append(await sleeper(dev))  # a hibernation: its trim TRIM_DELAY after it
+        await until(lambda: len(trims) == 2, LIMIT)
+        for g, reader in sleepers:
+            await g.file.close()
+            with pytest.raises(OSError):
+                await reader
+            g.memory.close()
