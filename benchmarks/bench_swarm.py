@@ -11,7 +11,8 @@ takes minutes at the issue's scale; pick N for the machine's load):
 * ``idle N``: N guests of 1 MiB halted with no clock event armed (a ticker cannot
   wait longer than the clock event's 4.29 s, so ticks would wake them), in a child
   process: RSS growth per guest (its touched memory included), the Python heap per
-  guest (``tracemalloc``), gc-tracked objects and asyncio tasks per guest, and the
+  guest (``tracemalloc``, over up to 1,000 more guests launched after the RSS is
+  read), gc-tracked objects and asyncio tasks per guest, and the
   CPU the process spends while they all wait (share of one core).  Goal at
   N = 1,000,000: at most 16 KiB a guest and 1% of a core.
 
@@ -31,13 +32,15 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from supervisor import GuestConfig, Supervisor, testing
+from supervisor import GuestConfig, Supervisor, hibernation, testing
+from supervisor.host import Guest
 
 from .guests import assemble
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKER = ROOT / "guests" / "ticker.img"
 WAIT = 2.0  # seconds the idle guests are watched while they wait
+TRACED = 1000  # idle guests whose Python heap is traced (after the RSS is measured)
 
 
 def load() -> str:
@@ -85,28 +88,39 @@ async def _idle(n: int) -> str:
         await asyncio.sleep(1)
         gc.collect()
         rss0, objects0, tasks0 = _rss(), len(gc.get_objects()), len(asyncio.all_tasks())
-        tracemalloc.start()
-        heap0 = tracemalloc.get_traced_memory()[0]
-        for _ in range(n):
-            guests.append(await sup.launch(config))
-        # Each has taken the console's irq (the stats are counters, with nothing to wait on).
-        while sum(g.stats.interrupts >= 1 for g in guests) < len(guests):  # noqa: ASYNC110
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1)
-        gc.collect()
-        heap = tracemalloc.get_traced_memory()[0] - heap0
-        tracemalloc.stop()
+        await _launch_idle(sup, config, guests, n)
         rss = _rss() - rss0
         objects = len(gc.get_objects()) - objects0
         tasks = len(asyncio.all_tasks()) - tasks0
         cpu0, wall0 = time.process_time(), time.perf_counter()
         await asyncio.sleep(WAIT)
         share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+        # The Python heap of more guests, traced apart: tracemalloc's own records would
+        # count in the RSS above.
+        traced = min(n, TRACED)
+        tracemalloc.start()
+        heap0 = tracemalloc.get_traced_memory()[0]
+        await _launch_idle(sup, config, guests, traced)
+        heap = tracemalloc.get_traced_memory()[0] - heap0
+        tracemalloc.stop()
         return (
             f"idle n={n}: RSS {rss / n / 1024:,.1f} KiB/guest, Python heap "
-            f"{heap / n / 1024:,.1f} KiB/guest, {objects / n:.0f} gc objects and "
-            f"{tasks / n:.2f} tasks a guest; {share:.1%} of a core while they wait; {load()}"
+            f"{heap / traced / 1024:,.1f} KiB/guest ({traced:,} traced), {objects / n:.0f} gc "
+            f"objects and {tasks / n:.2f} tasks a guest; {share:.1%} of a core while they "
+            f"wait; {load()}"
         )
+
+
+async def _launch_idle(sup: Supervisor, config: GuestConfig, guests: list[Guest], n: int) -> None:
+    """Launch ``n`` more idle guests and wait until they have settled: each has taken
+    the console's irq, and a second more (hibernation, packing, trims) has passed."""
+    for _ in range(n):
+        guests.append(await sup.launch(config))
+    # (The stats are counters, with nothing to wait on.)
+    while sum(g.stats.interrupts >= 1 for g in guests) < len(guests):  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1 + hibernation.PACK_AFTER + hibernation.PACK_TRIM_EVERY)
+    gc.collect()
 
 
 def _rss() -> int:

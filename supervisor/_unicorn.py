@@ -38,6 +38,7 @@ import ctypes
 import functools
 import struct
 import sys
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -506,6 +507,26 @@ def blank_context() -> bytes:
         return context_data(uc)
     finally:
         close(uc)
+
+
+@functools.cache
+def _blank_number() -> int:
+    return int.from_bytes(blank_context(), "little")
+
+
+def pack_context(data: bytes) -> bytes:
+    """:func:`context_data` bytes kept small, for a CPU that sleeps long: what differs
+    from a new instance's registers (an XOR with :func:`blank_context`, nearly all
+    zeros), deflated.  About 0.2 KiB instead of 5.4 KiB; :func:`unpack_context`
+    gives the same bytes back."""
+    delta = int.from_bytes(data, "little") ^ _blank_number()
+    return zlib.compress(delta.to_bytes(len(data), "little"), 1)
+
+
+def unpack_context(packed: bytes) -> bytes:
+    """The :func:`context_data` bytes :func:`pack_context` packed."""
+    delta = int.from_bytes(zlib.decompress(packed), "little")
+    return (delta ^ _blank_number()).to_bytes(len(blank_context()), "little")
 
 
 def load_context_data(uc: Any, data: bytes) -> None:

@@ -36,6 +36,8 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .flag import Flag
+
 if TYPE_CHECKING:
     from .cpu import LgCpu
 
@@ -64,9 +66,11 @@ class _Turn:
         self.ahead_ns = 0  # how far its guest's clocks are ahead of the device's
 
 
-class _Wakeup(asyncio.Event):
+class _Wakeup(Flag):
     """A CPU's ``run.wakeup`` in deterministic mode: waking a sleeping CPU makes the
     schedule wait for it to settle again, before anyone's next quantum."""
+
+    __slots__ = ("_cpu", "_sim")
 
     def __init__(self, sim: Simulation, cpu: LgCpu) -> None:
         super().__init__()

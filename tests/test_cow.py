@@ -14,7 +14,7 @@ import pytest
 from supervisor import GuestMemory, LguestDevice
 from supervisor.abi import PAGE_SIZE
 from supervisor.launcher import launcher as launcher_module
-from supervisor.launcher.devices import Device, Slot
+from supervisor.launcher.devices import Device, Slot, write_descriptors
 from supervisor.launcher.launcher import Launcher, boot_template
 from supervisor.launcher.layout import (
     IMAGE_BASE,
@@ -152,15 +152,16 @@ def test_template_size_must_match_and_closed_template_refuses() -> None:
 def test_boot_template_holds_what_a_copying_boot_wrote() -> None:
     image = read_image(GUESTS / "hello.img")
     layout = plan(1 << 20)
-    template = boot_template(image, layout, 2, b"a=b", 1, b"X=1\0")
-    assert boot_template(image, layout, 2, b"a=b", 1, b"X=1\0") is template
-    assert boot_template(image, layout, 2, b"a=c", 1, b"X=1\0") is not template
+    template = boot_template(image, layout, (1, 2), b"a=b", 1, b"X=1\0")
+    assert boot_template(image, layout, (1, 2), b"a=b", 1, b"X=1\0") is template
+    assert boot_template(image, layout, (1, 2), b"a=c", 1, b"X=1\0") is not template
     copied = GuestMemory(layout.memory_size)
     mapped = GuestMemory(layout.memory_size, template)
     try:
         load_image(image, copied.view, layout)
         build_pagetables(copied.view, layout)
         write_boot_info(copied.view, layout, 2, b"a=b", 1, b"X=1\0")
+        write_descriptors(copied.view, layout.device_page, (1, 2))
         assert mapped.read(0, mapped.size) == copied.read(0, copied.size)
         assert mapped.read(IMAGE_BASE, 16) == image.segments[0].data[:16]
     finally:
@@ -172,7 +173,7 @@ def test_boot_templates_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launcher_module, "TEMPLATES_KEPT", 2)
     image = read_image(GUESTS / "hello.img")
     layout = plan(1 << 20)
-    made = [boot_template(image, layout, 0, str(i).encode(), 1, b"") for i in range(4)]
+    made = [boot_template(image, layout, (), str(i).encode(), 1, b"") for i in range(4)]
     assert [t.closed for t in made] == [True, True, False, False]
 
 
@@ -231,7 +232,8 @@ class PageTableProbe(Device):
             slot.memory.shared,
             page_is_shared(base + pgdir),  # the directory: entry 1023 written before
             page_is_shared(base + pgdir + PAGE_SIZE),  # the table: accessed, dirty preset
-            page_is_shared(base + self.layout.device_page),  # written at attach: private
+            # Its descriptor starts in the boot template and nobody wrote it: shared.
+            page_is_shared(base + self.layout.device_page),
         ]
 
 
@@ -259,7 +261,7 @@ async def test_running_guests_leave_their_boot_page_tables_shared(tmp_path: Path
     probe = PageTableProbe(layout)
     end = await Launcher(LguestDevice(), path, ram_size=1 << 20, devices=[probe]).run()
     assert not end.died, end
-    assert probe.seen == [True, True, True, False]
+    assert probe.seen == [True, True, True, True]
 
 
 def test_past_the_shared_limit_memories_get_a_copy(monkeypatch: pytest.MonkeyPatch) -> None:

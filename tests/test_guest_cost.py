@@ -141,3 +141,37 @@ def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
             assert not hasattr(thing, "__dict__"), type(thing)
     finally:
         memory.close()
+
+
+def _bytes_each(make: Any, n: int = 200) -> float:
+    """Python heap bytes one object from ``make()`` holds (tracemalloc, ``n`` of them)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        made = [make() for _ in range(n)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(made) == n
+    return held / n
+
+
+async def test_a_cpu_run_state_holds_no_waiter_queues() -> None:
+    from supervisor.cpu import RunControl
+
+    # Its three flags (wakeup, idle, break_released) keep no deque until a task waits:
+    # asyncio.Events would take about 0.7 KiB each.
+    assert _bytes_each(RunControl) < 1024
+
+
+def test_a_console_that_keeps_no_output_holds_no_line_queue() -> None:
+    from supervisor.launcher.console import LineStream
+
+    assert _bytes_each(lambda: LineStream(maxlen=0)) < 600  # (a deque alone: about 0.6 KiB)
+    quiet = [LineStream(maxlen=0) for _ in range(2)]
+    for stream in quiet:
+        stream.push(b"one\ntwo\n")
+        stream.close()
+        assert stream.dropped == 2 and stream.take() == [] and stream.held == 0

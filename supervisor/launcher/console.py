@@ -62,6 +62,9 @@ class ConsoleEnded(EOFError):
         self.output = output
 
 
+_KEEP_NONE: deque[bytes] = deque(maxlen=0)  # the lines of every maxlen=0 stream: none
+
+
 class _Piece(bytes):
     """A held line piece with no newline after it: a cut of an over-long line, or the
     last bytes flushed at close."""
@@ -97,7 +100,8 @@ class LineStream:
     def __init__(self, maxlen: int | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_bytes < self.LINE_COST:
             raise ValueError(f"max_bytes must be at least {self.LINE_COST}")
-        self._lines: deque[bytes] = deque()
+        # maxlen=0 keeps no line: every such stream shares one deque that holds none.
+        self._lines: deque[bytes] = deque() if maxlen != 0 else _KEEP_NONE
         self._maxlen = maxlen
         self.max_bytes = max_bytes
         self._held = 0  # bytes in _lines and _partial
@@ -433,8 +437,10 @@ class Console(Device):
             slot.wake()  # fed before this boot: a resumed guest may already wait for it
 
     def _tell_tty(self, slot: Slot) -> None:
-        flags = slot.get(CON_FLAGS) & ~CON_FLAG_INPUT_TTY
-        slot.set(CON_FLAGS, flags | (CON_FLAG_INPUT_TTY if self.input_tty else 0))
+        flags = slot.get(CON_FLAGS)
+        told = flags & ~CON_FLAG_INPUT_TTY | (CON_FLAG_INPUT_TTY if self.input_tty else 0)
+        if told != flags:  # (unchanged, the device page stays the boot template's)
+            slot.set(CON_FLAGS, told)
 
     async def notify(self, slot: Slot) -> None:
         length = slot.get(CON_OUT_LEN)

@@ -17,7 +17,7 @@ is asleep, and poll every device.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..abi import LGUEST_IRQS, PAGE_SIZE
@@ -31,6 +31,22 @@ DEV_TYPE_CONSOLE = 1
 DEV_TYPE_BLOCK = 2
 MAX_DEVICES = LGUEST_IRQS - 1  # irq 0 is the clock; device i gets irq i + 1
 _U32 = struct.Struct("<I")
+
+
+def descriptor(device_type: int, irq: int) -> bytes:
+    """A descriptor as :meth:`DeviceTable.attach` starts it: type, irq, zeros."""
+    desc = bytearray(DESC_SIZE)
+    _U32.pack_into(desc, DEV_TYPE, device_type & 0xFFFFFFFF)
+    _U32.pack_into(desc, DEV_IRQ, irq)
+    return bytes(desc)
+
+
+def write_descriptors(view: memoryview, device_page: int, types: Sequence[int]) -> None:
+    """Start the descriptors of devices of ``types`` in ``view`` (a boot template:
+    :meth:`DeviceTable.attach` then finds them written and leaves the page unwritten)."""
+    for i, device_type in enumerate(types):
+        address = device_page + i * DESC_SIZE
+        view[address : address + DESC_SIZE] = descriptor(device_type, i + 1)
 
 
 class Slot:
@@ -177,6 +193,11 @@ class DeviceTable:
     def __len__(self) -> int:
         return len(self._devices)
 
+    @property
+    def types(self) -> tuple[int, ...]:
+        """Each device's type, in descriptor order."""
+        return tuple(device.type for device in self._devices)
+
     def __iter__(self) -> Iterator[Device]:
         return iter(self._devices)
 
@@ -191,15 +212,17 @@ class DeviceTable:
         """Write every descriptor into the device page of ``memory`` and attach the devices.
 
         Descriptor ``i`` gets type, irq ``i + 1`` and zeros elsewhere before the
-        device fills it.  Previous slots are forgotten.
+        device fills it; one that holds exactly that already (a boot template's,
+        :func:`write_descriptors`) is not written, so the page stays shared until
+        someone changes it.  Previous slots are forgotten.
         """
         self._slots.clear()
         for i, device in enumerate(self._devices):
             address = device_page + i * DESC_SIZE
-            memory.write(address, bytes(DESC_SIZE))
+            start = descriptor(device.type, i + 1)
+            if memory.read(address, DESC_SIZE) != start:
+                memory.write(address, start)
             slot = Slot(memory, ram_size, address, i + 1, raise_irq, wake)
-            slot.set(DEV_TYPE, device.type)
-            slot.set(DEV_IRQ, slot.irq)
             self._slots[address] = (device, slot)
             device.attach(slot)
 

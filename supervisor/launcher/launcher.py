@@ -22,7 +22,7 @@ ended once no wake is left to answer), so an idle guest has one task: its read
 loop.
 
 The image, page tables and boot info of a boot are built once per (image, memory
-size, command line, environment, CPUs, device count) into a
+size, command line, environment, CPUs, device types) into a
 :class:`~supervisor.memory.MemoryTemplate` (:func:`boot_template`, a small
 most-recently-used cache), and each boot maps it copy-on-write: a thousand guests
 of one image hold one copy of every page none of them writes.
@@ -46,7 +46,7 @@ from ..limits import Limits
 from ..memory import GuestMemory, MemoryTemplate
 from ..state import Exit, GuestState
 from ..virtual import Hold
-from .devices import Device, DeviceTable
+from .devices import Device, DeviceTable, write_descriptors
 from .layout import (
     CMDLINE_MAX,
     Layout,
@@ -63,14 +63,16 @@ _templates: OrderedDict[tuple[object, ...], MemoryTemplate] = OrderedDict()
 
 
 def boot_template(
-    image: Image, layout: Layout, devices: int, cmdline: bytes, cpus: int, env: bytes
+    image: Image, layout: Layout, devices: Sequence[int], cmdline: bytes, cpus: int, env: bytes
 ) -> MemoryTemplate:
     """The memory a boot starts from: ``image`` loaded, page tables and boot info
-    written, the device page zero; built on first use, then shared from the cache.
+    written, the device page holding the descriptors of devices of the types
+    ``devices`` as a boot starts them; built on first use, then shared from the cache.
 
     ``image`` must fit ``layout`` (:func:`~supervisor.launcher.loader.check_fits`).
     """
-    key = (image.segments, layout.memory_size, devices, cmdline, cpus, env)
+    types = tuple(devices)
+    key = (image.segments, layout.memory_size, types, cmdline, cpus, env)
     template = _templates.get(key)
     if template is not None:
         _templates.move_to_end(key)
@@ -79,7 +81,8 @@ def boot_template(
     def fill(view: memoryview) -> None:
         load_image(image, view, layout)
         build_pagetables(view, layout)
-        write_boot_info(view, layout, devices, cmdline, cpus, env)
+        write_boot_info(view, layout, len(types), cmdline, cpus, env)
+        write_descriptors(view, layout.device_page, types)
 
     template = _templates[key] = MemoryTemplate(layout.memory_size, fill)
     while len(_templates) > TEMPLATES_KEPT:
@@ -253,7 +256,7 @@ class Launcher:
     def _fresh_memory(self) -> GuestMemory:
         """Memory holding the image, page tables and boot info (copy-on-write)."""
         template = boot_template(
-            self.image, self.layout, len(self.devices), self.cmdline, self.cpus, self.env
+            self.image, self.layout, self.devices.types, self.cmdline, self.cpus, self.env
         )
         return GuestMemory(self.layout.memory_size, template)
 
