@@ -49,24 +49,55 @@ def wakers() -> int:
     return sum(t.get_name() == "lguest-waker" and not t.done() for t in asyncio.all_tasks())
 
 
-@needs_binutils
-async def test_an_idle_guest_has_no_waker_task_until_a_device_wakes_it(tmp_path: Path) -> None:
+SPINNER = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 0x100000
+1:  jmp 1b
+"""
+
+
+async def _launched(tmp_path: Path, source: str) -> tuple[Launcher, Doorbell, asyncio.Task[Any]]:
     from guestasm import assemble
 
-    path = tmp_path / "idle.img"
-    path.write_bytes(assemble(IDLER).image)
+    path = tmp_path / "guest.img"
+    path.write_bytes(assemble(source).image)
     bell = Doorbell()
     launcher = Launcher(LguestDevice(), path, ram_size=1 << 20, devices=[bell])
     running = asyncio.create_task(launcher.run())
+    await asyncio.wait_for(bell.ready.wait(), 60)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    return launcher, bell, running
+
+
+@needs_binutils
+async def test_an_asleep_guest_is_woken_in_the_callers_turn_without_a_task(
+    tmp_path: Path,
+) -> None:
+    launcher, bell, running = await _launched(tmp_path, IDLER)
     try:
-        await asyncio.wait_for(bell.ready.wait(), 60)
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert wakers() == 0
-        assert bell.slot is not None
+        assert wakers() == 0 and bell.slot is not None
+        for n in (1, 2):
+            bell.slot.wake()  # every CPU halted: polled here, no break, no Waker task
+            assert bell.polls == n and wakers() == 0
+        assert launcher.stats.woken_at_once == 2
+    finally:
+        await launcher.kill("done")
+        end = await running
+    assert end.reason == "done"
+
+
+@needs_binutils
+async def test_a_running_guest_has_a_waker_task_only_while_it_breaks_it_out(
+    tmp_path: Path,
+) -> None:
+    launcher, bell, running = await _launched(tmp_path, SPINNER)
+    try:
+        assert wakers() == 0 and bell.slot is not None
         bell.slot.wake()
         bell.slot.wake()  # a second wake before the first is answered: one more break at most
-        assert wakers() == 1
+        assert wakers() == 1 and bell.polls == 0
         await asyncio.wait_for(bell.polled.wait(), 60)
         for _ in range(1000):  # the break ends once the read loop writes BREAK 0
             if wakers() == 0:
@@ -75,7 +106,9 @@ async def test_an_idle_guest_has_no_waker_task_until_a_device_wakes_it(tmp_path:
         assert wakers() == 0 and 1 <= bell.polls <= 2
         bell.polled.clear()
         bell.slot.wake()  # the next wake starts the Waker again
+        assert wakers() == 1
         await asyncio.wait_for(bell.polled.wait(), 60)
+        assert launcher.stats.woken_at_once == 0
     finally:
         await launcher.kill("done")
         end = await running
