@@ -62,6 +62,30 @@ async def test_guest_to_guest_echo_by_name_and_from_the_host() -> None:
         assert (await output(server))[1] == Exit(0, "power off")
 
 
+async def test_hold_clients_keep_their_connections_until_the_host_hangs_up() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readline() == b"hi\n"
+        writer.write(b"ok then\n")
+        writers.append(writer)
+        assert await reader.read() == b""  # the guest sends nothing more, nor ends
+
+    async with Supervisor() as sup:
+        await sup.net.start_server(serve, 7000)
+        image = GUESTS / "tcp_hold_client.elf"
+        guests = [
+            await launch(sup, image, f"h{i}", "host 7000 hi", memory=1 << 20) for i in range(3)
+        ]
+        await until(lambda: len(writers) == 3, LIMIT)
+        await asyncio.sleep(0.2)
+        assert not any(g.done for g in guests)  # all three connections held at once
+        for writer in writers:
+            writer.close()
+        for guest in guests:
+            assert await output(guest) == (["ok then"], Exit(0, "power off"))
+
+
 async def test_names_resolve_in_every_guest_and_host_is_the_host(probe: Path) -> None:
     async with Supervisor() as sup:
         await launch(sup, GUESTS / "tcp_echo_server.elf", "alpha", "7 1")
