@@ -40,6 +40,7 @@ import math
 import os
 import random
 import re
+import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -196,6 +197,55 @@ def parse_outbound(spec: str) -> tuple[Address, tuple[str, int]]:
     if ip & NET_MASK == NET_PREFIX or ip in (0, 0xFFFFFFFF) or ip >> 28 == 0xE:
         raise ValueError(f"{spec!r}: {host} is not an outside unicast address")
     return ((HOST_ADDR if ip == LOOPBACK else ip), int(port)), (host, int(port))
+
+
+DNS_A, DNS_IN = 1, 1
+DNS_TTL = 0  # a member's address changes when it leaves and another joins: never cached
+_DNS_HEADER = struct.Struct(">HHHHHH")
+
+
+def dns_reply(query: bytes, lookup: Callable[[str], int | None]) -> bytes | None:
+    """The name server's answer to the DNS message ``query`` (None: not a query, no
+    answer).  One question, class IN: a name ``lookup`` knows has its address for
+    type A and no record of any other type (``NOERROR``: the name exists), a name it
+    does not know is ``NXDOMAIN``; anything else (several questions, compressed or
+    truncated names) is ``FORMERR``.  The reply carries the question and the answer
+    only, never more than the query's size plus one record."""
+    if len(query) < 12:
+        return None
+    ident, flags, qdcount, _an, _ns, _ar = _DNS_HEADER.unpack_from(query)
+    if flags & 0x8000 or (flags >> 11) & 0xF:
+        return None  # a response, or not a standard query: nothing to answer
+    rd = flags & 0x0100
+    labels: list[bytes] = []
+    at = 12
+    parsed = qdcount == 1
+    while parsed:
+        if at >= len(query) or query[at] & 0xC0:
+            parsed = False  # truncated, or a compression pointer in a question
+            break
+        size = query[at]
+        at += 1
+        if size == 0:
+            break
+        labels.append(query[at : at + size])
+        at += size
+    if not parsed or at + 4 > len(query) or at - 12 > 255:
+        return _DNS_HEADER.pack(ident, 0x8000 | rd | 0x80 | 1, 0, 0, 0, 0)  # FORMERR
+    question = query[12 : at + 4]
+    qtype, qclass = struct.unpack_from(">HH", query, at)
+    try:
+        name = b".".join(labels).decode("ascii")
+    except UnicodeDecodeError:
+        name = ""
+    ip = lookup(name) if name else None
+    answer = 0x8000 | 0x0400 | rd | 0x80  # a response, authoritative, recursion available
+    if ip is None:
+        return _DNS_HEADER.pack(ident, answer | 3, 1, 0, 0, 0) + question  # NXDOMAIN
+    if qtype != DNS_A or qclass != DNS_IN:
+        return _DNS_HEADER.pack(ident, answer, 1, 0, 0, 0) + question
+    record = struct.pack(">HHHIH", 0xC00C, DNS_A, DNS_IN, DNS_TTL, 4) + ip.to_bytes(4, "big")
+    return _DNS_HEADER.pack(ident, answer, 1, 1, 0, 0) + question + record
 
 
 class Member:
@@ -706,12 +756,15 @@ class DatagramSocket(Socket):
         self._autobind()
         assert self.local is not None
         net = self.net
-        link = net._link(self.owner.ip, target.ip) if net._links else None
+        # The name server stands in for /etc/hosts: faults never come between it and
+        # a member, as they never come between a process and its files.
+        named = self is net._dns or (target.ip, to[1]) == (HOST_ADDR, DNS_PORT)
+        link = net._link(self.owner.ip, target.ip) if net._links and not named else None
         if link is not None:
             net._send_later(link, data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
             return len(data)
         dest = net._datagram(target.ip, to[1])
-        if dest is None or net.is_cut(self.owner.ip, target.ip):
+        if dest is None or (not named and net.is_cut(self.owner.ip, target.ip)):
             return len(data)  # nobody listens there: the datagram is lost, as UDP's are
         dest.deliver(data, (self.owner.ip, self.local[1]))
         return len(data)
@@ -864,20 +917,31 @@ class Network:
             raise OSError(errno.ENETUNREACH, why)
         return ip
 
-    def hosts_file(self) -> bytes:
-        """``/etc/hosts`` as a guest on this network sees it (a member whose name is not
-        a host name, with blanks say, is left out: reachable by address only)."""
-        lines = ["127.0.0.1\tlocalhost"]
-        lines += [f"{m.address}\t{m.name}" for m in self.members if _HOSTNAME.fullmatch(m.name)]
+    def hosts_file(self, member: Member | None = None) -> bytes:
+        """``/etc/hosts`` as ``member`` sees it: ``localhost``, ``host`` and the member's
+        own name, so that its size never depends on how many members the network has
+        (every other name is answered by the name server at ``host:53``).  A name that
+        is not a host name (with blanks, say) is left out: reachable by address only."""
+        lines = ["127.0.0.1\tlocalhost", f"{self.host.address}\t{self.host.name}"]
+        if member is not None and member is not self.host and _HOSTNAME.fullmatch(member.name):
+            lines.append(f"{member.address}\t{member.name}")
         return ("\n".join(lines) + "\n").encode()
+
+    def lookup(self, name: str) -> int | None:
+        """The address the name server gives ``name``: a member's whose name is a host
+        name (one dictionary look-up, whatever the network's size), else None."""
+        member = self._by_name.get(name)
+        if member is None or not _HOSTNAME.fullmatch(name):
+            return None
+        return member.ip
 
     # -- the name server -------------------------------------------------------------------
     def _dns_soon(self) -> None:
         asyncio.get_running_loop().call_soon(self._dns_answer)
 
     def _dns_answer(self) -> None:
-        """Answer every query queued at ``host:53``: a name is in ``/etc/hosts`` or
-        nowhere, so the answer is "no such name" (a resolver then fails at once)."""
+        """Answer every query queued at ``host:53`` (:func:`dns_reply`): a member's name
+        has its address, any other name is "no such name" (a resolver fails at once)."""
         sock = self._dns
         assert isinstance(sock, DatagramSocket)
         while True:
@@ -885,14 +949,10 @@ class Network:
                 query, sender = sock.recvfrom()
             except WouldBlock:
                 return
-            if len(query) < 12 or query[2] & 0x80:
-                continue  # not a query
-            reply = bytearray(query)
-            reply[2] = 0x80 | (query[2] & 0x01)  # a response; recursion desired as asked
-            reply[3] = 0x80 | 3  # recursion available; NXDOMAIN
-            reply[6:12] = bytes(6)  # no answer, authority or additional records
-            with contextlib.suppress(NetError):
-                sock.sendto(bytes(reply), sender)
+            reply = dns_reply(query, self.lookup)
+            if reply is not None:
+                with contextlib.suppress(NetError):
+                    sock.sendto(reply, sender)
 
     # -- faults ----------------------------------------------------------------------------
     def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:

@@ -62,6 +62,30 @@ async def test_guest_to_guest_echo_by_name_and_from_the_host() -> None:
         assert (await output(server))[1] == Exit(0, "power off")
 
 
+async def test_hold_clients_keep_their_connections_until_the_host_hangs_up() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assert await reader.readline() == b"hi\n"
+        writer.write(b"ok then\n")
+        writers.append(writer)
+        assert await reader.read() == b""  # the guest sends nothing more, nor ends
+
+    async with Supervisor() as sup:
+        await sup.net.start_server(serve, 7000)
+        image = GUESTS / "tcp_hold_client.elf"
+        guests = [
+            await launch(sup, image, f"h{i}", "host 7000 hi", memory=1 << 20) for i in range(3)
+        ]
+        await until(lambda: len(writers) == 3, LIMIT)
+        await asyncio.sleep(0.2)
+        assert not any(g.done for g in guests)  # all three connections held at once
+        for writer in writers:
+            writer.close()
+        for guest in guests:
+            assert await output(guest) == (["ok then"], Exit(0, "power off"))
+
+
 async def test_names_resolve_in_every_guest_and_host_is_the_host(probe: Path) -> None:
     async with Supervisor() as sup:
         await launch(sup, GUESTS / "tcp_echo_server.elf", "alpha", "7 1")
@@ -273,11 +297,77 @@ async def test_two_guests_cannot_share_a_name(probe: Path) -> None:
 
 def test_only_host_names_enter_the_hosts_file() -> None:
     network = netmod.Network()
-    network.join("good-name.1")
-    network.join("bad name\n10.9.9.9 evil")
-    assert network.hosts_file() == (
+    good = network.join("good-name.1")
+    bad = network.join("bad name\n10.9.9.9 evil")
+    assert network.hosts_file(good) == (
         b"127.0.0.1\tlocalhost\n10.0.0.1\thost\n10.0.0.2\tgood-name.1\n"
     )
+    assert network.hosts_file(bad) == b"127.0.0.1\tlocalhost\n10.0.0.1\thost\n"
+    assert network.lookup("good-name.1") == 0x0A000002
+    assert network.lookup("bad name\n10.9.9.9 evil") is None
+
+
+def test_the_hosts_file_and_a_lookup_do_not_grow_with_the_network() -> None:
+    """Joining copies no table: the hosts file a member opens holds three names
+    whatever the network's size, and a name is answered by one look-up."""
+    network = netmod.Network()
+    first = network.join("m-0")
+    sizes = []
+    joined = 1
+    for total in (10, 100, 1000):
+        for i in range(joined, total):
+            network.join(f"m-{i}")
+        joined = total
+        newest = network.join(f"new-{total}")
+        sizes.append((network.hosts_file(first), len(network.hosts_file(newest).splitlines())))
+        assert network.lookup(f"m-{total - 1}") == network.resolve(f"m-{total - 1}")
+    assert sizes == [(b"127.0.0.1\tlocalhost\n10.0.0.1\thost\n10.0.0.2\tm-0\n", 3)] * 3
+
+
+def _query(name: bytes, qtype: int = 1, ident: int = 0x1234) -> bytes:
+    labels = b"".join(bytes([len(part)]) + part for part in name.split(b"."))
+    header = ident.to_bytes(2, "big") + b"\x01\x00\x00\x01" + bytes(6)
+    return header + labels + b"\x00" + qtype.to_bytes(2, "big") + b"\x00\x01"
+
+
+def test_the_name_server_answers_members_and_refuses_the_rest() -> None:
+    names = {"alpha": 0x0A000002, "a.b": 0x0A000003}
+    reply = netmod.dns_reply(_query(b"alpha"), names.get)
+    assert reply is not None
+    # id, a response (authoritative, recursion desired and available), NOERROR, 1 answer
+    assert reply[:12] == bytes.fromhex("1234 8580 0001 0001 0000 0000")
+    assert reply[12:-16] == _query(b"alpha")[12:]  # the question, as asked
+    assert reply[-16:] == bytes.fromhex("c00c 0001 0001 00000000 0004 0a000002")
+    dotted = netmod.dns_reply(_query(b"a.b"), names.get)
+    assert dotted is not None and dotted[-4:] == bytes([10, 0, 0, 3])
+    aaaa = netmod.dns_reply(_query(b"alpha", qtype=28), names.get)
+    assert aaaa is not None and aaaa[2:8] == bytes.fromhex("8580 0001 0000")  # no record
+    nobody = netmod.dns_reply(_query(b"nobody"), names.get)
+    assert nobody is not None and nobody[2:8] == bytes.fromhex("8583 0001 0000")  # NXDOMAIN
+    formerr = bytes.fromhex("8181 0000 0000")
+    truncated = _query(b"alpha")[:-3]
+    pointer = _query(b"alpha")[:12] + b"\xc0\x0c\x00\x01\x00\x01"
+    two = _query(b"alpha")[:5] + b"\x02" + _query(b"alpha")[6:]
+    for bad in (truncated, pointer, two):
+        answer = netmod.dns_reply(bad, names.get)
+        assert answer is not None and answer[2:8] == formerr and len(answer) == 12
+    assert netmod.dns_reply(reply, names.get) is None  # a response is not answered
+    assert netmod.dns_reply(b"\x00" * 11, names.get) is None
+
+
+async def test_the_name_server_answers_across_faults() -> None:
+    network = netmod.Network()
+    a = network.join("a")
+    network.join("b")
+    network.partition(["a"], ["host", "b"])
+    network.link("a", "host", loss=1.0)
+    sock = a.socket(netmod.DGRAM)
+    assert isinstance(sock, netmod.DatagramSocket)
+    sock.sendto(_query(b"b"), (netmod.HOST_ADDR, netmod.DNS_PORT))
+    await until(lambda: bool(sock.poll() & netmod.POLLIN), LIMIT)
+    data, sender = sock.recvfrom()
+    assert sender == (netmod.HOST_ADDR, netmod.DNS_PORT)
+    assert data[-4:] == bytes([10, 0, 0, 3])
 
 
 async def test_hostile_socket_requests_kill_or_fail_never_the_host() -> None:

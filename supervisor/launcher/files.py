@@ -884,7 +884,7 @@ class FilesDevice(Device):
             raise _GuestError(errno.ENOTDIR)
         assert self.net is not None
         hosts = guest_path == "/etc/hosts"
-        data = self.net.network.hosts_file() if hosts else RESOLV_CONF
+        data = self.net.network.hosts_file(self.net) if hosts else RESOLV_CONF
         self.check_room()
         fd = os.memfd_create("lguest-net", os.MFD_CLOEXEC)
         try:

@@ -84,8 +84,16 @@ int main(int argc, char **argv)
             struct hostent *h = gethostbyname(argv[i]);
             if (e) { printf("%s none %s\n", argv[i], e == EAI_NONAME ? "EAI_NONAME" : "other"); continue; }
             char s[32];
-            inet_ntop(AF_INET, &((struct sockaddr_in *)ai->ai_addr)->sin_addr, s, sizeof s);
-            printf("%s %s %s\n", argv[i], s, h ? "same" : "nohostent");
+            struct in_addr got = ((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+            inet_ntop(AF_INET, &got, s, sizeof s);
+            struct addrinfo *any; /* AF_UNSPEC: an A and an AAAA query at once */
+            int agree = !getaddrinfo(argv[i], 0, 0, &any);
+            if (agree) {
+                agree = any->ai_family == AF_INET &&
+                        ((struct sockaddr_in *)any->ai_addr)->sin_addr.s_addr == got.s_addr;
+                freeaddrinfo(any);
+            }
+            printf("%s %s %s\n", argv[i], s, !h ? "nohostent" : agree ? "same" : "unspec-differs");
             freeaddrinfo(ai);
         }
     } else if (!strcmp(mode, "errors")) { /* errors: every refusal, no network needed */
