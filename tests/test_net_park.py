@@ -173,7 +173,10 @@ async def test_a_guest_round_trip_is_two_requests_two_exits_and_one_wake_a_side(
     halted side at once, from the sender's request, without a Waker task."""
     image = build_guest(NETBENCH.read_text(), flags=("-O2",))
     rounds = 300
-    async with Supervisor() as sup:
+    # A seeded schedule: the counts below are the same on every run, whatever the
+    # machine's load (with wall-clock slices, a side that is still running when the
+    # answer comes is woken by a break instead, and the counts drift with the load).
+    async with Supervisor(deterministic=True, seed=7) as sup:
         server = await _launch(sup, image, "srv", "echo 7")
         await server.expect("listening", LIMIT)
         client = await _launch(sup, image, "cli", f"ping srv 7 {rounds}")
@@ -188,16 +191,15 @@ async def test_a_guest_round_trip_is_two_requests_two_exits_and_one_wake_a_side(
         exits = now.exits - was.exits
         interrupts = now.interrupts - was.interrupts
         woken = now.woken_at_once - was.woken_at_once
-        # A side that gave the loop up between its send and its receive's halt (a long
-        # inline slice does) is still awake when the answer comes: the Waker's task
-        # wakes it, and may leave it an irq that ends its next halt early, so that it
-        # asks once more.  (The console's "done", the close and a clock tick are a few
-        # more.)
-        assert rounds // 2 <= woken <= rounds + 5, woken
-        missed = rounds - woken
-        assert 2 * rounds - 5 <= notifies <= 2 * rounds + missed + 10, (notifies, woken)
-        assert 2 * rounds - 5 <= exits <= 2 * rounds + 2 * missed + 10, (exits, woken)
-        assert rounds - 5 <= interrupts <= rounds + missed + 10, (interrupts, woken)
+        counts = (notifies, exits, interrupts, woken)
+        # Asking again for the byte would be a third request and exit a round, and a
+        # halt of its own a third exit: both far above these bounds.  Some answers are
+        # there before the receive (no wake, no irq); quanta of the seeded schedule end
+        # a few slices more.  The rest of the wakes are direct.
+        assert 2 * rounds - 5 <= notifies <= 2 * rounds + 10, counts
+        assert 2 * rounds - 5 <= exits <= 2 * rounds + rounds // 3, counts
+        assert interrupts <= rounds + 10, counts
+        assert woken >= rounds // 3, counts
 
 
 def test_a_stream_receive_copies_straight_into_the_buffer_given() -> None:
