@@ -19,7 +19,7 @@ GUESTS = Path(__file__).resolve().parent.parent / "guests"
 
 async def main() -> None:
     config = GuestConfig(
-        image=GUESTS / "c" / "smp.elf", memory="4M", cpus=4, cmdline="loops=300000"
+        image=GUESTS / "c" / "smp.elf", memory="4M", cpus=4, cmdline="loops=3000000"
     )
     async with Supervisor() as sup:
         guest = await sup.launch(config)
