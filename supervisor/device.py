@@ -49,7 +49,7 @@ from .memory import GuestMemory
 from .pagetables import guest_pa
 from .slicepool import DEFAULT_NICE as DEFAULT_WORKER_NICE
 from .slicepool import SlicePool
-from .state import Exit, GuestState, StateError
+from .state import MAX_CLOCK_NS, Exit, GuestState, StateError
 from .virtual import Simulation
 
 __all__ = ["PAUSE", "DebugPort", "Hold", "LguestDevice", "LguestFile", "Waker"]
@@ -575,7 +575,9 @@ class LguestFile:
             base=self._base,
             cpus=tuple(c.capture(timers.remaining(c)) for c in lg.cpus),
             unicorn=_unicorn.VERSION,
-            clock_ns=None if sim is None else sim.guest_ns(lg.cpus[0]),
+            # (a restored clock may have started near the top of what a state holds:
+            # the snapshot still succeeds, at that top)
+            clock_ns=None if sim is None else min(sim.guest_ns(lg.cpus[0]), MAX_CLOCK_NS),
             **lg.saved_values(),
         )
 

@@ -6,6 +6,7 @@ Every check here is on bytes, counts and the virtual clock, never on the host's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import socket
@@ -20,6 +21,7 @@ import uvloop
 from supervisor import GuestConfig, LguestDevice, Supervisor, replay, sdk, testing, virtual
 from supervisor.cli import main
 from supervisor.host import Guest
+from supervisor.state import MAX_CLOCK_NS
 
 HERE = Path(__file__).parent
 GUESTS = HERE.parent / "guests"
@@ -184,6 +186,22 @@ async def test_a_restored_guests_clocks_go_on_from_its_snapshot(vclock: Path) ->
     assert await restored(None) == after
     later = await restored("ticks=5 period_ms=1000")  # the device is 5 virtual s on
     assert later[0] >= 5_000_000_000 + 1_000_000_000 > after[0]
+
+
+async def test_a_guest_restored_at_the_top_of_the_clock_can_be_snapshotted() -> None:
+    """A state may carry any clock up to ``MAX_CLOCK_NS``; the guest restored from it runs
+    on, past it, and its next snapshot still succeeds (its clock held at the top)."""
+    async with asyncio.timeout(300), Supervisor(deterministic=True, seed=1) as sup:
+        guest = await sup.launch(GuestConfig.build(image=C_TICKER, name="t"))
+        await guest.console.readline()
+        snap = await guest.snapshot()
+        await guest.kill()
+        top = dataclasses.replace(snap.state, clock_ns=MAX_CLOCK_NS)
+        copy = await sup.restore(dataclasses.replace(snap, state=top), name="c")
+        await copy.console.readline()  # it ran on: its clock is past the top now
+        again = await copy.snapshot()
+        await copy.kill()
+    assert again.state.clock_ns == MAX_CLOCK_NS
 
 
 async def test_quanta_end_at_timers_and_count_blocks() -> None:

@@ -418,6 +418,82 @@ async def test_code_read_from_the_block_device_runs_as_read(tmp_path: Path) -> N
     assert result.exit_status == 12, result  # 11: the old translation ran
 
 
+# A page that ran code is made a user page under CR4.SMEP (no code runs from it), the
+# Host writes new code there, and the page is made the kernel's again (invlpg): the new
+# code must run, as on a CPU.  (%ebx and %edi are loaded again after the NOTIFY: the
+# hypercall takes its arguments in them.)
+SMEP_FLIPPED_CODE = r"""
+.set BLOCK, {block}
+main:
+    LGUEST_INIT
+    call func
+    mov %eax, first
+    call table
+    xor %ecx, %ecx
+1:  andl $~4, (%edi,%ecx,4)     # every page of the first MiB: the kernel's
+    inc %ecx
+    cmp $256, %ecx
+    jne 1b
+    orl $4, (%edi,%ebx,4)       # but func's: a user page
+    mov %cr3, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x100000, %eax          # CR4.SMEP: func's page runs no code now
+    mov %eax, %cr4
+    movl $1, BLOCK+16           # read sector 0 over func
+    movl $0, BLOCK+20
+    movl $1, BLOCK+24
+    movl $func, BLOCK+28
+    HCALL 17, BLOCK
+    call table
+    andl $~4, (%edi,%ebx,4)     # func's page: the kernel's again
+    invlpg func
+    call func                   # must run what the disk held
+    imul $10, first, %ecx
+    add %eax, %ecx
+    mov $2, %eax
+    mov $msg, %edx
+    mov $1, %ebx
+    int $0x1f
+table:                          # %edi: the first page table; %ebx: func's entry in it
+    mov %cr3, %edi
+    and $0xfffff000, %edi
+    mov (%edi), %edi
+    and $0xfffff000, %edi
+    mov $func, %ebx
+    shr $12, %ebx
+    ret
+.data
+msg: .asciz "done"
+first: .long 0
+.align 4096
+func:
+    mov $1, %eax
+    ret
+    .space 4090
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a Host write to a page the CPU cannot run code from (a user page under "
+    "CR4.SMEP) keeps the page's old translations, which run once the page is made "
+    "runnable again (codecache._remove_code skips such pages)",
+)
+async def test_code_written_while_its_page_cannot_run_runs_as_written(tmp_path: Path) -> None:
+    from supervisor import GuestConfig, Supervisor
+
+    block = plan(1 << 20).device_page + 64
+    image = tmp_path / "g.img"
+    image.write_bytes(assemble(SMEP_FLIPPED_CODE.replace("{block}", hex(block))).image)
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\xb8\x02\x00\x00\x00\xc3".ljust(512, b"\0"))  # mov $2, %eax; ret
+    async with Supervisor() as sup:
+        guest = await sup.launch(GuestConfig(image=image, memory="1M", block=disk))
+        result = await asyncio.wait_for(guest.wait(), EXAMPLE_TIMEOUT)
+    assert result.exit_status == 12, result  # 11: the old translation ran
+
+
 # -- a console flood is paid for by the flooder -----------------------------------------
 
 FLOOD_IMAGE = Path(__file__).resolve().parent.parent / "guests" / "flood.img"

@@ -515,6 +515,31 @@ async def test_a_restored_copy_finds_its_sockets_stale_and_the_original_keeps_th
         writer.close()
 
 
+async def test_a_copy_restored_while_its_receive_waits_gets_estale(probe: Path) -> None:
+    """Snapshotted while a blocking receive waits (the CPU halted on the device's event
+    counter, at an idle point of a deterministic run, so surely in the wait): the copy's
+    socket is stale and never changes, yet its receive ends with ESTALE."""
+    async with asyncio.timeout(LIMIT), Supervisor(deterministic=True, seed=1) as sup:
+        sim = sup.device.virtual
+        assert sim is not None
+        server = await sup.launch(
+            GuestConfig(image=probe, name="s", cmdline="serve-hold 7200", memory="4M", net=True)
+        )
+        await server.expect("ready hold\n", LIMIT)
+        client = await sup.launch(
+            GuestConfig(image=probe, name="c", cmdline="client-wait s 7200", memory="4M", net=True)
+        )
+        await client.expect("ready client\n", LIMIT)
+        await sim.idle()  # every CPU asleep: the client's receive waits
+        snap = await client.snapshot()
+        copy = await sup.restore(snap, name="copy")
+        lines, end = await lines_of(copy)
+        assert lines == ["recv -1 ESTALE", "send-after ESTALE"], lines
+        assert end.exit_status == 0, end
+        await server.kill()
+        await client.kill()
+
+
 async def test_a_nonblocking_connect_across_a_partition_goes_on_by_itself(probe: Path) -> None:
     async with Supervisor(network=netmod.Network(connect_timeout=0.3)) as sup:
         server = await sup.net.start_server(lambda r, w: w.close(), 9100)

@@ -8,6 +8,7 @@ Needs the ``sdk`` extra (Zig's C compiler) for the guests.
 from __future__ import annotations
 
 import asyncio
+import errno
 import struct
 from pathlib import Path
 
@@ -231,3 +232,41 @@ def test_a_stream_receive_copies_straight_into_the_buffer_given() -> None:
         while reader.recv_into(view):
             pass
         assert reader.recv_into(view) == 0  # the end
+
+
+async def test_a_restored_guest_waiting_on_a_socket_is_told_to_ask_again() -> None:
+    """A guest snapshotted while a blocking receive waits (parked: halted until ``events``
+    moves) gets its socket back stale, which never changes again: the restore moves the
+    counter and raises the irq, so the runtime asks again and gets ESTALE."""
+    memory = GuestMemory((1 << 20) + 4096)
+    copy_memory = GuestMemory((1 << 20) + 4096)
+    network = netmod.Network()
+    dev = files.FilesDevice(net=network.join("guest"))
+    copy = files.FilesDevice(net=network.join("copy"))
+    await dev.start()
+    await copy.start()
+    try:
+        slot = slot_at_1m(memory)
+        dev.attach(slot)
+        request = Requests(dev, slot)
+        await _connected(network, dev, request, memory)
+        park = sockets.OP_PARK | sockets.OP_RECVFROM
+        assert await request(park, 3, BUF, 100, 0, 0, 0) == sockets.NET_WAIT
+        seen = slot.get(sockets.FS_EVENTS)
+        saved = dev.state()
+        irqs: list[int] = []
+        wakes: list[None] = []
+        copy_slot = Slot(copy_memory, 1 << 20, 1 << 20, 3, irqs.append, lambda: wakes.append(None))
+        copy.attach(copy_slot)
+        copy_memory.write(1 << 20, memory.read(1 << 20, 64))  # the descriptor, as saved
+        copy.restore(saved)
+        assert wakes == [None]  # the Launcher is asked to poll
+        copy.poll(copy_slot)
+        assert copy_slot.get(sockets.FS_EVENTS) == seen + 1 and irqs == [3]
+        again = Requests(copy, copy_slot)
+        assert await again(park, 3, BUF, 100, 0, 0, 0) == -errno.ESTALE
+    finally:
+        await dev.stop()
+        await copy.stop()
+        memory.close()
+        copy_memory.close()

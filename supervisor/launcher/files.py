@@ -464,6 +464,11 @@ class FilesDevice(Device):
         self._drop_all_locks()
         self._table.entries = entries
         self.cwd = normalise(cwd)
+        if any(d.stale for d in made):
+            # A blocking request of the guest's may wait for one of its sockets (halted
+            # until ``events`` moves), and a stale one never changes again: news, so
+            # that the next poll moves the counter and the waiter asks again (ESTALE).
+            self._on_news()
 
     # -- requests ----------------------------------------------------------------------
     async def notify(self, slot: Slot) -> None:
