@@ -128,17 +128,28 @@ async def test_lossy_jittery_links_between_clients_and_servers_replay_from_the_s
 
 async def test_clients_launched_with_their_server_race_it_deterministically() -> None:
     """Launched together, the clients and the server start at virtual time 0 and the
-    seed orders their boots: with seed 7, most clients connect before the server
-    listens and get ECONNREFUSED, as they could on any machine.  The server then waits
-    for clients that will never come: the device goes idle (nothing in it can change
-    without the host), which :meth:`Simulation.idle` tells instead of a hang; a second
-    run refuses the same clients."""
+    seed orders their boots: with seed 7, clients that connect by address (no name to
+    look up first) connect before the server listens and get ECONNREFUSED, as they
+    could on any machine.  The server then waits for clients that will never come: the
+    device goes idle (nothing in it can change without the host), which
+    :meth:`Simulation.idle` tells instead of a hang; a second run refuses the same
+    clients."""
 
     async def once() -> tuple[list[str], int]:
         lines: list[str] = []
         async with asyncio.timeout(LIMIT), Supervisor(deterministic=True, seed=7) as sup:
             guests = [await sup.launch(server(0, 16))]
-            guests += [await sup.launch(client(0, i)) for i in range(16)]
+            address = sup.net.resolve("srv0")
+            by_address = [
+                GuestConfig.build(
+                    image=TCP_CLIENT,
+                    name=f"c0.{i}",
+                    net=True,
+                    cmdline=f"{netmod.ip_str(address)} 7 hello 0.{i}",
+                )
+                for i in range(16)
+            ]
+            guests += [await sup.launch(config) for config in by_address]
             pumps = [asyncio.create_task(pump(g, lines)) for g in guests[1:]]
             for guest in guests[1:]:
                 await guest.wait()
