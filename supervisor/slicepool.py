@@ -229,7 +229,8 @@ class SlicePool:
                 )
                 self._threads.append(thread)
                 thread.start()
-        if slow is not None and slow.hurry is not None and slow.hurry():
+        hurry = slow.hurry if slow is not None else None  # (read once: an ended job drops it)
+        if hurry is not None and hurry():
             self.hurried += 1  # (a racy count: the figures of a test or a benchmark)
         return job
 
@@ -376,7 +377,10 @@ class SlicePool:
                     else:
                         self._enqueue(job)  # to the back: every job waiting now goes first
                     continue
-            job.step = _ended_step  # ended: let go of what the step holds
+            # Ended: let go of what the step, its owner and its hurry hold (a CPU, its
+            # guest), since this thread's frame keeps the job until it takes the next.
+            job.step = _ended_step
+            job.owner = job.hurry = None
             self._computing.discard(job)
             if error is not None:
                 job.set_exception(error)

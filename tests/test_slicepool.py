@@ -414,3 +414,26 @@ def test_the_step_that_has_held_its_worker_longest_is_hurried() -> None:
     finally:
         release.set()
         pool.shutdown()
+
+
+def test_an_ended_job_lets_go_of_its_owner_while_its_worker_waits() -> None:
+    """A worker keeps its last job until it takes the next: the job must not keep its
+    owner (a CPU, and through it its guest) alive meanwhile."""
+    import gc
+    import weakref
+
+    class Owner:
+        def hurry(self) -> bool:
+            return False
+
+    pool = SlicePool(1)
+    try:
+        owner = Owner()
+        gone = weakref.ref(owner)
+        job = pool.submit(lambda: 7, hurry=owner.hurry, owner=owner)
+        assert job.result(timeout=60) == 7
+        del job, owner
+        gc.collect()
+        assert gone() is None
+    finally:
+        pool.shutdown()
