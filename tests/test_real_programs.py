@@ -237,7 +237,9 @@ def test_erfa_validation_passes_with_the_native_results(
     %.20g) may differ when both builds passed it with the same ``want``.  The native
     build has glibc's x86-64 libm and the guest musl's; their sin, cos, atan2, pow...
     may round a result differently in the last bit (neither promises correct
-    rounding), and ERFA's series and iterations carry that into their results.  Such a
+    rounding; musl's 32-bit atan2 is the x87 ``fpatan``, whose emulation also rounds
+    the last bit differently from hardware for some arguments), and ERFA's series and
+    iterations carry that into their results.  Such a
     difference stays below 1e-12 of the check's scale; ERFA's own tolerance has passed
     it on both sides."""
     erfa = realprograms.wait(pytestconfig)["t_erfa_c"]
