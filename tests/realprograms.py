@@ -1,12 +1,15 @@
 """Real programs from PyPI sdists, built as guests and natively (tests/test_real_programs.py).
 
-Two sdists carry real, unmodified sources:
+Three sdists carry real, unmodified sources:
 
 * ``sqlean-py``: ``sqlite/sqlite3.c`` and ``sqlite3.h`` (the SQLite amalgamation) and
   ``sqlite/shell.c`` (the ``sqlite3`` command-line shell).  Its extensions
   (``sqlite/sqlean-*.c``) and Python module (``src/``) are not used.
 * ``zlib-ng``: ``src/zlib_ng/zlib-ng/`` is zlib-ng's tree, with ``test/example.c`` and
   ``test/minigzip.c``; built in zlib-compat mode (a drop-in zlib), generic C only.
+* ``pyerfa``: ``liberfa/erfa/`` is ERFA, the IAU SOFA-derived astronomy library (double
+  arithmetic and libm throughout); ``src/t_erfa_c.c`` is ERFA's own validation program,
+  built with the library's C files (not the other ``t_*.c``).
 
 :func:`prepare` downloads them with pip (each sdist's sha256 is pinned here and
 checked), builds every program twice, as a guest with ``python -m supervisor build``
@@ -80,6 +83,9 @@ SQLEAN = Sdist(
 ZLIB_NG = Sdist(
     "zlib-ng", "1.1.0", "08a3a8468d4f130e3dc80d28ec42fcc7a878a57dfed616233e791066327d78a3"
 )
+ERFA = Sdist(
+    "pyerfa", "2.0.1.5", "17d6b24fe4846c65d5e7d8c362dcb08199dc63b30a236aedd73875cc83e1f6c0"
+)
 
 # The shell without threads or dlopen (the guest has no dynamic loader), with the SQL
 # math functions that the shell's own build enables.
@@ -95,6 +101,9 @@ NATIVE_SQLITE_LINK = ("-ffunction-sections", "-Wl,--gc-sections", "-lm")
 # What zlib-ng's `configure --zlib-compat --without-optimizations` passes.
 ZLIB_DEFINES = ("-DZLIB_COMPAT", "-DWITH_GZFILEOP", "-DWITH_ALL_FALLBACKS")
 ZLIB_DIR = "src/zlib_ng/zlib-ng"
+ERFA_DIR = "liberfa/erfa"
+# erfaversion.c takes its version strings from config.h (see configure_erfa).
+ERFA_DEFINES = ("-DHAVE_CONFIG_H",)
 GUEST_OPT = "-O2"
 # The native build is the reference for what the programs print, not for speed; gcc
 # compiles sqlite3.c at -O2 several times slower than at -O1.
@@ -237,6 +246,36 @@ def zlib_library_sources(src: Path) -> list[Path]:
     return sources
 
 
+def configure_erfa(erfa: Path, out: Path) -> None:
+    """Write the ``config.h`` that ERFA's ``configure`` (and pyerfa's setup.py, which
+    scans configure.ac the same way) generates into ``out``: the package and SOFA
+    versions, the only things ``erfaversion.c`` takes from it."""
+    configure = (erfa / "configure.ac").read_text()
+    version = re.search(r"^AC_INIT\(\[erfa\],\s*\[(\d+)\.(\d+)\.(\d+)\]\)", configure,
+                        re.MULTILINE)  # fmt: skip
+    sofa = re.search(r'^AC_DEFINE\(\[SOFA_VERSION\],\s*\["(\d{8}(?:_\w)?)"\]', configure,
+                     re.MULTILINE)  # fmt: skip
+    if version is None or sofa is None:
+        raise PrepareError("configure.ac: no AC_INIT([erfa],[X.Y.Z]) or SOFA_VERSION")
+    major, minor, micro = version.groups()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.h").write_text(
+        f'#define PACKAGE_VERSION "{major}.{minor}.{micro}"\n'
+        f"#define PACKAGE_VERSION_MAJOR {major}\n"
+        f"#define PACKAGE_VERSION_MINOR {minor}\n"
+        f"#define PACKAGE_VERSION_MICRO {micro}\n"
+        f'#define SOFA_VERSION "{sofa.group(1)}"\n'
+    )
+
+
+def erfa_library_sources(src: Path) -> list[Path]:
+    """The library's C files: every ``src/*.c`` but the test programs (``t_*.c``)."""
+    sources = sorted(p for p in src.glob("*.c") if not p.name.startswith("t_"))
+    if not sources:
+        raise PrepareError(f"{src}: no ERFA library sources")
+    return sources
+
+
 def _gcc_version() -> str:
     gcc = shutil.which("gcc")
     if gcc is None:
@@ -310,7 +349,7 @@ def _locked(cache: Path) -> Iterator[None]:
 
 def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
     """Download, check and build what is not in ``cache`` yet; the programs by name
-    (``example``, ``minigzip``, ``sqlite3``).  Raises :class:`Unreachable` or
+    (``example``, ``minigzip``, ``sqlite3``, ``t_erfa_c``).  Raises :class:`Unreachable` or
     :class:`PrepareError`."""
     with _locked(cache):
         for stale in (*cache.glob("lguest-proofs-*"), *cache.glob("*/*.tmp")):
@@ -320,12 +359,14 @@ def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
                 stale.unlink(missing_ok=True)
         guest_tc = _guest_toolchain()
         gcc = _gcc_version()
-        tarballs = {sdist: fetch(sdist, cache) for sdist in (ZLIB_NG, SQLEAN)}
+        tarballs = {sdist: fetch(sdist, cache) for sdist in (ZLIB_NG, SQLEAN, ERFA)}
         keys = {
             name: sdk.content_key(sdist.sha256, name, guest_tc, gcc, GUEST_OPT, NATIVE_OPT,
                                   *SQLITE_DEFINES, *NATIVE_SQLITE_LINK, *ZLIB_DEFINES)
             for name, sdist in (("example", ZLIB_NG), ("minigzip", ZLIB_NG), ("sqlite3", SQLEAN))
         }  # fmt: skip
+        keys["t_erfa_c"] = sdk.content_key(ERFA.sha256, "t_erfa_c", guest_tc, gcc, GUEST_OPT,
+                                           NATIVE_OPT, *ERFA_DEFINES, "-lm")  # fmt: skip
         programs: dict[str, Program] = {}
         for name, key in keys.items():
             where = cache / f"{name}-{key}"
@@ -363,6 +404,21 @@ def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
                 ]))  # fmt: skip
                 todo.insert(1, _Job(sqlite.native, [
                     "gcc", NATIVE_OPT, *SQLITE_DEFINES, *srcs, "-o", "OUT", *NATIVE_SQLITE_LINK,
+                ]))  # fmt: skip
+            erfa = programs["t_erfa_c"]
+            if not erfa.guest.exists() or not erfa.native.exists():
+                edir = extract(tarballs[ERFA], ERFA, ERFA_DIR, work / "erfa")
+                configure_erfa(edir, work / "erfa-gen")
+                esrc = edir / "src"
+                # t_erfa_c.c includes <erfa.h>: the source directory is on the path
+                srcs = [str(p) for p in erfa_library_sources(esrc)] + [str(esrc / "t_erfa_c.c")]
+                inc = ["-I", str(work / "erfa-gen"), "-I", str(esrc)]
+                todo.append(_Job(erfa.guest, [
+                    sys.executable, "-m", "supervisor", "build", GUEST_OPT, *ERFA_DEFINES,
+                    *inc, *srcs, "-o", "OUT",
+                ]))  # fmt: skip
+                todo.append(_Job(erfa.native, [
+                    "gcc", NATIVE_OPT, *ERFA_DEFINES, *inc, *srcs, "-o", "OUT", "-lm",
                 ]))  # fmt: skip
             todo = [job for job in todo if not job.out.exists()]
             for job in todo:

@@ -3,11 +3,12 @@
 zlib (zlib-ng in zlib-compat mode): its own ``test/example.c``, and ``minigzip``
 compressing and decompressing a 10 MB file under ``--dir``.  SQLite: the
 amalgamation's shell runs a SQL script that writes a database into a ``--dir``;
-Python's ``sqlite3`` reads it back.  The sources come from PyPI sdists, built by
-tests/realprograms.py in the background while the rest of the suite runs; these
-tests run last.  Without PyPI they skip (one line saying so).  The preparation's own
-checks (the pinned hash, the tarball's members, the generated headers) are tested
-here too, without the network.
+Python's ``sqlite3`` reads it back.  ERFA: its own validation program ``t_erfa_c -v``
+prints every check, with the double it wants and the one it got.  The sources come
+from PyPI sdists, built by tests/realprograms.py in the background while the rest of
+the suite runs; these tests run last.  Without PyPI they skip (one line saying so).
+The preparation's own checks (the pinned hash, the tarball's members, the generated
+headers) are tested here too, without the network.
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ QUERIES = (
 def run_guest(
     image: Path, args: Sequence[str], grant: Path, stdin: bytes = b""
 ) -> subprocess.CompletedProcess[bytes]:
-    """``supervisor run IMAGE`` with ``grant`` as ``/w`` (also the working directory)."""
+    """``supervisor run IMAGE`` with ``grant`` as ``/w`` (also the working directory); the
+    command line in ``--cmdline=`` form, since it may start with ``-``."""
     cmd = [
         sys.executable, "-m", "supervisor", "run", str(image), "--dir", f"{grant}::/w",
-        "--workdir", "/w", "--env", "HOME=/w", "--cmdline", " ".join(args),
+        "--workdir", "/w", "--env", "HOME=/w", f"--cmdline={' '.join(args)}",
     ]  # fmt: skip
     return subprocess.run(cmd, input=stdin, capture_output=True, timeout=LIMIT)
 
@@ -218,6 +220,76 @@ def test_sqlite_shell_writes_the_database_native_writes(
     assert len(got[2]) == 500 - 5  # dept 2 (ids % 4 == 3), less the 5 of them that % 97
     # The same SQLite, the same statements: the same file, page for page.
     assert guest_db.read_bytes() == native_db.read_bytes()
+
+
+# `NAME passed: WHAT want X got Y`, as t_erfa_c's vvd() (doubles, %.20g) and viv() print
+ERFA_CHECK = re.compile(r"^(\w+) passed: (.*) want (\S+) got (\S+)$")
+ERFA_DOUBLE_CHECK = re.compile(r"^\w+ passed: .* want \S*[.e]\S* got \S+$")
+
+
+@pytest.mark.real_programs
+@pytest.mark.slow
+def test_erfa_validation_passes_with_the_native_results(
+    pytestconfig: pytest.Config, tmp_path: Path
+) -> None:
+    """ERFA's own validation program succeeds in a guest and prints what the native
+    build prints, line for line, with one exception: a check's ``got`` (its result, at
+    %.20g) may differ when both builds passed it with the same ``want``.  The native
+    build has glibc's x86-64 libm and the guest musl's; their sin, cos, atan2, pow...
+    may round a result differently in the last bit (neither promises correct
+    rounding; musl's 32-bit atan2 is the x87 ``fpatan``, whose emulation also rounds
+    the last bit differently from hardware for some arguments), and ERFA's series and
+    iterations carry that into their results.  Such a
+    difference stays below 1e-12 of the check's scale; ERFA's own tolerance has passed
+    it on both sides."""
+    erfa = realprograms.wait(pytestconfig)["t_erfa_c"]
+    (tmp_path / "guest").mkdir()
+    (tmp_path / "native").mkdir()
+    guest = succeeded(run_guest(erfa.guest, ["-v"], tmp_path / "guest")).splitlines()
+    native = succeeded(run_native(erfa.native, ["-v"], tmp_path / "native")).splitlines()
+
+    assert guest[-1] == native[-1] == "t_erfa_c validation successful"
+    assert len(guest) == len(native) > 1000  # every check printed, in the same order
+    assert not [line for line in guest if " failed" in line]
+    differ = 0
+    for g, n in zip(guest, native, strict=True):
+        if g == n:
+            continue
+        gm, nm = ERFA_CHECK.match(g), ERFA_CHECK.match(n)
+        assert gm is not None and nm is not None, (g, n)
+        assert ERFA_DOUBLE_CHECK.match(g), (g, n)  # integer checks never differ
+        assert gm.group(1, 2, 3) == nm.group(1, 2, 3), (g, n)  # same check, same want
+        got_g, got_n, want = float(gm.group(4)), float(nm.group(4)), float(gm.group(3))
+        assert abs(got_g - got_n) <= 1e-12 * max(1.0, abs(want)), (g, n)
+        differ += 1
+    # Most results are bit for bit the native ones: double arithmetic in SSE2 is exact.
+    assert differ <= len(guest) // 10, differ
+    doubles = [line for line in guest if ERFA_DOUBLE_CHECK.match(line)]
+    assert len(doubles) > 1000  # the output is numbers, compared above
+
+
+def test_erfa_is_configured_as_its_configure_does(tmp_path: Path) -> None:
+    erfa = tmp_path / "erfa"
+    (erfa / "src").mkdir(parents=True)
+    (erfa / "configure.ac").write_text(
+        "AC_PREREQ([2.71])\nAC_INIT([erfa],[2.0.1])\n"
+        'AC_DEFINE([SOFA_VERSION], ["20231011"], [Define to the version of SOFA])\n'
+    )
+    for name in ("a2af.c", "zr.c", "t_erfa_c.c", "t_erfa_c_extra.c", "erfa.h"):
+        (erfa / "src" / name).write_text("")
+    realprograms.configure_erfa(erfa, tmp_path / "gen")
+    assert (tmp_path / "gen" / "config.h").read_text() == (
+        '#define PACKAGE_VERSION "2.0.1"\n#define PACKAGE_VERSION_MAJOR 2\n'
+        "#define PACKAGE_VERSION_MINOR 0\n#define PACKAGE_VERSION_MICRO 1\n"
+        '#define SOFA_VERSION "20231011"\n'
+    )
+    assert realprograms.erfa_library_sources(erfa / "src") == [
+        erfa / "src" / "a2af.c",
+        erfa / "src" / "zr.c",
+    ]
+    (erfa / "configure.ac").write_text("AC_INIT([erfa])\n")
+    with pytest.raises(realprograms.PrepareError, match=r"configure\.ac"):
+        realprograms.configure_erfa(erfa, tmp_path / "gen2")
 
 
 def test_pip_failures_tell_the_network_apart() -> None:
