@@ -57,13 +57,15 @@ main:
 """
 
 
-async def _launched(tmp_path: Path, source: str) -> tuple[Launcher, Doorbell, asyncio.Task[Any]]:
+async def _launched(
+    dev: LguestDevice, tmp_path: Path, source: str
+) -> tuple[Launcher, Doorbell, asyncio.Task[Any]]:
     from guestasm import assemble
 
     path = tmp_path / "guest.img"
     path.write_bytes(assemble(source).image)
     bell = Doorbell()
-    launcher = Launcher(LguestDevice(), path, ram_size=1 << 20, devices=[bell])
+    launcher = Launcher(dev, path, ram_size=1 << 20, devices=[bell])
     running = asyncio.create_task(launcher.run())
     await asyncio.wait_for(bell.ready.wait(), 60)
     for _ in range(20):
@@ -75,16 +77,17 @@ async def _launched(tmp_path: Path, source: str) -> tuple[Launcher, Doorbell, as
 async def test_an_asleep_guest_is_woken_in_the_callers_turn_without_a_task(
     tmp_path: Path,
 ) -> None:
-    launcher, bell, running = await _launched(tmp_path, IDLER)
-    try:
-        assert wakers() == 0 and bell.slot is not None
-        for n in (1, 2):
-            bell.slot.wake()  # every CPU halted: polled here, no break, no Waker task
-            assert bell.polls == n and wakers() == 0
-        assert launcher.stats.woken_at_once == 2
-    finally:
-        await launcher.kill("done")
-        end = await running
+    async with LguestDevice() as dev:
+        launcher, bell, running = await _launched(dev, tmp_path, IDLER)
+        try:
+            assert wakers() == 0 and bell.slot is not None
+            for n in (1, 2):
+                bell.slot.wake()  # every CPU halted: polled here, no break, no Waker task
+                assert bell.polls == n and wakers() == 0
+            assert launcher.stats.woken_at_once == 2
+        finally:
+            await launcher.kill("done")
+            end = await running
     assert end.reason == "done"
 
 
@@ -92,26 +95,27 @@ async def test_an_asleep_guest_is_woken_in_the_callers_turn_without_a_task(
 async def test_a_running_guest_has_a_waker_task_only_while_it_breaks_it_out(
     tmp_path: Path,
 ) -> None:
-    launcher, bell, running = await _launched(tmp_path, SPINNER)
-    try:
-        assert wakers() == 0 and bell.slot is not None
-        bell.slot.wake()
-        bell.slot.wake()  # a second wake before the first is answered: one more break at most
-        assert wakers() == 1 and bell.polls == 0
-        await asyncio.wait_for(bell.polled.wait(), 60)
-        for _ in range(1000):  # the break ends once the read loop writes BREAK 0
-            if wakers() == 0:
-                break
-            await asyncio.sleep(0.01)
-        assert wakers() == 0 and 1 <= bell.polls <= 2
-        bell.polled.clear()
-        bell.slot.wake()  # the next wake starts the Waker again
-        assert wakers() == 1
-        await asyncio.wait_for(bell.polled.wait(), 60)
-        assert launcher.stats.woken_at_once == 0
-    finally:
-        await launcher.kill("done")
-        end = await running
+    async with LguestDevice() as dev:
+        launcher, bell, running = await _launched(dev, tmp_path, SPINNER)
+        try:
+            assert wakers() == 0 and bell.slot is not None
+            bell.slot.wake()
+            bell.slot.wake()  # a second wake before the first is answered: one break at most
+            assert wakers() == 1 and bell.polls == 0
+            await asyncio.wait_for(bell.polled.wait(), 60)
+            for _ in range(1000):  # the break ends once the read loop writes BREAK 0
+                if wakers() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert wakers() == 0 and 1 <= bell.polls <= 2
+            bell.polled.clear()
+            bell.slot.wake()  # the next wake starts the Waker again
+            assert wakers() == 1
+            await asyncio.wait_for(bell.polled.wait(), 60)
+            assert launcher.stats.woken_at_once == 0
+        finally:
+            await launcher.kill("done")
+            end = await running
     assert end.reason == "done"
 
 
