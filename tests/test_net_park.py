@@ -8,8 +8,11 @@ Needs the ``sdk`` extra (Zig's C compiler) for the guests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from slotrequests import Requests, slot_at_1m
@@ -43,16 +46,42 @@ async def _connected(
     return listener.accept()
 
 
-async def test_a_parked_receive_is_finished_when_the_data_comes() -> None:
+@dataclass
+class Parked:
+    """A file device on a network, its slot at 1 MiB, and descriptor 3 connected to
+    member "peer" (whose end is ``other``)."""
+
+    memory: GuestMemory
+    dev: files.FilesDevice
+    slot: Slot
+    request: Requests
+    other: netmod.StreamSocket
+
+
+@contextlib.asynccontextmanager
+async def _parked(irqs: list[int] | None = None) -> AsyncIterator[Parked]:
+    """A connected device (``irqs``: where its slot's irqs go; None: nowhere)."""
     memory = GuestMemory((1 << 20) + 4096)
     network = netmod.Network()
     dev = files.FilesDevice(net=network.join("guest"))
     await dev.start()
     try:
-        slot = slot_at_1m(memory)
+        if irqs is None:
+            slot = slot_at_1m(memory)
+        else:
+            slot = Slot(memory, 1 << 20, 1 << 20, 3, irqs.append, lambda: None)
         dev.attach(slot)
         request = Requests(dev, slot)
         other = await _connected(network, dev, request, memory)
+        yield Parked(memory, dev, slot, request, other)
+    finally:
+        await dev.stop()
+        memory.close()
+
+
+async def test_a_parked_receive_is_finished_when_the_data_comes() -> None:
+    async with _parked() as p:
+        memory, dev, slot, request, other = p.memory, p.dev, p.slot, p.request, p.other
         park = sockets.OP_PARK | sockets.OP_RECVFROM
         assert await request(park, 3, BUF, 100, 0, 0, 0) == sockets.NET_WAIT
         events = slot.get(sockets.FS_EVENTS)
@@ -69,21 +98,11 @@ async def test_a_parked_receive_is_finished_when_the_data_comes() -> None:
         dev.poll(slot)
         assert memory.read(BUF, 5) == b"hello" and slot.get(files.FS_RESULT) == 5
         assert dev.parked_done == 1
-    finally:
-        await dev.stop()
-        memory.close()
 
 
 async def test_a_request_is_parked_only_if_asked_and_forgotten_at_the_next() -> None:
-    memory = GuestMemory((1 << 20) + 4096)
-    network = netmod.Network()
-    dev = files.FilesDevice(net=network.join("guest"))
-    await dev.start()
-    try:
-        slot = slot_at_1m(memory)
-        dev.attach(slot)
-        request = Requests(dev, slot)
-        other = await _connected(network, dev, request, memory)
+    async with _parked() as p:
+        memory, dev, slot, request, other = p.memory, p.dev, p.slot, p.request, p.other
         wait = sockets.NET_WAIT & 0xFFFFFFFF
         # Without OP_PARK (an older runtime): "wait", and the runtime asks again.
         assert await request(sockets.OP_RECVFROM, 3, BUF, 100, 0, 0, 0) == sockets.NET_WAIT
@@ -122,22 +141,12 @@ async def test_a_request_is_parked_only_if_asked_and_forgotten_at_the_next() -> 
         other.send(b"d")
         dev.poll(slot)
         assert slot.get(files.FS_RESULT) == wait and dev.parked_done == 1
-    finally:
-        await dev.stop()
-        memory.close()
 
 
 async def test_a_request_with_a_halt_behind_it_raises_the_irq_unless_parked() -> None:
-    memory = GuestMemory((1 << 20) + 4096)
-    network = netmod.Network()
-    dev = files.FilesDevice(net=network.join("guest"))
-    await dev.start()
     irqs: list[int] = []
-    try:
-        slot = Slot(memory, 1 << 20, 1 << 20, 3, irqs.append, lambda: None)
-        dev.attach(slot)
-        request = Requests(dev, slot)
-        other = await _connected(network, dev, request, memory)
+    async with _parked(irqs) as p:
+        dev, slot, request, other = p.dev, p.slot, p.request, p.other
         irqs.clear()
         halts = sockets.OP_HALTS | sockets.OP_PARK | sockets.OP_RECVFROM
         assert await request(halts, 3, BUF, 100, 0, 0, 0) == sockets.NET_WAIT
@@ -154,9 +163,6 @@ async def test_a_request_with_a_halt_behind_it_raises_the_irq_unless_parked() ->
             sockets.NET_WAIT
         )
         assert irqs == [3, 3, 3]  # no halt behind it: no irq
-    finally:
-        await dev.stop()
-        memory.close()
 
 
 async def _launch(sup: Supervisor, image: Path, name: str, cmdline: str) -> Guest:
