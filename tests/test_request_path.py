@@ -30,10 +30,15 @@ async def test_input_for_an_asleep_guest_needs_no_break() -> None:
         launcher = Launcher(dev, GUESTS / "echo.img", ram_size=1 << 20, devices=[console])
         run = asyncio.create_task(launcher.run())
         lines = aiter(console.lines)
+
+        def asleep() -> bool:
+            return launcher.file is not None and launcher.file.asleep()
+
         for n in range(20):
-            await until(lambda: launcher.file is not None and launcher.file.asleep(), LIMIT)
+            await until(asleep, LIMIT)  # (the echo is out before the guest halts again)
             console.feed(f"line {n}\n".encode())
             assert await anext(lines) == f"line {n}"
+        await until(asleep, LIMIT)
         console.feed(b"quit\n")
         assert [await anext(lines), await anext(lines)] == ["quit", "bye"]
         assert (await run).ok
