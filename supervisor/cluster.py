@@ -66,7 +66,18 @@ from .config import GuestConfig
 from .host import Exit, Guest, GuestStats, Supervisor
 from .launcher.layout import plan
 from .launcher.loader import parse_image
-from .net import FIRST_GUEST, Member, NetError, Network, StreamSocket, WouldBlock, ip_int, ip_str
+from .net import (
+    FIRST_GUEST,
+    NET_MASK,
+    NET_PREFIX,
+    Member,
+    NetError,
+    Network,
+    StreamSocket,
+    WouldBlock,
+    ip_int,
+    ip_str,
+)
 from .snapshot import Snapshot, SnapshotError
 
 __all__ = [
@@ -474,6 +485,16 @@ class WorkerActor:
 
     async def _call(self, worker: str, method: str, *args: Any) -> Any:
         return await getattr(self._peers[worker], method).remote(*args)
+
+    async def net_state(self) -> dict[str, Any]:
+        """What this worker's part of the network holds now: the connects waiting
+        across a cut, the connections to other workers, the remote members."""
+        bridge = self.bridge
+        return {
+            "stalled": len(self.sup.net.stalled),
+            "connections": len(bridge.conns),
+            "remotes": sorted(m.name for m in bridge.remotes.values()),
+        }
 
     async def net_peers(self, peers: dict[str, Any]) -> None:
         self._peers = {name: actor for name, actor in peers.items() if name != self.name}
@@ -1136,8 +1157,8 @@ class ClusterNetwork:
             ip = ip_int(name_or_address)
         except ValueError:
             raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network") from None
-        if all(ip != entry[0] for entry in self._table.values()):
-            raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network")
+        if ip & NET_MASK != NET_PREFIX:  # as Network.partition: any address inside it
+            raise OSError(errno.ENETUNREACH, f"{name_or_address!r} is outside the network")
 
     async def _fault(self, fault: str, *args: Any, **kwargs: Any) -> None:
         live = [w for w in self._cluster.workers if w.alive]
@@ -1197,7 +1218,6 @@ class ClusterNetwork:
         for w in self._cluster.workers:
             if w.alive and w is not worker:
                 w.actor.net_lost.remote(worker.name)
-
 
 
 def revive_fields(config: GuestConfig) -> dict[str, Any]:

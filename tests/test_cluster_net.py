@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from supervisor.cluster import NetBridge  # noqa: E402
-from supervisor.net import (  # noqa: E402
+from supervisor.cluster import NetBridge
+from supervisor.net import (
     FIRST_GUEST,
     Member,
     NetError,
@@ -23,7 +23,7 @@ from supervisor.net import (  # noqa: E402
     StreamSocket,
     WouldBlock,
 )
-from supervisor.testing import until  # noqa: E402
+from supervisor.testing import until
 
 T = TypeVar("T")
 A_IP, B_IP = FIRST_GUEST, FIRST_GUEST + 1
@@ -120,9 +120,10 @@ async def test_bytes_cross_in_order_with_ends(pair: Pair) -> None:
 
 
 async def write_all(member: Member, sock: StreamSocket, data: bytes, *, shut: bool) -> int:
-    view = memoryview(data)
-    while view:
-        view = view[await retry(member, lambda: sock.send(view)) :]
+    at = 0
+    while at < len(data):
+        rest = memoryview(data)[at:]
+        at += await retry(member, lambda: sock.send(rest))  # noqa: B023 - awaited here
     if shut:
         sock.shutdown(1)
     return len(data)
