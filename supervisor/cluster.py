@@ -126,7 +126,8 @@ class Capture:
 
 
 # -- the network across workers ----------------------------------------------------------------
-PIECE = 256 << 10  # bytes of one connection's way per actor call (its stream buffer)
+PIECE = 64 << 10  # bytes of one connection's way per actor call at most
+WINDOW = 4  # calls of one way on their way at once (their bytes stay in the sender's buffer)
 GONE = -1  # a piece's answer when its connection is over at the receiving end
 DATA, EOF, CLOSE, RESET = "", "eof", "close", "reset"  # what a piece ends its way with
 
@@ -283,34 +284,57 @@ class NetBridge:
 
     # -- bytes ------------------------------------------------------------------------------
     async def _pump(self, conn: _Connection, end: StreamSocket) -> None:
-        """Send what the guest here writes to the other worker, piece by piece; take it
-        from the guest's buffer once acknowledged (which gives the writer room)."""
-        offset = 0
+        """Send what the guest here writes to the other worker: up to :data:`WINDOW`
+        pieces on their way at once, each read from the guest's buffer without taking
+        it, taken once acknowledged (which gives the writer room again); then the
+        way's end (end of file, close or reset), after the last byte."""
+        acked = sent = 0  # bytes taken from ``end.rx``; bytes sent (from ``acked`` on)
+        flight: deque[tuple[asyncio.Future[Any], int]] = deque()
+        ended = False
         while True:
-            conn.readable.clear()
-            try:
-                data = end.recv(PIECE, peek=True)
-            except WouldBlock:
+            while not ended and len(flight) < WINDOW:
+                conn.readable.clear()
+                try:
+                    data = end.recv(sent - acked + PIECE, peek=True)
+                except WouldBlock:
+                    break
+                except NetError:  # reset here (a timeout): the other end is reset too
+                    data, how = b"", RESET
+                else:
+                    if len(data) > sent - acked:
+                        how = DATA
+                    elif end.rx:
+                        break  # all of it is on its way already
+                    else:
+                        how = CLOSE if end.peer is None else EOF
+                piece = data[sent - acked :]
+                call = self.call(conn.worker, "net_piece", conn.cid, sent, piece, how)
+                flight.append((asyncio.ensure_future(call), len(piece)))
+                sent += len(piece)
+                ended = how != DATA
+            if not flight:
                 await conn.readable.wait()
                 continue
-            except NetError:  # reset here (a timeout): the other end is reset too
-                data, how = b"", RESET
-            else:
-                how = DATA if data else CLOSE if end.peer is None else EOF
-            try:
-                got = await self.call(conn.worker, "net_piece", conn.cid, offset, data, how)
-            except Exception:  # the other worker is gone
-                got = GONE
-            if got == GONE:
+            first = flight[0][0]
+            if not first.done():
+                wake = asyncio.ensure_future(conn.readable.wait())
+                await asyncio.wait({first, wake}, return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+                continue
+            flight.popleft()
+            got = GONE if first.cancelled() or first.exception() else first.result()
+            if got == GONE:  # over there, or the worker is gone: a reset here
+                for pending, _ in flight:
+                    pending.cancel()
                 if not end.closed:
                     end.abort(errno.ECONNRESET)
                 conn.sent_end = conn.got_end = True
                 break
-            if data:
-                with contextlib.suppress(WouldBlock, NetError):
-                    end.recv(len(data))  # acknowledged: the writer has room again
-                offset += len(data)
-            if how != DATA:
+            size = got - acked  # the answer counts every byte received so far
+            if size > 0:
+                end.take(size)  # acknowledged
+                acked += size
+            if ended and not flight:
                 conn.sent_end = True
                 break
         self._settle(conn)

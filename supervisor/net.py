@@ -672,6 +672,16 @@ class StreamSocket(Socket):
                 peer.wake()  # the writer has room again
         return n
 
+    def take(self, size: int) -> None:
+        """Drop the first ``size`` received bytes, which were read with ``peek`` and
+        handed on (a remote member's end, once the far side acknowledged them);
+        a writer that had no room hears of it, as after :meth:`recv`."""
+        peer = self.peer
+        full = peer is not None and peer.room() == 0
+        del self.rx[:size]
+        if full and peer is not None:
+            peer.wake()
+
     def shutdown(self, how: int) -> None:
         if self.peer is None and not self.was_connected:
             raise NetError(errno.ENOTCONN)
