@@ -300,6 +300,9 @@ def test_cli_swarm_on_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
     assert "swarm of 4" in out and "workers" in out
     rows = [line for line in out.splitlines() if line.strip("│ ").startswith(("w0 ", "w1 "))]
     assert len(rows) == 2 and all("alive" in row for row in rows)
+    # On the cluster's one network, each by its own name (counter-0 ... counter-3).
+    assert main([*argv, "--net"]) == 0
+    assert "finished" in capsys.readouterr().out
 
 
 def test_cli_cluster_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
