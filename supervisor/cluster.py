@@ -67,9 +67,11 @@ from .host import Exit, Guest, GuestStats, Supervisor
 from .launcher.layout import plan
 from .launcher.loader import parse_image
 from .net import (
+    DATAGRAM_COST,
     FIRST_GUEST,
     NET_MASK,
     NET_PREFIX,
+    Address,
     Member,
     NetError,
     Network,
@@ -168,6 +170,9 @@ class _RemoteAt:
     async def dial(self, sock: StreamSocket, member: Member, port: int) -> None:
         await self.bridge.dial(self.worker, sock, member, port)
 
+    def datagram(self, data: bytes, sender: Address, to: Address) -> None:
+        self.bridge.datagram(self.worker, data, sender, to)
+
 
 class NetBridge:
     """One worker's part of the cluster's network: the other workers' networked guests
@@ -193,6 +198,8 @@ class NetBridge:
         self.conns: dict[str, _Connection] = {}
         self._ids = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.datagrams_queued = 0  # bytes of datagrams sent from here, not yet delivered
+        self.datagrams_dropped = 0  # datagrams dropped here: ``datagram_queue`` was full
 
     # -- members --------------------------------------------------------------------------
     def add(self, name: str, ip: int, worker: str) -> None:
@@ -378,6 +385,29 @@ class NetBridge:
             self._settle(conn)
         return conn.received
 
+    # -- datagrams ---------------------------------------------------------------------------
+    def datagram(self, worker: str, data: bytes, sender: Address, to: Address) -> None:
+        """Send a datagram to a guest on ``worker``: one call, not awaited by the guest.
+        At most ``datagram_queue`` bytes are on their way from here at once; beyond,
+        a datagram is dropped, as a full queue drops it."""
+        cost = max(len(data), DATAGRAM_COST)
+        if self.datagrams_queued + cost > self.net.datagram_queue:
+            self.datagrams_dropped += 1
+            return
+        self.datagrams_queued += cost
+
+        async def carry() -> None:
+            try:
+                await self.call(worker, "net_datagram", data, sender, to)
+            finally:
+                self.datagrams_queued -= cost
+
+        self._spawn(carry())
+
+    async def net_datagram(self, data: bytes, sender: Address, to: Address) -> bool:
+        """A datagram from a guest on another worker, for ``to`` here."""
+        return self.net.deliver_remote(data, sender, to)
+
     # -- ends -------------------------------------------------------------------------------
     def _settle(self, conn: _Connection) -> None:
         """Forget a connection once both ways have ended."""
@@ -542,6 +572,9 @@ class WorkerActor:
 
     async def net_piece(self, cid: str, offset: int, data: bytes, how: str) -> int:
         return await self.bridge.net_piece(cid, offset, data, how)
+
+    async def net_datagram(self, data: bytes, sender: Address, to: Address) -> bool:
+        return await self.bridge.net_datagram(data, sender, to)
 
     async def cpu_time(self) -> float:
         """CPU seconds this worker's process has used (all its threads)."""

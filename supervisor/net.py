@@ -140,6 +140,11 @@ class Remote(Protocol):
         with :meth:`Network.remote_connected` or :meth:`Network.remote_refused`."""
         ...
 
+    def datagram(self, data: bytes, sender: Address, to: Address) -> None:
+        """Carry a datagram to ``to`` over there (:meth:`Network.deliver_remote`), or
+        drop it, as UDP may."""
+        ...
+
 
 class Link:
     """The faults of one direction between two members (:meth:`Network.link`).
@@ -803,6 +808,10 @@ class DatagramSocket(Socket):
         if link is not None:
             net._send_later(link, data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
             return len(data)
+        if target.remote is not None:  # it carries the datagram (or drops it)
+            if not net.is_cut(self.owner.ip, target.ip):
+                target.remote.datagram(data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
+            return len(data)
         dest = net._datagram(target.ip, to[1])
         if dest is None or (not named and net.is_cut(self.owner.ip, target.ip)):
             return len(data)  # nobody listens there: the datagram is lost, as UDP's are
@@ -980,6 +989,17 @@ class Network:
         sock.on_close = None
         sock.connect_error = sock.error = err
         sock.wake()
+
+    def deliver_remote(self, data: bytes, sender: Address, to: Address) -> bool:
+        """A datagram a remote member sent (through its own process's faults) to ``to``
+        here: queued at the socket bound there (False: nobody is, or its queue is
+        full, and it is lost)."""
+        dest = self._datagram(*to)
+        if dest is None:
+            return False
+        dropped = dest.dropped
+        dest.deliver(data, sender)
+        return dest.dropped == dropped
 
     def accept_remote(self, member: Member, port: int) -> StreamSocket:
         """The near end of a connection that the remote ``member`` opens from its
@@ -1374,8 +1394,14 @@ class Network:
 
         def arrive() -> None:
             link.queued -= cost
+            if self.is_cut(sender[0], to[0]):
+                return
+            remote = self._by_ip.get(to[0])
+            if remote is not None and remote.remote is not None:
+                remote.remote.datagram(data, sender, to)
+                return
             dest = self._datagram(*to)
-            if dest is not None and not self.is_cut(sender[0], to[0]):
+            if dest is not None:
                 dest.deliver(data, sender)
 
         self.clock.call_later(due - now, arrive)

@@ -16,7 +16,9 @@ pytest.importorskip("ray")
 
 from supervisor.cluster import NetBridge
 from supervisor.net import (
+    DATAGRAM_COST,
     FIRST_GUEST,
+    DatagramSocket,
     Member,
     NetError,
     Network,
@@ -193,3 +195,23 @@ async def test_a_close_with_unread_bytes_resets_the_peer(pair: Pair) -> None:
     with pytest.raises(NetError) as reset:
         await retry(pair.a, lambda: client.recv(10))
     assert reset.value.errno == errno.ECONNRESET
+
+
+async def test_datagrams_cross_and_a_cut_or_a_full_queue_drops_them(pair: Pair) -> None:
+    inbox = pair.b.socket("dgram")
+    outbox = pair.a.socket("dgram")
+    assert isinstance(inbox, DatagramSocket) and isinstance(outbox, DatagramSocket)
+    inbox.bind(0, 53000)
+    outbox.sendto(b"one", (B_IP, 53000))
+    assert await retry(pair.b, inbox.recvfrom) == (b"one", outbox.local)
+    pair.fault("partition", ["a"], ["b"])
+    outbox.sendto(b"cut", (B_IP, 53000))
+    pair.fault("heal")
+    outbox.sendto(b"two", (B_IP, 53000))
+    assert await retry(pair.b, inbox.recvfrom) == (b"two", outbox.local)  # "cut" was lost
+    # What the sender's worker has on its way is bounded by its datagram queue.
+    bridge = pair.bridges["w0"]
+    many = pair.nets["w0"].datagram_queue // DATAGRAM_COST
+    for _ in range(many + 5):
+        outbox.sendto(b"x", (B_IP, 53000))
+    assert bridge.datagrams_dropped == 5 and bridge.datagrams_queued <= bridge.net.datagram_queue
