@@ -542,12 +542,17 @@ class WorkerActor:
 
     async def net_state(self) -> dict[str, Any]:
         """What this worker's part of the network holds now: the connects waiting
-        across a cut, the connections to other workers, the remote members."""
+        across a cut, the connections to other workers, the remote members (name ->
+        their worker)."""
         bridge = self.bridge
         return {
             "stalled": len(self.sup.net.stalled),
             "connections": len(bridge.conns),
-            "remotes": sorted(m.name for m in bridge.remotes.values()),
+            "remotes": {
+                m.name: m.remote.worker
+                for m in bridge.remotes.values()
+                if isinstance(m.remote, _RemoteAt)
+            },
         }
 
     async def net_peers(self, peers: dict[str, Any]) -> None:
@@ -787,10 +792,16 @@ class WorkerActor:
         info = {"ended": False, "received": hosted.received, "stats": dataclasses.asdict(stats)}
         return info, state
 
-    async def release(self, key: str, moved: bool) -> None:
+    async def release(
+        self, key: str, moved: bool, net_at: tuple[str, int, str] | None = None
+    ) -> None:
         """End a move that :meth:`capture` held: the guest runs elsewhere now (``moved``:
         it ends here, its readers are sent on), or the move failed and it runs on here
-        from the instruction where it was held."""
+        from the instruction where it was held.
+
+        ``net_at``: the moved guest's (name, address, worker) on the cluster's network:
+        once it has left this worker's Network (its sockets closed, as at any end),
+        it is a remote member here."""
         hosted = self._guests.get(key)
         if hosted is None or hosted.moved:
             return
@@ -798,6 +809,8 @@ class WorkerActor:
             hosted.moved = True
             hosted.relay.finish("moved")
             await hosted.guest.kill("moved")
+            if net_at is not None:
+                self.bridge.add(*net_at)
         else:
             hosted.guest.resume()
 
@@ -1556,10 +1569,6 @@ class Cluster:
             old = guest._where
             if guest.done:
                 raise GuestEndedError(f"{guest.name} has ended")
-            if guest.config.net:
-                raise ClusterError(
-                    f"cannot move {guest.name}: a networked guest does not move between workers"
-                )
             target = worker if worker is not None else self._pick(guest.memory, old.worker)
             if target is None:
                 raise ClusterError(f"no other worker has room for {guest.name}")
@@ -1595,7 +1604,10 @@ class Cluster:
                     f"cannot move {guest.name}: {why}; it runs on at {old.worker.name}"
                 )
             with contextlib.suppress(RayActorError):  # (a lost source: nothing to end there)
-                await old.worker.actor.release.remote(old.key, True)
+                net_at = None
+                if guest._net_ip is not None:
+                    net_at = (guest.name, guest._net_ip, target.name)
+                await old.worker.actor.release.remote(old.key, True, net_at)
             guest._moves += 1
             guest._stats = GuestStats(**info["stats"])
             if guest._checkpoint is None:
@@ -1607,6 +1619,8 @@ class Cluster:
         """A move failed: ``guest`` runs on at ``old``, where it was held, with the input
         sent meanwhile (the worker skips the bytes it has)."""
         guest._relocate(old, back=True)
+        if guest._net_ip is not None:  # its name is where it runs again, everywhere
+            await self.net._place(guest.name, guest._net_ip, old.worker)
         with contextlib.suppress(RayActorError):  # (a lost source: the guest's task sees it)
             await old.worker.actor.release.remote(old.key, False)
             tail = guest._input_from(received)

@@ -401,7 +401,7 @@ async def test_guests_on_two_workers_reach_each_other_by_name() -> None:
         assert await collect(late) == ["late"]
         assert (await server.wait()).ok  # its two clients came and went
         assert "echo" not in cl.net.members
-        gone = {"stalled": 0, "connections": 0, "remotes": []}  # told by the driver
+        gone = {"stalled": 0, "connections": 0, "remotes": {}}  # told by the driver
         await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s == gone)
 
 
@@ -411,3 +411,21 @@ async def until_remote(
     """Ask a worker until its answer ``holds`` (a bound for failing: LIMIT)."""
     while not holds(await ask()):  # noqa: ASYNC110 - a remote worker has no Event to await
         await asyncio.sleep(0.05)
+
+
+async def test_a_networked_guest_moves_with_its_name_and_address() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        config = GuestConfig(image=GUESTS / "echo.img", memory="1M", name="idle", net=True)
+        idle = await cl.launch(config, worker=w0)
+        assert (await w1.actor.net_state.remote())["remotes"] == {"idle": "w0"}
+        assert await cl.migrate(idle) is w1
+        assert cl.net.worker_of("idle") is w1 and cl.net.resolve("idle") == "10.0.0.2"
+        assert (await w0.actor.net_state.remote())["remotes"] == {"idle": "w1"}
+        assert (await w1.actor.net_state.remote())["remotes"] == {}
+        # Asked of w1 now, where nothing listens on port 7.
+        client = await cl.launch(networked("tcp_echo_client.elf", "cli", "idle 7 x"), worker=w0)
+        assert (await client.wait()).exit_status == 1
+        idle.send("still here\n")
+        assert await anext(aiter(idle.console)) == "still here"
+        await idle.kill()
