@@ -429,3 +429,18 @@ async def test_a_networked_guest_moves_with_its_name_and_address() -> None:
         idle.send("still here\n")
         assert await anext(aiter(idle.console)) == "still here"
         await idle.kill()
+
+
+async def test_a_lost_worker_resets_the_connections_to_its_guests() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        server = await cl.launch(networked("tcp_echo_server.elf", "echo", "7"), worker=w0)
+        assert await anext(aiter(server.console)) == "listening on 7"
+        holder = await cl.launch(networked("tcp_hold_client.elf", "hold", "echo 7 hi"), worker=w1)
+        assert await anext(aiter(holder.console)) == "hi"  # connected, echoed, holding
+        await w0.kill()
+        assert (await holder.wait()).exit_status == 1  # its recv failed: ECONNRESET
+        assert (await server.wait()).reason == "worker w0 lost"
+        assert cl.net.members == {}
+        gone = {"stalled": 0, "connections": 0, "remotes": {}}
+        await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s == gone)
