@@ -244,8 +244,10 @@ class NetBridge:
         self.conns[conn.cid] = conn
         assert sock.local is not None
         try:
-            err = await self.call(worker, "net_connect", conn.cid, self.name, sock.local,
-                                  member.ip, port)  # fmt: skip
+            source = sock.local
+            err = await self.call(
+                worker, "net_connect", conn.cid, self.name, source, member.ip, port
+            )
         except asyncio.CancelledError:  # the socket was closed: the other end is reset
             self._forget(conn)
             self._spawn(self.call(worker, "net_piece", conn.cid, 0, b"", RESET))
@@ -299,8 +301,8 @@ class NetBridge:
         flight: deque[tuple[asyncio.Future[Any], int]] = deque()
         ended = False
         while True:
+            conn.readable.clear()  # what wakes it from here on is news
             while not ended and len(flight) < WINDOW:
-                conn.readable.clear()
                 try:
                     data = end.recv(sent - acked + PIECE, peek=True)
                 except WouldBlock:
@@ -357,6 +359,8 @@ class NetBridge:
         while offset > conn.received:  # an earlier piece is still on its way
             conn.arrived.clear()
             await conn.arrived.wait()
+            if self.conns.get(cid) is not conn:
+                return GONE
         end = conn.end
         view = memoryview(data)[conn.received - offset :]
         while view:
@@ -419,6 +423,7 @@ class NetBridge:
     def _forget(self, conn: _Connection) -> None:
         if self.conns.get(conn.cid) is conn:
             del self.conns[conn.cid]
+        conn.arrived.set()  # a piece waiting for an earlier one finds the connection gone
         if not conn.ready.done():
             conn.ready.set_result(False)
         if conn.pump is not None and conn.pump is not asyncio.current_task():

@@ -50,9 +50,9 @@ class Pair:
         await asyncio.sleep(0)  # a call never answers inside its caller's step
         return await getattr(self.bridges[worker], method)(*args)
 
-    def fault(self, fault: str, *args: Any) -> None:
+    def fault(self, fault: str, *args: Any, **kwargs: Any) -> None:
         for bridge in self.bridges.values():
-            bridge.apply(fault, *args)
+            bridge.apply(fault, *args, **kwargs)
 
     async def connected(self, port: int = 7) -> tuple[StreamSocket, StreamSocket]:
         """``a`` connected to ``b``'s listener on ``port``: (a's socket, b's)."""
@@ -215,3 +215,20 @@ async def test_datagrams_cross_and_a_cut_or_a_full_queue_drops_them(pair: Pair) 
     for _ in range(many + 5):
         outbox.sendto(b"x", (B_IP, 53000))
     assert bridge.datagrams_dropped == 5 and bridge.datagrams_queued <= bridge.net.datagram_queue
+
+
+async def test_a_link_is_applied_once_by_the_sending_worker(pair: Pair) -> None:
+    client, server = await pair.connected()
+    pair.fault("link", "a", "b", rate=1e9)  # every worker has the link, both ways
+    await retry(pair.a, lambda: client.send(b"a to b"))
+    assert await retry(pair.b, lambda: server.recv(10)) == b"a to b"
+    await retry(pair.b, lambda: server.send(b"b to a"))
+    assert await retry(pair.a, lambda: client.recv(10)) == b"b to a"
+    w0, w1 = pair.nets["w0"], pair.nets["w1"]
+    used = [
+        (net_name, a, b)
+        for net_name, net in (("w0", w0), ("w1", w1))
+        for a, b in (("a", "b"), ("b", "a"))
+        if (link := net.link_of(a, b)) is not None and link.busy_until > 0
+    ]
+    assert used == [("w0", "a", "b"), ("w1", "b", "a")]
