@@ -12,7 +12,10 @@ Needs Ray (``pip install -e '.[cluster]'``).  Four figures, each against its goa
 * a counting guest migrated ``--moves`` times mid-count ends with the exact count
   and its whole console, in order, once;
 * a swarm with ``checkpoint_every=1`` loses a worker mid-run: every guest still
-  ends with status 0 and exactly its console output.
+  ends with status 0 and exactly its console output;
+* the network across workers (``--net-only`` runs just these): a 1-byte round trip
+  and 64 KiB-write throughput between two C guests (benchmarks/c/netbench.c) on
+  different workers, against the same two guests on one worker in the same run.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import ray
 
-from supervisor import GuestConfig, Supervisor
+from supervisor import GuestConfig, Supervisor, sdk
 from supervisor.cluster import Cluster, ClusterError, RemoteGuest
 
 from .harness import poll
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
+NETBENCH = Path(__file__).resolve().parent / "c" / "netbench.c"
 COUNTER = GUESTS / "counter.img"
 
 
@@ -113,6 +118,72 @@ async def worker_loss(cl: Cluster, n: int) -> tuple[int, int, float]:
     return right, sum(g.revivals for g in guests), wall
 
 
+async def _net_pair(
+    cl: Cluster, image: Path, server: str, client: str, where: tuple[int, int], tag: str
+) -> float:
+    """Seconds from the client's "start" (connected) to the end of the transfer: its
+    "done" (ping) or the server's "got" line (send); server and client on the workers
+    numbered ``where``."""
+
+    def config(name: str, cmdline: str) -> GuestConfig:
+        return GuestConfig(image=image, name=name, cmdline=cmdline, memory="4M", net=True)
+
+    srv = await cl.launch(config(f"srv{tag}", server), worker=cl.workers[where[0]])
+    srv_lines = aiter(srv.console)
+    assert await anext(srv_lines) == "listening"
+    cli = await cl.launch(
+        config(f"cli{tag}", client.format(f"srv{tag}")), worker=cl.workers[where[1]]
+    )
+    cli_lines = aiter(cli.console)
+    assert await anext(cli_lines) == "start"
+    t0 = time.perf_counter()
+    if client.startswith("ping"):
+        assert await anext(cli_lines) == "done"
+        t = time.perf_counter() - t0
+    else:
+        got = await anext(srv_lines)
+        t = time.perf_counter() - t0
+        assert got == f"got {client.split()[-1]}", got
+    assert (await cli.wait()).ok and (await srv.wait()).ok
+    return t
+
+
+async def network(cl: Cluster, rtts: int, size: int, reps: int) -> list[tuple[str, str, str, str]]:
+    """Round trip and throughput between two guests on two workers, as a ratio to the
+    same two guests on one worker (best of ``reps`` each, interleaved)."""
+    with tempfile.TemporaryDirectory(prefix="lguest-bench-cluster-") as tmp:
+        image = Path(tmp) / "netbench.elf"
+        await asyncio.to_thread(sdk.build, [NETBENCH], image, sdk.BuildOptions(optimize="2"))
+        rtt: dict[str, list[float]] = {"one": [], "two": []}
+        put: dict[str, list[float]] = {"one": [], "two": []}
+        for rep in range(reps):
+            for key, where in (("one", (0, 0)), ("two", (0, 1))):
+                tag = f"{key}{rep}"
+                ping = await _net_pair(cl, image, "echo 7", f"ping {{}} 7 {rtts}", where, tag + "p")
+                rtt[key].append(ping / rtts)
+                put[key].append(
+                    await _net_pair(cl, image, "sink 7", f"send {{}} 7 {size}", where, tag + "s")
+                )
+    one, two = min(rtt["one"]) * 1e3, min(rtt["two"]) * 1e3
+    mb = size / 1e6
+    one_mbs, two_mbs = mb / min(put["one"]), mb / min(put["two"])
+    note = f"best of {reps}; the same two guests on one worker in the same run"
+    return [
+        (
+            "1-byte round trip, guests on 2 workers",
+            f"{two:.2f} ms",
+            "-",
+            f"{two / one:.1f}x the {one:.3f} ms on one worker ({rtts} round trips); {note}",
+        ),
+        (
+            f"guest to guest across workers, 64 KiB writes, {mb:.0f} MB",
+            f"{two_mbs:.1f} MB/s",
+            "-",
+            f"{two_mbs / one_mbs:.2f}x the {one_mbs:.0f} MB/s on one worker; {note}",
+        ),
+    ]
+
+
 async def measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     try:
@@ -123,6 +194,9 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
 
 async def _measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     rows = []
+    if args.net_only:
+        async with Cluster(workers=args.workers) as cl:
+            return await network(cl, args.rtts, args.net_mb << 20, args.net_reps)
     local, cores = await swarm_local(args.guests, args.notifies // 2)
     async with Cluster(workers=args.workers) as cl:
         remote, remote_cores = await swarm_cluster(cl, args.guests, args.notifies // 2)
@@ -172,6 +246,8 @@ async def _measure(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
                 f"{revived} revived, {wall:.1f} s",
             )
         )
+    async with Cluster(workers=args.workers) as cl:
+        rows += await network(cl, args.rtts, args.net_mb << 20, args.net_reps)
     return rows
 
 
@@ -182,6 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--moves", type=int, default=100, help="migrations of one guest")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--loss-guests", type=int, default=10)
+    parser.add_argument("--rtts", type=int, default=500, help="1-byte round trips")
+    parser.add_argument("--net-mb", type=int, default=40, help="MiB of the throughput runs")
+    parser.add_argument("--net-reps", type=int, default=3, help="runs of each network figure")
+    parser.add_argument("--net-only", action="store_true", help="only the network figures")
     args = parser.parse_args(argv)
     rows = asyncio.run(measure(args))
     width = max(len(r[0]) for r in rows)

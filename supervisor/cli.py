@@ -1075,10 +1075,6 @@ async def run_cluster_swarm(config: GuestConfig, n: int, args: argparse.Namespac
         )
     if args.gdb is not None:
         raise BadInput("--gdb cannot be used with --cluster")
-    if config.net:
-        raise BadInput(
-            "--net cannot be used with --cluster: the network does not reach across workers"
-        )
     if args.workers is not None and args.workers < 1:
         raise BadInput("--workers must be at least 1")
     if args.checkpoint_every is not None and not args.checkpoint_every > 0:

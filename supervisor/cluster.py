@@ -49,7 +49,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,31 @@ from .config import GuestConfig
 from .host import Exit, Guest, GuestStats, Supervisor
 from .launcher.layout import plan
 from .launcher.loader import parse_image
+from .net import (
+    DATAGRAM_COST,
+    FIRST_GUEST,
+    NET_MASK,
+    NET_PREFIX,
+    Address,
+    Member,
+    NetError,
+    Network,
+    StreamSocket,
+    WouldBlock,
+    ip_int,
+    ip_str,
+)
 from .snapshot import Snapshot, SnapshotError
 
-__all__ = ["Cluster", "ClusterError", "GuestEndedError", "RemoteGuest", "Worker"]
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "ClusterNetwork",
+    "GuestEndedError",
+    "NetBridge",
+    "RemoteGuest",
+    "Worker",
+]
 
 MAX_LINES = 100_000  # unread console lines a worker keeps per guest (older ones are dropped)
 READ_BATCH = 4096  # lines per console read
@@ -103,6 +125,331 @@ class Capture:
     partial: bytes  # output of a line not yet ended
     received: int  # console input bytes the guest had been given
     stats: dict[str, Any]  # GuestStats so far (all incarnations)
+
+
+# -- the network across workers ----------------------------------------------------------------
+PIECE = 64 << 10  # bytes of one connection's way per actor call at most
+WINDOW = 4  # calls of one way on their way at once (their bytes stay in the sender's buffer)
+GONE = -1  # a piece's answer when its connection is over at the receiving end
+DATA, EOF, CLOSE, RESET = "", "eof", "close", "reset"  # what a piece ends its way with
+
+# One call to another worker's bridge: (worker name, method name, arguments) -> its answer.
+Call = Callable[..., Awaitable[Any]]
+
+
+class _Connection:
+    """One connection between a guest here and a guest on another worker, as this
+    worker holds it: ``end``, the near end of the remote member, joined to the
+    guest's socket; the bytes of the way in are numbered, ``received`` so far."""
+
+    def __init__(self, cid: str, worker: str) -> None:
+        self.cid = cid
+        self.worker = worker
+        self.end: StreamSocket | None = None
+        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.readable = asyncio.Event()  # the pump's wake-up: bytes, an end, a heal
+        self.writable = asyncio.Event()  # a piece's wake-up: room in the guest's socket
+        self.arrived = asyncio.Event()  # a piece went in: the next one may follow
+        self.received = 0
+        self.sent_end = False  # the way out has ended (its last piece was acknowledged)
+        self.got_end = False  # the way in has ended
+        self.pump: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self.readable.set()
+        self.writable.set()
+
+
+class _RemoteAt:
+    """:class:`~supervisor.net.Remote` for the members on one other worker."""
+
+    def __init__(self, bridge: NetBridge, worker: str) -> None:
+        self.bridge = bridge
+        self.worker = worker
+
+    async def dial(self, sock: StreamSocket, member: Member, port: int) -> None:
+        await self.bridge.dial(self.worker, sock, member, port)
+
+    def datagram(self, data: bytes, sender: Address, to: Address) -> None:
+        self.bridge.datagram(self.worker, data, sender, to)
+
+
+class NetBridge:
+    """One worker's part of the cluster's network: the other workers' networked guests
+    as remote members of this worker's :class:`~supervisor.net.Network`, and the
+    connections between its guests and theirs.
+
+    Every byte travels as a call of ``call`` (an actor call on Ray): a connect is
+    :meth:`net_connect` at the listener's worker; each way of a connection is a
+    sequence of :meth:`net_piece` calls from the sending worker, one at a time, each
+    numbered by its first byte's offset, the answer being the acknowledgement.  The
+    sender reads its guest's bytes without taking them and takes them once
+    acknowledged, so a writer holds at most its connection's ``stream_buffer`` in
+    flight and waits beyond, as on one network.  Faults act where the bytes are
+    sent: a cut holds them in the sender's buffer (and its ``stream_timeout``
+    runs there), a link delays them on the way into it.
+    """
+
+    def __init__(self, name: str, net: Network, call: Call) -> None:
+        self.name = name
+        self.net = net
+        self.call = call
+        self.remotes: dict[int, Member] = {}  # address -> remote member
+        self.conns: dict[str, _Connection] = {}
+        self._ids = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.datagrams_queued = 0  # bytes of datagrams sent from here, not yet delivered
+        self.datagrams_dropped = 0  # datagrams dropped here: ``datagram_queue`` was full
+
+    # -- members --------------------------------------------------------------------------
+    def add(self, name: str, ip: int, worker: str) -> None:
+        """``name`` (address ``ip``) runs on ``worker`` (another worker)."""
+        old = self.remotes.pop(ip, None)
+        if old is not None and old.remote is not None:
+            self.net.drop_remote(old.name)
+        member = self.net.add_remote(name, ip, _RemoteAt(self, worker))
+        self.remotes[ip] = member
+
+    def drop(self, name: str) -> None:
+        """``name`` has left the network: it no longer resolves (its connections end by
+        their own last pieces, which may still be on their way)."""
+        for ip, member in list(self.remotes.items()):
+            if member.name == name:
+                del self.remotes[ip]
+                self.net.forget_remote(member)
+
+    def claim(self, name: str, ip: int) -> None:
+        """``name`` joins here next, with address ``ip`` (a launch, or a revival of a
+        guest that ran elsewhere)."""
+        self.drop(name)
+        self.net.reserve(name, ip)
+
+    def lost(self, worker: str) -> None:
+        """``worker`` is gone: its guests leave, every connection to them is reset."""
+        for ip, member in list(self.remotes.items()):
+            remote = member.remote
+            if isinstance(remote, _RemoteAt) and remote.worker == worker:
+                del self.remotes[ip]
+                self.net.drop_remote(member.name, errno.ECONNRESET)
+        for conn in [c for c in self.conns.values() if c.worker == worker]:
+            if conn.end is not None:
+                conn.end.abort(errno.ECONNRESET)
+            self._forget(conn)
+
+    # -- connecting -------------------------------------------------------------------------
+    async def dial(self, worker: str, sock: StreamSocket, member: Member, port: int) -> None:
+        """A guest's connect to ``member`` (on ``worker``): asked of that worker."""
+        self._ids += 1
+        conn = _Connection(f"{self.name}/{self._ids}", worker)
+        self.conns[conn.cid] = conn
+        assert sock.local is not None
+        try:
+            source = sock.local
+            err = await self.call(
+                worker, "net_connect", conn.cid, self.name, source, member.ip, port
+            )
+        except asyncio.CancelledError:  # the socket was closed: the other end is reset
+            self._forget(conn)
+            self._spawn(self.call(worker, "net_piece", conn.cid, 0, b"", RESET))
+            raise
+        except Exception:  # the worker is gone
+            err = errno.EHOSTUNREACH
+        if err:
+            self._forget(conn)
+            self.net.remote_refused(sock, err)
+            return
+        self._open(conn, self.net.remote_connected(sock, member, port))
+
+    async def net_connect(
+        self, cid: str, worker: str, source: tuple[int, int], ip: int, port: int
+    ) -> int:
+        """A connect from a guest on ``worker`` (at ``source``) to ``ip:port`` here:
+        0 once a listener here has it in its backlog, or the errno."""
+        member = self.remotes.get(source[0])
+        if member is None or ip in self.remotes:
+            return errno.EHOSTUNREACH
+        end = self.net.accept_remote(member, source[1])
+        conn = _Connection(cid, worker)
+        end.on_change = conn.wake
+        while True:
+            conn.readable.clear()
+            try:
+                end.connect(ip, port)
+                break
+            except WouldBlock:
+                await conn.readable.wait()
+            except NetError as exc:
+                end.close()
+                return exc.errno
+        self.conns[cid] = conn
+        self._open(conn, end)
+        return 0
+
+    def _open(self, conn: _Connection, end: StreamSocket) -> None:
+        conn.end = end
+        end.on_change = conn.wake
+        conn.ready.set_result(True)
+        conn.pump = asyncio.get_running_loop().create_task(self._pump(conn, end))
+
+    # -- bytes ------------------------------------------------------------------------------
+    async def _pump(self, conn: _Connection, end: StreamSocket) -> None:
+        """Send what the guest here writes to the other worker: up to :data:`WINDOW`
+        pieces on their way at once, each read from the guest's buffer without taking
+        it, taken once acknowledged (which gives the writer room again); then the
+        way's end (end of file, close or reset), after the last byte."""
+        acked = sent = 0  # bytes taken from ``end.rx``; bytes sent (from ``acked`` on)
+        flight: deque[tuple[asyncio.Future[Any], int]] = deque()
+        ended = False
+        while True:
+            conn.readable.clear()  # what wakes it from here on is news
+            while not ended and len(flight) < WINDOW:
+                try:
+                    data = end.recv(sent - acked + PIECE, peek=True)
+                except WouldBlock:
+                    break
+                except NetError:  # reset here (a timeout): the other end is reset too
+                    data, how = b"", RESET
+                else:
+                    if len(data) > sent - acked:
+                        how = DATA
+                    elif end.rx:
+                        break  # all of it is on its way already
+                    else:
+                        how = CLOSE if end.peer is None else EOF
+                piece = data[sent - acked :]
+                call = self.call(conn.worker, "net_piece", conn.cid, sent, piece, how)
+                flight.append((asyncio.ensure_future(call), len(piece)))
+                sent += len(piece)
+                ended = how != DATA
+            if not flight:
+                await conn.readable.wait()
+                continue
+            first = flight[0][0]
+            if not first.done():
+                wake = asyncio.ensure_future(conn.readable.wait())
+                await asyncio.wait({first, wake}, return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+                continue
+            flight.popleft()
+            got = GONE if first.cancelled() or first.exception() else first.result()
+            if got == GONE:  # over there, or the worker is gone: a reset here
+                for pending, _ in flight:
+                    pending.cancel()
+                if not end.closed:
+                    end.abort(errno.ECONNRESET)
+                conn.sent_end = conn.got_end = True
+                break
+            size = got - acked  # the answer counts every byte received so far
+            if size > 0:
+                end.take(size)  # acknowledged
+                acked += size
+            if ended and not flight:
+                conn.sent_end = True
+                break
+        self._settle(conn)
+
+    async def net_piece(self, cid: str, offset: int, data: bytes, how: str) -> int:
+        """Bytes ``offset`` on of a connection's way in, then its end (``how``): the
+        bytes go into the guest's socket as it has room (waiting meanwhile: the
+        acknowledgement is this call's answer, the count written so far), or
+        :data:`GONE` if the connection is over here."""
+        conn = self.conns.get(cid)
+        if conn is None or not await conn.ready or conn.end is None:
+            return GONE
+        while offset > conn.received:  # an earlier piece is still on its way
+            conn.arrived.clear()
+            await conn.arrived.wait()
+            if self.conns.get(cid) is not conn:
+                return GONE
+        end = conn.end
+        view = memoryview(data)[conn.received - offset :]
+        while view:
+            conn.writable.clear()
+            try:
+                n = end.send(view)
+            except WouldBlock:
+                await conn.writable.wait()
+                continue
+            except NetError:  # the guest here closed or was reset: a reset there
+                conn.got_end = True
+                self._settle(conn)
+                return GONE
+            view = view[n:]
+            conn.received += n
+            conn.arrived.set()
+        if how == EOF:
+            with contextlib.suppress(NetError):
+                end.shutdown(1)
+        elif how == CLOSE:
+            end.close()
+        elif how == RESET:
+            end.abort(errno.ECONNRESET)
+        if how != DATA:
+            conn.got_end = True
+            self._settle(conn)
+        return conn.received
+
+    # -- datagrams ---------------------------------------------------------------------------
+    def datagram(self, worker: str, data: bytes, sender: Address, to: Address) -> None:
+        """Send a datagram to a guest on ``worker``: one call, not awaited by the guest.
+        At most ``datagram_queue`` bytes are on their way from here at once; beyond,
+        a datagram is dropped, as a full queue drops it."""
+        cost = max(len(data), DATAGRAM_COST)
+        if self.datagrams_queued + cost > self.net.datagram_queue:
+            self.datagrams_dropped += 1
+            return
+        self.datagrams_queued += cost
+
+        async def carry() -> None:
+            try:
+                await self.call(worker, "net_datagram", data, sender, to)
+            finally:
+                self.datagrams_queued -= cost
+
+        self._spawn(carry())
+
+    async def net_datagram(self, data: bytes, sender: Address, to: Address) -> bool:
+        """A datagram from a guest on another worker, for ``to`` here."""
+        return self.net.deliver_remote(data, sender, to)
+
+    # -- ends -------------------------------------------------------------------------------
+    def _settle(self, conn: _Connection) -> None:
+        """Forget a connection once both ways have ended."""
+        if conn.sent_end and conn.got_end:
+            if conn.end is not None and not conn.end.closed:
+                conn.end.close()
+            self._forget(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        if self.conns.get(conn.cid) is conn:
+            del self.conns[conn.cid]
+        conn.arrived.set()  # a piece waiting for an earlier one finds the connection gone
+        if not conn.ready.done():
+            conn.ready.set_result(False)
+        if conn.pump is not None and conn.pump is not asyncio.current_task():
+            conn.pump.cancel()
+
+    def _spawn(self, call: Awaitable[Any]) -> None:
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                await call
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for conn in list(self.conns.values()):
+            self._forget(conn)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def apply(self, fault: str, *args: Any, **kwargs: Any) -> None:
+        """A fault the driver set for the whole network (``partition``, ``heal``,
+        ``link``, ``unlink``), applied to this worker's Network."""
+        if fault not in ("partition", "heal", "link", "unlink"):
+            raise ValueError(f"no fault {fault!r}")
+        getattr(self.net, fault)(*args, **kwargs)
 
 
 # -- the worker actor --------------------------------------------------------------------------
@@ -168,6 +515,8 @@ class WorkerActor:
         self._sup: Supervisor | None = None
         self._guests: dict[str, _Hosted] = {}
         self._dir = Path(tempfile.mkdtemp(prefix=f"lguest-{name}-"))
+        self._peers: dict[str, Any] = {}  # worker name -> actor handle (the network's)
+        self._bridge: NetBridge | None = None
 
     @property
     def sup(self) -> Supervisor:
@@ -186,6 +535,57 @@ class WorkerActor:
     async def ping(self) -> int:
         return os.getpid()
 
+    # -- the network across workers (NetBridge) -------------------------------------------------
+    @property
+    def bridge(self) -> NetBridge:
+        if self._bridge is None:
+            self._bridge = NetBridge(self.name, self.sup.net, self._call)
+        return self._bridge
+
+    async def _call(self, worker: str, method: str, *args: Any) -> Any:
+        return await getattr(self._peers[worker], method).remote(*args)
+
+    async def net_state(self) -> dict[str, Any]:
+        """What this worker's part of the network holds now: the connects waiting
+        across a cut, the connections to other workers, the remote members (name ->
+        their worker)."""
+        bridge = self.bridge
+        return {
+            "stalled": len(self.sup.net.stalled),
+            "connections": len(bridge.conns),
+            "remotes": {
+                m.name: m.remote.worker
+                for m in bridge.remotes.values()
+                if isinstance(m.remote, _RemoteAt)
+            },
+        }
+
+    async def net_peers(self, peers: dict[str, Any]) -> None:
+        self._peers = {name: actor for name, actor in peers.items() if name != self.name}
+
+    async def net_add(self, name: str, ip: int, worker: str) -> None:
+        self.bridge.add(name, ip, worker)
+
+    async def net_drop(self, name: str) -> None:
+        self.bridge.drop(name)
+
+    async def net_lost(self, worker: str) -> None:
+        self.bridge.lost(worker)
+
+    async def net_fault(self, fault: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+        self.bridge.apply(fault, *args, **kwargs)
+
+    async def net_connect(
+        self, cid: str, worker: str, source: tuple[int, int], ip: int, port: int
+    ) -> int:
+        return await self.bridge.net_connect(cid, worker, source, ip, port)
+
+    async def net_piece(self, cid: str, offset: int, data: bytes, how: str) -> int:
+        return await self.bridge.net_piece(cid, offset, data, how)
+
+    async def net_datagram(self, data: bytes, sender: Address, to: Address) -> bool:
+        return await self.bridge.net_datagram(data, sender, to)
+
     async def cpu_time(self) -> float:
         """CPU seconds this worker's process has used (all its threads)."""
         return time.process_time()
@@ -198,6 +598,7 @@ class WorkerActor:
         image_key: str,
         image: bytes,
         disk: bytes | None,
+        net_ip: int | None = None,
     ) -> None:
         path = self._dir / f"{image_key}.img"
         if not path.exists():
@@ -206,15 +607,25 @@ class WorkerActor:
             os.replace(temporary, path)
         local = self._disk(key, disk)
         config = GuestConfig.build(**fields, image=path, block=local)
+        if net_ip is not None:
+            self.bridge.claim(config.display_name, net_ip)
         guest = await self.sup.launch(config)
         writable = local is not None and not config.block_readonly
         self._host(key, _Hosted(guest, _Relay(), local, writable, 0, GuestStats()))
 
     async def revive(
-        self, key: str, state: Capture, tail: bytes, eof: bool, fields: dict[str, Any]
+        self,
+        key: str,
+        state: Capture,
+        tail: bytes,
+        eof: bool,
+        fields: dict[str, Any],
+        net_ip: int | None = None,
     ) -> None:
         """Continue a guest from ``state`` (a move or a checkpoint), input ``tail`` after it."""
         snap = Snapshot.from_bytes(state.snapshot, key)
+        if net_ip is not None:
+            self.bridge.claim(fields["name"], net_ip)
         local = self._disk(key, state.disk)
         guest = await self.sup.restore(snap, block=local, **fields)
         # No await since the restore: the guest has not run, so the partial line comes first.
@@ -386,10 +797,16 @@ class WorkerActor:
         info = {"ended": False, "received": hosted.received, "stats": dataclasses.asdict(stats)}
         return info, state
 
-    async def release(self, key: str, moved: bool) -> None:
+    async def release(
+        self, key: str, moved: bool, net_at: tuple[str, int, str] | None = None
+    ) -> None:
         """End a move that :meth:`capture` held: the guest runs elsewhere now (``moved``:
         it ends here, its readers are sent on), or the move failed and it runs on here
-        from the instruction where it was held."""
+        from the instruction where it was held.
+
+        ``net_at``: the moved guest's (name, address, worker) on the cluster's network:
+        once it has left this worker's Network (its sockets closed, as at any end),
+        it is a remote member here."""
         hosted = self._guests.get(key)
         if hosted is None or hosted.moved:
             return
@@ -397,6 +814,8 @@ class WorkerActor:
             hosted.moved = True
             hosted.relay.finish("moved")
             await hosted.guest.kill("moved")
+            if net_at is not None:
+                self.bridge.add(*net_at)
         else:
             hosted.guest.resume()
 
@@ -411,6 +830,8 @@ class WorkerActor:
             hosted.disk.unlink(missing_ok=True)
 
     async def close(self) -> None:
+        if self._bridge is not None:
+            await self._bridge.aclose()
         if self._sup is not None:
             await self._sup.aclose()
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -545,6 +966,7 @@ class RemoteGuest:
         self._checkpoints = 0
         self._killed: str | None = None
         self._console_done = False
+        self._net_ip: int | None = None  # its address on the cluster's network (net=True)
         self._task = asyncio.create_task(self._supervise(), name=f"remote-{self.name}")
 
     # -- where --------------------------------------------------------------------------------
@@ -716,6 +1138,7 @@ class RemoteGuest:
                 if self._where is not place:
                     continue  # it moved meanwhile
                 place.worker.alive = False
+                self._cluster.net._worker_lost(place.worker)
                 if self._killed is not None or not await self._cluster._revive(self, place):
                     self._where.worker._remove(self.gid)
                     reason = self._killed or f"worker {place.worker.name} lost"
@@ -726,6 +1149,8 @@ class RemoteGuest:
                 continue
             result = out
         self._where.worker._remove(self.gid)
+        if self.config.net:
+            self._cluster.net._leave(self.name, self._where.worker)
         self._stats = GuestStats(**result["stats"])
         if result["disk"] is not None and self.config.block is not None:
             _write_back(self.config.block, result["disk"])
@@ -739,6 +1164,135 @@ class RemoteGuest:
     def __repr__(self) -> str:
         state = "running" if not self.done else "ended"
         return f"<RemoteGuest {self.name} on {self.worker.name} {state}>"
+
+
+class ClusterNetwork:
+    """The cluster's one network (``cl.net``): every guest launched with ``net=True``,
+    on whichever worker, reaches every other by name (docs/cluster.md, "One network
+    across workers").
+
+    The driver holds the one table of names and addresses and tells every worker;
+    each worker's Network holds the guests elsewhere as remote members.  The faults
+    are set here and applied by every worker, to the bytes its guests send.
+    """
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+        self._table: dict[str, tuple[int, Worker]] = {}  # name -> (address, worker)
+        self._next = FIRST_GUEST
+        self._lost: set[str] = set()  # workers whose loss every worker has been told
+
+    @property
+    def members(self) -> dict[str, str]:
+        """Every networked guest running now: name -> address."""
+        return {name: ip_str(ip) for name, (ip, _) in sorted(self._table.items())}
+
+    def resolve(self, name: str) -> str:
+        """A networked guest's address (``OSError`` ``EHOSTUNREACH`` for a name nobody has)."""
+        entry = self._table.get(name)
+        if entry is None:
+            raise OSError(errno.EHOSTUNREACH, f"no {name!r} on the cluster's network")
+        return ip_str(entry[0])
+
+    def worker_of(self, name: str) -> Worker:
+        """The worker where the networked guest ``name`` runs now."""
+        self.resolve(name)
+        return self._table[name][1]
+
+    async def partition(self, group_a: list[str], group_b: list[str]) -> None:
+        """Cut every member of ``group_a`` off from every member of ``group_b``
+        (:meth:`supervisor.net.Network.partition`), on every worker, before it returns."""
+        for group in (group_a, group_b):
+            if isinstance(group, str):
+                raise TypeError(f"a group is a list of names or addresses, not {group!r}")
+            for name in group:
+                self._known(name)
+        await self._fault("partition", list(group_a), list(group_b))
+
+    async def heal(self) -> None:
+        """End every partition, on every worker."""
+        await self._fault("heal")
+
+    async def link(self, a: str, b: str, **faults: float | None) -> None:
+        """Faults between ``a`` and ``b`` (:meth:`supervisor.net.Network.link`: ``delay``,
+        ``jitter``, ``loss``, ``rate``), applied where the bytes are sent."""
+        self._known(a)
+        self._known(b)
+        await self._fault("link", a, b, **faults)
+
+    async def unlink(self, a: str, b: str) -> None:
+        self._known(a)
+        self._known(b)
+        await self._fault("unlink", a, b)
+
+    def _known(self, name_or_address: str) -> None:
+        if name_or_address in self._table:
+            return
+        try:
+            ip = ip_int(name_or_address)
+        except ValueError:
+            raise OSError(errno.EHOSTUNREACH, f"no {name_or_address!r} on the network") from None
+        if ip & NET_MASK != NET_PREFIX:  # as Network.partition: any address inside it
+            raise OSError(errno.ENETUNREACH, f"{name_or_address!r} is outside the network")
+
+    async def _fault(self, fault: str, *args: Any, **kwargs: Any) -> None:
+        live = [w for w in self._cluster.workers if w.alive]
+        calls = [w.actor.net_fault.remote(fault, list(args), kwargs) for w in live]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, RayTaskError):
+                raise result.cause from None
+
+    # -- the table ---------------------------------------------------------------------------
+    def _assign(self, name: str) -> int:
+        """A new guest's address, unique on the cluster (``ClusterError`` if ``name`` is
+        on the network already or no address is left)."""
+        if name in self._table:
+            raise ClusterError(f"{name!r} is already on the cluster's network")
+        taken = {ip for ip, _ in self._table.values()}
+        ip = self._next
+        for _ in range(0xFFFD):
+            if ip & 0xFFFF == 0xFFFF:
+                ip = FIRST_GUEST
+            if ip not in taken:
+                break
+            ip += 1
+        else:
+            raise ClusterError("the cluster's network has no free address left")
+        self._next = ip + 1
+        return ip
+
+    async def _place(self, name: str, ip: int, worker: Worker) -> None:
+        """``name`` (``ip``) runs on ``worker`` from now on: every other worker holds it as
+        a remote member before it runs, so its name resolves everywhere from its start."""
+        self._table[name] = (ip, worker)
+        others = [w for w in self._cluster.workers if w.alive and w is not worker]
+        await asyncio.gather(
+            *(w.actor.net_add.remote(name, ip, worker.name) for w in others),
+            return_exceptions=True,
+        )
+
+    def _leave(self, name: str, worker: Worker) -> None:
+        """``name`` has ended on ``worker``: its name is free everywhere."""
+        entry = self._table.get(name)
+        if entry is None or entry[1] is not worker:
+            return
+        del self._table[name]
+        for w in self._cluster.workers:
+            if w.alive and w is not worker:
+                w.actor.net_drop.remote(name)
+
+    def _worker_lost(self, worker: Worker) -> None:
+        """Tell every live worker (once) that ``worker`` is gone: connections to its
+        guests are reset there, and their names stop resolving until a revival."""
+        if worker.name in self._lost:
+            return
+        self._lost.add(worker.name)
+        for name in [n for n, (_, w) in self._table.items() if w is worker]:
+            del self._table[name]
+        for w in self._cluster.workers:
+            if w.alive and w is not worker:
+                w.actor.net_lost.remote(worker.name)
 
 
 def revive_fields(config: GuestConfig) -> dict[str, Any]:
@@ -848,6 +1402,7 @@ class Cluster:
         self._closing = False
         self._images: dict[str, Any] = {}  # content hash -> ObjectRef of the image bytes
         self._checkpointer: asyncio.Task[None] | None = None
+        self.net = ClusterNetwork(self)
 
     async def __aenter__(self) -> Cluster:
         if not ray.is_initialized():
@@ -891,6 +1446,8 @@ class Cluster:
         infos = await asyncio.gather(*(w.actor.start.remote() for w in self.workers))
         for worker, info in zip(self.workers, infos, strict=True):
             worker.pid, worker.node, worker.node_id = info["pid"], info["node"], info["node_id"]
+        peers = {w.name: w.actor for w in self.workers}
+        await asyncio.gather(*(w.actor.net_peers.remote(peers) for w in self.workers))
 
     async def aclose(self) -> None:
         """Kill the guests, end the workers; shut Ray down if this cluster started it."""
@@ -951,8 +1508,6 @@ class Cluster:
             raise ClusterError("the cluster is not running (use 'async with Cluster()')")
         if config.gdb is not None:
             raise ClusterError("gdb is not supported for guests on a cluster")
-        if config.net:  # a worker's network would hold only the guests placed there
-            raise ClusterError("the guests' network does not reach across workers: net is refused")
         raw = config.image.read_bytes()
         parse_image(raw, str(config.image))  # a bad image fails here, with its name
         disk = None
@@ -970,19 +1525,30 @@ class Cluster:
             raise ClusterError(f"worker {target.name} is not alive")
         fields = config.model_dump(exclude={"image", "block", "gdb"})
         fields["console"] = _console_mode(config)
+        net_ip = None
+        if config.net:
+            # Named as the driver knows it (a worker names its copy of the image anew).
+            fields["name"] = config.display_name
+            net_ip = self.net._assign(config.display_name)
+            await self.net._place(config.display_name, net_ip, target)
         gid = len(self.guests)
         place = _Place(target, f"{gid}.0")
         target._add(gid, memory)
         try:
-            await target.actor.launch.remote(place.key, fields, image_key, image_ref, disk)
+            await target.actor.launch.remote(place.key, fields, image_key, image_ref, disk, net_ip)
         except RayTaskError as exc:
             target._remove(gid)
+            if config.net:
+                self.net._leave(config.display_name, target)
             raise exc.cause from None
         except BaseException:
             target._remove(gid)
+            if config.net:
+                self.net._leave(config.display_name, target)
             raise
         place.ready.set_result(True)
         guest = RemoteGuest(self, gid, config, place)
+        guest._net_ip = net_ip
         self.guests.append(guest)
         return guest
 
@@ -1043,7 +1609,10 @@ class Cluster:
                     f"cannot move {guest.name}: {why}; it runs on at {old.worker.name}"
                 )
             with contextlib.suppress(RayActorError):  # (a lost source: nothing to end there)
-                await old.worker.actor.release.remote(old.key, True)
+                net_at = None
+                if guest._net_ip is not None:
+                    net_at = (guest.name, guest._net_ip, target.name)
+                await old.worker.actor.release.remote(old.key, True, net_at)
             guest._moves += 1
             guest._stats = GuestStats(**info["stats"])
             if guest._checkpoint is None:
@@ -1055,6 +1624,8 @@ class Cluster:
         """A move failed: ``guest`` runs on at ``old``, where it was held, with the input
         sent meanwhile (the worker skips the bytes it has)."""
         guest._relocate(old, back=True)
+        if guest._net_ip is not None:  # its name is where it runs again, everywhere
+            await self.net._place(guest.name, guest._net_ip, old.worker)
         with contextlib.suppress(RayActorError):  # (a lost source: the guest's task sees it)
             await old.worker.actor.release.remote(old.key, False)
             tail = guest._input_from(received)
@@ -1075,9 +1646,12 @@ class Cluster:
         tail = guest._input_from(received)
         sent = guest._input_base + len(guest._input)
         guest._relocate(place)
+        net_ip = guest._net_ip
         try:
+            if net_ip is not None:  # its name resolves everywhere before it runs again
+                await self.net._place(guest.name, net_ip, target)
             await target.actor.revive.remote(
-                place.key, state, tail, guest._eof, guest._revive_fields()
+                place.key, state, tail, guest._eof, guest._revive_fields(), net_ip
             )
         except (RayActorError, RayTaskError) as exc:
             place.ready.set_result(False)

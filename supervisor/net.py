@@ -131,6 +131,21 @@ class LoopClock:
         return asyncio.get_running_loop().call_later(delay, callback)
 
 
+class Remote(Protocol):
+    """Where a remote member lives: another process's :class:`Network` (a cluster
+    worker's, :mod:`supervisor.cluster`), which carries its connections."""
+
+    async def dial(self, sock: StreamSocket, member: Member, port: int) -> None:
+        """Connect ``sock`` to ``member``'s ``port`` over there, then tell the outcome
+        with :meth:`Network.remote_connected` or :meth:`Network.remote_refused`."""
+        ...
+
+    def datagram(self, data: bytes, sender: Address, to: Address) -> None:
+        """Carry a datagram to ``to`` over there (:meth:`Network.deliver_remote`), or
+        drop it, as UDP may."""
+        ...
+
+
 class Link:
     """The faults of one direction between two members (:meth:`Network.link`).
 
@@ -252,8 +267,12 @@ class Member:
     """A name and address on a :class:`Network`: a guest, or the host.
 
     ``outbound``: the outside addresses it may connect to, by the address it
-    connects to (:func:`parse_outbound`).
+    connects to (:func:`parse_outbound`).  ``remote``: set for a member that lives
+    in another process's Network (:meth:`Network.add_remote`); its sockets here
+    are the near ends of connections that ``remote`` carries.
     """
+
+    remote: Remote | None = None
 
     def __init__(
         self,
@@ -457,6 +476,9 @@ class StreamSocket(Socket):
         if self.net.is_cut(self.owner.ip, target.ip):
             self.net._stall_connect(self)
             raise WouldBlock  # no answer across a partition: a heal, or ETIMEDOUT
+        if target.remote is not None:
+            self.net._dial_remote(self, target, port)
+            raise WouldBlock  # the answer comes from the member's process
         listener = self.net._listener(target.ip, port)
         if listener is None:
             raise NetError(errno.ECONNREFUSED)
@@ -531,7 +553,10 @@ class StreamSocket(Socket):
         n = min(room, len(data))
         peer = self.peer
         net = self.net
-        link = net._link(self.owner.ip, peer.owner.ip) if net._links else None
+        # A remote member's end only hands on what its sender's process has sent
+        # through the faults already: they are applied once, by the sender.
+        remote = self.owner.remote is not None
+        link = net._link(self.owner.ip, peer.owner.ip) if net._links and not remote else None
         if link is not None or peer.pending:  # behind bytes on the way, even unlinked
             peer._arrive_later(bytes(data[:n]), link)
         else:
@@ -652,6 +677,16 @@ class StreamSocket(Socket):
                 peer.wake()  # the writer has room again
         return n
 
+    def take(self, size: int) -> None:
+        """Drop the first ``size`` received bytes, which were read with ``peek`` and
+        handed on (a remote member's end, once the far side acknowledged them);
+        a writer that had no room hears of it, as after :meth:`recv`."""
+        peer = self.peer
+        full = peer is not None and peer.room() == 0
+        del self.rx[:size]
+        if full and peer is not None:
+            peer.wake()
+
     def shutdown(self, how: int) -> None:
         if self.peer is None and not self.was_connected:
             raise NetError(errno.ENOTCONN)
@@ -664,6 +699,16 @@ class StreamSocket(Socket):
             if self.peer is not None:
                 self.peer.eof = True
                 self.peer.wake()
+
+    def abort(self, err: int = errno.ECONNRESET) -> None:
+        """Close this end and reset the connection: the peer's next call fails with
+        ``err`` (what a peer in another process that reset, died or timed out leaves)."""
+        peer = self.peer
+        if peer is not None:
+            peer.reset, peer.reset_errno = True, err
+        self.close()
+        if peer is not None:
+            peer.error = err
 
     def close(self) -> None:
         if self.closed:
@@ -763,6 +808,10 @@ class DatagramSocket(Socket):
         if link is not None:
             net._send_later(link, data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
             return len(data)
+        if target.remote is not None:  # it carries the datagram (or drops it)
+            if not net.is_cut(self.owner.ip, target.ip):
+                target.remote.datagram(data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
+            return len(data)
         dest = net._datagram(target.ip, to[1])
         if dest is None or (not named and net.is_cut(self.owner.ip, target.ip)):
             return len(data)  # nobody listens there: the datagram is lost, as UDP's are
@@ -839,6 +888,7 @@ class Network:
         self._by_ip: dict[int, Member] = {}
         self._by_name: dict[str, Member] = {}
         self._next_ip = FIRST_GUEST
+        self._reserved: dict[str, int] = {}  # name -> the address its join gets
         self._ports: dict[tuple[int, int, str], Socket] = {}
         self._next_port: dict[tuple[int, str], int] = {}
         self.host = self._add("host", HOST_ADDR, 1 << 30)
@@ -860,6 +910,11 @@ class Network:
         allowed = dict(parse_outbound(spec) for spec in outbound)
         if name in self._by_name:
             raise ValueError(f"{name!r} is already on the network")
+        reserved = self._reserved.pop(name, None)
+        if reserved is not None:
+            if reserved in self._by_ip:
+                raise ValueError(f"{ip_str(reserved)} is already on the network")
+            return self._add(name, reserved, max_sockets, allowed)
         ip = self._next_ip
         for _ in range(0xFFFD):  # addresses are handed out in turn, reused only after a wrap
             if ip & 0xFFFF == 0xFFFF:
@@ -871,6 +926,105 @@ class Network:
             raise ValueError("the network has no free address left")
         self._next_ip = ip + 1
         return self._add(name, ip, max_sockets, allowed)
+
+    def reserve(self, name: str, ip: int) -> None:
+        """The next :meth:`join` of ``name`` gets address ``ip`` (one chosen for the
+        whole cluster, where another process hands out the addresses)."""
+        if ip & NET_MASK != NET_PREFIX or ip in (HOST_ADDR, NET_PREFIX | 0xFFFF):
+            raise ValueError(f"{ip_str(ip)} is not a guest's address on the network")
+        self._reserved[name] = ip
+
+    def add_remote(self, name: str, ip: int, remote: Remote) -> Member:
+        """A member that lives in another process's Network: its name resolves here,
+        faults name it, and a connect to it goes through ``remote``.  Replaces a
+        remote member of the same name or address (it moved); ``ValueError`` if a
+        member of this Network has either."""
+        for old in (self._by_name.get(name), self._by_ip.get(ip)):
+            if old is not None and old.remote is None:
+                raise ValueError(f"{name!r} ({ip_str(ip)}) is on the network here")
+            if old is not None:
+                self.drop_remote(old.name)
+        member = self._add(name, ip, 1 << 30)
+        member.remote = remote
+        return member
+
+    def drop_remote(self, name: str, err: int | None = None) -> None:
+        """Forget the remote member ``name`` (no effect if there is none).  Its
+        connections end as a closed peer's do (end of file), or reset with ``err``."""
+        member = self._by_name.get(name)
+        if member is None or member.remote is None:
+            return
+        for sock in list(member.sockets):
+            if err is not None and isinstance(sock, StreamSocket):
+                sock.abort(err)
+        member.leave()
+
+    def forget_remote(self, member: Member) -> None:
+        """The remote ``member`` has left: its name and address are free here, while
+        its connections run on to their own ends."""
+        if member.remote is not None:
+            self._forget(member)
+
+    def remote_connected(self, sock: StreamSocket, member: Member, port: int) -> StreamSocket:
+        """``sock``'s connect to the remote ``member``'s ``port`` was accepted over
+        there: its near end here (owned by ``member``) is returned, joined to
+        ``sock``, whose next connect call returns."""
+        end = StreamSocket(member)
+        member.sockets.add(end)
+        assert sock.local is not None
+        end.local = (member.ip, port)
+        end.remote = sock.local
+        sock.remote = (member.ip, port)
+        end.hop, sock.hop = sock.owner.ip, member.ip
+        end.peer, sock.peer = sock, end
+        end.was_connected = sock.was_connected = True
+        sock.dialing, sock.dialed = False, True
+        sock.on_close = None
+        sock.wake()
+        return end
+
+    def remote_refused(self, sock: StreamSocket, err: int) -> None:
+        """``sock``'s connect to a remote member failed with ``err`` (``ECONNREFUSED``...)."""
+        sock.dialing = False
+        sock.on_close = None
+        sock.connect_error = sock.error = err
+        sock.wake()
+
+    def deliver_remote(self, data: bytes, sender: Address, to: Address) -> bool:
+        """A datagram a remote member sent (through its own process's faults) to ``to``
+        here: queued at the socket bound there (False: nobody is, or its queue is
+        full, and it is lost)."""
+        dest = self._datagram(*to)
+        if dest is None:
+            return False
+        dropped = dest.dropped
+        dest.deliver(data, sender)
+        return dest.dropped == dropped
+
+    def accept_remote(self, member: Member, port: int) -> StreamSocket:
+        """The near end of a connection that the remote ``member`` opens from its
+        ``port``: a socket of ``member`` whose :meth:`StreamSocket.connect` reaches
+        a listener here as any connect does (backlog, cuts, ``ECONNREFUSED``)."""
+        if member.remote is None:
+            raise ValueError(f"{member.name!r} is not a remote member")
+        end = StreamSocket(member)
+        member.sockets.add(end)
+        end.local = (member.ip, port)
+        return end
+
+    def _dial_remote(self, sock: StreamSocket, member: Member, port: int) -> None:
+        """Start ``sock``'s connect to the remote ``member``; a close stops it."""
+        assert member.remote is not None
+        sock._autobind()
+        sock.dialing = True
+        task = asyncio.get_running_loop().create_task(member.remote.dial(sock, member, port))
+        self._bridges.add(task)
+        task.add_done_callback(self._bridges.discard)
+
+        def stop() -> None:
+            task.cancel()
+
+        sock.on_close = stop
 
     def _add(
         self,
@@ -1240,8 +1394,14 @@ class Network:
 
         def arrive() -> None:
             link.queued -= cost
+            if self.is_cut(sender[0], to[0]):
+                return
+            remote = self._by_ip.get(to[0])
+            if remote is not None and remote.remote is not None:
+                remote.remote.datagram(data, sender, to)
+                return
             dest = self._datagram(*to)
-            if dest is not None and not self.is_cut(sender[0], to[0]):
+            if dest is not None:
                 dest.deliver(data, sender)
 
         self.clock.call_later(due - now, arrive)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,9 +99,12 @@ async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None
         big.write_bytes(b"\x90" * (2 << 20) + FLAT_TRAILER)
         with pytest.raises(ImageError):  # does not fit: found on the worker
             await cl.launch(GuestConfig(image=big, memory="1M"))
-        with pytest.raises(ClusterError, match="network does not reach across workers"):
-            await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M", net=True))
-        assert cl.workers[0].guests == 0
+        named = GuestConfig(image=GUESTS / "echo.img", memory="1M", net=True, name="h")
+        waiting = await cl.launch(named)  # echo waits for input
+        with pytest.raises(ClusterError, match="'h' is already on the cluster's network"):
+            await cl.launch(named)
+        assert cl.workers[0].guests == 1
+        await waiting.kill()
         done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
         assert (await done.wait()).ok
         with pytest.raises(GuestEndedError, match="hello has ended"):
@@ -296,6 +300,9 @@ def test_cli_swarm_on_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
     assert "swarm of 4" in out and "workers" in out
     rows = [line for line in out.splitlines() if line.strip("│ ").startswith(("w0 ", "w1 "))]
     assert len(rows) == 2 and all("alive" in row for row in rows)
+    # On the cluster's one network, each by its own name (counter-0 ... counter-3).
+    assert main([*argv, "--net"]) == 0
+    assert "finished" in capsys.readouterr().out
 
 
 def test_cli_cluster_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -359,3 +366,81 @@ async def test_a_guest_with_several_cpus_migrates_with_every_cpu(tmp_path: Path)
         end = await guest.wait()
         assert end.ok, end  # each CPU's count exact across the moves (status 1 otherwise)
         assert moves >= 1
+
+
+def networked(image: str, name: str, cmdline: str) -> GuestConfig:
+    return GuestConfig(
+        image=GUESTS / "c" / image, name=name, cmdline=cmdline, memory="4M", net=True
+    )
+
+
+async def test_guests_on_two_workers_reach_each_other_by_name() -> None:
+    """A C echo server on one worker, C clients on the other connecting by name: bytes
+    both ways, ECONNREFUSED from the server's worker, a connect that a partition
+    holds until a heal."""
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        server = await cl.launch(networked("tcp_echo_server.elf", "echo", "7 2"), worker=w0)
+        lines = aiter(server.console)
+        assert await anext(lines) == "listening on 7"
+        client = await cl.launch(
+            networked("tcp_echo_client.elf", "cli", "echo 7 hello there"), worker=w1
+        )
+        assert cl.net.members == {"cli": "10.0.0.3", "echo": "10.0.0.2"}
+        assert await collect(client) == ["hello there"]
+        assert (await client.wait()).ok
+        refused = await cl.launch(networked("tcp_echo_client.elf", "cli2", "echo 8 x"), worker=w1)
+        assert await collect(refused) == []  # perror("connect") went to its stderr
+        assert (await refused.wait()).exit_status == 1
+        # The next guest's address, cut off before it runs: its connect waits.
+        await cl.net.partition(["echo"], ["10.0.0.5"])
+        late = await cl.launch(networked("tcp_echo_client.elf", "cli3", "echo 7 late"), worker=w1)
+        await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s["stalled"] == 1)
+        assert not late.done
+        await cl.net.heal()
+        assert await collect(late) == ["late"]
+        assert (await server.wait()).ok  # its two clients came and went
+        assert "echo" not in cl.net.members
+        gone = {"stalled": 0, "connections": 0, "remotes": {}}  # told by the driver
+        await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s == gone)
+
+
+async def until_remote(
+    ask: Callable[[], Awaitable[dict[str, Any]]], holds: Callable[[dict[str, Any]], bool]
+) -> None:
+    """Ask a worker until its answer ``holds`` (a bound for failing: LIMIT)."""
+    while not holds(await ask()):  # noqa: ASYNC110 - a remote worker has no Event to await
+        await asyncio.sleep(0.05)
+
+
+async def test_a_networked_guest_moves_with_its_name_and_address() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        config = GuestConfig(image=GUESTS / "echo.img", memory="1M", name="idle", net=True)
+        idle = await cl.launch(config, worker=w0)
+        assert (await w1.actor.net_state.remote())["remotes"] == {"idle": "w0"}
+        assert await cl.migrate(idle) is w1
+        assert cl.net.worker_of("idle") is w1 and cl.net.resolve("idle") == "10.0.0.2"
+        assert (await w0.actor.net_state.remote())["remotes"] == {"idle": "w1"}
+        assert (await w1.actor.net_state.remote())["remotes"] == {}
+        # Asked of w1 now, where nothing listens on port 7.
+        client = await cl.launch(networked("tcp_echo_client.elf", "cli", "idle 7 x"), worker=w0)
+        assert (await client.wait()).exit_status == 1
+        idle.send("still here\n")
+        assert await anext(aiter(idle.console)) == "still here"
+        await idle.kill()
+
+
+async def test_a_lost_worker_resets_the_connections_to_its_guests() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        server = await cl.launch(networked("tcp_echo_server.elf", "echo", "7"), worker=w0)
+        assert await anext(aiter(server.console)) == "listening on 7"
+        holder = await cl.launch(networked("tcp_hold_client.elf", "hold", "echo 7 hi"), worker=w1)
+        assert await anext(aiter(holder.console)) == "hi"  # connected, echoed, holding
+        await w0.kill()
+        assert (await holder.wait()).exit_status == 1  # its recv failed: ECONNRESET
+        assert (await server.wait()).reason == "worker w0 lost"
+        assert cl.net.members == {}
+        gone = {"stalled": 0, "connections": 0, "remotes": {}}
+        await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s == gone)

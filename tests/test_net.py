@@ -589,16 +589,6 @@ async def test_the_key_value_store_answers_each_request_line() -> None:
         writer.close()
 
 
-def test_swarm_net_on_a_cluster_is_refused_before_ray_starts() -> None:
-    proc = _cli("swarm", "-n", "2", str(GUESTS / "tcp_echo_server.elf"), "--net",
-                "--cluster", "local")  # fmt: skip
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [
-        "supervisor: error: --net cannot be used with --cluster: "
-        "the network does not reach across workers"
-    ]
-
-
 async def test_a_partition_holds_data_in_flight_until_heal(probe: Path) -> None:
     async with Supervisor() as sup:
         guest = await launch(sup, probe, "island", "partition 4100")

@@ -1,0 +1,234 @@
+"""supervisor.cluster's NetBridge, two workers' Networks on one loop: a bridge calls the
+other directly where a worker makes an actor call, so the mechanism (names, connect,
+ordered acknowledged pieces, ends, faults, a lost worker) is tested without Ray.
+tests/test_cluster.py runs C guests across two real Ray workers."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+pytest.importorskip("ray")
+
+from supervisor.cluster import NetBridge
+from supervisor.net import (
+    DATAGRAM_COST,
+    FIRST_GUEST,
+    DatagramSocket,
+    Member,
+    NetError,
+    Network,
+    StreamSocket,
+    WouldBlock,
+)
+from supervisor.testing import until
+
+T = TypeVar("T")
+A_IP, B_IP = FIRST_GUEST, FIRST_GUEST + 1
+BUFFER = 4096  # a small stream buffer, so that backpressure shows at once
+
+
+class Pair:
+    """Guest ``a`` on worker w0 and guest ``b`` on worker w1, each worker a Network."""
+
+    def __init__(self, stream_buffer: int = BUFFER) -> None:
+        self.nets = {w: Network(stream_buffer=stream_buffer) for w in ("w0", "w1")}
+        self.calls: list[tuple[str, str]] = []
+        self.bridges = {w: NetBridge(w, net, self.call) for w, net in self.nets.items()}
+        for name, ip, here, there in (("a", A_IP, "w0", "w1"), ("b", B_IP, "w1", "w0")):
+            self.bridges[here].claim(name, ip)
+            self.bridges[there].add(name, ip, here)
+        self.a = self.nets["w0"].join("a")
+        self.b = self.nets["w1"].join("b")
+
+    async def call(self, worker: str, method: str, *args: Any) -> Any:
+        self.calls.append((worker, method))
+        await asyncio.sleep(0)  # a call never answers inside its caller's step
+        return await getattr(self.bridges[worker], method)(*args)
+
+    def fault(self, fault: str, *args: Any, **kwargs: Any) -> None:
+        for bridge in self.bridges.values():
+            bridge.apply(fault, *args, **kwargs)
+
+    async def connected(self, port: int = 7) -> tuple[StreamSocket, StreamSocket]:
+        """``a`` connected to ``b``'s listener on ``port``: (a's socket, b's)."""
+        listener = self.b.socket("stream")
+        assert isinstance(listener, StreamSocket)
+        listener.bind(0, port)
+        listener.listen(4)
+        client = await connect(self.a, B_IP, port)
+        server = await retry(self.b, listener.accept)
+        return client, server
+
+
+async def retry(member: Member, call: Callable[[], T]) -> T:
+    """``call()`` again each time ``member`` hears news, until it stops blocking."""
+    while True:
+        news = asyncio.Event()
+        member.on_news = news.set
+        try:
+            return call()
+        except WouldBlock:
+            await news.wait()
+
+
+async def connect(member: Member, ip: int, port: int) -> StreamSocket:
+    sock = member.socket("stream")
+    assert isinstance(sock, StreamSocket)
+    await retry(member, lambda: sock.connect(ip, port))
+    return sock
+
+
+async def read_all(member: Member, sock: StreamSocket) -> bytes:
+    data = bytearray()
+    while chunk := await retry(member, lambda: sock.recv(65536)):
+        data += chunk
+    return bytes(data)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    p = Pair()
+    async with asyncio.timeout(60):
+        yield p
+    for bridge in p.bridges.values():
+        await bridge.aclose()
+
+
+async def test_names_resolve_on_every_worker(pair: Pair) -> None:
+    for net in pair.nets.values():
+        assert net.resolve("a") == A_IP and net.resolve("b") == B_IP
+        assert net.lookup("a") == A_IP and net.lookup("b") == B_IP  # the name server's answer
+    pair.bridges["w0"].drop("b")
+    assert pair.nets["w0"].lookup("b") is None
+
+
+async def test_bytes_cross_in_order_with_ends(pair: Pair) -> None:
+    client, server = await pair.connected()
+    assert client.remote == (B_IP, 7) and server.remote == client.local
+    sent = bytes(range(256)) * 1024  # 64 buffers' worth: many acknowledged pieces
+    writer = asyncio.ensure_future(write_all(pair.a, client, sent, shut=True))
+    assert await read_all(pair.b, server) == sent  # in order, each byte once, then EOF
+    await writer
+    await retry(pair.b, lambda: server.send(b"bye"))
+    server.close()
+    assert await read_all(pair.a, client) == b"bye"
+    client.close()
+    await until(lambda: not any(b.conns for b in pair.bridges.values()))
+
+
+async def write_all(member: Member, sock: StreamSocket, data: bytes, *, shut: bool) -> int:
+    at = 0
+    while at < len(data):
+        rest = memoryview(data)[at:]
+        at += await retry(member, lambda: sock.send(rest))  # noqa: B023 - awaited here
+    if shut:
+        sock.shutdown(1)
+    return len(data)
+
+
+async def test_refused_and_unreachable(pair: Pair) -> None:
+    sock = pair.a.socket("stream")
+    assert isinstance(sock, StreamSocket)
+    with pytest.raises(NetError) as refused:
+        await retry(pair.a, lambda: sock.connect(B_IP, 9))  # nobody listens there
+    assert refused.value.errno == errno.ECONNREFUSED
+    assert ("w1", "net_connect") in pair.calls  # answered by b's worker
+
+
+async def test_a_writer_waits_for_acknowledgements(pair: Pair) -> None:
+    client, server = await pair.connected()
+    sent = 0
+
+    async def writer() -> None:
+        nonlocal sent
+        while True:
+            sent += await retry(pair.a, lambda: client.send(b"x" * 1000))
+
+    task = asyncio.ensure_future(writer())
+    await until(lambda: len(server.rx) == BUFFER)  # the reader's buffer is full
+    for _ in range(100):
+        await asyncio.sleep(0)
+    # The reader's buffer, and the writer's own, whose bytes stay until acknowledged.
+    assert sent == 2 * BUFFER and not task.done()
+    assert await retry(pair.b, lambda: server.recv(BUFFER)) == b"x" * BUFFER
+    await until(lambda: sent > 2 * BUFFER)  # room again once the reader read
+    task.cancel()
+
+
+async def test_a_partition_holds_bytes_until_healed(pair: Pair) -> None:
+    client, server = await pair.connected()
+    pair.fault("partition", ["a"], ["b"])
+    await retry(pair.a, lambda: client.send(b"held"))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert client.unacknowledged() and not server.rx  # held by the sender's worker
+    late = asyncio.ensure_future(connect(pair.a, B_IP, 7))  # waits across the cut
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not late.done() and pair.nets["w0"].stalled
+    pair.fault("heal")
+    assert await retry(pair.b, lambda: server.recv(10)) == b"held"
+    assert (await late).remote == (B_IP, 7)
+
+
+async def test_a_lost_worker_resets_its_connections(pair: Pair) -> None:
+    client, _server = await pair.connected()
+    pair.bridges["w0"].lost("w1")
+    with pytest.raises(NetError) as reset:
+        client.recv(10)
+    assert reset.value.errno == errno.ECONNRESET
+    with pytest.raises(OSError):
+        pair.nets["w0"].resolve("b")
+    assert not pair.bridges["w0"].conns
+
+
+async def test_a_close_with_unread_bytes_resets_the_peer(pair: Pair) -> None:
+    client, server = await pair.connected()
+    await retry(pair.a, lambda: client.send(b"unread"))
+    await until(lambda: bool(server.rx))
+    server.close()  # b never read them: a reset, as Linux sends
+    with pytest.raises(NetError) as reset:
+        await retry(pair.a, lambda: client.recv(10))
+    assert reset.value.errno == errno.ECONNRESET
+
+
+async def test_datagrams_cross_and_a_cut_or_a_full_queue_drops_them(pair: Pair) -> None:
+    inbox = pair.b.socket("dgram")
+    outbox = pair.a.socket("dgram")
+    assert isinstance(inbox, DatagramSocket) and isinstance(outbox, DatagramSocket)
+    inbox.bind(0, 53000)
+    outbox.sendto(b"one", (B_IP, 53000))
+    assert await retry(pair.b, inbox.recvfrom) == (b"one", outbox.local)
+    pair.fault("partition", ["a"], ["b"])
+    outbox.sendto(b"cut", (B_IP, 53000))
+    pair.fault("heal")
+    outbox.sendto(b"two", (B_IP, 53000))
+    assert await retry(pair.b, inbox.recvfrom) == (b"two", outbox.local)  # "cut" was lost
+    # What the sender's worker has on its way is bounded by its datagram queue.
+    bridge = pair.bridges["w0"]
+    many = pair.nets["w0"].datagram_queue // DATAGRAM_COST
+    for _ in range(many + 5):
+        outbox.sendto(b"x", (B_IP, 53000))
+    assert bridge.datagrams_dropped == 5 and bridge.datagrams_queued <= bridge.net.datagram_queue
+
+
+async def test_a_link_is_applied_once_by_the_sending_worker(pair: Pair) -> None:
+    client, server = await pair.connected()
+    pair.fault("link", "a", "b", rate=1e9)  # every worker has the link, both ways
+    await retry(pair.a, lambda: client.send(b"a to b"))
+    assert await retry(pair.b, lambda: server.recv(10)) == b"a to b"
+    await retry(pair.b, lambda: server.send(b"b to a"))
+    assert await retry(pair.a, lambda: client.recv(10)) == b"b to a"
+    w0, w1 = pair.nets["w0"], pair.nets["w1"]
+    used = [
+        (net_name, a, b)
+        for net_name, net in (("w0", w0), ("w1", w1))
+        for a, b in (("a", "b"), ("b", "a"))
+        if (link := net.link_of(a, b)) is not None and link.busy_until > 0
+    ]
+    assert used == [("w0", "a", "b"), ("w1", "b", "a")]
