@@ -84,9 +84,12 @@ class CpuStats:
     breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
     # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
     irqs_in_slice: int = 0
-    # Executor slices whose time ran out within LONG_INLINE_TIME of delivering an irq:
-    # the handler's rest went on as an urgent step (slicepool.AGAIN_URGENT).
+    # Executor slices whose time ran out after they delivered an irq: the handler's rest
+    # went on as an urgent step (slicepool.AGAIN_URGENT).
     handler_rests: int = 0
+    # Executor slices whose time ran out with an irq raised too late to deliver in them:
+    # the next step, urgent, delivered it.
+    irqs_held_over: int = 0
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest

@@ -731,6 +731,46 @@ async def test_a_handler_that_outlasts_its_executor_slice_goes_first_in_the_queu
 
 
 @going_on
+async def test_an_irq_raised_as_a_slice_runs_out_and_its_handler_go_first(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An executor step whose time runs out just as an irq is raised (between its last
+    # run and its end) cannot deliver it; its next step does, first in the queue
+    # (AGAIN_URGENT), not after a round of every busy guest's step.  That step
+    # delivers it before its first run, with all of its time left; if its time runs
+    # out in the handler, the handler's rest goes first too.
+    from supervisor import execute
+    from supervisor.slicepool import AGAIN_URGENT
+
+    g = await boot(dev, LONG_HANDLER)
+    assert await g.file.read(8) == pack_words(1)  # no read in flight from here on
+    cpu = g.file.cpu(0)
+    stats = present(g.file.stats)
+    real = execute._enter_guest
+    raised: list[object] = []
+
+    def enter_then_irq(c: Any) -> object:
+        exit = real(c)
+        if not raised:  # as the run ended for its time: too late to stop it
+            raised.append(exit)
+            c.raise_irq(3)
+        return exit
+
+    monkeypatch.setattr(execute, "_enter_guest", enter_then_irq)
+    monkeypatch.setattr(execute, "_TARGET_NS", 200_000)
+    interrupts = stats.interrupts
+    assert execute.run_slice(cpu, None, lambda: True) is AGAIN_URGENT
+    assert raised == [execute.SliceExit.BUDGET] and cpu.irqs_pending == 1 << 3
+    assert (stats.irqs_held_over, stats.handler_rests, stats.interrupts) == (1, 0, interrupts)
+    # The next step delivers it with more than LONG_INLINE_TIME left; the handler (many
+    # milliseconds) outlasts the slice.
+    monkeypatch.setattr(execute, "_TARGET_NS", 4 * execute._LONG_INLINE_NS)
+    assert execute.run_slice(cpu, None, lambda: True) is AGAIN_URGENT
+    assert (stats.irqs_held_over, stats.handler_rests, stats.interrupts) == (1, 1, interrupts + 1)
+    assert cpu.irqs_pending == 0
+
+
+@going_on
 async def test_a_hurried_slice_ends_as_if_its_time_were_spent_and_its_run_goes_on(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
