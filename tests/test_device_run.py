@@ -236,6 +236,29 @@ async def test_an_irq_raised_between_two_runs_of_a_slice_stops_the_next_at_once(
     await asyncio.gather(reader, return_exceptions=True)
 
 
+@going_on
+async def test_an_irq_raised_as_a_run_ends_for_its_time_waits_for_the_next_step(
+    dev: LguestDevice,
+) -> None:
+    # A run the slicer already stopped for its slice's time (or a hurry did) ends so: its
+    # slice's step ends (AGAIN_URGENT: an irq waits) and the next step delivers it before
+    # its first run.  The CPU is not woken, so its run is not taken off its worker for
+    # the event loop to deliver it there.
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    fuel = g.file.cpu(0).fuel
+    fuel.running = 1  # (what the slicer's lock guards, as during such a run's last block)
+    fuel.reason = _slicing.REASON_BUDGET
+    try:
+        assert _slicing.interrupt(fuel, True)
+        assert (fuel.reason, fuel.irq, fuel.stop) == (_slicing.REASON_BUDGET, 0, 0)
+        fuel.reason = _slicing.REASON_STOP  # a kick's stop: the run loop sees to it
+        assert not _slicing.interrupt(fuel, True)
+    finally:
+        fuel.running = 0
+        fuel.reason = _slicing.REASON_NONE
+
+
 PATCHED = r"""
 main:
     LGUEST_INIT
