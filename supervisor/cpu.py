@@ -246,7 +246,8 @@ class RunControl:
     # An inline slice delivered an irq and ran out of time in its handler: the next executor
     # run is urgent (slicepool: the front of the queue, at most twice per round).
     urgent: bool = host_only(default=False)
-    # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
+    # The read's wait for its executor run, which a Waker's break ends early (run.break_out),
+    # as does a wake() that withdraws the run from the pool's queue.
     on_break: asyncio.Future[None] | None = host_only(default=None)
     # An executor run a break left going on with no read in flight (its asyncio future):
     # the next read takes it over instead of starting one (run._run_slice).
@@ -388,8 +389,12 @@ class LgCpu:
         """
         self.kick()
         queued = self.run.queued_slice
-        if queued is not None:
-            queued.cancel()
+        if queued is not None and queued.cancel():
+            # Withdrawn: the read that waits for it (or a break) sees it in the next turn
+            # of the loop, not after the cancellation has reached its asyncio future.
+            waiter = self.run.on_break
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         self.run.inline = True
         self.run.wakeup.set()
 

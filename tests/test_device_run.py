@@ -13,6 +13,7 @@ from unicorn import Uc
 
 from supervisor import LguestDevice, _slicing, abi, engines
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
+from supervisor.slicepool import Job
 
 
 async def expect(code: int, coro: Awaitable[object]) -> OSError:
@@ -257,6 +258,32 @@ async def test_an_irq_raised_as_a_run_ends_for_its_time_waits_for_the_next_step(
     finally:
         fuel.running = 0
         fuel.reason = _slicing.REASON_NONE
+
+
+@going_on
+async def test_an_irq_for_a_run_waiting_in_the_queue_is_taken_in_one_turn_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A CPU whose run waits for a worker: the irq withdraws the run, and the read waiting
+    # for it goes on in the next turn of the loop and delivers the irq there, not after
+    # the withdrawal has reached its asyncio future (two more turns).
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # the spinner keeps the worker
+    async with LguestDevice(workers=1) as dev:
+        spinner = await boot(dev, SPIN)
+        g = await boot(dev, HANDLES)
+        assert await g.file.read(8) == pack_words(1)
+        spinning = await _on_a_worker(spinner)
+        cpu = g.file.cpu(0)
+        reader = asyncio.create_task(g.file.read(8))
+        await until(lambda: isinstance(cpu.run.queued_slice, Job) and cpu.run.queued_slice.queued)
+        g.file.send_irq(3)
+        await asyncio.sleep(0)
+        assert g.u32("handled") == 1
+        for task in (reader, spinning):
+            task.cancel()
+        await asyncio.gather(reader, spinning, return_exceptions=True)
 
 
 PATCHED = r"""
