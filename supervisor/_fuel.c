@@ -1002,10 +1002,11 @@ static PyObject *kick(PyObject *self, PyObject *arg)
 /* interrupt(address, in_slice) -> bool: an interrupt was raised for the fuel's CPU.  If a
    run is in progress on the exit-request path and nothing else stops it yet, stop it at
    its next block boundary with REASON_IRQ, so that its slice delivers the interrupt and
-   goes on.  If the CPU is between two runs of a slice (`in_slice`), its next run stops so
-   at once (`irq`; the slice delivers a pending interrupt before every run anyway).  True
-   in both cases; otherwise nothing is sent (False): the caller wakes the CPU as for any
-   other news. */
+   goes on.  A run already stopped for its slice's time (or hurried) is left to end so:
+   its slice ends and the next one delivers the interrupt before its first run.  If the
+   CPU is between two runs of a slice (`in_slice`), its next run stops so at once (`irq`;
+   the slice delivers a pending interrupt before every run anyway).  True in these cases;
+   otherwise nothing is sent (False): the caller wakes the CPU as for any other news. */
 static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -1026,6 +1027,8 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
             send_stop(fuel, REASON_IRQ, now_ns());
             if (fuel->sent_at + RESEND_NS < wake_at)
                 pthread_cond_signal(&wake); /* to send it again in case it came too early */
+            sent = 1;
+        } else if (fuel->running && fuel->reason == REASON_BUDGET) {
             sent = 1;
         } else if (!fuel->running && in_slice) {
             fuel->irq = 1;

@@ -374,7 +374,9 @@ def interrupt(fuel: Fuel, in_slice: bool) -> bool:
     On the exit-request path, stop the CPU's run in progress at its next block boundary
     with ``REASON_IRQ``, or, if the CPU is between two runs of a slice (``in_slice``),
     its next run at once, so that the slice handles the news (delivers the interrupt,
-    drops stale code) and goes on; True.  Otherwise change nothing and return False
+    drops stale code) and goes on; True.  A run already stopped for its slice's time
+    is left to end so (True): its slice ends, and the next delivers the interrupt (and
+    drops stale code) before its first run.  Otherwise change nothing and return False
     (the caller wakes or kicks the CPU)."""
     return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice))
 

@@ -84,9 +84,12 @@ class CpuStats:
     breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
     # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
     irqs_in_slice: int = 0
-    # Executor slices whose time ran out within LONG_INLINE_TIME of delivering an irq:
-    # the handler's rest went on as an urgent step (slicepool.AGAIN_URGENT).
+    # Executor slices whose time ran out after they delivered an irq: the handler's rest
+    # went on as an urgent step (slicepool.AGAIN_URGENT).
     handler_rests: int = 0
+    # Executor slices whose time ran out with an irq raised too late to deliver in them:
+    # the next step, urgent, delivered it.
+    irqs_held_over: int = 0
     exits: int = 0  # times emulation stopped for the Host (traps, hypercalls, stops)
     hypercalls: int = 0
     interrupts: int = 0  # interrupts and traps delivered to the guest
@@ -243,7 +246,8 @@ class RunControl:
     # An inline slice delivered an irq and ran out of time in its handler: the next executor
     # run is urgent (slicepool: the front of the queue, at most twice per round).
     urgent: bool = host_only(default=False)
-    # The read's wait for its executor run, which a Waker's break ends early (run.break_out).
+    # The read's wait for its executor run, which a Waker's break ends early (run.break_out),
+    # as does a wake() that withdraws the run from the pool's queue.
     on_break: asyncio.Future[None] | None = host_only(default=None)
     # An executor run a break left going on with no read in flight (its asyncio future):
     # the next read takes it over instead of starting one (run._run_slice).
@@ -385,8 +389,12 @@ class LgCpu:
         """
         self.kick()
         queued = self.run.queued_slice
-        if queued is not None:
-            queued.cancel()
+        if queued is not None and queued.cancel():
+            # Withdrawn: the read that waits for it (or a break) sees it in the next turn
+            # of the loop, not after the cancellation has reached its asyncio future.
+            waiter = self.run.on_break
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         self.run.inline = True
         self.run.wakeup.set()
 

@@ -296,7 +296,7 @@ def run_slice(
         if pool.crowded(waiting):
             switch = max(switch, pool.switch_cost)
         busy_ns = switched_slice_ns(busy_ns, switch, waiting)
-    rests = cpu.stats.handler_rests
+    urgent = cpu.stats.handler_rests + cpu.stats.irqs_held_over
     try:
         exit = _one_slice(cpu, budget, busy_ns, timeless)
     finally:
@@ -304,9 +304,12 @@ def run_slice(
             _on_this_thread(cpu, cpu.release_engine)
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
-        # A handler still in its first LONG_INLINE_TIME: its rest goes first, as after an
-        # inline slice (slicepool: the front, at most twice per round for the CPU).
-        return AGAIN_URGENT if cpu.stats.handler_rests != rests else AGAIN
+        # A handler this slice delivered, or an irq it had no time left to deliver: the
+        # next step goes first, as after an inline slice (slicepool: the front, at most
+        # twice per round for the CPU), not behind every busy guest's.
+        if cpu.stats.handler_rests + cpu.stats.irqs_held_over != urgent:
+            return AGAIN_URGENT
+        return AGAIN
     return exit
 
 
@@ -374,8 +377,8 @@ def _one_slice(
         fuel.left = _TIMELESS_NS
         fuel.clock_mask = _NO_CLOCK
     delivered = False
-    # An executor slice whose end the last interrupt's handler time decides (it was
-    # delivered less than LONG_INLINE_TIME before the slice's time would have run out).
+    # An executor slice that delivered an interrupt: if its time runs out, it may be in
+    # the handler (given at least LONG_INLINE_TIME here), whose rest then goes first.
     handler_bound = False
     fuel.mark = 0
     fuel.reason = _slicing.REASON_NONE
@@ -413,9 +416,10 @@ def _one_slice(
                 if budget is not None and not timeless:
                     _lengthen_for_handler(cpu, fuel.blocks - blocks_before)
                 elif fuel.mark:
-                    handler_bound = keep_time_for_handler(fuel)
-                elif budget is None:
-                    handler_bound = fuel.left <= _LONG_INLINE_NS
+                    keep_time_for_handler(fuel)
+                    handler_bound = budget is None
+                elif budget is None:  # (before its first run: all its time is left)
+                    handler_bound = True
             early = _pre_entry_exit(cpu)
             if early is not None:
                 exit = early
@@ -437,6 +441,15 @@ def _one_slice(
                     cpu.stats.irqs_in_slice += 1
                 case _:
                     pass  # handled by _enter_guest, or seen by the checks (fuel, death)
+        if (
+            exit is SliceExit.BUDGET
+            and budget is None
+            and cpu.irqs_pending
+            and interrupts.ready_to_deliver(cpu)
+        ):
+            # Raised as the slice's time ran out (too late for the run to stop for it):
+            # the next step delivers it, first in the queue (run_slice).
+            cpu.stats.irqs_held_over += 1
     except Exception as exc:  # a Host bug must kill only this guest
         cpu.engine.tainted = True  # (the engine's state is unknown: never handed on)
         lg.kill(f"internal error: {type(exc).__name__}: {exc}")

@@ -341,6 +341,8 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
             exit: SliceExit = await asyncio.shield(future)
         else:
             await breaker
+            if queued.cancelled():  # withdrawn (LgCpu.wake): go round again
+                return SliceExit.KICK
             if not future.done():  # a Waker's break (break_out): the run goes on meanwhile
                 _detach(cpu, future)
                 return SliceExit.KICK

@@ -17,9 +17,11 @@ Guarantees:
 - Urgent jobs (``submit(..., urgent=owner)``: a CPU with an interrupt handler to run)
   go to the front of the queue instead of the back, and if no worker is free, the step
   that has held its worker longest is asked to end at its next block boundary (its
-  ``hurry``), so the urgent job runs next.  A step that answers :data:`AGAIN_URGENT`
-  (a handler still running when its slice's time ran out) goes on as if urgent for
-  its job's ``owner``.  An owner jumps the queue at most JUMPS_PER_ROUND (two) times per
+  ``hurry``), so the urgent job runs next; never a step that jumped the queue itself (a
+  handler's rest), which would go back to the end of the queue unfinished.  A step that
+  answers :data:`AGAIN_URGENT` (a handler still running when its slice's time ran out,
+  or an irq it had no time left to deliver) goes on as if urgent for its job's
+  ``owner``.  An owner jumps the queue at most JUMPS_PER_ROUND (two) times per
   round: each jump counts until the workers have taken as many jobs from the queue as
   it jumped ahead of, so a guest that raises events for itself gets at most two steps
   more per round than the others, however often it asks, while two interrupts that
@@ -120,6 +122,10 @@ class Job(Future[_T]):
         # (cancelled) instead of queueing it again behind every waiting job.
         self.queued = False
         self.stop_asked = False
+        # Its step in progress (or next) is one it jumped the queue for: not hurried.
+        # Set under the lock; its worker clears it when that step ends (a racy read is
+        # at worst one step late).
+        self.jumped = False
         self.taken_at = 0.0  # when a worker last took it from the queue (time.monotonic)
 
     def cancel(self) -> bool:
@@ -258,6 +264,7 @@ class SlicePool:
     def _enqueue(self, job: Job[Any], front: bool = False, index: int | None = None) -> None:
         """Queue ``job`` at the back, the front, or before the entry at ``index``."""
         job.queued = True
+        job.jumped = front
         if front:
             self._queue.appendleft(job)
         elif index is not None:
@@ -303,10 +310,12 @@ class SlicePool:
 
     def _slowest(self) -> Job[Any] | None:
         """The job to hurry for an urgent one at the front: none while a worker is free
-        or about to start; else the one that has held its worker longest."""
-        if self._idle_threads or len(self._threads) < self.workers or not self._busy:
+        or about to start; else the one that has held its worker longest, of those whose
+        step is not an urgent one (a handler's rest cut short would wait at the back)."""
+        if self._idle_threads or len(self._threads) < self.workers:
             return None
-        return min(self._busy, key=lambda job: job.taken_at)
+        busy = [job for job in self._busy if not job.jumped]
+        return min(busy, key=lambda job: job.taken_at) if busy else None
 
     def _withdraw(self, job: Job[Any]) -> bool:
         with self._lock:
@@ -358,6 +367,7 @@ class SlicePool:
             error: BaseException | None = None
             try:
                 result = job.step()
+                job.jumped = False  # (the step it jumped for is done)
                 # Nobody waits for this worker: go on here, without a trip through the queue.
                 if isinstance(result, Again):
                     self._computing.add(job)

@@ -13,6 +13,7 @@ from unicorn import Uc
 
 from supervisor import LguestDevice, _slicing, abi, engines
 from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
+from supervisor.slicepool import Job
 
 
 async def expect(code: int, coro: Awaitable[object]) -> OSError:
@@ -234,6 +235,55 @@ async def test_an_irq_raised_between_two_runs_of_a_slice_stops_the_next_at_once(
     assert fuel.irq == 0
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
+
+
+@going_on
+async def test_an_irq_raised_as_a_run_ends_for_its_time_waits_for_the_next_step(
+    dev: LguestDevice,
+) -> None:
+    # A run the slicer already stopped for its slice's time (or a hurry did) ends so: its
+    # slice's step ends (AGAIN_URGENT: an irq waits) and the next step delivers it before
+    # its first run.  The CPU is not woken, so its run is not taken off its worker for
+    # the event loop to deliver it there.
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    fuel = g.file.cpu(0).fuel
+    fuel.running = 1  # (what the slicer's lock guards, as during such a run's last block)
+    fuel.reason = _slicing.REASON_BUDGET
+    try:
+        assert _slicing.interrupt(fuel, True)
+        assert (fuel.reason, fuel.irq, fuel.stop) == (_slicing.REASON_BUDGET, 0, 0)
+        fuel.reason = _slicing.REASON_STOP  # a kick's stop: the run loop sees to it
+        assert not _slicing.interrupt(fuel, True)
+    finally:
+        fuel.running = 0
+        fuel.reason = _slicing.REASON_NONE
+
+
+@going_on
+async def test_an_irq_for_a_run_waiting_in_the_queue_is_taken_in_one_turn_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A CPU whose run waits for a worker: the irq withdraws the run, and the read waiting
+    # for it goes on in the next turn of the loop and delivers the irq there, not after
+    # the withdrawal has reached its asyncio future (two more turns).
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # the spinner keeps the worker
+    async with LguestDevice(workers=1) as dev:
+        spinner = await boot(dev, SPIN)
+        g = await boot(dev, HANDLES)
+        assert await g.file.read(8) == pack_words(1)
+        spinning = await _on_a_worker(spinner)
+        cpu = g.file.cpu(0)
+        reader = asyncio.create_task(g.file.read(8))
+        await until(lambda: isinstance(cpu.run.queued_slice, Job) and cpu.run.queued_slice.queued)
+        g.file.send_irq(3)
+        await asyncio.sleep(0)
+        assert g.u32("handled") == 1
+        for task in (reader, spinning):
+            task.cancel()
+        await asyncio.gather(reader, spinning, return_exceptions=True)
 
 
 PATCHED = r"""
@@ -728,6 +778,46 @@ async def test_a_handler_that_outlasts_its_executor_slice_goes_first_in_the_queu
         assert ex.jumps + ex.refused > before[2] and not cpu.run.urgent
         spinner.cancel()
         await asyncio.gather(spinner, return_exceptions=True)
+
+
+@going_on
+async def test_an_irq_raised_as_a_slice_runs_out_and_its_handler_go_first(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An executor step whose time runs out just as an irq is raised (between its last
+    # run and its end) cannot deliver it; its next step does, first in the queue
+    # (AGAIN_URGENT), not after a round of every busy guest's step.  That step
+    # delivers it before its first run, with all of its time left; if its time runs
+    # out in the handler, the handler's rest goes first too.
+    from supervisor import execute
+    from supervisor.slicepool import AGAIN_URGENT
+
+    g = await boot(dev, LONG_HANDLER)
+    assert await g.file.read(8) == pack_words(1)  # no read in flight from here on
+    cpu = g.file.cpu(0)
+    stats = present(g.file.stats)
+    real = execute._enter_guest
+    raised: list[object] = []
+
+    def enter_then_irq(c: Any) -> object:
+        exit = real(c)
+        if not raised:  # as the run ended for its time: too late to stop it
+            raised.append(exit)
+            c.raise_irq(3)
+        return exit
+
+    monkeypatch.setattr(execute, "_enter_guest", enter_then_irq)
+    monkeypatch.setattr(execute, "_TARGET_NS", 200_000)
+    interrupts = stats.interrupts
+    assert execute.run_slice(cpu, None, lambda: True) is AGAIN_URGENT
+    assert raised == [execute.SliceExit.BUDGET] and cpu.irqs_pending == 1 << 3
+    assert (stats.irqs_held_over, stats.handler_rests, stats.interrupts) == (1, 0, interrupts)
+    # The next step delivers it with more than LONG_INLINE_TIME left; the handler (many
+    # milliseconds) outlasts the slice.
+    monkeypatch.setattr(execute, "_TARGET_NS", 4 * execute._LONG_INLINE_NS)
+    assert execute.run_slice(cpu, None, lambda: True) is AGAIN_URGENT
+    assert (stats.irqs_held_over, stats.handler_rests, stats.interrupts) == (1, 1, interrupts + 1)
+    assert cpu.irqs_pending == 0
 
 
 @going_on

@@ -416,6 +416,53 @@ def test_the_step_that_has_held_its_worker_longest_is_hurried() -> None:
         pool.shutdown()
 
 
+def test_a_step_that_jumped_the_queue_is_never_hurried() -> None:
+    # A handler's rest (an urgent step) that another urgent job cut short would answer
+    # AGAIN and wait at the back for a whole round: the ordinary step is hurried
+    # instead, even though the urgent one has held its worker longer; with only urgent
+    # steps in progress nobody is, and the new urgent job waits for one to end.
+    pool = SlicePool(2)
+    hurried: list[str] = []
+    warm = [pool.submit(stepper(f"w{i}", [], 1)) for i in range(2)]
+    assert [w.result(WAIT) for w in warm] == ["w0", "w1"]
+    release, plain_release = threading.Event(), threading.Event()
+    first, second = threading.Event(), threading.Event()
+    try:
+        rest = pool.submit(
+            stepper("rest", [], 1, hold_first(release, first)),
+            hurry=hurry_log("rest", hurried),
+            urgent=Owner(),
+        )
+        assert first.wait(WAIT)
+        plain = pool.submit(
+            stepper("plain", [], 2, hold_first(plain_release, second)),
+            hurry=hurry_log("plain", hurried),
+        )
+        assert second.wait(WAIT)
+        u = pool.submit(stepper("u", [], 1), urgent=Owner())
+        assert hurried == ["plain"] and pool.hurried == 1
+        plain_release.set()  # its AGAIN goes to the back; u takes its worker
+        assert u.result(WAIT) == "u" and plain.result(WAIT) == "plain"
+        # Only the urgent step in progress, the other worker busy with a jumped step too.
+        again = threading.Event()
+        v_started = threading.Event()
+        v = pool.submit(
+            stepper("v", [], 1, hold_first(again, v_started)),
+            hurry=hurry_log("v", hurried),
+            urgent=Owner(),
+        )
+        assert v_started.wait(WAIT)
+        w = pool.submit(stepper("w", [], 1), urgent=Owner())
+        assert hurried == ["plain"] and pool.waiting == 1
+        again.set()
+        assert v.result(WAIT) == "v" and w.result(WAIT) == "w"
+    finally:
+        release.set()
+        plain_release.set()
+        pool.shutdown()
+    assert rest.result(WAIT) == "rest"
+
+
 def test_an_ended_job_lets_go_of_its_owner_while_its_worker_waits() -> None:
     """A worker keeps its last job until it takes the next: the job must not keep its
     owner (a CPU, and through it its guest) alive meanwhile."""
