@@ -799,6 +799,8 @@ async def test_only_a_one_cpu_guest_without_a_run_time_limit_runs_lone_slices(
 
     g = await boot(dev, SPIN)
     assert execute.may_be_lone(g.file.cpu(0))
+    two = await boot(dev, SPIN, cpus=2)  # (a sibling waiting for its turn is no pool job)
+    assert not any(execute.may_be_lone(two.file.cpu(i)) for i in range(2))
     async with LguestDevice(limits=Limits(max_run_time=60.0)) as limited:
         h = await boot(limited, SPIN)
         assert not execute.may_be_lone(h.file.cpu(0))
