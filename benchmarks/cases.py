@@ -319,20 +319,29 @@ def _raw_threads(cpus: list[RawCpu], n: int) -> float:
     return now() - t0
 
 
+def _slices(gs: list[Booted]) -> int:
+    """The guests' slices so far (CpuStats.slices)."""
+    return sum(g.file.stats.slices if g.file.stats else 0 for g in gs)
+
+
 def _wakes() -> int:
     stats = _slicing.slicer_stats()
     return stats.wakes if stats is not None else 0
 
 
-def _shares(use: dict[str, thread_use.Usage], wakes: int, seconds: float) -> str:
+def _shares(
+    use: dict[str, thread_use.Usage], wakes: int, seconds: float, slices: int = 0, guests: int = 1
+) -> str:
     """Per second of a run: the other threads' and the loop's CPU, the slicer's wake-ups,
-    the workers' blocks."""
+    the workers' blocks, and each guest's slices (each one's end a stop, a restart and
+    the GIL)."""
     if seconds <= 0:
         return "-"
     return (
         f"other threads {use['other'].cpu / seconds:.1%} of a core (slicer "
         f"{wakes / seconds:.0f} wake-ups/s), loop {use['loop'].cpu / seconds:.1%}, "
-        f"workers blocked {use['workers'].blocked / seconds:.0f}/s"
+        f"workers blocked {use['workers'].blocked / seconds:.0f}/s, "
+        f"{slices / guests / seconds:.0f} slices/s a guest"
     )
 
 
@@ -354,7 +363,7 @@ async def two_spinners(p: Profile) -> list[Result]:
     sup2: list[float] = []
     use1 = {role: thread_use.Usage() for role in thread_use.ROLES}
     use2 = dict(use1)
-    wakes1 = wakes2 = 0
+    wakes1 = wakes2 = slices1 = slices2 = 0
     async with LguestDevice() as dev:
         gs = [await boot(dev, image), await boot(dev, image)]
         await asyncio.gather(*(_sup_loop_time(g, 1000, None) for g in gs))
@@ -362,14 +371,16 @@ async def two_spinners(p: Profile) -> list[Result]:
             if k % 2 == 0:  # A/B then B/A rounds, as interleave()
                 raw1.append(_raw_threads(raws[:1], n))
                 raw2.append(_raw_threads(raws, n))
-            before, woken = thread_use.snapshot(), _wakes()
+            before, woken, sliced = thread_use.snapshot(), _wakes(), _slices(gs)
             sup1.append((await _sup_loop_time(gs[0], n, None))[0])
             middle, wakes1 = thread_use.snapshot(), wakes1 + _wakes() - woken
-            woken = _wakes()
+            woken, slices1 = _wakes(), slices1 + _slices(gs) - sliced
+            sliced = _slices(gs)
             t0 = now()
             await asyncio.gather(*(_sup_loop_time(g, n, None) for g in gs))
             sup2.append(now() - t0)
             after, wakes2 = thread_use.snapshot(), wakes2 + _wakes() - woken
+            slices2 += _slices(gs) - sliced
             for total, spent in (
                 (use1, thread_use.spent(before, middle)),
                 (use2, thread_use.spent(middle, after)),
@@ -398,8 +409,8 @@ async def two_spinners(p: Profile) -> list[Result]:
             "higher",
             f"median of {p.pairs} interleaved rounds; "
             "raw: two bare Unicorn instances in two threads vs one. While 2 spin: "
-            f"{_shares(use2, wakes2, sum(sup2))}; "
-            f"while 1 spins: {_shares(use1, wakes1, sum(sup1))}",
+            f"{_shares(use2, wakes2, sum(sup2), slices2, len(gs))}; "
+            f"while 1 spins: {_shares(use1, wakes1, sum(sup1), slices1)}",
             {
                 "iterations": n,
                 "raw1": raw1,
@@ -410,6 +421,8 @@ async def two_spinners(p: Profile) -> list[Result]:
                 "threads_two": {k: dataclasses.asdict(v) for k, v in use2.items()},
                 "slicer_wakes_one": wakes1,
                 "slicer_wakes_two": wakes2,
+                "slices_one": slices1,
+                "slices_two": slices2,
             },
         )
     ]

@@ -105,6 +105,10 @@ typedef struct fuel {
                                    and no native interrupt delivery */
     uint32_t pfn_limit;         /* pages of guest-physical memory (Lguest.pfn_limit) */
     int32_t pad2;
+    /* A lone slice (no job waited for a worker when it began): how many ns of its time
+       are beyond a slice taken in turn, for cut() to take off once a job waits.  Written
+       with the GIL held, as `left` is (the slice's Python, run() before it releases it). */
+    int64_t lone;
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -1061,6 +1065,37 @@ static PyObject *hurry(PyObject *self, PyObject *arg)
     return PyBool_FromLong(sent);
 }
 
+/* cut(address) -> bool: a job waits for a worker now, so a lone slice (`lone` ns longer
+   than a slice taken in turn) ends where a slice in turn would have: its `lone` ns come
+   off its time left (`left`: the GIL is held, as by every writer of it) and, if a run is
+   in progress with no stop sent yet, off its deadline, span and latest (under the
+   slicer's lock; the slicer is woken if the deadline came closer than its next wake-up,
+   and stretch() still gives a preempted thread its CPU time).  False: not a lone slice
+   (or already cut). */
+static PyObject *cut(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    fuel_t *fuel = fuel_arg(arg);
+    if (fuel == NULL)
+        return NULL;
+    int64_t extra = fuel->lone;
+    if (extra <= 0)
+        Py_RETURN_FALSE;
+    fuel->lone = 0;
+    fuel->left -= extra;
+    pthread_mutex_lock(&lock);
+    if (fuel->exit_request && fuel->running && !fuel->sent) {
+        fuel->deadline -= extra;
+        fuel->span -= extra;
+        if (fuel->latest)
+            fuel->latest -= MAX_STRETCH * extra; /* (latest - MAX_STRETCH * span: do_enter's) */
+        if (fuel->deadline < wake_at)
+            pthread_cond_signal(&wake);
+    }
+    pthread_mutex_unlock(&lock);
+    Py_RETURN_TRUE;
+}
+
 #ifdef HAVE_RDTSC
 /* rdtsc() -> int: the host's time stamp counter, which Unicorn's guest rdtsc reads too */
 static PyObject *read_tsc(PyObject *self, PyObject *unused)
@@ -1087,6 +1122,8 @@ static PyMethodDef fuel_methods[] = {
      "interrupt(address, in_slice) -> bool: stop a run for an interrupt (REASON_IRQ)."},
     {"hurry", hurry, METH_O,
      "hurry(address) -> bool: end a run in progress as if its time were spent (REASON_BUDGET)."},
+    {"cut", cut, METH_O,
+     "cut(address) -> bool: end a lone slice where a slice taken in turn would end."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
      "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4)): the Unicorn calls and "
@@ -1168,7 +1205,7 @@ static const struct {
     FIELD(cpu_start), FIELD(span), FIELD(latest), FIELD(left), FIELD(mark), FIELD(ring),
     FIELD(local), FIELD(local_mask), FIELD(next_hcall), FIELD(vector), FIELD(hcall),
     FIELD(hcall_read), FIELD(irq), FIELD(native_mask), FIELD(native_done), FIELD(idt),
-    FIELD(stack), FIELD(ts), FIELD(ram), FIELD(pfn_limit), FIELD(pad2),
+    FIELD(stack), FIELD(ts), FIELD(ram), FIELD(pfn_limit), FIELD(pad2), FIELD(lone),
 };
 #undef FIELD
 

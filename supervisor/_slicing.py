@@ -129,6 +129,7 @@ class Fuel(ctypes.Structure):
         ("ram", ctypes.c_void_p),  # the guest's memory, for the page-table calls' checks
         ("pfn_limit", ctypes.c_uint32),
         ("pad2", ctypes.c_int32),
+        ("lone", ctypes.c_int64),  # a lone slice's ns beyond a slice in turn (see cut())
     ]
     address: int = 0  # ctypes.addressof(self), kept by attach()
 
@@ -387,6 +388,14 @@ def hurry(fuel: Fuel) -> bool:
     so that its worker is free for a more urgent job (any thread).  True if a stop was
     sent: only to a run on the exit-request path that nothing else stops yet."""
     return bool(fuel.exit_request) and bool(_fuel.hurry(fuel.address))
+
+
+def cut(fuel: Fuel) -> bool:
+    """A job waits for a worker: a lone slice of the CPU (longer by ``fuel.lone`` ns than
+    a slice taken in turn, begun when no job waited) ends where a slice in turn would
+    have, at once if that is past (the GIL held: the slice's Python and :func:`run` write
+    its time left with the GIL).  True if it was a lone slice."""
+    return bool(fuel.exit_request) and fuel.lone > 0 and bool(_fuel.cut(fuel.address))
 
 
 # What run() returns: the fallback's instruction count (0 on the native paths), and the

@@ -65,12 +65,22 @@ MIN_SLICE = 0.0005
 # whose point is as many switches as there are slices.)
 SWITCH_SHARE = 0.01
 SWITCHED_ROUND = 1.0
+# An executor slice that begins while no job waits for a worker (a *lone* slice) lasts
+# LONE_SLICE instead of TARGET_SLICE: each slice's end costs the guest a stop and a
+# restart, the GIL and the run's bookkeeping in Python, and the slicer thread's wake-ups,
+# which take a core from a busy guest when every core runs one.  Once a job waits, the
+# pool cuts the lone slice back (`_slicing.cut`): it ends where a slice taken in turn
+# would have, so a newcomer waits no longer than it would behind a TARGET_SLICE.  Only on
+# the exit-request path (which can move a running slice's end), for a one-CPU guest (a
+# sibling CPU waiting for its turn is not a job of the pool) without a run-time limit.
+LONE_SLICE = 0.02
 _TARGET_NS = int(1e9 * TARGET_SLICE)
 _CROWD_ROUND_NS = int(1e9 * CROWD_ROUND)
 _MIN_SLICE_NS = int(1e9 * MIN_SLICE)
 _SWITCHED_ROUND_NS = int(1e9 * SWITCHED_ROUND)
 _INLINE_NS = int(1e9 * INLINE_TIME)
 _LONG_INLINE_NS = int(1e9 * LONG_INLINE_TIME)
+_LONE_NS = int(1e9 * LONE_SLICE)
 FAST_CLOCK_MASK = 255  # fast guests: the slice meter reads the clock every 256 blocks
 MAX_BUDGET = 50_000_000
 # Deterministic mode's slices end only at a block count: their time never runs out, and
@@ -297,8 +307,11 @@ def run_slice(
             switch = max(switch, pool.switch_cost)
         busy_ns = switched_slice_ns(busy_ns, switch, waiting)
     urgent = cpu.stats.handler_rests + cpu.stats.irqs_held_over
+    lone = 0
+    if crowd is not None and not waiting and may_be_lone(cpu):
+        lone = max(0, _LONE_NS - busy_ns)
     try:
-        exit = _one_slice(cpu, budget, busy_ns, timeless)
+        exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd)
     finally:
         if pool is not None and more is not None:  # a step holds an engine only while it runs
             _on_this_thread(cpu, cpu.release_engine)
@@ -311,6 +324,19 @@ def run_slice(
             return AGAIN_URGENT
         return AGAIN
     return exit
+
+
+def may_be_lone(cpu: LgCpu) -> bool:
+    """Whether an executor slice of ``cpu`` begun while no job waits may be a lone one
+    (LONE_SLICE): the exit-request path, one CPU, no run-time limit, engines not switched
+    at every slice."""
+    pool = cpu.engine.pool
+    return (
+        bool(cpu.fuel.exit_request)
+        and len(cpu.lg.cpus) == 1
+        and cpu.limits.max_run_time is None
+        and (pool is None or not pool.always)
+    )
 
 
 def switched_slice_ns(busy_ns: int, switch: float, crowd: float = 0.0) -> int:
@@ -353,10 +379,18 @@ def slice_ns(crowd: float) -> int:
 
 
 def _one_slice(
-    cpu: LgCpu, budget: int | None, busy_ns: int = _TARGET_NS, timeless: bool = False
+    cpu: LgCpu,
+    budget: int | None,
+    busy_ns: int = _TARGET_NS,
+    timeless: bool = False,
+    lone: int = 0,
+    crowd: Callable[[], float] | None = None,
 ) -> SliceExit:
     """One slice of :func:`run_slice`: until the run loop is needed or its time is spent
-    (``busy_ns`` of CPU time for an executor slice, budget None; never, if ``timeless``)."""
+    (``busy_ns`` of CPU time for an executor slice, budget None, and ``lone`` ns more for a
+    lone slice until the pool cuts it; never, if ``timeless``).  ``crowd``: the pool's jobs
+    waiting per worker, looked at again once the lone slice is set up (a job queued since
+    the caller looked found nothing to cut)."""
     fuel = cpu.fuel
     lg = cpu.lg
     cpu.threads.slice = threading.get_ident()
@@ -367,7 +401,10 @@ def _one_slice(
     # use it up, or the guest's handler would wait for a whole trip through the
     # executor's queue (docs/performance.md, "Latency and fairness under load").
     if budget is None:
-        fuel.left = busy_ns
+        fuel.left = busy_ns + lone
+        fuel.lone = lone
+        if lone and crowd is not None and crowd():
+            _slicing.cut(fuel)
     else:
         # Short only for a CPU known to compute through its inline slices: a longer
         # deadline than the slicer's tick costs no wake-up of the slicer thread, which
@@ -456,6 +493,7 @@ def _one_slice(
         exit = SliceExit.DEATH
     finally:
         cpu.threads.slice = None
+        fuel.lone = 0  # (over: nothing left to cut)
         if budget is not None and not delivered:
             cpu.inline_spent = fuel.reason == _slicing.REASON_BUDGET
         if handler_bound and fuel.reason == _slicing.REASON_BUDGET:

@@ -328,6 +328,7 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
             functools.partial(_may_go_on, cpu),
             executor.crowd,
             hurry=functools.partial(_slicing.hurry, cpu.fuel),
+            shorten=functools.partial(_slicing.cut, cpu.fuel),
             urgent=cpu if cpu.run.urgent else None,
             owner=cpu,
         )

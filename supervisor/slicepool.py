@@ -28,6 +28,9 @@ Guarantees:
   happen to come within one round both go first.  An urgent job refused for that waits
   no longer than the bound requires: it is queued where its owner's oldest jump stops
   counting, not at the back.
+- A step that began while no job waited may run longer (a lone slice: its ``shorten``);
+  once a job is queued that no worker is free for, every step in progress is asked to
+  shorten, so a lone step ends where a step taken in turn would have.
 - A job is never run by two workers at once; its steps run one after another.
 - :meth:`Job.cancel` withdraws a job that is waiting in the queue (before its first
   step or between two steps) and returns True; nothing of it runs afterwards.  A job
@@ -107,10 +110,14 @@ class Job(Future[_T]):
         step: Callable[[], _T | Again],
         hurry: Callable[[], bool] | None = None,
         owner: object | None = None,
+        shorten: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__()
         self._pool = pool
         self.step = step
+        # Ask its step in progress, if it is a lone one, to end where a step taken in turn
+        # would have (any thread, the pool's lock held; True if asked); None: never longer.
+        self.shorten = shorten
         # Whom the job is urgent for when a step answers AGAIN_URGENT (None: never).
         self.owner = owner
         # Ask its step in progress to end soon, its job going on after a turn (any
@@ -182,6 +189,7 @@ class SlicePool:
         self.jumps = 0  # urgent jobs put at the front of the queue
         self.refused = 0  # urgent jobs not put at the front: their owner jumped enough
         self.hurried = 0  # steps asked to end early for an urgent job
+        self.shortened = 0  # lone steps asked to end where a step in turn would have
 
     @property
     def waiting(self) -> int:
@@ -208,18 +216,21 @@ class SlicePool:
         hurry: Callable[[], bool] | None = None,
         urgent: object | None = None,
         owner: object | None = None,
+        shorten: Callable[[], bool] | None = None,
     ) -> Job[_T]:
         """Queue a job whose step is ``fn(*args)`` (FIFO).  RuntimeError once shut down.
 
         ``hurry``: asks the job's step in progress to end early (for an urgent job).
         ``urgent``: who the job is urgent for (weakly referenced): to the front of the
         queue, twice per round at most for each owner (module docstring).  ``owner``: whom a
-        step's AGAIN_URGENT is for (default ``urgent``; None: it counts as AGAIN)."""
+        step's AGAIN_URGENT is for (default ``urgent``; None: it counts as AGAIN).
+        ``shorten``: asks the job's step in progress, if lone, to end as a step in turn."""
         job: Job[_T] = Job(
             self,
             functools.partial(fn, *args) if args else fn,
             hurry,
             owner if owner is not None else urgent,
+            shorten,
         )
         slow: Job[Any] | None = None
         with self._lock:
@@ -274,6 +285,11 @@ class SlicePool:
         self._waiting += 1
         if self._idle_threads:
             self._lock.notify()
+        if self._waiting > self._idle_threads and len(self._threads) >= self.workers:
+            # No worker is free for it: lone steps end where steps in turn would.
+            for busy in self._busy:
+                if busy.shorten is not None and busy.shorten():
+                    self.shortened += 1
 
     def _enqueue_urgent(self, job: Job[Any], owner: object) -> bool:
         """Queue an urgent job: at the front if ``owner`` may jump (True); else where its
@@ -390,7 +406,7 @@ class SlicePool:
             # Ended: let go of what the step, its owner and its hurry hold (a CPU, its
             # guest), since this thread's frame keeps the job until it takes the next.
             job.step = _ended_step
-            job.owner = job.hurry = None
+            job.owner = job.hurry = job.shorten = None
             self._computing.discard(job)
             if error is not None:
                 job.set_exception(error)

@@ -848,3 +848,49 @@ async def test_a_hurried_slice_ends_as_if_its_time_were_spent_and_its_run_goes_o
     assert cpu.run.queued_slice is run and not reader.done()
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
+
+
+@going_on
+@pytest.mark.own_engines
+async def test_a_lone_slice_is_cut_back_once_another_guest_waits_for_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One worker.  A spinner alone on it runs lone slices (here so long that one never
+    # ends by its time); a second spinner's run, queued behind it, cuts the slice back to
+    # a slice in turn, and from then on they take turns in slices in turn.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_LONE_NS", 600 * 10**9)
+    async with LguestDevice(workers=1) as dev:
+        first = await boot(dev, SPIN)
+        cpu = first.file.cpu(0)
+        readers = [asyncio.create_task(first.file.read(8))]
+        await until(lambda: cpu.fuel.running == 1 and cpu.fuel.lone > 0)
+        assert cpu.fuel.lone == execute._LONE_NS - execute._TARGET_NS
+        slices = present(first.file.stats).slices
+        second = await boot(dev, SPIN)
+        readers.append(asyncio.create_task(second.file.read(8)))
+        # (Without the cut the second guest would wait 600 s for the worker.)
+        await until(lambda: present(second.file.stats).slices > 3)
+        assert dev.executor.shortened >= 1
+        assert present(first.file.stats).slices > slices
+        a, b = first.u32("counter"), second.u32("counter")
+        await until(lambda: first.u32("counter") > a and second.u32("counter") > b)
+        for r in readers:
+            r.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+
+@going_on
+async def test_only_a_one_cpu_guest_without_a_run_time_limit_runs_lone_slices(
+    dev: LguestDevice,
+) -> None:
+    from supervisor import Limits, execute
+
+    g = await boot(dev, SPIN)
+    assert execute.may_be_lone(g.file.cpu(0))
+    two = await boot(dev, SPIN, cpus=2)  # (a sibling waiting for its turn is no pool job)
+    assert not any(execute.may_be_lone(two.file.cpu(i)) for i in range(2))
+    async with LguestDevice(limits=Limits(max_run_time=60.0)) as limited:
+        h = await boot(limited, SPIN)
+        assert not execute.may_be_lone(h.file.cpu(0))

@@ -484,3 +484,64 @@ def test_an_ended_job_lets_go_of_its_owner_while_its_worker_waits() -> None:
         assert gone() is None
     finally:
         pool.shutdown()
+
+
+def test_a_job_no_worker_is_free_for_asks_every_step_in_progress_to_shorten() -> None:
+    # A lone step (begun while nobody waited) may run longer than a step in turn; a job
+    # that must wait for a worker asks each step in progress to shorten, while a job a
+    # free (or a new) worker takes asks nobody.
+    pool = SlicePool(2)
+    shortened: list[str] = []
+    release = threading.Event()
+    first, second = threading.Event(), threading.Event()
+    try:
+        a = pool.submit(
+            stepper("a", [], 1, hold_first(release, first)), shorten=hurry_log("a", shortened)
+        )
+        assert first.wait(WAIT)
+        b = pool.submit(  # (the second worker starts for it)
+            stepper("b", [], 1, hold_first(release, second)),
+            shorten=hurry_log("b", shortened, answer=False),  # (not lone: nothing to shorten)
+        )
+        assert second.wait(WAIT)
+        assert shortened == [] and pool.shortened == 0
+        c = pool.submit(stepper("c", [], 1))
+        assert sorted(shortened) == ["a", "b"] and pool.shortened == 1
+        release.set()
+        assert [j.result(WAIT) for j in (a, b, c)] == ["a", "b", "c"]
+    finally:
+        release.set()
+        pool.shutdown()
+
+
+def test_a_step_that_goes_to_the_back_asks_the_other_steps_to_shorten() -> None:
+    # One job answers AGAIN while another waits: it is queued behind the waiting one, and
+    # the step still in progress on the other worker is asked to shorten.
+    pool = SlicePool(2)
+    shortened: list[str] = []
+    release_a, release_b = threading.Event(), threading.Event()
+    first, second = threading.Event(), threading.Event()
+    try:
+        a = pool.submit(
+            stepper("a", [], 2, hold_first(release_a, first)), shorten=hurry_log("a", shortened)
+        )
+        assert first.wait(WAIT)
+        b = pool.submit(
+            stepper("b", [], 1, hold_first(release_b, second)), shorten=hurry_log("b", shortened)
+        )
+        assert second.wait(WAIT)
+        c = pool.submit(stepper("c", [], 1))  # waits: both steps are asked
+        assert sorted(shortened) == ["a", "b"]
+        shortened.clear()
+        d = pool.submit(stepper("d", [], 1))
+        assert sorted(shortened) == ["a", "b"]
+        shortened.clear()
+        release_a.set()  # a answers AGAIN: behind c and d, and b (still running) is asked
+        assert c.result(WAIT) == "c" and d.result(WAIT) == "d"
+        assert shortened == ["b"]
+        release_b.set()
+        assert a.result(WAIT) == "a" and b.result(WAIT) == "b"
+    finally:
+        release_a.set()
+        release_b.set()
+        pool.shutdown()

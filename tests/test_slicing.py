@@ -352,3 +352,20 @@ def test_a_handler_delivered_mid_slice_keeps_time_to_run() -> None:
     fuel.mark = time.thread_time_ns() - 100_000  # 0.1 ms ago: 1.9 ms left, kept
     assert not execute.keep_time_for_handler(fuel)  # the slice's own time ends it
     assert 1_000_000 < fuel.left <= 1_900_000
+
+
+@pytest.mark.skipif(not _slicing.EXIT_REQUEST, reason="the exit-request path's lone slices")
+def test_cutting_a_lone_slice_takes_its_extra_time_off_once() -> None:
+    import ctypes
+
+    fuel = _slicing.Fuel()
+    fuel.address = ctypes.addressof(fuel)
+    fuel.exit_request = 1
+    fuel.left, fuel.lone, fuel.deadline = 20_000_000, 18_000_000, 123
+    assert _slicing.cut(fuel)
+    assert (fuel.left, fuel.lone) == (2_000_000, 0)
+    assert fuel.deadline == 123  # (no run in progress: its next run takes `left`)
+    assert not _slicing.cut(fuel)  # once: nothing left to cut
+    assert fuel.left == 2_000_000
+    fuel.lone, fuel.exit_request = 5, 0  # the block hook's CPUs run no lone slices
+    assert not _slicing.cut(fuel) and fuel.left == 2_000_000
