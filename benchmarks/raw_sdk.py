@@ -17,14 +17,17 @@ hypercalls as the Host does.  :class:`RawSdkGuest` does that with the least it c
 * a Python ``UC_HOOK_INTR`` hook for ``int $0x1f``: ``LGUEST_INIT`` writes what the
   Host writes into ``lguest_data`` (the reserved top, ``tsc_khz``, the page directory,
   the time); ``LOAD_GDT`` sets GDTR; the page-table calls flush the TLB; ``NOTIFY`` of
-  the console takes its bytes; ``SHUTDOWN`` ends the run; IDT entries, TLS and the
-  kernel stack need nothing here (the guest's GDT is in its own memory).
+  the console takes its bytes; ``SHUTDOWN`` ends the run; ``LOAD_IDT_ENTRY`` is
+  recorded for the one trap reflected, musl's few ``int $0x80`` (a same-privilege
+  trap gate: eflags, cs and eip pushed, the guest's handler entered); TLS, the kernel
+  stack and TS need nothing here (the guest's GDT is in its own memory, which Unicorn
+  reads directly).
 
 Anything else (a fault, a halt, a clock event, another device, a second CPU) stops the
 run with :class:`RawGuestError`: the raw runner serves programs that only compute and
 print.  No slices, no block hook, no event loop, no executor: one ``emu_start`` from
-the entry point to power-off.  Its wall-clock time against a supervised run of the same
-image is the supervisor's overhead (docs/performance.md, "A real program against raw
+the entry point to power-off.  Its time against a supervised run of the same image is
+the supervisor's overhead (docs/performance.md, "A real program against raw
 Unicorn").
 """
 
@@ -51,7 +54,6 @@ from supervisor.abi import (
     LHCALL_LOAD_GDT,
     LHCALL_LOAD_IDT_ENTRY,
     LHCALL_LOAD_TLS,
-    LHCALL_NEW_PGTABLE,
     LHCALL_NOTIFY,
     LHCALL_SET_PMD,
     LHCALL_SET_PTE,
@@ -74,11 +76,10 @@ _OUT_ADDR, _OUT_LEN, _OUT_STREAM = 8, 12, 32
 # start a process.
 _CR4_SSE = (1 << 9) | (1 << 10)
 _FCW_RESET, _MXCSR_RESET = 0x37F, 0x1F80
-# The hypercalls whose Host side is bookkeeping this runner does not need (the guest's
-# GDT, IDT and TLS descriptors live in its own memory, which Unicorn reads directly).
+# The hypercalls whose Host side is bookkeeping this runner does not need.
 _NOTHING_TO_DO = frozenset({LHCALL_LOAD_TLS, LHCALL_SET_STACK, LHCALL_TS})
 SYSCALL_VECTOR = 0x80  # musl's few `int $0x80` (before it knows AT_SYSINFO)
-_FLUSH = frozenset({LHCALL_SET_PTE, LHCALL_SET_PMD, LHCALL_FLUSH_TLB, LHCALL_NEW_PGTABLE})
+_FLUSH = frozenset({LHCALL_SET_PTE, LHCALL_SET_PMD, LHCALL_FLUSH_TLB})
 _U32 = struct.Struct("<I")
 
 
