@@ -6,7 +6,8 @@ file of the release matching the amalgamation, 3.50.4) and is skipped with one l
 without it.  The amalgamation (``sqlite3.c``, ``sqlite3.h``) comes from the
 ``sqlean-py`` sdist that tests/realprograms.py downloads, pinned and cached there.
 Both are built once with ``supervisor build -O2`` (the defines of the real-program
-proof, plus R-Tree, which speedtest1's default test mix uses) and the image is cached
+proof, plus R-Tree, which speedtest1's default test mix uses, and temporary files kept
+in memory, since the raw runner serves no files) and the image is cached
 beside the proofs' programs, keyed by what went into it.
 
 Supervised: ``Supervisor.launch`` to ``Guest.wait``.  Raw: the same image booted on a
@@ -42,7 +43,9 @@ from .raw_sdk import RawSdkGuest
 SOURCE_ENV = "LGUEST_SPEEDTEST1"
 RAM = 64 << 20
 GOAL = 1.2  # supervised time over raw, at most
-EXTRA_DEFINES = ("-DSQLITE_ENABLE_RTREE",)
+# R-Tree for speedtest1's default mix; temporary files (VACUUM's, large sorts') in memory,
+# since the raw runner serves no files.
+EXTRA_DEFINES = ("-DSQLITE_ENABLE_RTREE", "-DSQLITE_TEMP_STORE=3")
 # speedtest1's default mix ("mix1") without "app", which reopens its database file and so
 # cannot run on :memory:.
 TESTSET = "main,orm/25,cte/20,json/20,fp/3,parsenumber/25,rtree/10,star"

@@ -93,7 +93,8 @@ def boot_template(
 # A guest's translation buffer holds the host code its hot guest code became: about 8
 # bytes per byte of x86 (docs/performance.md, "A real program against raw Unicorn").  A
 # buffer too small for that is emptied whenever it fills, and everything is translated
-# again; a big one costs only what is translated into it.
+# again.  A buffer of 2 MiB or more costs a huge page of RSS (about 2 MiB) as soon as
+# anything is translated, then what is translated into it, whatever its size.
 TRANSLATED_PER_IMAGE_BYTE = 8
 MAX_TCG_BUFFER = 64 << 20
 
