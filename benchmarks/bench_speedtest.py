@@ -12,8 +12,9 @@ beside the proofs' programs, keyed by what went into it.
 
 Supervised: ``Supervisor.launch`` to ``Guest.wait``.  Raw: the same image booted on a
 bare Unicorn by :class:`benchmarks.raw_sdk.RawSdkGuest`, one ``emu_start`` from the
-entry point to power-off; the SDK runtime inside the image serves the program's system
-calls the same way in both runs.  Each side is timed by the wall clock and by the
+entry point to power-off, on a thread niced as the device's workers are; the SDK
+runtime inside the image serves the program's system calls the same way in both runs.
+Each side is timed by the wall clock and by the
 process's CPU time (every thread's: the supervised run's workers and event loop
 included); the ratio is the supervised CPU time over the raw one, round by round
 (the machine is shared: CPU time is what a neighbour's load changes least), and both
@@ -28,6 +29,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +39,7 @@ from supervisor import GuestConfig, Supervisor, _slicing, sdk
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.launcher.launcher import translation_buffer
 from supervisor.launcher.loader import read_image
+from supervisor.slicepool import DEFAULT_NICE
 
 from .harness import Profile, Result, cpu_seconds, median, now
 from .raw_sdk import RawSdkGuest
@@ -105,8 +109,21 @@ def test_names(output: str) -> list[str]:
     return [line.rsplit(" ", 1)[0].rstrip(". ") for line in output.splitlines() if " - " in line]
 
 
+def _nice_thread() -> None:
+    """Run this thread as far below the caller as the device's workers run (their
+    default ``worker_nice``): on a loaded machine both sides then get the same share."""
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + DEFAULT_NICE)
+
+
 def run_raw(image: Path, cmdline: str) -> tuple[float, float, str]:
-    """(wall seconds, CPU seconds, stdout) of one raw run."""
+    """(wall seconds, CPU seconds, stdout) of one raw run, on a thread niced as the
+    supervised run's workers are."""
+    with ThreadPoolExecutor(1, initializer=_nice_thread) as worker:
+        return worker.submit(_run_raw, image, cmdline).result()
+
+
+def _run_raw(image: Path, cmdline: str) -> tuple[float, float, str]:
     # the buffer a Launcher gives this image's CPUs: the same translations on both sides
     tcg = translation_buffer(read_image(image), DEFAULT_TCG_BUFFER)
     guest = RawSdkGuest(image, RAM, cmdline, tcg_buffer=tcg, block_exits=_slicing.EXIT_REQUEST)
