@@ -28,6 +28,7 @@ from . import bench_files, bench_hibernate, bench_net, bench_smp, bench_state, g
 from . import threads as thread_use
 from .bench_c import c_compute
 from .bench_clock import clock_calls
+from .bench_speedtest import speedtest1
 from .guests import SMALL_RAM, Booted, assemble, boot
 from .harness import (
     Breaker,
@@ -1096,6 +1097,7 @@ FIGURES: dict[str, Figure] = {
     "hibernate_cycles": bench_hibernate.hibernate_cycles,
     "hibernated": bench_hibernate.hibernated,
     "c_compute": c_compute,
+    "c_speedtest1": speedtest1,
     "clock_calls": clock_calls,
     "shutdown": isolation.shutdown,
     "flood": isolation.flood_neighbour,

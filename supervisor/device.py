@@ -215,6 +215,7 @@ class LguestDevice:
         limits: Limits | None = None,
         state: GuestState | None = None,
         hibernate_after: float | None = None,
+        tcg_buffer: int | None = None,
     ) -> LguestFile:
         """Open the device: one file is one (not yet initialized) guest in ``memory``.
 
@@ -226,17 +227,22 @@ class LguestDevice:
         state's unless ``limits`` is given).  Raises ``OSError``: ``ENODEV`` once
         the device is closed; with ``state``, ``EINVAL`` for memory of another size
         (or a state this build cannot revive), ``ENOMEM`` past the device's limits.
-        ``hibernate_after`` replaces the device's for this guest.
+        ``hibernate_after`` replaces the device's for this guest; ``tcg_buffer`` the size
+        of its CPUs' translation buffers (a guest whose translated code outgrows the
+        buffer has it all thrown away and translated again, over and over).
         """
         if self._closed:
             raise _error(errno.ENODEV)
         if hibernate_after is not None and not hibernate_after >= 0:
             raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
+        if tcg_buffer is not None and not tcg_buffer > 0:
+            raise ValueError(f"tcg_buffer must be > 0 bytes, not {tcg_buffer!r}")
         file = LguestFile(
             self,
             memory,
             self.limits if limits is None else limits,
             self.hibernate_after if hibernate_after is None else hibernate_after,
+            self.tcg_buffer if tcg_buffer is None else tcg_buffer,
         )
         if state is not None:
             file._revive(state, limits)
@@ -309,12 +315,18 @@ class LguestFile:
     """One open ``/dev/lguest``: one guest.  Get it from :meth:`LguestDevice.open`."""
 
     def __init__(
-        self, device: LguestDevice, memory: GuestMemory, limits: Limits, hibernate_after: float
+        self,
+        device: LguestDevice,
+        memory: GuestMemory,
+        limits: Limits,
+        hibernate_after: float,
+        tcg_buffer: int,
     ) -> None:
         self._device = device
         self._memory = memory
         self._limits = limits
         self._hibernate_after = hibernate_after
+        self._tcg_buffer = tcg_buffer
         self._lg: Lguest | None = None
         self._base = 0  # where the guest's window starts in memory (INITIALIZE's base)
         self._closed = False
@@ -442,6 +454,12 @@ class LguestFile:
     @property
     def memory(self) -> GuestMemory:
         return self._memory
+
+    @property
+    def tcg_buffer(self) -> int:
+        """The size of this guest's CPUs' translation buffers, in bytes (without an
+        engine pool; a pool's engines have the pool's)."""
+        return self._tcg_buffer
 
     # -- the control surface, beyond the lguest ABI ---------------------------------------
     async def pause(self, cpu: int = 0) -> None:
@@ -603,7 +621,7 @@ class LguestFile:
         try:
             for st in state.cpus:
                 cpu = revive_cpu(
-                    lg, st, mem.address + first, self._device.tcg_buffer, _hooks_for(sim),
+                    lg, st, mem.address + first, self._tcg_buffer, _hooks_for(sim),
                     self._hibernate_after, self._device.engines,
                 )  # fmt: skip
                 if limits is not None:
@@ -691,7 +709,7 @@ class LguestFile:
             try:
                 for n in range(ncpus):
                     cpu = new_cpu(
-                        lg, n, base, start, pgdir, device.tcg_buffer, self._limits,
+                        lg, n, base, start, pgdir, self._tcg_buffer, self._limits,
                         _hooks_for(sim), self._hibernate_after, device.engines,
                     )  # fmt: skip
                     lg.cpus.append(cpu)

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
+from pathlib import Path
+
+import pytest
 
 from benchmarks import __main__ as bench_main
-from benchmarks import harness
+from benchmarks import bench_speedtest, harness, raw_sdk
+from supervisor import abi
 
 
 def test_interleave_alternates_which_side_goes_first() -> None:
@@ -56,3 +61,63 @@ def test_latency_goals_are_absolute_quiet_and_relative_to_raw_under_load() -> No
     # The table says when the goals are relative, and why.
     assert "load processes" in bench_main.table("asyncio", [loaded], load=2)
     assert "load processes" not in bench_main.table("asyncio", [quiet])
+
+
+# -- a C guest on a bare Unicorn (benchmarks/raw_sdk.py) ----------------------------------
+C_GUESTS = Path(__file__).resolve().parent.parent / "guests" / "c"
+
+
+def test_the_raw_runner_serves_a_c_guest_as_the_host_does() -> None:
+    guest = raw_sdk.RawSdkGuest(C_GUESTS / "hello.elf", 16 << 20, "")
+    try:
+        run = guest.run()
+    finally:
+        guest.close()
+    assert (run.status, run.stdout, run.stderr) == (0, b"Hello from an lguest guest!\n", b"")
+    # one INIT, the GDT, the runtime's IDT and page-table calls, one print, the power-off
+    calls = run.hypercalls
+    assert calls[abi.LHCALL_LGUEST_INIT] == calls[abi.LHCALL_SHUTDOWN] == 1
+    assert calls[abi.LHCALL_NOTIFY] >= 1 and calls[abi.LHCALL_LOAD_IDT_ENTRY] > 32
+    assert calls[abi.LHCALL_SET_PTE] >= 2  # page 0 and the stack's guard page unmapped
+
+
+def test_the_raw_runner_stops_at_what_it_does_not_serve(tmp_path: Path) -> None:
+    entry = 0x10000
+    code = b"\xcc"  # int3: a trap the raw runner does not reflect
+    header = struct.pack(
+        "<16sHHIIIIIHHHHHH", b"\x7fELF\x01\x01\x01" + bytes(9), 2, 3, 1, entry, 52, 0, 0,
+        52, 32, 1, 40, 0, 0,
+    )  # fmt: skip
+    phdr = struct.pack("<8I", 1, 84, entry, entry, len(code), len(code), 7, 4096)
+    path = tmp_path / "trap.elf"
+    path.write_bytes(header + phdr + code)
+    guest = raw_sdk.RawSdkGuest(path, 1 << 20, "")
+    try:
+        with pytest.raises(raw_sdk.RawGuestError, match="trap 3 at eip 0x10001"):
+            guest.run()
+    finally:
+        guest.close()
+
+
+def test_speedtest1_without_its_source_is_skipped_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.delenv(bench_speedtest.SOURCE_ENV, raising=False)
+    assert asyncio.run(bench_speedtest.speedtest1(harness.QUICK)) == []
+    assert capsys.readouterr().out.startswith("  c_speedtest1: skipped: set LGUEST_SPEEDTEST1")
+    monkeypatch.setenv(bench_speedtest.SOURCE_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match="not a file"):
+        bench_speedtest.source()
+
+
+def test_speedtest1_runs_compare_by_test_names_not_times() -> None:
+    out = (
+        "-- Speedtest1 for SQLite 3.50.4\n"
+        " 100 - 2500 INSERTs into table with no index.......    0.005s\n"
+        " 110 - 2500 ordered INSERTS with one index/PK......    1.250s\n"
+        "       TOTAL.....................................    1.255s\n"
+    )
+    assert bench_speedtest.test_names(out) == [
+        " 100 - 2500 INSERTs into table with no index",
+        " 110 - 2500 ordered INSERTS with one index/PK",
+    ]

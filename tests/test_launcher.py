@@ -15,9 +15,9 @@ from supervisor.abi import SWITCHER_PDE
 from supervisor.launcher import block
 from supervisor.launcher.console import LineStream
 from supervisor.launcher.devices import MAX_DEVICES, Device, DeviceTable, Slot
-from supervisor.launcher.launcher import Launcher
+from supervisor.launcher.launcher import MAX_TCG_BUFFER, Launcher, translation_buffer
 from supervisor.launcher.layout import IMAGE_BASE, PAGE_OFFSET, build_pagetables, plan
-from supervisor.launcher.loader import FLAT_TRAILER, ImageError, parse_image, read_image
+from supervisor.launcher.loader import FLAT_TRAILER, Image, ImageError, parse_image, read_image
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 needs_binutils = pytest.mark.skipif(shutil.which("as") is None, reason="binutils missing")
@@ -372,3 +372,53 @@ async def test_image_too_big_is_refused_before_running(tmp_path: Path) -> None:
         with pytest.raises(ImageError, match="more than the guest"):
             await sup.launch(GuestConfig(image=path, memory="128K"))
         assert sup.guests == []
+
+
+# -- the translation buffer ---------------------------------------------------------
+def _image_of(size: int) -> Image:
+    """An ELF image of ``size`` loaded bytes at IMAGE_BASE that spins (``jmp .``)."""
+    return parse_image(elf32([(IMAGE_BASE, b"\xeb\xfe" + bytes(size - 2), size)], IMAGE_BASE))
+
+
+def test_translation_buffer_grows_with_the_image() -> None:
+    least = 1 << 20
+    assert translation_buffer(_image_of(100 << 10), least) == least  # the SDK's examples
+    # 8 bytes per loaded byte, doubled up from the device's: the SQLite shell's size
+    assert translation_buffer(_image_of(1_300_000), least) == 16 << 20
+    assert translation_buffer(_image_of(300 << 10), least) == 4 << 20
+    assert translation_buffer(_image_of(20 << 20), least) == MAX_TCG_BUFFER
+    assert translation_buffer(_image_of(4096), 32 << 20) == 32 << 20  # never below the device's
+
+
+async def _file_buffer(dev: LguestDevice, image: Image) -> tuple[int, int]:
+    """The translation buffer a Launcher's file of ``image`` gets, and its CPU 0's."""
+    launcher = Launcher(dev, image, ram_size=4 << 20)
+    run = asyncio.create_task(launcher.run())
+    try:
+        # until INITIALIZE (the Launcher has no event for it)
+        while launcher.file is None or launcher.file.stats is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        return launcher.file.tcg_buffer, launcher.file.cpu(0).engine.tcg_buffer
+    finally:
+        await launcher.kill()
+        await run
+
+
+async def test_a_big_image_gets_a_big_translation_buffer(dev: LguestDevice) -> None:
+    file_buffer, cpu_buffer = await _file_buffer(dev, _image_of(1_300_000))
+    assert file_buffer == 16 << 20
+    assert cpu_buffer == 16 << 20 or dev.engines is not None  # (a pool's are the pool's)
+    assert await _file_buffer(dev, _image_of(4096)) == (dev.tcg_buffer, dev.tcg_buffer)
+
+
+async def test_a_file_takes_its_own_translation_buffer(dev: LguestDevice) -> None:
+    memory = GuestMemory(1 << 20)
+    try:
+        assert dev.open(memory).tcg_buffer == dev.tcg_buffer
+        assert dev.open(memory, tcg_buffer=8 << 20).tcg_buffer == 8 << 20
+        with pytest.raises(ValueError, match="tcg_buffer must be > 0"):
+            dev.open(memory, tcg_buffer=0)
+    finally:
+        for f in dev.files:
+            await f.close()
+        memory.close()

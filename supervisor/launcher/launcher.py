@@ -90,6 +90,28 @@ def boot_template(
     return template
 
 
+# A guest's translation buffer holds the host code its hot guest code became: about 8
+# bytes per byte of x86 (docs/performance.md, "A real program against raw Unicorn").  A
+# buffer too small for that is emptied whenever it fills, and everything is translated
+# again.  A buffer of 2 MiB or more costs a huge page of RSS (about 2 MiB) as soon as
+# anything is translated, then what is translated into it, whatever its size.
+TRANSLATED_PER_IMAGE_BYTE = 8
+MAX_TCG_BUFFER = 64 << 20
+
+
+def translation_buffer(image: Image, least: int) -> int:
+    """The translation buffer for ``image``'s CPUs: ``least`` (the device's), doubled
+    until it holds :data:`TRANSLATED_PER_IMAGE_BYTE` times the image's loaded bytes, at
+    most :data:`MAX_TCG_BUFFER` (and never below ``least``).  Small guests keep the
+    device's small buffer (its memory per guest); a real program gets room for its
+    code."""
+    want = TRANSLATED_PER_IMAGE_BYTE * sum(len(s.data) for s in image.segments)
+    size = least
+    while size < want and size < MAX_TCG_BUFFER:
+        size *= 2
+    return max(least, min(size, MAX_TCG_BUFFER))
+
+
 class _Killed(Exception):
     """Raised inside the read loop when the Launcher ends the guest itself."""
 
@@ -364,6 +386,7 @@ class Launcher:
                     limits=self.limits,
                     state=None if resume is None else resume.state,
                     hibernate_after=self.hibernate_after,
+                    tcg_buffer=translation_buffer(self.image, self._dev.tcg_buffer),
                 )
             except OSError as exc:
                 self._die(f"cannot start: {exc.strerror}")
