@@ -3,7 +3,9 @@
 ``build(["prog.c"], "prog.elf")`` compiles C (and ``.S``) sources for 32-bit x86
 and links them with the guest runtime (``runtime/crt0.S``, ``runtime/runtime.c``:
 boot, lguest.h's helpers, the system calls musl makes; ``runtime/threads.c``:
-clone, futex and the threads' scheduler) and musl libc into an
+clone, futex and the threads' scheduler), musl's portable C for the libm functions
+whose i386 assembly the emulator's x87 does not compute as hardware does
+(:mod:`supervisor.sdk.libm`, built once per Zig and cached) and musl libc into an
 ELF32 image the Launcher loads (``guest.ld``: everything at 0x10000; at boot the
 runtime puts the stack at the top of free memory, 8 MiB or ``__lguest_stack_size``
 bytes, and the heap from ``_end`` up to the stack's guard page).
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from . import libm
 from .elfstrip import strip_debug
 
 SDK_DIR = Path(__file__).resolve().parent
@@ -487,6 +490,8 @@ def _build(
             # object records (STT_FILE) is the file name.
             steps.run(tc, [*user_flags, "-c", src.name, "-o", str(obj)], cwd=src.parent)
             objects.append(str(obj))
+        if not tc.freestanding:  # before libc: its members replace libc's (sdk/libm.py)
+            objects.append(str(_libm_archive(tc, target, steps, work)))
         link = list(link_flags)
         tmp_out = work / "guest.elf"
         # Zig builds (and caches) musl and compiler-rt here the first time: minutes.
@@ -506,6 +511,20 @@ def _build(
             image = strip_debug(image)  # Zig's -s would drop the symbols too
         out.write_bytes(image)
     return out
+
+
+def _libm_archive(tc: Toolchain, target: list[str], steps: _Steps, work: Path) -> Path:
+    """musl's portable C for the libm functions whose i386 assembly the emulator's
+    x87 does not compute as hardware does (:mod:`supervisor.sdk.libm`), cached."""
+    zig = tc.cc[:-1]
+
+    def run(tool: str, args: list[str], cwd: Path) -> None:
+        Toolchain((*zig, tool), tc.version).run(args, cwd, steps.deadline)
+
+    try:
+        return libm.archive(zig, target, tc.version, run, work)
+    except FileNotFoundError as exc:
+        raise BuildError(f"this Zig cannot build the guests' libm: {exc}") from None
 
 
 LIBC_NOTE = (
@@ -558,6 +577,7 @@ def content_key(*parts: str | bytes) -> str:
         data = part.encode() if isinstance(part, str) else part
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
-    for rel in (*RUNTIME_SOURCES, *FREESTANDING_SOURCES, "include/lguest.h", "guest.ld"):
+    sdk_files = (*RUNTIME_SOURCES, *FREESTANDING_SOURCES, "include/lguest.h", "guest.ld", "libm.py")
+    for rel in sdk_files:
         h.update((SDK_DIR / rel).read_bytes())
     return h.hexdigest()[:20]
