@@ -490,13 +490,14 @@ def _build(
             # object records (STT_FILE) is the file name.
             steps.run(tc, [*user_flags, "-c", src.name, "-o", str(obj)], cwd=src.parent)
             objects.append(str(obj))
+        env = {} if tc.freestanding else libm.zig_env(tc.cc[:-1])
         if not tc.freestanding:  # before libc: its members replace libc's (sdk/libm.py)
-            objects.append(str(_libm_archive(tc, target, steps, work)))
+            objects.append(str(_libm_archive(tc, target, steps, work, env)))
         link = list(link_flags)
         tmp_out = work / "guest.elf"
         # Zig builds (and caches) musl and compiler-rt here the first time: minutes.
         # Said at once when this Zig has never linked a guest, else if the link is slow.
-        stamp = None if tc.freestanding else _libc_stamp(tc)
+        stamp = None if tc.freestanding else _libc_stamp(tc, env)
         first = stamp is not None and not stamp.exists()
         note = None if tc.freestanding else LIBC_NOTE
         steps.run(
@@ -513,7 +514,9 @@ def _build(
     return out
 
 
-def _libm_archive(tc: Toolchain, target: list[str], steps: _Steps, work: Path) -> Path:
+def _libm_archive(
+    tc: Toolchain, target: list[str], steps: _Steps, work: Path, env: dict[str, str]
+) -> Path:
     """musl's portable C for the libm functions whose i386 assembly the emulator's
     x87 does not compute as hardware does (:mod:`supervisor.sdk.libm`), cached."""
     zig = tc.cc[:-1]
@@ -522,7 +525,7 @@ def _libm_archive(tc: Toolchain, target: list[str], steps: _Steps, work: Path) -
         Toolchain((*zig, tool), tc.version).run(args, cwd, steps.deadline)
 
     try:
-        return libm.archive(zig, target, tc.version, run, work)
+        return libm.archive(env, target, tc.version, run, work)
     except FileNotFoundError as exc:
         raise BuildError(f"this Zig cannot build the guests' libm: {exc}") from None
 
@@ -533,23 +536,17 @@ LIBC_NOTE = (
 )
 
 
-def _libc_stamp(tc: Toolchain) -> Path | None:
-    """The file in Zig's global cache that says this Zig has linked a guest (and so has
-    musl for the guests' target cached), or None if Zig does not say where its cache is.
+def _libc_stamp(tc: Toolchain, env: dict[str, str]) -> Path | None:
+    """The file in Zig's global cache (``env``: ``zig env``) that says this Zig has
+    linked a guest (and so has musl for the guests' target cached), or None if Zig does
+    not say where its cache is.
 
     It lives in the cache so that clearing the cache clears it too."""
-    try:
-        proc = subprocess.run(
-            [*tc.cc[:-1], "env"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-            timeout=60,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r'global_cache_dir"?\s*[=:]\s*"([^"]+)"', proc.stdout)
-    if proc.returncode or found is None:
+    cache = env.get("global_cache_dir")
+    if not cache:
         return None
     name = _NAME_OK.sub("_", f"lguest-guest-libc-{tc.version}")
-    return Path(found[1]) / name
+    return Path(cache) / name
 
 
 @dataclass(frozen=True)

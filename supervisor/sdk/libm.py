@@ -22,7 +22,6 @@ whose i386 assembly the emulator computes exactly stay libc's: ``ldexp``,
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import re
@@ -60,7 +59,6 @@ ARCHIVE_PREFIX = "lguest-libm-"
 Runner = Callable[[str, list[str], Path], None]
 
 
-@functools.cache
 def zig_env(zig: tuple[str, ...]) -> dict[str, str]:
     """``zig env``'s string fields (``lib_dir``, ``global_cache_dir``, ``version``...)
     for the Zig command ``zig``; empty if it does not say."""
@@ -88,19 +86,18 @@ def musl_flags(musl: Path, arch: str, libc_include: Path) -> list[str]:
     return flags
 
 
-def archive(zig: tuple[str, ...], target: list[str], version: str, run: Runner, work: Path) -> Path:
+def archive(env: dict[str, str], target: list[str], version: str, run: Runner, work: Path) -> Path:
     """The archive of :data:`LIBM_SOURCES` built with ``target`` (the guests' target
-    and code flags): from Zig's global cache, or built now (in ``work``, a
-    directory of the caller's) and put there.
+    and code flags) by the Zig whose :func:`zig_env` is ``env``: from its global
+    cache, or built now (in ``work``, a directory of the caller's) and put there.
 
     Written under a temporary name and renamed into place, so a reader sees a whole
     archive or none; when the cache cannot be written, the archive in ``work`` is
     the one returned.  Raises BuildError (through ``run``) if it does not build,
     FileNotFoundError if this Zig ships no musl sources."""
-    env = zig_env(zig)
     lib_dir = env.get("lib_dir")
     if not lib_dir:
-        raise FileNotFoundError(f"`{' '.join(zig)} env` does not say where Zig's lib is")
+        raise FileNotFoundError("`zig env` does not say where Zig's lib is")
     musl = Path(lib_dir) / "libc" / "musl"
     math = musl / "src" / "math"
     libc_include = Path(lib_dir) / "libc" / "include" / "x86-linux-musl"
