@@ -13,7 +13,8 @@ Three sdists carry real, unmodified sources:
 
 :func:`prepare` downloads them with pip (each sdist's sha256 is pinned here and
 checked), builds every program twice, as a guest with ``python -m supervisor build``
-and natively with the host's gcc, and returns where the programs are.  Everything
+and natively with the host's gcc (``t_erfa_c`` a third time, for x86-64 with Zig and
+musl, the guest's own C library), and returns where the programs are.  Everything
 lives in a cache directory (:func:`cache_root`): the verified sdists, and the built
 programs in directories named by a hash of what went into them (the sdist's sha256,
 the flags, the guest SDK's runtime and the compilers' versions), so a second run
@@ -108,6 +109,8 @@ GUEST_OPT = "-O2"
 # The native build is the reference for what the programs print, not for speed; gcc
 # compiles sqlite3.c at -O2 several times slower than at -O1.
 NATIVE_OPT = "-O1"
+# The reference with the guest's own C library: musl for x86-64, built by the guest's Zig.
+MUSL_TARGET = ("-target", "x86_64-linux-musl", "-static")
 
 PIP_NETWORK_ERRORS = (
     "NewConnectionError",
@@ -138,6 +141,7 @@ class Program:
 
     guest: Path  # the guest image
     native: Path  # the host executable
+    musl: Path | None = None  # the same sources for x86-64 with Zig and musl (t_erfa_c)
 
 
 def cache_root() -> Path:
@@ -283,6 +287,17 @@ def _gcc_version() -> str:
     return subprocess.run([gcc, "--version"], capture_output=True, text=True, check=True).stdout
 
 
+def _outputs(program: Program) -> list[Path]:
+    return [program.guest, program.native] + ([program.musl] if program.musl else [])
+
+
+def _zig_cc() -> tuple[str, ...]:
+    try:
+        return sdk.find_toolchain("zig").cc
+    except sdk.ToolchainError as exc:
+        raise PrepareError(f"the musl builds need Zig's C compiler: {exc}") from None
+
+
 def _guest_toolchain() -> str:
     try:
         tc = sdk.find_toolchain()
@@ -366,12 +381,14 @@ def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
             for name, sdist in (("example", ZLIB_NG), ("minigzip", ZLIB_NG), ("sqlite3", SQLEAN))
         }  # fmt: skip
         keys["t_erfa_c"] = sdk.content_key(ERFA.sha256, "t_erfa_c", guest_tc, gcc, GUEST_OPT,
-                                           NATIVE_OPT, *ERFA_DEFINES, "-lm")  # fmt: skip
+                                           NATIVE_OPT, *ERFA_DEFINES, "-lm",
+                                           *MUSL_TARGET)  # fmt: skip
         programs: dict[str, Program] = {}
         for name, key in keys.items():
             where = cache / f"{name}-{key}"
-            programs[name] = Program(where / f"{name}.img", where / f"{name}.native")
-        missing = [p for prog in programs.values() for p in (prog.guest, prog.native)]
+            musl = where / f"{name}.musl" if name == "t_erfa_c" else None
+            programs[name] = Program(where / f"{name}.img", where / f"{name}.native", musl)
+        missing = [p for prog in programs.values() for p in _outputs(prog)]
         if all(p.exists() for p in missing):
             return programs
         with tempfile.TemporaryDirectory(prefix="lguest-proofs-", dir=cache) as tmp:
@@ -406,7 +423,7 @@ def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
                     "gcc", NATIVE_OPT, *SQLITE_DEFINES, *srcs, "-o", "OUT", *NATIVE_SQLITE_LINK,
                 ]))  # fmt: skip
             erfa = programs["t_erfa_c"]
-            if not erfa.guest.exists() or not erfa.native.exists():
+            if not all(p.exists() for p in _outputs(erfa)):
                 edir = extract(tarballs[ERFA], ERFA, ERFA_DIR, work / "erfa")
                 configure_erfa(edir, work / "erfa-gen")
                 esrc = edir / "src"
@@ -419,6 +436,10 @@ def prepare(cache: Path, jobs: int = 2) -> dict[str, Program]:
                 ]))  # fmt: skip
                 todo.append(_Job(erfa.native, [
                     "gcc", NATIVE_OPT, *ERFA_DEFINES, *inc, *srcs, "-o", "OUT", "-lm",
+                ]))  # fmt: skip
+                assert erfa.musl is not None
+                todo.append(_Job(erfa.musl, [
+                    *_zig_cc(), *MUSL_TARGET, GUEST_OPT, *ERFA_DEFINES, *inc, *srcs, "-o", "OUT",
                 ]))  # fmt: skip
             todo = [job for job in todo if not job.out.exists()]
             for job in todo:
@@ -450,7 +471,7 @@ def main(argv: Sequence[str]) -> int:
         write_result(result_path, {
             "status": "ok",
             "seconds": time.monotonic() - started,
-            "programs": {n: [str(p.guest), str(p.native)] for n, p in programs.items()},
+            "programs": {n: [str(f) for f in _outputs(p)] for n, p in programs.items()},
         })  # fmt: skip
     return 0
 
@@ -497,7 +518,7 @@ def wait(config: pytest.Config) -> dict[str, Program]:
         pytest.skip(outcome["reason"])
     if outcome["status"] != "ok":
         pytest.fail(outcome["reason"], pytrace=False)
-    return {n: Program(Path(g), Path(nat)) for n, (g, nat) in outcome["programs"].items()}
+    return {n: Program(*map(Path, files)) for n, files in outcome["programs"].items()}
 
 
 def stop(config: pytest.Config) -> None:

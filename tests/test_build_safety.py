@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from supervisor import cli, sdk
+from supervisor.sdk import libm
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO_ELF = ROOT / "guests" / "hello.elf"
@@ -33,7 +34,11 @@ if args == ["version"]:
     sys.exit(0)
 if args == ["env"]:
     cache = os.path.join(os.environ["FAKE_ZIG_DIR"], "cache")
-    print(f'.{{\n    .global_cache_dir = "{cache}",\n}}')
+    lib = os.path.join(os.environ["FAKE_ZIG_DIR"], "lib")
+    print(f'.{{\n    .lib_dir = "{lib}",\n    .global_cache_dir = "{cache}",\n}}')
+    sys.exit(0)
+if args[0] == "ar":  # ar rcD ARCHIVE OBJECTS...
+    open(args[2], "wb").close()
     sys.exit(0)
 mode = os.environ["FAKE_ZIG_MODE"]
 out = args[args.index("-o") + 1]
@@ -62,6 +67,10 @@ def fake_zig(tmp_path: Path) -> dict[str, str]:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     (tmp_path / "cache").mkdir()
+    math = tmp_path / "lib" / "libc" / "musl" / "src" / "math"  # what sdk/libm.py compiles
+    math.mkdir(parents=True)
+    for name in libm.LIBM_SOURCES:
+        (math / f"{name}.c").write_text("")
     return dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(tmp_path / "fakepath"), str(ROOT)]),

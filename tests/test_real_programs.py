@@ -232,22 +232,26 @@ ERFA_DOUBLE_CHECK = re.compile(r"^\w+ passed: .* want \S*[.e]\S* got \S+$")
 def test_erfa_validation_passes_with_the_native_results(
     pytestconfig: pytest.Config, tmp_path: Path
 ) -> None:
-    """ERFA's own validation program succeeds in a guest and prints what the native
-    build prints, line for line, with one exception: a check's ``got`` (its result, at
-    %.20g) may differ when both builds passed it with the same ``want``.  The native
-    build has glibc's x86-64 libm and the guest musl's; their sin, cos, atan2, pow...
-    may round a result differently in the last bit (neither promises correct
-    rounding; musl's 32-bit atan2 is the x87 ``fpatan``, whose emulation also rounds
-    the last bit differently from hardware for some arguments), and ERFA's series and
-    iterations carry that into their results.  Such a
-    difference stays below 1e-12 of the check's scale; ERFA's own tolerance has passed
-    it on both sides."""
+    """ERFA's own validation program succeeds in a guest and prints exactly what the
+    same sources print built for x86-64 with musl (the guest's C library), line for
+    line: every double bit for bit, libm included.
+
+    A native gcc build (glibc's libm) prints the same lines with one exception: a
+    check's ``got`` (its result, at %.20g) may differ when both builds passed it with
+    the same ``want``.  glibc's and musl's sin, cos, atan2, pow... may round a result
+    differently in the last bit (neither promises correct rounding), and ERFA's series
+    and iterations carry that into their results.  Such a difference stays below 1e-12
+    of the check's scale; ERFA's own tolerance has passed it on both sides."""
     erfa = realprograms.wait(pytestconfig)["t_erfa_c"]
-    (tmp_path / "guest").mkdir()
-    (tmp_path / "native").mkdir()
+    assert erfa.musl is not None
+    for side in ("guest", "native", "musl"):
+        (tmp_path / side).mkdir()
     guest = succeeded(run_guest(erfa.guest, ["-v"], tmp_path / "guest")).splitlines()
     native = succeeded(run_native(erfa.native, ["-v"], tmp_path / "native")).splitlines()
+    musl = succeeded(run_native(erfa.musl, ["-v"], tmp_path / "musl")).splitlines()
 
+    assert len(guest) > 1000
+    assert guest == musl
     assert guest[-1] == native[-1] == "t_erfa_c validation successful"
     assert len(guest) == len(native) > 1000  # every check printed, in the same order
     assert not [line for line in guest if " failed" in line]

@@ -20,6 +20,7 @@ import pytest
 
 from supervisor import Exit, GuestConfig, Supervisor, cli, sdk
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.sdk import libm
 
 HERE = Path(__file__).resolve().parent
 PORTABLE = HERE / "c" / "portable.c"
@@ -389,6 +390,55 @@ def test_builds_are_deterministic_and_keep_symbols(portable_guest: Path, tmp_pat
     done = _cli("build", str(PORTABLE), "-o", str(debug), "-g")
     assert done.returncode == 0, done.stderr
     assert b".debug_line" in debug.read_bytes()
+
+
+ATAN2 = r"""
+#include <math.h>
+#include <stdio.h>
+int main(void) {
+    volatile double y = 0.3, x = -2.5;
+    printf("%a %a\n", atan2(y, x), remainder(x, y));
+    return 0;
+}
+"""
+
+
+def test_the_libm_archive_is_built_once_per_zig_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """musl's C for the x87-assembly libm functions (sdk/libm.py) is built into Zig's
+    global cache by the first build and only read by the next; a build that cannot
+    write the cache builds it for itself.  The images are the same bytes every way,
+    and link the C versions (their objects name their source files)."""
+    tc = _toolchain()
+    real = libm.zig_env(tc.cc[:-1])
+    cache = tmp_path / "cache"
+
+    def env(zig: tuple[str, ...]) -> dict[str, str]:
+        return {**real, "global_cache_dir": str(cache)}
+
+    monkeypatch.setattr(libm, "zig_env", env)
+    src = tmp_path / "atan2.c"
+    src.write_text(ATAN2)
+    for name in ("first", "again", "alone"):  # the image's name is its argv[0]: the same
+        (tmp_path / name).mkdir()
+    first = sdk.build([src], tmp_path / "first" / "g.elf", sdk.BuildOptions(optimize="2"), tc)
+    archives = list(cache.glob(f"{libm.ARCHIVE_PREFIX}*.a"))
+    assert len(archives) == 1
+    built = archives[0].stat()
+    again = sdk.build([src], tmp_path / "again" / "g.elf", sdk.BuildOptions(optimize="2"), tc)
+    now = archives[0].stat()
+    assert (now.st_ino, now.st_mtime_ns) == (built.st_ino, built.st_mtime_ns)
+    left = [p for p in cache.iterdir() if p.name.startswith(libm.ARCHIVE_PREFIX)]
+    assert left == archives  # no temporary file left behind
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / "cache"  # cannot be created
+    alone = sdk.build([src], tmp_path / "alone" / "g.elf", sdk.BuildOptions(optimize="2"), tc)
+    assert not cache.exists()
+    assert first.read_bytes() == again.read_bytes() == alone.read_bytes()
+    symbols = first.read_bytes()
+    assert b"\0atan2.c\0" in symbols and b"\0remainder.c\0" in symbols
+    assert b"\0logl.c\0" not in symbols  # members the program does not call stay out
 
 
 # -- the C guests in guests/c -------------------------------------------------------------

@@ -3,7 +3,9 @@
 ``build(["prog.c"], "prog.elf")`` compiles C (and ``.S``) sources for 32-bit x86
 and links them with the guest runtime (``runtime/crt0.S``, ``runtime/runtime.c``:
 boot, lguest.h's helpers, the system calls musl makes; ``runtime/threads.c``:
-clone, futex and the threads' scheduler) and musl libc into an
+clone, futex and the threads' scheduler), musl's portable C for the libm functions
+whose i386 assembly the emulator's x87 does not compute as hardware does
+(:mod:`supervisor.sdk.libm`, built once per Zig and cached) and musl libc into an
 ELF32 image the Launcher loads (``guest.ld``: everything at 0x10000; at boot the
 runtime puts the stack at the top of free memory, 8 MiB or ``__lguest_stack_size``
 bytes, and the heap from ``_end`` up to the stack's guard page).
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from . import libm
 from .elfstrip import strip_debug
 
 SDK_DIR = Path(__file__).resolve().parent
@@ -487,11 +490,14 @@ def _build(
             # object records (STT_FILE) is the file name.
             steps.run(tc, [*user_flags, "-c", src.name, "-o", str(obj)], cwd=src.parent)
             objects.append(str(obj))
+        env = {} if tc.freestanding else libm.zig_env(tc.cc[:-1])
+        if not tc.freestanding:  # before libc: its members replace libc's (sdk/libm.py)
+            objects.append(str(_libm_archive(tc, target, steps, work, env)))
         link = list(link_flags)
         tmp_out = work / "guest.elf"
         # Zig builds (and caches) musl and compiler-rt here the first time: minutes.
         # Said at once when this Zig has never linked a guest, else if the link is slow.
-        stamp = None if tc.freestanding else _libc_stamp(tc)
+        stamp = None if tc.freestanding else _libc_stamp(tc, env)
         first = stamp is not None and not stamp.exists()
         note = None if tc.freestanding else LIBC_NOTE
         steps.run(
@@ -508,29 +514,39 @@ def _build(
     return out
 
 
+def _libm_archive(
+    tc: Toolchain, target: list[str], steps: _Steps, work: Path, env: dict[str, str]
+) -> Path:
+    """musl's portable C for the libm functions whose i386 assembly the emulator's
+    x87 does not compute as hardware does (:mod:`supervisor.sdk.libm`), cached."""
+    zig = tc.cc[:-1]
+
+    def run(tool: str, args: list[str], cwd: Path) -> None:
+        Toolchain((*zig, tool), tc.version).run(args, cwd, steps.deadline)
+
+    try:
+        return libm.archive(env, target, tc.version, run, work)
+    except FileNotFoundError as exc:
+        raise BuildError(f"this Zig cannot build the guests' libm: {exc}") from None
+
+
 LIBC_NOTE = (
     "linking; the first build with this Zig also builds musl libc for the guests "
     "(a few minutes, cached afterwards in Zig's global cache)"
 )
 
 
-def _libc_stamp(tc: Toolchain) -> Path | None:
-    """The file in Zig's global cache that says this Zig has linked a guest (and so has
-    musl for the guests' target cached), or None if Zig does not say where its cache is.
+def _libc_stamp(tc: Toolchain, env: dict[str, str]) -> Path | None:
+    """The file in Zig's global cache (``env``: ``zig env``) that says this Zig has
+    linked a guest (and so has musl for the guests' target cached), or None if Zig does
+    not say where its cache is.
 
     It lives in the cache so that clearing the cache clears it too."""
-    try:
-        proc = subprocess.run(
-            [*tc.cc[:-1], "env"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
-            timeout=60,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    found = re.search(r'global_cache_dir"?\s*[=:]\s*"([^"]+)"', proc.stdout)
-    if proc.returncode or found is None:
+    cache = env.get("global_cache_dir")
+    if not cache:
         return None
     name = _NAME_OK.sub("_", f"lguest-guest-libc-{tc.version}")
-    return Path(found[1]) / name
+    return Path(cache) / name
 
 
 @dataclass(frozen=True)
@@ -558,6 +574,7 @@ def content_key(*parts: str | bytes) -> str:
         data = part.encode() if isinstance(part, str) else part
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
-    for rel in (*RUNTIME_SOURCES, *FREESTANDING_SOURCES, "include/lguest.h", "guest.ld"):
+    sdk_files = (*RUNTIME_SOURCES, *FREESTANDING_SOURCES, "include/lguest.h", "guest.ld", "libm.py")
+    for rel in sdk_files:
         h.update((SDK_DIR / rel).read_bytes())
     return h.hexdigest()[:20]

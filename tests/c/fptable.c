@@ -1,4 +1,4 @@
-/* fptable.c - libm and printf over ordinary and special doubles, one line per
+/* fptable.c - libm and printf over ordinary and special doubles (and floats), one line per
  * case: the function, its arguments and result as bit patterns, and the result
  * as printf("%.17g") prints it.  Its output must be the same bytes wherever
  * double arithmetic is exact (IEEE 754 double precision, round to nearest). */
@@ -21,6 +21,27 @@ static void show(const char *name, double a, double b, double r)
     printf("%-9s %016llx %016llx -> %016llx %.17g\n", name, (unsigned long long)bits(a),
            (unsigned long long)bits(b), (unsigned long long)bits(r), r);
 }
+
+/* Functions of one double, and of one float (their results widen to double exactly). */
+static const struct {
+    const char *name;
+    double (*f)(double);
+} unary[] = {
+    {"exp", exp},     {"log", log},     {"sqrt", sqrt},   {"sin", sin},       {"cos", cos},
+    {"tan", tan},     {"asin", asin},   {"acos", acos},   {"atan", atan},     {"sinh", sinh},
+    {"cosh", cosh},   {"tanh", tanh},   {"asinh", asinh}, {"acosh", acosh},   {"atanh", atanh},
+    {"exp2", exp2},   {"expm1", expm1}, {"log2", log2},   {"log10", log10},   {"log1p", log1p},
+    {"cbrt", cbrt},   {"erf", erf},     {"erfc", erfc},   {"lgamma", lgamma}, {"tgamma", tgamma},
+};
+static const struct {
+    const char *name;
+    float (*f)(float);
+} unaryf[] = {
+    {"sinf", sinf},   {"cosf", cosf},   {"tanf", tanf},     {"asinf", asinf}, {"acosf", acosf},
+    {"atanf", atanf}, {"expf", expf},   {"logf", logf},     {"exp2f", exp2f}, {"log2f", log2f},
+    {"log10f", log10f}, {"log1pf", log1pf}, {"expm1f", expm1f}, {"cbrtf", cbrtf},
+    {"sinhf", sinhf}, {"tanhf", tanhf}, {"sqrtf", sqrtf},
+};
 
 int main(void)
 {
@@ -52,11 +73,10 @@ int main(void)
                mag < 9.2e18 ? "" : " (LONG_MIN: 0)");
         double f = modf(x, &ip);
         show("modf", x, ip, f);
-        show("exp", x, 0, exp(x));
-        show("log", x, 0, log(x));
-        show("sqrt", x, 0, sqrt(x));
-        show("sin", x, 0, sin(x));
-        show("atan", x, 0, atan(x));
+        for (unsigned k = 0; k < sizeof unary / sizeof unary[0]; k++)
+            show(unary[k].name, x, 0, unary[k].f(x));
+        for (unsigned k = 0; k < sizeof unaryf / sizeof unaryf[0]; k++)
+            show(unaryf[k].name, x, 0, unaryf[k].f((float)x));
         show("mul3", x, 3, x * 3.0);
         show("div7", x, 7, x / 7.0);
         for (unsigned j = 0; j < m; j++) {
@@ -65,6 +85,22 @@ int main(void)
             show("pow", x, y, pow(x, y));
             show("add", x, y, x + y);
             show("fma", x, y, fma(x, y, 1.0));
+            show("atan2", x, y, atan2(x, y));
+            show("atan2-yx", y, x, atan2(y, x));
+            show("hypot", x, y, hypot(x, y));
+            show("remainder", x, y, remainder(x, y));
+            int q;
+            double r = remquo(x, y, &q);
+            show("remquo", x, y, r);
+            printf("remquo-q  %d\n", q < 0 ? -(-q & 7) : q & 7);
+            float xf = (float)x, yf = (float)y;
+            show("atan2f", xf, yf, atan2f(xf, yf));
+            show("hypotf", xf, yf, hypotf(xf, yf));
+            show("powf", xf, yf, powf(xf, yf));
+            show("remaindf", xf, yf, remainderf(xf, yf));
+            float rf = remquof(xf, yf, &q);
+            show("remquof", xf, yf, rf);
+            printf("remquof-q %d\n", q < 0 ? -(-q & 7) : q & 7);
         }
         printf("%%g       %g %e %.3f %a\n", x, x, x, x);
     }
