@@ -153,6 +153,14 @@ class Device:
     async def notify(self, slot: Slot) -> None:
         """The guest notified this device's descriptor; the guest waits until this returns."""
 
+    def notify_now(self, slot: Slot) -> bool:
+        """Serve the guest's notify here and now, without awaiting, if this request can be:
+        True if it was (the Launcher then sends the irqs raised and the guest goes on in
+        the same read, with no trip through the Launcher's task), False if :meth:`notify`
+        must be awaited instead (nothing done).  An exception is a failing device, as
+        from :meth:`notify`."""
+        return False
+
     def poll(self, slot: Slot) -> None:
         """The guest is stopped (some device called :meth:`Slot.wake`): catch up."""
 
