@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -417,7 +418,7 @@ class Launcher:
                             )
                     except OSError as exc:
                         self._die(f"cannot start: {exc.strerror}")
-                    f.serve_notifies(self._notify_now)
+                    f.serve_notifies(functools.partial(self._notify_now, f))
                     for hook in self.on_boot:
                         hook(f)
                     self._rejoined()
@@ -532,7 +533,7 @@ class Launcher:
             self._die(f"device {type(device).__name__} failed: {exc}")
         await self._send_irqs(f)
 
-    def _notify_now(self, address: int) -> bool:
+    def _notify_now(self, f: LguestFile, address: int) -> bool:
         """The file's notify handler (``LguestFile.serve_notifies``): inside the guest's
         read, have the device at ``address`` serve the request now if it can
         (``Device.notify_now``) and send the irqs raised; the guest goes on without a
@@ -550,11 +551,11 @@ class Launcher:
             self._die(f"device {type(device).__name__} failed: {exc}")
         self._notifies += 1
         self._served_in_read += 1
-        f = self._served
-        if f is not None:
-            with contextlib.suppress(OSError):  # dead meanwhile: the run loop sees it
-                while self._irqs:
-                    f.send_irq(self._irqs.pop())
+        try:
+            while self._irqs:
+                f.send_irq(self._irqs.pop())
+        except OSError:
+            pass  # dead meanwhile: the run loop's next pass sees it
         return True
 
     async def _poll(self) -> None:
