@@ -60,7 +60,7 @@ async def test_a_round_trip_never_passes_through_the_read_loop(build_guest: Buil
         # A send and a receive a round (the first may come before the "start" line is
         # seen, the last after "done"); the read loop saw none of them: only the few
         # other notifies (the client's close, its console line).
-        assert served >= 2 * rounds - 5 and notifies - served <= 5, (notifies, served)
+        assert served >= 2 * rounds - 5 and notifies - served <= 10, (notifies, served)
 
 
 async def test_the_schedule_of_a_deterministic_run_serves_them_inside_the_read_too(
@@ -69,7 +69,7 @@ async def test_the_schedule_of_a_deterministic_run_serves_them_inside_the_read_t
     image = build_guest(NETBENCH.read_text(), flags=("-O2",))
     rounds = 50
     for notifies, served in await _ping_pong(image, rounds, deterministic=True, seed=3):
-        assert served >= 2 * rounds - 5 and notifies - served <= 5, (notifies, served)
+        assert served >= 2 * rounds - 5 and notifies - served <= 10, (notifies, served)
 
 
 async def test_notify_now_serves_sends_and_receives_only_and_never_beside_another() -> None:
