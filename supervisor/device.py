@@ -334,6 +334,7 @@ class LguestFile:
         # CPU id -> its read in flight: None, or the future close() waits for (set when
         # the read ends; made only when close() needs it, not for every read).
         self._running: dict[int, asyncio.Future[None] | None] = {}
+        self._serve: Callable[[int], bool] | None = None  # serve_notifies()'s handler
 
     # -- the device interface ----------------------------------------------------
     async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -366,6 +367,16 @@ class LguestFile:
         it was; the next read resumes it.
         """
         return await self._read(size, offset, waker=False)
+
+    def serve_notifies(self, handler: Callable[[int], bool] | None) -> None:
+        """Offer every notify to ``handler(address)`` inside the read, before the read
+        returns it (None: stop).  A handler that serves the notify there and then, on
+        the event loop and without awaiting, returns True: the read goes on running the
+        guest, and the Launcher's task never sees the notify (as lguest's
+        ``LHREQ_EVENTFD`` let the Host answer a notify without the Launcher's read
+        returning).  False: the read returns the address as usual.  An exception from
+        the handler ends the read with it, the notify not handed over."""
+        self._serve = handler
 
     async def close(self) -> None:
         """Free the guest: stop its CPUs (never hangs), cancel timers, release memory.
@@ -795,7 +806,7 @@ class LguestFile:
         if dormitory is not None:
             dormitory.awake(cpu)
         try:
-            address = await run.run_guest(cpu, self._device.executor, dormitory)
+            address = await run.run_guest(cpu, self._device.executor, dormitory, self._serve)
         finally:
             cpu.run.reading = False
             finished = self._running.pop(cpu.id)

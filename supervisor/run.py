@@ -25,6 +25,7 @@ import errno
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from . import _slicing, hypercalls, interrupts, timers
@@ -97,8 +98,18 @@ def pending_exit(cpu: LgCpu) -> RunState | None:
     return None
 
 
-async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None = None) -> int:
+async def run_guest(
+    cpu: LgCpu,
+    executor: SlicePool,
+    dormitory: Dormitory | None = None,
+    serve: Callable[[int], bool] | None = None,
+) -> int:
     """Run ``cpu`` until the guest notifies; return the notify address.
+
+    ``serve(address)``, if given, is offered each notify first: True means it served
+    the notify there and then (no await: nothing else ran meanwhile), and the guest
+    goes on in this call; False hands the notify over as usual.  An exception it
+    raises ends the call, the notify still pending.
 
     Raises ``OSError``: ``EAGAIN`` when a Waker broke the CPU out, ``ENOENT``
     (or ``ERESTART``) when the guest died, ``EBADF`` when the file was closed.
@@ -143,6 +154,9 @@ async def run_guest(cpu: LgCpu, executor: SlicePool, dormitory: Dormitory | None
                     _let_go(cpu)
                     await asyncio.sleep(0)
             case RunState.NOTIFY:
+                if serve is not None and serve(cpu.pending_notify):
+                    cpu.pending_notify = 0
+                    continue
                 return cpu.pending_notify
             case RunState.BREAK:
                 raise _oserror(errno.EAGAIN)

@@ -31,6 +31,12 @@ DEV_TYPE_CONSOLE = 1
 DEV_TYPE_BLOCK = 2
 MAX_DEVICES = LGUEST_IRQS - 1  # irq 0 is the clock; device i gets irq i + 1
 _U32 = struct.Struct("<I")
+_WORDS = [struct.Struct(f"<{n}I") for n in range(DESC_SIZE // 4 + 1)]
+
+
+def _words(count: int) -> struct.Struct:
+    """The layout of ``count`` consecutive 32-bit fields (``count`` fits a descriptor)."""
+    return _WORDS[count]
 
 
 def descriptor(device_type: int, irq: int) -> bytes:
@@ -78,7 +84,7 @@ class Slot:
     def get(self, offset: int) -> int:
         """The 32-bit little-endian field at ``offset`` of the descriptor."""
         self._check_field(offset)
-        value: int = _U32.unpack(self.memory.read(self.address + offset, 4))[0]
+        value: int = _U32.unpack_from(self.memory.view, self.address + offset)[0]
         return value
 
     def set(self, offset: int, value: int) -> None:
@@ -90,14 +96,15 @@ class Slot:
         """``count`` consecutive 32-bit fields from ``offset`` (one read of guest memory)."""
         self._check_field(offset)
         self._check_field(offset + 4 * (count - 1))
-        return struct.unpack(f"<{count}I", self.memory.read(self.address + offset, 4 * count))
+        words: tuple[int, ...] = _words(count).unpack_from(self.memory.view, self.address + offset)
+        return words
 
     def set_words(self, offset: int, values: tuple[int, ...] | list[int]) -> None:
         """Store consecutive 32-bit fields from ``offset`` (one write: the guest's CPUs
         drop stale translations of one range, not one per field)."""
         self._check_field(offset)
         self._check_field(offset + 4 * (len(values) - 1))
-        data = struct.pack(f"<{len(values)}I", *(v & 0xFFFFFFFF for v in values))
+        data = _words(len(values)).pack(*[v & 0xFFFFFFFF for v in values])
         self.memory.write(self.address + offset, data)
 
     @staticmethod
@@ -152,6 +159,14 @@ class Device:
 
     async def notify(self, slot: Slot) -> None:
         """The guest notified this device's descriptor; the guest waits until this returns."""
+
+    def notify_now(self, slot: Slot) -> bool:
+        """Serve the guest's notify here and now, without awaiting, if this request can be:
+        True if it was (the Launcher then sends the irqs raised and the guest goes on in
+        the same read, with no trip through the Launcher's task), False if :meth:`notify`
+        must be awaited instead (nothing done).  An exception is a failing device, as
+        from :meth:`notify`."""
+        return False
 
     def poll(self, slot: Slot) -> None:
         """The guest is stopped (some device called :meth:`Slot.wake`): catch up."""

@@ -321,6 +321,7 @@ class FilesDevice(Device):
         # (op, fd, arguments), until it completes or the guest makes another request.
         self._parked: tuple[int, int, list[int]] | None = None
         self.parked_done = 0  # parked requests completed at a change of the sockets
+        self.served_now = 0  # requests served inside the guest's read (notify_now)
         # One request at a time: the runtime holds a lock across CPUs, but a hostile SMP
         # guest may NOTIFY from two at once, and a close must never reach a host
         # descriptor a worker thread is still reading or writing (its number could be
@@ -475,6 +476,29 @@ class FilesDevice(Device):
         async with self._serving:
             await self._serve(slot)
 
+    def notify_now(self, slot: Slot) -> bool:
+        """Serve a socket ``sendto`` or ``recvfrom`` at once (they never await), unless a
+        request is being served (another CPU's): the guest goes on in the same read."""
+        if self._serving.locked():
+            return False
+        word, raw_fd, *args = slot.get_words(FS_OP, 9)  # op, fd, a0..a6
+        op = word & ~(OP_PARK | OP_HALTS)
+        now = PARKABLE.get(op)
+        if now is None:
+            return False
+        self.requests += 1
+        self._parked = None  # the guest moved on: it asks again if it still wants it
+        self.served_now += 1
+        fd = _signed(raw_fd)
+        try:
+            result = now(self, slot, fd, args)
+        except _GuestError as exc:
+            result = -exc.errno
+        except SocketRequestError as exc:
+            raise FileRequestError(str(exc)) from None
+        self._answer(slot, word, op, fd, args, result)
+        return True
+
     async def _serve(self, slot: Slot) -> None:
         self.requests += 1
         self._parked = None  # the guest moved on: it asks again if it still wants it
@@ -490,6 +514,13 @@ class FilesDevice(Device):
             result = -exc.errno
         except SocketRequestError as exc:
             raise FileRequestError(str(exc)) from None
+        self._answer(slot, word, op, fd, args, result)
+
+    def _answer(
+        self, slot: Slot, word: int, op: int, fd: int, args: list[int], result: int
+    ) -> None:
+        """Park the request or raise the irq its halt waits for, as it asked; store
+        ``result``."""
         if result == NET_WAIT and word & OP_PARK and op in PARKABLE:
             self._parked = (op, fd, args)
         elif word & OP_HALTS:

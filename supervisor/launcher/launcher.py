@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,10 @@ def translation_buffer(image: Image, least: int) -> int:
     return max(least, min(size, MAX_TCG_BUFFER))
 
 
+# GuestStats fields the Launcher counts itself (the others sum its CPUs' CpuStats).
+_LAUNCHER_COUNTS = ("notifies", "breaks", "woken_at_once", "served_in_read")
+
+
 class _Killed(Exception):
     """Raised inside the read loop when the Launcher ends the guest itself."""
 
@@ -131,6 +136,8 @@ class GuestStats:
     breaks: int = 0  # times the Waker broke the guest out for a device's news
     # times a device's news found it asleep and woke it at once, without the Waker's task
     woken_at_once: int = 0
+    # notifies a device served inside the guest's read, without the read loop's pass
+    served_in_read: int = 0
     run_time: float = 0.0  # seconds inside guest slices
     hibernations: int = 0  # times the guest gave back its emulator while idle
     wakes: int = 0  # times it took a new one
@@ -208,6 +215,7 @@ class Launcher:
         self._breaking: asyncio.Task[None] | None = None  # the Waker, while it writes
         self._waking = False  # _woke_asleep is polling (a wake meanwhile goes to the Waker)
         self._woken_at_once = 0
+        self._served_in_read = 0
         self._killed: str | None = None
         self._ended = False
         self._task: asyncio.Task[Exit] | None = None
@@ -290,11 +298,14 @@ class Launcher:
 
     def _current_stats(self) -> GuestStats:
         total = GuestStats(
-            notifies=self._notifies, breaks=self._breaks, woken_at_once=self._woken_at_once
+            notifies=self._notifies,
+            breaks=self._breaks,
+            woken_at_once=self._woken_at_once,
+            served_in_read=self._served_in_read,
         )
         for s in self.file.cpu_stats if self.file is not None else ():
             shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(GuestStats)
-                      if f.name not in ("notifies", "breaks", "woken_at_once")}  # fmt: skip
+                      if f.name not in _LAUNCHER_COUNTS}  # fmt: skip
             total = total.add(GuestStats(**shared))
         return total
 
@@ -407,6 +418,7 @@ class Launcher:
                             )
                     except OSError as exc:
                         self._die(f"cannot start: {exc.strerror}")
+                    f.serve_notifies(functools.partial(self._notify_now, f))
                     for hook in self.on_boot:
                         hook(f)
                     self._rejoined()
@@ -420,6 +432,7 @@ class Launcher:
                     self._notifies = 0
                     self._breaks = 0
                     self._woken_at_once = 0
+                    self._served_in_read = 0
                     self.file = None
         finally:
             memory.close()
@@ -519,6 +532,31 @@ class Launcher:
         except Exception as exc:
             self._die(f"device {type(device).__name__} failed: {exc}")
         await self._send_irqs(f)
+
+    def _notify_now(self, f: LguestFile, address: int) -> bool:
+        """The file's notify handler (``LguestFile.serve_notifies``): inside the guest's
+        read, have the device at ``address`` serve the request now if it can
+        (``Device.notify_now``) and send the irqs raised; the guest goes on without a
+        pass through the read loop.  False (nothing done) otherwise: the read returns
+        the address to :meth:`_read_loop`, which also kills for a bad one.  A failing
+        device kills, as in :meth:`_notify`."""
+        found = self.devices.lookup(address)
+        if found is None:
+            return False
+        device, slot = found
+        try:
+            if not device.notify_now(slot):
+                return False
+        except Exception as exc:
+            self._die(f"device {type(device).__name__} failed: {exc}")
+        self._notifies += 1
+        self._served_in_read += 1
+        try:
+            while self._irqs:
+                f.send_irq(self._irqs.pop())
+        except OSError:
+            pass  # dead meanwhile: the run loop's next pass sees it
+        return True
 
     async def _poll(self) -> None:
         """Let every device catch up; a failing device kills the guest."""

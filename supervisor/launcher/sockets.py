@@ -266,7 +266,12 @@ def sendto_now(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
         assert isinstance(sock, net.StreamSocket)
         if length == 0 and sock.peer is not None:
             return 0
-        return int(_wait_or(dev, fd, flags, lambda: _call(sock.send, view)))
+        try:  # (_wait_or's and _call's answers, without their calls: the hot path)
+            return sock.send(view)
+        except net.WouldBlock:
+            return _would_block(dev, fd, flags)
+        except net.NetError as exc:
+            raise _err(exc.errno) from None
     finally:
         view.release()
 
@@ -292,7 +297,12 @@ def recvfrom_now(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
         if length == 0:
             return 0
         # Straight from the socket's buffer into guest RAM: one copy.
-        n = int(_wait_or(dev, fd, flags, lambda: _call(sock.recv_into, view, peek=peek)))
+        try:  # (as sendto_now's)
+            n = sock.recv_into(view, peek=peek)
+        except net.WouldBlock:
+            return _would_block(dev, fd, flags)
+        except net.NetError as exc:
+            raise _err(exc.errno) from None
     finally:
         view.release()
     if n:
@@ -394,6 +404,12 @@ async def op_poll(dev: FilesDevice, slot: Slot, fd: int, a: list[int]) -> int:
         ready += bits != 0
     dev.put(slot, addr, bytes(out))
     return ready
+
+
+def _would_block(dev: FilesDevice, fd: int, flags: int) -> int:
+    """The answer of a call that cannot complete now: NET_WAIT to a blocking socket,
+    ``-EAGAIN`` to a non-blocking one."""
+    return NET_WAIT if _blocking_for(dev, fd, flags) else -errno.EAGAIN
 
 
 def _wait_or(dev: FilesDevice, fd: int, flags: int, call: Any) -> Any:
