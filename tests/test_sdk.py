@@ -403,6 +403,28 @@ int main(void) {
 """
 
 
+def test_zig_env_gives_directories_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zig names its lib directory relative to where it ran when that lies below it (a
+    virtual environment in the working directory); builds compile in another directory,
+    so zig_env makes every directory absolute and leaves other fields alone."""
+    monkeypatch.chdir(tmp_path)
+    said = "\n".join(
+        [
+            ".{",
+            '.lib_dir = ".venv/zig/lib",',
+            '.global_cache_dir = "/abs/cache",',
+            '.version = "1.0",',
+            "}",
+        ]
+    )
+    fake = (sys.executable, "-c", f"print({said!r})")
+    env = libm.zig_env(fake)
+    assert env["lib_dir"] == str(tmp_path / ".venv" / "zig" / "lib")
+    assert env["global_cache_dir"] == "/abs/cache" and env["version"] == "1.0"
+
+
 def test_the_libm_archive_is_built_once_per_zig_and_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

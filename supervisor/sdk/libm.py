@@ -61,7 +61,9 @@ Runner = Callable[[str, list[str], Path], None]
 
 def zig_env(zig: tuple[str, ...]) -> dict[str, str]:
     """``zig env``'s string fields (``lib_dir``, ``global_cache_dir``, ``version``...)
-    for the Zig command ``zig``; empty if it does not say."""
+    for the Zig command ``zig``; empty if it does not say.  Directories are absolute:
+    Zig gives them relative to the directory it ran in when they lie below it (a
+    virtual environment in the working directory), and builds run elsewhere."""
     try:
         proc = subprocess.run(
             [*zig, "env"], capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -71,7 +73,11 @@ def zig_env(zig: tuple[str, ...]) -> dict[str, str]:
         return {}
     if proc.returncode:
         return {}
-    return dict(re.findall(r'^\s*\.?"?(\w+)"?\s*[=:]\s*"([^"]*)"', proc.stdout, re.MULTILINE))
+    fields = dict(re.findall(r'^\s*\.?"?(\w+)"?\s*[=:]\s*"([^"]*)"', proc.stdout, re.MULTILINE))
+    return {
+        key: os.path.abspath(value) if key.endswith("_dir") and value else value
+        for key, value in fields.items()
+    }
 
 
 def musl_flags(musl: Path, arch: str, libc_include: Path) -> list[str]:
