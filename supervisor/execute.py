@@ -14,6 +14,7 @@ thread) and never touches the event loop: no asyncio objects, no timers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -150,6 +151,20 @@ class SliceExit(ExitValue):
     KICK: ClassVar[SliceExit]  # another task asked for the CPU (break, irq, hold, close)
     INTERRUPT: ClassVar[SliceExit]  # an interrupt was raised: deliver it, go on (one run)
     DEATH: ClassVar[SliceExit]  # the guest is dead
+
+
+# The exits after which a CPU runs on at once: an engine pool keeps the engine an
+# executor step gives back for the CPU's next slice (supervisor.engines, "Policy").
+_RUNNABLE = frozenset(
+    (
+        SliceExit.BUDGET,
+        SliceExit.KICK,
+        SliceExit.INTERRUPT,
+        SliceExit.HYPERCALL,
+        SliceExit.TRAP,
+        SliceExit.INVALID_OPCODE,
+    )
+)
 
 
 def classify(
@@ -310,11 +325,13 @@ def run_slice(
     lone = 0
     if crowd is not None and not waiting and may_be_lone(cpu):
         lone = max(0, _LONE_NS - busy_ns)
+    exit: SliceExit | None = None
     try:
         exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd)
     finally:
         if pool is not None and more is not None:  # a step holds an engine only while it runs
-            _on_this_thread(cpu, cpu.release_engine)
+            keep = exit in _RUNNABLE  # (the pool keeps it for a CPU that runs on)
+            _on_this_thread(cpu, functools.partial(cpu.release_engine, keep))
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         # A handler this slice delivered, or an irq it had no time left to deliver: the

@@ -164,6 +164,65 @@ def test_a_cpu_gets_its_own_engine_back_untouched_unless_another_took_it() -> No
     assert pool.live == 0 and pool.made == 1 and pool.overdrafts == 0
 
 
+def test_runnable_cpus_keep_their_engines_until_the_bound_then_the_last_gives_way() -> None:
+    pool = EnginePool(1 << 20, bound=4, workers=1, spares=1)
+    a, b, c, d, e = (object() for _ in range(5))
+    ea, _ = pool.take(a, None)
+    eb, _ = pool.take(b, None)
+    pool.give(a, ea, keep=True)
+    pool.give(b, eb, keep=True)
+    # Below the bound a CPU without an engine gets a new one, not a kept one.
+    ec, taken = pool.take(c, None)
+    assert taken is Taken.BARE and ec not in (ea, eb) and pool.switched == 0
+    assert pool.take(a, ea) == (ea, Taken.OWN)
+    pool.give(a, ea, keep=True)
+    # A sleeping CPU's engine is a spare, switched before anything new is made.
+    pool.give(c, ec)
+    assert pool.kept == 2 and pool.take(d, None) == (ec, Taken.BARE) and pool.switched == 1
+    ee, _ = pool.take(e, None)  # (new: the 4th)
+    assert pool.live == pool.bound == 4
+    pool.give(d, ec, keep=True)
+    # At the bound, the engine kept last (E's) goes to a newcomer; A and B keep theirs.
+    pool.give(e, ee, keep=True)
+    f = object()
+    assert pool.take(f, None) == (ee, Taken.BARE) and pool.evicted == 1
+    assert pool.take(b, eb) == (eb, Taken.OWN)
+    # Resting turns a kept engine into a spare; spares past `spares` are closed, oldest first.
+    pool.rest(d, ec)
+    assert pool.kept == 1 and pool.idle == 2  # (A's kept, D's spare)
+    pool.give(b, eb)
+    assert _unicorn.is_closed(ec) and pool.idle == 2 and pool.live == 3
+    assert pool.take(a, ea) == (ea, Taken.OWN) and pool.take(b, eb) == (eb, Taken.OWN)
+    pool.give(a, ea)
+    pool.give(b, eb)
+    pool.give(f, ee, keep=True)
+    pool.close()
+    assert pool.live == 0 and pool.overdrafts == 0 and pool.peak == 4
+
+
+async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -> None:
+    async with LguestDevice(engines="pool", workers=1, max_engines=16) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(8)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
+        await until(lambda: all(g.u32("counter") > 1000 for g in spinners), LIMIT)
+        # (Each CPU has run: it took a spare or a new engine for its first slice.)
+        taken, reused, switched, made = pool.taken, pool.reused, pool.switched, pool.made
+        counters = [g.u32("counter") for g in spinners]
+        await until(
+            lambda: all(moved_on(g, n) for g, n in zip(spinners, counters, strict=True)), LIMIT
+        )
+        await until(lambda: pool.taken > taken + 5 * len(spinners), LIMIT)
+        # Since, every CPU took its own engine back at every turn: none switched or made.
+        assert pool.switched == switched and pool.evicted == 0 and pool.made == made
+        assert pool.reused - reused == pool.taken - taken
+        assert made <= len(spinners) + pool.spares
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in spinners)
+
+
 async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
     async with LguestDevice(engines="pool") as dev:
         pool = pool_of(dev)
@@ -182,7 +241,7 @@ async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
 
 
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
-    async with LguestDevice(engines="pool", workers=1) as dev:
+    async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         pool = pool_of(dev)
         guests = [await boot(dev, HALT) for _ in range(3 * pool.bound)]
         readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
@@ -190,6 +249,7 @@ async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> N
         assert pool.held == 0  # nobody holds one: every halted CPU gave it back
         assert pool.peak <= pool.bound and pool.overdrafts == 0
         assert pool.live == pool.idle == pool.made - pool.closed
+        assert pool.kept == 0 and pool.idle <= pool.spares  # (nothing runs: spares only)
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -207,7 +267,7 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
             raise UcError(uc_const.UC_ERR_EXCEPTION)
         return real_run(uc, fuel, *args)
 
-    async with LguestDevice(engines="pool", workers=1) as dev:
+    async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         pool = pool_of(dev)
         g, reader = await paused_spinner(dev)
         victim_fuel = g.file.cpu(0).fuel
@@ -336,7 +396,7 @@ async def test_executor_slices_that_switched_engines_run_longer(
 
     monkeypatch.setattr(execute, "_take_engine", take)
     monkeypatch.setattr(execute, "_one_slice", one_slice)
-    async with LguestDevice(engines="pool", workers=1) as dev:
+    async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         # More spinners than engines: their own engines are taken between their turns.
         guests = [await boot(dev, SPIN) for _ in range(present(dev.engines).bound + 2)]
         readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
@@ -382,16 +442,28 @@ async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() 
         assert cpu() is None
 
 
-async def test_the_environment_chooses_the_pool_bounded_by_the_workers(
+async def test_the_pool_is_the_default_and_the_environment_chooses_another(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(engines.ENV, raising=False)
     async with LguestDevice() as dev:
         assert (dev.engines is None) == (engines.DEFAULT_MODE == "off")
     monkeypatch.setenv(engines.ENV, "pool")
+    floor = 3 + 1 + engines.RESERVE
     async with LguestDevice(workers=3) as dev:
         pool = pool_of(dev)
-        assert not pool.always and pool.bound == 3 + 1 + engines.RESERVE
+        assert not pool.always and pool.spares == floor
+        assert pool.bound == max(floor, engines.default_bound(dev.tcg_buffer))
+    async with LguestDevice(workers=3, max_engines=100) as dev:
+        assert pool_of(dev).bound == 100
+    async with LguestDevice(workers=3, max_engines=1) as dev:  # never below what runs
+        assert pool_of(dev).bound == floor
+    with pytest.raises(ValueError, match="max_engines"):
+        LguestDevice(max_engines=0)
+    monkeypatch.setenv(engines.ENV, "always")
+    async with LguestDevice(workers=3, max_engines=100) as dev:
+        pool = pool_of(dev)
+        assert pool.always and pool.bound == floor  # (its engines switch among the CPUs)
     monkeypatch.setenv(engines.ENV, "off")
     async with LguestDevice() as dev:
         assert dev.engines is None
