@@ -283,6 +283,9 @@ class Engine:
     pool: EnginePool | None = host_only(default=None)
     last: Any = host_only(default=None)  # the instance it last gave back to the pool
     token: object = host_only(default_factory=object)  # who gave it back (affinity)
+    # Its last executor slice computed until its time ran out or it was stopped: with a
+    # pool, the engine it gives back between slices is kept for it (supervisor.engines).
+    busy: bool = host_only(default=False)
     # Unicorn raised inside this instance (emu_start, a switch): it is never handed on.
     tainted: bool = host_only(default=False)
 

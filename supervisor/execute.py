@@ -153,18 +153,12 @@ class SliceExit(ExitValue):
     DEATH: ClassVar[SliceExit]  # the guest is dead
 
 
-# The exits after which a CPU runs on at once: an engine pool keeps the engine an
-# executor step gives back for the CPU's next slice (supervisor.engines, "Policy").
-_RUNNABLE = frozenset(
-    (
-        SliceExit.BUDGET,
-        SliceExit.KICK,
-        SliceExit.INTERRUPT,
-        SliceExit.HYPERCALL,
-        SliceExit.TRAP,
-        SliceExit.INVALID_OPCODE,
-    )
-)
+# The exits of a CPU that computes: it used up its executor slice, or was stopped in
+# the middle of it (a kick, an interrupt).  An engine pool keeps the engine a CPU gives
+# back between slices for it while its last executor slice ended so (Engine.busy);
+# after any other exit (a hypercall, a trap, a halt...) the engine is a spare, which
+# the run loop most often takes back at once (supervisor.engines, "Policy").
+_RUNNABLE = frozenset((SliceExit.BUDGET, SliceExit.KICK, SliceExit.INTERRUPT))
 
 
 def classify(
@@ -330,7 +324,7 @@ def run_slice(
         exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd)
     finally:
         if pool is not None and more is not None:  # a step holds an engine only while it runs
-            keep = exit in _RUNNABLE  # (the pool keeps it for a CPU that runs on)
+            cpu.engine.busy = keep = exit in _RUNNABLE  # (kept for a CPU that computes)
             _on_this_thread(cpu, functools.partial(cpu.release_engine, keep))
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1

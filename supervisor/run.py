@@ -220,9 +220,12 @@ def _let_go(cpu: LgCpu, runnable: bool = True) -> None:
     engine back (supervisor.engines), so that the loop holds at most one between two
     awaits whatever the guests do; the next slice takes it back, its own if nobody
     took it meanwhile.  ``runnable``: the CPU waits for its next slice, and the pool
-    keeps the engine for it; else it sleeps, and the engine is a spare."""
-    if cpu.engine.pool is not None:
-        cpu.release_engine(keep=runnable)
+    keeps the engine for it if it computes (``Engine.busy``); else it sleeps, and the
+    engine is a spare."""
+    engine = cpu.engine
+    if engine.pool is not None:
+        engine.busy = busy = runnable and engine.busy
+        cpu.release_engine(keep=busy)
 
 
 def _urgent(cpu: LgCpu) -> bool:

@@ -205,8 +205,8 @@ async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -
         pool = pool_of(dev)
         spinners = [await boot(dev, SPIN) for _ in range(8)]
         readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
-        await until(lambda: all(g.u32("counter") > 1000 for g in spinners), LIMIT)
-        # (Each CPU has run: it took a spare or a new engine for its first slice.)
+        # Each CPU has computed through an executor slice: its engine is kept for it.
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
         taken, reused, switched, made = pool.taken, pool.reused, pool.switched, pool.made
         counters = [g.u32("counter") for g in spinners]
         await until(
@@ -221,6 +221,23 @@ async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         assert all(g.file.death is None for g in spinners)
+
+
+async def test_guests_that_wake_and_sleep_share_a_few_engines_however_high_the_bound() -> None:
+    """Guests that never compute through an executor slice keep no engine: however many
+    wake at once, the pool holds what runs (held ones) and its spares."""
+    async with LguestDevice(engines="pool", workers=1, max_engines=200) as dev:
+        pool = pool_of(dev)
+        wakers = [await boot(dev, WAKER) for _ in range(40)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in wakers]
+        await until(lambda: all(g.u32("ticks") >= 10 for g in wakers), LIMIT)
+        assert pool.kept == 0 and pool.evicted == 0
+        # At most one step per worker, two on the loop (a CPU starting another), spares.
+        assert pool.peak <= pool.workers + 2 + pool.spares < pool.bound
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in wakers)
 
 
 async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
