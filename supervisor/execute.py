@@ -309,12 +309,12 @@ def run_slice(
         switch = took
     waiting = crowd() if crowd is not None else 0.0
     busy_ns = slice_ns(waiting) if crowd is not None else _TARGET_NS
-    if more is not None and pool is not None and not pool.always:  # (always: most switches)
-        # In a crowd every slice is as long, whether this one switched or found its own
-        # engine: each CPU's share must not depend on who took whose engine.
-        if pool.crowded(waiting):
-            switch = max(switch, pool.switch_cost)
-        busy_ns = switched_slice_ns(busy_ns, switch, waiting)
+    if more is not None and pool is not None and not pool.always and pool.crowded(waiting):
+        # Past the pool's bound the crowd's CPUs take each other's engines: every slice is
+        # as long, whether this one switched or found its own engine, so that each CPU's
+        # share does not depend on who took whose.  (Below it a CPU keeps its engine: a
+        # switch or a new engine is paid once, and the slices are the crowd's.)
+        busy_ns = switched_slice_ns(busy_ns, max(switch, pool.switch_cost), waiting)
     urgent = cpu.stats.handler_rests + cpu.stats.irqs_held_over
     lone = 0
     if crowd is not None and not waiting and may_be_lone(cpu):
