@@ -72,7 +72,7 @@ from . import _unicorn
 
 ENV = "LGUEST_ENGINE_SWITCH"  # "pool", "always" (switch at every take), "off" (no pool)
 MODES = ("off", "pool", "always")
-DEFAULT_MODE = "off"
+DEFAULT_MODE = "pool"
 # Engines a pool may make beyond one per worker and one for the event loop's inline
 # slices: a CPU starting another holds two for a moment, and a switch that failed is
 # replaced without waiting for a give.

@@ -464,7 +464,7 @@ async def test_the_pool_is_the_default_and_the_environment_chooses_another(
 ) -> None:
     monkeypatch.delenv(engines.ENV, raising=False)
     async with LguestDevice() as dev:
-        assert (dev.engines is None) == (engines.DEFAULT_MODE == "off")
+        assert dev.engines is not None and not dev.engines.always
     monkeypatch.setenv(engines.ENV, "pool")
     floor = 3 + 1 + engines.RESERVE
     async with LguestDevice(workers=3) as dev:
