@@ -155,10 +155,12 @@ class SliceExit(ExitValue):
 
 # The exits of a CPU that computes: it used up its executor slice, or was stopped in
 # the middle of it (a kick, an interrupt).  An engine pool keeps the engine a CPU gives
-# back between slices for it while its last executor slice ended so (Engine.busy);
-# after any other exit (a hypercall, a trap, a halt...) the engine is a spare, which
-# the run loop most often takes back at once (supervisor.engines, "Policy").
+# back between slices for it while its last executor slice ended so (Engine.busy), or
+# with a hypercall or a trap that the run loop handles on the way to its next slice
+# (_PASSING: as busy as before); after any other exit (a halt, a death, a debugger's
+# stop) the engine is a spare (supervisor.engines, "Policy").
 _RUNNABLE = frozenset((SliceExit.BUDGET, SliceExit.KICK, SliceExit.INTERRUPT))
+_PASSING = frozenset((SliceExit.HYPERCALL, SliceExit.TRAP, SliceExit.INVALID_OPCODE))
 
 
 def classify(
@@ -324,8 +326,10 @@ def run_slice(
         exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd)
     finally:
         if pool is not None and more is not None:  # a step holds an engine only while it runs
-            cpu.engine.busy = keep = exit in _RUNNABLE  # (kept for a CPU that computes)
-            _on_this_thread(cpu, functools.partial(cpu.release_engine, keep))
+            engine = cpu.engine
+            if exit not in _PASSING:
+                engine.busy = exit in _RUNNABLE
+            _on_this_thread(cpu, functools.partial(cpu.release_engine, engine.busy))
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         # A handler this slice delivered, or an irq it had no time left to deliver: the

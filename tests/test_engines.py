@@ -56,6 +56,20 @@ main:
 counter: .long 0
 """
 
+# Spins and, every 65,536 rounds, re-arms a clock event it never lets fire: a busy
+# guest whose slices now and then end with a hypercall.
+CALLING_SPIN = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    testl $0xffff, counter
+    jnz 1b
+    HCALL 9, 0xfffffff
+    jmp 1b
+.data
+counter: .long 0
+"""
+
 HALT = r"""
 main:
     LGUEST_INIT
@@ -221,6 +235,29 @@ async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         assert all(g.file.death is None for g in spinners)
+
+
+async def test_a_busy_guest_keeps_its_engine_through_its_hypercalls() -> None:
+    async with LguestDevice(engines="pool", workers=1, max_engines=16) as dev:
+        pool = pool_of(dev)
+        guests = [await boot(dev, CALLING_SPIN) for _ in range(6)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in guests), LIMIT)
+        calls = [g.file.cpu(0).stats.hypercalls for g in guests]
+        idle_seen = 0
+
+        def check() -> bool:
+            nonlocal idle_seen
+            idle_seen += sum(not g.file.cpu(0).engine.busy for g in guests)
+            now = [g.file.cpu(0).stats.hypercalls for g in guests]
+            return all(b > a + 20 for a, b in zip(calls, now, strict=True))
+
+        await until(check, LIMIT)
+        assert idle_seen == 0 and pool.evicted == 0
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in guests)
 
 
 async def test_guests_that_wake_and_sleep_share_a_few_engines_however_high_the_bound() -> None:
