@@ -23,19 +23,19 @@ CPU's hooks and slice meter installed.  Either way the CPU's memory is mapped at
 host address, the seat pointed at the CPU, its registers (FPU/SSE, descriptor tables,
 paging included) loaded, and its TLB flushed.
 
-Policy: a runnable CPU's engine waits for it between its slices, so that a crowd of
-busy CPUs runs as if each had its own; a waiting CPU's is a spare for anyone.  A give
-back is *kept* when the CPU runs on at once (an executor step that ended by its time,
-a kick, a hypercall; the run loop between two slices) and *spare* when the CPU sleeps
-or is held, and a kept engine turns spare when its CPU goes to sleep
-(:meth:`EnginePool.rest`).  A take gets, in order: the CPU's own engine, untouched; the
-spare given back longest ago (the ones given back since are the likeliest to be taken
-back by their own CPUs); a new one while fewer than ``bound`` live; the kept engine
-given back last (an *eviction*: in a crowd taking turns in a queue, the CPU that ran
-last runs again last, so its engine is the one the others need least).  Spares past
-``spares`` (what runs at once: one per worker, one for the event loop, :data:`RESERVE`)
-are closed, oldest first: the pool holds engines for what runs, not for the guests
-that exist.
+Policy: a computing CPU's engine waits for it between its slices, so that a crowd of
+busy CPUs runs as if each had its own; any other CPU's is a spare for anyone.  A give
+back is *kept* while the CPU computes (``Engine.busy``: its last executor slice ran out
+of time or was stopped mid-way, and it has not slept since) and *spare* otherwise (it
+sleeps, is held, waits for its Launcher, or only ran short inline slices); a kept
+engine turns spare when its CPU goes to sleep (:meth:`EnginePool.rest`).  A take gets,
+in order: the CPU's own engine, untouched; the spare given back longest ago (the ones
+given back since are the likeliest to be taken back by their own CPUs); a new one while
+fewer than ``bound`` live; the kept engine given back last (an *eviction*: in a crowd
+taking turns in a queue, the CPU that ran last runs again last, so its engine is the
+one the others need least).  Spares past ``spares`` (what runs at once: one per worker,
+one for the event loop, :data:`RESERVE`) are closed, oldest first: the pool holds
+engines for what runs, not for the guests that exist.
 
 The bound: the pool makes at most ``bound`` engines whatever the guests do, by default
 as many as a share of the machine's memory holds (:func:`default_bound`), at least one
