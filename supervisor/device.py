@@ -473,9 +473,15 @@ class LguestFile:
 
     @property
     def tcg_buffer(self) -> int:
-        """The size of this guest's CPUs' translation buffers, in bytes (without an
-        engine pool; a pool's engines have the pool's)."""
+        """The size of this guest's CPUs' translation buffers, in bytes."""
         return self._tcg_buffer
+
+    def _engines(self) -> EnginePool | None:
+        """Where this guest's CPUs take their engines: the device's pool if its engines
+        have this guest's translation buffer, else none (each CPU keeps instances of its
+        own, as with ``engines="off"``)."""
+        pool = self._device.engines
+        return pool if pool is not None and pool.tcg_buffer == self._tcg_buffer else None
 
     # -- the control surface, beyond the lguest ABI ---------------------------------------
     async def pause(self, cpu: int = 0) -> None:
@@ -638,7 +644,7 @@ class LguestFile:
             for st in state.cpus:
                 cpu = revive_cpu(
                     lg, st, mem.address + first, self._tcg_buffer, _hooks_for(sim),
-                    self._hibernate_after, self._device.engines,
+                    self._hibernate_after, self._engines(),
                 )  # fmt: skip
                 if limits is not None:
                     cpu.limits = limits
@@ -726,7 +732,7 @@ class LguestFile:
                 for n in range(ncpus):
                     cpu = new_cpu(
                         lg, n, base, start, pgdir, self._tcg_buffer, self._limits,
-                        _hooks_for(sim), self._hibernate_after, device.engines,
+                        _hooks_for(sim), self._hibernate_after, self._engines(),
                     )  # fmt: skip
                     lg.cpus.append(cpu)
                     if n:  # offline until CPU 0 starts it: its emulator waits in the freezer

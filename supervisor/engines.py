@@ -196,6 +196,11 @@ class EnginePool:
         return cls(tcg_buffer, max(floor, wanted), workers=workers)
 
     @property
+    def tcg_buffer(self) -> int:
+        """The translation buffer of every engine the pool makes, in bytes."""
+        return self._tcg_buffer
+
+    @property
     def kept(self) -> int:
         """How many engines wait in the pool for the runnable CPUs that gave them back."""
         return len(self._kept)
