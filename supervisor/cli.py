@@ -182,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
             type=_seconds_or_off,
             metavar="SECONDS",
             help=(
-                "free an idle guest's emulator after SECONDS (0: at once, off: never;"
-                " default 1); no effect with the engine pool (LGUEST_ENGINE_SWITCH=pool),"
-                " where an idle guest holds no emulator anyway"
+                "with the engines off (LGUEST_ENGINE_SWITCH=off), free an idle guest's"
+                " emulator after SECONDS (0: at once, off: never; default 1); no effect"
+                " with the engine pool, the default, where an idle guest holds no"
+                " emulator anyway"
             ),
         )
 

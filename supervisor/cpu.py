@@ -283,6 +283,9 @@ class Engine:
     pool: EnginePool | None = host_only(default=None)
     last: Any = host_only(default=None)  # the instance it last gave back to the pool
     token: object = host_only(default_factory=object)  # who gave it back (affinity)
+    # Its last executor slice computed until its time ran out or it was stopped: with a
+    # pool, the engine it gives back between slices is kept for it (supervisor.engines).
+    busy: bool = host_only(default=False)
     # Unicorn raised inside this instance (emu_start, a switch): it is never handed on.
     tainted: bool = host_only(default=False)
 
@@ -489,9 +492,11 @@ class LgCpu:
         self._live_regs().write(reg, value)
 
     # -- the engine: taken while the CPU runs, given back while it waits -----------------
-    def release_engine(self) -> bool:
+    def release_engine(self, keep: bool = False) -> bool:
         """Give back the Unicorn instance (to the device's engine pool, or freed), keeping
-        the registers as bytes; True if it had one to give.
+        the registers as bytes; True if it had one to give.  ``keep``: the CPU is
+        runnable, and the pool keeps the engine for it (:meth:`EnginePool.give`); not
+        ``keep``: it waits, and an engine the pool kept for it becomes a spare.
 
         Refused (False) while a debugger's code hooks are installed (they live in that
         instance) and once closed.  Whoever owns the CPU now: the event loop while no
@@ -500,10 +505,12 @@ class LgCpu:
         engine = self.engine
         uc = engine.uc
         if uc is None or self.debug.code_hooks or engine.released:
+            if uc is None and not keep and engine.pool is not None and engine.last is not None:
+                engine.pool.rest(engine.token, engine.last)
             return False
         self.check_thread()
         engine.frozen = _unicorn.context_data(uc)
-        _give_back(engine, uc, _hook_kind(self))
+        _give_back(engine, uc, _hook_kind(self), keep)
         engine.uc = None
         engine.regs = None  # type: ignore[assignment]  # (with uc)
         if engine.pool is None:
@@ -770,15 +777,16 @@ def _take(lg: Lguest, engine: Engine, kind: object = None) -> tuple[Any, Taken]:
     return uc, taken
 
 
-def _give_back(engine: Engine, uc: Any, kind: object) -> None:
-    """``uc`` leaves this CPU: to its pool (closed there if tainted), or freed.  ``kind``:
-    what its hooks fit (:func:`_hook_kind`), for the CPU that takes it next."""
+def _give_back(engine: Engine, uc: Any, kind: object, keep: bool = False) -> None:
+    """``uc`` leaves this CPU: to its pool (closed there if tainted; kept for the CPU if
+    ``keep``), or freed.  ``kind``: what its hooks fit (:func:`_hook_kind`), for the CPU
+    that takes it next."""
     if engine.pool is None:
         _unicorn.close(uc)
         engine.hooks.clear()
         return
     _unicorn.seat(uc).kind = None if engine.tainted else kind
-    engine.pool.give(engine.token, uc, engine.tainted)
+    engine.pool.give(engine.token, uc, engine.tainted, keep)
     engine.last = None if engine.tainted else uc
     engine.tainted = False
 

@@ -102,6 +102,7 @@ class LguestDevice:
         worker_nice: int = DEFAULT_WORKER_NICE,
         idle_workers: bool = False,
         engines: str | None = None,
+        max_engines: int | None = None,
         deterministic: bool = False,
         seed: int | None = None,
     ):
@@ -116,9 +117,11 @@ class LguestDevice:
         normal thread preempts them), which shortens the BREAK and IRQ latency tail
         (docs/performance.md), but the guests get almost no CPU while any other
         program is busy.  ``engines``: ``"pool"`` (the device owns a bounded
-        :class:`~supervisor.engines.EnginePool`, one emulator per worker, one for the
-        event loop and a small reserve, and a CPU holds one only while it runs or is
-        about to: its own back if nobody took it meanwhile), ``"always"`` (the pool,
+        :class:`~supervisor.engines.EnginePool`: a runnable CPU's emulator waits for it
+        between its slices, a sleeping CPU's is a spare for anyone, and past
+        ``max_engines`` emulators (default: what an eighth of the memory holds, at
+        least one per worker, one for the event loop and a small reserve) runnable
+        CPUs take each other's), ``"always"`` (the pool,
         and every take switches an emulator from another CPU: the exactness check) or
         ``"off"`` (each CPU makes and keeps its own; one that has slept in a halt, been
         held or waited for its Launcher for ``hibernate_after`` seconds gives it back
@@ -126,7 +129,7 @@ class LguestDevice:
         :mod:`supervisor.hibernation`); default: the ``LGUEST_ENGINE_SWITCH``
         environment variable, else :data:`supervisor.engines.DEFAULT_MODE`.  With a
         pool ``hibernate_after`` has no effect: a CPU gives its engine back whenever it
-        waits.  A ``deterministic`` device has no pool.
+        sleeps.  A ``deterministic`` device has no pool.
 
         ``deterministic``: run every guest of the device on a virtual clock and a
         schedule drawn from ``seed`` (an integer from 0 to 2**64-1; default: a random
@@ -148,6 +151,8 @@ class LguestDevice:
             mode = "off"  # (nothing hibernates there: every CPU keeps its own engine)
         if not hibernate_after >= 0:
             raise ValueError(f"hibernate_after must be >= 0 seconds, not {hibernate_after!r}")
+        if max_engines is not None and max_engines < 1:
+            raise ValueError(f"max_engines must be at least 1, not {max_engines!r}")
         if not 0 <= worker_nice <= 19:
             raise ValueError(f"worker_nice must be 0 to 19, not {worker_nice!r}")
         self._workers = workers or os.cpu_count() or 1
@@ -168,7 +173,7 @@ class LguestDevice:
         self.limits = limits
         self.hibernate_after = hibernate_after
         self.dormitory = Dormitory()
-        self.engines = EnginePool.for_workers(tcg_buffer, self._workers, mode)
+        self.engines = EnginePool.for_workers(tcg_buffer, self._workers, mode, max_engines)
 
     def _bind_loop(self) -> None:
         """The device serves one event loop at a time (its lock and events belong to it).
@@ -468,9 +473,15 @@ class LguestFile:
 
     @property
     def tcg_buffer(self) -> int:
-        """The size of this guest's CPUs' translation buffers, in bytes (without an
-        engine pool; a pool's engines have the pool's)."""
+        """The size of this guest's CPUs' translation buffers, in bytes."""
         return self._tcg_buffer
+
+    def _engines(self) -> EnginePool | None:
+        """Where this guest's CPUs take their engines: the device's pool if its engines
+        have this guest's translation buffer, else none (each CPU keeps instances of its
+        own, as with ``engines="off"``)."""
+        pool = self._device.engines
+        return pool if pool is not None and pool.tcg_buffer == self._tcg_buffer else None
 
     # -- the control surface, beyond the lguest ABI ---------------------------------------
     async def pause(self, cpu: int = 0) -> None:
@@ -633,7 +644,7 @@ class LguestFile:
             for st in state.cpus:
                 cpu = revive_cpu(
                     lg, st, mem.address + first, self._tcg_buffer, _hooks_for(sim),
-                    self._hibernate_after, self._device.engines,
+                    self._hibernate_after, self._engines(),
                 )  # fmt: skip
                 if limits is not None:
                     cpu.limits = limits
@@ -721,7 +732,7 @@ class LguestFile:
                 for n in range(ncpus):
                     cpu = new_cpu(
                         lg, n, base, start, pgdir, self._tcg_buffer, self._limits,
-                        _hooks_for(sim), self._hibernate_after, device.engines,
+                        _hooks_for(sim), self._hibernate_after, self._engines(),
                     )  # fmt: skip
                     lg.cpus.append(cpu)
                     if n:  # offline until CPU 0 starts it: its emulator waits in the freezer

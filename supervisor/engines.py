@@ -23,26 +23,41 @@ CPU's hooks and slice meter installed.  Either way the CPU's memory is mapped at
 host address, the seat pointed at the CPU, its registers (FPU/SSE, descriptor tables,
 paging included) loaded, and its TLB flushed.
 
-The bound: the pool makes at most ``bound`` engines (one per worker, one for the event
-loop's inline slices and :data:`RESERVE` more), whatever the guests do: at most one
-step per worker runs at a time, and the run loop holds at most one engine between two
-of its awaits (two while a CPU starts another).  Only the Host's own calls on a CPU that
-does not run (a debugger's register reads and code hooks, restoring a state) can hold
-more at once; a take past the bound then makes an *overdraft* engine
-(:attr:`EnginePool.overdrafts`), closed when it comes back, so ``live`` returns to the
-bound.
+Policy: a computing CPU's engine waits for it between its slices, so that a crowd of
+busy CPUs runs as if each had its own; any other CPU's is a spare for anyone.  A give
+back is *kept* while the CPU computes (``Engine.busy``: its last executor slice ran out
+of time or was stopped mid-way, and it has not slept since) and *spare* otherwise (it
+sleeps, is held, waits for its Launcher, or only ran short inline slices); a kept
+engine turns spare when its CPU goes to sleep (:meth:`EnginePool.rest`).  A take gets,
+in order: the CPU's own engine, untouched; the spare given back longest ago (the ones
+given back since are the likeliest to be taken back by their own CPUs); a new one while
+fewer than ``bound`` live; the kept engine given back last (an *eviction*: in a crowd
+taking turns in a queue, the CPU that ran last runs again last, so its engine is the
+one the others need least).  Spares past ``spares`` (what runs at once: one per worker,
+one for the event loop, :data:`RESERVE`) are closed, oldest first: the pool holds
+engines for what runs, not for the guests that exist.
+
+The bound: the pool makes at most ``bound`` engines whatever the guests do, by default
+as many as a share of the machine's memory holds (:func:`default_bound`), at least one
+per worker, one for the event loop's inline slices and :data:`RESERVE` more: at most
+one step per worker runs at a time, and the run loop holds at most one engine between
+two of its awaits (two while a CPU starts another), so at the bound an idle engine is
+always there to switch.  Only the Host's own calls on a CPU that does not run (a
+debugger's register reads and code hooks, restoring a state) can hold more at once; a
+take past the bound then makes an *overdraft* engine (:attr:`EnginePool.overdrafts`),
+closed when it comes back, so ``live`` returns to the bound.
 
 An engine whose ``emu_start`` raised (``UcError``) or whose switch failed is never
 handed on: :meth:`EnginePool.give` closes it (the CPU marks it ``Engine.tainted``), and
 the next take past the idle ones makes a new one.
 
 Modes (``LguestDevice(engines=...)``, default :data:`ENV`, ``LGUEST_ENGINE_SWITCH``,
-else :data:`DEFAULT_MODE`): ``pool``; ``always``, the pool with every take switched (a
-CPU never gets back the engine it gave last), the mode the exactness tests run under to
-judge the switch; ``off``, no pool: each CPU keeps its own instance until it hibernates
-(:mod:`supervisor.hibernation`), the only mode where ``hibernate_after`` matters (with a
-pool a CPU gives its engine back whenever it waits).  Any thread: one lock guards the
-idle engines and the counts.
+else :data:`DEFAULT_MODE`): ``pool``; ``always``, the pool bounded by what runs at once
+with every take switched (a CPU never gets back the engine it gave last), the mode the
+exactness tests run under to judge the switch; ``off``, no pool: each CPU keeps its own
+instance until it hibernates (:mod:`supervisor.hibernation`), the only mode where
+``hibernate_after`` matters (with a pool a CPU gives its engine back whenever it
+sleeps).  Any thread: one lock guards the idle engines and the counts.
 """
 
 from __future__ import annotations
@@ -57,11 +72,17 @@ from . import _unicorn
 
 ENV = "LGUEST_ENGINE_SWITCH"  # "pool", "always" (switch at every take), "off" (no pool)
 MODES = ("off", "pool", "always")
-DEFAULT_MODE = "off"  # (docs/performance.md, "Engines": what the pool costs a crowd)
+DEFAULT_MODE = "pool"
 # Engines a pool may make beyond one per worker and one for the event loop's inline
 # slices: a CPU starting another holds two for a moment, and a switch that failed is
 # replaced without waiting for a give.
 RESERVE = 2
+# The default bound (default_bound): engines may take up to 1/MEMORY_SHARE of the
+# machine's physical memory, at ENGINE_MEMORY (what QEMU builds on the first run) plus
+# the translation buffer each, and at most MAX_ENGINES of them.
+MEMORY_SHARE = 8
+ENGINE_MEMORY = 1 << 20
+MAX_ENGINES = 4096
 
 
 class Taken(enum.Enum):
@@ -70,6 +91,17 @@ class Taken(enum.Enum):
     OWN = "own"  # the CPU's own, untouched: mapping, hooks, translations, registers
     HOOKED = "hooked"  # another CPU's of the same kind: hooks and flags kept, memory off
     BARE = "bare"  # stripped or new: nothing of any CPU
+
+
+def default_bound(tcg_buffer: int) -> int:
+    """How many engines a pool may make by default: as many as 1/MEMORY_SHARE of the
+    physical memory holds at ENGINE_MEMORY + ``tcg_buffer`` each, at most MAX_ENGINES
+    (2 if the memory cannot be read; for_workers raises it to what runs at once)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 2
+    return max(2, min(MAX_ENGINES, memory // MEMORY_SHARE // (ENGINE_MEMORY + tcg_buffer)))
 
 
 def mode_from_env() -> str:
@@ -88,18 +120,21 @@ class EnginePool:
     """
 
     __slots__ = (
-        "_idle",
+        "_kept",
         "_lock",
+        "_spare",
         "_tcg_buffer",
         "always",
         "bound",
         "closed",
+        "evicted",
         "hooked",
         "live",
         "made",
         "overdrafts",
         "peak",
         "reused",
+        "spares",
         "switch_cost",
         "switch_time",
         "switched",
@@ -108,46 +143,77 @@ class EnginePool:
     )
 
     def __init__(
-        self, tcg_buffer: int, bound: int, *, always: bool = False, workers: int = 1
+        self,
+        tcg_buffer: int,
+        bound: int,
+        *,
+        always: bool = False,
+        workers: int = 1,
+        spares: int | None = None,
     ) -> None:
         if bound < 2:
             raise ValueError(f"an engine pool needs a bound of at least 2 engines, not {bound}")
         self.bound = bound
         self.workers = workers  # the device's worker threads (see crowded())
+        # Spare engines kept at most: what runs at once (one per worker, the loop's, the
+        # reserve); a spare past that is closed (module docstring, "Policy").
+        self.spares = min(bound, workers + 1 + RESERVE) if spares is None else spares
         self.always = always
         self._lock = threading.Lock()
         # id(instance) -> (instance, the owner token of the CPU that gave it back), oldest
-        # first: a CPU's own engine is found in O(1), the oldest one switched first.
-        self._idle: OrderedDict[int, tuple[Any, object]] = OrderedDict()
+        # first: a CPU's own engine is found in O(1).  Kept: given back by runnable CPUs
+        # between slices; spare: by waiting CPUs, closed CPUs, or none.
+        self._kept: OrderedDict[int, tuple[Any, object]] = OrderedDict()
+        self._spare: OrderedDict[int, tuple[Any, object]] = OrderedDict()
         self.live = 0  # instances made and not closed (held or idle)
         self.peak = 0  # the most that were ever live at once
         self.made = 0  # instances made, ever
-        self.closed = 0  # instances closed (tainted, overdrafts back, or the pool closing)
+        self.closed = 0  # instances closed (tainted, overdrafts back, spares past `spares`...)
         self.overdrafts = 0  # instances made past the bound (module docstring)
         self.taken = 0  # takes
         self.reused = 0  # takes that found the CPU's own engine untouched
         self.switched = 0  # takes that switched an engine from another CPU
+        self.evicted = 0  # switches that took a runnable CPU's kept engine (at the bound)
         self.hooked = 0  # switches that kept the engine's hooks (Taken.HOOKED)
         self.switch_time = 0.0  # seconds the CPUs spent switching engines (and making them)
         self.switch_cost = 0.0  # what a switch costs lately (a moving average, seconds)
         self._tcg_buffer = tcg_buffer
 
     @classmethod
-    def for_workers(cls, tcg_buffer: int, workers: int, mode: str) -> EnginePool | None:
-        """The pool a device with ``workers`` threads gets in ``mode`` (None: "off")."""
+    def for_workers(
+        cls, tcg_buffer: int, workers: int, mode: str, max_engines: int | None = None
+    ) -> EnginePool | None:
+        """The pool a device with ``workers`` threads gets in ``mode`` (None: "off"):
+        bounded by ``max_engines`` (default :func:`default_bound`), but never below
+        what runs at once (one per worker, one for the loop, :data:`RESERVE`).  The
+        ``always`` mode's bound is that floor: its engines switch among the CPUs."""
         if mode == "off":
             return None
-        return cls(tcg_buffer, workers + 1 + RESERVE, always=mode == "always", workers=workers)
+        floor = workers + 1 + RESERVE
+        if mode == "always":
+            return cls(tcg_buffer, floor, always=True, workers=workers)
+        wanted = default_bound(tcg_buffer) if max_engines is None else max_engines
+        return cls(tcg_buffer, max(floor, wanted), workers=workers)
+
+    @property
+    def tcg_buffer(self) -> int:
+        """The translation buffer of every engine the pool makes, in bytes."""
+        return self._tcg_buffer
+
+    @property
+    def kept(self) -> int:
+        """How many engines wait in the pool for the runnable CPUs that gave them back."""
+        return len(self._kept)
 
     @property
     def idle(self) -> int:
-        """How many engines wait in the pool."""
-        return len(self._idle)
+        """How many engines wait in the pool (kept and spare)."""
+        return len(self._kept) + len(self._spare)
 
     @property
     def held(self) -> int:
         """How many engines CPUs hold now."""
-        return self.live - len(self._idle)
+        return self.live - len(self._kept) - len(self._spare)
 
     def take(self, owner: object, last: Any, kind: object = None) -> tuple[Any, Taken]:
         """An engine for ``owner`` (the CPU's token) and how it comes: ``OWN``, ``last``
@@ -158,26 +224,28 @@ class EnginePool:
         The caller maps and configures a ``HOOKED`` or ``BARE`` one for the CPU (and
         gives it back tainted if that fails).  ``kind`` None: always ``BARE`` or ``OWN``.
 
-        The least recently given back engine is switched first: the ones given back
-        since are the likeliest to be taken back by their own CPUs."""
+        Which engine (module docstring, "Policy"): its own; else the spare given back
+        longest ago; else a new one while fewer than ``bound`` live; else the kept
+        engine given back last (an *eviction*)."""
         with self._lock:
             self.taken += 1
             if last is not None and not self.always:
-                entry = self._idle.get(id(last))
-                if entry is not None and entry[0] is last and entry[1] is owner:
-                    del self._idle[id(last)]
-                    self.reused += 1
-                    return last, Taken.OWN
-            uc = None
-            for key, (candidate, _previous) in self._idle.items():
-                if self.always and candidate is last:
-                    continue  # the forced mode: never the engine this CPU just gave back
-                del self._idle[key]
-                uc = candidate
-                self.switched += 1
-                break
+                key = id(last)
+                for idle in (self._kept, self._spare):
+                    entry = idle.get(key)
+                    if entry is not None and entry[0] is last and entry[1] is owner:
+                        del idle[key]
+                        self.reused += 1
+                        return last, Taken.OWN
+            uc = self._pick(self._spare, last, oldest=True)
+            if uc is None and self.live >= self.bound:
+                uc = self._pick(self._kept, last, oldest=False)
+                if uc is not None:
+                    self.evicted += 1
             if uc is None:
                 self._count_new()
+            else:
+                self.switched += 1
         if uc is None:
             return self._new(), Taken.BARE
         try:
@@ -195,26 +263,71 @@ class EnginePool:
             return self._new(), Taken.BARE
         return uc, Taken.BARE
 
-    def give(self, owner: object, uc: Any, tainted: bool = False) -> None:
-        """``owner`` gives ``uc`` back (no slice runs on it).  A tainted engine is closed,
-        and so is one that comes back while more than ``bound`` live (an overdraft)."""
+    def _pick(self, idle: OrderedDict[int, tuple[Any, object]], last: Any, oldest: bool) -> Any:
+        """(Lock held.)  Take an engine out of ``idle``, the oldest or the newest, or None;
+        never ``last`` in the ``always`` mode (it must switch)."""
+        keys = iter(idle) if oldest else reversed(idle)
+        for key in keys:
+            candidate = idle[key][0]
+            if self.always and candidate is last:
+                continue
+            del idle[key]
+            return candidate
+        return None
+
+    def give(self, owner: object, uc: Any, tainted: bool = False, keep: bool = False) -> None:
+        """``owner`` gives ``uc`` back (no slice runs on it).  ``keep``: the CPU is
+        runnable (it gives the engine back between two slices), so the engine waits
+        for it as *kept*; else as a *spare*, and the oldest spare past ``spares`` is
+        closed.  A tainted engine is closed, and so is one that comes back while more
+        than ``bound`` live (an overdraft)."""
         with self._lock:
-            if not tainted and self.live <= self.bound:
-                self._idle[id(uc)] = (uc, owner)
+            if tainted or self.live > self.bound:
+                trimmed = uc
+            elif keep:
+                self._kept[id(uc)] = (uc, owner)
                 return
-        self._close(uc)
+            else:
+                self._spare[id(uc)] = (uc, owner)
+                trimmed = self._trim()
+        if trimmed is not None:
+            self._close(trimmed)
+
+    def rest(self, owner: object, uc: Any) -> None:
+        """``owner`` waits (a halt, a hold): if ``uc``, the engine it gave back last, is
+        kept for it, it becomes a spare (the newest: still its own if nobody takes it)."""
+        with self._lock:
+            entry = self._kept.get(id(uc))
+            if entry is None or entry[0] is not uc or entry[1] is not owner:
+                return
+            del self._kept[id(uc)]
+            self._spare[id(uc)] = entry
+            trimmed = self._trim()
+        if trimmed is not None:
+            self._close(trimmed)
+
+    def _trim(self) -> Any:
+        """(Lock held.)  The oldest spare, taken out, if there are more than ``spares``
+        (the caller closes it), else None."""
+        if len(self._spare) <= self.spares:
+            return None
+        _, (uc, _owner) = self._spare.popitem(last=False)
+        return uc
 
     def disown(self, owner: object, uc: Any) -> None:
         """``owner`` is gone (its CPU closed): if ``uc``, the engine it gave back last,
         still waits here as it left it, take that CPU off it (:func:`_unicorn.unbind`,
         keeping hooks that find their CPU through the seat; :func:`_unicorn.strip` if
         its seat's kind is unknown) so that nothing keeps that CPU alive; it stays in
-        the pool for any CPU."""
+        the pool for any CPU, as the first spare to be switched."""
         with self._lock:
-            entry = self._idle.get(id(uc))
-            if entry is None or entry[0] is not uc or entry[1] is not owner:
+            for idle in (self._kept, self._spare):
+                entry = idle.get(id(uc))
+                if entry is not None and entry[0] is uc and entry[1] is owner:
+                    del idle[id(uc)]
+                    break
+            else:
                 return
-            del self._idle[id(uc)]
         try:
             if _unicorn.seat(uc).kind is not None:
                 _unicorn.unbind(uc)
@@ -224,8 +337,11 @@ class EnginePool:
             self._close(uc)
             return
         with self._lock:
-            self._idle[id(uc)] = (uc, None)
-            self._idle.move_to_end(id(uc), last=False)  # the first to be switched
+            self._spare[id(uc)] = (uc, None)
+            self._spare.move_to_end(id(uc), last=False)  # the first to be switched
+            trimmed = self._trim()
+        if trimmed is not None:
+            self._close(trimmed)
 
     def charge(self, seconds: float) -> None:
         """Count ``seconds`` a CPU spent switching (or making) an engine it took."""
@@ -245,9 +361,10 @@ class EnginePool:
         """Close every idle engine (the device is closing; held ones come back closed)."""
         while True:
             with self._lock:
-                if not self._idle:
+                idle = self._kept or self._spare
+                if not idle:
                     return
-                _, (uc, _owner) = self._idle.popitem()
+                _, (uc, _owner) = idle.popitem()
             self._close(uc)
 
     # -- making and closing --------------------------------------------------------------

@@ -14,6 +14,7 @@ thread) and never touches the event loop: no asyncio objects, no timers.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import time
@@ -150,6 +151,16 @@ class SliceExit(ExitValue):
     KICK: ClassVar[SliceExit]  # another task asked for the CPU (break, irq, hold, close)
     INTERRUPT: ClassVar[SliceExit]  # an interrupt was raised: deliver it, go on (one run)
     DEATH: ClassVar[SliceExit]  # the guest is dead
+
+
+# The exits of a CPU that computes: it used up its executor slice, or was stopped in
+# the middle of it (a kick, an interrupt).  An engine pool keeps the engine a CPU gives
+# back between slices for it while its last executor slice ended so (Engine.busy), or
+# with a hypercall or a trap that the run loop handles on the way to its next slice
+# (_PASSING: as busy as before); after any other exit (a halt, a death, a debugger's
+# stop) the engine is a spare (supervisor.engines, "Policy").
+_RUNNABLE = frozenset((SliceExit.BUDGET, SliceExit.KICK, SliceExit.INTERRUPT))
+_PASSING = frozenset((SliceExit.HYPERCALL, SliceExit.TRAP, SliceExit.INVALID_OPCODE))
 
 
 def classify(
@@ -300,21 +311,25 @@ def run_slice(
         switch = took
     waiting = crowd() if crowd is not None else 0.0
     busy_ns = slice_ns(waiting) if crowd is not None else _TARGET_NS
-    if more is not None and pool is not None and not pool.always:  # (always: most switches)
-        # In a crowd every slice is as long, whether this one switched or found its own
-        # engine: each CPU's share must not depend on who took whose engine.
-        if pool.crowded(waiting):
-            switch = max(switch, pool.switch_cost)
-        busy_ns = switched_slice_ns(busy_ns, switch, waiting)
+    if more is not None and pool is not None and not pool.always and pool.crowded(waiting):
+        # Past the pool's bound the crowd's CPUs take each other's engines: every slice is
+        # as long, whether this one switched or found its own engine, so that each CPU's
+        # share does not depend on who took whose.  (Below it a CPU keeps its engine: a
+        # switch or a new engine is paid once, and the slices are the crowd's.)
+        busy_ns = switched_slice_ns(busy_ns, max(switch, pool.switch_cost), waiting)
     urgent = cpu.stats.handler_rests + cpu.stats.irqs_held_over
     lone = 0
     if crowd is not None and not waiting and may_be_lone(cpu):
         lone = max(0, _LONE_NS - busy_ns)
+    exit: SliceExit | None = None
     try:
         exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd)
     finally:
         if pool is not None and more is not None:  # a step holds an engine only while it runs
-            _on_this_thread(cpu, cpu.release_engine)
+            engine = cpu.engine
+            if exit not in _PASSING:
+                engine.busy = exit in _RUNNABLE
+            _on_this_thread(cpu, functools.partial(cpu.release_engine, engine.busy))
     if exit is SliceExit.BUDGET and more is not None and more():
         cpu.stats.continued += 1
         # A handler this slice delivered, or an irq it had no time left to deliver: the

@@ -215,13 +215,17 @@ def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
         dormitory.thaw(cpu)
 
 
-def _let_go(cpu: LgCpu) -> None:
+def _let_go(cpu: LgCpu, runnable: bool = True) -> None:
     """Before the run loop waits for anything: with an engine pool, the CPU gives its
     engine back (supervisor.engines), so that the loop holds at most one between two
     awaits whatever the guests do; the next slice takes it back, its own if nobody
-    took it meanwhile."""
-    if cpu.engine.pool is not None:
-        cpu.release_engine()
+    took it meanwhile.  ``runnable``: the CPU waits for its next slice, and the pool
+    keeps the engine for it if it computes (``Engine.busy``); else it sleeps, and the
+    engine is a spare."""
+    engine = cpu.engine
+    if engine.pool is not None:
+        engine.busy = busy = runnable and engine.busy
+        cpu.release_engine(keep=busy)
 
 
 def _urgent(cpu: LgCpu) -> bool:
@@ -252,7 +256,7 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     sim = cpu.lg.virtual
     if sim is not None:
         sim.sleeping(cpu)
-    _let_go(cpu)  # (a pool's CPU gives its engine back while it waits, whatever the dormitory)
+    _let_go(cpu, runnable=False)  # (a pool's CPU gives its engine back while it sleeps)
     try:
         await cpu.run.wakeup.wait()
     finally:

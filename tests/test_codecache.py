@@ -104,6 +104,7 @@ async def test_one_write_is_one_range_and_many_are_merged(dev: LguestDevice) -> 
     g = await boot(dev, PATCHED)
     assert await notified(g) == 1
     cpu = g.file.cpu(0)
+    cpu.thaw()  # (waiting for its Launcher, it may hold no engine: the drops need one)
     func = g.guest.symbols["func"]
     cpu.stale_code.clear()
     g.memory.write(func, b"\x90")

@@ -56,6 +56,20 @@ main:
 counter: .long 0
 """
 
+# Spins and, every 65,536 rounds, re-arms a clock event it never lets fire: a busy
+# guest whose slices now and then end with a hypercall.
+CALLING_SPIN = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    testl $0xffff, counter
+    jnz 1b
+    HCALL 9, 0xfffffff
+    jmp 1b
+.data
+counter: .long 0
+"""
+
 HALT = r"""
 main:
     LGUEST_INIT
@@ -164,6 +178,105 @@ def test_a_cpu_gets_its_own_engine_back_untouched_unless_another_took_it() -> No
     assert pool.live == 0 and pool.made == 1 and pool.overdrafts == 0
 
 
+def test_runnable_cpus_keep_their_engines_until_the_bound_then_the_last_gives_way() -> None:
+    pool = EnginePool(1 << 20, bound=4, workers=1, spares=1)
+    a, b, c, d, e = (object() for _ in range(5))
+    ea, _ = pool.take(a, None)
+    eb, _ = pool.take(b, None)
+    pool.give(a, ea, keep=True)
+    pool.give(b, eb, keep=True)
+    # Below the bound a CPU without an engine gets a new one, not a kept one.
+    ec, taken = pool.take(c, None)
+    assert taken is Taken.BARE and ec not in (ea, eb) and pool.switched == 0
+    assert pool.take(a, ea) == (ea, Taken.OWN)
+    pool.give(a, ea, keep=True)
+    # A sleeping CPU's engine is a spare, switched before anything new is made.
+    pool.give(c, ec)
+    assert pool.kept == 2 and pool.take(d, None) == (ec, Taken.BARE) and pool.switched == 1
+    ee, _ = pool.take(e, None)  # (new: the 4th)
+    assert pool.live == pool.bound == 4
+    pool.give(d, ec, keep=True)
+    # At the bound, the engine kept last (E's) goes to a newcomer; A and B keep theirs.
+    pool.give(e, ee, keep=True)
+    f = object()
+    assert pool.take(f, None) == (ee, Taken.BARE) and pool.evicted == 1
+    assert pool.take(b, eb) == (eb, Taken.OWN)
+    # Resting turns a kept engine into a spare; spares past `spares` are closed, oldest first.
+    pool.rest(d, ec)
+    assert pool.kept == 1 and pool.idle == 2  # (A's kept, D's spare)
+    pool.give(b, eb)
+    assert _unicorn.is_closed(ec) and pool.idle == 2 and pool.live == 3
+    assert pool.take(a, ea) == (ea, Taken.OWN) and pool.take(b, eb) == (eb, Taken.OWN)
+    pool.give(a, ea)
+    pool.give(b, eb)
+    pool.give(f, ee, keep=True)
+    pool.close()
+    assert pool.live == 0 and pool.overdrafts == 0 and pool.peak == 4
+
+
+async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -> None:
+    async with LguestDevice(engines="pool", workers=1, max_engines=16) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(8)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
+        # Each CPU has computed through an executor slice: its engine is kept for it.
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
+        taken, reused, switched, made = pool.taken, pool.reused, pool.switched, pool.made
+        counters = [g.u32("counter") for g in spinners]
+        await until(
+            lambda: all(moved_on(g, n) for g, n in zip(spinners, counters, strict=True)), LIMIT
+        )
+        await until(lambda: pool.taken > taken + 5 * len(spinners), LIMIT)
+        # Since, every CPU took its own engine back at every turn: none switched or made.
+        assert pool.switched == switched and pool.evicted == 0 and pool.made == made
+        assert pool.reused - reused == pool.taken - taken
+        assert made <= len(spinners) + pool.spares
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in spinners)
+
+
+async def test_a_busy_guest_keeps_its_engine_through_its_hypercalls() -> None:
+    async with LguestDevice(engines="pool", workers=1, max_engines=16) as dev:
+        pool = pool_of(dev)
+        guests = [await boot(dev, CALLING_SPIN) for _ in range(6)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in guests), LIMIT)
+        calls = [g.file.cpu(0).stats.hypercalls for g in guests]
+        idle_seen = 0
+
+        def check() -> bool:
+            nonlocal idle_seen
+            idle_seen += sum(not g.file.cpu(0).engine.busy for g in guests)
+            now = [g.file.cpu(0).stats.hypercalls for g in guests]
+            return all(b > a + 20 for a, b in zip(calls, now, strict=True))
+
+        await until(check, LIMIT)
+        assert idle_seen == 0 and pool.evicted == 0
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in guests)
+
+
+async def test_guests_that_wake_and_sleep_share_a_few_engines_however_high_the_bound() -> None:
+    """Guests that never compute through an executor slice keep no engine: however many
+    wake at once, the pool holds what runs (held ones) and its spares."""
+    async with LguestDevice(engines="pool", workers=1, max_engines=200) as dev:
+        pool = pool_of(dev)
+        wakers = [await boot(dev, WAKER) for _ in range(40)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in wakers]
+        await until(lambda: all(g.u32("ticks") >= 10 for g in wakers), LIMIT)
+        assert pool.kept == 0 and pool.evicted == 0
+        # At most one step per worker, two on the loop (a CPU starting another), spares.
+        assert pool.peak <= pool.workers + 2 + pool.spares < pool.bound
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in wakers)
+
+
 async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
     async with LguestDevice(engines="pool") as dev:
         pool = pool_of(dev)
@@ -182,7 +295,7 @@ async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
 
 
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
-    async with LguestDevice(engines="pool", workers=1) as dev:
+    async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         pool = pool_of(dev)
         guests = [await boot(dev, HALT) for _ in range(3 * pool.bound)]
         readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
@@ -190,6 +303,7 @@ async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> N
         assert pool.held == 0  # nobody holds one: every halted CPU gave it back
         assert pool.peak <= pool.bound and pool.overdrafts == 0
         assert pool.live == pool.idle == pool.made - pool.closed
+        assert pool.kept == 0 and pool.idle <= pool.spares  # (nothing runs: spares only)
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -207,7 +321,7 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
             raise UcError(uc_const.UC_ERR_EXCEPTION)
         return real_run(uc, fuel, *args)
 
-    async with LguestDevice(engines="pool", workers=1) as dev:
+    async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         pool = pool_of(dev)
         g, reader = await paused_spinner(dev)
         victim_fuel = g.file.cpu(0).fuel
@@ -317,26 +431,34 @@ def test_a_slice_after_a_switch_is_long_enough_for_the_switch_to_be_a_small_shar
     assert execute.switched_slice_ns(target, 1.0, 5000) == target
 
 
-async def test_executor_slices_that_switched_engines_run_longer(
+async def test_executor_slices_that_switched_engines_run_longer_past_the_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     real_take, real_slice = execute._take_engine, execute._one_slice
-    steps: list[tuple[float, int]] = []  # (the switch's seconds, the slice's ns)
+    real_crowded = EnginePool.crowded
+    steps: list[tuple[float, int]] = []  # (the switch's seconds, the slice's ns), crowded
     switch: list[float | None] = [None]
+    crowded: list[bool] = [False]
 
     def take(cpu: Any) -> float | None:
         switch[0] = real_take(cpu)
         return switch[0]
 
+    def is_crowded(pool: EnginePool, waiting: float) -> bool:
+        crowded[0] = real_crowded(pool, waiting)
+        return crowded[0]
+
     def one_slice(cpu: Any, budget: int | None, busy_ns: int, *rest: Any) -> Any:
-        if budget is None and switch[0] is not None:
+        if budget is None and switch[0] is not None and crowded[0]:
             steps.append((switch[0], busy_ns))
         switch[0] = None
+        crowded[0] = False
         return real_slice(cpu, budget, busy_ns, *rest)
 
     monkeypatch.setattr(execute, "_take_engine", take)
     monkeypatch.setattr(execute, "_one_slice", one_slice)
-    async with LguestDevice(engines="pool", workers=1) as dev:
+    monkeypatch.setattr(EnginePool, "crowded", is_crowded)
+    async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         # More spinners than engines: their own engines are taken between their turns.
         guests = [await boot(dev, SPIN) for _ in range(present(dev.engines).bound + 2)]
         readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in guests]
@@ -344,10 +466,11 @@ async def test_executor_slices_that_switched_engines_run_longer(
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-    # Every executor slice that took a switched engine got the time that pays for it.
-    crowded = execute.slice_ns(len(guests))  # (at most that many jobs wait per worker)
+    # Every executor slice that took a switched engine while more CPUs computed than
+    # the pool's bound got the time that pays for it.
+    shortest = execute.slice_ns(len(guests))  # (at most that many jobs wait per worker)
     for seconds, busy_ns in steps:
-        assert busy_ns >= execute.switched_slice_ns(crowded, seconds, len(guests)) > 0
+        assert busy_ns >= execute.switched_slice_ns(shortest, seconds, len(guests)) > 0
         assert busy_ns == execute.switched_slice_ns(busy_ns, seconds, len(guests))
 
 
@@ -382,16 +505,28 @@ async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() 
         assert cpu() is None
 
 
-async def test_the_environment_chooses_the_pool_bounded_by_the_workers(
+async def test_the_pool_is_the_default_and_the_environment_chooses_another(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv(engines.ENV, raising=False)
     async with LguestDevice() as dev:
-        assert (dev.engines is None) == (engines.DEFAULT_MODE == "off")
+        assert dev.engines is not None and not dev.engines.always
     monkeypatch.setenv(engines.ENV, "pool")
+    floor = 3 + 1 + engines.RESERVE
     async with LguestDevice(workers=3) as dev:
         pool = pool_of(dev)
-        assert not pool.always and pool.bound == 3 + 1 + engines.RESERVE
+        assert not pool.always and pool.spares == floor
+        assert pool.bound == max(floor, engines.default_bound(dev.tcg_buffer))
+    async with LguestDevice(workers=3, max_engines=100) as dev:
+        assert pool_of(dev).bound == 100
+    async with LguestDevice(workers=3, max_engines=1) as dev:  # never below what runs
+        assert pool_of(dev).bound == floor
+    with pytest.raises(ValueError, match="max_engines"):
+        LguestDevice(max_engines=0)
+    monkeypatch.setenv(engines.ENV, "always")
+    async with LguestDevice(workers=3, max_engines=100) as dev:
+        pool = pool_of(dev)
+        assert pool.always and pool.bound == floor  # (its engines switch among the CPUs)
     monkeypatch.setenv(engines.ENV, "off")
     async with LguestDevice() as dev:
         assert dev.engines is None

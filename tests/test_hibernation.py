@@ -294,7 +294,7 @@ def test_cli_option() -> None:
     )  # fmt: skip
     assert usage.returncode == 0
     text = " ".join(usage.stdout.split())
-    assert "LGUEST_ENGINE_SWITCH=pool" in text and "holds no emulator" in text
+    assert "LGUEST_ENGINE_SWITCH=off" in text and "holds no emulator" in text
 
 
 async def test_a_thawed_instance_is_configured_like_a_new_one() -> None:

@@ -390,25 +390,29 @@ def test_translation_buffer_grows_with_the_image() -> None:
     assert translation_buffer(_image_of(4096), 32 << 20) == 32 << 20  # never below the device's
 
 
-async def _file_buffer(dev: LguestDevice, image: Image) -> tuple[int, int]:
-    """The translation buffer a Launcher's file of ``image`` gets, and its CPU 0's."""
+async def _file_buffer(dev: LguestDevice, image: Image) -> tuple[int, int, bool]:
+    """The translation buffer a Launcher's file of ``image`` gets, its CPU 0's, and
+    whether that CPU takes its engines from the device's pool."""
     launcher = Launcher(dev, image, ram_size=4 << 20)
     run = asyncio.create_task(launcher.run())
     try:
         # until INITIALIZE (the Launcher has no event for it)
         while launcher.file is None or launcher.file.stats is None:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
-        return launcher.file.tcg_buffer, launcher.file.cpu(0).engine.tcg_buffer
+        engine = launcher.file.cpu(0).engine
+        pooled = engine.pool is not None and engine.pool is dev.engines
+        return launcher.file.tcg_buffer, engine.tcg_buffer, pooled
     finally:
         await launcher.kill()
         await run
 
 
 async def test_a_big_image_gets_a_big_translation_buffer(dev: LguestDevice) -> None:
-    file_buffer, cpu_buffer = await _file_buffer(dev, _image_of(1_300_000))
-    assert file_buffer == 16 << 20
-    assert cpu_buffer == 16 << 20 or dev.engines is not None  # (a pool's are the pool's)
-    assert await _file_buffer(dev, _image_of(4096)) == (dev.tcg_buffer, dev.tcg_buffer)
+    # A pool's engines have the device's buffer: a bigger one's CPUs keep their own.
+    pooled = dev.engines is not None
+    assert await _file_buffer(dev, _image_of(1_300_000)) == (16 << 20, 16 << 20, False)
+    small = await _file_buffer(dev, _image_of(4096))
+    assert small == (dev.tcg_buffer, dev.tcg_buffer, pooled)
 
 
 async def test_a_file_takes_its_own_translation_buffer(dev: LguestDevice) -> None:
