@@ -1,6 +1,6 @@
 """What a guest costs in a crowd: a swarm of tickers with no flags, and idle guests.
 
-``python -m benchmarks.bench_swarm [tickers N] [idle N]`` (not in the quick run: it
+``python -m benchmarks.bench_swarm [tickers N] [idle N] [life N]`` (not in the quick run: it
 takes minutes at the issue's scale; pick N for the machine's load):
 
 * ``tickers N``: ``swarm -n N guests/ticker.img --memory 1M --cmdline "ticks=3
@@ -15,6 +15,12 @@ takes minutes at the issue's scale; pick N for the machine's load):
   read), gc-tracked objects and asyncio tasks per guest, and the
   CPU the process spends while they all wait (share of one core).  Goal at
   N = 1,000,000: at most 16 KiB a guest and 1% of a core.
+
+* ``life N``: N tickers (the same command line, console ``null``) launched at once
+  through a ``Supervisor`` in a child process, no swarm table: the child's CPU over
+  the run per guest (a whole life: open, boot, 3 ticks, power-off, close), and with an
+  engine pool (``LGUEST_ENGINE_SWITCH=pool``) the engine takes and switches a life.
+  Goal: at most 1 ms of CPU a life.
 
 Each figure prints one line of per-guest numbers, with the load average.
 """
@@ -130,23 +136,75 @@ def _rss() -> int:
 
 def idle(n: int) -> str:
     """Run ``n`` idle guests in a fresh child process; its per-guest figures."""
-    argv = [sys.executable, "-m", "benchmarks.bench_swarm", "_idle", str(n)]
+    return _child("idle", n)
+
+
+def life(n: int) -> str:
+    """Run ``n`` tickers' lives in a fresh child process; the CPU a life."""
+    return _child("life", n)
+
+
+def _child(figure: str, n: int) -> str:
+    argv = [sys.executable, "-m", "benchmarks.bench_swarm", f"_{figure}", str(n)]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
-    return done.stdout.strip() or f"idle n={n}: failed: {done.stderr.strip()[-300:]}"
+    return done.stdout.strip() or f"{figure} n={n}: failed: {done.stderr.strip()[-300:]}"
+
+
+async def _life(n: int) -> str:
+    config = GuestConfig(
+        image=TICKER, memory="1M", cmdline="ticks=3 period_ms=1000", console="null"
+    )
+    ended = asyncio.Event()
+    left = n
+    guests: list[Guest] = []
+
+    def end() -> None:
+        nonlocal left
+        left -= 1
+        if not left:
+            ended.set()
+
+    async with Supervisor(keep_ended=False) as sup:
+        await sup.launch(config.model_copy(update={"name": "warm"}))  # what all share
+        await asyncio.sleep(0.5)
+        pool = sup.device.engines
+        taken, switched = (pool.taken, pool.switched) if pool is not None else (0, 0)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for i in range(n):
+            guest = await sup.launch(config.model_copy(update={"name": f"ticker-{i}"}))
+            guest.when_done(end)
+            guests.append(guest)
+        await ended.wait()
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+        failed = sum([(await guest.wait()).exit_status != 0 for guest in guests])
+        engines = "no pool"
+        if pool is not None:
+            engines = (
+                f"{(pool.taken - taken) / n:.1f} engine takes and "
+                f"{(pool.switched - switched) / n:.1f} switches a life"
+            )
+    return (
+        f"life n={n}: {cpu / n * 1e3:.2f} ms of CPU a guest ({failed} failed), "
+        f"{wall:.1f} s wall; {engines}; {load()}"
+    )
 
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["_idle"]:
         print(asyncio.run(_idle(int(argv[1]))))
         return
-    figures = {"tickers": tickers, "idle": idle}
+    if argv[:1] == ["_life"]:
+        print(asyncio.run(_life(int(argv[1]))))
+        return
+    figures = {"tickers": tickers, "idle": idle, "life": life}
     pairs = list(zip(argv[::2], argv[1::2], strict=False)) or [
         ("tickers", "5000"),
         ("idle", "5000"),
     ]
     for name, count in pairs:
         if name not in figures:
-            raise SystemExit(f"bench_swarm: unknown figure {name!r} (tickers, idle)")
+            raise SystemExit(f"bench_swarm: unknown figure {name!r} (tickers, idle, life)")
         print(figures[name](int(count)), flush=True)
 
 

@@ -252,7 +252,9 @@ class RunControl:
     # An executor run a break left going on with no read in flight (its asyncio future):
     # the next read takes it over instead of starting one (run._run_slice).
     detached: asyncio.Future[Any] | None = host_only(default=None)
-    yielded_at: float = host_only(default=0.0)  # its inline slices last let the loop run
+    # The loop thread's CPU time (time.thread_time) when its run loop last waited: a yield
+    # or a sleep (run.YIELD_TIME counts from there).
+    yielded_at: float = host_only(default=0.0)
 
 
 @dataclass(eq=False, slots=True)

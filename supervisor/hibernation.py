@@ -37,6 +37,13 @@ about 0.8 MiB each): the next wakes take a ready one.
 ``hibernate_after`` 0 hibernates at the moment a CPU becomes drowsy; infinity
 never.  Event loop only.
 
+Engines at a notify: a pool's CPU whose read ended (its Launcher's turn, a notify to
+serve) keeps its engine until the loop's next turn, or until another CPU's read ends,
+whichever comes first, and not at all if it reads again first: a Launcher that serves
+the notify without waiting reads again at once, and its CPU runs on without giving its
+engine back and taking it again.  One CPU keeps one that way at a time, so the event
+loop holds at most one engine besides the one it runs on.
+
 Packed registers: a CPU that has kept its registers as bytes (hibernated, or with a
 pool, its engine given back) for ``PACK_AFTER`` while no slice of it was queued has
 them packed (:meth:`LgCpu.pack_registers`, 5.4 KiB down to about 0.2 KiB): an idle
@@ -131,6 +138,8 @@ class Dormitory:
         "_debts",
         "_drowsy",
         "_last_trim",
+        "_lazy",
+        "_lazy_due",
         "_pack_timer",
         "_packed",
         "_packing",
@@ -142,6 +151,7 @@ class Dormitory:
         "_timer_due",
         "_trim",
         "deferred",
+        "lazy_kept",
         "packs",
         "trims",
     )
@@ -171,6 +181,11 @@ class Dormitory:
         self._last_trim = -math.inf  # loop time of the last malloc_trim
         self.trims = 0  # times memory was given back to the system
         self.deferred = 0  # wakes put off until the CPU's share had paid for its earlier ones
+        # A pool's CPU whose read ended keeps its engine until the loop's next turn (one
+        # CPU at a time: "Engines at a notify" in the module docstring), and that turn.
+        self._lazy: LgCpu | None = None
+        self._lazy_due: asyncio.Handle | None = None
+        self.lazy_kept = 0  # reads ended whose engine waited for the loop's next turn
 
     def __len__(self) -> int:
         """How many CPUs are drowsy and not yet hibernated."""
@@ -197,6 +212,7 @@ class Dormitory:
             or self._trim is not None
             or self._refill is not None
             or self._pack_timer is not None
+            or self._lazy_due is not None
         )
 
     def drowsy(self, cpu: LgCpu) -> None:
@@ -214,7 +230,10 @@ class Dormitory:
             self._pack_later(cpu)
             return
         if after <= 0:
-            self._hibernate(cpu)
+            if engine.pool is not None and not engine.pool.always and not cpu.run.reading:
+                self._hibernate_soon(cpu)
+            else:
+                self._hibernate(cpu)
             return
         if cpu in self._drowsy:
             return
@@ -226,6 +245,35 @@ class Dormitory:
         self._push(cpu, due)
         if due < self._timer_due:
             self._arm(loop, due)
+
+    def _hibernate_soon(self, cpu: LgCpu) -> None:
+        """A pool's CPU whose read ended (its Launcher's turn now): give its engine back
+        at the loop's next turn, or when another CPU's read ends first, whichever comes
+        first; not at all if its next read has begun by then (that read's run loop gives
+        it back before it waits for anything).  One such CPU at a time, so the event
+        loop holds at most one engine more than it runs on."""
+        self.lazy_kept += 1
+        lazy = self._lazy
+        if lazy is not cpu:
+            if lazy is not None:
+                self._lazy = None
+                self._hibernate_lazy(lazy)
+            self._lazy = cpu
+        if self._lazy_due is None:
+            self._lazy_due = asyncio.get_running_loop().call_soon(self._lazy_turn)
+
+    def _lazy_turn(self) -> None:
+        self._lazy_due = None
+        lazy, self._lazy = self._lazy, None
+        if lazy is not None:
+            self._hibernate_lazy(lazy)
+
+    def _hibernate_lazy(self, cpu: LgCpu) -> None:
+        """Hibernate a CPU :meth:`_hibernate_soon` kept, unless it reads again (its run
+        loop owns the engine then).  A closing CPU too: its file may close it only after
+        other tasks' turns."""
+        if not cpu.run.reading:
+            self._hibernate(cpu)
 
     def _push(self, cpu: LgCpu, due: float) -> None:
         cpu.engine.dormitory_due = due
@@ -428,8 +476,9 @@ class Dormitory:
             if cpu is not None:
                 cpu.engine.pack_queued = False
         self._packing.clear()
-        for handle in (self._timer, self._trim, self._refill, self._pack_timer):
+        self._lazy = None
+        for handle in (self._timer, self._trim, self._refill, self._pack_timer, self._lazy_due):
             if handle is not None:
                 handle.cancel()
-        self._timer = self._trim = self._refill = self._pack_timer = None
+        self._timer = self._trim = self._refill = self._pack_timer = self._lazy_due = None
         self._timer_due = math.inf

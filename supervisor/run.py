@@ -35,7 +35,8 @@ from .hibernation import Dormitory
 from .slicepool import SlicePool
 from .virtual import Simulation
 
-# Inline slices let the loop run its other tasks at least this often (seconds).
+# Inline slices let the loop run its other tasks at least this often: seconds of the loop
+# thread's CPU time since the CPU's run loop last waited (a yield, a sleep).
 YIELD_TIME = 0.0005
 
 
@@ -130,6 +131,8 @@ async def run_guest(
         match exit:
             case None if lg.virtual is not None:
                 await _quantum(cpu, lg.virtual)
+            case None if cpu.run.inline and _yield_due(cpu):
+                await _yield(cpu)  # (then the next pass: anything may have changed meanwhile)
             case None:
                 pool = cpu.engine.pool
                 if pool is not None and pool.always:
@@ -228,6 +231,23 @@ def _let_go(cpu: LgCpu, runnable: bool = True) -> None:
         cpu.release_engine(keep=busy)
 
 
+def _yield_due(cpu: LgCpu) -> bool:
+    """Stay cooperative: a CPU about to run an inline slice lets the loop run other tasks
+    first once it has run ``YIELD_TIME`` since it last waited (a yield, a sleep).  Not
+    before every slice: a turn of the loop costs more than a notify round trip, and with
+    a pool the CPU gives its engine back to yield, which another CPU may switch away
+    meanwhile.  The time counts from when the wait ended: the other tasks' turns are not
+    its own.  Only before a slice, with nothing pending: a read cancelled in the yield
+    loses nothing (a notify a hypercall made is returned first)."""
+    return time.thread_time() - cpu.run.yielded_at >= YIELD_TIME
+
+
+async def _yield(cpu: LgCpu) -> None:
+    _let_go(cpu)
+    await asyncio.sleep(0)
+    cpu.run.yielded_at = time.thread_time()
+
+
 def _urgent(cpu: LgCpu) -> bool:
     """Whether something other than a plain wake waits for the run loop (a close, a hold,
     a break, a death...): a wake put off by the dormitory ends at once."""
@@ -259,6 +279,9 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
     _let_go(cpu, runnable=False)  # (a pool's CPU gives its engine back while it sleeps)
     try:
         await cpu.run.wakeup.wait()
+        # The loop ran every other task meanwhile: YIELD_TIME counts from here, so a
+        # woken CPU's first slice does not give up its engine to yield at once.
+        cpu.run.yielded_at = time.thread_time()
     finally:
         if dormitory is not None:
             dormitory.awake(cpu)
@@ -324,13 +347,6 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         cpu.run.inline = ended is not SliceExit.BUDGET
         # Its handler took longer than an inline slice: the rest runs before the queue's.
         cpu.run.urgent = not cpu.run.inline and bool(pending & ~cpu.irqs_pending)
-        # Stay cooperative: let the loop run other tasks at least every YIELD_TIME.  Not
-        # after every slice: a turn of the loop costs more than a notify round trip.
-        now = time.monotonic()
-        if now - cpu.run.yielded_at >= YIELD_TIME:
-            cpu.run.yielded_at = now
-            _let_go(cpu)
-            await asyncio.sleep(0)
         return ended
     future = cpu.run.detached
     if future is not None:  # a break left the run going on: this read takes it over

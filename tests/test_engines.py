@@ -14,7 +14,7 @@ from guestasm import Booted, boot, present, until
 from unicorn import UcError
 from unicorn import unicorn_const as uc_const
 
-from supervisor import LguestDevice, _slicing, _unicorn, abi, engines, execute
+from supervisor import LguestDevice, _slicing, _unicorn, abi, engines, execute, run
 from supervisor.cpu import LgCpu
 from supervisor.engines import EnginePool, Taken
 
@@ -292,6 +292,39 @@ async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
         with pytest.raises(asyncio.CancelledError):
             await reader
         assert g.file.death is None
+
+
+NOTIFIER = r"""
+main:
+    LGUEST_INIT
+1:  HCALL 17, 1
+    jmp 1b
+"""
+
+
+async def test_a_notify_served_at_once_keeps_the_engine_until_the_loops_next_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Launcher that reads again without waiting finds its CPU still on its engine: no
+    give back and take at every notify.  It is given back at the loop's next turn, or
+    as soon as another CPU's read ends: one CPU at a time keeps one that way.  (No
+    yields to the loop: they give the engine back too, see run.YIELD_TIME.)"""
+    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
+    async with LguestDevice(engines="pool") as dev:
+        pool = pool_of(dev)
+        a, b = await boot(dev, NOTIFIER), await boot(dev, NOTIFIER)
+        cpu_a, cpu_b = a.file.cpu(0), b.file.cpu(0)
+        await a.file.read(abi.WORD_SIZE)
+        assert not cpu_a.hibernated  # its read ended: the engine waits for the next turn
+        taken, releases = pool.taken, cpu_a.stats.hibernations
+        for _ in range(50):
+            assert await a.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert pool.taken == taken and cpu_a.stats.hibernations == releases
+        await b.file.read(abi.WORD_SIZE)  # another read ends: A's engine goes back
+        assert cpu_a.hibernated and not cpu_b.hibernated and pool.held == 1
+        await asyncio.sleep(0)  # the loop's next turn: B's goes back too
+        assert cpu_b.hibernated and pool.held == 0
+        assert pool.peak <= 2 and pool.overdrafts == 0
 
 
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -38,7 +39,10 @@ class Script:
             irqs_pending=0,
             pending_notify=0x1234,
             trap=SimpleNamespace(debug=None),
-            run=SimpleNamespace(hold=None, inline=True, wakeup=asyncio.Event(), yielded_at=0.0),
+            # (It never yields to the loop before a slice: run.YIELD_TIME never passes.)
+            run=SimpleNamespace(
+                hold=None, inline=True, wakeup=asyncio.Event(), yielded_at=math.inf
+            ),
             debug=SimpleNamespace(
                 on_hold=lambda: self.done.append(f"told holder: {self.cpu.run.hold}")
             ),
