@@ -46,6 +46,45 @@ async def test_a_hypercall_trap_reads_the_guest_registers_once(
     assert reads == (0 if _slicing.NATIVE else 50)
 
 
+def _fake_thread_clock(monkeypatch: pytest.MonkeyPatch, look: float) -> list[float]:
+    """run's clock made a counter from the real one: each look at it adds ``look``; the
+    test adds what else passes to the returned list's one item."""
+    clock = [time.thread_time()]
+
+    class Clock:
+        @staticmethod
+        def thread_time() -> float:
+            clock[0] += look
+            return clock[0]
+
+    monkeypatch.setattr(run, "time", Clock)
+    return clock
+
+
+async def _reads_between_turns(g: Booted, other: Callable[[], None], limit: float) -> list[int]:
+    """200 reads of ``g`` while another task calls ``other`` at each of its turns: how
+    many reads were done at each turn."""
+    ticks: list[int] = []
+    reads = 0
+
+    async def turns() -> None:
+        while True:
+            ticks.append(reads)
+            other()
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(turns())
+    await asyncio.sleep(0)
+    try:
+        async with asyncio.timeout(limit):
+            for _ in range(200):
+                await g.file.read(abi.WORD_SIZE)
+                reads += 1
+    finally:
+        task.cancel()
+    return ticks
+
+
 async def test_a_reader_that_never_waits_still_lets_the_loop_run(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,31 +96,8 @@ async def test_a_reader_that_never_waits_still_lets_the_loop_run(
     sometimes falls short of YIELD_TIME after five looks.)"""
     g = await boot(dev, NOTIFY_LOOP)
     await g.file.read(abi.WORD_SIZE)
-    clock = [time.thread_time()]
-
-    class Clock:
-        @staticmethod
-        def thread_time() -> float:
-            clock[0] += YIELD_TIME / 4.9
-            return clock[0]
-
-    monkeypatch.setattr(run, "time", Clock)
-    ticks: list[int] = []
-    reads = 0
-
-    async def ticker() -> None:
-        while True:
-            ticks.append(reads)
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    try:
-        for _ in range(200):
-            await g.file.read(abi.WORD_SIZE)
-            reads += 1
-    finally:
-        task.cancel()
+    _fake_thread_clock(monkeypatch, YIELD_TIME / 4.9)
+    ticks = await _reads_between_turns(g, lambda: None, 60)
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert max(gaps) <= 4, gaps  # the loop ran at least every fourth read
     assert len(ticks) <= 200 // 3, len(ticks)  # and not after every read
@@ -96,33 +112,12 @@ async def test_the_other_tasks_turns_do_not_count_as_the_readers_time(
     reader's looks adds a tenth of YIELD_TIME, each turn of another task a whole one."""
     g = await boot(dev, NOTIFY_LOOP)
     await g.file.read(abi.WORD_SIZE)
-    clock = [time.thread_time()]
+    clock = _fake_thread_clock(monkeypatch, YIELD_TIME / 10)
 
-    class Clock:
-        @staticmethod
-        def thread_time() -> float:
-            clock[0] += YIELD_TIME / 10
-            return clock[0]
+    def busy() -> None:
+        clock[0] += YIELD_TIME
 
-    monkeypatch.setattr(run, "time", Clock)
-    ticks: list[int] = []
-    reads = 0
-
-    async def busy() -> None:
-        while True:
-            ticks.append(reads)
-            clock[0] += YIELD_TIME
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(busy())
-    await asyncio.sleep(0)
-    try:
-        async with asyncio.timeout(30):  # (yielding at every pass would never read)
-            for _ in range(200):
-                await g.file.read(abi.WORD_SIZE)
-                reads += 1
-    finally:
-        task.cancel()
+    ticks = await _reads_between_turns(g, busy, 30)  # (yielding at every pass: no reads)
     gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert max(gaps) <= 11, gaps  # it still yields: at least every eleventh read
     assert len(ticks) <= 200 // 8, len(ticks)  # but not at every read
