@@ -395,6 +395,9 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         raise
     finally:
         cpu.run.on_break = None
+        # The loop ran every other task while this CPU's run was the executor's: a wait,
+        # so YIELD_TIME counts from here (a withdrawn run's irq goes in at once).
+        cpu.run.yielded_at = time.thread_time()
         if cpu.run.detached is not future:
             cpu.run.queued_slice = None
             if future.done() or queued.cancelled():
