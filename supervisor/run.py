@@ -122,6 +122,15 @@ async def run_guest(
     lg = cpu.lg
     if lg.virtual is not None:
         lg.virtual.reading(cpu)
+    if cpu.run.detached is not None:
+        # A run a break left going on owns the CPU (registers, hcall, halted...) until
+        # it ends: this read takes it over before it looks at the CPU or runs it, so that
+        # no slice runs beside it, whatever woke the CPU meanwhile.
+        if cpu.run.break_out and not cpu.run.closing:
+            raise _oserror(errno.EAGAIN)  # still broken out: the run goes on
+        await _run_slice(cpu, executor)
+        if cpu.run.detached is not None:  # broken out again: the run goes on
+            raise _oserror(errno.EAGAIN)
     if dormitory is not None and cpu.engine.frozen is not None:
         # It hibernated waiting for this read: its wake is paid for like a halt's.
         await dormitory.turn(cpu, executor, functools.partial(_urgent, cpu))
@@ -339,7 +348,7 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
     the executor's queue, before its first slice or between two (:meth:`LgCpu.wake`),
     ends as a ``KICK``.
     """
-    if cpu.run.inline:
+    if cpu.run.inline and cpu.run.detached is None:
         pending = cpu.irqs_pending  # (only the event loop raises irqs: none come meanwhile)
         ended = run_slice(cpu, INLINE_BUDGET)
         assert isinstance(ended, SliceExit)  # (AGAIN only with `more`)

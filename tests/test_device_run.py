@@ -137,6 +137,68 @@ async def test_a_break_ends_the_read_while_the_executor_run_goes_on(
     assert present(g.file.stats).slices == slices + 1  # the cancel stopped the one slice
 
 
+@pytest.mark.skipif(
+    engines.mode_from_env() == "always",
+    reason="engines switched at every slice: a break stops the run",
+)
+async def test_a_read_takes_over_a_run_a_break_left_going_on_before_any_slice(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A wake while a run a break left going on is still in its slice (an irq on the
+    # count= fallback, which cannot stop that run for it; a hold): the next read must
+    # wait for that run, never start a slice of the CPU beside it on the event loop
+    # (two threads in one Unicorn instance corrupt the guest and the Host).
+    from supervisor import execute, run
+
+    real = execute.run_slice
+    loop_thread = threading.get_ident()
+    hold = threading.Event()
+    release = threading.Event()
+    lock = threading.Lock()
+    active = [0]
+    overlaps: list[str] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            active[0] += 1
+            if active[0] > 1:
+                overlaps.append("loop" if threading.get_ident() == loop_thread else "worker")
+        try:
+            result = real(*args, **kwargs)
+            if hold.is_set() and threading.get_ident() != loop_thread:
+                release.wait(60)  # the run stays in its slice until the test lets it end
+            return result
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(run, "run_slice", counted)
+    g = await boot(dev, SPIN)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    hold.set()
+    breaker = asyncio.create_task(g.file.waker().write(pack_words(LHREQ_BREAK, 1)))
+    await expect(errno.EAGAIN, reader)
+    try:
+        assert cpu.running
+        await g.file.write(pack_words(LHREQ_BREAK, 0))
+        await breaker
+        cpu.wake()  # kicks the run, and would have the next slice run on the loop
+        reader = asyncio.create_task(g.file.read(8))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert overlaps == []
+        assert cpu.running and not reader.done()  # the read waits for the run to end
+    finally:
+        hold.clear()
+        release.set()
+    before = g.u32("counter")
+    await until(_differs(g, "counter", before))  # the read took the run over: it computes
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert overlaps == []
+
+
 @going_on
 @pytest.mark.parametrize("then", ["pause", "close", "irq"])
 async def test_a_run_a_break_left_going_on_stops_when_the_cpu_is_needed(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from supervisor import GuestConfig, GuestMemory, LguestDevice, Supervisor
+from supervisor import GuestConfig, GuestMemory, LguestDevice, Supervisor, _slicing, engines
 from supervisor.launcher import files
 from supervisor.launcher.console import Console
 from supervisor.launcher.devices import Slot
@@ -73,7 +73,13 @@ async def test_guests_waiting_on_sockets_wake_without_breaks(build_guest: BuildG
         assert (await server.wait()).ok
     # Each round trip wakes each guest once from its wait in recv; asleep there, it is
     # interrupted without a break.  (A wake that finds it between the device's answer
-    # and its halt still breaks it out: a few, not one per round trip.)
+    # and its halt still breaks it out: a few, not one per round trip.)  Not on the
+    # count= fallback, whose budgets count instructions, not blocks (its slices on the
+    # event loop end before the halt far more often, so a wake finds the guest in an
+    # executor run), nor with an engine switched at every slice, whose every slice
+    # ends through the run loop: there the exchange above is what is checked.
+    if not _slicing.NATIVE or engines.mode_from_env() == "always":
+        return
     for guest in (client, server):
         assert guest.stats.breaks <= rounds // 10, guest.stats
         assert guest.stats.interrupts >= rounds // 2
