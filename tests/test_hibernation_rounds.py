@@ -163,6 +163,9 @@ async def test_a_wake_for_the_launchers_read_is_put_off_too(
     are put off like a halt's once it owes more than its grace."""
     monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
     monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    # Hibernation proper: with a pool, a CPU whose Launcher reads again at once keeps its
+    # engine (hibernation, "Engines at a notify"), so there is no wake to put off.
+    monkeypatch.setenv(engines.ENV, "off")
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
         spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
