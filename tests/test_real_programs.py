@@ -391,3 +391,26 @@ def test_zlib_ng_is_configured_as_its_configure_does(tmp_path: Path) -> None:
         src / "deflate.c",
         src / "gzlib.c",
     ]
+
+
+@pytest.mark.real_programs
+@pytest.mark.slow
+def test_speedtest1_completes_and_prints_a_time() -> None:
+    """SQLite's own ``speedtest1`` (``test/speedtest1.c``, which no registry this suite
+    reaches carries: its path comes from ``$LGUEST_SPEEDTEST1``, as for the benchmark)
+    built with the pinned amalgamation runs the tests of its mix in a guest and prints
+    its total time."""
+    bench = pytest.importorskip("benchmarks.bench_speedtest")
+    source = bench.source()
+    if source is None:
+        pytest.skip(f"set {bench.SOURCE_ENV} to SQLite 3.50.4's test/speedtest1.c")
+    image = bench.build(source)
+    cmdline = f"--size 1 --testset {bench.TESTSET} :memory:"
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", str(image), "--memory", "64M",
+         f"--cmdline={cmdline}"],
+        capture_output=True, timeout=LIMIT,
+    )  # fmt: skip
+    out = succeeded(done)
+    assert re.search(r"TOTAL\.+\s+\d+\.\d+s", out), out[-2000:]
+    assert len(bench.test_names(out)) > 20, out[-2000:]  # (the mix: some 60 tests)
