@@ -333,7 +333,11 @@ class Dormitory:
     async def turn(self, cpu: LgCpu, workers: SlicePool, urgent: Callable[[], bool]) -> None:
         """Before a woken CPU runs: while a guest computes on ``workers`` and ``cpu`` owes
         more than ``WAKE_GRACE``, wait until its share has paid the excess (or until
-        ``urgent()``)."""
+        ``urgent()``).  Not a pool's CPU: its wake takes a warm engine (a switch, as any
+        busy CPU's slice may), not a new emulator, so there is nothing to pay off, and
+        putting it off would hold an interrupt behind a whole round of the crowd."""
+        if cpu.engine.pool is not None:
+            return
         if not workers.computing:
             self._debts.pop(cpu, None)  # what nobody else needed is not owed
             return

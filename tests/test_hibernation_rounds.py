@@ -177,3 +177,22 @@ async def test_a_wake_for_the_launchers_read_is_put_off_too(
         assert flood.stats.wakes >= 1 and flood.stats.hibernations >= 1
         for guest in (flood, spinner):
             assert (await guest.kill()).reason == "killed"
+
+
+async def test_a_pooled_guests_wakes_are_never_put_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an engine pool a wake takes a warm engine, not a new emulator: the same
+    wakers beside the same computing neighbour as above, with the same tiny share, are
+    never put off (an interrupt for a halted guest must not wait out a round of the
+    crowd), and every tick goes on."""
+    monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
+    monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    monkeypatch.setenv(engines.ENV, "pool")
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        dormitory = sup.device.dormitory
+        spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
+        wakers = [await sup.launch(ticker(cmdline="ticks=300 period_ms=0")) for _ in range(4)]
+        for guest in wakers:
+            assert (await guest.wait()).ok
+            assert guest.stats.wakes >= 100
+        assert dormitory.deferred == 0
+        assert (await spinner.kill()).reason == "killed"
