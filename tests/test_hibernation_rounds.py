@@ -128,6 +128,13 @@ def ticker(**fields: Any) -> GuestConfig:
     )
 
 
+def _tiny_wake_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wakers' share of the loop and a debt before waiting so small that any wake
+    exceeds them: the tests check the mechanism, not this machine's speed."""
+    monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
+    monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+
+
 async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_computes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -140,8 +147,7 @@ async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_comp
     ahead) always exceeds them after a wake or two: the test checks the mechanism, not
     where this machine's speed puts the defaults, nor how many wakes a loaded machine's
     niced workers let the wakers make."""
-    monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
-    monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    _tiny_wake_share(monkeypatch)
     monkeypatch.setenv(engines.ENV, "off")  # wakes that take new emulators
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
@@ -161,8 +167,7 @@ async def test_a_wake_for_the_launchers_read_is_put_off_too(
     """A guest that never halts, but hibernates each time it waits for its Launcher (a
     notify at every step), wakes at each read: while a neighbour computes, those wakes
     are put off like a halt's once it owes more than its grace."""
-    monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
-    monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    _tiny_wake_share(monkeypatch)
     # Hibernation proper: with a pool, a CPU whose Launcher reads again at once keeps its
     # engine (hibernation, "Engines at a notify"), so there is no wake to put off.
     monkeypatch.setenv(engines.ENV, "off")
@@ -184,8 +189,7 @@ async def test_a_pooled_guests_wakes_are_never_put_off(monkeypatch: pytest.Monke
     wakers beside the same computing neighbour as above, with the same tiny share, are
     never put off (an interrupt for a halted guest must not wait out a round of the
     crowd), and every tick goes on."""
-    monkeypatch.setattr(hibernation, "WAKE_SHARE", 1e-6)
-    monkeypatch.setattr(hibernation, "WAKE_GRACE", 1e-6)
+    _tiny_wake_share(monkeypatch)
     monkeypatch.setenv(engines.ENV, "pool")
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
