@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from supervisor.cluster import (  # noqa: E402
     WorkerActor,
 )
 from supervisor.launcher.loader import FLAT_TRAILER, ImageError  # noqa: E402
+from supervisor.pytest_plugin import BuildGuest  # noqa: E402
 from supervisor.snapshot import SnapshotError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
 
@@ -444,3 +446,61 @@ async def test_a_lost_worker_resets_the_connections_to_its_guests() -> None:
         assert cl.net.members == {}
         gone = {"stalled": 0, "connections": 0, "remotes": {}}
         await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s == gone)
+
+
+@pytest.fixture
+def probe(build_guest: BuildGuest) -> Path:
+    """tests/c/netprobe.c: socket behaviours, one mode per run."""
+    source = Path(__file__).resolve().parent / "c" / "netprobe.c"
+    return build_guest(source.read_text(), flags=("-O2",))
+
+
+def probing(image: Path, name: str, cmdline: str) -> GuestConfig:
+    return GuestConfig(image=image, name=name, cmdline=cmdline, memory="4M", net=True)
+
+
+async def test_host_is_the_driver_for_guests_on_every_worker(probe: Path) -> None:
+    """Guests on both workers call the driver's server at host:7 (and are refused at
+    host:9); the driver connects to a guest by name on a worker, and exchanges
+    datagrams with one."""
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+
+        async def shout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write((await reader.readline()).upper())
+            await writer.drain()
+            writer.close()
+
+        server = await cl.net.start_server(shout, 7)
+        calls = [
+            await cl.launch(networked("tcp_echo_client.elf", f"c{i}", f"host 7 hi {i}"), worker=w)
+            for i, w in enumerate((w0, w1))
+        ]
+        assert [await collect(c) for c in calls] == [["HI 0"], ["HI 1"]]
+        assert [(await c.wait()).ok for c in calls] == [True, True]
+        assert server.connections == 2
+        refused = await cl.launch(networked("tcp_echo_client.elf", "c2", "host 9 x"), worker=w1)
+        assert (await refused.wait()).exit_status == 1  # connect: ECONNREFUSED (its stderr)
+
+        echo = await cl.launch(networked("tcp_echo_server.elf", "echo", "7 1"), worker=w1)
+        assert await anext(aiter(echo.console)) == "listening on 7"
+        reader, writer = await cl.net.open_connection("echo", 7)
+        writer.write(b"ping\n")
+        assert await reader.readline() == b"ping\n"
+        writer.close()
+        assert (await echo.wait()).ok
+        with pytest.raises(OSError) as gone:
+            await cl.net.open_connection("c0", 7)  # it ended: its name is gone
+        assert gone.value.errno == errno.EHOSTUNREACH
+
+        uecho = await cl.launch(probing(probe, "uecho", "udp-echo 5353 1"), worker=w0)
+        lines = aiter(uecho.console)
+        assert await anext(lines) == "ready udp"
+        with pytest.raises(ConnectionRefusedError):  # answered by its worker
+            await cl.net.open_connection("uecho", 7)
+        endpoint = await cl.net.open_datagram()
+        endpoint.send(b"datagram", ("uecho", 5353))
+        assert await endpoint.recv() == (b"datagram", (cl.net.resolve("uecho"), 5353))
+        assert await anext(lines) == "datagram 8 from 10.0.0.1"
+        assert (await uecho.wait()).ok
+        endpoint.close()
