@@ -208,10 +208,15 @@ class NetBridge:
 
     # -- members --------------------------------------------------------------------------
     def add(self, name: str, ip: int, worker: str) -> None:
-        """``name`` (address ``ip``) runs on ``worker`` (another worker)."""
+        """``name`` (address ``ip``) runs on ``worker`` (another worker).
+
+        A member it replaces (the guest moved) is forgotten, while the connections
+        made with it run on to the ends its old worker sends: the reset of every one
+        when the move is done (:meth:`reset`), or none if the move fails and the
+        guest runs on there."""
         old = self.remotes.pop(ip, None)
-        if old is not None and old.remote is not None:
-            self.net.drop_remote(old.name)
+        if old is not None:
+            self.net.forget_remote(old)
         member = self.net.add_remote(name, ip, _RemoteAt(self, worker))
         self.remotes[ip] = member
 
@@ -220,6 +225,19 @@ class NetBridge:
         it as a remote member, and it connects to them as one."""
         self.net.host_elsewhere(_RemoteAt(self, worker))
         self.remotes[HOST_ADDR] = self.net.host
+
+    def reset(self, name: str) -> None:
+        """Reset every connection of ``name``, a guest here that moved away: its peers,
+        here and elsewhere, read what it sent, then get ``ECONNRESET`` (its listeners'
+        connections not yet accepted too), as a peer whose host vanished leaves them."""
+        for member in self.net.members:
+            if member.name != name or member.remote is not None:
+                continue
+            for sock in list(member.sockets):
+                if isinstance(sock, StreamSocket):
+                    for pending in list(sock.backlog):
+                        pending.abort(errno.ECONNRESET)
+                    sock.abort(errno.ECONNRESET)
 
     def drop(self, name: str) -> None:
         """``name`` has left the network: it no longer resolves (its connections end by
@@ -896,6 +914,8 @@ class WorkerActor:
         if moved:
             hosted.moved = True
             hosted.relay.finish("moved")
+            if net_at is not None:  # connections do not follow it: reset, not ended
+                self.bridge.reset(net_at[0])
             await hosted.guest.kill("moved")
             if net_at is not None:
                 self.bridge.add(*net_at)

@@ -504,3 +504,31 @@ async def test_host_is_the_driver_for_guests_on_every_worker(probe: Path) -> Non
         assert await anext(lines) == "datagram 8 from 10.0.0.1"
         assert (await uecho.wait()).ok
         endpoint.close()
+
+
+async def test_a_move_resets_connections_and_the_listener_listens_again(probe: Path) -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        srv = await cl.launch(probing(probe, "srv", "snap 7"), worker=w1)
+        srv_lines = aiter(srv.console)
+        assert await anext(srv_lines) == "ready snap"
+        cli = await cl.launch(probing(probe, "cli", "client-wait srv 7"), worker=w0)
+        cli_lines = aiter(cli.console)
+        assert [await anext(cli_lines) for _ in range(2)] == ["connect OK", "ready client"]
+        assert await anext(srv_lines) == "accepted 1"
+        reader, _writer = await cl.net.open_connection("srv", 7)  # in the backlog
+        assert await cl.migrate(srv) is w0
+        # Its peers, on its new worker and on the driver, see a reset, not an end.
+        assert [line async for line in cli_lines] == ["recv -1 ECONNRESET", "send-after EPIPE"]
+        with pytest.raises(ConnectionResetError):
+            await reader.read()
+        with pytest.raises(ConnectionRefusedError):  # its listener did not move with it
+            await cl.net.open_connection("srv", 7)
+        srv.send("go\n")
+        assert [line async for line in srv_lines] == [
+            "accept ESTALE",
+            "recv -1 ESTALE",
+            "close OK OK",
+            "listen-again 1",  # on arrival: the port is its own to listen on again
+        ]
+        assert (await srv.wait()).ok

@@ -1,7 +1,7 @@
 """supervisor.cluster's NetBridge, two workers' Networks and the driver's on one loop: a
 bridge calls another directly where a worker makes an actor call (and the driver's long
 poll carries a worker's calls of the driver), so the mechanism (names, connect, ordered
-acknowledged pieces, ends, faults, a lost worker, ``host`` served by the driver)
+acknowledged pieces, ends, faults, a lost worker, ``host`` served by the driver, a move)
 is tested without Ray.  tests/test_cluster.py runs C guests across two real Ray workers."""
 
 from __future__ import annotations
@@ -354,3 +354,32 @@ async def test_datagrams_between_the_driver_and_guests_and_the_name_server_local
     assert sender == (HOST_ADDR, DNS_PORT) and reply.endswith(A_IP.to_bytes(4, "big"))
     assert len(pair.calls) == calls
     endpoint.close()
+
+
+async def test_a_move_resets_the_connections_and_a_failed_move_keeps_them(pair: Pair) -> None:
+    listener = pair.b.socket("stream")
+    assert isinstance(listener, StreamSocket)
+    listener.bind(0, 7)
+    listener.listen(4)
+    client = await connect(pair.a, B_IP, 7)
+    server = await retry(pair.b, listener.accept)
+    reader, writer = await pair.driver.open_connection("b", 7)
+    from_host = await retry(pair.b, listener.accept)
+    # b is placed again where it runs (a failed move): its connections go on.
+    for there in ("w0", DRIVER):
+        pair.bridges[there].add("b", B_IP, "w1")
+    await write_all(pair.a, client, b"still", shut=False)
+    assert await retry(pair.b, lambda: server.recv(10)) == b"still"
+    writer.write(b"here")
+    assert await retry(pair.b, lambda: from_host.recv(10)) == b"here"
+    # b moved: its old worker resets every connection after the bytes b sent.
+    await write_all(pair.b, server, b"last", shut=False)
+    await write_all(pair.b, from_host, b"last", shut=False)
+    pair.bridges["w1"].reset("b")
+    assert await retry(pair.a, lambda: client.recv(10)) == b"last"
+    with pytest.raises(NetError) as reset:
+        await retry(pair.a, lambda: client.recv(10))
+    assert reset.value.errno == errno.ECONNRESET
+    assert await reader.readexactly(4) == b"last"
+    with pytest.raises(ConnectionResetError):
+        await reader.read()
