@@ -356,8 +356,10 @@ class NetBridge:
             first = flight[0][0]
             if not first.done():
                 wake = asyncio.ensure_future(conn.readable.wait())
-                await asyncio.wait({first, wake}, return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                try:
+                    await asyncio.wait({first, wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (also when the pump is cancelled: no task is left behind)
+                    wake.cancel()
                 continue
             flight.popleft()
             got = GONE if first.cancelled() or first.exception() else first.result()
