@@ -532,3 +532,23 @@ async def test_a_move_resets_connections_and_the_listener_listens_again(probe: P
             "listen-again 1",  # on arrival: the port is its own to listen on again
         ]
         assert (await srv.wait()).ok
+
+
+async def test_a_failed_move_keeps_the_connections() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        echo = await cl.launch(networked("tcp_echo_server.elf", "echo", "7"), worker=w0)
+        assert await anext(aiter(echo.console)) == "listening on 7"
+        reader, writer = await cl.net.open_connection("echo", 7)
+        writer.write(b"before\n")
+        assert await reader.readline() == b"before\n"
+        ray.kill(w1.actor, no_restart=True)  # dead, still marked alive
+        with contextlib.suppress(RayActorError):
+            while True:  # until calls to it fail
+                await w1.actor.ping.remote()
+        with pytest.raises(ClusterError, match="worker w1 died during the move"):
+            await cl.migrate(echo, w1)
+        writer.write(b"after\n")  # the same connection, to the guest running on at w0
+        assert await reader.readline() == b"after\n"
+        writer.close()
+        await echo.kill()
