@@ -440,8 +440,13 @@ async def test_a_lost_worker_resets_the_connections_to_its_guests() -> None:
         assert await anext(aiter(server.console)) == "listening on 7"
         holder = await cl.launch(networked("tcp_hold_client.elf", "hold", "echo 7 hi"), worker=w1)
         assert await anext(aiter(holder.console)) == "hi"  # connected, echoed, holding
+        reader, writer = await cl.net.open_connection("echo", 7)
+        writer.write(b"hi\n")
+        assert await reader.readline() == b"hi\n"
         await w0.kill()
         assert (await holder.wait()).exit_status == 1  # its recv failed: ECONNRESET
+        with pytest.raises(ConnectionResetError):  # the driver's too
+            await reader.read()
         assert (await server.wait()).reason == "worker w0 lost"
         assert cl.net.members == {}
         gone = {"stalled": 0, "connections": 0, "remotes": {}}
