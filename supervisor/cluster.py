@@ -1424,7 +1424,7 @@ class ClusterNetwork:
         await self._fault("unlink", a, b)
 
     def _known(self, name_or_address: str) -> None:
-        if name_or_address in self._table:
+        if name_or_address in self._table or name_or_address == "host":  # host: the driver
             return
         try:
             ip = ip_int(name_or_address)

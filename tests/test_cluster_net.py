@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar, cast
 
 import pytest
 
 pytest.importorskip("ray")
 
-from supervisor.cluster import DRIVER, NetBridge
+from supervisor.cluster import DRIVER, Cluster, ClusterNetwork, NetBridge
 from supervisor.net import (
     DATAGRAM_COST,
     DNS_PORT,
@@ -383,3 +384,20 @@ async def test_a_move_resets_the_connections_and_a_failed_move_keeps_them(pair: 
     assert await reader.readexactly(4) == b"last"
     with pytest.raises(ConnectionResetError):
         await reader.read()
+
+
+async def test_a_partition_cuts_guests_off_the_driver_until_healed(pair: Pair) -> None:
+    await pair.driver.start_server(echo_once, 8000)
+    pair.fault("partition", ["host"], ["a"])
+    late = asyncio.ensure_future(connect(pair.a, HOST_ADDR, 8000))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not late.done() and pair.nets["w0"].stalled  # held by a's worker
+    pair.fault("heal")
+    sock = await late
+    await write_all(pair.a, sock, b"healed\n", shut=False)
+    assert await read_all(pair.a, sock) == b"healed from 10.0.0.2\n"
+    # The cluster's faults name the driver as host, as a Network's do.
+    network = ClusterNetwork(cast(Cluster, SimpleNamespace(workers=[])))
+    await network.partition(["host"], ["10.0.0.2"])
+    await network.heal()
