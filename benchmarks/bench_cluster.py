@@ -15,7 +15,10 @@ Needs Ray (``pip install -e '.[cluster]'``).  Four figures, each against its goa
   ends with status 0 and exactly its console output;
 * the network across workers (``--net-only`` runs just these): a 1-byte round trip
   and 64 KiB-write throughput between two C guests (benchmarks/c/netbench.c) on
-  different workers, against the same two guests on one worker in the same run.
+  different workers, against the same two guests on one worker in the same run;
+  and the same two figures between a guest on a worker and the driver's ``host``
+  (``cl.net.start_server``), against the same guest in a Supervisor of the
+  driver's own process and its ``sup.net.start_server``.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import ray
 
 from supervisor import GuestConfig, Supervisor, sdk
 from supervisor.cluster import Cluster, ClusterError, RemoteGuest
+from supervisor.host import Guest
 
 from .harness import poll
 
@@ -148,6 +153,86 @@ async def _net_pair(
     return t
 
 
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _host_run(
+    net: Cluster | Supervisor,
+    launch: Callable[[GuestConfig], Awaitable[RemoteGuest | Guest]],
+    image: Path,
+    client: str,
+) -> float:
+    """Seconds from a netbench client's "start" (connected to ``host:7``) to its "done"
+    (ping) or to the host's sink having read every byte (send)."""
+    loop = asyncio.get_running_loop()
+    drained: asyncio.Future[float] = loop.create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(1 << 16):
+            pass
+        drained.set_result(time.perf_counter())
+        writer.close()
+
+    ping = client.startswith("ping")
+    server = await net.net.start_server(_echo if ping else sink, 7)
+    config = GuestConfig(image=image, name="hostcli", cmdline=client, memory="4M", net=True)
+    guest = await launch(config)
+    lines = aiter(guest.console)
+    assert await anext(lines) == "start"
+    t0 = time.perf_counter()
+    if ping:
+        assert await anext(lines) == "done"
+        t = time.perf_counter() - t0
+    else:
+        t = await drained - t0
+    assert (await guest.wait()).ok
+    server.close()
+    return t
+
+
+async def host_network(
+    cl: Cluster, image: Path, rtts: int, size: int, reps: int
+) -> list[tuple[str, str, str, str]]:
+    """Round trip and throughput between a guest on a worker and the driver's host, as
+    a ratio to the same guest in a Supervisor of this process and its host."""
+    rtt: dict[str, list[float]] = {"local": [], "driver": []}
+    put: dict[str, list[float]] = {"local": [], "driver": []}
+
+    async def on_worker(config: GuestConfig) -> RemoteGuest:
+        return await cl.launch(config, worker=cl.workers[0])
+
+    async with Supervisor() as sup:
+        for _ in range(reps):
+            for key, net, launch in (
+                ("local", sup, sup.launch),
+                ("driver", cl, on_worker),
+            ):
+                rtt[key].append(await _host_run(net, launch, image, f"ping host 7 {rtts}") / rtts)
+                put[key].append(await _host_run(net, launch, image, f"send host 7 {size}"))
+    local, driver = min(rtt["local"]) * 1e3, min(rtt["driver"]) * 1e3
+    mb = size / 1e6
+    local_mbs, driver_mbs = mb / min(put["local"]), mb / min(put["driver"])
+    note = f"best of {reps}; the same guest in a Supervisor of the driver's process"
+    return [
+        (
+            "1-byte round trip, guest on a worker to the driver",
+            f"{driver:.2f} ms",
+            "-",
+            f"{driver / local:.1f}x the {local:.3f} ms in one process ({rtts} round trips); {note}",
+        ),
+        (
+            f"guest on a worker to the driver, 64 KiB writes, {mb:.0f} MB",
+            f"{driver_mbs:.1f} MB/s",
+            "-",
+            f"{driver_mbs / local_mbs:.2f}x the {local_mbs:.0f} MB/s in one process; {note}",
+        ),
+    ]
+
+
 async def network(cl: Cluster, rtts: int, size: int, reps: int) -> list[tuple[str, str, str, str]]:
     """Round trip and throughput between two guests on two workers, as a ratio to the
     same two guests on one worker (best of ``reps`` each, interleaved)."""
@@ -164,6 +249,7 @@ async def network(cl: Cluster, rtts: int, size: int, reps: int) -> list[tuple[st
                 put[key].append(
                     await _net_pair(cl, image, "sink 7", f"send {{}} 7 {size}", where, tag + "s")
                 )
+        host_rows = await host_network(cl, image, rtts, size, reps)
     one, two = min(rtt["one"]) * 1e3, min(rtt["two"]) * 1e3
     mb = size / 1e6
     one_mbs, two_mbs = mb / min(put["one"]), mb / min(put["two"])
@@ -181,6 +267,7 @@ async def network(cl: Cluster, rtts: int, size: int, reps: int) -> list[tuple[st
             "-",
             f"{two_mbs / one_mbs:.2f}x the {one_mbs:.0f} MB/s on one worker; {note}",
         ),
+        *host_rows,
     ]
 
 

@@ -69,11 +69,14 @@ from .launcher.loader import parse_image
 from .net import (
     DATAGRAM_COST,
     FIRST_GUEST,
+    HOST_ADDR,
     NET_MASK,
     NET_PREFIX,
     Address,
+    DatagramEndpoint,
     Member,
     NetError,
+    NetServer,
     Network,
     StreamSocket,
     WouldBlock,
@@ -131,6 +134,8 @@ class Capture:
 PIECE = 64 << 10  # bytes of one connection's way per actor call at most
 WINDOW = 4  # calls of one way on their way at once (their bytes stay in the sender's buffer)
 GONE = -1  # a piece's answer when its connection is over at the receiving end
+DRIVER = "driver"  # the driver as the workers' bridges name it: where ``host`` lives
+DRIVER_CALLS = ("net_connect", "net_piece", "net_datagram")  # what a worker asks of it
 DATA, EOF, CLOSE, RESET = "", "eof", "close", "reset"  # what a piece ends its way with
 
 # One call to another worker's bridge: (worker name, method name, arguments) -> its answer.
@@ -203,12 +208,36 @@ class NetBridge:
 
     # -- members --------------------------------------------------------------------------
     def add(self, name: str, ip: int, worker: str) -> None:
-        """``name`` (address ``ip``) runs on ``worker`` (another worker)."""
+        """``name`` (address ``ip``) runs on ``worker`` (another worker).
+
+        A member it replaces (the guest moved) is forgotten, while the connections
+        made with it run on to the ends its old worker sends: the reset of every one
+        when the move is done (:meth:`reset`), or none if the move fails and the
+        guest runs on there."""
         old = self.remotes.pop(ip, None)
-        if old is not None and old.remote is not None:
-            self.net.drop_remote(old.name)
+        if old is not None:
+            self.net.forget_remote(old)
         member = self.net.add_remote(name, ip, _RemoteAt(self, worker))
         self.remotes[ip] = member
+
+    def host_at(self, worker: str) -> None:
+        """``host`` is the program on ``worker`` (the driver): the guests here reach
+        it as a remote member, and it connects to them as one."""
+        self.net.host_elsewhere(_RemoteAt(self, worker))
+        self.remotes[HOST_ADDR] = self.net.host
+
+    def reset(self, name: str) -> None:
+        """Reset every connection of ``name``, a guest here that moved away: its peers,
+        here and elsewhere, read what it sent, then get ``ECONNRESET`` (its listeners'
+        connections not yet accepted too), as a peer whose host vanished leaves them."""
+        for member in self.net.members:
+            if member.name != name or member.remote is not None:
+                continue
+            for sock in list(member.sockets):
+                if isinstance(sock, StreamSocket):
+                    for pending in list(sock.backlog):
+                        pending.abort(errno.ECONNRESET)
+                    sock.abort(errno.ECONNRESET)
 
     def drop(self, name: str) -> None:
         """``name`` has left the network: it no longer resolves (its connections end by
@@ -327,8 +356,10 @@ class NetBridge:
             first = flight[0][0]
             if not first.done():
                 wake = asyncio.ensure_future(conn.readable.wait())
-                await asyncio.wait({first, wake}, return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                try:
+                    await asyncio.wait({first, wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:  # (also when the pump is cancelled: no task is left behind)
+                    wake.cancel()
                 continue
             flight.popleft()
             got = GONE if first.cancelled() or first.exception() else first.result()
@@ -384,6 +415,8 @@ class NetBridge:
             end.close()
         elif how == RESET:
             end.abort(errno.ECONNRESET)
+        if how in (CLOSE, RESET):
+            conn.readable.set()  # a closed end has nothing more to send: the pump ends it
         if how != DATA:
             conn.got_end = True
             self._settle(conn)
@@ -452,6 +485,63 @@ class NetBridge:
         getattr(self.net, fault)(*args, **kwargs)
 
 
+class _Outbox:
+    """The calls a worker's bridge makes of the driver, which no actor call reaches (the
+    driver is no actor): the driver fetches them with a long poll (``net_calls``) and
+    sends their answers back (``net_answers``), so they travel as actor calls too.
+
+    What waits here is bounded as the calls between workers are: each connection has
+    at most :data:`WINDOW` pieces on their way, datagrams at most ``datagram_queue``.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str, tuple[Any, ...]]] = []
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
+        self.ready = asyncio.Event()
+        self.closed = False
+        self._ids = 0
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self.closed:
+            raise ClusterError("the worker is closing")
+        self._ids += 1
+        number = self._ids
+        answer = self.waiting[number] = asyncio.get_running_loop().create_future()
+        self.calls.append((number, method, args))
+        self.ready.set()
+        try:
+            return await answer
+        finally:
+            self.waiting.pop(number, None)
+
+    async def take(self) -> list[tuple[int, str, tuple[Any, ...]]] | None:
+        """The calls made since the last take (waiting for one); None once closed."""
+        while not self.calls and not self.closed:
+            self.ready.clear()
+            await self.ready.wait()
+        if self.closed:
+            return None
+        calls, self.calls = self.calls, []
+        return calls
+
+    def answer(self, answers: list[tuple[int, bool, Any]]) -> None:
+        for number, ok, value in answers:
+            waiting = self.waiting.get(number)
+            if waiting is None or waiting.done():
+                continue  # its caller gave up (a closed socket's connect)
+            if ok:
+                waiting.set_result(value)
+            else:
+                waiting.set_exception(ClusterError(f"the driver failed: {value}"))
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+        for waiting in self.waiting.values():
+            if not waiting.done():
+                waiting.set_exception(ClusterError("the worker is closing"))
+
+
 # -- the worker actor --------------------------------------------------------------------------
 class _Relay:
     """One guest's console lines on a worker, numbered from the guest's first line."""
@@ -517,6 +607,7 @@ class WorkerActor:
         self._dir = Path(tempfile.mkdtemp(prefix=f"lguest-{name}-"))
         self._peers: dict[str, Any] = {}  # worker name -> actor handle (the network's)
         self._bridge: NetBridge | None = None
+        self._outbox = _Outbox()  # the bridge's calls of the driver
 
     @property
     def sup(self) -> Supervisor:
@@ -543,6 +634,8 @@ class WorkerActor:
         return self._bridge
 
     async def _call(self, worker: str, method: str, *args: Any) -> Any:
+        if worker == DRIVER:
+            return await self._outbox.call(method, *args)
         return await getattr(self._peers[worker], method).remote(*args)
 
     async def net_state(self) -> dict[str, Any]:
@@ -556,12 +649,22 @@ class WorkerActor:
             "remotes": {
                 m.name: m.remote.worker
                 for m in bridge.remotes.values()
-                if isinstance(m.remote, _RemoteAt)
+                if isinstance(m.remote, _RemoteAt) and m.remote.worker != DRIVER
             },
         }
 
     async def net_peers(self, peers: dict[str, Any]) -> None:
+        """The other workers' actors; ``host`` is the driver from now on."""
         self._peers = {name: actor for name, actor in peers.items() if name != self.name}
+        self.bridge.host_at(DRIVER)
+
+    async def net_calls(self) -> list[tuple[int, str, tuple[Any, ...]]] | None:
+        """The driver's long poll: this worker's calls of the driver (None: closing)."""
+        return await self._outbox.take()
+
+    async def net_answers(self, answers: list[tuple[int, bool, Any]]) -> None:
+        """The driver's answers to calls :meth:`net_calls` gave it: (number, ok, value)."""
+        self._outbox.answer(answers)
 
     async def net_add(self, name: str, ip: int, worker: str) -> None:
         self.bridge.add(name, ip, worker)
@@ -813,6 +916,8 @@ class WorkerActor:
         if moved:
             hosted.moved = True
             hosted.relay.finish("moved")
+            if net_at is not None:  # connections do not follow it: reset, not ended
+                self.bridge.reset(net_at[0])
             await hosted.guest.kill("moved")
             if net_at is not None:
                 self.bridge.add(*net_at)
@@ -830,6 +935,7 @@ class WorkerActor:
             hosted.disk.unlink(missing_ok=True)
 
     async def close(self) -> None:
+        self._outbox.close()
         if self._bridge is not None:
             await self._bridge.aclose()
         if self._sup is not None:
@@ -1174,6 +1280,14 @@ class ClusterNetwork:
     The driver holds the one table of names and addresses and tells every worker;
     each worker's Network holds the guests elsewhere as remote members.  The faults
     are set here and applied by every worker, to the bytes its guests send.
+
+    ``host`` is this program, the driver, on every worker: :meth:`start_server`
+    listens as ``host:PORT`` for guests on any worker, :meth:`open_connection` and
+    :meth:`open_datagram` reach a guest by name wherever it runs.  The driver is
+    one more node of the network, whose one member is ``host``: its own Network
+    holds every networked guest as a remote member, and its connections travel
+    as the workers' do (ordered, acknowledged pieces), its pieces for a worker as
+    actor calls of that worker, a worker's for it fetched by a long poll.
     """
 
     def __init__(self, cluster: Cluster) -> None:
@@ -1181,6 +1295,90 @@ class ClusterNetwork:
         self._table: dict[str, tuple[int, Worker]] = {}  # name -> (address, worker)
         self._next = FIRST_GUEST
         self._lost: set[str] = set()  # workers whose loss every worker has been told
+        self._net = Network()  # the driver's: host here, every networked guest remote
+        self._bridge = NetBridge(DRIVER, self._net, self._call)
+        self._tasks: set[asyncio.Task[None]] = set()  # long polls and calls being served
+        self._answers: dict[str, list[tuple[int, bool, Any]]] = {}  # to send, per worker
+
+    # -- the driver's host -------------------------------------------------------------------
+    async def open_connection(
+        self, name_or_address: str, port: int, *, limit: int = 2**16
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect from ``host`` to a networked guest's ``port``, on whichever worker it
+        runs, as :meth:`supervisor.net.Network.open_connection` does
+        (``ConnectionRefusedError`` if nothing listens there)."""
+        return await self._net.open_connection(name_or_address, port, limit=limit)
+
+    async def start_server(
+        self,
+        client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+        port: int,
+        *,
+        backlog: int = 100,
+        limit: int = 2**16,
+    ) -> NetServer:
+        """Listen as ``host:port`` for the guests on every worker, as
+        :meth:`supervisor.net.Network.start_server` does for one Supervisor's."""
+        return await self._net.start_server(client_connected_cb, port, backlog=backlog, limit=limit)
+
+    async def open_datagram(self, port: int = 0) -> DatagramEndpoint:
+        """A UDP socket of ``host`` bound to ``port`` (0: any free port), which sends to
+        and hears from networked guests on every worker."""
+        return await self._net.open_datagram(port)
+
+    async def _call(self, worker: str, method: str, *args: Any) -> Any:
+        """The driver's bridge's call of a worker: an actor call."""
+        for w in self._cluster.workers:
+            if w.name == worker and w.alive:
+                return await getattr(w.actor, method).remote(*args)
+        raise ClusterError(f"worker {worker} is not alive")
+
+    def _serve(self) -> None:
+        """Start fetching each worker's calls of the driver."""
+        loop = asyncio.get_running_loop()
+        for worker in self._cluster.workers:
+            self._keep(loop.create_task(self._poll(worker), name=f"net-poll-{worker.name}"))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self, worker: Worker) -> None:
+        loop = asyncio.get_running_loop()
+        while worker.alive:
+            try:
+                calls = await worker.actor.net_calls.remote()
+            except RayActorError:
+                return  # lost: its guests' supervising tasks tell the network
+            if calls is None:
+                return  # closing
+            for number, method, args in calls:
+                self._keep(loop.create_task(self._answer(worker, number, method, args)))
+
+    async def _answer(self, worker: Worker, number: int, method: str, args: Any) -> None:
+        try:
+            if method not in DRIVER_CALLS:
+                raise ValueError(f"no call {method!r}")
+            value, ok = await getattr(self._bridge, method)(*args), True
+        except Exception as exc:
+            value, ok = _reason(exc), False
+        pending = self._answers.setdefault(worker.name, [])
+        pending.append((number, ok, value))
+        if len(pending) == 1:  # the answers ready in this step go in one call
+            asyncio.get_running_loop().call_soon(self._send_answers, worker)
+
+    def _send_answers(self, worker: Worker) -> None:
+        answers = self._answers.pop(worker.name, [])
+        if answers and worker.alive:
+            worker.actor.net_answers.remote(answers)
+
+    async def _close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._bridge.aclose()
+        await self._net.aclose()
 
     @property
     def members(self) -> dict[str, str]:
@@ -1226,7 +1424,7 @@ class ClusterNetwork:
         await self._fault("unlink", a, b)
 
     def _known(self, name_or_address: str) -> None:
-        if name_or_address in self._table:
+        if name_or_address in self._table or name_or_address == "host":  # host: the driver
             return
         try:
             ip = ip_int(name_or_address)
@@ -1236,6 +1434,7 @@ class ClusterNetwork:
             raise OSError(errno.ENETUNREACH, f"{name_or_address!r} is outside the network")
 
     async def _fault(self, fault: str, *args: Any, **kwargs: Any) -> None:
+        self._bridge.apply(fault, *args, **kwargs)  # the driver's host sends bytes too
         live = [w for w in self._cluster.workers if w.alive]
         calls = [w.actor.net_fault.remote(fault, list(args), kwargs) for w in live]
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -1266,6 +1465,7 @@ class ClusterNetwork:
         """``name`` (``ip``) runs on ``worker`` from now on: every other worker holds it as
         a remote member before it runs, so its name resolves everywhere from its start."""
         self._table[name] = (ip, worker)
+        self._bridge.add(name, ip, worker.name)
         others = [w for w in self._cluster.workers if w.alive and w is not worker]
         await asyncio.gather(
             *(w.actor.net_add.remote(name, ip, worker.name) for w in others),
@@ -1278,6 +1478,7 @@ class ClusterNetwork:
         if entry is None or entry[1] is not worker:
             return
         del self._table[name]
+        self._bridge.drop(name)
         for w in self._cluster.workers:
             if w.alive and w is not worker:
                 w.actor.net_drop.remote(name)
@@ -1290,6 +1491,7 @@ class ClusterNetwork:
         self._lost.add(worker.name)
         for name in [n for n, (_, w) in self._table.items() if w is worker]:
             del self._table[name]
+        self._bridge.lost(worker.name)
         for w in self._cluster.workers:
             if w.alive and w is not worker:
                 w.actor.net_lost.remote(worker.name)
@@ -1448,6 +1650,7 @@ class Cluster:
             worker.pid, worker.node, worker.node_id = info["pid"], info["node"], info["node_id"]
         peers = {w.name: w.actor for w in self.workers}
         await asyncio.gather(*(w.actor.net_peers.remote(peers) for w in self.workers))
+        self.net._serve()
 
     async def aclose(self) -> None:
         """Kill the guests, end the workers; shut Ray down if this cluster started it."""
@@ -1458,6 +1661,7 @@ class Cluster:
             self._checkpointer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpointer
+        await self.net._close()
         live = [w for w in self.workers if w.alive]
         with contextlib.suppress(Exception):
             async with asyncio.timeout(30):

@@ -808,7 +808,7 @@ class DatagramSocket(Socket):
         if link is not None:
             net._send_later(link, data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
             return len(data)
-        if target.remote is not None:  # it carries the datagram (or drops it)
+        if target.remote is not None and not named:  # it carries the datagram (or drops it)
             if not net.is_cut(self.owner.ip, target.ip):
                 target.remote.datagram(data, (self.owner.ip, self.local[1]), (target.ip, to[1]))
             return len(data)
@@ -940,7 +940,7 @@ class Network:
         remote member of the same name or address (it moved); ``ValueError`` if a
         member of this Network has either."""
         for old in (self._by_name.get(name), self._by_ip.get(ip)):
-            if old is not None and old.remote is None:
+            if old is not None and (old.remote is None or old is self.host):
                 raise ValueError(f"{name!r} ({ip_str(ip)}) is on the network here")
             if old is not None:
                 self.drop_remote(old.name)
@@ -948,11 +948,18 @@ class Network:
         member.remote = remote
         return member
 
+    def host_elsewhere(self, remote: Remote) -> None:
+        """``host`` is the program of another process (a cluster's driver): connects and
+        datagrams to ``host`` go through ``remote``, as to any remote member, and
+        its connects come in as :meth:`accept_remote` ends of ``host``.  The name
+        server at ``host:53`` stays here: every process answers its own members."""
+        self.host.remote = remote
+
     def drop_remote(self, name: str, err: int | None = None) -> None:
         """Forget the remote member ``name`` (no effect if there is none).  Its
         connections end as a closed peer's do (end of file), or reset with ``err``."""
         member = self._by_name.get(name)
-        if member is None or member.remote is None:
+        if member is None or member.remote is None or member is self.host:
             return
         for sock in list(member.sockets):
             if err is not None and isinstance(sock, StreamSocket):
@@ -962,7 +969,7 @@ class Network:
     def forget_remote(self, member: Member) -> None:
         """The remote ``member`` has left: its name and address are free here, while
         its connections run on to their own ends."""
-        if member.remote is not None:
+        if member.remote is not None and member is not self.host:
             self._forget(member)
 
     def remote_connected(self, sock: StreamSocket, member: Member, port: int) -> StreamSocket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from supervisor.cluster import (  # noqa: E402
     WorkerActor,
 )
 from supervisor.launcher.loader import FLAT_TRAILER, ImageError  # noqa: E402
+from supervisor.pytest_plugin import BuildGuest  # noqa: E402
 from supervisor.snapshot import SnapshotError  # noqa: E402
 from supervisor.testing import until  # noqa: E402
 
@@ -438,9 +440,121 @@ async def test_a_lost_worker_resets_the_connections_to_its_guests() -> None:
         assert await anext(aiter(server.console)) == "listening on 7"
         holder = await cl.launch(networked("tcp_hold_client.elf", "hold", "echo 7 hi"), worker=w1)
         assert await anext(aiter(holder.console)) == "hi"  # connected, echoed, holding
+        reader, writer = await cl.net.open_connection("echo", 7)
+        writer.write(b"hi\n")
+        assert await reader.readline() == b"hi\n"
         await w0.kill()
         assert (await holder.wait()).exit_status == 1  # its recv failed: ECONNRESET
+        with pytest.raises(ConnectionResetError):  # the driver's too
+            await reader.read()
         assert (await server.wait()).reason == "worker w0 lost"
         assert cl.net.members == {}
         gone = {"stalled": 0, "connections": 0, "remotes": {}}
         await until_remote(lambda: w1.actor.net_state.remote(), lambda s: s == gone)
+
+
+@pytest.fixture
+def probe(build_guest: BuildGuest) -> Path:
+    """tests/c/netprobe.c: socket behaviours, one mode per run."""
+    source = Path(__file__).resolve().parent / "c" / "netprobe.c"
+    return build_guest(source.read_text(), flags=("-O2",))
+
+
+def probing(image: Path, name: str, cmdline: str) -> GuestConfig:
+    return GuestConfig(image=image, name=name, cmdline=cmdline, memory="4M", net=True)
+
+
+async def test_host_is_the_driver_for_guests_on_every_worker(probe: Path) -> None:
+    """Guests on both workers call the driver's server at host:7 (and are refused at
+    host:9); the driver connects to a guest by name on a worker, and exchanges
+    datagrams with one."""
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+
+        async def shout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write((await reader.readline()).upper())
+            await writer.drain()
+            writer.close()
+
+        server = await cl.net.start_server(shout, 7)
+        calls = [
+            await cl.launch(networked("tcp_echo_client.elf", f"c{i}", f"host 7 hi {i}"), worker=w)
+            for i, w in enumerate((w0, w1))
+        ]
+        assert [await collect(c) for c in calls] == [["HI 0"], ["HI 1"]]
+        assert [(await c.wait()).ok for c in calls] == [True, True]
+        assert server.connections == 2
+        refused = await cl.launch(networked("tcp_echo_client.elf", "c2", "host 9 x"), worker=w1)
+        assert (await refused.wait()).exit_status == 1  # connect: ECONNREFUSED (its stderr)
+
+        echo = await cl.launch(networked("tcp_echo_server.elf", "echo", "7 1"), worker=w1)
+        assert await anext(aiter(echo.console)) == "listening on 7"
+        reader, writer = await cl.net.open_connection("echo", 7)
+        writer.write(b"ping\n")
+        assert await reader.readline() == b"ping\n"
+        writer.close()
+        assert (await echo.wait()).ok
+        with pytest.raises(OSError) as gone:
+            await cl.net.open_connection("c0", 7)  # it ended: its name is gone
+        assert gone.value.errno == errno.EHOSTUNREACH
+
+        uecho = await cl.launch(probing(probe, "uecho", "udp-echo 5353 1"), worker=w0)
+        lines = aiter(uecho.console)
+        assert await anext(lines) == "ready udp"
+        with pytest.raises(ConnectionRefusedError):  # answered by its worker
+            await cl.net.open_connection("uecho", 7)
+        endpoint = await cl.net.open_datagram()
+        address = cl.net.resolve("uecho")  # (it ends once it has echoed)
+        endpoint.send(b"datagram", ("uecho", 5353))
+        assert await endpoint.recv() == (b"datagram", (address, 5353))
+        assert await anext(lines) == "datagram 8 from 10.0.0.1"
+        assert (await uecho.wait()).ok
+        endpoint.close()
+
+
+async def test_a_move_resets_connections_and_the_listener_listens_again(probe: Path) -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        srv = await cl.launch(probing(probe, "srv", "snap 7"), worker=w1)
+        srv_lines = aiter(srv.console)
+        assert await anext(srv_lines) == "ready snap"
+        cli = await cl.launch(probing(probe, "cli", "client-wait srv 7"), worker=w0)
+        cli_lines = aiter(cli.console)
+        assert [await anext(cli_lines) for _ in range(2)] == ["connect OK", "ready client"]
+        assert await anext(srv_lines) == "accepted 1"
+        reader, _writer = await cl.net.open_connection("srv", 7)  # in the backlog
+        assert await cl.migrate(srv) is w0
+        # Its peers, on its new worker and on the driver, see a reset, not an end.
+        assert [line async for line in cli_lines] == ["recv -1 ECONNRESET", "send-after EPIPE"]
+        with pytest.raises(ConnectionResetError):
+            await reader.read()
+        with pytest.raises(ConnectionRefusedError):  # its listener did not move with it
+            await cl.net.open_connection("srv", 7)
+        srv.send("go\n")
+        assert [line async for line in srv_lines] == [
+            "accept ESTALE",
+            "recv -1 ESTALE",
+            "close OK OK",
+            "listen-again 1",  # on arrival: the port is its own to listen on again
+        ]
+        assert (await srv.wait()).ok
+
+
+async def test_a_failed_move_keeps_the_connections() -> None:
+    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
+        w0, w1 = cl.workers
+        echo = await cl.launch(networked("tcp_echo_server.elf", "echo", "7"), worker=w0)
+        assert await anext(aiter(echo.console)) == "listening on 7"
+        reader, writer = await cl.net.open_connection("echo", 7)
+        writer.write(b"before\n")
+        assert await reader.readline() == b"before\n"
+        ray.kill(w1.actor, no_restart=True)  # dead, still marked alive
+        with contextlib.suppress(RayActorError):
+            while True:  # until calls to it fail
+                await w1.actor.ping.remote()
+        with pytest.raises(ClusterError, match="worker w1 died during the move"):
+            await cl.migrate(echo, w1)
+        writer.write(b"after\n")  # the same connection, to the guest running on at w0
+        assert await reader.readline() == b"after\n"
+        writer.close()
+        await echo.kill()

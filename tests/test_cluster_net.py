@@ -1,23 +1,27 @@
-"""supervisor.cluster's NetBridge, two workers' Networks on one loop: a bridge calls the
-other directly where a worker makes an actor call, so the mechanism (names, connect,
-ordered acknowledged pieces, ends, faults, a lost worker) is tested without Ray.
-tests/test_cluster.py runs C guests across two real Ray workers."""
+"""supervisor.cluster's NetBridge, two workers' Networks and the driver's on one loop: a
+bridge calls another directly where a worker makes an actor call (and the driver's long
+poll carries a worker's calls of the driver), so the mechanism (names, connect, ordered
+acknowledged pieces, ends, faults, a lost worker, ``host`` served by the driver, a move)
+is tested without Ray.  tests/test_cluster.py runs C guests across two real Ray workers."""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar, cast
 
 import pytest
 
 pytest.importorskip("ray")
 
-from supervisor.cluster import NetBridge
+from supervisor.cluster import DRIVER, Cluster, ClusterNetwork, NetBridge
 from supervisor.net import (
     DATAGRAM_COST,
+    DNS_PORT,
     FIRST_GUEST,
+    HOST_ADDR,
     DatagramSocket,
     Member,
     NetError,
@@ -33,17 +37,24 @@ BUFFER = 4096  # a small stream buffer, so that backpressure shows at once
 
 
 class Pair:
-    """Guest ``a`` on worker w0 and guest ``b`` on worker w1, each worker a Network."""
+    """Guest ``a`` on worker w0 and guest ``b`` on worker w1, each worker a Network; the
+    driver's Network holds ``host`` and both guests as remote members."""
 
     def __init__(self, stream_buffer: int = BUFFER) -> None:
-        self.nets = {w: Network(stream_buffer=stream_buffer) for w in ("w0", "w1")}
+        places = ("w0", "w1", DRIVER)
+        self.nets = {w: Network(stream_buffer=stream_buffer) for w in places}
         self.calls: list[tuple[str, str]] = []
         self.bridges = {w: NetBridge(w, net, self.call) for w, net in self.nets.items()}
-        for name, ip, here, there in (("a", A_IP, "w0", "w1"), ("b", B_IP, "w1", "w0")):
+        for name, ip, here in (("a", A_IP, "w0"), ("b", B_IP, "w1")):
             self.bridges[here].claim(name, ip)
-            self.bridges[there].add(name, ip, here)
+            for there in places:
+                if there != here:
+                    self.bridges[there].add(name, ip, here)
+        for worker in ("w0", "w1"):
+            self.bridges[worker].host_at(DRIVER)
         self.a = self.nets["w0"].join("a")
         self.b = self.nets["w1"].join("b")
+        self.driver = self.nets[DRIVER]
 
     async def call(self, worker: str, method: str, *args: Any) -> Any:
         self.calls.append((worker, method))
@@ -232,3 +243,161 @@ async def test_a_link_is_applied_once_by_the_sending_worker(pair: Pair) -> None:
         if (link := net.link_of(a, b)) is not None and link.busy_until > 0
     ]
     assert used == [("w0", "a", "b"), ("w1", "b", "a")]
+
+
+async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A host service: answer one line with it and the caller's address, then close."""
+    line = await reader.readline()
+    peer = writer.get_extra_info("peername")
+    writer.write(line.strip() + f" from {peer[0]}\n".encode())
+    await writer.drain()
+    writer.close()
+
+
+async def test_guests_on_two_workers_reach_the_drivers_server(pair: Pair) -> None:
+    server = await pair.driver.start_server(echo_once, 8000)
+    answers = []
+    for member in (pair.a, pair.b):
+        sock = await connect(member, HOST_ADDR, 8000)
+        assert sock.remote == (HOST_ADDR, 8000)
+        await write_all(member, sock, f"hi {member.name}\n".encode(), shut=False)
+        answers.append(await read_all(member, sock))
+        sock.close()
+    assert answers == [b"hi a from 10.0.0.2\n", b"hi b from 10.0.0.3\n"]
+    assert server.connections == 2
+    assert ("driver", "net_connect") in pair.calls  # host is the driver, from either worker
+    with pytest.raises(NetError) as refused:
+        await connect(pair.a, HOST_ADDR, 9)  # nothing listens there on the driver
+    assert refused.value.errno == errno.ECONNREFUSED
+    server.close()
+    await until(lambda: not any(b.conns for b in pair.bridges.values()))
+
+
+async def test_the_driver_connects_to_a_guest_on_a_worker(pair: Pair) -> None:
+    listener = pair.b.socket("stream")
+    assert isinstance(listener, StreamSocket)
+    listener.bind(0, 7)
+    listener.listen(4)
+    reader, writer = await pair.driver.open_connection("b", 7)
+    assert writer.get_extra_info("peername") == ("10.0.0.3", 7)
+    served = await retry(pair.b, listener.accept)
+    assert served.remote is not None and served.remote[0] == HOST_ADDR
+    sent = bytes(range(256)) * 64  # 4 buffers' worth: several acknowledged pieces
+    writer.write(sent)
+    writer.write_eof()
+    assert await read_all(pair.b, served) == sent  # in order, once, then end of file
+    await write_all(pair.b, served, b"done", shut=True)
+    assert await reader.read() == b"done"
+    writer.close()
+    served.close()
+    with pytest.raises(ConnectionRefusedError):
+        await pair.driver.open_connection("b", 9)
+    await until(lambda: not any(b.conns for b in pair.bridges.values()))
+
+
+async def test_a_guest_writing_to_a_driver_that_does_not_read_waits(pair: Pair) -> None:
+    ready: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await ready.put((reader, writer))
+
+    await pair.driver.start_server(keep, 8000, limit=1024)
+    client = await connect(pair.a, HOST_ADDR, 8000)
+    reader, writer = await ready.get()
+    sent = 0
+
+    async def writer_task() -> None:
+        nonlocal sent
+        while True:
+            sent += await retry(pair.a, lambda: client.send(b"x" * 1000))
+
+    async def stopped() -> int:
+        """Once the writer stops (the bytes it sent no longer grow): how many."""
+        settled = -1
+        while settled != sent:
+            settled = sent
+            for _ in range(200):
+                await asyncio.sleep(0)
+        return settled
+
+    task = asyncio.ensure_future(writer_task())
+    held = await stopped()
+    # Bounded: the reader's buffer (twice its limit), the host's socket, the bytes
+    # unacknowledged at a's worker and a's own socket buffer.
+    assert 0 < held <= 2 * 1024 + 4 * BUFFER and not task.done()
+    assert await reader.readexactly(held) == b"x" * held
+    await until(lambda: sent > held)  # room again once the driver read
+    await stopped()
+    task.cancel()
+    # The driver closes with bytes its socket holds unread: the guest sees a reset.
+    writer.close()
+    with pytest.raises(NetError) as reset:
+        await retry(pair.a, lambda: client.recv(10))
+    assert reset.value.errno == errno.ECONNRESET
+
+
+async def test_datagrams_between_the_driver_and_guests_and_the_name_server_local(
+    pair: Pair,
+) -> None:
+    endpoint = await pair.driver.open_datagram(5000)
+    sock = pair.b.socket("dgram")
+    assert isinstance(sock, DatagramSocket)
+    sock.bind(0, 6000)
+    sock.sendto(b"to host", (HOST_ADDR, 5000))
+    assert await endpoint.recv() == (b"to host", ("10.0.0.3", 6000))
+    endpoint.send(b"to b", ("b", 6000))
+    assert await retry(pair.b, sock.recvfrom) == (b"to b", (HOST_ADDR, 5000))
+    # The name server at host:53 is b's own worker's, not the driver's.
+    calls = len(pair.calls)
+    query = b"\x12\x34\x01\x00\x00\x01" + bytes(6) + b"\x01a\x00\x00\x01\x00\x01"
+    sock.sendto(query, (HOST_ADDR, DNS_PORT))
+    reply, sender = await retry(pair.b, sock.recvfrom)
+    assert sender == (HOST_ADDR, DNS_PORT) and reply.endswith(A_IP.to_bytes(4, "big"))
+    assert len(pair.calls) == calls
+    endpoint.close()
+
+
+async def test_a_move_resets_the_connections_and_a_failed_move_keeps_them(pair: Pair) -> None:
+    listener = pair.b.socket("stream")
+    assert isinstance(listener, StreamSocket)
+    listener.bind(0, 7)
+    listener.listen(4)
+    client = await connect(pair.a, B_IP, 7)
+    server = await retry(pair.b, listener.accept)
+    reader, writer = await pair.driver.open_connection("b", 7)
+    from_host = await retry(pair.b, listener.accept)
+    # b is placed again where it runs (a failed move): its connections go on.
+    for there in ("w0", DRIVER):
+        pair.bridges[there].add("b", B_IP, "w1")
+    await write_all(pair.a, client, b"still", shut=False)
+    assert await retry(pair.b, lambda: server.recv(10)) == b"still"
+    writer.write(b"here")
+    assert await retry(pair.b, lambda: from_host.recv(10)) == b"here"
+    # b moved: its old worker resets every connection after the bytes b sent.
+    await write_all(pair.b, server, b"last", shut=False)
+    await write_all(pair.b, from_host, b"last", shut=False)
+    pair.bridges["w1"].reset("b")
+    assert await retry(pair.a, lambda: client.recv(10)) == b"last"
+    with pytest.raises(NetError) as reset:
+        await retry(pair.a, lambda: client.recv(10))
+    assert reset.value.errno == errno.ECONNRESET
+    assert await reader.readexactly(4) == b"last"
+    with pytest.raises(ConnectionResetError):
+        await reader.read()
+
+
+async def test_a_partition_cuts_guests_off_the_driver_until_healed(pair: Pair) -> None:
+    await pair.driver.start_server(echo_once, 8000)
+    pair.fault("partition", ["host"], ["a"])
+    late = asyncio.ensure_future(connect(pair.a, HOST_ADDR, 8000))
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not late.done() and pair.nets["w0"].stalled  # held by a's worker
+    pair.fault("heal")
+    sock = await late
+    await write_all(pair.a, sock, b"healed\n", shut=False)
+    assert await read_all(pair.a, sock) == b"healed from 10.0.0.2\n"
+    # The cluster's faults name the driver as host, as a Network's do.
+    network = ClusterNetwork(cast(Cluster, SimpleNamespace(workers=[])))
+    await network.partition(["host"], ["10.0.0.2"])
+    await network.heal()
