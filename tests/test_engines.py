@@ -6,6 +6,7 @@ import asyncio
 import functools
 import gc
 import math
+import threading
 import weakref
 from typing import Any
 
@@ -212,6 +213,88 @@ def test_runnable_cpus_keep_their_engines_until_the_bound_then_the_last_gives_wa
     pool.give(f, ee, keep=True)
     pool.close()
     assert pool.live == 0 and pool.overdrafts == 0 and pool.peak == 4
+
+
+def test_a_crowd_taking_new_engines_has_more_made_ahead_up_to_the_reserve() -> None:
+    pool = EnginePool(1 << 20, bound=5, workers=1, spares=3)
+    asked: list[int] = []
+    pool.wanted = lambda: asked.append(pool.live)
+    a, b, c, d = (object() for _ in range(4))
+    ea, _ = pool.take(a, None)
+    assert asked == []  # a lone CPU's new engine: nothing made ahead
+    pool.give(a, ea, keep=True)  # A computes: its engine waits for it
+    eb, _ = pool.take(b, None)
+    assert asked == [2]  # a new engine while a runnable CPU keeps one: asked, once
+    ec, _ = pool.take(c, None)
+    assert asked == [2] and pool.made == 3
+    # The device makes them one at a time, until the bound (here before the reserve).
+    assert pool.prepare() and pool.ready == 1
+    assert pool.prepare() and pool.ready == 2 and pool.live == pool.bound
+    assert not pool.prepare() and pool.prepared == 2 and pool.made == 5
+    # A take gets one made ahead: never run, no memory, no hooks; not a switch.
+    ed, taken = pool.take(d, None)
+    assert taken is Taken.BARE and ed not in (ea, eb, ec) and pool.ready_taken == 1
+    assert pool.switched == 0 and pool.made == 5 and hook_count(ed) == 0
+    assert list(ed.mem_regions()) == []
+    # Spares past the reserve close the engines made ahead first.
+    pool.give(b, eb)
+    pool.give(c, ec)
+    pool.give(d, ed)
+    assert pool.ready == 0 and pool.idle == 4 and pool.live == 4 and pool.closed == 1
+    assert pool.peak == pool.bound and pool.overdrafts == 0
+    pool.close()
+    assert not pool.prepare() and pool.live == 0
+
+
+def test_engines_are_made_ahead_up_to_the_reserve_and_none_after_close() -> None:
+    pool = EnginePool(1 << 20, bound=100, workers=1, spares=3)
+    asked: list[int] = []
+    pool.wanted = lambda: asked.append(pool.live)
+    a, b, c, d = (object() for _ in range(4))
+    ea, _ = pool.take(a, None)
+    pool.give(a, ea, keep=True)
+    eb, _ = pool.take(b, None)
+    pool.give(b, eb)  # one spare already: two more make the reserve
+    made = 0
+    while pool.prepare():
+        made += 1
+    assert made == 2 and pool.ready == 2 and pool.idle == 4 and pool.live == 4
+    # Takes find what was made ahead, then the spare; the next new engine asks again.
+    assert pool.take(c, None)[0] not in (ea, eb) and pool.take(d, None)[0] not in (ea, eb)
+    assert pool.take(b, eb) == (eb, Taken.OWN) and asked == [2]
+    pool.take(object(), None)
+    assert asked == [2, 5] and pool.made == 5
+    pool.close()
+    assert not pool.prepare() and pool.made == 5 and pool.idle == 0
+
+
+async def test_a_crowd_starting_to_compute_takes_engines_made_ahead_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop_thread: set[int] = set()
+    real_prepare = EnginePool.prepare
+
+    def prepare(pool: EnginePool) -> bool:
+        loop_thread.add(threading.get_ident())
+        return real_prepare(pool)
+
+    monkeypatch.setattr(EnginePool, "prepare", prepare)
+    async with LguestDevice(engines="pool", workers=1, max_engines=64) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(16)]
+        made = pool.made
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
+        # Some of the crowd's engines were made ahead, on the event loop, and taken
+        # without a switch; the takes made the rest.
+        assert loop_thread == {threading.get_ident()}
+        assert pool.prepared > 0 and pool.ready_taken > 0
+        assert pool.made - made - pool.prepared < len(spinners)
+        assert pool.peak <= pool.bound and pool.overdrafts == 0
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in spinners)
 
 
 async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -> None:
