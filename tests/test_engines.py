@@ -320,6 +320,36 @@ async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -
         assert all(g.file.death is None for g in spinners)
 
 
+async def test_a_cpu_going_on_to_the_executor_takes_its_inline_engine_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crowd starting to compute: each CPU's inline slices use up their time and its
+    run goes on to the executor, whose first step takes back the engine the inline
+    slices ran on (kept for it meanwhile), not one of another CPU's or a new one."""
+    first_steps: dict[int, bool] = {}  # id(CPU) -> its first step got its own engine
+    real_take = execute._take_engine
+
+    def take(cpu: LgCpu) -> float | None:
+        last = cpu.engine.last
+        took = real_take(cpu)
+        first_steps.setdefault(id(cpu), last is not None and cpu.engine.uc is last)
+        return took
+
+    monkeypatch.setattr(execute, "_take_engine", take)
+    async with LguestDevice(engines="pool", workers=1, max_engines=64) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(8)]
+        first_steps.clear()
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
+        assert first_steps == {id(g.file.cpu(0)): True for g in spinners}
+        assert pool.evicted == 0
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in spinners)
+
+
 async def test_a_busy_guest_keeps_its_engine_through_its_hypercalls() -> None:
     async with LguestDevice(engines="pool", workers=1, max_engines=16) as dev:
         pool = pool_of(dev)
