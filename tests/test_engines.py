@@ -488,6 +488,41 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
         await asyncio.gather(*(r for _, r in others), return_exceptions=True)
 
 
+async def test_an_engine_whose_switch_failed_is_closed_not_handed_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mapping a guest's memory into a switched engine fails on a worker: that guest dies
+    (no engine for it), the engine is closed, and the other guests never get it."""
+    real_map = _unicorn.map_memory
+    doomed: list[Any] = []
+
+    def failing_map(uc: Any, size: int, host_address: int) -> None:
+        on_worker = threading.current_thread() is not threading.main_thread()
+        if host_address == victim.memory.address and on_worker and not doomed:
+            doomed.append(uc)
+            raise UcError(uc_const.UC_ERR_NOMEM)
+        real_map(uc, size, host_address)
+
+    async with LguestDevice(engines="always", workers=1) as dev:
+        pool = pool_of(dev)
+        victim, other = await boot(dev, SPIN), await boot(dev, SPIN)
+        monkeypatch.setattr(_unicorn, "map_memory", failing_map)
+        doomed_reader = asyncio.ensure_future(victim.file.read(abi.WORD_SIZE))
+        reader = asyncio.ensure_future(other.file.read(abi.WORD_SIZE))
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(OSError):
+                await doomed_reader
+        assert "no engine" in present(victim.file.death).reason
+        (engine,) = doomed
+        assert _unicorn.is_closed(engine) and pool.closed >= 1
+        counter, takes = other.u32("counter"), pool.taken
+        await until(lambda: other.u32("counter") > counter and pool.taken > takes + 5, LIMIT)
+        assert other.file.death is None and other.file.cpu(0).engine.last is not engine
+        assert pool.peak <= pool.bound and pool.overdrafts == 0
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
 def moved_on(g: Booted, counter: int) -> bool:
     return g.u32("counter") > counter
 
@@ -528,8 +563,8 @@ async def test_no_engine_is_ever_held_by_two_cpus_among_spinners_and_wakers() ->
 async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
     """Many spinners and wakers, some killed, paused and captured mid-slice, more
     booted meanwhile: the pool's bound holds and every survivor computes on."""
-    async with LguestDevice(engines="pool", workers=2) as dev:
-        pool = pool_of(dev)
+    async with LguestDevice(engines="pool", workers=2, max_engines=1) as dev:
+        pool = pool_of(dev)  # (bounded by what runs at once: fewer than the spinners)
         spinners = [await boot(dev, SPIN) for _ in range(8)]
         wakers = [await boot(dev, WAKER) for _ in range(8)]
         readers = {
@@ -557,7 +592,7 @@ async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
             with pytest.raises(OSError):
                 await readers.pop(id(g))
         check_engines(pool, spinners + wakers)
-        assert pool.switched > 0
+        assert pool.switched > 0 and pool.peak == pool.bound < len(spinners)
         for reader in readers.values():
             reader.cancel()
         await asyncio.gather(*readers.values(), return_exceptions=True)
