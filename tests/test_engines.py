@@ -281,20 +281,23 @@ async def test_a_crowd_starting_to_compute_takes_engines_made_ahead_on_the_loop(
     monkeypatch.setattr(EnginePool, "prepare", prepare)
     async with LguestDevice(engines="pool", workers=1, max_engines=64) as dev:
         pool = pool_of(dev)
-        spinners = [await boot(dev, SPIN) for _ in range(16)]
-        made = pool.made
-        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
-        await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
-        # Some of the crowd's engines were made ahead, on the event loop, and taken
-        # without a switch; the takes made the rest.
-        assert loop_thread == {threading.get_ident()}
-        assert pool.prepared > 0 and pool.ready_taken > 0
-        assert pool.made - made - pool.prepared < len(spinners)
+        late, *crowd = [await boot(dev, SPIN) for _ in range(9)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in crowd]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in crowd), LIMIT)
+        # New engines were made while others computed: the loop made more ahead.
+        await until(lambda: pool.ready > 0, LIMIT)
+        assert loop_thread == {threading.get_ident()} and pool.ready <= pool.spares
+        in_takes, taken = pool.made - pool.prepared, pool.ready_taken
+        # A latecomer (its own engine long switched away) takes one of them: no switch,
+        # nothing made.
+        readers.append(asyncio.ensure_future(late.file.read(abi.WORD_SIZE)))
+        await until(lambda: late.file.cpu(0).engine.busy, LIMIT)
+        assert pool.ready_taken == taken + 1 and pool.made - pool.prepared == in_takes
         assert pool.peak <= pool.bound and pool.overdrafts == 0
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in spinners)
+        assert all(g.file.death is None for g in [*crowd, late])
 
 
 async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -> None:
