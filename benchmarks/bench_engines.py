@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import statistics
@@ -151,12 +152,9 @@ async def measure(cycles: int, seconds: float) -> list[tuple[str, str, str]]:
     return rows
 
 
-async def crowd_loop(
-    mode: str, image_source: str, guests: int, n: int
-) -> tuple[float, float, int, int]:
+async def crowd_loop(mode: str, image_source: str, guests: int, n: int) -> Crowd:
     """CPU seconds (the process's) for ``guests`` busy guests each running the bench loop
-    ``n`` times at once, the seconds of it that engine switches and new engines took,
-    how many switches and how many new engines."""
+    ``n`` times at once, and what engines it took (:class:`Crowd`)."""
     image = assemble(image_source)
     async with LguestDevice(engines=mode, hibernate_after=math.inf) as dev:
         gs = [await boot(dev, image) for _ in range(guests)]
@@ -172,14 +170,50 @@ async def crowd_loop(
         after = _setups(pool)
         for g in gs:
             await close(g)
-    return cpu, after[0] - before[0], after[1] - before[1], after[2] - before[2]
+    return _crowd(cpu, before, after)
 
 
-def _setups(pool: engines.EnginePool | None) -> tuple[float, int, int]:
-    """Seconds spent switching and making engines, switches, engines made (0 if no pool)."""
+@dataclasses.dataclass
+class Crowd:
+    """What a crowd used: CPU seconds in all, the seconds of it that takes spent
+    switching and making engines, the switches, the engines made (ahead or in a take),
+    those made ahead, and the seconds the event loop spent making those."""
+
+    cpu: float
+    setup: float = 0.0
+    switches: int = 0
+    made: int = 0
+    ahead: int = 0
+    ahead_time: float = 0.0
+
+    def row(self, raw_time: float) -> str:
+        return (
+            f"{raw_time / self.cpu:.3f}x raw CPU, {self.switches} switches and {self.made}"
+            f" new engines ({self.ahead} made ahead): {self.setup / self.cpu:.2%} in takes,"
+            f" {self.ahead_time / self.cpu:.2%} making ahead"
+        )
+
+
+Setups = tuple[float, int, int, int, float]
+
+
+def _crowd(cpu: float, before: Setups, after: Setups) -> Crowd:
+    return Crowd(
+        cpu,
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2],
+        after[3] - before[3],
+        after[4] - before[4],
+    )
+
+
+def _setups(pool: engines.EnginePool | None) -> Setups:
+    """Seconds spent switching and making engines in takes, switches, engines made,
+    engines made ahead and the seconds that took (0 if no pool)."""
     if pool is None:
-        return 0.0, 0, 0
-    return pool.switch_time, pool.switched, pool.made
+        return 0.0, 0, 0, 0, 0.0
+    return pool.switch_time, pool.switched, pool.made, pool.prepared, pool.prepare_time
 
 
 @contextlib.contextmanager
@@ -196,10 +230,9 @@ def engine_mode(mode: str) -> Iterator[None]:
             os.environ[engines.ENV] = before
 
 
-async def crowd_sieve(mode: str, guests: int, n: int, rounds: int) -> tuple[float, float, int, int]:
+async def crowd_sieve(mode: str, guests: int, n: int, rounds: int) -> Crowd:
     """CPU seconds for ``guests`` sieve guests computing at once (from the last one's
-    start line to the last result), the seconds of it engine switches and new engines
-    took, how many switches and how many new engines."""
+    start line to the last result), and what engines it took (:class:`Crowd`)."""
     with engine_mode(mode):
         sup = Supervisor()
     async with sup:
@@ -219,7 +252,7 @@ async def crowd_sieve(mode: str, guests: int, n: int, rounds: int) -> tuple[floa
         after = _setups(pool)
         for g in launched:
             assert (await g.wait()).ok
-    return cpu, after[0] - before[0], after[1] - before[1], after[2] - before[2]
+    return _crowd(cpu, before, after)
 
 
 async def measure_crowd(guests: int, seconds: float) -> list[tuple[str, str, str]]:
@@ -236,13 +269,12 @@ async def measure_crowd(guests: int, seconds: float) -> list[tuple[str, str, str
     raw_time = raw_each * guests
     rows.append((f"{guests} busy tight loops, raw Unicorn", f"{raw_time:.3f} s", f"{n:,} each"))
     for mode in ("off", "pool"):
-        used, setup, count, made = await crowd_loop(mode, source, guests, n)
+        crowd = await crowd_loop(mode, source, guests, n)
         rows.append(
             (
                 f"{guests} busy tight loops, engines {mode}",
-                f"{used:.3f} s",
-                f"{raw_time / used:.3f}x raw CPU, {count} switches and {made} new engines:"
-                f" {setup / used:.2%}",
+                f"{crowd.cpu:.3f} s",
+                crowd.row(raw_time),
             )
         )
     sieve = RawSieve()
@@ -259,13 +291,12 @@ async def measure_crowd(guests: int, seconds: float) -> list[tuple[str, str, str
         (f"{guests} C guests (sieve), raw Unicorn", f"{raw_time:.3f} s", f"{rounds} rounds each")
     )
     for mode in ("off", "pool"):
-        used, setup, count, made = await crowd_sieve(mode, guests, 1_000_000, rounds)
+        crowd = await crowd_sieve(mode, guests, 1_000_000, rounds)
         rows.append(
             (
                 f"{guests} C guests (sieve), engines {mode}",
-                f"{used:.3f} s",
-                f"{raw_time / used:.3f}x raw CPU, {count} switches and {made} new engines:"
-                f" {setup / used:.2%}",
+                f"{crowd.cpu:.3f} s",
+                crowd.row(raw_time),
             )
         )
     return rows

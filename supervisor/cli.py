@@ -52,6 +52,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from .abi import MAX_CPUS
 from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
@@ -144,6 +146,45 @@ def _int_from(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+MAX_ENGINES_OPTION = 1 << 20  # --max-engines: past any machine's memory at 1 MiB each
+
+
+class EngineOptions(BaseModel):
+    """The engine pool's options (``--max-engines``), validated by pydantic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_engines: int | None = Field(default=None, ge=1, le=MAX_ENGINES_OPTION)
+
+
+def engine_options(p: argparse.ArgumentParser) -> None:
+    """--max-engines (docs/performance.md, "Engines")."""
+    p.add_argument(
+        "--max-engines",
+        metavar="N",
+        help="the engine pool's bound: at most N warm emulators at once, whatever the"
+        " guests do (default: what an eighth of the memory holds, at most 4096; never"
+        " fewer than the workers plus 3)",
+    )
+
+
+def engine_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Supervisor's ``max_engines`` from ``--max-engines`` (BadInput if it is not an
+    integer from 1 to :data:`MAX_ENGINES_OPTION`, or with a deterministic run, which
+    has no engine pool)."""
+    given = getattr(args, "max_engines", None)
+    if given is None:
+        return {}
+    try:
+        options = EngineOptions(max_engines=given)
+    except ValidationError as exc:
+        message = "; ".join(str(error["msg"]) for error in exc.errors())
+        raise BadInput(f"--max-engines {given}: {message}") from None
+    if args.deterministic or args.record or args.replay:
+        raise BadInput("--max-engines is for the engine pool: a deterministic run has none")
+    return {"max_engines": options.max_engines}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -197,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gdb", metavar="HOST:PORT", help="start held and serve gdb there")
     run.add_argument("--restore", metavar="FILE", help="continue the guest saved in FILE")
     deterministic_options(run)
+    engine_options(run)
     recorded = run.add_mutually_exclusive_group()
     recorded.add_argument(
         "--record",
@@ -315,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="launch at most this many guests a second (default: as fast as they start)",
     )
     deterministic_options(swarm)
+    engine_options(swarm)
     swarm_recorded = swarm.add_mutually_exclusive_group()
     swarm_recorded.add_argument(
         "--record",
@@ -557,14 +600,15 @@ async def run_one(
     publish: list[str] | None = None,
     deterministic: bool = False,
     seed: int | None = None,
+    max_engines: int | None = None,
 ) -> int:
     """Run one guest (or restore one) on the terminal; return the process exit status.
 
     ``restore`` names a snapshot file; ``overrides`` are what the caller names for
     it (block file, gdb address, limits): a snapshot opens nothing by itself.
-    ``deterministic`` and ``seed``: see :class:`~supervisor.host.Supervisor`.
+    ``deterministic``, ``seed`` and ``max_engines``: see :class:`~supervisor.host.Supervisor`.
     """
-    async with Supervisor(deterministic=deterministic, seed=seed) as sup:
+    async with Supervisor(deterministic=deterministic, seed=seed, max_engines=max_engines) as sup:
         say_seed(sup)
         if restore is not None:
             try:
@@ -831,6 +875,7 @@ async def run_swarm(
     launch_rate: float | None = None,
     deterministic: bool = False,
     seed: int | None = None,
+    max_engines: int | None = None,
 ) -> int:
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
 
@@ -893,7 +938,9 @@ async def run_swarm(
         max_alive = n  # every guest launched before any runs: they start at virtual 0
     admission = Admission(max_alive=max_alive)
     launched = 0
-    async with Supervisor(keep_ended=False, deterministic=deterministic, seed=seed) as sup:
+    async with Supervisor(
+        keep_ended=False, deterministic=deterministic, seed=seed, max_engines=max_engines
+    ) as sup:
         say_seed(sup)
         sim = sup.device.virtual
         with progress:
@@ -1346,16 +1393,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return build_image(args)
     try:
         coro: Coroutine[Any, Any, int]
+        engines = engine_args(args) if args.command in ("run", "swarm") else {}
         if args.command == "run" and args.restore and (args.record or args.replay):
             coro = run_recorded(None, args)
         elif args.command == "run" and args.restore:
             if args.publish:
                 raise BadInput("--publish is for a launched guest, not --restore")
-            coro = run_one(None, args.restore, restore_overrides(args), **deterministic_args(args))
+            coro = run_one(
+                None,
+                args.restore,
+                restore_overrides(args),
+                **deterministic_args(args),
+                **engines,
+            )
         elif args.command == "run" and (args.record or args.replay):
             coro = run_recorded(run_config(args), args)
         elif args.command == "run":
-            coro = run_one(run_config(args), publish=args.publish, **deterministic_args(args))
+            coro = run_one(
+                run_config(args), publish=args.publish, **deterministic_args(args), **engines
+            )
         elif args.command == "snapshot":
             fields = {
                 "image": args.image,
@@ -1395,6 +1451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 determinism = deterministic_args(args)
             if args.cluster is not None:
+                if engines:
+                    raise BadInput("--max-engines is for one device: not with --cluster")
                 if args.console != "none":
                     raise BadInput("--console is not supported with --cluster")
                 coro = run_cluster_swarm(config, args.n, args)
@@ -1403,7 +1461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 coro = run_swarm(
                     config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines,
-                    args.max_alive, args.launch_rate, **determinism,
+                    args.max_alive, args.launch_rate, **determinism, **engines,
                 )  # fmt: skip
         return run_coroutine(coro, args.loop)
     except (BadInput, ConfigError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import math
 import os
 import random
@@ -55,6 +56,12 @@ from .virtual import Simulation
 __all__ = ["PAUSE", "DebugPort", "Hold", "LguestDevice", "LguestFile", "Waker"]
 
 PAUSE = Hold.PAUSE  # the hold reason of LguestFile.pause()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """``callback`` at ``loop``'s next turn, from any thread; nothing once it is closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
 
 
 async def _join(executor: SlicePool) -> None:
@@ -191,6 +198,14 @@ class LguestDevice:
         if self._loop is not None:
             self._lock = None  # the closed loop's lock belongs to it
         self._loop = loop
+        if self.engines is not None:  # engines made ahead, on this loop (engines.py)
+            self.engines.wanted = functools.partial(_call_soon, loop, self._make_engines)
+
+    def _make_engines(self) -> None:
+        """Make one engine ahead for the pool, and again at the loop's next turn until it
+        wants no more (:meth:`EnginePool.prepare`)."""
+        if self.engines is not None and not self._closed and self.engines.prepare():
+            asyncio.get_running_loop().call_soon(self._make_engines)
 
     @property
     def seed(self) -> int | None:

@@ -29,13 +29,14 @@ back is *kept* while the CPU computes (``Engine.busy``: its last executor slice 
 of time or was stopped mid-way, and it has not slept since) and *spare* otherwise (it
 sleeps, is held, waits for its Launcher, or only ran short inline slices); a kept
 engine turns spare when its CPU goes to sleep (:meth:`EnginePool.rest`).  A take gets,
-in order: the CPU's own engine, untouched; the spare given back longest ago (the ones
-given back since are the likeliest to be taken back by their own CPUs); a new one while
-fewer than ``bound`` live; the kept engine given back last (an *eviction*: in a crowd
-taking turns in a queue, the CPU that ran last runs again last, so its engine is the
-one the others need least).  Spares past ``spares`` (what runs at once: one per worker,
-one for the event loop, :data:`RESERVE`) are closed, oldest first: the pool holds
-engines for what runs, not for the guests that exist.
+in order: the CPU's own engine, untouched; one made ahead ("Made ahead" below); the
+spare given back longest ago (the ones given back since are the likeliest to be taken
+back by their own CPUs); a new one while fewer than ``bound`` live; the kept engine
+given back last (an *eviction*: in a crowd taking turns in a queue, the CPU that ran
+last runs again last, so its engine is the one the others need least).  Spares past
+``spares`` (what runs at once: one per worker, one for the event loop, :data:`RESERVE`)
+are closed, oldest first: the pool holds engines for what runs, not for the guests that
+exist.
 
 The bound: the pool makes at most ``bound`` engines whatever the guests do, by default
 as many as a share of the machine's memory holds (:func:`default_bound`), at least one
@@ -46,6 +47,17 @@ always there to switch.  Only the Host's own calls on a CPU that does not run (a
 debugger's register reads and code hooks, restoring a state) can hold more at once; a
 take past the bound then makes an *overdraft* engine (:attr:`EnginePool.overdrafts`),
 closed when it comes back, so ``live`` returns to the bound.
+
+Made ahead: a new engine costs a new instance, most of it QEMU building the emulated
+machine, and a crowd of CPUs that starts computing at once needs one each.  A take that
+has to make one while runnable CPUs keep engines (a crowd computes) asks for engines
+made ahead (:attr:`EnginePool.wanted`, the device's callback): the device's event loop
+then makes them (:meth:`EnginePool.prepare`), one per loop turn, until ``spares`` idle
+engines wait, spares and made ahead together (what runs at once: the same reserve), or
+the bound is reached.  A take past the CPU's own engine gets one of those first: never
+run, it needs no switch (the next CPUs of the crowd only map their memory and install
+their hooks); and they are the first closed when a give back leaves too many spares.  A
+lone CPU that takes a new engine asks for none.
 
 An engine whose ``emu_start`` raised (``UcError``) or whose switch failed is never
 handed on: :meth:`EnginePool.give` closes it (the CPU marks it ``Engine.tainted``), and
@@ -65,7 +77,9 @@ from __future__ import annotations
 import enum
 import os
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from . import _unicorn
@@ -120,8 +134,11 @@ class EnginePool:
     """
 
     __slots__ = (
+        "_asked",
+        "_closing",
         "_kept",
         "_lock",
+        "_ready",
         "_spare",
         "_tcg_buffer",
         "always",
@@ -133,12 +150,16 @@ class EnginePool:
         "made",
         "overdrafts",
         "peak",
+        "prepare_time",
+        "prepared",
+        "ready_taken",
         "reused",
         "spares",
         "switch_cost",
         "switch_time",
         "switched",
         "taken",
+        "wanted",
         "workers",
     )
 
@@ -165,6 +186,8 @@ class EnginePool:
         # between slices; spare: by waiting CPUs, closed CPUs, or none.
         self._kept: OrderedDict[int, tuple[Any, object]] = OrderedDict()
         self._spare: OrderedDict[int, tuple[Any, object]] = OrderedDict()
+        # Engines made ahead (prepare), never run: configured, no memory, no hooks.
+        self._ready: list[Any] = []
         self.live = 0  # instances made and not closed (held or idle)
         self.peak = 0  # the most that were ever live at once
         self.made = 0  # instances made, ever
@@ -177,6 +200,15 @@ class EnginePool:
         self.hooked = 0  # switches that kept the engine's hooks (Taken.HOOKED)
         self.switch_time = 0.0  # seconds the CPUs spent switching engines (and making them)
         self.switch_cost = 0.0  # what a switch costs lately (a moving average, seconds)
+        self.prepared = 0  # engines made ahead (prepare), counted in `made` too
+        self.ready_taken = 0  # takes that got an engine made ahead (not a switch)
+        self.prepare_time = 0.0  # seconds (the making thread's CPU time) prepare took
+        # Called, from the taking thread, when a take made a new engine while runnable
+        # CPUs keep engines: the owner then calls prepare() until it answers False
+        # (module docstring, "Made ahead").  None: nothing is made ahead.
+        self.wanted: Callable[[], None] | None = None
+        self._asked = False  # wanted() was called and prepare() has not answered False yet
+        self._closing = False  # close() was called: nothing more is made ahead
         self._tcg_buffer = tcg_buffer
 
     @classmethod
@@ -207,13 +239,18 @@ class EnginePool:
 
     @property
     def idle(self) -> int:
-        """How many engines wait in the pool (kept and spare)."""
-        return len(self._kept) + len(self._spare)
+        """How many engines wait in the pool (kept, spare and made ahead)."""
+        return len(self._kept) + len(self._spare) + len(self._ready)
+
+    @property
+    def ready(self) -> int:
+        """How many engines made ahead wait in the pool (:meth:`prepare`)."""
+        return len(self._ready)
 
     @property
     def held(self) -> int:
         """How many engines CPUs hold now."""
-        return self.live - len(self._kept) - len(self._spare)
+        return self.live - self.idle
 
     def take(self, owner: object, last: Any, kind: object = None) -> tuple[Any, Taken]:
         """An engine for ``owner`` (the CPU's token) and how it comes: ``OWN``, ``last``
@@ -224,9 +261,11 @@ class EnginePool:
         The caller maps and configures a ``HOOKED`` or ``BARE`` one for the CPU (and
         gives it back tainted if that fails).  ``kind`` None: always ``BARE`` or ``OWN``.
 
-        Which engine (module docstring, "Policy"): its own; else the spare given back
-        longest ago; else a new one while fewer than ``bound`` live; else the kept
-        engine given back last (an *eviction*)."""
+        Which engine (module docstring, "Policy"): its own; else one made ahead (never
+        run: no switch); else the spare given back longest ago; else a new one while
+        fewer than ``bound`` live; else the kept engine given back last (an
+        *eviction*)."""
+        ask = False
         with self._lock:
             self.taken += 1
             if last is not None and not self.always:
@@ -237,6 +276,9 @@ class EnginePool:
                         del idle[key]
                         self.reused += 1
                         return last, Taken.OWN
+            if self._ready and not self.always:
+                self.ready_taken += 1
+                return self._ready.pop(), Taken.BARE
             uc = self._pick(self._spare, last, oldest=True)
             if uc is None and self.live >= self.bound:
                 uc = self._pick(self._kept, last, oldest=False)
@@ -244,9 +286,12 @@ class EnginePool:
                     self.evicted += 1
             if uc is None:
                 self._count_new()
+                ask = self._ask()
             else:
                 self.switched += 1
         if uc is None:
+            if ask and self.wanted is not None:
+                self.wanted()
             return self._new(), Taken.BARE
         try:
             if kind is not None and _unicorn.seat(uc).kind == kind:
@@ -262,6 +307,46 @@ class EnginePool:
             self._close(uc)
             return self._new(), Taken.BARE
         return uc, Taken.BARE
+
+    def _ask(self) -> bool:
+        """(Lock held; a take is making a new engine.)  Whether to ask for engines made
+        ahead: runnable CPUs keep engines (a crowd computes), none was asked for yet,
+        there is room below the bound, and the pool is not the ``always`` mode's."""
+        if self._asked or not self._kept or self.always or self.wanted is None:
+            return False
+        if self.live >= self.bound or self._closing:
+            return False
+        self._asked = True
+        return True
+
+    def prepare(self) -> bool:
+        """Make one engine ahead of need (module docstring, "Made ahead"), a spare of no
+        CPU, the first to be taken: True if one was made and more may be; False, and
+        nothing made, once ``spares`` idle engines wait, the bound is reached, the pool
+        is closing, or making one failed (a take then makes its own, and says why)."""
+        with self._lock:
+            spares = len(self._spare) + len(self._ready)
+            if spares >= self.spares or self.live >= self.bound or self._closing:
+                self._asked = False
+                return False
+            self._count_new()
+            self.prepared += 1
+        started = time.thread_time()
+        try:
+            uc = _unicorn.new_instance(self._tcg_buffer)
+        except Exception:
+            with self._lock:
+                self.live -= 1
+                self._asked = False
+            return False
+        with self._lock:
+            self.prepare_time += time.thread_time() - started
+            if not self._closing:
+                self._ready.append(uc)
+                return True
+            self._asked = False
+        self._close(uc)
+        return False
 
     def _pick(self, idle: OrderedDict[int, tuple[Any, object]], last: Any, oldest: bool) -> Any:
         """(Lock held.)  Take an engine out of ``idle``, the oldest or the newest, or None;
@@ -307,10 +392,12 @@ class EnginePool:
             self._close(trimmed)
 
     def _trim(self) -> Any:
-        """(Lock held.)  The oldest spare, taken out, if there are more than ``spares``
-        (the caller closes it), else None."""
-        if len(self._spare) <= self.spares:
+        """(Lock held.)  An engine made ahead, else the oldest spare, taken out, if more
+        than ``spares`` of them wait (the caller closes it), else None."""
+        if len(self._spare) + len(self._ready) <= self.spares:
             return None
+        if self._ready:
+            return self._ready.pop(0)
         _, (uc, _owner) = self._spare.popitem(last=False)
         return uc
 
@@ -359,12 +446,17 @@ class EnginePool:
 
     def close(self) -> None:
         """Close every idle engine (the device is closing; held ones come back closed)."""
+        with self._lock:
+            self._closing = True
         while True:
             with self._lock:
                 idle = self._kept or self._spare
-                if not idle:
+                if idle:
+                    _, (uc, _owner) = idle.popitem()
+                elif self._ready:
+                    uc = self._ready.pop()
+                else:
                     return
-                _, (uc, _owner) = idle.popitem()
             self._close(uc)
 
     # -- making and closing --------------------------------------------------------------

@@ -267,6 +267,7 @@ class Supervisor:
         network: Network | None = None,
         deterministic: bool = False,
         seed: int | None = None,
+        max_engines: int | None = None,
     ) -> None:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
@@ -282,7 +283,8 @@ class Supervisor:
         ``deterministic`` and ``seed``: run every guest on virtual time and a seeded
         schedule (docs/determinism.md); guests launched together start together, and
         the default network draws its faults from the seed and times them in virtual
-        time."""
+        time.  ``max_engines``: the bound of the device's engine pool
+        (:class:`LguestDevice`; default: what an eighth of the memory holds)."""
         self.device = LguestDevice(
             workers=workers,
             worker_nice=worker_nice,
@@ -292,6 +294,7 @@ class Supervisor:
             hibernate_after=hibernate_after,
             deterministic=deterministic,
             seed=seed,
+            max_engines=max_engines,
         )
         self._launches = 0  # launch order: a deterministic schedule's order of guests
         self.max_restarts = max_restarts

@@ -227,17 +227,19 @@ def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
         dormitory.thaw(cpu)
 
 
-def _let_go(cpu: LgCpu, runnable: bool = True) -> None:
+def _let_go(cpu: LgCpu, runnable: bool = True, step: bool = False) -> None:
     """Before the run loop waits for anything: with an engine pool, the CPU gives its
     engine back (supervisor.engines), so that the loop holds at most one between two
     awaits whatever the guests do; the next slice takes it back, its own if nobody
     took it meanwhile.  ``runnable``: the CPU waits for its next slice, and the pool
     keeps the engine for it if it computes (``Engine.busy``); else it sleeps, and the
-    engine is a spare."""
+    engine is a spare.  ``step``: it waits for an executor step, which takes the
+    engine back on its worker: kept for it too, so that a CPU whose inline slices go
+    on to the executor takes no other CPU's engine there."""
     engine = cpu.engine
     if engine.pool is not None:
         engine.busy = busy = runnable and engine.busy
-        cpu.release_engine(keep=busy)
+        cpu.release_engine(keep=busy or step)
 
 
 def _yield_due(cpu: LgCpu) -> bool:
@@ -363,7 +365,7 @@ async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
         queued = cpu.run.queued_slice
         assert queued is not None
     else:
-        _let_go(cpu)  # the step takes one on its worker
+        _let_go(cpu, step=True)  # the step takes it back on its worker
         queued = executor.submit(
             run_slice,
             cpu,

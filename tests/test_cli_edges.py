@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import _slicing, sdk
+from supervisor import _slicing, engines, host, sdk
+from supervisor import cli as cli_module
+from supervisor.cli import main as cli_main
+from supervisor.cpu import DEFAULT_TCG_BUFFER
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -161,3 +164,44 @@ def test_the_swarm_table_counts_blocks_or_says_plainly_that_it_does_not() -> Non
     else:
         assert "blocks: not counted (LGUEST_SLICING=hook counts them)\n" in default.stdout
         assert "blocks/s" not in default.stdout and "exit request" not in default.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "guests/hello.img", "--max-engines", "0"], "--max-engines 0: Input should be"),
+        (["run", "guests/hello.img", "--max-engines", "many"], "--max-engines many: Input"),
+        (["swarm", "guests/hello.img", "--max-engines", "1.5"], "--max-engines 1.5: Input"),
+        (["swarm", "guests/hello.img", "--max-engines", "9999999"], "less than or equal"),
+        (["run", "guests/hello.img", "--max-engines", "8", "--deterministic"], "has none"),
+        (["swarm", "guests/hello.img", "--max-engines", "8", "--cluster", "local"], "--cluster"),
+    ],
+)  # fmt: skip
+def test_max_engines_is_checked_in_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("supervisor: error: --max-engines")
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_max_engines_bounds_the_engine_pool_of_run_and_swarm(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bounds: list[int | None] = []
+
+    class Recording(host.Supervisor):
+        async def __aexit__(self, *exc: object) -> None:
+            pool = self.device.engines
+            bounds.append(None if pool is None else pool.bound)
+            await super().__aexit__(*exc)
+
+    monkeypatch.setenv(engines.ENV, "pool")
+    monkeypatch.setattr(cli_module, "Supervisor", Recording)
+    assert cli_main(["run", "guests/hello.img", "--max-engines", "40", "--loop", "asyncio"]) == 0
+    swarm = ["swarm", "-n", "2", "guests/hello.img", "--max-engines", "41", "--loop", "asyncio"]
+    assert cli_main(swarm) == 0
+    assert cli_main(["run", "guests/hello.img", "--loop", "asyncio"]) == 0
+    assert bounds == [40, 41, engines.default_bound(DEFAULT_TCG_BUFFER)]
+    capsys.readouterr()

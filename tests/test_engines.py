@@ -6,6 +6,7 @@ import asyncio
 import functools
 import gc
 import math
+import threading
 import weakref
 from typing import Any
 
@@ -214,6 +215,91 @@ def test_runnable_cpus_keep_their_engines_until_the_bound_then_the_last_gives_wa
     assert pool.live == 0 and pool.overdrafts == 0 and pool.peak == 4
 
 
+def test_a_crowd_taking_new_engines_has_more_made_ahead_up_to_the_reserve() -> None:
+    pool = EnginePool(1 << 20, bound=5, workers=1, spares=3)
+    asked: list[int] = []
+    pool.wanted = lambda: asked.append(pool.live)
+    a, b, c, d = (object() for _ in range(4))
+    ea, _ = pool.take(a, None)
+    assert asked == []  # a lone CPU's new engine: nothing made ahead
+    pool.give(a, ea, keep=True)  # A computes: its engine waits for it
+    eb, _ = pool.take(b, None)
+    assert asked == [2]  # a new engine while a runnable CPU keeps one: asked, once
+    ec, _ = pool.take(c, None)
+    assert asked == [2] and pool.made == 3
+    # The device makes them one at a time, until the bound (here before the reserve).
+    assert pool.prepare() and pool.ready == 1
+    assert pool.prepare() and pool.ready == 2 and pool.live == pool.bound
+    assert not pool.prepare() and pool.prepared == 2 and pool.made == 5
+    # A take gets one made ahead: never run, no memory, no hooks; not a switch.
+    ed, taken = pool.take(d, None)
+    assert taken is Taken.BARE and ed not in (ea, eb, ec) and pool.ready_taken == 1
+    assert pool.switched == 0 and pool.made == 5 and hook_count(ed) == 0
+    assert list(ed.mem_regions()) == []
+    # Spares past the reserve close the engines made ahead first.
+    pool.give(b, eb)
+    pool.give(c, ec)
+    pool.give(d, ed)
+    assert pool.ready == 0 and pool.idle == 4 and pool.live == 4 and pool.closed == 1
+    assert pool.peak == pool.bound and pool.overdrafts == 0
+    pool.close()
+    assert not pool.prepare() and pool.live == 0
+
+
+def test_engines_are_made_ahead_up_to_the_reserve_and_none_after_close() -> None:
+    pool = EnginePool(1 << 20, bound=100, workers=1, spares=3)
+    asked: list[int] = []
+    pool.wanted = lambda: asked.append(pool.live)
+    a, b, c, d = (object() for _ in range(4))
+    ea, _ = pool.take(a, None)
+    pool.give(a, ea, keep=True)
+    eb, _ = pool.take(b, None)
+    pool.give(b, eb)  # one spare already: two more make the reserve
+    made = 0
+    while pool.prepare():
+        made += 1
+    assert made == 2 and pool.ready == 2 and pool.idle == 4 and pool.live == 4
+    # Takes find what was made ahead, then the spare; the next new engine asks again.
+    assert pool.take(c, None)[0] not in (ea, eb) and pool.take(d, None)[0] not in (ea, eb)
+    assert pool.take(b, eb) == (eb, Taken.OWN) and asked == [2]
+    pool.take(object(), None)
+    assert asked == [2, 5] and pool.made == 5
+    pool.close()
+    assert not pool.prepare() and pool.made == 5 and pool.idle == 0
+
+
+async def test_a_crowd_starting_to_compute_takes_engines_made_ahead_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop_thread: set[int] = set()
+    real_prepare = EnginePool.prepare
+
+    def prepare(pool: EnginePool) -> bool:
+        loop_thread.add(threading.get_ident())
+        return real_prepare(pool)
+
+    monkeypatch.setattr(EnginePool, "prepare", prepare)
+    async with LguestDevice(engines="pool", workers=1, max_engines=64) as dev:
+        pool = pool_of(dev)
+        late, *crowd = [await boot(dev, SPIN) for _ in range(9)]
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in crowd]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in crowd), LIMIT)
+        # New engines were made while others computed: the loop made more ahead.
+        await until(lambda: pool.ready > 0, LIMIT)
+        assert loop_thread == {threading.get_ident()} and pool.ready <= pool.spares
+        in_takes, taken = pool.made - pool.prepared, pool.ready_taken
+        # A latecomer (its own engine long switched away) takes one of them: no switch,
+        # nothing made.
+        readers.append(asyncio.ensure_future(late.file.read(abi.WORD_SIZE)))
+        await until(lambda: late.file.cpu(0).engine.busy, LIMIT)
+        assert pool.ready_taken == taken + 1 and pool.made - pool.prepared == in_takes
+        assert pool.peak <= pool.bound and pool.overdrafts == 0
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in [*crowd, late])
+
+
 async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -> None:
     async with LguestDevice(engines="pool", workers=1, max_engines=16) as dev:
         pool = pool_of(dev)
@@ -231,6 +317,36 @@ async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -
         assert pool.switched == switched and pool.evicted == 0 and pool.made == made
         assert pool.reused - reused == pool.taken - taken
         assert made <= len(spinners) + pool.spares
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        assert all(g.file.death is None for g in spinners)
+
+
+async def test_a_cpu_going_on_to_the_executor_takes_its_inline_engine_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crowd starting to compute: each CPU's inline slices use up their time and its
+    run goes on to the executor, whose first step takes back the engine the inline
+    slices ran on (kept for it meanwhile), not one of another CPU's or a new one."""
+    first_steps: dict[int, bool] = {}  # id(CPU) -> its first step got its own engine
+    real_take = execute._take_engine
+
+    def take(cpu: LgCpu) -> float | None:
+        last = cpu.engine.last
+        took = real_take(cpu)
+        first_steps.setdefault(id(cpu), last is not None and cpu.engine.uc is last)
+        return took
+
+    monkeypatch.setattr(execute, "_take_engine", take)
+    async with LguestDevice(engines="pool", workers=1, max_engines=64) as dev:
+        pool = pool_of(dev)
+        spinners = [await boot(dev, SPIN) for _ in range(8)]
+        first_steps.clear()
+        readers = [asyncio.ensure_future(g.file.read(abi.WORD_SIZE)) for g in spinners]
+        await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
+        assert first_steps == {id(g.file.cpu(0)): True for g in spinners}
+        assert pool.evicted == 0
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
@@ -375,6 +491,41 @@ async def test_an_engine_that_raised_inside_unicorn_is_closed_not_handed_on(
         await asyncio.gather(*(r for _, r in others), return_exceptions=True)
 
 
+async def test_an_engine_whose_switch_failed_is_closed_not_handed_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mapping a guest's memory into a switched engine fails on a worker: that guest dies
+    (no engine for it), the engine is closed, and the other guests never get it."""
+    real_map = _unicorn.map_memory
+    doomed: list[Any] = []
+
+    def failing_map(uc: Any, size: int, host_address: int) -> None:
+        on_worker = threading.current_thread() is not threading.main_thread()
+        if host_address == victim.memory.address and on_worker and not doomed:
+            doomed.append(uc)
+            raise UcError(uc_const.UC_ERR_NOMEM)
+        real_map(uc, size, host_address)
+
+    async with LguestDevice(engines="always", workers=1) as dev:
+        pool = pool_of(dev)
+        victim, other = await boot(dev, SPIN), await boot(dev, SPIN)
+        monkeypatch.setattr(_unicorn, "map_memory", failing_map)
+        doomed_reader = asyncio.ensure_future(victim.file.read(abi.WORD_SIZE))
+        reader = asyncio.ensure_future(other.file.read(abi.WORD_SIZE))
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(OSError):
+                await doomed_reader
+        assert "no engine" in present(victim.file.death).reason
+        (engine,) = doomed
+        assert _unicorn.is_closed(engine) and pool.closed >= 1
+        counter, takes = other.u32("counter"), pool.taken
+        await until(lambda: other.u32("counter") > counter and pool.taken > takes + 5, LIMIT)
+        assert other.file.death is None and other.file.cpu(0).engine.last is not engine
+        assert pool.peak <= pool.bound and pool.overdrafts == 0
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
 def moved_on(g: Booted, counter: int) -> bool:
     return g.u32("counter") > counter
 
@@ -415,8 +566,8 @@ async def test_no_engine_is_ever_held_by_two_cpus_among_spinners_and_wakers() ->
 async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
     """Many spinners and wakers, some killed, paused and captured mid-slice, more
     booted meanwhile: the pool's bound holds and every survivor computes on."""
-    async with LguestDevice(engines="pool", workers=2) as dev:
-        pool = pool_of(dev)
+    async with LguestDevice(engines="pool", workers=2, max_engines=1) as dev:
+        pool = pool_of(dev)  # (bounded by what runs at once: fewer than the spinners)
         spinners = [await boot(dev, SPIN) for _ in range(8)]
         wakers = [await boot(dev, WAKER) for _ in range(8)]
         readers = {
@@ -444,7 +595,7 @@ async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
             with pytest.raises(OSError):
                 await readers.pop(id(g))
         check_engines(pool, spinners + wakers)
-        assert pool.switched > 0
+        assert pool.switched > 0 and pool.peak == pool.bound < len(spinners)
         for reader in readers.values():
             reader.cancel()
         await asyncio.gather(*readers.values(), return_exceptions=True)
