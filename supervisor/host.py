@@ -272,7 +272,7 @@ class Supervisor:
         """``max_guests`` and ``max_memory`` (bytes) bound the guests running at once:
         a launch past them ends at once with "cannot start: Cannot allocate memory".
         ``hibernate_after``: seconds an idle guest keeps its emulator when the device
-        has no engine pool (``LGUEST_ENGINE_SWITCH=off``, the default; with the pool an
+        has no engine pool (``LGUEST_ENGINE_SWITCH=off``; with the pool, the default, an
         idle guest holds none; a guest's config may say otherwise; see
         :mod:`supervisor.hibernation`).
         ``keep_ended=False`` lets :attr:`guests` forget a guest once it has ended
