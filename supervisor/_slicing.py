@@ -228,6 +228,16 @@ def _hook_blocks(uc: Any, fuel: Fuel) -> None:
     _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, place.cell_address)
 
 
+def new_fuel(count_blocks: bool = False) -> Fuel:
+    """A slice meter for a new CPU, on the path new CPUs take (the block hook if
+    ``count_blocks``), not yet on any instance: :func:`attach` puts it on one."""
+    fuel = Fuel()
+    fuel.clock_mask = 0
+    fuel.exit_request = not count_blocks and _no_exit_request() is not None
+    fuel.address = ctypes.addressof(fuel)
+    return fuel
+
+
 def attach(
     uc: Any, fuel: Fuel | None = None, count_blocks: bool = False, hooked: bool = False
 ) -> Fuel:
@@ -241,10 +251,7 @@ def attach(
     returned object alive as long as ``uc`` runs.
     """
     if fuel is None:
-        fuel = Fuel()
-        fuel.clock_mask = 0
-        fuel.exit_request = not count_blocks and _no_exit_request() is not None
-        fuel.address = ctypes.addressof(fuel)
+        fuel = new_fuel(count_blocks)
     fuel.emu_stop = _EMU_STOP
     fuel.uc = _unicorn.handle(uc).value
     _unicorn.seat(uc).cell.value = fuel.address

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import itertools
 import math
 import struct
@@ -821,9 +822,15 @@ def _attach(
     install_hooks: Callable[[LgCpu], None] | None,
     hibernate_after: float,
     pool: EnginePool | None,
+    boot: bytes | None = None,
 ) -> LgCpu:
+    """The CPU's parts and its first engine: none if ``boot`` (a pool's new CPU, whose
+    registers are those context bytes until its first slice takes an engine)."""
     loop = asyncio.get_running_loop()
-    if pool is None:
+    count_blocks = limits.max_blocks is not None
+    if boot is not None:
+        uc = None
+    elif pool is None:
         uc = _new_uc(lg, host_address, tcg_buffer)
     else:
         engine = Engine(uc=None, regs=None, host_address=host_address, tcg_buffer=tcg_buffer)  # type: ignore[arg-type]
@@ -841,20 +848,26 @@ def _attach(
         lg=lg,
         engine=Engine(
             uc=uc,
-            regs=_unicorn.Registers(uc),
+            regs=None if uc is None else _unicorn.Registers(uc),  # type: ignore[arg-type]
             host_address=host_address,
             tcg_buffer=tcg_buffer,
             install_hooks=install_hooks,
+            frozen=boot,
             # With a pool a CPU gives its engine back whenever it waits (supervisor.engines).
             hibernate_after=hibernate_after if pool is None else 0.0,
             pool=pool,
         ),
-        fuel=_slicing.attach(uc, count_blocks=limits.max_blocks is not None),
+        fuel=(
+            _slicing.new_fuel(count_blocks)
+            if uc is None
+            else _slicing.attach(uc, count_blocks=count_blocks)
+        ),
         threads=ThreadCheck(enabled=loop.get_debug(), loop=threading.get_ident()),
     )
     cpu.run.break_released.set()
     cpu.run.idle.set()
-    _install_hooks(cpu)
+    if uc is not None:
+        _install_hooks(cpu)
     return cpu
 
 
@@ -884,14 +897,16 @@ def new_cpu(
     supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
     ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
+    # With a pool the CPU holds an engine only while it runs: its registers wait as the
+    # boot context, and its first slice takes an engine (switched, as at any wake).
+    boot = boot_context(start, pgdir) if pool is not None else None
     cpu = _attach(
         lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks, hibernate_after,
-        pool,
+        pool, boot,
     )  # fmt: skip
     lg.host_wrote(hostpages.install(lg.ram, pgdir), 4)
-    setup_regs(cpu, start, pgdir)
-    if pool is not None:
-        cpu.release_engine()  # held only while it runs: its first slice takes one
+    if boot is None:
+        setup_regs(cpu.engine.uc, start, pgdir)
     return cpu
 
 
@@ -943,10 +958,29 @@ def start_secondary(cpu: LgCpu, starter: LgCpu, eip: int, esp: int) -> None:
     cpu.online = True
 
 
-def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:
-    """The registers a guest starts with (``lguest_arch_setup_regs``): cs, ds, es, ss
-    in lguest's boot segments, paging on at ``pgdir``."""
-    uc = cpu.engine.uc
+BOOT_CONTEXTS = 64  # boot_context's (start, pgdir) pairs kept, 5.4 KiB each
+
+
+@functools.lru_cache(maxsize=BOOT_CONTEXTS)
+def boot_context(start: int, pgdir: int) -> bytes:
+    """The registers a new CPU starts with (:func:`setup_regs` on a new instance), as
+    context bytes (:func:`_unicorn.context_data`): made once per ``(start, pgdir)`` on
+    an instance of its own, so that a pool's new CPU needs no engine until it runs.
+    They depend on nothing else: the boot segments are read from the Host's pages,
+    the same in every instance."""
+    uc = _unicorn.new_instance(DEFAULT_TCG_BUFFER)
+    try:
+        hostpages.map_into(uc)
+        setup_regs(uc, start, pgdir)
+        return _unicorn.context_data(uc)
+    finally:
+        _unicorn.close(uc)
+
+
+def setup_regs(uc: Any, start: int, pgdir: int) -> None:
+    """The registers a guest starts with (``lguest_arch_setup_regs``), on a new
+    instance (or one given a new instance's registers) with the Host's pages mapped:
+    cs, ds, es, ss in lguest's boot segments, paging on at ``pgdir``."""
     uc.reg_write(r.UC_X86_REG_CR3, pgdir)
     uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
     _unicorn.reset_fpu(uc)  # FCW 0x37F, MXCSR 0x1F80, SSE enabled

@@ -110,11 +110,11 @@ async def test_every_slice_on_a_switched_engine_computes_exactly() -> None:
             assert word == abi.pack_words(0xC0FFEE)
             assert (g.u32("counter"), g.u32("regcount"), g.u32("ssecount")) == (target,) * 3
         # Every slice after a guest's first took an engine another CPU had used, and
-        # (the guests alike) kept that engine's hooks, pointed at the new CPU; only a
-        # new CPU's first engine was stripped.
+        # (the guests alike) kept that engine's hooks, pointed at the new CPU; none was
+        # stripped (a new CPU takes its first engine at its first slice, like any other).
         assert slices > 3 * 3
         assert pool.switched >= slices - 3
-        assert pool.switched - len(guests) <= pool.hooked < pool.switched
+        assert pool.hooked == pool.switched
         assert pool.reused == 0
         assert pool.peak <= pool.bound and pool.overdrafts == 0
 
@@ -325,6 +325,26 @@ async def test_a_notify_served_at_once_keeps_the_engine_until_the_loops_next_tur
         await asyncio.sleep(0)  # the loop's next turn: B's goes back too
         assert cpu_b.hibernated and pool.held == 0
         assert pool.peak <= 2 and pool.overdrafts == 0
+
+
+async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
+    """INITIALIZE touches no engine: the CPU's registers wait as the boot context, the
+    same bytes a new instance of its own gets (engines "off"), and its first slice
+    takes a spare with its hooks kept, as any wake does: nothing stripped, nothing made."""
+    async with LguestDevice(engines="pool") as dev, LguestDevice(engines="off") as own:
+        pool = pool_of(dev)
+        warm = await boot(dev, NOTIFIER)
+        await warm.file.read(abi.WORD_SIZE)
+        await until(lambda: warm.file.cpu(0).hibernated, LIMIT)  # its engine: a spare
+        taken, hooked, made = pool.taken, pool.hooked, pool.made
+        g = await boot(dev, NOTIFIER)
+        cpu = g.file.cpu(0)
+        assert pool.taken == taken and pool.held == 0 and cpu.hibernated
+        reference = (await boot(own, NOTIFIER)).file.cpu(0)
+        assert not reference.hibernated
+        assert cpu.capture(None).context == reference.capture(None).context
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert (pool.taken, pool.hooked, pool.made) == (taken + 1, hooked + 1, made)
 
 
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
