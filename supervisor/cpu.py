@@ -258,6 +258,13 @@ class RunControl:
     yielded_at: float = host_only(default=0.0)
 
 
+# The run loop's hooks for a CPU's instance (new_cpu): called with ``hooked`` False to
+# install them on a bare instance; True when the instance has them already (it served a
+# CPU of the same kind) or the CPU has none yet, to set up only the CPU's own part of
+# them (its slice meter's), which the hooks read through the instance's seat.
+InstallHooks = Callable[["LgCpu", bool], None]
+
+
 @dataclass(eq=False, slots=True)
 class Engine:
     """The emulator a CPU runs on and its dormancy: the part an engine pool hands around.
@@ -272,7 +279,7 @@ class Engine:
     regs: _unicorn.Registers = host_only()  # (None while uc is)
     host_address: int = host_only()  # where the guest's memory is (mem_map_ptr)
     tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
-    install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc
+    install_hooks: InstallHooks | None = host_only(default=None)  # on each new uc
     hooks: list[Any] = host_only(default_factory=list)  # keeps the hooks' callbacks alive
     frozen: bytes | None = host_only(default=None)  # the registers while hibernated
     # `frozen` holds _unicorn.pack_context's bytes (it slept long: supervisor.hibernation)
@@ -809,7 +816,7 @@ def _install_hooks(cpu: LgCpu) -> None:
     hook = cpu.engine.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access, begin=begin, end=end)
     cpu.engine.hooks.append(hook)
     if cpu.engine.install_hooks is not None:
-        cpu.engine.install_hooks(cpu)
+        cpu.engine.install_hooks(cpu, False)
 
 
 def _attach(
@@ -819,7 +826,7 @@ def _attach(
     host_address: int,
     tcg_buffer: int,
     limits: Limits,
-    install_hooks: Callable[[LgCpu], None] | None,
+    install_hooks: InstallHooks | None,
     hibernate_after: float,
     pool: EnginePool | None,
     boot: bytes | None = None,
@@ -868,6 +875,8 @@ def _attach(
     cpu.run.idle.set()
     if uc is not None:
         _install_hooks(cpu)
+    elif install_hooks is not None:
+        install_hooks(cpu, True)  # its own part now: its first engine may keep its hooks
     return cpu
 
 
@@ -879,7 +888,7 @@ def new_cpu(
     pgdir: int,
     tcg_buffer: int,
     limits: Limits = UNLIMITED,
-    install_hooks: Callable[[LgCpu], None] | None = None,
+    install_hooks: InstallHooks | None = None,
     hibernate_after: float = math.inf,
     pool: EnginePool | None = None,
 ) -> LgCpu:
@@ -915,7 +924,7 @@ def revive_cpu(
     state: CpuState,
     host_address: int,
     tcg_buffer: int,
-    install_hooks: Callable[[LgCpu], None] | None = None,
+    install_hooks: InstallHooks | None = None,
     hibernate_after: float = math.inf,
     pool: EnginePool | None = None,
 ) -> LgCpu:

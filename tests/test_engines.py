@@ -336,15 +336,17 @@ async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
         warm = await boot(dev, NOTIFIER)
         await warm.file.read(abi.WORD_SIZE)
         await until(lambda: warm.file.cpu(0).hibernated, LIMIT)  # its engine: a spare
-        taken, hooked, made = pool.taken, pool.hooked, pool.made
+        taken, switched, hooked, made = pool.taken, pool.switched, pool.hooked, pool.made
         g = await boot(dev, NOTIFIER)
         cpu = g.file.cpu(0)
         assert pool.taken == taken and pool.held == 0 and cpu.hibernated
+        if _slicing.NATIVE:  # its meter is set up for the interrupt hook it will inherit
+            assert cpu.fuel.ram == g.memory.address and cpu.fuel.local_mask
         reference = (await boot(own, NOTIFIER)).file.cpu(0)
         assert not reference.hibernated
         assert cpu.capture(None).context == reference.capture(None).context
         assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
-        assert (pool.taken, pool.hooked, pool.made) == (taken + 1, hooked + 1, made)
+        assert (pool.switched, pool.hooked, pool.made) == (switched + 1, hooked + 1, made)
 
 
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
