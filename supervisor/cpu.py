@@ -568,6 +568,9 @@ class LgCpu:
         engine.packed = False
         if taken is Taken.OWN:
             return 0.0
+        # A switched or new instance holds no translation (unbind and strip flush them), so
+        # no Host write can be stale in it: nothing to drop before the guest runs again.
+        self.stale_code.clear()
         spent = time.thread_time() - started
         if engine.pool is not None:
             engine.pool.charge(spent)

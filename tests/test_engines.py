@@ -349,6 +349,26 @@ async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
         assert (pool.switched, pool.hooked, pool.made) == (switched + 1, hooked + 1, made)
 
 
+@pytest.mark.parametrize("mode", ["pool", "always"])
+async def test_host_writes_to_a_sleeper_are_dropped_only_on_its_own_engine(mode: str) -> None:
+    """The Host's writes to a CPU without an engine wait in ``stale_code``: its own
+    engine, back untouched, still holds translations of the old bytes; any other has
+    none (a switch flushes them), so the take forgets them."""
+    async with LguestDevice(engines=mode) as dev:
+        g = await boot(dev, HALT)
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.halted and cpu.hibernated, LIMIT)
+        at = g.guest.symbols["main"]
+        g.memory.write(at, g.memory.read(at, 4))  # a Host write (of the same bytes): noted
+        assert cpu.stale_code
+        cpu.take_engine()
+        assert bool(cpu.stale_code) == (mode == "pool")  # (alone: its own engine, in pool)
+        assert (pool_of(dev).reused > 0) == (mode == "pool")
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+
+
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
     async with LguestDevice(engines="pool", workers=1, max_engines=1) as dev:
         pool = pool_of(dev)
