@@ -228,6 +228,16 @@ def _hook_blocks(uc: Any, fuel: Fuel) -> None:
     _unicorn.add_native_hook(uc, UC_HOOK_BLOCK, _fuel.block_hook, place.cell_address)
 
 
+def new_fuel(count_blocks: bool = False) -> Fuel:
+    """A slice meter for a new CPU, on the path new CPUs take (the block hook if
+    ``count_blocks``), not yet on any instance: :func:`attach` puts it on one."""
+    fuel = Fuel()
+    fuel.clock_mask = 0
+    fuel.exit_request = not count_blocks and _no_exit_request() is not None
+    fuel.address = ctypes.addressof(fuel)
+    return fuel
+
+
 def attach(
     uc: Any, fuel: Fuel | None = None, count_blocks: bool = False, hooked: bool = False
 ) -> Fuel:
@@ -241,10 +251,7 @@ def attach(
     returned object alive as long as ``uc`` runs.
     """
     if fuel is None:
-        fuel = Fuel()
-        fuel.clock_mask = 0
-        fuel.exit_request = not count_blocks and _no_exit_request() is not None
-        fuel.address = ctypes.addressof(fuel)
+        fuel = new_fuel(count_blocks)
     fuel.emu_stop = _EMU_STOP
     fuel.uc = _unicorn.handle(uc).value
     _unicorn.seat(uc).cell.value = fuel.address
@@ -266,6 +273,7 @@ def trap_interrupts(
     local_calls: frozenset[int],
     native_calls: frozenset[int] = frozenset(),
     memory: tuple[int, int] | None = None,
+    hooked: bool = False,
 ) -> None:
     """Native paths only: ``_fuel.c``'s interrupt hook ends a run at every interrupt or
     exception (``fuel.vector``; a hypercall's registers in ``fuel.hcall``), except the
@@ -273,21 +281,29 @@ def trap_interrupts(
     ``native_calls`` whose arguments the Host accepts it completes itself, in C (counted
     in ``fuel.native_done``); the others it hands to ``local(number, a1, a2, a3)`` on the
     spot (a true result stops the run); either way the guest goes on.  Again for each
-    new instance of the CPU (after hibernation).  ``native_calls`` must be CPU-local
+    new or stripped instance of the CPU.  ``native_calls`` must be CPU-local
     calls that ``_fuel.c`` implements (:data:`NATIVE_CALLS`).  ``memory``: the guest's
     memory as (host address of guest-physical 0, pages), fixed for the guest's life;
-    without it the page-table calls are left to ``local``."""
+    without it the page-table calls are left to ``local``.
+
+    The CPU's own part (``fuel``'s) is set up by the first call for ``fuel`` only: it
+    holds for the CPU's life, whichever instances it runs on.  ``hooked``: ``uc`` has
+    the hook already (it served a CPU of the same kind), or is None (the CPU has no
+    instance yet): nothing more is done."""
     assert NATIVE
     if any(not 0 <= n < 64 for n in local_calls):
         raise ValueError("CPU-local hypercall numbers must be below 64")
     if not native_calls <= local_calls & NATIVE_CALLS:
         unknown = sorted(native_calls - (local_calls & NATIVE_CALLS))
         raise ValueError(f"hypercalls {unknown} cannot be completed natively")
-    fuel.local_call = local
-    fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
-    fuel.local_mask = sum(1 << n for n in local_calls)
-    fuel.native_mask = sum(1 << n for n in native_calls)
-    fuel.ram, fuel.pfn_limit = memory if memory is not None else (None, 0)
+    if fuel.local_call is None:
+        fuel.local_call = local
+        fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
+        fuel.local_mask = sum(1 << n for n in local_calls)
+        fuel.native_mask = sum(1 << n for n in native_calls)
+        fuel.ram, fuel.pfn_limit = memory if memory is not None else (None, 0)
+    if hooked:
+        return
     place = _unicorn.seat(uc)
     place.cell.value = fuel.address
     _unicorn.add_native_hook(uc, UC_HOOK_INTR, _fuel.intr_hook, place.cell_address)

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import enum
+import functools
 import itertools
 import math
 import struct
@@ -257,6 +258,13 @@ class RunControl:
     yielded_at: float = host_only(default=0.0)
 
 
+# The run loop's hooks for a CPU's instance (new_cpu): called with ``hooked`` False to
+# install them on a bare instance; True when the instance has them already (it served a
+# CPU of the same kind) or the CPU has none yet, to set up only the CPU's own part of
+# them (its slice meter's), which the hooks read through the instance's seat.
+InstallHooks = Callable[["LgCpu", bool], None]
+
+
 @dataclass(eq=False, slots=True)
 class Engine:
     """The emulator a CPU runs on and its dormancy: the part an engine pool hands around.
@@ -271,7 +279,7 @@ class Engine:
     regs: _unicorn.Registers = host_only()  # (None while uc is)
     host_address: int = host_only()  # where the guest's memory is (mem_map_ptr)
     tcg_buffer: int = host_only(default=DEFAULT_TCG_BUFFER)
-    install_hooks: Callable[[LgCpu], None] | None = host_only(default=None)  # on each new uc
+    install_hooks: InstallHooks | None = host_only(default=None)  # on each new uc
     hooks: list[Any] = host_only(default_factory=list)  # keeps the hooks' callbacks alive
     frozen: bytes | None = host_only(default=None)  # the registers while hibernated
     # `frozen` holds _unicorn.pack_context's bytes (it slept long: supervisor.hibernation)
@@ -560,6 +568,9 @@ class LgCpu:
         engine.packed = False
         if taken is Taken.OWN:
             return 0.0
+        # A switched or new instance holds no translation (unbind and strip flush them), so
+        # no Host write can be stale in it: nothing to drop before the guest runs again.
+        self.stale_code.clear()
         spent = time.thread_time() - started
         if engine.pool is not None:
             engine.pool.charge(spent)
@@ -808,7 +819,7 @@ def _install_hooks(cpu: LgCpu) -> None:
     hook = cpu.engine.uc.hook_add(UC_HOOK_MEM_INVALID, on_bad_access, begin=begin, end=end)
     cpu.engine.hooks.append(hook)
     if cpu.engine.install_hooks is not None:
-        cpu.engine.install_hooks(cpu)
+        cpu.engine.install_hooks(cpu, False)
 
 
 def _attach(
@@ -818,12 +829,18 @@ def _attach(
     host_address: int,
     tcg_buffer: int,
     limits: Limits,
-    install_hooks: Callable[[LgCpu], None] | None,
+    install_hooks: InstallHooks | None,
     hibernate_after: float,
     pool: EnginePool | None,
+    boot: bytes | None = None,
 ) -> LgCpu:
+    """The CPU's parts and its first engine: none if ``boot`` (a pool's new CPU, whose
+    registers are those context bytes until its first slice takes an engine)."""
     loop = asyncio.get_running_loop()
-    if pool is None:
+    count_blocks = limits.max_blocks is not None
+    if boot is not None:
+        uc = None
+    elif pool is None:
         uc = _new_uc(lg, host_address, tcg_buffer)
     else:
         engine = Engine(uc=None, regs=None, host_address=host_address, tcg_buffer=tcg_buffer)  # type: ignore[arg-type]
@@ -841,20 +858,28 @@ def _attach(
         lg=lg,
         engine=Engine(
             uc=uc,
-            regs=_unicorn.Registers(uc),
+            regs=None if uc is None else _unicorn.Registers(uc),  # type: ignore[arg-type]
             host_address=host_address,
             tcg_buffer=tcg_buffer,
             install_hooks=install_hooks,
+            frozen=boot,
             # With a pool a CPU gives its engine back whenever it waits (supervisor.engines).
             hibernate_after=hibernate_after if pool is None else 0.0,
             pool=pool,
         ),
-        fuel=_slicing.attach(uc, count_blocks=limits.max_blocks is not None),
+        fuel=(
+            _slicing.new_fuel(count_blocks)
+            if uc is None
+            else _slicing.attach(uc, count_blocks=count_blocks)
+        ),
         threads=ThreadCheck(enabled=loop.get_debug(), loop=threading.get_ident()),
     )
     cpu.run.break_released.set()
     cpu.run.idle.set()
-    _install_hooks(cpu)
+    if uc is not None:
+        _install_hooks(cpu)
+    elif install_hooks is not None:
+        install_hooks(cpu, True)  # its own part now: its first engine may keep its hooks
     return cpu
 
 
@@ -866,7 +891,7 @@ def new_cpu(
     pgdir: int,
     tcg_buffer: int,
     limits: Limits = UNLIMITED,
-    install_hooks: Callable[[LgCpu], None] | None = None,
+    install_hooks: InstallHooks | None = None,
     hibernate_after: float = math.inf,
     pool: EnginePool | None = None,
 ) -> LgCpu:
@@ -884,14 +909,16 @@ def new_cpu(
     supervisor.hostpages, which entry 1023 of ``pgdir`` now maps), ``eip = start``,
     ``eflags = 0x202`` and ``esi = 0`` (the boot information page).
     """
+    # With a pool the CPU holds an engine only while it runs: its registers wait as the
+    # boot context, and its first slice takes an engine (switched, as at any wake).
+    boot = boot_context(start, pgdir) if pool is not None else None
     cpu = _attach(
         lg, cpu_id, start, host_address, tcg_buffer, limits, install_hooks, hibernate_after,
-        pool,
+        pool, boot,
     )  # fmt: skip
     lg.host_wrote(hostpages.install(lg.ram, pgdir), 4)
-    setup_regs(cpu, start, pgdir)
-    if pool is not None:
-        cpu.release_engine()  # held only while it runs: its first slice takes one
+    if boot is None:
+        setup_regs(cpu.engine.uc, start, pgdir)
     return cpu
 
 
@@ -900,7 +927,7 @@ def revive_cpu(
     state: CpuState,
     host_address: int,
     tcg_buffer: int,
-    install_hooks: Callable[[LgCpu], None] | None = None,
+    install_hooks: InstallHooks | None = None,
     hibernate_after: float = math.inf,
     pool: EnginePool | None = None,
 ) -> LgCpu:
@@ -943,10 +970,29 @@ def start_secondary(cpu: LgCpu, starter: LgCpu, eip: int, esp: int) -> None:
     cpu.online = True
 
 
-def setup_regs(cpu: LgCpu, start: int, pgdir: int) -> None:
-    """The registers a guest starts with (``lguest_arch_setup_regs``): cs, ds, es, ss
-    in lguest's boot segments, paging on at ``pgdir``."""
-    uc = cpu.engine.uc
+BOOT_CONTEXTS = 64  # boot_context's (start, pgdir) pairs kept, 5.4 KiB each
+
+
+@functools.lru_cache(maxsize=BOOT_CONTEXTS)
+def boot_context(start: int, pgdir: int) -> bytes:
+    """The registers a new CPU starts with (:func:`setup_regs` on a new instance), as
+    context bytes (:func:`_unicorn.context_data`): made once per ``(start, pgdir)`` on
+    an instance of its own, so that a pool's new CPU needs no engine until it runs.
+    They depend on nothing else: the boot segments are read from the Host's pages,
+    the same in every instance."""
+    uc = _unicorn.new_instance(DEFAULT_TCG_BUFFER)
+    try:
+        hostpages.map_into(uc)
+        setup_regs(uc, start, pgdir)
+        return _unicorn.context_data(uc)
+    finally:
+        _unicorn.close(uc)
+
+
+def setup_regs(uc: Any, start: int, pgdir: int) -> None:
+    """The registers a guest starts with (``lguest_arch_setup_regs``), on a new
+    instance (or one given a new instance's registers) with the Host's pages mapped:
+    cs, ds, es, ss in lguest's boot segments, paging on at ``pgdir``."""
     uc.reg_write(r.UC_X86_REG_CR3, pgdir)
     uc.reg_write(r.UC_X86_REG_CR4, uc.reg_read(r.UC_X86_REG_CR4) | CR4_PSE)
     _unicorn.reset_fpu(uc)  # FCW 0x37F, MXCSR 0x1F80, SSE enabled

@@ -315,15 +315,17 @@ class LguestDevice:
         self._used += guests * size
 
 
-def _hooks_for(sim: Simulation | None) -> Callable[[LgCpu], None]:
+def _hooks_for(sim: Simulation | None) -> Callable[[LgCpu, bool], None]:
     """What each Unicorn instance of a CPU gets installed: the interrupt hook, and in
     deterministic mode the block hook (blocks counted: virtual time) and a ``rdtsc``
-    that reads the virtual clock."""
+    that reads the virtual clock (``hooked``: only the CPU's own part, cpu.InstallHooks)."""
     if sim is None:
         return attach_interrupt_hook
 
-    def install(cpu: LgCpu) -> None:
-        attach_interrupt_hook(cpu)
+    def install(cpu: LgCpu, hooked: bool) -> None:
+        attach_interrupt_hook(cpu, hooked)
+        if hooked:
+            return  # (the rest is the instance's: no other CPU's hooks are of this kind)
         _slicing.exact_blocks(cpu.engine.uc, cpu.fuel)
         place = _unicorn.seat(cpu.engine.uc)  # (the instance's CPU: hooks are kept)
         _unicorn.hook_rdtsc(cpu.engine.uc, lambda: sim.tsc(place.cpu))

@@ -194,8 +194,10 @@ def classify(
     return SliceExit.HALT
 
 
-def attach_interrupt_hook(cpu: LgCpu) -> None:
-    """Install the hook that sees every interrupt and exception the guest raises.
+def attach_interrupt_hook(cpu: LgCpu, hooked: bool = False) -> None:
+    """Install the hook that sees every interrupt and exception the guest raises
+    (``hooked``: the CPU's instance has it already, or the CPU has none yet; only the
+    CPU's own part of it is set up: on the native paths, its slice meter's).
 
     It runs on the slice's thread.  A CPU-local hypercall with an empty async
     ring is done right there and the guest goes on (the cheap path); anything
@@ -226,8 +228,11 @@ def attach_interrupt_hook(cpu: LgCpu) -> None:
             local,
             hypercalls.NATIVE_HYPERCALLS,
             (cpu.engine.host_address, cpu.lg.pfn_limit),
+            hooked,
         )
         return
+    if hooked:
+        return  # (the Python hook finds its CPU through the instance's seat)
 
     place = _unicorn.seat(cpu.engine.uc)  # (the hook is kept for the instance's next CPUs)
 

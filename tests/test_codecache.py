@@ -90,6 +90,8 @@ async def test_the_guest_runs_code_the_host_wrote_over_code_it_ran(
     seen.append(g.u32("result"))
     # Every call after a Host write ran what the Host wrote, not the old translation.
     assert seen == [1, 2, 3, 4, 0x12345679]
+    if dev.engines is not None and dev.engines.always:
+        return  # (every slice on a switched engine, which holds no translation to drop)
     assert len([n for n in drops if n]) >= 4  # (at least) one drop per Host write
     if way == "native":
         assert True not in walks  # the lookups were made in C

@@ -111,11 +111,11 @@ async def test_every_slice_on_a_switched_engine_computes_exactly() -> None:
             assert word == abi.pack_words(0xC0FFEE)
             assert (g.u32("counter"), g.u32("regcount"), g.u32("ssecount")) == (target,) * 3
         # Every slice after a guest's first took an engine another CPU had used, and
-        # (the guests alike) kept that engine's hooks, pointed at the new CPU; only a
-        # new CPU's first engine was stripped.
+        # (the guests alike) kept that engine's hooks, pointed at the new CPU; none was
+        # stripped (a new CPU takes its first engine at its first slice, like any other).
         assert slices > 3 * 3
         assert pool.switched >= slices - 3
-        assert pool.switched - len(guests) <= pool.hooked < pool.switched
+        assert pool.hooked == pool.switched
         assert pool.reused == 0
         assert pool.peak <= pool.bound and pool.overdrafts == 0
 
@@ -441,6 +441,48 @@ async def test_a_notify_served_at_once_keeps_the_engine_until_the_loops_next_tur
         await asyncio.sleep(0)  # the loop's next turn: B's goes back too
         assert cpu_b.hibernated and pool.held == 0
         assert pool.peak <= 2 and pool.overdrafts == 0
+
+
+async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
+    """INITIALIZE touches no engine: the CPU's registers wait as the boot context, the
+    same bytes a new instance of its own gets (engines "off"), and its first slice
+    takes a spare with its hooks kept, as any wake does: nothing stripped, nothing made."""
+    async with LguestDevice(engines="pool") as dev, LguestDevice(engines="off") as own:
+        pool = pool_of(dev)
+        warm = await boot(dev, NOTIFIER)
+        await warm.file.read(abi.WORD_SIZE)
+        await until(lambda: warm.file.cpu(0).hibernated, LIMIT)  # its engine: a spare
+        taken, switched, hooked, made = pool.taken, pool.switched, pool.hooked, pool.made
+        g = await boot(dev, NOTIFIER)
+        cpu = g.file.cpu(0)
+        assert pool.taken == taken and pool.held == 0 and cpu.hibernated
+        if _slicing.NATIVE:  # its meter is set up for the interrupt hook it will inherit
+            assert cpu.fuel.ram == g.memory.address and cpu.fuel.local_mask
+        reference = (await boot(own, NOTIFIER)).file.cpu(0)
+        assert not reference.hibernated
+        assert cpu.capture(None).context == reference.capture(None).context
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert (pool.switched, pool.hooked, pool.made) == (switched + 1, hooked + 1, made)
+
+
+@pytest.mark.parametrize("mode", ["pool", "always"])
+async def test_host_writes_to_a_sleeper_are_dropped_only_on_its_own_engine(mode: str) -> None:
+    """The Host's writes to a CPU without an engine wait in ``stale_code``: its own
+    engine, back untouched, still holds translations of the old bytes; any other has
+    none (a switch flushes them), so the take forgets them."""
+    async with LguestDevice(engines=mode) as dev:
+        g = await boot(dev, HALT)
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        cpu = g.file.cpu(0)
+        await until(lambda: cpu.halted and cpu.hibernated, LIMIT)
+        at = g.guest.symbols["main"]
+        g.memory.write(at, g.memory.read(at, 4))  # a Host write (of the same bytes): noted
+        assert cpu.stale_code
+        cpu.take_engine()
+        assert bool(cpu.stale_code) == (mode == "pool")  # (alone: its own engine, in pool)
+        assert (pool_of(dev).reused > 0) == (mode == "pool")
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 async def test_the_pool_never_makes_more_than_its_bound_for_halted_guests() -> None:
