@@ -72,6 +72,19 @@ def _handled(g: Booted, n: int) -> bool:
     return g.u32("handled") == n
 
 
+def _irq_stops(g: Booted) -> int:
+    """Runs of CPU 0 stopped for an irq whose slice went on, the ones ``_fuel.c``'s run()
+    went on with itself included before its run returns and adds them to the stats."""
+    cpu = g.file.cpu(0)
+    return cpu.stats.irqs_in_slice + int(cpu.fuel.irq_stops)
+
+
+def _native_irqs(g: Booted) -> int:
+    """Irqs of CPU 0 that ``_fuel.c``'s run() delivered itself (as :func:`_irq_stops`)."""
+    cpu = g.file.cpu(0)
+    return cpu.stats.irqs_native + int(cpu.fuel.irqs_native)
+
+
 def _continued(g: Booted, n: int) -> bool:
     return present(g.file.stats).continued == n
 
@@ -221,8 +234,8 @@ async def test_a_run_a_break_left_going_on_stops_when_the_cpu_is_needed(
         g.file.resume()
     elif then == "irq":  # the run sees it (the guest takes none) and goes on
         await g.file.write(pack_words(LHREQ_IRQ, 3))
-        await until(lambda: present(g.file.stats).irqs_in_slice == 1)
-        assert cpu.running
+        await until(lambda: _irq_stops(g) == 1)
+        assert cpu.running and _native_irqs(g) == 0
     else:
         await g.file.close()
         assert not cpu.running
@@ -260,7 +273,8 @@ async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # LHREQ_IRQ into a slice computing on a worker: the run stops at a block boundary,
-    # the slice delivers the interrupt on its worker and goes on; no slice ends for it.
+    # _fuel.c's run() delivers the interrupt there and runs on; no slice ends for it, and
+    # no run returns to Python (exits), so the irq costs no GIL.
     from supervisor import execute
 
     monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
@@ -269,15 +283,18 @@ async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
     cpu = g.file.cpu(0)
     reader = await _on_a_worker(g)
     stats = present(g.file.stats)
-    slices, interrupts = stats.slices, stats.interrupts
+    slices, interrupts, exits = stats.slices, stats.interrupts, stats.exits
     for n in range(1, 11):
         assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
         await until(functools.partial(_handled, g, n))
-        assert stats.irqs_in_slice == n
-    assert (stats.slices, stats.interrupts) == (slices, interrupts + 10)
+        assert (_irq_stops(g), _native_irqs(g)) == (n, n)
+    assert (stats.slices, stats.exits) == (slices, exits)
+    assert cpu.fuel.irqs_pending == 0
     assert not reader.done() and cpu.running
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
+    assert (stats.irqs_in_slice, stats.irqs_native) == (10, 10)  # counted as the run ended
+    assert stats.interrupts == interrupts + 10
 
 
 @going_on
