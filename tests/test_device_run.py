@@ -327,6 +327,65 @@ async def test_an_irq_the_guest_cannot_take_yet_stays_pending_and_its_run_goes_o
     await asyncio.gather(reader, return_exceptions=True)
 
 
+# HANDLES with irq 3 blocked (lguest_data.blocked_interrupts) until irq 4's handler
+# unblocks it.
+BLOCKED = r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    IDT 36, unblock
+    movl $512, lguest_data
+    movl $8, lguest_data+4
+    HCALL 17, 1
+1:  incl counter
+    jmp 1b
+handler:
+    incl handled
+    movl $512, lguest_data
+    iret
+unblock:
+    movl $0, lguest_data+4
+    movl $512, lguest_data
+    iret
+.data
+counter: .long 0
+handled: .long 0
+"""
+
+
+@going_on
+async def test_an_irq_the_guest_blocks_waits_in_the_run_for_the_next_stop(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run() checks the blocked irqs as maybe_do_interrupt does: a blocked irq stays
+    # pending and the run goes on; an unblocked one raised meanwhile is delivered (its
+    # handler unblocks irq 3), and the next stop for an irq delivers irq 3.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, BLOCKED)
+    assert await g.file.read(8) == pack_words(1)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    await until(lambda: _irq_stops(g) == 1)
+    before = g.u32("counter")
+    await until(lambda: g.u32("counter") != before)  # it runs on
+    assert (_native_irqs(g), cpu.irqs_pending, g.u32("handled")) == (0, 1 << 3, 0)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 4)) == 0
+    await until(lambda: _native_irqs(g) == 1)
+    await until(
+        lambda: g.memory.read(g.guest.symbols["lguest_data"], 8) == bytes([0, 2, 0, 0] + [0] * 4)
+    )
+    assert (_irq_stops(g), cpu.irqs_pending, g.u32("handled")) == (2, 1 << 3, 0)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    await until(functools.partial(_handled, g, 1))
+    assert (_irq_stops(g), _native_irqs(g), cpu.irqs_pending) == (3, 2, 0)
+    assert not reader.done() and cpu.running
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
 def test_irq_bits_change_under_a_lock_without_the_extension(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
