@@ -7,7 +7,8 @@ row) and records, for each request, when each step happened (one clock, any thre
 
 - the write, and whether the CPU's run was in a slice on a worker then;
 - each slice of that CPU (on the event loop or a worker) and how it ended (``AGAIN``,
-  ``AGAIN_URGENT``, a hypercall...), with the delivery of the irq;
+  ``AGAIN_URGENT``, a hypercall...), with the delivery of the irq (one ``_fuel.run``
+  made itself, without Python, is noted as the slice ends: ``CpuStats.irqs_native``);
 - each executor run submitted for it (urgent or not, refused a jump or not) and each
   hurry sent to it;
 - the NOTIFY's hypercall on the event loop, and the read's return.
@@ -72,8 +73,11 @@ class Tracer:
         def slices(real: Callable[..., Any]) -> Callable[..., Any]:
             def run_slice(cpu: LgCpu, *args: Any, **kwargs: Any) -> Any:
                 tracer.note(cpu, f"slice starts on the {tracer.where()}")
+                native = cpu.stats.irqs_native
                 ended = real(cpu, *args, **kwargs)
                 how = {id(AGAIN): "AGAIN", id(AGAIN_URGENT): "AGAIN_URGENT"}.get(id(ended))
+                if cpu.stats.irqs_native != native:  # (when is not known: at a block boundary)
+                    tracer.note(cpu, "delivered natively in the slice (counted as it ended)")
                 tracer.note(cpu, f"slice ends on the {tracer.where()}: {how or ended.name}")
                 return ended
 
@@ -133,6 +137,7 @@ def ways(steps: list[Step]) -> list[str]:
         ("on a worker when asked", "asked while on a worker"),
         ("delivered on the loop", "delivered on the loop"),
         ("delivered on a worker", "delivered on the worker"),
+        ("delivered natively (_fuel.run)", "delivered natively"),
         ("refused a jump", "refused a jump"),
         ("hurried", "hurried"),
         ("back of the queue", ": AGAIN\n"),

@@ -22,9 +22,11 @@
  *    be lost, so while a run is still in progress the stop is sent again every
  *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
  *    ever called between do_enter() and do_leave() (inside run()), so never on a
- *    closed engine.  run() also reads eip and keeps the slice's CPU-time account, and
+ *    closed engine.  run() also reads eip and keeps the slice's CPU-time account,
  *    intr_hook handles the hypercall trap, completing the CPU-local calls it can
- *    itself, with no Python (see below).
+ *    itself, with no Python (see below), and an irq raised while a run goes on
+ *    (interrupt()) is delivered by run() itself at the block boundary its stop lands
+ *    on, and the next run started, also with no Python (irq_in_run).
  *    See docs/performance.md, "Exact slices".
  *
  * The hooks' user data is not a fuel_t but the address of a cell holding one's address:
@@ -79,7 +81,9 @@ typedef struct fuel {
     int64_t cpu_start;          /* its CPU time at do_enter() */
     int64_t span;               /* deadline - now at do_enter(): the CPU time this run may use */
     int64_t latest;             /* wall time after which the deadline is not moved again */
-    /* run(): the slice's CPU-time account, owned by the emulating thread */
+    /* run(): the slice's CPU-time account, owned by the emulating thread; besides the
+       slice's Python and run() with the GIL, run() changes `left` without the GIL (an irq
+       it delivers, irq_in_run) and cut() from another thread, both under the lock */
     int64_t left;               /* ns of the emulating thread's CPU time left in the slice */
     int64_t mark;               /* that thread's CPU time when the slice's last run started, 0: none */
     /* the interrupt hook (intr_hook); set by the slice before each run */
@@ -107,8 +111,24 @@ typedef struct fuel {
     int32_t pad2;
     /* A lone slice (no job waited for a worker when it began): how many ns of its time
        are beyond a slice taken in turn, for cut() to take off once a job waits.  Written
-       with the GIL held, as `left` is (the slice's Python, run() before it releases it). */
+       with the GIL held (the slice's Python, cut()). */
     int64_t lone;
+    /* Irqs.  The CPU's pending irqs, their only copy (LgCpu.irqs_pending is a view of it):
+       changed only atomically (interrupt() sets a bit, take_irq() and run() clear one). */
+    uint32_t irqs_pending;
+    int32_t wrote;              /* interrupt() for a Host write: run() leaves its stop to Python */
+    /* run() delivers an irq raised while it ran (its REASON_IRQ stop) itself and runs on,
+       without the GIL, while `irq_native` is set: the slice sets it and the fields below
+       for an executor slice of a one-CPU guest with its lguest_data (execute.py). */
+    int32_t irq_native;
+    uint32_t irq_data;          /* lguest_data (guest-physical) */
+    uint32_t noirq_start;       /* Lguest.noirq_start, noirq_end: no irq while eip is there */
+    uint32_t noirq_end;
+    uint32_t kernel;            /* Lguest.kernel_address (deliver_frame's aliases) */
+    int32_t handler_bound;      /* such an irq's handler got the slice's last handler_ns */
+    int64_t handler_ns;         /* CPU time a delivered irq's handler gets at least */
+    uint64_t irq_stops;         /* runs a REASON_IRQ stop ended that run() went on with */
+    uint64_t irqs_native;       /* irqs run() delivered (the slice adds both to CpuStats) */
 } fuel_t;
 
 static int64_t now_ns(void)
@@ -372,6 +392,8 @@ static void do_leave(fuel_t *fuel)
 
 /* ---- run(): one entry into the guest, in one call ------------------------------ */
 
+static int irq_in_run(fuel_t *fuel, clockid_t clock); /* (below, with deliver()) */
+
 typedef int (*emu_start_fn)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*reg_write_fn)(void *uc, int regid, const void *value);
@@ -387,6 +409,7 @@ typedef int (*ctl_fn)(void *uc, int control, ...);
 static ctl_fn uc_ctl_fn;
 static int remove_cache_request;
 static int eflags_id = -1, cs_id = -1, esp_id = -1, cr4_id = -1;
+static int flush_request; /* uc_ctl's request code for TB_FLUSH (every translation) */
 
 #define TRAP_ENTRY 0x1f
 #define HCALL_FREE 0xff
@@ -589,10 +612,10 @@ static PyObject *bind(PyObject *self, PyObject *args)
     (void)self;
     PyObject *start, *read, *write, *ctl;
     int eip;
-    if (!PyArg_ParseTuple(args, "OOOi(iiii)iiOi(iiii)", &start, &read, &write, &eip,
+    if (!PyArg_ParseTuple(args, "OOOi(iiii)iiOi(iiii)i", &start, &read, &write, &eip,
                           &hcall_ids[0], &hcall_ids[1], &hcall_ids[2], &hcall_ids[3], &cr0_id,
                           &cr3_id, &ctl, &remove_cache_request, &eflags_id, &cs_id, &esp_id,
-                          &cr4_id))
+                          &cr4_id, &flush_request))
         return NULL;
     void *s = PyLong_AsVoidPtr(start);
     void *r = PyLong_AsVoidPtr(read);
@@ -664,7 +687,12 @@ static PyObject *run_result(fuel_t *fuel, int status)
    uc_err of uc_emu_start (0: stopped normally), or -1 if no time was left (nothing ran;
    reason is REASON_BUDGET).  Whenever the slice's time is found spent (status -1, or
    an exit-request run the slicer ended for its deadline), `budget` becomes 0: time is
-   the budget on that path.  See run_result for the rest. */
+   the budget on that path.  See run_result for the rest.
+   A run on the exit-request path that interrupt() stopped for an irq (REASON_IRQ, no
+   trap) while `irq_native` is set is not returned: irq_in_run delivers the irq there, as
+   the slice would, and the next run starts at once, still without the GIL (counted in
+   irq_stops and irqs_native); what it cannot do itself returns as before.  A -1 status
+   then means that the slice's time was found spent before such a next run. */
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -717,14 +745,40 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return run_result(fuel, status);
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (fuel->exit_request)
-        err = do_enter(fuel, have_clock, clock, used, fuel->left);
-    else
-        fuel->deadline = now_ns() + fuel->left; /* (after the GIL hand-off, as above) */
-    if (err == 0) {
-        status = uc_emu_start_fn(fuel->uc, eip & 0xFFFFFFFFu, until, 0, 0);
+    for (;;) {
         if (fuel->exit_request)
-            do_leave(fuel);
+            err = do_enter(fuel, have_clock, clock, used, fuel->left);
+        else
+            fuel->deadline = now_ns() + fuel->left; /* (after the GIL hand-off, as above) */
+        if (err != 0)
+            break;
+        status = uc_emu_start_fn(fuel->uc, eip & 0xFFFFFFFFu, until, 0, 0);
+        if (!fuel->exit_request)
+            break;
+        do_leave(fuel);
+        /* Stopped for an irq raised meanwhile (no trap): deliver it here and run on, as
+           the slice would after the stop, without the GIL (irq_in_run). */
+        if (status != 0 || fuel->reason != REASON_IRQ || fuel->vector >= 0 ||
+            !fuel->irq_native || !have_clock || !irq_in_run(fuel, clock))
+            break;
+        fuel->irq_stops++;
+        /* The next run, started as above: its CPU-time account, its deadline, eip. */
+        fuel->reason = REASON_NONE;
+        used = clock_ns(clock);
+        pthread_mutex_lock(&lock); /* (cut() changes `left` from another thread) */
+        fuel->left -= used - fuel->mark;
+        fuel->mark = used;
+        int64_t left = fuel->left;
+        pthread_mutex_unlock(&lock);
+        if (left <= 0) {
+            fuel->reason = REASON_BUDGET;
+            fuel->budget = 0;
+            status = -1;
+            break;
+        }
+        status = uc_reg_read_fn(fuel->uc, eip_id, &eip);
+        if (status != 0)
+            break;
     }
     Py_END_ALLOW_THREADS
     if (err != 0) {
@@ -860,13 +914,67 @@ static PyObject *delivered(uint32_t frame_pa, uint32_t size, int frame_dropped, 
     return result;
 }
 
+/* What deliver_frame() did: the frame is at guest-physical [frame_pa, frame_pa + size),
+   its translations dropped on this CPU if `frame_dropped`; irq_enabled was written (0,
+   for an interrupt gate) if `written`, its translations dropped on this CPU if `dropped`. */
+typedef struct {
+    uint32_t frame_pa, size;
+    int frame_dropped, written, dropped;
+} delivery_t;
+
+/* deliver()'s work, without the GIL (run() calls it too): 1 if the frame was pushed and
+   esp and eip set (`out` says the rest), 0 if this is not the common case (nothing was
+   changed). */
+static int deliver_frame(fuel_t *fuel, uint32_t lo, uint32_t hi, long long error_code,
+                         uint64_t data, uint64_t kernel, delivery_t *out)
+{
+    void *uc = fuel->uc;
+    uint32_t irq_enabled, eflags, cs, eip, esp, control[3];
+    if (fuel->ram == NULL || uc == NULL || data > UINT32_MAX ||
+        !ram_u32(fuel, data, &irq_enabled))
+        return 0;
+    if (!reg32(uc, eflags_id, &eflags) || !reg32(uc, cs_id, &cs) || !reg32(uc, eip_id, &eip) ||
+        !reg32(uc, esp_id, &esp) || !reg32(uc, cr0_id, &control[0]) ||
+        !reg32(uc, cr3_id, &control[1]) || !reg32(uc, cr4_id, &control[2]))
+        return 0;
+    if ((cs & 3) == 3)
+        return 0; /* user mode: codecache would not look up an alias either */
+    if (!(irq_enabled & EFLAGS_IF))
+        eflags &= ~EFLAGS_IF;
+    uint32_t words[4] = {eflags, cs, eip, (uint32_t)error_code};
+    uint32_t n = error_code >= 0 ? 4 : 3;
+    uint32_t low = esp - 4 * n, pa;
+    if (!(low < esp && low >> 12 == (esp - 1) >> 12) ||
+        !walk(fuel, control, low, 1, &pa, NULL) ||
+        (uint64_t)pa + 4 * n > (uint64_t)fuel->pfn_limit * PAGE_SIZE)
+        return 0; /* across a page, or a push that kills: Python's */
+    for (uint32_t i = 0; i < n; i++) /* in push order: the first word highest */
+        ram_put32(fuel, (uint64_t)pa + 4 * (n - 1 - i), words[i]);
+    set_reg32(uc, esp_id, low);
+    set_reg32(uc, eip_id, (uint32_t)((lo & 0xffff) | (hi & 0xffff0000u)));
+    out->frame_pa = pa;
+    out->size = 4 * n;
+    out->frame_dropped = remove_code(fuel, uc, control, low, (uint64_t)low + 4 * n);
+    out->written = ((hi >> 8) & 0xf) == GATE_INTERRUPT;
+    out->dropped = 0;
+    if (out->written) {
+        ram_put32(fuel, data, 0);
+        uint64_t aliases[3] = {0, kernel, KERNEL_ALIAS};
+        for (int i = 0; i < 3 && !out->dropped; i++) {
+            uint64_t va = data + aliases[i];
+            uint32_t back;
+            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back, NULL) &&
+                back == data)
+                out->dropped = remove_code(fuel, uc, control, va, va + 4);
+        }
+    }
+    return 1;
+}
+
 /* deliver(address, lo, hi, error_code, irq_enabled, kernel_address) -> None or
    (frame_pa, frame_size, frame_dropped, data_written, data_dropped).  `error_code` < 0:
    none; `irq_enabled`: the guest-physical address of lguest_data's irq_enabled;
-   `kernel_address`: Lguest.kernel_address.  Done: the frame is at guest-physical
-   [frame_pa, frame_pa + frame_size), its translations dropped on this CPU if
-   `frame_dropped`; esp and eip are set; irq_enabled was written (0, for an interrupt
-   gate) if `data_written`, its translations dropped on this CPU if `data_dropped`.
+   `kernel_address`: Lguest.kernel_address.  Done: see delivery_t; esp and eip are set.
    The caller counts the interrupt (CpuStats) and records what was not dropped. */
 static PyObject *deliver(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -889,44 +997,63 @@ static PyObject *deliver(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_RuntimeError, "_fuel.bind() was not called");
         return NULL;
     }
-    void *uc = fuel->uc;
-    uint32_t irq_enabled, eflags, cs, eip, esp, control[3];
-    if (fuel->ram == NULL || uc == NULL || data > UINT32_MAX ||
-        !ram_u32(fuel, data, &irq_enabled))
+    delivery_t d;
+    if (!deliver_frame(fuel, (uint32_t)lo, (uint32_t)hi, error_code, data, kernel, &d))
         Py_RETURN_NONE;
-    if (!reg32(uc, eflags_id, &eflags) || !reg32(uc, cs_id, &cs) || !reg32(uc, eip_id, &eip) ||
-        !reg32(uc, esp_id, &esp) || !reg32(uc, cr0_id, &control[0]) ||
-        !reg32(uc, cr3_id, &control[1]) || !reg32(uc, cr4_id, &control[2]))
-        Py_RETURN_NONE;
-    if ((cs & 3) == 3)
-        Py_RETURN_NONE; /* user mode: codecache would not look up an alias either */
-    if (!(irq_enabled & EFLAGS_IF))
-        eflags &= ~EFLAGS_IF;
-    uint32_t words[4] = {eflags, cs, eip, (uint32_t)error_code};
-    uint32_t n = error_code >= 0 ? 4 : 3;
-    uint32_t low = esp - 4 * n, pa;
-    if (!(low < esp && low >> 12 == (esp - 1) >> 12) ||
-        !walk(fuel, control, low, 1, &pa, NULL) ||
-        (uint64_t)pa + 4 * n > (uint64_t)fuel->pfn_limit * PAGE_SIZE)
-        Py_RETURN_NONE; /* across a page, or a push that kills: Python's */
-    for (uint32_t i = 0; i < n; i++) /* in push order: the first word highest */
-        ram_put32(fuel, (uint64_t)pa + 4 * (n - 1 - i), words[i]);
-    set_reg32(uc, esp_id, low);
-    set_reg32(uc, eip_id, (uint32_t)((lo & 0xffff) | (hi & 0xffff0000u)));
-    int frame_dropped = remove_code(fuel, uc, control, low, (uint64_t)low + 4 * n);
-    int written = ((hi >> 8) & 0xf) == GATE_INTERRUPT, dropped = 0;
-    if (written) {
-        ram_put32(fuel, data, 0);
-        uint64_t aliases[3] = {0, kernel, KERNEL_ALIAS};
-        for (int i = 0; i < 3 && !dropped; i++) {
-            uint64_t va = data + aliases[i];
-            uint32_t back;
-            if (va <= UINT32_MAX && walk(fuel, control, (uint32_t)va, 0, &back, NULL) &&
-                back == data)
-                dropped = remove_code(fuel, uc, control, va, va + 4);
-        }
-    }
-    return delivered(pa, 4 * n, frame_dropped, written, dropped);
+    return delivered(d.frame_pa, d.size, d.frame_dropped, d.written, d.dropped);
+}
+
+/* An executor slice's run (irq_native set) stopped for REASON_IRQ, with no trap: do what
+   the slice does next (execute._one_slice: interrupts.maybe_do_interrupt for a CPU that
+   runs, so is not halted, and keep_time_for_handler) without the GIL, in the same order
+   and with the same checks.  1: done, the guest may run on (the lowest deliverable irq
+   was delivered, its handler given at least handler_ns of CPU time, or none can be
+   delivered now: it stays pending, as in Python); 0: nothing was changed, Python must
+   look (a kick, a Host write to drop, a frame deliver_frame leaves to Python).  A
+   delivery whose writes this CPU could not drop translations of flushes them all, as
+   codecache.drop_stale does then; a one-CPU guest has no other CPU to tell. */
+#define FIRST_EXTERNAL_VECTOR 32
+#define LGUEST_DATA_IRQ_ENABLED 0
+#define LGUEST_DATA_BLOCKED_INTERRUPTS 4
+static int irq_in_run(fuel_t *fuel, clockid_t clock)
+{
+    if (fuel->stop || fuel->wrote)
+        return 0;
+    uint64_t data = fuel->irq_data;
+    uint32_t pending = __atomic_load_n(&fuel->irqs_pending, __ATOMIC_SEQ_CST);
+    uint32_t blocked, enabled, eip;
+    if (!ram_u32(fuel, data + LGUEST_DATA_BLOCKED_INTERRUPTS, &blocked))
+        blocked = 0; /* (Lguest.read_u32's None: nothing blocked) */
+    uint32_t ready = pending & ~blocked;
+    if (ready == 0)
+        return 1;
+    if (!ram_u32(fuel, data + LGUEST_DATA_IRQ_ENABLED, &enabled) || !enabled)
+        return 1;
+    if (!reg32(fuel->uc, eip_id, &eip))
+        return 0;
+    if (fuel->noirq_start <= eip && eip < fuel->noirq_end)
+        return 1;
+    int irq = __builtin_ctz(ready);
+    uint32_t lo = fuel->idt[FIRST_EXTERNAL_VECTOR + irq][0];
+    uint32_t hi = fuel->idt[FIRST_EXTERNAL_VECTOR + irq][1];
+    if (!(hi & GATE_PRESENT))
+        return 1; /* the interrupt waits until the guest installs a handler */
+    delivery_t d;
+    if (!deliver_frame(fuel, lo, hi, -1, data + LGUEST_DATA_IRQ_ENABLED, fuel->kernel, &d))
+        return 0;
+    __atomic_fetch_and(&fuel->irqs_pending, ~(1u << irq), __ATOMIC_SEQ_CST);
+    fuel->irqs_native++;
+    if (!d.frame_dropped || (d.written && !d.dropped))
+        uc_ctl_fn(fuel->uc, flush_request);
+    int64_t now = clock_ns(clock);
+    pthread_mutex_lock(&lock); /* (cut() changes `left` from another thread) */
+    int64_t left = fuel->left - (now - fuel->mark);
+    fuel->left = left > fuel->handler_ns ? left : fuel->handler_ns;
+    fuel->mark = now;
+    pthread_mutex_unlock(&lock);
+    if (left <= fuel->handler_ns)
+        fuel->handler_bound = 1;
+    return 1;
 }
 
 /* drop(address, ranges, kernel_address) -> None, True or False: codecache.drop_stale's
@@ -1003,19 +1130,22 @@ static PyObject *kick(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-/* interrupt(address, in_slice) -> bool: an interrupt was raised for the fuel's CPU.  If a
-   run is in progress on the exit-request path and nothing else stops it yet, stop it at
-   its next block boundary with REASON_IRQ, so that its slice delivers the interrupt and
-   goes on.  A run already stopped for its slice's time (or hurried) is left to end so:
-   its slice ends and the next one delivers the interrupt before its first run.  If the
-   CPU is between two runs of a slice (`in_slice`), its next run stops so at once (`irq`;
-   the slice delivers a pending interrupt before every run anyway).  True in these cases;
-   otherwise nothing is sent (False): the caller wakes the CPU as for any other news. */
+/* interrupt(address, in_slice, irq) -> bool: irq `irq` was raised for the fuel's CPU (its
+   bit is set in irqs_pending first), or, with irq -1, the Host wrote its memory (`wrote`:
+   a run stopped for it goes back to Python, which drops the stale code).  If a run is in
+   progress on the exit-request path and nothing else stops it yet, stop it at its next
+   block boundary with REASON_IRQ, so that its slice delivers the interrupt (run() itself,
+   see irq_in_run) and goes on.  A run already stopped for its slice's time (or hurried)
+   is left to end so: its slice ends and the next one delivers the interrupt before its
+   first run.  If the CPU is between two runs of a slice (`in_slice`), its next run stops
+   so at once (`irq`; the slice delivers a pending interrupt before every run anyway).
+   True in these cases; otherwise nothing is sent (False): the caller wakes the CPU as for
+   any other news. */
 static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "interrupt() takes 2 arguments (address, in_slice)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "interrupt() takes 3 arguments (address, in_slice, irq)");
         return NULL;
     }
     fuel_t *fuel = fuel_arg(args[0]);
@@ -1024,8 +1154,19 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
     int in_slice = PyObject_IsTrue(args[1]);
     if (in_slice < 0)
         return NULL;
+    long irq = PyLong_AsLong(args[2]);
+    if (irq == -1 && PyErr_Occurred())
+        return NULL;
+    if (irq < -1 || irq >= 32) {
+        PyErr_SetString(PyExc_ValueError, "irq must be -1 or 0..31");
+        return NULL;
+    }
+    if (irq >= 0)
+        __atomic_fetch_or(&fuel->irqs_pending, 1u << irq, __ATOMIC_SEQ_CST);
     int sent = 0;
     pthread_mutex_lock(&lock);
+    if (irq < 0)
+        fuel->wrote = 1;
     if (fuel->exit_request && !fuel->stop) {
         if (fuel->running && (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ)) {
             send_stop(fuel, REASON_IRQ, now_ns());
@@ -1041,6 +1182,28 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     pthread_mutex_unlock(&lock);
     return PyBool_FromLong(sent);
+}
+
+/* take_irq(address, irq): clear irq `irq`'s bit in irqs_pending (it was delivered). */
+static PyObject *take_irq(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "take_irq() takes 2 arguments (address, irq)");
+        return NULL;
+    }
+    fuel_t *fuel = fuel_arg(args[0]);
+    if (fuel == NULL)
+        return NULL;
+    long irq = PyLong_AsLong(args[1]);
+    if (irq == -1 && PyErr_Occurred())
+        return NULL;
+    if (irq < 0 || irq >= 32) {
+        PyErr_SetString(PyExc_ValueError, "irq must be 0..31");
+        return NULL;
+    }
+    __atomic_fetch_and(&fuel->irqs_pending, ~(1u << irq), __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
 }
 
 /* hurry(address) -> bool: end the fuel's run in progress at its next block boundary as if
@@ -1067,9 +1230,9 @@ static PyObject *hurry(PyObject *self, PyObject *arg)
 
 /* cut(address) -> bool: a job waits for a worker now, so a lone slice (`lone` ns longer
    than a slice taken in turn) ends where a slice in turn would have: its `lone` ns come
-   off its time left (`left`: the GIL is held, as by every writer of it) and, if a run is
-   in progress with no stop sent yet, off its deadline, span and latest (under the
-   slicer's lock; the slicer is woken if the deadline came closer than its next wake-up,
+   off its time left (`left`, under the slicer's lock, as run() changes it between two
+   runs) and, if a run is in progress with no stop sent yet, off its deadline, span and
+   latest (under the lock too; the slicer is woken if the deadline came closer than its next wake-up,
    and stretch() still gives a preempted thread its CPU time).  False: not a lone slice
    (or already cut). */
 static PyObject *cut(PyObject *self, PyObject *arg)
@@ -1082,8 +1245,8 @@ static PyObject *cut(PyObject *self, PyObject *arg)
     if (extra <= 0)
         Py_RETURN_FALSE;
     fuel->lone = 0;
-    fuel->left -= extra;
     pthread_mutex_lock(&lock);
+    fuel->left -= extra; /* (under the lock: run() changes it there after an irq it delivers) */
     if (fuel->exit_request && fuel->running && !fuel->sent) {
         fuel->deadline -= extra;
         fuel->span -= extra;
@@ -1119,15 +1282,18 @@ static PyObject *slicer_stats(PyObject *self, PyObject *unused)
 static PyMethodDef fuel_methods[] = {
     {"kick", kick, METH_O, "kick(address): set `stop`; if a run is in progress, stop it now."},
     {"interrupt", (PyCFunction)(void (*)(void))interrupt, METH_FASTCALL,
-     "interrupt(address, in_slice) -> bool: stop a run for an interrupt (REASON_IRQ)."},
+     "interrupt(address, in_slice, irq) -> bool: mark irq pending (-1: a Host write) and "
+     "stop a run for it (REASON_IRQ)."},
+    {"take_irq", (PyCFunction)(void (*)(void))take_irq, METH_FASTCALL,
+     "take_irq(address, irq): clear irq's pending bit."},
     {"hurry", hurry, METH_O,
      "hurry(address) -> bool: end a run in progress as if its time were spent (REASON_BUDGET)."},
     {"cut", cut, METH_O,
      "cut(address) -> bool: end a lone slice where a slice taken in turn would end."},
     {"bind", bind, METH_VARARGS,
      "bind(uc_emu_start, uc_reg_read, uc_reg_write, eip_id, (eax, edx, ebx, ecx), cr0_id, "
-     "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4)): the Unicorn calls and "
-     "register ids run(), intr_hook and deliver() use."},
+     "cr3_id, uc_ctl, remove_cache_request, (eflags, cs, esp, cr4), flush_request): the "
+     "Unicorn calls and register ids run(), intr_hook and deliver() use."},
     {"deliver", (PyCFunction)(void (*)(void))deliver, METH_FASTCALL,
      "deliver(address, lo, hi, error_code, irq_enabled, kernel_address) -> None or "
      "(frame_pa, frame_size, frame_dropped, data_written, data_dropped) (see _fuel.c)."},
@@ -1189,6 +1355,9 @@ static const struct {
     {"_slicing.REASON_STOP", REASON_STOP},
     {"_slicing.REASON_BUDGET", REASON_BUDGET},
     {"_slicing.REASON_IRQ", REASON_IRQ},
+    {"abi.FIRST_EXTERNAL_VECTOR", FIRST_EXTERNAL_VECTOR},
+    {"abi.LGUEST_DATA_IRQ_ENABLED", LGUEST_DATA_IRQ_ENABLED},
+    {"abi.LGUEST_DATA_BLOCKED_INTERRUPTS", LGUEST_DATA_BLOCKED_INTERRUPTS},
 };
 
 /* Every field of fuel_t, in order: supervisor/_slicing.py holds its ctypes mirror to
@@ -1206,6 +1375,9 @@ static const struct {
     FIELD(local), FIELD(local_mask), FIELD(next_hcall), FIELD(vector), FIELD(hcall),
     FIELD(hcall_read), FIELD(irq), FIELD(native_mask), FIELD(native_done), FIELD(idt),
     FIELD(stack), FIELD(ts), FIELD(ram), FIELD(pfn_limit), FIELD(pad2), FIELD(lone),
+    FIELD(irqs_pending), FIELD(wrote), FIELD(irq_native), FIELD(irq_data), FIELD(noirq_start),
+    FIELD(noirq_end), FIELD(kernel), FIELD(handler_bound), FIELD(handler_ns), FIELD(irq_stops),
+    FIELD(irqs_native),
 };
 #undef FIELD
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -130,6 +131,20 @@ class Fuel(ctypes.Structure):
         ("pfn_limit", ctypes.c_uint32),
         ("pad2", ctypes.c_int32),
         ("lone", ctypes.c_int64),  # a lone slice's ns beyond a slice in turn (see cut())
+        # The CPU's pending irqs: their only copy (LgCpu.irqs_pending is a view), changed
+        # only through raise_irq() and take_irq().
+        ("irqs_pending", ctypes.c_uint32),
+        ("wrote", ctypes.c_int32),  # a Host write was noted during the slice (interrupt())
+        # What run() needs to deliver an irq itself (see run()); set by the slice.
+        ("irq_native", ctypes.c_int32),
+        ("irq_data", ctypes.c_uint32),  # lguest_data
+        ("noirq_start", ctypes.c_uint32),
+        ("noirq_end", ctypes.c_uint32),
+        ("kernel", ctypes.c_uint32),  # Lguest.kernel_address
+        ("handler_bound", ctypes.c_int32),  # such an irq's handler got the slice's last ns
+        ("handler_ns", ctypes.c_int64),  # CPU time a delivered irq's handler gets at least
+        ("irq_stops", ctypes.c_uint64),  # runs stopped for an irq that run() went on with
+        ("irqs_native", ctypes.c_uint64),  # irqs run() delivered
     ]
     address: int = 0  # ctypes.addressof(self), kept by attach()
 
@@ -180,6 +195,7 @@ if _fuel is not None:
         _unicorn.CTL_ADDRESS,
         _unicorn.REMOVE_CACHE_REQUEST,
         (UC_X86_REG_EFLAGS, UC_X86_REG_CS, UC_X86_REG_ESP, UC_X86_REG_CR4),
+        _unicorn.FLUSH_TB_REQUEST,
     )
 # The hypercall numbers _fuel.c can complete without Python (see trap_interrupts).
 NATIVE_CALLS: frozenset[int] = frozenset(
@@ -386,16 +402,45 @@ def slicer_stats() -> SlicerStats | None:
 
 
 def interrupt(fuel: Fuel, in_slice: bool) -> bool:
-    """An interrupt was raised for the CPU, or the Host wrote its memory (any thread).
+    """The Host wrote the CPU's memory (any thread): as :func:`raise_irq`, without an irq.
+
+    On the exit-request path a run in progress stops at its next block boundary (or the
+    next run at once, ``in_slice``) and goes back to its slice's Python, which drops the
+    stale code and goes on; True.  A run already stopped for its slice's time is left to
+    end so (True): the next slice drops it before its first run.  Otherwise change
+    nothing and return False (the caller kicks the CPU)."""
+    return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice, -1))
+
+
+# Without the extension: guards every change of a Fuel.irqs_pending (with it, _fuel.c's
+# atomic operations do).
+_pending_lock = threading.Lock()
+
+
+def raise_irq(fuel: Fuel, irq: int, in_slice: bool) -> bool:
+    """Mark ``irq`` pending for the CPU and have a running slice take it (any thread).
 
     On the exit-request path, stop the CPU's run in progress at its next block boundary
     with ``REASON_IRQ``, or, if the CPU is between two runs of a slice (``in_slice``),
-    its next run at once, so that the slice handles the news (delivers the interrupt,
-    drops stale code) and goes on; True.  A run already stopped for its slice's time
-    is left to end so (True): its slice ends, and the next delivers the interrupt (and
-    drops stale code) before its first run.  Otherwise change nothing and return False
-    (the caller wakes or kicks the CPU)."""
-    return bool(fuel.exit_request) and bool(_fuel.interrupt(fuel.address, in_slice))
+    its next run at once; True.  The slice delivers the irq there and goes on: ``run()``
+    itself, without the GIL, while ``fuel.irq_native`` is set and the case is common
+    (``_fuel.c``'s ``irq_in_run``), else the slice's Python.  A run already stopped for
+    its slice's time is left to end so (True): the next slice delivers the irq before
+    its first run.  Otherwise return False (the caller wakes the CPU)."""
+    if _fuel is None:
+        with _pending_lock:
+            fuel.irqs_pending |= 1 << irq
+        return False
+    return bool(_fuel.interrupt(fuel.address, in_slice, irq)) and bool(fuel.exit_request)
+
+
+def take_irq(fuel: Fuel, irq: int) -> None:
+    """Clear a pending irq once it has been delivered (the slice's thread)."""
+    if _fuel is None:
+        with _pending_lock:
+            fuel.irqs_pending &= ~(1 << irq)
+    else:
+        _fuel.take_irq(fuel.address, irq)
 
 
 def hurry(fuel: Fuel) -> bool:

@@ -193,6 +193,7 @@ _FLUSH_TB = _write_code(uc_const.UC_CTL_TB_FLUSH, 0)
 
 # The request ctl_remove_cache makes; with uc_ctl itself, for native code too (_fuel.c).
 REMOVE_CACHE_REQUEST: int = _write_code(uc_const.UC_CTL_TB_REMOVE_CACHE, 2)
+FLUSH_TB_REQUEST: int = _FLUSH_TB  # ctl_flush_tb's, for _fuel.c
 CTL_ADDRESS: int | None = ctypes.cast(uclib.uc_ctl, ctypes.c_void_p).value
 
 

@@ -5,7 +5,7 @@ own ``_check_thread``): while a slice runs, only the thread running it touches
 this CPU (registers, IDT, page tables, ``hcall``...); between slices only the
 event loop does.  The exceptions are :meth:`LgCpu.kick`, which any thread may
 call at any time, and the irq bits, which the event loop sets and the slice
-clears under ``_irq_lock``.
+clears (atomically, in ``_fuel.c``: ``_slicing.raise_irq`` and ``take_irq``).
 
 The Host's machinery for a CPU is in parts, each written by one room
 (docs/architecture.md, "Who owns which field"): :class:`RunControl` (the device
@@ -85,6 +85,10 @@ class CpuStats:
     breaks_running: int = 0  # Waker breaks answered while the CPU's executor run went on
     # Runs stopped for a raised interrupt (or a Host write), whose slice then went on.
     irqs_in_slice: int = 0
+    # Of the interrupts delivered, those delivered by _fuel.c's run() itself, at the block
+    # boundary its stop for them found, with no Python and no GIL (their runs' stops are
+    # in irqs_in_slice, not in exits).
+    irqs_native: int = 0
     # Executor slices whose time ran out after they delivered an irq: the handler's rest
     # went on as an urgent step (slicepool.AGAIN_URGENT).
     handler_rests: int = 0
@@ -346,7 +350,7 @@ class LgCpu:
     engine: Engine = host_only()
     fuel: _slicing.Fuel = host_only()
     # -- the guest's state, continued ----------------------------------------------------
-    irqs_pending: int = saved(default=0)
+    irqs_pending: int = saved(default=0)  # in `fuel` (below the class), as ts is
     halted: bool = saved(default=False)
     # CPU 0 is online from INITIALIZE; another CPU once a running one started it
     # (LHCALL_START_CPU).  An offline CPU never runs: its read waits for the start.
@@ -378,7 +382,6 @@ class LgCpu:
     trap: Trap = host_only(default_factory=Trap)  # what the hooks recorded (the slice)
     # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
     stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
-    _irq_lock: threading.Lock = host_only(default_factory=threading.Lock)
     # Instances hibernate() gave back minus those thaw() took, in this process: the C
     # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
     given_back: ClassVar[int] = 0
@@ -414,17 +417,14 @@ class LgCpu:
     def raise_irq(self, irq: int) -> None:
         """Mark ``irq`` pending and have it seen promptly: a slice in progress on a worker
         (exit-request path) stops its run at the next block boundary, delivers it and
-        goes on without the run loop (``_slicing.interrupt``); anything else is woken.
+        goes on without the run loop (``_slicing.raise_irq``); anything else is woken.
         (The event loop calls this, so no inline slice is in progress meanwhile.)"""
-        with self._irq_lock:
-            self.irqs_pending |= 1 << irq
-        if not _slicing.interrupt(self.fuel, self.threads.slice is not None):
+        if not _slicing.raise_irq(self.fuel, irq, self.threads.slice is not None):
             self.wake()
 
     def take_irq(self, irq: int) -> None:
         """Clear a pending irq once it has been delivered (the slice's thread)."""
-        with self._irq_lock:
-            self.irqs_pending &= ~(1 << irq)
+        _slicing.take_irq(self.fuel, irq)
 
     # -- any thread -------------------------------------------------------------
     def heed_write(self) -> None:
@@ -713,9 +713,14 @@ def _put_ts(fuel: _slicing.Fuel, value: int) -> None:
     fuel.ts = value
 
 
+def _put_pending(fuel: _slicing.Fuel, value: int) -> None:
+    fuel.irqs_pending = value  # (a whole new set: only while no slice runs, e.g. restore)
+
+
 # The dataclass' __init__ assigns these after `fuel` (declared first), through the views.
 for _name, _view in (
     ("ts", _InFuel(lambda fuel: fuel.ts, _put_ts)),
+    ("irqs_pending", _InFuel(lambda fuel: fuel.irqs_pending, _put_pending)),
     ("idt", _InFuel(Idt, _put_idt)),
     ("stack", _InFuel(lambda fuel: tuple(fuel.stack), _put_stack)),
 ):

@@ -27,7 +27,7 @@ from unicorn import x86_const as r
 
 from . import _slicing, _unicorn, codecache, hypercalls, interrupts, timers
 from .abi import LGUEST_DATA_HCALL_STATUS, LGUEST_TRAP_ENTRY
-from .cpu import Hold, LgCpu
+from .cpu import CpuStats, Hold, LgCpu
 from .pagetables import guest_pa
 from .slicepool import AGAIN, AGAIN_URGENT, Again
 
@@ -433,6 +433,8 @@ def _one_slice(
     if timeless:
         fuel.left = _TIMELESS_NS
         fuel.clock_mask = _NO_CLOCK
+    elif budget is None:
+        _deliver_natively(cpu, fuel)
     delivered = False
     # An executor slice that delivered an interrupt: if its time runs out, it may be in
     # the handler (given at least LONG_INLINE_TIME here), whose rest then goes first.
@@ -481,6 +483,7 @@ def _one_slice(
             if early is not None:
                 exit = early
                 break
+            fuel.wrote = 0  # (a write noted after this is in stale_code by the next entry)
             if cpu.stale_code:  # the Host wrote guest memory: no stale translation may run
                 codecache.drop_stale(cpu)
             # Record what the stop means; the checks above decide whether to go on.
@@ -514,6 +517,10 @@ def _one_slice(
     finally:
         cpu.threads.slice = None
         fuel.lone = 0  # (over: nothing left to cut)
+        fuel.irq_native = 0
+        if fuel.handler_bound:  # an irq run() delivered got the slice's last handler time
+            fuel.handler_bound = 0
+            handler_bound = True
         if budget is not None and not delivered:
             cpu.inline_spent = fuel.reason == _slicing.REASON_BUDGET
         if handler_bound and fuel.reason == _slicing.REASON_BUDGET:
@@ -537,6 +544,26 @@ def _one_slice(
                 scaled = (cpu.budget + scaled) // 2  # smooth small corrections only
             cpu.budget = max(MIN_BUDGET, min(MAX_BUDGET, scaled))
     return exit
+
+
+def _deliver_natively(cpu: LgCpu, fuel: _slicing.Fuel) -> None:
+    """Let ``_slicing.run`` deliver an irq raised while this executor slice runs itself,
+    where its stop lands, and run on without the GIL (``_fuel.c``'s ``irq_in_run``: the
+    checks of ``interrupts.maybe_do_interrupt`` and the frame of ``_slicing.deliver``),
+    for a one-CPU guest with its ``lguest_data`` on the exit-request path: the other
+    CPUs of a guest would have to hear of the frame's write (``Lguest.host_wrote``).
+    What it reads is fixed while the slice runs (only LGUEST_INIT, which ends a slice,
+    sets it); the slice clears the flag when it ends."""
+    lg = cpu.lg
+    data = cpu.lguest_data
+    if not fuel.exit_request or data is None or len(lg.cpus) != 1 or cpu.run.hold is not None:
+        return
+    fuel.irq_data = data
+    fuel.noirq_start = lg.noirq_start
+    fuel.noirq_end = lg.noirq_end
+    fuel.kernel = lg.kernel_address
+    fuel.handler_ns = _LONG_INLINE_NS
+    fuel.irq_native = 1
 
 
 def _lengthen_for_handler(cpu: LgCpu, spent: int) -> None:
@@ -596,6 +623,8 @@ def _enter_guest(cpu: LgCpu) -> SliceExit:
             if fuel.native_done:  # hypercalls the native hook completed count like any other
                 cpu.stats.hypercalls += fuel.native_done
                 fuel.native_done = 0
+            if fuel.irq_stops:  # runs stopped for an irq that run() went on with
+                _count_native_irqs(cpu.stats, fuel)
         if vector is not None:  # the native hook's (the fallback's hook sets trap itself)
             trap.vector = vector
             if hcall is not None:
@@ -630,6 +659,14 @@ def _enter_guest(cpu: LgCpu) -> SliceExit:
         case _:
             pass
     return exit
+
+
+def _count_native_irqs(stats: CpuStats, fuel: _slicing.Fuel) -> None:
+    """Add what ``_slicing.run`` did for irqs by itself to the CPU's counters."""
+    stats.irqs_in_slice += fuel.irq_stops
+    stats.irqs_native += fuel.irqs_native
+    stats.interrupts += fuel.irqs_native
+    fuel.irq_stops = fuel.irqs_native = 0
 
 
 def _after_hlt(cpu: LgCpu) -> bool:

@@ -72,6 +72,19 @@ def _handled(g: Booted, n: int) -> bool:
     return g.u32("handled") == n
 
 
+def _irq_stops(g: Booted) -> int:
+    """Runs of CPU 0 stopped for an irq whose slice went on, the ones ``_fuel.c``'s run()
+    went on with itself included before its run returns and adds them to the stats."""
+    cpu = g.file.cpu(0)
+    return cpu.stats.irqs_in_slice + int(cpu.fuel.irq_stops)
+
+
+def _native_irqs(g: Booted) -> int:
+    """Irqs of CPU 0 that ``_fuel.c``'s run() delivered itself (as :func:`_irq_stops`)."""
+    cpu = g.file.cpu(0)
+    return cpu.stats.irqs_native + int(cpu.fuel.irqs_native)
+
+
 def _continued(g: Booted, n: int) -> bool:
     return present(g.file.stats).continued == n
 
@@ -221,8 +234,8 @@ async def test_a_run_a_break_left_going_on_stops_when_the_cpu_is_needed(
         g.file.resume()
     elif then == "irq":  # the run sees it (the guest takes none) and goes on
         await g.file.write(pack_words(LHREQ_IRQ, 3))
-        await until(lambda: present(g.file.stats).irqs_in_slice == 1)
-        assert cpu.running
+        await until(lambda: _irq_stops(g) == 1)
+        assert cpu.running and _native_irqs(g) == 0
     else:
         await g.file.close()
         assert not cpu.running
@@ -260,7 +273,8 @@ async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # LHREQ_IRQ into a slice computing on a worker: the run stops at a block boundary,
-    # the slice delivers the interrupt on its worker and goes on; no slice ends for it.
+    # _fuel.c's run() delivers the interrupt there and runs on; no slice ends for it, and
+    # no run returns to Python (exits), so the irq costs no GIL.
     from supervisor import execute
 
     monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
@@ -269,15 +283,121 @@ async def test_an_irq_raised_into_a_running_slice_is_delivered_there(
     cpu = g.file.cpu(0)
     reader = await _on_a_worker(g)
     stats = present(g.file.stats)
-    slices, interrupts = stats.slices, stats.interrupts
+    slices, interrupts, exits = stats.slices, stats.interrupts, stats.exits
     for n in range(1, 11):
         assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
         await until(functools.partial(_handled, g, n))
-        assert stats.irqs_in_slice == n
-    assert (stats.slices, stats.interrupts) == (slices, interrupts + 10)
+        assert (_irq_stops(g), _native_irqs(g)) == (n, n)
+    assert (stats.slices, stats.exits) == (slices, exits)
+    assert cpu.fuel.irqs_pending == 0
     assert not reader.done() and cpu.running
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
+    assert (stats.irqs_in_slice, stats.irqs_native) == (10, 10)  # counted as the run ended
+    assert stats.interrupts == interrupts + 10
+
+
+@going_on
+async def test_an_irq_the_guest_cannot_take_yet_stays_pending_and_its_run_goes_on(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run() stops for an irq without a gate (irq 5: vector 37), finds it not deliverable,
+    # as maybe_do_interrupt would, and runs on without Python; the irq stays pending.  A
+    # deliverable irq raised later is delivered first (the lowest of the two pending).
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, HANDLES)
+    assert await g.file.read(8) == pack_words(1)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    stats = present(g.file.stats)
+    slices, exits = stats.slices, stats.exits
+    assert await g.file.write(pack_words(LHREQ_IRQ, 5)) == 0
+    await until(lambda: _irq_stops(g) == 1)
+    assert (_native_irqs(g), cpu.irqs_pending, g.u32("handled")) == (0, 1 << 5, 0)
+    before = g.u32("counter")
+    await until(lambda: g.u32("counter") != before)  # it runs on
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    await until(functools.partial(_handled, g, 1))
+    assert (_irq_stops(g), _native_irqs(g), cpu.irqs_pending) == (2, 1, 1 << 5)
+    assert (stats.slices, stats.exits) == (slices, exits)
+    assert not reader.done() and cpu.running
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+# HANDLES with irq 3 blocked (lguest_data.blocked_interrupts) until irq 4's handler
+# unblocks it.
+BLOCKED = r"""
+main:
+    LGUEST_INIT
+    IDT 35, handler
+    IDT 36, unblock
+    movl $512, lguest_data
+    movl $8, lguest_data+4
+    HCALL 17, 1
+1:  incl counter
+    jmp 1b
+handler:
+    incl handled
+    movl $512, lguest_data
+    iret
+unblock:
+    movl $0, lguest_data+4
+    movl $512, lguest_data
+    iret
+.data
+counter: .long 0
+handled: .long 0
+"""
+
+
+@going_on
+async def test_an_irq_the_guest_blocks_waits_in_the_run_for_the_next_stop(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # run() checks the blocked irqs as maybe_do_interrupt does: a blocked irq stays
+    # pending and the run goes on; an unblocked one raised meanwhile is delivered (its
+    # handler unblocks irq 3), and the next stop for an irq delivers irq 3.
+    from supervisor import execute
+
+    monkeypatch.setattr(execute, "_TARGET_NS", 600 * 10**9)  # one slice for the whole test
+    g = await boot(dev, BLOCKED)
+    assert await g.file.read(8) == pack_words(1)
+    cpu = g.file.cpu(0)
+    reader = await _on_a_worker(g)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    await until(lambda: _irq_stops(g) == 1)
+    before = g.u32("counter")
+    await until(lambda: g.u32("counter") != before)  # it runs on
+    assert (_native_irqs(g), cpu.irqs_pending, g.u32("handled")) == (0, 1 << 3, 0)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 4)) == 0
+    await until(lambda: _native_irqs(g) == 1)
+    await until(
+        lambda: g.memory.read(g.guest.symbols["lguest_data"], 8) == bytes([0, 2, 0, 0] + [0] * 4)
+    )
+    assert (_irq_stops(g), cpu.irqs_pending, g.u32("handled")) == (2, 1 << 3, 0)
+    assert await g.file.write(pack_words(LHREQ_IRQ, 3)) == 0
+    await until(functools.partial(_handled, g, 1))
+    assert (_irq_stops(g), _native_irqs(g), cpu.irqs_pending) == (3, 2, 0)
+    assert not reader.done() and cpu.running
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+
+
+def test_irq_bits_change_under_a_lock_without_the_extension(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without _fuel (no C compiler) the bits are set and cleared in Python, and nothing
+    # is stopped: the caller wakes the CPU.
+    monkeypatch.setattr(_slicing, "_fuel", None)
+    fuel = _slicing.Fuel()
+    assert not _slicing.raise_irq(fuel, 3, True)
+    assert not _slicing.raise_irq(fuel, 31, False)
+    assert fuel.irqs_pending == 1 << 3 | 1 << 31
+    _slicing.take_irq(fuel, 3)
+    assert fuel.irqs_pending == 1 << 31
 
 
 @going_on
