@@ -63,6 +63,33 @@ async def test_a_round_trip_never_passes_through_the_read_loop(build_guest: Buil
         assert served >= 2 * rounds - 5 and notifies - served <= 10, (notifies, served)
 
 
+async def test_a_request_served_at_once_goes_on_in_the_same_slice(
+    build_guest: BuildGuest,
+) -> None:
+    """A 1-byte ping-pong: a side woken by the byte runs one inline slice per round,
+    its handler, its echo's send and its next receive's halt all in it: the send is
+    served between two entries of that slice (``run._between_entries``), not by the run
+    loop's passes after the slice ended, which would start a second slice a round."""
+    image = build_guest(NETBENCH.read_text(), flags=("-O2",))
+    rounds = 200
+    async with Supervisor() as sup:
+        server = await _launch(sup, image, "srv", "echo 7")
+        await server.expect("listening", LIMIT)
+        client = await _launch(sup, image, "cli", f"ping srv 7 {rounds}")
+        await client.expect("start", LIMIT)
+        before = (client.stats, server.stats)
+        await client.expect("done", LIMIT)
+        after = (client.stats, server.stats)
+        async with asyncio.timeout(LIMIT):
+            assert (await client.wait()).ok and (await server.wait()).ok
+    for was, now in zip(before, after, strict=True):
+        slices, served = now.slices - was.slices, now.served_in_read - was.served_in_read
+        assert served >= 2 * rounds - 5, (slices, served)
+        # Two slices a round if each request ended one; a few more for slices whose
+        # time ran out (a loaded machine) or that yielded to the loop's other tasks.
+        assert slices <= rounds + rounds // 2, (slices, served)
+
+
 async def test_the_schedule_of_a_deterministic_run_serves_them_inside_the_read_too(
     build_guest: BuildGuest,
 ) -> None:
