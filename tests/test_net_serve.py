@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from slotrequests import Requests, slot_at_1m
 
-from supervisor import Guest, GuestConfig, Supervisor, execute, run
+from supervisor import Guest, GuestConfig, Supervisor, engines, execute, run
 from supervisor import net as netmod
 from supervisor.cpu import LgCpu
 from supervisor.launcher import files, sockets
@@ -69,12 +69,14 @@ async def test_a_round_trip_never_passes_through_the_read_loop(build_guest: Buil
 
 
 async def test_a_request_served_at_once_goes_on_in_the_same_slice(
-    build_guest: BuildGuest,
+    build_guest: BuildGuest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 1-byte ping-pong: a side woken by the byte runs one inline slice per round,
     its handler, its echo's send and its next receive's halt all in it: the send is
     served between two entries of that slice (``run._between_entries``), not by the run
     loop's passes after the slice ended, which would start a second slice a round."""
+    # (Not with an engine switched at every slice: there every slice ends at a request.)
+    monkeypatch.setenv(engines.ENV, "pool")
     image = build_guest(NETBENCH.read_text(), flags=("-O2",))
     rounds = 200
     async with Supervisor() as sup:
@@ -113,6 +115,7 @@ async def test_serving_in_the_slice_does_not_use_up_the_guests_time(
         return serve(dev, slot)
 
     ended: list[tuple[bool, object]] = []
+    monkeypatch.setenv(engines.ENV, "pool")  # (as above)
 
     def counted(cpu: LgCpu, budget: int | None = None, *args: Any, **kw: Any) -> object:
         exit = execute.run_slice(cpu, budget, *args, **kw)
