@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from slotrequests import Requests, slot_at_1m
 
-from supervisor import Guest, GuestConfig, Supervisor, engines, execute, run
+from supervisor import Guest, GuestConfig, Supervisor, _slicing, engines, execute, run
 from supervisor import net as netmod
 from supervisor.cpu import LgCpu
 from supervisor.launcher import files, sockets
@@ -105,6 +105,8 @@ async def test_serving_in_the_slice_does_not_use_up_the_guests_time(
     of the ping-pong ends for its time and none goes to the executor (every slice is
     inline, each ending by itself: a halt), but for the few that translate code run
     for the first time.  Two such requests a slice would use its time up otherwise."""
+    if not _slicing.EXIT_REQUEST:
+        pytest.skip("inline slices are bounded by INLINE_BUDGET blocks here, not by time")
     image = build_guest(NETBENCH.read_text(), flags=("-O2",))
     serve = files.FilesDevice.notify_now
 
@@ -135,10 +137,12 @@ async def test_serving_in_the_slice_does_not_use_up_the_guests_time(
         async with asyncio.timeout(LIMIT):
             assert (await client.wait()).ok and (await server.wait()).ok
     # (A few slices run code for the first time, the first echo or the exit: their
-    # translation may use their time up, whatever the requests cost.)
+    # translation may use their time up, whatever the requests cost.  Charged with the
+    # requests' time, about every other slice would.)
     out_of_time = [exit for _, exit in ended].count(execute.SliceExit.BUDGET)
     on_executor = [inline for inline, _ in ended].count(False)
-    assert len(ended) >= 60 and out_of_time <= 8 and on_executor <= 8, ended
+    assert len(ended) >= 60, ended
+    assert out_of_time <= len(ended) // 5 and on_executor <= len(ended) // 5, ended
 
 
 async def test_the_schedule_of_a_deterministic_run_serves_them_inside_the_read_too(
