@@ -443,6 +443,17 @@ def take_irq(fuel: Fuel, irq: int) -> None:
         _fuel.take_irq(fuel.address, irq)
 
 
+def heed(fuel: Fuel, in_slice: bool) -> None:
+    """:func:`interrupt`, else :func:`kick`: what a Host write into guest memory asks of
+    the CPU (any thread), in one call, since the Host's requests make several."""
+    if fuel.exit_request:
+        address = fuel.address
+        if not _fuel.interrupt(address, in_slice, -1):
+            _fuel.kick(address)
+    else:
+        fuel.stop = 1
+
+
 def hurry(fuel: Fuel) -> bool:
     """End the CPU's run in progress at its next block boundary as if its slice's time were
     spent (``REASON_BUDGET``: the slice ends with BUDGET, its run may go on after a turn),

@@ -434,8 +434,7 @@ class LgCpu:
         drops the stale translations and goes on, as for an interrupt
         (``_slicing.interrupt``); anything else is kicked, and drops them before it
         enters the guest again."""
-        if not _slicing.interrupt(self.fuel, self.threads.slice is not None):
-            self.kick()
+        _slicing.heed(self.fuel, self.threads.slice is not None)
 
     @property
     def running(self) -> bool:

@@ -782,7 +782,7 @@ class LguestFile:
         lg = self._lg
         if lg is None or lg.dead or self._closed:
             return
-        start, end = max(addr - self._base, 0), min(addr + n - self._base, lg.limit)
+        start, end = max(addr - self._base, 0), min(addr + n - self._base, lg.pfn_limit * PAGE_SIZE)
         if start < end:
             for cpu in lg.cpus:
                 codecache.note(cpu, start, end)

@@ -283,6 +283,7 @@ def run_slice(
     more: Callable[[], bool] | None = None,
     crowd: Callable[[], float] | None = None,
     timeless: bool = False,
+    between: Callable[[], bool] | None = None,
 ) -> SliceExit | Again:
     """Enter the guest until the run loop or the Launcher is needed; say why.
 
@@ -304,6 +305,11 @@ def run_slice(
     ``timeless`` (deterministic mode, with ``budget``; a CPU on the block hook): the
     slice ends only when its blocks are spent, never for time, so where it ends
     depends on nothing but the guest.
+
+    ``between`` (an inline slice, on the event loop): offered each hypercall the slice
+    cannot do itself; True means the run loop's work for it is done there and then (a
+    socket request served at once, ``run._between_entries``) and the guest goes on in
+    this slice; False ends the slice with ``HYPERCALL``.
     """
     if more is not None:
         timers.write_timestamp(cpu)  # a step may start long after the run loop wrote it
@@ -328,7 +334,7 @@ def run_slice(
         lone = max(0, _LONE_NS - busy_ns)
     exit: SliceExit | None = None
     try:
-        exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd)
+        exit = _one_slice(cpu, budget, busy_ns, timeless, lone, crowd, between)
     finally:
         if pool is not None and more is not None:  # a step holds an engine only while it runs
             engine = cpu.engine
@@ -405,12 +411,13 @@ def _one_slice(
     timeless: bool = False,
     lone: int = 0,
     crowd: Callable[[], float] | None = None,
+    between: Callable[[], bool] | None = None,
 ) -> SliceExit:
     """One slice of :func:`run_slice`: until the run loop is needed or its time is spent
     (``busy_ns`` of CPU time for an executor slice, budget None, and ``lone`` ns more for a
     lone slice until the pool cuts it; never, if ``timeless``).  ``crowd``: the pool's jobs
     waiting per worker, looked at again once the lone slice is set up (a job queued since
-    the caller looked found nothing to cut)."""
+    the caller looked found nothing to cut).  ``between``: as :func:`run_slice`'s."""
     fuel = cpu.fuel
     lg = cpu.lg
     cpu.threads.slice = threading.get_ident()
@@ -452,10 +459,16 @@ def _one_slice(
     try:
         while True:
             if cpu.hcall is not None:
-                if not hypercalls.all_local(cpu):
-                    exit = SliceExit.HYPERCALL
-                    break
-                hypercalls.do_hypercalls(cpu)
+                if hypercalls.all_local(cpu):
+                    hypercalls.do_hypercalls(cpu)
+                else:
+                    started = time.thread_time_ns() if between is not None else 0
+                    if between is None or not between():
+                        exit = SliceExit.HYPERCALL
+                        break
+                    # The run loop's work is not the guest's time: a guest that asks
+                    # often keeps its inline slices (the loop's share is run.YIELD_TIME's).
+                    fuel.left += time.thread_time_ns() - started
             if lg.dead:
                 exit = SliceExit.DEATH
                 break

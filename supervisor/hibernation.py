@@ -220,11 +220,11 @@ class Dormitory:
 
         What it ran since it last thawed (a new emulator translates its code afresh) is
         charged to it."""
-        entry = self._debts.get(cpu)
+        engine = cpu.engine
+        entry = self._debts.get(cpu) if engine.pool is None else None
         if entry is not None and entry[2] >= 0:
             self.charge(cpu, cpu.stats.run_time - entry[2])
             entry[2] = -1.0
-        engine = cpu.engine
         after = engine.hibernate_after
         if after == NEVER or engine.frozen is not None or engine.released:  # (hibernated, closed)
             self._pack_later(cpu)
@@ -303,7 +303,11 @@ class Dormitory:
 
     # -- what wakes cost ---------------------------------------------------------------------
     def thaw(self, cpu: LgCpu) -> None:
-        """:meth:`LgCpu.thaw`, its cost charged to ``cpu``."""
+        """:meth:`LgCpu.thaw`, its cost charged to ``cpu``; nothing is charged to a pool's
+        CPU, whose wakes are never put off (:meth:`turn`), so it runs up no debt."""
+        if cpu.engine.pool is not None:
+            cpu.thaw()
+            return
         started = time.thread_time()
         cpu.thaw()
         self.charge(cpu, time.thread_time() - started)
@@ -312,6 +316,11 @@ class Dormitory:
     def charge(self, cpu: LgCpu, seconds: float) -> None:
         """``cpu`` owes ``seconds`` more of the loop's time."""
         self._drain(cpu)[0] += seconds
+
+    @property
+    def debtors(self) -> int:
+        """How many CPUs have an account of what their wakes cost (a pool's never do)."""
+        return len(self._debts)
 
     def owed(self, cpu: LgCpu) -> float:
         """Seconds of loop time ``cpu`` owes for its wakes now (its share pays them off)."""
@@ -399,7 +408,8 @@ class Dormitory:
         started = time.thread_time()
         if not cpu.hibernate():
             return
-        self.charge(cpu, time.thread_time() - started)
+        if cpu.engine.pool is None:  # (a pool's CPU owes nothing: see thaw)
+            self.charge(cpu, time.thread_time() - started)
         self._pack_later(cpu)
         _low = min(_low, before)  # thaws since the last hibernation reused memory
         if LgCpu.given_back - _low >= TRIM_SLACK and _GIVE_BACK is not None:

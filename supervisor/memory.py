@@ -234,10 +234,16 @@ class GuestMemory:
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the block at offset ``addr`` (watchers are told)."""
-        self._check(addr, len(data))
-        self.view[addr : addr + len(data)] = data
+        n = len(data)
+        if addr < 0 or addr + n > self._size:  # (the Host's every write: no call to check)
+            self._check(addr, n)
+        view = self._view
+        if view is None:
+            raise ValueError("guest memory is closed")
+        view[addr : addr + n] = data
         if self._watchers:
-            self.written(addr, len(data))
+            for callback in list(self._watchers):
+                callback(addr, n)
 
     # -- who must know about writes (a guest's CPU drops stale translations) ----------
     def watch(self, callback: Callable[[int, int], None]) -> None:

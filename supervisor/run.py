@@ -134,6 +134,12 @@ async def run_guest(
     if dormitory is not None and cpu.engine.frozen is not None:
         # It hibernated waiting for this read: its wake is paid for like a halt's.
         await dormitory.turn(cpu, executor, functools.partial(_urgent, cpu))
+    failed: list[Exception] = []
+    between = None
+    pool = cpu.engine.pool
+    forced = pool is not None and pool.always  # (the forced mode: every slice through here)
+    if serve is not None and lg.virtual is None and len(lg.cpus) == 1 and not forced:
+        between = functools.partial(_between_entries, cpu, serve, failed)
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
         exit = pending_exit(cpu)
@@ -152,7 +158,13 @@ async def run_guest(
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.run.inline = True  # deliver it now, not after a trip through the queue
                 # Whatever ended it, the next pass sees.  (One CPU: no turns to take.)
-                await (_run_slice(cpu, executor) if len(lg.cpus) == 1 else _slice(cpu, executor))
+                await (
+                    _run_slice(cpu, executor, between)
+                    if len(lg.cpus) == 1
+                    else _slice(cpu, executor)
+                )
+                if failed:
+                    raise failed.pop()  # serve's, in the slice: the notify still pending
             case RunState.CLOSED:
                 raise _oserror(errno.EBADF)
             case RunState.HYPERCALL:
@@ -341,18 +353,56 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
         owner.wake()
 
 
-async def _run_slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
+def _between_entries(cpu: LgCpu, serve: Callable[[int], bool], failed: list[Exception]) -> bool:
+    """An inline slice stopped at a hypercall it cannot do itself: on the event loop, do
+    what the run loop's passes would, there and then, while each finds a hypercall to
+    do or a notify that ``serve`` serves at once (a socket request); True if the guest
+    may then go on in the same slice (nothing pending, no yield due), saving the run
+    loop's passes and a new slice per request.  Anything else (a notify for the
+    Launcher, a halt, a break, a hold, close, a death) ends the slice and the run
+    loop's next pass sees it.  An error ``serve`` raises is kept in ``failed`` (the
+    notify still pending) for the run loop to raise once the slice has ended.
+
+    Each round starts as a pass does (``fuel.stop`` cleared: a kick from then on
+    counts), and runs as the run loop, not the slice (``threads.slice`` None): the
+    Host's writes and irqs of the request kick the CPU, and the slice drops stale
+    code before it enters the guest again, instead of its next run stopping at once."""
+    owner = cpu.threads.slice
+    cpu.threads.slice = None
+    try:
+        while True:
+            cpu.fuel.stop = 0
+            exit = pending_exit(cpu)
+            if exit is RunState.HYPERCALL:
+                hypercalls.do_hypercalls(cpu)
+            elif exit is RunState.NOTIFY:
+                try:
+                    if not serve(cpu.pending_notify):
+                        return False
+                except Exception as exc:
+                    failed.append(exc)
+                    return False
+                cpu.pending_notify = 0
+            else:
+                return exit is None and not _yield_due(cpu)
+    finally:
+        cpu.threads.slice = owner
+
+
+async def _run_slice(
+    cpu: LgCpu, executor: SlicePool, between: Callable[[], bool] | None = None
+) -> SliceExit:
     """Run one slice; if the caller is cancelled meanwhile, stop it and then re-raise.
 
     A CPU whose last slice ended on its own gets a short slice on the event loop
     itself (``execute.INLINE_TIME``); one that uses it up goes back to the executor,
     where its run is many slices (:mod:`supervisor.slicepool`).  A run withdrawn from
     the executor's queue, before its first slice or between two (:meth:`LgCpu.wake`),
-    ends as a ``KICK``.
+    ends as a ``KICK``.  ``between``: an inline slice's (:func:`_between_entries`).
     """
     if cpu.run.inline and cpu.run.detached is None:
         pending = cpu.irqs_pending  # (only the event loop raises irqs: none come meanwhile)
-        ended = run_slice(cpu, INLINE_BUDGET)
+        ended = run_slice(cpu, INLINE_BUDGET, between=between)
         assert isinstance(ended, SliceExit)  # (AGAIN only with `more`)
         _debug_stop(cpu, ended)
         cpu.run.inline = ended is not SliceExit.BUDGET

@@ -709,9 +709,10 @@ async def test_a_spinning_guest_runs_on_the_executor_not_the_event_loop(
         budget: int | None = None,
         more: Callable[[], bool] | None = None,
         crowd: Callable[[], float] | None = None,
+        **options: Any,
     ) -> execute.SliceExit | Again:
         where.append((threading.current_thread() is threading.main_thread(), budget or 0))
-        return real(cpu, budget, more, crowd)
+        return real(cpu, budget, more, crowd, **options)
 
     monkeypatch.setattr(run, "run_slice", recording)
     g = await boot(dev, SPIN)

@@ -199,4 +199,5 @@ async def test_a_pooled_guests_wakes_are_never_put_off(monkeypatch: pytest.Monke
             assert (await guest.wait()).ok
             assert guest.stats.wakes >= 100
         assert dormitory.deferred == 0
+        assert dormitory.debtors == 0  # (no account is kept for what they cannot owe)
         assert (await spinner.kill()).reason == "killed"

@@ -172,6 +172,18 @@ def test_slot_bounds() -> None:
         assert slot.get(60) == 0x2345_6789
         with pytest.raises(ValueError):
             slot.get(62)
+        slot.set_words(52, (1, 2, 3))
+        assert slot.get_words(52, 3) == (1, 2, 3)
+        # Every field of a run of words lies in the 64-byte descriptor, or nothing happens.
+        for offset, count in ((56, 3), (-4, 2), (0, 0), (0, 17), (64, 1)):
+            with pytest.raises(ValueError):
+                slot.get_words(offset, count)
+            with pytest.raises(ValueError):
+                slot.set_words(offset, (9,) * count)
+        assert slot.get_words(52, 3) == (1, 2, 3)
+        for offset in (-4, 61, 64):
+            with pytest.raises(ValueError):
+                slot.set(offset, 9)
     finally:
         memory.close()
 

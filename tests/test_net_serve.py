@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from slotrequests import Requests, slot_at_1m
 
-from supervisor import Guest, GuestConfig, Supervisor
+from supervisor import Guest, GuestConfig, Supervisor, _slicing, engines, execute, run
 from supervisor import net as netmod
+from supervisor.cpu import LgCpu
 from supervisor.launcher import files, sockets
+from supervisor.launcher.devices import Slot
 from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
 
@@ -61,6 +66,83 @@ async def test_a_round_trip_never_passes_through_the_read_loop(build_guest: Buil
         # seen, the last after "done"); the read loop saw none of them: only the few
         # other notifies (the client's close, its console line).
         assert served >= 2 * rounds - 5 and notifies - served <= 10, (notifies, served)
+
+
+async def test_a_request_served_at_once_goes_on_in_the_same_slice(
+    build_guest: BuildGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1-byte ping-pong: a side woken by the byte runs one inline slice per round,
+    its handler, its echo's send and its next receive's halt all in it: the send is
+    served between two entries of that slice (``run._between_entries``), not by the run
+    loop's passes after the slice ended, which would start a second slice a round."""
+    # (Not with an engine switched at every slice: there every slice ends at a request.)
+    monkeypatch.setenv(engines.ENV, "pool")
+    image = build_guest(NETBENCH.read_text(), flags=("-O2",))
+    rounds = 200
+    async with Supervisor() as sup:
+        server = await _launch(sup, image, "srv", "echo 7")
+        await server.expect("listening", LIMIT)
+        client = await _launch(sup, image, "cli", f"ping srv 7 {rounds}")
+        await client.expect("start", LIMIT)
+        before = (client.stats, server.stats)
+        await client.expect("done", LIMIT)
+        after = (client.stats, server.stats)
+        async with asyncio.timeout(LIMIT):
+            assert (await client.wait()).ok and (await server.wait()).ok
+    for was, now in zip(before, after, strict=True):
+        slices, served = now.slices - was.slices, now.served_in_read - was.served_in_read
+        assert served >= 2 * rounds - 5, (slices, served)
+        # Two slices a round if each request ended one; a few more for slices whose
+        # time ran out (a loaded machine) or that yielded to the loop's other tasks.
+        assert slices <= rounds + rounds // 2, (slices, served)
+
+
+async def test_serving_in_the_slice_does_not_use_up_the_guests_time(
+    build_guest: BuildGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that take the loop longer than an inline slice's time, served between
+    two entries of the slice: that time is the run loop's, not the guest's, so no slice
+    of the ping-pong ends for its time and none goes to the executor (every slice is
+    inline, each ending by itself: a halt), but for the few that translate code run
+    for the first time.  Two such requests a slice would use its time up otherwise."""
+    if not _slicing.EXIT_REQUEST:
+        pytest.skip("inline slices are bounded by INLINE_BUDGET blocks here, not by time")
+    image = build_guest(NETBENCH.read_text(), flags=("-O2",))
+    serve = files.FilesDevice.notify_now
+
+    def slow_serve(dev: files.FilesDevice, slot: Slot) -> bool:
+        until = time.thread_time() + 0.8 * execute.LONG_INLINE_TIME
+        while time.thread_time() < until:
+            pass
+        return serve(dev, slot)
+
+    ended: list[tuple[bool, object]] = []
+    monkeypatch.setenv(engines.ENV, "pool")  # (as above)
+
+    def counted(cpu: LgCpu, budget: int | None = None, *args: Any, **kw: Any) -> object:
+        exit = execute.run_slice(cpu, budget, *args, **kw)
+        ended.append((budget is not None, exit))
+        return exit
+
+    async with Supervisor() as sup:
+        server = await _launch(sup, image, "srv", "echo 7")
+        await server.expect("listening", LIMIT)
+        client = await _launch(sup, image, "cli", "ping srv 7 30")
+        await client.expect("start", LIMIT)
+        monkeypatch.setattr(files.FilesDevice, "notify_now", slow_serve)
+        monkeypatch.setattr(run, "YIELD_TIME", 0.05)  # (no yield ends a slice first)
+        monkeypatch.setattr(run, "run_slice", counted)
+        await client.expect("done", LIMIT)
+        monkeypatch.undo()
+        async with asyncio.timeout(LIMIT):
+            assert (await client.wait()).ok and (await server.wait()).ok
+    # (A few slices run code for the first time, the first echo or the exit: their
+    # translation may use their time up, whatever the requests cost.  Charged with the
+    # requests' time, about every other slice would.)
+    out_of_time = [exit for _, exit in ended].count(execute.SliceExit.BUDGET)
+    on_executor = [inline for inline, _ in ended].count(False)
+    assert len(ended) >= 60, ended
+    assert out_of_time <= len(ended) // 5 and on_executor <= len(ended) // 5, ended
 
 
 async def test_the_schedule_of_a_deterministic_run_serves_them_inside_the_read_too(

@@ -61,7 +61,7 @@ class Script:
         """The inline slices end with ``exits``, in order."""
         ends = iter(exits)
 
-        def one_slice(cpu: Any, budget: int | None) -> SliceExit:
+        def one_slice(cpu: Any, budget: int | None, **_options: Any) -> SliceExit:
             ended = next(ends)
             self.done.append(f"slice: {ended.name}")
             if ended is SliceExit.DEBUG_STOP:

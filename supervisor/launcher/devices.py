@@ -31,12 +31,9 @@ DEV_TYPE_CONSOLE = 1
 DEV_TYPE_BLOCK = 2
 MAX_DEVICES = LGUEST_IRQS - 1  # irq 0 is the clock; device i gets irq i + 1
 _U32 = struct.Struct("<I")
+# The layout of n consecutive 32-bit fields, at index n (n fits a descriptor).
 _WORDS = [struct.Struct(f"<{n}I") for n in range(DESC_SIZE // 4 + 1)]
-
-
-def _words(count: int) -> struct.Struct:
-    """The layout of ``count`` consecutive 32-bit fields (``count`` fits a descriptor)."""
-    return _WORDS[count]
+_LAST_FIELD = DESC_SIZE - 4
 
 
 def descriptor(device_type: int, irq: int) -> bytes:
@@ -83,28 +80,33 @@ class Slot:
     # -- the descriptor ---------------------------------------------------------
     def get(self, offset: int) -> int:
         """The 32-bit little-endian field at ``offset`` of the descriptor."""
-        self._check_field(offset)
+        if not 0 <= offset <= _LAST_FIELD:  # (every request makes several: no call to check)
+            self._check_field(offset)
         value: int = _U32.unpack_from(self.memory.view, self.address + offset)[0]
         return value
 
     def set(self, offset: int, value: int) -> None:
         """Store a 32-bit field of the descriptor (the value is truncated to 32 bits)."""
-        self._check_field(offset)
+        if not 0 <= offset <= _LAST_FIELD:
+            self._check_field(offset)
         self.memory.write(self.address + offset, _U32.pack(value & 0xFFFFFFFF))
 
     def get_words(self, offset: int, count: int) -> tuple[int, ...]:
         """``count`` consecutive 32-bit fields from ``offset`` (one read of guest memory)."""
-        self._check_field(offset)
-        self._check_field(offset + 4 * (count - 1))
-        words: tuple[int, ...] = _words(count).unpack_from(self.memory.view, self.address + offset)
+        if not 0 <= offset <= offset + 4 * (count - 1) <= _LAST_FIELD:
+            self._check_field(offset)
+            self._check_field(offset + 4 * (count - 1))
+        words: tuple[int, ...] = _WORDS[count].unpack_from(self.memory.view, self.address + offset)
         return words
 
     def set_words(self, offset: int, values: tuple[int, ...] | list[int]) -> None:
         """Store consecutive 32-bit fields from ``offset`` (one write: the guest's CPUs
         drop stale translations of one range, not one per field)."""
-        self._check_field(offset)
-        self._check_field(offset + 4 * (len(values) - 1))
-        data = _words(len(values)).pack(*[v & 0xFFFFFFFF for v in values])
+        count = len(values)
+        if not 0 <= offset <= offset + 4 * (count - 1) <= _LAST_FIELD:
+            self._check_field(offset)
+            self._check_field(offset + 4 * (count - 1))
+        data = _WORDS[count].pack(*[v & 0xFFFFFFFF for v in values])
         self.memory.write(self.address + offset, data)
 
     @staticmethod

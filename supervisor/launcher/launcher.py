@@ -129,6 +129,7 @@ class GuestStats:
     """Counters summed over every boot of one guest (see :class:`supervisor.cpu.CpuStats`)."""
 
     blocks: int = 0  # translated blocks executed
+    slices: int = 0  # slices run (each enters the guest until the run loop is needed)
     exits: int = 0
     hypercalls: int = 0
     interrupts: int = 0
