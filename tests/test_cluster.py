@@ -432,7 +432,7 @@ async def until_remote(
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.soak  # (default: migrations above; names across workers; NetBridge's tests)
+@pytest.mark.soak  # (default: migrations, a networked guest's move below, NetBridge's tests)
 async def test_a_networked_guest_moves_with_its_name_and_address() -> None:
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         w0, w1 = cl.workers
@@ -451,7 +451,6 @@ async def test_a_networked_guest_moves_with_its_name_and_address() -> None:
         await idle.kill()
 
 
-@pytest.mark.soak  # (default: test_cluster_net's lost worker; a lost worker's guests above)
 async def test_a_lost_worker_resets_the_connections_to_its_guests() -> None:
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         w0, w1 = cl.workers
