@@ -362,15 +362,12 @@ def no_native_hypercalls() -> Iterator[None]:
     ``hypercalls.do_hcall``: the hook's masks are set again on each new instance."""
     real = _slicing.trap_interrupts
 
-    def python_only(
-        uc: Any,
-        fuel: _slicing.Fuel,
-        local: Callable[[int, int, int, int], bool],
-        local_calls: frozenset[int],
-        native_calls: frozenset[int] = frozenset(),
-        memory: tuple[int, int] | None = None,
-    ) -> None:
-        real(uc, fuel, local, local_calls, frozenset(), memory)
+    def python_only(*args: Any, **kwargs: Any) -> None:
+        if len(args) > 4:  # (uc, fuel, local, local_calls, native_calls, ...)
+            args = (*args[:4], frozenset(), *args[5:])
+        else:
+            kwargs["native_calls"] = frozenset()
+        real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_slicing, "trap_interrupts", python_only)
