@@ -65,8 +65,9 @@ the next take past the idle ones makes a new one.
 
 Modes (``LguestDevice(engines=...)``, default :data:`ENV`, ``LGUEST_ENGINE_SWITCH``,
 else :data:`DEFAULT_MODE`): ``pool``; ``always``, the pool bounded by what runs at once
-with every take switched (a CPU never gets back the engine it gave last), the mode the
-exactness tests run under to judge the switch; ``off``, no pool: each CPU keeps its own
+with every take switched (a CPU never gets back the engine it gave last, so that one
+is taken off it at once, as at its close), the mode the exactness tests run under to
+judge the switch; ``off``, no pool: each CPU keeps its own
 instance until it hibernates (:mod:`supervisor.hibernation`), the only mode where
 ``hibernate_after`` matters (with a pool a CPU gives its engine back whenever it
 sleeps).  Any thread: one lock guards the idle engines and the counts.
@@ -289,6 +290,9 @@ class EnginePool:
                 ask = self._ask()
             else:
                 self.switched += 1
+        if self.always and last is not None:
+            # Never to be taken back by its CPU, ``last`` must not hold that CPU meanwhile.
+            self.disown(owner, last)
         if uc is None:
             if ask and self.wanted is not None:
                 self.wanted()

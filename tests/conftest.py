@@ -14,6 +14,16 @@ import realprograms
 
 from supervisor import LguestDevice, engines
 
+SOAK = "soak"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="also run the tests marked soak (longer variants of default tests)",
+    )
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(realprograms.Plugin(), "lguest-real-programs")
@@ -32,9 +42,18 @@ def pytest_asyncio_loop_factories(
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``LGUEST_ENGINE_SWITCH=always`` every slice runs on an engine switched from
+    """Tests marked ``soak`` (a longer sweep or soak of what a default test shows with
+    less) are deselected unless ``--soak`` is given: the default run stays short, and
+    ``--soak -m soak`` runs only them.
+
+    Under ``LGUEST_ENGINE_SWITCH=always`` every slice runs on an engine switched from
     another CPU: tests marked ``own_engines`` check what that mode replaces (inline
     slices and busy runs on warm engines)."""
+    if not config.getoption("--soak"):
+        soak = [item for item in items if item.get_closest_marker(SOAK) is not None]
+        if soak:
+            config.hook.pytest_deselected(items=soak)
+            items[:] = [item for item in items if item.get_closest_marker(SOAK) is None]
     if engines.mode_from_env() != "always":
         return
     skip = pytest.mark.skip(reason="LGUEST_ENGINE_SWITCH=always: engines come from the pool")

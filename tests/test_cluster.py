@@ -62,71 +62,79 @@ async def collect(guest: RemoteGuest) -> list[str]:
     return [line async for line in guest.console]
 
 
-async def test_launch_console_wait_kill_and_placement() -> None:
+async def test_launch_console_wait_kill_placement_refusals_and_a_snapshot(
+    tmp_path: Path,
+) -> None:
+    """One cluster (its workers' start is most of a cluster test's cost) for what
+    leaves it as it found it: every guest has ended before the next part starts."""
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
-        assert [w.name for w in cl.workers] == ["w0", "w1"]
-        assert len({w.pid for w in cl.workers}) == 2  # two processes, two event loops
-        spinner = await cl.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
-        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
-        assert spinner.worker is not echo.worker  # the least loaded worker
-        assert sorted(w.guests for w in cl.workers) == [1, 1]
-
-        echo.send("hello\n")
-        echo.send("quit\n")
-        assert await collect(echo) == ["hello", "quit", "bye"]
-        assert (await echo.wait()).ok
-        assert echo.stats.notifies > 0
-        assert echo.worker.guests == 0
-
-        hello = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
-        assert hello.worker is echo.worker  # the other one still runs the spinner
-        assert await collect(hello) == ["Hello from an lguest guest!"]
-
-        assert not spinner.done
-        # (blocks are counted only on the block-hook path: progress is run time)
-        assert (await spinner.fetch_stats()).run_time > 0
-        result = await spinner.kill()
-        assert result.died and result.reason == "killed"
-        assert await spinner.wait() == result
-        assert spinner.worker.guests == 0
+        await launch_console_wait_kill_and_placement(cl)
+        await bad_input_is_refused_before_anything_runs(cl, tmp_path)
+        await a_remote_snapshot_restores_on_a_local_supervisor(cl)
 
 
-async def test_bad_input_is_refused_before_anything_runs(tmp_path: Path) -> None:
+async def launch_console_wait_kill_and_placement(cl: Cluster) -> None:
+    assert [w.name for w in cl.workers] == ["w0", "w1"]
+    assert len({w.pid for w in cl.workers}) == 2  # two processes, two event loops
+    spinner = await cl.launch(GuestConfig(image=GUESTS / "spinner.img", memory="1M"))
+    echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+    assert spinner.worker is not echo.worker  # the least loaded worker
+    assert sorted(w.guests for w in cl.workers) == [1, 1]
+
+    echo.send("hello\n")
+    echo.send("quit\n")
+    assert await collect(echo) == ["hello", "quit", "bye"]
+    assert (await echo.wait()).ok
+    assert echo.stats.notifies > 0
+    assert echo.worker.guests == 0
+
+    hello = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+    assert hello.worker is echo.worker  # the other one still runs the spinner
+    assert await collect(hello) == ["Hello from an lguest guest!"]
+
+    assert not spinner.done
+    # (blocks are counted only on the block-hook path: progress is run time)
+    assert (await spinner.fetch_stats()).run_time > 0
+    result = await spinner.kill()
+    assert result.died and result.reason == "killed"
+    assert await spinner.wait() == result
+    assert spinner.worker.guests == 0
+
+
+async def bad_input_is_refused_before_anything_runs(cl: Cluster, tmp_path: Path) -> None:
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"\x7fELF not really")
-    async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
-        with pytest.raises(ImageError, match=r"junk\.img"):
-            await cl.launch(GuestConfig(image=junk, memory="1M"))
-        big = tmp_path / "big.img"
-        big.write_bytes(b"\x90" * (2 << 20) + FLAT_TRAILER)
-        with pytest.raises(ImageError):  # does not fit: found on the worker
-            await cl.launch(GuestConfig(image=big, memory="1M"))
-        named = GuestConfig(image=GUESTS / "echo.img", memory="1M", net=True, name="h")
-        waiting = await cl.launch(named)  # echo waits for input
-        with pytest.raises(ClusterError, match="'h' is already on the cluster's network"):
-            await cl.launch(named)
-        assert cl.workers[0].guests == 1
-        await waiting.kill()
-        done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
-        assert (await done.wait()).ok
-        with pytest.raises(GuestEndedError, match="hello has ended"):
-            await cl.migrate(done)
-        with pytest.raises(SnapshotError, match="ended"):
-            await done.snapshot()
+    with pytest.raises(ImageError, match=r"junk\.img"):
+        await cl.launch(GuestConfig(image=junk, memory="1M"))
+    big = tmp_path / "big.img"
+    big.write_bytes(b"\x90" * (2 << 20) + FLAT_TRAILER)
+    with pytest.raises(ImageError):  # does not fit: found on the worker
+        await cl.launch(GuestConfig(image=big, memory="1M"))
+    named = GuestConfig(image=GUESTS / "echo.img", memory="1M", net=True, name="h")
+    waiting = await cl.launch(named)  # echo waits for input
+    with pytest.raises(ClusterError, match="'h' is already on the cluster's network"):
+        await cl.launch(named)
+    assert waiting.worker.guests == 1 and sum(w.guests for w in cl.workers) == 1
+    await waiting.kill()
+    done = await cl.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+    assert (await done.wait()).ok
+    with pytest.raises(GuestEndedError, match="hello has ended"):
+        await cl.migrate(done)
+    with pytest.raises(SnapshotError, match="ended"):
+        await done.snapshot()
 
 
-async def test_a_remote_snapshot_restores_on_a_local_supervisor() -> None:
+async def a_remote_snapshot_restores_on_a_local_supervisor(cl: Cluster) -> None:
     lines, spin = 8, 200_000
-    async with asyncio.timeout(LIMIT), Cluster(workers=1) as cl:
-        guest = await cl.launch(counter(lines, spin))
-        assert await anext(guest.console) == "1"
-        snap = await guest.snapshot()  # it runs on
-        assert await collect(guest) == counted(lines, spin)[1:]
-        async with Supervisor() as sup:
-            copy = await sup.restore(snap)
-            rest = [line async for line in copy.console]
-            assert rest[-1] == counted(lines, spin)[-1]  # the counts: exact from mid-run
-            assert (await copy.wait()).ok
+    guest = await cl.launch(counter(lines, spin))
+    assert await anext(guest.console) == "1"
+    snap = await guest.snapshot()  # it runs on
+    assert await collect(guest) == counted(lines, spin)[1:]
+    async with Supervisor() as sup:
+        copy = await sup.restore(snap)
+        rest = [line async for line in copy.console]
+        assert rest[-1] == counted(lines, spin)[-1]  # the counts: exact from mid-run
+        assert (await copy.wait()).ok
 
 
 async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
@@ -146,23 +154,35 @@ async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
             await guest.kill()
 
 
-async def test_migration_is_exact_and_the_console_goes_on() -> None:
-    lines, spin = 16, 100_000
+async def test_migrations_are_exact_with_the_console_input_a_disk_and_every_cpu(
+    tmp_path: Path,
+) -> None:
+    """Migrations on one cluster (its workers' start is most of a cluster test's cost),
+    one guest after another."""
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
-        guest = await cl.launch(counter(lines, spin))
-        seen: list[str] = []
-        async for line in guest.console:
-            seen.append(line)
-            if not guest.done and len(seen) < lines:
-                try:
-                    moved_to = await cl.migrate(guest)
-                except ClusterError:  # it ended meanwhile
-                    continue
-                assert guest.worker is moved_to
-        assert seen == counted(lines, spin)  # nothing lost, nothing repeated
-        assert (await guest.wait()).ok
-        assert guest.moves >= 5  # one after each line it printed while it ran
-        assert sum(w.placed for w in cl.workers) == 1 + guest.moves
+        await migration_is_exact_and_the_console_goes_on(cl)
+        await migration_mid_line_and_with_input_queued(cl)
+        await a_disk_moves_with_its_guest_and_is_written_back_once(cl, tmp_path)
+        await a_guest_with_several_cpus_migrates_with_every_cpu(cl, tmp_path)
+
+
+async def migration_is_exact_and_the_console_goes_on(cl: Cluster) -> None:
+    """(On a cluster that has placed no guest yet.)"""
+    lines, spin = 16, 100_000
+    guest = await cl.launch(counter(lines, spin))
+    seen: list[str] = []
+    async for line in guest.console:
+        seen.append(line)
+        if not guest.done and len(seen) < lines:
+            try:
+                moved_to = await cl.migrate(guest)
+            except ClusterError:  # it ended meanwhile
+                continue
+            assert guest.worker is moved_to
+    assert seen == counted(lines, spin)  # nothing lost, nothing repeated
+    assert (await guest.wait()).ok
+    assert guest.moves >= 5  # one after each line it printed while it ran
+    assert sum(w.placed for w in cl.workers) == 1 + guest.moves
 
 
 async def test_a_move_whose_destination_died_leaves_the_guest_running_where_it_was() -> None:
@@ -202,37 +222,35 @@ async def test_a_move_whose_destination_died_leaves_the_guest_running_where_it_w
         assert (await echo.wait()).ok and echo.worker is source
 
 
-async def test_migration_mid_line_and_with_input_queued() -> None:
-    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
-        echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
-        lines = echo.console
-        echo.send("half a li")  # echoed at once: a partial line on the first worker
-        while (await echo.fetch_stats()).notifies < 3:  # armed input (1), took and echoed it
-            pass
-        await cl.migrate(echo)
-        echo.send("ne\nquit\n")
-        assert [line async for line in lines] == ["half a line", "quit", "bye"]
-        assert (await echo.wait()).ok
+async def migration_mid_line_and_with_input_queued(cl: Cluster) -> None:
+    echo = await cl.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+    lines = echo.console
+    echo.send("half a li")  # echoed at once: a partial line on the first worker
+    while (await echo.fetch_stats()).notifies < 3:  # armed input (1), took and echoed it
+        pass
+    await cl.migrate(echo)
+    echo.send("ne\nquit\n")
+    assert [line async for line in lines] == ["half a line", "quit", "bye"]
+    assert (await echo.wait()).ok
 
 
-async def test_a_disk_moves_with_its_guest_and_is_written_back_once(tmp_path: Path) -> None:
+async def a_disk_moves_with_its_guest_and_is_written_back_once(cl: Cluster, tmp_path: Path) -> None:
     lines, spin = 12, 200_000
     disk = tmp_path / "disk.img"
     original = bytes(range(256)) * (lines * SECTOR // 256)
     disk.write_bytes(original)
-    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
-        guest = await cl.launch(counter(lines, spin, block=disk))
-        seen = []
-        async for line in guest.console:
-            seen.append(line)
-            if line.isdigit() and int(line) % 3 == 0 and not guest.done:
-                with _maybe_ended():
-                    await cl.migrate(guest)
-            if not guest.done:  # the caller's file waits for the end
-                assert disk.read_bytes() == original
-        assert seen == [*counted(lines, spin), "disk ok"]  # writes made before moves survive
-        assert (await guest.wait()).ok
-        assert guest.moves >= 2
+    guest = await cl.launch(counter(lines, spin, block=disk))
+    seen = []
+    async for line in guest.console:
+        seen.append(line)
+        if line.isdigit() and int(line) % 3 == 0 and not guest.done:
+            with _maybe_ended():
+                await cl.migrate(guest)
+        if not guest.done:  # the caller's file waits for the end
+            assert disk.read_bytes() == original
+    assert seen == [*counted(lines, spin), "disk ok"]  # writes made before moves survive
+    assert (await guest.wait()).ok
+    assert guest.moves >= 2
     after = disk.read_bytes()
     assert after == b"".join(bytes([n]) * SECTOR for n in range(1, lines + 1))
 
@@ -347,7 +365,7 @@ async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> 
         await actor.close()
 
 
-async def test_a_guest_with_several_cpus_migrates_with_every_cpu(tmp_path: Path) -> None:
+async def a_guest_with_several_cpus_migrates_with_every_cpu(cl: Cluster, tmp_path: Path) -> None:
     from test_smp import SPINLOCK, XADD, smp
 
     from supervisor.testing import assemble
@@ -356,18 +374,17 @@ async def test_a_guest_with_several_cpus_migrates_with_every_cpu(tmp_path: Path)
     loops = 400_000
     image.write_bytes(assemble(smp(3, loops, SPINLOCK + XADD, check=("counter", "counter2"))).image)
     config = GuestConfig(image=image, memory="1M", cpus=3, console="null")
-    async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
-        guest = await cl.launch(config)
-        moves = 0
-        while not guest.done and moves < 4:
-            try:
-                await cl.migrate(guest)
-            except ClusterError:  # it ended meanwhile
-                break
-            moves += 1
-        end = await guest.wait()
-        assert end.ok, end  # each CPU's count exact across the moves (status 1 otherwise)
-        assert moves >= 1
+    guest = await cl.launch(config)
+    moves = 0
+    while not guest.done and moves < 4:
+        try:
+            await cl.migrate(guest)
+        except ClusterError:  # it ended meanwhile
+            break
+        moves += 1
+    end = await guest.wait()
+    assert end.ok, end  # each CPU's count exact across the moves (status 1 otherwise)
+    assert moves >= 1
 
 
 def networked(image: str, name: str, cmdline: str) -> GuestConfig:
@@ -415,6 +432,7 @@ async def until_remote(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.soak  # (default: migrations, a networked guest's move below, NetBridge's tests)
 async def test_a_networked_guest_moves_with_its_name_and_address() -> None:
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         w0, w1 = cl.workers

@@ -175,7 +175,10 @@ def _worker_rows(out: str) -> list[list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("where", ["ray", "address"])
+# One driver per address form by default (the CLI joining the cluster `ray start` made,
+# the library at HOST:PORT); the other two (the CLI at HOST:PORT, Ray Client) in the soak
+# run: each driver is a process of its own that connects and starts two workers.
+@pytest.mark.parametrize("where", ["ray", pytest.param("address", marks=pytest.mark.soak)])
 def test_the_cli_places_a_worker_on_each_node(two_nodes: TwoNodes, where: str) -> None:
     """``--cluster ray`` on the head joins the cluster ``ray start`` started (not a Ray of
     its own, and without passing it a CPU count, which Ray refuses); HOST:PORT names it."""
@@ -192,7 +195,7 @@ def test_the_cli_places_a_worker_on_each_node(two_nodes: TwoNodes, where: str) -
     assert sum(int(row[4]) for row in rows) == 4
 
 
-@pytest.mark.parametrize("via", ["address", "client"])
+@pytest.mark.parametrize("via", ["address", pytest.param("client", marks=pytest.mark.soak)])
 def test_the_library_moves_a_guest_between_the_nodes(two_nodes: TwoNodes, via: str) -> None:
     """``Cluster(address=HOST:PORT)`` and Ray Client (``ray://``): a worker on each node,
     and a guest moved from one to the other, exact."""

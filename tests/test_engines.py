@@ -731,6 +731,19 @@ async def test_a_closed_guests_engine_waits_in_the_pool_holding_nothing_of_it() 
         assert cpu() is None
 
 
+async def test_engines_a_cpu_switched_away_from_hold_nothing_of_it() -> None:
+    """Under ``always`` a CPU never takes back the engine it gave last: each one it
+    leaves behind at a switch waits in the pool pointing at no CPU, so a closed guest is
+    freed whichever engines it passed through."""
+    async with LguestDevice(engines="always", hibernate_after=math.inf) as dev:
+        pool = pool_of(dev)
+        cpu, engine = await closed_waker(dev)
+        assert pool.switched >= 2  # (each tick's slice on another engine)
+        gc.collect()
+        assert cpu() is None
+        assert _unicorn.seat(engine).cpu is None
+
+
 async def test_the_pool_is_the_default_and_the_environment_chooses_another(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 FPTABLE = HERE / "c" / "fptable.c"
 LIBMSWEEP = HERE / "c" / "libmsweep.c"
 LIMIT = 120  # seconds: a bound for failing, never a wait for success
+SWEEP_ARGUMENTS = 400  # per function in the default run; the soak run takes libmsweep's 4,000
 
 
 def _zig() -> sdk.Toolchain:
@@ -120,26 +121,43 @@ def test_double_arithmetic_is_bit_identical_to_x86_64(tmp_path: Path) -> None:
     assert got.stdout.decode().splitlines() == expected.decode().splitlines()
 
 
-def _native_x86_64(zig: sdk.Toolchain, out: Path, *sources: Path, flags: Sequence[str] = ()) -> str:
+def _native_x86_64(
+    zig: sdk.Toolchain,
+    out: Path,
+    *sources: Path,
+    flags: Sequence[str] = (),
+    args: Sequence[str] = (),
+) -> str:
     subprocess.run(
         [*zig.cc, "-target", "x86_64-linux-musl", "-static", "-O2", *flags,
          *map(str, sources), "-o", str(out)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
-    return subprocess.run([out], capture_output=True, timeout=120, check=True, text=True).stdout
+    done = subprocess.run([out, *args], capture_output=True, timeout=120, check=True, text=True)
+    return done.stdout
 
 
-def test_libm_is_bit_identical_to_x86_64_over_many_arguments(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "arguments",
+    [SWEEP_ARGUMENTS, pytest.param(None, marks=pytest.mark.soak, id="all")],
+)
+def test_libm_is_bit_identical_to_x86_64_over_many_arguments(
+    tmp_path: Path, arguments: int | None
+) -> None:
     """tests/c/libmsweep.c: the functions whose musl i386 versions are x87 assembly
     (atan2, atan2f, asinf, the remainders, ldexp, scalbn, llrint and their long double
-    forms, logl, expl...) and the common ones beside them, 4,000 arguments each.
+    forms, logl, expl...) and the common ones beside them, over ``arguments`` each
+    (None: the program's default, 4,000, in the soak run).
 
     double and float: the same bits as x86-64's musl.  long double: x86-64's musl
     computes these with x87 transcendental instructions, which the emulator rounds
     through host doubles; the guest links musl's portable C for them instead
     (sdk/libm.py), so the guest equals x86-64 running that same C."""
     zig = _zig()
-    plain = _native_x86_64(zig, tmp_path / "sweep", LIBMSWEEP, flags=["-Wall", "-Werror"])
+    args = [] if arguments is None else [str(arguments)]
+    plain = _native_x86_64(
+        zig, tmp_path / "sweep", LIBMSWEEP, flags=["-Wall", "-Werror"], args=args
+    )
     env = libm.zig_env(zig.cc[:-1])
     musl = Path(env["lib_dir"]) / "libc" / "musl"
     alltypes = Path(env["lib_dir"]) / "libc" / "include" / "x86_64-linux-musl"
@@ -152,16 +170,19 @@ def test_libm_is_bit_identical_to_x86_64_over_many_arguments(tmp_path: Path) -> 
             check=True, capture_output=True, timeout=600, cwd=musl / "src" / "math",
         )  # fmt: skip
         objects.append(obj)
-    with_c = _native_x86_64(zig, tmp_path / "sweep-c", LIBMSWEEP, *objects)
+    with_c = _native_x86_64(zig, tmp_path / "sweep-c", LIBMSWEEP, *objects, args=args)
     image = sdk.build([LIBMSWEEP], tmp_path / "sweep.elf",
                       sdk.BuildOptions(optimize="2", warnings=["all", "error"]), zig)  # fmt: skip
+    cmdline = ["--cmdline", *args] if args else []
     got = subprocess.run(
-        [sys.executable, "-m", "supervisor", "run", str(image), "--memory", "16M"],
+        [sys.executable, "-m", "supervisor", "run", str(image), "--memory", "16M", *cmdline],
         capture_output=True, timeout=600, text=True,
     )  # fmt: skip
     assert got.returncode == 0, got.stderr
     lines = got.stdout.splitlines()
     assert len(lines) > 80
+    count = "4000" if arguments is None else str(arguments)
+    assert all(line.split()[2] == count for line in lines)  # (the arguments asked for)
     assert lines == with_c.splitlines()
     exact = [line for line in lines if line.split()[1] != "ld"]
     assert len(exact) > 50
