@@ -23,6 +23,8 @@
     off with status 0, else 1.  Ctrl-C (130) or SIGTERM (143) stops the guests
     and still prints the table; ``--console prefix`` into a closed stdout stops
     them and exits 141.
+    A swarm of thousands runs in a process per CPU (``--processes N``,
+    supervisor.shards), with the same output, table and exit status.
 ``swarm -n N IMAGE --cluster ray`` (or ``local``, ``auto``, ``HOST:PORT``, ``ray://HOST:PORT``)
     The same on Ray workers (supervisor.cluster; ``--workers``,
     ``--checkpoint-every SECONDS``), plus a table row per worker.
