@@ -17,6 +17,7 @@ import pytest
 
 from supervisor import shards
 from supervisor.admission import Admission, Reading
+from supervisor.cli import build_parser, swarm_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -237,3 +238,18 @@ def test_a_shard_admits_its_share_of_the_memory_room() -> None:
     assert (limit(1), limit(2)) == (64 + 60, 64 + 30)
     with pytest.raises(ValueError, match="shares"):
         Admission(lambda: Reading(0, 0), shares=0)
+
+
+def test_how_many_processes_a_swarm_runs_in() -> None:
+    def processes(*args: str, deterministic: bool = False) -> int:
+        parsed = build_parser().parse_args(["swarm", "guests/hello.img", *args])
+        return swarm_processes(parsed, deterministic)
+
+    big = str(1000 * shards.PER_PROCESS)
+    assert processes("-n", big) == shards.cpus_available()
+    assert processes("-n", "10") == 1
+    assert processes("-n", big, deterministic=True) == 1  # one virtual clock
+    assert processes("-n", big, "--gdb", "127.0.0.1:0") == 1
+    assert processes("-n", "3", "--processes", "8") == 3  # never more than the guests
+    assert processes("-n", "30", "--processes", "8", "--max-alive", "2") == 2
+    assert processes("-n", "30", "--processes", "1", "--deterministic", deterministic=True) == 1
