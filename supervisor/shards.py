@@ -21,7 +21,9 @@ one table.  A shard lives in its own session, so a Ctrl-C at the terminal reache
 only the parent, which stops every shard once (SIGTERM) and still prints the
 table; a shard whose parent is gone (its stdin reaches EOF) stops itself; shards
 still running when the parent exits at once (a second Ctrl-C) are killed by
-:func:`kill_all`.
+:func:`kill_all`.  A shard that ends without its last report (killed, out of
+memory) is named on stderr, and its guests not reported ended are not counted as
+finished (the exit status is 1); the other shards carry on.
 """
 
 from __future__ import annotations
@@ -166,11 +168,11 @@ class Tally:
     most_alive: int = 0
     peak_kib: int = 0
     growth_kib: int = 0
-    stopped: bool = False
+    stopped: bool = False  # the parent was stopped (Ctrl-C, SIGTERM), and so every shard
     tails: dict[int, tuple[str, str, list[str]]] = field(default_factory=dict)
     error: str | None = None
     stdout_gone: bool = False
-    lost: list[str] = field(default_factory=list)  # shards that ended without reporting
+    lost: list[str] = field(default_factory=list)  # what became of shards that did not finish
 
     def add(self, done: dict[str, Any]) -> None:
         self.counts.update(done["counts"])
@@ -181,7 +183,6 @@ class Tally:
         self.most_alive += int(done["most_alive"])
         self.peak_kib += int(done["peak"])
         self.growth_kib += max(0, int(done["peak"]) - int(done["base"]))
-        self.stopped = self.stopped or bool(done["stopped"])
 
     def memory(self, own_peak_kib: int) -> Memory:
         """The table's memory cells: the shards' peaks and the parent's added (an upper
@@ -279,6 +280,8 @@ async def run(argv: Sequence[str], processes: int, progress: Progress) -> Tally:
             elif "done" in message:
                 child.done = True
                 tally.add(message["done"])
+                if message["done"]["stopped"] and not stopping:
+                    tally.lost.append(f"shard {children.index(child)} was stopped")
 
     async def watch(child: _Child) -> None:
         proc = child.proc
@@ -289,9 +292,12 @@ async def run(argv: Sequence[str], processes: int, progress: Progress) -> Tally:
         )
         await proc.wait()
         _LIVE.discard(proc.pid)
-        if not child.done and tally.error is None:
-            tally.lost.append(f"shard {children.index(child)} ended with status {proc.returncode}")
-            stop_all()
+        if not child.done and tally.error is None and not tally.stdout_gone:
+            # The others carry on: a shard's guests are no concern of theirs.
+            tally.lost.append(
+                f"shard {children.index(child)} ended with status {proc.returncode}, its "
+                f"guests not counted after the {child.counts.total():,} it reported ended"
+            )
 
     loop = asyncio.get_running_loop()
     watchers: list[asyncio.Task[None]] = []

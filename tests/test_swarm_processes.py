@@ -167,6 +167,26 @@ def test_a_signal_stops_every_shard_and_the_table_adds_them_up(
     assert gone(shard_pids)
 
 
+def test_a_lost_shard_is_named_and_the_others_carry_on() -> None:
+    swarm, shard_pids = _start(
+        "-n", "4", *TICKER, "--cmdline", "ticks=50 period_ms=100", "--console", "prefix",
+        "--processes", "2",
+    )  # fmt: skip
+    try:
+        first = next(p for p in shard_pids if b"0,2," in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(first, signal.SIGKILL)  # shard 0: guests 0 and 2
+        out, err = swarm.communicate(timeout=LIMIT)
+    finally:
+        swarm.kill()
+    assert swarm.returncode == 1
+    assert err == (
+        "supervisor: shard 0 ended with status -9, its guests not counted after the 0 it "
+        "reported ended\n"
+    )
+    assert row(out)[:3] == ["2", "0", "0"]  # guests 1 and 3 ran to their end
+    assert "ticker-1: done" in out and "ticker-3: done" in out
+
+
 def test_shards_stop_when_their_parent_is_killed() -> None:
     # --console tail: the shards write nothing to their stdout, whose reader goes away
     # too; their stdin reaching EOF is what tells them.
