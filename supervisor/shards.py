@@ -292,7 +292,12 @@ async def run(argv: Sequence[str], processes: int, progress: Progress) -> Tally:
         )
         await proc.wait()
         _LIVE.discard(proc.pid)
-        if not child.done and tally.error is None and not tally.stdout_gone:
+        if child.done:
+            return
+        # What it said last counts (a shard stopped as it started says nothing).
+        tally.launched += child.launched
+        tally.counts.update(child.counts)
+        if tally.error is None and not stopping:
             # The others carry on: a shard's guests are no concern of theirs.
             tally.lost.append(
                 f"shard {children.index(child)} ended with status {proc.returncode}, its "

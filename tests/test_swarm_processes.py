@@ -135,11 +135,11 @@ def _start(*args: str) -> tuple[subprocess.Popen[str], set[int]]:
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
-    seen: set[str] = set()
-    while len(seen) < 2:  # a guest of each shard has ticked
+    shards_seen: set[int] = set()
+    while len(shards_seen) < 2:  # a guest of each shard (even, odd) has ticked
         line = proc.stdout.readline()
         assert line, proc.stderr.read() if proc.stderr else ""
-        seen.add(line.split(":")[0])
+        shards_seen.add(int(line.split(":")[0].rpartition("-")[2]) % 2)
     return proc, children(proc.pid)
 
 
