@@ -5,9 +5,11 @@ takes minutes at the issue's scale; pick N for the machine's load):
 
 * ``tickers N``: ``swarm -n N guests/ticker.img --memory 1M --cmdline "ticks=3
   period_ms=1000"`` with no other flag, in a child process: wall time, the child's
-  CPU (``wait4``), its peak RSS over N and over the most guests alive at once (the
-  swarm's own table), per guest.  Goals at N = 100,000: all finish within 3 minutes,
-  at most 64 KiB peak RSS a guest.
+  CPU (``wait4``: its shard processes' included), its peak RSS over N and over the
+  most guests alive at once (the swarm's own table; by default a swarm of thousands
+  runs in a process per CPU, whose peaks the table adds up), per guest.  Goals at
+  N = 100,000: all finish within 3 minutes, at most 64 KiB peak RSS a guest.
+* ``tickers1 N``: the same in one process (``--processes 1``), to compare.
 * ``idle N``: N guests of 1 MiB halted with no clock event armed (a ticker cannot
   wait longer than the clock event's 4.29 s, so ticks would wake them), in a child
   process: RSS growth per guest (its touched memory included), the Python heap per
@@ -53,10 +55,10 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def tickers(n: int) -> str:
+def tickers(n: int, *flags: str) -> str:
     """Run the flagless swarm of ``n`` tickers in a child; its per-guest figures."""
     argv = [sys.executable, "-m", "supervisor", "swarm", "-n", str(n), str(TICKER),
-            "--memory", "1M", "--cmdline", "ticks=3 period_ms=1000"]  # fmt: skip
+            "--memory", "1M", "--cmdline", "ticks=3 period_ms=1000", *flags]  # fmt: skip
     before = load()
     started = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -65,12 +67,16 @@ def tickers(n: int) -> str:
     _pid, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - started
     cpu = usage.ru_utime + usage.ru_stime
-    peak = usage.ru_maxrss  # KiB
+    # KiB: the largest process's (wait4), or the table's sum over the shards' processes
+    peak = max(usage.ru_maxrss, _cell(out, -2) * 1024)
     finished = _cell(out, 0)
     alive = _cell(out, -3)
+    title = next((line.strip() for line in out.splitlines() if "swarm of" in line), "")
+    processes = title.partition(", in ")[2] or "1 process"
     return (
-        f"tickers n={n}: {finished:,} finished (exit {os.waitstatus_to_exitcode(status)}) "
-        f"in {wall:.1f} s wall; peak RSS {peak / 1024:,.0f} MiB = {peak / n:,.1f} KiB/guest "
+        f"tickers n={n} ({processes}): {finished:,} finished "
+        f"(exit {os.waitstatus_to_exitcode(status)}) in {wall:.1f} s wall; "
+        f"peak RSS {peak / 1024:,.0f} MiB = {peak / n:,.1f} KiB/guest "
         f"({peak / max(1, alive):,.1f} KiB per guest alive, peak alive {alive:,}); "
         f"CPU {cpu:.1f} s = {cpu / n * 1e3:.2f} ms/guest; {before}"
     )
@@ -197,14 +203,19 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["_life"]:
         print(asyncio.run(_life(int(argv[1]))))
         return
-    figures = {"tickers": tickers, "idle": idle, "life": life}
+    figures = {
+        "tickers": tickers,
+        "tickers1": lambda n: tickers(n, "--processes", "1"),
+        "idle": idle,
+        "life": life,
+    }
     pairs = list(zip(argv[::2], argv[1::2], strict=False)) or [
         ("tickers", "5000"),
         ("idle", "5000"),
     ]
     for name, count in pairs:
         if name not in figures:
-            raise SystemExit(f"bench_swarm: unknown figure {name!r} (tickers, idle, life)")
+            raise SystemExit(f"bench_swarm: unknown figure {name!r} ({', '.join(figures)})")
         print(figures[name](int(count)), flush=True)
 
 

@@ -7,7 +7,9 @@ available.  A guest's cost is the resident memory grown over the start divided b
 the guests alive, taken when the most guests were alive (the best-averaged figure;
 memory an ended guest left in the C heap is reused by the next, so the figure at
 the peak is the truest).  The limit is the guests alive plus as many more as
-fit in what the host has available beyond a reserve, at ``SAFETY`` times that cost;
+fit in what the host has available beyond a reserve, at ``SAFETY`` times that cost
+(a swarm's shard, one of ``shares`` processes admitting at once, counts only its
+share of that room);
 it at most doubles from one reading to the next, since guests just launched have
 not touched their memory yet, and it shrinks at once when memory runs short (other
 processes count too).  Nothing here reads a clock: the readings come from
@@ -58,7 +60,8 @@ class Admission:
 
     :meth:`admit` waits for room and counts the guest alive; :meth:`ended` counts one
     out.  ``measure`` gives the readings (default :func:`read_memory`); ``max_alive``,
-    if given, is the limit instead of the measured one.
+    if given, is the limit instead of the measured one; ``shares``: how many processes
+    admit guests into the same host memory at once, this one among them.
     """
 
     __slots__ = (
@@ -69,16 +72,24 @@ class Admission:
         "_measure",
         "_most",
         "_room",
+        "_shares",
         "alive",
         "limit",
         "max_alive",
     )
 
     def __init__(
-        self, measure: Callable[[], Reading] = read_memory, *, max_alive: int | None = None
+        self,
+        measure: Callable[[], Reading] = read_memory,
+        *,
+        max_alive: int | None = None,
+        shares: int = 1,
     ) -> None:
         if max_alive is not None and max_alive < 1:
             raise ValueError(f"max_alive must be at least 1, not {max_alive}")
+        if shares < 1:
+            raise ValueError(f"shares must be at least 1, not {shares}")
+        self._shares = shares
         self._measure = measure
         start = measure()
         self._base = start.rss
@@ -126,7 +137,7 @@ class Admission:
             self._cost = max(FLOOR, (reading.rss - self._base) // self.alive)
         if self._cost == 0 or reading.available <= 0:  # nothing to go by: keep the limit
             return
-        room = max(0, reading.available - self._keep) // (SAFETY * self._cost)
+        room = max(0, reading.available - self._keep) // (SAFETY * self._cost * self._shares)
         self.limit = max(1, min(self.alive + room, 2 * self.limit))
         if self.may_admit():
             self._room.set()

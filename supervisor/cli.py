@@ -23,6 +23,8 @@
     off with status 0, else 1.  Ctrl-C (130) or SIGTERM (143) stops the guests
     and still prints the table; ``--console prefix`` into a closed stdout stops
     them and exits 141.
+    A swarm of thousands runs in a process per CPU (``--processes N``,
+    supervisor.shards), with the same output, table and exit status.
 ``swarm -n N IMAGE --cluster ray`` (or ``local``, ``auto``, ``HOST:PORT``, ``ray://HOST:PORT``)
     The same on Ray workers (supervisor.cluster; ``--workers``,
     ``--checkpoint-every SECONDS``), plus a table row per worker.
@@ -54,6 +56,7 @@ from typing import Any, NoReturn, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import shards
 from .abi import MAX_CPUS
 from .admission import Admission
 from .config import ConfigError, DirGrant, GuestConfig
@@ -127,6 +130,13 @@ def _launch_rate(text: str) -> float:
             f"must be at least {MIN_LAUNCH_RATE:.6f} guests a second (one an hour)"
         )
     return value
+
+
+def _shard(text: str) -> shards.Shard:
+    try:
+        return shards.Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _int_from(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -350,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_from(1),
         help="guests running at once (default: as many as memory holds, measured)",
     )
+    swarm.add_argument(
+        "--processes",
+        type=_int_from(1),
+        metavar="N",
+        help="run the swarm in N processes, an event loop each (default: one per CPU "
+        f"available, at most one per {shards.PER_PROCESS:,} guests; 1 with --deterministic, "
+        "--gdb, --record or --replay)",
+    )
+    swarm.add_argument("--shard", type=_shard, help=argparse.SUPPRESS)
     swarm.add_argument(
         "--launch-rate",
         type=_launch_rate,
@@ -876,6 +895,7 @@ async def run_swarm(
     deterministic: bool = False,
     seed: int | None = None,
     max_engines: int | None = None,
+    shard: shards.Shard | None = None,
 ) -> int:
     """Run ``n`` copies of ``config``; print progress and a summary; return the exit status.
 
@@ -890,6 +910,8 @@ async def run_swarm(
     ``deterministic`` (and ``seed``): every guest is launched before any runs, on one
     virtual clock and a seeded schedule, so the same seed prints the same lines in
     the same order (``max_alive`` and ``launch_rate`` do not apply).
+    ``shard``: run only that shard's guests (:mod:`supervisor.shards`; ``max_alive`` is
+    its share) and report to its pipe instead of printing the tables.
     """
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -902,9 +924,13 @@ async def run_swarm(
         TextColumn("{task.fields[state]}"),
         TimeElapsedColumn(),
         console=err,
-        disable=not sys.stderr.isatty(),
+        disable=shard is not None or not sys.stderr.isatty(),
         transient=True,
     )
+    reporter = shards.Reporter(shard) if shard is not None else None
+    if reporter is not None:
+        shards.stop_when_orphaned()
+    indexes = shard.guests(n) if shard is not None else range(n)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     tails: dict[str, deque[str]] = {}
@@ -936,7 +962,7 @@ async def run_swarm(
     started = time.perf_counter()
     if deterministic:
         max_alive = n  # every guest launched before any runs: they start at virtual 0
-    admission = Admission(max_alive=max_alive)
+    admission = Admission(max_alive=max_alive, shares=1 if shard is None else shard.count)
     launched = 0
     async with Supervisor(
         keep_ended=False, deterministic=deterministic, seed=seed, max_engines=max_engines
@@ -967,6 +993,8 @@ async def run_swarm(
                 totals["cpu"] += stats.run_time
                 rss.ended()
                 progress.advance(bar)
+                if reporter is not None:
+                    reporter.progress(launched, counts)
 
             async def launch_all() -> None:
                 nonlocal launched
@@ -985,7 +1013,7 @@ async def run_swarm(
                     error = None if task.cancelled() else task.exception()
                     if error is not None:
                         failures.append(error)
-                    if ended == n or failures:
+                    if ended == len(indexes) or failures:
                         all_ended.set()
 
                 def on_end(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
@@ -995,7 +1023,7 @@ async def run_swarm(
 
                 start = sim.hold() if sim is not None else None
                 try:
-                    for i in range(n):
+                    for i in indexes:
                         await admission.admit()
                         if launch_rate:
                             delay = started + i / launch_rate - time.perf_counter()
@@ -1014,10 +1042,10 @@ async def run_swarm(
                         guest.when_done(functools.partial(on_end, guest, pumping))
                         launched += 1
                         rss.launched()
-                        show(i + 1)
+                        show(launched)
                     if start is not None:
                         start.release()
-                    if ended < n:
+                    if ended < len(indexes):
                         await all_ended.wait()
                     if failures:
                         raise failures[0]
@@ -1044,12 +1072,29 @@ async def run_swarm(
                 progress.stop()
             elif not interrupted:
                 work.result()  # BadInput from a launch
+            elif not work.cancelled():
+                work.exception()  # (a launch failed as the stop came: the stop is what is said)
         # Leaving the Supervisor kills the guests still running.
         wall = time.perf_counter() - started
         virtual_s = sim.time() if sim is not None else None
     if stdout_gone.is_set():  # the reader went away (swarm ... | head): end quietly
         _drop_stdout()
         return EXIT_STDOUT_CLOSED
+    if reporter is not None:
+        reporter.progress(launched, counts, force=True)
+        for name, lines in tails.items():
+            index = int(name.rpartition("-")[2])
+            reporter.send("tail", [index, name, outcomes.get(name, "-"), list(lines)])
+        done = {
+            "counts": dict(counts), "reasons": dict(reasons), "blocks": int(totals["blocks"]),
+            "cpu": totals["cpu"], "launched": launched, "most_alive": rss.most_alive,
+            "peak": rss.peak, "base": rss.base, "stopped": interrupted,
+        }  # fmt: skip
+        reporter.send("done", done)
+        reporter.close()
+        if interrupted:
+            raise asyncio.CancelledError
+        return 0 if counts["finished"] == len(indexes) else 1
     _summary(
         n, counts, reasons, int(totals["blocks"]), totals["cpu"], wall, rss, config.cpus,
         virtual_s,
@@ -1061,6 +1106,77 @@ async def run_swarm(
     if console == "tail":
         _tails(tails, outcomes)
     return 0 if counts["finished"] == n else 1
+
+
+async def run_sharded_swarm(
+    argv: Sequence[str], n: int, processes: int, console: str, tail_lines: int, cpus: int
+) -> int:
+    """``swarm --processes N`` (N > 1): the swarm ``argv`` in N shard processes
+    (:mod:`supervisor.shards`), with :func:`run_swarm`'s progress, table, output and
+    exit status."""
+    from rich.console import Console as RichConsole
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]swarm"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=RichConsole(file=sys.stderr),
+        disable=not sys.stderr.isatty(),
+        transient=True,
+    )
+    started = time.perf_counter()
+    with progress:
+        bar = progress.add_task("swarm", total=n, state="starting")
+
+        def show(launched: int, counts: Counter[str]) -> None:
+            state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            progress.update(bar, completed=counts.total(), state=f"{launched} launched; {state}")
+
+        tally = await shards.run(argv, processes, show)
+    wall = time.perf_counter() - started
+    if tally.error is not None:
+        raise BadInput(tally.error)
+    if tally.stdout_gone:
+        _drop_stdout()
+        return EXIT_STDOUT_CLOSED
+    for lost in tally.lost:
+        print(f"supervisor: {lost}", file=sys.stderr)
+    memory = tally.memory(_rss_kib("VmHWM"))
+    _summary(n, tally.counts, tally.reasons, tally.blocks, tally.cpu, wall, memory, cpus,
+             processes=processes)  # fmt: skip
+    if tally.stopped:
+        stopped = tally.launched - tally.counts.total()
+        print(
+            f"interrupted: {stopped} guests stopped, {n - tally.launched} never launched",
+            flush=True,
+        )
+        raise asyncio.CancelledError  # the exit status says how it was interrupted
+    if console == "tail":
+        ordered = sorted(tally.tails.items())
+        _tails(
+            {name: deque(lines) for _i, (name, _o, lines) in ordered},
+            {name: outcome for _i, (name, outcome, _l) in ordered},
+        )
+    return 0 if tally.counts["finished"] == n else 1
+
+
+def swarm_processes(args: argparse.Namespace, deterministic: bool) -> int:
+    """How many processes a swarm runs in (:mod:`supervisor.shards`): ``--processes``,
+    or by default one per CPU available for large swarms; one, and no more, for a
+    deterministic swarm (one virtual clock) and one served to gdb."""
+    one_process = "--deterministic, --record or --replay" if deterministic else None
+    if args.gdb is not None:
+        one_process = "--gdb"
+    if args.processes is None:
+        processes = 1 if one_process else shards.default_processes(args.n)
+    elif one_process and args.processes > 1:
+        raise BadInput(f"--processes: a swarm with {one_process} runs in one process")
+    else:
+        processes = min(args.processes, args.n)
+    return min(processes, args.max_alive or processes)
 
 
 def _drop_stdout() -> None:
@@ -1203,16 +1319,19 @@ def _summary(
     blocks: int,
     cpu: float,
     wall: float,
-    rss: _RssMeter | None = None,
+    rss: _RssMeter | shards.Memory | None = None,
     cpus: int = 1,
     virtual_s: float | None = None,
+    processes: int = 1,
 ) -> None:
     """The swarm's table; ``cpu time`` sums every CPU of every guest.  ``virtual_s``: a
-    deterministic swarm's virtual time (its blocks are counted)."""
+    deterministic swarm's virtual time (its blocks are counted).  ``processes``: the
+    swarm ran in that many (its peak RSS adds theirs up)."""
     from rich.console import Console as RichConsole
     from rich.table import Table
 
-    table = Table(title=f"swarm of {n}" + (f", {cpus} CPUs each" if cpus > 1 else ""))
+    title = f"swarm of {n}" + (f", {cpus} CPUs each" if cpus > 1 else "")
+    table = Table(title=title + (f", in {processes} processes" if processes > 1 else ""))
     columns = ["finished", "failed", "died"]
     row = [str(counts["finished"]), str(counts["failed"]), str(counts["died"])]
     from . import _slicing
@@ -1315,12 +1434,15 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
-def run_coroutine(coro: Coroutine[Any, Any, int], loop: str = "asyncio") -> int:
+def run_coroutine(
+    coro: Coroutine[Any, Any, int], loop: str = "asyncio", quiet: bool = False
+) -> int:
     """Run a command's coroutine on a fresh ``loop``; return its exit status.
 
     The first Ctrl-C or SIGTERM cancels it (guests are killed, files closed, a swarm
     prints its table); then the process exits 130 (Ctrl-C) or 143 (SIGTERM).  A second
     one ends the process at once with that status, whatever is still running.
+    ``quiet``: say nothing on stderr when stopped (a swarm's shard: its parent says it).
     """
     signals = _Signals()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1330,7 +1452,8 @@ def run_coroutine(coro: Coroutine[Any, Any, int], loop: str = "asyncio") -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         if not signals.terminated:
             raise
-        print("supervisor: terminated", file=sys.stderr)
+        if not quiet:
+            print("supervisor: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     finally:
         if threading.current_thread() is threading.main_thread():
@@ -1378,6 +1501,7 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
     """The second Ctrl-C (or SIGTERM): no more cleanup (block writes are already synced
     per request)."""
     terminated = signum == signal.SIGTERM
+    shards.kill_all()
     with contextlib.suppress(OSError):
         os.write(2, b"supervisor: terminated\n" if terminated else b"supervisor: interrupted\n")
     os._exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
@@ -1385,6 +1509,7 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the command, return the exit status (never raises for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # argparse has printed its line (or the help)
@@ -1453,18 +1578,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cluster is not None:
                 if engines:
                     raise BadInput("--max-engines is for one device: not with --cluster")
+                if args.processes is not None:
+                    raise BadInput("--processes is for a swarm on this machine "
+                                   "(--workers with --cluster)")  # fmt: skip
                 if args.console != "none":
                     raise BadInput("--console is not supported with --cluster")
                 coro = run_cluster_swarm(config, args.n, args)
             elif args.workers is not None or args.checkpoint_every is not None:
                 raise BadInput("--workers and --checkpoint-every need --cluster")
+            elif args.shard is not None:
+                max_alive = args.max_alive
+                if max_alive is not None:
+                    max_alive = shards.share(max_alive, args.shard.index, args.shard.count)
+                coro = run_swarm(
+                    config, args.n, None, 0, args.console, args.tail_lines, max_alive,
+                    args.launch_rate, shard=args.shard, **engines,
+                )  # fmt: skip
+            elif (processes := swarm_processes(args, deterministic)) > 1:
+                argv += ["--processes", "1"]
+                coro = run_sharded_swarm(
+                    argv, args.n, processes, args.console, args.tail_lines, config.cpus
+                )
             else:
                 coro = run_swarm(
                     config, args.n, args.gdb, args.gdb_guest, args.console, args.tail_lines,
                     args.max_alive, args.launch_rate, **determinism, **engines,
                 )  # fmt: skip
-        return run_coroutine(coro, args.loop)
+        return run_coroutine(coro, args.loop, quiet=args.command == "swarm" and bool(args.shard))
     except (BadInput, ConfigError) as exc:
+        if args.command == "swarm" and args.shard is not None:  # the parent says it once
+            shards.Reporter(args.shard).send("error", str(exc))
+            return EXIT_BAD_INPUT
         print(f"supervisor: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
