@@ -30,6 +30,11 @@ _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
+def map_count_limit() -> int:
+    """The host's limit of mappings per process (``vm.max_map_count``)."""
+    return _map_count_limit()
+
+
 def _map_count_limit() -> int:
     try:
         with open("/proc/sys/vm/max_map_count") as limit:
@@ -93,19 +98,36 @@ def _blob_out(blob: bytes) -> None:
             del _blobs[blob]
 
 
-def _pagemap(address: int, pages: int) -> array[int] | None:
-    """The pagemap entries of ``pages`` pages from ``address``; None where the host has
-    no pagemap (then nothing is packed)."""
-    entries = array("Q")
+_pagemap_fd: int | None = None
+# A page's pagemap entry's top byte -> 1 if the memory holds the page itself (present
+# and not the template's, or swapped out), else 0.
+_HELD = bytes(
+    1 if top & (_PM_SWAPPED >> 56) or (top & (_PM_PRESENT >> 56) and not top & (_PM_FILE >> 56))
+    else 0
+    for top in range(256)
+)  # fmt: skip
+
+
+def _held_pages(address: int, pages: int) -> list[int] | None:
+    """Which of ``pages`` pages from ``address`` the process holds privately (written
+    pages of a template's mapping, touched anonymous ones), from ``/proc/self/pagemap``;
+    None where the host has none (then nothing is packed)."""
+    global _pagemap_fd
     try:
-        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-            raw = os.pread(pagemap.fileno(), 8 * pages, 8 * (address // PAGE_SIZE))
+        if _pagemap_fd is None:
+            _pagemap_fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        raw = os.pread(_pagemap_fd, 8 * pages, 8 * (address // PAGE_SIZE))
     except OSError:
         return None
     if len(raw) != 8 * pages:
         return None
-    entries.frombytes(raw)
-    return entries
+    held = raw[7::8].translate(_HELD)  # (little-endian: each entry's flags byte)
+    found = []
+    n = held.find(1)
+    while n >= 0:
+        found.append(n)
+        n = held.find(1, n + 1)
+    return found
 
 
 def _map_fixed(address: int, size: int, flags: int, fd: int) -> None:
@@ -323,17 +345,14 @@ class GuestMemory:
         """
         if self._view is None or self._packed is not None or self._pins:
             return False
-        pages = self._size // PAGE_SIZE
-        entries = _pagemap(self._address, pages)
-        if entries is None:
+        held = _held_pages(self._address, self._size // PAGE_SIZE)
+        if held is None:
             return False
         template = self._template
         view = self._view
         numbers = array("I")
         kept = []
-        for n, entry in enumerate(entries):
-            if not entry & _PM_SWAPPED and (not entry & _PM_PRESENT or entry & _PM_FILE):
-                continue  # never written: the template's page (or a zero page)
+        for n in held:  # (the others were never written: the template's pages, or zeros)
             page = view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
             if page == (_ZERO_PAGE if template is None else template._page(n)):
                 continue
