@@ -7,14 +7,17 @@ import asyncio
 import math
 import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 from guestasm import HALT_COUNTER, Booted, assemble, initialize_words, load, until
+from slotrequests import Requests, slot_at_1m
 from test_packed_registers import resting_worker
 from test_state import WORKER, comparable
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, memory
+from supervisor.launcher import files
 from supervisor.memory import GuestMemory, MemoryTemplate
 from supervisor.snapshot import Snapshot
 
@@ -214,3 +217,41 @@ async def test_an_engine_taken_for_a_packed_guest_sees_its_memory(
         with pytest.raises(OSError):
             await reader
         g.memory.close()
+
+
+async def test_a_file_read_on_a_thread_keeps_the_memory_from_packing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest waits (its CPU idle) while its read fills guest RAM on a worker thread:
+    packing then would lose what the thread writes, so the read pins the memory."""
+    entered, release = threading.Event(), threading.Event()
+    real_read = files._read
+
+    def slow_read(fd: int, view: memoryview, offset: int | None) -> int:
+        entered.set()
+        release.wait()
+        return real_read(fd, view, offset)
+
+    monkeypatch.setattr(files, "_read", slow_read)
+    monkeypatch.setattr(files, "_read_cached", lambda fd, view, offset: 0)
+    (tmp_path / "x").write_bytes(b"0123456789")
+    mem = GuestMemory((1 << 20) + PAGE)
+    dev = files.FilesDevice([files.Grant(tmp_path, "/d")])
+    await dev.start()
+    try:
+        slot = slot_at_1m(mem)
+        dev.attach(slot)
+        request = Requests(dev, slot)
+        mem.write(0x1000, b"/d/x")
+        assert await request(files.OP_OPENAT, files.AT_FDCWD & 0xFFFFFFFF, 0x1000, 4, 0, 0) == 3
+        reading = asyncio.create_task(request(files.OP_READ, 3, 0x2000, 10))
+        await asyncio.to_thread(entered.wait)
+        assert not mem.pack()  # pinned while the thread holds its view
+        release.set()
+        assert await reading == 10
+        assert mem.pack()  # (and once it is done, nothing holds it)
+        assert mem.read(0x2000, 10) == b"0123456789"
+    finally:
+        release.set()
+        await dev.stop()
+        mem.close()
