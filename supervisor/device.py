@@ -446,7 +446,7 @@ class LguestFile:
                 self._memory.unwatch(self._host_wrote)
                 for cpu in lg.cpus:
                     cpu.close()
-                lg.ram.release()
+                lg.release_ram()
         finally:
             if self._lg is not None:
                 self._device._count(self._lg.limit, -1)

@@ -80,6 +80,13 @@ class Lguest:
             if self.memory is not None:
                 self.memory.unpack()
 
+    def release_ram(self) -> None:
+        """Let go of ``ram`` (the guest is closing); a packed memory stays packed, so
+        closing an idle guest costs no unpacking (its Launcher may still read it)."""
+        if self.memory_packed:
+            self.__class__ = Lguest
+        self.ram.release()
+
     def saved_values(self) -> dict[str, Any]:
         """The saved fields by name (their part of a GuestState)."""
         return {name: getattr(self, name) for name in _SAVED}

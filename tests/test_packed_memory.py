@@ -202,6 +202,21 @@ async def test_a_packed_guest_takes_console_input_snapshots_and_dies_exactly(
         assert (await fork.wait()).exit_status == 0
 
 
+async def test_closing_a_packed_guest_leaves_its_memory_packed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    async with LguestDevice(engines="pool") as dev:
+        g, reader = await _sleeper(dev)
+        await until(lambda: g.memory.packed, LIMIT)
+        await g.file.close()  # (a kill): no unpacking on the way out
+        with pytest.raises(OSError):
+            await reader
+        assert g.memory.packed
+        assert g.u32("hits") == 0  # and still every byte there for whoever reads it
+        g.memory.close()
+
+
 async def test_an_engine_taken_for_a_packed_guest_sees_its_memory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
