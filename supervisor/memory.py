@@ -454,6 +454,8 @@ class GuestMemory:
         view = self._view
         if view is None:
             raise ValueError("guest memory is closed")
+        if self._packed is not None:
+            self.unpack()
         view[addr : addr + n] = data
         if self._watchers:
             for callback in list(self._watchers):
