@@ -12,10 +12,13 @@ takes minutes at the issue's scale; pick N for the machine's load):
 * ``tickers1 N``: the same in one process (``--processes 1``), to compare.
 * ``idle N``: N guests of 1 MiB halted with no clock event armed (a ticker cannot
   wait longer than the clock event's 4.29 s, so ticks would wake them), in a child
-  process: RSS growth per guest (its touched memory included), the Python heap per
-  guest (``tracemalloc``, over up to 1,000 more guests launched after the RSS is
-  read), gc-tracked objects and asyncio tasks per guest, and the
-  CPU the process spends while they all wait (share of one core).  Goal at
+  process, measured once every guest's memory is packed (or ``SETTLE`` has passed):
+  RSS growth per guest (its touched memory included), the Python heap per guest
+  (``tracemalloc``, over up to 1,000 more guests launched after the RSS is read),
+  gc-tracked objects and asyncio tasks per guest, how many memories are packed (every
+  idle guest's should be) and the process's memory mappings per guest, and the CPU the
+  process spends while they all wait (share of one core); then the RSS and the
+  mappings 1,000,000 such guests would take at the same cost each.  Goal at
   N = 1,000,000: at most 16 KiB a guest and 1% of a core.
 
 * ``life N``: N tickers (the same command line, console ``null``) launched at once
@@ -40,7 +43,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from supervisor import GuestConfig, Supervisor, hibernation, testing
+from supervisor import GuestConfig, Supervisor, hibernation, memory, testing
 from supervisor.host import Guest
 
 from .guests import assemble
@@ -49,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TICKER = ROOT / "guests" / "ticker.img"
 WAIT = 2.0  # seconds the idle guests are watched while they wait
 TRACED = 1000  # idle guests whose Python heap is traced (after the RSS is measured)
+MILLION = 1_000_000
+SETTLE = 60.0  # seconds idle guests may take to have their memories packed
 
 
 def load() -> str:
@@ -100,10 +105,13 @@ async def _idle(n: int) -> str:
         await asyncio.sleep(1)
         gc.collect()
         rss0, objects0, tasks0 = _rss(), len(gc.get_objects()), len(asyncio.all_tasks())
+        maps0 = _mappings()
         await _launch_idle(sup, config, guests, n)
         rss = _rss() - rss0
         objects = len(gc.get_objects()) - objects0
         tasks = len(asyncio.all_tasks()) - tasks0
+        packed = memory.packed_memories()
+        mappings = _mappings() - maps0
         cpu0, wall0 = time.process_time(), time.perf_counter()
         await asyncio.sleep(WAIT)
         share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
@@ -118,8 +126,11 @@ async def _idle(n: int) -> str:
         return (
             f"idle n={n}: RSS {rss / n / 1024:,.1f} KiB/guest, Python heap "
             f"{heap / traced / 1024:,.1f} KiB/guest ({traced:,} traced), {objects / n:.0f} gc "
-            f"objects and {tasks / n:.2f} tasks a guest; {share:.1%} of a core while they "
-            f"wait; {load()}"
+            f"objects and {tasks / n:.2f} tasks a guest; {packed:,} memories packed, "
+            f"{mappings / n:.3f} mappings a guest; {share:.1%} of a core while they wait; "
+            f"at 1,000,000 (linear): {rss / n * MILLION / 2**30:,.1f} GiB, "
+            f"{mappings / n * MILLION:,.0f} more mappings (vm.max_map_count "
+            f"{memory.map_count_limit():,}); {load()}"
         )
 
 
@@ -131,8 +142,20 @@ async def _launch_idle(sup: Supervisor, config: GuestConfig, guests: list[Guest]
     # (The stats are counters, with nothing to wait on.)
     while sum(g.stats.interrupts >= 1 for g in guests) < len(guests):  # noqa: ASYNC110
         await asyncio.sleep(0.2)
-    await asyncio.sleep(1 + hibernation.PACK_AFTER + hibernation.PACK_TRIM_EVERY)
+    await asyncio.sleep(1 + hibernation.PACK_AFTER)
+    # Every memory packed (on a loaded machine the dormitory's timer runs late), up to
+    # a bound: the figure then says how many were.
+    settled = time.monotonic() + SETTLE
+    while memory.packed_memories() < len(guests) and time.monotonic() < settled:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(hibernation.PACK_TRIM_EVERY)
     gc.collect()
+
+
+def _mappings() -> int:
+    """The process's memory mappings now (each counts against ``vm.max_map_count``)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
 
 
 def _rss() -> int:

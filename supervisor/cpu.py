@@ -536,6 +536,7 @@ class LgCpu:
         frozen = engine.frozen
         if frozen is None or engine.released:
             return None
+        self.lg.unpack_memory()  # an engine maps the memory by address, not through ram
         started = time.thread_time()
         if engine.pool is None:
             uc = _new_uc(self.lg, engine.host_address, engine.tcg_buffer)

@@ -446,7 +446,7 @@ class LguestFile:
                 self._memory.unwatch(self._host_wrote)
                 for cpu in lg.cpus:
                     cpu.close()
-                lg.ram.release()
+                lg.release_ram()
         finally:
             if self._lg is not None:
                 self._device._count(self._lg.limit, -1)
@@ -654,7 +654,9 @@ class LguestFile:
         if not self._device._admit(state.limit):
             raise _error(errno.ENOMEM)
         first = state.base
-        lg = Lguest(ram=mem.view[first : first + state.limit], pfn_limit=state.pfn_limit)
+        lg = Lguest(
+            ram=mem.view[first : first + state.limit], pfn_limit=state.pfn_limit, memory=mem
+        )
         lg.restore(state)
         lg.virtual = sim = self._device.virtual
         try:
@@ -743,7 +745,9 @@ class LguestFile:
                 raise _error(errno.EINVAL)
             if not device._admit(limit):
                 raise _error(errno.ENOMEM)
-            lg = Lguest(ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir)
+            lg = Lguest(
+                ram=mem.view[first : first + limit], pfn_limit=pfn_limit, pgdir=pgdir, memory=mem
+            )
             lg.virtual = sim = device.virtual
             try:
                 for n in range(ncpus):

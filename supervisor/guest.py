@@ -21,6 +21,7 @@ from .state import Exit
 
 if TYPE_CHECKING:
     from .cpu import LgCpu
+    from .memory import GuestMemory
     from .virtual import Simulation
 
 _U32 = struct.Struct("<I")
@@ -49,6 +50,42 @@ class Lguest:
     # Deterministic mode: the device's virtual clock and schedule (supervisor.virtual),
     # set at INITIALIZE (or revival) before the CPUs are made; None otherwise.
     virtual: Simulation | None = host_only(default=None)
+    # The Launcher's memory that ``ram`` is a window of (None: never packed).
+    memory: GuestMemory | None = host_only(default=None)
+
+    # -- packed memory: an idle guest's pages as a few bytes --------------------------------
+    def pack_memory(self) -> bool:
+        """Pack the guest's memory (:meth:`GuestMemory.pack`) if every CPU keeps its
+        registers packed (no emulator, no slice: nothing but the Host can touch it);
+        True if it packed.  Until :meth:`unpack_memory`, the first read of :attr:`ram`
+        unpacks it: every Host access goes through ``ram``, so none can see the
+        released pages, and the guest costs nothing for that check while unpacked."""
+        memory = self.memory
+        if memory is None or not self.cpus or type(self) is not Lguest:
+            return False
+        if not all(cpu.engine.packed for cpu in self.cpus) or not memory.pack():
+            return False
+        self.__class__ = _PackedLguest
+        return True
+
+    @property
+    def memory_packed(self) -> bool:
+        return type(self) is _PackedLguest
+
+    def unpack_memory(self) -> None:
+        """Put the memory back (no effect unless packed); before anything reaches it by
+        another way than ``ram`` (an emulator, which maps it by address)."""
+        if self.memory_packed:
+            self.__class__ = Lguest
+            if self.memory is not None:
+                self.memory.unpack()
+
+    def release_ram(self) -> None:
+        """Let go of ``ram`` (the guest is closing); a packed memory stays packed, so
+        closing an idle guest costs no unpacking (its Launcher may still read it)."""
+        if self.memory_packed:
+            self.__class__ = Lguest
+        self.ram.release()
 
     def saved_values(self) -> dict[str, Any]:
         """The saved fields by name (their part of a GuestState)."""
@@ -119,6 +156,21 @@ class Lguest:
         end = min(addr + limit, self.limit)
         raw = bytes(self.ram[addr:end])
         return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+class _PackedLguest(Lguest):
+    """An :class:`Lguest` whose memory is packed: reading ``ram`` unpacks it and turns
+    the guest back into a plain :class:`Lguest` (no check on the hot path)."""
+
+    @property
+    def ram(self) -> memoryview:
+        self.unpack_memory()
+        return self.ram
+
+    @ram.setter
+    def ram(self, value: memoryview) -> None:
+        self.unpack_memory()
+        self.ram = value
 
 
 _SAVED = saved_fields(Lguest)

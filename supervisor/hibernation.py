@@ -55,6 +55,14 @@ device, one entry per CPU (``Engine.pack_queued``) and at most one timer: each e
 remembers which bytes it was queued for, so a CPU that ran meanwhile is queued again
 rather than packed early.
 
+Packed memory: when the last of a guest's CPUs has its registers packed, nothing but the
+Host can touch the guest's memory, so it is packed too (:meth:`Lguest.pack_memory`,
+:meth:`GuestMemory.pack`): the pages that differ from its template, deflated (guests
+that wrote the same bytes share one copy), and its RAM and its template's mapping given
+back to the host kernel.  The first access puts every byte back: ``Lguest.ram`` (every
+Host access), :attr:`GuestMemory.view` (the Launcher, snapshots) or an engine taken
+for one of its CPUs (``dormitory.memory_packs`` counts the packs).
+
 A wake is paid by the guest that wakes.  Taking a new emulator, running the
 guest on it until it sleeps again (its code translated afresh), giving it back
 and making instances ahead happen on the event loop, whose thread the kernel
@@ -152,6 +160,7 @@ class Dormitory:
         "_trim",
         "deferred",
         "lazy_kept",
+        "memory_packs",
         "packs",
         "trims",
     )
@@ -177,6 +186,7 @@ class Dormitory:
         self._packing: deque[tuple[float, weakref.ref[LgCpu], int]] = deque()
         self._pack_timer: asyncio.TimerHandle | None = None
         self.packs = 0  # CPUs' registers packed
+        self.memory_packs = 0  # guests' memories packed (their CPUs' registers all were)
         self._packed = 0  # packs since memory was last given back
         self._last_trim = -math.inf  # loop time of the last malloc_trim
         self.trims = 0  # times memory was given back to the system
@@ -467,6 +477,8 @@ class Dormitory:
                 again.append(cpu)  # the bytes of a later sleep: not yet PACK_AFTER old
             elif cpu.pack_registers():
                 self.packs += 1
+                if cpu.lg.pack_memory():
+                    self.memory_packs += 1
         for cpu in again:
             self._pack_later(cpu)
         if packing and self._pack_timer is None:

@@ -13,6 +13,8 @@ import fcntl
 import mmap
 import os
 import weakref
+import zlib
+from array import array
 from collections.abc import Callable
 
 from .abi import PAGE_SIZE
@@ -26,6 +28,11 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FIXED = 0x10  # Linux, every architecture this runs on
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def map_count_limit() -> int:
+    """The host's limit of mappings per process (``vm.max_map_count``)."""
+    return _map_count_limit()
 
 
 def _map_count_limit() -> int:
@@ -47,6 +54,80 @@ _shared_live = 0
 def shared_memories() -> int:
     """How many memories map a template now (see ``SHARED_LIMIT``)."""
     return _shared_live
+
+
+# /proc/self/pagemap: one 64-bit entry per page of the process (Linux's
+# Documentation/admin-guide/mm/pagemap.rst); the flags need no privilege.
+_PM_PRESENT = 1 << 63
+_PM_SWAPPED = 1 << 62
+_PM_FILE = 1 << 61  # a page of a file (a template's page) or shared anonymous memory
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+# Packed pages by their bytes: memories that packed the same pages share one copy
+# (idle guests of one image mostly wrote the same pages).  Each entry counts its users.
+_blobs: dict[bytes, list[bytes | int]] = {}
+
+
+_packed_live = 0
+
+
+def packed_memories() -> int:
+    """How many memories are packed now (:meth:`GuestMemory.pack`)."""
+    return _packed_live
+
+
+def shared_blobs() -> int:
+    """How many distinct packed page sets are held (see :meth:`GuestMemory.pack`)."""
+    return len(_blobs)
+
+
+def _blob_in(blob: bytes) -> bytes:
+    entry = _blobs.get(blob)
+    if entry is None:
+        _blobs[blob] = [blob, 1]
+        return blob
+    entry[1] = int(entry[1]) + 1
+    return bytes(entry[0])
+
+
+def _blob_out(blob: bytes) -> None:
+    entry = _blobs.get(blob)
+    if entry is not None:
+        entry[1] = int(entry[1]) - 1
+        if not entry[1]:
+            del _blobs[blob]
+
+
+_pagemap_fd: int | None = None
+# A page's pagemap entry's top byte -> 1 if the memory holds the page itself (present
+# and not the template's, or swapped out), else 0.
+_HELD = bytes(
+    1 if top & (_PM_SWAPPED >> 56) or (top & (_PM_PRESENT >> 56) and not top & (_PM_FILE >> 56))
+    else 0
+    for top in range(256)
+)  # fmt: skip
+
+
+def _held_pages(address: int, pages: int) -> list[int] | None:
+    """Which of ``pages`` pages from ``address`` the process holds privately (written
+    pages of a template's mapping, touched anonymous ones), from ``/proc/self/pagemap``;
+    None where the host has none (then nothing is packed)."""
+    global _pagemap_fd
+    try:
+        if _pagemap_fd is None:
+            _pagemap_fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        raw = os.pread(_pagemap_fd, 8 * pages, 8 * (address // PAGE_SIZE))
+    except OSError:
+        return None
+    if len(raw) != 8 * pages:
+        return None
+    held = raw[7::8].translate(_HELD)  # (little-endian: each entry's flags byte)
+    found = []
+    n = held.find(1)
+    while n >= 0:
+        found.append(n)
+        n = held.find(1, n + 1)
+    return found
 
 
 def _map_fixed(address: int, size: int, flags: int, fd: int) -> None:
@@ -83,7 +164,11 @@ class MemoryTemplate:
         except BaseException:
             os.close(fd)
             raise
-        self._fd: int | None = fd
+        self._fd: int = fd
+        self._closed = False
+        # Packed memories that map the template again when they unpack: the memfd stays
+        # open for them after close().
+        self._users = 0
         self._size = size
         self._finalizer = weakref.finalize(self, os.close, fd)
 
@@ -93,13 +178,25 @@ class MemoryTemplate:
 
     @property
     def closed(self) -> bool:
-        return self._fd is None
+        return self._closed
 
     def fileno(self) -> int:
         """The sealed memfd (``ValueError`` once closed)."""
-        if self._fd is None:
+        if self._closed:
             raise ValueError("memory template is closed")
         return self._fd
+
+    def _use(self) -> None:
+        self._users += 1
+
+    def _unuse(self) -> None:
+        self._users -= 1
+        if self._closed and not self._users:
+            self._finalizer()
+
+    def _page(self, index: int) -> bytes:
+        """The template's page ``index`` (to a packing memory that uses it)."""
+        return os.pread(self._fd, PAGE_SIZE, index * PAGE_SIZE)
 
     def map_at(self, address: int) -> None:
         """Map the template privately over ``[address, address + size)``; ``OSError``
@@ -108,7 +205,9 @@ class MemoryTemplate:
 
     def copy_into(self, view: memoryview) -> None:
         """Copy every written run of the template into ``view`` (assumed zeroed)."""
-        fd = self.fileno()
+        self._copy(view, self.fileno())
+
+    def _copy(self, view: memoryview, fd: int) -> None:
         offset = 0
         while offset < self._size:
             try:
@@ -124,9 +223,10 @@ class MemoryTemplate:
 
     def close(self) -> None:
         """Let the template go (memories made from it keep their pages)."""
-        if self._fd is not None:
-            self._fd = None
-            self._finalizer()
+        if not self._closed:
+            self._closed = True
+            if not self._users:
+                self._finalizer()
 
     def __repr__(self) -> str:
         return f"<MemoryTemplate {self._size:#x} bytes{' closed' if self.closed else ''}>"
@@ -149,7 +249,10 @@ class GuestMemory:
     another mapping.
     """
 
-    __slots__ = ("__weakref__", "_address", "_map", "_shared", "_size", "_view", "_watchers")
+    __slots__ = (
+        "__weakref__", "_address", "_map", "_packed", "_pins", "_shared", "_size",
+        "_template", "_view", "_watchers",
+    )  # fmt: skip
 
     def __init__(self, size: int, template: MemoryTemplate | None = None) -> None:
         if not isinstance(size, int) or size <= 0:
@@ -164,6 +267,9 @@ class GuestMemory:
         self._size = size
         self._watchers: list[Callable[[int, int], None]] = []
         self._shared = False
+        self._template: MemoryTemplate | None = None  # what unwritten pages hold
+        self._packed: tuple[bytes, bytes] | None = None  # (page numbers, their bytes)
+        self._pins = 0
         if template is not None:
             self._start_from(template)
 
@@ -171,16 +277,24 @@ class GuestMemory:
         if template.size != self._size:
             self.close()
             raise ValueError(f"template of {template.size:#x} bytes for memory of {self._size:#x}")
+        template.fileno()  # raises once closed
+        template._use()
+        self._template = template
+        self._map_template(template)
+
+    def _map_template(self, template: MemoryTemplate) -> None:
+        """Make the memory the template's contents: its private mapping, or a copy."""
         global _shared_live
         if _shared_live < SHARED_LIMIT:
             try:
-                template.map_at(self._address)
+                _map_fixed(self._address, self._size, mmap.MAP_PRIVATE, template._fd)
                 self._shared = True
                 _shared_live += 1
                 return
             except OSError:  # out of mappings after all: the same bytes, unshared
                 pass
-        template.copy_into(self.view)
+        with memoryview(self._map) as view:
+            template._copy(view, template._fd)
 
     def _unshared(self) -> None:
         global _shared_live
@@ -188,20 +302,117 @@ class GuestMemory:
             self._shared = False
             _shared_live -= 1
 
+    def _forget_template(self) -> None:
+        template, self._template = self._template, None
+        if template is not None:
+            template._unuse()
+
     @property
     def shared(self) -> bool:
         """True while the memory is a private mapping of a template (copy-on-write)."""
         return self._shared
 
+    # -- packed: an idle guest's memory as a few bytes ------------------------------------
+    @property
+    def packed(self) -> bool:
+        """True while the memory holds its written pages packed and no RAM (:meth:`pack`)."""
+        return self._packed is not None
+
+    @property
+    def packed_size(self) -> int:
+        """Bytes the packed pages take (0 unless :attr:`packed`; shared ones counted whole)."""
+        return 0 if self._packed is None else len(self._packed[1])
+
+    def pin(self) -> None:
+        """Keep the memory from being packed while someone holds a view of it across a
+        wait (a file read into guest RAM on a thread); :meth:`unpin` when done."""
+        self.view  # unpacks, raises once closed  # noqa: B018
+        self._pins += 1
+
+    def unpin(self) -> None:
+        self._pins -= 1
+
+    def pack(self) -> bool:
+        """Keep only the pages that differ from where the memory started (its template's
+        pages, or zeros), deflated, and give every page back to the host kernel: the
+        mapping of the template goes too, so its pages stop counting in the process's
+        RSS and in its mappings.  True if it packed.
+
+        The memory's address stays reserved (anonymous, untouched) and the first use
+        of :attr:`view` (or :meth:`unpack`) puts every byte back where it was.  Refused
+        while pinned, packed or closed.  Whoever holds a pointer into the memory (an
+        emulator, ``Lguest.ram``) must unpack it before using it.
+        """
+        if self._view is None or self._packed is not None or self._pins:
+            return False
+        held = _held_pages(self._address, self._size // PAGE_SIZE)
+        if held is None:
+            return False
+        template = self._template
+        view = self._view
+        numbers = array("I")
+        kept = []
+        for n in held:  # (the others were never written: the template's pages, or zeros)
+            page = view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
+            if page == (_ZERO_PAGE if template is None else template._page(n)):
+                continue
+            numbers.append(n)
+            kept.append(bytes(page))
+        blob = _blob_in(zlib.compress(b"".join(kept), 1))
+        self._set_packed((numbers.tobytes(), blob))
+        try:
+            _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
+        except OSError:  # the kernel refused: put it back as it was, exactly
+            self.unpack()
+            return False
+        self._unshared()
+        return True
+
+    def unpack(self) -> None:
+        """Put back every byte of a packed memory (no effect unless :attr:`packed`)."""
+        packed = self._packed
+        if packed is None:
+            return
+        self._set_packed(None)
+        numbers_raw, blob = packed
+        if self._template is not None:
+            self._unshared()
+            self._map_template(self._template)
+        else:
+            try:
+                _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
+            except OSError:
+                ctypes.memset(self._address, 0, self._size)
+        numbers = array("I")
+        numbers.frombytes(numbers_raw)
+        data = zlib.decompress(blob)
+        _blob_out(blob)
+        for i, n in enumerate(numbers):
+            ctypes.memmove(self._address + n * PAGE_SIZE,
+                           data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], PAGE_SIZE)  # fmt: skip
+
+    def _set_packed(self, packed: tuple[bytes, bytes] | None) -> None:
+        global _packed_live
+        _packed_live += (packed is not None) - (self._packed is not None)
+        self._packed = packed
+
+    def _drop_packed(self) -> None:
+        if self._packed is not None:
+            _blob_out(self._packed[1])
+            self._set_packed(None)
+
     def clear(self) -> None:
         """Zero the whole memory, giving its pages back to the host kernel (a template's
         mapping included: the memory is plain anonymous memory afterwards)."""
-        self.view  # raises once closed  # noqa: B018
+        if self._view is None:
+            raise ValueError("guest memory is closed")
+        self._drop_packed()
         try:
             _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
         except OSError:  # out of memory for the kernel's bookkeeping: write the zeros
             ctypes.memset(self._address, 0, self._size)
         self._unshared()
+        self._forget_template()
 
     @property
     def address(self) -> int:
@@ -214,9 +425,12 @@ class GuestMemory:
 
     @property
     def view(self) -> memoryview:
-        """A writable memoryview of the whole block (raises ``ValueError`` once closed)."""
+        """A writable memoryview of the whole block (raises ``ValueError`` once closed);
+        a packed memory is unpacked first."""
         if self._view is None:
             raise ValueError("guest memory is closed")
+        if self._packed is not None:
+            self.unpack()
         return self._view
 
     @property
@@ -240,6 +454,8 @@ class GuestMemory:
         view = self._view
         if view is None:
             raise ValueError("guest memory is closed")
+        if self._packed is not None:
+            self.unpack()
         view[addr : addr + n] = data
         if self._watchers:
             for callback in list(self._watchers):
@@ -271,6 +487,8 @@ class GuestMemory:
         self._view = None
         self._map.close()
         self._unshared()
+        self._drop_packed()
+        self._forget_template()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"at {self._address:#x}"

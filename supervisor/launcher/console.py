@@ -101,7 +101,9 @@ class LineStream:
         if max_bytes < self.LINE_COST:
             raise ValueError(f"max_bytes must be at least {self.LINE_COST}")
         # maxlen=0 keeps no line: every such stream shares one deque that holds none.
-        self._lines: deque[bytes] = deque() if maxlen != 0 else _KEEP_NONE
+        # A stream's own deque comes with its first line (an idle guest's stderr never
+        # has one); until then, and for ever with maxlen=0, the shared empty one.
+        self._lines: deque[bytes] = _KEEP_NONE
         self._maxlen = maxlen
         self.max_bytes = max_bytes
         self._held = 0  # bytes in _lines and _partial
@@ -182,6 +184,8 @@ class LineStream:
 
     def _extend(self, lines: list[bytes], newlines: int = 0) -> None:
         """Append complete lines whose text (plus ``newlines`` dropped) is already held."""
+        if self._lines is _KEEP_NONE and self._maxlen != 0:
+            self._lines = deque()
         self._lines.extend(lines)
         self._held += len(lines) * self.LINE_COST - newlines
         if self._maxlen is not None:

@@ -970,8 +970,9 @@ class FilesDevice(Device):
         if offset is not None and offset < 0:
             raise _GuestError(errno.EINVAL)
         view = self._buffer(slot, addr, length)
-        host = await self._host_fd(d)
+        slot.memory.pin()  # the view outlives waits: the memory must not be packed meanwhile
         try:
+            host = await self._host_fd(d)
             if write:
                 return await self._blocking(_write, host, view, offset)
             n = _read_cached(host, view, offset)  # what the page cache has, without waiting
@@ -985,6 +986,7 @@ class FilesDevice(Device):
                     rest.release()
         finally:
             view.release()
+            slot.memory.unpin()
         if n:
             slot.memory.written(addr, n)
         return n

@@ -171,6 +171,15 @@ class Launcher:
     returns its :class:`Exit`.  :meth:`kill` ends it from any other task.
     """
 
+    # (One per guest: an idle guest's largest object without them.)
+    __slots__ = (
+        "__weakref__", "_attention", "_breaking", "_breaks", "_dev", "_done_stats",
+        "_ended", "_irqs", "_killed", "_notifies", "_rejoin", "_resume", "_served",
+        "_served_in_read", "_source", "_task", "_waker", "_waking", "_woken_at_once",
+        "cmdline", "cpus", "devices", "env", "file", "hibernate_after", "image", "layout",
+        "limits", "max_restarts", "on_boot", "restarts",
+    )  # fmt: skip
+
     def __init__(
         self,
         device: LguestDevice,
