@@ -883,6 +883,23 @@ async def snapshot_to_file(
     return 0
 
 
+def _swarm_progress(err: Any, *, shown: bool) -> Any:
+    """The swarm's progress bar on ``err`` (a rich Console on stderr): drawn only when
+    ``shown`` and stderr is a terminal, and gone once the swarm ends."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]swarm"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not shown or not sys.stderr.isatty(),
+        transient=True,
+    )
+
+
 async def run_swarm(
     config: GuestConfig,
     n: int,
@@ -914,19 +931,9 @@ async def run_swarm(
     its share) and report to its pipe instead of printing the tables.
     """
     from rich.console import Console as RichConsole
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = RichConsole(file=sys.stderr)
-    progress = Progress(
-        TextColumn("[bold]swarm"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[state]}"),
-        TimeElapsedColumn(),
-        console=err,
-        disable=shard is not None or not sys.stderr.isatty(),
-        transient=True,
-    )
+    progress = _swarm_progress(err, shown=shard is None)
     reporter = shards.Reporter(shard) if shard is not None else None
     if reporter is not None:
         shards.stop_when_orphaned()
@@ -1115,18 +1122,8 @@ async def run_sharded_swarm(
     (:mod:`supervisor.shards`), with :func:`run_swarm`'s progress, table, output and
     exit status."""
     from rich.console import Console as RichConsole
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(
-        TextColumn("[bold]swarm"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[state]}"),
-        TimeElapsedColumn(),
-        console=RichConsole(file=sys.stderr),
-        disable=not sys.stderr.isatty(),
-        transient=True,
-    )
+    progress = _swarm_progress(RichConsole(file=sys.stderr), shown=True)
     started = time.perf_counter()
     with progress:
         bar = progress.add_task("swarm", total=n, state="starting")
