@@ -326,9 +326,10 @@ class SlicePool:
 
     def _slowest(self) -> Job[Any] | None:
         """The job to hurry for an urgent one at the front: none while a worker is free
-        or about to start; else the one that has held its worker longest, of those whose
-        step is not an urgent one (a handler's rest cut short would wait at the back)."""
-        if self._idle_threads or len(self._threads) < self.workers:
+        (waiting for a job, or between two: it looks at the queue's front next) or about
+        to start; else the one that has held its worker longest, of those whose step is
+        not an urgent one (a handler's rest cut short would wait at the back)."""
+        if len(self._busy) < len(self._threads) or len(self._threads) < self.workers:
             return None
         busy = [job for job in self._busy if not job.jumped]
         return min(busy, key=lambda job: job.taken_at) if busy else None

@@ -391,6 +391,42 @@ def test_an_urgent_job_hurries_nobody_while_a_worker_is_free() -> None:
         pool.shutdown()
 
 
+def test_an_urgent_job_hurries_nobody_while_a_worker_is_between_jobs() -> None:
+    """A worker that has ended a job but not yet come back for the next (here: held in
+    the job's done callback, which runs on that worker) takes the queue's front next."""
+    pool = SlicePool(2)
+    hurried: list[str] = []
+    release, started = threading.Event(), threading.Event()
+    last_go, last_started = threading.Event(), threading.Event()
+    between, go_on = threading.Event(), threading.Event()
+
+    def hold(_: object) -> None:
+        between.set()
+        assert go_on.wait(WAIT)
+
+    try:
+        busy = pool.submit(
+            stepper("busy", [], 1, hold_first(release, started)), hurry=hurry_log("busy", hurried)
+        )
+        assert started.wait(WAIT)
+        last = pool.submit(stepper("last", [], 1, hold_first(last_go, last_started)))
+        assert last_started.wait(WAIT)
+        last.add_done_callback(hold)
+        last_go.set()
+        assert between.wait(WAIT)  # its worker is between jobs: neither busy nor waiting
+        urgent = pool.submit(stepper("u", [], 1), urgent=Owner())
+        assert hurried == [] and pool.hurried == 0
+        go_on.set()
+        assert urgent.result(WAIT) == "u"
+        release.set()
+        assert busy.result(WAIT) == "busy"
+    finally:
+        release.set()
+        last_go.set()
+        go_on.set()
+        pool.shutdown()
+
+
 def test_the_step_that_has_held_its_worker_longest_is_hurried() -> None:
     pool = SlicePool(2)
     hurried: list[str] = []
