@@ -8,6 +8,7 @@ import gc
 import math
 import threading
 import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -294,10 +295,7 @@ async def test_a_crowd_starting_to_compute_takes_engines_made_ahead_on_the_loop(
         await until(lambda: late.file.cpu(0).engine.busy, LIMIT)
         assert pool.ready_taken == taken + 1 and pool.made - pool.prepared == in_takes
         assert pool.peak <= pool.bound and pool.overdrafts == 0
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in [*crowd, late])
+        await stop_readers(readers, [*crowd, late])
 
 
 async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -> None:
@@ -317,10 +315,7 @@ async def test_a_crowd_within_the_bound_keeps_its_engines_and_never_switches() -
         assert pool.switched == switched and pool.evicted == 0 and pool.made == made
         assert pool.reused - reused == pool.taken - taken
         assert made <= len(spinners) + pool.spares
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in spinners)
+        await stop_readers(readers, spinners)
 
 
 async def test_a_cpu_going_on_to_the_executor_takes_its_inline_engine_there(
@@ -347,10 +342,7 @@ async def test_a_cpu_going_on_to_the_executor_takes_its_inline_engine_there(
         await until(lambda: all(g.file.cpu(0).engine.busy for g in spinners), LIMIT)
         assert first_steps == {id(g.file.cpu(0)): True for g in spinners}
         assert pool.evicted == 0
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in spinners)
+        await stop_readers(readers, spinners)
 
 
 async def test_a_busy_guest_keeps_its_engine_through_its_hypercalls() -> None:
@@ -370,10 +362,7 @@ async def test_a_busy_guest_keeps_its_engine_through_its_hypercalls() -> None:
 
         await until(check, LIMIT)
         assert idle_seen == 0 and pool.evicted == 0
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in guests)
+        await stop_readers(readers, guests)
 
 
 async def test_guests_that_wake_and_sleep_share_a_few_engines_however_high_the_bound() -> None:
@@ -387,10 +376,7 @@ async def test_guests_that_wake_and_sleep_share_a_few_engines_however_high_the_b
         assert pool.kept == 0 and pool.evicted == 0
         # At most one step per worker, two on the loop (a CPU starting another), spares.
         assert pool.peak <= pool.workers + 2 + pool.spares < pool.bound
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in wakers)
+        await stop_readers(readers, wakers)
 
 
 async def test_a_lone_waking_guest_runs_on_its_own_engine_every_time() -> None:
@@ -568,6 +554,14 @@ async def test_an_engine_whose_switch_failed_is_closed_not_handed_on(
         await asyncio.gather(reader, return_exceptions=True)
 
 
+async def stop_readers(readers: Sequence[asyncio.Future[bytes]], guests: Iterable[Booted]) -> None:
+    """Cancel a crowd's reads and check that none of its guests died meanwhile."""
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    assert all(g.file.death is None for g in guests)
+
+
 def moved_on(g: Booted, counter: int) -> bool:
     return g.u32("counter") > counter
 
@@ -599,10 +593,7 @@ async def test_no_engine_is_ever_held_by_two_cpus_among_spinners_and_wakers() ->
 
         await until(check, LIMIT)
         assert samples > 1 and pool.switched > 0
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-        assert all(g.file.death is None for g in guests)
+        await stop_readers(readers, guests)
 
 
 async def test_hostile_guests_never_grow_the_pool_past_its_bound() -> None:
