@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -55,21 +56,22 @@ def children(pid: int) -> set[int]:
 
 
 def gone(pids: set[int]) -> bool:
-    """Whether every one of ``pids`` has ended (zombies count as ended)."""
-    deadline = time.monotonic() + LIMIT
-    while time.monotonic() < deadline:
-        alive = set()
+    """Whether every one of ``pids`` ends within LIMIT (zombies count as ended): waits
+    on each one's pidfd, which becomes readable when the process exits."""
+    fds: list[int] = []
+    try:
         for pid in pids:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if state != "Z":
-                alive.add(pid)
-        if not alive:
-            return True
-        time.sleep(0.1)
-    return False
+            with contextlib.suppress(ProcessLookupError):  # (already reaped: gone)
+                fds.append(os.pidfd_open(pid))
+        deadline = time.monotonic() + LIMIT
+        for fd in fds:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return False
+        return True
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_every_guests_output_once_in_its_order() -> None:
