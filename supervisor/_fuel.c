@@ -57,7 +57,8 @@
 #define REASON_IRQ 3    /* an interrupt was raised: deliver it and go on (not a kick) */
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
 #define LANDED_NS 50000 /* CPU time after do_enter() by which emu_start has reset its stop state */
-#define MAX_BACKOFF 7   /* a landed stop is resent at most every RESEND_NS << MAX_BACKOFF */
+#define LANDED_SHIFT 4  /* a landed stop is resent first after RESEND_NS << LANDED_SHIFT, */
+#define MAX_BACKOFF 7   /* then at doubling intervals up to RESEND_NS << MAX_BACKOFF */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
 #define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
 #define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
@@ -75,7 +76,8 @@ typedef struct fuel {
     void *uc;                   /* the engine to stop */
     int32_t running;            /* between do_enter() and do_leave() */
     int32_t sent;               /* a stop was sent during this run: 1 it may have been lost,
-                                   n >= 2 it landed, resent n - 2 times (resend_after) */
+                                   n >= 2 it landed, and was resent n - 2 times since (up to
+                                   the bound; resend_after) */
     int64_t sent_at;            /* when it was last sent */
     struct fuel *next;          /* the list of running slices */
     struct fuel *prev;
@@ -239,8 +241,9 @@ static int stretch(fuel_t *f, int64_t now)
    again (the run has not returned meanwhile).  A stop that landed (landed(): sent past
    emu_start's reset) is on its way out: the run is slow to return because its thread is
    not running (a loaded machine), and sending it again every RESEND_NS would only wake
-   the slicer, so the interval doubles, from twice RESEND_NS up to RESEND_NS <<
-   MAX_BACKOFF (a bound, should the run's thread have been in the reset after all).
+   the slicer (a core taken, from a worker or the event loop, each time), so it is sent
+   again only after RESEND_NS << LANDED_SHIFT, then at doubling intervals up to RESEND_NS
+   << MAX_BACKOFF (a bound, should the run's thread have been in the reset after all).
    Otherwise a kick's stop (or an irq's, a hurry's): RESEND_NS, in case it came before
    that reset.  A deadline's: the run's thread has used its share of CPU since
    do_enter(), so it is past that reset and has the stop unless the deadline passed at
@@ -248,8 +251,10 @@ static int stretch(fuel_t *f, int64_t now)
    deadline. */
 static int64_t resend_after(const fuel_t *f)
 {
-    if (f->sent >= 2)
-        return RESEND_NS << (f->sent - 1 < MAX_BACKOFF ? f->sent - 1 : MAX_BACKOFF);
+    if (f->sent >= 2) {
+        int shift = LANDED_SHIFT + f->sent - 2;
+        return RESEND_NS << (shift < MAX_BACKOFF ? shift : MAX_BACKOFF);
+    }
     if (f->stop)
         return RESEND_NS;
     int64_t since = f->sent_at - f->deadline;
@@ -281,7 +286,10 @@ static void *slicer(void *arg)
                 }
                 send_stop(f, REASON_BUDGET, now);
             } else if (now - f->sent_at >= resend_after(f)) {
-                f->sent = f->sent >= 2 ? f->sent + (f->sent <= MAX_BACKOFF) : landed(f) ? 2 : 1;
+                if (f->sent == 1)
+                    f->sent = landed(f) ? 2 : 1;
+                else if (LANDED_SHIFT + f->sent - 2 < MAX_BACKOFF)
+                    f->sent++;
                 f->sent_at = now;
                 f->emu_stop(f->uc);
                 resent++;

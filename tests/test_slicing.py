@@ -185,8 +185,8 @@ def test_a_deadlines_stop_to_a_thread_that_is_not_running_is_resent_ever_less_of
 def test_a_stop_that_landed_is_resent_ever_less_often(stop: str) -> None:
     """An irq's or a kick's stop sent to a run whose thread is well past ``emu_start``'s
     reset of the stop state lands: the run is slow to return only because its thread
-    does not run, so the stop is resent at doubling intervals, not every 50 us (a
-    thousand times here).  Here the thread blocks for 50 ms in a hook after a few
+    does not run, so the stop is resent after 0.8 ms, then at doubling intervals, not
+    every 50 us (a thousand times here).  Here the thread blocks for 50 ms in a hook after a few
     milliseconds of its run, and the stop is sent while it blocks."""
     uc, fuel = bare_cpu()
     if not (_slicing.NATIVE and fuel.exit_request):
