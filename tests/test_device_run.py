@@ -516,7 +516,7 @@ async def test_a_run_that_ends_on_a_worker_wakes_its_read_in_one_turn_of_the_loo
         if ticking:
             loop.call_soon(tick)
 
-    def on_worker(job: object) -> None:  # (its callback, queued in the same turn)
+    def on_worker(job: object) -> None:  # (after the run loop's callback: the same turn or later)
         if threading.get_ident() != loop_thread:
             loop.call_soon_threadsafe(lambda: ends.setdefault(id(job), turns))
 
@@ -525,7 +525,7 @@ async def test_a_run_that_ends_on_a_worker_wakes_its_read_in_one_turn_of_the_loo
     def watched(fn: Callable[..., object], *args: object, **options: Any) -> object:
         job = real(fn, *args, **options)
         jobs.append(job)
-        job.add_done_callback(on_worker)
+        loop.call_soon(job.add_done_callback, on_worker)  # (once the run loop has its own)
         return job
 
     monkeypatch.setattr(dev.executor, "submit", watched)

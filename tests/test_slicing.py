@@ -186,28 +186,30 @@ def test_a_stop_that_landed_is_resent_ever_less_often(stop: str) -> None:
     """An irq's or a kick's stop sent to a run whose thread is well past ``emu_start``'s
     reset of the stop state lands: the run is slow to return only because its thread
     does not run, so the stop is resent after 0.8 ms, then at doubling intervals, not
-    every 50 us (a thousand times here).  Here the thread blocks for 50 ms in a hook after a few
-    milliseconds of its run, and the stop is sent while it blocks."""
+    every 50 us (a thousand times here).  Here the thread blocks in a hook after a few
+    milliseconds of its run, the stop is sent, and the thread blocks 50 ms more."""
     uc, fuel = bare_cpu()
     if not (_slicing.NATIVE and fuel.exit_request):
         pytest.skip("the exit-request path only")
     blocks = 0
     blocked = threading.Event()
+    sent = threading.Event()
 
     def nap(_uc: Uc, _address: int, _size: int, _data: object) -> None:
         nonlocal blocks
         blocks += 1
         if blocks == 5_000:
             blocked.set()
+            assert sent.wait(10)
             time.sleep(0.05)
 
     def stopper() -> None:
         assert blocked.wait(10)
-        time.sleep(0.001)  # (the thread is in its nap)
         if stop == "irq":
             assert _slicing.raise_irq(fuel, 0, False)
         else:
             _slicing.kick(fuel)
+        sent.set()
 
     uc.hook_add(UC_HOOK_BLOCK, nap)
     thread = threading.Thread(target=stopper)
