@@ -20,7 +20,8 @@
  *    sends the stop when a running slice's deadline passes; kick() sends it at
  *    once.  A stop sent before emu_start has reset the engine's stop state would
  *    be lost, so while a run is still in progress the stop is sent again every
- *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
+ *    RESEND_NS, and ever less often once it is known to have landed (resend_after).
+ *    All of this state is guarded by one mutex; uc_emu_stop is only
  *    ever called between do_enter() and do_leave() (inside run()), so never on a
  *    closed engine.  run() also reads eip and keeps the slice's CPU-time account,
  *    intr_hook handles the hypercall trap, completing the CPU-local calls it can
