@@ -310,8 +310,17 @@ async def memcpy(p: Profile) -> list[Result]:
     return [dataclasses.replace(loops, unit="MB/s", value=loops.value * scale, raw=raw)]
 
 
-def _raw_threads(cpus: list[RawCpu], n: int) -> float:
-    threads = [threading.Thread(target=_raw_loop_time, args=(c, n)) for c in cpus]
+def _raw_threads(cpus: list[RawCpu], n: int, waits: list[float] | None = None) -> float:
+    """The wall time of ``n`` loops on each of ``cpus``, each in a thread of its own; each
+    thread's wait for a core (:func:`benchmarks.threads.own_wait`) added to ``waits``."""
+
+    def one(cpu: RawCpu) -> None:
+        before = thread_use.own_wait()
+        _raw_loop_time(cpu, n)
+        if waits is not None:
+            waits.append(thread_use.own_wait() - before)
+
+    threads = [threading.Thread(target=one, args=(c,)) for c in cpus]
     t0 = now()
     for t in threads:
         t.start()
@@ -334,14 +343,15 @@ def _shares(
     use: dict[str, thread_use.Usage], wakes: int, seconds: float, slices: int = 0, guests: int = 1
 ) -> str:
     """Per second of a run: the other threads' and the loop's CPU, the slicer's wake-ups,
-    the workers' blocks, and each guest's slices (each one's end a stop, a restart and
-    the GIL)."""
+    the workers' blocks and waits for a core (a guest's share), and each guest's slices
+    (each one's end a stop, a restart and the GIL)."""
     if seconds <= 0:
         return "-"
     return (
         f"other threads {use['other'].cpu / seconds:.1%} of a core (slicer "
         f"{wakes / seconds:.0f} wake-ups/s), loop {use['loop'].cpu / seconds:.1%}, "
-        f"workers blocked {use['workers'].blocked / seconds:.0f}/s, "
+        f"workers blocked {use['workers'].blocked / seconds:.0f}/s, waited for a core "
+        f"{use['workers'].waited / guests / seconds:.1%} of the time, "
         f"{slices / guests / seconds:.0f} slices/s a guest"
     )
 
@@ -365,13 +375,15 @@ async def two_spinners(p: Profile) -> list[Result]:
     use1 = {role: thread_use.Usage() for role in thread_use.ROLES}
     use2 = dict(use1)
     wakes1 = wakes2 = slices1 = slices2 = 0
+    raw_waits1: list[float] = []  # each raw thread's wait for a core, per run
+    raw_waits2: list[float] = []
     async with LguestDevice() as dev:
         gs = [await boot(dev, image), await boot(dev, image)]
         await asyncio.gather(*(_sup_loop_time(g, 1000, None) for g in gs))
         for k in range(p.pairs):
             if k % 2 == 0:  # A/B then B/A rounds, as interleave()
-                raw1.append(_raw_threads(raws[:1], n))
-                raw2.append(_raw_threads(raws, n))
+                raw1.append(_raw_threads(raws[:1], n, raw_waits1))
+                raw2.append(_raw_threads(raws, n, raw_waits2))
             before, woken, sliced = thread_use.snapshot(), _wakes(), _slices(gs)
             sup1.append((await _sup_loop_time(gs[0], n, None))[0])
             middle, wakes1 = thread_use.snapshot(), wakes1 + _wakes() - woken
@@ -389,8 +401,8 @@ async def two_spinners(p: Profile) -> list[Result]:
                 for role in thread_use.ROLES:
                     total[role] = total[role] + spent[role]
             if k % 2:
-                raw1.append(_raw_threads(raws[:1], n))
-                raw2.append(_raw_threads(raws, n))
+                raw1.append(_raw_threads(raws[:1], n, raw_waits1))
+                raw2.append(_raw_threads(raws, n, raw_waits2))
     for c in raws:
         c.close()
     # Each round's scaling from its own back-to-back pair of runs; the medians.
@@ -410,8 +422,10 @@ async def two_spinners(p: Profile) -> list[Result]:
             "higher",
             f"median of {p.pairs} interleaved rounds; "
             "raw: two bare Unicorn instances in two threads vs one. While 2 spin: "
-            f"{_shares(use2, wakes2, sum(sup2), slices2, len(gs))}; "
-            f"while 1 spins: {_shares(use1, wakes1, sum(sup1), slices1)}",
+            f"{_shares(use2, wakes2, sum(sup2), slices2, len(gs))} (raw's threads "
+            f"{sum(raw_waits2) / len(raws) / max(sum(raw2), 1e-9):.1%}); "
+            f"while 1 spins: {_shares(use1, wakes1, sum(sup1), slices1)} (raw's thread "
+            f"{sum(raw_waits1) / max(sum(raw1), 1e-9):.1%})",
             {
                 "iterations": n,
                 "raw1": raw1,
@@ -422,6 +436,8 @@ async def two_spinners(p: Profile) -> list[Result]:
                 "threads_two": {k: dataclasses.asdict(v) for k, v in use2.items()},
                 "slicer_wakes_one": wakes1,
                 "slicer_wakes_two": wakes2,
+                "raw_waits_one": raw_waits1,
+                "raw_waits_two": raw_waits2,
                 "slices_one": slices1,
                 "slices_two": slices2,
             },

@@ -12,8 +12,10 @@ them say how much of each there was, by role:
 * ``other``: every other thread, the slicer among them.
 
 For each role: CPU seconds, voluntary context switches (the thread blocked: a lock,
-the GIL, a condition, a sleep) and involuntary ones (the kernel preempted it).
-Threads that ended between the two snapshots are not counted.
+the GIL, a condition, a sleep), involuntary ones (the kernel preempted it), and the
+seconds it was runnable but waited for a core (``schedstat``'s run delay: what the
+kernel, not the thread's own work, took from its wall time).  Threads that ended
+between the two snapshots are not counted.
 """
 
 from __future__ import annotations
@@ -33,15 +35,22 @@ class Usage:
     cpu: float = 0.0  # seconds, user + system
     blocked: int = 0  # voluntary context switches
     preempted: int = 0  # involuntary context switches
+    waited: float = 0.0  # seconds runnable, waiting for a core (run delay)
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
-            self.cpu + other.cpu, self.blocked + other.blocked, self.preempted + other.preempted
+            self.cpu + other.cpu,
+            self.blocked + other.blocked,
+            self.preempted + other.preempted,
+            self.waited + other.waited,
         )
 
     def __sub__(self, other: Usage) -> Usage:
         return Usage(
-            self.cpu - other.cpu, self.blocked - other.blocked, self.preempted - other.preempted
+            self.cpu - other.cpu,
+            self.blocked - other.blocked,
+            self.preempted - other.preempted,
+            self.waited - other.waited,
         )
 
 
@@ -53,8 +62,24 @@ class Snapshot:
     roles: dict[int, str]
 
 
-def parse(stat: str, status: str, ticks: int) -> Usage:
-    """A thread's usage from its ``stat`` and ``status`` files' text."""
+def run_delay(schedstat: str) -> float:
+    """Seconds a thread waited for a core, from its ``schedstat`` file's text (0 if the
+    kernel keeps none)."""
+    fields = schedstat.split()
+    return int(fields[1]) / 1e9 if len(fields) > 1 else 0.0
+
+
+def own_wait() -> float:
+    """:func:`run_delay` of the calling thread so far (0 where ``/proc`` has none)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return run_delay(f.read())
+    except OSError:
+        return 0.0
+
+
+def parse(stat: str, status: str, ticks: int, schedstat: str = "") -> Usage:
+    """A thread's usage from its ``stat``, ``status`` and ``schedstat`` files' text."""
     fields = stat[stat.rindex(")") + 2 :].split()  # (the name may hold spaces)
     cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     counts = {}
@@ -63,7 +88,10 @@ def parse(stat: str, status: str, ticks: int) -> Usage:
         if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
             counts[key] = int(value)
     return Usage(
-        cpu, counts.get("voluntary_ctxt_switches", 0), counts.get("nonvoluntary_ctxt_switches", 0)
+        cpu,
+        counts.get("voluntary_ctxt_switches", 0),
+        counts.get("nonvoluntary_ctxt_switches", 0),
+        run_delay(schedstat),
     )
 
 
@@ -94,9 +122,11 @@ def snapshot() -> Snapshot:
                 stat = f.read()
             with open(f"/proc/self/task/{tid}/status") as f:
                 status = f.read()
-        except OSError:  # it ended meanwhile
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                schedstat = f.read()
+        except OSError:  # it ended meanwhile (or the kernel keeps no schedstat)
             continue
-        usage[tid] = parse(stat, status, ticks)
+        usage[tid] = parse(stat, status, ticks, schedstat)
         roles[tid] = role(names.get(tid), tid, me)
     return Snapshot(usage, roles)
 

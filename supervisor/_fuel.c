@@ -20,7 +20,8 @@
  *    sends the stop when a running slice's deadline passes; kick() sends it at
  *    once.  A stop sent before emu_start has reset the engine's stop state would
  *    be lost, so while a run is still in progress the stop is sent again every
- *    RESEND_NS.  All of this state is guarded by one mutex; uc_emu_stop is only
+ *    RESEND_NS, and ever less often once it is known to have landed (resend_after).
+ *    All of this state is guarded by one mutex; uc_emu_stop is only
  *    ever called between do_enter() and do_leave() (inside run()), so never on a
  *    closed engine.  run() also reads eip and keeps the slice's CPU-time account,
  *    intr_hook handles the hypercall trap, completing the CPU-local calls it can
@@ -56,6 +57,9 @@
 #define REASON_BUDGET 2
 #define REASON_IRQ 3    /* an interrupt was raised: deliver it and go on (not a kick) */
 #define RESEND_NS 50000 /* a run whose stop may have been lost is stopped again this often */
+#define LANDED_NS 50000 /* CPU time after do_enter() by which emu_start has reset its stop state */
+#define LANDED_SHIFT 4  /* a landed stop is resent first after RESEND_NS << LANDED_SHIFT, */
+#define MAX_BACKOFF 7   /* then at doubling intervals up to RESEND_NS << MAX_BACKOFF */
 #define TICK_NS 500000  /* while runs keep starting, the slicer wakes at least this often */
 #define MAX_STRETCH 50   /* a run's deadline moves to at most this many spans after do_enter() */
 #define MIN_STRETCH_NS 20000 /* CPU time worth moving a deadline for */
@@ -72,7 +76,9 @@ typedef struct fuel {
     /* exit-request slicing; the fields below belong to the slicer's mutex */
     void *uc;                   /* the engine to stop */
     int32_t running;            /* between do_enter() and do_leave() */
-    int32_t sent;               /* a stop was sent during this run */
+    int32_t sent;               /* a stop was sent during this run: 1 it may have been lost,
+                                   n >= 2 it landed, and was resent n - 2 times since (up to
+                                   the bound; resend_after) */
     int64_t sent_at;            /* when it was last sent */
     struct fuel *next;          /* the list of running slices */
     struct fuel *prev;
@@ -171,22 +177,36 @@ static unsigned long long ticks;    /* sleeps it cut short to TICK_NS for `recen
 static unsigned long long moved;    /* deadlines it moved (stretch) */
 static unsigned long long resent;   /* stops it sent again */
 
-/* Lock held; fuel running. */
-static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
-{
-    if (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ || reason == REASON_STOP)
-        fuel->reason = reason;
-    fuel->sent = 1;
-    fuel->sent_at = now;
-    fuel->emu_stop(fuel->uc);
-}
-
 static int64_t clock_ns(clockid_t clock)
 {
     struct timespec ts;
     if (clock_gettime(clock, &ts) != 0)
         return INT64_MAX;
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Lock held; fuel running.  Whether a stop sent now lands: a stop is lost only if it
+   comes before emu_start has reset the engine's stop state, a few microseconds of the
+   run's thread's CPU time after do_enter() (no translation, no allocation: the engine
+   is set up before its first run).  CPU time, not wall time: a thread preempted in
+   between has not got there however long ago do_enter() was.  Unknown without the
+   thread's CPU clock (`latest` 0): not landed. */
+static int landed(const fuel_t *f)
+{
+    if (f->latest == 0)
+        return 0;
+    int64_t cpu = clock_ns((clockid_t)f->cpu_clock);
+    return cpu != INT64_MAX && cpu - f->cpu_start >= LANDED_NS;
+}
+
+/* Lock held; fuel running. */
+static void send_stop(fuel_t *fuel, int32_t reason, int64_t now)
+{
+    if (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ || reason == REASON_STOP)
+        fuel->reason = reason;
+    fuel->sent = landed(fuel) ? 2 : 1;
+    fuel->sent_at = now;
+    fuel->emu_stop(fuel->uc);
 }
 
 /* Lock held.  The deadline is wall time, but a run's share is CPU time: a thread
@@ -219,14 +239,23 @@ static int stretch(fuel_t *f, int64_t now)
 }
 
 /* Lock held; a stop was sent to this run.  How long after the last sending to send it
-   again (the run has not returned meanwhile).  A kick's stop: RESEND_NS, in case it came
-   before emu_start reset the stop state.  A deadline's: the run's thread has used its
-   share of CPU since do_enter(), so it is past that reset and has the stop unless the
-   deadline passed at `latest` before it ran; it is slow to return because it is not
-   running (a loaded machine), and the interval doubles: RESEND_NS, then the time since
-   the deadline. */
+   again (the run has not returned meanwhile).  A stop that landed (landed(): sent past
+   emu_start's reset) is on its way out: the run is slow to return because its thread is
+   not running (a loaded machine), and sending it again every RESEND_NS would only wake
+   the slicer (a core taken, from a worker or the event loop, each time), so it is sent
+   again only after RESEND_NS << LANDED_SHIFT, then at doubling intervals up to RESEND_NS
+   << MAX_BACKOFF (a bound, should the run's thread have been in the reset after all).
+   Otherwise a kick's stop (or an irq's, a hurry's): RESEND_NS, in case it came before
+   that reset.  A deadline's: the run's thread has used its share of CPU since
+   do_enter(), so it is past that reset and has the stop unless the deadline passed at
+   `latest` before it ran; the interval doubles: RESEND_NS, then the time since the
+   deadline. */
 static int64_t resend_after(const fuel_t *f)
 {
+    if (f->sent >= 2) {
+        int shift = LANDED_SHIFT + f->sent - 2;
+        return RESEND_NS << (shift < MAX_BACKOFF ? shift : MAX_BACKOFF);
+    }
     if (f->stop)
         return RESEND_NS;
     int64_t since = f->sent_at - f->deadline;
@@ -258,6 +287,10 @@ static void *slicer(void *arg)
                 }
                 send_stop(f, REASON_BUDGET, now);
             } else if (now - f->sent_at >= resend_after(f)) {
+                if (f->sent == 1)
+                    f->sent = landed(f) ? 2 : 1;
+                else if (LANDED_SHIFT + f->sent - 2 < MAX_BACKOFF)
+                    f->sent++;
                 f->sent_at = now;
                 f->emu_stop(f->uc);
                 resent++;
@@ -367,7 +400,7 @@ static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_n
     else if (fuel->irq)
         send_stop(fuel, REASON_IRQ, now_ns());
     fuel->irq = 0;
-    if ((fuel->sent ? fuel->sent_at + RESEND_NS : fuel->deadline) < wake_at)
+    if ((fuel->sent ? fuel->sent_at + resend_after(fuel) : fuel->deadline) < wake_at)
         pthread_cond_signal(&wake);
     pthread_mutex_unlock(&lock);
     return 0;
@@ -1123,7 +1156,7 @@ static PyObject *kick(PyObject *self, PyObject *arg)
     fuel->stop = 1;
     if (fuel->running) {
         send_stop(fuel, REASON_STOP, now_ns());
-        if (fuel->sent_at + RESEND_NS < wake_at)
+        if (fuel->sent_at + resend_after(fuel) < wake_at)
             pthread_cond_signal(&wake); /* to send it again in case it came too early */
     }
     pthread_mutex_unlock(&lock);
@@ -1170,7 +1203,7 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
     if (fuel->exit_request && !fuel->stop) {
         if (fuel->running && (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ)) {
             send_stop(fuel, REASON_IRQ, now_ns());
-            if (fuel->sent_at + RESEND_NS < wake_at)
+            if (fuel->sent_at + resend_after(fuel) < wake_at)
                 pthread_cond_signal(&wake); /* to send it again in case it came too early */
             sent = 1;
         } else if (fuel->running && fuel->reason == REASON_BUDGET) {
@@ -1220,7 +1253,7 @@ static PyObject *hurry(PyObject *self, PyObject *arg)
     pthread_mutex_lock(&lock);
     if (fuel->exit_request && fuel->running && !fuel->stop && fuel->reason == REASON_NONE) {
         send_stop(fuel, REASON_BUDGET, now_ns());
-        if (fuel->sent_at + RESEND_NS < wake_at)
+        if (fuel->sent_at + resend_after(fuel) < wake_at)
             pthread_cond_signal(&wake); /* to send it again in case it came too early */
         sent = 1;
     }

@@ -24,15 +24,17 @@ import asyncio
 import errno
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from . import _slicing, hypercalls, interrupts, timers
 from .cpu import LgCpu
 from .execute import INLINE_BUDGET, ExitValue, SliceExit, run_slice
 from .hibernation import Dormitory
-from .slicepool import SlicePool
+from .slicepool import Again, Job, SlicePool
 from .virtual import Simulation
 
 # Inline slices let the loop run its other tasks at least this often: seconds of the loop
@@ -430,7 +432,7 @@ async def _run_slice(
         cpu.run.urgent = False
         cpu.run.idle.clear()  # until the run is finished or withdrawn: pause() waits for it
         cpu.run.queued_slice = queued
-        future = asyncio.wrap_future(queued)
+        future = _loop_future(cpu, queued)
     breaker = _break_waiter(cpu, future)
     try:
         if breaker is None:
@@ -467,6 +469,48 @@ async def _run_slice(
                 cpu.run.idle.set()
     cpu.run.inline = exit is not SliceExit.BUDGET
     return exit
+
+
+def _loop_future(cpu: LgCpu, job: Job[SliceExit | Again]) -> asyncio.Future[SliceExit]:
+    """``job``'s outcome as a future of the running loop, as ``asyncio.wrap_future`` gives
+    it but in fewer turns of the loop, since each turn and each system call of the loop's
+    thread lets go of the GIL, which a worker between two slices may then take (what an
+    irq's or a break's p99 is made of, docs/performance.md).
+
+    A job that ends on the loop's own thread (withdrawn by :meth:`LgCpu.wake`) settles
+    the future there and then, without ``call_soon_threadsafe`` (under asyncio a write to
+    the loop's self-pipe, and a turn of the loop to read it back).  One that ends on a
+    worker settles it in one ``call_soon_threadsafe`` callback that also ends the wait of
+    the read waiting for it (``cpu.run.on_break``), instead of in a turn of the loop
+    after the future's own callbacks."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[SliceExit] = loop.create_future()
+    thread = threading.get_ident()
+
+    def settle(done: Job[SliceExit | Again]) -> None:
+        if future.done():  # pragma: no cover - only this callback settles it
+            return
+        if done.cancelled():
+            future.cancel()
+        elif (error := done.exception()) is not None:
+            future.set_exception(error)
+        else:
+            result = done.result()
+            assert isinstance(result, SliceExit)  # (a step's AGAIN never ends its job)
+            future.set_result(result)
+        waiter = cpu.run.on_break
+        if waiter is not None and not waiter.done() and cpu.run.queued_slice is done:
+            waiter.set_result(None)
+
+    def ended(done: Future[SliceExit | Again]) -> None:
+        assert isinstance(done, Job)
+        if threading.get_ident() == thread:
+            settle(done)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(settle, done)
+
+    job.add_done_callback(ended)
+    return future
 
 
 def _break_waiter(cpu: LgCpu, future: asyncio.Future[Any]) -> asyncio.Future[None] | None:

@@ -14,6 +14,12 @@ def test_parse_reads_user_and_system_time_and_both_switch_counts() -> None:
     assert thread_use.parse(STAT, STATUS, 100) == thread_use.Usage(3.0, 17, 5)
 
 
+def test_parse_reads_the_wait_for_a_core_from_schedstat() -> None:
+    usage = thread_use.parse(STAT, STATUS, 100, "123456 2500000000 7\n")
+    assert usage == thread_use.Usage(3.0, 17, 5, 2.5)
+    assert thread_use.run_delay("") == 0.0
+
+
 def test_roles_by_name_and_by_the_calling_thread() -> None:
     assert thread_use.role("lguest-cpu_0", 7, 1) == "workers"
     assert thread_use.role(None, 1, 1) == "loop"

@@ -460,12 +460,88 @@ async def test_an_irq_for_a_run_waiting_in_the_queue_is_taken_in_one_turn_of_the
         cpu = g.file.cpu(0)
         reader = asyncio.create_task(g.file.read(8))
         await until(lambda: isinstance(cpu.run.queued_slice, Job) and cpu.run.queued_slice.queued)
+        loop = asyncio.get_running_loop()
+        hops = 0
+        if isinstance(loop, asyncio.BaseEventLoop):  # (uvloop's methods cannot be wrapped)
+            wake_loop = loop.call_soon_threadsafe
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                nonlocal hops
+                hops += 1
+                return wake_loop(*args, **kwargs)
+
+            monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
         g.file.send_irq(3)
         await asyncio.sleep(0)
         assert g.u32("handled") == 1
+        assert hops == 0  # the withdrawal reached the read without the loop's self-pipe
         for task in (reader, spinning):
             task.cancel()
         await asyncio.gather(reader, spinning, return_exceptions=True)
+
+
+COMPUTES = r"""
+main:
+    LGUEST_INIT
+    HCALL 17, 1
+1:  movl $2000000, %ecx
+2:  decl %ecx
+    jnz 2b
+    HCALL 17, 2
+    jmp 1b
+"""
+
+
+@going_on
+async def test_a_run_that_ends_on_a_worker_wakes_its_read_in_one_turn_of_the_loop(
+    dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run's end reaches the loop in one call_soon_threadsafe, whose callback settles
+    # the run's future and ends the read's wait there: the read goes on in the next turn
+    # of the loop, not after the future's own callbacks have had a turn (each turn of the
+    # loop lets go of the GIL, which a worker may take).
+    from supervisor.execute import SliceExit
+
+    g = await boot(dev, COMPUTES)
+    assert await g.file.read(8) == pack_words(1)
+    loop = asyncio.get_running_loop()
+    turns = 0
+    ticking = True
+    jobs: list[Job[Any]] = []
+    ends: dict[int, int] = {}  # id(job) -> the turn its end on a worker reached the loop in
+
+    def tick() -> None:
+        nonlocal turns
+        turns += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    def on_worker(job: object) -> None:  # (after the run loop's callback: the same turn or later)
+        if threading.get_ident() != loop_thread:
+            loop.call_soon_threadsafe(lambda: ends.setdefault(id(job), turns))
+
+    real = dev.executor.submit
+
+    def watched(fn: Callable[..., object], *args: object, **options: Any) -> object:
+        job = real(fn, *args, **options)
+        jobs.append(job)
+        loop.call_soon(job.add_done_callback, on_worker)  # (once the run loop has its own)
+        return job
+
+    monkeypatch.setattr(dev.executor, "submit", watched)
+    loop_thread = threading.get_ident()
+    reader = asyncio.create_task(g.file.read(8))
+    tick()
+    try:
+        assert await reader == pack_words(2)
+        returned = turns
+    finally:
+        ticking = False
+    last = jobs[-1] if jobs else None
+    if last is None or id(last) not in ends or last.result() is not SliceExit.HYPERCALL:
+        pytest.skip("the notify came in a slice on the event loop")
+    # One turn for the read's task, one for this task awaiting it.
+    assert returned - ends[id(last)] <= 2, (ends, returned)
 
 
 PATCHED = r"""

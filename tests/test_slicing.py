@@ -181,6 +181,59 @@ def test_a_deadlines_stop_to_a_thread_that_is_not_running_is_resent_ever_less_of
     assert 1 <= after.resent - before.resent <= 20, after.resent - before.resent
 
 
+@pytest.mark.parametrize("stop", ["irq", "kick"])
+def test_a_stop_that_landed_is_resent_ever_less_often(stop: str) -> None:
+    """An irq's or a kick's stop sent to a run whose thread is well past ``emu_start``'s
+    reset of the stop state lands: the run is slow to return only because its thread
+    does not run, so the stop is resent after 0.8 ms, then at doubling intervals, not
+    every 50 us (a thousand times here).  Here the thread blocks in a hook after a few
+    milliseconds of its run, the stop is sent, and the thread blocks 50 ms more (more
+    on a loaded machine: the bound is the schedule's for the time the run took)."""
+    uc, fuel = bare_cpu()
+    if not (_slicing.NATIVE and fuel.exit_request):
+        pytest.skip("the exit-request path only")
+    blocks = 0
+    blocked = threading.Event()
+    sent = threading.Event()
+    sent_at = 0.0
+
+    def nap(_uc: Uc, _address: int, _size: int, _data: object) -> None:
+        nonlocal blocks
+        blocks += 1
+        if blocks == 5_000:
+            blocked.set()
+            assert sent.wait(10)
+            time.sleep(0.05)
+
+    def stopper() -> None:
+        nonlocal sent_at
+        assert blocked.wait(10)
+        sent_at = time.monotonic()
+        if stop == "irq":
+            assert _slicing.raise_irq(fuel, 0, False)
+        else:
+            _slicing.kick(fuel)
+        sent.set()
+
+    uc.hook_add(UC_HOOK_BLOCK, nap)
+    thread = threading.Thread(target=stopper)
+    thread.start()
+    before = _slicing.slicer_stats()
+    try:
+        run_once(uc, fuel, 10.0)
+        took = time.monotonic() - sent_at
+    finally:
+        thread.join()
+    after = _slicing.slicer_stats()
+    assert before is not None and after is not None
+    assert fuel.reason == (_slicing.REASON_IRQ if stop == "irq" else _slicing.REASON_STOP)
+    assert blocks == 5_000  # stopped at the block boundary after the nap
+    # Resent after 0.8, 2.4, 5.6 and 12 ms, then every 6.4 ms (one more if the first
+    # sending was not yet known to have landed); every 50 us would be 20 times as many.
+    resent = after.resent - before.resent
+    assert 1 <= resent <= 6 + took / 0.0064, (resent, took)
+
+
 def test_short_runs_still_make_the_slicer_tick() -> None:
     """Runs that end by themselves long before their deadline (a notify round trip's)
     keep the slicer ticking, so that most of them need not wake it."""
