@@ -558,14 +558,39 @@ async def test_a_move_resets_connections_and_the_listener_listens_again(probe: P
         assert (await srv.wait()).ok
 
 
-async def test_a_failed_move_keeps_the_connections() -> None:
+async def test_a_failed_move_keeps_the_connections(tmp_path: Path) -> None:
+    """Two failed moves of a networked guest: to a worker that could not revive it (the
+    directory it was granted is gone), then to one that died.  Each time it runs on at
+    w0 with its connections, and its name goes on resolving to w0 everywhere, on the
+    worker that refused it too."""
+    granted = tmp_path / "granted"
+    granted.mkdir()
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         w0, w1 = cl.workers
-        echo = await cl.launch(networked("tcp_echo_server.elf", "echo", "7"), worker=w0)
+        config = GuestConfig(
+            image=GUESTS / "c" / "tcp_echo_server.elf", name="echo", cmdline="7", memory="4M",
+            net=True, dirs=[{"host": granted, "guest": "/data"}],
+        )  # fmt: skip
+        echo = await cl.launch(config, worker=w0)
         assert await anext(aiter(echo.console)) == "listening on 7"
         reader, writer = await cl.net.open_connection("echo", 7)
         writer.write(b"before\n")
         assert await reader.readline() == b"before\n"
+        holder = await cl.launch(networked("tcp_hold_client.elf", "hold", "echo 7 hi"), worker=w1)
+        held = aiter(holder.console)
+        assert await anext(held) == "hi"  # connected from w1, echoed, holding
+        granted.rmdir()  # a restore names it again: w1 cannot revive the guest
+        with pytest.raises(ClusterError, match="worker w1 could not revive it") as failed:
+            await cl.migrate(echo, w1)
+        assert "no such directory" in str(failed.value) and "runs on at w0" in str(failed.value)
+        assert echo.worker is w0 and echo.moves == 0 and w1.alive
+        assert (await w1.actor.net_state.remote())["remotes"] == {"echo": "w0"}
+        writer.write(b"between\n")  # the driver's connection is kept
+        assert await reader.readline() == b"between\n"
+        client = await cl.launch(networked("tcp_echo_client.elf", "cli", "echo 7 again"), worker=w1)
+        assert await collect(client) == ["again"]  # the name, asked on w1, is at w0
+        assert not holder.done  # w1's connection is kept too
+        await holder.kill()  # (so that the driver does not see w1 die below)
         ray.kill(w1.actor, no_restart=True)  # dead, still marked alive
         with contextlib.suppress(RayActorError):
             while True:  # until calls to it fail
