@@ -155,15 +155,17 @@ async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
 
 
 async def test_migrations_are_exact_with_the_console_input_a_disk_and_every_cpu(
-    tmp_path: Path,
+    tmp_path: Path, build_guest: BuildGuest
 ) -> None:
     """Migrations on one cluster (its workers' start is most of a cluster test's cost),
     one guest after another."""
+    fsprobe = build_guest((Path(__file__).parent / "c" / "fsprobe.c").read_text(), flags=("-O2",))
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         await migration_is_exact_and_the_console_goes_on(cl)
         await migration_mid_line_and_with_input_queued(cl)
         await a_disk_moves_with_its_guest_and_is_written_back_once(cl, tmp_path)
         await a_guest_with_several_cpus_migrates_with_every_cpu(cl, tmp_path)
+        await a_migrated_guest_keeps_its_open_files(cl, fsprobe, tmp_path)
 
 
 async def migration_is_exact_and_the_console_goes_on(cl: Cluster) -> None:
@@ -385,6 +387,24 @@ async def a_guest_with_several_cpus_migrates_with_every_cpu(cl: Cluster, tmp_pat
     end = await guest.wait()
     assert end.ok, end  # each CPU's count exact across the moves (status 1 otherwise)
     assert moves >= 1
+
+
+async def a_migrated_guest_keeps_its_open_files(cl: Cluster, fsprobe: Path, tmp_path: Path) -> None:
+    """Its descriptors, offsets and working directory in a granted directory (which the
+    new worker names again) go on after the move (tests/test_files.py: the grants)."""
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "f").write_bytes(b"abcdefghijklmnopqrstuvwxyz")
+    granted = [{"host": tmp_path / "files", "guest": "/d"}]
+    guest = await cl.launch(GuestConfig(image=fsprobe, memory="4M", dirs=granted))
+    guest.send("open /d/f b\nread 3 3\ncd /d\n")
+    lines = aiter(guest.console)
+    assert [await anext(lines) for _ in range(3)] == ["ok 3", "ok 3 abc", "ok"]
+    first = guest.worker
+    assert await cl.migrate(guest) is not first
+    guest.send("read 3 2\nwrite 3 XY\ncwd\nexit 5\n")
+    assert [line async for line in lines] == ["ok 2 de", "ok 2", "ok /d"]
+    assert (await guest.wait()).exit_status == 5
+    assert (tmp_path / "files" / "f").read_bytes() == b"abcdeXYhijklmnopqrstuvwxyz"
 
 
 def networked(image: str, name: str, cmdline: str) -> GuestConfig:

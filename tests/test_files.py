@@ -711,33 +711,6 @@ async def test_buffered_reads_leave_the_offset_where_the_guest_read_to(
     ]  # fmt: skip
 
 
-@pytest.mark.one_loop
-async def test_a_migrated_guest_keeps_its_open_files(fsprobe: Path, tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
-    from supervisor.cluster import Cluster
-
-    (tmp_path / "f").write_bytes(b"abcdefghijklmnopqrstuvwxyz")
-    started = not ray.is_initialized()  # tests/test_cluster.py's module may hold one
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        async with asyncio.timeout(4 * LIMIT), Cluster(workers=2) as cl:
-            config = GuestConfig(image=fsprobe, memory="4M", dirs=[grant(tmp_path, "/d")])
-            guest = await cl.launch(config)
-            guest.send("open /d/f b\nread 3 3\ncd /d\n")
-            lines = aiter(guest.console)
-            assert [await anext(lines) for _ in range(3)] == ["ok 3", "ok 3 abc", "ok"]
-            first = guest.worker
-            assert await cl.migrate(guest) is not first
-            guest.send("read 3 2\nwrite 3 XY\ncwd\nexit 5\n")
-            assert [line async for line in lines] == ["ok 2 de", "ok 2", "ok /d"]
-            assert (await guest.wait()).exit_status == 5
-    finally:
-        if started:
-            ray.shutdown()
-    assert (tmp_path / "f").read_bytes() == b"abcdeXYhijklmnopqrstuvwxyz"
-
-
 async def test_a_directory_gone_before_launch_fails_it_and_leaks_nothing(
     fsprobe: Path, tmp_path: Path
 ) -> None:
