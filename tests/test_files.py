@@ -8,10 +8,11 @@ answer per command.  Needs the ``sdk`` extra (Zig's C compiler).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from slotrequests import Requests, slot_at_1m
 
-from supervisor import Exit, GuestConfig, Supervisor
+from supervisor import Exit, GuestConfig, Supervisor, cli
 from supervisor.config import ConfigError, DirGrant
 from supervisor.launcher import files
 from supervisor.memory import GuestMemory
@@ -456,9 +457,13 @@ async def test_a_guest_killed_mid_write_leaves_whole_writes(fsprobe: Path, tmp_p
 
 # -- bad input ------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", *args], capture_output=True, text=True, timeout=120
-    )
+    """``supervisor ARGS`` in this process, for requests refused before anything runs: a
+    subprocess would add only the interpreter's start-up (tests/test_cli.py runs the
+    command line as a user does)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(args))
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("option", ["--dir", "--ro-dir"])
@@ -481,8 +486,6 @@ def test_a_dir_that_is_missing_or_a_file_is_one_line_and_status_2(
 
 
 def test_dir_options_reach_the_config(tmp_path: Path) -> None:
-    from supervisor import cli
-
     args = cli.build_parser().parse_args(
         ["run", "x.img", "--dir", str(tmp_path), "--ro-dir", f"{tmp_path}::/ro",
          "--workdir", "/ro", "--max-files", "7"]
