@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from guestasm import open_descriptors
 from slotrequests import Requests, slot_at_1m
 
 from supervisor import Exit, GuestConfig, Supervisor, cli
@@ -398,17 +399,6 @@ async def test_opening_without_end_gets_emfile_at_max_files(fsprobe: Path, tmp_p
     assert default == ["opened 1024, then err EMFILE"]
 
 
-def _open_fds() -> int:
-    """The process's open descriptors, less ``/proc/self/pagemap``: supervisor/memory.py
-    opens it once per process, when a first guest memory packs (after PACK_AFTER idle
-    seconds, which a loaded machine reaches in more guests), and keeps it."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # (listdir's own descriptor: closed by now)
-            count += not os.readlink(f"/proc/self/fd/{fd}").endswith("/pagemap")
-    return count
-
-
 @pytest.mark.one_loop
 async def test_host_descriptors_return_to_baseline_after_many_guests(
     fsprobe: Path, tmp_path: Path, host_tmp: Path
@@ -422,7 +412,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
         await asyncio.sleep(0)
         for g in list(sup.guests):
             await g.wait()
-        baseline = _open_fds()
+        baseline = open_descriptors()
         for _batch in range(guests // 20):
             launched = []
             for i in range(20):
@@ -439,7 +429,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
                         assert (await g.wait()).exit_status == 3
                     else:
                         await g.kill("killed with open files")
-        assert _open_fds() == baseline
+        assert open_descriptors() == baseline
     assert (tmp_path / "new").exists()
     assert _entries(host_tmp) == []  # every private /tmp removed, killed or not
 
@@ -731,10 +721,10 @@ async def test_a_directory_gone_before_launch_fails_it_and_leaks_nothing(
     config = GuestConfig(image=fsprobe, memory="4M", block=disk, dirs=[grant(gone)])
     gone.rmdir()
     async with Supervisor() as sup:
-        baseline = _open_fds()
+        baseline = open_descriptors()
         with pytest.raises(FileNotFoundError):
             await sup.launch(config)
-        assert _open_fds() == baseline  # the block device's file is closed again
+        assert open_descriptors() == baseline  # the block device's file is closed again
         assert sup.guests == []
 
 
