@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,6 +28,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(realprograms.Plugin(), "lguest-real-programs")
+    # A run started in the background of a non-interactive shell (``pytest &``, nohup)
+    # inherits SIGINT ignored, and so would every command a test starts, which then
+    # could not be interrupted as the tests of Ctrl-C expect.  A handler, unlike an
+    # ignore, is reset by exec: the commands start with SIGINT's default again.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_asyncio_loop_factories(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.cli import main
+
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests"
 
@@ -119,30 +121,51 @@ def test_swarm_counts_deaths() -> None:
     assert "died x3: CRASH: guest panic" in proc.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["run", "missing.img"], "image: no such file: missing.img"),
-        (["run", sys.executable], "64-bit ELF images are not supported"),
-        (["run", "README.md"], "README.md: not a guest image"),
-        (["swarm", "-n", "2", "guests/hello.S"], "hello.S: not a guest image"),
-        (["run", "guests/hello.img", "--memory", "lots"], "memory: bad size 'lots'"),
-        (["run", "guests/hello.img", "--memory", "1000000"], "not a multiple"),
-        (["run", "guests/hello.img", "--block", "nodisk"], "block: no such file: nodisk"),
-        (["run", "--config", "nope.toml"], "cannot read config"),
-        (["run"], "needs an IMAGE or --config"),
-        (["run", "guests/hello.img", "--loop", "trio"], "invalid choice"),
-        (["swarm", "-n", "0", "guests/hello.img"], "argument -n: must be at least 1"),
-        (["swarm", "-n", "x", "guests/hello.img"], "argument -n: not an integer: 'x'"),
-        (["launch"], "invalid choice"),
-    ],
-)
+BAD_INPUT = [
+    (["run", "missing.img"], "image: no such file: missing.img"),
+    (["run", sys.executable], "64-bit ELF images are not supported"),
+    (["run", "README.md"], "README.md: not a guest image"),
+    (["swarm", "-n", "2", "guests/hello.S"], "hello.S: not a guest image"),
+    (["run", "guests/hello.img", "--memory", "lots"], "memory: bad size 'lots'"),
+    (["run", "guests/hello.img", "--memory", "1000000"], "not a multiple"),
+    (["run", "guests/hello.img", "--block", "nodisk"], "block: no such file: nodisk"),
+    (["run", "--config", "nope.toml"], "cannot read config"),
+    (["run"], "needs an IMAGE or --config"),
+    (["run", "guests/hello.img", "--loop", "trio"], "invalid choice"),
+    (["swarm", "-n", "0", "guests/hello.img"], "argument -n: must be at least 1"),
+    (["swarm", "-n", "x", "guests/hello.img"], "argument -n: not an integer: 'x'"),
+    (["launch"], "invalid choice"),
+]
+# Through ``python -m supervisor``, as a user runs it: one of each way a refusal is
+# made (an image found bad, a config value, the parser); the others in this process,
+# where the interpreter's start-up is all a subprocess would add.
+AS_A_USER = (0, 4, 9)
+
+
+@pytest.mark.parametrize(("args", "message"), [BAD_INPUT[i] for i in AS_A_USER])
 def test_bad_input_is_one_line_and_status_2(args: list[str], message: str) -> None:
     proc = cli(*args)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert proc.stderr.startswith("supervisor: error: ")
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), [b for i, b in enumerate(BAD_INPUT) if i not in AS_A_USER]
+)
+def test_more_bad_input_is_one_line_and_status_2(
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(ROOT)
+    status = main(args)
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, ""), err
+    assert err.count("\n") == 1 and message in err, err
+    assert err.startswith("supervisor: error: ")
 
 
 def test_bad_config_contents(tmp_path: Path) -> None:

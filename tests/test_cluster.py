@@ -155,15 +155,17 @@ async def test_full_workers_are_skipped_and_all_full_cannot_start() -> None:
 
 
 async def test_migrations_are_exact_with_the_console_input_a_disk_and_every_cpu(
-    tmp_path: Path,
+    tmp_path: Path, build_guest: BuildGuest
 ) -> None:
     """Migrations on one cluster (its workers' start is most of a cluster test's cost),
     one guest after another."""
+    fsprobe = build_guest((Path(__file__).parent / "c" / "fsprobe.c").read_text(), flags=("-O2",))
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         await migration_is_exact_and_the_console_goes_on(cl)
         await migration_mid_line_and_with_input_queued(cl)
         await a_disk_moves_with_its_guest_and_is_written_back_once(cl, tmp_path)
         await a_guest_with_several_cpus_migrates_with_every_cpu(cl, tmp_path)
+        await a_migrated_guest_keeps_its_open_files(cl, fsprobe, tmp_path)
 
 
 async def migration_is_exact_and_the_console_goes_on(cl: Cluster) -> None:
@@ -387,6 +389,24 @@ async def a_guest_with_several_cpus_migrates_with_every_cpu(cl: Cluster, tmp_pat
     assert moves >= 1
 
 
+async def a_migrated_guest_keeps_its_open_files(cl: Cluster, fsprobe: Path, tmp_path: Path) -> None:
+    """Its descriptors, offsets and working directory in a granted directory (which the
+    new worker names again) go on after the move (tests/test_files.py: the grants)."""
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "f").write_bytes(b"abcdefghijklmnopqrstuvwxyz")
+    granted = [{"host": tmp_path / "files", "guest": "/d"}]
+    guest = await cl.launch(GuestConfig(image=fsprobe, memory="4M", dirs=granted))
+    guest.send("open /d/f b\nread 3 3\ncd /d\n")
+    lines = aiter(guest.console)
+    assert [await anext(lines) for _ in range(3)] == ["ok 3", "ok 3 abc", "ok"]
+    first = guest.worker
+    assert await cl.migrate(guest) is not first
+    guest.send("read 3 2\nwrite 3 XY\ncwd\nexit 5\n")
+    assert [line async for line in lines] == ["ok 2 de", "ok 2", "ok /d"]
+    assert (await guest.wait()).exit_status == 5
+    assert (tmp_path / "files" / "f").read_bytes() == b"abcdeXYhijklmnopqrstuvwxyz"
+
+
 def networked(image: str, name: str, cmdline: str) -> GuestConfig:
     return GuestConfig(
         image=GUESTS / "c" / image, name=name, cmdline=cmdline, memory="4M", net=True
@@ -558,14 +578,39 @@ async def test_a_move_resets_connections_and_the_listener_listens_again(probe: P
         assert (await srv.wait()).ok
 
 
-async def test_a_failed_move_keeps_the_connections() -> None:
+async def test_a_failed_move_keeps_the_connections(tmp_path: Path) -> None:
+    """Two failed moves of a networked guest: to a worker that could not revive it (the
+    directory it was granted is gone), then to one that died.  Each time it runs on at
+    w0 with its connections, and its name goes on resolving to w0 everywhere, on the
+    worker that refused it too."""
+    granted = tmp_path / "granted"
+    granted.mkdir()
     async with asyncio.timeout(LIMIT), Cluster(workers=2) as cl:
         w0, w1 = cl.workers
-        echo = await cl.launch(networked("tcp_echo_server.elf", "echo", "7"), worker=w0)
+        config = GuestConfig(
+            image=GUESTS / "c" / "tcp_echo_server.elf", name="echo", cmdline="7", memory="4M",
+            net=True, dirs=[{"host": granted, "guest": "/data"}],
+        )  # fmt: skip
+        echo = await cl.launch(config, worker=w0)
         assert await anext(aiter(echo.console)) == "listening on 7"
         reader, writer = await cl.net.open_connection("echo", 7)
         writer.write(b"before\n")
         assert await reader.readline() == b"before\n"
+        holder = await cl.launch(networked("tcp_hold_client.elf", "hold", "echo 7 hi"), worker=w1)
+        held = aiter(holder.console)
+        assert await anext(held) == "hi"  # connected from w1, echoed, holding
+        granted.rmdir()  # a restore names it again: w1 cannot revive the guest
+        with pytest.raises(ClusterError, match="worker w1 could not revive it") as failed:
+            await cl.migrate(echo, w1)
+        assert "no such directory" in str(failed.value) and "runs on at w0" in str(failed.value)
+        assert echo.worker is w0 and echo.moves == 0 and w1.alive
+        assert (await w1.actor.net_state.remote())["remotes"] == {"echo": "w0"}
+        writer.write(b"between\n")  # the driver's connection is kept
+        assert await reader.readline() == b"between\n"
+        client = await cl.launch(networked("tcp_echo_client.elf", "cli", "echo 7 again"), worker=w1)
+        assert await collect(client) == ["again"]  # the name, asked on w1, is at w0
+        assert not holder.done  # w1's connection is kept too
+        await holder.kill()  # (so that the driver does not see w1 die below)
         ray.kill(w1.actor, no_restart=True)  # dead, still marked alive
         with contextlib.suppress(RayActorError):
             while True:  # until calls to it fail

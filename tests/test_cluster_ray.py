@@ -9,99 +9,28 @@
   on each node (Ray's node ids) and move a guest from one node to the other.
 
 Every driver runs in a process of its own, as a user's would: Ray keeps its token and
-its connection per process.  Each Ray here has its own ``RAY_TMPDIR``, so it neither sees
-nor is seen by any other Ray on the machine, and is ended by process id: every process
-whose environment carries this module's marker (``ray stop`` would end every Ray on the
-machine, other users' too).
+its connection per process.  Each Ray here is isolated and ended by process id
+(tests/rayprocs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rayprocs import end_ray, free_port, new_root, ray, ray_env, run, token_env
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "guests"
-MARKER = "LGUEST_TEST_RAY"  # environment variable naming the Ray a process belongs to
-LIMIT = 120  # seconds for one driver process: a bound for failing, never a wait
 
 pytestmark = [pytest.mark.one_loop, pytest.mark.slow]
-
-
-def _ray_env(root: Path) -> dict[str, str]:
-    """The environment of every process of the Ray rooted at ``root``: its own temporary
-    directory (where ``ray start`` records the cluster a driver with no address joins),
-    no inherited address or token, and the marker that finds its processes."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_TMPDIR"] = str(root)
-    env[MARKER] = str(root)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-def _processes_of(root: Path) -> list[int]:
-    """Ids of the live processes started for the Ray rooted at ``root``."""
-    want = f"{MARKER}={root}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if want in environ.split(b"\0") and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-def _end_ray(root: Path) -> None:
-    """End every process of the Ray rooted at ``root`` (TERM, then KILL), by id."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _processes_of(root):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 3
-        while _processes_of(root) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not _processes_of(root):
-            break
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=LIMIT, check=False
-    )
-
-
-def _ray(*args: str, env: dict[str, str]) -> None:
-    done = _run([sys.executable, "-m", "ray.scripts.scripts", *args], env)
-    assert done.returncode == 0, f"ray {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
 
 
 # -- a local Cluster() -------------------------------------------------------------------------
@@ -119,13 +48,13 @@ asyncio.run(main())
 
 def test_a_local_cluster_starts_without_the_token_warning() -> None:
     pytest.importorskip("ray")
-    root = Path(tempfile.mkdtemp(prefix="lgray-", dir="/tmp"))
-    env = _ray_env(root)
+    root = new_root()
+    env = ray_env(root)
     env["HOME"] = str(root / "home")  # Ray keeps its token in ~/.ray: this test's own
     try:
-        done = _run([sys.executable, "-c", LOCAL_DRIVER], env)
+        done = run([sys.executable, "-c", LOCAL_DRIVER], env)
     finally:
-        _end_ray(root)
+        end_ray(root)
     assert done.returncode == 0, done.stderr
     assert "workers 1" in done.stdout
     assert "Started a local Ray instance" in done.stderr  # a Ray of its own, not joined
@@ -144,24 +73,19 @@ class TwoNodes:
 def two_nodes() -> Iterator[TwoNodes]:
     """``ray start --head`` and a second node, one CPU each; ended at the module's end."""
     pytest.importorskip("ray")
-    root = Path(tempfile.mkdtemp(prefix="lgray-", dir="/tmp"))
-    token = root / "token"
-    token.write_text(os.urandom(32).hex())
-    token.chmod(0o600)
-    env = _ray_env(root)
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN_PATH"] = str(token)
-    gcs, client = _free_port(), _free_port()
+    root = new_root()
+    env = token_env(root)
+    gcs, client = free_port(), free_port()
     common = ["--num-cpus=1", "--disable-usage-stats"]
     try:
-        _ray(
+        ray(
             "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
             "--include-dashboard=false", *common, env=env,
         )  # fmt: skip
-        _ray("start", f"--address=127.0.0.1:{gcs}", *common, env=env)
+        ray("start", f"--address=127.0.0.1:{gcs}", *common, env=env)
         yield TwoNodes(env, f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}")
     finally:
-        _end_ray(root)
+        end_ray(root)
 
 
 def _worker_rows(out: str) -> list[list[str]]:
@@ -185,7 +109,7 @@ def test_the_cli_places_a_worker_on_each_node(two_nodes: TwoNodes, where: str) -
     address = "ray" if where == "ray" else two_nodes.gcs
     argv = [sys.executable, "-m", "supervisor", "swarm", "-n", "4", str(GUESTS / "counter.img")]
     argv += ["--memory", "1M", "--cmdline", "lines=3 spin=1000"]
-    done = _run([*argv, "--cluster", address, "--workers", "2"], two_nodes.env)
+    done = run([*argv, "--cluster", address, "--workers", "2"], two_nodes.env)
     assert done.returncode == 0, done.stderr
     assert "Connecting to existing Ray cluster" in done.stderr
     rows = _worker_rows(done.stdout)
@@ -200,11 +124,11 @@ def test_the_library_moves_a_guest_between_the_nodes(two_nodes: TwoNodes, via: s
     """``Cluster(address=HOST:PORT)`` and Ray Client (``ray://``): a worker on each node,
     and a guest moved from one to the other, exact."""
     address = two_nodes.gcs if via == "address" else two_nodes.client
-    done = _run([sys.executable, __file__, address], two_nodes.env)
+    done = run([sys.executable, __file__, address], two_nodes.env)
     if via == "client" and done.returncode != 0 and "client server failed" in done.stderr:
         # Ray's client proxy starts a server per client; a start that fails is retried
         # by the next connection, as a user would retry.
-        done = _run([sys.executable, __file__, address], two_nodes.env)
+        done = run([sys.executable, __file__, address], two_nodes.env)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(report["alive_nodes"]) == 2

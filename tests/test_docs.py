@@ -34,11 +34,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import rayprocs
 
 from supervisor import GuestConfig
 from supervisor.cli import build_parser
@@ -121,9 +122,25 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def environment() -> dict[str, str]:
+@pytest.fixture(scope="module")
+def shared_ray() -> Iterator[dict[str, str]]:
+    """One Ray (``ray start --head``, two CPUs) that the blocks on a cluster join in turn:
+    each block's driver, with no address, joins it as a driver on a machine where
+    ``ray start`` ran does, instead of starting a Ray of its own (most of such a
+    block's time).  tests/test_cluster_ray.py checks that a driver starts its own."""
+    pytest.importorskip("ray")
+    with rayprocs.head_node(cpus=2) as env:
+        yield env
+
+
+def uses_ray(block: Block) -> bool:
+    """Whether ``block`` runs a driver on a Ray cluster (joining one, or starting its own)."""
+    return block.marks.get("needs") == "ray" or "supervisor.cluster" in block.text
+
+
+def environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """``python`` and ``lguest-supervisor`` are this interpreter's, as in its venv."""
-    env = dict(os.environ)
+    env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("PYTEST_ADDOPTS", None)
     return env
@@ -183,7 +200,7 @@ def check_console(block: Block) -> None:
             build_parser().parse_args(args)  # SystemExit(2) fails the test
 
 
-def run_python(block: Block, workdir: Path) -> None:
+def run_python(block: Block, workdir: Path, env: dict[str, str]) -> None:
     test_file = PYTEST_FILE.match(block.text)
     if test_file:
         (workdir / test_file.group(1)).write_text(block.text + "\n")
@@ -192,17 +209,17 @@ def run_python(block: Block, workdir: Path) -> None:
         (workdir / "doc_example.py").write_text(block.text + "\n")
         command = [sys.executable, "doc_example.py"]
     done = subprocess.run(
-        command, cwd=workdir, env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT
     )
     assert done.returncode == 0, f"{block.name}: exit {done.returncode}\n{done.stdout}{done.stderr}"
 
 
-def run_shell(block: Block, workdir: Path) -> None:
+def run_shell(block: Block, workdir: Path, env: dict[str, str]) -> None:
     for command, status in shell_commands(block.text):
         done = subprocess.run(
             ["bash", "-c", command],
             cwd=workdir,
-            env=environment(),
+            env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -227,7 +244,7 @@ def test_the_documents_have_blocks_of_every_runnable_kind() -> None:
 
 
 @pytest.mark.parametrize("block", params())
-def test_doc_block(block: Block, workdir: Path) -> None:
+def test_doc_block(block: Block, workdir: Path, request: pytest.FixtureRequest) -> None:
     assert block.kind in KINDS, f"{block.name}: unknown block kind {block.kind!r}"
     if "skip" in block.marks:
         pytest.skip(block.marks["skip"] or "marked skip")
@@ -241,10 +258,10 @@ def test_doc_block(block: Block, workdir: Path) -> None:
         compile(block.text, block.name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     elif "synopsis" in block.marks:
         check_synopsis(block)
-    elif block.kind == "python":
-        run_python(block, workdir)
-    elif block.kind == "sh":
-        run_shell(block, workdir)
+    elif block.kind in ("python", "sh"):
+        ray = uses_ray(block) and (block.kind == "python" or bool(shell_commands(block.text)))
+        env = environment(request.getfixturevalue("shared_ray") if ray else None)
+        (run_python if block.kind == "python" else run_shell)(block, workdir, env)
     elif block.kind in ("toml", "json"):
         load_config(block, workdir)
     elif block.kind == "console":

@@ -8,19 +8,21 @@ answer per command.  Needs the ``sdk`` extra (Zig's C compiler).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from guestasm import open_descriptors
 from slotrequests import Requests, slot_at_1m
 
-from supervisor import Exit, GuestConfig, Supervisor
+from supervisor import Exit, GuestConfig, Supervisor, cli
 from supervisor.config import ConfigError, DirGrant
 from supervisor.launcher import files
 from supervisor.memory import GuestMemory
@@ -397,10 +399,6 @@ async def test_opening_without_end_gets_emfile_at_max_files(fsprobe: Path, tmp_p
     assert default == ["opened 1024, then err EMFILE"]
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 @pytest.mark.one_loop
 async def test_host_descriptors_return_to_baseline_after_many_guests(
     fsprobe: Path, tmp_path: Path, host_tmp: Path
@@ -414,7 +412,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
         await asyncio.sleep(0)
         for g in list(sup.guests):
             await g.wait()
-        baseline = _open_fds()
+        baseline = open_descriptors()
         for _batch in range(guests // 20):
             launched = []
             for i in range(20):
@@ -431,7 +429,7 @@ async def test_host_descriptors_return_to_baseline_after_many_guests(
                         assert (await g.wait()).exit_status == 3
                     else:
                         await g.kill("killed with open files")
-        assert _open_fds() == baseline
+        assert open_descriptors() == baseline
     assert (tmp_path / "new").exists()
     assert _entries(host_tmp) == []  # every private /tmp removed, killed or not
 
@@ -456,9 +454,13 @@ async def test_a_guest_killed_mid_write_leaves_whole_writes(fsprobe: Path, tmp_p
 
 # -- bad input ------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", *args], capture_output=True, text=True, timeout=120
-    )
+    """``supervisor ARGS`` in this process, for requests refused before anything runs: a
+    subprocess would add only the interpreter's start-up (tests/test_cli.py runs the
+    command line as a user does)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(args))
+    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("option", ["--dir", "--ro-dir"])
@@ -481,8 +483,6 @@ def test_a_dir_that_is_missing_or_a_file_is_one_line_and_status_2(
 
 
 def test_dir_options_reach_the_config(tmp_path: Path) -> None:
-    from supervisor import cli
-
     args = cli.build_parser().parse_args(
         ["run", "x.img", "--dir", str(tmp_path), "--ro-dir", f"{tmp_path}::/ro",
          "--workdir", "/ro", "--max-files", "7"]
@@ -711,33 +711,6 @@ async def test_buffered_reads_leave_the_offset_where_the_guest_read_to(
     ]  # fmt: skip
 
 
-@pytest.mark.one_loop
-async def test_a_migrated_guest_keeps_its_open_files(fsprobe: Path, tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray")
-    from supervisor.cluster import Cluster
-
-    (tmp_path / "f").write_bytes(b"abcdefghijklmnopqrstuvwxyz")
-    started = not ray.is_initialized()  # tests/test_cluster.py's module may hold one
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        async with asyncio.timeout(4 * LIMIT), Cluster(workers=2) as cl:
-            config = GuestConfig(image=fsprobe, memory="4M", dirs=[grant(tmp_path, "/d")])
-            guest = await cl.launch(config)
-            guest.send("open /d/f b\nread 3 3\ncd /d\n")
-            lines = aiter(guest.console)
-            assert [await anext(lines) for _ in range(3)] == ["ok 3", "ok 3 abc", "ok"]
-            first = guest.worker
-            assert await cl.migrate(guest) is not first
-            guest.send("read 3 2\nwrite 3 XY\ncwd\nexit 5\n")
-            assert [line async for line in lines] == ["ok 2 de", "ok 2", "ok /d"]
-            assert (await guest.wait()).exit_status == 5
-    finally:
-        if started:
-            ray.shutdown()
-    assert (tmp_path / "f").read_bytes() == b"abcdeXYhijklmnopqrstuvwxyz"
-
-
 async def test_a_directory_gone_before_launch_fails_it_and_leaks_nothing(
     fsprobe: Path, tmp_path: Path
 ) -> None:
@@ -748,10 +721,10 @@ async def test_a_directory_gone_before_launch_fails_it_and_leaks_nothing(
     config = GuestConfig(image=fsprobe, memory="4M", block=disk, dirs=[grant(gone)])
     gone.rmdir()
     async with Supervisor() as sup:
-        baseline = _open_fds()
+        baseline = open_descriptors()
         with pytest.raises(FileNotFoundError):
             await sup.launch(config)
-        assert _open_fds() == baseline  # the block device's file is closed again
+        assert open_descriptors() == baseline  # the block device's file is closed again
         assert sup.guests == []
 
 

@@ -47,7 +47,7 @@ import time
 
 import pytest
 from fuzz_guests import scaled
-from guestasm import assemble, load, until
+from guestasm import assemble, load, open_descriptors, until
 
 from supervisor import LguestDevice, _unicorn
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, pack_words
@@ -80,7 +80,7 @@ def rss() -> int:
 
 
 def fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return open_descriptors()
 
 
 def live_guests() -> int:

@@ -22,6 +22,7 @@ import pytest
 from supervisor import Exit, Guest, GuestConfig, Supervisor
 from supervisor import net as netmod
 from supervisor.pytest_plugin import BuildGuest
+from supervisor.testing import until
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -444,7 +445,10 @@ async def lines_of(guest: Guest) -> tuple[list[str], Exit]:
 
 
 async def test_a_guest_and_the_host_get_etimedout_across_a_partition(probe: Path) -> None:
-    net = netmod.Network(stream_timeout=0.5, connect_timeout=0.5)
+    """The timeouts run on a virtual clock that the test moves once the guest or the
+    host waits across the cut: a full buffer, then the timeout, whatever the pace of
+    the guest's sends on a loaded machine."""
+    net, clock = network()
     async with Supervisor(network=net) as sup:
         accepted: list[asyncio.StreamReader] = []
         server = await sup.net.start_server(lambda r, w: accepted.append(r), 9000)
@@ -452,8 +456,14 @@ async def test_a_guest_and_the_host_get_etimedout_across_a_partition(probe: Path
             GuestConfig(image=probe, name="g", cmdline="stall host 9000", memory="4M", net=True)
         )
         await guest.expect("ready stall", LIMIT)
+        (sock,) = streams_of(net, "g")
         sup.net.partition(["g"], ["host"])
         guest.send("go\n")
+        await until(lambda: sock.room() == 0, LIMIT)  # its buffer is full: the send waits
+        assert sock.unacknowledged() and clock.pending() == 1
+        clock.advance(net.stream_timeout)
+        await until(lambda: len(net.stalled) == 1, LIMIT)  # its connect waits across the cut
+        clock.advance(net.connect_timeout)
         lines, end = await lines_of(guest)
         assert lines == [
             "",  # the rest of the "ready stall" line
@@ -474,13 +484,24 @@ async def test_a_guest_and_the_host_get_etimedout_across_a_partition(probe: Path
         await echo.expect("ready hold", LIMIT)
         reader, writer = await sup.net.open_connection("e", 7)
         sup.net.partition(["host"], ["e"])
+        connecting = asyncio.ensure_future(sup.net.open_connection("e", 7))
+        await until(lambda: len(net.stalled) == 1, LIMIT)
+        clock.advance(net.connect_timeout)
         with pytest.raises(TimeoutError):
-            await sup.net.open_connection("e", 7)
+            await asyncio.wait_for(connecting, LIMIT)
         writer.write(b"q" * 1000)
+        await until(lambda: clock.pending() == 1, LIMIT)  # the host's bytes are held
+        clock.advance(net.stream_timeout)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(reader.read(), LIMIT)
         sup.net.heal()
         await echo.kill()
+
+
+def streams_of(net: netmod.Network, name: str) -> list[netmod.StreamSocket]:
+    """The connected stream sockets of the member ``name``."""
+    (member,) = [m for m in net.members if m.name == name]
+    return [s for s in member.sockets if isinstance(s, netmod.StreamSocket) and s.peer]
 
 
 async def test_a_restored_copy_finds_its_sockets_stale_and_the_original_keeps_them(
@@ -541,16 +562,21 @@ async def test_a_copy_restored_while_its_receive_waits_gets_estale(probe: Path) 
 
 
 async def test_a_nonblocking_connect_across_a_partition_goes_on_by_itself(probe: Path) -> None:
-    async with Supervisor(network=netmod.Network(connect_timeout=0.3)) as sup:
+    """The connect timeout runs on a virtual clock the test moves: the first connect
+    times out, the second waits across the cut however long the test takes to heal it."""
+    net, clock = network()
+    async with Supervisor(network=net) as sup:
         server = await sup.net.start_server(lambda r, w: w.close(), 9100)
         sup.net.partition(["host"], ["10.0.0.2"])  # the address the guest will get
         config = GuestConfig(
             image=probe, name="nb", cmdline="nbconnect host 9100", memory="4M", net=True
         )
         guest = await sup.launch(config)
+        # Both calls made (a timeout between them would make the second a new connect).
+        await guest.expect("connect1 EINPROGRESS again EALREADY\n", LIMIT)
+        clock.advance(net.connect_timeout)
         before = await guest.expect(re.compile(r"(?s)^(.*)ready second\n"), LIMIT)
         assert before[1].splitlines() == [
-            "connect1 EINPROGRESS again EALREADY",
             "poll1 1 ERR so_error ETIMEDOUT peer ENOTCONN",  # no answer across the cut
             "connect2 EINPROGRESS again EALREADY",
         ]

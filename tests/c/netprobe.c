@@ -322,6 +322,7 @@ int main(int argc, char **argv)
             printf("connect%d %s", i, ename(r ? errno : 0));
             r = connect(fd, (struct sockaddr *)&a, sizeof a);
             printf(" again %s\n", ename(r ? errno : 0));
+            fflush(stdout); /* the test times the first one out once both calls are made */
             if (i == 2) ready("second"); /* the test heals the cut now */
             struct pollfd p = {.fd = fd, .events = POLLOUT};
             int n = poll(&p, 1, -1);
