@@ -7,6 +7,7 @@ import asyncio
 import errno
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -417,6 +418,47 @@ async def test_a_busy_cpu_hands_the_processor_over_when_another_cpu_waits(
         for r in readers:
             r.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+# CPU 0 counts; CPU 1 is never started.
+LONE_COUNTER = (
+    r"""
+main:
+    LGUEST_INIT
+1:  incl count0
+    jmp 1b
+.data
+count0: .long 0
+"""
+    + CPU1_AREAS
+)
+
+
+async def test_a_withdrawn_run_of_a_two_cpu_guest_goes_round_in_one_turn() -> None:
+    # An irq for a CPU whose executor run waits for a worker withdraws the run, and the
+    # read's next pass comes in the loop's next turn (the wake completes what the read
+    # waits for), not after the cancellation has travelled through the run's futures.
+    async with LguestDevice(workers=1) as device:
+        g = await boot(device, assemble(LONE_COUNTER), cpus=2)
+        cpu = g.file.cpu(0)
+        release = threading.Event()
+        blocker = device.executor.submit(release.wait, 60.0)  # the one worker is busy
+        reader = asyncio.create_task(g.file.read(4, 0))
+        try:
+            await until(lambda: cpu.run.queued_slice is not None)  # waits behind the blocker
+            withdrawn = cpu.run.queued_slice
+            slices = present(g.file.stats).slices
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 3))
+            assert withdrawn is not None and withdrawn.cancelled()
+            await asyncio.sleep(0)  # one turn of the loop
+            # The read went round: a slice on the loop, then a new run behind the blocker.
+            assert present(g.file.stats).slices == slices + 1
+            assert cpu.run.queued_slice is not None and cpu.run.queued_slice is not withdrawn
+        finally:
+            release.set()
+            await asyncio.wrap_future(blocker)
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
 
 
 async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
