@@ -461,6 +461,82 @@ async def test_a_withdrawn_run_of_a_two_cpu_guest_goes_round_in_one_turn() -> No
             await asyncio.gather(reader, return_exceptions=True)
 
 
+# The Host interrupts CPU 0 (irq 3), which counts meanwhile; its handler sends CPU 1,
+# halted, irq 4, whose handler notifies 0x1b1.
+IPI_PINGER = (
+    r"""
+main:
+    LGUEST_INIT
+    IDT 35, to_cpu1
+    IDT 36, on_cpu1
+    HCALL_REG 64, $1, $secondary, $stack1_top
+    movl $512, lguest_data
+1:  incl count0
+    jmp 1b
+to_cpu1:
+    HCALL 65, 1, 4
+    movl $512, lguest_data
+    iret
+secondary:
+    CPU_INIT cpu1_data
+    movl $512, cpu1_data
+2:  HCALL 10
+    jmp 2b
+on_cpu1:
+    HCALL 17, 0x1b1
+    movl $512, cpu1_data
+    iret
+.data
+count0: .long 0
+"""
+    + CPU1_AREAS
+)
+
+
+async def test_an_ipi_from_a_queued_cpu_reaches_the_halted_cpus_reader_in_two_turns() -> None:
+    # The Host's irq withdraws CPU 0's queued run (the one worker is busy) and its read
+    # goes round in the next turn of the loop, delivers it there and does the handler's
+    # SEND_IPI; CPU 1's run loop wakes in the turn after and its handler's notify ends its
+    # read there.  Two turns from the irq to the notify; nothing ran on a worker.
+    async with LguestDevice(workers=1) as device:
+        g = await boot(device, assemble(IPI_PINGER), cpus=2)
+        f = g.file
+        readers = [asyncio.create_task(f.read(4, n)) for n in range(2)]
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> bool:
+            started.set()
+            return release.wait(60.0)
+
+        blocker = None
+        try:
+            await until(lambda: f.asleep(1) and f.reading(1) and g.u32("count0") > 0)
+            blocker = device.executor.submit(block)  # CPU 0's run then waits behind it
+
+            def queued() -> bool:  # CPU 0's run waits behind the blocker
+                run = f.cpu(0).run.queued_slice
+                return started.is_set() and run is not None and not run.done()
+
+            await until(queued)
+            slices = f.cpu_stats[1].slices
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, 3))
+            turns = 0
+            while not readers[1].done():
+                await asyncio.sleep(0)
+                turns += 1
+            assert readers[1].result() == abi.pack_words(0x1B1)
+            assert turns == 2
+            # On the loop (the one worker is still blocked): CPU 1's handler in one slice.
+            assert f.cpu_stats[1].slices == slices + 1
+        finally:
+            release.set()
+            if blocker is not None:
+                await asyncio.wrap_future(blocker)
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+
 async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
     async with LguestDevice(hibernate_after=0) as device:
         g = await boot(device, IPI.format(first=""), cpus=2)
