@@ -345,11 +345,18 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
     other CPUs (Unicorn's instances do not make ``lock`` atomic across threads:
     docs/abi.md, "Several CPUs").  A CPU with an interrupt to take does not wait
     out the owner's slice: the owner is kicked and stops at its next block, like
-    a hardware interrupt preempting a busy core.  ``wake()``, not just a kick: the
-    owner's slice may still wait in the executor's queue behind other guests' slices,
-    and is then withdrawn instead of waited for.
+    a hardware interrupt preempting a busy core.  So does a CPU with an irq raised
+    since it last asked for a turn (``cpu.run.irq_raised``) that it cannot take this
+    instant (its interrupts are off: it stopped at a notify in a handler), once per
+    raise: it is about to turn them on, and a busy owner's run may wait for a worker
+    behind a whole round of the pool.  ``wake()``, not just a kick: the owner's slice
+    may still wait in the executor's queue behind other guests' slices, and is then
+    withdrawn instead of waited for.
     """
-    if owner is not None and processor.locked() and interrupts.ready_to_deliver(cpu):
+    raised, cpu.run.irq_raised = cpu.run.irq_raised, False
+    if owner is None or not processor.locked():
+        return
+    if interrupts.ready_to_deliver(cpu) or (raised and interrupts.deliverable_irq(cpu) is not None):
         owner.wake()
 
 

@@ -537,6 +537,46 @@ async def test_an_ipi_from_a_queued_cpu_reaches_the_halted_cpus_reader_in_two_tu
             await asyncio.gather(*readers, return_exceptions=True)
 
 
+async def test_a_cpu_with_a_raised_irq_it_cannot_take_yet_does_not_wait_for_a_worker() -> None:
+    # CPU 1 stopped at the notify in its irq handler (interrupts off) and nobody reads it
+    # while CPU 0's run waits for the one worker (a blocking job holds it), holding the
+    # guest's processor.  Another irq for CPU 1, then a read: CPU 1 takes the processor
+    # at once (CPU 0's queued run withdrawn), turns its interrupts on, halts, takes the
+    # irq and notifies, all while the worker is still blocked.
+    async with LguestDevice(workers=1) as device:
+        g = await boot(device, assemble(IPI_PINGER), cpus=2)
+        f = g.file
+        reader0 = asyncio.create_task(f.read(4, 0))
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> bool:
+            started.set()
+            return release.wait(60.0)
+
+        def queued() -> bool:  # CPU 0's run waits behind the blocker
+            run = f.cpu(0).run.queued_slice
+            return started.is_set() and run is not None and not run.done()
+
+        blocker = None
+        try:
+            reader1 = asyncio.create_task(f.read(4, 1))
+            await until(lambda: f.asleep(1) and f.reading(1) and g.u32("count0") > 0)
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, 4), 1)
+            assert await reader1 == abi.pack_words(0x1B1)  # stopped in its handler
+            blocker = device.executor.submit(block)
+            await until(queued)
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, 4), 1)
+            # (The timeout only guards against a hang: without the turn it never ends.)
+            assert await asyncio.wait_for(f.read(4, 1), 30) == abi.pack_words(0x1B1)
+            assert not blocker.done() and f.cpu_stats[1].interrupts == 2
+        finally:
+            release.set()
+            if blocker is not None:
+                await asyncio.wrap_future(blocker)
+            reader0.cancel()
+            await asyncio.gather(reader0, return_exceptions=True)
+
+
 async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
     async with LguestDevice(hibernate_after=0) as device:
         g = await boot(device, IPI.format(first=""), cpus=2)
