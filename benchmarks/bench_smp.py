@@ -19,11 +19,12 @@ of ``xchg`` swaps of a register with one word (three tokens, one in each CPU's
 never overlapped (a loaded machine), not that the instructions are atomic:
 tests/test_unicorn_atomics.py shows the window deterministically.
 
-``ipi_latency``: CPU 1 of a two-CPU guest halts; the Host interrupts CPU 0,
-whose handler sends CPU 1 an IPI (``SEND_IPI``); CPU 1's handler notifies.  The
-figure is the p99 from the Host's ``LHREQ_IRQ`` to that notify reaching CPU 1's
-reader, with ``latency_guests`` busy one-CPU guests beside it, so it bounds the
-IPI's own latency from above (it includes one irq delivery and one NOTIFY exit).
+``ipi_latency``: CPU 1 of a two-CPU guest halts, its read in flight (each sample
+waits for that); CPU 0 computes.  The Host interrupts CPU 0, whose handler sends
+CPU 1 an IPI (``SEND_IPI``); CPU 1's handler notifies.  The figure is the p99 from
+the Host's ``LHREQ_IRQ`` to that notify reaching CPU 1's reader, with
+``latency_guests`` busy one-CPU guests beside it, so it bounds the IPI's own latency
+from above (it includes one irq delivery and one NOTIFY exit).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from unicorn import x86_const as r
 
 from supervisor import LguestDevice
 from supervisor.abi import LHREQ_IRQ, pack_words
-from supervisor.testing import CPU1_AREAS, run_cpus_to_end
+from supervisor.testing import CPU1_AREAS, run_cpus_to_end, until
 
 from .guests import Booted, assemble, boot
 from .harness import Profile, Result, median, now, percentile
@@ -300,19 +301,38 @@ async def ipi_latency(p: Profile) -> list[Result]:
 
         readers = [asyncio.create_task(spin(g)) for g in busy]
         cpu0 = asyncio.create_task(_read_forever(f, 0))
+        notified: asyncio.Future[float] | None = None
+
+        async def cpu1_reader() -> None:
+            """CPU 1's Launcher: its read is in flight whenever the CPU halts."""
+            while True:
+                try:
+                    word = await f.read(4, 1)
+                except OSError:
+                    return
+                assert int.from_bytes(word[:4], "little") == 0x1B1
+                if notified is not None and not notified.done():
+                    notified.set_result(now())
+
+        cpu1 = asyncio.create_task(cpu1_reader())
+
+        def halted() -> bool:
+            return f.asleep(1) and f.reading(1)  # CPU 1 halted, its read waiting
+
         await asyncio.sleep(0.3)  # every guest busy, budgets adapted
+        await until(halted)  # (its start-up waited for CPU 0's turn in the crowded pool)
         end = now() + p.latency_seconds
         while now() < end:
             await asyncio.sleep(0.005 + random.random() * 0.005)
+            await until(halted)
+            notified = asyncio.get_running_loop().create_future()
             t0 = now()
             await f.write(pack_words(LHREQ_IRQ, 3))
-            got = await asyncio.wait_for(f.read(4, 1), 5)
-            assert int.from_bytes(got[:4], "little") == 0x1B1
-            samples.append(now() - t0)
-        del samples[0]  # CPU 1's first run: its LGUEST_INIT before the handler
+            samples.append(await asyncio.wait_for(notified, 5) - t0)
         running = False
-        cpu0.cancel()
-        await asyncio.gather(cpu0, return_exceptions=True)
+        for task in (cpu0, cpu1):
+            task.cancel()
+        await asyncio.gather(cpu0, cpu1, return_exceptions=True)
         await stop_all(dev, [*busy, pinger], readers)
     p99 = percentile(samples, 99) * 1e3
     return [

@@ -260,6 +260,10 @@ class RunControl:
     # The loop thread's CPU time (time.thread_time) when its run loop last waited: a yield
     # or a sleep (run.YIELD_TIME counts from there).
     yielded_at: float = host_only(default=0.0)
+    # An irq was raised (not into a slice in progress) since this CPU last asked for its
+    # turn on the guest's processor: that turn does not wait out a sibling's run, even if
+    # the CPU cannot take the irq this instant (run._take_turn; one such turn per raise).
+    irq_raised: bool = host_only(default=False)
 
 
 # The run loop's hooks for a CPU's instance (new_cpu): called with ``hooked`` False to
@@ -420,6 +424,7 @@ class LgCpu:
         goes on without the run loop (``_slicing.raise_irq``); anything else is woken.
         (The event loop calls this, so no inline slice is in progress meanwhile.)"""
         if not _slicing.raise_irq(self.fuel, irq, self.threads.slice is not None):
+            self.run.irq_raised = True
             self.wake()
 
     def take_irq(self, irq: int) -> None:

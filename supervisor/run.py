@@ -347,11 +347,18 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
     other CPUs (Unicorn's instances do not make ``lock`` atomic across threads:
     docs/abi.md, "Several CPUs").  A CPU with an interrupt to take does not wait
     out the owner's slice: the owner is kicked and stops at its next block, like
-    a hardware interrupt preempting a busy core.  ``wake()``, not just a kick: the
-    owner's slice may still wait in the executor's queue behind other guests' slices,
-    and is then withdrawn instead of waited for.
+    a hardware interrupt preempting a busy core.  So does a CPU with an irq raised
+    since it last asked for a turn (``cpu.run.irq_raised``) that it cannot take this
+    instant (its interrupts are off: it stopped at a notify in a handler), once per
+    raise: it is about to turn them on, and a busy owner's run may wait for a worker
+    behind a whole round of the pool.  ``wake()``, not just a kick: the owner's slice
+    may still wait in the executor's queue behind other guests' slices, and is then
+    withdrawn instead of waited for.
     """
-    if owner is not None and processor.locked() and interrupts.ready_to_deliver(cpu):
+    raised, cpu.run.irq_raised = cpu.run.irq_raised, False
+    if owner is None or not processor.locked():
+        return
+    if interrupts.ready_to_deliver(cpu) or (raised and interrupts.deliverable_irq(cpu) is not None):
         owner.wake()
 
 
@@ -433,18 +440,15 @@ async def _run_slice(
         cpu.run.idle.clear()  # until the run is finished or withdrawn: pause() waits for it
         cpu.run.queued_slice = queued
         future = _loop_future(cpu, queued)
-    breaker = _break_waiter(cpu, future)
+    waiter = _run_waiter(cpu, future)
     try:
-        if breaker is None:
-            exit: SliceExit = await asyncio.shield(future)
-        else:
-            await breaker
-            if queued.cancelled():  # withdrawn (LgCpu.wake): go round again
-                return SliceExit.KICK
-            if not future.done():  # a Waker's break (break_out): the run goes on meanwhile
-                _detach(cpu, future)
-                return SliceExit.KICK
-            exit = future.result()
+        await waiter
+        if queued.cancelled():  # withdrawn (LgCpu.wake): go round again
+            return SliceExit.KICK
+        if not future.done():  # a Waker's break (break_out): the run goes on meanwhile
+            _detach(cpu, future)
+            return SliceExit.KICK
+        exit: SliceExit = future.result()
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if queued.cancelled() and task is not None and not task.cancelling():
@@ -513,23 +517,29 @@ def _loop_future(cpu: LgCpu, job: Job[SliceExit | Again]) -> asyncio.Future[Slic
     return future
 
 
-def _break_waiter(cpu: LgCpu, future: asyncio.Future[Any]) -> asyncio.Future[None] | None:
-    """What the read waits for instead of its executor run alone: the run's end or a
-    Waker's break (:func:`break_out`), whichever comes first; None where a break must
-    stop the run (a guest with several CPUs: the run holds the processor; an engine
-    switched at every slice)."""
-    pool = cpu.engine.pool
-    if len(cpu.lg.cpus) != 1 or (pool is not None and pool.always):
-        return None
-    breaker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+def _run_waiter(cpu: LgCpu, future: asyncio.Future[Any]) -> asyncio.Future[None]:
+    """What the read waits for instead of its executor run alone (``cpu.run.on_break``):
+    the run's end, its withdrawal (:meth:`LgCpu.wake` completes it at once: the read
+    goes round again in the loop's next turn, not after the cancellation has travelled
+    through ``future``), or, where a break may leave the run going on
+    (:func:`_detachable`), a Waker's break (:func:`break_out`), whichever comes first."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def ended(_: object) -> None:
-        if not breaker.done():
-            breaker.set_result(None)
+        if not waiter.done():
+            waiter.set_result(None)
 
     future.add_done_callback(ended)
-    cpu.run.on_break = breaker
-    return breaker
+    cpu.run.on_break = waiter
+    return waiter
+
+
+def _detachable(cpu: LgCpu) -> bool:
+    """Whether a break may end the read while its executor run goes on (:func:`_detach`):
+    not for a guest with several CPUs (the run holds the processor) nor with an engine
+    switched at every slice; a break stops those runs."""
+    pool = cpu.engine.pool
+    return len(cpu.lg.cpus) == 1 and not (pool is not None and pool.always)
 
 
 def _detach(cpu: LgCpu, future: asyncio.Future[Any]) -> None:
@@ -570,7 +580,7 @@ def break_out(cpu: LgCpu) -> None:
     """
     cpu.run.break_out = True
     breaker = cpu.run.on_break
-    if breaker is not None and not breaker.done():
+    if breaker is not None and not breaker.done() and _detachable(cpu):
         breaker.set_result(None)
     else:
         cpu.wake()

@@ -96,7 +96,7 @@ def _slices_past(g: Booted, n: int) -> bool:
 # Runs that go on past a break: on the exit-request path, where a slice ends only by its
 # time (the tests make it long).  The other paths end a slice by its block budget, so a
 # run a break left going on stops within milliseconds there (its next slice wants a read);
-# with an engine switched at every slice, a break stops the run (run._break_waiter).
+# with an engine switched at every slice, a break stops the run (run._detachable).
 going_on = pytest.mark.skipif(
     not _slicing.EXIT_REQUEST or engines.mode_from_env() == "always",
     reason="the exit-request path, engines kept: slices end only by time",

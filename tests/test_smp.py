@@ -7,6 +7,7 @@ import asyncio
 import errno
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -417,6 +418,163 @@ async def test_a_busy_cpu_hands_the_processor_over_when_another_cpu_waits(
         for r in readers:
             r.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+
+
+# CPU 0 counts; CPU 1 is never started.
+LONE_COUNTER = (
+    r"""
+main:
+    LGUEST_INIT
+1:  incl count0
+    jmp 1b
+.data
+count0: .long 0
+"""
+    + CPU1_AREAS
+)
+
+
+async def test_a_withdrawn_run_of_a_two_cpu_guest_goes_round_in_one_turn() -> None:
+    # An irq for a CPU whose executor run waits for a worker withdraws the run, and the
+    # read's next pass comes in the loop's next turn (the wake completes what the read
+    # waits for), not after the cancellation has travelled through the run's futures.
+    async with LguestDevice(workers=1) as device:
+        g = await boot(device, assemble(LONE_COUNTER), cpus=2)
+        cpu = g.file.cpu(0)
+        release = threading.Event()
+        blocker = device.executor.submit(release.wait, 60.0)  # the one worker is busy
+        reader = asyncio.create_task(g.file.read(4, 0))
+        try:
+            await until(lambda: cpu.run.queued_slice is not None)  # waits behind the blocker
+            withdrawn = cpu.run.queued_slice
+            slices = present(g.file.stats).slices
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 3))
+            assert withdrawn is not None and withdrawn.cancelled()
+            await asyncio.sleep(0)  # one turn of the loop
+            # The read went round: a slice on the loop, then a new run behind the blocker.
+            assert present(g.file.stats).slices == slices + 1
+            assert cpu.run.queued_slice is not None and cpu.run.queued_slice is not withdrawn
+        finally:
+            release.set()
+            await asyncio.wrap_future(blocker)
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+# The Host interrupts CPU 0 (irq 3), which counts meanwhile; its handler sends CPU 1,
+# halted, irq 4, whose handler notifies 0x1b1.
+IPI_PINGER = (
+    r"""
+main:
+    LGUEST_INIT
+    IDT 35, to_cpu1
+    IDT 36, on_cpu1
+    HCALL_REG 64, $1, $secondary, $stack1_top
+    movl $512, lguest_data
+1:  incl count0
+    jmp 1b
+to_cpu1:
+    HCALL 65, 1, 4
+    movl $512, lguest_data
+    iret
+secondary:
+    CPU_INIT cpu1_data
+    movl $512, cpu1_data
+2:  HCALL 10
+    jmp 2b
+on_cpu1:
+    HCALL 17, 0x1b1
+    movl $512, cpu1_data
+    iret
+.data
+count0: .long 0
+"""
+    + CPU1_AREAS
+)
+
+
+async def test_an_ipi_from_a_queued_cpu_reaches_the_halted_cpus_reader_in_two_turns() -> None:
+    # The Host's irq withdraws CPU 0's queued run (the one worker is busy) and its read
+    # goes round in the next turn of the loop, delivers it there and does the handler's
+    # SEND_IPI; CPU 1's run loop wakes in the turn after and its handler's notify ends its
+    # read there.  Two turns from the irq to the notify; nothing ran on a worker.
+    async with LguestDevice(workers=1) as device:
+        g = await boot(device, assemble(IPI_PINGER), cpus=2)
+        f = g.file
+        readers = [asyncio.create_task(f.read(4, n)) for n in range(2)]
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> bool:
+            started.set()
+            return release.wait(60.0)
+
+        blocker = None
+        try:
+            await until(lambda: f.asleep(1) and f.reading(1) and g.u32("count0") > 0)
+            blocker = device.executor.submit(block)  # CPU 0's run then waits behind it
+
+            def queued() -> bool:  # CPU 0's run waits behind the blocker
+                run = f.cpu(0).run.queued_slice
+                return started.is_set() and run is not None and not run.done()
+
+            await until(queued)
+            slices = f.cpu_stats[1].slices
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, 3))
+            turns = 0
+            while not readers[1].done():
+                await asyncio.sleep(0)
+                turns += 1
+            assert readers[1].result() == abi.pack_words(0x1B1)
+            assert turns == 2
+            # On the loop (the one worker is still blocked): CPU 1's handler in one slice.
+            assert f.cpu_stats[1].slices == slices + 1
+        finally:
+            release.set()
+            if blocker is not None:
+                await asyncio.wrap_future(blocker)
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+
+
+async def test_a_cpu_with_a_raised_irq_it_cannot_take_yet_does_not_wait_for_a_worker() -> None:
+    # CPU 1 stopped at the notify in its irq handler (interrupts off) and nobody reads it
+    # while CPU 0's run waits for the one worker (a blocking job holds it), holding the
+    # guest's processor.  Another irq for CPU 1, then a read: CPU 1 takes the processor
+    # at once (CPU 0's queued run withdrawn), turns its interrupts on, halts, takes the
+    # irq and notifies, all while the worker is still blocked.
+    async with LguestDevice(workers=1) as device:
+        g = await boot(device, assemble(IPI_PINGER), cpus=2)
+        f = g.file
+        reader0 = asyncio.create_task(f.read(4, 0))
+        started, release = threading.Event(), threading.Event()
+
+        def block() -> bool:
+            started.set()
+            return release.wait(60.0)
+
+        def queued() -> bool:  # CPU 0's run waits behind the blocker
+            run = f.cpu(0).run.queued_slice
+            return started.is_set() and run is not None and not run.done()
+
+        blocker = None
+        try:
+            reader1 = asyncio.create_task(f.read(4, 1))
+            await until(lambda: f.asleep(1) and f.reading(1) and g.u32("count0") > 0)
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, 4), 1)
+            assert await reader1 == abi.pack_words(0x1B1)  # stopped in its handler
+            blocker = device.executor.submit(block)
+            await until(queued)
+            await f.write(abi.pack_words(abi.LHREQ_IRQ, 4), 1)
+            # (The timeout only guards against a hang: without the turn it never ends.)
+            assert await asyncio.wait_for(f.read(4, 1), 30) == abi.pack_words(0x1B1)
+            assert not blocker.done() and f.cpu_stats[1].interrupts == 2
+        finally:
+            release.set()
+            if blocker is not None:
+                await asyncio.wrap_future(blocker)
+            reader0.cancel()
+            await asyncio.gather(reader0, return_exceptions=True)
 
 
 async def test_a_halted_cpu_hibernates_alone_and_an_ipi_wakes_it() -> None:
