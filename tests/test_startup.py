@@ -1,0 +1,69 @@
+"""A guest's start-up (open, INITIALIZE, the read to its first NOTIFY): what it does
+and what it leaves undone, counted (the time it takes is benchmarks' ``startup``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from guestasm import boot, present
+
+from supervisor import LguestDevice, _unicorn, abi
+from supervisor.engines import EnginePool
+
+# Starts as a guest does (its lguest_data, a clock event), then notifies.
+STARTER = r"""
+main:
+    LGUEST_INIT
+    HCALL 9, 50000000
+1:  HCALL 17, 1
+    jmp 1b
+"""
+
+
+def pool_of(dev: LguestDevice) -> EnginePool:
+    return present(dev.engines)
+
+
+def count_flushes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every translation flush :mod:`supervisor._unicorn` asks of Unicorn from now on."""
+    flushes: list[int] = []
+    ctl = _unicorn._CTL
+
+    def counting(*args: Any) -> Any:
+        if args[1] == _unicorn.FLUSH_TB_REQUEST:
+            flushes.append(1)
+        return ctl(*args)
+
+    monkeypatch.setattr(_unicorn, "_CTL", counting)
+    return flushes
+
+
+async def test_an_engine_a_closed_cpu_left_is_taken_without_a_second_flush(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A closed CPU's engine goes back unbound, its translations flushed with its
+    memory; the next CPU that takes it maps its own memory and flushes nothing.  One a
+    halted CPU left, its memory still mapped, is flushed as it is taken."""
+    async with LguestDevice(engines="pool") as dev:
+        pool = pool_of(dev)
+        first = await boot(dev, STARTER)
+        assert await first.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        await first.file.close()
+        first.memory.close()
+        assert pool.idle == pool.live == 1  # its engine, unbound: the one spare
+        flushes = count_flushes(monkeypatch)
+        hooked, made = pool.hooked, pool.made
+        g = await boot(dev, STARTER)
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert (pool.hooked, pool.made) == (hooked + 1, made)
+        assert flushes == []
+        # Its engine, given back with its memory mapped when its read ended: another CPU
+        # taking it must drop the translations of that memory.
+        await asyncio.sleep(0)
+        assert g.file.cpu(0).hibernated and pool.idle == pool.live == 1
+        other = await boot(dev, STARTER)
+        assert await other.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert (pool.hooked, pool.made) == (hooked + 2, made)
+        assert flushes == [1]
