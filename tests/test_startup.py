@@ -10,6 +10,7 @@ import pytest
 from guestasm import boot, present
 
 from supervisor import LguestDevice, _unicorn, abi
+from supervisor import cpu as cpu_module
 from supervisor.engines import EnginePool
 
 # Starts as a guest does (its lguest_data, a clock event), then notifies.
@@ -67,3 +68,30 @@ async def test_an_engine_a_closed_cpu_left_is_taken_without_a_second_flush(
         assert await other.file.read(abi.WORD_SIZE) == abi.pack_words(1)
         assert (pool.hooked, pool.made) == (hooked + 2, made)
         assert flushes == [1]
+
+
+async def test_a_new_cpu_gets_its_empty_idt_without_converting_each_gate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """INITIALIZE clears the new CPU's IDT in one go; the guest's own gates still go in
+    one by one, and a state's whole table is put back."""
+    set_gates: list[object] = []
+    setitem = cpu_module.Idt.__setitem__
+
+    def counting(self: cpu_module.Idt, index: Any, value: Any) -> None:
+        set_gates.append(index)
+        setitem(self, index, value)
+
+    monkeypatch.setattr(cpu_module.Idt, "__setitem__", counting)
+    async with LguestDevice(engines="pool") as dev:
+        g = await boot(dev, STARTER)
+        cpu = g.file.cpu(0)
+        assert set_gates == []
+        assert set(cpu.idt) == {(0, 0)} and len(cpu.idt) == abi.IDT_ENTRIES
+        cpu.idt[32] = (0x1234, 0x5678)
+        state = cpu.capture(None)
+        cpu.idt = cpu_module._idt()
+        assert set(cpu.idt) == {(0, 0)}
+        cpu.restore(state)
+        assert cpu.idt[32] == (0x1234, 0x5678)
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
