@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from guestasm import boot, present
 
-from supervisor import LguestDevice, _unicorn, abi
+from supervisor import LguestDevice, _slicing, _unicorn, abi
 from supervisor import cpu as cpu_module
 from supervisor.engines import EnginePool
 
@@ -94,4 +94,18 @@ async def test_a_new_cpu_gets_its_empty_idt_without_converting_each_gate(
         assert set(cpu.idt) == {(0, 0)}
         cpu.restore(state)
         assert cpu.idt[32] == (0x1234, 0x5678)
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+
+
+async def test_a_new_cpu_takes_the_hypercall_masks_made_for_the_first() -> None:
+    """The native hook's hypercall sets are checked and turned into masks once, not
+    again for each new CPU."""
+    if not _slicing.NATIVE:
+        pytest.skip("no native interrupt hook")
+    async with LguestDevice(engines="pool") as dev:
+        await boot(dev, STARTER)
+        made = _slicing.call_masks.cache_info().misses
+        g = await boot(dev, STARTER)
+        assert _slicing.call_masks.cache_info().misses == made
+        assert g.file.cpu(0).fuel.local_mask and g.file.cpu(0).fuel.native_mask
         assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
