@@ -310,7 +310,8 @@ def seat(uc: Any) -> Seat:
 
 def map_memory(uc: Any, size: int, host_address: int) -> None:
     """Map a guest's memory (``size`` bytes at ``host_address``) at guest-physical 0, with
-    every permission; :func:`unbind` takes it off again."""
+    every permission; :func:`unbind` takes it off again.  Unicorn flushes the TLB as the
+    memory map changes, so no entry for memory mapped before is left."""
     uc.mem_map_ptr(0, size, uc_const.UC_PROT_ALL, host_address)
     seat(uc).memory = size
 

@@ -566,9 +566,10 @@ class LgCpu:
                     _install_hooks(self)
                 if engine.packed:
                     frozen = _unicorn.unpack_context(frozen)
+                # (No TLB entry of its previous CPU is left to drop: mapping this CPU's
+                # memory, which every take but of its own engine does, flushed the TLB, as
+                # Unicorn does at every change of the memory map.)
                 _unicorn.load_context_data(uc, frozen)
-                # The TLB of its previous CPU must go (cr3 written again).
-                engine.regs.write(r.UC_X86_REG_CR3, engine.regs.read(r.UC_X86_REG_CR3))
         except BaseException:
             engine.tainted = True
             _give_back(engine, uc, None)

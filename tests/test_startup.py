@@ -8,10 +8,14 @@ from typing import Any
 
 import pytest
 from guestasm import boot, present
+from unicorn import x86_const as r
 
 from supervisor import LguestDevice, _slicing, _unicorn, abi
 from supervisor import cpu as cpu_module
+from supervisor.abi import PAGE_SIZE
+from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.engines import EnginePool
+from supervisor.memory import GuestMemory
 
 # Starts as a guest does (its lguest_data, a clock event), then notifies.
 STARTER = r"""
@@ -109,3 +113,50 @@ async def test_a_new_cpu_takes_the_hypercall_masks_made_for_the_first() -> None:
         assert _slicing.call_masks.cache_info().misses == made
         assert g.file.cpu(0).fuel.local_mask and g.file.cpu(0).fuel.native_mask
         assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+
+
+def test_mapping_memory_anew_leaves_no_tlb_entry_of_the_old_memory() -> None:
+    """Unicorn flushes the TLB when the memory map changes, so an engine that takes off
+    one CPU's memory and maps another's (:func:`_unicorn.unbind`, then
+    :func:`_unicorn.map_memory`) reads the new memory with no cr3 written in between:
+    what :meth:`LgCpu.take_engine` relies on."""
+    code = bytes.fromhex("a1 00 08 00 00 f4")  # mov 0x800, %eax; hlt
+    memories = [GuestMemory(PAGE_SIZE), GuestMemory(PAGE_SIZE)]
+    for n, memory in enumerate(memories):
+        memory.write(0, code)
+        memory.write(0x800, (0x1111 * (n + 1)).to_bytes(4, "little"))
+    uc = _unicorn.new_instance(DEFAULT_TCG_BUFFER)
+    try:
+        for memory in memories:
+            _unicorn.map_memory(uc, PAGE_SIZE, memory.address)
+            uc.reg_write(r.UC_X86_REG_EIP, 0)
+            uc.emu_start(0, PAGE_SIZE)
+            assert uc.reg_read(r.UC_X86_REG_EAX) == int.from_bytes(memory.read(0x800, 4), "little")
+            _unicorn.unbind(uc)
+    finally:
+        _unicorn.close(uc)
+        for memory in memories:
+            memory.close()
+
+
+async def test_a_cpu_taking_an_engine_writes_no_cr3(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start-up's engine, another CPU's before, gets the new CPU's registers and
+    memory and nothing more: no cr3 write to flush a TLB the mapping flushed already."""
+    written: list[int] = []
+    write = _unicorn.Registers.write
+
+    def counting(self: _unicorn.Registers, reg: int, value: int) -> None:
+        written.append(reg)
+        write(self, reg, value)
+
+    async with LguestDevice(engines="pool") as dev:
+        pool = pool_of(dev)
+        first = await boot(dev, STARTER)
+        assert await first.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        await first.file.close()
+        monkeypatch.setattr(_unicorn.Registers, "write", counting)
+        switched = pool.switched
+        g = await boot(dev, STARTER)
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert pool.switched == switched + 1
+        assert r.UC_X86_REG_CR3 not in written
