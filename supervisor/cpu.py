@@ -264,8 +264,9 @@ class RunControl:
     # the next read takes it over instead of starting one (run._run_slice).
     detached: asyncio.Future[Any] | None = host_only(default=None)
     # The loop thread's CPU time (time.thread_time) when its run loop last waited: a yield
-    # or a sleep (run.YIELD_TIME counts from there).
-    yielded_at: float = host_only(default=0.0)
+    # or a sleep (run.YIELD_TIME counts from there), or when the CPU was made (on the
+    # loop): a new CPU's first slice, its start-up, needs no turn of the loop first.
+    yielded_at: float = host_only(default_factory=time.thread_time)
     # An irq was raised (not into a slice in progress) since this CPU last asked for its
     # turn on the guest's processor: that turn does not wait out a sibling's run, even if
     # the CPU cannot take the irq this instant (run._take_turn; one such turn per raise).

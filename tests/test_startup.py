@@ -4,6 +4,7 @@ and what it leaves undone, counted (the time it takes is benchmarks' ``startup``
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -113,6 +114,15 @@ async def test_a_new_cpu_takes_the_hypercall_masks_made_for_the_first() -> None:
         assert _slicing.call_masks.cache_info().misses == made
         assert g.file.cpu(0).fuel.local_mask and g.file.cpu(0).fuel.native_mask
         assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+
+
+async def test_a_new_cpu_counts_its_time_on_the_loop_from_its_making() -> None:
+    """A new CPU has not run: its first slice owes the loop no turn for what ran before it
+    was made (run.YIELD_TIME counts from its making, as from a wait)."""
+    async with LguestDevice(engines="pool") as dev:
+        before = time.thread_time()
+        g = await boot(dev, STARTER)
+        assert before <= g.file.cpu(0).run.yielded_at <= time.thread_time()
 
 
 def test_mapping_memory_anew_leaves_no_tlb_entry_of_the_old_memory() -> None:
