@@ -4,6 +4,7 @@ and what it leaves undone, counted (the time it takes is benchmarks' ``startup``
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from guestasm import boot, present
 from unicorn import x86_const as r
 
-from supervisor import LguestDevice, _slicing, _unicorn, abi
+from supervisor import LguestDevice, _slicing, _unicorn, abi, run
 from supervisor import cpu as cpu_module
 from supervisor.abi import PAGE_SIZE
 from supervisor.cpu import DEFAULT_TCG_BUFFER
@@ -123,6 +124,28 @@ async def test_a_new_cpu_counts_its_time_on_the_loop_from_its_making() -> None:
         before = time.thread_time()
         g = await boot(dev, STARTER)
         assert before <= g.file.cpu(0).run.yielded_at <= time.thread_time()
+
+
+async def test_a_start_up_is_one_slice_that_keeps_the_loop_to_the_first_notify(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read from INITIALIZE to the first NOTIFY runs on the event loop in one slice:
+    LGUEST_INIT and the clock event are done between two entries of that slice, and no
+    other callback runs before the read returns (unless the slice takes longer than
+    run.YIELD_TIME, which a loaded machine may stretch it to: not here)."""
+    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
+    async with LguestDevice(engines="pool") as dev:
+        g = await boot(dev, STARTER)
+        others: list[int] = []
+        asyncio.get_running_loop().call_soon(others.append, 1)
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert others == []
+        stats = present(g.file.stats)
+        assert (stats.slices, stats.hypercalls) == (1, 3)
+        # Once it has started, a read with nobody serving notifies ends its slice at a
+        # hypercall the run loop does, as before.
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        assert present(g.file.stats).slices == 2
 
 
 def test_mapping_memory_anew_leaves_no_tlb_entry_of_the_old_memory() -> None:
