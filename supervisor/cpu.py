@@ -134,8 +134,12 @@ class _NoGates(list[tuple[int, int]]):
     cleared table rather than converting 256 entries of zeros."""
 
 
+# Every new CPU's: never stored or changed (the idt field's value lives in the fuel).
+_NO_GATES = _NoGates([(0, 0)] * IDT_ENTRIES)
+
+
 def _idt() -> list[tuple[int, int]]:
-    return _NoGates([(0, 0)] * IDT_ENTRIES)
+    return _NO_GATES
 
 
 _IDT_WORDS = struct.Struct(f"={2 * IDT_ENTRIES}I")  # the table's lo, hi words (native order)
