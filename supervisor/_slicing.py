@@ -282,6 +282,19 @@ def attach(
     return fuel
 
 
+@functools.lru_cache(maxsize=8)
+def call_masks(local_calls: frozenset[int], native_calls: frozenset[int]) -> tuple[int, int]:
+    """:func:`trap_interrupts`' hypercall sets as ``_fuel.c``'s bit masks (local, native),
+    checked and made once per pair of sets, not for every new CPU (a ValueError, which
+    is not kept, for sets it cannot take)."""
+    if any(not 0 <= n < 64 for n in local_calls):
+        raise ValueError("CPU-local hypercall numbers must be below 64")
+    if not native_calls <= local_calls & NATIVE_CALLS:
+        unknown = sorted(native_calls - (local_calls & NATIVE_CALLS))
+        raise ValueError(f"hypercalls {unknown} cannot be completed natively")
+    return sum(1 << n for n in local_calls), sum(1 << n for n in native_calls)
+
+
 def trap_interrupts(
     uc: Any,
     fuel: Fuel,
@@ -307,16 +320,12 @@ def trap_interrupts(
     the hook already (it served a CPU of the same kind), or is None (the CPU has no
     instance yet): nothing more is done."""
     assert NATIVE
-    if any(not 0 <= n < 64 for n in local_calls):
-        raise ValueError("CPU-local hypercall numbers must be below 64")
-    if not native_calls <= local_calls & NATIVE_CALLS:
-        unknown = sorted(native_calls - (local_calls & NATIVE_CALLS))
-        raise ValueError(f"hypercalls {unknown} cannot be completed natively")
+    local_mask, native_mask = call_masks(local_calls, native_calls)
     if fuel.local_call is None:
         fuel.local_call = local
         fuel.local = id(local)  # a borrowed reference: fuel.local_call keeps it alive
-        fuel.local_mask = sum(1 << n for n in local_calls)
-        fuel.native_mask = sum(1 << n for n in native_calls)
+        fuel.local_mask = local_mask
+        fuel.native_mask = native_mask
         fuel.ram, fuel.pfn_limit = memory if memory is not None else (None, 0)
     if hooked:
         return

@@ -310,7 +310,8 @@ def seat(uc: Any) -> Seat:
 
 def map_memory(uc: Any, size: int, host_address: int) -> None:
     """Map a guest's memory (``size`` bytes at ``host_address``) at guest-physical 0, with
-    every permission; :func:`unbind` takes it off again."""
+    every permission; :func:`unbind` takes it off again.  Unicorn flushes the TLB as the
+    memory map changes, so no entry for memory mapped before is left."""
     uc.mem_map_ptr(0, size, uc_const.UC_PROT_ALL, host_address)
     seat(uc).memory = size
 
@@ -426,17 +427,24 @@ def unbind(uc: Any) -> None:
     """Take the guest's memory (:func:`map_memory`) and its CPU off ``uc`` but keep its
     hooks, flags and every other mapping: the cheap half of a switch to another CPU of
     the seat's ``kind``, whose hooks find the new CPU through the seat.  Translations go
-    with the memory.  Paging goes off first, for :func:`strip`'s reason."""
+    with the memory.  Paging goes off first, for :func:`strip`'s reason.
+
+    An instance with no guest memory mapped (new, stripped or unbound since) has nothing
+    translated to drop: code is only ever translated from guest memory (the Host's pages
+    are not executable), and the flush, which costs as much however little it drops, is
+    skipped: a closed CPU leaves its engine unbound, and the next CPU to take it would
+    otherwise pay for a second one."""
     h = handle(uc)
     place = seat(uc)
     regs = place.regs
     regs.write(r.UC_X86_REG_CR0, regs.read(r.UC_X86_REG_CR0) & ~(1 << 31))
-    if place.memory:
-        status = uclib.uc_mem_unmap(h, ctypes.c_uint64(0), ctypes.c_size_t(place.memory))
-        if status != uc_const.UC_ERR_OK:
-            raise UcError(status)
-        place.memory = 0
     place.cpu = place.cell.value = None
+    if not place.memory:
+        return
+    status = uclib.uc_mem_unmap(h, ctypes.c_uint64(0), ctypes.c_size_t(place.memory))
+    if status != uc_const.UC_ERR_OK:
+        raise UcError(status)
+    place.memory = 0
     status = _CTL(h, _FLUSH_TB)  # (ctl_flush_tb, without the binding's argument handling)
     if status != uc_const.UC_ERR_OK:
         raise UcError(status)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import dataclasses
 import enum
 import functools
@@ -128,8 +129,17 @@ class ThreadError(RuntimeError):
     """A CPU's state was touched from a thread that does not own it (debug mode only)."""
 
 
+class _NoGates(list[tuple[int, int]]):
+    """A new CPU's IDT (every gate not present), which :func:`_put_idt` writes as one
+    cleared table rather than converting 256 entries of zeros."""
+
+
+# Every new CPU's: never stored or changed (the idt field's value lives in the fuel).
+_NO_GATES = _NoGates([(0, 0)] * IDT_ENTRIES)
+
+
 def _idt() -> list[tuple[int, int]]:
-    return [(0, 0)] * IDT_ENTRIES
+    return _NO_GATES
 
 
 _IDT_WORDS = struct.Struct(f"={2 * IDT_ENTRIES}I")  # the table's lo, hi words (native order)
@@ -258,8 +268,9 @@ class RunControl:
     # the next read takes it over instead of starting one (run._run_slice).
     detached: asyncio.Future[Any] | None = host_only(default=None)
     # The loop thread's CPU time (time.thread_time) when its run loop last waited: a yield
-    # or a sleep (run.YIELD_TIME counts from there).
-    yielded_at: float = host_only(default=0.0)
+    # or a sleep (run.YIELD_TIME counts from there), or when the CPU was made (on the
+    # loop): a new CPU's first slice, its start-up, needs no turn of the loop first.
+    yielded_at: float = host_only(default_factory=time.thread_time)
     # An irq was raised (not into a slice in progress) since this CPU last asked for its
     # turn on the guest's processor: that turn does not wait out a sibling's run, even if
     # the CPU cannot take the irq this instant (run._take_turn; one such turn per raise).
@@ -560,9 +571,10 @@ class LgCpu:
                     _install_hooks(self)
                 if engine.packed:
                     frozen = _unicorn.unpack_context(frozen)
+                # (No TLB entry of its previous CPU is left to drop: mapping this CPU's
+                # memory, which every take but of its own engine does, flushed the TLB, as
+                # Unicorn does at every change of the memory map.)
                 _unicorn.load_context_data(uc, frozen)
-                # The TLB of its previous CPU must go (cr3 written again).
-                engine.regs.write(r.UC_X86_REG_CR3, engine.regs.read(r.UC_X86_REG_CR3))
         except BaseException:
             engine.tainted = True
             _give_back(engine, uc, None)
@@ -707,6 +719,9 @@ class LgCpu:
 
 
 def _put_idt(fuel: _slicing.Fuel, value: Iterable[tuple[int, int]]) -> None:
+    if type(value) is _NoGates:
+        ctypes.memset(fuel.idt, 0, ctypes.sizeof(fuel.idt))
+        return
     Idt(fuel)[:] = list(value)
 
 

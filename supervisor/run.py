@@ -140,8 +140,11 @@ async def run_guest(
     between = None
     pool = cpu.engine.pool
     forced = pool is not None and pool.always  # (the forced mode: every slice through here)
-    if serve is not None and lg.virtual is None and len(lg.cpus) == 1 and not forced:
-        between = functools.partial(_between_entries, cpu, serve, failed)
+    # A guest's start-up (a read begun before its LGUEST_INIT) does its hypercalls in the
+    # slice too, each notify handed over: one slice from open to the first notify.
+    offer = _hand_over if serve is None and cpu.lguest_data is None else serve
+    if offer is not None and lg.virtual is None and len(lg.cpus) == 1 and not forced:
+        between = functools.partial(_between_entries, cpu, offer, failed)
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
         exit = pending_exit(cpu)
@@ -360,6 +363,11 @@ def _take_turn(cpu: LgCpu, processor: asyncio.Lock, owner: LgCpu | None) -> None
         return
     if interrupts.ready_to_deliver(cpu) or (raised and interrupts.deliverable_irq(cpu) is not None):
         owner.wake()
+
+
+def _hand_over(address: int) -> bool:
+    """A notify handed to the Launcher (:func:`run_guest`'s ``serve`` that serves none)."""
+    return False
 
 
 def _between_entries(cpu: LgCpu, serve: Callable[[int], bool], failed: list[Exception]) -> bool:

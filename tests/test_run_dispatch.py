@@ -38,6 +38,7 @@ class Script:
             engine=SimpleNamespace(frozen=None, pool=None),
             irqs_pending=0,
             pending_notify=0x1234,
+            lguest_data=0x1000,  # (started: a hypercall ends its inline slice)
             trap=SimpleNamespace(debug=None),
             # (It never yields to the loop before a slice: run.YIELD_TIME never passes.)
             run=SimpleNamespace(
