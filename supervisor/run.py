@@ -234,11 +234,15 @@ async def _quantum(cpu: LgCpu, sim: Simulation) -> None:
 
 
 def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
-    """Give a hibernated CPU a new emulator; the dormitory charges the cost to it."""
-    if dormitory is None:
-        cpu.thaw()
-    else:
-        dormitory.thaw(cpu)
+    """Give a hibernated CPU a new emulator; the dormitory charges the cost to it.
+
+    The time the take spent switching or making the engine is not the CPU's own run:
+    it does not count toward YIELD_TIME.  Counted, a switch (slowest on a loaded
+    machine) would make the CPU yield, which gives the engine back, which makes the
+    next slice switch again."""
+    spent = cpu.thaw() if dormitory is None else dormitory.thaw(cpu)
+    if spent:
+        cpu.run.yielded_at += spent
 
 
 def _let_go(cpu: LgCpu, runnable: bool = True, step: bool = False) -> None:

@@ -17,6 +17,7 @@ from unicorn import UcError
 from unicorn import unicorn_const as uc_const
 
 from supervisor import LguestDevice, _slicing, _unicorn, abi, engines, execute, run
+from supervisor import cpu as cpu_module
 from supervisor.cpu import LgCpu
 from supervisor.engines import EnginePool, Taken
 
@@ -427,6 +428,56 @@ async def test_a_notify_served_at_once_keeps_the_engine_until_the_loops_next_tur
         await asyncio.sleep(0)  # the loop's next turn: B's goes back too
         assert cpu_b.hibernated and pool.held == 0
         assert pool.peak <= 2 and pool.overdrafts == 0
+
+
+async def test_a_switchs_time_does_not_make_the_cpu_yield() -> None:
+    """The CPU time a take spends switching an engine is not the CPU's own run: it does
+    not count toward run.YIELD_TIME, so a slow switch does not make the CPU yield (which
+    gives the engine back, so that the next slice switches again).  A fake thread clock
+    shared by run and cpu: each look adds a fiftieth of YIELD_TIME, each switch a whole
+    one; the ``always`` mode switches the engine at every slice, one slice a read."""
+    clock = [0.0]
+
+    class Clock:
+        @staticmethod
+        def thread_time() -> float:
+            clock[0] += run.YIELD_TIME / 50
+            return clock[0]
+
+    original = EnginePool.take
+
+    def slow_take(self: EnginePool, owner: object, last: Any, kind: object = None) -> Any:
+        clock[0] += run.YIELD_TIME
+        return original(self, owner, last, kind)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "time", Clock)
+        patch.setattr(cpu_module, "time", Clock)
+        patch.setattr(EnginePool, "take", slow_take)
+        async with LguestDevice(engines="always") as dev:
+            g = await boot(dev, NOTIFIER)
+            turns = 0
+            reads = 0
+
+            async def count_turns() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            counter = asyncio.create_task(count_turns())
+            await asyncio.sleep(0)
+            try:
+                async with asyncio.timeout(LIMIT):
+                    for _ in range(100):
+                        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+                        reads += 1
+            finally:
+                counter.cancel()
+            taken = pool_of(dev).taken
+    assert taken >= reads  # every slice switched
+    # Its own looks make it yield now and then (about every tenth read), never each read.
+    assert turns <= reads // 4, (turns, reads)
 
 
 async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
