@@ -122,6 +122,44 @@ async def test_every_slice_on_a_switched_engine_computes_exactly() -> None:
         assert pool.peak <= pool.bound and pool.overdrafts == 0
 
 
+# Notifies a value set at assembly: guests alike in kind whose code differs only there.
+NOTIFY_VALUE = r"""
+main:
+    LGUEST_INIT
+1:  HCALL 17, {value}
+    jmp 1b
+"""
+
+
+async def test_a_switch_between_alike_cpus_leaves_no_translation_and_flushes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two guests alike in kind, whose code differs only in an immediate at the same
+    addresses, take turns on switched engines (``always``: every slice): each runs its
+    own code (unmapping a guest's memory drops the translations made from it), and no
+    switch flushes the whole translation cache on top (it would cost as much again)."""
+    flushes = 0
+    ctl = _unicorn._CTL
+
+    def counted(handle: Any, request: int, *args: Any) -> int:
+        nonlocal flushes
+        flushes += request == _unicorn.FLUSH_TB_REQUEST
+        status: int = ctl(handle, request, *args)
+        return status
+
+    monkeypatch.setattr(_unicorn, "_CTL", counted)
+    values = (0x1111, 0x2222)
+    async with LguestDevice(engines="always") as dev:
+        guests = [await boot(dev, NOTIFY_VALUE.format(value=value)) for value in values]
+        pool = pool_of(dev)
+        async with asyncio.timeout(LIMIT):
+            for _ in range(30):
+                for g, value in zip(guests, values, strict=True):
+                    assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(value)
+        assert pool.hooked >= 2 * 30 and pool.hooked == pool.switched
+    assert flushes == 0
+
+
 def hook_count(uc: Any) -> int:
     """How many hooks (Python and native) ``uc`` has."""
     return len(uc._callbacks) + len(getattr(uc, "_lguest_native_hooks", ()))
