@@ -530,6 +530,79 @@ async def test_a_switchs_time_does_not_make_the_cpu_yield(slow: str) -> None:
     assert turns <= reads // 4, (turns, reads)
 
 
+# Ticks three times, 1 ms apart, halted in between, then notifies: a ticker's life.
+TICKER = r"""
+main:
+    LGUEST_INIT
+    IDT 32, tick
+    HCALL 9, 1000000
+1:  HCALL 10
+    cmpl $3, ticks
+    jne 1b
+    HCALL 17, 0x3
+2:  HCALL 10
+    jmp 2b
+tick:
+    incl ticks
+    cmpl $3, ticks
+    je 3f
+    HCALL 9, 1000000
+3:  jmp irq_return
+.data
+ticks: .long 0
+"""
+
+
+async def test_a_crowd_of_tickers_takes_an_engine_once_a_wake() -> None:
+    """20 tickers alive at once, each halting between its three ticks: each life takes
+    an engine at most four times that is not its own (its first slice and its three
+    wakes), always one of its kind (hooks kept, nothing stripped), however slow the
+    switches and the slices after them are.  A fake thread clock shared by run and
+    cpu: each look adds a fiftieth of run.YIELD_TIME, each switch and the slice after it
+    (which translates the code afresh) a whole one (the yields that time would cause
+    give the engine back)."""
+    clock = [0.0]
+    fresh: set[object] = set()  # the owner tokens of CPUs whose next slice is the first
+
+    class Clock:
+        @staticmethod
+        def thread_time() -> float:
+            clock[0] += run.YIELD_TIME / 50
+            return clock[0]
+
+    original = EnginePool.take
+
+    def slow_take(self: EnginePool, owner: object, last: Any, kind: object = None) -> Any:
+        clock[0] += run.YIELD_TIME
+        uc, taken = original(self, owner, last, kind)
+        if taken is not Taken.OWN:
+            fresh.add(owner)
+        return uc, taken
+
+    one_slice = execute.run_slice
+
+    def slow_slice(cpu: LgCpu, *args: Any, **kwargs: Any) -> Any:
+        if cpu.engine.token in fresh:
+            fresh.discard(cpu.engine.token)
+            clock[0] += run.YIELD_TIME
+        return one_slice(cpu, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "time", Clock)
+        patch.setattr(cpu_module, "time", Clock)
+        patch.setattr(EnginePool, "take", slow_take)
+        patch.setattr(run, "run_slice", slow_slice)
+        async with LguestDevice(engines="pool") as dev:
+            pool = pool_of(dev)
+            tickers = [await boot(dev, TICKER) for _ in range(20)]
+            async with asyncio.timeout(LIMIT):
+                words = await asyncio.gather(*(g.file.read(abi.WORD_SIZE) for g in tickers))
+            assert words == [abi.pack_words(3)] * 20
+            assert all(g.u32("ticks") == 3 for g in tickers)
+            assert pool.taken - pool.reused <= 4 * 20
+            assert pool.hooked == pool.switched and pool.made <= pool.spares
+
+
 async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
     """INITIALIZE touches no engine: the CPU's registers wait as the boot context, the
     same bytes a new instance of its own gets (engines "off"), and its first slice
