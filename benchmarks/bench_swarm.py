@@ -197,7 +197,9 @@ async def _life(n: int) -> str:
         await sup.launch(config.model_copy(update={"name": "warm"}))  # what all share
         await asyncio.sleep(0.5)
         pool = sup.device.engines
-        taken, switched = (pool.taken, pool.switched) if pool is not None else (0, 0)
+        taken, switched, spent = (
+            (pool.taken, pool.switched, pool.switch_time) if pool is not None else (0, 0, 0.0)
+        )
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for i in range(n):
             guest = await sup.launch(config.model_copy(update={"name": f"ticker-{i}"}))
@@ -211,7 +213,9 @@ async def _life(n: int) -> str:
         if pool is not None:
             engines = (
                 f"{(pool.taken - taken) / n:.1f} engine takes and "
-                f"{(pool.switched - switched) / n:.1f} switches a life"
+                f"{(pool.switched - switched) / n:.1f} switches a life "
+                f"({(pool.switch_time - spent) / max(1, pool.switched - switched) * 1e6:.0f} "
+                "µs a switch)"
             )
     return (
         f"life n={n}: {cpu / n * 1e3:.2f} ms of CPU a guest ({failed} failed), "

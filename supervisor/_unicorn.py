@@ -426,28 +426,26 @@ def strip(uc: Any) -> None:
 def unbind(uc: Any) -> None:
     """Take the guest's memory (:func:`map_memory`) and its CPU off ``uc`` but keep its
     hooks, flags and every other mapping: the cheap half of a switch to another CPU of
-    the seat's ``kind``, whose hooks find the new CPU through the seat.  Translations go
-    with the memory.  Paging goes off first, for :func:`strip`'s reason.
+    the seat's ``kind``, whose hooks find the new CPU through the seat.  Paging goes
+    off first, for :func:`strip`'s reason.
 
-    An instance with no guest memory mapped (new, stripped or unbound since) has nothing
-    translated to drop: code is only ever translated from guest memory (the Host's pages
-    are not executable), and the flush, which costs as much however little it drops, is
-    skipped: a closed CPU leaves its engine unbound, and the next CPU to take it would
-    otherwise pay for a second one."""
+    Translations go with the memory: ``uc_mem_unmap`` invalidates every translation
+    made from the unmapped range (with paging off, guest-virtual is guest-physical),
+    and the guest's memory is the only place code is translated from (the Host's
+    pages, the one other mapping, are read-only and the same in every instance: a
+    fetch there stops the guest).  So no whole-cache flush follows, which would cost
+    as much again (QEMU resets its whole translation hash table and page map), and an
+    instance with no memory mapped holds no translation to drop."""
     h = handle(uc)
     place = seat(uc)
     regs = place.regs
     regs.write(r.UC_X86_REG_CR0, regs.read(r.UC_X86_REG_CR0) & ~(1 << 31))
     place.cpu = place.cell.value = None
-    if not place.memory:
-        return
-    status = uclib.uc_mem_unmap(h, ctypes.c_uint64(0), ctypes.c_size_t(place.memory))
-    if status != uc_const.UC_ERR_OK:
-        raise UcError(status)
-    place.memory = 0
-    status = _CTL(h, _FLUSH_TB)  # (ctl_flush_tb, without the binding's argument handling)
-    if status != uc_const.UC_ERR_OK:
-        raise UcError(status)
+    if place.memory:  # (none: unbound already, by a CPU's close or a switch away)
+        status = uclib.uc_mem_unmap(h, ctypes.c_uint64(0), ctypes.c_size_t(place.memory))
+        if status != uc_const.UC_ERR_OK:
+            raise UcError(status)
+        place.memory = 0
 
 
 # -- the floating-point unit at power-on -------------------------------------------------

@@ -615,10 +615,13 @@ class LgCpu:
         engine.packed = True
         return True
 
-    def thaw(self) -> None:
-        """Take an instance with the kept registers (no effect if it has one)."""
-        if self.take_engine() is not None:
+    def thaw(self) -> float | None:
+        """Take an instance with the kept registers (no effect if it has one); what
+        :meth:`take_engine` answers."""
+        spent = self.take_engine()
+        if spent is not None:
             self.stats.wakes += 1
+        return spent
 
     def flush_tlb(self) -> None:
         """Drop cached translations; the guest's page tables are read afresh."""

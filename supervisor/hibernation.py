@@ -312,16 +312,17 @@ class Dormitory:
             self._refill = asyncio.get_running_loop().call_soon(self._make_ahead, tcg_buffer)
 
     # -- what wakes cost ---------------------------------------------------------------------
-    def thaw(self, cpu: LgCpu) -> None:
+    def thaw(self, cpu: LgCpu) -> float | None:
         """:meth:`LgCpu.thaw`, its cost charged to ``cpu``; nothing is charged to a pool's
-        CPU, whose wakes are never put off (:meth:`turn`), so it runs up no debt."""
+        CPU, whose wakes are never put off (:meth:`turn`), so it runs up no debt.  What
+        :meth:`LgCpu.thaw` answers."""
         if cpu.engine.pool is not None:
-            cpu.thaw()
-            return
+            return cpu.thaw()
         started = time.thread_time()
-        cpu.thaw()
+        spent = cpu.thaw()
         self.charge(cpu, time.thread_time() - started)
         self._debts[cpu][2] = cpu.stats.run_time
+        return spent
 
     def charge(self, cpu: LgCpu, seconds: float) -> None:
         """``cpu`` owes ``seconds`` more of the loop's time."""

@@ -157,17 +157,19 @@ async def run_guest(
                 pool = cpu.engine.pool
                 if pool is not None and pool.always:
                     cpu.release_engine()  # the forced mode: every slice on a switched engine
+                switch = 0.0
                 if cpu.engine.frozen is not None and (pool is None or cpu.run.inline):
-                    _thaw(cpu, dormitory)  # (with a pool, an executor step takes its own)
+                    switch = _thaw(cpu, dormitory)  # (with a pool, a step takes its own)
                 timers.write_timestamp(cpu)
                 if cpu.irqs_pending and interrupts.ready_to_deliver(cpu):
                     cpu.run.inline = True  # deliver it now, not after a trip through the queue
                 # Whatever ended it, the next pass sees.  (One CPU: no turns to take.)
-                await (
-                    _run_slice(cpu, executor, between)
-                    if len(lg.cpus) == 1
-                    else _slice(cpu, executor)
-                )
+                if len(lg.cpus) != 1:
+                    await _slice(cpu, executor)
+                elif switch and cpu.run.inline and cpu.run.detached is None:
+                    await _fresh_slice(cpu, executor, between, switch)
+                else:
+                    await _run_slice(cpu, executor, between)
                 if failed:
                     raise failed.pop()  # serve's, in the slice: the notify still pending
             case RunState.CLOSED:
@@ -236,12 +238,28 @@ async def _quantum(cpu: LgCpu, sim: Simulation) -> None:
         sim.end(cpu)
 
 
-def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> None:
-    """Give a hibernated CPU a new emulator; the dormitory charges the cost to it."""
-    if dormitory is None:
-        cpu.thaw()
-    else:
-        dormitory.thaw(cpu)
+def _thaw(cpu: LgCpu, dormitory: Dormitory | None) -> float:
+    """Give a hibernated CPU a new emulator; the dormitory charges the cost to it.  The
+    seconds a switched or new engine took to set up (0.0: none, or its own back)."""
+    return (cpu.thaw() if dormitory is None else dormitory.thaw(cpu)) or 0.0
+
+
+async def _fresh_slice(
+    cpu: LgCpu, executor: SlicePool, between: Callable[[], bool] | None, switch: float
+) -> None:
+    """An inline slice of a one-CPU guest on an engine just switched or made, which took
+    ``switch`` seconds: neither the switch nor this slice counts toward YIELD_TIME.
+
+    Both are the cost of sharing engines, not the CPU's own run: the switch, and the
+    guest's code translated afresh on the engine, which is most of this first slice's
+    time (about 2.5 us a block).  Counted, they (slowest on a loaded machine) would make
+    the CPU yield, which gives the engine back, so that its next slice switches and
+    translates again.  The slice runs without suspending (inline, no run left going
+    on), so the loop thread's time across it is the slice's own."""
+    cpu.run.yielded_at += switch
+    started = time.thread_time()
+    await _run_slice(cpu, executor, between)
+    cpu.run.yielded_at += time.thread_time() - started
 
 
 def _let_go(cpu: LgCpu, runnable: bool = True, step: bool = False) -> None:

@@ -17,6 +17,7 @@ from unicorn import UcError
 from unicorn import unicorn_const as uc_const
 
 from supervisor import LguestDevice, _slicing, _unicorn, abi, engines, execute, run
+from supervisor import cpu as cpu_module
 from supervisor.cpu import LgCpu
 from supervisor.engines import EnginePool, Taken
 
@@ -119,6 +120,44 @@ async def test_every_slice_on_a_switched_engine_computes_exactly() -> None:
         assert pool.hooked == pool.switched
         assert pool.reused == 0
         assert pool.peak <= pool.bound and pool.overdrafts == 0
+
+
+# Notifies a value set at assembly: guests alike in kind whose code differs only there.
+NOTIFY_VALUE = r"""
+main:
+    LGUEST_INIT
+1:  HCALL 17, {value}
+    jmp 1b
+"""
+
+
+async def test_a_switch_between_alike_cpus_leaves_no_translation_and_flushes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two guests alike in kind, whose code differs only in an immediate at the same
+    addresses, take turns on switched engines (``always``: every slice): each runs its
+    own code (unmapping a guest's memory drops the translations made from it), and no
+    switch flushes the whole translation cache on top (it would cost as much again)."""
+    flushes = 0
+    ctl = _unicorn._CTL
+
+    def counted(handle: Any, request: int, *args: Any) -> int:
+        nonlocal flushes
+        flushes += request == _unicorn.FLUSH_TB_REQUEST
+        status: int = ctl(handle, request, *args)
+        return status
+
+    monkeypatch.setattr(_unicorn, "_CTL", counted)
+    values = (0x1111, 0x2222)
+    async with LguestDevice(engines="always") as dev:
+        guests = [await boot(dev, NOTIFY_VALUE.format(value=value)) for value in values]
+        pool = pool_of(dev)
+        async with asyncio.timeout(LIMIT):
+            for _ in range(30):
+                for g, value in zip(guests, values, strict=True):
+                    assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(value)
+        assert pool.hooked >= 2 * 30 and pool.hooked == pool.switched
+    assert flushes == 0
 
 
 def hook_count(uc: Any) -> int:
@@ -427,6 +466,151 @@ async def test_a_notify_served_at_once_keeps_the_engine_until_the_loops_next_tur
         await asyncio.sleep(0)  # the loop's next turn: B's goes back too
         assert cpu_b.hibernated and pool.held == 0
         assert pool.peak <= 2 and pool.overdrafts == 0
+
+
+def _no_inline_deadline(patch: pytest.MonkeyPatch) -> None:
+    """Inline slices without their real CPU-time deadline: on a loaded machine a slice
+    that outlasts it goes on in an executor step, whose engine is given back after it
+    (a take more, by the machine's load, not by the rule a test counts)."""
+    patch.setattr(execute, "_INLINE_NS", 10**12)
+    patch.setattr(execute, "_LONG_INLINE_NS", 10**12)
+
+
+@pytest.mark.parametrize("slow", ["switch", "first slice"])
+async def test_a_switchs_time_does_not_make_the_cpu_yield(slow: str) -> None:
+    """The CPU time a take spends switching an engine, and the first slice on it (which
+    translates the guest's code afresh), are not the CPU's own run: they do not count
+    toward run.YIELD_TIME, so a slow switch does not make the CPU yield (which gives the
+    engine back, so that the next slice switches again).  A fake thread clock shared by
+    run and cpu: each look adds a fiftieth of YIELD_TIME, and either each switch or each
+    slice a whole one; the ``always`` mode switches the engine at every slice, one slice
+    a read."""
+    clock = [0.0]
+
+    class Clock:
+        @staticmethod
+        def thread_time() -> float:
+            clock[0] += run.YIELD_TIME / 50
+            return clock[0]
+
+    original = EnginePool.take
+
+    def slow_take(self: EnginePool, owner: object, last: Any, kind: object = None) -> Any:
+        clock[0] += run.YIELD_TIME
+        return original(self, owner, last, kind)
+
+    one_slice = execute.run_slice
+
+    def slow_slice(cpu: LgCpu, *args: Any, **kwargs: Any) -> Any:
+        clock[0] += run.YIELD_TIME
+        return one_slice(cpu, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "time", Clock)
+        patch.setattr(cpu_module, "time", Clock)
+        if slow == "switch":
+            patch.setattr(EnginePool, "take", slow_take)
+        else:
+            patch.setattr(run, "run_slice", slow_slice)
+        _no_inline_deadline(patch)
+        async with LguestDevice(engines="always") as dev:
+            g = await boot(dev, NOTIFIER)
+            turns = 0
+            reads = 0
+
+            async def count_turns() -> None:
+                nonlocal turns
+                while True:
+                    turns += 1
+                    await asyncio.sleep(0)
+
+            counter = asyncio.create_task(count_turns())
+            await asyncio.sleep(0)
+            try:
+                async with asyncio.timeout(LIMIT):
+                    for _ in range(100):
+                        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+                        reads += 1
+            finally:
+                counter.cancel()
+            taken = pool_of(dev).taken
+    assert taken >= reads  # every slice switched
+    # Its own looks make it yield now and then (about every tenth read), never each read.
+    assert turns <= reads // 4, (turns, reads)
+
+
+# Ticks three times, 1 ms apart, halted in between, then notifies: a ticker's life.
+TICKER = r"""
+main:
+    LGUEST_INIT
+    IDT 32, tick
+    HCALL 9, 1000000
+1:  HCALL 10
+    cmpl $3, ticks
+    jne 1b
+    HCALL 17, 0x3
+2:  HCALL 10
+    jmp 2b
+tick:
+    incl ticks
+    cmpl $3, ticks
+    je 3f
+    HCALL 9, 1000000
+3:  jmp irq_return
+.data
+ticks: .long 0
+"""
+
+
+async def test_a_crowd_of_tickers_takes_an_engine_once_a_wake() -> None:
+    """20 tickers alive at once, each halting between its three ticks: each life takes
+    an engine at most four times that is not its own (its first slice and its three
+    wakes), always one of its kind (hooks kept, nothing stripped), however slow the
+    switches and the slices after them are.  A fake thread clock shared by run and
+    cpu: each look adds a fiftieth of run.YIELD_TIME, each switch and the slice after it
+    (which translates the code afresh) a whole one (the yields that time would cause
+    give the engine back)."""
+    clock = [0.0]
+    fresh: set[object] = set()  # the owner tokens of CPUs whose next slice is the first
+
+    class Clock:
+        @staticmethod
+        def thread_time() -> float:
+            clock[0] += run.YIELD_TIME / 50
+            return clock[0]
+
+    original = EnginePool.take
+
+    def slow_take(self: EnginePool, owner: object, last: Any, kind: object = None) -> Any:
+        clock[0] += run.YIELD_TIME
+        uc, taken = original(self, owner, last, kind)
+        if taken is not Taken.OWN:
+            fresh.add(owner)
+        return uc, taken
+
+    one_slice = execute.run_slice
+
+    def slow_slice(cpu: LgCpu, *args: Any, **kwargs: Any) -> Any:
+        if cpu.engine.token in fresh:
+            fresh.discard(cpu.engine.token)
+            clock[0] += run.YIELD_TIME
+        return one_slice(cpu, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "time", Clock)
+        patch.setattr(cpu_module, "time", Clock)
+        patch.setattr(EnginePool, "take", slow_take)
+        patch.setattr(run, "run_slice", slow_slice)
+        _no_inline_deadline(patch)
+        async with LguestDevice(engines="pool") as dev:
+            pool = pool_of(dev)
+            tickers = [await boot(dev, TICKER) for _ in range(20)]
+            async with asyncio.timeout(LIMIT):
+                words = await asyncio.gather(*(g.file.read(abi.WORD_SIZE) for g in tickers))
+            assert words == [abi.pack_words(3)] * 20
+            assert all(g.u32("ticks") == 3 for g in tickers)
+            assert pool.taken - pool.reused <= 4 * 20
+            assert pool.hooked == pool.switched  # (nothing stripped)
 
 
 async def test_a_new_cpu_takes_no_engine_until_its_first_slice() -> None:
