@@ -1024,6 +1024,9 @@ async def run_swarm(
                         all_ended.set()
 
                 def on_end(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
+                    if interrupted:  # (stopped, not ended: the table counts it so)
+                        admission.ended()
+                        return
                     task = asyncio.create_task(one(guest, pumping))
                     ending.add(task)
                     task.add_done_callback(finished)
@@ -1069,6 +1072,9 @@ async def run_swarm(
                 await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:  # Ctrl-C or SIGTERM: stop, then say what ran
                 interrupted = True
+                # Every guest at once, before the loop's next turn would run them again:
+                # their ends then come together as the Supervisor closes.
+                sup.kill_all()
             finally:
                 gone.cancel()
                 if not work.done():
@@ -1481,7 +1487,10 @@ async def _second_interrupt_exits(coro: Coroutine[Any, Any, int], signals: _Sign
     def on_term(signum: int, frame: FrameType | None) -> None:
         signals.terminated = True
         no_more_cleanup()
-        loop.call_soon_threadsafe(task.cancel)
+        # As asyncio.Runner does for Ctrl-C: cancelled here, the task's next step comes
+        # in the loop's next turn, not the one after (a turn of many guests is long).
+        task.cancel()
+        loop.call_soon_threadsafe(lambda: None)  # (wakes a loop waiting in select)
 
     signal.signal(signal.SIGTERM, on_term)
     if callable(first):
