@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import shards
 from .abi import MAX_CPUS
-from .admission import Admission
+from .admission import Admission, Collector
 from .config import ConfigError, DirGrant, GuestConfig
 from .flag import Flag
 from .host import Exit, Guest, Supervisor
@@ -971,9 +971,12 @@ async def run_swarm(
         max_alive = n  # every guest launched before any runs: they start at virtual 0
     admission = Admission(max_alive=max_alive, shares=1 if shard is None else shard.count)
     launched = 0
-    async with Supervisor(
-        keep_ended=False, deterministic=deterministic, seed=seed, max_engines=max_engines
-    ) as sup:
+    async with (
+        Collector() as collector,
+        Supervisor(
+            keep_ended=False, deterministic=deterministic, seed=seed, max_engines=max_engines
+        ) as sup,
+    ):
         say_seed(sup)
         sim = sup.device.virtual
         with progress:
@@ -991,6 +994,7 @@ async def run_swarm(
                         await pumping
                 finally:
                     admission.ended()
+                    collector.ended(admission.alive)
                 outcome = outcomes[guest.name] = _outcome(result)
                 counts[outcome] += 1
                 if result.died:
