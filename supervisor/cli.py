@@ -983,6 +983,9 @@ async def run_swarm(
             bar = progress.add_task("swarm", total=n, state="starting")
 
             def show(launched: int) -> None:
+                if reporter is not None:  # (a shard: its parent shows launches as they go)
+                    reporter.progress(launched, counts)
+                    return
                 state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 progress.update(bar, state=f"{launched} launched; {state}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import select
@@ -275,3 +276,25 @@ def test_how_many_processes_a_swarm_runs_in() -> None:
     assert processes("-n", "3", "--processes", "8") == 3  # never more than the guests
     assert processes("-n", "30", "--processes", "8", "--max-alive", "2") == 2
     assert processes("-n", "30", "--processes", "1", "--deterministic", deterministic=True) == 1
+
+
+def test_a_shard_reports_its_launches_before_any_guest_ends() -> None:
+    """The parent's progress shows guests launched while none has ended yet."""
+    read_end, write_end = os.pipe()
+    shard = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "swarm", "-n", "2", *ENDLESS,
+         "--shard", f"0,1,{write_end}"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, pass_fds=(write_end,),
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], LIMIT)
+        assert ready
+        first = os.read(read_end, 4096).split(b"\n")[0]
+        launched, finished, failed, died = json.loads(first)["progress"]
+        assert launched >= 1 and (finished, failed, died) == (0, 0, 0)
+    finally:
+        shard.kill()
+        shard.wait(timeout=LIMIT)
+        os.close(read_end)
