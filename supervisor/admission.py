@@ -166,11 +166,12 @@ class Collector:
     Inside ``with Collector():`` the objects already there are frozen (never scanned
     again; they are unfrozen at the end), CPython's own full collections come only
     after :data:`BACKSTOP` young collections, and :meth:`ended` runs one after every
-    ``max(COLLECT_FLOOR, alive)`` ends: each scans about the objects of the guests alive
-    and of as many ended ones, so a guest costs a bounded amount of collection work
-    however many are alive, and what ended guests left stays about what the guests
-    alive hold.  Young collections go on as ever.  With the collector disabled
-    (``gc.disable()``) it changes nothing.  ``collections``: the full collections it ran.
+    ``max(COLLECT_FLOOR, alive)`` ends while guests are still to be launched: each
+    scans about the objects of the guests alive and of as many ended ones, so a guest
+    costs a bounded amount of collection work however many are alive, and what ended
+    guests left stays about what the guests alive hold.  Young collections go on as
+    ever.  With the collector disabled (``gc.disable()``) it changes nothing.
+    ``collections``: the full collections it ran.
     """
 
     __slots__ = ("_ended", "_saved", "collections")
@@ -204,9 +205,13 @@ class Collector:
     ) -> None:
         self.__exit__(et, e, tb)
 
-    def ended(self, alive: int) -> None:
-        """A guest ended; ``alive``: how many are alive now."""
-        if self._saved is None:
+    def ended(self, alive: int, more: bool = True) -> None:
+        """A guest ended; ``alive``: how many are alive now; ``more``: whether guests are
+        still to be launched.  Once none is, nothing is collected: what an ended guest
+        leaves (its Python objects) is less than what its end freed (its memory), so the
+        process only shrinks, and no later guest would reuse the memory a collection
+        frees."""
+        if self._saved is None or not more:
             return
         self._ended += 1
         if self._ended >= max(COLLECT_FLOOR, alive):

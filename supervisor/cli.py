@@ -997,7 +997,7 @@ async def run_swarm(
                         await pumping
                 finally:
                     admission.ended()
-                    collector.ended(admission.alive)
+                    collector.ended(admission.alive, more=launched < len(indexes))
                 outcome = outcomes[guest.name] = _outcome(result)
                 counts[outcome] += 1
                 if result.died:

@@ -198,6 +198,9 @@ def test_a_collector_collects_once_per_as_many_ends_as_guests_alive() -> None:
         assert collector.collections == 1
         collector.ended(alive=alive)
         assert (collector.collections, full.count) == (2, 2)
+        for _ in range(2 * adm.COLLECT_FLOOR):  # every guest launched: memory only falls
+            collector.ended(alive=0, more=False)
+        assert (collector.collections, full.count) == (2, 2)
 
 
 def test_garbage_of_ended_guests_is_freed_by_the_paced_collection() -> None:
