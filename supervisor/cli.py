@@ -1060,6 +1060,8 @@ async def run_swarm(
                         launched += 1
                         rss.launched()
                         show(launched)
+                    if reporter is not None:  # (the last launches: reports are paced)
+                        reporter.progress(launched, counts, force=True)
                     if start is not None:
                         start.release()
                     if ended < len(indexes):
