@@ -14,14 +14,19 @@ it at most doubles from one reading to the next, since guests just launched have
 not touched their memory yet, and it shrinks at once when memory runs short (other
 processes count too).  Nothing here reads a clock: the readings come from
 the two functions given, so a test can fabricate them.
+
+:class:`Collector` paces the garbage collector's full collections by the guests that
+end, the only source of old garbage in a swarm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 
 SAFETY = 2  # a guest is admitted as if it cost twice what was measured
 FIRST = 64  # guests admitted before the first reading
@@ -141,3 +146,75 @@ class Admission:
         self.limit = max(1, min(self.alive + room, 2 * self.limit))
         if self.may_admit():
             self._room.set()
+
+
+COLLECT_FLOOR = 1000  # guests ended between two full collections at least
+BACKSTOP = 1000  # young (generation 1) collections between CPython's own full ones
+
+
+class Collector:
+    """Full garbage collections paced by a swarm's ends, not by its launches.
+
+    A guest's Python objects (about 120) live as long as it does, so they reach the
+    oldest generation, and CPython collects that generation in full each time it has
+    grown by a quarter: a swarm launching tens of thousands of guests pays a full
+    collection, every object of every guest alive scanned, each time its guests grow
+    by 25%, though none of them is garbage.  An ended guest leaves its objects in
+    reference cycles (the Launcher, its tasks, its devices point at each other), so a
+    full collection is what frees them.
+
+    Inside ``with Collector():`` the objects already there are frozen (never scanned
+    again; they are unfrozen at the end), CPython's own full collections come only
+    after :data:`BACKSTOP` young collections, and :meth:`ended` runs one after every
+    ``max(COLLECT_FLOOR, alive)`` ends while guests are still to be launched: each
+    scans about the objects of the guests alive and of as many ended ones, so a guest
+    costs a bounded amount of collection work however many are alive, and what ended
+    guests left stays about what the guests alive hold.  Young collections go on as
+    ever.  With the collector disabled (``gc.disable()``) it changes nothing.
+    ``collections``: the full collections it ran.
+    """
+
+    __slots__ = ("_ended", "_saved", "collections")
+
+    def __init__(self) -> None:
+        self._ended = 0
+        self._saved: tuple[int, int, int] | None = None
+        self.collections = 0
+
+    def __enter__(self) -> Collector:
+        if gc.isenabled():
+            gc.collect()
+            gc.freeze()
+            self._saved = gc.get_threshold()
+            gc.set_threshold(self._saved[0], self._saved[1], BACKSTOP)
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._saved is not None:
+            gc.set_threshold(*self._saved)
+            gc.unfreeze()
+            self._saved = None
+
+    async def __aenter__(self) -> Collector:  # (beside a Supervisor in one ``async with``)
+        return self.__enter__()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(et, e, tb)
+
+    def ended(self, alive: int, more: bool = True) -> None:
+        """A guest ended; ``alive``: how many are alive now; ``more``: whether guests are
+        still to be launched.  Once none is, nothing is collected: what an ended guest
+        leaves (its Python objects) is less than what its end freed (its memory), so the
+        process only shrinks, and no later guest would reuse the memory a collection
+        frees."""
+        if self._saved is None or not more:
+            return
+        self._ended += 1
+        if self._ended >= max(COLLECT_FLOOR, alive):
+            self._ended = 0
+            self.collections += 1
+            gc.collect()

@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import shards
 from .abi import MAX_CPUS
-from .admission import Admission
+from .admission import Admission, Collector
 from .config import ConfigError, DirGrant, GuestConfig
 from .flag import Flag
 from .host import Exit, Guest, Supervisor
@@ -971,15 +971,21 @@ async def run_swarm(
         max_alive = n  # every guest launched before any runs: they start at virtual 0
     admission = Admission(max_alive=max_alive, shares=1 if shard is None else shard.count)
     launched = 0
-    async with Supervisor(
-        keep_ended=False, deterministic=deterministic, seed=seed, max_engines=max_engines
-    ) as sup:
+    async with (
+        Collector() as collector,
+        Supervisor(
+            keep_ended=False, deterministic=deterministic, seed=seed, max_engines=max_engines
+        ) as sup,
+    ):
         say_seed(sup)
         sim = sup.device.virtual
         with progress:
             bar = progress.add_task("swarm", total=n, state="starting")
 
             def show(launched: int) -> None:
+                if reporter is not None:  # (a shard: its parent shows launches as they go)
+                    reporter.progress(launched, counts)
+                    return
                 state = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                 progress.update(bar, state=f"{launched} launched; {state}")
 
@@ -991,6 +997,7 @@ async def run_swarm(
                         await pumping
                 finally:
                     admission.ended()
+                    collector.ended(admission.alive, more=launched < len(indexes))
                 outcome = outcomes[guest.name] = _outcome(result)
                 counts[outcome] += 1
                 if result.died:
@@ -1024,6 +1031,9 @@ async def run_swarm(
                         all_ended.set()
 
                 def on_end(guest: Guest, pumping: asyncio.Task[None] | None) -> None:
+                    if interrupted:  # (stopped, not ended: the table counts it so)
+                        admission.ended()
+                        return
                     task = asyncio.create_task(one(guest, pumping))
                     ending.add(task)
                     task.add_done_callback(finished)
@@ -1050,6 +1060,8 @@ async def run_swarm(
                         launched += 1
                         rss.launched()
                         show(launched)
+                    if reporter is not None:  # (the last launches: reports are paced)
+                        reporter.progress(launched, counts, force=True)
                     if start is not None:
                         start.release()
                     if ended < len(indexes):
@@ -1069,6 +1081,9 @@ async def run_swarm(
                 await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:  # Ctrl-C or SIGTERM: stop, then say what ran
                 interrupted = True
+                # Every guest at once, before the loop's next turn would run them again:
+                # their ends then come together as the Supervisor closes.
+                sup.kill_all()
             finally:
                 gone.cancel()
                 if not work.done():
@@ -1481,7 +1496,10 @@ async def _second_interrupt_exits(coro: Coroutine[Any, Any, int], signals: _Sign
     def on_term(signum: int, frame: FrameType | None) -> None:
         signals.terminated = True
         no_more_cleanup()
-        loop.call_soon_threadsafe(task.cancel)
+        # As asyncio.Runner does for Ctrl-C: cancelled here, the task's next step comes
+        # in the loop's next turn, not the one after (a turn of many guests is long).
+        task.cancel()
+        loop.call_soon_threadsafe(lambda: None)  # (wakes a loop waiting in select)
 
     signal.signal(signal.SIGTERM, on_term)
     if callable(first):

@@ -238,9 +238,12 @@ class Guest:
 
     async def kill(self, reason: str = "killed") -> Exit:
         """End the guest now (no effect if it has already ended); return its :class:`Exit`."""
-        if not self._task.done():
-            await self._launcher.kill(reason)
+        self._kill_now(reason)
         return await self.wait()
+
+    def _kill_now(self, reason: str) -> None:
+        if not self._task.done():
+            self._launcher.kill_now(reason)
 
     def __repr__(self) -> str:
         state = "running" if not self.done else "ended"
@@ -404,13 +407,26 @@ class Supervisor:
         """
         return await self.launch(snapshot_config(snap, **overrides), snapshot=snap)
 
+    def kill_all(self, reason: str = "supervisor closed") -> None:
+        """Ask every guest still running to end now, without waiting: each one's read
+        is cancelled, so its next turn on the event loop ends it instead of running it
+        (what has not ended yet ends as :meth:`aclose` waits)."""
+        for guest in list(self._guests):
+            guest._kill_now(reason)
+
     async def aclose(self) -> None:
-        """Kill every guest still running, then close the device.  Safe to call twice."""
+        """Kill every guest still running, then close the device.  Safe to call twice.
+
+        Every guest is asked first (no coroutine or task each), then their ends are
+        awaited together: each kill withdraws its queued slice, so none waits its turn."""
         self._closed = True
-        # Every guest at once: each kill withdraws its queued slice, so none waits its turn.
-        await asyncio.gather(
-            *(guest.kill("supervisor closed") for guest in self._guests), return_exceptions=True
-        )
+        self.kill_all()
+        running = [guest._task for guest in self._guests if not guest.done]
+        if running:
+            await asyncio.wait(running)
+        for task in running:  # (a Host failure is the guest's wait()'s to raise, not ours)
+            if not task.cancelled():
+                task.exception()
         await self.net.aclose()
         await self.device.aclose()
 

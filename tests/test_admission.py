@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -132,3 +134,83 @@ def test_unknown_available_memory_keeps_the_limit() -> None:
 def test_read_memory_reads_this_process() -> None:
     reading = read_memory()
     assert reading.rss > 0 and reading.available > 0
+
+
+class FullCollections:
+    """Counts the full (generation 2) collections that start while it is installed."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            self.count += 1
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+
+
+class Node:
+    """An object in a reference cycle (as a guest's are): only a collection frees it."""
+
+    __slots__ = ("__weakref__", "me")
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _cycles(n: int) -> list[Node]:
+    """``n`` long-lived objects in cycles (what guests alive hold)."""
+    return [Node() for _ in range(n)]
+
+
+def test_growing_guests_cost_no_full_collection_in_a_collector() -> None:
+    assert gc.isenabled()
+    n = 2 * len(gc.get_objects())  # growth by far past CPython's quarter
+    with FullCollections() as plain:
+        kept = _cycles(n)
+    del kept
+    gc.collect()
+    with adm.Collector() as collector, FullCollections() as paced:
+        assert gc.get_freeze_count() > 0  # what was there is never scanned again
+        kept = _cycles(n)
+        assert collector.collections == 0
+    del kept
+    assert gc.get_freeze_count() == 0 and gc.get_threshold()[2] != adm.BACKSTOP
+    assert plain.count >= 1
+    assert paced.count == 0
+
+
+def test_a_collector_collects_once_per_as_many_ends_as_guests_alive() -> None:
+    with adm.Collector() as collector, FullCollections() as full:
+        for _ in range(adm.COLLECT_FLOOR - 1):
+            collector.ended(alive=10)
+        assert (collector.collections, full.count) == (0, 0)
+        collector.ended(alive=10)  # the floor: a few guests alive
+        assert (collector.collections, full.count) == (1, 1)
+        alive = 3 * adm.COLLECT_FLOOR
+        for _ in range(alive - 1):
+            collector.ended(alive=alive)
+        assert collector.collections == 1
+        collector.ended(alive=alive)
+        assert (collector.collections, full.count) == (2, 2)
+        for _ in range(2 * adm.COLLECT_FLOOR):  # every guest launched: memory only falls
+            collector.ended(alive=0, more=False)
+        assert (collector.collections, full.count) == (2, 2)
+
+
+def test_garbage_of_ended_guests_is_freed_by_the_paced_collection() -> None:
+    with adm.Collector() as collector:
+        garbage = Node()
+        ref = weakref.ref(garbage)
+        gc.collect(1)  # it survives the young collections: now old, as a guest's objects are
+        del garbage
+        gc.collect(1)
+        assert ref() is not None  # only a full collection frees it
+        for _ in range(adm.COLLECT_FLOOR):
+            collector.ended(alive=0)
+        assert ref() is None

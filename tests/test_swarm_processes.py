@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import select
@@ -275,3 +276,31 @@ def test_how_many_processes_a_swarm_runs_in() -> None:
     assert processes("-n", "3", "--processes", "8") == 3  # never more than the guests
     assert processes("-n", "30", "--processes", "8", "--max-alive", "2") == 2
     assert processes("-n", "30", "--processes", "1", "--deterministic", deterministic=True) == 1
+
+
+def test_a_shard_reports_its_launches_before_any_guest_ends() -> None:
+    """The parent's progress shows guests launched while none has ended yet, the last
+    launch included."""
+    read_end, write_end = os.pipe()
+    shard = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "swarm", "-n", "2", *ENDLESS,
+         "--shard", f"0,1,{write_end}"],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, pass_fds=(write_end,),
+    )  # fmt: skip
+    os.close(write_end)
+    try:
+        reports = b""
+        while b'"progress":[2,' not in reports:  # every launch said, though none ended
+            ready, _, _ = select.select([read_end], [], [], LIMIT)
+            assert ready
+            data = os.read(read_end, 4096)
+            assert data, reports
+            reports += data
+        for line in reports.splitlines():
+            _launched, finished, failed, died = json.loads(line)["progress"]
+            assert (finished, failed, died) == (0, 0, 0)
+    finally:
+        shard.kill()
+        shard.wait(timeout=LIMIT)
+        os.close(read_end)

@@ -326,6 +326,11 @@ class Launcher:
         :meth:`run` frees everything itself; await it (or the task running it)
         to see the end.  No effect on a guest that has already ended.
         """
+        self.kill_now(reason)
+
+    def kill_now(self, reason: str = "killed") -> None:
+        """:meth:`kill` without a coroutine: a caller ending many guests at once asks
+        each in turn, then waits for their ends together."""
         if self._killed is not None or self._ended:
             return
         self._killed = reason
