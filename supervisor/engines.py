@@ -43,7 +43,8 @@ as many as a share of the machine's memory holds (:func:`default_bound`), at lea
 per worker, one for the event loop's inline slices and :data:`RESERVE` more: at most
 one step per worker runs at a time, and the run loop holds at most one engine between
 two of its awaits (two while a CPU starts another), so at the bound an idle engine is
-always there to switch.  Only the Host's own calls on a CPU that does not run (a
+always there to switch (or on its way back: a take waits for one whose CPU
+:meth:`EnginePool.disown` is taking off).  Only the Host's own calls on a CPU that does not run (a
 debugger's register reads and code hooks, restoring a state) can hold more at once; a
 take past the bound then makes an *overdraft* engine (:attr:`EnginePool.overdrafts`),
 closed when it comes back, so ``live`` returns to the bound.
@@ -137,6 +138,8 @@ class EnginePool:
     __slots__ = (
         "_asked",
         "_closing",
+        "_disowned",
+        "_disowning",
         "_kept",
         "_lock",
         "_ready",
@@ -182,6 +185,11 @@ class EnginePool:
         self.spares = min(bound, workers + 1 + RESERVE) if spares is None else spares
         self.always = always
         self._lock = threading.Lock()
+        # Engines disown() has taken out of the idle ones to take their CPU off them,
+        # outside the lock: idle all the same, so a take at the bound that finds no other
+        # waits for one (_disowned) instead of making one past the bound.
+        self._disowning = 0
+        self._disowned = threading.Condition(self._lock)
         # id(instance) -> (instance, the owner token of the CPU that gave it back), oldest
         # first: a CPU's own engine is found in O(1).  Kept: given back by runnable CPUs
         # between slices; spare: by waiting CPUs, closed CPUs, or none.
@@ -280,11 +288,7 @@ class EnginePool:
             if self._ready and not self.always:
                 self.ready_taken += 1
                 return self._ready.pop(), Taken.BARE
-            uc = self._pick(self._spare, last, oldest=True)
-            if uc is None and self.live >= self.bound:
-                uc = self._pick(self._kept, last, oldest=False)
-                if uc is not None:
-                    self.evicted += 1
+            uc = self._pick_idle(last)
             if uc is None:
                 self._count_new()
                 ask = self._ask()
@@ -311,6 +315,20 @@ class EnginePool:
             self._close(uc)
             return self._new(), Taken.BARE
         return uc, Taken.BARE
+
+    def _pick_idle(self, last: Any) -> Any:
+        """(Lock held.)  The spare given back longest ago; else, at the bound, the kept
+        engine given back last (an eviction), waiting for one that :meth:`disown` is
+        taking its CPU off if that is the only other; else None (a new one is made)."""
+        while True:
+            uc = self._pick(self._spare, last, oldest=True)
+            if uc is None and self.live >= self.bound:
+                uc = self._pick(self._kept, last, oldest=False)
+                if uc is not None:
+                    self.evicted += 1
+            if uc is not None or not self._disowning or self.live < self.bound:
+                return uc
+            self._disowned.wait()
 
     def _ask(self) -> bool:
         """(Lock held; a take is making a new engine.)  Whether to ask for engines made
@@ -419,6 +437,7 @@ class EnginePool:
                     break
             else:
                 return
+            self._disowning += 1
         try:
             if _unicorn.seat(uc).kind is not None:
                 _unicorn.unbind(uc)
@@ -426,8 +445,13 @@ class EnginePool:
                 _unicorn.strip(uc)
         except Exception:
             self._close(uc)
+            with self._lock:
+                self._disowning -= 1
+                self._disowned.notify_all()
             return
         with self._lock:
+            self._disowning -= 1
+            self._disowned.notify_all()
             self._spare[id(uc)] = (uc, None)
             self._spare.move_to_end(id(uc), last=False)  # the first to be switched
             trimmed = self._trim()

@@ -219,6 +219,40 @@ def test_a_cpu_gets_its_own_engine_back_untouched_unless_another_took_it() -> No
     assert pool.live == 0 and pool.made == 1 and pool.overdrafts == 0
 
 
+def test_a_take_at_the_bound_waits_for_the_engine_being_disowned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In the ``always`` mode a take hands the CPU's last engine to ``disown``, which
+    takes that CPU off it outside the pool's lock: it is idle all the same, so another
+    take at the bound that finds no other engine waits for it rather than making one
+    past the bound."""
+    pool = EnginePool(1 << 20, bound=2, always=True, workers=1, spares=2)
+    a, b, c = object(), object(), object()
+    ea, _ = pool.take(a, None)
+    eb, _ = pool.take(b, None)
+    pool.give(a, ea, keep=True)
+    pool.give(b, eb, keep=True)
+    got: list[tuple[Any, Taken]] = []
+    taker = threading.Thread(target=lambda: got.append(pool.take(c, None)))
+    strip = _unicorn.strip
+
+    def disowning(uc: Any) -> None:
+        if uc is ea and not taker.is_alive() and not got:
+            taker.start()  # C takes while A's last engine is out of the idle ones
+            taker.join(0.5)  # (a take that made one past the bound is back by now)
+        strip(uc)
+
+    monkeypatch.setattr(_unicorn, "strip", disowning)
+    assert pool.take(a, ea) == (eb, Taken.BARE) and pool.evicted == 1
+    taker.join(LIMIT)
+    assert got == [(ea, Taken.BARE)]
+    assert pool.live == pool.peak == 2 and pool.overdrafts == 0
+    pool.give(a, eb)
+    pool.give(c, ea)
+    pool.close()
+    assert pool.live == 0 and pool.made == 2
+
+
 def test_runnable_cpus_keep_their_engines_until_the_bound_then_the_last_gives_way() -> None:
     pool = EnginePool(1 << 20, bound=4, workers=1, spares=1)
     a, b, c, d, e = (object() for _ in range(5))
