@@ -74,7 +74,8 @@ class Guest:
         self._changed = Flag()  # a boot began or the guest ended
         self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
         launcher.on_boot.append(self._on_boot)
-        self._task = asyncio.create_task(launcher.run(), name=f"guest-{self.name}")
+        # (Its Exit: the Launcher runs in tasks of its own, none while the guest rests.)
+        self._task: asyncio.Future[Exit] = launcher.start()
         self._task.add_done_callback(self._ended)
 
     @property
@@ -92,7 +93,7 @@ class Guest:
             self._gdb.attach(d, stopped=self._boots == 1)
         self._changed.set()
 
-    def _ended(self, task: asyncio.Task[Exit]) -> None:
+    def _ended(self, task: asyncio.Future[Exit]) -> None:
         self._changed.set()
         if self._gdb is None:
             return

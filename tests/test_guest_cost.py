@@ -1,5 +1,6 @@
-"""What an idle guest holds in Python: one task (its read loop), the Waker only while it
-breaks the guest out, one parsed image shared by every guest of the same file."""
+"""What an idle guest holds in Python: one task (its read loop) until it rests (then none:
+tests/test_resting.py), the Waker only while it breaks the guest out, one parsed image
+shared by every guest of the same file."""
 
 from __future__ import annotations
 
