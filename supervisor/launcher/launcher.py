@@ -18,8 +18,9 @@ The Waker coroutine holds only ``f.waker()``: when a device calls
 :meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``,
 unless every CPU is asleep (then it polls the devices itself and sends their
 irqs).  It runs only while a device wants attention (a task started by the wake,
-ended once no wake is left to answer), so an idle guest has one task: its read
-loop.
+ended once no wake is left to answer).  An idle guest with one CPU has no task at all
+once its registers are packed: its read rests and the read loop's task ends, and the
+CPU's next wake starts another (:meth:`Launcher.start`).
 
 The image, page tables and boot info of a boot are built once per (image, memory
 size, command line, environment, CPUs, device types) into a
