@@ -8,7 +8,8 @@
             print(line)
         print(await guest.wait())
 
-Each guest runs its Launcher (and so its CPU) in its own asyncio task.
+Each guest runs its Launcher (and so its CPU) in an asyncio task of its own, none while
+it rests (idle, its registers packed: ``Launcher.start``).
 Leaving the ``async with`` kills the guests still running and closes the device.
 """
 
