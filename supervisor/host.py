@@ -57,6 +57,12 @@ class Guest:
     reboots; a pause asked for between boots holds the next boot.
     """
 
+    # (One per guest, idle or not: no attribute dict.)
+    __slots__ = (
+        "__weakref__", "_boots", "_changed", "_closing", "_console", "_debugger", "_gdb",
+        "_hold", "_launcher", "_task", "config", "name",
+    )  # fmt: skip
+
     def __init__(
         self,
         config: GuestConfig,

@@ -170,6 +170,7 @@ def test_a_swarm_holds_no_task_per_running_guest(
 def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
     from supervisor import GuestMemory
     from supervisor.flag import Flag
+    from supervisor.host import Guest
     from supervisor.launcher.devices import Slot
 
     memory = GuestMemory(2 * 4096)
@@ -177,6 +178,7 @@ def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
         slot = Slot(memory, 4096, 4096, 1, lambda irq: None, lambda: None)
         for thing in (memory, slot, Flag()):
             assert not hasattr(thing, "__dict__"), type(thing)
+        assert Guest.__dictoffset__ == 0  # (one per guest: no attribute dict either)
     finally:
         memory.close()
 
