@@ -20,6 +20,10 @@ takes minutes at the issue's scale; pick N for the machine's load):
   process spends while they all wait (share of one core); then the RSS and the
   mappings 1,000,000 such guests would take at the same cost each.  Goal at
   N = 1,000,000: at most 16 KiB a guest and 1% of a core.
+* ``idlewaves N``: the same, launched ``WAVE`` at a time, each wave settled (its guests
+  resting, their memories packed) before the next: what N idle guests hold once they
+  came over time, without the peak of N guests all booting at once (whose freed
+  coroutines leave holes in the heap that ``idle N`` counts in its RSS).
 
 * ``life N``: N tickers (the same command line, console ``null``) launched at once
   through a ``Supervisor`` in a child process, no swarm table: the child's CPU over
@@ -54,6 +58,7 @@ WAIT = 2.0  # seconds the idle guests are watched while they wait
 TRACED = 1000  # idle guests whose Python heap is traced (after the RSS is measured)
 MILLION = 1_000_000
 SETTLE = 60.0  # seconds idle guests may take to have their memories packed
+WAVE = 1000  # guests launched at once by ``idlewaves``
 
 
 def load() -> str:
@@ -96,7 +101,7 @@ def _cell(table: str, column: int) -> int:
     return 0
 
 
-async def _idle(n: int) -> str:
+async def _idle(n: int, wave: int | None = None) -> str:
     image = Path(tempfile.mkdtemp(prefix="bench-swarm-")) / "sleeper.img"
     image.write_bytes(assemble(testing.SLEEPER).image)
     config = GuestConfig(image=image, memory="1M", console="null")
@@ -106,7 +111,8 @@ async def _idle(n: int) -> str:
         gc.collect()
         rss0, objects0, tasks0 = _rss(), len(gc.get_objects()), len(asyncio.all_tasks())
         maps0 = _mappings()
-        await _launch_idle(sup, config, guests, n)
+        for first in range(0, n, wave or n):
+            await _launch_idle(sup, config, guests, min(wave or n, n - first))
         rss = _rss() - rss0
         objects = len(gc.get_objects()) - objects0
         tasks = len(asyncio.all_tasks()) - tasks0
@@ -123,8 +129,9 @@ async def _idle(n: int) -> str:
         await _launch_idle(sup, config, guests, traced)
         heap = tracemalloc.get_traced_memory()[0] - heap0
         tracemalloc.stop()
+        how = "" if wave is None else f" in waves of {wave:,}"
         return (
-            f"idle n={n}: RSS {rss / n / 1024:,.1f} KiB/guest, Python heap "
+            f"idle{how} n={n}: RSS {rss / n / 1024:,.1f} KiB/guest, Python heap "
             f"{heap / traced / 1024:,.1f} KiB/guest ({traced:,} traced), {objects / n:.0f} gc "
             f"objects and {tasks / n:.2f} tasks a guest; {packed:,} memories packed, "
             f"{mappings / n:.3f} mappings a guest; {share:.1%} of a core while they wait; "
@@ -166,6 +173,11 @@ def _rss() -> int:
 def idle(n: int) -> str:
     """Run ``n`` idle guests in a fresh child process; its per-guest figures."""
     return _child("idle", n)
+
+
+def idlewaves(n: int) -> str:
+    """``idle`` with the guests launched in waves of ``WAVE``."""
+    return _child("idlewaves", n)
 
 
 def life(n: int) -> str:
@@ -227,6 +239,9 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["_idle"]:
         print(asyncio.run(_idle(int(argv[1]))))
         return
+    if argv[:1] == ["_idlewaves"]:
+        print(asyncio.run(_idle(int(argv[1]), WAVE)))
+        return
     if argv[:1] == ["_life"]:
         print(asyncio.run(_life(int(argv[1]))))
         return
@@ -234,6 +249,7 @@ def main(argv: list[str]) -> None:
         "tickers": tickers,
         "tickers1": lambda n: tickers(n, "--processes", "1"),
         "idle": idle,
+        "idlewaves": idlewaves,
         "life": life,
     }
     pairs = list(zip(argv[::2], argv[1::2], strict=False)) or [

@@ -275,6 +275,10 @@ class RunControl:
     # turn on the guest's processor: that turn does not wait out a sibling's run, even if
     # the CPU cannot take the irq this instant (run._take_turn; one such turn per raise).
     irq_raised: bool = host_only(default=False)
+    # The reader's restart (LguestFile.rest_when_idle): set, a read may end while the CPU
+    # sleeps with its registers packed (it rests); the CPU's next wake() calls it once.
+    rest: Callable[[], None] | None = host_only(default=None)
+    resting: bool = host_only(default=False)  # its last read ended resting: no read in flight
 
 
 # The run loop's hooks for a CPU's instance (new_cpu): called with ``hooked`` False to
@@ -416,7 +420,8 @@ class LgCpu:
         The one way to wake a CPU, like lguest's ``wake_up_process || kick_process``:
         a sleeping run loop is woken; a run waiting in the executor's queue is
         withdrawn (the run loop sees the news without waiting its turn); a running one
-        is kicked.  Either way the next slice runs briefly on the event loop.
+        is kicked.  Either way the next slice runs briefly on the event loop.  A CPU whose
+        read ended resting (no read in flight) has its reader's restart called.
         """
         self.kick()
         queued = self.run.queued_slice
@@ -428,6 +433,10 @@ class LgCpu:
                 waiter.set_result(None)
         self.run.inline = True
         self.run.wakeup.set()
+        if self.run.resting:  # no read in flight: the reader reads again
+            self.run.resting = False
+            if self.run.rest is not None:
+                self.run.rest()
 
     def raise_irq(self, irq: int) -> None:
         """Mark ``irq`` pending and have it seen promptly: a slice in progress on a worker

@@ -357,6 +357,7 @@ class LguestFile:
         # the read ends; made only when close() needs it, not for every read).
         self._running: dict[int, asyncio.Future[None] | None] = {}
         self._serve: Callable[[int], bool] | None = None  # serve_notifies()'s handler
+        self._rest: Callable[[], None] | None = None  # rest_when_idle()'s restart
 
     # -- the device interface ----------------------------------------------------
     async def write(self, buf: bytes | bytearray | memoryview, offset: int = 0) -> int:
@@ -386,7 +387,8 @@ class LguestFile:
         Raises ``EAGAIN`` when broken out by a Waker, ``ENOENT`` (``ERESTART``)
         on the read during which the guest dies, ``EBUSY`` if that CPU is
         already being read.  Cancelling the read stops the guest exactly where
-        it was; the next read resumes it.
+        it was; the next read resumes it.  ``b""``: the CPU rests
+        (:meth:`rest_when_idle`).
         """
         return await self._read(size, offset, waker=False)
 
@@ -399,6 +401,18 @@ class LguestFile:
         returning).  False: the read returns the address as usual.  An exception from
         the handler ends the read with it, the notify not handed over."""
         self._serve = handler
+
+    def rest_when_idle(self, restart: Callable[[], None] | None) -> None:
+        """Let a read of a guest with one CPU end, returning ``b""``, instead of waiting
+        while the CPU sleeps in a halt with nothing it can take and its registers packed
+        (it has slept ``hibernation.PACK_AFTER``); None: reads wait (the default).
+
+        Nothing of the guest changes while no read is in flight: ``restart()`` is called
+        once, on the event loop, at the CPU's next wake (an irq, a timer, a hold, a
+        Waker's break, close, a kill), and the reader reads again, which goes on exactly
+        as the waiting read would have.  So a reader that lets it rest needs no task of its own
+        while the guest sleeps.  Not in deterministic mode (reads wait there)."""
+        self._rest = restart
 
     async def close(self) -> None:
         """Free the guest: stop its CPUs (never hangs), cancel timers, release memory.
@@ -832,6 +846,8 @@ class LguestFile:
             raise _error(errno.EBUSY)
         cpu.pending_notify = 0
         cpu.run.reading = True
+        cpu.run.resting = False
+        cpu.run.rest = self._rest
         self._running[cpu.id] = None  # (close() puts a future here to wait for the read)
         # (Deterministic mode: nothing hibernates, and nothing waits for wall time.)
         dormitory = self._device.dormitory if lg.virtual is None else None
@@ -839,6 +855,9 @@ class LguestFile:
             dormitory.awake(cpu)
         try:
             address = await run.run_guest(cpu, self._device.executor, dormitory, self._serve)
+            if address == run.RESTING:
+                cpu.run.resting = True  # (nothing runs before the caller sees b"")
+                return b""
         finally:
             cpu.run.reading = False
             finished = self._running.pop(cpu.id)

@@ -480,6 +480,8 @@ class Dormitory:
                 self.packs += 1
                 if cpu.lg.pack_memory():
                     self.memory_packs += 1
+                if cpu.run.rest is not None and cpu.run.reading and cpu.run.hold is None:
+                    cpu.run.wakeup.set()  # its sleep ends: the read rests (run._rests)
         for cpu in again:
             self._pack_later(cpu)
         if packing and self._pack_timer is None:

@@ -8,7 +8,8 @@
             print(line)
         print(await guest.wait())
 
-Each guest runs its Launcher (and so its CPU) in its own asyncio task.
+Each guest runs its Launcher (and so its CPU) in an asyncio task of its own, none while
+it rests (idle, its registers packed: ``Launcher.start``).
 Leaving the ``async with`` kills the guests still running and closes the device.
 """
 
@@ -56,6 +57,12 @@ class Guest:
     reboots; a pause asked for between boots holds the next boot.
     """
 
+    # (One per guest, idle or not: no attribute dict.)
+    __slots__ = (
+        "__weakref__", "_boots", "_changed", "_closing", "_console", "_debugger", "_gdb",
+        "_hold", "_launcher", "_task", "config", "name",
+    )  # fmt: skip
+
     def __init__(
         self,
         config: GuestConfig,
@@ -74,7 +81,8 @@ class Guest:
         self._changed = Flag()  # a boot began or the guest ended
         self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
         launcher.on_boot.append(self._on_boot)
-        self._task = asyncio.create_task(launcher.run(), name=f"guest-{self.name}")
+        # (Its Exit: the Launcher runs in tasks of its own, none while the guest rests.)
+        self._task: asyncio.Future[Exit] = launcher.start()
         self._task.add_done_callback(self._ended)
 
     @property
@@ -92,7 +100,7 @@ class Guest:
             self._gdb.attach(d, stopped=self._boots == 1)
         self._changed.set()
 
-    def _ended(self, task: asyncio.Task[Exit]) -> None:
+    def _ended(self, task: asyncio.Future[Exit]) -> None:
         self._changed.set()
         if self._gdb is None:
             return

@@ -42,6 +42,11 @@ from .virtual import Simulation
 YIELD_TIME = 0.0005
 
 
+# run_guest's answer when the CPU rests: it sleeps in a halt, its registers packed,
+# and the read ends instead of waiting (LguestFile.rest_when_idle).
+RESTING = -1
+
+
 def _oserror(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -113,6 +118,9 @@ async def run_guest(
     the notify there and then (no await: nothing else ran meanwhile), and the guest
     goes on in this call; False hands the notify over as usual.  An exception it
     raises ends the call, the notify still pending.
+
+    Returns :data:`RESTING` instead of sleeping once ``cpu.run.rest`` is set and
+    :func:`_rests` says so: no guest state changed, and the next wake calls the restart.
 
     Raises ``OSError``: ``EAGAIN`` when a Waker broke the CPU out, ``ENOENT``
     (or ``ERESTART``) when the guest died, ``EBADF`` when the file was closed.
@@ -202,11 +210,30 @@ async def run_guest(
                 _tell_holder(cpu)
                 await _sleep(cpu, dormitory)
             case RunState.HALT | RunState.OFFLINE:
+                if _rests(cpu):
+                    return RESTING
                 await _sleep(cpu, dormitory)
+                if _rests(cpu):
+                    return RESTING
                 if dormitory is not None:
                     await dormitory.turn(cpu, executor, functools.partial(_urgent, cpu))
             case _:  # pragma: no cover - pending_exit returns only the values above
                 raise AssertionError(exit)
+
+
+def _rests(cpu: LgCpu) -> bool:
+    """Whether a sleeping CPU's read ends resting: its reader allows it (``run.rest``),
+    it is the guest's only CPU, not on virtual time, and halted with nothing it can take,
+    its registers packed (it has slept ``hibernation.PACK_AFTER``: the dormitory wakes
+    its sleep when it packs them).  Nothing but a wake can change that, and every wake
+    goes through :meth:`LgCpu.wake`, which calls the restart."""
+    return (
+        cpu.run.rest is not None
+        and cpu.engine.packed
+        and len(cpu.lg.cpus) == 1
+        and cpu.lg.virtual is None
+        and pending_exit(cpu) is RunState.HALT
+    )
 
 
 async def _quantum(cpu: LgCpu, sim: Simulation) -> None:

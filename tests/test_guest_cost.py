@@ -1,5 +1,6 @@
-"""What an idle guest holds in Python: one task (its read loop), the Waker only while it
-breaks the guest out, one parsed image shared by every guest of the same file."""
+"""What an idle guest holds in Python: one task (its read loop) until it rests (then none:
+tests/test_resting.py), the Waker only while it breaks the guest out, one parsed image
+shared by every guest of the same file."""
 
 from __future__ import annotations
 
@@ -169,6 +170,7 @@ def test_a_swarm_holds_no_task_per_running_guest(
 def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
     from supervisor import GuestMemory
     from supervisor.flag import Flag
+    from supervisor.host import Guest
     from supervisor.launcher.devices import Slot
 
     memory = GuestMemory(2 * 4096)
@@ -176,6 +178,7 @@ def test_objects_every_guest_has_keep_no_attribute_dict() -> None:
         slot = Slot(memory, 4096, 4096, 1, lambda irq: None, lambda: None)
         for thing in (memory, slot, Flag()):
             assert not hasattr(thing, "__dict__"), type(thing)
+        assert Guest.__dictoffset__ == 0  # (one per guest: no attribute dict either)
     finally:
         memory.close()
 

@@ -18,8 +18,9 @@ The Waker coroutine holds only ``f.waker()``: when a device calls
 :meth:`~supervisor.launcher.devices.Slot.wake` it writes ``LHREQ_BREAK 1``,
 unless every CPU is asleep (then it polls the devices itself and sends their
 irqs).  It runs only while a device wants attention (a task started by the wake,
-ended once no wake is left to answer), so an idle guest has one task: its read
-loop.
+ended once no wake is left to answer).  An idle guest with one CPU has no task at all
+once its registers are packed: its read rests and the read loop's task ends, and the
+CPU's next wake starts another (:meth:`Launcher.start`).
 
 The image, page tables and boot info of a boot are built once per (image, memory
 size, command line, environment, CPUs, device types) into a
@@ -114,11 +115,17 @@ def translation_buffer(image: Image, least: int) -> int:
 
 
 # GuestStats fields the Launcher counts itself (the others sum its CPUs' CpuStats).
-_LAUNCHER_COUNTS = ("notifies", "breaks", "woken_at_once", "served_in_read")
+_LAUNCHER_COUNTS = ("notifies", "breaks", "woken_at_once", "served_in_read", "rests")
 
 
 class _Killed(Exception):
     """Raised inside the read loop when the Launcher ends the guest itself."""
+
+
+class _Resting(Exception):
+    """Raised inside the read loop when its read ended resting (``LguestFile.rest_when_idle``):
+    the task ends, the boot and the devices stay as they are, and the CPU's next wake
+    starts another task that reads on (:meth:`Launcher.start`)."""
 
 
 DEFAULT_MAX_RESTARTS = 8
@@ -142,6 +149,7 @@ class GuestStats:
     run_time: float = 0.0  # seconds inside guest slices
     hibernations: int = 0  # times the guest gave back its emulator while idle
     wakes: int = 0  # times it took a new one
+    rests: int = 0  # times its read ended resting: no task served it until its next wake
 
     def add(self, other: GuestStats) -> GuestStats:
         return GuestStats(
@@ -174,10 +182,10 @@ class Launcher:
     # (One per guest: an idle guest's largest object without them.)
     __slots__ = (
         "__weakref__", "_attention", "_breaking", "_breaks", "_dev", "_done_stats",
-        "_ended", "_irqs", "_killed", "_notifies", "_rejoin", "_resume", "_served",
-        "_served_in_read", "_source", "_task", "_waker", "_waking", "_woken_at_once",
-        "cmdline", "cpus", "devices", "env", "file", "hibernate_after", "image", "layout",
-        "limits", "max_restarts", "on_boot", "restarts",
+        "_ended", "_irqs", "_killed", "_notifies", "_open", "_rejoin", "_resting", "_rests",
+        "_result", "_resume", "_served", "_served_in_read", "_source", "_started", "_task",
+        "_waker", "_waking", "_woken_at_once", "cmdline", "cpus", "devices", "env", "file",
+        "hibernate_after", "image", "layout", "limits", "max_restarts", "on_boot", "restarts",
     )  # fmt: skip
 
     def __init__(
@@ -228,7 +236,12 @@ class Launcher:
         self._served_in_read = 0
         self._killed: str | None = None
         self._ended = False
-        self._task: asyncio.Task[Exit] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the task serving it (None: resting)
+        self._result: asyncio.Future[Exit] | None = None  # start()'s
+        self._resting = False  # its read rests: no task until the CPU's next wake
+        self._rests = 0
+        self._started = False  # the devices were started
+        self._open: tuple[GuestMemory, LguestFile] | None = None  # a resting boot's
         # Called with each boot's file after INITIALIZE, before it runs (debugger, restore).
         self.on_boot: list[Callable[[LguestFile], None]] = []
         self._resume = resume
@@ -312,6 +325,7 @@ class Launcher:
             breaks=self._breaks,
             woken_at_once=self._woken_at_once,
             served_in_read=self._served_in_read,
+            rests=self._rests,
         )
         for s in self.file.cpu_stats if self.file is not None else ():
             shared = {f.name: getattr(s, f.name) for f in dataclasses.fields(GuestStats)
@@ -334,13 +348,59 @@ class Launcher:
         if self._killed is not None or self._ended:
             return
         self._killed = reason
-        if self._task is not None and self._task is not asyncio.current_task():
+        if self._resting:
+            self._restart()  # its task ends it
+        elif self._task is not None and self._task is not asyncio.current_task():
             self._task.cancel()
 
     def _die(self, reason: str) -> NoReturn:
         """End the guest from inside the read loop (a Host-side verdict)."""
         self._killed = reason
         raise _Killed(reason)
+
+    def start(self) -> asyncio.Future[Exit]:
+        """Run the guest as :meth:`run` does, in tasks of its own; the future gets its
+        :class:`Exit` (or what the Host raised).
+
+        While a guest with one CPU sleeps in a halt with its registers packed, no task
+        serves it: its read rests (``LguestFile.rest_when_idle``), the task ends with
+        the boot, its file and the devices left as they are, and the CPU's next wake (an
+        irq, a timer, a device's news, a hold, a kill) starts a task that reads on.
+        """
+        self._result = asyncio.get_running_loop().create_future()
+        self._segment()
+        return self._result
+
+    def _segment(self) -> None:
+        # (run() sets _task in its first step: a kill before that finds none to cancel
+        # and the task sees _killed instead, as a kill before run() does.)
+        asyncio.get_running_loop().create_task(self._drive(), name="lguest-launcher")
+
+    def _restart(self) -> None:
+        """The resting CPU's wake (or a kill): a task serves the guest on."""
+        if self._resting:
+            self._resting = False
+            self._segment()
+
+    async def _drive(self) -> None:
+        """One task of :meth:`start`: :meth:`run` until it ends or rests."""
+        result = self._result
+        assert result is not None
+        try:
+            end = await self.run()
+        except _Resting:
+            self._task = None
+            self._resting = True
+            return
+        except asyncio.CancelledError:
+            result.cancel()
+            raise
+        except BaseException as exc:
+            result.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        result.set_result(end)
 
     async def run(self) -> Exit:
         """Start the devices, boot (and reboot) the guest; return how it ended.
@@ -349,10 +409,16 @@ class Launcher:
         returns, whatever happens (cancellation included).
         """
         self._task = asyncio.current_task()
+        resting = False
         try:
-            for device in self.devices:
-                await device.start()
+            if not self._started:
+                self._started = True
+                for device in self.devices:
+                    await device.start()
             return await self._lifetime()
+        except _Resting:
+            resting = True
+            raise
         except (_Killed, asyncio.CancelledError):
             if self._killed is None:
                 raise  # cancelled by someone else: not ours to swallow
@@ -360,15 +426,16 @@ class Launcher:
                 self._task.uncancel()
             return Exit(None, self._killed, self.restarts, died=True)
         finally:
-            self._ended = True
-            self._rejoined()
-            for device in self.devices:
-                with contextlib.suppress(Exception):
-                    await device.stop()
+            if not resting:
+                self._ended = True
+                self._rejoined()
+                for device in self.devices:
+                    with contextlib.suppress(Exception):
+                        await device.stop()
 
     async def _lifetime(self) -> Exit:
         while True:
-            if self._killed is not None:
+            if self._killed is not None and self._open is None:
                 raise _Killed(self._killed)
             end = await self._boot()
             if not end.restart:
@@ -387,7 +454,11 @@ class Launcher:
 
     # -- one boot ----------------------------------------------------------------
     async def _boot(self) -> Exit:
-        """Run one boot (the first of a resumed guest continues it); return its end."""
+        """Run one boot (the first of a resumed guest continues it); return its end.
+        A boot whose read rests (:meth:`start`) is served on from where it rested."""
+        opened, self._open = self._open, None
+        if opened is not None:
+            return await self._serve_boot(*opened, resumed=True)
         resume, self._resume = self._resume, None
         if resume is None:
             memory = self._fresh_memory()
@@ -416,7 +487,7 @@ class Launcher:
                 )
             except OSError as exc:
                 self._die(f"cannot start: {exc.strerror}")
-            async with f:
+            try:
                 self.file = f
                 try:
                     try:
@@ -434,23 +505,58 @@ class Launcher:
                     except OSError as exc:
                         self._die(f"cannot start: {exc.strerror}")
                     f.serve_notifies(functools.partial(self._notify_now, f))
+                    if self._result is not None and self.cpus == 1:
+                        f.rest_when_idle(self._restart)
                     for hook in self.on_boot:
                         hook(f)
                     self._rejoined()
+                except BaseException:
+                    self._end_boot()
+                    raise
+            except BaseException:
+                await f.close()
+                raise
+        except BaseException:
+            memory.close()
+            raise
+        return await self._serve_boot(memory, f)
+
+    async def _serve_boot(self, memory: GuestMemory, f: LguestFile, resumed: bool = False) -> Exit:
+        """Serve a booted guest until it ends (its end) or rests (:class:`_Resting`: the
+        file and memory are kept for the next task); then close the file and the memory."""
+        resting = False
+        try:
+            try:
+                try:
+                    if resumed and self._killed is not None:
+                        raise _Killed(self._killed)  # killed while resting
                     end = await self._serve(f)
                     sim = self._dev.virtual
                     if end.restart and sim is not None and self._rejoin is None:
                         self._rejoin = sim.hold()
                     return end
+                except _Resting:
+                    resting = True
+                    self._open = (memory, f)
+                    raise
                 finally:
-                    self._done_stats = self._done_stats.add(self._current_stats())
-                    self._notifies = 0
-                    self._breaks = 0
-                    self._woken_at_once = 0
-                    self._served_in_read = 0
-                    self.file = None
+                    if not resting:
+                        self._end_boot()
+            finally:
+                if not resting:
+                    await f.close()
         finally:
-            memory.close()
+            if not resting:
+                memory.close()
+
+    def _end_boot(self) -> None:
+        self._done_stats = self._done_stats.add(self._current_stats())
+        self._notifies = 0
+        self._breaks = 0
+        self._woken_at_once = 0
+        self._served_in_read = 0
+        self._rests = 0
+        self.file = None
 
     def _wake(self) -> None:
         self._attention = True
@@ -486,14 +592,20 @@ class Launcher:
     async def _serve(self, f: LguestFile) -> Exit:
         """Read every CPU, each in a task of its own, until the guest ends; every
         read loop ends with the same end.  The Waker breaks CPU 0 out, and device
-        interrupts go to CPU 0."""
-        self._served = f
-        self._waker = f.waker()
-        if self._attention:  # woken before this boot was served
-            self._wake()
+        interrupts go to CPU 0.  A resting read loop (:class:`_Resting`) keeps the Waker."""
+        if self._served is not f:  # (else a resting boot's, served on)
+            self._served = f
+            self._waker = f.waker()
+            if self._attention:  # woken before this boot was served
+                self._wake()
+        resting = False
         try:
             if f.cpu_count == 1:
-                return await self._read_loop(f, 0)
+                try:
+                    return await self._read_loop(f, 0)
+                except _Resting:
+                    resting = True
+                    raise
             async with asyncio.TaskGroup() as readers:
                 loops = [
                     readers.create_task(self._read_loop(f, n), name=f"lguest-cpu{n}")
@@ -503,13 +615,14 @@ class Launcher:
         except* _Killed as group:
             raise group.exceptions[0] from None
         finally:
-            self._waker = None
-            self._served = None
             breaking = self._breaking
-            if breaking is not None:
-                breaking.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await breaking
+            if not resting:
+                self._waker = None
+                self._served = None
+                if breaking is not None:
+                    breaking.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await breaking
 
     async def _read_loop(self, f: LguestFile, cpu: int) -> Exit:
         while True:
@@ -529,6 +642,9 @@ class Launcher:
                 if exc.errno == errno.ERESTART and f.death is not None:
                     return f.death
                 raise
+            if not data:  # resting: the CPU's next wake reads on
+                self._rests += 1
+                raise _Resting
             if f.death is not None:
                 reason = data.split(b"\0", 1)[0].decode("utf-8", "replace")
                 return dataclasses.replace(f.death, reason=reason or f.death.reason)

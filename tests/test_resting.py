@@ -1,0 +1,175 @@
+"""Resting reads: a guest asleep in a halt with its registers packed holds no task.  Its
+read ends (``LguestFile.rest_when_idle``), the Launcher's task ends with it, and the
+CPU's next wake (an irq, a timer, a device's news, a BREAK, a hold, a kill) starts a
+task that reads on, exactly where the waiting read would have gone on.  Counted (tasks,
+restarts, objects), never timed."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+
+import pytest
+from guestasm import HALT_COUNTER, Booted, assemble, initialize_words, load, until
+from test_state import comparable
+
+from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, testing
+from supervisor.host import Guest
+from supervisor.snapshot import Snapshot
+
+LIMIT = 60  # seconds: a bound for failing, never a wait for success
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+
+
+def launcher_tasks() -> int:
+    """The Launchers' tasks alive (each serves one guest that does not rest)."""
+    return sum(t.get_name() == "lguest-launcher" and not t.done() for t in asyncio.all_tasks())
+
+
+def resting(sup: Supervisor) -> int:
+    """How many of ``sup``'s guests rest: asleep, with no read in flight."""
+    return sum(1 for f in sup.device.files if f.asleep(0) and not f.reading(0))
+
+
+async def _counter(dev: LguestDevice, rests: bool) -> tuple[Booted, list[int]]:
+    """A HALT_COUNTER guest, INITIALIZEd; ``restarts`` counts its restart calls."""
+    guest = assemble(HALT_COUNTER)
+    mem, layout = load(guest, 1 << 20)
+    f = dev.open(mem)
+    await f.write(initialize_words(mem, layout))
+    restarts: list[int] = []
+    if rests:
+        f.rest_when_idle(lambda: restarts.append(1))
+    return Booted(f, mem, layout, guest), restarts
+
+
+async def _woken_by_irqs(dev: LguestDevice, rests: bool) -> bytes:
+    """Wake the counter twice by an irq (resting first if ``rests``); its memory after."""
+    g, restarts = await _counter(dev, rests)
+    for hit in (1, 2):
+        if rests:
+            # it rests: the read ends
+            assert await asyncio.wait_for(g.file.read(abi.WORD_SIZE), LIMIT) == b""
+            assert not g.file.reading(0) and g.file.asleep(0) and g.memory.packed
+            assert restarts == [1] * (hit - 1)
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+            assert restarts == [1] * hit  # the irq's wake called the restart, once
+            assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(0x33)
+        else:
+            reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+            await until(lambda: g.file.cpu(0).halted and g.file.cpu(0).hibernated, LIMIT)
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+            assert await reader == abi.pack_words(0x33)
+        assert g.u32("hits") == hit
+    await g.file.close()
+    image = comparable(g.guest.symbols, g.memory.read(0, g.memory.size))
+    g.memory.close()
+    return image
+
+
+async def test_a_resting_read_ends_and_an_irq_restarts_it_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    async with LguestDevice(engines="pool") as dev:
+        reference = await _woken_by_irqs(dev, rests=False)
+    async with LguestDevice(engines="pool") as dev:
+        assert await _woken_by_irqs(dev, rests=True) == reference
+
+
+async def test_a_break_restarts_a_resting_read_which_rests_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    async with LguestDevice(engines="pool") as dev:
+        g, restarts = await _counter(dev, rests=True)
+        assert await asyncio.wait_for(g.file.read(abi.WORD_SIZE), LIMIT) == b""
+        breaking = asyncio.ensure_future(g.file.waker().brk(True))
+        await until(lambda: bool(restarts), LIMIT)  # the break's wake: the reader's turn
+        with pytest.raises(BlockingIOError):  # EAGAIN, as for a waiting read
+            await g.file.read(abi.WORD_SIZE)
+        await g.file.write(abi.pack_words(abi.LHREQ_BREAK, 0))
+        await asyncio.wait_for(breaking, LIMIT)
+        # still packed: it rests again at once
+        assert await asyncio.wait_for(g.file.read(abi.WORD_SIZE), LIMIT) == b""
+        assert restarts == [1] and g.u32("hits") == 0
+        await g.file.close()
+        g.memory.close()
+
+
+async def _sleepers(sup: Supervisor, image: Path, n: int) -> list[Guest]:
+    """``n`` more sleepers, once every guest of ``sup`` rests."""
+    config = GuestConfig(image=image, memory="1M", console="null")
+    guests = [await sup.launch(config) for _ in range(n)]
+    await until(lambda: resting(sup) == len(sup.device.files), LIMIT)
+    await until(lambda: launcher_tasks() == 0, LIMIT)
+    return guests
+
+
+async def test_idle_guests_hold_no_task_and_a_bounded_count_of_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    n = 20
+    async with Supervisor(keep_ended=False) as sup:
+        await _sleepers(sup, image, 1)  # what every guest shares is made by the first
+        gc.collect()
+        tasks, objects = len(asyncio.all_tasks()), len(gc.get_objects())
+        guests = await _sleepers(sup, image, n)
+        gc.collect()
+        assert len(asyncio.all_tasks()) == tasks
+        # Its Launcher, CPU, memory, devices, console and Guest; no coroutine, no task
+        # (a guest whose read waits has about 111).
+        assert (len(gc.get_objects()) - objects) / n <= 100
+        assert all(g.stats.rests == 1 and not g.done for g in guests)
+
+
+async def test_a_resting_guest_ticks_exactly_as_one_that_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = GuestConfig(image=GUESTS / "ticker.img", memory="1M", cmdline="ticks=3 period_ms=150")
+    ends = []
+    for pack_after in (3600.0, 0.02):
+        monkeypatch.setattr(hibernation, "PACK_AFTER", pack_after)
+        async with Supervisor() as sup:
+            guest = await sup.launch(config)
+            async with asyncio.timeout(LIMIT):
+                lines = [line async for line in guest.console]
+                end = await guest.wait()
+            ends.append((lines, end.exit_status, guest.stats.interrupts, guest.stats.rests))
+    ticked = ["tick 1", "tick 2", "tick 3", "done"]
+    assert ends[0][:2] == ends[1][:2] == (ticked, 0)
+    assert ends[0][2] == ends[1][2] and ends[0][3] == 0
+    assert ends[1][3] == 3  # each tick's timer woke it resting (150 ms apart: it packs)
+
+
+async def test_a_resting_guest_wakes_by_input_pauses_snapshots_and_dies_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
+    async with Supervisor() as sup:
+        guest = await sup.launch(config)
+        await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
+        guest.send("hello\n")  # a device's news: the resting guest wakes and echoes
+        async with asyncio.timeout(LIMIT):
+            assert await guest.console.readline() == "hello\n"
+        await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
+        await guest.pause()  # held inside its read (a debugger's stop: the same hold)
+        (f,) = sup.device.files
+        assert f.reading(0) and f.paused(0) and launcher_tasks() == 1
+        guest.resume()
+        await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
+        snap = await guest.snapshot()  # of a resting guest
+        fork = await sup.restore(Snapshot.from_bytes(snap.to_bytes()), name="fork")
+        await until(lambda: resting(sup) == 2 and launcher_tasks() == 0, LIMIT)
+        async with asyncio.timeout(LIMIT):  # a resting guest dies as any other
+            assert (await guest.kill()).reason == "killed"
+        assert len(sup.device.files) == 1 and launcher_tasks() == 0
+        fork.send("again\nquit\n")
+        async with asyncio.timeout(LIMIT):
+            assert [line async for line in fork.console] == ["again", "quit", "bye"]
+        assert (await fork.wait()).exit_status == 0
