@@ -178,8 +178,11 @@ async def test_a_wake_for_the_launchers_read_is_put_off_too(
             image=GUEST_DIR / "flood.img", memory="1M", console="null", hibernate_after=0
         )
         flood = await sup.launch(flood_config)
+        # (Its first wake may be the one put off, its hibernation's cost already past
+        # the tiny grace: only the spinner and the flood are on the dormitory's watch,
+        # and the spinner never hibernates.)
         await until(lambda: dormitory.deferred >= 1, LIMIT)
-        assert flood.stats.wakes >= 1 and flood.stats.hibernations >= 1
+        assert flood.stats.hibernations >= 1 and spinner.stats.hibernations == 0
         for guest in (flood, spinner):
             assert (await guest.kill()).reason == "killed"
 

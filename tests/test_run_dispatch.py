@@ -42,7 +42,13 @@ class Script:
             trap=SimpleNamespace(debug=None),
             # (It never yields to the loop before a slice: run.YIELD_TIME never passes.)
             run=SimpleNamespace(
-                hold=None, inline=True, wakeup=asyncio.Event(), yielded_at=math.inf, detached=None
+                hold=None,
+                inline=True,
+                wakeup=asyncio.Event(),
+                yielded_at=math.inf,
+                detached=None,
+                rest=None,  # (a reader that lets it rest: none here)
+                resting=False,
             ),
             debug=SimpleNamespace(
                 on_hold=lambda: self.done.append(f"told holder: {self.cpu.run.hold}")
