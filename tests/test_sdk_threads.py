@@ -44,7 +44,7 @@ static _Thread_local int tls_index = -1;
 static __thread long tls_sum = 7;
 static int tids[64];
 static unsigned cpus_used, cpus_started;
-static int hold; /* count mode: threads wait for a second CPU */
+static int hold; /* `count N LOOPS hold`: threads wait for a second CPU */
 
 static void *count(void *arg)
 {
@@ -68,7 +68,6 @@ static void *count(void *arg)
 static int mode_count(int n)
 {
     pthread_t t[64];
-    hold = 1;
     for (int i = 0; i < n; i++)
         if (pthread_create(&t[i], 0, count, (void *)(long)i)) return printf("create failed\n"), 1;
     long values = 0;
@@ -357,7 +356,7 @@ int main(int argc, char **argv)
     int n = argc > 2 ? atoi(argv[2]) : 4;
     loops = argc > 3 ? atol(argv[3]) : 10000;
     items = 1000;
-    if (!strcmp(mode, "count")) return mode_count(n);
+    if (!strcmp(mode, "count")) return hold = argc > 4 && !strcmp(argv[4], "hold"), mode_count(n);
     if (!strcmp(mode, "pc")) return items = n, mode_pc();
     if (!strcmp(mode, "tls")) return mode_tls(n);
     if (!strcmp(mode, "spin")) return mode_spin();
@@ -372,7 +371,7 @@ int main(int argc, char **argv)
         printf("fork %d %s\n", (int)pid, errno == ENOSYS ? "ENOSYS" : strerror(errno));
         return 0;
     }
-    printf("modes: count N LOOPS, pc ITEMS, tls N, spin LOOPS, wait ROUNDS\n");
+    printf("modes: count N LOOPS [hold], pc ITEMS, tls N, spin LOOPS, wait ROUNDS\n");
     return 2;
 }
 """
@@ -403,7 +402,7 @@ async def test_threads_increment_a_mutex_protected_counter_exactly(
     """Eight threads, more than CPUs: the count is exact, each join returns its
     thread's value, tids differ, and with several CPUs the threads used more than one
     (the guest holds its threads back until a second CPU has taken one)."""
-    lines, result, _ = await run_guest(threads_guest, cpus, "count 8 4000")
+    lines, result, _ = await run_guest(threads_guest, cpus, "count 8 4000 hold")
     assert lines[0] == "counter 32000 expected 32000, 8 joined values right, tids distinct"
     used = int(lines[1].split()[2])
     assert (used == 1) if cpus == 1 else (1 < used <= cpus)
