@@ -502,6 +502,19 @@ async def test_a_notify_served_at_once_keeps_the_engine_until_the_loops_next_tur
         assert pool.peak <= 2 and pool.overdrafts == 0
 
 
+def _ticking_clock(clock: list[float]) -> Any:
+    """A stand-in for the ``time`` module of run and cpu whose thread clock reads
+    ``clock[0]``, each look adding a fiftieth of run.YIELD_TIME (the tests add the rest)."""
+
+    class Clock:
+        @staticmethod
+        def thread_time() -> float:
+            clock[0] += run.YIELD_TIME / 50
+            return clock[0]
+
+    return Clock
+
+
 def _no_inline_deadline(patch: pytest.MonkeyPatch) -> None:
     """Inline slices without their real CPU-time deadline: on a loaded machine a slice
     that outlasts it goes on in an executor step, whose engine is given back after it
@@ -520,12 +533,7 @@ async def test_a_switchs_time_does_not_make_the_cpu_yield(slow: str) -> None:
     slice a whole one; the ``always`` mode switches the engine at every slice, one slice
     a read."""
     clock = [0.0]
-
-    class Clock:
-        @staticmethod
-        def thread_time() -> float:
-            clock[0] += run.YIELD_TIME / 50
-            return clock[0]
+    Clock = _ticking_clock(clock)
 
     original = EnginePool.take
 
@@ -606,12 +614,7 @@ async def test_a_crowd_of_tickers_takes_an_engine_once_a_wake() -> None:
     give the engine back)."""
     clock = [0.0]
     fresh: set[object] = set()  # the owner tokens of CPUs whose next slice is the first
-
-    class Clock:
-        @staticmethod
-        def thread_time() -> float:
-            clock[0] += run.YIELD_TIME / 50
-            return clock[0]
+    Clock = _ticking_clock(clock)
 
     original = EnginePool.take
 
