@@ -622,6 +622,7 @@ async def _latency_run(p: Profile, image: guests.Image, **device: Any) -> _Laten
         wakers = [g.file.waker() for g in gs]
         waker_tasks: set[asyncio.Task[Any]] = set()
         await asyncio.sleep(0.3)  # every guest busy, budgets adapted
+        slicer = _slicing.slicer_stats()
         end = now() + p.latency_seconds
         k = 0
         while now() < end:
@@ -647,6 +648,11 @@ async def _latency_run(p: Profile, image: guests.Image, **device: Any) -> _Laten
         got.unfinished = len(pending_break) + len(pending_irq)
         ex = dev.executor
         got.pool = {"jumps": ex.jumps, "refused": ex.refused, "hurried": ex.hurried}
+        after = _slicing.slicer_stats()
+        if slicer is not None and after is not None:
+            # The loop's kicks and irqs that waited for the slicer's lock, holding the GIL.
+            got.pool["slicer_lock_waits"] = after.lock_waits - slicer.lock_waits
+            got.pool["slicer_lock_wait_us"] = (after.lock_wait_ns - slicer.lock_wait_ns) // 1000
         await stop_all(dev, gs, readers)
         await asyncio.gather(*waker_tasks, return_exceptions=True)
     return got
@@ -713,7 +719,8 @@ async def latency(p: Profile) -> list[Result]:
             goal_on,
             "lower",
             f"{len(got.irqs)} samples, median {median(got.irqs) * 1e3:.3f} ms; the handler "
-            f"notifies, so this includes one NOTIFY exit; {split}",
+            f"notifies, so this includes one NOTIFY exit; {split}; the pool and the "
+            f"slicer's lock: {got.pool}",
             {
                 "samples": len(got.irqs),
                 "p50_ms": median(got.irqs) * 1e3,

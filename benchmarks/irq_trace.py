@@ -11,7 +11,15 @@ row) and records, for each request, when each step happened (one clock, any thre
   made itself, without Python, is noted as the slice ends: ``CpuStats.irqs_native``);
 - each executor run submitted for it (urgent or not, refused a jump or not) and each
   hurry sent to it;
-- the NOTIFY's hypercall on the event loop, and the read's return.
+- the NOTIFY's hypercall on the event loop, and the read's return;
+- how long the loop's calls that may wait for another thread took: the irq's
+  ``_slicing.raise_irq`` and ``kick`` (the slicer's lock, taken holding the GIL) and the
+  withdrawal from the pool's queue (the pool's lock);
+- per slice and per request, what the thread did meanwhile: ran, or was off its core,
+  and how many times it blocked (the GIL, a lock, a wait for events) or was preempted
+  (the machine's load), from ``getrusage``, which keeps the GIL;
+- the slicer's counts over the run (``_slicing.slicer_stats``: its wake-ups, and the
+  loop's waits for its lock).
 
 It prints how many requests took each way (delivered on the loop or on a worker, sent
 to the back of the queue, refused a jump, hurried), each step's percentiles by way,
@@ -26,6 +34,7 @@ import asyncio
 import collections
 import functools
 import random
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +53,27 @@ now = time.perf_counter
 Step = tuple[float, str]
 
 
+def _thread_use() -> tuple[float, float, int, int]:
+    """This thread's wall clock, CPU time, voluntary context switches (it blocked: the
+    GIL, a lock, a wait for events) and involuntary ones (the kernel preempted it) so
+    far.  (``getrusage`` keeps the GIL: reading ``/proc`` would let it go, and a worker
+    take it, which is what is measured.)"""
+    use = resource.getrusage(resource.RUSAGE_THREAD)
+    return now(), use.ru_utime + use.ru_stime, use.ru_nvcsw, use.ru_nivcsw
+
+
+def _use_text(before: tuple[float, float, int, int]) -> str:
+    """What the thread did since ``before`` (:func:`_thread_use`): ran, or was off its
+    core (blocked, or preempted and waiting for a core)."""
+    after = _thread_use()
+    wall, cpu = after[0] - before[0], after[1] - before[1]
+    blocked, preempted = after[2] - before[2], after[3] - before[3]
+    return (
+        f" (wall {wall * 1e3:.3f} ms: ran {cpu * 1e3:.3f}, off the core "
+        f"{(wall - cpu) * 1e3:.3f}: blocked {blocked}x, preempted {preempted}x)"
+    )
+
+
 class Tracer:
     """Timelines of the CPUs with a request in flight, from wrappers around the run loop's
     steps (installed by :meth:`install`, removed by :meth:`remove`)."""
@@ -53,6 +83,7 @@ class Tracer:
         self.watched: dict[int, list[Step]] = {}  # id(cpu) -> its steps
         self.hurries: dict[int, list[Step]] = collections.defaultdict(list)  # by fuel address
         self._undo: list[Callable[[], None]] = []
+        self.cpus: dict[int, LgCpu] = {}  # id -> CPU, for by_fuel
 
     def where(self) -> str:
         return "loop" if threading.get_ident() == self.loop_thread else "worker"
@@ -61,6 +92,12 @@ class Tracer:
         steps = self.watched.get(id(cpu))
         if steps is not None:
             steps.append((now(), what))
+
+    def by_fuel(self, fuel: _slicing.Fuel, what: str) -> None:
+        """Note ``what`` for the watched CPU whose fuel is ``fuel``, if any."""
+        for key, cpu in self.cpus.items():
+            if cpu.fuel is fuel and key in self.watched:
+                self.watched[key].append((now(), what))
 
     def _patch(self, owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
         real = getattr(owner, name)
@@ -74,11 +111,14 @@ class Tracer:
             def run_slice(cpu: LgCpu, *args: Any, **kwargs: Any) -> Any:
                 tracer.note(cpu, f"slice starts on the {tracer.where()}")
                 native = cpu.stats.irqs_native
+                watched = id(cpu) in tracer.watched
+                before = _thread_use() if watched else None
                 ended = real(cpu, *args, **kwargs)
+                use = _use_text(before) if before is not None else ""
                 how = {id(AGAIN): "AGAIN", id(AGAIN_URGENT): "AGAIN_URGENT"}.get(id(ended))
                 if cpu.stats.irqs_native != native:  # (when is not known: at a block boundary)
                     tracer.note(cpu, "delivered natively in the slice (counted as it ended)")
-                tracer.note(cpu, f"slice ends on the {tracer.where()}: {how or ended.name}")
+                tracer.note(cpu, f"slice ends on the {tracer.where()}: {how or ended.name}{use}")
                 return ended
 
             return run_slice
@@ -118,6 +158,32 @@ class Tracer:
 
             return hurry
 
+        def withdrawals(real: Callable[[SlicePool, Job[Any]], bool]) -> Any:
+            def _withdraw(pool: SlicePool, job: Job[Any]) -> bool:
+                t0 = now()
+                withdrawn = real(pool, job)
+                took = (now() - t0) * 1e3
+                what = "withdrawn from the queue" if withdrawn else "not withdrawn (in a step)"
+                tracer.note(job.owner, f"{what} in {took:.3f} ms (the pool's lock)")
+                return withdrawn
+
+            return _withdraw
+
+        def natives(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+            def wrap(real: Callable[..., Any]) -> Callable[..., Any]:
+                def call(fuel: _slicing.Fuel, *args: Any) -> Any:
+                    t0 = now()
+                    out = real(fuel, *args)
+                    tracer.by_fuel(fuel, f"_slicing.{name} took {(now() - t0) * 1e3:.3f} ms")
+                    return out
+
+                return call
+
+            return wrap
+
+        self._patch(SlicePool, "_withdraw", withdrawals)
+        self._patch(_slicing, "raise_irq", natives("raise_irq"))
+        self._patch(_slicing, "kick", natives("kick"))
         self._patch(run_loop, "run_slice", slices)
         self._patch(interrupts, "maybe_do_interrupt", deliveries)
         self._patch(hypercalls, "do_hypercalls", calls)
@@ -183,7 +249,10 @@ async def trace(handler: str, seconds: float, guests: int) -> list[tuple[float, 
             for g in gs:
                 assert await g.read_word() == 1
             cpus = [g.file.cpu(0) for g in gs]
+            tracer.cpus = {id(cpu): cpu for cpu in cpus}
             running = True
+            # The loop thread's use from each request's write on (_thread_use).
+            loop_use: dict[int, tuple[float, float, int, int]] = {}
 
             async def reader(i: int) -> None:
                 while running:
@@ -193,13 +262,18 @@ async def trace(handler: str, seconds: float, guests: int) -> list[tuple[float, 
                         return
                     steps = tracer.watched.pop(id(cpus[i]), None) if word == 0x35 else None
                     if steps is not None:
-                        steps.append((now(), "read returns"))
+                        use = loop_use.pop(i, None)
+                        text = (
+                            f" (the loop thread since the write:{_use_text(use)[6:]}" if use else ""
+                        )
+                        steps.append((now(), "read returns" + text))
                         extra = tracer.hurries.pop(cpus[i].fuel.address, [])
                         steps = sorted(steps + [s for s in extra if s[0] >= steps[0][0]])
                         done.append((steps[-1][0] - steps[0][0], steps))
 
             readers = [asyncio.create_task(reader(i)) for i in range(guests)]
             await asyncio.sleep(0.3)  # every guest busy, budgets adapted
+            slicer = _slicing.slicer_stats()
             end = now() + seconds
             while now() < end:
                 await asyncio.sleep(0.005)
@@ -209,9 +283,15 @@ async def trace(handler: str, seconds: float, guests: int) -> list[tuple[float, 
                 tracer.hurries.pop(cpus[i].fuel.address, None)
                 on_worker = cpus[i].threads.slice is not None
                 where = "asked while on a worker" if on_worker else "asked"
+                loop_use[i] = _thread_use()
                 tracer.watched[id(cpus[i])] = [(now(), f"LHREQ_IRQ {where}")]
                 gs[i].file.send_irq(3)
             await asyncio.sleep(0.5)  # let outstanding requests finish
+            after = _slicing.slicer_stats()
+            if slicer is not None and after is not None:
+                fields = zip(after._fields, slicer, after, strict=True)
+                counts = (f"{k} {b - a}" for k, a, b in fields)
+                print(f"the slicer, while traced: {', '.join(counts)}")
             running = False
             for task in readers:
                 task.cancel()

@@ -176,6 +176,36 @@ static unsigned long long wakes;    /* the slicer's wake-ups (slicer_stats) */
 static unsigned long long ticks;    /* sleeps it cut short to TICK_NS for `recent` */
 static unsigned long long moved;    /* deadlines it moved (stretch) */
 static unsigned long long resent;   /* stops it sent again */
+/* Calls with the GIL held (kick, interrupt, hurry, cut: the event loop's, mostly) that
+   found the lock taken and waited for it, every other thread of the interpreter
+   waiting meanwhile (slicer_stats). */
+static unsigned long long lock_waits;
+static unsigned long long lock_wait_ns; /* and how long they waited in all */
+
+/* Take the lock for a call that holds the GIL, counting a wait (lock_waits). */
+static void lock_holding_gil(void)
+{
+    if (pthread_mutex_trylock(&lock) != 0) {
+        int64_t start = now_ns();
+        pthread_mutex_lock(&lock);
+        lock_waits++; /* (under the lock) */
+        lock_wait_ns += (unsigned long long)(now_ns() - start);
+    }
+}
+
+/* Let go of the lock, then wake the slicer if `wake_slicer`.  Never the other way round:
+   the slicer runs at a real-time priority where it may, so a signal sent with the lock
+   held has it preempt the signalling thread at once, only to wait for the lock that
+   thread holds; a niced worker preempted so, on a loaded machine, then waits for a core
+   for milliseconds with the lock held, and the event loop's next kick or irq waits
+   with it, holding the GIL (lock_waits).  The slicer looks at every run under the lock
+   whenever it wakes, so nothing is lost by signalling after the unlock. */
+static void unlock_and_wake(int wake_slicer)
+{
+    pthread_mutex_unlock(&lock);
+    if (wake_slicer)
+        pthread_cond_signal(&wake);
+}
 
 static int64_t clock_ns(clockid_t clock)
 {
@@ -340,7 +370,7 @@ static void after_fork_child(void)
     slicer_started = 0;
     wake_at = INT64_MAX;
     recent = 0;
-    wakes = ticks = moved = resent = 0;
+    wakes = ticks = moved = resent = lock_waits = lock_wait_ns = 0;
 }
 
 static fuel_t *fuel_arg(PyObject *arg)
@@ -400,9 +430,7 @@ static int do_enter(fuel_t *fuel, int have_clock, clockid_t clock, int64_t cpu_n
     else if (fuel->irq)
         send_stop(fuel, REASON_IRQ, now_ns());
     fuel->irq = 0;
-    if ((fuel->sent ? fuel->sent_at + resend_after(fuel) : fuel->deadline) < wake_at)
-        pthread_cond_signal(&wake);
-    pthread_mutex_unlock(&lock);
+    unlock_and_wake((fuel->sent ? fuel->sent_at + resend_after(fuel) : fuel->deadline) < wake_at);
     return 0;
 }
 
@@ -1152,14 +1180,15 @@ static PyObject *kick(PyObject *self, PyObject *arg)
     fuel_t *fuel = fuel_arg(arg);
     if (fuel == NULL)
         return NULL;
-    pthread_mutex_lock(&lock);
+    lock_holding_gil();
     fuel->stop = 1;
+    int wake_slicer = 0;
     if (fuel->running) {
         send_stop(fuel, REASON_STOP, now_ns());
-        if (fuel->sent_at + resend_after(fuel) < wake_at)
-            pthread_cond_signal(&wake); /* to send it again in case it came too early */
+        /* (to send it again in case it came too early) */
+        wake_slicer = fuel->sent_at + resend_after(fuel) < wake_at;
     }
-    pthread_mutex_unlock(&lock);
+    unlock_and_wake(wake_slicer);
     Py_RETURN_NONE;
 }
 
@@ -1196,15 +1225,15 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
     }
     if (irq >= 0)
         __atomic_fetch_or(&fuel->irqs_pending, 1u << irq, __ATOMIC_SEQ_CST);
-    int sent = 0;
-    pthread_mutex_lock(&lock);
+    int sent = 0, wake_slicer = 0;
+    lock_holding_gil();
     if (irq < 0)
         fuel->wrote = 1;
     if (fuel->exit_request && !fuel->stop) {
         if (fuel->running && (fuel->reason == REASON_NONE || fuel->reason == REASON_IRQ)) {
             send_stop(fuel, REASON_IRQ, now_ns());
-            if (fuel->sent_at + resend_after(fuel) < wake_at)
-                pthread_cond_signal(&wake); /* to send it again in case it came too early */
+            /* (to send it again in case it came too early) */
+            wake_slicer = fuel->sent_at + resend_after(fuel) < wake_at;
             sent = 1;
         } else if (fuel->running && fuel->reason == REASON_BUDGET) {
             sent = 1;
@@ -1213,7 +1242,7 @@ static PyObject *interrupt(PyObject *self, PyObject *const *args, Py_ssize_t nar
             sent = 1;
         }
     }
-    pthread_mutex_unlock(&lock);
+    unlock_and_wake(wake_slicer);
     return PyBool_FromLong(sent);
 }
 
@@ -1249,15 +1278,15 @@ static PyObject *hurry(PyObject *self, PyObject *arg)
     fuel_t *fuel = fuel_arg(arg);
     if (fuel == NULL)
         return NULL;
-    int sent = 0;
-    pthread_mutex_lock(&lock);
+    int sent = 0, wake_slicer = 0;
+    lock_holding_gil();
     if (fuel->exit_request && fuel->running && !fuel->stop && fuel->reason == REASON_NONE) {
         send_stop(fuel, REASON_BUDGET, now_ns());
-        if (fuel->sent_at + resend_after(fuel) < wake_at)
-            pthread_cond_signal(&wake); /* to send it again in case it came too early */
+        /* (to send it again in case it came too early) */
+        wake_slicer = fuel->sent_at + resend_after(fuel) < wake_at;
         sent = 1;
     }
-    pthread_mutex_unlock(&lock);
+    unlock_and_wake(wake_slicer);
     return PyBool_FromLong(sent);
 }
 
@@ -1278,17 +1307,17 @@ static PyObject *cut(PyObject *self, PyObject *arg)
     if (extra <= 0)
         Py_RETURN_FALSE;
     fuel->lone = 0;
-    pthread_mutex_lock(&lock);
+    int wake_slicer = 0;
+    lock_holding_gil();
     fuel->left -= extra; /* (under the lock: run() changes it there after an irq it delivers) */
     if (fuel->exit_request && fuel->running && !fuel->sent) {
         fuel->deadline -= extra;
         fuel->span -= extra;
         if (fuel->latest)
             fuel->latest -= MAX_STRETCH * extra; /* (latest - MAX_STRETCH * span: do_enter's) */
-        if (fuel->deadline < wake_at)
-            pthread_cond_signal(&wake);
+        wake_slicer = fuel->deadline < wake_at;
     }
-    pthread_mutex_unlock(&lock);
+    unlock_and_wake(wake_slicer);
     Py_RETURN_TRUE;
 }
 
@@ -1302,14 +1331,15 @@ static PyObject *read_tsc(PyObject *self, PyObject *unused)
 }
 #endif
 
-/* slicer_stats() -> (wakes, ticks, moved, resent): the slicer's wake-ups so far, the
-   sleeps it cut short to tick, the deadlines it moved and the stops it sent again.
+/* slicer_stats() -> (wakes, ticks, moved, resent, lock_waits): the slicer's wake-ups so
+   far, the sleeps it cut short to tick, the deadlines it moved, the stops it sent again
+   and the calls holding the GIL that waited for the lock, and their wait in ns.
    Read without the lock: a count may be one behind. */
 static PyObject *slicer_stats(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(KKKK)", wakes, ticks, moved, resent);
+    return Py_BuildValue("(KKKKKK)", wakes, ticks, moved, resent, lock_waits, lock_wait_ns);
 }
 
 static PyMethodDef fuel_methods[] = {

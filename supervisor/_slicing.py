@@ -400,6 +400,10 @@ class SlicerStats(NamedTuple):
     ticks: int  # sleeps cut short to tick while short runs kept starting
     moved: int  # deadlines moved for CPU time a preempted thread was not given
     resent: int  # stops sent again to a run that had not returned
+    # Calls holding the GIL (the event loop's kicks and irqs) that waited for the slicer's
+    # lock: the whole interpreter waited for the thread holding it.
+    lock_waits: int
+    lock_wait_ns: int  # their waits, in all
 
 
 def slicer_stats() -> SlicerStats | None:

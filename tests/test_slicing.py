@@ -6,10 +6,12 @@ These run on whichever path this process uses (``supervisor._slicing.PATH``;
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from guestasm import boot, present, until
@@ -422,3 +424,39 @@ def test_cutting_a_lone_slice_takes_its_extra_time_off_once() -> None:
     assert fuel.left == 2_000_000
     fuel.lone, fuel.exit_request = 5, 0  # the block hook's CPUs run no lone slices
     assert not _slicing.cut(fuel) and fuel.left == 2_000_000
+
+
+def _c_functions(source: str) -> dict[str, str]:
+    """The body of each top-level function of a C source, by name (a function starts at a
+    line ``name(`` in column 0, after its return type, and ends at a ``}`` in column 0)."""
+    bodies: dict[str, str] = {}
+    for match in re.finditer(
+        r"^[A-Za-z_][\w \*]*?\b(\w+)\(([^;{]*?)\)\n\{\n(.*?)^\}", source, re.S | re.M
+    ):
+        bodies[match.group(1)] = match.group(3)
+    return bodies
+
+
+def test_the_slicer_is_woken_only_after_its_lock_is_let_go() -> None:
+    """The slicer thread runs at a real-time priority where it may: woken while the
+    waker still holds the slicer's lock, it preempts the waker only to wait for that
+    lock, and a niced worker preempted so on a loaded machine keeps the lock for
+    milliseconds, while the event loop's next kick or irq waits for it holding the GIL
+    (``SlicerStats.lock_waits``).  So every wake-up of the slicer comes after the unlock:
+    ``pthread_cond_signal`` appears once in ``_fuel.c``, in ``unlock_and_wake``, after
+    ``pthread_mutex_unlock``, and every function that takes the lock and signals does so
+    through it."""
+    source = (Path(_slicing.__file__).parent / "_fuel.c").read_text()
+    bodies = _c_functions(source)
+    assert source.count("pthread_cond_signal(") == 1
+    waker = bodies["unlock_and_wake"]
+    assert waker.index("pthread_mutex_unlock(&lock)") < waker.index("pthread_cond_signal(")
+    signalling = {name for name, body in bodies.items() if "unlock_and_wake(" in body}
+    assert {"do_enter", "kick", "interrupt", "hurry", "cut"} <= signalling
+    # (The check itself: a body that signals before it unlocks is found.)
+    wrong = (
+        "static void f(void)\n{\n"
+        "    pthread_cond_signal(&wake);\n    pthread_mutex_unlock(&lock);\n}\n"
+    )
+    body = _c_functions(wrong)["f"]
+    assert body.index("pthread_cond_signal(") < body.index("pthread_mutex_unlock(&lock)")
