@@ -45,6 +45,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -1459,7 +1460,8 @@ def run_coroutine(
     signals = _Signals()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        with _WakeOnSignals() as wake, asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+            wake.watch(runner.get_loop())  # also while the Runner closes: cleanup can hang
             return runner.run(_second_interrupt_exits(coro, signals))
     except (KeyboardInterrupt, asyncio.CancelledError):
         if not signals.terminated:
@@ -1471,6 +1473,51 @@ def run_coroutine(
         if threading.current_thread() is threading.main_thread():
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class _WakeOnSignals:
+    """Every signal wakes the event loop from its wait, so that its handler runs at once.
+
+    CPython runs a signal's Python handler in the main thread, between bytecodes.  A
+    signal that arrives after the loop's last bytecode and before its ``epoll_wait``
+    (or that the kernel gives another thread) interrupts no wait: its handler would
+    run at the loop's next event, which for a loop with nothing to do may be hours
+    away, and Ctrl-C would seem ignored.  The C-level handler also writes the signal's
+    number to the wakeup fd: this socket pair's, whose other end the loop watches.
+    (uvloop sets a wakeup fd of its own while it runs and gives this one back after.)
+    A no-op outside the main thread, where no handler is installed.
+    """
+
+    def __init__(self) -> None:
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+        self._previous = -1
+
+    def __enter__(self) -> _WakeOnSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._pair = socket.socketpair()
+        for end in self._pair:
+            end.setblocking(False)
+        self._previous = signal.set_wakeup_fd(self._pair[1].fileno(), warn_on_full_buffer=False)
+        return self
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drain the wakeup bytes in ``loop``: readable, the socket ends its wait."""
+        if self._pair is not None:
+            loop.add_reader(self._pair[0].fileno(), self._drain)
+
+    def _drain(self) -> None:
+        assert self._pair is not None
+        with contextlib.suppress(OSError):  # (empty: BlockingIOError)
+            self._pair[0].recv(4096)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pair is None:
+            return
+        signal.set_wakeup_fd(self._previous)  # the loop is closed: it watches no more
+        for end in self._pair:
+            end.close()
+        self._pair = None
 
 
 class _Signals:

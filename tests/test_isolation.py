@@ -151,6 +151,55 @@ def test_a_second_ctrl_c_ends_the_process_at_once(loop: str) -> None:
         proc.wait()
 
 
+# Each line on stdin: a SIGINT that a thread of the child's own takes, as the kernel may
+# give a process's signal to any thread that does not block it.  Its C-level handler runs
+# there; the main thread, waiting in epoll for an hour, is not interrupted (the same as a
+# signal that comes just before the loop's epoll_wait): only the wakeup fd wakes it.
+ELSEWHERE = """
+import asyncio, signal, sys, threading
+from supervisor.cli import run_coroutine
+
+def relay() -> None:
+    for _line in sys.stdin:
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+async def stubborn() -> int:
+    threading.Thread(target=relay, daemon=True).start()
+    print("ready", flush=True)
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            print("cancelled", flush=True)
+
+sys.exit(run_coroutine(stubborn(), sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_ctrl_c_taken_by_another_thread_wakes_the_waiting_loop(loop: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ELSEWHERE, loop],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert next_line(proc.stdout) == "ready\n"
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert next_line(proc.stdout) == "cancelled\n"  # the loop woke, the handler ran
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 130
+        assert proc.stderr is not None and "interrupted" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # -- 2. the capture console is bounded by bytes -------------------------------------------------
 FLOOD = Path(__file__).resolve().parent.parent / "guests" / "flood.img"  # 64 KiB per NOTIFY
 FLOOD_LINE = "f"
