@@ -141,9 +141,16 @@ async def run_guest(
         await _run_slice(cpu, executor)
         if cpu.run.detached is not None:  # broken out again: the run goes on
             raise _oserror(errno.EAGAIN)
+    waited = cpu.engine.packed or cpu.lguest_data is None
     if dormitory is not None and cpu.engine.frozen is not None:
         # It hibernated waiting for this read: its wake is paid for like a halt's.
         await dormitory.turn(cpu, executor, functools.partial(_urgent, cpu))
+    if waited:
+        # Its start-up, or its registers were packed while no read ran it (it slept that
+        # long before a resting read's restart, or waited that long for its Launcher):
+        # the loop's time until now was not its own, so YIELD_TIME counts from here, and
+        # its first slice yields to nobody.
+        cpu.run.yielded_at = time.thread_time()
     failed: list[Exception] = []
     between = None
     pool = cpu.engine.pool

@@ -151,7 +151,8 @@ async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_comp
     monkeypatch.setenv(engines.ENV, "off")  # wakes that take new emulators
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
-        alone = await sup.launch(ticker(cmdline="ticks=100 period_ms=0"))
+        # (A wake a tick, but perhaps the first: its 1 ns event may come before it sleeps.)
+        alone = await sup.launch(ticker(cmdline="ticks=101 period_ms=0"))
         assert (await alone.wait()).ok
         assert alone.stats.wakes >= 100 and dormitory.deferred == 0  # nobody else waited
         spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
@@ -174,8 +175,14 @@ async def test_a_wake_for_the_launchers_read_is_put_off_too(
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
         spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
+        # (A rate limit, never reached, so that each console write waits for the
+        # Launcher's read loop instead of being served inside the read.)
         flood_config = GuestConfig(
-            image=GUEST_DIR / "flood.img", memory="1M", console="null", hibernate_after=0
+            image=GUEST_DIR / "flood.img",
+            memory="1M",
+            console="null",
+            console_rate=1 << 40,
+            hibernate_after=0,
         )
         flood = await sup.launch(flood_config)
         # (Its first wake may be the one put off, its hibernation's cost already past

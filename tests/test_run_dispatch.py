@@ -35,7 +35,7 @@ class Script:
             id=0,
             lg=self.lg,
             fuel=SimpleNamespace(stop=1),
-            engine=SimpleNamespace(frozen=None, pool=None),
+            engine=SimpleNamespace(frozen=None, pool=None, packed=False),
             irqs_pending=0,
             pending_notify=0x1234,
             lguest_data=0x1000,  # (started: a hypercall ends its inline slice)

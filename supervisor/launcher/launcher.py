@@ -597,7 +597,7 @@ class Launcher:
             self._served = f
             self._waker = f.waker()
             if self._attention:  # woken before this boot was served
-                self._wake()
+                self._poll_unstarted(f)
         resting = False
         try:
             if f.cpu_count == 1:
@@ -623,6 +623,29 @@ class Launcher:
                     breaking.cancel()
                     with contextlib.suppress(asyncio.CancelledError, OSError):
                         await breaking
+
+    def _poll_unstarted(self, f: LguestFile) -> None:
+        """A device asked for attention before the boot's first read (a ``null`` console's
+        end of input, input fed before the boot): no CPU of ``f`` has run since, so the
+        guest is stopped, and the devices are polled now and their irqs sent, for its
+        first slice to take (an irq waits until the guest can take it).  Without this the
+        Waker would find the guest asleep after its first halt and wake it once more just
+        for that.  A device that fails leaves it to the Waker, whose break's poll kills
+        with the reason."""
+        self._attention = False
+        for device, slot in self.devices.slots():
+            try:
+                device.poll(slot)
+            except Exception:
+                self._wake()
+                return
+        try:
+            while self._irqs:
+                f.send_irq(self._irqs.pop())
+        except OSError:
+            return  # dead already: its first read says why
+        if self._attention:  # (asked again meanwhile)
+            self._wake()
 
     async def _read_loop(self, f: LguestFile, cpu: int) -> Exit:
         while True:
