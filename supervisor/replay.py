@@ -49,7 +49,7 @@ class Input(BaseModel):
     """One host input: bytes (base64), or the end of input, on the console (``conn``
     None) or on connection ``conn``; ``port`` opens that connection to the guest's port."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     step: int = Field(ge=0)
     data: str | None = Field(default=None, max_length=(MAX_CHUNK + 2) // 3 * 4)
     eof: bool = False
@@ -68,7 +68,7 @@ class Input(BaseModel):
 class Recording(BaseModel):
     """A recording file's contents."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     format: Literal["lguest-replay"] = "lguest-replay"
     version: Literal[1] = 1
     seed: int = Field(ge=0, le=MAX_SEED)
@@ -148,6 +148,12 @@ def load(path: str, config: GuestConfig, start: str | None = None, guests: int =
         raise ReplayError(f"{path}: not a recording (inputs out of order)")
     opened: set[int] = set()
     for entry in recording.inputs:
+        if (entry.port is None and (entry.data is None) == (not entry.eof)) or entry.data == "":
+            # (each input is bytes or an end, never both, never nothing: the replay
+            # would otherwise have to guess which one was recorded)
+            raise ReplayError(
+                f"{path}: not a recording (an input at step {entry.step} is not bytes or an end)"
+            )
         entry.payload()
         if entry.port is not None:
             if entry.conn is None or entry.conn in opened or entry.data is not None or entry.eof:

@@ -434,6 +434,23 @@ def test_a_replay_feeds_the_recorded_input_at_the_same_points(stamp: Path, tmp_p
          "out of order"),
         ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
          '"config_sha256": "%s", "files_sha256": "%s", "inputs": []}', "another image"),
+        # Each input is bytes or an end: both, neither or empty bytes would leave the
+        # replay to guess which was recorded.
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", '
+         '"inputs": [{"step": 1, "data": "eA==", "eof": true}]}', "not bytes or an end"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": 1}]}',
+         "not bytes or an end"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": 1, "data": ""}]}',
+         "not bytes or an end"),
+        # Numbers are JSON numbers: a string or a boolean is not one.
+        ('{"format": "lguest-replay", "version": 1, "seed": "1", "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": []}', "seed"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": true, "eof": true}]}',
+         "step"),
     ],
 )  # fmt: skip
 def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
