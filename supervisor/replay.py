@@ -31,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import virtual
 from .config import GuestConfig
 from .host import Guest
 from .net import Network
@@ -75,8 +76,15 @@ class Recording(BaseModel):
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     files_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    emulator: str = Field(max_length=200)  # what counts the steps (:func:`emulator`)
     guests: int = Field(default=1, ge=1, le=1 << 24)  # a swarm's -n
     inputs: list[Input] = Field(default_factory=list, max_length=MAX_INPUTS)
+
+
+def emulator() -> str:
+    """What counts a recording's steps here (:func:`supervisor.virtual.counting`): a
+    replay where it differs would apply the inputs at other points of the run."""
+    return virtual.counting()
 
 
 def digests(config: GuestConfig, start: str | None = None) -> tuple[str, str]:
@@ -163,6 +171,11 @@ def load(path: str, config: GuestConfig, start: str | None = None, guests: int =
             opened.add(entry.conn)
         elif entry.conn is not None and entry.conn not in opened:
             raise ReplayError(f"{path}: not a recording (connection {entry.conn} never opened)")
+    if recording.emulator != emulator():
+        raise ReplayError(
+            f"{path}: recorded on {recording.emulator}, not on {emulator()}: "
+            "its inputs would land at other points of the run"
+        )
     if opened and not config.net:
         raise ReplayError(f"{path}: recorded connections to a guest on the network: needs --net")
     image, rest = digests(config, start)
@@ -332,6 +345,7 @@ class Recorder:
             image_sha256=self.image,
             config_sha256=self.config,
             files_sha256=self.files,
+            emulator=emulator(),
             inputs=self.inputs,
         )
         save(recording, path)

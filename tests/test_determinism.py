@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -461,6 +462,7 @@ def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
     if message == "another image":
         image = "0" * 64
     files = replay.files_digest(GuestConfig.build(image=TICKER))
+    content = content.replace('"version": 1,', f'"version": 1, "emulator": "{replay.emulator()}",')
     path.write_text(content.replace("%s", image, 1).replace("%s", rest, 1).replace("%s", files, 1))
     assert main(["run", "--replay", str(path), str(TICKER)]) == 2
     captured = capsys.readouterr()
@@ -584,6 +586,7 @@ def test_bad_recorded_connections_are_one_line_and_exit_2(
     fields = {
         "format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": image,
         "config_sha256": rest, "files_sha256": replay.files_digest(config),
+        "emulator": replay.emulator(),
     }  # fmt: skip
     path.write_text(json.dumps(fields)[:-1] + f', "inputs": {inputs}}}')
     assert main(["run", "--replay", str(path), str(TICKER)]) == 2
@@ -651,3 +654,39 @@ def test_a_swarm_replays_its_recording(tmp_path: Path, capsys: pytest.CaptureFix
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1, captured.err
         assert message in captured.err
+
+
+def test_a_recording_made_where_the_clock_counts_otherwise_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The native slice meter counts blocks, the ``count=`` fallback instructions: the
+    same seed runs differently on each, so a recording names what counted it, and a
+    replay where that differs is one line and exit 2."""
+    from supervisor import _slicing
+
+    here = virtual.counting()
+    assert here.endswith("counting blocks" if _slicing.NATIVE else "counting instructions")
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "from supervisor import virtual; print(virtual.counting())"],
+        env={**os.environ, _slicing.ENV: "count" if _slicing.NATIVE else "exit"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
+    if _slicing.NATIVE:
+        assert elsewhere.endswith("counting instructions")
+    else:  # (no native meter to compare with: another Unicorn release, then)
+        elsewhere = "unicorn 0.0.0 counting blocks"
+    record = tmp_path / "swarm.replay"
+    common = ["-n", "1", "--cmdline", "ticks=1 period_ms=1", str(TICKER)]
+    assert main(["swarm", "--record", str(record), *common]) == 0
+    capsys.readouterr()
+    recording = json.loads(record.read_text())
+    assert recording["emulator"] == here
+    recording["emulator"] = elsewhere
+    record.write_text(json.dumps(recording))
+    assert main(["swarm", "--replay", str(record), *common]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert f"recorded on {elsewhere}, not on {here}" in captured.err
