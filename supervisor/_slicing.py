@@ -341,7 +341,7 @@ def exact_blocks(uc: Any, fuel: Fuel) -> None:
     if fuel.exit_request:
         _hook_blocks(uc, fuel)
         fuel.exit_request = False
-    elif not _unicorn.no_exit_request(uc):
+    elif _no_exit_request() is None or not _unicorn.no_exit_request(uc):
         return  # (on the block hook with every exit check already)
     _unicorn.set_no_exit_request(uc, False)
     uc.ctl_flush_tb()
