@@ -338,12 +338,28 @@ def exact_blocks(uc: Any, fuel: Fuel) -> None:
     """Move a CPU to the block hook (its blocks counted, and stops from code hooks
     taking effect before the hooked instruction, as a debugger needs).  Only while
     no slice of it runs; its translated code is flushed."""
-    if not fuel.exit_request:
-        return
+    if fuel.exit_request:
+        _hook_blocks(uc, fuel)
+        fuel.exit_request = False
+    elif _no_exit_request() is None or not _unicorn.no_exit_request(uc):
+        return  # (on the block hook with every exit check already)
     _unicorn.set_no_exit_request(uc, False)
-    _hook_blocks(uc, fuel)
     uc.ctl_flush_tb()
-    fuel.exit_request = False
+
+
+def count_blocks(uc: Any, fuel: Fuel) -> None:
+    """Move a CPU to the block hook, its translated code checking for an exit request
+    only at the start of each block (the exit-request path's ``no_exit_request``),
+    where a stop from the hook lands: the hook runs before that check, so the slice
+    still ends exactly where the hook stopped it, before any of the block's
+    instructions.  What it saves is the check after every guest load and store,
+    which only a stop in the middle of a block needs (a code hook's:
+    :func:`exact_blocks` turns the checks back on).  As :func:`exact_blocks` where
+    new CPUs do not take the exit-request path.  Only while no slice of it runs."""
+    exact_blocks(uc, fuel)
+    if _no_exit_request() is not None:
+        _unicorn.set_no_exit_request(uc, True)
+        uc.ctl_flush_tb()
 
 
 # What deliver() returns when it delivered: the frame's guest-physical address and size,

@@ -799,6 +799,13 @@ def set_no_exit_request(uc: Any, value: bool) -> None:
     ctypes.c_uint8.from_address(handle(uc).value + offset).value = int(value)
 
 
+def no_exit_request(uc: Any) -> bool:
+    """Whether the instance's ``no_exit_request`` flag is set (False where it was not
+    located: it is then never set)."""
+    offset = no_exit_request_offset()
+    return offset is not None and bool(ctypes.c_uint8.from_address(handle(uc).value + offset).value)
+
+
 # -- freeing -----------------------------------------------------------------------------------
 def close(uc: Any) -> None:
     """Free the native instance now (``uc_close``), not at the next cyclic collection.

@@ -797,6 +797,7 @@ def swarm_recording(config: GuestConfig, args: argparse.Namespace) -> dict[str, 
         image_sha256=image,
         config_sha256=rest,
         files_sha256=replay.files_digest(config),
+        emulator=replay.emulator(),
         guests=args.n,
     )
     try:

@@ -326,7 +326,7 @@ def _hooks_for(sim: Simulation | None) -> Callable[[LgCpu, bool], None]:
         attach_interrupt_hook(cpu, hooked)
         if hooked:
             return  # (the rest is the instance's: no other CPU's hooks are of this kind)
-        _slicing.exact_blocks(cpu.engine.uc, cpu.fuel)
+        _slicing.count_blocks(cpu.engine.uc, cpu.fuel)
         place = _unicorn.seat(cpu.engine.uc)  # (the instance's CPU: hooks are kept)
         _unicorn.hook_rdtsc(cpu.engine.uc, lambda: sim.tsc(place.cpu))
 

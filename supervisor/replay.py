@@ -31,6 +31,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import virtual
 from .config import GuestConfig
 from .host import Guest
 from .net import Network
@@ -49,7 +50,7 @@ class Input(BaseModel):
     """One host input: bytes (base64), or the end of input, on the console (``conn``
     None) or on connection ``conn``; ``port`` opens that connection to the guest's port."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     step: int = Field(ge=0)
     data: str | None = Field(default=None, max_length=(MAX_CHUNK + 2) // 3 * 4)
     eof: bool = False
@@ -68,15 +69,22 @@ class Input(BaseModel):
 class Recording(BaseModel):
     """A recording file's contents."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     format: Literal["lguest-replay"] = "lguest-replay"
     version: Literal[1] = 1
     seed: int = Field(ge=0, le=MAX_SEED)
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     files_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    emulator: str = Field(max_length=200)  # what counts the steps (:func:`emulator`)
     guests: int = Field(default=1, ge=1, le=1 << 24)  # a swarm's -n
     inputs: list[Input] = Field(default_factory=list, max_length=MAX_INPUTS)
+
+
+def emulator() -> str:
+    """What counts a recording's steps here (:func:`supervisor.virtual.counting`): a
+    replay where it differs would apply the inputs at other points of the run."""
+    return virtual.counting()
 
 
 def digests(config: GuestConfig, start: str | None = None) -> tuple[str, str]:
@@ -148,6 +156,12 @@ def load(path: str, config: GuestConfig, start: str | None = None, guests: int =
         raise ReplayError(f"{path}: not a recording (inputs out of order)")
     opened: set[int] = set()
     for entry in recording.inputs:
+        if (entry.port is None and (entry.data is None) == (not entry.eof)) or entry.data == "":
+            # (each input is bytes or an end, never both, never nothing: the replay
+            # would otherwise have to guess which one was recorded)
+            raise ReplayError(
+                f"{path}: not a recording (an input at step {entry.step} is not bytes or an end)"
+            )
         entry.payload()
         if entry.port is not None:
             if entry.conn is None or entry.conn in opened or entry.data is not None or entry.eof:
@@ -157,6 +171,11 @@ def load(path: str, config: GuestConfig, start: str | None = None, guests: int =
             opened.add(entry.conn)
         elif entry.conn is not None and entry.conn not in opened:
             raise ReplayError(f"{path}: not a recording (connection {entry.conn} never opened)")
+    if recording.emulator != emulator():
+        raise ReplayError(
+            f"{path}: recorded on {recording.emulator}, not on {emulator()}: "
+            "its inputs would land at other points of the run"
+        )
     if opened and not config.net:
         raise ReplayError(f"{path}: recorded connections to a guest on the network: needs --net")
     image, rest = digests(config, start)
@@ -326,6 +345,7 @@ class Recorder:
             image_sha256=self.image,
             config_sha256=self.config,
             files_sha256=self.files,
+            emulator=emulator(),
             inputs=self.inputs,
         )
         save(recording, path)

@@ -261,7 +261,7 @@ async def _quantum(cpu: LgCpu, sim: Simulation) -> None:
         timers.write_timestamp(cpu)
         while blocks > 0:
             start = cpu.fuel.blocks
-            run_slice(cpu, blocks, timeless=True)
+            _debug_stop(cpu, run_slice(cpu, blocks, timeless=True))
             blocks = min(blocks - (cpu.fuel.blocks - start), sim.blocks_left(cpu))
             if blocks <= 0 or pending_exit(cpu) is not RunState.HYPERCALL:
                 break
@@ -646,7 +646,7 @@ def break_out(cpu: LgCpu) -> None:
         cpu.wake()
 
 
-def _debug_stop(cpu: LgCpu, exit: SliceExit) -> None:
+def _debug_stop(cpu: LgCpu, exit: SliceExit | Again) -> None:
     """A debugger's code hook stopped the slice before an instruction: hold the CPU
     there, for the reason the hook recorded (the next pass parks it; the hook's reason
     wins over a pause asked for during the slice: the debugger reports what stopped it)."""

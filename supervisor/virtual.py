@@ -36,6 +36,7 @@ import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _slicing, _unicorn
 from .flag import Flag
 
 if TYPE_CHECKING:
@@ -52,6 +53,15 @@ _ACTIVE = 0  # doing something the schedule must wait for (or running a quantum)
 _WANTS = 1  # waiting for a turn
 _SLEEPING = 2  # halted (or held, or offline) with no wake-up yet
 _UNREAD = 3  # initialized, not read yet: like a sleeping CPU until it is woken or read
+
+
+def counting() -> str:
+    """What the virtual clock counts in this process: the Unicorn release, and translated
+    blocks (the native slice meter's block hook) or, on the ``count=`` fallback (no
+    native extension, or ``LGUEST_SLICING=count``), instructions.  Runs with the same
+    seed are the same only where this is the same."""
+    unit = "blocks" if _slicing.NATIVE else "instructions"
+    return f"unicorn {_unicorn.VERSION} counting {unit}"
 
 
 class _Turn:

@@ -87,6 +87,25 @@ async def test_breakpoint_stops_before_the_instruction_and_resume_passes_it_once
     assert g.u32("result") == 50
 
 
+async def test_a_breakpoint_on_a_deterministic_cpu_stops_before_the_instruction() -> None:
+    """A deterministic CPU's code looks for a stop only at block starts, where its block
+    hook's stops land; a code hook turns the checks after each instruction back on, so
+    the breakpoint stops before ``incl counter``, not at the next block."""
+    async with LguestDevice(deterministic=True, seed=1) as dev:
+        g, d, reader = await held(dev, COUNTER)
+        loop = g.guest.symbols["loop"]
+        d.add_breakpoint(loop + 1)  # incl counter
+        for expected in (0, 1, 2):
+            d.resume()
+            assert (await d.wait_stop()).reason == BREAKPOINT
+            assert eip(d) == loop + 1
+            assert (d.registers()[0], g.u32("counter")) == (expected + 1, expected)
+        d.remove_breakpoint(loop + 1)
+        d.resume()
+        assert await reader == "bye"
+        assert g.u32("result") == 50
+
+
 async def test_stepi_runs_exactly_one_instruction_whatever_the_exit(dev: LguestDevice) -> None:
     g, d, reader = await held(dev, EXITS)
     s = g.guest.symbols

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -357,22 +358,27 @@ async def test_a_failing_schedule_kills_its_guests_instead_of_hanging(
 def test_a_deterministic_swarm_prints_the_same_lines_and_virtual_time(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``swarm --console prefix --deterministic --seed N`` twice: the same guest lines
-    in the same order, the same virtual time, and the blocks column (they are counted)."""
-    argv = ["swarm", "-n", "4", "--deterministic", "--seed", "5", "--console", "prefix",
-            "--loop", "asyncio", "--cmdline", "ticks=3 period_ms=7", str(TICKER)]  # fmt: skip
-    outputs = []
-    for _ in range(2):
+    """``swarm --console prefix --deterministic --seed N`` on each event loop: the same
+    guest lines in the same order, the same virtual time, and the blocks column (they
+    are counted); another seed interleaves the same lines otherwise."""
+
+    def swarm(seed: int, loop: str) -> tuple[list[str], list[str]]:
+        argv = ["swarm", "-n", "4", "--deterministic", "--seed", str(seed), "--console", "prefix",
+                "--loop", loop, "--cmdline", "ticks=3 period_ms=7", str(TICKER)]  # fmt: skip
         assert main(argv) == 0
         captured = capsys.readouterr()
-        assert "supervisor: deterministic run, seed 5" in captured.err
+        assert f"supervisor: deterministic run, seed {seed}" in captured.err
         lines = captured.out.splitlines()
         guest_lines = [line for line in lines if line.startswith("ticker-")]
         virtual_lines = [line for line in lines if line.startswith("virtual time:")]
         assert len(guest_lines) == 16 and len(virtual_lines) == 1
         assert "blocks" in captured.out
-        outputs.append((guest_lines, virtual_lines))
-    assert outputs[0] == outputs[1]
+        return guest_lines, virtual_lines
+
+    first = swarm(5, "asyncio")
+    assert swarm(5, "uvloop") == first
+    other = swarm(6, "asyncio")[0]
+    assert sorted(other) == sorted(first[0]) and other != first[0]
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +440,23 @@ def test_a_replay_feeds_the_recorded_input_at_the_same_points(stamp: Path, tmp_p
          "out of order"),
         ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
          '"config_sha256": "%s", "files_sha256": "%s", "inputs": []}', "another image"),
+        # Each input is bytes or an end: both, neither or empty bytes would leave the
+        # replay to guess which was recorded.
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", '
+         '"inputs": [{"step": 1, "data": "eA==", "eof": true}]}', "not bytes or an end"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": 1}]}',
+         "not bytes or an end"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": 1, "data": ""}]}',
+         "not bytes or an end"),
+        # Numbers are JSON numbers: a string or a boolean is not one.
+        ('{"format": "lguest-replay", "version": 1, "seed": "1", "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": []}', "seed"),
+        ('{"format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": "%s", '
+         '"config_sha256": "%s", "files_sha256": "%s", "inputs": [{"step": true, "eof": true}]}',
+         "step"),
     ],
 )  # fmt: skip
 def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
@@ -444,6 +467,7 @@ def test_a_bad_or_foreign_recording_is_one_line_and_exit_2_before_anything_runs(
     if message == "another image":
         image = "0" * 64
     files = replay.files_digest(GuestConfig.build(image=TICKER))
+    content = content.replace('"version": 1,', f'"version": 1, "emulator": "{replay.emulator()}",')
     path.write_text(content.replace("%s", image, 1).replace("%s", rest, 1).replace("%s", files, 1))
     assert main(["run", "--replay", str(path), str(TICKER)]) == 2
     captured = capsys.readouterr()
@@ -567,6 +591,7 @@ def test_bad_recorded_connections_are_one_line_and_exit_2(
     fields = {
         "format": "lguest-replay", "version": 1, "seed": 1, "image_sha256": image,
         "config_sha256": rest, "files_sha256": replay.files_digest(config),
+        "emulator": replay.emulator(),
     }  # fmt: skip
     path.write_text(json.dumps(fields)[:-1] + f', "inputs": {inputs}}}')
     assert main(["run", "--replay", str(path), str(TICKER)]) == 2
@@ -634,3 +659,39 @@ def test_a_swarm_replays_its_recording(tmp_path: Path, capsys: pytest.CaptureFix
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1, captured.err
         assert message in captured.err
+
+
+def test_a_recording_made_where_the_clock_counts_otherwise_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The native slice meter counts blocks, the ``count=`` fallback instructions: the
+    same seed runs differently on each, so a recording names what counted it, and a
+    replay where that differs is one line and exit 2."""
+    from supervisor import _slicing
+
+    here = virtual.counting()
+    assert here.endswith("counting blocks" if _slicing.NATIVE else "counting instructions")
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "from supervisor import virtual; print(virtual.counting())"],
+        env={**os.environ, _slicing.ENV: "count" if _slicing.NATIVE else "exit"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
+    if _slicing.NATIVE:
+        assert elsewhere.endswith("counting instructions")
+    else:  # (no native meter to compare with: another Unicorn release, then)
+        elsewhere = "unicorn 0.0.0 counting blocks"
+    record = tmp_path / "swarm.replay"
+    common = ["-n", "1", "--cmdline", "ticks=1 period_ms=1", str(TICKER)]
+    assert main(["swarm", "--record", str(record), *common]) == 0
+    capsys.readouterr()
+    recording = json.loads(record.read_text())
+    assert recording["emulator"] == here
+    recording["emulator"] = elsewhere
+    record.write_text(json.dumps(recording))
+    assert main(["swarm", "--replay", str(record), *common]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert f"recorded on {elsewhere}, not on {here}" in captured.err
