@@ -22,8 +22,9 @@ takes minutes at the issue's scale; pick N for the machine's load):
   N = 1,000,000: at most 16 KiB a guest and 1% of a core.
 * ``idlewaves N``: the same, launched ``WAVE`` at a time, each wave settled (its guests
   resting, their memories packed) before the next: what N idle guests hold once they
-  came over time, without the peak of N guests all booting at once (whose freed
-  coroutines leave holes in the heap that ``idle N`` counts in its RSS).
+  came over time, without N guests all waiting to be packed at once.  (``idle N``
+  launches them in one loop; each launch boots its guest before the next is made,
+  ``Supervisor.launch``, so neither holds N boots' transient objects at once.)
 
 * ``life N``: N tickers (the same command line, console ``null``) launched at once
   through a ``Supervisor`` in a child process, no swarm table: the child's CPU over

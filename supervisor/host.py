@@ -10,7 +10,8 @@
 
 Each guest runs its Launcher (and so its CPU) in an asyncio task of its own, none while
 it rests (idle, its registers packed: ``Launcher.start``).
-Leaving the ``async with`` kills the guests still running and closes the device.
+Leaving the ``async with`` kills the guests still running and closes the device; the
+event loop's shutdown (the end of ``asyncio.run``) does so for a Supervisor left open.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, AnyStr
 
 from .config import GuestConfig
@@ -261,7 +263,9 @@ class Guest:
 class Supervisor:
     """Owns one :class:`~supervisor.LguestDevice` and the guests launched on it.
 
-    Use as ``async with Supervisor() as sup``; leaving kills what still runs.
+    Use as ``async with Supervisor() as sup``; leaving kills what still runs.  One left
+    open is closed as its event loop shuts down (``loop.shutdown_asyncgens``, which
+    ``asyncio.run`` calls): its resting guests, which have no task to cancel, end too.
     """
 
     def __init__(
@@ -317,6 +321,9 @@ class Supervisor:
         self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
         self._keep_ended = keep_ended
         self._closed = False
+        # Started at the first launch: the loop's shutdown closes it, and its close
+        # closes this Supervisor if nobody has (_closed_at_shutdown).
+        self._at_shutdown: AsyncGenerator[None, None] | None = None
 
     @property
     def seed(self) -> int | None:
@@ -341,10 +348,16 @@ class Supervisor:
         Checks everything that can be checked first and raises before anything
         runs: :class:`~supervisor.launcher.loader.ImageError` (a ``ValueError``)
         for a bad image or one that does not fit, ``OSError`` for a block file
-        that cannot be opened as asked.
+        that cannot be opened as asked.  Outside deterministic mode it returns after
+        one turn of the event loop, in which the guest starts (and, as a rule, boots
+        to its first wait): guests launched in a loop boot one after the other.
         """
         if self._closed:
             raise RuntimeError("the Supervisor is closed: it launches no more guests")
+        if self._at_shutdown is None:
+            hook = _closed_at_shutdown(weakref.ref(self))
+            await anext(hook)  # (its first step: the running loop now knows it)
+            self._at_shutdown = hook
         console = _console_for(config)
         table: list[Device] = [console]
         if config.block is not None:
@@ -405,6 +418,14 @@ class Supervisor:
         self._guests[guest] = None
         if not self._keep_ended:
             guest.when_done(lambda: self._guests.pop(guest, None))
+        if sim is None:
+            # One turn of the loop: the guest boots (to its first halt, as a rule) before
+            # the caller makes the next one.  Guests launched in a loop then never all
+            # boot together: the transient objects of each boot are freed and reused
+            # before the next guests' long-lived ones are placed, instead of leaving
+            # holes between them in both heaps; and a swarm's admission reads the memory
+            # of guests that run, not of guests that have not started.
+            await asyncio.sleep(0)
         return guest
 
     async def restore(self, snap: Snapshot, **overrides: Any) -> Guest:
@@ -428,6 +449,7 @@ class Supervisor:
         Every guest is asked first (no coroutine or task each), then their ends are
         awaited together: each kill withdraws its queued slice, so none waits its turn."""
         self._closed = True
+        hook, self._at_shutdown = self._at_shutdown, None
         self.kill_all()
         running = [guest._task for guest in self._guests if not guest.done]
         if running:
@@ -437,12 +459,34 @@ class Supervisor:
                 task.exception()
         await self.net.aclose()
         await self.device.aclose()
+        if hook is not None:
+            await hook.aclose()  # (closed already: its close does nothing more)
 
     async def __aenter__(self) -> Supervisor:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _closed_at_shutdown(sup: weakref.ref[Supervisor]) -> AsyncGenerator[None, None]:
+    """Closes ``sup`` as the event loop shuts down, if nobody closed it.
+
+    A guest that rests has no task (``Launcher.start``), so a program that returns from
+    ``asyncio.run`` without :meth:`Supervisor.aclose` would otherwise leave it, its
+    file, memory and devices, as they are, while every other guest's task is cancelled
+    (which ends that guest).  An async generator started on the loop is what the loop's
+    shutdown (``loop.shutdown_asyncgens``, which ``asyncio.run`` calls after cancelling
+    the tasks left) closes: its close runs the Supervisor's, which kills the resting
+    guests too.  It holds the Supervisor weakly: one nobody holds is not kept for it.
+    """
+    try:
+        yield
+    finally:
+        owner = sup()
+        if owner is not None and not owner._closed:
+            owner._at_shutdown = None  # (this close is the hook's: aclose leaves it)
+            await owner.aclose()
 
 
 def _console_for(config: GuestConfig) -> Console:

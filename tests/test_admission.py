@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from pathlib import Path
+from typing import Any
 
 import pytest
+from guestasm import until
 
+from supervisor import GuestConfig, Supervisor
 from supervisor import admission as adm
+from supervisor import cli as cli_module
 from supervisor.admission import Admission, Reading, read_memory
 
 MiB = 1 << 20
@@ -134,6 +139,56 @@ def test_unknown_available_memory_keeps_the_limit() -> None:
 def test_read_memory_reads_this_process() -> None:
     reading = read_memory()
     assert reading.rss > 0 and reading.available > 0
+
+
+ENDLESS = GuestConfig(
+    image=str(Path(__file__).resolve().parent.parent / "guests" / "ticker.img"),
+    memory=1 << 20,
+    cmdline="ticks=10000000 period_ms=50",
+    console="null",
+)
+LIMIT = 120.0  # seconds: a bound for failing on a loaded machine, never a wait for success
+
+
+async def test_a_swarm_stops_launching_once_its_booted_guests_fill_the_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The readings see the guests launched so far running (each launch gives the loop
+    a turn): memory that the booted guests fill stops the launches within a reading."""
+    made: list[Supervisor] = []
+    admissions: list[Admission] = []
+
+    class Watched(Supervisor):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            made.append(self)
+
+    def full_once_booted() -> Reading:
+        """4 GiB available until a guest has booted (opened its file), then only the
+        quarter kept: a machine whose memory the guests running have filled."""
+        booted = len(made[0].device.files) if made else 0
+        return Reading(100 * MiB + booted * MiB, GiB if booted else 4 * GiB)
+
+    def admission(**kwargs: Any) -> Admission:
+        admissions.append(Admission(full_once_booted, **kwargs))
+        return admissions[0]
+
+    monkeypatch.setattr(cli_module, "Supervisor", Watched)
+    monkeypatch.setattr(cli_module, "Admission", admission)
+    n = 20 * adm.EVERY
+    swarm = asyncio.ensure_future(cli_module.run_swarm(ENDLESS, n))
+    try:
+        await until(lambda: bool(admissions) and admissions[0].alive >= adm.FIRST, LIMIT)
+        (a,) = admissions
+        # Every guest launched runs; then the launches have stopped, or all n were made.
+        await until(lambda: all(g.stats.notifies > 0 for g in made[0].guests), LIMIT)
+        await until(lambda: not a.may_admit() or len(made[0].guests) == n, LIMIT)
+        assert len(made[0].guests) <= adm.FIRST + adm.EVERY < n
+    finally:
+        swarm.cancel()
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(asyncio.CancelledError):
+                await swarm
 
 
 class FullCollections:

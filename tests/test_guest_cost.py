@@ -215,3 +215,23 @@ def test_a_console_that_keeps_no_output_holds_no_line_queue() -> None:
         stream.push(b"one\ntwo\n")
         stream.close()
         assert stream.dropped == 2 and stream.take() == [] and stream.held == 0
+
+
+@needs_binutils
+async def test_a_launch_returns_once_its_guest_has_started(tmp_path: Path) -> None:
+    """Launching in a loop boots the guests one after the other, never all together
+    (whose transient objects would leave holes among the long-lived ones): each launch
+    gives its guest a turn of the loop, in which it opens its file and boots."""
+    from guestasm import assemble
+
+    from supervisor import GuestConfig, Supervisor
+
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    config = GuestConfig(image=image, memory="1M", console="null")
+    opened: list[int] = []
+    async with Supervisor() as sup:
+        for _ in range(5):
+            await sup.launch(config)
+            opened.append(len(sup.device.files))
+    assert opened == [1, 2, 3, 4, 5]

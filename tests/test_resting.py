@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,47 @@ async def test_a_resting_guest_wakes_by_input_pauses_snapshots_and_dies_exactly(
         async with asyncio.timeout(LIMIT):
             assert [line async for line in fork.console] == ["again", "quit", "bye"]
         assert (await fork.wait()).exit_status == 0
+
+
+# A program that returns from asyncio.run with a guest resting and no Supervisor.aclose.
+LEFT_RESTING = r"""
+import asyncio, sys
+from supervisor import GuestConfig, Supervisor, hibernation
+from supervisor.launcher.devices import Device
+
+hibernation.PACK_AFTER = 0.02
+
+class Marker(Device):
+    type = 0x42
+
+    async def stop(self) -> None:
+        print("device stopped", flush=True)
+
+sups = []
+
+async def main() -> None:
+    sup = Supervisor()
+    sups.append(sup)
+    config = GuestConfig(image=sys.argv[1], memory="1M", console="null")
+    guest = await sup.launch(config, devices=[Marker()])
+    while guest.stats.rests < 1:
+        await asyncio.sleep(0.02)
+    print("rested", flush=True)
+
+asyncio.run(main())
+(sup,) = sups
+print(f"ended {sup.guests[0].done}, files {len(sup.device.files)}", flush=True)
+"""
+
+
+def test_a_guest_left_resting_is_closed_as_asyncio_run_ends(tmp_path: Path) -> None:
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    # (Warnings are errors; not -X dev, whose slow-callback reports a loaded machine makes.)
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", LEFT_RESTING, str(image)],
+        capture_output=True, text=True, timeout=LIMIT, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "")
+    # Its device stopped, its file closed: as a guest whose task the run cancelled.
+    assert done.stdout.splitlines() == ["rested", "device stopped", "ended True, files 0"]
