@@ -435,9 +435,6 @@ class LgCpu:
         self.run.wakeup.set()
         if self.run.resting:  # no read in flight: the reader reads again
             self.run.resting = False
-            # It waited until now, as a sleep that ends does: run.YIELD_TIME counts from
-            # here, so its first slice needs no turn of the loop first.
-            self.run.yielded_at = time.thread_time()
             if self.run.rest is not None:
                 self.run.rest()
 

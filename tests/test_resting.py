@@ -181,7 +181,7 @@ async def test_a_resting_guests_wake_runs_its_first_slice_without_a_yield(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A rest is a wait: the restarted read's first slice does not first yield the loop
-    (run.YIELD_TIME counts from the wake, not from when the CPU went to rest)."""
+    (run.YIELD_TIME counts from the read's start, not from when the CPU went to rest)."""
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
     yields: list[int] = []
     real_yield = run._yield
