@@ -622,6 +622,12 @@ class LgCpu:
             return False
         engine.frozen = _unicorn.pack_context(engine.frozen)
         engine.packed = True
+        if engine.pool is not None and engine.last is not None:
+            # Asleep this long, it rarely finds its engine untouched when it wakes: take
+            # it off that engine now (EnginePool.disown: its memory unmapped, the engine
+            # the first spare to switch), not in the take of whichever wake switches it.
+            engine.pool.disown(engine.token, engine.last)
+            engine.last = None
         return True
 
     def thaw(self) -> float | None:

@@ -8,7 +8,17 @@ import asyncio
 import math
 
 import pytest
-from guestasm import HALT_COUNTER, Booted, assemble, boot, initialize_words, load, notified, until
+from guestasm import (
+    HALT_COUNTER,
+    Booted,
+    assemble,
+    boot,
+    initialize_words,
+    load,
+    notified,
+    present,
+    until,
+)
 from test_state import WORKER, comparable
 
 from supervisor import LguestDevice, _unicorn, abi, hibernation
@@ -82,6 +92,38 @@ async def test_a_sleeping_cpu_keeps_its_registers_packed_and_wakes_with_them(
         await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
         assert await reader == abi.pack_words(0x33)
         assert g.u32("hits") == 1 and not cpu.engine.packed
+        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await g.file.close()
+        with pytest.raises(OSError):
+            await reader
+        g.memory.close()
+
+
+async def test_packing_a_sleeping_cpu_takes_it_off_the_engine_it_gave_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine a CPU gave back at its halt waits for it; once the CPU has slept long
+    enough to have its registers packed, it is taken off that engine (its memory
+    unmapped, no CPU in the seat), which waits as the first spare to switch: the wake
+    that takes it next has nothing to unmap."""
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.05)
+    async with LguestDevice(engines="pool") as dev:
+        pool = present(dev.engines)
+        g, reader = await sleeper(dev)
+        cpu = g.file.cpu(0)
+        engine = cpu.engine.last
+        assert engine is not None and _unicorn.seat(engine).cpu is cpu
+        assert _unicorn.seat(engine).memory == g.memory.size
+        await until(lambda: cpu.engine.packed, LIMIT)
+        seat = _unicorn.seat(engine)
+        assert cpu.engine.last is None and seat.cpu is None and seat.memory == 0
+        assert [begin for begin, _end, _perms in engine.mem_regions()] == [abi.SWITCHER_ADDR]
+        reused, switched = pool.reused, pool.switched
+        await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+        assert await reader == abi.pack_words(0x33) and g.u32("hits") == 1
+        # Its wake switched the engine it let go of back to it (not its own: it has none).
+        assert (pool.reused, pool.switched) == (reused, switched + 1)
+        assert cpu.engine.last is engine and _unicorn.seat(engine).cpu is cpu
         reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
         await g.file.close()
         with pytest.raises(OSError):

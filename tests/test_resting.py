@@ -10,13 +10,15 @@ import asyncio
 import gc
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from guestasm import HALT_COUNTER, Booted, assemble, initialize_words, load, until
 from test_state import comparable
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, testing
+from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, run, testing
+from supervisor.cpu import LgCpu
 from supervisor.host import Guest
 from supervisor.snapshot import Snapshot
 
@@ -219,3 +221,34 @@ def test_a_guest_left_resting_is_closed_as_asyncio_run_ends(tmp_path: Path) -> N
     assert (done.returncode, done.stderr) == (0, "")
     # Its device stopped, its file closed: as a guest whose task the run cancelled.
     assert done.stdout.splitlines() == ["rested", "device stopped", "ended True, files 0"]
+
+
+async def test_a_resting_guests_wake_runs_its_first_slice_without_a_yield(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A rest is a wait: the restarted read's first slice does not first yield the loop
+    (run.YIELD_TIME counts from the read's start, not from when the CPU went to rest)."""
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    yields: list[int] = []
+    real_yield = run._yield
+
+    async def counted(cpu: LgCpu) -> None:
+        yields.append(cpu.id)
+        await real_yield(cpu)
+
+    monkeypatch.setattr(run, "_yield", counted)
+    async with LguestDevice(engines="pool") as dev:
+        g, restarts = await _counter(dev, rests=True)
+        for hit in (1, 2):
+            assert await asyncio.wait_for(g.file.read(abi.WORD_SIZE), LIMIT) == b""
+            # (the loop thread computes past YIELD_TIME while the guest rests)
+            spin_until = time.thread_time() + 2 * run.YIELD_TIME
+            while time.thread_time() < spin_until:
+                pass
+            yields.clear()
+            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
+            assert restarts == [1] * hit
+            assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(0x33)
+            assert yields == [] and g.u32("hits") == hit
+        await g.file.close()
+        g.memory.close()
