@@ -151,10 +151,12 @@ async def test_wakes_are_charged_to_the_waker_and_put_off_while_a_neighbour_comp
     monkeypatch.setenv(engines.ENV, "off")  # wakes that take new emulators
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
         dormitory = sup.device.dormitory
-        # (A wake a tick, but perhaps the first: its 1 ns event may come before it sleeps.)
-        alone = await sup.launch(ticker(cmdline="ticks=101 period_ms=0"))
+        # (A wake a tick, or none when the tick's 1 ns event comes before the guest
+        # sleeps, which a loaded machine makes more likely: far more wakes than the tiny
+        # share pays for, whatever the load.)
+        alone = await sup.launch(ticker(cmdline="ticks=100 period_ms=0"))
         assert (await alone.wait()).ok
-        assert alone.stats.wakes >= 100 and dormitory.deferred == 0  # nobody else waited
+        assert alone.stats.wakes >= 50 and dormitory.deferred == 0  # nobody else waited
         spinner = await sup.launch(GuestConfig(image=GUEST_DIR / "spinner.img", memory="1M"))
         wakers = [await sup.launch(ticker(cmdline="ticks=1000000 period_ms=0")) for _ in range(4)]
         await until(lambda: dormitory.deferred >= len(wakers), LIMIT)  # each put off
