@@ -550,6 +550,10 @@ def _loop_future(cpu: LgCpu, job: Job[SliceExit | Again]) -> asyncio.Future[Slic
     loop = asyncio.get_running_loop()
     future: asyncio.Future[SliceExit] = loop.create_future()
     thread = threading.get_ident()
+    # The CPU, let go of once the future is settled: the worker that reported the end may
+    # still be returning from call_soon_threadsafe, its frames referring to settle, when
+    # the read, and the guest's close, have gone on.
+    owner = [cpu]
 
     def settle(done: Job[SliceExit | Again]) -> None:
         if future.done():  # pragma: no cover - only this callback settles it
@@ -562,8 +566,9 @@ def _loop_future(cpu: LgCpu, job: Job[SliceExit | Again]) -> asyncio.Future[Slic
             result = done.result()
             assert isinstance(result, SliceExit)  # (a step's AGAIN never ends its job)
             future.set_result(result)
-        waiter = cpu.run.on_break
-        if waiter is not None and not waiter.done() and cpu.run.queued_slice is done:
+        control = owner.pop().run
+        waiter = control.on_break
+        if waiter is not None and not waiter.done() and control.queued_slice is done:
             waiter.set_result(None)
 
     def ended(done: Future[SliceExit | Again]) -> None:

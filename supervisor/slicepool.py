@@ -143,6 +143,19 @@ class Job(Future[_T]):
             return super().cancel()
         return self.cancelled()
 
+    def add_done_callback(self, fn: Callable[[Future[_T]], object]) -> None:
+        """As ``Future.add_done_callback``, except that the job lets go of ``fn`` once it
+        has called it.  An ended job may be kept a while (by its worker until it takes
+        the next, a withdrawn entry until a worker skips it), and what its callbacks
+        refer to (the read's future, a CPU, its guest) must not live that long."""
+        pending = [fn]
+
+        def call(job: Future[_T]) -> None:
+            if pending:
+                pending.pop()(job)
+
+        super().add_done_callback(call)
+
 
 def _lower_priority(steps: int, idle: bool) -> None:
     """This thread's nice value ``steps`` higher (lower priority), or its policy
@@ -344,10 +357,12 @@ class SlicePool:
 
     def _mark_withdrawn(self, job: Job[Any]) -> None:
         """A queued job will not run again.  Its entry stays in the queue until a worker
-        skips it, so its step (and whatever the step holds: a CPU, a guest's memory) is
-        let go now, not then: an idle pool might not look at its queue for a long time."""
+        skips it, so its step, owner, hurry and shorten (and whatever they hold: a CPU,
+        its guest, a guest's memory) are let go now, not then: an idle pool might not
+        look at its queue for a long time."""
         job.queued = False
         job.step = _ended_step
+        job.owner = job.hurry = job.shorten = None
         self._waiting -= 1
         self._computing.discard(job)
 

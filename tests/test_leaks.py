@@ -44,6 +44,8 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from fuzz_guests import scaled
@@ -54,6 +56,7 @@ from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, pack_words
 from supervisor.cpu import LgCpu
 from supervisor.guest import Lguest
 from supervisor.launcher.layout import IMAGE_BASE
+from supervisor.slicepool import Job
 
 TOTAL = scaled(2_000, 10_000)
 WARMUP = scaled(1_000, 2_000)
@@ -236,3 +239,53 @@ async def test_closing_a_guest_frees_its_unicorn_at_once() -> None:
             assert alive is None or _unicorn.is_closed(alive), "uc_close has not run"
         finally:
             gc.enable()
+
+
+async def close_while_on_the_worker(dev: LguestDevice) -> None:
+    """Start a spinner, wait until its executor run is on the worker, then close it."""
+    memory, layout = load(KINDS[2], RAM)
+    f = dev.open(memory)
+    await f.write(
+        pack_words(LHREQ_INITIALIZE, memory.address, layout.pfn_limit, layout.pgdir, IMAGE_BASE)
+    )
+    reader = asyncio.create_task(f.read(8))
+    cpu = f.cpu(0)
+
+    def on_the_worker() -> bool:
+        run = cpu.run.queued_slice
+        return isinstance(run, Job) and not run.queued
+
+    await until(on_the_worker)
+    await f.close()
+    with pytest.raises(OSError):
+        await reader
+    memory.close()
+
+
+async def test_a_closed_guest_is_not_kept_alive_by_its_ended_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run that ended is kept a while: by its worker until it takes the next job, and
+    what the worker handed the loop (the callback that settles the read's future) by the
+    worker's frames until it is back from ``call_soon_threadsafe``, which may be after the
+    read and the close have gone on.  Neither may keep the closed guest's CPU, and
+    through it the guest, alive.  One worker, so that the job it keeps is the guest's;
+    the callbacks are kept here as the worker's frames may keep them (asyncio's loop: a
+    uvloop's methods cannot be wrapped)."""
+    loop = asyncio.get_running_loop()
+    handed: list[object] = []
+    if isinstance(loop, asyncio.BaseEventLoop):
+        wake_loop = loop.call_soon_threadsafe
+
+        def keep(callback: Callable[..., object], *args: Any, **kwargs: Any) -> object:
+            handed.append(callback)
+            return wake_loop(callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", keep)
+    async with LguestDevice(workers=1) as dev:
+        gc.collect()
+        before = live_guests()
+        await close_while_on_the_worker(dev)
+        gc.collect()
+        assert live_guests() <= before, describe_live_guests()
+    assert handed or not isinstance(loop, asyncio.BaseEventLoop)  # (it ended on the worker)

@@ -581,3 +581,79 @@ def test_a_step_that_goes_to_the_back_asks_the_other_steps_to_shorten() -> None:
         release_a.set()
         release_b.set()
         pool.shutdown()
+
+
+def test_a_withdrawn_job_lets_go_of_its_owner_hurry_and_shorten_at_once() -> None:
+    # What the supervisor passes there refers to a CPU (its owner, its slice meter's
+    # hurry and cut): a withdrawn entry waiting to be skipped must not keep it alive.
+    import gc
+    import weakref
+
+    class Held:
+        def hurry(self) -> bool:
+            return False
+
+        def shorten(self) -> bool:
+            return False
+
+    pool = SlicePool(1)
+    release, started = threading.Event(), threading.Event()
+    try:
+        busy = pool.submit(stepper("busy", [], 1, hold_first(release, started)))
+        assert started.wait(WAIT)
+        held = Held()
+        alive = weakref.ref(held)
+        queued = pool.submit(lambda: 0, owner=held, hurry=held.hurry, shorten=held.shorten)
+        del held
+        assert queued.cancel()
+        gc.collect()
+        assert alive() is None  # while the worker is still busy and the entry queued
+    finally:
+        release.set()
+        pool.shutdown()
+    assert busy.result(WAIT) == "busy"
+
+
+@pytest.mark.parametrize("end", ["finished", "withdrawn", "stopped"])
+def test_an_ended_job_lets_go_of_its_done_callbacks(end: str) -> None:
+    """A job calls each done callback once, then lets go of it: the run loop's refers to
+    the CPU, and an ended job is kept a while (by its worker until it takes the next
+    job, a withdrawn entry until a worker skips it)."""
+    import gc
+    import weakref
+
+    called = threading.Event()
+
+    class Held:
+        def note(self, done: object) -> None:
+            called.set()
+
+    pool = SlicePool(1)
+    release, started = threading.Event(), threading.Event()
+    try:
+        if end == "withdrawn":  # (it waits behind a busy job)
+            pool.submit(stepper("busy", [], 1, hold_first(release, started)))
+            assert started.wait(WAIT)
+            job = pool.submit(stepper("job", [], 1))
+        else:  # "stopped": asked to stop in a step, it answers AGAIN (cancelled)
+            steps = 2 if end == "stopped" else 1
+            job = pool.submit(stepper("job", [], steps, hold_first(release, started)))
+            assert started.wait(WAIT)
+        held = Held()
+        alive = weakref.ref(held)
+        job.add_done_callback(held.note)
+        del held
+        if end == "withdrawn":
+            assert job.cancel()
+        elif end == "stopped":
+            assert not job.cancel()  # in a step: asked to stop
+            release.set()
+        else:
+            release.set()
+        assert called.wait(WAIT)
+        gc.collect()
+        assert alive() is None  # the job itself is still referenced here
+        assert job.cancelled() == (end != "finished")
+    finally:
+        release.set()
+        pool.shutdown()
