@@ -16,7 +16,14 @@ from guestasm import boot, present, until
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer
-from supervisor.testing import CPU1_AREAS, assemble, initialize_words, load, run_cpus_to_end
+from supervisor.testing import (
+    CPU1_AREAS,
+    IPI_PINGER,
+    assemble,
+    initialize_words,
+    load,
+    run_cpus_to_end,
+)
 
 # Starts CPUs 1..NCPUS-1 at `secondary`, each on its own stack and with its own
 # lguest_data (cpu_data + id * 1136), then every CPU runs WORK; CPU 0 waits for
@@ -459,38 +466,6 @@ async def test_a_withdrawn_run_of_a_two_cpu_guest_goes_round_in_one_turn() -> No
             await asyncio.wrap_future(blocker)
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-
-
-# The Host interrupts CPU 0 (irq 3), which counts meanwhile; its handler sends CPU 1,
-# halted, irq 4, whose handler notifies 0x1b1.
-IPI_PINGER = (
-    r"""
-main:
-    LGUEST_INIT
-    IDT 35, to_cpu1
-    IDT 36, on_cpu1
-    HCALL_REG 64, $1, $secondary, $stack1_top
-    movl $512, lguest_data
-1:  incl count0
-    jmp 1b
-to_cpu1:
-    HCALL 65, 1, 4
-    movl $512, lguest_data
-    iret
-secondary:
-    CPU_INIT cpu1_data
-    movl $512, cpu1_data
-2:  HCALL 10
-    jmp 2b
-on_cpu1:
-    HCALL 17, 0x1b1
-    movl $512, cpu1_data
-    iret
-.data
-count0: .long 0
-"""
-    + CPU1_AREAS
-)
 
 
 async def test_an_ipi_from_a_queued_cpu_reaches_the_halted_cpus_reader_in_two_turns() -> None:
