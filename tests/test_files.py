@@ -29,6 +29,9 @@ from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
 
+# The subject is the file device's answers to a C guest, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 
@@ -399,7 +402,6 @@ async def test_opening_without_end_gets_emfile_at_max_files(fsprobe: Path, tmp_p
     assert default == ["opened 1024, then err EMFILE"]
 
 
-@pytest.mark.one_loop
 async def test_host_descriptors_return_to_baseline_after_many_guests(
     fsprobe: Path, tmp_path: Path, host_tmp: Path
 ) -> None:

@@ -21,6 +21,9 @@ from supervisor import LguestDevice, Supervisor, abi, hibernation, memory
 from supervisor.launcher import files
 from supervisor.memory import GuestMemory, MemoryTemplate
 
+# The subject is the pages packed and unpacked, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 PAGE = abi.PAGE_SIZE
 SIZE = 64 * PAGE

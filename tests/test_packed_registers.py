@@ -15,6 +15,9 @@ from test_state import WORKER, comparable
 from supervisor import LguestDevice, _unicorn, abi, hibernation
 from supervisor.state import Exit
 
+# The subject is the registers packed and unpacked, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
 

@@ -27,6 +27,9 @@ from supervisor import Exit, GuestConfig, Supervisor, _slicing, sdk
 from supervisor.config import DirGrant
 from supervisor.pytest_plugin import BuildGuest
 
+# The subject is the C runtime's page protections, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 HERE = Path(__file__).resolve().parent
 GUESTS = HERE.parent / "guests" / "c"
 LIMIT = 120  # seconds: a bound for failing, never a wait for success

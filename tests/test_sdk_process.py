@@ -20,6 +20,9 @@ from supervisor.launcher.console import LineStream
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.sdk import libm
 
+# The subject is a C guest's start-up state, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 HERE = Path(__file__).resolve().parent
 FPTABLE = HERE / "c" / "fptable.c"
 LIBMSWEEP = HERE / "c" / "libmsweep.c"

@@ -132,6 +132,7 @@ def smp(ncpus: int, loops: int, work: str, setup: str = "", check: tuple[str, ..
     return SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup, check=checks)
 
 
+@pytest.mark.one_loop
 async def test_initialize_takes_the_number_of_cpus(dev: LguestDevice) -> None:
     guest = assemble(smp(1, 1, XADD))
     for bad in (0, abi.MAX_CPUS + 1):
@@ -153,6 +154,7 @@ async def test_initialize_takes_the_number_of_cpus(dev: LguestDevice) -> None:
         assert err.value.errno == errno.EINVAL
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("ncpus", [2, 4])
 async def test_lock_xadd_is_atomic_across_cpus(dev: LguestDevice, ncpus: int) -> None:
     loops = 1_000_000
@@ -162,6 +164,7 @@ async def test_lock_xadd_is_atomic_across_cpus(dev: LguestDevice, ncpus: int) ->
     assert all(g.file.cpu(n).stats.run_time > 0 for n in range(ncpus))
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("ncpus", [2, 3])
 async def test_a_cmpxchg_spinlock_keeps_a_plain_counter_exact(
     dev: LguestDevice, ncpus: int
@@ -258,11 +261,13 @@ async def test_an_ipi_wakes_a_halted_cpu_and_bad_numbers_return_errors(dev: Lgue
     assert g.file.cpu(1).stats.interrupts == 1 and g.file.cpu(0).stats.interrupts == 0
 
 
+@pytest.mark.one_loop
 async def test_a_started_cpu_must_register_its_own_lguest_data_first(dev: LguestDevice) -> None:
     g = await boot(dev, IPI.format(first="HCALL 10"), cpus=2)
     assert await run_cpus_to_end(g) == "hypercall 10 before INIT"
 
 
+@pytest.mark.one_loop
 async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
     dev: LguestDevice,
 ) -> None:
@@ -366,6 +371,7 @@ async def test_gdb_sees_each_cpu_as_a_thread(dev: LguestDevice) -> None:
     await server.aclose()
 
 
+@pytest.mark.one_loop
 async def test_a_supervised_smp_guest_snapshotted_mid_run_and_restored_counts_exactly(
     tmp_path: Path,
 ) -> None:
