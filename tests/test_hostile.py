@@ -292,6 +292,7 @@ async def test_each_hostile_snippet_dies_with_a_reason(dev: LguestDevice, name: 
     assert outcome.reason, name
 
 
+@pytest.mark.one_loop
 async def test_the_device_outlives_a_hundred_deaths(dev: LguestDevice) -> None:
     """Many quick deaths in a row, then a neighbour on the same device still counts right."""
     snippets = list(EACH.values())
