@@ -38,7 +38,7 @@ from unicorn import x86_const as r
 
 from supervisor import LguestDevice
 from supervisor.abi import LHREQ_IRQ, pack_words
-from supervisor.testing import CPU1_AREAS, run_cpus_to_end, until
+from supervisor.testing import CPU1_AREAS, IPI_PINGER, run_cpus_to_end, until
 
 from .guests import Booted, assemble, boot
 from .harness import Profile, Result, median, now, percentile
@@ -81,39 +81,6 @@ msg: .asciz "counted"
 """
     + CPU1_AREAS
 )
-
-# The Host interrupts CPU 0 (irq 3); CPU 0's handler sends CPU 1 irq 4; CPU 1,
-# halted, takes it and notifies 0x1b1.  CPU 0 spins meanwhile (a busy CPU).
-IPI_PINGER = (
-    r"""
-main:
-    LGUEST_INIT
-    IDT 35, to_cpu1
-    IDT 36, on_cpu1
-    HCALL_REG 64, $1, $secondary, $stack1_top
-    movl $512, lguest_data
-    HCALL 17, 1
-1:  incl counter
-    jmp 1b
-to_cpu1:
-    HCALL 65, 1, 4
-    movl $512, lguest_data
-    iret
-secondary:
-    CPU_INIT cpu1_data
-    movl $512, cpu1_data
-2:  HCALL 10
-    jmp 2b
-on_cpu1:
-    HCALL 17, 0x1b1
-    movl $512, cpu1_data
-    iret
-.data
-counter: .long 0
-"""
-    + CPU1_AREAS
-)
-
 
 # The three loops of ``atomics``, each from its label to its ``_end``, on two CPUs at once.
 RACES = r"""
@@ -289,7 +256,6 @@ async def ipi_latency(p: Profile) -> list[Result]:
             assert await g.read_word() == 1
         pinger = await boot(dev, assemble(IPI_PINGER), cpus=2)
         f = pinger.file
-        assert await pinger.read_word() == 1
         running = True
 
         async def spin(g: Booted) -> None:

@@ -147,6 +147,38 @@ stack1_top:
 """
 
 
+# Two CPUs: the Host interrupts CPU 0 (irq 3), which counts in memory (``count0``)
+# meanwhile; its handler sends CPU 1, halted, irq 4 (``SEND_IPI``), whose handler
+# notifies 0x1b1.  Each CPU needs a read in flight to run.
+IPI_PINGER = (
+    r"""
+main:
+    LGUEST_INIT
+    IDT 35, to_cpu1
+    IDT 36, on_cpu1
+    HCALL_REG 64, $1, $secondary, $stack1_top
+    movl $512, lguest_data
+1:  incl count0
+    jmp 1b
+to_cpu1:
+    HCALL 65, 1, 4
+    movl $512, lguest_data
+    iret
+secondary:
+    CPU_INIT cpu1_data
+    movl $512, cpu1_data
+2:  HCALL 10
+    jmp 2b
+on_cpu1:
+    HCALL 17, 0x1b1
+    movl $512, cpu1_data
+    iret
+.data
+count0: .long 0
+"""
+    + CPU1_AREAS
+)
+
 # Halts for good, no clock event armed; the console's first irq (vector 33) is taken by
 # a handler that enables interrupts (a pending irq the guest never takes would end
 # every halt at once).  It never ends by itself.

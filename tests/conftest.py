@@ -39,9 +39,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Every async test runs under the default loop and under uvloop.
+    """Every async test runs under the default loop and under uvloop: where the loop
+    matters (the run loop, slicing, wakes, signals, the network), both must hold.
 
-    Tests marked ``one_loop`` (costly set-ups, e.g. Ray workers) run under the default loop only.
+    Tests marked ``one_loop`` run under the default loop only: those whose subject is not
+    the event loop (what a guest, the C runtime, a file format or a check does: the
+    supervisor has no code of its own for either loop) and costly set-ups (Ray workers).
     """
     if item.get_closest_marker("one_loop") is not None:
         return {"asyncio": asyncio.new_event_loop}

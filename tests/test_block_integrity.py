@@ -11,6 +11,9 @@ import pytest
 from supervisor import GuestConfig, Supervisor
 from supervisor.testing import assemble, until
 
+# The subject is the block file's bytes, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 SECTOR = 512
 SECTORS = 32
 FILL = 0xEE

@@ -19,6 +19,9 @@ from supervisor.memory import GuestMemory
 from supervisor.snapshot import capture, restore
 from supervisor.testing import initialize_words, run_cpus_to_end
 
+# The subject is the guest's segments, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
 # Reloads ds, es, ss with the boot data selector and returns to 1f with iret, as the

@@ -18,6 +18,10 @@ from unicorn import Uc
 from supervisor import LguestDevice, _slicing, codecache, pagetables
 from supervisor.cpu import LgCpu
 
+# The subject is the translations dropped after Host writes, not the event loop:
+# one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 PATCHED = r"""
 main:
     LGUEST_INIT

@@ -14,6 +14,9 @@ import pytest
 from supervisor import ConsoleEnded, GuestConfig, Supervisor
 from supervisor.launcher.console import LineStream
 
+# The subject is the console API's matching, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 LIMIT = 60  # seconds: a bound for failing (a hang on a loaded machine), never a wait
 

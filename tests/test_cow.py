@@ -28,6 +28,9 @@ from supervisor.memory import MemoryTemplate
 from supervisor.snapshot import Snapshot
 from supervisor.state import Exit, GuestState
 
+# The subject is the memory's shared and private pages, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 needs_binutils = pytest.mark.skipif(shutil.which("as") is None, reason="binutils missing")
 SIZE = 64 * PAGE_SIZE

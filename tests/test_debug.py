@@ -10,6 +10,10 @@ from guestasm import SPIN, Booted, boot, present, run_to_end, until
 from supervisor import LguestDevice, abi
 from supervisor.debug import BREAKPOINT, START, STEP, DebugError, Debugger, debugger
 
+# The subject is the debugger's stops, registers and memory, not the event loop:
+# one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 COUNTER = r"""
 main:
     LGUEST_INIT

@@ -11,6 +11,9 @@ from supervisor import GuestMemory, LguestDevice, abi
 from supervisor.abi import LHREQ_BREAK, LHREQ_INITIALIZE, LHREQ_IRQ, pack_words
 from supervisor.launcher.layout import IMAGE_BASE
 
+# The subject is the device's errnos, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 POWEROFF = r"""
 main:
     LGUEST_INIT

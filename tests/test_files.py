@@ -8,11 +8,8 @@ answer per command.  Needs the ``sdk`` extra (Zig's C compiler).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import os
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any
 
 import pytest
 from guestasm import open_descriptors
+from refused import refused_here
 from slotrequests import Requests, slot_at_1m
 
 from supervisor import Exit, GuestConfig, Supervisor, cli
@@ -28,6 +26,9 @@ from supervisor.launcher import files
 from supervisor.memory import GuestMemory
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
+
+# The subject is the file device's answers to a C guest, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
 
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -399,7 +400,6 @@ async def test_opening_without_end_gets_emfile_at_max_files(fsprobe: Path, tmp_p
     assert default == ["opened 1024, then err EMFILE"]
 
 
-@pytest.mark.one_loop
 async def test_host_descriptors_return_to_baseline_after_many_guests(
     fsprobe: Path, tmp_path: Path, host_tmp: Path
 ) -> None:
@@ -453,16 +453,6 @@ async def test_a_guest_killed_mid_write_leaves_whole_writes(fsprobe: Path, tmp_p
 
 
 # -- bad input ------------------------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """``supervisor ARGS`` in this process, for requests refused before anything runs: a
-    subprocess would add only the interpreter's start-up (tests/test_cli.py runs the
-    command line as a user does)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(args))
-    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
-
-
 @pytest.mark.parametrize("option", ["--dir", "--ro-dir"])
 def test_a_dir_that_is_missing_or_a_file_is_one_line_and_status_2(
     option: str, tmp_path: Path
@@ -476,7 +466,7 @@ def test_a_dir_that_is_missing_or_a_file_is_one_line_and_status_2(
         (f"{tmp_path}::relative", "is not absolute"),
     ]:
         for command in (["run", image], ["swarm", "-n", "2", image]):
-            done = _cli(*command, option, spec)
+            done = refused_here(*command, option, spec)
             assert done.returncode == 2, done.stderr
             assert done.stderr.count("\n") == 1 and done.stderr.startswith("supervisor: error: ")
             assert why in done.stderr and done.stdout == ""
@@ -508,7 +498,9 @@ def test_two_grants_at_one_guest_path_are_refused(tmp_path: Path) -> None:
             dirs=[DirGrant(host=tmp_path, guest="/a"),
                   DirGrant(host=tmp_path / "b", guest="/a/", read_only=True)],
         )  # fmt: skip
-    done = _cli("run", str(image), "--dir", f"{tmp_path}::/a", "--ro-dir", f"{tmp_path}::/a")
+    done = refused_here(
+        "run", str(image), "--dir", f"{tmp_path}::/a", "--ro-dir", f"{tmp_path}::/a"
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "both granted at /a" in done.stderr
     nested = [DirGrant(host=tmp_path, guest="/a"), DirGrant(host=tmp_path / "b", guest="/a/b")]

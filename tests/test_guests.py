@@ -15,6 +15,9 @@ import pytest
 from supervisor import Exit, Guest, GuestConfig, Supervisor, _slicing
 from supervisor.testing import until
 
+# The subject is what each toy guest prints and returns, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 SECTOR = 512
 LIMIT = 60  # seconds: a bound for failing (a hang on a loaded machine), never a wait

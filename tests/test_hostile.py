@@ -277,6 +277,7 @@ EACH = {
 }
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("name", sorted(EACH))
 async def test_each_hostile_snippet_dies_with_a_reason(dev: LguestDevice, name: str) -> None:
     h = await boot_image(dev, HOSTILE, EACH[name])
@@ -291,6 +292,7 @@ async def test_each_hostile_snippet_dies_with_a_reason(dev: LguestDevice, name: 
     assert outcome.reason, name
 
 
+@pytest.mark.one_loop
 async def test_the_device_outlives_a_hundred_deaths(dev: LguestDevice) -> None:
     """Many quick deaths in a row, then a neighbour on the same device still counts right."""
     snippets = list(EACH.values())
@@ -306,6 +308,7 @@ async def test_the_device_outlives_a_hundred_deaths(dev: LguestDevice) -> None:
     await release(neighbour)
 
 
+@pytest.mark.one_loop
 async def test_power_off_with_an_empty_message_still_gives_a_reason(dev: LguestDevice) -> None:
     empty = SYMBOLS["scratch"]  # zero-filled
     h = await boot_image(dev, HOSTILE, hcall(abi.LHCALL_SHUTDOWN, empty, 1, 0))
@@ -402,6 +405,7 @@ func:
 """
 
 
+@pytest.mark.one_loop
 async def test_code_read_from_the_block_device_runs_as_read(tmp_path: Path) -> None:
     """A guest runs a function, reads new code over it from disk, runs it again."""
     from supervisor import GuestConfig, Supervisor
@@ -474,6 +478,7 @@ func:
 """
 
 
+@pytest.mark.one_loop
 @pytest.mark.xfail(
     strict=True,
     reason="a Host write to a page the CPU cannot run code from (a user page under "

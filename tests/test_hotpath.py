@@ -27,6 +27,7 @@ rt: HCALL 17, 1
 """
 
 
+@pytest.mark.one_loop
 async def test_a_hypercall_trap_reads_the_guest_registers_once(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -429,6 +430,7 @@ async def _run_calls(
     return state, handled
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("hostile", [None, *_HOSTILE])
 async def test_native_hypercalls_do_what_their_python_handlers_do(
     dev: LguestDevice, hostile: Call | None
@@ -456,6 +458,7 @@ async def test_native_hypercalls_do_what_their_python_handlers_do(
         assert native_python == ran
 
 
+@pytest.mark.one_loop
 async def test_the_stats_say_whether_blocks_are_counted(dev: LguestDevice) -> None:
     g = await boot(dev, NOTIFY_LOOP)
     for _ in range(20):
@@ -526,6 +529,7 @@ main:
 """
 
 
+@pytest.mark.one_loop
 async def test_natively_set_state_is_the_cpus_state_everywhere() -> None:
     """What the native hook sets (IDT, TS, stack) is the CPU's one copy: the state value
     captures it and a revived guest has it, and after hibernation (a new Unicorn
@@ -592,6 +596,7 @@ def test_the_idt_view_reads_and_writes_the_whole_table_in_order() -> None:
         idt[:] = gates[:-1]
 
 
+@pytest.mark.one_loop
 @pytest.mark.skipif(not _slicing.NATIVE, reason="hypercalls are completed in C on the native paths")
 async def test_natively_completed_hypercalls_are_counted_even_if_the_run_then_fails(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch
@@ -685,6 +690,7 @@ def _stack_entry(cpu: LgCpu, vaddr: int) -> int:
     return (pde & ~0xFFF) + 4 * ((vaddr >> 12) & 0x3FF)
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("seed", range(4))
 async def test_native_delivery_does_what_the_python_path_does(
     dev: LguestDevice, monkeypatch: pytest.MonkeyPatch, seed: int
@@ -780,6 +786,7 @@ async def test_native_delivery_does_what_the_python_path_does(
         assert in_c == 0
 
 
+@pytest.mark.one_loop
 async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev: LguestDevice) -> None:
     """The delivering CPU drops its own translations of the frame and of irq_enabled;
     every other CPU of the guest records both ranges, as for any Host write."""
@@ -803,6 +810,7 @@ async def test_native_delivery_tells_the_other_cpus_of_its_writes(dev: LguestDev
     assert list(cpu.stale_code) == ([] if _slicing.NATIVE else [frame, irq_enabled])
 
 
+@pytest.mark.one_loop
 @pytest.mark.skipif(not _slicing.NATIVE, reason="the native delivery is not built here")
 @pytest.mark.parametrize("mapped", ["kernel_address", "KERNEL_ALIAS", "nowhere"])
 async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(
@@ -853,6 +861,7 @@ async def test_native_delivery_drops_irq_enabled_through_the_alias_that_maps_it(
     assert list(cpu.stale_code) == left
 
 
+@pytest.mark.one_loop
 async def test_a_frame_pushed_over_translated_code_is_executed_as_written(
     dev: LguestDevice,
 ) -> None:

@@ -10,6 +10,9 @@ from guestasm import boot, notified, present, run_to_end, until
 
 from supervisor import LguestDevice, _slicing, abi, execute
 
+# The subject is what each hypercall does to the guest, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 
 async def reason(dev: LguestDevice, body: str, ram_size: int = 1 << 20) -> str:
     return await run_to_end(await boot(dev, body, ram_size))

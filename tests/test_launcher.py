@@ -107,6 +107,7 @@ def test_bad_images_are_rejected(data: bytes, message: str) -> None:
         parse_image(data, "x")
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize(
     ("paddr", "size", "message"),
     [
@@ -222,6 +223,7 @@ def test_line_stream_partial_lines_and_limit() -> None:
 
 
 # -- block device -----------------------------------------------------------------------
+@pytest.mark.one_loop
 async def test_block_requests_are_checked_whole(tmp_path: Path) -> None:
     path = tmp_path / "disk"
     data = os.urandom(16 * 512)
@@ -301,6 +303,7 @@ async def assembled(tmp_path: Path, body: str) -> Path:
     return path
 
 
+@pytest.mark.one_loop
 @needs_binutils
 async def test_reboot_reloads_and_reattaches(tmp_path: Path) -> None:
     image = await assembled(tmp_path, REBOOTER)
@@ -312,6 +315,7 @@ async def test_reboot_reloads_and_reattaches(tmp_path: Path) -> None:
     assert counter.count == 3
 
 
+@pytest.mark.one_loop
 @needs_binutils
 async def test_reboots_are_bounded(tmp_path: Path) -> None:
     image = await assembled(tmp_path, REBOOTER.replace("cmpl $3", "cmpl $100"))
@@ -322,6 +326,7 @@ async def test_reboots_are_bounded(tmp_path: Path) -> None:
     assert result.reason == "too many restarts (2): again"
 
 
+@pytest.mark.one_loop
 @needs_binutils
 async def test_notify_of_unknown_address_kills(tmp_path: Path) -> None:
     image = await assembled(tmp_path, "main:\n LGUEST_INIT\n HCALL 17, 0x1234\n1: jmp 1b\n")
@@ -337,6 +342,7 @@ class Broken(Device):
         raise RuntimeError("boom")
 
 
+@pytest.mark.one_loop
 @needs_binutils
 async def test_failing_device_kills_only_its_guest(tmp_path: Path) -> None:
     image = await assembled(tmp_path, REBOOTER)
@@ -377,6 +383,7 @@ async def test_stats_count_the_work() -> None:
     assert stats.run_time > 0
 
 
+@pytest.mark.one_loop
 async def test_image_too_big_is_refused_before_running(tmp_path: Path) -> None:
     path = tmp_path / "big.img"
     path.write_bytes(b"\x90" * (200 << 10) + FLAT_TRAILER)
@@ -419,6 +426,7 @@ async def _file_buffer(dev: LguestDevice, image: Image) -> tuple[int, int, bool]
         await run
 
 
+@pytest.mark.one_loop
 async def test_a_big_image_gets_a_big_translation_buffer(dev: LguestDevice) -> None:
     # A pool's engines have the device's buffer: a bigger one's CPUs keep their own.
     pooled = dev.engines is not None
@@ -427,6 +435,7 @@ async def test_a_big_image_gets_a_big_translation_buffer(dev: LguestDevice) -> N
     assert small == (dev.tcg_buffer, dev.tcg_buffer, pooled)
 
 
+@pytest.mark.one_loop
 async def test_a_file_takes_its_own_translation_buffer(dev: LguestDevice) -> None:
     memory = GuestMemory(1 << 20)
     try:

@@ -16,6 +16,9 @@ from supervisor.launcher import console as console_module
 from supervisor.launcher.console import RateLimit
 from supervisor.testing import until
 
+# The subject is the limits' validation and accounting, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 ROOT = GUESTS.parent
 

@@ -8,6 +8,9 @@ from guestasm import SPIN, assemble, boot, load, notified, present, run_to_end
 from supervisor import GuestMemory, LguestDevice, LguestFile, Limits, _slicing, abi
 from supervisor.launcher.layout import IMAGE_BASE, Layout
 
+# The subject is the budgets and the admission counts, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 
 async def initialize(
     dev: LguestDevice, memory: GuestMemory, layout: Layout, limits: Limits | None = None

@@ -21,6 +21,9 @@ from unicorn.unicorn_py3.unicorn import uclib
 from supervisor import LguestDevice, abi
 from supervisor.cpu import MAX_PHYSICAL
 
+# The subject is Unicorn's hooks over guest memory, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 30.0
 RAM = 1 << 20
 # Every UC_HOOK_MEM_* kind: unmapped, protection, read/write/fetch, read-after.

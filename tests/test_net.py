@@ -8,9 +8,7 @@ echo examples in guests/c/.  Needs the ``sdk`` extra (Zig's C compiler).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import io
 import re
 import socket
 import subprocess
@@ -18,9 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from refused import refused_here
 from slotrequests import Requests, slot_at_1m
 
-from supervisor import Exit, Guest, GuestConfig, Supervisor, cli
+from supervisor import Exit, Guest, GuestConfig, Supervisor
 from supervisor import net as netmod
 from supervisor.launcher import files, sockets
 from supervisor.memory import GuestMemory
@@ -472,15 +471,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _refused_here(*args: str) -> subprocess.CompletedProcess[str]:
-    """``supervisor ARGS`` in this process, for requests answered before anything runs
-    (a refusal, --help): a subprocess would add only the interpreter's start-up."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(args))
-    return subprocess.CompletedProcess(list(args), status, out.getvalue(), err.getvalue())
-
-
 def test_cli_net_joins_the_network_and_max_sockets_is_checked() -> None:
     client = str(GUESTS / "tcp_echo_client.elf")
     joined = _cli("run", client, "--net", "--cmdline", "host 80 hi")
@@ -561,7 +551,7 @@ def test_a_taken_published_port_is_one_line_and_status_2() -> None:
         (["--publish", "80:7"], "--publish needs --net"),
         (["--net", "--publish", "x:7"], "not [HOSTADDR:]HOSTPORT:GUESTPORT"),
     ]:
-        proc = _refused_here("run", str(GUESTS / "tcp_echo_server.elf"), *args)
+        proc = refused_here("run", str(GUESTS / "tcp_echo_server.elf"), *args)
         assert proc.returncode == 2
         assert why in proc.stderr
 
@@ -572,15 +562,15 @@ def test_publish_is_an_option_of_run_only() -> None:
     image = str(GUESTS / "tcp_echo_server.elf")
     snapshot = ["snapshot", image, "-o", "x.snap", "--after", "1"]
     for command in (["swarm", "-n", "2", image], snapshot):
-        helped = _refused_here(command[0], "--help")
+        helped = refused_here(command[0], "--help")
         assert helped.returncode == 0 and "--net" in helped.stdout
         assert "--publish" not in helped.stdout
-        proc = _refused_here(*command, "--net", "--publish", "8080:7")
+        proc = refused_here(*command, "--net", "--publish", "8080:7")
         assert proc.returncode == 2
         assert proc.stderr.splitlines() == [
             "supervisor: error: unrecognized arguments: --publish 8080:7 (see --help)"
         ]
-    assert "--publish" in _refused_here("run", "--help").stdout
+    assert "--publish" in refused_here("run", "--help").stdout
 
 
 async def test_the_key_value_store_answers_each_request_line() -> None:

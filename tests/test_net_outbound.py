@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from refused import refused_here
 
 from supervisor import GuestConfig, Supervisor
 from supervisor.config import ConfigError
@@ -249,7 +250,7 @@ def test_cli_bad_allow_outbound_is_one_line_and_status_2(command: str, probe: Pa
         (["--allow-outbound", "127.0.0.1:80"], "supervisor: error: --allow-outbound needs --net\n"),
     ]:
         extra = ["-n", "1"] if command == "swarm" else []
-        proc = _cli(command, *extra, str(probe), *args)
+        proc = refused_here(command, *extra, str(probe), *args)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("supervisor: error: ")
         assert why in proc.stderr

@@ -11,15 +11,18 @@ import threading
 from pathlib import Path
 
 import pytest
-from guestasm import HALT_COUNTER, Booted, assemble, initialize_words, load, until
+from guestasm import until
+from idleguests import asleep, echoed, echoes_to_the_end, final_memory, forked, sleeper, wake
 from slotrequests import Requests, slot_at_1m
 from test_packed_registers import resting_worker
-from test_state import WORKER, comparable
+from test_state import WORKER
 
-from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, memory
+from supervisor import LguestDevice, Supervisor, abi, hibernation, memory
 from supervisor.launcher import files
 from supervisor.memory import GuestMemory, MemoryTemplate
-from supervisor.snapshot import Snapshot
+
+# The subject is the pages packed and unpacked, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
 
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 PAGE = abi.PAGE_SIZE
@@ -134,33 +137,15 @@ async def test_a_guest_whose_memory_packs_at_every_wait_computes_exactly_the_sam
     assert WORKER  # (the guest both runs compare)
 
 
-async def _sleeper(dev: LguestDevice) -> tuple[Booted, asyncio.Future[bytes]]:
-    guest = assemble(HALT_COUNTER)
-    mem, layout = load(guest, 1 << 20)
-    f = dev.open(mem)
-    await f.write(initialize_words(mem, layout))
-    reader = asyncio.ensure_future(f.read(abi.WORD_SIZE))
-    await until(lambda: f.cpu(0).halted and f.cpu(0).hibernated)
-    return Booted(f, mem, layout, guest), reader
-
-
 async def _woken_twice(dev: LguestDevice, packed: bool) -> bytes:
-    g, reader = await _sleeper(dev)
+    g, reader = await sleeper(dev)
     for hit in (1, 2):
         if packed:
             await until(lambda: g.memory.packed, LIMIT)
             assert resident(g.memory) == 0
-        await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
-        assert await reader == abi.pack_words(0x33)
-        assert g.u32("hits") == hit
-        reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
-        await until(lambda: g.file.cpu(0).halted and g.file.cpu(0).hibernated)
-    await g.file.close()
-    with pytest.raises(OSError):
-        await reader
-    image = comparable(g.guest.symbols, g.memory.read(0, g.memory.size))
-    g.memory.close()
-    return image
+        await wake(g, reader, hit)
+        reader = await asleep(g)
+    return await final_memory(g, reader)
 
 
 async def test_a_packed_guest_woken_by_an_irq_has_every_byte_back(
@@ -180,26 +165,17 @@ async def test_a_packed_guest_takes_console_input_snapshots_and_dies_exactly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
-    config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
     async with Supervisor() as sup:
-        guest = await sup.launch(config)
-        packs = sup.device.dormitory.memory_packs
-        await until(lambda: sup.device.dormitory.memory_packs > packs, LIMIT)
-        guest.send("hello\n")  # console data for a packed guest: it wakes and echoes
-        async with asyncio.timeout(LIMIT):
-            assert await guest.console.readline() == "hello\n"
-        packs = sup.device.dormitory.memory_packs
-        await until(lambda: sup.device.dormitory.memory_packs > packs, LIMIT)
-        snap = await guest.snapshot()  # of a packed guest
-        fork = await sup.restore(Snapshot.from_bytes(snap.to_bytes()), name="fork")
-        guest.resume()
-        packs = sup.device.dormitory.memory_packs
-        await until(lambda: sup.device.dormitory.memory_packs > packs, LIMIT)
+
+        async def packed_again() -> None:
+            packs = sup.device.dormitory.memory_packs
+            await until(lambda: sup.device.dormitory.memory_packs > packs, LIMIT)
+
+        guest = await echoed(sup, packed_again)  # console data for a packed guest
+        fork = await forked(sup, guest)  # a snapshot of a packed guest
+        await packed_again()
         assert (await guest.kill()).reason == "killed"  # a packed guest dies as any other
-        fork.send("again\nquit\n")
-        async with asyncio.timeout(LIMIT):
-            assert [line async for line in fork.console] == ["again", "quit", "bye"]
-        assert (await fork.wait()).exit_status == 0
+        await echoes_to_the_end(fork)
 
 
 async def test_closing_a_packed_guest_leaves_its_memory_packed(
@@ -207,7 +183,7 @@ async def test_closing_a_packed_guest_leaves_its_memory_packed(
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
     async with LguestDevice(engines="pool") as dev:
-        g, reader = await _sleeper(dev)
+        g, reader = await sleeper(dev)
         await until(lambda: g.memory.packed, LIMIT)
         await g.file.close()  # (a kill): no unpacking on the way out
         with pytest.raises(OSError):
@@ -222,7 +198,7 @@ async def test_an_engine_taken_for_a_packed_guest_sees_its_memory(
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
     async with LguestDevice(engines="pool") as dev:
-        g, reader = await _sleeper(dev)
+        g, reader = await sleeper(dev)
         await until(lambda: g.memory.packed, LIMIT)
         cpu = g.file.cpu(0)
         seen = bytes(cpu.emulator.mem_read(0, 32 * PAGE))  # a debugger's way in: no ram read

@@ -8,21 +8,15 @@ import asyncio
 import math
 
 import pytest
-from guestasm import (
-    HALT_COUNTER,
-    Booted,
-    assemble,
-    boot,
-    initialize_words,
-    load,
-    notified,
-    present,
-    until,
-)
+from guestasm import boot, notified, present, until
+from idleguests import sleeper
 from test_state import WORKER, comparable
 
 from supervisor import LguestDevice, _unicorn, abi, hibernation
 from supervisor.state import Exit
+
+# The subject is the registers packed and unpacked, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
 
 LIMIT = 30  # seconds: a bound for failing, never a wait for success
 
@@ -59,18 +53,6 @@ async def test_registers_packed_at_every_wait_compute_exactly_the_same(
     async with LguestDevice(engines=mode, hibernate_after=0) as dev:
         assert await resting_worker(dev) == reference
         assert dev.dormitory.packs >= len(reference[1])  # packed at every notify
-
-
-async def sleeper(dev: LguestDevice) -> tuple[Booted, asyncio.Future[bytes]]:
-    """A HALT_COUNTER guest asleep in its halt, a read in flight."""
-    guest = assemble(HALT_COUNTER)
-    memory, layout = load(guest, 1 << 20)
-    f = dev.open(memory)
-    await f.write(initialize_words(memory, layout))
-    g = Booted(f, memory, layout, guest)
-    reader = asyncio.ensure_future(f.read(abi.WORD_SIZE))
-    await until(lambda: f.cpu(0).halted and f.cpu(0).hibernated)
-    return g, reader
 
 
 async def test_a_sleeping_cpu_keeps_its_registers_packed_and_wakes_with_them(

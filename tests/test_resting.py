@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from guestasm import HALT_COUNTER, Booted, assemble, initialize_words, load, until
-from test_state import comparable
+from guestasm import Booted, assemble, until
+from idleguests import asleep, echoed, echoes_to_the_end, final_memory, forked, halt_counter, wake
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, run, testing
 from supervisor.cpu import LgCpu
 from supervisor.host import Guest
-from supervisor.snapshot import Snapshot
 
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
@@ -38,14 +37,11 @@ def resting(sup: Supervisor) -> int:
 
 async def _counter(dev: LguestDevice, rests: bool) -> tuple[Booted, list[int]]:
     """A HALT_COUNTER guest, INITIALIZEd; ``restarts`` counts its restart calls."""
-    guest = assemble(HALT_COUNTER)
-    mem, layout = load(guest, 1 << 20)
-    f = dev.open(mem)
-    await f.write(initialize_words(mem, layout))
+    g = await halt_counter(dev)
     restarts: list[int] = []
     if rests:
-        f.rest_when_idle(lambda: restarts.append(1))
-    return Booted(f, mem, layout, guest), restarts
+        g.file.rest_when_idle(lambda: restarts.append(1))
+    return g, restarts
 
 
 async def _woken_by_irqs(dev: LguestDevice, rests: bool) -> bytes:
@@ -60,16 +56,10 @@ async def _woken_by_irqs(dev: LguestDevice, rests: bool) -> bytes:
             await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
             assert restarts == [1] * hit  # the irq's wake called the restart, once
             assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(0x33)
+            assert g.u32("hits") == hit
         else:
-            reader = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
-            await until(lambda: g.file.cpu(0).halted and g.file.cpu(0).hibernated, LIMIT)
-            await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
-            assert await reader == abi.pack_words(0x33)
-        assert g.u32("hits") == hit
-    await g.file.close()
-    image = comparable(g.guest.symbols, g.memory.read(0, g.memory.size))
-    g.memory.close()
-    return image
+            await wake(g, await asleep(g), hit)
+    return await final_memory(g)
 
 
 async def test_a_resting_read_ends_and_an_irq_restarts_it_exactly(
@@ -154,29 +144,23 @@ async def test_a_resting_guest_wakes_by_input_pauses_snapshots_and_dies_exactly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
-    config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
     async with Supervisor() as sup:
-        guest = await sup.launch(config)
-        await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
-        guest.send("hello\n")  # a device's news: the resting guest wakes and echoes
-        async with asyncio.timeout(LIMIT):
-            assert await guest.console.readline() == "hello\n"
-        await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
+
+        async def rests() -> None:
+            await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
+
+        guest = await echoed(sup, rests)  # a device's news: the resting guest wakes
         await guest.pause()  # held inside its read (a debugger's stop: the same hold)
         (f,) = sup.device.files
         assert f.reading(0) and f.paused(0) and launcher_tasks() == 1
         guest.resume()
-        await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
-        snap = await guest.snapshot()  # of a resting guest
-        fork = await sup.restore(Snapshot.from_bytes(snap.to_bytes()), name="fork")
+        await rests()
+        fork = await forked(sup, guest)  # of a resting guest
         await until(lambda: resting(sup) == 2 and launcher_tasks() == 0, LIMIT)
         async with asyncio.timeout(LIMIT):  # a resting guest dies as any other
             assert (await guest.kill()).reason == "killed"
         assert len(sup.device.files) == 1 and launcher_tasks() == 0
-        fork.send("again\nquit\n")
-        async with asyncio.timeout(LIMIT):
-            assert [line async for line in fork.console] == ["again", "quit", "bye"]
-        assert (await fork.wait()).exit_status == 0
+        await echoes_to_the_end(fork)
 
 
 # A program that returns from asyncio.run with a guest resting and no Supervisor.aclose.

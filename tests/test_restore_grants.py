@@ -20,6 +20,9 @@ from supervisor.launcher import files
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.snapshot import Snapshot, SnapshotError
 
+# The subject is what a restore grants, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 HERE = Path(__file__).resolve().parent
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 

@@ -22,6 +22,9 @@ from supervisor import Exit, GuestConfig, Supervisor, cli, sdk
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.sdk import libm
 
+# The subject is the build and the C runtime, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 HERE = Path(__file__).resolve().parent
 PORTABLE = HERE / "c" / "portable.c"
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
@@ -322,7 +325,6 @@ def _gcc() -> sdk.Toolchain:
         pytest.skip(str(exc))
 
 
-@pytest.mark.one_loop  # a build and one short guest run: the event loop plays no part
 async def test_the_gcc_fallback_builds_freestanding_guests(tmp_path: Path) -> None:
     gcc = _gcc()
     src = tmp_path / "free.c"

@@ -14,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from refused import refused_here
 
 from supervisor import Exit, GuestConfig, Supervisor, sdk
 from supervisor.launcher.console import LineStream
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.sdk import libm
+
+# The subject is a C guest's start-up state, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
 
 HERE = Path(__file__).resolve().parent
 FPTABLE = HERE / "c" / "fptable.c"
@@ -325,7 +329,7 @@ def test_env_from_the_command_line_and_its_errors(process_guest: Path) -> None:
         ("X=" + "a" * 2000, "supervisor: error: env: environment of 2003 bytes, more than "
          "the 1792 allowed"),
     ):  # fmt: skip
-        done = run("--env", bad)
+        done = refused_here("run", str(process_guest), "--env", bad)
         assert (done.returncode, done.stderr) == (2, message + "\n")
 
 

@@ -21,6 +21,9 @@ from supervisor import Exit, GuestConfig, Supervisor
 from supervisor.config import DirGrant
 from supervisor.pytest_plugin import BuildGuest
 
+# The subject is the C runtime's process calls, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 120  # seconds: a bound for failing, never a wait for success
 
 SOURCE = r"""

@@ -14,9 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from supervisor import Exit, GuestConfig, Supervisor
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
+
+# The subject is the C runtime's CPUs and atomics, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 SMP = GUESTS / "c" / "smp.elf"

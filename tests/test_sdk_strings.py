@@ -13,6 +13,9 @@ import pytest
 from supervisor import GuestConfig, Supervisor
 from supervisor.pytest_plugin import BuildGuest
 
+# The subject is the C runtime's string functions, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
 
 PROBE = r"""

@@ -20,6 +20,9 @@ from supervisor.host import GuestStats
 from supervisor.pytest_plugin import BuildGuest
 from supervisor.testing import until
 
+# The subject is the C runtime's threads, run in the guest, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 LIMIT = 120  # seconds: a bound for failing, never a wait for success
 EXAMPLE = Path(__file__).resolve().parent.parent / "guests" / "c" / "threads.elf"
 

@@ -16,7 +16,14 @@ from guestasm import boot, present, until
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi
 from supervisor.debug import START, debugger
 from supervisor.gdbstub import GdbServer
-from supervisor.testing import CPU1_AREAS, assemble, initialize_words, load, run_cpus_to_end
+from supervisor.testing import (
+    CPU1_AREAS,
+    IPI_PINGER,
+    assemble,
+    initialize_words,
+    load,
+    run_cpus_to_end,
+)
 
 # Starts CPUs 1..NCPUS-1 at `secondary`, each on its own stack and with its own
 # lguest_data (cpu_data + id * 1136), then every CPU runs WORK; CPU 0 waits for
@@ -125,6 +132,7 @@ def smp(ncpus: int, loops: int, work: str, setup: str = "", check: tuple[str, ..
     return SMP.format(ncpus=ncpus, loops=loops, work=work, setup=setup, check=checks)
 
 
+@pytest.mark.one_loop
 async def test_initialize_takes_the_number_of_cpus(dev: LguestDevice) -> None:
     guest = assemble(smp(1, 1, XADD))
     for bad in (0, abi.MAX_CPUS + 1):
@@ -146,6 +154,7 @@ async def test_initialize_takes_the_number_of_cpus(dev: LguestDevice) -> None:
         assert err.value.errno == errno.EINVAL
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("ncpus", [2, 4])
 async def test_lock_xadd_is_atomic_across_cpus(dev: LguestDevice, ncpus: int) -> None:
     loops = 1_000_000
@@ -155,6 +164,7 @@ async def test_lock_xadd_is_atomic_across_cpus(dev: LguestDevice, ncpus: int) ->
     assert all(g.file.cpu(n).stats.run_time > 0 for n in range(ncpus))
 
 
+@pytest.mark.one_loop
 @pytest.mark.parametrize("ncpus", [2, 3])
 async def test_a_cmpxchg_spinlock_keeps_a_plain_counter_exact(
     dev: LguestDevice, ncpus: int
@@ -251,11 +261,13 @@ async def test_an_ipi_wakes_a_halted_cpu_and_bad_numbers_return_errors(dev: Lgue
     assert g.file.cpu(1).stats.interrupts == 1 and g.file.cpu(0).stats.interrupts == 0
 
 
+@pytest.mark.one_loop
 async def test_a_started_cpu_must_register_its_own_lguest_data_first(dev: LguestDevice) -> None:
     g = await boot(dev, IPI.format(first="HCALL 10"), cpus=2)
     assert await run_cpus_to_end(g) == "hypercall 10 before INIT"
 
 
+@pytest.mark.one_loop
 async def test_a_two_cpu_guest_paused_captured_and_revived_counts_exactly(
     dev: LguestDevice,
 ) -> None:
@@ -359,6 +371,7 @@ async def test_gdb_sees_each_cpu_as_a_thread(dev: LguestDevice) -> None:
     await server.aclose()
 
 
+@pytest.mark.one_loop
 async def test_a_supervised_smp_guest_snapshotted_mid_run_and_restored_counts_exactly(
     tmp_path: Path,
 ) -> None:
@@ -459,38 +472,6 @@ async def test_a_withdrawn_run_of_a_two_cpu_guest_goes_round_in_one_turn() -> No
             await asyncio.wrap_future(blocker)
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-
-
-# The Host interrupts CPU 0 (irq 3), which counts meanwhile; its handler sends CPU 1,
-# halted, irq 4, whose handler notifies 0x1b1.
-IPI_PINGER = (
-    r"""
-main:
-    LGUEST_INIT
-    IDT 35, to_cpu1
-    IDT 36, on_cpu1
-    HCALL_REG 64, $1, $secondary, $stack1_top
-    movl $512, lguest_data
-1:  incl count0
-    jmp 1b
-to_cpu1:
-    HCALL 65, 1, 4
-    movl $512, lguest_data
-    iret
-secondary:
-    CPU_INIT cpu1_data
-    movl $512, cpu1_data
-2:  HCALL 10
-    jmp 2b
-on_cpu1:
-    HCALL 17, 0x1b1
-    movl $512, cpu1_data
-    iret
-.data
-count0: .long 0
-"""
-    + CPU1_AREAS
-)
 
 
 async def test_an_ipi_from_a_queued_cpu_reaches_the_halted_cpus_reader_in_two_turns() -> None:

@@ -14,6 +14,10 @@ from supervisor import Guest, GuestConfig, LguestDevice, LguestFile, Supervisor,
 from supervisor.debug import debugger
 from supervisor.snapshot import Snapshot, SnapshotError, capture, restore, snapshot
 
+# The subject is the snapshot's bytes and the guest's exact run, not the event loop:
+# one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
 LIMIT = 60  # seconds: a bound for failing (a hang on a loaded machine), never a wait
 

@@ -190,9 +190,10 @@ async def run_with_pauses(devs: tuple[LguestDevice, LguestDevice], pauses: list[
 
 
 EXACT = settings(
-    # x2: every async test runs under both loops.  Each example waits for five guest
-    # timer ticks, so it costs wall time however fast the machine: the default run tries
-    # a few hundred pause patterns, the long profile (LGUEST_FUZZ_PROFILE=long) thousands.
+    # Each example waits for five guest timer ticks, so it costs wall time however fast
+    # the machine: the default run tries 150 pause patterns (under one loop: what is
+    # captured and revived is the guest's, not the loop's), the long profile
+    # (LGUEST_FUZZ_PROFILE=long) thousands.
     max_examples=2000 if LONG else 150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -205,6 +206,7 @@ async def two_devices() -> AsyncIterator[tuple[LguestDevice, LguestDevice]]:
         yield a, b
 
 
+@pytest.mark.one_loop
 @EXACT
 @given(pauses=st.lists(st.integers(0, 300), max_size=4))
 async def test_paused_captured_and_revived_anywhere_ends_exactly_as_uninterrupted(
@@ -257,6 +259,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.one_loop
 async def test_a_state_revived_in_another_process_ends_exactly_as_uninterrupted(
     dev: LguestDevice,
 ) -> None:
@@ -325,6 +328,7 @@ async def test_pause_of_an_idle_cpu_is_immediate_and_holds_it_until_resume(
     await g.file.close()
 
 
+@pytest.mark.one_loop
 async def test_pause_and_state_errnos(dev: LguestDevice) -> None:
     memory = GuestMemory(1 << 20)
     f = dev.open(memory)
@@ -359,6 +363,7 @@ async def test_pause_and_state_errnos(dev: LguestDevice) -> None:
     g.memory.close()
 
 
+@pytest.mark.one_loop
 async def test_a_guest_whose_window_starts_inside_the_memory_revives_there(
     dev: LguestDevice,
 ) -> None:
@@ -394,6 +399,7 @@ async def test_a_guest_whose_window_starts_inside_the_memory_revives_there(
         mem.close()
 
 
+@pytest.mark.one_loop
 async def test_reviving_needs_memory_of_the_same_size(dev: LguestDevice) -> None:
     g = await boot(dev, WORKER)
     await notified(g)
@@ -407,6 +413,7 @@ async def test_reviving_needs_memory_of_the_same_size(dev: LguestDevice) -> None
     g.memory.close()
 
 
+@pytest.mark.one_loop
 async def test_reviving_past_the_device_limits_is_enomem() -> None:
     async with LguestDevice(max_guests=1) as dev:
         g = await boot(dev, WORKER)
@@ -422,6 +429,7 @@ async def test_reviving_past_the_device_limits_is_enomem() -> None:
 
 
 # -- the value ---------------------------------------------------------------------------------
+@pytest.mark.one_loop
 async def test_a_state_compares_pickles_and_encodes(dev: LguestDevice) -> None:
     g = await boot(dev, WORKER)
     await notified(g)
@@ -437,6 +445,7 @@ async def test_a_state_compares_pickles_and_encodes(dev: LguestDevice) -> None:
     g.memory.close()
 
 
+@pytest.mark.one_loop
 async def test_bad_or_foreign_encodings_are_clear_errors(dev: LguestDevice) -> None:
     g = await boot(dev, WORKER)
     await notified(g)

@@ -35,6 +35,9 @@ from supervisor.memory import GuestMemory
 from supervisor.snapshot import Snapshot, SnapshotError
 from supervisor.state import MAGIC, VERSION, GuestState, StateError
 
+# The subject is the checks of crafted states and files, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 ROOT = Path(__file__).resolve().parent.parent
 TICKER = ROOT / "guests" / "ticker.img"
 SECRET = b"SECRET!!"

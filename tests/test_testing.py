@@ -5,6 +5,9 @@ import pytest
 from supervisor import LguestDevice
 from supervisor.testing import assemble, boot, notified, run_to_end
 
+# The subject is the guest toolkit, not the event loop: one loop (conftest).
+pytestmark = pytest.mark.one_loop
+
 
 async def test_boot_and_notify_from_source() -> None:
     async with LguestDevice() as dev:
