@@ -233,14 +233,20 @@ async def test_idle_workers_run_under_sched_idle_and_leave_the_loop_alone() -> N
     assert policy() == here
 
 
-def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once() -> None:
-    # Its entry stays in the queue until a worker skips it; what its step refers to (a
-    # CPU, a guest's memory) must not live that long.
+@pytest.mark.parametrize("through", ["step", "owner"])
+def test_a_withdrawn_job_lets_go_of_what_it_holds_at_once(through: str) -> None:
+    """A withdrawn job's entry stays in the queue until a worker skips it; what it refers
+    to must not live that long: its step's (a CPU, a guest's memory), and its owner, its
+    hurry and its shorten (the supervisor passes a CPU and its slice meter's methods)."""
     import gc
     import weakref
 
     class Held:
-        pass
+        def hurry(self) -> bool:
+            return False
+
+        def shorten(self) -> bool:
+            return False
 
     pool = SlicePool(1)
     release, started = threading.Event(), threading.Event()
@@ -249,7 +255,10 @@ def test_a_withdrawn_job_lets_go_of_what_its_step_holds_at_once() -> None:
         assert started.wait(WAIT)
         held = Held()
         alive = weakref.ref(held)
-        queued = pool.submit(lambda h=held: h)
+        if through == "step":
+            queued = pool.submit(lambda h=held: h)
+        else:
+            queued = pool.submit(lambda: 0, owner=held, hurry=held.hurry, shorten=held.shorten)
         del held
         assert queued.cancel()
         gc.collect()
@@ -581,37 +590,6 @@ def test_a_step_that_goes_to_the_back_asks_the_other_steps_to_shorten() -> None:
         release_a.set()
         release_b.set()
         pool.shutdown()
-
-
-def test_a_withdrawn_job_lets_go_of_its_owner_hurry_and_shorten_at_once() -> None:
-    # What the supervisor passes there refers to a CPU (its owner, its slice meter's
-    # hurry and cut): a withdrawn entry waiting to be skipped must not keep it alive.
-    import gc
-    import weakref
-
-    class Held:
-        def hurry(self) -> bool:
-            return False
-
-        def shorten(self) -> bool:
-            return False
-
-    pool = SlicePool(1)
-    release, started = threading.Event(), threading.Event()
-    try:
-        busy = pool.submit(stepper("busy", [], 1, hold_first(release, started)))
-        assert started.wait(WAIT)
-        held = Held()
-        alive = weakref.ref(held)
-        queued = pool.submit(lambda: 0, owner=held, hurry=held.hurry, shorten=held.shorten)
-        del held
-        assert queued.cancel()
-        gc.collect()
-        assert alive() is None  # while the worker is still busy and the entry queued
-    finally:
-        release.set()
-        pool.shutdown()
-    assert busy.result(WAIT) == "busy"
 
 
 @pytest.mark.parametrize("end", ["finished", "withdrawn", "stopped"])
