@@ -986,6 +986,7 @@ async def test_the_pool_is_the_default_and_the_environment_chooses_another(
         LguestDevice()
 
 
+@pytest.mark.one_loop
 async def test_a_slice_of_a_cpu_left_with_no_engine_kills_only_its_guest(
     dev: LguestDevice,
 ) -> None:

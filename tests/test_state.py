@@ -622,6 +622,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
         loop.set_debug(False)
 
 
+@pytest.mark.one_loop
 async def test_in_debug_mode_taking_an_engine_from_the_wrong_thread_raises() -> None:
     # An engine is taken (and given back) only by the CPU's owner: a take beside the
     # owner's release would be undone by it, and the CPU left with no engine.
