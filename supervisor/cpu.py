@@ -561,6 +561,7 @@ class LgCpu:
         frozen = engine.frozen
         if frozen is None or engine.released:
             return None
+        self.check_thread()  # (a take beside a run's release would be undone by it)
         self.lg.unpack_memory()  # an engine maps the memory by address, not through ram
         started = time.thread_time()
         if engine.pool is None:

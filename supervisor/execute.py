@@ -320,6 +320,12 @@ def run_slice(
         if took is None:
             return SliceExit.DEATH
         switch = took
+    if cpu.engine.uc is None:
+        # A slice enters the guest only on the CPU's engine: it is given back and taken
+        # only by whoever owns the CPU (the event loop between runs, a run's step while
+        # it goes on), so none can be missing here unless that ownership was broken.
+        cpu.lg.kill("internal error: a slice of a CPU with no engine")
+        return SliceExit.DEATH
     waiting = crowd() if crowd is not None else 0.0
     busy_ns = slice_ns(waiting) if crowd is not None else _TARGET_NS
     if more is not None and pool is not None and not pool.always and pool.crowded(waiting):

@@ -185,6 +185,12 @@ async def run_guest(
                     await _fresh_slice(cpu, executor, between, switch)
                 else:
                     await _run_slice(cpu, executor, between)
+                    if cpu.run.detached is not None:
+                        # A break left the run going on: until it ends it owns the CPU,
+                        # what its slice stopped at (a hypercall, a notify) and the
+                        # engine its step is giving back.  This read ends without
+                        # another look at them; the next read takes the run over.
+                        raise _oserror(errno.EBADF if cpu.run.closing else errno.EAGAIN)
                 if failed:
                     raise failed.pop()  # serve's, in the slice: the notify still pending
             case RunState.CLOSED:

@@ -250,6 +250,77 @@ async def test_a_run_a_break_left_going_on_stops_when_the_cpu_is_needed(
     await asyncio.gather(reader, return_exceptions=True)
 
 
+# Spins on a worker and, every 2**20 rounds, re-arms a clock event it never lets fire:
+# a hypercall the run loop does, which ends the executor step that trapped it.
+SPIN_AND_CALL = r"""
+main:
+    LGUEST_INIT
+1:  incl counter
+    testl $0xfffff, counter
+    jnz 1b
+    HCALL 9, 0xfffffff
+    jmp 1b
+.data
+counter: .long 0
+"""
+
+
+@pytest.mark.skipif(
+    engines.mode_from_env() == "always",
+    reason="engines switched at every slice: a break stops the run",
+)
+async def test_a_break_leaves_a_stopping_run_its_hypercall_and_its_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A break while the executor step that trapped a hypercall gives its engine back (its
+    # registers kept, the instance not yet let go): the read ends (EAGAIN) without doing
+    # the hypercall or taking an engine for the CPU, both still the run's.  A take there
+    # would be undone by the step's release, and the next inline slice would enter the
+    # guest with no engine at all (the guest killed by an internal error).
+    from supervisor import cpu as cpu_module
+
+    real = cpu_module._give_back
+    loop_thread = threading.get_ident()
+    stopping = threading.Event()  # a step that trapped a hypercall is giving back
+    release = threading.Event()
+    cpus: list[Any] = []  # the guest's CPU, once booted; empty once the hold is done
+
+    def give_back(engine: Any, uc: Any, kind: object, keep: bool = False) -> None:
+        if cpus and threading.get_ident() != loop_thread and cpus[0].hcall is not None:
+            cpus.clear()
+            stopping.set()
+            release.wait(60)  # the step stays in its release until the test lets it go
+        real(engine, uc, kind, keep)
+
+    monkeypatch.setattr(cpu_module, "_give_back", give_back)
+    async with LguestDevice(engines="pool") as dev:
+        g = await boot(dev, SPIN_AND_CALL)
+        cpu = g.file.cpu(0)
+        cpus.append(cpu)
+        reader = asyncio.create_task(g.file.read(8))
+        try:
+            await until(stopping.is_set)
+            assert cpu.hcall is not None and cpu.running
+            calls = cpu.stats.hypercalls
+            waker = g.file.waker()
+            breaker = asyncio.create_task(waker.write(pack_words(LHREQ_BREAK, 1)))
+            await expect(errno.EAGAIN, reader)
+            # The read left both to the run: the hypercall pending, no engine taken.
+            assert cpu.hcall is not None and cpu.stats.hypercalls == calls
+            assert cpu.engine.frozen is not None and cpu.running
+        finally:
+            release.set()
+        assert await g.file.write(pack_words(LHREQ_BREAK, 0)) == 0
+        assert await breaker == 0
+        reader = asyncio.create_task(g.file.read(8))
+        # The read takes the run over, does its hypercall and runs the guest on.
+        await until(lambda: cpu.stats.hypercalls >= calls + 3 or reader.done())
+        assert not reader.done() and g.file.death is None
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        assert g.file.death is None
+
+
 HANDLES = r"""
 main:
     LGUEST_INIT

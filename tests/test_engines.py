@@ -984,3 +984,23 @@ async def test_the_pool_is_the_default_and_the_environment_chooses_another(
     monkeypatch.setenv(engines.ENV, "sometimes")
     with pytest.raises(ValueError, match="LGUEST_ENGINE_SWITCH"):
         LguestDevice()
+
+
+@pytest.mark.one_loop
+async def test_a_slice_of_a_cpu_left_with_no_engine_kills_only_its_guest(
+    dev: LguestDevice,
+) -> None:
+    # The invariant run_slice checks: a slice enters the guest only on its CPU's engine.
+    # A CPU left with neither an engine nor its kept registers (an ownership bug) is
+    # killed with a reason that says so, before anything runs; the device goes on.
+    g = await boot(dev, SPIN)
+    other = await boot(dev, HALT)
+    cpu = g.file.cpu(0)
+    cpu.hibernate()
+    assert cpu.engine.uc is None
+    cpu.engine.frozen = None  # (the registers lost, as a take undone by a release left them)
+    assert execute.run_slice(cpu, 100) is execute.SliceExit.DEATH
+    assert "a slice of a CPU with no engine" in present(g.file.death).reason
+    assert g.u32("counter") == 0
+    assert other.file.death is None
+    await g.file.close()

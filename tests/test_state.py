@@ -622,6 +622,38 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
         loop.set_debug(False)
 
 
+@pytest.mark.one_loop
+async def test_in_debug_mode_taking_an_engine_from_the_wrong_thread_raises() -> None:
+    # An engine is taken (and given back) only by the CPU's owner: a take beside the
+    # owner's release would be undone by it, and the CPU left with no engine.
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    try:
+        async with LguestDevice() as dev:
+            g = await boot(dev, SPIN)
+            cpu = g.file.cpu(0)
+            cpu.hibernate()  # (a new CPU takes its first engine at its first slice)
+            assert cpu.engine.frozen is not None and cpu.engine.uc is None
+            errors: list[BaseException] = []
+
+            def from_another_thread() -> None:
+                try:
+                    cpu.take_engine()
+                except ThreadError as exc:
+                    errors.append(exc)
+
+            thread = threading.Thread(target=from_another_thread)
+            thread.start()
+            thread.join()
+            assert len(errors) == 1 and "event loop owns it" in str(errors[0])
+            assert cpu.engine.frozen is not None and cpu.engine.uc is None  # nothing taken
+            assert cpu.take_engine() is not None and cpu.engine.uc is not None  # the owner's
+            await g.file.close()
+            g.memory.close()
+    finally:
+        loop.set_debug(False)
+
+
 async def test_outside_debug_mode_there_is_no_check(dev: LguestDevice) -> None:
     g = await boot(dev, SPIN)
     assert not g.file.cpu(0).threads.enabled
