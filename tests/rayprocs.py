@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "LGUEST_TEST_RAY"  # environment variable naming the Ray a process belongs to
 LIMIT = 120  # seconds for one command: a bound for failing, never a wait
+TERM_GRACE = 0.5  # seconds the processes of a Ray ending get before the KILL
 
 
 def ray_env(root: Path) -> dict[str, str]:
@@ -55,12 +56,16 @@ def processes_of(root: Path) -> list[int]:
 
 
 def end_ray(root: Path) -> None:
-    """End every process of the Ray rooted at ``root`` (TERM, then KILL), by id."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """End every process of the Ray rooted at ``root`` (TERM, then KILL), by id.
+
+    TERM gets :data:`TERM_GRACE`: Ray's GCS server (and a helper) outlast a TERM by
+    seconds, so a longer grace only waits for the KILL; nothing of a test's Ray is
+    kept (its root is removed)."""
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, 3.0)):
         for pid in processes_of(root):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + grace
         while processes_of(root) and time.monotonic() < deadline:
             time.sleep(0.1)
         if not processes_of(root):

@@ -25,6 +25,13 @@ from supervisor.sdk import libm
 ROOT = Path(__file__).resolve().parent.parent
 HELLO_ELF = ROOT / "guests" / "hello.elf"
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
+# The slow-link case's threshold: what it checks is that a link past the threshold says
+# so, not the threshold's size; the fake's link runs past it (the build polls each second).
+SLOW_LINK_STEP = 0.5
+SLOW_STEP_MAIN = (
+    "import sys; from supervisor import cli, sdk; sdk.SLOW_STEP = {}; "
+    "sys.exit(cli.main(sys.argv[1:]))"
+)
 
 FAKE_ZIG = r"""
 import os, subprocess, sys, time
@@ -50,8 +57,8 @@ if mode == "hang":  # a compiler with a child of its own, both stuck
         f.write(f"{os.getpid()} {child.pid}")
     os.replace(pids + ".tmp", pids)
     time.sleep(300)
-if mode == "slowlink" and linking:
-    time.sleep(6)
+if mode == "slowlink" and linking:  # past SLOW_LINK_STEP, at a poll of the build's wait
+    time.sleep(2)
 with open(out, "wb") as f:
     f.write(open(os.environ["FAKE_ZIG_ELF"], "rb").read() if linking else b"")
 """
@@ -88,9 +95,15 @@ def source(tmp_path: Path) -> Path:
     return src
 
 
-def build_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def build_cli(
+    *args: str, env: dict[str, str] | None = None, slow_step: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``supervisor build ARGS`` in a child; ``slow_step``: its sdk.SLOW_STEP instead."""
+    start = ["-m", "supervisor"]
+    if slow_step is not None:
+        start = ["-c", SLOW_STEP_MAIN.format(slow_step)]
     return subprocess.run(
-        [sys.executable, "-m", "supervisor", "build", *args],
+        [sys.executable, *start, "build", *args],
         capture_output=True, text=True, timeout=LIMIT, env=env, cwd=ROOT,
     )  # fmt: skip
 
@@ -279,7 +292,7 @@ def test_the_first_link_and_a_slow_link_say_what_they_do_and_the_output_is_uncha
     done = build_cli(src, "-o", str(quick), env=fake_zig)
     assert done.stderr.splitlines() == [f"built {quick} ({HELLO_ELF.stat().st_size} bytes)"]
     fake_zig["FAKE_ZIG_MODE"] = "slowlink"
-    done = build_cli(src, "-o", str(slow), env=fake_zig)
+    done = build_cli(src, "-o", str(slow), env=fake_zig, slow_step=SLOW_LINK_STEP)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines()[0] == note  # a link that runs long says so too
     for out in (first, quick, slow):

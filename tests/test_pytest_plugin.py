@@ -15,6 +15,9 @@ import pytest
 from supervisor import sdk
 
 SUITE = Path(__file__).resolve().parent / "plugin_suite" / "suite_guests.py"
+# The inner suites that need no isolation from this process (no blocked import, no
+# cache of their own) run in it: pytester.runpytest_inprocess, no interpreter start.
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="module")
@@ -108,24 +111,19 @@ async def test_not_deterministic(lguest_supervisor):
 """
 
 
-def test_a_failing_deterministic_test_prints_its_seed(tmp_path: Path) -> None:
+def test_a_failing_deterministic_test_prints_its_seed(pytester: pytest.Pytester) -> None:
     """The marker makes the fixtures deterministic (its seed, else --lguest-seed); each
     failing deterministic test's report names its seed, and a plain test's does not."""
     ticker = str(Path(__file__).resolve().parent.parent / "guests" / "ticker.img")
-    (tmp_path / "test_det.py").write_text(DETERMINISTIC_SUITE.format(ticker=ticker))
-    (tmp_path / "pytest.ini").write_text(
+    pytester.makepyfile(test_det=DETERMINISTIC_SUITE.format(ticker=ticker))
+    pytester.makeini(
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-         "--lguest-seed", "77", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )  # fmt: skip
-    out = done.stdout
-    assert "3 failed" in out, out + done.stderr
+    done = pytester.runpytest_inprocess(
+        "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "--lguest-seed", "77"
+    )
+    out = done.stdout.str()
+    done.assert_outcomes(failed=3)
     assert out.count("fails on purpose") >= 3  # each failed where it meant to
     assert "seed 1234: reproduce it with --lguest-seed 1234" in out
     assert "lguest_deterministic(seed=1234)" in out
@@ -176,34 +174,31 @@ async def test_network_with_options(lguest_net_supervisor):
 """
 
 
-def test_a_deterministic_networked_test_gives_the_same_transcript_twice(tmp_path: Path) -> None:
+def test_a_deterministic_networked_test_gives_the_same_transcript_twice(
+    pytester: pytest.Pytester,
+) -> None:
     """Under lguest_deterministic, lguest_net_supervisor's network (with or without
     lguest_network options) draws its jitter from the test's seed and times it on
     the virtual clock: two runs of the suite write the same transcripts, virtual
     times and next draws."""
     guests = Path(__file__).resolve().parent.parent / "guests" / "c"
-    out = str(tmp_path / "transcript")
-    (tmp_path / "test_net.py").write_text(
-        NETWORKED_SUITE.format(
+    out = str(pytester.path / "transcript")
+    pytester.makepyfile(
+        test_net=NETWORKED_SUITE.format(
             server=str(guests / "tcp_echo_server.elf"),
             client=str(guests / "tcp_echo_client.elf"),
             out=out,
         )
     )
-    (tmp_path / "pytest.ini").write_text(
+    pytester.makeini(
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
     )
     for _ in range(2):
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-             "--lguest-seed", "11", str(tmp_path)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "2 passed" in done.stdout
+        done = pytester.runpytest_inprocess(
+            "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "--lguest-seed", "11"
+        )
+        assert done.ret == 0, done.stdout.str() + done.stderr.str()
+        done.assert_outcomes(passed=2)
     for name in ("default", "options"):
         first, second = Path(f"{out}.{name}").read_text().splitlines()
         assert first == second
