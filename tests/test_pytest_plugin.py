@@ -17,6 +17,8 @@ from supervisor import sdk
 SUITE = Path(__file__).resolve().parent / "plugin_suite" / "suite_guests.py"
 # The inner suites that need no isolation from this process (no blocked import, no
 # cache of their own) run in it: pytester.runpytest_inprocess, no interpreter start.
+# Their files' names are none of this suite's modules' (tests/test_net.py is imported
+# already in a whole run, and an inner test_net.py would not be collected).
 pytest_plugins = ["pytester"]
 
 
@@ -115,7 +117,7 @@ def test_a_failing_deterministic_test_prints_its_seed(pytester: pytest.Pytester)
     """The marker makes the fixtures deterministic (its seed, else --lguest-seed); each
     failing deterministic test's report names its seed, and a plain test's does not."""
     ticker = str(Path(__file__).resolve().parent.parent / "guests" / "ticker.img")
-    pytester.makepyfile(test_det=DETERMINISTIC_SUITE.format(ticker=ticker))
+    pytester.makepyfile(test_inner_seeded=DETERMINISTIC_SUITE.format(ticker=ticker))
     pytester.makeini(
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
     )
@@ -184,7 +186,7 @@ def test_a_deterministic_networked_test_gives_the_same_transcript_twice(
     guests = Path(__file__).resolve().parent.parent / "guests" / "c"
     out = str(pytester.path / "transcript")
     pytester.makepyfile(
-        test_net=NETWORKED_SUITE.format(
+        test_inner_networked=NETWORKED_SUITE.format(
             server=str(guests / "tcp_echo_server.elf"),
             client=str(guests / "tcp_echo_client.elf"),
             out=out,
