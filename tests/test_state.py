@@ -21,7 +21,7 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -588,6 +588,22 @@ def test_importing_supervisor_creates_no_unicorn_instance() -> None:
     assert done.stdout.strip() == "0"
 
 
+def _thread_errors(call: Callable[[], object]) -> list[ThreadError]:
+    """The ThreadErrors that ``call`` raises in a thread of its own (none, or one)."""
+    errors: list[ThreadError] = []
+
+    def from_another_thread() -> None:
+        try:
+            call()
+        except ThreadError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=from_another_thread)
+    thread.start()
+    thread.join()
+    return errors
+
+
 async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> None:
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
@@ -597,17 +613,7 @@ async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> No
             cpu = g.file.cpu(0)
             assert cpu.threads.enabled
             cpu.eip  # noqa: B018 - the event loop owns an idle CPU
-            errors: list[BaseException] = []
-
-            def from_another_thread() -> None:
-                try:
-                    cpu.eip  # noqa: B018
-                except ThreadError as exc:
-                    errors.append(exc)
-
-            thread = threading.Thread(target=from_another_thread)
-            thread.start()
-            thread.join()
+            errors = _thread_errors(lambda: cpu.eip)
             assert len(errors) == 1 and "event loop owns it" in str(errors[0])
 
             read = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
@@ -634,17 +640,7 @@ async def test_in_debug_mode_taking_an_engine_from_the_wrong_thread_raises() -> 
             cpu = g.file.cpu(0)
             cpu.hibernate()  # (a new CPU takes its first engine at its first slice)
             assert cpu.engine.frozen is not None and cpu.engine.uc is None
-            errors: list[BaseException] = []
-
-            def from_another_thread() -> None:
-                try:
-                    cpu.take_engine()
-                except ThreadError as exc:
-                    errors.append(exc)
-
-            thread = threading.Thread(target=from_another_thread)
-            thread.start()
-            thread.join()
+            errors = _thread_errors(cpu.take_engine)
             assert len(errors) == 1 and "event loop owns it" in str(errors[0])
             assert cpu.engine.frozen is not None and cpu.engine.uc is None  # nothing taken
             assert cpu.take_engine() is not None and cpu.engine.uc is not None  # the owner's
