@@ -136,17 +136,6 @@ class LineStream:
     def _full(self) -> bool:
         return self._maxlen is None and self._held + self.LINE_COST > self.max_bytes
 
-    def put_now(self, data: bytes) -> bool:
-        """Add output as :meth:`put` does if that would not wait: True if it was added
-        (all of it, in one :meth:`push`), False if :meth:`put` must be awaited (nothing
-        added: the unread output leaves too little room for it)."""
-        if not self.closed and self._maxlen is None:
-            room = (self.max_bytes - self._held) // self.LINE_COST
-            if self._full() or room < len(data):
-                return False
-        self.push(data)
-        return True
-
     def push(self, data: bytes) -> None:
         """Add raw output bytes now (no waiting: :meth:`put` is the bounded way)."""
         if self.closed or not data:
@@ -457,20 +446,15 @@ class Console(Device):
         if told != flags:  # (unchanged, the device page stays the boot template's)
             slot.set(CON_FLAGS, told)
 
-    def _stream(
-        self, slot: Slot
-    ) -> tuple[LineStream, Callable[[bytes], Awaitable[None] | None] | None]:
-        """The lines and sink the output the descriptor holds goes to (its tag's)."""
-        if slot.get(CON_OUT_STREAM) == STREAM_STDERR:
-            return self.err_lines or self.lines, self.err_sink
-        return self.lines, self.sink
-
     async def notify(self, slot: Slot) -> None:
         length = slot.get(CON_OUT_LEN)
         if length:
             data = slot.read(slot.get(CON_OUT_ADDR), length)
             slot.set(CON_OUT_LEN, 0)
-            lines, sink = self._stream(slot)
+            stderr = slot.get(CON_OUT_STREAM) == STREAM_STDERR
+            lines, sink = self.lines, self.sink
+            if stderr:
+                lines, sink = self.err_lines or self.lines, self.err_sink
             if data is not None and self._throttle is not None:
                 await self._throttle.take(len(data))  # the guest waits: nothing is lost
             if data is not None:
@@ -480,26 +464,6 @@ class Console(Device):
                     if inspect.isawaitable(written):
                         await written  # an async sink: the guest waits for it
         self.poll(slot)
-
-    def notify_now(self, slot: Slot) -> bool:
-        """Serve the notify inside the guest's read when nothing in it would wait: no
-        rate limit, no sink for its stream (a sink may be awaited) and room in its lines
-        (:meth:`LineStream.put_now`).  The same effects as :meth:`notify`: a guest that
-        writes a line a notify (a ticker's tick) goes on in the same slice instead of
-        ending its read for each one."""
-        if self._throttle is not None:
-            return False
-        length = slot.get(CON_OUT_LEN)
-        if length:
-            lines, sink = self._stream(slot)
-            if sink is not None:
-                return False
-            data = slot.read(slot.get(CON_OUT_ADDR), length)
-            if data is not None and not lines.put_now(data):
-                return False
-            slot.set(CON_OUT_LEN, 0)
-        self.poll(slot)
-        return True
 
     def poll(self, slot: Slot) -> None:
         if slot.get(CON_IN_LEN) != 0:
