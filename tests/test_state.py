@@ -15,6 +15,7 @@ public surface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import pickle
@@ -604,50 +605,50 @@ def _thread_errors(call: Callable[[], object]) -> list[ThreadError]:
     return errors
 
 
-async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> None:
+@contextlib.asynccontextmanager
+async def _spinner_in_debug_mode() -> AsyncIterator[Any]:
+    """A booted spinner on a device of its own, the loop in debug mode meanwhile."""
     loop = asyncio.get_running_loop()
     loop.set_debug(True)
     try:
         async with LguestDevice() as dev:
-            g = await boot(dev, SPIN)
-            cpu = g.file.cpu(0)
-            assert cpu.threads.enabled
-            cpu.eip  # noqa: B018 - the event loop owns an idle CPU
-            errors = _thread_errors(lambda: cpu.eip)
-            assert len(errors) == 1 and "event loop owns it" in str(errors[0])
-
-            read = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
-            await until(lambda: cpu.running)
-            with pytest.raises(ThreadError):
-                cpu.eip  # noqa: B018 - a slice owns a running CPU
-            await g.file.close()
-            with pytest.raises(OSError):
-                await read
-            g.memory.close()
+            yield await boot(dev, SPIN)
     finally:
         loop.set_debug(False)
+
+
+async def test_in_debug_mode_touching_a_cpu_from_the_wrong_thread_raises() -> None:
+    async with _spinner_in_debug_mode() as g:
+        cpu = g.file.cpu(0)
+        assert cpu.threads.enabled
+        cpu.eip  # noqa: B018 - the event loop owns an idle CPU
+        errors = _thread_errors(lambda: cpu.eip)
+        assert len(errors) == 1 and "event loop owns it" in str(errors[0])
+
+        read = asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
+        await until(lambda: cpu.running)
+        with pytest.raises(ThreadError):
+            cpu.eip  # noqa: B018 - a slice owns a running CPU
+        await g.file.close()
+        with pytest.raises(OSError):
+            await read
+        g.memory.close()
 
 
 @pytest.mark.one_loop
 async def test_in_debug_mode_taking_an_engine_from_the_wrong_thread_raises() -> None:
     # An engine is taken (and given back) only by the CPU's owner: a take beside the
     # owner's release would be undone by it, and the CPU left with no engine.
-    loop = asyncio.get_running_loop()
-    loop.set_debug(True)
-    try:
-        async with LguestDevice() as dev:
-            g = await boot(dev, SPIN)
-            cpu = g.file.cpu(0)
-            cpu.hibernate()  # (a new CPU takes its first engine at its first slice)
-            assert cpu.engine.frozen is not None and cpu.engine.uc is None
-            errors = _thread_errors(cpu.take_engine)
-            assert len(errors) == 1 and "event loop owns it" in str(errors[0])
-            assert cpu.engine.frozen is not None and cpu.engine.uc is None  # nothing taken
-            assert cpu.take_engine() is not None and cpu.engine.uc is not None  # the owner's
-            await g.file.close()
-            g.memory.close()
-    finally:
-        loop.set_debug(False)
+    async with _spinner_in_debug_mode() as g:
+        cpu = g.file.cpu(0)
+        cpu.hibernate()  # (a new CPU takes its first engine at its first slice)
+        assert cpu.engine.frozen is not None and cpu.engine.uc is None
+        errors = _thread_errors(cpu.take_engine)
+        assert len(errors) == 1 and "event loop owns it" in str(errors[0])
+        assert cpu.engine.frozen is not None and cpu.engine.uc is None  # nothing taken
+        assert cpu.take_engine() is not None and cpu.engine.uc is not None  # the owner's
+        await g.file.close()
+        g.memory.close()
 
 
 async def test_outside_debug_mode_there_is_no_check(dev: LguestDevice) -> None:
