@@ -605,3 +605,25 @@ int main(int argc, char **argv) {
     assert match, result.reason
     guard = int(lines[0], 16)
     assert guard <= int(match[1], 16) < guard + 4096
+
+
+def test_every_sdk_file_is_packaged_by_the_package_of_its_folder() -> None:
+    """An installed wheel carries the sdk's headers, runtime sources and linker script:
+    each folder under supervisor/ that holds files is a package of pyproject.toml (so
+    setuptools neither warns that an importable folder is left out nor drops its files),
+    and each non-Python file matches that package's package-data patterns."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages, data = set(tool["packages"]), tool["package-data"]
+    sdk = root / "supervisor" / "sdk"
+    shipped = [p for p in sdk.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert any(p.suffix == ".h" for p in shipped) and any(p.suffix == ".c" for p in shipped)
+    for path in shipped:
+        package = ".".join(path.parent.relative_to(root).parts)
+        assert package in packages, f"{package} is not a package of pyproject.toml"
+        if path.suffix != ".py":
+            patterns = data.get(package, [])
+            assert any(fnmatch.fnmatch(path.name, pat) for pat in patterns), path
