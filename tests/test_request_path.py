@@ -92,7 +92,8 @@ async def test_a_round_trip_between_guests_reads_the_cpu_clock_six_times(
     build_guest: BuildGuest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A read of the thread's CPU clock is a system call that costs as much as a tenth
-    of a guest entry: a round trip between two guests makes six in Python, per side one
+    of a guest entry: a round trip between two guests makes six in Python (a few more
+    when the machine's load makes it yield or break out now and then), per side one
     at the wake (YIELD_TIME counts from there) and two around the send served inside
     the slice (its time given back to the slice, and whether a yield is due).  None
     where nothing is done with the time: the first pass after the wake, a hypercall
@@ -124,10 +125,11 @@ async def test_a_round_trip_between_guests_reads_the_cpu_clock_six_times(
         monkeypatch.undo()
         assert (await client.wait()).ok and (await server.wait()).ok
     # The fallback reads the clock at every run in Python; the engines switched at every
-    # slice read it at every take.  (A yield now and then reads it once more.)
+    # slice read it at every take.  (A yield, a slice on a worker, a break: once or twice
+    # more, a few times a round on a loaded machine; 16 a round, always, read before.)
     if not _slicing.NATIVE or engines.mode_from_env() == "always":
         return
-    assert reads <= 7 * rounds, reads / rounds
+    assert reads <= 10 * rounds, reads / rounds
 
 
 async def test_a_file_request_writes_its_result_once(tmp_path: Path) -> None:
