@@ -416,8 +416,7 @@ class Dormitory:
     def _hibernate(self, cpu: LgCpu) -> None:
         global _low
         before = LgCpu.given_back
-        # (A pool's CPU owes nothing, see thaw: its clock is not read, a system call that
-        # costs a network round trip more than its hibernation's Python.)
+        # A pool's CPU owes nothing (see thaw): its clock, a system call, is not read.
         owes = cpu.engine.pool is None
         started = time.thread_time() if owes else 0.0
         if not cpu.hibernate():
