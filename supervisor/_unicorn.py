@@ -287,7 +287,7 @@ class Seat:
 
     def __init__(self, uc: Any) -> None:
         self.cell = ctypes.c_void_p()
-        self.context: tuple[Any, int, int] | None = None  # (_context_buffer)
+        self.context: tuple[Any, int, int, memoryview] | None = None  # (_context_buffer)
         self.cpu: Any = None
         self.kind: object = None
         self.memory = 0
@@ -480,18 +480,20 @@ def context_data(uc: Any) -> bytes:
     Only meaningful to the same Unicorn build (see :data:`VERSION`).
     """
     h = handle(uc)
-    context, address, size = _context_buffer(uc)
+    context, _address, _size, data = _context_buffer(uc)
     status = uclib.uc_context_save(h, context.context)
     if status != uc_const.UC_ERR_OK:
         raise UcError(status)
     start, end = _breakpoint_slots()
-    ctypes.memset(address + start, 0, end - start)  # (the buffer is this module's own)
-    return ctypes.string_at(address, size)
+    data[start:end] = _no_breakpoints()  # (the buffer is this module's own)
+    return bytes(data)
 
 
-def _context_buffer(uc: Any) -> tuple[Any, int, int]:
+def _context_buffer(uc: Any) -> tuple[Any, int, int, memoryview]:
     """The instance's saved-context buffer (made once: the binding's ``context_save``
-    allocates one every time), the address of its data part and that part's size."""
+    allocates one every time), the address of its data part, that part's size and a
+    view of it (copied in and out without a ctypes call each: a network round trip
+    saves two contexts)."""
     place = seat(uc)
     if place.context is None:
         context = uc.context_save()
@@ -499,8 +501,17 @@ def _context_buffer(uc: Any) -> tuple[Any, int, int]:
         (size,) = _SIZE_T.unpack_from(raw)  # struct uc_context starts with the data's size
         address = ctypes.cast(context.context, ctypes.c_void_p).value
         assert address is not None
-        place.context = (context, address + len(raw) - size, size)
+        start = address + len(raw) - size
+        data = memoryview((ctypes.c_char * size).from_address(start)).cast("B")
+        place.context = (context, start, size, data)
     return place.context
+
+
+@functools.cache
+def _no_breakpoints() -> bytes:
+    """Zeros over QEMU's breakpoint slots (:func:`_breakpoint_slots`)."""
+    start, end = _breakpoint_slots()
+    return bytes(end - start)
 
 
 @functools.cache
@@ -541,10 +552,10 @@ def load_context_data(uc: Any, data: bytes) -> None:
     :func:`check_context` refuses it)."""
     check_context(data)
     h = handle(uc)
-    context, address, size = _context_buffer(uc)
+    context, _address, _size, view = _context_buffer(uc)
     status = uclib.uc_context_save(h, context.context)  # (the parts besides the data)
     if status == uc_const.UC_ERR_OK:
-        ctypes.memmove(address, data, size)
+        view[:] = data
         status = uclib.uc_context_restore(h, context.context)
     if status != uc_const.UC_ERR_OK:
         raise UcError(status)

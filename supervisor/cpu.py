@@ -563,13 +563,19 @@ class LgCpu:
             return None
         self.check_thread()  # (a take beside a run's release would be undone by it)
         self.lg.unpack_memory()  # an engine maps the memory by address, not through ram
-        started = time.thread_time()
-        if engine.pool is None:
+        pool = engine.pool
+        # Its own engine back costs nothing to set up: the CPU clock (a system call, about
+        # as dear as the rest of the take) is read only for a switch or a new engine.
+        own = pool is not None and pool.holds(engine.token, engine.last)
+        started = 0.0 if own else time.thread_time()
+        if pool is None:
             uc = _new_uc(self.lg, engine.host_address, engine.tcg_buffer)
             taken = Taken.BARE
             LgCpu.given_back -= 1
         else:
             uc, taken = _take(self.lg, engine, _hook_kind(self))
+            if own and taken is not Taken.OWN:
+                started = time.thread_time()  # (another thread took it meanwhile: rare)
         try:
             place = _unicorn.seat(uc)
             engine.uc = uc

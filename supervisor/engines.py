@@ -261,6 +261,18 @@ class EnginePool:
         """How many engines CPUs hold now."""
         return self.live - self.idle
 
+    def holds(self, owner: object, last: Any) -> bool:
+        """Whether ``last`` waits idle for ``owner`` (its next :meth:`take` is then ``OWN``):
+        a hint, read without the lock, which another thread's take may make stale at once."""
+        if last is None or self.always:
+            return False
+        key = id(last)
+        for idle in (self._kept, self._spare):
+            entry = idle.get(key)
+            if entry is not None and entry[0] is last and entry[1] is owner:
+                return True
+        return False
+
     def take(self, owner: object, last: Any, kind: object = None) -> tuple[Any, Taken]:
         """An engine for ``owner`` (the CPU's token) and how it comes: ``OWN``, ``last``
         (the one it gave back) untouched since, whose registers only need loading;

@@ -309,7 +309,8 @@ def run_slice(
     ``between`` (an inline slice, on the event loop): offered each hypercall the slice
     cannot do itself; True means the run loop's work for it is done there and then (a
     socket request served at once, ``run._between_entries``) and the guest goes on in
-    this slice; False ends the slice with ``HYPERCALL``.
+    this slice, the CPU time that work took given back to the slice (``fuel.left``);
+    False ends the slice with ``HYPERCALL``.
     """
     if more is not None:
         timers.write_timestamp(cpu)  # a step may start long after the run loop wrote it
@@ -467,14 +468,9 @@ def _one_slice(
             if cpu.hcall is not None:
                 if hypercalls.all_local(cpu):
                     hypercalls.do_hypercalls(cpu)
-                else:
-                    started = time.thread_time_ns() if between is not None else 0
-                    if between is None or not between():
-                        exit = SliceExit.HYPERCALL
-                        break
-                    # The run loop's work is not the guest's time: a guest that asks
-                    # often keeps its inline slices (the loop's share is run.YIELD_TIME's).
-                    fuel.left += time.thread_time_ns() - started
+                elif between is None or not between():  # (it gives its time back)
+                    exit = SliceExit.HYPERCALL
+                    break
             if lg.dead:
                 exit = SliceExit.DEATH
                 break

@@ -444,10 +444,12 @@ class Dormitory:
     def _hibernate(self, cpu: LgCpu) -> None:
         global _low
         before = LgCpu.given_back
-        started = time.thread_time()
+        # A pool's CPU owes nothing (see thaw): its clock, a system call, is not read.
+        owes = cpu.engine.pool is None
+        started = time.thread_time() if owes else 0.0
         if not cpu.hibernate():
             return
-        if cpu.engine.pool is None:  # (a pool's CPU owes nothing: see thaw)
+        if owes:
             self.charge(cpu, time.thread_time() - started)
         self._pack_later(cpu)
         _low = min(_low, before)  # thaws since the last hibernation reused memory

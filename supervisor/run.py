@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from typing import Any, ClassVar
 
 from . import _slicing, hypercalls, interrupts, timers
+from .abi import LHCALL_HALT
 from .cpu import LgCpu
 from .execute import INLINE_BUDGET, ExitValue, SliceExit, run_slice
 from .hibernation import Dormitory
@@ -160,15 +161,19 @@ async def run_guest(
     offer = _hand_over if serve is None and cpu.lguest_data is None else serve
     if offer is not None and lg.virtual is None and len(lg.cpus) == 1 and not forced:
         between = functools.partial(_between_entries, cpu, offer, failed)
+    # The last pass ended a sleep, whose end YIELD_TIME counts from: no yield is due yet,
+    # and the clock (a system call) is not read to find that out.
+    woke = False
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
         exit = pending_exit(cpu)
         match exit:
             case None if lg.virtual is not None:
                 await _quantum(cpu, lg.virtual)
-            case None if cpu.run.inline and _yield_due(cpu):
+            case None if cpu.run.inline and not woke and _yield_due(cpu):
                 await _yield(cpu)  # (then the next pass: anything may have changed meanwhile)
             case None:
+                woke = False
                 pool = cpu.engine.pool
                 if pool is not None and pool.always:
                     cpu.release_engine()  # the forced mode: every slice on a switched engine
@@ -225,7 +230,7 @@ async def run_guest(
             case RunState.HALT | RunState.OFFLINE:
                 if _rests(cpu):
                     return RESTING
-                await _sleep(cpu, dormitory)
+                woke = await _sleep(cpu, dormitory)
                 if _rests(cpu):
                     return RESTING
                 if dormitory is not None:
@@ -351,12 +356,12 @@ def _tell_holder(cpu: LgCpu) -> None:
         cpu.debug.on_hold()
 
 
-async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
+async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> bool:
     """Wait for :meth:`LgCpu.wake` (an irq, a timer, a break, a release, close); the
-    CPU may hibernate meanwhile."""
+    CPU may hibernate meanwhile.  True if it waited (``run.yielded_at`` is now)."""
     cpu.run.wakeup.clear()
     if pending_exit(cpu) not in (RunState.HELD, RunState.HALT, RunState.OFFLINE):
-        return
+        return False
     if dormitory is not None:
         dormitory.drowsy(cpu)
     sim = cpu.lg.virtual
@@ -373,6 +378,7 @@ async def _sleep(cpu: LgCpu, dormitory: Dormitory | None) -> None:
             dormitory.awake(cpu)
         if sim is not None:
             sim.awake(cpu)
+    return True
 
 
 async def _slice(cpu: LgCpu, executor: SlicePool) -> SliceExit:
@@ -441,9 +447,19 @@ def _between_entries(cpu: LgCpu, serve: Callable[[int], bool], failed: list[Exce
     Each round starts as a pass does (``fuel.stop`` cleared: a kick from then on
     counts), and runs as the run loop, not the slice (``threads.slice`` None): the
     Host's writes and irqs of the request kick the CPU, and the slice drops stale
-    code before it enters the guest again, instead of its next run stopping at once."""
+    code before it enters the guest again, instead of its next run stopping at once.
+
+    The run loop's work is not the guest's time: when the guest goes on, the CPU time
+    this took is given back to the slice (``fuel.left``), so a guest that asks often
+    keeps its inline slices (the loop's share is YIELD_TIME's).  Two reads of the
+    thread's CPU clock (a system call each, on a round trip's path), one of which also
+    tells whether a yield is due; none for a hypercall trapped with a halt, which ends
+    the slice unless an irq is deliverable (its time is then the slice's)."""
     owner = cpu.threads.slice
     cpu.threads.slice = None
+    hcall = cpu.hcall
+    halts = hcall is not None and hcall[0] == LHCALL_HALT
+    started = 0.0 if halts else time.thread_time()
     try:
         while True:
             cpu.fuel.stop = 0
@@ -458,8 +474,13 @@ def _between_entries(cpu: LgCpu, serve: Callable[[int], bool], failed: list[Exce
                     failed.append(exc)
                     return False
                 cpu.pending_notify = 0
+            elif exit is not None:
+                return False
             else:
-                return exit is None and not _yield_due(cpu)
+                now = time.thread_time()
+                if not halts:
+                    cpu.fuel.left += int((now - started) * 1e9)
+                return now - cpu.run.yielded_at < YIELD_TIME  # (as _yield_due)
     finally:
         cpu.threads.slice = owner
 

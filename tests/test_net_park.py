@@ -100,6 +100,36 @@ async def test_a_parked_receive_is_finished_when_the_data_comes() -> None:
         assert dev.parked_done == 1
 
 
+async def test_a_parked_receive_is_finished_in_two_writes_of_guest_memory() -> None:
+    """The data, then the result and the events counter in one write of the descriptor
+    (the words between them as they were): the guest's CPUs drop two ranges of stale
+    translations, not three."""
+    async with _parked() as p:
+        memory, dev, slot, request, other = p.memory, p.dev, p.slot, p.request, p.other
+        park = sockets.OP_PARK | sockets.OP_RECVFROM
+        slot.set(sockets.FS_SOCKMAP, 0x3000)
+        assert await request(park, 3, BUF, 100, 0, 0, 0) == sockets.NET_WAIT
+        events = slot.get(sockets.FS_EVENTS)
+        writes: list[tuple[int, int]] = []
+        memory.watch(lambda addr, n: writes.append((addr, n)))
+        assert other.send(b"hi") == 2
+        dev.poll(slot)
+        desc = slot.address
+        assert writes == [
+            (BUF, 2),
+            (desc + files.FS_RESULT, sockets.FS_EVENTS + 4 - files.FS_RESULT),
+        ]
+        assert slot.get_words(files.FS_RESULT, 2) == (2, 0)
+        assert slot.get(files.FS_MAX_IO) == files.MAX_IO
+        assert slot.get(sockets.FS_SOCKMAP) == 0x3000
+        assert slot.get(sockets.FS_EVENTS) == events + 1
+        writes.clear()
+        assert other.send(b"more") == 4  # nothing parked: the counter alone
+        dev.poll(slot)
+        assert writes == [(desc + sockets.FS_EVENTS, 4)]
+        assert slot.get(sockets.FS_EVENTS) == events + 2
+
+
 async def test_a_request_is_parked_only_if_asked_and_forgotten_at_the_next() -> None:
     async with _parked() as p:
         memory, dev, slot, request, other = p.memory, p.dev, p.slot, p.request, p.other

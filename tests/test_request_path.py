@@ -7,7 +7,12 @@ reads and answers its descriptor once; stdio reads a file in 64 KiB requests.
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+from collections import Counter
 from pathlib import Path
+
+import pytest
 
 from supervisor import GuestConfig, GuestMemory, LguestDevice, Supervisor, _slicing, engines
 from supervisor.launcher import files
@@ -83,6 +88,54 @@ async def test_guests_waiting_on_sockets_wake_without_breaks(build_guest: BuildG
     for guest in (client, server):
         assert guest.stats.breaks <= rounds // 10, guest.stats
         assert guest.stats.interrupts >= rounds // 2
+
+
+async def test_a_round_trip_between_guests_reads_the_cpu_clock_six_times(
+    build_guest: BuildGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the thread's CPU clock is a system call that costs as much as a tenth
+    of a guest entry: a round trip between two guests makes six in Python (a few more
+    when the machine's load makes it yield or break out now and then), per side one
+    at the wake (YIELD_TIME counts from there) and two around the send served inside
+    the slice (its time given back to the slice, and whether a yield is due).  None
+    where nothing is done with the time: the first pass after the wake, a hypercall
+    trapped with a halt, an engine taken back untouched, a pool's hibernation."""
+    image = build_guest(NETBENCH.read_text(), flags=("-O2",))
+    rounds = 200
+    reads: Counter[str] = Counter()  # by the reading function
+    real = time.thread_time, time.thread_time_ns
+
+    def counted(clock: int) -> float | int:
+        reads[sys._getframe(2).f_code.co_name] += 1  # (1: the lambda below)
+        return real[clock]()
+
+    async with asyncio.timeout(LIMIT), Supervisor() as sup:
+        server = await sup.launch(
+            GuestConfig(image=image, name="srv", cmdline="echo 7", memory="4M", net=True)
+        )
+        await server.expect("listening", LIMIT)
+        client = await sup.launch(
+            GuestConfig(image=image, name="cli", cmdline=f"ping srv 7 {rounds}", memory="4M",
+                        net=True)
+        )  # fmt: skip
+        lines = aiter(client.console)
+        assert await anext(lines) == "start"
+        monkeypatch.setattr(time, "thread_time", lambda: counted(0))
+        monkeypatch.setattr(time, "thread_time_ns", lambda: counted(1))
+        assert await anext(lines) == "done"
+        monkeypatch.undo()
+        assert (await client.wait()).ok and (await server.wait()).ok
+    # The fallback reads the clock at every run in Python; the engines switched at every
+    # slice read it at every take.  (A yield, a slice on a worker, a break: once or twice
+    # more, a few times a round on a loaded machine; 16 a round, always, read before.)
+    if not _slicing.NATIVE or engines.mode_from_env() == "always":
+        return
+    assert sum(reads.values()) <= 10 * rounds, reads
+    # Per side and round, before: two in the slice around the between, one more in it
+    # and one before the woken CPU's first slice asking whether a yield was due, one to
+    # take its own engine back, one to hibernate into the pool.
+    for where in ("_one_slice", "_yield_due", "take_engine", "_hibernate"):
+        assert reads[where] <= rounds // 4, reads
 
 
 async def test_a_file_request_writes_its_result_once(tmp_path: Path) -> None:

@@ -148,8 +148,9 @@ _FLOCK64 = struct.Struct("<hhqqi")  # i386 struct flock64 (64-bit fields 4-align
 _HOST_FLOCK = struct.Struct("@hhqqi4x")  # the host's struct flock (64-bit Linux)
 LOCK_WAIT_MAX = 0.05  # seconds between tries of a waiting lock (F_SETLKW)
 
-_S64 = struct.Struct("<q")
-_RESULT = struct.Struct("<II")  # a request's 64-bit result as the descriptor's two words
+_S64 = struct.Struct("<q")  # a request's 64-bit result, as the descriptor's two words hold it
+# A parked request's result and the events counter, with max_io and sockmap between them
+_PARKED = struct.Struct("<qIII")
 _DIRENT = struct.Struct("<QqHB")  # d_ino, d_off, d_reclen, d_type, then the name
 
 # ---- openat2 ---------------------------------------------------------------------------
@@ -392,8 +393,18 @@ class FilesDevice(Device):
     def poll(self, slot: Slot) -> None:
         if self._news:
             self._news = False
-            self._finish_parked(slot)
-            slot.set(FS_EVENTS, slot.get(FS_EVENTS) + 1)
+            result = self._finish_parked(slot)
+            events = (slot.get(FS_EVENTS) + 1) & 0xFFFFFFFF
+            if result is None:
+                slot.set(FS_EVENTS, events)
+            else:
+                # The result and the counter in one write of the descriptor (its CPUs drop
+                # one range of stale translations, not two), the two words between them
+                # written back as they are: the guest is stopped, and its one requester
+                # (a parked request means no threads) waits for this.
+                max_io, sockmap = slot.get_words(FS_MAX_IO, 2)
+                data = _PARKED.pack(result, max_io, sockmap, events)
+                slot.memory.write(slot.address + FS_RESULT, data)
             slot.interrupt()
 
     # -- snapshots ---------------------------------------------------------------------
@@ -525,24 +536,25 @@ class FilesDevice(Device):
             self._parked = (op, fd, args)
         elif word & OP_HALTS:
             slot.interrupt()  # the guest halts after this request: the answer ends it
-        slot.set_words(FS_RESULT, _RESULT.unpack(_S64.pack(result)))
+        slot.memory.write(slot.address + FS_RESULT, _S64.pack(result))  # (one write)
 
-    def _finish_parked(self, slot: Slot) -> None:
+    def _finish_parked(self, slot: Slot) -> int | None:
         """Try the parked request again (the guest is stopped); if it completes, its
-        result replaces ``NET_WAIT`` in the descriptor, where the woken runtime finds it."""
+        result, which the caller stores in place of ``NET_WAIT`` in the descriptor, where
+        the woken runtime finds it; else None."""
         parked = self._parked
         if parked is None:
-            return
+            return None
         op, fd, args = parked
         try:
             result = PARKABLE[op](self, slot, fd, args)
         except _GuestError as exc:
             result = -exc.errno
         if result == NET_WAIT:
-            return
+            return None
         self._parked = None
         self.parked_done += 1
-        slot.set_words(FS_RESULT, _RESULT.unpack(_S64.pack(result)))
+        return result
 
     async def _blocking(
         self, fn: Callable[..., T], *args: Any, discard: Callable[[T], None] | None = None
