@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import math
@@ -245,29 +244,53 @@ async def _loop_figure(
     raw = RawCpu(image)
     n = _calibrate(raw, p.loop_seconds)
     info: dict[str, int] = {}
+    raw_cpu: list[float] = []  # raw's thread's CPU time, per run
+    worker_cpu: list[float] = []  # the workers' CPU time, per supervised run
+    waited: list[float] = []  # the workers' wait for a core, per supervised run
+    loop_cpu: list[float] = []  # the event loop's thread's CPU time, per supervised run
+    events = 0  # breaks or irqs, in all
     async with LguestDevice() as dev:
         g = await boot(dev, image)
         # Warm both up once (translation) before timing.
         _raw_loop_time(raw, 1000)
         await _sup_loop_time(g, 1000, None)
 
-        async def supervised() -> float:
-            nonlocal info
-            t, info = await _sup_loop_time(g, n, break_period, irq)
+        def raw_run() -> float:
+            start = time.thread_time()
+            t = _raw_loop_time(raw, n)
+            raw_cpu.append(time.thread_time() - start)
             return t
 
-        raw_times, sup_times = await interleave(
-            p.pairs, functools.partial(_raw_loop_time, raw, n), supervised
-        )
+        async def supervised() -> float:
+            nonlocal info, events
+            before, start = thread_use.snapshot(), time.thread_time()
+            t, info = await _sup_loop_time(g, n, break_period, irq)
+            loop_cpu.append(time.thread_time() - start)
+            workers = thread_use.spent(before, thread_use.snapshot())["workers"]
+            worker_cpu.append(workers.cpu)
+            waited.append(workers.waited)
+            events += info["breaks"]
+            return t
+
+        raw_times, sup_times = await interleave(p.pairs, raw_run, supervised)
     raw.close()
     raw_rate = n / median(raw_times) / 1e6
     sup_rate = n / median(sup_times) / 1e6
-    note = f"{n:,} iterations, median of {p.pairs} interleaved rounds"
+    rounds = [r / s for r, s in zip(raw_times, sup_times, strict=True)]
+    note = (
+        f"{n:,} iterations, median of {p.pairs} interleaved rounds (rounds "
+        f"{min(rounds):.2f}-{max(rounds):.2f}x); the guest's worker used "
+        f"{paired_ratio(worker_cpu, raw_cpu):.2f}x the CPU time of raw's thread and waited "
+        f"for a core {sum(waited) / sum(sup_times):.0%} of the time"
+    )
     if break_period and irq:
         note += f"; {info['breaks']} irqs, {info['in_run']} delivered in a running slice"
     elif break_period:
         note += f"; a Waker broke the guest {info['breaks']} times ({info['eagains']} EAGAIN"
         note += f", {info['in_run']} with the run going on)"
+    if events:
+        note += f"; the event loop's thread used {1e6 * sum(loop_cpu) / events:.0f} us of CPU"
+        note += " an irq" if irq else " a break"
     return Result(
         name,
         title,
@@ -279,7 +302,17 @@ async def _loop_figure(
         "ratio",
         "higher",
         note,
-        {"iterations": n, **info, "raw_times": raw_times, "sup_times": sup_times},
+        {
+            "iterations": n,
+            **info,
+            "raw_times": raw_times,
+            "sup_times": sup_times,
+            "raw_cpu": raw_cpu,
+            "worker_cpu": worker_cpu,
+            "worker_waited": waited,
+            "loop_cpu": loop_cpu,
+            "events": events,
+        },
     )
 
 
