@@ -245,6 +245,7 @@ async def _loop_figure(
     n = _calibrate(raw, p.loop_seconds)
     info: dict[str, int] = {}
     raw_cpu: list[float] = []  # raw's thread's CPU time, per run
+    raw_waited: list[float] = []  # its wait for a core, per run
     worker_cpu: list[float] = []  # the workers' CPU time, per supervised run
     waited: list[float] = []  # the workers' wait for a core, per supervised run
     loop_cpu: list[float] = []  # the event loop's thread's CPU time, per supervised run
@@ -256,9 +257,10 @@ async def _loop_figure(
         await _sup_loop_time(g, 1000, None)
 
         def raw_run() -> float:
-            start = time.thread_time()
+            start, wait = time.thread_time(), thread_use.own_wait()
             t = _raw_loop_time(raw, n)
             raw_cpu.append(time.thread_time() - start)
+            raw_waited.append(thread_use.own_wait() - wait)
             return t
 
         async def supervised() -> float:
@@ -281,7 +283,8 @@ async def _loop_figure(
         f"{n:,} iterations, median of {p.pairs} interleaved rounds (rounds "
         f"{min(rounds):.2f}-{max(rounds):.2f}x); the guest's worker used "
         f"{paired_ratio(worker_cpu, raw_cpu):.2f}x the CPU time of raw's thread and waited "
-        f"for a core {sum(waited) / sum(sup_times):.0%} of the time"
+        f"for a core {sum(waited) / sum(sup_times):.0%} of the time (raw's thread "
+        f"{sum(raw_waited) / sum(raw_times):.0%})"
     )
     if break_period and irq:
         note += f"; {info['breaks']} irqs, {info['in_run']} delivered in a running slice"
@@ -308,6 +311,7 @@ async def _loop_figure(
             "raw_times": raw_times,
             "sup_times": sup_times,
             "raw_cpu": raw_cpu,
+            "raw_waited": raw_waited,
             "worker_cpu": worker_cpu,
             "worker_waited": waited,
             "loop_cpu": loop_cpu,
