@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import math
@@ -34,6 +33,7 @@ from .harness import (
     Breaker,
     Profile,
     Result,
+    ScalingRound,
     cpu_seconds,
     interleave,
     jain,
@@ -45,6 +45,7 @@ from .harness import (
     poll,
     read_through_breaks,
     rss_bytes,
+    scaling,
 )
 from .raw import RawCpu
 
@@ -243,29 +244,56 @@ async def _loop_figure(
     raw = RawCpu(image)
     n = _calibrate(raw, p.loop_seconds)
     info: dict[str, int] = {}
+    raw_cpu: list[float] = []  # raw's thread's CPU time, per run
+    raw_waited: list[float] = []  # its wait for a core, per run
+    worker_cpu: list[float] = []  # the workers' CPU time, per supervised run
+    waited: list[float] = []  # the workers' wait for a core, per supervised run
+    loop_cpu: list[float] = []  # the event loop's thread's CPU time, per supervised run
+    events = 0  # breaks or irqs, in all
     async with LguestDevice() as dev:
         g = await boot(dev, image)
         # Warm both up once (translation) before timing.
         _raw_loop_time(raw, 1000)
         await _sup_loop_time(g, 1000, None)
 
-        async def supervised() -> float:
-            nonlocal info
-            t, info = await _sup_loop_time(g, n, break_period, irq)
+        def raw_run() -> float:
+            start, wait = time.thread_time(), thread_use.own_wait()
+            t = _raw_loop_time(raw, n)
+            raw_cpu.append(time.thread_time() - start)
+            raw_waited.append(thread_use.own_wait() - wait)
             return t
 
-        raw_times, sup_times = await interleave(
-            p.pairs, functools.partial(_raw_loop_time, raw, n), supervised
-        )
+        async def supervised() -> float:
+            nonlocal info, events
+            before, start = thread_use.snapshot(), time.thread_time()
+            t, info = await _sup_loop_time(g, n, break_period, irq)
+            loop_cpu.append(time.thread_time() - start)
+            workers = thread_use.spent(before, thread_use.snapshot())["workers"]
+            worker_cpu.append(workers.cpu)
+            waited.append(workers.waited)
+            events += info["breaks"]
+            return t
+
+        raw_times, sup_times = await interleave(p.pairs, raw_run, supervised)
     raw.close()
     raw_rate = n / median(raw_times) / 1e6
     sup_rate = n / median(sup_times) / 1e6
-    note = f"{n:,} iterations, median of {p.pairs} interleaved rounds"
+    rounds = [r / s for r, s in zip(raw_times, sup_times, strict=True)]
+    note = (
+        f"{n:,} iterations, median of {p.pairs} interleaved rounds (rounds "
+        f"{min(rounds):.2f}-{max(rounds):.2f}x); the guest's worker used "
+        f"{paired_ratio(worker_cpu, raw_cpu):.2f}x the CPU time of raw's thread and waited "
+        f"for a core {sum(waited) / sum(sup_times):.0%} of the time (raw's thread "
+        f"{sum(raw_waited) / sum(raw_times):.0%})"
+    )
     if break_period and irq:
         note += f"; {info['breaks']} irqs, {info['in_run']} delivered in a running slice"
     elif break_period:
         note += f"; a Waker broke the guest {info['breaks']} times ({info['eagains']} EAGAIN"
         note += f", {info['in_run']} with the run going on)"
+    if events:
+        note += f"; the event loop's thread used {1e6 * sum(loop_cpu) / events:.0f} us of CPU"
+        note += " an irq" if irq else " a break"
     return Result(
         name,
         title,
@@ -277,7 +305,18 @@ async def _loop_figure(
         "ratio",
         "higher",
         note,
-        {"iterations": n, **info, "raw_times": raw_times, "sup_times": sup_times},
+        {
+            "iterations": n,
+            **info,
+            "raw_times": raw_times,
+            "sup_times": sup_times,
+            "raw_cpu": raw_cpu,
+            "raw_waited": raw_waited,
+            "worker_cpu": worker_cpu,
+            "worker_waited": waited,
+            "loop_cpu": loop_cpu,
+            "events": events,
+        },
     )
 
 
@@ -356,82 +395,126 @@ def _shares(
     )
 
 
+async def _sup_together(gs: list[Booted], n: int) -> tuple[float, float]:
+    """Every guest's loop at once: the time until the last one ended, and the first."""
+    ends: list[float] = []
+    t0 = now()
+
+    async def one(g: Booted) -> None:
+        await _sup_loop_time(g, n, None)
+        ends.append(now() - t0)
+
+    await asyncio.gather(*(one(g) for g in gs))
+    return max(ends), min(ends)
+
+
+def _spread(low_high: tuple[float, float]) -> str:
+    return f"{low_high[0]:.2f}-{low_high[1]:.2f}"
+
+
 async def two_spinners(p: Profile) -> list[Result]:
     """Two spinning guests against one, and raw two threads against one, in one run.
 
-    Where the supervised side's scaling goes is in the note: while the guests spin,
+    Each round runs each side one loop alone, two at once, and one alone again (the
+    other guest, the other raw instance), back to back, the sides in alternating order;
+    a round's scaling is 2 x the mean one-alone time / the two-at-once time
+    (:class:`harness.ScalingRound`), and the figure the median of the rounds sound on
+    both sides (:func:`harness.scaling`: a round whose one-alone runs disagree, or
+    whose scaling is impossible, says the machine changed under it).  The note gives
+    the spread, the one-alone baseline against raw's (a slow baseline overstates the
+    scaling), and where the supervised side's throughput goes while the guests spin:
     the CPU of the process's other threads (the native slicer) and of the event loop,
-    which two busy workers on two cores must share, and how often the workers
-    blocked (the GIL between slices, the pool's lock) (:mod:`benchmarks.threads`).
+    which two busy workers on two cores must share, how often the workers blocked (the
+    GIL between slices, the pool's lock), the share of their time they slept, and how
+    early the first guest ended (:mod:`benchmarks.threads`).
     """
     image = assemble(LOOP.format(body=TIGHT_BODY))
     raws = [RawCpu(image), RawCpu(image)]
     n = _calibrate(raws[0], p.loop_seconds)
     _raw_loop_time(raws[1], 1000)
-    raw1: list[float] = []
-    raw2: list[float] = []
-    sup1: list[float] = []
-    sup2: list[float] = []
+    raw_rounds: list[ScalingRound] = []
+    sup_rounds: list[ScalingRound] = []
     use1 = {role: thread_use.Usage() for role in thread_use.ROLES}
     use2 = dict(use1)
     wakes1 = wakes2 = slices1 = slices2 = 0
+    firsts: list[float] = []  # when the first of two guests ended, over the round's time
     raw_waits1: list[float] = []  # each raw thread's wait for a core, per run
     raw_waits2: list[float] = []
+
+    def raw_round() -> None:
+        raw_rounds.append(
+            ScalingRound(
+                _raw_threads(raws[:1], n, raw_waits1),
+                _raw_threads(raws, n, raw_waits2),
+                _raw_threads(raws[1:], n, raw_waits1),
+            )
+        )
+
     async with LguestDevice() as dev:
         gs = [await boot(dev, image), await boot(dev, image)]
         await asyncio.gather(*(_sup_loop_time(g, 1000, None) for g in gs))
+
+        async def alone(g: Booted) -> float:
+            nonlocal wakes1, slices1
+            before, woken, sliced = thread_use.snapshot(), _wakes(), _slices(gs)
+            t = (await _sup_loop_time(g, n, None))[0]
+            for role, spent in thread_use.spent(before, thread_use.snapshot()).items():
+                use1[role] = use1[role] + spent
+            wakes1 += _wakes() - woken
+            slices1 += _slices(gs) - sliced
+            return t
+
         for k in range(p.pairs):
             if k % 2 == 0:  # A/B then B/A rounds, as interleave()
-                raw1.append(_raw_threads(raws[:1], n, raw_waits1))
-                raw2.append(_raw_threads(raws, n, raw_waits2))
+                raw_round()
+            one_before = await alone(gs[0])
             before, woken, sliced = thread_use.snapshot(), _wakes(), _slices(gs)
-            sup1.append((await _sup_loop_time(gs[0], n, None))[0])
-            middle, wakes1 = thread_use.snapshot(), wakes1 + _wakes() - woken
-            woken, slices1 = _wakes(), slices1 + _slices(gs) - sliced
-            sliced = _slices(gs)
-            t0 = now()
-            await asyncio.gather(*(_sup_loop_time(g, n, None) for g in gs))
-            sup2.append(now() - t0)
-            after, wakes2 = thread_use.snapshot(), wakes2 + _wakes() - woken
+            two, first = await _sup_together(gs, n)
+            for role, spent in thread_use.spent(before, thread_use.snapshot()).items():
+                use2[role] = use2[role] + spent
+            wakes2 += _wakes() - woken
             slices2 += _slices(gs) - sliced
-            for total, spent in (
-                (use1, thread_use.spent(before, middle)),
-                (use2, thread_use.spent(middle, after)),
-            ):
-                for role in thread_use.ROLES:
-                    total[role] = total[role] + spent[role]
+            firsts.append(first / two)
+            sup_rounds.append(ScalingRound(one_before, two, await alone(gs[1])))
             if k % 2:
-                raw1.append(_raw_threads(raws[:1], n, raw_waits1))
-                raw2.append(_raw_threads(raws, n, raw_waits2))
+                raw_round()
     for c in raws:
         c.close()
-    # Each round's scaling from its own back-to-back pair of runs; the medians.
-    raw_scales = [2 * a / b for a, b in zip(raw1, raw2, strict=True)]
-    sup_scales = [2 * a / b for a, b in zip(sup1, sup2, strict=True)]
-    raw_scale, sup_scale = median(raw_scales), median(sup_scales)
+    got = scaling(sup_rounds, raw_rounds)
+    sup1 = sum(r.one_before + r.one_after for r in sup_rounds)
+    sup2 = sum(r.two for r in sup_rounds)
+    raw1 = sum(r.one_before + r.one_after for r in raw_rounds)
+    raw2 = sum(r.two for r in raw_rounds)
+    chosen = "all" if got.chosen == got.rounds else f"the {got.chosen} sound"
     return [
         Result(
             "two_spinners",
             "2 spinning guests vs 1 (throughput)",
             "x one guest",
-            sup_scale,
-            raw_scale,
-            paired_ratio(sup_scales, raw_scales),
+            got.sup,
+            got.raw,
+            got.ratio,
             1.8,
             "value",
             "higher",
-            f"median of {p.pairs} interleaved rounds; "
-            "raw: two bare Unicorn instances in two threads vs one. While 2 spin: "
-            f"{_shares(use2, wakes2, sum(sup2), slices2, len(gs))} (raw's threads "
-            f"{sum(raw_waits2) / len(raws) / max(sum(raw2), 1e-9):.1%}); "
-            f"while 1 spins: {_shares(use1, wakes1, sum(sup1), slices1)} (raw's thread "
-            f"{sum(raw_waits1) / max(sum(raw1), 1e-9):.1%})",
+            f"median of {chosen} of {got.rounds} rounds ({got.sound} sound on both sides: "
+            "each side one guest alone, two at once, the other alone, back to back); "
+            f"scalings {_spread(got.sup_spread)} (raw {_spread(got.raw_spread)}); one "
+            f"guest alone took {got.baseline:.2f}x the time of raw's one thread "
+            f"({_spread(got.baseline_spread)}). "
+            "Raw: two bare Unicorn instances in two threads vs one. While 2 spin: "
+            f"{_shares(use2, wakes2, sup2, slices2, len(gs))}, workers asleep "
+            f"{use2['workers'].asleep(sup2, len(gs)):.1%} of the time, the first guest "
+            f"done at {median(firsts):.0%} of it (raw's threads waited for a core "
+            f"{sum(raw_waits2) / len(raws) / max(raw2, 1e-9):.1%}); "
+            f"while 1 spins: {_shares(use1, wakes1, sup1, slices1)} (raw's thread "
+            f"{sum(raw_waits1) / max(raw1, 1e-9):.1%})",
             {
                 "iterations": n,
-                "raw1": raw1,
-                "raw2": raw2,
-                "sup1": sup1,
-                "sup2": sup2,
+                "raw_rounds": [dataclasses.asdict(r) for r in raw_rounds],
+                "sup_rounds": [dataclasses.asdict(r) for r in sup_rounds],
+                "scaling": dataclasses.asdict(got),
+                "first_done": firsts,
                 "threads_one": {k: dataclasses.asdict(v) for k, v in use1.items()},
                 "threads_two": {k: dataclasses.asdict(v) for k, v in use2.items()},
                 "slicer_wakes_one": wakes1,

@@ -170,6 +170,83 @@ def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> 
     return median([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
+# A scaling round (two at once against one) is sound when its two one-alone runs agree
+# within MAX_DRIFT (the machine gave the side the same share before and after) and its
+# scaling is at most MAX_SCALE: two loops cannot do more than twice the work of one in
+# the same time, so a value above 2 (measuring error aside) says the one-alone runs
+# were slowed by something else, not that two ran faster.
+MAX_DRIFT = 1.25
+MAX_SCALE = 2.1
+
+
+@dataclass(frozen=True)
+class ScalingRound:
+    """One side's round of a scaling figure: the time of one loop alone, of two at once
+    (each the same work), and of one alone again, back to back."""
+
+    one_before: float
+    two: float
+    one_after: float
+
+    @property
+    def scale(self) -> float:
+        """Two loops' throughput over one's: 2 x the one-alone time (the mean of the two
+        runs, so a drift of the machine's speed across the round cancels) / two's."""
+        return (self.one_before + self.one_after) / self.two
+
+    @property
+    def one(self) -> float:
+        return (self.one_before + self.one_after) / 2
+
+    @property
+    def sound(self) -> bool:
+        """The one-alone runs agree and the scaling is possible (MAX_DRIFT, MAX_SCALE)."""
+        low, high = sorted((self.one_before, self.one_after))
+        return high <= MAX_DRIFT * low and self.scale <= MAX_SCALE
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The summary of paired scaling rounds, supervised and raw (:func:`scaling`)."""
+
+    sup: float  # median of the chosen rounds' scalings
+    raw: float
+    ratio: float  # median of the chosen rounds' sup / raw scalings
+    sup_spread: tuple[float, float]  # lowest and highest of the chosen rounds
+    raw_spread: tuple[float, float]
+    baseline: float  # median of the chosen rounds' one-alone times, sup / raw
+    baseline_spread: tuple[float, float]
+    chosen: int  # rounds the figures are of
+    sound: int  # rounds sound on both sides (the chosen ones, if at least half)
+    rounds: int
+
+
+def scaling(sup: Sequence[ScalingRound], raw: Sequence[ScalingRound]) -> Scaling:
+    """Summarise rounds measured in pairs (round k of each side back to back): the figures
+    are of the rounds sound on both sides, if at least half are, else of all (and
+    ``sound`` says how few were).  ``baseline`` compares the one-alone times: a
+    supervised guest alone runs about as fast as raw's one thread, so a baseline far
+    above 1 means the one-alone runs were slowed, and the scaling overstated."""
+    pairs = list(zip(sup, raw, strict=True))
+    good = [(s, r) for s, r in pairs if s.sound and r.sound]
+    chosen = good if 2 * len(good) >= len(pairs) else pairs
+    sups = [s.scale for s, _ in chosen]
+    raws = [r.scale for _, r in chosen]
+    bases = [s.one / r.one for s, r in chosen]
+    return Scaling(
+        median(sups),
+        median(raws),
+        paired_ratio(sups, raws),
+        (min(sups), max(sups)),
+        (min(raws), max(raws)),
+        median(bases),
+        (min(bases), max(bases)),
+        len(chosen),
+        len(good),
+        len(pairs),
+    )
+
+
 def print_table(title: str, rows: Sequence[tuple[str, str, str]]) -> None:
     """A stand-alone benchmark's figures: ``title``, then one line per (figure, value,
     note), the names padded to one column and the values right-aligned."""

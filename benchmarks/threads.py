@@ -14,8 +14,11 @@ them say how much of each there was, by role:
 For each role: CPU seconds, voluntary context switches (the thread blocked: a lock,
 the GIL, a condition, a sleep), involuntary ones (the kernel preempted it), and the
 seconds it was runnable but waited for a core (``schedstat``'s run delay: what the
-kernel, not the thread's own work, took from its wall time).  Threads that ended
-between the two snapshots are not counted.
+kernel, not the thread's own work, took from its wall time).  A thread's wall time
+that is neither is time it slept (:meth:`Usage.asleep`).  The CPU seconds are
+``schedstat``'s nanoseconds on a core where the kernel keeps them, else ``stat``'s
+clock ticks (10 ms each: too coarse for runs of a tenth of a second).  Threads that
+ended between the two snapshots are not counted.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class Usage:
     blocked: int = 0  # voluntary context switches
     preempted: int = 0  # involuntary context switches
     waited: float = 0.0  # seconds runnable, waiting for a core (run delay)
+
+    def asleep(self, wall: float, threads: int = 1) -> float:
+        """Of ``threads`` threads' ``wall`` seconds each, the share none of them was on a
+        core nor waiting for one: blocked (the GIL, a lock) or idle."""
+        return max(0.0, 1.0 - (self.cpu + self.waited) / (wall * threads)) if wall > 0 else 0.0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -69,6 +77,13 @@ def run_delay(schedstat: str) -> float:
     return int(fields[1]) / 1e9 if len(fields) > 1 else 0.0
 
 
+def on_cpu(schedstat: str) -> float | None:
+    """Seconds a thread ran on a core, from its ``schedstat`` file's text (None if the
+    kernel keeps none)."""
+    fields = schedstat.split()
+    return int(fields[0]) / 1e9 if len(fields) > 1 else None
+
+
 def own_wait() -> float:
     """:func:`run_delay` of the calling thread so far (0 where ``/proc`` has none)."""
     try:
@@ -81,7 +96,9 @@ def own_wait() -> float:
 def parse(stat: str, status: str, ticks: int, schedstat: str = "") -> Usage:
     """A thread's usage from its ``stat``, ``status`` and ``schedstat`` files' text."""
     fields = stat[stat.rindex(")") + 2 :].split()  # (the name may hold spaces)
-    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    cpu = on_cpu(schedstat)
+    if cpu is None:
+        cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     counts = {}
     for line in status.splitlines():
         key, _, value = line.partition(":")

@@ -121,3 +121,51 @@ def test_speedtest1_runs_compare_by_test_names_not_times() -> None:
         " 100 - 2500 INSERTs into table with no index",
         " 110 - 2500 ordered INSERTS with one index/PK",
     ]
+
+
+def test_a_scaling_round_takes_the_mean_of_its_two_one_alone_runs() -> None:
+    # The machine slowed during the round: one alone took 1.0, then 1.2; two at once 1.1.
+    # Against the first run alone the scaling would be 1.82, against the second 2.18.
+    r = harness.ScalingRound(1.0, 1.1, 1.2)
+    assert r.scale == pytest.approx(2.0) and r.one == pytest.approx(1.1) and r.sound
+
+
+def test_a_round_is_unsound_when_its_one_alone_runs_disagree_or_it_scales_past_two() -> None:
+    assert not harness.ScalingRound(1.0, 1.0, 1.3).sound  # the machine changed under it
+    assert harness.ScalingRound(1.0, 1.125, 1.25).sound
+    # Two loops cannot do more than twice the work of one: 3.68x means slow baselines.
+    assert not harness.ScalingRound(1.84, 1.0, 1.84).sound
+    assert harness.ScalingRound(1.0, 1.0, 1.0).sound
+
+
+def test_scaling_is_of_the_rounds_sound_on_both_sides_with_spread_and_baseline() -> None:
+    sup = [
+        harness.ScalingRound(1.0, 1.0, 1.0),  # 2.0
+        harness.ScalingRound(1.8, 1.0, 1.8),  # 3.6: impossible, left out with its raw round
+        harness.ScalingRound(1.0, 1.25, 1.0),  # 1.6
+        harness.ScalingRound(1.0, 1.1, 1.0),  # 1.82; its raw round drifted: left out
+    ]
+    raw = [
+        harness.ScalingRound(1.0, 1.0, 1.0),
+        harness.ScalingRound(1.0, 1.0, 1.0),
+        harness.ScalingRound(0.8, 1.0, 0.8),
+        harness.ScalingRound(1.0, 1.0, 1.5),
+    ]
+    got = harness.scaling(sup, raw)
+    assert (got.rounds, got.sound, got.chosen) == (4, 2, 2)
+    assert got.sup == pytest.approx(1.8) and got.sup_spread == pytest.approx((1.6, 2.0))
+    assert got.raw == pytest.approx(1.8) and got.raw_spread == pytest.approx((1.6, 2.0))
+    assert got.ratio == pytest.approx(1.0)
+    # One guest alone against raw's one thread: 1.0 and 1.25 (raw's 0.8).
+    assert got.baseline == pytest.approx(1.125) and got.baseline_spread == pytest.approx(
+        (1.0, 1.25)
+    )
+
+
+def test_scaling_falls_back_to_every_round_when_fewer_than_half_are_sound() -> None:
+    sup = [harness.ScalingRound(1.0, 1.0, 1.5), harness.ScalingRound(1.0, 1.0, 1.0)]
+    sup.append(harness.ScalingRound(2.0, 1.0, 2.0))
+    raw = [harness.ScalingRound(1.0, 1.0, 1.0)] * 3
+    got = harness.scaling(sup, raw)
+    assert (got.rounds, got.sound, got.chosen) == (3, 1, 3)
+    assert got.sup == pytest.approx(2.5) and got.sup_spread == pytest.approx((2.0, 4.0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from benchmarks import threads as thread_use
 
 STAT = "4242 (a (b) c) R 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0 100 0 0"
@@ -14,10 +16,19 @@ def test_parse_reads_user_and_system_time_and_both_switch_counts() -> None:
     assert thread_use.parse(STAT, STATUS, 100) == thread_use.Usage(3.0, 17, 5)
 
 
-def test_parse_reads_the_wait_for_a_core_from_schedstat() -> None:
-    usage = thread_use.parse(STAT, STATUS, 100, "123456 2500000000 7\n")
-    assert usage == thread_use.Usage(3.0, 17, 5, 2.5)
+def test_parse_reads_the_time_on_a_core_and_the_wait_for_one_from_schedstat() -> None:
+    # (schedstat's nanoseconds, not stat's 10 ms ticks: a run of 0.15 s is 15 ticks)
+    usage = thread_use.parse(STAT, STATUS, 100, "123456789 2500000000 7\n")
+    assert usage == thread_use.Usage(0.123456789, 17, 5, 2.5)
     assert thread_use.run_delay("") == 0.0
+    assert thread_use.on_cpu("") is None
+
+
+def test_the_time_asleep_is_the_wall_time_neither_on_a_core_nor_waiting() -> None:
+    two = thread_use.Usage(cpu=1.2, waited=0.4)  # two threads' sums over 1 s each
+    assert two.asleep(1.0, threads=2) == pytest.approx(0.2)
+    assert thread_use.Usage(cpu=1.0).asleep(1.0) == 0.0
+    assert thread_use.Usage(cpu=1.0).asleep(0.0) == 0.0
 
 
 def test_roles_by_name_and_by_the_calling_thread() -> None:
