@@ -26,8 +26,6 @@ fall-back to a flush; the Python walk below is for the other CPUs.
 
 from __future__ import annotations
 
-from collections import deque
-
 from unicorn import x86_const as r
 
 from . import _slicing, _unicorn
@@ -94,17 +92,17 @@ def _remove_code(cpu: LgCpu, begin: int, end: int, control: tuple[int, int, int]
         page = stop
 
 
-def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
+def _merged(stale: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Take every recorded range, overlapping and adjacent ones joined: one lookup and
     one engine call each instead of one per Host write.  A range is joined to the one
     before it only if it starts in a page that one already covers, so no page is
     taken as mapped like its neighbour unless a single write already spanned both."""
-    # One popleft at a time (each atomic): a range another thread appends meanwhile is
-    # either taken here or left for the next call, never cleared unseen.
+    # One pop from the front at a time (each atomic): a range another thread appends
+    # meanwhile is either taken here or left for the next call, never cleared unseen.
     n = len(stale)
     if n == 1:  # the common case: one Host write since the CPU last ran
-        return [stale.popleft()]
-    ranges = sorted([stale.popleft() for _ in range(n)])
+        return [stale.pop(0)]
+    ranges = sorted([stale.pop(0) for _ in range(n)])
     merged: list[tuple[int, int]] = []
     for start, end in ranges:
         if merged and start <= merged[-1][1] and start >> 12 == (merged[-1][1] - 1) >> 12:

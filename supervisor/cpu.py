@@ -30,7 +30,6 @@ import math
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, overload
@@ -401,8 +400,10 @@ class LgCpu:
     budget: int = host_only(default=DEFAULT_BUDGET)
     inline_spent: bool = host_only(default=False)
     trap: Trap = host_only(default_factory=Trap)  # what the hooks recorded (the slice)
-    # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
-    stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
+    # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache):
+    # a list, whose appends and pops are each atomic as a deque's are, and which holds no
+    # storage while empty (a deque keeps a block of 0.5 KiB even then).
+    stale_code: list[tuple[int, int]] = host_only(default_factory=list)
     # Instances hibernate() gave back minus those thaw() took, in this process: the C
     # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
     given_back: ClassVar[int] = 0
