@@ -62,7 +62,7 @@ class Guest:
     # (One per guest, idle or not: no attribute dict.)
     __slots__ = (
         "__weakref__", "_boots", "_changed", "_closing", "_console", "_debugger", "_gdb",
-        "_hold", "_launcher", "_task", "config", "name",
+        "_hold", "_launcher", "_on_end", "_task", "config", "name",
     )  # fmt: skip
 
     def __init__(
@@ -71,8 +71,13 @@ class Guest:
         launcher: Launcher,
         console: Console,
         gdb: GdbServer | None = None,
+        on_end: Callable[[Guest], object] | None = None,
     ) -> None:
+        """``on_end(guest)``: the Supervisor's part of the guest's end, called in its one
+        done callback (a callback of its own would keep a closure and a context each
+        guest, idle or not)."""
         self.config = config
+        self._on_end = on_end
         self.name = config.display_name
         self._launcher = launcher
         self._console = console
@@ -104,6 +109,8 @@ class Guest:
 
     def _ended(self, task: asyncio.Future[Exit]) -> None:
         self._changed.set()
+        if self._on_end is not None:
+            self._on_end(self)
         if self._gdb is None:
             return
         failed = task.cancelled() or task.exception() is not None
@@ -320,6 +327,7 @@ class Supervisor:
         self.net = Network() if network is None else network
         self._guests: dict[Guest, None] = {}  # launched (and, unless keep_ended, not ended)
         self._keep_ended = keep_ended
+        self._forget = self._forget_guest  # (one bound method for every guest's end)
         self._closed = False
         # Started at the first launch: the loop's shutdown closes it, and its close
         # closes this Supervisor if nobody has (_closed_at_shutdown).
@@ -412,12 +420,10 @@ class Supervisor:
 
             launcher.on_boot.append(booted)
         self._launches += 1
-        guest = Guest(config, launcher, console, gdb)
+        guest = Guest(config, launcher, console, gdb, None if self._keep_ended else self._forget)
         if sim is not None:
             guest.when_done(start.release)
         self._guests[guest] = None
-        if not self._keep_ended:
-            guest.when_done(lambda: self._guests.pop(guest, None))
         if sim is None:
             # One turn of the loop: the guest boots (to its first halt, as a rule) before
             # the caller makes the next one.  Guests launched in a loop then never all
@@ -427,6 +433,9 @@ class Supervisor:
             # of guests that run, not of guests that have not started.
             await asyncio.sleep(0)
         return guest
+
+    def _forget_guest(self, guest: Guest) -> None:
+        self._guests.pop(guest, None)
 
     async def restore(self, snap: Snapshot, **overrides: Any) -> Guest:
         """A new guest that continues exactly where ``snap`` was taken.

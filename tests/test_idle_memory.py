@@ -7,17 +7,35 @@ guest")."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+from pathlib import Path
+
 import pytest
-from guestasm import boot, until
+from guestasm import assemble, boot, until
 from idleguests import asleep, final_memory
 
-from supervisor import LguestDevice, _slicing, abi, hibernation
+from supervisor import (
+    GuestConfig,
+    LguestDevice,
+    Supervisor,
+    _slicing,
+    abi,
+    hibernation,
+    memory,
+    testing,
+)
 from supervisor.cpu import Idt
+from supervisor.host import Guest
 
 # The subject is what idle guests hold, not the event loop: one loop (conftest).
 pytestmark = pytest.mark.one_loop
 
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
+# Python heap bytes a resting 1 MiB sleeper holds (tracemalloc): its Launcher, CPU,
+# packed memory and registers, devices, console and Guest.  1,000,000 of them must fit
+# in 16 KiB each with the process's other memory.
+HEAP_BUDGET = 11 * 1024
 
 # Sleeps in a halt; irq 1 (vector 33) counts a hit and sets gate 34 (LOAD_IDT_ENTRY,
 # which the native hook completes in C) before it notifies 0x33.
@@ -83,3 +101,38 @@ async def test_packed_cpus_share_their_idt_and_a_woken_one_writes_its_own(
         assert b.u32("hits") == 1 and b.file.cpu(0).idt[34] == b.file.cpu(0).idt[33]
         await final_memory(a, reader_a)
         await final_memory(b)
+
+
+async def _rested(sup: Supervisor, config: GuestConfig, n: int) -> list[Guest]:
+    """``n`` more sleepers launched in ``sup``, once each rests with its memory packed."""
+    guests = [await sup.launch(config) for _ in range(n)]
+    await until(lambda: all(g.stats.rests >= 1 for g in guests), LIMIT)
+    await until(lambda: memory.packed_memories() >= len(sup.guests), LIMIT)
+    return guests
+
+
+async def test_a_resting_guest_holds_at_most_its_budget_of_python_heap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    config = GuestConfig(image=image, memory="1M", console="null")
+    n = 200
+    async with Supervisor(keep_ended=False) as sup:
+        await _rested(sup, config, 20)  # what every guest shares is made by the first ones
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            guests = await _rested(sup, config, n)
+            gc.collect()
+            held = (tracemalloc.get_traced_memory()[0] - before) / n
+        finally:
+            tracemalloc.stop()
+        assert all(not g.done for g in guests)
+        print(f"HELD {held / 1024:.2f}")
+        assert held <= HEAP_BUDGET, f"{held / 1024:.1f} KiB a resting guest"
+        # Ended guests are forgotten (keep_ended=False), by the Guest's own done callback.
+        await guests[0].kill()
+        assert guests[0] not in sup.guests and len(sup.guests) == n + 19
