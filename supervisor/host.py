@@ -61,8 +61,8 @@ class Guest:
 
     # (One per guest, idle or not: no attribute dict.)
     __slots__ = (
-        "__weakref__", "_boots", "_changed", "_closing", "_console", "_debugger", "_gdb",
-        "_hold", "_launcher", "_on_end", "_task", "config", "name",
+        "__weakref__", "_boots", "_changed", "_closing", "_console", "_debugger", "_file",
+        "_gdb", "_hold", "_launcher", "_on_end", "_task", "config", "name",
     )  # fmt: skip
 
     def __init__(
@@ -84,7 +84,10 @@ class Guest:
         self._gdb = gdb
         self._boots = 0
         self._hold = False  # a pause asked for: every boot is held until resume()
-        self._debugger: Debugger | None = None  # the current boot's
+        self._file: LguestFile | None = None  # the current boot's
+        # The current boot's debugger, made on first use (_debug): most guests are never
+        # paused, snapshotted or debugged, and one costs about 0.5 KiB.
+        self._debugger: Debugger | None = None
         self._changed = Flag()  # a boot began or the guest ended
         self._closing: asyncio.Task[None] | None = None  # the gdb server's close, once it ended
         launcher.on_boot.append(self._on_boot)
@@ -100,12 +103,23 @@ class Guest:
     # -- the Launcher's hook and end ----------------------------------------------------
     def _on_boot(self, file: LguestFile) -> None:
         self._boots += 1
-        d = self._debugger = debugger(file)
-        if self._hold:
-            d.request_stop(PAUSE)
-        if self._gdb is not None:
-            self._gdb.attach(d, stopped=self._boots == 1)
+        self._file = file
+        self._debugger = None
+        if self._hold or self._gdb is not None:
+            d = debugger(file)
+            self._debugger = d
+            if self._hold:
+                d.request_stop(PAUSE)
+            if self._gdb is not None:
+                self._gdb.attach(d, stopped=self._boots == 1)
         self._changed.set()
+
+    def _debug(self) -> Debugger | None:
+        """The current boot's debugger (made now if it has none); None before the first
+        boot and once its file is closed."""
+        if self._debugger is None and self._file is not None and not self._file.closed:
+            self._debugger = debugger(self._file)
+        return self._debugger
 
     def _ended(self, task: asyncio.Future[Exit]) -> None:
         self._changed.set()
@@ -128,7 +142,7 @@ class Guest:
         while True:
             if self.done:
                 raise SnapshotError("the guest has ended")
-            d = self._debugger
+            d = self._debug()
             if d is not None and not d.file.closed:
                 stop = await self._race(d.stop(PAUSE, parked=True))
                 if stop is not None and stop.death is None:
@@ -140,7 +154,7 @@ class Guest:
             await self._race(self._changed.wait())
 
     async def _next_boot(self, old: Debugger) -> None:
-        while self._debugger is old and not self.done:
+        while self._file is old.file and not self.done:
             self._changed.clear()
             await self._changed.wait()
 
