@@ -131,7 +131,6 @@ async def test_a_resting_guest_holds_at_most_its_budget_of_python_heap(
         finally:
             tracemalloc.stop()
         assert all(not g.done for g in guests)
-        print(f"HELD {held / 1024:.2f}")
         assert held <= HEAP_BUDGET, f"{held / 1024:.1f} KiB a resting guest"
         # Ended guests are forgotten (keep_ended=False), by the Guest's own done callback.
         await guests[0].kill()
