@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import os
 import re
 import subprocess
@@ -64,6 +65,7 @@ MILLION = 1_000_000
 SETTLE = 60.0  # seconds idle guests may take to have their memories packed
 WAVE = 1000  # guests launched at once by ``idlewaves``
 MIN_AVAILABLE = 2 << 30  # bytes: launching idle guests stops if the machine has less
+MEMORY_LOW = f"available memory below {MIN_AVAILABLE >> 30} GiB"  # why it stopped
 CHECK_EVERY = 1000  # launches between two looks at the available memory
 
 
@@ -107,14 +109,10 @@ def _cell(table: str, column: int) -> int:
     return 0
 
 
-async def _idle(n: int, wave: int | None = None) -> str:
-    figures = await idle_figures(n, wave)
+async def _idle(n: int, wave: int | None = None, launch_for: float | None = None) -> str:
+    figures = await idle_figures(n, wave, launch_for)
     how = "" if wave is None else f" in waves of {wave:,}"
-    stopped = (
-        f" (STOPPED at {figures['n']:,}: available memory below {MIN_AVAILABLE >> 30} GiB)"
-        if figures["stopped"]
-        else ""
-    )
+    stopped = f" (STOPPED at {figures['n']:,}: {figures['stopped']})" if figures["stopped"] else ""
     per = figures["rss_per_guest"]
     return (
         f"idle{how} n={n}{stopped}: RSS {per / 1024:,.1f} KiB/guest, Python heap "
@@ -131,12 +129,15 @@ async def _idle(n: int, wave: int | None = None) -> str:
     )
 
 
-async def idle_figures(n: int, wave: int | None = None) -> dict[str, Any]:
+async def idle_figures(
+    n: int, wave: int | None = None, launch_for: float | None = None
+) -> dict[str, Any]:
     """``n`` idle sleepers of 1 MiB in this process, launched in one loop (or ``wave``
     at a time, each settled before the next), measured once every memory is packed:
-    the figures ``idle`` prints.  Launching stops early (``stopped``; ``n`` is then the
-    guests launched) if the machine's available memory falls below
-    :data:`MIN_AVAILABLE`."""
+    the figures ``idle`` prints.  Launching stops early (``stopped`` says why; ``n`` is
+    then the guests launched) if the machine's available memory falls below
+    :data:`MIN_AVAILABLE`, or after ``launch_for`` seconds.  Progress goes to stderr
+    every :data:`CHECK_EVERY` launches."""
     image = Path(tempfile.mkdtemp(prefix="bench-swarm-")) / "sleeper.img"
     image.write_bytes(assemble(testing.SLEEPER).image)
     config = GuestConfig(image=image, memory="1M", console="null")
@@ -147,10 +148,11 @@ async def idle_figures(n: int, wave: int | None = None) -> dict[str, Any]:
         rss0, objects0, tasks0 = _rss(), len(gc.get_objects()), len(asyncio.all_tasks())
         maps0 = _mappings()
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        stopped = False
+        until = math.inf if launch_for is None else time.monotonic() + launch_for
+        stopped = ""
         for first in range(0, n, wave or n):
-            if not await _launch_idle(sup, config, guests, min(wave or n, n - first)):
-                stopped = True
+            stopped = await _launch_idle(sup, config, guests, min(wave or n, n - first), until)
+            if stopped:
                 break
         setup_cpu, setup = time.process_time() - cpu0, time.perf_counter() - wall0
         n = len(guests) - 1
@@ -164,7 +166,7 @@ async def idle_figures(n: int, wave: int | None = None) -> dict[str, Any]:
         share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         # The Python heap of more guests, traced apart: tracemalloc's own records would
         # count in the RSS above.
-        traced = 0 if stopped else min(n, TRACED)
+        traced = 0 if stopped == MEMORY_LOW else min(n, TRACED)
         heap = 0
         if traced:
             tracemalloc.start()
@@ -198,17 +200,32 @@ def available() -> int:
     return 0
 
 
-async def _launch_idle(sup: Supervisor, config: GuestConfig, guests: list[Guest], n: int) -> bool:
+async def _launch_idle(
+    sup: Supervisor, config: GuestConfig, guests: list[Guest], n: int, until: float = math.inf
+) -> str:
     """Launch ``n`` more idle guests and wait until they have settled: each has taken
     the console's irq, and a second more (hibernation, packing, trims) has passed.
-    False if it stopped launching early: the available memory fell below
-    :data:`MIN_AVAILABLE` (the guests launched settle all the same)."""
+    Why it stopped launching early, if it did (the guests launched settle all the same):
+    the available memory fell below :data:`MIN_AVAILABLE`, or the clock passed ``until``
+    (``time.monotonic``)."""
     first = len(guests)
-    stopped = False
+    stopped = ""
+    started = time.perf_counter()
     for i in range(n):
-        if i % CHECK_EVERY == 0 and available() < MIN_AVAILABLE:
-            stopped = True
-            break
+        if i % CHECK_EVERY == 0:
+            if available() < MIN_AVAILABLE:
+                stopped = MEMORY_LOW
+            elif time.monotonic() > until:
+                stopped = "its time for launching ran out"
+            if stopped:
+                break
+            if i:
+                print(
+                    f"{len(guests):,} guests, RSS {_rss() >> 20:,} MiB, "
+                    f"{time.perf_counter() - started:,.0f} s; {load()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         guests.append(await sup.launch(config))
     # (The stats are counters, with nothing to wait on.)
     waiting = [g for g in guests[first:] if g.stats.interrupts < 1]
@@ -223,7 +240,7 @@ async def _launch_idle(sup: Supervisor, config: GuestConfig, guests: list[Guest]
         await asyncio.sleep(0.2)
     await asyncio.sleep(hibernation.PACK_TRIM_EVERY)
     gc.collect()
-    return not stopped
+    return stopped
 
 
 def _mappings() -> int:
@@ -264,9 +281,8 @@ async def idle_guests(p: Profile) -> list[Result]:
         raise RuntimeError(f"bench_swarm _idle_json {n} failed:\n{err.decode()[-2000:]}")
     sup: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
     per, raw_per = sup["rss_per_guest"] / 1024, raw["per_guest"] / 1024
-    launched = f"{sup['n']:,}" + (
-        " (stopped: the machine's memory ran low)" if sup["stopped"] else ""
-    )
+    stopped = f" (stopped: {sup['stopped']})" if sup["stopped"] else ""
+    launched = f"{sup['n']:,}{stopped}"
     return [
         Result(
             "idle_guest_rss",
@@ -358,7 +374,8 @@ async def _life(n: int) -> str:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["_idle"]:
-        print(asyncio.run(_idle(int(argv[1]))))
+        launch_for = float(argv[2]) if len(argv) > 2 else None  # seconds
+        print(asyncio.run(_idle(int(argv[1]), launch_for=launch_for)))
         return
     if argv[:1] == ["_idle_json"]:
         print(json.dumps(asyncio.run(idle_figures(int(argv[1])))))
