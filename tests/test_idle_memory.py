@@ -35,7 +35,7 @@ LIMIT = 60  # seconds: a bound for failing, never a wait for success
 # Python heap bytes a resting 1 MiB sleeper holds (tracemalloc): its Launcher, CPU,
 # packed memory and registers, devices, console and Guest.  1,000,000 of them must fit
 # in 16 KiB each with the process's other memory.
-HEAP_BUDGET = 11 * 1024
+HEAP_BUDGET = 10 * 1024
 
 # Sleeps in a halt; irq 1 (vector 33) counts a hit and sets gate 34 (LOAD_IDT_ENTRY,
 # which the native hook completes in C) before it notifies 0x33.
