@@ -97,12 +97,15 @@ def _merged(stale: list[tuple[int, int]]) -> list[tuple[int, int]]:
     one engine call each instead of one per Host write.  A range is joined to the one
     before it only if it starts in a page that one already covers, so no page is
     taken as mapped like its neighbour unless a single write already spanned both."""
-    # One pop from the front at a time (each atomic): a range another thread appends
-    # meanwhile is either taken here or left for the next call, never cleared unseen.
+    # Only this thread removes, and others only append at the end: the first n ranges
+    # are copied, then deleted in one (atomic) step, so a range another thread appends
+    # meanwhile is left for the next call, never cleared unseen.
     n = len(stale)
     if n == 1:  # the common case: one Host write since the CPU last ran
         return [stale.pop(0)]
-    ranges = sorted([stale.pop(0) for _ in range(n)])
+    ranges = stale[:n]
+    del stale[:n]
+    ranges.sort()
     merged: list[tuple[int, int]] = []
     for start, end in ranges:
         if merged and start <= merged[-1][1] and start >> 12 == (merged[-1][1] - 1) >> 12:
