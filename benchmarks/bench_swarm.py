@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import math
 import os
 import re
 import subprocess
@@ -47,11 +49,13 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from supervisor import GuestConfig, Supervisor, hibernation, memory, testing
 from supervisor.host import Guest
 
 from .guests import assemble
+from .harness import Profile, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKER = ROOT / "guests" / "ticker.img"
@@ -60,6 +64,9 @@ TRACED = 1000  # idle guests whose Python heap is traced (after the RSS is measu
 MILLION = 1_000_000
 SETTLE = 60.0  # seconds idle guests may take to have their memories packed
 WAVE = 1000  # guests launched at once by ``idlewaves``
+MIN_AVAILABLE = 2 << 30  # bytes: launching idle guests stops if the machine has less
+MEMORY_LOW = f"available memory below {MIN_AVAILABLE >> 30} GiB"  # why it stopped
+CHECK_EVERY = 1000  # launches between two looks at the available memory
 
 
 def load() -> str:
@@ -102,7 +109,35 @@ def _cell(table: str, column: int) -> int:
     return 0
 
 
-async def _idle(n: int, wave: int | None = None) -> str:
+async def _idle(n: int, wave: int | None = None, launch_for: float | None = None) -> str:
+    figures = await idle_figures(n, wave, launch_for)
+    how = "" if wave is None else f" in waves of {wave:,}"
+    stopped = f" (STOPPED at {figures['n']:,}: {figures['stopped']})" if figures["stopped"] else ""
+    per = figures["rss_per_guest"]
+    return (
+        f"idle{how} n={n}{stopped}: RSS {per / 1024:,.1f} KiB/guest, Python heap "
+        f"{figures['heap_per_guest'] / 1024:,.1f} KiB/guest ({figures['traced']:,} traced), "
+        f"{figures['objects_per_guest']:.0f} gc objects and {figures['tasks_per_guest']:.2f} "
+        f"tasks a guest; {figures['packed']:,} memories packed, "
+        f"{figures['mappings_per_guest']:.3f} mappings a guest; "
+        f"{figures['cpu_share']:.2%} of a core while they wait; set-up "
+        f"{figures['setup_s']:,.0f} s wall, {figures['setup_cpu_s']:,.0f} s CPU "
+        f"({figures['setup_cpu_s'] / figures['n'] * 1e3:.2f} ms a guest); at 1,000,000 "
+        f"(linear): {per * MILLION / 2**30:,.1f} GiB, "
+        f"{figures['mappings_per_guest'] * MILLION:,.0f} more mappings (vm.max_map_count "
+        f"{memory.map_count_limit():,}); {figures['load']}"
+    )
+
+
+async def idle_figures(
+    n: int, wave: int | None = None, launch_for: float | None = None
+) -> dict[str, Any]:
+    """``n`` idle sleepers of 1 MiB in this process, launched in one loop (or ``wave``
+    at a time, each settled before the next), measured once every memory is packed:
+    the figures ``idle`` prints.  Launching stops early (``stopped`` says why; ``n`` is
+    then the guests launched) if the machine's available memory falls below
+    :data:`MIN_AVAILABLE`, or after ``launch_for`` seconds.  Progress goes to stderr
+    every :data:`CHECK_EVERY` launches."""
     image = Path(tempfile.mkdtemp(prefix="bench-swarm-")) / "sleeper.img"
     image.write_bytes(assemble(testing.SLEEPER).image)
     config = GuestConfig(image=image, memory="1M", console="null")
@@ -112,8 +147,15 @@ async def _idle(n: int, wave: int | None = None) -> str:
         gc.collect()
         rss0, objects0, tasks0 = _rss(), len(gc.get_objects()), len(asyncio.all_tasks())
         maps0 = _mappings()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        until = math.inf if launch_for is None else time.monotonic() + launch_for
+        stopped = ""
         for first in range(0, n, wave or n):
-            await _launch_idle(sup, config, guests, min(wave or n, n - first))
+            stopped = await _launch_idle(sup, config, guests, min(wave or n, n - first), until)
+            if stopped:
+                break
+        setup_cpu, setup = time.process_time() - cpu0, time.perf_counter() - wall0
+        n = len(guests) - 1
         rss = _rss() - rss0
         objects = len(gc.get_objects()) - objects0
         tasks = len(asyncio.all_tasks()) - tasks0
@@ -124,32 +166,72 @@ async def _idle(n: int, wave: int | None = None) -> str:
         share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         # The Python heap of more guests, traced apart: tracemalloc's own records would
         # count in the RSS above.
-        traced = min(n, TRACED)
-        tracemalloc.start()
-        heap0 = tracemalloc.get_traced_memory()[0]
-        await _launch_idle(sup, config, guests, traced)
-        heap = tracemalloc.get_traced_memory()[0] - heap0
-        tracemalloc.stop()
-        how = "" if wave is None else f" in waves of {wave:,}"
-        return (
-            f"idle{how} n={n}: RSS {rss / n / 1024:,.1f} KiB/guest, Python heap "
-            f"{heap / traced / 1024:,.1f} KiB/guest ({traced:,} traced), {objects / n:.0f} gc "
-            f"objects and {tasks / n:.2f} tasks a guest; {packed:,} memories packed, "
-            f"{mappings / n:.3f} mappings a guest; {share:.1%} of a core while they wait; "
-            f"at 1,000,000 (linear): {rss / n * MILLION / 2**30:,.1f} GiB, "
-            f"{mappings / n * MILLION:,.0f} more mappings (vm.max_map_count "
-            f"{memory.map_count_limit():,}); {load()}"
-        )
+        traced = 0 if stopped == MEMORY_LOW else min(n, TRACED)
+        heap = 0
+        if traced:
+            tracemalloc.start()
+            heap0 = tracemalloc.get_traced_memory()[0]
+            await _launch_idle(sup, config, guests, traced)
+            heap = tracemalloc.get_traced_memory()[0] - heap0
+            tracemalloc.stop()
+        return {
+            "n": n,
+            "stopped": stopped,
+            "rss_per_guest": rss / n,
+            "heap_per_guest": heap / max(1, traced),
+            "traced": traced,
+            "objects_per_guest": objects / n,
+            "tasks_per_guest": tasks / n,
+            "packed": packed,
+            "mappings_per_guest": mappings / n,
+            "cpu_share": share,
+            "setup_s": setup,
+            "setup_cpu_s": setup_cpu,
+            "load": load(),
+        }
 
 
-async def _launch_idle(sup: Supervisor, config: GuestConfig, guests: list[Guest], n: int) -> None:
+def available() -> int:
+    """The machine's available memory now, in bytes (``MemAvailable``)."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def _launch_idle(
+    sup: Supervisor, config: GuestConfig, guests: list[Guest], n: int, until: float = math.inf
+) -> str:
     """Launch ``n`` more idle guests and wait until they have settled: each has taken
-    the console's irq, and a second more (hibernation, packing, trims) has passed."""
-    for _ in range(n):
+    the console's irq, and a second more (hibernation, packing, trims) has passed.
+    Why it stopped launching early, if it did (the guests launched settle all the same):
+    the available memory fell below :data:`MIN_AVAILABLE`, or the clock passed ``until``
+    (``time.monotonic``)."""
+    first = len(guests)
+    stopped = ""
+    started = time.perf_counter()
+    for i in range(n):
+        if i % CHECK_EVERY == 0:
+            if available() < MIN_AVAILABLE:
+                stopped = MEMORY_LOW
+            elif time.monotonic() > until:
+                stopped = "its time for launching ran out"
+            if stopped:
+                break
+            if i:
+                print(
+                    f"{len(guests):,} guests, RSS {_rss() >> 20:,} MiB, "
+                    f"{time.perf_counter() - started:,.0f} s; {load()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         guests.append(await sup.launch(config))
     # (The stats are counters, with nothing to wait on.)
-    while sum(g.stats.interrupts >= 1 for g in guests) < len(guests):  # noqa: ASYNC110
+    waiting = [g for g in guests[first:] if g.stats.interrupts < 1]
+    while waiting:
         await asyncio.sleep(0.2)
+        waiting = [g for g in waiting if g.stats.interrupts < 1]
     await asyncio.sleep(1 + hibernation.PACK_AFTER)
     # Every memory packed (on a loaded machine the dormitory's timer runs late), up to
     # a bound: the figure then says how many were.
@@ -158,6 +240,7 @@ async def _launch_idle(sup: Supervisor, config: GuestConfig, guests: list[Guest]
         await asyncio.sleep(0.2)
     await asyncio.sleep(hibernation.PACK_TRIM_EVERY)
     gc.collect()
+    return stopped
 
 
 def _mappings() -> int:
@@ -179,6 +262,59 @@ def idle(n: int) -> str:
 def idlewaves(n: int) -> str:
     """``idle`` with the guests launched in waves of ``WAVE``."""
     return _child("idlewaves", n)
+
+
+async def idle_guests(p: Profile) -> list[Result]:
+    """``python -m benchmarks``' figure: ``p.idle_guests`` idle guests (``--idle-guests
+    N``) in a fresh child process, their memory each and the CPU while they wait; raw:
+    a bare instance run to the same ``hlt``, per instance."""
+    from .cases import SMALL_TCG, _child  # (cases imports this module)
+
+    n = p.idle_guests
+    raw = await _child("raw-halted", "300", str(SMALL_TCG))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.bench_swarm", "_idle_json", str(n),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(ROOT),
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_swarm _idle_json {n} failed:\n{err.decode()[-2000:]}")
+    sup: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    per, raw_per = sup["rss_per_guest"] / 1024, raw["per_guest"] / 1024
+    stopped = f" (stopped: {sup['stopped']})" if sup["stopped"] else ""
+    launched = f"{sup['n']:,}{stopped}"
+    return [
+        Result(
+            "idle_guest_rss",
+            f"{launched} idle guests of 1 MiB (halted, memory packed): memory each",
+            "KiB",
+            per,
+            raw_per,
+            per / raw_per,
+            16.0,
+            "value",
+            "lower",
+            f"RSS delta / N in a fresh process, touched pages included; Python heap "
+            f"{sup['heap_per_guest'] / 1024:.1f} KiB a guest ({sup['traced']:,} traced), "
+            f"{sup['objects_per_guest']:.0f} gc objects, {sup['mappings_per_guest']:.3f} "
+            f"mappings a guest; set-up {sup['setup_s']:,.0f} s wall, "
+            f"{sup['setup_cpu_s'] / sup['n'] * 1e3:.2f} ms of CPU a guest; {sup['load']}; "
+            "raw: a bare instance run to the same hlt",
+            sup,
+        ),
+        Result(
+            "idle_guest_cpu",
+            f"{launched} idle guests: CPU while they wait",
+            "% of a core",
+            sup["cpu_share"] * 100,
+            None,
+            None,
+            1.0,
+            "value",
+            "lower",
+            f"process CPU over {WAIT:.0f} s once every memory is packed; {sup['load']}",
+        ),
+    ]
 
 
 def life(n: int) -> str:
@@ -238,7 +374,11 @@ async def _life(n: int) -> str:
 
 def main(argv: list[str]) -> None:
     if argv[:1] == ["_idle"]:
-        print(asyncio.run(_idle(int(argv[1]))))
+        launch_for = float(argv[2]) if len(argv) > 2 else None  # seconds
+        print(asyncio.run(_idle(int(argv[1]), launch_for=launch_for)))
+        return
+    if argv[:1] == ["_idle_json"]:
+        print(json.dumps(asyncio.run(idle_figures(int(argv[1])))))
         return
     if argv[:1] == ["_idlewaves"]:
         print(asyncio.run(_idle(int(argv[1]), WAVE)))

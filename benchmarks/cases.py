@@ -23,7 +23,16 @@ from supervisor.abi import LHREQ_BREAK, LHREQ_IRQ, pack_words
 from supervisor.cpu import DEFAULT_TCG_BUFFER
 from supervisor.slicepool import Job
 
-from . import bench_files, bench_hibernate, bench_net, bench_smp, bench_state, guests, isolation
+from . import (
+    bench_files,
+    bench_hibernate,
+    bench_net,
+    bench_smp,
+    bench_state,
+    bench_swarm,
+    guests,
+    isolation,
+)
 from . import threads as thread_use
 from .bench_c import c_compute
 from .bench_clock import clock_calls
@@ -1213,6 +1222,7 @@ FIGURES: dict[str, Figure] = {
     "revive": bench_state.revive,
     "hibernate_cycles": bench_hibernate.hibernate_cycles,
     "hibernated": bench_hibernate.hibernated,
+    "idle_guests": bench_swarm.idle_guests,
     "c_compute": c_compute,
     "c_speedtest1": speedtest1,
     "clock_calls": clock_calls,

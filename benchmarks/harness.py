@@ -35,6 +35,7 @@ class Profile:
     wakes: int = 200  # random wakes of hibernated guests
     pairs: int = 5  # interleaved raw/supervised rounds of a loop figure (paired_ratio)
     load: int = 0  # CPU-bound load processes running (--load): goals relative to raw
+    idle_guests: int = 20_000  # idle guests held at once (--idle-guests: 1,000,000 is the goal's)
 
 
 QUICK = Profile(
@@ -48,6 +49,7 @@ QUICK = Profile(
     spinners=200,
     spin_seconds=2.0,
     startups=40,
+    idle_guests=500,
 )
 FULL = Profile(
     "full",

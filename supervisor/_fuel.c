@@ -107,7 +107,11 @@ typedef struct fuel {
        (LgCpu.idt, .stack and .ts are views of these fields, supervisor/cpu.py). */
     uint64_t native_mask;       /* bit n: complete hypercall n here (a subset of local_mask) */
     uint64_t native_done;       /* hypercalls completed here; the run loop adds them to stats */
-    uint32_t idt[256][2];       /* the guest's IDT: lo, hi of each gate */
+    /* The guest's IDT: lo, hi of each gate.  The CPU's own table whenever it holds an
+       engine (so whenever a run may write it); while it waits without one, possibly a
+       table shared with the CPUs whose IDT has the same bytes, which nothing writes
+       (supervisor/_slicing.py: share_idt, own_idt). */
+    uint32_t (*idt)[2];
     uint32_t stack[3];          /* LHCALL_SET_STACK's ss, esp, pages */
     int32_t ts;                 /* LHCALL_TS's flag */
     /* The guest's memory, for the page-table calls' checks: fixed for the guest's life */

@@ -33,6 +33,7 @@ import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -84,12 +85,44 @@ REASON_IRQ = 3  # an interrupt was raised (interrupt()): the slice delivers it a
 HLT = 0xF4
 
 
+# A guest's IDT as _fuel.c reads it: lo, hi of each gate.
+IdtTable = (ctypes.c_uint32 * 2) * IDT_ENTRIES
+
+# The IDTs that waiting CPUs share, by their bytes (share_idt): an entry lives as long
+# as some CPU's Fuel holds its table.  Nothing writes a table once it is here.
+_shared_idts: weakref.WeakValueDictionary[bytes, ctypes.Array[Any]] = weakref.WeakValueDictionary()
+
+
+def _shared_idt(gates: ctypes.Array[Any]) -> ctypes.Array[Any]:
+    """The shared table with the bytes of ``gates``; ``gates`` itself becomes it if there
+    is none (its owner must never write it again)."""
+    key = bytes(gates)
+    shared = _shared_idts.get(key)
+    if shared is None:
+        _shared_idts[key] = shared = gates
+    return shared
+
+
+# Every gate not present: a new CPU's IDT, shared until it first runs.
+_BLANK_IDT = _shared_idt(IdtTable())
+
+
+def shared_idts() -> int:
+    """How many distinct IDTs waiting CPUs share now (:func:`share_idt`)."""
+    return len(_shared_idts)
+
+
 class Fuel(ctypes.Structure):
     """A CPU's slice meter, shared with the native code (``fuel_t`` in ``_fuel.c``).
 
     ``exit_request`` says which native path the CPU is on; ``left`` and ``mark`` are
-    the slice's CPU-time account (see :func:`run`).
+    the slice's CPU-time account (see :func:`run`).  ``idt`` points at ``gates``, the
+    guest's IDT (:data:`IdtTable`): the CPU's own table while ``owns_gates``, else one
+    shared by content with other CPUs, which nothing may write (:func:`own_idt` first).
+    No attribute dict: a waiting guest's CPU keeps its Fuel.
     """
+
+    __slots__ = ("address", "gates", "local_call", "owns_gates")
 
     _fields_ = [
         ("stop", ctypes.c_int32),
@@ -124,7 +157,7 @@ class Fuel(ctypes.Structure):
         # change: its only copy (LgCpu.idt, .stack and .ts are views of these fields).
         ("native_mask", ctypes.c_uint64),
         ("native_done", ctypes.c_uint64),  # completed natively, not yet in CpuStats
-        ("idt", (ctypes.c_uint32 * 2) * IDT_ENTRIES),  # lo, hi of each gate
+        ("idt", ctypes.c_void_p),  # gates' address (an IdtTable)
         ("stack", ctypes.c_uint32 * 3),  # ss, esp, pages
         ("ts", ctypes.c_int32),
         ("ram", ctypes.c_void_p),  # the guest's memory, for the page-table calls' checks
@@ -146,14 +179,23 @@ class Fuel(ctypes.Structure):
         ("irq_stops", ctypes.c_uint64),  # runs stopped for an irq that run() went on with
         ("irqs_native", ctypes.c_uint64),  # irqs run() delivered
     ]
-    address: int = 0  # ctypes.addressof(self), kept by attach()
+    address: int  # ctypes.addressof(self): how the native calls name it
+    local_call: Callable[[int, int, int, int], bool] | None  # kept alive for `local`
+    gates: ctypes.Array[Any]  # the IdtTable at `idt`
+    owns_gates: bool  # `gates` is this CPU's alone (else shared: never written)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.address = ctypes.addressof(self)
+        self.local_call = None
+        self.owns_gates = False
+        self.gates = _BLANK_IDT
+        self.idt = ctypes.addressof(self.gates)
 
     @property
     def counts_blocks(self) -> bool:
         """True if ``blocks`` counts this CPU's blocks (the block-hook path)."""
         return NATIVE and not self.exit_request
-
-    local_call: Callable[[int, int, int, int], bool] | None = None  # kept alive for `local`
 
 
 def layout_differences(layout: Mapping[str, tuple[int, int]], size: int) -> list[str]:
@@ -250,8 +292,34 @@ def new_fuel(count_blocks: bool = False) -> Fuel:
     fuel = Fuel()
     fuel.clock_mask = 0
     fuel.exit_request = not count_blocks and _no_exit_request() is not None
-    fuel.address = ctypes.addressof(fuel)
     return fuel
+
+
+def own_idt(fuel: Fuel) -> ctypes.Array[Any]:
+    """The CPU's IDT table, made its own first (a copy of the shared one) if it shares
+    one: before anything writes it (the CPU's owner)."""
+    if not fuel.owns_gates:
+        fuel.gates = IdtTable.from_buffer_copy(fuel.gates)
+        fuel.idt = ctypes.addressof(fuel.gates)
+        fuel.owns_gates = True
+    return fuel.gates
+
+
+def share_idt(fuel: Fuel) -> None:
+    """Have a waiting CPU (no engine, no slice) share its IDT with every other CPU whose
+    IDT has the same bytes, keeping no table of its own (2 KiB); its next run, or write
+    to it, makes it its own again (:func:`own_idt`)."""
+    if fuel.owns_gates:
+        fuel.owns_gates = False
+        fuel.gates = _shared_idt(fuel.gates)
+        fuel.idt = ctypes.addressof(fuel.gates)
+
+
+def clear_idt(fuel: Fuel) -> None:
+    """Every gate of the CPU's IDT not present (the shared blank table)."""
+    fuel.owns_gates = False
+    fuel.gates = _BLANK_IDT
+    fuel.idt = ctypes.addressof(fuel.gates)
 
 
 def attach(
@@ -530,6 +598,8 @@ def run(uc: Any, fuel: Fuel, until: int, ring: int = 0, next_hcall: int = 0) -> 
     :func:`count_spent` if the count ran out.
     """
     if NATIVE:
+        if not fuel.owns_gates:  # (the run may write it: LHCALL_LOAD_IDT_ENTRY in C)
+            own_idt(fuel)
         _unicorn.forget_hook_exception(uc)
         # (_fuel.c also sets budget to 0 when the slice's time is found spent: time is the
         # budget on the exit-request path, and with no time left nothing ran.)

@@ -26,8 +26,6 @@ fall-back to a flush; the Python walk below is for the other CPUs.
 
 from __future__ import annotations
 
-from collections import deque
-
 from unicorn import x86_const as r
 
 from . import _slicing, _unicorn
@@ -94,17 +92,20 @@ def _remove_code(cpu: LgCpu, begin: int, end: int, control: tuple[int, int, int]
         page = stop
 
 
-def _merged(stale: deque[tuple[int, int]]) -> list[tuple[int, int]]:
+def _merged(stale: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Take every recorded range, overlapping and adjacent ones joined: one lookup and
     one engine call each instead of one per Host write.  A range is joined to the one
     before it only if it starts in a page that one already covers, so no page is
     taken as mapped like its neighbour unless a single write already spanned both."""
-    # One popleft at a time (each atomic): a range another thread appends meanwhile is
-    # either taken here or left for the next call, never cleared unseen.
+    # Only this thread removes, and others only append at the end: the first n ranges
+    # are copied, then deleted in one (atomic) step, so a range another thread appends
+    # meanwhile is left for the next call, never cleared unseen.
     n = len(stale)
     if n == 1:  # the common case: one Host write since the CPU last ran
-        return [stale.popleft()]
-    ranges = sorted([stale.popleft() for _ in range(n)])
+        return [stale.pop(0)]
+    ranges = stale[:n]
+    del stale[:n]
+    ranges.sort()
     merged: list[tuple[int, int]] = []
     for start, end in ranges:
         if merged and start <= merged[-1][1] and start >> 12 == (merged[-1][1] - 1) >> 12:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import dataclasses
 import enum
 import functools
@@ -31,7 +30,6 @@ import math
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, overload
@@ -149,14 +147,16 @@ class Idt(MutableSequence[tuple[int, int]]):
     """The guest's IDT as ``(lo, hi)`` pairs: a view of the CPU's ``Fuel.idt``.
 
     Its entries live only there, where ``_fuel.c``'s interrupt hook writes them
-    (LHCALL_LOAD_IDT_ENTRY done natively) and interrupt delivery reads them.  Fixed
-    length: entries are replaced, never inserted or deleted.
+    (LHCALL_LOAD_IDT_ENTRY done natively) and interrupt delivery reads them.  The table
+    may be shared with other waiting CPUs (``_slicing.share_idt``): each access looks it
+    up afresh, and a write makes it the CPU's own first.  Fixed length: entries are
+    replaced, never inserted or deleted.
     """
 
-    __slots__ = ("_table",)
+    __slots__ = ("_fuel",)
 
     def __init__(self, fuel: _slicing.Fuel) -> None:
-        self._table = fuel.idt
+        self._fuel = fuel
 
     def __len__(self) -> int:
         return IDT_ENTRIES
@@ -168,13 +168,13 @@ class Idt(MutableSequence[tuple[int, int]]):
     def __getitem__(self, index: int | slice) -> tuple[int, int] | list[tuple[int, int]]:
         if isinstance(index, slice):
             return list(self)[index]
-        gate = self._table[index]
+        gate = self._fuel.gates[index]
         return (gate[0], gate[1])
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # The whole table in one conversion: a state capture reads every entry, and
         # ctypes converts one element at a time, far slower.
-        words = iter(_IDT_WORDS.unpack(bytes(self._table)))
+        words = iter(_IDT_WORDS.unpack(bytes(self._fuel.gates)))
         return zip(words, words, strict=True)
 
     @overload
@@ -187,14 +187,15 @@ class Idt(MutableSequence[tuple[int, int]]):
             values = list(value)
             if len(values) != len(indices):
                 raise ValueError(f"the IDT has {IDT_ENTRIES} entries, not {len(values)}")
+            table = _slicing.own_idt(self._fuel)
             if len(indices) == IDT_ENTRIES and indices.step == 1:  # all of it (a restore)
-                _IDT_WORDS.pack_into(self._table, 0, *itertools.chain.from_iterable(values))
+                _IDT_WORDS.pack_into(table, 0, *itertools.chain.from_iterable(values))
                 return
             for i, (lo, hi) in zip(indices, values, strict=True):
-                self._table[i] = (lo, hi)
+                table[i] = (lo, hi)
             return
         lo, hi = value
-        self._table[index] = (lo, hi)
+        _slicing.own_idt(self._fuel)[index] = (lo, hi)
 
     def __delitem__(self, index: int | slice) -> None:
         raise TypeError("IDT entries cannot be deleted")
@@ -399,8 +400,10 @@ class LgCpu:
     budget: int = host_only(default=DEFAULT_BUDGET)
     inline_spent: bool = host_only(default=False)
     trap: Trap = host_only(default_factory=Trap)  # what the hooks recorded (the slice)
-    # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache).
-    stale_code: deque[tuple[int, int]] = host_only(default_factory=deque)
+    # Guest-physical ranges the Host wrote since the CPU last ran (supervisor.codecache):
+    # a list, whose appends and pops are each atomic as a deque's are, and which holds no
+    # storage while empty (a deque keeps a block of 0.5 KiB even then).
+    stale_code: list[tuple[int, int]] = host_only(default_factory=list)
     # Instances hibernate() gave back minus those thaw() took, in this process: the C
     # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
     given_back: ClassVar[int] = 0
@@ -622,13 +625,16 @@ class LgCpu:
 
     def pack_registers(self) -> bool:
         """Keep the registers of a CPU that gave its emulator back packed
-        (:func:`_unicorn.pack_context`, about 5 KiB less); True if it packed them.
-        Event loop, while no slice is queued or runs; the next take unpacks them."""
+        (:func:`_unicorn.pack_context`, about 5 KiB less), and its IDT in the table
+        shared by the CPUs whose IDT has the same bytes (``_slicing.share_idt``, 2 KiB
+        less); True if it packed them.  Event loop, while no slice is queued or runs;
+        the next take unpacks the registers, the next run copies the IDT."""
         engine = self.engine
         if engine.frozen is None or engine.packed or engine.released or self.running:
             return False
         engine.frozen = _unicorn.pack_context(engine.frozen)
         engine.packed = True
+        _slicing.share_idt(self.fuel)  # (its own again at its next run)
         if engine.pool is not None and engine.last is not None:
             # Asleep this long, it rarely finds its engine untouched when it wakes: take
             # it off that engine now (EnginePool.disown: its memory unmapped, the engine
@@ -745,7 +751,7 @@ class LgCpu:
 
 def _put_idt(fuel: _slicing.Fuel, value: Iterable[tuple[int, int]]) -> None:
     if type(value) is _NoGates:
-        ctypes.memset(fuel.idt, 0, ctypes.sizeof(fuel.idt))
+        _slicing.clear_idt(fuel)
         return
     Idt(fuel)[:] = list(value)
 

@@ -861,6 +861,8 @@ class LguestFile:
         finally:
             cpu.run.reading = False
             finished = self._running.pop(cpu.id)
+            if not self._running:
+                self._running.clear()  # (frees its table: a resting guest keeps none)
             if finished is not None:
                 finished.set_result(None)  # close() waits for the read, not the reader's task
             if not cpu.run.closing and dormitory is not None:

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 _U32 = struct.Struct("<I")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Lguest:
-    """Everything the Host knows about one guest."""
+    """Everything the Host knows about one guest.  Slots: no attribute dict, which
+    switching an idle guest's class (:meth:`pack_memory`) would otherwise make."""
 
     ram: memoryview = host_only()  # the guest's window of the Launcher's memory
     pfn_limit: int = saved()
@@ -161,6 +162,8 @@ class Lguest:
 class _PackedLguest(Lguest):
     """An :class:`Lguest` whose memory is packed: reading ``ram`` unpacks it and turns
     the guest back into a plain :class:`Lguest` (no check on the hot path)."""
+
+    __slots__ = ()
 
     @property
     def ram(self) -> memoryview:

@@ -628,11 +628,10 @@ def test_no_host_write_range_is_lost_while_another_thread_records_more() -> None
     # codecache.note() appends from any thread while the CPU's thread takes the ranges.
     import sys
     import threading
-    from collections import deque
 
     from supervisor import codecache
 
-    stale: deque[tuple[int, int]] = deque()
+    stale: list[tuple[int, int]] = []  # (as LgCpu.stale_code)
     n = 50_000
     taken: list[tuple[int, int]] = []
     interval = sys.getswitchinterval()

@@ -16,6 +16,7 @@ All fields are 32-bit little endian.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ class Layout:
         ]
 
 
+@functools.lru_cache(maxsize=64)
 def plan(ram_size: int) -> Layout:
-    """Place page tables at the top of RAM and the device page just above it.
+    """Place page tables at the top of RAM and the device page just above it (one
+    Layout, which is frozen, per size: every guest of a size shares it).
 
     Raises ``ValueError`` if ``ram_size`` is not a page multiple, too small, or
     so large that RAM would reach the kernel mapping at ``PAGE_OFFSET``.
