@@ -57,8 +57,8 @@ rather than packed early.
 
 Packed memory: when the last of a guest's CPUs has its registers packed, nothing but the
 Host can touch the guest's memory, so it is packed too (:meth:`Lguest.pack_memory`,
-:meth:`GuestMemory.pack`): the pages that differ from its template, deflated (guests
-that wrote the same bytes share one copy), and its RAM and its template's mapping given
+:meth:`GuestMemory.pack`): the bytes that differ from its template, as runs deflated
+(:mod:`supervisor.delta`; guests that wrote the same bytes share one copy), and its RAM and its template's mapping given
 back to the host kernel.  The first access puts every byte back: ``Lguest.ram`` (every
 Host access), :attr:`GuestMemory.view` (the Launcher, snapshots) or an engine taken
 for one of its CPUs (``dormitory.memory_packs`` counts the packs).
