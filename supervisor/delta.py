@@ -54,12 +54,7 @@ class Delta:
 
 def runs(packed: bytes) -> Iterator[tuple[int, memoryview]]:
     """Each run of a :meth:`Delta.pack` value: its offset and its bytes."""
-    raw = memoryview(zlib.decompress(packed))
-    count = array("I")
-    count.frombytes(raw[:_SPAN])
-    end = _SPAN * (1 + 2 * count[0])
-    spans = array("I")
-    spans.frombytes(raw[_SPAN:end])
+    raw, spans, end = _open(packed)
     for i in range(0, len(spans), 2):
         at, size = spans[i], spans[i + 1]
         yield at, raw[end : end + size]
@@ -68,8 +63,19 @@ def runs(packed: bytes) -> Iterator[tuple[int, memoryview]]:
 
 def apply(packed: bytes, target: memoryview | bytearray) -> None:
     """Write each run of ``packed`` into ``target`` (which holds the base) at its offset."""
-    for at, data in runs(packed):
-        target[at : at + len(data)] = data
+    raw, spans, end = _open(packed)  # (the loop of runs() without a generator: the wake's)
+    for i in range(0, len(spans), 2):
+        at, size = spans[i], spans[i + 1]
+        target[at : at + size] = raw[end : end + size]
+        end += size
+
+
+def _open(packed: bytes) -> tuple[memoryview, memoryview, int]:
+    """A packed delta inflated: its bytes, its spans (as unsigned ints, in place) and
+    where the runs' bytes begin."""
+    raw = memoryview(zlib.decompress(packed))
+    end = _SPAN * (1 + 2 * raw[:_SPAN].cast("I")[0])
+    return raw, raw[_SPAN:end].cast("I"), end
 
 
 def pack(data: bytes, base: bytes) -> bytes:

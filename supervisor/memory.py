@@ -24,6 +24,9 @@ _mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, 
                   ctypes.c_long)  # fmt: skip
 _mmap.restype = ctypes.c_void_p
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
 _MAP_FIXED = 0x10  # Linux, every architecture this runs on
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -359,6 +362,11 @@ class GuestMemory:
                 delta.add(page, base, start)
         blob = _blob_in(delta.pack())
         self._set_packed(blob)
+        # Anonymous memory's pages are dropped where they are: read again, they are zeros,
+        # which is what its delta was taken against; no mapping to make now nor at the
+        # unpack.
+        if template is None and _madvise(self._address, self._size, mmap.MADV_DONTNEED) == 0:
+            return True
         try:
             _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
         except OSError:  # the kernel refused: put it back as it was, exactly
@@ -376,11 +384,7 @@ class GuestMemory:
         if self._template is not None:
             self._unshared()
             self._map_template(self._template)
-        else:
-            try:
-                _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
-            except OSError:
-                ctypes.memset(self._address, 0, self._size)
+        # (else the pages were dropped, or mapped afresh: zeros, where the delta applies)
         assert self._view is not None
         apply(packed, self._view)  # (only the bytes that differ from where it started)
         _blob_out(packed)
