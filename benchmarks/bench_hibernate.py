@@ -32,6 +32,7 @@ import gc
 import math
 import os
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -80,17 +81,23 @@ class _Sleeper:
     """A resting SLEEPER and its read in flight, if any; its restart reads on, as a
     Launcher's task does once the CPU's wake calls it back."""
 
-    __slots__ = ("g", "reader")
+    __slots__ = ("g", "read_at", "reader")
     closing = False  # the device closes: its close wakes every CPU, and reads fail
 
     def __init__(self, g: Booted) -> None:
         self.g = g
         self.reader: asyncio.Future[bytes] | None = None
+        self.read_at = 0.0  # when the last read returned, in the reader's task
 
     def restart(self) -> None:
         if _Sleeper.closing:
             return
-        self.reader = asyncio.ensure_future(self.g.file.read(abi.WORD_SIZE))
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> bytes:
+        word = await self.g.file.read(abi.WORD_SIZE)
+        self.read_at = now()
+        return word
 
     @property
     def rests(self) -> bool:
@@ -137,21 +144,35 @@ async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
         hibernation.PACK_AFTER = WAKE_PACK_AFTER
         rng = random.Random(1)
         latencies = []
+        returned: list[float] = []  # to the read's return, in the reader's own task
         loop_cpu: list[float] = []
+        causes: list[tuple[int, int, int]] = []  # per wake: preemptions, collections, trims
+        collecting = _GcCount()
+        gc.callbacks.append(collecting)
         trims, collections = dev.dormitory.trims, _collections()
         for _ in range(wakes):
             sleeper = sleepers[rng.randrange(n)]
             g = sleeper.g
+            preempted, collected, trimmed = _preemptions(), collecting.count, dev.dormitory.trims
             t, c = now(), time.thread_time()
             await g.file.write(abi.pack_words(abi.LHREQ_IRQ, 1))
             assert sleeper.reader is not None and not sleeper.reader.done()  # restarted
             word = await sleeper.reader
             latencies.append(now() - t)
+            returned.append(sleeper.read_at - t)
             loop_cpu.append(time.thread_time() - c)  # (the wake runs on the loop's thread)
+            causes.append(
+                (
+                    _preemptions() - preempted,
+                    collecting.count - collected,
+                    dev.dormitory.trims - trimmed,
+                )
+            )
             assert abi.unpack_words(word) == (0x33,)
             sleeper.restart()
             async with asyncio.timeout(10):  # (a bound for failing, not a wait for success)
                 await poll(lambda: sleeper.rests, 0)  # noqa: B023 - awaited here
+        gc.callbacks.remove(collecting)
         trims = dev.dormitory.trims - trims
         collections = [b - a for a, b in zip(collections, _collections(), strict=True)]
         t_close = now()
@@ -168,11 +189,49 @@ async def sup_hibernated(n: int, wakes: int) -> dict[str, Any]:
         "wake_p50": median(latencies),
         "wake_p99": percentile(latencies, 99),
         "wake_max": max(latencies, default=math.nan),
+        "read_p50": median(returned),
+        "read_p99": percentile(returned, 99),
         "wake_cpu_p50": median(loop_cpu),
         "wake_cpu_p99": percentile(loop_cpu, 99),
         "wakes": len(latencies),
+        **_tail(latencies, causes),
         "trims_during_wakes": trims,
         "gc_during_wakes": collections,
+    }
+
+
+class _GcCount:
+    """A ``gc.callbacks`` entry: how many collections (any generation) have started."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.count += 1
+
+
+def _preemptions() -> int:
+    """The loop thread's involuntary context switches so far: the kernel gave its core to
+    another thread or process (``RUSAGE_THREAD``, Linux)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+
+
+def _tail(latencies: list[float], causes: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """What the slowest 1 % of wakes had in them: how many lost the core meanwhile, saw a
+    garbage collection, a ``malloc_trim``, or none of those; and the p99 of the wakes
+    that never lost the core (what the supervisor's own work makes of the tail)."""
+    order = sorted(range(len(latencies)), key=latencies.__getitem__, reverse=True)
+    slowest = order[: max(1, len(order) // 100)]
+    kept = [latencies[i] for i in range(len(latencies)) if not causes[i][0]]
+    return {
+        "tail_wakes": len(slowest),
+        "tail_preempted": sum(1 for i in slowest if causes[i][0]),
+        "tail_collected": sum(1 for i in slowest if causes[i][1]),
+        "tail_trimmed": sum(1 for i in slowest if causes[i][2]),
+        "tail_none": sum(1 for i in slowest if not any(causes[i])),
+        "preempted_wakes": len(latencies) - len(kept),
+        "unpreempted_p99": percentile(kept, 99) if kept else math.nan,
     }
 
 
@@ -277,11 +336,17 @@ async def hibernated(p: Profile) -> list[Result]:
             0.3,
             "value",
             "lower",
-            f"p50 {sup['wake_p50'] * 1e3:.2f} ms, max {sup['wake_max'] * 1e3:.2f} ms; the "
+            f"p50 {sup['wake_p50'] * 1e3:.2f} ms, max {sup['wake_max'] * 1e3:.2f} ms; to the "
+            f"read's return in its own task p50 {sup['read_p50'] * 1e3:.2f} ms, p99 "
+            f"{sup['read_p99'] * 1e3:.2f} ms; the "
             f"loop thread's CPU a wake p50 {sup['wake_cpu_p50'] * 1e3:.2f} ms, p99 "
             f"{sup['wake_cpu_p99'] * 1e3:.2f} ms; "
             f"during the wakes {sup['trims_during_wakes']} malloc_trim, garbage collections "
-            f"by generation {sup['gc_during_wakes']}",
+            f"by generation {sup['gc_during_wakes']}; of the {sup['tail_wakes']} slowest, "
+            f"{sup['tail_preempted']} lost the loop's core meanwhile, {sup['tail_collected']} "
+            f"saw a collection, {sup['tail_trimmed']} a malloc_trim, {sup['tail_none']} none "
+            f"of those; p99 of the {sup['wakes'] - sup['preempted_wakes']:,} wakes that never "
+            f"lost the core {sup['unpreempted_p99'] * 1e3:.2f} ms",
         ),
     ]
 

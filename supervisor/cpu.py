@@ -407,6 +407,10 @@ class LgCpu:
     # Instances hibernate() gave back minus those thaw() took, in this process: the C
     # heap keeps their memory for reuse (supervisor.hibernation decides when to trim it).
     given_back: ClassVar[int] = 0
+    # Packed registers unpacked (a packed CPU took an engine) in this process: the bytes
+    # they take again fill the holes in the C heap that packing left (what
+    # supervisor.hibernation weighs before a trim).
+    unpacked: ClassVar[int] = 0
 
     # -- any thread -------------------------------------------------------------
     def kick(self) -> None:
@@ -590,6 +594,7 @@ class LgCpu:
                     _install_hooks(self)
                 if engine.packed:
                     frozen = _unicorn.unpack_context(frozen)
+                    LgCpu.unpacked += 1
                 # (No TLB entry of its previous CPU is left to drop: mapping this CPU's
                 # memory, which every take but of its own engine does, flushed the TLB, as
                 # Unicorn does at every change of the memory map.)

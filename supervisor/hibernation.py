@@ -48,9 +48,13 @@ Packed registers: a CPU that has kept its registers as bytes (hibernated, or wit
 pool, its engine given back) for ``PACK_AFTER`` while no slice of it was queued has
 them packed (:meth:`LgCpu.pack_registers`, 5.4 KiB down to about 0.2 KiB): an idle
 guest's largest Python object.  The bytes freed are holes in the C heap between live
-objects, so ``PACK_TRIM`` packs since the last ``malloc_trim`` bring one, at most one
-per ``PACK_TRIM_EVERY``.  The delay keeps the cost (about 15 us, and 10 us to
-unpack at the next switch or wake) off guests that sleep briefly.  One FIFO queue per
+objects, so ``PACK_TRIM`` packs more than unpacks (:attr:`LgCpu.unpacked`, process-wide
+like the heap) since the last ``malloc_trim`` bring one, at most one per
+``PACK_TRIM_EVERY``: a wake's bytes fill the holes its pack left, so guests that wake
+and sleep in turn bring none (a trim walks the whole heap, milliseconds with 100,000
+guests, which a wake on the loop meanwhile waits for).  The delay keeps the cost
+(about 15 us, and 5 us to unpack at the next switch or wake) off guests that sleep
+briefly.  One FIFO queue per
 device, one entry per CPU (``Engine.pack_queued``) and at most one timer: each entry
 remembers which bytes it was queued for, so a CPU that ran meanwhile is queued again
 rather than packed early.
@@ -66,11 +70,11 @@ packs as before.
 
 Packed memory: when the last of a guest's CPUs has its registers packed, nothing but the
 Host can touch the guest's memory, so it is packed too (:meth:`Lguest.pack_memory`,
-:meth:`GuestMemory.pack`): the pages that differ from its template, deflated (guests
-that wrote the same bytes share one copy), and its RAM and its template's mapping given
-back to the host kernel.  The first access puts every byte back: ``Lguest.ram`` (every
-Host access), :attr:`GuestMemory.view` (the Launcher, snapshots) or an engine taken
-for one of its CPUs (``dormitory.memory_packs`` counts the packs).
+:meth:`GuestMemory.pack`): the bytes that differ from its template, as runs deflated
+(:mod:`supervisor.delta`; guests that wrote the same bytes share one copy), and its RAM
+and its template's mapping given back to the host kernel.  The first access puts every
+byte back: ``Lguest.ram`` (every Host access), :attr:`GuestMemory.view` (the Launcher,
+snapshots) or an engine taken for one of its CPUs (``dormitory.memory_packs`` counts the packs).
 
 A wake is paid by the guest that wakes.  Taking a new emulator, running the
 guest on it until it sleeps again (its code translated afresh), giving it back
@@ -184,6 +188,7 @@ class Dormitory:
         "_timer",
         "_timer_due",
         "_trim",
+        "_unpacked",
         "deferred",
         "lazy_kept",
         "left_unpacked",
@@ -216,6 +221,7 @@ class Dormitory:
         self.memory_packs = 0  # guests' memories packed (their CPUs' registers all were)
         self.left_unpacked = 0  # packs due that a clock event due soon put off
         self._packed = 0  # packs since memory was last given back
+        self._unpacked = LgCpu.unpacked  # LgCpu.unpacked when memory was last given back
         self._last_trim = -math.inf  # loop time of the last malloc_trim
         self.trims = 0  # times memory was given back to the system
         self.deferred = 0  # wakes put off until the CPU's share had paid for its earlier ones
@@ -470,6 +476,7 @@ class Dormitory:
             self.trims += 1
         _low = LgCpu.given_back
         self._packed = 0
+        self._unpacked = LgCpu.unpacked
         self._last_trim = asyncio.get_running_loop().time()
 
     # -- packed registers ------------------------------------------------------------------
@@ -520,7 +527,8 @@ class Dormitory:
         if packing and self._pack_timer is None:
             self._pack_timer = loop.call_at(packing[0][0], self._pack_due)
         self._packed += self.packs - packs
-        if self._packed >= PACK_TRIM and self._trim is None and _GIVE_BACK is not None:
+        grown = self._packed - (LgCpu.unpacked - self._unpacked)
+        if grown >= PACK_TRIM and self._trim is None and _GIVE_BACK is not None:
             delay = max(TRIM_DELAY, self._last_trim + PACK_TRIM_EVERY - now)
             self._trim = loop.call_later(delay, self._give_back)
 

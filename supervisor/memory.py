@@ -13,11 +13,10 @@ import fcntl
 import mmap
 import os
 import weakref
-import zlib
-from array import array
 from collections.abc import Callable
 
 from .abi import PAGE_SIZE
+from .delta import Delta, apply
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -25,6 +24,9 @@ _mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, 
                   ctypes.c_long)  # fmt: skip
 _mmap.restype = ctypes.c_void_p
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
 _MAP_FIXED = 0x10  # Linux, every architecture this runs on
 _RW = mmap.PROT_READ | mmap.PROT_WRITE
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -268,7 +270,7 @@ class GuestMemory:
         self._watchers: list[Callable[[int, int], None]] = []
         self._shared = False
         self._template: MemoryTemplate | None = None  # what unwritten pages hold
-        self._packed: tuple[bytes, bytes] | None = None  # (page numbers, their bytes)
+        self._packed: bytes | None = None  # the written bytes (a supervisor.delta value)
         self._pins = 0
         if template is not None:
             self._start_from(template)
@@ -321,7 +323,7 @@ class GuestMemory:
     @property
     def packed_size(self) -> int:
         """Bytes the packed pages take (0 unless :attr:`packed`; shared ones counted whole)."""
-        return 0 if self._packed is None else len(self._packed[1])
+        return 0 if self._packed is None else len(self._packed)
 
     def pin(self) -> None:
         """Keep the memory from being packed while someone holds a view of it across a
@@ -333,8 +335,9 @@ class GuestMemory:
         self._pins -= 1
 
     def pack(self) -> bool:
-        """Keep only the pages that differ from where the memory started (its template's
-        pages, or zeros), deflated, and give every page back to the host kernel: the
+        """Keep only the bytes that differ from where the memory started (its template's
+        pages, or zeros), as runs deflated (:mod:`supervisor.delta`: unpacking writes
+        those runs alone), and give every page back to the host kernel: the
         mapping of the template goes too, so its pages stop counting in the process's
         RSS and in its mappings.  True if it packed.
 
@@ -350,16 +353,20 @@ class GuestMemory:
             return False
         template = self._template
         view = self._view
-        numbers = array("I")
-        kept = []
+        delta = Delta()
         for n in held:  # (the others were never written: the template's pages, or zeros)
-            page = view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE]
-            if page == (_ZERO_PAGE if template is None else template._page(n)):
-                continue
-            numbers.append(n)
-            kept.append(bytes(page))
-        blob = _blob_in(zlib.compress(b"".join(kept), 1))
-        self._set_packed((numbers.tobytes(), blob))
+            start = n * PAGE_SIZE
+            page = view[start : start + PAGE_SIZE]
+            base = _ZERO_PAGE if template is None else template._page(n)
+            if page != base:
+                delta.add(page, base, start)
+        blob = _blob_in(delta.pack())
+        self._set_packed(blob)
+        # Anonymous memory's pages are dropped where they are: read again, they are zeros,
+        # which is what its delta was taken against; no mapping to make now nor at the
+        # unpack.
+        if template is None and _madvise(self._address, self._size, mmap.MADV_DONTNEED) == 0:
+            return True
         try:
             _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
         except OSError:  # the kernel refused: put it back as it was, exactly
@@ -374,31 +381,22 @@ class GuestMemory:
         if packed is None:
             return
         self._set_packed(None)
-        numbers_raw, blob = packed
         if self._template is not None:
             self._unshared()
             self._map_template(self._template)
-        else:
-            try:
-                _map_fixed(self._address, self._size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1)
-            except OSError:
-                ctypes.memset(self._address, 0, self._size)
-        numbers = array("I")
-        numbers.frombytes(numbers_raw)
-        data = zlib.decompress(blob)
-        _blob_out(blob)
-        for i, n in enumerate(numbers):
-            ctypes.memmove(self._address + n * PAGE_SIZE,
-                           data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE], PAGE_SIZE)  # fmt: skip
+        # (else the pages were dropped, or mapped afresh: zeros, where the delta applies)
+        assert self._view is not None
+        apply(packed, self._view)  # (only the bytes that differ from where it started)
+        _blob_out(packed)
 
-    def _set_packed(self, packed: tuple[bytes, bytes] | None) -> None:
+    def _set_packed(self, packed: bytes | None) -> None:
         global _packed_live
         _packed_live += (packed is not None) - (self._packed is not None)
         self._packed = packed
 
     def _drop_packed(self) -> None:
         if self._packed is not None:
-            _blob_out(self._packed[1])
+            _blob_out(self._packed)
             self._set_packed(None)
 
     def clear(self) -> None:

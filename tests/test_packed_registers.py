@@ -8,8 +8,8 @@ import asyncio
 import math
 
 import pytest
-from guestasm import boot, notified, present, until
-from idleguests import sleeper
+from guestasm import Booted, boot, notified, present, until
+from idleguests import sleeper, wake
 from test_state import WORKER, comparable
 
 from supervisor import LguestDevice, _unicorn, abi, hibernation
@@ -181,3 +181,33 @@ async def test_a_trim_the_packs_put_off_does_not_delay_one_after_hibernations(
             with pytest.raises(OSError):
                 await reader
             g.memory.close()
+
+
+async def test_a_guest_that_wakes_and_packs_in_turn_brings_no_malloc_trim(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each wake unpacks what the last pack packed: the heap does not grow, and a trim (a
+    # walk of the whole heap) would only stand in some wake's way.
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.0)
+    monkeypatch.setattr(hibernation, "PACK_TRIM", 2)
+    monkeypatch.setattr(hibernation, "PACK_TRIM_EVERY", 0.0)
+    trims: list[int] = []
+    monkeypatch.setattr(hibernation, "_GIVE_BACK", lambda: trims.append(1))
+    async with LguestDevice(engines="pool") as dev:
+        g, reader = await sleeper(dev)
+        await until(lambda: dev.dormitory.packs == 1, LIMIT)
+        for hit in range(1, 6):
+            reader = await rewoken(g, reader, hit)
+            await until(lambda: dev.dormitory.packs == hit + 1, LIMIT)  # noqa: B023
+        await asyncio.sleep(2 * hibernation.TRIM_DELAY)
+        assert dev.dormitory.packs == 6 and trims == []
+        await g.file.close()
+        with pytest.raises(OSError):
+            await reader
+        g.memory.close()
+
+
+async def rewoken(g: Booted, reader: asyncio.Future[bytes], hit: int) -> asyncio.Future[bytes]:
+    """Wake ``g`` (its handler's notify ends ``reader``) and read on: the next reader."""
+    await wake(g, reader, hit)
+    return asyncio.ensure_future(g.file.read(abi.WORD_SIZE))
