@@ -516,7 +516,6 @@ def _no_breakpoints() -> bytes:
 
 
 @functools.cache
-@functools.cache
 def blank_context() -> bytes:
     """The registers of a new instance (:func:`context_data`): what an instance that ran
     another CPU is given before it starts a new one (made once: an instance costs tens

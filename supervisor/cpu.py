@@ -572,17 +572,16 @@ class LgCpu:
         self.lg.unpack_memory()  # an engine maps the memory by address, not through ram
         pool = engine.pool
         # Its own engine back costs nothing to set up: the CPU clock (a system call, about
-        # as dear as the rest of the take) is read only for a switch or a new engine.
-        own = pool is not None and pool.holds(engine.token, engine.last)
+        # as dear as the rest of the take) is read only for a switch or a new engine, and
+        # before any of it (the reclaim decides under the pool's lock which it is).
+        own = pool is not None and pool.reclaim(engine.token, engine.last)
         started = 0.0 if own else time.thread_time()
         if pool is None:
             uc = _new_uc(self.lg, engine.host_address, engine.tcg_buffer)
             taken = Taken.BARE
             LgCpu.given_back -= 1
         else:
-            uc, taken = _take(self.lg, engine, _hook_kind(self))
-            if own and taken is not Taken.OWN:
-                started = time.thread_time()  # (another thread took it meanwhile: rare)
+            uc, taken = _take(self.lg, engine, _hook_kind(self), own)
         try:
             place = _unicorn.seat(uc)
             engine.uc = uc
@@ -829,12 +828,16 @@ def _hook_kind(cpu: LgCpu) -> object:
     return (cpu.engine.install_hooks, cpu.lg.limit, cpu.fuel.exit_request)
 
 
-def _take(lg: Lguest, engine: Engine, kind: object = None) -> tuple[Any, Taken]:
+def _take(lg: Lguest, engine: Engine, kind: object = None, own: bool = False) -> tuple[Any, Taken]:
     """An instance from ``engine.pool`` for this CPU, with its memory mapped, and how it
     came (:meth:`EnginePool.take`: ``OWN``, its own untouched one, hooks, translations
-    and mapping still its own; ``HOOKED``, with hooks of ``kind``; ``BARE``)."""
+    and mapping still its own; ``HOOKED``, with hooks of ``kind``; ``BARE``).  ``own``:
+    the caller already took ``engine.last`` back (:meth:`EnginePool.reclaim`)."""
     assert engine.pool is not None
-    uc, taken = engine.pool.take(engine.token, engine.last, kind)
+    if own:
+        uc, taken = engine.last, Taken.OWN
+    else:
+        uc, taken = engine.pool.take(engine.token, engine.last, kind)
     engine.last = None
     engine.tainted = False
     _unicorn.seat(uc).kind = None  # (set again when given back: hooks may change meanwhile)

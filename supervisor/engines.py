@@ -261,15 +261,24 @@ class EnginePool:
         """How many engines CPUs hold now."""
         return self.live - self.idle
 
-    def holds(self, owner: object, last: Any) -> bool:
-        """Whether ``last`` waits idle for ``owner`` (its next :meth:`take` is then ``OWN``):
-        a hint, read without the lock, which another thread's take may make stale at once."""
+    def reclaim(self, owner: object, last: Any) -> bool:
+        """Take ``last`` back for ``owner`` if it waits idle for it, untouched since (what
+        :meth:`take` returns as ``OWN``): True if it did.  Decided under the lock, so the
+        caller knows before it starts whether a switch's cost is coming."""
         if last is None or self.always:
             return False
+        with self._lock:
+            return self._reclaim(owner, last)
+
+    def _reclaim(self, owner: object, last: Any) -> bool:
+        """(Lock held.)  :meth:`reclaim`."""
         key = id(last)
         for idle in (self._kept, self._spare):
             entry = idle.get(key)
             if entry is not None and entry[0] is last and entry[1] is owner:
+                del idle[key]
+                self.taken += 1
+                self.reused += 1
                 return True
         return False
 
@@ -288,15 +297,9 @@ class EnginePool:
         *eviction*)."""
         ask = False
         with self._lock:
+            if last is not None and not self.always and self._reclaim(owner, last):
+                return last, Taken.OWN
             self.taken += 1
-            if last is not None and not self.always:
-                key = id(last)
-                for idle in (self._kept, self._spare):
-                    entry = idle.get(key)
-                    if entry is not None and entry[0] is last and entry[1] is owner:
-                        del idle[key]
-                        self.reused += 1
-                        return last, Taken.OWN
             if self._ready and not self.always:
                 self.ready_taken += 1
                 return self._ready.pop(), Taken.BARE

@@ -1004,3 +1004,41 @@ async def test_a_slice_of_a_cpu_left_with_no_engine_kills_only_its_guest(
     assert g.u32("counter") == 0
     assert other.file.death is None
     await g.file.close()
+
+
+async def test_a_take_whose_engine_another_took_meanwhile_counts_the_switch() -> None:
+    """A CPU's take that finds its own engine gone (another thread's take picked it
+    between the CPU's look and its take) counts the switch that follows in the seconds
+    it returns and charges: the CPU clock is read before any of the switch, whatever
+    the moment another thread takes the engine.  A fake thread clock: the switch adds a
+    whole second; its own engine back costs nothing."""
+    clock = [0.0]
+    stolen: list[object] = []
+    original = EnginePool.take
+
+    def stealing_take(self: EnginePool, owner: object, last: Any, kind: object = None) -> Any:
+        if last is not None and not stolen:
+            self.disown(owner, last)  # (as another thread's take does: the engine is gone)
+            stolen.append(last)
+        clock[0] += 1.0  # the switch
+        return original(self, owner, last, kind)
+
+    async with LguestDevice(engines="pool", hibernate_after=math.inf) as dev:
+        pool = pool_of(dev)
+        g = await boot(dev, NOTIFIER)
+        assert await g.file.read(abi.WORD_SIZE) == abi.pack_words(1)
+        cpu = g.file.cpu(0)
+        if cpu.engine.uc is not None:
+            assert cpu.release_engine(keep=True)
+        last = cpu.engine.last
+        assert last is not None
+        charged = pool.switch_time
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cpu_module, "time", _ticking_clock(clock))
+            patch.setattr(EnginePool, "take", stealing_take)
+            spent = cpu.take_engine()
+        assert spent is not None
+        if stolen:  # (a switch: not its own engine back)
+            assert spent >= 1.0 and pool.switch_time - charged >= 1.0, spent
+        else:
+            assert cpu.engine.uc is last and spent == 0.0 and pool.switch_time == charged
