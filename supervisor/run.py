@@ -161,8 +161,10 @@ async def run_guest(
     offer = _hand_over if serve is None and cpu.lguest_data is None else serve
     if offer is not None and lg.virtual is None and len(lg.cpus) == 1 and not forced:
         between = functools.partial(_between_entries, cpu, offer, failed)
-    # The last pass ended a sleep, whose end YIELD_TIME counts from: no yield is due yet,
-    # and the clock (a system call) is not read to find that out.
+    # The last pass ended a sleep, whose end YIELD_TIME counts from, so the next slice
+    # starts without reading the clock (a system call) to ask whether a yield is due.
+    # (The dormitory's turn after a wake may wait further; the slice then runs before
+    # the yield rather than after it, which costs the loop at most one slice.)
     woke = False
     while True:
         cpu.fuel.stop = 0  # a kick from here on ends the next slice
