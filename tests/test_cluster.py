@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,10 @@ ray = pytest.importorskip("ray")
 
 from ray.exceptions import RayActorError  # noqa: E402
 
-from supervisor import GuestConfig, Supervisor  # noqa: E402
+from supervisor import GuestConfig, Supervisor, run  # noqa: E402
 from supervisor.cli import main  # noqa: E402
 from supervisor.cluster import (  # noqa: E402
+    Capture,
     Cluster,
     ClusterError,
     GuestEndedError,
@@ -363,6 +365,46 @@ async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> 
         assert lines == ["hello", "more"]  # then EOF: echo powers off
         assert received == 11
         assert (await actor.wait("e.0"))["exit"]["exit_status"] == 0
+    finally:
+        await actor.close()
+
+
+async def test_a_revived_guest_continues_its_half_written_line_before_it_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The half-written line a move carries comes before anything the guest writes on
+    its new worker, even when the guest writes at once: the actor class, in-process,
+    revives an echo guest captured with input it has not echoed yet (sent while it was
+    paused), and the line it finishes there is whole.  (With run.YIELD_TIME infinite
+    the revived guest's first read lets no other task run before it has echoed: it
+    writes in the very turn of the loop that the restore gives it.)"""
+    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
+    async with Supervisor() as sup:
+        source = await sup.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
+        await source.pause()
+        source.send("ne\nquit\n")  # the guest echoes it as soon as it runs again
+        snap = await source.snapshot()  # paused: stays paused
+        await source.kill()
+    state = Capture(
+        snapshot=snap.to_bytes(),
+        disk=None,
+        base=0,
+        lines=[],
+        partial=b"half a li",  # what the guest had written of its line on the old worker
+        received=len(b"half a line\nquit\n"),
+        stats={},
+    )
+    actor = WorkerActor("local", None, None)
+    try:
+        fields = {"memory": 1 << 20, "console": "capture", "name": "echo"}
+        await actor.revive("e.1", state, b"", False, fields)
+        lines: list[str] = []
+        status = "running"
+        while status != "ended":
+            first, got, status, _, _ = await asyncio.wait_for(actor.read("e.1", len(lines)), LIMIT)
+            assert first == len(lines)
+            lines += got
+        assert lines == ["half a line", "quit", "bye"]
     finally:
         await actor.close()
 

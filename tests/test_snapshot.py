@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from guestasm import Booted, boot, until
 
-from supervisor import Guest, GuestConfig, LguestDevice, LguestFile, Supervisor, abi
+from supervisor import Guest, GuestConfig, LguestDevice, LguestFile, Supervisor, abi, run
 from supervisor.debug import debugger
 from supervisor.snapshot import Snapshot, SnapshotError, capture, restore, snapshot
 
@@ -349,4 +350,25 @@ async def test_a_snapshot_keeps_console_input_not_yet_delivered(tmp_path: Path) 
         await g.kill("snapshot taken")
         copy = await sup.restore(snap)
         assert await collect(copy) == ["two", "quit", "bye"]
+        assert (await copy.wait()).ok
+
+
+async def test_a_restore_starts_its_console_with_the_half_written_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``console_partial`` is in the new console before the guest runs: the guest writes
+    in the turn of the loop the restore gives it (with run.YIELD_TIME infinite its first
+    read echoes the input it holds without letting another task run), and the line it
+    goes on writing comes out whole."""
+    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
+    config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
+    async with Supervisor() as sup, asyncio.timeout(LIMIT):
+        g = await sup.launch(config)
+        await g.pause()
+        g.send("ne\nquit\n")
+        snap = await g.snapshot()
+        await g.kill("snapshot taken")
+        copy = await sup.restore(snap, console_partial=b"half a li")
+        assert copy.console.held > 0  # it has written already
+        assert await collect(copy) == ["half a line", "quit", "bye"]
         assert (await copy.wait()).ok
