@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import math
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 from ray.exceptions import RayActorError  # noqa: E402
 
-from supervisor import GuestConfig, Supervisor, run  # noqa: E402
+from supervisor import GuestConfig, Supervisor  # noqa: E402
 from supervisor.cli import main  # noqa: E402
 from supervisor.cluster import (  # noqa: E402
     Capture,
@@ -367,16 +366,14 @@ async def test_a_worker_puts_input_that_arrives_out_of_order_back_in_order() -> 
         await actor.close()
 
 
-async def test_a_revived_guest_continues_its_half_written_line_before_it_writes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("whole_inline_slices")
+async def test_a_revived_guest_continues_its_half_written_line_before_it_writes() -> None:
     """The half-written line a move carries comes before anything the guest writes on
     its new worker, even when the guest writes at once: the actor class, in-process,
     revives an echo guest captured with input it has not echoed yet (sent while it was
-    paused), and the line it finishes there is whole.  (With run.YIELD_TIME infinite
-    the revived guest's first read lets no other task run before it has echoed: it
-    writes in the very turn of the loop that the restore gives it.)"""
-    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
+    paused), and the line it finishes there is whole.  (With whole inline slices the
+    revived guest's first read lets no other task run before it has echoed: it writes
+    in the very turn of the loop that the restore gives it.)"""
     async with Supervisor() as sup:
         source = await sup.launch(GuestConfig(image=GUESTS / "echo.img", memory="1M"))
         await source.pause()

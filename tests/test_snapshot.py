@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import subprocess
 import tempfile
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from guestasm import Booted, boot, until
 
-from supervisor import Guest, GuestConfig, LguestDevice, LguestFile, Supervisor, abi, run
+from supervisor import Guest, GuestConfig, LguestDevice, LguestFile, Supervisor, abi
 from supervisor.debug import debugger
 from supervisor.snapshot import Snapshot, SnapshotError, capture, restore, snapshot
 
@@ -353,14 +352,12 @@ async def test_a_snapshot_keeps_console_input_not_yet_delivered(tmp_path: Path) 
         assert (await copy.wait()).ok
 
 
-async def test_a_restore_starts_its_console_with_the_half_written_line(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("whole_inline_slices")
+async def test_a_restore_starts_its_console_with_the_half_written_line() -> None:
     """``console_partial`` is in the new console before the guest runs: the guest writes
-    in the turn of the loop the restore gives it (with run.YIELD_TIME infinite its first
+    in the turn of the loop the restore gives it (with whole inline slices its first
     read echoes the input it holds without letting another task run), and the line it
     goes on writing comes out whole."""
-    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
     config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
     async with Supervisor() as sup, asyncio.timeout(LIMIT):
         g = await sup.launch(config)
