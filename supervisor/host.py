@@ -235,6 +235,12 @@ class Guest:
         """True once the guest has ended (``wait()`` then returns at once)."""
         return self._task.done()
 
+    async def rested(self, times: int = 1) -> bool:
+        """Wait until the guest's read has rested ``times`` times in all (``stats.rests``:
+        asleep in a halt with its registers packed, it holds no task; docs/performance.md,
+        "Resting reads") or it has ended; whether it rested so often."""
+        return await self._launcher.rested(times)
+
     def when_done(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the event loop) once the guest has ended."""
         self._task.add_done_callback(lambda _task: callback())
