@@ -8,7 +8,11 @@
 # Then print "count C R" (the memory and register totals); with the disk,
 # read every sector back and print "disk ok" or "disk BAD".
 #
-# Command line (optional, decimal): "lines=20 spin=100000" (the defaults).
+# With gate=1 it waits for one byte of console input before each line's spin
+# and before the count (any byte; end of input opens every gate): the host
+# lets it print one line at a time, so it cannot end before the host allows.
+#
+# Command line (optional, decimal): "lines=20 spin=100000 gate=0" (the defaults).
 # Exit status: 0 if C == R == lines * spin (and the disk verified);
 # bit 0: a count is wrong; bit 1: the disk is wrong; 3: a disk request failed.
         .include "lguest.inc"
@@ -30,7 +34,12 @@ main:
         call    cmdline_get
         jc      2f
         movl    %eax, spin
-2:      xorl    %ebx, %ebx              # ebx = block descriptor, 0: no disk
+2:      movl    $key_gate, %edi
+        call    cmdline_get
+        jc      9f
+        movl    %eax, gate
+        call    gate_arm
+9:      xorl    %ebx, %ebx              # ebx = block descriptor, 0: no disk
         movl    $DEV_TYPE_BLOCK, %eax
         call    lg_find_device
         testl   %eax, %eax
@@ -47,6 +56,7 @@ next:
         cmpl    lines_total, %ebp
         jae     report
         incl    %ebp
+        call    gate_wait
         movl    spin, %ecx
         testl   %ecx, %ecx
         jz      5f
@@ -72,6 +82,7 @@ next:
         jmp     next
 
 report:
+        call    gate_wait
         movl    $str_count, %esi
         call    lg_puts
         movl    counter, %eax
@@ -140,6 +151,40 @@ blk_io:
         call    lg_puts
         movl    $3, %eax
         jmp     lg_poweroff
+
+# gate_arm: with gate=1, post a one-byte console input buffer.  Clobbers eax, edx.
+gate_arm:
+        cmpl    $0, gate
+        je      1f
+        movl    lg_console, %edx
+        testl   %edx, %edx
+        jz      1f
+        movl    $gate_byte, CON_IN_ADDR(%edx)
+        movl    $1, CON_IN_SIZE(%edx)
+        movl    $0, CON_IN_LEN(%edx)
+        HCALL   LHCALL_NOTIFY
+1:      ret
+
+# gate_wait: with gate=1, wait (halted) until a byte of console input has come,
+# then take it and post the buffer again; return at once once input has ended.
+# Clobbers eax, edx.
+gate_wait:
+        cmpl    $0, gate
+        je      2f
+        movl    lg_console, %edx
+        testl   %edx, %edx
+        jz      2f
+1:      IRQ_OFF
+        cmpl    $0, CON_IN_LEN(%edx)
+        jne     3f
+        testl   $CON_FLAG_EOF, CON_FLAGS(%edx)
+        jnz     2f
+        HCALL   LHCALL_HALT             # the console irq is delivered right after
+        movl    lg_console, %edx
+        jmp     1b
+3:      movl    $0, CON_IN_LEN(%edx)    # taken: post it again
+        HCALL   LHCALL_NOTIFY
+2:      ret
 
 # cmdline_get: edi = NUL-terminated key including '=' (e.g. "ticks=").
 # Returns CF clear and eax = decimal value if a whitespace-separated token
@@ -212,6 +257,7 @@ cmdline_get:
         .section .rodata
 key_lines:      .asciz "lines="
 key_spin:       .asciz "spin="
+key_gate:       .asciz "gate="
 str_nl:         .asciz "\n"
 str_space:      .asciz " "
 str_count:      .asciz "count "
@@ -224,10 +270,12 @@ str_disk_err:   .asciz "disk error\n"
 lines_total:    .long DEFAULT_LINES
 spin:           .long DEFAULT_SPIN
 counter:        .long 0
+gate:           .long 0
 
         .bss
         .p2align 4
 buf:            .skip BLK_SECTOR_SIZE
+gate_byte:      .skip 4
         .text
 
         LGUEST_LIB

@@ -730,9 +730,9 @@ class WorkerActor:
         if net_ip is not None:
             self.bridge.claim(fields["name"], net_ip)
         local = self._disk(key, state.disk)
-        guest = await self.sup.restore(snap, block=local, **fields)
-        # No await since the restore: the guest has not run, so the partial line comes first.
-        guest.console.push(state.partial)
+        # The half-written line goes into the new console before the guest runs: the
+        # restore gives it a turn of the loop, in which it may go on writing that line.
+        guest = await self.sup.restore(snap, console_partial=state.partial, block=local, **fields)
         readonly = bool(fields.get("block_readonly"))
         hosted = _Hosted(
             guest,

@@ -256,6 +256,12 @@ class Guest:
         """True once the guest has ended (``wait()`` then returns at once)."""
         return self._task.done()
 
+    async def rested(self, times: int = 1) -> bool:
+        """Wait until the guest's read has rested ``times`` times in all (``stats.rests``:
+        asleep in a halt with its registers packed, it holds no task; docs/performance.md,
+        "Resting reads") or it has ended; whether it rested so often."""
+        return await self._launcher.rested(times)
+
     def when_done(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` (on the event loop) once the guest has ended."""
         self._task.add_done_callback(lambda _task: callback())
@@ -374,6 +380,16 @@ class Supervisor:
         one turn of the event loop, in which the guest starts (and, as a rule, boots
         to its first wait): guests launched in a loop boot one after the other.
         """
+        return await self._launch(config, devices, snapshot)
+
+    async def _launch(
+        self,
+        config: GuestConfig,
+        devices: Sequence[Device],
+        snapshot: Snapshot | None,
+        console_partial: bytes = b"",
+    ) -> Guest:
+        """:meth:`launch`, its console holding ``console_partial`` before the guest runs."""
         if self._closed:
             raise RuntimeError("the Supervisor is closed: it launches no more guests")
         if self._at_shutdown is None:
@@ -381,6 +397,8 @@ class Supervisor:
             await anext(hook)  # (its first step: the running loop now knows it)
             self._at_shutdown = hook
         console = _console_for(config)
+        # Before the guest runs: its first write (in the turn below) goes on from there.
+        console.lines.push(console_partial)
         table: list[Device] = [console]
         if config.block is not None:
             block = BlockDevice(config.block, readonly=config.block_readonly)
@@ -451,13 +469,19 @@ class Supervisor:
     def _forget_guest(self, guest: Guest) -> None:
         self._guests.pop(guest, None)
 
-    async def restore(self, snap: Snapshot, **overrides: Any) -> Guest:
+    async def restore(
+        self, snap: Snapshot, *, console_partial: bytes = b"", **overrides: Any
+    ) -> Guest:
         """A new guest that continues exactly where ``snap`` was taken.
 
         ``overrides`` change the snapshot's config (``name``, ``console``, ``gdb``...,
         not ``memory``).  Any number of guests may be restored from one snapshot.
+        ``console_partial``: the line the snapshot's guest had half written (its
+        console's ``partial``), which the new console starts with, so that the line
+        the guest goes on writing comes out whole (the guest may write in the turn of
+        the loop before this returns).
         """
-        return await self.launch(snapshot_config(snap, **overrides), snapshot=snap)
+        return await self._launch(snapshot_config(snap, **overrides), (), snap, console_partial)
 
     def kill_all(self, reason: str = "supervisor closed") -> None:
         """Ask every guest still running to end now, without waiting: each one's read

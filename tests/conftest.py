@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import realprograms
 
-from supervisor import LguestDevice, engines
+from supervisor import LguestDevice, engines, execute, run
 
 SOAK = "soak"
 
@@ -70,6 +71,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("own_engines") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def whole_inline_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices on the event loop run until the guest stops by itself (a notify the read
+    returns, a halt, its end): no yield (``run.YIELD_TIME``) and no time bound (the
+    inline slices' LONG_INLINE_TIME and INLINE_TIME of CPU, which a loaded machine can
+    use up: a process's first translations beside CPU-bound processes take about 0.9 ms
+    of CPU, or its thread is preempted past the slicer's wall-clock bound of 50 times
+    that; the slice then ends with BUDGET and the guest goes on on a worker).  For tests
+    that count what a read does in one turn of the loop, whatever the load."""
+    monkeypatch.setattr(run, "YIELD_TIME", math.inf)
+    minute = 60 * 10**9  # ns of CPU time: never reached by a slice that ends by itself
+    monkeypatch.setattr(execute, "_INLINE_NS", minute)
+    monkeypatch.setattr(execute, "_LONG_INLINE_NS", minute)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from guestasm import Booted, assemble, until
+from guestasm import Booted, assemble
 from idleguests import asleep, echoed, echoes_to_the_end, final_memory, forked, halt_counter, wake
 
 from supervisor import GuestConfig, LguestDevice, Supervisor, abi, hibernation, run, testing
@@ -35,18 +35,25 @@ def resting(sup: Supervisor) -> int:
     return sum(1 for f in sup.device.files if f.asleep(0) and not f.reading(0))
 
 
-async def _counter(dev: LguestDevice, rests: bool) -> tuple[Booted, list[int]]:
-    """A HALT_COUNTER guest, INITIALIZEd; ``restarts`` counts its restart calls."""
+async def _counter(dev: LguestDevice, rests: bool) -> tuple[Booted, list[int], asyncio.Event]:
+    """A HALT_COUNTER guest, INITIALIZEd; ``restarts`` counts its restart calls, and the
+    event is set at each."""
     g = await halt_counter(dev)
     restarts: list[int] = []
+    restarted = asyncio.Event()
+
+    def restart() -> None:
+        restarts.append(1)
+        restarted.set()
+
     if rests:
-        g.file.rest_when_idle(lambda: restarts.append(1))
-    return g, restarts
+        g.file.rest_when_idle(restart)
+    return g, restarts, restarted
 
 
 async def _woken_by_irqs(dev: LguestDevice, rests: bool) -> bytes:
     """Wake the counter twice by an irq (resting first if ``rests``); its memory after."""
-    g, restarts = await _counter(dev, rests)
+    g, restarts, _ = await _counter(dev, rests)
     for hit in (1, 2):
         if rests:
             # it rests: the read ends
@@ -77,10 +84,10 @@ async def test_a_break_restarts_a_resting_read_which_rests_again(
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
     async with LguestDevice(engines="pool") as dev:
-        g, restarts = await _counter(dev, rests=True)
+        g, restarts, restarted = await _counter(dev, rests=True)
         assert await asyncio.wait_for(g.file.read(abi.WORD_SIZE), LIMIT) == b""
         breaking = asyncio.ensure_future(g.file.waker().brk(True))
-        await until(lambda: bool(restarts), LIMIT)  # the break's wake: the reader's turn
+        await asyncio.wait_for(restarted.wait(), LIMIT)  # the break's wake: the reader's turn
         with pytest.raises(BlockingIOError):  # EAGAIN, as for a waiting read
             await g.file.read(abi.WORD_SIZE)
         await g.file.write(abi.pack_words(abi.LHREQ_BREAK, 0))
@@ -96,8 +103,10 @@ async def _sleepers(sup: Supervisor, image: Path, n: int) -> list[Guest]:
     """``n`` more sleepers, once every guest of ``sup`` rests."""
     config = GuestConfig(image=image, memory="1M", console="null")
     guests = [await sup.launch(config) for _ in range(n)]
-    await until(lambda: resting(sup) == len(sup.device.files), LIMIT)
-    await until(lambda: launcher_tasks() == 0, LIMIT)
+    async with asyncio.timeout(LIMIT):
+        for guest in sup.guests:
+            assert await guest.rested()  # (a sleeper's first rest: it never wakes)
+    assert resting(sup) == len(sup.device.files) and launcher_tasks() == 0
     return guests
 
 
@@ -119,6 +128,27 @@ async def test_idle_guests_hold_no_task_and_a_bounded_count_of_objects(
         # (a guest whose read waits has about 111).
         assert (len(gc.get_objects()) - objects) / n <= 100
         assert all(g.stats.rests == 1 and not g.done for g in guests)
+
+
+async def test_rested_waits_for_a_count_of_rests_or_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Guest.rested(n)``: True once the guest's read has rested n times in all, False
+    once it ended short of that; a guest that never rests is False at its end."""
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    async with Supervisor() as sup, asyncio.timeout(LIMIT):
+        hello = await sup.launch(GuestConfig(image=GUESTS / "hello.img", memory="1M"))
+        assert not await hello.rested() and hello.done and hello.stats.rests == 0
+        sleeper = await sup.launch(GuestConfig(image=image, memory="1M", console="null"))
+        assert await sleeper.rested() and sleeper.stats.rests == 1
+        assert await sleeper.rested()  # (at once: it has)
+        second = asyncio.ensure_future(sleeper.rested(2))  # a sleeper never wakes by itself
+        await asyncio.sleep(0)
+        assert not second.done()
+        await sleeper.kill()
+        assert not await second and sleeper.stats.rests == 1
 
 
 async def test_a_resting_guest_ticks_exactly_as_one_that_waits(
@@ -145,9 +175,15 @@ async def test_a_resting_guest_wakes_by_input_pauses_snapshots_and_dies_exactly(
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
     async with Supervisor() as sup:
+        settled = 0
 
         async def rests() -> None:
-            await until(lambda: resting(sup) == 1 and launcher_tasks() == 0, LIMIT)
+            """Until the guest's next rest: each time it settles, it rests once more."""
+            nonlocal settled
+            settled += 1
+            async with asyncio.timeout(LIMIT):
+                assert await sup.guests[0].rested(settled)
+            assert resting(sup) == 1 and launcher_tasks() == 0
 
         guest = await echoed(sup, rests)  # a device's news: the resting guest wakes
         await guest.pause()  # held inside its read (a debugger's stop: the same hold)
@@ -155,8 +191,10 @@ async def test_a_resting_guest_wakes_by_input_pauses_snapshots_and_dies_exactly(
         assert f.reading(0) and f.paused(0) and launcher_tasks() == 1
         guest.resume()
         await rests()
-        fork = await forked(sup, guest)  # of a resting guest
-        await until(lambda: resting(sup) == 2 and launcher_tasks() == 0, LIMIT)
+        fork = await forked(sup, guest)  # of a resting guest (its pause: a wake, a rest)
+        async with asyncio.timeout(LIMIT):
+            assert await guest.rested(settled + 1) and await fork.rested()
+        assert resting(sup) == 2 and launcher_tasks() == 0
         async with asyncio.timeout(LIMIT):  # a resting guest dies as any other
             assert (await guest.kill()).reason == "killed"
         assert len(sup.device.files) == 1 and launcher_tasks() == 0
@@ -184,9 +222,8 @@ async def main() -> None:
     sups.append(sup)
     config = GuestConfig(image=sys.argv[1], memory="1M", console="null")
     guest = await sup.launch(config, devices=[Marker()])
-    while guest.stats.rests < 1:
-        await asyncio.sleep(0.02)
-    print("rested", flush=True)
+    if await guest.rested():
+        print("rested", flush=True)
 
 asyncio.run(main())
 (sup,) = sups
@@ -222,7 +259,7 @@ async def test_a_resting_guests_wake_runs_its_first_slice_without_a_yield(
 
     monkeypatch.setattr(run, "_yield", counted)
     async with LguestDevice(engines="pool") as dev:
-        g, restarts = await _counter(dev, rests=True)
+        g, restarts, _ = await _counter(dev, rests=True)
         for hit in (1, 2):
             assert await asyncio.wait_for(g.file.read(abi.WORD_SIZE), LIMIT) == b""
             # (the loop thread computes past YIELD_TIME while the guest rests)

@@ -350,3 +350,22 @@ async def test_a_snapshot_keeps_console_input_not_yet_delivered(tmp_path: Path) 
         copy = await sup.restore(snap)
         assert await collect(copy) == ["two", "quit", "bye"]
         assert (await copy.wait()).ok
+
+
+@pytest.mark.usefixtures("whole_inline_slices")
+async def test_a_restore_starts_its_console_with_the_half_written_line() -> None:
+    """``console_partial`` is in the new console before the guest runs: the guest writes
+    in the turn of the loop the restore gives it (with whole inline slices its first
+    read echoes the input it holds without letting another task run), and the line it
+    goes on writing comes out whole."""
+    config = GuestConfig(image=GUESTS / "echo.img", memory="1M")
+    async with Supervisor() as sup, asyncio.timeout(LIMIT):
+        g = await sup.launch(config)
+        await g.pause()
+        g.send("ne\nquit\n")
+        snap = await g.snapshot()
+        await g.kill("snapshot taken")
+        copy = await sup.restore(snap, console_partial=b"half a li")
+        assert copy.console.held > 0  # it has written already
+        assert await collect(copy) == ["half a line", "quit", "bye"]
+        assert (await copy.wait()).ok

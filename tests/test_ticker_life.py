@@ -83,10 +83,10 @@ async def test_a_null_consoles_end_of_input_costs_no_wake(
 async def test_a_resting_guests_wake_does_not_yield_for_others_work(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """While the ticker rests the loop's thread works (as a crowd's other guests would)
-    for longer than ``run.YIELD_TIME``: that was not the ticker's time, so its wake does
-    not yield before it has run anything (its own slices' time may still make it yield
-    later, on a loaded machine)."""
+    """Each time the ticker rests the loop's thread works (as a crowd's other guests would)
+    for longer than ``run.YIELD_TIME`` before the tick's timer wakes it: that was not the
+    ticker's time, so its wake does not yield before it has run anything (its own slices'
+    time may still make it yield later, on a loaded machine)."""
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
     counts: Counter[str] = Counter()
     count_calls(monkeypatch, counts)
@@ -100,9 +100,9 @@ async def test_a_resting_guests_wake_does_not_yield_for_others_work(
     async with Supervisor() as sup:
         guest = await sup.launch(config)
         async with asyncio.timeout(LIMIT):
-            while not guest.done:
-                busy()
-                await asyncio.sleep(0.01)
+            for rest in (1, 2, 3):  # before each tick (150 ms apart: it packs and rests)
+                assert await guest.rested(rest)
+                busy()  # on the loop's thread: the timer's wake comes after it
             end = await guest.wait()
     assert end.exit_status == 0
     assert guest.stats.rests == 3  # each tick's timer woke it resting

@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from typing import Any, NoReturn
 
 from .. import abi
 from ..device import LguestDevice, LguestFile, Waker
+from ..flag import Flag
 from ..limits import Limits
 from ..memory import GuestMemory, MemoryTemplate
 from ..state import Exit, GuestState
@@ -129,6 +131,11 @@ class _Resting(Exception):
 
 
 DEFAULT_MAX_RESTARTS = 8
+
+# What a task waiting in Launcher.rested waits on, by Launcher: made only when one waits,
+# so that a guest nobody waits for holds nothing more.  Set as each task of start() ends
+# (the read rested, or the guest ended).
+_segment_ends: weakref.WeakKeyDictionary[Launcher, Flag] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -382,6 +389,21 @@ class Launcher:
             self._resting = False
             self._segment()
 
+    async def rested(self, times: int = 1) -> bool:
+        """Wait until the guest's read has rested ``times`` times in all (``stats.rests``,
+        every boot's; see :meth:`start`) or the guest has ended; whether it rested so
+        often.  At once if it has already; False at once for a Launcher not started with
+        :meth:`start` (its read never rests)."""
+        while self.stats.rests < times:
+            if self._result is None or self._result.done():
+                return False
+            ended = _segment_ends.get(self)
+            if ended is None:
+                ended = _segment_ends[self] = Flag()
+            ended.clear()
+            await ended.wait()
+        return True
+
     async def _drive(self) -> None:
         """One task of :meth:`start`: :meth:`run` until it ends or rests."""
         result = self._result
@@ -400,7 +422,12 @@ class Launcher:
             if not isinstance(exc, Exception):
                 raise
             return
-        result.set_result(end)
+        else:
+            result.set_result(end)
+        finally:
+            ended = _segment_ends.get(self) if _segment_ends else None
+            if ended is not None:
+                ended.set()
 
     async def run(self) -> Exit:
         """Start the devices, boot (and reboot) the guest; return how it ended.
