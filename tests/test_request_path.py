@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import GuestConfig, GuestMemory, LguestDevice, Supervisor, _slicing, engines
+from supervisor import Guest, GuestConfig, GuestMemory, LguestDevice, Supervisor, _slicing, engines
 from supervisor import run as run_loop
 from supervisor.launcher import files
 from supervisor.launcher.console import Console
@@ -29,6 +29,18 @@ GUESTS = HERE.parent / "guests"
 NETBENCH = HERE.parent / "benchmarks" / "c" / "netbench.c"
 READFILE = HERE.parent / "benchmarks" / "c" / "readfile.c"
 LIMIT = 60  # seconds: a bound for failing, never a wait for success
+
+
+async def ping_pair(sup: Supervisor, image: Path, rounds: int) -> tuple[Guest, Guest]:
+    """netbench's echo server ``srv`` (listening) and a client pinging it ``rounds`` times."""
+    server = await sup.launch(
+        GuestConfig(image=image, name="srv", cmdline="echo 7", memory="4M", net=True)
+    )
+    await server.expect("listening", LIMIT)
+    client = await sup.launch(
+        GuestConfig(image=image, name="cli", cmdline=f"ping srv 7 {rounds}", memory="4M", net=True)
+    )
+    return server, client
 
 
 async def test_input_for_an_asleep_guest_needs_no_break() -> None:
@@ -66,14 +78,7 @@ async def test_guests_waiting_on_sockets_wake_without_breaks(build_guest: BuildG
     image = build_guest(NETBENCH.read_text(), flags=("-O2",))
     rounds = 200
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
-        server = await sup.launch(
-            GuestConfig(image=image, name="srv", cmdline="echo 7", memory="4M", net=True)
-        )
-        await server.expect("listening", LIMIT)
-        client = await sup.launch(
-            GuestConfig(image=image, name="cli", cmdline=f"ping srv 7 {rounds}", memory="4M",
-                        net=True)
-        )  # fmt: skip
+        server, client = await ping_pair(sup, image, rounds)
         assert [line async for line in client.console] == ["start", "done"]
         assert (await client.wait()).ok
         assert [line async for line in server.console][-1] == f"got {rounds}"
@@ -115,14 +120,7 @@ async def test_a_round_trip_between_guests_reads_the_cpu_clock_six_times(
         return real[clock]()
 
     async with asyncio.timeout(LIMIT), Supervisor() as sup:
-        server = await sup.launch(
-            GuestConfig(image=image, name="srv", cmdline="echo 7", memory="4M", net=True)
-        )
-        await server.expect("listening", LIMIT)
-        client = await sup.launch(
-            GuestConfig(image=image, name="cli", cmdline=f"ping srv 7 {rounds}", memory="4M",
-                        net=True)
-        )  # fmt: skip
+        server, client = await ping_pair(sup, image, rounds)
         lines = aiter(client.console)
         assert await anext(lines) == "start"
         monkeypatch.setattr(time, "thread_time", lambda: counted(0))
