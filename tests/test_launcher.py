@@ -182,6 +182,12 @@ def test_slot_bounds() -> None:
             with pytest.raises(ValueError):
                 slot.set_words(offset, (9,) * count)
         assert slot.get_words(52, 3) == (1, 2, 3)
+        slot.set_bytes(44, bytes(range(8)))  # whole fields laid out by the caller
+        assert memory.read((1 << 20) + 44, 8) == bytes(range(8))
+        for offset, size in ((60, 8), (-4, 4), (44, 0), (44, 6), (64, 4)):
+            with pytest.raises(ValueError):
+                slot.set_bytes(offset, bytes(size))
+        assert memory.read((1 << 20) + 44, 8) == bytes(range(8))
         for offset in (-4, 61, 64):
             with pytest.raises(ValueError):
                 slot.set(offset, 9)

@@ -109,6 +109,16 @@ class Slot:
         data = _WORDS[count].pack(*[v & 0xFFFFFFFF for v in values])
         self.memory.write(self.address + offset, data)
 
+    def set_bytes(self, offset: int, data: bytes) -> None:
+        """Store ``data`` (whole 32-bit fields, laid out by the caller) at ``offset`` of
+        the descriptor, in one write."""
+        if len(data) % 4 or not 0 <= offset <= offset + len(data) - 4 <= _LAST_FIELD:
+            raise ValueError(
+                f"descriptor bytes {offset}..{offset + len(data)} are not whole fields "
+                f"of the {DESC_SIZE}-byte slot"
+            )
+        self.memory.write(self.address + offset, data)
+
     @staticmethod
     def _check_field(offset: int) -> None:
         if not 0 <= offset <= DESC_SIZE - 4:

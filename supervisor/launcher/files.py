@@ -404,7 +404,7 @@ class FilesDevice(Device):
                 # (a parked request means no threads) waits for this.
                 max_io, sockmap = slot.get_words(FS_MAX_IO, 2)
                 data = _PARKED.pack(result, max_io, sockmap, events)
-                slot.memory.write(slot.address + FS_RESULT, data)
+                slot.set_bytes(FS_RESULT, data)
             slot.interrupt()
 
     # -- snapshots ---------------------------------------------------------------------
@@ -536,7 +536,7 @@ class FilesDevice(Device):
             self._parked = (op, fd, args)
         elif word & OP_HALTS:
             slot.interrupt()  # the guest halts after this request: the answer ends it
-        slot.memory.write(slot.address + FS_RESULT, _S64.pack(result))  # (one write)
+        slot.set_bytes(FS_RESULT, _S64.pack(result))  # (both words in one write)
 
     def _finish_parked(self, slot: Slot) -> int | None:
         """Try the parked request again (the guest is stopped); if it completes, its
