@@ -25,6 +25,9 @@ takes minutes at the issue's scale; pick N for the machine's load):
   came over time, without N guests all waiting to be packed at once.  (``idle N``
   launches them in one loop; each launch boots its guest before the next is made,
   ``Supervisor.launch``, so neither holds N boots' transient objects at once.)
+* ``_idle N [LAUNCH_FOR [WAIT]]``: ``idle N`` in this process, launching for at most
+  LAUNCH_FOR seconds, the CPU watched for WAIT seconds while they wait (default
+  ``WAIT``): the run for N = 1,000,000.
 
 * ``life N``: N tickers (the same command line, console ``null``) launched at once
   through a ``Supervisor`` in a child process, no swarm table: the child's CPU over
@@ -109,8 +112,10 @@ def _cell(table: str, column: int) -> int:
     return 0
 
 
-async def _idle(n: int, wave: int | None = None, launch_for: float | None = None) -> str:
-    figures = await idle_figures(n, wave, launch_for)
+async def _idle(
+    n: int, wave: int | None = None, launch_for: float | None = None, wait: float = WAIT
+) -> str:
+    figures = await idle_figures(n, wave, launch_for, wait)
     how = "" if wave is None else f" in waves of {wave:,}"
     stopped = f" (STOPPED at {figures['n']:,}: {figures['stopped']})" if figures["stopped"] else ""
     per = figures["rss_per_guest"]
@@ -120,7 +125,8 @@ async def _idle(n: int, wave: int | None = None, launch_for: float | None = None
         f"{figures['objects_per_guest']:.0f} gc objects and {figures['tasks_per_guest']:.2f} "
         f"tasks a guest; {figures['packed']:,} memories packed, "
         f"{figures['mappings_per_guest']:.3f} mappings a guest; "
-        f"{figures['cpu_share']:.2%} of a core while they wait; set-up "
+        f"{figures['cpu_share']:.2%} of a core while they wait ({figures['wait_s']:.0f} s); "
+        f"set-up "
         f"{figures['setup_s']:,.0f} s wall, {figures['setup_cpu_s']:,.0f} s CPU "
         f"({figures['setup_cpu_s'] / figures['n'] * 1e3:.2f} ms a guest); at 1,000,000 "
         f"(linear): {per * MILLION / 2**30:,.1f} GiB, "
@@ -130,13 +136,14 @@ async def _idle(n: int, wave: int | None = None, launch_for: float | None = None
 
 
 async def idle_figures(
-    n: int, wave: int | None = None, launch_for: float | None = None
+    n: int, wave: int | None = None, launch_for: float | None = None, wait: float = WAIT
 ) -> dict[str, Any]:
     """``n`` idle sleepers of 1 MiB in this process, launched in one loop (or ``wave``
     at a time, each settled before the next), measured once every memory is packed:
     the figures ``idle`` prints.  Launching stops early (``stopped`` says why; ``n`` is
     then the guests launched) if the machine's available memory falls below
-    :data:`MIN_AVAILABLE`, or after ``launch_for`` seconds.  Progress goes to stderr
+    :data:`MIN_AVAILABLE`, or after ``launch_for`` seconds.  The CPU is watched for
+    ``wait`` seconds while they wait.  Progress goes to stderr
     every :data:`CHECK_EVERY` launches."""
     image = Path(tempfile.mkdtemp(prefix="bench-swarm-")) / "sleeper.img"
     image.write_bytes(assemble(testing.SLEEPER).image)
@@ -162,7 +169,7 @@ async def idle_figures(
         packed = memory.packed_memories()
         mappings = _mappings() - maps0
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        await asyncio.sleep(WAIT)
+        await asyncio.sleep(wait)
         share = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
         # The Python heap of more guests, traced apart: tracemalloc's own records would
         # count in the RSS above.
@@ -185,6 +192,7 @@ async def idle_figures(
             "packed": packed,
             "mappings_per_guest": mappings / n,
             "cpu_share": share,
+            "wait_s": wait,
             "setup_s": setup,
             "setup_cpu_s": setup_cpu,
             "load": load(),
@@ -208,7 +216,6 @@ async def _launch_idle(
     Why it stopped launching early, if it did (the guests launched settle all the same):
     the available memory fell below :data:`MIN_AVAILABLE`, or the clock passed ``until``
     (``time.monotonic``)."""
-    first = len(guests)
     stopped = ""
     started = time.perf_counter()
     for i in range(n):
@@ -227,14 +234,12 @@ async def _launch_idle(
                     flush=True,
                 )
         guests.append(await sup.launch(config))
-    # (The stats are counters, with nothing to wait on.)
-    waiting = [g for g in guests[first:] if g.stats.interrupts < 1]
-    while waiting:
-        await asyncio.sleep(0.2)
-        waiting = [g for g in waiting if g.stats.interrupts < 1]
+    # A guest's memory is packed once it rests, after its boot and its irq: the count of
+    # packed memories (one number, however many guests) says when all have settled, where
+    # a pass over every guest's stats would cost a million reads a look.  Every memory
+    # packed (on a loaded machine the dormitory's timer runs late), up to a bound after
+    # the last launch: the figure then says how many were.
     await asyncio.sleep(1 + hibernation.PACK_AFTER)
-    # Every memory packed (on a loaded machine the dormitory's timer runs late), up to
-    # a bound: the figure then says how many were.
     settled = time.monotonic() + SETTLE
     while memory.packed_memories() < len(guests) and time.monotonic() < settled:  # noqa: ASYNC110
         await asyncio.sleep(0.2)
@@ -375,7 +380,8 @@ async def _life(n: int) -> str:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["_idle"]:
         launch_for = float(argv[2]) if len(argv) > 2 else None  # seconds
-        print(asyncio.run(_idle(int(argv[1]), launch_for=launch_for)))
+        wait = float(argv[3]) if len(argv) > 3 else WAIT  # seconds
+        print(asyncio.run(_idle(int(argv[1]), launch_for=launch_for, wait=wait)))
         return
     if argv[:1] == ["_idle_json"]:
         print(json.dumps(asyncio.run(idle_figures(int(argv[1])))))

@@ -3,7 +3,7 @@
 A waiting CPU shares its IDT with every CPU whose IDT has the same bytes, and a run or
 a write makes it its own again first, so no guest sees another's gates.  The Python
 heap of a resting guest stays within its budget (docs/performance.md, "Memory per
-guest")."""
+guest"), and reading its stats leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -135,3 +135,31 @@ async def test_a_resting_guest_holds_at_most_its_budget_of_python_heap(
         # Ended guests are forgotten (keep_ended=False), by the Guest's own done callback.
         await guests[0].kill()
         assert guests[0] not in sup.guests and len(sup.guests) == n + 19
+
+
+async def test_reading_the_stats_of_resting_guests_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A user polling the stats of many guests: each read makes its GuestStats and drops
+    # it, with no reference cycle to wait for a collection and nothing kept per read.
+    monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    config = GuestConfig(image=image, memory="1M", console="null")
+    passes, n = 50, 200
+    async with Supervisor(keep_ended=False) as sup:
+        guests = await _rested(sup, config, n)
+        gc.collect()
+        gc.disable()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(passes):  # (no await: nothing but the reads runs)
+                assert sum(g.stats.interrupts >= 1 for g in guests) == n
+            cycles = gc.collect()  # (it also empties the free lists the reads filled)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+        assert cycles == 0
+        assert held < 16 * 1024, f"{held / (passes * n):.1f} bytes a read"
