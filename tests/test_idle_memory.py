@@ -7,6 +7,7 @@ guest"), and reading its stats leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import tracemalloc
 from pathlib import Path
@@ -106,18 +107,25 @@ async def test_packed_cpus_share_their_idt_and_a_woken_one_writes_its_own(
 async def _rested(sup: Supervisor, config: GuestConfig, n: int) -> list[Guest]:
     """``n`` more sleepers launched in ``sup``, once each rests with its memory packed."""
     guests = [await sup.launch(config) for _ in range(n)]
-    await until(lambda: all(g.stats.rests >= 1 for g in guests), LIMIT)
+    async with asyncio.timeout(LIMIT):
+        for guest in guests:
+            assert await guest.rested()  # (a sleeper's first rest: it never wakes)
     await until(lambda: memory.packed_memories() >= len(sup.guests), LIMIT)
     return guests
+
+
+def _sleeper(tmp_path: Path) -> GuestConfig:
+    """A 1 MiB sleeper (testing.SLEEPER) without console."""
+    image = tmp_path / "sleeper.img"
+    image.write_bytes(assemble(testing.SLEEPER).image)
+    return GuestConfig(image=image, memory="1M", console="null")
 
 
 async def test_a_resting_guest_holds_at_most_its_budget_of_python_heap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
-    image = tmp_path / "sleeper.img"
-    image.write_bytes(assemble(testing.SLEEPER).image)
-    config = GuestConfig(image=image, memory="1M", console="null")
+    config = _sleeper(tmp_path)
     n = 200
     async with Supervisor(keep_ended=False) as sup:
         await _rested(sup, config, 20)  # what every guest shares is made by the first ones
@@ -143,9 +151,7 @@ async def test_reading_the_stats_of_resting_guests_leaves_nothing_behind(
     # A user polling the stats of many guests: each read makes its GuestStats and drops
     # it, with no reference cycle to wait for a collection and nothing kept per read.
     monkeypatch.setattr(hibernation, "PACK_AFTER", 0.02)
-    image = tmp_path / "sleeper.img"
-    image.write_bytes(assemble(testing.SLEEPER).image)
-    config = GuestConfig(image=image, memory="1M", console="null")
+    config = _sleeper(tmp_path)
     passes, n = 50, 200
     async with Supervisor(keep_ended=False) as sup:
         guests = await _rested(sup, config, n)
